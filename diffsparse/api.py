@@ -1,0 +1,199 @@
+"""The public entry points: `apply`, `remove`, `sparse`, `stats`."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .config import SparseConfig
+from .pipelines import adapter_for, find_transformers
+from .runtime import CallRecord, SparseContextHook, SparseRuntime, StepClock, register_context_hook, remove_context_hook
+
+_HANDLE_ATTR = "_diffsparse_handle"
+
+
+@dataclass
+class LayerStats:
+    """Self-attention calls of one transformer block during the last pipeline call."""
+
+    transformer: str
+    layer: int
+    dense_calls: int
+    sparse_calls: int
+    mean_density: float | None  # over sparse calls; None when there were none
+
+
+@dataclass
+class SparseStats:
+    """What `diffsparse.stats` returns: per-block counts, and the raw call log."""
+
+    layers: list[LayerStats]
+    calls: dict[str, list[CallRecord]]
+
+    @property
+    def mean_density(self) -> float:
+        """Mean block density over all self-attention calls, dense calls counting as 1.0."""
+        records = [r for log in self.calls.values() for r in log]
+        return sum(r.density for r in records) / len(records) if records else 1.0
+
+    def __str__(self) -> str:
+        rows = [f"{'transformer':<14}{'layer':>6}{'dense':>8}{'sparse':>8}{'density':>10}"]
+        for s in self.layers:
+            density = "-" if s.mean_density is None else f"{s.mean_density:.3f}"
+            rows.append(f"{s.transformer:<14}{s.layer:>6}{s.dense_calls:>8}{s.sparse_calls:>8}{density:>10}")
+        rows.append(f"mean attention density (dense calls = 1.0): {self.mean_density:.3f}")
+        return "\n".join(rows)
+
+
+class SparseHandle:
+    """What `apply` installed on one pipeline or transformer; undone exactly by `remove`."""
+
+    def __init__(self, config: SparseConfig, transformers: dict[str, torch.nn.Module], scheduler):
+        self.config = config
+        self._transformers = transformers
+        self._originals: list[tuple[torch.nn.Module, object]] = []
+        self.runtimes: dict[str, SparseRuntime] = {}
+        # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
+        clock = StepClock(scheduler)
+        for name, transformer in transformers.items():
+            adapter = adapter_for(transformer)
+            runtime = SparseRuntime(config, name)
+            processors = {}
+            for layer, module in adapter.self_attention_modules(transformer):
+                processors[module] = adapter.make_processor(module.processor, runtime, layer)
+            # Only now that every layer was accepted, swap: a refused layer leaves the model untouched.
+            for module, processor in processors.items():
+                self._originals.append((module, module.processor))
+                module.set_processor(processor)
+            hook = SparseContextHook(runtime, clock, adapter.read_call, self._new_run)
+            register_context_hook(transformer, hook)
+            setattr(transformer, _HANDLE_ATTR, self)
+            self.runtimes[name] = runtime
+
+    def _new_run(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.new_run()
+
+    def remove(self) -> None:
+        for module, original in self._originals:
+            module.set_processor(original)
+        for transformer in self._transformers.values():
+            remove_context_hook(transformer)
+            if getattr(transformer, _HANDLE_ATTR, None) is self:
+                delattr(transformer, _HANDLE_ATTR)
+        self._originals.clear()
+
+    def stats(self) -> SparseStats:
+        layers = []
+        for name, runtime in self.runtimes.items():
+            per_layer: dict[int, list[CallRecord]] = {}
+            for record in runtime.records:
+                per_layer.setdefault(record.layer, []).append(record)
+            for layer in sorted(per_layer):
+                records = per_layer[layer]
+                sparse = [r.density for r in records if r.sparse]
+                layers.append(
+                    LayerStats(
+                        name,
+                        layer,
+                        dense_calls=len(records) - len(sparse),
+                        sparse_calls=len(sparse),
+                        mean_density=sum(sparse) / len(sparse) if sparse else None,
+                    )
+                )
+        return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
+
+
+def _handles(pipe_or_transformer) -> list[SparseHandle]:
+    transformers, _ = find_transformers(pipe_or_transformer)
+    handles = []
+    for transformer in transformers.values():
+        handle = getattr(transformer, _HANDLE_ATTR, None)
+        if handle is not None and handle not in handles:
+            handles.append(handle)
+    return handles
+
+
+def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHandle:
+    r"""
+    Install block-sparse self-attention on a diffusers pipeline (all its transformers) or a bare transformer.
+
+    Applying again replaces the previous configuration. The pipeline is called exactly as before.
+
+    Args:
+        pipe_or_transformer (`DiffusionPipeline` or `torch.nn.Module`):
+            A pipeline with a `transformer` (and, for Wan 2.2, `transformer_2`) component, or a transformer.
+            On a bare transformer, steps count distinct timesteps, so `dense_steps` must be an int.
+        config (`SparseConfig`, *optional*):
+            What to install; defaults to `SparseConfig()`.
+
+    Returns:
+        `SparseHandle`: with `.stats()` and `.remove()`.
+
+    Example:
+        >>> import diffsparse
+        >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
+        >>> pipe = tiny_wan_pipeline()
+        >>> handle = diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", dense_steps=1))
+        >>> diffsparse.remove(pipe)
+    """
+    config = SparseConfig() if config is None else config
+    if not isinstance(config, SparseConfig):
+        raise ValueError(f"config must be a diffsparse.SparseConfig, got {type(config).__name__}")
+    transformers, scheduler = find_transformers(pipe_or_transformer)
+    for transformer in transformers.values():
+        adapter_for(transformer)  # an unsupported model is the first thing to report
+    remove(pipe_or_transformer)
+    if scheduler is None:
+        config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
+    return SparseHandle(config, transformers, scheduler)
+
+
+def remove(pipe_or_transformer) -> None:
+    """Restore the original processors (the very same objects) and remove every diffsparse hook.
+
+    Example:
+        >>> import diffsparse
+        >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
+        >>> pipe = tiny_wan_pipeline()
+        >>> diffsparse.remove(pipe)  # a no-op when nothing is applied
+    """
+    for handle in _handles(pipe_or_transformer):
+        handle.remove()
+
+
+def stats(pipe_or_transformer) -> SparseStats:
+    """Per transformer block: dense and sparse self-attention calls, and mean block density, of the last call.
+
+    Example:
+        >>> import diffsparse
+        >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
+        >>> pipe = tiny_wan_pipeline()
+        >>> _ = diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", dense_steps=1))
+        >>> diffsparse.stats(pipe).layers
+        []
+    """
+    handles = _handles(pipe_or_transformer)
+    if not handles:
+        raise ValueError("diffsparse is not applied to this pipeline or transformer; call diffsparse.apply first")
+    return handles[0].stats()
+
+
+@contextlib.contextmanager
+def sparse(pipe_or_transformer, config: SparseConfig | None = None):
+    """`apply` on entry, `remove` on exit.
+
+    Example:
+        >>> import diffsparse
+        >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
+        >>> pipe = tiny_wan_pipeline()
+        >>> with diffsparse.sparse(pipe, diffsparse.SparseConfig(dense_steps=1)) as handle:
+        ...     pass
+    """
+    handle = apply(pipe_or_transformer, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,129 @@
+"""`SparseConfig`: what the user asks for, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from .kernels import BACKENDS
+from .patterns import Pattern, get_pattern
+from .patterns.base import as_pair
+
+StepCount = Union[int, float]  # steps, or a fraction of the steps
+
+
+def _check_step_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"SparseConfig.{name} must be an int >= 0 (a number of steps) or a float in [0, 1) "
+            f"(a fraction of the steps), got {name}={value!r}"
+        )
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"SparseConfig.{name} as an int must be >= 0, got {name}={value!r}")
+    if isinstance(value, float) and not (0.0 <= value < 1.0):
+        raise ValueError(f"SparseConfig.{name} as a float must be a fraction in [0, 1), got {name}={value!r}")
+
+
+def resolve_step_count(value: StepCount, num_steps: int) -> int:
+    """Number of steps that `value` (an int, or a fraction of `num_steps`) stands for; fractions round half up."""
+    if isinstance(value, float):
+        return int(math.floor(value * num_steps + 0.5))
+    return value
+
+
+@dataclass
+class SparseConfig:
+    r"""
+    How diffsparse replaces dense self-attention. Validated at construction; `apply` never writes back into it.
+
+    Args:
+        pattern (`str` or `Pattern`, *optional*, defaults to `"radial"`):
+            The block-sparse pattern: a pattern object such as `diffsparse.patterns.Radial(decay=0.5)`, or a
+            registered name (`"dense"`, `"radial"`) for its default parameters. `"dense"` keeps the original
+            processors' computation (bit-identical output) while still counting calls in `stats()`.
+        block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
+            Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
+            per block; sequence lengths that are not a multiple are padded and the padding masked.
+        dense_steps (`int` or `float`, *optional*, defaults to `0.2`):
+            The first denoising steps that stay dense: an int counts steps, a float in [0, 1) is a fraction of
+            the pipeline's `num_inference_steps` (rounded half up).
+        dense_last_steps (`int` or `float`, *optional*, defaults to `0`):
+            The last denoising steps that stay dense, in the same two forms.
+        dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
+            Transformer blocks whose self-attention stays dense: an int `L` means the first `L` blocks, a list
+            names block indices.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            The kernel backend passed to `diffsparse.kernels.block_sparse_attention`.
+
+    Example:
+        >>> import diffsparse
+        >>> config = diffsparse.SparseConfig(pattern="radial", dense_steps=0.2, dense_layers=1)
+        >>> config.is_dense_step(step=1, num_steps=10), config.is_dense_step(step=2, num_steps=10)
+        (True, False)
+    """
+
+    pattern: str | Pattern = "radial"
+    block_size: int | tuple[int, int] = 64
+    dense_steps: StepCount = 0.2
+    dense_last_steps: StepCount = 0
+    dense_layers: int | Sequence[int] = 0
+    backend: str = "auto"
+    _pattern: Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        try:
+            self._pattern = get_pattern(self.pattern)
+        except ValueError as error:
+            raise ValueError(f"SparseConfig.pattern is invalid: {error}") from None
+        self.block_sizes  # validates
+        _check_step_count("dense_steps", self.dense_steps)
+        _check_step_count("dense_last_steps", self.dense_last_steps)
+        self._dense_layer_set  # validates
+        allowed = ("auto", *BACKENDS)
+        if self.backend not in allowed:
+            raise ValueError(f"SparseConfig.backend must be one of {allowed}, got backend={self.backend!r}")
+
+    @property
+    def resolved_pattern(self) -> Pattern:
+        """The pattern object (a name resolved to its default instance)."""
+        return self._pattern
+
+    @property
+    def block_sizes(self) -> tuple[int, int]:
+        """`(block_q, block_k)`."""
+        return as_pair(self.block_size, "SparseConfig.block_size")
+
+    @property
+    def _dense_layer_set(self) -> frozenset[int] | int:
+        value = self.dense_layers
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"SparseConfig.dense_layers as an int must be >= 0, got dense_layers={value!r}")
+            return value
+        if isinstance(value, (list, tuple, set, frozenset)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+        ):
+            return frozenset(value)
+        raise ValueError(
+            "SparseConfig.dense_layers must be an int >= 0 (the first L blocks) or a list of block indices >= 0, "
+            f"got dense_layers={value!r}"
+        )
+
+    def is_dense_layer(self, layer: int) -> bool:
+        layers = self._dense_layer_set
+        return layer < layers if isinstance(layers, int) else layer in layers
+
+    def is_dense_step(self, step: int, num_steps: int | None) -> bool:
+        """Whether denoising step `step` (0-based) of `num_steps` stays dense (`num_steps=None`: unknown)."""
+        if num_steps is None:
+            if isinstance(self.dense_steps, float) or self.dense_last_steps != 0:
+                raise ValueError(
+                    "The number of denoising steps is unknown (sparse attention was applied to a bare transformer), "
+                    f"so SparseConfig.dense_steps={self.dense_steps!r} / dense_last_steps={self.dense_last_steps!r} "
+                    "cannot be resolved: give dense_steps as an int and dense_last_steps=0, or apply to the pipeline."
+                )
+            return step < self.dense_steps
+        first = resolve_step_count(self.dense_steps, num_steps)
+        last = resolve_step_count(self.dense_last_steps, num_steps)
+        return step < first or step >= num_steps - last

@@ -1,0 +1,78 @@
+"""Video quality of a sparse output against the dense output of the same seed: PSNR and SSIM per frame.
+
+Videos may be given in the layouts diffusers pipelines return: numpy `(F, H, W, C)` (`output_type="np"`),
+torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`).
+Values are expected in [0, 1] unless `data_range` says otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+_CHANNEL_SIZES = (1, 3, 4)
+
+
+def as_frames(video) -> np.ndarray:
+    """A video as a float64 array `(F, H, W, C)`."""
+    if isinstance(video, (list, tuple)):
+        video = np.stack([np.asarray(frame) for frame in video])
+        if video.dtype == np.uint8:
+            video = video / 255.0
+    if isinstance(video, torch.Tensor):
+        video = video.detach().float().cpu().numpy()
+    video = np.asarray(video, dtype=np.float64)
+    if video.ndim == 5:  # (B, F, ...) -> frames of all videos in order
+        video = video.reshape(-1, *video.shape[2:])
+    if video.ndim == 3:  # single-channel frames
+        video = video[..., None]
+    if video.ndim != 4:
+        raise ValueError(f"a video must have 3 to 5 dimensions (frames first), got shape {video.shape}")
+    if video.shape[-1] not in _CHANNEL_SIZES and video.shape[1] in _CHANNEL_SIZES:
+        video = video.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
+    return video
+
+
+def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = as_frames(a), as_frames(b)
+    if a.shape != b.shape:
+        raise ValueError(f"videos must have equal shapes to compare, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def psnr(video, reference, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, per frame then averaged (`inf` when every frame is identical).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.zeros((2, 8, 8, 3))
+        >>> round(psnr(a + 0.1, a), 6)
+        20.0
+    """
+    a, b = _paired(video, reference)
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        per_frame = 10.0 * np.log10(data_range**2 / mse)
+    return float(per_frame.mean())
+
+
+def ssim(video, reference, data_range: float = 1.0) -> float:
+    """Structural similarity (scikit-image, colour channels), per frame then averaged.
+
+    Frames smaller than scikit-image's 7-pixel window use the largest odd window that fits.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.random.default_rng(0).random((2, 16, 16, 3))
+        >>> ssim(a, a)
+        1.0
+    """
+    a, b = _paired(video, reference)
+    win_size = min(7, min(a.shape[1:3]) // 2 * 2 - 1)
+    if win_size < 3:
+        raise ValueError(f"SSIM needs frames of at least 3x3 pixels, got {a.shape[1:3]}")
+    scores = [
+        structural_similarity(x, y, data_range=data_range, channel_axis=-1, win_size=win_size) for x, y in zip(a, b)
+    ]
+    return float(np.mean(scores))

@@ -1,0 +1,7 @@
+"""Where: one adapter per model family (which modules are self-attention, how a call's layout is read)."""
+
+from . import wan  # noqa: F401  (registers the Wan adapter)
+from .base import ModelAdapter
+from .registry import adapter_for, find_transformers, register_adapter
+
+__all__ = ["ModelAdapter", "adapter_for", "find_transformers", "register_adapter"]

@@ -1,0 +1,41 @@
+"""Adapters keyed by transformer class, and finding the transformers inside a pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModelAdapter
+
+_ADAPTERS: list[ModelAdapter] = []
+# Pipelines keep their denoisers under these component names (Wan 2.2 has two experts).
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
+    for adapter in _ADAPTERS:
+        if isinstance(transformer, adapter.transformer_classes):
+            return adapter
+    supported = sorted(cls.__name__ for adapter in _ADAPTERS for cls in adapter.transformer_classes)
+    raise ValueError(f"diffsparse has no adapter for {type(transformer).__name__}; supported: {supported}")
+
+
+def find_transformers(pipe_or_transformer) -> tuple[dict[str, torch.nn.Module], object | None]:
+    """`({component name: transformer}, scheduler or None)` for a pipeline or a bare transformer."""
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return {"transformer": pipe_or_transformer}, None
+    found = {
+        name: getattr(pipe_or_transformer, name)
+        for name in TRANSFORMER_COMPONENTS
+        if isinstance(getattr(pipe_or_transformer, name, None), torch.nn.Module)
+    }
+    if not found:
+        raise ValueError(
+            f"expected a diffusers pipeline with a `transformer` component or a transformer module, "
+            f"got {type(pipe_or_transformer).__name__}"
+        )
+    return found, getattr(pipe_or_transformer, "scheduler", None)

@@ -1,0 +1,90 @@
+"""Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts.
+
+Self-attention is `blocks[i].attn1` over video tokens only (no text in the sequence), in frame-major
+order after a `patch_size` patchify; cross-attention `attn2` stays untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_wan import (
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    _get_qkv_projections,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, call_argument
+from .registry import register_adapter
+
+
+def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved-pair RoPE, the same arithmetic as WanAttnProcessor so sparse and dense see equal q/k.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSparseAttnProcessor(WanAttnProcessor):
+    """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
+
+    Dense calls go to `WanAttnProcessor.__call__` unchanged, so they are bit-identical to the original.
+    """
+
+    def __init__(self, runtime, layer: int, original: WanAttnProcessor):
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
+        self._attention_backend = original._attention_backend
+        self._parallel_config = original._parallel_config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "diffsparse does not run sparse attention under context parallelism yet; "
+                "disable parallelism or use pattern='dense'"
+            )
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary(query, *rotary_emb)
+            key = _apply_rotary(key, *rotary_emb)
+        hidden_states = self.runtime.attention(self.layer, query, key, value)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+class WanAdapter(ModelAdapter):
+    transformer_classes = (WanTransformer3DModel,)
+
+    def self_attention_modules(self, transformer):
+        for index, block in enumerate(transformer.blocks):
+            yield index, block.attn1
+
+    def make_processor(self, original, runtime, layer):
+        if not isinstance(original, WanAttnProcessor):
+            raise ValueError(
+                f"layer {layer} of the Wan transformer has processor {type(original).__name__}; diffsparse "
+                "replaces only WanAttnProcessor (remove other processors, e.g. LoRA or caching ones, first)"
+            )
+        return WanSparseAttnProcessor(runtime, layer, original)
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = transformer.config.patch_size
+        return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
+
+
+register_adapter(WanAdapter())

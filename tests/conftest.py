@@ -1,0 +1,17 @@
+import os
+
+# Tests never reach the Hugging Face hub: every model is built from a config with random weights.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_pipe():
+    from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+    return tiny_wan_pipeline()
+

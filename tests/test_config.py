@@ -1,0 +1,78 @@
+"""SparseConfig validation and the step/layer schedule."""
+
+import pytest
+
+from diffsparse import SparseConfig
+from diffsparse.patterns import Radial
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("pattern", "nope"),
+        ("pattern", 3),
+        ("block_size", 0),
+        ("block_size", (64,)),
+        ("block_size", (64, -1)),
+        ("block_size", 64.0),
+        ("block_size", True),
+        ("dense_steps", -1),
+        ("dense_steps", 1.0),
+        ("dense_steps", -0.1),
+        ("dense_steps", "2"),
+        ("dense_steps", True),
+        ("dense_last_steps", 1.5),
+        ("dense_layers", -2),
+        ("dense_layers", [0, -1]),
+        ("dense_layers", [0.5]),
+        ("dense_layers", "0"),
+        ("backend", "cuda-magic"),
+    ],
+)
+def test_invalid_field_raises_value_error_naming_it(field, value):
+    with pytest.raises(ValueError, match=field) as error:
+        SparseConfig(**{field: value})
+    assert repr(value) in str(error.value) or str(value) in str(error.value)
+
+
+def test_defaults_and_pattern_objects():
+    config = SparseConfig()
+    assert config.resolved_pattern == Radial()
+    assert config.block_sizes == (64, 64)
+    pattern = Radial(decay=0.5)
+    assert SparseConfig(pattern=pattern, block_size=(128, 64)).resolved_pattern is pattern
+    assert SparseConfig(block_size=(128, 64)).block_sizes == (128, 64)
+
+
+def test_config_is_not_rewritten():
+    config = SparseConfig(pattern="radial", dense_steps=0.2, dense_layers=[3, 1])
+    config.is_dense_step(0, 50)
+    assert (config.pattern, config.dense_steps, config.dense_layers) == ("radial", 0.2, [3, 1])
+
+
+@pytest.mark.parametrize(
+    "dense_steps, dense_last_steps, num_steps, expected",
+    [
+        (0, 0, 5, []),
+        (2, 0, 5, [0, 1]),
+        (0.2, 0, 50, list(range(10))),
+        (0.25, 0, 10, [0, 1, 2]),  # 2.5 rounds half up
+        (1, 1, 5, [0, 4]),
+        (0, 0.2, 10, [8, 9]),
+        (10, 0, 5, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_dense_steps_schedule(dense_steps, dense_last_steps, num_steps, expected):
+    config = SparseConfig(dense_steps=dense_steps, dense_last_steps=dense_last_steps)
+    assert [s for s in range(num_steps) if config.is_dense_step(s, num_steps)] == expected
+
+
+def test_dense_layers_int_and_list():
+    assert [i for i in range(5) if SparseConfig(dense_layers=2).is_dense_layer(i)] == [0, 1]
+    assert [i for i in range(5) if SparseConfig(dense_layers=[0, 3]).is_dense_layer(i)] == [0, 3]
+
+
+def test_unknown_step_count_refuses_fractions():
+    with pytest.raises(ValueError, match="dense_steps"):
+        SparseConfig(dense_steps=0.2).is_dense_step(0, None)
+    assert SparseConfig(dense_steps=2).is_dense_step(1, None)

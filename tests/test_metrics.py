@@ -1,0 +1,52 @@
+"""PSNR and SSIM against known values, in the layouts diffusers pipelines return."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffsparse.metrics import as_frames, psnr, ssim
+
+
+def test_identical_videos():
+    video = np.random.default_rng(0).random((4, 16, 20, 3))
+    assert psnr(video, video) == float("inf")
+    assert ssim(video, video) == pytest.approx(1.0)
+
+
+def test_constant_offset_has_known_psnr():
+    video = np.full((3, 8, 8, 3), 0.5)
+    # MSE = 0.05**2 -> PSNR = 10 log10(1 / 0.0025) = 26.0206 dB
+    assert psnr(video + 0.05, video) == pytest.approx(20 * np.log10(1 / 0.05))
+    assert psnr(video * 255 + 10, video * 255, data_range=255.0) == pytest.approx(20 * np.log10(255 / 10))
+
+
+def test_psnr_is_averaged_per_frame():
+    reference = np.zeros((2, 8, 8, 3))
+    video = reference.copy()
+    video[0] += 0.1  # 20 dB
+    video[1] += 0.01  # 40 dB
+    assert psnr(video, reference) == pytest.approx(30.0)
+
+
+def test_ssim_drops_with_noise_and_handles_small_frames():
+    rng = np.random.default_rng(1)
+    video = rng.random((2, 5, 6, 3))
+    noisy = np.clip(video + rng.normal(0, 0.2, video.shape), 0, 1)
+    assert ssim(noisy, video) < 0.95
+    with pytest.raises(ValueError, match="3x3"):
+        ssim(video[:, :2], video[:, :2])
+
+
+def test_layouts_from_pipelines_agree():
+    rng = np.random.default_rng(2)
+    np_video = rng.random((3, 8, 10, 3)).astype(np.float32)  # output_type="np": (F, H, W, C)
+    pt_video = torch.from_numpy(np_video).permute(0, 3, 1, 2)[None]  # output_type="pt": (B, F, C, H, W)
+    pil_like = [(frame * 255).round().astype(np.uint8) for frame in np_video]  # like output_type="pil"
+    np.testing.assert_allclose(as_frames(pt_video), np_video)
+    assert np.abs(as_frames(pil_like) - np_video).max() <= 0.5 / 255 + 1e-6
+    assert psnr(pt_video, np_video) == float("inf")
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="equal shapes"):
+        psnr(np.zeros((2, 8, 8, 3)), np.zeros((3, 8, 8, 3)))

@@ -1,0 +1,209 @@
+"""diffsparse on real diffusers Wan pipelines (tiny, random weights, offline)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+from helpers import generate
+
+import diffsparse
+from diffsparse.patterns import Pattern, Radial
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+
+
+@dataclass(frozen=True, repr=False)
+class AllBlocks(Pattern):
+    """Every block kept, but through the sparse processor and kernel: tests the sparse path's q/k/v math."""
+
+    name = "all-blocks"
+
+    def _video_token_mask(self, layout):
+        n = layout.num_video_tokens
+        return torch.ones(1, n, n, dtype=torch.bool)
+
+    def _video_block_mask(self, layout, q_lo, q_hi, k_lo, k_hi):
+        return torch.ones(1, len(q_lo), len(k_lo), dtype=torch.bool)
+
+
+def _self_attention_processors(pipe):
+    return [block.attn1.processor for block in pipe.transformer.blocks]
+
+
+def test_dense_pattern_matches_unmodified_pipeline_and_remove_restores_originals(tiny_pipe):
+    originals = _self_attention_processors(tiny_pipe)
+    cross = [block.attn2.processor for block in tiny_pipe.transformer.blocks]
+    reference = generate(tiny_pipe)
+
+    diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(pattern="dense"))
+    assert all(p is not o for p, o in zip(_self_attention_processors(tiny_pipe), originals))
+    assert [block.attn2.processor for block in tiny_pipe.transformer.blocks] == cross  # cross-attention untouched
+    dense = generate(tiny_pipe)
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=0)
+    stats = diffsparse.stats(tiny_pipe)
+    assert all(s.sparse_calls == 0 and s.dense_calls == 3 * 2 for s in stats.layers)  # 3 steps x cond/uncond
+
+    diffsparse.remove(tiny_pipe)
+    assert all(p is o for p, o in zip(_self_attention_processors(tiny_pipe), originals))
+    assert tiny_pipe.transformer._diffusers_hook.get_hook("diffsparse_context") is None
+    assert torch.equal(generate(tiny_pipe), reference)
+
+
+def test_sparse_path_with_every_block_kept_matches_dense(tiny_pipe):
+    reference = generate(tiny_pipe)
+    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern=AllBlocks(), block_size=16, dense_steps=0)):
+        out = generate(tiny_pipe)
+        assert all(s.dense_calls == 0 for s in diffsparse.stats(tiny_pipe).layers)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):
+    reference = generate(tiny_pipe, num_frames=33)
+    config = diffsparse.SparseConfig(
+        pattern=Radial(decay=0.5, min_window=8), block_size=16, dense_steps=1, dense_layers=[0]
+    )
+    diffsparse.apply(tiny_pipe, config)
+    out = generate(tiny_pipe, num_frames=33)
+    assert torch.isfinite(out).all()
+    assert (out - reference).abs().max() > 1e-4
+
+    stats = diffsparse.stats(tiny_pipe)
+    records = stats.calls["transformer"]
+    assert len(records) == 3 * 2 * 2  # steps x branches x layers
+    for r in records:
+        assert r.sparse == (r.step > 0 and r.layer > 0), r
+        assert r.density < 1.0 if r.sparse else r.density == 1.0
+    assert {r.branch for r in records} == {"cond", "uncond"}
+    by_layer = {s.layer: s for s in stats.layers}
+    assert (by_layer[0].dense_calls, by_layer[0].sparse_calls) == (6, 0)
+    assert (by_layer[1].dense_calls, by_layer[1].sparse_calls) == (2, 4)
+    assert 0 < by_layer[1].mean_density < 1
+
+
+def test_stats_describe_only_the_last_pipeline_call(tiny_pipe):
+    diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    generate(tiny_pipe)
+    generate(tiny_pipe, num_inference_steps=2, guidance_scale=1.0)  # no CFG: one call per step
+    records = diffsparse.stats(tiny_pipe).calls["transformer"]
+    assert sorted({r.step for r in records}) == [0, 1]
+    assert len(records) == 2 * 2
+
+
+@pytest.mark.parametrize(
+    "num_frames, height, width, block_size",
+    [
+        (9, 48, 80, 16),  # 3 x 3 x 5 = 45 tokens: divides no block size
+        (13, 64, 64, (32, 16)),  # 4 x 4 x 4 = 64 tokens, block_q != block_k
+        (21, 80, 48, 64),  # 6 x 5 x 3 = 90 tokens, fewer than two blocks
+        (5, 112, 144, 16),  # 2 x 7 x 9 = 126 tokens
+    ],
+)
+def test_any_resolution_and_frame_count(tiny_pipe, num_frames, height, width, block_size):
+    reference = generate(tiny_pipe, num_frames=num_frames, height=height, width=width, num_inference_steps=2)
+    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(block_size=block_size, dense_steps=0)) as handle:
+        out = generate(tiny_pipe, num_frames=num_frames, height=height, width=width, num_inference_steps=2)
+        assert handle.stats().layers and all(s.sparse_calls == 4 for s in handle.stats().layers)
+    assert out.shape == reference.shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("guidance_scale, videos", [(1.0, 1), (5.0, 1), (5.0, 2)])
+def test_cfg_and_several_videos_per_prompt(tiny_pipe, guidance_scale, videos):
+    kwargs = dict(num_frames=33, guidance_scale=guidance_scale, num_videos_per_prompt=videos, num_inference_steps=2)
+    reference = generate(tiny_pipe, **kwargs)
+    config = diffsparse.SparseConfig(pattern=Radial(decay=0.5, min_window=8), block_size=16, dense_steps=0)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe, **kwargs)
+        records = handle.stats().calls["transformer"]
+    assert out.shape == reference.shape and out.shape[0] == videos
+    assert torch.isfinite(out).all()
+    branches = {"cond", "uncond"} if guidance_scale > 1 else {"cond"}
+    assert {r.branch for r in records} == branches
+    assert all(r.sparse for r in records)
+
+
+def test_two_pipelines_with_different_configs_in_one_process():
+    pipe_a, pipe_b = tiny_wan_pipeline(), tiny_wan_pipeline()
+    solo = {}
+    for name, config in {
+        "a": diffsparse.SparseConfig(pattern=Radial(decay=0.25, min_window=8), block_size=16, dense_steps=0),
+        "b": diffsparse.SparseConfig(pattern="dense"),
+    }.items():
+        pipe = tiny_wan_pipeline()
+        with diffsparse.sparse(pipe, config):
+            solo[name] = generate(pipe, num_frames=33, num_inference_steps=2)
+    diffsparse.apply(pipe_a, diffsparse.SparseConfig(pattern=Radial(decay=0.25, min_window=8), block_size=16, dense_steps=0))
+    diffsparse.apply(pipe_b, diffsparse.SparseConfig(pattern="dense"))
+    out_a = generate(pipe_a, num_frames=33, num_inference_steps=2)
+    out_b = generate(pipe_b, num_frames=33, num_inference_steps=2)
+    assert torch.equal(out_a, solo["a"]) and torch.equal(out_b, solo["b"])
+    assert not torch.equal(out_a, out_b)
+    assert diffsparse.stats(pipe_a).mean_density < 1.0 == diffsparse.stats(pipe_b).mean_density
+
+
+def test_apply_again_replaces_previous_config(tiny_pipe):
+    originals = _self_attention_processors(tiny_pipe)
+    diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(pattern="radial", block_size=16))
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(pattern="dense"))
+    assert handle.config.pattern == "dense"
+    assert len(tiny_pipe.transformer._diffusers_hook._hook_order) == 1
+    diffsparse.remove(tiny_pipe)
+    assert all(p is o for p, o in zip(_self_attention_processors(tiny_pipe), originals))
+
+
+def test_wan22_two_experts_share_the_step_index():
+    config = tiny_wan_config()
+    base = tiny_wan_pipeline()
+    torch.manual_seed(1)
+    pipe = WanPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=base.transformer,
+        transformer_2=WanTransformer3DModel(**config["transformer"]).eval(),
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    generate(pipe, num_inference_steps=4)
+    calls = diffsparse.stats(pipe).calls
+    timesteps = pipe.scheduler.timesteps
+    boundary = 0.5 * pipe.scheduler.config.num_train_timesteps
+    expected_high = {i for i, t in enumerate(timesteps) if t >= boundary}
+    assert {r.step for r in calls["transformer"]} == expected_high
+    assert {r.step for r in calls["transformer_2"]} == set(range(4)) - expected_high
+    assert all(r.sparse == (r.step >= 1) for log in calls.values() for r in log)
+    diffsparse.remove(pipe)
+    assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+
+
+@torch.no_grad()
+def test_bare_transformer_counts_distinct_timesteps():
+    transformer = tiny_wan_pipeline().transformer
+    handle = diffsparse.apply(transformer, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    latents = torch.randn(1, 16, 5, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"])
+    for t in (999.0, 999.0, 700.0, 400.0):  # cond + uncond at the first timestep, then two steps
+        transformer(latents, torch.tensor([t]), text, return_dict=False)
+    assert [(r.step, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 1] == [
+        (0, False), (0, False), (1, True), (2, True)
+    ]
+    transformer(latents, torch.tensor([999.0]), text, return_dict=False)  # a larger timestep: a new run
+    assert [r.step for r in handle.stats().calls["transformer"]] == [0, 0]
+
+
+def test_fractional_dense_steps_on_a_bare_transformer_is_refused():
+    transformer = tiny_wan_pipeline().transformer
+    with pytest.raises(ValueError, match="dense_steps"):
+        diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0.2))
+
+
+def test_stats_without_apply_raises(tiny_pipe):
+    with pytest.raises(ValueError, match="not applied"):
+        diffsparse.stats(tiny_pipe)
+
+
+def test_unsupported_model_raises():
+    with pytest.raises(ValueError, match="no adapter"):
+        diffsparse.apply(torch.nn.Linear(2, 2), diffsparse.SparseConfig())
