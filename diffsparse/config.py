@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 from .kernels import BACKENDS
-from .patterns import Pattern, get_pattern
+from .patterns import Pattern, TokenOrder, get_pattern
 from .patterns.base import as_pair
+from .patterns.ordering import as_order
 
 StepCount = Union[int, float]  # steps, or a fraction of the steps
 
@@ -53,6 +54,10 @@ class SparseConfig:
         dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
             Transformer blocks whose self-attention stays dense: an int `L` means the first `L` blocks, a list
             names block indices.
+        order (`TokenOrder`, *optional*, defaults to `None`):
+            The token order the kernel sees: `None` keeps the model's frame-major order, and
+            `diffsparse.patterns.TileOrder((2, 8, 8))` permutes tokens so each kernel block is a 3D tile (best
+            with `Window3D`). Outputs always come back in the original order.
         backend (`str`, *optional*, defaults to `"auto"`):
             The kernel backend passed to `diffsparse.kernels.block_sparse_attention`.
 
@@ -68,6 +73,7 @@ class SparseConfig:
     dense_steps: StepCount = 0.2
     dense_last_steps: StepCount = 0
     dense_layers: int | Sequence[int] = 0
+    order: TokenOrder | None = None
     backend: str = "auto"
     _pattern: Pattern = field(init=False, repr=False, compare=False)
 
@@ -80,6 +86,10 @@ class SparseConfig:
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)
         self._dense_layer_set  # validates
+        try:
+            as_order(self.order)
+        except ValueError as error:
+            raise ValueError(f"SparseConfig.order is invalid: {error}") from None
         allowed = ("auto", *BACKENDS)
         if self.backend not in allowed:
             raise ValueError(f"SparseConfig.backend must be one of {allowed}, got backend={self.backend!r}")
@@ -88,6 +98,11 @@ class SparseConfig:
     def resolved_pattern(self) -> Pattern:
         """The pattern object (a name resolved to its default instance)."""
         return self._pattern
+
+    @property
+    def resolved_order(self) -> TokenOrder:
+        """The token order (`None` resolved to the frame-major `IdentityOrder()`)."""
+        return as_order(self.order)
 
     @property
     def block_sizes(self) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import VideoLayout
+from .patterns import IdentityOrder, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 _PLAN_CACHE_SIZE = 8
@@ -34,6 +34,15 @@ class CallRecord:
     branch: str
     sparse: bool
     density: float
+
+
+@dataclass(frozen=True)
+class _CachedPlan:
+    """A plan with the token permutation it was built for (`None` for the model's own order)."""
+
+    plan: BlockSparsePlan
+    perm: torch.Tensor | None
+    inverse: torch.Tensor | None
 
 
 class _BranchState(BaseState):
@@ -91,9 +100,10 @@ class SparseRuntime:
         self.name = name
         self.pattern = config.resolved_pattern
         self.block_sizes = config.block_sizes
+        self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []
-        self._plans: OrderedDict[tuple, BlockSparsePlan] = OrderedDict()
+        self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
 
     # -- context, set by the hook -------------------------------------------------------------
@@ -125,31 +135,39 @@ class SparseRuntime:
     def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout)."""
         state = self._state()
-        plan = self.plan(state.layout, query.shape[2], query.device)
+        cached = self.plan(state.layout, query.shape[2], query.device)
+        if cached.perm is not None:
+            query, key, value = (x.index_select(1, cached.perm) for x in (query, key, value))
         out = block_sparse_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, backend=self.config.backend
-        )
-        self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, True, plan.density))
-        return out.transpose(1, 2)
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cached.plan, backend=self.config.backend
+        ).transpose(1, 2)
+        if cached.perm is not None:
+            out = out.index_select(1, cached.inverse)
+        self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, True, cached.plan.density))
+        return out
 
-    def plan(self, layout: VideoLayout, heads: int, device: torch.device) -> BlockSparsePlan:
+    def plan(self, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse."""
         key = (layout, heads, str(device))
-        plan = self._plans.get(key)
-        if plan is None:
-            mask = self.pattern.block_mask(layout, self.block_sizes)
-            if mask.shape[0] not in (1, heads):
-                raise ValueError(
-                    f"pattern {self.pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}"
-                )
-            n = layout.num_tokens
-            plan = make_plan(mask.unsqueeze(0).to(device), n, n, self.block_sizes)
-            self._plans[key] = plan
+        cached = self._plans.get(key)
+        if cached is None:
+            cached = self._build_plan(layout, heads, device)
+            self._plans[key] = cached
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
-        return plan
+        return cached
+
+    def _build_plan(self, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
+        mask = self.pattern.block_mask(layout, self.block_sizes, order=self.order)
+        if mask.shape[0] not in (1, heads):
+            raise ValueError(f"pattern {self.pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
+        n = layout.num_tokens
+        plan = make_plan(mask.unsqueeze(0).to(device), n, n, self.block_sizes)
+        if isinstance(self.order, IdentityOrder):
+            return _CachedPlan(plan, None, None)
+        return _CachedPlan(plan, self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))
 
 
 class SparseContextHook(ModelHook):

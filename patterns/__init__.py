@@ -1,18 +1,31 @@
 """What to compute: block masks over token layouts. Knows nothing of diffusers or kernels."""
 
 from .base import Pattern, as_pair, reduce_token_mask
+from .compose import Intersection, Union
 from .dense import Dense
-from .layout import VideoLayout
+from .layout import VideoLayout, as_triple
+from .ordering import Boxes, IdentityOrder, TileOrder, TokenOrder, permute, unpermute
 from .radial import Radial
 from .registry import PATTERNS, get_pattern
+from .window3d import Window3D
 
 __all__ = [
     "PATTERNS",
+    "Boxes",
     "Dense",
+    "IdentityOrder",
+    "Intersection",
     "Pattern",
     "Radial",
+    "TileOrder",
+    "TokenOrder",
+    "Union",
     "VideoLayout",
+    "Window3D",
     "as_pair",
+    "as_triple",
     "get_pattern",
+    "permute",
     "reduce_token_mask",
+    "unpermute",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -10,11 +11,14 @@ from typing import ClassVar
 import torch
 
 from .layout import VideoLayout
+from .ordering import Boxes, IdentityOrder, TokenOrder, as_order
 
 BlockSize = int | tuple[int, int]
 
 # token_mask allocates N**2 bytes plus row-chunked intermediates: 16384 tokens is 256 MiB, enough for tests.
 MAX_TOKEN_MASK_TOKENS = 16384
+# Box pairs per vectorised chunk of the block-mask computation: bounds each intermediate to a few MB.
+_CHUNK_PAIRS = 1 << 15
 
 
 def as_pair(value: BlockSize, name: str = "block_size") -> tuple[int, int]:
@@ -100,59 +104,139 @@ def _block_spans(layout: VideoLayout, block: int):
     return lo, hi, has_text
 
 
+def _box_block_mask(pattern, layout: VideoLayout, q, k, nq: int, nk: int) -> torch.Tensor:
+    """`(H or 1, nq, nk)`: OR of `pattern._box_any` over the boxes of each (query block, key block) pair.
+    `q = (boxes, block)`, `k = (boxes, block)` as [`TokenOrder.boxes`] returns them: boxes of one block are
+    consecutive. Chunked over query blocks so no intermediate exceeds `_CHUNK_PAIRS` box pairs per head."""
+    (q_boxes, q_block), (k_boxes, k_block) = q, k
+    heads = max(1, pattern.num_heads)
+    out = torch.zeros(heads, nq, nk, dtype=torch.bool)
+    q_start = torch.zeros(nq + 1, dtype=torch.int64)
+    q_start[1:] = torch.bincount(q_block, minlength=nq).cumsum(0)
+    k_cols = k_boxes.map(lambda b: b[None, :])
+    rows_per_chunk = max(1, _CHUNK_PAIRS // (heads * max(1, len(k_block))))
+    a = 0
+    while a < nq:
+        # As many query blocks as fit in the chunk (at least one).
+        b = max(a + 1, int(torch.searchsorted(q_start, q_start[a] + rows_per_chunk, right=True)) - 1)
+        b = min(b, nq)
+        r0, r1 = int(q_start[a]), int(q_start[b])
+        if r1 > r0:
+            rows = Boxes(*(bound[r0:r1, None] for bound in q_boxes))
+            hit = pattern._box_any(layout, rows, k_cols)
+            hit = hit.expand(hit.shape[0], r1 - r0, len(k_block))
+            per_key_block = torch.zeros(*hit.shape[:2], nk, dtype=torch.int32)
+            per_key_block.index_add_(2, k_block, hit.to(torch.int32))
+            per_block = torch.zeros(hit.shape[0], b - a, nk, dtype=torch.int32)
+            per_block.index_add_(1, q_block[r0:r1] - a, per_key_block)
+            out[:, a:b] = per_block > 0
+        a = b
+    return out
+
+
 @dataclass(frozen=True, repr=False)
 class Pattern(abc.ABC):
     r"""
     A sparse-attention pattern: parameters (the dataclass fields) plus a pure function from a
-    [`VideoLayout`] to a block mask. Subclasses set `name` and implement the two `_video_*` hooks over video
-    tokens only; text tokens, padding and the output shape are handled here, once, for every pattern.
+    [`VideoLayout`] to a block mask. Subclasses set `name`, define the pattern on video tokens with
+    `_video_token_mask`, and give its block-level form with `_box_any` (and optionally `_box_all`); text
+    tokens, token orders, padding and the output shape are handled here, once, for every pattern.
 
-    Instances are frozen and hashable, so they can key caches of plans.
+    Block masks are exact and never touch token pairs: a block of any [`TokenOrder`] is a short list of
+    axis-aligned [`Boxes`] of tokens (at most 5 in frame-major order, 15 in tile order), and a block pair is
+    kept iff some pair of its boxes holds a kept (query, key) token pair, which `_box_any` decides from the
+    box bounds alone. Work and memory scale with the number of box pairs, chunked to a few MB.
+
+    Patterns combine with `|` and `&` (see [`Union`], [`Intersection`]). Instances are frozen and hashable,
+    so they can key caches of plans.
     """
 
     name: ClassVar[str] = "pattern"
+
+    @property
+    def num_heads(self) -> int:
+        """How many per-head masks the pattern gives: `1` when all heads share one mask."""
+        return 1
 
     @abc.abstractmethod
     def _video_token_mask(self, layout: VideoLayout) -> torch.Tensor:
         """`(H or 1, V, V)` bool over video tokens in frame-major order (the definition)."""
 
-    @abc.abstractmethod
-    def _video_block_mask(self, layout: VideoLayout, q_lo, q_hi, k_lo, k_hi) -> torch.Tensor:
-        """`(H or 1, nq, nk)` bool: is any video pair kept between query span `[q_lo, q_hi)` and key span
-        `[k_lo, k_hi)` (video numbering; empty spans may return anything, they are masked out)."""
+    def _box_any(self, layout: VideoLayout, q: Boxes, k: Boxes) -> torch.Tensor:
+        """`(H or 1, *shape)` bool, `shape` the broadcast shape of the box bounds: does the pattern keep at
+        least one (query in box `q`, key in box `k`) pair? Must be exact."""
+        raise NotImplementedError(
+            f"{self!r} gives block masks in frame-major order only (it implements _video_block_mask); "
+            f"implement _box_any to use it with a token order or inside an Intersection"
+        )
 
-    def block_mask(self, layout: VideoLayout, block_size: BlockSize) -> torch.Tensor:
+    def _box_all(self, layout: VideoLayout, q: Boxes, k: Boxes) -> torch.Tensor:
+        """`(H or 1, *shape)` bool: does the pattern keep every (query in `q`, key in `k`) pair? May answer
+        `False` when unsure (it only prunes the refinement of [`Intersection`]). Default: exact for pairs of
+        single tokens, `False` otherwise."""
+        single = (q.num_tokens() == 1) & (k.num_tokens() == 1)
+        return self._box_any(layout, q, k) & single
+
+    def _video_block_mask(self, layout: VideoLayout, q_lo, q_hi, k_lo, k_hi) -> torch.Tensor:
+        """`(H or 1, nq, nk)` bool in frame-major order: is any video pair kept between query span
+        `[q_lo, q_hi)` and key span `[k_lo, k_hi)` (video numbering; empty spans may return anything, they are
+        masked out). Default: the box test of `_box_any`; a pattern may override it with a faster rule."""
+        order = IdentityOrder()
+        return _box_block_mask(
+            self,
+            layout,
+            order.boxes(layout, q_lo, q_hi),
+            order.boxes(layout, k_lo, k_hi),
+            len(q_lo),
+            len(k_lo),
+        )
+
+    def block_mask(
+        self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None
+    ) -> torch.Tensor:
         r"""
         The block mask, built at block granularity (no `N x N` tensor).
 
         Args:
             layout ([`VideoLayout`]): frames, height, width and text tokens of the sequence.
             block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens.
+            order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the
+                token order of the sequence the kernel sees. With an order, the mask is over the reordered
+                sequence: it equals `reduce_token_mask(token_mask(layout, order), block_size)`.
 
         Returns:
             `torch.BoolTensor` of shape `(H or 1, ceil(N / block_q), ceil(N / block_k))` with
             `N = layout.num_tokens`.
 
         Example:
-            >>> from diffsparse.patterns import Dense, VideoLayout
+            >>> from diffsparse.patterns import Dense, TileOrder, VideoLayout
             >>> Dense().block_mask(VideoLayout(frames=3, height=5, width=7), (64, 32)).shape
             torch.Size([1, 2, 4])
+            >>> Dense().block_mask(VideoLayout(frames=3, height=5, width=7), 64, order=TileOrder(4)).shape
+            torch.Size([1, 2, 2])
         """
         bq, bk = as_pair(block_size)
+        order = as_order(order)
         q_lo, q_hi, q_text = _block_spans(layout, bq)
         k_lo, k_hi, k_text = _block_spans(layout, bk)
-        video = self._video_block_mask(layout, q_lo, q_hi, k_lo, k_hi)
+        if isinstance(order, IdentityOrder):
+            video = self._video_block_mask(layout, q_lo, q_hi, k_lo, k_hi)
+        else:
+            q, k = order.boxes(layout, q_lo, q_hi), order.boxes(layout, k_lo, k_hi)
+            video = _box_block_mask(self, layout, q, k, len(q_lo), len(k_lo))
         # A block with no video token on either side has no video pair to keep.
         video = video & (q_hi > q_lo)[:, None] & (k_hi > k_lo)[None, :]
         return add_text_structure(video, q_text, k_text)
 
-    def token_mask(self, layout: VideoLayout) -> torch.Tensor:
+    def token_mask(self, layout: VideoLayout, order: TokenOrder | None = None) -> torch.Tensor:
         r"""
-        The token-level definition of the pattern, in the original (frame-major) order. For tests and small
-        shapes only.
+        The token-level definition of the pattern. For tests and small shapes only.
 
         Args:
             layout ([`VideoLayout`]): at most `MAX_TOKEN_MASK_TOKENS` (16384) tokens.
+            order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): give the
+                mask over the reordered sequence, `mask[:, perm][:, :, perm]` with `perm =
+                order.permutation(layout)`.
 
         Returns:
             `torch.BoolTensor` of shape `(H or 1, N, N)`.
@@ -168,15 +252,20 @@ class Pattern(abc.ABC):
                 f"token_mask materialises an N x N reference (N**2 bytes) and is limited to N <= "
                 f"{MAX_TOKEN_MASK_TOKENS}; use block_mask for real shapes, got N={n} for {layout}"
             )
+        order = as_order(order)
         video = self._video_token_mask(layout)
         vs, ve = layout.video_start, layout.video_start + layout.num_video_tokens
         full = torch.zeros(video.shape[0], n, n, dtype=torch.bool)
         full[:, vs:ve, vs:ve] = video
         idx = torch.arange(n)
         is_text = (idx >= layout.text_start) & (idx < layout.text_start + layout.text_len)
-        return add_text_structure(full, is_text, is_text)
+        full = add_text_structure(full, is_text, is_text)
+        if isinstance(order, IdentityOrder):
+            return full
+        perm = order.permutation(layout)
+        return full[:, perm][:, :, perm]
 
-    def density(self, layout: VideoLayout, block_size: BlockSize) -> float:
+    def density(self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None) -> float:
         r"""
         Fraction of kept blocks (all heads, partial edge blocks counted as whole blocks).
 
@@ -185,9 +274,94 @@ class Pattern(abc.ABC):
             >>> Dense().density(VideoLayout(frames=2, height=4, width=4), 16)
             1.0
         """
-        return self.block_mask(layout, block_size).float().mean().item()
+        return self.block_mask(layout, block_size, order).float().mean().item()
 
-    def render(self, layout: VideoLayout, block_size: BlockSize, path, head: int = 0):
+    def _density_knob(self, layout: VideoLayout):
+        """`(make, lo, hi, breaks)`: `make(x)` is a copy of the pattern for parameter `x` in `[lo, hi]`,
+        spanning its densities; density grows with `x` between consecutive `breaks` (empty when it grows
+        everywhere). Used by `at_density`."""
+        raise NotImplementedError(
+            f"{self!r} has no single parameter to solve for a density; solve its parts with at_density"
+        )
+
+    def at_density(
+        self,
+        layout: VideoLayout,
+        target: float,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+        max_iter: int = 40,
+    ) -> Pattern:
+        r"""
+        A copy of the pattern with its main parameter solved by bisection (`decay` for [`Radial`], the window
+        scale for [`Window3D`]) so that its block density is as close as possible to `target`.
+
+        Density is a step function of the parameter, so the answer is the closer of the two steps around the
+        target (found to `max_iter` halvings of the parameter interval); a target outside the reachable range
+        gives the nearest end. Where density is not monotone in the parameter ([`Radial`] keeps every k-th
+        frame distance once windows fall below `min_window`, which can lose a little density as `decay` grows)
+        and the first bisection lands more than one query-block row (`1 / ceil(N / block_q)`) from the target,
+        each monotone piece is bracketed and bisected on its own, so the closest achievable density is found.
+
+        Args:
+            layout ([`VideoLayout`]): the sequence layout.
+            target (`float`): wanted block density, in `(0, 1]`.
+            block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens.
+            order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the
+                token order the density is measured in.
+            max_iter (`int`, *optional*, defaults to `40`): bisection steps per bracket (one block mask each).
+
+        Example:
+            >>> from diffsparse.patterns import Radial, VideoLayout
+            >>> layout = VideoLayout(frames=16, height=16, width=16)
+            >>> round(Radial(min_window=16).at_density(layout, 0.4, 64).density(layout, 64), 3)
+            0.346
+        """
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
+            raise ValueError(f"target must be a block density in (0, 1], got {target=}")
+        make, lo, hi, breaks = self._density_knob(layout)
+        cache = {}
+
+        def density(x):
+            if x not in cache:
+                cache[x] = make(x).density(layout, block_size, order)
+            return cache[x]
+
+        def closest():
+            return min(cache, key=lambda x: (abs(cache[x] - target), cache[x]))  # ties: the sparser
+
+        def bisect(a, b):  # density(a) < target < density(b), monotone in between
+            for _ in range(max_iter):
+                mid = (a + b) / 2
+                if mid in (a, b) or density(mid) == target:
+                    return
+                a, b = (mid, b) if density(mid) < target else (a, mid)
+
+        if density(lo) < target < density(hi):
+            bisect(lo, hi)
+        one_row = 1 / math.ceil(layout.num_tokens / as_pair(block_size)[0])
+        if abs(cache[closest()] - target) > one_row and breaks:
+            edges = sorted({lo, hi, *(x for x in breaks if lo < x < hi)})
+            for a, b in itertools.pairwise(edges):
+                # Just inside the piece [a, b): the parameter's value at a break belongs to the piece above.
+                a_in, b_in = a + (b - a) * 1e-6, b - (b - a) * 1e-6
+                if density(a_in) < target < density(b_in):
+                    bisect(a_in, b_in)
+        return make(closest())
+
+    def __or__(self, other: Pattern) -> Pattern:
+        from .compose import Union
+
+        return Union(self, other) if isinstance(other, Pattern) else NotImplemented
+
+    def __and__(self, other: Pattern) -> Pattern:
+        from .compose import Intersection
+
+        return Intersection(self, other) if isinstance(other, Pattern) else NotImplemented
+
+    def render(
+        self, layout: VideoLayout, block_size: BlockSize, path, head: int = 0, order: TokenOrder | None = None
+    ):
         r"""
         Write a PNG of the block mask (one head), with frame boundaries in red and the text span in blue.
 
@@ -196,6 +370,8 @@ class Pattern(abc.ABC):
             block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens.
             path (`str` or `os.PathLike`): where to write the PNG.
             head (`int`, *optional*, defaults to `0`): which head to draw when the mask has several.
+            order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): draw the
+                mask over the reordered sequence (frame boundaries are then not drawn).
 
         Returns:
             `path`, unchanged.
@@ -210,7 +386,8 @@ class Pattern(abc.ABC):
         from matplotlib.figure import Figure
 
         bq, bk = as_pair(block_size)
-        mask = self.block_mask(layout, (bq, bk))
+        order = as_order(order)
+        mask = self.block_mask(layout, (bq, bk), order)
         head_mask = mask[min(head, mask.shape[0] - 1)]
         nq, nk = head_mask.shape
         fig = Figure(figsize=(6, 6 * nq / max(nq, nk) + 0.6))
@@ -221,7 +398,7 @@ class Pattern(abc.ABC):
         )
         # Boundaries are drawn in token units divided by the block size, so they fall inside blocks when a
         # frame does not start on a block edge.
-        for f in range(1, layout.frames):
+        for f in range(1, layout.frames if isinstance(order, IdentityOrder) else 1):
             t = layout.video_start + f * layout.tokens_per_frame
             ax.axvline(t / bk, color="red", linewidth=0.5)
             ax.axhline(t / bq, color="red", linewidth=0.5)
@@ -229,7 +406,9 @@ class Pattern(abc.ABC):
             for t in (layout.text_start, layout.text_start + layout.text_len):
                 ax.axvline(t / bk, color="blue", linewidth=0.8)
                 ax.axhline(t / bq, color="blue", linewidth=0.8)
-        ax.set_title(f"{self!r}\nblock=({bq}, {bk}), density={mask.float().mean().item():.3f}", fontsize=8)
+        ax.set_title(
+            f"{self!r} {order!r}\nblock=({bq}, {bk}), density={mask.float().mean().item():.3f}", fontsize=8
+        )
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
         fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -28,3 +28,11 @@ class Dense(Pattern):
 
     def _video_block_mask(self, layout, q_lo, q_hi, k_lo, k_hi):
         return torch.ones(1, len(q_lo), len(k_lo), dtype=torch.bool)
+
+    def _box_any(self, layout, q, k):
+        return torch.ones(1, *torch.broadcast_shapes(q.t0.shape, k.t0.shape), dtype=torch.bool)
+
+    _box_all = _box_any
+
+    def _density_knob(self, layout):
+        return (lambda x: self), 0.0, 0.0, ()  # one density, 1: at_density returns the pattern itself

@@ -4,7 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 TEXT_POSITIONS = ("start", "end")
+
+# An extent along (frames, height, width): one int for all three axes, or one int per axis.
+Triple = int | tuple[int, int, int]
+
+
+def as_triple(value: Triple, name: str) -> tuple[int, int, int]:
+    r"""
+    Normalise an int-or-triple argument to `(t, h, w)`.
+
+    Args:
+        value (`int` or `tuple[int, int, int]`): one positive size for all axes, or one per axis.
+        name (`str`): the argument's name, for the error message.
+
+    Example:
+        >>> as_triple(8, "tile"), as_triple((2, 8, 8), "tile")
+        ((8, 8, 8), (2, 8, 8))
+    """
+    triple = (value,) * 3 if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in triple):
+        raise ValueError(
+            f"{name} must be a positive int or a triple of positive ints (t, h, w), got {name}={value!r}"
+        )
+    return triple
 
 
 @dataclass(frozen=True)
@@ -69,3 +94,20 @@ class VideoLayout:
     def text_start(self) -> int:
         """Index of the first text token in the sequence (the text span is empty when `text_len == 0`)."""
         return 0 if self.text_position == "start" else self.num_video_tokens
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """`(frames, height, width)`."""
+        return self.frames, self.height, self.width
+
+    def video_coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""
+        `(frame, row, col)` of every video token in frame-major order: three `torch.LongTensor` of shape
+        `(V,)`.
+
+        Example:
+            >>> [c.tolist() for c in VideoLayout(frames=2, height=1, width=2).video_coordinates()]
+            [[0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 1]]
+        """
+        n = torch.arange(self.num_video_tokens)
+        return n // self.tokens_per_frame, (n // self.width) % self.height, n % self.width

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import Pattern
 from .dense import Dense
 from .radial import Radial
+from .window3d import Window3D
 
-PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial)}
+PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, Window3D)}
 
 
 def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
@@ -20,6 +21,8 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     Example:
         >>> get_pattern("radial", decay=0.2)
         radial(decay=0.2, min_window=64, sink=False)
+        >>> get_pattern("window3d")
+        window3d(t=3, h=8, w=8)
         >>> get_pattern(Dense())
         dense()
     """

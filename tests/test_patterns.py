@@ -12,6 +12,7 @@ from diffsparse.patterns import (
     Pattern,
     Radial,
     VideoLayout,
+    Window3D,
     as_pair,
     base,
     dense,
@@ -209,13 +210,13 @@ def test_token_mask_refuses_large_layouts():
 def test_repr_and_registry():
     assert repr(Radial(decay=0.5, sink=True)) == "radial(decay=0.5, min_window=64, sink=True)"
     assert repr(Dense()) == "dense()" and Dense().name == "dense" and Radial().name == "radial"
-    assert PATTERNS == {"dense": Dense, "radial": Radial}
+    assert PATTERNS == {"dense": Dense, "radial": Radial, "window3d": Window3D}
     assert get_pattern("radial") == Radial() and get_pattern("radial", decay=0.2) == Radial(decay=0.2)
     custom = Radial(min_window=32)
     assert get_pattern(custom) is custom
     assert len({Radial(), Radial(), Dense()}) == 2  # hashable, usable as cache keys
-    with pytest.raises(ValueError, match="dense.*radial"):
-        get_pattern("window3d")
+    with pytest.raises(ValueError, match="dense.*radial.*window3d"):
+        get_pattern("disc")
     with pytest.raises(ValueError, match="pattern name"):
         get_pattern(custom, decay=0.1)
     assert isinstance(custom, Pattern)

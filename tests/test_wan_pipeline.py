@@ -1,29 +1,18 @@
 """diffsparse on real diffusers Wan pipelines (tiny, random weights, offline)."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from helpers import generate
 
 import diffsparse
-from diffsparse.patterns import Pattern, Radial
+from diffsparse.patterns import Radial, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
 
-@dataclass(frozen=True, repr=False)
-class AllBlocks(Pattern):
-    """Every block kept, but through the sparse processor and kernel: tests the sparse path's q/k/v math."""
-
-    name = "all-blocks"
-
-    def _video_token_mask(self, layout):
-        n = layout.num_video_tokens
-        return torch.ones(1, n, n, dtype=torch.bool)
-
-    def _video_block_mask(self, layout, q_lo, q_hi, k_lo, k_hi):
-        return torch.ones(1, len(q_lo), len(k_lo), dtype=torch.bool)
+# A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
+# so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
 
 
 def _self_attention_processors(pipe):
@@ -51,10 +40,31 @@ def test_dense_pattern_matches_unmodified_pipeline_and_remove_restores_originals
 
 def test_sparse_path_with_every_block_kept_matches_dense(tiny_pipe):
     reference = generate(tiny_pipe)
-    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern=AllBlocks(), block_size=16, dense_steps=0)):
+    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)):
         out = generate(tiny_pipe)
         assert all(s.dense_calls == 0 for s in diffsparse.stats(tiny_pipe).layers)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_tile_order_is_transparent(tiny_pipe):
+    # 5 x 4 x 6 tokens in (1, 2, 4) tiles: edge tiles are partial, so the permutation is not block-aligned.
+    reference = generate(tiny_pipe)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=TileOrder((1, 2, 4)))
+    with diffsparse.sparse(tiny_pipe, config):
+        out = generate(tiny_pipe)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_window3d_on_tiles_runs_sparse(tiny_pipe):
+    config = diffsparse.SparseConfig(
+        pattern=Window3D(window=(1, 2, 2)), block_size=16, dense_steps=0, order=TileOrder((1, 2, 2))
+    )
+    reference = generate(tiny_pipe, num_frames=33)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe, num_frames=33)
+        densities = {r.density for r in handle.stats().calls["transformer"]}
+    assert torch.isfinite(out).all() and (out - reference).abs().max() > 1e-4
+    assert len(densities) == 1 and densities.pop() < 0.5
 
 
 def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):

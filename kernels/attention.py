@@ -1,0 +1,133 @@
+"""Public entry point: validate once, pick a backend, run it."""
+
+import logging
+import math
+from types import MappingProxyType
+
+import torch
+
+from . import cpu, reference
+from .plan import BlockSparsePlan
+
+logger = logging.getLogger(__name__)
+
+# name -> fn(q, k, v, plan, scale, return_lse) -> (out, lse or None). Read-only: no global state to mutate.
+BACKENDS = MappingProxyType({"reference": reference.attention, "cpu": cpu.attention})
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
+    r"""
+    Pick the backend for tensors on `device`, saying why the others were not chosen.
+
+    `"auto"` picks `"cpu"` on every device: it is built from plain torch ops (gather + fused attention), so it
+    also runs on CUDA until a dedicated Triton kernel exists; `"reference"` is never picked automatically
+    because it materialises `q_len x kv_len` scores. The reasons are logged at debug level.
+
+    Args:
+        device (`torch.device` or `str`): Device of the attention inputs.
+        requested (`str`, *optional*, defaults to `"auto"`): `"auto"` or a name in `BACKENDS`.
+
+    Returns:
+        `str`: A key of `BACKENDS`.
+
+    Example:
+
+    ```py
+    >>> from diffsparse.kernels import choose_backend
+    >>> choose_backend("cpu")
+    'cpu'
+
+    ```
+    """
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {requested=}")
+    if requested != "auto":
+        return requested
+    device = torch.device(device)
+    logger.debug("backend 'reference' not chosen: it materialises tokens-squared scores (tests only)")
+    if device.type != "cpu":
+        logger.debug("no %s kernel in diffsparse.kernels yet; using the portable 'cpu' backend", device.type)
+    return "cpu"
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan) -> None:
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a BlockSparsePlan from make_plan, got {type(plan)=}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(
+                f"{name} must be a (B, H, N, D) tensor, got {name}.shape={getattr(x, 'shape', None)}"
+            )
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]) or not (q.shape[3] == k.shape[3] == v.shape[3]):
+        raise ValueError(
+            f"q, k, v must share batch, heads and head_dim, got {tuple(q.shape)=}, {tuple(k.shape)=}, {tuple(v.shape)=}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got {tuple(k.shape)=}, {tuple(v.shape)=}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(
+            f"q, k, v must share one dtype out of {_DTYPES}, got {q.dtype=}, {k.dtype=}, {v.dtype=}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
+    if (q.shape[2], k.shape[2]) != (plan.q_len, plan.kv_len):
+        raise ValueError(
+            f"q and k lengths must match the plan's, got {q.shape[2]=}, {k.shape[2]=} "
+            f"for {plan.q_len=}, {plan.kv_len=}"
+        )
+    mask_bh = tuple(plan.block_mask.shape[:2])
+    if any(m not in (1, n) for m, n in zip(mask_bh, q.shape[:2])):
+        raise ValueError(
+            f"plan mask batch/head dims must be 1 or equal to q's, got mask (B, H)={mask_bh} for q (B, H)="
+            f"{tuple(q.shape[:2])}"
+        )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsePlan,
+    return_lse: bool = False,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Attention restricted to the key blocks in `plan`, on `(B, H, N, D)` tensors like
+    `torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        q (`torch.Tensor` of shape `(B, H, q_len, D)`): Queries; float32, float16 or bfloat16.
+        k (`torch.Tensor` of shape `(B, H, kv_len, D)`): Keys, same dtype and device as `q`.
+        v (`torch.Tensor` of shape `(B, H, kv_len, D)`): Values, same dtype and device as `q`.
+        plan ([`BlockSparsePlan`]): From [`make_plan`]; its mask broadcasts over size-1 batch/head dims.
+        return_lse (`bool`, *optional*, defaults to `False`): Also return the float32 log-sum-exp of the kept
+            scaled scores, shape `(B, H, q_len)`. With the `"cpu"` backend it carries no gradient (the output
+            does).
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"cpu"` or `"reference"`; see
+            [`choose_backend`].
+        scale (`float`, *optional*, defaults to `1 / sqrt(D)`): Score scale.
+
+    Returns:
+        `torch.Tensor` (same dtype as `q`) or `Tuple[torch.Tensor, torch.Tensor]` `(out, lse)`.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffsparse.kernels import block_sparse_attention, make_plan
+    >>> q = k = v = torch.randn(1, 2, 256, 64)
+    >>> plan = make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 256, 256, block_size=128)
+    >>> out, lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+    >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    True
+
+    ```
+    """
+    _check_inputs(q, k, v, plan)
+    fn = BACKENDS[choose_backend(q.device, backend)]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = fn(q, k, v, plan, scale, return_lse)
+    return (out, lse) if return_lse else out

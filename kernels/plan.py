@@ -1,0 +1,138 @@
+"""The kernel plan: a block mask compacted into per-query-block lists of key blocks."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BlockSize = int | tuple[int, int]
+
+
+def _as_pair(block_size: BlockSize) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        pair = (block_size, block_size)
+    else:
+        pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else ()
+    # bool is an int subclass; True as a block size is a bug, not a 1.
+    if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in pair):
+        raise ValueError(
+            f"block_size must be a positive int or a (block_q, block_k) pair of positive ints, got {block_size=}"
+        )
+    return pair
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparsePlan:
+    r"""
+    An immutable, reusable description of which key blocks each query block attends to. Build it with
+    [`make_plan`]; one plan serves any number of calls (and any batch/head count its mask broadcasts to).
+
+    Args:
+        block_q (`int`): Query tokens per block.
+        block_k (`int`): Key tokens per block.
+        q_len (`int`): Query sequence length in tokens.
+        kv_len (`int`): Key/value sequence length in tokens.
+        block_mask (`torch.BoolTensor` of shape `(B or 1, H or 1, nq, nk)`):
+            The mask after the diagonal rule (every query block keeps its own key block).
+        kv_indices (`torch.IntTensor` of shape `(B or 1, H or 1, nq, nk)`):
+            Per query block, the kept key-block indices in ascending order, padded to the fixed capacity `nk`
+            with the last kept index, so compiled code and CUDA graphs always see the same shapes.
+        kv_counts (`torch.IntTensor` of shape `(B or 1, H or 1, nq)`): Number of kept key blocks per query block.
+        density (`float`): Kept blocks divided by all blocks, the ideal fraction of dense attention work.
+    """
+
+    block_q: int
+    block_k: int
+    q_len: int
+    kv_len: int
+    block_mask: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    density: float
+    # Backend-derived data (row groupings, index lists) computed once on first use; the plan stays logically
+    # immutable because the cache is a pure function of the fields above.
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # The default repr would print every index tensor; plans get logged and used as labels.
+        return (
+            f"BlockSparsePlan(block_size=({self.block_q}, {self.block_k}), q_len={self.q_len}, "
+            f"kv_len={self.kv_len}, mask={tuple(self.block_mask.shape)}, density={self.density:.3f})"
+        )
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.block_mask.shape[-2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_mask.shape[-1]
+
+
+def diagonal_kv_blocks(num_q_blocks: int, block_q: int, block_k: int, num_kv_blocks: int, device=None):
+    """Key block holding each query block's first token, clamped for queries that run past the keys."""
+    first_token = torch.arange(num_q_blocks, device=device) * block_q
+    return torch.clamp(first_token // block_k, max=num_kv_blocks - 1)
+
+
+def make_plan(block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: BlockSize) -> BlockSparsePlan:
+    r"""
+    Compact a block mask into a [`BlockSparsePlan`].
+
+    Every query block row always keeps its diagonal key block, the key block containing the row's first query
+    token (`min(i * block_q // block_k, nk - 1)`), so no row is empty and the log-sum-exp stays finite. The
+    returned plan's `block_mask` includes it. Cost and memory grow with the number of blocks, never with
+    tokens squared.
+
+    Args:
+        block_mask (`torch.BoolTensor` of shape `(B or 1, H or 1, ceil(q_len / block_q), ceil(kv_len / block_k))`):
+            `True` where a query block attends to a key block. Size-1 batch/head dims broadcast.
+        q_len (`int`): Query sequence length in tokens; need not be a multiple of the block.
+        kv_len (`int`): Key/value sequence length in tokens; need not be a multiple of the block.
+        block_size (`int` or `Tuple[int, int]`): Block size, or `(block_q, block_k)`.
+
+    Returns:
+        [`BlockSparsePlan`]
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffsparse.kernels import make_plan
+    >>> mask = torch.zeros(1, 1, 3, 2, dtype=torch.bool)
+    >>> plan = make_plan(mask, q_len=300, kv_len=200, block_size=(128, 128))
+    >>> plan.kv_counts.tolist(), round(plan.density, 3)
+    ([[[1, 1, 1]]], 0.5)
+
+    ```
+    """
+    block_q, block_k = _as_pair(block_size)
+    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+    expected = f"(B or 1, H or 1, {nq}, {nk})"
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(
+            f"block_mask must be a bool torch.Tensor of shape {expected}, got {type(block_mask)=}"
+        )
+    if block_mask.dtype != torch.bool or block_mask.ndim != 4 or tuple(block_mask.shape[2:]) != (nq, nk):
+        raise ValueError(
+            f"block_mask must be a bool tensor of shape {expected} for {q_len=}, {kv_len=}, "
+            f"{block_size=}, got shape={tuple(block_mask.shape)} dtype={block_mask.dtype}"
+        )
+    if 0 in block_mask.shape[:2]:
+        raise ValueError(f"block_mask batch and head dims must be >= 1, got shape={tuple(block_mask.shape)}")
+
+    diag = diagonal_kv_blocks(nq, block_q, block_k, nk, device=block_mask.device)
+    mask = block_mask.clone()  # the plan must not alias the caller's tensor
+    mask[:, :, torch.arange(nq, device=mask.device), diag] = True
+
+    counts = mask.sum(-1, dtype=torch.int32)
+    # A stable sort of "not kept" puts kept indices first, already ascending.
+    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
+    last = order.gather(-1, (counts.long() - 1).unsqueeze(-1))
+    slots = torch.arange(nk, device=mask.device)
+    kv_indices = torch.where(slots < counts.unsqueeze(-1), order, last).to(torch.int32)
+    density = float(counts.sum()) / mask.numel()
+    return BlockSparsePlan(block_q, block_k, q_len, kv_len, mask, kv_indices, counts, density)

@@ -1,0 +1,21 @@
+"""Ground truth: the block mask expanded to tokens, masked softmax in float32. Small shapes only."""
+
+import torch
+
+from .plan import BlockSparsePlan
+
+
+def token_mask(plan: BlockSparsePlan) -> torch.Tensor:
+    """The plan's block mask expanded to a `(B or 1, H or 1, q_len, kv_len)` token mask (tokens squared!)."""
+    mask = plan.block_mask.repeat_interleave(plan.block_q, dim=-2).repeat_interleave(plan.block_k, dim=-1)
+    return mask[..., : plan.q_len, : plan.kv_len]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan, scale: float, return_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~token_mask(plan).to(q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ v.float()
+    return out.to(q.dtype), (lse if return_lse else None)

@@ -1,0 +1,300 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffsparse.kernels import BACKENDS, BlockSparsePlan, block_sparse_attention, choose_backend, make_plan
+from diffsparse.kernels import cpu as cpu_backend
+
+# (atol for out, atol for lse); rtol=0 so every element is held to the absolute bound.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+# (B, H, q_len, kv_len, block_size, mask batch, mask heads, density)
+CASES = {
+    "per-head, ragged": (2, 3, 200, 200, 64, 2, 3, 0.3),
+    "shared, bq != bk": (1, 2, 256, 256, (64, 32), 1, 1, 0.4),
+    "batch-1 broadcast, q != kv": (2, 2, 150, 333, (32, 48), 1, 2, 0.3),
+    "tiny blocks": (1, 2, 37, 53, (8, 16), 1, 2, 0.2),
+}
+_REFERENCE = {}
+
+
+def _inputs(batch, heads, q_len, kv_len, head_dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # Rounded through bf16 so every dtype sees the same values and one fp32 reference serves all.
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, generator=gen).bfloat16().float()
+        for n in (q_len, kv_len, kv_len)
+    )
+    return q, k, v
+
+
+def _random_mask(batch, heads, nq, nk, density, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, heads, nq, nk, generator=gen) < density
+
+
+def _blocks(block_size):
+    return (block_size, block_size) if isinstance(block_size, int) else block_size
+
+
+def _case(name):
+    batch, heads, q_len, kv_len, block_size, mb, mh, density = CASES[name]
+    bq, bk = _blocks(block_size)
+    mask = _random_mask(mb, mh, -(-q_len // bq), -(-kv_len // bk), density)
+    plan = make_plan(mask, q_len, kv_len, block_size)
+    q, k, v = _inputs(batch, heads, q_len, kv_len)
+    if name not in _REFERENCE:  # the reference runs once, in fp32
+        _REFERENCE[name] = block_sparse_attention(q, k, v, plan, return_lse=True, backend="reference")
+    return plan, (q, k, v), _REFERENCE[name]
+
+
+def _masked_scores(q, k, block_mask, block_q, block_k, scale):
+    """Token scores with -inf outside the block mask, built from block ids independently of the kernels."""
+    rows = torch.arange(q.shape[2]) // block_q
+    cols = torch.arange(k.shape[2]) // block_k
+    keep = block_mask[:, :, rows[:, None], cols[None, :]]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_matches_reference(name, dtype):
+    plan, (q, k, v), (ref_out, ref_lse) = _case(name)
+    out, lse = block_sparse_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), plan, return_lse=True, backend="cpu"
+    )
+    atol_out, atol_lse = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=atol_out)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=atol_lse)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("name", list(CASES))
+def test_lse_and_out_match_independent_softmax(name, backend):
+    plan, (q, k, v), _ = _case(name)
+    scale = 0.3
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=backend, scale=scale)
+    scores = _masked_scores(q, k, plan.block_mask, plan.block_q, plan.block_k, scale)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).float(), rtol=0, atol=2e-5)
+    expected = torch.softmax(scores, -1) @ v.double()
+    torch.testing.assert_close(out, expected.float(), rtol=0, atol=2e-5)
+
+
+def test_all_false_mask_keeps_only_the_diagonal_block():
+    q_len, kv_len, bq, bk = 100, 70, 16, 32  # more query blocks than key blocks: the clamp is exercised
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    plan = make_plan(torch.zeros(1, 1, nq, nk, dtype=torch.bool), q_len, kv_len, (bq, bk))
+    diag = [min(i * bq // bk, nk - 1) for i in range(nq)]
+    expected_mask = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
+    expected_mask[0, 0, range(nq), diag] = True
+    assert torch.equal(plan.block_mask, expected_mask)
+    assert plan.kv_counts.eq(1).all()
+
+    q, k, v = _inputs(1, 2, q_len, kv_len)
+    for backend in BACKENDS:
+        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=backend)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        for i, j in enumerate(diag):
+            rows, cols = slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk)
+            dense = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, cols], v[:, :, cols])
+            torch.testing.assert_close(out[:, :, rows], dense, rtol=0, atol=2e-5)
+
+
+def test_single_key_block_row_and_full_row():
+    q_len = kv_len = 96
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1] = True  # row 1 sees every key block; rows 0 and 2 only their diagonal
+    plan = make_plan(mask, q_len, kv_len, 32)
+    assert plan.kv_counts.tolist() == [[[1, 3, 1]]]
+    q, k, v = _inputs(2, 2, q_len, kv_len)
+    out = block_sparse_attention(q, k, v, plan, backend="cpu")
+    ref = block_sparse_attention(q, k, v, plan, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    full_row = F.scaled_dot_product_attention(q[:, :, 32:64], k, v)
+    torch.testing.assert_close(out[:, :, 32:64], full_row, rtol=0, atol=2e-5)
+    own_block = F.scaled_dot_product_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32])
+    torch.testing.assert_close(out[:, :, :32], own_block, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_all_true_mask_equals_dense_sdpa(dtype):
+    q_len, kv_len, bq, bk = 130, 210, 32, 64
+    plan = make_plan(torch.ones(1, 1, 5, 4, dtype=torch.bool), q_len, kv_len, (bq, bk))
+    assert plan.density == 1.0
+    q, k, v = (x.to(dtype) for x in _inputs(2, 3, q_len, kv_len))
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    dense_lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    atol_out, atol_lse = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), dense, rtol=0, atol=atol_out)
+    torch.testing.assert_close(lse, dense_lse, rtol=0, atol=atol_lse)
+
+
+def test_shared_mask_equals_expanded_per_head_mask():
+    batch, heads, n, block = 3, 2, 192, 32
+    shared = _random_mask(1, 1, 6, 6, 0.3)
+    q, k, v = _inputs(batch, heads, n, n)
+    out_shared = block_sparse_attention(q, k, v, make_plan(shared, n, n, block))
+    out_full = block_sparse_attention(q, k, v, make_plan(shared.expand(batch, heads, 6, 6), n, n, block))
+    torch.testing.assert_close(out_shared, out_full, rtol=0, atol=0)
+
+
+def test_plan_fields():
+    mask = torch.tensor(
+        [[False, False, True, True], [False, False, False, False], [True, False, False, True]]
+    )
+    plan = make_plan(mask[None, None], q_len=3 * 16, kv_len=4 * 12, block_size=(16, 12))
+    # Diagonal blocks: 0 // 12 = 0, 16 // 12 = 1, 32 // 12 = 2.
+    assert plan.block_mask[0, 0].tolist() == [
+        [True, False, True, True],
+        [False, True, False, False],
+        [True, False, True, True],
+    ]
+    assert plan.kv_indices.dtype == torch.int32 and plan.kv_counts.dtype == torch.int32
+    assert plan.kv_indices[0, 0].tolist() == [[0, 2, 3, 3], [1, 1, 1, 1], [0, 2, 3, 3]]
+    assert plan.kv_counts[0, 0].tolist() == [3, 1, 3]
+    assert plan.density == 7 / 12 and isinstance(plan.density, float)
+    assert "density=0.583" in repr(plan)
+
+
+def test_plan_is_immutable_and_reusable():
+    n, block = 128, 32
+    mask = _random_mask(1, 2, 4, 4, 0.3)
+    plan = make_plan(mask, n, n, block)
+    snapshot = plan.block_mask.clone()
+    mask.fill_(True)  # the caller's tensor is not aliased
+    assert torch.equal(plan.block_mask, snapshot)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.block_q = 64
+    q, k, v = _inputs(1, 2, n, n)
+    first = block_sparse_attention(q, k, v, plan)
+    assert torch.equal(block_sparse_attention(q, k, v, plan), first)
+    # The same plan serves another batch size; its mask broadcasts over batch.
+    q3, k3, v3 = _inputs(3, 2, n, n, seed=5)
+    ref3 = block_sparse_attention(q3, k3, v3, plan, backend="reference")
+    torch.testing.assert_close(block_sparse_attention(q3, k3, v3, plan), ref3, rtol=0, atol=2e-5)
+    assert torch.equal(block_sparse_attention(q, k, v, plan), first)
+
+
+def test_many_small_chunks_and_non_contiguous_inputs(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_CHUNK_BYTES", 1)  # one chunk per thread-count rows
+    batch, heads, n, block = 2, 3, 100, 16
+    plan = make_plan(_random_mask(batch, heads, 7, 7, 0.4), n, n, block)
+    # diffusers hands over (B, S, H, D) transposed to (B, H, S, D): strided, not contiguous.
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(batch, heads, n, n))
+    assert not q.is_contiguous()
+    ref = block_sparse_attention(q, k, v, plan, backend="reference")
+    torch.testing.assert_close(block_sparse_attention(q, k, v, plan), ref, rtol=0, atol=2e-5)
+
+
+def test_portable_path_without_cpu_flash_op(monkeypatch):
+    # The branch other devices take, exercised on CPU.
+    monkeypatch.setattr(cpu_backend, "_FLASH_CPU", None)
+    plan, (q, k, v), (ref_out, ref_lse) = _case("batch-1 broadcast, q != kv")
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
+
+
+def test_choose_backend():
+    assert choose_backend("cpu") == "cpu"
+    assert choose_backend(torch.device("cpu"), "reference") == "reference"
+    with pytest.raises(ValueError, match="backend must be"):
+        choose_backend("cpu", "triton-nope")
+    with pytest.raises(ValueError, match="backend must be"):
+        block_sparse_attention(
+            *_inputs(1, 1, 32, 32),
+            make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32),
+            backend="fast",
+        )
+
+
+@pytest.mark.parametrize("block_size", [0, -16, (16,), (16, 16, 16), (16, 0), 1.5, True, "16"])
+def test_bad_block_size(block_size):
+    with pytest.raises(ValueError, match=r"block_size must be .* got block_size="):
+        make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 16, 16, block_size)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.ones(1, 1, 3, 3, dtype=torch.bool),  # wrong number of blocks
+        torch.ones(4, 4, dtype=torch.bool),  # wrong ndim
+        torch.ones(1, 1, 4, 4),  # wrong dtype
+    ],
+)
+def test_bad_mask_names_expected_shape(mask):
+    with pytest.raises(ValueError, match=r"\(B or 1, H or 1, 4, 4\)"):
+        make_plan(mask, 64, 64, 16)
+
+
+def test_bad_lengths():
+    with pytest.raises(ValueError, match="q_len must be a positive int"):
+        make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 0, 16, 16)
+
+
+def test_bad_attention_inputs():
+    plan = make_plan(torch.ones(1, 2, 2, 2, dtype=torch.bool), 64, 64, 32)
+    q, k, v = _inputs(1, 2, 64, 64)
+    bad = [
+        ("must be a \\(B, H, N, D\\) tensor", (q[0], k, v, plan)),
+        ("share batch, heads and head_dim", (q, k[..., :16], v, plan)),
+        ("share batch, heads and head_dim", (q, torch.cat([k, k], 1), v, plan)),
+        ("k and v must have the same length", (q, k, v[:, :, :32], plan)),
+        ("share one dtype", (q, k.half(), v, plan)),
+        ("share one dtype out of", (q.double(), k.double(), v.double(), plan)),
+        ("must match the plan's", (q[:, :, :32], k, v, plan)),
+        ("1 or equal to q's", (*_inputs(1, 3, 64, 64), plan)),
+    ]
+    for message, args in bad:
+        with pytest.raises(ValueError, match=message):
+            block_sparse_attention(*args)
+
+
+def test_wrong_python_types_raise_type_error():
+    with pytest.raises(TypeError, match="plan must be a BlockSparsePlan"):
+        block_sparse_attention(*_inputs(1, 1, 32, 32), "plan")
+    with pytest.raises(
+        TypeError, match=r"block_mask must be a bool torch.Tensor of shape \(B or 1, H or 1, 2, 2\)"
+    ):
+        make_plan([[True]], 32, 32, 16)
+
+
+def test_public_names():
+    assert set(BACKENDS) >= {"cpu", "reference"}
+    assert dataclasses.is_dataclass(BlockSparsePlan)
+
+
+def test_runs_of_identical_rows_are_merged_correctly():
+    # "Frames" of two query blocks share their key blocks, so the cpu backend merges them into one segment.
+    nq, block, n = 8, 16, 8 * 16 - 5
+    frame = torch.arange(nq) // 2
+    mask = (frame[:, None] == frame[None, :]) | (frame[None, :] == 0)
+    plan = make_plan(mask[None, None], n, n, block)
+    q, k, v = _inputs(2, 2, n, n)
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+    ref_out, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
+
+
+def test_gradients_match_reference():
+    plan, (q, k, v), _ = _case("batch-1 broadcast, q != kv")
+    grads = {}
+    for backend in BACKENDS:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = block_sparse_attention(*leaves, plan, return_lse=True, backend=backend)
+        out.square().sum().backward()
+        grads[backend] = [x.grad for x in leaves]
+        assert lse.requires_grad == (backend == "reference")  # the cpu LSE is detached, not silently wrong
+    for got, want in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

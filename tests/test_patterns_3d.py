@@ -1,0 +1,539 @@
+"""3D patterns: token orders (tiles), Window3D, Radial's 2-D windows, composition, density control, plots."""
+
+import doctest
+import math
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffsparse.patterns import (
+    PATTERNS,
+    Dense,
+    IdentityOrder,
+    Intersection,
+    Pattern,
+    Radial,
+    TileOrder,
+    Union,
+    VideoLayout,
+    Window3D,
+    as_pair,
+    compose,
+    get_pattern,
+    ordering,
+    permute,
+    plots,
+    radial,
+    reduce_token_mask,
+    spatial_study,
+    unpermute,
+    window3d,
+)
+from diffsparse.patterns.plots import density_vs_frames
+from diffsparse.patterns.spatial_study import BlockedAttention, attention_error, synthetic_logits
+
+LAYOUTS = [
+    VideoLayout(3, 5, 7),  # nothing divides the tiles below
+    VideoLayout(4, 6, 8, text_len=5, text_position="start"),
+    VideoLayout(5, 4, 6, text_len=3, text_position="end"),
+    VideoLayout(9, 2, 3),  # tiny frames: blocks span many frames and tiles
+]
+ORDERS = [None, TileOrder((2, 3, 4)), TileOrder((1, 2, 2)), TileOrder(3)]
+BLOCK_SIZES = [1, 7, (16, 5), (8, 24), 64]
+PATTERN_CASES = [
+    Dense(),
+    Radial(decay=0.5, min_window=4),
+    Radial(decay=0.25, min_window=3, sink=True, spatial="box"),
+    Radial(decay=0.7, min_window=2, spatial="disc"),
+    Radial(decay=3.0, min_window=1, spatial="disc", sink=True),
+    Window3D((3, 3, 3)),
+    Window3D((2, 4, 5), stride=(1, 2, 3)),
+    Window3D([(1, 2, 3), (3, 5, 4), (9, 9, 9)]),  # per head; the last is larger than every canvas
+    Radial(decay=0.3, min_window=4, spatial="disc") | Window3D((1, 3, 3)),
+    Radial(decay=0.5, min_window=2) & Window3D((3, 4, 4)),
+    Window3D([(1, 3, 3), (3, 1, 5)]) & Radial(decay=1.0, min_window=2, spatial="box"),
+    (Window3D((1, 2, 2)) | Radial(decay=0.2, min_window=3)) & Window3D((3, 5, 5), stride=(1, 2, 2)),
+]
+
+
+def _reordered_reference(pattern, layout, order):
+    """The definition: the frame-major token mask, permuted on both axes."""
+    tokens = pattern.token_mask(layout)
+    if order is None:
+        return tokens
+    perm = order.permutation(layout)
+    return tokens[:, perm][:, :, perm]
+
+
+# Orders -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=repr)
+@pytest.mark.parametrize(
+    "order", [IdentityOrder(), TileOrder((2, 3, 4)), TileOrder(1), TileOrder((8, 8, 8))], ids=repr
+)
+def test_order_round_trip_is_exact(layout, order):
+    n = layout.num_tokens
+    perm, inv = order.permutation(layout), order.inverse(layout)
+    assert perm.dtype == torch.int64 and perm.shape == (n,)
+    assert torch.equal(perm.sort().values, torch.arange(n))  # a permutation: no padding, nothing dropped
+    assert torch.equal(perm[inv], torch.arange(n)) and torch.equal(inv[perm], torch.arange(n))
+    text = torch.arange(layout.text_start, layout.text_start + layout.text_len)
+    assert torch.equal(perm[text], text)  # text tokens stay where they are
+    x = torch.randn(2, n, 3, 4)  # (B, S, H, D), sequence on dim 1
+    y = permute(x, perm, dim=1)
+    assert torch.equal(y, x[:, perm]) and torch.equal(unpermute(y, perm, dim=1), x)
+    q = torch.randn(2, 3, n, 8, dtype=torch.bfloat16)  # (B, H, N, D), sequence on dim -2
+    assert torch.equal(unpermute(permute(q, perm, dim=-2), perm, dim=-2), q)
+
+
+@pytest.mark.parametrize("tile", [(2, 3, 4), (1, 2, 2), (4, 4, 4), (3, 1, 5)], ids=str)
+def test_tile_order_sorts_by_tile_then_position_without_padding(tile):
+    layout = VideoLayout(5, 7, 9, text_len=4, text_position="start")
+    perm = TileOrder(tile).permutation(layout)
+    video = perm[layout.video_start :] - layout.video_start
+    t, h, w = (c[video] for c in layout.video_coordinates())
+    grid = [math.ceil(g / s) for g, s in zip(layout.grid, tile)]
+    tile_id = ((t // tile[0]) * grid[1] + h // tile[1]) * grid[2] + w // tile[2]
+    inner = ((t % tile[0]) * tile[1] + h % tile[1]) * tile[2] + w % tile[2]
+    key = tile_id * 10_000 + inner
+    assert torch.all(key[1:] > key[:-1])  # sorted by (tile, position inside the tile)
+    # Partial edge tiles just hold fewer tokens: the length is unchanged.
+    assert len(perm) == layout.num_tokens
+
+
+def test_identity_orders_and_repr():
+    layout = VideoLayout(3, 4, 5, text_len=2)
+    identity = torch.arange(layout.num_tokens)
+    assert torch.equal(IdentityOrder().permutation(layout), identity)
+    assert torch.equal(TileOrder((1, 4, 5)).permutation(layout), identity)  # a tile per frame
+    assert torch.equal(TileOrder((7, 9, 9)).permutation(layout), identity)  # one tile covering the grid
+    assert repr(TileOrder((2, 8, 8))) == "tiles(2,8,8)" and repr(TileOrder(4)) == "tiles(4,4,4)"
+    assert repr(IdentityOrder()) == "frame_major()"
+    assert (
+        TileOrder(2) == TileOrder((2, 2, 2))
+        and len({TileOrder(2), TileOrder((2, 2, 2)), IdentityOrder()}) == 2
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -1, (2, 2), (2, 0, 2), 1.5, True, "2", (2, 2, 2.0)])
+def test_tile_order_validation(bad):
+    with pytest.raises(ValueError, match="tile"):
+        TileOrder(bad)
+
+
+def test_order_argument_validation():
+    with pytest.raises(ValueError, match="order"):
+        Dense().block_mask(VideoLayout(2, 2, 2), 4, order=(2, 2, 2))
+
+
+# Block masks against the token reduction ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", PATTERN_CASES, ids=repr)
+@pytest.mark.parametrize("order", ORDERS, ids=repr)
+def test_block_mask_is_reduced_token_mask(pattern, order):
+    for layout in LAYOUTS:
+        reference = _reordered_reference(pattern, layout, order)
+        assert torch.equal(reference, pattern.token_mask(layout, order))
+        n = layout.num_tokens
+        for block_size in BLOCK_SIZES:
+            bq, bk = as_pair(block_size)
+            block = pattern.block_mask(layout, block_size, order)
+            assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
+            assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)
+
+
+def test_block_mask_random_cases():
+    gen = torch.Generator().manual_seed(1)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=gen))
+
+    def random_pattern():
+        kind = draw(0, 2)
+        if kind == 0:
+            return Radial(
+                decay=[0.05, 0.2, 0.5, 1.0, 2.5][draw(0, 4)],
+                min_window=draw(1, 12),
+                sink=bool(draw(0, 1)),
+                spatial=radial.SPATIAL[draw(0, 2)],
+            )
+        window = (draw(1, 5), draw(1, 5), draw(1, 5))
+        if kind == 1:
+            return Window3D(window, stride=tuple(draw(1, w) for w in window))
+        return Window3D([window, (draw(1, 4), draw(1, 4), draw(1, 4))])
+
+    for _ in range(60):
+        layout = VideoLayout(
+            draw(1, 6),
+            draw(1, 7),
+            draw(1, 8),
+            text_len=draw(0, 3),
+            text_position=("start", "end")[draw(0, 1)],
+        )
+        order = [None, TileOrder((draw(1, 3), draw(1, 4), draw(1, 4)))][draw(0, 1)]
+        pattern = random_pattern()
+        if draw(0, 1):
+            other = random_pattern()
+            if pattern.num_heads > 1 and other.num_heads > 1:
+                other = Radial(min_window=draw(1, 8))
+            pattern = pattern | other if draw(0, 1) else pattern & other
+        block_size = (draw(1, 40), draw(1, 40))
+        expected = reduce_token_mask(_reordered_reference(pattern, layout, order), block_size)
+        assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (layout, pattern, order)
+
+
+# Window3D ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "window, stride",
+    [
+        ((3, 3, 3), 1),
+        ((2, 4, 5), 1),
+        ((3, 5, 4), (1, 2, 3)),
+        ((9, 9, 9), 1),
+        ((1, 1, 1), 1),
+        ((4, 6, 6), (2, 3, 3)),
+    ],
+    ids=str,
+)
+def test_window3d_every_query_sees_the_same_number_of_keys(window, stride):
+    layout = VideoLayout(5, 6, 7, text_len=3)
+    mask = Window3D(window, stride=stride)._video_token_mask(layout)[0]
+    expected = math.prod(min(w, g) for w, g in zip(window, layout.grid))
+    assert torch.all(mask.sum(-1) == expected)  # NATTEN: border queries see as many keys as central ones
+
+
+def test_window3d_clamps_the_centre_not_the_edges():
+    layout = VideoLayout(6, 8, 8)
+    mask = Window3D((3, 5, 5))._video_token_mask(layout)[0].reshape(6, 8, 8, 6, 8, 8)
+    centre = mask[3, 4, 4]  # unclamped: frames 2..4, rows 2..6, cols 2..6
+    assert centre[2:5, 2:7, 2:7].all() and centre.sum() == 75
+    corner = mask[0, 0, 0]  # clamped: the box is pushed inside, frames 0..2, rows 0..4, cols 0..4
+    assert corner[0:3, 0:5, 0:5].all() and corner.sum() == 75
+    edge = mask[5, 7, 3]  # last frame, last row, middle column
+    assert edge[3:6, 3:8, 1:6].all() and edge.sum() == 75
+
+
+def test_window3d_stride_groups_share_a_window():
+    layout = VideoLayout(4, 8, 8)
+    mask = Window3D((2, 4, 4), stride=(1, 4, 4))._video_token_mask(layout)[0].reshape(4, 8, 8, -1)
+    group = mask[1, 4:8, 0:4].reshape(16, -1)
+    assert (group == group[0]).all()
+    assert not torch.equal(mask[1, 0, 0], mask[1, 4, 0])
+
+
+def test_window3d_per_head_matches_single_head_masks():
+    layout = VideoLayout(4, 6, 5, text_len=2)
+    windows = [(3, 8, 8), (1, 16, 16), (2, 3, 1)]
+    pattern = Window3D(windows)
+    assert pattern.num_heads == 3
+    tokens, blocks = pattern.token_mask(layout), pattern.block_mask(layout, (16, 8), TileOrder(2))
+    assert tokens.shape[0] == blocks.shape[0] == 3
+    for head, window in enumerate(windows):
+        single = Window3D(window)
+        assert torch.equal(tokens[head], single.token_mask(layout)[0])
+        assert torch.equal(blocks[head], single.block_mask(layout, (16, 8), TileOrder(2))[0])
+
+
+def _partial_blocks(pattern, layout, block_size, order):
+    """Blocks kept at block level that are not fully kept at token level."""
+    tokens = pattern.token_mask(layout, order)[0]
+    n, b = layout.num_tokens, block_size
+    blocks = tokens.reshape(n // b, b, n // b, b)
+    kept, full = blocks.any(dim=(1, 3)), blocks.all(dim=(1, 3))
+    return int((kept & ~full).sum()), int(kept.sum())
+
+
+def test_window3d_aligned_with_tiles_keeps_whole_blocks():
+    # Sliding Tile Attention: windows are odd multiples of the tile, queries grouped by tile (stride = tile),
+    # the grid divides by the tile and one block is one tile.
+    layout = VideoLayout(8, 16, 16)
+    tile, order = (2, 4, 4), TileOrder((2, 4, 4))
+    aligned = Window3D((6, 12, 4), stride=tile)
+    partial, kept = _partial_blocks(aligned, layout, 32, order)
+    assert partial == 0 and 0 < kept < (layout.num_tokens // 32) ** 2
+    # Every query of a tile keeps exactly 3 * 3 * 1 tiles.
+    assert torch.all(aligned.block_mask(layout, 32, order)[0].sum(-1) == 9)
+    # Per-token windows (stride 1, NATTEN) or frame-major blocks cut through blocks.
+    assert _partial_blocks(Window3D((6, 12, 4)), layout, 32, order)[0] > 0
+    assert _partial_blocks(aligned, layout, 32, None)[0] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"window": 0}, "window"),
+        ({"window": (3, 8)}, "window"),
+        ({"window": (3, 8, 8.0)}, "window"),
+        ({"window": [(3, 8, 8), (1, 0, 1)]}, r"window\[1\]"),
+        ({"window": "3"}, "window"),
+        ({"stride": 0}, "stride"),
+        ({"window": (3, 8, 8), "stride": (1, 9, 1)}, "stride"),
+        ({"window": [(3, 8, 8), (1, 4, 4)], "stride": 2}, "stride"),
+    ],
+)
+def test_window3d_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Window3D(**kwargs)
+
+
+def test_window3d_repr_registry_and_hashing():
+    assert repr(Window3D()) == "window3d(t=3, h=8, w=8)"
+    assert repr(Window3D(4, stride=(1, 2, 2))) == "window3d(t=4, h=4, w=4, stride=(1, 2, 2))"
+    assert repr(Window3D([(3, 8, 8), (1, 16, 16)])) == "window3d(window=((3, 8, 8), (1, 16, 16)))"
+    assert Window3D([3, 8, 8]) == Window3D((3, 8, 8)) and Window3D(4) == Window3D((4, 4, 4))
+    assert len({Window3D(), Window3D((3, 8, 8)), Window3D([(3, 8, 8), (1, 16, 16)])}) == 2
+    assert PATTERNS["window3d"] is Window3D and get_pattern("window3d") == Window3D((3, 8, 8))
+    assert get_pattern("window3d", window=(1, 4, 4)) == Window3D((1, 4, 4))
+
+
+# Radial's spatial window -----------------------------------------------------------------------------------
+
+
+def test_radial_spatial_shapes_at_token_level():
+    layout = VideoLayout(3, 9, 9)  # S = 81, canvas P = 128; d = 2: width = decay * 128 / 4
+    query = (0, 4, 4)
+    for spatial, decay, inside, outside in [
+        ("band", 0.5, [(4, 4 + 8)], [(4, 4 + 9)]),  # width 16: |s_q - s_k| <= 8 on the flattened index
+        # width 32: max(|dh|, |dw|) <= isqrt(32 // 4) = 2
+        ("box", 1.0, [(6, 6), (2, 2), (4, 6)], [(7, 4), (4, 1), (1, 4)]),
+        # width 32: dh^2 + dw^2 <= floor(32 / pi) = 10, edge included
+        ("disc", 1.0, [(4, 7), (7, 4), (6, 6), (2, 6), (5, 7), (7, 5)], [(4, 8), (7, 6), (6, 7), (7, 7)]),
+    ]:
+        mask = (
+            Radial(decay=decay, min_window=1, spatial=spatial).token_mask(layout)[0].reshape(3, 9, 9, 3, 9, 9)
+        )
+        keys = mask[query][2]  # key frame 2, d = 2
+        if spatial == "band":
+            flat = keys.flatten()
+            s = 4 * 9 + 4
+            assert flat[s - 8 : s + 9].all() and not flat[s + 9] and not flat[s - 9]
+            continue
+        assert all(keys[r, c] for r, c in inside), spatial
+        assert not any(keys[r, c] for r, c in outside), spatial
+    # Adjacent frames stay dense whatever the shape.
+    mask = Radial(decay=0.01, min_window=1, spatial="disc").token_mask(layout)[0]
+    assert mask[:81, :162].all()
+
+
+def test_radial_spatial_validation_and_repr():
+    with pytest.raises(ValueError, match="spatial"):
+        Radial(spatial="circle")
+    assert repr(Radial(spatial="disc")) == "radial(decay=1.0, min_window=64, sink=False, spatial='disc')"
+    assert repr(Radial()) == "radial(decay=1.0, min_window=64, sink=False)"
+    assert Radial(spatial="band") == Radial()
+
+
+def test_blocked_attention_matches_direct_masked_softmax():
+    layout, order = VideoLayout(4, 6, 8), TileOrder((1, 4, 4))
+    logits, values = synthetic_logits(layout, kind="rope"), torch.randn(layout.num_tokens, 8)
+    pattern = Radial(decay=0.3, min_window=8, spatial="disc")
+    fast = BlockedAttention(layout, 16, logits, values, order).error(pattern)
+    direct = attention_error(pattern, layout, 16, logits, values, order)
+    assert fast["density"] == direct["density"]
+    assert math.isclose(fast["rel_l2"], direct["rel_l2"], rel_tol=1e-4)
+    assert math.isclose(fast["recall"], direct["recall"], rel_tol=1e-5)
+
+
+# Composition ------------------------------------------------------------------------------------------------
+
+
+def test_composition_semantics():
+    layout = VideoLayout(6, 8, 8, text_len=4, text_position="start")
+    a, b = Radial(decay=0.3, min_window=8, spatial="disc"), Window3D((3, 4, 4))
+    union, inter = a | b, a & b
+    assert isinstance(union, Union) and isinstance(inter, Intersection)
+    assert union == Union(a, b) and inter == Intersection(a, b) and len({union, Union(a, b), inter}) == 2
+    assert repr(union) == f"({a!r} | {b!r})" and repr(inter) == f"({a!r} & {b!r})"
+    assert repr(a | b & a) == f"({a!r} | ({b!r} & {a!r}))"
+    ta, tb = a.token_mask(layout), b.token_mask(layout)
+    assert torch.equal(union.token_mask(layout), ta | tb) and torch.equal(inter.token_mask(layout), ta & tb)
+    for order in (None, TileOrder((2, 4, 4))):
+        ba, bb = a.block_mask(layout, 32, order), b.block_mask(layout, 32, order)
+        assert torch.equal(union.block_mask(layout, 32, order), ba | bb)  # OR is exact at block level
+        blocks = inter.block_mask(layout, 32, order)
+        assert torch.equal(blocks, reduce_token_mask(inter.token_mask(layout, order), 32))
+        assert (blocks <= (ba & bb)).all()
+
+
+@dataclass(frozen=True, repr=False)
+class _OffDiagonal(Pattern):
+    """Every pair except a token with itself, with an exact box test (a test-only pattern)."""
+
+    name = "off_diagonal"
+
+    def _video_token_mask(self, layout):
+        return ~torch.eye(layout.num_video_tokens, dtype=torch.bool)[None]
+
+    def _box_any(self, layout, q, k):
+        return (
+            (q.num_tokens() > 1) | (k.num_tokens() > 1) | (q.t0 != k.t0) | (q.h0 != k.h0) | (q.w0 != k.w0)
+        )[None]
+
+
+def test_intersection_block_mask_is_not_and_of_block_masks():
+    # "Only itself" and "anything but itself": both keep pairs in every diagonal block, never the same pair.
+    layout = VideoLayout(2, 3, 5)
+    left, right = Window3D((1, 1, 1)), _OffDiagonal()
+    inter = left & right
+    assert not inter.token_mask(layout).any()
+    assert (left.block_mask(layout, 4) & right.block_mask(layout, 4)).diagonal(dim1=1, dim2=2).all()
+    assert not inter.block_mask(layout, 4).any()
+    assert not inter.block_mask(layout, 4, TileOrder((1, 2, 2))).any()
+
+
+def test_composition_heads_and_validation():
+    per_head = Window3D([(1, 3, 3), (3, 3, 3)])
+    assert (per_head | Radial()).num_heads == 2 and (Radial() & per_head).num_heads == 2
+    with pytest.raises(ValueError, match="heads"):
+        per_head | Window3D([(1, 1, 1), (1, 1, 1), (1, 1, 1)])
+    with pytest.raises(ValueError, match="right"):
+        Union(Radial(), "radial")
+    with pytest.raises(TypeError):
+        Radial() | 3
+
+
+def test_legacy_span_patterns_still_work_in_frame_major_order():
+    @dataclass(frozen=True, repr=False)
+    class SpansOnly(Pattern):
+        name = "spans-only"
+
+        def _video_token_mask(self, layout):
+            v = layout.num_video_tokens
+            return torch.ones(1, v, v, dtype=torch.bool)
+
+        def _video_block_mask(self, layout, q_lo, q_hi, k_lo, k_hi):
+            return torch.ones(1, len(q_lo), len(k_lo), dtype=torch.bool)
+
+    layout = VideoLayout(2, 3, 4)
+    assert SpansOnly().block_mask(layout, 8).all() and (SpansOnly() | Radial()).block_mask(layout, 8).all()
+    with pytest.raises(NotImplementedError, match="_box_any"):
+        SpansOnly().block_mask(layout, 8, TileOrder(2))
+
+
+# Density control --------------------------------------------------------------------------------------------
+
+
+def _closest_on_grid(make, xs, layout, target, block_size, order):
+    return min(abs(make(x).density(layout, block_size, order) - target) for x in xs)
+
+
+@pytest.mark.parametrize(
+    "pattern, order",
+    [
+        (Radial(min_window=16), None),
+        (Radial(min_window=16, spatial="disc"), TileOrder((1, 8, 8))),
+        (Radial(min_window=64, sink=True), None),
+        (Window3D((3, 8, 8)), None),
+        (Window3D((2, 4, 4), stride=(2, 4, 4)), TileOrder((2, 4, 4))),
+        (Window3D([(3, 8, 8), (1, 16, 16)]), TileOrder((1, 8, 8))),
+    ],
+    ids=repr,
+)
+def test_at_density_hits_the_target_or_the_closest_achievable(pattern, order):
+    layout, block_size = VideoLayout(16, 16, 16), 64
+    one_row = 1 / (layout.num_tokens // block_size)
+    for target in (0.15, 0.4, 0.55, 0.8):
+        solved = pattern.at_density(layout, target, block_size, order)
+        assert type(solved) is type(pattern)
+        error = abs(solved.density(layout, block_size, order) - target)
+        if error > one_row:  # then nothing on a fine grid of the parameter may be closer
+            if isinstance(pattern, Radial):
+                grid = [2.0 ** (i / 8) for i in range(-48, 48)]
+                best = _closest_on_grid(
+                    lambda x: Radial(x, pattern.min_window, pattern.sink, pattern.spatial),
+                    grid,
+                    layout,
+                    target,
+                    block_size,
+                    order,
+                )
+            else:
+                make = pattern._density_knob(layout)[0]
+                best = _closest_on_grid(
+                    make, [i / 16 for i in range(16 * 9)], layout, target, block_size, order
+                )
+            assert error <= best + 1e-12, (target, solved, error, best)
+
+
+def test_at_density_edges_and_validation():
+    layout = VideoLayout(8, 8, 8)
+    assert Dense().at_density(layout, 0.3, 32) == Dense()
+    assert Window3D().at_density(layout, 1.0, 32).density(layout, 32) == 1.0
+    lowest = Window3D().at_density(layout, 1e-6, 32)
+    assert lowest.window == (1, 1, 1)
+    for bad in (0, 1.5, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="target"):
+            Radial().at_density(layout, bad, 32)
+    with pytest.raises(NotImplementedError, match="at_density"):
+        (Radial() | Window3D()).at_density(layout, 0.5, 32)
+
+
+# Plots and scaling ------------------------------------------------------------------------------------------
+
+
+def test_radial_density_falls_like_log_n_over_n(tmp_path):
+    path = tmp_path / "density.png"
+    frames = [8, 16, 32, 64]
+    rows = density_vs_frames([Radial(min_window=64), Window3D((3, 8, 8))], frames, 16, 16, 64, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["frames"] for r in rows] == frames * 2
+    radial_rows = rows[: len(frames)]
+    ratio = [r["density_n_over_log_n"] for r in radial_rows]
+    # density ~ c log(n) / n: the ratio stays within a narrow band while n grows 8x (density falls 3.5x).
+    assert max(ratio) / min(ratio) < 1.3, ratio
+    assert radial_rows[0]["density"] / radial_rows[-1]["density"] > 3
+    # A fixed window: density ~ c / n, so density * n / log(n) keeps falling.
+    window_ratio = [r["density_n_over_log_n"] for r in rows[len(frames) :]]
+    assert window_ratio[0] / window_ratio[-1] > 1.9
+
+
+def test_large_shapes_are_fast_and_block_level():
+    resource = pytest.importorskip("resource")  # ru_maxrss: POSIX only
+    layout = VideoLayout(frames=21, height=45, width=80)  # Wan 720p: 75,600 tokens
+    patterns = [
+        (Radial(spatial="disc"), TileOrder((1, 8, 8))),
+        (Window3D((3, 8, 8)), TileOrder((3, 8, 8))),
+        (Radial(decay=0.5) | Window3D((3, 8, 8)), TileOrder((3, 8, 8))),
+    ]
+    Window3D().block_mask(VideoLayout(3, 4, 4), 16, TileOrder(2))  # first-call overheads out of the timing
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for pattern, order in patterns:
+        start = time.perf_counter()
+        mask = pattern.block_mask(layout, 128, order)
+        elapsed = time.perf_counter() - start
+        assert mask.shape == (1, 591, 591) and mask.diagonal(dim1=1, dim2=2).all()
+        assert elapsed < 5.0, f"{pattern!r}: {elapsed=:.2f}s"
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 256
+
+
+def test_intersection_at_scale_stays_block_level():
+    layout = VideoLayout(frames=9, height=30, width=52)
+    pattern = Radial(decay=0.3, spatial="disc") & Window3D((5, 16, 16))
+    start = time.perf_counter()
+    mask = pattern.block_mask(layout, 128, TileOrder((1, 8, 16)))
+    assert time.perf_counter() - start < 10.0
+    assert mask.diagonal(dim1=1, dim2=2).all()
+    assert (mask <= Window3D((5, 16, 16)).block_mask(layout, 128, TileOrder((1, 8, 16)))).all()
+
+
+@pytest.mark.parametrize(
+    "module", [ordering, window3d, compose, radial, plots, spatial_study], ids=lambda m: m.__name__
+)
+def test_docstring_examples(module):
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(module):
+        runner.run(test)
+    assert runner.tries > 0 and runner.failures == 0
+
+
+def test_render_with_order_and_heads(tmp_path):
+    path = tmp_path / "window.png"
+    layout = VideoLayout(4, 6, 8, text_len=5)
+    pattern = Window3D([(1, 3, 3), (3, 5, 5)]) | Radial(decay=0.3, min_window=8, spatial="disc")
+    assert pattern.render(layout, 16, path, head=1, order=TileOrder((1, 3, 4))) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
