@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(BIN)/diffsparse compare
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -9,7 +9,14 @@ import torch
 
 from .config import SparseConfig
 from .pipelines import adapter_for, find_transformers
-from .runtime import CallRecord, SparseContextHook, SparseRuntime, StepClock, register_context_hook, remove_context_hook
+from .runtime import (
+    CallRecord,
+    SparseContextHook,
+    SparseRuntime,
+    StepClock,
+    register_context_hook,
+    remove_context_hook,
+)
 
 _HANDLE_ATTR = "_diffsparse_handle"
 

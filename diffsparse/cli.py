@@ -1,4 +1,4 @@
-"""The `diffsparse` command: `compare` (the main job of `make run`) and `bench attention`."""
+"""The `diffsparse` command: `compare` (the main job of `make run`), `masks`, `bench attention|density`."""
 
 from __future__ import annotations
 
@@ -55,9 +55,59 @@ def _run_compare(args) -> None:
     print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _order(tile: list[int] | None):
+    from .patterns import TileOrder
+
+    return None if tile is None else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
+
+
+def _add_masks(sub) -> None:
+    p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask")
+    p.add_argument("--pattern", default="radial", help="pattern name (dense, radial, window3d)")
+    p.add_argument("--frames", type=int, default=21, help="latent frames (tokens along time)")
+    p.add_argument("--height", type=int, default=30, help="tokens along height")
+    p.add_argument("--width", type=int, default=52, help="tokens along width")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
+    p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
+    p.add_argument("--head", type=int, default=0)
+    p.add_argument("--out", default="outputs", help="folder for the PNG")
+
+
+def _run_masks(args) -> None:
+    from pathlib import Path
+
+    from .patterns import VideoLayout, get_pattern
+
+    layout = VideoLayout(args.frames, args.height, args.width)
+    order = _order(args.tile)
+    pattern = get_pattern(args.pattern)
+    if args.density is not None:
+        pattern = pattern.at_density(layout, args.density, args.block_size, order=order)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"mask_{pattern.name}_{args.frames}x{args.height}x{args.width}.png"
+    pattern.render(layout, args.block_size, path, head=args.head, order=order)
+    density = pattern.density(layout, args.block_size, order)
+    print(f"{pattern!r} on {layout.num_tokens} tokens ({args.frames}x{args.height}x{args.width}), "
+          f"block {args.block_size}, order {order or 'frame-major'}: block density {density:.4f}")
+    print(f"wrote {path}")
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
+    d = bench.add_parser("density", help="block density against frame count (radial falls like log(n)/n)")
+    d.add_argument("--pattern", default="radial,window3d", help="comma-separated pattern names")
+    d.add_argument("--frames", type=_ints, default=[8, 16, 32, 64])
+    d.add_argument("--height", type=int, default=30)
+    d.add_argument("--width", type=int, default=52)
+    d.add_argument("--block-size", type=int, default=128)
+    d.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
+    d.add_argument("--out", default="outputs")
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors")
     a.add_argument("--seq", type=int, default=16384)
     a.add_argument("--heads", type=int, default=8)
@@ -74,9 +124,27 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> None:
-    from .bench import run_attention_bench
+    if args.bench == "attention":
+        from .bench import run_attention_bench
 
-    run_attention_bench(args)
+        run_attention_bench(args)
+        return
+    from pathlib import Path
+
+    from .patterns import get_pattern
+    from .patterns.plots import density_vs_frames
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "bench_density.png"
+    patterns = [get_pattern(name) for name in args.pattern.split(",")]
+    rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, path, _order(args.tile))
+    print(f"{args.height}x{args.width} tokens per frame, block {args.block_size}")
+    print("| pattern | frames | tokens | density | density*n/log2(n) | build s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pattern']} | {r['frames']} | {r['tokens']} | {r['density']:.4f} | "
+              f"{r['density_n_over_log_n']:.3f} | {r['seconds']:.3f} |")
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"diffsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
+    _add_masks(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
-    {"compare": _run_compare, "bench": _run_bench}[args.command](args)
+    {"compare": _run_compare, "masks": _run_masks, "bench": _run_bench}[args.command](args)
     return 0
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 from .kernels import BACKENDS
 from .patterns import Pattern, TokenOrder, get_pattern
 from .patterns.base import as_pair
 from .patterns.ordering import as_order
 
-StepCount = Union[int, float]  # steps, or a fraction of the steps
+StepCount = int | float  # steps, or a fraction of the steps
 
 
 def _check_step_count(name: str, value) -> None:
@@ -29,7 +29,7 @@ def _check_step_count(name: str, value) -> None:
 def resolve_step_count(value: StepCount, num_steps: int) -> int:
     """Number of steps that `value` (an int, or a fraction of `num_steps`) stands for; fractions round half up."""
     if isinstance(value, float):
-        return int(math.floor(value * num_steps + 0.5))
+        return math.floor(value * num_steps + 0.5)
     return value
 
 
@@ -82,10 +82,10 @@ class SparseConfig:
             self._pattern = get_pattern(self.pattern)
         except ValueError as error:
             raise ValueError(f"SparseConfig.pattern is invalid: {error}") from None
-        self.block_sizes  # validates
+        _ = self.block_sizes  # validates
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)
-        self._dense_layer_set  # validates
+        _ = self._dense_layer_set  # validates
         try:
             as_order(self.order)
         except ValueError as error:

@@ -8,11 +8,24 @@ import torch
 
 from . import cpu, reference
 from .plan import BlockSparsePlan
+from .triton_block_sparse import triton_available, triton_block_sparse_attention
 
 logger = logging.getLogger(__name__)
 
+
+
+def _triton(q, k, v, plan, scale, return_lse):
+    if plan.kv_indices.device != q.device:
+        raise ValueError(
+            f"the plan must live on the inputs' device for the triton backend, got {plan.kv_indices.device=} "
+            f"and {q.device=}: build it from a block mask on {q.device}"
+        )
+    result = triton_block_sparse_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
+    return result if return_lse else (result, None)
+
+
 # name -> fn(q, k, v, plan, scale, return_lse) -> (out, lse or None). Read-only: no global state to mutate.
-BACKENDS = MappingProxyType({"reference": reference.attention, "cpu": cpu.attention})
+BACKENDS = MappingProxyType({"reference": reference.attention, "cpu": cpu.attention, "triton": _triton})
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -21,9 +34,10 @@ def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
     r"""
     Pick the backend for tensors on `device`, saying why the others were not chosen.
 
-    `"auto"` picks `"cpu"` on every device: it is built from plain torch ops (gather + fused attention), so it
-    also runs on CUDA until a dedicated Triton kernel exists; `"reference"` is never picked automatically
-    because it materialises `q_len x kv_len` scores. The reasons are logged at debug level.
+    `"auto"` picks `"triton"` for CUDA tensors when Triton can run there, else `"cpu"` (plain torch ops:
+    gather + fused attention, so it runs on any device); `"reference"` is never picked automatically because
+    it materialises `q_len x kv_len` scores. The reasons are logged at debug level; forcing `"triton"` where it
+    cannot run raises a `ValueError` saying why.
 
     Args:
         device (`torch.device` or `str`): Device of the attention inputs.
@@ -43,12 +57,21 @@ def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
     """
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {requested=}")
+    device = torch.device(device)
+    if requested == "triton":
+        ok, why = triton_available(device)
+        if not ok:
+            raise ValueError(f"backend='triton' was requested but cannot run: {why}")
     if requested != "auto":
         return requested
-    device = torch.device(device)
     logger.debug("backend 'reference' not chosen: it materialises tokens-squared scores (tests only)")
-    if device.type != "cpu":
-        logger.debug("no %s kernel in diffsparse.kernels yet; using the portable 'cpu' backend", device.type)
+    if device.type == "cuda":
+        ok, why = triton_available(device)
+        if ok:
+            return "triton"
+        logger.debug(f"backend 'triton' not chosen: {why}; using the portable 'cpu' backend")
+    else:
+        logger.debug(f"backend 'triton' not chosen: auto picks it for CUDA tensors only, got {device.type}")
     return "cpu"
 
 
@@ -106,7 +129,7 @@ def block_sparse_attention(
         return_lse (`bool`, *optional*, defaults to `False`): Also return the float32 log-sum-exp of the kept
             scaled scores, shape `(B, H, q_len)`. With the `"cpu"` backend it carries no gradient (the output
             does).
-        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"cpu"` or `"reference"`; see
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"cpu"`, `"triton"` or `"reference"`; see
             [`choose_backend`].
         scale (`float`, *optional*, defaults to `1 / sqrt(D)`): Score scale.
 

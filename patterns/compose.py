@@ -14,7 +14,7 @@ def _check_parts(composed):
     for side in ("left", "right"):
         part = getattr(composed, side)
         if not isinstance(part, Pattern):
-            raise ValueError(f"{type(composed).__name__}.{side} must be a Pattern, got {side}={part!r}")  # noqa: TRY004
+            raise ValueError(f"{type(composed).__name__}.{side} must be a Pattern, got {side}={part!r}")
     heads = {composed.left.num_heads, composed.right.num_heads} - {1}
     if len(heads) > 1:
         raise ValueError(

@@ -279,7 +279,7 @@ def as_order(order: TokenOrder | None) -> TokenOrder:
     if order is None:
         return IdentityOrder()
     if not isinstance(order, TokenOrder):
-        raise ValueError(f"order must be None, IdentityOrder() or TileOrder(tile), got {order=}")  # noqa: TRY004
+        raise ValueError(f"order must be None, IdentityOrder() or TileOrder(tile), got {order=}")
     return order
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -102,31 +101,3 @@ def _draw(rows, height, width, block_size, order, path):
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
-
-def main(argv=None):
-    """Print the density-vs-frames table of the default Radial (and Window3D for contrast) and draw it."""
-    from .radial import Radial
-    from .window3d import Window3D
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--height", type=int, default=30)
-    parser.add_argument("--width", type=int, default=52)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--out", default="outputs/density_vs_frames.png")
-    args = parser.parse_args(argv)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    patterns = [Radial(), Radial(spatial="disc"), Window3D((3, 8, 8))]
-    rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, args.out)
-    print(f"{args.height}x{args.width} tokens per frame, block_size={args.block_size}; figure: {args.out}")
-    print(f"{'pattern':58} {'frames':>6} {'tokens':>7} {'density':>8} {'d*n/log2n':>9} {'build_s':>7}")
-    for r in rows:
-        print(
-            f"{r['pattern']:58} {r['frames']:6d} {r['tokens']:7d} {r['density']:8.4f} "
-            f"{r['density_n_over_log_n']:9.3f} {r['seconds']:7.3f}"
-        )
-    return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -212,7 +212,7 @@ class Radial(Pattern):
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError(f"Radial.min_window must be an int >= 1 (tokens), got min_window={w!r}")
         if not isinstance(self.sink, bool):
-            raise ValueError(f"Radial.sink must be a bool, got sink={self.sink!r}")  # noqa: TRY004
+            raise ValueError(f"Radial.sink must be a bool, got sink={self.sink!r}")
         if self.spatial not in SPATIAL:
             raise ValueError(f"Radial.spatial must be one of {SPATIAL}, got spatial={self.spatial!r}")
 

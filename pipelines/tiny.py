@@ -45,7 +45,12 @@ def tiny_wan_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = t
         >>> type(pipe).__name__
         'WanPipeline'
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
     config = tiny_wan_config()

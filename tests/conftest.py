@@ -3,8 +3,8 @@ import os
 # Tests never reach the Hugging Face hub: every model is built from a config with random weights.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

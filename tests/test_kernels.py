@@ -1,10 +1,14 @@
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffsparse.kernels import BACKENDS, BlockSparsePlan, block_sparse_attention, choose_backend, make_plan
+
+# Backends that run on CPU tensors; the Triton kernel has its own tests (interpreter and CUDA).
+CPU_BACKENDS = [name for name in BACKENDS if name != "triton"]
 from diffsparse.kernels import cpu as cpu_backend
 
 # (atol for out, atol for lse); rtol=0 so every element is held to the absolute bound.
@@ -77,7 +81,7 @@ def test_cpu_matches_reference(name, dtype):
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=atol_lse)
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_lse_and_out_match_independent_softmax(name, backend):
     plan, (q, k, v), _ = _case(name)
@@ -100,7 +104,7 @@ def test_all_false_mask_keeps_only_the_diagonal_block():
     assert plan.kv_counts.eq(1).all()
 
     q, k, v = _inputs(1, 2, q_len, kv_len)
-    for backend in BACKENDS:
+    for backend in CPU_BACKENDS:
         out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=backend)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
         for i, j in enumerate(diag):
@@ -290,7 +294,7 @@ def test_runs_of_identical_rows_are_merged_correctly():
 def test_gradients_match_reference():
     plan, (q, k, v), _ = _case("batch-1 broadcast, q != kv")
     grads = {}
-    for backend in BACKENDS:
+    for backend in CPU_BACKENDS:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse = block_sparse_attention(*leaves, plan, return_lse=True, backend=backend)
         out.square().sum().backward()
@@ -298,3 +302,12 @@ def test_gradients_match_reference():
         assert lse.requires_grad == (backend == "reference")  # the cpu LSE is detached, not silently wrong
     for got, want in zip(grads["cpu"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_choose_backend_explains_triton():
+    assert choose_backend("cpu", "auto") == "cpu"
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(ValueError, match="triton.*CUDA"):
+            choose_backend("cpu", "triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        choose_backend("cpu", "flash")

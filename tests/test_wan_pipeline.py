@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from diffsparse.patterns import Radial, TileOrder, Window3D
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 from diffusers import WanPipeline, WanTransformer3DModel
 from helpers import generate
 
 import diffsparse
-from diffsparse.patterns import Radial, TileOrder, Window3D
-from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
-
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -119,7 +118,7 @@ def test_any_resolution_and_frame_count(tiny_pipe, num_frames, height, width, bl
 
 @pytest.mark.parametrize("guidance_scale, videos", [(1.0, 1), (5.0, 1), (5.0, 2)])
 def test_cfg_and_several_videos_per_prompt(tiny_pipe, guidance_scale, videos):
-    kwargs = dict(num_frames=33, guidance_scale=guidance_scale, num_videos_per_prompt=videos, num_inference_steps=2)
+    kwargs = {"num_frames": 33, "guidance_scale": guidance_scale, "num_videos_per_prompt": videos, "num_inference_steps": 2}
     reference = generate(tiny_pipe, **kwargs)
     config = diffsparse.SparseConfig(pattern=Radial(decay=0.5, min_window=8), block_size=16, dense_steps=0)
     with diffsparse.sparse(tiny_pipe, config) as handle:
