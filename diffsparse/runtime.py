@@ -17,10 +17,12 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import IdentityOrder, VideoLayout
+from .patterns import IdentityOrder, Pattern, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
-_PLAN_CACHE_SIZE = 8
+# Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
+# per distinct head assignment (at most one per layer).
+_PLAN_CACHE_SIZE = 64
 # Contexts a bare transformer call runs in when no pipeline wrapped it in `cache_context`.
 _DEFAULT_CONTEXT = CacheContext("default")
 
@@ -103,6 +105,10 @@ class SparseRuntime:
         self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []
+        # Head-classifying patterns (Sparse VideoGen): the layer's specialised pattern, chosen at its first
+        # sparse call of a pipeline call from sampled q/k rows and reused for the remaining steps.
+        self._layer_patterns: dict[tuple[int, VideoLayout], Pattern] = {}
+        self._classifies = callable(getattr(self.pattern, "classify", None))
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
 
@@ -117,6 +123,7 @@ class SparseRuntime:
     def new_run(self) -> None:
         """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
         self.records.clear()
+        self._layer_patterns.clear()
 
     # -- asked by processors ------------------------------------------------------------------
     def route(self, layer: int) -> bool:
@@ -135,7 +142,8 @@ class SparseRuntime:
     def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout)."""
         state = self._state()
-        cached = self.plan(state.layout, query.shape[2], query.device)
+        pattern = self._layer_pattern(layer, state.layout, query, key) if self._classifies else self.pattern
+        cached = self.plan(state.layout, query.shape[2], query.device, pattern)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in (query, key, value))
         out = block_sparse_attention(
@@ -146,12 +154,23 @@ class SparseRuntime:
         self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, True, cached.plan.density))
         return out
 
-    def plan(self, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
+    def _layer_pattern(self, layer: int, layout: VideoLayout, query: torch.Tensor, key: torch.Tensor) -> Pattern:
+        pattern = self._layer_patterns.get((layer, layout))
+        if pattern is None:
+            generator = torch.Generator(device=query.device).manual_seed(layer)
+            kinds = self.pattern.classify(query.transpose(1, 2), key.transpose(1, 2), layout, generator=generator)
+            pattern = self._layer_patterns[(layer, layout)] = self.pattern.with_heads(kinds)
+        return pattern
+
+    def plan(
+        self, layout: VideoLayout, heads: int, device: torch.device, pattern: Pattern | None = None
+    ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse."""
-        key = (layout, heads, str(device))
+        pattern = self.pattern if pattern is None else pattern
+        key = (pattern, layout, heads, str(device))
         cached = self._plans.get(key)
         if cached is None:
-            cached = self._build_plan(layout, heads, device)
+            cached = self._build_plan(pattern, layout, heads, device)
             self._plans[key] = cached
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
@@ -159,10 +178,10 @@ class SparseRuntime:
             self._plans.move_to_end(key)
         return cached
 
-    def _build_plan(self, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
-        mask = self.pattern.block_mask(layout, self.block_sizes, order=self.order)
+    def _build_plan(self, pattern: Pattern, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
+        mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
         if mask.shape[0] not in (1, heads):
-            raise ValueError(f"pattern {self.pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
+            raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
         n = layout.num_tokens
         plan = make_plan(mask.unsqueeze(0).to(device), n, n, self.block_sizes)
         if isinstance(self.order, IdentityOrder):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from .base import Pattern
 from .dense import Dense
 from .radial import Radial
+from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
 
-PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, Window3D)}
+PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, SpatialTemporal, Window3D)}
 
 
 def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:

@@ -11,6 +11,7 @@ from diffsparse.patterns import (
     Dense,
     Pattern,
     Radial,
+    SpatialTemporal,
     VideoLayout,
     Window3D,
     as_pair,
@@ -210,7 +211,7 @@ def test_token_mask_refuses_large_layouts():
 def test_repr_and_registry():
     assert repr(Radial(decay=0.5, sink=True)) == "radial(decay=0.5, min_window=64, sink=True)"
     assert repr(Dense()) == "dense()" and Dense().name == "dense" and Radial().name == "radial"
-    assert PATTERNS == {"dense": Dense, "radial": Radial, "window3d": Window3D}
+    assert PATTERNS == {"dense": Dense, "radial": Radial, "spatial_temporal": SpatialTemporal, "window3d": Window3D}
     assert get_pattern("radial") == Radial() and get_pattern("radial", decay=0.2) == Radial(decay=0.2)
     custom = Radial(min_window=32)
     assert get_pattern(custom) is custom

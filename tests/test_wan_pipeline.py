@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffsparse.patterns import Radial, TileOrder, Window3D
+from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 from diffusers import WanPipeline, WanTransformer3DModel
 from helpers import generate
@@ -64,6 +64,22 @@ def test_window3d_on_tiles_runs_sparse(tiny_pipe):
         densities = {r.density for r in handle.stats().calls["transformer"]}
     assert torch.isfinite(out).all() and (out - reference).abs().max() > 1e-4
     assert len(densities) == 1 and densities.pop() < 0.5
+
+
+def test_spatial_temporal_heads_are_classified_once_per_layer_and_call(tiny_pipe):
+    config = diffsparse.SparseConfig(pattern=SpatialTemporal(frames=1, width=1), block_size=16, dense_steps=1)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe, num_frames=33)
+        runtime = handle.runtimes["transformer"]
+        chosen = dict(runtime._layer_patterns)
+        records = handle.stats().calls["transformer"]
+    assert torch.isfinite(out).all()
+    assert sorted(layer for layer, _ in chosen) == [0, 1]  # one classification per layer, reused across steps
+    for pattern in chosen.values():
+        assert len(pattern.heads) == 2 and set(pattern.heads) <= {"spatial", "temporal"}
+    # Each layer's sparse calls all ran one plan: the density never changes across steps and branches.
+    for layer in (0, 1):
+        assert len({r.density for r in records if r.sparse and r.layer == layer}) == 1
 
 
 def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):

@@ -1,0 +1,348 @@
+"""SpatialTemporal (Sparse VideoGen's spatial and temporal heads): masks, block exactness, classification."""
+
+import doctest
+import math
+import time
+
+import pytest
+import torch
+from diffsparse.patterns import (
+    PATTERNS,
+    Radial,
+    SpatialTemporal,
+    TileOrder,
+    VideoLayout,
+    as_pair,
+    get_pattern,
+    reduce_token_mask,
+    spatial_temporal,
+)
+
+LAYOUTS = [
+    VideoLayout(3, 5, 7),
+    VideoLayout(4, 6, 8, text_len=5, text_position="start"),
+    VideoLayout(5, 4, 6, text_len=3, text_position="end"),
+    VideoLayout(9, 2, 3),  # tiny frames: blocks span many frames
+    VideoLayout(1, 7, 5),  # one frame
+]
+ORDERS = [None, TileOrder((2, 3, 4)), TileOrder((1, 2, 2))]
+# Single-token blocks (size 1) are slow to reduce; the random cases below draw small sizes.
+BLOCK_SIZES = [2, 7, (16, 5), (8, 24)]
+PATTERN_CASES = [
+    SpatialTemporal(),  # not classified: the union of both kinds
+    SpatialTemporal(frames=0, width=0),
+    SpatialTemporal(frames=1, width=1, heads=("spatial", "temporal", "temporal", "spatial")),
+    SpatialTemporal(frames=2, width=3, heads=("temporal", "spatial")),
+    SpatialTemporal(frames=0, width=1, heads=("spatial", "temporal")) | Radial(decay=0.3, min_window=3),
+]
+
+
+def _reordered_reference(pattern, layout, order):
+    tokens = pattern.token_mask(layout)
+    if order is None:
+        return tokens
+    perm = order.permutation(layout)
+    return tokens[:, perm][:, :, perm]
+
+
+# The two kinds at token level ------------------------------------------------------------------------------
+
+
+def test_spatial_heads_keep_a_band_of_frames():
+    layout = VideoLayout(5, 3, 4)
+    for frames in (0, 1, 3):
+        mask = SpatialTemporal(frames=frames, width=0, heads=("spatial",))._video_token_mask(layout)[0]
+        f = layout.video_coordinates()[0]
+        assert torch.equal(mask, (f[:, None] - f[None, :]).abs() <= frames)  # clipped, not clamped
+
+
+def test_temporal_heads_keep_a_clamped_window_in_every_frame():
+    layout = VideoLayout(4, 6, 7)
+    pattern = SpatialTemporal(width=1, heads=("temporal",))
+    mask = pattern._video_token_mask(layout)[0]
+    assert torch.all(mask.sum(-1) == 4 * 3 * 3)  # NATTEN: border queries keep as many keys as central ones
+    grid = mask.reshape(4, 6, 7, 4, 6, 7)
+    corner = grid[2, 0, 0]  # the window is pushed inside: rows 0..2, columns 0..2, in every frame
+    assert corner[:, 0:3, 0:3].all() and corner.sum() == 36
+    centre = grid[1, 3, 4]
+    assert centre[:, 2:5, 3:6].all() and centre.sum() == 36
+    edge = grid[0, 5, 6]
+    assert edge[:, 3:6, 4:7].all() and edge.sum() == 36
+    # A window wider than the frame covers it: the head keeps every key.
+    assert SpatialTemporal(width=4, heads=("temporal",))._video_token_mask(layout).all()
+
+
+def test_heads_select_kinds_and_none_is_the_union():
+    layout = VideoLayout(4, 5, 6, text_len=3)
+    spatial = SpatialTemporal(frames=1, width=1, heads=("spatial",)).token_mask(layout)
+    temporal = SpatialTemporal(frames=1, width=1, heads=("temporal",)).token_mask(layout)
+    mixed = SpatialTemporal(frames=1, width=1, heads=("temporal", "spatial", "temporal")).token_mask(layout)
+    assert torch.equal(mixed, torch.cat([temporal, spatial, temporal]))
+    union = SpatialTemporal(frames=1, width=1).token_mask(layout)
+    assert union.shape[0] == 1 and torch.equal(union, spatial | temporal)
+    assert not torch.equal(spatial, temporal)
+    # Every token keeps itself under both kinds: no empty rows.
+    assert mixed.diagonal(dim1=1, dim2=2).all()
+
+
+# Block masks against the token reduction ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", PATTERN_CASES, ids=repr)
+@pytest.mark.parametrize("order", ORDERS, ids=repr)
+def test_block_mask_is_reduced_token_mask(pattern, order):
+    for layout in LAYOUTS:
+        reference = _reordered_reference(pattern, layout, order)
+        assert torch.equal(reference, pattern.token_mask(layout, order))
+        n = layout.num_tokens
+        for block_size in BLOCK_SIZES:
+            bq, bk = as_pair(block_size)
+            block = pattern.block_mask(layout, block_size, order)
+            assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
+            assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)
+
+
+def test_single_token_blocks_are_the_token_mask():
+    pattern = SpatialTemporal(frames=1, width=2, heads=("temporal", "spatial", "temporal"))
+    for layout in LAYOUTS[:2]:
+        for order in (None, TileOrder((2, 3, 4))):
+            assert torch.equal(pattern.block_mask(layout, 1, order), pattern.token_mask(layout, order))
+
+
+def test_block_mask_random_cases():
+    gen = torch.Generator().manual_seed(3)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=gen))
+
+    for _ in range(40):
+        layout = VideoLayout(
+            draw(1, 6), draw(1, 7), draw(1, 8), text_len=draw(0, 3), text_position=("start", "end")[draw(0, 1)]
+        )
+        heads = None if draw(0, 3) == 0 else tuple(("spatial", "temporal")[draw(0, 1)] for _ in range(draw(1, 4)))
+        pattern = SpatialTemporal(frames=draw(0, 3), width=draw(0, 3), heads=heads)
+        order = [None, TileOrder((draw(1, 3), draw(1, 4), draw(1, 4)))][draw(0, 1)]
+        block_size = (draw(1, 40), draw(1, 40))
+        expected = reduce_token_mask(_reordered_reference(pattern, layout, order), block_size)
+        assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (layout, pattern, order)
+
+
+def test_box_all_is_sound():
+    # _box_all may say False when unsure, never True for a box pair with a dropped token pair.
+    layout = VideoLayout(4, 5, 6)
+    for pattern in (SpatialTemporal(frames=1, width=1, heads=("spatial", "temporal")), SpatialTemporal()):
+        for order in (None, TileOrder((2, 2, 3))):
+            inter = pattern & pattern  # Intersection uses _box_all to stop refining
+            assert torch.equal(inter.block_mask(layout, 8, order), pattern.block_mask(layout, 8, order))
+
+
+def test_temporal_heads_are_block_sparse_in_frame_major_order():
+    # No position-major permutation: a query block (a few rows of one frame) keeps the same rows, +-width,
+    # in every frame, about (block_q + block_k + 2 * width * W) / (H * W) of the key blocks.
+    layout, block = VideoLayout(8, 30, 52), 128
+    pattern = SpatialTemporal(frames=1, width=1, heads=("spatial", "temporal"))
+    start = time.perf_counter()
+    mask = pattern.block_mask(layout, block)
+    assert time.perf_counter() - start < 5.0
+    spatial, temporal = mask.float().mean(dim=(1, 2)).tolist()
+    tpf = layout.tokens_per_frame
+    assert math.isclose(temporal, (2 * block + 2 * 1 * layout.width) / tpf, rel_tol=0.05)  # 0.23 of 1560
+    assert math.isclose(spatial, (3 * 8 - 2) / 64, rel_tol=0.1)  # a band of 3 frames
+
+
+# Classification -------------------------------------------------------------------------------------------
+
+
+def _planted(layout, kinds, batch=2, dim=64, strength=1.5, seed=0, dtype=torch.float32):
+    """q = k per head: spatial heads share a code per frame (attention stays in the frame), temporal heads a
+    code per (row, col) (attention stays at the position, across frames), plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    frame, row, col = layout.video_coordinates()
+    position = row * layout.width + col
+    heads = []
+    for kind in kinds:
+        codes = torch.randn(layout.frames if kind == "spatial" else layout.tokens_per_frame, dim, generator=gen)
+        token_code = codes[frame if kind == "spatial" else position]
+        heads.append(token_code + 0.3 * torch.randn(batch, *token_code.shape, generator=gen))
+    x = strength * torch.stack(heads, dim=1)  # (B, H, V, D)
+    return x.to(dtype), x.to(dtype)
+
+
+KINDS_PLANTED = ("spatial", "temporal", "temporal", "spatial", "temporal", "spatial")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_classify_recovers_planted_kinds(dtype):
+    layout = VideoLayout(6, 6, 8)
+    q, k = _planted(layout, KINDS_PLANTED, dtype=dtype)
+    pattern = SpatialTemporal(frames=1, width=1, num_samples=16)
+    kinds = pattern.classify(q, k, layout, generator=torch.Generator().manual_seed(0))
+    assert kinds == KINDS_PLANTED
+    mass = pattern._sampled_mass(q, k, layout, torch.Generator().manual_seed(0))
+    assert mass.shape == (6, 2) and bool(((mass >= 0) & (mass <= 1 + 1e-5)).all())
+    margin = (mass[:, 1] - mass[:, 0]).abs()
+    assert bool((margin > 0.3).all()), mass  # clear calls, not coin flips
+    classified = pattern.with_heads(kinds)
+    assert classified.block_mask(layout, 32).shape[0] == 6
+
+
+def test_classify_ignores_text_tokens():
+    layout = VideoLayout(5, 4, 6, text_len=7, text_position="start")
+    q, k = _planted(layout, ("temporal", "spatial"), batch=1)
+    text = torch.randn(1, 2, 7, q.shape[-1], generator=torch.Generator().manual_seed(5)) * 3
+    q_full, k_full = torch.cat([text, q], dim=2), torch.cat([text, k], dim=2)  # text first
+    pattern = SpatialTemporal()
+    for gen_seed in (0, 1):
+        video = pattern._sampled_mass(q, k, layout, torch.Generator().manual_seed(gen_seed))
+        full = pattern._sampled_mass(q_full, k_full, layout, torch.Generator().manual_seed(gen_seed))
+        torch.testing.assert_close(full, video, rtol=0, atol=0)
+    assert pattern.classify(q_full, k_full, layout) == ("temporal", "spatial")
+
+
+def test_classify_is_deterministic_and_leaves_the_global_rng_alone():
+    layout = VideoLayout(4, 6, 8)
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 3, 192, 16, generator=gen), torch.randn(2, 3, 192, 16, generator=gen)
+    pattern = SpatialTemporal(num_samples=8)
+    state = torch.get_rng_state()
+    a = pattern._sampled_mass(q, k, layout, torch.Generator().manual_seed(11))
+    b = pattern._sampled_mass(q, k, layout, torch.Generator().manual_seed(11))
+    c = pattern._sampled_mass(q, k, layout, torch.Generator().manual_seed(12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(pattern._sampled_mass(q, k, layout), pattern._sampled_mass(q, k, layout))
+    assert pattern.classify(q, k, layout) == pattern.classify(q, k, layout)
+    assert torch.equal(torch.get_rng_state(), state)
+    # With as many samples as tokens every row is used: the generator no longer matters.
+    everything = SpatialTemporal(num_samples=192)
+    assert torch.equal(
+        everything._sampled_mass(q, k, layout, torch.Generator().manual_seed(1)),
+        everything._sampled_mass(q, k, layout, torch.Generator().manual_seed(2)),
+    )
+
+
+def test_classify_mass_matches_a_dense_reference():
+    layout = VideoLayout(3, 4, 5, text_len=2)
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 2, 60, 8, generator=gen), torch.randn(2, 2, 60, 8, generator=gen)
+    pattern = SpatialTemporal(frames=0, width=1, num_samples=60)  # every row
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)  # (B, H, V, V)
+    spatial, temporal = pattern._kind_masks(layout, torch.arange(60))
+    expected = torch.stack([(probs * spatial).sum(-1), (probs * temporal).sum(-1)], dim=-1).mean(dim=(0, 2))
+    torch.testing.assert_close(pattern._sampled_mass(q, k, layout), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_classify_head_chunks_agree(monkeypatch):
+    layout = VideoLayout(4, 5, 6)
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 5, 120, 8, generator=gen), torch.randn(1, 5, 120, 8, generator=gen)
+    pattern = SpatialTemporal(num_samples=10)
+    whole = pattern._sampled_mass(q, k, layout)
+    monkeypatch.setattr(spatial_temporal, "_CLASSIFY_CHUNK", 2 * 120 * 10)  # two heads per chunk
+    torch.testing.assert_close(pattern._sampled_mass(q, k, layout), whole, rtol=1e-6, atol=0)
+
+
+def test_classify_never_builds_n_by_n():
+    resource = pytest.importorskip("resource")  # ru_maxrss: POSIX only
+    layout = VideoLayout(20, 25, 40)  # 20,000 tokens: an N x N float32 matrix is 1.6 GB
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 20000, 16, generator=gen), torch.randn(1, 2, 20000, 16, generator=gen)
+    pattern = SpatialTemporal()
+    pattern.classify(q[:, :, :300], k[:, :, :300], VideoLayout(3, 10, 10))  # first-call overheads out
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    kinds = pattern.classify(q, k, layout, generator=torch.Generator().manual_seed(0))
+    assert time.perf_counter() - start < 2.0
+    assert len(kinds) == 2 and set(kinds) <= {"spatial", "temporal"}
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 256  # MiB
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.zeros(1, 2, 24, 4), torch.zeros(1, 2, 24, 4), VideoLayout(2, 3, 5)), "N=30"),
+        ((torch.zeros(1, 2, 30, 4), torch.zeros(1, 3, 30, 4), VideoLayout(2, 3, 5)), "same shape"),
+        ((torch.zeros(2, 30, 4), torch.zeros(2, 30, 4), VideoLayout(2, 3, 5)), "query must be a"),
+        ((torch.zeros(1, 2, 30, 4), "k", VideoLayout(2, 3, 5)), "key must be a"),
+        ((torch.zeros(1, 2, 30, 4), torch.zeros(1, 2, 30, 4), (2, 3, 5)), "layout must be a VideoLayout"),
+    ],
+)
+def test_classify_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        SpatialTemporal().classify(*args)
+
+
+# Parameters, repr, registry, density ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"frames": -1}, "frames must be an int >= 0.*frames=-1"),
+        ({"frames": 1.5}, "frames"),
+        ({"frames": True}, "frames"),
+        ({"width": -2}, "width must be an int >= 0.*width=-2"),
+        ({"width": "1"}, "width"),
+        ({"num_samples": 0}, "num_samples must be an int >= 1.*num_samples=0"),
+        ({"heads": ()}, r"heads must be None or a non-empty tuple"),
+        ({"heads": "spatial"}, r"heads must be None"),
+        ({"heads": ("spatial", "diagonal")}, r"heads\[1\] must be one of \('spatial', 'temporal'\).*'diagonal'"),
+        ({"heads": 2}, r"heads must be None"),
+    ],
+)
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpatialTemporal(**kwargs)
+
+
+def test_with_heads():
+    base = SpatialTemporal(frames=2, width=3, num_samples=8)
+    classified = base.with_heads(["temporal", "spatial"])
+    assert classified.heads == ("temporal", "spatial") and classified.num_heads == 2
+    assert (classified.frames, classified.width, classified.num_samples) == (2, 3, 8)
+    assert base.heads is None and base.num_heads == 1  # a copy; the original is unchanged
+    assert classified.with_heads(None) == base
+    with pytest.raises(ValueError, match=r"heads\[0\]"):
+        base.with_heads(["S"])
+
+
+def test_repr_registry_and_hashing():
+    assert repr(SpatialTemporal()) == "spatial_temporal(frames=1, width=1)"
+    assert (
+        repr(SpatialTemporal(frames=2, heads=("spatial", "spatial", "temporal", "temporal")))
+        == "spatial_temporal(frames=2, width=1, heads=SSTT)"
+    )
+    assert repr(SpatialTemporal(num_samples=8)) == "spatial_temporal(frames=1, width=1, num_samples=8)"
+    assert PATTERNS["spatial_temporal"] is SpatialTemporal
+    assert get_pattern("spatial_temporal") == SpatialTemporal()
+    assert get_pattern("spatial_temporal", width=2) == SpatialTemporal(width=2)
+    assert SpatialTemporal(heads=["spatial"]) == SpatialTemporal(heads=("spatial",))
+    assert len({SpatialTemporal(), SpatialTemporal(), SpatialTemporal().with_heads(("spatial",))}) == 2
+
+
+@pytest.mark.parametrize(
+    "pattern, order",
+    [
+        (SpatialTemporal(), None),
+        (SpatialTemporal(frames=0, width=2, heads=("spatial", "temporal")), None),
+        (SpatialTemporal(heads=("temporal", "temporal")), TileOrder((1, 4, 4))),
+    ],
+    ids=repr,
+)
+def test_at_density(pattern, order):
+    layout, block_size = VideoLayout(8, 12, 16), 64
+    make = pattern._density_knob(layout)[0]
+    grid = [make(i / 8) for i in range(8 * 24)]
+    densities = [p.density(layout, block_size, order) for p in grid]
+    assert densities == sorted(densities)  # density grows with the knob
+    for target in (0.2, 0.5, 0.8):
+        solved = pattern.at_density(layout, target, block_size, order)
+        assert type(solved) is SpatialTemporal and solved.heads == pattern.heads
+        error = abs(solved.density(layout, block_size, order) - target)
+        assert error <= min(abs(d - target) for d in densities) + 1e-12
+
+
+def test_docstring_examples():
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(spatial_temporal):
+        runner.run(test)
+    assert runner.tries > 0 and runner.failures == 0
