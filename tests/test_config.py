@@ -1,9 +1,9 @@
 """SparseConfig validation and the step/layer schedule."""
 
 import pytest
-from diffsparse.patterns import Radial
 
 from diffsparse import SparseConfig
+from diffsparse.patterns import Radial
 
 
 @pytest.mark.parametrize(

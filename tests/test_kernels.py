@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diffsparse.kernels import BACKENDS, BlockSparsePlan, block_sparse_attention, choose_backend, make_plan
 
 # Backends that run on CPU tensors; the Triton kernel has its own tests (interpreter and CUDA).

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from diffsparse.patterns import (
     PATTERNS,
     Radial,

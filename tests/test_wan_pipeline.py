@@ -1,13 +1,16 @@
 """diffsparse on real diffusers Wan pipelines (tiny, random weights, offline)."""
 
+import numpy as np
 import pytest
 import torch
-from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
-from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
-from diffusers import WanPipeline, WanTransformer3DModel
-from helpers import generate
+from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from PIL import Image
 
 import diffsparse
+from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+
+from helpers import generate
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -201,6 +204,35 @@ def test_wan22_two_experts_share_the_step_index():
     assert all(r.sparse == (r.step >= 1) for log in calls.values() for r in log)
     diffsparse.remove(pipe)
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("expand_timesteps", [False, True])
+def test_image_to_video_wan22_style(expand_timesteps):
+    # Wan 2.2 I2V (no CLIP image encoder; the image latent is concatenated on channels) and TI2V (the image
+    # latent replaces the first frame; timesteps become per-token).
+    config = tiny_wan_config()
+    base = tiny_wan_pipeline()
+    channels = 16 if expand_timesteps else 36
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(**{**config["transformer"], "in_channels": channels}).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=transformer,
+        expand_timesteps=expand_timesteps,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    reference = generate(pipe, image=image, num_frames=33)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1)) as handle:
+        out = generate(pipe, image=image, num_frames=33)
+        records = handle.stats().calls["transformer"]
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert [r.step for r in records if r.layer == 0 and r.branch == "cond"] == [0, 1, 2]
+    assert all(r.sparse == (r.step >= 1) for r in records)
 
 
 @torch.no_grad()
