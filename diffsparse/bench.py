@@ -135,3 +135,43 @@ def run_attention_bench(args) -> list[dict]:
     _plot(rows, out / "bench_attention.png", title)
     print(f"wrote {out / 'bench_attention.csv'} and {out / 'bench_attention.png'}")
     return rows
+
+
+def run_permute_bench(args) -> dict:
+    """The cost of the 3D tile permutation (q, k, v in, output back) as a share of one sparse attention call."""
+    from .patterns import TileOrder, VideoLayout, get_pattern
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    layout = VideoLayout(args.frames, args.height, args.width)
+    order = TileOrder(tuple(args.tile))
+    pattern = get_pattern(args.pattern)
+    n = layout.num_tokens
+    generator = torch.Generator().manual_seed(args.seed)
+    # The processor layout (B, S, H, D), as the runtime permutes it.
+    q, k, v = (torch.randn(1, n, args.heads, args.dim, generator=generator).to(device, dtype) for _ in range(3))
+    perm, inverse = order.permutation(layout).to(device), order.inverse(layout).to(device)
+    mask = pattern.block_mask(layout, args.block_size, order=order)[None].to(device)
+    plan = make_plan(mask, n, n, args.block_size)
+
+    def permute_in_and_out():
+        qp, kp, vp = (x.index_select(1, perm) for x in (q, k, v))
+        return qp.index_select(1, inverse), kp, vp
+
+    def attend():
+        return block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, backend=args.backend)
+
+    permute_in_and_out(), attend()
+    permute_ms = statistics.median(_time_ms(permute_in_and_out, device) for _ in range(args.repeats))
+    attention_ms = statistics.median(_time_ms(attend, device) for _ in range(args.repeats))
+    row = {
+        "layout": f"{args.frames}x{args.height}x{args.width}",
+        "tokens": n,
+        "order": repr(order),
+        "pattern": repr(pattern),
+        "density": plan.density,
+        "permute_ms": permute_ms,
+        "attention_ms": attention_ms,
+        "share": permute_ms / attention_ms,
+    }
+    print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
+    return row

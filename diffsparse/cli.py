@@ -17,7 +17,7 @@ def _step_count(text: str) -> int | float:
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM")
     p.add_argument("--model", default=None, help="hub id or local path of a Wan checkpoint (default: embedded tiny)")
-    p.add_argument("--pattern", default="radial", help="pattern name (dense, radial)")
+    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--dense-steps", type=_step_count, default=0.2, help="int steps or a fraction in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0)
@@ -67,7 +67,7 @@ def _order(tile: list[int] | None):
 
 def _add_masks(sub) -> None:
     p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask")
-    p.add_argument("--pattern", default="radial", help="pattern name (dense, radial, window3d)")
+    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (tokens along time)")
     p.add_argument("--height", type=int, default=30, help="tokens along height")
     p.add_argument("--width", type=int, default=52, help="tokens along width")
@@ -108,6 +108,20 @@ def _add_bench(sub) -> None:
     d.add_argument("--block-size", type=int, default=128)
     d.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     d.add_argument("--out", default="outputs")
+    m = bench.add_parser("permute", help="3D tile permutation cost as a share of one sparse attention call")
+    m.add_argument("--frames", type=int, default=21)
+    m.add_argument("--height", type=int, default=30)
+    m.add_argument("--width", type=int, default=52)
+    m.add_argument("--tile", type=_ints, default=[1, 8, 16], help="t,h,w")
+    m.add_argument("--pattern", default="window3d")
+    m.add_argument("--heads", type=int, default=12)
+    m.add_argument("--dim", type=int, default=128)
+    m.add_argument("--block-size", type=int, default=128)
+    m.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--backend", default="auto")
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--seed", type=int, default=0)
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors")
     a.add_argument("--seq", type=int, default=16384)
     a.add_argument("--heads", type=int, default=8)
@@ -128,6 +142,11 @@ def _run_bench(args) -> None:
         from .bench import run_attention_bench
 
         run_attention_bench(args)
+        return
+    if args.bench == "permute":
+        from .bench import run_permute_bench
+
+        run_permute_bench(args)
         return
     from pathlib import Path
 
