@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .kernels import block_sparse_attention, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COLUMNS = ["density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms", "peak_mb"]
+COLUMNS = ["mask", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms", "peak_mb"]
 
 
 def random_block_mask(num_blocks: int, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -49,11 +49,26 @@ def _peak_mb(device: torch.device, plan) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: int, generator) -> dict:
+def pattern_block_mask(name: str, seq: int, density: float, block_size: int) -> torch.Tensor:
+    """A `(1, 1, n, n)` block mask of a registered pattern solved for `density`, on `seq // 1024` frames of
+    32x32 tokens (a video-shaped layout of exactly `seq` tokens)."""
+    from .patterns import VideoLayout, get_pattern
+
+    if seq % 1024:
+        raise ValueError(f"--mask {name} lays tokens out as frames of 32x32: seq must be a multiple of 1024, got {seq=}")
+    layout = VideoLayout(seq // 1024, 32, 32)
+    pattern = get_pattern(name).at_density(layout, density, block_size)
+    return pattern.block_mask(layout, block_size)[None]
+
+
+def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: int, generator, mask_kind="random"):
     device = q.device
     n = q.shape[2]
     num_blocks = -(-n // block_size)
-    mask = random_block_mask(num_blocks, density, generator).to(device)
+    if mask_kind == "random":
+        mask = random_block_mask(num_blocks, density, generator).to(device)
+    else:
+        mask = pattern_block_mask(mask_kind, n, density, block_size).to(device)
     plan_ms = statistics.median(
         _time_ms(lambda: make_plan(mask, n, n, block_size), device) for _ in range(max(3, repeats))
     )
@@ -75,6 +90,7 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
     dense_ms, sparse_ms = statistics.median(dense_times), statistics.median(sparse_times)
     speedup = dense_ms / sparse_ms
     return {
+        "mask": mask_kind,
         "density": plan.density,
         "dense_ms": dense_ms,
         "sparse_ms": sparse_ms,
@@ -115,17 +131,20 @@ def run_attention_bench(args) -> list[dict]:
     densities = [float(d) for d in args.density.split(",")]
     rows = []
     for density in tqdm(densities, desc="densities"):
-        rows.append(bench_one(q, k, v, density, args.block_size, args.backend, args.repeats, generator))
+        rows.append(bench_one(q, k, v, density, args.block_size, args.backend, args.repeats, generator, args.mask))
     title = (
         f"B={args.batch} H={args.heads} N={args.seq} D={args.dim} {args.dtype} block={args.block_size} "
-        f"{args.device} ({torch.get_num_threads()} threads) backend={args.backend}"
+        f"{args.device} ({torch.get_num_threads()} threads) backend={args.backend} mask={args.mask}"
     )
     print(title)
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3f}" if c in ("density", "speedup", "efficiency") else f"{r[c]:.1f}"
-                                for c in COLUMNS) + " |")
+        cells = [
+            r[c] if c == "mask" else f"{r[c]:.3f}" if c in ("density", "speedup", "efficiency") else f"{r[c]:.1f}"
+            for c in COLUMNS
+        ]
+        print("| " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_attention.csv", "w", newline="") as f:

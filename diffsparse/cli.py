@@ -129,6 +129,7 @@ def _add_bench(sub) -> None:
     a.add_argument("--batch", type=int, default=1)
     a.add_argument("--density", default="0.1,0.25,0.5", help="comma-separated target block densities")
     a.add_argument("--block-size", type=int, default=128)
+    a.add_argument("--mask", default="random", help="random, or a pattern name solved for each density (radial, window3d)")
     a.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     a.add_argument("--device", default="cpu")
     a.add_argument("--backend", default="auto")
