@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,14 +80,15 @@ def _raster_boxes(lo, hi, dims):
     return [torch.stack([torch.as_tensor(s[i]).expand(shape) for s in slots], dim=-1) for i in range(7)]
 
 
-class TokenOrder:
+class TokenOrder(abc.ABC):
     r"""
     The order interface: an order is a tiling of the video grid; tokens are sorted by tile, then by position
     inside the tile (both in `(t, h, w)` raster order). Subclasses say which tile a layout gets.
     """
 
+    @abc.abstractmethod
     def _tile(self, layout: VideoLayout) -> tuple[int, int, int]:
-        raise NotImplementedError
+        """The tile extent `(t, h, w)` this order uses on `layout`."""
 
     def _tiling(self, layout: VideoLayout):
         """Tile extent, tile-grid shape, per-axis tile sizes (edge tiles partial), tile volumes and the token
