@@ -7,6 +7,7 @@ from .layout import VideoLayout, as_triple
 from .ordering import Boxes, IdentityOrder, TileOrder, TokenOrder, permute, unpermute
 from .radial import Radial
 from .registry import PATTERNS, get_pattern
+from .sink import FrameSink
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
 
@@ -14,6 +15,7 @@ __all__ = [
     "PATTERNS",
     "Boxes",
     "Dense",
+    "FrameSink",
     "IdentityOrder",
     "Intersection",
     "Pattern",

@@ -538,3 +538,20 @@ def test_render_with_order_and_heads(tmp_path):
     pattern = Window3D([(1, 3, 3), (3, 5, 5)]) | Radial(decay=0.3, min_window=8, spatial="disc")
     assert pattern.render(layout, 16, path, head=1, order=TileOrder((1, 3, 4))) == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 3))])
+@pytest.mark.parametrize("text", [0, 5])
+def test_frame_sink_block_mask_is_the_token_reduction_and_composes(order, text):
+    from diffsparse.patterns import FrameSink
+
+    layout = VideoLayout(4, 5, 7, text_len=text, text_position="start")
+    for pattern in (FrameSink(), FrameSink(frames=2), Window3D((1, 2, 2)) | FrameSink()):
+        expected = reduce_token_mask(pattern.token_mask(layout, order), (16, 8))
+        assert torch.equal(pattern.block_mask(layout, (16, 8), order), expected), pattern
+    token = FrameSink().token_mask(layout)
+    video = slice(text, None)
+    frame0 = slice(text, text + 35)
+    assert token[0, video, frame0].all() and not token[0, video, text + 35 :].any()
+    with pytest.raises(ValueError, match="frames"):
+        FrameSink(frames=0)
