@@ -54,7 +54,27 @@ def _split(q: Boxes, k: Boxes):
 
 
 @dataclass(frozen=True, repr=False)
-class Union(Pattern):
+class _Composed(Pattern):
+    """Two patterns joined by an operator; the subclasses say how masks combine."""
+
+    left: Pattern
+    right: Pattern
+
+    symbol = "?"
+
+    def __post_init__(self):
+        _check_parts(self)
+
+    @property
+    def num_heads(self) -> int:
+        return max(self.left.num_heads, self.right.num_heads)
+
+    def __repr__(self) -> str:
+        return f"({self.left!r} {self.symbol} {self.right!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class Union(_Composed):
     r"""
     The pairs kept by either part (`left | right`). Its token mask is the OR of the parts' token masks, and
     so is its block mask, exactly (a block holds a pair kept by the union iff it holds one kept by a part).
@@ -74,20 +94,8 @@ class Union(Pattern):
         True
     """
 
-    left: Pattern
-    right: Pattern
-
     name = "union"
-
-    def __post_init__(self):
-        _check_parts(self)
-
-    @property
-    def num_heads(self) -> int:
-        return max(self.left.num_heads, self.right.num_heads)
-
-    def __repr__(self) -> str:
-        return f"({self.left!r} | {self.right!r})"
+    symbol = "|"
 
     def _video_token_mask(self, layout):
         return self.left._video_token_mask(layout) | self.right._video_token_mask(layout)
@@ -105,7 +113,7 @@ class Union(Pattern):
 
 
 @dataclass(frozen=True, repr=False)
-class Intersection(Pattern):
+class Intersection(_Composed):
     r"""
     The pairs kept by both parts (`left & right`). Its token mask is the AND of the parts' token masks; its
     block mask is the exact reduction of that AND, which in general is *not* the AND of the parts' block masks
@@ -134,20 +142,8 @@ class Intersection(Pattern):
         True
     """
 
-    left: Pattern
-    right: Pattern
-
     name = "intersection"
-
-    def __post_init__(self):
-        _check_parts(self)
-
-    @property
-    def num_heads(self) -> int:
-        return max(self.left.num_heads, self.right.num_heads)
-
-    def __repr__(self) -> str:
-        return f"({self.left!r} & {self.right!r})"
+    symbol = "&"
 
     def _video_token_mask(self, layout):
         return self.left._video_token_mask(layout) & self.right._video_token_mask(layout)
