@@ -52,6 +52,12 @@ def _run_compare(args) -> None:
     print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising")
     print(f"mean attention density: {r.mean_attention_density:.3f}")
     print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense)")
+    if r.lpips is None:
+        from .metrics import alexnet_weights_path
+
+        print(f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (see diffsparse.metrics.lpips)")
+    else:
+        print(f"LPIPS {r.lpips:.4f}")
     print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .api import sparse
 from .config import SparseConfig
-from .metrics import psnr, ssim
+from .metrics import alexnet_weights_path, lpips, psnr, ssim
 
 
 @dataclass
@@ -36,6 +36,7 @@ class CompareResult:
     mean_attention_density: float
     psnr_db: float
     ssim: float
+    lpips: float | None  # None when the AlexNet weights are not in the torch cache
     video_path: str
 
 
@@ -132,6 +133,7 @@ def run_compare(args, config: SparseConfig) -> CompareResult:
         mean_attention_density=call_stats.mean_density,
         psnr_db=psnr(sparse_frames, dense),
         ssim=ssim(sparse_frames, dense),
+        lpips=lpips(sparse_frames, dense) if alexnet_weights_path().is_file() else None,
         video_path=str(video_path),
     )
     (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))

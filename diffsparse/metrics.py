@@ -1,4 +1,4 @@
-"""Video quality of a sparse output against the dense output of the same seed: PSNR and SSIM per frame.
+"""Video quality of a sparse output against the dense output of the same seed: PSNR, SSIM, LPIPS per frame.
 
 Videos may be given in the layouts diffusers pipelines return: numpy `(F, H, W, C)` (`output_type="np"`),
 torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`).
@@ -6,6 +6,11 @@ Values are expected in [0, 1] unless `data_range` says otherwise.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,3 +81,70 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         structural_similarity(x, y, data_range=data_range, channel_axis=-1, win_size=win_size) for x, y in zip(a, b)
     ]
     return float(np.mean(scores))
+
+
+def alexnet_weights_path() -> Path:
+    """Where torchvision keeps the AlexNet backbone that LPIPS uses: the standard torch hub cache."""
+    from torchvision.models import AlexNet_Weights
+
+    filename = os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+@lru_cache(maxsize=2)
+def _lpips_model(weights_path: str):
+    try:
+        import lpips as lpips_package
+    except ImportError as error:
+        raise ImportError("LPIPS needs the metrics extra: pip install 'diffsparse[metrics]'") from error
+    from torchvision.models import AlexNet_Weights
+
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS needs the AlexNet backbone weights, and there is no file at {path}. Download "
+            f"{AlexNet_Weights.IMAGENET1K_V1.url} on a machine with network and put it there (the standard torch "
+            "hub cache), or pass weights_path=... to lpips(). No score is given without them."
+        )
+    # pnet_rand=True builds the backbone without downloading; the real weights are loaded from `path` below.
+    # The linear calibration layers of LPIPS v0.1 ship inside the lpips package.
+    with warnings.catch_warnings():  # lpips still calls torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips_package.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    features = {
+        key.removeprefix("features."): value
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items()
+        if key.startswith("features.")
+    }
+    # LPIPS splits torchvision's `features` into slices that keep the original layer indices as names.
+    backbone = {key: features[key.split(".", 1)[1]] for key in model.net.state_dict()}
+    model.net.load_state_dict(backbone)
+    return model.eval()
+
+
+def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> float:
+    """LPIPS (AlexNet, v0.1) per frame, then averaged; lower is closer. Videos in [0, 1].
+
+    Args:
+        video, reference: videos in any layout `as_frames` accepts, values in [0, 1].
+        weights_path (`str` or `os.PathLike`, *optional*): the torchvision AlexNet checkpoint; defaults to
+            the standard torch hub cache (`alexnet_weights_path()`). A missing file raises `FileNotFoundError`
+            saying where to put it: there is never a silent zero or a random backbone.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.random.default_rng(0).random((2, 64, 64, 3))
+        >>> lpips(a, a) if alexnet_weights_path().is_file() else 0.0
+        0.0
+    """
+    a, b = _paired(video, reference)
+    if min(a.shape[1:3]) < 32:
+        raise ValueError(f"LPIPS (AlexNet) needs frames of at least 32x32 pixels, got {a.shape[1:3]}")
+    model = _lpips_model(str(weights_path or alexnet_weights_path()))
+
+    def to_input(frames):  # (F, H, W, C) in [0, 1] -> (F, 3, H, W) in [-1, 1]
+        x = torch.from_numpy(frames[..., :3]).float().permute(0, 3, 1, 2)
+        return x.expand(-1, 3, -1, -1) * 2 - 1 if x.shape[1] == 1 else x * 2 - 1
+
+    with torch.no_grad():
+        return float(model(to_input(a), to_input(b)).mean())

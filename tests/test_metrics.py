@@ -50,3 +50,34 @@ def test_layouts_from_pipelines_agree():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="equal shapes"):
         psnr(np.zeros((2, 8, 8, 3)), np.zeros((3, 8, 8, 3)))
+
+
+def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from diffsparse.metrics import _lpips_model, lpips
+
+    torch.manual_seed(0)
+    backbone = torchvision.models.alexnet()  # random weights stand in for the real checkpoint
+    path = tmp_path / "alexnet.pth"
+    torch.save(backbone.state_dict(), path)
+
+    model = _lpips_model(str(path))
+    loaded = model.net.state_dict()
+    assert len(loaded) == 10  # the five convolutions of AlexNet, weight and bias each
+    assert torch.equal(loaded["slice1.0.weight"], backbone.features[0].weight)
+    assert torch.equal(loaded["slice5.10.bias"], backbone.features[10].bias)
+
+    rng = np.random.default_rng(3)
+    video = rng.random((2, 48, 64, 3))
+    assert lpips(video, video, weights_path=path) == pytest.approx(0.0, abs=1e-6)
+    noisy = np.clip(video + rng.normal(0, 0.3, video.shape), 0, 1)
+    assert lpips(noisy, video, weights_path=path) > 0
+
+
+def test_lpips_without_weights_says_where_to_put_them(tmp_path):
+    from diffsparse.metrics import lpips
+
+    missing = tmp_path / "nowhere" / "alexnet-owt-7be5be79.pth"
+    video = np.zeros((1, 48, 48, 3))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        lpips(video, video, weights_path=missing)
