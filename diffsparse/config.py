@@ -43,6 +43,10 @@ class SparseConfig:
             The block-sparse pattern: a pattern object such as `diffsparse.patterns.Radial(decay=0.5)`, or a
             registered name (`"dense"`, `"radial"`) for its default parameters. `"dense"` keeps the original
             processors' computation (bit-identical output) while still counting calls in `stats()`.
+        density (`float`, *optional*, defaults to `None`):
+            A target block density in (0, 1]: the pattern's main parameter is solved for it on each new token
+            layout (`Pattern.at_density`, once per resolution, then cached), so one config gives the same
+            sparsity at any resolution. `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
             per block; sequence lengths that are not a multiple are padded and the padding masked.
@@ -69,6 +73,7 @@ class SparseConfig:
     """
 
     pattern: str | Pattern = "radial"
+    density: float | None = None
     block_size: int | tuple[int, int] = 64
     dense_steps: StepCount = 0.2
     dense_last_steps: StepCount = 0
@@ -82,6 +87,10 @@ class SparseConfig:
             self._pattern = get_pattern(self.pattern)
         except ValueError as error:
             raise ValueError(f"SparseConfig.pattern is invalid: {error}") from None
+        if self.density is not None and (
+            isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1
+        ):
+            raise ValueError(f"SparseConfig.density must be None or a number in (0, 1], got density={self.density!r}")
         _ = self.block_sizes  # validates
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)

@@ -179,6 +179,8 @@ class SparseRuntime:
         return cached
 
     def _build_plan(self, pattern: Pattern, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
+        if self.config.density is not None:
+            pattern = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
         mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
         if mask.shape[0] not in (1, heads):
             raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")

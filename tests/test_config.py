@@ -27,6 +27,9 @@ from diffsparse.patterns import Radial
         ("dense_layers", [0.5]),
         ("dense_layers", "0"),
         ("backend", "cuda-magic"),
+        ("density", 0),
+        ("density", 1.5),
+        ("density", "0.2"),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(field, value):

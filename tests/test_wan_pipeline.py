@@ -85,6 +85,18 @@ def test_spatial_temporal_heads_are_classified_once_per_layer_and_call(tiny_pipe
         assert len({r.density for r in records if r.sparse and r.layer == layer}) == 1
 
 
+@pytest.mark.parametrize("pattern", ["radial", "window3d"])
+def test_target_density_is_solved_per_resolution(tiny_pipe, pattern):
+    config = diffsparse.SparseConfig(pattern=pattern, density=0.5, block_size=16, dense_steps=0)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        for frames, height in ((33, 64), (33, 128)):  # 9 x 4 x 6 and 9 x 8 x 6 tokens: 14 and 27 block rows
+            generate(tiny_pipe, num_frames=frames, height=height, num_inference_steps=1)
+            densities = {r.density for r in handle.stats().calls["transformer"]}
+            assert len(densities) == 1
+            rows = -(-9 * (height // 16) * 6 // 16)
+            assert abs(densities.pop() - 0.5) <= 2 / rows  # within a block row or two (the closest reachable)
+
+
 def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):
     reference = generate(tiny_pipe, num_frames=33)
     config = diffsparse.SparseConfig(
