@@ -1,4 +1,4 @@
-"""The `diffsparse` command: `compare` (the main job of `make run`), `masks`, `bench attention|density`."""
+"""The `diffsparse` command: `compare` (the main job of `make run`), `eval`, `masks`, `bench ...`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,30 @@ def _run_masks(args) -> None:
     print(f"wrote {path}")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense")
+    p.add_argument("--model", default=None, help="hub id or local path of a Wan checkpoint (default: embedded tiny)")
+    p.add_argument("--pattern", type=lambda t: t.split(","), default=["radial", "window3d"])
+    p.add_argument("--density", type=lambda t: [float(x) for x in t.split(",")], default=[0.1, 0.2, 0.3])
+    p.add_argument("--dense-steps", type=lambda t: [_step_count(x) for x in t.split(",")], default=[0, 0.2])
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
+
+
+def _run_eval(args) -> None:
+    from .evaluate import run_eval
+
+    run_eval(args)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -179,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
     _add_masks(sub)
+    _add_eval(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
-    {"compare": _run_compare, "masks": _run_masks, "bench": _run_bench}[args.command](args)
+    {"compare": _run_compare, "masks": _run_masks, "eval": _run_eval, "bench": _run_bench}[args.command](args)
     return 0
 
 

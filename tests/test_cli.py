@@ -31,3 +31,14 @@ def test_attention_bench_table(tmp_path, capsys):
     rows = (tmp_path / "bench_attention.csv").read_text().splitlines()
     assert rows[0].startswith("mask,density") and len(rows) == 3
     assert "efficiency" in capsys.readouterr().out
+
+
+def test_eval_writes_a_table(tmp_path, capsys):
+    args = ["eval", "--pattern", "radial", "--density", "0.5", "--dense-steps", "0,1", "--steps", "2",
+            "--frames", "17", "--height", "64", "--width", "96", "--block-size", "16", "--prompts", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "eval.csv").read_text().splitlines()
+    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,psnr_db") and len(rows) == 3
+    table = (tmp_path / "eval.md").read_text()
+    assert "| radial(" in table and "attention_time_ratio" in table
+    assert "PSNR" not in capsys.readouterr().err

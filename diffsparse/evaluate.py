@@ -1,0 +1,179 @@
+"""`diffsparse eval`: quality and speed of sparse configurations against dense, over fixed prompts and seeds.
+
+For every (prompt, seed) the dense video is generated once; each configuration then generates the same
+(prompt, seed) and is scored against it. Self-attention time is measured with timing hooks on the
+adapter's self-attention modules, in the dense and the sparse runs alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from tqdm.auto import tqdm
+
+from .api import sparse
+from .config import SparseConfig
+from .metrics import alexnet_weights_path, lpips, psnr, ssim
+from .pipelines import adapter_for, find_transformers
+
+PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
+_TIMER_HOOK = "diffsparse_attention_timer"
+
+
+class _AttentionTimer(ModelHook):
+    """Adds the wall time of each forward of its module to a shared counter (synchronising CUDA)."""
+
+    def __init__(self, total: list[float]):
+        super().__init__()
+        self._total = total
+        self._start = 0.0
+
+    def _sync(self, module):
+        parameter = next(module.parameters(), None)
+        if parameter is not None and parameter.is_cuda:
+            torch.cuda.synchronize(parameter.device)
+
+    def pre_forward(self, module, *args, **kwargs):
+        self._sync(module)
+        self._start = time.perf_counter()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self._sync(module)
+        self._total[0] += time.perf_counter() - self._start
+        return output
+
+
+def _attention_modules(pipe):
+    transformers, _ = find_transformers(pipe)
+    for transformer in transformers.values():
+        for _, module in adapter_for(transformer).self_attention_modules(transformer):
+            yield module
+
+
+@dataclass
+class EvalRow:
+    pattern: str
+    target_density: float | None
+    measured_density: float  # mean over sparse calls
+    dense_steps: float
+    psnr_db: float
+    ssim: float
+    lpips: float | None
+    attention_time_ratio: float  # sparse / dense self-attention seconds
+    end_to_end_ratio: float  # sparse / dense wall seconds
+
+
+def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
+    """`(frames, wall seconds, self-attention seconds)`."""
+    total = [0.0]
+    modules = list(_attention_modules(pipe))
+    for module in modules:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionTimer(total), _TIMER_HOOK)
+    try:
+        start = time.perf_counter()
+        frames = pipe(
+            prompt=prompt,
+            num_frames=args.frames,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).frames[0]
+        return np.asarray(frames), time.perf_counter() - start, total[0]
+    finally:
+        for module in modules:
+            module._diffusers_hook.remove_hook(_TIMER_HOOK, recurse=False)
+
+
+def run_eval(args) -> list[EvalRow]:
+    from .compare import load_pipeline
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    pipe = load_pipeline(args.model, args.device, dtype)
+    cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
+    configs = [
+        SparseConfig(pattern=name, density=density, dense_steps=dense_steps, block_size=args.block_size)
+        for name, density, dense_steps in itertools.product(args.pattern, args.density, args.dense_steps)
+    ]
+    with_lpips = alexnet_weights_path().is_file()
+    progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
+    _generate(pipe, cases[0][0], cases[0][1], args)  # untimed warm-up
+    dense = {}
+    for prompt, seed in cases:
+        dense[prompt, seed] = _generate(pipe, prompt, seed, args)
+        progress.update(1)
+    rows = []
+    for config in configs:
+        scores, wall, attention, densities = [], [], [], []
+        with sparse(pipe, config) as handle:
+            for prompt, seed in cases:
+                frames, seconds, attention_seconds = _generate(pipe, prompt, seed, args)
+                reference, dense_seconds, dense_attention = dense[prompt, seed]
+                scores.append(
+                    (
+                        psnr(frames, reference),
+                        ssim(frames, reference),
+                        lpips(frames, reference) if with_lpips else None,
+                    )
+                )
+                wall.append(seconds / dense_seconds)
+                attention.append(attention_seconds / dense_attention)
+                densities += [r.density for log in handle.stats().calls.values() for r in log if r.sparse]
+                progress.update(1)
+        rows.append(
+            EvalRow(
+                pattern=repr(config.resolved_pattern),
+                target_density=config.density,
+                measured_density=statistics.fmean(densities) if densities else 1.0,
+                dense_steps=config.dense_steps,
+                psnr_db=statistics.fmean(s[0] for s in scores),
+                ssim=statistics.fmean(s[1] for s in scores),
+                lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,
+                attention_time_ratio=statistics.fmean(attention),
+                end_to_end_ratio=statistics.fmean(wall),
+            )
+        )
+    progress.close()
+    _write(rows, Path(args.out), args, with_lpips)
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(asdict(rows[0])) if rows else []
+    with open(out / "eval.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    header = (
+        f"model: {args.model or 'embedded tiny Wan (random weights)'}; {args.frames} frames {args.height}x{args.width}, "
+        f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}"
+    )
+    lines = [
+        header,
+        "",
+        "| " + " | ".join(fields) + " |",
+        "|" + "---|" * len(fields),
+        *("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |" for r in rows),
+    ]
+    if not with_lpips:
+        lines += ["", f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()}."]
+    (out / "eval.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")
