@@ -1,0 +1,251 @@
+"""Procedural training videos for the testbed model: coloured shapes moving over plain dark backgrounds.
+
+Every clip is drawn from a seeded `numpy.random.Generator`, so the same seed gives the same clip bit for bit,
+and comes with the prompt that describes it ("a red circle moving left", "a blue square and a green triangle
+moving up quickly"). All shapes of one clip share the direction and speed the prompt names.
+
+Shapes are rendered from signed distance functions with one pixel of anti-aliasing (coverage
+`clip(0.5 - distance, 0, 1)`). Sizes and speeds are in pixels, the same on every canvas, so a larger canvas or a
+longer clip shows the same local picture over more room and time: what lets a model trained mostly on short, small
+clips still draw at evaluation size.
+
+Videos are float32 tensors `(3, frames, height, width)` in [-1, 1], the layout a diffusers video decoder returns
+before post-processing; the model's 2x2 space-to-depth (`diffsparse.testbed.space_to_depth`) turns them into its
+12-channel input. Heights and widths are multiples of `PIXELS_PER_TOKEN` (4: space-to-depth 2 x patch 2).
+
+Example:
+    >>> import numpy as np
+    >>> from diffsparse.testbed.data import random_clip, render
+    >>> clip = random_clip(np.random.default_rng(0), frames=9, height=32, width=32)
+    >>> video = render(clip)
+    >>> tuple(video.shape), clip.prompt == random_clip(np.random.default_rng(0), 9, 32, 32).prompt
+    ((3, 9, 32, 32), True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# One transformer token covers PIXELS_PER_TOKEN x PIXELS_PER_TOKEN pixels (2x2 space-to-depth, then patch (1,2,2)).
+PIXELS_PER_TOKEN = 4
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.12, 0.10),
+    "green": (0.15, 0.80, 0.20),
+    "blue": (0.15, 0.35, 1.00),
+    "yellow": (0.98, 0.90, 0.10),
+    "white": (0.95, 0.95, 0.95),
+    "orange": (1.00, 0.55, 0.05),
+    "purple": (0.65, 0.20, 0.90),
+}
+SHAPES = ("circle", "square", "triangle")
+# Unit motion per direction in image coordinates (x to the right, y down).
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# Pixels per frame; the empty word is the plain "moving left".
+SPEEDS: dict[str, float] = {"slowly": 0.5, "": 1.0, "quickly": 2.0}
+# Plain dark backgrounds (not named in prompts).
+BACKGROUNDS: tuple[tuple[float, float, float], ...] = (
+    (0.02, 0.02, 0.02),
+    (0.12, 0.12, 0.12),
+    (0.04, 0.05, 0.16),
+    (0.03, 0.12, 0.06),
+    (0.14, 0.08, 0.04),
+)
+RADIUS_RANGE = (4.0, 7.0)  # pixels: circle radius; squares and triangles of a similar area
+MAX_SHAPES = 3
+SHAPE_COUNT_WEIGHTS = (0.5, 0.3, 0.2)  # one, two, three shapes
+
+PROMPT_WORDS = frozenset({"a", "and", "moving", *COLOURS, *SHAPES, *DIRECTIONS, *(w for w in SPEEDS if w)})
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One training size: `frames` x `height` x `width` pixels, drawn with probability proportional to `weight`."""
+
+    frames: int
+    height: int
+    width: int
+    weight: float
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * (self.height // PIXELS_PER_TOKEN) * (self.width // PIXELS_PER_TOKEN)
+
+
+# Mostly short, small clips (cheap steps), with longer clips, larger and non-square canvases mixed in so the
+# model keeps drawing clean shapes at the evaluation size (17 frames x 48 x 48 pixels = 17 x 12 x 12 tokens).
+TRAIN_BUCKETS: tuple[Bucket, ...] = (
+    Bucket(9, 32, 32, 0.40),
+    Bucket(9, 32, 48, 0.05),
+    Bucket(9, 48, 32, 0.05),
+    Bucket(17, 32, 32, 0.15),
+    Bucket(9, 48, 48, 0.15),
+    Bucket(13, 40, 40, 0.10),
+    Bucket(17, 48, 48, 0.10),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One moving shape: centre at frame `f` is `(x0 + f * vx, y0 + f * vy)` in pixels (x right, y down)."""
+
+    kind: str
+    colour: str
+    radius: float
+    x0: float
+    y0: float
+    vx: float
+    vy: float
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Everything needed to render one video and to say what it shows."""
+
+    frames: int
+    height: int
+    width: int
+    background: tuple[float, float, float]
+    shapes: tuple[Shape, ...]
+    direction: str
+    speed: str
+
+    @property
+    def prompt(self) -> str:
+        objects = " and ".join(f"a {s.colour} {s.kind}" for s in self.shapes)
+        return " ".join(filter(None, (objects, "moving", self.direction, self.speed)))
+
+
+def _check_size(frames: int, height: int, width: int) -> None:
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames=}")
+    for name, value in (("height", height), ("width", width)):
+        if value < 4 * PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
+            raise ValueError(
+                f"{name} must be a multiple of {PIXELS_PER_TOKEN} pixels and at least {4 * PIXELS_PER_TOKEN}, "
+                f"got {name}={value}"
+            )
+
+
+def _start(rng: np.random.Generator, length: int, radius: float, travel: float) -> float:
+    """A start coordinate on one axis so that a shape moving `travel` pixels stays inside when there is room."""
+    low, high = radius, length - radius
+    if abs(travel) >= high - low:  # not enough room: start at the far edge and leave the canvas on the way
+        return low if travel > 0 else high
+    return float(rng.uniform(low, high - travel) if travel > 0 else rng.uniform(low - travel, high))
+
+
+def random_clip(rng: np.random.Generator, frames: int, height: int, width: int) -> Clip:
+    """A random clip description of the given size (pixels) drawn from `rng`.
+
+    Args:
+        rng (`numpy.random.Generator`): the only source of randomness.
+        frames (`int`): number of frames.
+        height (`int`): canvas height in pixels, a multiple of 4.
+        width (`int`): canvas width in pixels, a multiple of 4.
+
+    Example:
+        >>> import numpy as np
+        >>> random_clip(np.random.default_rng(1), 9, 32, 32).prompt
+        'a white triangle moving up'
+    """
+    _check_size(frames, height, width)
+    count = int(rng.choice(np.arange(1, MAX_SHAPES + 1), p=SHAPE_COUNT_WEIGHTS))
+    direction = str(rng.choice(list(DIRECTIONS)))
+    speed = str(rng.choice(list(SPEEDS)))
+    ux, uy = DIRECTIONS[direction]
+    step = SPEEDS[speed] * float(rng.uniform(0.85, 1.15))
+    vx, vy = ux * step, uy * step
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    shapes: list[Shape] = []
+    for colour in colours:
+        kind = str(rng.choice(SHAPES))
+        radius = float(rng.uniform(*RADIUS_RANGE))
+        for _ in range(20):  # keep shapes apart (they move together, so apart at the start is apart throughout)
+            x0 = _start(rng, width, radius, vx * (frames - 1))
+            y0 = _start(rng, height, radius, vy * (frames - 1))
+            if all(math.hypot(x0 - s.x0, y0 - s.y0) >= 0.9 * (radius + s.radius) for s in shapes):
+                break
+        shapes.append(Shape(kind, str(colour), radius, x0, y0, vx, vy))
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    return Clip(frames, height, width, background, tuple(shapes), direction, speed)
+
+
+def _signed_distance(kind: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    """Signed distance in pixels (negative inside) from offsets `(dx, dy)` to the shape centred at 0."""
+    if kind == "circle":
+        return np.hypot(dx, dy) - radius
+    if kind == "square":
+        half = 0.89 * radius  # the area of the circle
+        qx, qy = np.abs(dx) - half, np.abs(dy) - half
+        return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
+    if kind == "triangle":
+        # Equilateral triangle pointing up, centred on its centroid (Inigo Quilez's exact 2D distance).
+        half_side = 1.35 * radius  # the area of the circle
+        k = math.sqrt(3.0)
+        px = np.abs(dx) - half_side
+        py = -dy + half_side / k  # y up
+        fold = px + k * py > 0
+        px, py = np.where(fold, (px - k * py) / 2, px), np.where(fold, (-k * px - py) / 2, py)
+        px = px - np.clip(px, -2 * half_side, 0)
+        return -np.hypot(px, py) * np.sign(py)
+    raise ValueError(f"shape must be one of {SHAPES}, got {kind=}")
+
+
+def render(clip: Clip) -> torch.Tensor:
+    """The video of `clip` as float32 `(3, frames, height, width)` in [-1, 1], anti-aliased.
+
+    Example:
+        >>> import numpy as np
+        >>> video = render(random_clip(np.random.default_rng(0), 5, 16, 16))
+        >>> bool(video.min() >= -1 and video.max() <= 1)
+        True
+    """
+    f = np.arange(clip.frames, dtype=np.float64)[:, None, None]
+    y = np.arange(clip.height, dtype=np.float64)[None, :, None] + 0.5  # pixel centres
+    x = np.arange(clip.width, dtype=np.float64)[None, None, :] + 0.5
+    image = np.broadcast_to(np.asarray(clip.background)[:, None, None, None], (3, *np.broadcast_shapes(f.shape, y.shape, x.shape)))
+    image = np.array(image)
+    for shape in clip.shapes:
+        distance = _signed_distance(shape.kind, x - (shape.x0 + f * shape.vx), y - (shape.y0 + f * shape.vy), shape.radius)
+        coverage = np.clip(0.5 - distance, 0.0, 1.0)[None]
+        image = image * (1 - coverage) + np.asarray(COLOURS[shape.colour])[:, None, None, None] * coverage
+    return torch.from_numpy(image * 2 - 1).float()
+
+
+def batch_size_for(bucket: Bucket, batch: int, base: Bucket = TRAIN_BUCKETS[0]) -> int:
+    """Clips per step for `bucket`: `batch` at the base size, scaled to the same number of tokens elsewhere."""
+    return max(1, round(batch * base.tokens / bucket.tokens))
+
+
+def make_batch(
+    seed: int, step: int, batch: int, buckets: tuple[Bucket, ...] = TRAIN_BUCKETS
+) -> tuple[torch.Tensor, list[str]]:
+    """The training batch of one step: videos `(B, 3, F, H, W)` in [-1, 1] and their prompts.
+
+    The batch depends only on `(seed, step)`, so a resumed run sees exactly the batches it would have seen. One
+    size per batch (drawn from `buckets` by weight); `batch` is the batch size at the first bucket and other
+    sizes get the same number of tokens (at least one clip).
+
+    Args:
+        seed (`int`): run seed.
+        step (`int`): training step.
+        batch (`int`): clips per step at the base size `buckets[0]`.
+        buckets (`tuple[Bucket, ...]`, *optional*, defaults to `TRAIN_BUCKETS`): sizes to draw from.
+
+    Example:
+        >>> videos, prompts = make_batch(seed=0, step=0, batch=4)
+        >>> videos.shape[0] == len(prompts), videos.shape[1]
+        (True, 3)
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch=}")
+    rng = np.random.default_rng([seed, step])
+    weights = np.array([b.weight for b in buckets], dtype=np.float64)
+    bucket = buckets[int(rng.choice(len(buckets), p=weights / weights.sum()))]
+    clips = [random_clip(rng, bucket.frames, bucket.height, bucket.width) for _ in range(batch_size_for(bucket, batch, buckets[0]))]
+    return torch.stack([render(c) for c in clips]), [c.prompt for c in clips]
