@@ -162,11 +162,13 @@ class TestbedPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, tokenizer, text_encoder, transformer, scheduler):
         super().__init__()
-        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
+        )
         self.video_processor = VideoProcessor(vae_scale_factor=self.space_to_depth_factor)
 
     @property
@@ -188,7 +190,9 @@ class TestbedPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be at least 1, got {num_frames=}")
         unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -262,7 +266,11 @@ class TestbedPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(batch_size)
-                context = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+                context = {
+                    "step_index": i,
+                    "sigma": float(self.scheduler.sigmas[i]),
+                    "num_inference_steps": len(timesteps),
+                }
                 with self.transformer.cache_context("cond", **context):
                     velocity = self.transformer(
                         hidden_states=model_input,
@@ -283,8 +291,14 @@ class TestbedPipeline(DiffusionPipeline):
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    )
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -356,4 +370,3 @@ def sample(
         output_type="pt",
     ).frames
     return frames_out.float().cpu()
-

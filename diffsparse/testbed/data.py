@@ -150,8 +150,8 @@ def random_clip(rng: np.random.Generator, frames: int, height: int, width: int) 
 
     Example:
         >>> import numpy as np
-        >>> random_clip(np.random.default_rng(1), 9, 32, 32).prompt
-        'a white triangle moving up'
+        >>> random_clip(np.random.default_rng(2), 9, 32, 32).prompt
+        'a yellow circle moving left slowly'
     """
     _check_size(frames, height, width)
     count = int(rng.choice(np.arange(1, MAX_SHAPES + 1), p=SHAPE_COUNT_WEIGHTS))
@@ -208,10 +208,12 @@ def render(clip: Clip) -> torch.Tensor:
     f = np.arange(clip.frames, dtype=np.float64)[:, None, None]
     y = np.arange(clip.height, dtype=np.float64)[None, :, None] + 0.5  # pixel centres
     x = np.arange(clip.width, dtype=np.float64)[None, None, :] + 0.5
-    image = np.broadcast_to(np.asarray(clip.background)[:, None, None, None], (3, *np.broadcast_shapes(f.shape, y.shape, x.shape)))
-    image = np.array(image)
+    image = np.empty((3, clip.frames, clip.height, clip.width))
+    image[:] = np.asarray(clip.background)[:, None, None, None]
     for shape in clip.shapes:
-        distance = _signed_distance(shape.kind, x - (shape.x0 + f * shape.vx), y - (shape.y0 + f * shape.vy), shape.radius)
+        distance = _signed_distance(
+            shape.kind, x - (shape.x0 + f * shape.vx), y - (shape.y0 + f * shape.vy), shape.radius
+        )
         coverage = np.clip(0.5 - distance, 0.0, 1.0)[None]
         image = image * (1 - coverage) + np.asarray(COLOURS[shape.colour])[:, None, None, None] * coverage
     return torch.from_numpy(image * 2 - 1).float()
@@ -247,5 +249,8 @@ def make_batch(
     rng = np.random.default_rng([seed, step])
     weights = np.array([b.weight for b in buckets], dtype=np.float64)
     bucket = buckets[int(rng.choice(len(buckets), p=weights / weights.sum()))]
-    clips = [random_clip(rng, bucket.frames, bucket.height, bucket.width) for _ in range(batch_size_for(bucket, batch, buckets[0]))]
+    clips = [
+        random_clip(rng, bucket.frames, bucket.height, bucket.width)
+        for _ in range(batch_size_for(bucket, batch, buckets[0]))
+    ]
     return torch.stack([render(c) for c in clips]), [c.prompt for c in clips]

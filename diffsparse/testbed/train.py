@@ -1,0 +1,322 @@
+"""Train the testbed model: rectified flow on procedural shape videos, on CPU, resumable.
+
+    python -m diffsparse.testbed.train --out runs/testbed --minutes 60
+    python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --resume   # continue the same run
+
+Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-to-depth pixels), noise `n` and
+`t` in [0, 1), `x_t = (1 - t) x0 + t n`; the transformer, given `x_t`, the timestep `1000 t` (the scale of
+`FlowMatchEulerDiscreteScheduler.timesteps`) and the prompt, predicts the velocity `n - x0` under a mean squared
+error. `t` is the scheduler's shifted uniform, `shift * u / (1 + (shift - 1) * u)`, so training sees noise levels
+with the density that sampling visits them. One prompt in ten is replaced by the empty prompt (for CFG).
+
+Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
+exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
+
+Written to `--out`:
+    checkpoint.pt   model, EMA, optimizer, step, RNG state, config (every `--save-every` steps and at the end)
+    loss.csv        one row per step: the loss curve and the time per step (wall and CPU)
+    pipeline/       EMA weights as a diffusers folder (`TestbedPipeline.from_pretrained`), refreshed with each
+                    checkpoint: model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
+from .data import TRAIN_BUCKETS, make_batch
+
+CHECKPOINT = "checkpoint.pt"
+LOSS_LOG = "loss.csv"
+PIPELINE_DIR = "pipeline"
+LOG_FIELDS = (
+    "step",
+    "loss",
+    "lr",
+    "frames",
+    "height",
+    "width",
+    "batch",
+    "tokens",
+    "step_seconds",
+    "cpu_seconds",
+    "train_seconds",
+)
+UNCOND_PROBABILITY = 0.1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m diffsparse.testbed.train",
+        description="Train the tiny testbed video model (rectified flow, CPU). Stops at --minutes or --steps.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, loss log, exported pipeline")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="wall-time budget of this invocation (default 60 without --steps)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="stop when the run reaches this total step count")
+    p.add_argument("--batch", type=int, default=16, help="clips per step at 9x32x32 px; other sizes get as many tokens")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (after a linear warm-up)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every batch")
+    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and pipeline exports)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--config", type=Path, default=None, help="model config JSON (default: the testbed config)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
+    args = p.parse_args(argv)
+    if args.minutes is None and args.steps is None:
+        args.minutes = 60.0
+    for name in ("batch", "threads", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.minutes is not None and args.minutes <= 0:
+        p.error(f"--minutes must be positive, got {args.minutes}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    return args
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    # Independent of the data stream (which uses default_rng([seed, step])).
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 1]).integers(2**62)))
+
+
+def flow_matching_loss(
+    components: dict,
+    videos: torch.Tensor,
+    prompts: list[str],
+    generator: torch.Generator,
+    shift: float,
+    text_length: int,
+) -> torch.Tensor:
+    """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring)."""
+    x0 = space_to_depth(videos)
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    u = torch.rand(b, generator=generator)
+    t = shift * u / (1 + (shift - 1) * u)
+    drop = torch.rand(b, generator=generator) < UNCOND_PROBABILITY
+    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    tt = t.view(b, 1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    embeds = encode_prompts(components["tokenizer"], components["text_encoder"], prompts, text_length)
+    velocity = components["transformer"](
+        hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds, return_dict=False
+    )[0]
+    return torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+
+
+class _EMA:
+    """Exponential moving average of the trainable modules' parameters (warm-up: decay (1 + n) / (10 + n))."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        for name, module in modules.items():
+            torch._foreach_lerp_(list(self.shadow[name].parameters()), list(module.parameters()), weight)
+
+    def state_dict(self) -> dict:
+        return {name: m.state_dict() for name, m in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.shadow.items():
+            m.load_state_dict(state[name])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_pipeline(components: dict, weights: dict[str, torch.nn.Module], folder: Path) -> None:
+    """Write a `TestbedPipeline` with `weights` (e.g. the EMA modules) to `folder` via `save_pretrained`."""
+    pipe = TestbedPipeline(
+        tokenizer=components["tokenizer"],
+        text_encoder=weights["text_encoder"],
+        transformer=weights["transformer"],
+        scheduler=components["scheduler"],
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _open_log(path: Path, keep_until_step: int):
+    """The loss log opened for appending, without rows past `keep_until_step` (left by a run that died)."""
+    rows = []
+    if path.exists() and keep_until_step > 0:
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+    f = path.open("w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f, writer
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as `args` says; returns a summary (steps done, seconds per step, paths)."""
+    torch.set_num_threads(args.threads)
+    config = json.loads(args.config.read_text()) if args.config else testbed_config()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not args.resume:
+        raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
+
+    components = build_components(config, seed=args.seed)
+    trainable = {"transformer": components["transformer"].train(), "text_encoder": components["text_encoder"].train()}
+    params = [p for m in trainable.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    ema = _EMA(trainable, args.ema) if args.ema > 0 else None
+
+    step, train_seconds = 0, 0.0
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state["config"] != config:
+            raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
+        for name, module in trainable.items():
+            module.load_state_dict(state["model"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        step, train_seconds = state["step"], state["train_seconds"]
+        print(f"resuming {checkpoint_path} at step {step} ({train_seconds / 60:.1f} min trained)", file=sys.stderr)
+    elif args.resume:
+        print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
+    for group in optimizer.param_groups:  # a resumed run may change --lr
+        group["lr"] = args.lr
+
+    def save() -> None:
+        _atomic_save(
+            {
+                "step": step,
+                "train_seconds": train_seconds,
+                "model": {name: m.state_dict() for name, m in trainable.items()},
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "config": config,
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            },
+            checkpoint_path,
+        )
+        export_pipeline(components, ema.shadow if ema is not None else trainable, out / PIPELINE_DIR)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the step, save, exit cleanly
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    log_file, log = _open_log(out / LOSS_LOG, step)
+    deadline = time.monotonic() + args.minutes * 60 if args.minutes is not None else math.inf
+    shift = float(components["scheduler"].config.shift)
+    text_length = config["max_sequence_length"]
+    first_step, started = step, time.monotonic()
+    smoothed = None
+    progress = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    try:
+        while (args.steps is None or step < args.steps) and time.monotonic() < deadline and stop["signal"] is None:
+            wall, cpu = time.perf_counter(), time.process_time()
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            videos, prompts = make_batch(args.seed, step, args.batch, TRAIN_BUCKETS)
+            loss = flow_matching_loss(components, videos, prompts, _step_generator(args.seed, step), shift, text_length)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if ema is not None:
+                ema.update(trainable, step)
+            step += 1
+            step_seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+            train_seconds += step_seconds
+            _, _, frames, height, width = videos.shape
+            log.writerow(
+                {
+                    "step": step,
+                    "loss": f"{loss.item():.6f}",
+                    "lr": f"{lr:.3g}",
+                    "frames": frames,
+                    "height": height,
+                    "width": width,
+                    "batch": videos.shape[0],
+                    "tokens": videos.shape[0] * frames * height * width // 16,
+                    "step_seconds": f"{step_seconds:.3f}",
+                    "cpu_seconds": f"{cpu_seconds:.3f}",
+                    "train_seconds": f"{train_seconds:.1f}",
+                }
+            )
+            log_file.flush()
+            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            progress.set_postfix(loss=f"{smoothed:.4f}", s_per_step=f"{step_seconds:.2f}", refresh=False)
+            progress.update()
+            if step % args.save_every == 0:
+                save()
+    finally:
+        progress.close()
+        if step > first_step:
+            save()
+        log_file.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    elapsed = time.monotonic() - started
+    done = step - first_step
+    summary = {
+        "step": step,
+        "steps_this_run": done,
+        "seconds_per_step": elapsed / done if done else None,
+        "train_minutes_total": train_seconds / 60,
+        "checkpoint": str(checkpoint_path),
+        "pipeline": str(out / PIPELINE_DIR),
+        "loss_log": str(out / LOSS_LOG),
+        "stopped_by_signal": stop["signal"],
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per checkpoint export would bury the training bar
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
