@@ -13,23 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .text import word_tokenizer
+
 CONFIG_PATH = Path(__file__).parent / "configs" / "tiny_wan.json"
 
 
 @lru_cache(maxsize=1)
 def tiny_wan_config() -> dict:
     return json.loads(CONFIG_PATH.read_text())
-
-
-def _word_tokenizer(vocabulary: list[str]):
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_wan_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -64,7 +55,7 @@ def tiny_wan_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = t
             T5Config(vocab_size=len(vocabulary), pad_token_id=0, eos_token_id=1, **config["text_encoder"])
         )
     pipe = WanPipeline(
-        tokenizer=_word_tokenizer(vocabulary),
+        tokenizer=word_tokenizer(vocabulary),
         text_encoder=text_encoder.eval(),
         transformer=transformer.eval(),
         vae=vae.eval(),

@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from .. import pipelines as _pipelines
+from ..pipelines.text import word_tokenizer
 
 CONFIG_PATH = Path(_pipelines.__file__).parent / "configs" / "testbed_wan.json"
 
@@ -76,22 +77,6 @@ def depth_to_space(latents: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c // (factor * factor), f, h * factor, w * factor)
 
 
-def _word_tokenizer(vocabulary: list[str], max_length: int):
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    ids = {word: i for i, word in enumerate(vocabulary)}
-    backend = Tokenizer(WordLevel(ids, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # T5-style: every prompt ends with </s>, so the empty (unconditional) prompt is one real token.
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", ids["</s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
-    )
-
-
 def build_components(config: dict | None = None, seed: int | None = None) -> dict:
     """Fresh components with seeded random weights: `tokenizer`, `text_encoder`, `transformer`, `scheduler`.
 
@@ -110,7 +95,7 @@ def build_components(config: dict | None = None, seed: int | None = None) -> dic
             T5Config(vocab_size=len(vocabulary), pad_token_id=0, eos_token_id=1, **config["text_encoder"])
         )
     return {
-        "tokenizer": _word_tokenizer(vocabulary, config["max_sequence_length"]),
+        "tokenizer": word_tokenizer(vocabulary, config["max_sequence_length"]),
         "text_encoder": text_encoder,
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
