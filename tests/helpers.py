@@ -19,3 +19,27 @@ def generate(pipe, seed=0, **kwargs):
     }
     call.update(kwargs)
     return pipe(**call).frames
+
+
+def reordered_reference(pattern, layout, order):
+    """The definition: the frame-major token mask, permuted on both axes by `order` (None: as is)."""
+    tokens = pattern.token_mask(layout)
+    if order is None:
+        return tokens
+    perm = order.permutation(layout)
+    return tokens[:, perm][:, :, perm]
+
+
+def check_block_masks_reduce_token_masks(pattern, layouts, order, block_sizes):
+    """Every block mask of `pattern` equals `reduce_token_mask` of its (reordered) token mask."""
+    from diffsparse.patterns import as_pair, reduce_token_mask
+
+    for layout in layouts:
+        reference = reordered_reference(pattern, layout, order)
+        assert torch.equal(reference, pattern.token_mask(layout, order))
+        n = layout.num_tokens
+        for block_size in block_sizes:
+            bq, bk = as_pair(block_size)
+            block = pattern.block_mask(layout, block_size, order)
+            assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
+            assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)

@@ -19,7 +19,6 @@ from diffsparse.patterns import (
     Union,
     VideoLayout,
     Window3D,
-    as_pair,
     compose,
     get_pattern,
     ordering,
@@ -33,6 +32,8 @@ from diffsparse.patterns import (
 )
 from diffsparse.patterns.plots import density_vs_frames
 from diffsparse.patterns.spatial_study import BlockedAttention, attention_error, synthetic_logits
+
+from helpers import check_block_masks_reduce_token_masks, reordered_reference
 
 LAYOUTS = [
     VideoLayout(3, 5, 7),  # nothing divides the tiles below
@@ -56,15 +57,6 @@ PATTERN_CASES = [
     Window3D([(1, 3, 3), (3, 1, 5)]) & Radial(decay=1.0, min_window=2, spatial="box"),
     (Window3D((1, 2, 2)) | Radial(decay=0.2, min_window=3)) & Window3D((3, 5, 5), stride=(1, 2, 2)),
 ]
-
-
-def _reordered_reference(pattern, layout, order):
-    """The definition: the frame-major token mask, permuted on both axes."""
-    tokens = pattern.token_mask(layout)
-    if order is None:
-        return tokens
-    perm = order.permutation(layout)
-    return tokens[:, perm][:, :, perm]
 
 
 # Orders -----------------------------------------------------------------------------------------------------
@@ -135,15 +127,7 @@ def test_order_argument_validation():
 @pytest.mark.parametrize("pattern", PATTERN_CASES, ids=repr)
 @pytest.mark.parametrize("order", ORDERS, ids=repr)
 def test_block_mask_is_reduced_token_mask(pattern, order):
-    for layout in LAYOUTS:
-        reference = _reordered_reference(pattern, layout, order)
-        assert torch.equal(reference, pattern.token_mask(layout, order))
-        n = layout.num_tokens
-        for block_size in BLOCK_SIZES:
-            bq, bk = as_pair(block_size)
-            block = pattern.block_mask(layout, block_size, order)
-            assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
-            assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)
+    check_block_masks_reduce_token_masks(pattern, LAYOUTS, order, BLOCK_SIZES)
 
 
 def test_block_mask_random_cases():
@@ -182,7 +166,7 @@ def test_block_mask_random_cases():
                 other = Radial(min_window=draw(1, 8))
             pattern = pattern | other if draw(0, 1) else pattern & other
         block_size = (draw(1, 40), draw(1, 40))
-        expected = reduce_token_mask(_reordered_reference(pattern, layout, order), block_size)
+        expected = reduce_token_mask(reordered_reference(pattern, layout, order), block_size)
         assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (layout, pattern, order)
 
 

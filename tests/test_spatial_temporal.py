@@ -13,11 +13,12 @@ from diffsparse.patterns import (
     SpatialTemporal,
     TileOrder,
     VideoLayout,
-    as_pair,
     get_pattern,
     reduce_token_mask,
     spatial_temporal,
 )
+
+from helpers import check_block_masks_reduce_token_masks, reordered_reference
 
 LAYOUTS = [
     VideoLayout(3, 5, 7),
@@ -36,14 +37,6 @@ PATTERN_CASES = [
     SpatialTemporal(frames=2, width=3, heads=("temporal", "spatial")),
     SpatialTemporal(frames=0, width=1, heads=("spatial", "temporal")) | Radial(decay=0.3, min_window=3),
 ]
-
-
-def _reordered_reference(pattern, layout, order):
-    tokens = pattern.token_mask(layout)
-    if order is None:
-        return tokens
-    perm = order.permutation(layout)
-    return tokens[:, perm][:, :, perm]
 
 
 # The two kinds at token level ------------------------------------------------------------------------------
@@ -92,15 +85,7 @@ def test_heads_select_kinds_and_none_is_the_union():
 @pytest.mark.parametrize("pattern", PATTERN_CASES, ids=repr)
 @pytest.mark.parametrize("order", ORDERS, ids=repr)
 def test_block_mask_is_reduced_token_mask(pattern, order):
-    for layout in LAYOUTS:
-        reference = _reordered_reference(pattern, layout, order)
-        assert torch.equal(reference, pattern.token_mask(layout, order))
-        n = layout.num_tokens
-        for block_size in BLOCK_SIZES:
-            bq, bk = as_pair(block_size)
-            block = pattern.block_mask(layout, block_size, order)
-            assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
-            assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)
+    check_block_masks_reduce_token_masks(pattern, LAYOUTS, order, BLOCK_SIZES)
 
 
 def test_single_token_blocks_are_the_token_mask():
@@ -124,7 +109,7 @@ def test_block_mask_random_cases():
         pattern = SpatialTemporal(frames=draw(0, 3), width=draw(0, 3), heads=heads)
         order = [None, TileOrder((draw(1, 3), draw(1, 4), draw(1, 4)))][draw(0, 1)]
         block_size = (draw(1, 40), draw(1, 40))
-        expected = reduce_token_mask(_reordered_reference(pattern, layout, order), block_size)
+        expected = reduce_token_mask(reordered_reference(pattern, layout, order), block_size)
         assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (layout, pattern, order)
 
 
