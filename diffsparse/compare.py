@@ -40,12 +40,27 @@ class CompareResult:
     video_path: str
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
-    """The embedded tiny Wan pipeline (`model=None`), or a real Wan checkpoint by hub id or local path."""
-    if model is None:
-        from .pipelines.tiny import tiny_wan_pipeline
+EMBEDDED_MODEL = "embedded testbed (trained tiny Wan, diffsparse.pipelines.testbed)"
 
-        return tiny_wan_pipeline(device=device, dtype=dtype)
+
+def model_label(model: str | None) -> str:
+    return model or EMBEDDED_MODEL
+
+
+def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
+    """The embedded trained testbed (`model=None`), a testbed training folder, or a diffusers checkpoint.
+
+    `model` is a hub id or a local `save_pretrained` folder; folders whose `model_index.json` names
+    `TestbedPipeline` (what `python -m diffsparse.testbed.train` writes) load through the testbed's own class,
+    which diffusers' `DiffusionPipeline.from_pretrained` does not know.
+    """
+    from .pipelines import testbed
+
+    if model is None:
+        return testbed.load(device=device, dtype=dtype)
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
+        return testbed.load(device=device, dtype=dtype, path=model)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
@@ -53,7 +68,7 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
 
 def _generate(pipe, args, progress: tqdm) -> tuple[np.ndarray, float, float]:
     """`(frames, end-to-end seconds, denoising seconds)`; denoising ends at the last step's callback, so it
-    leaves out the VAE decode (which dominates on the tiny model)."""
+    leaves out the VAE decode (which dominates end-to-end time on small models with a VAE)."""
     last_step_end = []
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -116,7 +131,7 @@ def run_compare(args, config: SparseConfig) -> CompareResult:
     video_path = out_dir / "compare.mp4"
     write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}")
     result = CompareResult(
-        model=args.model or "embedded tiny Wan (random weights)",
+        model=model_label(args.model),
         config=repr(config),
         frames=args.frames,
         height=args.height,

@@ -20,6 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
 from .api import sparse
+from .compare import load_pipeline, model_label
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
 from .pipelines import adapter_for, find_transformers
@@ -96,7 +97,6 @@ def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
 
 
 def run_eval(args) -> list[EvalRow]:
-    from .compare import load_pipeline
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     pipe = load_pipeline(args.model, args.device, dtype)
@@ -162,7 +162,7 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     header = (
-        f"model: {args.model or 'embedded tiny Wan (random weights)'}; {args.frames} frames {args.height}x{args.width}, "
+        f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
         f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}"
     )
     lines = [

@@ -29,6 +29,22 @@ def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Ten
     return out.type_as(x)
 
 
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
+    """`(query, key, value)` of a Wan self-attention as `(B, N, heads, head_dim)`, after q/k norms and RoPE.
+
+    The same arithmetic as `WanAttnProcessor`, so anything computed from them (sparse attention, attention maps
+    for analysis) sees exactly the scores the dense processor does.
+    """
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = _apply_rotary(query, *rotary_emb)
+        key = _apply_rotary(key, *rotary_emb)
+    return query, key, value
+
+
 class WanSparseAttnProcessor(WanAttnProcessor):
     """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
 
@@ -51,13 +67,7 @@ class WanSparseAttnProcessor(WanAttnProcessor):
                 "diffsparse does not run sparse attention under context parallelism yet; "
                 "disable parallelism or use pattern='dense'"
             )
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
-            key = _apply_rotary(key, *rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         hidden_states = self.runtime.attention(self.layer, query, key, value)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)

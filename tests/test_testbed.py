@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import diffsparse
-from diffsparse import testbed  # module access: pytest would collect `Test*`/`test*` names imported here
+from diffsparse.compare import load_pipeline
+from diffsparse.pipelines import testbed  # module access: pytest would collect `Test*`/`test*` names imported here
+from diffsparse.testbed import evidence
 from diffsparse.testbed.data import (
     COLOURS,
     DIRECTIONS,
@@ -18,7 +20,7 @@ from diffsparse.testbed.data import (
     random_clip,
     render,
 )
-from diffsparse.testbed.train import CHECKPOINT, LOSS_LOG, PIPELINE_DIR, parse_args, train
+from diffsparse.testbed.train import CHECKPOINT, LOSS_LOG, PIPELINE_DIR, SNAPSHOT_DIR, parse_args, train
 
 
 def _frames01(video: torch.Tensor) -> np.ndarray:
@@ -130,7 +132,7 @@ def trained(tmp_path_factory):
     first = train(parse_args(["--out", str(base / "run"), "--steps", "3", *common]))
     first_log = _read_log(base / "run")
     resumed = train(parse_args(["--out", str(base / "run"), "--steps", "5", "--resume", *common]))
-    straight = train(parse_args(["--out", str(base / "straight"), "--steps", "5", *common]))
+    straight = train(parse_args(["--out", str(base / "straight"), "--steps", "5", "--keep-every", "2", *common]))
     return {"base": base, "first": first, "first_log": first_log, "resumed": resumed, "straight": straight}
 
 
@@ -155,6 +157,23 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(traine
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in straight_log]
     state = torch.load(trained["base"] / "run" / CHECKPOINT, map_location="cpu", weights_only=False)
     assert state["step"] == 5 and state["optimizer"]["state"]
+
+
+def test_snapshots_keep_the_exported_pipeline_every_n_steps(trained):
+    snapshots = sorted(p.name for p in (trained["base"] / "straight" / SNAPSHOT_DIR).iterdir())
+    assert snapshots == ["step_000002", "step_000004"]
+    assert (trained["base"] / "straight" / SNAPSHOT_DIR / "step_000002" / "model_index.json").is_file()
+    assert evidence.snapshot_near(trained["base"] / "straight", minutes=0.0).name == "step_000002"
+
+
+def test_decay_lowers_the_learning_rate_over_the_end_of_the_budget(tmp_path):
+    args = ["--steps", "4", "--decay", "0.5", "--warmup", "1", "--batch", "1", "--threads", "1", "--save-every", "9"]
+    train(parse_args(["--out", str(tmp_path), *args]))
+    rates = [float(r["lr"]) for r in _read_log(tmp_path)]
+    # steps 0-1 are before the last half of the budget; step 3 is halfway through the decay
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--decay", "1.5"])
 
 
 def test_training_refuses_to_overwrite_a_run_without_resume(trained):
@@ -191,6 +210,22 @@ def test_pipeline_loads_offline_as_a_diffusers_pipeline(trained):
         pipe("a yellow square", height=18, width=16)
 
 
+def test_load_reads_training_folders_and_names_a_missing_one(trained, tmp_path):
+    pipe = load_pipeline(str(trained["base"] / "run" / PIPELINE_DIR), "cpu", torch.float32)
+    assert isinstance(pipe, testbed.TestbedPipeline) and not pipe.transformer.training
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        testbed.load(path=tmp_path)
+
+
+def test_shipped_weights_load_offline():
+    pipe = testbed.load()
+    assert isinstance(pipe, testbed.TestbedPipeline)
+    config = testbed.testbed_config()
+    assert pipe.transformer.config.num_layers == config["transformer"]["num_layers"]
+    shipped = sum(f.stat().st_size for f in testbed.WEIGHTS_PATH.rglob("*") if f.is_file())
+    assert shipped <= 20 * 2**20  # the package budget for weights
+
+
 def test_diffsparse_applies_to_the_testbed_pipeline():
     pipe = testbed.build_pipeline()
     call = {"prompt": "a red circle moving left", "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 3}
@@ -201,3 +236,56 @@ def test_diffsparse_applies_to_the_testbed_pipeline():
     assert sparse.shape == reference.shape and torch.isfinite(sparse).all()
     assert all(s.dense_calls == 2 and s.sparse_calls == 4 for s in stats.layers)  # 1 dense + 2 sparse steps, CFG
     assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt").frames, reference)
+
+
+# ---------------------------------------------------------------- evidence
+
+
+def test_loss_curve_is_compacted_and_plotted(trained, tmp_path):
+    evidence.compact_loss_log(trained["base"] / "run" / LOSS_LOG, tmp_path / "loss.csv", bucket=2)
+    rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
+    log = _read_log(trained["base"] / "run")
+    assert [r["step"] for r in rows] == ["2", "4", "5"]
+    assert float(rows[0]["loss"]) == pytest.approx((float(log[0]["loss"]) + float(log[1]["loss"])) / 2, abs=1e-5)
+    summary = evidence.plot_loss(tmp_path / "loss.csv", tmp_path / "loss.png")
+    assert summary["steps"] == 5 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def _recorded(query, key, layout, radii=(1,)):
+    recorder = evidence._Recorder(layout, layers=1, rows=10**6, radii=radii, seed=0)  # every row
+    recorder.add(0, query, key)
+    return recorder.result(layout)
+
+
+def test_attention_decay_of_uniform_attention_is_the_uniform_share():
+    layout = (3, 4, 5)
+    n = math.prod(layout)
+    decay = _recorded(torch.zeros(1, n, 2, 8), torch.randn(1, n, 2, 8), layout)
+    for mass, share in ((decay.temporal_mass[0], decay.temporal_share), (decay.spatial_mass[0], decay.spatial_share)):
+        assert sum(share) == pytest.approx(1) and mass == pytest.approx(share, abs=1e-6)
+    assert decay.concentration(1) == pytest.approx(1, abs=1e-5)
+    # brute force: keys with |df| <= 1 and max(|dy|, |dx|) <= 1, averaged over all query positions
+    f, h, w = (torch.arange(n) // (layout[1] * layout[2]), torch.arange(n) // layout[2] % layout[1],
+               torch.arange(n) % layout[2])
+    near = ((f[:, None] - f).abs() <= 1) & ((h[:, None] - h).abs() <= 1) & ((w[:, None] - w).abs() <= 1)
+    assert decay.local_share[1] == pytest.approx(near.float().mean().item())
+
+
+def test_attention_decay_of_self_attention_is_all_local():
+    layout = (2, 3, 3)
+    n = math.prod(layout)
+    one_hot = torch.eye(n).view(1, n, 1, n) * 50  # every token attends to itself
+    decay = _recorded(one_hot, one_hot, layout)
+    assert decay.temporal_mass[0][0] == pytest.approx(1, abs=1e-6)
+    assert decay.spatial_mass[0][0] == pytest.approx(1, abs=1e-6)
+    assert decay.local_mass[1][0][0] == pytest.approx(1, abs=1e-6)
+
+
+def test_attention_decay_runs_on_the_pipeline_and_restores_processors():
+    pipe = testbed.build_pipeline()
+    before = [block.attn1.processor for block in pipe.transformer.blocks]
+    decay = evidence.attention_decay(pipe, ["a red circle moving left"], frames=3, height=16, width=16, steps=2,
+                                     rows=8)
+    assert decay.layout == (3, 4, 4) and len(decay.temporal_mass) == len(before)
+    assert all(sum(m) == pytest.approx(1, abs=1e-5) for m in decay.temporal_mass + decay.spatial_mass)
+    assert [block.attn1.processor for block in pipe.transformer.blocks] == before

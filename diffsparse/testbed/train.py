@@ -2,6 +2,7 @@
 
     python -m diffsparse.testbed.train --out runs/testbed --minutes 60
     python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --resume   # continue the same run
+    python -m diffsparse.testbed.train --out runs/testbed --minutes 20 --decay 1 --resume   # cool down to the end
 
 Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-to-depth pixels), noise `n` and
 `t` in [0, 1), `x_t = (1 - t) x0 + t n`; the transformer, given `x_t`, the timestep `1000 t` (the scale of
@@ -17,6 +18,7 @@ Written to `--out`:
     loss.csv        one row per step: the loss curve and the time per step (wall and CPU)
     pipeline/       EMA weights as a diffusers folder (`TestbedPipeline.from_pretrained`), refreshed with each
                     checkpoint: model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/
+    snapshots/      with --keep-every N: a copy of pipeline/ every N steps (step_000500/, ...)
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
+from ..pipelines.testbed import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
 from .data import TRAIN_BUCKETS, make_batch
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
 PIPELINE_DIR = "pipeline"
+SNAPSHOT_DIR = "snapshots"
 LOG_FIELDS = (
     "step",
     "loss",
@@ -57,6 +60,7 @@ LOG_FIELDS = (
     "train_seconds",
 )
 UNCOND_PROBABILITY = 0.1
+MIN_LR_RATIO = 0.02  # where --decay ends, as a fraction of --lr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,10 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="clips per step at 9x32x32 px; other sizes get as many tokens")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (after a linear warm-up)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=0.0,
+        help="fraction of this invocation's budget (--steps or --minutes, whichever ends first) at its end over "
+        "which the learning rate falls linearly to 2%% of --lr (0: constant after warm-up)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every batch")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and pipeline exports)")
+    p.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        help="also keep a copy of the exported pipeline every N steps in <out>/snapshots/step_N (0: never)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--config", type=Path, default=None, help="model config JSON (default: the testbed config)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
@@ -85,10 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "threads", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.keep_every < 0:
+        p.error(f"--keep-every must be 0 (never) or a positive step count, got {args.keep_every}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
     if args.minutes is not None and args.minutes <= 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
+    if not 0 <= args.decay <= 1:
+        p.error(f"--decay must be a fraction in [0, 1], got {args.decay}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     return args
@@ -245,12 +266,25 @@ def train(args: argparse.Namespace) -> dict:
     shift = float(components["scheduler"].config.shift)
     text_length = config["max_sequence_length"]
     first_step, started = step, time.monotonic()
+
+    def learning_rate() -> float:
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        if args.decay == 0:
+            return lr
+        # Where this invocation is in its budget; a resumed run's cool-down covers only its own budget.
+        done = 0.0
+        if args.steps is not None:
+            done = (step - first_step) / max(1, args.steps - first_step)
+        if args.minutes is not None:
+            done = max(done, (time.monotonic() - started) / (args.minutes * 60))
+        return lr * max(MIN_LR_RATIO, min(1.0, (1 - done) / args.decay))
+
     smoothed = None
     progress = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
         while (args.steps is None or step < args.steps) and time.monotonic() < deadline and stop["signal"] is None:
             wall, cpu = time.perf_counter(), time.process_time()
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            lr = learning_rate()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             videos, prompts = make_batch(args.seed, step, args.batch, TRAIN_BUCKETS)
@@ -288,6 +322,13 @@ def train(args: argparse.Namespace) -> dict:
             progress.update()
             if step % args.save_every == 0:
                 save()
+            if args.keep_every and step % args.keep_every == 0:
+                # Lets one long run also answer "what did the model look like after N steps / M minutes".
+                if step % args.save_every:
+                    save()
+                snapshot = out / SNAPSHOT_DIR / f"step_{step:06d}"
+                shutil.rmtree(snapshot, ignore_errors=True)
+                shutil.copytree(out / PIPELINE_DIR, snapshot)
     finally:
         progress.close()
         if step > first_step:

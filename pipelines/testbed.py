@@ -1,0 +1,395 @@
+"""The testbed: a tiny text-to-video Wan model that diffsparse trains itself, so quality numbers mean something.
+
+A `WanTransformer3DModel` (~1M parameters, `configs/testbed_wan.json`) denoises videos in pixel space through a
+2x2 space-to-depth: a `(3, F, H, W)` video in [-1, 1] becomes `(12, F, H/2, W/2)` "latents", the transformer's
+patch (1, 2, 2) makes one token of 4x4 pixels, and decoding is the exact inverse (no VAE: there are no weights to
+train or ship for it, and nothing lossy between the model and the pixels the metrics compare). Prompts go through
+a word-level tokenizer built in memory and a tiny T5 encoder trained jointly with the transformer.
+`TestbedPipeline` is a small diffusers `DiffusionPipeline` that calls the transformer and the
+`FlowMatchEulerDiscreteScheduler` exactly as `WanPipeline` does (same arguments, `cache_context("cond"/"uncond")`,
+CFG as two calls), so `diffsparse.apply`, `diffsparse compare` and the Wan adapter treat it like Wan.
+
+The trained weights ship in the package (`weights/testbed/`, written by `python -m diffsparse.testbed.train`,
+see `diffsparse.testbed`); `load()` reads them with no network. It is the embedded default model of
+`diffsparse compare`, `diffsparse eval` and `make run`.
+
+Example:
+    >>> from diffsparse.pipelines.testbed import load
+    >>> pipe = load()
+    >>> video = pipe("a red circle moving left", num_frames=5, height=16, width=16, num_inference_steps=2).frames
+    >>> video.shape
+    (1, 5, 16, 16, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from .text import word_tokenizer
+
+CONFIG_PATH = Path(__file__).parent / "configs" / "testbed_wan.json"
+# The shipped trained weights: a `save_pretrained` folder of `TestbedPipeline` (model_index.json, transformer/, ...).
+WEIGHTS_PATH = Path(__file__).parent / "weights" / "testbed"
+
+__all__ = [
+    "CONFIG_PATH",
+    "WEIGHTS_PATH",
+    "TestbedPipeline",
+    "build_pipeline",
+    "depth_to_space",
+    "encode_prompts",
+    "load",
+    "sample",
+    "space_to_depth",
+    "testbed_config",
+]
+
+
+@lru_cache(maxsize=1)
+def testbed_config() -> dict:
+    """The model configuration (`pipelines/configs/testbed_wan.json`); treat it as read-only."""
+    return json.loads(CONFIG_PATH.read_text())
+
+
+def space_to_depth(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """`(B, C, F, H, W)` -> `(B, C * factor**2, F, H / factor, W / factor)`; channel `c * factor**2 + dy * factor + dx`.
+
+    Example:
+        >>> x = torch.randn(1, 3, 2, 8, 8)
+        >>> torch.equal(depth_to_space(space_to_depth(x)), x)
+        True
+    """
+    b, c, f, h, w = video.shape
+    if h % factor or w % factor:
+        raise ValueError(f"height and width must be multiples of {factor=}, got {h=} and {w=}")
+    x = video.reshape(b, c, f, h // factor, factor, w // factor, factor)
+    return x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * factor * factor, f, h // factor, w // factor)
+
+
+def depth_to_space(latents: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """The inverse of `space_to_depth`."""
+    b, c, f, h, w = latents.shape
+    x = latents.reshape(b, c // (factor * factor), factor, factor, f, h, w)
+    return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c // (factor * factor), f, h * factor, w * factor)
+
+
+def build_components(config: dict | None = None, seed: int | None = None) -> dict:
+    """Fresh components with seeded random weights: `tokenizer`, `text_encoder`, `transformer`, `scheduler`.
+
+    Args:
+        config (`dict`, *optional*): defaults to `testbed_config()`.
+        seed (`int`, *optional*): weight seed, defaults to the config's.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    config = testbed_config() if config is None else config
+    vocabulary = config["vocabulary"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"] if seed is None else seed)
+        transformer = WanTransformer3DModel(**config["transformer"])
+        text_encoder = T5EncoderModel(
+            T5Config(vocab_size=len(vocabulary), pad_token_id=0, eos_token_id=1, **config["text_encoder"])
+        )
+    return {
+        "tokenizer": word_tokenizer(vocabulary, config["max_sequence_length"]),
+        "text_encoder": text_encoder,
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+    }
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+    """`(B, max_sequence_length, d_model)` prompt embeddings, zero past each prompt's end (as `WanPipeline` does).
+
+    Training and sampling both go through this function, so the model sees the same text path in both.
+    """
+    inputs = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    device = text_encoder.device
+    mask = inputs.attention_mask.to(device)
+    hidden = text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+@dataclass
+class TestbedPipelineOutput(BaseOutput):
+    """`frames`: `np.ndarray` `(B, F, H, W, 3)`, `torch.Tensor` `(B, F, 3, H, W)` or lists of PIL images."""
+
+    frames: object
+
+
+class TestbedPipeline(DiffusionPipeline):
+    """Text-to-video with the testbed model: `WanPipeline`'s denoising loop over space-to-depth pixels.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerFast`): word-level tokenizer (its `model_max_length` is the text length).
+        text_encoder (`T5EncoderModel`): tiny T5 encoder.
+        transformer (`WanTransformer3DModel`): the denoiser; `in_channels` is `3 * 2 * 2`.
+        scheduler (`FlowMatchEulerDiscreteScheduler`): flow-matching Euler scheduler.
+
+    Example:
+        >>> pipe = build_pipeline()
+        >>> out = pipe("a blue square moving up", num_frames=3, height=16, width=16, num_inference_steps=2,
+        ...            output_type="pt")
+        >>> tuple(out.frames.shape)
+        (1, 3, 3, 16, 16)
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, tokenizer, text_encoder, transformer, scheduler):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.space_to_depth_factor)
+
+    @property
+    def space_to_depth_factor(self) -> int:
+        return math.isqrt(self.transformer.config.in_channels // 3)
+
+    def encode_prompt(self, prompt, num_videos_per_prompt: int = 1, max_sequence_length: int | None = None):
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        length = max_sequence_length or self.tokenizer.model_max_length
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompt, length)
+        return embeds.to(self._execution_device).repeat_interleave(num_videos_per_prompt, dim=0)
+
+    def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs) -> None:
+        multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple} pixels, got {name}={value}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames=}")
+        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
+            )
+
+    def _predict(self, branch: str, context: dict, latents, timestep, embeds, attention_kwargs) -> torch.Tensor:
+        # One CFG branch, in its own cache context as WanPipeline does (hooks keep per-branch state by name).
+        with self.transformer.cache_context(branch, **context):
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 48,
+        width: int = 48,
+        num_frames: int = 17,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int | None = None,
+    ):
+        """Generate videos; the arguments mean what they mean for `diffusers.WanPipeline`.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw, in the vocabulary of the config.
+            negative_prompt (`str` or `list[str]`, *optional*, defaults to `""`): the unconditional branch of CFG.
+            height (`int`, *optional*, defaults to 48) / width (`int`, *optional*, defaults to 48): pixels,
+                multiples of 4.
+            num_frames (`int`, *optional*, defaults to 17): frames (no temporal compression).
+            num_inference_steps (`int`, *optional*, defaults to 20): Euler steps.
+            guidance_scale (`float`, *optional*, defaults to 3.0): CFG scale; 1 or less runs the cond branch only.
+            generator (`torch.Generator`, *optional*): for the initial noise.
+            output_type (`str`, *optional*, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            max_sequence_length (`int`, *optional*): text tokens, defaults to the tokenizer's `model_max_length`
+                (the length the model was trained with).
+
+        Returns:
+            `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
+        """
+        self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, num_videos_per_prompt, max_sequence_length)
+        batch_size = prompt_embeds.shape[0]
+        if do_cfg and negative_prompt_embeds is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * (batch_size // num_videos_per_prompt)
+            negative_prompt_embeds = self.encode_prompt(
+                negative_prompt, num_videos_per_prompt, max_sequence_length or prompt_embeds.shape[1]
+            )
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        factor = self.space_to_depth_factor
+        shape = (batch_size, self.transformer.config.in_channels, num_frames, height // factor, width // factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = latents.to(transformer_dtype)
+                timestep = t.expand(batch_size)
+                context = {
+                    "step_index": i,
+                    "sigma": float(self.scheduler.sigmas[i]),
+                    "num_inference_steps": len(timesteps),
+                }
+                velocity = self._predict("cond", context, model_input, timestep, prompt_embeds, attention_kwargs)
+                if do_cfg:
+                    velocity_uncond = self._predict(
+                        "uncond", context, model_input, timestep, negative_prompt_embeds, attention_kwargs
+                    )
+                    velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.video_processor.postprocess_video(depth_to_space(latents, factor), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return TestbedPipelineOutput(frames=video) if return_dict else (video,)
+
+
+def build_pipeline(components: dict | None = None) -> TestbedPipeline:
+    """A `TestbedPipeline` from `components` (defaults to fresh seeded random ones), progress bar off, eval mode."""
+    components = build_components() if components is None else components
+    pipe = TestbedPipeline(**components)
+    pipe.text_encoder.eval()
+    pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> TestbedPipeline:
+    """The trained testbed pipeline, offline: the shipped weights, or a training run's `<out>/pipeline` folder.
+
+    Args:
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the components live.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): component dtype (the model was trained in
+            float32; bfloat16 works on CUDA).
+        path (`str` or `Path`, *optional*): a `save_pretrained` folder of a `TestbedPipeline`; defaults to the
+            weights shipped in the package (`WEIGHTS_PATH`).
+
+    Returns:
+        `TestbedPipeline` in eval mode with its progress bar off.
+
+    Example:
+        >>> pipe = load()
+        >>> pipe.transformer.config.num_layers
+        4
+    """
+    folder = WEIGHTS_PATH if path is None else Path(path)
+    if not (folder / "model_index.json").is_file():
+        where = "the package's shipped weights" if path is None else f"path={str(path)!r}"
+        raise FileNotFoundError(
+            f"no TestbedPipeline at {folder} ({where}): expected a save_pretrained folder with model_index.json, as "
+            "`python -m diffsparse.testbed.train --out DIR` writes to DIR/pipeline"
+        )
+    pipe = TestbedPipeline.from_pretrained(str(folder), dtype=dtype).to(device)
+    pipe.text_encoder.eval()
+    pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(
+    model,
+    prompts: str | list[str],
+    frames: int = 17,
+    height: int = 48,
+    width: int = 48,
+    steps: int = 20,
+    seed: int = 0,
+    guidance_scale: float = 3.0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Videos for `prompts` as float32 `(B, frames, 3, height, width)` in [0, 1] (the layout of `output_type="pt"`).
+
+    Args:
+        model (`str`, `Path`, `TestbedPipeline` or `dict`): a folder written by `save_pretrained` (the training
+            script's `<out>/pipeline`; `load()` gives the shipped model), a pipeline, or a dict of components.
+        prompts (`str` or `list[str]`): one video per prompt.
+        frames, height, width (`int`): video size in frames and pixels (multiples of 4).
+        steps (`int`, *optional*, defaults to 20): flow-matching Euler steps.
+        seed (`int`, *optional*, defaults to 0): seed of the initial noise.
+        guidance_scale (`float`, *optional*, defaults to 3.0): classifier-free guidance scale.
+
+    Example:
+        >>> video = sample(build_pipeline(), ["a red circle moving left"], frames=3, height=16, width=16, steps=2)
+        >>> tuple(video.shape)
+        (1, 3, 3, 16, 16)
+    """
+    if isinstance(model, (str, Path)):
+        pipe = load(device, path=model)
+    elif isinstance(model, dict):
+        pipe = build_pipeline(model)
+    else:
+        pipe = model
+    pipe = pipe.to(device)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    frames_out = pipe(
+        prompt=prompts,
+        num_frames=frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        output_type="pt",
+    ).frames
+    return frames_out.float().cpu()
