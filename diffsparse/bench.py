@@ -122,6 +122,17 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _backend_label(device: torch.device, dtype: torch.dtype, requested: str) -> str:
+    """The backend that ran and, for "cpu", which of its two paths: timings mean little without it."""
+    from .kernels import choose_backend, cpu_native
+
+    backend = choose_backend(device, requested)
+    if backend != "cpu" or device.type != "cpu":
+        return backend
+    compiled = dtype in cpu_native.DTYPES and cpu_native.forward_op() is not None
+    return "cpu (compiled kernel)" if compiled else "cpu (torch ops)"
+
+
 def run_attention_bench(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -134,7 +145,8 @@ def run_attention_bench(args) -> list[dict]:
         rows.append(bench_one(q, k, v, density, args.block_size, args.backend, args.repeats, generator, args.mask))
     title = (
         f"B={args.batch} H={args.heads} N={args.seq} D={args.dim} {args.dtype} block={args.block_size} "
-        f"{args.device} ({torch.get_num_threads()} threads) backend={args.backend} mask={args.mask}"
+        f"{args.device} ({torch.get_num_threads()} threads) backend={_backend_label(device, dtype, args.backend)} "
+        f"mask={args.mask}"
     )
     print(title)
     print("| " + " | ".join(COLUMNS) + " |")

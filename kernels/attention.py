@@ -34,8 +34,9 @@ def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
     r"""
     Pick the backend for tensors on `device`, saying why the others were not chosen.
 
-    `"auto"` picks `"triton"` for CUDA tensors when Triton can run there, else `"cpu"` (plain torch ops:
-    gather + fused attention, so it runs on any device); `"reference"` is never picked automatically because
+    `"auto"` picks `"triton"` for CUDA tensors when Triton can run there, else `"cpu"` (on CPU tensors a
+    compiled C++ kernel for float32/bfloat16 inference, see `kernels/cpu_native.py`; otherwise plain torch
+    ops, gather + fused attention, so it runs on any device); `"reference"` is never picked automatically because
     it materialises `q_len x kv_len` scores. The reasons are logged at debug level; forcing `"triton"` where it
     cannot run raises a `ValueError` saying why.
 

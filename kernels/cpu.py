@@ -1,4 +1,8 @@
-"""Block-sparse attention from plain torch ops that really skips the masked blocks.
+"""The `"cpu"` backend: block-sparse attention that really skips the masked blocks.
+
+Float32 and bfloat16 inference runs the compiled kernel of `cpu_native` (one task per query block, keys read
+in place, GEMM tiles as wide as dense attention's). Everything else (float16, autograd, or when that kernel
+cannot be built) runs the torch-ops path below, which gives the same results.
 
 A *segment* is a run of consecutive query blocks of one (batch, head) with the same kept key blocks (often a
 single block; long runs are common in structured patterns). Segments with the same shape (query blocks, key
@@ -11,6 +15,7 @@ cached on the plan, so a call is a short loop of index + attention ops.
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
 from .plan import BlockSparsePlan
 
 # Gathered K+V per chunk: small enough to stay in cache between the gather and the attention call that reads
@@ -104,6 +109,15 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | No
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and q.dtype in cpu_native.DTYPES and not needs_grad:
+        op = cpu_native.forward_op()
+        if op is not None:
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+            indices, counts = (t.to(q.device).contiguous() for t in (plan.kv_indices, plan.kv_counts))
+            out, lse = op(q, k, v, indices, counts, plan.block_q, plan.block_k, scale)
+            return out, lse if return_lse else None
+
     batch, heads, _, head_dim = q.shape
     nq, nk, bq, bk = plan.num_q_blocks, plan.num_kv_blocks, plan.block_q, plan.block_k
     q_blocks, k_blocks, v_blocks = _as_blocks(q, nq, bq), _as_blocks(k, nk, bk), _as_blocks(v, nk, bk)

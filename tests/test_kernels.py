@@ -1,6 +1,7 @@
 import dataclasses
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from diffsparse.kernels import BACKENDS, BlockSparsePlan, block_sparse_attention
 # Backends that run on CPU tensors; the Triton kernel has its own tests (interpreter and CUDA).
 CPU_BACKENDS = [name for name in BACKENDS if name != "triton"]
 from diffsparse.kernels import cpu as cpu_backend
+from diffsparse.kernels import cpu_native
 
 # (atol for out, atol for lse); rtol=0 so every element is held to the absolute bound.
 TOLERANCES = {
@@ -27,6 +29,13 @@ CASES = {
     "tiny blocks": (1, 2, 37, 53, (8, 16), 1, 2, 0.2),
 }
 _REFERENCE = {}
+
+
+@pytest.fixture(autouse=True, params=["native", "portable"])
+def cpu_kernel(request, monkeypatch):
+    """Every test runs against both paths of the cpu backend: the compiled kernel and the torch-ops path."""
+    monkeypatch.setenv(cpu_native.ENV_VAR, request.param)
+    return request.param
 
 
 def _inputs(batch, heads, q_len, kv_len, head_dim=32, seed=0):
@@ -312,3 +321,46 @@ def test_choose_backend_explains_triton():
             choose_backend("cpu", "triton")
     with pytest.raises(ValueError, match="backend must be"):
         choose_backend("cpu", "flash")
+
+
+def test_compiled_cpu_kernel_builds_and_runs(cpu_kernel):
+    """The fast path must not vanish silently: where a compiler is present it builds, and it is what runs."""
+    if cpu_kernel == "portable":
+        assert cpu_native.forward_op() is None
+        return
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine; the cpu backend runs its torch-ops path")
+    op = cpu_native.forward_op()  # raises with the build error in "native" mode
+    assert op is not None
+    plan, (q, k, v), (ref_out, ref_lse) = _case("per-head, ragged")
+    out, lse = op(q, k, v, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
+
+
+def test_bad_cpu_kernel_mode(monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=r"DIFFSPARSE_CPU_KERNEL must be one of .*'fast'"):
+        block_sparse_attention(*_inputs(1, 1, 32, 32), make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32))
+
+
+def test_unbuildable_kernel_falls_back_with_a_warning_or_raises(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_native, "_load", lambda: (None, "OSError: no compiler"))
+    monkeypatch.setenv(cpu_native.ENV_VAR, "auto")
+    cpu_native._warn_once.cache_clear()
+    plan, (q, k, v), (ref_out, _) = _case("per-head, ragged")
+    with caplog.at_level("WARNING", logger=cpu_native.__name__):
+        out = block_sparse_attention(q, k, v, plan, backend="cpu")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+    assert "compiled CPU kernel is unavailable (OSError: no compiler)" in caplog.text
+    monkeypatch.setenv(cpu_native.ENV_VAR, "native")
+    with pytest.raises(RuntimeError, match="could not be built: OSError: no compiler"):
+        block_sparse_attention(q, k, v, plan, backend="cpu")
+
+
+def test_pip_installed_ninja_is_put_on_path(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(cpu_native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    cpu_native._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

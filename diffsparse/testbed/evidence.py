@@ -2,10 +2,11 @@
 
     python -m diffsparse.testbed.evidence                       # shipped weights; loss curve from docs/testbed/loss.csv
     python -m diffsparse.testbed.evidence --run runs/testbed    # also refresh loss.csv and the 60-minute grid
+    python -m diffsparse.testbed.evidence --run runs/testbed --early runs/testbed60/pipeline   # grid of a 60-min run
 
 Written to `--out` (default `docs/testbed`):
     samples.png           frames of videos generated at the evaluation size (17 x 48 x 48 pixels = 2448 tokens)
-    samples_60min.png     the same prompts from the run's snapshot nearest to 60 minutes of training (with --run)
+    samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min)
     loss.png, loss.csv    the training-loss curve (loss.csv: mean loss per 25 steps, kept so the plot regenerates)
     attention_decay.png   mean attention mass against temporal and spatial distance, per layer
     evidence.json         every number behind the figures, including the local-window concentration
@@ -326,6 +327,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffsparse.testbed.evidence", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="testbed pipeline folder (default: the shipped weights)")
     p.add_argument("--run", type=Path, default=None, help="training run folder: refreshes loss.csv, 60-minute grid")
+    p.add_argument("--early", type=Path, default=None,
+                   help="pipeline folder of a 60-minute run for samples_60min.png (default: the --run snapshot "
+                        "nearest 60 min)")
     p.add_argument("--out", type=Path, default=Path("docs/testbed"))
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
@@ -348,13 +352,13 @@ def main(argv=None) -> dict:
     loss_csv = args.out / "loss.csv"
     if args.run is not None:
         compact_loss_log(args.run / "loss.csv", loss_csv)
-        snapshot = snapshot_near(args.run, 60.0)
-        if snapshot is not None:
-            early = sample(load(path=snapshot), list(PROMPTS), frames=9, height=32, width=32, steps=args.steps,
-                           seed=args.seed)
-            save_sample_grid(early, list(PROMPTS), args.out / "samples_60min.png", frames=(0, 4, 8),
-                             title=f"after ~60 min ({snapshot.name}): 9 frames x 32x32 px (training size)")
-            evidence["snapshot_60min"] = snapshot.name
+    early = args.early or (snapshot_near(args.run, 60.0) if args.run is not None else None)
+    if early is not None:
+        videos = sample(load(path=early), list(PROMPTS), frames=9, height=32, width=32, steps=args.steps,
+                        seed=args.seed)
+        save_sample_grid(videos, list(PROMPTS), args.out / "samples_60min.png", frames=(0, 4, 8),
+                         title=f"after ~60 min ({early}): 9 frames x 32x32 px (training size)")
+        evidence["model_60min"] = str(early)
     if loss_csv.is_file():
         evidence["loss"] = plot_loss(loss_csv, args.out / "loss.png")
 
