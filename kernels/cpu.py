@@ -1,7 +1,7 @@
 """The `"cpu"` backend: block-sparse attention that really skips the masked blocks.
 
-Float32 and bfloat16 inference runs the compiled kernel of `cpu_native` (one task per query block, keys read
-in place, GEMM tiles as wide as dense attention's). Everything else (float16, autograd, or when that kernel
+Float32 and bfloat16 inference runs the compiled kernel of `cpu_native` (one task per query block, GEMMs over
+the whole block and up to 512 kept keys, as wide as dense attention's). Everything else (float16, autograd, or when that kernel
 cannot be built) runs the torch-ops path below, which gives the same results.
 
 A *segment* is a run of consecutive query blocks of one (batch, head) with the same kept key blocks (often a

@@ -4,8 +4,8 @@
 // (32 rows below 192 queries), so one 64/128-query block per call runs its GEMMs at a fraction of the width
 // dense attention gets. Here each task is one (batch, head, query block), and its GEMMs span the whole query
 // block and up to kKeyTile keys: runs of consecutive kept key blocks are read in place, scattered ones are
-// copied side by side first. Measured on 2 cores (README): efficiency 0.92-0.94 on random masks at block 128,
-// against 0.78-0.82 for the fused op on gathered keys.
+// copied side by side first. Measured on 2 cores (README): efficiency 0.90-0.93 on random masks at block 128,
+// against 0.82-0.83 for the fused op on gathered keys.
 //
 // at::vec picks its SIMD width from the CPU_CAPABILITY_* macro the loader defines from torch's own choice.
 // GEMMs go to the BLAS torch links (MKL on x86 wheels: sgemm_, cblas_gemm_bf16bf16f32). A torch without those
