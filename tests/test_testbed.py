@@ -10,15 +10,20 @@ import torch
 import diffsparse
 from diffsparse.compare import load_pipeline
 from diffsparse.pipelines import testbed  # module access: pytest would collect `Test*`/`test*` names imported here
-from diffsparse.testbed import evidence
+from diffsparse.testbed import evidence, fidelity
 from diffsparse.testbed.data import (
     COLOURS,
     DIRECTIONS,
     PROMPT_WORDS,
+    SHAPES,
     TRAIN_BUCKETS,
+    Clip,
+    Shape,
+    batch_size_for,
     make_batch,
     random_clip,
     render,
+    train_buckets,
 )
 from diffsparse.testbed.train import CHECKPOINT, LOSS_LOG, PIPELINE_DIR, SNAPSHOT_DIR, parse_args, train
 
@@ -184,6 +189,9 @@ def test_training_refuses_to_overwrite_a_run_without_resume(trained):
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--batch", "0"])
+    for bad in (["--image-share", "1"], ["--image-share", "-0.1"], ["--timestep-shift", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", *bad])
     assert parse_args(["--out", "x"]).minutes == 60.0  # the documented default budget
 
 
@@ -289,3 +297,85 @@ def test_attention_decay_runs_on_the_pipeline_and_restores_processors():
     assert decay.layout == (3, 4, 4) and len(decay.temporal_mass) == len(before)
     assert all(sum(m) == pytest.approx(1, abs=1e-5) for m in decay.temporal_mass + decay.spatial_mass)
     assert [block.attn1.processor for block in pipe.transformer.blocks] == before
+
+
+# ---------------------------------------------------------------- prompt fidelity
+
+
+def _rendered(request: fidelity.Request, kind=None, direction=None, frames=9, size=32, speed=1.0) -> np.ndarray:
+    """A clean video `(F, 3, H, W)` in [0, 1] of one shape, by default the one `request` asks for."""
+    ux, uy = DIRECTIONS[direction or request.direction]
+    start = size / 2 - ux * speed * (frames - 1) / 2, size / 2 - uy * speed * (frames - 1) / 2
+    shape = Shape(kind or request.kind, request.colour, 5.5, *start, ux * speed, uy * speed)
+    clip = Clip(frames, size, size, (0.12, 0.12, 0.12), (shape,), direction or request.direction, "")
+    return ((render(clip).permute(1, 0, 2, 3) + 1) / 2).numpy()
+
+
+def test_fidelity_prompts_cover_every_shape_and_direction_in_training_words():
+    todo = fidelity.requests()
+    assert {(r.kind, r.direction) for r in todo} == {(k, d) for k in SHAPES for d in DIRECTIONS}
+    assert all(set(r.prompt.split()) <= PROMPT_WORDS for r in todo)
+    assert fidelity.Request("orange", "square", "up").prompt == "an orange square moving up"
+
+
+def test_fidelity_of_the_prompted_video_is_near_perfect():
+    for request in fidelity.requests():
+        scores = fidelity.score_video(_rendered(request), request)
+        assert scores["shape_iou"] > 0.95, (request, scores)
+        assert scores == {**scores, "kind_accuracy": 1.0, "present": 1.0, "direction_accuracy": 1.0}, request
+
+
+def test_fidelity_notices_the_wrong_shape_the_wrong_way_and_no_shape():
+    request = fidelity.Request("red", "triangle", "left")
+    wrong_kind = fidelity.score_video(_rendered(request, kind="circle"), request)
+    assert wrong_kind["kind_accuracy"] == 0 and wrong_kind["shape_iou"] < 0.85
+    assert fidelity.score_video(_rendered(request, direction="right"), request)["direction_accuracy"] == 0
+    assert fidelity.score_video(_rendered(request, speed=0.0), request)["direction_accuracy"] == 0  # standing still
+    other_colour = fidelity.score_video(_rendered(fidelity.Request("blue", "triangle", "left")), request)
+    assert other_colour == {"shape_iou": 0.0, "kind_accuracy": 0.0, "present": 0.0, "direction_accuracy": 0.0}
+
+
+def test_fidelity_of_a_ragged_blob_is_low():
+    request = fidelity.Request("green", "square", "down")
+    video = _rendered(request)
+    noise = np.random.default_rng(0).random(video.shape[-2:]) < 0.35
+    video[:, :, noise] = 0.12  # punch background-coloured holes into every frame
+    assert fidelity.score_video(video, request)["shape_iou"] < 0.75
+
+
+def test_training_data_reaches_the_fidelity_ceiling():
+    scores = fidelity.reference_scores(9, 32, 32, seeds=1)
+    assert scores.videos == len(fidelity.requests()) and scores.shape_iou > 0.95
+    assert (scores.kind_accuracy, scores.present, scores.direction_accuracy) == (1.0, 1.0, 1.0)
+
+
+def test_fidelity_runs_on_the_pipeline():
+    scores = fidelity.fidelity(testbed.build_pipeline(), frames=2, height=16, width=16, seeds=1, steps=1)
+    assert scores.videos == len(fidelity.requests())
+    assert all(0 <= v <= 1 for v in (scores.shape_iou, scores.kind_accuracy, scores.present))
+
+
+# ---------------------------------------------------------------- joint image-video training
+
+
+def test_image_share_mixes_single_frames_at_the_same_token_budget():
+    assert train_buckets(0.0) == tuple(
+        type(b)(b.frames, b.height, b.width, b.weight / sum(x.weight for x in TRAIN_BUCKETS)) for b in TRAIN_BUCKETS
+    )
+    mixed = train_buckets(0.3)
+    assert sum(b.weight for b in mixed) == pytest.approx(1)
+    assert sum(b.weight for b in mixed if b.frames == 1) == pytest.approx(0.3)
+    assert mixed[0] == type(mixed[0])(9, 32, 32, mixed[0].weight)  # the base size batch sizes scale from
+    image = next(b for b in mixed if (b.frames, b.height) == (1, 32))
+    assert batch_size_for(image, 16, mixed[0]) == 16 * 9  # nine frames' tokens of single frames
+    with pytest.raises(ValueError, match="image_share"):
+        train_buckets(1.0)
+
+
+def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):
+    args = ["--steps", "3", "--batch", "1", "--threads", "1", "--image-share", "0.9", "--precision", "bf16",
+            "--timestep-shift", "1.5", "--save-every", "9"]
+    train(parse_args(["--out", str(tmp_path), *args]))
+    rows = _read_log(tmp_path)
+    assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert any(r["frames"] == "1" for r in rows)  # single frames were drawn

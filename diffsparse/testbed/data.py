@@ -59,7 +59,12 @@ RADIUS_RANGE = (4.0, 7.0)  # pixels: circle radius; squares and triangles of a s
 MAX_SHAPES = 3
 SHAPE_COUNT_WEIGHTS = (0.5, 0.3, 0.2)  # one, two, three shapes
 
-PROMPT_WORDS = frozenset({"a", "and", "moving", *COLOURS, *SHAPES, *DIRECTIONS, *(w for w in SPEEDS if w)})
+PROMPT_WORDS = frozenset({"a", "an", "and", "moving", *COLOURS, *SHAPES, *DIRECTIONS, *(w for w in SPEEDS if w)})
+
+
+def article(word: str) -> str:
+    """"an" before a vowel ("an orange"), else "a": prompts read as people write them."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,30 @@ TRAIN_BUCKETS: tuple[Bucket, ...] = (
     Bucket(13, 40, 40, 0.10),
     Bucket(17, 48, 48, 0.10),
 )
+# Single frames: each step sees frames x as many distinct shapes for the same tokens, which is how the outline of a
+# shape is learned fastest (motion still needs the video buckets). Joint image-video training, as Wan trains.
+IMAGE_BUCKETS: tuple[Bucket, ...] = (Bucket(1, 32, 32, 0.6), Bucket(1, 48, 48, 0.4))
+
+
+def train_buckets(image_share: float) -> tuple[Bucket, ...]:
+    """`TRAIN_BUCKETS` drawn `1 - image_share` of the steps and `IMAGE_BUCKETS` `image_share` of them.
+
+    The first bucket stays the base size that `batch_size_for` scales from.
+
+    Example:
+        >>> sum(b.weight for b in train_buckets(0.25))
+        1.0
+    """
+    if not 0 <= image_share < 1:
+        raise ValueError(f"image_share must be a fraction in [0, 1), got {image_share=}")
+    total_video = sum(b.weight for b in TRAIN_BUCKETS)
+    total_image = sum(b.weight for b in IMAGE_BUCKETS)
+    videos = tuple(Bucket(b.frames, b.height, b.width, b.weight * (1 - image_share) / total_video) for b in TRAIN_BUCKETS)
+    if image_share == 0:
+        return videos
+    return videos + tuple(
+        Bucket(b.frames, b.height, b.width, b.weight * image_share / total_image) for b in IMAGE_BUCKETS
+    )
 
 
 @dataclass(frozen=True)
@@ -116,7 +145,7 @@ class Clip:
 
     @property
     def prompt(self) -> str:
-        objects = " and ".join(f"a {s.colour} {s.kind}" for s in self.shapes)
+        objects = " and ".join(f"{article(s.colour)} {s.colour} {s.kind}" for s in self.shapes)
         return " ".join(filter(None, (objects, "moving", self.direction, self.speed)))
 
 

@@ -9,7 +9,8 @@ Written to `--out` (default `docs/testbed`):
     samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min)
     loss.png, loss.csv    the training-loss curve (loss.csv: mean loss per 25 steps, kept so the plot regenerates)
     attention_decay.png   mean attention mass against temporal and spatial distance, per layer
-    evidence.json         every number behind the figures, including the local-window concentration
+    evidence.json         every number behind the figures, including the local-window concentration and the
+                          prompt fidelity (`diffsparse.testbed.fidelity`) of both models and of the training data
 
 Attention is measured the way Radial Attention reports energy decay: the self-attention probabilities of sampled
 query tokens (the exact softmax of the dense processor, from the same q/k after norms and RoPE), binned by the
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 from ..pipelines import adapter_for
 from ..pipelines.testbed import load, sample, testbed_config
 from ..pipelines.wan import self_attention_qkv
+from .data import TRAIN_BUCKETS
+from .fidelity import fidelity, reference_scores
 
 PROMPTS = (
     "a red circle moving left",
@@ -45,6 +48,8 @@ PROMPTS = (
     "a purple triangle moving up slowly",
 )
 GRID_FRAMES = (0, 4, 8, 12, 16)
+# frames, height, width of the base training bucket: where the 60-minute model is judged
+TRAINING_SIZE = (TRAIN_BUCKETS[0].frames, TRAIN_BUCKETS[0].height, TRAIN_BUCKETS[0].width)
 LOSS_BUCKET = 25  # steps per row of the compact loss log
 # Local window of the concentration target: |df| <= 1 frame and max(|dy|, |dx|) <= r tokens, for each r here.
 LOCAL_RADII = (1, 2)
@@ -348,17 +353,24 @@ def main(argv=None) -> dict:
     videos = sample(pipe, list(PROMPTS), frames=frames, height=height, width=width, steps=args.steps, seed=args.seed)
     save_sample_grid(videos, list(PROMPTS), args.out / "samples.png",
                      title=f"testbed samples: {frames} frames x {height}x{width} px, {args.steps} steps, CFG 3")
+    evidence["fidelity"] = {
+        "eval_size": asdict(fidelity(pipe, frames, height, width, steps=args.steps)),
+        "training_data_eval_size": asdict(reference_scores(frames, height, width)),
+        "training_data_training_size": asdict(reference_scores(*TRAINING_SIZE)),
+    }
 
     loss_csv = args.out / "loss.csv"
     if args.run is not None:
         compact_loss_log(args.run / "loss.csv", loss_csv)
     early = args.early or (snapshot_near(args.run, 60.0) if args.run is not None else None)
     if early is not None:
-        videos = sample(load(path=early), list(PROMPTS), frames=9, height=32, width=32, steps=args.steps,
-                        seed=args.seed)
+        early_pipe = load(path=early)
+        videos = sample(early_pipe, list(PROMPTS), *TRAINING_SIZE, steps=args.steps, seed=args.seed)
         save_sample_grid(videos, list(PROMPTS), args.out / "samples_60min.png", frames=(0, 4, 8),
                          title=f"after ~60 min ({early}): 9 frames x 32x32 px (training size)")
         evidence["model_60min"] = str(early)
+        evidence["fidelity"]["60min_training_size"] = asdict(fidelity(early_pipe, *TRAINING_SIZE, steps=args.steps))
+        evidence["fidelity"]["training_size"] = asdict(fidelity(pipe, *TRAINING_SIZE, steps=args.steps))
     if loss_csv.is_file():
         evidence["loss"] = plot_loss(loss_csv, args.out / "loss.png")
 
@@ -372,6 +384,8 @@ def main(argv=None) -> dict:
     for r in decay.radii:
         print(f"attention mass within |df|<=1, {r} token(s): {decay.concentration(r):.2f}x its uniform share "
               f"(per layer {', '.join(f'{c:.2f}' for c in decay.layer_concentration(r))})")
+    for name, scores in evidence["fidelity"].items():
+        print(f"fidelity {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "videos"))
     print(f"wrote {args.out}/")
     return evidence
 

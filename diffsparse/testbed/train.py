@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pipelines.testbed import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
-from .data import TRAIN_BUCKETS, make_batch
+from .data import make_batch, train_buckets
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
@@ -83,6 +83,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of this invocation's budget (--steps or --minutes, whichever ends first) at its end over "
         "which the learning rate falls linearly to 2%% of --lr (0: constant after warm-up)",
     )
+    p.add_argument(
+        "--image-share",
+        type=float,
+        default=0.0,
+        help="fraction of steps trained on single frames (diffsparse.testbed.data.IMAGE_BUCKETS) instead of clips",
+    )
+    p.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=None,
+        help="shift of the training noise levels, t = s u / (1 + (s - 1) u) (default: the sampling scheduler's "
+        "shift; below it trains more on the low noise levels where outlines are drawn)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: forward and backward under torch.autocast (weights, optimizer and EMA stay float32)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every batch")
@@ -110,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--minutes must be positive, got {args.minutes}")
     if not 0 <= args.decay <= 1:
         p.error(f"--decay must be a fraction in [0, 1], got {args.decay}")
+    if not 0 <= args.image_share < 1:
+        p.error(f"--image-share must be a fraction in [0, 1), got {args.image_share}")
+    if args.timestep_shift is not None and args.timestep_shift <= 0:
+        p.error(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     return args
@@ -263,7 +286,8 @@ def train(args: argparse.Namespace) -> dict:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log_file, log = _open_log(out / LOSS_LOG, step)
     deadline = time.monotonic() + args.minutes * 60 if args.minutes is not None else math.inf
-    shift = float(components["scheduler"].config.shift)
+    shift = args.timestep_shift or float(components["scheduler"].config.shift)
+    buckets = train_buckets(args.image_share)
     text_length = config["max_sequence_length"]
     first_step, started = step, time.monotonic()
 
@@ -287,8 +311,11 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            videos, prompts = make_batch(args.seed, step, args.batch, TRAIN_BUCKETS)
-            loss = flow_matching_loss(components, videos, prompts, _step_generator(args.seed, step), shift, text_length)
+            videos, prompts = make_batch(args.seed, step, args.batch, buckets)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = flow_matching_loss(
+                    components, videos, prompts, _step_generator(args.seed, step), shift, text_length
+                )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
             optimizer.zero_grad(set_to_none=True)
