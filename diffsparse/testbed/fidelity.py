@@ -9,8 +9,10 @@ of single-shape prompts (every shape x every direction) is scored frame by frame
 - the shape's pixels are those nearer the prompted colour than the frame's background (its median colour) and
   within `COLOUR_TOLERANCE` of the prompted colour;
 - `shape_iou`: intersection over union of those pixels with the prompted shape drawn at their centroid with their
-  area (one template per frame, so size is free but outline is not); a fragmented or ragged blob scores low;
-- `kind_accuracy`: how often the prompted shape fits better than the other shapes (circle, square, triangle);
+  area (one template per frame, so size is free but outline is not; a frame without the shape scores 0); a
+  fragmented or ragged blob scores low;
+- `kind_accuracy`: over the frames with the shape present, how often the prompted shape fits better than the
+  other shapes (circle, square, triangle);
 - `present`: share of frames whose shape has at least a third of the training shapes' smallest area;
 - `direction_accuracy`: share of videos whose centroid moves along the prompted direction by at least half the
   prompted speed (least-squares slope over the frames with the shape present).
