@@ -108,14 +108,14 @@ def train_buckets(image_share: float) -> tuple[Bucket, ...]:
     """
     if not 0 <= image_share < 1:
         raise ValueError(f"image_share must be a fraction in [0, 1), got {image_share=}")
-    total_video = sum(b.weight for b in TRAIN_BUCKETS)
-    total_image = sum(b.weight for b in IMAGE_BUCKETS)
-    videos = tuple(Bucket(b.frames, b.height, b.width, b.weight * (1 - image_share) / total_video) for b in TRAIN_BUCKETS)
     if image_share == 0:
-        return videos
-    return videos + tuple(
-        Bucket(b.frames, b.height, b.width, b.weight * image_share / total_image) for b in IMAGE_BUCKETS
-    )
+        return TRAIN_BUCKETS  # exactly the batches of runs made before image training existed
+
+    def scaled(buckets: tuple[Bucket, ...], share: float) -> tuple[Bucket, ...]:
+        total = sum(b.weight for b in buckets)
+        return tuple(Bucket(b.frames, b.height, b.width, b.weight * share / total) for b in buckets)
+
+    return scaled(TRAIN_BUCKETS, 1 - image_share) + scaled(IMAGE_BUCKETS, image_share)
 
 
 @dataclass(frozen=True)
