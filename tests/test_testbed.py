@@ -1,6 +1,7 @@
 """The testbed model's data, training script and sampling (fast: tiny runs, small canvases)."""
 
 import csv
+import itertools
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from diffsparse.testbed.data import (
     TRAIN_BUCKETS,
     Clip,
     Shape,
+    _signed_distance,
     batch_size_for,
     make_batch,
     random_clip,
@@ -94,6 +96,26 @@ def test_shape_pixels_have_the_colours_the_prompt_names():
         # ... and no other palette colour is drawn.
         for word in set(COLOURS) - set(named):
             assert (np.linalg.norm(frame - np.asarray(COLOURS[word]), axis=-1) < 0.05).sum() == 0, (clip.prompt, word)
+
+
+def test_every_shape_starts_whole_on_the_canvas_and_unhidden():
+    # At the first frame, corners and vertices inside the canvas and shapes apart up to their corners (spacing
+    # is by radius: at most a fifth of the smaller shape under another), so the kind the prompt names is what the
+    # pixels show. Measured on the shapes' own outlines, on a grid 4x finer than the pixels, reaching past the
+    # canvas.
+    for height in (32, 48):
+        ys, xs = np.mgrid[-16 : height + 16 : 0.25, -16 : height + 16 : 0.25] + 0.125
+        on_canvas = (xs >= 0) & (xs <= height) & (ys >= 0) & (ys <= height)
+        for clip in _clips(40, height=height, width=height):
+            insides = [_signed_distance(s.kind, xs - s.x0, ys - s.y0, s.radius) < 0 for s in clip.shapes]
+            for shape, inside in zip(clip.shapes, insides):
+                assert (inside & ~on_canvas).sum() == 0, (clip.prompt, shape)
+            for i, j in itertools.combinations(range(len(insides)), 2):
+                overlap = (insides[i] & insides[j]).sum()
+                assert overlap <= 0.2 * min(insides[i].sum(), insides[j].sum()), (clip.prompt, overlap)
+    # Small canvases hold fewer shapes rather than overlapping ones.
+    counts = [len(c.shapes) for c in _clips(200, height=32, width=32)]
+    assert max(counts) >= 2 and np.mean(counts) < np.mean([len(c.shapes) for c in _clips(200)])
 
 
 def test_single_shapes_move_in_the_direction_the_prompt_names():

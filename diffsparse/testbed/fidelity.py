@@ -36,6 +36,7 @@ from .data import (
     COLOURS,
     DIRECTIONS,
     RADIUS_RANGE,
+    REACH,
     SHAPES,
     SPEEDS,
     Clip,
@@ -146,8 +147,9 @@ def reference_scores(frames: int, height: int, width: int, seeds: int = 2) -> Sc
             ux, uy = DIRECTIONS[request.direction]
             step = SPEEDS[request.speed]
             radius = float(rng.uniform(*RADIUS_RANGE))
-            x0 = _start(rng, width, radius, ux * step * (frames - 1))
-            y0 = _start(rng, height, radius, uy * step * (frames - 1))
+            reach = REACH[request.kind] * radius
+            x0 = _start(rng, width, reach, ux * step * (frames - 1))
+            y0 = _start(rng, height, reach, uy * step * (frames - 1))
             shape = Shape(request.kind, request.colour, radius, x0, y0, ux * step, uy * step)
             clip = Clip(frames, height, width, (0.02, 0.02, 0.02), (shape,), request.direction, request.speed)
             video = (render(clip).permute(1, 0, 2, 3) + 1) / 2  # (F, 3, H, W) in [0, 1]
