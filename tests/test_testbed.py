@@ -377,6 +377,19 @@ def test_fidelity_runs_on_the_pipeline():
     assert all(0 <= v <= 1 for v in (scores.shape_iou, scores.kind_accuracy, scores.present))
 
 
+def test_prompt_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_video():
+    pipe = testbed.build_pipeline()
+    listening = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
+    assert set(listening) == {"colour", "kind", "direction"}
+    assert all(abs(v) > 1e-4 for v in listening.values()), listening  # random weights: every word changes the error
+    with torch.no_grad():
+        for block in pipe.transformer.blocks:  # cross-attention is the only way in for the text in Wan
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+    deaf = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
+    assert deaf == {"colour": 0.0, "kind": 0.0, "direction": 0.0}
+
+
 # ---------------------------------------------------------------- joint image-video training
 
 

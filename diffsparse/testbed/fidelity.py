@@ -2,6 +2,7 @@
 
     python -m diffsparse.testbed.fidelity                                   # shipped weights, evaluation size
     python -m diffsparse.testbed.fidelity --model runs/testbed60/pipeline --size 9x32x32
+    python -m diffsparse.testbed.fidelity --model runs/testbed60/snapshots/step_002000 --size 9x32x32 --sensitivity-only
 
 Eyeballing a grid of frames cannot tell "ragged blobs" from "shapes" reproducibly, so every video of a fixed set
 of single-shape prompts (every shape x every direction) is scored frame by frame:
@@ -19,6 +20,11 @@ of single-shape prompts (every shape x every direction) is scored frame by frame
 
 The same scores of the training data itself (rendered clips of the same prompts) are the ceiling: they come out
 below 1 only through anti-aliasing at the outline.
+
+`prompt_sensitivity` asks the model more directly whether it uses each prompt word: how much its denoising error
+on training clips grows when the colour, the shape kind or the direction in the prompt is wrong (0: the word is
+ignored). It needs no sampling (`--sensitivity-only` runs just this), so it can follow a word starting to matter
+across a run's snapshots.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,23 +144,74 @@ def _mean(scores: list[dict]) -> Scores:
     return Scores(len(scores), *(float(np.mean([s[k] for s in scores])) for k in list(scores[0])))
 
 
+def request_clip(rng: np.random.Generator, request: Request, frames: int, height: int, width: int) -> Clip:
+    """A training-data clip showing exactly `request` (one shape, dark background), placed as training places."""
+    ux, uy = DIRECTIONS[request.direction]
+    step = SPEEDS[request.speed]
+    radius = float(rng.uniform(*RADIUS_RANGE))
+    reach = REACH[request.kind] * radius
+    x0 = _start(rng, width, reach, ux * step * (frames - 1))
+    y0 = _start(rng, height, reach, uy * step * (frames - 1))
+    shape = Shape(request.kind, request.colour, radius, x0, y0, ux * step, uy * step)
+    return Clip(frames, height, width, (0.02, 0.02, 0.02), (shape,), request.direction, request.speed)
+
+
 def reference_scores(frames: int, height: int, width: int, seeds: int = 2) -> Scores:
     """The scores of the training data for the same prompts and size: the ceiling a model can reach."""
     scored = []
     for seed in range(seeds):
         rng = np.random.default_rng([seed, 7])
         for request in requests():
-            ux, uy = DIRECTIONS[request.direction]
-            step = SPEEDS[request.speed]
-            radius = float(rng.uniform(*RADIUS_RANGE))
-            reach = REACH[request.kind] * radius
-            x0 = _start(rng, width, reach, ux * step * (frames - 1))
-            y0 = _start(rng, height, reach, uy * step * (frames - 1))
-            shape = Shape(request.kind, request.colour, radius, x0, y0, ux * step, uy * step)
-            clip = Clip(frames, height, width, (0.02, 0.02, 0.02), (shape,), request.direction, request.speed)
-            video = (render(clip).permute(1, 0, 2, 3) + 1) / 2  # (F, 3, H, W) in [0, 1]
-            scored.append(score_video(video, request))
+            video = (render(request_clip(rng, request, frames, height, width)).permute(1, 0, 2, 3) + 1) / 2
+            scored.append(score_video(video, request))  # video: (F, 3, H, W) in [0, 1]
     return _mean(scored)
+
+
+# Noise levels of the sensitivity probe: where the outline is still being decided, not the last touches.
+SENSITIVITY_NOISE_LEVELS = (0.3, 0.5, 0.7, 0.9)
+
+
+def _altered(request: Request, word: str) -> Request:
+    """`request` with its `word` field ("colour", "kind" or "direction") changed to the next value of its list."""
+    values = {"colour": list(COLOURS), "kind": list(SHAPES), "direction": list(DIRECTIONS)}[word]
+    current = getattr(request, word)
+    return replace(request, **{word: values[(values.index(current) + 1) % len(values)]})
+
+
+@torch.no_grad()
+def prompt_sensitivity(model, frames: int, height: int, width: int, seeds: int = 2) -> dict[str, float]:
+    """How much the model's denoising error grows when one word of the prompt is wrong: does it use that word?
+
+    For training clips of every `requests()` prompt, the velocity error (the training objective) at the noise
+    levels `SENSITIVITY_NOISE_LEVELS`, with fixed noise, under the true prompt and under the prompt with its
+    colour, shape kind or direction changed. Returns `{word: error(altered) / error(true) - 1}`: 0 when the model
+    ignores the word, larger the more it relies on it. Unlike the scores of sampled videos, this needs no
+    sampling and no shape detection, so it shows a word starting to matter long before samples change.
+
+    Args:
+        model: a testbed pipeline or a folder `diffsparse.pipelines.testbed.load` accepts.
+        frames, height, width (`int`): clip size in frames and pixels.
+        seeds (`int`): clips per prompt (placement and noise seeds 0 .. seeds-1).
+    """
+    from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
+    from .train import velocity_errors
+
+    pipe = model if isinstance(model, TestbedPipeline) else load(path=model)
+    components = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "transformer": pipe.transformer}
+    text_length = testbed_config()["max_sequence_length"]
+    todo = [(seed, request) for seed in range(seeds) for request in requests()]
+    clips = [request_clip(np.random.default_rng([seed, 11]), r, frames, height, width) for seed, r in todo]
+    videos = torch.stack([render(c) for c in clips]).to(pipe.transformer.device, pipe.transformer.dtype)
+    generator = torch.Generator().manual_seed(0)
+    errors: dict[str, list[torch.Tensor]] = {"true": [], "colour": [], "kind": [], "direction": []}
+    for level in SENSITIVITY_NOISE_LEVELS:
+        noise = torch.randn(space_to_depth(videos).shape, generator=generator).to(videos.device, videos.dtype)
+        t = torch.full((len(todo),), level, device=videos.device, dtype=videos.dtype)
+        for word, per_level in errors.items():
+            prompts = [(r if word == "true" else _altered(r, word)).prompt for _, r in todo]
+            per_level.append(velocity_errors(components, videos, prompts, noise, t, text_length))
+    true = torch.cat(errors.pop("true")).mean()
+    return {word: float(torch.cat(e).mean() / true - 1) for word, e in errors.items()}
 
 
 def fidelity(model, frames: int, height: int, width: int, seeds: int = 2, steps: int = 20, **sample_kwargs) -> Scores:
@@ -196,17 +253,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--sensitivity-only", action="store_true",
+                   help="only the prompt sensitivity (no sampling): seconds instead of minutes, e.g. per snapshot")
     args = p.parse_args(argv)
     if args.size is None:
         size = testbed_config()["eval"]
         args.size = (size["frames"], size["height"], size["width"])
-    result = {
-        "model": str(args.model or "shipped weights"),
-        "size": list(args.size),
-        "generated": asdict(fidelity(load(path=args.model), *args.size, seeds=args.seeds, steps=args.steps,
-                                     guidance_scale=args.guidance_scale)),
-        "training_data": asdict(reference_scores(*args.size, seeds=args.seeds)),
-    }
+    pipe = load(path=args.model)
+    result = {"model": str(args.model or "shipped weights"), "size": list(args.size)}
+    if not args.sensitivity_only:
+        result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
+                                              guidance_scale=args.guidance_scale))
+        result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
+    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds)
     print(json.dumps(result, indent=1))
     return result
 
