@@ -201,15 +201,15 @@ def prompt_sensitivity(model, frames: int, height: int, width: int, seeds: int =
     text_length = testbed_config()["max_sequence_length"]
     todo = [(seed, request) for seed in range(seeds) for request in requests()]
     clips = [request_clip(np.random.default_rng([seed, 11]), r, frames, height, width) for seed, r in todo]
-    videos = torch.stack([render(c) for c in clips]).to(pipe.transformer.device, pipe.transformer.dtype)
+    x0 = space_to_depth(torch.stack([render(c) for c in clips])).to(pipe.transformer.device, pipe.transformer.dtype)
     generator = torch.Generator().manual_seed(0)
     errors: dict[str, list[torch.Tensor]] = {"true": [], "colour": [], "kind": [], "direction": []}
     for level in SENSITIVITY_NOISE_LEVELS:
-        noise = torch.randn(space_to_depth(videos).shape, generator=generator).to(videos.device, videos.dtype)
-        t = torch.full((len(todo),), level, device=videos.device, dtype=videos.dtype)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t = torch.full((len(todo),), level, device=x0.device, dtype=x0.dtype)
         for word, per_level in errors.items():
             prompts = [(r if word == "true" else _altered(r, word)).prompt for _, r in todo]
-            per_level.append(velocity_errors(components, videos, prompts, noise, t, text_length))
+            per_level.append(velocity_errors(components, x0, prompts, noise, t, text_length))
     true = torch.cat(errors.pop("true")).mean()
     return {word: float(torch.cat(e).mean() / true - 1) for word, e in errors.items()}
 

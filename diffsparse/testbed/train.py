@@ -153,24 +153,25 @@ def flow_matching_loss(
     text_length: int,
 ) -> torch.Tensor:
     """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring)."""
-    b = videos.shape[0]
-    noise = torch.randn(space_to_depth(videos).shape, generator=generator)
+    x0 = space_to_depth(videos)
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
     u = torch.rand(b, generator=generator)
     t = shift * u / (1 + (shift - 1) * u)
     drop = torch.rand(b, generator=generator) < UNCOND_PROBABILITY
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    return velocity_errors(components, videos, prompts, noise, t, text_length).mean()
+    return velocity_errors(components, x0, prompts, noise, t, text_length).mean()
 
 
 def velocity_errors(
-    components: dict, videos: torch.Tensor, prompts: list[str], noise: torch.Tensor, t: torch.Tensor, text_length: int
+    components: dict, x0: torch.Tensor, prompts: list[str], noise: torch.Tensor, t: torch.Tensor, text_length: int
 ) -> torch.Tensor:
-    """Per-clip mean squared error `(B,)` of the predicted velocity at noise levels `t` `(B,)` with `noise`.
+    """Per-clip mean squared error `(B,)` of the predicted velocity for clean inputs `x0` (space-to-depth pixels)
+    at noise levels `t` `(B,)` with `noise`.
 
     The training objective per clip; `diffsparse.testbed.fidelity.prompt_sensitivity` calls it with altered
     prompts to see which prompt words the model uses.
     """
-    x0 = space_to_depth(videos)
     tt = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
     embeds = encode_prompts(components["tokenizer"], components["text_encoder"], prompts, text_length)
