@@ -155,7 +155,8 @@ def _read_log(folder):
 def trained(tmp_path_factory):
     """A 3-step run (checkpoint at step 2 and at the end) resumed to 5 steps, and an uninterrupted 5-step run."""
     base = tmp_path_factory.mktemp("testbed")
-    common = ["--batch", "1", "--save-every", "2", "--threads", "1"]
+    # --decay 0: each invocation's cool-down covers its own budget, so only a constant rate resumes exactly
+    common = ["--batch", "1", "--save-every", "2", "--threads", "1", "--decay", "0"]
     first = train(parse_args(["--out", str(base / "run"), "--steps", "3", *common]))
     first_log = _read_log(base / "run")
     resumed = train(parse_args(["--out", str(base / "run"), "--steps", "5", "--resume", *common]))
@@ -211,7 +212,14 @@ def test_training_refuses_to_overwrite_a_run_without_resume(trained):
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--batch", "0"])
-    for bad in (["--image-share", "1"], ["--image-share", "-0.1"], ["--timestep-shift", "0"]):
+    for bad in (
+        ["--image-share", "1"],
+        ["--image-share", "-0.1"],
+        ["--timestep-shift", "0"],
+        ["--timestep-sampling", "cosine"],
+        ["--shape-counts", "0.8,0.2"],
+        ["--shape-counts", "0.5,0.6,-0.1"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", *bad])
     assert parse_args(["--out", "x"]).minutes == 60.0  # the documented default budget
@@ -405,6 +413,31 @@ def test_image_share_mixes_single_frames_at_the_same_token_budget():
     assert batch_size_for(image, 16, mixed[0]) == 16 * 9  # nine frames' tokens of single frames
     with pytest.raises(ValueError, match="image_share"):
         train_buckets(1.0)
+
+
+def test_shape_counts_set_how_many_shapes_a_clip_draws():
+    rng = np.random.default_rng(0)
+    assert {len(random_clip(rng, 9, 48, 48, (1.0, 0.0, 0.0)).shapes) for _ in range(20)} == {1}
+    _, prompts = make_batch(0, 0, 8, shape_counts=(1.0, 0.0, 0.0))
+    assert not any(" and " in p for p in prompts)
+    with pytest.raises(ValueError, match="shape_counts"):
+        random_clip(rng, 9, 48, 48, (0.5, 0.5))
+
+
+def test_logit_normal_timesteps_favour_the_middle_noise_levels(monkeypatch):
+    from diffsparse.testbed import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "velocity_errors", lambda c, x0, p, n, t, length: seen.setdefault("t", t))
+    videos = torch.zeros(4000, 3, 1, 4, 4)
+    for sampling in train_module.TIMESTEP_SAMPLINGS:
+        train_module.flow_matching_loss({}, videos, [""] * 4000, torch.Generator().manual_seed(0), 1.0, 4, sampling)
+        t = seen.pop("t")
+        middle = ((t > 0.25) & (t < 0.75)).float().mean().item()
+        # uniform: half of the noise levels in the middle half; logit-normal: P(|z| < logit(0.75)) = 0.73
+        assert middle == pytest.approx({"uniform": 0.5, "logit-normal": 0.727}[sampling], abs=0.03)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        train_module.flow_matching_loss({}, videos, [""] * 4000, torch.Generator(), 1.0, 4, "cosine")
 
 
 def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):

@@ -1,14 +1,15 @@
 """Train the testbed model: rectified flow on procedural shape videos, on CPU, resumable.
 
-    python -m diffsparse.testbed.train --out runs/testbed --minutes 60
-    python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --resume   # continue the same run
+    python -m diffsparse.testbed.train --out runs/testbed       # 60 minutes, the last fifth cooling down
+    python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --decay 0 --resume   # continue the same run
     python -m diffsparse.testbed.train --out runs/testbed --minutes 20 --decay 1 --resume   # cool down to the end
 
 Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-to-depth pixels), noise `n` and
 `t` in [0, 1), `x_t = (1 - t) x0 + t n`; the transformer, given `x_t`, the timestep `1000 t` (the scale of
 `FlowMatchEulerDiscreteScheduler.timesteps`) and the prompt, predicts the velocity `n - x0` under a mean squared
-error. `t` is the scheduler's shifted uniform, `shift * u / (1 + (shift - 1) * u)`, so training sees noise levels
-with the density that sampling visits them. One prompt in ten is replaced by the empty prompt (for CFG).
+error. `t` is `shift * u / (1 + (shift - 1) * u)`, the scheduler's shift applied to `u`, and `u = sigmoid(z)`,
+`z ~ N(0, 1)` (logit-normal, SD3's choice for rectified flow): more training on the middle noise levels, where
+the shape's outline is decided, than uniform `u` (`--timestep-sampling uniform`: the density sampling visits). One prompt in ten is replaced by the empty prompt (for CFG).
 
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
 exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
@@ -40,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pipelines.testbed import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
-from .data import make_batch, train_buckets
+from .data import SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
@@ -60,6 +61,7 @@ LOG_FIELDS = (
     "train_seconds",
 )
 UNCOND_PROBABILITY = 0.1
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 MIN_LR_RATIO = 0.02  # where --decay ends, as a fraction of --lr
 
 
@@ -79,15 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--decay",
         type=float,
-        default=0.0,
+        default=0.2,
         help="fraction of this invocation's budget (--steps or --minutes, whichever ends first) at its end over "
-        "which the learning rate falls linearly to 2%% of --lr (0: constant after warm-up)",
+        "which the learning rate falls linearly to 2%% of --lr (0: constant after warm-up; default %(default)s)",
     )
     p.add_argument(
         "--image-share",
         type=float,
-        default=0.0,
-        help="fraction of steps trained on single frames (diffsparse.testbed.data.IMAGE_BUCKETS) instead of clips",
+        default=0.7,
+        help="fraction of steps trained on single frames (diffsparse.testbed.data.IMAGE_BUCKETS) instead of clips "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--timestep-shift",
@@ -95,6 +98,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="shift of the training noise levels, t = s u / (1 + (s - 1) u) (default: the sampling scheduler's "
         "shift; below it trains more on the low noise levels where outlines are drawn)",
+    )
+    p.add_argument(
+        "--timestep-sampling",
+        choices=TIMESTEP_SAMPLINGS,
+        default="logit-normal",
+        help="distribution of u before the shift: logit-normal (the default; sigmoid of a standard normal: more "
+        "weight on the middle noise levels), or uniform (the density sampling visits)",
+    )
+    p.add_argument(
+        "--shape-counts",
+        type=_probabilities,
+        default=SHAPE_COUNT_WEIGHTS,
+        help="comma-separated probabilities of 1, 2, 3 shapes per training clip (default: %(default)s)",
     )
     p.add_argument(
         "--precision",
@@ -139,6 +155,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _probabilities(text: str) -> tuple[float, ...]:
+    try:
+        counts = tuple(float(v) for v in text.split(","))
+        check_shape_counts(counts)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return counts
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     # Independent of the data stream (which uses default_rng([seed, step])).
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 1]).integers(2**62)))
@@ -151,12 +176,18 @@ def flow_matching_loss(
     generator: torch.Generator,
     shift: float,
     text_length: int,
+    timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
     """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring)."""
+    if timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling=}")
     x0 = space_to_depth(videos)
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
-    u = torch.rand(b, generator=generator)
+    if timestep_sampling == "uniform":
+        u = torch.rand(b, generator=generator)
+    else:
+        u = torch.sigmoid(torch.randn(b, generator=generator))
     t = shift * u / (1 + (shift - 1) * u)
     drop = torch.rand(b, generator=generator) < UNCOND_PROBABILITY
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
@@ -324,10 +355,16 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            videos, prompts = make_batch(args.seed, step, args.batch, buckets)
+            videos, prompts = make_batch(args.seed, step, args.batch, buckets, args.shape_counts)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 loss = flow_matching_loss(
-                    components, videos, prompts, _step_generator(args.seed, step), shift, text_length
+                    components,
+                    videos,
+                    prompts,
+                    _step_generator(args.seed, step),
+                    shift,
+                    text_length,
+                    args.timestep_sampling,
                 )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
