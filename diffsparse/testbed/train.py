@@ -9,7 +9,8 @@ Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-
 `FlowMatchEulerDiscreteScheduler.timesteps`) and the prompt, predicts the velocity `n - x0` under a mean squared
 error. `t` is `shift * u / (1 + (shift - 1) * u)`, the scheduler's shift applied to `u`, and `u = sigmoid(z)`,
 `z ~ N(0, 1)` (logit-normal, SD3's choice for rectified flow): more training on the middle noise levels, where
-the shape's outline is decided, than uniform `u` (`--timestep-sampling uniform`: the density sampling visits). One prompt in ten is replaced by the empty prompt (for CFG).
+the shape's outline is decided, than uniform `u` (`--timestep-sampling uniform`: the density sampling visits).
+One prompt in ten is replaced by the empty prompt (for CFG).
 
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
 exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--shape-counts",
-        type=_probabilities,
+        type=_shape_counts,
         default=SHAPE_COUNT_WEIGHTS,
         help="comma-separated probabilities of 1, 2, 3 shapes per training clip (default: %(default)s)",
     )
@@ -155,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _probabilities(text: str) -> tuple[float, ...]:
+def _shape_counts(text: str) -> tuple[float, ...]:
     try:
         counts = tuple(float(v) for v in text.split(","))
         check_shape_counts(counts)
@@ -176,7 +177,7 @@ def flow_matching_loss(
     generator: torch.Generator,
     shift: float,
     text_length: int,
-    timestep_sampling: str = "uniform",
+    timestep_sampling: str = "logit-normal",
 ) -> torch.Tensor:
     """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring)."""
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
