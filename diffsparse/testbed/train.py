@@ -1,7 +1,7 @@
 """Train the testbed model: rectified flow on procedural shape videos, on CPU, resumable.
 
     python -m diffsparse.testbed.train --out runs/testbed       # 60 minutes, the last fifth cooling down
-    python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --decay 0 --resume   # continue the same run
+    python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --decay 0 --resume   # continue a --decay 0 run
     python -m diffsparse.testbed.train --out runs/testbed --minutes 20 --decay 1 --resume   # cool down to the end
 
 Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-to-depth pixels), noise `n` and
