@@ -1,7 +1,9 @@
 """The testbed model's data, training script and sampling (fast: tiny runs, small canvases)."""
 
+import argparse
 import csv
 import itertools
+import json
 import math
 
 import numpy as np
@@ -289,6 +291,20 @@ def test_loss_curve_is_compacted_and_plotted(trained, tmp_path):
     assert summary["steps"] == 5 and (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_regenerating_without_a_60_minute_model_keeps_its_numbers(tmp_path):
+    # samples_60min.png is left alone then, so the numbers measured with it must survive the rewrite.
+    previous = tmp_path / "evidence.json"
+    early_scores = {"shape_iou": 0.855, "kind": 0.87}
+    previous.write_text(json.dumps({"model_60min": "runs/t60ln/pipeline", "fidelity": {"60min_training_size": early_scores}}))
+    fresh = {"fidelity": {"eval_size": {"shape_iou": 0.7}}}
+    evidence.carry_over_60min(previous, fresh)
+    assert fresh["model_60min"] == "runs/t60ln/pipeline"
+    assert fresh["fidelity"] == {"eval_size": {"shape_iou": 0.7}, "60min_training_size": early_scores}
+    untouched = {"fidelity": {}}
+    evidence.carry_over_60min(tmp_path / "missing.json", untouched)
+    assert untouched == {"fidelity": {}}
+
+
 def _recorded(query, key, layout, radii=(1,)):
     recorder = evidence._Recorder(layout, layers=1, rows=10**6, radii=radii, seed=0)  # every row
     recorder.add(0, query, key)
@@ -396,6 +412,20 @@ def test_prompt_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_video
             block.attn2.to_out[0].bias.zero_()
     deaf = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
     assert deaf == {"colour": 0.0, "kind": 0.0, "direction": 0.0}
+
+
+def test_prompt_sensitivity_noise_levels_are_checked_and_used():
+    pipe = testbed.build_pipeline()
+    for bad in ((), (0.0,), (1.5,)):
+        with pytest.raises(ValueError, match="noise_levels"):
+            fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, noise_levels=bad)
+    near_noise = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, noise_levels=(0.99,))
+    default = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
+    assert near_noise != default  # other noise levels, other errors
+    assert fidelity.parse_noise_levels("0.9,1") == (0.9, 1.0)
+    for bad in ("0.9,x", "0,0.5", "1.01"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--noise-levels"):
+            fidelity.parse_noise_levels(bad)
 
 
 # ---------------------------------------------------------------- joint image-video training

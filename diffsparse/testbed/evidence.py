@@ -6,7 +6,8 @@
 
 Written to `--out` (default `docs/testbed`):
     samples.png           frames of videos generated at the evaluation size (17 x 48 x 48 pixels = 2448 tokens)
-    samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min)
+    samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min;
+                          with neither, the existing grid and its numbers in evidence.json are kept)
     loss.png, loss.csv    the training-loss curve (loss.csv: mean loss per 25 steps, kept so the plot regenerates)
     attention_decay.png   mean attention mass against temporal and spatial distance, per layer
     evidence.json         every number behind the figures, including the local-window concentration and the
@@ -143,6 +144,21 @@ def snapshot_near(run: Path, minutes: float) -> Path | None:
     if not known:
         return None
     return snapshots[min(known, key=lambda s: abs(seconds[s] - 60 * minutes))]
+
+
+def carry_over_60min(previous: Path, evidence: dict) -> None:
+    """Keep the 60-minute model's numbers of an earlier `evidence.json` when this run leaves its grid alone.
+
+    Without `--early` (or a `--run` snapshot near 60 min) `samples_60min.png` is not redrawn, so the numbers
+    measured with it stay true and must not vanish from `evidence.json` when the rest is regenerated.
+    """
+    if not previous.is_file():
+        return
+    earlier = json.loads(previous.read_text())
+    if "model_60min" not in earlier:
+        return
+    evidence["model_60min"] = earlier["model_60min"]
+    evidence["fidelity"]["60min_training_size"] = earlier["fidelity"]["60min_training_size"]
 
 
 # ---------------------------------------------------------------- attention decay
@@ -362,6 +378,7 @@ def main(argv=None) -> dict:
     loss_csv = args.out / "loss.csv"
     if args.run is not None:
         compact_loss_log(args.run / "loss.csv", loss_csv)
+    evidence["fidelity"]["training_size"] = asdict(fidelity(pipe, *TRAINING_SIZE, steps=args.steps))
     early = args.early or (snapshot_near(args.run, 60.0) if args.run is not None else None)
     if early is not None:
         early_pipe = load(path=early)
@@ -370,7 +387,8 @@ def main(argv=None) -> dict:
                          title=f"after ~60 min ({early}): 9 frames x 32x32 px (training size)")
         evidence["model_60min"] = str(early)
         evidence["fidelity"]["60min_training_size"] = asdict(fidelity(early_pipe, *TRAINING_SIZE, steps=args.steps))
-        evidence["fidelity"]["training_size"] = asdict(fidelity(pipe, *TRAINING_SIZE, steps=args.steps))
+    else:
+        carry_over_60min(args.out / "evidence.json", evidence)
     if loss_csv.is_file():
         evidence["loss"] = plot_loss(loss_csv, args.out / "loss.png")
 

@@ -179,11 +179,13 @@ def _altered(request: Request, word: str) -> Request:
 
 
 @torch.no_grad()
-def prompt_sensitivity(model, frames: int, height: int, width: int, seeds: int = 2) -> dict[str, float]:
+def prompt_sensitivity(
+    model, frames: int, height: int, width: int, seeds: int = 2, noise_levels: tuple[float, ...] = SENSITIVITY_NOISE_LEVELS
+) -> dict[str, float]:
     """How much the model's denoising error grows when one word of the prompt is wrong: does it use that word?
 
     For training clips of every `requests()` prompt, the velocity error (the training objective) at the noise
-    levels `SENSITIVITY_NOISE_LEVELS`, with fixed noise, under the true prompt and under the prompt with its
+    levels `noise_levels`, with fixed noise, under the true prompt and under the prompt with its
     colour, shape kind or direction changed. Returns `{word: error(altered) / error(true) - 1}`: 0 when the model
     ignores the word, larger the more it relies on it. Unlike the scores of sampled videos, this needs no
     sampling and no shape detection, so it shows a word starting to matter long before samples change.
@@ -192,7 +194,12 @@ def prompt_sensitivity(model, frames: int, height: int, width: int, seeds: int =
         model: a testbed pipeline or a folder `diffsparse.pipelines.testbed.load` accepts.
         frames, height, width (`int`): clip size in frames and pixels.
         seeds (`int`): clips per prompt (placement and noise seeds 0 .. seeds-1).
+        noise_levels (`tuple[float, ...]`, *optional*, defaults to `SENSITIVITY_NOISE_LEVELS`): flow-matching
+            times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; a word that fixes
+            the layout of the whole clip, like the direction, can matter only near 1.
     """
+    if not noise_levels or not all(0 < level <= 1 for level in noise_levels):
+        raise ValueError(f"noise_levels must be a non-empty sequence of values in (0, 1], got {noise_levels!r}")
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
     from .train import velocity_errors
 
@@ -204,7 +211,7 @@ def prompt_sensitivity(model, frames: int, height: int, width: int, seeds: int =
     x0 = space_to_depth(torch.stack([render(c) for c in clips])).to(pipe.transformer.device, pipe.transformer.dtype)
     generator = torch.Generator().manual_seed(0)
     errors: dict[str, list[torch.Tensor]] = {"true": [], "colour": [], "kind": [], "direction": []}
-    for level in SENSITIVITY_NOISE_LEVELS:
+    for level in noise_levels:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         t = torch.full((len(todo),), level, device=x0.device, dtype=x0.dtype)
         for word, per_level in errors.items():
@@ -244,6 +251,17 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
+def parse_noise_levels(text: str) -> tuple[float, ...]:
+    """'0.9,0.99' -> (0.9, 0.99), each in (0, 1]."""
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--noise-levels must be comma-separated numbers, got {text!r}") from None
+    if not all(0 < level <= 1 for level in levels):
+        raise argparse.ArgumentTypeError(f"--noise-levels must lie in (0, 1], got {text!r}")
+    return levels
+
+
 def main(argv=None) -> dict:
     from ..pipelines.testbed import load, testbed_config
 
@@ -255,6 +273,9 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--sensitivity-only", action="store_true",
                    help="only the prompt sensitivity (no sampling): seconds instead of minutes, e.g. per snapshot")
+    p.add_argument("--noise-levels", type=parse_noise_levels, default=SENSITIVITY_NOISE_LEVELS,
+                   help="comma-separated flow-matching times in (0, 1] for the prompt sensitivity "
+                        f"(default {','.join(map(str, SENSITIVITY_NOISE_LEVELS))})")
     args = p.parse_args(argv)
     if args.size is None:
         size = testbed_config()["eval"]
@@ -265,7 +286,8 @@ def main(argv=None) -> dict:
         result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
                                               guidance_scale=args.guidance_scale))
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
-    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds)
+    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels)
+    result["noise_levels"] = list(args.noise_levels)
     print(json.dumps(result, indent=1))
     return result
 
