@@ -17,6 +17,7 @@ from diffsparse.testbed import evidence, fidelity
 from diffsparse.testbed.data import (
     COLOURS,
     DIRECTIONS,
+    IMAGE_BUCKETS,
     PROMPT_WORDS,
     SHAPES,
     TRAIN_BUCKETS,
@@ -452,6 +453,19 @@ def test_shape_counts_set_how_many_shapes_a_clip_draws():
     assert not any(" and " in p for p in prompts)
     with pytest.raises(ValueError, match="shape_counts"):
         random_clip(rng, 9, 48, 48, (0.5, 0.5))
+
+
+def test_still_image_prompts_drop_the_motion_only_from_single_frames():
+    motion_videos, motion = make_batch(0, 5, 4, IMAGE_BUCKETS)
+    still_videos, still = make_batch(0, 5, 4, IMAGE_BUCKETS, image_prompts="still")
+    assert torch.equal(motion_videos, still_videos)  # the same frames, only the words differ
+    assert all(m.startswith(s + " moving ") and "moving" not in s for m, s in zip(motion, still)), (motion, still)
+    # Clips keep their motion words: there the motion is visible.
+    assert make_batch(0, 5, 4, TRAIN_BUCKETS, image_prompts="still")[1] == make_batch(0, 5, 4, TRAIN_BUCKETS)[1]
+    with pytest.raises(ValueError, match="image_prompts"):
+        make_batch(0, 5, 4, image_prompts="none")
+    assert parse_args(["--out", "x", "--image-prompts", "still"]).image_prompts == "still"
+    assert parse_args(["--out", "x"]).image_prompts == "motion"
 
 
 def test_logit_normal_timesteps_favour_the_middle_noise_levels(monkeypatch):

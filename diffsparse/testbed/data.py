@@ -152,9 +152,13 @@ class Clip:
     speed: str
 
     @property
+    def objects(self) -> str:
+        """The shapes alone ("a red circle and a blue square"): what a single frame can show."""
+        return " and ".join(f"{article(s.colour)} {s.colour} {s.kind}" for s in self.shapes)
+
+    @property
     def prompt(self) -> str:
-        objects = " and ".join(f"{article(s.colour)} {s.colour} {s.kind}" for s in self.shapes)
-        return " ".join(filter(None, (objects, "moving", self.direction, self.speed)))
+        return " ".join(filter(None, (self.objects, "moving", self.direction, self.speed)))
 
 
 def _check_size(frames: int, height: int, width: int) -> None:
@@ -280,6 +284,10 @@ def render(clip: Clip) -> torch.Tensor:
     return torch.from_numpy(image * 2 - 1).float()
 
 
+# How single-frame training batches are prompted (`make_batch`, `train --image-prompts`).
+IMAGE_PROMPTS = ("motion", "still")
+
+
 def batch_size_for(bucket: Bucket, batch: int, base: Bucket = TRAIN_BUCKETS[0]) -> int:
     """Clips per step for `bucket`: `batch` at the base size, scaled to the same number of tokens elsewhere."""
     return max(1, round(batch * base.tokens / bucket.tokens))
@@ -291,6 +299,7 @@ def make_batch(
     batch: int,
     buckets: tuple[Bucket, ...] = TRAIN_BUCKETS,
     shape_counts: tuple[float, ...] = SHAPE_COUNT_WEIGHTS,
+    image_prompts: str = "motion",
 ) -> tuple[torch.Tensor, list[str]]:
     """The training batch of one step: videos `(B, 3, F, H, W)` in [-1, 1] and their prompts.
 
@@ -304,6 +313,10 @@ def make_batch(
         batch (`int`): clips per step at the base size `buckets[0]`.
         buckets (`tuple[Bucket, ...]`, *optional*, defaults to `TRAIN_BUCKETS`): sizes to draw from.
         shape_counts (`tuple[float, ...]`, *optional*): probabilities of 1, 2, 3 shapes per clip (`random_clip`).
+        image_prompts (`str`, *optional*, defaults to `"motion"`): prompts of single-frame batches. `"motion"`
+            keeps the drawn motion ("a red circle moving left"), though one frame cannot show it; `"still"` names
+            the shapes only ("a red circle"), so that the motion words are trained only where they predict
+            something.
 
     Example:
         >>> videos, prompts = make_batch(seed=0, step=0, batch=4)
@@ -312,6 +325,8 @@ def make_batch(
     """
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch=}")
+    if image_prompts not in IMAGE_PROMPTS:
+        raise ValueError(f"image_prompts must be one of {IMAGE_PROMPTS}, got {image_prompts!r}")
     rng = np.random.default_rng([seed, step])
     weights = np.array([b.weight for b in buckets], dtype=np.float64)
     bucket = buckets[int(rng.choice(len(buckets), p=weights / weights.sum()))]
@@ -319,4 +334,5 @@ def make_batch(
         random_clip(rng, bucket.frames, bucket.height, bucket.width, shape_counts)
         for _ in range(batch_size_for(bucket, batch, buckets[0]))
     ]
-    return torch.stack([render(c) for c in clips]), [c.prompt for c in clips]
+    still = image_prompts == "still" and bucket.frames == 1
+    return torch.stack([render(c) for c in clips]), [c.objects if still else c.prompt for c in clips]

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pipelines.testbed import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
-from .data import SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
+from .data import IMAGE_PROMPTS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.7,
         help="fraction of steps trained on single frames (diffsparse.testbed.data.IMAGE_BUCKETS) instead of clips "
         "(default %(default)s)",
+    )
+    p.add_argument(
+        "--image-prompts",
+        choices=IMAGE_PROMPTS,
+        default="motion",
+        help="prompts of the single-frame steps: motion (the default; the drawn motion is named, \"a red circle "
+        "moving left\", though one frame cannot show it) or still (the shapes only, \"a red circle\")",
     )
     p.add_argument(
         "--timestep-shift",
@@ -356,7 +363,7 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            videos, prompts = make_batch(args.seed, step, args.batch, buckets, args.shape_counts)
+            videos, prompts = make_batch(args.seed, step, args.batch, buckets, args.shape_counts, args.image_prompts)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 loss = flow_matching_loss(
                     components,
