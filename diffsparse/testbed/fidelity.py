@@ -195,11 +195,10 @@ def prompt_sensitivity(
         frames, height, width (`int`): clip size in frames and pixels.
         seeds (`int`): clips per prompt (placement and noise seeds 0 .. seeds-1).
         noise_levels (`tuple[float, ...]`, *optional*, defaults to `SENSITIVITY_NOISE_LEVELS`): flow-matching
-            times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; a word that fixes
-            the layout of the whole clip, like the direction, can matter only near 1.
+            times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; levels near 1 show
+            what a word does to the layout of the whole clip.
     """
-    if not noise_levels or not all(0 < level <= 1 for level in noise_levels):
-        raise ValueError(f"noise_levels must be a non-empty sequence of values in (0, 1], got {noise_levels!r}")
+    check_noise_levels(noise_levels)
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
     from .train import velocity_errors
 
@@ -251,14 +250,20 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
+def check_noise_levels(noise_levels: tuple[float, ...]) -> None:
+    if not noise_levels or not all(0 < level <= 1 for level in noise_levels):
+        raise ValueError(f"noise_levels must be a non-empty sequence of values in (0, 1], got {noise_levels!r}")
+
+
 def parse_noise_levels(text: str) -> tuple[float, ...]:
     """'0.9,0.99' -> (0.9, 0.99), each in (0, 1]."""
     try:
         levels = tuple(float(v) for v in text.split(","))
+        check_noise_levels(levels)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--noise-levels must be comma-separated numbers, got {text!r}") from None
-    if not all(0 < level <= 1 for level in levels):
-        raise argparse.ArgumentTypeError(f"--noise-levels must lie in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--noise-levels must be comma-separated numbers in (0, 1], got {text!r}"
+        ) from None
     return levels
 
 
