@@ -14,21 +14,43 @@ def _step_count(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
+def _comma_list(convert, what: str):
+    """An argparse type for comma-separated values ("0.1,0.25"), with a message naming what was expected."""
+
+    def parse(text: str) -> list:
+        try:
+            return [convert(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+def _add_model_and_video(p) -> None:
+    """The options `compare` and `eval` share: which pipeline, and the video it generates (pixels)."""
+    p.add_argument("--model", default=None,
+                   help="hub id or local folder of a Wan or testbed pipeline (default: the embedded trained testbed)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block side of the sparse masks")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--frames", type=int, default=17, help="video frames")
+    p.add_argument("--height", type=int, default=48, help="video height in pixels")
+    p.add_argument("--width", type=int, default=48, help="video width in pixels")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM")
-    p.add_argument("--model", default=None, help="hub id or local folder of a Wan or testbed pipeline (default: the embedded trained testbed)")
+    p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_and_video(p)
     p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--dense-steps", type=_step_count, default=0.2, help="int steps or a fraction in [0, 1)")
-    p.add_argument("--dense-last-steps", type=_step_count, default=0)
-    p.add_argument("--dense-layers", type=int, default=0, help="the first L blocks stay dense")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=48)
-    p.add_argument("--prompt", default="a red circle moving left")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dense-steps", type=_step_count, default=0.2,
+                   help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
+    p.add_argument("--dense-last-steps", type=_step_count, default=0,
+                   help="last denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
+    p.add_argument("--dense-layers", type=int, default=0, help="the first L transformer blocks stay dense")
+    p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for both runs)")
     p.add_argument("--out", default="outputs", help="folder for compare.mp4 and compare.json")
 
 
@@ -71,16 +93,26 @@ def _order(tile: list[int] | None):
     return None if tile is None else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
 
 
-def _add_masks(sub) -> None:
-    p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask")
-    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
-    p.add_argument("--frames", type=int, default=21, help="latent frames (tokens along time)")
+def _add_token_grid(p, several_frame_counts: bool = False) -> None:
+    """The options `masks` and `bench density/permute` share: a latent token grid (Wan 2.1 480p by default)."""
+    if several_frame_counts:
+        p.add_argument("--frames", type=_ints, default=[8, 16, 32, 64],
+                       help="comma-separated latent frame counts (tokens along time)")
+    else:
+        p.add_argument("--frames", type=int, default=21, help="latent frames (tokens along time)")
     p.add_argument("--height", type=int, default=30, help="tokens along height")
     p.add_argument("--width", type=int, default=52, help="tokens along width")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block side")
+
+
+def _add_masks(sub) -> None:
+    p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_token_grid(p)
+    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
     p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
-    p.add_argument("--head", type=int, default=0)
+    p.add_argument("--head", type=int, default=0, help="which head to draw, for patterns that differ per head")
     p.add_argument("--out", default="outputs", help="folder for the PNG")
 
 
@@ -104,20 +136,18 @@ def _run_masks(args) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense")
-    p.add_argument("--model", default=None, help="hub id or local folder of a Wan or testbed pipeline (default: the embedded trained testbed)")
-    p.add_argument("--pattern", type=lambda t: t.split(","), default=["radial", "window3d"])
-    p.add_argument("--density", type=lambda t: [float(x) for x in t.split(",")], default=[0.1, 0.2, 0.3])
-    p.add_argument("--dense-steps", type=lambda t: [_step_count(x) for x in t.split(",")], default=[0, 0.2])
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=48)
+    p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_and_video(p)
+    p.add_argument("--pattern", type=_comma_list(str, "pattern names"), default=["radial", "window3d"],
+                   help="comma-separated pattern names (see diffsparse.patterns.PATTERNS)")
+    p.add_argument("--density", type=_comma_list(float, "densities"), default=[0.1, 0.2, 0.3],
+                   help="comma-separated target block densities in (0, 1]; each pattern is solved for each")
+    p.add_argument("--dense-steps", type=_comma_list(_step_count, "step counts or fractions"), default=[0, 0.2],
+                   help="comma-separated dense-step settings, each a step count or a fraction of the steps")
     p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
 
 
@@ -127,44 +157,43 @@ def _run_eval(args) -> None:
     run_eval(args)
 
 
+def _add_kernel_run(p, dim: int, dtype: str, repeats: int) -> None:
+    """The options the timed benchmarks share: tensor shape and type, device, kernel path, repeats."""
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--dim", type=int, default=dim, help="head dimension")
+    p.add_argument("--dtype", default=dtype, choices=["fp32", "fp16", "bf16"], help="tensor dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (the median is kept)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tensors and masks")
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    d = bench.add_parser("density", help="block density against frame count (radial falls like log(n)/n)")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    d = bench.add_parser("density", help="block density against frame count (radial falls like log(n)/n)",
+                         formatter_class=defaults)
+    _add_token_grid(d, several_frame_counts=True)
     d.add_argument("--pattern", default="radial,window3d", help="comma-separated pattern names")
-    d.add_argument("--frames", type=_ints, default=[8, 16, 32, 64])
-    d.add_argument("--height", type=int, default=30)
-    d.add_argument("--width", type=int, default=52)
-    d.add_argument("--block-size", type=int, default=128)
     d.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
-    d.add_argument("--out", default="outputs")
-    m = bench.add_parser("permute", help="3D tile permutation cost as a share of one sparse attention call")
-    m.add_argument("--frames", type=int, default=21)
-    m.add_argument("--height", type=int, default=30)
-    m.add_argument("--width", type=int, default=52)
-    m.add_argument("--tile", type=_ints, default=[1, 8, 16], help="t,h,w")
-    m.add_argument("--pattern", default="window3d")
-    m.add_argument("--heads", type=int, default=12)
-    m.add_argument("--dim", type=int, default=128)
-    m.add_argument("--block-size", type=int, default=128)
-    m.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--backend", default="auto")
-    m.add_argument("--repeats", type=int, default=3)
-    m.add_argument("--seed", type=int, default=0)
-    a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors")
-    a.add_argument("--seq", type=int, default=16384)
-    a.add_argument("--heads", type=int, default=8)
-    a.add_argument("--dim", type=int, default=64)
-    a.add_argument("--batch", type=int, default=1)
+    d.add_argument("--out", default="outputs", help="folder for bench_density.png")
+    m = bench.add_parser("permute", help="3D tile permutation cost as a share of one sparse attention call",
+                         formatter_class=defaults)
+    _add_token_grid(m)
+    _add_kernel_run(m, dim=128, dtype="bf16", repeats=3)
+    m.set_defaults(heads=12)
+    m.add_argument("--tile", type=_ints, default=[1, 8, 16], help="3D tile order t,h,w")
+    m.add_argument("--pattern", default="window3d", help="pattern name (see diffsparse.patterns.PATTERNS)")
+    a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors",
+                         formatter_class=defaults)
+    _add_kernel_run(a, dim=64, dtype="fp32", repeats=5)
+    a.add_argument("--seq", type=int, default=16384, help="tokens per sequence")
+    a.add_argument("--batch", type=int, default=1, help="batch size")
     a.add_argument("--density", default="0.1,0.25,0.5", help="comma-separated target block densities")
-    a.add_argument("--block-size", type=int, default=128)
-    a.add_argument("--mask", default="random", help="random, or a pattern name solved for each density (radial, window3d)")
-    a.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--backend", default="auto")
-    a.add_argument("--repeats", type=int, default=5)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--block-size", type=int, default=128, help="tokens per block side")
+    a.add_argument("--mask", default="random",
+                   help="random, or a pattern name solved for each density (radial, window3d)")
     a.add_argument("--out", default="outputs", help="folder for bench_attention.csv and .png")
 
 
@@ -197,7 +226,7 @@ def _run_bench(args) -> None:
     print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsparse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_masks(sub)
     _add_eval(sub)
     _add_bench(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     {"compare": _run_compare, "masks": _run_masks, "eval": _run_eval, "bench": _run_bench}[args.command](args)
     return 0
 

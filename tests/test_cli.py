@@ -1,8 +1,11 @@
 """The `diffsparse` command on tiny inputs: every subcommand runs and writes what it says."""
 
+import argparse
 import json
 
-from diffsparse.cli import main
+import pytest
+
+from diffsparse.cli import build_parser, main
 
 
 def test_compare_writes_video_and_json(tmp_path, capsys):
@@ -43,3 +46,28 @@ def test_eval_writes_a_table(tmp_path, capsys):
     table = (tmp_path / "eval.md").read_text()
     assert "| radial(" in table and "attention_time_ratio" in table
     assert "PSNR" not in capsys.readouterr().err
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for deeper, subsub in _subparsers(sub):
+                    yield f"{name} {deeper}", subsub
+
+
+def test_every_option_is_documented_in_help():
+    documented = {}
+    for name, sub in _subparsers(build_parser()):
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                documented[f"{name} {action.option_strings[0]}"] = bool(action.help)
+    assert "eval --dense-steps" in documented and "bench attention --backend" in documented
+    assert [option for option, has_help in documented.items() if not has_help] == []
+
+
+def test_list_options_name_what_they_expected(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--density", "0.1,x"])
+    assert "expected comma-separated densities, got '0.1,x'" in capsys.readouterr().err
