@@ -222,6 +222,7 @@ def test_arguments_are_checked():
         ["--timestep-sampling", "cosine"],
         ["--shape-counts", "0.8,0.2"],
         ["--shape-counts", "0.5,0.6,-0.1"],
+        ["--frame-noise", "1.5"],
     ):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", *bad])
@@ -482,6 +483,50 @@ def test_logit_normal_timesteps_favour_the_middle_noise_levels(monkeypatch):
         assert middle == pytest.approx({"uniform": 0.5, "logit-normal": 0.727}[sampling], abs=0.03)
     with pytest.raises(ValueError, match="timestep_sampling"):
         train_module.flow_matching_loss({}, videos, [""] * 4000, torch.Generator(), 1.0, 4, "cosine")
+
+
+def test_frame_noise_gives_clips_one_noise_level_per_frame_and_leaves_single_frames_alone(monkeypatch):
+    from diffsparse.testbed import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "velocity_errors", lambda c, x0, p, n, t, length: seen.setdefault("t", t))
+    clips, frames = torch.zeros(2000, 3, 5, 4, 4), torch.zeros(8, 3, 1, 4, 4)
+
+    def levels(videos, frame_noise):
+        generator = torch.Generator().manual_seed(0)
+        train_module.flow_matching_loss({}, videos, [""] * len(videos), generator, 3.0, 4, frame_noise=frame_noise)
+        return seen.pop("t")
+
+    per_clip = levels(clips, 0.0)
+    assert per_clip.shape == (2000,)
+    mixed = levels(clips, 0.5)
+    assert mixed.shape == (2000, 5)
+    varies = (mixed.max(1).values > mixed.min(1).values).float().mean().item()
+    assert varies == pytest.approx(0.5, abs=0.05)
+    # the clips that keep one level keep the level drawn without the option: same runs, same draws
+    same = mixed.max(1).values == mixed.min(1).values
+    assert torch.equal(mixed[same, 0], per_clip[same])
+    assert levels(frames, 1.0).shape == (8,)  # one frame has one level anyway
+    with pytest.raises(ValueError, match="frame_noise"):
+        levels(clips, 1.5)
+
+
+def test_one_noise_level_per_frame_equals_one_per_clip_when_the_levels_agree():
+    from diffsparse.testbed.train import velocity_errors
+
+    components = testbed.build_components()
+    x0 = testbed.space_to_depth(torch.rand(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        per_clip = velocity_errors(components, x0, ["a red circle", ""], noise, t, 16)
+        per_frame = velocity_errors(components, x0, ["a red circle", ""], noise, t[:, None].expand(2, 3), 16)
+        torch.testing.assert_close(per_frame, per_clip)
+        # and the per-token timesteps do reach the model: another level for one frame changes the error
+        other = velocity_errors(components, x0, ["a red circle", ""], noise, torch.tensor([[0.3, 0.3, 0.9],
+                                                                                            [0.8, 0.8, 0.8]]), 16)
+    assert abs(other[0] - per_clip[0]) > 1e-3
+    torch.testing.assert_close(other[1], per_clip[1])
 
 
 def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):

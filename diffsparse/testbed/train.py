@@ -11,6 +11,8 @@ error. `t` is `shift * u / (1 + (shift - 1) * u)`, the scheduler's shift applied
 `z ~ N(0, 1)` (logit-normal, SD3's choice for rectified flow): more training on the middle noise levels, where
 the shape's outline is decided, than uniform `u` (`--timestep-sampling uniform`: the density sampling visits).
 One prompt in ten is replaced by the empty prompt (for CFG).
+With `--frame-noise P`, a share P of the clips gets one noise level per frame instead (diffusion forcing; the
+transformer then gets one timestep per token, Wan 2.2 TI2V's path), so that clear frames sit beside noisy ones.
 
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
 exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
@@ -115,6 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "weight on the middle noise levels), or uniform (the density sampling visits)",
     )
     p.add_argument(
+        "--frame-noise",
+        type=float,
+        default=0.0,
+        help="probability that a clip gets its own noise level per frame (diffusion forcing) instead of one for the "
+        "whole clip: a clear frame beside noisy ones makes the motion words worth learning, since the noisy frames "
+        "must then be placed from the prompt (default %(default)s: one level per clip)",
+    )
+    p.add_argument(
         "--shape-counts",
         type=_shape_counts,
         default=SHAPE_COUNT_WEIGHTS,
@@ -156,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--decay must be a fraction in [0, 1], got {args.decay}")
     if not 0 <= args.image_share < 1:
         p.error(f"--image-share must be a fraction in [0, 1), got {args.image_share}")
+    if not 0 <= args.frame_noise <= 1:
+        p.error(f"--frame-noise must be a probability in [0, 1], got {args.frame_noise}")
     if args.timestep_shift is not None and args.timestep_shift <= 0:
         p.error(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0 <= args.ema < 1:
@@ -185,37 +197,64 @@ def flow_matching_loss(
     shift: float,
     text_length: int,
     timestep_sampling: str = "logit-normal",
+    frame_noise: float = 0.0,
 ) -> torch.Tensor:
-    """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring)."""
+    """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring).
+
+    `frame_noise`: the probability that a clip of several frames gets one noise level per frame instead of one
+    for the whole clip (see `--frame-noise`). 0 draws exactly the batches of runs made before the option.
+    """
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling=}")
+    check_frame_noise(frame_noise)
     x0 = space_to_depth(videos)
-    b = x0.shape[0]
+    b, frames = x0.shape[0], x0.shape[2]
     noise = torch.randn(x0.shape, generator=generator)
-    if timestep_sampling == "uniform":
-        u = torch.rand(b, generator=generator)
-    else:
-        u = torch.sigmoid(torch.randn(b, generator=generator))
-    t = shift * u / (1 + (shift - 1) * u)
+
+    def noise_levels(*shape: int) -> torch.Tensor:
+        if timestep_sampling == "uniform":
+            u = torch.rand(shape, generator=generator)
+        else:
+            u = torch.sigmoid(torch.randn(shape, generator=generator))
+        return shift * u / (1 + (shift - 1) * u)
+
+    t = noise_levels(b)
     drop = torch.rand(b, generator=generator) < UNCOND_PROBABILITY
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    if frame_noise > 0 and frames > 1:
+        per_frame = torch.rand(b, generator=generator) < frame_noise
+        t = torch.where(per_frame.unsqueeze(1), noise_levels(b, frames), t.unsqueeze(1))
     return velocity_errors(components, x0, prompts, noise, t, text_length).mean()
+
+
+def check_frame_noise(frame_noise: float) -> None:
+    if not 0 <= frame_noise <= 1:
+        raise ValueError(f"frame_noise must be a probability in [0, 1], got {frame_noise=}")
 
 
 def velocity_errors(
     components: dict, x0: torch.Tensor, prompts: list[str], noise: torch.Tensor, t: torch.Tensor, text_length: int
 ) -> torch.Tensor:
     """Per-clip mean squared error `(B,)` of the predicted velocity for clean inputs `x0` (space-to-depth pixels)
-    at noise levels `t` `(B,)` with `noise`.
+    at noise levels `t` with `noise`: `(B,)`, one level per clip, or `(B, F)`, one per frame (the transformer
+    then gets one timestep per token, the path Wan 2.2 TI2V uses).
 
     The training objective per clip; `diffsparse.testbed.fidelity.prompt_sensitivity` calls it with altered
     prompts to see which prompt words the model uses.
     """
-    tt = t.view(-1, 1, 1, 1, 1)
+    b, _, _, height, width = x0.shape
+    tt = t.view(b, 1, -1, 1, 1)  # broadcasts over frames when t has one level per clip
     x_t = (1 - tt) * x0 + tt * noise
+    timestep = t * 1000
+    if t.ndim == 2:
+        p_t, p_h, p_w = components["transformer"].config.patch_size
+        tokens_per_frame = (height // p_h) * (width // p_w)
+        if p_t != 1:
+            raise ValueError(f"one noise level per frame needs a temporal patch size of 1, got {p_t}")
+        timestep = timestep.repeat_interleave(tokens_per_frame, dim=1)  # tokens are frame-major
     embeds = encode_prompts(components["tokenizer"], components["text_encoder"], prompts, text_length)
     velocity = components["transformer"](
-        hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds, return_dict=False
+        hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds, return_dict=False
     )[0]
     return (velocity.float() - (noise - x0)).pow(2).flatten(1).mean(1)
 
@@ -373,6 +412,7 @@ def train(args: argparse.Namespace) -> dict:
                     shift,
                     text_length,
                     args.timestep_sampling,
+                    args.frame_noise,
                 )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
