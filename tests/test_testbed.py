@@ -424,6 +424,10 @@ def test_prompt_sensitivity_noise_levels_are_checked_and_used():
     near_noise = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, noise_levels=(0.99,))
     default = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
     assert near_noise != default  # other noise levels, other errors
+    clear_start = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, first_frame_level=0.1)
+    assert clear_start != default
+    with pytest.raises(ValueError, match="noise_levels"):
+        fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, first_frame_level=0.0)
     assert fidelity.parse_noise_levels("0.9,1") == (0.9, 1.0)
     for bad in ("0.9,x", "0,0.5", "1.01"):
         with pytest.raises(argparse.ArgumentTypeError, match="--noise-levels"):

@@ -180,7 +180,13 @@ def _altered(request: Request, word: str) -> Request:
 
 @torch.no_grad()
 def prompt_sensitivity(
-    model, frames: int, height: int, width: int, seeds: int = 2, noise_levels: tuple[float, ...] = SENSITIVITY_NOISE_LEVELS
+    model,
+    frames: int,
+    height: int,
+    width: int,
+    seeds: int = 2,
+    noise_levels: tuple[float, ...] = SENSITIVITY_NOISE_LEVELS,
+    first_frame_level: float | None = None,
 ) -> dict[str, float]:
     """How much the model's denoising error grows when one word of the prompt is wrong: does it use that word?
 
@@ -197,8 +203,13 @@ def prompt_sensitivity(
         noise_levels (`tuple[float, ...]`, *optional*, defaults to `SENSITIVITY_NOISE_LEVELS`): flow-matching
             times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; levels near 1 show
             what a word does to the layout of the whole clip.
+        first_frame_level (`float`, *optional*): when given, the first frame is noised to this level and only
+            the other frames to `noise_levels` (one noise level per frame, as `train --frame-noise` trains): with
+            a clear first frame, the direction word says where the shape goes next.
     """
     check_noise_levels(noise_levels)
+    if first_frame_level is not None:
+        check_noise_levels((first_frame_level,))
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
     from .train import velocity_errors
 
@@ -213,6 +224,9 @@ def prompt_sensitivity(
     for level in noise_levels:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         t = torch.full((len(todo),), level, device=x0.device, dtype=x0.dtype)
+        if first_frame_level is not None:
+            t = t[:, None].repeat(1, frames)
+            t[:, 0] = first_frame_level
         for word, per_level in errors.items():
             prompts = [(r if word == "true" else _altered(r, word)).prompt for _, r in todo]
             per_level.append(velocity_errors(components, x0, prompts, noise, t, text_length))
@@ -281,7 +295,12 @@ def main(argv=None) -> dict:
     p.add_argument("--noise-levels", type=parse_noise_levels, default=SENSITIVITY_NOISE_LEVELS,
                    help="comma-separated flow-matching times in (0, 1] for the prompt sensitivity "
                         f"(default {','.join(map(str, SENSITIVITY_NOISE_LEVELS))})")
+    p.add_argument("--first-frame-level", type=float, default=None,
+                   help="noise level of the first frame for the prompt sensitivity (the others get --noise-levels); "
+                        "default: the whole clip at each of --noise-levels")
     args = p.parse_args(argv)
+    if args.first_frame_level is not None and not 0 < args.first_frame_level <= 1:
+        p.error(f"--first-frame-level must be in (0, 1], got {args.first_frame_level}")
     if args.size is None:
         size = testbed_config()["eval"]
         args.size = (size["frames"], size["height"], size["width"])
@@ -291,8 +310,10 @@ def main(argv=None) -> dict:
         result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
                                               guidance_scale=args.guidance_scale))
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
-    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels)
+    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels,
+                                                      first_frame_level=args.first_frame_level)
     result["noise_levels"] = list(args.noise_levels)
+    result["first_frame_level"] = args.first_frame_level
     print(json.dumps(result, indent=1))
     return result
 
