@@ -223,6 +223,7 @@ def test_arguments_are_checked():
         ["--shape-counts", "0.8,0.2"],
         ["--shape-counts", "0.5,0.6,-0.1"],
         ["--frame-noise", "1.5"],
+        ["--clean-first-frame", "-0.5"],
     ):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", *bad])
@@ -426,8 +427,8 @@ def test_prompt_sensitivity_noise_levels_are_checked_and_used():
     assert near_noise != default  # other noise levels, other errors
     clear_start = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, first_frame_level=0.1)
     assert clear_start != default
-    with pytest.raises(ValueError, match="noise_levels"):
-        fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, first_frame_level=0.0)
+    with pytest.raises(ValueError, match="first_frame_level"):
+        fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, first_frame_level=-0.1)
     assert fidelity.parse_noise_levels("0.9,1") == (0.9, 1.0)
     for bad in ("0.9,x", "0,0.5", "1.01"):
         with pytest.raises(argparse.ArgumentTypeError, match="--noise-levels"):
@@ -515,6 +516,22 @@ def test_frame_noise_gives_clips_one_noise_level_per_frame_and_leaves_single_fra
         levels(clips, 1.5)
 
 
+def test_clean_first_frame_conditions_a_share_of_the_clips_and_is_not_scored(monkeypatch):
+    from diffsparse.testbed import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "velocity_errors", lambda c, x0, p, n, t, length: seen.setdefault("t", t))
+    clips = torch.zeros(2000, 3, 5, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    train_module.flow_matching_loss({}, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=0.5)
+    t = seen.pop("t")
+    clean = t[:, 0] == 0
+    assert clean.float().mean().item() == pytest.approx(0.5, abs=0.05)
+    assert (t[:, 1:] > 0).all() and torch.equal(t[~clean, 0], t[~clean, 1])  # the rest keep the clip's level
+    with pytest.raises(ValueError, match="clean_first_frame"):
+        train_module.flow_matching_loss({}, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=-1)
+
+
 def test_one_noise_level_per_frame_equals_one_per_clip_when_the_levels_agree():
     from diffsparse.testbed.train import velocity_errors
 
@@ -531,6 +548,15 @@ def test_one_noise_level_per_frame_equals_one_per_clip_when_the_levels_agree():
                                                                                             [0.8, 0.8, 0.8]]), 16)
     assert abs(other[0] - per_clip[0]) > 1e-3
     torch.testing.assert_close(other[1], per_clip[1])
+    # a frame at level 0 is a clean condition: whatever the model predicts there is not scored
+    with torch.no_grad():
+        conditioned = velocity_errors(components, x0, ["a red circle", ""], noise, torch.tensor([[0.0, 0.5, 0.5]] * 2),
+                                      16)
+        clean_target = noise.clone()
+        clean_target[:, :, 0] = 0  # another "noise" for the clean frame changes nothing: x_t = x0 there
+        elsewhere = velocity_errors(components, x0, ["a red circle", ""], clean_target,
+                                    torch.tensor([[0.0, 0.5, 0.5]] * 2), 16)
+    torch.testing.assert_close(conditioned, elsewhere)
 
 
 def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):

@@ -204,12 +204,13 @@ def prompt_sensitivity(
             times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; levels near 1 show
             what a word does to the layout of the whole clip.
         first_frame_level (`float`, *optional*): when given, the first frame is noised to this level and only
-            the other frames to `noise_levels` (one noise level per frame, as `train --frame-noise` trains): with
-            a clear first frame, the direction word says where the shape goes next.
+            the other frames to `noise_levels` (one noise level per frame, as `train --frame-noise` trains; at 0
+            the first frame is a clean condition left out of the error, as `train --clean-first-frame` trains):
+            with a clear first frame, the direction word says where the shape goes next.
     """
     check_noise_levels(noise_levels)
-    if first_frame_level is not None:
-        check_noise_levels((first_frame_level,))
+    if first_frame_level is not None and not 0 <= first_frame_level <= 1:
+        raise ValueError(f"first_frame_level must be in [0, 1] (0: given clean, not scored), got {first_frame_level}")
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
     from .train import velocity_errors
 
@@ -296,11 +297,11 @@ def main(argv=None) -> dict:
                    help="comma-separated flow-matching times in (0, 1] for the prompt sensitivity "
                         f"(default {','.join(map(str, SENSITIVITY_NOISE_LEVELS))})")
     p.add_argument("--first-frame-level", type=float, default=None,
-                   help="noise level of the first frame for the prompt sensitivity (the others get --noise-levels); "
-                        "default: the whole clip at each of --noise-levels")
+                   help="noise level of the first frame for the prompt sensitivity (the others get --noise-levels; "
+                        "0: a clean condition, not scored); default: the whole clip at each of --noise-levels")
     args = p.parse_args(argv)
-    if args.first_frame_level is not None and not 0 < args.first_frame_level <= 1:
-        p.error(f"--first-frame-level must be in (0, 1], got {args.first_frame_level}")
+    if args.first_frame_level is not None and not 0 <= args.first_frame_level <= 1:
+        p.error(f"--first-frame-level must be in [0, 1], got {args.first_frame_level}")
     if args.size is None:
         size = testbed_config()["eval"]
         args.size = (size["frames"], size["height"], size["width"])

@@ -125,6 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "must then be placed from the prompt (default %(default)s: one level per clip)",
     )
     p.add_argument(
+        "--clean-first-frame",
+        type=float,
+        default=0.0,
+        help="probability that a clip gets its first frame clean, as a condition the loss does not score (Wan 2.2 "
+        "TI2V's image-to-video training): the rest of the clip must then follow the prompt's motion from it "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--shape-counts",
         type=_shape_counts,
         default=SHAPE_COUNT_WEIGHTS,
@@ -166,8 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--decay must be a fraction in [0, 1], got {args.decay}")
     if not 0 <= args.image_share < 1:
         p.error(f"--image-share must be a fraction in [0, 1), got {args.image_share}")
-    if not 0 <= args.frame_noise <= 1:
-        p.error(f"--frame-noise must be a probability in [0, 1], got {args.frame_noise}")
+    for name in ("frame_noise", "clean_first_frame"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {getattr(args, name)}")
     if args.timestep_shift is not None and args.timestep_shift <= 0:
         p.error(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0 <= args.ema < 1:
@@ -198,15 +207,20 @@ def flow_matching_loss(
     text_length: int,
     timestep_sampling: str = "logit-normal",
     frame_noise: float = 0.0,
+    clean_first_frame: float = 0.0,
 ) -> torch.Tensor:
     """Rectified-flow loss of one batch of pixel videos `(B, 3, F, H, W)` in [-1, 1] (see the module docstring).
 
     `frame_noise`: the probability that a clip of several frames gets one noise level per frame instead of one
-    for the whole clip (see `--frame-noise`). 0 draws exactly the batches of runs made before the option.
+    for the whole clip (see `--frame-noise`). `clean_first_frame`: the probability that a clip of several
+    frames gets its first frame clean, as a condition the loss does not score (see `--clean-first-frame`). At 0
+    both draw exactly the batches of runs made before the options.
     """
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling=}")
-    check_frame_noise(frame_noise)
+    for name, value in (("frame_noise", frame_noise), ("clean_first_frame", clean_first_frame)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {name}={value}")
     x0 = space_to_depth(videos)
     b, frames = x0.shape[0], x0.shape[2]
     noise = torch.randn(x0.shape, generator=generator)
@@ -224,12 +238,11 @@ def flow_matching_loss(
     if frame_noise > 0 and frames > 1:
         per_frame = torch.rand(b, generator=generator) < frame_noise
         t = torch.where(per_frame.unsqueeze(1), noise_levels(b, frames), t.unsqueeze(1))
+    if clean_first_frame > 0 and frames > 1:
+        clean = torch.rand(b, generator=generator) < clean_first_frame
+        t = t.unsqueeze(1).repeat(1, frames) if t.ndim == 1 else t.clone()
+        t[clean, 0] = 0.0
     return velocity_errors(components, x0, prompts, noise, t, text_length).mean()
-
-
-def check_frame_noise(frame_noise: float) -> None:
-    if not 0 <= frame_noise <= 1:
-        raise ValueError(f"frame_noise must be a probability in [0, 1], got {frame_noise=}")
 
 
 def velocity_errors(
@@ -237,7 +250,8 @@ def velocity_errors(
 ) -> torch.Tensor:
     """Per-clip mean squared error `(B,)` of the predicted velocity for clean inputs `x0` (space-to-depth pixels)
     at noise levels `t` with `noise`: `(B,)`, one level per clip, or `(B, F)`, one per frame (the transformer
-    then gets one timestep per token, the path Wan 2.2 TI2V uses).
+    then gets one timestep per token, the path Wan 2.2 TI2V uses). A frame at level 0 is given clean as a
+    condition (TI2V's first frame) and left out of its clip's error.
 
     The training objective per clip; `diffsparse.testbed.fidelity.prompt_sensitivity` calls it with altered
     prompts to see which prompt words the model uses.
@@ -256,7 +270,12 @@ def velocity_errors(
     velocity = components["transformer"](
         hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds, return_dict=False
     )[0]
-    return (velocity.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+    errors = (velocity.float() - (noise - x0)).pow(2)
+    if t.ndim == 1:
+        return errors.flatten(1).mean(1)
+    per_frame = errors.mean(dim=(1, 3, 4))
+    scored = (t > 0).to(per_frame.dtype)
+    return (per_frame * scored).sum(1) / scored.sum(1).clamp(min=1)
 
 
 class _EMA:
@@ -413,6 +432,7 @@ def train(args: argparse.Namespace) -> dict:
                     text_length,
                     args.timestep_sampling,
                     args.frame_noise,
+                    args.clean_first_frame,
                 )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
