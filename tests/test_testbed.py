@@ -417,6 +417,20 @@ def test_prompt_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_video
     assert deaf == {"colour": 0.0, "kind": 0.0, "direction": 0.0}
 
 
+def test_text_separation_is_zero_exactly_for_words_the_text_path_cannot_tell_apart():
+    pipe = testbed.build_pipeline()
+    separation = fidelity.text_separation(pipe)
+    assert set(separation) == {"colour", "kind", "direction"}
+    assert all(v > 0.05 for v in separation.values()), separation  # random weights keep every word apart
+    vocabulary = pipe.tokenizer.get_vocab()
+    with torch.no_grad():  # give the four direction words one embedding: the encoder can no longer tell them apart
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[[vocabulary[w] for w in ("right", "up", "down")]] = table[vocabulary["left"]].clone()
+    merged = fidelity.text_separation(pipe)
+    assert merged["direction"] == 0.0
+    assert merged["colour"] > 0.05 and merged["kind"] > 0.05  # the other words stay apart
+
+
 def test_prompt_sensitivity_noise_levels_are_checked_and_used():
     pipe = testbed.build_pipeline()
     for bad in ((), (0.0,), (1.5,)):

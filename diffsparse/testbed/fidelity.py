@@ -23,8 +23,9 @@ below 1 only through anti-aliasing at the outline.
 
 `prompt_sensitivity` asks the model more directly whether it uses each prompt word: how much its denoising error
 on training clips grows when the colour, the shape kind or the direction in the prompt is wrong (0: the word is
-ignored). It needs no sampling (`--sensitivity-only` runs just this), so it can follow a word starting to matter
-across a run's snapshots.
+ignored). It needs no sampling (`--sensitivity-only` runs just this and `text_separation`), so it can follow a
+word starting to matter across a run's snapshots. `text_separation` looks one step earlier: how far apart the
+text path keeps prompts that differ in one word, before cross-attention reads them.
 """
 
 from __future__ import annotations
@@ -235,6 +236,32 @@ def prompt_sensitivity(
     return {word: float(torch.cat(e).mean() / true - 1) for word, e in errors.items()}
 
 
+@torch.no_grad()
+def text_separation(model) -> dict[str, float]:
+    """How far apart the text path keeps prompts that differ in one word, before the video is involved.
+
+    For every `requests()` prompt, the relative change `|e' - e| / |e|` of its embedding after the transformer's
+    text projection (`condition_embedder.text_embedder`, what cross-attention reads) when the colour, the shape
+    kind or the direction is changed, averaged. A word the model has stopped telling apart comes out near 0,
+    whatever the transformer could do with it.
+    """
+    from ..pipelines.testbed import TestbedPipeline, encode_prompts, load, testbed_config
+
+    pipe = model if isinstance(model, TestbedPipeline) else load(path=model)
+    text_length = testbed_config()["max_sequence_length"]
+
+    def projected(prompts: list[str]) -> torch.Tensor:
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, text_length)
+        return pipe.transformer.condition_embedder.text_embedder(embeds.to(pipe.transformer.dtype)).flatten(1)
+
+    base = projected([r.prompt for r in requests()])
+    separation = {}
+    for word in ("colour", "kind", "direction"):
+        other = projected([_altered(r, word).prompt for r in requests()])
+        separation[word] = float(((other - base).norm(dim=1) / base.norm(dim=1)).mean())
+    return separation
+
+
 def fidelity(model, frames: int, height: int, width: int, seeds: int = 2, steps: int = 20, **sample_kwargs) -> Scores:
     """Generate every prompt of `requests()` with `seeds` seeds and score the videos.
 
@@ -313,6 +340,7 @@ def main(argv=None) -> dict:
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
     result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels,
                                                       first_frame_level=args.first_frame_level)
+    result["text_separation"] = text_separation(pipe)
     result["noise_levels"] = list(args.noise_levels)
     result["first_frame_level"] = args.first_frame_level
     print(json.dumps(result, indent=1))
