@@ -12,7 +12,9 @@ error. `t` is `shift * u / (1 + (shift - 1) * u)`, the scheduler's shift applied
 the shape's outline is decided, than uniform `u` (`--timestep-sampling uniform`: the density sampling visits).
 One prompt in ten is replaced by the empty prompt (for CFG).
 With `--frame-noise P`, a share P of the clips gets one noise level per frame instead (diffusion forcing; the
-transformer then gets one timestep per token, Wan 2.2 TI2V's path), so that clear frames sit beside noisy ones.
+transformer then gets one timestep per token, Wan 2.2 TI2V's path), so that clear frames sit beside noisy ones;
+with `--clean-first-frame P`, a share P of the clips gets a clean first frame (level 0) that conditions the rest
+and is left out of the loss, as TI2V trains image-to-video.
 
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
 exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
