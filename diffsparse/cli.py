@@ -83,8 +83,7 @@ def _run_compare(args) -> None:
     print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+_ints = _comma_list(int, "integers")
 
 
 def _order(tile: list[int] | None):
