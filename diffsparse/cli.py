@@ -14,6 +14,11 @@ def _step_count(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
+def _correction(text: str) -> str | None:
+    """`none` is the CLI's spelling of `SparseConfig.correction=None`; other names are checked by the config."""
+    return None if text == "none" else text
+
+
 def _comma_list(convert, what: str):
     """An argparse type for comma-separated values ("0.1,0.25"), with a message naming what was expected."""
 
@@ -49,6 +54,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
                    help="last denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-layers", type=int, default=0, help="the first L transformer blocks stay dense")
+    p.add_argument("--correction", type=_correction, default=None,
+                   help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
     p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for both runs)")
     p.add_argument("--out", default="outputs", help="folder for compare.mp4 and compare.json")
@@ -64,6 +71,7 @@ def _run_compare(args) -> None:
         dense_steps=args.dense_steps,
         dense_last_steps=args.dense_last_steps,
         dense_layers=args.dense_layers,
+        correction=args.correction,
     )
     r = run_compare(args, config)
     print(f"model: {r.model}")
@@ -144,6 +152,10 @@ def _add_eval(sub) -> None:
                    help="comma-separated target block densities in (0, 1]; each pattern is solved for each")
     p.add_argument("--dense-steps", type=_comma_list(_step_count, "step counts or fractions"), default=[0, 0.2],
                    help="comma-separated dense-step settings, each a step count or a fraction of the steps")
+    p.add_argument("--dense-layers", type=_comma_list(int, "layer counts"), default=[0],
+                   help="comma-separated counts of leading transformer blocks kept dense")
+    p.add_argument("--correction", type=_comma_list(_correction, "corrections"), default=[None],
+                   help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
     p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")

@@ -12,6 +12,7 @@ from .patterns.base import as_pair
 from .patterns.ordering import as_order
 
 StepCount = int | float  # steps, or a fraction of the steps
+CORRECTIONS = ("residual",)
 
 
 def _check_step_count(name: str, value) -> None:
@@ -64,6 +65,19 @@ class SparseConfig:
             with `Window3D`). Outputs always come back in the original order.
         backend (`str`, *optional*, defaults to `"auto"`):
             The kernel backend passed to `diffsparse.kernels.block_sparse_attention`.
+        correction (`str`, *optional*, defaults to `None`):
+            Softmax-statistics correction (Re-ttention). `"residual"`: at the last dense step before the sparse
+            ones, each (layer, CFG branch) measures, per head and query, the share of the softmax denominator its
+            kept blocks hold, `rho = exp(lse_sparse - lse_full)`, and the part of the dense output the dropped
+            blocks contribute, `residual = out_full - rho * out_sparse`; each later sparse call returns
+            `rho * out_sparse + residual`. That measuring call is computed by the kernel with every block kept
+            (the dense result to float rounding) plus one sparse pass. A (layer, branch) with no measurement yet
+            for the current shape (Wan 2.2's second expert, or `dense_steps` resolving to 0) is measured at its
+            first sparse-scheduled call, which then runs dense. Memory: one output-sized tensor per layer and
+            branch (tokens x hidden size, in the model's dtype). `None` applies no correction.
+        correction_refresh (`int`, *optional*, defaults to `0`):
+            With a correction, measure again every this many steps after the last measurement (that call runs
+            dense); `0` measures once per generation and shape.
 
     Example:
         >>> import diffsparse
@@ -80,6 +94,8 @@ class SparseConfig:
     dense_layers: int | Sequence[int] = 0
     order: TokenOrder | None = None
     backend: str = "auto"
+    correction: str | None = None
+    correction_refresh: int = 0
     _pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -102,6 +118,21 @@ class SparseConfig:
         allowed = ("auto", *BACKENDS)
         if self.backend not in allowed:
             raise ValueError(f"SparseConfig.backend must be one of {allowed}, got backend={self.backend!r}")
+        if self.correction is not None and self.correction not in CORRECTIONS:
+            raise ValueError(
+                f"SparseConfig.correction must be None or one of {CORRECTIONS}, got correction={self.correction!r}"
+            )
+        refresh = self.correction_refresh
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 0:
+            raise ValueError(
+                "SparseConfig.correction_refresh must be an int >= 0 (steps between measurements, 0 = once), "
+                f"got correction_refresh={refresh!r}"
+            )
+        if refresh and self.correction is None:
+            raise ValueError(
+                f"SparseConfig.correction_refresh={refresh!r} has no effect without a correction: "
+                f"set correction to one of {CORRECTIONS} or leave correction_refresh=0"
+            )
 
     @property
     def resolved_pattern(self) -> Pattern:
@@ -151,3 +182,10 @@ class SparseConfig:
         first = resolve_step_count(self.dense_steps, num_steps)
         last = resolve_step_count(self.dense_last_steps, num_steps)
         return step < first or step >= num_steps - last
+
+    def is_measure_step(self, step: int, num_steps: int | None) -> bool:
+        """Whether `step` is the dense step right before a sparse one, where a correction takes its statistics."""
+        if self.correction is None or not self.is_dense_step(step, num_steps):
+            return False
+        following = step + 1
+        return (num_steps is None or following < num_steps) and not self.is_dense_step(following, num_steps)

@@ -64,8 +64,10 @@ def _attention_modules(pipe):
 class EvalRow:
     pattern: str
     target_density: float | None
-    measured_density: float  # mean over sparse calls
+    measured_density: float  # mean over the calls of the sparse steps, dense ones counting 1.0
     dense_steps: float
+    dense_layers: int
+    correction: str | None
     psnr_db: float
     ssim: float
     lpips: float | None
@@ -102,8 +104,17 @@ def run_eval(args) -> list[EvalRow]:
     pipe = load_pipeline(args.model, args.device, dtype)
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
     configs = [
-        SparseConfig(pattern=name, density=density, dense_steps=dense_steps, block_size=args.block_size)
-        for name, density, dense_steps in itertools.product(args.pattern, args.density, args.dense_steps)
+        SparseConfig(
+            pattern=name,
+            density=density,
+            dense_steps=dense_steps,
+            dense_layers=dense_layers,
+            correction=correction,
+            block_size=args.block_size,
+        )
+        for name, density, dense_steps, dense_layers, correction in itertools.product(
+            args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
+        )
     ]
     with_lpips = alexnet_weights_path().is_file()
     progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
@@ -133,7 +144,13 @@ def run_eval(args) -> list[EvalRow]:
                 )
                 wall.append(seconds / dense_seconds)
                 attention.append(attention_seconds / dense_attention)
-                densities += [r.density for log in handle.stats().calls.values() for r in log if r.sparse]
+                # The work of the sparse steps: dense layers and measuring calls count as dense.
+                densities += [
+                    r.density
+                    for log in handle.stats().calls.values()
+                    for r in log
+                    if not config.is_dense_step(r.step, args.steps)
+                ]
                 progress.update(1)
         rows.append(
             EvalRow(
@@ -141,6 +158,8 @@ def run_eval(args) -> list[EvalRow]:
                 target_density=config.density,
                 measured_density=statistics.fmean(densities) if densities else 1.0,
                 dense_steps=config.dense_steps,
+                dense_layers=config.dense_layers,
+                correction=config.correction,
                 psnr_db=statistics.fmean(s[0] for s in scores),
                 ssim=statistics.fmean(s[1] for s in scores),
                 lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,

@@ -29,13 +29,27 @@ _DEFAULT_CONTEXT = CacheContext("default")
 
 @dataclass
 class CallRecord:
-    """One self-attention call: which step, layer and CFG branch, dense or sparse, at what block density."""
+    """One self-attention call: which step, layer and CFG branch, dense or sparse, at what block density.
+
+    `measured`: a dense call that also took the statistics of `SparseConfig.correction`.
+    """
 
     step: int
     layer: int
     branch: str
     sparse: bool
     density: float
+    measured: bool = False
+
+
+@dataclass(frozen=True)
+class _Statistics:
+    """What a correction measured for one (layer, CFG branch), in the kernel's token order."""
+
+    step: int
+    layout: VideoLayout
+    rho: torch.Tensor  # (B, N, H, 1): the kept blocks' share of the softmax denominator
+    residual: torch.Tensor  # (B, N, H, D): out_full - rho * out_sparse
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,7 @@ class SparseRuntime:
         self._classifies = callable(getattr(self.pattern, "classify", None))
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
+        self._statistics: dict[tuple[int, str], _Statistics] = {}
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -124,35 +139,97 @@ class SparseRuntime:
         """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
         self.records.clear()
         self._layer_patterns.clear()
+        self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
     def route(self, layer: int) -> bool:
-        """Whether this call of `layer` runs sparse; dense calls are logged here."""
-        state = self._state()
-        sparse = not (
-            self._always_dense
-            or state.layout is None
-            or self.config.is_dense_layer(layer)
-            or self.config.is_dense_step(state.step, state.num_steps)
-        )
-        if not sparse:
+        """Whether this call of `layer` goes through `attention` (sparse, or measuring a correction's statistics).
+
+        Calls that stay with the original processor are logged here.
+        """
+        mode = self._mode(layer)
+        if mode == "dense":
+            state = self._state()
             self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
-        return sparse
+        return mode != "dense"
+
+    def _mode(self, layer: int, shape: torch.Size | None = None) -> str:
+        """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`."""
+        state = self._state()
+        if self._always_dense or state.layout is None or self.config.is_dense_layer(layer):
+            return "dense"
+        if self.config.is_dense_step(state.step, state.num_steps):
+            return "measure" if self.config.is_measure_step(state.step, state.num_steps) else "dense"
+        if self.config.correction is None:
+            return "sparse"
+        stats = self._statistics.get((layer, self.state_manager.context.name))
+        refresh = self.config.correction_refresh
+        stale = (
+            stats is None
+            or stats.layout != state.layout
+            or (shape is not None and stats.residual.shape != shape)
+            or (refresh > 0 and state.step - stats.step >= refresh)
+        )
+        return "measure" if stale else "sparse"
 
     def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout)."""
         state = self._state()
+        branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, state.layout, query, key) if self._classifies else self.pattern
         cached = self.plan(state.layout, query.shape[2], query.device, pattern)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in (query, key, value))
-        out = block_sparse_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cached.plan, backend=self.config.backend
-        ).transpose(1, 2)
+        mode = self._mode(layer, query.shape)
+        if mode == "measure":
+            out = self._measure(layer, branch, state, query, key, value, cached.plan)
+        else:
+            out = self._attend(query, key, value, cached.plan)
+            if self.config.correction is not None:
+                stats = self._statistics[(layer, branch)]
+                out = torch.addcmul(stats.residual, stats.rho, out).type_as(out)
         if cached.perm is not None:
             out = out.index_select(1, cached.inverse)
-        self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, True, cached.plan.density))
+        sparse = mode == "sparse"
+        density = cached.plan.density if sparse else 1.0
+        self.records.append(CallRecord(state.step, layer, branch, sparse, density, measured=not sparse))
         return out
+
+    def _attend(self, query, key, value, plan: BlockSparsePlan, return_lse: bool = False):
+        """The kernel on `(B, S, H, D)` tensors: `out`, or `(out, lse)` with `lse` as `(B, S, H, 1)`."""
+        result = block_sparse_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            plan,
+            return_lse=return_lse,
+            backend=self.config.backend,
+        )
+        if not return_lse:
+            return result.transpose(1, 2)
+        out, lse = result
+        return out.transpose(1, 2), lse.transpose(1, 2).unsqueeze(-1)
+
+    def _measure(self, layer, branch, state, query, key, value, plan: BlockSparsePlan) -> torch.Tensor:
+        """Dense attention that also records `SparseConfig.correction`'s statistics for later sparse calls."""
+        dense_plan = self._dense_plan(plan, query.device)
+        out_full, lse_full = self._attend(query, key, value, dense_plan, return_lse=True)
+        out_sparse, lse_sparse = self._attend(query, key, value, plan, return_lse=True)
+        # Kept scores are a subset of all scores, so lse_sparse <= lse_full and rho is in (0, 1].
+        rho = torch.exp(lse_sparse - lse_full)
+        residual = out_full.float() - rho * out_sparse.float()
+        self._statistics[(layer, branch)] = _Statistics(state.step, state.layout, rho, residual.to(out_full.dtype))
+        return out_full
+
+    def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:
+        """A plan with every block kept, the same lengths and block sizes as `plan` (cached with the others)."""
+        nq, nk = plan.block_mask.shape[-2:]
+
+        def build() -> _CachedPlan:
+            mask = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+            return _CachedPlan(make_plan(mask, plan.q_len, plan.kv_len, (plan.block_q, plan.block_k)), None, None)
+
+        return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
     def _layer_pattern(self, layer: int, layout: VideoLayout, query: torch.Tensor, key: torch.Tensor) -> Pattern:
         pattern = self._layer_patterns.get((layer, layout))
@@ -167,11 +244,13 @@ class SparseRuntime:
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse."""
         pattern = self.pattern if pattern is None else pattern
-        key = (pattern, layout, heads, str(device))
+        return self._cached((pattern, layout, heads, str(device)), lambda: self._build_plan(pattern, layout, heads, device))
+
+    def _cached(self, key: tuple, build) -> _CachedPlan:
+        """The plan cache (least recently used out first)."""
         cached = self._plans.get(key)
         if cached is None:
-            cached = self._build_plan(pattern, layout, heads, device)
-            self._plans[key] = cached
+            cached = self._plans[key] = build()
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:

@@ -16,8 +16,9 @@ ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple[VideoLayout, torch.Ten
 class ModelAdapter(ABC):
     """One model family. Subclasses fill in the three methods and register with `register_adapter`.
 
-    The runtime given to `make_processor` answers `route(layer) -> bool` (sparse or not for this call) and
-    `attention(layer, q, k, v) -> out` on `(B, S, H, D)` tensors; adapters need nothing else of it.
+    The runtime given to `make_processor` answers `route(layer) -> bool` (whether this call goes through the
+    runtime: sparse, or dense while measuring a correction's statistics; `False` = run the original processor)
+    and `attention(layer, q, k, v) -> out` on `(B, S, H, D)` tensors; adapters need nothing else of it.
     """
 
     transformer_classes: tuple[type, ...] = ()

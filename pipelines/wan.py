@@ -48,7 +48,8 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
 class WanSparseAttnProcessor(WanAttnProcessor):
     """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
 
-    Dense calls go to `WanAttnProcessor.__call__` unchanged, so they are bit-identical to the original.
+    Dense calls go to `WanAttnProcessor.__call__` unchanged, so they are bit-identical to the original (except
+    the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
     def __init__(self, runtime, layer: int, original: WanAttnProcessor):

@@ -1,6 +1,7 @@
 """The `diffsparse` command on tiny inputs: every subcommand runs and writes what it says."""
 
 import argparse
+import csv
 import json
 
 import pytest
@@ -42,10 +43,23 @@ def test_eval_writes_a_table(tmp_path, capsys):
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "eval.csv").read_text().splitlines()
-    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,psnr_db") and len(rows) == 3
+    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,dense_layers,correction,psnr_db")
+    assert len(rows) == 3
     table = (tmp_path / "eval.md").read_text()
     assert "| radial(" in table and "attention_time_ratio" in table
     assert "PSNR" not in capsys.readouterr().err
+
+
+def test_eval_crosses_dense_layers_and_corrections(tmp_path):
+    args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "1", "--dense-layers", "0,1",
+            "--correction", "none,residual", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
+            "--block-size", "16", "--prompts", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dense_layers"], r["correction"]) for r in rows] == [("0", ""), ("0", "residual"), ("1", ""), ("1", "residual")]
+    # Measured density covers the sparse steps' calls: a dense layer counts 1.0 there.
+    assert float(rows[2]["measured_density"]) > float(rows[0]["measured_density"])
 
 
 def _subparsers(parser: argparse.ArgumentParser):

@@ -30,6 +30,11 @@ from diffsparse.patterns import Radial
         ("density", 0),
         ("density", 1.5),
         ("density", "0.2"),
+        ("correction", "lse"),
+        ("correction", True),
+        ("correction_refresh", -1),
+        ("correction_refresh", 1.5),
+        ("correction_refresh", True),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(field, value):
@@ -79,3 +84,17 @@ def test_unknown_step_count_refuses_fractions():
     with pytest.raises(ValueError, match="dense_steps"):
         SparseConfig(dense_steps=0.2).is_dense_step(0, None)
     assert SparseConfig(dense_steps=2).is_dense_step(1, None)
+
+
+def test_correction_refresh_needs_a_correction():
+    with pytest.raises(ValueError, match="correction_refresh=2 has no effect"):
+        SparseConfig(correction_refresh=2)
+    SparseConfig(correction="residual", correction_refresh=2)
+
+
+def test_measure_step_is_the_last_dense_step_before_a_sparse_one():
+    config = SparseConfig(correction="residual", dense_steps=2, dense_last_steps=1)
+    assert [s for s in range(10) if config.is_measure_step(s, 10)] == [1]
+    assert [s for s in range(3) if config.is_measure_step(s, 3)] == []  # no sparse step follows
+    assert not any(SparseConfig(dense_steps=2).is_measure_step(s, 10) for s in range(10))
+    assert SparseConfig(correction="residual", dense_steps=3).is_measure_step(2, None)

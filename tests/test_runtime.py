@@ -1,8 +1,11 @@
 """The per-transformer runtime: plan cache reuse, invalidation and bound; the step clock."""
 
+import pytest
 import torch
+from diffusers.hooks.hooks import CacheContext
 
 from diffsparse import SparseConfig
+from diffsparse.kernels import block_sparse_attention, make_plan
 from diffsparse.patterns import Radial, TileOrder, VideoLayout
 from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock
 
@@ -52,3 +55,70 @@ def test_step_clock_follows_the_scheduler_and_notices_new_calls():
     assert clock.tick(torch.tensor([[0.0, 250.0, 250.0]])) == (3, 4, False)
     scheduler.timesteps = torch.tensor([999.0, 500.0])  # `set_timesteps` of the next pipeline call
     assert clock.tick(torch.tensor([999.0])) == (0, 2, True)
+
+
+def _run_call(runtime, layer, layout, step, num_steps, q, k, v):
+    """One self-attention call the way a processor makes it, `None` when it would stay with the original."""
+    runtime.begin_call(layout, step, num_steps)
+    return runtime.attention(layer, q, k, v) if runtime.route(layer) else None
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+def test_residual_correction_is_exact_when_the_inputs_do_not_change(order):
+    # rho * out_sparse + residual rebuilds the dense output of the measured inputs exactly: at a later sparse
+    # step with the same q, k, v the corrected output is the dense one (and differs from the raw sparse one).
+    layout = VideoLayout(8, 4, 8)
+    config = SparseConfig(
+        pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=2, correction="residual", order=order
+    )
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert _run_call(runtime, 0, layout, 0, 5, q, k, v) is None  # an early dense step: the original processor
+    measured = _run_call(runtime, 0, layout, 1, 5, q, k, v)  # the last dense step measures
+    torch.testing.assert_close(measured, dense, atol=1e-5, rtol=1e-5)
+    corrected = _run_call(runtime, 0, layout, 2, 5, q, k, v)
+    torch.testing.assert_close(corrected, dense, atol=1e-5, rtol=1e-5)
+    records = [(r.step, r.sparse, r.measured) for r in runtime.records]
+    assert records == [(0, False, False), (1, False, True), (2, True, False)]
+    cached = runtime.plan(layout, 3, torch.device("cpu"))
+    assert cached.plan.density < 0.7
+    raw = block_sparse_attention(
+        *(x.transpose(1, 2) if cached.perm is None else x.index_select(1, cached.perm).transpose(1, 2) for x in (q, k, v)),
+        cached.plan,
+    ).transpose(1, 2)
+    raw = raw if cached.perm is None else raw.index_select(1, cached.inverse)
+    assert (raw - dense).abs().max() > 1e-2
+
+
+def test_correction_measures_where_no_statistics_exist_and_refreshes():
+    layout = VideoLayout(3, 4, 4)
+    config = SparseConfig(
+        pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0, correction="residual",
+        correction_refresh=2,
+    )
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(1)).unbind(0)
+    for step in range(5):
+        _run_call(runtime, 0, layout, step, 5, q, k, v)
+    # No dense step precedes the sparse ones, so the first call measures; then every second step again.
+    assert [(r.sparse, r.measured) for r in runtime.records] == [
+        (False, True), (True, False), (False, True), (True, False), (False, True)
+    ]
+    runtime.state_manager.set_context(CacheContext("uncond"))  # statistics are per CFG branch
+    _run_call(runtime, 0, layout, 1, 5, q, k, v)
+    assert runtime.records[-1].measured
+    runtime.new_run()
+    runtime.state_manager.set_context(CacheContext("cond"))
+    _run_call(runtime, 0, VideoLayout(3, 4, 8), 1, 5, *(torch.cat([x, x], 1) for x in (q, k, v)))
+    assert runtime.records[-1].measured  # a new generation, or a new shape, measures again
+
+
+def test_dense_plan_keeps_every_block():
+    runtime = SparseRuntime(SparseConfig(block_size=16), "transformer")
+    sparse = make_plan(torch.eye(3, dtype=torch.bool)[None, None], 40, 40, 16)
+    dense = runtime._dense_plan(sparse, torch.device("cpu"))
+    assert dense.density == 1.0 and (dense.q_len, dense.block_q) == (40, 16)
+    assert runtime._dense_plan(sparse, torch.device("cpu")) is dense

@@ -57,6 +57,33 @@ def test_tile_order_is_transparent(tiny_pipe):
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
 
 
+def test_correction_measured_at_every_step_gives_the_dense_video(tiny_pipe):
+    # correction_refresh=1 measures at every step, so every call runs dense through the kernel: the video is the
+    # dense one, and the log says where the statistics were taken.
+    reference = generate(tiny_pipe)
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1, correction="residual", correction_refresh=1)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe)
+        records = handle.stats().calls["transformer"]
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert all(r.measured and not r.sparse for r in records)
+    assert len(records) == 3 * 2 * 2  # steps x branches x layers
+
+
+def test_correction_schedule_in_a_pipeline(tiny_pipe):
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=2, dense_layers=1, correction="residual")
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe, num_inference_steps=4)
+        records = handle.stats().calls["transformer"]
+    assert torch.isfinite(out).all()
+    # Layer 1, both branches: dense, measured at the last dense step, then sparse; layer 0 stays dense.
+    assert [(r.step, r.sparse, r.measured) for r in records if r.layer == 1 and r.branch == "cond"] == [
+        (0, False, False), (1, False, True), (2, True, False), (3, True, False)
+    ]
+    assert {r.branch for r in records if r.measured} == {"cond", "uncond"}
+    assert not any(r.sparse or r.measured for r in records if r.layer == 0)
+
+
 def test_window3d_on_tiles_runs_sparse(tiny_pipe):
     config = diffsparse.SparseConfig(
         pattern=Window3D(window=(1, 2, 2)), block_size=16, dense_steps=0, order=TileOrder((1, 2, 2))
@@ -214,6 +241,13 @@ def test_wan22_two_experts_share_the_step_index():
     assert {r.step for r in calls["transformer"]} == expected_high
     assert {r.step for r in calls["transformer_2"]} == set(range(4)) - expected_high
     assert all(r.sparse == (r.step >= 1) for log in calls.values() for r in log)
+    # With a correction, the second expert has no dense step of its own: its first call measures instead.
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1, correction="residual"))
+    generate(pipe, num_inference_steps=4)
+    calls = diffsparse.stats(pipe).calls
+    first_low = min(set(range(4)) - expected_high)
+    assert all(r.measured == (r.step == first_low) for r in calls["transformer_2"])
+    assert all(r.measured == (r.step == 0) for r in calls["transformer"])
     diffsparse.remove(pipe)
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
