@@ -580,3 +580,23 @@ def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):
     rows = _read_log(tmp_path)
     assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
     assert any(r["frames"] == "1" for r in rows)  # single frames were drawn
+
+
+def test_frozen_text_encoder_keeps_its_initial_weights_and_must_resume_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffsparse.testbed import train as train_module
+
+    def text_weights(folder):
+        (path,) = (folder / PIPELINE_DIR / "text_encoder").glob("*.safetensors")
+        return load_file(path)
+
+    common = ["--batch", "1", "--threads", "1", "--save-every", "9", "--ema", "0"]
+    train(parse_args(["--out", str(tmp_path / "frozen"), "--steps", "2", "--freeze-text-encoder", *common]))
+    train(parse_args(["--out", str(tmp_path / "unfrozen"), "--steps", "2", *common]))
+    initial = train_module.build_components(testbed.testbed_config(), seed=0)["text_encoder"].state_dict()
+    frozen, unfrozen = text_weights(tmp_path / "frozen"), text_weights(tmp_path / "unfrozen")
+    assert all(torch.equal(frozen[name], initial[name]) for name in frozen)
+    assert any(not torch.equal(unfrozen[name], initial[name]) for name in unfrozen)  # the default trains it
+    with pytest.raises(SystemExit, match="freeze-text-encoder"):
+        train(parse_args(["--out", str(tmp_path / "frozen"), "--steps", "3", "--resume", *common]))

@@ -147,6 +147,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bf16: forward and backward under torch.autocast (weights, optimizer and EMA stay float32); faster "
         "only on CPUs with native bf16 (avx512_bf16 or amx_bf16 in lscpu), about 2.5x slower without",
     )
+    p.add_argument(
+        "--freeze-text-encoder",
+        action="store_true",
+        help="keep the text encoder at its seeded initial weights and train the transformer only: the words stay "
+        "as distinct as at initialisation, which training otherwise erodes for words the loss does not yet reward "
+        "(text_separation in diffsparse.testbed.fidelity)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every batch")
@@ -351,7 +358,11 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
 
     components = build_components(config, seed=args.seed)
-    trainable = {"transformer": components["transformer"].train(), "text_encoder": components["text_encoder"].train()}
+    trainable = {"transformer": components["transformer"].train()}
+    if args.freeze_text_encoder:
+        components["text_encoder"].eval().requires_grad_(False)
+    else:
+        trainable["text_encoder"] = components["text_encoder"].train()
     params = [p for m in trainable.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     ema = _EMA(trainable, args.ema) if args.ema > 0 else None
@@ -361,6 +372,11 @@ def train(args: argparse.Namespace) -> dict:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["config"] != config:
             raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
+        if set(state["model"]) != set(trainable):
+            raise SystemExit(
+                f"{checkpoint_path} trained {sorted(state['model'])}, this invocation trains {sorted(trainable)}: "
+                "resume with the same --freeze-text-encoder setting"
+            )
         for name, module in trainable.items():
             module.load_state_dict(state["model"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -388,7 +404,8 @@ def train(args: argparse.Namespace) -> dict:
             },
             checkpoint_path,
         )
-        export_pipeline(components, ema.shadow if ema is not None else trainable, out / PIPELINE_DIR)
+        weights = ema.shadow if ema is not None else trainable
+        export_pipeline(components, {"text_encoder": components["text_encoder"], **weights}, out / PIPELINE_DIR)
 
     stop = {"signal": None}
 
