@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e ".[metrics,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[metrics,demo,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `diffsparse` command: `compare` (the main job of `make run`), `eval`, `masks`, `bench ...`."""
+"""The `diffsparse` command: `compare` (the main job of `make run`), `eval`, `masks`, `bench ...`, `demo`."""
 
 from __future__ import annotations
 
@@ -237,6 +237,23 @@ def _run_bench(args) -> None:
     print(f"wrote {path}")
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a Gradio page: one prompt dense and sparse, side by side, with the numbers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="hub id or local folder of a diffusers pipeline (default: the embedded trained testbed)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", default="outputs/demo", help="folder for each request's compare.mp4 and compare.json")
+    p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=7860, help="port of the page")
+
+
+def _run_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsparse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffsparse {__version__}")
@@ -245,12 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_masks(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    {"compare": _run_compare, "masks": _run_masks, "eval": _run_eval, "bench": _run_bench}[args.command](args)
+    commands = {"compare": _run_compare, "masks": _run_masks, "eval": _run_eval, "bench": _run_bench, "demo": _run_demo}
+    commands[args.command](args)
     return 0
 
 

@@ -115,9 +115,14 @@ def write_side_by_side(path: Path, dense: np.ndarray, sparse_frames: np.ndarray,
     iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1)
 
 
-def run_compare(args, config: SparseConfig) -> CompareResult:
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    pipe = load_pipeline(args.model, args.device, dtype)
+def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
+    """Generate `args.prompt` dense, then sparse under `config`; score, time, and write the side-by-side video.
+
+    `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
+    """
+    if pipe is None:
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        pipe = load_pipeline(args.model, args.device, dtype)
     with tqdm(total=1 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step first, so one-time costs (allocator, thread pools, lazy imports) do not land on
         # whichever run happens to go first.

@@ -1,0 +1,151 @@
+"""`diffsparse demo`: a Gradio page that generates one prompt dense and sparse, side by side, with the numbers.
+
+The page is a thin form over `diffsparse.compare.run_compare`, the same code as `diffsparse compare`: one
+pipeline is loaded at start-up and every request generates the dense video and the sparse one from the same
+seed. Gradio is an optional dependency (`pip install -e ".[demo]"`); `compare_once` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .compare import CompareResult, run_compare
+from .config import CORRECTIONS, SparseConfig
+from .patterns import PATTERNS
+
+# The form's choices; `"none"` is the form's spelling of `SparseConfig.correction=None`.
+CORRECTION_CHOICES = ("none", *CORRECTIONS)
+
+
+def compare_once(
+    pipe,
+    prompt: str,
+    pattern: str = "radial",
+    density: float = 0.0,
+    dense_steps: float = 0.2,
+    block_size: int = 64,
+    correction: str = "none",
+    steps: int = 20,
+    frames: int = 17,
+    height: int = 48,
+    width: int = 48,
+    seed: int = 0,
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    out: str | Path = "outputs/demo",
+) -> tuple[CompareResult, str]:
+    """One request of the page: `(result, markdown summary)`; the side-by-side video is `result.video_path`.
+
+    `density=0` keeps the pattern's own parameters (`SparseConfig.density=None`); a bad value raises the
+    `ValueError` of `SparseConfig` that names the field.
+    """
+    if correction not in CORRECTION_CHOICES:
+        raise ValueError(f"correction must be one of {CORRECTION_CHOICES}, got correction={correction!r}")
+    config = SparseConfig(
+        pattern=pattern,
+        density=float(density) or None,
+        dense_steps=float(dense_steps),
+        block_size=int(block_size),
+        correction=None if correction == "none" else correction,
+    )
+    args = argparse.Namespace(
+        model=model,
+        prompt=prompt,
+        steps=int(steps),
+        frames=int(frames),
+        height=int(height),
+        width=int(width),
+        seed=int(seed),
+        device=device,
+        out=str(out),
+    )
+    result = run_compare(args, config, pipe=pipe)
+    lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
+    denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
+    speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
+    quality = f"Sparse vs dense: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
+    summary = "\n".join(
+        [
+            "| | dense | sparse |",
+            "|---|---:|---:|",
+            f"| end-to-end seconds | {result.dense_seconds:.2f} | {result.sparse_seconds:.2f} |",
+            f"| text encoding + denoising seconds | {denoise} |",
+            "",
+            f"Mean attention density {result.mean_attention_density:.3f} (dense calls count 1.0). {speed}",
+            "",
+            quality,
+            "",
+            f"`{result.config}`",
+        ]
+    )
+    return result, summary
+
+
+def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
+    """The page's submit function: form values in, `(video path, markdown summary)` out; bad settings raise
+    `gradio.Error` with `SparseConfig`'s message, which the page shows."""
+    import gradio as gr
+
+    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed):
+        try:
+            result, summary = compare_once(
+                pipe, prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, size,
+                seed, model=model, device=device, out=out,
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        return result.video_path, summary
+
+    return on_submit
+
+
+def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
+    """The Gradio `Blocks` page around `compare_once` for a loaded `pipe` (not launched)."""
+    import gradio as gr
+
+    on_submit = make_handler(pipe, model=model, device=device, out=out)
+    with gr.Blocks(title="diffsparse: dense vs sparse attention") as demo:
+        gr.Markdown(
+            "# diffsparse: dense vs sparse attention\nThe same prompt and seed, generated with dense self-attention "
+            "and with diffsparse's block-sparse attention; PSNR/SSIM/LPIPS compare the sparse video to the dense one."
+        )
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox("a red circle moving left", label="prompt")
+                pattern = gr.Dropdown(sorted(n for n in PATTERNS), value="radial", label="pattern")
+                density = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
+                                    label="target block density (0 = the pattern's own parameters)")
+                dense_steps = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="dense steps (fraction of the steps)")
+                block_size = gr.Dropdown([16, 32, 48, 64, 128], value=64, label="block size (tokens)")
+                correction = gr.Dropdown(list(CORRECTION_CHOICES), value="none", label="softmax-statistics correction")
+                steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
+                frames = gr.Slider(1, 33, value=17, step=4, label="frames")
+                size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
+                seed = gr.Number(0, precision=0, label="seed")
+                button = gr.Button("generate dense and sparse", variant="primary")
+            with gr.Column():
+                video = gr.Video(label="dense | sparse")
+                summary = gr.Markdown()
+        inputs = [prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed]
+        # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
+        button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)
+    return demo
+
+
+def run_demo(args) -> None:
+    """`diffsparse demo`: load the model once, then serve the page."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit('the demo needs gradio: pip install -e ".[demo]" (or pip install gradio)') from None
+    import torch
+
+    from .compare import load_pipeline
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    pipe = load_pipeline(args.model, args.device, dtype)
+    build_demo(pipe, model=args.model, device=args.device, out=args.out).launch(
+        server_name=args.host, server_port=args.port
+    )

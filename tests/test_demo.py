@@ -1,0 +1,37 @@
+"""The demo page: its request function on the tiny pipeline, and the Gradio page around it."""
+
+import pytest
+
+from diffsparse.demo import build_demo, compare_once, make_handler
+
+SMALL = {"steps": 2, "frames": 17, "height": 64, "width": 96, "seed": 0}  # 5 x 4 x 6 tokens
+
+
+def test_one_request_generates_both_videos_and_reports_the_numbers(tiny_pipe, tmp_path):
+    result, summary = compare_once(
+        tiny_pipe, "a red circle moving left", "window3d", density=0.3, dense_steps=0.5, block_size=16,
+        correction="residual", **SMALL, model="tiny", out=tmp_path,
+    )
+    assert (tmp_path / "compare.mp4").is_file() and result.video_path == str(tmp_path / "compare.mp4")
+    assert result.mean_attention_density < 1.0  # the second step ran sparse
+    assert f"PSNR {result.psnr_db:.2f} dB" in summary and "correction='residual'" in summary
+    assert "density=0.3" in result.config
+
+
+@pytest.mark.parametrize(
+    "setting, field", [({"correction": "magic"}, "correction"), ({"density": 1.5}, "density"),
+                       ({"pattern": "nope"}, "pattern"), ({"dense_steps": 1.0}, "dense_steps")]
+)
+def test_bad_settings_raise_errors_naming_the_field(tiny_pipe, tmp_path, setting, field):
+    with pytest.raises(ValueError, match=field):
+        compare_once(tiny_pipe, "a red circle", **{"block_size": 16, **SMALL, **setting}, out=tmp_path)
+
+
+def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path):
+    gr = pytest.importorskip("gradio")
+    assert isinstance(build_demo(tiny_pipe, out=tmp_path), gr.Blocks)
+    submit = make_handler(tiny_pipe, out=tmp_path)
+    with pytest.raises(gr.Error, match="density"):
+        submit("a red circle", "radial", 1.5, 0.2, 16, "none", 2, 5, 32, 0)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0)
+    assert video.endswith("compare.mp4") and "SSIM" in summary
