@@ -1,4 +1,4 @@
-"""The `diffsparse` command: `compare` (the main job of `make run`), `eval`, `masks`, `bench ...`, `demo`."""
+"""The `diffsparse` command: `compare` (the main job of `make run`), `eval`, `masks`, `bench ...`, `trace`, `demo`."""
 
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ def _add_model_and_video(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_and_video(p)
+def _add_sparse_config(p) -> None:
+    """The `SparseConfig` options of the one-configuration commands (`compare`, `trace`)."""
     p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
+    p.add_argument("--density", type=float, default=None,
+                   help="target block density in (0, 1] (default: the pattern's own parameters)")
     p.add_argument("--dense-steps", type=_step_count, default=0.2,
                    help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
@@ -56,23 +56,55 @@ def _add_compare(sub) -> None:
     p.add_argument("--dense-layers", type=int, default=0, help="the first L transformer blocks stay dense")
     p.add_argument("--correction", type=_correction, default=None,
                    help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
-    p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for both runs)")
-    p.add_argument("--out", default="outputs", help="folder for compare.mp4 and compare.json")
+    p.add_argument("--correction-refresh", type=int, default=0,
+                   help="with a correction, measure again this many steps after the last measurement (0 = once)")
 
 
-def _run_compare(args) -> None:
-    from .compare import run_compare
+def _sparse_config(args):
     from .config import SparseConfig
 
-    config = SparseConfig(
+    return SparseConfig(
         pattern=args.pattern,
+        density=args.density,
         block_size=args.block_size,
         dense_steps=args.dense_steps,
         dense_last_steps=args.dense_last_steps,
         dense_layers=args.dense_layers,
         correction=args.correction,
+        correction_refresh=args.correction_refresh,
     )
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_and_video(p)
+    _add_sparse_config(p)
+    p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for both runs)")
+    p.add_argument("--out", default="outputs", help="folder for compare.mp4 and compare.json")
+
+
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="per step and layer: error of each sparse attention call vs dense attention",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_and_video(p)
+    _add_sparse_config(p)
+    p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--out", default="outputs", help="folder for trace.csv and trace.png")
+
+
+def _run_trace(args) -> None:
+    from .trace import run_trace
+
+    run_trace(args, _sparse_config(args))
+
+
+def _run_compare(args) -> None:
+    from .compare import run_compare
+
+    config = _sparse_config(args)
     r = run_compare(args, config)
     print(f"model: {r.model}")
     print(f"config: {r.config}")
@@ -262,13 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_masks(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_trace(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"compare": _run_compare, "masks": _run_masks, "eval": _run_eval, "bench": _run_bench, "demo": _run_demo}
+    commands = {
+        "compare": _run_compare,
+        "masks": _run_masks,
+        "eval": _run_eval,
+        "bench": _run_bench,
+        "trace": _run_trace,
+        "demo": _run_demo,
+    }
     commands[args.command](args)
     return 0
 

@@ -126,6 +126,7 @@ class SparseRuntime:
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
         self._statistics: dict[tuple[int, str], _Statistics] = {}
+        self._observers: list = []
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -153,6 +154,12 @@ class SparseRuntime:
             self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
         return mode != "dense"
 
+    def add_observer(self, observer) -> None:
+        """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the
+        `CallRecord` and the `(B, S, H, D)` tensors in the model's token order (diagnostics, e.g.
+        `diffsparse.trace`). Observers live until `remove`."""
+        self._observers.append(observer)
+
     def _mode(self, layer: int, shape: torch.Size | None = None) -> str:
         """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`."""
         state = self._state()
@@ -178,8 +185,9 @@ class SparseRuntime:
         branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, state.layout, query, key) if self._classifies else self.pattern
         cached = self.plan(state.layout, query.shape[2], query.device, pattern)
+        inputs = (query, key, value)
         if cached.perm is not None:
-            query, key, value = (x.index_select(1, cached.perm) for x in (query, key, value))
+            query, key, value = (x.index_select(1, cached.perm) for x in inputs)
         mode = self._mode(layer, query.shape)
         if mode == "measure":
             out = self._measure(layer, branch, state, query, key, value, cached.plan)
@@ -192,7 +200,10 @@ class SparseRuntime:
             out = out.index_select(1, cached.inverse)
         sparse = mode == "sparse"
         density = cached.plan.density if sparse else 1.0
-        self.records.append(CallRecord(state.step, layer, branch, sparse, density, measured=not sparse))
+        record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
+        self.records.append(record)
+        for observer in self._observers:
+            observer(record, *inputs, out)
         return out
 
     def _attend(self, query, key, value, plan: BlockSparsePlan, return_lse: bool = False):

@@ -3,8 +3,8 @@
 import torch
 
 
-def generate(pipe, seed=0, **kwargs):
-    """A short, small video from the tiny pipeline as a float32 tensor (F, C, H, W) or (B, F, C, H, W)."""
+def tiny_call(seed=0, **kwargs):
+    """The keyword arguments of a short, small call of the tiny pipeline; `kwargs` override them."""
     call = {
         "prompt": "a red circle moving left",
         "negative_prompt": "low quality",
@@ -18,7 +18,12 @@ def generate(pipe, seed=0, **kwargs):
         "generator": torch.Generator().manual_seed(seed),
     }
     call.update(kwargs)
-    return pipe(**call).frames
+    return call
+
+
+def generate(pipe, seed=0, **kwargs):
+    """A short, small video from the tiny pipeline as a float32 tensor (F, C, H, W) or (B, F, C, H, W)."""
+    return pipe(**tiny_call(seed, **kwargs)).frames
 
 
 def reordered_reference(pattern, layout, order):

@@ -1,0 +1,123 @@
+"""`diffsparse trace`: where the sparse error comes from, per denoising step and layer.
+
+During one sparse generation, every self-attention call that diffsparse computes is compared with dense
+attention on the very same q, k, v (so the error is the attention's own, not the drift of the trajectory):
+relative L2 error `|out - dense| / |dense|`. The per-step curve says which steps need to stay dense and whether a
+correction helps; it costs one dense attention per call, so it is a diagnostic, not a way to generate.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .api import sparse
+from .config import SparseConfig
+from .runtime import CallRecord
+
+
+@dataclass
+class TracedCall:
+    step: int
+    layer: int
+    branch: str
+    sparse: bool  # False: a call that measured a correction's statistics (dense through the kernel)
+    density: float
+    error: float  # relative L2 error against dense attention on the same inputs
+
+
+def _relative_error(query, key, value, out) -> float:
+    q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return float((out.float() - dense).norm() / dense.norm().clamp(min=1e-12))
+
+
+def trace_attention_errors(pipe, config: SparseConfig, **call_kwargs) -> list[TracedCall]:
+    """Run `pipe(**call_kwargs)` under `config` and return every call diffsparse computed, with its error.
+
+    Calls that stay with the original processors (dense steps and layers) are exact and not listed.
+    """
+    traced: list[TracedCall] = []
+
+    def observe(record: CallRecord, query, key, value, out) -> None:
+        error = _relative_error(query, key, value, out)
+        traced.append(TracedCall(record.step, record.layer, record.branch, record.sparse, record.density, error))
+
+    with sparse(pipe, config) as handle, torch.no_grad():
+        for runtime in handle.runtimes.values():
+            runtime.add_observer(observe)
+        pipe(**call_kwargs)
+    return traced
+
+
+def per_step(traced: list[TracedCall]) -> list[dict]:
+    """Mean error (and density) over layers and branches, per step and kind of call."""
+    groups: dict[tuple[int, bool], list[TracedCall]] = {}
+    for call in traced:
+        groups.setdefault((call.step, call.sparse), []).append(call)
+    return [
+        {
+            "step": step,
+            "sparse": is_sparse,
+            "calls": len(calls),
+            "density": statistics.fmean(c.density for c in calls),
+            "error": statistics.fmean(c.error for c in calls),
+        }
+        for (step, is_sparse), calls in sorted(groups.items())
+    ]
+
+
+def plot(traced: list[TracedCall], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer in sorted({c.layer for c in traced}):
+        rows = per_step([c for c in traced if c.layer == layer and c.sparse])
+        ax.plot([r["step"] for r in rows], [r["error"] for r in rows], marker="o", ms=3, label=f"layer {layer}")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("relative L2 error vs dense attention")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_trace(args, config: SparseConfig) -> list[TracedCall]:
+    from .compare import load_pipeline
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    pipe = load_pipeline(args.model, args.device, dtype)
+    traced = trace_attention_errors(
+        pipe,
+        config,
+        prompt=args.prompt,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="np",
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "trace.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(traced[0])) if traced else ["step"])
+        writer.writeheader()
+        writer.writerows(asdict(c) for c in traced)
+    plot(traced, out / "trace.png", repr(config))
+    print(repr(config))
+    print("| step | call | density | error |")
+    print("|---:|---|---:|---:|")
+    for r in per_step(traced):
+        kind = "sparse" if r["sparse"] else "measured (dense)"
+        print(f"| {r['step']} | {kind} | {r['density']:.3f} | {r['error']:.4f} |")
+    print(f"wrote {out / 'trace.csv'} and {out / 'trace.png'}")
+    return traced

@@ -1,0 +1,42 @@
+"""`diffsparse trace`: per-call error of sparse attention against dense attention on the same inputs."""
+
+import csv
+
+import diffsparse
+from diffsparse.cli import main
+from diffsparse.patterns import Radial, Window3D
+from diffsparse.trace import per_step, trace_attention_errors
+
+from helpers import tiny_call
+
+
+def test_every_block_kept_traces_zero_error_and_only_the_calls_diffsparse_computes(tiny_pipe):
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=1)
+    traced = trace_attention_errors(tiny_pipe, config, **tiny_call(num_inference_steps=3))
+    assert {c.step for c in traced} == {1, 2}  # step 0 stays with the original processors
+    assert len(traced) == 2 * 2 * 2  # steps x branches x layers
+    assert all(c.sparse and c.error < 1e-5 for c in traced)
+
+
+def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe):
+    config = diffsparse.SparseConfig(
+        pattern=Radial(decay=0.25, min_window=8), block_size=16, dense_steps=1, correction="residual"
+    )
+    traced = trace_attention_errors(tiny_pipe, config, **tiny_call(num_inference_steps=3))
+    measured = [c for c in traced if not c.sparse]
+    assert {c.step for c in measured} == {0} and all(c.error < 1e-5 for c in measured)
+    rows = per_step(traced)
+    assert [(r["step"], r["sparse"]) for r in rows] == [(0, False), (1, True), (2, True)]
+    assert all(r["error"] > 1e-3 and r["density"] < 1 for r in rows if r["sparse"])
+    assert diffsparse.api._handles(tiny_pipe) == []  # the trace removed what it installed
+
+
+def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
+    args = ["trace", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16",
+            "--pattern", "window3d", "--density", "0.3", "--dense-steps", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "trace.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["step"]) for r in rows} == {1, 2} and all(float(r["error"]) >= 0 for r in rows)
+    assert (tmp_path / "trace.png").stat().st_size > 0
+    assert "| step | call | density | error |" in capsys.readouterr().out
