@@ -58,6 +58,8 @@ def _add_sparse_config(p) -> None:
                    help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
     p.add_argument("--correction-refresh", type=int, default=0,
                    help="with a correction, measure again this many steps after the last measurement (0 = once)")
+    p.add_argument("--tile", type=_ints, default=None,
+                   help="3D tile order t,h,w the kernel sees (SparseConfig.order; default: frame-major)")
 
 
 def _sparse_config(args):
@@ -72,6 +74,7 @@ def _sparse_config(args):
         dense_layers=args.dense_layers,
         correction=args.correction,
         correction_refresh=args.correction_refresh,
+        order=_order(args.tile),
     )
 
 
@@ -188,6 +191,8 @@ def _add_eval(sub) -> None:
                    help="comma-separated counts of leading transformer blocks kept dense")
     p.add_argument("--correction", type=_comma_list(_correction, "corrections"), default=[None],
                    help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
+    p.add_argument("--tile", type=_ints, default=None,
+                   help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major)")
     p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -197,6 +202,7 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> None:
     from .evaluate import run_eval
 
+    args.order = _order(args.tile)
     run_eval(args)
 
 

@@ -68,6 +68,7 @@ class EvalRow:
     dense_steps: float
     dense_layers: int
     correction: str | None
+    order: str  # the token order the kernel saw
     psnr_db: float
     ssim: float
     lpips: float | None
@@ -99,7 +100,8 @@ def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
 
 
 def run_eval(args) -> list[EvalRow]:
-
+    """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `TokenOrder` or `None`)
+    against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into `args.out`."""
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     pipe = load_pipeline(args.model, args.device, dtype)
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
@@ -111,6 +113,7 @@ def run_eval(args) -> list[EvalRow]:
             dense_layers=dense_layers,
             correction=correction,
             block_size=args.block_size,
+            order=getattr(args, "order", None),
         )
         for name, density, dense_steps, dense_layers, correction in itertools.product(
             args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
@@ -160,6 +163,7 @@ def run_eval(args) -> list[EvalRow]:
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
                 correction=config.correction,
+                order=repr(config.resolved_order),
                 psnr_db=statistics.fmean(s[0] for s in scores),
                 ssim=statistics.fmean(s[1] for s in scores),
                 lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,

@@ -43,7 +43,7 @@ def test_eval_writes_a_table(tmp_path, capsys):
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "eval.csv").read_text().splitlines()
-    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,dense_layers,correction,psnr_db")
+    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
     assert len(rows) == 3
     table = (tmp_path / "eval.md").read_text()
     assert "| radial(" in table and "attention_time_ratio" in table
@@ -52,12 +52,13 @@ def test_eval_writes_a_table(tmp_path, capsys):
 
 def test_eval_crosses_dense_layers_and_corrections(tmp_path):
     args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "1", "--dense-layers", "0,1",
-            "--correction", "none,residual", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
+            "--correction", "none,residual", "--tile", "1,2,2", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
             "--block-size", "16", "--prompts", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     with open(tmp_path / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["dense_layers"], r["correction"]) for r in rows] == [("0", ""), ("0", "residual"), ("1", ""), ("1", "residual")]
+    assert {r["order"] for r in rows} == {"tiles(1,2,2)"}
     # Measured density covers the sparse steps' calls: a dense layer counts 1.0 there.
     assert float(rows[2]["measured_density"]) > float(rows[0]["measured_density"])
 

@@ -33,10 +33,11 @@ def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe):
 
 def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     args = ["trace", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16",
-            "--pattern", "window3d", "--density", "0.3", "--dense-steps", "1", "--out", str(tmp_path)]
+            "--pattern", "window3d", "--density", "0.3", "--dense-steps", "1", "--tile", "1,2,2", "--out", str(tmp_path)]
     assert main(args) == 0
     with open(tmp_path / "trace.csv") as f:
         rows = list(csv.DictReader(f))
     assert {int(r["step"]) for r in rows} == {1, 2} and all(float(r["error"]) >= 0 for r in rows)
     assert (tmp_path / "trace.png").stat().st_size > 0
-    assert "| step | call | density | error |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| step | call | density | error |" in printed and "order=tiles(1,2,2)" in printed
