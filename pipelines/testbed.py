@@ -185,6 +185,24 @@ class TestbedPipeline(DiffusionPipeline):
                 f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
             )
 
+    def _first_frame_latent(self, first_frame, batch_size: int, height: int, width: int, device) -> torch.Tensor | None:
+        """`first_frame` (`(B or 1, 3, H, W)` in [0, 1]) as a one-frame latent in the model's [-1, 1] pixel space."""
+        if first_frame is None:
+            return None
+        if (
+            not isinstance(first_frame, torch.Tensor)
+            or first_frame.ndim != 4
+            or first_frame.shape[0] not in (1, batch_size)
+            or tuple(first_frame.shape[1:]) != (3, height, width)
+        ):
+            raise ValueError(
+                f"first_frame must be a tensor of shape ({batch_size} or 1, 3, {height}, {width}) with values in "
+                f"[0, 1], got {getattr(first_frame, 'shape', type(first_frame).__name__)}"
+            )
+        pixels = first_frame.to(device=device, dtype=torch.float32) * 2 - 1
+        latent = space_to_depth(pixels.unsqueeze(2), self.space_to_depth_factor)
+        return latent.expand(batch_size, -1, -1, -1, -1)
+
     def _predict(self, branch: str, context: dict, latents, timestep, embeds, attention_kwargs) -> torch.Tensor:
         # One CFG branch, in its own cache context as WanPipeline does (hooks keep per-branch state by name).
         with self.transformer.cache_context(branch, **context):
@@ -217,6 +235,7 @@ class TestbedPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
+        first_frame: torch.Tensor | None = None,
     ):
         """Generate videos; the arguments mean what they mean for `diffusers.WanPipeline`.
 
@@ -232,6 +251,10 @@ class TestbedPipeline(DiffusionPipeline):
             output_type (`str`, *optional*, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
             max_sequence_length (`int`, *optional*): text tokens, defaults to the tokenizer's `model_max_length`
                 (the length the model was trained with).
+            first_frame (`torch.Tensor` of shape `(B, 3, height, width)` in [0, 1], *optional*): image-to-video,
+                the way Wan 2.2 TI2V does it and `train --clean-first-frame` trains: the first frame is this
+                image, clean at every step (timestep 0 on its tokens), and the other frames are denoised around
+                it. `B` is the number of videos (prompts x `num_videos_per_prompt`), or 1 for all of them.
 
         Returns:
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
@@ -261,6 +284,12 @@ class TestbedPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=torch.float32)
 
+        condition = self._first_frame_latent(first_frame, batch_size, height, width, device)
+        if condition is not None:
+            latents[:, :, :1] = condition
+            tokens_per_frame = latents[0, 0, 0].numel() // math.prod(self.transformer.config.patch_size[1:])
+            conditioned = torch.arange(num_frames * tokens_per_frame, device=device) < tokens_per_frame
+
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self.scheduler.set_begin_index(0)
@@ -268,6 +297,8 @@ class TestbedPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(batch_size)
+                if condition is not None:  # one timestep per token: 0 on the given frame
+                    timestep = torch.where(conditioned, 0.0, t.float()).expand(batch_size, -1)
                 context = {
                     "step_index": i,
                     "sigma": float(self.scheduler.sigmas[i]),
@@ -280,6 +311,8 @@ class TestbedPipeline(DiffusionPipeline):
                     )
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if condition is not None:
+                    latents[:, :, :1] = condition
                 if callback_on_step_end is not None:
                     local = {
                         "latents": latents,
@@ -356,6 +389,7 @@ def sample(
     seed: int = 0,
     guidance_scale: float = 3.0,
     device: str | torch.device = "cpu",
+    first_frame: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Videos for `prompts` as float32 `(B, frames, 3, height, width)` in [0, 1] (the layout of `output_type="pt"`).
 
@@ -367,6 +401,8 @@ def sample(
         steps (`int`, *optional*, defaults to 20): flow-matching Euler steps.
         seed (`int`, *optional*, defaults to 0): seed of the initial noise.
         guidance_scale (`float`, *optional*, defaults to 3.0): classifier-free guidance scale.
+        first_frame (`torch.Tensor` of shape `(B, 3, height, width)` in [0, 1], *optional*): image-to-video, see
+            `TestbedPipeline.__call__`.
 
     Example:
         >>> video = sample(build_pipeline(), ["a red circle moving left"], frames=3, height=16, width=16, steps=2)
@@ -391,5 +427,6 @@ def sample(
         guidance_scale=guidance_scale,
         generator=generator,
         output_type="pt",
+        first_frame=first_frame,
     ).frames
     return frames_out.float().cpu()

@@ -600,3 +600,32 @@ def test_frozen_text_encoder_keeps_its_initial_weights_and_must_resume_frozen(tm
     assert any(not torch.equal(unfrozen[name], initial[name]) for name in unfrozen)  # the default trains it
     with pytest.raises(SystemExit, match="freeze-text-encoder"):
         train(parse_args(["--out", str(tmp_path / "frozen"), "--steps", "3", "--resume", *common]))
+
+
+def test_first_frame_is_kept_clean_and_the_rest_is_generated():
+    pipe = testbed.build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    try:
+        video = pipe(["a red circle moving left", "a blue square moving up"], num_frames=3, height=16, width=16,
+                     num_inference_steps=2, output_type="pt", first_frame=image).frames
+    finally:
+        hook.remove()
+    torch.testing.assert_close(video[:, 0], image, atol=1e-5, rtol=0)
+    assert not torch.allclose(video[:, 1], image, atol=0.05)
+    # One timestep per token: 0 on the first frame's 4 x 4 tokens, the step's timestep on the others.
+    assert seen[0].shape == (2, 3 * 16) and torch.all(seen[0][:, :16] == 0) and torch.all(seen[0][:, 16:] > 0)
+    with pytest.raises(ValueError, match="first_frame must be a tensor of shape"):
+        pipe("a red circle", num_frames=3, height=16, width=16, num_inference_steps=1, first_frame=image[:, :, :8])
+
+
+def test_image_to_video_fidelity_runs_on_the_pipeline():
+    pipe = testbed.build_pipeline()
+    given = fidelity.fidelity(pipe, frames=2, height=16, width=16, seeds=1, steps=1, first_frame=True)
+    plain = fidelity.fidelity(pipe, frames=2, height=16, width=16, seeds=1, steps=1)
+    assert given.videos == len(fidelity.requests())
+    assert given.present > plain.present  # random weights draw no shape; the given first frame shows it
