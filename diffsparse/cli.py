@@ -78,24 +78,24 @@ def _sparse_config(args):
     )
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> None:
+    """A command that generates one video under one `SparseConfig` (`compare`, `trace`)."""
+    p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_and_video(p)
     _add_sparse_config(p)
     p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for both runs)")
-    p.add_argument("--out", default="outputs", help="folder for compare.mp4 and compare.json")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--out", default="outputs", help=out_help)
+
+
+def _add_compare(sub) -> None:
+    _add_one_generation(sub, "compare", "generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
+                        "seed of the initial noise (the same for both runs)", "folder for compare.mp4 and compare.json")
 
 
 def _add_trace(sub) -> None:
-    p = sub.add_parser("trace", help="per step and layer: error of each sparse attention call vs dense attention",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_and_video(p)
-    _add_sparse_config(p)
-    p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--out", default="outputs", help="folder for trace.csv and trace.png")
+    _add_one_generation(sub, "trace", "per step and layer: error of each sparse attention call vs dense attention",
+                        "seed of the initial noise", "folder for trace.csv and trace.png")
 
 
 def _run_trace(args) -> None:
