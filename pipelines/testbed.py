@@ -83,6 +83,17 @@ def depth_to_space(latents: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c // (factor * factor), f, h * factor, w * factor)
 
 
+def per_token_timesteps(timesteps: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
+    """One timestep per frame, `(B, F)`, as the one-per-token `(B, F * tokens per frame)` tensor that
+    `WanTransformer3DModel` takes (Wan 2.2 TI2V's path): tokens are frame-major, so each frame's value repeats.
+    Training (`--frame-noise`, `--clean-first-frame`) and image-to-video sampling both build it here."""
+    p_t, p_h, p_w = patch_size
+    if p_t != 1:
+        raise ValueError(f"one timestep per frame needs a temporal patch size of 1, got {p_t}")
+    height, width = latents.shape[-2:]
+    return timesteps.repeat_interleave((height // p_h) * (width // p_w), dim=1)
+
+
 def build_components(config: dict | None = None, seed: int | None = None) -> dict:
     """Fresh components with seeded random weights: `tokenizer`, `text_encoder`, `transformer`, `scheduler`.
 
@@ -285,10 +296,9 @@ class TestbedPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32)
 
         condition = self._first_frame_latent(first_frame, batch_size, height, width, device)
-        if condition is not None:
-            latents[:, :, :1] = condition
-            tokens_per_frame = latents[0, 0, 0].numel() // math.prod(self.transformer.config.patch_size[1:])
-            conditioned = torch.arange(num_frames * tokens_per_frame, device=device) < tokens_per_frame
+        if condition is not None:  # not in place: `latents` may be the caller's tensor
+            latents = torch.cat([condition, latents[:, :, 1:]], dim=2)
+            given = torch.arange(num_frames, device=device) == 0
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -298,7 +308,8 @@ class TestbedPipeline(DiffusionPipeline):
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(batch_size)
                 if condition is not None:  # one timestep per token: 0 on the given frame
-                    timestep = torch.where(conditioned, 0.0, t.float()).expand(batch_size, -1)
+                    per_frame = torch.where(given, 0.0, t.float()).expand(batch_size, -1)
+                    timestep = per_token_timesteps(per_frame, latents, self.transformer.config.patch_size)
                 context = {
                     "step_index": i,
                     "sigma": float(self.scheduler.sigmas[i]),
@@ -312,7 +323,7 @@ class TestbedPipeline(DiffusionPipeline):
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if condition is not None:
-                    latents[:, :, :1] = condition
+                    latents = torch.cat([condition, latents[:, :, 1:]], dim=2)
                 if callback_on_step_end is not None:
                     local = {
                         "latents": latents,

@@ -45,7 +45,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..pipelines.testbed import TestbedPipeline, build_components, encode_prompts, space_to_depth, testbed_config
+from ..pipelines.testbed import (
+    TestbedPipeline,
+    build_components,
+    encode_prompts,
+    per_token_timesteps,
+    space_to_depth,
+    testbed_config,
+)
 from .data import IMAGE_PROMPTS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
 
 CHECKPOINT = "checkpoint.pt"
@@ -265,16 +272,12 @@ def velocity_errors(
     The training objective per clip; `diffsparse.testbed.fidelity.prompt_sensitivity` calls it with altered
     prompts to see which prompt words the model uses.
     """
-    b, _, _, height, width = x0.shape
+    b = x0.shape[0]
     tt = t.view(b, 1, -1, 1, 1)  # broadcasts over frames when t has one level per clip
     x_t = (1 - tt) * x0 + tt * noise
     timestep = t * 1000
     if t.ndim == 2:
-        p_t, p_h, p_w = components["transformer"].config.patch_size
-        tokens_per_frame = (height // p_h) * (width // p_w)
-        if p_t != 1:
-            raise ValueError(f"one noise level per frame needs a temporal patch size of 1, got {p_t}")
-        timestep = timestep.repeat_interleave(tokens_per_frame, dim=1)  # tokens are frame-major
+        timestep = per_token_timesteps(timestep, x0, components["transformer"].config.patch_size)
     embeds = encode_prompts(components["tokenizer"], components["text_encoder"], prompts, text_length)
     velocity = components["transformer"](
         hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds, return_dict=False
