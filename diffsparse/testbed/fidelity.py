@@ -3,6 +3,7 @@
     python -m diffsparse.testbed.fidelity                                   # shipped weights, evaluation size
     python -m diffsparse.testbed.fidelity --model runs/testbed60/pipeline --size 9x32x32
     python -m diffsparse.testbed.fidelity --model runs/testbed60/snapshots/step_002000 --size 9x32x32 --sensitivity-only
+    python -m diffsparse.testbed.fidelity --size 9x32x32 --steering-only   # does the direction word steer motion?
 
 Eyeballing a grid of frames cannot tell "ragged blobs" from "shapes" reproducibly, so every video of a fixed set
 of single-shape prompts (every shape x every direction) is scored frame by frame:
@@ -17,6 +18,11 @@ of single-shape prompts (every shape x every direction) is scored frame by frame
 - `present`: share of frames whose shape has at least a third of the training shapes' smallest area;
 - `direction_accuracy`: share of videos whose centroid moves along the prompted direction by at least half the
   prompted speed (least-squares slope over the frames with the shape present).
+
+Image-to-video from a training clip's first frame (`--first-frame`) fixes shape, colour and place, but the place
+hints the direction (a shape near the left edge rarely moves left). `steering` (`--steering-only`) removes the hint:
+each shape starts at the centre and is sampled with every direction word from the same first frame and seed;
+`steered` is the share that moves most along the prompted way (chance: one in four).
 
 The same scores of the training data itself (rendered clips of the same prompts) are the ceiling: they come out
 below 1 only through anti-aliasing at the outline.
@@ -116,29 +122,47 @@ def _template_iou(mask: np.ndarray, kind: str) -> float:
 def score_video(video: np.ndarray | torch.Tensor, request: Request) -> dict:
     """Scores of one video `(F, 3, H, W)` in [0, 1] (the layout `sample` returns) for `request`."""
     video = np.asarray(video, dtype=np.float64)
-    ious, correct, centroids = [], [], []
-    for f, frame in enumerate(video):
-        mask = _shape_mask(frame, request.colour)
-        if mask.sum() < MIN_AREA:
-            ious.append(0.0)
-            continue
-        fits = {kind: _template_iou(mask, kind) for kind in SHAPES}
-        ious.append(fits[request.kind])
-        correct.append(max(fits, key=fits.get) == request.kind)
-        ys, xs = np.nonzero(mask)
-        centroids.append((f, xs.mean(), ys.mean()))
-    moved = False
-    if len(centroids) >= 2:
-        f, x, y = np.asarray(centroids).T
-        slope = np.array([np.polyfit(f, x, 1)[0], np.polyfit(f, y, 1)[0]])
-        along = float(slope @ np.asarray(DIRECTIONS[request.direction], dtype=np.float64))
-        moved = along >= MIN_SPEED_FRACTION * SPEEDS[request.speed]
+    masks = _present_masks(video, request.colour)
+    fits = [{kind: _template_iou(mask, kind) for kind in SHAPES} for mask in masks.values()]
+    velocity = _velocity(masks)
     return {
-        "shape_iou": float(np.mean(ious)),
-        "kind_accuracy": float(np.mean(correct)) if correct else 0.0,
-        "present": len(centroids) / len(video),
-        "direction_accuracy": float(moved),
+        "shape_iou": sum(fit[request.kind] for fit in fits) / len(video),  # a frame without the shape scores 0
+        "kind_accuracy": float(np.mean([max(fit, key=fit.get) == request.kind for fit in fits])) if fits else 0.0,
+        "present": len(masks) / len(video),
+        "direction_accuracy": float(_moves_along(velocity, request.direction, SPEEDS[request.speed])),
     }
+
+
+def _present_masks(video: np.ndarray, colour: str) -> dict[int, np.ndarray]:
+    """`{frame index: shape mask}` of the frames of `video` `(F, 3, H, W)` where the `colour` shape is present."""
+    masks = {f: _shape_mask(frame, colour) for f, frame in enumerate(video)}
+    return {f: mask for f, mask in masks.items() if mask.sum() >= MIN_AREA}
+
+
+def _velocity(masks: dict[int, np.ndarray]) -> np.ndarray | None:
+    """Pixels per frame `(vx, vy)`: least-squares slope of the masks' centroids over frames; None below two."""
+    if len(masks) < 2:
+        return None
+    f = np.asarray(list(masks), dtype=np.float64)
+    x, y = np.asarray([(np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()) for m in masks.values()]).T
+    return np.array([np.polyfit(f, x, 1)[0], np.polyfit(f, y, 1)[0]])
+
+
+def _moves_along(velocity: np.ndarray | None, direction: str, speed: float) -> bool:
+    """Does `velocity` go `direction` by at least `MIN_SPEED_FRACTION` of `speed` pixels per frame?"""
+    if velocity is None:
+        return False
+    return float(velocity @ np.asarray(DIRECTIONS[direction], dtype=np.float64)) >= MIN_SPEED_FRACTION * speed
+
+
+def motion_direction(video: np.ndarray | torch.Tensor, colour: str) -> str | None:
+    """Which of `DIRECTIONS` the `colour` shape of `video` `(F, 3, H, W)` moves along most, or None when it moves
+    less than `MIN_SPEED_FRACTION` of the plain speed that way (or is in fewer than two frames)."""
+    velocity = _velocity(_present_masks(np.asarray(video, dtype=np.float64), colour))
+    if velocity is None:
+        return None
+    best = max(DIRECTIONS, key=lambda d: float(velocity @ np.asarray(DIRECTIONS[d], dtype=np.float64)))
+    return best if _moves_along(velocity, best, SPEEDS[""]) else None
 
 
 def _mean(scores: list[dict]) -> Scores:
@@ -300,6 +324,56 @@ def fidelity(
     return _mean(scored)
 
 
+def steering_batch(seed: int, height: int, width: int) -> tuple[list[Request], torch.Tensor]:
+    """The image-to-video prompts and first frames of `steering` for one seed.
+
+    One base shape per kind (colours taken in turn, shifted per seed, radius drawn from the seed), drawn at the
+    centre of a dark canvas, so no start position hints a direction; each base is asked for with every direction
+    word on the same first frame. Returns the requests and their first frames `(B, 3, H, W)` in [0, 1].
+    """
+    rng = np.random.default_rng([seed, 17])
+    colours = list(COLOURS)
+    todo, frames = [], []
+    for i, kind in enumerate(SHAPES):
+        colour = colours[(i + seed * len(SHAPES)) % len(colours)]
+        shape = Shape(kind, colour, float(rng.uniform(*RADIUS_RANGE)), width / 2, height / 2, 0.0, 0.0)
+        first = (render(Clip(1, height, width, (0.02, 0.02, 0.02), (shape,), "", ""))[:, 0] + 1) / 2
+        for direction in DIRECTIONS:
+            todo.append(Request(colour, kind, direction))
+            frames.append(first)
+    return todo, torch.stack(frames)
+
+
+def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps: int = 20, **sample_kwargs) -> dict:
+    """Does the direction word steer sampled motion? Image-to-video with no placement hint (`steering_batch`).
+
+    `fidelity(first_frame=True)` starts each video from a training clip's first frame, whose position already
+    hints the direction (a shape near the left edge is rarely moving left), so a model deaf to the word scores
+    well there. Here every base shape starts at the centre and is sampled once per direction word from the same
+    first frame and seed. Returns:
+
+    - `steered`: share of videos whose shape moves most along the prompted direction (`motion_direction`);
+      chance for a model that moves but ignores the word is `1 / len(DIRECTIONS)`;
+    - `moving`: share of videos with any clear motion (a model that never moves scores 0 on both);
+    - `direction_accuracy`: the `score_video` direction score of the same videos;
+    - `videos`: how many were scored.
+    """
+    from ..pipelines.testbed import sample
+
+    steered, moving, along = [], [], []
+    for seed in range(seeds):
+        todo, first_frames = steering_batch(seed, height, width)
+        videos = sample(model, [r.prompt for r in todo], frames=frames, height=height, width=width, steps=steps,
+                        seed=seed, first_frame=first_frames, **sample_kwargs)
+        for video, request in zip(videos, todo):
+            chosen = motion_direction(video, request.colour)
+            steered.append(chosen == request.direction)
+            moving.append(chosen is not None)
+            along.append(score_video(video, request)["direction_accuracy"])
+    return {"videos": len(steered), "steered": float(np.mean(steered)), "moving": float(np.mean(moving)),
+            "direction_accuracy": float(np.mean(along)), "chance": 1 / len(DIRECTIONS)}
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     """'FxHxW' (frames x height x width pixels) -> (F, H, W)."""
     try:
@@ -338,6 +412,9 @@ def main(argv=None) -> dict:
     p.add_argument("--first-frame", action="store_true",
                    help="sample image-to-video: each video starts from the clean first frame of a training clip of its "
                         "prompt, so only the motion is left to the prompt (the direction score then measures the word)")
+    p.add_argument("--steering-only", action="store_true",
+                   help="only the steering check: image-to-video from centred first frames with every direction word "
+                        "(no start position hints the way), does the word steer the motion?")
     p.add_argument("--sensitivity-only", action="store_true",
                    help="only the prompt sensitivity (no sampling): seconds instead of minutes, e.g. per snapshot")
     p.add_argument("--noise-levels", type=parse_noise_levels, default=SENSITIVITY_NOISE_LEVELS,
@@ -347,6 +424,8 @@ def main(argv=None) -> dict:
                    help="noise level of the first frame for the prompt sensitivity (the others get --noise-levels; "
                         "0: a clean condition, not scored); default: the whole clip at each of --noise-levels")
     args = p.parse_args(argv)
+    if args.steering_only and args.sensitivity_only:
+        p.error("--steering-only and --sensitivity-only each run one check alone: give one of them")
     if args.first_frame_level is not None and not 0 <= args.first_frame_level <= 1:
         p.error(f"--first-frame-level must be in [0, 1], got {args.first_frame_level}")
     if args.size is None:
@@ -354,6 +433,11 @@ def main(argv=None) -> dict:
         args.size = (size["frames"], size["height"], size["width"])
     pipe = load(path=args.model)
     result = {"model": str(args.model or "shipped weights"), "size": list(args.size)}
+    if args.steering_only:
+        result["steering"] = steering(pipe, *args.size, seeds=args.seeds, steps=args.steps,
+                                      guidance_scale=args.guidance_scale)
+        print(json.dumps(result, indent=1))
+        return result
     if not args.sensitivity_only:
         result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
                                               first_frame=args.first_frame, guidance_scale=args.guidance_scale))
