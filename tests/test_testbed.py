@@ -404,6 +404,61 @@ def test_fidelity_runs_on_the_pipeline():
     assert all(0 <= v <= 1 for v in (scores.shape_iou, scores.kind_accuracy, scores.present))
 
 
+def test_motion_direction_names_the_way_the_shape_moves_or_none():
+    request = fidelity.Request("red", "circle", "left")
+    for direction in DIRECTIONS:
+        assert fidelity.motion_direction(_rendered(request, direction=direction), "red") == direction
+    assert fidelity.motion_direction(_rendered(request, speed=0.0), "red") is None  # standing still
+    assert fidelity.motion_direction(_rendered(request), "blue") is None  # no blue shape
+
+
+def test_steering_batch_asks_every_direction_of_one_centred_first_frame():
+    for seed in (0, 1):
+        todo, first_frames = fidelity.steering_batch(seed, 32, 32)
+        assert first_frames.shape == (len(SHAPES) * len(DIRECTIONS), 3, 32, 32)
+        assert all(set(r.prompt.split()) <= PROMPT_WORDS for r in todo)
+        for i in range(0, len(todo), len(DIRECTIONS)):
+            group = todo[i:i + len(DIRECTIONS)]
+            assert [r.direction for r in group] == list(DIRECTIONS)
+            assert len({(r.colour, r.kind) for r in group}) == 1
+            assert all(torch.equal(first_frames[i], first_frames[j]) for j in range(i, i + len(DIRECTIONS)))
+            ys, xs = np.nonzero(fidelity._shape_mask(first_frames[i].numpy(), group[0].colour))
+            assert abs(xs.mean() + 0.5 - 16) < 1 and abs(ys.mean() + 0.5 - 16) < 1  # no start position hints a way
+    assert fidelity.steering_batch(0, 32, 32)[0] != fidelity.steering_batch(1, 32, 32)[0]  # colours change per seed
+
+
+def _fake_sampler(follows_prompt: bool):
+    """A `sample` stand-in that slides the first frame one pixel per frame: the prompted way, or always right."""
+    def fake(model, prompts, frames, height, width, steps, seed, first_frame, **kwargs):
+        videos = []
+        for prompt, image in zip(prompts, first_frame):
+            ux, uy = DIRECTIONS[prompt.split()[-1] if follows_prompt else "right"]
+            videos.append(torch.stack([image.roll((f * uy, f * ux), dims=(1, 2)) for f in range(frames)]))
+        return torch.stack(videos)
+    return fake
+
+
+def test_steering_scores_a_model_that_follows_the_word_and_one_that_ignores_it(monkeypatch):
+    monkeypatch.setattr(testbed, "sample", _fake_sampler(follows_prompt=True))
+    follows = fidelity.steering(None, frames=9, height=32, width=32, seeds=1)
+    assert follows == {"videos": 12, "steered": 1.0, "moving": 1.0, "direction_accuracy": 1.0, "chance": 0.25}
+    monkeypatch.setattr(testbed, "sample", _fake_sampler(follows_prompt=False))
+    deaf = fidelity.steering(None, frames=9, height=32, width=32, seeds=1)
+    assert deaf["steered"] == deaf["chance"] == 0.25 and deaf["moving"] == 1.0
+
+
+def test_fidelity_cli_refuses_two_only_checks_at_once(capsys):
+    with pytest.raises(SystemExit):
+        fidelity.main(["--steering-only", "--sensitivity-only"])
+    assert "--steering-only and --sensitivity-only" in capsys.readouterr().err
+
+
+def test_steering_runs_on_the_pipeline():
+    scores = fidelity.steering(testbed.build_pipeline(), frames=2, height=16, width=16, seeds=1, steps=1)
+    assert scores["videos"] == len(SHAPES) * len(DIRECTIONS)
+    assert all(0 <= scores[k] <= 1 for k in ("steered", "moving", "direction_accuracy"))
+
+
 def test_prompt_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_video():
     pipe = testbed.build_pipeline()
     listening = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1)
