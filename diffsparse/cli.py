@@ -32,6 +32,23 @@ def _comma_list(convert, what: str):
     return parse
 
 
+def _pattern_list(text: str) -> list[str]:
+    """Comma-separated patterns, each a name or a name with parameters: `"radial,searched(keep=0.3, refresh=4)"`
+    (commas inside parentheses belong to the pattern)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth != 0 or not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated patterns, e.g. radial,searched(refresh=4), got {text!r}")
+    return items
+
+
+PATTERN_HELP = "pattern name, optionally with parameters, e.g. radial or 'searched(refresh=4)' (see diffsparse.patterns)"
+
+
 def _add_model_and_video(p) -> None:
     """The options `compare` and `eval` share: which pipeline, and the video it generates (pixels)."""
     p.add_argument("--model", default=None,
@@ -46,7 +63,7 @@ def _add_model_and_video(p) -> None:
 
 def _add_sparse_config(p) -> None:
     """The `SparseConfig` options of the one-configuration commands (`compare`, `trace`)."""
-    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
+    p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--density", type=float, default=None,
                    help="target block density in (0, 1] (default: the pattern's own parameters)")
     p.add_argument("--dense-steps", type=_step_count, default=0.2,
@@ -151,7 +168,7 @@ def _add_masks(sub) -> None:
     p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_token_grid(p)
-    p.add_argument("--pattern", default="radial", help="pattern name (see diffsparse.patterns.PATTERNS)")
+    p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
     p.add_argument("--head", type=int, default=0, help="which head to draw, for patterns that differ per head")
@@ -181,8 +198,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_and_video(p)
-    p.add_argument("--pattern", type=_comma_list(str, "pattern names"), default=["radial", "window3d"],
-                   help="comma-separated pattern names (see diffsparse.patterns.PATTERNS)")
+    p.add_argument("--pattern", type=_pattern_list, default=["radial", "window3d"],
+                   help="comma-separated patterns, each a " + PATTERN_HELP)
     p.add_argument("--density", type=_comma_list(float, "densities"), default=[0.1, 0.2, 0.3],
                    help="comma-separated target block densities in (0, 1]; each pattern is solved for each")
     p.add_argument("--dense-steps", type=_comma_list(_step_count, "step counts or fractions"), default=[0, 0.2],
@@ -224,7 +241,8 @@ def _add_bench(sub) -> None:
     d = bench.add_parser("density", help="block density against frame count (radial falls like log(n)/n)",
                          formatter_class=defaults)
     _add_token_grid(d, several_frame_counts=True)
-    d.add_argument("--pattern", default="radial,window3d", help="comma-separated pattern names")
+    d.add_argument("--pattern", type=_pattern_list, default=["radial", "window3d"],
+                   help="comma-separated patterns, each a " + PATTERN_HELP)
     d.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     d.add_argument("--out", default="outputs", help="folder for bench_density.png")
     m = bench.add_parser("permute", help="3D tile permutation cost as a share of one sparse attention call",
@@ -233,7 +251,7 @@ def _add_bench(sub) -> None:
     _add_kernel_run(m, dim=128, dtype="bf16", repeats=3)
     m.set_defaults(heads=12)
     m.add_argument("--tile", type=_ints, default=[1, 8, 16], help="3D tile order t,h,w")
-    m.add_argument("--pattern", default="window3d", help="pattern name (see diffsparse.patterns.PATTERNS)")
+    m.add_argument("--pattern", default="window3d", help=PATTERN_HELP)
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors",
                          formatter_class=defaults)
     _add_kernel_run(a, dim=64, dtype="fp32", repeats=5)
@@ -264,7 +282,7 @@ def _run_bench(args) -> None:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "bench_density.png"
-    patterns = [get_pattern(name) for name in args.pattern.split(",")]
+    patterns = [get_pattern(name) for name in args.pattern]
     rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, path, _order(args.tile))
     print(f"{args.height}x{args.width} tokens per frame, block {args.block_size}")
     print("| pattern | frames | tokens | density | density*n/log2(n) | build s |")

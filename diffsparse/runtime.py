@@ -17,7 +17,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import IdentityOrder, Pattern, VideoLayout
+from .patterns import IdentityOrder, Pattern, Searched, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -115,14 +115,19 @@ class SparseRuntime:
         self.config = config
         self.name = name
         self.pattern = config.resolved_pattern
+        if config.density is not None and isinstance(self.pattern, Searched):
+            # A searched pattern's density is its `keep`, needed by the search itself, not solved after it.
+            self.pattern = self.pattern.at_density(None, config.density, config.block_sizes)
         self.block_sizes = config.block_sizes
         self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []
-        # Head-classifying patterns (Sparse VideoGen): the layer's specialised pattern, chosen at its first
-        # sparse call of a pipeline call from sampled q/k rows and reused for the remaining steps.
+        # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
+        # pattern (`Pattern.fit`), chosen at its first sparse call of a pipeline call and reused for the
+        # remaining steps.
         self._layer_patterns: dict[tuple[int, VideoLayout], Pattern] = {}
-        self._classifies = callable(getattr(self.pattern, "classify", None))
+        self._fitted_at: dict[tuple[int, VideoLayout], int] = {}  # the step each layer pattern was fitted at
+        self._fits = type(self.pattern).fit is not Pattern.fit
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
         self._statistics: dict[tuple[int, str], _Statistics] = {}
@@ -140,6 +145,7 @@ class SparseRuntime:
         """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
         self.records.clear()
         self._layer_patterns.clear()
+        self._fitted_at.clear()
         self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
@@ -183,7 +189,7 @@ class SparseRuntime:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout)."""
         state = self._state()
         branch = self.state_manager.context.name
-        pattern = self._layer_pattern(layer, state.layout, query, key) if self._classifies else self.pattern
+        pattern = self._layer_pattern(layer, state.layout, query, key, value) if self._fits else self.pattern
         cached = self.plan(state.layout, query.shape[2], query.device, pattern)
         inputs = (query, key, value)
         if cached.perm is not None:
@@ -242,12 +248,16 @@ class SparseRuntime:
 
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
-    def _layer_pattern(self, layer: int, layout: VideoLayout, query: torch.Tensor, key: torch.Tensor) -> Pattern:
+    def _layer_pattern(self, layer: int, layout: VideoLayout, query, key, value) -> Pattern:
         pattern = self._layer_patterns.get((layer, layout))
-        if pattern is None:
+        step = self._state().step
+        every = self.pattern.refit_every
+        if pattern is None or (every and step - self._fitted_at[(layer, layout)] >= every):
             generator = torch.Generator(device=query.device).manual_seed(layer)
-            kinds = self.pattern.classify(query.transpose(1, 2), key.transpose(1, 2), layout, generator=generator)
-            pattern = self._layer_patterns[(layer, layout)] = self.pattern.with_heads(kinds)
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            pattern = self.pattern.fit(q, k, v, layout, self.block_sizes, order=self.order, generator=generator)
+            self._layer_patterns[(layer, layout)] = pattern
+            self._fitted_at[(layer, layout)] = step
         return pattern
 
     def plan(

@@ -7,6 +7,7 @@ from .layout import VideoLayout, as_triple
 from .ordering import Boxes, IdentityOrder, TileOrder, TokenOrder, permute, unpermute
 from .radial import Radial
 from .registry import PATTERNS, get_pattern
+from .searched import Searched
 from .sink import FrameSink
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
@@ -20,6 +21,7 @@ __all__ = [
     "Intersection",
     "Pattern",
     "Radial",
+    "Searched",
     "SpatialTemporal",
     "TileOrder",
     "TokenOrder",

@@ -152,6 +152,8 @@ class Pattern(abc.ABC):
     """
 
     name: ClassVar[str] = "pattern"
+    # Whether the pattern has a rule `|` and `&` can combine; a pattern whose mask comes only from `fit` has not.
+    composable: ClassVar[bool] = True
 
     @property
     def num_heads(self) -> int:
@@ -275,6 +277,31 @@ class Pattern(abc.ABC):
             1.0
         """
         return self.block_mask(layout, block_size, order).float().mean().item()
+
+    def fit(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: VideoLayout,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Pattern:
+        r"""
+        The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
+        call of a generation, with that call's `(B, H, N, D)` queries, keys and values in the model's
+        frame-major order,
+        and uses the result for the layer's remaining steps. Static patterns return themselves; data-dependent
+        ones override it ([`SpatialTemporal`] classifies its heads, [`Searched`] searches its blocks).
+        """
+        return self
+
+    @property
+    def refit_every(self) -> int:
+        """Steps after which the runtime calls `fit` again with the current step's tensors (`0`: fitted once per
+        generation and layer)."""
+        return 0
 
     def _density_knob(self, layout: VideoLayout):
         """`(make, lo, hi, breaks)`: `make(x)` is a copy of the pattern for parameter `x` in `[lo, hi]`,

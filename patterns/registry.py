@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import ast
+
 from .base import Pattern
 from .dense import Dense
 from .radial import Radial
+from .searched import Searched
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
 
-PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, SpatialTemporal, Window3D)}
+PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, Searched, SpatialTemporal, Window3D)}
+
+
+def _parse_call(text: str) -> tuple[str, dict]:
+    """`"searched(keep=0.3, refresh=4)"` -> `("searched", {"keep": 0.3, "refresh": 4})`: a name, optionally called
+    with keyword arguments whose values are Python literals."""
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+        if isinstance(call, ast.Name):
+            return call.id, {}
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            raise ValueError
+        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        if None in params:
+            raise ValueError
+        return call.func.id, params
+    except (SyntaxError, ValueError):
+        raise ValueError(
+            f"a pattern must be a name or a name with keyword arguments of literal values, e.g. "
+            f"'searched(refresh=4)', got {text!r}"
+        ) from None
 
 
 def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
@@ -16,14 +39,17 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     Resolve a pattern name to an instance; a [`Pattern`] instance passes through unchanged.
 
     Args:
-        name_or_pattern (`str` or [`Pattern`]): a key of `PATTERNS` or a pattern instance.
-        **params: parameters for the named pattern's constructor (only with a name).
+        name_or_pattern (`str` or [`Pattern`]): a key of `PATTERNS`, optionally called with keyword arguments of
+            its constructor as Python literals (`"searched(refresh=4)"`), or a pattern instance.
+        **params: parameters for the named pattern's constructor (only with a bare name).
 
     Example:
         >>> get_pattern("radial", decay=0.2)
         radial(decay=0.2, min_window=64, sink=False)
         >>> get_pattern("window3d")
         window3d(t=3, h=8, w=8)
+        >>> get_pattern("radial(decay=0.5, sink=True)")
+        radial(decay=0.5, min_window=64, sink=True)
         >>> get_pattern(Dense())
         dense()
     """
@@ -33,8 +59,17 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
                 f"parameters can only be given with a pattern name, got {name_or_pattern!r} and {params=}"
             )
         return name_or_pattern
-    if name_or_pattern not in PATTERNS:
+    if not isinstance(name_or_pattern, str):
+        raise ValueError(f"pattern must be a name from {sorted(PATTERNS)} or a Pattern instance, got {name_or_pattern!r}")
+    name, spec_params = _parse_call(name_or_pattern)
+    if spec_params and params:
+        raise ValueError(f"give parameters in the pattern text or as keywords, not both: {name_or_pattern!r}, {params=}")
+    if name not in PATTERNS:
         raise ValueError(
-            f"pattern must be one of {sorted(PATTERNS)} or a Pattern instance, got {name_or_pattern!r}"
+            f"pattern must be one of {sorted(PATTERNS)} (optionally with parameters, e.g. 'radial(decay=0.5)') or a "
+            f"Pattern instance, got {name_or_pattern!r}"
         )
-    return PATTERNS[name_or_pattern](**params)
+    try:
+        return PATTERNS[name](**(spec_params or params))
+    except TypeError as error:  # an unknown parameter name
+        raise ValueError(f"pattern {name_or_pattern!r}: {error}") from None

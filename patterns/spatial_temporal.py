@@ -277,6 +277,11 @@ class SpatialTemporal(Pattern):
         return mass
 
     @torch.no_grad()
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None) -> SpatialTemporal:
+        """A copy with each head's kind chosen by [`~SpatialTemporal.classify`] (values, block size and order
+        do not enter: the masks are exact in any)."""
+        return self.with_heads(self.classify(query, key, layout, generator=generator))
+
     def classify(
         self,
         query: torch.Tensor,

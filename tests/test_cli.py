@@ -63,6 +63,18 @@ def test_eval_crosses_dense_layers_and_corrections(tmp_path):
     assert float(rows[2]["measured_density"]) > float(rows[0]["measured_density"])
 
 
+def test_eval_takes_patterns_with_parameters(tmp_path):
+    args = ["eval", "--pattern", "radial(decay=0.5),searched(keep=0.5, refresh=1)", "--density", "0.5",
+            "--dense-steps", "1", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
+            "--block-size", "16", "--prompts", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["pattern"].startswith("radial(") and "min_window=64" in rows[0]["pattern"]
+    assert rows[1]["pattern"] == "searched(keep=0.5, criterion='greedy', budget='row', refresh=1)"
+    assert abs(float(rows[1]["measured_density"]) - 0.5) < 0.05
+
+
 def _subparsers(parser: argparse.ArgumentParser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -86,3 +98,11 @@ def test_list_options_name_what_they_expected(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--density", "0.1,x"])
     assert "expected comma-separated densities, got '0.1,x'" in capsys.readouterr().err
+
+
+def test_pattern_lists_keep_parameters_together(capsys):
+    args = build_parser().parse_args(["eval", "--pattern", "radial, searched(keep=0.3, refresh=4)"])
+    assert args.pattern == ["radial", "searched(keep=0.3, refresh=4)"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--pattern", "radial,searched(keep=0.3"])
+    assert "expected comma-separated patterns" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from diffsparse.patterns import (
     Dense,
     Pattern,
     Radial,
+    Searched,
     SpatialTemporal,
     VideoLayout,
     Window3D,
@@ -212,7 +213,8 @@ def test_token_mask_refuses_large_layouts():
 def test_repr_and_registry():
     assert repr(Radial(decay=0.5, sink=True)) == "radial(decay=0.5, min_window=64, sink=True)"
     assert repr(Dense()) == "dense()" and Dense().name == "dense" and Radial().name == "radial"
-    assert PATTERNS == {"dense": Dense, "radial": Radial, "spatial_temporal": SpatialTemporal, "window3d": Window3D}
+    assert PATTERNS == {"dense": Dense, "radial": Radial, "searched": Searched, "spatial_temporal": SpatialTemporal,
+                        "window3d": Window3D}
     assert get_pattern("radial") == Radial() and get_pattern("radial", decay=0.2) == Radial(decay=0.2)
     custom = Radial(min_window=32)
     assert get_pattern(custom) is custom
@@ -221,6 +223,17 @@ def test_repr_and_registry():
         get_pattern("disc")
     with pytest.raises(ValueError, match="pattern name"):
         get_pattern(custom, decay=0.1)
+    # Names with parameters: the constructor's keywords as Python literals.
+    assert get_pattern("radial(decay=0.5, sink=True)") == Radial(decay=0.5, sink=True)
+    assert get_pattern(" window3d(window=(1, 4, 4)) ") == Window3D((1, 4, 4))
+    for bad, match in (("radial(0.5)", "keyword arguments of literal values"),
+                       ("radial(decay=x)", "keyword arguments of literal values"),
+                       ("radial(foo=1)", "pattern 'radial\\(foo=1\\)': .*foo"),
+                       ("disc(r=1)", "pattern must be one of")):
+        with pytest.raises(ValueError, match=match):
+            get_pattern(bad)
+    with pytest.raises(ValueError, match="not both"):
+        get_pattern("radial(decay=0.5)", sink=True)
     assert isinstance(custom, Pattern)
 
 

@@ -1,0 +1,443 @@
+"""Blocks chosen from the model's own attention: searched once per layer, then reused across denoising steps."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from einops import rearrange
+
+from .base import BlockSize, Pattern, _block_spans, as_pair
+from .layout import VideoLayout
+from .ordering import IdentityOrder, TokenOrder, as_order
+
+BUDGETS = ("row", "head", "layer")
+CRITERIA = ("greedy", "mass")
+# float32 elements of one chunk of `block_attention_mass` and `greedy_blocks`: 64 MB.
+_CHUNK = 1 << 24
+# A set of key blocks holding less than this share of a query's attention counts as holding none, with the
+# squared error `_NO_MASS_ERROR` (the worst there is).
+_MIN_SET_MASS = 1e-6
+_NO_MASS_ERROR = 1e30
+
+
+def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
+    r"""
+    Exact attention mass between blocks: for each head, the softmax probabilities of `query` over `key`
+    (scale `1 / sqrt(D)`, computed in float32) summed over the keys of each key block and averaged over the
+    queries of each query block and over the batch. Each row of the result sums to 1.
+
+    Computed in chunks of query rows, so memory stays near `_CHUNK` floats however long the sequence; the work
+    is one dense `Q K^T` (no `P V`).
+
+    Args:
+        query (`torch.Tensor` of shape `(B, H, Nq, D)`): queries in the token order the kernel sees.
+        key (`torch.Tensor` of shape `(B, H, Nk, D)`): keys in the same order.
+        block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens; partial last blocks hold
+            fewer tokens (the query average is over the real ones).
+
+    Returns:
+        `torch.FloatTensor` of shape `(H, ceil(Nq / block_q), ceil(Nk / block_k))`.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+        >>> mass = block_attention_mass(q, k, 4)
+        >>> mass.shape, torch.allclose(mass.sum(-1), torch.ones(2, 3))
+        (torch.Size([2, 3, 3]), True)
+    """
+    bq, bk = as_pair(block_size)
+    batch, heads, nq_tok, _ = query.shape
+    nk_tok = key.shape[2]
+    nq, nk = math.ceil(nq_tok / bq), math.ceil(nk_tok / bk)
+    key = key.float()
+    mass = torch.zeros(heads, nq, nk, dtype=torch.float32, device=query.device)
+    rows_per_chunk = max(bq, (_CHUNK // max(1, batch * heads * nk_tok)) // bq * bq)
+    for start in range(0, nq_tok, rows_per_chunk):
+        end = min(start + rows_per_chunk, nq_tok)
+        probs = _block_probabilities(query[:, :, start:end], key, bk)  # (B, H, rows, nk, bk)
+        block_of_row = torch.arange(start, end, device=query.device) // bq
+        mass.index_add_(1, block_of_row, probs.sum(-1).sum(0))
+    rows_per_block = torch.full((nq,), float(bq), device=query.device)
+    rows_per_block[-1] = nq_tok - (nq - 1) * bq
+    return mass / (rows_per_block[None, :, None] * batch)
+
+
+def _block_probabilities(query: torch.Tensor, key: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Exact float32 softmax of `query` `(B, H, rows, D)` over all of `key` `(B, H, Nk, D)` (scale
+    `1 / sqrt(D)`), keys padded to whole blocks with zero probability: `(B, H, rows, nk, block_k)`."""
+    nk_tok = key.shape[2]
+    nk = math.ceil(nk_tok / block_k)
+    scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(query.shape[-1])
+    probs = torch.nn.functional.pad(torch.softmax(scores, dim=-1), (0, nk * block_k - nk_tok))
+    return probs.reshape(*probs.shape[:-1], nk, block_k)
+
+
+def greedy_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: BlockSize,
+    keep: float,
+    required: torch.Tensor,
+    sample_rows: int = 32,
+    value_dims: int = 32,
+) -> torch.Tensor:
+    r"""
+    For each head and query block, the set of `round(keep * nk)` key blocks (at least `required`) whose
+    block-sparse attention output is closest to the dense one, built greedily: starting from the required
+    blocks, add the key block that most lowers the squared output error summed over the block's queries.
+
+    With kept blocks `K`, query `r`'s sparse output (softmax renormalised over `K`, as the kernel computes it)
+    misses the dense output `o_r` by exactly `sum_{j in K} d_rj / sum_{j in K} m_rj`, where `m_rj` is the mass
+    key block `j` holds and `d_rj = sum_{k in j} p_rk (v_k - o_r)` its pull away from `o_r`. So the error of
+    any candidate set follows from the `d` and `m` of its blocks, and the greedy step is exact. Unlike ranking
+    blocks one by one (by mass, or by what dropping each alone would cost), it sees that blocks whose pulls
+    cancel are worth keeping together: on a diffuse head, whose output is a broad average, the top blocks by
+    mass are a biased sample of it, while the greedy set is a balanced one.
+
+    Cost, to keep it bounded on long sequences: `sample_rows` evenly spaced queries stand for each query
+    block (all of them when the block is no longer; the rows of a partial last block may repeat), and values
+    wider than `value_dims` are projected to `value_dims` dimensions by a fixed random Gaussian map (squared
+    norms are kept in expectation). Work: one attention over the sampled rows plus `keep * nk` greedy steps
+    over `(sampled rows, nk, value_dims)` per head and query block, in chunks of about `_CHUNK` floats.
+
+    Args:
+        query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): in the token order the kernel sees; the
+            batch's queries are pooled (one set per head and query block).
+        block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens.
+        keep (`float`): share of key blocks per query block, in `(0, 1]`.
+        required (`torch.BoolTensor` of shape `(nq, nk)`): blocks every set starts with.
+        sample_rows (`int`, *optional*, defaults to `32`): queries per query block that enter the error.
+        value_dims (`int`, *optional*, defaults to `32`): value dimensions the error is measured in.
+
+    Returns:
+        `torch.BoolTensor` of shape `(H, nq, nk)`.
+
+    Example:
+        >>> q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+        >>> kept = greedy_blocks(q, k, v, 8, keep=0.4, required=torch.eye(5, dtype=torch.bool))
+        >>> kept.shape, kept.sum(-1).tolist()
+        (torch.Size([2, 5, 5]), [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]])
+    """
+    bq, bk = as_pair(block_size)
+    batch, heads, n, dim = query.shape
+    nq, nk = math.ceil(n / bq), math.ceil(key.shape[2] / bk)
+    values = value.float()
+    if dim > value_dims:
+        projection = torch.randn(dim, value_dims, generator=torch.Generator().manual_seed(0)) / math.sqrt(value_dims)
+        values = values @ projection.to(values.device)
+    dv = values.shape[-1]
+    values = torch.nn.functional.pad(values, (0, 0, 0, nk * bk - key.shape[2])).reshape(batch, heads, nk, bk, dv)
+    samples = min(sample_rows, bq)
+    starts = torch.arange(nq) * bq
+    lengths = (n - starts).clamp(max=bq)
+    rows = (starts[:, None] + torch.arange(samples)[None, :] * lengths[:, None] // samples).to(query.device)
+    count = torch.clamp(torch.full((nq,), round(keep * nk)), min=required.sum(-1).cpu()).to(query.device)
+    kept = required.to(query.device).expand(heads, nq, nk).clone()
+    per_block = batch * samples * nk * dv  # floats of one head and query block
+    head_chunk = max(1, min(heads, _CHUNK // per_block))
+    block_chunk = max(1, _CHUNK // (per_block * head_chunk))
+    for h0 in range(0, heads, head_chunk):
+        h1 = min(h0 + head_chunk, heads)
+        for q0 in range(0, nq, block_chunk):
+            q1 = min(q0 + block_chunk, nq)
+            probs = _block_probabilities(query[:, h0:h1, rows[q0:q1].reshape(-1)], key[:, h0:h1], bk)
+            part = torch.einsum("bhrjk,bhjkd->bhrjd", probs, values[:, h0:h1])  # each key block's share of o_r
+            mass = probs.sum(-1)
+            pull = part - mass[..., None] * part.sum(-2, keepdim=True)
+
+            # One set per head and query block, its rows pooled over the batch and the sampled queries.
+            pull, mass = (rearrange(x, "b h (q s) j ... -> h q (b s) j ...", s=samples) for x in (pull, mass))
+            kept[h0:h1, q0:q1] = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1])
+    return kept
+
+
+def _grow(pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The greedy steps of `greedy_blocks` on `pull` `(h, blocks, rows, nk, D)` and `mass` `(h, blocks, rows,
+    nk)`: add to `kept` `(h, blocks, nk)` one block per set and step until each set holds `count[block]`."""
+    pull = pull.contiguous()  # read once per step below, as a view
+    weights = kept.float()
+    total_pull = torch.einsum("hqrjd,hqj->hqrd", pull, weights)
+    total_mass = torch.einsum("hqrj,hqj->hqr", mass, weights)
+    pull_norms = pull.square().sum(-1)
+    while True:
+        short = kept.sum(-1) < count
+        if not short.any():
+            return kept
+        # |total + pull_j|^2 expanded, so each step reads `pull` once instead of building a copy of it.
+        cross = torch.einsum("nd,njd->nj", total_pull.flatten(0, 2), pull.flatten(0, 2)).view(pull_norms.shape)
+        squared = total_pull.square().sum(-1)[..., None] + 2 * cross + pull_norms
+        set_mass = total_mass[..., None] + mass
+        # A set holding (almost) none of a row's mass leaves the kernel's output for that row to keys the softmax
+        # barely sees, and its float32 error would be rounding noise over an underflowing square: count it as the
+        # worst. Finite, so the sum over rows stays comparable and kept blocks (infinite) are never picked again.
+        error = torch.where(set_mass >= _MIN_SET_MASS, squared.clamp(min=0) / set_mass.square(), _NO_MASS_ERROR)
+        best = error.clamp(max=_NO_MASS_ERROR).sum(2).masked_fill(kept, torch.inf).argmin(-1)  # (h, blocks)
+        kept = kept | (torch.nn.functional.one_hot(best, kept.shape[-1]).bool() & short[..., None])
+        index = best[:, :, None, None].expand(-1, -1, pull.shape[2], 1)  # (h, blocks, rows, 1)
+        grow = short[:, :, None].float()  # sets already full add nothing
+        total_mass = total_mass + grow * mass.gather(3, index)[..., 0]
+        picked = pull.gather(3, index[..., None].expand(-1, -1, -1, -1, pull.shape[-1]))[:, :, :, 0]
+        total_pull = total_pull + grow[..., None] * picked
+
+
+def _top(scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """Bool mask over the last dim of `scores`: its `count` largest entries (ties broken by position)."""
+    ranks = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
+    count = torch.as_tensor(count, device=scores.device)
+    return ranks < (count[..., None] if count.ndim else count)
+
+
+def select_blocks(scores: torch.Tensor, keep: float, budget: str, required: torch.Tensor) -> torch.Tensor:
+    r"""
+    The highest-scoring blocks, `keep` of all blocks, always including `required`.
+
+    Args:
+        scores (`torch.Tensor` of shape `(H, nq, nk)`): e.g. [`block_drop_error`] or [`block_attention_mass`];
+            higher is kept first.
+        keep (`float`): share of blocks to keep, in `(0, 1]` (rounded to whole blocks; never fewer than
+            `required`).
+        budget (`str`): where the share applies: `"layer"` (one budget for all heads and rows, so heads and
+            rows with more high scores get more blocks), `"head"` (per head), `"row"` (per query block).
+        required (`torch.BoolTensor` of shape `(nq, nk)`): blocks kept whatever their score (the
+            diagonal, text).
+
+    Returns:
+        `torch.BoolTensor` of shape `(H, nq, nk)`.
+
+    Example:
+        >>> scores = torch.tensor([[[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]]])
+        >>> required = torch.tensor([[True, False, False], [False, True, False]])
+        >>> select_blocks(scores, 0.5, "layer", required).int()  # 3 of 6 blocks: the diagonal, then the highest
+        tensor([[[1, 0, 0],
+                 [1, 1, 0]]], dtype=torch.int32)
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget=}")
+    heads, nq, nk = scores.shape
+    required = required.to(scores.device).expand(heads, nq, nk)
+    # Required blocks rank first (above even infinite scores, held at the largest float); then the higher score.
+    ranked = torch.where(required, torch.inf, scores.float().clamp(max=torch.finfo(torch.float32).max))
+    if budget == "row":
+        count = torch.clamp(torch.full((heads, nq), round(keep * nk), device=scores.device), min=required.sum(-1))
+        return _top(ranked, count)
+    flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, heads * nq * nk)
+    count = torch.clamp(torch.full((flat.shape[0],), round(keep * flat.shape[1]), device=scores.device),
+                        min=required.reshape(flat.shape).sum(-1))
+    return _top(flat, count).reshape(heads, nq, nk)
+
+
+def _check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"Searched.keep must be a share of blocks in (0, 1], got keep={keep!r}")
+
+
+@dataclass(frozen=True, repr=False)
+class Searched(Pattern):
+    r"""
+    Searched blocks (name `"searched"`), as AdaSpa and SparseD observe: which blocks a head needs barely
+    changes across denoising steps, so find them once from the model's own attention and reuse them. At a
+    layer's first sparse call of a generation the runtime calls [`~Searched.search`] with that call's
+    queries, keys and values; the resulting per-head block mask (for that layout, block size and token order)
+    is reused (plan-cached) for the remaining steps of the generation, and the next generation searches again.
+    The search at a layer's first sparse call is shared by both CFG branches (the cond call runs first).
+
+    How blocks are chosen (`criterion`):
+
+    - `"greedy"` ([`greedy_blocks`]): per head and query block, the set of key blocks whose sparse output is
+      closest to the dense output, built greedily from the exact error of each candidate set. On the embedded
+      testbed it gives about a third of the attention error of the best static pattern at the same density, at
+      the step it searched (README).
+    - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
+      (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
+      biased sample of that average, and the error can exceed the output itself.
+
+    Text structure: blocks holding text tokens are always kept as queries and as keys (as every pattern does),
+    and every query block keeps its diagonal key block; both count toward `keep`.
+
+    It has no closed-form token definition: its token mask is the searched block mask expanded to tokens, in
+    the searched order. Before a search it has no mask at all, and asking for one raises (rather than
+    quietly standing in a dense or a guessed mask): measure a searched pattern through the runtime
+    (`diffsparse eval`, `diffsparse trace`), which searches on the model's own queries, keys and values.
+
+    Args:
+        keep (`float`, *optional*, defaults to `0.25`): share of blocks kept, in `(0, 1]`. `SparseConfig.density`
+            sets it (`at_density` gives a copy with `keep=target`).
+        criterion (`str`, *optional*, defaults to `"greedy"`): `"greedy"` or `"mass"` (above).
+        budget (`str`, *optional*, defaults to `"row"`): where `keep` applies: `"row"`, the same number of key
+            blocks for every query block; with `criterion="mass"` also `"head"` (per head) or `"layer"` (one
+            budget for all heads and rows of the layer, AdaSpa's head-adaptive budgets).
+        sample_rows (`int`, *optional*, defaults to `32`): `"greedy"`: queries per query block whose error
+            counts (evenly spaced; all of them for blocks of up to 32 queries).
+        value_dims (`int`, *optional*, defaults to `32`): `"greedy"`: value dimensions the error is measured in
+            (wider values are randomly projected; exact up to 32).
+        refresh (`int`, *optional*, defaults to `0`): search again every this many steps after a layer's last
+            search, with that step's tensors (`0`: once per generation). Each search costs about one dense
+            attention of the layer plus the greedy steps.
+
+    Example:
+        >>> from diffsparse.patterns import Searched, VideoLayout
+        >>> layout = VideoLayout(frames=2, height=4, width=4)
+        >>> q, k, v = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+        >>> searched = Searched(keep=0.5).search(q, k, v, layout, 8)
+        >>> searched
+        searched(keep=0.5, criterion='greedy', budget='row', heads=2)
+        >>> searched.block_mask(layout, 8).shape, searched.density(layout, 8)
+        (torch.Size([2, 4, 4]), 0.5)
+    """
+
+    keep: float = 0.25
+    criterion: str = "greedy"
+    budget: str = "row"
+    sample_rows: int = 32
+    value_dims: int = 32
+    refresh: int = 0
+    # Set by `search`: the mask (compared through `searched_for`, whose last item is a digest of its bits).
+    searched_mask: torch.Tensor | None = field(default=None, compare=False)
+    searched_for: tuple | None = None
+
+    name = "searched"
+    composable = False
+
+    def __post_init__(self):
+        _check_keep(self.keep)
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"Searched.criterion must be one of {CRITERIA}, got criterion={self.criterion!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"Searched.budget must be one of {BUDGETS}, got budget={self.budget!r}")
+        if self.criterion == "greedy" and self.budget != "row":
+            raise ValueError(
+                f"Searched.budget={self.budget!r} needs criterion='mass': the greedy sets are built per query block "
+                f"(budget='row')"
+            )
+        for name, low in (("sample_rows", 1), ("value_dims", 1), ("refresh", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Searched.{name} must be an int >= {low}, got {name}={value!r}")
+        if (self.searched_mask is None) != (self.searched_for is None):
+            raise ValueError("Searched.searched_mask and searched_for are set together, by Searched.search")
+
+    @property
+    def num_heads(self) -> int:
+        return 1 if self.searched_mask is None else self.searched_mask.shape[0]
+
+    @property
+    def refit_every(self) -> int:
+        return self.refresh
+
+    def __repr__(self) -> str:
+        extra = "" if (self.sample_rows, self.value_dims) == (32, 32) else (
+            f", sample_rows={self.sample_rows!r}, value_dims={self.value_dims!r}")
+        extra += f", refresh={self.refresh!r}" if self.refresh else ""
+        extra += "" if self.searched_mask is None else f", heads={self.num_heads}"
+        return f"{self.name}(keep={self.keep!r}, criterion={self.criterion!r}, budget={self.budget!r}{extra})"
+
+    def search(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor | None,
+        layout: VideoLayout,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+    ) -> Searched:
+        r"""
+        A copy holding the highest-scoring blocks for these queries, keys and values.
+
+        Args:
+            query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): in the model's (frame-major) token
+                order, `N = layout.num_tokens`; they are put in `order` here. `value` may be `None` with
+                `criterion="mass"`.
+            layout ([`VideoLayout`]): the sequence layout.
+            block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` of the kernel.
+            order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the token
+                order the kernel sees.
+        """
+        pair, order = as_pair(block_size), as_order(order)
+        n = layout.num_tokens
+        if value is None and self.criterion == "greedy":
+            raise ValueError(f"{self!r} measures the output error of its blocks: give value, not None")
+        tensors = {"query": query, "key": key} | ({} if value is None else {"value": value})
+        if any(t.shape[2] != n for t in tensors.values()):
+            shapes = ", ".join(f"{name}={tuple(t.shape)}" for name, t in tensors.items())
+            raise ValueError(f"query, key and value must hold layout.num_tokens={n} tokens in dim 2 ((B, H, N, D)), "
+                             f"got {shapes}")
+        if not isinstance(order, IdentityOrder):
+            perm = order.permutation(layout).to(query.device)
+            tensors = {name: t.index_select(2, perm) for name, t in tensors.items()}
+        required = self._required(layout, pair)
+        if self.criterion == "greedy":
+            mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
+                                 sample_rows=self.sample_rows, value_dims=self.value_dims)
+        else:
+            mass = block_attention_mass(tensors["query"], tensors["key"], pair)
+            mask = select_blocks(mass, self.keep, self.budget, required)
+        mask = mask.cpu()
+        digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
+        return replace(self, searched_mask=mask, searched_for=(layout, pair, order, tuple(mask.shape), digest))
+
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None) -> Searched:
+        """[`~Searched.search`] (nothing is drawn at random: `generator` is unused)."""
+        return self.search(query, key, value, layout, block_size, order)
+
+    @staticmethod
+    def _required(layout: VideoLayout, block_size: tuple[int, int]) -> torch.Tensor:
+        """`(nq, nk)`: the diagonal key block of every query block, and every block pair touching text."""
+        bq, bk = block_size
+        _, _, q_text = _block_spans(layout, bq)
+        _, _, k_text = _block_spans(layout, bk)
+        nq, nk = len(q_text), len(k_text)
+        required = q_text[:, None] | k_text[None, :]
+        # The kernel's diagonal rule: the key block holding the query block's first token.
+        diagonal = torch.clamp(torch.arange(nq) * bq // bk, max=nk - 1)
+        required[torch.arange(nq), diagonal] = True
+        return required
+
+    def _searched_key(self) -> tuple:
+        """`(layout, (block_q, block_k), order)` the mask was searched for."""
+        if self.searched_for is None:
+            raise ValueError(
+                f"{self!r} has no blocks before a search: its mask comes from a model's queries, keys and values "
+                f"(Searched.search, called by the runtime at each layer's first sparse call)"
+            )
+        return self.searched_for[:3]
+
+    def _searched(self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None) -> torch.Tensor:
+        asked = (layout, as_pair(block_size), as_order(order))
+        if self._searched_key() != asked:
+            raise ValueError(
+                f"{self!r} was searched for layout, block size and order {self.searched_for[:3]}; it has no mask "
+                f"for {asked}: search again"
+            )
+        return self.searched_mask
+
+    def _video_token_mask(self, layout: VideoLayout) -> torch.Tensor:
+        """The searched mask over video tokens in frame-major order (what the base class calls the definition)."""
+        order = self._searched_key()[2]
+        tokens = self.token_mask(layout, order=order)
+        if not isinstance(order, IdentityOrder):
+            inverse = order.inverse(layout)
+            tokens = tokens[:, inverse][:, :, inverse]
+        video = slice(layout.video_start, layout.video_start + layout.num_video_tokens)
+        return tokens[:, video, video]
+
+    def block_mask(self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None) -> torch.Tensor:
+        return self._searched(layout, block_size, order).clone()
+
+    def token_mask(self, layout: VideoLayout, order: TokenOrder | None = None) -> torch.Tensor:
+        bq, bk = self._searched_key()[1]
+        mask = self._searched(layout, (bq, bk), order)
+        n = layout.num_tokens
+        return mask.repeat_interleave(bq, 1).repeat_interleave(bk, 2)[:, :n, :n]
+
+    def at_density(self, layout, target, block_size, order=None, max_iter=40) -> Searched:
+        r"""A copy keeping `target` of the blocks (no solving: `keep` is the density). A searched pattern can
+        only confirm its own `keep`; search again for another."""
+        _check_keep(target)
+        if self.searched_mask is None:
+            return replace(self, keep=target)
+        if target != self.keep:
+            raise ValueError(f"{self!r} was searched for keep={self.keep}; search again for density {target}")
+        return self

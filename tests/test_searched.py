@@ -1,0 +1,276 @@
+"""Searched blocks: exact block mass, budgets, the searched mask as a pattern, and the search in a pipeline."""
+
+import doctest
+import math
+
+import pytest
+import torch
+
+import diffsparse
+from diffsparse.kernels import block_sparse_attention, make_plan
+from diffsparse.patterns import FrameSink, Searched, TileOrder, VideoLayout, get_pattern, reduce_token_mask
+from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, select_blocks
+
+from helpers import generate
+
+
+def _qkv(layout, heads=2, dim=8, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = layout.num_tokens
+    return tuple(2 * torch.randn(batch, heads, n, dim, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("block_size", [4, (8, 4), (5, 7)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_block_mass_matches_the_dense_softmax_reduced_to_blocks(block_size, batch, monkeypatch):
+    q, k, _ = _qkv(VideoLayout(frames=3, height=3, width=4), batch=batch)  # 36 tokens: partial last blocks
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, N, N)
+    n = q.shape[2]
+    expected = torch.zeros(2, math.ceil(n / bq), math.ceil(n / bk))
+    for i in range(expected.shape[1]):
+        for j in range(expected.shape[2]):
+            block = probs[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            expected[:, i, j] = block.sum(-1).mean(-1).mean(0)  # keys summed, queries and batch averaged
+    torch.testing.assert_close(block_attention_mass(q, k, block_size), expected)
+    monkeypatch.setattr("diffsparse.patterns.searched._CHUNK", 1)  # one query block per chunk
+    torch.testing.assert_close(block_attention_mass(q, k, block_size), expected)
+
+
+def _best_next_block(q, k, v, kept: torch.Tensor, rows: slice, head: int) -> int:
+    """Brute force: the key block (of 8 tokens) whose addition to `kept` gives the least squared error of the
+    renormalised sparse attention output against dense, summed over `rows` and the batch, for `head`."""
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)[:, head, rows]
+    dense = probs @ v[:, head]
+    block_of_key = torch.arange(k.shape[2]) // 8
+    errors = []
+    for j in range(len(kept)):
+        candidate = kept.clone()
+        candidate[j] = True
+        masked = probs * candidate[block_of_key]
+        sparse = (masked / masked.sum(-1, keepdim=True)) @ v[:, head]
+        errors.append(math.inf if kept[j] else float((sparse - dense).square().sum()))
+    return int(torch.tensor(errors).argmin())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_each_greedy_step_adds_the_block_with_the_least_exact_error(batch, monkeypatch):
+    layout = VideoLayout(frames=3, height=3, width=4)  # 36 tokens, blocks of 8: 5 blocks, the last partial
+    q, k, v = _qkv(layout, batch=batch, seed=4)
+    required = torch.eye(5, dtype=torch.bool)
+    one_step = greedy_blocks(q, k, v, 8, keep=0.4, required=required)  # 2 of 5 blocks: one greedy step
+    two_steps = greedy_blocks(q, k, v, 8, keep=0.6, required=required)
+    for head in range(2):
+        for i in range(5):
+            rows = slice(8 * i, 8 * i + 8)
+            first = _best_next_block(q, k, v, required[i], rows, head)
+            assert one_step[head, i].nonzero().flatten().tolist() == sorted({i, first})
+            second = _best_next_block(q, k, v, one_step[head, i], rows, head)
+            assert torch.equal(two_steps[head, i], one_step[head, i] | (torch.arange(5) == second))
+    monkeypatch.setattr("diffsparse.patterns.searched._CHUNK", 1)  # one head and query block per chunk
+    assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.6, required=required), two_steps)
+
+
+def test_greedy_keeps_a_diffuse_heads_average_better_than_the_top_mass_blocks():
+    layout = VideoLayout(frames=8, height=4, width=4)
+    g = torch.Generator().manual_seed(0)
+    q = 0.1 * torch.randn(1, 1, 128, 16, generator=g)  # nearly uniform attention: the output is an average
+    k = torch.randn(1, 1, 128, 16, generator=g)
+    v = torch.randn(1, 1, 128, 16, generator=g) + torch.linspace(-2, 2, 128)[None, None, :, None]
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+
+    def error(criterion):
+        mask = Searched(keep=0.25, criterion=criterion).search(q, k, v, layout, 16).block_mask(layout, 16)
+        return ((block_sparse_attention(q, k, v, make_plan(mask[None], 128, 128, 16)) - dense).norm() / dense.norm())
+
+    assert error("greedy") < 0.5 * error("mass")
+
+
+def test_greedy_sampling_and_projection_keep_the_budget():
+    layout = VideoLayout(frames=4, height=4, width=8)
+    q, k, v = _qkv(layout, dim=64)
+    required = Searched._required(layout, (32, 16))
+    for rows, dims in ((32, 64), (4, 8), (1, 1)):
+        kept = greedy_blocks(q, k, v, (32, 16), keep=0.5, required=required, sample_rows=rows, value_dims=dims)
+        assert (kept.sum(-1) == 4).all() and kept[:, required].all()
+    approximate = Searched(keep=0.5, sample_rows=8, value_dims=16)
+    assert approximate.search(q, k, v, layout, (32, 16)) == approximate.search(q, k, v, layout, (32, 16))  # seeded
+
+
+def test_budgets_keep_the_share_asked_for_and_the_most_mass():
+    mass = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(0))
+    required = torch.eye(10, dtype=torch.bool)
+    for budget in ("layer", "head", "row"):
+        kept = select_blocks(mass, 0.3, budget, required)
+        assert kept[:, required].all()
+        assert kept.sum() == 90, budget  # 30% of 3 x 10 x 10
+        free = ~required.expand_as(kept)
+        if budget == "layer":  # every dropped free block has less mass than every kept free block
+            assert mass[kept & free].min() >= mass[~kept].max()
+        elif budget == "head":
+            assert (kept.sum((1, 2)) == 30).all()
+            for h in range(3):
+                assert mass[h][kept[h] & free[h]].min() >= mass[h][~kept[h]].max()
+        else:
+            assert (kept.sum(-1) == 3).all()
+    # A concentrated head gives blocks to a diffuse one under the layer budget, not under the head budget.
+    skewed = torch.stack([torch.eye(10) + 1e-3, torch.full((10, 10), 0.1)])
+    layer = select_blocks(skewed, 0.3, "layer", required)
+    assert layer[0].sum() == 10 and layer[1].sum() == 50
+    assert (select_blocks(skewed, 0.3, "head", required).sum((1, 2)) == 30).all()
+    # Required blocks come first even against infinite scores (a block holding all of a query's mass).
+    infinite = torch.full((1, 2, 2), math.inf)
+    assert torch.equal(select_blocks(infinite, 0.5, "layer", torch.eye(2, dtype=torch.bool))[0], torch.eye(2).bool())
+    # Never fewer than the required blocks, whatever the share.
+    assert torch.equal(select_blocks(mass, 0.01, "row", required), required.expand(3, 10, 10))
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_searched_mask_is_its_token_mask_reduced_and_keeps_text_and_diagonal(order):
+    layout = VideoLayout(frames=2, height=4, width=4, text_len=5, text_position="start")
+    q, k, v = _qkv(layout)
+    pattern = Searched(keep=0.6).search(q, k, v, layout, (8, 4), order=order)
+    mask = pattern.block_mask(layout, (8, 4), order=order)
+    assert mask.shape == (2, 5, 10) and pattern.num_heads == 2
+    assert torch.equal(reduce_token_mask(pattern.token_mask(layout, order=order), (8, 4)), mask)
+    assert mask[:, 0].all() and mask[:, :, :2].all()  # text rows (tokens 0-4) and text columns
+    assert mask[:, torch.arange(5), torch.arange(5) * 2].all()  # each query block's diagonal key block
+    assert (mask[:, 1:].sum(-1) == 6).all()  # 60% of 10 key blocks per video query block; text rows keep all
+    with pytest.raises(ValueError, match="search again"):
+        pattern.block_mask(layout, 16, order=order)
+
+
+def test_search_keeps_the_blocks_the_model_attends_to():
+    layout = VideoLayout(frames=4, height=2, width=4)  # 8 tokens per frame, blocks of one frame
+    frame = torch.arange(32) // 8
+    codes = 6 * torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    q = codes[frame].reshape(1, 1, 32, 16)
+    k = codes[(frame + 1) % 4].reshape(1, 1, 32, 16)  # frame f's queries match frame f-1's keys
+    v = torch.randn(1, 1, 32, 16, generator=torch.Generator().manual_seed(2))
+    for criterion in ("mass", "greedy"):
+        searched = Searched(keep=0.5, criterion=criterion).search(q, k, v, layout, 8)
+        mask = searched.block_mask(layout, 8)[0]
+        for f in range(4):
+            assert mask[f, f] and mask[f, (f - 1) % 4], (criterion, mask)  # the diagonal and the attended frame
+        assert mask.sum() == 8
+
+
+def test_searched_output_beats_a_static_pattern_of_the_same_density():
+    layout = VideoLayout(frames=4, height=4, width=4)
+    q, k, v = _qkv(layout, heads=2, dim=16, seed=3)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+    static = get_pattern("radial").at_density(layout, 0.25, 8).block_mask(layout, 8)
+    searched = Searched(keep=static.float().mean().item()).search(q, k, v, layout, 8).block_mask(layout, 8)
+    assert searched.sum() == 2 * static.sum()  # the same number of blocks in each of the two heads
+
+    def error(mask):
+        return (block_sparse_attention(q, k, v, make_plan(mask[None], 64, 64, 8)) - dense).norm()
+
+    assert error(searched) < 0.8 * error(static)
+
+
+def test_searched_masks_cannot_be_combined_with_rules():
+    layout = VideoLayout(frames=2, height=4, width=4, text_len=3, text_position="start")
+    searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8)
+    assert torch.equal(searched._video_token_mask(layout), searched.token_mask(layout)[:, 3:, 3:])
+    for combined in (lambda: searched | FrameSink(), lambda: FrameSink() & Searched()):
+        with pytest.raises(ValueError, match="cannot be combined: its blocks come from a search"):
+            combined()
+
+
+def test_before_a_search_it_has_no_mask_and_density_sets_keep():
+    layout = VideoLayout(frames=2, height=4, width=4)
+    for ask in (lambda p: p.block_mask(layout, 8), lambda p: p.token_mask(layout), lambda p: p.density(layout, 8)):
+        with pytest.raises(ValueError, match="no blocks before a search"):
+            ask(Searched())
+    assert Searched().at_density(layout, 0.1, 8) == Searched(keep=0.1)
+    searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8)
+    assert searched.at_density(layout, 0.5, 8) is searched
+    with pytest.raises(ValueError, match="search again for density 0.3"):
+        searched.at_density(layout, 0.3, 8)
+
+
+def test_equal_searches_are_equal_and_hash_alike():
+    layout = VideoLayout(frames=2, height=4, width=4)
+    q, k, v = _qkv(layout)
+    a, b = (Searched(keep=0.5).search(q, k, v, layout, 8) for _ in range(2))
+    assert a == b and hash(a) == hash(b) and a != Searched(keep=0.5)
+    other = Searched(keep=0.5).search(*_qkv(layout, seed=5), layout, 8)
+    assert other.searched_for[-1] != a.searched_for[-1] or torch.equal(other.searched_mask, a.searched_mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep": 0}, "Searched.keep must be a share of blocks in \\(0, 1\\], got keep=0"),
+        ({"keep": 1.5}, "got keep=1.5"),
+        ({"keep": True}, "got keep=True"),
+        ({"criterion": "mass", "budget": "frame"},
+         "Searched.budget must be one of \\('row', 'head', 'layer'\\), got budget='frame'"),
+        ({"criterion": "lse"}, "Searched.criterion must be one of \\('greedy', 'mass'\\), got criterion='lse'"),
+        ({"budget": "layer"}, "Searched.budget='layer' needs criterion='mass'"),
+        ({"sample_rows": 0}, "Searched.sample_rows must be an int >= 1, got sample_rows=0"),
+        ({"value_dims": 2.0}, "Searched.value_dims must be an int >= 1, got value_dims=2.0"),
+        ({"refresh": -1}, "Searched.refresh must be an int >= 0, got refresh=-1"),
+    ],
+)
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Searched(**kwargs)
+
+
+def test_search_checks_the_token_count():
+    layout = VideoLayout(frames=2, height=4, width=4)
+    q, k, v = _qkv(layout)
+    with pytest.raises(ValueError, match="layout.num_tokens=48 tokens"):
+        Searched().search(q, k, v, VideoLayout(frames=3, height=4, width=4), 8)
+    with pytest.raises(ValueError, match="measures the output error of its blocks: give value, not None"):
+        Searched().search(q, k, None, layout, 8)
+    assert Searched(criterion="mass").search(q, k, None, layout, 8).num_heads == 2  # mass needs no values
+
+
+def test_searched_once_per_layer_and_generation_in_the_pipeline(tiny_pipe):
+    config = diffsparse.SparseConfig(pattern="searched", density=0.3, block_size=16, dense_steps=1)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe, num_frames=33)
+        runtime = handle.runtimes["transformer"]
+        chosen = dict(runtime._layer_patterns)
+        records = handle.stats().calls["transformer"]
+    assert torch.isfinite(out).all()
+    assert sorted(layer for layer, _ in chosen) == [0, 1]
+    assert all(p.keep == 0.3 and p.num_heads == 2 for p in chosen.values())
+    for layer in (0, 1):  # one plan per layer across steps and CFG branches, at the asked density
+        densities = {r.density for r in records if r.sparse and r.layer == layer}
+        assert len(densities) == 1 and abs(densities.pop() - 0.3) < 0.02
+
+
+def test_searched_at_full_density_gives_the_dense_video(tiny_pipe):
+    reference = generate(tiny_pipe)
+    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched", density=1.0, dense_steps=0)):
+        torch.testing.assert_close(generate(tiny_pipe), reference, atol=1e-4, rtol=0)
+
+
+def test_docstring_examples():
+    from diffsparse.patterns import searched
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(searched):
+        runner.run(test)
+    assert runner.tries > 0 and runner.failures == 0
+
+
+@pytest.mark.parametrize("refresh, searched_at", [(0, [1]), (1, [1, 2, 3]), (2, [1, 3])])
+def test_refresh_searches_again_every_refresh_steps(tiny_pipe, monkeypatch, refresh, searched_at):
+    steps = []
+    search = Searched.search
+
+    def counting(self, *args, **kwargs):
+        steps.append(runtime._state().step)
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(Searched, "search", counting)
+    config = diffsparse.SparseConfig(pattern=Searched(refresh=refresh), density=0.5, block_size=16, dense_steps=1)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        runtime = handle.runtimes["transformer"]
+        generate(tiny_pipe, num_inference_steps=4)
+    assert steps == [s for s in searched_at for _layer in range(2)]  # both layers, once per search step
