@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .kernels import BACKENDS
-from .patterns import Pattern, TokenOrder, get_pattern
+from .patterns import Pattern, Searched, TokenOrder, get_pattern
 from .patterns.base import as_pair
 from .patterns.ordering import as_order
 
@@ -42,12 +42,15 @@ class SparseConfig:
     Args:
         pattern (`str` or `Pattern`, *optional*, defaults to `"radial"`):
             The block-sparse pattern: a pattern object such as `diffsparse.patterns.Radial(decay=0.5)`, or a
-            registered name (`"dense"`, `"radial"`) for its default parameters. `"dense"` keeps the original
+            registered name (`"dense"`, `"radial"`, `"window3d"`, `"spatial_temporal"`, `"searched"`) for its
+            default parameters, optionally with constructor keywords as Python literals
+            (`"searched(refresh=4)"`). `"dense"` keeps the original
             processors' computation (bit-identical output) while still counting calls in `stats()`.
         density (`float`, *optional*, defaults to `None`):
             A target block density in (0, 1]: the pattern's main parameter is solved for it on each new token
             layout (`Pattern.at_density`, once per resolution, then cached), so one config gives the same
-            sparsity at any resolution. `None` uses the pattern's parameters as given.
+            sparsity at any resolution; for `"searched"` it is the share of blocks the search keeps (`keep`).
+            `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
             per block; sequence lengths that are not a multiple are padded and the padding masked.
@@ -110,6 +113,10 @@ class SparseConfig:
         ):
             raise ValueError(f"SparseConfig.density must be None or a number in (0, 1], got density={self.density!r}")
         _ = self.block_sizes  # validates
+        if self.density is not None and isinstance(self._pattern, Searched):
+            # A searched pattern's density is its `keep`, which the search itself needs: set here, not solved
+            # per layout after the fact.
+            self._pattern = self._pattern.at_density(None, self.density, self.block_sizes)
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)
         _ = self._dense_layer_set  # validates

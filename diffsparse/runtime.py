@@ -17,7 +17,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import IdentityOrder, Pattern, Searched, VideoLayout
+from .patterns import IdentityOrder, Pattern, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -115,9 +115,6 @@ class SparseRuntime:
         self.config = config
         self.name = name
         self.pattern = config.resolved_pattern
-        if config.density is not None and isinstance(self.pattern, Searched):
-            # A searched pattern's density is its `keep`, needed by the search itself, not solved after it.
-            self.pattern = self.pattern.at_density(None, config.density, config.block_sizes)
         self.block_sizes = config.block_sizes
         self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)

@@ -274,3 +274,9 @@ def test_refresh_searches_again_every_refresh_steps(tiny_pipe, monkeypatch, refr
         runtime = handle.runtimes["transformer"]
         generate(tiny_pipe, num_inference_steps=4)
     assert steps == [s for s in searched_at for _layer in range(2)]  # both layers, once per search step
+
+
+def test_config_density_is_the_searched_share():
+    config = diffsparse.SparseConfig(pattern="searched(refresh=4)", density=0.1)
+    assert config.resolved_pattern == Searched(keep=0.1, refresh=4)  # what eval tables print
+    assert diffsparse.SparseConfig(pattern="searched").resolved_pattern.keep == 0.25
