@@ -229,21 +229,6 @@ def test_search_checks_the_token_count():
     assert Searched(criterion="mass").search(q, k, None, layout, 8).num_heads == 2  # mass needs no values
 
 
-def test_searched_once_per_layer_and_generation_in_the_pipeline(tiny_pipe):
-    config = diffsparse.SparseConfig(pattern="searched", density=0.3, block_size=16, dense_steps=1)
-    with diffsparse.sparse(tiny_pipe, config) as handle:
-        out = generate(tiny_pipe, num_frames=33)
-        runtime = handle.runtimes["transformer"]
-        chosen = dict(runtime._layer_patterns)
-        records = handle.stats().calls["transformer"]
-    assert torch.isfinite(out).all()
-    assert sorted(layer for layer, _ in chosen) == [0, 1]
-    assert all(p.keep == 0.3 and p.num_heads == 2 for p in chosen.values())
-    for layer in (0, 1):  # one plan per layer across steps and CFG branches, at the asked density
-        densities = {r.density for r in records if r.sparse and r.layer == layer}
-        assert len(densities) == 1 and abs(densities.pop() - 0.3) < 0.02
-
-
 def test_searched_at_full_density_gives_the_dense_video(tiny_pipe):
     reference = generate(tiny_pipe)
     with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched", density=1.0, dense_steps=0)):

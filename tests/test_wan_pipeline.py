@@ -96,20 +96,31 @@ def test_window3d_on_tiles_runs_sparse(tiny_pipe):
     assert len(densities) == 1 and densities.pop() < 0.5
 
 
-def test_spatial_temporal_heads_are_classified_once_per_layer_and_call(tiny_pipe):
-    config = diffsparse.SparseConfig(pattern=SpatialTemporal(frames=1, width=1), block_size=16, dense_steps=1)
+@pytest.mark.parametrize(
+    "config, fitted_as_asked",
+    [
+        ({"pattern": SpatialTemporal(frames=1, width=1)},
+         lambda p: len(p.heads) == 2 and set(p.heads) <= {"spatial", "temporal"}),
+        ({"pattern": "searched", "density": 0.3}, lambda p: p.keep == 0.3 and p.num_heads == 2),
+    ],
+    ids=["spatial_temporal", "searched"],
+)
+def test_data_dependent_patterns_are_fitted_once_per_layer_and_call(tiny_pipe, config, fitted_as_asked):
+    config = diffsparse.SparseConfig(**config, block_size=16, dense_steps=1)
     with diffsparse.sparse(tiny_pipe, config) as handle:
         out = generate(tiny_pipe, num_frames=33)
         runtime = handle.runtimes["transformer"]
         chosen = dict(runtime._layer_patterns)
         records = handle.stats().calls["transformer"]
     assert torch.isfinite(out).all()
-    assert sorted(layer for layer, _ in chosen) == [0, 1]  # one classification per layer, reused across steps
-    for pattern in chosen.values():
-        assert len(pattern.heads) == 2 and set(pattern.heads) <= {"spatial", "temporal"}
+    assert sorted(layer for layer, _ in chosen) == [0, 1]  # one fit per layer, reused across steps
+    assert all(fitted_as_asked(pattern) for pattern in chosen.values())
     # Each layer's sparse calls all ran one plan: the density never changes across steps and branches.
     for layer in (0, 1):
-        assert len({r.density for r in records if r.sparse and r.layer == layer}) == 1
+        densities = {r.density for r in records if r.sparse and r.layer == layer}
+        assert len(densities) == 1
+        if config.density is not None:
+            assert abs(densities.pop() - config.density) < 0.02
 
 
 @pytest.mark.parametrize("pattern", ["radial", "window3d"])
