@@ -290,10 +290,10 @@ class Pattern(abc.ABC):
     ) -> Pattern:
         r"""
         The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
-        call of a generation, with that call's `(B, H, N, D)` queries, keys and values in the model's
-        frame-major order,
-        and uses the result for the layer's remaining steps. Static patterns return themselves; data-dependent
-        ones override it ([`SpatialTemporal`] classifies its heads, [`Searched`] searches its blocks).
+        call of a generation (and again every `refit_every` steps), with that call's `(B, H, N, D)` queries,
+        keys and values in the model's frame-major order, and uses the result for the layer's next steps.
+        Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
+        heads, [`Searched`] searches its blocks).
         """
         return self
 

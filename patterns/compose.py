@@ -17,8 +17,8 @@ def _check_parts(composed):
             raise ValueError(f"{type(composed).__name__}.{side} must be a Pattern, got {side}={part!r}")
         if not part.composable:
             raise ValueError(
-                f"{type(composed).__name__}.{side}={part!r} cannot be combined: its blocks come from a search on the "
-                f"model's own attention, not from a rule (use it alone)"
+                f"{type(composed).__name__}.{side}={part!r} cannot be combined: its blocks come from fitting it to the "
+                f"model's own attention (Pattern.fit), not from a rule (use it alone)"
             )
     heads = {composed.left.num_heads, composed.right.num_heads} - {1}
     if len(heads) > 1:

@@ -334,6 +334,7 @@ class Searched(Pattern):
         extra += "" if self.searched_mask is None else f", heads={self.num_heads}"
         return f"{self.name}(keep={self.keep!r}, criterion={self.criterion!r}, budget={self.budget!r}{extra})"
 
+    @torch.no_grad()
     def search(
         self,
         query: torch.Tensor,

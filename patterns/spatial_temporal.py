@@ -276,12 +276,12 @@ class SpatialTemporal(Pattern):
             mass[heads] = torch.stack([spatial, temporal], dim=-1).mean(dim=(0, 2)).cpu()
         return mass
 
-    @torch.no_grad()
     def fit(self, query, key, value, layout, block_size, order=None, generator=None) -> SpatialTemporal:
         """A copy with each head's kind chosen by [`~SpatialTemporal.classify`] (values, block size and order
         do not enter: the masks are exact in any)."""
         return self.with_heads(self.classify(query, key, layout, generator=generator))
 
+    @torch.no_grad()
     def classify(
         self,
         query: torch.Tensor,

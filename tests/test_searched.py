@@ -174,7 +174,7 @@ def test_searched_masks_cannot_be_combined_with_rules():
     searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8)
     assert torch.equal(searched._video_token_mask(layout), searched.token_mask(layout)[:, 3:, 3:])
     for combined in (lambda: searched | FrameSink(), lambda: FrameSink() & Searched()):
-        with pytest.raises(ValueError, match="cannot be combined: its blocks come from a search"):
+        with pytest.raises(ValueError, match="cannot be combined: its blocks come from fitting it"):
             combined()
 
 
