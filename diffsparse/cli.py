@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     commands = {
         "compare": _run_compare,
         "masks": _run_masks,
@@ -333,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         "trace": _run_trace,
         "demo": _run_demo,
     }
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except ValueError as error:
+        # diffsparse's ValueErrors name the bad setting and what is allowed: a usage error, not a crash.
+        parser.exit(2, f"diffsparse {args.command}: error: {error}\n")
     return 0
 
 

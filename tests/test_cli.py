@@ -106,3 +106,13 @@ def test_pattern_lists_keep_parameters_together(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--pattern", "radial,searched(keep=0.3"])
     assert "expected comma-separated patterns" in capsys.readouterr().err
+
+
+def test_bad_settings_end_with_the_message_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["masks", "--pattern", "searched", "--frames", "2", "--height", "4", "--width", "4"])
+    assert exit_info.value.code == 2
+    assert "diffsparse masks: error: searched(" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--density", "2", "--steps", "1"])
+    assert "SparseConfig.density must be None or a number in (0, 1], got density=2" in capsys.readouterr().err
