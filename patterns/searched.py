@@ -136,7 +136,7 @@ def greedy_blocks(
     rows = (starts[:, None] + torch.arange(samples)[None, :] * lengths[:, None] // samples).to(query.device)
     count = torch.clamp(torch.full((nq,), round(keep * nk)), min=required.sum(-1).cpu()).to(query.device)
     kept = required.to(query.device).expand(heads, nq, nk).clone()
-    per_block = batch * samples * nk * dv  # floats of one head and query block
+    per_block = batch * samples * max(nk * dv, nk * bk)  # floats of one head and query block (pulls or probabilities)
     head_chunk = max(1, min(heads, _CHUNK // per_block))
     block_chunk = max(1, _CHUNK // (per_block * head_chunk))
     for h0 in range(0, heads, head_chunk):
