@@ -118,7 +118,7 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     layer = select_blocks(skewed, 0.3, "layer", required)
     assert layer[0].sum() == 10 and layer[1].sum() == 50
     assert (select_blocks(skewed, 0.3, "head", required).sum((1, 2)) == 30).all()
-    # Required blocks come first even against infinite scores (a block holding all of a query's mass).
+    # Required blocks come first even against infinite scores.
     infinite = torch.full((1, 2, 2), math.inf)
     assert torch.equal(select_blocks(infinite, 0.5, "layer", torch.eye(2, dtype=torch.bool))[0], torch.eye(2).bool())
     # Never fewer than the required blocks, whatever the share.
