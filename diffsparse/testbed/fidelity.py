@@ -63,6 +63,7 @@ from .data import (
 COLOUR_TOLERANCE = 0.4  # RGB distance in [0, 1] units; the closest two prompt colours (red, orange) are 0.43 apart
 MIN_AREA = math.pi * RADIUS_RANGE[0] ** 2 / 3  # pixels: a third of the smallest training shape
 MIN_SPEED_FRACTION = 0.5
+PLAIN_BACKGROUND = (0.02, 0.02, 0.02)  # the darkest training background: scored clips and first frames use it
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,10 @@ def _moves_along(velocity: np.ndarray | None, direction: str, speed: float) -> b
 def motion_direction(video: np.ndarray | torch.Tensor, colour: str) -> str | None:
     """Which of `DIRECTIONS` the `colour` shape of `video` `(F, 3, H, W)` moves along most, or None when it moves
     less than `MIN_SPEED_FRACTION` of the plain speed that way (or is in fewer than two frames)."""
-    velocity = _velocity(_present_masks(np.asarray(video, dtype=np.float64), colour))
+    return _main_direction(_velocity(_present_masks(np.asarray(video, dtype=np.float64), colour)))
+
+
+def _main_direction(velocity: np.ndarray | None) -> str | None:
     if velocity is None:
         return None
     best = max(DIRECTIONS, key=lambda d: float(velocity @ np.asarray(DIRECTIONS[d], dtype=np.float64)))
@@ -178,7 +182,7 @@ def request_clip(rng: np.random.Generator, request: Request, frames: int, height
     x0 = _start(rng, width, reach, ux * step * (frames - 1))
     y0 = _start(rng, height, reach, uy * step * (frames - 1))
     shape = Shape(request.kind, request.colour, radius, x0, y0, ux * step, uy * step)
-    return Clip(frames, height, width, (0.02, 0.02, 0.02), (shape,), request.direction, request.speed)
+    return Clip(frames, height, width, PLAIN_BACKGROUND, (shape,), request.direction, request.speed)
 
 
 def reference_scores(frames: int, height: int, width: int, seeds: int = 2) -> Scores:
@@ -337,7 +341,7 @@ def steering_batch(seed: int, height: int, width: int) -> tuple[list[Request], t
     for i, kind in enumerate(SHAPES):
         colour = colours[(i + seed * len(SHAPES)) % len(colours)]
         shape = Shape(kind, colour, float(rng.uniform(*RADIUS_RANGE)), width / 2, height / 2, 0.0, 0.0)
-        first = (render(Clip(1, height, width, (0.02, 0.02, 0.02), (shape,), "", ""))[:, 0] + 1) / 2
+        first = (render(Clip(1, height, width, PLAIN_BACKGROUND, (shape,), "", ""))[:, 0] + 1) / 2
         for direction in DIRECTIONS:
             todo.append(Request(colour, kind, direction))
             frames.append(first)
@@ -355,7 +359,8 @@ def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps:
     - `steered`: share of videos whose shape moves most along the prompted direction (`motion_direction`);
       chance for a model that moves but ignores the word is `1 / len(DIRECTIONS)`;
     - `moving`: share of videos with any clear motion (a model that never moves scores 0 on both);
-    - `direction_accuracy`: the `score_video` direction score of the same videos;
+    - `direction_accuracy`: the `score_video` direction score of the same videos (half the prompted speed or
+      more along the prompted way);
     - `videos`: how many were scored.
     """
     from ..pipelines.testbed import sample
@@ -366,10 +371,11 @@ def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps:
         videos = sample(model, [r.prompt for r in todo], frames=frames, height=height, width=width, steps=steps,
                         seed=seed, first_frame=first_frames, **sample_kwargs)
         for video, request in zip(videos, todo):
-            chosen = motion_direction(video, request.colour)
+            velocity = _velocity(_present_masks(np.asarray(video, dtype=np.float64), request.colour))
+            chosen = _main_direction(velocity)
             steered.append(chosen == request.direction)
             moving.append(chosen is not None)
-            along.append(score_video(video, request)["direction_accuracy"])
+            along.append(_moves_along(velocity, request.direction, SPEEDS[request.speed]))
     return {"videos": len(steered), "steered": float(np.mean(steered)), "moving": float(np.mean(moving)),
             "direction_accuracy": float(np.mean(along)), "chance": 1 / len(DIRECTIONS)}
 
