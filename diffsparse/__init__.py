@@ -4,6 +4,28 @@
 >>> config = diffsparse.SparseConfig(pattern="radial", dense_steps=0.2)
 """
 
+import importlib.util
+import os
+import sys
+
+
+def _put_checkout_root_behind_installed_packages() -> None:
+    # In a source checkout, `python -m ...`, `python -c` and the REPL put the checkout root first on sys.path, and
+    # its top-level folder `kernels/` (installed as `diffsparse.kernels`) then shadows Hugging Face's `kernels`
+    # package, which transformers (>= 5.25 depends on it) imports as soon as a model class loads. Behind the
+    # installed packages the root still serves anything only it has, and `kernels` means the real package again.
+    spec = importlib.util.find_spec(".kernels", __name__)
+    if spec is None or not spec.submodule_search_locations:
+        return
+    # The checkout root holds `kernels/`; in an installed copy this is the package's own folder, never on sys.path.
+    root = os.path.dirname(os.path.abspath(spec.submodule_search_locations[0]))
+    at_root = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) == root]
+    if at_root:
+        sys.path[:] = [entry for entry in sys.path if entry not in at_root] + at_root
+
+
+_put_checkout_root_behind_installed_packages()
+
 from .api import LayerStats, SparseHandle, SparseStats, apply, remove, sparse, stats
 from .config import SparseConfig
 

@@ -3,6 +3,9 @@
 import argparse
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +119,19 @@ def test_bad_settings_end_with_the_message_not_a_traceback(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--density", "2", "--steps", "1"])
     assert "SparseConfig.density must be None or a number in (0, 1], got density=2" in capsys.readouterr().err
+
+
+def test_module_commands_run_from_the_checkout_root():
+    # `python -m` puts the checkout root first on sys.path, where the folder `kernels/` would shadow Hugging Face's
+    # `kernels` package that transformers imports when a model class loads (CI broke on this with transformers 5.25).
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import diffsparse, importlib.util; from diffusers import WanTransformer3DModel; "
+             "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else '')")
+    def run_at_root(*args):
+        done = subprocess.run([sys.executable, *args], check=False, cwd=root, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert not run_at_root("-c", probe).strip().startswith(str(root / "kernels"))
+    assert "usage: diffsparse" in run_at_root("-m", "diffsparse.cli", "--help")
