@@ -18,8 +18,8 @@ def _put_checkout_root_behind_installed_packages() -> None:
     if spec is None or not spec.submodule_search_locations:
         return
     # The checkout root holds `kernels/`; in an installed copy this is the package's own folder, never on sys.path.
-    root = os.path.dirname(os.path.abspath(spec.submodule_search_locations[0]))
-    at_root = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) == root]
+    root = os.path.dirname(os.path.realpath(spec.submodule_search_locations[0]))
+    at_root = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) == root]
     if at_root:
         sys.path[:] = [entry for entry in sys.path if entry not in at_root] + at_root
 

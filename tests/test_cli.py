@@ -127,6 +127,7 @@ def test_module_commands_run_from_the_checkout_root():
     root = Path(__file__).resolve().parents[1]
     probe = ("import diffsparse, importlib.util; from diffusers import WanTransformer3DModel; "
              "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else '')")
+
     def run_at_root(*args):
         done = subprocess.run([sys.executable, *args], check=False, cwd=root, capture_output=True, text=True,
                               timeout=300)
