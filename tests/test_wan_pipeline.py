@@ -263,33 +263,61 @@ def test_wan22_two_experts_share_the_step_index():
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
+def _clip_image_encoder():
+    # Wan 2.1 I2V's image path: a CLIP vision tower whose penultimate hidden states reach every block's
+    # cross-attention through extra key/value projections (`added_kv_proj_dim`).
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(config).eval(), processor
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("expand_timesteps", [False, True])
-def test_image_to_video_wan22_style(expand_timesteps):
-    # Wan 2.2 I2V (no CLIP image encoder; the image latent is concatenated on channels) and TI2V (the image
-    # latent replaces the first frame; timesteps become per-token).
+@pytest.mark.parametrize("variant", ["wan21_clip", "wan22", "wan22_ti2v"])
+def test_image_to_video(variant):
+    # Wan 2.1 I2V (CLIP image embedding in cross-attention, image latent concatenated on channels), Wan 2.2 I2V
+    # (no CLIP, channels concatenated) and TI2V (the image latent replaces the first frame; timesteps become
+    # per-token): the dense pattern leaves the video unchanged, every block kept through the sparse kernel gives
+    # it back, and a real pattern runs sparse after the dense step.
     config = tiny_wan_config()
     base = tiny_wan_pipeline()
-    channels = 16 if expand_timesteps else 36
+    transformer_config = {**config["transformer"], "in_channels": 16 if variant == "wan22_ti2v" else 36}
+    image_components = {}
+    if variant == "wan21_clip":
+        inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+        transformer_config.update(image_dim=16, added_kv_proj_dim=inner_dim)
+        torch.manual_seed(3)
+        image_components["image_encoder"], image_components["image_processor"] = _clip_image_encoder()
     torch.manual_seed(2)
-    transformer = WanTransformer3DModel(**{**config["transformer"], "in_channels": channels}).eval()
+    transformer = WanTransformer3DModel(**transformer_config).eval()
     pipe = WanImageToVideoPipeline(
         tokenizer=base.tokenizer,
         text_encoder=base.text_encoder,
         vae=base.vae,
         scheduler=base.scheduler,
         transformer=transformer,
-        expand_timesteps=expand_timesteps,
+        expand_timesteps=variant == "wan22_ti2v",
+        **image_components,
     )
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
     reference = generate(pipe, image=image, num_frames=33)
+
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="dense")):
+        torch.testing.assert_close(generate(pipe, image=image, num_frames=33), reference, atol=1e-5, rtol=0)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    with diffsparse.sparse(pipe, every_block):
+        torch.testing.assert_close(generate(pipe, image=image, num_frames=33), reference, atol=1e-4, rtol=0)
     with diffsparse.sparse(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1)) as handle:
         out = generate(pipe, image=image, num_frames=33)
         records = handle.stats().calls["transformer"]
     assert out.shape == reference.shape and torch.isfinite(out).all()
     assert [r.step for r in records if r.layer == 0 and r.branch == "cond"] == [0, 1, 2]
     assert all(r.sparse == (r.step >= 1) for r in records)
+    assert any(r.sparse and r.density < 1 for r in records)
 
 
 @torch.no_grad()
