@@ -212,6 +212,29 @@ def test_training_refuses_to_overwrite_a_run_without_resume(trained):
         train(parse_args(["--out", str(trained["base"] / "run"), "--steps", "6"]))
 
 
+def test_init_starts_a_new_run_from_a_pipeline_folder(trained, tmp_path):
+    source = trained["base"] / "straight" / PIPELINE_DIR
+    # --lr 0 and --ema 0: the exported weights are the initial ones, so they show what --init loaded.
+    args = ["--steps", "1", "--batch", "1", "--threads", "1", "--lr", "0", "--ema", "0", "--init", str(source)]
+    train(parse_args(["--out", str(tmp_path / "both"), *args]))
+    only = ["--init-parts", "transformer", "--freeze-text-encoder"]
+    train(parse_args(["--out", str(tmp_path / "transformer"), *args, *only]))
+    trained_pipe, fresh = testbed.load(path=source), testbed.build_pipeline(testbed.build_components(seed=0))
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    both = testbed.load(path=tmp_path / "both" / PIPELINE_DIR)
+    transformer_only = testbed.load(path=tmp_path / "transformer" / PIPELINE_DIR)
+    assert same(both.transformer, trained_pipe.transformer) and same(both.text_encoder, trained_pipe.text_encoder)
+    assert same(transformer_only.transformer, trained_pipe.transformer)
+    assert same(transformer_only.text_encoder, fresh.text_encoder)
+    assert not same(transformer_only.text_encoder, trained_pipe.text_encoder)
+    for bad in (["--init-parts", "vae"], ["--init", str(tmp_path / "nowhere")]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", *bad])
+
+
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--batch", "0"])

@@ -3,6 +3,7 @@
     python -m diffsparse.testbed.train --out runs/testbed       # 60 minutes, the last fifth cooling down
     python -m diffsparse.testbed.train --out runs/testbed --minutes 120 --decay 0 --resume   # continue a --decay 0 run
     python -m diffsparse.testbed.train --out runs/testbed --minutes 20 --decay 1 --resume   # cool down to the end
+    python -m diffsparse.testbed.train --out runs/ft --init pipelines/weights/testbed --minutes 30   # fine-tune shipped
 
 Objective (rectified flow, as Wan and SD3 train): for a clean video `x0` (space-to-depth pixels), noise `n` and
 `t` in [0, 1), `x_t = (1 - t) x0 + t n`; the transformer, given `x_t`, the timestep `1000 t` (the scale of
@@ -49,6 +50,7 @@ from ..pipelines.testbed import (
     TestbedPipeline,
     build_components,
     encode_prompts,
+    load,
     per_token_timesteps,
     space_to_depth,
     testbed_config,
@@ -58,6 +60,7 @@ from .data import IMAGE_PROMPTS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_b
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
 PIPELINE_DIR = "pipeline"
+INIT_PARTS = ("transformer", "text_encoder")
 SNAPSHOT_DIR = "snapshots"
 LOG_FIELDS = (
     "step",
@@ -174,7 +177,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--config", type=Path, default=None, help="model config JSON (default: the testbed config)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start a new run from the weights of a testbed pipeline folder (the shipped pipelines/weights/testbed, "
+        "a run's pipeline/ or one of its snapshots) instead of the seeded initialisation; a fine-tune starts fresh "
+        "(new optimizer, step 0). Ignored when --resume finds a checkpoint",
+    )
+    p.add_argument(
+        "--init-parts",
+        default="transformer,text_encoder",
+        help="comma list of the components --init loads (transformer, text_encoder); the others keep the seeded "
+        "initialisation: `transformer` with --freeze-text-encoder pairs trained weights with a fresh, fixed encoder",
+    )
     args = p.parse_args(argv)
+    args.init_parts = tuple(part.strip() for part in args.init_parts.split(",") if part.strip())
+    unknown = sorted(set(args.init_parts) - set(INIT_PARTS))
+    if unknown or not args.init_parts:
+        p.error(f"--init-parts must be a non-empty comma list of {', '.join(INIT_PARTS)}, got {unknown or 'nothing'}")
+    if args.init is not None and not (args.init / "model_index.json").is_file():
+        p.error(f"--init must be a testbed pipeline folder with model_index.json, got {str(args.init)!r}")
     if args.minutes is None and args.steps is None:
         args.minutes = 60.0
     for name in ("batch", "threads", "save_every"):
@@ -350,6 +373,17 @@ def _open_log(path: Path, keep_until_step: int):
     return f, writer
 
 
+def _load_initial_weights(components: dict, folder: Path, parts: tuple[str, ...]) -> None:
+    """Copy `parts` of the testbed pipeline saved in `folder` into `components` (same config, strictly)."""
+    source = load(path=folder)
+    for part in parts:
+        try:
+            components[part].load_state_dict(getattr(source, part).state_dict())
+        except RuntimeError as error:
+            raise SystemExit(f"--init {folder}: its {part} does not fit this run's model config ({error})") from None
+    print(f"starting from {', '.join(parts)} of {folder}", file=sys.stderr)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` says; returns a summary (steps done, seconds per step, paths)."""
     torch.set_num_threads(args.threads)
@@ -361,6 +395,8 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
 
     components = build_components(config, seed=args.seed)
+    if args.init is not None and not (args.resume and checkpoint_path.exists()):
+        _load_initial_weights(components, args.init, args.init_parts)
     trainable = {"transformer": components["transformer"].train()}
     if args.freeze_text_encoder:
         components["text_encoder"].eval().requires_grad_(False)
