@@ -4,6 +4,7 @@
     python -m diffsparse.testbed.fidelity --model runs/testbed60/pipeline --size 9x32x32
     python -m diffsparse.testbed.fidelity --model runs/testbed60/snapshots/step_002000 --size 9x32x32 --sensitivity-only
     python -m diffsparse.testbed.fidelity --size 9x32x32 --steering-only   # does the direction word steer motion?
+    python -m diffsparse.testbed.fidelity --size 9x32x32 --two-stage       # first frame as an image, then the clip
 
 Eyeballing a grid of frames cannot tell "ragged blobs" from "shapes" reproducibly, so every video of a fixed set
 of single-shape prompts (every shape x every direction) is scored frame by frame:
@@ -23,6 +24,9 @@ Image-to-video from a training clip's first frame (`--first-frame`) fixes shape,
 hints the direction (a shape near the left edge rarely moves left). `steering` (`--steering-only`) removes the hint:
 each shape starts at the centre and is sampled with every direction word from the same first frame and seed;
 `steered` is the share that moves most along the prompted way (chance: one in four).
+Two-stage text-to-video (`--two-stage`) draws each first frame from the model itself, as a single image of the
+shapes-only prompt, and then samples the clip from it with the full prompt: the placement is the model's, so the
+direction score measures the word in a generation that starts from text alone.
 
 The same scores of the training data itself (rendered clips of the same prompts) are the ceiling: they come out
 below 1 only through anti-aliasing at the outline.
@@ -77,7 +81,12 @@ class Request:
 
     @property
     def prompt(self) -> str:
-        return " ".join(filter(None, (f"{article(self.colour)} {self.colour} {self.kind} moving {self.direction}", self.speed)))
+        return " ".join(filter(None, (f"{self.still_prompt} moving {self.direction}", self.speed)))
+
+    @property
+    def still_prompt(self) -> str:
+        """The shapes only ("a red circle"): how `--image-prompts still` trains single frames."""
+        return f"{article(self.colour)} {self.colour} {self.kind}"
 
 
 def requests() -> list[Request]:
@@ -298,6 +307,7 @@ def fidelity(
     seeds: int = 2,
     steps: int = 20,
     first_frame: bool = False,
+    two_stage: bool = False,
     **sample_kwargs,
 ) -> Scores:
     """Generate every prompt of `requests()` with `seeds` seeds and score the videos.
@@ -310,10 +320,16 @@ def fidelity(
         first_frame (`bool`, *optional*, defaults to `False`): image-to-video: each video starts from the first
             frame of a training clip of its prompt (drawn per seed), given clean, so the shape, its colour and its
             place are fixed and only the motion is left to the prompt.
+        two_stage (`bool`, *optional*, defaults to `False`): text-to-video in two samplings: each first frame is
+            generated as a single image from the shapes-only prompt (`Request.still_prompt`, the model's image
+            mode), then the clip is sampled image-to-video from it with the full prompt. Nothing from the
+            training data enters, so the direction score measures the word with no placement hint.
         **sample_kwargs: passed on to `sample` (e.g. `guidance_scale`).
     """
     from ..pipelines.testbed import sample
 
+    if first_frame and two_stage:
+        raise ValueError("first_frame and two_stage each choose where the first frame comes from: give one of them")
     todo = requests()
     scored = []
     for seed in range(seeds):
@@ -322,6 +338,9 @@ def fidelity(
             rng = np.random.default_rng([seed, 13])
             clips = [request_clip(rng, r, frames, height, width) for r in todo]
             condition = torch.stack([(render(c)[:, 0] + 1) / 2 for c in clips])  # (B, 3, H, W) in [0, 1]
+        elif two_stage:
+            condition = sample(model, [r.still_prompt for r in todo], frames=1, height=height, width=width,
+                               steps=steps, seed=seed, **sample_kwargs)[:, 0]
         videos = sample(model, [r.prompt for r in todo], frames=frames, height=height, width=width, steps=steps,
                         seed=seed, first_frame=condition, **sample_kwargs)
         scored += [score_video(v, r) for v, r in zip(videos, todo)]
@@ -418,6 +437,9 @@ def main(argv=None) -> dict:
     p.add_argument("--first-frame", action="store_true",
                    help="sample image-to-video: each video starts from the clean first frame of a training clip of its "
                         "prompt, so only the motion is left to the prompt (the direction score then measures the word)")
+    p.add_argument("--two-stage", action="store_true",
+                   help="sample text-to-video in two stages: the first frame as a single image from the shapes-only "
+                        "prompt (\"a red circle\"), then the clip image-to-video from it with the full prompt")
     p.add_argument("--steering-only", action="store_true",
                    help="only the steering check: image-to-video from centred first frames with every direction word "
                         "(no start position hints the way), does the word steer the motion?")
@@ -432,6 +454,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.steering_only and args.sensitivity_only:
         p.error("--steering-only and --sensitivity-only each run one check alone: give one of them")
+    if args.first_frame and args.two_stage:
+        p.error("--first-frame and --two-stage each choose where the first frame comes from: give one of them")
     if args.first_frame_level is not None and not 0 <= args.first_frame_level <= 1:
         p.error(f"--first-frame-level must be in [0, 1], got {args.first_frame_level}")
     if args.size is None:
@@ -446,8 +470,10 @@ def main(argv=None) -> dict:
         return result
     if not args.sensitivity_only:
         result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
-                                              first_frame=args.first_frame, guidance_scale=args.guidance_scale))
+                                              first_frame=args.first_frame, two_stage=args.two_stage,
+                                              guidance_scale=args.guidance_scale))
         result["first_frame"] = args.first_frame
+        result["two_stage"] = args.two_stage
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
     result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels,
                                                       first_frame_level=args.first_frame_level)
