@@ -51,6 +51,7 @@ __all__ = [
     "load",
     "sample",
     "space_to_depth",
+    "still_prompt",
     "testbed_config",
 ]
 
@@ -390,6 +391,15 @@ def load(
     return pipe
 
 
+def still_prompt(prompt: str) -> str:
+    """The shapes of a testbed prompt without its motion: "a red circle moving left" -> "a red circle".
+
+    The testbed's prompts name the shapes, then "moving" and the motion (`diffsparse.testbed.data.Clip.prompt`);
+    single frames trained with `--image-prompts still` are prompted with the shapes alone.
+    """
+    return prompt.split(" moving ", 1)[0]
+
+
 def sample(
     model,
     prompts: str | list[str],
@@ -401,6 +411,7 @@ def sample(
     guidance_scale: float = 3.0,
     device: str | torch.device = "cpu",
     first_frame: torch.Tensor | None = None,
+    two_stage: bool = False,
 ) -> torch.Tensor:
     """Videos for `prompts` as float32 `(B, frames, 3, height, width)` in [0, 1] (the layout of `output_type="pt"`).
 
@@ -414,6 +425,10 @@ def sample(
         guidance_scale (`float`, *optional*, defaults to 3.0): classifier-free guidance scale.
         first_frame (`torch.Tensor` of shape `(B, 3, height, width)` in [0, 1], *optional*): image-to-video, see
             `TestbedPipeline.__call__`.
+        two_stage (`bool`, *optional*, defaults to `False`): text-to-video in two samplings: each first frame is
+            sampled as a single image from `still_prompt(prompt)` (same seed), then the clip image-to-video from
+            it with the full prompt. Lets a model whose direction word steers image-to-video (but not one-pass
+            text-to-video) follow it from text alone; see `diffsparse.testbed.fidelity --two-stage`.
 
     Example:
         >>> video = sample(build_pipeline(), ["a red circle moving left"], frames=3, height=16, width=16, steps=2)
@@ -428,6 +443,11 @@ def sample(
         pipe = model
     pipe = pipe.to(device)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if two_stage:
+        if first_frame is not None:
+            raise ValueError("two_stage samples the first frame itself: pass first_frame=None with two_stage=True")
+        first_frame = sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width,
+                             steps=steps, seed=seed, guidance_scale=guidance_scale, device=device)[:, 0]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     frames_out = pipe(
         prompt=prompts,

@@ -3,6 +3,7 @@
     python -m diffsparse.testbed.evidence                       # shipped weights; loss curve from docs/testbed/loss.csv
     python -m diffsparse.testbed.evidence --run runs/testbed    # also refresh loss.csv and the 60-minute grid
     python -m diffsparse.testbed.evidence --run runs/testbed --early runs/testbed60/pipeline   # grid of a 60-min run
+    python -m diffsparse.testbed.evidence --two-stage           # grid sampled first frame first, then the clip
 
 Written to `--out` (default `docs/testbed`):
     samples.png           frames of videos generated at the evaluation size (17 x 48 x 48 pixels = 2448 tokens)
@@ -354,6 +355,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs/testbed"))
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--two-stage", action="store_true",
+                   help="sample the grid in two stages (first frame as a still image of the shapes, then the clip "
+                        "from it; pipelines.testbed.sample(two_stage=True)) and add its evaluation-size fidelity")
     p.add_argument("--attention-prompts", type=int, default=3, help="prompts averaged for the attention decay")
     return p.parse_args(argv)
 
@@ -366,14 +370,20 @@ def main(argv=None) -> dict:
     pipe = load(path=args.model)
     evidence: dict = {"model": str(args.model or "shipped weights"), "size": [frames, height, width]}
 
-    videos = sample(pipe, list(PROMPTS), frames=frames, height=height, width=width, steps=args.steps, seed=args.seed)
+    videos = sample(pipe, list(PROMPTS), frames=frames, height=height, width=width, steps=args.steps, seed=args.seed,
+                    two_stage=args.two_stage)
+    sampler = ", two-stage" if args.two_stage else ""
     save_sample_grid(videos, list(PROMPTS), args.out / "samples.png",
-                     title=f"testbed samples: {frames} frames x {height}x{width} px, {args.steps} steps, CFG 3")
+                     title=f"testbed samples: {frames} frames x {height}x{width} px, {args.steps} steps, CFG 3{sampler}")
+    evidence["two_stage_grid"] = args.two_stage
     evidence["fidelity"] = {
         "eval_size": asdict(fidelity(pipe, frames, height, width, steps=args.steps)),
         "training_data_eval_size": asdict(reference_scores(frames, height, width)),
         "training_data_training_size": asdict(reference_scores(*TRAINING_SIZE)),
     }
+    if args.two_stage:
+        evidence["fidelity"]["eval_size_two_stage"] = asdict(fidelity(pipe, frames, height, width, steps=args.steps,
+                                                                       two_stage=True))
 
     loss_csv = args.out / "loss.csv"
     if args.run is not None:

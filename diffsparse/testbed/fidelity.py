@@ -81,12 +81,7 @@ class Request:
 
     @property
     def prompt(self) -> str:
-        return " ".join(filter(None, (f"{self.still_prompt} moving {self.direction}", self.speed)))
-
-    @property
-    def still_prompt(self) -> str:
-        """The shapes only ("a red circle"): how `--image-prompts still` trains single frames."""
-        return f"{article(self.colour)} {self.colour} {self.kind}"
+        return " ".join(filter(None, (f"{article(self.colour)} {self.colour} {self.kind} moving {self.direction}", self.speed)))
 
 
 def requests() -> list[Request]:
@@ -321,7 +316,7 @@ def fidelity(
             frame of a training clip of its prompt (drawn per seed), given clean, so the shape, its colour and its
             place are fixed and only the motion is left to the prompt.
         two_stage (`bool`, *optional*, defaults to `False`): text-to-video in two samplings: each first frame is
-            generated as a single image from the shapes-only prompt (`Request.still_prompt`, the model's image
+            generated as a single image from the shapes-only prompt (`testbed.still_prompt`, the model's image
             mode), then the clip is sampled image-to-video from it with the full prompt. Nothing from the
             training data enters, so the direction score measures the word with no placement hint.
         **sample_kwargs: passed on to `sample` (e.g. `guidance_scale`).
@@ -338,11 +333,8 @@ def fidelity(
             rng = np.random.default_rng([seed, 13])
             clips = [request_clip(rng, r, frames, height, width) for r in todo]
             condition = torch.stack([(render(c)[:, 0] + 1) / 2 for c in clips])  # (B, 3, H, W) in [0, 1]
-        elif two_stage:
-            condition = sample(model, [r.still_prompt for r in todo], frames=1, height=height, width=width,
-                               steps=steps, seed=seed, **sample_kwargs)[:, 0]
         videos = sample(model, [r.prompt for r in todo], frames=frames, height=height, width=width, steps=steps,
-                        seed=seed, first_frame=condition, **sample_kwargs)
+                        seed=seed, first_frame=condition, two_stage=two_stage, **sample_kwargs)
         scored += [score_video(v, r) for v, r in zip(videos, todo)]
     return _mean(scored)
 
