@@ -391,6 +391,32 @@ def load(
     return pipe
 
 
+def room_ahead(image: torch.Tensor, prompt: str) -> float:
+    """Pixels from the centre of the shapes drawn in `image` to the canvas edge the prompt's direction points to.
+
+    `image`: a still `(3, H, W)` in [0, 1] on one of the testbed's dark backgrounds; the shapes are the pixels
+    brighter than 0.5 in some channel. `inf` when the prompt names no direction, `-inf` when nothing is drawn.
+
+    Example:
+        >>> image = torch.zeros(3, 32, 32); image[0, 10:14, 4:8] = 1.0   # a red square near the left edge
+        >>> room_ahead(image, "a red square moving left"), room_ahead(image, "a red square moving right")
+        (6.0, 26.0)
+    """
+    from ..testbed.data import DIRECTIONS
+
+    named = [word for word in prompt.split() if word in DIRECTIONS]
+    if not named:
+        return math.inf
+    rows, cols = torch.nonzero(image.amax(0) > 0.5, as_tuple=True)
+    if rows.numel() == 0:
+        return -math.inf
+    x, y = float(cols.float().mean()) + 0.5, float(rows.float().mean()) + 0.5  # pixel centres
+    ux, uy = DIRECTIONS[named[-1]]
+    if ux:
+        return x if ux < 0 else image.shape[-1] - x
+    return y if uy < 0 else image.shape[-2] - y
+
+
 def still_prompt(prompt: str) -> str:
     """The shapes of a testbed prompt without its motion: "a red circle moving left" -> "a red circle".
 
@@ -412,6 +438,7 @@ def sample(
     device: str | torch.device = "cpu",
     first_frame: torch.Tensor | None = None,
     two_stage: bool = False,
+    still_candidates: int = 1,
 ) -> torch.Tensor:
     """Videos for `prompts` as float32 `(B, frames, 3, height, width)` in [0, 1] (the layout of `output_type="pt"`).
 
@@ -429,6 +456,10 @@ def sample(
             sampled as a single image from `still_prompt(prompt)` (same seed), then the clip image-to-video from
             it with the full prompt. Lets a model whose direction word steers image-to-video (but not one-pass
             text-to-video) follow it from text alone; see `diffsparse.testbed.fidelity --two-stage`.
+        still_candidates (`int`, *optional*, defaults to 1): with `two_stage`, how many still images to sample per
+            prompt (seeds `seed`, `seed + 1`, ...); each clip starts from the one with the most `room_ahead` for
+            its direction word. The still prompt names no direction, so a single still often puts the shape at
+            the edge it is asked to move towards, a start no training clip has. 1 keeps the first still.
 
     Example:
         >>> video = sample(build_pipeline(), ["a red circle moving left"], frames=3, height=16, width=16, steps=2)
@@ -443,11 +474,21 @@ def sample(
         pipe = model
     pipe = pipe.to(device)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not isinstance(still_candidates, int) or still_candidates < 1:
+        raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")
+    if still_candidates > 1 and not two_stage:
+        raise ValueError(f"still_candidates={still_candidates} chooses among two-stage stills: pass two_stage=True")
     if two_stage:
         if first_frame is not None:
             raise ValueError("two_stage samples the first frame itself: pass first_frame=None with two_stage=True")
-        first_frame = sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width,
-                             steps=steps, seed=seed, guidance_scale=guidance_scale, device=device)[:, 0]
+        stills = torch.stack([
+            sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width, steps=steps,
+                   seed=seed + candidate, guidance_scale=guidance_scale, device=device)[:, 0]
+            for candidate in range(still_candidates)
+        ], dim=1)  # (B, candidates, 3, H, W)
+        best = [max(range(still_candidates), key=lambda c: room_ahead(stills[b, c], prompt))
+                for b, prompt in enumerate(prompts)]
+        first_frame = stills[torch.arange(len(prompts)), best]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     frames_out = pipe(
         prompt=prompts,

@@ -317,6 +317,22 @@ def test_loss_curve_is_compacted_and_plotted(trained, tmp_path):
     assert summary["steps"] == 5 and (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_a_fine_tunes_loss_curve_continues_the_run_it_started_from(trained, tmp_path):
+    run_log = trained["base"] / "run" / LOSS_LOG
+    evidence.compact_loss_log(run_log, tmp_path / "base.csv", bucket=2)
+    evidence.compact_loss_log(run_log, tmp_path / "loss.csv", bucket=2, fine_tune_of=tmp_path / "base.csv")
+    rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
+    base = list(csv.DictReader((tmp_path / "base.csv").open()))
+    assert [r["step"] for r in rows] == ["2", "4", "5", "7", "9", "10"]
+    assert [r["stage"] for r in rows] == ["0"] * 3 + ["1"] * 3
+    assert [r["loss"] for r in rows[3:]] == [r["loss"] for r in base]
+    assert float(rows[-1]["train_minutes"]) == pytest.approx(2 * float(base[-1]["train_minutes"]), abs=0.011)
+    summary = evidence.plot_loss(tmp_path / "loss.csv", tmp_path / "loss.png")
+    assert summary["steps"] == 10 and summary["fine_tunes_start_after_steps"] == [5]
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--fine-tune-of", str(tmp_path / "base.csv")])
+
+
 def test_regenerating_without_a_60_minute_model_keeps_its_numbers(tmp_path):
     # samples_60min.png is left alone then, so the numbers measured with it must survive the rewrite.
     previous = tmp_path / "evidence.json"
@@ -445,6 +461,33 @@ def test_two_stage_sampling_animates_the_models_own_still_image():
     assert not torch.allclose(videos[:, 1], videos[:, 0], atol=1e-3)  # and the later frames are sampled
     with pytest.raises(ValueError, match="two_stage"):
         testbed.sample(pipe, prompts, frames=3, height=16, width=16, steps=1, first_frame=images[:, 0], two_stage=True)
+
+
+def test_room_ahead_measures_towards_the_direction_word():
+    image = torch.full((3, 32, 32), 0.05)  # a dark background
+    image[1, 20:28, 4:12] = 0.9  # a green square: centre x = 8, y = 24
+    assert {d: testbed.room_ahead(image, f"a green square moving {d}") for d in DIRECTIONS} == {
+        "left": 8.0, "right": 24.0, "up": 24.0, "down": 8.0}
+    assert testbed.room_ahead(image, "a green square") == math.inf  # a still prompt: no direction to make room for
+    assert testbed.room_ahead(torch.full((3, 32, 32), 0.05), "a green square moving up") == -math.inf  # nothing drawn
+
+
+def test_two_stage_starts_each_clip_from_the_still_with_the_most_room_ahead():
+    pipe = testbed.build_pipeline()
+    prompts = ["a red circle moving left", "a blue square moving down"]
+    call = {"height": 16, "width": 16, "steps": 2}
+    stills = torch.stack([testbed.sample(pipe, ["a red circle", "a blue square"], frames=1, seed=5 + c, **call)[:, 0]
+                          for c in range(4)], dim=1)
+    rooms = [[testbed.room_ahead(still, prompt) for still in candidates] for candidates, prompt in zip(stills, prompts)]
+    assert all(len(set(r)) > 1 for r in rooms), rooms  # the candidates differ, so the choice is tested
+    videos = testbed.sample(pipe, prompts, frames=3, seed=5, two_stage=True, still_candidates=4, **call)
+    for video, candidates, room in zip(videos, stills, rooms):
+        torch.testing.assert_close(video[0], candidates[int(np.argmax(room))], atol=1e-5, rtol=0)
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="still_candidates"):
+            testbed.sample(pipe, prompts, frames=3, seed=5, two_stage=True, still_candidates=bad, **call)
+    with pytest.raises(ValueError, match="two_stage=True"):
+        testbed.sample(pipe, prompts, frames=3, seed=5, still_candidates=2, **call)
 
 
 def test_two_stage_fidelity_runs_and_excludes_training_first_frames():

@@ -4,6 +4,7 @@
     python -m diffsparse.testbed.evidence --run runs/testbed    # also refresh loss.csv and the 60-minute grid
     python -m diffsparse.testbed.evidence --run runs/testbed --early runs/testbed60/pipeline   # grid of a 60-min run
     python -m diffsparse.testbed.evidence --two-stage           # grid sampled first frame first, then the clip
+    python -m diffsparse.testbed.evidence --run runs/ft --fine-tune-of docs/testbed/loss_base.csv   # a train --init run
 
 Written to `--out` (default `docs/testbed`):
     samples.png           frames of videos generated at the evaluation size (17 x 48 x 48 pixels = 2448 tokens)
@@ -89,19 +90,37 @@ def save_sample_grid(videos: torch.Tensor, prompts: list[str], path: Path, frame
 # ---------------------------------------------------------------- loss
 
 
-def compact_loss_log(run_loss_csv: Path, out_csv: Path, bucket: int = LOSS_BUCKET) -> None:
-    """Write the mean loss (and the training minutes at the bucket's end) per `bucket` steps of a run's loss.csv."""
+def compact_loss_log(run_loss_csv: Path, out_csv: Path, bucket: int = LOSS_BUCKET,
+                     fine_tune_of: Path | None = None) -> None:
+    """Write the mean loss (and the training minutes at the bucket's end) per `bucket` steps of a run's loss.csv.
+
+    `fine_tune_of`: the compact loss log of the run whose weights this run started from (`train --init`). Its rows
+    come first and this run's steps and minutes continue from its last row, so the curve shows the whole training
+    of the weights; the `stage` column (0 for the first run, one more per fine-tune) marks where each run starts.
+    """
     with run_loss_csv.open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{run_loss_csv} has no rows")
+    earlier = []
+    if fine_tune_of is not None:
+        with fine_tune_of.open(newline="") as f:
+            earlier = list(csv.DictReader(f))
+        if not earlier:
+            raise ValueError(f"fine_tune_of={str(fine_tune_of)!r} has no rows; expected a compact loss log")
+    step_offset = int(earlier[-1]["step"]) if earlier else 0
+    minute_offset = float(earlier[-1]["train_minutes"]) if earlier else 0.0
+    stage = int(earlier[-1].get("stage") or 0) + 1 if earlier else 0
     with out_csv.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "loss", "train_minutes"])
+        writer.writerow(["step", "loss", "train_minutes", "stage"])
+        for row in earlier:
+            writer.writerow([row["step"], row["loss"], row["train_minutes"], row.get("stage") or 0])
         for start in range(0, len(rows), bucket):
             chunk = rows[start : start + bucket]
             loss = sum(float(r["loss"]) for r in chunk) / len(chunk)
-            writer.writerow([chunk[-1]["step"], f"{loss:.5f}", f"{float(chunk[-1]['train_seconds']) / 60:.2f}"])
+            minutes = minute_offset + float(chunk[-1]["train_seconds"]) / 60
+            writer.writerow([int(chunk[-1]["step"]) + step_offset, f"{loss:.5f}", f"{minutes:.2f}", stage])
 
 
 def plot_loss(loss_csv: Path, path: Path) -> dict:
@@ -116,8 +135,14 @@ def plot_loss(loss_csv: Path, path: Path) -> dict:
     steps = np.array([int(r["step"]) for r in rows])
     loss = np.array([float(r["loss"]) for r in rows])
     minutes = np.array([float(r["train_minutes"]) for r in rows])
+    stages = np.array([int(r.get("stage") or 0) for r in rows])
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(steps, loss, lw=1)
+    # A fine-tune starts with a new optimizer (and possibly new parts), so its loss jumps: say where.
+    for first_row in np.flatnonzero(np.diff(stages)) + 1:
+        ax.axvline(steps[first_row - 1], color="tab:red", ls="--", lw=1)
+        ax.text(steps[first_row - 1], loss.max(), f" fine-tune {stages[first_row]}", va="top", fontsize=8,
+                color="tab:red")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"rectified-flow loss (mean of {LOSS_BUCKET} steps)")
@@ -130,8 +155,9 @@ def plot_loss(loss_csv: Path, path: Path) -> dict:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    stage_starts = [int(steps[i - 1]) for i in np.flatnonzero(np.diff(stages)) + 1]
     return {"steps": int(steps[-1]), "minutes": float(minutes[-1]), "first_loss": float(loss[0]),
-            "last_loss": float(loss[-1])}
+            "last_loss": float(loss[-1]), "fine_tunes_start_after_steps": stage_starts}
 
 
 def snapshot_near(run: Path, minutes: float) -> Path | None:
@@ -349,6 +375,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffsparse.testbed.evidence", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="testbed pipeline folder (default: the shipped weights)")
     p.add_argument("--run", type=Path, default=None, help="training run folder: refreshes loss.csv, 60-minute grid")
+    p.add_argument("--fine-tune-of", type=Path, default=None,
+                   help="compact loss log (an earlier loss.csv written here) of the run that --run fine-tuned with "
+                        "train --init: drawn first, with --run continuing it; the --run snapshot nearest 60 min is "
+                        "then not a 60-minute model, so only --early redraws that grid")
     p.add_argument("--early", type=Path, default=None,
                    help="pipeline folder of a 60-minute run for samples_60min.png (default: the --run snapshot "
                         "nearest 60 min)")
@@ -358,8 +388,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--two-stage", action="store_true",
                    help="sample the grid in two stages (first frame as a still image of the shapes, then the clip "
                         "from it; pipelines.testbed.sample(two_stage=True)) and add its evaluation-size fidelity")
+    p.add_argument("--still-candidates", type=int, default=1,
+                   help="with --two-stage: still images sampled per prompt, the clip starting from the one with the "
+                        "most room towards its direction word (pipelines.testbed.sample(still_candidates=N))")
     p.add_argument("--attention-prompts", type=int, default=3, help="prompts averaged for the attention decay")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.still_candidates < 1 or (args.still_candidates > 1 and not args.two_stage):
+        p.error(f"--still-candidates {args.still_candidates}: give an int >= 1, and more than 1 only with --two-stage")
+    if args.fine_tune_of is not None and args.run is None:
+        p.error(f"--fine-tune-of {args.fine_tune_of} continues the loss curve of a --run; pass the run folder too")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -371,11 +409,14 @@ def main(argv=None) -> dict:
     evidence: dict = {"model": str(args.model or "shipped weights"), "size": [frames, height, width]}
 
     videos = sample(pipe, list(PROMPTS), frames=frames, height=height, width=width, steps=args.steps, seed=args.seed,
-                    two_stage=args.two_stage)
+                    two_stage=args.two_stage, still_candidates=args.still_candidates)
     sampler = ", two-stage" if args.two_stage else ""
+    if args.still_candidates > 1:
+        sampler += f" (best of {args.still_candidates} stills)"
     save_sample_grid(videos, list(PROMPTS), args.out / "samples.png",
                      title=f"testbed samples: {frames} frames x {height}x{width} px, {args.steps} steps, CFG 3{sampler}")
     evidence["two_stage_grid"] = args.two_stage
+    evidence["still_candidates"] = args.still_candidates
     evidence["fidelity"] = {
         "eval_size": asdict(fidelity(pipe, frames, height, width, steps=args.steps)),
         "training_data_eval_size": asdict(reference_scores(frames, height, width)),
@@ -383,13 +424,15 @@ def main(argv=None) -> dict:
     }
     if args.two_stage:
         evidence["fidelity"]["eval_size_two_stage"] = asdict(fidelity(pipe, frames, height, width, steps=args.steps,
-                                                                       two_stage=True))
+                                                                       two_stage=True,
+                                                                       still_candidates=args.still_candidates))
 
     loss_csv = args.out / "loss.csv"
     if args.run is not None:
-        compact_loss_log(args.run / "loss.csv", loss_csv)
+        compact_loss_log(args.run / "loss.csv", loss_csv, fine_tune_of=args.fine_tune_of)
     evidence["fidelity"]["training_size"] = asdict(fidelity(pipe, *TRAINING_SIZE, steps=args.steps))
-    early = args.early or (snapshot_near(args.run, 60.0) if args.run is not None else None)
+    from_run = args.run is not None and args.fine_tune_of is None
+    early = args.early or (snapshot_near(args.run, 60.0) if from_run else None)
     if early is not None:
         early_pipe = load(path=early)
         videos = sample(early_pipe, list(PROMPTS), *TRAINING_SIZE, steps=args.steps, seed=args.seed)

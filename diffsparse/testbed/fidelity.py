@@ -5,6 +5,7 @@
     python -m diffsparse.testbed.fidelity --model runs/testbed60/snapshots/step_002000 --size 9x32x32 --sensitivity-only
     python -m diffsparse.testbed.fidelity --size 9x32x32 --steering-only   # does the direction word steer motion?
     python -m diffsparse.testbed.fidelity --size 9x32x32 --two-stage       # first frame as an image, then the clip
+    python -m diffsparse.testbed.fidelity --two-stage --still-candidates 4  # ... from the still with room to move
 
 Eyeballing a grid of frames cannot tell "ragged blobs" from "shapes" reproducibly, so every video of a fixed set
 of single-shape prompts (every shape x every direction) is scored frame by frame:
@@ -432,6 +433,9 @@ def main(argv=None) -> dict:
     p.add_argument("--two-stage", action="store_true",
                    help="sample text-to-video in two stages: the first frame as a single image from the shapes-only "
                         "prompt (\"a red circle\"), then the clip image-to-video from it with the full prompt")
+    p.add_argument("--still-candidates", type=int, default=1,
+                   help="with --two-stage: still images sampled per prompt; each clip starts from the one whose shape "
+                        "has the most room towards its direction word (pipelines.testbed.room_ahead)")
     p.add_argument("--steering-only", action="store_true",
                    help="only the steering check: image-to-video from centred first frames with every direction word "
                         "(no start position hints the way), does the word steer the motion?")
@@ -448,6 +452,8 @@ def main(argv=None) -> dict:
         p.error("--steering-only and --sensitivity-only each run one check alone: give one of them")
     if args.first_frame and args.two_stage:
         p.error("--first-frame and --two-stage each choose where the first frame comes from: give one of them")
+    if args.still_candidates < 1 or (args.still_candidates > 1 and not args.two_stage):
+        p.error(f"--still-candidates {args.still_candidates}: give an int >= 1, and more than 1 only with --two-stage")
     if args.first_frame_level is not None and not 0 <= args.first_frame_level <= 1:
         p.error(f"--first-frame-level must be in [0, 1], got {args.first_frame_level}")
     if args.size is None:
@@ -463,9 +469,11 @@ def main(argv=None) -> dict:
     if not args.sensitivity_only:
         result["generated"] = asdict(fidelity(pipe, *args.size, seeds=args.seeds, steps=args.steps,
                                               first_frame=args.first_frame, two_stage=args.two_stage,
-                                              guidance_scale=args.guidance_scale))
+                                              guidance_scale=args.guidance_scale,
+                                              still_candidates=args.still_candidates))
         result["first_frame"] = args.first_frame
         result["two_stage"] = args.two_stage
+        result["still_candidates"] = args.still_candidates
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
     result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels,
                                                       first_frame_level=args.first_frame_level)
