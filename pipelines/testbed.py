@@ -4,7 +4,8 @@ A `WanTransformer3DModel` (~1M parameters, `configs/testbed_wan.json`) denoises 
 2x2 space-to-depth: a `(3, F, H, W)` video in [-1, 1] becomes `(12, F, H/2, W/2)` "latents", the transformer's
 patch (1, 2, 2) makes one token of 4x4 pixels, and decoding is the exact inverse (no VAE: there are no weights to
 train or ship for it, and nothing lossy between the model and the pixels the metrics compare). Prompts go through
-a word-level tokenizer built in memory and a tiny T5 encoder trained jointly with the transformer.
+a word-level tokenizer built in memory and a tiny T5 encoder (trainable; the shipped weights keep it at its seeded
+initialisation, `train --freeze-text-encoder`, because training it erased the direction words' difference).
 `TestbedPipeline` is a small diffusers `DiffusionPipeline` that calls the transformer and the
 `FlowMatchEulerDiscreteScheduler` exactly as `WanPipeline` does (same arguments, `cache_context("cond"/"uncond")`,
 CFG as two calls), so `diffsparse.apply`, `diffsparse compare` and the Wan adapter treat it like Wan.
