@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/diffsparse compare
+	$(BIN)/diffsparse compare --two-stage --still-candidates 4
 
 test: $(STAMP)
 	$(BIN)/ruff check .

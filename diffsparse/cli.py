@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import __version__
+from .testbed import add_two_stage_options
 
 
 def _step_count(text: str) -> int | float:
@@ -95,7 +96,7 @@ def _sparse_config(args):
     )
 
 
-def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> None:
+def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> argparse.ArgumentParser:
     """A command that generates one video under one `SparseConfig` (`compare`, `trace`)."""
     p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_and_video(p)
@@ -103,11 +104,17 @@ def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str
     p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--out", default="outputs", help=out_help)
+    return p
 
 
 def _add_compare(sub) -> None:
-    _add_one_generation(sub, "compare", "generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
-                        "seed of the initial noise (the same for both runs)", "folder for compare.mp4 and compare.json")
+    p = _add_one_generation(sub, "compare",
+                            "generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
+                            "seed of the initial noise (the same for both runs)",
+                            "folder for compare.mp4 and compare.json")
+    add_two_stage_options(p, "testbed models: sample a still from the shapes-only prompt first (dense, untimed), "
+                          "then both clips image-to-video from it, so the video follows the direction word; frame 0 "
+                          "is not scored")
 
 
 def _add_trace(sub) -> None:
@@ -128,12 +135,13 @@ def _run_compare(args) -> None:
     r = run_compare(args, config)
     print(f"model: {r.model}")
     print(f"config: {r.config}")
-    print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}")
+    print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}, {r.sampler}")
     print(f"dense  {r.dense_seconds:8.2f} s end-to-end, {r.dense_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"sparse {r.sparse_seconds:8.2f} s end-to-end, {r.sparse_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising")
     print(f"mean attention density: {r.mean_attention_density:.3f}")
-    print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense)")
+    scored = "frames 1 on (frame 0 is the shared still)" if args.two_stage else "every frame"
+    print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense, {scored})")
     if r.lpips is None:
         from .metrics import alexnet_weights_path
 

@@ -27,6 +27,7 @@ class CompareResult:
     steps: int
     seed: int
     device: str
+    sampler: str  # "one pass", or "two-stage, best of N stills" (then frame 0 is the shared still and not scored)
     dense_seconds: float
     sparse_seconds: float
     speedup: float
@@ -66,9 +67,10 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
 
 
-def _generate(pipe, args, progress: tqdm) -> tuple[np.ndarray, float, float]:
+def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
     """`(frames, end-to-end seconds, denoising seconds)`; denoising ends at the last step's callback, so it
     leaves out the VAE decode (which dominates end-to-end time on small models with a VAE)."""
+    image_to_video = {} if first_frame is None else {"first_frame": first_frame}
     last_step_end = []
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -87,6 +89,7 @@ def _generate(pipe, args, progress: tqdm) -> tuple[np.ndarray, float, float]:
         generator=generator,
         output_type="np",
         callback_on_step_end=on_step_end,
+        **image_to_video,
     ).frames[0]
     return np.asarray(frames), time.perf_counter() - start, last_step_end[0] - start
 
@@ -115,25 +118,47 @@ def write_side_by_side(path: Path, dense: np.ndarray, sparse_frames: np.ndarray,
     iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1)
 
 
+def _shared_still(pipe, args) -> torch.Tensor:
+    """The first frame both runs of `--two-stage` start from: sampled once, dense and untimed, so the two videos
+    differ only by the attention of the clip's sampling."""
+    from .pipelines import testbed
+
+    if not isinstance(pipe, testbed.TestbedPipeline):
+        raise ValueError(
+            f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r} "
+            f"loads {type(pipe).__name__}"
+        )
+    return testbed.best_still(pipe, [args.prompt], args.height, args.width, steps=args.steps, seed=args.seed,
+                              device=args.device, candidates=args.still_candidates)
+
+
 def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     """Generate `args.prompt` dense, then sparse under `config`; score, time, and write the side-by-side video.
 
+    `args.two_stage`: text-to-video in two samplings (testbed pipelines only): a still from the shapes-only
+    prompt, the best of `args.still_candidates` (`pipelines.testbed.best_still`), then the clip image-to-video
+    from it, dense and sparse from the same still; frame 0 (the still) is left out of PSNR/SSIM/LPIPS.
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
+    if args.still_candidates != 1 and not args.two_stage:
+        raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
     if pipe is None:
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         pipe = load_pipeline(args.model, args.device, dtype)
+    first_frame = _shared_still(pipe, args) if args.two_stage else None
     with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.
         one_step = argparse.Namespace(**{**vars(args), "steps": 1})
-        _generate(pipe, one_step, progress)
+        _generate(pipe, one_step, progress, first_frame)
         with sparse(pipe, replace(config, dense_steps=0, dense_last_steps=0)):
-            _generate(pipe, one_step, progress)
-        dense, dense_seconds, dense_denoise = _generate(pipe, args, progress)
+            _generate(pipe, one_step, progress, first_frame)
+        dense, dense_seconds, dense_denoise = _generate(pipe, args, progress, first_frame)
         with sparse(pipe, config) as handle:
-            sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress)
+            sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress, first_frame)
             call_stats = handle.stats()
+    # The given still comes back as frame 0 of both videos: an input, not something either run generated.
+    scored = slice(1, None) if args.two_stage else slice(None)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
@@ -147,6 +172,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         steps=args.steps,
         seed=args.seed,
         device=args.device,
+        sampler=f"two-stage, best of {args.still_candidates} stills" if args.two_stage else "one pass",
         dense_seconds=dense_seconds,
         sparse_seconds=sparse_seconds,
         speedup=dense_seconds / sparse_seconds,
@@ -154,9 +180,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         sparse_denoise_seconds=sparse_denoise,
         denoise_speedup=dense_denoise / sparse_denoise,
         mean_attention_density=call_stats.mean_density,
-        psnr_db=psnr(sparse_frames, dense),
-        ssim=ssim(sparse_frames, dense),
-        lpips=lpips(sparse_frames, dense) if alexnet_weights_path().is_file() else None,
+        psnr_db=psnr(sparse_frames[scored], dense[scored]),
+        ssim=ssim(sparse_frames[scored], dense[scored]),
+        lpips=lpips(sparse_frames[scored], dense[scored]) if alexnet_weights_path().is_file() else None,
         video_path=str(video_path),
     )
     (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))

@@ -31,6 +31,7 @@ def compare_once(
     height: int = 48,
     width: int = 48,
     seed: int = 0,
+    still_candidates: int = 0,
     *,
     model: str | None = None,
     device: str = "cpu",
@@ -39,8 +40,12 @@ def compare_once(
     """One request of the page: `(result, markdown summary)`; the side-by-side video is `result.video_path`.
 
     `density=0` keeps the pattern's own parameters (`SparseConfig.density=None`); a bad value raises the
-    `ValueError` of `SparseConfig` that names the field.
+    `ValueError` of `SparseConfig` that names the field. `still_candidates`: 0 samples in one pass; N >= 1
+    (testbed models) samples in two stages from the best of N stills, as `diffsparse compare --two-stage
+    --still-candidates N` (what `make run` shows, with N = 4).
     """
+    if not isinstance(still_candidates, int) or still_candidates < 0:
+        raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
     if correction not in CORRECTION_CHOICES:
         raise ValueError(f"correction must be one of {CORRECTION_CHOICES}, got correction={correction!r}")
     config = SparseConfig(
@@ -60,12 +65,15 @@ def compare_once(
         seed=int(seed),
         device=device,
         out=str(out),
+        two_stage=still_candidates > 0,
+        still_candidates=max(1, still_candidates),
     )
     result = run_compare(args, config, pipe=pipe)
     lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
     speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
-    quality = f"Sparse vs dense: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
+    scored = " (frames 1 on: frame 0 is the still both runs start from)" if still_candidates else ""
+    quality = f"Sparse vs dense{scored}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
     summary = "\n".join(
         [
             "| | dense | sparse |",
@@ -77,7 +85,7 @@ def compare_once(
             "",
             quality,
             "",
-            f"`{result.config}`",
+            f"Sampler: {result.sampler}. `{result.config}`",
         ]
     )
     return result, summary
@@ -88,11 +96,11 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     `gradio.Error` with `SparseConfig`'s message, which the page shows."""
     import gradio as gr
 
-    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed):
+    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed, stills):
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, size,
-                seed, model=model, device=device, out=out,
+                int(seed), int(stills), model=model, device=device, out=out,
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
@@ -104,6 +112,8 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
 def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
     """The Gradio `Blocks` page around `compare_once` for a loaded `pipe` (not launched)."""
     import gradio as gr
+
+    from .pipelines.testbed import TestbedPipeline
 
     on_submit = make_handler(pipe, model=model, device=device, out=out)
     with gr.Blocks(title="diffsparse: dense vs sparse attention") as demo:
@@ -124,11 +134,13 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 frames = gr.Slider(1, 33, value=17, step=4, label="frames")
                 size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
                 seed = gr.Number(0, precision=0, label="seed")
+                stills = gr.Slider(0, 8, value=4 if isinstance(pipe, TestbedPipeline) else 0, step=1,
+                                   label="two-stage: still candidates (0 = one pass; testbed models only)")
                 button = gr.Button("generate dense and sparse", variant="primary")
             with gr.Column():
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
-        inputs = [prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed]
+        inputs = [prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed, stills]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)
     return demo

@@ -46,10 +46,12 @@ __all__ = [
     "CONFIG_PATH",
     "WEIGHTS_PATH",
     "TestbedPipeline",
+    "best_still",
     "build_pipeline",
     "depth_to_space",
     "encode_prompts",
     "load",
+    "room_ahead",
     "sample",
     "space_to_depth",
     "still_prompt",
@@ -427,6 +429,35 @@ def still_prompt(prompt: str) -> str:
     return prompt.split(" moving ", 1)[0]
 
 
+def best_still(
+    pipe,
+    prompts: list[str],
+    height: int,
+    width: int,
+    steps: int = 20,
+    seed: int = 0,
+    guidance_scale: float = 3.0,
+    device: str | torch.device = "cpu",
+    candidates: int = 1,
+) -> torch.Tensor:
+    """The first stage of two-stage sampling: one still per prompt, `(B, 3, height, width)` in [0, 1].
+
+    Samples `candidates` single frames per prompt from `still_prompt(prompt)` (seeds `seed`, `seed + 1`, ...) and
+    keeps the one with the most `room_ahead` for the prompt's direction word; `sample(..., two_stage=True)` and
+    `diffsparse compare --two-stage` start their clips from it.
+    """
+    if not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"still_candidates must be an int >= 1, got {candidates!r}")
+    stills = torch.stack([
+        sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width, steps=steps,
+               seed=seed + candidate, guidance_scale=guidance_scale, device=device)[:, 0]
+        for candidate in range(candidates)
+    ], dim=1)  # (B, candidates, 3, H, W)
+    best = [max(range(candidates), key=lambda c: room_ahead(stills[b, c], prompt))
+            for b, prompt in enumerate(prompts)]
+    return stills[torch.arange(len(prompts)), best]
+
+
 def sample(
     model,
     prompts: str | list[str],
@@ -482,14 +513,8 @@ def sample(
     if two_stage:
         if first_frame is not None:
             raise ValueError("two_stage samples the first frame itself: pass first_frame=None with two_stage=True")
-        stills = torch.stack([
-            sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width, steps=steps,
-                   seed=seed + candidate, guidance_scale=guidance_scale, device=device)[:, 0]
-            for candidate in range(still_candidates)
-        ], dim=1)  # (B, candidates, 3, H, W)
-        best = [max(range(still_candidates), key=lambda c: room_ahead(stills[b, c], prompt))
-                for b, prompt in enumerate(prompts)]
-        first_frame = stills[torch.arange(len(prompts)), best]
+        first_frame = best_still(pipe, prompts, height, width, steps=steps, seed=seed,
+                                 guidance_scale=guidance_scale, device=device, candidates=still_candidates)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     frames_out = pipe(
         prompt=prompts,

@@ -32,6 +32,20 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert isinstance(build_demo(tiny_pipe, out=tmp_path), gr.Blocks)
     submit = make_handler(tiny_pipe, out=tmp_path)
     with pytest.raises(gr.Error, match="density"):
-        submit("a red circle", "radial", 1.5, 0.2, 16, "none", 2, 5, 32, 0)
-    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0)
+        submit("a red circle", "radial", 1.5, 0.2, 16, "none", 2, 5, 32, 0, 0)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 0)
     assert video.endswith("compare.mp4") and "SSIM" in summary
+    with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 2)
+
+
+def test_still_candidates_choose_the_sampler(tmp_path):
+    from diffsparse.pipelines import testbed
+
+    pipe = testbed.load()
+    small = {**SMALL, "frames": 5, "height": 32, "width": 32}
+    result, _ = compare_once(pipe, "a red circle moving left", block_size=16, **small, still_candidates=2, out=tmp_path)
+    assert result.sampler == "two-stage, best of 2 stills"
+    assert compare_once(pipe, "a red circle", block_size=16, **small, out=tmp_path)[0].sampler == "one pass"
+    with pytest.raises(ValueError, match="still_candidates must be an int >= 0"):
+        compare_once(pipe, "a red circle", block_size=16, **small, still_candidates=-1, out=tmp_path)

@@ -93,7 +93,8 @@ def test_the_model_attends_locally(pipe):
 
 
 def test_the_model_draws_the_prompted_colour_on_a_dark_background(dense):
-    # What `make run` shows: objects in the prompt's colour (red, then blue) over a plain dark background.
+    # What `make run` shows (it samples in two stages, these videos in one pass): objects in the prompt's colour
+    # (red, then blue) over a plain dark background.
     for video, channel in zip(dense, (0, 2)):  # (F, 3, H, W) in [0, 1]
         pixels = video.transpose(0, 2, 3, 1).reshape(-1, 3)
         bright = pixels.max(-1) > 0.5

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..pipelines import adapter_for
 from ..pipelines.testbed import load, sample, testbed_config
 from ..pipelines.wan import self_attention_qkv
+from . import add_two_stage_options
 from .data import TRAIN_BUCKETS
 from .fidelity import fidelity, reference_scores
 
@@ -385,12 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs/testbed"))
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--two-stage", action="store_true",
-                   help="sample the grid in two stages (first frame as a still image of the shapes, then the clip "
-                        "from it; pipelines.testbed.sample(two_stage=True)) and add its evaluation-size fidelity")
-    p.add_argument("--still-candidates", type=int, default=1,
-                   help="with --two-stage: still images sampled per prompt, the clip starting from the one with the "
-                        "most room towards its direction word (pipelines.testbed.sample(still_candidates=N))")
+    add_two_stage_options(p, "sample the grid in two stages (first frame as a still image of the shapes, then the "
+                          "clip from it; pipelines.testbed.sample(two_stage=True)) and add its evaluation-size "
+                          "fidelity")
     p.add_argument("--attention-prompts", type=int, default=3, help="prompts averaged for the attention decay")
     args = p.parse_args(argv)
     if args.still_candidates < 1 or (args.still_candidates > 1 and not args.two_stage):

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import add_two_stage_options
 from .data import (
     COLOURS,
     DIRECTIONS,
@@ -430,12 +431,9 @@ def main(argv=None) -> dict:
     p.add_argument("--first-frame", action="store_true",
                    help="sample image-to-video: each video starts from the clean first frame of a training clip of its "
                         "prompt, so only the motion is left to the prompt (the direction score then measures the word)")
-    p.add_argument("--two-stage", action="store_true",
-                   help="sample text-to-video in two stages: the first frame as a single image from the shapes-only "
-                        "prompt (\"a red circle\"), then the clip image-to-video from it with the full prompt")
-    p.add_argument("--still-candidates", type=int, default=1,
-                   help="with --two-stage: still images sampled per prompt; each clip starts from the one whose shape "
-                        "has the most room towards its direction word (pipelines.testbed.room_ahead)")
+    add_two_stage_options(p, "sample text-to-video in two stages: the first frame as a single image from the "
+                          "shapes-only prompt (\"a red circle\"), then the clip image-to-video from it with the full "
+                          "prompt")
     p.add_argument("--steering-only", action="store_true",
                    help="only the steering check: image-to-video from centred first frames with every direction word "
                         "(no start position hints the way), does the word steer the motion?")
