@@ -142,6 +142,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     """
     if args.still_candidates != 1 and not args.two_stage:
         raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
+    if args.two_stage and args.frames < 2:
+        raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
+                         f"got frames={args.frames}")
     if pipe is None:
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         pipe = load_pipeline(args.model, args.device, dtype)

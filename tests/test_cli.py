@@ -62,8 +62,11 @@ def test_two_stage_needs_the_testbed_and_still_candidates_needs_two_stage(capsys
         main(["compare", "--still-candidates", "3", "--steps", "1"])
     assert "still_candidates=3 chooses among two-stage stills" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["compare", "--two-stage", "--still-candidates", "0", "--steps", "1", "--frames", "1"])
+        main(["compare", "--two-stage", "--still-candidates", "0", "--steps", "1", "--frames", "5"])
     assert "still_candidates must be an int >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--two-stage", "--steps", "1", "--frames", "1"])
+    assert "frames must be >= 2, got frames=1" in capsys.readouterr().err
 
 
 def test_masks_and_density_bench(tmp_path, capsys):
