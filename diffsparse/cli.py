@@ -222,6 +222,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
+    add_two_stage_options(p, "testbed models: every run of a (prompt, seed) starts from one still sampled from the "
+                          "shapes-only prompt (dense, untimed) and samples the clip image-to-video from it, as "
+                          "`make run` does; frame 0 is not scored")
 
 
 def _run_eval(args) -> None:

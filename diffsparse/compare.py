@@ -118,9 +118,28 @@ def write_side_by_side(path: Path, dense: np.ndarray, sparse_frames: np.ndarray,
     iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1)
 
 
-def _shared_still(pipe, args) -> torch.Tensor:
-    """The first frame both runs of `--two-stage` start from: sampled once, dense and untimed, so the two videos
-    differ only by the attention of the clip's sampling."""
+def check_two_stage(args) -> None:
+    """`args.two_stage` / `args.still_candidates` (of `compare` and `eval`) make sense before anything is loaded."""
+    if args.still_candidates != 1 and not args.two_stage:
+        raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
+    if args.two_stage and args.frames < 2:
+        raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
+                         f"got frames={args.frames}")
+
+
+def sampler_label(args) -> str:
+    return f"two-stage, best of {args.still_candidates} stills" if args.two_stage else "one pass"
+
+
+def scored_frames(args) -> slice:
+    """The frames metrics compare: with `two_stage` the given still comes back as frame 0 of every video, an input
+    that no run generated (and identical PSNR would be infinite)."""
+    return slice(1, None) if args.two_stage else slice(None)
+
+
+def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
+    """The first frame every run of `--two-stage` starts from for (`prompt`, `seed`): sampled once, dense and
+    untimed, so dense and sparse videos differ only by the attention of the clip's sampling."""
     from .pipelines import testbed
 
     if not isinstance(pipe, testbed.TestbedPipeline):
@@ -128,7 +147,7 @@ def _shared_still(pipe, args) -> torch.Tensor:
             f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r} "
             f"loads {type(pipe).__name__}"
         )
-    return testbed.best_still(pipe, [args.prompt], args.height, args.width, steps=args.steps, seed=args.seed,
+    return testbed.best_still(pipe, [prompt], args.height, args.width, steps=args.steps, seed=seed,
                               device=args.device, candidates=args.still_candidates)
 
 
@@ -140,15 +159,11 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     from it, dense and sparse from the same still; frame 0 (the still) is left out of PSNR/SSIM/LPIPS.
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
-    if args.still_candidates != 1 and not args.two_stage:
-        raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
-    if args.two_stage and args.frames < 2:
-        raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
-                         f"got frames={args.frames}")
+    check_two_stage(args)
     if pipe is None:
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         pipe = load_pipeline(args.model, args.device, dtype)
-    first_frame = _shared_still(pipe, args) if args.two_stage else None
+    first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
     with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.
@@ -160,8 +175,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         with sparse(pipe, config) as handle:
             sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress, first_frame)
             call_stats = handle.stats()
-    # The given still comes back as frame 0 of both videos: an input, not something either run generated.
-    scored = slice(1, None) if args.two_stage else slice(None)
+    scored = scored_frames(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
@@ -175,7 +189,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         steps=args.steps,
         seed=args.seed,
         device=args.device,
-        sampler=f"two-stage, best of {args.still_candidates} stills" if args.two_stage else "one pass",
+        sampler=sampler_label(args),
         dense_seconds=dense_seconds,
         sparse_seconds=sparse_seconds,
         speedup=dense_seconds / sparse_seconds,

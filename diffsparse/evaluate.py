@@ -20,7 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
 from .api import sparse
-from .compare import load_pipeline, model_label
+from .compare import check_two_stage, load_pipeline, model_label, sampler_label, scored_frames, shared_still
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
 from .pipelines import adapter_for, find_transformers
@@ -76,8 +76,9 @@ class EvalRow:
     end_to_end_ratio: float  # sparse / dense wall seconds
 
 
-def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
-    """`(frames, wall seconds, self-attention seconds)`."""
+def _generate(pipe, prompt, seed, args, first_frame=None) -> tuple[np.ndarray, float, float]:
+    """`(frames, wall seconds, self-attention seconds)`; `first_frame`: image-to-video from that still."""
+    image_to_video = {} if first_frame is None else {"first_frame": first_frame}
     total = [0.0]
     modules = list(_attention_modules(pipe))
     for module in modules:
@@ -92,6 +93,7 @@ def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
             num_inference_steps=args.steps,
             generator=torch.Generator().manual_seed(seed),
             output_type="np",
+            **image_to_video,
         ).frames[0]
         return np.asarray(frames), time.perf_counter() - start, total[0]
     finally:
@@ -102,9 +104,13 @@ def _generate(pipe, prompt, seed, args) -> tuple[np.ndarray, float, float]:
 def run_eval(args) -> list[EvalRow]:
     """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `TokenOrder` or `None`)
     against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into `args.out`."""
+    check_two_stage(args)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     pipe = load_pipeline(args.model, args.device, dtype)
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
+    # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
+    stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
+    scored = scored_frames(args)
     configs = [
         SparseConfig(
             pattern=name,
@@ -123,21 +129,22 @@ def run_eval(args) -> list[EvalRow]:
     progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
     # Untimed warm-ups of both paths, so that no configuration's time ratio carries the first sparse call's
     # one-off costs (loading the compiled kernel, building plans).
-    _generate(pipe, cases[0][0], cases[0][1], args)
+    _generate(pipe, *cases[0], args, stills[cases[0]])
     if configs:
         with sparse(pipe, configs[0]):
-            _generate(pipe, cases[0][0], cases[0][1], args)
+            _generate(pipe, *cases[0], args, stills[cases[0]])
     dense = {}
     for prompt, seed in cases:
-        dense[prompt, seed] = _generate(pipe, prompt, seed, args)
+        dense[prompt, seed] = _generate(pipe, prompt, seed, args, stills[prompt, seed])
         progress.update(1)
     rows = []
     for config in configs:
         scores, wall, attention, densities = [], [], [], []
         with sparse(pipe, config) as handle:
             for prompt, seed in cases:
-                frames, seconds, attention_seconds = _generate(pipe, prompt, seed, args)
+                frames, seconds, attention_seconds = _generate(pipe, prompt, seed, args, stills[prompt, seed])
                 reference, dense_seconds, dense_attention = dense[prompt, seed]
+                frames, reference = frames[scored], reference[scored]
                 scores.append(
                     (
                         psnr(frames, reference),
@@ -191,7 +198,8 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
         writer.writerows(asdict(r) for r in rows)
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
-        f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}"
+        f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
+        f"{sampler_label(args)}" + (" (frame 0, the shared still, not scored)" if args.two_stage else "")
     )
     lines = [
         header,

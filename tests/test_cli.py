@@ -99,6 +99,18 @@ def test_eval_writes_a_table(tmp_path, capsys):
     assert "PSNR" not in capsys.readouterr().err
 
 
+def test_two_stage_eval_starts_dense_and_sparse_from_one_still(tmp_path):
+    args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "0,2", "--steps", "2", "--frames", "5",
+            "--height", "32", "--width", "32", "--block-size", "16", "--prompts", "1", "--two-stage",
+            "--still-candidates", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "eval.csv") as f:
+        sparse_run, all_dense = [float(r["psnr_db"]) for r in csv.DictReader(f)]
+    # Every step dense: the same still and the same noise give the dense video again, frame for frame.
+    assert all_dense == float("inf") and sparse_run < float("inf")
+    assert "two-stage, best of 2 stills (frame 0, the shared still, not scored)" in (tmp_path / "eval.md").read_text()
+
+
 def test_eval_crosses_dense_layers_and_corrections(tmp_path):
     args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "1", "--dense-layers", "0,1",
             "--correction", "none,residual", "--tile", "1,2,2", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
