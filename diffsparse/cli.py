@@ -129,7 +129,7 @@ def _run_trace(args) -> None:
 
 
 def _run_compare(args) -> None:
-    from .compare import run_compare
+    from .compare import run_compare, scored_label
 
     config = _sparse_config(args)
     r = run_compare(args, config)
@@ -140,8 +140,7 @@ def _run_compare(args) -> None:
     print(f"sparse {r.sparse_seconds:8.2f} s end-to-end, {r.sparse_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising")
     print(f"mean attention density: {r.mean_attention_density:.3f}")
-    scored = "frames 1 on (frame 0 is the shared still)" if args.two_stage else "every frame"
-    print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense, {scored})")
+    print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense, {scored_label(args)})")
     if r.lpips is None:
         from .metrics import alexnet_weights_path
 

@@ -131,6 +131,10 @@ def sampler_label(args) -> str:
     return f"two-stage, best of {args.still_candidates} stills" if args.two_stage else "one pass"
 
 
+def scored_label(args) -> str:
+    return "frames 1 on (frame 0 is the shared still)" if args.two_stage else "every frame"
+
+
 def scored_frames(args) -> slice:
     """The frames metrics compare: with `two_stage` the given still comes back as frame 0 of every video, an input
     that no run generated (and identical PSNR would be infinite)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .compare import CompareResult, run_compare
+from .compare import CompareResult, run_compare, scored_label
 from .config import CORRECTIONS, SparseConfig
 from .patterns import PATTERNS
 
@@ -72,8 +72,7 @@ def compare_once(
     lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
     speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
-    scored = " (frames 1 on: frame 0 is the still both runs start from)" if still_candidates else ""
-    quality = f"Sparse vs dense{scored}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
+    quality = f"Sparse vs dense, {scored_label(args)}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
     summary = "\n".join(
         [
             "| | dense | sparse |",

@@ -20,7 +20,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
 from .api import sparse
-from .compare import check_two_stage, load_pipeline, model_label, sampler_label, scored_frames, shared_still
+from .compare import (
+    check_two_stage,
+    load_pipeline,
+    model_label,
+    sampler_label,
+    scored_frames,
+    scored_label,
+    shared_still,
+)
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
 from .pipelines import adapter_for, find_transformers
@@ -199,7 +207,7 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
         f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
-        f"{sampler_label(args)}" + (" (frame 0, the shared still, not scored)" if args.two_stage else "")
+        f"{sampler_label(args)}, scored on {scored_label(args)}"
     )
     lines = [
         header,

@@ -108,7 +108,9 @@ def test_two_stage_eval_starts_dense_and_sparse_from_one_still(tmp_path):
         sparse_run, all_dense = [float(r["psnr_db"]) for r in csv.DictReader(f)]
     # Every step dense: the same still and the same noise give the dense video again, frame for frame.
     assert all_dense == float("inf") and sparse_run < float("inf")
-    assert "two-stage, best of 2 stills (frame 0, the shared still, not scored)" in (tmp_path / "eval.md").read_text()
+    assert "two-stage, best of 2 stills, scored on frames 1 on (frame 0 is the shared still)" in (
+        tmp_path / "eval.md"
+    ).read_text()
 
 
 def test_eval_crosses_dense_layers_and_corrections(tmp_path):

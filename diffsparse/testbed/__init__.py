@@ -10,7 +10,7 @@
 
 def add_two_stage_options(parser, two_stage_help: str) -> None:
     """`--two-stage` and `--still-candidates`, the same flags wherever two-stage sampling is offered (`fidelity`,
-    `evidence`, `diffsparse compare`); see `diffsparse.pipelines.testbed.sample` and `best_still`."""
+    `evidence`, `diffsparse compare` and `eval`); see `diffsparse.pipelines.testbed.sample` and `best_still`."""
     parser.add_argument("--two-stage", action="store_true", help=two_stage_help)
     parser.add_argument("--still-candidates", type=int, default=1,
                         help="with --two-stage: still images sampled per prompt (seeds seed, seed+1, ...); each clip "
