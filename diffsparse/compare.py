@@ -152,7 +152,7 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
             f"loads {type(pipe).__name__}"
         )
     return testbed.best_still(pipe, [prompt], args.height, args.width, steps=args.steps, seed=seed,
-                              device=args.device, candidates=args.still_candidates)
+                              device=args.device, still_candidates=args.still_candidates)
 
 
 def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:

@@ -438,22 +438,22 @@ def best_still(
     seed: int = 0,
     guidance_scale: float = 3.0,
     device: str | torch.device = "cpu",
-    candidates: int = 1,
+    still_candidates: int = 1,
 ) -> torch.Tensor:
     """The first stage of two-stage sampling: one still per prompt, `(B, 3, height, width)` in [0, 1].
 
-    Samples `candidates` single frames per prompt from `still_prompt(prompt)` (seeds `seed`, `seed + 1`, ...) and
-    keeps the one with the most `room_ahead` for the prompt's direction word; `sample(..., two_stage=True)` and
-    `diffsparse compare --two-stage` start their clips from it.
+    Samples `still_candidates` single frames per prompt from `still_prompt(prompt)` (seeds `seed`, `seed + 1`, ...)
+    and keeps the one with the most `room_ahead` for the prompt's direction word; `sample(..., two_stage=True)` and
+    `diffsparse compare` / `eval --two-stage` start their clips from it.
     """
-    if not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"still_candidates must be an int >= 1, got {candidates!r}")
+    if not isinstance(still_candidates, int) or still_candidates < 1:
+        raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")
     stills = torch.stack([
         sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width, steps=steps,
                seed=seed + candidate, guidance_scale=guidance_scale, device=device)[:, 0]
-        for candidate in range(candidates)
+        for candidate in range(still_candidates)
     ], dim=1)  # (B, candidates, 3, H, W)
-    best = [max(range(candidates), key=lambda c: room_ahead(stills[b, c], prompt))
+    best = [max(range(still_candidates), key=lambda c: room_ahead(stills[b, c], prompt))
             for b, prompt in enumerate(prompts)]
     return stills[torch.arange(len(prompts)), best]
 
@@ -514,7 +514,7 @@ def sample(
         if first_frame is not None:
             raise ValueError("two_stage samples the first frame itself: pass first_frame=None with two_stage=True")
         first_frame = best_still(pipe, prompts, height, width, steps=steps, seed=seed,
-                                 guidance_scale=guidance_scale, device=device, candidates=still_candidates)
+                                 guidance_scale=guidance_scale, device=device, still_candidates=still_candidates)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     frames_out = pipe(
         prompt=prompts,
