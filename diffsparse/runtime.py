@@ -120,10 +120,10 @@ class SparseRuntime:
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
-        # pattern (`Pattern.fit`), chosen at its first sparse call of a pipeline call and reused for the
-        # remaining steps.
-        self._layer_patterns: dict[tuple[int, VideoLayout], Pattern] = {}
-        self._fitted_at: dict[tuple[int, VideoLayout], int] = {}  # the step each layer pattern was fitted at
+        # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
+        # and reused for the remaining steps. Keyed by (layer, layout, batch size).
+        self._layer_patterns: dict[tuple[int, VideoLayout, int], tuple[Pattern, ...]] = {}
+        self._fitted_at: dict[tuple[int, VideoLayout, int], int] = {}  # the step each layer's patterns were fitted at
         self._fits = type(self.pattern).fit is not Pattern.fit
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
@@ -245,24 +245,50 @@ class SparseRuntime:
 
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
-    def _layer_pattern(self, layer: int, layout: VideoLayout, query, key, value) -> Pattern:
-        pattern = self._layer_patterns.get((layer, layout))
+    def _layer_pattern(self, layer: int, layout: VideoLayout, query, key, value) -> tuple[Pattern, ...]:
+        """The layer's fitted patterns, one per video of the batch.
+
+        Each video is fitted on its own queries, keys and values (with the same generator seed), so a video's
+        blocks, and so its result, do not depend on what else shares its batch: a batch of prompts gives each
+        the video it gets alone. Both CFG branches share the fit of whichever runs first (the cond call), video
+        by video; a branch with another batch size fits its own.
+        """
+        batch = query.shape[0]
+        slot = (layer, layout, batch)
+        patterns = self._layer_patterns.get(slot)
         step = self._state().step
         every = self.pattern.refit_every
-        if pattern is None or (every and step - self._fitted_at[(layer, layout)] >= every):
-            generator = torch.Generator(device=query.device).manual_seed(layer)
+        if patterns is None or (every and step - self._fitted_at[slot] >= every):
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-            pattern = self.pattern.fit(q, k, v, layout, self.block_sizes, order=self.order, generator=generator)
-            self._layer_patterns[(layer, layout)] = pattern
-            self._fitted_at[(layer, layout)] = step
-        return pattern
+            patterns = tuple(
+                self.pattern.fit(
+                    q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes, order=self.order,
+                    generator=torch.Generator(device=query.device).manual_seed(layer),
+                )
+                for i in range(batch)
+            )
+            self._layer_patterns[slot] = patterns
+            self._fitted_at[slot] = step
+        return patterns
 
     def plan(
-        self, layout: VideoLayout, heads: int, device: torch.device, pattern: Pattern | None = None
+        self,
+        layout: VideoLayout,
+        heads: int,
+        device: torch.device,
+        pattern: Pattern | tuple[Pattern, ...] | None = None,
     ) -> _CachedPlan:
-        """The cached plan for this layout; a new resolution builds a new one, never a stale reuse."""
-        pattern = self.pattern if pattern is None else pattern
-        return self._cached((pattern, layout, heads, str(device)), lambda: self._build_plan(pattern, layout, heads, device))
+        """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
+
+        `pattern`: the runtime's pattern (`None`), or a tuple of one pattern per video of the batch (fitted
+        patterns), whose masks then stack along the plan's batch dim (one shared mask when they are all equal).
+        """
+        patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
+        if all(p == patterns[0] for p in patterns[1:]):
+            patterns = patterns[:1]
+        return self._cached(
+            (patterns, layout, heads, str(device)), lambda: self._build_plan(patterns, layout, heads, device)
+        )
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
         """The plan cache (least recently used out first)."""
@@ -275,14 +301,19 @@ class SparseRuntime:
             self._plans.move_to_end(key)
         return cached
 
-    def _build_plan(self, pattern: Pattern, layout: VideoLayout, heads: int, device: torch.device) -> _CachedPlan:
-        if self.config.density is not None:
-            pattern = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
-        mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
-        if mask.shape[0] not in (1, heads):
-            raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
+    def _build_plan(
+        self, patterns: tuple[Pattern, ...], layout: VideoLayout, heads: int, device: torch.device
+    ) -> _CachedPlan:
+        masks = []
+        for pattern in patterns:
+            if self.config.density is not None:
+                pattern = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
+            mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
+            if mask.shape[0] not in (1, heads):
+                raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
+            masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
         n = layout.num_tokens
-        plan = make_plan(mask.unsqueeze(0).to(device), n, n, self.block_sizes)
+        plan = make_plan(torch.stack(masks).to(device), n, n, self.block_sizes)
         if isinstance(self.order, IdentityOrder):
             return _CachedPlan(plan, None, None)
         return _CachedPlan(plan, self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))

@@ -290,8 +290,9 @@ class Pattern(abc.ABC):
     ) -> Pattern:
         r"""
         The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
-        call of a generation (and again every `refit_every` steps), with that call's `(B, H, N, D)` queries,
-        keys and values in the model's frame-major order, and uses the result for the layer's next steps.
+        call of a generation (and again every `refit_every` steps), once per video of the batch with that
+        video's `(1, H, N, D)` queries, keys and values in the model's frame-major order, and uses the results
+        (one mask per video) for the layer's next steps.
         Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
         heads, [`Searched`] searches its blocks).
         """

@@ -242,7 +242,9 @@ class Searched(Pattern):
     layer's first sparse call of a generation the runtime calls [`~Searched.search`] with that call's
     queries, keys and values; the resulting per-head block mask (for that layout, block size and token order)
     is reused (plan-cached) for the remaining steps of the generation, and the next generation searches again.
-    The search at a layer's first sparse call is shared by both CFG branches (the cond call runs first).
+    The runtime searches each video of a batch on its own queries, keys and values (so a video gets the blocks
+    it gets alone, whatever shares its batch); the search at a layer's first sparse call is shared by both CFG
+    branches (the cond call runs first).
 
     How blocks are chosen (`criterion`):
 

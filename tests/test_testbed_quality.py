@@ -19,12 +19,13 @@ RADIAL_25 = {"pattern": "radial", "density": 0.25, "block_size": 64}
 # 17.48 dB, 0.736 with none. Thresholds leave ~1.8 dB and 0.06 of margin.
 PSNR_RADIAL_25_DENSE_20 = 21.2
 SSIM_RADIAL_25_DENSE_20 = 0.77
-# Searched blocks (greedy, searched again every 4 steps) at 25% density, block 32, 20% dense steps: measured
-# 27.02 dB, SSIM 0.910, short of the 30 dB aim on these weights (the weights shipped before them gave
-# 31.07 dB; block 64 gives 28.23 dB / 0.895 here); thresholds leave ~1 dB and 0.03.
-SEARCHED_25 = {"pattern": "searched(refresh=4)", "density": 0.25, "block_size": 32, "dense_steps": 0.2}
-PSNR_SEARCHED_25 = 26.0
-SSIM_SEARCHED_25 = 0.88
+# Searched blocks (greedy, searched again every 4 steps) at 25% density, block 64, 20% dense steps: measured
+# 30.92 dB, SSIM 0.922, the 30 dB aim (block 32: 28.94 dB / 0.919; before each video of a batch was
+# searched on its own tensors, the two prompts shared one search and scored 28.23 dB at block 64, 27.02 at 32).
+# Thresholds leave ~0.9 dB and 0.03.
+SEARCHED_25 = {"pattern": "searched(refresh=4)", "density": 0.25, "block_size": 64, "dense_steps": 0.2}
+PSNR_SEARCHED_25 = 30.0
+SSIM_SEARCHED_25 = 0.89
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_searched_blocks_at_a_quarter_density_stay_closer_than_a_static_pattern(
     value_psnr, value_ssim = _scores(_generate(pipe, diffsparse.SparseConfig(**SEARCHED_25)), dense)
     assert value_psnr >= PSNR_SEARCHED_25, value_psnr
     assert value_ssim >= SSIM_SEARCHED_25, value_ssim
-    # Searching on the model's own attention is what the search costs buy: measured 4 dB above radial here.
-    assert value_psnr >= _scores(radial_with_dense_steps, dense)[0] + 2.0, value_psnr
+    # Searching on the model's own attention is what the search costs buy: measured 7.9 dB above radial here.
+    assert value_psnr >= _scores(radial_with_dense_steps, dense)[0] + 5.0, value_psnr
 
 
 def test_dense_first_steps_matter(pipe, dense, radial_with_dense_steps):

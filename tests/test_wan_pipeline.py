@@ -113,14 +113,30 @@ def test_data_dependent_patterns_are_fitted_once_per_layer_and_call(tiny_pipe, c
         chosen = dict(runtime._layer_patterns)
         records = handle.stats().calls["transformer"]
     assert torch.isfinite(out).all()
-    assert sorted(layer for layer, _ in chosen) == [0, 1]  # one fit per layer, reused across steps
-    assert all(fitted_as_asked(pattern) for pattern in chosen.values())
+    assert sorted(layer for layer, _, _ in chosen) == [0, 1]  # one fit per layer, reused across steps
+    assert all(len(fitted) == 1 and fitted_as_asked(fitted[0]) for fitted in chosen.values())  # one video
     # Each layer's sparse calls all ran one plan: the density never changes across steps and branches.
     for layer in (0, 1):
         densities = {r.density for r in records if r.sparse and r.layer == layer}
         assert len(densities) == 1
         if config.density is not None:
             assert abs(densities.pop() - config.density) < 0.02
+
+
+@pytest.mark.parametrize(
+    "pattern, fits_differ",
+    [(SpatialTemporal(frames=1, width=1), False), ("searched", True)],  # both heads stay "spatial" here
+    ids=["spatial_temporal", "searched"],
+)
+def test_data_dependent_patterns_give_each_video_of_a_batch_what_it_gets_alone(tiny_pipe, pattern, fits_differ):
+    config = diffsparse.SparseConfig(pattern=pattern, density=0.3, block_size=16, dense_steps=1)
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        batch = generate(tiny_pipe, prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+        fitted = next(iter(handle.runtimes["transformer"]._layer_patterns.values()))
+        alone = [generate(tiny_pipe, seed=seed, prompt=prompt) for seed, prompt in zip((0, 1), prompts)]
+    assert len(fitted) == 2 and (fitted[0] != fitted[1]) == fits_differ  # each video fitted on its own tensors
+    torch.testing.assert_close(batch, torch.cat(alone), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("pattern", ["radial", "window3d"])
