@@ -246,7 +246,7 @@ class SparseRuntime:
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
     def _layer_pattern(self, layer: int, layout: VideoLayout, query, key, value) -> tuple[Pattern, ...]:
-        """The layer's fitted patterns, one per video of the batch.
+        """The layer's fitted patterns, one per video of the batch (one for all when they are equal).
 
         Each video is fitted on its own queries, keys and values (with the same generator seed), so a video's
         blocks, and so its result, do not depend on what else shares its batch: a batch of prompts gives each
@@ -267,6 +267,8 @@ class SparseRuntime:
                 )
                 for i in range(batch)
             )
+            if all(p == patterns[0] for p in patterns[1:]):
+                patterns = patterns[:1]  # one mask for the whole batch
             self._layer_patterns[slot] = patterns
             self._fitted_at[slot] = step
         return patterns
@@ -281,11 +283,9 @@ class SparseRuntime:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
         `pattern`: the runtime's pattern (`None`), or a tuple of one pattern per video of the batch (fitted
-        patterns), whose masks then stack along the plan's batch dim (one shared mask when they are all equal).
+        patterns), whose masks then stack along the plan's batch dim (a 1-tuple serves every video).
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
-        if all(p == patterns[0] for p in patterns[1:]):
-            patterns = patterns[:1]
         return self._cached(
             (patterns, layout, heads, str(device)), lambda: self._build_plan(patterns, layout, heads, device)
         )

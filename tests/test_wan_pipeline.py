@@ -135,7 +135,7 @@ def test_data_dependent_patterns_give_each_video_of_a_batch_what_it_gets_alone(t
         batch = generate(tiny_pipe, prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
         fitted = next(iter(handle.runtimes["transformer"]._layer_patterns.values()))
         alone = [generate(tiny_pipe, seed=seed, prompt=prompt) for seed, prompt in zip((0, 1), prompts)]
-    assert len(fitted) == 2 and (fitted[0] != fitted[1]) == fits_differ  # each video fitted on its own tensors
+    assert len(fitted) == (2 if fits_differ else 1)  # each video fitted on its own tensors; equal fits shared
     torch.testing.assert_close(batch, torch.cat(alone), atol=1e-4, rtol=0)
 
 
