@@ -1,4 +1,5 @@
-"""`diffsparse bench attention`: dense SDPA vs block-sparse attention, same tensors, same process.
+"""`diffsparse bench attention`: dense SDPA vs block-sparse attention, same tensors, same process;
+`diffsparse bench pipeline`: one video generated dense and sparse, end to end, same pipeline, same process.
 
 Runs are interleaved (dense, sparse, dense, sparse, ...) and medians reported, so machine noise hits both
 alike. Efficiency = speedup x density: 1.0 means the sparse kernel reaches the 1/density bound.
@@ -7,6 +8,7 @@ alike. Efficiency = speedup x density: 1.0 means the sparse kernel reaches the 1
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import time
 from pathlib import Path
@@ -206,3 +208,81 @@ def run_permute_bench(args) -> dict:
     }
     print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
     return row
+
+
+def run_pipeline_bench(args, config) -> dict:
+    r"""
+    Time one video (`args.prompt`, `args.seed`, the size and steps of `args`) dense and sparse under `config`,
+    `args.repeats` times, interleaved (dense, sparse, dense, ...), after one untimed run of each. Each sparse
+    run applies `config` afresh, so its time includes building its plans, as a user's first video would.
+
+    Reported (medians over the pairs): end-to-end speedup (dense / sparse wall seconds), self-attention
+    speedup (timing hooks on the adapter's self-attention modules, projections included), the attention work
+    (mean block density over every self-attention call, dense calls counting 1.0) and the efficiency,
+    attention speedup x work (1.0: the sparse path reaches the 1 / work bound). Writes `bench_pipeline.json`
+    into `args.out`.
+    """
+    from .api import sparse
+    from .compare import load_pipeline, model_label
+    from .evaluate import timed_generation
+
+    if isinstance(args.repeats, bool) or not isinstance(args.repeats, int) or args.repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1 (timed dense/sparse pairs), got repeats={args.repeats!r}")
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    pipe = load_pipeline(args.model, args.device, dtype)
+
+    def dense_run() -> tuple[float, float]:
+        return timed_generation(pipe, args.prompt, args.seed, args)[1:]
+
+    def sparse_run() -> tuple[float, float, list]:
+        with sparse(pipe, config) as handle:
+            _, seconds, attention = timed_generation(pipe, args.prompt, args.seed, args)
+            records = [r for log in handle.stats().calls.values() for r in log]
+        return seconds, attention, records
+
+    dense_run(), sparse_run()  # one-time costs (thread pools, the compiled CPU kernel) off the timed runs
+    pairs = []
+    for _ in tqdm(range(args.repeats), desc="dense, sparse", unit="pair"):
+        dense_seconds, dense_attention = dense_run()
+        sparse_seconds, sparse_attention, records = sparse_run()
+        pairs.append(
+            {
+                "dense_seconds": dense_seconds,
+                "sparse_seconds": sparse_seconds,
+                "dense_attention_seconds": dense_attention,
+                "sparse_attention_seconds": sparse_attention,
+            }
+        )
+    sparse_densities = [r.density for r in records if r.sparse]
+    work = statistics.fmean(r.density if r.sparse else 1.0 for r in records)
+    attention_speedup = statistics.median(p["dense_attention_seconds"] / p["sparse_attention_seconds"] for p in pairs)
+    result = {
+        "model": model_label(args.model),
+        "config": repr(config),
+        "video": f"{args.frames} frames {args.height}x{args.width}, {args.steps} steps",
+        "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
+        "repeats": args.repeats,
+        "pairs": pairs,
+        "dense_seconds": statistics.median(p["dense_seconds"] for p in pairs),
+        "sparse_seconds": statistics.median(p["sparse_seconds"] for p in pairs),
+        "speedup": statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs),
+        "attention_speedup": attention_speedup,
+        "sparse_step_density": statistics.fmean(sparse_densities) if sparse_densities else None,
+        "attention_work": work,
+        "efficiency": attention_speedup * work,
+    }
+    print(f"{result['model']}; {result['video']}; {result['device']}; {config!r}")
+    print("| pair | dense s | sparse s | end-to-end speedup | attention speedup |")
+    print("|---|---|---|---|---|")
+    for i, p in enumerate(pairs, 1):
+        print(f"| {i} | {p['dense_seconds']:.2f} | {p['sparse_seconds']:.2f} | "
+              f"{p['dense_seconds'] / p['sparse_seconds']:.3f} | "
+              f"{p['dense_attention_seconds'] / p['sparse_attention_seconds']:.3f} |")
+    density = "-" if result["sparse_step_density"] is None else f"{result['sparse_step_density']:.3f}"
+    print(f"median end-to-end speedup {result['speedup']:.3f}, attention speedup {attention_speedup:.3f}; "
+          f"sparse-step density {density}, attention work {work:.3f}, efficiency {result['efficiency']:.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / 'bench_pipeline.json'}")
+    return result

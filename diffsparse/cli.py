@@ -272,6 +272,14 @@ def _add_bench(sub) -> None:
     a.add_argument("--mask", default="random",
                    help="random, or a pattern name solved for each density (radial, window3d)")
     a.add_argument("--out", default="outputs", help="folder for bench_attention.csv and .png")
+    e = bench.add_parser("pipeline", help="one video dense and sparse, end to end, interleaved runs (medians)",
+                         formatter_class=defaults)
+    _add_model_and_video(e)
+    _add_sparse_config(e)
+    e.add_argument("--prompt", default="a red circle moving left", help="text prompt")
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every run)")
+    e.add_argument("--repeats", type=int, default=3, help="timed dense/sparse pairs (the medians are kept)")
+    e.add_argument("--out", default="outputs", help="folder for bench_pipeline.json")
 
 
 def _run_bench(args) -> None:
@@ -279,6 +287,11 @@ def _run_bench(args) -> None:
         from .bench import run_attention_bench
 
         run_attention_bench(args)
+        return
+    if args.bench == "pipeline":
+        from .bench import run_pipeline_bench
+
+        run_pipeline_bench(args, _sparse_config(args))
         return
     if args.bench == "permute":
         from .bench import run_permute_bench

@@ -84,7 +84,7 @@ class EvalRow:
     end_to_end_ratio: float  # sparse / dense wall seconds
 
 
-def _generate(pipe, prompt, seed, args, first_frame=None) -> tuple[np.ndarray, float, float]:
+def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.ndarray, float, float]:
     """`(frames, wall seconds, self-attention seconds)`; `first_frame`: image-to-video from that still."""
     image_to_video = {} if first_frame is None else {"first_frame": first_frame}
     total = [0.0]
@@ -137,20 +137,20 @@ def run_eval(args) -> list[EvalRow]:
     progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
     # Untimed warm-ups of both paths, so that no configuration's time ratio carries the first sparse call's
     # one-off costs (loading the compiled kernel, building plans).
-    _generate(pipe, *cases[0], args, stills[cases[0]])
+    timed_generation(pipe, *cases[0], args, stills[cases[0]])
     if configs:
         with sparse(pipe, configs[0]):
-            _generate(pipe, *cases[0], args, stills[cases[0]])
+            timed_generation(pipe, *cases[0], args, stills[cases[0]])
     dense = {}
     for prompt, seed in cases:
-        dense[prompt, seed] = _generate(pipe, prompt, seed, args, stills[prompt, seed])
+        dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
         progress.update(1)
     rows = []
     for config in configs:
         scores, wall, attention, densities = [], [], [], []
         with sparse(pipe, config) as handle:
             for prompt, seed in cases:
-                frames, seconds, attention_seconds = _generate(pipe, prompt, seed, args, stills[prompt, seed])
+                frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
                 reference, dense_seconds, dense_attention = dense[prompt, seed]
                 frames, reference = frames[scored], reference[scored]
                 scores.append(

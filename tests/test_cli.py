@@ -87,6 +87,37 @@ def test_attention_bench_table(tmp_path, capsys):
     assert "efficiency" in capsys.readouterr().out
 
 
+def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monkeypatch):
+    import statistics
+
+    from diffsparse import evaluate
+    from diffsparse.pipelines.wan import WanSparseAttnProcessor
+
+    sparse_applied, timed = [], evaluate.timed_generation
+
+    def recording(pipe, *args, **kwargs):
+        sparse_applied.append(isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor))
+        return timed(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "timed_generation", recording)
+    args = ["bench", "pipeline", "--steps", "2", "--frames", "5", "--height", "32", "--width", "48",
+            "--block-size", "16", "--dense-steps", "1", "--density", "0.5", "--repeats", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert sparse_applied == [False, True] * 3  # an untimed pair, then the timed pairs, each dense first
+    result = json.loads((tmp_path / "bench_pipeline.json").read_text())
+    pairs = result["pairs"]
+    assert len(pairs) == 2 and result["repeats"] == 2
+    assert result["speedup"] == statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs)
+    # Step 0 dense, step 1 sparse: the work is the mean of 1.0 and the sparse step's density.
+    assert result["sparse_step_density"] < 1
+    assert result["attention_work"] == pytest.approx((1 + result["sparse_step_density"]) / 2)
+    assert result["efficiency"] == pytest.approx(result["attention_speedup"] * result["attention_work"])
+    assert "median end-to-end speedup" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--repeats", "0", "--out", str(tmp_path)])
+    assert "repeats must be an int >= 1 (timed dense/sparse pairs), got repeats=0" in capsys.readouterr().err
+
+
 def test_eval_writes_a_table(tmp_path, capsys):
     args = ["eval", "--pattern", "radial", "--density", "0.5", "--dense-steps", "0,1", "--steps", "2",
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
