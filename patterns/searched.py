@@ -251,9 +251,10 @@ class Searched(Pattern):
     - `"greedy"` ([`greedy_blocks`]): per head and query block, the set of key blocks whose sparse output is
       closest to the dense output, built greedily from the exact error of each candidate set. On the embedded
       testbed it has about a third of the attention error of the best static pattern (at a slightly higher
-      density) at the step it searched, and reaches 30.8 dB at 25% density with `refresh=4` (README). Its
-      cost is the catch: about 25 dense attention calls of the layer per search there (2,448 tokens, head dim
-      32, block 32); `sample_rows=8, value_dims=8` cut it to about 2.5 at some quality.
+      density) at the step it searched, and reaches 30 dB at 25% density with `refresh=4` at block 64
+      (README). Its cost is the catch: about 25 dense attention calls of the layer per search there (2,448
+      tokens, head dim 32, block 32; about 8x less at block 64, still more than the sparse steps save at that
+      size); `sample_rows=8, value_dims=8` cut it to about 2.5 at some quality.
     - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
       (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
       biased sample of that average, and the error can exceed the output itself.
