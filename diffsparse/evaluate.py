@@ -216,6 +216,11 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
         "|" + "---|" * len(fields),
         *("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |" for r in rows),
     ]
+    timing = (
+        "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "
+        "for speed, `diffsparse bench pipeline` times interleaved dense/sparse pairs."
+    )
+    lines += ["", timing]
     if not with_lpips:
         lines += ["", f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()}."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")

@@ -126,7 +126,7 @@ def test_eval_writes_a_table(tmp_path, capsys):
     assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
     assert len(rows) == 3
     table = (tmp_path / "eval.md").read_text()
-    assert "| radial(" in table and "attention_time_ratio" in table
+    assert "| radial(" in table and "attention_time_ratio" in table and "bench pipeline" in table
     assert "PSNR" not in capsys.readouterr().err
 
 
