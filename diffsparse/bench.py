@@ -228,8 +228,7 @@ def run_pipeline_bench(args, config) -> dict:
 
     if isinstance(args.repeats, bool) or not isinstance(args.repeats, int) or args.repeats < 1:
         raise ValueError(f"repeats must be an int >= 1 (timed dense/sparse pairs), got repeats={args.repeats!r}")
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    pipe = load_pipeline(args.model, args.device, dtype)
+    pipe = load_pipeline(args.model, args.device)
 
     def dense_run() -> tuple[float, float]:
         return timed_generation(pipe, args.prompt, args.seed, args)[1:]

@@ -48,8 +48,10 @@ def model_label(model: str | None) -> str:
     return model or EMBEDDED_MODEL
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
+def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = None):
     """The embedded trained testbed (`model=None`), a testbed training folder, or a diffusers checkpoint.
+
+    `dtype`: by default float32 on CPU (bfloat16 is slow there without native support) and bfloat16 elsewhere.
 
     `model` is a hub id or a local `save_pretrained` folder; folders whose `model_index.json` names
     `TestbedPipeline` (what `python -m diffsparse.testbed.train` writes) load through the testbed's own class,
@@ -57,6 +59,8 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
     """
     from .pipelines import testbed
 
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if model is None:
         return testbed.load(device=device, dtype=dtype)
     index = Path(model) / "model_index.json"
@@ -165,8 +169,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     """
     check_two_stage(args)
     if pipe is None:
-        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-        pipe = load_pipeline(args.model, args.device, dtype)
+        pipe = load_pipeline(args.model, args.device)
     first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
     with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on

@@ -151,12 +151,9 @@ def run_demo(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit('the demo needs gradio: pip install -e ".[demo]" (or pip install gradio)') from None
-    import torch
-
     from .compare import load_pipeline
 
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    pipe = load_pipeline(args.model, args.device, dtype)
+    pipe = load_pipeline(args.model, args.device)
     build_demo(pipe, model=args.model, device=args.device, out=args.out).launch(
         server_name=args.host, server_port=args.port
     )

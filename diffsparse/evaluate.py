@@ -113,8 +113,7 @@ def run_eval(args) -> list[EvalRow]:
     """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `TokenOrder` or `None`)
     against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into `args.out`."""
     check_two_stage(args)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    pipe = load_pipeline(args.model, args.device, dtype)
+    pipe = load_pipeline(args.model, args.device)
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
     # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
     stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}

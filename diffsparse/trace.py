@@ -93,8 +93,7 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     from .compare import load_pipeline
 
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    pipe = load_pipeline(args.model, args.device, dtype)
+    pipe = load_pipeline(args.model, args.device)
     traced = trace_attention_errors(
         pipe,
         config,
