@@ -51,27 +51,32 @@ def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: Blo
     batch, heads, nq_tok, _ = query.shape
     nk_tok = key.shape[2]
     nq, nk = math.ceil(nq_tok / bq), math.ceil(nk_tok / bk)
-    key = key.float()
     mass = torch.zeros(heads, nq, nk, dtype=torch.float32, device=query.device)
     rows_per_chunk = max(bq, (_CHUNK // max(1, batch * heads * nk_tok)) // bq * bq)
     for start in range(0, nq_tok, rows_per_chunk):
         end = min(start + rows_per_chunk, nq_tok)
-        probs = _block_probabilities(query[:, :, start:end], key, bk)  # (B, H, rows, nk, bk)
+        weights, total = _key_block_weights(query[:, :, start:end], key, bk)
+        probs = weights.sum(3) / total[:, :, None]  # (B, H, nk, rows)
         block_of_row = torch.arange(start, end, device=query.device) // bq
-        mass.index_add_(1, block_of_row, probs.sum(-1).sum(0))
+        mass.index_add_(1, block_of_row, probs.sum(0).transpose(1, 2))
     rows_per_block = torch.full((nq,), float(bq), device=query.device)
     rows_per_block[-1] = nq_tok - (nq - 1) * bq
     return mass / (rows_per_block[None, :, None] * batch)
 
 
-def _block_probabilities(query: torch.Tensor, key: torch.Tensor, block_k: int) -> torch.Tensor:
-    """Exact float32 softmax of `query` `(B, H, rows, D)` over all of `key` `(B, H, Nk, D)` (scale
-    `1 / sqrt(D)`), keys padded to whole blocks with zero probability: `(B, H, rows, nk, block_k)`."""
-    nk_tok = key.shape[2]
+def _key_block_weights(query: torch.Tensor, key: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 softmax of `query` `(B, H, rows, D)` over all of `key` `(B, H, Nk, D)` (scale `1 / sqrt(D)`),
+    unnormalised: its numerators `(B, H, nk, block_k, rows)`, keys padded to whole blocks with weight 0, and its
+    denominators `(B, H, rows)`. Keys come first so that each key block is one contiguous `(block_k, rows)` slab:
+    the per-block sums below are plain batched matmuls and reductions, with no copy of the `rows x Nk` weights
+    (the largest tensor of a search), and the normalisation is left to the much smaller per-block results."""
+    nk_tok, dim = key.shape[2], key.shape[3]
     nk = math.ceil(nk_tok / block_k)
-    scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(query.shape[-1])
-    probs = torch.nn.functional.pad(torch.softmax(scores, dim=-1), (0, nk * block_k - nk_tok))
-    return probs.reshape(*probs.shape[:-1], nk, block_k)
+    keys = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block_k - nk_tok))
+    weights = keys @ (query.float() / math.sqrt(dim)).transpose(-1, -2)  # (B, H, nk * block_k, rows)
+    weights[:, :, nk_tok:] = -torch.inf
+    weights = weights.sub_(weights.amax(2, keepdim=True)).exp_()
+    return weights.view(*weights.shape[:2], nk, block_k, -1), weights.sum(2)
 
 
 def greedy_blocks(
@@ -143,13 +148,14 @@ def greedy_blocks(
         h1 = min(h0 + head_chunk, heads)
         for q0 in range(0, nq, block_chunk):
             q1 = min(q0 + block_chunk, nq)
-            probs = _block_probabilities(query[:, h0:h1, rows[q0:q1].reshape(-1)], key[:, h0:h1], bk)
-            part = torch.einsum("bhrjk,bhjkd->bhrjd", probs, values[:, h0:h1])  # each key block's share of o_r
-            mass = probs.sum(-1)
-            pull = part - mass[..., None] * part.sum(-2, keepdim=True)
+            weights, total = _key_block_weights(query[:, h0:h1, rows[q0:q1].reshape(-1)], key[:, h0:h1], bk)
+            mass = weights.sum(3) / total[:, :, None]  # (b, h, nk, rows)
+            # Each key block's unnormalised share of o_r, then its pull (share - mass * o_r), normalised.
+            part = weights.transpose(-1, -2) @ values[:, h0:h1]  # (b, h, nk, rows, dv)
+            pull = part.addcmul_(mass[..., None], part.sum(2, keepdim=True), value=-1).div_(total[:, :, None, :, None])
 
             # One set per head and query block, its rows pooled over the batch and the sampled queries.
-            pull, mass = (rearrange(x, "b h (q s) j ... -> h q (b s) j ...", s=samples) for x in (pull, mass))
+            pull, mass = (rearrange(x, "b h j (q s) ... -> h q (b s) j ...", s=samples) for x in (pull, mass))
             kept[h0:h1, q0:q1] = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1])
     return kept
 
@@ -159,9 +165,10 @@ def _grow(pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: tor
     nk)`: add to `kept` `(h, blocks, nk)` one block per set and step until each set holds `count[block]`."""
     pull = pull.contiguous()  # read once per step below, as a view
     weights = kept.float()
-    total_pull = torch.einsum("hqrjd,hqj->hqrd", pull, weights)
-    total_mass = torch.einsum("hqrj,hqj->hqr", mass, weights)
-    pull_norms = pull.square().sum(-1)
+    # Sums over the kept blocks as matmuls broadcast over the rows: no reordered copy of `pull`.
+    total_pull = (weights[:, :, None, None, :] @ pull)[..., 0, :]
+    total_mass = (mass @ weights[:, :, :, None])[..., 0]
+    pull_norms = torch.linalg.vector_norm(pull, dim=-1).square_()
     while True:
         short = kept.sum(-1) < count
         if not short.any():
