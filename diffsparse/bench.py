@@ -1,5 +1,6 @@
 """`diffsparse bench attention`: dense SDPA vs block-sparse attention, same tensors, same process;
-`diffsparse bench pipeline`: one video generated dense and sparse, end to end, same pipeline, same process.
+`diffsparse bench pipeline`: one video generated dense and sparse, end to end, same pipeline, same process;
+`diffsparse bench search`: one search of a data-dependent pattern against one dense attention call, same tensors.
 
 Runs are interleaved (dense, sparse, dense, sparse, ...) and medians reported, so machine noise hits both
 alike. Efficiency = speedup x density: 1.0 means the sparse kernel reaches the 1/density bound.
@@ -208,6 +209,68 @@ def run_permute_bench(args) -> dict:
     }
     print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
     return row
+
+
+def run_search_bench(args) -> dict:
+    r"""
+    What one search of a data-dependent pattern costs, in dense attention calls: `fit` of `args.pattern` (at
+    `args.density`) on one video's random queries, keys and values of the token grid, against dense SDPA on the
+    same tensors, interleaved `args.repeats` times after one untimed run of each; medians. The runtime pays one
+    such fit per layer and video at the first sparse step, and again every `refit_every` steps
+    (`Searched(refresh=...)`). Random tensors time the search, not its choice: its work is fixed by the shapes
+    (the greedy search takes the same number of steps whatever the values). Writes `bench_search.json` into
+    `args.out`.
+    """
+    from .patterns import Pattern, VideoLayout, get_pattern
+
+    if isinstance(args.repeats, bool) or not isinstance(args.repeats, int) or args.repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1 (timed search/dense pairs), got repeats={args.repeats!r}")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    layout = VideoLayout(args.frames, args.height, args.width)
+    pattern = get_pattern(args.pattern)
+    if type(pattern).fit is Pattern.fit:
+        raise ValueError(f"pattern={args.pattern!r} is static: it has no search to time (data-dependent patterns "
+                         f"override Pattern.fit, e.g. searched, spatial_temporal)")
+    pattern = pattern.at_density(layout, args.density, args.block_size)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (1, args.heads, layout.num_tokens, args.dim)
+    q, k, v = (torch.randn(*shape, generator=generator).to(device, dtype) for _ in range(3))
+
+    def search():
+        return pattern.fit(q, k, v, layout, args.block_size, generator=torch.Generator().manual_seed(args.seed))
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    searched = search()
+    dense()
+    pairs = [(_time_ms(search, device), _time_ms(dense, device)) for _ in range(args.repeats)]
+    search_ms = statistics.median(s for s, _ in pairs)
+    dense_ms = statistics.median(d for _, d in pairs)
+    result = {
+        "layout": f"{args.frames}x{args.height}x{args.width}",
+        "tokens": layout.num_tokens,
+        "block_size": args.block_size,
+        "heads": args.heads,
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "device": f"{args.device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else args.device,
+        "pattern": repr(searched),
+        "density": searched.density(layout, args.block_size),
+        "repeats": args.repeats,
+        "search_ms": search_ms,
+        "dense_ms": dense_ms,
+        "dense_calls_per_search": search_ms / dense_ms,
+    }
+    print(f"{searched!r} on {layout.num_tokens} tokens ({result['layout']}), block {args.block_size}, "
+          f"{args.heads} heads x {args.dim}, {args.dtype}, {result['device']}: one search {search_ms:.1f} ms, "
+          f"one dense attention call {dense_ms:.1f} ms (medians of {args.repeats}): a search costs "
+          f"{result['dense_calls_per_search']:.2f} dense calls")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_search.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / 'bench_search.json'}")
+    return result
 
 
 def run_pipeline_bench(args, config) -> dict:

@@ -233,13 +233,15 @@ def _run_eval(args) -> None:
     run_eval(args)
 
 
-def _add_kernel_run(p, dim: int, dtype: str, repeats: int) -> None:
-    """The options the timed benchmarks share: tensor shape and type, device, kernel path, repeats."""
+def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool = True) -> None:
+    """The options the timed benchmarks share: tensor shape and type, device, kernel path (`sparse_kernel`),
+    repeats."""
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--dim", type=int, default=dim, help="head dimension")
     p.add_argument("--dtype", default=dtype, choices=["fp32", "fp16", "bf16"], help="tensor dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
+    if sparse_kernel:
+        p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (the median is kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tensors and masks")
 
@@ -272,6 +274,15 @@ def _add_bench(sub) -> None:
     a.add_argument("--mask", default="random",
                    help="random, or a pattern name solved for each density (radial, window3d)")
     a.add_argument("--out", default="outputs", help="folder for bench_attention.csv and .png")
+    s = bench.add_parser("search", help="one search of a data-dependent pattern vs one dense attention call",
+                         formatter_class=defaults)
+    _add_token_grid(s)
+    _add_kernel_run(s, dim=32, dtype="fp32", repeats=5, sparse_kernel=False)
+    # The embedded testbed's self-attention at its evaluation size (17 x 48 x 48 pixels: 17 x 12 x 12 tokens).
+    s.set_defaults(frames=17, height=12, width=12, block_size=64, heads=4)
+    s.add_argument("--pattern", default="searched", help=PATTERN_HELP)
+    s.add_argument("--density", type=float, default=0.25, help="target block density the pattern is searched for")
+    s.add_argument("--out", default="outputs", help="folder for bench_search.json")
     e = bench.add_parser("pipeline", help="one video dense and sparse, end to end, interleaved runs (medians)",
                          formatter_class=defaults)
     _add_model_and_video(e)
@@ -292,6 +303,11 @@ def _run_bench(args) -> None:
         from .bench import run_pipeline_bench
 
         run_pipeline_bench(args, _sparse_config(args))
+        return
+    if args.bench == "search":
+        from .bench import run_search_bench
+
+        run_search_bench(args)
         return
     if args.bench == "permute":
         from .bench import run_permute_bench

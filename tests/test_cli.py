@@ -118,6 +118,22 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     assert "repeats must be an int >= 1 (timed dense/sparse pairs), got repeats=0" in capsys.readouterr().err
 
 
+def test_search_bench_times_one_search_against_one_dense_call(tmp_path, capsys):
+    args = ["bench", "search", "--frames", "3", "--height", "4", "--width", "8", "--block-size", "16",
+            "--heads", "2", "--dim", "8", "--density", "0.5", "--repeats", "2"]
+    assert main([*args, "--pattern", "searched(refresh=4)", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_search.json").read_text())
+    assert result["tokens"] == 96 and result["repeats"] == 2
+    assert result["pattern"].startswith("searched(keep=0.5,") and result["density"] == 0.5  # searched at --density
+    assert result["dense_calls_per_search"] == result["search_ms"] / result["dense_ms"]
+    assert "a search costs" in capsys.readouterr().out
+    assert main(["bench", "search", *args[2:], "--pattern", "spatial_temporal", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "bench_search.json").read_text())["pattern"].startswith("spatial_temporal(")
+    with pytest.raises(SystemExit):
+        main([*args, "--pattern", "radial", "--out", str(tmp_path)])
+    assert "pattern='radial' is static: it has no search to time" in capsys.readouterr().err
+
+
 def test_eval_writes_a_table(tmp_path, capsys):
     args = ["eval", "--pattern", "radial", "--density", "0.5", "--dense-steps", "0,1", "--steps", "2",
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
