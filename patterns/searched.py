@@ -259,9 +259,10 @@ class Searched(Pattern):
       closest to the dense output, built greedily from the exact error of each candidate set. On the embedded
       testbed it has about a third of the attention error of the best static pattern (at a slightly higher
       density) at the step it searched, and reaches 30 dB at 25% density with `refresh=4` at block 64
-      (README). Its cost is the catch: about 25 dense attention calls of the layer per search there (2,448
-      tokens, head dim 32, block 32; about 8x less at block 64, still more than the sparse steps save at that
-      size); `sample_rows=8, value_dims=8` cut it to about 2.5 at some quality.
+      (README). Its cost is the catch (`diffsparse bench search`): at 2,448 tokens, 4 heads x 32, on a 2-core
+      CPU, one search costs about 3.3 dense attention calls of the layer at block 64 and 19 at block 32;
+      `sample_rows=8` cuts it to about 1.4 at block 64 for about 0.5-1 dB there. Sampling fewer queries costs
+      less quality than projecting the values to fewer dimensions (`value_dims` below the head dimension).
     - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
       (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
       biased sample of that average, and the error can exceed the output itself.
