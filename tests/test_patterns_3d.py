@@ -110,6 +110,17 @@ def test_identity_orders_and_repr():
     )
 
 
+def test_memoised_boxes_are_the_computed_ones_and_callers_cannot_change_them():
+    layout, order = VideoLayout(3, 5, 7), TileOrder((2, 4, 4))
+    lo, hi = torch.tensor([0, 10, 40]), torch.tensor([10, 40, 105])
+    computed, span = order._boxes(layout, lo, hi)
+    first, first_span = order.boxes(layout, lo, hi)
+    assert all(torch.equal(a, b) for a, b in zip(first, computed)) and torch.equal(first_span, span)
+    first.t0.fill_(-1), first_span.fill_(-1)  # a caller writing into what it was given
+    again, again_span = order.boxes(layout, lo, hi)
+    assert all(torch.equal(a, b) for a, b in zip(again, computed)) and torch.equal(again_span, span)
+
+
 @pytest.mark.parametrize("bad", [0, -1, (2, 2), (2, 0, 2), 1.5, True, "2", (2, 2, 2.0)])
 def test_tile_order_validation(bad):
     with pytest.raises(ValueError, match="tile"):
