@@ -261,8 +261,8 @@ class Searched(Pattern):
       density) at the step it searched, and reaches 30 dB at 25% density with `refresh=4` at block 64
       (README). Its cost is the catch (`diffsparse bench search`): at 2,448 tokens, 4 heads x 32, on a 2-core
       CPU, one search costs about 3.3 dense attention calls of the layer at block 64 and 19 at block 32;
-      `sample_rows=8` cuts it to about 1.4 at block 64 for about 0.5-1 dB there. Sampling fewer queries costs
-      less quality than projecting the values to fewer dimensions (`value_dims` below the head dimension).
+      `sample_rows=8` cuts it to about 1.4 at block 64 for about 1 dB there (mean of six videos). How much
+      the search is cut matters more than how (fewer queries, or values projected to fewer dimensions).
     - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
       (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
       biased sample of that average, and the error can exceed the output itself.
