@@ -237,7 +237,8 @@ def run_search_bench(args) -> dict:
     q, k, v = (torch.randn(*shape, generator=generator).to(device, dtype) for _ in range(3))
 
     def search():
-        return pattern.fit(q, k, v, layout, args.block_size, generator=torch.Generator().manual_seed(args.seed))
+        # A generator on the tensors' device, as the runtime gives `fit`.
+        return pattern.fit(q, k, v, layout, args.block_size, generator=torch.Generator(device).manual_seed(args.seed))
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
