@@ -16,6 +16,9 @@ from .patterns import PATTERNS
 
 # The form's choices; `"none"` is the form's spelling of `SparseConfig.correction=None`.
 CORRECTION_CHOICES = ("none", *CORRECTIONS)
+# Every registered pattern by name, then the best speed/quality trade measured on the testbed at 25% density
+# (README, "End-to-end speed on the testbed"); the field also takes any pattern text with parameters.
+PATTERN_CHOICES = (*sorted(PATTERNS), "searched(sample_rows=8, refresh=4)")
 
 
 def compare_once(
@@ -123,7 +126,8 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox("a red circle moving left", label="prompt")
-                pattern = gr.Dropdown(sorted(n for n in PATTERNS), value="radial", label="pattern")
+                pattern = gr.Dropdown(list(PATTERN_CHOICES), value="radial", allow_custom_value=True,
+                                      label="pattern (a name, or one with parameters: radial(decay=0.5))")
                 density = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
                                     label="target block density (0 = the pattern's own parameters)")
                 dense_steps = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="dense steps (fraction of the steps)")

@@ -3,6 +3,7 @@
 import pytest
 
 from diffsparse.demo import build_demo, compare_once, make_handler
+from diffsparse.patterns import PATTERNS
 
 SMALL = {"steps": 2, "frames": 17, "height": 64, "width": 96, "seed": 0}  # 5 x 4 x 6 tokens
 
@@ -37,6 +38,15 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert video.endswith("compare.mp4") and "SSIM" in summary
     with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 2)
+    # The pattern field offers every registered name and the measured best trade, and takes patterns with parameters.
+    (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
+                if isinstance(b, gr.Dropdown) and b.label.startswith("pattern")]
+    offered = [value for _, value in field.choices]
+    assert set(PATTERNS) < set(offered) and "searched(sample_rows=8, refresh=4)" in offered and field.allow_custom_value
+    video, summary = submit("a red circle", "searched(sample_rows=8, refresh=4)", 0.5, 0.5, 16, "none", 2, 5, 32, 0, 0)
+    assert "sample_rows=8" in summary
+    with pytest.raises(gr.Error, match="pattern"):
+        submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 0)
 
 
 def test_still_candidates_choose_the_sampler(tmp_path):
