@@ -52,6 +52,18 @@ def _peak_mb(device: torch.device, plan) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def _check_repeats(repeats, what: str) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1 ({what}), got repeats={repeats!r}")
+
+
+def _write_json(result: dict, out: str | Path, name: str) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / name}")
+
+
 def pattern_block_mask(name: str, seq: int, density: float, block_size: int) -> torch.Tensor:
     """A `(1, 1, n, n)` block mask of a registered pattern solved for `density`, on `seq // 1024` frames of
     32x32 tokens (a video-shaped layout of exactly `seq` tokens)."""
@@ -223,8 +235,7 @@ def run_search_bench(args) -> dict:
     """
     from .patterns import Pattern, VideoLayout, get_pattern
 
-    if isinstance(args.repeats, bool) or not isinstance(args.repeats, int) or args.repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1 (timed search/dense pairs), got repeats={args.repeats!r}")
+    _check_repeats(args.repeats, "timed search/dense pairs")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     pattern = get_pattern(args.pattern)
@@ -267,10 +278,7 @@ def run_search_bench(args) -> dict:
           f"{args.heads} heads x {args.dim}, {args.dtype}, {result['device']}: one search {search_ms:.1f} ms, "
           f"one dense attention call {dense_ms:.1f} ms (medians of {args.repeats}): a search costs "
           f"{result['dense_calls_per_search']:.2f} dense calls")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_search.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / 'bench_search.json'}")
+    _write_json(result, args.out, "bench_search.json")
     return result
 
 
@@ -290,8 +298,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .compare import load_pipeline, model_label
     from .evaluate import timed_generation
 
-    if isinstance(args.repeats, bool) or not isinstance(args.repeats, int) or args.repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1 (timed dense/sparse pairs), got repeats={args.repeats!r}")
+    _check_repeats(args.repeats, "timed dense/sparse pairs")
     pipe = load_pipeline(args.model, args.device)
 
     def dense_run() -> tuple[float, float]:
@@ -345,8 +352,5 @@ def run_pipeline_bench(args, config) -> dict:
     density = "-" if result["sparse_step_density"] is None else f"{result['sparse_step_density']:.3f}"
     print(f"median end-to-end speedup {result['speedup']:.3f}, attention speedup {attention_speedup:.3f}; "
           f"sparse-step density {density}, attention work {work:.3f}, efficiency {result['efficiency']:.3f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / 'bench_pipeline.json'}")
+    _write_json(result, args.out, "bench_pipeline.json")
     return result
