@@ -277,7 +277,7 @@ def run_search_bench(args) -> dict:
     print(f"{searched!r} on {layout.num_tokens} tokens ({result['layout']}), block {args.block_size}, "
           f"{args.heads} heads x {args.dim}, {args.dtype}, {result['device']}: one search {search_ms:.1f} ms, "
           f"one dense attention call {dense_ms:.1f} ms (medians of {args.repeats}): a search costs "
-          f"{result['dense_calls_per_search']:.2f} dense calls")
+          f"{result['dense_calls_per_search']:.3g} dense calls")
     _write_json(result, args.out, "bench_search.json")
     return result
 
