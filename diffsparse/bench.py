@@ -57,6 +57,11 @@ def _check_repeats(repeats, what: str) -> None:
         raise ValueError(f"repeats must be an int >= 1 ({what}), got repeats={repeats!r}")
 
 
+def _device_label(device: str) -> str:
+    """The device as a result records it; on CPU with its thread count, without which a time means little."""
+    return f"{device} ({torch.get_num_threads()} threads)" if torch.device(device).type == "cpu" else device
+
+
 def _write_json(result: dict, out: str | Path, name: str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,13 +238,13 @@ def run_search_bench(args) -> dict:
     (the greedy search takes the same number of steps whatever the values). Writes `bench_search.json` into
     `args.out`.
     """
-    from .patterns import Pattern, VideoLayout, get_pattern
+    from .patterns import VideoLayout, get_pattern
 
     _check_repeats(args.repeats, "timed search/dense pairs")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     pattern = get_pattern(args.pattern)
-    if type(pattern).fit is Pattern.fit:
+    if not pattern.data_dependent:
         raise ValueError(f"pattern={args.pattern!r} is static: it has no search to time (data-dependent patterns "
                          f"override Pattern.fit, e.g. searched, spatial_temporal)")
     pattern = pattern.at_density(layout, args.density, args.block_size)
@@ -266,7 +271,7 @@ def run_search_bench(args) -> dict:
         "heads": args.heads,
         "dim": args.dim,
         "dtype": args.dtype,
-        "device": f"{args.device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else args.device,
+        "device": _device_label(args.device),
         "pattern": repr(searched),
         "density": searched.density(layout, args.block_size),
         "repeats": args.repeats,
@@ -332,7 +337,7 @@ def run_pipeline_bench(args, config) -> dict:
         "model": model_label(args.model),
         "config": repr(config),
         "video": f"{args.frames} frames {args.height}x{args.width}, {args.steps} steps",
-        "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
+        "device": _device_label(args.device),
         "repeats": args.repeats,
         "pairs": pairs,
         "dense_seconds": statistics.median(p["dense_seconds"] for p in pairs),

@@ -124,7 +124,7 @@ class SparseRuntime:
         # and reused for the remaining steps. Keyed by (layer, layout, batch size).
         self._layer_patterns: dict[tuple[int, VideoLayout, int], tuple[Pattern, ...]] = {}
         self._fitted_at: dict[tuple[int, VideoLayout, int], int] = {}  # the step each layer's patterns were fitted at
-        self._fits = type(self.pattern).fit is not Pattern.fit
+        self._fits = self.pattern.data_dependent
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
         self._statistics: dict[tuple[int, str], _Statistics] = {}

@@ -299,6 +299,12 @@ class Pattern(abc.ABC):
         return self
 
     @property
+    def data_dependent(self) -> bool:
+        """Whether `fit` specialises the pattern to a layer's attention (it overrides [`Pattern.fit`]); the
+        runtime fits only such patterns, and `diffsparse bench search` times only their fit."""
+        return type(self).fit is not Pattern.fit
+
+    @property
     def refit_every(self) -> int:
         """Steps after which the runtime calls `fit` again with the current step's tensors (`0`: fitted once per
         generation and layer)."""
