@@ -3,7 +3,8 @@
 During one sparse generation, every self-attention call that diffsparse computes is compared with dense
 attention on the very same q, k, v (so the error is the attention's own, not the drift of the trajectory):
 relative L2 error `|out - dense| / |dense|`. The per-step curve says which steps need to stay dense and whether a
-correction helps; it costs one dense attention per call, so it is a diagnostic, not a way to generate.
+correction helps, the per-layer table which layer to keep dense; it costs one dense attention per call, so it is
+a diagnostic, not a way to generate.
 """
 
 from __future__ import annotations
@@ -54,21 +55,38 @@ def trace_attention_errors(pipe, config: SparseConfig, **call_kwargs) -> list[Tr
     return traced
 
 
+def _summary(calls: list[TracedCall]) -> dict:
+    return {
+        "calls": len(calls),
+        "density": statistics.fmean(c.density for c in calls),
+        "error": statistics.fmean(c.error for c in calls),
+    }
+
+
 def per_step(traced: list[TracedCall]) -> list[dict]:
     """Mean error (and density) over layers and branches, per step and kind of call."""
     groups: dict[tuple[int, bool], list[TracedCall]] = {}
     for call in traced:
         groups.setdefault((call.step, call.sparse), []).append(call)
-    return [
-        {
-            "step": step,
-            "sparse": is_sparse,
-            "calls": len(calls),
-            "density": statistics.fmean(c.density for c in calls),
-            "error": statistics.fmean(c.error for c in calls),
-        }
-        for (step, is_sparse), calls in sorted(groups.items())
-    ]
+    return [{"step": step, "sparse": is_sparse, **_summary(calls)} for (step, is_sparse), calls in sorted(groups.items())]
+
+
+def per_layer(traced: list[TracedCall]) -> list[dict]:
+    """Mean error (and density) of each layer's sparse calls over steps and branches, and at its first sparse step.
+
+    The layer whose error stands out is the one to keep dense (`SparseConfig.dense_layers`); the first sparse
+    step's error is reported apart because the earliest sparse steps move the trajectory the most.
+    """
+    groups: dict[int, list[TracedCall]] = {}
+    for call in traced:
+        if call.sparse:
+            groups.setdefault(call.layer, []).append(call)
+    rows = []
+    for layer, calls in sorted(groups.items()):
+        first = min(c.step for c in calls)
+        first_error = statistics.fmean(c.error for c in calls if c.step == first)
+        rows.append({"layer": layer, **_summary(calls), "first_step": first, "first_step_error": first_error})
+    return rows
 
 
 def plot(traced: list[TracedCall], path: Path, title: str) -> None:
@@ -118,5 +136,11 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     for r in per_step(traced):
         kind = "sparse" if r["sparse"] else "measured (dense)"
         print(f"| {r['step']} | {kind} | {r['density']:.3f} | {r['error']:.4f} |")
+    print()
+    print("| layer | sparse calls | density | error | error at its first sparse step |")
+    print("|---:|---:|---:|---:|---|")
+    for r in per_layer(traced):
+        print(f"| {r['layer']} | {r['calls']} | {r['density']:.3f} | {r['error']:.4f} | "
+              f"{r['first_step_error']:.4f} (step {r['first_step']}) |")
     print(f"wrote {out / 'trace.csv'} and {out / 'trace.png'}")
     return traced

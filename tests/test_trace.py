@@ -2,10 +2,12 @@
 
 import csv
 
+import pytest
+
 import diffsparse
 from diffsparse.cli import main
 from diffsparse.patterns import Radial, Window3D
-from diffsparse.trace import per_step, trace_attention_errors
+from diffsparse.trace import per_layer, per_step, trace_attention_errors
 
 from helpers import tiny_call
 
@@ -28,6 +30,12 @@ def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe):
     rows = per_step(traced)
     assert [(r["step"], r["sparse"]) for r in rows] == [(0, False), (1, True), (2, True)]
     assert all(r["error"] > 1e-3 and r["density"] < 1 for r in rows if r["sparse"])
+    layers = per_layer(traced)  # sparse calls only: the measuring step is not a layer's error
+    assert [(r["layer"], r["calls"], r["first_step"]) for r in layers] == [(0, 4, 1), (1, 4, 1)]
+    for r in layers:
+        own = [c for c in traced if c.sparse and c.layer == r["layer"]]
+        assert r["error"] == pytest.approx(sum(c.error for c in own) / len(own))
+        assert r["first_step_error"] == pytest.approx(sum(c.error for c in own if c.step == 1) / 2)
     assert diffsparse.api._handles(tiny_pipe) == []  # the trace removed what it installed
 
 
@@ -41,3 +49,5 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     assert (tmp_path / "trace.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "| step | call | density | error |" in printed and "order=tiles(1,2,2)" in printed
+    assert "| layer | sparse calls | density | error | error at its first sparse step |" in printed
+    assert "| 1 | 4 |" in printed  # layer 1: 2 sparse steps x 2 CFG branches
