@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 
@@ -33,18 +34,49 @@ def _comma_list(convert, what: str):
     return parse
 
 
-def _pattern_list(text: str) -> list[str]:
-    """Comma-separated patterns, each a name or a name with parameters: `"radial,searched(keep=0.3, refresh=4)"`
-    (commas inside parentheses belong to the pattern)."""
+def _top_level_items(text: str) -> list[str] | None:
+    """`text` split at the commas outside parentheses and brackets; `None` when those do not balance or an item
+    is empty."""
     items, depth, start = [], 0, 0
     for i, char in enumerate(text + ","):
-        depth += {"(": 1, ")": -1}.get(char, 0)
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if depth < 0:
+            return None
         if char == "," and depth == 0:
             items.append(text[start:i].strip())
             start = i + 1
-    if depth != 0 or not all(items):
+    return items if depth == 0 and all(items) else None
+
+
+def _pattern_list(text: str) -> list[str]:
+    """Comma-separated patterns, each a name or a name with parameters: `"radial,searched(keep=0.3, refresh=4)"`
+    (commas inside parentheses belong to the pattern)."""
+    items = _top_level_items(text)
+    if items is None:
         raise argparse.ArgumentTypeError(f"expected comma-separated patterns, e.g. radial,searched(refresh=4), got {text!r}")
     return items
+
+
+def _dense_layers(text: str) -> int | list[int]:
+    """`SparseConfig.dense_layers` in its two forms: `"2"` -> the first 2 blocks, `"[0,3]"` -> blocks 0 and 3."""
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text) if text.startswith("[") else int(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, int) or (isinstance(value, list) and all(type(i) is int for i in value)):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected a count of leading blocks (2) or a bracketed list of block indices ([0,3]), got {text!r}"
+    )
+
+
+def _dense_layers_list(text: str) -> list[int | list[int]]:
+    """Comma-separated `dense_layers` settings for `eval`: `"0,1,[3]"` (commas inside brackets belong to a list)."""
+    items = _top_level_items(text)
+    if items is None:
+        raise argparse.ArgumentTypeError(f"expected comma-separated dense-layer settings, e.g. 0,1,[0,3], got {text!r}")
+    return [_dense_layers(item) for item in items]
 
 
 PATTERN_HELP = "pattern name, optionally with parameters, e.g. radial or 'searched(refresh=4)' (see diffsparse.patterns)"
@@ -71,7 +103,8 @@ def _add_sparse_config(p) -> None:
                    help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
                    help="last denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
-    p.add_argument("--dense-layers", type=int, default=0, help="the first L transformer blocks stay dense")
+    p.add_argument("--dense-layers", type=_dense_layers, default=0,
+                   help="transformer blocks kept dense: L = the first L, or a bracketed list of indices, e.g. '[0,3]'")
     p.add_argument("--correction", type=_correction, default=None,
                    help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
     p.add_argument("--correction-refresh", type=int, default=0,
@@ -211,8 +244,9 @@ def _add_eval(sub) -> None:
                    help="comma-separated target block densities in (0, 1]; each pattern is solved for each")
     p.add_argument("--dense-steps", type=_comma_list(_step_count, "step counts or fractions"), default=[0, 0.2],
                    help="comma-separated dense-step settings, each a step count or a fraction of the steps")
-    p.add_argument("--dense-layers", type=_comma_list(int, "layer counts"), default=[0],
-                   help="comma-separated counts of leading transformer blocks kept dense")
+    p.add_argument("--dense-layers", type=_dense_layers_list, default=[0],
+                   help="comma-separated dense-layer settings, each a count of leading transformer blocks or a "
+                        "bracketed list of block indices, e.g. '0,1,[3]'")
     p.add_argument("--correction", type=_comma_list(_correction, "corrections"), default=[None],
                    help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
     p.add_argument("--tile", type=_ints, default=None,

@@ -74,7 +74,7 @@ class EvalRow:
     target_density: float | None
     measured_density: float  # mean over the calls of the sparse steps, dense ones counting 1.0
     dense_steps: float
-    dense_layers: int
+    dense_layers: int | list[int]  # SparseConfig.dense_layers: the first L blocks, or block indices
     correction: str | None
     order: str  # the token order the kernel saw
     psnr_db: float

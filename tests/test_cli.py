@@ -161,13 +161,13 @@ def test_two_stage_eval_starts_dense_and_sparse_from_one_still(tmp_path):
 
 
 def test_eval_crosses_dense_layers_and_corrections(tmp_path):
-    args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "1", "--dense-layers", "0,1",
+    args = ["eval", "--pattern", "radial", "--density", "0.3", "--dense-steps", "1", "--dense-layers", "0,[1]",
             "--correction", "none,residual", "--tile", "1,2,2", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
             "--block-size", "16", "--prompts", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     with open(tmp_path / "eval.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["dense_layers"], r["correction"]) for r in rows] == [("0", ""), ("0", "residual"), ("1", ""), ("1", "residual")]
+    assert [(r["dense_layers"], r["correction"]) for r in rows] == [("0", ""), ("0", "residual"), ("[1]", ""), ("[1]", "residual")]
     assert {r["order"] for r in rows} == {"tiles(1,2,2)"}
     # Measured density covers the sparse steps' calls: a dense layer counts 1.0 there.
     assert float(rows[2]["measured_density"]) > float(rows[0]["measured_density"])
@@ -216,6 +216,20 @@ def test_pattern_lists_keep_parameters_together(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--pattern", "radial,searched(keep=0.3"])
     assert "expected comma-separated patterns" in capsys.readouterr().err
+
+
+def test_dense_layers_take_a_count_or_a_list_of_block_indices(capsys):
+    parse = build_parser().parse_args
+    assert parse(["eval", "--dense-layers", "0,1,[0, 3],[]"]).dense_layers == [0, 1, [0, 3], []]
+    assert parse(["compare", "--dense-layers", "2"]).dense_layers == 2
+    assert parse(["trace", "--dense-layers", "[3]"]).dense_layers == [3]
+    for bad in ("[0,x]", "[0,3", "1.5", "[True]"):
+        with pytest.raises(SystemExit):
+            parse(["eval", "--dense-layers", bad])
+        assert "expected" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--dense-layers", "[-1]", "--steps", "1"])
+    assert "SparseConfig.dense_layers must be an int >= 0" in capsys.readouterr().err
 
 
 def test_bad_settings_end_with_the_message_not_a_traceback(capsys):
