@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 
@@ -59,16 +58,12 @@ def _pattern_list(text: str) -> list[str]:
 
 def _dense_layers(text: str) -> int | list[int]:
     """`SparseConfig.dense_layers` in its two forms: `"2"` -> the first 2 blocks, `"[0,3]"` -> blocks 0 and 3."""
-    text = text.strip()
+    from .config import parse_dense_layers
+
     try:
-        value = ast.literal_eval(text) if text.startswith("[") else int(text)
-    except (ValueError, SyntaxError):
-        value = None
-    if isinstance(value, int) or (isinstance(value, list) and all(type(i) is int for i in value)):
-        return value
-    raise argparse.ArgumentTypeError(
-        f"expected a count of leading blocks (2) or a bracketed list of block indices ([0,3]), got {text!r}"
-    )
+        return parse_dense_layers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _dense_layers_list(text: str) -> list[int | list[int]]:

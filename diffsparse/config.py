@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,22 @@ def _check_step_count(name: str, value) -> None:
         raise ValueError(f"SparseConfig.{name} as an int must be >= 0, got {name}={value!r}")
     if isinstance(value, float) and not (0.0 <= value < 1.0):
         raise ValueError(f"SparseConfig.{name} as a float must be a fraction in [0, 1), got {name}={value!r}")
+
+
+def parse_dense_layers(text: str) -> int | list[int]:
+    """`SparseConfig.dense_layers` from text, as the CLI and the demo take it: `"2"` -> the first 2 blocks,
+    `"[0,3]"` -> blocks 0 and 3. The value is checked by `SparseConfig` itself (indices >= 0)."""
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text) if text.startswith("[") else int(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, int) or (isinstance(value, list) and all(type(i) is int for i in value)):
+        return value
+    raise ValueError(
+        "SparseConfig.dense_layers as text must be a count of leading blocks ('2') or a bracketed list of block "
+        f"indices ('[0,3]'), got {text!r}"
+    )
 
 
 def resolve_step_count(value: StepCount, num_steps: int) -> int:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from .compare import CompareResult, run_compare, scored_label
-from .config import CORRECTIONS, SparseConfig
+from .config import CORRECTIONS, SparseConfig, parse_dense_layers
 from .patterns import PATTERNS
 
 # The form's choices; `"none"` is the form's spelling of `SparseConfig.correction=None`.
@@ -29,6 +29,7 @@ def compare_once(
     dense_steps: float = 0.2,
     block_size: int = 64,
     correction: str = "none",
+    dense_layers: int | list[int] | str = 0,
     steps: int = 20,
     frames: int = 17,
     height: int = 48,
@@ -43,7 +44,8 @@ def compare_once(
     """One request of the page: `(result, markdown summary)`; the side-by-side video is `result.video_path`.
 
     `density=0` keeps the pattern's own parameters (`SparseConfig.density=None`); a bad value raises the
-    `ValueError` of `SparseConfig` that names the field. `still_candidates`: 0 samples in one pass; N >= 1
+    `ValueError` of `SparseConfig` that names the field. `dense_layers`: as `SparseConfig.dense_layers`, or its
+    text form (`"2"`, `"[3]"`: `parse_dense_layers`), as the page's field gives it. `still_candidates`: 0 samples in one pass; N >= 1
     (testbed models) samples in two stages from the best of N stills, as `diffsparse compare --two-stage
     --still-candidates N` (what `make run` shows, with N = 4).
     """
@@ -57,6 +59,7 @@ def compare_once(
         dense_steps=float(dense_steps),
         block_size=int(block_size),
         correction=None if correction == "none" else correction,
+        dense_layers=parse_dense_layers(dense_layers) if isinstance(dense_layers, str) else dense_layers,
     )
     args = argparse.Namespace(
         model=model,
@@ -98,10 +101,11 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     `gradio.Error` with `SparseConfig`'s message, which the page shows."""
     import gradio as gr
 
-    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed, stills):
+    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size,
+                  seed, stills):
         try:
             result, summary = compare_once(
-                pipe, prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, size,
+                pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, size,
                 int(seed), int(stills), model=model, device=device, out=out,
             )
         except ValueError as error:
@@ -133,6 +137,7 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 dense_steps = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="dense steps (fraction of the steps)")
                 block_size = gr.Dropdown([16, 32, 48, 64, 128], value=64, label="block size (tokens)")
                 correction = gr.Dropdown(list(CORRECTION_CHOICES), value="none", label="softmax-statistics correction")
+                dense_layers = gr.Textbox("0", label="dense layers: the first L blocks, or a list of block indices, e.g. [3]")
                 steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
                 frames = gr.Slider(1, 33, value=17, step=4, label="frames")
                 size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
@@ -143,7 +148,7 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
             with gr.Column():
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
-        inputs = [prompt, pattern, density, dense_steps, block_size, correction, steps, frames, size, seed, stills]
+        inputs = [prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, seed, stills]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)
     return demo

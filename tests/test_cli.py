@@ -226,7 +226,8 @@ def test_dense_layers_take_a_count_or_a_list_of_block_indices(capsys):
     for bad in ("[0,x]", "[0,3", "1.5", "[True]"):
         with pytest.raises(SystemExit):
             parse(["eval", "--dense-layers", bad])
-        assert "expected" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "expected comma-separated dense-layer settings" in err or "SparseConfig.dense_layers as text" in err
     with pytest.raises(SystemExit):
         main(["compare", "--dense-layers", "[-1]", "--steps", "1"])
     assert "SparseConfig.dense_layers must be an int >= 0" in capsys.readouterr().err

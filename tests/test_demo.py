@@ -21,7 +21,8 @@ def test_one_request_generates_both_videos_and_reports_the_numbers(tiny_pipe, tm
 
 @pytest.mark.parametrize(
     "setting, field", [({"correction": "magic"}, "correction"), ({"density": 1.5}, "density"),
-                       ({"pattern": "nope"}, "pattern"), ({"dense_steps": 1.0}, "dense_steps")]
+                       ({"pattern": "nope"}, "pattern"), ({"dense_steps": 1.0}, "dense_steps"),
+                       ({"dense_layers": "first"}, "dense_layers"), ({"dense_layers": "[-1]"}, "dense_layers")]
 )
 def test_bad_settings_raise_errors_naming_the_field(tiny_pipe, tmp_path, setting, field):
     with pytest.raises(ValueError, match=field):
@@ -33,20 +34,24 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert isinstance(build_demo(tiny_pipe, out=tmp_path), gr.Blocks)
     submit = make_handler(tiny_pipe, out=tmp_path)
     with pytest.raises(gr.Error, match="density"):
-        submit("a red circle", "radial", 1.5, 0.2, 16, "none", 2, 5, 32, 0, 0)
-    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 0)
+        submit("a red circle", "radial", 1.5, 0.2, 16, "none", "0", 2, 5, 32, 0, 0)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
     assert video.endswith("compare.mp4") and "SSIM" in summary
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1]", 2, 5, 32, 0, 0)
+    assert "dense_layers=[1]" in summary
+    with pytest.raises(gr.Error, match="dense_layers"):
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1", 2, 5, 32, 0, 0)
     with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
-        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 2)
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 2)
     # The pattern field offers every registered name and the measured best trade, and takes patterns with parameters.
     (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
                 if isinstance(b, gr.Dropdown) and b.label.startswith("pattern")]
     offered = [value for _, value in field.choices]
     assert set(PATTERNS) < set(offered) and "searched(sample_rows=8, refresh=4)" in offered and field.allow_custom_value
-    video, summary = submit("a red circle", "searched(sample_rows=8, refresh=4)", 0.5, 0.5, 16, "none", 2, 5, 32, 0, 0)
+    video, summary = submit("a red circle", "searched(sample_rows=8, refresh=4)", 0.5, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
     assert "sample_rows=8" in summary
     with pytest.raises(gr.Error, match="pattern"):
-        submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", 2, 5, 32, 0, 0)
+        submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
 
 
 def test_still_candidates_choose_the_sampler(tmp_path):
