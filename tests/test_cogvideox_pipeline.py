@@ -1,0 +1,158 @@
+"""diffsparse on a real diffusers CogVideoX pipeline (tiny, random weights, offline): text and video tokens in
+one self-attention sequence, CFG batched into one transformer call."""
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from transformers import T5Config, T5EncoderModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines.text import word_tokenizer
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
+TEXT_LEN = 8
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+
+
+def tiny_cogvideox_pipeline(rotary: bool = True, patch_size_t: int | None = None) -> CogVideoXPipeline:
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=rotary,
+    )
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, pad_token_id=0, eos_token_id=1))
+    pipe = CogVideoXPipeline(tokenizer=word_tokenizer(VOCABULARY), text_encoder=text_encoder.eval(), vae=vae.eval(),
+                             transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, **kwargs):
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
+            "width": 48, "num_inference_steps": 3, "guidance_scale": 6.0, "max_sequence_length": TEXT_LEN,
+            "output_type": "pt", "generator": torch.Generator().manual_seed(0), **kwargs}
+    with torch.no_grad():
+        return pipe(**call).frames
+
+
+@pytest.fixture(scope="module")
+def cog_pipe():
+    return tiny_cogvideox_pipeline()
+
+
+def _processors(pipe):
+    return [block.attn1.processor for block in pipe.transformer.transformer_blocks]
+
+
+def test_dense_pattern_is_the_unmodified_pipeline_and_remove_restores_it(cog_pipe):
+    originals = _processors(cog_pipe)
+    reference = generate(cog_pipe)
+    with diffsparse.sparse(cog_pipe, diffsparse.SparseConfig(pattern="dense")):
+        assert all(p is not o for p, o in zip(_processors(cog_pipe), originals))
+        assert torch.equal(generate(cog_pipe), reference)
+        # CFG batched: one call per step and layer, on the "cond_uncond" branch.
+        stats = diffsparse.stats(cog_pipe)
+        assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(3, 0), (3, 0)]
+        assert {r.branch for log in stats.calls.values() for r in log} == {"cond_uncond"}
+    assert all(p is o for p, o in zip(_processors(cog_pipe), originals))
+    assert torch.equal(generate(cog_pipe), reference)
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_sparse_path_with_every_block_kept_matches_dense(cog_pipe, order):
+    # 9 frames -> 3 latent frames, 64 x 48 pixels -> 4 x 3 tokens after the 2x2 patchify: 36 video tokens behind
+    # 8 text tokens; the tile order leaves the text in place and permutes the video tokens in partial tiles.
+    reference = generate(cog_pipe)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with diffsparse.sparse(cog_pipe, config):
+        out = generate(cog_pipe)
+        assert all(s.dense_calls == 0 and s.sparse_calls == 3 for s in diffsparse.stats(cog_pipe).layers)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_the_layout_has_the_text_first_and_sparse_calls_drop_only_video_blocks(cog_pipe):
+    layouts = []
+    runtime_attention = diffsparse.runtime.SparseRuntime.attention
+
+    def spy(self, layer, query, key, value):
+        layouts.append((self._state().layout, query.shape))
+        return runtime_attention(self, layer, query, key, value)
+
+    config = diffsparse.SparseConfig(pattern="radial", block_size=8, dense_steps=1, density=0.3)
+    with diffsparse.sparse(cog_pipe, config), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+        out = generate(cog_pipe)
+        layers = diffsparse.stats(cog_pipe).layers
+        runtime = diffsparse.api._handles(cog_pipe)[0].runtimes["transformer"]
+        plan = runtime.plan(layouts[0][0], 2, torch.device("cpu")).plan
+    layout = VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="start")
+    assert {lay for lay, _ in layouts} == {layout}
+    assert {shape for _, shape in layouts} == {torch.Size([2, TEXT_LEN + 36, 2, 16])}  # CFG batch, heads, head dim
+    assert all(s.sparse_calls == 2 and s.mean_density < 1 for s in layers)
+    mask = plan.block_mask[0, 0]  # the first block holds the 8 text tokens: its row and column stay whole
+    assert mask[0].all() and mask[:, 0].all() and not mask.all()
+    assert torch.isfinite(out).all() and not torch.allclose(out, generate(cog_pipe), atol=1e-4)
+
+
+@pytest.mark.parametrize("rotary, patch_size_t", [(False, None), (True, 2)])
+def test_learned_positions_and_cogvideox_1_5_temporal_patches(rotary, patch_size_t):
+    # CogVideoX 1.0 2B: sincos positions added to the tokens, no RoPE. 1.5: 2-frame patches, 17 frames -> 5 latent
+    # frames, padded by the pipeline to 6 -> 3 patch frames.
+    pipe = tiny_cogvideox_pipeline(rotary=rotary, patch_size_t=patch_size_t)
+    frames = 9 if patch_size_t is None else 17
+    reference = generate(pipe, num_frames=frames)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)):
+        torch.testing.assert_close(generate(pipe, num_frames=frames), reference, atol=1e-4, rtol=0)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1)):
+        assert not torch.allclose(generate(pipe, num_frames=frames), reference, atol=1e-4)
+    latents = torch.zeros(1, 3 * (patch_size_t or 1), 4, 8, 6)  # (B, F, C, H, W)
+    layout, timestep = diffsparse.pipelines.adapter_for(pipe.transformer).read_call(
+        pipe.transformer, (latents,), {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16), "timestep": torch.tensor([10])}
+    )
+    assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="start") and int(timestep) == 10
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(cog_pipe):
+    class Wrapped(CogVideoXAttnProcessor2_0):
+        pass
+
+    block = cog_pipe.transformer.transformer_blocks[1].attn1
+    original = block.processor
+    block.set_processor(Wrapped())
+    try:
+        with pytest.raises(ValueError, match="layer 1 of the CogVideoX transformer has processor Wrapped"):
+            diffsparse.apply(cog_pipe, diffsparse.SparseConfig())
+        assert type(cog_pipe.transformer.transformer_blocks[0].attn1.processor) is CogVideoXAttnProcessor2_0
+    finally:
+        block.set_processor(original)
+
+
+def test_compare_command_runs_a_saved_cogvideox_pipeline(cog_pipe, tmp_path):
+    import json
+
+    from diffsparse.cli import main
+
+    cog_pipe.save_pretrained(tmp_path / "cogvideox")
+    args = ["compare", "--model", str(tmp_path / "cogvideox"), "--pattern", "radial", "--density", "0.3",
+            "--block-size", "16", "--dense-steps", "1", "--steps", "2", "--frames", "17", "--height", "128", "--width", "128",
+            "--out", str(tmp_path / "out")]
+    # The command pads prompts to CogVideoX's 226 text tokens (blocks holding text stay whole), so the video needs
+    # more tokens than the other tests' for any block to be dropped: 5 x 8 x 8.
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0

@@ -1,0 +1,139 @@
+"""diffsparse on real diffusers LTX-Video pipelines (tiny, random weights, offline): video tokens only in
+self-attention, the token grid passed to the transformer as `num_frames`, `height`, `width`."""
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLLTXVideo,
+    FlowMatchEulerDiscreteScheduler,
+    LTXImageToVideoPipeline,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+)
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+from PIL import Image
+from transformers import T5Config, T5EncoderModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.text import word_tokenizer
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+
+
+def tiny_ltx_components() -> dict:
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=2, caption_channels=16,
+    )
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), spatio_temporal_scaling=(True, True, False, False),
+        layers_per_block=(1, 1, 1, 1, 1), patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, pad_token_id=0, eos_token_id=1))
+    return {"tokenizer": word_tokenizer(VOCABULARY), "text_encoder": text_encoder.eval(), "vae": vae.eval(),
+            "transformer": transformer.eval(), "scheduler": FlowMatchEulerDiscreteScheduler()}
+
+
+def generate(pipe, **kwargs):
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
+            "width": 32, "num_inference_steps": 3, "guidance_scale": 3.0, "max_sequence_length": 8,
+            # Latents: what the transformer made, without the tiny VAE's decode (seconds per video on CPU).
+            "output_type": "latent", "generator": torch.Generator().manual_seed(0), **kwargs}
+    with torch.no_grad():
+        return pipe(**call).frames
+
+
+@pytest.fixture(scope="module")
+def ltx_pipe():
+    pipe = LTXPipeline(**tiny_ltx_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _processors(pipe):
+    return [block.attn1.processor for block in pipe.transformer.transformer_blocks]
+
+
+def test_dense_pattern_is_the_unmodified_pipeline_and_remove_restores_it(ltx_pipe):
+    originals = _processors(ltx_pipe)
+    cross = [block.attn2.processor for block in ltx_pipe.transformer.transformer_blocks]
+    reference = generate(ltx_pipe)
+    with diffsparse.sparse(ltx_pipe, diffsparse.SparseConfig(pattern="dense")):
+        assert [block.attn2.processor for block in ltx_pipe.transformer.transformer_blocks] == cross
+        assert torch.equal(generate(ltx_pipe), reference)
+        assert [(s.dense_calls, s.sparse_calls) for s in diffsparse.stats(ltx_pipe).layers] == [(3, 0), (3, 0)]
+    assert all(p is o for p, o in zip(_processors(ltx_pipe), originals))
+    assert torch.equal(generate(ltx_pipe), reference)
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_sparse_path_with_every_block_kept_matches_dense(ltx_pipe, order):
+    reference = generate(ltx_pipe)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with diffsparse.sparse(ltx_pipe, config):
+        out = generate(ltx_pipe)
+        assert all(s.dense_calls == 0 and s.sparse_calls == 3 for s in diffsparse.stats(ltx_pipe).layers)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_sparse_calls_see_the_latent_grid_and_drop_blocks(ltx_pipe):
+    layouts = []
+    read_call = adapter_for(ltx_pipe.transformer).read_call
+
+    def spy(transformer, args, kwargs):
+        layouts.append(read_call(transformer, args, kwargs)[0])
+        return layouts[-1], read_call(transformer, args, kwargs)[1]
+
+    reference = generate(ltx_pipe)
+    config = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1)
+    with diffsparse.sparse(ltx_pipe, config) as handle:
+        hook = ltx_pipe.transformer._diffusers_hook.get_hook("diffsparse_context")
+        hook._read_call = spy
+        out = generate(ltx_pipe)
+        layers = handle.stats().layers
+    # This tiny VAE compresses 4x in time and space: 9 frames -> 3 latent frames, 64 x 32 pixels -> 16 x 8.
+    assert set(layouts) == {VideoLayout(3, 16, 8)}
+    assert all(s.sparse_calls == 2 and s.mean_density < 1 for s in layers)  # CFG batched: one call per step
+    assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-4)
+
+
+def test_image_to_video():
+    pipe = LTXImageToVideoPipeline(**tiny_ltx_components())
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (32, 64), (200, 40, 40))
+    reference = generate(pipe, image=image)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)):
+        torch.testing.assert_close(generate(pipe, image=image), reference, atol=1e-4, rtol=0)
+
+
+def test_calls_without_a_grid_or_with_extra_tokens_are_refused(ltx_pipe):
+    adapter = adapter_for(ltx_pipe.transformer)
+    tokens = torch.zeros(1, 3 * 4 * 5, 8)
+    call = {"encoder_hidden_states": None, "timestep": torch.tensor([500])}
+    layout, _ = adapter.read_call(ltx_pipe.transformer, (tokens,), {**call, "num_frames": 3, "height": 4, "width": 5})
+    assert layout == VideoLayout(3, 4, 5)
+    with pytest.raises(ValueError, match="gave none"):
+        adapter.read_call(ltx_pipe.transformer, (tokens,), {**call, "video_coords": torch.zeros(1, 3, 60)})
+    with pytest.raises(ValueError, match="got 61 tokens for a 3x4x5 latent grid"):
+        adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 61, 8),), {**call, "num_frames": 3, "height": 4, "width": 5})
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
+    class Wrapped(LTXVideoAttnProcessor):
+        pass
+
+    block = ltx_pipe.transformer.transformer_blocks[1].attn1
+    original = block.processor
+    block.set_processor(Wrapped())
+    try:
+        with pytest.raises(ValueError, match="layer 1 of the LTX transformer has processor Wrapped"):
+            diffsparse.apply(ltx_pipe, diffsparse.SparseConfig())
+        assert type(ltx_pipe.transformer.transformer_blocks[0].attn1.processor) is LTXVideoAttnProcessor
+    finally:
+        block.set_processor(original)
