@@ -146,6 +146,10 @@ class SparseRuntime:
         self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
+    def call_layout(self) -> VideoLayout | None:
+        """The token layout of the current transformer call, as the adapter's `read_call` gave it."""
+        return self._state().layout
+
     def route(self, layer: int) -> bool:
         """Whether this call of `layer` goes through `attention` (sparse, or measuring a correction's statistics).
 
@@ -163,9 +167,10 @@ class SparseRuntime:
         `diffsparse.trace`). Observers live until `remove`."""
         self._observers.append(observer)
 
-    def _mode(self, layer: int, shape: torch.Size | None = None) -> str:
+    def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None) -> str:
         """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`."""
         state = self._state()
+        layout = state.layout if layout is None else layout
         if self._always_dense or state.layout is None or self.config.is_dense_layer(layer):
             return "dense"
         if self.config.is_dense_step(state.step, state.num_steps):
@@ -176,24 +181,31 @@ class SparseRuntime:
         refresh = self.config.correction_refresh
         stale = (
             stats is None
-            or stats.layout != state.layout
+            or stats.layout != layout
             or (shape is not None and stats.residual.shape != shape)
             or (refresh > 0 and state.step - stats.step >= refresh)
         )
         return "measure" if stale else "sparse"
 
-    def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout)."""
+    def attention(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VideoLayout | None = None
+    ) -> torch.Tensor:
+        """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
+
+        `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
+        videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
+        """
         state = self._state()
+        layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
-        pattern = self._layer_pattern(layer, state.layout, query, key, value) if self._fits else self.pattern
-        cached = self.plan(state.layout, query.shape[2], query.device, pattern)
+        pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
+        cached = self.plan(layout, query.shape[2], query.device, pattern)
         inputs = (query, key, value)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in inputs)
-        mode = self._mode(layer, query.shape)
+        mode = self._mode(layer, query.shape, layout)
         if mode == "measure":
-            out = self._measure(layer, branch, state, query, key, value, cached.plan)
+            out = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
         else:
             out = self._attend(query, key, value, cached.plan)
             if self.config.correction is not None:
@@ -224,7 +236,7 @@ class SparseRuntime:
         out, lse = result
         return out.transpose(1, 2), lse.transpose(1, 2).unsqueeze(-1)
 
-    def _measure(self, layer, branch, state, query, key, value, plan: BlockSparsePlan) -> torch.Tensor:
+    def _measure(self, layer, branch, step, layout, query, key, value, plan: BlockSparsePlan) -> torch.Tensor:
         """Dense attention that also records `SparseConfig.correction`'s statistics for later sparse calls."""
         dense_plan = self._dense_plan(plan, query.device)
         out_full, lse_full = self._attend(query, key, value, dense_plan, return_lse=True)
@@ -232,7 +244,7 @@ class SparseRuntime:
         # Kept scores are a subset of all scores, so lse_sparse <= lse_full and rho is in (0, 1].
         rho = torch.exp(lse_sparse - lse_full)
         residual = out_full.float() - rho * out_sparse.float()
-        self._statistics[(layer, branch)] = _Statistics(state.step, state.layout, rho, residual.to(out_full.dtype))
+        self._statistics[(layer, branch)] = _Statistics(step, layout, rho, residual.to(out_full.dtype))
         return out_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:

@@ -18,7 +18,9 @@ class ModelAdapter(ABC):
 
     The runtime given to `make_processor` answers `route(layer) -> bool` (whether this call goes through the
     runtime: sparse, or dense while measuring a correction's statistics; `False` = run the original processor)
-    and `attention(layer, q, k, v) -> out` on `(B, S, H, D)` tensors; adapters need nothing else of it.
+    and `attention(layer, q, k, v, layout=None) -> out` on `(B, S, H, D)` tensors (`layout` when the tensors are
+    not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's); adapters need nothing
+    else of it.
     """
 
     transformer_classes: tuple[type, ...] = ()

@@ -1,0 +1,150 @@
+"""HunyuanVideo (`HunyuanVideoTransformer3DModel`): text-to-video and its image-to-video variants.
+
+Every block's `attn` is self-attention over one joint sequence: the video tokens in frame-major order after
+the patchify, then the text tokens (the dual-stream blocks project the text with their own `add_*_proj`, the
+single-stream blocks with the same weights). Prompts are padded to a fixed text length and the padding is
+masked as keys (`attention_mask`, a valid prefix per video). The sparse path attends each video over its valid
+prefix only, with the layout's text span cut to the valid tokens (every pattern keeps text rows and columns
+whole); the padded text queries, whose outputs never reach a video token, attend densely to the valid keys as
+in the original. The text-only attention of the token refiner is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, call_argument
+from .registry import register_adapter
+
+
+def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
+    """`(query, key, value)` over `[video, text]` as `(B, S, heads, head_dim)`: the arithmetic of
+    `HunyuanVideoAttnProcessor2_0` (q/k norms, RoPE on the video tokens), for both kinds of block."""
+    text_len = encoder_hidden_states.shape[1]
+    single_stream = attn.add_q_proj is None
+    if single_stream:
+        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        video = slice(0, -text_len) if single_stream else slice(None)
+        rotated = [apply_rotary_emb(x[:, video], image_rotary_emb, sequence_dim=1) for x in (query, key)]
+        if single_stream:
+            rotated = [torch.cat([r, x[:, -text_len:]], dim=1) for r, x in zip(rotated, (query, key))]
+        query, key = rotated
+    if not single_stream:
+        added = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+        if attn.norm_added_q is not None:
+            added[0] = attn.norm_added_q(added[0])
+        if attn.norm_added_k is not None:
+            added[1] = attn.norm_added_k(added[1])
+        query, key, value = (torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
+    return query, key, value
+
+
+def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Per video, how many leading tokens are valid keys; the mask must be a valid prefix (HunyuanVideo's)."""
+    if attention_mask is None:
+        return [length] * batch
+    keys = attention_mask.reshape(attention_mask.shape[0], -1)
+    if keys.dtype != torch.bool or keys.shape != (batch, length):
+        raise ValueError(
+            f"expected HunyuanVideo's boolean key mask of shape (B, 1, 1, S) = ({batch}, 1, 1, {length}), got "
+            f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
+        )
+    lengths = keys.sum(dim=1)
+    if not torch.equal(keys, torch.arange(length, device=keys.device) < lengths[:, None]):
+        raise ValueError("diffsparse needs the valid keys of each video to be a prefix of its sequence (text padding)")
+    return lengths.tolist()
+
+
+class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
+    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so.
+
+    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    """
+
+    def __init__(self, runtime, layer: int, original: HunyuanVideoAttnProcessor2_0):
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
+        self._attention_backend = original._attention_backend
+        self._parallel_config = original._parallel_config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "diffsparse does not run sparse attention under context parallelism yet; "
+                "disable parallelism or use pattern='dense'"
+            )
+        text_len = encoder_hidden_states.shape[1]
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask, text_len)
+        out = out.flatten(2, 3).to(query.dtype)
+        hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+    def _attend(self, query, key, value, attention_mask, text_len: int) -> torch.Tensor:
+        """Sparse attention of each video over its valid prefix, videos with the same prefix in one call."""
+        batch, length = query.shape[:2]
+        lengths = valid_lengths(attention_mask, batch, length)
+        call_layout = self.runtime.call_layout()
+        out = torch.empty_like(query)
+        for valid in sorted(set(lengths)):
+            videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
+            layout = dataclasses.replace(call_layout, text_len=valid - (length - text_len))
+            q, k, v = (x.index_select(0, videos)[:, :valid] for x in (query, key, value))
+            out[videos, :valid] = self.runtime.attention(self.layer, q, k, v, layout=layout)
+            if valid < length:  # padded text queries: dense over the valid keys, as the masked original computes
+                padded = query.index_select(0, videos)[:, valid:].transpose(1, 2)
+                tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
+                out[videos, valid:] = tail.transpose(1, 2)
+        return out
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    transformer_classes = (HunyuanVideoTransformer3DModel,)
+
+    def self_attention_modules(self, transformer):
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        for index, block in enumerate(blocks):
+            yield index, block.attn
+
+    def make_processor(self, original, runtime, layer):
+        if type(original) is not HunyuanVideoAttnProcessor2_0:
+            raise ValueError(
+                f"layer {layer} of the HunyuanVideo transformer has processor {type(original).__name__}; diffsparse "
+                "replaces only HunyuanVideoAttnProcessor2_0 (remove other processors, e.g. LoRA or caching ones, first)"
+            )
+        return HunyuanVideoSparseAttnProcessor(runtime, layer, original)
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 2)
+        _, _, frames, height, width = hidden_states.shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        layout = VideoLayout(
+            frames // p_t, height // p, width // p, text_len=encoder_hidden_states.shape[1], text_position="end"
+        )
+        return layout, timestep
+
+
+register_adapter(HunyuanVideoAdapter())

@@ -1,0 +1,132 @@
+"""diffsparse on a diffusers HunyuanVideo transformer (tiny, random weights, called directly): dual- and
+single-stream blocks over `[video, text]`, prompts padded to a fixed length and masked as keys."""
+
+import pytest
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.hunyuan_video import valid_lengths
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    return model.eval()
+
+
+def inputs(valid_text=(7, TEXT_LEN), timestep=900.0, seed=0):
+    """A batch of two videos, 3 latent frames of 8 x 6 (3 x 4 x 3 = 36 tokens after the 2x2 patchify), whose
+    prompts hold `valid_text` real tokens out of TEXT_LEN (the rest padding)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(valid_text)
+    mask = torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]
+    return {
+        "hidden_states": torch.randn(batch, 4, 3, 8, 6, generator=g),
+        "timestep": torch.full((batch,), timestep),
+        "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
+        "encoder_attention_mask": mask.long(),
+        "pooled_projections": torch.randn(batch, 8, generator=g),
+        "guidance": torch.full((batch,), 6000.0),
+    }
+
+
+def run(model, config=None, **kwargs):
+    with torch.no_grad():
+        if config is None:
+            return model(**inputs(**kwargs)).sample
+        with diffsparse.sparse(model, config):
+            return model(**inputs(**kwargs)).sample
+
+
+def _processors(model):
+    return [b.attn.processor for b in (*model.transformer_blocks, *model.single_transformer_blocks)]
+
+
+def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transformer):
+    originals = _processors(transformer)
+    refiner = transformer.context_embedder.token_refiner.refiner_blocks[0].attn.processor
+    reference = run(transformer)
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)):
+        assert len({id(p) for p in _processors(transformer)} & {id(p) for p in originals}) == 0
+        assert transformer.context_embedder.token_refiner.refiner_blocks[0].attn.processor is refiner
+        with torch.no_grad():
+            assert torch.equal(transformer(**inputs()).sample, reference)
+        assert [s.layer for s in diffsparse.stats(transformer).layers] == [0, 1, 2, 3]  # 2 dual, then 2 single
+    assert _processors(transformer) == originals
+
+
+@pytest.mark.parametrize("valid_text", [(7, TEXT_LEN), (5, 5), (TEXT_LEN,)])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_text, order):
+    # Different valid lengths in one batch take one sparse call each; padded text queries attend densely.
+    reference = run(transformer, valid_text=valid_text)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    out = run(transformer, config, valid_text=valid_text)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
+    layouts = []
+    runtime_attention = diffsparse.runtime.SparseRuntime.attention
+
+    def spy(self, layer, query, key, value, layout=None):
+        layouts.append((layout, query.shape[:2]))
+        return runtime_attention(self, layer, query, key, value, layout=layout)
+
+    config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+        out = run(transformer, config)
+    assert set(layouts) == {
+        (VideoLayout(3, 4, 3, text_len=7, text_position="end"), (1, 36 + 7)),
+        (VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end"), (1, 36 + TEXT_LEN)),
+    }
+    assert not torch.allclose(out, run(transformer), atol=1e-4)
+    # Each video gets what it gets alone: the padding of another prompt in the batch changes nothing.
+    first = {name: x[:1] for name, x in inputs().items()}
+    with torch.no_grad(), diffsparse.sparse(transformer, config):
+        alone = transformer(**first).sample
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_layout_of_a_call(transformer):
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs())
+    assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end") and float(timestep[0]) == 900.0
+
+
+def test_masks_that_are_not_a_valid_prefix_are_refused():
+    assert valid_lengths(None, 2, 10) == [10, 10]
+    prefix = (torch.arange(10)[None] < torch.tensor([[4], [10]])).view(2, 1, 1, 10)
+    assert valid_lengths(prefix, 2, 10) == [4, 10]
+    holes = prefix.clone()
+    holes[0, 0, 0, 1] = False
+    with pytest.raises(ValueError, match="prefix"):
+        valid_lengths(holes, 2, 10)
+    with pytest.raises(ValueError, match="boolean key mask"):
+        valid_lengths(prefix.float(), 2, 10)
+
+
+def test_other_processors_are_refused(transformer):
+    class Wrapped(HunyuanVideoAttnProcessor2_0):
+        pass
+
+    block = transformer.single_transformer_blocks[0].attn
+    original = block.processor
+    block.set_processor(Wrapped())
+    try:
+        with pytest.raises(ValueError, match="layer 2 of the HunyuanVideo transformer has processor Wrapped"):
+            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
+    finally:
+        block.set_processor(original)
