@@ -130,3 +130,61 @@ def test_other_processors_are_refused(transformer):
             diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
     finally:
         block.set_processor(original)
+
+
+def tiny_hunyuan_pipeline():
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from diffsparse.pipelines.text import word_tokenizer
+
+    vocabulary = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up"]
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
+    llama = LlamaModel(LlamaConfig(vocab_size=len(vocabulary), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=1))
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama.eval(), tokenizer=word_tokenizer(vocabulary), transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip.eval(),
+        tokenizer_2=word_tokenizer(vocabulary, max_length=77),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_with_prompts_of_different_lengths():
+    pipe = tiny_hunyuan_pipeline()
+    call = {"prompt": ["a red circle moving left", "a blue square"], "prompt_template": {"template": "{}", "crop_start": 0},
+            "num_inference_steps": 3, "height": 64, "width": 48, "num_frames": 9, "max_sequence_length": 10,
+            "output_type": "latent"}
+
+    def generate(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+            with diffsparse.sparse(pipe, config) as handle:
+                out = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+                return out, handle.stats()
+
+    reference = generate()
+    dense, stats = generate(diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(dense, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(3, 0), (3, 0)]
+    kept, stats = generate(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=1))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    # Two prompt lengths: two sparse calls per sparse step and layer.
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 4), (1, 4)]
+    sparse, _ = generate(diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
