@@ -80,7 +80,8 @@ PATTERN_HELP = "pattern name, optionally with parameters, e.g. radial or 'search
 def _add_model_and_video(p) -> None:
     """The options `compare` and `eval` share: which pipeline, and the video it generates (pixels)."""
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of a Wan, CogVideoX, LTX-Video, HunyuanVideo or testbed pipeline (default: the embedded trained testbed)")
+                   help="hub id or local folder of a pipeline of a supported model family, or of a testbed training "
+                        "run (default: the embedded trained testbed)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block side of the sparse masks")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--frames", type=int, default=17, help="video frames")

@@ -26,7 +26,9 @@ def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Te
     """
     text_len = encoder_hidden_states.size(1)
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query, key, value = (
+        proj(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v)
+    )
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:

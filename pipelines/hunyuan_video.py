@@ -30,7 +30,9 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
     single_stream = attn.add_q_proj is None
     if single_stream:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-    query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query, key, value = (
+        proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+    )
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -42,7 +44,10 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
             rotated = [torch.cat([r, x[:, -text_len:]], dim=1) for r, x in zip(rotated, (query, key))]
         query, key = rotated
     if not single_stream:
-        added = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+        added = [
+            proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        ]
         if attn.norm_added_q is not None:
             added[0] = attn.norm_added_q(added[0])
         if attn.norm_added_k is not None:

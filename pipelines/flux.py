@@ -1,0 +1,119 @@
+"""FLUX.1 (`FluxTransformer2DModel`): text-to-image, and the Fill / Control variants (extra channels, same tokens).
+
+Images are one frame: the layout is `VideoLayout(1, h, w)` over the packed 2x2 latent patches in row-major
+order, read from `img_ids`, with the text tokens first. Both kinds of block attend over `[text, image]`: the
+dual-stream blocks get the text apart (`encoder_hidden_states`) and join it, the single-stream blocks get the
+joined sequence. RoPE covers the whole joint sequence, as in the original. Calls whose image tokens are not one
+full grid (FLUX.1 Kontext appends the reference image's tokens) raise a `ValueError` rather than run on a wrong
+layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, call_argument
+from .registry import register_adapter
+
+
+def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+    """`(query, key, value)` over `[text, image]` as `(B, S, heads, head_dim)`: `FluxAttnProcessor`'s arithmetic
+    (q/k norms per stream, RoPE over the joint sequence)."""
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None:
+        encoder_query, encoder_key, encoder_value = (
+            x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value)
+        )
+        encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+        query, key, value = (
+            torch.cat(pair, dim=1) for pair in ((encoder_query, query), (encoder_key, key), (encoder_value, value))
+        )
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+class FluxSparseAttnProcessor(FluxAttnProcessor):
+    """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so.
+
+    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    """
+
+    def __init__(self, runtime, layer: int, original: FluxAttnProcessor):
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
+        self._attention_backend = original._attention_backend
+        self._parallel_config = original._parallel_config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "diffsparse does not run sparse attention under context parallelism yet; "
+                "disable parallelism or use pattern='dense'"
+            )
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(encoder_out.contiguous())
+
+
+def image_grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
+    """`(rows, cols)` when `img_ids` is one full row-major grid of image tokens (FLUX's own), else `None`."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (B, N, 3) is the deprecated form
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if ids.shape[0] != rows * cols:
+        return None
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
+    same = torch.equal(ids[:, 1:].round().long().cpu(), grid) and not ids[:, 0].any()
+    return (rows, cols) if same else None
+
+
+class FluxAdapter(ModelAdapter):
+    transformer_classes = (FluxTransformer2DModel,)
+
+    def self_attention_modules(self, transformer):
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        for index, block in enumerate(blocks):
+            yield index, block.attn
+
+    def make_processor(self, original, runtime, layer):
+        if type(original) is not FluxAttnProcessor:
+            raise ValueError(
+                f"layer {layer} of the FLUX transformer has processor {type(original).__name__}; diffsparse replaces "
+                "only FluxAttnProcessor (remove other processors, e.g. IP-Adapter, LoRA or caching ones, first)"
+            )
+        return FluxSparseAttnProcessor(runtime, layer, original)
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
+        timestep = call_argument(args, kwargs, "timestep", 3)
+        grid = image_grid(call_argument(args, kwargs, "img_ids", 4))
+        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
+            raise ValueError(
+                f"diffsparse reads FLUX's image grid from `img_ids`, but these {hidden_states.shape[1]} image "
+                "tokens are not one full row-major grid (e.g. FLUX.1 Kontext's reference-image tokens), so this "
+                "pipeline is not supported yet: `diffsparse.remove(pipe)`"
+            )
+        layout = VideoLayout(1, *grid, text_len=encoder_hidden_states.shape[1], text_position="start")
+        # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
+        return layout, timestep * 1000
+
+
+register_adapter(FluxAdapter())

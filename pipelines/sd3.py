@@ -1,0 +1,105 @@
+"""Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`): text-to-image.
+
+Images are one frame: the layout is `VideoLayout(1, h, w)` over the 2x2 latent patches in row-major order.
+Every block's `attn` is joint attention over `[image, text]` (the text projected by the block's own
+`add_*_proj`); SD 3.5's dual-attention blocks add `attn2`, self-attention over the image tokens alone. Both
+can run sparse: block `i`'s `attn` is layer `i`, its `attn2` layer `num_layers + i`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, call_argument
+from .registry import register_adapter
+
+
+def joint_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """`(query, key, value)` over `[image, text]` (or the image alone) as `(B, S, heads, head_dim)`: the
+    arithmetic of `JointAttnProcessor2_0` (q/k norms per stream, no positional embedding)."""
+    query, key, value = (
+        proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+    )
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if encoder_hidden_states is not None:
+        added = [
+            proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        ]
+        if attn.norm_added_q is not None:
+            added[0] = attn.norm_added_q(added[0])
+        if attn.norm_added_k is not None:
+            added[1] = attn.norm_added_k(added[1])
+        query, key, value = (torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
+    return query, key, value
+
+
+class SD3SparseAttnProcessor(JointAttnProcessor2_0):
+    """`JointAttnProcessor2_0` whose attention runs block-sparse when the runtime says so.
+
+    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    """
+
+    def __init__(self, runtime, layer: int):
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        layout = self.runtime.call_layout()
+        if encoder_hidden_states is None:  # SD 3.5's `attn2`: the image tokens alone
+            layout = dataclasses.replace(layout, text_len=0)
+        out = self.runtime.attention(self.layer, query, key, value, layout=layout).flatten(2, 3).to(query.dtype)
+        image_len = hidden_states.shape[1]
+        out, encoder_out = out[:, :image_len], out[:, image_len:]
+        out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is None:
+            return out
+        if not attn.context_pre_only:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+
+class SD3Adapter(ModelAdapter):
+    transformer_classes = (SD3Transformer2DModel,)
+
+    def self_attention_modules(self, transformer):
+        blocks = transformer.transformer_blocks
+        for index, block in enumerate(blocks):
+            yield index, block.attn
+        for index, block in enumerate(blocks):
+            if getattr(block, "attn2", None) is not None:
+                yield len(blocks) + index, block.attn2
+
+    def make_processor(self, original, runtime, layer):
+        if type(original) is not JointAttnProcessor2_0:
+            raise ValueError(
+                f"layer {layer} of the SD3 transformer has processor {type(original).__name__}; diffsparse replaces "
+                "only JointAttnProcessor2_0 (unfuse QKV projections and remove other processors, e.g. IP-Adapter, "
+                "LoRA or caching ones, first)"
+            )
+        return SD3SparseAttnProcessor(runtime, layer)
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
+        timestep = call_argument(args, kwargs, "timestep", 3)
+        _, _, height, width = hidden_states.shape
+        p = transformer.config.patch_size
+        layout = VideoLayout(1, height // p, width // p, text_len=encoder_hidden_states.shape[1], text_position="end")
+        return layout, timestep
+
+
+register_adapter(SD3Adapter())

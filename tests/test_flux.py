@@ -1,0 +1,121 @@
+"""diffsparse on a diffusers FLUX.1 pipeline (tiny, random weights, offline): one-frame layouts read from
+`img_ids`, text first, dual- and single-stream blocks."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.flux import image_grid
+from diffsparse.pipelines.text import word_tokenizer
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, projection_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=clip.eval(),
+        tokenizer=word_tokenizer(VOCABULARY, max_length=77), text_encoder_2=t5.eval(), tokenizer_2=word_tokenizer(VOCABULARY),
+        transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, config=None):
+    call = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
+            "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
+    with torch.no_grad():
+        if config is None:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)).images, None
+        with diffsparse.sparse(pipe, config) as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)).images, handle.stats()
+
+
+def test_dense_pattern_is_the_unmodified_pipeline_and_steps_are_counted(flux_pipe):
+    reference, _ = generate(flux_pipe)
+    out, stats = generate(flux_pipe, diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(out, reference)
+    # FLUX passes t / 1000 to its transformer: the clock still finds 4 distinct steps, the first dense.
+    sparse_steps = {r.step for r in stats.calls["transformer"]}
+    assert sparse_steps == {0, 1, 2, 3} and [s.layer for s in stats.layers] == [0, 1]
+    _, stats = generate(flux_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=1))
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 3), (1, 3)]
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense(flux_pipe, order):
+    reference, _ = generate(flux_pipe)
+    out, _ = generate(flux_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
+    reference, _ = generate(flux_pipe)
+    read_call = adapter_for(flux_pipe.transformer).read_call
+    layouts = []
+
+    def spy(transformer, args, kwargs):
+        layout, timestep = read_call(transformer, args, kwargs)
+        layouts.append(layout)
+        return layout, timestep
+
+    with diffsparse.sparse(flux_pipe, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)):
+        flux_pipe.transformer._diffusers_hook.get_hook("diffsparse_context")._read_call = spy
+        with torch.no_grad():
+            out = flux_pipe(prompt="a red circle on grass", num_inference_steps=4, height=32, width=24,
+                            max_sequence_length=TEXT_LEN, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        stats = diffsparse.stats(flux_pipe)
+    # 32 x 24 pixels -> 16 x 12 latents (x2 VAE) -> 8 x 6 packed 2x2 patches.
+    assert set(layouts) == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
+    assert all(s.mean_density < 1 for s in stats.layers)
+    assert not torch.allclose(out, reference, atol=1e-4)
+
+
+def test_image_ids_that_are_not_one_grid_are_refused(flux_pipe):
+    grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    ids = torch.cat([torch.zeros(12, 1), grid.float()], dim=1)
+    assert image_grid(ids) == (3, 4) and image_grid(ids[None]) == (3, 4)
+    reference_image = ids.clone()
+    reference_image[:, 0] = 1  # FLUX.1 Kontext's second image
+    kontext = torch.cat([ids, reference_image])
+    assert image_grid(kontext) is None
+    call = {"hidden_states": torch.zeros(1, 24, 16), "encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16),
+            "timestep": torch.tensor([0.5]), "img_ids": kontext}
+    with pytest.raises(ValueError, match="not one full row-major grid"):
+        adapter_for(flux_pipe.transformer).read_call(flux_pipe.transformer, (), call)
+
+
+def test_other_processors_are_refused(flux_pipe):
+    class Wrapped(FluxAttnProcessor):
+        pass
+
+    block = flux_pipe.transformer.single_transformer_blocks[0].attn
+    original = block.processor
+    block.set_processor(Wrapped())
+    try:
+        with pytest.raises(ValueError, match="layer 1 of the FLUX transformer has processor Wrapped"):
+            diffsparse.apply(flux_pipe, diffsparse.SparseConfig())
+    finally:
+        block.set_processor(original)

@@ -1,0 +1,91 @@
+"""diffsparse on a diffusers SD3 / SD 3.5 transformer (tiny, random weights, called directly): one-frame
+layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`."""
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 10
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=8,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    return model.eval()
+
+
+def denoise(model, config=None, steps=(900.0, 500.0, 100.0)):
+    """Three calls at falling timesteps, as a sampler makes them: 12 x 16 latents -> 6 x 8 patches."""
+    g = torch.Generator().manual_seed(0)
+    call = {"hidden_states": torch.randn(2, 4, 12, 16, generator=g),
+            "encoder_hidden_states": torch.randn(2, TEXT_LEN, 16, generator=g),
+            "pooled_projections": torch.randn(2, 8, generator=g)}
+    with torch.no_grad():
+        if config is None:
+            return [model(**call, timestep=torch.full((2,), t)).sample for t in steps]
+        with diffsparse.sparse(model, config):
+            return [model(**call, timestep=torch.full((2,), t)).sample for t in steps]
+
+
+def test_dense_pattern_is_the_unmodified_model_and_every_attention_is_a_layer(transformer):
+    reference = denoise(transformer)
+    config = diffsparse.SparseConfig(pattern="dense", dense_steps=0)
+    for out, ref in zip(denoise(transformer, config), reference):
+        assert torch.equal(out, ref)
+    diffsparse.apply(transformer, config)
+    try:
+        denoise(transformer)
+        # Block 0's and 1's joint `attn`, then block 0's image-only `attn2` as layer 2 (num_layers + 0).
+        assert [(s.layer, s.dense_calls) for s in diffsparse.stats(transformer).layers] == [(0, 3), (1, 3), (2, 3)]
+    finally:
+        diffsparse.remove(transformer)
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+def test_every_block_kept_matches_dense(transformer, order):
+    reference = denoise(transformer)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    for out, ref in zip(denoise(transformer, config), reference):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_joint_calls_carry_the_text_and_attn2_calls_do_not(transformer):
+    seen = {}
+    runtime_attention = diffsparse.runtime.SparseRuntime.attention
+
+    def spy(self, layer, query, key, value, layout=None):
+        seen[layer] = (layout, query.shape[1])
+        return runtime_attention(self, layer, query, key, value, layout=layout)
+
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+        out = denoise(transformer, config)
+    joint = VideoLayout(1, 6, 8, text_len=TEXT_LEN, text_position="end")
+    assert seen == {0: (joint, 48 + TEXT_LEN), 1: (joint, 48 + TEXT_LEN), 2: (VideoLayout(1, 6, 8), 48)}
+    reference = denoise(transformer)
+    assert torch.equal(out[0], reference[0]) and not torch.allclose(out[2], reference[2], atol=1e-4)
+
+
+def test_other_processors_are_refused(transformer):
+    class Wrapped(JointAttnProcessor2_0):
+        pass
+
+    block = transformer.transformer_blocks[0].attn2
+    original = block.processor
+    block.set_processor(Wrapped())
+    try:
+        with pytest.raises(ValueError, match="layer 2 of the SD3 transformer has processor Wrapped"):
+            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
+    finally:
+        block.set_processor(original)
