@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SparseConfig
-from .pipelines import adapter_for, find_transformers
+from .pipelines import ModelAdapter, adapter_for, find_transformers
 from .runtime import (
     CallRecord,
     SparseContextHook,
@@ -60,7 +60,7 @@ class SparseHandle:
     def __init__(self, config: SparseConfig, transformers: dict[str, torch.nn.Module], scheduler):
         self.config = config
         self._transformers = transformers
-        self._originals: list[tuple[torch.nn.Module, object]] = []
+        self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
         self.runtimes: dict[str, SparseRuntime] = {}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
         clock = StepClock(scheduler)
@@ -72,8 +72,8 @@ class SparseHandle:
                 processors[module] = adapter.make_processor(module.processor, runtime, layer)
             # Only now that every layer was accepted, swap: a refused layer leaves the model untouched.
             for module, processor in processors.items():
-                self._originals.append((module, module.processor))
-                module.set_processor(processor)
+                self._originals.append((adapter, module, module.processor))
+                adapter.set_processor(module, processor)
             hook = SparseContextHook(runtime, clock, adapter.read_call, self._new_run)
             register_context_hook(transformer, hook)
             setattr(transformer, _HANDLE_ATTR, self)
@@ -84,8 +84,8 @@ class SparseHandle:
             runtime.new_run()
 
     def remove(self) -> None:
-        for module, original in self._originals:
-            module.set_processor(original)
+        for adapter, module, original in self._originals:
+            adapter.set_processor(module, original)
         for transformer in self._transformers.values():
             remove_context_hook(transformer)
             if getattr(transformer, _HANDLE_ATTR, None) is self:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -37,6 +38,10 @@ class ModelAdapter(ABC):
     def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[VideoLayout, torch.Tensor]:
         """The token layout and timestep of one transformer forward, from its inputs."""
 
+    def set_processor(self, module: torch.nn.Module, processor) -> None:
+        """Install `processor` on an attention `module` (diffusers' own setter; families without one override)."""
+        module.set_processor(processor)
+
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     """A forward argument given either by keyword or by position."""
@@ -45,3 +50,37 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     if len(args) > position:
         return args[position]
     raise ValueError(f"the transformer was called without `{name}` (keyword or positional argument {position})")
+
+
+def prefix_lengths(mask: torch.Tensor) -> list[int]:
+    """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` when the
+    valid entries of a row are not a prefix (padding must come last, as the text encoders' tokenizers put it)."""
+    valid = mask.bool()
+    lengths = valid.sum(dim=1)
+    if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device) < lengths[:, None]):
+        raise ValueError("diffsparse needs the valid keys of each video to be a prefix of its sequence (text padding)")
+    return lengths.tolist()
+
+
+def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[int], padded_queries: str):
+    """Sparse attention of each video of a `(B, S, H, D)` batch over its first `lengths[b]` tokens (video first,
+    then its valid text; the layout's text span cut to match), videos with equal lengths in one runtime call.
+
+    `padded_queries`: what the original computes for the padded text queries, whose outputs never reach a video
+    token: `"dense"` (attention over the valid keys) or `"zero"`.
+    """
+    if padded_queries not in ("dense", "zero"):
+        raise ValueError(f"padded_queries must be 'dense' or 'zero', got {padded_queries=}")
+    length = query.shape[1]
+    call_layout = runtime.call_layout()
+    out = torch.zeros_like(query)
+    for valid in sorted(set(lengths)):
+        videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
+        layout = dataclasses.replace(call_layout, text_len=valid - (length - call_layout.text_len))
+        q, k, v = (x.index_select(0, videos)[:, :valid] for x in (query, key, value))
+        out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout)
+        if valid < length and padded_queries == "dense":
+            padded = query.index_select(0, videos)[:, valid:].transpose(1, 2)
+            tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
+            out[videos, valid:] = tail.transpose(1, 2)
+    return out

@@ -11,15 +11,13 @@ in the original. The text-only attention of the token refiner is untouched.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, attend_valid_prefixes, call_argument, prefix_lengths
 from .registry import register_adapter
 
 
@@ -57,19 +55,15 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
 
 
 def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    """Per video, how many leading tokens are valid keys; the mask must be a valid prefix (HunyuanVideo's)."""
+    """Per video, how many leading tokens are valid keys, from HunyuanVideo's `(B, 1, 1, S)` boolean key mask."""
     if attention_mask is None:
         return [length] * batch
-    keys = attention_mask.reshape(attention_mask.shape[0], -1)
-    if keys.dtype != torch.bool or keys.shape != (batch, length):
+    if attention_mask.dtype != torch.bool or attention_mask.numel() != batch * length:
         raise ValueError(
             f"expected HunyuanVideo's boolean key mask of shape (B, 1, 1, S) = ({batch}, 1, 1, {length}), got "
             f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
         )
-    lengths = keys.sum(dim=1)
-    if not torch.equal(keys, torch.arange(length, device=keys.device) < lengths[:, None]):
-        raise ValueError("diffsparse needs the valid keys of each video to be a prefix of its sequence (text padding)")
-    return lengths.tolist()
+    return prefix_lengths(attention_mask.reshape(batch, length))
 
 
 class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
@@ -97,7 +91,8 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
             )
         text_len = encoder_hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = self._attend(query, key, value, attention_mask, text_len)
+        lengths = valid_lengths(attention_mask, *query.shape[:2])
+        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="dense")
         out = out.flatten(2, 3).to(query.dtype)
         hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
         if getattr(attn, "to_out", None) is not None:
@@ -105,23 +100,6 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
         if getattr(attn, "to_add_out", None) is not None:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
-
-    def _attend(self, query, key, value, attention_mask, text_len: int) -> torch.Tensor:
-        """Sparse attention of each video over its valid prefix, videos with the same prefix in one call."""
-        batch, length = query.shape[:2]
-        lengths = valid_lengths(attention_mask, batch, length)
-        call_layout = self.runtime.call_layout()
-        out = torch.empty_like(query)
-        for valid in sorted(set(lengths)):
-            videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
-            layout = dataclasses.replace(call_layout, text_len=valid - (length - text_len))
-            q, k, v = (x.index_select(0, videos)[:, :valid] for x in (query, key, value))
-            out[videos, :valid] = self.runtime.attention(self.layer, q, k, v, layout=layout)
-            if valid < length:  # padded text queries: dense over the valid keys, as the masked original computes
-                padded = query.index_select(0, videos)[:, valid:].transpose(1, 2)
-                tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
-                out[videos, valid:] = tail.transpose(1, 2)
-        return out
 
 
 class HunyuanVideoAdapter(ModelAdapter):

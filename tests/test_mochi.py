@@ -1,0 +1,111 @@
+"""diffsparse on a diffusers Mochi transformer (tiny, random weights, called directly): joint `[video, text]`
+attention over each prompt's valid tokens, the padded text positions left at zero as in the original."""
+
+import pytest
+import torch
+from diffusers import MochiTransformer3DModel
+from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.base import prefix_lengths
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 12
+# diffusers' Mochi RoPE asks for a float32 autocast region, which CPU autocast declines with a warning.
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=TEXT_LEN,
+    )
+    with torch.no_grad():
+        model.pos_frequencies.normal_()  # zeros at initialisation, which would make RoPE the identity
+    return model.eval()
+
+
+def inputs(valid_text=(7, TEXT_LEN), seed=0):
+    """Two videos of 3 latent frames of 8 x 6 (3 x 4 x 3 = 36 tokens after the 2x2 patchify), prompts with
+    `valid_text` real tokens out of TEXT_LEN."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(valid_text)
+    return {
+        "hidden_states": torch.randn(batch, 4, 3, 8, 6, generator=g),
+        "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_attention_mask": (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long(),
+    }
+
+
+def run(model, config=None, **kwargs):
+    with torch.no_grad():
+        if config is None:
+            return model(**inputs(**kwargs)).sample
+        with diffsparse.sparse(model, config):
+            return model(**inputs(**kwargs)).sample
+
+
+def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transformer):
+    originals = [b.attn1.processor for b in transformer.transformer_blocks]
+    reference = run(transformer)
+    assert torch.equal(run(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
+    assert [b.attn1.processor for b in transformer.transformer_blocks] == originals
+
+
+@pytest.mark.parametrize("valid_text", [(7, TEXT_LEN), (5, 5), (TEXT_LEN,)])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_text, order):
+    reference = run(transformer, valid_text=valid_text)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    torch.testing.assert_close(run(transformer, config, valid_text=valid_text), reference, atol=1e-4, rtol=0)
+
+
+def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
+    layouts = set()
+    runtime_attention = diffsparse.runtime.SparseRuntime.attention
+
+    def spy(self, layer, query, key, value, layout=None):
+        layouts.add((layout, query.shape[:2]))
+        return runtime_attention(self, layer, query, key, value, layout=layout)
+
+    config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+        out = run(transformer, config)
+    assert layouts == {
+        (VideoLayout(3, 4, 3, text_len=7, text_position="end"), (1, 36 + 7)),
+        (VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end"), (1, 36 + TEXT_LEN)),
+    }
+    assert not torch.allclose(out, run(transformer), atol=1e-4)
+    first = {name: x[:1] for name, x in inputs().items()}
+    with torch.no_grad(), diffsparse.sparse(transformer, config):
+        alone = transformer(**first).sample
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_layout_of_a_call_and_masks_that_are_not_a_prefix(transformer):
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs())
+    assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end")
+    assert prefix_lengths(torch.tensor([[1, 1, 0], [1, 1, 1]])) == [2, 3]
+    with pytest.raises(ValueError, match="prefix"):
+        prefix_lengths(torch.tensor([[1, 0, 1]]))
+
+
+def test_other_processors_are_refused(transformer):
+    class Wrapped(MochiAttnProcessor2_0):
+        pass
+
+    block = transformer.transformer_blocks[1].attn1
+    original = block.processor
+    block.processor = Wrapped()
+    try:
+        with pytest.raises(ValueError, match="layer 1 of the Mochi transformer has processor Wrapped"):
+            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
+        assert type(transformer.transformer_blocks[0].attn1.processor) is MochiAttnProcessor2_0
+    finally:
+        block.processor = original
