@@ -68,7 +68,20 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
         return testbed.load(device=device, dtype=dtype, path=model)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    return check_video_pipeline(DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device), model)
+
+
+def check_video_pipeline(pipe, model: str):
+    """`pipe` itself when its call generates videos (takes `num_frames`), which every command here needs; an
+    image pipeline (FLUX, SD3) gets a `ValueError` that says to apply diffsparse from Python instead."""
+    import inspect
+
+    if "num_frames" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"--model {model}: {type(pipe).__name__} generates images, and the diffsparse commands generate videos "
+            "(num_frames); for image models call `diffsparse.apply(pipe, diffsparse.SparseConfig(...))` in Python"
+        )
+    return pipe
 
 
 def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:

@@ -119,3 +119,10 @@ def test_other_processors_are_refused(flux_pipe):
             diffsparse.apply(flux_pipe, diffsparse.SparseConfig())
     finally:
         block.set_processor(original)
+
+
+def test_the_video_commands_refuse_an_image_pipeline_by_name(flux_pipe):
+    from diffsparse.compare import check_video_pipeline
+
+    with pytest.raises(ValueError, match="--model flux-folder: FluxPipeline generates images"):
+        check_video_pipeline(flux_pipe, "flux-folder")
