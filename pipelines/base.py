@@ -14,10 +14,34 @@ from ..patterns import VideoLayout
 ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple[VideoLayout, torch.Tensor]]
 
 
-class ModelAdapter(ABC):
-    """One model family. Subclasses fill in the three methods and register with `register_adapter`.
+class SparseProcessor:
+    """Mixin placed before a family's own diffusers processor class (`class X(SparseProcessor, WanAttnProcessor)`):
+    the runtime and layer index, and the original's attention backend and parallel config, kept so that
+    `set_attention_backend` and context parallelism behave as before on the dense calls, which run the original
+    `__call__` unchanged."""
 
-    The runtime given to `make_processor` answers `route(layer) -> bool` (whether this call goes through the
+    def __init__(self, runtime, layer: int, original=None):
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+        for name in ("_attention_backend", "_parallel_config"):
+            if hasattr(original, name):
+                setattr(self, name, getattr(original, name))
+
+    def check_not_parallel(self) -> None:
+        """Sparse calls do not shard the sequence across devices yet: say so rather than compute a wrong result."""
+        if getattr(self, "_parallel_config", None) is not None:
+            raise NotImplementedError(
+                "diffsparse does not run sparse attention under context parallelism yet; "
+                "disable parallelism or use pattern='dense'"
+            )
+
+
+class ModelAdapter(ABC):
+    """One model family: subclasses name their attention modules and processors and read a call's layout, then
+    register with `register_adapter`.
+
+    The runtime given to a sparse processor answers `route(layer) -> bool` (whether this call goes through the
     runtime: sparse, or dense while measuring a correction's statistics; `False` = run the original processor)
     and `attention(layer, q, k, v, layout=None) -> out` on `(B, S, H, D)` tensors (`layout` when the tensors are
     not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's); adapters need nothing
@@ -25,14 +49,30 @@ class ModelAdapter(ABC):
     """
 
     transformer_classes: tuple[type, ...] = ()
+    family: str = ""  # the family's name in messages
+    original_processor: type | None = None  # the diffusers processor class a sparse one may replace
+    sparse_processor: type | None = None  # its `SparseProcessor` subclass
+    block_lists: tuple[str, ...] = ("transformer_blocks",)  # transformer attributes holding the blocks, in order
+    attention_name: str = "attn1"  # the self-attention module of each block
 
-    @abstractmethod
     def self_attention_modules(self, transformer: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-        """`(layer index, attention module)` for every self-attention that may become sparse."""
+        """`(layer index, attention module)` for every self-attention that may become sparse: the blocks of
+        `block_lists` in order, numbered from 0."""
+        blocks = [block for name in self.block_lists for block in getattr(transformer, name)]
+        for index, block in enumerate(blocks):
+            yield index, getattr(block, self.attention_name)
 
-    @abstractmethod
     def make_processor(self, original, runtime, layer: int):
-        """A sparse processor that replaces `original` on layer `layer`."""
+        """A sparse processor that replaces `original` on layer `layer`; anything but the family's own processor
+        class is refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes something
+        else, and replacing it would silently change results)."""
+        if type(original) is not self.original_processor:
+            raise ValueError(
+                f"layer {layer} of the {self.family} transformer has processor {type(original).__name__}; diffsparse "
+                f"replaces only {self.original_processor.__name__} (remove other processors, e.g. LoRA, IP-Adapter or "
+                "caching ones, and unfuse QKV projections first)"
+            )
+        return self.sparse_processor(runtime, layer, original)
 
     @abstractmethod
     def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[VideoLayout, torch.Tensor]:
@@ -41,6 +81,17 @@ class ModelAdapter(ABC):
     def set_processor(self, module: torch.nn.Module, processor) -> None:
         """Install `processor` on an attention `module` (diffusers' own setter; families without one override)."""
         module.set_processor(processor)
+
+
+def project_qkv(attn, x: torch.Tensor, added: bool = False):
+    """`(query, key, value)` of `x` as `(B, S, heads, head_dim)`: the module's projections, then its q/k norms over
+    the head dim, as the joint-attention processors of diffusers compute them (`added`: the text stream's
+    `add_*_proj` and `norm_added_*`)."""
+    projections = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+    norms = ("norm_added_q", "norm_added_k") if added else ("norm_q", "norm_k")
+    query, key, value = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):

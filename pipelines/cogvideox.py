@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, project_qkv
 from .registry import register_adapter
 
 
@@ -25,33 +25,21 @@ def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Te
     only), so the sparse path sees exactly the scores the dense processor does.
     """
     text_len = encoder_hidden_states.size(1)
-    joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    query, key, value = (
-        proj(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v)
-    )
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = project_qkv(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1))
     if image_rotary_emb is not None:
-        video_query = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
-        video_key = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
-        query = torch.cat([query[:, :, :text_len], video_query], dim=2)
-        key = torch.cat([key[:, :, :text_len], video_key], dim=2)
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        query, key = (
+            torch.cat([x[:, :text_len], apply_rotary_emb(x[:, text_len:], image_rotary_emb, sequence_dim=1)], dim=1)
+            for x in (query, key)
+        )
+    return query, key, value
 
 
-class CogVideoXSparseAttnProcessor(CogVideoXAttnProcessor2_0):
+class CogVideoXSparseAttnProcessor(SparseProcessor, CogVideoXAttnProcessor2_0):
     """`CogVideoXAttnProcessor2_0` whose self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
-
-    def __init__(self, runtime, layer: int):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None or not self.runtime.route(self.layer):
@@ -66,21 +54,9 @@ class CogVideoXSparseAttnProcessor(CogVideoXAttnProcessor2_0):
 
 class CogVideoXAdapter(ModelAdapter):
     transformer_classes = (CogVideoXTransformer3DModel,)
-
-    def self_attention_modules(self, transformer):
-        for index, block in enumerate(transformer.transformer_blocks):
-            yield index, block.attn1
-
-    def make_processor(self, original, runtime, layer):
-        # An exact type check: subclasses (e.g. the fused-QKV processor's relatives, LoRA or caching wrappers)
-        # compute something else, and replacing them would silently change results.
-        if type(original) is not CogVideoXAttnProcessor2_0:
-            raise ValueError(
-                f"layer {layer} of the CogVideoX transformer has processor {type(original).__name__}; diffsparse "
-                "replaces only CogVideoXAttnProcessor2_0 (unfuse QKV projections and remove other processors, "
-                "e.g. LoRA or caching ones, first)"
-            )
-        return CogVideoXSparseAttnProcessor(runtime, layer)
+    family = "CogVideoX"
+    original_processor = CogVideoXAttnProcessor2_0
+    sparse_processor = CogVideoXSparseAttnProcessor
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

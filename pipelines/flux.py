@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
 
 
@@ -42,29 +42,17 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=
     return query, key, value
 
 
-class FluxSparseAttnProcessor(FluxAttnProcessor):
+class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
     """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
-    def __init__(self, runtime, layer: int, original: FluxAttnProcessor):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
-        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
-        self._attention_backend = original._attention_backend
-        self._parallel_config = original._parallel_config
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "diffsparse does not run sparse attention under context parallelism yet; "
-                "disable parallelism or use pattern='dense'"
-            )
+        self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
@@ -86,19 +74,11 @@ def image_grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
 
 class FluxAdapter(ModelAdapter):
     transformer_classes = (FluxTransformer2DModel,)
-
-    def self_attention_modules(self, transformer):
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        for index, block in enumerate(blocks):
-            yield index, block.attn
-
-    def make_processor(self, original, runtime, layer):
-        if type(original) is not FluxAttnProcessor:
-            raise ValueError(
-                f"layer {layer} of the FLUX transformer has processor {type(original).__name__}; diffsparse replaces "
-                "only FluxAttnProcessor (remove other processors, e.g. IP-Adapter, LoRA or caching ones, first)"
-            )
-        return FluxSparseAttnProcessor(runtime, layer, original)
+    family = "FLUX"
+    original_processor = FluxAttnProcessor
+    sparse_processor = FluxSparseAttnProcessor
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    attention_name = "attn"
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

@@ -17,24 +17,26 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, attend_valid_prefixes, call_argument, prefix_lengths
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    call_argument,
+    prefix_lengths,
+    project_qkv,
+)
 from .registry import register_adapter
 
 
 def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
     """`(query, key, value)` over `[video, text]` as `(B, S, heads, head_dim)`: the arithmetic of
-    `HunyuanVideoAttnProcessor2_0` (q/k norms, RoPE on the video tokens), for both kinds of block."""
+    `HunyuanVideoAttnProcessor2_0` (q/k norms, RoPE on the video tokens), for both kinds of block: the single-stream
+    ones project the joined sequence with one set of weights, the dual-stream ones the text with `add_*_proj`."""
     text_len = encoder_hidden_states.shape[1]
     single_stream = attn.add_q_proj is None
     if single_stream:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-    query, key, value = (
-        proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-    )
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = project_qkv(attn, hidden_states)
     if image_rotary_emb is not None:
         video = slice(0, -text_len) if single_stream else slice(None)
         rotated = [apply_rotary_emb(x[:, video], image_rotary_emb, sequence_dim=1) for x in (query, key)]
@@ -42,14 +44,7 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
             rotated = [torch.cat([r, x[:, -text_len:]], dim=1) for r, x in zip(rotated, (query, key))]
         query, key = rotated
     if not single_stream:
-        added = [
-            proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        ]
-        if attn.norm_added_q is not None:
-            added[0] = attn.norm_added_q(added[0])
-        if attn.norm_added_k is not None:
-            added[1] = attn.norm_added_k(added[1])
+        added = project_qkv(attn, encoder_hidden_states, added=True)
         query, key, value = (torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
     return query, key, value
 
@@ -66,29 +61,17 @@ def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) 
     return prefix_lengths(attention_mask.reshape(batch, length))
 
 
-class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
+class HunyuanVideoSparseAttnProcessor(SparseProcessor, HunyuanVideoAttnProcessor2_0):
     """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
-    def __init__(self, runtime, layer: int, original: HunyuanVideoAttnProcessor2_0):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
-        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
-        self._attention_backend = original._attention_backend
-        self._parallel_config = original._parallel_config
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "diffsparse does not run sparse attention under context parallelism yet; "
-                "disable parallelism or use pattern='dense'"
-            )
+        self.check_not_parallel()
         text_len = encoder_hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         lengths = valid_lengths(attention_mask, *query.shape[:2])
@@ -104,19 +87,11 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
 
 class HunyuanVideoAdapter(ModelAdapter):
     transformer_classes = (HunyuanVideoTransformer3DModel,)
-
-    def self_attention_modules(self, transformer):
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        for index, block in enumerate(blocks):
-            yield index, block.attn
-
-    def make_processor(self, original, runtime, layer):
-        if type(original) is not HunyuanVideoAttnProcessor2_0:
-            raise ValueError(
-                f"layer {layer} of the HunyuanVideo transformer has processor {type(original).__name__}; diffsparse "
-                "replaces only HunyuanVideoAttnProcessor2_0 (remove other processors, e.g. LoRA or caching ones, first)"
-            )
-        return HunyuanVideoSparseAttnProcessor(runtime, layer, original)
+    family = "HunyuanVideo"
+    original_processor = HunyuanVideoAttnProcessor2_0
+    sparse_processor = HunyuanVideoSparseAttnProcessor
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    attention_name = "attn"
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

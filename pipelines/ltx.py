@@ -14,7 +14,7 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
 
 
@@ -31,29 +31,17 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, image_rotary_emb=None)
     return tuple(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
 
 
-class LTXSparseAttnProcessor(LTXVideoAttnProcessor):
+class LTXSparseAttnProcessor(SparseProcessor, LTXVideoAttnProcessor):
     """`LTXVideoAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
-    def __init__(self, runtime, layer: int, original: LTXVideoAttnProcessor):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
-        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
-        self._attention_backend = original._attention_backend
-        self._parallel_config = original._parallel_config
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "diffsparse does not run sparse attention under context parallelism yet; "
-                "disable parallelism or use pattern='dense'"
-            )
+        self.check_not_parallel()
         query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb)
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
@@ -61,18 +49,9 @@ class LTXSparseAttnProcessor(LTXVideoAttnProcessor):
 
 class LTXAdapter(ModelAdapter):
     transformer_classes = (LTXVideoTransformer3DModel,)
-
-    def self_attention_modules(self, transformer):
-        for index, block in enumerate(transformer.transformer_blocks):
-            yield index, block.attn1
-
-    def make_processor(self, original, runtime, layer):
-        if type(original) is not LTXVideoAttnProcessor:
-            raise ValueError(
-                f"layer {layer} of the LTX transformer has processor {type(original).__name__}; diffsparse "
-                "replaces only LTXVideoAttnProcessor (remove other processors, e.g. LoRA or caching ones, first)"
-            )
-        return LTXSparseAttnProcessor(runtime, layer, original)
+    family = "LTX"
+    original_processor = LTXVideoAttnProcessor
+    sparse_processor = LTXSparseAttnProcessor
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

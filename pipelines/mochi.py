@@ -13,7 +13,14 @@ from diffusers import MochiTransformer3DModel
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, attend_valid_prefixes, call_argument, prefix_lengths
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    call_argument,
+    prefix_lengths,
+    project_qkv,
+)
 from .registry import register_adapter
 
 
@@ -26,31 +33,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
     """`(query, key, value)` over `[video, text]` (every text token, padding included) as `(B, S, heads,
     head_dim)`: `MochiAttnProcessor2_0`'s arithmetic (q/k norms per stream, RoPE on the video tokens)."""
-    video = [proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
-    text = [
-        proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-    ]
-    for streams, norms in ((video, (attn.norm_q, attn.norm_k)), (text, (attn.norm_added_q, attn.norm_added_k))):
-        for i, norm in enumerate(norms):
-            if norm is not None:
-                streams[i] = norm(streams[i])
+    query, key, value = project_qkv(attn, hidden_states)
     if image_rotary_emb is not None:
-        video[0], video[1] = (_rotate(x, *image_rotary_emb) for x in video[:2])
-    return tuple(torch.cat([v, t], dim=1) for v, t in zip(video, text))
+        query, key = (_rotate(x, *image_rotary_emb) for x in (query, key))
+    added = project_qkv(attn, encoder_hidden_states, added=True)
+    return tuple(torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
 
 
-class MochiSparseAttnProcessor(MochiAttnProcessor2_0):
+class MochiSparseAttnProcessor(SparseProcessor, MochiAttnProcessor2_0):
     """`MochiAttnProcessor2_0` whose joint attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
-
-    def __init__(self, runtime, layer: int):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         if not self.runtime.route(self.layer):
@@ -69,18 +64,9 @@ class MochiSparseAttnProcessor(MochiAttnProcessor2_0):
 
 class MochiAdapter(ModelAdapter):
     transformer_classes = (MochiTransformer3DModel,)
-
-    def self_attention_modules(self, transformer):
-        for index, block in enumerate(transformer.transformer_blocks):
-            yield index, block.attn1
-
-    def make_processor(self, original, runtime, layer):
-        if type(original) is not MochiAttnProcessor2_0:
-            raise ValueError(
-                f"layer {layer} of the Mochi transformer has processor {type(original).__name__}; diffsparse replaces "
-                "only MochiAttnProcessor2_0 (remove other processors, e.g. LoRA or caching ones, first)"
-            )
-        return MochiSparseAttnProcessor(runtime, layer)
+    family = "Mochi"
+    original_processor = MochiAttnProcessor2_0
+    sparse_processor = MochiSparseAttnProcessor
 
     def set_processor(self, module, processor):
         module.processor = processor  # MochiAttention is a plain module with a `processor` attribute, no setter

@@ -15,44 +15,26 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, project_qkv
 from .registry import register_adapter
 
 
 def joint_qkv(attn, hidden_states, encoder_hidden_states=None):
     """`(query, key, value)` over `[image, text]` (or the image alone) as `(B, S, heads, head_dim)`: the
     arithmetic of `JointAttnProcessor2_0` (q/k norms per stream, no positional embedding)."""
-    query, key, value = (
-        proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-    )
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = project_qkv(attn, hidden_states)
     if encoder_hidden_states is not None:
-        added = [
-            proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        ]
-        if attn.norm_added_q is not None:
-            added[0] = attn.norm_added_q(added[0])
-        if attn.norm_added_k is not None:
-            added[1] = attn.norm_added_k(added[1])
+        added = project_qkv(attn, encoder_hidden_states, added=True)
         query, key, value = (torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
     return query, key, value
 
 
-class SD3SparseAttnProcessor(JointAttnProcessor2_0):
+class SD3SparseAttnProcessor(SparseProcessor, JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` whose attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
-
-    def __init__(self, runtime, layer: int):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None or not self.runtime.route(self.layer):
@@ -74,23 +56,17 @@ class SD3SparseAttnProcessor(JointAttnProcessor2_0):
 
 class SD3Adapter(ModelAdapter):
     transformer_classes = (SD3Transformer2DModel,)
+    family = "SD3"
+    original_processor = JointAttnProcessor2_0
+    sparse_processor = SD3SparseAttnProcessor
+    attention_name = "attn"
 
     def self_attention_modules(self, transformer):
+        yield from super().self_attention_modules(transformer)  # every block's joint `attn`: layers 0 .. n - 1
         blocks = transformer.transformer_blocks
-        for index, block in enumerate(blocks):
-            yield index, block.attn
         for index, block in enumerate(blocks):
             if getattr(block, "attn2", None) is not None:
                 yield len(blocks) + index, block.attn2
-
-    def make_processor(self, original, runtime, layer):
-        if type(original) is not JointAttnProcessor2_0:
-            raise ValueError(
-                f"layer {layer} of the SD3 transformer has processor {type(original).__name__}; diffsparse replaces "
-                "only JointAttnProcessor2_0 (unfuse QKV projections and remove other processors, e.g. IP-Adapter, "
-                "LoRA or caching ones, first)"
-            )
-        return SD3SparseAttnProcessor(runtime, layer)
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
 
 
@@ -45,29 +45,17 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
     return query, key, value
 
 
-class WanSparseAttnProcessor(WanAttnProcessor):
+class WanSparseAttnProcessor(SparseProcessor, WanAttnProcessor):
     """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to `WanAttnProcessor.__call__` unchanged, so they are bit-identical to the original (except
     the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
-    def __init__(self, runtime, layer: int, original: WanAttnProcessor):
-        super().__init__()
-        self.runtime = runtime
-        self.layer = layer
-        # Kept so `set_attention_backend` and context parallelism behave as before on dense calls.
-        self._attention_backend = original._attention_backend
-        self._parallel_config = original._parallel_config
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "diffsparse does not run sparse attention under context parallelism yet; "
-                "disable parallelism or use pattern='dense'"
-            )
+        self.check_not_parallel()
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         hidden_states = self.runtime.attention(self.layer, query, key, value)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
@@ -77,18 +65,10 @@ class WanSparseAttnProcessor(WanAttnProcessor):
 
 class WanAdapter(ModelAdapter):
     transformer_classes = (WanTransformer3DModel,)
-
-    def self_attention_modules(self, transformer):
-        for index, block in enumerate(transformer.blocks):
-            yield index, block.attn1
-
-    def make_processor(self, original, runtime, layer):
-        if not isinstance(original, WanAttnProcessor):
-            raise ValueError(
-                f"layer {layer} of the Wan transformer has processor {type(original).__name__}; diffsparse "
-                "replaces only WanAttnProcessor (remove other processors, e.g. LoRA or caching ones, first)"
-            )
-        return WanSparseAttnProcessor(runtime, layer, original)
+    family = "Wan"
+    original_processor = WanAttnProcessor
+    sparse_processor = WanSparseAttnProcessor
+    block_lists = ("blocks",)
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

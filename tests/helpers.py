@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import contextlib
+
+import pytest
 import torch
 
 
@@ -48,3 +51,41 @@ def check_block_masks_reduce_token_masks(pattern, layouts, order, block_sizes):
             block = pattern.block_mask(layout, block_size, order)
             assert block.dtype == torch.bool and block.shape == (pattern.num_heads, -(-n // bq), -(-n // bk))
             assert torch.equal(block, reduce_token_mask(reference, block_size)), (layout, block_size)
+
+
+@contextlib.contextmanager
+def recorded_attention_calls():
+    """Every sparse-path `SparseRuntime.attention` call made inside, as `(layer, layout, (batch, tokens))`, the
+    layout being the one the call ran on (the transformer call's own unless the adapter passed one)."""
+    from diffsparse.runtime import SparseRuntime
+
+    calls = []
+    attention = SparseRuntime.attention
+
+    def record(self, layer, query, key, value, layout=None):
+        calls.append((layer, layout or self.call_layout(), tuple(query.shape[:2])))
+        return attention(self, layer, query, key, value, layout=layout)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SparseRuntime, "attention", record)
+        yield calls
+
+
+def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: int) -> None:
+    """A subclass of the family's processor on `layer` (as LoRA, IP-Adapter or caching processors are) makes
+    `apply` refuse, naming the layer and the class, and leaves every layer's processor as it was."""
+    import diffsparse
+    from diffsparse.pipelines import adapter_for
+
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    adapter = adapter_for(transformer)
+    modules = dict(adapter.self_attention_modules(transformer))
+    before = {index: module.processor for index, module in modules.items()}
+    wrapped = type("Wrapped", (adapter.original_processor,), {})()
+    adapter.set_processor(modules[layer], wrapped)
+    try:
+        with pytest.raises(ValueError, match=f"layer {layer} of the {family} transformer has processor Wrapped"):
+            diffsparse.apply(pipe_or_transformer, diffsparse.SparseConfig(dense_steps=0))
+        assert all(m.processor is (wrapped if i == layer else before[i]) for i, m in modules.items())
+    finally:
+        adapter.set_processor(modules[layer], before[layer])

@@ -9,12 +9,13 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from transformers import T5Config, T5EncoderModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 TEXT_LEN = 8
@@ -86,23 +87,14 @@ def test_sparse_path_with_every_block_kept_matches_dense(cog_pipe, order):
 
 
 def test_the_layout_has_the_text_first_and_sparse_calls_drop_only_video_blocks(cog_pipe):
-    layouts = []
-    runtime_attention = diffsparse.runtime.SparseRuntime.attention
-
-    def spy(self, layer, query, key, value):
-        layouts.append((self._state().layout, query.shape))
-        return runtime_attention(self, layer, query, key, value)
-
     config = diffsparse.SparseConfig(pattern="radial", block_size=8, dense_steps=1, density=0.3)
-    with diffsparse.sparse(cog_pipe, config), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+    with diffsparse.sparse(cog_pipe, config), recorded_attention_calls() as calls:
         out = generate(cog_pipe)
         layers = diffsparse.stats(cog_pipe).layers
         runtime = diffsparse.api._handles(cog_pipe)[0].runtimes["transformer"]
-        plan = runtime.plan(layouts[0][0], 2, torch.device("cpu")).plan
+        plan = runtime.plan(calls[0][1], 2, torch.device("cpu")).plan
     layout = VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="start")
-    assert {lay for lay, _ in layouts} == {layout}
-    assert {shape for _, shape in layouts} == {torch.Size([2, TEXT_LEN + 36, 2, 16])}  # CFG batch, heads, head dim
+    assert {(lay, shape) for _, lay, shape in calls} == {(layout, (2, TEXT_LEN + 36))}  # CFG's two branches batched
     assert all(s.sparse_calls == 2 and s.mean_density < 1 for s in layers)
     mask = plan.block_mask[0, 0]  # the first block holds the 8 text tokens: its row and column stay whole
     assert mask[0].all() and mask[:, 0].all() and not mask.all()
@@ -128,18 +120,7 @@ def test_learned_positions_and_cogvideox_1_5_temporal_patches(rotary, patch_size
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(cog_pipe):
-    class Wrapped(CogVideoXAttnProcessor2_0):
-        pass
-
-    block = cog_pipe.transformer.transformer_blocks[1].attn1
-    original = block.processor
-    block.set_processor(Wrapped())
-    try:
-        with pytest.raises(ValueError, match="layer 1 of the CogVideoX transformer has processor Wrapped"):
-            diffsparse.apply(cog_pipe, diffsparse.SparseConfig())
-        assert type(cog_pipe.transformer.transformer_blocks[0].attn1.processor) is CogVideoXAttnProcessor2_0
-    finally:
-        block.set_processor(original)
+    check_other_processors_are_refused(cog_pipe, "CogVideoX", layer=1)
 
 
 def test_compare_command_runs_a_saved_cogvideox_pipeline(cog_pipe, tmp_path):

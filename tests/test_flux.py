@@ -4,7 +4,6 @@
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import diffsparse
@@ -12,6 +11,8 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.flux import image_grid
 from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -73,22 +74,10 @@ def test_every_block_kept_matches_dense(flux_pipe, order):
 
 def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
     reference, _ = generate(flux_pipe)
-    read_call = adapter_for(flux_pipe.transformer).read_call
-    layouts = []
-
-    def spy(transformer, args, kwargs):
-        layout, timestep = read_call(transformer, args, kwargs)
-        layouts.append(layout)
-        return layout, timestep
-
-    with diffsparse.sparse(flux_pipe, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)):
-        flux_pipe.transformer._diffusers_hook.get_hook("diffsparse_context")._read_call = spy
-        with torch.no_grad():
-            out = flux_pipe(prompt="a red circle on grass", num_inference_steps=4, height=32, width=24,
-                            max_sequence_length=TEXT_LEN, output_type="latent", generator=torch.Generator().manual_seed(0)).images
-        stats = diffsparse.stats(flux_pipe)
+    with recorded_attention_calls() as calls:
+        out, stats = generate(flux_pipe, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1))
     # 32 x 24 pixels -> 16 x 12 latents (x2 VAE) -> 8 x 6 packed 2x2 patches.
-    assert set(layouts) == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
     assert all(s.mean_density < 1 for s in stats.layers)
     assert not torch.allclose(out, reference, atol=1e-4)
 
@@ -107,18 +96,8 @@ def test_image_ids_that_are_not_one_grid_are_refused(flux_pipe):
         adapter_for(flux_pipe.transformer).read_call(flux_pipe.transformer, (), call)
 
 
-def test_other_processors_are_refused(flux_pipe):
-    class Wrapped(FluxAttnProcessor):
-        pass
-
-    block = flux_pipe.transformer.single_transformer_blocks[0].attn
-    original = block.processor
-    block.set_processor(Wrapped())
-    try:
-        with pytest.raises(ValueError, match="layer 1 of the FLUX transformer has processor Wrapped"):
-            diffsparse.apply(flux_pipe, diffsparse.SparseConfig())
-    finally:
-        block.set_processor(original)
+def test_other_processors_are_refused_and_the_model_left_untouched(flux_pipe):
+    check_other_processors_are_refused(flux_pipe, "FLUX", layer=1)
 
 
 def test_the_video_commands_refuse_an_image_pipeline_by_name(flux_pipe):

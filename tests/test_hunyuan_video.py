@@ -4,12 +4,13 @@ single-stream blocks over `[video, text]`, prompts padded to a fixed length and 
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video import valid_lengths
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -78,18 +79,11 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
-    layouts = []
-    runtime_attention = diffsparse.runtime.SparseRuntime.attention
-
-    def spy(self, layer, query, key, value, layout=None):
-        layouts.append((layout, query.shape[:2]))
-        return runtime_attention(self, layer, query, key, value, layout=layout)
-
     config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+    with recorded_attention_calls() as calls:
         out = run(transformer, config)
-    assert set(layouts) == {
+    layouts = {(layout, shape) for _, layout, shape in calls}
+    assert layouts == {
         (VideoLayout(3, 4, 3, text_len=7, text_position="end"), (1, 36 + 7)),
         (VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end"), (1, 36 + TEXT_LEN)),
     }
@@ -118,18 +112,8 @@ def test_masks_that_are_not_a_valid_prefix_are_refused():
         valid_lengths(prefix.float(), 2, 10)
 
 
-def test_other_processors_are_refused(transformer):
-    class Wrapped(HunyuanVideoAttnProcessor2_0):
-        pass
-
-    block = transformer.single_transformer_blocks[0].attn
-    original = block.processor
-    block.set_processor(Wrapped())
-    try:
-        with pytest.raises(ValueError, match="layer 2 of the HunyuanVideo transformer has processor Wrapped"):
-            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
-    finally:
-        block.set_processor(original)
+def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
+    check_other_processors_are_refused(transformer, "HunyuanVideo", layer=2)
 
 
 def tiny_hunyuan_pipeline():

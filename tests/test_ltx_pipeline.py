@@ -10,7 +10,6 @@ from diffusers import (
     LTXPipeline,
     LTXVideoTransformer3DModel,
 )
-from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 from PIL import Image
 from transformers import T5Config, T5EncoderModel
 
@@ -18,6 +17,8 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -83,22 +84,13 @@ def test_sparse_path_with_every_block_kept_matches_dense(ltx_pipe, order):
 
 
 def test_sparse_calls_see_the_latent_grid_and_drop_blocks(ltx_pipe):
-    layouts = []
-    read_call = adapter_for(ltx_pipe.transformer).read_call
-
-    def spy(transformer, args, kwargs):
-        layouts.append(read_call(transformer, args, kwargs)[0])
-        return layouts[-1], read_call(transformer, args, kwargs)[1]
-
     reference = generate(ltx_pipe)
     config = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1)
-    with diffsparse.sparse(ltx_pipe, config) as handle:
-        hook = ltx_pipe.transformer._diffusers_hook.get_hook("diffsparse_context")
-        hook._read_call = spy
+    with diffsparse.sparse(ltx_pipe, config) as handle, recorded_attention_calls() as calls:
         out = generate(ltx_pipe)
         layers = handle.stats().layers
     # This tiny VAE compresses 4x in time and space: 9 frames -> 3 latent frames, 64 x 32 pixels -> 16 x 8.
-    assert set(layouts) == {VideoLayout(3, 16, 8)}
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 16, 8)}
     assert all(s.sparse_calls == 2 and s.mean_density < 1 for s in layers)  # CFG batched: one call per step
     assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-4)
 
@@ -125,15 +117,12 @@ def test_calls_without_a_grid_or_with_extra_tokens_are_refused(ltx_pipe):
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
-    class Wrapped(LTXVideoAttnProcessor):
-        pass
+    check_other_processors_are_refused(ltx_pipe, "LTX", layer=1)
 
-    block = ltx_pipe.transformer.transformer_blocks[1].attn1
-    original = block.processor
-    block.set_processor(Wrapped())
-    try:
-        with pytest.raises(ValueError, match="layer 1 of the LTX transformer has processor Wrapped"):
-            diffsparse.apply(ltx_pipe, diffsparse.SparseConfig())
-        assert type(ltx_pipe.transformer.transformer_blocks[0].attn1.processor) is LTXVideoAttnProcessor
-    finally:
-        block.set_processor(original)
+
+def test_sparse_calls_under_context_parallelism_are_refused(ltx_pipe):
+    with diffsparse.sparse(ltx_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)):
+        processor = ltx_pipe.transformer.transformer_blocks[0].attn1.processor
+        processor._parallel_config = object()  # what `enable_parallelism` sets on the processors
+        with pytest.raises(NotImplementedError, match="context parallelism"):
+            generate(ltx_pipe)

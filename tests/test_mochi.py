@@ -4,12 +4,13 @@ attention over each prompt's valid tokens, the padded text positions left at zer
 import pytest
 import torch
 from diffusers import MochiTransformer3DModel
-from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.base import prefix_lengths
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -66,17 +67,10 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
-    layouts = set()
-    runtime_attention = diffsparse.runtime.SparseRuntime.attention
-
-    def spy(self, layer, query, key, value, layout=None):
-        layouts.add((layout, query.shape[:2]))
-        return runtime_attention(self, layer, query, key, value, layout=layout)
-
     config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+    with recorded_attention_calls() as calls:
         out = run(transformer, config)
+    layouts = {(layout, shape) for _, layout, shape in calls}
     assert layouts == {
         (VideoLayout(3, 4, 3, text_len=7, text_position="end"), (1, 36 + 7)),
         (VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end"), (1, 36 + TEXT_LEN)),
@@ -96,16 +90,5 @@ def test_layout_of_a_call_and_masks_that_are_not_a_prefix(transformer):
         prefix_lengths(torch.tensor([[1, 0, 1]]))
 
 
-def test_other_processors_are_refused(transformer):
-    class Wrapped(MochiAttnProcessor2_0):
-        pass
-
-    block = transformer.transformer_blocks[1].attn1
-    original = block.processor
-    block.processor = Wrapped()
-    try:
-        with pytest.raises(ValueError, match="layer 1 of the Mochi transformer has processor Wrapped"):
-            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
-        assert type(transformer.transformer_blocks[0].attn1.processor) is MochiAttnProcessor2_0
-    finally:
-        block.processor = original
+def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
+    check_other_processors_are_refused(transformer, "Mochi", layer=1)

@@ -4,10 +4,11 @@ layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`."""
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 10
@@ -60,32 +61,15 @@ def test_every_block_kept_matches_dense(transformer, order):
 
 
 def test_joint_calls_carry_the_text_and_attn2_calls_do_not(transformer):
-    seen = {}
-    runtime_attention = diffsparse.runtime.SparseRuntime.attention
-
-    def spy(self, layer, query, key, value, layout=None):
-        seen[layer] = (layout, query.shape[1])
-        return runtime_attention(self, layer, query, key, value, layout=layout)
-
     config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffsparse.runtime.SparseRuntime, "attention", spy)
+    with recorded_attention_calls() as calls:
         out = denoise(transformer, config)
     joint = VideoLayout(1, 6, 8, text_len=TEXT_LEN, text_position="end")
+    seen = {layer: (layout, tokens) for layer, layout, (_, tokens) in calls}
     assert seen == {0: (joint, 48 + TEXT_LEN), 1: (joint, 48 + TEXT_LEN), 2: (VideoLayout(1, 6, 8), 48)}
     reference = denoise(transformer)
     assert torch.equal(out[0], reference[0]) and not torch.allclose(out[2], reference[2], atol=1e-4)
 
 
-def test_other_processors_are_refused(transformer):
-    class Wrapped(JointAttnProcessor2_0):
-        pass
-
-    block = transformer.transformer_blocks[0].attn2
-    original = block.processor
-    block.set_processor(Wrapped())
-    try:
-        with pytest.raises(ValueError, match="layer 2 of the SD3 transformer has processor Wrapped"):
-            diffsparse.apply(transformer, diffsparse.SparseConfig(dense_steps=0))
-    finally:
-        block.set_processor(original)
+def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
+    check_other_processors_are_refused(transformer, "SD3", layer=2)
