@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -74,8 +75,6 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
 def check_video_pipeline(pipe, model: str):
     """`pipe` itself when its call generates videos (takes `num_frames`), which every command here needs; an
     image pipeline (FLUX, SD3) gets a `ValueError` that says to apply diffsparse from Python instead."""
-    import inspect
-
     if "num_frames" not in inspect.signature(type(pipe).__call__).parameters:
         raise ValueError(
             f"--model {model}: {type(pipe).__name__} generates images, and the diffsparse commands generate videos "

@@ -105,7 +105,8 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
                   seed, stills):
         try:
             result, summary = compare_once(
-                pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, size,
+                pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
+                size, size,
                 int(seed), int(stills), model=model, device=device, out=out,
             )
         except ValueError as error:
@@ -137,7 +138,9 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 dense_steps = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="dense steps (fraction of the steps)")
                 block_size = gr.Dropdown([16, 32, 48, 64, 128], value=64, label="block size (tokens)")
                 correction = gr.Dropdown(list(CORRECTION_CHOICES), value="none", label="softmax-statistics correction")
-                dense_layers = gr.Textbox("0", label="dense layers: the first L blocks, or a list of block indices, e.g. [3]")
+                dense_layers = gr.Textbox(
+                    "0", label="dense layers: the first L blocks, or a list of block indices, e.g. [3]"
+                )
                 steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
                 frames = gr.Slider(1, 33, value=17, step=4, label="frames")
                 size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
@@ -148,7 +151,9 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
             with gr.Column():
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
-        inputs = [prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, seed, stills]
+        inputs = [
+            prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, seed, stills
+        ]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)
     return demo

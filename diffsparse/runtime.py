@@ -44,10 +44,9 @@ class CallRecord:
 
 @dataclass(frozen=True)
 class _Statistics:
-    """What a correction measured for one (layer, CFG branch), in the kernel's token order."""
+    """What a correction measured for one (layer, CFG branch, layout), in the kernel's token order."""
 
     step: int
-    layout: VideoLayout
     rho: torch.Tensor  # (B, N, H, 1): the kept blocks' share of the softmax denominator
     residual: torch.Tensor  # (B, N, H, D): out_full - rho * out_sparse
 
@@ -127,7 +126,9 @@ class SparseRuntime:
         self._fits = self.pattern.data_dependent
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
-        self._statistics: dict[tuple[int, str], _Statistics] = {}
+        # Per (layer, CFG branch, layout): videos of one call attended on different layouts (prompts with different
+        # valid lengths, HunyuanVideo and Mochi) each keep their own.
+        self._statistics: dict[tuple[int, str, VideoLayout], _Statistics] = {}
         self._observers: list = []
 
     # -- context, set by the hook -------------------------------------------------------------
@@ -177,11 +178,10 @@ class SparseRuntime:
             return "measure" if self.config.is_measure_step(state.step, state.num_steps) else "dense"
         if self.config.correction is None:
             return "sparse"
-        stats = self._statistics.get((layer, self.state_manager.context.name))
+        stats = self._statistics.get((layer, self.state_manager.context.name, layout))
         refresh = self.config.correction_refresh
         stale = (
             stats is None
-            or stats.layout != layout
             or (shape is not None and stats.residual.shape != shape)
             or (refresh > 0 and state.step - stats.step >= refresh)
         )
@@ -209,7 +209,7 @@ class SparseRuntime:
         else:
             out = self._attend(query, key, value, cached.plan)
             if self.config.correction is not None:
-                stats = self._statistics[(layer, branch)]
+                stats = self._statistics[(layer, branch, layout)]
                 out = torch.addcmul(stats.residual, stats.rho, out).type_as(out)
         if cached.perm is not None:
             out = out.index_select(1, cached.inverse)
@@ -244,7 +244,7 @@ class SparseRuntime:
         # Kept scores are a subset of all scores, so lse_sparse <= lse_full and rho is in (0, 1].
         rho = torch.exp(lse_sparse - lse_full)
         residual = out_full.float() - rho * out_sparse.float()
-        self._statistics[(layer, branch)] = _Statistics(step, layout, rho, residual.to(out_full.dtype))
+        self._statistics[(layer, branch, layout)] = _Statistics(step, rho, residual.to(out_full.dtype))
         return out_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:

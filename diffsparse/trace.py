@@ -68,7 +68,9 @@ def per_step(traced: list[TracedCall]) -> list[dict]:
     groups: dict[tuple[int, bool], list[TracedCall]] = {}
     for call in traced:
         groups.setdefault((call.step, call.sparse), []).append(call)
-    return [{"step": step, "sparse": is_sparse, **_summary(calls)} for (step, is_sparse), calls in sorted(groups.items())]
+    return [
+        {"step": step, "sparse": is_sparse, **_summary(calls)} for (step, is_sparse), calls in sorted(groups.items())
+    ]
 
 
 def per_layer(traced: list[TracedCall]) -> list[dict]:

@@ -172,3 +172,20 @@ def test_pipeline_with_prompts_of_different_lengths():
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 4), (1, 4)]
     sparse, _ = generate(diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1))
     assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_a_correction_keeps_its_statistics_per_prompt_length(transformer):
+    # Two prompt lengths attend on two layouts in every call: each keeps its own statistics, measured once at the
+    # dense step before the sparse ones, instead of overwriting the other's and measuring (dense) every call.
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=1, correction="residual")
+    timesteps = (900.0, 600.0, 300.0)
+    with torch.no_grad():
+        reference = [transformer(**inputs(timestep=t)).sample for t in timesteps]
+        with diffsparse.sparse(transformer, config) as handle:
+            outs = [transformer(**inputs(timestep=t)).sample for t in timesteps]
+            records = handle.runtimes["transformer"].records
+    for out, ref in zip(outs, reference):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    measured = [(r.step, r.layer) for r in records if r.measured]
+    assert sorted(measured) == sorted((0, layer) for layer in range(4) for _ in range(2))  # 4 layers x 2 lengths
+    assert all(r.sparse for r in records if r.step > 0)
