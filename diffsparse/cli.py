@@ -208,25 +208,43 @@ def _add_masks(sub) -> None:
     p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
     p.add_argument("--head", type=int, default=0, help="which head to draw, for patterns that differ per head")
+    p.add_argument("--text-tokens", type=int, default=0,
+                   help="text tokens in the same sequence (joint-attention models: CogVideoX, HunyuanVideo, Mochi, "
+                        "FLUX, SD3); their rows and columns stay whole")
+    p.add_argument("--text-position", default="end", choices=["start", "end"],
+                   help="where the text tokens sit: start (CogVideoX, FLUX) or end (HunyuanVideo, Mochi, SD3)")
     p.add_argument("--out", default="outputs", help="folder for the PNG")
 
 
 def _run_masks(args) -> None:
+    import time
     from pathlib import Path
 
+    from .kernels import make_plan
     from .patterns import VideoLayout, get_pattern
 
-    layout = VideoLayout(args.frames, args.height, args.width)
+    layout = VideoLayout(
+        args.frames, args.height, args.width, text_len=args.text_tokens, text_position=args.text_position
+    )
     order = _order(args.tile)
     pattern = get_pattern(args.pattern)
+    start = time.perf_counter()
     if args.density is not None:
         pattern = pattern.at_density(layout, args.density, args.block_size, order=order)
+    solved = time.perf_counter()
+    mask = pattern.block_mask(layout, args.block_size, order)
+    make_plan(mask[None], layout.num_tokens, layout.num_tokens, args.block_size)
+    planned = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"mask_{pattern.name}_{args.frames}x{args.height}x{args.width}.png"
     pattern.render(layout, args.block_size, path, head=args.head, order=order)
     density = pattern.density(layout, args.block_size, order)
-    print(f"{pattern!r} on {layout.num_tokens} tokens ({args.frames}x{args.height}x{args.width}), "
+    text = f" + {layout.text_len} text at the {layout.text_position}" if layout.text_len else ""
+    print(f"{pattern!r} on {layout.num_tokens} tokens ({args.frames}x{args.height}x{args.width}{text}), "
           f"block {args.block_size}, order {order or 'frame-major'}: block density {density:.4f}")
+    # What a pipeline's first call at this resolution pays once (then the plan is cached), on this machine.
+    solve = f"solving for the density {solved - start:.2f} s, " if args.density is not None else ""
+    print(f"planning cost: {solve}block mask and kernel plan {planned - solved:.2f} s")
     print(f"wrote {path}")
 
 

@@ -77,6 +77,12 @@ def test_masks_and_density_bench(tmp_path, capsys):
                  "--block-size", "64", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench_density.png").exists()
     assert "block density" in capsys.readouterr().out
+    # A joint sequence: 8 text tokens first, whose block row and column stay whole.
+    assert main(["masks", "--pattern", "radial", "--frames", "4", "--height", "8", "--width", "8", "--block-size", "16",
+                 "--text-tokens", "8", "--text-position", "start", "--density", "0.3", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "on 264 tokens (4x8x8 + 8 text at the start)" in printed
+    assert "planning cost: solving for the density" in printed and "block mask and kernel plan" in printed
 
 
 def test_attention_bench_table(tmp_path, capsys):
