@@ -9,7 +9,8 @@ from fractions import Fraction
 
 import torch
 
-from .base import Pattern
+from .base import _CHUNK_PAIRS, Pattern
+from .ordering import Boxes, IdentityOrder
 
 # Elements per vectorised chunk of the token-level reference.
 _CHUNK_ELEMENTS = 1 << 18
@@ -111,6 +112,51 @@ def _distance_range_tables(frames, tokens_per_frame, decay, min_window, spatial)
     range_max = torch.where(upper, per_distance[None, :], _NEVER).cummax(dim=1).values
     range_min = torch.where(upper, per_distance[None, :], _ALWAYS).cummin(dim=1).values
     return range_max, range_min
+
+
+@dataclass(frozen=True)
+class _BlockPairGeometry:
+    """What decides Radial's frame-major block mask apart from `decay`: for each (block pair, frame-distance
+    range, key box in frame 0) the smallest spatial distance between their boxes. A mask is then one gather,
+    one comparison and one scatter, which is what `at_density` repeats a hundred times per layout."""
+
+    pair: torch.Tensor  # (U,) query block * nk + key block
+    index: torch.Tensor  # (U,) near * frames + far: the frame-distance range, a key of the range tables
+    key_frame0: torch.Tensor  # (U,) bool: the key box starts in frame 0 (the sink keeps it)
+    min_spatial: torch.Tensor  # (U,) smallest spatial distance over those box pairs
+    shape: tuple[int, int]  # (nq, nk)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_pair_geometry(layout, spatial: str, spans: tuple[tuple[int, ...], ...]) -> _BlockPairGeometry:
+    q_lo, q_hi, k_lo, k_hi = (torch.tensor(x, dtype=torch.int64) for x in spans)
+    order = IdentityOrder()
+    (q_boxes, q_block), (k_boxes, k_block) = order.boxes(layout, q_lo, q_hi), order.boxes(layout, k_lo, k_hi)
+    nq, nk, frames = len(q_lo), len(k_lo), layout.frames
+    k_cols = k_boxes.map(lambda b: b[None, :])
+    k_frame0 = (k_boxes.t0 == 0)[None, :]
+    rows_per_chunk = max(1, _CHUNK_PAIRS * 8 // max(1, len(k_block)))
+    parts = []
+    for r0 in range(0, len(q_block), rows_per_chunk):
+        rows = Boxes(*(bound[r0 : r0 + rows_per_chunk, None] for bound in q_boxes))
+        index = _gap(rows.t0, rows.t1, k_cols.t0, k_cols.t1) * frames + _far(rows.t0, rows.t1, k_cols.t0, k_cols.t1)
+        pair = q_block[r0 : r0 + rows_per_chunk, None] * nk + k_block[None, :]
+        key = ((pair * frames * frames + index) * 2 + k_frame0).flatten()
+        distance = _min_spatial(spatial, layout.width, rows, k_cols).flatten()
+        unique, inverse = torch.unique(key, return_inverse=True)
+        smallest = torch.full((len(unique),), _ALWAYS, dtype=distance.dtype).scatter_reduce_(
+            0, inverse, distance, reduce="amin"
+        )
+        parts.append((unique, smallest))
+    key = torch.cat([u for u, _ in parts])
+    smallest = torch.cat([m for _, m in parts])
+    # Chunks may split one query block's boxes, so the same key can come from two chunks: reduce again.
+    key, inverse = torch.unique(key, return_inverse=True)
+    smallest = torch.full((len(key),), _ALWAYS, dtype=smallest.dtype).scatter_reduce_(
+        0, inverse, smallest, reduce="amin"
+    )
+    frame0, rest = key % 2, key // 2
+    return _BlockPairGeometry(rest // (frames * frames), rest % (frames * frames), frame0.bool(), smallest, (nq, nk))
 
 
 def _gap(a0, a1, b0, b1):
@@ -246,6 +292,18 @@ class Radial(Pattern):
                 dist = dh * dh + dw * dw
             out[0, rows] = dist <= table[frame[rows, None], frame]
         return out
+
+    def _video_block_mask(self, layout, q_lo, q_hi, k_lo, k_hi):
+        # Same result as the generic box test, with the decay-independent geometry computed once per layout.
+        spans = tuple(tuple(x.tolist()) for x in (q_lo, q_hi, k_lo, k_hi))
+        geometry = _block_pair_geometry(layout, self.spatial, spans)
+        range_max, _ = self._ranges(layout)
+        threshold = range_max.flatten().index_select(0, geometry.index)
+        if self.sink:
+            threshold = torch.where(geometry.key_frame0, _ALWAYS, threshold)
+        hits = torch.zeros(geometry.shape[0] * geometry.shape[1], dtype=torch.int32)
+        hits.index_add_(0, geometry.pair, (geometry.min_spatial <= threshold).to(torch.int32))
+        return (hits > 0).view(1, *geometry.shape)
 
     def _box_any(self, layout, q, k):
         range_max, _ = self._ranges(layout)

@@ -550,3 +550,28 @@ def test_frame_sink_block_mask_is_the_token_reduction_and_composes(order, text):
     assert token[0, video, frame0].all() and not token[0, video, text + 35 :].any()
     with pytest.raises(ValueError, match="frames"):
         FrameSink(frames=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_radial_frame_major_masks_from_cached_geometry_equal_the_box_test(seed):
+    # Radial's frame-major block masks come from a per-layout cache of box-pair geometry (what `at_density`'s
+    # hundred masks share); the generic box test of every other pattern and order is the reference.
+    from diffsparse.patterns.base import Pattern, _block_spans
+
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for _ in range(8):
+        layout = VideoLayout(draw(1, 10), draw(1, 16), draw(1, 20), text_len=[0, 7, 70][draw(0, 2)],
+                             text_position=["start", "end"][draw(0, 1)])
+        block_q, block_k = [16, 32, 64][draw(0, 2)], [16, 48, 64][draw(0, 2)]
+        pattern = Radial(decay=2.0 ** (draw(-80, 40) / 10), min_window=[1, 4, 64][draw(0, 2)], sink=bool(draw(0, 1)),
+                         spatial=["band", "box", "disc"][draw(0, 2)])
+        q_lo, q_hi, _ = _block_spans(layout, block_q)
+        k_lo, k_hi, _ = _block_spans(layout, block_k)
+        cached = pattern._video_block_mask(layout, q_lo, q_hi, k_lo, k_hi)
+        generic = Pattern._video_block_mask(pattern, layout, q_lo, q_hi, k_lo, k_hi)
+        nonempty = (q_hi > q_lo)[:, None] & (k_hi > k_lo)[None, :]
+        assert torch.equal(cached & nonempty, generic & nonempty), (layout, block_q, block_k, pattern)
