@@ -103,6 +103,19 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     raise ValueError(f"the transformer was called without `{name}` (keyword or positional argument {position})")
 
 
+def project_joint_output(attn, out: torch.Tensor, video_len: int, text_first: bool = False):
+    """`(video, text)` outputs of a joint attention `out` of shape `(B, S, hidden)`: split at the video tokens,
+    then the module's output projections where it has them (`to_out` for the video stream, `to_add_out` for the
+    text; the last block of some models, and single-stream blocks, lack one or both), as the originals do."""
+    text_len = out.shape[1] - video_len
+    video, text = (out[:, text_len:], out[:, :text_len]) if text_first else (out[:, :video_len], out[:, video_len:])
+    if getattr(attn, "to_out", None) is not None:
+        video = attn.to_out[1](attn.to_out[0](video.contiguous()))
+    if getattr(attn, "to_add_out", None) is not None:
+        text = attn.to_add_out(text.contiguous())
+    return video, text
+
+
 def prefix_lengths(mask: torch.Tensor) -> list[int]:
     """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` when the
     valid entries of a row are not a prefix (padding must come last, as the text encoders' tokenizers put it)."""
@@ -124,14 +137,18 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
         raise ValueError(f"padded_queries must be 'dense' or 'zero', got {padded_queries=}")
     length = query.shape[1]
     call_layout = runtime.call_layout()
+    if set(lengths) == {length}:  # no padding anywhere (the usual single prompt): the call's own layout, no copies
+        return runtime.attention(layer, query, key, value)
     out = torch.zeros_like(query)
     for valid in sorted(set(lengths)):
         videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
         layout = dataclasses.replace(call_layout, text_len=valid - (length - call_layout.text_len))
-        q, k, v = (x.index_select(0, videos)[:, :valid] for x in (query, key, value))
+        # A group holding every video needs no gathered copy of q, k, v: a slice along the sequence is a view.
+        whole = len(videos) == len(lengths)
+        q, k, v = ((x if whole else x.index_select(0, videos))[:, :valid] for x in (query, key, value))
         out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout)
         if valid < length and padded_queries == "dense":
-            padded = query.index_select(0, videos)[:, valid:].transpose(1, 2)
+            padded = (query if whole else query.index_select(0, videos))[:, valid:].transpose(1, 2)
             tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
             out[videos, valid:] = tail.transpose(1, 2)
     return out

@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output
 from .registry import register_adapter
 
 
@@ -57,8 +57,7 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
-        encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(encoder_out.contiguous())
+        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
 def image_grid(img_ids: torch.Tensor) -> tuple[int, int] | None:

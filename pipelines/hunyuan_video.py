@@ -23,6 +23,7 @@ from .base import (
     attend_valid_prefixes,
     call_argument,
     prefix_lengths,
+    project_joint_output,
     project_qkv,
 )
 from .registry import register_adapter
@@ -72,17 +73,10 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessor, HunyuanVideoAttnProcessor
         if encoder_hidden_states is None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
-        text_len = encoder_hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         lengths = valid_lengths(attention_mask, *query.shape[:2])
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="dense")
-        out = out.flatten(2, 3).to(query.dtype)
-        hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1])
 
 
 class HunyuanVideoAdapter(ModelAdapter):

@@ -19,6 +19,7 @@ from .base import (
     attend_valid_prefixes,
     call_argument,
     prefix_lengths,
+    project_joint_output,
     project_qkv,
 )
 from .registry import register_adapter
@@ -54,12 +55,7 @@ class MochiSparseAttnProcessor(SparseProcessor, MochiAttnProcessor2_0):
         video_len = hidden_states.shape[1]
         lengths = [video_len + n for n in prefix_lengths(attention_mask)]
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="zero")
-        out = out.flatten(2, 3)
-        hidden_states, encoder_hidden_states = out[:, :video_len], out[:, video_len:]
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if hasattr(attn, "to_add_out"):
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return project_joint_output(attn, out.flatten(2, 3), video_len)
 
 
 class MochiAdapter(ModelAdapter):

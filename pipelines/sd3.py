@@ -15,7 +15,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_qkv
+from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv
 from .registry import register_adapter
 
 
@@ -44,14 +44,9 @@ class SD3SparseAttnProcessor(SparseProcessor, JointAttnProcessor2_0):
         if encoder_hidden_states is None:  # SD 3.5's `attn2`: the image tokens alone
             layout = dataclasses.replace(layout, text_len=0)
         out = self.runtime.attention(self.layer, query, key, value, layout=layout).flatten(2, 3).to(query.dtype)
-        image_len = hidden_states.shape[1]
-        out, encoder_out = out[:, :image_len], out[:, image_len:]
-        out = attn.to_out[1](attn.to_out[0](out))
-        if encoder_hidden_states is None:
-            return out
-        if not attn.context_pre_only:
-            encoder_out = attn.to_add_out(encoder_out)
-        return out, encoder_out
+        # The last joint block (`context_pre_only`) has no `to_add_out`: its text output is returned unprojected.
+        out, encoder_out = project_joint_output(attn, out, hidden_states.shape[1])
+        return out if encoder_hidden_states is None else (out, encoder_out)
 
 
 class SD3Adapter(ModelAdapter):

@@ -89,3 +89,25 @@ def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: 
         assert all(m.processor is (wrapped if i == layer else before[i]) for i, m in modules.items())
     finally:
         adapter.set_processor(modules[layer], before[layer])
+
+
+def check_prompts_attend_their_valid_tokens(transformer, inputs, grid: tuple[int, int, int], text_len: int) -> None:
+    """`inputs()`: a bare transformer call on two videos whose prompts hold 7 and `text_len` valid tokens (the text
+    after the video, padding masked). Each prompt length is one sparse call on a layout whose text span is cut to
+    it; the sparse result differs from dense; and the first video gets what it gets alone, whatever the other
+    prompt's padding."""
+    import diffsparse
+    from diffsparse.patterns import VideoLayout
+
+    config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
+    video_len = grid[0] * grid[1] * grid[2]
+    with torch.no_grad():
+        reference = transformer(**inputs()).sample
+        with recorded_attention_calls() as calls, diffsparse.sparse(transformer, config):
+            out = transformer(**inputs()).sample
+            alone = transformer(**{name: x[:1] for name, x in inputs().items()}).sample
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(*grid, text_len=n, text_position="end"), (1, video_len + n)) for n in (7, text_len)
+    }
+    assert not torch.allclose(out, reference, atol=1e-4)
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)

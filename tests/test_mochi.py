@@ -10,7 +10,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.base import prefix_lengths
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -67,19 +67,7 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
-    config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
-    with recorded_attention_calls() as calls:
-        out = run(transformer, config)
-    layouts = {(layout, shape) for _, layout, shape in calls}
-    assert layouts == {
-        (VideoLayout(3, 4, 3, text_len=7, text_position="end"), (1, 36 + 7)),
-        (VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end"), (1, 36 + TEXT_LEN)),
-    }
-    assert not torch.allclose(out, run(transformer), atol=1e-4)
-    first = {name: x[:1] for name, x in inputs().items()}
-    with torch.no_grad(), diffsparse.sparse(transformer, config):
-        alone = transformer(**first).sample
-    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+    check_prompts_attend_their_valid_tokens(transformer, inputs, grid=(3, 4, 3), text_len=TEXT_LEN)
 
 
 def test_layout_of_a_call_and_masks_that_are_not_a_prefix(transformer):
