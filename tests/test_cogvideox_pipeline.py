@@ -6,6 +6,7 @@ import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
     CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
@@ -22,13 +23,15 @@ TEXT_LEN = 8
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 
 
-def tiny_cogvideox_pipeline(rotary: bool = True, patch_size_t: int | None = None) -> CogVideoXPipeline:
+def tiny_cogvideox_pipeline(rotary: bool = True, patch_size_t: int | None = None, image_to_video: bool = False):
+    """A `CogVideoXPipeline`, or with `image_to_video` a `CogVideoXImageToVideoPipeline` shaped like 5B-I2V: the
+    image latent concatenated on channels (twice the input channels), learned positions added to RoPE."""
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
-        use_rotary_positional_embeddings=rotary,
+        num_attention_heads=2, attention_head_dim=16, in_channels=8 if image_to_video else 4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=rotary, use_learned_positional_embeddings=image_to_video,
     )
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -37,8 +40,9 @@ def tiny_cogvideox_pipeline(rotary: bool = True, patch_size_t: int | None = None
     )
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                            num_heads=2, pad_token_id=0, eos_token_id=1))
-    pipe = CogVideoXPipeline(tokenizer=word_tokenizer(VOCABULARY), text_encoder=text_encoder.eval(), vae=vae.eval(),
-                             transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
+    pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    pipe = pipeline_class(tokenizer=word_tokenizer(VOCABULARY), text_encoder=text_encoder.eval(), vae=vae.eval(),
+                          transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -117,6 +121,20 @@ def test_learned_positions_and_cogvideox_1_5_temporal_patches(rotary, patch_size
         pipe.transformer, (latents,), {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16), "timestep": torch.tensor([10])}
     )
     assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="start") and int(timestep) == 10
+
+
+def test_image_to_video_pipeline():
+    # 5B-I2V's learned positions fix the resolution to the transformer's sample size: 64 x 64 pixels, 9 frames.
+    pipe = tiny_cogvideox_pipeline(image_to_video=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = generate(pipe, image=image, width=64)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="dense")):
+        assert torch.equal(generate(pipe, image=image, width=64), reference)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)):
+        torch.testing.assert_close(generate(pipe, image=image, width=64), reference, atol=1e-4, rtol=0)
+        assert all(s.sparse_calls == 3 for s in diffsparse.stats(pipe).layers)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1)):
+        assert not torch.allclose(generate(pipe, image=image, width=64), reference, atol=1e-4)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(cog_pipe):

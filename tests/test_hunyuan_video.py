@@ -16,13 +16,15 @@ ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
 
 
-@pytest.fixture(scope="module")
-def transformer():
+@pytest.fixture(scope="module", params=[None, "token_replace"], ids=["t2v", "i2v_token_replace"])
+def transformer(request):
+    # HunyuanVideo-I2V's "token_replace" transformer: other block classes (the first frame modulated as a clean
+    # image), the same attention modules and processors.
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
         num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
-        rope_axes_dim=(4, 6, 6),
+        rope_axes_dim=(4, 6, 6), image_condition_type=request.param,
     )
     return model.eval()
 
