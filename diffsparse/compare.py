@@ -69,7 +69,21 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
         return testbed.load(device=device, dtype=dtype, path=model)
     from diffusers import DiffusionPipeline
 
-    return check_video_pipeline(DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device), model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except OSError as error:  # not in the cache while offline, no such repository, a folder without model_index.json
+        offline = " (HF_HUB_OFFLINE is set: hub ids load only from the local cache)" if _hub_offline() else ""
+        raise ValueError(
+            f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
+            f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
+        ) from error
+    return check_video_pipeline(pipe.to(device), model)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_video_pipeline(pipe, model: str):

@@ -69,6 +69,17 @@ def test_two_stage_needs_the_testbed_and_still_candidates_needs_two_stage(capsys
     assert "frames must be >= 2, got frames=1" in capsys.readouterr().err
 
 
+def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsys):
+    # Offline (conftest sets HF_HUB_OFFLINE) a hub id outside the cache, and a folder without model_index.json.
+    for model in ("diffsparse-tests/not-cached", str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", "--model", model, "--steps", "1"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--model {model}: cannot load it as a diffusers pipeline" in err and "Traceback" not in err
+    assert "HF_HUB_OFFLINE is set" in err
+
+
 def test_masks_and_density_bench(tmp_path, capsys):
     assert main(["masks", "--pattern", "window3d", "--frames", "5", "--height", "8", "--width", "12",
                  "--block-size", "64", "--tile", "1,4,4", "--out", str(tmp_path)]) == 0
