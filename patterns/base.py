@@ -354,11 +354,15 @@ class Pattern(abc.ABC):
         if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
             raise ValueError(f"target must be a block density in (0, 1], got {target=}")
         make, lo, hi, breaks = self._density_knob(layout)
-        cache = {}
+        cache = {}  # parameter -> density
+        measured = {}  # pattern -> density: parameters that round to one pattern (integer windows) share a mask
 
         def density(x):
             if x not in cache:
-                cache[x] = make(x).density(layout, block_size, order)
+                pattern = make(x)
+                if pattern not in measured:
+                    measured[pattern] = pattern.density(layout, block_size, order)
+                cache[x] = measured[pattern]
             return cache[x]
 
         def closest():

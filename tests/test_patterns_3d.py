@@ -469,6 +469,21 @@ def test_at_density_edges_and_validation():
         (Radial() | Window3D()).at_density(layout, 0.5, 32)
 
 
+def test_at_density_measures_each_distinct_window_once(monkeypatch):
+    # Window3D's scale rounds to integer windows, so most bisection steps land on a window already measured;
+    # each block mask costs seconds at real models' shapes.
+    measured = []
+    original = Window3D.density
+
+    def counting(self, *args, **kwargs):
+        measured.append(self.window)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Window3D, "density", counting)
+    Window3D().at_density(VideoLayout(16, 16, 16), 0.3, 64)
+    assert len(measured) == len(set(measured)) and len(measured) < 20
+
+
 # Plots and scaling ------------------------------------------------------------------------------------------
 
 
