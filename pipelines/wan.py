@@ -1,7 +1,9 @@
-"""Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts.
+"""Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts; Wan VACE
+(`WanVACETransformer3DModel`).
 
 Self-attention is `blocks[i].attn1` over video tokens only (no text in the sequence), in frame-major
-order after a `patch_size` patchify; cross-attention `attn2` stays untouched.
+order after a `patch_size` patchify; cross-attention `attn2` stays untouched. VACE's control blocks attend over
+the control video's tokens, patchified on the same grid.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformer3DModel,
     _get_qkv_projections,
 )
+from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, call_argument
@@ -78,4 +81,15 @@ class WanAdapter(ModelAdapter):
         return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
 
 
+class WanVACEAdapter(WanAdapter):
+    """Wan VACE: the main `blocks` are layers `0 .. num_layers - 1` as in Wan (so `dense_layers` means the same
+    blocks), the control `vace_blocks` follow as `num_layers + i` (they run first in each call). Their control
+    tokens lie on the video's grid (the transformer pads them to the video's count), so one layout serves both."""
+
+    transformer_classes = (WanVACETransformer3DModel,)
+    family = "Wan VACE"
+    block_lists = ("blocks", "vace_blocks")
+
+
 register_adapter(WanAdapter())
+register_adapter(WanVACEAdapter())
