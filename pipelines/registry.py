@@ -24,12 +24,19 @@ def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
     raise ValueError(f"diffsparse has no adapter for {type(transformer).__name__}; supported: {supported}")
 
 
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile(module)` wrapper holds (its forward calls the module, hooks included, and
+    recompiles when they change); any other module itself."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
+
+
 def find_transformers(pipe_or_transformer) -> tuple[dict[str, torch.nn.Module], object | None]:
-    """`({component name: transformer}, scheduler or None)` for a pipeline or a bare transformer."""
+    """`({component name: transformer}, scheduler or None)` for a pipeline or a bare transformer (compiled or
+    not: a `torch.compile` wrapper gives the module inside it)."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return {"transformer": pipe_or_transformer}, None
+        return {"transformer": _uncompiled(pipe_or_transformer)}, None
     found = {
-        name: getattr(pipe_or_transformer, name)
+        name: _uncompiled(getattr(pipe_or_transformer, name))
         for name in TRANSFORMER_COMPONENTS
         if isinstance(getattr(pipe_or_transformer, name, None), torch.nn.Module)
     }
