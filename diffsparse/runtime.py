@@ -151,6 +151,7 @@ class SparseRuntime:
         """The token layout of the current transformer call, as the adapter's `read_call` gave it."""
         return self._state().layout
 
+    @torch.compiler.disable  # see SparseContextHook.pre_forward
     def route(self, layer: int) -> bool:
         """Whether this call of `layer` goes through `attention` (sparse, or measuring a correction's statistics).
 
@@ -187,6 +188,7 @@ class SparseRuntime:
         )
         return "measure" if stale else "sparse"
 
+    @torch.compiler.disable  # see SparseContextHook.pre_forward
     def attention(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VideoLayout | None = None
     ) -> torch.Tensor:
@@ -349,6 +351,10 @@ class SparseContextHook(ModelHook):
         self._on_new_run = on_new_run
         self._own_context = False
 
+    # Under torch.compile the step clock, planning and kernel dispatch run eagerly (compiler.disable on the
+    # hook and on the processors' two runtime calls): tracing them would only break the graph at every
+    # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         # A bare call (no pipeline `cache_context`) still needs a context to key its branch state.
         self._own_context = self.state_manager._context is None
@@ -361,6 +367,7 @@ class SparseContextHook(ModelHook):
         self.runtime.begin_call(layout, step, num_steps)
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module, output):
         if self._own_context:
             self.state_manager.set_context(None)
