@@ -382,3 +382,25 @@ def test_torch_compile_wrapper_before_or_after_apply():
         assert torch.equal(generate(pipe), eager_sparse)
         assert diffsparse.stats(pipe).mean_density < 1
     assert torch.equal(generate(pipe), reference)
+
+
+def test_peft_lora_on_the_attention_projections_is_kept():
+    # diffusers loads LoRAs (`load_lora_weights`, `add_adapter`) into peft layers that replace `to_q`, `to_k`, ...:
+    # the processors stay diffusers' own, and the sparse path, which calls the same projections, keeps the LoRA
+    # at every adapter weight.
+    from peft import LoraConfig
+
+    pipe = tiny_wan_pipeline()
+    without_lora = generate(pipe)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.transformer.add_adapter(lora, adapter_name="style")
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    for weight in (1.0, 0.5):
+        pipe.transformer.set_adapters(["style"], weights=[weight])
+        reference = generate(pipe)
+        assert not torch.allclose(reference, without_lora, atol=1e-3)
+        with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="dense")):
+            assert torch.equal(generate(pipe), reference)
+        with diffsparse.sparse(pipe, config):
+            torch.testing.assert_close(generate(pipe), reference, atol=1e-4, rtol=0)
