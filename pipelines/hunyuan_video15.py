@@ -1,0 +1,71 @@
+"""HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`): text-to-video and image-to-video.
+
+Every block is dual-stream: `attn` over one joint sequence, the video tokens in frame-major order after the
+patchify, then the text. The transformer puts each prompt's valid tokens first (image, ByT5, then MLLM tokens)
+and the padding after them, and its processor masks the padding as keys and as queries, so the padded text
+queries get zeros from the attention (then the text output projection), as in Mochi. The sparse path attends
+each video over its valid prefix only, the layout's text span cut to the valid tokens. The text-only attention
+of the token refiner is untouched.
+"""
+
+from __future__ import annotations
+
+from diffusers.models.transformers.transformer_hunyuan_video15 import (
+    HunyuanVideo15AttnProcessor2_0,
+    HunyuanVideo15Transformer3DModel,
+)
+
+from ..patterns import VideoLayout
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    call_argument,
+    prefix_lengths,
+    project_joint_output,
+)
+from .hunyuan_video import joint_qkv
+from .registry import register_adapter
+
+
+class HunyuanVideo15SparseAttnProcessor(SparseProcessor, HunyuanVideo15AttnProcessor2_0):
+    """`HunyuanVideo15AttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so.
+
+    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
+        # The same arithmetic as HunyuanVideo's dual-stream blocks: q/k norms, RoPE on the video, text appended.
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        video_len = hidden_states.shape[1]
+        lengths = [video_len + n for n in prefix_lengths(attention_mask)]  # the (B, text) mask of the text tokens
+        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="zero")
+        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+
+
+class HunyuanVideo15Adapter(ModelAdapter):
+    transformer_classes = (HunyuanVideo15Transformer3DModel,)
+    family = "HunyuanVideo 1.5"
+    original_processor = HunyuanVideo15AttnProcessor2_0
+    sparse_processor = HunyuanVideo15SparseAttnProcessor
+    attention_name = "attn"
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        # The joint text: the MLLM prompt, the ByT5 glyph prompt and the image embedding's tokens (zeroed and
+        # masked in text-to-video), reordered by the transformer but not shortened.
+        text_len = sum(
+            call_argument(args, kwargs, name, position).shape[1]
+            for name, position in (("encoder_hidden_states", 2), ("encoder_hidden_states_2", 5), ("image_embeds", 7))
+        )
+        _, _, frames, height, width = hidden_states.shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return VideoLayout(frames // p_t, height // p, width // p, text_len=text_len, text_position="end"), timestep
+
+
+register_adapter(HunyuanVideo15Adapter())
