@@ -85,6 +85,11 @@ class SparseHandle:
 
     def remove(self) -> None:
         for adapter, module, original in self._originals:
+            # `set_attention_backend` or `enable_parallelism` called while applied set these on the sparse
+            # processor: the original goes back with them, as it would have had them without diffsparse.
+            for name in ("_attention_backend", "_parallel_config"):
+                if hasattr(original, name) and hasattr(module.processor, name):
+                    setattr(original, name, getattr(module.processor, name))
             adapter.set_processor(module, original)
         for transformer in self._transformers.values():
             remove_context_hook(transformer)

@@ -190,18 +190,26 @@ class SparseRuntime:
 
     @torch.compiler.disable  # see SparseContextHook.pre_forward
     def attention(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VideoLayout | None = None
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: VideoLayout | None = None,
+        heads: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
         `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
         videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
+        `heads`: `(first head, the model's heads)` when the tensors hold only some of the model's heads (Ulysses
+        context parallelism), so a pattern with one mask per head gives these heads theirs.
         """
         state = self._state()
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
-        cached = self.plan(layout, query.shape[2], query.device, pattern)
+        cached = self.plan(layout, query.shape[2], query.device, pattern, heads)
         inputs = (query, key, value)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in inputs)
@@ -293,15 +301,18 @@ class SparseRuntime:
         heads: int,
         device: torch.device,
         pattern: Pattern | tuple[Pattern, ...] | None = None,
+        head_range: tuple[int, int] | None = None,
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
         `pattern`: the runtime's pattern (`None`), or a tuple of one pattern per video of the batch (fitted
         patterns), whose masks then stack along the plan's batch dim (a 1-tuple serves every video).
+        `head_range`: `(first head, the model's heads)` when the `heads` attended are a slice of the model's.
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
         return self._cached(
-            (patterns, layout, heads, str(device)), lambda: self._build_plan(patterns, layout, heads, device)
+            (patterns, layout, heads, head_range, str(device)),
+            lambda: self._build_plan(patterns, layout, heads, device, head_range),
         )
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
@@ -316,13 +327,21 @@ class SparseRuntime:
         return cached
 
     def _build_plan(
-        self, patterns: tuple[Pattern, ...], layout: VideoLayout, heads: int, device: torch.device
+        self,
+        patterns: tuple[Pattern, ...],
+        layout: VideoLayout,
+        heads: int,
+        device: torch.device,
+        head_range: tuple[int, int] | None = None,
     ) -> _CachedPlan:
         masks = []
         for pattern in patterns:
             if self.config.density is not None:
                 pattern = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
             mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
+            if head_range is not None and mask.shape[0] == head_range[1] != heads:
+                # One mask per head of the model; a pattern fitted on these heads' own q, k has `heads` already.
+                mask = mask[head_range[0] : head_range[0] + heads]
             if mask.shape[0] not in (1, heads):
                 raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
             masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
+from einops import rearrange
 
 from ..patterns import VideoLayout
 
@@ -29,12 +30,74 @@ class SparseProcessor:
                 setattr(self, name, getattr(original, name))
 
     def check_not_parallel(self) -> None:
-        """Sparse calls do not shard the sequence across devices yet: say so rather than compute a wrong result."""
-        if getattr(self, "_parallel_config", None) is not None:
+        """Joint text-and-video sequences are not sharded across devices by the sparse path (each rank's shard
+        would hold text and video tokens interleaved out of the layout's order): say so rather than compute a
+        wrong result."""
+        if _context_parallel_config(self) is not None:
             raise NotImplementedError(
-                "diffsparse does not run sparse attention under context parallelism yet; "
-                "disable parallelism or use pattern='dense'"
+                f"diffsparse runs sparse attention under context parallelism only on video-only self-attention "
+                f"(Wan, LTX-Video), not on {type(self).__name__}; disable parallelism or use pattern='dense'"
             )
+
+    def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors.
+
+        Under Ulysses context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
+        ulysses_degree=n))`) each of the n ranks holds `S / n` consecutive tokens of every head: an all-to-all
+        gives each rank the whole sequence for `H / n` heads, which it attends sparsely like one device (the
+        layout and the plan are those of the whole call), and a second all-to-all returns its tokens.
+        """
+        parallel = _context_parallel(self)
+        if parallel is None:
+            return self.runtime.attention(self.layer, query, key, value)
+        group, degree, rank = parallel
+        heads = query.shape[2]
+        if heads % degree:
+            raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
+        q, k, v = (_sequence_to_heads(x, group, degree) for x in (query, key, value))
+        out = self.runtime.attention(self.layer, q, k, v, heads=(rank * (heads // degree), heads))
+        return _heads_to_sequence(out, group, degree)
+
+
+def _context_parallel_config(processor):
+    """The `ContextParallelConfig` that `enable_parallelism` gave this processor, or `None`."""
+    return getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+
+
+def _context_parallel(processor):
+    """`(process group, ulysses_degree, rank in it)` when diffusers' context parallelism reaches this processor,
+    else `None`; a `NotImplementedError` for the variants the sparse path does not shard (ring attention, and
+    Ulysses "anything" with uneven shards)."""
+    config = _context_parallel_config(processor)
+    if config is None:
+        return None
+    if config.ring_degree > 1 or config.ulysses_anything or config.ring_anything:
+        raise NotImplementedError(
+            f"diffsparse shards sparse attention with Ulysses context parallelism only (even shards), got "
+            f"ring_degree={config.ring_degree}, ulysses_anything={config.ulysses_anything}, "
+            f"ring_anything={config.ring_anything}; use ContextParallelConfig(ulysses_degree=n) or pattern='dense'"
+        )
+    return config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Rank r sends `x[j]` to rank j and receives rank j's `x[r]` as row j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # after `contiguous`: `empty_like` keeps a view's strides, the collective does not
+    torch.distributed.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _sequence_to_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:
+    """`(B, S / n, H, D)` on each rank -> `(B, S, H / n, D)`: the whole sequence, this rank's slice of heads."""
+    sent = _all_to_all(rearrange(x, "b s (n h) d -> n s b h d", n=degree), group)
+    return rearrange(sent, "n s b h d -> b (n s) h d")
+
+
+def _heads_to_sequence(x: torch.Tensor, group, degree: int) -> torch.Tensor:
+    """The inverse of `_sequence_to_heads`: `(B, S, H / n, D)` -> `(B, S / n, H, D)`."""
+    sent = _all_to_all(rearrange(x, "b (n s) h d -> n h b s d", n=degree), group)
+    return rearrange(sent, "n h b s d -> b s (n h) d")
 
 
 class ModelAdapter(ABC):
@@ -45,7 +108,8 @@ class ModelAdapter(ABC):
     runtime: sparse, or dense while measuring a correction's statistics; `False` = run the original processor)
     and `attention(layer, q, k, v, layout=None) -> out` on `(B, S, H, D)` tensors (`layout` when the tensors are
     not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's); adapters need nothing
-    else of it.
+    else of it. Video-only sequences go through `SparseProcessor.attend_video`, which also shards them under
+    Ulysses context parallelism.
     """
 
     transformer_classes: tuple[type, ...] = ()

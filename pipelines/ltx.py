@@ -41,9 +41,8 @@ class LTXSparseAttnProcessor(SparseProcessor, LTXVideoAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
         query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.attend_video(query, key, value).flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -67,7 +66,10 @@ class LTXAdapter(ModelAdapter):
         frames, height, width = (int(size) for size in grid)
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         layout = VideoLayout(frames // p_t, height // p, width // p)
-        if layout.num_tokens != hidden_states.shape[1]:
+        # Under context parallelism diffusers may split the tokens before this hook sees them: one rank's shard.
+        cp = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+        shards = 1 if cp is None else cp.ulysses_degree * cp.ring_degree
+        if layout.num_tokens not in (hidden_states.shape[1], hidden_states.shape[1] * shards):
             raise ValueError(
                 f"the LTX transformer got {hidden_states.shape[1]} tokens for a {frames}x{height}x{width} latent grid "
                 f"(patch {p_t}x{p}x{p}: {layout.num_tokens} tokens); diffsparse cannot place the extra tokens "

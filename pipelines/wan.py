@@ -58,9 +58,8 @@ class WanSparseAttnProcessor(SparseProcessor, WanAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        self.check_not_parallel()
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
-        hidden_states = self.runtime.attention(self.layer, query, key, value)
+        hidden_states = self.attend_video(query, key, value)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)

@@ -105,3 +105,17 @@ def test_the_video_commands_refuse_an_image_pipeline_by_name(flux_pipe):
 
     with pytest.raises(ValueError, match="--model flux-folder: FluxPipeline generates images"):
         check_video_pipeline(flux_pipe, "flux-folder")
+
+
+def test_sparse_calls_under_context_parallelism_are_refused(flux_pipe):
+    # Joint [text, image] attention: each rank's shard would interleave text and image tokens out of the layout's
+    # order, so the sparse path refuses it (Wan and LTX-Video shard: tests/test_context_parallel.py).
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)
+    with diffsparse.sparse(flux_pipe, config):
+        processor = flux_pipe.transformer.transformer_blocks[0].attn.processor
+        # What `enable_parallelism` sets on every attention processor.
+        processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+        with pytest.raises(NotImplementedError, match="only on video-only self-attention"):
+            flux_pipe("a red circle on grass", num_inference_steps=1, height=32, width=24, output_type="latent")

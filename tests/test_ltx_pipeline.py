@@ -118,11 +118,3 @@ def test_calls_without_a_grid_or_with_extra_tokens_are_refused(ltx_pipe):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
     check_other_processors_are_refused(ltx_pipe, "LTX", layer=1)
-
-
-def test_sparse_calls_under_context_parallelism_are_refused(ltx_pipe):
-    with diffsparse.sparse(ltx_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)):
-        processor = ltx_pipe.transformer.transformer_blocks[0].attn1.processor
-        processor._parallel_config = object()  # what `enable_parallelism` sets on the processors
-        with pytest.raises(NotImplementedError, match="context parallelism"):
-            generate(ltx_pipe)

@@ -1,0 +1,147 @@
+"""Sparse attention under diffusers' Ulysses context parallelism: two CPU processes (gloo) each hold half of the
+tokens of a tiny Wan or LTX-Video transformer, and must get what one process gets alone with the same sparse
+config."""
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import diffsparse
+from diffsparse.patterns import Radial, Window3D
+
+WORLD = 2
+FAMILIES = ("wan", "ltx")
+CONFIGS = {
+    "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
+    # One window per head: each rank must attend its own head's mask, not the first one.
+    "window3d per head": diffsparse.SparseConfig(pattern=Window3D([(1, 2, 2), (3, 8, 8)]), block_size=16, dense_steps=0),
+    "searched (fitted per head)": diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0),
+}
+
+
+def _model(family: str):
+    from diffusers import LTXVideoTransformer3DModel, WanTransformer3DModel
+
+    from diffsparse.pipelines.tiny import tiny_wan_config
+
+    torch.manual_seed(0)
+    if family == "wan":
+        return WanTransformer3DModel(**tiny_wan_config()["transformer"]).eval()
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=2, caption_channels=16,
+    ).eval()
+
+
+def _call(transformer):
+    """96 video tokens (48 per rank): Wan 4 latent frames of 8 x 12 patchified 1x2x2, LTX a 4 x 4 x 6 grid. No
+    LTX text mask: diffusers' own context-parallel cross-attention fails to broadcast it on CPU (dense, not ours)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if transformer.__class__.__name__.startswith("Wan"):
+            args = torch.randn(1, 16, 4, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g)
+            return transformer(*args, return_dict=False)[0]
+        return transformer(
+            hidden_states=torch.randn(1, 96, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+            timestep=torch.tensor([500]), encoder_attention_mask=None, num_frames=4, height=4, width=6,
+            return_dict=False,
+        )[0]
+
+
+def _sparse_call(transformer, config):
+    with diffsparse.sparse(transformer, config) as handle:
+        return _call(transformer), handle.stats().mean_density
+
+
+def _family(family: str) -> dict:
+    """What one rank measures on one model family, as max abs differences (and densities)."""
+    from diffusers import ContextParallelConfig
+
+    parallel = ContextParallelConfig(ulysses_degree=WORLD)
+    transformer = _model(family)
+    alone = {name: _sparse_call(transformer, config) for name, config in CONFIGS.items()}
+    dense = _call(transformer)
+    transformer.enable_parallelism(config=parallel)
+    sharded = {name: _sparse_call(transformer, config) for name, config in CONFIGS.items()}
+    result = {"dense": float((_call(transformer) - dense).abs().max())}
+    for name in CONFIGS:
+        (out, density), (out_alone, density_alone) = sharded[name], alone[name]
+        result[name] = (float((out - out_alone).abs().max()), density, density_alone, float((out_alone - dense).abs().max()))
+    # The other order: applied first, then parallelism enabled (it reaches the sparse processors), then removed
+    # (the originals come back with the parallel config).
+    transformer = _model(family)
+    diffsparse.apply(transformer, CONFIGS["radial"])
+    transformer.enable_parallelism(config=parallel)
+    result["applied first"] = float((_call(transformer) - alone["radial"][0]).abs().max())
+    diffsparse.remove(transformer)
+    result["removed"] = float((_call(transformer) - dense).abs().max())
+    return result
+
+
+def _worker(rank: int, init_file: str, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
+    torch.accelerator.device_count = lambda: 1
+    try:
+        results.put((rank, {family: _family(family) for family in FAMILIES}))
+    except Exception:  # noqa: BLE001  (any failure: the parent reports it with its traceback)
+        results.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def per_rank():
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        init_file = os.path.join(folder, "init")
+        workers = [context.Process(target=_worker, args=(rank, init_file, results)) for rank in range(WORLD)]
+        for worker in workers:
+            worker.start()
+        out = dict(results.get(timeout=300) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=60)
+    for rank, result in out.items():
+        assert isinstance(result, dict), f"rank {rank}: {result}"
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_calls_are_diffusers_own_context_parallel_attention(per_rank, family):
+    assert all(result[family]["dense"] < 1e-5 for result in per_rank.values())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_sparse_attention_equals_one_process(per_rank, family, name):
+    for result in per_rank.values():
+        error, _, density_alone, sparse_vs_dense = result[family][name]
+        assert error < 1e-5 and density_alone < 1
+        assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
+    # Each rank's stats are its own heads' blocks: with one window per head they differ, and average to the whole.
+    densities = [result[family][name][1] for result in per_rank.values()]
+    assert sum(densities) / WORLD == pytest.approx(density_alone)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallelism_enabled_after_apply_and_kept_by_remove(per_rank, family):
+    for result in per_rank.values():
+        assert result[family]["applied first"] < 1e-5 and result[family]["removed"] < 1e-5
+
+
+def test_ring_attention_is_refused():
+    from diffusers import ContextParallelConfig
+
+    from diffsparse.pipelines.base import _context_parallel
+
+    class Processor:
+        _parallel_config = type("Parallel", (), {"context_parallel_config": ContextParallelConfig(ring_degree=2)})()
+
+    with pytest.raises(NotImplementedError, match="ring_degree=2"):
+        _context_parallel(Processor())
