@@ -1,5 +1,5 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts; Wan VACE
-(`WanVACETransformer3DModel`).
+(`WanVACETransformer3DModel`) and Wan 2.2 Animate (`WanAnimateTransformer3DModel`).
 
 Self-attention is `blocks[i].attn1` over video tokens only (no text in the sequence), in frame-major
 order after a `patch_size` patchify; cross-attention `attn2` stays untouched. VACE's control blocks attend over
@@ -14,6 +14,8 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformer3DModel,
     _get_qkv_projections,
 )
+from diffusers.models.transformers.transformer_wan_animate import WanAnimateTransformer3DModel
+from diffusers.models.transformers.transformer_wan_animate import WanAttnProcessor as AnimateWanAttnProcessor
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from ..patterns import VideoLayout
@@ -48,12 +50,10 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
     return query, key, value
 
 
-class WanSparseAttnProcessor(SparseProcessor, WanAttnProcessor):
-    """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so.
-
-    Dense calls go to `WanAttnProcessor.__call__` unchanged, so they are bit-identical to the original (except
-    the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
-    """
+class WanSparseSelfAttention(SparseProcessor):
+    """The sparse path of a Wan self-attention, placed before a Wan processor class (Wan, Wan Animate) whose
+    `__call__` stays the dense path: dense calls run it unchanged, so they are bit-identical to the original
+    (except the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
@@ -63,6 +63,14 @@ class WanSparseAttnProcessor(SparseProcessor, WanAttnProcessor):
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+class WanSparseAttnProcessor(WanSparseSelfAttention, WanAttnProcessor):
+    """`WanAttnProcessor` whose self-attention runs block-sparse when the runtime says so."""
+
+
+class WanAnimateSparseAttnProcessor(WanSparseSelfAttention, AnimateWanAttnProcessor):
+    """Wan Animate's own copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
 
 
 class WanAdapter(ModelAdapter):
@@ -90,5 +98,17 @@ class WanVACEAdapter(WanAdapter):
     block_lists = ("blocks", "vace_blocks")
 
 
+class WanAnimateAdapter(WanAdapter):
+    """Wan 2.2 Animate: Wan's blocks (with its own copy of the processor class); the reference image's latent is
+    the first frame of the sequence, the pose video's frames follow it. The face adapters' cross-attention to
+    the motion tokens stays untouched."""
+
+    transformer_classes = (WanAnimateTransformer3DModel,)
+    family = "Wan Animate"
+    original_processor = AnimateWanAttnProcessor
+    sparse_processor = WanAnimateSparseAttnProcessor
+
+
 register_adapter(WanAdapter())
 register_adapter(WanVACEAdapter())
+register_adapter(WanAnimateAdapter())
