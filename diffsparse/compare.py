@@ -40,6 +40,7 @@ class CompareResult:
     ssim: float
     lpips: float | None  # None when the AlexNet weights are not in the torch cache
     video_path: str
+    image_path: str | None = None  # one frame (image models, --frames 1): the side-by-side as a PNG too
 
 
 EMBEDDED_MODEL = "embedded testbed (trained tiny Wan, diffsparse.pipelines.testbed)"
@@ -77,7 +78,7 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
             f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
             f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
         ) from error
-    return check_video_pipeline(pipe.to(device), model)
+    return pipe.to(device)
 
 
 def _hub_offline() -> bool:
@@ -86,15 +87,25 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def check_video_pipeline(pipe, model: str):
-    """`pipe` itself when its call generates videos (takes `num_frames`), which every command here needs; an
-    image pipeline (FLUX, SD3) gets a `ValueError` that says to apply diffsparse from Python instead."""
-    if "num_frames" not in inspect.signature(type(pipe).__call__).parameters:
-        raise ValueError(
-            f"--model {model}: {type(pipe).__name__} generates images, and the diffsparse commands generate videos "
-            "(num_frames); for image models call `diffsparse.apply(pipe, diffsparse.SparseConfig(...))` in Python"
-        )
-    return pipe
+def is_image_pipeline(pipe) -> bool:
+    """Whether the pipeline's call makes images (FLUX, SD3: it takes no `num_frames`) rather than videos."""
+    return "num_frames" not in inspect.signature(type(pipe).__call__).parameters
+
+
+def frames_argument(pipe, frames: int) -> dict:
+    """The pipeline call's frame count: `{"num_frames": frames}` for a video pipeline, `{}` for an image one,
+    which makes one frame (there `frames` must be 1: a `ValueError` otherwise, rather than a silent 1)."""
+    if not is_image_pipeline(pipe):
+        return {"num_frames": frames}
+    if frames != 1:
+        raise ValueError(f"frames={frames}: {type(pipe).__name__} generates images, so frames must be 1 (--frames 1)")
+    return {}
+
+
+def first_output(output) -> np.ndarray:
+    """The first video of a pipeline output (`output_type="np"`) as `(F, H, W, C)`; an image as one frame."""
+    frames = getattr(output, "frames", None)
+    return np.asarray(frames[0]) if frames is not None else np.asarray(output.images[0])[None]
 
 
 def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
@@ -110,9 +121,9 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
-    frames = pipe(
+    output = pipe(
         prompt=args.prompt,
-        num_frames=args.frames,
+        **frames_argument(pipe, args.frames),
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
@@ -120,8 +131,8 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
         output_type="np",
         callback_on_step_end=on_step_end,
         **image_to_video,
-    ).frames[0]
-    return np.asarray(frames), time.perf_counter() - start, last_step_end[0] - start
+    )
+    return first_output(output), time.perf_counter() - start, last_step_end[0] - start
 
 
 def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray:
@@ -139,13 +150,22 @@ def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray
     return np.stack(out)
 
 
-def write_side_by_side(path: Path, dense: np.ndarray, sparse_frames: np.ndarray, sparse_label: str, fps: int = 8):
+def write_side_by_side(
+    path: Path, dense: np.ndarray, sparse_frames: np.ndarray, sparse_label: str, fps: int = 8
+) -> Path | None:
+    """The labelled dense | sparse video at `path` (mp4); with one frame (an image model) also that frame as a
+    PNG beside it, whose path is returned (else `None`)."""
     import imageio.v3 as iio
 
     video = np.concatenate([_labelled(dense, "dense"), _labelled(sparse_frames, sparse_label)], axis=2)
     # yuv420p (what players expect) needs even sides
     video = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2]
     iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1)
+    if len(video) != 1:
+        return None
+    image_path = path.with_suffix(".png")
+    iio.imwrite(image_path, video[0])
+    return image_path
 
 
 def check_two_stage(args) -> None:
@@ -212,7 +232,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
-    write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}")
+    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}")
     result = CompareResult(
         model=model_label(args.model),
         config=repr(config),
@@ -234,6 +254,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         ssim=ssim(sparse_frames[scored], dense[scored]),
         lpips=lpips(sparse_frames[scored], dense[scored]) if alexnet_weights_path().is_file() else None,
         video_path=str(video_path),
+        image_path=None if image_path is None else str(image_path),
     )
     (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))
     print(call_stats)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .compare import CompareResult, run_compare, scored_label
+from .compare import CompareResult, is_image_pipeline, run_compare, scored_label
 from .config import CORRECTIONS, SparseConfig, parse_dense_layers
 from .patterns import PATTERNS
 
@@ -142,7 +142,9 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                     "0", label="dense layers: the first L blocks, or a list of block indices, e.g. [3]"
                 )
                 steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
-                frames = gr.Slider(1, 33, value=17, step=4, label="frames")
+                image_model = is_image_pipeline(pipe)  # FLUX, SD3: one frame
+                frames = gr.Slider(1, 33, value=1 if image_model else 17, step=4, interactive=not image_model,
+                                   label="frames")
                 size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
                 seed = gr.Number(0, precision=0, label="seed")
                 stills = gr.Slider(0, 8, value=4 if isinstance(pipe, TestbedPipeline) else 0, step=1,

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from .api import sparse
 from .compare import (
     check_two_stage,
+    first_output,
+    frames_argument,
     load_pipeline,
     model_label,
     sampler_label,
@@ -93,17 +95,17 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
         HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionTimer(total), _TIMER_HOOK)
     try:
         start = time.perf_counter()
-        frames = pipe(
+        output = pipe(
             prompt=prompt,
-            num_frames=args.frames,
+            **frames_argument(pipe, args.frames),
             height=args.height,
             width=args.width,
             num_inference_steps=args.steps,
             generator=torch.Generator().manual_seed(seed),
             output_type="np",
             **image_to_video,
-        ).frames[0]
-        return np.asarray(frames), time.perf_counter() - start, total[0]
+        )
+        return first_output(output), time.perf_counter() - start, total[0]
     finally:
         for module in modules:
             module._diffusers_hook.remove_hook(_TIMER_HOOK, recurse=False)

@@ -111,14 +111,14 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import load_pipeline
+    from .compare import frames_argument, load_pipeline
 
     pipe = load_pipeline(args.model, args.device)
     traced = trace_attention_errors(
         pipe,
         config,
         prompt=args.prompt,
-        num_frames=args.frames,
+        **frames_argument(pipe, args.frames),
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,

@@ -100,11 +100,22 @@ def test_other_processors_are_refused_and_the_model_left_untouched(flux_pipe):
     check_other_processors_are_refused(flux_pipe, "FLUX", layer=1)
 
 
-def test_the_video_commands_refuse_an_image_pipeline_by_name(flux_pipe):
-    from diffsparse.compare import check_video_pipeline
+def test_compare_command_runs_a_saved_flux_pipeline(flux_pipe, tmp_path, capsys):
+    # Image models make one frame: `--frames 1` (anything else is refused by name), a PNG beside the mp4.
+    import json
 
-    with pytest.raises(ValueError, match="--model flux-folder: FluxPipeline generates images"):
-        check_video_pipeline(flux_pipe, "flux-folder")
+    from diffsparse.cli import main
+
+    flux_pipe.save_pretrained(tmp_path / "flux")
+    args = ["compare", "--model", str(tmp_path / "flux"), "--pattern", "window3d", "--density", "0.3", "--block-size",
+            "16", "--dense-steps", "1", "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main([*args, "--frames", "17"])
+    assert "frames=17: FluxPipeline generates images, so frames must be 1" in capsys.readouterr().err
+    assert main([*args, "--frames", "1"]) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0 and result["frames"] == 1
+    assert result["image_path"] == str(tmp_path / "out" / "compare.png") and (tmp_path / "out" / "compare.png").is_file()
 
 
 def test_sparse_calls_under_context_parallelism_are_refused(flux_pipe):
@@ -113,9 +124,26 @@ def test_sparse_calls_under_context_parallelism_are_refused(flux_pipe):
     from diffusers import ContextParallelConfig, ParallelConfig
 
     config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)
-    with diffsparse.sparse(flux_pipe, config):
-        processor = flux_pipe.transformer.transformer_blocks[0].attn.processor
-        # What `enable_parallelism` sets on every attention processor.
-        processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
-        with pytest.raises(NotImplementedError, match="only on video-only self-attention"):
-            flux_pipe("a red circle on grass", num_inference_steps=1, height=32, width=24, output_type="latent")
+    original = flux_pipe.transformer.transformer_blocks[0].attn.processor
+    try:
+        with diffsparse.sparse(flux_pipe, config):
+            processor = flux_pipe.transformer.transformer_blocks[0].attn.processor
+            # What `enable_parallelism` sets on every attention processor.
+            processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+            with pytest.raises(NotImplementedError, match="only on video-only self-attention"):
+                flux_pipe("a red circle on grass", num_inference_steps=1, height=32, width=24, output_type="latent")
+    finally:
+        original._parallel_config = None  # `remove` handed it the config above; the shared pipeline has none
+
+
+def test_the_demo_page_serves_an_image_model_one_frame(flux_pipe, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from diffsparse.demo import build_demo, make_handler
+
+    (frames,) = [b for b in build_demo(flux_pipe, out=tmp_path).blocks.values()
+                 if isinstance(b, gr.Slider) and b.label == "frames"]
+    assert frames.value == 1 and not frames.interactive
+    video, summary = make_handler(flux_pipe, out=tmp_path)(
+        "a red circle on grass", "window3d", 0.3, 0.5, 16, "none", "0", 2, 1, 64, 0, 0
+    )
+    assert video.endswith("compare.mp4") and (tmp_path / "compare.png").is_file() and "PSNR" in summary
