@@ -84,7 +84,7 @@ def _add_model_and_video(p) -> None:
                         "run (default: the embedded trained testbed)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block side of the sparse masks")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--frames", type=int, default=17, help="video frames")
+    p.add_argument("--frames", type=int, default=17, help="video frames (1 for image models: FLUX, SD3)")
     p.add_argument("--height", type=int, default=48, help="video height in pixels")
     p.add_argument("--width", type=int, default=48, help="video width in pixels")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
