@@ -73,3 +73,66 @@ def test_joint_calls_carry_the_text_and_attn2_calls_do_not(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "SD3", layer=2)
+
+
+def tiny_sd3_pipeline():
+    """A real `StableDiffusion3Pipeline` (SD 3.5 shaped: one dual-attention block) with tiny CLIP and T5 encoders."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffsparse.pipelines.text import word_tokenizer
+
+    vocabulary = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=8,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(vocabulary), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval() for _ in range(2)]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocabulary), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+        text_encoder=clips[0], tokenizer=word_tokenizer(vocabulary, max_length=77), text_encoder_2=clips[1],
+        tokenizer_2=word_tokenizer(vocabulary, max_length=77), text_encoder_3=t5,
+        tokenizer_3=word_tokenizer(vocabulary),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_pipeline_and_the_compare_command(tmp_path):
+    # CFG batches both branches into one transformer call; 64 x 48 pixels -> 32 x 24 latents -> 16 x 12 patches.
+    import json
+
+    from diffsparse.cli import main
+
+    pipe = tiny_sd3_pipeline()
+    call = {"prompt": "a red circle on grass", "num_inference_steps": 3, "height": 64, "width": 48,
+            "max_sequence_length": 8, "output_type": "latent"}
+
+    def generate(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+            with diffsparse.sparse(pipe, config):
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    reference = generate()
+    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense")), reference)
+    kept = generate(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    pipe.save_pretrained(tmp_path / "sd3")
+    assert main(["compare", "--model", str(tmp_path / "sd3"), "--pattern", "window3d", "--density", "0.3",
+                 "--block-size", "16", "--dense-steps", "1", "--steps", "2", "--frames", "1", "--height", "64",
+                 "--width", "64", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0
