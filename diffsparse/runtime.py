@@ -159,9 +159,14 @@ class SparseRuntime:
         """
         mode = self._mode(layer)
         if mode == "dense":
-            state = self._state()
-            self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
+            self.log_dense(layer)
         return mode != "dense"
+
+    def log_dense(self, layer: int) -> None:
+        """Log a call of `layer` that runs the original processor although `route` was not asked (a call the sparse
+        path cannot compute exactly, e.g. one with a token-level attention mask), so `stats()` counts it."""
+        state = self._state()
+        self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
 
     def add_observer(self, observer) -> None:
         """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the

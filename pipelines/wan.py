@@ -1,5 +1,6 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts; Wan VACE
-(`WanVACETransformer3DModel`) and Wan 2.2 Animate (`WanAnimateTransformer3DModel`).
+(`WanVACETransformer3DModel`), Wan 2.2 Animate (`WanAnimateTransformer3DModel`) and SkyReels-V2
+(`SkyReelsV2Transformer3DModel`).
 
 Self-attention is `blocks[i].attn1` over video tokens only (no text in the sequence), in frame-major
 order after a `patch_size` patchify; cross-attention `attn2` stays untouched. VACE's control blocks attend over
@@ -9,6 +10,10 @@ the control video's tokens, patchified on the same grid.
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_skyreels_v2 import (
+    SkyReelsV2AttnProcessor,
+    SkyReelsV2Transformer3DModel,
+)
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
     WanTransformer3DModel,
@@ -51,12 +56,19 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
 
 
 class WanSparseSelfAttention(SparseProcessor):
-    """The sparse path of a Wan self-attention, placed before a Wan processor class (Wan, Wan Animate) whose
-    `__call__` stays the dense path: dense calls run it unchanged, so they are bit-identical to the original
+    """The sparse path of a Wan self-attention, placed before a Wan processor class (Wan, Wan Animate, SkyReels-V2)
+    whose `__call__` stays the dense path: dense calls run it unchanged, so they are bit-identical to the original
     (except the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
+        if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attention_mask is not None:
+            # SkyReels-V2's causal frame blocks (asynchronous diffusion forcing): a token-level mask that block
+            # boundaries need not follow, which the kernel does not apply inside a block. The original runs.
+            self.runtime.log_dense(self.layer)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         hidden_states = self.attend_video(query, key, value)
@@ -71,6 +83,10 @@ class WanSparseAttnProcessor(WanSparseSelfAttention, WanAttnProcessor):
 
 class WanAnimateSparseAttnProcessor(WanSparseSelfAttention, AnimateWanAttnProcessor):
     """Wan Animate's own copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
+
+
+class SkyReelsV2SparseAttnProcessor(WanSparseSelfAttention, SkyReelsV2AttnProcessor):
+    """SkyReels-V2's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
 
 
 class WanAdapter(ModelAdapter):
@@ -109,6 +125,18 @@ class WanAnimateAdapter(WanAdapter):
     sparse_processor = WanAnimateSparseAttnProcessor
 
 
+class SkyReelsV2Adapter(WanAdapter):
+    """SkyReels-V2 (Wan 2.1's architecture, trained for diffusion forcing): timesteps may be one per frame (the
+    step is the largest); in asynchronous diffusion forcing (`causal_block_size > 1`) every self-attention call
+    carries a causal frame-block mask and runs the original processor, logged as dense."""
+
+    transformer_classes = (SkyReelsV2Transformer3DModel,)
+    family = "SkyReels-V2"
+    original_processor = SkyReelsV2AttnProcessor
+    sparse_processor = SkyReelsV2SparseAttnProcessor
+
+
 register_adapter(WanAdapter())
 register_adapter(WanVACEAdapter())
 register_adapter(WanAnimateAdapter())
+register_adapter(SkyReelsV2Adapter())
