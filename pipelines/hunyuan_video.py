@@ -62,21 +62,34 @@ def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) 
     return prefix_lengths(attention_mask.reshape(batch, length))
 
 
-class HunyuanVideoSparseAttnProcessor(SparseProcessor, HunyuanVideoAttnProcessor2_0):
-    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so.
+class JointVideoTextAttention(SparseProcessor):
+    """The sparse path of a joint `[video, text]` self-attention with padded prompts (HunyuanVideo, HunyuanVideo
+    1.5), placed before the family's processor class, whose `__call__` stays the dense path: dense calls run it
+    unchanged, so they are bit-identical to it (except the calls that measure `SparseConfig.correction`'s
+    statistics: dense through diffsparse's kernel). Subclasses say how the valid lengths are read from the mask and
+    what the original gives the padded text queries (`attend_valid_prefixes`' `padded_queries`)."""
 
-    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
-    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
-    """
+    padded_queries = "dense"
+
+    def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
+        raise NotImplementedError  # each family reads its own mask format
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        lengths = valid_lengths(attention_mask, *query.shape[:2])
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="dense")
-        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1])
+        video_len = hidden_states.shape[1]
+        lengths = self.valid_lengths(attention_mask, query.shape[0], video_len, query.shape[1])
+        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
+        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+
+
+class HunyuanVideoSparseAttnProcessor(JointVideoTextAttention, HunyuanVideoAttnProcessor2_0):
+    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
+
+    def valid_lengths(self, attention_mask, batch, video_len, length):
+        return valid_lengths(attention_mask, batch, length)
 
 
 class HunyuanVideoAdapter(ModelAdapter):

@@ -16,35 +16,19 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 )
 
 from ..patterns import VideoLayout
-from .base import (
-    ModelAdapter,
-    SparseProcessor,
-    attend_valid_prefixes,
-    call_argument,
-    prefix_lengths,
-    project_joint_output,
-)
-from .hunyuan_video import joint_qkv
+from .base import ModelAdapter, call_argument, prefix_lengths
+from .hunyuan_video import JointVideoTextAttention
 from .registry import register_adapter
 
 
-class HunyuanVideo15SparseAttnProcessor(SparseProcessor, HunyuanVideo15AttnProcessor2_0):
-    """`HunyuanVideo15AttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so.
+class HunyuanVideo15SparseAttnProcessor(JointVideoTextAttention, HunyuanVideo15AttnProcessor2_0):
+    """`HunyuanVideo15AttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so: the
+    arithmetic of HunyuanVideo's dual-stream blocks (q/k norms, RoPE on the video, text appended)."""
 
-    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
-    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
-    """
+    padded_queries = "zero"  # the original masks them as queries too
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or not self.runtime.route(self.layer):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
-        # The same arithmetic as HunyuanVideo's dual-stream blocks: q/k norms, RoPE on the video, text appended.
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        video_len = hidden_states.shape[1]
-        lengths = [video_len + n for n in prefix_lengths(attention_mask)]  # the (B, text) mask of the text tokens
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="zero")
-        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+    def valid_lengths(self, attention_mask, batch, video_len, length):
+        return [video_len + n for n in prefix_lengths(attention_mask)]  # a (B, text) mask of the text tokens
 
 
 class HunyuanVideo15Adapter(ModelAdapter):

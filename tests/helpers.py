@@ -71,6 +71,18 @@ def recorded_attention_calls():
         yield calls
 
 
+def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
+    """`model(**inputs(**kwargs)).sample` without gradients; under `config` (applied for the call, then removed)
+    when one is given."""
+    import diffsparse
+
+    with torch.no_grad():
+        if config is None:
+            return model(**inputs(**kwargs)).sample
+        with diffsparse.sparse(model, config):
+            return model(**inputs(**kwargs)).sample
+
+
 def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: int) -> None:
     """A subclass of the family's processor on `layer` (as LoRA, IP-Adapter or caching processors are) makes
     `apply` refuse, naming the layer and the class, and leaves every layer's processor as it was."""

@@ -10,7 +10,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video import valid_lengths
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens
+from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -46,11 +46,7 @@ def inputs(valid_text=(7, TEXT_LEN), timestep=900.0, seed=0):
 
 
 def run(model, config=None, **kwargs):
-    with torch.no_grad():
-        if config is None:
-            return model(**inputs(**kwargs)).sample
-        with diffsparse.sparse(model, config):
-            return model(**inputs(**kwargs)).sample
+    return run_transformer(model, inputs, config, **kwargs)
 
 
 def _processors(model):

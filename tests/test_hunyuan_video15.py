@@ -9,8 +9,9 @@ from diffusers import HunyuanVideo15Transformer3DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.hunyuan_video15 import HunyuanVideo15SparseAttnProcessor
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens
+from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 MLLM_LEN, BYT5_LEN, IMAGE_LEN = 8, 4, 4
@@ -49,11 +50,7 @@ def inputs(valid=((2, 1), (MLLM_LEN, BYT5_LEN)), image=True, timestep=900.0, see
 
 
 def run(model, config=None, **kwargs):
-    with torch.no_grad():
-        if config is None:
-            return model(**inputs(**kwargs)).sample
-        with diffsparse.sparse(model, config):
-            return model(**inputs(**kwargs)).sample
+    return run_transformer(model, inputs, config, **kwargs)
 
 
 def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transformer):
@@ -80,17 +77,13 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid, 
     torch.testing.assert_close(run(transformer, config, valid=valid, image=image), reference, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("padded_queries", ["zero", "dense"])
+@pytest.mark.parametrize("padded_queries", [None, "dense"], ids=["shipped", "dense (control)"])
 def test_padded_text_queries_get_what_the_original_gives_them(transformer, padded_queries, monkeypatch):
     # They never reach a video token (masked as keys), so only the first block's own text output shows them:
-    # zeros from the attention, then the text output projection. A processor that let them attend ("dense", as
-    # in HunyuanVideo 1.0) must fail here.
-    from diffsparse.pipelines.base import attend_valid_prefixes as attend
-
-    monkeypatch.setattr(
-        "diffsparse.pipelines.hunyuan_video15.attend_valid_prefixes",
-        lambda *args, **kwargs: attend(*args, **{**kwargs, "padded_queries": padded_queries}),
-    )
+    # zeros from the attention, then the text output projection. The control lets them attend (HunyuanVideo 1.0's
+    # rule), which this check must catch.
+    if padded_queries is not None:
+        monkeypatch.setattr(HunyuanVideo15SparseAttnProcessor, "padded_queries", padded_queries)
     outputs = []
     hook = transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, i, out: outputs.append(out[1]))
     try:
@@ -99,7 +92,7 @@ def test_padded_text_queries_get_what_the_original_gives_them(transformer, padde
     finally:
         hook.remove()
     original, sparse = outputs
-    if padded_queries == "zero":
+    if padded_queries is None:
         torch.testing.assert_close(sparse, original, atol=1e-5, rtol=0)
     else:
         assert not torch.allclose(sparse[0, 7:], original[0, 7:], atol=1e-3)  # video 0: 7 valid text tokens
