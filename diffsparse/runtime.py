@@ -70,6 +70,7 @@ class _BranchState(BaseState):
         self.step: int = 0
         self.num_steps: int | None = None
         self.layout: VideoLayout | None = None
+        self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
 
 
 class StepClock:
@@ -138,6 +139,7 @@ class SparseRuntime:
     def begin_call(self, layout: VideoLayout, step: int, num_steps: int | None) -> None:
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
+        state.read_once = None
 
     def new_run(self) -> None:
         """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
@@ -147,6 +149,14 @@ class SparseRuntime:
         self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
+    def once_per_call(self, source: torch.Tensor, read):
+        """`read(source)`, computed once per transformer call for the tensor every layer gets (a padding mask):
+        later layers reuse the answer instead of reading the tensor again, which on a GPU is a host sync each."""
+        state = self._state()
+        if state.read_once is None or state.read_once[0] is not source:
+            state.read_once = (source, read(source))
+        return state.read_once[1]
+
     def call_layout(self) -> VideoLayout | None:
         """The token layout of the current transformer call, as the adapter's `read_call` gave it."""
         return self._state().layout

@@ -80,7 +80,11 @@ class JointVideoTextAttention(SparseProcessor):
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         video_len = hidden_states.shape[1]
-        lengths = self.valid_lengths(attention_mask, query.shape[0], video_len, query.shape[1])
+        batch, length = query.shape[:2]
+        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
+        lengths = self.runtime.once_per_call(
+            attention_mask, lambda mask: self.valid_lengths(mask, batch, video_len, length)
+        ) if attention_mask is not None else [length] * batch
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
 

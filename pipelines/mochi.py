@@ -53,7 +53,8 @@ class MochiSparseAttnProcessor(SparseProcessor, MochiAttnProcessor2_0):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         video_len = hidden_states.shape[1]
-        lengths = [video_len + n for n in prefix_lengths(attention_mask)]
+        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
+        lengths = [video_len + n for n in self.runtime.once_per_call(attention_mask, prefix_lengths)]
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="zero")
         return project_joint_output(attn, out.flatten(2, 3), video_len)
 

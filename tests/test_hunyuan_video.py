@@ -174,3 +174,17 @@ def test_a_correction_keeps_its_statistics_per_prompt_length(transformer):
     measured = [(r.step, r.layer) for r in records if r.measured]
     assert sorted(measured) == sorted((0, layer) for layer in range(4) for _ in range(2))  # 4 layers x 2 lengths
     assert all(r.sparse for r in records if r.step > 0)
+
+
+def test_the_padding_mask_is_read_once_per_call(transformer, monkeypatch):
+    # Four layers get the same mask; reading it is a host sync on a GPU, so it is read once per transformer call.
+    from diffsparse.pipelines import hunyuan_video
+
+    reads = []
+    read = hunyuan_video.prefix_lengths
+    monkeypatch.setattr(hunyuan_video, "prefix_lengths", lambda mask: reads.append(mask) or read(mask))
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    reference = run(transformer)
+    with diffsparse.sparse(transformer, config), torch.no_grad():
+        outs = [transformer(**inputs()).sample for _ in range(2)]
+    assert len(reads) == 2 and all(torch.allclose(out, reference, atol=1e-4) for out in outs)
