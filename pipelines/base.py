@@ -71,11 +71,13 @@ def _context_parallel(processor):
     config = _context_parallel_config(processor)
     if config is None:
         return None
-    if config.ring_degree > 1 or config.ulysses_anything or config.ring_anything:
+    # The "anything" (uneven shards) options exist only in recent diffusers.
+    uneven = {name: getattr(config, name, False) for name in ("ulysses_anything", "ring_anything")}
+    if config.ring_degree > 1 or any(uneven.values()):
         raise NotImplementedError(
             f"diffsparse shards sparse attention with Ulysses context parallelism only (even shards), got "
-            f"ring_degree={config.ring_degree}, ulysses_anything={config.ulysses_anything}, "
-            f"ring_anything={config.ring_anything}; use ContextParallelConfig(ulysses_degree=n) or pattern='dense'"
+            f"ring_degree={config.ring_degree}, " + ", ".join(f"{k}={v}" for k, v in uneven.items())
+            + "; use ContextParallelConfig(ulysses_degree=n) or pattern='dense'"
         )
     return config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
 
