@@ -33,7 +33,7 @@ class SparseProcessor:
         """Joint text-and-video sequences are not sharded across devices by the sparse path (each rank's shard
         would hold text and video tokens interleaved out of the layout's order): say so rather than compute a
         wrong result."""
-        if _context_parallel_config(self) is not None:
+        if context_parallel_config(self) is not None:
             raise NotImplementedError(
                 f"diffsparse runs sparse attention under context parallelism only on video-only self-attention "
                 f"(Wan, LTX-Video), not on {type(self).__name__}; disable parallelism or use pattern='dense'"
@@ -59,16 +59,16 @@ class SparseProcessor:
         return _heads_to_sequence(out, group, degree)
 
 
-def _context_parallel_config(processor):
-    """The `ContextParallelConfig` that `enable_parallelism` gave this processor, or `None`."""
-    return getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+def context_parallel_config(processor_or_model):
+    """The `ContextParallelConfig` that `enable_parallelism` gave this processor (or model), or `None`."""
+    return getattr(getattr(processor_or_model, "_parallel_config", None), "context_parallel_config", None)
 
 
 def _context_parallel(processor):
     """`(process group, ulysses_degree, rank in it)` when diffusers' context parallelism reaches this processor,
     else `None`; a `NotImplementedError` for the variants the sparse path does not shard (ring attention, and
     Ulysses "anything" with uneven shards)."""
-    config = _context_parallel_config(processor)
+    config = context_parallel_config(processor)
     if config is None:
         return None
     # The "anything" (uneven shards) options exist only in recent diffusers.

@@ -44,6 +44,7 @@ class CogVideoXSparseAttnProcessor(SparseProcessor, CogVideoXAttnProcessor2_0):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
         text_len = encoder_hidden_states.size(1)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).type_as(query)

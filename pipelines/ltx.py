@@ -14,7 +14,7 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, context_parallel_config
 from .registry import register_adapter
 
 
@@ -67,7 +67,7 @@ class LTXAdapter(ModelAdapter):
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         layout = VideoLayout(frames // p_t, height // p, width // p)
         # Under context parallelism diffusers may split the tokens before this hook sees them: one rank's shard.
-        cp = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+        cp = context_parallel_config(transformer)
         shards = 1 if cp is None else cp.ulysses_degree * cp.ring_degree
         if layout.num_tokens not in (hidden_states.shape[1], hidden_states.shape[1] * shards):
             raise ValueError(

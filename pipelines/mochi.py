@@ -51,6 +51,7 @@ class MochiSparseAttnProcessor(SparseProcessor, MochiAttnProcessor2_0):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         if not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         video_len = hidden_states.shape[1]
         # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
