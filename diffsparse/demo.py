@@ -8,6 +8,7 @@ seed. Gradio is an optional dependency (`pip install -e ".[demo]"`); `compare_on
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from .compare import CompareResult, is_image_pipeline, run_compare, scored_label
@@ -101,19 +102,45 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     `gradio.Error` with `SparseConfig`'s message, which the page shows."""
     import gradio as gr
 
-    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size,
-                  seed, stills):
+    def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height,
+                  width, seed, stills):
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
-                size, size,
-                int(seed), int(stills), model=model, device=device, out=out,
+                height, width, int(seed), int(stills), model=model, device=device, out=out,
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
         return result.video_path, summary
 
     return on_submit
+
+
+def form_ranges(pipe) -> dict[str, tuple[int, int, int, int]]:
+    """`(minimum, maximum, step, default)` of the page's steps, frames, height and width for `pipe`: the testbed's
+    evaluation size, or the pipeline's own call defaults (e.g. Wan: 50 steps, 81 frames at 480 x 832) inside ranges
+    up to twice them. Image pipelines (FLUX, SD3) make one frame."""
+    from .pipelines.testbed import TestbedPipeline
+
+    if isinstance(pipe, TestbedPipeline):
+        return {"steps": (2, 50, 1, 20), "frames": (1, 33, 4, 17), "height": (32, 128, 16, 48), "width": (32, 128, 16, 48)}
+    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
+    steps = defaults.get("num_inference_steps") or 50
+    # CogVideoX leaves the frame count to its transformer's `sample_frames` too.
+    sample_frames = getattr(getattr(pipe, "transformer", None), "config", {}).get("sample_frames")
+    frames = 1 if is_image_pipeline(pipe) else defaults.get("num_frames") or sample_frames or 17
+    height, width = (defaults.get(name) or _sample_size(pipe, name) for name in ("height", "width"))
+    return {"steps": (2, 2 * steps, 1, steps), "frames": (1, max(33, 2 * frames), 4, frames),
+            "height": (16, 2 * height, 16, height), "width": (16, 2 * width, 16, width)}
+
+
+def _sample_size(pipe, side: str) -> int:
+    """The pixels a pipeline whose call leaves `height`/`width` unset generates along `side`: FLUX and SD3 from
+    `default_sample_size`, CogVideoX from its transformer's `sample_height`/`sample_width`; else 512."""
+    if getattr(pipe, "default_sample_size", None):
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    latent = getattr(getattr(pipe, "transformer", None), "config", {}).get(f"sample_{side}")
+    return latent * pipe.vae_scale_factor_spatial if latent and hasattr(pipe, "vae_scale_factor_spatial") else 512
 
 
 def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
@@ -141,11 +168,16 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 dense_layers = gr.Textbox(
                     "0", label="dense layers: the first L blocks, or a list of block indices, e.g. [3]"
                 )
-                steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
-                image_model = is_image_pipeline(pipe)  # FLUX, SD3: one frame
-                frames = gr.Slider(1, 33, value=1 if image_model else 17, step=4, interactive=not image_model,
-                                   label="frames")
-                size = gr.Slider(32, 128, value=48, step=16, label="height = width (pixels)")
+                ranges = form_ranges(pipe)
+
+                def slider(name, label, **kwargs):
+                    low, high, step, value = ranges[name]
+                    return gr.Slider(low, high, value=value, step=step, label=label, **kwargs)
+
+                steps = slider("steps", "denoising steps")
+                frames = slider("frames", "frames", interactive=not is_image_pipeline(pipe))  # images: one frame
+                height = slider("height", "height (pixels)")
+                width = slider("width", "width (pixels)")
                 seed = gr.Number(0, precision=0, label="seed")
                 stills = gr.Slider(0, 8, value=4 if isinstance(pipe, TestbedPipeline) else 0, step=1,
                                    label="two-stage: still candidates (0 = one pass; testbed models only)")
@@ -154,7 +186,8 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
         inputs = [
-            prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, size, seed, stills
+            prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height, width,
+            seed, stills,
         ]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)

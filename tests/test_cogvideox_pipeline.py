@@ -155,3 +155,11 @@ def test_compare_command_runs_a_saved_cogvideox_pipeline(cog_pipe, tmp_path):
     assert main(args) == 0
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0
+
+
+def test_the_demo_form_starts_at_cogvideox_own_size(cog_pipe):
+    # CogVideoXPipeline leaves the size unset: its transformer's sample size (8 x 8 latents x 8, 9 frames here).
+    from diffsparse.demo import form_ranges
+
+    ranges = form_ranges(cog_pipe)
+    assert (ranges["height"][3], ranges["width"][3], ranges["frames"][3]) == (64, 64, 9)

@@ -34,24 +34,24 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert isinstance(build_demo(tiny_pipe, out=tmp_path), gr.Blocks)
     submit = make_handler(tiny_pipe, out=tmp_path)
     with pytest.raises(gr.Error, match="density"):
-        submit("a red circle", "radial", 1.5, 0.2, 16, "none", "0", 2, 5, 32, 0, 0)
-    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
+        submit("a red circle", "radial", 1.5, 0.2, 16, "none", "0", 2, 5, 32, 32, 0, 0)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
     assert video.endswith("compare.mp4") and "SSIM" in summary
-    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1]", 2, 5, 32, 0, 0)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1]", 2, 5, 32, 32, 0, 0)
     assert "dense_layers=[1]" in summary
     with pytest.raises(gr.Error, match="dense_layers"):
-        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1", 2, 5, 32, 0, 0)
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1", 2, 5, 32, 32, 0, 0)
     with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
-        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 2)
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 2)
     # The pattern field offers every registered name and the measured best trade, and takes patterns with parameters.
     (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
                 if isinstance(b, gr.Dropdown) and b.label.startswith("pattern")]
     offered = [value for _, value in field.choices]
     assert set(PATTERNS) < set(offered) and "searched(sample_rows=8, refresh=4)" in offered and field.allow_custom_value
-    video, summary = submit("a red circle", "searched(sample_rows=8, refresh=4)", 0.5, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
+    video, summary = submit("a red circle", "searched(sample_rows=8, refresh=4)", 0.5, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
     assert "sample_rows=8" in summary
     with pytest.raises(gr.Error, match="pattern"):
-        submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 0, 0)
+        submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
 
 
 def test_still_candidates_choose_the_sampler(tmp_path):
@@ -64,3 +64,16 @@ def test_still_candidates_choose_the_sampler(tmp_path):
     assert compare_once(pipe, "a red circle", block_size=16, **small, out=tmp_path)[0].sampler == "one pass"
     with pytest.raises(ValueError, match="still_candidates must be an int >= 0"):
         compare_once(pipe, "a red circle", block_size=16, **small, still_candidates=-1, out=tmp_path)
+
+
+def test_the_form_starts_at_each_models_own_size(tiny_pipe):
+    # A real pipeline's call defaults (the tiny Wan is a WanPipeline: 50 steps, 81 frames at 480 x 832); the testbed
+    # its evaluation size. Every default lies inside its slider.
+    from diffsparse.demo import form_ranges
+    from diffsparse.pipelines import testbed
+
+    wan = form_ranges(tiny_pipe)
+    assert {name: r[3] for name, r in wan.items()} == {"steps": 50, "frames": 81, "height": 480, "width": 832}
+    assert {name: r[3] for name, r in form_ranges(testbed.load()).items()} == {
+        "steps": 20, "frames": 17, "height": 48, "width": 48}
+    assert all(low <= value <= high and (value - low) % step == 0 for low, high, step, value in wan.values())

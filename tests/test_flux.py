@@ -143,7 +143,10 @@ def test_the_demo_page_serves_an_image_model_one_frame(flux_pipe, tmp_path):
     (frames,) = [b for b in build_demo(flux_pipe, out=tmp_path).blocks.values()
                  if isinstance(b, gr.Slider) and b.label == "frames"]
     assert frames.value == 1 and not frames.interactive
+    (height,) = [b for b in build_demo(flux_pipe, out=tmp_path).blocks.values()
+                 if isinstance(b, gr.Slider) and b.label == "height (pixels)"]
+    assert height.value == flux_pipe.default_sample_size * flux_pipe.vae_scale_factor  # FLUX's own default size
     video, summary = make_handler(flux_pipe, out=tmp_path)(
-        "a red circle on grass", "window3d", 0.3, 0.5, 16, "none", "0", 2, 1, 64, 0, 0
+        "a red circle on grass", "window3d", 0.3, 0.5, 16, "none", "0", 2, 1, 64, 64, 0, 0
     )
     assert video.endswith("compare.mp4") and (tmp_path / "compare.png").is_file() and "PSNR" in summary
