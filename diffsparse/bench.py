@@ -300,11 +300,12 @@ def run_pipeline_bench(args, config) -> dict:
     into `args.out`.
     """
     from .api import sparse
-    from .compare import load_pipeline, model_label
+    from .compare import fill_call_defaults, load_pipeline, model_label
     from .evaluate import timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
     pipe = load_pipeline(args.model, args.device)
+    fill_call_defaults(args, pipe)
 
     def dense_run() -> tuple[float, float]:
         return timed_generation(pipe, args.prompt, args.seed, args)[1:]

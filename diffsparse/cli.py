@@ -83,10 +83,13 @@ def _add_model_and_video(p) -> None:
                    help="hub id or local folder of a pipeline of a supported model family, or of a testbed training "
                         "run (default: the embedded trained testbed)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block side of the sparse masks")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--frames", type=int, default=17, help="video frames (1 for image models: FLUX, SD3)")
-    p.add_argument("--height", type=int, default=48, help="video height in pixels")
-    p.add_argument("--width", type=int, default=48, help="video width in pixels")
+    # The model's own by default: the testbed's evaluation size (20 steps, 17 frames, 48 x 48), or the pipeline's
+    # call defaults (Wan: 50 steps, 81 frames, 480 x 832; image models one frame).
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames (default: the model's own; 1 for image models: FLUX, SD3)")
+    p.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's own)")
+    p.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's own)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 

@@ -102,6 +102,39 @@ def frames_argument(pipe, frames: int) -> dict:
     return {}
 
 
+def call_defaults(pipe) -> dict[str, int]:
+    """The model's own `steps`, `frames`, `height` and `width`: the testbed's evaluation size (20 steps), or the
+    pipeline call's defaults (Wan: 50 steps, 81 frames at 480 x 832), sizes it leaves unset from the model's sample
+    size (FLUX and SD3: `default_sample_size`; CogVideoX: its transformer's `sample_*`); one frame for images."""
+    from .pipelines.testbed import TestbedPipeline, testbed_config
+
+    if isinstance(pipe, TestbedPipeline):
+        return {"steps": 20, **testbed_config()["eval"]}
+    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
+    config = getattr(getattr(pipe, "transformer", None), "config", {})
+
+    def sample_pixels(side: str) -> int:
+        if getattr(pipe, "default_sample_size", None):
+            return pipe.default_sample_size * pipe.vae_scale_factor
+        latent = config.get(f"sample_{side}")
+        return latent * pipe.vae_scale_factor_spatial if latent and hasattr(pipe, "vae_scale_factor_spatial") else 512
+
+    return {
+        "steps": defaults.get("num_inference_steps") or 50,
+        "frames": 1 if is_image_pipeline(pipe) else defaults.get("num_frames") or config.get("sample_frames") or 17,
+        "height": defaults.get("height") or sample_pixels("height"),
+        "width": defaults.get("width") or sample_pixels("width"),
+    }
+
+
+def fill_call_defaults(args, pipe) -> None:
+    """Set each of `args.steps`, `frames`, `height`, `width` left `None` (the commands' default) to the model's own
+    (`call_defaults`)."""
+    for name, value in call_defaults(pipe).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def first_output(output) -> np.ndarray:
     """The first video of a pipeline output (`output_type="np"`) as `(F, H, W, C)`; an image as one frame."""
     frames = getattr(output, "frames", None)
@@ -172,7 +205,7 @@ def check_two_stage(args) -> None:
     """`args.two_stage` / `args.still_candidates` (of `compare` and `eval`) make sense before anything is loaded."""
     if args.still_candidates != 1 and not args.two_stage:
         raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
-    if args.two_stage and args.frames < 2:
+    if args.two_stage and args.frames is not None and args.frames < 2:  # None: the model's default, checked later
         raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
                          f"got frames={args.frames}")
 
@@ -216,6 +249,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     check_two_stage(args)
     if pipe is None:
         pipe = load_pipeline(args.model, args.device)
+    fill_call_defaults(args, pipe)
+    check_two_stage(args)  # again: the frame count may have been the model's default
     first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
     with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on

@@ -8,10 +8,9 @@ seed. Gradio is an optional dependency (`pip install -e ".[demo]"`); `compare_on
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
-from .compare import CompareResult, is_image_pipeline, run_compare, scored_label
+from .compare import CompareResult, call_defaults, is_image_pipeline, run_compare, scored_label
 from .config import CORRECTIONS, SparseConfig, parse_dense_layers
 from .patterns import PATTERNS
 
@@ -117,30 +116,17 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
 
 
 def form_ranges(pipe) -> dict[str, tuple[int, int, int, int]]:
-    """`(minimum, maximum, step, default)` of the page's steps, frames, height and width for `pipe`: the testbed's
-    evaluation size, or the pipeline's own call defaults (e.g. Wan: 50 steps, 81 frames at 480 x 832) inside ranges
-    up to twice them. Image pipelines (FLUX, SD3) make one frame."""
+    """`(minimum, maximum, step, default)` of the page's steps, frames, height and width for `pipe`: the model's own
+    defaults (`compare.call_defaults`: e.g. Wan 50 steps, 81 frames at 480 x 832; the testbed's evaluation size)
+    inside ranges up to twice them (the testbed's: up to 50 steps, 33 frames, 128 pixels)."""
     from .pipelines.testbed import TestbedPipeline
 
+    defaults = call_defaults(pipe)
+    steps, frames, height, width = (defaults[name] for name in ("steps", "frames", "height", "width"))
     if isinstance(pipe, TestbedPipeline):
-        return {"steps": (2, 50, 1, 20), "frames": (1, 33, 4, 17), "height": (32, 128, 16, 48), "width": (32, 128, 16, 48)}
-    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
-    steps = defaults.get("num_inference_steps") or 50
-    # CogVideoX leaves the frame count to its transformer's `sample_frames` too.
-    sample_frames = getattr(getattr(pipe, "transformer", None), "config", {}).get("sample_frames")
-    frames = 1 if is_image_pipeline(pipe) else defaults.get("num_frames") or sample_frames or 17
-    height, width = (defaults.get(name) or _sample_size(pipe, name) for name in ("height", "width"))
-    return {"steps": (2, 2 * steps, 1, steps), "frames": (1, max(33, 2 * frames), 4, frames),
-            "height": (16, 2 * height, 16, height), "width": (16, 2 * width, 16, width)}
-
-
-def _sample_size(pipe, side: str) -> int:
-    """The pixels a pipeline whose call leaves `height`/`width` unset generates along `side`: FLUX and SD3 from
-    `default_sample_size`, CogVideoX from its transformer's `sample_height`/`sample_width`; else 512."""
-    if getattr(pipe, "default_sample_size", None):
-        return pipe.default_sample_size * pipe.vae_scale_factor
-    latent = getattr(getattr(pipe, "transformer", None), "config", {}).get(f"sample_{side}")
-    return latent * pipe.vae_scale_factor_spatial if latent and hasattr(pipe, "vae_scale_factor_spatial") else 512
+        steps, frames, height, width = 25, 16, 64, 64  # half the ranges: the slider ends of the CPU-sized model
+    return {"steps": (2, 2 * steps, 1, defaults["steps"]), "frames": (1, max(33, 2 * frames + 1), 4, defaults["frames"]),
+            "height": (16, 2 * height, 16, defaults["height"]), "width": (16, 2 * width, 16, defaults["width"])}
 
 
 def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .api import sparse
 from .compare import (
     check_two_stage,
+    fill_call_defaults,
     first_output,
     frames_argument,
     load_pipeline,
@@ -116,6 +117,8 @@ def run_eval(args) -> list[EvalRow]:
     against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into `args.out`."""
     check_two_stage(args)
     pipe = load_pipeline(args.model, args.device)
+    fill_call_defaults(args, pipe)
+    check_two_stage(args)  # again: the frame count may have been the model's default
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
     # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
     stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}

@@ -111,9 +111,10 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import frames_argument, load_pipeline
+    from .compare import fill_call_defaults, frames_argument, load_pipeline
 
     pipe = load_pipeline(args.model, args.device)
+    fill_call_defaults(args, pipe)
     traced = trace_attention_errors(
         pipe,
         config,

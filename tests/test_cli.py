@@ -275,3 +275,19 @@ def test_module_commands_run_from_the_checkout_root():
 
     assert not run_at_root("-c", probe).strip().startswith(str(root / "kernels"))
     assert "usage: diffsparse" in run_at_root("-m", "diffsparse.cli", "--help")
+
+
+def test_unset_video_options_take_the_models_own(tiny_pipe):
+    # `--steps/--frames/--height/--width` default to the model's call defaults (the tiny Wan is a WanPipeline:
+    # 50 steps, 81 frames at 480 x 832); what the user gave stays. The testbed's own is its evaluation size.
+    import argparse
+
+    from diffsparse.compare import fill_call_defaults
+    from diffsparse.pipelines import testbed
+
+    args = argparse.Namespace(steps=None, frames=None, height=32, width=None)
+    fill_call_defaults(args, tiny_pipe)
+    assert vars(args) == {"steps": 50, "frames": 81, "height": 32, "width": 832}
+    args = argparse.Namespace(steps=None, frames=None, height=None, width=None)
+    fill_call_defaults(args, testbed.load())
+    assert vars(args) == {"steps": 20, "frames": 17, "height": 48, "width": 48}
