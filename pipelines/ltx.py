@@ -1,10 +1,11 @@
-"""LTX-Video (`LTXVideoTransformer3DModel`): text-to-video and image-to-video.
+"""LTX-Video (`LTXVideoTransformer3DModel`): text-to-video, image-to-video and multi-condition video.
 
 Self-attention is `transformer_blocks[i].attn1` over video tokens only (text enters through the cross-attention
 `attn2`, untouched). The pipelines pack the latents into a frame-major token sequence before the transformer and
-pass the latent grid as `num_frames`, `height`, `width`; the layout is read from those. Calls that carry other
-tokens (the conditioning pipeline's extra frames, with `video_coords` instead of a grid) raise a `ValueError`
-rather than run on a wrong layout.
+pass the latent grid as `num_frames`, `height`, `width`; the layout is read from those. LTXConditionPipeline
+passes each token's coordinates instead (`video_coords`), with the tokens of conditions placed after frame 0
+(keyframes, clips) in front of the grid: the grid is read from the coordinates, and those condition tokens take
+the layout's leading span that patterns keep whole (like CogVideoX's text).
 """
 
 from __future__ import annotations
@@ -46,6 +47,32 @@ class LTXSparseAttnProcessor(SparseProcessor, LTXVideoAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def layout_from_coords(video_coords: torch.Tensor) -> VideoLayout:
+    """The layout of an LTXConditionPipeline call from its `(B, 3, N)` token coordinates (time, y, x; every video
+    of a batch has the same): the latent grid is the frame-major run that starts at the one token at the origin
+    (0, 0, 0); the tokens before it are the conditions placed after frame 0, whose times are all later than 0. One
+    read of the coordinates per call (a host sync on GPU)."""
+    coords = video_coords[0].detach().float().cpu()
+    origin = (coords == 0).all(dim=0).nonzero().flatten()
+    if len(origin) != 1:
+        raise ValueError(f"expected one token at the origin of `video_coords`, found {len(origin)}")
+    conditions = int(origin[0])
+    grid = coords[:, conditions:]
+    # Frame-major: the first frame's tokens share time 0, the first row's tokens also y 0 (a run each).
+    per_frame = _leading_run(grid[0] == 0)
+    width = _leading_run((grid[0] == 0) & (grid[1] == 0))
+    if grid.shape[1] % per_frame or per_frame % width:
+        raise ValueError(f"`video_coords` hold no frame-major grid after {conditions} condition tokens")
+    return VideoLayout(grid.shape[1] // per_frame, per_frame // width, width, text_len=conditions,
+                       text_position="start")
+
+
+def _leading_run(flags: torch.Tensor) -> int:
+    """How many leading entries of a boolean vector are true."""
+    false = (~flags).nonzero()
+    return int(false[0]) if len(false) else len(flags)
+
+
 class LTXAdapter(ModelAdapter):
     transformer_classes = (LTXVideoTransformer3DModel,)
     family = "LTX"
@@ -58,22 +85,25 @@ class LTXAdapter(ModelAdapter):
         grid = [kwargs.get(name, args[i] if len(args) > i else None) for i, name in
                 ((4, "num_frames"), (5, "height"), (6, "width"))]
         if any(size is None for size in grid):
-            raise ValueError(
-                "diffsparse reads the LTX token grid from the transformer's `num_frames`, `height` and `width`; this "
-                "call gave none (e.g. LTXConditionPipeline's `video_coords`), so this pipeline is not supported yet: "
-                "use LTXPipeline or LTXImageToVideoPipeline, or `diffsparse.remove(pipe)`"
-            )
-        frames, height, width = (int(size) for size in grid)
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        layout = VideoLayout(frames // p_t, height // p, width // p)
+            coords = kwargs.get("video_coords")
+            if coords is None:
+                raise ValueError(
+                    "diffsparse reads the LTX token grid from the transformer's `num_frames`, `height` and `width`, "
+                    "or from `video_coords`; this call gave neither"
+                )
+            layout = layout_from_coords(coords)
+        else:
+            frames, height, width = (int(size) for size in grid)
+            p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+            layout = VideoLayout(frames // p_t, height // p, width // p)
         # Under context parallelism diffusers may split the tokens before this hook sees them: one rank's shard.
         cp = context_parallel_config(transformer)
         shards = 1 if cp is None else cp.ulysses_degree * cp.ring_degree
         if layout.num_tokens not in (hidden_states.shape[1], hidden_states.shape[1] * shards):
             raise ValueError(
-                f"the LTX transformer got {hidden_states.shape[1]} tokens for a {frames}x{height}x{width} latent grid "
-                f"(patch {p_t}x{p}x{p}: {layout.num_tokens} tokens); diffsparse cannot place the extra tokens "
-                "(conditioning frames?), so this pipeline is not supported yet: `diffsparse.remove(pipe)`"
+                f"the LTX transformer got {hidden_states.shape[1]} tokens for the layout {layout} "
+                f"({layout.num_tokens} tokens); diffsparse cannot place the others, so this call is not supported: "
+                "`diffsparse.remove(pipe)`"
             )
         return layout, timestep
 

@@ -16,6 +16,7 @@ from transformers import T5Config, T5EncoderModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.ltx import layout_from_coords
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import check_other_processors_are_refused, recorded_attention_calls
@@ -95,6 +96,29 @@ def test_sparse_calls_see_the_latent_grid_and_drop_blocks(ltx_pipe):
     assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-4)
 
 
+def test_condition_pipeline_with_a_keyframe():
+    # A condition at frame 0 replaces the first latent frame; one at frame 8 adds a latent frame of 16 x 8 tokens in
+    # front of the 3 x 16 x 8 grid, kept whole like CogVideoX's text.
+    from diffusers import LTXConditionPipeline
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+    pipe = LTXConditionPipeline(**tiny_ltx_components())
+    pipe.set_progress_bar_config(disable=True)
+    conditions = [LTXVideoCondition(image=Image.new("RGB", (32, 64), (200, 40, 40)), frame_index=0),
+                  LTXVideoCondition(image=Image.new("RGB", (32, 64), (40, 40, 200)), frame_index=8)]
+    reference = generate(pipe, conditions=conditions)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="dense")):
+        assert torch.equal(generate(pipe, conditions=conditions), reference)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    with diffsparse.sparse(pipe, config), recorded_attention_calls() as calls:
+        torch.testing.assert_close(generate(pipe, conditions=conditions), reference, atol=1e-4, rtol=0)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 16, 8, text_len=128, text_position="start")}
+    config = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
+    with diffsparse.sparse(pipe, config) as handle:
+        assert not torch.allclose(generate(pipe, conditions=conditions), reference, atol=1e-4)
+        assert handle.stats().mean_density < 1
+
+
 def test_image_to_video():
     pipe = LTXImageToVideoPipeline(**tiny_ltx_components())
     pipe.set_progress_bar_config(disable=True)
@@ -104,16 +128,25 @@ def test_image_to_video():
         torch.testing.assert_close(generate(pipe, image=image), reference, atol=1e-4, rtol=0)
 
 
-def test_calls_without_a_grid_or_with_extra_tokens_are_refused(ltx_pipe):
+def test_the_grid_comes_from_the_call_or_from_video_coords(ltx_pipe):
     adapter = adapter_for(ltx_pipe.transformer)
     tokens = torch.zeros(1, 3 * 4 * 5, 8)
     call = {"encoder_hidden_states": None, "timestep": torch.tensor([500])}
     layout, _ = adapter.read_call(ltx_pipe.transformer, (tokens,), {**call, "num_frames": 3, "height": 4, "width": 5})
     assert layout == VideoLayout(3, 4, 5)
-    with pytest.raises(ValueError, match="gave none"):
-        adapter.read_call(ltx_pipe.transformer, (tokens,), {**call, "video_coords": torch.zeros(1, 3, 60)})
-    with pytest.raises(ValueError, match="got 61 tokens for a 3x4x5 latent grid"):
+    with pytest.raises(ValueError, match="gave neither"):
+        adapter.read_call(ltx_pipe.transformer, (tokens,), call)
+    with pytest.raises(ValueError, match="got 61 tokens for the layout"):
         adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 61, 8),), {**call, "num_frames": 3, "height": 4, "width": 5})
+    # LTXConditionPipeline: a condition frame (time 0.3) in front of a 3 x 4 x 5 grid whose frame 0 is at time 0.
+    t, y, x = torch.meshgrid(torch.tensor([0.0, 0.3, 0.6]), torch.arange(4.0), torch.arange(5.0), indexing="ij")
+    grid = torch.stack([t, y, x]).flatten(1)
+    condition = grid[:, 20:40].clone()
+    coords = torch.cat([condition, grid], dim=1)[None]
+    layout, _ = adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 80, 8),), {**call, "video_coords": coords})
+    assert layout == VideoLayout(3, 4, 5, text_len=20, text_position="start")
+    with pytest.raises(ValueError, match="one token at the origin"):
+        layout_from_coords(torch.cat([grid, grid], dim=1)[None])
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
