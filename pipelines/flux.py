@@ -1,11 +1,13 @@
-"""FLUX.1 (`FluxTransformer2DModel`): text-to-image, and the Fill / Control variants (extra channels, same tokens).
+"""FLUX.1 (`FluxTransformer2DModel`): text-to-image, the Fill / Control variants (extra channels, same tokens), and
+Kontext (image editing).
 
 Images are one frame: the layout is `VideoLayout(1, h, w)` over the packed 2x2 latent patches in row-major
 order, read from `img_ids`, with the text tokens first. Both kinds of block attend over `[text, image]`: the
 dual-stream blocks get the text apart (`encoder_hidden_states`) and join it, the single-stream blocks get the
-joined sequence. RoPE covers the whole joint sequence, as in the original. Calls whose image tokens are not one
-full grid (FLUX.1 Kontext appends the reference image's tokens) raise a `ValueError` rather than run on a wrong
-layout.
+joined sequence. RoPE covers the whole joint sequence, as in the original. FLUX.1 Kontext appends the reference
+image's tokens (their first id 1): when the reference has the output's size, the two images are two frames of
+one layout (the reference is frame 1, so a pattern's temporal reach decides how far into it each token looks);
+image tokens that are not such stacked grids raise a `ValueError` rather than run on a wrong layout.
 """
 
 from __future__ import annotations
@@ -60,15 +62,18 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
-def image_grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
-    """`(rows, cols)` when `img_ids` is one full row-major grid of image tokens (FLUX's own), else `None`."""
+def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
+    """`(frames, rows, cols)` when `img_ids` is `frames` full row-major grids of one size, frame `f` with first id
+    `f` (FLUX's own image is frame 0, Kontext's reference image frame 1), else `None`."""
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (B, N, 3) is the deprecated form
     rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    if ids.shape[0] != rows * cols:
+    if ids.shape[0] % (rows * cols):
         return None
-    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
-    same = torch.equal(ids[:, 1:].round().long().cpu(), grid) and not ids[:, 0].any()
-    return (rows, cols) if same else None
+    frames = ids.shape[0] // (rows * cols)
+    grid = torch.stack(
+        torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1
+    ).reshape(-1, 3)
+    return (frames, rows, cols) if torch.equal(ids.round().long().cpu(), grid) else None
 
 
 class FluxAdapter(ModelAdapter):
@@ -84,13 +89,14 @@ class FluxAdapter(ModelAdapter):
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
         timestep = call_argument(args, kwargs, "timestep", 3)
         grid = image_grid(call_argument(args, kwargs, "img_ids", 4))
-        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
+        if grid is None or grid[0] * grid[1] * grid[2] != hidden_states.shape[1]:
             raise ValueError(
                 f"diffsparse reads FLUX's image grid from `img_ids`, but these {hidden_states.shape[1]} image "
-                "tokens are not one full row-major grid (e.g. FLUX.1 Kontext's reference-image tokens), so this "
-                "pipeline is not supported yet: `diffsparse.remove(pipe)`"
+                "tokens are not row-major grids of one size (e.g. a FLUX.1 Kontext reference image of another "
+                "size than the output: pass `height` and `width` equal to the image's), so this call is not "
+                "supported: `diffsparse.remove(pipe)`"
             )
-        layout = VideoLayout(1, *grid, text_len=encoder_hidden_states.shape[1], text_position="start")
+        layout = VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="start")
         # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
         return layout, timestep * 1000
 

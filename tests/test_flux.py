@@ -82,18 +82,46 @@ def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
     assert not torch.allclose(out, reference, atol=1e-4)
 
 
-def test_image_ids_that_are_not_one_grid_are_refused(flux_pipe):
+def test_image_ids_give_one_grid_or_kontexts_two_and_anything_else_is_refused(flux_pipe):
     grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
     ids = torch.cat([torch.zeros(12, 1), grid.float()], dim=1)
-    assert image_grid(ids) == (3, 4) and image_grid(ids[None]) == (3, 4)
+    assert image_grid(ids) == (1, 3, 4) and image_grid(ids[None]) == (1, 3, 4)
     reference_image = ids.clone()
-    reference_image[:, 0] = 1  # FLUX.1 Kontext's second image
-    kontext = torch.cat([ids, reference_image])
-    assert image_grid(kontext) is None
-    call = {"hidden_states": torch.zeros(1, 24, 16), "encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16),
-            "timestep": torch.tensor([0.5]), "img_ids": kontext}
-    with pytest.raises(ValueError, match="not one full row-major grid"):
+    reference_image[:, 0] = 1  # FLUX.1 Kontext's reference image, of the output's size
+    assert image_grid(torch.cat([ids, reference_image])) == (2, 3, 4)
+    smaller = reference_image[reference_image[:, 1] < 2]  # a reference image of another size
+    mixed = torch.cat([ids, smaller])
+    assert image_grid(mixed) is None
+    call = {"hidden_states": torch.zeros(1, 20, 16), "encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16),
+            "timestep": torch.tensor([0.5]), "img_ids": mixed}
+    with pytest.raises(ValueError, match="not row-major grids of one size"):
         adapter_for(flux_pipe.transformer).read_call(flux_pipe.transformer, (), call)
+
+
+def test_kontext_edits_attend_the_reference_image_as_a_second_frame(flux_pipe):
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    pipe = FluxKontextPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"image": Image.new("RGB", (24, 32), (200, 40, 40)), "prompt": "a blue circle on grass", "height": 32,
+            "width": 24, "num_inference_steps": 3, "max_sequence_length": TEXT_LEN, "output_type": "latent",
+            "_auto_resize": False, "max_area": 32 * 24}  # Kontext scales the output to max_area (1024^2)
+
+    def edit(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+            with diffsparse.sparse(pipe, config), recorded_attention_calls() as calls:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).images, calls
+
+    reference = edit()
+    kept, calls = edit(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    # 32 x 24 pixels -> 16 x 12 latents -> 8 x 6 packed patches, output and reference.
+    assert {layout for _, layout, _ in calls} == {VideoLayout(2, 8, 6, text_len=TEXT_LEN, text_position="start")}
+    sparse, _ = edit(diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(flux_pipe):
