@@ -93,8 +93,8 @@ class FluxAdapter(ModelAdapter):
             raise ValueError(
                 f"diffsparse reads FLUX's image grid from `img_ids`, but these {hidden_states.shape[1]} image "
                 "tokens are not row-major grids of one size (e.g. a FLUX.1 Kontext reference image of another "
-                "size than the output: pass `height` and `width` equal to the image's), so this call is not "
-                "supported: `diffsparse.remove(pipe)`"
+                "size than the output: pass the `height` and `width` Kontext resizes the reference to, the preferred "
+                "resolution nearest its aspect ratio), so this call is not supported: `diffsparse.remove(pipe)`"
             )
         layout = VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="start")
         # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
