@@ -110,7 +110,8 @@ def call_defaults(pipe) -> dict[str, int]:
 
     if isinstance(pipe, TestbedPipeline):
         return {"steps": 20, **testbed_config()["eval"]}
-    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
+    parameters = inspect.signature(type(pipe).__call__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     config = getattr(getattr(pipe, "transformer", None), "config", {})
 
     def sample_pixels(side: str) -> int:
