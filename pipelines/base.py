@@ -118,6 +118,8 @@ class ModelAdapter(ABC):
     family: str = ""  # the family's name in messages
     original_processor: type | None = None  # the diffusers processor class a sparse one may replace
     sparse_processor: type | None = None  # its `SparseProcessor` subclass
+    # Families whose blocks use several processor classes (FLUX.2): `(original class, its sparse class)` pairs.
+    processor_pairs: tuple[tuple[type, type], ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)  # transformer attributes holding the blocks, in order
     attention_name: str = "attn1"  # the self-attention module of each block
 
@@ -132,13 +134,15 @@ class ModelAdapter(ABC):
         """A sparse processor that replaces `original` on layer `layer`; anything but the family's own processor
         class is refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes something
         else, and replacing it would silently change results)."""
-        if type(original) is not self.original_processor:
+        pairs = dict(self.processor_pairs or [(self.original_processor, self.sparse_processor)])
+        sparse = pairs.get(type(original))
+        if sparse is None:
             raise ValueError(
                 f"layer {layer} of the {self.family} transformer has processor {type(original).__name__}; diffsparse "
-                f"replaces only {self.original_processor.__name__} (remove other processors, e.g. LoRA, IP-Adapter or "
-                "caching ones, and unfuse QKV projections first)"
+                f"replaces only {' and '.join(cls.__name__ for cls in pairs)} (remove other processors, e.g. LoRA, "
+                "IP-Adapter or caching ones, and unfuse QKV projections first)"
             )
-        return self.sparse_processor(runtime, layer, original)
+        return sparse(runtime, layer, original)
 
     @abstractmethod
     def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[VideoLayout, torch.Tensor]:

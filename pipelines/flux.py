@@ -22,12 +22,10 @@ from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_ou
 from .registry import register_adapter
 
 
-def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, projections=_get_qkv_projections):
     """`(query, key, value)` over `[text, image]` as `(B, S, heads, head_dim)`: `FluxAttnProcessor`'s arithmetic
-    (q/k norms per stream, RoPE over the joint sequence)."""
-    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-        attn, hidden_states, encoder_hidden_states
-    )
+    (q/k norms per stream, RoPE over the joint sequence), also FLUX.2's dual-stream one with its own `projections`."""
+    query, key, value, encoder_query, encoder_key, encoder_value = projections(attn, hidden_states, encoder_hidden_states)
     query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
     query, key = attn.norm_q(query), attn.norm_k(key)
     if attn.added_kv_proj_dim is not None:
@@ -63,17 +61,20 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
 
 
 def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
-    """`(frames, rows, cols)` when `img_ids` is `frames` full row-major grids of one size, frame `f` with first id
-    `f` (FLUX's own image is frame 0, Kontext's reference image frame 1), else `None`."""
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (B, N, 3) is the deprecated form
+    """`(frames, rows, cols)` when `img_ids` (`(N, 3)` for FLUX.1, `(N, 4)` for FLUX.2, or with a batch dim) is
+    `frames` full row-major grids of one size, each with one first id, increasing from frame to frame (FLUX's own
+    image is frame 0; Kontext's reference image has first id 1, FLUX.2's references 10, 20, ...), and any later id
+    (FLUX.2's layer) zero; else `None`."""
+    ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).round().long().cpu()
     rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     if ids.shape[0] % (rows * cols):
         return None
     frames = ids.shape[0] // (rows * cols)
-    grid = torch.stack(
-        torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1
-    ).reshape(-1, 3)
-    return (frames, rows, cols) if torch.equal(ids.round().long().cpu(), grid) else None
+    per_frame = ids[:, 0].reshape(frames, rows * cols)
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
+    one_grid = torch.equal(ids[:, 1:3], grid.repeat(frames, 1)) and not ids[:, 3:].any()
+    increasing = (per_frame == per_frame[:, :1]).all() and (per_frame[1:, 0] > per_frame[:-1, 0]).all()
+    return (frames, rows, cols) if one_grid and increasing and per_frame[0, 0] == 0 else None
 
 
 class FluxAdapter(ModelAdapter):
@@ -84,17 +85,21 @@ class FluxAdapter(ModelAdapter):
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     attention_name = "attn"
 
+    # Where `forward` takes them when given by position (FLUX.2 has no `pooled_projections` before `timestep`).
+    timestep_position, img_ids_position = 3, 4
+
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
-        timestep = call_argument(args, kwargs, "timestep", 3)
-        grid = image_grid(call_argument(args, kwargs, "img_ids", 4))
+        timestep = call_argument(args, kwargs, "timestep", self.timestep_position)
+        grid = image_grid(call_argument(args, kwargs, "img_ids", self.img_ids_position))
         if grid is None or grid[0] * grid[1] * grid[2] != hidden_states.shape[1]:
             raise ValueError(
-                f"diffsparse reads FLUX's image grid from `img_ids`, but these {hidden_states.shape[1]} image "
-                "tokens are not row-major grids of one size (e.g. a FLUX.1 Kontext reference image of another "
-                "size than the output: pass the `height` and `width` Kontext resizes the reference to, the preferred "
-                "resolution nearest its aspect ratio), so this call is not supported: `diffsparse.remove(pipe)`"
+                f"diffsparse reads the {self.family} image grid from `img_ids`, but these {hidden_states.shape[1]} "
+                "image tokens are not row-major grids of one size (e.g. a reference image of another size than the "
+                "output: for FLUX.1 Kontext pass the `height` and `width` it resizes the reference to, the "
+                "preferred resolution nearest its aspect ratio), so this call is not supported: "
+                "`diffsparse.remove(pipe)`"
             )
         layout = VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="start")
         # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
