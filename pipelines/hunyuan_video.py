@@ -66,13 +66,14 @@ class JointVideoTextAttention(SparseProcessor):
     """The sparse path of a joint `[video, text]` self-attention with padded prompts (HunyuanVideo, HunyuanVideo
     1.5), placed before the family's processor class, whose `__call__` stays the dense path: dense calls run it
     unchanged, so they are bit-identical to it (except the calls that measure `SparseConfig.correction`'s
-    statistics: dense through diffsparse's kernel). Subclasses say how the valid lengths are read from the mask and
-    what the original gives the padded text queries (`attend_valid_prefixes`' `padded_queries`)."""
+    statistics: dense through diffsparse's kernel). The defaults are HunyuanVideo's: its `(B, 1, 1, S)` key mask, and
+    padded text queries that attend to the valid keys; another family overrides how it reads its mask and what its
+    original gives the padded text queries (`attend_valid_prefixes`' `padded_queries`)."""
 
     padded_queries = "dense"
 
     def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
-        raise NotImplementedError  # each family reads its own mask format
+        return valid_lengths(attention_mask, batch, length)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.runtime.route(self.layer):
@@ -91,9 +92,6 @@ class JointVideoTextAttention(SparseProcessor):
 
 class HunyuanVideoSparseAttnProcessor(JointVideoTextAttention, HunyuanVideoAttnProcessor2_0):
     """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
-
-    def valid_lengths(self, attention_mask, batch, video_len, length):
-        return valid_lengths(attention_mask, batch, length)
 
 
 class HunyuanVideoAdapter(ModelAdapter):
