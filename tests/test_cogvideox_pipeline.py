@@ -9,6 +9,7 @@ from diffusers import (
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    CogVideoXVideoToVideoPipeline,
 )
 from transformers import T5Config, T5EncoderModel
 
@@ -163,3 +164,27 @@ def test_the_demo_form_starts_at_cogvideox_own_size(cog_pipe):
 
     ranges = form_ranges(cog_pipe)
     assert (ranges["height"][3], ranges["width"][3], ranges["frames"][3]) == (64, 64, 9)
+
+
+def test_video_to_video_pipeline(cog_pipe):
+    from PIL import Image
+
+    pipe = CogVideoXVideoToVideoPipeline(**cog_pipe.components)
+    video = [Image.new("RGB", (48, 64), (200, 40 + 20 * i, 40)) for i in range(9)]
+    call = {"video": video, "prompt": "a red circle moving left", "negative_prompt": "low quality", "strength": 0.8,
+            "height": 64, "width": 48, "num_inference_steps": 4, "guidance_scale": 6.0, "max_sequence_length": TEXT_LEN,
+            "output_type": "pt"}
+
+    def generate_from_video(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+            with diffsparse.sparse(pipe, config):
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+
+    reference = generate_from_video()
+    assert torch.equal(generate_from_video(diffsparse.SparseConfig(pattern="dense")), reference)
+    kept = generate_from_video(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    sparse = generate_from_video(diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=0))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
