@@ -76,3 +76,47 @@ def test_layout_of_a_call_and_masks_that_are_not_a_prefix(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Mochi", layer=1)
+
+
+def test_pipeline_with_classifier_free_guidance():
+    # A real MochiPipeline: CFG batches the negative and the positive prompt (different valid lengths) in one call.
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from diffsparse.pipelines.text import word_tokenizer
+
+    vocabulary = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "low", "quality"]
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, text_embed_dim=16, time_embed_dim=4, max_sequence_length=TEXT_LEN,
+    )
+    with torch.no_grad():
+        transformer.pos_frequencies.normal_()
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+                             decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocabulary), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=t5.eval(),
+                         tokenizer=word_tokenizer(vocabulary, max_length=TEXT_LEN), transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    # 13 frames of 128 x 96 -> 3 latent frames of 16 x 12 -> 3 x 8 x 6 tokens after the 2x2 patchify.
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 13, "height": 128,
+            "width": 96, "num_inference_steps": 3, "guidance_scale": 4.5, "max_sequence_length": TEXT_LEN,
+            "output_type": "latent"}
+
+    def generate(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames, handle.stats()
+
+    reference = generate()
+    dense, _ = generate(diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(dense, reference)
+    kept, stats = generate(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert all(s.sparse_calls == 3 * 2 for s in stats.layers)  # two prompt lengths: two sparse calls per step
+    sparse, stats = generate(diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0))
+    assert stats.mean_density < 1 and not torch.allclose(sparse, reference, atol=1e-4)
