@@ -83,6 +83,22 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
             return model(**inputs(**kwargs)).sample
 
 
+def run_pipeline(pipe, call: dict, config=None):
+    """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or `images`; with `config` applied for the
+    call, `(that output, the call's stats)`."""
+    import diffsparse
+
+    def output():
+        result = pipe(**call, generator=torch.Generator().manual_seed(0))
+        return result.frames if hasattr(result, "frames") else result.images
+
+    with torch.no_grad():
+        if config is None:
+            return output()
+        with diffsparse.sparse(pipe, config) as handle:
+            return output(), handle.stats()
+
+
 def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: int) -> None:
     """A subclass of the family's processor on `layer` (as LoRA, IP-Adapter or caching processors are) makes
     `apply` refuse, naming the layer and the class, and leaves every layer's processor as it was."""

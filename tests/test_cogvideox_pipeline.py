@@ -17,7 +17,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 TEXT_LEN = 8
@@ -175,16 +175,10 @@ def test_video_to_video_pipeline(cog_pipe):
             "height": 64, "width": 48, "num_inference_steps": 4, "guidance_scale": 6.0, "max_sequence_length": TEXT_LEN,
             "output_type": "pt"}
 
-    def generate_from_video(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
-            with diffsparse.sparse(pipe, config):
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
-
-    reference = generate_from_video()
-    assert torch.equal(generate_from_video(diffsparse.SparseConfig(pattern="dense")), reference)
-    kept = generate_from_video(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    sparse = generate_from_video(diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=0))
+    sparse, _ = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8,
+                                                                 dense_steps=0))
     assert not torch.allclose(sparse, reference, atol=1e-4)

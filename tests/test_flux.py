@@ -12,7 +12,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.flux import image_grid
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -45,13 +45,10 @@ def flux_pipe():
 
 
 def generate(pipe, config=None):
+    """`(images, stats)` (stats `None` without `config`)."""
     call = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
             "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
-    with torch.no_grad():
-        if config is None:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)).images, None
-        with diffsparse.sparse(pipe, config) as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)).images, handle.stats()
+    return (run_pipeline(pipe, call), None) if config is None else run_pipeline(pipe, call, config)
 
 
 def test_dense_pattern_is_the_unmodified_pipeline_and_steps_are_counted(flux_pipe):

@@ -10,7 +10,12 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video import valid_lengths
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
+from helpers import (
+    check_other_processors_are_refused,
+    check_prompts_attend_their_valid_tokens,
+    run_pipeline,
+    run_transformer,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -140,12 +145,7 @@ def test_pipeline_with_prompts_of_different_lengths():
             "output_type": "latent"}
 
     def generate(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
-            with diffsparse.sparse(pipe, config) as handle:
-                out = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
-                return out, handle.stats()
+        return run_pipeline(pipe, call, config)
 
     reference = generate()
     dense, stats = generate(diffsparse.SparseConfig(pattern="dense"))

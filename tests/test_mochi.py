@@ -10,7 +10,12 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.base import prefix_lengths
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
+from helpers import (
+    check_other_processors_are_refused,
+    check_prompts_attend_their_valid_tokens,
+    run_pipeline,
+    run_transformer,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 12
@@ -106,11 +111,7 @@ def test_pipeline_with_classifier_free_guidance():
             "output_type": "latent"}
 
     def generate(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).frames, handle.stats()
+        return run_pipeline(pipe, call, config)
 
     reference = generate()
     dense, _ = generate(diffsparse.SparseConfig(pattern="dense"))

@@ -8,7 +8,7 @@ from diffusers import SD3Transformer2DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 10
@@ -119,16 +119,9 @@ def test_the_pipeline_and_the_compare_command(tmp_path):
     call = {"prompt": "a red circle on grass", "num_inference_steps": 3, "height": 64, "width": 48,
             "max_sequence_length": 8, "output_type": "latent"}
 
-    def generate(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).images
-            with diffsparse.sparse(pipe, config):
-                return pipe(**call, generator=torch.Generator().manual_seed(0)).images
-
-    reference = generate()
-    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense")), reference)
-    kept = generate(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     pipe.save_pretrained(tmp_path / "sd3")
     assert main(["compare", "--model", str(tmp_path / "sd3"), "--pattern", "window3d", "--density", "0.3",
