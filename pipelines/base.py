@@ -59,6 +59,38 @@ class SparseProcessor:
         return _heads_to_sequence(out, group, degree)
 
 
+class JointVideoTextAttention(SparseProcessor):
+    """The sparse path of a joint `[video, text]` self-attention with padded prompts (HunyuanVideo, HunyuanVideo
+    1.5, Mochi), placed before the family's processor class, whose `__call__` stays the dense path: dense calls run
+    it unchanged, so they are bit-identical to it (except the calls that measure `SparseConfig.correction`'s
+    statistics: dense through diffsparse's kernel). Each video is attended over its valid prefix
+    (`attend_valid_prefixes`).
+
+    Subclasses give `joint_qkv` (a staticmethod: the family's q, k, v over `[video, text]`) and, where they differ
+    from these defaults, `valid_lengths` (default: a `(B, text)` mask of the text tokens) and `padded_queries`
+    (default `"zero"`: the original masks padded text queries too).
+    """
+
+    padded_queries = "zero"
+
+    def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
+        return [video_len + n for n in prefix_lengths(attention_mask)]
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None or not self.runtime.route(self.layer):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
+        query, key, value = self.joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        video_len = hidden_states.shape[1]
+        batch, length = query.shape[:2]
+        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
+        lengths = self.runtime.once_per_call(
+            attention_mask, lambda mask: self.valid_lengths(mask, batch, video_len, length)
+        ) if attention_mask is not None else [length] * batch
+        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
+        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+
+
 def context_parallel_config(processor_or_model):
     """The `ContextParallelConfig` that `enable_parallelism` gave this processor (or model), or `None`."""
     return getattr(getattr(processor_or_model, "_parallel_config", None), "context_parallel_config", None)

@@ -17,15 +17,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import (
-    ModelAdapter,
-    SparseProcessor,
-    attend_valid_prefixes,
-    call_argument,
-    prefix_lengths,
-    project_joint_output,
-    project_qkv,
-)
+from .base import JointVideoTextAttention, ModelAdapter, call_argument, prefix_lengths, project_qkv
 from .registry import register_adapter
 
 
@@ -62,36 +54,15 @@ def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) 
     return prefix_lengths(attention_mask.reshape(batch, length))
 
 
-class JointVideoTextAttention(SparseProcessor):
-    """The sparse path of a joint `[video, text]` self-attention with padded prompts (HunyuanVideo, HunyuanVideo
-    1.5), placed before the family's processor class, whose `__call__` stays the dense path: dense calls run it
-    unchanged, so they are bit-identical to it (except the calls that measure `SparseConfig.correction`'s
-    statistics: dense through diffsparse's kernel). The defaults are HunyuanVideo's: its `(B, 1, 1, S)` key mask, and
-    padded text queries that attend to the valid keys; another family overrides how it reads its mask and what its
-    original gives the padded text queries (`attend_valid_prefixes`' `padded_queries`)."""
+class HunyuanVideoSparseAttnProcessor(JointVideoTextAttention, HunyuanVideoAttnProcessor2_0):
+    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so: its
+    `(B, 1, 1, S)` key mask, and padded text queries that attend to the valid keys, as in the original."""
 
+    joint_qkv = staticmethod(joint_qkv)
     padded_queries = "dense"
 
-    def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
+    def valid_lengths(self, attention_mask, batch, video_len, length):
         return valid_lengths(attention_mask, batch, length)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or not self.runtime.route(self.layer):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        video_len = hidden_states.shape[1]
-        batch, length = query.shape[:2]
-        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
-        lengths = self.runtime.once_per_call(
-            attention_mask, lambda mask: self.valid_lengths(mask, batch, video_len, length)
-        ) if attention_mask is not None else [length] * batch
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
-        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
-
-
-class HunyuanVideoSparseAttnProcessor(JointVideoTextAttention, HunyuanVideoAttnProcessor2_0):
-    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
 
 
 class HunyuanVideoAdapter(ModelAdapter):

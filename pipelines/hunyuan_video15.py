@@ -16,19 +16,17 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument, prefix_lengths
-from .hunyuan_video import JointVideoTextAttention
+from .base import JointVideoTextAttention, ModelAdapter, call_argument
+from .hunyuan_video import joint_qkv
 from .registry import register_adapter
 
 
 class HunyuanVideo15SparseAttnProcessor(JointVideoTextAttention, HunyuanVideo15AttnProcessor2_0):
     """`HunyuanVideo15AttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so: the
-    arithmetic of HunyuanVideo's dual-stream blocks (q/k norms, RoPE on the video, text appended)."""
+    arithmetic of HunyuanVideo's dual-stream blocks (q/k norms, RoPE on the video, text appended); a `(B, text)`
+    mask that the original applies to keys and queries (padded text queries get zeros)."""
 
-    padded_queries = "zero"  # the original masks them as queries too
-
-    def valid_lengths(self, attention_mask, batch, video_len, length):
-        return [video_len + n for n in prefix_lengths(attention_mask)]  # a (B, text) mask of the text tokens
+    joint_qkv = staticmethod(joint_qkv)
 
 
 class HunyuanVideo15Adapter(ModelAdapter):

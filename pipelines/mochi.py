@@ -13,15 +13,7 @@ from diffusers import MochiTransformer3DModel
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import (
-    ModelAdapter,
-    SparseProcessor,
-    attend_valid_prefixes,
-    call_argument,
-    prefix_lengths,
-    project_joint_output,
-    project_qkv,
-)
+from .base import JointVideoTextAttention, ModelAdapter, call_argument, project_qkv
 from .registry import register_adapter
 
 
@@ -41,23 +33,11 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
     return tuple(torch.cat([x, a], dim=1) for x, a in zip((query, key, value), added))
 
 
-class MochiSparseAttnProcessor(SparseProcessor, MochiAttnProcessor2_0):
-    """`MochiAttnProcessor2_0` whose joint attention runs block-sparse when the runtime says so.
+class MochiSparseAttnProcessor(JointVideoTextAttention, MochiAttnProcessor2_0):
+    """`MochiAttnProcessor2_0` whose joint attention runs block-sparse when the runtime says so: a `(B, text)` mask,
+    the padded text positions' outputs left at zero as in the original."""
 
-    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
-    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
-    """
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
-        if not self.runtime.route(self.layer):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        video_len = hidden_states.shape[1]
-        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
-        lengths = [video_len + n for n in self.runtime.once_per_call(attention_mask, prefix_lengths)]
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, padded_queries="zero")
-        return project_joint_output(attn, out.flatten(2, 3), video_len)
+    joint_qkv = staticmethod(joint_qkv)
 
 
 class MochiAdapter(ModelAdapter):
