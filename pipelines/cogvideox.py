@@ -1,4 +1,5 @@
-"""CogVideoX 1.0 / 1.5 (`CogVideoXTransformer3DModel`): text-to-video, image-to-video, video-to-video.
+"""CogVideoX 1.0 / 1.5 (`CogVideoXTransformer3DModel`): text-to-video, image-to-video, video-to-video; ConsisID
+(`ConsisIDTransformer3DModel`), CogVideoX's blocks with face identity conditioning.
 
 Self-attention is `transformer_blocks[i].attn1` over one joint sequence: the text tokens first, then the video
 tokens in frame-major order after the patchify (`patch_size` in space; CogVideoX 1.5 also `patch_size_t` in
@@ -9,7 +10,7 @@ blocks are ever dropped. The pipelines batch CFG's two branches into one transfo
 from __future__ import annotations
 
 import torch
-from diffusers import CogVideoXTransformer3DModel
+from diffusers import CogVideoXTransformer3DModel, ConsisIDTransformer3DModel
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -65,11 +66,20 @@ class CogVideoXAdapter(ModelAdapter):
         timestep = call_argument(args, kwargs, "timestep", 2)
         _, frames, _, height, width = hidden_states.shape  # CogVideoX latents are (B, F, C, H, W)
         p = transformer.config.patch_size
-        p_t = transformer.config.patch_size_t or 1
+        p_t = getattr(transformer.config, "patch_size_t", None) or 1  # CogVideoX 1.5 only
         layout = VideoLayout(
             frames // p_t, height // p, width // p, text_len=encoder_hidden_states.shape[1], text_position="start"
         )
         return layout, timestep
 
 
+class ConsisIDAdapter(CogVideoXAdapter):
+    """ConsisID (identity-preserving CogVideoX 5B I2V): CogVideoX's blocks and processor; the face features reach
+    the video through perceiver cross-attention modules between blocks, which stay untouched."""
+
+    transformer_classes = (ConsisIDTransformer3DModel,)
+    family = "ConsisID"
+
+
 register_adapter(CogVideoXAdapter())
+register_adapter(ConsisIDAdapter())

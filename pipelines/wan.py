@@ -1,6 +1,6 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): T2V, I2V, TI2V, and Wan 2.2's two experts; Wan VACE
-(`WanVACETransformer3DModel`), Wan 2.2 Animate (`WanAnimateTransformer3DModel`) and SkyReels-V2
-(`SkyReelsV2Transformer3DModel`).
+(`WanVACETransformer3DModel`), Wan 2.2 Animate (`WanAnimateTransformer3DModel`), SkyReels-V2
+(`SkyReelsV2Transformer3DModel`) and ChronoEdit (`ChronoEditTransformer3DModel`).
 
 Self-attention is `blocks[i].attn1` over video tokens only (no text in the sequence), in frame-major
 order after a `patch_size` patchify; cross-attention `attn2` stays untouched. VACE's control blocks attend over
@@ -10,6 +10,8 @@ the control video's tokens, patchified on the same grid.
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_chronoedit import ChronoEditTransformer3DModel
+from diffusers.models.transformers.transformer_chronoedit import WanAttnProcessor as ChronoEditWanAttnProcessor
 from diffusers.models.transformers.transformer_skyreels_v2 import (
     SkyReelsV2AttnProcessor,
     SkyReelsV2Transformer3DModel,
@@ -56,7 +58,7 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
 
 
 class WanSparseSelfAttention(SparseProcessor):
-    """The sparse path of a Wan self-attention, placed before a Wan processor class (Wan, Wan Animate, SkyReels-V2)
+    """The sparse path of a Wan self-attention, placed before a Wan processor class (Wan, Wan Animate, SkyReels-V2, ChronoEdit)
     whose `__call__` stays the dense path: dense calls run it unchanged, so they are bit-identical to the original
     (except the calls that measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel)."""
 
@@ -87,6 +89,10 @@ class WanAnimateSparseAttnProcessor(WanSparseSelfAttention, AnimateWanAttnProces
 
 class SkyReelsV2SparseAttnProcessor(WanSparseSelfAttention, SkyReelsV2AttnProcessor):
     """SkyReels-V2's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
+
+
+class ChronoEditSparseAttnProcessor(WanSparseSelfAttention, ChronoEditWanAttnProcessor):
+    """ChronoEdit's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
 
 
 class WanAdapter(ModelAdapter):
@@ -136,7 +142,19 @@ class SkyReelsV2Adapter(WanAdapter):
     sparse_processor = SkyReelsV2SparseAttnProcessor
 
 
+class ChronoEditAdapter(WanAdapter):
+    """ChronoEdit (Wan 2.1 I2V's architecture, image editing as a short video): the input image is frame 0 and the
+    edited image the last frame; with temporal reasoning the frames between are imagined for the first steps, then
+    dropped, so one generation runs on two layouts (every plan and search is per layout)."""
+
+    transformer_classes = (ChronoEditTransformer3DModel,)
+    family = "ChronoEdit"
+    original_processor = ChronoEditWanAttnProcessor
+    sparse_processor = ChronoEditSparseAttnProcessor
+
+
 register_adapter(WanAdapter())
 register_adapter(WanVACEAdapter())
 register_adapter(WanAnimateAdapter())
 register_adapter(SkyReelsV2Adapter())
+register_adapter(ChronoEditAdapter())

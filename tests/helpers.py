@@ -139,3 +139,16 @@ def check_prompts_attend_their_valid_tokens(transformer, inputs, grid: tuple[int
     }
     assert not torch.allclose(out, reference, atol=1e-4)
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+
+
+def tiny_clip_image_encoder():
+    """A CLIP vision tower and processor with tiny dimensions and the current seed's weights: Wan 2.1 I2V's (and
+    ChronoEdit's) image path, whose penultimate hidden states reach every block's cross-attention through extra
+    key/value projections (`added_kv_proj_dim`)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(config).eval(), processor

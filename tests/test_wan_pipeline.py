@@ -10,7 +10,7 @@ import diffsparse
 from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
-from helpers import generate
+from helpers import generate, tiny_clip_image_encoder
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -279,18 +279,6 @@ def test_wan22_two_experts_share_the_step_index():
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
-def _clip_image_encoder():
-    # Wan 2.1 I2V's image path: a CLIP vision tower whose penultimate hidden states reach every block's
-    # cross-attention through extra key/value projections (`added_kv_proj_dim`).
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPVisionModel(config).eval(), processor
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("variant", ["wan21_clip", "wan22", "wan22_ti2v"])
 def test_image_to_video(variant):
@@ -306,7 +294,7 @@ def test_image_to_video(variant):
         inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
         transformer_config.update(image_dim=16, added_kv_proj_dim=inner_dim)
         torch.manual_seed(3)
-        image_components["image_encoder"], image_components["image_processor"] = _clip_image_encoder()
+        image_components["image_encoder"], image_components["image_processor"] = tiny_clip_image_encoder()
     torch.manual_seed(2)
     transformer = WanTransformer3DModel(**transformer_config).eval()
     pipe = WanImageToVideoPipeline(

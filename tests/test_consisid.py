@@ -1,0 +1,64 @@
+"""diffsparse on a diffusers ConsisID transformer (tiny, random weights, called directly): CogVideoX's joint
+[text, video] blocks with RoPE, plus face-identity perceiver cross-attention between blocks, left untouched."""
+
+import pytest
+import torch
+from diffusers import ConsisIDTransformer3DModel
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN, HEAD_DIM = 8, 16
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    # diffusers' own tiny ConsisID shapes, with RoPE as the released checkpoint and a face cross-attention after
+    # every block (its key width, 2/3 of the model width, must be the face extractor's output width); the input
+    # channels hold the noisy latent and the image latent (I2V).
+    torch.manual_seed(0)
+    return ConsisIDTransformer3DModel(
+        num_attention_heads=3, attention_head_dim=HEAD_DIM, in_channels=8, out_channels=4, time_embed_dim=2,
+        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True,
+        is_train_face=True, cross_attn_interval=1, cross_attn_dim_head=1, cross_attn_num_heads=1, LFE_id_dim=2,
+        LFE_vit_dim=2, LFE_depth=5, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1,
+        LFE_output_dim=32, LFE_ff_mult=1, LFE_num_scale=1,
+    ).eval()
+
+
+def inputs():
+    """3 latent frames of 8 x 12 -> 3 x 4 x 6 = 72 video tokens behind 8 text tokens, and a face's features."""
+    g = torch.Generator().manual_seed(1)
+    cos, sin = get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (4, 6)), grid_size=(4, 6), temporal_size=3)
+    return {"hidden_states": torch.randn(1, 3, 8, 8, 12, generator=g),
+            "encoder_hidden_states": torch.randn(1, TEXT_LEN, 8, generator=g), "timestep": torch.tensor([500]),
+            "image_rotary_emb": (cos, sin), "id_cond": torch.randn(1, 2, generator=g),
+            "id_vit_hidden": [torch.randn(1, 2, 2, generator=g)]}
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
+    reference = run_transformer(transformer, inputs)
+    assert torch.equal(run_transformer(transformer, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    torch.testing.assert_close(run_transformer(transformer, inputs, every_block), reference, atol=1e-4, rtol=0)
+
+
+def test_text_first_layout_and_sparse_calls(transformer):
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs())
+    assert layout == VideoLayout(3, 4, 6, text_len=TEXT_LEN, text_position="start")
+    config = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        out = run_transformer(transformer, inputs, config)
+    assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, TEXT_LEN + 72)), (1, (1, TEXT_LEN + 72))]
+    assert not torch.allclose(out, run_transformer(transformer, inputs), atol=1e-4)
+
+
+def test_other_processors_are_refused(transformer):
+    check_other_processors_are_refused(transformer, "ConsisID", layer=1)
