@@ -1,0 +1,121 @@
+"""LTX-2 (`LTX2VideoTransformer3DModel`): joint audio and video generation.
+
+Each block holds a video self-attention `attn1` (made sparse), an audio self-attention `audio_attn1` (a 1D
+sequence: untouched), text cross-attentions and audio-video cross-attentions (untouched). The video tokens arrive
+packed frame-major; the pipelines pass the latent grid as `num_frames`, `height`, `width`. LTX2ConditionPipeline
+appends keyframe tokens after the grid: they take the layout's trailing span, which patterns keep whole. LTX-2.3
+checkpoints use `LTX2PerturbedAttnProcessor` (spatio-temporal guidance), whose perturbed batch elements take the
+values instead of attention; both processor classes get the same sparse path.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import LTX2VideoTransformer3DModel
+from diffusers.models.transformers.transformer_ltx2 import (
+    LTX2AudioVideoAttnProcessor,
+    LTX2PerturbedAttnProcessor,
+    apply_interleaved_rotary_emb,
+    apply_split_rotary_emb,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument
+from .registry import register_adapter
+
+_ROTARY = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}
+
+
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
+    """`(query, key, value)` of an LTX-2 self-attention as `(B, N, heads, head_dim)`, with the arithmetic of its
+    processors (q/k RMS norms over the whole hidden size, then the module's kind of RoPE), so sparse and dense
+    see equal scores."""
+    query = attn.norm_q(attn.to_q(hidden_states))
+    key = attn.norm_k(attn.to_k(hidden_states))
+    value = attn.to_v(hidden_states)
+    if rotary_emb is not None:
+        rotate = _ROTARY[attn.rope_type]
+        query, key = rotate(query, rotary_emb), rotate(key, rotary_emb)
+    return tuple(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+
+
+class LTX2SparseSelfAttention(SparseProcessor):
+    """The sparse path of LTX-2's video self-attention, placed before either LTX-2 processor class, whose
+    `__call__` stays the dense path (bit-identical to the original on dense calls)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+                 key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
+        # Named, not **kwargs: `LTX2Attention` passes only the arguments the processor's signature lists. Only the
+        # perturbed-attention blocks (LTX-2.3) give the last two, and only its processor class takes them.
+        perturbation = {} if perturbation_mask is None and all_perturbed is None else {
+            "perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, key_rotary_emb)
+        if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
+            return super().__call__(*original, **perturbation)
+        if attention_mask is not None:
+            # IC-LoRA's soft self-attention mask (reference tokens): token-level weights the kernel cannot apply
+            # inside a block. The original runs.
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original, **perturbation)
+        if all_perturbed is None:
+            all_perturbed = perturbation_mask is not None and bool(torch.all(perturbation_mask == 0))
+        if all_perturbed:
+            # Spatio-temporal guidance skips this block's attention (the values pass through): nothing to make
+            # sparse and no attention computed, so the call is not counted either way.
+            return super().__call__(*original, **perturbation)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original, **perturbation)
+        gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
+        query, key, value = self_attention_qkv(attn, hidden_states, query_rotary_emb)
+        out = self.attend_video(query, key, value).flatten(2, 3).to(query.dtype)
+        if perturbation_mask is not None:  # the perturbed batch elements take their values
+            out = torch.lerp(value.flatten(2, 3), out, perturbation_mask)
+        if gate_logits is not None:  # LTX-2.3's per-head gates
+            out = (out.unflatten(2, (attn.heads, -1)) * 2.0 * torch.sigmoid(gate_logits).unsqueeze(-1)).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class LTX2SparseAttnProcessor(LTX2SparseSelfAttention, LTX2AudioVideoAttnProcessor):
+    """`LTX2AudioVideoAttnProcessor` whose video self-attention runs block-sparse when the runtime says so."""
+
+
+class LTX2SparsePerturbedAttnProcessor(LTX2SparseSelfAttention, LTX2PerturbedAttnProcessor):
+    """`LTX2PerturbedAttnProcessor` (LTX-2.3) whose video self-attention runs block-sparse when the runtime says so."""
+
+
+class LTX2Adapter(ModelAdapter):
+    transformer_classes = (LTX2VideoTransformer3DModel,)
+    family = "LTX-2"
+    processor_pairs = (
+        (LTX2AudioVideoAttnProcessor, LTX2SparseAttnProcessor),
+        (LTX2PerturbedAttnProcessor, LTX2SparsePerturbedAttnProcessor),
+    )
+    original_processor = LTX2AudioVideoAttnProcessor
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 4)
+        grid = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+        if any(size is None for size in grid):
+            raise ValueError(
+                "diffsparse reads the LTX-2 token grid from the transformer's `num_frames`, `height` and `width` "
+                "keyword arguments (as the LTX-2 pipelines pass them); this call gave "
+                + ", ".join(f"{name}={size}" for name, size in zip(("num_frames", "height", "width"), grid))
+            )
+        frames, height, width = (int(size) for size in grid)
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        grid_len = (frames // p_t) * (height // p) * (width // p)
+        tokens = hidden_states.shape[1]
+        if tokens < grid_len:
+            # Also what context parallelism would give (one rank's shard); diffusers' own LTX-2 context
+            # parallelism fails in its audio-video cross-attention (diffusers 0.42), so it is not supported here.
+            raise ValueError(
+                f"the LTX-2 transformer got {tokens} video tokens, fewer than its {frames} x {height} x {width} grid "
+                f"holds ({grid_len}); diffsparse cannot place them: `diffsparse.remove(pipe)`"
+            )
+        # Appended keyframe (or reference) tokens: a trailing span kept whole, like text.
+        layout = VideoLayout(frames // p_t, height // p, width // p, text_len=tokens - grid_len, text_position="end")
+        return layout, timestep
+
+
+register_adapter(LTX2Adapter())
