@@ -71,6 +71,8 @@ class _BranchState(BaseState):
         self.num_steps: int | None = None
         self.layout: VideoLayout | None = None
         self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
+        # When the model's tokens are not in the layout's order: (layout index of each model token, its inverse).
+        self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class StepClock:
@@ -136,10 +138,16 @@ class SparseRuntime:
     def _state(self) -> _BranchState:
         return self.state_manager.get_state()
 
-    def begin_call(self, layout: VideoLayout, step: int, num_steps: int | None) -> None:
+    def begin_call(
+        self, layout: VideoLayout, step: int, num_steps: int | None, token_order: torch.Tensor | None = None
+    ) -> None:
+        """`token_order`: when the model's tokens are not in the layout's order, each one's index in the layout
+        (a permutation of `range(layout.num_tokens)`); `attention` then gathers them into the layout's order and
+        returns its output in the model's."""
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
         state.read_once = None
+        state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
 
     def new_run(self) -> None:
         """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
@@ -180,8 +188,8 @@ class SparseRuntime:
 
     def add_observer(self, observer) -> None:
         """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the
-        `CallRecord` and the `(B, S, H, D)` tensors in the model's token order (diagnostics, e.g.
-        `diffsparse.trace`). Observers live until `remove`."""
+        `CallRecord` and the `(B, S, H, D)` tensors in the layout's token order (the model's, unless its adapter
+        gives a `token_order`) (diagnostics, e.g. `diffsparse.trace`). Observers live until `remove`."""
         self._observers.append(observer)
 
     def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None) -> str:
@@ -219,8 +227,13 @@ class SparseRuntime:
         videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
         `heads`: `(first head, the model's heads)` when the tensors hold only some of the model's heads (Ulysses
         context parallelism), so a pattern with one mask per head gives these heads theirs.
+        The call's own tensors are taken in the model's token order: the adapter's `token_order`, if it gave one,
+        puts them in the layout's order and the output back in the model's.
         """
         state = self._state()
+        token_order = self._token_order(query.device) if layout is None else None
+        if token_order is not None:
+            query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
@@ -244,7 +257,14 @@ class SparseRuntime:
         self.records.append(record)
         for observer in self._observers:
             observer(record, *inputs, out)
-        return out
+        return out if token_order is None else out.index_select(1, token_order[0])
+
+    def _token_order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The call's token order and its inverse on `device` (moved there once per call)."""
+        state = self._state()
+        if state.token_order is not None and state.token_order[0].device != device:
+            state.token_order = tuple(index.to(device) for index in state.token_order)
+        return state.token_order
 
     def _attend(self, query, key, value, plan: BlockSparsePlan, return_lse: bool = False):
         """The kernel on `(B, S, H, D)` tensors: `out`, or `(out, lse)` with `lse` as `(B, S, H, 1)`."""
@@ -370,8 +390,9 @@ class SparseRuntime:
 class SparseContextHook(ModelHook):
     """Sets the runtime's call context (step, layout) before each transformer forward.
 
-    `read_call(module, args, kwargs) -> (layout, timestep)` is the model adapter's knowledge of where the
-    latent grid and the timestep are in the transformer's inputs.
+    `read_call(module, args, kwargs) -> (layout, timestep)` or `(layout, timestep, token_order)` is the model
+    adapter's knowledge of where the latent grid and the timestep are in the transformer's inputs (and, when its
+    tokens are not in the layout's order, where each one is in the layout: `SparseRuntime.begin_call`).
     """
 
     _is_stateful = True
@@ -394,11 +415,11 @@ class SparseContextHook(ModelHook):
         self._own_context = self.state_manager._context is None
         if self._own_context:
             self.state_manager.set_context(_DEFAULT_CONTEXT)
-        layout, timestep = self._read_call(module, args, kwargs)
+        layout, timestep, *token_order = self._read_call(module, args, kwargs)
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
             self._on_new_run()
-        self.runtime.begin_call(layout, step, num_steps)
+        self.runtime.begin_call(layout, step, num_steps, *token_order)
         return args, kwargs
 
     @torch.compiler.disable

@@ -9,10 +9,9 @@ from collections.abc import Callable, Iterator
 import torch
 from einops import rearrange
 
-from ..patterns import VideoLayout
-
-# (transformer, forward args, forward kwargs) -> (layout of the self-attention sequence, timestep)
-ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple[VideoLayout, torch.Tensor]]
+# (transformer, forward args, forward kwargs) -> (layout of the self-attention sequence, timestep), or with a third
+# element, each token's index in the layout when the model's tokens are in another order (`ModelAdapter.read_call`)
+ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple]
 
 
 class SparseProcessor:
@@ -177,8 +176,10 @@ class ModelAdapter(ABC):
         return sparse(runtime, layer, original)
 
     @abstractmethod
-    def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[VideoLayout, torch.Tensor]:
-        """The token layout and timestep of one transformer forward, from its inputs."""
+    def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """`(layout, timestep)` of one transformer forward, from its inputs; `(layout, timestep, token_order)` when
+        the model's self-attention tokens are not in the layout's order, `token_order` holding each token's index
+        in the layout (the runtime attends them in the layout's order and returns them in the model's)."""
 
     def set_processor(self, module: torch.nn.Module, processor) -> None:
         """Install `processor` on an attention `module` (diffusers' own setter; families without one override)."""

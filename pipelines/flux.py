@@ -6,8 +6,11 @@ order, read from `img_ids`, with the text tokens first. Both kinds of block atte
 dual-stream blocks get the text apart (`encoder_hidden_states`) and join it, the single-stream blocks get the
 joined sequence. RoPE covers the whole joint sequence, as in the original. FLUX.1 Kontext appends the reference
 image's tokens (their first id 1): when the reference has the output's size, the two images are two frames of
-one layout (the reference is frame 1, so a pattern's temporal reach decides how far into it each token looks);
-image tokens that are not such stacked grids raise a `ValueError` rather than run on a wrong layout.
+one layout (the reference is frame 1, so a pattern's temporal reach decides how far into it each token looks).
+A reference of another size cannot be a frame: its tokens join the text in the layout's leading span, kept whole
+(every image token attends all of them, and they attend everything), through the runtime's token order
+(`[text, image, references]` attended as `[text, references, image]`). Image tokens that start with no full grid
+of the output raise a `ValueError` rather than run on a wrong layout.
 """
 
 from __future__ import annotations
@@ -77,6 +80,18 @@ def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
     return (frames, rows, cols) if one_grid and increasing and per_frame[0, 0] == 0 else None
 
 
+def output_grid_and_references(img_ids: torch.Tensor) -> tuple[tuple[int, int], int] | None:
+    """`((rows, cols), references)` when `img_ids` start with the output image's full row-major grid (first id 0)
+    followed by `references` tokens of reference images (first ids above 0, any sizes); else `None`."""
+    ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).round().long().cpu()
+    later = (ids[:, 0] != 0).nonzero()
+    output = int(later[0]) if len(later) else ids.shape[0]
+    grid = image_grid(ids[:output]) if output else None
+    if grid is None or grid[0] != 1 or not (ids[output:, 0] > 0).all():
+        return None
+    return grid[1:], ids.shape[0] - output
+
+
 class FluxAdapter(ModelAdapter):
     transformer_classes = (FluxTransformer2DModel,)
     family = "FLUX"
@@ -92,18 +107,30 @@ class FluxAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
         timestep = call_argument(args, kwargs, "timestep", self.timestep_position)
-        grid = image_grid(call_argument(args, kwargs, "img_ids", self.img_ids_position))
-        if grid is None or grid[0] * grid[1] * grid[2] != hidden_states.shape[1]:
+        img_ids = call_argument(args, kwargs, "img_ids", self.img_ids_position)
+        text_len, tokens = encoder_hidden_states.shape[1], hidden_states.shape[1]
+        # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
+        timestep = timestep * 1000
+        grid = image_grid(img_ids)
+        if grid is not None and grid[0] * grid[1] * grid[2] == tokens:
+            return VideoLayout(*grid, text_len=text_len, text_position="start"), timestep
+        split = output_grid_and_references(img_ids)
+        if split is None or split[0][0] * split[0][1] + split[1] != tokens:
             raise ValueError(
-                f"diffsparse reads the {self.family} image grid from `img_ids`, but these {hidden_states.shape[1]} "
-                "image tokens are not row-major grids of one size (e.g. a reference image of another size than the "
-                "output: for FLUX.1 Kontext pass the `height` and `width` it resizes the reference to, the "
-                "preferred resolution nearest its aspect ratio), so this call is not supported: "
+                f"diffsparse reads the {self.family} image grid from `img_ids`, but these {tokens} image tokens do "
+                "not start with a row-major grid of the output image, so this call is not supported: "
                 "`diffsparse.remove(pipe)`"
             )
-        layout = VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="start")
-        # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        return layout, timestep * 1000
+        (rows, cols), references = split
+        layout = VideoLayout(1, rows, cols, text_len=text_len + references, text_position="start")
+        # Model order [text, image, references]; layout order [text, references, image].
+        image_len = rows * cols
+        token_order = torch.cat([
+            torch.arange(text_len),
+            torch.arange(text_len + references, text_len + references + image_len),
+            torch.arange(text_len, text_len + references),
+        ])
+        return layout, timestep, token_order
 
 
 register_adapter(FluxAdapter())

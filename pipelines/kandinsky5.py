@@ -4,9 +4,10 @@ The text tokens run through their own blocks first; each visual block then has a
 (`visual_transformer_blocks[i].self_attention`, made sparse) and a cross-attention to the text (untouched). The
 latents arrive as `(B, T, H, W, C)` and are patchified frame-major, except when the pipeline passes
 `sparse_params` with `to_fractal` (checkpoints with `attention_type="nabla"`, Kandinsky's own sparse attention):
-the tokens are then ordered in 8 x 8 spatial tiles per frame. The sparse path puts them back in frame-major order
-for the runtime (which applies `SparseConfig.order` itself) and returns them in the model's order. Dense calls run
-the original processor, NABLA included when the pipeline asks for it.
+the tokens are then ordered in 8 x 8 spatial tiles per frame. The adapter gives that order to the runtime
+(`read_call`'s token order), which attends the tokens in frame-major order (then applies `SparseConfig.order`
+itself) and returns them in the model's. Dense calls run the original processor, NABLA included when the
+pipeline asks for it.
 """
 
 from __future__ import annotations
@@ -59,15 +60,7 @@ class Kandinsky5SparseAttnProcessor(SparseProcessor, Kandinsky5AttnProcessor):
         if encoder_hidden_states is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, rotary_emb, sparse_params)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
-        if sparse_params is not None and sparse_params.get("to_fractal"):
-            layout = self.runtime.call_layout()
-            tiled = fractal_order(layout.frames, layout.height, layout.width).to(query.device)
-            frame_major = torch.argsort(tiled)
-            query, key, value = (x[:, frame_major] for x in (query, key, value))
-            out = self.attend_video(query, key, value)[:, tiled]
-        else:
-            out = self.attend_video(query, key, value)
-        return attn.out_layer(out.flatten(-2, -1))
+        return attn.out_layer(self.attend_video(query, key, value).flatten(-2, -1))
 
 
 class Kandinsky5Adapter(ModelAdapter):
@@ -83,7 +76,11 @@ class Kandinsky5Adapter(ModelAdapter):
         timestep = call_argument(args, kwargs, "timestep", 2)
         _, frames, height, width, _ = hidden_states.shape
         p_t, p_h, p_w = transformer.config.patch_size
-        return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
+        layout = VideoLayout(frames // p_t, height // p_h, width // p_w)
+        sparse_params = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
+        if sparse_params is not None and sparse_params.get("to_fractal"):
+            return layout, timestep, fractal_order(layout.frames, layout.height, layout.width)
+        return layout, timestep
 
 
 register_adapter(Kandinsky5Adapter())

@@ -79,31 +79,44 @@ def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
     assert not torch.allclose(out, reference, atol=1e-4)
 
 
-def test_image_ids_give_one_grid_or_kontexts_two_and_anything_else_is_refused(flux_pipe):
+def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_else_is_refused(flux_pipe):
     grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
     ids = torch.cat([torch.zeros(12, 1), grid.float()], dim=1)
     assert image_grid(ids) == (1, 3, 4) and image_grid(ids[None]) == (1, 3, 4)
     reference_image = ids.clone()
     reference_image[:, 0] = 1  # FLUX.1 Kontext's reference image, of the output's size
     assert image_grid(torch.cat([ids, reference_image])) == (2, 3, 4)
-    smaller = reference_image[reference_image[:, 1] < 2]  # a reference image of another size
+    smaller = reference_image[reference_image[:, 1] < 2]  # a reference image of another size: 8 tokens
     mixed = torch.cat([ids, smaller])
     assert image_grid(mixed) is None
-    call = {"hidden_states": torch.zeros(1, 20, 16), "encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16),
-            "timestep": torch.tensor([0.5]), "img_ids": mixed}
-    with pytest.raises(ValueError, match="not row-major grids of one size"):
-        adapter_for(flux_pipe.transformer).read_call(flux_pipe.transformer, (), call)
+    read = adapter_for(flux_pipe.transformer).read_call
+
+    def call(img_ids):
+        return {"hidden_states": torch.zeros(1, len(img_ids), 16), "encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16),
+                "timestep": torch.tensor([0.5]), "img_ids": img_ids}
+
+    # The reference joins the text in the leading span: model order [text, image, reference] is attended as
+    # [text, reference, image], each model token's index in the layout given as the call's token order.
+    layout, timestep, token_order = read(flux_pipe.transformer, (), call(mixed))
+    assert layout == VideoLayout(1, 3, 4, text_len=TEXT_LEN + 8, text_position="start") and float(timestep) == 500.0
+    text, image, reference = TEXT_LEN, 12, 8
+    assert token_order.tolist() == [*range(text), *range(text + reference, text + reference + image),
+                                    *range(text, text + reference)]
+    with pytest.raises(ValueError, match="do not start with a row-major grid of the output"):
+        read(flux_pipe.transformer, (), call(torch.cat([smaller, ids])))
 
 
-def test_kontext_edits_attend_the_reference_image_as_a_second_frame(flux_pipe):
+@pytest.mark.parametrize("reference_size", [(24, 32), (16, 48)], ids=["output's size", "another size"])
+def test_kontext_edits_attend_the_reference_image(flux_pipe, reference_size):
+    # A reference of the output's size is a second frame; one of another size is kept whole beside the text.
     from diffusers import FluxKontextPipeline
     from PIL import Image
 
     pipe = FluxKontextPipeline(**flux_pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    call = {"image": Image.new("RGB", (24, 32), (200, 40, 40)), "prompt": "a blue circle on grass", "height": 32,
-            "width": 24, "num_inference_steps": 3, "max_sequence_length": TEXT_LEN, "output_type": "latent",
-            "_auto_resize": False, "max_area": 32 * 24}  # Kontext scales the output to max_area (1024^2)
+    call = {"image": Image.new("RGB", reference_size, (200, 40, 40)), "prompt": "a blue circle on grass",
+            "height": 32, "width": 24, "num_inference_steps": 3, "max_sequence_length": TEXT_LEN,
+            "output_type": "latent", "_auto_resize": False, "max_area": 32 * 24}  # Kontext scales to max_area
 
     def edit(config=None):
         with torch.no_grad():
@@ -115,8 +128,10 @@ def test_kontext_edits_attend_the_reference_image_as_a_second_frame(flux_pipe):
     reference = edit()
     kept, calls = edit(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    # 32 x 24 pixels -> 16 x 12 latents -> 8 x 6 packed patches, output and reference.
-    assert {layout for _, layout, _ in calls} == {VideoLayout(2, 8, 6, text_len=TEXT_LEN, text_position="start")}
+    # 32 x 24 pixels -> 16 x 12 latents -> 8 x 6 packed patches; a 48 x 16 reference -> 12 x 4 patches = 48 tokens.
+    expected = (VideoLayout(2, 8, 6, text_len=TEXT_LEN, text_position="start") if reference_size == (24, 32) else
+                VideoLayout(1, 8, 6, text_len=TEXT_LEN + 48, text_position="start"))
+    assert {layout for _, layout, _ in calls} == {expected}
     sparse, _ = edit(diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0))
     assert not torch.allclose(sparse, reference, atol=1e-4)
 

@@ -79,12 +79,27 @@ def test_every_block_kept_matches_dense(transformer, references, order):
     assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
-def test_layout_and_step_of_a_call_and_references_of_another_size_are_refused(transformer):
+def test_layout_and_step_of_a_call(transformer):
     adapter = adapter_for(transformer)
     layout, timestep = adapter.read_call(transformer, (), inputs(references=2))
     assert layout == VideoLayout(3, 4, 6, text_len=TEXT_LEN, text_position="start") and float(timestep) == 900.0
-    with pytest.raises(ValueError, match="not row-major grids of one size"):
-        adapter.read_call(transformer, (), inputs(references=1, reference_size=(2, 3)))
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, order):
+    # Two references of 2 x 3 tokens: 12 tokens that join the text's leading span (attended as [text, references,
+    # image], returned in the model's order), so every block kept matches dense and a sparse pattern still drops
+    # image blocks.
+    kwargs = {"references": 2, "reference_size": (2, 3)}
+    layout, _, token_order = adapter_for(transformer).read_call(transformer, (), inputs(**kwargs))
+    assert layout == VideoLayout(1, 4, 6, text_len=TEXT_LEN + 12, text_position="start")
+    assert sorted(token_order.tolist()) == list(range(TEXT_LEN + 24 + 12))
+    reference = run(transformer, **kwargs)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    torch.testing.assert_close(run(transformer, config, **kwargs), reference, atol=1e-4, rtol=0)
+    sparse = run(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                      dense_steps=0), **kwargs)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream processor

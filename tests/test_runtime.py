@@ -40,6 +40,25 @@ def test_tile_order_plans_carry_their_permutation():
     assert SparseRuntime(SparseConfig(block_size=16), "t").plan(layout, 1, torch.device("cpu")).perm is None
 
 
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
+    # Model tokens in a shuffled order, each one's layout index given at begin_call: the output is the layout-order
+    # result permuted back, whatever SparseConfig.order adds on top; without the token order it would differ.
+    layout = VideoLayout(4, 4, 8, text_len=5, text_position="start")
+    runtime = SparseRuntime(SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0,
+                                         order=order), "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    runtime.begin_call(layout, 0, 1)
+    in_layout_order = runtime.attention(0, q, k, v)
+    token_order = torch.randperm(layout.num_tokens, generator=torch.Generator().manual_seed(1))  # model -> layout
+    runtime.begin_call(layout, 0, 1, token_order)
+    shuffled = runtime.attention(0, *(x[:, token_order] for x in (q, k, v)))
+    torch.testing.assert_close(shuffled, in_layout_order[:, token_order], atol=1e-6, rtol=0)
+    runtime.begin_call(layout, 0, 1)
+    assert not torch.allclose(runtime.attention(0, *(x[:, token_order] for x in (q, k, v))), shuffled, atol=1e-3)
+
+
 class _Scheduler:
     def __init__(self, timesteps):
         self.timesteps = torch.tensor(timesteps)
