@@ -57,7 +57,7 @@ class SparseStats:
 class SparseHandle:
     """What `apply` installed on one pipeline or transformer; undone exactly by `remove`."""
 
-    def __init__(self, config: SparseConfig, transformers: dict[str, torch.nn.Module], scheduler):
+    def __init__(self, config: SparseConfig, transformers: dict[str, torch.nn.Module], scheduler, pipeline=None):
         self.config = config
         self._transformers = transformers
         self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
@@ -74,7 +74,10 @@ class SparseHandle:
             for module, processor in processors.items():
                 self._originals.append((adapter, module, module.processor))
                 adapter.set_processor(module, processor)
-            hook = SparseContextHook(runtime, clock, adapter.read_call, self._new_run)
+            read_call = adapter.read_call
+            if adapter.timestep_from_pipeline and pipeline is not None:
+                read_call = _with_pipeline_timestep(read_call, pipeline)
+            hook = SparseContextHook(runtime, clock, read_call, self._new_run)
             register_context_hook(transformer, hook)
             setattr(transformer, _HANDLE_ATTR, self)
             self.runtimes[name] = runtime
@@ -116,6 +119,19 @@ class SparseHandle:
                     )
                 )
         return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
+
+
+def _with_pipeline_timestep(read_call, pipeline):
+    """`read_call` whose timestep is the pipeline's `_current_timestep` (the scheduler's timestep it is denoising
+    at, which diffusers pipelines set before each transformer call) when it has one: for families whose
+    transformer gets the timestep on another scale than the scheduler's (Cosmos)."""
+
+    def read(transformer, args, kwargs):
+        layout, timestep, *token_order = read_call(transformer, args, kwargs)
+        current = getattr(pipeline, "_current_timestep", None)
+        return (layout, timestep if current is None else torch.as_tensor(current), *token_order)
+
+    return read
 
 
 def _handles(pipe_or_transformer) -> list[SparseHandle]:
@@ -160,7 +176,8 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
     remove(pipe_or_transformer)
     if scheduler is None:
         config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
-    return SparseHandle(config, transformers, scheduler)
+    pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
+    return SparseHandle(config, transformers, scheduler, pipeline)
 
 
 def remove(pipe_or_transformer) -> None:

@@ -153,6 +153,9 @@ class ModelAdapter(ABC):
     processor_pairs: tuple[tuple[type, type], ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)  # transformer attributes holding the blocks, in order
     attention_name: str = "attn1"  # the self-attention module of each block
+    # The transformer gets the timestep on another scale than the scheduler's timesteps (Cosmos): applied to a
+    # pipeline, the step clock reads the pipeline's `_current_timestep` instead of `read_call`'s timestep.
+    timestep_from_pipeline: bool = False
 
     def self_attention_modules(self, transformer: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         """`(layer index, attention module)` for every self-attention that may become sparse: the blocks of

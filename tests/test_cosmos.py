@@ -1,0 +1,116 @@
+"""diffsparse on diffusers Cosmos (tiny, random weights): the transformer called directly, and a tiny Cosmos
+Predict 2 video-to-world pipeline, whose transformer timestep (`sigma / (sigma + 1)`, one per latent frame) is on
+another scale than the scheduler's, so the step schedule follows the pipeline's own timestep."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+from helpers import check_other_processors_are_refused, run_pipeline, run_transformer
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
+
+
+def tiny_transformer(in_channels=4, out_channels=4, text_dim=16):
+    torch.manual_seed(0)
+    return CosmosTransformer3DModel(
+        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=12,
+        num_layers=2, mlp_ratio=2, text_embed_dim=text_dim, adaln_lora_dim=4, max_size=(8, 32, 32),
+        patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type="learnable",
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return tiny_transformer()
+
+
+def inputs(per_frame: bool = False):
+    """4 latent frames of 8 x 12 -> 4 x 4 x 6 = 96 tokens; `per_frame`: Cosmos 2's `(B, 1, T, 1, 1)` timesteps."""
+    def call():
+        g = torch.Generator().manual_seed(1)
+        timestep = torch.tensor([0.9, 0.5, 0.5, 0.5]).view(1, 1, 4, 1, 1) if per_frame else torch.tensor([0.5])
+        return {"hidden_states": torch.randn(1, 4, 4, 8, 12, generator=g), "timestep": timestep,
+                "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "padding_mask": torch.zeros(1, 1, 8, 12)}
+
+    return call
+
+
+@pytest.mark.parametrize("per_frame", [False, True], ids=["one timestep", "per frame"])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, per_frame, order):
+    reference = run_transformer(transformer, inputs(per_frame))
+    dense = run_transformer(transformer, inputs(per_frame), diffsparse.SparseConfig(pattern="dense", dense_steps=0))
+    assert torch.equal(dense, reference)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
+    torch.testing.assert_close(run_transformer(transformer, inputs(per_frame), every_block), reference, atol=1e-4,
+                               rtol=0)
+    assert not torch.allclose(run_transformer(transformer, inputs(per_frame), RADIAL), reference, atol=1e-4)
+
+
+def test_layout_of_a_call(transformer):
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs(per_frame=True)())
+    assert layout == VideoLayout(4, 4, 6) and timestep.shape == (1, 1, 4, 1, 1)
+
+
+class NoSafetyChecker(torch.nn.Module):
+    """Stands in for `cosmos_guardrail`'s checker (not installed here), letting every prompt and video through."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device and dtype for the pipeline to read
+
+    device = property(lambda self: self.anchor.device)
+    dtype = property(lambda self: self.anchor.dtype)
+
+    def check_text_safety(self, prompt):
+        return True
+
+    def check_video_safety(self, video):
+        return video
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    base = tiny_wan_pipeline()  # its T5 text encoder, word tokenizer and Wan VAE (Cosmos 2 uses the Wan VAE)
+    z_dim = base.vae.config.z_dim
+    pipe = Cosmos2VideoToWorldPipeline(
+        text_encoder=base.text_encoder, tokenizer=base.tokenizer, vae=base.vae,
+        transformer=tiny_transformer(z_dim + 1, z_dim, base.text_encoder.config.d_model),  # + the condition mask
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=NoSafetyChecker(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CALL = {"image": Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)),
+        "prompt": "a red circle", "negative_prompt": "low quality", "height": 64, "width": 96, "num_frames": 9,
+        "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent", "max_sequence_length": 16}
+
+
+def test_video_to_world_pipeline_steps_follow_the_scheduler(pipe):
+    # The scheduler's timesteps are 1000 sigma (80000, 2515, 2); the transformer gets sigma / (sigma + 1), which
+    # matched against them would put every call on the last step, so `dense_steps` would never hold.
+    reference = run_pipeline(pipe, CALL)
+    dense, _ = run_pipeline(pipe, CALL, diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(dense, reference)
+    every_block, _ = run_pipeline(pipe, CALL, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    torch.testing.assert_close(every_block, reference, atol=1e-4, rtol=0)
+    sparse, stats = run_pipeline(pipe, CALL, diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1))
+    # Three steps, a cond and an uncond call each; the first step dense.
+    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
+        (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
+    ]
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_other_processors_are_refused(transformer):
+    check_other_processors_are_refused(transformer, "Cosmos", layer=1)
