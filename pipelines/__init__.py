@@ -1,6 +1,20 @@
 """Where: one adapter per model family (which modules are self-attention, how a call's layout is read)."""
 
-from . import cogvideox, cosmos, flux, flux2, hunyuan_video, hunyuan_video15, kandinsky5, ltx, ltx2, mochi, sd3, wan  # noqa: F401  (register their adapters)
+from . import (  # noqa: F401  (register their adapters)
+    cogvideox,
+    cosmos,
+    flux,
+    flux2,
+    helios,
+    hunyuan_video,
+    hunyuan_video15,
+    kandinsky5,
+    ltx,
+    ltx2,
+    mochi,
+    sd3,
+    wan,
+)
 from .base import ModelAdapter
 from .registry import adapter_for, find_transformers, register_adapter
 

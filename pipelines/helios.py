@@ -1,0 +1,89 @@
+"""Helios (`HeliosTransformer3DModel`): long videos generated chunk by chunk, each chunk conditioned on a
+multi-term memory of the frames before it.
+
+Self-attention is `blocks[i].attn1` over `[history, chunk]`: the short-, mid- and long-term history latents,
+patchified at 1x, 2x and 4x the patch size (long first), then the current chunk's tokens in frame-major order. The
+history is the layout's leading span, kept whole like text (every chunk token attends all of it), and the chunk is
+the grid. Each chunk is its own denoising loop (the scheduler's timesteps are set anew), so `stats()` after a
+pipeline call covers the last chunk, and `dense_steps` count within each chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.transformers.transformer_helios import (
+    HeliosAttnProcessor,
+    HeliosTransformer3DModel,
+    _get_qkv_projections,
+    apply_rotary_emb_transposed,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument
+from .registry import register_adapter
+
+# The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), and
+# how many patches each of their tokens covers per axis.
+_HISTORY_TERMS = (("short", 1), ("mid", 2), ("long", 4))
+
+
+def history_tokens(patch_size: tuple[int, int, int], kwargs: dict) -> int:
+    """How many memory tokens the transformer puts in front of the chunk: a term counts when both its latents and
+    its frame indices are given; the mid and long terms are padded up to whole patches first, as Helios does."""
+    total = 0
+    for name, scale in _HISTORY_TERMS:
+        latents = kwargs.get(f"latents_history_{name}")
+        if latents is None or kwargs.get(f"indices_latents_history_{name}") is None:
+            continue
+        kernel = [scale * p for p in patch_size]
+        sizes = latents.shape[2:]
+        total += math.prod(size // k if scale == 1 else -(-size // k) for size, k in zip(sizes, kernel))
+    return total
+
+
+class HeliosSparseAttnProcessor(SparseProcessor, HeliosAttnProcessor):
+    """`HeliosAttnProcessor` whose self-attention runs block-sparse when the runtime says so; dense calls run the
+    original `__call__` unchanged."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 original_context_length=None):
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, original_context_length)
+        if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        # diffusers splits Helios' tokens per attention call under context parallelism; this path does not.
+        self.check_not_parallel()
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:
+            query = apply_rotary_emb_transposed(query, rotary_emb)
+            key = apply_rotary_emb_transposed(key, rotary_emb)
+        history = hidden_states.shape[1] - original_context_length
+        if attn.is_amplify_history and history > 0:  # the memory's keys, amplified by a learned scale
+            scale = 1.0 + torch.sigmoid(attn.history_key_scale) * (attn.max_scale - 1.0)
+            if attn.history_scale_mode == "per_head":
+                scale = scale.view(1, 1, -1, 1)
+            key = torch.cat([key[:, :history] * scale, key[:, history:]], dim=1)
+        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class HeliosAdapter(ModelAdapter):
+    transformer_classes = (HeliosTransformer3DModel,)
+    family = "Helios"
+    original_processor = HeliosAttnProcessor
+    sparse_processor = HeliosSparseAttnProcessor
+    block_lists = ("blocks",)
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = transformer.config.patch_size
+        history = history_tokens(transformer.config.patch_size, kwargs)
+        return VideoLayout(frames // p_t, height // p_h, width // p_w, text_len=history, text_position="start"), timestep
+
+
+register_adapter(HeliosAdapter())
