@@ -266,6 +266,18 @@ class SparseRuntime:
             state.token_order = tuple(index.to(device) for index in state.token_order)
         return state.token_order
 
+    def to_layout_order(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, S, ...)` tensors of the call's whole sequence, from the model's token order to the layout's (as is
+        when the adapter gave no token order): for processors that cut the sequence into prefixes themselves and
+        pass `attention` explicit layouts, which it takes in the layout's order."""
+        token_order = self._token_order(x.device)
+        return x if token_order is None else x.index_select(1, token_order[1])
+
+    def to_model_order(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_layout_order`."""
+        token_order = self._token_order(x.device)
+        return x if token_order is None else x.index_select(1, token_order[0])
+
     def _attend(self, query, key, value, plan: BlockSparsePlan, return_lse: bool = False):
         """The kernel on `(B, S, H, D)` tensors: `out`, or `(out, lse)` with `lse` as `(B, S, H, 1)`."""
         result = block_sparse_attention(

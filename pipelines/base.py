@@ -245,6 +245,8 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
     call_layout = runtime.call_layout()
     if set(lengths) == {length}:  # no padding anywhere (the usual single prompt): the call's own layout, no copies
         return runtime.attention(layer, query, key, value)
+    # Prefixes are cut in the layout's token order (Framepack's history moved behind the video, before the text).
+    query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     out = torch.zeros_like(query)
     for valid in sorted(set(lengths)):
         videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
@@ -257,4 +259,4 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
             padded = (query if whole else query.index_select(0, videos))[:, valid:].transpose(1, 2)
             tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
             out[videos, valid:] = tail.transpose(1, 2)
-    return out
+    return runtime.to_model_order(out)

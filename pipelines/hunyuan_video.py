@@ -7,12 +7,19 @@ masked as keys (`attention_mask`, a valid prefix per video). The sparse path att
 prefix only, with the layout's text span cut to the valid tokens (every pattern keeps text rows and columns
 whole); the padded text queries, whose outputs never reach a video token, attend densely to the valid keys as
 in the original. The text-only attention of the token refiner is untouched.
+
+HunyuanVideo Framepack (`HunyuanVideoFramepackTransformer3DModel`, the same blocks and processor) puts the
+history latents (4x, 2x and 1x patchified) in front of the video and the image embedding in front of the text:
+`[history, video, image, text]`. The history is kept whole with the text: the adapter's token order attends the
+sequence as `[video, history, image, text]`, whose trailing span is everything but the grid.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
+from diffusers import HunyuanVideoFramepackTransformer3DModel, HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
@@ -85,4 +92,41 @@ class HunyuanVideoAdapter(ModelAdapter):
         return layout, timestep
 
 
+# Framepack's history terms: the argument, and its patch (padded up to whole patches, except the 1x term).
+_FRAMEPACK_HISTORY = (("latents_clean", (1, 2, 2)), ("latents_history_2x", (2, 4, 4)), ("latents_history_4x", (4, 8, 8)))
+
+
+class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
+    """HunyuanVideo Framepack: `[history, video, image, text]`, attended as `[video, history, image, text]` (the
+    layout's trailing span: history, image tokens and text, kept whole). A single video's prompt padding is cut
+    off by the transformer itself, so its text span is the valid tokens; a batch keeps the padding, masked."""
+
+    transformer_classes = (HunyuanVideoFramepackTransformer3DModel,)
+    family = "HunyuanVideo Framepack"
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 2)
+        mask = call_argument(args, kwargs, "encoder_attention_mask", 3)
+        image_embeds = call_argument(args, kwargs, "image_embeds", 5)
+        batch, _, frames, height, width = hidden_states.shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        history = 0
+        for name, kernel in _FRAMEPACK_HISTORY:
+            latents = kwargs.get(name)
+            if latents is not None and kwargs.get(f"indices_{name}") is not None:
+                padded = kernel != (1, 2, 2)
+                history += math.prod(-(-n // k) if padded else n // k for n, k in zip(latents.shape[2:], kernel))
+        text = int(mask.sum()) if batch == 1 else encoder_hidden_states.shape[1]
+        video = (frames // p_t) * (height // p) * (width // p)
+        layout = VideoLayout(frames // p_t, height // p, width // p, text_len=history + image_embeds.shape[1] + text,
+                             text_position="end")
+        # Model order [history, video, image, text] -> layout order [video, history, image, text].
+        token_order = torch.cat([torch.arange(video, video + history), torch.arange(video),
+                                 torch.arange(video + history, layout.num_tokens)])
+        return layout, timestep, token_order
+
+
 register_adapter(HunyuanVideoAdapter())
+register_adapter(HunyuanVideoFramepackAdapter())
