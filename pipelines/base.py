@@ -200,6 +200,13 @@ def project_qkv(attn, x: torch.Tensor, added: bool = False):
     return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 
 
+def latent_grid(hidden_states: torch.Tensor, patch_size) -> tuple[int, int, int]:
+    """`(frames, height, width)` in tokens of `(B, C, T, H, W)` latents patchified by `(p_t, p_h, p_w)`."""
+    _, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = patch_size
+    return frames // p_t, height // p_h, width // p_w
+
+
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     """A forward argument given either by keyword or by position."""
     if name in kwargs:

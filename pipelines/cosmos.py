@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
 from .registry import register_adapter
 
 
@@ -55,9 +55,7 @@ class CosmosAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
-        _, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
+        return VideoLayout(*latent_grid(hidden_states, transformer.config.patch_size)), timestep
 
 
 register_adapter(CosmosAdapter())

@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_helios import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
 from .registry import register_adapter
 
 # The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), and
@@ -80,10 +80,9 @@ class HeliosAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
-        _, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
+        grid = latent_grid(hidden_states, transformer.config.patch_size)
         history = history_tokens(transformer.config.patch_size, kwargs)
-        return VideoLayout(frames // p_t, height // p_h, width // p_w, text_len=history, text_position="start"), timestep
+        return VideoLayout(*grid, text_len=history, text_position="start"), timestep
 
 
 register_adapter(HeliosAdapter())

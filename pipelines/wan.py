@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_wan_animate import WanAttnProcess
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
 from .registry import register_adapter
 
 
@@ -105,9 +105,7 @@ class WanAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
-        _, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
+        return VideoLayout(*latent_grid(hidden_states, transformer.config.patch_size)), timestep
 
 
 class WanVACEAdapter(WanAdapter):
