@@ -207,6 +207,12 @@ def latent_grid(hidden_states: torch.Tensor, patch_size) -> tuple[int, int, int]
     return frames // p_t, height // p_h, width // p_w
 
 
+def leading_run(flags: torch.Tensor) -> int:
+    """How many leading entries of a boolean vector are true (token-coordinate reading: LTX, LTX-2)."""
+    false = (~flags).nonzero()
+    return int(false[0]) if len(false) else len(flags)
+
+
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     """A forward argument given either by keyword or by position."""
     if name in kwargs:

@@ -15,7 +15,7 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, context_parallel_config
+from .base import ModelAdapter, SparseProcessor, call_argument, context_parallel_config, leading_run
 from .registry import register_adapter
 
 
@@ -59,18 +59,12 @@ def layout_from_coords(video_coords: torch.Tensor) -> VideoLayout:
     conditions = int(origin[0])
     grid = coords[:, conditions:]
     # Frame-major: the first frame's tokens share time 0, the first row's tokens also y 0 (a run each).
-    per_frame = _leading_run(grid[0] == 0)
-    width = _leading_run((grid[0] == 0) & (grid[1] == 0))
+    per_frame = leading_run(grid[0] == 0)
+    width = leading_run((grid[0] == 0) & (grid[1] == 0))
     if grid.shape[1] % per_frame or per_frame % width:
         raise ValueError(f"`video_coords` hold no frame-major grid after {conditions} condition tokens")
     return VideoLayout(grid.shape[1] // per_frame, per_frame // width, width, text_len=conditions,
                        text_position="start")
-
-
-def _leading_run(flags: torch.Tensor) -> int:
-    """How many leading entries of a boolean vector are true."""
-    false = (~flags).nonzero()
-    return int(false[0]) if len(false) else len(flags)
 
 
 class LTXAdapter(ModelAdapter):

@@ -2,8 +2,9 @@
 
 Each block holds a video self-attention `attn1` (made sparse), an audio self-attention `audio_attn1` (a 1D
 sequence: untouched), text cross-attentions and audio-video cross-attentions (untouched). The video tokens arrive
-packed frame-major; the pipelines pass the latent grid as `num_frames`, `height`, `width`. LTX2ConditionPipeline
-appends keyframe tokens after the grid: they take the layout's trailing span, which patterns keep whole. LTX-2.3
+packed frame-major; the pipelines pass the latent grid as `num_frames`, `height`, `width` (LTX-2.5's DFR pipeline
+only the tokens' coordinates, from which it is read). LTX2ConditionPipeline appends keyframe tokens after the
+grid: they take the layout's trailing span, which patterns keep whole. LTX-2.3
 checkpoints use `LTX2PerturbedAttnProcessor` (spatio-temporal guidance), whose perturbed batch elements take the
 values instead of attention; both processor classes get the same sparse path.
 """
@@ -20,7 +21,7 @@ from diffusers.models.transformers.transformer_ltx2 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, leading_run
 from .registry import register_adapter
 
 _ROTARY = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}
@@ -95,17 +96,20 @@ class LTX2Adapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 4)
+        tokens = hidden_states.shape[1]
         grid = [kwargs.get(name) for name in ("num_frames", "height", "width")]
         if any(size is None for size in grid):
-            raise ValueError(
-                "diffsparse reads the LTX-2 token grid from the transformer's `num_frames`, `height` and `width` "
-                "keyword arguments (as the LTX-2 pipelines pass them); this call gave "
-                + ", ".join(f"{name}={size}" for name, size in zip(("num_frames", "height", "width"), grid))
-            )
+            # LTX-2.5's DFR pipeline calls the transformer on temporal tiles with their coordinates only.
+            coords = kwargs.get("video_coords")
+            if coords is None:
+                raise ValueError(
+                    "diffsparse reads the LTX-2 token grid from the transformer's `num_frames`, `height` and `width`, "
+                    "or from `video_coords`; this call gave neither"
+                )
+            return grid_from_coords(coords), timestep
         frames, height, width = (int(size) for size in grid)
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         grid_len = (frames // p_t) * (height // p) * (width // p)
-        tokens = hidden_states.shape[1]
         if tokens < grid_len:
             # Also what context parallelism would give (one rank's shard); diffusers' own LTX-2 context
             # parallelism fails in its audio-video cross-attention (diffusers 0.42), so it is not supported here.
@@ -116,6 +120,28 @@ class LTX2Adapter(ModelAdapter):
         # Appended keyframe (or reference) tokens: a trailing span kept whole, like text.
         layout = VideoLayout(frames // p_t, height // p, width // p, text_len=tokens - grid_len, text_position="end")
         return layout, timestep
+
+
+def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:
+    """The layout of an LTX-2 call from its `(B, 3, N, 2)` patch bounds (time, y, x; every video of a batch has
+    the same): the grid is the frame-major run of whole frames from the first token (each frame the first one's
+    rows and columns at one later time), the tokens after it a trailing span kept whole. One read of the
+    coordinates per call (a host sync on GPU)."""
+    starts = video_coords[0, :, :, 0].detach().float().cpu()  # (3, N)
+    first_frame = starts[0] == starts[0, 0]
+    per_frame = leading_run(first_frame)
+    width = leading_run(first_frame & (starts[1] == starts[1, 0]))
+    if per_frame % width:
+        raise ValueError("`video_coords` start with no whole frame of rows and columns")
+    positions = starts[1:, :per_frame]
+    frames, time = 1, starts[0, 0]
+    while (frames + 1) * per_frame <= starts.shape[1]:
+        block = starts[:, frames * per_frame : (frames + 1) * per_frame]
+        if not (torch.equal(block[1:], positions) and (block[0] == block[0, 0]).all() and block[0, 0] > time):
+            break
+        frames, time = frames + 1, block[0, 0]
+    return VideoLayout(frames, per_frame // width, width, text_len=starts.shape[1] - frames * per_frame,
+                       text_position="end")
 
 
 register_adapter(LTX2Adapter())

@@ -120,7 +120,34 @@ def test_soft_self_attention_mask_runs_the_original_and_counts_as_dense(transfor
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
 
 
-def test_a_call_without_the_grid_is_refused(transformer):
+@pytest.mark.parametrize("keyframes", [0, 10])
+def test_a_call_with_coordinates_only_reads_the_grid_from_them(transformer, keyframes):
+    # LTX-2.5's DFR pipeline passes no num_frames/height/width, only each tile's token coordinates.
+    def coords_only():
+        call = make_inputs(transformer, keyframes=keyframes)()
+        if "video_coords" not in call:
+            call["video_coords"] = transformer.rope.prepare_video_coords(1, *GRID, torch.device("cpu"), fps=24.0)
+        for name in ("num_frames", "height", "width"):
+            del call[name]
+        return call
+
+    expected = VideoLayout(*GRID, text_len=keyframes, text_position="end")
+    layout, _ = adapter_for(transformer).read_call(transformer, (), coords_only())
+    assert layout == expected
+    reference = run_transformer(transformer, coords_only)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    torch.testing.assert_close(run_transformer(transformer, coords_only, every_block), reference, atol=1e-4, rtol=0)
+    # The same layout as the call that names its grid: the same sparse result.
+    sparse = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
+
+    def named():
+        return {**make_inputs(transformer, keyframes=keyframes)(), "video_coords": coords_only()["video_coords"]}
+
+    torch.testing.assert_close(run_transformer(transformer, coords_only, sparse),
+                               run_transformer(transformer, named, sparse), atol=1e-6, rtol=0)
+
+
+def test_a_call_without_grid_or_coordinates_is_refused(transformer):
     inputs = make_inputs(transformer)()
     del inputs["num_frames"]
     with pytest.raises(ValueError, match="num_frames"):
