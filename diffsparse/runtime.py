@@ -144,6 +144,11 @@ class SparseRuntime:
         """`token_order`: when the model's tokens are not in the layout's order, each one's index in the layout
         (a permutation of `range(layout.num_tokens)`); `attention` then gathers them into the layout's order and
         returns its output in the model's."""
+        if token_order is not None and token_order.shape != (layout.num_tokens,):
+            raise ValueError(
+                f"token_order must hold one layout index per token of {layout} ({layout.num_tokens}), got shape "
+                f"{tuple(token_order.shape)}"
+            )
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
         state.read_once = None

@@ -57,6 +57,8 @@ def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
     torch.testing.assert_close(shuffled, in_layout_order[:, token_order], atol=1e-6, rtol=0)
     runtime.begin_call(layout, 0, 1)
     assert not torch.allclose(runtime.attention(0, *(x[:, token_order] for x in (q, k, v))), shuffled, atol=1e-3)
+    with pytest.raises(ValueError, match="one layout index per token"):
+        runtime.begin_call(layout, 0, 1, token_order[1:])
 
 
 class _Scheduler:
