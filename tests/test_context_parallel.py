@@ -1,6 +1,6 @@
 """Sparse attention under diffusers' Ulysses context parallelism: two CPU processes (gloo) each hold half of the
-tokens of a tiny Wan or LTX-Video transformer, and must get what one process gets alone with the same sparse
-config."""
+tokens of a tiny Wan, ChronoEdit or LTX-Video transformer, and must get what one process gets alone with the same
+sparse config."""
 
 import os
 import tempfile
@@ -15,7 +15,7 @@ import diffsparse
 from diffsparse.patterns import Radial, Window3D
 
 WORLD = 2
-FAMILIES = ("wan", "ltx")
+FAMILIES = ("wan", "chronoedit", "ltx")
 CONFIGS = {
     "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
     # One window per head: each rank must attend its own head's mask, not the first one.
@@ -25,13 +25,14 @@ CONFIGS = {
 
 
 def _model(family: str):
-    from diffusers import LTXVideoTransformer3DModel, WanTransformer3DModel
+    from diffusers import ChronoEditTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
 
     from diffsparse.pipelines.tiny import tiny_wan_config
 
     torch.manual_seed(0)
-    if family == "wan":
-        return WanTransformer3DModel(**tiny_wan_config()["transformer"]).eval()
+    if family in ("wan", "chronoedit"):  # ChronoEdit: Wan's shapes, its own processor copy and parallel plan
+        model_class = WanTransformer3DModel if family == "wan" else ChronoEditTransformer3DModel
+        return model_class(**tiny_wan_config()["transformer"]).eval()
     return LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
         cross_attention_dim=32, num_layers=2, caption_channels=16,
@@ -43,7 +44,7 @@ def _call(transformer):
     LTX text mask: diffusers' own context-parallel cross-attention fails to broadcast it on CPU (dense, not ours)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        if transformer.__class__.__name__.startswith("Wan"):
+        if transformer.__class__.__name__.startswith(("Wan", "ChronoEdit")):
             args = torch.randn(1, 16, 4, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g)
             return transformer(*args, return_dict=False)[0]
         return transformer(
