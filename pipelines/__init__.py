@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (register their adapters)
     cogvideox,
     cosmos,
+    easyanimate,
     flux,
     flux2,
     helios,
