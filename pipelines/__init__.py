@@ -1,6 +1,7 @@
 """Where: one adapter per model family (which modules are self-attention, how a call's layout is read)."""
 
 from . import (  # noqa: F401  (register their adapters)
+    allegro,
     cogvideox,
     cosmos,
     easyanimate,

@@ -1,0 +1,61 @@
+"""Allegro (`AllegroTransformer3DModel`): text-to-video.
+
+Self-attention is `transformer_blocks[i].attn1` over video tokens only, frame-major after the per-frame
+`patch_size` patchify (`patch_size_t` in time); the cross-attention `attn2` stays untouched. The pipeline passes
+the 3D RoPE (frequencies and grid positions) to the transformer.
+"""
+
+from __future__ import annotations
+
+from diffusers import AllegroTransformer3DModel
+from diffusers.models.attention_processor import AllegroAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb_allegro
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
+from .registry import register_adapter
+
+
+class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
+    """`AllegroAttnProcessor2_0` whose self-attention runs block-sparse when the runtime says so; dense calls run
+    the original `__call__` unchanged."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 image_rotary_emb=None):
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
+        if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
+            return super().__call__(*original)
+        if attention_mask is not None:
+            # A video padding mask (token-level), which the kernel does not apply inside a block: the original runs.
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        query, key, value = (
+            layer(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for layer in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb_allegro(query, image_rotary_emb[0], image_rotary_emb[1])
+            key = apply_rotary_emb_allegro(key, image_rotary_emb[0], image_rotary_emb[1])
+        out = self.attend_video(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class AllegroAdapter(ModelAdapter):
+    transformer_classes = (AllegroTransformer3DModel,)
+    family = "Allegro"
+    original_processor = AllegroAttnProcessor2_0
+    sparse_processor = AllegroSparseAttnProcessor
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 2)
+        config = transformer.config
+        grid = latent_grid(hidden_states, (config.patch_size_t, config.patch_size, config.patch_size))
+        return VideoLayout(*grid), timestep
+
+
+register_adapter(AllegroAdapter())
