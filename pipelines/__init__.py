@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (register their adapters)
     ltx,
     ltx2,
     mochi,
+    motif_video,
     sd3,
     wan,
 )
