@@ -60,8 +60,8 @@ class HeliosSparseAttnProcessor(SparseProcessor, HeliosAttnProcessor):
         if rotary_emb is not None:
             query = apply_rotary_emb_transposed(query, rotary_emb)
             key = apply_rotary_emb_transposed(key, rotary_emb)
-        history = hidden_states.shape[1] - original_context_length
-        if attn.is_amplify_history and history > 0:  # the memory's keys, amplified by a learned scale
+        history = hidden_states.shape[1] - original_context_length if attn.is_amplify_history else 0
+        if history > 0:  # the memory's keys, amplified by a learned scale
             scale = 1.0 + torch.sigmoid(attn.history_key_scale) * (attn.max_scale - 1.0)
             if attn.history_scale_mode == "per_head":
                 scale = scale.view(1, 1, -1, 1)
