@@ -83,6 +83,22 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
             return model(**inputs(**kwargs)).sample
 
 
+def check_against_dense(model, inputs, block_size: int, order=None, sparse=None) -> None:
+    """`pattern="dense"` gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
+    `order`) gives it within 1e-4; `sparse`, a config, when given, changes it (attention reaches the output, so the
+    first two could fail)."""
+    import diffsparse
+    from diffsparse.patterns import Window3D
+
+    reference = run_transformer(model, inputs)
+    assert torch.equal(run_transformer(model, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0,
+                                          order=order)
+    torch.testing.assert_close(run_transformer(model, inputs, every_block), reference, atol=1e-4, rtol=0)
+    if sparse is not None:
+        assert not torch.allclose(run_transformer(model, inputs, sparse), reference, atol=1e-4)
+
+
 def run_pipeline(pipe, call: dict, config=None):
     """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or `images`; with `config` applied for the
     call, `(that output, the call's stats)`."""

@@ -8,12 +8,11 @@ import torch
 from diffusers import AllegroPipeline, AllegroTransformer3DModel
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
 
@@ -44,13 +43,8 @@ def inputs(transformer, mask=None):
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
-    reference = run_transformer(transformer, inputs(transformer))
-    dense = run_transformer(transformer, inputs(transformer), diffsparse.SparseConfig(pattern="dense", dense_steps=0))
-    assert torch.equal(dense, reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs(transformer), every_block), reference, atol=1e-4,
-                               rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(transformer), RADIAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(transformer), block_size=16, order=order, sparse=RADIAL)
+
 
 
 def test_layout_and_a_video_padding_mask(transformer):

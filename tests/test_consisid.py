@@ -7,12 +7,11 @@ from diffusers import ConsisIDTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN, HEAD_DIM = 8, 16
 
 
@@ -44,10 +43,8 @@ def inputs():
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
-    reference = run_transformer(transformer, inputs)
-    assert torch.equal(run_transformer(transformer, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs, every_block), reference, atol=1e-4, rtol=0)
+    check_against_dense(transformer, inputs, block_size=8, order=order)
+
 
 
 def test_text_first_layout_and_sparse_calls(transformer):

@@ -13,7 +13,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
-from helpers import check_other_processors_are_refused, run_pipeline, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, run_pipeline
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
@@ -47,13 +47,8 @@ def inputs(per_frame: bool = False):
 @pytest.mark.parametrize("per_frame", [False, True], ids=["one timestep", "per frame"])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, per_frame, order):
-    reference = run_transformer(transformer, inputs(per_frame))
-    dense = run_transformer(transformer, inputs(per_frame), diffsparse.SparseConfig(pattern="dense", dense_steps=0))
-    assert torch.equal(dense, reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs(per_frame), every_block), reference, atol=1e-4,
-                               rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(per_frame), RADIAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(per_frame), block_size=16, order=order, sparse=RADIAL)
+
 
 
 def test_layout_of_a_call(transformer):

@@ -10,9 +10,8 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
 
 
@@ -37,12 +36,8 @@ def inputs():
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
-    reference = run_transformer(transformer, inputs)
-    assert torch.equal(run_transformer(transformer, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)),
-                       reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs, every_block), reference, atol=1e-4, rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs, LOCAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs, block_size=16, order=order, sparse=LOCAL)
+
 
 
 def test_both_texts_lead_the_layout(transformer):

@@ -7,12 +7,11 @@ import torch
 from diffusers import HeliosTransformer3DModel
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
 
@@ -49,12 +48,8 @@ def inputs(memory: bool = True):
 @pytest.mark.parametrize("memory", [False, True], ids=["first chunk", "with memory"])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, memory, order):
-    reference = run_transformer(transformer, inputs(memory))
-    dense = run_transformer(transformer, inputs(memory), diffsparse.SparseConfig(pattern="dense", dense_steps=0))
-    assert torch.equal(dense, reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs(memory), every_block), reference, atol=1e-4, rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(memory), RADIAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(memory), block_size=16, order=order, sparse=RADIAL)
+
 
 
 def test_the_memory_is_the_leading_span(transformer):

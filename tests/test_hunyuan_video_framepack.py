@@ -10,9 +10,8 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
 TEXT_LEN, IMAGE_TOKENS = 12, 5
 
@@ -53,13 +52,8 @@ def inputs(valid_text=(7,)):
 @pytest.mark.parametrize("valid_text", [(7,), (7, 12)], ids=["one video", "two prompt lengths"])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, valid_text, order):
-    call = inputs(valid_text)
-    reference = run_transformer(transformer, call)
-    assert torch.equal(run_transformer(transformer, call, diffsparse.SparseConfig(pattern="dense", dense_steps=0)),
-                       reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, call, every_block), reference, atol=1e-4, rtol=0)
-    assert not torch.allclose(run_transformer(transformer, call, LOCAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(valid_text), block_size=16, order=order, sparse=LOCAL)
+
 
 
 def test_history_joins_the_text_span_through_the_token_order(transformer):

@@ -10,9 +10,8 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.kandinsky5 import fractal_order
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 GRID = (2, 8, 16)  # latent frames 2 of 16 x 32, patchified 1 x 2 x 2: 256 tokens, two 8 x 8 tiles per row
 # A window of 1 frame and 3 x 3 tokens: on two frames radial would keep nearly every block.
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=32, dense_steps=0)
@@ -53,12 +52,8 @@ def inputs(fractal: bool = False):
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 4, 4))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
-    reference = run_transformer(transformer, inputs())
-    assert torch.equal(run_transformer(transformer, inputs(), diffsparse.SparseConfig(pattern="dense", dense_steps=0)),
-                       reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=32, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs(), every_block), reference, atol=1e-4, rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(), LOCAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(), block_size=32, order=order, sparse=LOCAL)
+
 
 
 def test_tiled_token_order_is_attended_as_frame_major(transformer):

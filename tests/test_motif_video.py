@@ -10,9 +10,8 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
-ALL_BLOCKS = Window3D(window=(99, 99, 99))
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
 TEXT_LEN, IMAGE_TOKENS, VIDEO = 12, 4, 72
 
@@ -46,13 +45,8 @@ def inputs(valid_text=(7, TEXT_LEN)):
 @pytest.mark.parametrize("valid_text", [(TEXT_LEN,), (7, TEXT_LEN)], ids=["one prompt", "two prompt lengths"])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, valid_text, order):
-    reference = run_transformer(transformer, inputs(valid_text))
-    dense = run_transformer(transformer, inputs(valid_text), diffsparse.SparseConfig(pattern="dense", dense_steps=0))
-    assert torch.equal(dense, reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
-    torch.testing.assert_close(run_transformer(transformer, inputs(valid_text), every_block), reference, atol=1e-4,
-                               rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(valid_text), LOCAL), reference, atol=1e-4)
+    check_against_dense(transformer, inputs(valid_text), block_size=16, order=order, sparse=LOCAL)
+
 
 
 def test_encoder_blocks_attend_the_text_and_the_decoder_block_the_encoders_video(transformer):
