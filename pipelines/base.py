@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -205,6 +206,13 @@ def latent_grid(hidden_states: torch.Tensor, patch_size) -> tuple[int, int, int]
     _, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = patch_size
     return frames // p_t, height // p_h, width // p_w
+
+
+def patch_count(sizes, kernel, padded: bool) -> int:
+    """How many tokens a patchify with `kernel` (stride = kernel) makes of latents of `(T, H, W)` `sizes`; `padded`:
+    the latents are padded up to whole patches first (the compressed history terms of Helios and Framepack), else
+    a partial patch is dropped, as a strided convolution does."""
+    return math.prod(-(-n // k) if padded else n // k for n, k in zip(sizes, kernel))
 
 
 def leading_run(flags: torch.Tensor) -> int:

@@ -10,8 +10,6 @@ pipeline call covers the last chunk, and `dense_steps` count within each chunk.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.transformers.transformer_helios import (
     HeliosAttnProcessor,
@@ -21,7 +19,7 @@ from diffusers.models.transformers.transformer_helios import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid, patch_count
 from .registry import register_adapter
 
 # The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), and
@@ -37,9 +35,7 @@ def history_tokens(patch_size: tuple[int, int, int], kwargs: dict) -> int:
         latents = kwargs.get(f"latents_history_{name}")
         if latents is None or kwargs.get(f"indices_latents_history_{name}") is None:
             continue
-        kernel = [scale * p for p in patch_size]
-        sizes = latents.shape[2:]
-        total += math.prod(size // k if scale == 1 else -(-size // k) for size, k in zip(sizes, kernel))
+        total += patch_count(latents.shape[2:], [scale * p for p in patch_size], padded=scale > 1)
     return total
 
 

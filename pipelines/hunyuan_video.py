@@ -16,15 +16,13 @@ sequence as `[video, history, image, text]`, whose trailing span is everything b
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel, HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import JointVideoTextAttention, ModelAdapter, call_argument, prefix_lengths, project_qkv
+from .base import JointVideoTextAttention, ModelAdapter, call_argument, patch_count, prefix_lengths, project_qkv
 from .registry import register_adapter
 
 
@@ -116,8 +114,7 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         for name, kernel in _FRAMEPACK_HISTORY:
             latents = kwargs.get(name)
             if latents is not None and kwargs.get(f"indices_{name}") is not None:
-                padded = kernel != (1, 2, 2)
-                history += math.prod(-(-n // k) if padded else n // k for n, k in zip(latents.shape[2:], kernel))
+                history += patch_count(latents.shape[2:], kernel, padded=kernel != (1, 2, 2))
         text = int(mask.sum()) if batch == 1 else encoder_hidden_states.shape[1]
         video = (frames // p_t) * (height // p) * (width // p)
         layout = VideoLayout(frames // p_t, height // p, width // p, text_len=history + image_embeds.shape[1] + text,
