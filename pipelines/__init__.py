@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (register their adapters)
     ltx2,
     mochi,
     motif_video,
+    qwenimage,
     sd3,
     wan,
 )

@@ -1,0 +1,109 @@
+"""Qwen-Image (`QwenImageTransformer2DModel`): text-to-image and editing with reference images.
+
+Every block's `attn` is joint self-attention over `[text, image]` (`QwenDoubleStreamAttnProcessor2_0`: the text
+through `add_*_proj`, RoPE on both streams). Images are frames of one layout over the packed 2x2 latent patches
+in row-major order, read from the transformer's `img_shapes`: the generated image is frame 0 and reference images
+of its size (Qwen-Image-Edit) further frames; references of another size join the text in the layout's leading
+span, kept whole, through the runtime's token order (`[text, image, references]` attended as
+`[text, references, image]`). The pipelines pass `t / 1000` as the timestep, scaled back for the step schedule.
+
+The text mask (`encoder_hidden_states_mask`) masks prompt padding as keys. A call whose prompts all use every text
+token (one prompt per call, as the pipelines make CFG's two calls) runs sparse; a batch of prompts of different
+lengths puts padding between the valid text and the image, which the kernel does not skip: those calls run the
+original processor and count as dense.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenImageTransformer2DModel,
+    apply_rotary_emb_qwen,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv
+from .registry import register_adapter
+
+
+def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
+    """`(query, key, value)` over `[text, image]` as `(B, S, heads, head_dim)`: the arithmetic of
+    `QwenDoubleStreamAttnProcessor2_0` (per-head q/k norms per stream, complex RoPE on both)."""
+    image = project_qkv(attn, hidden_states)
+    text = project_qkv(attn, encoder_hidden_states, added=True)
+    if image_rotary_emb is not None:
+        image_freqs, text_freqs = image_rotary_emb
+        image = (*(apply_rotary_emb_qwen(x, image_freqs, use_real=False) for x in image[:2]), image[2])
+        text = (*(apply_rotary_emb_qwen(x, text_freqs, use_real=False) for x in text[:2]), text[2])
+    return tuple(torch.cat(pair, dim=1) for pair in zip(text, image))
+
+
+class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcessor2_0):
+    """`QwenDoubleStreamAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so;
+    dense calls run the original `__call__` unchanged."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        original = (attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                    image_rotary_emb)
+        if encoder_hidden_states is None or attention_mask is not None:
+            return super().__call__(*original)
+        if encoder_hidden_states_mask is not None and not self.runtime.once_per_call(
+            encoder_hidden_states_mask, lambda mask: bool(mask.all())
+        ):
+            # Prompt padding between the valid text and the image: the original, counted dense.
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        self.check_not_parallel()
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        image, text = project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+        return image, text
+
+
+def image_shapes(img_shapes) -> list[tuple[int, int, int]]:
+    """The first sample's `(frames, rows, cols)` per image from the transformer's `img_shapes` (a list per sample,
+    or one list of shapes): every sample of a batch has the same images."""
+    first = img_shapes[0]
+    shapes = [first] if isinstance(first[0], int) else list(first)
+    return [tuple(int(n) for n in shape) for shape in shapes]
+
+
+class QwenImageAdapter(ModelAdapter):
+    transformer_classes = (QwenImageTransformer2DModel,)
+    family = "Qwen-Image"
+    original_processor = QwenDoubleStreamAttnProcessor2_0
+    sparse_processor = QwenImageSparseAttnProcessor
+    attention_name = "attn"
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        text_len = call_argument(args, kwargs, "encoder_hidden_states", 1).shape[1]
+        # The pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
+        timestep = call_argument(args, kwargs, "timestep", 3) * 1000
+        shapes = image_shapes(call_argument(args, kwargs, "img_shapes", 4))
+        (frames, rows, cols), references = shapes[0], shapes[1:]
+        tokens = hidden_states.shape[1]
+        if sum(math.prod(shape) for shape in shapes) != tokens:
+            raise ValueError(f"`img_shapes` {shapes} do not add up to the {tokens} image tokens of this call")
+        if all(shape[1:] == (rows, cols) for shape in references):
+            frames += sum(shape[0] for shape in references)
+            return VideoLayout(frames, rows, cols, text_len=text_len, text_position="start"), timestep
+        # References of another size: model order [text, image, references]; layout order [text, references, image].
+        image_len = frames * rows * cols
+        reference_len = tokens - image_len
+        layout = VideoLayout(frames, rows, cols, text_len=text_len + reference_len, text_position="start")
+        token_order = torch.cat([
+            torch.arange(text_len),
+            torch.arange(text_len + reference_len, text_len + reference_len + image_len),
+            torch.arange(text_len, text_len + reference_len),
+        ])
+        return layout, timestep, token_order
+
+
+register_adapter(QwenImageAdapter())
