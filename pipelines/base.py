@@ -215,6 +215,17 @@ def patch_count(sizes, kernel, padded: bool) -> int:
     return math.prod(-(-n // k) if padded else n // k for n, k in zip(sizes, kernel))
 
 
+def references_with_text(text_len: int, image_len: int, reference_len: int) -> torch.Tensor:
+    """The token order of `[text, image, references]` attended as `[text, references, image]` (each model token's
+    index in the layout): reference images that cannot be frames of the image's grid join the text's leading
+    span, kept whole (FLUX, Qwen-Image)."""
+    return torch.cat([
+        torch.arange(text_len),
+        torch.arange(text_len + reference_len, text_len + reference_len + image_len),
+        torch.arange(text_len, text_len + reference_len),
+    ])
+
+
 def leading_run(flags: torch.Tensor) -> int:
     """How many leading entries of a boolean vector are true (token-coordinate reading: LTX, LTX-2)."""
     false = (~flags).nonzero()

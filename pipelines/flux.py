@@ -21,7 +21,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output
+from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, references_with_text
 from .registry import register_adapter
 
 
@@ -123,14 +123,7 @@ class FluxAdapter(ModelAdapter):
             )
         (rows, cols), references = split
         layout = VideoLayout(1, rows, cols, text_len=text_len + references, text_position="start")
-        # Model order [text, image, references]; layout order [text, references, image].
-        image_len = rows * cols
-        token_order = torch.cat([
-            torch.arange(text_len),
-            torch.arange(text_len + references, text_len + references + image_len),
-            torch.arange(text_len, text_len + references),
-        ])
-        return layout, timestep, token_order
+        return layout, timestep, references_with_text(text_len, rows * cols, references)
 
 
 register_adapter(FluxAdapter())

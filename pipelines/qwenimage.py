@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv
+from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv, references_with_text
 from .registry import register_adapter
 
 
@@ -94,16 +94,10 @@ class QwenImageAdapter(ModelAdapter):
         if all(shape[1:] == (rows, cols) for shape in references):
             frames += sum(shape[0] for shape in references)
             return VideoLayout(frames, rows, cols, text_len=text_len, text_position="start"), timestep
-        # References of another size: model order [text, image, references]; layout order [text, references, image].
+        # References of another size join the text's span.
         image_len = frames * rows * cols
-        reference_len = tokens - image_len
-        layout = VideoLayout(frames, rows, cols, text_len=text_len + reference_len, text_position="start")
-        token_order = torch.cat([
-            torch.arange(text_len),
-            torch.arange(text_len + reference_len, text_len + reference_len + image_len),
-            torch.arange(text_len, text_len + reference_len),
-        ])
-        return layout, timestep, token_order
+        layout = VideoLayout(frames, rows, cols, text_len=text_len + tokens - image_len, text_position="start")
+        return layout, timestep, references_with_text(text_len, image_len, tokens - image_len)
 
 
 register_adapter(QwenImageAdapter())
