@@ -62,8 +62,7 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
-        image, text = project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
-        return image, text
+        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
 def image_shapes(img_shapes) -> list[tuple[int, int, int]]:
