@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import AllegroAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb_allegro
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid, patch_size_3d
 from .registry import register_adapter
 
 
@@ -53,8 +53,7 @@ class AllegroAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 2)
-        config = transformer.config
-        grid = latent_grid(hidden_states, (config.patch_size_t, config.patch_size, config.patch_size))
+        grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
         return VideoLayout(*grid), timestep
 
 

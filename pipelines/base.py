@@ -226,6 +226,13 @@ def references_with_text(text_len: int, image_len: int, reference_len: int) -> t
     ])
 
 
+def patch_size_3d(config) -> tuple[int, int, int]:
+    """`(p_t, p_h, p_w)` of a config with an int `patch_size` (space) and `patch_size_t` (time; missing or `None`:
+    1), as CogVideoX, HunyuanVideo, Allegro and Motif-Video give them."""
+    p_t = getattr(config, "patch_size_t", None) or 1
+    return p_t, config.patch_size, config.patch_size
+
+
 def leading_run(flags: torch.Tensor) -> int:
     """How many leading entries of a boolean vector are true (token-coordinate reading: LTX, LTX-2)."""
     false = (~flags).nonzero()

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_qkv
+from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid, patch_size_3d, project_qkv
 from .registry import register_adapter
 
 
@@ -64,13 +64,9 @@ class CogVideoXAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
         timestep = call_argument(args, kwargs, "timestep", 2)
-        _, frames, _, height, width = hidden_states.shape  # CogVideoX latents are (B, F, C, H, W)
-        p = transformer.config.patch_size
-        p_t = getattr(transformer.config, "patch_size_t", None) or 1  # CogVideoX 1.5 only
-        layout = VideoLayout(
-            frames // p_t, height // p, width // p, text_len=encoder_hidden_states.shape[1], text_position="start"
-        )
-        return layout, timestep
+        # CogVideoX latents are (B, F, C, H, W); only CogVideoX 1.5 patches time.
+        grid = latent_grid(hidden_states.transpose(1, 2), patch_size_3d(transformer.config))
+        return VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="start"), timestep
 
 
 class ConsisIDAdapter(CogVideoXAdapter):

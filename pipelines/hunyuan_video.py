@@ -16,13 +16,24 @@ sequence as `[video, history, image, text]`, whose trailing span is everything b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel, HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import JointVideoTextAttention, ModelAdapter, call_argument, patch_count, prefix_lengths, project_qkv
+from .base import (
+    JointVideoTextAttention,
+    ModelAdapter,
+    call_argument,
+    latent_grid,
+    patch_count,
+    patch_size_3d,
+    prefix_lengths,
+    project_qkv,
+)
 from .registry import register_adapter
 
 
@@ -82,12 +93,8 @@ class HunyuanVideoAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 2)
-        _, _, frames, height, width = hidden_states.shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        layout = VideoLayout(
-            frames // p_t, height // p, width // p, text_len=encoder_hidden_states.shape[1], text_position="end"
-        )
-        return layout, timestep
+        grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
+        return VideoLayout(*grid, text_len=encoder_hidden_states.shape[1], text_position="end"), timestep
 
 
 # Framepack's history terms: the argument, and its patch (padded up to whole patches, except the 1x term).
@@ -108,17 +115,15 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 2)
         mask = call_argument(args, kwargs, "encoder_attention_mask", 3)
         image_embeds = call_argument(args, kwargs, "image_embeds", 5)
-        batch, _, frames, height, width = hidden_states.shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
         history = 0
         for name, kernel in _FRAMEPACK_HISTORY:
             latents = kwargs.get(name)
             if latents is not None and kwargs.get(f"indices_{name}") is not None:
                 history += patch_count(latents.shape[2:], kernel, padded=kernel != (1, 2, 2))
-        text = int(mask.sum()) if batch == 1 else encoder_hidden_states.shape[1]
-        video = (frames // p_t) * (height // p) * (width // p)
-        layout = VideoLayout(frames // p_t, height // p, width // p, text_len=history + image_embeds.shape[1] + text,
-                             text_position="end")
+        text = int(mask.sum()) if hidden_states.shape[0] == 1 else encoder_hidden_states.shape[1]
+        video = math.prod(grid)
+        layout = VideoLayout(*grid, text_len=history + image_embeds.shape[1] + text, text_position="end")
         # Model order [history, video, image, text] -> layout order [video, history, image, text].
         token_order = torch.cat([torch.arange(video, video + history), torch.arange(video),
                                  torch.arange(video + history, layout.num_tokens)])

@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 )
 
 from ..patterns import VideoLayout
-from .base import JointVideoTextAttention, ModelAdapter, call_argument
+from .base import JointVideoTextAttention, ModelAdapter, call_argument, latent_grid, patch_size_3d
 from .hunyuan_video import joint_qkv
 from .registry import register_adapter
 
@@ -45,9 +45,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
             call_argument(args, kwargs, name, position).shape[1]
             for name, position in (("encoder_hidden_states", 2), ("encoder_hidden_states_2", 5), ("image_embeds", 7))
         )
-        _, _, frames, height, width = hidden_states.shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return VideoLayout(frames // p_t, height // p, width // p, text_len=text_len, text_position="end"), timestep
+        grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
+        return VideoLayout(*grid, text_len=text_len, text_position="end"), timestep
 
 
 register_adapter(HunyuanVideo15Adapter())
