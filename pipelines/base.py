@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -153,7 +154,7 @@ class ModelAdapter(ABC):
     # Families whose blocks use several processor classes (FLUX.2): `(original class, its sparse class)` pairs.
     processor_pairs: tuple[tuple[type, type], ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)  # transformer attributes holding the blocks, in order
-    attention_name: str = "attn1"  # the self-attention module of each block
+    attention_name: str = "attn1"  # the self-attention module of each block (a dotted path for nested ones)
     # The transformer gets the timestep on another scale than the scheduler's timesteps (Cosmos): applied to a
     # pipeline, the step clock reads the pipeline's `_current_timestep` instead of `read_call`'s timestep.
     timestep_from_pipeline: bool = False
@@ -163,7 +164,7 @@ class ModelAdapter(ABC):
         `block_lists` in order, numbered from 0."""
         blocks = [block for name in self.block_lists for block in getattr(transformer, name)]
         for index, block in enumerate(blocks):
-            yield index, getattr(block, self.attention_name)
+            yield index, operator.attrgetter(self.attention_name)(block)
 
     def make_processor(self, original, runtime, layer: int):
         """A sparse processor that replaces `original` on layer `layer`; anything but the family's own processor
