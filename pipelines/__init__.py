@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (register their adapters)
     allegro,
+    anyflow,
     cogvideox,
     cosmos,
     easyanimate,
