@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import LucyEditPipeline, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 from PIL import Image
 
 import diffsparse
@@ -322,6 +322,32 @@ def test_image_to_video(variant):
     assert [r.step for r in records if r.layer == 0 and r.branch == "cond"] == [0, 1, 2]
     assert all(r.sparse == (r.step >= 1) for r in records)
     assert any(r.sparse and r.density < 1 for r in records)
+
+
+@torch.no_grad()
+def test_lucy_edit():
+    # Lucy Edit: Wan 2.2 weights whose input video's latents are concatenated to the noise on channels, so the
+    # layout is the plain Wan one.
+    config = tiny_wan_config()
+    base = tiny_wan_pipeline()
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(**{**config["transformer"], "in_channels": 32}).eval()
+    pipe = LucyEditPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                            scheduler=base.scheduler, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    video = [Image.fromarray((rng.random((64, 96, 3)) * 255).astype(np.uint8)) for _ in range(17)]
+    reference = generate(pipe, video=video)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="dense")):
+        assert torch.equal(generate(pipe, video=video), reference)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)):
+        torch.testing.assert_close(generate(pipe, video=video), reference, atol=1e-4, rtol=0)
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1)) as handle:
+        out = generate(pipe, video=video)
+        records = handle.stats().calls["transformer"]
+    assert [r.step for r in records if r.layer == 0 and r.branch == "cond"] == [0, 1, 2]
+    assert all(r.sparse == (r.step >= 1) for r in records)
+    assert not torch.allclose(out, reference, atol=1e-4)
 
 
 @torch.no_grad()
