@@ -1,0 +1,94 @@
+"""diffsparse on a diffusers Latte transformer (tiny, random weights): the spatial blocks' per-frame
+self-attention, called directly and in a tiny `LattePipeline`; the temporal blocks stay untouched."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_pipeline,
+    run_transformer,
+)
+
+FRAMES = 3
+LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
+
+
+def tiny_transformer(caption_channels: int = 16) -> LatteTransformer3DModel:
+    torch.manual_seed(0)
+    return LatteTransformer3DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=caption_channels, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, video_length=FRAMES,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return tiny_transformer()
+
+
+def inputs():
+    """3 frames of 16 x 24 latents: 8 x 12 = 96 tokens per frame."""
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(2, 4, FRAMES, 16, 24, generator=g), "timestep": torch.tensor([500, 500]),
+                "encoder_hidden_states": torch.randn(2, 5, 16, generator=g)}
+
+    return call
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, order):
+    check_against_dense(transformer, inputs(), block_size=16, order=order, sparse=LOCAL)
+
+
+def test_spatial_self_attention_only(transformer):
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs()())
+    assert layout == VideoLayout(1, 8, 12)
+    with recorded_attention_calls() as calls:
+        run_transformer(transformer, inputs(), LOCAL)
+    # The frames of both videos are the batch of each spatial call; the temporal blocks never reach the runtime.
+    assert [(layer, shape) for layer, _, shape in calls] == [(0, (2 * FRAMES, 96)), (1, (2 * FRAMES, 96))]
+    temporal = [block.attn1.processor for block in transformer.temporal_transformer_blocks]
+    with diffsparse.sparse(transformer, LOCAL):
+        assert [block.attn1.processor for block in transformer.temporal_transformer_blocks] == temporal
+        assert all(type(block.attn1.processor).__name__ == "LatteSparseAttnProcessor"
+                   for block in transformer.transformer_blocks)
+
+
+def test_other_processors_are_refused(transformer):
+    check_other_processors_are_refused(transformer, "Latte", layer=1)
+
+
+def test_pipeline():
+    base = tiny_wan_pipeline()  # its T5 encoder and word tokenizer
+    torch.manual_seed(1)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8).eval()
+    pipe = LattePipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae,
+                         transformer=tiny_transformer(base.text_encoder.config.d_model), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 16, "width": 24,
+            "video_length": FRAMES, "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "latent",
+            "clean_caption": False}
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    torch.testing.assert_close(run_pipeline(pipe, call, every_block)[0], reference, atol=1e-4, rtol=0)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=1)
+    sparse, stats = run_pipeline(pipe, call, config)
+    # Three steps, CFG batched into one call each (2 videos x 3 frames in every spatial call); the first dense.
+    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
+        (0, False), (1, True), (2, True)
+    ]
+    assert not torch.allclose(sparse, reference, atol=1e-4)
