@@ -4,13 +4,20 @@ the layout's leading span, kept whole; the memory's keys amplified by a learned 
 
 import pytest
 import torch
-from diffusers import HeliosTransformer3DModel
+from diffusers import HeliosPipeline, HeliosScheduler, HeliosTransformer3DModel
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_pipeline,
+    run_transformer,
+)
 
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
@@ -62,3 +69,35 @@ def test_the_memory_is_the_leading_span(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Helios", layer=1)
+
+
+def test_pipeline_chunks_each_follow_the_schedule():
+    # A tiny `HeliosPipeline` (the embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE): 8 latent frames
+    # in 4 chunks of 2, each chunk its own 3-step loop with the memory of the frames before it (the pipeline pads
+    # the memory to its full size from the first chunk on: 56 tokens in front of each chunk's 48).
+    base = tiny_wan_pipeline()
+    torch.manual_seed(0)
+    model = HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=base.text_encoder.config.d_model, freq_dim=32, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4),
+        is_amplify_history=True,
+    ).eval()
+    pipe = HeliosPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=model,
+                          scheduler=HeliosScheduler(stages=1, stage_range=[0, 1]))
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
+            "num_frames": 17, "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent",
+            "max_sequence_length": 16, "num_latent_frames_per_chunk": 2, "history_sizes": [4, 2, 1]}
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    torch.testing.assert_close(run_pipeline(pipe, call, every_block)[0], reference, atol=1e-4, rtol=0)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    with recorded_attention_calls() as calls:
+        sparse, stats = run_pipeline(pipe, call, config)
+    # Every chunk's first step (cond and uncond) dense, the other two sparse; `stats()` holds the last chunk's.
+    assert [layer for layer, _, shape in calls if shape == (1, 56 + 48)] == [0, 1] * 4 * 2 * 2
+    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
+        (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
+    ]
+    assert not torch.allclose(sparse, reference, atol=1e-4)
