@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (register their adapters)
     hunyuan_video,
     hunyuan_video15,
     kandinsky5,
+    kandinsky6,
     latte,
     ltx,
     ltx2,
