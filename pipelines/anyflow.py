@@ -47,10 +47,7 @@ class AnyFlowSparseAttnProcessor(SparseProcessor, AnyFlowAttnProcessor):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None:  # not a layer diffsparse touches
             return super().__call__(*original)
-        if attention_mask is not None:  # the bidirectional model passes none; a caller's mask is the original's to apply
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original)
-        if not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):  # the bidirectional model passes no mask; a caller's is the original's to apply
             return super().__call__(*original)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         hidden_states = self.attend_video(query, key, value).flatten(2, 3).type_as(query)

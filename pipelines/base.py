@@ -30,6 +30,15 @@ class SparseProcessor:
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
 
+    def stays_dense(self, attention_mask=None) -> bool:
+        """Whether this self-attention call runs the original processor: when it carries a token-level
+        `attention_mask`, which block boundaries need not follow and the kernel does not apply inside a block (the
+        call is logged dense, so `stats()` counts it), or when the runtime's schedule says so."""
+        if attention_mask is not None:
+            self.runtime.log_dense(self.layer)
+            return True
+        return not self.runtime.route(self.layer)
+
     def check_not_parallel(self) -> None:
         """Joint text-and-video sequences are not sharded across devices by the sparse path (each rank's shard
         would hold text and video tokens interleaved out of the layout's order): say so rather than compute a

@@ -53,7 +53,7 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None or not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)

@@ -28,7 +28,7 @@ class Flux2SparseAttnProcessor(SparseProcessor, Flux2AttnProcessor):
     so; dense calls run the original `__call__` unchanged."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or attention_mask is not None or not self.runtime.route(self.layer):
+        if encoder_hidden_states is None or self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
@@ -42,7 +42,7 @@ class Flux2SparseParallelSelfAttnProcessor(SparseProcessor, Flux2ParallelSelfAtt
     runtime says so; the MLP half and the joint output projection as the original computes them."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None or not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         projected = attn.to_qkv_mlp_proj(hidden_states)

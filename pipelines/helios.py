@@ -46,7 +46,7 @@ class HeliosSparseAttnProcessor(SparseProcessor, HeliosAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  original_context_length=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, original_context_length)
-        if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
+        if encoder_hidden_states is not None or self.stays_dense(attention_mask):
             return super().__call__(*original)
         # diffusers splits Helios' tokens per attention call under context parallelism; this path does not.
         self.check_not_parallel()

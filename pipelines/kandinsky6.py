@@ -81,11 +81,7 @@ class Kandinsky6SparseAttnProcessor(SparseProcessor, Kandinsky6AttnProcessor):
         original = (attn, hidden_states, encoder_hidden_states, rotary_emb, rotary_emb_kv, attn_mask)
         if encoder_hidden_states is not None:  # a cross-attention: not a layer diffsparse touches
             return super().__call__(*original)
-        if attn_mask is not None:
-            # A token-level mask, which the block-sparse kernel does not apply inside a block: the original runs.
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original)
-        if not self.runtime.route(self.layer):
+        if self.stays_dense(attn_mask):
             return super().__call__(*original)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb, rotary_emb_kv)
         return attn.out_layer(self.attend_video(query, key, value).type_as(query).flatten(-2, -1))

@@ -26,10 +26,7 @@ class LatteSparseAttnProcessor(SparseProcessor, AttnProcessor2_0):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
         if encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             return super().__call__(*original, **kwargs)  # not the self-attention Latte's spatial blocks compute
-        if attention_mask is not None:  # Latte passes none; a caller's mask is the original's to apply
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original, **kwargs)
-        if not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):  # Latte passes no mask; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
         # `AttnProcessor2_0`'s projections and q/k norms (over the head dim), as `(B, S, heads, head_dim)`.
         query, key, value = (

@@ -40,7 +40,7 @@ class LTXSparseAttnProcessor(SparseProcessor, LTXVideoAttnProcessor):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is not None or attention_mask is not None or not self.runtime.route(self.layer):
+        if encoder_hidden_states is not None or self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb)
         out = self.attend_video(query, key, value).flatten(2, 3).to(query.dtype)

@@ -37,7 +37,7 @@ class SD3SparseAttnProcessor(SparseProcessor, JointAttnProcessor2_0):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None or not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)

@@ -65,12 +65,8 @@ class WanSparseSelfAttention(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if attention_mask is not None:
-            # SkyReels-V2's causal frame blocks (asynchronous diffusion forcing): a token-level mask that block
-            # boundaries need not follow, which the kernel does not apply inside a block. The original runs.
-            self.runtime.log_dense(self.layer)
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if not self.runtime.route(self.layer):
+        # SkyReels-V2's causal frame blocks (asynchronous diffusion forcing) come with a token-level mask.
+        if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         hidden_states = self.attend_video(query, key, value)

@@ -79,6 +79,20 @@ def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
     assert not torch.allclose(out, reference, atol=1e-4)
 
 
+def test_calls_with_an_attention_mask_run_the_original_and_count_dense(flux_pipe):
+    # A token-level mask (here through `joint_attention_kwargs`: the last text token hidden from every query) is not
+    # something block boundaries follow: each call runs the original processor and `stats()` counts it dense.
+    mask = torch.ones(1, 1, 1, TEXT_LEN + 8 * 6, dtype=torch.bool)
+    mask[..., TEXT_LEN - 1] = False
+    call = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
+            "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent",
+            "joint_attention_kwargs": {"attention_mask": mask}}
+    reference = run_pipeline(flux_pipe, call)
+    out, stats = run_pipeline(flux_pipe, call, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8))
+    assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(4, 0), (4, 0)]
+
+
 def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_else_is_refused(flux_pipe):
     grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
     ids = torch.cat([torch.zeros(12, 1), grid.float()], dim=1)
