@@ -49,15 +49,14 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
                  attention_mask=None, image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                     image_rotary_emb)
-        if encoder_hidden_states is None or attention_mask is not None:
+        if encoder_hidden_states is None:
             return super().__call__(*original)
-        if encoder_hidden_states_mask is not None and not self.runtime.once_per_call(
+        # Prompt padding sits between the valid text and the image, which the kernel does not skip: a token-level
+        # mask like any other (the original, counted dense).
+        padded = encoder_hidden_states_mask is not None and not self.runtime.once_per_call(
             encoder_hidden_states_mask, lambda mask: bool(mask.all())
-        ):
-            # Prompt padding between the valid text and the image: the original, counted dense.
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original)
-        if not self.runtime.route(self.layer):
+        )
+        if self.stays_dense(encoder_hidden_states_mask if padded else attention_mask):
             return super().__call__(*original)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
