@@ -1,17 +1,25 @@
-"""diffsparse on a diffusers Allegro transformer (tiny, random weights, called directly): video-only
-self-attention with the pipeline's 3D RoPE; a video padding mask leaves the call to the original processor."""
+"""diffsparse on a diffusers Allegro transformer (tiny, random weights), called directly and through a real
+`AllegroPipeline` built from tiny components: video-only self-attention with the pipeline's 3D RoPE, CFG batched
+into one transformer call per step; a video padding mask leaves the call to the original processor."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AllegroPipeline, AllegroTransformer3DModel
+from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
-from helpers import check_against_dense, check_other_processors_are_refused, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_pipeline,
+    run_transformer,
+)
 
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
@@ -61,3 +69,46 @@ def test_layout_and_a_video_padding_mask(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Allegro", layer=1)
+
+
+def test_pipeline_is_dense_exact_and_sparse_after_the_first_step():
+    # A tiny `AllegroPipeline`: the embedded Wan pipeline's T5 encoder and word tokenizer, and a tiny Allegro VAE
+    # that the latent output never runs (it sets the 8x spatial, 4x temporal compression). DDIM, not the release's
+    # Euler ancestral: with random weights Euler's sigma-scaled latents reach the hundreds, where float32's own
+    # spacing is above the 1e-4 that the every-block check allows.
+    base = tiny_wan_pipeline()
+    torch.manual_seed(0)
+    model = AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2,
+        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4,
+        caption_channels=base.text_encoder.config.d_model,
+    ).eval()
+    vae = AutoencoderKLAllegro(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                               norm_num_groups=2).eval()
+    pipe = AllegroPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, transformer=model,
+                           scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    # 13 frames, 64 x 96 pixels -> 4 latent frames of 8 x 12 -> 96 tokens. Caption cleaning needs bs4, not a dependency:
+    # off, so the pipeline does not warn that it turned it off.
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
+            "num_frames": 13, "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent",
+            "max_sequence_length": 16, "clean_caption": False}
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    kept, stats = run_pipeline(pipe, call, every_block)
+    assert all(r.sparse for r in stats.calls["transformer"])
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    with recorded_attention_calls() as calls:
+        sparse, stats = run_pipeline(pipe, call, config)
+    # One call per step and layer with both CFG branches in its batch; the first step dense.
+    assert {(layer, layout, shape) for layer, layout, shape in calls} == {
+        (layer, VideoLayout(4, 4, 6), (2, 96)) for layer in (0, 1)
+    }
+    records = stats.calls["transformer"]
+    assert [(r.step, r.layer, r.sparse) for r in records] == [
+        (0, 0, False), (0, 1, False), (1, 0, True), (1, 1, True), (2, 0, True), (2, 1, True)
+    ]
+    assert all(r.density < 1 for r in records if r.sparse)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
