@@ -25,11 +25,7 @@ class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
         if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
             return super().__call__(*original)
-        if attention_mask is not None:
-            # A video padding mask (token-level), which the kernel does not apply inside a block: the original runs.
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original)
-        if not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):  # a video padding mask is token-level: the original, counted dense
             return super().__call__(*original)
         query, key, value = (
             layer(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for layer in (attn.to_q, attn.to_k, attn.to_v)

@@ -43,7 +43,7 @@ class CogVideoXSparseAttnProcessor(SparseProcessor, CogVideoXAttnProcessor2_0):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None or not self.runtime.route(self.layer):
+        if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         text_len = encoder_hidden_states.size(1)
