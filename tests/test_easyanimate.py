@@ -1,16 +1,31 @@
-"""diffsparse on a diffusers EasyAnimate transformer (tiny, random weights, called directly): joint [text, video]
-self-attention in MMDiT blocks (text through `add_*_proj`) and plain blocks (one set of projections), with a
-second (T5) text embedding and inpainting latents on channels."""
+"""diffsparse on a diffusers EasyAnimate transformer (tiny, random weights): joint [text, video] self-attention in
+MMDiT blocks (text through `add_*_proj`) and plain blocks (one set of projections), with a second (T5) text
+embedding and inpainting latents on channels, called directly; and the real `EasyAnimatePipeline` built from tiny
+components (a Qwen2-VL text encoder behind an in-memory chat-templated tokenizer, a Magvit VAE), run end to end."""
+
+import inspect
 
 import pytest
 import torch
-from diffusers import EasyAnimateTransformer3DModel
+from diffusers import (
+    AutoencoderKLMagvit,
+    EasyAnimatePipeline,
+    EasyAnimateTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_pipeline,
+    run_transformer,
+)
 
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
 
@@ -50,3 +65,70 @@ def test_both_texts_lead_the_layout(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "EasyAnimate", layer=1)
+
+
+# Qwen2-VL's chat template reduced to its shape, with the markers spaced out for the word-level tokenizer: the
+# pipeline wraps every prompt as one user turn and asks for the assistant's reply.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} "
+    "{% for part in message['content'] %}{{ part['text'] }} {% endfor %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
+)
+
+
+def tiny_easyanimate_pipeline():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vocabulary = ["<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "a", "red", "circle",
+                  "moving", "left", "low", "quality"]
+    tokenizer = word_tokenizer(vocabulary)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    # EasyAnimate V5.1's encoder: its text model alone runs (the prompts hold no image); M-RoPE's sections split
+    # the 8-wide heads' 4 frequencies.
+    qwen = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config={"vocab_size": len(vocabulary), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1,
+                     "eos_token_id": 1, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 16, "num_heads": 2, "patch_size": 2,
+                       "spatial_merge_size": 1, "temporal_patch_size": 1, "mlp_ratio": 2},
+    ))
+    # Only its compression ratios (8x spatial, 4x temporal, from the four blocks) are read: the output stays latent.
+    vae = AutoencoderKLMagvit(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    model = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=12,
+        sample_height=8, num_layers=2, mmdit_layers=1, time_embed_dim=8, text_embed_dim=qwen.config.text_config.hidden_size,
+    )
+    pipe = EasyAnimatePipeline(vae=vae.eval(), text_encoder=qwen.eval(), tokenizer=tokenizer, transformer=model.eval(),
+                               scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_batches_the_guidance_and_follows_the_schedule():
+    pipe = tiny_easyanimate_pipeline()
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
+            "num_frames": 9, "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent"}
+    reference = run_pipeline(pipe, call)
+    assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    torch.testing.assert_close(run_pipeline(pipe, call, every_block)[0], reference, atol=1e-4, rtol=0)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    with recorded_attention_calls() as calls:
+        sparse, stats = run_pipeline(pipe, call, config)
+    # `__call__` never passes `max_sequence_length`, so both prompts are padded to `encode_prompt`'s default and
+    # reach the transformer unmasked: every padded token is text the video attends. 9 frames of 64 x 96 -> 3 latent
+    # frames of 8 x 12 -> 3 x 4 x 6 video tokens after the 2x2 patchify.
+    text_len = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+    layout = VideoLayout(3, 4, 6, text_len=text_len, text_position="start")
+    # The uncond and cond halves in one batch: one call per layer and step, the first step dense.
+    assert [(layer, lay, shape) for layer, lay, shape in calls] == [
+        (layer, layout, (2, layout.num_tokens)) for _step in (1, 2) for layer in range(2)
+    ]
+    records = stats.calls["transformer"]
+    assert [(r.step, r.layer, r.sparse) for r in records] == [
+        (step, layer, step > 0) for step in range(3) for layer in range(2)
+    ]
+    assert all(r.density < 1 for r in records if r.sparse)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
