@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .api import sparse
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
+from .pipelines import find_transformers
 
 
 @dataclass
@@ -87,16 +88,29 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(type(pipe).__call__).parameters)
+
+
+def frames_parameter(pipe) -> str | None:
+    """The pipeline call's frame-count argument: `num_frames`, or Latte's `video_length`; `None` for a pipeline
+    that makes images (FLUX, SD3)."""
+    parameters = _call_parameters(pipe)
+    return next((name for name in ("num_frames", "video_length") if name in parameters), None)
+
+
 def is_image_pipeline(pipe) -> bool:
-    """Whether the pipeline's call makes images (FLUX, SD3: it takes no `num_frames`) rather than videos."""
-    return "num_frames" not in inspect.signature(type(pipe).__call__).parameters
+    """Whether the pipeline's call makes images (it takes no frame count) rather than videos."""
+    return frames_parameter(pipe) is None
 
 
 def frames_argument(pipe, frames: int) -> dict:
-    """The pipeline call's frame count: `{"num_frames": frames}` for a video pipeline, `{}` for an image one,
-    which makes one frame (there `frames` must be 1: a `ValueError` otherwise, rather than a silent 1)."""
-    if not is_image_pipeline(pipe):
-        return {"num_frames": frames}
+    """The pipeline call's frame count: `{"num_frames": frames}` (`video_length` for Latte) for a video pipeline,
+    `{}` for an image one, which makes one frame (there `frames` must be 1: a `ValueError` otherwise, rather than a
+    silent 1)."""
+    name = frames_parameter(pipe)
+    if name is not None:
+        return {name: frames}
     if frames != 1:
         raise ValueError(f"frames={frames}: {type(pipe).__name__} generates images, so frames must be 1 (--frames 1)")
     return {}
@@ -110,7 +124,7 @@ def call_defaults(pipe) -> dict[str, int]:
 
     if isinstance(pipe, TestbedPipeline):
         return {"steps": 20, **testbed_config()["eval"]}
-    parameters = inspect.signature(type(pipe).__call__).parameters.values()
+    parameters = _call_parameters(pipe).values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     config = getattr(getattr(pipe, "transformer", None), "config", {})
 
@@ -122,7 +136,7 @@ def call_defaults(pipe) -> dict[str, int]:
 
     return {
         "steps": defaults.get("num_inference_steps") or 50,
-        "frames": 1 if is_image_pipeline(pipe) else defaults.get("num_frames") or config.get("sample_frames") or 17,
+        "frames": 1 if is_image_pipeline(pipe) else defaults.get(frames_parameter(pipe)) or config.get("sample_frames") or 17,
         "height": defaults.get("height") or sample_pixels("height"),
         "width": defaults.get("width") or sample_pixels("width"),
     }
@@ -144,7 +158,8 @@ def first_output(output) -> np.ndarray:
 
 def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
     """`(frames, end-to-end seconds, denoising seconds)`; denoising ends at the last step's callback, so it
-    leaves out the VAE decode (which dominates end-to-end time on small models with a VAE)."""
+    leaves out the VAE decode (which dominates end-to-end time on small models with a VAE). Pipelines without
+    `callback_on_step_end` (HunyuanVideo 1.5): it ends with the last transformer call instead."""
     image_to_video = {} if first_frame is None else {"first_frame": first_frame}
     last_step_end = []
 
@@ -153,19 +168,33 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
         last_step_end[:] = [time.perf_counter()]
         return callback_kwargs
 
+    def on_transformer_end(module, inputs, output):
+        last_step_end[:] = [time.perf_counter()]
+
+    with_callback = "callback_on_step_end" in _call_parameters(pipe)
+    step_ends = {"callback_on_step_end": on_step_end} if with_callback else {}
+    hooks = [] if with_callback else [
+        transformer.register_forward_hook(on_transformer_end) for transformer in find_transformers(pipe)[0].values()
+    ]
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
-    output = pipe(
-        prompt=args.prompt,
-        **frames_argument(pipe, args.frames),
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        generator=generator,
-        output_type="np",
-        callback_on_step_end=on_step_end,
-        **image_to_video,
-    )
+    try:
+        output = pipe(
+            prompt=args.prompt,
+            **frames_argument(pipe, args.frames),
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            generator=generator,
+            output_type="np",
+            **step_ends,
+            **image_to_video,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not with_callback:
+        progress.update(args.steps)
     return first_output(output), time.perf_counter() - start, last_step_end[0] - start
 
 

@@ -70,14 +70,19 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Latte", layer=1)
 
 
-def test_pipeline():
+def tiny_pipeline(pipeline_class=LattePipeline) -> LattePipeline:
     base = tiny_wan_pipeline()  # its T5 encoder and word tokenizer
     torch.manual_seed(1)
     vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8).eval()
-    pipe = LattePipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae,
-                         transformer=tiny_transformer(base.text_encoder.config.d_model), scheduler=DDIMScheduler())
+    pipe = pipeline_class(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae,
+                          transformer=tiny_transformer(base.text_encoder.config.d_model), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline():
+    pipe = tiny_pipeline()
     call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 16, "width": 24,
             "video_length": FRAMES, "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "latent",
             "clean_caption": False}
@@ -92,3 +97,32 @@ def test_pipeline():
         (0, False), (1, True), (2, True)
     ]
     assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+class LatteWithoutStepCallback(LattePipeline):
+    """A pipeline whose call takes no `callback_on_step_end`, as HunyuanVideo 1.5's does not."""
+
+    def __call__(self, prompt, video_length=16, height=512, width=512, num_inference_steps=50, generator=None,
+                 output_type="pil"):
+        return super().__call__(prompt=prompt, video_length=video_length, height=height, width=width,
+                                num_inference_steps=num_inference_steps, generator=generator, output_type=output_type,
+                                clean_caption=False)
+
+
+@pytest.mark.parametrize("pipeline_class", [LattePipeline, LatteWithoutStepCallback], ids=["latte", "no callback"])
+def test_compare_sets_latte_frame_count(pipeline_class, tmp_path):
+    # Latte's frame count is `video_length`, not `num_frames`: the commands set it (read as an image pipeline, the
+    # call would make Latte's default 16 frames whatever `--frames` said). A pipeline without a step callback is
+    # timed to its last transformer call.
+    from diffsparse.cli import build_parser
+    from diffsparse.compare import call_defaults, frames_argument, run_compare
+
+    pipe = tiny_pipeline(pipeline_class)
+    assert frames_argument(pipe, FRAMES) == {"video_length": FRAMES} and call_defaults(pipe)["frames"] == 16
+    args = build_parser().parse_args(["compare", "--frames", str(FRAMES), "--height", "16", "--width", "24", "--steps",
+                                      "2", "--pattern", "window3d", "--density", "0.3", "--block-size", "16",
+                                      "--dense-steps", "1", "--out", str(tmp_path)])
+    result = run_compare(args, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=1),
+                         pipe=pipe)
+    assert result.frames == FRAMES and result.mean_attention_density < 1
+    assert 0 < result.dense_denoise_seconds <= result.dense_seconds
