@@ -191,3 +191,36 @@ def tiny_clip_image_encoder():
     )
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return CLIPVisionModel(config).eval(), processor
+
+
+def qwen_tokenizer(vocabulary: list[str]):
+    """A word-level tokenizer built in memory that splits a chat prompt template where Qwen2's does (words,
+    punctuation, newlines and the chat tokens one token each; `vocabulary` must hold `<pad>`, `<unk>`,
+    `<|im_start|>`, `<|im_end|>`): Qwen2.5-VL pipelines (Qwen-Image, Kandinsky 5) drop a fixed number of the
+    template's first tokens, which must be the system prompt's, not the user's."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Punctuation(),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def tiny_qwen25_vl(vocabulary: list[str]):
+    """`Qwen2_5_VLForConditionalGeneration` with a one-layer language model 16 wide (the pipelines read its last
+    hidden states) and a one-block vision tower, which the class builds although text prompts never reach it."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {"vocab_size": len(vocabulary), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0,
+            "bos_token_id": vocabulary.index("<|im_start|>"), "eos_token_id": vocabulary.index("<|im_end|>"),
+            # M-RoPE splits a head's 4 rotary frequencies between time, height and width positions.
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2]}}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
+              "fullatt_block_indexes": [0]}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()

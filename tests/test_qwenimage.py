@@ -1,28 +1,49 @@
-"""diffsparse on a diffusers Qwen-Image transformer (tiny, random weights, called directly): joint [text, image]
-double-stream attention with complex RoPE on both streams; Qwen-Image-Edit's reference images of the output's size
-(frames) and of another size (kept whole beside the text); padded prompts run the original."""
+"""diffsparse on diffusers Qwen-Image (tiny, random weights, offline): the transformer called directly, joint [text,
+image] double-stream attention with complex RoPE on both streams; Qwen-Image-Edit's reference images of the output's
+size (frames) and of another size (kept whole beside the text); padded prompts run the original. And the whole
+`QwenImagePipeline` built (Qwen2.5-VL text encoder, Qwen-Image VAE) and run with true CFG: the `t / 1000` timesteps
+it passes land on the scheduler's steps."""
+
+from collections import Counter
 
 import pytest
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_against_dense, check_other_processors_are_refused, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    qwen_tokenizer,
+    run_transformer,
+    tiny_qwen25_vl,
+)
 
 TEXT_LEN = 7
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    torch.manual_seed(0)
+def tiny_transformer():
+    """4 latent channels packed 2x2 (16 in), text of the tiny Qwen2.5-VL's width (16)."""
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return tiny_transformer()
 
 
 def inputs(references=(), valid_text=(TEXT_LEN,)):
@@ -71,3 +92,45 @@ def test_padded_prompts_run_the_original_and_count_as_dense(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Qwen-Image", layer=1)
+
+
+# Chat-template tokens first: the word tokenizer's own (pad, unk) and Qwen's special tokens; the template's other words
+# are not needed (`<unk>`), the pipeline drops them.
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "on", "grass", "blurry"]
+
+
+@pytest.fixture(scope="module")
+def qwen_pipe():
+    torch.manual_seed(0)
+    # One temporal-downsample flag: a 2x VAE (`vae_scale_factor` counts them), so small images still give a grid.
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                             text_encoder=tiny_qwen25_vl(VOCABULARY), tokenizer=qwen_tokenizer(VOCABULARY),
+                             transformer=tiny_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PIPELINE_CALL = {"prompt": "a red circle on grass", "negative_prompt": "blurry", "true_cfg_scale": 4.0,
+                 "num_inference_steps": 3, "height": 64, "width": 48, "output_type": "latent"}
+
+
+def test_pipeline_with_true_cfg_dense_every_block_kept_and_sparse_after_the_dense_step(qwen_pipe):
+    template = qwen_pipe.prompt_template_encode
+    # The pipeline's fixed drop is the system prompt, as with Qwen's own tokenizer.
+    prefix = qwen_pipe.tokenizer(template[:template.index("{}")]).input_ids
+    assert len(prefix) == qwen_pipe.prompt_template_encode_start_idx
+    stats, calls = check_pipeline_against_dense(qwen_pipe, PIPELINE_CALL, block_size=8)
+    records = stats.calls["transformer"]
+    # The timestep arrives as t / 1000: scaled back, each call finds its own step (a wrong scale puts every call
+    # on one step). Each step: the prompt's and the negative prompt's call, through both layers.
+    assert Counter((r.step, r.branch) for r in records) == {(step, branch): 2 for step in range(3)
+                                                            for branch in ("cond", "uncond")}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+    # 64 x 48 pixels -> 32 x 24 latents (2x VAE) -> 16 x 12 packed patches, behind each prompt's own text.
+    text_lens = [qwen_pipe.encode_prompt(PIPELINE_CALL[p])[0].shape[1] for p in ("prompt", "negative_prompt")]
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 16, 12, text_len=n, text_position="start") for n in text_lens
+    }
