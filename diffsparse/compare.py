@@ -134,9 +134,10 @@ def call_defaults(pipe) -> dict[str, int]:
         latent = config.get(f"sample_{side}")
         return latent * pipe.vae_scale_factor_spatial if latent and hasattr(pipe, "vae_scale_factor_spatial") else 512
 
+    frames = frames_parameter(pipe)
     return {
         "steps": defaults.get("num_inference_steps") or 50,
-        "frames": 1 if is_image_pipeline(pipe) else defaults.get(frames_parameter(pipe)) or config.get("sample_frames") or 17,
+        "frames": 1 if frames is None else defaults.get(frames) or config.get("sample_frames") or 17,
         "height": defaults.get("height") or sample_pixels("height"),
         "width": defaults.get("width") or sample_pixels("width"),
     }
