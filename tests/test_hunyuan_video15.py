@@ -1,32 +1,52 @@
-"""diffsparse on a diffusers HunyuanVideo 1.5 transformer (tiny, random weights, called directly): dual-stream
-blocks over `[video, text]`, the text being the valid image, ByT5 and MLLM tokens, then the padding, masked as
-keys and queries."""
+"""diffsparse on diffusers HunyuanVideo 1.5 (tiny, random weights, offline): the transformer called directly,
+dual-stream blocks over `[video, text]`, the text being the valid image, ByT5 and MLLM tokens, then the padding,
+masked as keys and queries. And the whole `HunyuanVideo15Pipeline` built (Qwen2.5-VL text model, ByT5 glyph
+encoder, HunyuanVideo 1.5 VAE) and run with its classifier-free guider: each branch's padded prompt cut to its
+valid tokens, the scheduler's timesteps landing on their steps."""
 
 import pytest
 import torch
-from diffusers import HunyuanVideo15Transformer3DModel
+from diffusers import (
+    AutoencoderKLHunyuanVideo15,
+    ClassifierFreeGuidance,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
+)
+from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video15 import HunyuanVideo15SparseAttnProcessor
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    check_prompts_attend_their_valid_tokens,
+    qwen_tokenizer,
+    run_transformer,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 MLLM_LEN, BYT5_LEN, IMAGE_LEN = 8, 4, 4
 TEXT_LEN = MLLM_LEN + BYT5_LEN + IMAGE_LEN
 
 
+def tiny_transformer(in_channels=4):
+    """MLLM text 16 wide, ByT5 text 8 wide, image embeddings 8 wide; 4 output channels."""
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+
 @pytest.fixture(scope="module")
 def transformer():
     torch.manual_seed(0)
-    model = HunyuanVideo15Transformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
-        rope_axes_dim=(4, 6, 6),
-    )
-    return model.eval()
+    return tiny_transformer()
 
 
 def inputs(valid=((2, 1), (MLLM_LEN, BYT5_LEN)), image=True, timestep=900.0, seed=0):
@@ -109,3 +129,89 @@ def test_layout_of_a_call(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "HunyuanVideo 1.5", layer=1)
+
+
+# The word tokenizer's own tokens and Qwen's chat tokens first; the system prompt's words are not needed (`<unk>`),
+# the pipeline crops them.
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "sign", "reading", '"', "open", "blurry"]
+# The tokenizer in memory has no chat template; the pipeline renders its prompts with one (Qwen's ChatML layout).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def crop_start(pipe) -> int:
+    """How many tokens the rendered template holds before the user's prompt: the system prompt and the user's
+    header, which the pipeline's crop is meant to drop."""
+    text = pipe.tokenizer.apply_chat_template(
+        format_text_input(["{}"], pipe.system_message), tokenize=False, add_generation_prompt=True
+    )[0]
+    return len(pipe.tokenizer(text[:text.index("{}")]).input_ids)
+
+
+@pytest.fixture(scope="module")
+def hunyuan15_pipe():
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=8, temporal_compression_ratio=4)
+    # Three layers: the pipeline reads the hidden states two layers before the last.
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(VOCABULARY), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=VOCABULARY.index("<|im_start|>"),
+        eos_token_id=VOCABULARY.index("<|im_end|>"), rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+    ))
+    byt5_tokenizer = ByT5Tokenizer()  # bytes: no vocabulary file to fetch
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                   num_heads=2))
+    tokenizer = qwen_tokenizer(VOCABULARY)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=qwen.eval(), tokenizer=tokenizer, text_encoder_2=byt5.eval(), tokenizer_2=byt5_tokenizer,
+        # The transformer's input: the latents, the (zero) condition latents and their mask.
+        transformer=tiny_transformer(in_channels=2 * 4 + 1), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    # The pipeline's crop (108) counts Qwen's BPE tokens; the word tokenizer splits the system prompt into fewer, so
+    # 108 would drop the prompt too.
+    pipe.prompt_template_encode_start_idx = crop_start(pipe)
+    # Shorter padding than the pipeline's (1000 MLLM, 256 ByT5, 729 image tokens) keeps the test fast; the prompts
+    # still fill a fraction of it, and the transformer and the adapter read the lengths from the inputs.
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 32, 32, 16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# The quoted words are the glyph text, which the ByT5 encoder reads; the negative prompt has none (its ByT5 tokens are
+# all padding).
+PROMPTS = {"pred_cond": 'a sign reading "open"', "pred_uncond": "blurry"}
+PIPELINE_CALL = {"prompt": PROMPTS["pred_cond"], "negative_prompt": PROMPTS["pred_uncond"], "height": 64, "width": 96,
+                 "num_frames": 9, "num_inference_steps": 3, "output_type": "latent"}
+
+
+def test_pipeline_with_cfg_dense_every_block_kept_and_sparse_after_the_dense_step(hunyuan15_pipe):
+    pipe = hunyuan15_pipe
+    valid = {}  # per branch: (valid MLLM tokens, valid ByT5 tokens), from the pipeline's own encoder
+    for branch, prompt in PROMPTS.items():
+        _, mask, _, mask_2 = pipe.encode_prompt(prompt)
+        valid[branch] = (int(mask.sum()), int(mask_2.sum()))
+    # The crop leaves the prompt and the template's tail; only the prompt with a glyph text has ByT5 tokens.
+    assert valid["pred_cond"][0] > valid["pred_uncond"][0] > 0
+    assert valid["pred_cond"][1] > 0 == valid["pred_uncond"][1]
+
+    stats, calls = check_pipeline_against_dense(pipe, PIPELINE_CALL)
+    records = stats.calls["transformer"]
+    # The guider runs each branch as its own call of batch 1 in its own cache context. The transformer gets the
+    # scheduler's timesteps as they are, so each step's calls land on that step.
+    assert [(r.step, r.branch, r.layer, r.sparse) for r in records] == [
+        (step, branch, layer, step > 0) for step in range(3) for branch in PROMPTS for layer in range(2)
+    ]
+    assert all(r.density < 1 for r in records if r.sparse)
+    # 9 frames of 64 x 96 -> 3 latent frames of 8 x 12 (4x, 8x VAE) -> 3 x 4 x 6 tokens after the 2x2 patchify. Text
+    # padded to the fixture's lengths (MLLM, ByT5 and the zero image tokens of text-to-video), cut to each branch's
+    # valid tokens: the image tokens are masked, so none of them.
+    expected = {branch: VideoLayout(3, 4, 6, text_len=sum(n), text_position="end") for branch, n in valid.items()}
+    assert [(layer, layout, shape) for layer, layout, shape in calls] == [
+        (layer, expected[branch], (1, expected[branch].num_tokens))
+        for _sparse_step in range(1, 3) for branch in PROMPTS for layer in range(2)
+    ]
