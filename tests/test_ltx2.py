@@ -1,16 +1,37 @@
-"""diffsparse on a diffusers LTX-2 transformer (tiny, random weights, called directly): the video self-attention
-of a joint audio-video model, in LTX-2.0's form and LTX-2.3's (perturbed-attention processors for spatio-temporal
-guidance, per-head gates, split RoPE); appended keyframe tokens; IC-LoRA's soft self-attention mask."""
+"""diffsparse on diffusers LTX-2 (tiny, random weights, offline). The transformer called directly: the video
+self-attention of a joint audio-video model, in LTX-2.0's form and LTX-2.3's (perturbed-attention processors for
+spatio-temporal guidance, per-head gates, split RoPE); appended keyframe tokens; IC-LoRA's soft self-attention mask.
+And the whole `LTX2Pipeline` built (Gemma 3 text encoder, text connectors, video and audio VAEs, vocoder) and run
+with classifier-free guidance, with LTX-2.0's sampling and with the pipeline's default LTX-2.3 guidance
+(spatio-temporal and modality-isolation guidance calls besides the CFG call)."""
+
+import contextlib
+from collections import Counter
 
 import pytest
 import torch
-from diffusers import LTX2VideoTransformer3DModel
+from diffusers import (
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
+    FlowMatchEulerDiscreteScheduler,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
+)
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_transformer,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 GRID = (3, 4, 6)  # latent frames, rows, columns: 72 video tokens
@@ -156,3 +177,116 @@ def test_a_call_without_grid_or_coordinates_is_refused(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "LTX-2", layer=1)
+
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "moving", "left", "low", "quality"]
+
+
+def tiny_ltx2_pipeline(variant: str) -> LTX2Pipeline:
+    """`LTX2Pipeline` around `tiny_transformer(variant)`. Its text path is LTX-2.0's for both variants (Gemma's
+    hidden states through shared connectors and the transformer's caption projections): what changes between
+    LTX-2.0 and 2.3 for diffsparse is in the transformer's blocks."""
+    torch.manual_seed(0)
+    # Gemma 3 16 wide with 2 layers: the pipeline stacks its 3 hidden states (embeddings included) per token. The
+    # class builds a vision tower too, which text prompts never reach.
+    text = {"vocab_size": len(VOCABULARY), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "pad_token_id": 0}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 16, "patch_size": 8}
+    text_encoder = Gemma3ForConditionalGeneration(
+        Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    )
+    # LTX-2.0 connectors project the stacked states back to Gemma's width, which their attention (2 x 8) keeps and
+    # the transformer's `caption_channels` (16) takes.
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32,
+    )
+    # 8 latent channels (the transformer's `in_channels`); 4 x 4 pixel patches, then one 2x down-sampling in time and
+    # space: 8x in space, 2x in time. Only these ratios and its latent statistics are used: the pipeline returns
+    # latents.
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8,), decoder_block_out_channels=(8,), layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,), decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False), downsample_type=("spatiotemporal",), upsample_residual=(False,),
+        upsample_factor=(1,), patch_size=4, patch_size_t=1,
+    )
+    # 2 latent channels x 8 / 4 mel bins: audio tokens 4 wide (the transformer's `audio_in_channels`).
+    audio_vae = AutoencoderKLLTX2Audio(base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1,
+                                       latent_channels=2, mel_bins=8, resolution=32)
+    # Takes the audio VAE's decoded spectrograms, 2 channels x 8 mel bins.
+    vocoder = LTX2Vocoder(in_channels=2 * 8, hidden_channels=8, upsample_kernel_sizes=[4], upsample_factors=[2],
+                          resnet_kernel_sizes=[3], resnet_dilations=[[1]], output_sampling_rate=16000)
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae.eval(),
+        audio_vae=audio_vae.eval(), text_encoder=text_encoder.eval(), tokenizer=word_tokenizer(VOCABULARY),
+        connectors=connectors.eval(), transformer=tiny_transformer(variant), vocoder=vocoder.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Per variant: the sampling arguments, and the self-attention calls of one denoising step as the transformer's
+# cache context (the runtime's branch) -> the blocks whose video self-attention computes attention.
+SAMPLING = {
+    # LTX-2.0's: classifier-free guidance alone.
+    "2.0": ({"stg_scale": 0.0, "audio_stg_scale": 0.0, "modality_scale": 1.0, "audio_modality_scale": 1.0,
+             "spatio_temporal_guidance_blocks": None, "use_cross_timestep": False},
+            {"cond_uncond": [0, 1]}),
+    # The pipeline's defaults (LTX-2.3's) with STG on block 1: besides the CFG call, one with block 1's attention
+    # skipped (the values pass: no attention computed, none counted) and one with the audio-video
+    # cross-attentions off.
+    "2.3": ({"spatio_temporal_guidance_blocks": [1]},
+            {"cond_uncond": [0, 1], "uncond_stg": [0], "uncond_modality": [0, 1]}),
+}
+PIPELINE_CALL = {
+    "prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 32, "width": 96,
+    "num_frames": 9, "frame_rate": 24.0, "num_inference_steps": 3, "guidance_scale": 3.0, "max_sequence_length": 8,
+    # Video and audio latents: what the transformer made, without the VAEs' decode and the vocoder.
+    "output_type": "latent",
+}
+
+
+def generate(pipe, call, config=None):
+    """`pipe(**call)` from seed 0 (as `helpers.run_pipeline`), the whole output: video and audio latents."""
+    with torch.no_grad(), diffsparse.sparse(pipe, config) if config is not None else contextlib.nullcontext():
+        return pipe(**call, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ltx2_pipeline(variant):
+    pipe = tiny_ltx2_pipeline(variant)
+    sampling, branches = SAMPLING[variant]
+    call = {**PIPELINE_CALL, **sampling}
+    before = pipe.transformer.attn_processors
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(dense_steps=0)):
+        replaced = {name for name, p in pipe.transformer.attn_processors.items() if p is not before[name]}
+    # Only the video self-attention: audio self-attention, text and audio-video cross-attentions keep theirs.
+    assert replaced == {f"transformer_blocks.{i}.attn1.processor" for i in range(2)}
+
+    stats, calls = check_pipeline_against_dense(pipe, call)  # on the video latents (the output's `frames`)
+    records = stats.calls["transformer"]
+    # The timestep arrives on the scheduler's scale: each step found (a wrong scale puts every call on one step).
+    # CFG is batched: the negative and the positive prompt in one call, per block, per step.
+    assert Counter((r.step, r.branch, r.layer) for r in records) == Counter(
+        (step, branch, layer) for step in range(3) for branch, layers in branches.items() for layer in layers
+    )
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+    # 9 frames -> 5 latent frames, 32 x 96 pixels -> 4 x 12: the grid of the latent video, no other tokens.
+    grid = VideoLayout(5, 4, 12)
+    assert Counter(calls) == Counter(
+        (layer, grid, (2 if branch == "cond_uncond" else 1, grid.num_tokens))
+        for step in (1, 2) for branch, layers in branches.items() for layer in layers
+    )
+
+    # The audio latents, which the helper does not compare: the video reaches them through the audio-video
+    # cross-attentions, so a sparse video attention changes them too, and keeping every block does not.
+    audio = generate(pipe, call).audio
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    torch.testing.assert_close(generate(pipe, call, every_block).audio, audio, atol=1e-4, rtol=0)
+    window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    assert not torch.allclose(generate(pipe, call, window).audio, audio, atol=1e-4)
