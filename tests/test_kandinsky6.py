@@ -1,17 +1,41 @@
-"""diffsparse on a diffusers Kandinsky 6 transformer (tiny, random weights, called directly): the fused blocks' video
-self-attention, on video alone, with audio, and with the image-to-video reference frame appended last."""
+"""diffsparse on diffusers Kandinsky 6 (tiny, random weights, offline): the transformer called directly, the fused
+blocks' video self-attention, on video alone, with audio, and with the image-to-video reference frame appended last.
+And the whole `Kandinsky6TI2VAPipeline` built (Qwen2.5-VL and CLIP text encoders, HunyuanVideo VAE, MMAudio VAE and
+vocoder) and run with classifier-free guidance, text-to-video (with and without audio) and image-to-video: the
+pipeline's own calls, steps, layouts and reference-frame positions."""
 
+from collections import Counter
+
+import PIL.Image
 import pytest
 import torch
-from diffusers import Kandinsky6Transformer3DModel
+from diffusers import (
+    AutoencoderKLHunyuanVideo,
+    FlowMatchEulerDiscreteScheduler,
+    Kandinsky6TI2VAPipeline,
+    Kandinsky6Transformer3DModel,
+    MMAudioVAE,
+    MMAudioVocoder,
+)
+from diffusers.pipelines.kandinsky6 import pipeline_kandinsky6_ti2va as ti2va
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines import kandinsky6 as kandinsky6_adapter
 from diffsparse.pipelines.base import SparseProcessor
+from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    qwen_tokenizer,
+    recorded_attention_calls,
+    run_transformer,
+    tiny_qwen25_vl,
+)
 
 GRID = (2, 8, 16)  # latent frames 2 of 16 x 32, patchified 1 x 2 x 2: 256 tokens
 VIDEO_FRAMES = 3  # generated frames of the image-to-video calls, the reference frame appended after them
@@ -25,18 +49,24 @@ CHANNELS = 2 * 4 + 1  # `visual_cond`: noisy latent, conditioning latent, condit
 KINDS = [{}, {"audio": True}, {"audio": True, "reference": "last"}]  # video alone, with audio, image-to-video
 
 
-@pytest.fixture(scope="module")
-def transformer():
+def tiny_transformer():
+    """Text 16 wide (the tiny Qwen2.5-VL's), pooled text 8 wide (the tiny CLIP's), latents 4 channels (the tiny
+    VAEs')."""
     # The released checkpoints' switches (`ca_rope`, `cross_gates`, `fix_modulation`, two visual token types).
     # Kandinsky 6, unlike Kandinsky 5, does not zero-initialise its modulation: attention reaches the output, which
     # `check_against_dense`'s sparse comparison verifies.
-    torch.manual_seed(0)
     return Kandinsky6Transformer3DModel(
         in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
         model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4), in_audio_dim=4,
         out_audio_dim=4, text_token_padding=True, ca_rope=True, cross_gates=True, fix_modulation=True,
         visual_token_type_num_embeddings=2,
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return tiny_transformer()
 
 
 def inputs(audio: bool = False, reference: str | None = None):
@@ -124,3 +154,111 @@ def test_only_the_video_self_attention_is_sparse(transformer, kind):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Kandinsky 6", layer=1)
+
+
+# The word tokenizer's tokens (CLIP's prompts end with `</s>`) and Qwen's chat tokens first; the template's other words
+# are not needed (`<unk>`), the pipeline drops them.
+VOCABULARY = ["<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "moving", "left",
+              "blurry"]
+# Audio on (the pipeline's default: the fused blocks' video/audio path), latents returned: sparse attention is all in
+# the transformer, so decoding video or audio would check nothing more. Prompts padded to 8 tokens (a text mask).
+PIPELINE_CALL = {"prompt": "a red circle moving left", "negative_prompt": "blurry", "guidance_scale": 5.0,
+                 "num_inference_steps": 3, "height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 8,
+                 "output_type": "latent"}
+
+
+@pytest.fixture(scope="module")
+def kandinsky_pipe():
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=1))
+    # With audio the pipeline requires both; it reads their sample rate and hop length for the audio latents' length.
+    # The vocoder's upsampling (8 x 8 x 8) matches the VAE's mel hop length, as a real pair's does.
+    audio_vae = MMAudioVAE(mel_bins=8, latent_channels=4, hidden_channels=8, channel_multipliers=(1,),
+                           layers_per_block=1)
+    vocoder = MMAudioVocoder(num_mels=8, upsample_initial_channel=8, upsample_rates=(8, 8, 8),
+                             upsample_kernel_sizes=(16, 16, 16), resblock_kernel_sizes=(3,),
+                             resblock_dilation_sizes=((1,),))
+    pipe = Kandinsky6TI2VAPipeline(
+        transformer=tiny_transformer(), vae=vae.eval(), text_encoder=tiny_qwen25_vl(VOCABULARY),
+        tokenizer=qwen_tokenizer(VOCABULARY), text_encoder_2=clip.eval(),
+        tokenizer_2=word_tokenizer(VOCABULARY, max_length=77), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        audio_vae=audio_vae.eval(), vocoder=vocoder.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def video_layout(pipe, call) -> VideoLayout:
+    """The generated video's token layout: the VAE's compression, then the transformer's patches."""
+    p_t, p_h, p_w = pipe.transformer.config.patch_size
+    frames = (call["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    space = pipe.vae_scale_factor_spatial
+    return VideoLayout(frames // p_t, call["height"] // (space * p_h), call["width"] // (space * p_w))
+
+
+def check_cfg_steps(pipe, records) -> None:
+    """Each step: the prompt's and the negative prompt's calls, apart (each in its `cache_context`), through both
+    fused blocks; the first step dense (`check_pipeline_against_dense`'s default config), the others sparse with
+    blocks left out. The step clock finds every step, so the transformer gets the scheduler's timesteps as they are
+    (on another scale, every call would fall on one step)."""
+    layers = len(pipe.transformer.visual_transformer_blocks)
+    steps = PIPELINE_CALL["num_inference_steps"]
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, branch): layers for step in range(steps) for branch in ("cond", "uncond")
+    }
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+
+
+@pytest.mark.parametrize("sample_audio", [True, False], ids=["with audio", "video alone"])
+def test_pipeline_text_to_video_with_cfg(kandinsky_pipe, sample_audio):
+    # The pipeline drops a fixed number of the template's first tokens: it must stay inside the template, for the
+    # prompt to reach the transformer whole.
+    prefix = kandinsky_pipe.tokenizer(ti2va._PROMPT_TEMPLATE[:ti2va._PROMPT_TEMPLATE.index("{}")]).input_ids
+    assert len(prefix) >= ti2va._QWEN_CROP_START
+    stats, calls = check_pipeline_against_dense(kandinsky_pipe, {**PIPELINE_CALL, "sample_audio": sample_audio})
+    check_cfg_steps(kandinsky_pipe, stats.calls["transformer"])
+    layout = video_layout(kandinsky_pipe, PIPELINE_CALL)
+    assert {(layout_, shape) for _, layout_, shape in calls} == {(layout, (1, layout.num_tokens))}
+
+
+def test_pipeline_image_to_video_attends_the_reference_first(kandinsky_pipe, monkeypatch):
+    adapter = adapter_for(kandinsky_pipe.transformer)
+    read_call, seen = adapter.read_call, []
+
+    def recording_read_call(transformer, args, kwargs):
+        seen.append((kwargs, read_call(transformer, args, kwargs)))
+        return seen[-1][1]
+
+    # `apply` takes the adapter's `read_call` when it installs its hook: patched first, every pipeline call under
+    # diffsparse goes through it.
+    monkeypatch.setattr(adapter, "read_call", recording_read_call)
+    # Another size than the video's: the pipeline resizes and crops it.
+    pixels = torch.randint(0, 256, (48, 80, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    call = {**PIPELINE_CALL, "image": PIL.Image.fromarray(pixels.numpy())}
+    stats, calls = check_pipeline_against_dense(kandinsky_pipe, call)
+    check_cfg_steps(kandinsky_pipe, stats.calls["transformer"])
+    video = video_layout(kandinsky_pipe, PIPELINE_CALL)
+    layout = VideoLayout(video.frames + 1, video.height, video.width)  # text-to-video's, and the reference frame
+    assert {(layout_, shape) for _, layout_, shape in calls} == {(layout, (1, layout.num_tokens))}
+    # The three diffsparse runs' calls, each CFG branch apart.
+    assert len(seen) == 3 * PIPELINE_CALL["num_inference_steps"] * 2
+    for kwargs, answer in seen:
+        # What the adapter assumes of the pipeline: the clean reference is the last frame (the one the conditioning
+        # mask, the last channel, marks; token type 1), at the first frame's temporal RoPE position.
+        mask = kwargs["hidden_states"][..., -1]
+        assert mask[:, -1].eq(1).all() and not mask[:, :-1].any()
+        assert kwargs["visual_token_type_ids"].tolist() == [[0] * video.frames + [1]]
+        assert kwargs["visual_rope_pos"][0].tolist() == [*range(video.frames), 0]
+        # So the adapter answers its reference-first order: each generated frame's tokens one layout frame later,
+        # the reference's wrapping round to layout frame 0.
+        assert len(answer) == 3 and answer[0] == layout
+        tokens = torch.arange(layout.num_tokens)
+        assert torch.equal(answer[2], (tokens + layout.tokens_per_frame) % layout.num_tokens)
