@@ -1,16 +1,41 @@
-"""diffsparse on a diffusers FLUX.2 transformer (tiny, random weights, called directly): dual-stream blocks with
-`Flux2AttnProcessor`, single-stream ones with the fused `Flux2ParallelSelfAttnProcessor`, a reference image as a
-second frame."""
+"""diffsparse on diffusers FLUX.2: a tiny transformer (random weights) called directly, with dual-stream blocks
+(`Flux2AttnProcessor`) and single-stream ones (the fused `Flux2ParallelSelfAttnProcessor`), a reference image as a
+second frame. And the whole pipelines built offline from tiny components, `Flux2Pipeline` (Mistral 3 text encoder
+behind a Pixtral processor, embedded guidance) and `Flux2KleinPipeline` (Qwen3, true CFG), both with the FLUX.2 VAE:
+text-to-image and reference-image edits on the pipelines' own calls, whose `t / 1000` timesteps land on the
+scheduler's steps."""
+
+from collections import Counter
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+)
+from PIL import Image
+from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    qwen_tokenizer,
+    recorded_attention_calls,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 6
@@ -105,3 +130,168 @@ def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream processor
 def test_other_processors_are_refused(transformer, layer):
     check_other_processors_are_refused(transformer, "FLUX.2", layer=layer)
+
+
+# The chat markers of both text models, one token each (registered as special tokens, so punctuation does not split
+# them), and the prompts' words; the system message's words are not needed (`<unk>`), only its length reaches the
+# transformer.
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "<think>", "</think>", "<s>",
+              "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]", "a", "red", "blue", "circle", "on",
+              "grass"]
+# Mistral Small 3's template reduced to its shape: the pipeline sends a system turn and a user turn, each content a
+# list of typed parts, and asks for no generation prompt.
+MISTRAL_TEMPLATE = (
+    "<s>{% for message in messages %}"
+    "{% set text = message['content'] | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+# Qwen3's: one user turn, the assistant's reply opened with an empty thinking block (the pipeline passes
+# `enable_thinking=False`).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# The real encoders stack three of their hidden states as the text features; the tiny ones, of two layers, have three.
+ENCODER_LAYERS = (0, 1, 2)
+ENCODER_WIDTH = 8
+
+
+def chat_tokenizer(template: str, markers: list[str]):
+    """The word-level tokenizer with `template` as its chat template and `markers` kept whole."""
+    tokenizer = qwen_tokenizer(VOCABULARY)
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def tiny_pipeline_transformer(guidance_embeds: bool):
+    """One dual- and one single-stream block; 2 latent channels packed 2x2 (8 in); text of three stacked hidden
+    states of the tiny encoders."""
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=len(ENCODER_LAYERS) * ENCODER_WIDTH, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def tiny_flux2_pipeline():
+    """FLUX.2 [dev]'s way: guidance embedded in the transformer (one call per step), a Mistral 3 text encoder (its
+    vision tower built, never reached by text prompts) behind a Pixtral processor."""
+    text = {"model_type": "mistral", "vocab_size": len(VOCABULARY), "hidden_size": ENCODER_WIDTH,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "head_dim": 4, "pad_token_id": 0}
+    vision = {"model_type": "pixtral", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "head_dim": 4, "image_size": 32, "patch_size": 8}
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                              image_token_index=VOCABULARY.index("[IMG]")))
+    tokenizer = chat_tokenizer(MISTRAL_TEMPLATE, ["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"])
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=8,
+                                 chat_template=MISTRAL_TEMPLATE)
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=mistral.eval(),
+                         tokenizer=processor, transformer=tiny_pipeline_transformer(guidance_embeds=True))
+
+
+def tiny_klein_pipeline():
+    """FLUX.2 [klein] base's way: true CFG (the prompt's and the empty prompt's call each step, no guidance
+    embedding), a Qwen3 text encoder."""
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(VOCABULARY), hidden_size=ENCODER_WIDTH, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0,
+    ))
+    tokenizer = chat_tokenizer(QWEN3_TEMPLATE, ["<think>", "</think>"])
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=qwen.eval(),
+                              tokenizer=tokenizer, transformer=tiny_pipeline_transformer(guidance_embeds=False))
+
+
+def tiny_vae():
+    # Three blocks: a 4x VAE, so the 64-pixel sides the pipelines require of reference images stay few tokens. It
+    # runs only on references (the output stays latent).
+    return AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(4, 4, 4), layers_per_block=1, latent_channels=2, norm_num_groups=2,
+    ).eval()
+
+
+# Per pipeline: its text positions (enough for the template's tokens: the prompts are padded to it, so every call's
+# text is this long) and its transformer calls per step (embedded guidance: one; true CFG: the prompt's and the
+# empty prompt's).
+PIPELINES = {"dev": (tiny_flux2_pipeline, 48, 1), "klein": (tiny_klein_pipeline, 24, 2)}
+HEIGHT, WIDTH = 64, 80
+# Reference images as PIL sizes (width, height): the output's, and a portrait one of another size; no side under the
+# 64 pixels the pipelines require.
+OUTPUT_SIZE, OTHER_SIZE = (WIDTH, HEIGHT), (64, 96)
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def flux2_pipe(request):
+    build, max_sequence_length, calls_per_step = PIPELINES[request.param]
+    torch.manual_seed(0)
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a red circle on grass", "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3,
+            "guidance_scale": 4.0, "max_sequence_length": max_sequence_length,
+            "text_encoder_out_layers": ENCODER_LAYERS, "output_type": "latent"}
+    return pipe, call, calls_per_step
+
+
+def patch_grid(pipe, width, height):
+    """`(rows, cols)` of packed 2x2 latent patches of an image of `width` x `height` pixels."""
+    side = pipe.vae_scale_factor * 2
+    return height // side, width // side
+
+
+def layers(pipe):
+    """The sparse layers: the dual-stream blocks, then the single-stream ones."""
+    return range(len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks))
+
+
+def check_steps_and_layouts(pipe, stats, calls, calls_per_step, layout):
+    """The timestep arrives as t / 1000: scaled back, each call finds its own step (a wrong scale puts every call on
+    one step); the first step dense, the others sparse with blocks left out, every layer on `layout` over all the
+    call's tokens."""
+    records = stats.calls["transformer"]
+    branches = {r.branch for r in records}
+    assert len(branches) == calls_per_step
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, branch): len(layers(pipe)) for step in range(3) for branch in branches
+    }
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+    assert {(layer, seen, shape) for layer, seen, shape in calls} == {
+        (layer, layout, (1, layout.num_tokens)) for layer in layers(pipe)
+    }
+
+
+def noise_image(width, height, seed=0):
+    """Random pixels: reference tokens that differ from one another, so leaving any of them out shows."""
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.numpy())
+
+
+def test_text_to_image_through_the_pipeline(flux2_pipe):
+    pipe, call, calls_per_step = flux2_pipe
+    stats, calls = check_pipeline_against_dense(pipe, call, block_size=8)
+    layout = VideoLayout(1, *patch_grid(pipe, WIDTH, HEIGHT), text_len=call["max_sequence_length"],
+                         text_position="start")
+    check_steps_and_layouts(pipe, stats, calls, calls_per_step, layout)
+
+
+@pytest.mark.parametrize("sizes", [[OUTPUT_SIZE], [OTHER_SIZE], [OUTPUT_SIZE, OTHER_SIZE]],
+                         ids=["output's size", "another size", "both"])
+def test_reference_image_edits_through_the_pipeline(flux2_pipe, sizes):
+    # A reference of the output's size is frame 1 (a time window of two reaches into it); one of another size, or
+    # any reference beside one of another size, joins the text's leading span, kept whole.
+    pipe, call, calls_per_step = flux2_pipe
+    call = {**call, "image": [noise_image(*size, seed=i) for i, size in enumerate(sizes)]}
+    rows, cols = patch_grid(pipe, WIDTH, HEIGHT)
+    text_len = call["max_sequence_length"]
+    if sizes == [OUTPUT_SIZE]:
+        layout = VideoLayout(2, rows, cols, text_len=text_len, text_position="start")
+    else:
+        references = sum(r * c for r, c in (patch_grid(pipe, *size) for size in sizes))
+        layout = VideoLayout(1, rows, cols, text_len=text_len + references, text_position="start")
+    sparse = diffsparse.SparseConfig(pattern=Window3D(window=(layout.frames, 1, 1)), block_size=8, dense_steps=1)
+    stats, calls = check_pipeline_against_dense(pipe, call, block_size=8, sparse=sparse)
+    check_steps_and_layouts(pipe, stats, calls, calls_per_step, layout)
