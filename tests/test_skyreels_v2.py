@@ -1,26 +1,43 @@
-"""diffsparse on a diffusers SkyReels-V2 transformer (tiny, random weights, called directly): Wan's architecture
-with its own processor copy; diffusion forcing's per-frame timesteps, and its causal frame-block mask, which the
-sparse path leaves to the original processor."""
+"""diffsparse on diffusers SkyReels-V2 (Wan's architecture with its own processor copy), tiny with random weights:
+the transformer called directly, and real `SkyReelsV2Pipeline` and `SkyReelsV2DiffusionForcingPipeline` calls (the
+embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE, SkyReels' UniPC flow scheduler).
+
+Diffusion forcing gives one timestep per frame and loops over the rows of its timestep matrix, not over
+`scheduler.timesteps`; a call's step is the scheduler position of its noisiest frame. Synchronous rows land on the
+scheduler's steps one by one. Asynchronous rows (`ar_step > 0`: each frame `ar_step` rows behind the one before)
+stay on step 0 until the last frame starts, so `dense_steps` keeps far more than its share of the calls dense; a
+long video (`overlap_history`) restarts the steps in each chunk, all in one call log. The causal frame-block mask
+(`causal_block_size > 1`, which diffusers then keeps in the transformer's config) leaves every call to the original
+processor."""
+
+import contextlib
 
 import pytest
 import torch
-from diffusers import SkyReelsV2Transformer3DModel
+from diffusers import (
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2Pipeline,
+    SkyReelsV2Transformer3DModel,
+    UniPCMultistepScheduler,
+)
 
 import diffsparse
+from diffsparse.config import resolve_step_count
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
-from helpers import check_other_processors_are_refused
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, run_pipeline
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 
 
-def tiny_transformer(frames_per_block: int = 1):
+def tiny_transformer(frames_per_block: int = 1, text_dim: int = 32):
     torch.manual_seed(0)
     return SkyReelsV2Transformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, num_frame_per_block=frames_per_block,
+        text_dim=text_dim, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, num_frame_per_block=frames_per_block,
     ).eval()
 
 
@@ -78,3 +95,157 @@ def test_layout_and_step_of_a_diffusion_forcing_call(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "SkyReels-V2", layer=1)
+
+
+# -- real pipelines ---------------------------------------------------------------------------------------------------
+
+# SkyReels-V2's T2V scheduler. Its first timestep is 999, the very value diffusion forcing gives frames that have not
+# started yet, so those count as step 0 too.
+SCHEDULER = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 8.0}
+# 5 latent frames of 8 x 12 (4 x 4 x 6 = 120 tokens per call).
+CALL = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
+        "num_frames": 17, "num_inference_steps": 5, "guidance_scale": 5.0, "output_type": "latent",
+        "max_sequence_length": 16}
+FIRST_FIFTH_DENSE = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0.2)
+BRANCHES = ("cond", "uncond")  # CFG: two transformer calls per step (or per row of the step matrix)
+
+
+def tiny_pipeline(cls):
+    base = tiny_wan_pipeline()
+    pipe = cls(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+               transformer=tiny_transformer(text_dim=base.text_encoder.config.d_model),
+               scheduler=UniPCMultistepScheduler(**SCHEDULER))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latent_frames(num_frames: int) -> int:
+    return (num_frames - 1) // 4 + 1  # the Wan VAE's 4x temporal compression, first frame alone
+
+
+def layout(num_frames: int) -> VideoLayout:
+    return VideoLayout(num_frames, CALL["height"] // 16, CALL["width"] // 16)  # VAE 8x, then patch 2x2
+
+
+FRAMES = latent_frames(CALL["num_frames"])
+LAYOUT = layout(FRAMES)
+
+
+def layer_0(stats):
+    return [r for r in stats.calls["transformer"] if r.layer == 0]
+
+
+@contextlib.contextmanager
+def transformer_timesteps(pipe):
+    """The `timestep` of every transformer call made inside, in call order."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def test_t2v_pipeline_first_step_dense_then_sparse():
+    pipe = tiny_pipeline(SkyReelsV2Pipeline)
+    stats, calls = check_pipeline_against_dense(pipe, CALL)
+    assert {(call_layout, shape) for _, call_layout, shape in calls} == {(LAYOUT, (1, LAYOUT.num_tokens))}
+    assert [(r.step, r.branch, r.sparse) for r in layer_0(stats)] == [
+        (step, branch, step > 0) for step in range(CALL["num_inference_steps"]) for branch in BRANCHES
+    ]
+
+
+def test_synchronous_diffusion_forcing_rows_are_the_scheduler_steps():
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    stats, calls = check_pipeline_against_dense(pipe, CALL)
+    assert {(call_layout, shape) for _, call_layout, shape in calls} == {(LAYOUT, (1, LAYOUT.num_tokens))}
+    # The step matrix's rows, all frames level: the same steps as a plain T2V loop.
+    assert [(r.step, r.branch, r.sparse) for r in layer_0(stats)] == [
+        (step, branch, step > 0) for step in range(CALL["num_inference_steps"]) for branch in BRANCHES
+    ]
+    with transformer_timesteps(pipe) as seen:
+        _, stats = run_pipeline(pipe, CALL, FIRST_FIFTH_DENSE)
+    records = layer_0(stats)
+    assert len(seen) == len(records)
+    # One timestep per frame, all frames at the step the call is logged at.
+    for record, timestep in zip(records, seen):
+        assert timestep.shape == (1, FRAMES)
+        assert torch.all(timestep == pipe.scheduler.timesteps[record.step])
+
+
+def asynchronous_steps(new_frames: int, ar_step: int, num_steps: int) -> list[int]:
+    """The step of each row of an asynchronous chunk generating `new_frames` frames (after any finished history):
+    the last frame starts `(new_frames - 1) * ar_step` rows after the first, and until then stays at the noise level
+    of step 0; from there each row is its next step."""
+    return [0] * ((new_frames - 1) * ar_step) + list(range(num_steps))
+
+
+def test_asynchronous_diffusion_forcing_stays_on_step_0_until_the_last_frame_starts():
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    ar_step, num_steps = 2, 10
+    # No causal mask (`causal_block_size=1`, the transformer's own): the calls can go sparse.
+    call = {**CALL, "num_inference_steps": num_steps, "ar_step": ar_step, "causal_block_size": 1}
+    check_pipeline_against_dense(pipe, call, sparse=FIRST_FIFTH_DENSE)
+    with transformer_timesteps(pipe) as seen:
+        _, stats = run_pipeline(pipe, call, FIRST_FIFTH_DENSE)
+    records = layer_0(stats)
+    assert len(seen) == len(records)
+    # Staggered: each frame at most as noisy as the next, the call logged at its noisiest frame's step.
+    assert any(len(timestep.unique()) > 1 for timestep in seen)
+    for record, timestep in zip(records, seen):
+        assert torch.all(timestep[:, :-1] <= timestep[:, 1:])
+        assert timestep.max() == pipe.scheduler.timesteps[record.step]
+    steps = asynchronous_steps(FRAMES, ar_step, num_steps)
+    assert [(r.step, r.branch) for r in records] == [(step, branch) for step in steps for branch in BRANCHES]
+    # What `dense_steps=0.2` means here: every row whose noisiest frame is in its first fifth of the steps, i.e. the
+    # staggered start plus the last frame's first fifth -- over half the rows (10 of 18), not the fifth a user would
+    # expect (each frame does get its own first fifth dense). Pinned as it is: see the module docstring.
+    dense_rows = (FRAMES - 1) * ar_step + resolve_step_count(0.2, num_steps)
+    assert [r.sparse for r in records] == [i >= dense_rows for i in range(len(steps)) for _ in BRANCHES]
+    assert dense_rows > 2 * resolve_step_count(0.2, len(steps))
+
+
+def test_causal_frame_blocks_run_the_original_in_every_call():
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    # 4 latent frames in 2 causal blocks, the second a row behind the first (the mask needs whole blocks).
+    call = {**CALL, "num_frames": 13, "ar_step": 1, "causal_block_size": 2}
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    radial = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
+    reference = run_pipeline(pipe, call)
+    for config in (diffsparse.SparseConfig(pattern="dense"), every_block, radial):
+        with transformer_timesteps(pipe) as seen:
+            out, stats = run_pipeline(pipe, call, config)
+        assert torch.equal(out, reference)
+        layers = len(pipe.transformer.blocks)
+        assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(len(seen), 0)] * layers
+    # diffusers keeps `causal_block_size` in the transformer's config: a later call that does not give it, a
+    # synchronous one too, carries the mask and runs dense throughout.
+    assert pipe.transformer.config.num_frame_per_block == 2
+    _, stats = run_pipeline(pipe, {**CALL, "num_frames": 13}, radial)
+    assert stats.layers and all(s.sparse_calls == 0 for s in stats.layers)
+
+
+@pytest.mark.parametrize("ar_step", [0, 3], ids=["synchronous", "asynchronous"])
+def test_long_video_chunks_each_restart_the_steps_in_one_call_log(ar_step):
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    num_steps = 5
+    call = {**CALL, "num_frames": 33, "base_num_frames": 17, "overlap_history": 5, "num_inference_steps": num_steps,
+            "ar_step": ar_step, "causal_block_size": 1}
+    stats, calls = check_pipeline_against_dense(pipe, call, sparse=FIRST_FIFTH_DENSE)
+    # The pipeline's chunking: a first chunk of `base_num_frames`, then chunks of the overlapped history (finished,
+    # timestep 0) and as many new frames as fit.
+    total, base, history = (latent_frames(call[name]) for name in ("num_frames", "base_num_frames", "overlap_history"))
+    new_frames = [base]
+    while sum(new_frames) < total:
+        new_frames.append(min(total - sum(new_frames), base - history))
+    chunk_frames = [new_frames[0]] + [history + n for n in new_frames[1:]]
+    assert {call_layout for _, call_layout, _ in calls} == {layout(n) for n in chunk_frames}
+    # `set_timesteps` runs once per pipeline call (the chunks step deep copies of the scheduler), so the log holds
+    # every chunk, and each chunk starts over at step 0 (asynchronous: its new frames staggered as in a short video).
+    steps = [step for n in new_frames for step in asynchronous_steps(n, ar_step, num_steps)]
+    assert [(r.step, r.branch) for r in layer_0(stats)] == [(step, branch) for step in steps for branch in BRANCHES]
+    assert [r.sparse for r in layer_0(stats)] == [
+        step >= resolve_step_count(0.2, num_steps) for step in steps for _ in BRANCHES
+    ]
