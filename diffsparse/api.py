@@ -23,7 +23,7 @@ _HANDLE_ATTR = "_diffsparse_handle"
 
 @dataclass
 class LayerStats:
-    """Self-attention calls of one transformer block during the last pipeline call."""
+    """Self-attention calls of one transformer block during the last denoising run (`diffsparse.stats`)."""
 
     transformer: str
     layer: int
@@ -194,7 +194,9 @@ def remove(pipe_or_transformer) -> None:
 
 
 def stats(pipe_or_transformer) -> SparseStats:
-    """Per transformer block: dense and sparse self-attention calls, and mean block density, of the last call.
+    """Per transformer block: dense and sparse self-attention calls, and mean block density, of the last denoising
+    run: the last pipeline call, or its last segment, chunk, section or stage where the pipeline sets the scheduler's
+    timesteps anew for each (Wan Animate, Helios, Framepack).
 
     Example:
         >>> import diffsparse

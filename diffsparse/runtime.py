@@ -76,7 +76,8 @@ class _BranchState(BaseState):
 
 
 class StepClock:
-    """Turns a call's timestep into a step index, and notices when a new pipeline call starts.
+    """Turns a call's timestep into a step index, and notices when a new denoising run starts (a pipeline call, or
+    each segment, chunk or stage of pipelines that set the scheduler's timesteps anew for each).
 
     With a scheduler, the step is the timestep's position in `scheduler.timesteps`: the same for the cond and
     uncond calls and across Wan 2.2's two experts. `set_timesteps` makes a new tensor on every pipeline call,
@@ -155,7 +156,7 @@ class SparseRuntime:
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
 
     def new_run(self) -> None:
-        """A new pipeline call started: forget the last call's log (plans stay: they depend on shapes only)."""
+        """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
         self.records.clear()
         self._layer_patterns.clear()
         self._fitted_at.clear()
