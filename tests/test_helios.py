@@ -1,10 +1,13 @@
-"""diffsparse on a diffusers Helios transformer (tiny, random weights, called directly): the chunk being generated
-attends its multi-term memory (short-, mid- and long-term history latents patchified at 1x, 2x and 4x), which is
-the layout's leading span, kept whole; the memory's keys amplified by a learned scale."""
+"""diffsparse on a diffusers Helios transformer (tiny, random weights; called directly, and through tiny
+`HeliosPipeline` and `HeliosPyramidPipeline` pipelines): the chunk being generated attends its multi-term memory
+(short-, mid- and long-term history latents patchified at 1x, 2x and 4x), which is the layout's leading span, kept
+whole; the memory's keys amplified by a learned scale."""
+
+import dataclasses
 
 import pytest
 import torch
-from diffusers import HeliosPipeline, HeliosScheduler, HeliosTransformer3DModel
+from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler, HeliosTransformer3DModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
@@ -71,20 +74,27 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Helios", layer=1)
 
 
-def test_pipeline_chunks_each_follow_the_schedule():
-    # A tiny `HeliosPipeline` (the embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE): 8 latent frames
-    # in 4 chunks of 2, each chunk its own 3-step loop with the memory of the frames before it (the pipeline pads
-    # the memory to its full size from the first chunk on: 56 tokens in front of each chunk's 48).
+def tiny_pipeline(pipeline_class, scheduler):
+    """`pipeline_class` from the embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE, and a tiny Helios
+    transformer with the current seed's weights."""
     base = tiny_wan_pipeline()
-    torch.manual_seed(0)
     model = HeliosTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=base.text_encoder.config.d_model, freq_dim=32, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4),
         is_amplify_history=True,
     ).eval()
-    pipe = HeliosPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=model,
-                          scheduler=HeliosScheduler(stages=1, stage_range=[0, 1]))
+    pipe = pipeline_class(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=model,
+                          scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_chunks_each_follow_the_schedule():
+    # A tiny `HeliosPipeline`: 8 latent frames in 4 chunks of 2, each chunk its own 3-step loop with the memory of
+    # the frames before it (the pipeline pads the memory to its full size from the first chunk on: 56 tokens in
+    # front of each chunk's 48).
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(HeliosPipeline, HeliosScheduler(stages=1, stage_range=[0, 1]))
     call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
             "num_frames": 17, "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent",
             "max_sequence_length": 16, "num_latent_frames_per_chunk": 2, "history_sizes": [4, 2, 1]}
@@ -94,3 +104,87 @@ def test_pipeline_chunks_each_follow_the_schedule():
     assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
         (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
     ]
+
+
+# The pyramid: each chunk is denoised in 3 stages at 1/4, 1/2 and full resolution (a chunk of 2 latent frames of
+# 8 x 16 is upsampled 2 x 4 -> 4 x 8 -> 8 x 16), each stage with its own `set_timesteps(steps, stage_index)`.
+# Unequal step counts, so a count resolved per stage shows apart from one resolved per chunk.
+PYRAMID_STEPS = [2, 3, 2]
+PYRAMID_CHUNKS = 2  # 9 frames in chunks of 2 latent frames (5 frames each)
+# The memory stays at full resolution in every stage: the zero first frame and 1 frame at 1x (2 x 4 x 8 = 64
+# tokens), 2 frames at 2x (1 x 2 x 4 = 8) and 4 frames at 4x (1 x 1 x 2 = 2, padded up).
+PYRAMID_MEMORY = 64 + 8 + 2
+# The chunk's token grid at each stage (patch 1 x 2 x 2).
+PYRAMID_GRIDS = [(2, 1, 2), (2, 2, 4), (2, 4, 8)]
+
+
+@pytest.fixture(scope="module")
+def pyramid():
+    torch.manual_seed(0)
+    # The scheduler as the pyramid pipeline expects it: its default 3 stages over thirds of the noise range.
+    pipe = tiny_pipeline(HeliosPyramidPipeline, HeliosScheduler())
+    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 128,
+            "num_frames": 9, "guidance_scale": 5.0, "output_type": "latent", "max_sequence_length": 16,
+            "num_latent_frames_per_chunk": 2, "history_sizes": [4, 2, 1],
+            "pyramid_num_inference_steps_list": PYRAMID_STEPS}
+    return pipe, call
+
+
+def test_pyramid_stages_each_attend_their_grid_behind_the_whole_memory(pyramid):
+    # Blocks of 8: at 16 the sparse calls drop blocks only in the full-resolution stage, whose one sparse step is
+    # the chunk's last (sigma 0.001 to 0), too little to show in the output.
+    _, calls = check_pipeline_against_dense(*pyramid, block_size=8)
+    # `dense_steps=1` leaves every stage's first step dense (the clock restarts with each stage: see below), so the
+    # sparse calls are the other steps of each stage, cond and uncond, both layers, on that stage's grid.
+    expected = [
+        (layer, VideoLayout(*grid, text_len=PYRAMID_MEMORY, text_position="start"),
+         (1, PYRAMID_MEMORY + grid[0] * grid[1] * grid[2]))
+        for grid, steps in zip(PYRAMID_GRIDS, PYRAMID_STEPS) for _ in range(steps - 1) for _ in ("cond", "uncond")
+        for layer in (0, 1)
+    ]
+    assert calls == expected * PYRAMID_CHUNKS
+
+
+def stage_logs(pipe, call, dense_steps):
+    """The call log `stats()` holds at the end of each stage (its last step's `callback_on_step_end`), in the
+    order the stages ran, and the one it holds after the pipeline call."""
+    logs = []
+
+    def at_step_end(pipe, i, t, tensors):
+        if i == len(pipe.scheduler.timesteps) - 1:
+            logs.append(handle.stats().calls["transformer"])
+        return {}
+
+    with torch.no_grad(), diffsparse.sparse(pipe, dataclasses.replace(RADIAL, dense_steps=dense_steps)) as handle:
+        pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=at_step_end)
+        return logs, handle.stats().calls["transformer"]
+
+
+def test_pyramid_stages_each_follow_their_own_schedule(pyramid):
+    # Each stage's `set_timesteps` makes a new `scheduler.timesteps`: a new run for the step clock. So a stage's
+    # steps count from 0 within it, `dense_steps` (and `dense_last_steps`) apply per stage of each chunk, a
+    # fraction resolves against the stage's own step count, and `stats()` after the call holds only the last
+    # (full-resolution) stage of the last chunk.
+    calls_per_step = 2 * 2  # cond and uncond, 2 layers
+
+    def schedule(log):
+        return [(r.step, r.sparse) for r in log if r.layer == 0 and r.branch == "cond"]
+
+    def dense_calls(logs):
+        return sum(not r.sparse for log in logs for r in log)
+
+    logs, last = stage_logs(*pyramid, dense_steps=1)
+    assert len(logs) == len(PYRAMID_STEPS) * PYRAMID_CHUNKS and last == logs[-1]
+    # Every stage's first step is dense, the low-resolution first stage's and the full-resolution last stage's
+    # alike: 3 dense steps per chunk where a clock over the whole chunk would give 1.
+    assert [schedule(log) for log in logs] == [[(s, s > 0) for s in range(n)] for n in PYRAMID_STEPS] * PYRAMID_CHUNKS
+    assert sum(len(log) for log in logs) == sum(PYRAMID_STEPS) * PYRAMID_CHUNKS * calls_per_step
+    assert dense_calls(logs) == len(PYRAMID_STEPS) * PYRAMID_CHUNKS * calls_per_step
+
+    # 0.2 of each stage, rounded half up: none of 2 steps (0.4), 1 of 3 (0.6). So only the middle stage starts
+    # dense; a fraction of the chunk's 7 steps (1.4) would have kept the chunk's first step dense instead.
+    logs, _ = stage_logs(*pyramid, dense_steps=0.2)
+    assert [schedule(log) for log in logs] == [
+        [(0, True), (1, True)], [(0, False), (1, True), (2, True)], [(0, True), (1, True)]
+    ] * PYRAMID_CHUNKS
+    assert dense_calls(logs) == PYRAMID_CHUNKS * calls_per_step
