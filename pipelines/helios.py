@@ -4,8 +4,9 @@ multi-term memory of the frames before it.
 Self-attention is `blocks[i].attn1` over `[history, chunk]`: the short-, mid- and long-term history latents,
 patchified at 1x, 2x and 4x the patch size (long first), then the current chunk's tokens in frame-major order. The
 history is the layout's leading span, kept whole like text (every chunk token attends all of it), and the chunk is
-the grid. Each chunk is its own denoising loop (the scheduler's timesteps are set anew), so `stats()` after a
-pipeline call covers the last chunk, and `dense_steps` count within each chunk.
+the grid. Each chunk, and in `HeliosPyramidPipeline` each stage of a chunk, is its own denoising run (the
+scheduler's timesteps are set anew), so `dense_steps` count within each (a fraction rounded against its own step
+count) and `stats()` after a pipeline call covers the last one.
 """
 
 from __future__ import annotations
