@@ -2,19 +2,33 @@
 dual-stream blocks over `[video, text]`, the text being the valid image, ByT5 and MLLM tokens, then the padding,
 masked as keys and queries. And the whole `HunyuanVideo15Pipeline` built (Qwen2.5-VL text model, ByT5 glyph
 encoder, HunyuanVideo 1.5 VAE) and run with its classifier-free guider: each branch's padded prompt cut to its
-valid tokens, the scheduler's timesteps landing on their steps."""
+valid tokens, the scheduler's timesteps landing on their steps. Then `HunyuanVideo15ImageToVideoPipeline` from the
+same components and a tiny SigLIP image encoder, run on a small image that decides the video's size: the image's
+SigLIP tokens are real (valid) text tokens of every sparse call, ahead of the valid ByT5 and MLLM tokens."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
     ClassifierFreeGuidance,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
-from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+from PIL import Image
+from transformers import (
+    ByT5Tokenizer,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -211,6 +225,53 @@ def test_pipeline_with_cfg_dense_every_block_kept_and_sparse_after_the_dense_ste
     # padded to the fixture's lengths (MLLM, ByT5 and the zero image tokens of text-to-video), cut to each branch's
     # valid tokens: the image tokens are masked, so none of them.
     expected = {branch: VideoLayout(3, 4, 6, text_len=sum(n), text_position="end") for branch, n in valid.items()}
+    assert [(layer, layout, shape) for layer, layout, shape in calls] == [
+        (layer, expected[branch], (1, expected[branch].num_tokens))
+        for _sparse_step in range(1, 3) for branch in PROMPTS for layer in range(2)
+    ]
+
+
+@pytest.fixture(scope="module")
+def hunyuan15_i2v_pipe(hunyuan15_pipe):
+    """The text-to-video fixture's components (its transformer already takes the condition latents and mask) with
+    a SigLIP vision tower as wide as the transformer's image embedding (8), and the fixture's shorter prompts."""
+    torch.manual_seed(0)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=32, patch_size=8))
+    pipe = HunyuanVideo15ImageToVideoPipeline(**hunyuan15_pipe.components, image_encoder=siglip.eval(),
+                                              feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}))
+    for name in ("prompt_template_encode_start_idx", "tokenizer_max_length", "tokenizer_2_max_length"):
+        setattr(pipe, name, getattr(hunyuan15_pipe, name))
+    # The video's size is the bucket of the image's aspect ratio with an area near `target_size`² pixels (640² from
+    # the transformer's config): 80² keeps it as small as the text-to-video call's.
+    pipe.target_size = 80
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_image_to_video_pipeline_attends_the_image_tokens_as_valid_text(hunyuan15_i2v_pipe):
+    pipe = hunyuan15_i2v_pipe
+    # 2:3 like the text-to-video call's 64 x 96, smaller than the video: the pipeline resizes it to its bucket. Noise,
+    # so that the SigLIP tokens differ from one another (a flat image gives them all the same input).
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    call = {"image": Image.fromarray(pixels), "prompt": PROMPTS["pred_cond"], "negative_prompt": PROMPTS["pred_uncond"],
+            "num_frames": 9, "num_inference_steps": 3, "output_type": "latent"}
+    # Per branch: (valid MLLM tokens, valid ByT5 tokens), the masks of the pipeline's own encoder.
+    valid = {branch: tuple(int(m.sum()) for m in pipe.encode_prompt(prompt)[1::2]) for branch, prompt in PROMPTS.items()}
+    vision = pipe.image_encoder.config
+    image_tokens = (vision.image_size // vision.patch_size) ** 2  # SigLIP's patches, no class token
+
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    records = stats.calls["transformer"]
+    assert [(r.step, r.branch, r.layer, r.sparse) for r in records] == [
+        (step, branch, layer, step > 0) for step in range(3) for branch in PROMPTS for layer in range(2)
+    ]
+    assert all(r.density < 1 for r in records if r.sparse)
+    # The image chose 64 x 96 pixels: the text-to-video call's 3 x 4 x 6 tokens. The transformer masks the image
+    # tokens only when the image embedding is all zeros (text-to-video); here they are valid, placed first in the
+    # text, so each branch's cut text span holds all of them beside its valid ByT5 and MLLM tokens.
+    expected = {branch: VideoLayout(3, 4, 6, text_len=image_tokens + sum(n), text_position="end")
+                for branch, n in valid.items()}
     assert [(layer, layout, shape) for layer, layout, shape in calls] == [
         (layer, expected[branch], (1, expected[branch].num_tokens))
         for _sparse_step in range(1, 3) for branch in PROMPTS for layer in range(2)

@@ -2,18 +2,25 @@
 image] double-stream attention with complex RoPE on both streams; Qwen-Image-Edit's reference images of the output's
 size (frames) and of another size (kept whole beside the text); padded prompts run the original. And the whole
 `QwenImagePipeline` built (Qwen2.5-VL text encoder, Qwen-Image VAE) and run with true CFG: the `t / 1000` timesteps
-it passes land on the scheduler's steps."""
+it passes land on the scheduler's steps. Then `QwenImageEditPlusPipeline` from the same VAE and transformer, with a
+Qwen2-VL processor built in memory, so that the tiny vision tower encodes each reference image into the prompt: edits
+with a reference of the output's size (a second frame), of another size (kept whole beside the text) and both."""
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+from PIL import Image
+from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -24,6 +31,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     qwen_tokenizer,
+    run_pipeline,
     run_transformer,
     tiny_qwen25_vl,
 )
@@ -94,9 +102,13 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Qwen-Image", layer=1)
 
 
+# The placeholders Qwen2-VL's processor writes into an edit prompt; it counts the video one's id too, which must not
+# be `<unk>`'s (every unknown word would count as a video token).
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 # Chat-template tokens first: the word tokenizer's own (pad, unk) and Qwen's special tokens; the template's other words
-# are not needed (`<unk>`), the pipeline drops them.
-VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "on", "grass", "blurry"]
+# are not needed (`<unk>`), the pipeline drops them. "Picture" opens the edit prompt's image list.
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "on", "grass", "blurry",
+              "Picture", *VISION_TOKENS]
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +146,100 @@ def test_pipeline_with_true_cfg_dense_every_block_kept_and_sparse_after_the_dens
     assert {layout for _, layout, _ in calls} == {
         VideoLayout(1, 16, 12, text_len=n, text_position="start") for n in text_lens
     }
+
+
+@pytest.fixture(scope="module")
+def qwen_edit_pipe(qwen_pipe):
+    """The text-to-image fixture's VAE, transformer and scheduler; a Qwen2.5-VL whose vision tower reads the reference
+    images, and a Qwen2-VL processor: the in-memory tokenizer, image patches as the tower takes them."""
+    torch.manual_seed(0)
+    text_encoder = tiny_qwen25_vl(VOCABULARY)
+    # The model finds the placeholders the vision tower's tokens replace by id: Qwen's own ids by default.
+    for name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        setattr(text_encoder.config, name, VOCABULARY.index(token))
+    tokenizer = qwen_tokenizer(VOCABULARY)
+    # The processor repeats `<|image_pad|>` with no spaces between: each must be matched whole, not split at `|`.
+    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
+    vision = text_encoder.config.vision_config
+    patches = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+               "merge_size": vision.spatial_merge_size}
+    # The processor class requires a video processor, which edit prompts never use.
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(**patches))
+    components = {name: getattr(qwen_pipe, name) for name in ("vae", "transformer", "scheduler")}
+    pipe = QwenImageEditPlusPipeline(text_encoder=text_encoder, tokenizer=tokenizer, processor=processor, **components)
+    # The pipeline's drop (64) counts Qwen's BPE tokens of the system prompt and the user's header; the word tokenizer
+    # splits some punctuation that BPE keeps in one token (as in "user's"), so it needs a few more.
+    template = pipe.prompt_template_encode
+    pipe.prompt_template_encode_start_idx = len(tokenizer(template[:template.index("{}")]).input_ids)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels: distinct patches for the vision tower and the VAE."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# The output's 1:1 (a frame of its grid once the VAE's resize makes it 64 x 64) and 2:1 (another grid).
+REFERENCES = {"square": noise_image(40, 40, seed=1), "wide": noise_image(80, 40, seed=2)}
+EDIT_CALL = {"prompt": "a red circle on grass", "negative_prompt": "blurry", "true_cfg_scale": 4.0,
+             "num_inference_steps": 3, "height": 64, "width": 64, "output_type": "latent"}
+
+
+# Each edit's references, and whether they become frames of the output's grid (else they join the text, kept whole:
+# any reference of another size takes every reference out of the frames).
+@pytest.mark.parametrize(("references", "frames"), [(("square",), True), (("wide",), False), (("square", "wide"), False)],
+                         ids=["same size", "other size", "both"])
+def test_edit_pipeline_with_true_cfg_and_vision_tokens_in_the_prompt(qwen_edit_pipe, references, frames, monkeypatch):
+    pipe = qwen_edit_pipe
+    # The pipeline resizes each reference to about 1024² pixels for the VAE and 384² for the vision tower: smaller
+    # areas keep the sequences short (the VAE's is the output's, so the square one is a frame).
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", 64 * 64)
+    call = {**EDIT_CALL, "image": [REFERENCES[name] for name in references]}
+
+    encoded, vision_calls = [], []
+    hooks = [pipe.text_encoder.register_forward_pre_hook(lambda m, a, kw: encoded.append(kw), with_kwargs=True),
+             pipe.text_encoder.model.visual.register_forward_hook(lambda m, i, out: vision_calls.append(m))]
+    try:
+        run_pipeline(pipe, call)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # One encoding per CFG branch, each through the vision tower, whose merged patches fill the prompt's
+    # placeholders; the pipeline keeps the prompt after the system prompt, which starts with the image list.
+    assert len(encoded) == len(vision_calls) == 2
+    drop = pipe.prompt_template_encode_start_idx
+    text_lens = []
+    for inputs in encoded:
+        patch_grids = inputs["image_grid_thw"]
+        assert inputs["pixel_values"] is not None and len(patch_grids) == len(references)
+        placeholders = int((inputs["input_ids"] == pipe.processor.image_token_id).sum())
+        assert placeholders == int(patch_grids.prod(-1).sum()) // pipe.processor.image_processor.merge_size ** 2 > 0
+        assert pipe.tokenizer.convert_ids_to_tokens(int(inputs["input_ids"][0, drop])) == "Picture"
+        text_lens.append(inputs["input_ids"].shape[1] - drop)
+
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, branch): 2 for step in range(3)
+                                                            for branch in ("cond", "uncond")}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+    # 64 x 64 pixels -> 16 x 16 packed patches (2x VAE, 2x2 packing); each reference is resized to the VAE's area
+    # at its aspect ratio, the square one to the output's grid.
+    packed = pipe.vae_scale_factor * 2
+    grids = {}
+    for name in references:
+        image = REFERENCES[name]
+        width, height = pipeline_qwenimage_edit_plus.calculate_dimensions(
+            pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE, image.width / image.height)
+        grids[name] = (height // packed, width // packed)
+    assert [grid == (16, 16) for grid in grids.values()] == [name == "square" for name in references]
+    if frames:
+        expected = {VideoLayout(1 + len(grids), 16, 16, text_len=n, text_position="start") for n in text_lens}
+    else:
+        reference_len = sum(rows * cols for rows, cols in grids.values())
+        expected = {VideoLayout(1, 16, 16, text_len=n + reference_len, text_position="start") for n in text_lens}
+    assert {layout for _, layout, _ in calls} == expected
