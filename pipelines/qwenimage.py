@@ -8,13 +8,14 @@ span, kept whole, through the runtime's token order (`[text, image, references]`
 `[text, references, image]`). The pipelines pass `t / 1000` as the timestep, scaled back for the step schedule.
 
 The text mask (`encoder_hidden_states_mask`) masks prompt padding as keys. A call whose prompts all use every text
-token (one prompt per call, as the pipelines make CFG's two calls) runs sparse; a batch of prompts of different
-lengths puts padding between the valid text and the image, which the kernel does not skip: those calls run the
-original processor and count as dense.
+token (one prompt per call, as the pipelines make CFG's two calls) runs on the call's layout; a batch of prompts of
+different lengths has padding between each prompt's valid text and the image: each prompt is attended without its
+padding (prompts of equal length together), on the layout with its own text span.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -25,7 +26,15 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv, references_with_text
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    call_argument,
+    prefix_lengths,
+    project_joint_output,
+    project_qkv,
+    references_with_text,
+)
 from .registry import register_adapter
 
 
@@ -41,6 +50,14 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
     return tuple(torch.cat(pair, dim=1) for pair in zip(text, image))
 
 
+def _valid_prefixes(mask: torch.Tensor) -> list[int] | None:
+    """Each prompt's valid text length, or `None` when a prompt's valid tokens are not a prefix of its text."""
+    try:
+        return prefix_lengths(mask)
+    except ValueError:
+        return None
+
+
 class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcessor2_0):
     """`QwenDoubleStreamAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so;
     dense calls run the original `__call__` unchanged."""
@@ -49,19 +66,39 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
                  attention_mask=None, image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                     image_rotary_emb)
-        if encoder_hidden_states is None:
-            return super().__call__(*original)
-        # Prompt padding sits between the valid text and the image, which the kernel does not skip: a token-level
-        # mask like any other (the original, counted dense).
-        padded = encoder_hidden_states_mask is not None and not self.runtime.once_per_call(
-            encoder_hidden_states_mask, lambda mask: bool(mask.all())
-        )
-        if self.stays_dense(encoder_hidden_states_mask if padded else attention_mask):
+        if encoder_hidden_states is None or self.stays_dense(attention_mask):
             return super().__call__(*original)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
-        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+        text_len = encoder_hidden_states.shape[1]
+        # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
+        lengths = [text_len] * query.shape[0] if encoder_hidden_states_mask is None else self.runtime.once_per_call(
+            encoder_hidden_states_mask, _valid_prefixes
+        )
+        if lengths is None:  # valid text that is not a prefix (no pipeline makes it): the original, counted dense
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original)
+        if set(lengths) == {text_len}:  # no prompt padding (one prompt per call, as the pipelines make CFG's)
+            out = self.runtime.attention(self.layer, query, key, value)
+        else:
+            out = self.attend_without_padding(query, key, value, lengths, text_len)
+        return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1], text_first=True)
+
+    def attend_without_padding(self, query, key, value, lengths: list[int], text_len: int) -> torch.Tensor:
+        """A batch of prompts of different lengths: each prompt's padding (masked keys, between its valid text and
+        the image) is left out of its sequence, prompts of equal length in one runtime call on the call's layout with
+        that text span. The padded text queries, whose outputs reach no image token (they are never keys), stay
+        zero."""
+        query, key, value = (self.runtime.to_layout_order(x) for x in (query, key, value))
+        call_layout = self.runtime.call_layout()
+        out = torch.zeros_like(query)
+        for valid in sorted(set(lengths)):
+            videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
+            kept = torch.cat([torch.arange(valid), torch.arange(text_len, query.shape[1])]).to(query.device)
+            q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
+            layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
+            out[videos[:, None], kept] = self.runtime.attention(self.layer, q, k, v, layout=layout)
+        return self.runtime.to_model_order(out)
 
 
 def image_shapes(img_shapes) -> list[tuple[int, int, int]]:

@@ -31,6 +31,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     qwen_tokenizer,
+    recorded_attention_calls,
     run_pipeline,
     run_transformer,
     tiny_qwen25_vl,
@@ -89,13 +90,30 @@ def test_layouts_of_a_call(transformer):
     assert token_order.tolist() == [*range(7), *range(37, 61), *range(7, 37)]
 
 
-def test_padded_prompts_run_the_original_and_count_as_dense(transformer):
-    call = inputs(valid_text=(5, TEXT_LEN))
-    reference = run_transformer(transformer, call)
-    with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
-        out = transformer(**call()).sample
-        assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(1, 0), (1, 0)]
-    assert torch.equal(out, reference)
+@pytest.mark.parametrize("references", [(), ((2, 3), (4, 6))], ids=["t2i", "edit other sizes"])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_prompts_of_different_lengths_in_one_batch(transformer, references, order):
+    # Each prompt's padding sits between its valid text and the image: left out, every block kept gives the
+    # original (which masks it) and a sparse pattern changes it.
+    check_against_dense(transformer, inputs(references, valid_text=(5, TEXT_LEN)), block_size=8, order=order,
+                        sparse=LOCAL)
+
+
+def test_each_image_of_a_padded_batch_gets_what_it_gets_alone(transformer):
+    batch = inputs(valid_text=(3, 5, TEXT_LEN))()
+
+    def alone(index):
+        return lambda: {name: value if name == "img_shapes" else value[index:index + 1] for name, value in batch.items()}
+
+    with recorded_attention_calls() as calls:
+        together = run_transformer(transformer, lambda: batch, LOCAL)
+    # One runtime call per prompt length and layer, each on the layout with that prompt's text span.
+    assert [(layer, layout.text_len, shape) for layer, layout, shape in calls] == [
+        (layer, n, (1, n + 24)) for layer in range(2) for n in (3, 5, TEXT_LEN)
+    ]
+    for index in range(3):
+        torch.testing.assert_close(together[index:index + 1], run_transformer(transformer, alone(index), LOCAL),
+                                   atol=1e-5, rtol=0)
 
 
 def test_other_processors_are_refused(transformer):
