@@ -224,3 +224,32 @@ def tiny_qwen25_vl(vocabulary: list[str]):
     vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
               "fullatt_block_indexes": [0]}
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+def tiny_hunyuan_video_vae():
+    """An `AutoencoderKLHunyuanVideo` of 4 latent channels, 8x in space and 4x in time (HunyuanVideo, Framepack,
+    Kandinsky 5 and 6)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    ).eval()
+
+
+def tiny_clip_text_model(vocab_size: int):
+    """A one-layer `CLIPTextModel` 8 wide (its pooled output is the pipelines' pooled text embedding), for a word
+    tokenizer whose ids 0 and 1 are `<pad>` and `</s>`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+
+
+def tiny_llama(vocab_size: int):
+    """A two-layer `LlamaModel` 16 wide: HunyuanVideo's pipelines read its third-to-last hidden states."""
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()

@@ -15,6 +15,9 @@ from helpers import (
     check_prompts_attend_their_valid_tokens,
     run_pipeline,
     run_transformer,
+    tiny_clip_text_model,
+    tiny_hunyuan_video_vae,
+    tiny_llama,
 )
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -107,8 +110,7 @@ def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
 
 
 def tiny_hunyuan_pipeline():
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
     from diffsparse.pipelines.text import word_tokenizer
 
@@ -119,16 +121,9 @@ def tiny_hunyuan_pipeline():
         num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
         rope_axes_dim=(4, 6, 6),
     )
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
-    )
-    llama = LlamaModel(LlamaConfig(vocab_size=len(vocabulary), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
-                                        eos_token_id=1))
+    vae = tiny_hunyuan_video_vae()
+    llama = tiny_llama(len(vocabulary))
+    clip = tiny_clip_text_model(len(vocabulary))
     pipe = HunyuanVideoPipeline(
         text_encoder=llama.eval(), tokenizer=word_tokenizer(vocabulary), transformer=transformer.eval(), vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip.eval(),

@@ -17,6 +17,9 @@ from helpers import (
     recorded_attention_calls,
     run_pipeline,
     run_transformer,
+    tiny_clip_text_model,
+    tiny_hunyuan_video_vae,
+    tiny_llama,
 )
 
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
@@ -113,12 +116,8 @@ GRID, HISTORY = (3, 4, 4), 2 * 4 * 4 + 1 * 2 * 2 + 4 * 1 * 1
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
     from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        LlamaConfig,
-        LlamaModel,
         SiglipImageProcessor,
         SiglipVisionConfig,
         SiglipVisionModel,
@@ -134,17 +133,10 @@ def pipe():
         num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
         rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=8, has_clean_x_embedder=True,
     )
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
-    )
+    vae = tiny_hunyuan_video_vae()
     # The pipeline takes the Llama's third-to-last hidden states: two layers at least.
-    llama = LlamaModel(LlamaConfig(vocab_size=len(vocabulary), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
-                                        eos_token_id=1))
+    llama = tiny_llama(len(vocabulary))
+    clip = tiny_clip_text_model(len(vocabulary))
     # Its last hidden states are the transformer's image embedding (image_proj_dim wide), one token per patch.
     siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=16, patch_size=8))

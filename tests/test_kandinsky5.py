@@ -8,12 +8,10 @@ from collections import Counter
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLHunyuanVideo,
     FlowMatchEulerDiscreteScheduler,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -28,6 +26,8 @@ from helpers import (
     qwen_tokenizer,
     recorded_attention_calls,
     run_transformer,
+    tiny_clip_text_model,
+    tiny_hunyuan_video_vae,
     tiny_qwen25_vl,
 )
 
@@ -112,14 +112,8 @@ VOCABULARY = ["<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a",
 @pytest.fixture(scope="module")
 def kandinsky_pipe():
     torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
-    )
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
-                                        eos_token_id=1))
+    vae = tiny_hunyuan_video_vae()
+    clip = tiny_clip_text_model(len(VOCABULARY))
     pipe = Kandinsky5T2VPipeline(
         transformer=tiny_transformer(), vae=vae.eval(), text_encoder=tiny_qwen25_vl(VOCABULARY),
         tokenizer=qwen_tokenizer(VOCABULARY), text_encoder_2=clip.eval(),

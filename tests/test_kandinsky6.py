@@ -10,7 +10,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLHunyuanVideo,
     FlowMatchEulerDiscreteScheduler,
     Kandinsky6TI2VAPipeline,
     Kandinsky6Transformer3DModel,
@@ -18,7 +17,6 @@ from diffusers import (
     MMAudioVocoder,
 )
 from diffusers.pipelines.kandinsky6 import pipeline_kandinsky6_ti2va as ti2va
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -34,6 +32,8 @@ from helpers import (
     qwen_tokenizer,
     recorded_attention_calls,
     run_transformer,
+    tiny_clip_text_model,
+    tiny_hunyuan_video_vae,
     tiny_qwen25_vl,
 )
 
@@ -170,14 +170,8 @@ PIPELINE_CALL = {"prompt": "a red circle moving left", "negative_prompt": "blurr
 @pytest.fixture(scope="module")
 def kandinsky_pipe():
     torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
-    )
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=1,
-                                        eos_token_id=1))
+    vae = tiny_hunyuan_video_vae()
+    clip = tiny_clip_text_model(len(VOCABULARY))
     # With audio the pipeline requires both; it reads their sample rate and hop length for the audio latents' length.
     # The vocoder's upsampling (8 x 8 x 8) matches the VAE's mel hop length, as a real pair's does.
     audio_vae = MMAudioVAE(mel_bins=8, latent_channels=4, hidden_channels=8, channel_multipliers=(1,),
