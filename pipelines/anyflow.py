@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_anyflow import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
 from .registry import register_adapter
 
 
@@ -64,9 +64,8 @@ class AnyFlowAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
-        _, frames, _, height, width = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        return VideoLayout(frames // p_t, height // p_h, width // p_w), timestep
+        frames, _, height, width = hidden_states.shape[1:]  # (B, T, C, H, W)
+        return VideoLayout(*patched_grid((frames, height, width), transformer.config.patch_size)), timestep
 
 
 register_adapter(AnyFlowAdapter())

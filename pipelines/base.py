@@ -213,9 +213,14 @@ def project_qkv(attn, x: torch.Tensor, added: bool = False):
 
 def latent_grid(hidden_states: torch.Tensor, patch_size) -> tuple[int, int, int]:
     """`(frames, height, width)` in tokens of `(B, C, T, H, W)` latents patchified by `(p_t, p_h, p_w)`."""
-    _, _, frames, height, width = hidden_states.shape
-    p_t, p_h, p_w = patch_size
-    return frames // p_t, height // p_h, width // p_w
+    return patched_grid(hidden_states.shape[2:], patch_size)
+
+
+def patched_grid(sizes, patch_size) -> tuple[int, int, int]:
+    """`(frames, height, width)` in tokens of latents of `(T, H, W)` `sizes` patchified by `(p_t, p_h, p_w)` (a
+    partial patch dropped, as a strided convolution does)."""
+    frames, height, width = (n // p for n, p in zip(sizes, patch_size))
+    return frames, height, width
 
 
 def patch_count(sizes, kernel, padded: bool) -> int:

@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_kandinsky import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
 from .registry import register_adapter
 
 
@@ -74,9 +74,7 @@ class Kandinsky5Adapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 2)
-        _, frames, height, width, _ = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        layout = VideoLayout(frames // p_t, height // p_h, width // p_w)
+        layout = VideoLayout(*patched_grid(hidden_states.shape[1:4], transformer.config.patch_size))  # (B, T, H, W, C)
         sparse_params = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
         if sparse_params is not None and sparse_params.get("to_fractal"):
             return layout, timestep, fractal_order(layout.frames, layout.height, layout.width)

@@ -40,7 +40,7 @@ from diffusers.models.transformers.transformer_kandinsky6 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
 from .registry import register_adapter
 
 
@@ -98,9 +98,7 @@ class Kandinsky6Adapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 3)
-        _, frames, height, width, _ = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        layout = VideoLayout(frames // p_t, height // p_h, width // p_w)
+        layout = VideoLayout(*patched_grid(hidden_states.shape[1:4], transformer.config.patch_size))  # (B, T, H, W, C)
         visual_rope_pos = kwargs.get("visual_rope_pos", args[5] if len(args) > 5 else None)
         if visual_rope_pos is None:
             return layout, timestep
