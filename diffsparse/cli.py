@@ -90,6 +90,8 @@ def _add_model_and_video(p) -> None:
                    help="video frames (default: the model's own; 1 for image models: FLUX, SD3)")
     p.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's own)")
     p.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's own)")
+    p.add_argument("--image", default=None,
+                   help="an image file, for image-to-video and editing pipelines (their `image` argument)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 

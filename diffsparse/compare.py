@@ -116,6 +116,34 @@ def frames_argument(pipe, frames: int) -> dict:
     return {}
 
 
+def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
+    """The keyword arguments of one generation of the commands: the prompt, the frame count, the size (for pipelines
+    that take one: HunyuanVideo 1.5's image-to-video sizes the video from its image), the steps, a CPU generator of
+    `seed`, `output_type="np"`, and the conditioning image: the testbed's `first_frame` still, or `args.image` (a
+    file) for pipelines with an `image` argument (image-to-video, editing). A `ValueError` names the pipeline when
+    `--image` is given to one without an `image` argument, or missing for one that needs it."""
+    parameters = _call_parameters(pipe)
+    image_path = getattr(args, "image", None)
+    takes_image = "image" in parameters
+    if image_path is not None and not takes_image:
+        raise ValueError(f"image={image_path!r}: {type(pipe).__name__} takes no `image` (it is not an image-to-video "
+                         "or editing pipeline); leave out --image")
+    needs_image = takes_image and parameters["image"].default is inspect.Parameter.empty
+    if needs_image and image_path is None and first_frame is None:
+        raise ValueError(f"{type(pipe).__name__} generates from an image: give one with --image PATH")
+    kwargs = {"prompt": prompt, **frames_argument(pipe, args.frames)}
+    kwargs.update({name: getattr(args, name) for name in ("height", "width") if name in parameters})
+    kwargs.update(num_inference_steps=args.steps, generator=torch.Generator(device="cpu").manual_seed(seed),
+                  output_type="np")
+    if first_frame is not None:
+        kwargs["first_frame"] = first_frame
+    elif image_path is not None:
+        from PIL import Image
+
+        kwargs["image"] = Image.open(image_path).convert("RGB")
+    return kwargs
+
+
 def call_defaults(pipe) -> dict[str, int]:
     """The model's own `steps`, `frames`, `height` and `width`: the testbed's evaluation size (20 steps), or the
     pipeline call's defaults (Wan: 50 steps, 81 frames at 480 x 832), sizes it leaves unset from the model's sample
@@ -161,7 +189,6 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
     """`(frames, end-to-end seconds, denoising seconds)`; denoising ends at the last step's callback, so it
     leaves out the VAE decode (which dominates end-to-end time on small models with a VAE). Pipelines without
     `callback_on_step_end` (HunyuanVideo 1.5): it ends with the last transformer call instead."""
-    image_to_video = {} if first_frame is None else {"first_frame": first_frame}
     last_step_end = []
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -177,20 +204,10 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
     hooks = [] if with_callback else [
         transformer.register_forward_hook(on_transformer_end) for transformer in find_transformers(pipe)[0].values()
     ]
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    kwargs = generation_kwargs(pipe, args, args.prompt, args.seed, first_frame)
     start = time.perf_counter()
     try:
-        output = pipe(
-            prompt=args.prompt,
-            **frames_argument(pipe, args.frames),
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            generator=generator,
-            output_type="np",
-            **step_ends,
-            **image_to_video,
-        )
+        output = pipe(**kwargs, **step_ends)
     finally:
         for hook in hooks:
             hook.remove()

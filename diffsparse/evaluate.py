@@ -24,7 +24,7 @@ from .compare import (
     check_two_stage,
     fill_call_defaults,
     first_output,
-    frames_argument,
+    generation_kwargs,
     load_pipeline,
     model_label,
     sampler_label,
@@ -89,23 +89,14 @@ class EvalRow:
 
 def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.ndarray, float, float]:
     """`(frames, wall seconds, self-attention seconds)`; `first_frame`: image-to-video from that still."""
-    image_to_video = {} if first_frame is None else {"first_frame": first_frame}
+    kwargs = generation_kwargs(pipe, args, prompt, seed, first_frame)
     total = [0.0]
     modules = list(_attention_modules(pipe))
     for module in modules:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionTimer(total), _TIMER_HOOK)
     try:
         start = time.perf_counter()
-        output = pipe(
-            prompt=prompt,
-            **frames_argument(pipe, args.frames),
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-            **image_to_video,
-        )
+        output = pipe(**kwargs)
         return first_output(output), time.perf_counter() - start, total[0]
     finally:
         for module in modules:

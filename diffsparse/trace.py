@@ -111,21 +111,11 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import fill_call_defaults, frames_argument, load_pipeline
+    from .compare import fill_call_defaults, generation_kwargs, load_pipeline
 
     pipe = load_pipeline(args.model, args.device)
     fill_call_defaults(args, pipe)
-    traced = trace_attention_errors(
-        pipe,
-        config,
-        prompt=args.prompt,
-        **frames_argument(pipe, args.frames),
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="np",
-    )
+    traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trace.csv", "w", newline="") as f:

@@ -279,13 +279,9 @@ def test_wan22_two_experts_share_the_step_index():
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("variant", ["wan21_clip", "wan22", "wan22_ti2v"])
-def test_image_to_video(variant):
-    # Wan 2.1 I2V (CLIP image embedding in cross-attention, image latent concatenated on channels), Wan 2.2 I2V
-    # (no CLIP, channels concatenated) and TI2V (the image latent replaces the first frame; timesteps become
-    # per-token): the dense pattern leaves the video unchanged, every block kept through the sparse kernel gives
-    # it back, and a real pattern runs sparse after the dense step.
+def tiny_image_to_video_pipeline(variant: str) -> WanImageToVideoPipeline:
+    """A tiny `WanImageToVideoPipeline`: `"wan21_clip"` (CLIP image embedding in cross-attention, image latent on
+    channels), `"wan22"` (channels only) or `"wan22_ti2v"` (the image latent replaces the first frame)."""
     config = tiny_wan_config()
     base = tiny_wan_pipeline()
     transformer_config = {**config["transformer"], "in_channels": 16 if variant == "wan22_ti2v" else 36}
@@ -307,6 +303,17 @@ def test_image_to_video(variant):
         **image_components,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["wan21_clip", "wan22", "wan22_ti2v"])
+def test_image_to_video(variant):
+    # Wan 2.1 I2V (CLIP image embedding in cross-attention, image latent concatenated on channels), Wan 2.2 I2V
+    # (no CLIP, channels concatenated) and TI2V (the image latent replaces the first frame; timesteps become
+    # per-token): the dense pattern leaves the video unchanged, every block kept through the sparse kernel gives
+    # it back, and a real pattern runs sparse after the dense step.
+    pipe = tiny_image_to_video_pipeline(variant)
     image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
     reference = generate(pipe, image=image, num_frames=33)
 
@@ -322,6 +329,29 @@ def test_image_to_video(variant):
     assert [r.step for r in records if r.layer == 0 and r.branch == "cond"] == [0, 1, 2]
     assert all(r.sparse == (r.step >= 1) for r in records)
     assert any(r.sparse and r.density < 1 for r in records)
+
+
+def test_compare_takes_an_image_for_image_to_video(tmp_path, tiny_pipe):
+    # The commands pass `--image` to pipelines that take an `image`; one that needs it says so without, and a
+    # text-to-video pipeline refuses it by name rather than ignore it.
+    from diffsparse.cli import build_parser
+    from diffsparse.compare import run_compare
+
+    image_path = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(image_path)
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    pipe = tiny_image_to_video_pipeline("wan22")
+
+    def args(*extra):
+        return build_parser().parse_args(["compare", "--frames", "9", "--height", "64", "--width", "96", "--steps", "2",
+                                          "--block-size", "16", "--dense-steps", "1", "--out", str(tmp_path), *extra])
+
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline generates from an image: give one with --image"):
+        run_compare(args(), config, pipe=pipe)
+    result = run_compare(args("--image", str(image_path)), config, pipe=pipe)
+    assert result.frames == 9 and result.mean_attention_density < 1 and result.psnr_db > 0
+    with pytest.raises(ValueError, match="WanPipeline takes no `image`"):
+        run_compare(args("--image", str(image_path)), config, pipe=tiny_pipe)
 
 
 @torch.no_grad()
