@@ -116,6 +116,11 @@ def frames_argument(pipe, frames: int) -> dict:
     return {}
 
 
+def takes_image(pipe) -> bool:
+    """Whether the pipeline's call takes an `image` (image-to-video and editing pipelines)."""
+    return "image" in _call_parameters(pipe)
+
+
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one generation of the commands: the prompt, the frame count, the size (for pipelines
     that take one: HunyuanVideo 1.5's image-to-video sizes the video from its image), the steps, a CPU generator of
@@ -124,11 +129,10 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     `--image` is given to one without an `image` argument, or missing for one that needs it."""
     parameters = _call_parameters(pipe)
     image_path = getattr(args, "image", None)
-    takes_image = "image" in parameters
-    if image_path is not None and not takes_image:
+    if image_path is not None and not takes_image(pipe):
         raise ValueError(f"image={image_path!r}: {type(pipe).__name__} takes no `image` (it is not an image-to-video "
                          "or editing pipeline); leave out --image")
-    needs_image = takes_image and parameters["image"].default is inspect.Parameter.empty
+    needs_image = takes_image(pipe) and parameters["image"].default is inspect.Parameter.empty
     if needs_image and image_path is None and first_frame is None:
         raise ValueError(f"{type(pipe).__name__} generates from an image: give one with --image PATH")
     kwargs = {"prompt": prompt, **frames_argument(pipe, args.frames)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .compare import CompareResult, call_defaults, is_image_pipeline, run_compare, scored_label
+from .compare import CompareResult, call_defaults, is_image_pipeline, run_compare, scored_label, takes_image
 from .config import CORRECTIONS, SparseConfig, parse_dense_layers
 from .patterns import PATTERNS
 
@@ -36,6 +36,7 @@ def compare_once(
     width: int = 48,
     seed: int = 0,
     still_candidates: int = 0,
+    image: str | None = None,
     *,
     model: str | None = None,
     device: str = "cpu",
@@ -47,7 +48,8 @@ def compare_once(
     `ValueError` of `SparseConfig` that names the field. `dense_layers`: as `SparseConfig.dense_layers`, or its
     text form (`"2"`, `"[3]"`: `parse_dense_layers`), as the page's field gives it. `still_candidates`: 0 samples in one pass; N >= 1
     (testbed models) samples in two stages from the best of N stills, as `diffsparse compare --two-stage
-    --still-candidates N` (what `make run` shows, with N = 4).
+    --still-candidates N` (what `make run` shows, with N = 4). `image`: an image file for image-to-video and
+    editing pipelines (`diffsparse compare --image`).
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
         raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
@@ -73,6 +75,7 @@ def compare_once(
         out=str(out),
         two_stage=still_candidates > 0,
         still_candidates=max(1, still_candidates),
+        image=image,
     )
     result = run_compare(args, config, pipe=pipe)
     lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
@@ -102,11 +105,11 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     import gradio as gr
 
     def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height,
-                  width, seed, stills):
+                  width, seed, stills, image=None):
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
-                height, width, int(seed), int(stills), model=model, device=device, out=out,
+                height, width, int(seed), int(stills), image or None, model=model, device=device, out=out,
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
@@ -167,13 +170,15 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                 seed = gr.Number(0, precision=0, label="seed")
                 stills = gr.Slider(0, 8, value=4 if isinstance(pipe, TestbedPipeline) else 0, step=1,
                                    label="two-stage: still candidates (0 = one pass; testbed models only)")
+                image = gr.Image(type="filepath", label="input image (image-to-video and editing pipelines)",
+                                 visible=takes_image(pipe))
                 button = gr.Button("generate dense and sparse", variant="primary")
             with gr.Column():
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
         inputs = [
             prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height, width,
-            seed, stills,
+            seed, stills, image,
         ]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)

@@ -253,3 +253,34 @@ def tiny_llama(vocab_size: int):
 
     return LlamaModel(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+
+
+def tiny_image_to_video_pipeline(variant: str = "wan22"):
+    """A tiny `WanImageToVideoPipeline`: `"wan21_clip"` (CLIP image embedding in cross-attention, image latent on
+    channels), `"wan22"` (channels only) or `"wan22_ti2v"` (the image latent replaces the first frame)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+
+    config = tiny_wan_config()
+    base = tiny_wan_pipeline()
+    transformer_config = {**config["transformer"], "in_channels": 16 if variant == "wan22_ti2v" else 36}
+    image_components = {}
+    if variant == "wan21_clip":
+        inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+        transformer_config.update(image_dim=16, added_kv_proj_dim=inner_dim)
+        torch.manual_seed(3)
+        image_components["image_encoder"], image_components["image_processor"] = tiny_clip_image_encoder()
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(**transformer_config).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=transformer,
+        expand_timesteps=variant == "wan22_ti2v",
+        **image_components,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

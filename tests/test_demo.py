@@ -1,5 +1,6 @@
 """The demo page: its request function on the tiny pipeline, and the Gradio page around it."""
 
+import numpy as np
 import pytest
 
 from diffsparse.demo import build_demo, compare_once, make_handler
@@ -77,3 +78,22 @@ def test_the_form_starts_at_each_models_own_size(tiny_pipe):
     assert {name: r[3] for name, r in form_ranges(testbed.load()).items()} == {
         "steps": 20, "frames": 17, "height": 48, "width": 48}
     assert all(low <= value <= high and (value - low) % step == 0 for low, high, step, value in wan.values())
+
+
+def test_image_to_video_pipelines_take_the_pages_image(tmp_path):
+    # The image field shows for pipelines with an `image` argument, and its file reaches the pipeline.
+    gr = pytest.importorskip("gradio")
+    from PIL import Image
+
+    from helpers import tiny_image_to_video_pipeline
+
+    pipe = tiny_image_to_video_pipeline()
+    (field,) = [b for b in build_demo(pipe, out=tmp_path).blocks.values() if isinstance(b, gr.Image)]
+    assert field.visible
+    image_path = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image_path)
+    submit = make_handler(pipe, out=tmp_path)
+    with pytest.raises(gr.Error, match="give one with --image"):
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None)
+    video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, str(image_path))
+    assert video.endswith("compare.mp4") and "SSIM" in summary

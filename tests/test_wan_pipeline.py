@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import LucyEditPipeline, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import LucyEditPipeline, WanPipeline, WanTransformer3DModel
 from PIL import Image
 
 import diffsparse
 from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
-from helpers import generate, tiny_clip_image_encoder
+from helpers import generate, tiny_image_to_video_pipeline
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -277,33 +277,6 @@ def test_wan22_two_experts_share_the_step_index():
     assert all(r.measured == (r.step == 0) for r in calls["transformer"])
     diffsparse.remove(pipe)
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
-
-
-def tiny_image_to_video_pipeline(variant: str) -> WanImageToVideoPipeline:
-    """A tiny `WanImageToVideoPipeline`: `"wan21_clip"` (CLIP image embedding in cross-attention, image latent on
-    channels), `"wan22"` (channels only) or `"wan22_ti2v"` (the image latent replaces the first frame)."""
-    config = tiny_wan_config()
-    base = tiny_wan_pipeline()
-    transformer_config = {**config["transformer"], "in_channels": 16 if variant == "wan22_ti2v" else 36}
-    image_components = {}
-    if variant == "wan21_clip":
-        inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
-        transformer_config.update(image_dim=16, added_kv_proj_dim=inner_dim)
-        torch.manual_seed(3)
-        image_components["image_encoder"], image_components["image_processor"] = tiny_clip_image_encoder()
-    torch.manual_seed(2)
-    transformer = WanTransformer3DModel(**transformer_config).eval()
-    pipe = WanImageToVideoPipeline(
-        tokenizer=base.tokenizer,
-        text_encoder=base.text_encoder,
-        vae=base.vae,
-        scheduler=base.scheduler,
-        transformer=transformer,
-        expand_timesteps=variant == "wan22_ti2v",
-        **image_components,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()
