@@ -327,6 +327,31 @@ def test_compare_takes_an_image_for_image_to_video(tmp_path, tiny_pipe):
         run_compare(args("--image", str(image_path)), config, pipe=tiny_pipe)
 
 
+@pytest.mark.parametrize("memory_saver", ["group offload (leaf)", "group offload (block)", "layerwise casting"])
+@pytest.mark.parametrize("apply_first", [False, True], ids=["saver first", "diffsparse first"])
+def test_memory_savers_compose(memory_saver, apply_first):
+    # diffusers' group offloading and layerwise casting hook the same modules diffsparse swaps processors on; in
+    # either order every block kept still gives the saver's own video, the calls run sparse, and `remove` leaves the
+    # saver working alone.
+    pipe = tiny_wan_pipeline()
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    if apply_first:
+        handle = diffsparse.apply(pipe, every_block)
+    if memory_saver == "layerwise casting":
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    else:
+        offload_type = "leaf_level" if "leaf" in memory_saver else "block_level"
+        blocks = {} if offload_type == "leaf_level" else {"num_blocks_per_group": 1}
+        pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                              offload_type=offload_type, **blocks)
+    if not apply_first:
+        handle = diffsparse.apply(pipe, every_block)
+    out = generate(pipe)
+    assert all(r.sparse for r in handle.stats().calls["transformer"])
+    diffsparse.remove(pipe)
+    torch.testing.assert_close(out, generate(pipe), atol=1e-4, rtol=0)
+
+
 @torch.no_grad()
 def test_lucy_edit():
     # Lucy Edit: Wan 2.2 weights whose input video's latents are concatenated to the noise on channels, so the
