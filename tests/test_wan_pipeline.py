@@ -352,6 +352,31 @@ def test_memory_savers_compose(memory_saver, apply_first):
     torch.testing.assert_close(out, generate(pipe), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cache", ["first block cache", "pyramid attention broadcast", "TaylorSeer"])
+def test_diffusers_caches_compose(cache):
+    # diffusers' caching methods skip blocks or attention calls with hooks of their own: under them every block kept
+    # gives the cached pipeline's video, and the calls they skip never reach diffsparse (its stats count what ran).
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    pipe = tiny_wan_pipeline()
+    pipe.transformer.enable_cache({
+        "first block cache": lambda: FirstBlockCacheConfig(threshold=0.2),
+        "pyramid attention broadcast": lambda: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep),
+        "TaylorSeer": TaylorSeerCacheConfig,
+    }[cache]())
+    cached = generate(pipe, num_inference_steps=6)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    with diffsparse.sparse(pipe, every_block) as handle:
+        torch.testing.assert_close(generate(pipe, num_inference_steps=6), cached, atol=1e-4, rtol=0)
+        records = handle.stats().calls["transformer"]
+    assert records and all(r.sparse for r in records)
+    # 6 steps, cond and uncond, every block: the first block cache and the broadcast skip some of them here.
+    every_call = 6 * 2 * len(pipe.transformer.blocks)
+    assert len(records) < every_call if cache != "TaylorSeer" else len(records) == every_call
+
+
 @torch.no_grad()
 def test_lucy_edit():
     # Lucy Edit: Wan 2.2 weights whose input video's latents are concatenated to the noise on channels, so the
