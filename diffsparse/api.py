@@ -23,7 +23,8 @@ _HANDLE_ATTR = "_diffsparse_handle"
 
 @dataclass
 class LayerStats:
-    """Self-attention calls of one transformer block during the last denoising run (`diffsparse.stats`)."""
+    """Self-attention calls of one transformer block during the last denoising run, or since `apply`
+    (`diffsparse.stats`)."""
 
     transformer: str
     layer: int
@@ -34,16 +35,23 @@ class LayerStats:
 
 @dataclass
 class SparseStats:
-    """What `diffsparse.stats` returns: per-block counts, and the raw call log."""
+    """What `diffsparse.stats` returns: per-block counts, and the raw call log of the last denoising run."""
 
     layers: list[LayerStats]
     calls: dict[str, list[CallRecord]]
 
     @property
     def mean_density(self) -> float:
-        """Mean block density over all self-attention calls, dense calls counting as 1.0."""
-        records = [r for log in self.calls.values() for r in log]
-        return sum(r.density for r in records) / len(records) if records else 1.0
+        """Mean block density over the self-attention calls `layers` counts, dense calls counting as 1.0."""
+        calls = sum(s.dense_calls + s.sparse_calls for s in self.layers)
+        work = sum(s.dense_calls + s.sparse_calls * (s.mean_density or 0.0) for s in self.layers)
+        return work / calls if calls else 1.0
+
+    @property
+    def sparse_density(self) -> float | None:
+        """Mean block density over the sparse calls alone; `None` when there were none."""
+        calls = sum(s.sparse_calls for s in self.layers)
+        return sum(s.sparse_calls * s.mean_density for s in self.layers if s.sparse_calls) / calls if calls else None
 
     def __str__(self) -> str:
         rows = [f"{'transformer':<14}{'layer':>6}{'dense':>8}{'sparse':>8}{'density':>10}"]
@@ -100,24 +108,26 @@ class SparseHandle:
                 delattr(transformer, _HANDLE_ATTR)
         self._originals.clear()
 
-    def stats(self) -> SparseStats:
+    def stats(self, since_apply: bool = False) -> SparseStats:
+        """`diffsparse.stats`: the last denoising run's calls, or with `since_apply` every call since this handle
+        was made (`calls` holds the last run's log either way)."""
         layers = []
         for name, runtime in self.runtimes.items():
-            per_layer: dict[int, list[CallRecord]] = {}
-            for record in runtime.records:
-                per_layer.setdefault(record.layer, []).append(record)
-            for layer in sorted(per_layer):
-                records = per_layer[layer]
-                sparse = [r.density for r in records if r.sparse]
-                layers.append(
-                    LayerStats(
-                        name,
-                        layer,
-                        dense_calls=len(records) - len(sparse),
-                        sparse_calls=len(sparse),
-                        mean_density=sum(sparse) / len(sparse) if sparse else None,
-                    )
-                )
+            if since_apply:
+                totals = runtime.totals
+            else:
+                totals = {}
+                for record in runtime.records:
+                    counts = totals.setdefault(record.layer, [0, 0, 0.0])
+                    if record.sparse:
+                        counts[1] += 1
+                        counts[2] += record.density
+                    else:
+                        counts[0] += 1
+            for layer in sorted(totals):
+                dense_calls, sparse_calls, density_sum = totals[layer]
+                mean_density = density_sum / sparse_calls if sparse_calls else None
+                layers.append(LayerStats(name, layer, dense_calls, sparse_calls, mean_density))
         return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
 
 
@@ -193,10 +203,11 @@ def remove(pipe_or_transformer) -> None:
         handle.remove()
 
 
-def stats(pipe_or_transformer) -> SparseStats:
+def stats(pipe_or_transformer, since_apply: bool = False) -> SparseStats:
     """Per transformer block: dense and sparse self-attention calls, and mean block density, of the last denoising
     run: the last pipeline call, or its last segment, chunk, section or stage where the pipeline sets the scheduler's
-    timesteps anew for each (Wan Animate, Helios, Framepack).
+    timesteps anew for each (Wan Animate, Helios, Framepack). `since_apply=True`: every call since `apply` (all the
+    segments of a generation when it was applied for that one; `.calls` still holds the last run's log).
 
     Example:
         >>> import diffsparse
@@ -209,7 +220,7 @@ def stats(pipe_or_transformer) -> SparseStats:
     handles = _handles(pipe_or_transformer)
     if not handles:
         raise ValueError("diffsparse is not applied to this pipeline or transformer; call diffsparse.apply first")
-    return handles[0].stats()
+    return handles[0].stats(since_apply)
 
 
 @contextlib.contextmanager

@@ -299,7 +299,7 @@ def run_pipeline_bench(args, config) -> dict:
     attention speedup x work (1.0: the sparse path reaches the 1 / work bound). Writes `bench_pipeline.json`
     into `args.out`.
     """
-    from .api import sparse
+    from .api import SparseStats, sparse
     from .compare import fill_call_defaults, load_pipeline, model_label
     from .evaluate import timed_generation
 
@@ -310,17 +310,17 @@ def run_pipeline_bench(args, config) -> dict:
     def dense_run() -> tuple[float, float]:
         return timed_generation(pipe, args.prompt, args.seed, args)[1:]
 
-    def sparse_run() -> tuple[float, float, list]:
+    def sparse_run() -> tuple[float, float, SparseStats]:
         with sparse(pipe, config) as handle:
             _, seconds, attention = timed_generation(pipe, args.prompt, args.seed, args)
-            records = [r for log in handle.stats().calls.values() for r in log]
-        return seconds, attention, records
+            call_stats = handle.stats(since_apply=True)  # every segment of a pipeline that runs several
+        return seconds, attention, call_stats
 
     dense_run(), sparse_run()  # one-time costs (thread pools, the compiled CPU kernel) off the timed runs
     pairs = []
     for _ in tqdm(range(args.repeats), desc="dense, sparse", unit="pair"):
         dense_seconds, dense_attention = dense_run()
-        sparse_seconds, sparse_attention, records = sparse_run()
+        sparse_seconds, sparse_attention, call_stats = sparse_run()
         pairs.append(
             {
                 "dense_seconds": dense_seconds,
@@ -331,8 +331,7 @@ def run_pipeline_bench(args, config) -> dict:
                 "attention_speedup": dense_attention / sparse_attention,
             }
         )
-    sparse_densities = [r.density for r in records if r.sparse]
-    work = statistics.fmean(r.density if r.sparse else 1.0 for r in records)
+    work = call_stats.mean_density
     attention_speedup = statistics.median(p["attention_speedup"] for p in pairs)
     result = {
         "model": model_label(args.model),
@@ -345,7 +344,7 @@ def run_pipeline_bench(args, config) -> dict:
         "sparse_seconds": statistics.median(p["sparse_seconds"] for p in pairs),
         "speedup": statistics.median(p["speedup"] for p in pairs),
         "attention_speedup": attention_speedup,
-        "sparse_step_density": statistics.fmean(sparse_densities) if sparse_densities else None,
+        "sparse_step_density": call_stats.sparse_density,
         "attention_work": work,
         "efficiency": attention_speedup * work,
     }

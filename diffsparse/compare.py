@@ -314,7 +314,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         dense, dense_seconds, dense_denoise = _generate(pipe, args, progress, first_frame)
         with sparse(pipe, config) as handle:
             sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress, first_frame)
-            call_stats = handle.stats()
+            call_stats = handle.stats(since_apply=True)  # every segment of a pipeline that runs several
     scored = scored_frames(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,10 @@ class SparseRuntime:
         self.block_sizes = config.block_sizes
         self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)
-        self.records: list[CallRecord] = []
+        self.records: list[CallRecord] = []  # the current denoising run's calls
+        # Per layer, every call since `apply` (across runs, as counts: constant memory for long-lived pipelines):
+        # `[dense calls, sparse calls, sum of the sparse calls' densities]`.
+        self.totals: dict[int, list] = {}
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
         # and reused for the remaining steps. Keyed by (layer, layout, batch size).
@@ -190,7 +193,16 @@ class SparseRuntime:
         """Log a call of `layer` that runs the original processor although `route` was not asked (a call the sparse
         path cannot compute exactly, e.g. one with a token-level attention mask), so `stats()` counts it."""
         state = self._state()
-        self.records.append(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
+        self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
+
+    def _log(self, record: CallRecord) -> None:
+        self.records.append(record)
+        totals = self.totals.setdefault(record.layer, [0, 0, 0.0])
+        if record.sparse:
+            totals[1] += 1
+            totals[2] += record.density
+        else:
+            totals[0] += 1
 
     def add_observer(self, observer) -> None:
         """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the
@@ -260,7 +272,7 @@ class SparseRuntime:
         sparse = mode == "sparse"
         density = cached.plan.density if sparse else 1.0
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
-        self.records.append(record)
+        self._log(record)
         for observer in self._observers:
             observer(record, *inputs, out)
         return out if token_order is None else out.index_select(1, token_order[0])

@@ -10,7 +10,7 @@ import torch
 from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler, HeliosTransformer3DModel
 
 import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
@@ -104,6 +104,15 @@ def test_pipeline_chunks_each_follow_the_schedule():
     assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
         (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
     ]
+    # `since_apply=True` counts every chunk: per layer 4 chunks x cond and uncond x (1 dense + 2 sparse steps).
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    with torch.no_grad(), diffsparse.sparse(pipe, config) as handle:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        last, whole = handle.stats(), diffsparse.stats(pipe, since_apply=True)
+    assert [(s.dense_calls, s.sparse_calls) for s in last.layers] == [(2, 4)] * 2
+    assert [(s.dense_calls, s.sparse_calls) for s in whole.layers] == [(4 * 2, 4 * 4)] * 2
+    assert whole.calls == last.calls  # the raw log is the last run's either way
+    assert whole.mean_density == pytest.approx((8 + 16 * whole.sparse_density) / 24)
 
 
 # The pyramid: each chunk is denoised in 3 stages at 1/4, 1/2 and full resolution (a chunk of 2 latent frames of
