@@ -16,6 +16,7 @@ from .runtime import (
     StepClock,
     register_context_hook,
     remove_context_hook,
+    tally,
 )
 
 _HANDLE_ATTR = "_diffsparse_handle"
@@ -118,12 +119,7 @@ class SparseHandle:
             else:
                 totals = {}
                 for record in runtime.records:
-                    counts = totals.setdefault(record.layer, [0, 0, 0.0])
-                    if record.sparse:
-                        counts[1] += 1
-                        counts[2] += record.density
-                    else:
-                        counts[0] += 1
+                    tally(totals, record)
             for layer in sorted(totals):
                 dense_calls, sparse_calls, density_sum = totals[layer]
                 mean_density = density_sum / sparse_calls if sparse_calls else None

@@ -42,6 +42,16 @@ class CallRecord:
     measured: bool = False
 
 
+def tally(totals: dict[int, list], record: CallRecord) -> None:
+    """Counts `record` into per-layer `[dense calls, sparse calls, sum of the sparse calls' densities]`."""
+    counts = totals.setdefault(record.layer, [0, 0, 0.0])
+    if record.sparse:
+        counts[1] += 1
+        counts[2] += record.density
+    else:
+        counts[0] += 1
+
+
 @dataclass(frozen=True)
 class _Statistics:
     """What a correction measured for one (layer, CFG branch, layout), in the kernel's token order."""
@@ -197,12 +207,7 @@ class SparseRuntime:
 
     def _log(self, record: CallRecord) -> None:
         self.records.append(record)
-        totals = self.totals.setdefault(record.layer, [0, 0, 0.0])
-        if record.sparse:
-            totals[1] += 1
-            totals[2] += record.density
-        else:
-            totals[0] += 1
+        tally(self.totals, record)
 
     def add_observer(self, observer) -> None:
         """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the
