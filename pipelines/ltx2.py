@@ -125,21 +125,25 @@ class LTX2Adapter(ModelAdapter):
 def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:
     """The layout of an LTX-2 call from its `(B, 3, N, 2)` patch bounds (time, y, x; every video of a batch has
     the same): the grid is the frame-major run of whole frames from the first token (each frame the first one's
-    rows and columns at one later time), the tokens after it a trailing span kept whole. One read of the
-    coordinates per call (a host sync on GPU)."""
+    rows and columns over the time span right after the previous frame's), the tokens after it a trailing span kept
+    whole. One read of the coordinates per call (a host sync on GPU)."""
     starts = video_coords[0, :, :, 0].detach().float().cpu()  # (3, N)
+    time_ends = video_coords[0, 0, :, 1].detach().float().cpu()
     first_frame = starts[0] == starts[0, 0]
     per_frame = leading_run(first_frame)
     width = leading_run(first_frame & (starts[1] == starts[1, 0]))
     if per_frame % width:
         raise ValueError("`video_coords` start with no whole frame of rows and columns")
     positions = starts[1:, :per_frame]
-    frames, time = 1, starts[0, 0]
+    frames = 1
     while (frames + 1) * per_frame <= starts.shape[1]:
         block = starts[:, frames * per_frame : (frames + 1) * per_frame]
-        if not (torch.equal(block[1:], positions) and (block[0] == block[0, 0]).all() and block[0, 0] > time):
+        # Grid frames tile time: each starts where the one before ends. An appended keyframe (DFR's generated
+        # slots, the condition pipelines' keyframes) can be a whole frame of the same rows and columns at a later
+        # time, but it is placed inside the video's span: it starts before the grid's last frame ends.
+        if not (torch.equal(block[1:], positions) and (block[0] == time_ends[frames * per_frame - 1]).all()):
             break
-        frames, time = frames + 1, block[0, 0]
+        frames += 1
     return VideoLayout(frames, per_frame // width, width, text_len=starts.shape[1] - frames * per_frame,
                        text_position="end")
 
