@@ -3,21 +3,28 @@ self-attention of a joint audio-video model, in LTX-2.0's form and LTX-2.3's (pe
 spatio-temporal guidance, per-head gates, split RoPE); appended keyframe tokens; IC-LoRA's soft self-attention mask.
 And the whole `LTX2Pipeline` built (Gemma 3 text encoder, text connectors, video and audio VAEs, vocoder) and run
 with classifier-free guidance, with LTX-2.0's sampling and with the pipeline's default LTX-2.3 guidance
-(spatio-temporal and modality-isolation guidance calls besides the CFG call)."""
+(spatio-temporal and modality-isolation guidance calls besides the CFG call). Around the same components,
+`LTX2ConditionPipeline` with a keyframe appended after the grid, and LTX-2.5's `LTX2DFRPipeline`, whose calls (whole
+canvas or temporal tiles) give only token coordinates, with its generated keyframe slots after the grid."""
 
 import contextlib
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKLLTX2Audio,
     AutoencoderKLLTX2Video,
     FlowMatchEulerDiscreteScheduler,
+    LTX2ConditionPipeline,
+    LTX2DFRPipeline,
     LTX2Pipeline,
     LTX2VideoTransformer3DModel,
 )
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.dfr_layout import LTX2DFREpilogueTile, resolve_canvas
+from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -42,13 +49,13 @@ VARIANTS = {
 }
 
 
-def tiny_transformer(variant: str):
+def tiny_transformer(variant: str, **config):
     torch.manual_seed(0)
     return LTX2VideoTransformer3DModel(
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
         audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
         audio_cross_attention_dim=16, num_layers=2, caption_channels=16, base_height=256, base_width=256,
-        **VARIANTS[variant],
+        **VARIANTS[variant], **config,
     ).eval()
 
 
@@ -290,3 +297,85 @@ def test_ltx2_pipeline(variant):
     torch.testing.assert_close(generate(pipe, call, every_block).audio, audio, atol=1e-4, rtol=0)
     window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
     assert not torch.allclose(generate(pipe, call, window).audio, audio, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ltx2_condition_pipeline_keyframe_is_a_trailing_span(variant):
+    base = tiny_ltx2_pipeline(variant)
+    pipe = LTX2ConditionPipeline(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    sampling, branches = SAMPLING[variant]
+    image = (np.random.default_rng(0).random((PIPELINE_CALL["height"], PIPELINE_CALL["width"], 3)) * 255)
+    # A keyframe after latent frame 0 is appended after the grid, not written into it. `crf=0`: the pipeline's
+    # H.264 re-compression of a still needs PyAV, which is not installed (and only changes the image's pixels).
+    condition = LTX2VideoCondition(frames=image.astype(np.uint8), index=2, crf=0)
+    call = {**PIPELINE_CALL, **sampling, "conditions": [condition]}
+
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    records = stats.calls["transformer"]
+    # The keyframe tokens get a timestep of 0 (held clean), the grid's the step's: each step is still found.
+    assert Counter((r.step, r.branch, r.layer) for r in records) == Counter(
+        (step, branch, layer) for step in range(3) for branch, layers in branches.items() for layer in layers
+    )
+    assert all(r.sparse == (r.step > 0) for r in records)
+    # The pipeline names the grid (5 latent frames of 4 x 12, as for LTX2Pipeline); a still encodes to one latent
+    # frame of the same rows and columns, the trailing span.
+    grid = VideoLayout(5, 4, 12)
+    layout = VideoLayout(5, 4, 12, text_len=grid.height * grid.width, text_position="end")
+    assert Counter(calls) == Counter(
+        (layer, layout, (2 if branch == "cond_uncond" else 1, layout.num_tokens))
+        for step in (1, 2) for branch, layers in branches.items() for layer in layers
+    )
+
+
+def temporal_tiles(latent_frames: int, height: int, width: int) -> list[LTX2DFREpilogueTile]:
+    """Two tiles over the whole picture, overlapping on the middle latent frame, their weights summing to one."""
+    middle = latent_frames // 2
+    first = torch.zeros(latent_frames)
+    first[:middle], first[middle] = 1.0, 0.5
+    second = 1.0 - first
+    return [
+        LTX2DFREpilogueTile(slice(start, stop), slice(0, height), slice(0, width),
+                            weights[start:stop, None, None].expand(-1, height, width).clone())
+        for weights, start, stop in ((first, 0, middle + 1), (second, middle, latent_frames))
+    ]
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
+    base = tiny_ltx2_pipeline("2.0")
+    # Generated keyframe slots need the LTX-2.5 marker embedding. The RoPE's VAE ratios must be the tiny VAE's
+    # (2x in time, 8x in space), as a checkpoint's are: otherwise the slots' coordinates (placed with the VAE's
+    # ratios) would not line up with the grid's, and the case that matters, a slot at the rows and columns of a
+    # grid frame, would not be tested.
+    transformer = tiny_transformer("2.0", use_keyframes_abs_pos_embedding=True, vae_scale_factors=(2, 8, 8))
+    components = {name: module for name, module in base.components.items() if name not in ("transformer", "scheduler")}
+    # DFR steps a given (distilled) sigma schedule, without the resolution-dependent shift.
+    pipe = LTX2DFRPipeline(**components, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    call = {name: PIPELINE_CALL[name] for name in ("prompt", "height", "width", "num_frames", "frame_rate",
+                                                   "max_sequence_length", "output_type")}
+    call["sigmas"] = [1.0, 0.7, 0.4]  # 3 steps, no CFG: one transformer call per step (and tile)
+    frames, height, width = 5, 4, 12
+    _, _, slots = resolve_canvas(call["num_frames"], pipe.vae_temporal_compression_ratio)
+    assert (frames - 1) * pipe.vae_temporal_compression_ratio + 1 == call["num_frames"]  # no padded canvas
+    # Each slot: one pixel frame inside the video's span, a whole frame of tokens appended after the grid.
+    slot_tokens = len(slots) * height * width
+    if tiled:
+        call["video_tiles"] = temporal_tiles(frames, height, width)
+        # The slots sit at the end of the video (the last segment's end): only the last tile's window holds them.
+        layouts = [VideoLayout(tile.frames.stop - tile.frames.start, height, width, text_position="end",
+                               text_len=slot_tokens if tile.frames.stop == frames else 0)
+                   for tile in call["video_tiles"]]
+    else:
+        layouts = [VideoLayout(frames, height, width, text_len=slot_tokens, text_position="end")]
+
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.layer) for r in records) == Counter(
+        (step, layer) for step in range(3) for layer in (0, 1) for _ in layouts
+    )
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert Counter(calls) == Counter(
+        (layer, layout, (1, layout.num_tokens)) for step in (1, 2) for layer in (0, 1) for layout in layouts
+    )
