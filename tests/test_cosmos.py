@@ -1,11 +1,21 @@
-"""diffsparse on diffusers Cosmos (tiny, random weights): the transformer called directly, and a tiny Cosmos
-Predict 2 video-to-world pipeline, whose transformer timestep (`sigma / (sigma + 1)`, one per latent frame) is on
-another scale than the scheduler's, so the step schedule follows the pipeline's own timestep."""
+"""diffsparse on diffusers Cosmos (tiny, random weights): the transformer called directly, and tiny Cosmos Predict 2
+video-to-world and Predict 2.5 pipelines, whose transformer timestep (`sigma / (sigma + 1)`, or sigma, one per latent
+frame) is on another scale than the scheduler's, so the step schedule follows the pipeline's own timestep; and a tiny
+Cosmos 1.0 text-to-world pipeline, whose transformer gets the scheduler's timestep as is."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKLCosmos,
+    Cosmos2_5_PredictBasePipeline,
+    Cosmos2VideoToWorldPipeline,
+    CosmosTextToWorldPipeline,
+    CosmosTransformer3DModel,
+    EDMEulerScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 
 import diffsparse
@@ -13,7 +23,13 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
-from helpers import check_against_dense, check_other_processors_are_refused, check_pipeline_against_dense
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    qwen_tokenizer,
+    tiny_qwen25_vl,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
@@ -100,6 +116,104 @@ def test_video_to_world_pipeline_steps_follow_the_scheduler(pipe):
     assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
         (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
     ]
+
+
+def steps_and_layouts(pipe, call):
+    """`check_pipeline_against_dense` with the first step dense: `(step, sparse)` of layer 0's calls, and the
+    `(layout, (batch, tokens))` the sparse calls ran on, next to the layout the output latents `(B, C, T, H, W)` give
+    through the transformer's patch size (the layout every call should see)."""
+    radial = diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1)
+    stats, calls = check_pipeline_against_dense(pipe, call, sparse=radial)
+    latents = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    grid = tuple(n // p for n, p in zip(latents.shape[2:], pipe.transformer.config.patch_size))
+    expected = {(VideoLayout(*grid), (1, grid[0] * grid[1] * grid[2]))}
+    steps = [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0]
+    return steps, {(layout, shape) for _, layout, shape in calls}, expected
+
+
+# Three steps, a cond and an uncond call each (batch 1 apiece); the first step dense.
+GUIDED_STEPS = [(0, False), (0, False), (1, True), (1, True), (2, True), (2, True)]
+
+QWEN_VOCABULARY = ["<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "a", "red",
+                   "circle", "low", "quality"]
+# Qwen2.5-VL's template reduced to what a text-only conversation uses: `_get_prompt_embeds` tokenizes the system and
+# user messages through `apply_chat_template`, which refuses a tokenizer without one.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][0]['text'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def predict25_pipe():
+    base = tiny_wan_pipeline()  # its Wan VAE, which Cosmos 2.5 uses too
+    tokenizer = qwen_tokenizer(QWEN_VOCABULARY)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    text_encoder = tiny_qwen25_vl(QWEN_VOCABULARY)
+    z_dim = base.vae.config.z_dim
+    # The prompt embedding concatenates every language layer's normalized hidden states: 1 layer x 16.
+    text_dim = text_encoder.config.text_config.num_hidden_layers * text_encoder.config.text_config.hidden_size
+    pipe = Cosmos2_5_PredictBasePipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, vae=base.vae,
+        transformer=tiny_transformer(z_dim + 1, z_dim, text_dim),  # + the condition mask
+        # The released checkpoints' scheduler: flow sigmas in [0, 1], which the transformer gets as its timestep,
+        # against 1000 sigma in `scheduler.timesteps`.
+        scheduler=UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True,
+                                          prediction_type="flow_prediction", sigma_max=200.0, sigma_min=0.01),
+        safety_checker=NoSafetyChecker(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def frame(seed):
+    return Image.fromarray((np.random.default_rng(seed).random((64, 96, 3)) * 255).astype(np.uint8))
+
+
+PREDICT25_CALL = {"prompt": "a red circle", "negative_prompt": "low quality", "height": 64, "width": 96,
+                  "num_frames": 9, "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "latent",
+                  "max_sequence_length": 16}
+
+
+@pytest.mark.parametrize("condition", [{}, {"image": frame(0)}, {"video": [frame(i) for i in range(5)]}],
+                         ids=["text-to-world", "image-to-world", "video-to-world"])
+def test_predict25_pipeline_steps_follow_the_scheduler(predict25_pipe, condition):
+    # The transformer gets sigma (its conditioning frames 1e-4), the scheduler's timesteps are 1000 sigma: matched
+    # against them, every call would land on the last step and the first would not stay dense.
+    steps, seen, expected = steps_and_layouts(predict25_pipe, {**PREDICT25_CALL, **condition})
+    assert steps == GUIDED_STEPS
+    assert seen == expected
+
+
+@pytest.fixture(scope="module")
+def text2world_pipe():
+    base = tiny_wan_pipeline()  # its T5 text encoder and word tokenizer
+    torch.manual_seed(0)
+    # With latent output only its compression ratios are read; three blocks make its layers match them (8x in space,
+    # 4x in time), so the pipeline's latent grid is the one this VAE would decode.
+    vae = AutoencoderKLCosmos(
+        latent_channels=4, encoder_block_out_channels=(8, 8, 8), decode_block_out_channels=(8, 8, 8),
+        attention_resolutions=(), resolution=64, num_layers=1, temporal_compression_ratio=4, latents_mean=None,
+        latents_std=None,
+    ).eval()
+    pipe = CosmosTextToWorldPipeline(
+        text_encoder=base.text_encoder, tokenizer=base.tokenizer, vae=vae,
+        transformer=tiny_transformer(4, 4, base.text_encoder.config.d_model),
+        # Cosmos 1.0's EDM scheduler: its timesteps are 0.25 log(sigma), some negative.
+        scheduler=EDMEulerScheduler(sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0,
+                                    prediction_type="epsilon", final_sigmas_type="sigma_min"),
+        safety_checker=NoSafetyChecker(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_text_to_world_pipeline_steps_follow_the_scheduler(text2world_pipe):
+    # Cosmos 1.0 hands the transformer the scheduler's own timestep, so either clock gives these steps.
+    call = {**PREDICT25_CALL, "prompt": "a red circle moving left", "negative_prompt": "low quality"}
+    steps, seen, expected = steps_and_layouts(text2world_pipe, call)
+    assert steps == GUIDED_STEPS
+    assert seen == expected
 
 
 def test_other_processors_are_refused(transformer):
