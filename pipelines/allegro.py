@@ -12,7 +12,14 @@ from diffusers.models.attention_processor import AllegroAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb_allegro
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid, patch_size_3d
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attention_processor_output,
+    call_argument,
+    latent_grid,
+    patch_size_3d,
+)
 from .registry import register_adapter
 
 
@@ -34,10 +41,7 @@ class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
             query = apply_rotary_emb_allegro(query, image_rotary_emb[0], image_rotary_emb[1])
             key = apply_rotary_emb_allegro(key, image_rotary_emb[0], image_rotary_emb[1])
         out = self.attend_video(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return attention_processor_output(attn, out, hidden_states, query.dtype)
 
 
 class AllegroAdapter(ModelAdapter):

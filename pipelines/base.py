@@ -276,6 +276,16 @@ def project_joint_output(attn, out: torch.Tensor, video_len: int, text_first: bo
     return video, text
 
 
+def attention_processor_output(attn, out: torch.Tensor, hidden_states: torch.Tensor, dtype: torch.dtype):
+    """How diffusers' `Attention` processors end (`AttnProcessor2_0` and its copies: Latte's blocks, Allegro): the
+    `(B, S, heads, head_dim)` attention output in `dtype` through `to_out`, plus the input `hidden_states` where the
+    module has a residual connection, over its `rescale_output_factor`."""
+    out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor
+
+
 def prefix_lengths(mask: torch.Tensor) -> list[int]:
     """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` when the
     valid entries of a row are not a prefix (padding must come last, as the text encoders' tokenizers put it)."""

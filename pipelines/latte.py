@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.latte_transformer_3d import LatteTransformer3DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, attention_processor_output, call_argument
 from .registry import register_adapter
 
 
@@ -36,11 +36,7 @@ class LatteSparseAttnProcessor(SparseProcessor, AttnProcessor2_0):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = self.attend_video(query, key, value).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
 
 
 class LatteAdapter(ModelAdapter):
