@@ -94,7 +94,8 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
         out = torch.zeros_like(query)
         for valid in sorted(set(lengths)):
             videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
-            kept = torch.cat([torch.arange(valid), torch.arange(text_len, query.shape[1])]).to(query.device)
+            kept = torch.cat([torch.arange(valid, device=query.device),
+                              torch.arange(text_len, query.shape[1], device=query.device)])
             q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
             layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
             out[videos[:, None], kept] = self.runtime.attention(self.layer, q, k, v, layout=layout)
