@@ -32,6 +32,7 @@ class LayerStats:
     dense_calls: int
     sparse_calls: int
     mean_density: float | None  # over sparse calls; None when there were none
+    dense_step_calls: int = 0  # calls in the schedule's dense steps (counted in dense_calls)
 
 
 @dataclass
@@ -53,6 +54,14 @@ class SparseStats:
         """Mean block density over the sparse calls alone; `None` when there were none."""
         calls = sum(s.sparse_calls for s in self.layers)
         return sum(s.sparse_calls * s.mean_density for s in self.layers if s.sparse_calls) / calls if calls else None
+
+    @property
+    def sparse_steps_density(self) -> float:
+        """Mean block density over the calls outside the schedule's dense steps, the dense ones among them (dense
+        layers, correction measurements, masked calls) counting as 1.0: the attention work of the sparse steps."""
+        calls = sum(s.dense_calls + s.sparse_calls - s.dense_step_calls for s in self.layers)
+        work = sum(s.dense_calls - s.dense_step_calls + s.sparse_calls * (s.mean_density or 0.0) for s in self.layers)
+        return work / calls if calls else 1.0
 
     def __str__(self) -> str:
         rows = [f"{'transformer':<14}{'layer':>6}{'dense':>8}{'sparse':>8}{'density':>10}"]
@@ -121,9 +130,9 @@ class SparseHandle:
                 for record in runtime.records:
                     tally(totals, record)
             for layer in sorted(totals):
-                dense_calls, sparse_calls, density_sum = totals[layer]
+                dense_calls, sparse_calls, density_sum, dense_step_calls = totals[layer]
                 mean_density = density_sum / sparse_calls if sparse_calls else None
-                layers.append(LayerStats(name, layer, dense_calls, sparse_calls, mean_density))
+                layers.append(LayerStats(name, layer, dense_calls, sparse_calls, mean_density, dense_step_calls))
         return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
 
 

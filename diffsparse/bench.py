@@ -344,7 +344,7 @@ def run_pipeline_bench(args, config) -> dict:
         "sparse_seconds": statistics.median(p["sparse_seconds"] for p in pairs),
         "speedup": statistics.median(p["speedup"] for p in pairs),
         "attention_speedup": attention_speedup,
-        "sparse_step_density": call_stats.sparse_density,
+        "sparse_step_density": call_stats.sparse_steps_density,
         "attention_work": work,
         "efficiency": attention_speedup * work,
     }

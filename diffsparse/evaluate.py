@@ -142,7 +142,7 @@ def run_eval(args) -> list[EvalRow]:
         progress.update(1)
     rows = []
     for config in configs:
-        scores, wall, attention, densities = [], [], [], []
+        scores, wall, attention = [], [], []
         with sparse(pipe, config) as handle:
             for prompt, seed in cases:
                 frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
@@ -157,19 +157,15 @@ def run_eval(args) -> list[EvalRow]:
                 )
                 wall.append(seconds / dense_seconds)
                 attention.append(attention_seconds / dense_attention)
-                # The work of the sparse steps: dense layers and measuring calls count as dense.
-                densities += [
-                    r.density
-                    for log in handle.stats().calls.values()
-                    for r in log
-                    if not config.is_dense_step(r.step, args.steps)
-                ]
                 progress.update(1)
+            # Every case and every denoising run of each (a pipeline's chunks or stages), as the runtime counted
+            # their steps.
+            measured_density = handle.stats(since_apply=True).sparse_steps_density
         rows.append(
             EvalRow(
                 pattern=repr(config.resolved_pattern),
                 target_density=config.density,
-                measured_density=statistics.fmean(densities) if densities else 1.0,
+                measured_density=measured_density,
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
                 correction=config.correction,

@@ -32,6 +32,8 @@ class CallRecord:
     """One self-attention call: which step, layer and CFG branch, dense or sparse, at what block density.
 
     `measured`: a dense call that also took the statistics of `SparseConfig.correction`.
+    `dense_step`: the call fell in one of the schedule's dense steps (`SparseConfig.dense_steps` /
+    `dense_last_steps`), as the runtime counted steps then (each stage of a multi-stage pipeline has its own count).
     """
 
     step: int
@@ -40,16 +42,19 @@ class CallRecord:
     sparse: bool
     density: float
     measured: bool = False
+    dense_step: bool = False
 
 
 def tally(totals: dict[int, list], record: CallRecord) -> None:
-    """Counts `record` into per-layer `[dense calls, sparse calls, sum of the sparse calls' densities]`."""
-    counts = totals.setdefault(record.layer, [0, 0, 0.0])
+    """Counts `record` into per-layer `[dense calls, sparse calls, sum of the sparse calls' densities, calls in the
+    schedule's dense steps]`."""
+    counts = totals.setdefault(record.layer, [0, 0, 0.0, 0])
     if record.sparse:
         counts[1] += 1
         counts[2] += record.density
     else:
         counts[0] += 1
+    counts[3] += record.dense_step
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class SparseRuntime:
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []  # the current denoising run's calls
         # Per layer, every call since `apply` (across runs, as counts: constant memory for long-lived pipelines):
-        # `[dense calls, sparse calls, sum of the sparse calls' densities]`.
+        # `[dense calls, sparse calls, sum of the sparse calls' densities, calls in dense steps]` (`tally`).
         self.totals: dict[int, list] = {}
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
@@ -206,6 +211,8 @@ class SparseRuntime:
         self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
 
     def _log(self, record: CallRecord) -> None:
+        state = self._state()
+        record.dense_step = state.layout is not None and self.config.is_dense_step(state.step, state.num_steps)
         self.records.append(record)
         tally(self.totals, record)
 

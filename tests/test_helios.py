@@ -197,3 +197,19 @@ def test_pyramid_stages_each_follow_their_own_schedule(pyramid):
         [(0, True), (1, True)], [(0, False), (1, True), (2, True)], [(0, True), (1, True)]
     ] * PYRAMID_CHUNKS
     assert dense_calls(logs) == PYRAMID_CHUNKS * calls_per_step
+    # Each call is flagged by the schedule of its own stage, so the whole generation's sparse-step density (what
+    # `diffsparse eval` reports) is that of the sparse calls alone: nothing else is dense here.
+    assert all(r.dense_step == (not r.sparse) for log in logs for r in log)
+
+
+def test_sparse_steps_density_counts_every_stage_of_the_generation(pyramid):
+    pipe, call = pyramid
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1)
+    with torch.no_grad(), diffsparse.sparse(pipe, config) as handle:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        whole = handle.stats(since_apply=True)
+    # Per layer: 7 steps of 2 chunks x cond and uncond, 3 of each chunk's steps dense (each stage's first).
+    assert [(s.dense_calls, s.sparse_calls, s.dense_step_calls) for s in whole.layers] == [(12, 16, 12)] * 2
+    assert whole.sparse_density < 1
+    assert whole.sparse_steps_density == pytest.approx(whole.sparse_density)
+    assert whole.mean_density == pytest.approx((24 + 32 * whole.sparse_density) / 56)

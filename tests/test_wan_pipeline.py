@@ -172,6 +172,10 @@ def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):
     assert (by_layer[0].dense_calls, by_layer[0].sparse_calls) == (6, 0)
     assert (by_layer[1].dense_calls, by_layer[1].sparse_calls) == (2, 4)
     assert 0 < by_layer[1].mean_density < 1
+    # The sparse steps' work: layer 0's 4 calls there count as dense, step 0's calls not at all.
+    assert [r.dense_step for r in records] == [r.step == 0 for r in records]
+    assert (by_layer[0].dense_step_calls, by_layer[1].dense_step_calls) == (2, 2)
+    assert stats.sparse_steps_density == pytest.approx((4 + 4 * by_layer[1].mean_density) / 8)
 
 
 def test_stats_describe_only_the_last_pipeline_call(tiny_pipe):
