@@ -7,6 +7,7 @@ transformer sets the call context (step, token layout) before each forward; proc
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import IdentityOrder, Pattern, VideoLayout
+from .patterns import FrameCausal, IdentityOrder, Pattern, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -85,6 +86,8 @@ class _BranchState(BaseState):
         self.step: int = 0
         self.num_steps: int | None = None
         self.layout: VideoLayout | None = None
+        # Frames per causal group when the call's self-attention carries `FrameCausal`'s mask (`allow_frame_causal`).
+        self.frame_causal: int = 0
         self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
         # When the model's tokens are not in the layout's order: (layout index of each model token, its inverse).
         self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -152,6 +155,8 @@ class SparseRuntime:
         # valid lengths, HunyuanVideo and Mochi) each keep their own.
         self._statistics: dict[tuple[int, str, VideoLayout], _Statistics] = {}
         self._observers: list = []
+        # `FrameCausal(frames).whole_blocks` per (layout, frames): None where the kernel's blocks cannot carry it.
+        self._causal_blocks: dict[tuple[VideoLayout, int], torch.Tensor | None] = {}
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -170,6 +175,7 @@ class SparseRuntime:
             )
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
+        state.frame_causal = 0
         state.read_once = None
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
 
@@ -209,6 +215,44 @@ class SparseRuntime:
         path cannot compute exactly, e.g. one with a token-level attention mask), so `stats()` counts it."""
         state = self._state()
         self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
+
+    def allow_frame_causal(self, layer: int, frames: int) -> bool:
+        """For a call `route` sent to `attention` whose self-attention mask is `FrameCausal(frames)`'s (SkyReels-V2's
+        asynchronous diffusion forcing): whether `attention` applies that mask exactly, so the call may go on. It
+        does when every kernel block of the call's layout, in the kernel's token order, is wholly allowed or wholly
+        masked; the plan then keeps only the pattern's allowed blocks. Otherwise (or with `SparseConfig.correction`,
+        whose dense measurement knows no mask) the call is logged dense, the caller runs the original processor,
+        and a warning says why, once per layout."""
+        state = self._state()
+        layout = state.layout
+        key = (layout, frames)
+        if key not in self._causal_blocks:
+            blocks = self._frame_causal_blocks(layout, frames)
+            if blocks is None or self.config.correction is not None:
+                group = frames * layout.height * layout.width
+                why = (
+                    f"SparseConfig.correction={self.config.correction!r} measures dense attention without the mask"
+                    if blocks is not None
+                    else f"its groups ({group} tokens each) do not fill whole kernel blocks of {self.block_sizes} "
+                    f"tokens in {self.order!r} order; frame-major order with block sizes dividing {group}, or tiles "
+                    f"of a frame count dividing {frames}, make them whole"
+                )
+                warnings.warn(
+                    f"{self.name}: self-attention with a causal mask over groups of {frames} frames on {layout} runs "
+                    f"the original processor (dense): {why}",
+                    stacklevel=2,
+                )
+        if self._causal_blocks[key] is None or self.config.correction is not None:
+            self.log_dense(layer)
+            return False
+        state.frame_causal = frames
+        return True
+
+    def _frame_causal_blocks(self, layout: VideoLayout, frames: int) -> torch.Tensor | None:
+        key = (layout, frames)
+        if key not in self._causal_blocks:
+            self._causal_blocks[key] = FrameCausal(frames).whole_blocks(layout, self.block_sizes, order=self.order)
+        return self._causal_blocks[key]
 
     def _log(self, record: CallRecord) -> None:
         state = self._state()
@@ -267,7 +311,7 @@ class SparseRuntime:
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
-        cached = self.plan(layout, query.shape[2], query.device, pattern, heads)
+        cached = self.plan(layout, query.shape[2], query.device, pattern, heads, state.frame_causal)
         inputs = (query, key, value)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in inputs)
@@ -379,17 +423,20 @@ class SparseRuntime:
         device: torch.device,
         pattern: Pattern | tuple[Pattern, ...] | None = None,
         head_range: tuple[int, int] | None = None,
+        frame_causal: int = 0,
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
         `pattern`: the runtime's pattern (`None`), or a tuple of one pattern per video of the batch (fitted
         patterns), whose masks then stack along the plan's batch dim (a 1-tuple serves every video).
         `head_range`: `(first head, the model's heads)` when the `heads` attended are a slice of the model's.
+        `frame_causal`: frames per group of a `FrameCausal` mask the plan keeps only the allowed blocks of
+        (`allow_frame_causal`); `0`: none.
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
         return self._cached(
-            (patterns, layout, heads, head_range, str(device)),
-            lambda: self._build_plan(patterns, layout, heads, device, head_range),
+            (patterns, layout, heads, head_range, frame_causal, str(device)),
+            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal),
         )
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
@@ -410,7 +457,16 @@ class SparseRuntime:
         heads: int,
         device: torch.device,
         head_range: tuple[int, int] | None = None,
+        frame_causal: int = 0,
     ) -> _CachedPlan:
+        allowed = None
+        if frame_causal:
+            allowed = self._frame_causal_blocks(layout, frame_causal)
+            if allowed is None:
+                raise ValueError(
+                    f"FrameCausal({frame_causal}) does not fill whole blocks of {self.block_sizes} on {layout}: "
+                    "the kernel cannot apply it (allow_frame_causal refuses such calls)"
+                )
         masks = []
         for pattern in patterns:
             if self.config.density is not None:
@@ -421,6 +477,8 @@ class SparseRuntime:
                 mask = mask[head_range[0] : head_range[0] + heads]
             if mask.shape[0] not in (1, heads):
                 raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
+            if allowed is not None:
+                mask = mask & allowed
             masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
         n = layout.num_tokens
         plan = make_plan(torch.stack(masks).to(device), n, n, self.block_sizes)

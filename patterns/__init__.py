@@ -1,6 +1,7 @@
 """What to compute: block masks over token layouts. Knows nothing of diffusers or kernels."""
 
 from .base import Pattern, as_pair, reduce_token_mask
+from .causal import FrameCausal
 from .compose import Intersection, Union
 from .dense import Dense
 from .layout import VideoLayout, as_triple
@@ -16,6 +17,7 @@ __all__ = [
     "PATTERNS",
     "Boxes",
     "Dense",
+    "FrameCausal",
     "FrameSink",
     "IdentityOrder",
     "Intersection",

@@ -65,7 +65,6 @@ class WanSparseSelfAttention(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        # SkyReels-V2's causal frame blocks (asynchronous diffusion forcing) come with a token-level mask.
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
@@ -83,8 +82,41 @@ class WanAnimateSparseAttnProcessor(WanSparseSelfAttention, AnimateWanAttnProces
     """Wan Animate's own copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
 
 
+def frame_causal_groups(mask: torch.Tensor, layout: VideoLayout) -> int | None:
+    """Frames per group of the causal frame-block mask SkyReels-V2's transformer builds for asynchronous diffusion
+    forcing (`num_frame_per_block`), read from a call's `(1, 1, N, N)` bool mask on `layout`; `None` for any other
+    mask. The rows and the columns of each frame's first token are compared with `FrameCausal`'s definition (the
+    mask is constant over each frame's tokens by construction; a full `N x N` comparison would cost a pass over a
+    tensor the size of the attention matrix)."""
+    n, per_frame = layout.num_tokens, layout.height * layout.width
+    if mask.dtype != torch.bool or mask.numel() != n * n or mask.shape[-1] != n or layout.text_len:
+        return None
+    mask = mask.reshape(n, n)
+    firsts = torch.arange(layout.frames, device=mask.device) * per_frame
+    frames = int(mask[0, firsts].sum())
+    group = torch.arange(n, device=mask.device) // per_frame // frames
+    rows = group[None, :] <= group[firsts, None]  # (frames, N): each frame's first query, every key
+    columns = group[firsts][None, :] <= group[:, None]  # (N, frames): every query, each frame's first key
+    if torch.equal(mask[firsts], rows) and torch.equal(mask[:, firsts], columns):
+        return frames
+    return None
+
+
 class SkyReelsV2SparseAttnProcessor(WanSparseSelfAttention, SkyReelsV2AttnProcessor):
-    """SkyReels-V2's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so."""
+    """SkyReels-V2's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so,
+    also under asynchronous diffusion forcing's causal frame-block mask where the kernel's blocks fill its groups
+    (`SparseRuntime.allow_frame_causal`)."""
+
+    def stays_dense(self, attention_mask=None) -> bool:
+        if attention_mask is None:
+            return super().stays_dense()
+        layout = self.runtime.call_layout()
+        frames = None if layout is None else self.runtime.once_per_call(
+            attention_mask, lambda mask: frame_causal_groups(mask, layout)
+        )
+        if frames is None:
+            return super().stays_dense(attention_mask)
+        return not (self.runtime.route(self.layer) and self.runtime.allow_frame_causal(self.layer, frames))
 
 
 class ChronoEditSparseAttnProcessor(WanSparseSelfAttention, ChronoEditWanAttnProcessor):
@@ -128,7 +160,9 @@ class WanAnimateAdapter(WanAdapter):
 class SkyReelsV2Adapter(WanAdapter):
     """SkyReels-V2 (Wan 2.1's architecture, trained for diffusion forcing): timesteps may be one per frame (the
     step is the largest); in asynchronous diffusion forcing (`causal_block_size > 1`) every self-attention call
-    carries a causal frame-block mask and runs the original processor, logged as dense."""
+    carries a causal frame-block mask, applied by skipping the masked blocks where the kernel's blocks fill the
+    causal groups (block sizes dividing a group's tokens), else the call runs the original processor, logged as
+    dense."""
 
     transformer_classes = (SkyReelsV2Transformer3DModel,)
     family = "SkyReels-V2"

@@ -567,6 +567,31 @@ def test_frame_sink_block_mask_is_the_token_reduction_and_composes(order, text):
         FrameSink(frames=0)
 
 
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2)), TileOrder((2, 2, 3))])
+@pytest.mark.parametrize("block_size", [8, 12, (8, 24), 16])
+def test_frame_causal_block_mask_and_whole_blocks_follow_the_token_mask(order, block_size):
+    from diffsparse.patterns import FrameCausal
+
+    for layout in (VideoLayout(5, 3, 4), VideoLayout(6, 4, 4)):
+        for frames in (1, 2, 3):
+            pattern = FrameCausal(frames)
+            token = pattern.token_mask(layout, order)
+            frame = torch.arange(layout.num_tokens) // (layout.height * layout.width)
+            if order is None:
+                assert torch.equal(token[0], frame[None, :] // frames <= frame[:, None] // frames)
+            allowed = reduce_token_mask(token, block_size)
+            assert torch.equal(pattern.block_mask(layout, block_size, order), allowed)
+            # Whole blocks: no block pair holds both an allowed and a masked pair.
+            mixed = allowed & reduce_token_mask(~token, block_size)
+            whole = pattern.whole_blocks(layout, block_size, order)
+            assert (whole is None) == bool(mixed.any()), (layout, frames)
+            if whole is not None:
+                assert torch.equal(whole, allowed)
+    assert FrameCausal(2).whole_blocks(VideoLayout(4, 2, 4, text_len=3), 8) is None
+    with pytest.raises(ValueError, match="frames"):
+        FrameCausal(frames=0)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_radial_frame_major_masks_from_cached_geometry_equal_the_box_test(seed):
     # Radial's frame-major block masks come from a per-layout cache of box-pair geometry (what `at_density`'s

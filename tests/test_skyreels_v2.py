@@ -7,10 +7,12 @@ Diffusion forcing gives one timestep per frame and loops over the rows of its ti
 scheduler's steps one by one. Asynchronous rows (`ar_step > 0`: each frame `ar_step` rows behind the one before)
 stay on step 0 until the last frame starts, so `dense_steps` keeps far more than its share of the calls dense; a
 long video (`overlap_history`) restarts the steps in each chunk, all in one call log. The causal frame-block mask
-(`causal_block_size > 1`, which diffusers then keeps in the transformer's config) leaves every call to the original
-processor."""
+(`causal_block_size > 1`, which diffusers then keeps in the transformer's config) runs sparse, the later groups'
+blocks skipped, where the kernel's blocks fill the groups; other block sizes leave the calls to the original
+processor, with a warning."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -23,9 +25,10 @@ from diffusers import (
 
 import diffsparse
 from diffsparse.config import resolve_step_count
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import FrameCausal, TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
+from diffsparse.pipelines.wan import frame_causal_groups
 
 from helpers import check_other_processors_are_refused, check_pipeline_against_dense, run_pipeline
 
@@ -78,14 +81,59 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, per_
     assert stats.mean_density < 1 and not torch.allclose(sparse, reference, atol=1e-4)
 
 
-def test_causal_frame_blocks_run_the_original_and_count_as_dense():
-    # Asynchronous diffusion forcing: a causal mask over blocks of 2 frames on every self-attention call.
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_causal_frame_blocks_run_sparse_where_the_blocks_fill_the_groups(order):
+    # Asynchronous diffusion forcing: a causal mask over groups of 2 frames (2 x 24 = 48 tokens, 3 blocks of 16) on
+    # every self-attention call. Without the mask the same weights give another output, so a sparse path that
+    # attended the later group's blocks could not match.
     model = tiny_transformer(frames_per_block=2)
     reference, _ = run(model, per_frame=True)
-    out, stats = run(model, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0),
-                     per_frame=True)
+    unmasked, _ = run(tiny_transformer(), per_frame=True)
+    assert not torch.allclose(unmasked, reference, atol=1e-3)
+    dense, _ = run(model, diffsparse.SparseConfig(pattern="dense", dense_steps=0), per_frame=True)
+    assert torch.equal(dense, reference)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
+    out, stats = run(model, every_block, per_frame=True)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    # Blocks the mask allows: the first group's 3 query blocks see 3 key blocks, the second's all 6.
+    assert [(s.dense_calls, s.sparse_calls, s.mean_density) for s in stats.layers] == [(0, 1, 27 / 36)] * 2
+    window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0, order=order)
+    sparse, stats = run(model, window, per_frame=True)
+    assert stats.sparse_density < 27 / 36 and not torch.allclose(sparse, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=32, dense_steps=0), "block sizes dividing 48"),
+        (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=TileOrder((4, 2, 2))),
+         "tiles of a frame count dividing 2"),  # tiles of 4 frames straddle the groups' boundary
+        (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, correction="residual"),
+         "correction='residual'"),
+    ],
+    ids=["blocks across groups", "tiles across groups", "correction"],
+)
+def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_warning(config, reason):
+    model = tiny_transformer(frames_per_block=2)
+    reference, _ = run(model, per_frame=True)
+    with pytest.warns(UserWarning, match=reason):
+        out, stats = run(model, config, per_frame=True)
     assert torch.equal(out, reference)
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
+
+
+def test_only_the_causal_frame_block_mask_is_read_as_one():
+    layout = VideoLayout(4, 4, 6)
+    for frames in (1, 2, 4):
+        assert frame_causal_groups(FrameCausal(frames).token_mask(layout)[None], layout) == frames
+    mask = FrameCausal(2).token_mask(layout)[None]
+    # One pair changed in a frame's first query row, in a frame's first key column, or both: another mask.
+    for query, key in ((5, 24), (30, 0), (0, 30)):
+        changed = mask.clone()
+        changed[..., query, key] = ~changed[..., query, key]
+        assert frame_causal_groups(changed, layout) is None
+    assert frame_causal_groups(mask.float(), layout) is None  # an additive bias, not a boolean mask
+    assert frame_causal_groups(mask[..., :48, :48], layout) is None
 
 
 def test_layout_and_step_of_a_diffusion_forcing_call(transformer):
@@ -207,24 +255,30 @@ def test_asynchronous_diffusion_forcing_stays_on_step_0_until_the_last_frame_sta
     assert dense_rows > 2 * resolve_step_count(0.2, len(steps))
 
 
-def test_causal_frame_blocks_run_the_original_in_every_call():
+def test_causal_frame_blocks_in_a_pipeline():
     pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
-    # 4 latent frames in 2 causal blocks, the second a row behind the first (the mask needs whole blocks).
+    # 4 latent frames in 2 causal groups of 48 tokens, the second a row behind the first.
     call = {**CALL, "num_frames": 13, "ar_step": 1, "causal_block_size": 2}
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
-    radial = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
     reference = run_pipeline(pipe, call)
-    for config in (diffsparse.SparseConfig(pattern="dense"), every_block, radial):
-        with transformer_timesteps(pipe) as seen:
-            out, stats = run_pipeline(pipe, call, config)
-        assert torch.equal(out, reference)
-        layers = len(pipe.transformer.blocks)
-        assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(len(seen), 0)] * layers
+    out, _ = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(out, reference)
+    with transformer_timesteps(pipe) as seen:
+        out, stats = run_pipeline(pipe, call, every_block)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    layers = len(pipe.transformer.blocks)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, len(seen))] * layers
+    sparse, stats = run_pipeline(pipe, call, FIRST_FIFTH_DENSE)
+    assert stats.sparse_density < 27 / 36 and not torch.allclose(sparse, reference, atol=1e-4)
+    # Blocks of 32 straddle the groups: the original processor, every call.
+    with pytest.warns(UserWarning, match="block sizes dividing 48"):
+        out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, block_size=32))
+    assert torch.equal(out, reference) and all(s.sparse_calls == 0 for s in stats.layers)
     # diffusers keeps `causal_block_size` in the transformer's config: a later call that does not give it, a
-    # synchronous one too, carries the mask and runs dense throughout.
+    # synchronous one too, carries the mask.
     assert pipe.transformer.config.num_frame_per_block == 2
-    _, stats = run_pipeline(pipe, {**CALL, "num_frames": 13}, radial)
-    assert stats.layers and all(s.sparse_calls == 0 for s in stats.layers)
+    _, stats = run_pipeline(pipe, {**CALL, "num_frames": 13}, every_block)
+    assert stats.layers and all(s.dense_calls == 0 for s in stats.layers)
 
 
 @pytest.mark.parametrize("ar_step", [0, 3], ids=["synchronous", "asynchronous"])
