@@ -4,6 +4,7 @@ spatio-temporal guidance, per-head gates, split RoPE); appended keyframe tokens;
 And the whole `LTX2Pipeline` built (Gemma 3 text encoder, text connectors, video and audio VAEs, vocoder) and run
 with classifier-free guidance, with LTX-2.0's sampling and with the pipeline's default LTX-2.3 guidance
 (spatio-temporal and modality-isolation guidance calls besides the CFG call). Around the same components,
+`LTX2ImageToVideoPipeline` (the image latent written into latent frame 0, its tokens at timestep 0),
 `LTX2ConditionPipeline` with a keyframe appended after the grid, and LTX-2.5's `LTX2DFRPipeline`, whose calls (whole
 canvas or temporal tiles) give only token coordinates, with its generated keyframe slots after the grid."""
 
@@ -19,6 +20,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     LTX2ConditionPipeline,
     LTX2DFRPipeline,
+    LTX2ImageToVideoPipeline,
     LTX2Pipeline,
     LTX2VideoTransformer3DModel,
 )
@@ -26,6 +28,7 @@ from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.dfr_layout import LTX2DFREpilogueTile, resolve_canvas
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from PIL import Image
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 import diffsparse
@@ -189,10 +192,11 @@ def test_other_processors_are_refused(transformer):
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "moving", "left", "low", "quality"]
 
 
-def tiny_ltx2_pipeline(variant: str) -> LTX2Pipeline:
-    """`LTX2Pipeline` around `tiny_transformer(variant)`. Its text path is LTX-2.0's for both variants (Gemma's
-    hidden states through shared connectors and the transformer's caption projections): what changes between
-    LTX-2.0 and 2.3 for diffsparse is in the transformer's blocks."""
+def tiny_ltx2_pipeline(variant: str, pipeline_class=LTX2Pipeline):
+    """`pipeline_class` (`LTX2Pipeline`, or another LTX-2 pipeline taking the same components) around
+    `tiny_transformer(variant)`. Its text path is LTX-2.0's for both variants (Gemma's hidden states through shared
+    connectors and the transformer's caption projections): what changes between LTX-2.0 and 2.3 for diffsparse is in
+    the transformer's blocks."""
     torch.manual_seed(0)
     # Gemma 3 16 wide with 2 layers: the pipeline stacks its 3 hidden states (embeddings included) per token. The
     # class builds a vision tower too, which text prompts never reach.
@@ -227,7 +231,7 @@ def tiny_ltx2_pipeline(variant: str) -> LTX2Pipeline:
     # Takes the audio VAE's decoded spectrograms, 2 channels x 8 mel bins.
     vocoder = LTX2Vocoder(in_channels=2 * 8, hidden_channels=8, upsample_kernel_sizes=[4], upsample_factors=[2],
                           resnet_kernel_sizes=[3], resnet_dilations=[[1]], output_sampling_rate=16000)
-    pipe = LTX2Pipeline(
+    pipe = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae.eval(),
         audio_vae=audio_vae.eval(), text_encoder=text_encoder.eval(), tokenizer=word_tokenizer(VOCABULARY),
         connectors=connectors.eval(), transformer=tiny_transformer(variant), vocoder=vocoder.eval(),
@@ -324,6 +328,43 @@ def test_ltx2_condition_pipeline_keyframe_is_a_trailing_span(variant):
     layout = VideoLayout(5, 4, 12, text_len=grid.height * grid.width, text_position="end")
     assert Counter(calls) == Counter(
         (layer, layout, (2 if branch == "cond_uncond" else 1, layout.num_tokens))
+        for step in (1, 2) for branch, layers in branches.items() for layer in layers
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ltx2_image_to_video_pipeline_steps_despite_the_clean_first_frame(variant):
+    pipe = tiny_ltx2_pipeline(variant, LTX2ImageToVideoPipeline)
+    sampling, branches = SAMPLING[variant]
+    # A gradient, resized by the pipeline to the video's 32 x 96. `image_crf=0`: the H.264 re-compression of the
+    # image needs PyAV, which is not installed (and only changes the image's pixels).
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                                      np.full((64, 64), 128, np.uint8)], axis=-1))
+    call = {**PIPELINE_CALL, **sampling, "image": image, "image_crf": 0}
+    grid = VideoLayout(5, 4, 12)
+    timesteps = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: timesteps.append(kwargs["timestep"]), with_kwargs=True)
+    try:
+        stats, calls = check_pipeline_against_dense(pipe, call)
+    finally:
+        hook.remove()
+    # The image latent is written into latent frame 0, whose tokens get a timestep of 0 (held clean), the others
+    # the step's. The step is read from these per-token timesteps: a read of the clean tokens' 0 (or of a mean
+    # over all tokens) would put calls on the wrong step, and keep the wrong ones dense.
+    frame = grid.height * grid.width
+    assert len(timesteps) == 4 * 3 * len(branches)  # the helper's 4 pipeline calls of 3 steps
+    assert all(t.shape[1:] == (grid.num_tokens,) and (t[:, :frame] == 0).all() and (t[:, frame:] > 0).all()
+               for t in timesteps)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch, r.layer) for r in records) == Counter(
+        (step, branch, layer) for step in range(3) for branch, layers in branches.items() for layer in layers
+    )
+    assert all(r.sparse == (r.step > 0) for r in records)
+    # 5 latent frames of 4 x 12 (as for LTX2Pipeline), the image's frame 0 among them: no tokens after the grid.
+    assert Counter(calls) == Counter(
+        (layer, grid, (2 if branch == "cond_uncond" else 1, grid.num_tokens))
         for step in (1, 2) for branch, layers in branches.items() for layer in layers
     )
 
