@@ -331,17 +331,21 @@ def test_compare_takes_an_image_for_image_to_video(tmp_path, tiny_pipe):
         run_compare(args("--image", str(image_path)), config, pipe=tiny_pipe)
 
 
-@pytest.mark.parametrize("memory_saver", ["group offload (leaf)", "group offload (block)", "layerwise casting"])
+@pytest.mark.parametrize("memory_saver", ["group offload (leaf)", "group offload (block)", "layerwise casting",
+                                          "model cpu offload"])
 @pytest.mark.parametrize("apply_first", [False, True], ids=["saver first", "diffsparse first"])
 def test_memory_savers_compose(memory_saver, apply_first):
-    # diffusers' group offloading and layerwise casting hook the same modules diffsparse swaps processors on; in
-    # either order every block kept still gives the saver's own video, the calls run sparse, and `remove` leaves the
-    # saver working alone.
+    # diffusers' group offloading and layerwise casting hook the same modules diffsparse swaps processors on, and
+    # the pipeline's model CPU offload wraps them in accelerate's hooks (here with the CPU as the "accelerator": the
+    # hooks' wiring is what runs, not a move between devices); in either order every block kept
+    # still gives the saver's own video, the calls run sparse, and `remove` leaves the saver working alone.
     pipe = tiny_wan_pipeline()
     every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
     if apply_first:
         handle = diffsparse.apply(pipe, every_block)
-    if memory_saver == "layerwise casting":
+    if memory_saver == "model cpu offload":
+        pipe.enable_model_cpu_offload(device="cpu")
+    elif memory_saver == "layerwise casting":
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
     else:
         offload_type = "leaf_level" if "leaf" in memory_saver else "block_level"
