@@ -183,10 +183,20 @@ def fill_call_defaults(args, pipe) -> None:
             setattr(args, name, value)
 
 
+def pipeline_outputs(output):
+    """`(the batch of a pipeline output, whether it holds videos)`: its `frames`, or its images (`images`, or
+    `image` as Kandinsky 5's image pipelines name them)."""
+    for name, videos in (("frames", True), ("images", False), ("image", False)):
+        batch = getattr(output, name, None)
+        if batch is not None:
+            return batch, videos
+    raise TypeError(f"{type(output).__name__} holds no `frames`, `images` or `image` to compare")
+
+
 def first_output(output) -> np.ndarray:
     """The first video of a pipeline output (`output_type="np"`) as `(F, H, W, C)`; an image as one frame."""
-    frames = getattr(output, "frames", None)
-    return np.asarray(frames[0]) if frames is not None else np.asarray(output.images[0])[None]
+    batch, videos = pipeline_outputs(output)
+    return np.asarray(batch[0]) if videos else np.asarray(batch[0])[None]
 
 
 def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:

@@ -100,13 +100,14 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None)
 
 
 def run_pipeline(pipe, call: dict, config=None):
-    """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or `images`; with `config` applied for the
+    """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or images; with `config` applied for the
     call, `(that output, the call's stats)`."""
     import diffsparse
 
+    from diffsparse.compare import pipeline_outputs
+
     def output():
-        result = pipe(**call, generator=torch.Generator().manual_seed(0))
-        return result.frames if hasattr(result, "frames") else result.images
+        return pipeline_outputs(pipe(**call, generator=torch.Generator().manual_seed(0)))[0]
 
     with torch.no_grad():
         if config is None:

@@ -9,6 +9,9 @@ import pytest
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    Kandinsky5I2IPipeline,
+    Kandinsky5I2VPipeline,
+    Kandinsky5T2IPipeline,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
 )
@@ -36,11 +39,12 @@ GRID = (2, 8, 16)  # latent frames 2 of 16 x 32, patchified 1 x 2 x 2: 256 token
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=32, dense_steps=0)
 
 
-def tiny_transformer():
-    """Text 16 wide (the tiny Qwen2.5-VL's), pooled text 8 wide (the tiny CLIP's)."""
+def tiny_transformer(visual_cond: bool = False):
+    """Text 16 wide (the tiny Qwen2.5-VL's), pooled text 8 wide (the tiny CLIP's). `visual_cond`: the latents come
+    with a conditioning latent and a mask on extra channels (image-to-video, image-to-image)."""
     model = Kandinsky5Transformer3DModel(
         in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4),
+        model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4), visual_cond=visual_cond,
     ).eval()
     # Kandinsky zero-initialises its modulation layers: every gate would be 0 and the attention never reach the
     # output, so nothing below could fail. Random values instead.
@@ -103,28 +107,91 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Kandinsky 5", layer=1)
 
 
-# The word tokenizer's tokens (CLIP's prompts end with `</s>`) and Qwen's chat tokens first; the template's other words
-# are not needed (`<unk>`), the pipeline drops them.
+# Qwen2.5-VL's vision tokens, for the image-to-image pipeline's source image (the processor counts `<|video_pad|>`
+# too: were it `<unk>`, every unknown word would count as one).
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+# The word tokenizer's tokens (CLIP's prompts end with `</s>`) and Qwen's chat and vision tokens first; the template's
+# other words are not needed (`<unk>`), the pipeline drops them.
 VOCABULARY = ["<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "moving", "left",
-              "blurry"]
+              "blurry", *VISION_TOKENS]
 
 
-@pytest.fixture(scope="module")
-def kandinsky_pipe():
+def qwen_vl_processor():
+    """A `Qwen2VLProcessor` over the word tokenizer: the image-to-image pipeline's Qwen2.5-VL reads the source image
+    with the prompt. Its image processor makes any image 56 x 56 pixels: 4 x 4 patches of 14, merged 2 x 2 into 4
+    image tokens."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = qwen_tokenizer(VOCABULARY)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS}, replace_extra_special_tokens=False)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+
+
+def tiny_image_vae():
+    """An `AutoencoderKL` of 4 latent channels, 8x in space: the image pipelines'."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         norm_num_groups=4).eval()
+
+
+IMAGE_SIZE = (256, 128)  # (width, height): latents 16 x 32, patchified 8 x 16
+
+
+def tiny_kandinsky_pipeline(pipeline_class):
+    """A tiny Kandinsky 5 pipeline of `pipeline_class`: Qwen2.5-VL and CLIP text encoders, the HunyuanVideo VAE for
+    video (`AutoencoderKL` for images), a transformer that takes the image's latent and mask on extra channels
+    (`visual_cond`) when given an image. The image pipelines snap every size to their `resolutions` (1024 x 1024
+    and larger: 4096 tokens, seconds a call here); the tiny ones' list holds `IMAGE_SIZE` only."""
+    image_pipeline = pipeline_class in (Kandinsky5T2IPipeline, Kandinsky5I2IPipeline)
     torch.manual_seed(0)
-    vae = tiny_hunyuan_video_vae()
-    clip = tiny_clip_text_model(len(VOCABULARY))
-    pipe = Kandinsky5T2VPipeline(
-        transformer=tiny_transformer(), vae=vae.eval(), text_encoder=tiny_qwen25_vl(VOCABULARY),
-        tokenizer=qwen_tokenizer(VOCABULARY), text_encoder_2=clip.eval(),
+    text_encoder = tiny_qwen25_vl(VOCABULARY)
+    if pipeline_class is Kandinsky5I2IPipeline:
+        tokenizer = qwen_vl_processor()
+        text_encoder.config.image_token_id = VOCABULARY.index("<|image_pad|>")
+        text_encoder.config.vision_start_token_id = VOCABULARY.index("<|vision_start|>")
+    else:
+        tokenizer = qwen_tokenizer(VOCABULARY)
+    pipe = pipeline_class(
+        transformer=tiny_transformer(visual_cond=pipeline_class in (Kandinsky5I2VPipeline, Kandinsky5I2IPipeline)),
+        vae=tiny_image_vae() if image_pipeline else tiny_hunyuan_video_vae(), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=tiny_clip_text_model(len(VOCABULARY)),
         tokenizer_2=word_tokenizer(VOCABULARY, max_length=77), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
     )
+    if image_pipeline:
+        pipe.resolutions = [IMAGE_SIZE]
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+@pytest.fixture(scope="module")
+def kandinsky_pipe():
+    return tiny_kandinsky_pipeline(Kandinsky5T2VPipeline)
+
+
 PIPELINE_CALL = {"prompt": "a red circle moving left", "negative_prompt": "blurry", "guidance_scale": 5.0,
                  "num_inference_steps": 3, "height": 64, "width": 64, "num_frames": 9, "output_type": "latent"}
+
+
+def check_pipeline_steps_and_layout(pipe, call: dict, layout: VideoLayout) -> None:
+    """`check_pipeline_against_dense` through `pipe(**call)` with classifier-free guidance, and: each of the 3 steps
+    is the prompt's and the negative prompt's call (outside any `cache_context`: one branch) through both visual
+    blocks, the first step dense (`dense_steps=1`), the others sparse with blocks left out; every sparse call
+    attends `layout`'s tokens, no more.
+
+    The model rounds queries and keys to bfloat16 (its RoPE): a float32 difference of 1e-6 upstream (the sparse
+    kernel's sums against SDPA's) now and then moves a query element one bfloat16 step, and the output past 1e-3
+    with other random weights than these. These seeds stay under 1e-4 (6e-6 to 3e-5)."""
+    stats, calls = check_pipeline_against_dense(pipe, call, block_size=8)
+    records = stats.calls["transformer"]
+    # The pipeline passes the scheduler's timesteps as they are.
+    assert Counter(r.step for r in records) == {step: 4 for step in range(3)}
+    assert all(r.sparse == (r.step > 0) and r.dense_step == (r.step == 0) for r in records)
+    assert all(r.density < 1 for r in records if r.sparse)
+    assert sorted(layer for layer, _, _ in calls) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert {(found, shape) for _, found, shape in calls} == {(layout, (1, layout.num_tokens))}
 
 
 def test_pipeline_with_cfg_dense_every_block_kept_and_sparse_after_the_dense_step(kandinsky_pipe):
@@ -132,12 +199,54 @@ def test_pipeline_with_cfg_dense_every_block_kept_and_sparse_after_the_dense_ste
     # The pipeline's fixed drop stays inside the template: the prompt reaches the transformer whole.
     prefix = kandinsky_pipe.tokenizer(template[:template.index("{}")]).input_ids
     assert len(prefix) >= kandinsky_pipe.prompt_template_encode_start_idx
-    stats, calls = check_pipeline_against_dense(kandinsky_pipe, PIPELINE_CALL, block_size=8)
-    records = stats.calls["transformer"]
-    # The pipeline passes the scheduler's timesteps as they are. Each step: the prompt's and the negative prompt's
-    # call (outside any `cache_context`: one branch), through both visual blocks.
-    assert Counter(r.step for r in records) == {step: 4 for step in range(3)}
-    assert all(r.sparse == (r.step > 0) for r in records)
-    assert all(r.density < 1 for r in records if r.sparse)
     # 9 frames, 64 x 64 pixels -> 3 latent frames of 8 x 8 (4x, 8x VAE) -> 4 x 4 patches (1 x 2 x 2).
-    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 4)}
+    check_pipeline_steps_and_layout(kandinsky_pipe, PIPELINE_CALL, VideoLayout(3, 4, 4))
+
+
+def source_image(size: tuple[int, int]):
+    """A small in-memory picture: a red disc on grey, `size` (width, height)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (128, 128, 128))
+    ImageDraw.Draw(image).ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(220, 30, 30))
+    return image
+
+
+# The pipelines that take or make images: the call beyond `PIPELINE_CALL`'s prompts, guidance and steps, and the
+# token grid of its latents (1 x 2 x 2 patches of the 8x VAE's latents; 4x in time for videos).
+IMAGE_PIPELINES = {
+    # 17 frames of 64 x 128 pixels, the image's latent as the first latent frame (marked on the `visual_cond` mask
+    # channel): 5 latent frames of 8 x 16 -> 4 x 8 patches. (Under 5 latent frames the pipeline's first-frame
+    # normalisation has no reference frame and makes NaN.)
+    "i2v": (Kandinsky5I2VPipeline, {"image": source_image((128, 64)), "num_frames": 17, "height": 64, "width": 128},
+            VideoLayout(5, 4, 8)),
+    # One frame of 128 x 256 pixels (height x width): latents 1 x 16 x 32 -> 1 x 8 x 16 patches.
+    "t2i": (Kandinsky5T2IPipeline, {"height": IMAGE_SIZE[1], "width": IMAGE_SIZE[0]}, VideoLayout(1, 8, 16)),
+    # The source image's size (no height / width given); its latent on the `visual_cond` channels, not as tokens:
+    # one frame still.
+    "i2i": (Kandinsky5I2IPipeline, {"image": source_image(IMAGE_SIZE)}, VideoLayout(1, 8, 16)),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_PIPELINES)
+def test_image_pipelines_with_cfg_dense_every_block_kept_and_sparse_after_the_dense_step(name):
+    pipeline_class, call, layout = IMAGE_PIPELINES[name]
+    pipe = tiny_kandinsky_pipeline(pipeline_class)
+    call = {key: PIPELINE_CALL[key] for key in ("prompt", "negative_prompt", "guidance_scale", "num_inference_steps",
+                                                 "output_type")} | call
+    check_pipeline_steps_and_layout(pipe, call, layout)
+
+
+def test_compare_reads_the_image_pipelines_output(tmp_path):
+    # Kandinsky 5's image pipelines name their output `image` (not `images`): `compare` scores it as one frame.
+    from diffsparse.cli import build_parser
+    from diffsparse.compare import run_compare
+
+    pipe = tiny_kandinsky_pipeline(Kandinsky5T2IPipeline)
+    args = build_parser().parse_args(["compare", "--height", str(IMAGE_SIZE[1]), "--width", str(IMAGE_SIZE[0]),
+                                      "--steps", "2", "--prompt", "a red circle", "--pattern", "window3d",
+                                      "--density", "0.3", "--block-size", "8", "--dense-steps", "1",
+                                      "--out", str(tmp_path)])
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)
+    result = run_compare(args, config, pipe=pipe)
+    assert result.frames == 1 and result.mean_attention_density < 1 and result.psnr_db > 0
