@@ -103,7 +103,6 @@ def run_pipeline(pipe, call: dict, config=None):
     """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or images; with `config` applied for the
     call, `(that output, the call's stats)`."""
     import diffsparse
-
     from diffsparse.compare import pipeline_outputs
 
     def output():
