@@ -7,6 +7,8 @@ transformer sets the call context (step, token layout) before each forward; proc
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 import weakref
 from collections import OrderedDict
@@ -69,11 +71,16 @@ class _Statistics:
 
 @dataclass(frozen=True)
 class _CachedPlan:
-    """A plan with the token permutation it was built for (`None` for the model's own order)."""
+    """A plan with the token permutation it was built for (`None` for the model's own order). Under a causal
+    frame-group mask whose groups do not fill whole blocks, one plan per group instead: `groups` holds
+    `(start, stop, plan)` for the group's queries `[start, stop)` attending the keys `[0, stop)` (in the kernel's
+    token order), and `plan` is `None`."""
 
-    plan: BlockSparsePlan
+    plan: BlockSparsePlan | None
     perm: torch.Tensor | None
     inverse: torch.Tensor | None
+    density: float  # kept blocks over all blocks of the whole sequence
+    groups: tuple[tuple[int, int, BlockSparsePlan], ...] = ()
 
 
 class _BranchState(BaseState):
@@ -155,8 +162,10 @@ class SparseRuntime:
         # valid lengths, HunyuanVideo and Mochi) each keep their own.
         self._statistics: dict[tuple[int, str, VideoLayout], _Statistics] = {}
         self._observers: list = []
-        # `FrameCausal(frames).whole_blocks` per (layout, frames): None where the kernel's blocks cannot carry it.
+        # Per (layout, frames per causal group): `FrameCausal(frames).whole_blocks` (None where the kernel's blocks
+        # cannot carry the mask), and the groups' token ranges (`_frame_groups`).
         self._causal_blocks: dict[tuple[VideoLayout, int], torch.Tensor | None] = {}
+        self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -226,33 +235,57 @@ class SparseRuntime:
         state = self._state()
         layout = state.layout
         key = (layout, frames)
-        if key not in self._causal_blocks:
-            blocks = self._frame_causal_blocks(layout, frames)
-            if blocks is None or self.config.correction is not None:
-                group = frames * layout.height * layout.width
+        first = key not in self._causal_blocks
+        whole = self._frame_causal_blocks(layout, frames) is not None
+        # Searched blocks are chosen on the whole sequence's blocks: they cannot be cut into groups.
+        grouped = not whole and not self._fits and self._frame_groups(layout, frames) is not None
+        if (whole or grouped) and self.config.correction is None:
+            state.frame_causal = frames
+            return True
+        if first:
+            group = frames * layout.height * layout.width
+            if whole or grouped:
+                why = f"SparseConfig.correction={self.config.correction!r} measures dense attention without the mask"
+            elif self._fits:
                 why = (
-                    f"SparseConfig.correction={self.config.correction!r} measures dense attention without the mask"
-                    if blocks is not None
-                    else f"its groups ({group} tokens each) do not fill whole kernel blocks of {self.block_sizes} "
-                    f"tokens in {self.order!r} order; frame-major order with block sizes dividing {group}, or tiles "
-                    f"of a frame count dividing {frames}, make them whole"
+                    f"{self.pattern!r} searches whole kernel blocks, which its groups ({group} tokens each) do not "
+                    f"fill at block sizes {self.block_sizes}; block sizes dividing {group} do"
                 )
-                warnings.warn(
-                    f"{self.name}: self-attention with a causal mask over groups of {frames} frames on {layout} runs "
-                    f"the original processor (dense): {why}",
-                    stacklevel=2,
+            else:
+                why = (
+                    f"the {self.order!r} order mixes the groups' tokens (tiles across group boundaries); tiles of "
+                    f"a frame count dividing {frames}, or frame-major order, keep them apart"
                 )
-        if self._causal_blocks[key] is None or self.config.correction is not None:
-            self.log_dense(layer)
-            return False
-        state.frame_causal = frames
-        return True
+            warnings.warn(
+                f"{self.name}: self-attention with a causal mask over groups of {frames} frames on {layout} runs the "
+                f"original processor (dense): {why}",
+                stacklevel=2,
+            )
+        self.log_dense(layer)
+        return False
 
     def _frame_causal_blocks(self, layout: VideoLayout, frames: int) -> torch.Tensor | None:
         key = (layout, frames)
         if key not in self._causal_blocks:
             self._causal_blocks[key] = FrameCausal(frames).whole_blocks(layout, self.block_sizes, order=self.order)
         return self._causal_blocks[key]
+
+    def _frame_groups(self, layout: VideoLayout, frames: int) -> tuple[tuple[int, int], ...] | None:
+        """`(start, stop)` of each causal group of `frames` frames in the kernel's token order, or `None` when the
+        order interleaves groups (or the sequence holds text): a group's queries then cannot attend a prefix."""
+        key = (layout, frames)
+        if key not in self._groups:
+            groups = None
+            if not layout.text_len:
+                position = torch.arange(layout.num_tokens)
+                if not isinstance(self.order, IdentityOrder):
+                    position = self.order.permutation(layout)
+                group = position // (layout.height * layout.width) // frames
+                if bool((group[1:] >= group[:-1]).all()):
+                    bounds = torch.searchsorted(group, torch.arange(int(group[-1]) + 2)).tolist()
+                    groups = tuple(itertools.pairwise(bounds))
+            self._groups[key] = groups
+        return self._groups[key]
 
     def _log(self, record: CallRecord) -> None:
         state = self._state()
@@ -318,6 +351,11 @@ class SparseRuntime:
         mode = self._mode(layer, query.shape, layout)
         if mode == "measure":
             out = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
+        elif cached.groups:
+            # Each causal group's queries attend every key up to the group's end: the mask, exactly.
+            out = torch.cat(
+                [self._attend(query[:, a:b], key[:, :b], value[:, :b], plan) for a, b, plan in cached.groups], dim=1
+            )
         else:
             out = self._attend(query, key, value, cached.plan)
             if self.config.correction is not None:
@@ -326,7 +364,7 @@ class SparseRuntime:
         if cached.perm is not None:
             out = out.index_select(1, cached.inverse)
         sparse = mode == "sparse"
-        density = cached.plan.density if sparse else 1.0
+        density = cached.density if sparse else 1.0
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
         self._log(record)
         for observer in self._observers:
@@ -384,7 +422,8 @@ class SparseRuntime:
 
         def build() -> _CachedPlan:
             mask = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
-            return _CachedPlan(make_plan(mask, plan.q_len, plan.kv_len, (plan.block_q, plan.block_k)), None, None)
+            dense = make_plan(mask, plan.q_len, plan.kv_len, (plan.block_q, plan.block_k))
+            return _CachedPlan(dense, None, None, dense.density)
 
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
@@ -459,32 +498,47 @@ class SparseRuntime:
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
     ) -> _CachedPlan:
-        allowed = None
-        if frame_causal:
-            allowed = self._frame_causal_blocks(layout, frame_causal)
-            if allowed is None:
-                raise ValueError(
-                    f"FrameCausal({frame_causal}) does not fill whole blocks of {self.block_sizes} on {layout}: "
-                    "the kernel cannot apply it (allow_frame_causal refuses such calls)"
-                )
-        masks = []
-        for pattern in patterns:
-            if self.config.density is not None:
-                pattern = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
-            mask = pattern.block_mask(layout, self.block_sizes, order=self.order)
-            if head_range is not None and mask.shape[0] == head_range[1] != heads:
-                # One mask per head of the model; a pattern fitted on these heads' own q, k has `heads` already.
-                mask = mask[head_range[0] : head_range[0] + heads]
-            if mask.shape[0] not in (1, heads):
-                raise ValueError(f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}")
-            if allowed is not None:
-                mask = mask & allowed
-            masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
+        if self.config.density is not None:
+            patterns = tuple(p.at_density(layout, self.config.density, self.block_sizes, order=self.order) for p in patterns)
+
+        def stacked(allowed=None, **tokens) -> torch.Tensor:
+            """The patterns' block masks (between the token ranges `q_tokens`, `k_tokens` when given)."""
+            masks = []
+            for pattern in patterns:
+                mask = pattern.block_mask(layout, self.block_sizes, order=self.order, **tokens)
+                if head_range is not None and mask.shape[0] == head_range[1] != heads:
+                    # One mask per head of the model; a pattern fitted on these heads' own q, k has `heads` already.
+                    mask = mask[head_range[0] : head_range[0] + heads]
+                if mask.shape[0] not in (1, heads):
+                    raise ValueError(
+                        f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}"
+                    )
+                if allowed is not None:
+                    mask = mask & allowed
+                masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
+            return torch.stack(masks).to(device)
+
         n = layout.num_tokens
-        plan = make_plan(torch.stack(masks).to(device), n, n, self.block_sizes)
-        if isinstance(self.order, IdentityOrder):
-            return _CachedPlan(plan, None, None)
-        return _CachedPlan(plan, self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))
+        perm = (None, None)
+        if not isinstance(self.order, IdentityOrder):
+            perm = (self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))
+        allowed = self._frame_causal_blocks(layout, frame_causal) if frame_causal else None
+        if not frame_causal or allowed is not None:
+            plan = make_plan(stacked(allowed), n, n, self.block_sizes)
+            return _CachedPlan(plan, *perm, plan.density)
+        groups = self._frame_groups(layout, frame_causal)
+        if groups is None:
+            raise ValueError(
+                f"FrameCausal({frame_causal}) on {layout} neither fills whole blocks of {self.block_sizes} nor keeps "
+                f"its groups apart in {self.order!r} order: allow_frame_causal refuses such calls"
+            )
+        parts = tuple(
+            (a, b, make_plan(stacked(q_tokens=(a, b), k_tokens=(0, b)), b - a, b, self.block_sizes, q_offset=a))
+            for a, b in groups
+        )
+        blocks = math.ceil(n / self.block_sizes[0]) * math.ceil(n / self.block_sizes[1])
+        density = sum(plan.density * plan.num_q_blocks * plan.num_kv_blocks for _, _, plan in parts) / blocks
+        return _CachedPlan(None, *perm, density, parts)
 
 
 class SparseContextHook(ModelHook):

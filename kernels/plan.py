@@ -69,19 +69,24 @@ class BlockSparsePlan:
         return self.block_mask.shape[-1]
 
 
-def diagonal_kv_blocks(num_q_blocks: int, block_q: int, block_k: int, num_kv_blocks: int, device=None):
-    """Key block holding each query block's first token, clamped for queries that run past the keys."""
-    first_token = torch.arange(num_q_blocks, device=device) * block_q
+def diagonal_kv_blocks(
+    num_q_blocks: int, block_q: int, block_k: int, num_kv_blocks: int, device=None, q_offset: int = 0
+):
+    """Key block holding each query block's first token (the queries starting at key position `q_offset`), clamped
+    for queries that run past the keys."""
+    first_token = q_offset + torch.arange(num_q_blocks, device=device) * block_q
     return torch.clamp(first_token // block_k, max=num_kv_blocks - 1)
 
 
-def make_plan(block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: BlockSize) -> BlockSparsePlan:
+def make_plan(
+    block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: BlockSize, q_offset: int = 0
+) -> BlockSparsePlan:
     r"""
     Compact a block mask into a [`BlockSparsePlan`].
 
     Every query block row always keeps its diagonal key block, the key block containing the row's first query
-    token (`min(i * block_q // block_k, nk - 1)`), so no row is empty and the log-sum-exp stays finite. The
-    returned plan's `block_mask` includes it. Cost and memory grow with the number of blocks, never with
+    token (`min((q_offset + i * block_q) // block_k, nk - 1)`), so no row is empty and the log-sum-exp stays
+    finite. The returned plan's `block_mask` includes it. Cost and memory grow with the number of blocks, never with
     tokens squared.
 
     Args:
@@ -90,6 +95,8 @@ def make_plan(block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: Blo
         q_len (`int`): Query sequence length in tokens; need not be a multiple of the block.
         kv_len (`int`): Key/value sequence length in tokens; need not be a multiple of the block.
         block_size (`int` or `Tuple[int, int]`): Block size, or `(block_q, block_k)`.
+        q_offset (`int`, *optional*, defaults to `0`): the first query's position among the keys, when the queries
+            are a later part of the key sequence (a group of queries attending the keys up to its end).
 
     Returns:
         [`BlockSparsePlan`]
@@ -124,7 +131,9 @@ def make_plan(block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: Blo
     if 0 in block_mask.shape[:2]:
         raise ValueError(f"block_mask batch and head dims must be >= 1, got shape={tuple(block_mask.shape)}")
 
-    diag = diagonal_kv_blocks(nq, block_q, block_k, nk, device=block_mask.device)
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset=}")
+    diag = diagonal_kv_blocks(nq, block_q, block_k, nk, device=block_mask.device, q_offset=q_offset)
     mask = block_mask.clone()  # the plan must not alias the caller's tensor
     mask[:, :, torch.arange(nq, device=mask.device), diag] = True
 

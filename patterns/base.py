@@ -91,12 +91,13 @@ def add_text_structure(mask: torch.Tensor, query_text: torch.Tensor, key_text: t
     return mask | query_text[:, None] | key_text[None, :]
 
 
-def _block_spans(layout: VideoLayout, block: int):
-    """Per block of `block` consecutive tokens: its video tokens as `[lo, hi)` in video numbering (empty when
-    `lo == hi`) and whether it holds a text token."""
+def _block_spans(layout: VideoLayout, block: int, tokens: tuple[int, int] | None = None):
+    """Per block of `block` consecutive tokens of the sequence, or of its part `tokens = (start, stop)`: its video
+    tokens as `[lo, hi)` in video numbering (empty when `lo == hi`) and whether it holds a text token."""
     n, v = layout.num_tokens, layout.num_video_tokens
-    start = torch.arange(0, n, block, dtype=torch.int64)
-    end = (start + block).clamp(max=n)
+    first, stop = (0, n) if tokens is None else tokens
+    start = torch.arange(first, stop, block, dtype=torch.int64)
+    end = (start + block).clamp(max=stop)
     lo = (start - layout.video_start).clamp(0, v)
     hi = (end - layout.video_start).clamp(0, v)
     text_lo, text_hi = layout.text_start, layout.text_start + layout.text_len
@@ -194,7 +195,12 @@ class Pattern(abc.ABC):
         )
 
     def block_mask(
-        self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None
+        self,
+        layout: VideoLayout,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+        q_tokens: tuple[int, int] | None = None,
+        k_tokens: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         r"""
         The block mask, built at block granularity (no `N x N` tensor).
@@ -205,10 +211,13 @@ class Pattern(abc.ABC):
             order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the
                 token order of the sequence the kernel sees. With an order, the mask is over the reordered
                 sequence: it equals `reduce_token_mask(token_mask(layout, order), block_size)`.
+            q_tokens, k_tokens (`tuple[int, int]`, *optional*): a part `(start, stop)` of the sequence (in that
+                order) as the queries, or the keys, blocks counted from its start: the mask of
+                `token_mask(...)[:, q0:q1, k0:k1]` (queries of one causal group attending the keys up to its end).
 
         Returns:
-            `torch.BoolTensor` of shape `(H or 1, ceil(N / block_q), ceil(N / block_k))` with
-            `N = layout.num_tokens`.
+            `torch.BoolTensor` of shape `(H or 1, ceil(Nq / block_q), ceil(Nk / block_k))` with `Nq`, `Nk` the
+            lengths of `q_tokens`, `k_tokens` (default: `N = layout.num_tokens` each).
 
         Example:
             >>> from diffsparse.patterns import Dense, TileOrder, VideoLayout
@@ -219,8 +228,17 @@ class Pattern(abc.ABC):
         """
         bq, bk = as_pair(block_size)
         order = as_order(order)
-        q_lo, q_hi, q_text = _block_spans(layout, bq)
-        k_lo, k_hi, k_text = _block_spans(layout, bk)
+        for name, span in (("q_tokens", q_tokens), ("k_tokens", k_tokens)):
+            if span is not None and not (
+                isinstance(span, tuple) and len(span) == 2 and all(type(x) is int for x in span)
+                and 0 <= span[0] < span[1] <= layout.num_tokens
+            ):
+                raise ValueError(
+                    f"{name} must be a (start, stop) pair of ints with 0 <= start < stop <= {layout.num_tokens} "
+                    f"(the layout's tokens), got {name}={span!r}"
+                )
+        q_lo, q_hi, q_text = _block_spans(layout, bq, q_tokens)
+        k_lo, k_hi, k_text = _block_spans(layout, bk, k_tokens)
         if isinstance(order, IdentityOrder):
             video = self._video_block_mask(layout, q_lo, q_hi, k_lo, k_hi)
         else:

@@ -123,6 +123,29 @@ def test_all_false_mask_keeps_only_the_diagonal_block():
             torch.testing.assert_close(out[:, :, rows], dense, rtol=0, atol=2e-5)
 
 
+def test_queries_of_a_later_part_keep_their_own_diagonal_block():
+    # Queries 40..99 of a 100-token sequence attending keys 0..99 (a causal group against the keys up to its end):
+    # each query block's diagonal is the key block holding its first token in the whole sequence.
+    q_offset, q_len, kv_len, bq, bk = 40, 60, 100, 16, 32
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    plan = make_plan(torch.zeros(1, 1, nq, nk, dtype=torch.bool), q_len, kv_len, (bq, bk), q_offset=q_offset)
+    diag = [(q_offset + i * bq) // bk for i in range(nq)]
+    assert diag == [1, 1, 2, 2]
+    expected_mask = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
+    expected_mask[0, 0, range(nq), diag] = True
+    assert torch.equal(plan.block_mask, expected_mask)
+    q, k, v = _inputs(1, 2, kv_len, kv_len)
+    for backend in CPU_BACKENDS:
+        out = block_sparse_attention(q[:, :, q_offset:], k, v, plan, backend=backend)
+        for i, j in enumerate(diag):
+            rows, cols = slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk)
+            dense = F.scaled_dot_product_attention(q[:, :, q_offset:][:, :, rows], k[:, :, cols], v[:, :, cols])
+            torch.testing.assert_close(out[:, :, rows], dense, rtol=0, atol=2e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="q_offset must be an int >= 0"):
+            make_plan(torch.zeros(1, 1, nq, nk, dtype=torch.bool), q_len, kv_len, (bq, bk), q_offset=bad)
+
+
 def test_single_key_block_row_and_full_row():
     q_len = kv_len = 96
     mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)

@@ -567,6 +567,30 @@ def test_frame_sink_block_mask_is_the_token_reduction_and_composes(order, text):
         FrameSink(frames=0)
 
 
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize(
+    "layout", [VideoLayout(6, 4, 6), VideoLayout(5, 3, 5, text_len=7), VideoLayout(4, 4, 4, text_len=5, text_position="start")]
+)
+def test_block_masks_between_token_ranges_are_the_token_reduction_of_those_ranges(layout, order):
+    # A causal group's queries against the keys up to its end: the same rule on a part of the sequence, blocks
+    # counted from the part's start.
+    from diffsparse.patterns import FrameSink, SpatialTemporal
+
+    n = layout.num_tokens
+    patterns = [Radial(decay=0.3, min_window=8), Window3D((1, 3, 3)), SpatialTemporal(),
+                Window3D((1, 2, 2)) | FrameSink(), Radial(decay=0.5, min_window=8) & Window3D((3, 5, 5)), Dense()]
+    for pattern in patterns:
+        token = pattern.token_mask(layout, order)
+        for q_tokens, k_tokens in (((48, n), (0, n)), ((20, n), (0, n)), ((0, 40), (0, 40)), ((33, 60), (5, n - 3))):
+            for block_size in (8, 16, (8, 24)):
+                found = pattern.block_mask(layout, block_size, order, q_tokens=q_tokens, k_tokens=k_tokens)
+                expected = reduce_token_mask(token[:, slice(*q_tokens), slice(*k_tokens)], block_size)
+                assert torch.equal(found, expected), (pattern, q_tokens, k_tokens, block_size)
+    for bad in ((0, n + 1), (5, 5), (-1, 4), [0, 4], (0.0, 4)):
+        with pytest.raises(ValueError, match="q_tokens must be a"):
+            Dense().block_mask(layout, 16, q_tokens=bad)
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2)), TileOrder((2, 2, 3))])
 @pytest.mark.parametrize("block_size", [8, 12, (8, 24), 16])
 def test_frame_causal_block_mask_and_whole_blocks_follow_the_token_mask(order, block_size):

@@ -81,37 +81,49 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, per_
     assert stats.mean_density < 1 and not torch.allclose(sparse, reference, atol=1e-4)
 
 
-@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
-def test_causal_frame_blocks_run_sparse_where_the_blocks_fill_the_groups(order):
-    # Asynchronous diffusion forcing: a causal mask over groups of 2 frames (2 x 24 = 48 tokens, 3 blocks of 16) on
-    # every self-attention call. Without the mask the same weights give another output, so a sparse path that
-    # attended the later group's blocks could not match.
+@pytest.mark.parametrize(
+    "order, block_size, density",
+    [
+        # Groups of 2 frames (2 x 24 = 48 tokens) fill whole blocks of 16 in either order: the later group's blocks
+        # are skipped; the first group's 3 query blocks see 3 key blocks, the second's all 6.
+        (None, 16, 27 / 36),
+        (TileOrder((1, 2, 2)), 16, 27 / 36),
+        # Blocks across the groups' boundary: each group's queries attend the keys up to the group's end, as its
+        # own kernel call (key blocks of 32: 3 x 2 + 3 x 3 blocks of the whole sequence's 6 x 3).
+        (None, (16, 32), 15 / 18),
+        (None, 20, 24 / 25),  # 3 x 3 + 3 x 5 of 5 x 5: the partial blocks at the boundary count whole
+        (TileOrder((1, 2, 2)), 20, 24 / 25),  # tiles of one frame keep the groups apart
+    ],
+)
+def test_causal_frame_blocks_run_sparse_and_exact(order, block_size, density):
+    # Asynchronous diffusion forcing: a causal mask over groups of 2 frames on every self-attention call. Without the
+    # mask the same weights give another output, so a sparse path that attended a later group's keys could not match.
     model = tiny_transformer(frames_per_block=2)
     reference, _ = run(model, per_frame=True)
     unmasked, _ = run(tiny_transformer(), per_frame=True)
     assert not torch.allclose(unmasked, reference, atol=1e-3)
     dense, _ = run(model, diffsparse.SparseConfig(pattern="dense", dense_steps=0), per_frame=True)
     assert torch.equal(dense, reference)
-    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=block_size, dense_steps=0, order=order)
     out, stats = run(model, every_block, per_frame=True)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
-    # Blocks the mask allows: the first group's 3 query blocks see 3 key blocks, the second's all 6.
-    assert [(s.dense_calls, s.sparse_calls, s.mean_density) for s in stats.layers] == [(0, 1, 27 / 36)] * 2
-    window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0, order=order)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1)] * 2
+    assert [s.mean_density for s in stats.layers] == pytest.approx([density] * 2)
+    window = dataclasses.replace(every_block, pattern=Window3D(window=(1, 1, 1)))
     sparse, stats = run(model, window, per_frame=True)
-    assert stats.sparse_density < 27 / 36 and not torch.allclose(sparse, reference, atol=1e-4)
+    assert stats.sparse_density < density and not torch.allclose(sparse, reference, atol=1e-4)
 
 
 @pytest.mark.parametrize(
     "config, reason",
     [
-        (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=32, dense_steps=0), "block sizes dividing 48"),
         (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=TileOrder((4, 2, 2))),
-         "tiles of a frame count dividing 2"),  # tiles of 4 frames straddle the groups' boundary
+         "tiles of a frame count dividing 2"),  # tiles of 4 frames hold both groups' tokens
         (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, correction="residual"),
          "correction='residual'"),
+        (diffsparse.SparseConfig(pattern="searched", block_size=32, dense_steps=0), "block sizes dividing 48"),
     ],
-    ids=["blocks across groups", "tiles across groups", "correction"],
+    ids=["tiles across groups", "correction", "searched across groups"],
 )
 def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_warning(config, reason):
     model = tiny_transformer(frames_per_block=2)
@@ -270,9 +282,13 @@ def test_causal_frame_blocks_in_a_pipeline():
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, len(seen))] * layers
     sparse, stats = run_pipeline(pipe, call, FIRST_FIFTH_DENSE)
     assert stats.sparse_density < 27 / 36 and not torch.allclose(sparse, reference, atol=1e-4)
-    # Blocks of 32 straddle the groups: the original processor, every call.
-    with pytest.warns(UserWarning, match="block sizes dividing 48"):
-        out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, block_size=32))
+    # Blocks of 32 straddle the groups: each group's queries against the keys up to its end, exact too.
+    out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, block_size=32))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert all(s.dense_calls == 0 for s in stats.layers)
+    # Tiles of 4 frames mix the groups: the original processor, every call.
+    with pytest.warns(UserWarning, match="tiles of a frame count dividing 2"):
+        out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, order=TileOrder((4, 2, 2))))
     assert torch.equal(out, reference) and all(s.sparse_calls == 0 for s in stats.layers)
     # diffusers keeps `causal_block_size` in the transformer's config: a later call that does not give it, a
     # synchronous one too, carries the mask.
