@@ -20,7 +20,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import FrameCausal, IdentityOrder, Pattern, VideoLayout
+from .patterns import DenseQueryFrames, FrameCausal, IdentityOrder, Pattern, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -95,6 +95,9 @@ class _BranchState(BaseState):
         self.layout: VideoLayout | None = None
         # Frames per causal group when the call's self-attention carries `FrameCausal`'s mask (`allow_frame_causal`).
         self.frame_causal: int = 0
+        # With one timestep per frame (diffusion forcing, `begin_call`'s `frame_steps`): the frames still in their
+        # own dense steps; `None`: the call's step decides for all.
+        self.dense_frames: tuple[int, ...] | None = None
         self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
         # When the model's tokens are not in the layout's order: (layout index of each model token, its inverse).
         self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -115,6 +118,17 @@ class StepClock:
         self._timesteps_ref = None
         self._last_t: float | None = None
         self._step = -1
+
+    def frame_steps(self, timestep: torch.Tensor, frames: int) -> tuple[int, ...] | None:
+        """Each frame's own step, for a call whose `timestep` is one per frame (`(B, frames)`, equal over the batch)
+        on a scheduler's timesteps (after `tick`); `None` otherwise."""
+        grid = getattr(self, "_grid", None)
+        if grid is None or self._timesteps_ref is None or timestep.ndim != 2 or timestep.shape[1] != frames:
+            return None
+        per_frame = timestep.detach().float().cpu()
+        if not bool((per_frame == per_frame[:1]).all()):
+            return None
+        return tuple(torch.argmin((grid[None, :] - per_frame[0, :, None]).abs(), dim=1).tolist())
 
     def tick(self, timestep: torch.Tensor) -> tuple[int, int | None, bool]:
         """Returns `(step, num_steps, new_run)` for a call at `timestep`."""
@@ -172,11 +186,21 @@ class SparseRuntime:
         return self.state_manager.get_state()
 
     def begin_call(
-        self, layout: VideoLayout, step: int, num_steps: int | None, token_order: torch.Tensor | None = None
+        self,
+        layout: VideoLayout,
+        step: int,
+        num_steps: int | None,
+        token_order: torch.Tensor | None = None,
+        frame_steps: tuple[int, ...] | None = None,
     ) -> None:
         """`token_order`: when the model's tokens are not in the layout's order, each one's index in the layout
         (a permutation of `range(layout.num_tokens)`); `attention` then gathers them into the layout's order and
-        returns its output in the model's."""
+        returns its output in the model's.
+
+        `frame_steps`: each frame's own step, when the frames are at different noise levels (diffusion forcing) and
+        the adapter schedules them apart (`ModelAdapter.per_frame_steps`): the queries of the frames in their dense
+        steps attend every key, the others the pattern's; the call is dense when every frame is. Without it (or
+        with `SparseConfig.correction`, whose statistics are per call) `step` decides for the whole call."""
         if token_order is not None and token_order.shape != (layout.num_tokens,):
             raise ValueError(
                 f"token_order must hold one layout index per token of {layout} ({layout.num_tokens}), got shape "
@@ -185,6 +209,9 @@ class SparseRuntime:
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
         state.frame_causal = 0
+        state.dense_frames = None
+        if frame_steps is not None and self.config.correction is None:
+            state.dense_frames = tuple(f for f, s in enumerate(frame_steps) if self.config.is_dense_step(s, num_steps))
         state.read_once = None
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
 
@@ -287,9 +314,15 @@ class SparseRuntime:
             self._groups[key] = groups
         return self._groups[key]
 
+    def _dense_step(self, state: _BranchState) -> bool:
+        """Whether the call is in a dense step of the schedule: its step's, or every frame's own (`frame_steps`)."""
+        if state.dense_frames is not None:
+            return len(state.dense_frames) == state.layout.frames
+        return self.config.is_dense_step(state.step, state.num_steps)
+
     def _log(self, record: CallRecord) -> None:
         state = self._state()
-        record.dense_step = state.layout is not None and self.config.is_dense_step(state.step, state.num_steps)
+        record.dense_step = state.layout is not None and self._dense_step(state)
         self.records.append(record)
         tally(self.totals, record)
 
@@ -305,7 +338,7 @@ class SparseRuntime:
         layout = state.layout if layout is None else layout
         if self._always_dense or state.layout is None or self.config.is_dense_layer(layer):
             return "dense"
-        if self.config.is_dense_step(state.step, state.num_steps):
+        if self._dense_step(state):
             return "measure" if self.config.is_measure_step(state.step, state.num_steps) else "dense"
         if self.config.correction is None:
             return "sparse"
@@ -344,7 +377,9 @@ class SparseRuntime:
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
         pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
-        cached = self.plan(layout, query.shape[2], query.device, pattern, heads, state.frame_causal)
+        cached = self.plan(
+            layout, query.shape[2], query.device, pattern, heads, state.frame_causal, state.dense_frames or ()
+        )
         inputs = (query, key, value)
         if cached.perm is not None:
             query, key, value = (x.index_select(1, cached.perm) for x in inputs)
@@ -463,6 +498,7 @@ class SparseRuntime:
         pattern: Pattern | tuple[Pattern, ...] | None = None,
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
+        dense_frames: tuple[int, ...] = (),
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
@@ -470,12 +506,12 @@ class SparseRuntime:
         patterns), whose masks then stack along the plan's batch dim (a 1-tuple serves every video).
         `head_range`: `(first head, the model's heads)` when the `heads` attended are a slice of the model's.
         `frame_causal`: frames per group of a `FrameCausal` mask the plan keeps only the allowed blocks of
-        (`allow_frame_causal`); `0`: none.
+        (`allow_frame_causal`); `0`: none. `dense_frames`: frames whose queries keep every key (`begin_call`).
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
         return self._cached(
-            (patterns, layout, heads, head_range, frame_causal, str(device)),
-            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal),
+            (patterns, layout, heads, head_range, frame_causal, dense_frames, str(device)),
+            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal, dense_frames),
         )
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
@@ -497,12 +533,16 @@ class SparseRuntime:
         device: torch.device,
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
+        dense_frames: tuple[int, ...] = (),
     ) -> _CachedPlan:
         if self.config.density is not None:
             patterns = tuple(p.at_density(layout, self.config.density, self.block_sizes, order=self.order) for p in patterns)
 
+        rows = DenseQueryFrames(dense_frames) if dense_frames else None
+
         def stacked(allowed=None, **tokens) -> torch.Tensor:
-            """The patterns' block masks (between the token ranges `q_tokens`, `k_tokens` when given)."""
+            """The patterns' block masks (between the token ranges `q_tokens`, `k_tokens` when given), the rows of
+            `dense_frames` whole."""
             masks = []
             for pattern in patterns:
                 mask = pattern.block_mask(layout, self.block_sizes, order=self.order, **tokens)
@@ -513,6 +553,8 @@ class SparseRuntime:
                     raise ValueError(
                         f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}"
                     )
+                if rows is not None:
+                    mask = mask | rows.block_mask(layout, self.block_sizes, order=self.order, **tokens)
                 if allowed is not None:
                     mask = mask & allowed
                 masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
@@ -547,15 +589,18 @@ class SparseContextHook(ModelHook):
     `read_call(module, args, kwargs) -> (layout, timestep)` or `(layout, timestep, token_order)` is the model
     adapter's knowledge of where the latent grid and the timestep are in the transformer's inputs (and, when its
     tokens are not in the layout's order, where each one is in the layout: `SparseRuntime.begin_call`).
+    `per_frame_steps`: a call with one timestep per frame gives the runtime each frame's step
+    (`ModelAdapter.per_frame_steps`).
     """
 
     _is_stateful = True
 
-    def __init__(self, runtime: SparseRuntime, clock: StepClock, read_call, on_new_run):
+    def __init__(self, runtime: SparseRuntime, clock: StepClock, read_call, on_new_run, per_frame_steps=False):
         super().__init__()
         self.runtime = runtime
         self.state_manager = runtime.state_manager
         self._clock = clock
+        self._per_frame_steps = per_frame_steps
         self._read_call = read_call
         self._on_new_run = on_new_run
         self._own_context = False
@@ -573,7 +618,10 @@ class SparseContextHook(ModelHook):
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
             self._on_new_run()
-        self.runtime.begin_call(layout, step, num_steps, *token_order)
+        frame_steps = None
+        if self._per_frame_steps and layout is not None:
+            frame_steps = self._clock.frame_steps(timestep, layout.frames)
+        self.runtime.begin_call(layout, step, num_steps, *token_order, frame_steps=frame_steps)
         return args, kwargs
 
     @torch.compiler.disable

@@ -9,7 +9,7 @@ from .ordering import Boxes, IdentityOrder, TileOrder, TokenOrder, permute, unpe
 from .radial import Radial
 from .registry import PATTERNS, get_pattern
 from .searched import Searched
-from .sink import FrameSink
+from .sink import DenseQueryFrames, FrameSink
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
 
@@ -17,6 +17,7 @@ __all__ = [
     "PATTERNS",
     "Boxes",
     "Dense",
+    "DenseQueryFrames",
     "FrameCausal",
     "FrameSink",
     "IdentityOrder",

@@ -51,3 +51,60 @@ class FrameSink(Pattern):
 
     def _box_all(self, layout, q, k):
         return self._keys_in_sink(q, k, k.t1)  # the key box lies inside the sink frames
+
+
+@dataclass(frozen=True, repr=False)
+class DenseQueryFrames(Pattern):
+    r"""
+    Every query of the given frames attends to every key (name `"dense_query_frames"`): the transpose of
+    [`FrameSink`]. The runtime adds it to the configured pattern for the frames of a diffusion-forcing call that
+    are still in their own dense early steps (SkyReels-V2: each frame at its own noise level).
+
+    Args:
+        frames (`tuple[int, ...]`): frame indices whose queries are dense.
+
+    Example:
+        >>> from diffsparse.patterns import DenseQueryFrames, VideoLayout
+        >>> DenseQueryFrames(frames=(1,)).block_mask(VideoLayout(frames=3, height=2, width=4), 8)[0].int()
+        tensor([[0, 0, 0],
+                [1, 1, 1],
+                [0, 0, 0]], dtype=torch.int32)
+    """
+
+    frames: tuple[int, ...] = ()
+    name = "dense_query_frames"
+
+    def __post_init__(self):
+        frames = self.frames
+        if not isinstance(frames, tuple) or any(type(f) is not int or f < 0 for f in frames):
+            raise ValueError(f"DenseQueryFrames.frames must be a tuple of frame indices >= 0, got frames={frames!r}")
+
+    def __repr__(self) -> str:
+        return f"{self.name}(frames={self.frames})"
+
+    def _flags(self, layout) -> torch.Tensor:
+        """Per frame 0 .. F: how many of the frames before it are dense (a prefix count, so any box of frames
+        is answered by one subtraction)."""
+        dense = torch.zeros(layout.frames + 1, dtype=torch.int64)
+        dense[1:][[f for f in self.frames if f < layout.frames]] = 1
+        return dense.cumsum(0)
+
+    def _video_token_mask(self, layout):
+        frame = layout.video_coordinates()[0]
+        v = layout.num_video_tokens
+        dense = torch.zeros(layout.frames, dtype=torch.bool)
+        dense[[f for f in self.frames if f < layout.frames]] = True
+        return dense[frame][None, :, None].expand(1, v, v).clone()
+
+    def _dense_frames_in(self, layout, q, k):
+        count = self._flags(layout)
+        shape = torch.broadcast_shapes(q.t0.shape, k.t0.shape)
+        return (count[q.t1 + 1] - count[q.t0]).expand(shape), (q.t1 - q.t0 + 1).expand(shape)
+
+    def _box_any(self, layout, q, k):
+        dense, _ = self._dense_frames_in(layout, q, k)
+        return (dense > 0).unsqueeze(0)
+
+    def _box_all(self, layout, q, k):
+        dense, frames = self._dense_frames_in(layout, q, k)
+        return (dense == frames).unsqueeze(0)

@@ -167,6 +167,9 @@ class ModelAdapter(ABC):
     # The transformer gets the timestep on another scale than the scheduler's timesteps (Cosmos): applied to a
     # pipeline, the step clock reads the pipeline's `_current_timestep` instead of `read_call`'s timestep.
     timestep_from_pipeline: bool = False
+    # The transformer may get one timestep per latent frame, each frame at its own noise level (diffusion forcing):
+    # applied to a pipeline, each frame follows the dense-step schedule on its own step (`SparseRuntime.begin_call`).
+    per_frame_steps: bool = False
 
     def self_attention_modules(self, transformer: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         """`(layer index, attention module)` for every self-attention that may become sparse: the blocks of

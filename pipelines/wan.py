@@ -159,12 +159,12 @@ class WanAnimateAdapter(WanAdapter):
 
 class SkyReelsV2Adapter(WanAdapter):
     """SkyReels-V2 (Wan 2.1's architecture, trained for diffusion forcing): timesteps may be one per frame (the
-    step is the largest); in asynchronous diffusion forcing (`causal_block_size > 1`) every self-attention call
-    carries a causal frame-block mask, applied by skipping the masked blocks where the kernel's blocks fill the
-    causal groups (block sizes dividing a group's tokens), else the call runs the original processor, logged as
-    dense."""
+    call's step is the largest; each frame follows the dense-step schedule on its own step: `per_frame_steps`); in
+    asynchronous diffusion forcing (`causal_block_size > 1`) every self-attention call carries a causal frame-block
+    mask, which the sparse path applies exactly (`SparseRuntime.allow_frame_causal`)."""
 
     transformer_classes = (SkyReelsV2Transformer3DModel,)
+    per_frame_steps = True
     family = "SkyReels-V2"
     original_processor = SkyReelsV2AttnProcessor
     sparse_processor = SkyReelsV2SparseAttnProcessor

@@ -242,29 +242,62 @@ def asynchronous_steps(new_frames: int, ar_step: int, num_steps: int) -> list[in
     return [0] * ((new_frames - 1) * ar_step) + list(range(num_steps))
 
 
-def test_asynchronous_diffusion_forcing_stays_on_step_0_until_the_last_frame_starts():
+def dense_frames(timestep: torch.Tensor, scheduler, dense_steps: int) -> tuple[int, ...]:
+    """The frames of a call whose own step (their timestep's place in the scheduler's) is among the first
+    `dense_steps`."""
+    steps = torch.argmin((scheduler.timesteps.float()[None, :] - timestep[0].float()[:, None]).abs(), dim=1)
+    return tuple(int(f) for f in torch.nonzero(steps < dense_steps).flatten())
+
+
+def test_asynchronous_diffusion_forcing_schedules_each_frame_on_its_own_step():
     pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
     ar_step, num_steps = 2, 10
-    # No causal mask (`causal_block_size=1`, the transformer's own): the calls can go sparse.
+    # No causal mask (`causal_block_size=1`, the transformer's own).
     call = {**CALL, "num_inference_steps": num_steps, "ar_step": ar_step, "causal_block_size": 1}
     check_pipeline_against_dense(pipe, call, sparse=FIRST_FIFTH_DENSE)
-    with transformer_timesteps(pipe) as seen:
-        _, stats = run_pipeline(pipe, call, FIRST_FIFTH_DENSE)
-    records = layer_0(stats)
-    assert len(seen) == len(records)
-    # Staggered: each frame at most as noisy as the next, the call logged at its noisiest frame's step.
-    assert any(len(timestep.unique()) > 1 for timestep in seen)
-    for record, timestep in zip(records, seen):
-        assert torch.all(timestep[:, :-1] <= timestep[:, 1:])
-        assert timestep.max() == pipe.scheduler.timesteps[record.step]
-    steps = asynchronous_steps(FRAMES, ar_step, num_steps)
-    assert [(r.step, r.branch) for r in records] == [(step, branch) for step in steps for branch in BRANCHES]
-    # What `dense_steps=0.2` means here: every row whose noisiest frame is in its first fifth of the steps, i.e. the
-    # staggered start plus the last frame's first fifth -- over half the rows (10 of 18), not the fifth a user would
-    # expect (each frame does get its own first fifth dense). Pinned as it is: see the module docstring.
-    dense_rows = (FRAMES - 1) * ar_step + resolve_step_count(0.2, num_steps)
-    assert [r.sparse for r in records] == [i >= dense_rows for i in range(len(steps)) for _ in BRANCHES]
-    assert dense_rows > 2 * resolve_step_count(0.2, len(steps))
+    heads = pipe.transformer.config.num_attention_heads
+    with torch.no_grad(), transformer_timesteps(pipe) as seen, diffsparse.sparse(pipe, FIRST_FIFTH_DENSE) as handle:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        records = layer_0(handle.stats())
+        runtime = handle.runtimes["transformer"]
+        assert len(seen) == len(records)
+        # Staggered: each frame at most as noisy as the next; the call is logged at its noisiest frame's step.
+        assert any(len(timestep.unique()) > 1 for timestep in seen)
+        for record, timestep in zip(records, seen):
+            assert torch.all(timestep[:, :-1] <= timestep[:, 1:])
+            assert timestep.max() == pipe.scheduler.timesteps[record.step]
+        steps = asynchronous_steps(FRAMES, ar_step, num_steps)
+        assert [(r.step, r.branch) for r in records] == [(step, branch) for step in steps for branch in BRANCHES]
+        # `dense_steps=0.2` per frame: the queries of the frames in their own first fifth of the steps (frames not
+        # yet started sit at step 0's noise level) attend every key, the others the pattern's blocks; a call is
+        # dense only when every frame is. So 2 of the 18 rows are dense (the first frame's first fifth), where the
+        # noisiest frame's step would have kept 10 dense.
+        first_fifth = resolve_step_count(0.2, num_steps)
+        plain = runtime.plan(LAYOUT, heads, torch.device("cpu")).density
+        expected = []
+        for timestep in seen:
+            frames = dense_frames(timestep, pipe.scheduler, first_fifth)
+            if len(frames) == FRAMES:
+                expected.append((False, 1.0))
+            else:
+                expected.append((True, runtime.plan(LAYOUT, heads, torch.device("cpu"), dense_frames=frames).density))
+    assert [(r.sparse, r.density) for r in records] == expected
+    assert sum(not r.sparse for r in records) == first_fifth * len(BRANCHES)
+    # Calls with frames still early carry their dense rows: more blocks than the pattern alone.
+    assert any(sparse and density > plain for sparse, density in expected)
+    assert any(sparse and density == plain for sparse, density in expected)
+
+
+def test_a_frame_in_its_dense_steps_keeps_every_key():
+    # The plan of a call whose frames 3 and 4 are early: every query block holding a token of theirs keeps every
+    # key block (blocks of 16 over frames of 24 tokens).
+    config = dataclasses.replace(FIRST_FIFTH_DENSE, dense_steps=1)
+    runtime = diffsparse.apply(tiny_transformer(), config).runtimes["transformer"]
+    plan = runtime.plan(LAYOUT, 2, torch.device("cpu"), dense_frames=(3, 4)).plan
+    per_frame = LAYOUT.height * LAYOUT.width
+    for block, row in enumerate(plan.block_mask[0, 0]):
+        frames = {t // per_frame for t in range(block * 16, min((block + 1) * 16, LAYOUT.num_tokens))}
+        assert bool(row.all()) == bool(frames & {3, 4}), block
 
 
 def test_causal_frame_blocks_in_a_pipeline():
@@ -316,6 +349,13 @@ def test_long_video_chunks_each_restart_the_steps_in_one_call_log(ar_step):
     # every chunk, and each chunk starts over at step 0 (asynchronous: its new frames staggered as in a short video).
     steps = [step for n in new_frames for step in asynchronous_steps(n, ar_step, num_steps)]
     assert [(r.step, r.branch) for r in layer_0(stats)] == [(step, branch) for step in steps for branch in BRANCHES]
-    assert [r.sparse for r in layer_0(stats)] == [
-        step >= resolve_step_count(0.2, num_steps) for step in steps for _ in BRANCHES
-    ]
+    # Each frame on its own step: the later chunks' history (finished, timestep 0) is never early, so their calls
+    # are never wholly dense, their new frames' rows dense while those are early.
+    with transformer_timesteps(pipe) as seen:
+        _, stats = run_pipeline(pipe, call, FIRST_FIFTH_DENSE)
+    first_fifth = resolve_step_count(0.2, num_steps)
+    wholly_dense = [len(dense_frames(t, pipe.scheduler, first_fifth)) == t.shape[1] for t in seen]
+    assert [r.sparse for r in layer_0(stats)] == [not dense for dense in wholly_dense]
+    first_chunk_rows = len(asynchronous_steps(new_frames[0], ar_step, num_steps)) * len(BRANCHES)
+    assert sum(wholly_dense[:first_chunk_rows]) == first_fifth * len(BRANCHES)
+    assert not any(wholly_dense[first_chunk_rows:])
