@@ -1,6 +1,8 @@
 """`diffsparse bench attention`: dense SDPA vs block-sparse attention, same tensors, same process;
 `diffsparse bench pipeline`: one video generated dense and sparse, end to end, same pipeline, same process;
-`diffsparse bench search`: one search of a data-dependent pattern against one dense attention call, same tensors.
+`diffsparse bench search`: one search of a data-dependent pattern against one dense attention call, same tensors;
+`diffsparse bench causal`: SDPA under a causal frame-group mask (SkyReels-V2's asynchronous diffusion forcing) vs the
+runtime's sparse path under the same mask, same tensors.
 
 Runs are interleaved (dense, sparse, dense, sparse, ...) and medians reported, so machine noise hits both
 alike. Efficiency = speedup x density: 1.0 means the sparse kernel reaches the 1/density bound.
@@ -285,6 +287,85 @@ def run_search_bench(args) -> dict:
           f"{result['dense_calls_per_search']:.3g} dense calls")
     _write_json(result, args.out, "bench_search.json")
     return result
+
+
+def run_causal_bench(args) -> list[dict]:
+    r"""
+    Self-attention under a causal mask over groups of `args.causal_frames` frames of the token grid (the mask
+    SkyReels-V2's transformer gives every call in asynchronous diffusion forcing): dense SDPA with that boolean
+    mask (what the original processor runs) against `SparseRuntime.attention` on the same tensors, with the
+    pattern solved for each of `args.density` and the mask applied by skipping the later groups' blocks (blocks
+    that fill the groups) or group by group (blocks across them). Interleaved `args.repeats` pairs after one
+    untimed run of each; medians. Writes `bench_causal.json` into `args.out`.
+    """
+    import warnings
+
+    from diffusers.hooks.hooks import CacheContext
+
+    from .config import SparseConfig
+    from .patterns import FrameCausal, VideoLayout
+    from .runtime import SparseRuntime
+
+    _check_repeats(args.repeats, "timed dense/sparse pairs")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    layout = VideoLayout(args.frames, args.height, args.width)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (1, layout.num_tokens, args.heads, args.dim)
+    q, k, v = (torch.randn(*shape, generator=generator).to(device, dtype) for _ in range(3))
+    mask = FrameCausal(args.causal_frames).token_mask(layout).to(device)[None]
+
+    def dense():
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask)
+
+    rows = []
+    for density in tqdm(args.density, desc="densities"):
+        config = SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size, dense_steps=0,
+                              backend=args.backend)
+        runtime = SparseRuntime(config, "bench")
+        runtime.state_manager.set_context(CacheContext("bench"))
+        runtime.begin_call(layout, step=0, num_steps=1)
+        with warnings.catch_warnings(record=True) as refused:
+            warnings.simplefilter("always")
+            if not runtime.allow_frame_causal(0, args.causal_frames):
+                raise ValueError(f"the sparse path cannot apply this mask: {refused[-1].message}")
+        path = "whole blocks" if runtime._frame_causal_blocks(layout, args.causal_frames) is not None else "per group"
+
+        def sparse(runtime=runtime):
+            return runtime.attention(0, q, k, v)
+
+        dense(), sparse()  # warm-up: plans, the compiled CPU kernel
+        pairs = [(_time_ms(dense, device), _time_ms(sparse, device)) for _ in range(args.repeats)]
+        dense_ms = statistics.median(d for d, _ in pairs)
+        sparse_ms = statistics.median(s for _, s in pairs)
+        measured = runtime.records[-1].density
+        rows.append({"target_density": density, "density": measured, "path": path, "dense_ms": dense_ms,
+                     "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+                     "efficiency": dense_ms / sparse_ms * measured})
+    result = {
+        "layout": f"{args.frames}x{args.height}x{args.width}",
+        "tokens": layout.num_tokens,
+        "causal_frames": args.causal_frames,
+        "group_tokens": args.causal_frames * args.height * args.width,
+        "pattern": args.pattern,
+        "block_size": args.block_size,
+        "heads": args.heads,
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "device": _device_label(args.device),
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    print(f"{args.pattern} under a causal mask over groups of {args.causal_frames} frames "
+          f"({result['group_tokens']} tokens) on {layout.num_tokens} tokens ({result['layout']}), block "
+          f"{args.block_size}, {args.heads} heads x {args.dim}, {args.dtype}, {result['device']}; dense: SDPA with the "
+          "boolean mask")
+    print("| target density | measured density | path | dense ms | sparse ms | speedup | efficiency |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['target_density']} | {r['density']:.3f} | {r['path']} | {r['dense_ms']:.1f} | "
+              f"{r['sparse_ms']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |")
+    _write_json(result, args.out, "bench_causal.json")
+    return rows
 
 
 def run_pipeline_bench(args, config) -> dict:

@@ -336,6 +336,16 @@ def _add_bench(sub) -> None:
     s.add_argument("--pattern", default="searched", help=PATTERN_HELP)
     s.add_argument("--density", type=float, default=0.25, help="target block density the pattern is searched for")
     s.add_argument("--out", default="outputs", help="folder for bench_search.json")
+    c = bench.add_parser("causal", help="SDPA under a causal frame-group mask vs the sparse path under it",
+                         formatter_class=defaults)
+    _add_token_grid(c)
+    _add_kernel_run(c, dim=64, dtype="fp32", repeats=5)
+    # Groups of 2 frames of 25 x 38 tokens: 1900 tokens, no multiple of 64, so the per-group path.
+    c.set_defaults(frames=8, height=25, width=38, block_size=64, heads=4)
+    c.add_argument("--causal-frames", type=int, default=2, help="frames per causal group (causal_block_size)")
+    c.add_argument("--pattern", default="radial", help=PATTERN_HELP)
+    c.add_argument("--density", type=_comma_list(float, "densities"), default=[0.25, 0.5], help="comma-separated target block densities")
+    c.add_argument("--out", default="outputs", help="folder for bench_causal.json")
     e = bench.add_parser("pipeline", help="one video dense and sparse, end to end, interleaved runs (medians)",
                          formatter_class=defaults)
     _add_model_and_video(e)
@@ -361,6 +371,11 @@ def _run_bench(args) -> None:
         from .bench import run_search_bench
 
         run_search_bench(args)
+        return
+    if args.bench == "causal":
+        from .bench import run_causal_bench
+
+        run_causal_bench(args)
         return
     if args.bench == "permute":
         from .bench import run_permute_bench

@@ -151,6 +151,26 @@ def test_search_bench_times_one_search_against_one_dense_call(tmp_path, capsys):
     assert "pattern='radial' is static: it has no search to time" in capsys.readouterr().err
 
 
+def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_path, capsys):
+    # Groups of 2 frames of 4 x 6 tokens: 48 tokens, whole blocks of 16, split by blocks of 32.
+    args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--causal-frames", "2", "--heads",
+            "2", "--dim", "8", "--pattern", "window3d", "--density", "0.3,1", "--repeats", "2", "--out", str(tmp_path)]
+    # Every block the mask allows: 3 x 3 + 3 x 6 of 6 x 6 blocks of 16; per group, 2 x 2 + 2 x 3 of 3 x 3 blocks of
+    # 32 (the partial blocks at the groups' edge count whole).
+    for block_size, path, every_block in (("16", "whole blocks", 27 / 36), ("32", "per group", 10 / 9)):
+        assert main([*args, "--block-size", block_size]) == 0
+        result = json.loads((tmp_path / "bench_causal.json").read_text())
+        assert result["tokens"] == 96 and result["group_tokens"] == 48 and result["repeats"] == 2
+        assert [r["path"] for r in result["rows"]] == [path, path]
+        assert result["rows"][0]["density"] < result["rows"][1]["density"] == pytest.approx(every_block)
+        for r in result["rows"]:
+            assert r["speedup"] == r["dense_ms"] / r["sparse_ms"] and r["efficiency"] == r["speedup"] * r["density"]
+    assert "dense: SDPA with the boolean mask" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--block-size", "32", "--pattern", "searched"])
+    assert "the sparse path cannot apply this mask" in capsys.readouterr().err
+
+
 def test_eval_writes_a_table(tmp_path, capsys):
     args = ["eval", "--pattern", "radial", "--density", "0.5", "--dense-steps", "0,1", "--steps", "2",
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
