@@ -317,6 +317,11 @@ def run_causal_bench(args) -> list[dict]:
     def dense():
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask)
 
+    def unmasked():  # for scale: what the call would cost without the mask (a fused kernel where one exists)
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+
+    unmasked()
+    unmasked_ms = statistics.median(_time_ms(unmasked, device) for _ in range(args.repeats))
     rows = []
     for density in tqdm(args.density, desc="densities"):
         config = SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size, dense_steps=0,
@@ -353,12 +358,13 @@ def run_causal_bench(args) -> list[dict]:
         "dtype": args.dtype,
         "device": _device_label(args.device),
         "repeats": args.repeats,
+        "unmasked_sdpa_ms": unmasked_ms,
         "rows": rows,
     }
     print(f"{args.pattern} under a causal mask over groups of {args.causal_frames} frames "
           f"({result['group_tokens']} tokens) on {layout.num_tokens} tokens ({result['layout']}), block "
           f"{args.block_size}, {args.heads} heads x {args.dim}, {args.dtype}, {result['device']}; dense: SDPA with the "
-          "boolean mask")
+          f"boolean mask (without it: {unmasked_ms:.1f} ms)")
     print("| target density | measured density | path | dense ms | sparse ms | speedup | efficiency |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
