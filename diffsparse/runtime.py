@@ -256,9 +256,11 @@ class SparseRuntime:
         """For a call `route` sent to `attention` whose self-attention mask is `FrameCausal(frames)`'s (SkyReels-V2's
         asynchronous diffusion forcing): whether `attention` applies that mask exactly, so the call may go on. It
         does when every kernel block of the call's layout, in the kernel's token order, is wholly allowed or wholly
-        masked; the plan then keeps only the pattern's allowed blocks. Otherwise (or with `SparseConfig.correction`,
-        whose dense measurement knows no mask) the call is logged dense, the caller runs the original processor,
-        and a warning says why, once per layout."""
+        masked (one kernel call, the pattern's allowed blocks only), or else when that order keeps each group's
+        tokens together (one kernel call per group: its queries against the keys up to its end; not for searched
+        patterns, chosen on whole blocks). Otherwise (or with `SparseConfig.correction`, whose dense measurement
+        knows no mask) the call is logged dense, the caller runs the original processor, and a warning says why,
+        once per layout."""
         state = self._state()
         layout = state.layout
         key = (layout, frames)
