@@ -94,6 +94,8 @@ def frame_causal_groups(mask: torch.Tensor, layout: VideoLayout) -> int | None:
     mask = mask.reshape(n, n)
     firsts = torch.arange(layout.frames, device=mask.device) * per_frame
     frames = int(mask[0, firsts].sum())
+    if frames == 0:  # the first query sees no frame: not a causal mask (which always keeps a query's own frame)
+        return None
     group = torch.arange(n, device=mask.device) // per_frame // frames
     rows = group[None, :] <= group[firsts, None]  # (frames, N): each frame's first query, every key
     columns = group[firsts][None, :] <= group[:, None]  # (N, frames): every query, each frame's first key
@@ -104,7 +106,7 @@ def frame_causal_groups(mask: torch.Tensor, layout: VideoLayout) -> int | None:
 
 class SkyReelsV2SparseAttnProcessor(WanSparseSelfAttention, SkyReelsV2AttnProcessor):
     """SkyReels-V2's copy of `WanAttnProcessor`, whose self-attention runs block-sparse when the runtime says so,
-    also under asynchronous diffusion forcing's causal frame-block mask where the kernel's blocks fill its groups
+    also under asynchronous diffusion forcing's causal frame-block mask, applied exactly
     (`SparseRuntime.allow_frame_causal`)."""
 
     def stays_dense(self, attention_mask=None) -> bool:

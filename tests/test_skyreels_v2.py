@@ -145,6 +145,7 @@ def test_only_the_causal_frame_block_mask_is_read_as_one():
         changed[..., query, key] = ~changed[..., query, key]
         assert frame_causal_groups(changed, layout) is None
     assert frame_causal_groups(mask.float(), layout) is None  # an additive bias, not a boolean mask
+    assert frame_causal_groups(torch.zeros_like(mask), layout) is None
     assert frame_causal_groups(mask[..., :48, :48], layout) is None
 
 
