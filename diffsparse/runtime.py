@@ -180,6 +180,7 @@ class SparseRuntime:
         # cannot carry the mask), and the groups' token ranges (`_frame_groups`).
         self._causal_blocks: dict[tuple[VideoLayout, int], torch.Tensor | None] = {}
         self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
+        self._solved: dict[tuple[Pattern, VideoLayout], Pattern] = {}  # `_at_density`
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -516,6 +517,17 @@ class SparseRuntime:
             lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal, dense_frames),
         )
 
+    def _at_density(self, pattern: Pattern, layout: VideoLayout) -> Pattern:
+        """`pattern` solved for `SparseConfig.density` on `layout`. A static pattern is solved once per layout: its
+        plans that differ only in their causal groups or dense frames (a diffusion-forcing wave makes a new set of
+        early frames every few rows) share the solution, whose bisection costs far more than the masks."""
+        if self._fits:  # fitted anew for each layer and run: nothing to share
+            return pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
+        key = (pattern, layout)
+        if key not in self._solved:
+            self._solved[key] = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
+        return self._solved[key]
+
     def _cached(self, key: tuple, build) -> _CachedPlan:
         """The plan cache (least recently used out first)."""
         cached = self._plans.get(key)
@@ -538,7 +550,7 @@ class SparseRuntime:
         dense_frames: tuple[int, ...] = (),
     ) -> _CachedPlan:
         if self.config.density is not None:
-            patterns = tuple(p.at_density(layout, self.config.density, self.block_sizes, order=self.order) for p in patterns)
+            patterns = tuple(self._at_density(p, layout) for p in patterns)
 
         rows = DenseQueryFrames(dense_frames) if dense_frames else None
 

@@ -20,6 +20,21 @@ def test_plans_are_built_once_per_layout_and_never_reused_across_resolutions():
     assert runtime.plan(small, heads=2, device=torch.device("cpu")) is first
 
 
+def test_a_density_is_solved_once_per_layout_for_plans_that_differ_in_dense_frames(monkeypatch):
+    # A diffusion-forcing wave gives a new set of early frames every few rows: a new plan each, on one solution.
+    solved = []
+    at_density = Radial.at_density
+    monkeypatch.setattr(Radial, "at_density", lambda self, *args, **kwargs: solved.append(args[0]) or at_density(
+        self, *args, **kwargs))
+    runtime = SparseRuntime(SparseConfig(pattern="radial", density=0.5, block_size=16), "transformer")
+    layout = VideoLayout(5, 4, 6)
+    plans = {frames: runtime.plan(layout, 2, torch.device("cpu"), dense_frames=frames) for frames in ((), (4,), (3, 4))}
+    assert len({id(p) for p in plans.values()}) == 3 and solved == [layout]
+    assert plans[()].density < plans[(4,)].density < plans[(3, 4)].density
+    runtime.plan(VideoLayout(5, 8, 6), 2, torch.device("cpu"))
+    assert solved == [layout, VideoLayout(5, 8, 6)]
+
+
 def test_plan_cache_is_bounded():
     runtime = SparseRuntime(SparseConfig(block_size=16), "transformer")
     layouts = [VideoLayout(2, 2, w) for w in range(1, _PLAN_CACHE_SIZE + 3)]
