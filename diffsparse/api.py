@@ -69,6 +69,7 @@ class SparseStats:
             density = "-" if s.mean_density is None else f"{s.mean_density:.3f}"
             rows.append(f"{s.transformer:<14}{s.layer:>6}{s.dense_calls:>8}{s.sparse_calls:>8}{density:>10}")
         rows.append(f"mean attention density (dense calls = 1.0): {self.mean_density:.3f}")
+        rows.append(f"outside the dense steps (dense layers, masked calls = 1.0): {self.sparse_steps_density:.3f}")
         return "\n".join(rows)
 
 

@@ -176,6 +176,7 @@ def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):
     assert [r.dense_step for r in records] == [r.step == 0 for r in records]
     assert (by_layer[0].dense_step_calls, by_layer[1].dense_step_calls) == (2, 2)
     assert stats.sparse_steps_density == pytest.approx((4 + 4 * by_layer[1].mean_density) / 8)
+    assert f"outside the dense steps (dense layers, masked calls = 1.0): {stats.sparse_steps_density:.3f}" in str(stats)
 
 
 def test_stats_describe_only_the_last_pipeline_call(tiny_pipe):
