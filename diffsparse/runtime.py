@@ -253,6 +253,7 @@ class SparseRuntime:
         state = self._state()
         self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
 
+    @torch.compiler.disable  # see SparseContextHook.pre_forward
     def allow_frame_causal(self, layer: int, frames: int) -> bool:
         """For a call `route` sent to `attention` whose self-attention mask is `FrameCausal(frames)`'s (SkyReels-V2's
         asynchronous diffusion forcing): whether `attention` applies that mask exactly, so the call may go on. It

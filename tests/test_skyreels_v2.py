@@ -134,6 +134,23 @@ def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_war
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
 
 
+def test_causal_frame_blocks_under_torch_compile():
+    # Compiled, the mask reading and the planning run eagerly (dynamo does not trace into the patterns' caches),
+    # and the compiled model gives the eager sparse result.
+    import warnings
+
+    model = tiny_transformer(frames_per_block=2)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=32, dense_steps=0)
+    eager, _ = run(model, config, per_frame=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, stats = run(compiled, config, per_frame=True)
+    assert torch.equal(out, eager)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1), (0, 1)]
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
 def test_only_the_causal_frame_block_mask_is_read_as_one():
     layout = VideoLayout(4, 4, 6)
     for frames in (1, 2, 4):
