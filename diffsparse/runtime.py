@@ -224,6 +224,7 @@ class SparseRuntime:
         self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
+    @torch.compiler.disable  # a read of the tensor's values, once per call: eager (see SparseContextHook.pre_forward)
     def once_per_call(self, source: torch.Tensor, read):
         """`read(source)`, computed once per transformer call for the tensor every layer gets (a padding mask):
         later layers reuse the answer instead of reading the tensor again, which on a GPU is a host sync each."""

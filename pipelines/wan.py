@@ -109,7 +109,6 @@ class SkyReelsV2SparseAttnProcessor(WanSparseSelfAttention, SkyReelsV2AttnProces
     also under asynchronous diffusion forcing's causal frame-block mask, applied exactly
     (`SparseRuntime.allow_frame_causal`)."""
 
-    @torch.compiler.disable  # reading the mask and planning run eagerly (see runtime.SparseContextHook.pre_forward)
     def stays_dense(self, attention_mask=None) -> bool:
         if attention_mask is None:
             return super().stays_dense()
