@@ -47,6 +47,18 @@ def _top_level_items(text: str) -> list[str] | None:
     return items if depth == 0 and all(items) else None
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{\"name\": value, ...}}), got {text!r}")
+    return value
+
+
 def _pattern_list(text: str) -> list[str]:
     """Comma-separated patterns, each a name or a name with parameters: `"radial,searched(keep=0.3, refresh=4)"`
     (commas inside parentheses belong to the pattern)."""
@@ -92,6 +104,11 @@ def _add_model_and_video(p) -> None:
     p.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's own)")
     p.add_argument("--image", default=None,
                    help="an image file, for image-to-video and editing pipelines (their `image` argument)")
+    p.add_argument("--call-kwargs", type=_json_object, default=None,
+                   help="more keyword arguments of the pipeline call, as a JSON object, e.g. "
+                        "'{\"guidance_scale\": 5.0, \"negative_prompt\": \"blurry\"}' or SkyReels-V2 diffusion "
+                        "forcing's '{\"ar_step\": 5, \"causal_block_size\": 5}'; not what the options set (prompt, "
+                        "frames, size, steps, image, seed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 

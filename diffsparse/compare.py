@@ -125,8 +125,9 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     """The keyword arguments of one generation of the commands: the prompt, the frame count, the size (for pipelines
     that take one: HunyuanVideo 1.5's image-to-video sizes the video from its image), the steps, a CPU generator of
     `seed`, `output_type="np"`, and the conditioning image: the testbed's `first_frame` still, or `args.image` (a
-    file) for pipelines with an `image` argument (image-to-video, editing). A `ValueError` names the pipeline when
-    `--image` is given to one without an `image` argument, or missing for one that needs it."""
+    file) for pipelines with an `image` argument (image-to-video, editing); then `args.call_kwargs` (`--call-kwargs`).
+    A `ValueError` names the pipeline when `--image` is given to one without an `image` argument, or missing for one
+    that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
     parameters = _call_parameters(pipe)
     image_path = getattr(args, "image", None)
     if image_path is not None and not takes_image(pipe):
@@ -145,7 +146,25 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
         from PIL import Image
 
         kwargs["image"] = Image.open(image_path).convert("RGB")
-    return kwargs
+    extra = getattr(args, "call_kwargs", None) or {}
+    for name in extra:
+        if name in kwargs or name in _SET_BY_OPTIONS:
+            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself: use its option "
+                             f"({_SET_BY_OPTIONS.get(name, '--' + name)}) instead")
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        if name not in parameters and not takes_any:
+            others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - {"self"})
+            raise ValueError(f"--call-kwargs sets {name!r}, which {type(pipe).__name__} does not take; it takes "
+                             f"{', '.join(others)}")
+    return {**kwargs, **extra}
+
+
+# Pipeline call arguments the commands' options own.
+_SET_BY_OPTIONS = {
+    "prompt": "--prompt", "num_frames": "--frames", "video_length": "--frames", "height": "--height",
+    "width": "--width", "num_inference_steps": "--steps", "generator": "--seed", "output_type": "(always np)",
+    "image": "--image", "first_frame": "--two-stage",
+}
 
 
 def call_defaults(pipe) -> dict[str, int]:

@@ -377,3 +377,19 @@ def test_long_video_chunks_each_restart_the_steps_in_one_call_log(ar_step):
     first_chunk_rows = len(asynchronous_steps(new_frames[0], ar_step, num_steps)) * len(BRANCHES)
     assert sum(wholly_dense[:first_chunk_rows]) == first_fifth * len(BRANCHES)
     assert not any(wholly_dense[first_chunk_rows:])
+
+
+def test_compare_runs_asynchronous_diffusion_forcing_through_call_kwargs(tmp_path):
+    # `diffsparse compare --call-kwargs '{"ar_step": 1, "causal_block_size": 2}'`: the masked calls run sparse.
+    from diffsparse.cli import build_parser
+    from diffsparse.compare import run_compare
+
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    args = build_parser().parse_args([
+        "compare", "--frames", "13", "--height", "64", "--width", "96", "--steps", "3", "--block-size", "32",
+        "--dense-steps", "0", "--call-kwargs", '{"ar_step": 1, "causal_block_size": 2}', "--out", str(tmp_path),
+    ])
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=32, dense_steps=0)
+    result = run_compare(args, config, pipe=pipe)
+    assert pipe.transformer.config.num_frame_per_block == 2  # the call was asynchronous, under the mask
+    assert result.frames == 13 and result.mean_attention_density < 1 and result.psnr_db > 0

@@ -332,6 +332,38 @@ def test_compare_takes_an_image_for_image_to_video(tmp_path, tiny_pipe):
         run_compare(args("--image", str(image_path)), config, pipe=tiny_pipe)
 
 
+def test_compare_passes_call_kwargs_to_the_pipeline(tmp_path, tiny_pipe, capsys):
+    # `--call-kwargs` reaches the pipeline call (here: guidance 1 turns classifier-free guidance off, one transformer
+    # call per step instead of two); a key the pipeline does not take, or one an option sets, is refused by name.
+    from diffsparse.cli import build_parser, main
+    from diffsparse.compare import run_compare
+
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+
+    def args(*extra):
+        return build_parser().parse_args(["compare", "--frames", "9", "--height", "48", "--width", "64", "--steps",
+                                          "2", "--block-size", "16", "--dense-steps", "1", "--out", str(tmp_path),
+                                          *extra])
+
+    calls = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        run_compare(args(), config, pipe=tiny_pipe)
+        with_cfg, calls[:] = len(calls), []
+        result = run_compare(args("--call-kwargs", '{"guidance_scale": 1.0}'), config, pipe=tiny_pipe)
+    finally:
+        hook.remove()
+    assert len(calls) == with_cfg // 2 and result.psnr_db > 0
+    with pytest.raises(ValueError, match="'guidance', which WanPipeline does not take; it takes .*guidance_scale"):
+        run_compare(args("--call-kwargs", '{"guidance": 1.0}'), config, pipe=tiny_pipe)
+    with pytest.raises(ValueError, match=r"'num_inference_steps', which the command sets itself: use its option \(--steps\)"):
+        run_compare(args("--call-kwargs", '{"num_inference_steps": 3}'), config, pipe=tiny_pipe)
+    for bad in ("{guidance_scale: 1}", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            main(["compare", "--call-kwargs", bad])
+        assert "expected a JSON object" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("memory_saver", ["group offload (leaf)", "group offload (block)", "layerwise casting",
                                           "model cpu offload"])
 @pytest.mark.parametrize("apply_first", [False, True], ids=["saver first", "diffsparse first"])
