@@ -48,15 +48,12 @@ def _top_level_items(text: str) -> list[str] | None:
 
 
 def _json_object(text: str) -> dict:
-    import json
+    from .compare import parse_call_kwargs
 
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object ({{\"name\": value, ...}}), got {text!r}")
-    return value
+        return parse_call_kwargs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _pattern_list(text: str) -> list[str]:

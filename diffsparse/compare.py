@@ -159,6 +159,19 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     return {**kwargs, **extra}
 
 
+def parse_call_kwargs(text: str) -> dict:
+    """`--call-kwargs`' JSON object (the demo's field too); a `ValueError` says what was expected."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"call_kwargs: expected a JSON object, got {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'call_kwargs: expected a JSON object ({{"name": value, ...}}), got {text!r}')
+    return value
+
+
 # Pipeline call arguments the commands' options own.
 _SET_BY_OPTIONS = {
     "prompt": "--prompt", "num_frames": "--frames", "video_length": "--frames", "height": "--height",

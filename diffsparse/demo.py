@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .compare import CompareResult, call_defaults, is_image_pipeline, run_compare, scored_label, takes_image
+from .compare import (
+    CompareResult,
+    call_defaults,
+    is_image_pipeline,
+    parse_call_kwargs,
+    run_compare,
+    scored_label,
+    takes_image,
+)
 from .config import CORRECTIONS, SparseConfig, parse_dense_layers
 from .patterns import PATTERNS
 
@@ -37,6 +45,7 @@ def compare_once(
     seed: int = 0,
     still_candidates: int = 0,
     image: str | None = None,
+    call_kwargs: str | dict | None = None,
     *,
     model: str | None = None,
     device: str = "cpu",
@@ -49,10 +58,13 @@ def compare_once(
     text form (`"2"`, `"[3]"`: `parse_dense_layers`), as the page's field gives it. `still_candidates`: 0 samples in one pass; N >= 1
     (testbed models) samples in two stages from the best of N stills, as `diffsparse compare --two-stage
     --still-candidates N` (what `make run` shows, with N = 4). `image`: an image file for image-to-video and
-    editing pipelines (`diffsparse compare --image`).
+    editing pipelines (`diffsparse compare --image`). `call_kwargs`: more keyword arguments of the pipeline call, a
+    dict or its JSON text, as the page's field gives it (`diffsparse compare --call-kwargs`); empty text: none.
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
         raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
+    if isinstance(call_kwargs, str):
+        call_kwargs = parse_call_kwargs(call_kwargs) if call_kwargs.strip() else None
     if correction not in CORRECTION_CHOICES:
         raise ValueError(f"correction must be one of {CORRECTION_CHOICES}, got correction={correction!r}")
     config = SparseConfig(
@@ -76,6 +88,7 @@ def compare_once(
         two_stage=still_candidates > 0,
         still_candidates=max(1, still_candidates),
         image=image,
+        call_kwargs=call_kwargs,
     )
     result = run_compare(args, config, pipe=pipe)
     lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
@@ -105,11 +118,12 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     import gradio as gr
 
     def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height,
-                  width, seed, stills, image=None):
+                  width, seed, stills, image=None, call_kwargs=""):
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
-                height, width, int(seed), int(stills), image or None, model=model, device=device, out=out,
+                height, width, int(seed), int(stills), image or None, call_kwargs, model=model, device=device,
+                out=out,
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
@@ -172,13 +186,16 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
                                    label="two-stage: still candidates (0 = one pass; testbed models only)")
                 image = gr.Image(type="filepath", label="input image (image-to-video and editing pipelines)",
                                  visible=takes_image(pipe))
+                call_kwargs = gr.Textbox(
+                    "", label='more pipeline call arguments, JSON, e.g. {"guidance_scale": 5.0} (optional)'
+                )
                 button = gr.Button("generate dense and sparse", variant="primary")
             with gr.Column():
                 video = gr.Video(label="dense | sparse")
                 summary = gr.Markdown()
         inputs = [
             prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height, width,
-            seed, stills, image,
+            seed, stills, image, call_kwargs,
         ]
         # One request at a time: each one applies and removes sparse attention on the one shared pipeline.
         button.click(on_submit, inputs=inputs, outputs=[video, summary], api_name="compare", concurrency_limit=1)

@@ -53,6 +53,21 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert "sample_rows=8" in summary
     with pytest.raises(gr.Error, match="pattern"):
         submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
+    # The call-arguments field reaches the pipeline: guidance 1 turns classifier-free guidance off (one transformer
+    # call per step, not two); bad JSON or a key the pipeline does not take is a message naming it.
+    calls = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, "")
+        with_cfg, calls[:] = len(calls), []
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, '{"guidance_scale": 1}')
+    finally:
+        hook.remove()
+    assert len(calls) == with_cfg // 2
+    with pytest.raises(gr.Error, match="call_kwargs: expected a JSON object"):
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, "{guidance: 1}")
+    with pytest.raises(gr.Error, match="'guidance', which WanPipeline does not take"):
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, '{"guidance": 1}')
 
 
 def test_still_candidates_choose_the_sampler(tmp_path):
