@@ -3,13 +3,15 @@ the transformer called directly, and real `SkyReelsV2Pipeline` and `SkyReelsV2Di
 embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE, SkyReels' UniPC flow scheduler).
 
 Diffusion forcing gives one timestep per frame and loops over the rows of its timestep matrix, not over
-`scheduler.timesteps`; a call's step is the scheduler position of its noisiest frame. Synchronous rows land on the
-scheduler's steps one by one. Asynchronous rows (`ar_step > 0`: each frame `ar_step` rows behind the one before)
-stay on step 0 until the last frame starts, so `dense_steps` keeps far more than its share of the calls dense; a
-long video (`overlap_history`) restarts the steps in each chunk, all in one call log. The causal frame-block mask
-(`causal_block_size > 1`, which diffusers then keeps in the transformer's config) runs sparse, the later groups'
-blocks skipped, where the kernel's blocks fill the groups; other block sizes leave the calls to the original
-processor, with a warning."""
+`scheduler.timesteps`; a call is logged at the scheduler position of its noisiest frame, and each frame follows the
+dense-step schedule on its own position (the queries of early frames dense; the call dense only when every frame
+is). Synchronous rows land on the scheduler's steps one by one. Asynchronous rows (`ar_step > 0`: each frame
+`ar_step` rows behind the one before) are logged at step 0 until the last frame starts; a long video
+(`overlap_history`) restarts the steps in each chunk, all in one call log. The causal frame-block mask
+(`causal_block_size > 1`, which diffusers then keeps in the transformer's config) runs sparse and exact: the later
+groups' blocks skipped where the kernel's blocks fill the groups, else one kernel call per group; a tile order that
+mixes the groups, `searched` across them, or a correction leave the calls to the original processor, with a
+warning."""
 
 import contextlib
 import dataclasses
