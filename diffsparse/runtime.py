@@ -559,6 +559,7 @@ class SparseRuntime:
         def stacked(allowed=None, **tokens) -> torch.Tensor:
             """The patterns' block masks (between the token ranges `q_tokens`, `k_tokens` when given), the rows of
             `dense_frames` whole."""
+            whole_rows = None if rows is None else rows.block_mask(layout, self.block_sizes, order=self.order, **tokens)
             masks = []
             for pattern in patterns:
                 mask = pattern.block_mask(layout, self.block_sizes, order=self.order, **tokens)
@@ -569,8 +570,8 @@ class SparseRuntime:
                     raise ValueError(
                         f"pattern {pattern!r} gives masks for {mask.shape[0]} heads, but the model has {heads=}"
                     )
-                if rows is not None:
-                    mask = mask | rows.block_mask(layout, self.block_sizes, order=self.order, **tokens)
+                if whole_rows is not None:
+                    mask = mask | whole_rows
                 if allowed is not None:
                     mask = mask & allowed
                 masks.append(mask if len(patterns) == 1 else mask.expand(heads, *mask.shape[1:]))
