@@ -166,9 +166,9 @@ class SparseRuntime:
         self.totals: dict[int, list] = {}
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
-        # and reused for the remaining steps. Keyed by (layer, layout, batch size).
-        self._layer_patterns: dict[tuple[int, VideoLayout, int], tuple[Pattern, ...]] = {}
-        self._fitted_at: dict[tuple[int, VideoLayout, int], int] = {}  # the step each layer's patterns were fitted at
+        # and reused for the remaining steps. Keyed by (layer, layout, batch size, frames per causal group).
+        self._layer_patterns: dict[tuple[int, VideoLayout, int, int], tuple[Pattern, ...]] = {}
+        self._fitted_at: dict[tuple[int, VideoLayout, int, int], int] = {}  # the step each slot was fitted at
         self._fits = self.pattern.data_dependent
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
@@ -260,8 +260,8 @@ class SparseRuntime:
         asynchronous diffusion forcing): whether `attention` applies that mask exactly, so the call may go on. It
         does when every kernel block of the call's layout, in the kernel's token order, is wholly allowed or wholly
         masked (one kernel call, the pattern's allowed blocks only), or else when that order keeps each group's
-        tokens together (one kernel call per group: its queries against the keys up to its end; not for searched
-        patterns, chosen on whole blocks). Otherwise (or with `SparseConfig.correction`, whose dense measurement
+        tokens together (one kernel call per group: its queries against the keys up to its end). Data-dependent
+        patterns are fitted on the masked attention (`Pattern.fit`'s `within`). Otherwise (or with `SparseConfig.correction`, whose dense measurement
         knows no mask) the call is logged dense, the caller runs the original processor, and a warning says why,
         once per layout."""
         state = self._state()
@@ -269,20 +269,13 @@ class SparseRuntime:
         key = (layout, frames)
         first = key not in self._causal_blocks
         whole = self._frame_causal_blocks(layout, frames) is not None
-        # Searched blocks are chosen on the whole sequence's blocks: they cannot be cut into groups.
-        grouped = not whole and not self._fits and self._frame_groups(layout, frames) is not None
+        grouped = not whole and self._frame_groups(layout, frames) is not None
         if (whole or grouped) and self.config.correction is None:
             state.frame_causal = frames
             return True
         if first:
-            group = frames * layout.height * layout.width
             if whole or grouped:
                 why = f"SparseConfig.correction={self.config.correction!r} measures dense attention without the mask"
-            elif self._fits:
-                why = (
-                    f"{self.pattern!r} searches whole kernel blocks, which its groups ({group} tokens each) do not "
-                    f"fill at block sizes {self.block_sizes}; block sizes dividing {group} do"
-                )
             else:
                 why = (
                     f"the {self.order!r} order mixes the groups' tokens (tiles across group boundaries); tiles of "
@@ -381,7 +374,9 @@ class SparseRuntime:
             query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
-        pattern = self._layer_pattern(layer, layout, query, key, value) if self._fits else self.pattern
+        pattern = self.pattern
+        if self._fits:
+            pattern = self._layer_pattern(layer, layout, query, key, value, state.frame_causal)
         cached = self.plan(
             layout, query.shape[2], query.device, pattern, heads, state.frame_causal, state.dense_frames or ()
         )
@@ -467,16 +462,19 @@ class SparseRuntime:
 
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
-    def _layer_pattern(self, layer: int, layout: VideoLayout, query, key, value) -> tuple[Pattern, ...]:
+    def _layer_pattern(
+        self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0
+    ) -> tuple[Pattern, ...]:
         """The layer's fitted patterns, one per video of the batch (one for all when they are equal).
 
         Each video is fitted on its own queries, keys and values (with the same generator seed), so a video's
         blocks, and so its result, do not depend on what else shares its batch: a batch of prompts gives each
         the video it gets alone. Both CFG branches share the fit of whichever runs first (the cond call), video
-        by video; a branch with another batch size fits its own.
+        by video; a branch with another batch size fits its own. Under a causal frame-group mask
+        (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention.
         """
         batch = query.shape[0]
-        slot = (layer, layout, batch)
+        slot = (layer, layout, batch, frame_causal)
         patterns = self._layer_patterns.get(slot)
         step = self._state().step
         every = self.pattern.refit_every
@@ -486,6 +484,7 @@ class SparseRuntime:
                 self.pattern.fit(
                     q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes, order=self.order,
                     generator=torch.Generator(device=query.device).manual_seed(layer),
+                    within=FrameCausal(frame_causal) if frame_causal else None,
                 )
                 for i in range(batch)
             )

@@ -135,6 +135,19 @@ def _box_block_mask(pattern, layout: VideoLayout, q, k, nq: int, nk: int) -> tor
     return out
 
 
+def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
+    """`Pattern.block_mask`'s token ranges: `None` or a `(start, stop)` pair of ints within the layout's tokens."""
+    for name, span in (("q_tokens", q_tokens), ("k_tokens", k_tokens)):
+        if span is not None and not (
+            isinstance(span, tuple) and len(span) == 2 and all(type(x) is int for x in span)
+            and 0 <= span[0] < span[1] <= layout.num_tokens
+        ):
+            raise ValueError(
+                f"{name} must be a (start, stop) pair of ints with 0 <= start < stop <= {layout.num_tokens} "
+                f"(the layout's tokens), got {name}={span!r}"
+            )
+
+
 @dataclass(frozen=True, repr=False)
 class Pattern(abc.ABC):
     r"""
@@ -228,15 +241,7 @@ class Pattern(abc.ABC):
         """
         bq, bk = as_pair(block_size)
         order = as_order(order)
-        for name, span in (("q_tokens", q_tokens), ("k_tokens", k_tokens)):
-            if span is not None and not (
-                isinstance(span, tuple) and len(span) == 2 and all(type(x) is int for x in span)
-                and 0 <= span[0] < span[1] <= layout.num_tokens
-            ):
-                raise ValueError(
-                    f"{name} must be a (start, stop) pair of ints with 0 <= start < stop <= {layout.num_tokens} "
-                    f"(the layout's tokens), got {name}={span!r}"
-                )
+        check_spans(layout, q_tokens, k_tokens)
         q_lo, q_hi, q_text = _block_spans(layout, bq, q_tokens)
         k_lo, k_hi, k_text = _block_spans(layout, bk, k_tokens)
         if isinstance(order, IdentityOrder):
@@ -305,12 +310,14 @@ class Pattern(abc.ABC):
         block_size: BlockSize,
         order: TokenOrder | None = None,
         generator: torch.Generator | None = None,
+        within: Pattern | None = None,
     ) -> Pattern:
         r"""
         The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
         call of a generation (and again every `refit_every` steps), once per video of the batch with that
         video's `(1, H, N, D)` queries, keys and values in the model's frame-major order, and uses the results
-        (one mask per video) for the layer's next steps.
+        (one mask per video) for the layer's next steps. `within`: the model's own attention mask, when the
+        call has one ([`FrameCausal`]: SkyReels-V2's causal frame groups): the fit measures the attention it allows.
         Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
         heads, [`Searched`] searches its blocks).
         """

@@ -9,7 +9,7 @@ import torch
 
 from .base import BlockSize, Pattern
 from .layout import VideoLayout
-from .ordering import TokenOrder
+from .ordering import IdentityOrder, TokenOrder, as_order
 
 
 @dataclass(frozen=True, repr=False)
@@ -45,8 +45,22 @@ class FrameCausal(Pattern):
     def __repr__(self) -> str:
         return f"{self.name}(frames={self.frames})"
 
-    def _video_token_mask(self, layout):
+    def video_groups(self, layout: VideoLayout, order: TokenOrder | None = None) -> torch.Tensor:
+        """The group of every video token, as a `(V,)` `torch.LongTensor` in frame-major order or, for a layout
+        without text, in `order`: query `r` keeps key `s` where `groups[s] <= groups[r]`."""
         group = layout.video_coordinates()[0] // self.frames
+        order = as_order(order)
+        if isinstance(order, IdentityOrder):
+            return group
+        if layout.text_len:
+            raise ValueError(
+                f"FrameCausal.video_groups in {order!r} order needs a layout without text (the order moves text "
+                f"tokens too), got text_len={layout.text_len}"
+            )
+        return group[order.permutation(layout)]
+
+    def _video_token_mask(self, layout):
+        group = self.video_groups(layout)
         return (group[None, :] <= group[:, None])[None]
 
     def _box_any(self, layout, q, k):

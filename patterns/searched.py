@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
 import torch
 from einops import rearrange
 
-from .base import BlockSize, Pattern, _block_spans, as_pair
+from .base import BlockSize, Pattern, _block_spans, as_pair, check_spans
+from .causal import FrameCausal
 from .layout import VideoLayout
 from .ordering import IdentityOrder, TokenOrder, as_order
 
@@ -23,7 +25,13 @@ _MIN_SET_MASS = 1e-6
 _NO_MASS_ERROR = 1e30
 
 
-def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
+def block_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: BlockSize,
+    groups: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""
     Exact attention mass between blocks: for each head, the softmax probabilities of `query` over `key`
     (scale `1 / sqrt(D)`, computed in float32) summed over the keys of each key block and averaged over the
@@ -37,9 +45,15 @@ def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: Blo
         key (`torch.Tensor` of shape `(B, H, Nk, D)`): keys in the same order.
         block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens; partial last blocks hold
             fewer tokens (the query average is over the real ones).
+        groups (`torch.LongTensor` of shape `(N,)`, *optional*): the model's own causal mask, when it has one
+            (`Nq = Nk = N`): query `r` attends key `s` only where `groups[s] <= groups[r]`
+            ([`FrameCausal.video_groups`]); the softmax is over those keys.
+        q_starts (`torch.LongTensor`, *optional*): the first token of each query block, when the blocks are not
+            every `block_q` tokens from 0 (blocks counted from each causal group's start: the kernel's per-group
+            calls); increasing from 0, at most `block_q` apart.
 
     Returns:
-        `torch.FloatTensor` of shape `(H, ceil(Nq / block_q), ceil(Nk / block_k))`.
+        `torch.FloatTensor` of shape `(H, nq, ceil(Nk / block_k))`, `nq = ceil(Nq / block_q)` or `len(q_starts)`.
 
     Example:
         >>> q, k = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
@@ -50,33 +64,67 @@ def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: Blo
     bq, bk = as_pair(block_size)
     batch, heads, nq_tok, _ = query.shape
     nk_tok = key.shape[2]
-    nq, nk = math.ceil(nq_tok / bq), math.ceil(nk_tok / bk)
+    starts, lengths = query_blocks(nq_tok, bq, q_starts)
+    nq, nk = len(starts), math.ceil(nk_tok / bk)
+    block_of_token = (torch.searchsorted(starts, torch.arange(nq_tok), right=True) - 1).to(query.device)
     mass = torch.zeros(heads, nq, nk, dtype=torch.float32, device=query.device)
-    rows_per_chunk = max(bq, (_CHUNK // max(1, batch * heads * nk_tok)) // bq * bq)
+    rows_per_chunk = max(1, _CHUNK // max(1, batch * heads * nk_tok))
     for start in range(0, nq_tok, rows_per_chunk):
         end = min(start + rows_per_chunk, nq_tok)
-        weights, total = _key_block_weights(query[:, :, start:end], key, bk)
+        masked = None if groups is None else _masked_pairs(groups, torch.arange(start, end, device=groups.device))
+        weights, total = _key_block_weights(query[:, :, start:end], key, bk, masked)
         probs = weights.sum(3) / total[:, :, None]  # (B, H, nk, rows)
-        block_of_row = torch.arange(start, end, device=query.device) // bq
-        mass.index_add_(1, block_of_row, probs.sum(0).transpose(1, 2))
-    rows_per_block = torch.full((nq,), float(bq), device=query.device)
-    rows_per_block[-1] = nq_tok - (nq - 1) * bq
-    return mass / (rows_per_block[None, :, None] * batch)
+        mass.index_add_(1, block_of_token[start:end], probs.sum(0).transpose(1, 2))
+    return mass / (lengths.to(mass)[None, :, None] * batch)
 
 
-def _key_block_weights(query: torch.Tensor, key: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_blocks(num_tokens: int, block_q: int, q_starts: torch.Tensor | None = None):
+    """`(starts, lengths)` of the query blocks as `torch.LongTensor`s on the CPU: every `block_q` tokens from 0, or
+    the blocks starting at `q_starts` (checked: increasing from 0, within the tokens, at most `block_q` apart)."""
+    starts = torch.arange(0, num_tokens, block_q) if q_starts is None else torch.as_tensor(q_starts).cpu().long()
+    lengths = torch.cat([starts.flatten()[1:], torch.tensor([num_tokens])]) - starts.flatten()
+    if starts.dim() != 1 or not len(starts) or starts[0] != 0 or not ((lengths > 0) & (lengths <= block_q)).all():
+        raise ValueError(
+            f"q_starts must increase from 0 in steps of 1 to block_q={block_q} within {num_tokens} tokens, got "
+            f"q_starts={starts.tolist()}"
+        )
+    return starts, lengths
+
+
+def _key_block_weights(
+    query: torch.Tensor, key: torch.Tensor, block_k: int, masked: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 softmax of `query` `(B, H, rows, D)` over all of `key` `(B, H, Nk, D)` (scale `1 / sqrt(D)`),
     unnormalised: its numerators `(B, H, nk, block_k, rows)`, keys padded to whole blocks with weight 0, and its
     denominators `(B, H, rows)`. Keys come first so that each key block is one contiguous `(block_k, rows)` slab:
     the per-block sums below are plain batched matmuls and reductions, with no copy of the `rows x Nk` weights
-    (the largest tensor of a search), and the normalisation is left to the much smaller per-block results."""
+    (the largest tensor of a search), and the normalisation is left to the much smaller per-block results.
+    `masked` `(Nk, rows)`: pairs the model's own mask leaves out (weight 0; each row keeps some key)."""
     nk_tok, dim = key.shape[2], key.shape[3]
     nk = math.ceil(nk_tok / block_k)
     keys = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block_k - nk_tok))
     weights = keys @ (query.float() / math.sqrt(dim)).transpose(-1, -2)  # (B, H, nk * block_k, rows)
     weights[:, :, nk_tok:] = -torch.inf
+    if masked is not None:
+        weights[:, :, :nk_tok].masked_fill_(masked, -torch.inf)
     weights = weights.sub_(weights.amax(2, keepdim=True)).exp_()
     return weights.view(*weights.shape[:2], nk, block_k, -1), weights.sum(2)
+
+
+def _masked_pairs(groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`(N, rows)`: the keys a causal group rule (`groups[s] <= groups[r]`) leaves out for the query `rows`."""
+    return groups[:, None] > groups[rows][None, :]
+
+
+def _allowed_blocks(groups: torch.Tensor, starts: torch.Tensor, block_k: int) -> torch.Tensor:
+    """`(nq, nk)`: the block pairs holding at least one pair the causal group rule allows (the earliest key of the
+    key block is in a group no later than the query block's latest), query blocks starting at `starts`."""
+    bk = block_k
+    block_of_token = torch.searchsorted(starts, torch.arange(len(groups)), right=True) - 1
+    latest_query = torch.full((len(starts),), -1).scatter_reduce(0, block_of_token, groups, "amax")
+    pad = (0, -len(groups) % bk)
+    earliest_key = torch.nn.functional.pad(groups, pad, value=int(groups.max())).view(-1, bk).amin(1)
+    return earliest_key[None, :] <= latest_query[:, None]
 
 
 def greedy_blocks(
@@ -88,11 +136,15 @@ def greedy_blocks(
     required: torch.Tensor,
     sample_rows: int = 32,
     value_dims: int = 32,
+    groups: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     For each head and query block, the set of `round(keep * nk)` key blocks (at least `required`) whose
     block-sparse attention output is closest to the dense one, built greedily: starting from the required
     blocks, add the key block that most lowers the squared output error summed over the block's queries.
+    Under the model's own causal mask (`groups`), dense means masked, and a set grows only by blocks the mask
+    leaves some pair of (up to all of them, when there are fewer than `round(keep * nk)`).
 
     With kept blocks `K`, query `r`'s sparse output (softmax renormalised over `K`, as the kernel computes it)
     misses the dense output `o_r` by exactly `sum_{j in K} d_rj / sum_{j in K} m_rj`, where `m_rj` is the mass
@@ -116,6 +168,10 @@ def greedy_blocks(
         required (`torch.BoolTensor` of shape `(nq, nk)`): blocks every set starts with.
         sample_rows (`int`, *optional*, defaults to `32`): queries per query block that enter the error.
         value_dims (`int`, *optional*, defaults to `32`): value dimensions the error is measured in.
+        groups (`torch.LongTensor` of shape `(N,)`, *optional*): the model's causal mask, as in
+            [`block_attention_mass`] (query, key and value of the same length).
+        q_starts (`torch.LongTensor`, *optional*): the first token of each query block, as in
+            [`block_attention_mass`] (`required` then has a row per block).
 
     Returns:
         `torch.BoolTensor` of shape `(H, nq, nk)`.
@@ -128,7 +184,8 @@ def greedy_blocks(
     """
     bq, bk = as_pair(block_size)
     batch, heads, n, dim = query.shape
-    nq, nk = math.ceil(n / bq), math.ceil(key.shape[2] / bk)
+    starts, lengths = query_blocks(n, bq, q_starts)
+    nq, nk = len(starts), math.ceil(key.shape[2] / bk)
     values = value.float()
     if dim > value_dims:
         projection = torch.randn(dim, value_dims, generator=torch.Generator().manual_seed(0)) / math.sqrt(value_dims)
@@ -136,11 +193,14 @@ def greedy_blocks(
     dv = values.shape[-1]
     values = torch.nn.functional.pad(values, (0, 0, 0, nk * bk - key.shape[2])).reshape(batch, heads, nk, bk, dv)
     samples = min(sample_rows, bq)
-    starts = torch.arange(nq) * bq
-    lengths = (n - starts).clamp(max=bq)
     rows = (starts[:, None] + torch.arange(samples)[None, :] * lengths[:, None] // samples).to(query.device)
-    count = torch.clamp(torch.full((nq,), round(keep * nk)), min=required.sum(-1).cpu()).to(query.device)
+    candidates = torch.ones(nq, nk, dtype=torch.bool)
+    if groups is not None:
+        candidates = required.cpu() | _allowed_blocks(groups.cpu(), starts, bk)
+    budget = torch.clamp(candidates.sum(-1), max=round(keep * nk))
+    count = torch.maximum(budget, required.sum(-1).cpu()).to(query.device)
     kept = required.to(query.device).expand(heads, nq, nk).clone()
+    refused = (~candidates).to(query.device)
     per_block = batch * samples * max(nk * dv, nk * bk)  # floats of one head and query block (pulls or probabilities)
     head_chunk = max(1, min(heads, _CHUNK // per_block))
     block_chunk = max(1, _CHUNK // (per_block * head_chunk))
@@ -148,7 +208,9 @@ def greedy_blocks(
         h1 = min(h0 + head_chunk, heads)
         for q0 in range(0, nq, block_chunk):
             q1 = min(q0 + block_chunk, nq)
-            weights, total = _key_block_weights(query[:, h0:h1, rows[q0:q1].reshape(-1)], key[:, h0:h1], bk)
+            sampled = rows[q0:q1].reshape(-1)
+            masked = None if groups is None else _masked_pairs(groups.to(query.device), sampled)
+            weights, total = _key_block_weights(query[:, h0:h1, sampled], key[:, h0:h1], bk, masked)
             mass = weights.sum(3) / total[:, :, None]  # (b, h, nk, rows)
             # Each key block's unnormalised share of o_r, then its pull (share - mass * o_r), normalised.
             part = weights.transpose(-1, -2) @ values[:, h0:h1]  # (b, h, nk, rows, dv)
@@ -156,13 +218,16 @@ def greedy_blocks(
 
             # One set per head and query block, its rows pooled over the batch and the sampled queries.
             pull, mass = (rearrange(x, "b h j (q s) ... -> h q (b s) j ...", s=samples) for x in (pull, mass))
-            kept[h0:h1, q0:q1] = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1])
+            kept[h0:h1, q0:q1] = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1], refused[q0:q1])
     return kept
 
 
-def _grow(pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _grow(
+    pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: torch.Tensor, refused: torch.Tensor
+) -> torch.Tensor:
     """The greedy steps of `greedy_blocks` on `pull` `(h, blocks, rows, nk, D)` and `mass` `(h, blocks, rows,
-    nk)`: add to `kept` `(h, blocks, nk)` one block per set and step until each set holds `count[block]`."""
+    nk)`: add to `kept` `(h, blocks, nk)` one block per set and step until each set holds `count[block]`, never
+    one of `refused` `(blocks, nk)`."""
     pull = pull.contiguous()  # read once per step below, as a view
     weights = kept.float()
     # Sums over the kept blocks as matmuls broadcast over the rows: no reordered copy of `pull`.
@@ -181,13 +246,27 @@ def _grow(pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: tor
         # barely sees, and its float32 error would be rounding noise over an underflowing square: count it as the
         # worst. Finite, so the sum over rows stays comparable and kept blocks (infinite) are never picked again.
         error = torch.where(set_mass >= _MIN_SET_MASS, squared.clamp(min=0) / set_mass.square(), _NO_MASS_ERROR)
-        best = error.clamp(max=_NO_MASS_ERROR).sum(2).masked_fill(kept, torch.inf).argmin(-1)  # (h, blocks)
+        best = error.clamp(max=_NO_MASS_ERROR).sum(2).masked_fill(kept | refused, torch.inf).argmin(-1)  # (h, blocks)
         kept = kept | (torch.nn.functional.one_hot(best, kept.shape[-1]).bool() & short[..., None])
         index = best[:, :, None, None].expand(-1, -1, pull.shape[2], 1)  # (h, blocks, rows, 1)
         grow = short[:, :, None].float()  # sets already full add nothing
         total_mass = total_mass + grow * mass.gather(3, index)[..., 0]
         picked = pull.gather(3, index[..., None].expand(-1, -1, -1, -1, pull.shape[-1]))[:, :, :, 0]
         total_pull = total_pull + grow[..., None] * picked
+
+
+def _group_block_starts(bounds: tuple[int, ...], block: int) -> torch.Tensor:
+    """The first token of each block of `block` tokens counted from each group's start (`bounds`: the groups'
+    first tokens, then the sequence's length)."""
+    return torch.cat([torch.arange(a, b, block) for a, b in itertools.pairwise(bounds)])
+
+
+def _covering_blocks(span: tuple[int, int], block: int, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`(blocks of the span, blocks given by starts and lengths)` as 0/1 floats: which of the given blocks each
+    block of `block` tokens of the span `(start, stop)` (counted from its start, the last partial) overlaps."""
+    first = torch.arange(*span, block)
+    end = torch.clamp(first + block, max=span[1])
+    return ((starts[None, :] < end[:, None]) & (starts + lengths > first[:, None])).float()
 
 
 def _top(scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
@@ -269,6 +348,11 @@ class Searched(Pattern):
 
     Text structure: blocks holding text tokens are always kept as queries and as keys (as every pattern does),
     and every query block keeps its diagonal key block; both count toward `keep`.
+
+    Under the model's own causal mask (SkyReels-V2's asynchronous diffusion forcing: `search(..., within=
+    FrameCausal(frames))`, which the runtime passes) the search measures the masked attention, spends each query
+    block's budget on blocks the mask allows, and counts query blocks from each group's first token, as the
+    runtime's per-group kernel calls do (`block_mask(..., q_tokens=, k_tokens=)` gives a group's rows).
 
     It has no closed-form token definition: its token mask is the searched block mask expanded to tokens, in
     the searched order. Before a search it has no mask at all, and asking for one raises (rather than
@@ -355,6 +439,7 @@ class Searched(Pattern):
         layout: VideoLayout,
         block_size: BlockSize,
         order: TokenOrder | None = None,
+        within: FrameCausal | None = None,
     ) -> Searched:
         r"""
         A copy holding the highest-scoring blocks for these queries, keys and values.
@@ -367,11 +452,21 @@ class Searched(Pattern):
             block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` of the kernel.
             order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the token
                 order the kernel sees.
+            within ([`FrameCausal`], *optional*): the model's own attention mask (SkyReels-V2's causal frame
+                groups): the search measures the masked attention and keeps no block the mask leaves wholly out
+                (`"greedy"`; with `"mass"` such blocks hold no mass and rank last). A query block's budget stays
+                `round(keep * nk)` of all key blocks, capped at the blocks it may attend. Where `order` keeps each
+                group's tokens together, query blocks are counted from each group's first token, as the
+                runtime's per-group kernel calls count them, so those calls run the searched blocks as they are.
         """
         pair, order = as_pair(block_size), as_order(order)
         n = layout.num_tokens
         if value is None and self.criterion == "greedy":
             raise ValueError(f"{self!r} measures the output error of its blocks: give value, not None")
+        if within is not None and not isinstance(within, FrameCausal):
+            raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
+        if within is not None and layout.text_len:
+            raise ValueError(f"within={within!r} is a mask over video tokens: give a layout without text, got {layout}")
         tensors = {"query": query, "key": key} | ({} if value is None else {"value": value})
         if any(t.shape[2] != n for t in tensors.values()):
             shapes = ", ".join(f"{name}={tuple(t.shape)}" for name, t in tensors.items())
@@ -380,33 +475,49 @@ class Searched(Pattern):
         if not isinstance(order, IdentityOrder):
             perm = order.permutation(layout).to(query.device)
             tensors = {name: t.index_select(2, perm) for name, t in tensors.items()}
-        required = self._required(layout, pair)
+        groups, bounds = None, (0, n)
+        if within is not None:
+            groups = within.video_groups(layout, order)
+            if bool((groups[1:] >= groups[:-1]).all()):  # each group's tokens together: blocks from its start
+                bounds = (0, *(torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist(), n)
+            groups = groups.to(query.device)
+        starts = _group_block_starts(bounds, pair[0])
+        required = self._required(layout, pair, starts)
         if self.criterion == "greedy":
             mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
-                                 sample_rows=self.sample_rows, value_dims=self.value_dims)
+                                 sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
+                                 q_starts=starts)
         else:
-            mass = block_attention_mass(tensors["query"], tensors["key"], pair)
+            mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
             mask = select_blocks(mass, self.keep, self.budget, required)
         mask = mask.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
-        return replace(self, searched_mask=mask, searched_for=(layout, pair, order, tuple(mask.shape), digest))
+        return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None) -> Searched:
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None) -> Searched:
         """[`~Searched.search`] (nothing is drawn at random: `generator` is unused)."""
-        return self.search(query, key, value, layout, block_size, order)
+        return self.search(query, key, value, layout, block_size, order, within)
 
     @staticmethod
-    def _required(layout: VideoLayout, block_size: tuple[int, int]) -> torch.Tensor:
-        """`(nq, nk)`: the diagonal key block of every query block, and every block pair touching text."""
+    def _required(layout: VideoLayout, block_size: tuple[int, int], q_starts: torch.Tensor | None = None):
+        """`(nq, nk)`: the diagonal key block of every query block (starting at `q_starts`; default every
+        `block_q` tokens), and every block pair touching text."""
         bq, bk = block_size
-        _, _, q_text = _block_spans(layout, bq)
+        starts, lengths = query_blocks(layout.num_tokens, bq, q_starts)
         _, _, k_text = _block_spans(layout, bk)
-        nq, nk = len(q_text), len(k_text)
+        text_lo, text_hi = layout.text_start, layout.text_start + layout.text_len
+        q_text = (starts < text_hi) & (starts + lengths > text_lo)
+        nq, nk = len(starts), len(k_text)
         required = q_text[:, None] | k_text[None, :]
         # The kernel's diagonal rule: the key block holding the query block's first token.
-        diagonal = torch.clamp(torch.arange(nq) * bq // bk, max=nk - 1)
+        diagonal = torch.clamp(starts // bk, max=nk - 1)
         required[torch.arange(nq), diagonal] = True
         return required
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(starts, lengths)` of the searched mask's query blocks, in tokens."""
+        (layout, (bq, _), _), bounds = self._searched_key(), self.searched_for[3]
+        return query_blocks(layout.num_tokens, bq, _group_block_starts(bounds, bq))
 
     def _searched_key(self) -> tuple:
         """`(layout, (block_q, block_k), order)` the mask was searched for."""
@@ -436,14 +547,36 @@ class Searched(Pattern):
         video = slice(layout.video_start, layout.video_start + layout.num_video_tokens)
         return tokens[:, video, video]
 
-    def block_mask(self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None) -> torch.Tensor:
-        return self._searched(layout, block_size, order).clone()
+    def block_mask(
+        self,
+        layout: VideoLayout,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+        q_tokens: tuple[int, int] | None = None,
+        k_tokens: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The searched mask; between the token ranges `q_tokens`, `k_tokens` (a causal group's queries and its
+        keys), the reduction of its token mask there: each block of the range keeps what any searched block it
+        overlaps kept."""
+        mask = self._searched(layout, block_size, order).clone()
+        check_spans(layout, q_tokens, k_tokens)
+        bq, bk = as_pair(block_size)
+        n = layout.num_tokens
+        rows = self._rows()
+        if (q_tokens or (0, n)) == (0, n) and torch.equal(rows[0], torch.arange(0, n, bq)):
+            q_cover = None  # the searched rows are the asked ones
+        else:
+            q_cover = _covering_blocks(q_tokens or (0, n), bq, *rows)
+        if k_tokens is not None and k_tokens != (0, n):
+            columns = query_blocks(n, bk)  # key blocks are always counted from 0
+            mask = ((mask.float() @ _covering_blocks(k_tokens, bk, *columns).t()) > 0)
+        return mask if q_cover is None else (q_cover @ mask.float()) > 0
 
     def token_mask(self, layout: VideoLayout, order: TokenOrder | None = None) -> torch.Tensor:
         bq, bk = self._searched_key()[1]
         mask = self._searched(layout, (bq, bk), order)
         n = layout.num_tokens
-        return mask.repeat_interleave(bq, 1).repeat_interleave(bk, 2)[:, :n, :n]
+        return mask.repeat_interleave(self._rows()[1], 1).repeat_interleave(bk, 2)[:, :, :n]
 
     def at_density(self, layout, target, block_size, order=None, max_iter=40) -> Searched:
         r"""A copy keeping `target` of the blocks (no solving: `keep` is the density). A searched pattern can

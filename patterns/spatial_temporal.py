@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .base import Pattern
+from .causal import FrameCausal
 from .layout import VideoLayout
 
 KINDS = ("spatial", "temporal")
@@ -234,7 +235,7 @@ class SpatialTemporal(Pattern):
         rows = torch.randperm(num_video, generator=generator, device=generator.device)[: self.num_samples]
         return rows.sort().values.cpu()
 
-    def _sampled_mass(self, query, key, layout, generator=None) -> torch.Tensor:
+    def _sampled_mass(self, query, key, layout, generator=None, within=None) -> torch.Tensor:
         """`(H, 2)` float32 on the CPU: per head, the attention mass (sum of softmax probabilities over video
         keys) inside the spatial and the temporal mask, averaged over the sampled rows and the batch."""
         if not isinstance(layout, VideoLayout):
@@ -262,6 +263,12 @@ class SpatialTemporal(Pattern):
         frame_keep, row_keep, col_keep = (keep.to(torch.float32) for keep in self._axis_keeps(layout, rows))
         position_keep = row_keep[:, :, None] * col_keep[:, None, :]  # (s, H, W)
         scale = 1.0 / math.sqrt(d)
+        masked = None
+        if within is not None:  # the model's own mask: its softmax is over the keys a row keeps
+            if not isinstance(within, FrameCausal):
+                raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
+            groups = within.video_groups(layout).to(query.device)
+            masked = groups[None, :] > groups[rows][:, None]  # (s, V)
         mass = torch.empty(h, 2)
         # Heads in chunks, so neither the float32 copy of the keys nor the sampled probabilities grow past
         # _CLASSIFY_CHUNK elements: memory is O(num_samples * N), never O(N**2).
@@ -269,17 +276,18 @@ class SpatialTemporal(Pattern):
         for h0 in range(0, h, step):
             heads = slice(h0, h0 + step)
             q = query[:, heads, rows].float() * scale  # (B, h, s, D)
-            probs = torch.softmax(q @ key[:, heads].float().transpose(-1, -2), dim=-1)  # (B, h, s, V)
+            logits = q @ key[:, heads].float().transpose(-1, -2)  # (B, h, s, V)
+            probs = torch.softmax(logits if masked is None else logits.masked_fill(masked, -torch.inf), dim=-1)
             probs = probs.view(*probs.shape[:3], *layout.grid)
             spatial = (probs.sum(dim=(-1, -2)) * frame_keep).sum(-1)  # mass per kept frame, (B, h, s)
             temporal = (probs.sum(dim=-3) * position_keep).sum(dim=(-1, -2))  # mass per kept position
             mass[heads] = torch.stack([spatial, temporal], dim=-1).mean(dim=(0, 2)).cpu()
         return mass
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None) -> SpatialTemporal:
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None) -> SpatialTemporal:
         """A copy with each head's kind chosen by [`~SpatialTemporal.classify`] (values, block size and order
         do not enter: the masks are exact in any)."""
-        return self.with_heads(self.classify(query, key, layout, generator=generator))
+        return self.with_heads(self.classify(query, key, layout, generator=generator, within=within))
 
     @torch.no_grad()
     def classify(
@@ -288,6 +296,7 @@ class SpatialTemporal(Pattern):
         key: torch.Tensor,
         layout: VideoLayout,
         generator: torch.Generator | None = None,
+        within: FrameCausal | None = None,
     ) -> tuple[str, ...]:
         r"""
         Decide each head's kind from a few query rows: the kind whose mask holds more of the head's attention
@@ -310,6 +319,8 @@ class SpatialTemporal(Pattern):
             generator (`torch.Generator`, *optional*, defaults to `None`): draws the rows; `None` uses a
                 private generator seeded with `0`, so the rows are the same on every call and torch's global
                 random state is untouched.
+            within ([`FrameCausal`], *optional*): the model's own attention mask (SkyReels-V2's causal frame
+                groups): each row's softmax is over the keys it keeps.
 
         Returns:
             `tuple[str, ...]`: one kind per head, ready for [`~SpatialTemporal.with_heads`].
@@ -322,5 +333,5 @@ class SpatialTemporal(Pattern):
             >>> SpatialTemporal(frames=0).classify(qk, qk, layout)
             ('spatial',)
         """
-        mass = self._sampled_mass(query, key, layout, generator)
+        mass = self._sampled_mass(query, key, layout, generator, within)
         return tuple(KINDS[int(t > s)] for s, t in mass.tolist())

@@ -8,7 +8,7 @@ import torch
 
 import diffsparse
 from diffsparse.kernels import block_sparse_attention, make_plan
-from diffsparse.patterns import FrameSink, Searched, TileOrder, VideoLayout, get_pattern, reduce_token_mask
+from diffsparse.patterns import FrameCausal, FrameSink, Searched, TileOrder, VideoLayout, get_pattern, reduce_token_mask
 from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, select_blocks
 
 from helpers import generate
@@ -37,10 +37,19 @@ def test_block_mass_matches_the_dense_softmax_reduced_to_blocks(block_size, batc
     torch.testing.assert_close(block_attention_mass(q, k, block_size), expected)
 
 
-def _best_next_block(q, k, v, kept: torch.Tensor, rows: slice, head: int) -> int:
+def _probs(q, k, groups=None):
+    """The dense softmax; under a causal group rule (`groups[s] <= groups[r]`), the masked one."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if groups is not None:
+        logits = logits.masked_fill(groups[None, :] > groups[:, None], -torch.inf)
+    return torch.softmax(logits, dim=-1)
+
+
+def _best_next_block(q, k, v, kept: torch.Tensor, rows: slice, head: int, groups=None) -> int:
     """Brute force: the key block (of 8 tokens) whose addition to `kept` gives the least squared error of the
-    renormalised sparse attention output against dense, summed over `rows` and the batch, for `head`."""
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)[:, head, rows]
+    renormalised sparse attention output against dense (masked by `groups`), summed over `rows` and the batch, for
+    `head`; blocks the mask leaves wholly out are not candidates."""
+    probs = _probs(q, k, groups)[:, head, rows]
     dense = probs @ v[:, head]
     block_of_key = torch.arange(k.shape[2]) // 8
     errors = []
@@ -49,7 +58,8 @@ def _best_next_block(q, k, v, kept: torch.Tensor, rows: slice, head: int) -> int
         candidate[j] = True
         masked = probs * candidate[block_of_key]
         sparse = (masked / masked.sum(-1, keepdim=True)) @ v[:, head]
-        errors.append(math.inf if kept[j] else float((sparse - dense).square().sum()))
+        refused = probs[..., block_of_key == j].sum() == 0
+        errors.append(math.inf if kept[j] or refused else float((sparse - dense).square().sum()))
     return int(torch.tensor(errors).argmin())
 
 
@@ -69,6 +79,84 @@ def test_each_greedy_step_adds_the_block_with_the_least_exact_error(batch, monke
             assert torch.equal(two_steps[head, i], one_step[head, i] | (torch.arange(5) == second))
     monkeypatch.setattr("diffsparse.patterns.searched._CHUNK", 1)  # one head and query block per chunk
     assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.6, required=required), two_steps)
+
+
+def test_under_a_causal_mask_the_search_measures_the_masked_attention():
+    # SkyReels-V2's causal frame groups: 36 tokens, groups of one frame (12 tokens), blocks of 8 (block 1 straddles
+    # groups 0 and 1). Query block 0 may attend key blocks 0-1 only; blocks 1-2 up to key block 2; 3-4 all five.
+    layout = VideoLayout(frames=3, height=3, width=4)
+    q, k, v = _qkv(layout, seed=4)
+    groups = FrameCausal(1).video_groups(layout)
+    allowed = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()
+    expected = torch.zeros(2, 5, 5)
+    probs = _probs(q, k, groups)
+    for i in range(5):
+        for j in range(5):
+            expected[:, i, j] = probs[0, :, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8].sum(-1).mean(-1)
+    torch.testing.assert_close(block_attention_mass(q, k, 8, groups), expected)
+    assert torch.equal(expected[0] > 0, allowed)
+
+    required = torch.eye(5, dtype=torch.bool)
+    one_step = greedy_blocks(q, k, v, 8, keep=0.4, required=required, groups=groups)  # the diagonal and one more
+    for head in range(2):
+        for i in range(5):
+            first = _best_next_block(q, k, v, required[i], slice(8 * i, 8 * i + 8), head, groups)
+            assert one_step[head, i].nonzero().flatten().tolist() == sorted({i, first}) and allowed[i, first]
+    assert not torch.equal(one_step, greedy_blocks(q, k, v, 8, keep=0.4, required=required))  # the mask mattered
+    # The budget, 4 of 5 key blocks, is capped at the blocks a query block may attend; none beyond them is kept.
+    most = greedy_blocks(q, k, v, 8, keep=0.8, required=required, groups=groups)
+    assert torch.equal(most.sum(-1), torch.tensor([[2, 3, 3, 4, 4]] * 2)) and not (most & ~allowed).any()
+    with pytest.raises(ValueError, match="without text"):
+        text = VideoLayout(frames=3, height=3, width=4, text_len=4)
+        Searched().search(*_qkv(text), text, 8, within=FrameCausal(1))
+
+
+def test_under_a_causal_mask_query_blocks_start_at_each_group():
+    # Groups of one frame (12 tokens), blocks of 8: searched query blocks [0, 8), [8, 12), [12, 20), [20, 24), ...
+    # as the runtime's per-group kernel calls count them, so a group's calls run its searched rows as they are.
+    layout = VideoLayout(frames=3, height=3, width=4)
+    q, k, v = _qkv(layout, seed=4)
+    groups = FrameCausal(1).video_groups(layout)
+    starts = torch.tensor([0, 8, 12, 20, 24, 32])
+    searched = Searched(keep=0.4).search(q, k, v, layout, 8, within=FrameCausal(1))
+    rows = [searched.block_mask(layout, 8, q_tokens=(a, a + 12), k_tokens=(0, a + 12)) for a in (0, 12, 24)]
+    assert [tuple(r.shape) for r in rows] == [(2, 2, 2), (2, 2, 3), (2, 2, 5)]
+    assert [r.sum(-1).tolist() for r in rows] == [[[2, 2]] * 2] * 3  # two of five key blocks in every row
+    required = Searched._required(layout, (8, 8), starts)
+    assert required.nonzero().tolist() == [[0, 0], [1, 1], [2, 1], [3, 2], [4, 3], [5, 4]]  # diagonals
+    kept = greedy_blocks(q, k, v, 8, keep=0.4, required=required, groups=groups, q_starts=starts)
+    for group, width in enumerate((2, 3, 5)):  # the searched rows, and nothing kept past the group's keys
+        assert torch.equal(rows[group], kept[:, 2 * group : 2 * group + 2, :width])
+        assert not kept[:, 2 * group : 2 * group + 2, width:].any()
+    for head in range(2):
+        for i, (a, b) in enumerate(zip(starts.tolist(), [*starts[1:].tolist(), 36])):
+            first = _best_next_block(q, k, v, required[i], slice(a, b), head, groups)
+            assert kept[head, i].nonzero().flatten().tolist() == sorted({int(required[i].nonzero()), first})
+    tokens = searched.token_mask(layout)
+    for a in (0, 12, 24):
+        assert torch.equal(rows[a // 12], reduce_token_mask(tokens[:, a : a + 12, : a + 12], 8))
+    mass = block_attention_mass(q, k, 8, groups, q_starts=starts)
+    probs = _probs(q, k, groups)[0]
+    for i, (a, b) in enumerate(zip(starts.tolist(), [*starts[1:].tolist(), 36])):
+        expected = torch.stack([probs[:, a:b, 8 * j : 8 * j + 8].sum(-1).mean(-1) for j in range(5)], -1)
+        torch.testing.assert_close(mass[:, i], expected)
+    with pytest.raises(ValueError, match="q_starts must increase"):
+        block_attention_mass(q, k, 8, q_starts=torch.tensor([0, 12]))  # a block of 12 tokens
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_searched_mask_between_token_ranges_is_its_token_mask_there_reduced(order):
+    # A causal group's queries against the keys up to its end (the per-group kernel calls), blocks counted from
+    # the ranges' starts: each such block keeps what the searched blocks it overlaps kept.
+    layout = VideoLayout(frames=3, height=4, width=4)
+    q, k, v = _qkv(layout)
+    pattern = Searched(keep=0.4).search(q, k, v, layout, 8, order=order)
+    tokens = pattern.token_mask(layout, order=order)
+    for q_tokens, k_tokens in (((16, 32), (0, 32)), ((5, 47), (0, 47)), ((32, 48), (3, 40))):
+        expected = reduce_token_mask(tokens[:, slice(*q_tokens), slice(*k_tokens)], 8)
+        assert torch.equal(pattern.block_mask(layout, 8, order=order, q_tokens=q_tokens, k_tokens=k_tokens), expected)
+    with pytest.raises(ValueError, match="q_tokens must be"):
+        pattern.block_mask(layout, 8, order=order, q_tokens=(10, 5))
 
 
 def test_greedy_keeps_a_diffuse_heads_average_better_than_the_top_mass_blocks():

@@ -9,9 +9,9 @@ is). Synchronous rows land on the scheduler's steps one by one. Asynchronous row
 `ar_step` rows behind the one before) are logged at step 0 until the last frame starts; a long video
 (`overlap_history`) restarts the steps in each chunk, all in one call log. The causal frame-block mask
 (`causal_block_size > 1`, which diffusers then keeps in the transformer's config) runs sparse and exact: the later
-groups' blocks skipped where the kernel's blocks fill the groups, else one kernel call per group; a tile order that
-mixes the groups, `searched` across them, or a correction leave the calls to the original processor, with a
-warning."""
+groups' blocks skipped where the kernel's blocks fill the groups, else one kernel call per group; fitted patterns
+(`searched`, `spatial_temporal`) are fitted on the masked attention; a tile order that mixes the groups or a
+correction leave the calls to the original processor, with a warning."""
 
 import contextlib
 import dataclasses
@@ -27,7 +27,7 @@ from diffusers import (
 
 import diffsparse
 from diffsparse.config import resolve_step_count
-from diffsparse.patterns import FrameCausal, TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import FrameCausal, Searched, SpatialTemporal, TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 from diffsparse.pipelines.wan import frame_causal_groups
@@ -123,9 +123,8 @@ def test_causal_frame_blocks_run_sparse_and_exact(order, block_size, density):
          "tiles of a frame count dividing 2"),  # tiles of 4 frames hold both groups' tokens
         (diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, correction="residual"),
          "correction='residual'"),
-        (diffsparse.SparseConfig(pattern="searched", block_size=32, dense_steps=0), "block sizes dividing 48"),
     ],
-    ids=["tiles across groups", "correction", "searched across groups"],
+    ids=["tiles across groups", "correction"],
 )
 def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_warning(config, reason):
     model = tiny_transformer(frames_per_block=2)
@@ -134,6 +133,33 @@ def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_war
         out, stats = run(model, config, per_frame=True)
     assert torch.equal(out, reference)
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("block_size", [16, 20], ids=["whole blocks", "per group"])
+@pytest.mark.parametrize(
+    "pattern", [Searched(keep=1.0), SpatialTemporal(frames=99, width=99)], ids=["searched", "spatial_temporal"]
+)
+def test_fitted_patterns_run_sparse_and_exact_under_causal_frame_blocks(block_size, pattern):
+    # Fitted on the masked attention, cut into the groups' kernel calls when blocks cross the groups' boundary: with
+    # every block kept, the masked original to rounding.
+    model = tiny_transformer(frames_per_block=2)
+    reference, _ = run(model, per_frame=True)
+    config = diffsparse.SparseConfig(pattern=pattern, block_size=block_size, dense_steps=0)
+    out, stats = run(model, config, per_frame=True)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1)] * 2
+
+
+def test_searched_blocks_are_chosen_among_the_blocks_the_causal_mask_allows():
+    # Groups of 48 tokens, blocks of 16: the first group's 3 query blocks may attend 3 key blocks, the second's all
+    # 6. Half the blocks (3 per query block) searched on the masked attention are all allowed: density 18 / 36. A
+    # search blind to the mask would spend the first group's budget on masked blocks, skipped by the kernel.
+    model = tiny_transformer(frames_per_block=2)
+    reference, _ = run(model, per_frame=True)
+    config = diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0)
+    out, stats = run(model, config, per_frame=True)
+    assert [s.mean_density for s in stats.layers] == [0.5, 0.5]
+    assert not torch.allclose(out, reference, atol=1e-4)
 
 
 def test_causal_frame_blocks_under_torch_compile():

@@ -9,6 +9,7 @@ import torch
 
 from diffsparse.patterns import (
     PATTERNS,
+    FrameCausal,
     Radial,
     SpatialTemporal,
     TileOrder,
@@ -215,6 +216,24 @@ def test_classify_mass_matches_a_dense_reference():
     spatial, temporal = pattern._kind_masks(layout, torch.arange(60))
     expected = torch.stack([(probs * spatial).sum(-1), (probs * temporal).sum(-1)], dim=-1).mean(dim=(0, 2))
     torch.testing.assert_close(pattern._sampled_mass(q, k, layout), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_classify_under_a_causal_mask_measures_the_masked_attention():
+    # SkyReels-V2's causal frame groups: each row's softmax is over the keys of its group and the earlier ones.
+    layout = VideoLayout(4, 3, 4)
+    gen = torch.Generator().manual_seed(5)
+    q, k = 3 * torch.randn(1, 2, 48, 8, generator=gen), 3 * torch.randn(1, 2, 48, 8, generator=gen)
+    pattern = SpatialTemporal(frames=0, width=1, num_samples=48)
+    groups = FrameCausal(2).video_groups(layout)
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(groups[None, :] > groups[:, None], -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    spatial, temporal = pattern._kind_masks(layout, torch.arange(48))
+    expected = torch.stack([(probs * spatial).sum(-1), (probs * temporal).sum(-1)], dim=-1).mean(dim=(0, 2))
+    masked = pattern._sampled_mass(q, k, layout, within=FrameCausal(2))
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(masked, pattern._sampled_mass(q, k, layout), atol=1e-3)
+    with pytest.raises(ValueError, match="FrameCausal"):
+        pattern.classify(q, k, layout, within=pattern)
 
 
 def test_classify_head_chunks_agree(monkeypatch):
