@@ -365,6 +365,10 @@ def test_causal_frame_blocks_in_a_pipeline():
     out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, block_size=32))
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
     assert all(s.dense_calls == 0 for s in stats.layers)
+    # Searched blocks across the groups too: searched on the masked attention, per group, every call sparse.
+    searched = diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=32, dense_steps=0)
+    out, stats = run_pipeline(pipe, call, searched)
+    assert all(s.dense_calls == 0 for s in stats.layers) and stats.sparse_density < 1
     # Tiles of 4 frames mix the groups: the original processor, every call.
     with pytest.warns(UserWarning, match="tiles of a frame count dividing 2"):
         out, stats = run_pipeline(pipe, call, dataclasses.replace(every_block, order=TileOrder((4, 2, 2))))
