@@ -16,7 +16,7 @@ from .layout import VideoLayout
 from .ordering import IdentityOrder, TokenOrder, as_order
 
 BUDGETS = ("row", "head", "layer")
-CRITERIA = ("greedy", "mass")
+CRITERIA = ("greedy", "mass", "pooled")
 # float32 elements of one chunk of `block_attention_mass` and `greedy_blocks`: 64 MB.
 _CHUNK = 1 << 24
 # A set of key blocks holding less than this share of a query's attention counts as holding none, with the
@@ -76,6 +76,59 @@ def block_attention_mass(
         probs = weights.sum(3) / total[:, :, None]  # (B, H, nk, rows)
         mass.index_add_(1, block_of_token[start:end], probs.sum(0).transpose(1, 2))
     return mass / (lengths.to(mass)[None, :, None] * batch)
+
+
+def pooled_block_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: BlockSize,
+    groups: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    SpargeAttn's prediction of the block mass: each block's queries and keys pooled to their mean, and the mass of
+    key block `j` for query block `i` estimated as the softmax over key blocks of `mean_q_i . mean_k_j / sqrt(D) +
+    log |j|` (a block of `|j|` keys equal to their mean would hold that much); averaged over the batch. Exact where
+    each block's keys are alike (and its queries); the second result says how alike the keys are.
+
+    Cost: the pooling (one pass over q and k) and an `nq x nk` product per head, a small fraction of a dense call.
+
+    Args:
+        query, key, block_size, groups, q_starts: as in [`block_attention_mass`] (under `groups`, block pairs with
+            no allowed pair hold no mass; the others are estimated as if whole).
+
+    Returns:
+        `(mass, similarity)`: `torch.FloatTensor`s of shapes `(H, nq, nk)`, rows summing to 1, and `(H, nk)`, the
+        mean cosine similarity between the keys of each key block (pairs of one key with itself included; 1 when
+        they point the same way), averaged over the batch.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+        >>> mass, similarity = pooled_block_mass(q, k, 4)
+        >>> mass.shape, similarity.shape, torch.allclose(mass.sum(-1), torch.ones(2, 3))
+        (torch.Size([2, 3, 3]), torch.Size([2, 3]), True)
+    """
+    bq, bk = as_pair(block_size)
+    dim, nk_tok = query.shape[-1], key.shape[2]
+    starts, lengths = query_blocks(query.shape[2], bq, q_starts)
+    nk = math.ceil(nk_tok / bk)
+    q_index = (torch.searchsorted(starts, torch.arange(query.shape[2]), right=True) - 1).to(query.device)
+    k_index = (torch.arange(nk_tok) // bk).to(key.device)
+    k_lengths = torch.bincount(torch.arange(nk_tok) // bk, minlength=nk).to(key.device, torch.float32)
+
+    def pooled(x, index, count, blocks):
+        total = torch.zeros(*x.shape[:2], blocks, x.shape[-1], dtype=torch.float32, device=x.device)
+        return total.index_add_(2, index, x.float()) / count[:, None]
+
+    mean_q = pooled(query, q_index, lengths.to(query.device, torch.float32), len(starts))
+    mean_k = pooled(key, k_index, k_lengths, nk)
+    logits = mean_q @ mean_k.transpose(-1, -2) / math.sqrt(dim) + k_lengths.log()
+    if groups is not None:
+        logits = logits.masked_fill(~_allowed_blocks(groups.cpu(), starts, bk).to(logits.device), -torch.inf)
+    mass = torch.softmax(logits, dim=-1).mean(0)
+    unit = torch.nn.functional.normalize(key.float(), dim=-1)
+    similarity = pooled(unit, k_index, k_lengths, nk).square().sum(-1)  # |mean of unit keys|^2
+    return mass, similarity.mean(0)
 
 
 def query_blocks(num_tokens: int, block_q: int, q_starts: torch.Tensor | None = None):
@@ -345,6 +398,10 @@ class Searched(Pattern):
     - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
       (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
       biased sample of that average, and the error can exceed the output itself.
+    - `"pooled"` ([`pooled_block_mass`] then [`select_blocks`]): SpargeAttn's prediction: the mass estimated
+      from block-mean queries and keys, at a small fraction of a dense call, so cheap enough to search at every
+      step (`refresh=1`); key blocks whose keys are not alike (mean cosine similarity below `min_similarity`),
+      which a mean stands for poorly, are kept whatever their estimate.
 
     Text structure: blocks holding text tokens are always kept as queries and as keys (as every pattern does),
     and every query block keeps its diagonal key block; both count toward `keep`.
@@ -362,16 +419,19 @@ class Searched(Pattern):
     Args:
         keep (`float`, *optional*, defaults to `0.25`): share of blocks kept, in `(0, 1]`. `SparseConfig.density`
             sets it (`at_density` gives a copy with `keep=target`).
-        criterion (`str`, *optional*, defaults to `"greedy"`): `"greedy"` or `"mass"` (above).
+        criterion (`str`, *optional*, defaults to `"greedy"`): `"greedy"`, `"mass"` or `"pooled"` (above).
         budget (`str`, *optional*, defaults to `"row"`): where `keep` applies: `"row"`, the same number of key
-            blocks for every query block; with `criterion="mass"` also `"head"` (per head) or `"layer"` (one
-            budget for all heads and rows of the layer, AdaSpa's head-adaptive budgets).
+            blocks for every query block; with `criterion="mass"` or `"pooled"` also `"head"` (per head) or
+            `"layer"` (one budget for all heads and rows of the layer, AdaSpa's head-adaptive budgets).
         sample_rows (`int`, *optional*, defaults to `32`): `"greedy"`: queries per query block whose error
             counts (evenly spaced; all of them for blocks of up to 32 queries).
         value_dims (`int`, *optional*, defaults to `32`): `"greedy"`: value dimensions the error is measured in
             (wider values are randomly projected; exact up to 32).
         refresh (`int`, *optional*, defaults to `0`): search again every this many steps after a layer's last
             search, with that step's tensors (`0`: once per generation). Each search costs again (above).
+        min_similarity (`float`, *optional*, defaults to `0.0`): `"pooled"`: key blocks whose keys' mean cosine
+            similarity is below this are always kept, in `[0, 1]` (`0`: none); they count toward `keep`, so a
+            row may keep more than its share where many are.
 
     Example:
         >>> from diffsparse.patterns import Searched, VideoLayout
@@ -390,6 +450,7 @@ class Searched(Pattern):
     sample_rows: int = 32
     value_dims: int = 32
     refresh: int = 0
+    min_similarity: float = 0.0
     # Set by `search`: the mask (compared through `searched_for`, whose last item is a digest of its bits).
     searched_mask: torch.Tensor | None = field(default=None, compare=False)
     searched_for: tuple | None = None
@@ -405,8 +466,16 @@ class Searched(Pattern):
             raise ValueError(f"Searched.budget must be one of {BUDGETS}, got budget={self.budget!r}")
         if self.criterion == "greedy" and self.budget != "row":
             raise ValueError(
-                f"Searched.budget={self.budget!r} needs criterion='mass': the greedy sets are built per query block "
-                f"(budget='row')"
+                f"Searched.budget={self.budget!r} needs criterion='mass' or 'pooled': the greedy sets are built per "
+                f"query block (budget='row')"
+            )
+        similarity = self.min_similarity
+        if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not 0 <= similarity <= 1:
+            raise ValueError(f"Searched.min_similarity must be a number in [0, 1], got min_similarity={similarity!r}")
+        if similarity and self.criterion != "pooled":
+            raise ValueError(
+                f"Searched.min_similarity={similarity!r} needs criterion='pooled' (the only criterion that estimates "
+                f"blocks from their means), got criterion={self.criterion!r}"
             )
         for name, low in (("sample_rows", 1), ("value_dims", 1), ("refresh", 0)):
             value = getattr(self, name)
@@ -427,6 +496,7 @@ class Searched(Pattern):
         extra = "" if (self.sample_rows, self.value_dims) == (32, 32) else (
             f", sample_rows={self.sample_rows!r}, value_dims={self.value_dims!r}")
         extra += f", refresh={self.refresh!r}" if self.refresh else ""
+        extra += f", min_similarity={self.min_similarity!r}" if self.min_similarity else ""
         extra += "" if self.searched_mask is None else f", heads={self.num_heads}"
         return f"{self.name}(keep={self.keep!r}, criterion={self.criterion!r}, budget={self.budget!r}{extra})"
 
@@ -447,7 +517,7 @@ class Searched(Pattern):
         Args:
             query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): in the model's (frame-major) token
                 order, `N = layout.num_tokens`; they are put in `order` here. `value` may be `None` with
-                `criterion="mass"`.
+                `criterion="mass"` or `"pooled"`.
             layout ([`VideoLayout`]): the sequence layout.
             block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` of the kernel.
             order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the token
@@ -487,9 +557,13 @@ class Searched(Pattern):
             mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
                                  sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
                                  q_starts=starts)
-        else:
+        elif self.criterion == "mass":
             mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
             mask = select_blocks(mass, self.keep, self.budget, required)
+        else:
+            mass, similarity = pooled_block_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
+            dissimilar = (similarity < self.min_similarity).cpu()[:, None, :]  # (H, 1, nk)
+            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar)
         mask = mask.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
         return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))

@@ -9,7 +9,7 @@ import torch
 import diffsparse
 from diffsparse.kernels import block_sparse_attention, make_plan
 from diffsparse.patterns import FrameCausal, FrameSink, Searched, TileOrder, VideoLayout, get_pattern, reduce_token_mask
-from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, select_blocks
+from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, pooled_block_mass, select_blocks
 
 from helpers import generate
 
@@ -140,6 +140,7 @@ def test_under_a_causal_mask_query_blocks_start_at_each_group():
     for i, (a, b) in enumerate(zip(starts.tolist(), [*starts[1:].tolist(), 36])):
         expected = torch.stack([probs[:, a:b, 8 * j : 8 * j + 8].sum(-1).mean(-1) for j in range(5)], -1)
         torch.testing.assert_close(mass[:, i], expected)
+    assert torch.equal(pooled_block_mass(q, k, 8, groups, q_starts=starts)[0] > 0, mass > 0)  # allowed blocks only
     with pytest.raises(ValueError, match="q_starts must increase"):
         block_attention_mass(q, k, 8, q_starts=torch.tensor([0, 12]))  # a block of 12 tokens
 
@@ -213,6 +214,32 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert torch.equal(select_blocks(mass, 0.01, "row", required), required.expand(3, 10, 10))
 
 
+def test_pooled_mass_is_the_softmax_of_block_means_and_exact_on_alike_blocks():
+    layout = VideoLayout(frames=3, height=3, width=4)  # 36 tokens: blocks of 8, the last of 4
+    q, k, _ = _qkv(layout, batch=2)
+    mass, similarity = pooled_block_mass(q, k, 8)
+    sizes = torch.tensor([8, 8, 8, 8, 4])
+    block = torch.arange(36) // 8
+    mean_q, mean_k = (torch.stack([x[:, :, block == j].mean(2) for j in range(5)], 2) for x in (q, k))
+    logits = mean_q @ mean_k.transpose(-1, -2) / math.sqrt(8) + sizes.log()
+    torch.testing.assert_close(mass, torch.softmax(logits, -1).mean(0))
+    unit = torch.nn.functional.normalize(k, dim=-1)
+    pairwise = torch.stack([(unit[:, :, block == j] @ unit[:, :, block == j].transpose(-1, -2)).mean((-1, -2))
+                            for j in range(5)], -1)
+    torch.testing.assert_close(similarity, pairwise.mean(0))
+    # Blocks of alike queries and of alike keys: the estimate is the exact block mass, and similarity 1.
+    alike_q, alike_k = (x[:, :, block].contiguous() for x in (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)))
+    mass, similarity = pooled_block_mass(alike_q, alike_k, 8)
+    torch.testing.assert_close(mass, block_attention_mass(alike_q, alike_k, 8))
+    torch.testing.assert_close(similarity, torch.ones(2, 5))
+    # Key blocks whose keys point every which way are kept whatever their estimate (SpargeAttn's rule).
+    k[:, :, 8:16] = torch.randn(8, 8)[None, None] * torch.tensor([1.0, -1.0] * 4)[None, None, :, None]
+    _, similarity = pooled_block_mass(q, k, 8)
+    threshold = float(similarity[:, 1].max()) + 1e-3
+    kept = Searched(keep=0.2, criterion="pooled", min_similarity=threshold).search(q, k, k, layout, 8)
+    assert kept.block_mask(layout, 8)[:, :, 1].all()
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_searched_mask_is_its_token_mask_reduced_and_keeps_text_and_diagonal(order):
     layout = VideoLayout(frames=2, height=4, width=4, text_len=5, text_position="start")
@@ -235,7 +262,7 @@ def test_search_keeps_the_blocks_the_model_attends_to():
     q = codes[frame].reshape(1, 1, 32, 16)
     k = codes[(frame + 1) % 4].reshape(1, 1, 32, 16)  # frame f's queries match frame f-1's keys
     v = torch.randn(1, 1, 32, 16, generator=torch.Generator().manual_seed(2))
-    for criterion in ("mass", "greedy"):
+    for criterion in ("mass", "greedy", "pooled"):
         searched = Searched(keep=0.5, criterion=criterion).search(q, k, v, layout, 8)
         mask = searched.block_mask(layout, 8)[0]
         for f in range(4):
@@ -295,11 +322,13 @@ def test_equal_searches_are_equal_and_hash_alike():
         ({"keep": True}, "got keep=True"),
         ({"criterion": "mass", "budget": "frame"},
          "Searched.budget must be one of \\('row', 'head', 'layer'\\), got budget='frame'"),
-        ({"criterion": "lse"}, "Searched.criterion must be one of \\('greedy', 'mass'\\), got criterion='lse'"),
+        ({"criterion": "lse"}, "Searched.criterion must be one of \\('greedy', 'mass', 'pooled'\\), got criterion='lse'"),
         ({"budget": "layer"}, "Searched.budget='layer' needs criterion='mass'"),
         ({"sample_rows": 0}, "Searched.sample_rows must be an int >= 1, got sample_rows=0"),
         ({"value_dims": 2.0}, "Searched.value_dims must be an int >= 1, got value_dims=2.0"),
         ({"refresh": -1}, "Searched.refresh must be an int >= 0, got refresh=-1"),
+        ({"criterion": "pooled", "min_similarity": 1.5}, "min_similarity must be a number in \\[0, 1\\], got min_similarity=1.5"),
+        ({"min_similarity": 0.5}, "min_similarity=0.5 needs criterion='pooled'"),
     ],
 )
 def test_validation(kwargs, match):
