@@ -166,9 +166,10 @@ def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_pa
         for r in result["rows"]:
             assert r["speedup"] == r["dense_ms"] / r["sparse_ms"] and r["efficiency"] == r["speedup"] * r["density"]
     assert "dense: SDPA with the boolean mask" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([*args, "--block-size", "32", "--pattern", "searched"])
-    assert "the sparse path cannot apply this mask" in capsys.readouterr().err
+    # Searched blocks across the groups: searched on the masked attention, per group, every allowed block at 1.
+    assert main([*args, "--block-size", "32", "--pattern", "searched"]) == 0
+    rows = json.loads((tmp_path / "bench_causal.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["per group"] * 2 and rows[1]["density"] == pytest.approx(10 / 9)
 
 
 def test_eval_writes_a_table(tmp_path, capsys):
