@@ -261,9 +261,9 @@ class SparseRuntime:
         does when every kernel block of the call's layout, in the kernel's token order, is wholly allowed or wholly
         masked (one kernel call, the pattern's allowed blocks only), or else when that order keeps each group's
         tokens together (one kernel call per group: its queries against the keys up to its end). Data-dependent
-        patterns are fitted on the masked attention (`Pattern.fit`'s `within`). Otherwise (or with `SparseConfig.correction`, whose dense measurement
-        knows no mask) the call is logged dense, the caller runs the original processor, and a warning says why,
-        once per layout."""
+        patterns are fitted on the masked attention (`Pattern.fit`'s `within`). Otherwise (or with
+        `SparseConfig.correction`, whose dense measurement knows no mask) the call is logged dense, the caller runs
+        the original processor, and a warning says why, once per layout."""
         state = self._state()
         layout = state.layout
         key = (layout, frames)
