@@ -329,7 +329,9 @@ def _top(scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
     return ranks < (count[..., None] if count.ndim else count)
 
 
-def select_blocks(scores: torch.Tensor, keep: float, budget: str, required: torch.Tensor) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor, keep: float, budget: str, required: torch.Tensor, top_p: float | None = None
+) -> torch.Tensor:
     r"""
     The highest-scoring blocks, `keep` of all blocks, always including `required`.
 
@@ -340,8 +342,12 @@ def select_blocks(scores: torch.Tensor, keep: float, budget: str, required: torc
             `required`).
         budget (`str`): where the share applies: `"layer"` (one budget for all heads and rows, so heads and
             rows with more high scores get more blocks), `"head"` (per head), `"row"` (per query block).
-        required (`torch.BoolTensor` of shape `(nq, nk)`): blocks kept whatever their score (the
-            diagonal, text).
+        required (`torch.BoolTensor` of shape `(nq, nk)` or `(H, nq, nk)`): blocks kept whatever their score
+            (the diagonal, text).
+        top_p (`float`, *optional*): with `budget="row"`, each row keeps only the fewest blocks (required ones
+            first, then the highest) whose scores sum to `top_p` of the row's, at most `keep` of them (the
+            cumulative threshold of SpargeAttn and XAttention: concentrated rows keep few blocks, diffuse ones
+            up to the cap). Scores must be non-negative, e.g. block masses.
 
     Returns:
         `torch.BoolTensor` of shape `(H, nq, nk)`.
@@ -359,9 +365,16 @@ def select_blocks(scores: torch.Tensor, keep: float, budget: str, required: torc
     required = required.to(scores.device).expand(heads, nq, nk)
     # Required blocks rank first (above even infinite scores, held at the largest float); then the higher score.
     ranked = torch.where(required, torch.inf, scores.float().clamp(max=torch.finfo(torch.float32).max))
+    if top_p is not None and budget != "row":
+        raise ValueError(f"top_p applies per query block: it needs budget='row', got {budget=}")
     if budget == "row":
-        count = torch.clamp(torch.full((heads, nq), round(keep * nk), device=scores.device), min=required.sum(-1))
-        return _top(ranked, count)
+        count = torch.full((heads, nq), round(keep * nk), device=scores.device)
+        if top_p is not None:
+            order = ranked.argsort(dim=-1, descending=True, stable=True)
+            ordered = scores.float().gather(-1, order)
+            before = ordered.cumsum(-1) - ordered  # the score of the blocks ranked above each one
+            count = torch.minimum(count, (before < top_p * scores.float().sum(-1, keepdim=True)).sum(-1))
+        return _top(ranked, torch.clamp(count, min=required.sum(-1)))
     flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, heads * nq * nk)
     count = torch.clamp(torch.full((flat.shape[0],), round(keep * flat.shape[1]), device=scores.device),
                         min=required.reshape(flat.shape).sum(-1))
@@ -432,6 +445,9 @@ class Searched(Pattern):
         min_similarity (`float`, *optional*, defaults to `0.0`): `"pooled"`: key blocks whose keys' mean cosine
             similarity is below this are always kept, in `[0, 1]` (`0`: none); they count toward `keep`, so a
             row may keep more than its share where many are.
+        top_p (`float`, *optional*): `"mass"` or `"pooled"` with `budget="row"`: each query block keeps the
+            fewest blocks holding `top_p` of its (estimated) mass, in `(0, 1]`, with `keep` the most it may
+            keep ([`select_blocks`]): the density then follows the attention, at most `keep`.
 
     Example:
         >>> from diffsparse.patterns import Searched, VideoLayout
@@ -451,6 +467,7 @@ class Searched(Pattern):
     value_dims: int = 32
     refresh: int = 0
     min_similarity: float = 0.0
+    top_p: float | None = None
     # Set by `search`: the mask (compared through `searched_for`, whose last item is a digest of its bits).
     searched_mask: torch.Tensor | None = field(default=None, compare=False)
     searched_for: tuple | None = None
@@ -477,6 +494,15 @@ class Searched(Pattern):
                 f"Searched.min_similarity={similarity!r} needs criterion='pooled' (the only criterion that estimates "
                 f"blocks from their means), got criterion={self.criterion!r}"
             )
+        if self.top_p is not None:
+            top_p = self.top_p
+            if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+                raise ValueError(f"Searched.top_p must be a share of the mass in (0, 1] or None, got top_p={top_p!r}")
+            if self.criterion == "greedy" or self.budget != "row":
+                raise ValueError(
+                    f"Searched.top_p={top_p!r} needs a mass criterion ('mass' or 'pooled') with budget='row', got "
+                    f"criterion={self.criterion!r}, budget={self.budget!r}"
+                )
         for name, low in (("sample_rows", 1), ("value_dims", 1), ("refresh", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -497,6 +523,7 @@ class Searched(Pattern):
             f", sample_rows={self.sample_rows!r}, value_dims={self.value_dims!r}")
         extra += f", refresh={self.refresh!r}" if self.refresh else ""
         extra += f", min_similarity={self.min_similarity!r}" if self.min_similarity else ""
+        extra += "" if self.top_p is None else f", top_p={self.top_p!r}"
         extra += "" if self.searched_mask is None else f", heads={self.num_heads}"
         return f"{self.name}(keep={self.keep!r}, criterion={self.criterion!r}, budget={self.budget!r}{extra})"
 
@@ -559,11 +586,11 @@ class Searched(Pattern):
                                  q_starts=starts)
         elif self.criterion == "mass":
             mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
-            mask = select_blocks(mass, self.keep, self.budget, required)
+            mask = select_blocks(mass, self.keep, self.budget, required, top_p=self.top_p)
         else:
             mass, similarity = pooled_block_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
             dissimilar = (similarity < self.min_similarity).cpu()[:, None, :]  # (H, 1, nk)
-            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar)
+            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar, top_p=self.top_p)
         mask = mask.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
         return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))

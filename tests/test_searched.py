@@ -212,6 +212,14 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert torch.equal(select_blocks(infinite, 0.5, "layer", torch.eye(2, dtype=torch.bool))[0], torch.eye(2).bool())
     # Never fewer than the required blocks, whatever the share.
     assert torch.equal(select_blocks(mass, 0.01, "row", required), required.expand(3, 10, 10))
+    # A cumulative threshold: the fewest blocks, required ones first, holding top_p of the row's mass, at most keep.
+    rows = torch.tensor([[[0.05, 0.6, 0.3, 0.05], [0.25, 0.25, 0.25, 0.25]]])
+    diagonal = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]]]
+    assert select_blocks(rows, 0.5, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 0, 0], [1, 1, 0, 0]]]
+    assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
+    with pytest.raises(ValueError, match="needs budget='row'"):
+        select_blocks(rows, 0.5, "head", diagonal, top_p=0.9)
 
 
 def test_pooled_mass_is_the_softmax_of_block_means_and_exact_on_alike_blocks():
@@ -329,6 +337,9 @@ def test_equal_searches_are_equal_and_hash_alike():
         ({"refresh": -1}, "Searched.refresh must be an int >= 0, got refresh=-1"),
         ({"criterion": "pooled", "min_similarity": 1.5}, "min_similarity must be a number in \\[0, 1\\], got min_similarity=1.5"),
         ({"min_similarity": 0.5}, "min_similarity=0.5 needs criterion='pooled'"),
+        ({"criterion": "mass", "top_p": 0}, "Searched.top_p must be a share of the mass in \\(0, 1\\] or None"),
+        ({"top_p": 0.9}, "top_p=0.9 needs a mass criterion"),
+        ({"criterion": "mass", "budget": "layer", "top_p": 0.9}, "budget='layer'"),
     ],
 )
 def test_validation(kwargs, match):
