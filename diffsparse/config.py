@@ -66,8 +66,8 @@ class SparseConfig:
         density (`float`, *optional*, defaults to `None`):
             A target block density in (0, 1]: the pattern's main parameter is solved for it on each new token
             layout (`Pattern.at_density`, once per resolution, then cached), so one config gives the same
-            sparsity at any resolution; for `"searched"` it is the share of blocks the search keeps (`keep`; with `top_p`, the most it keeps).
-            `None` uses the pattern's parameters as given.
+            sparsity at any resolution; for `"searched"` it is the share of blocks the search keeps (`keep`; with
+            `top_p`, the most it keeps). `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
             per block; sequence lengths that are not a multiple are padded and the padding masked.
