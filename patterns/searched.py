@@ -66,7 +66,7 @@ def block_attention_mass(
     nk_tok = key.shape[2]
     starts, lengths = query_blocks(nq_tok, bq, q_starts)
     nq, nk = len(starts), math.ceil(nk_tok / bk)
-    block_of_token = (torch.searchsorted(starts, torch.arange(nq_tok), right=True) - 1).to(query.device)
+    block_of_token = _block_of_token(starts, nq_tok).to(query.device)
     mass = torch.zeros(heads, nq, nk, dtype=torch.float32, device=query.device)
     rows_per_chunk = max(1, _CHUNK // max(1, batch * heads * nk_tok))
     for start in range(0, nq_tok, rows_per_chunk):
@@ -112,7 +112,7 @@ def pooled_block_mass(
     dim, nk_tok = query.shape[-1], key.shape[2]
     starts, lengths = query_blocks(query.shape[2], bq, q_starts)
     nk = math.ceil(nk_tok / bk)
-    q_index = (torch.searchsorted(starts, torch.arange(query.shape[2]), right=True) - 1).to(query.device)
+    q_index = _block_of_token(starts, query.shape[2]).to(query.device)
     k_index = (torch.arange(nk_tok) // bk).to(key.device)
     k_lengths = torch.bincount(torch.arange(nk_tok) // bk, minlength=nk).to(key.device, torch.float32)
 
@@ -144,6 +144,11 @@ def query_blocks(num_tokens: int, block_q: int, q_starts: torch.Tensor | None = 
     return starts, lengths
 
 
+def _block_of_token(starts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The index of the query block (starting at `starts`, on the CPU) that holds each of the tokens."""
+    return torch.searchsorted(starts, torch.arange(num_tokens), right=True) - 1
+
+
 def _key_block_weights(
     query: torch.Tensor, key: torch.Tensor, block_k: int, masked: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +178,7 @@ def _allowed_blocks(groups: torch.Tensor, starts: torch.Tensor, block_k: int) ->
     """`(nq, nk)`: the block pairs holding at least one pair the causal group rule allows (the earliest key of the
     key block is in a group no later than the query block's latest), query blocks starting at `starts`."""
     bk = block_k
-    block_of_token = torch.searchsorted(starts, torch.arange(len(groups)), right=True) - 1
-    latest_query = torch.full((len(starts),), -1).scatter_reduce(0, block_of_token, groups, "amax")
+    latest_query = torch.full((len(starts),), -1).scatter_reduce(0, _block_of_token(starts, len(groups)), groups, "amax")
     pad = (0, -len(groups) % bk)
     earliest_key = torch.nn.functional.pad(groups, pad, value=int(groups.max())).view(-1, bk).amin(1)
     return earliest_key[None, :] <= latest_query[:, None]
