@@ -195,6 +195,7 @@ def greedy_blocks(
     value_dims: int = 32,
     groups: torch.Tensor | None = None,
     q_starts: torch.Tensor | None = None,
+    budget: str = "row",
 ) -> torch.Tensor:
     r"""
     For each head and query block, the set of `round(keep * nk)` key blocks (at least `required`) whose
@@ -229,6 +230,12 @@ def greedy_blocks(
             [`block_attention_mass`] (query, key and value of the same length).
         q_starts (`torch.LongTensor`, *optional*): the first token of each query block, as in
             [`block_attention_mass`] (`required` then has a row per block).
+        budget (`str`, *optional*, defaults to `"row"`): `"row"`: every set gets `round(keep * nk)` blocks.
+            `"head"` or `"layer"`: the same number of blocks in all, shared among the head's (or the layer's) sets
+            by what they buy: every set is grown greedily up to twice its row share, and each further block goes
+            to the set whose relative squared error (against its dense output's energy) it lowers most (gains
+            made non-increasing along each set's sequence, so each set keeps a prefix of it), AdaSpa's
+            head-adaptive budgets on the greedy objective. Costs the greedy steps of twice the share.
 
     Returns:
         `torch.BoolTensor` of shape `(H, nq, nk)`.
@@ -254,8 +261,18 @@ def greedy_blocks(
     candidates = torch.ones(nq, nk, dtype=torch.bool)
     if groups is not None:
         candidates = required.cpu() | _allowed_blocks(groups.cpu(), starts, bk)
-    budget = torch.clamp(candidates.sum(-1), max=round(keep * nk))
-    count = torch.maximum(budget, required.sum(-1).cpu()).to(query.device)
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget=}")
+    required_count = required.sum(-1).cpu()
+    count = torch.maximum(torch.clamp(candidates.sum(-1), max=round(keep * nk)), required_count).to(query.device)
+    shared = budget != "row"
+    if shared:  # grown further, then cut back to the shared budget
+        row_count, count = count, torch.maximum(
+            torch.clamp(candidates.sum(-1), max=min(nk, 2 * round(keep * nk))), required_count
+        ).to(query.device)
+        steps = int((count.cpu() - required_count).max())
+        picks = torch.full((steps, heads, nq), -1, dtype=torch.long, device=query.device)
+        gains = torch.full((steps, heads, nq), -torch.inf, device=query.device)
     kept = required.to(query.device).expand(heads, nq, nk).clone()
     refused = (~candidates).to(query.device)
     per_block = batch * samples * max(nk * dv, nk * bk)  # floats of one head and query block (pulls or probabilities)
@@ -271,39 +288,89 @@ def greedy_blocks(
             mass = weights.sum(3) / total[:, :, None]  # (b, h, nk, rows)
             # Each key block's unnormalised share of o_r, then its pull (share - mass * o_r), normalised.
             part = weights.transpose(-1, -2) @ values[:, h0:h1]  # (b, h, nk, rows, dv)
+            if shared:  # each set's dense output energy, sum over its rows of |o_r|^2
+                energy = (part.sum(2) / total[..., None]).square().sum(-1)  # (b, h, rows)
+                energy = rearrange(energy, "b h (q s) -> h q (b s)", s=samples).sum(-1).clamp(min=1e-30)
             pull = part.addcmul_(mass[..., None], part.sum(2, keepdim=True), value=-1).div_(total[:, :, None, :, None])
 
             # One set per head and query block, its rows pooled over the batch and the sampled queries.
             pull, mass = (rearrange(x, "b h j (q s) ... -> h q (b s) j ...", s=samples) for x in (pull, mass))
-            kept[h0:h1, q0:q1] = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1], refused[q0:q1])
+            grown = _grow(pull, mass, kept[h0:h1, q0:q1], count[q0:q1], refused[q0:q1], record=shared)
+            if not shared:
+                kept[h0:h1, q0:q1] = grown
+                continue
+            _, chunk_picks, errors = grown
+            picks[: len(chunk_picks), h0:h1, q0:q1] = chunk_picks
+            chunk_gains = (errors[:-1] - errors[1:]) / energy
+            gains[: len(chunk_picks), h0:h1, q0:q1] = chunk_gains.masked_fill(chunk_picks < 0, -torch.inf)
+    if not shared:
+        return kept
+    return _share_budget(kept, picks, gains, row_count - required_count.to(query.device), budget)
+
+
+def _share_budget(
+    kept: torch.Tensor, picks: torch.Tensor, gains: torch.Tensor, row_extra: torch.Tensor, budget: str
+) -> torch.Tensor:
+    """`greedy_blocks`' shared budgets: to the required blocks `kept` `(h, nq, nk)`, add the first picks of each
+    set's greedy sequence (`picks` `(steps, h, nq)`, -1 past its end), as many blocks in all as the row budget
+    adds (`row_extra` `(nq,)` per head), handed out by `gains` (`(steps, h, nq)`, the relative error each pick
+    removes), per head or for the whole layer."""
+    gains = torch.cummin(gains, dim=0).values  # non-increasing along each sequence: the best gains are prefixes
+    steps, heads, nq = gains.shape
+    pool = rearrange(gains, "t h q -> h (t q)") if budget == "head" else gains.reshape(1, -1)
+    share = int(row_extra.sum()) * (1 if budget == "head" else heads)
+    ranks = torch.argsort(torch.argsort(pool, dim=-1, descending=True, stable=True), dim=-1)
+    chosen = ranks < share
+    chosen = rearrange(chosen, "h (t q) -> t h q", t=steps) if budget == "head" else chosen.view(steps, heads, nq)
+    taken = chosen.sum(0)  # blocks each set adds: a prefix of its picks
+    for step in range(steps):
+        add = (taken > step) & (picks[step] >= 0)
+        kept |= torch.nn.functional.one_hot(picks[step].clamp(min=0), kept.shape[-1]).bool() & add[..., None]
     return kept
 
 
+def _set_error(squared: torch.Tensor, set_mass: torch.Tensor) -> torch.Tensor:
+    """Each row's squared output error for sets whose pulls sum to a vector of squared norm `squared` and whose
+    mass is `set_mass`. A set holding (almost) none of a row's mass leaves the kernel's output for that row to keys
+    the softmax barely sees, and its float32 error would be rounding noise over an underflowing square: it counts
+    as the worst, finite, so sums over rows stay comparable."""
+    error = torch.where(set_mass >= _MIN_SET_MASS, squared.clamp(min=0) / set_mass.square(), _NO_MASS_ERROR)
+    return error.clamp(max=_NO_MASS_ERROR)
+
+
 def _grow(
-    pull: torch.Tensor, mass: torch.Tensor, kept: torch.Tensor, count: torch.Tensor, refused: torch.Tensor
-) -> torch.Tensor:
+    pull: torch.Tensor,
+    mass: torch.Tensor,
+    kept: torch.Tensor,
+    count: torch.Tensor,
+    refused: torch.Tensor,
+    record: bool = False,
+):
     """The greedy steps of `greedy_blocks` on `pull` `(h, blocks, rows, nk, D)` and `mass` `(h, blocks, rows,
     nk)`: add to `kept` `(h, blocks, nk)` one block per set and step until each set holds `count[block]`, never
-    one of `refused` `(blocks, nk)`."""
+    one of `refused` `(blocks, nk)`. `record`: also return each step's picks `(steps, h, blocks)` (-1 where a set
+    was full) and each set's squared error (summed over its rows) before the first step and after each,
+    `(steps + 1, h, blocks)`."""
     pull = pull.contiguous()  # read once per step below, as a view
     weights = kept.float()
     # Sums over the kept blocks as matmuls broadcast over the rows: no reordered copy of `pull`.
     total_pull = (weights[:, :, None, None, :] @ pull)[..., 0, :]
     total_mass = (mass @ weights[:, :, :, None])[..., 0]
     pull_norms = torch.linalg.vector_norm(pull, dim=-1).square_()
+    picks = torch.empty(0, *kept.shape[:2], dtype=torch.long, device=kept.device)
+    errors = _set_error(total_pull.square().sum(-1), total_mass).sum(2)[None] if record else None
     while True:
         short = kept.sum(-1) < count
         if not short.any():
-            return kept
+            return (kept, picks, errors) if record else kept
         # |total + pull_j|^2 expanded, so each step reads `pull` once instead of building a copy of it.
         cross = torch.einsum("nd,njd->nj", total_pull.flatten(0, 2), pull.flatten(0, 2)).view(pull_norms.shape)
         squared = total_pull.square().sum(-1)[..., None] + 2 * cross + pull_norms
-        set_mass = total_mass[..., None] + mass
-        # A set holding (almost) none of a row's mass leaves the kernel's output for that row to keys the softmax
-        # barely sees, and its float32 error would be rounding noise over an underflowing square: count it as the
-        # worst. Finite, so the sum over rows stays comparable and kept blocks (infinite) are never picked again.
-        error = torch.where(set_mass >= _MIN_SET_MASS, squared.clamp(min=0) / set_mass.square(), _NO_MASS_ERROR)
-        best = error.clamp(max=_NO_MASS_ERROR).sum(2).masked_fill(kept | refused, torch.inf).argmin(-1)  # (h, blocks)
+        error = _set_error(squared, total_mass[..., None] + mass).sum(2)  # (h, blocks, nk)
+        best = error.masked_fill(kept | refused, torch.inf).argmin(-1)  # kept and refused are never picked again
+        if record:
+            picks = torch.cat([picks, best.masked_fill(~short, -1)[None]])
+            errors = torch.cat([errors, torch.where(short, error.gather(-1, best[..., None])[..., 0], errors[-1])[None]])
         kept = kept | (torch.nn.functional.one_hot(best, kept.shape[-1]).bool() & short[..., None])
         index = best[:, :, None, None].expand(-1, -1, pull.shape[2], 1)  # (h, blocks, rows, 1)
         grow = short[:, :, None].float()  # sets already full add nothing
@@ -438,8 +505,9 @@ class Searched(Pattern):
             sets it (`at_density` gives a copy with `keep=target`).
         criterion (`str`, *optional*, defaults to `"greedy"`): `"greedy"`, `"mass"` or `"pooled"` (above).
         budget (`str`, *optional*, defaults to `"row"`): where `keep` applies: `"row"`, the same number of key
-            blocks for every query block; with `criterion="mass"` or `"pooled"` also `"head"` (per head) or
-            `"layer"` (one budget for all heads and rows of the layer, AdaSpa's head-adaptive budgets).
+            blocks for every query block; `"head"` (per head) or `"layer"` (one budget for all heads and rows of
+            the layer, AdaSpa's head-adaptive budgets): with `"mass"` or `"pooled"` the highest scores of the
+            head or layer, with `"greedy"` the blocks that lower the relative error most ([`greedy_blocks`]).
         sample_rows (`int`, *optional*, defaults to `32`): `"greedy"`: queries per query block whose error
             counts (evenly spaced; all of them for blocks of up to 32 queries).
         value_dims (`int`, *optional*, defaults to `32`): `"greedy"`: value dimensions the error is measured in
@@ -485,11 +553,6 @@ class Searched(Pattern):
             raise ValueError(f"Searched.criterion must be one of {CRITERIA}, got criterion={self.criterion!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"Searched.budget must be one of {BUDGETS}, got budget={self.budget!r}")
-        if self.criterion == "greedy" and self.budget != "row":
-            raise ValueError(
-                f"Searched.budget={self.budget!r} needs criterion='mass' or 'pooled': the greedy sets are built per "
-                f"query block (budget='row')"
-            )
         similarity = self.min_similarity
         if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not 0 <= similarity <= 1:
             raise ValueError(f"Searched.min_similarity must be a number in [0, 1], got min_similarity={similarity!r}")
@@ -587,7 +650,7 @@ class Searched(Pattern):
         if self.criterion == "greedy":
             mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
                                  sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
-                                 q_starts=starts)
+                                 q_starts=starts, budget=self.budget)
         elif self.criterion == "mass":
             mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
             mask = select_blocks(mass, self.keep, self.budget, required, top_p=self.top_p)

@@ -160,6 +160,41 @@ def test_searched_mask_between_token_ranges_is_its_token_mask_there_reduced(orde
         pattern.block_mask(layout, 8, order=order, q_tokens=(10, 5))
 
 
+@pytest.mark.parametrize("budget", ["head", "layer"])
+def test_greedy_shared_budgets_hand_the_row_budgets_blocks_to_the_sets_that_gain_most(budget, monkeypatch):
+    # Head 0 attends its own frame only (the diagonal block says it all); head 1 attends every frame alike.
+    layout = VideoLayout(frames=5, height=2, width=4)  # 40 tokens, blocks of 8: one frame each
+    frame = torch.arange(40) // 8
+    codes = 8 * torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = torch.Generator().manual_seed(1)
+    q = torch.stack([codes[frame], 0.1 * torch.randn(40, 16, generator=g)])[None]
+    k = torch.stack([codes[frame], torch.randn(40, 16, generator=g)])[None]
+    v = torch.randn(1, 2, 40, 16, generator=g)
+    required = torch.eye(5, dtype=torch.bool)
+    row = greedy_blocks(q, k, v, 8, keep=0.4, required=required)
+    shared = greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget)
+    if budget == "layer":
+        assert shared.sum() == row.sum() and shared[1].sum() > row[1].sum()  # the diffuse head gets more
+    else:
+        assert torch.equal(shared.sum((1, 2)), row.sum((1, 2)))  # each head keeps its own total
+    assert not torch.equal(shared, row)
+    # Each set is a prefix of its greedy sequence: the row-budget set of the same size.
+    sequence = [greedy_blocks(q, k, v, 8, keep=n / 5, required=required) for n in range(1, 6)]
+    for head in range(2):
+        for i in range(5):
+            size = int(shared[head, i].sum())
+            assert torch.equal(shared[head, i], sequence[size - 1][head, i])
+    searched = Searched(keep=0.4, budget=budget).search(q, k, v, layout, 8)
+    assert torch.equal(searched.block_mask(layout, 8), shared)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget="frame")
+    # Chunked (one head and query block at a time) alike, on inputs without near-tied gains (head 0's are ~0 here).
+    q, k, v = _qkv(VideoLayout(frames=3, height=3, width=4), seed=4)
+    whole = greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget)
+    monkeypatch.setattr("diffsparse.patterns.searched._CHUNK", 1)
+    assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget), whole)
+
+
 def test_greedy_keeps_a_diffuse_heads_average_better_than_the_top_mass_blocks():
     layout = VideoLayout(frames=8, height=4, width=4)
     g = torch.Generator().manual_seed(0)
@@ -331,7 +366,6 @@ def test_equal_searches_are_equal_and_hash_alike():
         ({"criterion": "mass", "budget": "frame"},
          "Searched.budget must be one of \\('row', 'head', 'layer'\\), got budget='frame'"),
         ({"criterion": "lse"}, "Searched.criterion must be one of \\('greedy', 'mass', 'pooled'\\), got criterion='lse'"),
-        ({"budget": "layer"}, "Searched.budget='layer' needs criterion='mass'"),
         ({"sample_rows": 0}, "Searched.sample_rows must be an int >= 1, got sample_rows=0"),
         ({"value_dims": 2.0}, "Searched.value_dims must be an int >= 1, got value_dims=2.0"),
         ({"refresh": -1}, "Searched.refresh must be an int >= 0, got refresh=-1"),
