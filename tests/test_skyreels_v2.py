@@ -150,13 +150,15 @@ def test_fitted_patterns_run_sparse_and_exact_under_causal_frame_blocks(block_si
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1)] * 2
 
 
-def test_searched_blocks_are_chosen_among_the_blocks_the_causal_mask_allows():
+@pytest.mark.parametrize("budget", ["row", "layer"])
+def test_searched_blocks_are_chosen_among_the_blocks_the_causal_mask_allows(budget):
     # Groups of 48 tokens, blocks of 16: the first group's 3 query blocks may attend 3 key blocks, the second's all
     # 6. Half the blocks (3 per query block) searched on the masked attention are all allowed: density 18 / 36. A
-    # search blind to the mask would spend the first group's budget on masked blocks, skipped by the kernel.
+    # search blind to the mask would spend the first group's budget on masked blocks, skipped by the kernel; a
+    # layer budget hands out the same total, among allowed blocks only.
     model = tiny_transformer(frames_per_block=2)
     reference, _ = run(model, per_frame=True)
-    config = diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0)
+    config = diffsparse.SparseConfig(pattern=Searched(budget=budget), density=0.5, block_size=16, dense_steps=0)
     out, stats = run(model, config, per_frame=True)
     assert [s.mean_density for s in stats.layers] == [0.5, 0.5]
     assert not torch.allclose(out, reference, atol=1e-4)
