@@ -246,6 +246,8 @@ def greedy_blocks(
         >>> kept.shape, kept.sum(-1).tolist()
         (torch.Size([2, 5, 5]), [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]])
     """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget=}")
     bq, bk = as_pair(block_size)
     batch, heads, n, dim = query.shape
     starts, lengths = query_blocks(n, bq, q_starts)
@@ -261,8 +263,6 @@ def greedy_blocks(
     candidates = torch.ones(nq, nk, dtype=torch.bool)
     if groups is not None:
         candidates = required.cpu() | _allowed_blocks(groups.cpu(), starts, bk)
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget=}")
     required_count = required.sum(-1).cpu()
     count = torch.maximum(torch.clamp(candidates.sum(-1), max=round(keep * nk)), required_count).to(query.device)
     shared = budget != "row"
