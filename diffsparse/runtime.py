@@ -300,16 +300,8 @@ class SparseRuntime:
         order interleaves groups (or the sequence holds text): a group's queries then cannot attend a prefix."""
         key = (layout, frames)
         if key not in self._groups:
-            groups = None
-            if not layout.text_len:
-                position = torch.arange(layout.num_tokens)
-                if not isinstance(self.order, IdentityOrder):
-                    position = self.order.permutation(layout)
-                group = position // (layout.height * layout.width) // frames
-                if bool((group[1:] >= group[:-1]).all()):
-                    bounds = torch.searchsorted(group, torch.arange(int(group[-1]) + 2)).tolist()
-                    groups = tuple(itertools.pairwise(bounds))
-            self._groups[key] = groups
+            bounds = FrameCausal(frames).group_bounds(layout, self.order)
+            self._groups[key] = None if bounds is None else tuple(itertools.pairwise(bounds))
         return self._groups[key]
 
     def _dense_step(self, state: _BranchState) -> bool:

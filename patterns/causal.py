@@ -59,6 +59,17 @@ class FrameCausal(Pattern):
             )
         return group[order.permutation(layout)]
 
+    def group_bounds(self, layout: VideoLayout, order: TokenOrder | None = None) -> tuple[int, ...] | None:
+        """Where each group starts in `order`, then the sequence's length, `(0, b1, ..., N)`, when the order keeps
+        each group's tokens together (a group's queries then attend a prefix of the keys); `None` when it
+        interleaves groups or the layout has text tokens."""
+        if layout.text_len:
+            return None
+        group = self.video_groups(layout, order)
+        if not bool((group[1:] >= group[:-1]).all()):
+            return None
+        return (0, *(torch.nonzero(group[1:] != group[:-1]).flatten() + 1).tolist(), layout.num_tokens)
+
     def _video_token_mask(self, layout):
         group = self.video_groups(layout)
         return (group[None, :] <= group[:, None])[None]

@@ -259,6 +259,7 @@ def greedy_blocks(
     dv = values.shape[-1]
     values = torch.nn.functional.pad(values, (0, 0, 0, nk * bk - key.shape[2])).reshape(batch, heads, nk, bk, dv)
     samples = min(sample_rows, bq)
+    groups = None if groups is None else groups.to(query.device)
     rows = (starts[:, None] + torch.arange(samples)[None, :] * lengths[:, None] // samples).to(query.device)
     candidates = torch.ones(nq, nk, dtype=torch.bool)
     if groups is not None:
@@ -283,7 +284,7 @@ def greedy_blocks(
         for q0 in range(0, nq, block_chunk):
             q1 = min(q0 + block_chunk, nq)
             sampled = rows[q0:q1].reshape(-1)
-            masked = None if groups is None else _masked_pairs(groups.to(query.device), sampled)
+            masked = None if groups is None else _masked_pairs(groups, sampled)
             weights, total = _key_block_weights(query[:, h0:h1, sampled], key[:, h0:h1], bk, masked)
             mass = weights.sum(3) / total[:, :, None]  # (b, h, nk, rows)
             # Each key block's unnormalised share of o_r, then its pull (share - mass * o_r), normalised.
@@ -642,10 +643,8 @@ class Searched(Pattern):
             tensors = {name: t.index_select(2, perm) for name, t in tensors.items()}
         groups, bounds = None, (0, n)
         if within is not None:
-            groups = within.video_groups(layout, order)
-            if bool((groups[1:] >= groups[:-1]).all()):  # each group's tokens together: blocks from its start
-                bounds = (0, *(torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist(), n)
-            groups = groups.to(query.device)
+            groups = within.video_groups(layout, order).to(query.device)
+            bounds = within.group_bounds(layout, order) or bounds  # each group's tokens together: blocks from its start
         starts = _group_block_starts(bounds, pair[0])
         required = self._required(layout, pair, starts)
         if self.criterion == "greedy":
