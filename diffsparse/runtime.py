@@ -20,7 +20,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import DenseQueryFrames, FrameCausal, IdentityOrder, Pattern, VideoLayout
+from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -349,14 +349,14 @@ class SparseRuntime:
         key: torch.Tensor,
         value: torch.Tensor,
         layout: VideoLayout | None = None,
-        heads: tuple[int, int] | None = None,
+        heads: HeadShard | None = None,
     ) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
         `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
         videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
-        `heads`: `(first head, the model's heads)` when the tensors hold only some of the model's heads (Ulysses
-        context parallelism), so a pattern with one mask per head gives these heads theirs.
+        `heads`: which of the model's heads the tensors hold, when only some (Ulysses context parallelism), so a
+        pattern with one mask per head gives these heads theirs and a fit shared over the layer's heads sees all.
         The call's own tensors are taken in the model's token order: the adapter's `token_order`, if it gave one,
         puts them in the layout's order and the output back in the model's.
         """
@@ -368,9 +368,10 @@ class SparseRuntime:
         branch = self.state_manager.context.name
         pattern = self.pattern
         if self._fits:
-            pattern = self._layer_pattern(layer, layout, query, key, value, state.frame_causal)
+            pattern = self._layer_pattern(layer, layout, query, key, value, state.frame_causal, heads)
+        head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(
-            layout, query.shape[2], query.device, pattern, heads, state.frame_causal, state.dense_frames or ()
+            layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or ()
         )
         inputs = (query, key, value)
         if cached.perm is not None:
@@ -455,7 +456,7 @@ class SparseRuntime:
         return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
 
     def _layer_pattern(
-        self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0
+        self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0, shard: HeadShard | None = None
     ) -> tuple[Pattern, ...]:
         """The layer's fitted patterns, one per video of the batch (one for all when they are equal).
 
@@ -476,7 +477,7 @@ class SparseRuntime:
                 self.pattern.fit(
                     q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes, order=self.order,
                     generator=torch.Generator(device=query.device).manual_seed(layer),
-                    within=FrameCausal(frame_causal) if frame_causal else None,
+                    within=FrameCausal(frame_causal) if frame_causal else None, shard=shard,
                 )
                 for i in range(batch)
             )

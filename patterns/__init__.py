@@ -1,6 +1,6 @@
 """What to compute: block masks over token layouts. Knows nothing of diffusers or kernels."""
 
-from .base import Pattern, as_pair, reduce_token_mask
+from .base import HeadShard, Pattern, as_pair, reduce_token_mask
 from .causal import FrameCausal
 from .compose import Intersection, Union
 from .dense import Dense
@@ -20,6 +20,7 @@ __all__ = [
     "DenseQueryFrames",
     "FrameCausal",
     "FrameSink",
+    "HeadShard",
     "IdentityOrder",
     "Intersection",
     "Pattern",

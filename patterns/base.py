@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -146,6 +147,39 @@ def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
                 f"{name} must be a (start, stop) pair of ints with 0 <= start < stop <= {layout.num_tokens} "
                 f"(the layout's tokens), got {name}={span!r}"
             )
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    r"""
+    The heads one process holds when the model's heads are split over processes (Ulysses context parallelism):
+    consecutive heads from `first` on (as many as its tensors hold) of the model's `total`, and `gather`, which takes a tensor whose dim 0
+    is this process's heads and returns it for all the model's heads, in head order (an all-gather; every process
+    of the split must call it together). A fit whose result depends on all heads at once (a block budget shared
+    over the layer) uses it to decide as one process would.
+
+    Example:
+        >>> shard = HeadShard(first=2, total=4, gather=lambda x: torch.cat([x - 1, x]))  # what 2 processes return
+        >>> full = shard.all_heads(torch.tensor([[5.0], [6.0]]))
+        >>> full.flatten().tolist(), shard.own(full, 2).flatten().tolist()
+        ([4.0, 5.0, 5.0, 6.0], [5.0, 6.0])
+    """
+
+    first: int
+    total: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def all_heads(self, local: torch.Tensor) -> torch.Tensor:
+        """`local` (dim 0: this process's heads) for all the model's heads."""
+        gathered = self.gather(local)
+        if gathered.shape[0] != self.total or gathered.shape[1:] != local.shape[1:]:
+            raise ValueError(f"HeadShard.gather returned shape {tuple(gathered.shape)} for local shape "
+                             f"{tuple(local.shape)}: expected ({self.total}, *local.shape[1:])")
+        return gathered
+
+    def own(self, full: torch.Tensor, count: int) -> torch.Tensor:
+        """This process's `count` heads of `full` (dim 0: all the model's heads)."""
+        return full[self.first : self.first + count]
 
 
 @dataclass(frozen=True, repr=False)
@@ -311,6 +345,7 @@ class Pattern(abc.ABC):
         order: TokenOrder | None = None,
         generator: torch.Generator | None = None,
         within: Pattern | None = None,
+        shard: HeadShard | None = None,
     ) -> Pattern:
         r"""
         The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
@@ -318,6 +353,8 @@ class Pattern(abc.ABC):
         video's `(1, H, N, D)` queries, keys and values in the model's frame-major order, and uses the results
         (one mask per video) for the layer's next steps. `within`: the model's own attention mask, when the
         call has one ([`FrameCausal`]: SkyReels-V2's causal frame groups): the fit measures the attention it allows.
+        `shard`: when the tensors hold only some of the model's heads (Ulysses context parallelism), which ones,
+        and how to see all of them; every process of the split calls `fit` together.
         Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
         heads, [`Searched`] searches its blocks).
         """

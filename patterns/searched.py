@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from .base import BlockSize, Pattern, _block_spans, as_pair, check_spans
+from .base import BlockSize, HeadShard, Pattern, _block_spans, as_pair, check_spans
 from .causal import FrameCausal
 from .layout import VideoLayout
 from .ordering import IdentityOrder, TokenOrder, as_order
@@ -196,6 +196,7 @@ def greedy_blocks(
     groups: torch.Tensor | None = None,
     q_starts: torch.Tensor | None = None,
     budget: str = "row",
+    shard: HeadShard | None = None,
 ) -> torch.Tensor:
     r"""
     For each head and query block, the set of `round(keep * nk)` key blocks (at least `required`) whose
@@ -236,6 +237,8 @@ def greedy_blocks(
             to the set whose relative squared error (against its dense output's energy) it lowers most (gains
             made non-increasing along each set's sequence, so each set keeps a prefix of it), AdaSpa's
             head-adaptive budgets on the greedy objective. Costs the greedy steps of twice the share.
+        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (Ulysses context
+            parallelism), `budget="layer"` is shared over all of them, as one process would share it.
 
     Returns:
         `torch.BoolTensor` of shape `(H, nq, nk)`.
@@ -306,17 +309,25 @@ def greedy_blocks(
             gains[: len(chunk_picks), h0:h1, q0:q1] = chunk_gains.masked_fill(chunk_picks < 0, -torch.inf)
     if not shared:
         return kept
-    return _share_budget(kept, picks, gains, row_count - required_count.to(query.device), budget)
+    return _share_budget(kept, picks, gains, row_count - required_count.to(query.device), budget, shard)
 
 
 def _share_budget(
-    kept: torch.Tensor, picks: torch.Tensor, gains: torch.Tensor, row_extra: torch.Tensor, budget: str
+    kept: torch.Tensor,
+    picks: torch.Tensor,
+    gains: torch.Tensor,
+    row_extra: torch.Tensor,
+    budget: str,
+    shard: HeadShard | None = None,
 ) -> torch.Tensor:
     """`greedy_blocks`' shared budgets: to the required blocks `kept` `(h, nq, nk)`, add the first picks of each
     set's greedy sequence (`picks` `(steps, h, nq)`, -1 past its end), as many blocks in all as the row budget
     adds (`row_extra` `(nq,)` per head), handed out by `gains` (`(steps, h, nq)`, the relative error each pick
-    removes), per head or for the whole layer."""
+    removes), per head or for the whole layer (all the model's heads under a `shard`)."""
     gains = torch.cummin(gains, dim=0).values  # non-increasing along each sequence: the best gains are prefixes
+    local_heads = gains.shape[1]
+    if budget == "layer" and shard is not None:
+        gains = rearrange(shard.all_heads(rearrange(gains, "t h q -> h t q")), "h t q -> t h q")
     steps, heads, nq = gains.shape
     pool = rearrange(gains, "t h q -> h (t q)") if budget == "head" else gains.reshape(1, -1)
     share = int(row_extra.sum()) * (1 if budget == "head" else heads)
@@ -324,6 +335,8 @@ def _share_budget(
     chosen = ranks < share
     chosen = rearrange(chosen, "h (t q) -> t h q", t=steps) if budget == "head" else chosen.view(steps, heads, nq)
     taken = chosen.sum(0)  # blocks each set adds: a prefix of its picks
+    if heads != local_heads:
+        taken = shard.own(taken, local_heads)
     for step in range(steps):
         add = (taken > step) & (picks[step] >= 0)
         kept |= torch.nn.functional.one_hot(picks[step].clamp(min=0), kept.shape[-1]).bool() & add[..., None]
@@ -402,7 +415,12 @@ def _top(scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
 
 
 def select_blocks(
-    scores: torch.Tensor, keep: float, budget: str, required: torch.Tensor, top_p: float | None = None
+    scores: torch.Tensor,
+    keep: float,
+    budget: str,
+    required: torch.Tensor,
+    top_p: float | None = None,
+    shard: HeadShard | None = None,
 ) -> torch.Tensor:
     r"""
     The highest-scoring blocks, `keep` of all blocks, always including `required`.
@@ -420,6 +438,8 @@ def select_blocks(
             first, then the highest) whose scores sum to `top_p` of the row's, at most `keep` of them (the
             cumulative threshold of SpargeAttn and XAttention: concentrated rows keep few blocks, diffuse ones
             up to the cap). Scores must be non-negative, e.g. block masses.
+        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (Ulysses context
+            parallelism), `budget="layer"` is shared over all of them, as one process would share it.
 
     Returns:
         `torch.BoolTensor` of shape `(H, nq, nk)`.
@@ -447,10 +467,13 @@ def select_blocks(
             before = ordered.cumsum(-1) - ordered  # the score of the blocks ranked above each one
             count = torch.minimum(count, (before < top_p * scores.float().sum(-1, keepdim=True)).sum(-1))
         return _top(ranked, torch.clamp(count, min=required.sum(-1)))
-    flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, heads * nq * nk)
+    if budget == "layer" and shard is not None:
+        ranked = shard.all_heads(ranked)
+    flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, -1)
     count = torch.clamp(torch.full((flat.shape[0],), round(keep * flat.shape[1]), device=scores.device),
-                        min=required.reshape(flat.shape).sum(-1))
-    return _top(flat, count).reshape(heads, nq, nk)
+                        min=flat.isposinf().sum(-1))  # the required blocks
+    kept = _top(flat, count).reshape(-1, nq, nk)
+    return kept if len(kept) == heads else shard.own(kept, heads)
 
 
 def _check_keep(keep) -> None:
@@ -606,6 +629,7 @@ class Searched(Pattern):
         block_size: BlockSize,
         order: TokenOrder | None = None,
         within: FrameCausal | None = None,
+        shard: HeadShard | None = None,
     ) -> Searched:
         r"""
         A copy holding the highest-scoring blocks for these queries, keys and values.
@@ -624,6 +648,9 @@ class Searched(Pattern):
                 `round(keep * nk)` of all key blocks, capped at the blocks it may attend. Where `order` keeps each
                 group's tokens together, query blocks are counted from each group's first token, as the
                 runtime's per-group kernel calls count them, so those calls run the searched blocks as they are.
+            shard ([`HeadShard`], *optional*): when the tensors hold only some of the model's heads (Ulysses
+                context parallelism): `budget="layer"` is then shared over all the model's heads, so each
+                process keeps the blocks one process would keep for its heads (every process calls this together).
         """
         pair, order = as_pair(block_size), as_order(order)
         n = layout.num_tokens
@@ -650,21 +677,23 @@ class Searched(Pattern):
         if self.criterion == "greedy":
             mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
                                  sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
-                                 q_starts=starts, budget=self.budget)
+                                 q_starts=starts, budget=self.budget, shard=shard)
         elif self.criterion == "mass":
             mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
-            mask = select_blocks(mass, self.keep, self.budget, required, top_p=self.top_p)
+            mask = select_blocks(mass, self.keep, self.budget, required, top_p=self.top_p, shard=shard)
         else:
             mass, similarity = pooled_block_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
             dissimilar = (similarity < self.min_similarity).cpu()[:, None, :]  # (H, 1, nk)
-            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar, top_p=self.top_p)
+            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar, top_p=self.top_p, shard=shard)
         mask = mask.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
         return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None) -> Searched:
+    def fit(
+        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None
+    ) -> Searched:
         """[`~Searched.search`] (nothing is drawn at random: `generator` is unused)."""
-        return self.search(query, key, value, layout, block_size, order, within)
+        return self.search(query, key, value, layout, block_size, order, within, shard)
 
     @staticmethod
     def _required(layout: VideoLayout, block_size: tuple[int, int], q_starts: torch.Tensor | None = None):

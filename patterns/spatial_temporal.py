@@ -284,9 +284,12 @@ class SpatialTemporal(Pattern):
             mass[heads] = torch.stack([spatial, temporal], dim=-1).mean(dim=(0, 2)).cpu()
         return mass
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None) -> SpatialTemporal:
+    def fit(
+        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None
+    ) -> SpatialTemporal:
         """A copy with each head's kind chosen by [`~SpatialTemporal.classify`] (values, block size and order
-        do not enter: the masks are exact in any)."""
+        do not enter: the masks are exact in any; each head is classified on its own, so `shard` does not
+        enter either)."""
         return self.with_heads(self.classify(query, key, layout, generator=generator, within=within))
 
     @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -10,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from einops import rearrange
+
+from ..patterns import HeadShard
 
 # (transformer, forward args, forward kwargs) -> (layout of the self-attention sequence, timestep), or with a third
 # element, each token's index in the layout when the model's tokens are in another order (`ModelAdapter.read_call`)
@@ -65,7 +68,8 @@ class SparseProcessor:
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
         q, k, v = (_sequence_to_heads(x, group, degree) for x in (query, key, value))
-        out = self.runtime.attention(self.layer, q, k, v, heads=(rank * (heads // degree), heads))
+        shard = HeadShard(rank * (heads // degree), heads, functools.partial(_all_gather_heads, group=group))
+        out = self.runtime.attention(self.layer, q, k, v, heads=shard)
         return _heads_to_sequence(out, group, degree)
 
 
@@ -130,6 +134,13 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty_like(x)  # after `contiguous`: `empty_like` keeps a view's strides, the collective does not
     torch.distributed.all_to_all_single(out, x, group=group)
     return out
+
+
+def _all_gather_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's `x` (dim 0: its heads) concatenated in rank order: all the model's heads, in order."""
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 def _sequence_to_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:

@@ -21,9 +21,15 @@ CONFIGS = {
     # One window per head: each rank must attend its own head's mask, not the first one.
     "window3d per head": diffsparse.SparseConfig(pattern=Window3D([(1, 2, 2), (3, 8, 8)]), block_size=16, dense_steps=0),
     "searched (fitted per head)": diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0),
-    # A budget shared among each head's query blocks does not depend on how the heads are split over the ranks.
     "searched, head budget": diffsparse.SparseConfig(
         pattern="searched(budget='head')", density=0.5, block_size=16, dense_steps=0
+    ),
+    # A budget shared over the layer's heads: each rank holds half of them, and must share it over all.
+    "searched, layer budget": diffsparse.SparseConfig(
+        pattern="searched(budget='layer')", density=0.5, block_size=16, dense_steps=0
+    ),
+    "searched by mass, layer budget": diffsparse.SparseConfig(
+        pattern="searched(criterion='mass', budget='layer')", density=0.5, block_size=16, dense_steps=0
     ),
 }
 

@@ -1,14 +1,25 @@
 """Searched blocks: exact block mass, budgets, the searched mask as a pattern, and the search in a pipeline."""
 
 import doctest
+import functools
 import math
+import threading
 
 import pytest
 import torch
 
 import diffsparse
 from diffsparse.kernels import block_sparse_attention, make_plan
-from diffsparse.patterns import FrameCausal, FrameSink, Searched, TileOrder, VideoLayout, get_pattern, reduce_token_mask
+from diffsparse.patterns import (
+    FrameCausal,
+    FrameSink,
+    HeadShard,
+    Searched,
+    TileOrder,
+    VideoLayout,
+    get_pattern,
+    reduce_token_mask,
+)
 from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, pooled_block_mass, select_blocks
 
 from helpers import generate
@@ -193,6 +204,61 @@ def test_greedy_shared_budgets_hand_the_row_budgets_blocks_to_the_sets_that_gain
     whole = greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget)
     monkeypatch.setattr("diffsparse.patterns.searched._CHUNK", 1)
     assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget), whole)
+
+
+def _in_shards(fit, heads: int, parts: int = 2) -> torch.Tensor:
+    """`fit(first, count, shard)` for each of `parts` consecutive slices of the heads, each in its own thread as
+    the processes of a Ulysses split run, `HeadShard.gather` being an all-gather between the threads; the results
+    concatenated in head order."""
+    count, barrier = heads // parts, threading.Barrier(parts, timeout=60)
+    slots, results = [None] * parts, [None] * parts
+
+    def gather(rank, x):
+        slots[rank] = x
+        barrier.wait()
+        full = torch.cat(slots)
+        barrier.wait()  # all have read before the next gather writes
+        return full
+
+    def run(rank):
+        try:
+            results[rank] = fit(rank * count, count, HeadShard(rank * count, heads, functools.partial(gather, rank)))
+        except BaseException as error:  # noqa: BLE001  (re-raised below, in the test's thread)
+            results[rank] = error
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(parts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return torch.cat(results)
+
+
+@pytest.mark.parametrize("criterion", ["greedy", "mass"])
+def test_a_layer_budget_split_over_processes_by_heads_is_shared_as_one_process_shares_it(criterion):
+    # Heads 0-1 attend their own frame only, heads 2-3 every frame alike: the concentrated half gives blocks away.
+    layout = VideoLayout(frames=5, height=2, width=4)  # 40 tokens, blocks of 8: one frame each
+    frame = torch.arange(40) // 8
+    codes = 8 * torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = torch.Generator().manual_seed(1)
+    q = torch.stack([codes[frame]] * 2 + [0.1 * torch.randn(40, 16, generator=g) for _ in range(2)])[None]
+    k = torch.stack([codes[frame]] * 2 + [torch.randn(40, 16, generator=g) for _ in range(2)])[None]
+    v = torch.randn(1, 4, 40, 16, generator=g)
+    pattern = Searched(keep=0.4, criterion=criterion, budget="layer")
+    whole = pattern.search(q, k, v, layout, 8).block_mask(layout, 8)
+    assert whole[2:].sum() > whole[:2].sum()
+
+    def fit(first, count, shard):
+        heads = slice(first, first + count)
+        return pattern.fit(q[:, heads], k[:, heads], v[:, heads], layout, 8, shard=shard).block_mask(layout, 8)
+
+    assert torch.equal(_in_shards(fit, heads=4), whole)
+    alone = torch.cat([fit(first, 2, None) for first in (0, 2)])  # each half shares only among its own heads
+    assert alone[2:].sum() == alone[:2].sum() and not torch.equal(alone, whole)
 
 
 def test_greedy_keeps_a_diffuse_heads_average_better_than_the_top_mass_blocks():
