@@ -532,7 +532,8 @@ class Searched(Pattern):
             blocks for every query block; `"head"` (per head) or `"layer"` (one budget for all heads and rows of
             the layer, AdaSpa's head-adaptive budgets): with `"mass"` or `"pooled"` the highest scores of the
             head or layer, with `"greedy"` the blocks that lower the relative error most ([`greedy_blocks`]).
-            Under Ulysses context parallelism a rank fits its own heads, so `"layer"` shares over those only.
+            Under Ulysses context parallelism `"layer"` is shared over all the model's heads, as in one process
+            (the ranks' scores are all-gathered: `search(..., shard=)`).
         sample_rows (`int`, *optional*, defaults to `32`): `"greedy"`: queries per query block whose error
             counts (evenly spaced; all of them for blocks of up to 32 queries).
         value_dims (`int`, *optional*, defaults to `32`): `"greedy"`: value dimensions the error is measured in
