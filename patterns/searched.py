@@ -528,7 +528,7 @@ class Searched(Pattern):
         keep (`float`, *optional*, defaults to `0.25`): share of blocks kept, in `(0, 1]`. `SparseConfig.density`
             sets it (`at_density` gives a copy with `keep=target`).
         criterion (`str`, *optional*, defaults to `"greedy"`): `"greedy"`, `"mass"` or `"pooled"` (above).
-        budget (`str`, *optional*, defaults to `"row"`): where `keep` applies: `"row"`, the same number of key
+        budget (`str`, *optional*, defaults to `"layer"`): where `keep` applies: `"row"`, the same number of key
             blocks for every query block; `"head"` (per head) or `"layer"` (one budget for all heads and rows of
             the layer, AdaSpa's head-adaptive budgets): with `"mass"` or `"pooled"` the highest scores of the
             head or layer, with `"greedy"` the blocks that lower the relative error most ([`greedy_blocks`]).
@@ -553,14 +553,14 @@ class Searched(Pattern):
         >>> q, k, v = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
         >>> searched = Searched(keep=0.5).search(q, k, v, layout, 8)
         >>> searched
-        searched(keep=0.5, criterion='greedy', budget='row', heads=2)
+        searched(keep=0.5, criterion='greedy', budget='layer', heads=2)
         >>> searched.block_mask(layout, 8).shape, searched.density(layout, 8)
         (torch.Size([2, 4, 4]), 0.5)
     """
 
     keep: float = 0.25
     criterion: str = "greedy"
-    budget: str = "row"
+    budget: str = "layer"
     sample_rows: int = 32
     value_dims: int = 32
     refresh: int = 0

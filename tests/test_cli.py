@@ -219,7 +219,7 @@ def test_eval_takes_patterns_with_parameters(tmp_path):
     with open(tmp_path / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["pattern"].startswith("radial(") and "min_window=64" in rows[0]["pattern"]
-    assert rows[1]["pattern"] == "searched(keep=0.5, criterion='greedy', budget='row', refresh=1)"
+    assert rows[1]["pattern"] == "searched(keep=0.5, criterion='greedy', budget='layer', refresh=1)"
     assert abs(float(rows[1]["measured_density"]) - 0.5) < 0.05
 
 

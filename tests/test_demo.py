@@ -48,9 +48,9 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
                 if isinstance(b, gr.Dropdown) and b.label.startswith("pattern")]
     offered = [value for _, value in field.choices]
-    assert set(PATTERNS) < set(offered) and "searched(sample_rows=8, budget='layer')" in offered
+    assert set(PATTERNS) < set(offered) and "searched(sample_rows=8)" in offered
     assert field.allow_custom_value
-    video, summary = submit("a red circle", "searched(sample_rows=8, budget='layer')", 0.5, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
+    video, summary = submit("a red circle", "searched(sample_rows=8)", 0.5, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
     assert "sample_rows=8" in summary
     with pytest.raises(gr.Error, match="pattern"):
         submit("a red circle", "radial(nope=1)", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)

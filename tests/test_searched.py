@@ -129,7 +129,7 @@ def test_under_a_causal_mask_query_blocks_start_at_each_group():
     q, k, v = _qkv(layout, seed=4)
     groups = FrameCausal(1).video_groups(layout)
     starts = torch.tensor([0, 8, 12, 20, 24, 32])
-    searched = Searched(keep=0.4).search(q, k, v, layout, 8, within=FrameCausal(1))
+    searched = Searched(keep=0.4, budget="row").search(q, k, v, layout, 8, within=FrameCausal(1))
     rows = [searched.block_mask(layout, 8, q_tokens=(a, a + 12), k_tokens=(0, a + 12)) for a in (0, 12, 24)]
     assert [tuple(r.shape) for r in rows] == [(2, 2, 2), (2, 2, 3), (2, 2, 5)]
     assert [r.sum(-1).tolist() for r in rows] == [[[2, 2]] * 2] * 3  # two of five key blocks in every row
@@ -359,7 +359,9 @@ def test_searched_mask_is_its_token_mask_reduced_and_keeps_text_and_diagonal(ord
     assert torch.equal(reduce_token_mask(pattern.token_mask(layout, order=order), (8, 4)), mask)
     assert mask[:, 0].all() and mask[:, :, :2].all()  # text rows (tokens 0-4) and text columns
     assert mask[:, torch.arange(5), torch.arange(5) * 2].all()  # each query block's diagonal key block
-    assert (mask[:, 1:].sum(-1) == 6).all()  # 60% of 10 key blocks per video query block; text rows keep all
+    assert mask[:, 1:].sum() == 2 * 4 * 6  # 60% of 10 key blocks per video query block, shared over the layer
+    per_row = Searched(keep=0.6, budget="row").search(q, k, v, layout, (8, 4), order=order)
+    assert (per_row.block_mask(layout, (8, 4), order=order)[:, 1:].sum(-1) == 6).all()  # text rows keep all
     with pytest.raises(ValueError, match="search again"):
         pattern.block_mask(layout, 16, order=order)
 
