@@ -101,6 +101,9 @@ class _BranchState(BaseState):
         self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
         # When the model's tokens are not in the layout's order: (layout index of each model token, its inverse).
         self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Under diffusers' tensor parallelism: (process group, this process's rank in it); each process's
+        # projections hold its slice of the heads.
+        self.tensor_parallel: tuple[object, int] | None = None
 
 
 class StepClock:
@@ -193,6 +196,7 @@ class SparseRuntime:
         num_steps: int | None,
         token_order: torch.Tensor | None = None,
         frame_steps: tuple[int, ...] | None = None,
+        tensor_parallel: tuple[object, int] | None = None,
     ) -> None:
         """`token_order`: when the model's tokens are not in the layout's order, each one's index in the layout
         (a permutation of `range(layout.num_tokens)`); `attention` then gathers them into the layout's order and
@@ -201,7 +205,11 @@ class SparseRuntime:
         `frame_steps`: each frame's own step, when the frames are at different noise levels (diffusion forcing) and
         the adapter schedules them apart (`ModelAdapter.per_frame_steps`): the queries of the frames in their dense
         steps attend every key, the others the pattern's; the call is dense when every frame is. Without it (or
-        with `SparseConfig.correction`, whose statistics are per call) `step` decides for the whole call."""
+        with `SparseConfig.correction`, whose statistics are per call) `step` decides for the whole call.
+
+        `tensor_parallel`: `(process group, rank)` when the model runs under diffusers' tensor parallelism, whose
+        column-sharded projections give each rank consecutive heads in rank order: `attention` then treats its
+        tensors as that rank's heads (`heads`), as one process would treat them."""
         if token_order is not None and token_order.shape != (layout.num_tokens,):
             raise ValueError(
                 f"token_order must hold one layout index per token of {layout} ({layout.num_tokens}), got shape "
@@ -215,6 +223,7 @@ class SparseRuntime:
             state.dense_frames = tuple(f for f, s in enumerate(frame_steps) if self.config.is_dense_step(s, num_steps))
         state.read_once = None
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
+        state.tensor_parallel = tensor_parallel
 
     def new_run(self) -> None:
         """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
@@ -355,12 +364,16 @@ class SparseRuntime:
 
         `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
         videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
-        `heads`: which of the model's heads the tensors hold, when only some (Ulysses context parallelism), so a
-        pattern with one mask per head gives these heads theirs and a fit shared over the layer's heads sees all.
+        `heads`: which of the model's heads the tensors hold, when only some (Ulysses context parallelism; under
+        tensor parallelism the call's context says so itself), so a pattern with one mask per head gives these heads
+        theirs and a fit shared over the layer's heads sees all.
         The call's own tensors are taken in the model's token order: the adapter's `token_order`, if it gave one,
         puts them in the layout's order and the output back in the model's.
         """
         state = self._state()
+        if heads is None and state.tensor_parallel is not None:
+            group, rank = state.tensor_parallel
+            heads = HeadShard.in_group(rank, query.shape[2], group)
         token_order = self._token_order(query.device) if layout is None else None
         if token_order is not None:
             query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
@@ -630,7 +643,9 @@ class SparseContextHook(ModelHook):
         frame_steps = None
         if self._per_frame_steps and layout is not None:
             frame_steps = self._clock.frame_steps(timestep, layout.frames)
-        self.runtime.begin_call(layout, step, num_steps, *token_order, frame_steps=frame_steps)
+        self.runtime.begin_call(
+            layout, step, num_steps, *token_order, frame_steps=frame_steps, tensor_parallel=_tensor_parallel(module)
+        )
         return args, kwargs
 
     @torch.compiler.disable
@@ -642,6 +657,17 @@ class SparseContextHook(ModelHook):
     def reset_state(self, module):
         self.state_manager.reset()
         return module
+
+
+def _tensor_parallel(transformer: torch.nn.Module) -> tuple[object, int] | None:
+    """`(process group, rank)` when diffusers' tensor parallelism shards this transformer (`enable_parallelism(
+    config=TensorParallelConfig(tp_degree=n))`, or `from_pretrained(..., parallel_config=...)`), else `None`.
+    Read at each call, so parallelism enabled before or after `apply` is seen."""
+    config = getattr(getattr(transformer, "_parallel_config", None), "tensor_parallel_config", None)
+    mesh = getattr(config, "_mesh", None)
+    if mesh is None or mesh.size() == 1:
+        return None
+    return mesh.get_group(), mesh.get_local_rank()
 
 
 def register_context_hook(transformer: torch.nn.Module, hook: SparseContextHook) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -180,6 +181,21 @@ class HeadShard:
     def own(self, full: torch.Tensor, count: int) -> torch.Tensor:
         """This process's `count` heads of `full` (dim 0: all the model's heads)."""
         return full[self.first : self.first + count]
+
+    @classmethod
+    def in_group(cls, rank: int, local_heads: int, group) -> HeadShard:
+        """The shard of the process of `rank` in a `torch.distributed` process group whose ranks hold
+        `local_heads` consecutive heads each, in rank order (Ulysses context parallelism after its all-to-all;
+        tensor parallelism's column-sharded projections)."""
+        size = torch.distributed.get_world_size(group)
+        return cls(rank * local_heads, size * local_heads, functools.partial(_all_gather, group=group, size=size))
+
+
+def _all_gather(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 in rank order."""
+    parts = [torch.empty_like(x) for _ in range(size)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True, repr=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -68,8 +67,7 @@ class SparseProcessor:
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
         q, k, v = (_sequence_to_heads(x, group, degree) for x in (query, key, value))
-        shard = HeadShard(rank * (heads // degree), heads, functools.partial(_all_gather_heads, group=group))
-        out = self.runtime.attention(self.layer, q, k, v, heads=shard)
+        out = self.runtime.attention(self.layer, q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
         return _heads_to_sequence(out, group, degree)
 
 
@@ -134,13 +132,6 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty_like(x)  # after `contiguous`: `empty_like` keeps a view's strides, the collective does not
     torch.distributed.all_to_all_single(out, x, group=group)
     return out
-
-
-def _all_gather_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """Every rank's `x` (dim 0: its heads) concatenated in rank order: all the model's heads, in order."""
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def _sequence_to_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:
@@ -217,10 +208,12 @@ class ModelAdapter(ABC):
 def project_qkv(attn, x: torch.Tensor, added: bool = False):
     """`(query, key, value)` of `x` as `(B, S, heads, head_dim)`: the module's projections, then its q/k norms over
     the head dim, as the joint-attention processors of diffusers compute them (`added`: the text stream's
-    `add_*_proj` and `norm_added_*`)."""
+    `add_*_proj` and `norm_added_*`). Split by the head dim, not the head count: under tensor parallelism the
+    projections hold only this process's heads."""
     projections = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
     norms = ("norm_added_q", "norm_added_k") if added else ("norm_q", "norm_k")
-    query, key, value = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    head_dim = attn.inner_dim // attn.heads
+    query, key, value = (getattr(attn, name)(x).unflatten(2, (-1, head_dim)) for name in projections)
     norm_q, norm_k = (getattr(attn, name, None) for name in norms)
     return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 

@@ -174,7 +174,7 @@ def test_compare_command_runs_a_saved_flux_pipeline(flux_pipe, tmp_path, capsys)
 
 def test_sparse_calls_under_context_parallelism_are_refused(flux_pipe):
     # Joint [text, image] attention: each rank's shard would interleave text and image tokens out of the layout's
-    # order, so the sparse path refuses it (Wan and LTX-Video shard: tests/test_context_parallel.py).
+    # order, so the sparse path refuses it (Wan and LTX-Video shard: tests/test_parallelism.py).
     from diffusers import ContextParallelConfig, ParallelConfig
 
     config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)

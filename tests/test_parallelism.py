@@ -1,5 +1,6 @@
-"""Sparse attention under diffusers' Ulysses context parallelism: two CPU processes (gloo) each hold half of the
-tokens of a tiny Wan, ChronoEdit or LTX-Video transformer, and must get what one process gets alone with the same
+"""Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses context parallelism each
+holds half of the tokens of a tiny Wan, ChronoEdit or LTX-Video transformer, under tensor parallelism half of the
+heads of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer; each must get what one process gets alone with the same
 sparse config."""
 
 import os
@@ -16,6 +17,7 @@ from diffsparse.patterns import Radial, Window3D
 
 WORLD = 2
 FAMILIES = ("wan", "chronoedit", "ltx")
+TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage")  # the families diffusers gives a tensor-parallel plan
 CONFIGS = {
     "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
     # One window per head: each rank must attend its own head's mask, not the first one.
@@ -94,12 +96,98 @@ def _family(family: str) -> dict:
     return result
 
 
+# Images are one frame (radial keeps it whole): 2D windows, and searches.
+TENSOR_PARALLEL_CONFIGS = {
+    "window3d": diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=4, dense_steps=0),
+    "window3d per head": diffsparse.SparseConfig(pattern=Window3D([(1, 1, 1), (1, 8, 8)]), block_size=4, dense_steps=0),
+    "searched (layer budget, the default)": diffsparse.SparseConfig(
+        pattern="searched", density=0.5, block_size=4, dense_steps=0
+    ),
+    "searched by mass, layer budget": diffsparse.SparseConfig(
+        pattern="searched(criterion='mass', budget='layer')", density=0.5, block_size=4, dense_steps=0
+    ),
+}
+
+
+def _tensor_parallel_model(family: str):
+    """Two heads (one per rank), joint [text, image] attention."""
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    if family == "flux":
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+        ).eval()
+    if family == "flux2":
+        return Flux2Transformer2DModel(
+            patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        ).eval()
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    ).eval()
+
+
+def _tensor_parallel_call(transformer):
+    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 5 text tokens."""
+    g = torch.Generator().manual_seed(1)
+    name = transformer.__class__.__name__
+    with torch.no_grad():
+        if name.startswith("Qwen"):
+            return transformer(
+                hidden_states=torch.randn(1, 24, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                encoder_hidden_states_mask=None, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 6)]],
+                return_dict=False,
+            )[0]
+        grid = torch.cartesian_prod(torch.zeros(1), torch.arange(6.0), torch.arange(8.0))
+        if name.startswith("Flux2"):
+            return transformer(
+                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                timestep=torch.tensor([0.9]), img_ids=torch.cat([grid, torch.zeros(48, 1)], 1)[None],
+                txt_ids=torch.zeros(1, 5, 4), guidance=torch.tensor([3.5]), return_dict=False,
+            )[0]
+        return transformer(
+            hidden_states=torch.randn(1, 48, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+            pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]), img_ids=grid,
+            txt_ids=torch.zeros(5, 3), return_dict=False,
+        )[0]
+
+
+def _tensor_parallel_family(family: str) -> dict:
+    """What one rank measures on one family under tensor parallelism, as in `_family`."""
+    from diffusers import TensorParallelConfig
+
+    transformer = _tensor_parallel_model(family)
+    alone = {}
+    for name, config in TENSOR_PARALLEL_CONFIGS.items():
+        with diffsparse.sparse(transformer, config) as handle:
+            alone[name] = _tensor_parallel_call(transformer), handle.stats().mean_density
+    dense = _tensor_parallel_call(transformer)
+    transformer.enable_parallelism(config=TensorParallelConfig(tp_degree=WORLD))
+    result = {"dense": float((_tensor_parallel_call(transformer) - dense).abs().max())}
+    for name, config in TENSOR_PARALLEL_CONFIGS.items():
+        with diffsparse.sparse(transformer, config) as handle:
+            out, density = _tensor_parallel_call(transformer), handle.stats().mean_density
+        out_alone, density_alone = alone[name]
+        result[name] = (float((out - out_alone).abs().max()), density, density_alone, float((out_alone - dense).abs().max()))
+    return result
+
+
 def _worker(rank: int, init_file: str, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
+    # diffusers refuses tensor parallelism on a CPU mesh (it lists accelerators only); the sharding and the
+    # collectives are the same on gloo, which is what lets this machine check the sparse path under it.
+    import diffusers.hooks.tensor_parallel
+
+    diffusers.hooks.tensor_parallel._SUPPORTED_TP_DEVICES += ("cpu",)
     try:
-        results.put((rank, {family: _family(family) for family in FAMILIES}))
+        result = {family: _family(family) for family in FAMILIES}
+        result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
+        results.put((rank, result))
     except Exception:  # noqa: BLE001  (any failure: the parent reports it with its traceback)
         results.put((rank, traceback.format_exc()))
     finally:
@@ -137,6 +225,23 @@ def test_sharded_sparse_attention_equals_one_process(per_rank, family, name):
         assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
     # Each rank's stats are its own heads' blocks: with one window per head they differ, and average to the whole.
     densities = [result[family][name][1] for result in per_rank.values()]
+    assert sum(densities) / WORLD == pytest.approx(density_alone)
+
+
+@pytest.mark.parametrize("family", TENSOR_PARALLEL_FAMILIES)
+def test_dense_calls_under_tensor_parallelism_are_diffusers_own(per_rank, family):
+    assert all(result[f"tp {family}"]["dense"] < 1e-5 for result in per_rank.values())
+
+
+@pytest.mark.parametrize("name", list(TENSOR_PARALLEL_CONFIGS))
+@pytest.mark.parametrize("family", TENSOR_PARALLEL_FAMILIES)
+def test_sparse_attention_under_tensor_parallelism_equals_one_process(per_rank, family, name):
+    # Each rank attends its own heads: per-head masks and a budget shared over the layer's heads as one process.
+    for result in per_rank.values():
+        error, _, density_alone, sparse_vs_dense = result[f"tp {family}"][name]
+        assert error < 1e-5 and density_alone < 1
+        assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
+    densities = [result[f"tp {family}"][name][1] for result in per_rank.values()]
     assert sum(densities) / WORLD == pytest.approx(density_alone)
 
 
