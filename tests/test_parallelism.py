@@ -22,7 +22,13 @@ CONFIGS = {
     "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
     # One window per head: each rank must attend its own head's mask, not the first one.
     "window3d per head": diffsparse.SparseConfig(pattern=Window3D([(1, 2, 2), (3, 8, 8)]), block_size=16, dense_steps=0),
-    "searched (fitted per head)": diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0),
+    "searched (fitted per head)": diffsparse.SparseConfig(
+        pattern="searched(budget='row')", density=0.5, block_size=16, dense_steps=0
+    ),
+    # Each head classified on its own rows: the same on a rank holding half of the heads.
+    "spatial_temporal (fitted per head)": diffsparse.SparseConfig(
+        pattern="spatial_temporal", density=0.5, block_size=16, dense_steps=0
+    ),
     "searched, head budget": diffsparse.SparseConfig(
         pattern="searched(budget='head')", density=0.5, block_size=16, dense_steps=0
     ),
