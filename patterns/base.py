@@ -153,11 +153,12 @@ def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
 @dataclass(frozen=True)
 class HeadShard:
     r"""
-    The heads one process holds when the model's heads are split over processes (Ulysses context parallelism):
-    consecutive heads from `first` on (as many as its tensors hold) of the model's `total`, and `gather`, which takes a tensor whose dim 0
-    is this process's heads and returns it for all the model's heads, in head order (an all-gather; every process
-    of the split must call it together). A fit whose result depends on all heads at once (a block budget shared
-    over the layer) uses it to decide as one process would.
+    The heads one process holds when the model's heads are split over processes (Ulysses context parallelism
+    after its all-to-all, tensor parallelism): consecutive heads from `first` on (as many as its tensors hold) of
+    the model's `total`, and `gather`, which takes a tensor whose dim 0 is this process's heads and returns it for
+    all the model's heads, in head order (an all-gather; every process of the split must call it together). A fit
+    whose result depends on all heads at once (a block budget shared over the layer) uses it to decide as one
+    process would.
 
     Example:
         >>> shard = HeadShard(first=2, total=4, gather=lambda x: torch.cat([x - 1, x]))  # what 2 processes return
@@ -369,7 +370,7 @@ class Pattern(abc.ABC):
         video's `(1, H, N, D)` queries, keys and values in the model's frame-major order, and uses the results
         (one mask per video) for the layer's next steps. `within`: the model's own attention mask, when the
         call has one ([`FrameCausal`]: SkyReels-V2's causal frame groups): the fit measures the attention it allows.
-        `shard`: when the tensors hold only some of the model's heads (Ulysses context parallelism), which ones,
+        `shard`: when the tensors hold only some of the model's heads (context or tensor parallelism), which ones,
         and how to see all of them; every process of the split calls `fit` together.
         Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
         heads, [`Searched`] searches its blocks).

@@ -237,7 +237,7 @@ def greedy_blocks(
             to the set whose relative squared error (against its dense output's energy) it lowers most (gains
             made non-increasing along each set's sequence, so each set keeps a prefix of it), AdaSpa's
             head-adaptive budgets on the greedy objective. Costs the greedy steps of twice the share.
-        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (Ulysses context
+        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (context or tensor
             parallelism), `budget="layer"` is shared over all of them, as one process would share it.
 
     Returns:
@@ -438,7 +438,7 @@ def select_blocks(
             first, then the highest) whose scores sum to `top_p` of the row's, at most `keep` of them (the
             cumulative threshold of SpargeAttn and XAttention: concentrated rows keep few blocks, diffuse ones
             up to the cap). Scores must be non-negative, e.g. block masses.
-        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (Ulysses context
+        shard ([`HeadShard`], *optional*): when these are only some of the model's heads (context or tensor
             parallelism), `budget="layer"` is shared over all of them, as one process would share it.
 
     Returns:
@@ -532,8 +532,8 @@ class Searched(Pattern):
             blocks for every query block; `"head"` (per head) or `"layer"` (one budget for all heads and rows of
             the layer, AdaSpa's head-adaptive budgets): with `"mass"` or `"pooled"` the highest scores of the
             head or layer, with `"greedy"` the blocks that lower the relative error most ([`greedy_blocks`]).
-            Under Ulysses context parallelism `"layer"` is shared over all the model's heads, as in one process
-            (the ranks' scores are all-gathered: `search(..., shard=)`).
+            Under context or tensor parallelism `"layer"` is shared over all the model's heads, as in one
+            process (the ranks' scores are all-gathered: `search(..., shard=)`).
         sample_rows (`int`, *optional*, defaults to `32`): `"greedy"`: queries per query block whose error
             counts (evenly spaced; all of them for blocks of up to 32 queries).
         value_dims (`int`, *optional*, defaults to `32`): `"greedy"`: value dimensions the error is measured in
@@ -649,8 +649,8 @@ class Searched(Pattern):
                 `round(keep * nk)` of all key blocks, capped at the blocks it may attend. Where `order` keeps each
                 group's tokens together, query blocks are counted from each group's first token, as the
                 runtime's per-group kernel calls count them, so those calls run the searched blocks as they are.
-            shard ([`HeadShard`], *optional*): when the tensors hold only some of the model's heads (Ulysses
-                context parallelism): `budget="layer"` is then shared over all the model's heads, so each
+            shard ([`HeadShard`], *optional*): when the tensors hold only some of the model's heads (context
+                or tensor parallelism): `budget="layer"` is then shared over all the model's heads, so each
                 process keeps the blocks one process would keep for its heads (every process calls this together).
         """
         pair, order = as_pair(block_size), as_order(order)
