@@ -72,9 +72,24 @@ def _call(transformer):
         )[0]
 
 
-def _sparse_call(transformer, config):
+def _sparse_call(transformer, config, call=_call):
     with diffsparse.sparse(transformer, config) as handle:
-        return _call(transformer), handle.stats().mean_density
+        return call(transformer), handle.stats().mean_density
+
+
+def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tuple[dict, dict, torch.Tensor]:
+    """What one rank measures with `parallel` enabled on `transformer`, against the same configs alone: the dense
+    call's max abs difference, and per config (max abs difference, this rank's density, density alone, max abs
+    difference of the config alone from dense). Also returns the outputs and densities alone, and the dense
+    output alone."""
+    alone = {name: _sparse_call(transformer, config, call) for name, config in configs.items()}
+    dense = call(transformer)
+    transformer.enable_parallelism(config=parallel)
+    result = {"dense": float((call(transformer) - dense).abs().max())}
+    for name, config in configs.items():
+        (out, density), (out_alone, density_alone) = _sparse_call(transformer, config, call), alone[name]
+        result[name] = (float((out - out_alone).abs().max()), density, density_alone, float((out_alone - dense).abs().max()))
+    return result, alone, dense
 
 
 def _family(family: str) -> dict:
@@ -82,15 +97,7 @@ def _family(family: str) -> dict:
     from diffusers import ContextParallelConfig
 
     parallel = ContextParallelConfig(ulysses_degree=WORLD)
-    transformer = _model(family)
-    alone = {name: _sparse_call(transformer, config) for name, config in CONFIGS.items()}
-    dense = _call(transformer)
-    transformer.enable_parallelism(config=parallel)
-    sharded = {name: _sparse_call(transformer, config) for name, config in CONFIGS.items()}
-    result = {"dense": float((_call(transformer) - dense).abs().max())}
-    for name in CONFIGS:
-        (out, density), (out_alone, density_alone) = sharded[name], alone[name]
-        result[name] = (float((out - out_alone).abs().max()), density, density_alone, float((out_alone - dense).abs().max()))
+    result, alone, dense = _against_one_process(_model(family), CONFIGS, parallel)
     # The other order: applied first, then parallelism enabled (it reaches the sparse processors), then removed
     # (the originals come back with the parallel config).
     transformer = _model(family)
@@ -165,19 +172,9 @@ def _tensor_parallel_family(family: str) -> dict:
     """What one rank measures on one family under tensor parallelism, as in `_family`."""
     from diffusers import TensorParallelConfig
 
-    transformer = _tensor_parallel_model(family)
-    alone = {}
-    for name, config in TENSOR_PARALLEL_CONFIGS.items():
-        with diffsparse.sparse(transformer, config) as handle:
-            alone[name] = _tensor_parallel_call(transformer), handle.stats().mean_density
-    dense = _tensor_parallel_call(transformer)
-    transformer.enable_parallelism(config=TensorParallelConfig(tp_degree=WORLD))
-    result = {"dense": float((_tensor_parallel_call(transformer) - dense).abs().max())}
-    for name, config in TENSOR_PARALLEL_CONFIGS.items():
-        with diffsparse.sparse(transformer, config) as handle:
-            out, density = _tensor_parallel_call(transformer), handle.stats().mean_density
-        out_alone, density_alone = alone[name]
-        result[name] = (float((out - out_alone).abs().max()), density, density_alone, float((out_alone - dense).abs().max()))
+    parallel = TensorParallelConfig(tp_degree=WORLD)
+    result, _, _ = _against_one_process(_tensor_parallel_model(family), TENSOR_PARALLEL_CONFIGS, parallel,
+                                        _tensor_parallel_call)
     return result
 
 
