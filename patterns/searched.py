@@ -434,10 +434,11 @@ def select_blocks(
             rows with more high scores get more blocks), `"head"` (per head), `"row"` (per query block).
         required (`torch.BoolTensor` of shape `(nq, nk)` or `(H, nq, nk)`): blocks kept whatever their score
             (the diagonal, text).
-        top_p (`float`, *optional*): with `budget="row"`, each row keeps only the fewest blocks (required ones
-            first, then the highest) whose scores sum to `top_p` of the row's, at most `keep` of them (the
-            cumulative threshold of SpargeAttn and XAttention: concentrated rows keep few blocks, diffuse ones
-            up to the cap). Scores must be non-negative, e.g. block masses.
+        top_p (`float`, *optional*): each row keeps only blocks among the fewest (required ones first, then the
+            highest) whose scores sum to `top_p` of the row's (the cumulative threshold of SpargeAttn and
+            XAttention: concentrated rows keep few blocks, diffuse ones many), at most `keep` of them: of the
+            row's blocks with `budget="row"`, of the head's or layer's with `"head"` / `"layer"` (the highest
+            scores among all rows' candidates). Scores must be non-negative, e.g. block masses.
         shard ([`HeadShard`], *optional*): when these are only some of the model's heads (context or tensor
             parallelism), `budget="layer"` is shared over all of them, as one process would share it.
 
@@ -457,21 +458,25 @@ def select_blocks(
     required = required.to(scores.device).expand(heads, nq, nk)
     # Required blocks rank first (above even infinite scores, held at the largest float); then the higher score.
     ranked = torch.where(required, torch.inf, scores.float().clamp(max=torch.finfo(torch.float32).max))
-    if top_p is not None and budget != "row":
-        raise ValueError(f"top_p applies per query block: it needs budget='row', got {budget=}")
+    count = torch.full((heads, nq), round(keep * nk), device=scores.device)
+    if top_p is not None:
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        ordered = scores.float().gather(-1, order)
+        before = ordered.cumsum(-1) - ordered  # the score of the blocks ranked above each one
+        needed = (before < top_p * scores.float().sum(-1, keepdim=True)).sum(-1)
+        if budget == "row":
+            count = torch.minimum(count, needed)
+        else:  # only each row's candidates compete for the shared budget
+            candidates = _top(ranked, torch.clamp(needed, min=required.sum(-1)))
+            ranked = ranked.masked_fill(~candidates, -torch.inf)
     if budget == "row":
-        count = torch.full((heads, nq), round(keep * nk), device=scores.device)
-        if top_p is not None:
-            order = ranked.argsort(dim=-1, descending=True, stable=True)
-            ordered = scores.float().gather(-1, order)
-            before = ordered.cumsum(-1) - ordered  # the score of the blocks ranked above each one
-            count = torch.minimum(count, (before < top_p * scores.float().sum(-1, keepdim=True)).sum(-1))
         return _top(ranked, torch.clamp(count, min=required.sum(-1)))
     if budget == "layer" and shard is not None:
         ranked = shard.all_heads(ranked)
     flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, -1)
     count = torch.clamp(torch.full((flat.shape[0],), round(keep * flat.shape[1]), device=scores.device),
                         min=flat.isposinf().sum(-1))  # the required blocks
+    count = torch.minimum(count, (flat != -torch.inf).sum(-1))  # top_p's candidates at most
     kept = _top(flat, count).reshape(-1, nq, nk)
     return kept if len(kept) == heads else shard.own(kept, heads)
 
@@ -543,9 +548,10 @@ class Searched(Pattern):
         min_similarity (`float`, *optional*, defaults to `0.0`): `"pooled"`: key blocks whose keys' mean cosine
             similarity is below this are always kept, in `[0, 1]` (`0`: none); they count toward `keep`, so a
             row may keep more than its share where many are.
-        top_p (`float`, *optional*): `"mass"` or `"pooled"` with `budget="row"`: each query block keeps the
-            fewest blocks holding `top_p` of its (estimated) mass, in `(0, 1]`, with `keep` the most it may
-            keep ([`select_blocks`]): the density then follows the attention, at most `keep`.
+        top_p (`float`, *optional*): `"mass"` or `"pooled"`: each query block keeps only blocks among the fewest
+            holding `top_p` of its (estimated) mass, in `(0, 1]`, with `keep` the most that may be kept, per row
+            or shared over the head or layer as `budget` says ([`select_blocks`]): the density then follows the
+            attention, at most `keep`.
 
     Example:
         >>> from diffsparse.patterns import Searched, VideoLayout
@@ -591,10 +597,10 @@ class Searched(Pattern):
             top_p = self.top_p
             if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
                 raise ValueError(f"Searched.top_p must be a share of the mass in (0, 1] or None, got top_p={top_p!r}")
-            if self.criterion == "greedy" or self.budget != "row":
+            if self.criterion == "greedy":
                 raise ValueError(
-                    f"Searched.top_p={top_p!r} needs a mass criterion ('mass' or 'pooled') with budget='row', got "
-                    f"criterion={self.criterion!r}, budget={self.budget!r}"
+                    f"Searched.top_p={top_p!r} needs a mass criterion ('mass' or 'pooled'), got "
+                    f"criterion={self.criterion!r}"
                 )
         for name, low in (("sample_rows", 1), ("value_dims", 1), ("refresh", 0)):
             value = getattr(self, name)

@@ -319,8 +319,10 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]]]
     assert select_blocks(rows, 0.5, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 0, 0], [1, 1, 0, 0]]]
     assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
-    with pytest.raises(ValueError, match="needs budget='row'"):
-        select_blocks(rows, 0.5, "head", diagonal, top_p=0.9)
+    # Shared over the layer: each row's candidates as above, the highest of them up to keep of all blocks.
+    assert select_blocks(rows, 0.5, "layer", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [0, 1, 0, 0]]]
+    assert select_blocks(rows, 1.0, "layer", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]]]
+    assert select_blocks(rows, 1.0, "head", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
 
 
 def test_pooled_mass_is_the_softmax_of_block_means_and_exact_on_alike_blocks():
@@ -441,7 +443,6 @@ def test_equal_searches_are_equal_and_hash_alike():
         ({"min_similarity": 0.5}, "min_similarity=0.5 needs criterion='pooled'"),
         ({"criterion": "mass", "top_p": 0}, "Searched.top_p must be a share of the mass in \\(0, 1\\] or None"),
         ({"top_p": 0.9}, "top_p=0.9 needs a mass criterion"),
-        ({"criterion": "mass", "budget": "layer", "top_p": 0.9}, "budget='layer'"),
     ],
 )
 def test_validation(kwargs, match):
