@@ -183,6 +183,9 @@ def _run_compare(args) -> None:
     r = run_compare(args, config)
     print(f"model: {r.model}")
     print(f"config: {r.config}")
+    # A name's defaults spelled out (e.g. searched's budget); with a density, the main parameter is solved later.
+    solved = "" if config.density is None else f", its main parameter solved for density {config.density} per layout"
+    print(f"pattern: {config.resolved_pattern!r}{solved}")
     print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}, {r.sampler}")
     print(f"dense  {r.dense_seconds:8.2f} s end-to-end, {r.dense_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"sparse {r.sparse_seconds:8.2f} s end-to-end, {r.sparse_denoise_seconds:8.2f} s text encoding + denoising")
