@@ -20,7 +20,8 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
     assert result["steps"] == 2 and 0 < result["mean_attention_density"] < 1
     assert result["model"].startswith("embedded testbed")  # the trained default of `make run`
     assert result["psnr_db"] > 0 and -1 <= result["ssim"] <= 1
-    assert "PSNR" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "pattern: radial(decay=1.0, min_window=64, sink=False)\n" in out  # defaults spelled out
 
 
 def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys):
