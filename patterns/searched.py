@@ -458,19 +458,19 @@ def select_blocks(
     required = required.to(scores.device).expand(heads, nq, nk)
     # Required blocks rank first (above even infinite scores, held at the largest float); then the higher score.
     ranked = torch.where(required, torch.inf, scores.float().clamp(max=torch.finfo(torch.float32).max))
-    count = torch.full((heads, nq), round(keep * nk), device=scores.device)
+    row_count = torch.full((heads, nq), round(keep * nk), device=scores.device)
     if top_p is not None:
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         ordered = scores.float().gather(-1, order)
         before = ordered.cumsum(-1) - ordered  # the score of the blocks ranked above each one
         needed = (before < top_p * scores.float().sum(-1, keepdim=True)).sum(-1)
         if budget == "row":
-            count = torch.minimum(count, needed)
+            row_count = torch.minimum(row_count, needed)
         else:  # only each row's candidates compete for the shared budget
             candidates = _top(ranked, torch.clamp(needed, min=required.sum(-1)))
             ranked = ranked.masked_fill(~candidates, -torch.inf)
     if budget == "row":
-        return _top(ranked, torch.clamp(count, min=required.sum(-1)))
+        return _top(ranked, torch.clamp(row_count, min=required.sum(-1)))
     if budget == "layer" and shard is not None:
         ranked = shard.all_heads(ranked)
     flat = ranked.reshape(heads, nq * nk) if budget == "head" else ranked.reshape(1, -1)
