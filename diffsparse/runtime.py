@@ -26,8 +26,6 @@ HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
 # per distinct head assignment (at most one per layer).
 _PLAN_CACHE_SIZE = 64
-# Contexts a bare transformer call runs in when no pipeline wrapped it in `cache_context`.
-_DEFAULT_CONTEXT = CacheContext("default")
 
 
 @dataclass
@@ -626,20 +624,28 @@ class SparseContextHook(ModelHook):
         self._read_call = read_call
         self._on_new_run = on_new_run
         self._own_context = False
+        self._last_step: int | None = None
+        self._call_in_step = 0
 
     # Under torch.compile the step clock, planning and kernel dispatch run eagerly (compiler.disable on the
     # hook and on the processors' two runtime calls): tracing them would only break the graph at every
     # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        # A bare call (no pipeline `cache_context`) still needs a context to key its branch state.
-        self._own_context = self.state_manager._context is None
-        if self._own_context:
-            self.state_manager.set_context(_DEFAULT_CONTEXT)
         layout, timestep, *token_order = self._read_call(module, args, kwargs)
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
             self._on_new_run()
+        # A call outside any pipeline `cache_context` (a bare transformer; pipelines whose guidance runs the CFG
+        # branches one call after another without naming them: modular pipelines, Kandinsky 5) is named by its
+        # place among its step's calls, "call 0", "call 1", ...: each branch keeps its own state (a correction's
+        # statistics) instead of every branch sharing one.
+        self._own_context = self.state_manager._context is None
+        if self._own_context:
+            same_step = not new_run and step == self._last_step
+            self._call_in_step = self._call_in_step + 1 if same_step else 0
+            self._last_step = step
+            self.state_manager.set_context(CacheContext(f"call {self._call_in_step}"))
         frame_steps = None
         if self._per_frame_steps and layout is not None:
             frame_steps = self._clock.frame_steps(timestep, layout.frames)

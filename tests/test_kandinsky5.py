@@ -177,8 +177,8 @@ PIPELINE_CALL = {"prompt": "a red circle moving left", "negative_prompt": "blurr
 
 def check_pipeline_steps_and_layout(pipe, call: dict, layout: VideoLayout) -> None:
     """`check_pipeline_against_dense` through `pipe(**call)` with classifier-free guidance, and: each of the 3 steps
-    is the prompt's and the negative prompt's call (outside any `cache_context`: one branch) through both visual
-    blocks, the first step dense (`dense_steps=1`), the others sparse with blocks left out; every sparse call
+    is the prompt's and the negative prompt's call (outside any `cache_context`: "call 0" and "call 1", each
+    branch on its own state) through both visual blocks, the first step dense (`dense_steps=1`), the others sparse with blocks left out; every sparse call
     attends `layout`'s tokens, no more.
 
     The model rounds queries and keys to bfloat16 (its RoPE): a float32 difference of 1e-6 upstream (the sparse
@@ -187,7 +187,9 @@ def check_pipeline_steps_and_layout(pipe, call: dict, layout: VideoLayout) -> No
     stats, calls = check_pipeline_against_dense(pipe, call, block_size=8)
     records = stats.calls["transformer"]
     # The pipeline passes the scheduler's timesteps as they are.
-    assert Counter(r.step for r in records) == {step: 4 for step in range(3)}
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, branch): 2 for step in range(3) for branch in ("call 0", "call 1")
+    }
     assert all(r.sparse == (r.step > 0) and r.dense_step == (r.step == 0) for r in records)
     assert all(r.density < 1 for r in records if r.sparse)
     assert sorted(layer for layer, _, _ in calls) == [0, 0, 0, 0, 1, 1, 1, 1]

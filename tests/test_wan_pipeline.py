@@ -84,6 +84,39 @@ def test_correction_schedule_in_a_pipeline(tiny_pipe):
     assert not any(r.sparse or r.measured for r in records if r.layer == 0)
 
 
+def test_branches_outside_a_cache_context_keep_their_own_correction(tiny_pipe):
+    # A guider that runs CFG's branches as calls one after another without `cache_context` (modular pipelines,
+    # Kandinsky 5; here a bare loop): the calls of a step are told apart by their order, so each branch measures
+    # and reuses its own statistics and gets the outputs it gets alone. Sharing one set (the rule before) gave the
+    # conditional branch the unconditional branch's residual.
+    transformer = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 5, 16, 24, generator=g)  # 5 x 8 x 12 tokens: the pattern keeps 73% of blocks
+    prompts = {"cond": torch.randn(1, 8, 32, generator=g), "uncond": torch.randn(1, 8, 32, generator=g)}
+    config = diffsparse.SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1,
+                                     correction="residual")
+
+    def loop(branches):
+        outputs = []
+        with diffsparse.sparse(transformer, config) as handle, torch.no_grad():
+            for t in (900.0, 600.0, 300.0):
+                for branch in branches:
+                    outputs.append(transformer(latents, torch.tensor([t]), prompts[branch]).sample)
+            return outputs, handle.stats().calls["transformer"]
+
+    both, records = loop(["cond", "uncond"])
+    assert {(r.step, r.branch, r.measured) for r in records if r.layer == 0} == {
+        (0, "call 0", True), (0, "call 1", True), (1, "call 0", False), (1, "call 1", False),
+        (2, "call 0", False), (2, "call 1", False),
+    }
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    cond, _ = loop(["cond"])
+    uncond, _ = loop(["uncond"])
+    for step in (1, 2):
+        torch.testing.assert_close(both[2 * step], cond[step], atol=1e-5, rtol=0)
+        torch.testing.assert_close(both[2 * step + 1], uncond[step], atol=1e-5, rtol=0)
+
+
 def test_window3d_on_tiles_runs_sparse(tiny_pipe):
     config = diffsparse.SparseConfig(
         pattern=Window3D(window=(1, 2, 2)), block_size=16, dense_steps=0, order=TileOrder((1, 2, 2))
