@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register their adapters)
     easyanimate,
     flux,
     flux2,
+    flux3,
     helios,
     hunyuan_video,
     hunyuan_video15,

@@ -1,0 +1,210 @@
+"""diffsparse on diffusers FLUX.3: a tiny transformer (random weights) called directly, with its image mode block
+(the image alone) and joint single blocks (`[text, image, references]`) sparse, references as frames or beside the
+text. And diffusers' own modular denoise blocks (`Flux3CoreDenoiseStep`, `Flux3ImageConditionedCoreDenoiseStep`)
+driving it with classifier-free guidance, fed prompt embeddings (the Qwen3-VL text encoder and the VAE steps do not
+touch the transformer)."""
+
+import functools
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.flux3.modular_blocks_flux3 import (
+    Flux3CoreDenoiseStep,
+    Flux3ImageConditionedCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.flux3.modular_blocks_flux3_distilled import Flux3DistilledCoreDenoiseStep
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 6
+ROPE_SCALE = 0.5  # the pipeline scales the image ids' rows and columns by this
+
+
+def make_transformer(flow_map=False):
+    torch.manual_seed(0)
+    return Flux3Transformer2DModel(
+        in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        flow_map=flow_map,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return make_transformer()
+
+
+def image_ids(rows, cols, reference=0):
+    """FLUX.3's `(t, h, w, l)` ids of a row-major grid as the pipeline makes them: h and w scaled, `l` 0 for the
+    generated image and -1, -2, ... for references."""
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(rows), torch.arange(cols), torch.tensor([-reference]))
+    ids = ids.float()
+    ids[:, 1:3] *= ROPE_SCALE
+    return ids
+
+
+def inputs(reference_sizes=(), seed=0):
+    """An image of 4 x 6 tokens behind 6 text tokens, with a reference image of each size in `reference_sizes`, the
+    pipeline's way (`t / 1000` as the timestep)."""
+    g = torch.Generator().manual_seed(seed)
+    call = {
+        "hidden_states": torch.randn(1, 24, 8, generator=g),
+        "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=g),
+        "timestep": torch.tensor([0.9]),
+        "img_ids": image_ids(4, 6),
+        "txt_ids": torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, TEXT_LEN))).float(),
+    }
+    if reference_sizes:
+        ids = torch.cat([image_ids(*size, reference=i + 1) for i, size in enumerate(reference_sizes)])
+        call["image_cond_ids"] = ids
+        call["image_cond_hidden_states"] = torch.randn(1, ids.shape[0], 8, generator=g)
+    return call
+
+
+def run(model, config=None, **kwargs):
+    with torch.no_grad():
+        if config is None:
+            return model(**inputs(**kwargs)).sample
+        with diffsparse.sparse(model, config):
+            return model(**inputs(**kwargs)).sample
+
+
+def test_dense_pattern_is_the_unmodified_model_and_the_image_and_joint_blocks_are_layers(transformer):
+    reference = run(transformer, reference_sizes=[(4, 6)])
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)) as handle:
+        with torch.no_grad():
+            assert torch.equal(transformer(**inputs(reference_sizes=[(4, 6)])).sample, reference)
+        assert [s.layer for s in handle.stats().layers] == [0, 1, 2]  # the image mode block, then the two single
+    # The text's and the references' mode blocks keep the original processor.
+    assert type(transformer.txt_mode_blocks[0].attn.processor).__name__ == "Flux3AttnProcessor"
+
+
+@pytest.mark.parametrize("references", [0, 1, 2])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense(transformer, references, order):
+    sizes = [(4, 6)] * references  # references of the output's size: frames 1, 2, ...
+    reference = run(transformer, reference_sizes=sizes)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        out = run(transformer, config, reference_sizes=sizes)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    joint = VideoLayout(1 + references, 4, 6, text_len=TEXT_LEN, text_position="start")
+    assert [(layer, layout, shape) for layer, layout, shape in calls] == [
+        (0, VideoLayout(1, 4, 6), (1, 24)), (1, joint, (1, joint.num_tokens)), (2, joint, (1, joint.num_tokens))
+    ]
+    sparse = run(transformer, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0),
+                 reference_sizes=sizes)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_layout_and_step_of_a_call(transformer):
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs(reference_sizes=[(4, 6)] * 2))
+    assert layout == VideoLayout(3, 4, 6, text_len=TEXT_LEN, text_position="start") and float(timestep) == 900.0
+
+
+@pytest.mark.parametrize("sizes", [[(2, 3)], [(4, 6), (2, 3)]])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, sizes, order):
+    # References that are not all of the output's size join the text's leading span (attended as [text,
+    # references, image], returned in the model's order), so every block kept matches dense and a sparse pattern
+    # still drops image blocks; the image mode block attends the image alone.
+    references = sum(rows * cols for rows, cols in sizes)
+    layout, _, token_order = adapter_for(transformer).read_call(transformer, (), inputs(reference_sizes=sizes))
+    assert layout == VideoLayout(1, 4, 6, text_len=TEXT_LEN + references, text_position="start")
+    assert sorted(token_order.tolist()) == list(range(TEXT_LEN + 24 + references))
+    reference = run(transformer, reference_sizes=sizes)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        torch.testing.assert_close(run(transformer, config, reference_sizes=sizes), reference, atol=1e-4, rtol=0)
+    assert [layout for _, layout, _ in calls] == [VideoLayout(1, 4, 6), layout, layout]
+    sparse = run(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                      dense_steps=0), reference_sizes=sizes)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_image_tokens_that_are_not_a_grid_are_refused(transformer):
+    call = inputs()
+    call["img_ids"] = call["img_ids"].flip(0)  # the same positions, not in row-major order
+    with (
+        diffsparse.sparse(transformer, diffsparse.SparseConfig(dense_steps=0)),
+        torch.no_grad(),
+        pytest.raises(ValueError, match="24 image tokens are not one row-major grid"),
+    ):
+        transformer(**call)
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # an image mode block and a single block
+def test_other_processors_are_refused(transformer, layer):
+    check_other_processors_are_refused(transformer, "FLUX.3", layer=layer)
+
+
+@pytest.fixture(scope="module")
+def flux3_pipes():
+    """diffusers' modular FLUX.3 denoise blocks (text-to-image and with references) on one tiny transformer, a
+    flow-matching scheduler and a CFG guider (each branch its own call, outside any `cache_context`); and the
+    step-distilled blocks (a flow-map transformer, no guidance)."""
+    transformer = make_transformer()
+    pipes = {}
+    for name, blocks in (("text2image", Flux3CoreDenoiseStep), ("references", Flux3ImageConditionedCoreDenoiseStep)):
+        pipe = blocks().init_pipeline()
+        pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                               guider=ClassifierFreeGuidance(guidance_scale=4.0))
+        pipes[name] = pipe
+    pipes["distilled"] = Flux3DistilledCoreDenoiseStep().init_pipeline()
+    pipes["distilled"].update_components(transformer=make_transformer(flow_map=True),
+                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipes
+
+
+def denoise(pipe, config=None, reference_sizes=(), guided=True):
+    """The pipeline's latents for a 64 x 96 image (4 x 6 tokens) in 3 steps from seed 0, with reference latents of
+    `reference_sizes` tokens (and a negative prompt when `guided`); with `config` applied for the call, `(latents, stats)`."""
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g),
+        "height": 64, "width": 96, "num_inference_steps": 3, "output": "latents",
+    }
+    if guided:
+        call["negative_prompt_embeds"] = torch.randn(1, 4, 16, generator=g)
+    if reference_sizes:
+        call["image_cond_latents"] = [torch.randn(1, 8, *size, generator=g) for size in reference_sizes]
+    with torch.no_grad():
+        if config is None:
+            return pipe(**call, generator=torch.Generator().manual_seed(0))
+        with diffsparse.sparse(pipe, config) as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+
+@pytest.mark.parametrize("name, reference_sizes, frames", [
+    ("text2image", (), 1), ("references", [(4, 6)], 2), ("references", [(2, 3)], 1), ("distilled", (), 1),
+])
+def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(flux3_pipes, name,
+                                                                                 reference_sizes, frames):
+    run = functools.partial(denoise, flux3_pipes[name], reference_sizes=reference_sizes, guided=name != "distilled")
+    reference = run()
+    dense, _ = run(diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(dense, reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    # The pipeline's `t / 1000` lands on the scheduler's steps; the guider's two calls per step are two branches.
+    prompts = (TEXT_LEN,) if name == "distilled" else (TEXT_LEN, 4)  # the prompt's text tokens, the negative's
+    branches = [f"call {i}" for i in range(len(prompts))]
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 3 for step in range(3) for b in branches}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    referenced = sum(rows * cols for rows, cols in reference_sizes) if frames == 1 else 0
+    assert {layout for layer, layout, _ in calls if layer > 0} == {
+        VideoLayout(frames, 4, 6, text_len=n + referenced, text_position="start") for n in prompts
+    }
+    assert {layout for layer, layout, _ in calls if layer == 0} == {VideoLayout(1, 4, 6)}
