@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LucyEditPipeline, WanPipeline, WanTransformer3DModel
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
 from PIL import Image
 
 import diffsparse
 from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
-from helpers import generate, tiny_image_to_video_pipeline
+from helpers import generate, tiny_call, tiny_image_to_video_pipeline
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -115,6 +117,36 @@ def test_branches_outside_a_cache_context_keep_their_own_correction(tiny_pipe):
     for step in (1, 2):
         torch.testing.assert_close(both[2 * step], cond[step], atol=1e-5, rtol=0)
         torch.testing.assert_close(both[2 * step + 1], uncond[step], atol=1e-5, rtol=0)
+
+
+def test_modular_pipeline(tiny_pipe):
+    # diffusers' modular Wan pipeline (`WanBlocks` on the tiny pipeline's components, a CFG guider running the two
+    # branches as unnamed calls): dense identical, every block kept within 1e-4, and with a correction each branch
+    # measures its own statistics at the last dense step.
+    pipe = WanBlocks().init_pipeline()
+    pipe.update_components(transformer=tiny_pipe.transformer, vae=tiny_pipe.vae, text_encoder=tiny_pipe.text_encoder,
+                           tokenizer=tiny_pipe.tokenizer, scheduler=tiny_pipe.scheduler,
+                           guider=ClassifierFreeGuidance(guidance_scale=5.0))
+
+    def run(config=None):
+        call = tiny_call(output="videos")  # a fresh generator, seed 0
+        del call["max_sequence_length"], call["guidance_scale"]  # the modular pipeline's: its text step's, the guider's
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call), None
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call), handle.stats()
+
+    reference, _ = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    _, stats = run(diffsparse.SparseConfig(block_size=16, dense_steps=1, correction="residual"))
+    records = stats.calls["transformer"]
+    assert {(r.step, r.branch, r.measured, r.sparse) for r in records} == {
+        (0, "call 0", True, False), (0, "call 1", True, False), (1, "call 0", False, True),
+        (1, "call 1", False, True), (2, "call 0", False, True), (2, "call 1", False, True),
+    }
 
 
 def test_window3d_on_tiles_runs_sparse(tiny_pipe):
