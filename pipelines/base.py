@@ -48,8 +48,19 @@ class SparseProcessor:
         if context_parallel_config(self) is not None:
             raise NotImplementedError(
                 f"diffsparse runs sparse attention under context parallelism only on video-only self-attention "
-                f"(Wan, LTX-Video), not on {type(self).__name__}; disable parallelism or use pattern='dense'"
+                f"(Wan, ChronoEdit, LTX-Video, Helios), not on {type(self).__name__}; disable parallelism or use "
+                "pattern='dense'"
             )
+
+    def sequence_shard(self, local_length: int) -> tuple[int, int]:
+        """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
+        holding `local_length` tokens: under Ulysses context parallelism each of the n ranks holds `1 / n` of the
+        sequence, in rank order; otherwise the call holds it all, `(0, local_length)`."""
+        parallel = _context_parallel(self)
+        if parallel is None:
+            return 0, local_length
+        _, degree, rank = parallel
+        return rank * local_length, degree * local_length
 
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors.

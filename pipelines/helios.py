@@ -6,7 +6,9 @@ patchified at 1x, 2x and 4x the patch size (long first), then the current chunk'
 history is the layout's leading span, kept whole like text (every chunk token attends all of it), and the chunk is
 the grid. Each chunk, and in `HeliosPyramidPipeline` each stage of a chunk, is its own denoising run (the
 scheduler's timesteps are set anew), so `dense_steps` count within each (a fraction rounded against its own step
-count) and `stats()` after a pipeline call covers the last one.
+count) and `stats()` after a pipeline call covers the last one. Under Ulysses context parallelism diffusers hands each
+`attn1` call one rank's slice of the sequence: the memory is counted on the whole of it, and the sparse call is
+sharded as Wan's (`SparseProcessor.attend_video`).
 """
 
 from __future__ import annotations
@@ -49,21 +51,23 @@ class HeliosSparseAttnProcessor(SparseProcessor, HeliosAttnProcessor):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, original_context_length)
         if encoder_hidden_states is not None or self.stays_dense(attention_mask):
             return super().__call__(*original)
-        # diffusers splits Helios' tokens per attention call under context parallelism; this path does not.
-        self.check_not_parallel()
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query = apply_rotary_emb_transposed(query, rotary_emb)
             key = apply_rotary_emb_transposed(key, rotary_emb)
-        history = hidden_states.shape[1] - original_context_length if attn.is_amplify_history else 0
-        if history > 0:  # the memory's keys, amplified by a learned scale
+        # Under context parallelism diffusers hands this call one rank's slice of `[history, chunk]` (and of the
+        # RoPE): the memory is counted on the whole sequence, so each rank amplifies the memory keys it holds.
+        first, length = self.sequence_shard(hidden_states.shape[1])
+        history = length - original_context_length if attn.is_amplify_history else 0
+        if history > first:  # the memory's keys, amplified by a learned scale
             scale = 1.0 + torch.sigmoid(attn.history_key_scale) * (attn.max_scale - 1.0)
             if attn.history_scale_mode == "per_head":
                 scale = scale.view(1, 1, -1, 1)
-            key = torch.cat([key[:, :history] * scale, key[:, history:]], dim=1)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).type_as(query)
+            held = history - first
+            key = torch.cat([key[:, :held] * scale, key[:, held:]], dim=1)
+        out = self.attend_video(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
