@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/diffsparse compare --two-stage --still-candidates 4
+	$(BIN)/diffsparse compare --two-stage --still-candidates 4 --pattern searched --density 0.25
 
 test: $(STAMP)
 	$(BIN)/ruff check .
