@@ -357,6 +357,7 @@ class SparseRuntime:
         value: torch.Tensor,
         layout: VideoLayout | None = None,
         heads: HeadShard | None = None,
+        video_queries: bool = False,
     ) -> torch.Tensor:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
@@ -367,8 +368,15 @@ class SparseRuntime:
         theirs and a fit shared over the layer's heads sees all.
         The call's own tensors are taken in the model's token order: the adapter's `token_order`, if it gave one,
         puts them in the layout's order and the output back in the model's.
+        `video_queries`: the queries (and so the output) are the layout's video tokens only, the keys and values the
+        whole sequence, its text span first: a model that attends the prefix's queries elsewhere or not at all (a
+        cache of the prefix's keys and values, Qwen-Image 2.1). Not with a token order or a causal frame-group mask.
         """
         state = self._state()
+        start = 0
+        if video_queries:
+            start = self._video_queries_start(layout or state.layout, layout is None and state.token_order is not None,
+                                              state.frame_causal)
         if heads is None and state.tensor_parallel is not None:
             group, rank = state.tensor_parallel
             heads = HeadShard.in_group(rank, query.shape[2], group)
@@ -379,14 +387,20 @@ class SparseRuntime:
         branch = self.state_manager.context.name
         pattern = self.pattern
         if self._fits:
-            pattern = self._layer_pattern(layer, layout, query, key, value, state.frame_causal, heads)
+            # A fit reads the whole sequence's queries; the text's rows are kept whole whatever it finds, so zeros
+            # stand in for the queries the call does not hold.
+            fit_query = query if not start else torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], 1)
+            pattern = self._layer_pattern(layer, layout, fit_query, key, value, state.frame_causal, heads)
         head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(
-            layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or ()
+            layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or (),
+            start,
         )
         inputs = (query, key, value)
         if cached.perm is not None:
-            query, key, value = (x.index_select(1, cached.perm) for x in inputs)
+            # The text span maps to itself, so the video queries' order is the video part of the keys' order.
+            query = query.index_select(1, cached.perm[start:] - start)
+            key, value = (x.index_select(1, cached.perm) for x in (key, value))
         mode = self._mode(layer, query.shape, layout)
         if mode == "measure":
             out = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
@@ -401,7 +415,7 @@ class SparseRuntime:
                 stats = self._statistics[(layer, branch, layout)]
                 out = torch.addcmul(stats.residual, stats.rho, out).type_as(out)
         if cached.perm is not None:
-            out = out.index_select(1, cached.inverse)
+            out = out.index_select(1, cached.inverse[start:] - start)
         sparse = mode == "sparse"
         density = cached.density if sparse else 1.0
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
@@ -409,6 +423,16 @@ class SparseRuntime:
         for observer in self._observers:
             observer(record, *inputs, out)
         return out if token_order is None else out.index_select(1, token_order[0])
+
+    @staticmethod
+    def _video_queries_start(layout: VideoLayout, token_order: bool, frame_causal: int) -> int:
+        """Where the video queries start in `layout` (`attention(..., video_queries=True)`); a `ValueError` for the
+        calls that cannot have queries on the video tokens alone."""
+        if layout.text_len and layout.text_position != "start":
+            raise ValueError(f"video_queries needs the text span first, got {layout}")
+        if token_order or frame_causal:
+            raise ValueError("video_queries cannot be combined with a token order or a causal frame-group mask")
+        return layout.video_start
 
     def _token_order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The call's token order and its inverse on `device` (moved there once per call)."""
@@ -507,6 +531,7 @@ class SparseRuntime:
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
         dense_frames: tuple[int, ...] = (),
+        queries_from: int = 0,
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
@@ -515,11 +540,14 @@ class SparseRuntime:
         `head_range`: `(first head, the model's heads)` when the `heads` attended are a slice of the model's.
         `frame_causal`: frames per group of a `FrameCausal` mask the plan keeps only the allowed blocks of
         (`allow_frame_causal`); `0`: none. `dense_frames`: frames whose queries keep every key (`begin_call`).
+        `queries_from`: the plan's queries are the tokens from this one on, its keys all of them (`attention`'s
+        `video_queries`).
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
         return self._cached(
-            (patterns, layout, heads, head_range, frame_causal, dense_frames, str(device)),
-            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal, dense_frames),
+            (patterns, layout, heads, head_range, frame_causal, dense_frames, queries_from, str(device)),
+            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal, dense_frames,
+                                     queries_from),
         )
 
     def _at_density(self, pattern: Pattern, layout: VideoLayout) -> Pattern:
@@ -553,6 +581,7 @@ class SparseRuntime:
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
         dense_frames: tuple[int, ...] = (),
+        queries_from: int = 0,
     ) -> _CachedPlan:
         if self.config.density is not None:
             patterns = tuple(self._at_density(p, layout) for p in patterns)
@@ -584,6 +613,10 @@ class SparseRuntime:
         perm = (None, None)
         if not isinstance(self.order, IdentityOrder):
             perm = (self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))
+        if queries_from:
+            plan = make_plan(stacked(q_tokens=(queries_from, n), k_tokens=(0, n)), n - queries_from, n,
+                             self.block_sizes, q_offset=queries_from)
+            return _CachedPlan(plan, *perm, plan.density)
         allowed = self._frame_causal_blocks(layout, frame_causal) if frame_causal else None
         if not frame_causal or allowed is not None:
             plan = make_plan(stacked(allowed), n, n, self.block_sizes)

@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (register their adapters)
     mochi,
     motif_video,
     qwenimage,
+    qwenimage21,
     sd3,
     wan,
 )

@@ -163,9 +163,10 @@ class ModelAdapter(ABC):
 
     The runtime given to a sparse processor answers `route(layer) -> bool` (whether this call goes through the
     runtime: sparse, or dense while measuring a correction's statistics; `False` = run the original processor)
-    and `attention(layer, q, k, v, layout=None) -> out` on `(B, S, H, D)` tensors (`layout` when the tensors are
-    not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's); adapters need nothing
-    else of it. Video-only sequences go through `SparseProcessor.attend_video`, which also shards them under
+    and `attention(layer, q, k, v, layout=None, video_queries=False) -> out` on `(B, S, H, D)` tensors (`layout`
+    when the tensors are not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's;
+    `video_queries`: the queries are the layout's video tokens only, after its text span, as Qwen-Image 2.1's
+    KV-cached calls hold them); adapters need nothing else of it. Video-only sequences go through `SparseProcessor.attend_video`, which also shards them under
     Ulysses context parallelism.
     """
 

@@ -62,9 +62,9 @@ def recorded_attention_calls():
     calls = []
     attention = SparseRuntime.attention
 
-    def record(self, layer, query, key, value, layout=None):
+    def record(self, layer, query, key, value, layout=None, **kwargs):
         calls.append((layer, layout or self.call_layout(), tuple(query.shape[:2])))
-        return attention(self, layer, query, key, value, layout=layout)
+        return attention(self, layer, query, key, value, layout=layout, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SparseRuntime, "attention", record)

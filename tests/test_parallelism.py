@@ -1,6 +1,6 @@
 """Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses context parallelism each
 holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer, under tensor parallelism half
-of the heads of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer; each must get what one process gets alone with the same
+of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one process gets alone with the same
 sparse config."""
 
 import os
@@ -21,7 +21,8 @@ FAMILIES = ("wan", "chronoedit", "ltx", "helios")
 # chunk's), so under context parallelism its dense calls leave the memory's keys unamplified: 0.47 off one process
 # on the tiny model here. The sparse path counts it on the whole sequence.
 EXACT_DENSE_FAMILIES = ("wan", "chronoedit", "ltx")
-TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage")  # the families diffusers gives a tensor-parallel plan
+# The families diffusers gives a tensor-parallel plan.
+TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
 CONFIGS = {
     "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
     # One window per head: each rank must attend its own head's mask, not the first one.
@@ -154,9 +155,19 @@ TENSOR_PARALLEL_CONFIGS = {
 
 def _tensor_parallel_model(family: str):
     """Two heads (one per rank), joint [text, image] attention."""
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers import (
+        Flux2Transformer2DModel,
+        FluxTransformer2DModel,
+        QwenImage21Transformer2DModel,
+        QwenImageTransformer2DModel,
+    )
 
     torch.manual_seed(0)
+    if family == "qwenimage21":
+        return QwenImage21Transformer2DModel(
+            in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            context_in_dim=16, axes_dims_rope=(4, 6, 6),
+        ).eval()
     if family == "flux":
         return FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -174,10 +185,17 @@ def _tensor_parallel_model(family: str):
 
 
 def _tensor_parallel_call(transformer):
-    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 5 text tokens."""
+    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 5 text tokens; Qwen-Image 2.1 an image of 6 x 8
+    latent tokens after 5 text tokens, its queries alone sparse."""
     g = torch.Generator().manual_seed(1)
     name = transformer.__class__.__name__
     with torch.no_grad():
+        if name.startswith("QwenImage21"):
+            return transformer(
+                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                timestep=torch.tensor([0.5]), img_shapes=[[(1, 6, 8)]],
+                img_mask=torch.tensor([[False] * 5 + [True] * 12]), return_dict=False,
+            )[0]
         if name.startswith("Qwen"):
             return transformer(
                 hidden_states=torch.randn(1, 24, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),

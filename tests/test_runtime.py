@@ -76,6 +76,51 @@ def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
         runtime.begin_call(layout, 0, 1, token_order[1:])
 
 
+@pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+def test_video_queries_are_the_video_rows_of_the_whole_calls_attention(pattern, order):
+    # Queries on the video tokens only (keys and values over the whole [text, video] sequence, as a model with a
+    # cache of the prefix's keys and values attends): with the text filling whole blocks, the video rows of the
+    # whole call, in either token order, static or searched (the search sees zeros for the text's queries, whose
+    # rows are kept whole anyway).
+    layout = VideoLayout(4, 4, 8, text_len=16, text_position="start")
+    config = SparseConfig(pattern=pattern, density=0.4, block_size=16, dense_steps=0, order=order)
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    q[:, :16] = 0  # what a search on the video queries alone sees of the text's
+    whole_runtime, video_runtime = (SparseRuntime(config, "transformer") for _ in range(2))
+    for runtime in (whole_runtime, video_runtime):
+        runtime.state_manager.set_context(CacheContext("cond"))
+        runtime.begin_call(layout, 0, 1)
+    whole = whole_runtime.attention(0, q, k, v)
+    video = video_runtime.attention(0, q[:, 16:], k, v, video_queries=True)
+    torch.testing.assert_close(video, whole[:, 16:], atol=1e-6, rtol=0)
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert (video - dense[:, 16:]).abs().max() > 1e-2  # blocks were left out
+    with pytest.raises(ValueError, match="video_queries needs the text span first"):
+        video_runtime.attention(0, q[:, :-16], k, v, layout=VideoLayout(4, 4, 8, text_len=16), video_queries=True)
+
+
+def test_video_queries_after_a_partial_block_of_text_keep_what_their_blocks_overlap():
+    # 5 text tokens: the video's query blocks, counted from its first token, straddle the whole sequence's blocks.
+    # Each keeps the key blocks of the pattern's rows it overlaps (the token-level definition below), as the
+    # per-group calls of a causal frame-group mask do.
+    layout = VideoLayout(4, 4, 8, text_len=5, text_position="start")
+    pattern = Radial(decay=0.25, min_window=4)
+    runtime = SparseRuntime(SparseConfig(pattern=pattern, block_size=16, dense_steps=0), "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    runtime.begin_call(layout, 0, 1)
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    video = runtime.attention(0, q[:, 5:], k, v, video_queries=True)
+    blocks = pattern.block_mask(layout, 16, q_tokens=(5, layout.num_tokens), k_tokens=(0, layout.num_tokens))[0]
+    queries = torch.arange(layout.num_tokens - 5) // 16
+    keep = blocks[queries][:, torch.arange(layout.num_tokens) // 16]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, 5:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep
+    ).transpose(1, 2)
+    torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
+    assert not keep.all()
+
+
 class _Scheduler:
     def __init__(self, timesteps):
         self.timesteps = torch.tensor(timesteps)
