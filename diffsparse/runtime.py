@@ -389,7 +389,9 @@ class SparseRuntime:
         if self._fits:
             # A fit reads the whole sequence's queries; the text's rows are kept whole whatever it finds, so zeros
             # stand in for the queries the call does not hold.
-            fit_query = query if not start else torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], 1)
+            fit_query = query
+            if start:
+                fit_query = torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], dim=1)
             pattern = self._layer_pattern(layer, layout, fit_query, key, value, state.frame_causal, heads)
         head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(

@@ -166,8 +166,8 @@ class ModelAdapter(ABC):
     and `attention(layer, q, k, v, layout=None, video_queries=False) -> out` on `(B, S, H, D)` tensors (`layout`
     when the tensors are not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's;
     `video_queries`: the queries are the layout's video tokens only, after its text span, as Qwen-Image 2.1's
-    KV-cached calls hold them); adapters need nothing else of it. Video-only sequences go through `SparseProcessor.attend_video`, which also shards them under
-    Ulysses context parallelism.
+    KV-cached calls hold them); adapters need nothing else of it. Video-only sequences go through
+    `SparseProcessor.attend_video`, which also shards them under Ulysses context parallelism.
     """
 
     transformer_classes: tuple[type, ...] = ()

@@ -211,6 +211,26 @@ def qwen_tokenizer(vocabulary: list[str]):
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
 
+# Qwen's vision-language placeholders, by the config field that holds each one's id.
+QWEN_VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                      "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+def qwen_vl_processor(processor_class, video_processor_class, vision_config, vocabulary: list[str], **kwargs):
+    """A Qwen vision-language processor built in memory: the word tokenizer of `qwen_tokenizer` with the vision
+    placeholders as whole tokens (the processor repeats `<|image_pad|>` with no spaces between: each must be matched
+    whole, not split at `|`), image patches as the tower of `vision_config` takes them, and the video processor the
+    class requires, which image prompts never use; `kwargs` (a chat template) go to the processor."""
+    from transformers import Qwen2VLImageProcessor
+
+    tokenizer = qwen_tokenizer(vocabulary)
+    tokenizer.add_tokens(list(QWEN_VISION_TOKENS.values()), special_tokens=True)
+    patches = {"patch_size": vision_config.patch_size, "temporal_patch_size": vision_config.temporal_patch_size,
+               "merge_size": vision_config.spatial_merge_size}
+    return processor_class(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
+                           video_processor=video_processor_class(**patches), **kwargs)
+
+
 def tiny_qwen25_vl(vocabulary: list[str]):
     """`Qwen2_5_VLForConditionalGeneration` with a one-layer language model 16 wide (the pipelines read its last
     hidden states) and a one-block vision tower, which the class builds although text prompts never reach it."""

@@ -21,7 +21,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 6
@@ -70,11 +70,7 @@ def inputs(reference_sizes=(), seed=0):
 
 
 def run(model, config=None, **kwargs):
-    with torch.no_grad():
-        if config is None:
-            return model(**inputs(**kwargs)).sample
-        with diffsparse.sparse(model, config):
-            return model(**inputs(**kwargs)).sample
+    return run_transformer(model, inputs, config, **kwargs)
 
 
 def test_dense_pattern_is_the_unmodified_model_and_the_image_and_joint_blocks_are_layers(transformer):
@@ -166,7 +162,8 @@ def flux3_pipes():
 
 def denoise(pipe, config=None, reference_sizes=(), guided=True):
     """The pipeline's latents for a 64 x 96 image (4 x 6 tokens) in 3 steps from seed 0, with reference latents of
-    `reference_sizes` tokens (and a negative prompt when `guided`); with `config` applied for the call, `(latents, stats)`."""
+    `reference_sizes` tokens (and a negative prompt when `guided`); with `config` applied for the call,
+    `(latents, stats)`."""
     g = torch.Generator().manual_seed(1)
     call = {
         "prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g),

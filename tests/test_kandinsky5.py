@@ -178,8 +178,8 @@ PIPELINE_CALL = {"prompt": "a red circle moving left", "negative_prompt": "blurr
 def check_pipeline_steps_and_layout(pipe, call: dict, layout: VideoLayout) -> None:
     """`check_pipeline_against_dense` through `pipe(**call)` with classifier-free guidance, and: each of the 3 steps
     is the prompt's and the negative prompt's call (outside any `cache_context`: "call 0" and "call 1", each
-    branch on its own state) through both visual blocks, the first step dense (`dense_steps=1`), the others sparse with blocks left out; every sparse call
-    attends `layout`'s tokens, no more.
+    branch on its own state) through both visual blocks, the first step dense (`dense_steps=1`), the others sparse
+    with blocks left out; every sparse call attends `layout`'s tokens, no more.
 
     The model rounds queries and keys to bfloat16 (its RoPE): a float32 difference of 1e-6 upstream (the sparse
     kernel's sums against SDPA's) now and then moves a query element one bfloat16 step, and the output past 1e-3

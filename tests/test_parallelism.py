@@ -1,7 +1,7 @@
 """Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses context parallelism each
 holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer, under tensor parallelism half
-of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one process gets alone with the same
-sparse config."""
+of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one process
+gets alone with the same sparse config."""
 
 import os
 import tempfile
@@ -92,8 +92,8 @@ def _call(transformer):
                 memory[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
             return transformer(
                 hidden_states=torch.randn(1, 4, 4, 8, 12, generator=g), timestep=torch.tensor([500]),
-                encoder_hidden_states=torch.randn(1, 6, 16, generator=g), indices_hidden_states=torch.arange(8, 12)[None],
-                return_dict=False, **memory,
+                encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+                indices_hidden_states=torch.arange(8, 12)[None], return_dict=False, **memory,
             )[0]
         return transformer(
             hidden_states=torch.randn(1, 96, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),

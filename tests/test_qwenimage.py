@@ -20,17 +20,19 @@ from diffusers import (
 )
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from PIL import Image
-from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
+    QWEN_VISION_TOKENS,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     qwen_tokenizer,
+    qwen_vl_processor,
     recorded_attention_calls,
     run_pipeline,
     run_transformer,
@@ -122,11 +124,10 @@ def test_other_processors_are_refused(transformer):
 
 # The placeholders Qwen2-VL's processor writes into an edit prompt; it counts the video one's id too, which must not
 # be `<unk>`'s (every unknown word would count as a video token).
-VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 # Chat-template tokens first: the word tokenizer's own (pad, unk) and Qwen's special tokens; the template's other words
 # are not needed (`<unk>`), the pipeline drops them. "Picture" opens the edit prompt's image list.
 VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "a", "red", "circle", "on", "grass", "blurry",
-              "Picture", *VISION_TOKENS]
+              "Picture", *QWEN_VISION_TOKENS.values()]
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +174,11 @@ def qwen_edit_pipe(qwen_pipe):
     torch.manual_seed(0)
     text_encoder = tiny_qwen25_vl(VOCABULARY)
     # The model finds the placeholders the vision tower's tokens replace by id: Qwen's own ids by default.
-    for name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+    for name, token in QWEN_VISION_TOKENS.items():
         setattr(text_encoder.config, name, VOCABULARY.index(token))
-    tokenizer = qwen_tokenizer(VOCABULARY)
-    # The processor repeats `<|image_pad|>` with no spaces between: each must be matched whole, not split at `|`.
-    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
-    vision = text_encoder.config.vision_config
-    patches = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
-               "merge_size": vision.spatial_merge_size}
-    # The processor class requires a video processor, which edit prompts never use.
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(**patches))
+    processor = qwen_vl_processor(Qwen2VLProcessor, Qwen2VLVideoProcessor, text_encoder.config.vision_config,
+                                  VOCABULARY)
+    tokenizer = processor.tokenizer
     components = {name: getattr(qwen_pipe, name) for name in ("vae", "transformer", "scheduler")}
     pipe = QwenImageEditPlusPipeline(text_encoder=text_encoder, tokenizer=tokenizer, processor=processor, **components)
     # The pipeline's drop (64) counts Qwen's BPE tokens of the system prompt and the user's header; the word tokenizer

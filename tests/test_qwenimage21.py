@@ -13,7 +13,7 @@ from diffusers import (
     QwenImage21Transformer2DModel,
 )
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
-from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 import diffsparse
@@ -21,9 +21,10 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
+    QWEN_VISION_TOKENS,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    qwen_tokenizer,
+    qwen_vl_processor,
     recorded_attention_calls,
 )
 
@@ -139,9 +140,9 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Qwen-Image 2.1", layer=1)
 
 
-VISION_TOKENS = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
 VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant", "Comprehend", "and",
-              "analyze", "the", "provided", "prompt", ".", "a", "red", "circle", "on", "dark", "blurry", *VISION_TOKENS]
+              "analyze", "the", "provided", "prompt", ".", "a", "red", "circle", "on", "dark", "blurry",
+              *QWEN_VISION_TOKENS.values()]
 # The chat template the pipeline renders its system message with, to count the tokens it drops.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
                  "{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
@@ -157,20 +158,14 @@ def qwen21_pipe():
             "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}}
     vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
               "deepstack_visual_indexes": [], "num_position_embeddings": 16}
-    ids = {name: VOCABULARY.index(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-    )}
+    ids = {name: VOCABULARY.index(token) for name, token in QWEN_VISION_TOKENS.items()}
     text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids)).eval()
-    tokenizer = qwen_tokenizer(VOCABULARY)
-    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
-    config = text_encoder.config.vision_config
-    patches = {"patch_size": config.patch_size, "temporal_patch_size": config.temporal_patch_size,
-               "merge_size": config.spatial_merge_size}
-    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(**patches), chat_template=CHAT_TEMPLATE)
-    vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
-                                   temperal_downsample=[False] * 4, latents_mean=[0.0] * 8, latents_std=[1.0] * 8).eval()
+    processor = qwen_vl_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, text_encoder.config.vision_config,
+                                  VOCABULARY, chat_template=CHAT_TEMPLATE)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False] * 4, latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
+    ).eval()
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                                processor=processor, transformer=tiny_transformer())
     pipe.set_progress_bar_config(disable=True)
