@@ -552,15 +552,22 @@ class SparseRuntime:
                                      queries_from),
         )
 
-    def _at_density(self, pattern: Pattern, layout: VideoLayout) -> Pattern:
-        """`pattern` solved for `SparseConfig.density` on `layout`. A static pattern is solved once per layout: its
+    def _at_density(self, pattern: Pattern, layout: VideoLayout, queries_from: int = 0) -> Pattern:
+        """`pattern` solved for `SparseConfig.density` on `layout` (over the blocks of the queries from
+        `queries_from` on, those a `video_queries` call computes). A static pattern is solved once per layout: its
         plans that differ only in their causal groups or dense frames (a diffusion-forcing wave makes a new set of
         early frames every few rows) share the solution, whose bisection costs far more than the masks."""
+        q_tokens = (queries_from, layout.num_tokens) if queries_from else None
+
+        def solve() -> Pattern:
+            return pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order,
+                                      q_tokens=q_tokens)
+
         if self._fits:  # fitted anew for each layer and run: nothing to share
-            return pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
-        key = (pattern, layout)
+            return solve()
+        key = (pattern, layout, queries_from)
         if key not in self._solved:
-            self._solved[key] = pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order)
+            self._solved[key] = solve()
         return self._solved[key]
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
@@ -586,7 +593,7 @@ class SparseRuntime:
         queries_from: int = 0,
     ) -> _CachedPlan:
         if self.config.density is not None:
-            patterns = tuple(self._at_density(p, layout) for p in patterns)
+            patterns = tuple(self._at_density(p, layout, queries_from) for p in patterns)
 
         rows = DenseQueryFrames(dense_frames) if dense_frames else None
 

@@ -341,16 +341,23 @@ class Pattern(abc.ABC):
         perm = order.permutation(layout)
         return full[:, perm][:, :, perm]
 
-    def density(self, layout: VideoLayout, block_size: BlockSize, order: TokenOrder | None = None) -> float:
+    def density(
+        self,
+        layout: VideoLayout,
+        block_size: BlockSize,
+        order: TokenOrder | None = None,
+        q_tokens: tuple[int, int] | None = None,
+    ) -> float:
         r"""
-        Fraction of kept blocks (all heads, partial edge blocks counted as whole blocks).
+        Fraction of kept blocks (all heads, partial edge blocks counted as whole blocks); with `q_tokens`, of the
+        blocks between those queries and every key (`block_mask`'s `q_tokens`).
 
         Example:
             >>> from diffsparse.patterns import Dense, VideoLayout
             >>> Dense().density(VideoLayout(frames=2, height=4, width=4), 16)
             1.0
         """
-        return self.block_mask(layout, block_size, order).float().mean().item()
+        return self.block_mask(layout, block_size, order, q_tokens=q_tokens).float().mean().item()
 
     def fit(
         self,
@@ -404,6 +411,7 @@ class Pattern(abc.ABC):
         block_size: BlockSize,
         order: TokenOrder | None = None,
         max_iter: int = 40,
+        q_tokens: tuple[int, int] | None = None,
     ) -> Pattern:
         r"""
         A copy of the pattern with its main parameter solved by bisection (`decay` for [`Radial`], the window
@@ -423,6 +431,8 @@ class Pattern(abc.ABC):
             order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the
                 token order the density is measured in.
             max_iter (`int`, *optional*, defaults to `40`): bisection steps per bracket (one block mask each).
+            q_tokens (`tuple[int, int]`, *optional*): the density of the blocks of these queries only (`density`'s
+                `q_tokens`): a call that attends only some of the sequence's queries (the runtime's `video_queries`).
 
         Example:
             >>> from diffsparse.patterns import Radial, VideoLayout
@@ -440,7 +450,7 @@ class Pattern(abc.ABC):
             if x not in cache:
                 pattern = make(x)
                 if pattern not in measured:
-                    measured[pattern] = pattern.density(layout, block_size, order)
+                    measured[pattern] = pattern.density(layout, block_size, order, q_tokens)
                 cache[x] = measured[pattern]
             return cache[x]
 

@@ -782,9 +782,9 @@ class Searched(Pattern):
         n = layout.num_tokens
         return mask.repeat_interleave(self._rows()[1], 1).repeat_interleave(bk, 2)[:, :, :n]
 
-    def at_density(self, layout, target, block_size, order=None, max_iter=40) -> Searched:
-        r"""A copy keeping `target` of the blocks (no solving: `keep` is the density). A searched pattern can
-        only confirm its own `keep`; search again for another."""
+    def at_density(self, layout, target, block_size, order=None, max_iter=40, q_tokens=None) -> Searched:
+        r"""A copy keeping `target` of the blocks (no solving: `keep` is the density, whichever queries attend). A
+        searched pattern can only confirm its own `keep`; search again for another."""
         _check_keep(target)
         if self.searched_mask is None:
             return replace(self, keep=target)

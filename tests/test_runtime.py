@@ -100,6 +100,15 @@ def test_video_queries_are_the_video_rows_of_the_whole_calls_attention(pattern, 
         video_runtime.attention(0, q[:, :-16], k, v, layout=VideoLayout(4, 4, 8, text_len=16), video_queries=True)
 
 
+def test_a_density_is_solved_over_the_rows_a_video_queries_call_computes():
+    # 256 text tokens (a third of the rows, every one kept): solved over the whole sequence, no window reaches 0.5;
+    # over the video's rows, which is what the call computes and reports, it does.
+    layout = VideoLayout(8, 8, 8, text_len=256, text_position="start")
+    runtime = SparseRuntime(SparseConfig(pattern="window3d", density=0.5, block_size=16), "transformer")
+    assert runtime.plan(layout, 1, torch.device("cpu"), queries_from=256).density == pytest.approx(0.5)
+    assert runtime.plan(layout, 1, torch.device("cpu")).density > 0.55
+
+
 def test_video_queries_after_a_partial_block_of_text_keep_what_their_blocks_overlap():
     # 5 text tokens: the video's query blocks, counted from its first token, straddle the whole sequence's blocks.
     # Each keeps the key blocks of the pattern's rows it overlaps (the token-level definition below), as the
