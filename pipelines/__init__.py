@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (register their adapters)
     anyflow,
     cogvideox,
     cosmos,
+    cosmos3,
     easyanimate,
     flux,
     flux2,

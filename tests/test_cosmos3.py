@@ -1,0 +1,126 @@
+"""diffsparse on diffusers Cosmos 3 (`Cosmos3OmniTransformer`, tiny, random weights): the packed understanding and
+generation sequence called directly, as the modular pipeline calls it once per guidance pass: the generation rows
+sparse over every key with grouped-query attention, the causal understanding pathway as the original's."""
+
+import pytest
+import torch
+from diffusers import Cosmos3OmniTransformer
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+LOCAL = Window3D(window=(1, 1, 1))
+UND = 10  # prompt tokens
+GRID = (3, 4, 6)  # the video's patch grid: 3 latent frames of 8 x 12, patchified 2 x 2
+
+
+def make_transformer(**kwargs):
+    torch.manual_seed(0)
+    return Cosmos3OmniTransformer(
+        head_dim=16, hidden_size=32, intermediate_size=64, latent_channel=4, latent_patch_size=2, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=2, patch_latent_dim=16, vocab_size=40, rope_axes_dim=[2, 3, 3],
+        **kwargs,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return make_transformer()
+
+
+def inputs(timestep=500.0, items=1):
+    """The prompt's 10 tokens, then `items` videos of 3 x 8 x 12 latents (72 patches each), all frames noisy."""
+    patches = GRID[0] * GRID[1] * GRID[2]
+    length = UND + items * patches
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in GRID), indexing="ij")).reshape(3, -1)
+    positions = torch.cat([torch.arange(UND)[None].expand(3, -1)] + [grid + UND] * items, dim=1)
+    g = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": torch.randint(0, 40, (UND,), generator=g), "text_indexes": torch.arange(UND),
+        "position_ids": positions, "und_len": UND, "sequence_length": length,
+        "vision_tokens": [torch.randn(1, 4, 3, 8, 12, generator=g) for _ in range(items)],
+        "vision_token_shapes": [GRID] * items, "vision_sequence_indexes": torch.arange(UND, length),
+        "vision_mse_loss_indexes": torch.arange(UND, length), "vision_timesteps": torch.full((length - UND,), timestep),
+        "vision_noisy_frame_indexes": [torch.arange(GRID[0])] * items,
+    }
+
+
+def run(model, config=None, **kwargs):
+    with torch.no_grad():
+        if config is None:
+            return model(**inputs(**kwargs)).sample
+        with diffsparse.sparse(model, config) as handle:
+            return model(**inputs(**kwargs)).sample, handle.stats()
+
+
+def test_dense_pattern_is_the_unmodified_model(transformer):
+    reference = run(transformer)
+    dense, stats = run(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0))
+    assert all(torch.equal(a, b) for a, b in zip(dense, reference))
+    assert [s.layer for s in stats.layers] == [0, 1]
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm_for_text": False, "use_und_k_norm_for_gen": True}],
+                         ids=["qk norms", "generation's own norm of the understanding keys"])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense_and_the_generation_rows_are_sparse(variant, order):
+    model = make_transformer(**variant)
+    reference = run(model)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        kept, stats = run(model, config)
+    for a, b in zip(kept, reference):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert all(r.sparse for r in stats.calls["transformer"])
+    # The 72 generation queries over the prompt (the leading span, kept whole) and the video.
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(*GRID, text_len=UND, text_position="start"), (1, 72))
+    }
+    sparse, stats = run(model, diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=0))
+    assert not torch.allclose(sparse[0], reference[0], atol=1e-4) and stats.sparse_density < 1
+
+
+def test_layout_and_step_of_a_call(transformer):
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs(timestep=750.0))
+    assert layout == VideoLayout(*GRID, text_len=UND, text_position="start") and float(timestep) == 750.0
+
+
+def test_steps_follow_the_timesteps(transformer):
+    # A bare loop counts distinct timesteps: the first step dense, the others sparse.
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1)) as handle:
+        with torch.no_grad():
+            for t in (900.0, 600.0, 300.0):
+                transformer(**inputs(timestep=t))
+        records = handle.stats().calls["transformer"]
+    assert [(r.step, r.sparse) for r in records] == [(s, s > 0) for s in range(3) for _ in range(2)]
+
+
+def test_several_vision_items_run_the_original_counted_dense(transformer):
+    # Two videos in one generation sequence (as Cosmos Transfer packs its controls before the target) are not one
+    # grid: the original processor, a warning saying why, the calls counted dense.
+    reference = run(transformer, items=2)
+    with pytest.warns(UserWarning, match="not one video's patch grid"):
+        out, stats = run(transformer, diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=0), items=2)
+    assert all(torch.equal(a, b) for a, b in zip(out, reference))
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
+
+
+def test_its_context_parallel_helper_is_refused(transformer):
+    transformer._cp_shard_fn = lambda *args: args
+    try:
+        with (
+            diffsparse.sparse(transformer, diffsparse.SparseConfig(dense_steps=0)),
+            torch.no_grad(),
+            pytest.raises(NotImplementedError, match="_cp_shard_fn"),
+        ):
+            transformer(**inputs())
+    finally:
+        transformer._cp_shard_fn = None
+
+
+def test_other_processors_are_refused(transformer):
+    check_other_processors_are_refused(transformer, "Cosmos 3", layer=1)
