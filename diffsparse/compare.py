@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -51,6 +52,37 @@ def model_label(model: str | None) -> str:
     return model or EMBEDDED_MODEL
 
 
+class ModularCall:
+    """A diffusers modular pipeline (`ModularPipeline`: FLUX.3 and Cosmos 3 ship only as such) behind the keyword
+    call the commands make of a `DiffusionPipeline`: its blocks' inputs are the call's parameters (with their
+    defaults), and the call returns the blocks' videos as `.frames` or their images as `.images`. Everything else
+    (`transformer`, `scheduler`, `to`, ...) is the modular pipeline's."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        outputs = pipe.blocks.output_names
+        self.output = next((name for name in ("videos", "images") if name in outputs), None)
+        if self.output is None:
+            raise ValueError(f"{type(pipe).__name__}'s blocks output {outputs}, neither videos nor images")
+        empty = inspect.Parameter.empty
+        self.parameters = {
+            param.name: inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY,
+                                          default=empty if param.required else param.default)
+            for param in pipe.blocks.inputs if param.name
+        }
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        result = self.pipe(**kwargs, output=self.output)
+        return SimpleNamespace(**{"frames" if self.output == "videos" else "images": result})
+
+    def to(self, device) -> ModularCall:
+        self.pipe.to(device)
+        return self
+
+
 def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = None):
     """The embedded trained testbed (`model=None`), a testbed training folder, or a diffusers checkpoint.
 
@@ -58,7 +90,9 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
 
     `model` is a hub id or a local `save_pretrained` folder; folders whose `model_index.json` names
     `TestbedPipeline` (what `python -m diffsparse.testbed.train` writes) load through the testbed's own class,
-    which diffusers' `DiffusionPipeline.from_pretrained` does not know.
+    which diffusers' `DiffusionPipeline.from_pretrained` does not know. A checkpoint with no `model_index.json`
+    but a `modular_model_index.json` (a modular pipeline's) loads as a `ModularPipeline` with its components
+    (`ModularCall`).
     """
     from .pipelines import testbed
 
@@ -69,16 +103,23 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
     index = Path(model) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
         return testbed.load(device=device, dtype=dtype, path=model)
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, ModularPipeline
 
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:  # not in the cache while offline, no such repository, a folder without model_index.json
-        offline = " (HF_HUB_OFFLINE is set: hub ids load only from the local cache)" if _hub_offline() else ""
-        raise ValueError(
-            f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
-            f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
-        ) from error
+        try:
+            pipe = ModularPipeline.from_pretrained(model)
+            if pipe.blocks is None:  # no modular_model_index.json (nor a model_index.json naming its blocks)
+                raise OSError(f"{model} holds no modular pipeline") from error
+            pipe.load_components(dtype=dtype)
+            pipe = ModularCall(pipe)
+        except OSError:
+            offline = " (HF_HUB_OFFLINE is set: hub ids load only from the local cache)" if _hub_offline() else ""
+            raise ValueError(
+                f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
+                f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
+            ) from error
     return pipe.to(device)
 
 
@@ -89,6 +130,8 @@ def _hub_offline() -> bool:
 
 
 def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
+    if isinstance(pipe, ModularCall):
+        return pipe.parameters
     return dict(inspect.signature(type(pipe).__call__).parameters)
 
 

@@ -81,6 +81,29 @@ def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsy
     assert "HF_HUB_OFFLINE is set" in err
 
 
+def test_compare_loads_a_modular_pipeline(tiny_pipe, tmp_path):
+    # A folder with a modular_model_index.json and no model_index.json (how FLUX.3 and Cosmos 3 ship): loaded as a
+    # ModularPipeline with its components and called through its blocks; here diffusers' modular Wan on the tiny
+    # pipeline's components (the guider is the blocks' default, CFG in two calls).
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
+
+    from diffsparse.compare import ModularCall, load_pipeline
+
+    modular = WanBlocks().init_pipeline()
+    modular.update_components(**{name: getattr(tiny_pipe, name)
+                                 for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")})
+    folder = tmp_path / "modular"
+    modular.save_pretrained(str(folder), overwrite_modular_index=True)
+    assert not (folder / "model_index.json").exists()
+    assert isinstance(load_pipeline(str(folder), "cpu"), ModularCall)
+    args = ["compare", "--model", str(folder), "--frames", "9", "--height", "64", "--width", "96", "--steps", "3",
+            "--pattern", "window3d", "--density", "0.5", "--block-size", "16", "--dense-steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["model"] == str(folder) and result["frames"] == 9
+    assert 0 < result["mean_attention_density"] < 1 and result["psnr_db"] > 0
+
+
 def test_masks_and_density_bench(tmp_path, capsys):
     assert main(["masks", "--pattern", "window3d", "--frames", "5", "--height", "8", "--width", "12",
                  "--block-size", "64", "--tile", "1,4,4", "--out", str(tmp_path)]) == 0
