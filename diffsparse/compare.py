@@ -72,6 +72,8 @@ class ModularCall:
         }
 
     def __getattr__(self, name):
+        if name == "pipe":  # not set yet (a copy being built): no recursion through the lookup below
+            raise AttributeError(name)
         return getattr(self.pipe, name)
 
     def __call__(self, **kwargs):
@@ -129,6 +131,11 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def pipeline_name(pipe) -> str:
+    """The pipeline's class name for messages (a modular pipeline's own, not `ModularCall`)."""
+    return type(pipe.pipe if isinstance(pipe, ModularCall) else pipe).__name__
+
+
 def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
     if isinstance(pipe, ModularCall):
         return pipe.parameters
@@ -155,7 +162,7 @@ def frames_argument(pipe, frames: int) -> dict:
     if name is not None:
         return {name: frames}
     if frames != 1:
-        raise ValueError(f"frames={frames}: {type(pipe).__name__} generates images, so frames must be 1 (--frames 1)")
+        raise ValueError(f"frames={frames}: {pipeline_name(pipe)} generates images, so frames must be 1 (--frames 1)")
     return {}
 
 
@@ -174,11 +181,11 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     parameters = _call_parameters(pipe)
     image_path = getattr(args, "image", None)
     if image_path is not None and not takes_image(pipe):
-        raise ValueError(f"image={image_path!r}: {type(pipe).__name__} takes no `image` (it is not an image-to-video "
+        raise ValueError(f"image={image_path!r}: {pipeline_name(pipe)} takes no `image` (it is not an image-to-video "
                          "or editing pipeline); leave out --image")
     needs_image = takes_image(pipe) and parameters["image"].default is inspect.Parameter.empty
     if needs_image and image_path is None and first_frame is None:
-        raise ValueError(f"{type(pipe).__name__} generates from an image: give one with --image PATH")
+        raise ValueError(f"{pipeline_name(pipe)} generates from an image: give one with --image PATH")
     kwargs = {"prompt": prompt, **frames_argument(pipe, args.frames)}
     kwargs.update({name: getattr(args, name) for name in ("height", "width") if name in parameters})
     kwargs.update(num_inference_steps=args.steps, generator=torch.Generator(device="cpu").manual_seed(seed),
@@ -197,7 +204,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         if name not in parameters and not takes_any:
             others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - {"self"})
-            raise ValueError(f"--call-kwargs sets {name!r}, which {type(pipe).__name__} does not take; it takes "
+            raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline_name(pipe)} does not take; it takes "
                              f"{', '.join(others)}")
     return {**kwargs, **extra}
 
@@ -369,7 +376,7 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
     if not isinstance(pipe, testbed.TestbedPipeline):
         raise ValueError(
             f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r} "
-            f"loads {type(pipe).__name__}"
+            f"loads {pipeline_name(pipe)}"
         )
     return testbed.best_still(pipe, [prompt], args.height, args.width, steps=args.steps, seed=seed,
                               device=args.device, still_candidates=args.still_candidates)

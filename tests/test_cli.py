@@ -87,7 +87,7 @@ def test_compare_loads_a_modular_pipeline(tiny_pipe, tmp_path):
     # pipeline's components (the guider is the blocks' default, CFG in two calls).
     from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
 
-    from diffsparse.compare import ModularCall, load_pipeline
+    from diffsparse.compare import ModularCall, generation_kwargs, load_pipeline
 
     modular = WanBlocks().init_pipeline()
     modular.update_components(**{name: getattr(tiny_pipe, name)
@@ -95,7 +95,12 @@ def test_compare_loads_a_modular_pipeline(tiny_pipe, tmp_path):
     folder = tmp_path / "modular"
     modular.save_pretrained(str(folder), overwrite_modular_index=True)
     assert not (folder / "model_index.json").exists()
-    assert isinstance(load_pipeline(str(folder), "cpu"), ModularCall)
+    pipe = load_pipeline(str(folder), "cpu")
+    assert isinstance(pipe, ModularCall)
+    # Its blocks' inputs are the call's parameters, and messages name the modular pipeline.
+    call = argparse.Namespace(image=None, frames=9, height=64, width=96, steps=3, call_kwargs={"guidance_scale": 5.0})
+    with pytest.raises(ValueError, match="'guidance_scale', which WanModularPipeline does not take"):
+        generation_kwargs(pipe, call, "a red circle", 0)
     args = ["compare", "--model", str(folder), "--frames", "9", "--height", "64", "--width", "96", "--steps", "3",
             "--pattern", "window3d", "--density", "0.5", "--block-size", "16", "--dense-steps", "1"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
