@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (register their adapters)
     flux2,
     flux3,
     helios,
+    hunyuan_image,
     hunyuan_video,
     hunyuan_video15,
     kandinsky5,

@@ -1,0 +1,52 @@
+"""HunyuanImage 2.1 (`HunyuanImageTransformer2DModel`): text-to-image, and its refiner.
+
+HunyuanVideo's blocks on images: every block's `attn` over `[image, text]`, the dual-stream blocks projecting the
+text with their own weights, the single-stream ones the joined sequence; the text is the MLLM tokens and, with the
+ByT5 glyph encoder, its tokens, each prompt's valid tokens first and its padding masked as keys. So the sparse path
+is HunyuanVideo's (`hunyuan_video.joint_qkv`, each image over its valid prefix); images are one frame (the
+refiner's 5D latents, frames of them). The text-only token refiner is untouched.
+"""
+
+from __future__ import annotations
+
+from diffusers import HunyuanImageTransformer2DModel
+from diffusers.models.transformers.transformer_hunyuanimage import HunyuanImageAttnProcessor
+
+from ..patterns import VideoLayout
+from .base import JointVideoTextAttention, ModelAdapter, call_argument
+from .hunyuan_video import joint_qkv, valid_lengths
+from .registry import register_adapter
+
+
+class HunyuanImageSparseAttnProcessor(JointVideoTextAttention, HunyuanImageAttnProcessor):
+    """`HunyuanImageAttnProcessor` (HunyuanVideo's arithmetic) whose joint self-attention runs block-sparse when the
+    runtime says so; padded text queries attend to the valid keys, as in the original."""
+
+    joint_qkv = staticmethod(joint_qkv)
+    padded_queries = "dense"
+
+    def valid_lengths(self, attention_mask, batch, video_len, length):
+        return valid_lengths(attention_mask, batch, length)
+
+
+class HunyuanImageAdapter(ModelAdapter):
+    transformer_classes = (HunyuanImageTransformer2DModel,)
+    family = "HunyuanImage"
+    original_processor = HunyuanImageAttnProcessor
+    sparse_processor = HunyuanImageSparseAttnProcessor
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    attention_name = "attn"
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 1)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 2)
+        grid = tuple(n // p for n, p in zip(hidden_states.shape[2:], transformer.config.patch_size))
+        text_len = text.shape[1]
+        glyphs = kwargs.get("encoder_hidden_states_2", args[5] if len(args) > 5 else None)
+        if glyphs is not None and transformer.context_embedder_2 is not None:  # the ByT5 tokens join the MLLM's
+            text_len += glyphs.shape[1]
+        return VideoLayout(*(grid if len(grid) == 3 else (1, *grid)), text_len=text_len, text_position="end"), timestep
+
+
+register_adapter(HunyuanImageAdapter())

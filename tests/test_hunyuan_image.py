@@ -1,0 +1,118 @@
+"""diffsparse on a diffusers HunyuanImage 2.1 transformer (tiny, random weights, called directly): HunyuanVideo's dual-
+and single-stream blocks over `[image, text]`, prompts padded and masked as keys, with and without the ByT5 glyph
+tokens, and the refiner's 5D latents."""
+
+import pytest
+import torch
+from diffusers import HunyuanImageTransformer2DModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN, GLYPHS = 12, 4
+
+
+def make_transformer(**overrides):
+    torch.manual_seed(0)
+    config = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
+              "num_single_layers": 2, "num_refiner_layers": 1, "patch_size": (1, 1), "text_embed_dim": 16,
+              "rope_axes_dim": (8, 8)}
+    return HunyuanImageTransformer2DModel(**(config | overrides)).eval()
+
+
+@pytest.fixture(scope="module", params=["mllm", "mllm and byt5"])
+def transformer(request):
+    return make_transformer(**({"text_embed_2_dim": 8} if request.param == "mllm and byt5" else {}))
+
+
+def inputs_for(model):
+    def inputs(valid_text=(7, TEXT_LEN), timestep=900.0, seed=0):
+        """A batch of 8 x 6 latent images (48 tokens), prompts with `valid_text` real tokens out of TEXT_LEN (and,
+        with the glyph encoder, 4 ByT5 tokens of which the first 2 are real)."""
+        g = torch.Generator().manual_seed(seed)
+        batch = len(valid_text)
+        call = {
+            "hidden_states": torch.randn(batch, 4, 8, 6, generator=g),
+            "timestep": torch.full((batch,), timestep),
+            "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
+            "encoder_attention_mask": (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long(),
+        }
+        if model.context_embedder_2 is not None:
+            call["encoder_hidden_states_2"] = torch.randn(batch, GLYPHS, 8, generator=g)
+            call["encoder_attention_mask_2"] = (torch.arange(GLYPHS) < 2).long()[None].expand(batch, -1)
+        return call
+
+    return inputs
+
+
+def text_len(model):
+    return TEXT_LEN + (GLYPHS if model.context_embedder_2 is not None else 0)
+
+
+def test_dense_pattern_is_the_unmodified_model_and_both_block_kinds_are_layers(transformer):
+    inputs = inputs_for(transformer)
+    reference = run_transformer(transformer, inputs)
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)) as handle:
+        with torch.no_grad():
+            assert torch.equal(transformer(**inputs()).sample, reference)
+        assert [s.layer for s in handle.stats().layers] == [0, 1, 2]  # the dual-stream block, then the two single
+
+
+@pytest.mark.parametrize("valid_text", [(7, TEXT_LEN), (TEXT_LEN,)])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_text, order):
+    inputs = inputs_for(transformer)
+    reference = run_transformer(transformer, inputs, valid_text=valid_text)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    out = run_transformer(transformer, inputs, config, valid_text=valid_text)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
+    # Prompts of 7 and 12 valid tokens (and 2 valid glyph tokens each with ByT5, which the model puts with them ahead
+    # of the padding): one sparse call per valid length, the text span cut to it; the first image gets what it gets
+    # alone, whatever the other prompt's padding.
+    inputs = inputs_for(transformer)
+    glyphs = 2 if transformer.context_embedder_2 is not None else 0
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 2, 2)), block_size=8, dense_steps=0)
+    with torch.no_grad():
+        reference = transformer(**inputs()).sample
+        with recorded_attention_calls() as calls, diffsparse.sparse(transformer, config):
+            out = transformer(**inputs()).sample
+            alone = transformer(**{name: x[:1] for name, x in inputs().items()}).sample
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(1, 8, 6, text_len=n + glyphs, text_position="end"), (1, 48 + n + glyphs)) for n in (7, TEXT_LEN)
+    }
+    assert not torch.allclose(out, reference, atol=1e-4)
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_layout_of_a_call(transformer):
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs_for(transformer)())
+    assert layout == VideoLayout(1, 8, 6, text_len=text_len(transformer), text_position="end")
+    assert float(timestep[0]) == 900.0
+
+
+def test_the_refiners_latents_are_frames():
+    # The refiner's transformer takes 5D latents patchified in time too.
+    model = make_transformer(patch_size=(1, 1, 1), rope_axes_dim=(4, 6, 6))
+    call = inputs_for(model)()
+    call["hidden_states"] = torch.randn(2, 4, 3, 8, 6, generator=torch.Generator().manual_seed(3))
+    layout, _ = adapter_for(model).read_call(model, (), call)
+    assert layout == VideoLayout(3, 8, 6, text_len=TEXT_LEN, text_position="end")
+    with torch.no_grad():
+        reference = model(**call).sample
+        config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+        with diffsparse.sparse(model, config):
+            torch.testing.assert_close(model(**call).sample, reference, atol=1e-4, rtol=0)
+        with diffsparse.sparse(model, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8,
+                                                              dense_steps=0)):
+            assert not torch.allclose(model(**call).sample, reference, atol=1e-4)
+
+
+def test_other_processors_are_refused(transformer):
+    check_other_processors_are_refused(transformer, "HunyuanImage", layer=2)
