@@ -13,20 +13,14 @@ from diffusers import HunyuanImageTransformer2DModel
 from diffusers.models.transformers.transformer_hunyuanimage import HunyuanImageAttnProcessor
 
 from ..patterns import VideoLayout
-from .base import JointVideoTextAttention, ModelAdapter, call_argument
-from .hunyuan_video import joint_qkv, valid_lengths
+from .base import ModelAdapter, call_argument
+from .hunyuan_video import HunyuanJointAttention
 from .registry import register_adapter
 
 
-class HunyuanImageSparseAttnProcessor(JointVideoTextAttention, HunyuanImageAttnProcessor):
+class HunyuanImageSparseAttnProcessor(HunyuanJointAttention, HunyuanImageAttnProcessor):
     """`HunyuanImageAttnProcessor` (HunyuanVideo's arithmetic) whose joint self-attention runs block-sparse when the
-    runtime says so; padded text queries attend to the valid keys, as in the original."""
-
-    joint_qkv = staticmethod(joint_qkv)
-    padded_queries = "dense"
-
-    def valid_lengths(self, attention_mask, batch, video_len, length):
-        return valid_lengths(attention_mask, batch, length)
+    runtime says so."""
 
 
 class HunyuanImageAdapter(ModelAdapter):

@@ -70,15 +70,20 @@ def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) 
     return prefix_lengths(attention_mask.reshape(batch, length))
 
 
-class HunyuanVideoSparseAttnProcessor(JointVideoTextAttention, HunyuanVideoAttnProcessor2_0):
-    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so: its
-    `(B, 1, 1, S)` key mask, and padded text queries that attend to the valid keys, as in the original."""
+class HunyuanJointAttention(JointVideoTextAttention):
+    """The sparse path of HunyuanVideo's joint attention, placed before a processor class with its arithmetic
+    (HunyuanVideo's, HunyuanImage's): its `(B, 1, 1, S)` key mask, and padded text queries that attend to the valid
+    keys, as in the original."""
 
     joint_qkv = staticmethod(joint_qkv)
     padded_queries = "dense"
 
     def valid_lengths(self, attention_mask, batch, video_len, length):
         return valid_lengths(attention_mask, batch, length)
+
+
+class HunyuanVideoSparseAttnProcessor(HunyuanJointAttention, HunyuanVideoAttnProcessor2_0):
+    """`HunyuanVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
 
 
 class HunyuanVideoAdapter(ModelAdapter):

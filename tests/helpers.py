@@ -158,15 +158,18 @@ def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: 
         adapter.set_processor(modules[layer], before[layer])
 
 
-def check_prompts_attend_their_valid_tokens(transformer, inputs, grid: tuple[int, int, int], text_len: int) -> None:
+def check_prompts_attend_their_valid_tokens(
+    transformer, inputs, grid: tuple[int, int, int], text_len: int, config=None, more_valid: int = 0
+) -> None:
     """`inputs()`: a bare transformer call on two videos whose prompts hold 7 and `text_len` valid tokens (the text
-    after the video, padding masked). Each prompt length is one sparse call on a layout whose text span is cut to
-    it; the sparse result differs from dense; and the first video gets what it gets alone, whatever the other
-    prompt's padding."""
+    after the video, padding masked; `more_valid` valid tokens of another text each, as HunyuanImage's glyphs). Each
+    prompt length is one sparse call on a layout whose text span is cut to it; the sparse result (`config`, default
+    radial at 0.3) differs from dense; and the first video gets what it gets alone, whatever the other prompt's
+    padding."""
     import diffsparse
     from diffsparse.patterns import VideoLayout
 
-    config = diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
+    config = config or diffsparse.SparseConfig(pattern="radial", block_size=8, density=0.3, dense_steps=0)
     video_len = grid[0] * grid[1] * grid[2]
     with torch.no_grad():
         reference = transformer(**inputs()).sample
@@ -174,7 +177,8 @@ def check_prompts_attend_their_valid_tokens(transformer, inputs, grid: tuple[int
             out = transformer(**inputs()).sample
             alone = transformer(**{name: x[:1] for name, x in inputs().items()}).sample
     assert {(layout, shape) for _, layout, shape in calls} == {
-        (VideoLayout(*grid, text_len=n, text_position="end"), (1, video_len + n)) for n in (7, text_len)
+        (VideoLayout(*grid, text_len=n + more_valid, text_position="end"), (1, video_len + n + more_valid))
+        for n in (7, text_len)
     }
     assert not torch.allclose(out, reference, atol=1e-4)
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN, GLYPHS = 12, 4
@@ -74,21 +74,11 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
     # Prompts of 7 and 12 valid tokens (and 2 valid glyph tokens each with ByT5, which the model puts with them ahead
-    # of the padding): one sparse call per valid length, the text span cut to it; the first image gets what it gets
-    # alone, whatever the other prompt's padding.
-    inputs = inputs_for(transformer)
-    glyphs = 2 if transformer.context_embedder_2 is not None else 0
+    # of the padding); a 2D window, as radial keeps a single frame whole.
     config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 2, 2)), block_size=8, dense_steps=0)
-    with torch.no_grad():
-        reference = transformer(**inputs()).sample
-        with recorded_attention_calls() as calls, diffsparse.sparse(transformer, config):
-            out = transformer(**inputs()).sample
-            alone = transformer(**{name: x[:1] for name, x in inputs().items()}).sample
-    assert {(layout, shape) for _, layout, shape in calls} == {
-        (VideoLayout(1, 8, 6, text_len=n + glyphs, text_position="end"), (1, 48 + n + glyphs)) for n in (7, TEXT_LEN)
-    }
-    assert not torch.allclose(out, reference, atol=1e-4)
-    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
+    glyphs = 2 if transformer.context_embedder_2 is not None else 0
+    check_prompts_attend_their_valid_tokens(transformer, inputs_for(transformer), grid=(1, 8, 6), text_len=TEXT_LEN,
+                                            config=config, more_valid=glyphs)
 
 
 def test_layout_of_a_call(transformer):
