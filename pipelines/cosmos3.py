@@ -88,7 +88,8 @@ class Cosmos3Adapter(ModelAdapter):
             # Its context parallelism shards the pathways outside diffusers' parallel config, which the sparse path
             # would not see.
             raise NotImplementedError(
-                "diffsparse does not run Cosmos 3 under its context-parallel helper (`_cp_shard_fn`); remove one of them"
+                "diffsparse does not run Cosmos 3 under its context-parallel helper (`_cp_shard_fn`); "
+                "remove one of them"
             )
         und_len = call_argument(args, kwargs, "und_len", 3)
         sequence_length = call_argument(args, kwargs, "sequence_length", 4)
