@@ -50,6 +50,16 @@ def block_causal_prefix(query, key, value, segments, key_valid):
     return torch.cat(outputs, dim=1)
 
 
+def valid_key_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """`[(videos, their valid key indices), ...]`, one entry per distinct row of a boolean key mask (`(B, S)` or
+    `(B, 1, 1, S)`); `None` when every key is valid."""
+    mask = mask.reshape(mask.shape[0], -1).bool()
+    if bool(mask.all()):
+        return None
+    masks, inverse = torch.unique(mask, dim=0, return_inverse=True)
+    return [((inverse == index).nonzero()[:, 0], row.nonzero()[:, 0]) for index, row in enumerate(masks)]
+
+
 class QwenImage21SparseAttnProcessor(SparseProcessor, QwenImage21AttnProcessor):
     """`QwenImage21AttnProcessor` whose target-image rows run block-sparse when the runtime says so; dense calls run
     the original `__call__` unchanged."""
@@ -65,28 +75,28 @@ class QwenImage21SparseAttnProcessor(SparseProcessor, QwenImage21AttnProcessor):
             attn, hidden_states, rotary_emb, layer_cache, kv_cache_mode, cache_write_slice
         )
         prefix = self.runtime.call_layout().text_len
-        if segments is None:  # a cached call: the target's queries only; the key mask comes as `attention_mask`
-            valid = None if attention_mask is None else attention_mask[:, 0, 0, :]
-            out = self.attend_target(query, key, value, valid)
+        # A cached call's key mask comes as `attention_mask` `(B, 1, 1, S)`, a whole call's as `key_valid` `(B, S)`;
+        # every layer gets the same tensor, so its groups are read once per call (on a GPU each read is a host sync).
+        mask = attention_mask if segments is None else key_valid
+        groups = None if mask is None else self.runtime.once_per_call(mask, valid_key_groups)
+        if segments is None:  # a cached call: the target's queries only
+            out = self.attend_target(query, key, value, groups)
         else:
             out = torch.cat([
                 block_causal_prefix(query, key, value, segments, key_valid),
-                self.attend_target(query[:, prefix:], key, value, key_valid),
+                self.attend_target(query[:, prefix:], key, value, groups),
             ], dim=1)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def attend_target(self, query, key, value, key_valid):
-        """The target's rows over the whole sequence's keys, sparse; keys where `key_valid` is false (padded
-        prompt tokens, in the prefix) left out, each group of videos with the same valid keys in one call."""
-        if key_valid is None or bool(key_valid.all()):
+    def attend_target(self, query, key, value, groups):
+        """The target's rows over the whole sequence's keys, sparse; with `groups` (`valid_key_groups`), each
+        group of videos over its valid keys only (padded prompt tokens, in the prefix, left out), one call each."""
+        if groups is None:
             return self.runtime.attention(self.layer, query, key, value, video_queries=True)
         layout = self.runtime.call_layout()
         out = torch.empty_like(query)
-        masks, groups = torch.unique(key_valid, dim=0, return_inverse=True)
-        for index, mask in enumerate(masks):
-            videos = (groups == index).nonzero()[:, 0]
-            kept = mask.nonzero()[:, 0]
+        for videos, kept in groups:
             group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
             k, v = (x[videos][:, kept] for x in (key, value))
             out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
