@@ -7,6 +7,8 @@ transformer sets the call context (step, token layout) before each forward; proc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 import warnings
@@ -16,6 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.context_parallel import (
+    _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+    ContextParallelInput,
+    EquipartitionSharder,
+)
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
@@ -102,6 +109,9 @@ class _BranchState(BaseState):
         # Under diffusers' tensor parallelism: (process group, this process's rank in it); each process's
         # projections hold its slice of the heads.
         self.tensor_parallel: tuple[object, int] | None = None
+        # The length of the call's `encoder_hidden_states` (dim 1): the text stream that joint models put before
+        # their image tokens; `None` when the call has none.
+        self.text_tokens: int | None = None
 
 
 class StepClock:
@@ -195,6 +205,7 @@ class SparseRuntime:
         token_order: torch.Tensor | None = None,
         frame_steps: tuple[int, ...] | None = None,
         tensor_parallel: tuple[object, int] | None = None,
+        text_tokens: int | None = None,
     ) -> None:
         """`token_order`: when the model's tokens are not in the layout's order, each one's index in the layout
         (a permutation of `range(layout.num_tokens)`); `attention` then gathers them into the layout's order and
@@ -207,7 +218,9 @@ class SparseRuntime:
 
         `tensor_parallel`: `(process group, rank)` when the model runs under diffusers' tensor parallelism, whose
         column-sharded projections give each rank consecutive heads in rank order: `attention` then treats its
-        tensors as that rank's heads (`heads`), as one process would treat them."""
+        tensors as that rank's heads (`heads`), as one process would treat them.
+
+        `text_tokens`: the length of the call's text stream (`encoder_hidden_states`), whole (`call_text_tokens`)."""
         if token_order is not None and token_order.shape != (layout.num_tokens,):
             raise ValueError(
                 f"token_order must hold one layout index per token of {layout} ({layout.num_tokens}), got shape "
@@ -222,6 +235,7 @@ class SparseRuntime:
         state.read_once = None
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
         state.tensor_parallel = tensor_parallel
+        state.text_tokens = text_tokens
 
     def new_run(self) -> None:
         """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
@@ -239,6 +253,11 @@ class SparseRuntime:
         if state.read_once is None or state.read_once[0] is not source:
             state.read_once = (source, read(source))
         return state.read_once[1]
+
+    def call_text_tokens(self) -> int | None:
+        """The length of the current transformer call's `encoder_hidden_states` (the whole call's, also under context
+        parallelism, where each process holds a slice of it), or `None` when it has none."""
+        return self._state().text_tokens
 
     def call_layout(self) -> VideoLayout | None:
         """The token layout of the current transformer call, as the adapter's `read_call` gave it."""
@@ -674,7 +693,9 @@ class SparseContextHook(ModelHook):
     # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        layout, timestep, *token_order = self._read_call(module, args, kwargs)
+        whole_args, whole_kwargs = _whole_call(module, args, kwargs)
+        layout, timestep, *token_order = self._read_call(module, whole_args, whole_kwargs)
+        text = _call_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
             self._on_new_run()
@@ -692,7 +713,8 @@ class SparseContextHook(ModelHook):
         if self._per_frame_steps and layout is not None:
             frame_steps = self._clock.frame_steps(timestep, layout.frames)
         self.runtime.begin_call(
-            layout, step, num_steps, *token_order, frame_steps=frame_steps, tensor_parallel=_tensor_parallel(module)
+            layout, step, num_steps, *token_order, frame_steps=frame_steps, tensor_parallel=_tensor_parallel(module),
+            text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
         return args, kwargs
 
@@ -716,6 +738,48 @@ def _tensor_parallel(transformer: torch.nn.Module) -> tuple[object, int] | None:
     if mesh is None or mesh.size() == 1:
         return None
     return mesh.get_group(), mesh.get_local_rank()
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> list[str]:
+    return list(inspect.signature(model_class.forward).parameters)[1:]  # without `self`
+
+
+def _call_input(module: torch.nn.Module, args: tuple, kwargs: dict, name: str):
+    """The forward argument `name` of this call, given by keyword or by position, or `None`."""
+    if name in kwargs:
+        return kwargs[name]
+    parameters = _forward_parameters(type(module))
+    index = parameters.index(name) if name in parameters else len(args)
+    return args[index] if index < len(args) else None
+
+
+def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's inputs as its caller gave them. diffusers' context parallelism may split some at the
+    transformer's entry (a `_cp_plan` entry for `""`: FLUX, FLUX.2, LTX-Video); when its hook runs before this one
+    (parallelism enabled after `apply`: the hook registered last runs first), those are gathered back here, so the
+    adapter reads the whole call's layout. The forward still gets this process's slices."""
+    registry = getattr(module, "_diffusers_hook", None)
+    split = _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE.format("")
+    order = registry._hook_order if registry is not None else []
+    if split not in order or order.index(split) < order.index(HOOK_NAME):
+        return args, kwargs
+    hook = registry.get_hook(split)
+    mesh = hook.parallel_config._flattened_mesh
+    args, kwargs = list(args), dict(kwargs)
+    parameters = _forward_parameters(type(module))
+    for name, plan in hook.metadata.items():
+        value = _call_input(module, args, kwargs, name)
+        # diffusers leaves a tensor of another rank than the plan expects whole (it warns).
+        if not isinstance(plan, ContextParallelInput) or plan.split_output or not isinstance(value, torch.Tensor) \
+                or (plan.expected_dims is not None and value.ndim != plan.expected_dims):
+            continue
+        value = EquipartitionSharder.unshard(value, plan.split_dim, mesh)
+        if name in kwargs:
+            kwargs[name] = value
+        else:
+            args[parameters.index(name)] = value
+    return tuple(args), kwargs
 
 
 def register_context_hook(transformer: torch.nn.Module, hook: SparseContextHook) -> None:

@@ -42,14 +42,14 @@ class SparseProcessor:
         return not self.runtime.route(self.layer)
 
     def check_not_parallel(self) -> None:
-        """Joint text-and-video sequences are not sharded across devices by the sparse path (each rank's shard
-        would hold text and video tokens interleaved out of the layout's order): say so rather than compute a
-        wrong result."""
+        """Families whose sequences the sparse path does not shard across devices (diffusers gives them no context
+        parallel plan, so only a user's own plan reaches them, splitting streams the adapter does not know): say so
+        rather than compute a wrong result."""
         if context_parallel_config(self) is not None:
             raise NotImplementedError(
-                f"diffsparse runs sparse attention under context parallelism only on video-only self-attention "
-                f"(Wan, ChronoEdit, LTX-Video, Helios), not on {type(self).__name__}; disable parallelism or use "
-                "pattern='dense'"
+                f"diffsparse runs sparse attention under context parallelism on the families diffusers gives a "
+                f"context parallel plan (Wan, ChronoEdit, LTX-Video, Helios, FLUX.1, FLUX.2, Qwen-Image), not on "
+                f"{type(self).__name__}; disable parallelism or use pattern='dense'"
             )
 
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
@@ -62,24 +62,70 @@ class SparseProcessor:
         _, degree, rank = parallel
         return rank * local_length, degree * local_length
 
-    def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors.
-
-        Under Ulysses context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
-        ulysses_degree=n))`) each of the n ranks holds `S / n` consecutive tokens of every head: an all-to-all
-        gives each rank the whole sequence for `H / n` heads, which it attends sparsely like one device (the
-        layout and the plan are those of the whole call), and a second all-to-all returns its tokens.
-        """
+    def whole_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """`x` as the whole call holds it: under Ulysses context parallelism, where each rank holds `1 / n` of it
+        along `dim` in rank order (a text mask that diffusers splits per block), gathered from all ranks; else `x`."""
         parallel = _context_parallel(self)
         if parallel is None:
-            return self.runtime.attention(self.layer, query, key, value)
+            return x
+        group, degree, _ = parallel
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(degree)]
+        torch.distributed.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim)
+
+    def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under Ulysses
+        context parallelism (`attend_joint` without text)."""
+        return self.attend_joint(query, key, value, text_first=False)
+
+    def attend_joint(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_first: bool = True,
+                     attend: Callable | None = None) -> torch.Tensor:
+        """`runtime.attention` on this layer for the call's `(B, S, H, D)` sequence; with `text_first`, a joint
+        `[text, image]` one whose text is the call's `encoder_hidden_states` (FLUX, FLUX.2, Qwen-Image).
+
+        Under Ulysses context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
+        ulysses_degree=n))`) each of the n ranks holds `1 / n` of every stream the model splits: of the video, or of
+        the text and of the image, joined as `[its text, its image]`. An all-to-all gives each rank the whole
+        sequence for `H / n` heads, put back in the model's order (all text, then all image tokens), which it attends
+        sparsely like one device (the layout and the plan are those of the whole call), and a second all-to-all
+        returns its tokens.
+
+        `attend(query, key, value, heads=None)`: what attends the whole sequence in the model's order (default:
+        `runtime.attention`), for a family that attends a batch in groups (Qwen-Image's padded prompts).
+        """
+        if attend is None:
+            def attend(q, k, v, heads=None):
+                return self.runtime.attention(self.layer, q, k, v, heads=heads)
+
+        parallel = _context_parallel(self)
+        if parallel is None:
+            return attend(query, key, value)
         group, degree, rank = parallel
         heads = query.shape[2]
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
-        q, k, v = (_sequence_to_heads(x, group, degree) for x in (query, key, value))
-        out = self.runtime.attention(self.layer, q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
-        return _heads_to_sequence(out, group, degree)
+        text = self.runtime.call_text_tokens() // degree if text_first else 0
+        q, k, v = (_streams_in_model_order(_sequence_to_heads(x, group, degree), degree, text) for x in (query, key, value))
+        out = attend(q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
+        return _heads_to_sequence(_streams_per_rank(out, degree, text), group, degree)
+
+
+def _streams_in_model_order(x: torch.Tensor, degree: int, text: int) -> torch.Tensor:
+    """`(B, n * (text + rest), ...)` gathered from n ranks, each holding `[its text, its rest]` -> `[all text, all
+    rest]`."""
+    if not text:
+        return x
+    per_rank = x.unflatten(1, (degree, -1))
+    return torch.cat([per_rank[:, :, :text].flatten(1, 2), per_rank[:, :, text:].flatten(1, 2)], dim=1)
+
+
+def _streams_per_rank(x: torch.Tensor, degree: int, text: int) -> torch.Tensor:
+    """The inverse of `_streams_in_model_order`."""
+    if not text:
+        return x
+    text_part, rest = x[:, : degree * text].unflatten(1, (degree, text)), x[:, degree * text:].unflatten(1, (degree, -1))
+    return torch.cat([text_part, rest], dim=2).flatten(1, 2)
 
 
 class JointVideoTextAttention(SparseProcessor):

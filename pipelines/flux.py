@@ -55,9 +55,8 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)

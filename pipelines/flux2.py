@@ -30,10 +30,9 @@ class Flux2SparseAttnProcessor(SparseProcessor, Flux2AttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
                                       projections=_get_qkv_projections)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
@@ -44,7 +43,6 @@ class Flux2SparseParallelSelfAttnProcessor(SparseProcessor, Flux2ParallelSelfAtt
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
         projected = attn.to_qkv_mlp_proj(hidden_states)
         # The fused projection's QKV and MLP parts by their global ratio, as the original splits it (the same
         # under tensor parallelism, where each rank holds a proportional slice).
@@ -56,7 +54,7 @@ class Flux2SparseParallelSelfAttnProcessor(SparseProcessor, Flux2ParallelSelfAtt
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 

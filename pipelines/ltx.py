@@ -15,7 +15,7 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, context_parallel_config, leading_run
+from .base import ModelAdapter, SparseProcessor, call_argument, leading_run
 from .registry import register_adapter
 
 
@@ -90,10 +90,7 @@ class LTXAdapter(ModelAdapter):
             frames, height, width = (int(size) for size in grid)
             p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
             layout = VideoLayout(frames // p_t, height // p, width // p)
-        # Under context parallelism diffusers may split the tokens before this hook sees them: one rank's shard.
-        cp = context_parallel_config(transformer)
-        shards = 1 if cp is None else cp.ulysses_degree * cp.ring_degree
-        if layout.num_tokens not in (hidden_states.shape[1], hidden_states.shape[1] * shards):
+        if layout.num_tokens != hidden_states.shape[1]:
             raise ValueError(
                 f"the LTX transformer got {hidden_states.shape[1]} tokens for the layout {layout} "
                 f"({layout.num_tokens} tokens); diffsparse cannot place the others, so this call is not supported: "

@@ -68,27 +68,27 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
                     image_rotary_emb)
         if encoder_hidden_states is None or self.stays_dense(attention_mask):
             return super().__call__(*original)
-        self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        text_len = encoder_hidden_states.shape[1]
+        text_len = self.runtime.call_text_tokens()  # the whole call's (under context parallelism, a rank holds 1/n)
         # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
         lengths = [text_len] * query.shape[0] if encoder_hidden_states_mask is None else self.runtime.once_per_call(
-            encoder_hidden_states_mask, _valid_prefixes
+            encoder_hidden_states_mask, lambda mask: _valid_prefixes(self.whole_sequence(mask))
         )
         if lengths is None:  # valid text that is not a prefix (no pipeline makes it): the original, counted dense
             self.runtime.log_dense(self.layer)
             return super().__call__(*original)
-        if set(lengths) == {text_len}:  # no prompt padding (one prompt per call, as the pipelines make CFG's)
-            out = self.runtime.attention(self.layer, query, key, value)
-        else:
-            out = self.attend_without_padding(query, key, value, lengths, text_len)
+        attend = None
+        if set(lengths) != {text_len}:  # prompt padding (the pipelines make CFG's two calls one prompt each: none)
+            def attend(q, k, v, heads=None):
+                return self.attend_without_padding(q, k, v, lengths, text_len, heads)
+        out = self.attend_joint(query, key, value, attend=attend)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1], text_first=True)
 
-    def attend_without_padding(self, query, key, value, lengths: list[int], text_len: int) -> torch.Tensor:
+    def attend_without_padding(self, query, key, value, lengths: list[int], text_len: int, heads=None) -> torch.Tensor:
         """A batch of prompts of different lengths: each prompt's padding (masked keys, between its valid text and
         the image) is left out of its sequence, prompts of equal length in one runtime call on the call's layout with
         that text span. The padded text queries, whose outputs reach no image token (they are never keys), stay
-        zero."""
+        zero. `heads`: as `runtime.attention`'s."""
         query, key, value = (self.runtime.to_layout_order(x) for x in (query, key, value))
         call_layout = self.runtime.call_layout()
         out = torch.zeros_like(query)
@@ -98,7 +98,7 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
                               torch.arange(text_len, query.shape[1], device=query.device)])
             q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
             layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
-            out[videos[:, None], kept] = self.runtime.attention(self.layer, q, k, v, layout=layout)
+            out[videos[:, None], kept] = self.runtime.attention(self.layer, q, k, v, layout=layout, heads=heads)
         return self.runtime.to_model_order(out)
 
 

@@ -172,24 +172,6 @@ def test_compare_command_runs_a_saved_flux_pipeline(flux_pipe, tmp_path, capsys)
     assert result["image_path"] == str(tmp_path / "out" / "compare.png") and (tmp_path / "out" / "compare.png").is_file()
 
 
-def test_sparse_calls_under_context_parallelism_are_refused(flux_pipe):
-    # Joint [text, image] attention: each rank's shard would interleave text and image tokens out of the layout's
-    # order, so the sparse path refuses it (Wan and LTX-Video shard: tests/test_parallelism.py).
-    from diffusers import ContextParallelConfig, ParallelConfig
-
-    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)
-    original = flux_pipe.transformer.transformer_blocks[0].attn.processor
-    try:
-        with diffsparse.sparse(flux_pipe, config):
-            processor = flux_pipe.transformer.transformer_blocks[0].attn.processor
-            # What `enable_parallelism` sets on every attention processor.
-            processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
-            with pytest.raises(NotImplementedError, match="only on video-only self-attention"):
-                flux_pipe("a red circle on grass", num_inference_steps=1, height=32, width=24, output_type="latent")
-    finally:
-        original._parallel_config = None  # `remove` handed it the config above; the shared pipeline has none
-
-
 def test_the_demo_page_serves_an_image_model_one_frame(flux_pipe, tmp_path):
     gr = pytest.importorskip("gradio")
     from diffsparse.demo import build_demo, make_handler

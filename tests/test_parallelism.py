@@ -1,8 +1,10 @@
 """Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses context parallelism each
-holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer, under tensor parallelism half
-of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one process
-gets alone with the same sparse config."""
+holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer (video only), or half of the text
+and half of the image of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer (joint attention), under tensor parallelism
+half of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one
+process gets alone with the same sparse config."""
 
+import functools
 import os
 import tempfile
 import traceback
@@ -21,6 +23,12 @@ FAMILIES = ("wan", "chronoedit", "ltx", "helios")
 # chunk's), so under context parallelism its dense calls leave the memory's keys unamplified: 0.47 off one process
 # on the tiny model here. The sparse path counts it on the whole sequence.
 EXACT_DENSE_FAMILIES = ("wan", "chronoedit", "ltx")
+# Joint [text, image] attention under context parallelism (diffusers splits the text and the image apart): name ->
+# (family, call variant of `_image_call`).
+JOINT_FAMILIES = {
+    "flux": ("flux", ""), "flux references": ("flux", "references"), "flux2": ("flux2", ""),
+    "qwenimage": ("qwenimage", ""), "qwenimage padded": ("qwenimage", "padded"),
+}
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
 CONFIGS = {
@@ -123,20 +131,22 @@ def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tu
     return result, alone, dense_parallel
 
 
-def _family(family: str) -> dict:
-    """What one rank measures on one model family, as max abs differences (and densities)."""
+def _family(model, configs: dict = CONFIGS, call=_call) -> dict:
+    """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism, as max
+    abs differences (and densities)."""
     from diffusers import ContextParallelConfig
 
     parallel = ContextParallelConfig(ulysses_degree=WORLD)
-    result, alone, dense_parallel = _against_one_process(_model(family), CONFIGS, parallel)
-    # The other order: applied first, then parallelism enabled (it reaches the sparse processors), then removed
-    # (the originals come back with the parallel config).
-    transformer = _model(family)
-    diffsparse.apply(transformer, CONFIGS["radial"])
+    result, alone, dense_parallel = _against_one_process(model(), configs, parallel, call)
+    # The other order: applied first, then parallelism enabled (it reaches the sparse processors; where diffusers
+    # splits the inputs at the transformer's entry, its hook now runs before diffsparse's), then removed (the
+    # originals come back with the parallel config).
+    transformer, (first, config) = model(), next(iter(configs.items()))
+    diffsparse.apply(transformer, config)
     transformer.enable_parallelism(config=parallel)
-    result["applied first"] = float((_call(transformer) - alone["radial"][0]).abs().max())
+    result["applied first"] = float((call(transformer) - alone[first][0]).abs().max())
     diffsparse.remove(transformer)
-    result["removed"] = float((_call(transformer) - dense_parallel).abs().max())
+    result["removed"] = float((call(transformer) - dense_parallel).abs().max())
     return result
 
 
@@ -184,9 +194,11 @@ def _tensor_parallel_model(family: str):
     ).eval()
 
 
-def _tensor_parallel_call(transformer):
-    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 5 text tokens; Qwen-Image 2.1 an image of 6 x 8
-    latent tokens after 5 text tokens, its queries alone sparse."""
+def _image_call(transformer, variant: str = ""):
+    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 6 text tokens (3 per rank under context
+    parallelism); Qwen-Image 2.1 an image of 6 x 8 latent tokens after 5 text tokens, its queries alone sparse.
+    `variant`: "references" (FLUX.1: a 2 x 4 reference image after the image, in the text's span), "padded"
+    (Qwen-Image: two prompts, the second with 2 padded tokens)."""
     g = torch.Generator().manual_seed(1)
     name = transformer.__class__.__name__
     with torch.no_grad():
@@ -197,22 +209,26 @@ def _tensor_parallel_call(transformer):
                 img_mask=torch.tensor([[False] * 5 + [True] * 12]), return_dict=False,
             )[0]
         if name.startswith("Qwen"):
+            batch = 2 if variant == "padded" else 1
+            mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2]) if variant == "padded" else None
             return transformer(
-                hidden_states=torch.randn(1, 24, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
-                encoder_hidden_states_mask=None, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 6)]],
-                return_dict=False,
+                hidden_states=torch.randn(batch, 24, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), encoder_hidden_states_mask=mask,
+                timestep=torch.tensor([0.5] * batch), img_shapes=[[(1, 4, 6)]] * batch, return_dict=False,
             )[0]
         grid = torch.cartesian_prod(torch.zeros(1), torch.arange(6.0), torch.arange(8.0))
         if name.startswith("Flux2"):
             return transformer(
-                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
                 timestep=torch.tensor([0.9]), img_ids=torch.cat([grid, torch.zeros(48, 1)], 1)[None],
-                txt_ids=torch.zeros(1, 5, 4), guidance=torch.tensor([3.5]), return_dict=False,
+                txt_ids=torch.zeros(1, 6, 4), guidance=torch.tensor([3.5]), return_dict=False,
             )[0]
+        if variant == "references":
+            grid = torch.cat([grid, torch.cartesian_prod(torch.ones(1), torch.arange(2.0), torch.arange(4.0))])
         return transformer(
-            hidden_states=torch.randn(1, 48, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+            hidden_states=torch.randn(1, len(grid), 16, generator=g), encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
             pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]), img_ids=grid,
-            txt_ids=torch.zeros(5, 3), return_dict=False,
+            txt_ids=torch.zeros(6, 3), return_dict=False,
         )[0]
 
 
@@ -221,8 +237,7 @@ def _tensor_parallel_family(family: str) -> dict:
     from diffusers import TensorParallelConfig
 
     parallel = TensorParallelConfig(tp_degree=WORLD)
-    result, _, _ = _against_one_process(_tensor_parallel_model(family), TENSOR_PARALLEL_CONFIGS, parallel,
-                                        _tensor_parallel_call)
+    result, _, _ = _against_one_process(_tensor_parallel_model(family), TENSOR_PARALLEL_CONFIGS, parallel, _image_call)
     return result
 
 
@@ -236,7 +251,12 @@ def _worker(rank: int, init_file: str, results):
 
     diffusers.hooks.tensor_parallel._SUPPORTED_TP_DEVICES += ("cpu",)
     try:
-        result = {family: _family(family) for family in FAMILIES}
+        result = {family: _family(functools.partial(_model, family)) for family in FAMILIES}
+        result |= {
+            f"cp {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
+                                  functools.partial(_image_call, variant=variant))
+            for name, (family, variant) in JOINT_FAMILIES.items()
+        }
         result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
         results.put((rank, result))
     except Exception:  # noqa: BLE001  (any failure: the parent reports it with its traceback)
@@ -312,3 +332,27 @@ def test_ring_attention_is_refused():
 
     with pytest.raises(NotImplementedError, match="ring_degree=2"):
         _context_parallel(Processor())
+
+
+@pytest.mark.parametrize("name", list(JOINT_FAMILIES))
+def test_joint_attention_dense_calls_are_diffusers_own_context_parallel_attention(per_rank, name):
+    assert all(result[f"cp {name}"]["dense"] < 1e-5 for result in per_rank.values())
+
+
+@pytest.mark.parametrize("config", list(TENSOR_PARALLEL_CONFIGS))
+@pytest.mark.parametrize("name", list(JOINT_FAMILIES))
+def test_sharded_joint_attention_equals_one_process(per_rank, name, config):
+    # Each rank holds a third of the text and a slice of the image: gathered back in the model's order, the whole
+    # call's layout, token order (references in the text's span) and padded prompts as one process.
+    for result in per_rank.values():
+        error, _, density_alone, sparse_vs_dense = result[f"cp {name}"][config]
+        assert error < 1e-5 and density_alone < 1
+        assert sparse_vs_dense > 1e-3
+    densities = [result[f"cp {name}"][config][1] for result in per_rank.values()]
+    assert sum(densities) / WORLD == pytest.approx(density_alone)
+
+
+@pytest.mark.parametrize("name", list(JOINT_FAMILIES))
+def test_joint_attention_parallelism_enabled_after_apply_and_kept_by_remove(per_rank, name):
+    for result in per_rank.values():
+        assert result[f"cp {name}"]["applied first"] < 1e-5 and result[f"cp {name}"]["removed"] < 1e-5

@@ -75,6 +75,24 @@ def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "SD3", layer=2)
 
 
+def test_sparse_calls_under_context_parallelism_are_refused(transformer):
+    # diffusers gives SD3 no context parallel plan: a user's own would split streams the adapter does not know, so
+    # the sparse path refuses it (the families diffusers does give one shard: tests/test_parallelism.py).
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)
+    diffsparse.apply(transformer, config)
+    try:
+        # What `enable_parallelism` sets on every attention processor.
+        processor = transformer.transformer_blocks[0].attn.processor
+        processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+        with pytest.raises(NotImplementedError, match="not on SD3SparseAttnProcessor"):
+            denoise(transformer)
+    finally:
+        diffsparse.remove(transformer)
+        transformer.transformer_blocks[0].attn.processor._parallel_config = None  # `remove` handed the config on
+
+
 def tiny_sd3_pipeline():
     """A real `StableDiffusion3Pipeline` (SD 3.5 shaped: one dual-attention block) with tiny CLIP and T5 encoders."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
