@@ -22,6 +22,7 @@ from diffusers.hooks.context_parallel import (
     _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
     ContextParallelInput,
     EquipartitionSharder,
+    PartitionAnythingSharder,
 )
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
@@ -765,7 +766,10 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     if split not in order or order.index(split) < order.index(HOOK_NAME):
         return args, kwargs
     hook = registry.get_hook(split)
-    mesh = hook.parallel_config._flattened_mesh
+    config, mesh = hook.parallel_config, hook.parallel_config._flattened_mesh
+    # What diffusers split with `tensor_split` (Ulysses "anything") it gathers with its size exchange.
+    uneven = getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False)
+    unshard = PartitionAnythingSharder.unshard_anything if uneven else EquipartitionSharder.unshard
     args, kwargs = list(args), dict(kwargs)
     parameters = _forward_parameters(type(module))
     for name, plan in hook.metadata.items():
@@ -774,7 +778,7 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
         if not isinstance(plan, ContextParallelInput) or plan.split_output or not isinstance(value, torch.Tensor) \
                 or (plan.expected_dims is not None and value.ndim != plan.expected_dims):
             continue
-        value = EquipartitionSharder.unshard(value, plan.split_dim, mesh)
+        value = unshard(value, plan.split_dim, mesh)
         if name in kwargs:
             kwargs[name] = value
         else:

@@ -54,25 +54,47 @@ class SparseProcessor:
 
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
         """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
-        holding `local_length` tokens: under Ulysses context parallelism each of the n ranks holds `1 / n` of the
-        sequence, in rank order; otherwise the call holds it all, `(0, local_length)`."""
+        holding `local_length` tokens: under Ulysses context parallelism each rank holds its share of the call's
+        sequence (`_shares`), in rank order; otherwise the call holds it all, `(0, local_length)`."""
         parallel = _context_parallel(self)
         if parallel is None:
             return 0, local_length
         _, degree, rank = parallel
-        return rank * local_length, degree * local_length
+        held = self._held_per_rank(degree, rank, local_length, text_first=False)
+        return sum(held[:rank]), sum(held)
 
-    def whole_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """`x` as the whole call holds it: under Ulysses context parallelism, where each rank holds `1 / n` of it
-        along `dim` in rank order (a text mask that diffusers splits per block), gathered from all ranks; else `x`."""
+    def whole_sequence(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+        """`x` as the whole call holds it (`length` along `dim`): under Ulysses context parallelism, where each rank
+        holds its share of it in rank order (a text mask that diffusers splits per block), gathered from all ranks;
+        else `x`."""
         parallel = _context_parallel(self)
         if parallel is None:
             return x
         group, degree, _ = parallel
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(degree)]
-        torch.distributed.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim)
+        shares = _shares(length, degree)
+        # Every rank sends the largest share's size (gloo gathers equal sizes only), then each part is cut back.
+        sent = x.new_zeros(x.shape[:dim] + (shares[0],) + x.shape[dim + 1:])
+        sent.narrow(dim, 0, x.shape[dim]).copy_(x)
+        parts = [torch.empty_like(sent) for _ in shares]
+        torch.distributed.all_gather(parts, sent, group=group)
+        return torch.cat([part.narrow(dim, 0, share) for part, share in zip(parts, shares)], dim)
+
+    def _streams(self, degree: int, text_first: bool) -> list[list[int]]:
+        """Each stream's tokens on each rank (`[stream][rank]`): the call's text (`encoder_hidden_states`) and the
+        rest when `text_first`, else the whole sequence, each split by diffusers' rule."""
+        whole = self.runtime.call_layout().num_tokens
+        text = self.runtime.call_text_tokens() if text_first else 0
+        return [_shares(text, degree), _shares(whole - text, degree)] if text else [_shares(whole, degree)]
+
+    def _held_per_rank(self, degree: int, rank: int, local_length: int, text_first: bool) -> list[int]:
+        held = [sum(stream[r] for stream in self._streams(degree, text_first)) for r in range(degree)]
+        if held[rank] != local_length:
+            raise ValueError(
+                f"under context parallelism rank {rank} holds {local_length} tokens of {type(self).__name__}'s "
+                f"sequence, but its share of the call's layout {self.runtime.call_layout()} is {held[rank]}: "
+                "diffsparse cannot place them; use pattern='dense'"
+            )
+        return held
 
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under Ulysses
@@ -105,27 +127,29 @@ class SparseProcessor:
         heads = query.shape[2]
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
-        text = self.runtime.call_text_tokens() // degree if text_first else 0
-        q, k, v = (_streams_in_model_order(_sequence_to_heads(x, group, degree), degree, text) for x in (query, key, value))
+        held = self._held_per_rank(degree, rank, query.shape[1], text_first)
+        order = _model_order(self._streams(degree, text_first), query.device)
+        q, k, v = (_sequence_to_heads(x, group, held).index_select(1, order) for x in (query, key, value))
         out = attend(q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
-        return _heads_to_sequence(_streams_per_rank(out, degree, text), group, degree)
+        return _heads_to_sequence(out.index_select(1, torch.argsort(order)), group, held)
 
 
-def _streams_in_model_order(x: torch.Tensor, degree: int, text: int) -> torch.Tensor:
-    """`(B, n * (text + rest), ...)` gathered from n ranks, each holding `[its text, its rest]` -> `[all text, all
-    rest]`."""
-    if not text:
-        return x
-    per_rank = x.unflatten(1, (degree, -1))
-    return torch.cat([per_rank[:, :, :text].flatten(1, 2), per_rank[:, :, text:].flatten(1, 2)], dim=1)
+def _shares(length: int, degree: int) -> list[int]:
+    """How diffusers' context parallelism splits `length` tokens over `degree` ranks, in rank order
+    (`torch.tensor_split`: even shares, or with Ulysses "anything" the first `length % degree` ranks one more)."""
+    return [length // degree + (rank < length % degree) for rank in range(degree)]
 
 
-def _streams_per_rank(x: torch.Tensor, degree: int, text: int) -> torch.Tensor:
-    """The inverse of `_streams_in_model_order`."""
-    if not text:
-        return x
-    text_part, rest = x[:, : degree * text].unflatten(1, (degree, text)), x[:, degree * text:].unflatten(1, (degree, -1))
-    return torch.cat([text_part, rest], dim=2).flatten(1, 2)
+def _model_order(streams: list[list[int]], device) -> torch.Tensor:
+    """The index, in the tokens gathered from the ranks (rank by rank, each rank's streams in order), of each token
+    in the model's order (stream by stream, each stream's ranks in order): `streams[stream][rank]` tokens."""
+    degree = len(streams[0])
+    held = [[stream[rank] for stream in streams] for rank in range(degree)]
+    starts = torch.tensor([0] + [n for rank in held for n in rank]).cumsum(0)[:-1].view(degree, len(streams))
+    return torch.cat([
+        torch.arange(int(starts[rank, s]), int(starts[rank, s]) + streams[s][rank])
+        for s in range(len(streams)) for rank in range(degree)
+    ]).to(device)
 
 
 class JointVideoTextAttention(SparseProcessor):
@@ -167,40 +191,44 @@ def context_parallel_config(processor_or_model):
 
 def _context_parallel(processor):
     """`(process group, ulysses_degree, rank in it)` when diffusers' context parallelism reaches this processor,
-    else `None`; a `NotImplementedError` for the variants the sparse path does not shard (ring attention, and
-    Ulysses "anything" with uneven shards)."""
+    else `None`; a `NotImplementedError` for ring attention, which the sparse path does not shard. Ulysses
+    "anything" (`ulysses_anything=True`: uneven shares) is Ulysses with the shares `_shares` gives."""
     config = context_parallel_config(processor)
     if config is None:
         return None
-    # The "anything" (uneven shards) options exist only in recent diffusers.
-    uneven = {name: getattr(config, name, False) for name in ("ulysses_anything", "ring_anything")}
-    if config.ring_degree > 1 or any(uneven.values()):
+    # `ring_anything` exists only in recent diffusers.
+    if config.ring_degree > 1 or getattr(config, "ring_anything", False):
         raise NotImplementedError(
-            f"diffsparse shards sparse attention with Ulysses context parallelism only (even shards), got "
-            f"ring_degree={config.ring_degree}, " + ", ".join(f"{k}={v}" for k, v in uneven.items())
-            + "; use ContextParallelConfig(ulysses_degree=n) or pattern='dense'"
+            f"diffsparse shards sparse attention with Ulysses context parallelism only, got ring_degree="
+            f"{config.ring_degree}, ring_anything={getattr(config, 'ring_anything', False)}; use "
+            "ContextParallelConfig(ulysses_degree=n) (with ulysses_anything=True for uneven shares) or pattern='dense'"
         )
     return config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """Rank r sends `x[j]` to rank j and receives rank j's `x[r]` as row j."""
+def _all_to_all(x: torch.Tensor, group, send: list[int], receive: list[int]) -> torch.Tensor:
+    """Rank r sends rows `send` (split sizes along dim 0, one per rank) to the ranks in order and receives rank j's
+    `receive[j]` rows, stacked in rank order."""
     x = x.contiguous()
-    out = torch.empty_like(x)  # after `contiguous`: `empty_like` keeps a view's strides, the collective does not
-    torch.distributed.all_to_all_single(out, x, group=group)
+    out = x.new_empty((sum(receive), *x.shape[1:]))
+    torch.distributed.all_to_all_single(out, x, output_split_sizes=receive, input_split_sizes=send, group=group)
     return out
 
 
-def _sequence_to_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:
-    """`(B, S / n, H, D)` on each rank -> `(B, S, H / n, D)`: the whole sequence, this rank's slice of heads."""
-    sent = _all_to_all(rearrange(x, "b s (n h) d -> n s b h d", n=degree), group)
-    return rearrange(sent, "n s b h d -> b (n s) h d")
+def _sequence_to_heads(x: torch.Tensor, group, held: list[int]) -> torch.Tensor:
+    """`(B, held[rank], H, D)` on each rank -> `(B, S, H / n, D)`: the whole sequence (rank by rank), this rank's
+    slice of heads."""
+    degree, local = len(held), x.shape[1]
+    sent = _all_to_all(rearrange(x, "b s (n h) d -> (n s) b h d", n=degree), group, [local] * degree, held)
+    return rearrange(sent, "s b h d -> b s h d")
 
 
-def _heads_to_sequence(x: torch.Tensor, group, degree: int) -> torch.Tensor:
-    """The inverse of `_sequence_to_heads`: `(B, S, H / n, D)` -> `(B, S / n, H, D)`."""
-    sent = _all_to_all(rearrange(x, "b (n s) h d -> n h b s d", n=degree), group)
-    return rearrange(sent, "n h b s d -> b s (n h) d")
+def _heads_to_sequence(x: torch.Tensor, group, held: list[int]) -> torch.Tensor:
+    """The inverse of `_sequence_to_heads`: `(B, S, H / n, D)` -> `(B, held[rank], H, D)`."""
+    degree = len(held)
+    local = held[torch.distributed.get_rank(group)]
+    sent = _all_to_all(rearrange(x, "b s h d -> s b h d"), group, held, [local] * degree)
+    return rearrange(sent, "(n s) b h d -> b s (n h) d", n=degree)
 
 
 class ModelAdapter(ABC):

@@ -72,7 +72,7 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
         text_len = self.runtime.call_text_tokens()  # the whole call's (under context parallelism, a rank holds 1/n)
         # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
         lengths = [text_len] * query.shape[0] if encoder_hidden_states_mask is None else self.runtime.once_per_call(
-            encoder_hidden_states_mask, lambda mask: _valid_prefixes(self.whole_sequence(mask))
+            encoder_hidden_states_mask, lambda mask: _valid_prefixes(self.whole_sequence(mask, text_len))
         )
         if lengths is None:  # valid text that is not a prefix (no pipeline makes it): the original, counted dense
             self.runtime.log_dense(self.layer)

@@ -29,6 +29,9 @@ JOINT_FAMILIES = {
     "flux": ("flux", ""), "flux references": ("flux", "references"), "flux2": ("flux2", ""),
     "qwenimage": ("qwenimage", ""), "qwenimage padded": ("qwenimage", "padded"),
 }
+# Under Ulysses "anything" (uneven shares): a Wan of 175 video tokens (88 and 87 per rank) and these with 5 text tokens
+# (3 and 2 per rank).
+UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded")
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
 CONFIGS = {
@@ -84,14 +87,15 @@ def _model(family: str):
     ).eval()
 
 
-def _call(transformer):
-    """96 video tokens (48 per rank): Wan 4 latent frames of 8 x 12 patchified 1x2x2, LTX a 4 x 4 x 6 grid; Helios
-    the same chunk behind 56 memory tokens (76 per rank: rank 0 holds the memory and part of the chunk). No LTX text
-    mask: diffusers' own context-parallel cross-attention fails to broadcast it on CPU (dense, not ours)."""
+def _call(transformer, latents=(4, 8, 12)):
+    """96 video tokens (48 per rank): Wan 4 latent frames of 8 x 12 patchified 1x2x2 (or other `latents`), LTX a
+    4 x 4 x 6 grid; Helios the same chunk behind 56 memory tokens (76 per rank: rank 0 holds the memory and part of
+    the chunk). No LTX text mask: diffusers' own context-parallel cross-attention fails to broadcast it on CPU
+    (dense, not ours)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         if transformer.__class__.__name__.startswith(("Wan", "ChronoEdit")):
-            args = torch.randn(1, 16, 4, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g)
+            args = torch.randn(1, 16, *latents, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g)
             return transformer(*args, return_dict=False)[0]
         if transformer.__class__.__name__.startswith("Helios"):
             memory = {}
@@ -131,12 +135,12 @@ def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tu
     return result, alone, dense_parallel
 
 
-def _family(model, configs: dict = CONFIGS, call=_call) -> dict:
-    """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism, as max
-    abs differences (and densities)."""
+def _family(model, configs: dict = CONFIGS, call=_call, uneven: bool = False) -> dict:
+    """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism (with
+    `uneven`, Ulysses "anything": the ranks' shares may differ), as max abs differences (and densities)."""
     from diffusers import ContextParallelConfig
 
-    parallel = ContextParallelConfig(ulysses_degree=WORLD)
+    parallel = ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=uneven)
     result, alone, dense_parallel = _against_one_process(model(), configs, parallel, call)
     # The other order: applied first, then parallelism enabled (it reaches the sparse processors; where diffusers
     # splits the inputs at the transformer's entry, its hook now runs before diffsparse's), then removed (the
@@ -194,11 +198,12 @@ def _tensor_parallel_model(family: str):
     ).eval()
 
 
-def _image_call(transformer, variant: str = ""):
-    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind 6 text tokens (3 per rank under context
+def _image_call(transformer, variant: str = "", text: int = 6):
+    """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind `text` text tokens (6: 3 per rank under context
     parallelism); Qwen-Image 2.1 an image of 6 x 8 latent tokens after 5 text tokens, its queries alone sparse.
     `variant`: "references" (FLUX.1: a 2 x 4 reference image after the image, in the text's span), "padded"
     (Qwen-Image: two prompts, the second with 2 padded tokens)."""
+    valid = [[True] * text, [True] * (text - 2) + [False] * 2]
     g = torch.Generator().manual_seed(1)
     name = transformer.__class__.__name__
     with torch.no_grad():
@@ -210,25 +215,25 @@ def _image_call(transformer, variant: str = ""):
             )[0]
         if name.startswith("Qwen"):
             batch = 2 if variant == "padded" else 1
-            mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2]) if variant == "padded" else None
+            mask = torch.tensor(valid) if variant == "padded" else None
             return transformer(
                 hidden_states=torch.randn(batch, 24, 16, generator=g),
-                encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), encoder_hidden_states_mask=mask,
+                encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_hidden_states_mask=mask,
                 timestep=torch.tensor([0.5] * batch), img_shapes=[[(1, 4, 6)]] * batch, return_dict=False,
             )[0]
         grid = torch.cartesian_prod(torch.zeros(1), torch.arange(6.0), torch.arange(8.0))
         if name.startswith("Flux2"):
             return transformer(
-                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+                hidden_states=torch.randn(1, 48, 8, generator=g), encoder_hidden_states=torch.randn(1, text, 16, generator=g),
                 timestep=torch.tensor([0.9]), img_ids=torch.cat([grid, torch.zeros(48, 1)], 1)[None],
-                txt_ids=torch.zeros(1, 6, 4), guidance=torch.tensor([3.5]), return_dict=False,
+                txt_ids=torch.zeros(1, text, 4), guidance=torch.tensor([3.5]), return_dict=False,
             )[0]
         if variant == "references":
             grid = torch.cat([grid, torch.cartesian_prod(torch.ones(1), torch.arange(2.0), torch.arange(4.0))])
         return transformer(
-            hidden_states=torch.randn(1, len(grid), 16, generator=g), encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
-            pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]), img_ids=grid,
-            txt_ids=torch.zeros(6, 3), return_dict=False,
+            hidden_states=torch.randn(1, len(grid), 16, generator=g),
+            encoder_hidden_states=torch.randn(1, text, 16, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
+            timestep=torch.tensor([0.5]), img_ids=grid, txt_ids=torch.zeros(text, 3), return_dict=False,
         )[0]
 
 
@@ -241,8 +246,29 @@ def _tensor_parallel_family(family: str) -> dict:
     return result
 
 
+def _all_gather_uneven_on_gloo(all_gather):
+    """diffusers gathers Ulysses "anything"'s uneven shares with one `all_gather` of unequal sizes, which NCCL
+    takes and gloo refuses: padded to the largest here, then cut back."""
+
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        sizes = [part.shape for part in tensor_list]
+        if all(size == tensor.shape for size in sizes):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        dim = next(d for d in range(tensor.ndim) if len({size[d] for size in sizes}) > 1)
+        largest = max(size[dim] for size in sizes)
+        sent = tensor.new_zeros(tensor.shape[:dim] + (largest,) + tensor.shape[dim + 1:])
+        sent.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        parts = [torch.empty_like(sent) for _ in sizes]
+        all_gather(parts, sent, group=group)
+        for out, part in zip(tensor_list, parts):
+            out.copy_(part.narrow(dim, 0, out.shape[dim]))
+
+    return gather
+
+
 def _worker(rank: int, init_file: str, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # "cpu:gloo": diffusers exchanges the uneven shares' sizes on the device its backend string names.
+    dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
     # diffusers refuses tensor parallelism on a CPU mesh (it lists accelerators only); the sharding and the
@@ -250,12 +276,22 @@ def _worker(rank: int, init_file: str, results):
     import diffusers.hooks.tensor_parallel
 
     diffusers.hooks.tensor_parallel._SUPPORTED_TP_DEVICES += ("cpu",)
+    dist.all_gather = _all_gather_uneven_on_gloo(dist.all_gather)
     try:
         result = {family: _family(functools.partial(_model, family)) for family in FAMILIES}
         result |= {
             f"cp {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
                                   functools.partial(_image_call, variant=variant))
             for name, (family, variant) in JOINT_FAMILIES.items()
+        }
+        result |= {
+            "uneven wan": _family(functools.partial(_model, "wan"), call=functools.partial(_call, latents=(5, 10, 14)),
+                                  uneven=True),
+        }
+        result |= {
+            f"uneven {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
+                                      functools.partial(_image_call, variant=variant, text=5), uneven=True)
+            for name, (family, variant) in JOINT_FAMILIES.items() if name in UNEVEN_JOINT_FAMILIES
         }
         result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
         results.put((rank, result))
@@ -356,3 +392,16 @@ def test_sharded_joint_attention_equals_one_process(per_rank, name, config):
 def test_joint_attention_parallelism_enabled_after_apply_and_kept_by_remove(per_rank, name):
     for result in per_rank.values():
         assert result[f"cp {name}"]["applied first"] < 1e-5 and result[f"cp {name}"]["removed"] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["wan", *UNEVEN_JOINT_FAMILIES])
+def test_uneven_shares_equal_one_process(per_rank, name):
+    # Ulysses "anything": each rank holds its `tensor_split` share of every stream, one token more on rank 0.
+    configs = CONFIGS if name == "wan" else TENSOR_PARALLEL_CONFIGS
+    for result in per_rank.values():
+        measured = result[f"uneven {name}"]
+        assert measured["dense"] < 1e-5
+        assert measured["applied first"] < 1e-5 and measured["removed"] < 1e-5
+        for config in configs:
+            error, _, density_alone, sparse_vs_dense = measured[config]
+            assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
