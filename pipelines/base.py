@@ -128,10 +128,15 @@ class SparseProcessor:
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
         held = self._held_per_rank(degree, rank, query.shape[1], text_first)
-        order = _model_order(self._streams(degree, text_first), query.device)
-        q, k, v = (_sequence_to_heads(x, group, held).index_select(1, order) for x in (query, key, value))
+        streams = self._streams(degree, text_first)
+        q, k, v = (_sequence_to_heads(x, group, held) for x in (query, key, value))
+        if len(streams) > 1:  # one stream (video only) is gathered in the model's order already
+            order = _model_order(streams, query.device)
+            q, k, v = (x.index_select(1, order) for x in (q, k, v))
         out = attend(q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
-        return _heads_to_sequence(out.index_select(1, torch.argsort(order)), group, held)
+        if len(streams) > 1:
+            out = out.index_select(1, torch.argsort(order))
+        return _heads_to_sequence(out, group, held)
 
 
 def _shares(length: int, degree: int) -> list[int]:
