@@ -2,8 +2,11 @@
 called directly over three denoising steps, as its pipeline calls it: with the KV cache (the first step computes
 the whole sequence and stores the prefix's keys and values, later steps the target image's queries only) and
 without; a condition image in the prompt's slots; padded prompt keys. And a tiny `QwenImage21Pipeline` (Qwen3-VL
-text encoder and processor built in memory, the Qwen-Image 2.1 VAE) generating from text with true CFG."""
+text encoder and processor built in memory, the Qwen-Image 2.1 VAE) generating from text with true CFG, and from
+text and a condition image."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (
@@ -26,6 +29,7 @@ from helpers import (
     check_pipeline_against_dense,
     qwen_vl_processor,
     recorded_attention_calls,
+    run_pipeline,
 )
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -189,3 +193,25 @@ def test_pipeline_with_true_cfg_dense_every_block_kept_and_sparse_after_the_dens
     prefixes = sorted({layout.text_len for _, layout, _ in calls})
     assert len(prefixes) == 2 and prefixes[1] - prefixes[0] == 5
     assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(1, 4, 6)}
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False], ids=["kv cache", "no cache"])
+def test_pipeline_with_a_condition_image(qwen21_pipe, use_kv_cache):
+    # The condition image enters the prompt (the Qwen3-VL vision tower) and, through the VAE, the prefix's image
+    # slots: the prefix grows by its latent tokens, recomputed exactly; the target's rows alone are sparse.
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    call = {"prompt": "a red circle on a dark", "image": image, "height": 64, "width": 96, "num_inference_steps": 3,
+            "output_type": "pt", "output_resolution": 96, "use_kv_cache": use_kv_cache}
+    stats, calls = check_pipeline_against_dense(qwen21_pipe, call, block_size=8)
+    records = stats.calls["transformer"]
+    assert sorted({(r.step, r.sparse) for r in records}) == [(0, False), (1, True), (2, True)]
+    assert {shape for _, _, shape in calls} == {(1, TARGET)}
+    (layout,) = {layout for _, layout, _ in calls}
+    assert (layout.frames, layout.height, layout.width) == (1, 4, 6)
+    # Without the image the prefix is the template's text alone: the image adds its 4 x 6 latent tokens (and the
+    # vision tokens the processor puts in the prompt).
+    with recorded_attention_calls() as plain:
+        run_pipeline(qwen21_pipe, {**call, "image": None},
+                     diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
+    (plain_layout,) = {layout for _, layout, _ in plain}
+    assert layout.text_len >= plain_layout.text_len + 24
