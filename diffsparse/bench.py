@@ -333,7 +333,8 @@ def run_causal_bench(args) -> list[dict]:
             warnings.simplefilter("always")
             if not runtime.allow_frame_causal(0, args.causal_frames):
                 raise ValueError(f"the sparse path cannot apply this mask: {refused[-1].message}")
-        path = "whole blocks" if runtime._frame_causal_blocks(layout, args.causal_frames) is not None else "per group"
+        whole = runtime._frame_causal_blocks(layout, args.causal_frames, config.layer_order(0)) is not None
+        path = "whole blocks" if whole else "per group"
 
         def sparse(runtime=runtime):
             return runtime.attention(0, q, k, v)

@@ -124,8 +124,9 @@ def _add_sparse_config(p) -> None:
                    help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
     p.add_argument("--correction-refresh", type=int, default=0,
                    help="with a correction, measure again this many steps after the last measurement (0 = once)")
-    p.add_argument("--tile", type=_ints, default=None,
-                   help="3D tile order t,h,w the kernel sees (SparseConfig.order; default: frame-major)")
+    p.add_argument("--tile", type=_tiles, default=None,
+                   help="3D tile order t,h,w the kernel sees (SparseConfig.order; default: frame-major); several "
+                        "separated by / are cycled over the layers (1,1,1 = frame-major), e.g. 1,1,1/1,8,8")
 
 
 def _sparse_config(args):
@@ -204,10 +205,22 @@ def _run_compare(args) -> None:
 _ints = _comma_list(int, "integers")
 
 
-def _order(tile: list[int] | None):
+def _order(tile: list[int] | list[list[int]] | None):
+    """The `--tile` option's `SparseConfig.order`: one tile, or (`_tiles`) one per layer in turn, `1,1,1` being the
+    frame-major order itself."""
     from .patterns import TileOrder
 
-    return None if tile is None else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
+    if tile is None:
+        return None
+    if isinstance(tile[0], list):
+        return [_order(one) for one in tile]
+    return None if tile == [1, 1, 1] else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
+
+
+def _tiles(text: str) -> list[int] | list[list[int]]:
+    """`t,h,w`, or several separated by `/` (the layers cycle through them)."""
+    tiles = [_ints(part) for part in text.split("/")]
+    return tiles[0] if len(tiles) == 1 else tiles
 
 
 def _add_token_grid(p, several_frame_counts: bool = False) -> None:
@@ -285,8 +298,9 @@ def _add_eval(sub) -> None:
                         "bracketed list of block indices, e.g. '0,1,[3]'")
     p.add_argument("--correction", type=_comma_list(_correction, "corrections"), default=[None],
                    help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
-    p.add_argument("--tile", type=_ints, default=None,
-                   help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major)")
+    p.add_argument("--tile", type=_tiles, default=None,
+                   help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "
+                        "several separated by / are cycled over the layers (1,1,1 = frame-major)")
     p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")

@@ -79,10 +79,12 @@ class SparseConfig:
         dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
             Transformer blocks whose self-attention stays dense: an int `L` means the first `L` blocks, a list
             names block indices.
-        order (`TokenOrder`, *optional*, defaults to `None`):
+        order (`TokenOrder` or list of `TokenOrder`, *optional*, defaults to `None`):
             The token order the kernel sees: `None` keeps the model's frame-major order, and
             `diffsparse.patterns.TileOrder((2, 8, 8))` permutes tokens so each kernel block is a 3D tile (best
-            with `Window3D`). Outputs always come back in the original order.
+            with `Window3D`). A list gives layer `i` the order `order[i % len(order)]` (VMoBA's partitions
+            cycling across layers, e.g. `[None, TileOrder((1, 8, 8)), TileOrder((4, 4, 4))]`). Outputs always
+            come back in the original order.
         backend (`str`, *optional*, defaults to `"auto"`):
             The kernel backend passed to `diffsparse.kernels.block_sparse_attention`.
         correction (`str`, *optional*, defaults to `None`):
@@ -114,7 +116,7 @@ class SparseConfig:
     dense_steps: StepCount = 0.2
     dense_last_steps: StepCount = 0
     dense_layers: int | Sequence[int] = 0
-    order: TokenOrder | None = None
+    order: TokenOrder | list[TokenOrder | None] | tuple[TokenOrder | None, ...] | None = None
     backend: str = "auto"
     correction: str | None = None
     correction_refresh: int = 0
@@ -137,10 +139,12 @@ class SparseConfig:
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)
         _ = self._dense_layer_set  # validates
+        if isinstance(self.order, (list, tuple)) and not self.order:
+            raise ValueError("SparseConfig.order must name at least one order when it is a list, got order=[]")
         try:
-            as_order(self.order)
+            _ = self.resolved_orders
         except ValueError as error:
-            raise ValueError(f"SparseConfig.order is invalid: {error}") from None
+            raise ValueError(f"SparseConfig.order is invalid (order={self.order!r}): {error}") from None
         allowed = ("auto", *BACKENDS)
         if self.backend not in allowed:
             raise ValueError(f"SparseConfig.backend must be one of {allowed}, got backend={self.backend!r}")
@@ -166,9 +170,16 @@ class SparseConfig:
         return self._pattern
 
     @property
-    def resolved_order(self) -> TokenOrder:
-        """The token order (`None` resolved to the frame-major `IdentityOrder()`)."""
-        return as_order(self.order)
+    def resolved_orders(self) -> tuple[TokenOrder, ...]:
+        """The token orders that the layers cycle through (one for every layer unless `order` is a list), `None`
+        resolved to the frame-major `IdentityOrder()`."""
+        orders = self.order if isinstance(self.order, (list, tuple)) else [self.order]
+        return tuple(as_order(order) for order in orders)
+
+    def layer_order(self, layer: int) -> TokenOrder:
+        """The token order the kernel sees on layer `layer`."""
+        orders = self.resolved_orders
+        return orders[layer % len(orders)]
 
     @property
     def block_sizes(self) -> tuple[int, int]:

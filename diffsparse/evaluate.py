@@ -169,7 +169,7 @@ def run_eval(args) -> list[EvalRow]:
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
                 correction=config.correction,
-                order=repr(config.resolved_order),
+                order=" / ".join(repr(order) for order in config.resolved_orders),
                 psnr_db=statistics.fmean(s[0] for s in scores),
                 ssim=statistics.fmean(s[1] for s in scores),
                 lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,

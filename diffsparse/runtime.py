@@ -28,7 +28,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
-from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, VideoLayout
+from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
@@ -170,7 +170,6 @@ class SparseRuntime:
         self.name = name
         self.pattern = config.resolved_pattern
         self.block_sizes = config.block_sizes
-        self.order = config.resolved_order
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []  # the current denoising run's calls
         # Per layer, every call since `apply` (across runs, as counts: constant memory for long-lived pipelines):
@@ -292,11 +291,11 @@ class SparseRuntime:
         `SparseConfig.correction`, whose dense measurement knows no mask) the call is logged dense, the caller runs
         the original processor, and a warning says why, once per layout."""
         state = self._state()
-        layout = state.layout
-        key = (layout, frames)
+        layout, order = state.layout, self.config.layer_order(layer)
+        key = (layout, frames, order)
         first = key not in self._causal_blocks
-        whole = self._frame_causal_blocks(layout, frames) is not None
-        grouped = not whole and self._frame_groups(layout, frames) is not None
+        whole = self._frame_causal_blocks(layout, frames, order) is not None
+        grouped = not whole and self._frame_groups(layout, frames, order) is not None
         if (whole or grouped) and self.config.correction is None:
             state.frame_causal = frames
             return True
@@ -305,7 +304,7 @@ class SparseRuntime:
                 why = f"SparseConfig.correction={self.config.correction!r} measures dense attention without the mask"
             else:
                 why = (
-                    f"the {self.order!r} order mixes the groups' tokens (tiles across group boundaries); tiles of "
+                    f"the {order!r} order mixes the groups' tokens (tiles across group boundaries); tiles of "
                     f"a frame count dividing {frames}, or frame-major order, keep them apart"
                 )
             warnings.warn(
@@ -316,18 +315,20 @@ class SparseRuntime:
         self.log_dense(layer)
         return False
 
-    def _frame_causal_blocks(self, layout: VideoLayout, frames: int) -> torch.Tensor | None:
-        key = (layout, frames)
+    def _frame_causal_blocks(self, layout: VideoLayout, frames: int, order: TokenOrder) -> torch.Tensor | None:
+        key = (layout, frames, order)
         if key not in self._causal_blocks:
-            self._causal_blocks[key] = FrameCausal(frames).whole_blocks(layout, self.block_sizes, order=self.order)
+            self._causal_blocks[key] = FrameCausal(frames).whole_blocks(layout, self.block_sizes, order=order)
         return self._causal_blocks[key]
 
-    def _frame_groups(self, layout: VideoLayout, frames: int) -> tuple[tuple[int, int], ...] | None:
+    def _frame_groups(
+        self, layout: VideoLayout, frames: int, order: TokenOrder
+    ) -> tuple[tuple[int, int], ...] | None:
         """`(start, stop)` of each causal group of `frames` frames in the kernel's token order, or `None` when the
         order interleaves groups (or the sequence holds text): a group's queries then cannot attend a prefix."""
-        key = (layout, frames)
+        key = (layout, frames, order)
         if key not in self._groups:
-            bounds = FrameCausal(frames).group_bounds(layout, self.order)
+            bounds = FrameCausal(frames).group_bounds(layout, order)
             self._groups[key] = None if bounds is None else tuple(itertools.pairwise(bounds))
         return self._groups[key]
 
@@ -416,7 +417,7 @@ class SparseRuntime:
         head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(
             layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or (),
-            start,
+            start, self.config.layer_order(layer),
         )
         inputs = (query, key, value)
         if cached.perm is not None:
@@ -532,7 +533,8 @@ class SparseRuntime:
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))
             patterns = tuple(
                 self.pattern.fit(
-                    q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes, order=self.order,
+                    q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes,
+                    order=self.config.layer_order(layer),
                     generator=torch.Generator(device=query.device).manual_seed(layer),
                     within=FrameCausal(frame_causal) if frame_causal else None, shard=shard,
                 )
@@ -554,6 +556,7 @@ class SparseRuntime:
         frame_causal: int = 0,
         dense_frames: tuple[int, ...] = (),
         queries_from: int = 0,
+        order: TokenOrder | None = None,
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
@@ -563,16 +566,17 @@ class SparseRuntime:
         `frame_causal`: frames per group of a `FrameCausal` mask the plan keeps only the allowed blocks of
         (`allow_frame_causal`); `0`: none. `dense_frames`: frames whose queries keep every key (`begin_call`).
         `queries_from`: the plan's queries are the tokens from this one on, its keys all of them (`attention`'s
-        `video_queries`).
+        `video_queries`). `order`: the token order the kernel sees (default: layer 0's, `SparseConfig.layer_order`).
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
+        order = self.config.layer_order(0) if order is None else order
         return self._cached(
-            (patterns, layout, heads, head_range, frame_causal, dense_frames, queries_from, str(device)),
-            lambda: self._build_plan(patterns, layout, heads, device, head_range, frame_causal, dense_frames,
+            (patterns, layout, heads, head_range, frame_causal, dense_frames, queries_from, order, str(device)),
+            lambda: self._build_plan(patterns, layout, heads, device, order, head_range, frame_causal, dense_frames,
                                      queries_from),
         )
 
-    def _at_density(self, pattern: Pattern, layout: VideoLayout, queries_from: int = 0) -> Pattern:
+    def _at_density(self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, queries_from: int = 0) -> Pattern:
         """`pattern` solved for `SparseConfig.density` on `layout` (over the blocks of the queries from
         `queries_from` on, those a `video_queries` call computes). A static pattern is solved once per layout: its
         plans that differ only in their causal groups or dense frames (a diffusion-forcing wave makes a new set of
@@ -580,12 +584,11 @@ class SparseRuntime:
         q_tokens = (queries_from, layout.num_tokens) if queries_from else None
 
         def solve() -> Pattern:
-            return pattern.at_density(layout, self.config.density, self.block_sizes, order=self.order,
-                                      q_tokens=q_tokens)
+            return pattern.at_density(layout, self.config.density, self.block_sizes, order=order, q_tokens=q_tokens)
 
         if self._fits:  # fitted anew for each layer and run: nothing to share
             return solve()
-        key = (pattern, layout, queries_from)
+        key = (pattern, layout, order, queries_from)
         if key not in self._solved:
             self._solved[key] = solve()
         return self._solved[key]
@@ -607,23 +610,24 @@ class SparseRuntime:
         layout: VideoLayout,
         heads: int,
         device: torch.device,
+        order: TokenOrder,
         head_range: tuple[int, int] | None = None,
         frame_causal: int = 0,
         dense_frames: tuple[int, ...] = (),
         queries_from: int = 0,
     ) -> _CachedPlan:
         if self.config.density is not None:
-            patterns = tuple(self._at_density(p, layout, queries_from) for p in patterns)
+            patterns = tuple(self._at_density(p, layout, order, queries_from) for p in patterns)
 
         rows = DenseQueryFrames(dense_frames) if dense_frames else None
 
         def stacked(allowed=None, **tokens) -> torch.Tensor:
             """The patterns' block masks (between the token ranges `q_tokens`, `k_tokens` when given), the rows of
             `dense_frames` whole."""
-            whole_rows = None if rows is None else rows.block_mask(layout, self.block_sizes, order=self.order, **tokens)
+            whole_rows = None if rows is None else rows.block_mask(layout, self.block_sizes, order=order, **tokens)
             masks = []
             for pattern in patterns:
-                mask = pattern.block_mask(layout, self.block_sizes, order=self.order, **tokens)
+                mask = pattern.block_mask(layout, self.block_sizes, order=order, **tokens)
                 if head_range is not None and mask.shape[0] == head_range[1] != heads:
                     # One mask per head of the model; a pattern fitted on these heads' own q, k has `heads` already.
                     mask = mask[head_range[0] : head_range[0] + heads]
@@ -640,21 +644,21 @@ class SparseRuntime:
 
         n = layout.num_tokens
         perm = (None, None)
-        if not isinstance(self.order, IdentityOrder):
-            perm = (self.order.permutation(layout).to(device), self.order.inverse(layout).to(device))
+        if not isinstance(order, IdentityOrder):
+            perm = (order.permutation(layout).to(device), order.inverse(layout).to(device))
         if queries_from:
             plan = make_plan(stacked(q_tokens=(queries_from, n), k_tokens=(0, n)), n - queries_from, n,
                              self.block_sizes, q_offset=queries_from)
             return _CachedPlan(plan, *perm, plan.density)
-        allowed = self._frame_causal_blocks(layout, frame_causal) if frame_causal else None
+        allowed = self._frame_causal_blocks(layout, frame_causal, order) if frame_causal else None
         if not frame_causal or allowed is not None:
             plan = make_plan(stacked(allowed), n, n, self.block_sizes)
             return _CachedPlan(plan, *perm, plan.density)
-        groups = self._frame_groups(layout, frame_causal)
+        groups = self._frame_groups(layout, frame_causal, order)
         if groups is None:
             raise ValueError(
                 f"FrameCausal({frame_causal}) on {layout} neither fills whole blocks of {self.block_sizes} nor keeps "
-                f"its groups apart in {self.order!r} order: allow_frame_causal refuses such calls"
+                f"its groups apart in {order!r} order: allow_frame_causal refuses such calls"
             )
         parts = tuple(
             (a, b, make_plan(stacked(q_tokens=(a, b), k_tokens=(0, b)), b - a, b, self.block_sizes, q_offset=a))

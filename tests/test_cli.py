@@ -341,3 +341,16 @@ def test_unset_video_options_take_the_models_own(tiny_pipe):
     args = argparse.Namespace(steps=None, frames=None, height=None, width=None)
     fill_call_defaults(args, testbed.load())
     assert vars(args) == {"steps": 20, "frames": 17, "height": 48, "width": 48}
+
+
+def test_tile_option_cycles_orders_over_the_layers():
+    from diffsparse import SparseConfig
+    from diffsparse.cli import _order, _tiles
+    from diffsparse.patterns import TileOrder
+
+    assert _order(_tiles("1,8,8")) == TileOrder((1, 8, 8))
+    assert _order(_tiles("1,1,1/1,8,8/4,4,4")) == [None, TileOrder((1, 8, 8)), TileOrder((4, 4, 4))]
+    config = SparseConfig(order=_order(_tiles("1,1,1/1,8,8")))
+    assert [repr(config.layer_order(layer)) for layer in range(3)] == [
+        "frame_major()", "tiles(1,8,8)", "frame_major()"
+    ]

@@ -35,6 +35,9 @@ from diffsparse.patterns import Radial
         ("correction_refresh", -1),
         ("correction_refresh", 1.5),
         ("correction_refresh", True),
+        ("order", "frame"),
+        ("order", []),
+        ("order", [None, "tiles"]),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(field, value):

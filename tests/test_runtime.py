@@ -77,6 +77,30 @@ def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
 
 
 @pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
+def test_a_list_of_orders_gives_the_layers_each_in_turn(pattern):
+    # VMoBA's partitions cycling across layers: layer i attends as a runtime with order[i % len(order)] alone would
+    # (plans, density solutions and searches per order), and the orders do differ here.
+    layout = VideoLayout(4, 4, 8, text_len=5, text_position="start")
+    orders = [None, TileOrder((1, 2, 4)), TileOrder((2, 2, 2))]
+
+    def runtime(order):
+        made = SparseRuntime(SparseConfig(pattern=pattern, density=0.5, block_size=16, dense_steps=0, order=order), "t")
+        made.state_manager.set_context(CacheContext("cond"))
+        made.begin_call(layout, 0, 1)
+        return made
+
+    cycling, alone = runtime(orders), [runtime(order) for order in orders]
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    outputs = []
+    for layer in range(6):
+        outputs.append(alone[layer % 3].attention(layer, q, k, v))
+        torch.testing.assert_close(cycling.attention(layer, q, k, v), outputs[-1], atol=1e-6, rtol=0)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3) and not torch.allclose(outputs[1], outputs[2], atol=1e-3)
+    assert [cycling.config.layer_order(layer) for layer in range(4)] == [*(a.config.layer_order(0) for a in alone),
+                                                                        alone[0].config.layer_order(0)]
+
+
+@pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_video_queries_are_the_video_rows_of_the_whole_calls_attention(pattern, order):
     # Queries on the video tokens only (keys and values over the whole [text, video] sequence, as a model with a
