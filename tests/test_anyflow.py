@@ -1,10 +1,16 @@
 """diffsparse on a diffusers AnyFlow transformer (tiny, random weights): called directly, and in a tiny
 `AnyFlowPipeline` (the embedded Wan pipeline's T5 encoder, word tokenizer and Wan VAE) whose few flow-map steps
-the step schedule must follow."""
+the step schedule must follow; and a tiny chunk-wise autoregressive `AnyFlowFARPipeline` over its KV cache."""
 
 import pytest
 import torch
-from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel, FlowMapEulerDiscreteScheduler
+from diffusers import (
+    AnyFlowFARPipeline,
+    AnyFlowFARTransformer3DModel,
+    AnyFlowPipeline,
+    AnyFlowTransformer3DModel,
+    FlowMapEulerDiscreteScheduler,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -16,6 +22,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
+    run_pipeline,
     run_transformer,
 )
 
@@ -83,3 +90,66 @@ def test_pipeline_steps_follow_the_flow_map_schedule():
     assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
         (0, False), (1, True), (2, True), (3, True)
     ]
+
+
+
+@pytest.fixture(scope="module")
+def far_pipe():
+    """Chunks of 1, 2 and 2 latent frames of 4 x 6 tokens; the cache keeps one full chunk (`full_chunk_limit=2`),
+    older ones at 2 x 3 tokens a frame."""
+    base = tiny_wan_pipeline()
+    torch.manual_seed(0)
+    transformer = AnyFlowFARTransformer3DModel(
+        patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=2, num_attention_heads=2,
+        attention_head_dim=12, in_channels=base.vae.config.z_dim, out_channels=base.vae.config.z_dim,
+        text_dim=base.text_encoder.config.d_model, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=64,
+        chunk_partition=(1, 2, 2),
+    ).eval()
+    pipe = AnyFlowFARPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                              transformer=transformer, scheduler=FlowMapEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+FAR_CALL = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,
+            "num_frames": 17, "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "latent",
+            "max_sequence_length": 16}
+
+
+def test_far_pipeline_chunks_attend_their_cache_whole_and_themselves_sparsely(far_pipe):
+    stats, calls = check_pipeline_against_dense(far_pipe, FAR_CALL, block_size=8)
+    # Each chunk's queries (CFG batched) against the original's zero padding to 128 queries, the cache (chunk 2: the
+    # first chunk compressed, 6 tokens, the second full, 48), then the chunk itself.
+    assert sorted({(layout, shape) for _, layout, shape in calls}, key=lambda x: x[0].text_len + x[0].frames) == [
+        (VideoLayout(1, 4, 6, text_len=104 + 0, text_position="start"), (2, 24)),
+        (VideoLayout(2, 4, 6, text_len=80 + 24, text_position="start"), (2, 48)),
+        (VideoLayout(2, 4, 6, text_len=80 + 54, text_position="start"), (2, 48)),
+    ]
+    # `stats()` holds the last chunk: its first step dense, then sparse.
+    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [(0, False), (1, True), (2, True)]
+
+
+def test_far_cache_steps_run_the_original(far_pipe):
+    # (`use_kv_cache=False` fails in diffusers itself: its uncached rollout returns one output, the pipeline
+    # unpacks two.)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    with diffsparse.sparse(far_pipe, every_block) as handle:
+        run_pipeline(far_pipe, FAR_CALL)
+        totals = {layer.layer: (layer.dense_calls, layer.sparse_calls) for layer in handle.stats(since_apply=True).layers}
+    # 3 chunks x 3 steps sparse; the 2 cache steps (after the first two chunks) dense, under their block mask.
+    assert totals == {0: (2, 9), 1: (2, 9)}
+
+
+def test_far_sparse_calls_count_the_originals_zero_padded_keys(far_pipe, monkeypatch):
+    # diffusers' FAR processor pads its queries to the flex block (128) with zeros and pads the keys alike, with no
+    # mask: every query attends those zero keys too. Leaving them out changes the result.
+    from diffsparse.pipelines import anyflow
+
+    reference = run_pipeline(far_pipe, FAR_CALL)
+    monkeypatch.setattr(anyflow, "flex_padding", lambda queries: 0)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    assert (run_pipeline(far_pipe, FAR_CALL, every_block)[0] - reference).abs().max() > 1e-2
+
+
+def test_far_other_processors_are_refused(far_pipe):
+    check_other_processors_are_refused(far_pipe.transformer, "AnyFlow FAR", layer=1)
