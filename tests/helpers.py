@@ -235,12 +235,13 @@ def qwen_vl_processor(processor_class, video_processor_class, vision_config, voc
                            video_processor=video_processor_class(**patches), **kwargs)
 
 
-def tiny_qwen25_vl(vocabulary: list[str]):
-    """`Qwen2_5_VLForConditionalGeneration` with a one-layer language model 16 wide (the pipelines read its last
-    hidden states) and a one-block vision tower, which the class builds although text prompts never reach it."""
+def tiny_qwen25_vl(vocabulary: list[str], layers: int = 1):
+    """`Qwen2_5_VLForConditionalGeneration` with a language model of `layers` layers 16 wide (the pipelines read its
+    last hidden states, HunyuanImage the third from last) and a one-block vision tower, which the class builds
+    although text prompts never reach it."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = {"vocab_size": len(vocabulary), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    text = {"vocab_size": len(vocabulary), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
             "num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0,
             "bos_token_id": vocabulary.index("<|im_start|>"), "eos_token_id": vocabulary.index("<|im_end|>"),
             # M-RoPE splits a head's 4 rotary frequencies between time, height and width positions.

@@ -1,6 +1,7 @@
 """diffsparse on a diffusers HunyuanImage 2.1 transformer (tiny, random weights, called directly): HunyuanVideo's dual-
 and single-stream blocks over `[image, text]`, prompts padded and masked as keys, with and without the ByT5 glyph
-tokens, and the refiner's 5D latents."""
+tokens, and the refiner's 5D latents; and a tiny `HunyuanImagePipeline` (Qwen2.5-VL, ByT5, its VAE, the APG
+guider)."""
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, check_prompts_attend_their_valid_tokens, run_transformer
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    check_prompts_attend_their_valid_tokens,
+    qwen_tokenizer,
+    run_transformer,
+    tiny_qwen25_vl,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN, GLYPHS = 12, 4
@@ -106,3 +114,57 @@ def test_the_refiners_latents_are_frames():
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "HunyuanImage", layer=2)
+
+
+
+# The pipeline's system prompt and the test prompts, one token a word (its fixed drop of 34 tokens is the system
+# prompt's under this tokenizer too).
+WORDS = [
+    "system", "user", "Describe", "the", "image", "by", "detailing", "color", "shape", "size", "texture",
+    "quantity", "text", "spatial", "relationships", "of", "objects", "and", "background", "a", "red", "circle",
+    "on", "grass", "blurry", "sign", "saying"
+]
+
+
+@pytest.fixture(scope="module")
+def hunyuan_image_pipe():
+    from diffusers import AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    vocabulary = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", ",", ":", *WORDS]
+    torch.manual_seed(0)
+    byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                    layers_per_block=1, spatial_compression_ratio=2, sample_size=32).eval()
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=tiny_qwen25_vl(vocabulary, layers=3),
+        tokenizer=qwen_tokenizer(vocabulary), text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(),
+        transformer=make_transformer(text_embed_2_dim=8), guider=AdaptiveProjectedMixGuidance(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("prompt, glyph_prompt", [("a red circle on grass", False), ('a sign saying "ok"', True)])
+def test_pipeline_with_its_guider(hunyuan_image_pipe, prompt, glyph_prompt):
+    # Each prompt is padded to 1,000 MLLM tokens (and its quoted text to 128 ByT5 ones): only its valid tokens are
+    # attended, each branch behind its own.
+    template = hunyuan_image_pipe.prompt_template_encode
+    assert len(hunyuan_image_pipe.tokenizer(template[:template.index("{}")]).input_ids) == 34
+    call = {"prompt": prompt, "negative_prompt": "blurry", "num_inference_steps": 3, "height": 32, "width": 24,
+            "output_type": "latent"}
+    stats, calls = check_pipeline_against_dense(hunyuan_image_pipe, call, block_size=8)
+    # The guider names its two calls per step; the first step dense. 32 x 24 pixels -> 16 x 12 latent tokens.
+    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
+        (step, branch, step > 0) for step in range(3) for branch in ("pred_cond", "pred_uncond")
+    ]
+    valid = {}
+    for text in (prompt, "blurry"):
+        _, mask, _, glyph_mask = hunyuan_image_pipe.encode_prompt(text)
+        assert mask.shape[1] == 1000 and glyph_mask.shape[1] == 128
+        valid[text] = (int(mask.sum()), int(glyph_mask.sum()))
+    assert (valid[prompt][1] > 0) == glyph_prompt and valid["blurry"][1] == 0
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 16, 12, text_len=sum(valid[text]), text_position="end") for text in (prompt, "blurry")
+    }
