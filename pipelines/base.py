@@ -60,7 +60,7 @@ class SparseProcessor:
         if parallel is None:
             return 0, local_length
         _, degree, rank = parallel
-        held = self._held_per_rank(degree, rank, local_length, text_first=False)
+        held = self._held(self._streams(degree, text_first=False), rank, local_length)
         return sum(held[:rank]), sum(held)
 
     def whole_sequence(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
@@ -86,8 +86,9 @@ class SparseProcessor:
         text = self.runtime.call_text_tokens() if text_first else 0
         return [_shares(text, degree), _shares(whole - text, degree)] if text else [_shares(whole, degree)]
 
-    def _held_per_rank(self, degree: int, rank: int, local_length: int, text_first: bool) -> list[int]:
-        held = [sum(stream[r] for stream in self._streams(degree, text_first)) for r in range(degree)]
+    def _held(self, streams: list[list[int]], rank: int, local_length: int) -> list[int]:
+        """The tokens each rank holds of `streams` (`_streams`), checked against this rank's `local_length`."""
+        held = [sum(per_rank) for per_rank in zip(*streams)]
         if held[rank] != local_length:
             raise ValueError(
                 f"under context parallelism rank {rank} holds {local_length} tokens of {type(self).__name__}'s "
@@ -107,8 +108,9 @@ class SparseProcessor:
         `[text, image]` one whose text is the call's `encoder_hidden_states` (FLUX, FLUX.2, Qwen-Image).
 
         Under Ulysses context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
-        ulysses_degree=n))`) each of the n ranks holds `1 / n` of every stream the model splits: of the video, or of
-        the text and of the image, joined as `[its text, its image]`. An all-to-all gives each rank the whole
+        ulysses_degree=n))`) each of the n ranks holds its share (`_shares`: `1 / n`, or one token more on the first
+        ranks with `ulysses_anything=True`) of every stream the model splits: of the video, or of the text and of
+        the image, joined as `[its text, its image]`. An all-to-all gives each rank the whole
         sequence for `H / n` heads, put back in the model's order (all text, then all image tokens), which it attends
         sparsely like one device (the layout and the plan are those of the whole call), and a second all-to-all
         returns its tokens.
@@ -127,8 +129,8 @@ class SparseProcessor:
         heads = query.shape[2]
         if heads % degree:
             raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
-        held = self._held_per_rank(degree, rank, query.shape[1], text_first)
         streams = self._streams(degree, text_first)
+        held = self._held(streams, rank, query.shape[1])
         q, k, v = (_sequence_to_heads(x, group, held) for x in (query, key, value))
         if len(streams) > 1:  # one stream (video only) is gathered in the model's order already
             order = _model_order(streams, query.device)
