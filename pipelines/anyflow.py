@@ -106,10 +106,12 @@ class AnyFlowFARSparseAttnProcessor(SparseProcessor, AnyFlowCausalAttnProcessor)
         cached_step = kv_cache is not None and not kv_cache_flag["is_cache_step"]
         if encoder_hidden_states is not None or self.stays_dense(attention_mask) or not cached_step:
             return super().__call__(*original)
-        past = tuple(
-            kv_cache["compressed_cache"][i, :, :, : kv_cache_flag["num_cached_compressed_tokens"]] for i in (0, 1)
-        ), tuple(kv_cache["full_cache"][i, :, :, : kv_cache_flag["num_cached_full_tokens"]] for i in (0, 1))
-        cached = tuple(torch.cat([compressed, full], dim=2) for compressed, full in zip(*past))
+        # The cache's keys (index 0) and values (1): the compressed chunks', then the full ones'.
+        cached = tuple(
+            torch.cat([kv_cache["compressed_cache"][i, :, :, : kv_cache_flag["num_cached_compressed_tokens"]],
+                       kv_cache["full_cache"][i, :, :, : kv_cache_flag["num_cached_full_tokens"]]], dim=2)
+            for i in (0, 1)
+        )
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb, cached=cached)
         # The original pads q, k and v with zeros to a multiple of the flex block size, unmasked: every query also
         # attends those zero keys (logit 0, value 0). Attention does not depend on the keys' order, so they lead.
@@ -142,8 +144,9 @@ class AnyFlowFARAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         chunks = list(call_argument(args, kwargs, "chunk_partition", 4))
-        flag = kwargs.get("kv_cache_flag")
-        if kwargs.get("kv_cache") is None or flag is None or flag["is_cache_step"]:
+        cache, flag = (kwargs.get(name, args[i] if len(args) > i else None)
+                       for name, i in (("kv_cache", 8), ("kv_cache_flag", 9)))
+        if cache is None or flag is None or flag["is_cache_step"]:
             return None, timestep  # the cache step or the uncached rollout: the original, under its mask
         config = transformer.config
         frames, _, height, width = hidden_states.shape[1:]  # (B, T, C, H, W): the chunk being denoised
