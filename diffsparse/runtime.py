@@ -104,7 +104,7 @@ class _BranchState(BaseState):
         # With one timestep per frame (diffusion forcing, `begin_call`'s `frame_steps`): the frames still in their
         # own dense steps; `None`: the call's step decides for all.
         self.dense_frames: tuple[int, ...] | None = None
-        self.read_once: tuple[torch.Tensor, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
+        self.read_once: tuple[tuple, object] | None = None  # `SparseRuntime.once_per_call`'s last answer
         # When the model's tokens are not in the layout's order: (layout index of each model token, its inverse).
         self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
         # Under diffusers' tensor parallelism: (process group, this process's rank in it); each process's
@@ -250,8 +250,11 @@ class SparseRuntime:
         """`read(source)`, computed once per transformer call for the tensor every layer gets (a padding mask):
         later layers reuse the answer instead of reading the tensor again, which on a GPU is a host sync each."""
         state = self._state()
-        if state.read_once is None or state.read_once[0] is not source:
-            state.read_once = (source, read(source))
+        # Keyed by where the tensor's data lives rather than by the tensor object: under context parallelism
+        # diffusers hands each block a new view of the same slice of the call's mask (Qwen-Image).
+        key = (source.data_ptr(), source.shape, source.stride(), source.device)
+        if state.read_once is None or state.read_once[0] != key:
+            state.read_once = (key, read(source))
         return state.read_once[1]
 
     def call_text_tokens(self) -> int | None:

@@ -236,3 +236,22 @@ def test_dense_plan_keeps_every_block():
     dense = runtime._dense_plan(sparse, torch.device("cpu"))
     assert dense.density == 1.0 and (dense.q_len, dense.block_q) == (40, 16)
     assert runtime._dense_plan(sparse, torch.device("cpu")) is dense
+
+
+def test_once_per_call_reads_each_mask_once_also_through_new_views():
+    # Under context parallelism diffusers hands every block a new view of the same slice of the mask: one read.
+    runtime = SparseRuntime(SparseConfig(block_size=16), "t")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    runtime.begin_call(VideoLayout(2, 4, 4), 0, 1)
+    mask, reads = torch.ones(2, 8, dtype=torch.bool), []
+
+    def read(source):
+        reads.append(source.shape)
+        return int(source.sum())
+
+    assert [runtime.once_per_call(mask.chunk(2, dim=1)[1], read) for _ in range(3)] == [8, 8, 8] and len(reads) == 1
+    assert runtime.once_per_call(mask.chunk(2, dim=1)[0], read) == 8 and len(reads) == 2  # another slice
+    assert runtime.once_per_call(mask[:1], read) == 8 and len(reads) == 3  # another shape (one row of 8)
+    runtime.begin_call(VideoLayout(2, 4, 4), 1, 1)
+    runtime.once_per_call(mask.chunk(2, dim=1)[1], read)
+    assert len(reads) == 4  # a new call reads again
