@@ -104,8 +104,9 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
 
 
 def run_eval(args) -> list[EvalRow]:
-    """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `TokenOrder` or `None`)
-    against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into `args.out`."""
+    """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `SparseConfig.order`, one
+    order, a list or `None`) against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into
+    `args.out`."""
     check_two_stage(args)
     pipe = load_pipeline(args.model, args.device)
     fill_call_defaults(args, pipe)
