@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -133,11 +134,11 @@ class SparseProcessor:
         held = self._held(streams, rank, query.shape[1])
         q, k, v = (_sequence_to_heads(x, group, held) for x in (query, key, value))
         if len(streams) > 1:  # one stream (video only) is gathered in the model's order already
-            order = _model_order(streams, query.device)
+            order, inverse = _model_order(tuple(map(tuple, streams)), query.device)
             q, k, v = (x.index_select(1, order) for x in (q, k, v))
         out = attend(q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
         if len(streams) > 1:
-            out = out.index_select(1, torch.argsort(order))
+            out = out.index_select(1, inverse)
         return _heads_to_sequence(out, group, held)
 
 
@@ -147,16 +148,19 @@ def _shares(length: int, degree: int) -> list[int]:
     return [length // degree + (rank < length % degree) for rank in range(degree)]
 
 
-def _model_order(streams: list[list[int]], device) -> torch.Tensor:
-    """The index, in the tokens gathered from the ranks (rank by rank, each rank's streams in order), of each token
-    in the model's order (stream by stream, each stream's ranks in order): `streams[stream][rank]` tokens."""
+@functools.lru_cache(maxsize=16)
+def _model_order(streams: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(order, inverse)`: the index, in the tokens gathered from the ranks (rank by rank, each rank's streams in
+    order), of each token in the model's order (stream by stream, each stream's ranks in order), and back;
+    `streams[stream][rank]` tokens. Cached: every layer of every step of a resolution asks for the same."""
     degree = len(streams[0])
     held = [[stream[rank] for stream in streams] for rank in range(degree)]
     starts = torch.tensor([0] + [n for rank in held for n in rank]).cumsum(0)[:-1].view(degree, len(streams))
-    return torch.cat([
+    order = torch.cat([
         torch.arange(int(starts[rank, s]), int(starts[rank, s]) + streams[s][rank])
         for s in range(len(streams)) for rank in range(degree)
-    ]).to(device)
+    ])
+    return order.to(device), torch.argsort(order).to(device)
 
 
 class JointVideoTextAttention(SparseProcessor):
