@@ -29,8 +29,8 @@ JOINT_FAMILIES = {
     "flux": ("flux", ""), "flux references": ("flux", "references"), "flux2": ("flux2", ""),
     "qwenimage": ("qwenimage", ""), "qwenimage padded": ("qwenimage", "padded"),
 }
-# Under Ulysses "anything" (uneven shares): a Wan of 175 video tokens (88 and 87 per rank) and these with 5 text tokens
-# (3 and 2 per rank).
+# Under Ulysses "anything" (uneven shares): a Wan of 175 video tokens (88 and 87 per rank), a Helios of 63 memory and
+# 100 chunk tokens (82 and 81), and these with 5 text tokens (3 and 2 per rank).
 UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded")
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
@@ -100,12 +100,12 @@ def _call(transformer, latents=(4, 8, 12)):
         if transformer.__class__.__name__.startswith("Helios"):
             memory = {}
             for name, frames, first in (("short", 2, 6), ("mid", 2, 4), ("long", 4, 0)):
-                memory[f"latents_history_{name}"] = torch.randn(1, 4, frames, 8, 12, generator=g)
+                memory[f"latents_history_{name}"] = torch.randn(1, 4, frames, *latents[1:], generator=g)
                 memory[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
             return transformer(
-                hidden_states=torch.randn(1, 4, 4, 8, 12, generator=g), timestep=torch.tensor([500]),
+                hidden_states=torch.randn(1, 4, *latents, generator=g), timestep=torch.tensor([500]),
                 encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
-                indices_hidden_states=torch.arange(8, 12)[None], return_dict=False, **memory,
+                indices_hidden_states=torch.arange(8, 8 + latents[0])[None], return_dict=False, **memory,
             )[0]
         return transformer(
             hidden_states=torch.randn(1, 96, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
@@ -287,6 +287,8 @@ def _worker(rank: int, init_file: str, results):
         result |= {
             "uneven wan": _family(functools.partial(_model, "wan"), call=functools.partial(_call, latents=(5, 10, 14)),
                                   uneven=True),
+            "uneven helios": _family(functools.partial(_model, "helios"),
+                                     call=functools.partial(_call, latents=(4, 10, 10)), uneven=True),
         }
         result |= {
             f"uneven {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
@@ -394,13 +396,13 @@ def test_joint_attention_parallelism_enabled_after_apply_and_kept_by_remove(per_
         assert result[f"cp {name}"]["applied first"] < 1e-5 and result[f"cp {name}"]["removed"] < 1e-5
 
 
-@pytest.mark.parametrize("name", ["wan", *UNEVEN_JOINT_FAMILIES])
+@pytest.mark.parametrize("name", ["wan", "helios", *UNEVEN_JOINT_FAMILIES])
 def test_uneven_shares_equal_one_process(per_rank, name):
     # Ulysses "anything": each rank holds its `tensor_split` share of every stream, one token more on rank 0.
-    configs = CONFIGS if name == "wan" else TENSOR_PARALLEL_CONFIGS
+    configs = CONFIGS if name in ("wan", "helios") else TENSOR_PARALLEL_CONFIGS
     for result in per_rank.values():
         measured = result[f"uneven {name}"]
-        assert measured["dense"] < 1e-5
+        assert measured["dense"] < 1e-5 or name == "helios"  # diffusers' own dense Helios: EXACT_DENSE_FAMILIES
         assert measured["applied first"] < 1e-5 and measured["removed"] < 1e-5
         for config in configs:
             error, _, density_alone, sparse_vs_dense = measured[config]
