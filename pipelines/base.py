@@ -42,16 +42,17 @@ class SparseProcessor:
             return True
         return not self.runtime.route(self.layer)
 
+    # Whether the sparse path shards this family's sequence under Ulysses context parallelism. `False` for the
+    # families diffusers gives no context parallel plan (only a user's own plan reaches them, splitting streams the
+    # adapter does not know): refused at `apply` when parallelism is already enabled, else at the first sparse call
+    # (`check_not_parallel`), rather than computing a wrong result.
+    context_parallel = True
+
     def check_not_parallel(self) -> None:
-        """Families whose sequences the sparse path does not shard across devices (diffusers gives them no context
-        parallel plan, so only a user's own plan reaches them, splitting streams the adapter does not know): say so
-        rather than compute a wrong result."""
+        """For a family with `context_parallel = False`: refuse a call under context parallelism enabled after
+        `apply`."""
         if context_parallel_config(self) is not None:
-            raise NotImplementedError(
-                f"diffsparse runs sparse attention under context parallelism on the families diffusers gives a "
-                f"context parallel plan (Wan, ChronoEdit, LTX-Video, Helios, FLUX.1, FLUX.2, Qwen-Image), not on "
-                f"{type(self).__name__}; disable parallelism or use pattern='dense'"
-            )
+            raise NotImplementedError(not_parallel_message(type(self)))
 
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
         """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
@@ -176,6 +177,7 @@ class JointVideoTextAttention(SparseProcessor):
     """
 
     padded_queries = "zero"
+    context_parallel = False
 
     def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
         return [video_len + n for n in prefix_lengths(attention_mask)]
@@ -193,6 +195,14 @@ class JointVideoTextAttention(SparseProcessor):
         ) if attention_mask is not None else [length] * batch
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+
+
+def not_parallel_message(processor_class: type) -> str:
+    return (
+        f"diffsparse runs sparse attention under context parallelism on the families diffusers gives a context "
+        f"parallel plan (Wan, ChronoEdit, LTX-Video, Helios, FLUX.1, FLUX.2, Qwen-Image), not on "
+        f"{processor_class.__name__}; disable parallelism or use pattern='dense'"
+    )
 
 
 def context_parallel_config(processor_or_model):
@@ -289,6 +299,8 @@ class ModelAdapter(ABC):
                 f"replaces only {' and '.join(cls.__name__ for cls in pairs)} (remove other processors, e.g. LoRA, "
                 "IP-Adapter or caching ones, and unfuse QKV projections first)"
             )
+        if not sparse.context_parallel and context_parallel_config(original) is not None:
+            raise NotImplementedError(not_parallel_message(sparse))
         return sparse(runtime, layer, original)
 
     @abstractmethod

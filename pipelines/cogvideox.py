@@ -42,6 +42,8 @@ class CogVideoXSparseAttnProcessor(SparseProcessor, CogVideoXAttnProcessor2_0):
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

@@ -41,6 +41,8 @@ class EasyAnimateSparseAttnProcessor(SparseProcessor, EasyAnimateAttnProcessor2_
     """`EasyAnimateAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so; dense
     calls run the original `__call__` unchanged."""
 
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or attention_mask is not None or not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

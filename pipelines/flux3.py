@@ -31,6 +31,8 @@ class Flux3SparseAttnProcessor(SparseProcessor, Flux3AttnProcessor):
     original `__call__` unchanged. One class serves both kinds of sparse layer: a call over fewer tokens than the
     joint sequence is an image mode block's, over the generated image alone."""
 
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)

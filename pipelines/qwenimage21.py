@@ -64,6 +64,8 @@ class QwenImage21SparseAttnProcessor(SparseProcessor, QwenImage21AttnProcessor):
     """`QwenImage21AttnProcessor` whose target-image rows run block-sparse when the runtime says so; dense calls run
     the original `__call__` unchanged."""
 
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
     def __call__(self, attn, hidden_states, attention_mask=None, rotary_emb=None, layer_cache=None,
                  kv_cache_mode=None, cache_write_slice=None, segments=None, key_valid=None):
         if not self.runtime.route(self.layer):

@@ -36,6 +36,8 @@ class SD3SparseAttnProcessor(SparseProcessor, JointAttnProcessor2_0):
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
     """
 
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)

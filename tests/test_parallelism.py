@@ -407,3 +407,16 @@ def test_uneven_shares_equal_one_process(per_rank, name):
         for config in configs:
             error, _, density_alone, sparse_vs_dense = measured[config]
             assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
+
+
+def test_families_that_refuse_context_parallelism_say_so_before_a_call():
+    # A processor that refuses at its call (`check_not_parallel`, parallelism enabled after `apply`) must also be
+    # refused by `apply` when parallelism is already enabled (`context_parallel = False`), and only those.
+    import inspect
+
+    from diffsparse.pipelines.registry import _ADAPTERS
+
+    classes = {cls for adapter in _ADAPTERS
+               for cls in (dict(adapter.processor_pairs) or {None: adapter.sparse_processor}).values()}
+    refusing = {cls for cls in classes if "check_not_parallel" in inspect.getsource(cls.__call__)}
+    assert refusing and {cls for cls in classes if not cls.context_parallel} == refusing

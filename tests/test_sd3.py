@@ -93,6 +93,20 @@ def test_sparse_calls_under_context_parallelism_are_refused(transformer):
         transformer.transformer_blocks[0].attn.processor._parallel_config = None  # `remove` handed the config on
 
 
+def test_context_parallelism_enabled_before_apply_is_refused_by_apply(transformer):
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    processor = transformer.transformer_blocks[1].attn.processor
+    before = {name: type(p) for name, p in transformer.attn_processors.items()}
+    processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    try:
+        with pytest.raises(NotImplementedError, match="not on SD3SparseAttnProcessor"):
+            diffsparse.apply(transformer, diffsparse.SparseConfig(pattern="radial", block_size=8, dense_steps=0))
+        assert {name: type(p) for name, p in transformer.attn_processors.items()} == before
+    finally:
+        processor._parallel_config = None
+
+
 def tiny_sd3_pipeline():
     """A real `StableDiffusion3Pipeline` (SD 3.5 shaped: one dual-attention block) with tiny CLIP and T5 encoders."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
