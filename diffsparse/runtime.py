@@ -382,7 +382,9 @@ class SparseRuntime:
         layout: VideoLayout | None = None,
         heads: HeadShard | None = None,
         video_queries: bool = False,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+        outside_pairs: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
         `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
@@ -395,6 +397,11 @@ class SparseRuntime:
         `video_queries`: the queries (and so the output) are the layout's video tokens only, the keys and values the
         whole sequence, its text span first: a model that attends the prefix's queries elsewhere or not at all (a
         cache of the prefix's keys and values, Qwen-Image 2.1). Not with a token order or a causal frame-group mask.
+        `return_lse`: also return the float32 log-sum-exp of the scaled scores the output is over, `(B, S, H, 1)`,
+        for a caller that merges this output with attention over other keys (Chroma's masked prompt padding); under
+        `SparseConfig.correction` the corrected output's, estimated as the kept scores' less `log(rho)`.
+        `outside_pairs`: query-key pairs of the same attention that the caller computes densely outside these
+        tensors; the call's record then counts them (its density is over the layout's pairs and these).
         """
         state = self._state()
         start = 0
@@ -429,26 +436,37 @@ class SparseRuntime:
             key, value = (x.index_select(1, cached.perm) for x in (key, value))
         mode = self._mode(layer, query.shape, layout)
         if mode == "measure":
-            out = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
+            out, lse = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
         elif cached.groups:
             # Each causal group's queries attend every key up to the group's end: the mask, exactly.
-            out = torch.cat(
-                [self._attend(query[:, a:b], key[:, :b], value[:, :b], plan) for a, b, plan in cached.groups], dim=1
-            )
+            outs, lses = zip(*(
+                self._attend(query[:, a:b], key[:, :b], value[:, :b], plan, return_lse) for a, b, plan in cached.groups
+            ))
+            out, lse = torch.cat(outs, dim=1), (torch.cat(lses, dim=1) if return_lse else None)
         else:
-            out = self._attend(query, key, value, cached.plan)
+            out, lse = self._attend(query, key, value, cached.plan, return_lse=return_lse)
             if self.config.correction is not None:
                 stats = self._statistics[(layer, branch, layout)]
                 out = torch.addcmul(stats.residual, stats.rho, out).type_as(out)
+                if return_lse:  # rho: the kept scores' share of the whole denominator, as measured
+                    lse = lse - torch.log(stats.rho.clamp_min(torch.finfo(stats.rho.dtype).tiny))
         if cached.perm is not None:
-            out = out.index_select(1, cached.inverse[start:] - start)
+            inverse = cached.inverse[start:] - start
+            out = out.index_select(1, inverse)
+            lse = None if lse is None else lse.index_select(1, inverse)
         sparse = mode == "sparse"
         density = cached.density if sparse else 1.0
+        if outside_pairs:
+            pairs = query.shape[1] * key.shape[1]
+            density = (density * pairs + outside_pairs) / (pairs + outside_pairs)
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
         self._log(record)
         for observer in self._observers:
             observer(record, *inputs, out)
-        return out if token_order is None else out.index_select(1, token_order[0])
+        if token_order is not None:
+            out = out.index_select(1, token_order[0])
+            lse = None if lse is None else lse.index_select(1, token_order[0])
+        return (out, lse) if return_lse else out
 
     @staticmethod
     def _video_queries_start(layout: VideoLayout, token_order: bool, frame_causal: int) -> int:
@@ -480,7 +498,7 @@ class SparseRuntime:
         return x if token_order is None else x.index_select(1, token_order[0])
 
     def _attend(self, query, key, value, plan: BlockSparsePlan, return_lse: bool = False):
-        """The kernel on `(B, S, H, D)` tensors: `out`, or `(out, lse)` with `lse` as `(B, S, H, 1)`."""
+        """The kernel on `(B, S, H, D)` tensors: `(out, lse)`, `lse` as `(B, S, H, 1)` or `None` unless asked."""
         result = block_sparse_attention(
             query.transpose(1, 2),
             key.transpose(1, 2),
@@ -490,12 +508,13 @@ class SparseRuntime:
             backend=self.config.backend,
         )
         if not return_lse:
-            return result.transpose(1, 2)
+            return result.transpose(1, 2), None
         out, lse = result
         return out.transpose(1, 2), lse.transpose(1, 2).unsqueeze(-1)
 
-    def _measure(self, layer, branch, step, layout, query, key, value, plan: BlockSparsePlan) -> torch.Tensor:
-        """Dense attention that also records `SparseConfig.correction`'s statistics for later sparse calls."""
+    def _measure(self, layer, branch, step, layout, query, key, value, plan: BlockSparsePlan):
+        """Dense attention `(out, lse)` that also records `SparseConfig.correction`'s statistics for later sparse
+        calls."""
         dense_plan = self._dense_plan(plan, query.device)
         out_full, lse_full = self._attend(query, key, value, dense_plan, return_lse=True)
         out_sparse, lse_sparse = self._attend(query, key, value, plan, return_lse=True)
@@ -503,18 +522,29 @@ class SparseRuntime:
         rho = torch.exp(lse_sparse - lse_full)
         residual = out_full.float() - rho * out_sparse.float()
         self._statistics[(layer, branch, layout)] = _Statistics(step, rho, residual.to(out_full.dtype))
-        return out_full
+        return out_full, lse_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:
-        """A plan with every block kept, the same lengths and block sizes as `plan` (cached with the others)."""
-        nq, nk = plan.block_mask.shape[-2:]
+        """A plan with every block kept, the same lengths and block sizes as `plan`."""
+        return self._every_block(plan.q_len, plan.kv_len, (plan.block_q, plan.block_k), device)
+
+    def _every_block(self, q_len: int, kv_len: int, block_sizes: tuple[int, int], device) -> BlockSparsePlan:
+        """A plan keeping every block of `q_len` queries over `kv_len` keys (cached with the others)."""
+        nq, nk = (math.ceil(n / b) for n, b in zip((q_len, kv_len), block_sizes))
 
         def build() -> _CachedPlan:
-            mask = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
-            dense = make_plan(mask, plan.q_len, plan.kv_len, (plan.block_q, plan.block_k))
+            dense = make_plan(torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device), q_len, kv_len, block_sizes)
             return _CachedPlan(dense, None, None, dense.density)
 
-        return self._cached(("every block", plan.q_len, plan.kv_len, plan.block_q, plan.block_k, str(device)), build).plan
+        return self._cached(("every block", q_len, kv_len, *block_sizes, str(device)), build).plan
+
+    def dense_attention(self, query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(out, lse)` of dense attention on `(B, S, H, D)` tensors (queries and keys of any lengths) through the
+        configured kernel, `lse` as `attention(..., return_lse=True)` gives it: for a processor merging attention
+        over keys a layout does not hold (Chroma's masked prompt padding). Logs nothing: the processor's
+        `attention` call counts these pairs (`outside_pairs`)."""
+        return self._attend(query, key, value, self._every_block(query.shape[1], key.shape[1], self.block_sizes,
+                                                                 query.device), return_lse=True)
 
     def _layer_pattern(
         self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0, shard: HeadShard | None = None

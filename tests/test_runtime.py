@@ -255,3 +255,72 @@ def test_once_per_call_reads_each_mask_once_also_through_new_views():
     runtime.begin_call(VideoLayout(2, 4, 4), 1, 1)
     runtime.once_per_call(mask.chunk(2, dim=1)[1], read)
     assert len(reads) == 4  # a new call reads again
+
+
+def _scores(q, k):
+    """`(B, S, H, S)` scaled scores of `(B, S, H, D)` tensors, as `attention`'s lse is laid out before its last dim."""
+    return torch.einsum("bqhd,bkhd->bqhk", q, k) / q.shape[-1] ** 0.5
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+def test_return_lse_is_the_logsumexp_of_the_scores_in_the_models_order(order):
+    # Through a token order and a tile order: each query's lse stays with it. A FrameCausal call (per-group kernel
+    # calls) gives each query the lse of the keys up to its group's end.
+    from diffsparse.patterns import FrameCausal, Window3D
+
+    layout = VideoLayout(4, 4, 3)
+    runtime = SparseRuntime(SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0,
+                                         order=order), "t")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    token_order = torch.randperm(layout.num_tokens, generator=torch.Generator().manual_seed(1))
+    runtime.begin_call(layout, 0, 1, token_order)
+    out, lse = runtime.attention(0, q, k, v, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, layout.num_tokens, 3, 1)
+    torch.testing.assert_close(lse[..., 0], _scores(q, k).logsumexp(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, runtime.attention(0, q, k, v), atol=0, rtol=0)
+    runtime.begin_call(layout, 0, 1)
+    assert runtime.route(0) and runtime.allow_frame_causal(0, 2) and runtime._state().frame_causal == 2
+    _, lse = runtime.attention(0, q, k, v, return_lse=True)
+    allowed = FrameCausal(2).token_mask(layout).reshape(layout.num_tokens, 1, -1)  # over (query, head, key)
+    torch.testing.assert_close(lse[..., 0], _scores(q, k).masked_fill(~allowed, float("-inf")).logsumexp(-1),
+                               atol=1e-5, rtol=0)
+
+
+def test_return_lse_of_a_corrected_call_estimates_the_dense_one():
+    # At the measured inputs the corrected output is the dense one, and so is its lse (kept scores' less log rho).
+    layout = VideoLayout(8, 4, 8)
+    config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1, correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    dense_lse = _scores(q, k).logsumexp(-1)
+    for step in (0, 1):
+        runtime.begin_call(layout, step, 3)
+        assert runtime.route(0)
+        _, lse = runtime.attention(0, q, k, v, return_lse=True)
+        torch.testing.assert_close(lse[..., 0], dense_lse, atol=1e-5, rtol=0)
+    assert [(r.sparse, r.measured) for r in runtime.records] == [(False, True), (True, False)]
+    runtime.begin_call(layout, 1, 3)
+    kept = runtime.plan(layout, 3, torch.device("cpu"))
+    raw_lse = block_sparse_attention(*(x.transpose(1, 2) for x in (q, k, v)), kept.plan, return_lse=True)[1]
+    assert (raw_lse.transpose(1, 2) - dense_lse).abs().max() > 0.1  # the raw kept scores' lse is not the dense one
+
+
+def test_outside_pairs_count_into_the_calls_density_and_dense_attention_logs_nothing():
+    layout = VideoLayout(8, 4, 8)
+    runtime = SparseRuntime(SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0), "t")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    runtime.begin_call(layout, 0, 1)
+    runtime.attention(0, q, k, v)
+    runtime.attention(0, q, k, v, outside_pairs=1000)
+    alone, counted = (r.density for r in runtime.records)
+    pairs = layout.num_tokens**2
+    assert alone < 1 and counted == pytest.approx((alone * pairs + 1000) / (pairs + 1000))
+    # Queries and keys of different lengths (any, not whole blocks): SDPA's output, the scores' lse, no record.
+    out, lse = runtime.dense_attention(q[:, :37], k[:, 5:], v[:, 5:])
+    expected = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q[:, :37], k[:, 5:], v[:, 5:])))
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse[..., 0], _scores(q[:, :37], k[:, 5:]).logsumexp(-1), atol=1e-5, rtol=0)
+    assert len(runtime.records) == 2
