@@ -1,0 +1,109 @@
+"""Chroma (`ChromaTransformer2DModel`): FLUX.1's architecture (`FluxAttnProcessor` on the dual- and single-stream
+blocks, text first, `img_ids` giving the packed 2x2 latent grid) without the pooled projection, for the text-to-
+image, image-to-image and inpainting pipelines.
+
+What differs is the prompt mask. Chroma's pipelines pad the T5 prompt to `max_sequence_length` (512) and mark the
+prompt with its first padding token, and the image, 1 and the rest of the padding 0; each block turns that into the
+outer product of the marks, a float mask that `scaled_dot_product_attention` adds to the scores. So a marked query
+scores every marked key 1 higher than a masked one (the padding keeps weight `1 / e`, it is not cut off), and a
+masked query scores every key alike. The sparse path computes exactly that: the marked tokens attend one another on
+the layout with the marked prompt as its text span, the masked padding keys are merged into those queries densely
+at their lower score through the log-sum-exp, and the masked queries attend every key densely. The call's record
+counts the dense pairs, so `stats()` shows the work done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import ChromaTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+from .base import SparseProcessor, prefix_lengths, project_joint_output
+from .flux import FluxAdapter, joint_qkv
+from .registry import register_adapter
+
+
+def marked_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
+    """Each sample's marked prompt length (the tokens before its masked padding) when a block's `(B, 1, S, S)`
+    mask is the outer product of 0/1 marks whose zeros are a tail of the text's first `text_len` tokens, as Chroma's
+    pipelines make it; else `None` (a mask of another kind: the original computes it)."""
+    if not mask.is_floating_point() or mask.ndim != 4 or mask.shape[1] != 1:
+        return None
+    marks = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    binary = ((marks == 0) | (marks == 1)).all()
+    if not binary or not torch.equal(mask[:, 0], marks[:, :, None] * marks[:, None, :]) or not marks[:, text_len:].all():
+        return None
+    try:
+        return prefix_lengths(marks[:, :text_len])
+    except ValueError:
+        return None
+
+
+class ChromaSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
+    """`FluxAttnProcessor` on Chroma's blocks, whose joint self-attention runs block-sparse when the runtime says so,
+    with Chroma's prompt mask computed exactly (module docstring). Dense calls run the original `__call__`
+    unchanged."""
+
+    # ChromaTransformer2DModel has no diffusers context parallel plan.
+    context_parallel = False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        self.check_not_parallel()
+        text_len = self.runtime.call_text_tokens()
+        lengths = [text_len] * hidden_states.shape[0]
+        if attention_mask is not None:
+            # Every block of a call builds the same mask from the transformer's: read it once (a host sync on a GPU).
+            lengths = self.runtime.once_per_call(attention_mask, lambda mask: marked_prefixes(mask, text_len))
+            if lengths is None:
+                self.runtime.log_dense(self.layer)
+                return super().__call__(*original)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self.attend_marked(query, key, value, lengths, text_len).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+
+    def attend_marked(self, query, key, value, lengths: list[int], text_len: int) -> torch.Tensor:
+        """Attention of `(B, S, H, D)` `[text, image]` tensors under Chroma's mask, samples with equal marked
+        prompts in one runtime call each."""
+        runtime = self.runtime
+        query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
+        call_layout, length = runtime.call_layout(), query.shape[1]
+        out = torch.empty_like(query)
+        for marked in sorted(set(lengths)):
+            samples = torch.tensor([i for i, n in enumerate(lengths) if n == marked], device=query.device)
+            q, k, v = (x if len(samples) == len(lengths) else x.index_select(0, samples) for x in (query, key, value))
+            if marked == text_len:  # nothing masked: every score shifted alike, as without a mask
+                out[samples] = runtime.attention(self.layer, q, k, v)
+                continue
+            kept = torch.cat([torch.arange(marked, device=q.device), torch.arange(text_len, length, device=q.device)])
+            padding = slice(marked, text_len)
+            layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - marked))
+            masked = text_len - marked
+            kept_out, kept_lse = runtime.attention(
+                self.layer, *(x.index_select(1, kept) for x in (q, k, v)), layout=layout, return_lse=True,
+                outside_pairs=(length - masked) * masked + masked * length,
+            )
+            padding_out, padding_lse = runtime.dense_attention(q.index_select(1, kept), k[:, padding], v[:, padding])
+            padding_lse = padding_lse - 1  # the mask's 1 goes to marked pairs only
+            total = torch.logaddexp(kept_lse, padding_lse)
+            merged = kept_out * torch.exp(kept_lse - total) + padding_out * torch.exp(padding_lse - total)
+            out[samples[:, None], kept] = merged.to(out.dtype)
+            out[samples, padding] = runtime.dense_attention(q[:, padding], k, v)[0]
+        return runtime.to_model_order(out)
+
+
+class ChromaAdapter(FluxAdapter):
+    transformer_classes = (ChromaTransformer2DModel,)
+    family = "Chroma"
+    sparse_processor = ChromaSparseAttnProcessor
+    # `forward(hidden_states, encoder_hidden_states, timestep, img_ids, ...)`: no pooled projections.
+    timestep_position, img_ids_position = 2, 3
+
+
+register_adapter(ChromaAdapter())

@@ -1,0 +1,149 @@
+"""diffsparse on diffusers' Chroma pipelines (tiny, random weights, offline): FLUX.1's layout, and Chroma's float
+prompt mask (its masked padding keys keep weight 1 / e) computed exactly on the sparse path."""
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ChromaImg2ImgPipeline,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+)
+from transformers import T5Config, T5EncoderModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines.chroma import marked_prefixes
+from diffsparse.pipelines.text import word_tokenizer
+from diffsparse.runtime import SparseRuntime
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+TEXT_LEN = 12
+# 32 x 24 pixels -> 16 x 12 latents (x2 VAE) -> 8 x 6 packed 2x2 patches.
+GRID = (1, 8, 6)
+
+
+@pytest.fixture(scope="module")
+def chroma_components():
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae.eval(), "text_encoder": t5.eval(),
+            "tokenizer": word_tokenizer(VOCABULARY), "transformer": transformer.eval()}
+
+
+@pytest.fixture(scope="module")
+def chroma_pipe(chroma_components):
+    pipe = ChromaPipeline(**chroma_components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def chroma_call(**overrides):
+    # "a red circle on grass" is 5 words and </s>: marked with the first padding token, 7 of the 12 text tokens;
+    # the negative prompt "blue" 3.
+    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "num_inference_steps": 4, "height": 32,
+            "width": 24, "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
+    return {**call, **overrides}
+
+
+def test_dense_pattern_is_the_unmodified_pipeline(chroma_pipe):
+    reference = run_pipeline(chroma_pipe, chroma_call())
+    out, stats = run_pipeline(chroma_pipe, chroma_call(), diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(out, reference)
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 8, 0), (1, 8, 0)]
+
+
+@pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "tile order", "unpadded prompt"])
+def test_every_block_kept_matches_dense_with_the_masked_padding(chroma_pipe, case):
+    # Each CFG branch is one transformer call with its own marks; two prompts of different lengths are attended in
+    # two groups. With every block kept the sparse path is Chroma's attention: the masked padding keys enter each
+    # marked query at a score 1 lower (without that, 0.08 off), the masked queries attend every key.
+    call, order, marked = chroma_call(), None, {7, 3}
+    if case == "two prompts":  # and the negative prompt "" for both, marked 2 each
+        call, marked = chroma_call(prompt=["a red circle on grass", "a blue square"], negative_prompt=None), {7, 5, 2}
+    elif case == "tile order":
+        order = TileOrder((1, 2, 2))
+    elif case == "unpadded prompt":  # 11 words and </s> fill the 12 tokens: nothing masked
+        call, marked = chroma_call(prompt=" ".join(["red"] * 11), negative_prompt=None, guidance_scale=1.0), {TEXT_LEN}
+    reference = run_pipeline(chroma_pipe, call)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        out, stats = run_pipeline(chroma_pipe, call, config)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(*GRID, text_len=n, text_position="start") for n in marked}
+    # Steps x CFG branches, each prompt length of a branch a runtime call (two prompts: two on the cond branch).
+    calls_per_layer = 4 * (2 if call["guidance_scale"] > 1 else 1) + 4 * (case == "two prompts")
+    assert all((s.dense_calls, s.sparse_calls) == (0, calls_per_layer) for s in stats.layers)
+
+
+def test_sparse_calls_count_the_dense_padding_pairs(chroma_pipe):
+    # The marked tokens attend sparsely on their layout (7 text + 48 image tokens); the 5 masked padding tokens
+    # attend and are attended densely, and each call's density counts those pairs over the whole 60 x 60.
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)
+    reference = run_pipeline(chroma_pipe, chroma_call(negative_prompt=None, guidance_scale=1.0))
+    out, stats = run_pipeline(chroma_pipe, chroma_call(negative_prompt=None, guidance_scale=1.0), config)
+    assert not torch.allclose(out, reference, atol=1e-4)
+    layout = VideoLayout(*GRID, text_len=7, text_position="start")
+    kept = SparseRuntime(config, "transformer").plan(layout, 2, torch.device("cpu")).density
+    whole, masked = 60, 5
+    expected = (kept * (whole - masked) ** 2 + (whole - masked) * masked + masked * whole) / whole**2
+    assert kept < 0.9
+    for layer in stats.layers:
+        assert (layer.dense_calls, layer.sparse_calls) == (1, 3)
+        assert layer.mean_density == pytest.approx(expected)
+
+
+def test_masks_of_another_kind_are_left_to_the_original():
+    marks = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1, 1]])
+    chroma = (marks[:, None, None, :] * marks[:, None, :, None])
+    assert marked_prefixes(chroma, text_len=5) == [3]
+    assert marked_prefixes(chroma.bool(), text_len=5) is None  # a boolean mask cuts the padding off instead
+    assert marked_prefixes(chroma * 0.5, text_len=5) is None  # not 0/1 marks
+    assert marked_prefixes(chroma, text_len=3) is None  # masked tokens outside the text
+    holes = torch.tensor([[1.0, 0, 1, 0, 0, 1, 1, 1]])
+    assert marked_prefixes(holes[:, None, None, :] * holes[:, None, :, None], text_len=5) is None  # not a prefix
+    one_sided = chroma.clone()
+    one_sided[..., 0, 3] = 1.0  # not an outer product
+    assert marked_prefixes(one_sided, text_len=5) is None
+    assert marked_prefixes(chroma[:, 0], text_len=5) is None
+
+
+def test_a_boolean_prompt_mask_runs_the_original_and_counts_dense(chroma_pipe):
+    # Given embeddings with a boolean mask, the blocks cut the padding off (not Chroma's own float mask): the
+    # original processor runs every call and `stats()` counts it dense.
+    embeds, mask = chroma_pipe._get_t5_prompt_embeds("a red circle on grass", max_sequence_length=TEXT_LEN)
+    call = chroma_call(prompt=None, negative_prompt=None, guidance_scale=1.0, prompt_embeds=embeds,
+                       prompt_attention_mask=mask.bool())
+    reference = run_pipeline(chroma_pipe, call)
+    out, stats = run_pipeline(chroma_pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8))
+    torch.testing.assert_close(out, reference, atol=0, rtol=0, equal_nan=True)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(4, 0), (4, 0)]
+
+
+def test_image_to_image_keeps_every_block_within_dense(chroma_components):
+    pipe = ChromaImg2ImgPipeline(**chroma_components)
+    pipe.set_progress_bar_config(disable=True)
+    call = chroma_call(image=torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(0)), strength=0.75)
+    reference = run_pipeline(pipe, call)
+    out, stats = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert all(s.sparse_calls > 0 and s.dense_calls == 0 for s in stats.layers)
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(chroma_pipe):
+    check_other_processors_are_refused(chroma_pipe, "Chroma", layer=1)
