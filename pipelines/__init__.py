@@ -26,6 +26,7 @@ from . import (  # noqa: F401  (register their adapters)
     qwenimage21,
     sd3,
     wan,
+    z_image,
 )
 from .base import ModelAdapter
 from .registry import adapter_for, find_transformers, register_adapter

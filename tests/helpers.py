@@ -197,6 +197,23 @@ def tiny_clip_image_encoder():
     return CLIPVisionModel(config).eval(), processor
 
 
+# Qwen3's chat template: one user turn, the assistant's reply opened with an empty thinking block when the pipeline
+# passes `enable_thinking=False` (FLUX.2 klein; Z-Image passes True: no block).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def chat_tokenizer(vocabulary: list[str], template: str, markers: list[str]):
+    """`qwen_tokenizer(vocabulary)` with `template` as its chat template and `markers` kept whole."""
+    tokenizer = qwen_tokenizer(vocabulary)
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def qwen_tokenizer(vocabulary: list[str]):
     """A word-level tokenizer built in memory that splits a chat prompt template where Qwen2's does (words,
     punctuation, newlines and the chat tokens one token each; `vocabulary` must hold `<pad>`, `<unk>`,

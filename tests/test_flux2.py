@@ -31,9 +31,10 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
+    QWEN3_TEMPLATE,
+    chat_tokenizer,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    qwen_tokenizer,
     recorded_attention_calls,
 )
 
@@ -146,24 +147,9 @@ MISTRAL_TEMPLATE = (
     "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
     "{% else %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
 )
-# Qwen3's: one user turn, the assistant's reply opened with an empty thinking block (the pipeline passes
-# `enable_thinking=False`).
-QWEN3_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
 # The real encoders stack three of their hidden states as the text features; the tiny ones, of two layers, have three.
 ENCODER_LAYERS = (0, 1, 2)
 ENCODER_WIDTH = 8
-
-
-def chat_tokenizer(template: str, markers: list[str]):
-    """The word-level tokenizer with `template` as its chat template and `markers` kept whole."""
-    tokenizer = qwen_tokenizer(VOCABULARY)
-    tokenizer.add_special_tokens({"additional_special_tokens": markers})
-    tokenizer.chat_template = template
-    return tokenizer
 
 
 def tiny_pipeline_transformer(guidance_embeds: bool):
@@ -186,7 +172,7 @@ def tiny_flux2_pipeline():
               "num_attention_heads": 2, "head_dim": 4, "image_size": 32, "patch_size": 8}
     mistral = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
                                                               image_token_index=VOCABULARY.index("[IMG]")))
-    tokenizer = chat_tokenizer(MISTRAL_TEMPLATE, ["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"])
+    tokenizer = chat_tokenizer(VOCABULARY, MISTRAL_TEMPLATE, ["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"])
     processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=8,
                                  chat_template=MISTRAL_TEMPLATE)
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=mistral.eval(),
@@ -200,7 +186,7 @@ def tiny_klein_pipeline():
         vocab_size=len(VOCABULARY), hidden_size=ENCODER_WIDTH, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0,
     ))
-    tokenizer = chat_tokenizer(QWEN3_TEMPLATE, ["<think>", "</think>"])
+    tokenizer = chat_tokenizer(VOCABULARY, QWEN3_TEMPLATE, ["<think>", "</think>"])
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=qwen.eval(),
                               tokenizer=tokenizer, transformer=tiny_pipeline_transformer(guidance_embeds=False))
 
