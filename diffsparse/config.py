@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .kernels import BACKENDS
-from .patterns import Pattern, Searched, TokenOrder, get_pattern
+from .patterns import Pattern, Searched, SearchedWindows, TokenOrder, get_pattern
 from .patterns.base import as_pair
 from .patterns.ordering import as_order
 
@@ -59,7 +59,8 @@ class SparseConfig:
     Args:
         pattern (`str` or `Pattern`, *optional*, defaults to `"radial"`):
             The block-sparse pattern: a pattern object such as `diffsparse.patterns.Radial(decay=0.5)`, or a
-            registered name (`"dense"`, `"radial"`, `"window3d"`, `"spatial_temporal"`, `"searched"`) for its
+            registered name (`"dense"`, `"radial"`, `"window3d"`, `"spatial_temporal"`, `"searched"`,
+            `"searched_windows"`) for its
             default parameters, optionally with constructor keywords as Python literals
             (`"searched(refresh=4)"`). `"dense"` keeps the original
             processors' computation (bit-identical output) while still counting calls in `stats()`.
@@ -67,7 +68,7 @@ class SparseConfig:
             A target block density in (0, 1]: the pattern's main parameter is solved for it on each new token
             layout (`Pattern.at_density`, once per resolution, then cached), so one config gives the same
             sparsity at any resolution; for `"searched"` it is the share of blocks the search keeps (`keep`; with
-            `top_p`, the most it keeps). `None` uses the pattern's parameters as given.
+            `top_p`, the most it keeps), for `"searched_windows"` the layer's budget its windows share (`keep`). `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
             per block; sequence lengths that are not a multiple are padded and the padding masked.
@@ -132,7 +133,7 @@ class SparseConfig:
         ):
             raise ValueError(f"SparseConfig.density must be None or a number in (0, 1], got density={self.density!r}")
         _ = self.block_sizes  # validates
-        if self.density is not None and isinstance(self._pattern, Searched):
+        if self.density is not None and isinstance(self._pattern, (Searched, SearchedWindows)):
             # A searched pattern's density is its `keep`, which the search itself needs: set here, not solved
             # per layout after the fact.
             self._pattern = self._pattern.at_density(None, self.density, self.block_sizes)

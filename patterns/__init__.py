@@ -12,6 +12,7 @@ from .searched import Searched
 from .sink import DenseQueryFrames, FrameSink
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
+from .window_search import SearchedWindows
 
 __all__ = [
     "PATTERNS",
@@ -26,6 +27,7 @@ __all__ = [
     "Pattern",
     "Radial",
     "Searched",
+    "SearchedWindows",
     "SpatialTemporal",
     "TileOrder",
     "TokenOrder",

@@ -10,8 +10,11 @@ from .radial import Radial
 from .searched import Searched
 from .spatial_temporal import SpatialTemporal
 from .window3d import Window3D
+from .window_search import SearchedWindows
 
-PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (Dense, Radial, Searched, SpatialTemporal, Window3D)}
+PATTERNS: dict[str, type[Pattern]] = {
+    cls.name: cls for cls in (Dense, Radial, Searched, SearchedWindows, SpatialTemporal, Window3D)
+}
 
 
 def _parse_call(text: str) -> tuple[str, dict]:

@@ -13,6 +13,7 @@ from diffsparse.patterns import (
     Pattern,
     Radial,
     Searched,
+    SearchedWindows,
     SpatialTemporal,
     VideoLayout,
     Window3D,
@@ -213,8 +214,8 @@ def test_token_mask_refuses_large_layouts():
 def test_repr_and_registry():
     assert repr(Radial(decay=0.5, sink=True)) == "radial(decay=0.5, min_window=64, sink=True)"
     assert repr(Dense()) == "dense()" and Dense().name == "dense" and Radial().name == "radial"
-    assert PATTERNS == {"dense": Dense, "radial": Radial, "searched": Searched, "spatial_temporal": SpatialTemporal,
-                        "window3d": Window3D}
+    assert PATTERNS == {"dense": Dense, "radial": Radial, "searched": Searched, "searched_windows": SearchedWindows,
+                        "spatial_temporal": SpatialTemporal, "window3d": Window3D}
     assert get_pattern("radial") == Radial() and get_pattern("radial", decay=0.2) == Radial(decay=0.2)
     custom = Radial(min_window=32)
     assert get_pattern(custom) is custom

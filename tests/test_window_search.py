@@ -1,0 +1,159 @@
+"""Searched per-head windows (Sliding Tile Attention's window search, at each layer's first sparse call): the
+candidate sizes, the losses against their token-level definition, the budget, sharded heads, the runtime."""
+
+import doctest
+import itertools
+import math
+
+import pytest
+import torch
+
+import diffsparse
+from diffsparse.patterns import FrameCausal, HeadShard, SearchedWindows, TileOrder, VideoLayout, Window3D
+from diffsparse.patterns.window_search import _candidate_densities, allocate, axis_sizes
+
+from helpers import generate
+
+
+def test_axis_sizes_are_odd_stride_multiples_that_about_double_up_to_the_axis():
+    assert axis_sizes(17, 1) == (1, 3, 5, 9, 17)
+    assert axis_sizes(12, 1) == (1, 3, 5, 9, 12)
+    assert axis_sizes(12, 4) == (4, 12) and axis_sizes(40, 4) == (4, 12, 20, 36, 40)
+    assert axis_sizes(1, 1) == (1,) and axis_sizes(2, 1) == (1, 2)
+
+
+def _reference_errors(query, key, value, layout, windows, rows, within=None):
+    """Per head and window: the squared output error of `rows` (video token indices) attending their window's video
+    keys and every text key, against all keys, from the token masks (the definition)."""
+    start = layout.video_start
+    tokens = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+    if within is not None:
+        tokens[start:, start:] = within.token_mask(layout)[0]
+    scores = (query @ key.transpose(-1, -2)) / math.sqrt(query.shape[-1])  # (1, H, N, N)
+    full = torch.softmax(scores.masked_fill(~tokens, -math.inf), -1) @ value
+    errors = torch.empty(query.shape[1], len(windows))
+    for c, window in enumerate(windows):
+        kept = Window3D(window).token_mask(layout)[0] & tokens
+        out = torch.softmax(scores.masked_fill(~kept, -math.inf), -1) @ value
+        errors[:, c] = ((out - full)[0, :, start + rows] ** 2).sum(-1).mean(-1)
+    return errors
+
+
+@pytest.mark.parametrize("text, within", [(0, None), (5, None), (0, FrameCausal(2))])  # the mask: video only
+def test_losses_are_the_output_errors_of_the_windows_token_masks(text, within):
+    layout = VideoLayout(4, 3, 5, text_len=text, text_position="end")
+    q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    pattern = SearchedWindows(num_samples=7, value_dims=8)  # no projection: the exact error
+    windows, _ = _candidate_densities(pattern.stride, layout, (16, 16), TileOrder((1, 1, 1)))
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randperm(layout.num_video_tokens, generator=torch.Generator().manual_seed(3))[:7].sort().values
+    errors = pattern._errors(q, k, v, layout, windows, generator, within)
+    torch.testing.assert_close(errors, _reference_errors(q, k, v, layout, windows, rows, within), atol=1e-5, rtol=1e-4)
+    full = windows.index((4, 3, 5))
+    assert errors[:, full].abs().max() < 1e-10 and (errors > 1e-4).any()
+
+
+def test_allocate_keeps_the_budget_and_gives_local_heads_small_windows():
+    densities = torch.tensor([0.1, 0.2, 0.4, 1.0])
+    # Head 0 is local (a small window is almost exact), head 1 looks far.
+    losses = torch.tensor([[0.01, 0.0, 0.0, 0.0], [1.0, 0.8, 0.3, 0.0]])
+    choice = allocate(losses, densities, budget=0.26)
+    assert choice.tolist() == [0, 2] and float(densities[choice].mean()) <= 0.26
+    assert allocate(losses, densities, budget=1.0).tolist() == [1, 3]  # everything affordable: the least loss
+    assert allocate(losses, densities, budget=0.05).tolist() == [0, 0]  # nothing affordable: the sparsest
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocate_is_at_least_as_good_as_any_choice_within_a_slightly_smaller_budget(seed):
+    generator = torch.Generator().manual_seed(seed)
+    densities = torch.rand(5, generator=generator).sort().values
+    losses = torch.rand(3, 5, generator=generator).sort(dim=1, descending=True).values  # larger windows: less loss
+    budget = float(densities.mean())
+    choice = allocate(losses, densities, budget)
+    # The budget is cut into steps, each density rounded up: anything 1% under it is within reach.
+    best = min(
+        float(losses[range(3), list(c)].sum())
+        for c in itertools.product(range(5), repeat=3) if float(densities[list(c)].mean()) <= 0.99 * budget
+    )
+    assert float(densities[choice].mean()) <= budget + 1e-9
+    assert float(losses[range(3), choice].sum()) <= best + 1e-6
+
+
+def test_search_gives_per_head_windows_under_the_budget_and_needs_a_search_first():
+    layout = VideoLayout(6, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    frame_code = 4 * torch.randn(6, 1, 16, generator=generator)
+    local = frame_code.expand(6, 64, 16).reshape(1, 1, 384, 16)  # alike within a frame: one frame is enough
+    broad = torch.randn(1, 1, 384, 16, generator=generator) * 0.1  # nearly uniform: wants wide windows
+    q = torch.cat([local, broad], dim=1)
+    v = torch.randn(1, 2, 384, 16, generator=generator)
+    unsearched = SearchedWindows(keep=0.5)
+    with pytest.raises(ValueError, match="no windows before a search"):
+        unsearched.block_mask(layout, 64)
+    searched = unsearched.fit(q, q, v, layout, 64)
+    assert searched.num_heads == 2 and searched.windows[0][0] == 1 and searched.windows[1][0] > 1
+    assert searched.density(layout, 64) <= 0.5
+    assert torch.equal(searched.block_mask(layout, 64), Window3D(list(searched.windows)).block_mask(layout, 64))
+    assert searched.at_density(layout, 0.5, 64) is searched and unsearched.at_density(None, 0.3, 64).keep == 0.3
+    with pytest.raises(ValueError, match="search again"):
+        searched.at_density(layout, 0.3, 64)
+    for bad in ({"keep": 0}, {"keep": 1.5}, {"num_samples": 0}, {"value_dims": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SearchedWindows(**bad)
+
+
+def test_sharded_heads_choose_as_one_process():
+    # Two processes holding two heads each: the budget is shared over all four, as one process shares it.
+    layout = VideoLayout(4, 6, 6)
+    q, k, v = torch.randn(3, 1, 4, layout.num_tokens, 8, generator=torch.Generator().manual_seed(1)).unbind(0)
+    q[:, :2] *= 4  # two sharp heads, two diffuse ones
+    pattern = SearchedWindows(keep=0.4)
+    whole = pattern.search(q, k, v, layout, 16)
+    losses = {}
+
+    def gather(first):
+        def all_heads(local):
+            losses[first] = local
+            other = pattern._errors(*(x[:, 2 - first : 4 - first] for x in (q, k, v)), layout,
+                                    _candidate_densities(pattern.stride, layout, (16, 16), TileOrder((1, 1, 1)))[0],
+                                    torch.Generator().manual_seed(0), None)
+            return torch.cat([local, other] if first == 0 else [other, local])
+        return all_heads
+
+    for first in (0, 2):
+        shard = HeadShard(first, 4, gather(first))
+        part = pattern.search(*(x[:, first : first + 2] for x in (q, k, v)), layout, 16, shard=shard)
+        assert part.windows == whole.windows[first : first + 2]
+
+
+def test_the_runtime_searches_each_layer_once_per_generation(tiny_pipe, monkeypatch):
+    searched = []
+    search = SearchedWindows.search
+
+    def counted(self, *args, **kwargs):
+        found = search(self, *args, **kwargs)
+        searched.append(found)
+        return found
+
+    monkeypatch.setattr(SearchedWindows, "search", counted)
+    reference = generate(tiny_pipe)
+    config = diffsparse.SparseConfig(pattern="searched_windows", density=0.3, block_size=16, dense_steps=1)
+    assert config.resolved_pattern == SearchedWindows(keep=0.3)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        out = generate(tiny_pipe)
+        stats = handle.stats()
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # One search per layer at its first sparse call, shared by both CFG branches and the later steps.
+    assert len(searched) == len(stats.layers) and all(s.num_heads > 1 for s in searched)
+    assert all(0 < layer.mean_density <= 0.3 for layer in stats.layers)
+    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched_windows", density=1.0, dense_steps=0)):
+        torch.testing.assert_close(generate(tiny_pipe), reference, atol=1e-4, rtol=0)
+
+
+def test_docstring_examples():
+    from diffsparse.patterns import window_search
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(window_search):
+        runner.run(test)
+    assert runner.tries > 0 and runner.failures == 0
