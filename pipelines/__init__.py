@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (register their adapters)
     anyflow,
     chroma,
     cogvideox,
+    cogview4,
     cosmos,
     cosmos3,
     easyanimate,
