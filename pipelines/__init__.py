@@ -23,6 +23,7 @@ from . import (  # noqa: F401  (register their adapters)
     ltx2,
     mochi,
     motif_video,
+    pixart,
     qwenimage,
     qwenimage21,
     sd3,

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange
 
 from ..patterns import HeadShard
@@ -195,6 +196,28 @@ class JointVideoTextAttention(SparseProcessor):
         ) if attention_mask is not None else [length] * batch
         out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
+
+
+class FrameSelfAttention(SparseProcessor, AttnProcessor2_0):
+    """`AttnProcessor2_0` on a self-attention over the tokens of one frame (Latte's spatial blocks, PixArt's
+    `attn1`), block-sparse when the runtime says so; cross-attention calls, other module kinds and dense calls
+    run the original `__call__` unchanged."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
+        if encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+            return super().__call__(*original, **kwargs)  # not a plain self-attention
+        if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
+            return super().__call__(*original, **kwargs)
+        # `AttnProcessor2_0`'s projections and q/k norms (over the head dim), as `(B, S, heads, head_dim)`.
+        query, key, value = (
+            projection(hidden_states).unflatten(-1, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
 
 
 def not_parallel_message(processor_class: type) -> str:

@@ -62,7 +62,7 @@ def test_spatial_self_attention_only(transformer):
     temporal = [block.attn1.processor for block in transformer.temporal_transformer_blocks]
     with diffsparse.sparse(transformer, LOCAL):
         assert [block.attn1.processor for block in transformer.temporal_transformer_blocks] == temporal
-        assert all(type(block.attn1.processor).__name__ == "LatteSparseAttnProcessor"
+        assert all(type(block.attn1.processor).__name__ == "FrameSelfAttention"
                    for block in transformer.transformer_blocks)
 
 

@@ -1,0 +1,29 @@
+"""PixArt-α and PixArt-Σ (`PixArtTransformer2DModel`): each block's self-attention `attn1` over the image's patches
+in row-major order, a one-frame layout without text (the prompt enters through the cross-attention `attn2`, left
+as it is). Layer `i` is block `i`'s self-attention.
+"""
+
+from __future__ import annotations
+
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+
+from ..patterns import VideoLayout
+from .base import FrameSelfAttention, ModelAdapter, call_argument
+from .registry import register_adapter
+
+
+class PixArtAdapter(ModelAdapter):
+    transformer_classes = (PixArtTransformer2DModel,)
+    family = "PixArt"
+    original_processor = AttnProcessor2_0
+    sparse_processor = FrameSelfAttention
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        timestep = call_argument(args, kwargs, "timestep", 2)
+        patch = transformer.config.patch_size
+        return VideoLayout(1, hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch), timestep
+
+
+register_adapter(PixArtAdapter())

@@ -1,0 +1,74 @@
+"""diffsparse on diffusers' PixArt-Σ and PixArt-α pipelines (tiny, random weights, offline): each block's image
+self-attention on a one-frame layout, the cross-attention to the prompt untouched."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from transformers import T5Config, T5EncoderModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+
+
+@pytest.fixture(scope="module", params=[PixArtSigmaPipeline, PixArtAlphaPipeline])
+def pixart_pipe(request):
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    pipe = request.param(tokenizer=word_tokenizer(VOCABULARY), text_encoder=t5.eval(), vae=vae.eval(),
+                         transformer=transformer.eval(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_call(**overrides):
+    # 32 x 48 pixels -> 16 x 24 latents (x2 VAE) -> 8 x 12 patches of 2 x 2.
+    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 48,
+            "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "latent", "use_resolution_binning": False,
+            "max_sequence_length": 8}
+    return {**call, **overrides}
+
+
+def test_dense_pattern_is_the_unmodified_pipeline(pixart_pipe):
+    reference = run_pipeline(pixart_pipe, pixart_call())
+    out, stats = run_pipeline(pixart_pipe, pixart_call(), diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(out, reference)
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_every_block_kept_matches_dense_on_the_patch_grid(pixart_pipe, order):
+    reference = run_pipeline(pixart_pipe, pixart_call())
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        out, stats = run_pipeline(pixart_pipe, pixart_call(), config)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    # One batched call per step (CFG's two prompts together): the self-attention of each block.
+    assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 8, 12), (2, 96))}
+    assert all((s.dense_calls, s.sparse_calls) == (0, 3) for s in stats.layers)
+
+
+def test_sparse_blocks_change_the_image(pixart_pipe):
+    reference = run_pipeline(pixart_pipe, pixart_call())
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=1)
+    out, stats = run_pipeline(pixart_pipe, pixart_call(), config)
+    assert not torch.allclose(out, reference, atol=1e-4) and all(s.mean_density < 1 for s in stats.layers)
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):
+    check_other_processors_are_refused(pixart_pipe, "PixArt", layer=1)
