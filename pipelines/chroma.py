@@ -79,17 +79,19 @@ class ChromaSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
             samples = torch.tensor([i for i, n in enumerate(lengths) if n == marked], device=query.device)
             q, k, v = (x if len(samples) == len(lengths) else x.index_select(0, samples) for x in (query, key, value))
             if marked == text_len:  # nothing masked: every score shifted alike, as without a mask
-                out[samples] = runtime.attention(self.layer, q, k, v)
+                # The call's layout given explicitly: q, k, v are in its order already.
+                out[samples] = runtime.attention(self.layer, q, k, v, layout=call_layout)
                 continue
             kept = torch.cat([torch.arange(marked, device=q.device), torch.arange(text_len, length, device=q.device)])
             padding = slice(marked, text_len)
             layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - marked))
             masked = text_len - marked
+            kept_q = q.index_select(1, kept)
             kept_out, kept_lse = runtime.attention(
-                self.layer, *(x.index_select(1, kept) for x in (q, k, v)), layout=layout, return_lse=True,
+                self.layer, kept_q, k.index_select(1, kept), v.index_select(1, kept), layout=layout, return_lse=True,
                 outside_pairs=(length - masked) * masked + masked * length,
             )
-            padding_out, padding_lse = runtime.dense_attention(q.index_select(1, kept), k[:, padding], v[:, padding])
+            padding_out, padding_lse = runtime.dense_attention(kept_q, k[:, padding], v[:, padding])
             padding_lse = padding_lse - 1  # the mask's 1 goes to marked pairs only
             total = torch.logaddexp(kept_lse, padding_lse)
             merged = kept_out * torch.exp(kept_lse - total) + padding_out * torch.exp(padding_lse - total)

@@ -108,6 +108,51 @@ def test_sparse_calls_count_the_dense_padding_pairs(chroma_pipe):
         assert layer.mean_density == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("marked", [7, TEXT_LEN])
+def test_a_direct_call_with_a_reference_span_keeps_the_token_order(chroma_pipe, marked):
+    # Image ids with a reference image of another size (first id 1, as FLUX.1 Kontext makes them): the reference
+    # joins the text's span through the runtime's token order, which the masked and the unmasked paths both keep.
+    transformer = chroma_pipe.transformer
+    grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2).float()
+    reference_grid = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    img_ids = torch.cat([torch.cat([torch.zeros(12, 1), grid], 1),
+                         torch.cat([torch.ones(10, 1), reference_grid.float()], 1)])
+    generator = torch.Generator().manual_seed(0)
+    marks = torch.cat([(torch.arange(TEXT_LEN) < marked).float(), torch.ones(22)])[None]
+    inputs = {"hidden_states": torch.randn(1, 22, 16, generator=generator),
+              "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
+              "timestep": torch.tensor([0.5]), "img_ids": img_ids, "txt_ids": torch.zeros(TEXT_LEN, 3),
+              "attention_mask": marks}
+    with torch.no_grad():
+        reference = transformer(**inputs).sample
+        config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+        with diffsparse.sparse(transformer, config), recorded_attention_calls() as calls:
+            out = transformer(**inputs).sample
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 3, 4, text_len=marked + 10, text_position="start")}
+
+
+def test_an_unmasked_call_attends_in_the_layouts_order_once():
+    # With a token order (a reference of another size in the text's span), the marked path hands the runtime its
+    # tensors in the layout's order: a sparse unmasked call must equal the runtime's own model-order call.
+    from diffusers.hooks.hooks import CacheContext
+
+    from diffsparse.pipelines.base import references_with_text
+    from diffsparse.pipelines.chroma import ChromaSparseAttnProcessor
+
+    layout = VideoLayout(2, 4, 4, text_len=6 + 10, text_position="start")
+    runtime = SparseRuntime(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0),
+                            "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    runtime.begin_call(layout, 0, 1, references_with_text(6, 32, 10))
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    processor = ChromaSparseAttnProcessor(runtime, 0)
+    expected = runtime.attention(0, q, k, v)
+    torch.testing.assert_close(processor.attend_marked(q, k, v, [6], 6), expected, atol=1e-6, rtol=0)
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert (expected - dense).abs().max() > 1e-2
+
+
 def test_masks_of_another_kind_are_left_to_the_original():
     marks = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1, 1]])
     chroma = (marks[:, None, None, :] * marks[:, None, :, None])
