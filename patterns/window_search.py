@@ -95,6 +95,8 @@ class SearchedWindows(Window3D):
         num_samples (`int`, *optional*, defaults to `32`): video query rows the losses are measured on, `>= 1`.
         value_dims (`int`, *optional*, defaults to `32`): dimensions the values are projected to for the losses,
             `>= 1` (a head dim at most this is used as is).
+        refresh (`int`, *optional*, defaults to `0`): search again every this many steps after a layer's last
+            search, on that step's tensors (`0`: once per generation), as [`Searched`]'s `refresh`.
         window: the searched windows (one per head); set by the search, not by hand.
 
     Example:
@@ -110,6 +112,7 @@ class SearchedWindows(Window3D):
     keep: float = 0.25
     num_samples: int = 32
     value_dims: int = 32
+    refresh: int = 0
     window: Triple | tuple[Triple, ...] | None = None
 
     name = "searched_windows"
@@ -117,10 +120,10 @@ class SearchedWindows(Window3D):
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise ValueError(f"SearchedWindows.keep must be a block density in (0, 1], got keep={self.keep!r}")
-        for name in ("num_samples", "value_dims"):
+        for name, low in (("num_samples", 1), ("value_dims", 1), ("refresh", 0)):
             count = getattr(self, name)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"SearchedWindows.{name} must be an int >= 1, got {name}={count!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < low:
+                raise ValueError(f"SearchedWindows.{name} must be an int >= {low}, got {name}={count!r}")
         if self.window is None:
             object.__setattr__(self, "stride", as_triple(self.stride, "stride"))
         else:
@@ -139,10 +142,15 @@ class SearchedWindows(Window3D):
     def num_heads(self) -> int:
         return 1 if self.window is None else super().num_heads
 
+    @property
+    def refit_every(self) -> int:
+        return self.refresh
+
     def __repr__(self) -> str:
         stride = "" if self.stride == (1, 1, 1) else f", stride={self.stride!r}"
         samples = "" if self.num_samples == 32 else f", num_samples={self.num_samples!r}"
         samples += "" if self.value_dims == 32 else f", value_dims={self.value_dims!r}"
+        samples += f", refresh={self.refresh!r}" if self.refresh else ""
         searched = "" if self.window is None else f", window={self.window!r}"
         return f"{self.name}(keep={self.keep!r}{stride}{samples}{searched})"
 

@@ -157,3 +157,24 @@ def test_docstring_examples():
     for test in finder.find(window_search):
         runner.run(test)
     assert runner.tries > 0 and runner.failures == 0
+
+
+@pytest.mark.parametrize("refresh, searched_at", [(0, [1]), (2, [1, 3])])
+def test_refresh_searches_again_every_refresh_steps(tiny_pipe, monkeypatch, refresh, searched_at):
+    steps = []
+    search = SearchedWindows.search
+
+    def counting(self, *args, **kwargs):
+        steps.append(runtime._state().step)
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(SearchedWindows, "search", counting)
+    config = diffsparse.SparseConfig(pattern=f"searched_windows(refresh={refresh})", density=0.5, block_size=16,
+                                     dense_steps=1)
+    assert config.resolved_pattern == SearchedWindows(keep=0.5, refresh=refresh)
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        runtime = handle.runtimes["transformer"]
+        generate(tiny_pipe, num_inference_steps=4)
+    assert steps == [s for s in searched_at for _layer in range(2)]  # both layers, once per search step
+    with pytest.raises(ValueError, match="refresh"):
+        SearchedWindows(refresh=-1)
