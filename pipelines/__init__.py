@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (register their adapters)
     latte,
     ltx,
     ltx2,
+    lumina2,
     mochi,
     motif_video,
     pixart,

@@ -1,0 +1,84 @@
+"""diffsparse on diffusers' Lumina-Image 2.0 pipeline (tiny, random weights, offline): the noise refiner's image
+layout, the main blocks' `[prompt, image]` layout, prompts of different lengths in one batch, grouped-query heads."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from transformers import Gemma2Config, Gemma2Model
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass", "<Prompt", "Start>"]
+ALL_BLOCKS = Window3D(window=(99, 99, 99))
+# 128 x 192 pixels -> 16 x 24 latents (the pipeline takes the VAE as x8) -> 8 x 12 patches of 2 x 2.
+GRID = (1, 8, 12)
+
+
+@pytest.fixture(scope="module")
+def lumina2_pipe():
+    torch.manual_seed(0)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(2, 2, 0), axes_lens=(64, 32, 32),
+        cap_feat_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
+    )
+    gemma = Gemma2Model(Gemma2Config(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0))
+    pipe = Lumina2Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                           text_encoder=gemma.eval(), tokenizer=word_tokenizer(VOCABULARY))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lumina2_call(**overrides):
+    # With system prompt "a": "a <Prompt Start> a red circle on grass" and </s> are 9 tokens; the negative prompt
+    # gets no system prompt: "blue" and </s>, 2.
+    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "system_prompt": "a", "height": 128,
+            "width": 192, "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": 16,
+            "output_type": "latent"}
+    return {**call, **overrides}
+
+
+def test_dense_pattern_is_the_unmodified_pipeline(lumina2_pipe):
+    reference = run_pipeline(lumina2_pipe, lumina2_call())
+    out, stats = run_pipeline(lumina2_pipe, lumina2_call(), diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(out, reference)
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "tile order"])
+def test_every_block_kept_matches_dense(lumina2_pipe, case):
+    call, order, text = lumina2_call(), None, {9, 2}
+    if case == "two prompts":  # one batch call of both, the shorter padded at the end and masked
+        call, text = lumina2_call(prompt=["a red circle on grass", "a blue square"], negative_prompt=None), {9, 7, 1}
+    elif case == "tile order":
+        order = TileOrder((1, 2, 2))
+    reference = run_pipeline(lumina2_pipe, call)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        out, stats = run_pipeline(lumina2_pipe, call, config)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert {layout for layer, layout, _ in calls if layer == 0} == {VideoLayout(*GRID)}
+    assert {layout for layer, layout, _ in calls if layer > 0} == {
+        VideoLayout(*GRID, text_len=n, text_position="start") for n in text
+    }
+    assert all(s.dense_calls == 0 and s.sparse_calls > 0 for s in stats.layers)
+
+
+def test_sparse_blocks_change_the_image(lumina2_pipe):
+    reference = run_pipeline(lumina2_pipe, lumina2_call())
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=1)
+    out, stats = run_pipeline(lumina2_pipe, lumina2_call(), config)
+    assert not torch.allclose(out, reference, atol=1e-4) and all(s.mean_density < 1 for s in stats.layers)
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(lumina2_pipe):
+    check_other_processors_are_refused(lumina2_pipe, "Lumina2", layer=1)
