@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (register their adapters)
     flux2,
     flux3,
     helios,
+    hidream,
     hunyuan_image,
     hunyuan_video,
     hunyuan_video15,
