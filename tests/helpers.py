@@ -115,22 +115,25 @@ def run_pipeline(pipe, call: dict, config=None):
             return output(), handle.stats()
 
 
-def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=None):
+def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=None, order=None):
     """Through real pipeline calls (`run_pipeline`): `pattern="dense"` gives `pipe(**call)` bit for bit; every block
     kept through the sparse kernel (every call sparse) gives it within 1e-4; `sparse` (default: a window of one
     frame and one token, the first step dense) makes some calls sparse with blocks left out and changes the output.
+    `order`: the token order of the default configs (`SparseConfig.order`).
     Returns `(stats, recorded calls)` of the `sparse` run for the family's own checks of its steps and layouts."""
     import diffsparse
     from diffsparse.patterns import Window3D
 
     reference = run_pipeline(pipe, call)
     assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0,
+                                          order=order)
     kept, stats = run_pipeline(pipe, call, every_block)
     assert all(r.sparse for log in stats.calls.values() for r in log)
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     if sparse is None:
-        sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1)
+        sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1,
+                                         order=order)
     with recorded_attention_calls() as calls:
         out, stats = run_pipeline(pipe, call, sparse)
     assert any(r.sparse and r.density < 1 for log in stats.calls.values() for r in log)

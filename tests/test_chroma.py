@@ -18,7 +18,12 @@ from diffsparse.pipelines.chroma import marked_prefixes
 from diffsparse.pipelines.text import word_tokenizer
 from diffsparse.runtime import SparseRuntime
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_pipeline,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -61,15 +66,8 @@ def chroma_call(**overrides):
     return {**call, **overrides}
 
 
-def test_dense_pattern_is_the_unmodified_pipeline(chroma_pipe):
-    reference = run_pipeline(chroma_pipe, chroma_call())
-    out, stats = run_pipeline(chroma_pipe, chroma_call(), diffsparse.SparseConfig(pattern="dense"))
-    assert torch.equal(out, reference)
-    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 8, 0), (1, 8, 0)]
-
-
 @pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "tile order", "unpadded prompt"])
-def test_every_block_kept_matches_dense_with_the_masked_padding(chroma_pipe, case):
+def test_dense_identical_and_every_block_kept_with_the_masked_padding(chroma_pipe, case):
     # Each CFG branch is one transformer call with its own marks; two prompts of different lengths are attended in
     # two groups. With every block kept the sparse path is Chroma's attention: the masked padding keys enter each
     # marked query at a score 1 lower (without that, 0.08 off), the masked queries attend every key.
@@ -80,15 +78,13 @@ def test_every_block_kept_matches_dense_with_the_masked_padding(chroma_pipe, cas
         order = TileOrder((1, 2, 2))
     elif case == "unpadded prompt":  # 11 words and </s> fill the 12 tokens: nothing masked
         call, marked = chroma_call(prompt=" ".join(["red"] * 11), negative_prompt=None, guidance_scale=1.0), {TEXT_LEN}
-    reference = run_pipeline(chroma_pipe, call)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    with recorded_attention_calls() as calls:
-        out, stats = run_pipeline(chroma_pipe, call, config)
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    stats, calls = check_pipeline_against_dense(chroma_pipe, call, block_size=8, order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(*GRID, text_len=n, text_position="start") for n in marked}
-    # Steps x CFG branches, each prompt length of a branch a runtime call (two prompts: two on the cond branch).
-    calls_per_layer = 4 * (2 if call["guidance_scale"] > 1 else 1) + 4 * (case == "two prompts")
-    assert all((s.dense_calls, s.sparse_calls) == (0, calls_per_layer) for s in stats.layers)
+    # The first of 4 steps dense; then steps x CFG branches, each prompt length of a branch a runtime call (two
+    # prompts: two on the cond branch).
+    branches = 2 if call["guidance_scale"] > 1 else 1
+    sparse_calls = 3 * branches + 3 * (case == "two prompts")
+    assert all((s.dense_calls, s.sparse_calls) == (branches, sparse_calls) for s in stats.layers)
 
 
 def test_sparse_calls_count_the_dense_padding_pairs(chroma_pipe):
@@ -183,11 +179,8 @@ def test_a_boolean_prompt_mask_runs_the_original_and_counts_dense(chroma_pipe):
 def test_image_to_image_keeps_every_block_within_dense(chroma_components):
     pipe = ChromaImg2ImgPipeline(**chroma_components)
     pipe.set_progress_bar_config(disable=True)
-    call = chroma_call(image=torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(0)), strength=0.75)
-    reference = run_pipeline(pipe, call)
-    out, stats = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
-    assert all(s.sparse_calls > 0 and s.dense_calls == 0 for s in stats.layers)
+    image = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(0))
+    check_pipeline_against_dense(pipe, chroma_call(image=image, strength=0.75), block_size=8)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(chroma_pipe):
