@@ -283,6 +283,17 @@ def tiny_hunyuan_video_vae():
     ).eval()
 
 
+def tiny_image_vae(latent_channels: int = 4, **config):
+    """A two-block `AutoencoderKL` 4 wide (x2 downsampling) for image pipelines; `config`: e.g. the `shift_factor`
+    and `scaling_factor` a pipeline reads."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, **config,
+    ).eval()
+
+
 def tiny_clip_text_model(vocab_size: int):
     """A one-layer `CLIPTextModel` 8 wide (its pooled output is the pipelines' pooled text embedding), for a word
     tokenizer whose ids 0 and 1 are `<pad>` and `</s>`."""

@@ -4,7 +4,6 @@ prompt mask (its masked padding keys keep weight 1 / e) computed exactly on the 
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     ChromaImg2ImgPipeline,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -23,6 +22,7 @@ from helpers import (
     check_pipeline_against_dense,
     recorded_attention_calls,
     run_pipeline,
+    tiny_image_vae,
 )
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
@@ -40,11 +40,7 @@ def chroma_components():
         joint_attention_dim=16, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
         approximator_layers=1,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = tiny_image_vae(shift_factor=0.0609, scaling_factor=1.5035)
     t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                  pad_token_id=0, eos_token_id=1))
     return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae.eval(), "text_encoder": t5.eval(),

@@ -3,14 +3,14 @@ prompt, left-padded to a multiple of 16 tokens."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 from transformers import GlmConfig, GlmModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, run_pipeline
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, run_pipeline, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -22,13 +22,10 @@ def cogview4_pipe():
         patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4,
         text_embed_dim=8, time_embed_dim=8, condition_dim=4, rope_axes_dim=(2, 2),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
-    )
+    vae = tiny_image_vae()
     glm = GlmModel(GlmConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0))
-    pipe = CogView4Pipeline(tokenizer=word_tokenizer(VOCABULARY), text_encoder=glm.eval(), vae=vae.eval(),
+    pipe = CogView4Pipeline(tokenizer=word_tokenizer(VOCABULARY), text_encoder=glm.eval(), vae=vae,
                             transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

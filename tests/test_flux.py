@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import diffsparse
@@ -12,7 +12,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.flux import image_grid
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -26,17 +26,13 @@ def flux_pipe():
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = tiny_image_vae(shift_factor=0.0609, scaling_factor=1.5035)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                         num_attention_heads=2, projection_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=1))
     t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                  pad_token_id=0, eos_token_id=1))
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=clip.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(),
         tokenizer=word_tokenizer(VOCABULARY, max_length=77), text_encoder_2=t5.eval(), tokenizer_2=word_tokenizer(VOCABULARY),
         transformer=transformer.eval(),
     )

@@ -4,7 +4,6 @@
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
@@ -22,7 +21,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -43,11 +42,7 @@ def tiny_transformer(head_dim: int):
 @pytest.fixture(scope="module")
 def hidream_pipe():
     transformer = tiny_transformer(head_dim=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = tiny_image_vae(shift_factor=0.0609, scaling_factor=1.5035)
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -62,7 +57,7 @@ def hidream_pipe():
                                          eos_token_id=1)).eval()
     tokenizer = word_tokenizer(VOCABULARY, max_length=TEXT_LEN)
     pipe = HiDreamImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=clip(), tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip(), tokenizer=tokenizer,
         text_encoder_2=clip(), tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer,
         text_encoder_4=llama, tokenizer_4=tokenizer, transformer=transformer.eval(),
     )

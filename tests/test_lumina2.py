@@ -3,13 +3,13 @@ layout, the main blocks' `[prompt, image]` layout, prompts of different lengths 
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 from transformers import Gemma2Config, Gemma2Model
 
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass", "<Prompt", "Start>"]
 # 128 x 192 pixels -> 16 x 24 latents (the pipeline takes the VAE as x8) -> 8 x 12 patches of 2 x 2.
@@ -24,13 +24,10 @@ def lumina2_pipe():
         num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(2, 2, 0), axes_lens=(64, 32, 32),
         cap_feat_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
-    )
+    vae = tiny_image_vae()
     gemma = Gemma2Model(Gemma2Config(vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                      num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0))
-    pipe = Lumina2Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+    pipe = Lumina2Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                            text_encoder=gemma.eval(), tokenizer=word_tokenizer(VOCABULARY))
     pipe.set_progress_bar_config(disable=True)
     return pipe

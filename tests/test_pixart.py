@@ -3,13 +3,13 @@ self-attention on a one-frame layout, the cross-attention to the prompt untouche
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -22,13 +22,10 @@ def pixart_pipe(request):
         in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2,
-    )
+    vae = tiny_image_vae()
     t5 = T5EncoderModel(T5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                  pad_token_id=0, eos_token_id=1))
-    pipe = request.param(tokenizer=word_tokenizer(VOCABULARY), text_encoder=t5.eval(), vae=vae.eval(),
+    pipe = request.param(tokenizer=word_tokenizer(VOCABULARY), text_encoder=t5.eval(), vae=vae,
                          transformer=transformer.eval(), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

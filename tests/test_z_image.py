@@ -4,7 +4,6 @@ layout, the main blocks' `[image, pad, prompt, pad]` layout, prompts of differen
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     ZImageImg2ImgPipeline,
     ZImagePipeline,
@@ -15,7 +14,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines import adapter_for
 
-from helpers import QWEN3_TEMPLATE, chat_tokenizer, check_other_processors_are_refused, check_pipeline_against_dense
+from helpers import (
+    QWEN3_TEMPLATE,
+    chat_tokenizer,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "<think>", "</think>", "a",
               "red", "blue", "circle", "on", "grass"]
@@ -32,11 +37,7 @@ def components():
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
         n_kv_heads=2, cap_feat_dim=8, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    vae = tiny_image_vae(shift_factor=0.1159, scaling_factor=0.3611)
     qwen = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(VOCABULARY), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=4, pad_token_id=0,
