@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (register their adapters)
     kandinsky5,
     kandinsky6,
     latte,
+    longcat_image,
     ltx,
     ltx2,
     lumina2,

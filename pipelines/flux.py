@@ -106,7 +106,7 @@ class FluxAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         encoder_hidden_states = call_argument(args, kwargs, "encoder_hidden_states", 1)
         timestep = call_argument(args, kwargs, "timestep", self.timestep_position)
-        img_ids = call_argument(args, kwargs, "img_ids", self.img_ids_position)
+        img_ids = self.flux_ids(call_argument(args, kwargs, "img_ids", self.img_ids_position))
         text_len, tokens = encoder_hidden_states.shape[1], hidden_states.shape[1]
         # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
         timestep = timestep * 1000
@@ -123,6 +123,12 @@ class FluxAdapter(ModelAdapter):
         (rows, cols), references = split
         layout = VideoLayout(1, rows, cols, text_len=text_len + references, text_position="start")
         return layout, timestep, references_with_text(text_len, rows * cols, references)
+
+
+    def flux_ids(self, img_ids: torch.Tensor) -> torch.Tensor:
+        """The image ids in FLUX.1's convention (the generated image's first id 0, references' above, rows and
+        columns from 0): as they are here; a family that numbers them otherwise maps them (LongCat-Image)."""
+        return img_ids
 
 
 register_adapter(FluxAdapter())
