@@ -26,6 +26,7 @@ from . import (  # noqa: F401  (register their adapters)
     lumina2,
     mochi,
     motif_video,
+    ovis_image,
     pixart,
     qwenimage,
     qwenimage21,

@@ -62,6 +62,25 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
+class FluxCopyAttention(SparseProcessor):
+    """The sparse path of a family's own copy of `FluxAttnProcessor` (LongCat-Image, Ovis-Image), placed before the
+    copy's class, whose `__call__` stays the dense path; `projections`: the copy's module's `_get_qkv_projections`.
+    The families have no diffusers context parallel plan."""
+
+    context_parallel = False
+    projections = staticmethod(_get_qkv_projections)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if self.stays_dense(attention_mask):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
+        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+
+
 def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
     """`(frames, rows, cols)` when `img_ids` (`(N, 3)` for FLUX.1, `(N, 4)` for FLUX.2, or with a batch dim) is
     `frames` full row-major grids of one size, each with one first id, increasing from frame to frame (FLUX's own

@@ -17,28 +17,15 @@ from diffusers.models.transformers.transformer_longcat_image import (
     LongCatImageTransformer2DModel,
 )
 
-from .base import SparseProcessor, project_joint_output
-from .flux import FluxAdapter, joint_qkv
+from .flux import FluxAdapter, FluxCopyAttention
 from .registry import register_adapter
 
 
-class LongCatImageSparseAttnProcessor(SparseProcessor, LongCatImageAttnProcessor):
+class LongCatImageSparseAttnProcessor(FluxCopyAttention, LongCatImageAttnProcessor):
     """`LongCatImageAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so; dense calls
     run the original `__call__` unchanged."""
 
-    # LongCatImageTransformer2DModel has no diffusers context parallel plan.
-    context_parallel = False
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if self.stays_dense(attention_mask):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_not_parallel()
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                      projections=transformer_longcat_image._get_qkv_projections)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+    projections = staticmethod(transformer_longcat_image._get_qkv_projections)
 
 
 class LongCatImageAdapter(FluxAdapter):

@@ -1,0 +1,95 @@
+"""diffsparse on the families with their own copy of FLUX.1's transformer (tiny, random weights, offline), each called
+with the position ids its pipelines make: LongCat-Image (`prepare_pos_ids`: modality first, images after the prompt;
+text-to-image and edits) and Ovis-Image (FLUX.1's ids).
+
+Their pipelines are not run here: their prompt paths need Qwen2.5-VL / Ovis text models, and LongCat's, given
+`prompt_embeds`, fails in diffusers itself (`check_inputs` refuses a prompt with them, `encode_prompt` needs one).
+"""
+
+import functools
+
+import pytest
+import torch
+from diffusers import LongCatImageTransformer2DModel, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+
+from helpers import check_other_processors_are_refused, recorded_attention_calls
+
+TEXT_LEN = 10
+ROWS, COLS = 8, 6  # the generated image's packed 2 x 2 latents
+
+
+def longcat_ids(reference):
+    """The generated image (modality 1) after the prompt's positions, then an edited image (modality 2)."""
+    ids = prepare_pos_ids(modality_id=1, type="image", start=(TEXT_LEN, TEXT_LEN), height=ROWS, width=COLS)
+    if reference is not None:
+        ids = torch.cat([ids, prepare_pos_ids(modality_id=2, type="image", start=(TEXT_LEN, TEXT_LEN),
+                                              height=reference[0], width=reference[1])])
+    return ids, prepare_pos_ids(modality_id=0, type="text", start=(0, 0), num_token=TEXT_LEN)
+
+
+def ovis_ids(reference):
+    assert reference is None  # text-to-image only: Ovis-Image has no editing pipeline
+    ids = OvisImagePipeline._prepare_latent_image_ids(1, ROWS, COLS, "cpu", torch.float32)
+    return ids, torch.zeros(TEXT_LEN, 3)
+
+
+FAMILIES = {
+    "LongCat-Image": (LongCatImageTransformer2DModel, {"pooled_projection_dim": 16}, longcat_ids),
+    "Ovis-Image": (OvisImageTransformer2DModel, {"out_channels": 16}, ovis_ids),
+}
+
+
+@functools.cache
+def tiny_transformer(name: str):
+    model_class, extra, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    return model_class(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6), **extra).eval()
+
+
+def inputs(ids, reference=None):
+    generator = torch.Generator().manual_seed(0)
+    img_ids, txt_ids = ids(reference)
+    return {"hidden_states": torch.randn(1, img_ids.shape[0], 16, generator=generator),
+            "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
+            "timestep": torch.tensor([0.5]), "img_ids": img_ids, "txt_ids": txt_ids}
+
+
+def run(transformer, call, config=None):
+    with torch.no_grad():
+        if config is None:
+            return transformer(**call).sample, None
+        with diffsparse.sparse(transformer, config), recorded_attention_calls() as calls:
+            return transformer(**call).sample, calls
+
+
+TEXT_TO_IMAGE = VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN, text_position="start")
+
+
+@pytest.mark.parametrize("name, reference, layout, order", [
+    *((name, None, TEXT_TO_IMAGE, order) for name in FAMILIES for order in (None, TileOrder((1, 2, 2)))),
+    # LongCat-Image's edits: a reference of the output's size is a second frame, one of another size joins the text.
+    ("LongCat-Image", (ROWS, COLS), VideoLayout(2, ROWS, COLS, text_len=TEXT_LEN, text_position="start"), None),
+    ("LongCat-Image", (2, 5), VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN + 10, text_position="start"), None),
+])
+def test_dense_identical_every_block_kept_and_the_layout(name, reference, layout, order):
+    transformer = tiny_transformer(name)
+    call = inputs(FAMILIES[name][2], reference)
+    expected, _ = run(transformer, call)
+    dense, _ = run(transformer, call, diffsparse.SparseConfig(pattern="dense", dense_steps=0))
+    assert torch.equal(dense, expected)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0, order=order)
+    kept, calls = run(transformer, call, every_block)
+    torch.testing.assert_close(kept, expected, atol=1e-4, rtol=0)
+    assert {called for _, called, _ in calls} == {layout}
+    one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    assert not torch.allclose(run(transformer, call, one_token)[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_other_processors_are_refused_and_the_model_left_untouched(name):
+    check_other_processors_are_refused(tiny_transformer(name), name, layer=1)
