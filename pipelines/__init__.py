@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (register their adapters)
     allegro,
     anyflow,
+    bria,
     chroma,
     cogvideox,
     cogview4,

@@ -120,6 +120,8 @@ class FluxAdapter(ModelAdapter):
 
     # Where `forward` takes them when given by position (FLUX.2 has no `pooled_projections` before `timestep`).
     timestep_position, img_ids_position = 3, 4
+    # The pipelines pass `t / timestep_scale`; the scheduler's timesteps, which the step clock matches, are `t`.
+    timestep_scale = 1000
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
@@ -127,8 +129,7 @@ class FluxAdapter(ModelAdapter):
         timestep = call_argument(args, kwargs, "timestep", self.timestep_position)
         img_ids = self.flux_ids(call_argument(args, kwargs, "img_ids", self.img_ids_position))
         text_len, tokens = encoder_hidden_states.shape[1], hidden_states.shape[1]
-        # FLUX pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        timestep = timestep * 1000
+        timestep = timestep * self.timestep_scale
         grid = image_grid(img_ids)
         if grid is not None and grid[0] * grid[1] * grid[2] == tokens:
             return VideoLayout(*grid, text_len=text_len, text_position="start"), timestep
