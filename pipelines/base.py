@@ -463,3 +463,23 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
             tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
             out[videos, valid:] = tail.transpose(1, 2)
     return runtime.to_model_order(out)
+
+
+def attend_without_text_padding(runtime, layer: int, query, key, value, lengths: list[int], text_len: int,
+                                heads=None) -> torch.Tensor:
+    """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` sequences whose first `text_len` tokens are
+    each prompt's valid text (`lengths[b]` tokens) then its padding (masked keys, between its valid text and the
+    image: Qwen-Image's, Krea 2's): each prompt's padding is left out of its sequence, prompts of equal length in
+    one runtime call on the call's layout with that text span. The padded text queries, whose outputs reach no
+    image token (they are never keys), stay zero. `heads`: as `runtime.attention`'s."""
+    query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
+    call_layout = runtime.call_layout()
+    out = torch.zeros_like(query)
+    for valid in sorted(set(lengths)):
+        videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
+        kept = torch.cat([torch.arange(valid, device=query.device),
+                          torch.arange(text_len, query.shape[1], device=query.device)])
+        q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
+        layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
+        out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads)
+    return runtime.to_model_order(out)

@@ -15,7 +15,6 @@ padding (prompts of equal length together), on the layout with its own text span
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -29,6 +28,7 @@ from ..patterns import VideoLayout
 from .base import (
     ModelAdapter,
     SparseProcessor,
+    attend_without_text_padding,
     call_argument,
     prefix_lengths,
     project_joint_output,
@@ -80,26 +80,9 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
         attend = None
         if set(lengths) != {text_len}:  # prompt padding (the pipelines make CFG's two calls one prompt each: none)
             def attend(q, k, v, heads=None):
-                return self.attend_without_padding(q, k, v, lengths, text_len, heads)
+                return attend_without_text_padding(self.runtime, self.layer, q, k, v, lengths, text_len, heads)
         out = self.attend_joint(query, key, value, attend=attend)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1], text_first=True)
-
-    def attend_without_padding(self, query, key, value, lengths: list[int], text_len: int, heads=None) -> torch.Tensor:
-        """A batch of prompts of different lengths: each prompt's padding (masked keys, between its valid text and
-        the image) is left out of its sequence, prompts of equal length in one runtime call on the call's layout with
-        that text span. The padded text queries, whose outputs reach no image token (they are never keys), stay
-        zero. `heads`: as `runtime.attention`'s."""
-        query, key, value = (self.runtime.to_layout_order(x) for x in (query, key, value))
-        call_layout = self.runtime.call_layout()
-        out = torch.zeros_like(query)
-        for valid in sorted(set(lengths)):
-            videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
-            kept = torch.cat([torch.arange(valid, device=query.device),
-                              torch.arange(text_len, query.shape[1], device=query.device)])
-            q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
-            layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
-            out[videos[:, None], kept] = self.runtime.attention(self.layer, q, k, v, layout=layout, heads=heads)
-        return self.runtime.to_model_order(out)
 
 
 def image_shapes(img_shapes) -> list[tuple[int, int, int]]:
