@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (register their adapters)
     hunyuan_video15,
     kandinsky5,
     kandinsky6,
+    krea2,
     latte,
     longcat_image,
     ltx,
