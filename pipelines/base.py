@@ -483,3 +483,18 @@ def attend_without_text_padding(runtime, layer: int, query, key, value, lengths:
         layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
         out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads)
     return runtime.to_model_order(out)
+
+
+def valid_text_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
+    """Each prompt's valid text length from a `(B, 1, 1, S)` boolean key mask over `[text, image]` whose masked
+    keys are each prompt's padding (a tail of its `text_len` text tokens), or `None` for a mask of another kind (an
+    image key masked, valid text that is not a prefix, not boolean): the original computes it."""
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+        return None
+    keys = mask[:, 0, 0]
+    if not keys[:, text_len:].all():
+        return None
+    try:
+        return prefix_lengths(keys[:, :text_len])
+    except ValueError:
+        return None

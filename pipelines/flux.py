@@ -21,7 +21,15 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, references_with_text
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_without_text_padding,
+    call_argument,
+    project_joint_output,
+    references_with_text,
+    valid_text_prefixes,
+)
 from .registry import register_adapter
 
 
@@ -29,11 +37,14 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=
     """`(query, key, value)` over `[text, image]` as `(B, S, heads, head_dim)`: `FluxAttnProcessor`'s arithmetic
     (q/k norms per stream, RoPE over the joint sequence), also FLUX.2's dual-stream one with its own `projections`."""
     query, key, value, encoder_query, encoder_key, encoder_value = projections(attn, hidden_states, encoder_hidden_states)
-    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+    # By the head dim, not the head count (under tensor parallelism the projections hold this process's heads); the
+    # plain `Attention` of some single-stream blocks (Bria FIBO's) knows only its inner dim and heads.
+    head_dim = getattr(attn, "head_dim", None) or attn.inner_dim // attn.heads
+    query, key, value = (x.unflatten(-1, (-1, head_dim)) for x in (query, key, value))
     query, key = attn.norm_q(query), attn.norm_k(key)
     if attn.added_kv_proj_dim is not None:
         encoder_query, encoder_key, encoder_value = (
-            x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value)
+            x.unflatten(-1, (-1, head_dim)) for x in (encoder_query, encoder_key, encoder_value)
         )
         encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
         query, key, value = (
@@ -63,19 +74,34 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
 
 
 class FluxCopyAttention(SparseProcessor):
-    """The sparse path of a family's own copy of `FluxAttnProcessor` (LongCat-Image, Ovis-Image), placed before the
-    copy's class, whose `__call__` stays the dense path; `projections`: the copy's module's `_get_qkv_projections`.
-    The families have no diffusers context parallel plan."""
+    """The sparse path of a family's own copy of `FluxAttnProcessor` (LongCat-Image, Ovis-Image, Bria 3.2 and FIBO),
+    placed before the copy's class, whose `__call__` stays the dense path; `projections`: the copy's module's
+    `_get_qkv_projections`. A boolean key mask that masks each prompt's padding (Bria FIBO's, for prompts of
+    different lengths in one call) leaves the padding out, prompts of equal length together; a mask of another kind
+    runs the original, counted dense. The families have no diffusers context parallel plan."""
 
     context_parallel = False
     projections = staticmethod(_get_qkv_projections)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if self.stays_dense(attention_mask):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
         self.check_not_parallel()
+        text_len = self.runtime.call_text_tokens()
+        lengths = None
+        if attention_mask is not None:
+            # Every block of a call gets the same mask: read it once (a host sync on a GPU).
+            lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
+            if lengths is None:
+                self.runtime.log_dense(self.layer)
+                return super().__call__(*original)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
-        out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        if lengths is None or set(lengths) == {text_len}:
+            out = self.runtime.attention(self.layer, query, key, value)
+        else:
+            out = attend_without_text_padding(self.runtime, self.layer, query, key, value, lengths, text_len)
+        out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)

@@ -15,20 +15,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_krea2 import Krea2AttnProcessor, Krea2Transformer2DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_without_text_padding, call_argument, prefix_lengths
+from .base import ModelAdapter, SparseProcessor, attend_without_text_padding, call_argument, valid_text_prefixes
 from .registry import register_adapter
-
-
-def _valid_text(mask: torch.Tensor, text_len: int) -> list[int] | None:
-    """Each prompt's valid text length from a `(B, 1, 1, S)` key mask over `[text, image]`, or `None` when a
-    prompt's valid tokens are not a prefix of its text or an image key is masked (not the model's own mask)."""
-    keys = mask[:, 0, 0]
-    if not keys[:, text_len:].all():
-        return None
-    try:
-        return prefix_lengths(keys[:, :text_len])
-    except ValueError:
-        return None
 
 
 class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
@@ -47,7 +35,7 @@ class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
         lengths = None
         if attention_mask is not None:
             # Every block of a call gets the same mask: read it once (a host sync on a GPU).
-            lengths = self.runtime.once_per_call(attention_mask, lambda mask: _valid_text(mask, text_len))
+            lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
             if lengths is None:
                 self.runtime.log_dense(self.layer)
                 return super().__call__(*original)

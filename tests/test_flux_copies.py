@@ -1,16 +1,22 @@
 """diffsparse on the families with their own copy of FLUX.1's transformer (tiny, random weights, offline), each called
 with the position ids its pipelines make: LongCat-Image (`prepare_pos_ids`: modality first, images after the prompt;
-text-to-image and edits) and Ovis-Image (FLUX.1's ids).
+text-to-image and edits), Ovis-Image (FLUX.1's ids) and Bria FIBO (FLUX.1's ids; prompts of different lengths in one
+call padded and masked as its pipeline pads them). Bria 3.2 runs through its pipeline (tests/test_bria.py).
 
-Their pipelines are not run here: their prompt paths need Qwen2.5-VL / Ovis text models, and LongCat's, given
-`prompt_embeds`, fails in diffusers itself (`check_inputs` refuses a prompt with them, `encode_prompt` needs one).
+Their pipelines are not run here: their prompt paths need Qwen2.5-VL / Ovis / SmolLM3 text models, and LongCat's,
+given `prompt_embeds`, fails in diffusers itself (`check_inputs` refuses a prompt with them, `encode_prompt` needs one).
 """
 
 import functools
 
 import pytest
 import torch
-from diffusers import LongCatImageTransformer2DModel, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers import (
+    BriaFiboTransformer2DModel,
+    LongCatImageTransformer2DModel,
+    OvisImagePipeline,
+    OvisImageTransformer2DModel,
+)
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
 import diffsparse
@@ -37,26 +43,42 @@ def ovis_ids(reference):
     return ids, torch.zeros(TEXT_LEN, 3)
 
 
+def fibo_inputs(batch: int) -> dict:
+    """FIBO's per-block text-encoder layers (one per block), beside the prompt."""
+    generator = torch.Generator().manual_seed(1)
+    return {"text_encoder_layers": [torch.randn(batch, TEXT_LEN, 8, generator=generator) for _ in range(2)]}
+
+
 FAMILIES = {
-    "LongCat-Image": (LongCatImageTransformer2DModel, {"pooled_projection_dim": 16}, longcat_ids),
-    "Ovis-Image": (OvisImageTransformer2DModel, {"out_channels": 16}, ovis_ids),
+    "LongCat-Image": (LongCatImageTransformer2DModel, {"pooled_projection_dim": 16}, longcat_ids, None),
+    "Ovis-Image": (OvisImageTransformer2DModel, {"out_channels": 16}, ovis_ids, None),
+    "Bria FIBO": (BriaFiboTransformer2DModel, {"text_encoder_dim": 8}, ovis_ids, fibo_inputs),
 }
 
 
 @functools.cache
 def tiny_transformer(name: str):
-    model_class, extra, _ = FAMILIES[name]
+    model_class, extra, _, _ = FAMILIES[name]
     torch.manual_seed(0)
     return model_class(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6), **extra).eval()
 
 
-def inputs(ids, reference=None):
+def inputs(name, reference=None, valid=None):
+    """A call of `name`'s transformer; `valid`: one prompt per entry, its valid text length, the rest of its
+    `TEXT_LEN` tokens padding masked as keys (FIBO's pipeline's mask, through `joint_attention_kwargs`)."""
+    _, _, ids, extra = FAMILIES[name]
+    batch = 1 if valid is None else len(valid)
     generator = torch.Generator().manual_seed(0)
     img_ids, txt_ids = ids(reference)
-    return {"hidden_states": torch.randn(1, img_ids.shape[0], 16, generator=generator),
-            "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
-            "timestep": torch.tensor([0.5]), "img_ids": img_ids, "txt_ids": txt_ids}
+    call = {"hidden_states": torch.randn(batch, img_ids.shape[0], 16, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=generator),
+            "timestep": torch.full((batch,), 0.5), "img_ids": img_ids, "txt_ids": txt_ids}
+    if valid is not None:
+        text = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
+        mask = torch.cat([text, torch.ones(batch, img_ids.shape[0], dtype=torch.bool)], dim=1)
+        call["joint_attention_kwargs"] = {"attention_mask": mask[:, None, None, :]}
+    return call | (extra(batch) if extra else {})
 
 
 def run(transformer, call, config=None):
@@ -70,24 +92,39 @@ def run(transformer, call, config=None):
 TEXT_TO_IMAGE = VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN, text_position="start")
 
 
-@pytest.mark.parametrize("name, reference, layout, order", [
-    *((name, None, TEXT_TO_IMAGE, order) for name in FAMILIES for order in (None, TileOrder((1, 2, 2)))),
+@pytest.mark.parametrize("name, reference, valid, layout, order", [
+    *((name, None, None, TEXT_TO_IMAGE, order) for name in FAMILIES for order in (None, TileOrder((1, 2, 2)))),
     # LongCat-Image's edits: a reference of the output's size is a second frame, one of another size joins the text.
-    ("LongCat-Image", (ROWS, COLS), VideoLayout(2, ROWS, COLS, text_len=TEXT_LEN, text_position="start"), None),
-    ("LongCat-Image", (2, 5), VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN + 10, text_position="start"), None),
+    ("LongCat-Image", (ROWS, COLS), None, VideoLayout(2, ROWS, COLS, text_len=TEXT_LEN, text_position="start"), None),
+    ("LongCat-Image", (2, 5), None, VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN + 10, text_position="start"), None),
+    # Bria FIBO's CFG call: two prompts of 7 and 4 valid tokens, each attended without its padding.
+    ("Bria FIBO", None, (7, 4), {VideoLayout(1, ROWS, COLS, text_len=n, text_position="start") for n in (7, 4)}, None),
 ])
-def test_dense_identical_every_block_kept_and_the_layout(name, reference, layout, order):
+def test_dense_identical_every_block_kept_and_the_layout(name, reference, valid, layout, order):
+    # (Attending FIBO's padding fails it.)
     transformer = tiny_transformer(name)
-    call = inputs(FAMILIES[name][2], reference)
+    call = inputs(name, reference, valid)
     expected, _ = run(transformer, call)
     dense, _ = run(transformer, call, diffsparse.SparseConfig(pattern="dense", dense_steps=0))
     assert torch.equal(dense, expected)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0, order=order)
     kept, calls = run(transformer, call, every_block)
     torch.testing.assert_close(kept, expected, atol=1e-4, rtol=0)
-    assert {called for _, called, _ in calls} == {layout}
+    assert {called for _, called, _ in calls} == (layout if isinstance(layout, set) else {layout})
     one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
     assert not torch.allclose(run(transformer, call, one_token)[0], expected, atol=1e-4)
+
+
+def test_a_mask_of_another_kind_runs_the_original_and_counts_dense():
+    transformer = tiny_transformer("Bria FIBO")
+    call = inputs("Bria FIBO", valid=(7, 4))
+    call["joint_attention_kwargs"]["attention_mask"][1, ..., -1] = False  # an image key masked
+    expected, _ = run(transformer, call)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
+        out = transformer(**call).sample
+        stats = handle.stats()
+    assert torch.equal(out, expected) and all(s.sparse_calls == 0 and s.dense_calls == 1 for s in stats.layers)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
