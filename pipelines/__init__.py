@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (register their adapters)
     allegro,
     anyflow,
+    auraflow,
     bria,
     chroma,
     cogvideox,

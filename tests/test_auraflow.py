@@ -1,0 +1,44 @@
+"""diffsparse on diffusers' AuraFlow pipeline (tiny, random weights, offline): joint MMDiT and single DiT blocks over
+`[register tokens + prompt, image]`."""
+
+import pytest
+import torch
+from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from transformers import UMT5Config, UMT5EncoderModel
+
+from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.pipelines.text import word_tokenizer
+
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
+TEXT_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def auraflow_pipe():
+    torch.manual_seed(0)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, out_channels=4, pos_embed_max_size=256,
+    )
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=len(VOCABULARY), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                       num_heads=2, pad_token_id=0, eos_token_id=1))
+    pipe = AuraFlowPipeline(tokenizer=word_tokenizer(VOCABULARY), text_encoder=umt5.eval(), vae=tiny_image_vae(),
+                            transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_identical_every_block_kept_and_the_layout(auraflow_pipe, order):
+    # 32 x 48 pixels -> 16 x 24 latents (x2 VAE) -> 8 x 12 patches behind the 8 register and 8 prompt tokens.
+    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 48,
+            "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": TEXT_LEN, "output_type": "latent"}
+    stats, calls = check_pipeline_against_dense(auraflow_pipe, call, order=order)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=8 + TEXT_LEN, text_position="start")}
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(auraflow_pipe):
+    check_other_processors_are_refused(auraflow_pipe, "AuraFlow", layer=1)
