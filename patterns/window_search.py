@@ -116,6 +116,7 @@ class SearchedWindows(Window3D):
     window: Triple | tuple[Triple, ...] | None = None
 
     name = "searched_windows"
+    composable = False  # the runtime fits the pattern it is given, not a composition's parts
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:

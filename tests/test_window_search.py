@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import diffsparse
-from diffsparse.patterns import FrameCausal, HeadShard, SearchedWindows, TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import (
+    FrameCausal,
+    FrameSink,
+    HeadShard,
+    SearchedWindows,
+    TileOrder,
+    VideoLayout,
+    Window3D,
+)
 from diffsparse.patterns.window_search import _candidate_densities, allocate, axis_sizes
 
 from helpers import generate
@@ -100,6 +108,14 @@ def test_search_gives_per_head_windows_under_the_budget_and_needs_a_search_first
     for bad in ({"keep": 0}, {"keep": 1.5}, {"num_samples": 0}, {"value_dims": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchedWindows(**bad)
+
+
+def test_searched_windows_cannot_be_combined_with_rules():
+    # The runtime fits the pattern it is given, not a composition's parts: the windows would never be searched.
+    with pytest.raises(ValueError, match="cannot be combined: its blocks come from fitting it"):
+        SearchedWindows() | FrameSink()
+    with pytest.raises(ValueError, match="cannot be combined: its blocks come from fitting it"):
+        FrameSink() & SearchedWindows()
 
 
 def test_sharded_heads_choose_as_one_process():
