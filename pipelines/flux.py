@@ -170,7 +170,6 @@ class FluxAdapter(ModelAdapter):
         layout = VideoLayout(1, rows, cols, text_len=text_len + references, text_position="start")
         return layout, timestep, references_with_text(text_len, rows * cols, references)
 
-
     def flux_ids(self, img_ids: torch.Tensor) -> torch.Tensor:
         """The image ids in FLUX.1's convention (the generated image's first id 0, references' above, rows and
         columns from 0): as they are here; a family that numbers them otherwise maps them (LongCat-Image)."""
