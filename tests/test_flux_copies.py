@@ -22,7 +22,7 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
 
 TEXT_LEN = 10
 ROWS, COLS = 8, 6  # the generated image's packed 2 x 2 latents
@@ -81,14 +81,6 @@ def inputs(name, reference=None, valid=None):
     return call | (extra(batch) if extra else {})
 
 
-def run(transformer, call, config=None):
-    with torch.no_grad():
-        if config is None:
-            return transformer(**call).sample, None
-        with diffsparse.sparse(transformer, config), recorded_attention_calls() as calls:
-            return transformer(**call).sample, calls
-
-
 TEXT_TO_IMAGE = VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN, text_position="start")
 
 
@@ -102,25 +94,19 @@ TEXT_TO_IMAGE = VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN, text_position="sta
 ])
 def test_dense_identical_every_block_kept_and_the_layout(name, reference, valid, layout, order):
     # (Attending FIBO's padding fails it.)
-    transformer = tiny_transformer(name)
-    call = inputs(name, reference, valid)
-    expected, _ = run(transformer, call)
-    dense, _ = run(transformer, call, diffsparse.SparseConfig(pattern="dense", dense_steps=0))
-    assert torch.equal(dense, expected)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0, order=order)
-    kept, calls = run(transformer, call, every_block)
-    torch.testing.assert_close(kept, expected, atol=1e-4, rtol=0)
-    assert {called for _, called, _ in calls} == (layout if isinstance(layout, set) else {layout})
     one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
-    assert not torch.allclose(run(transformer, call, one_token)[0], expected, atol=1e-4)
+    with recorded_attention_calls() as calls:
+        check_against_dense(tiny_transformer(name), lambda: inputs(name, reference, valid), block_size=8, order=order,
+                            sparse=one_token)
+    assert {called for _, called, _ in calls} == (layout if isinstance(layout, set) else {layout})
 
 
 def test_a_mask_of_another_kind_runs_the_original_and_counts_dense():
     transformer = tiny_transformer("Bria FIBO")
     call = inputs("Bria FIBO", valid=(7, 4))
     call["joint_attention_kwargs"]["attention_mask"][1, ..., -1] = False  # an image key masked
-    expected, _ = run(transformer, call)
     config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    expected = run_transformer(transformer, lambda: call)
     with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
         out = transformer(**call).sample
         stats = handle.stats()
