@@ -29,6 +29,7 @@ from diffsparse.patterns import (
     spatial_study,
     unpermute,
     window3d,
+    window_search,
 )
 from diffsparse.patterns.plots import density_vs_frames
 from diffsparse.patterns.spatial_study import BlockedAttention, attention_error, synthetic_logits
@@ -533,7 +534,7 @@ def test_intersection_at_scale_stays_block_level():
 
 
 @pytest.mark.parametrize(
-    "module", [ordering, window3d, compose, radial, plots, spatial_study], ids=lambda m: m.__name__
+    "module", [ordering, window3d, window_search, compose, radial, plots, spatial_study], ids=lambda m: m.__name__
 )
 def test_docstring_examples(module):
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)

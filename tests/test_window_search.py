@@ -1,7 +1,6 @@
 """Searched per-head windows (Sliding Tile Attention's window search, at each layer's first sparse call): the
 candidate sizes, the losses against their token-level definition, the budget, sharded heads, the runtime."""
 
-import doctest
 import itertools
 import math
 
@@ -164,15 +163,6 @@ def test_the_runtime_searches_each_layer_once_per_generation(tiny_pipe, monkeypa
     assert all(0 < layer.mean_density <= 0.3 for layer in stats.layers)
     with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched_windows", density=1.0, dense_steps=0)):
         torch.testing.assert_close(generate(tiny_pipe), reference, atol=1e-4, rtol=0)
-
-
-def test_docstring_examples():
-    from diffsparse.patterns import window_search
-
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(window_search):
-        runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0
 
 
 @pytest.mark.parametrize("refresh, searched_at", [(0, [1]), (2, [1, 3])])
