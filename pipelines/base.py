@@ -55,6 +55,27 @@ class SparseProcessor:
         if context_parallel_config(self) is not None:
             raise NotImplementedError(not_parallel_message(type(self)))
 
+    def prompt_padding(self, attention_mask, text_len: int):
+        """Each prompt's valid text length under a boolean key mask of the prompts' padding (`valid_text_prefixes`,
+        read once per call), `None` without a mask, or `False` for a mask of another kind, which the caller leaves to
+        the original processor (logged dense here)."""
+        if attention_mask is None:
+            return None
+        # Every block of a call gets the same mask: read it once (a host sync on a GPU).
+        lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
+        if lengths is None:
+            self.runtime.log_dense(self.layer)
+            return False
+        return lengths
+
+    def attend_prompts(self, query, key, value, lengths: list[int] | None, text_len: int) -> torch.Tensor:
+        """`runtime.attention` on this layer for a `[text, image]` call whose prompts have `lengths` valid tokens of
+        `text_len` (`prompt_padding`): the call as it is when none is padded, else each without its padding
+        (`attend_without_text_padding`)."""
+        if lengths is None or set(lengths) == {text_len}:
+            return self.runtime.attention(self.layer, query, key, value)
+        return attend_without_text_padding(self.runtime, self.layer, query, key, value, lengths, text_len)
+
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
         """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
         holding `local_length` tokens: under Ulysses context parallelism each rank holds its share of the call's

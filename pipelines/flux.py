@@ -24,11 +24,9 @@ from ..patterns import VideoLayout
 from .base import (
     ModelAdapter,
     SparseProcessor,
-    attend_without_text_padding,
     call_argument,
     project_joint_output,
     references_with_text,
-    valid_text_prefixes,
 )
 from .registry import register_adapter
 
@@ -89,19 +87,11 @@ class FluxCopyAttention(SparseProcessor):
             return super().__call__(*original)
         self.check_not_parallel()
         text_len = self.runtime.call_text_tokens()
-        lengths = None
-        if attention_mask is not None:
-            # Every block of a call gets the same mask: read it once (a host sync on a GPU).
-            lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
-            if lengths is None:
-                self.runtime.log_dense(self.layer)
-                return super().__call__(*original)
+        lengths = self.prompt_padding(attention_mask, text_len)
+        if lengths is False:
+            return super().__call__(*original)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
-        if lengths is None or set(lengths) == {text_len}:
-            out = self.runtime.attention(self.layer, query, key, value)
-        else:
-            out = attend_without_text_padding(self.runtime, self.layer, query, key, value, lengths, text_len)
-        out = out.flatten(2, 3).to(query.dtype)
+        out = self.attend_prompts(query, key, value, lengths, text_len).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)

@@ -15,7 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_krea2 import Krea2AttnProcessor, Krea2Transformer2DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_without_text_padding, call_argument, valid_text_prefixes
+from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
 
 
@@ -32,13 +32,9 @@ class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
             return super().__call__(*original)
         self.check_not_parallel()
         text_len = self.runtime.call_layout().text_len
-        lengths = None
-        if attention_mask is not None:
-            # Every block of a call gets the same mask: read it once (a host sync on a GPU).
-            lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
-            if lengths is None:
-                self.runtime.log_dense(self.layer)
-                return super().__call__(*original)
+        lengths = self.prompt_padding(attention_mask, text_len)
+        if lengths is False:
+            return super().__call__(*original)
         query = attn.to_q(hidden_states).unflatten(-1, (attn.num_heads, attn.head_dim))
         key, value = (projection(hidden_states).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
                       for projection in (attn.to_k, attn.to_v))
@@ -50,10 +46,7 @@ class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
         # Grouped-query attention: each key and value head serves consecutive query heads.
         repeats = attn.num_heads // attn.num_kv_heads
         key, value = (x.repeat_interleave(repeats, dim=2) for x in (key, value))
-        if lengths is None or set(lengths) == {text_len}:
-            out = self.runtime.attention(self.layer, query, key, value)
-        else:
-            out = attend_without_text_padding(self.runtime, self.layer, query, key, value, lengths, text_len)
+        out = self.attend_prompts(query, key, value, lengths, text_len)
         return attn.to_out[0](out.flatten(2, 3) * torch.sigmoid(gate))
 
 
