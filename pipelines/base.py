@@ -56,17 +56,23 @@ class SparseProcessor:
             raise NotImplementedError(not_parallel_message(type(self)))
 
     def prompt_padding(self, attention_mask, text_len: int):
-        """Each prompt's valid text length under a boolean key mask of the prompts' padding (`valid_text_prefixes`,
-        read once per call), `None` without a mask, or `False` for a mask of another kind, which the caller leaves to
-        the original processor (logged dense here)."""
+        """Each prompt's length under a mask of the prompts' padding (`read_prompt_mask`, once per call), `None`
+        without a mask, or `False` for a mask of another kind, which the caller leaves to the original processor
+        (logged dense here)."""
         if attention_mask is None:
             return None
         # Every block of a call gets the same mask: read it once (a host sync on a GPU).
-        lengths = self.runtime.once_per_call(attention_mask, lambda mask: valid_text_prefixes(mask, text_len))
+        lengths = self.runtime.once_per_call(attention_mask, lambda mask: self.read_prompt_mask(mask, text_len))
         if lengths is None:
             self.runtime.log_dense(self.layer)
             return False
         return lengths
+
+    def read_prompt_mask(self, mask: torch.Tensor, text_len: int) -> list[int] | None:
+        """Each prompt's valid text length under `mask`, or `None` when it is not a mask of the prompts' padding: by
+        default a boolean key mask (`valid_text_prefixes`); a family whose mask means something else overrides this
+        and `attend_prompts` (Chroma)."""
+        return valid_text_prefixes(mask, text_len)
 
     def attend_prompts(self, query, key, value, lengths: list[int] | None, text_len: int) -> torch.Tensor:
         """`runtime.attention` on this layer for a `[text, image]` call whose prompts have `lengths` valid tokens of

@@ -20,8 +20,8 @@ import torch
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .base import SparseProcessor, prefix_lengths, project_joint_output
-from .flux import FluxAdapter, joint_qkv
+from .base import prefix_lengths
+from .flux import FluxAdapter, FluxCopyAttention
 from .registry import register_adapter
 
 
@@ -41,32 +41,18 @@ def marked_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
         return None
 
 
-class ChromaSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
+class ChromaSparseAttnProcessor(FluxCopyAttention, FluxAttnProcessor):
     """`FluxAttnProcessor` on Chroma's blocks, whose joint self-attention runs block-sparse when the runtime says so,
-    with Chroma's prompt mask computed exactly (module docstring). Dense calls run the original `__call__`
-    unchanged."""
+    with Chroma's prompt mask computed exactly (module docstring): FLUX copies' sparse path, with Chroma's reading
+    of the mask and its attention. Dense calls run the original `__call__` unchanged."""
 
-    # ChromaTransformer2DModel has no diffusers context parallel plan.
-    context_parallel = False
+    def read_prompt_mask(self, mask, text_len):
+        return marked_prefixes(mask, text_len)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if not self.runtime.route(self.layer):
-            return super().__call__(*original)
-        self.check_not_parallel()
-        text_len = self.runtime.call_text_tokens()
-        lengths = [text_len] * hidden_states.shape[0]
-        if attention_mask is not None:
-            # Every block of a call builds the same mask from the transformer's: read it once (a host sync on a GPU).
-            lengths = self.runtime.once_per_call(attention_mask, lambda mask: marked_prefixes(mask, text_len))
-            if lengths is None:
-                self.runtime.log_dense(self.layer)
-                return super().__call__(*original)
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = self.attend_marked(query, key, value, lengths, text_len).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+    def attend_prompts(self, query, key, value, lengths, text_len):
+        if lengths is None:
+            return self.runtime.attention(self.layer, query, key, value)
+        return self.attend_marked(query, key, value, lengths, text_len)
 
     def attend_marked(self, query, key, value, lengths: list[int], text_len: int) -> torch.Tensor:
         """Attention of `(B, S, H, D)` `[text, image]` tensors under Chroma's mask, samples with equal marked
