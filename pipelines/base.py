@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
 from einops import rearrange
 
 from ..patterns import HeadShard
@@ -127,6 +128,21 @@ class SparseProcessor:
             )
         return held
 
+    def attend_frame(self, attn, hidden_states: torch.Tensor, image_rotary_emb=None) -> torch.Tensor:
+        """The sparse self-attention of `AttnProcessor2_0` and its copies: projections, q/k norms (over the head
+        dim), RoPE `(cos, sin)` on queries and keys where the family gives one (HunyuanDiT), `attend_video`, the
+        output projection."""
+        query, key, value = (
+            projection(hidden_states).unflatten(-1, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
+        return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
+
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under Ulysses
         context parallelism (`attend_joint` without text)."""
@@ -236,15 +252,7 @@ class FrameSelfAttention(SparseProcessor, AttnProcessor2_0):
             return super().__call__(*original, **kwargs)  # not a plain self-attention
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
-        # `AttnProcessor2_0`'s projections and q/k norms (over the head dim), as `(B, S, heads, head_dim)`.
-        query, key, value = (
-            projection(hidden_states).unflatten(-1, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
+        return self.attend_frame(attn, hidden_states)
 
 
 def not_parallel_message(processor_class: type) -> str:

@@ -18,10 +18,11 @@ class PixArtAdapter(ModelAdapter):
     family = "PixArt"
     original_processor = AttnProcessor2_0
     sparse_processor = FrameSelfAttention
+    timestep_position = 2  # the forward's positional index of `timestep`
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
-        timestep = call_argument(args, kwargs, "timestep", 2)
+        timestep = call_argument(args, kwargs, "timestep", self.timestep_position)
         patch = transformer.config.patch_size
         return VideoLayout(1, hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch), timestep
 

@@ -283,14 +283,15 @@ def tiny_hunyuan_video_vae():
     ).eval()
 
 
-def tiny_image_vae(latent_channels: int = 4, **config):
-    """A two-block `AutoencoderKL` 4 wide (x2 downsampling) for image pipelines; `config`: e.g. the `shift_factor`
-    and `scaling_factor` a pipeline reads."""
+def tiny_image_vae(latent_channels: int = 4, blocks: int = 2, **config):
+    """An `AutoencoderKL` 4 wide of `blocks` blocks (x2 downsampling per block after the first) for image pipelines;
+    `config`: e.g. the `shift_factor` and `scaling_factor` a pipeline reads."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 4), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, **config,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(4,) * blocks, layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=2, **config,
     ).eval()
 
 

@@ -1,0 +1,36 @@
+"""diffsparse on diffusers' DiT pipeline (tiny, random weights, offline): each block's self-attention on a
+one-frame layout of the patch grid."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+from diffsparse.patterns import TileOrder, VideoLayout
+
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    torch.manual_seed(0)
+    # 16 x 16 latents -> 8 x 8 patches of 2 x 2; learned sigma (out_channels = 2 x in_channels) as the checkpoints.
+    transformer = DiTTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, norm_num_groups=4,
+    )
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=tiny_image_vae(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(dit_pipe, order):
+    call = {"class_labels": [3, 7], "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "pt"}
+    stats, calls = check_pipeline_against_dense(dit_pipe, call, order=order)
+    # One batched call per step: two labels and their two unconditional copies.
+    assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 8, 8), (4, 64))}
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(dit_pipe):
+    check_other_processors_are_refused(dit_pipe, "DiT", layer=1)
