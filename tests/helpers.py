@@ -141,6 +141,30 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     return stats, calls
 
 
+def check_pag_pipeline(pag, call: dict, sparse_layers: set[int]) -> None:
+    """A perturbed-attention guidance pipeline `pag` puts its own processors on the perturbed layers for each call,
+    then the ones it found back: under diffsparse those layers run PAG's processors (absent from the stats), the
+    others (`sparse_layers`) run sparse; every block kept gives PAG's own output within 1e-4, two calls in a row, and
+    the original processors come back after."""
+    import diffsparse
+    from diffsparse.compare import pipeline_outputs
+    from diffsparse.patterns import Window3D
+    from diffsparse.pipelines import adapter_for
+
+    pag.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pag.transformer)
+    before = {i: type(m.processor) for i, m in adapter.self_attention_modules(pag.transformer)}
+    reference = run_pipeline(pag, call)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    with diffsparse.sparse(pag, every_block) as handle, torch.no_grad():
+        for _ in range(2):
+            out = pipeline_outputs(pag(**call, generator=torch.Generator().manual_seed(0)))[0]
+            torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+            calls = handle.stats().calls["transformer"]
+            assert {r.layer for r in calls} == sparse_layers and all(r.sparse for r in calls)
+    assert {i: type(m.processor) for i, m in adapter.self_attention_modules(pag.transformer)} == before
+
+
 def check_other_processors_are_refused(pipe_or_transformer, family: str, layer: int) -> None:
     """A subclass of the family's processor on `layer` (as LoRA, IP-Adapter or caching processors are) makes
     `apply` refuse, naming the layer and the class, and leaves every layer's processor as it was."""

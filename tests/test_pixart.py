@@ -3,13 +3,19 @@ self-attention on a one-frame layout, the cross-attention to the prompt untouche
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import (
+    DDIMScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPAGPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
 from transformers import T5Config, T5EncoderModel
 
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import check_other_processors_are_refused, check_pag_pipeline, check_pipeline_against_dense, tiny_image_vae
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -49,3 +55,8 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(pixar
 
 def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):
     check_other_processors_are_refused(pixart_pipe, "PixArt", layer=1)
+
+
+def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse(pixart_pipe):
+    pag = PixArtSigmaPAGPipeline(**pixart_pipe.components, pag_applied_layers=["transformer_blocks.1"])
+    check_pag_pipeline(pag, pixart_call(pag_scale=3.0), sparse_layers={0})

@@ -8,7 +8,7 @@ from diffusers import SD3Transformer2DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+from helpers import check_other_processors_are_refused, check_pag_pipeline, recorded_attention_calls, run_pipeline
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 10
@@ -161,3 +161,15 @@ def test_the_pipeline_and_the_compare_command(tmp_path):
                  "--width", "64", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0
+
+
+def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse():
+    from diffusers import StableDiffusion3PAGPipeline
+
+    pipe = tiny_sd3_pipeline()
+    components = {name: c for name, c in pipe.components.items() if name not in ("image_encoder", "feature_extractor")}
+    pag = StableDiffusion3PAGPipeline(**components, pag_applied_layers=["transformer_blocks.1"])
+    call = {"prompt": "a red circle on grass", "num_inference_steps": 3, "height": 64, "width": 48,
+            "max_sequence_length": 8, "output_type": "latent", "pag_scale": 3.0}
+    # Layer 1 (block 1's joint attention) perturbed; layer 2 is block 0's image-only `attn2`.
+    check_pag_pipeline(pag, call, sparse_layers={0, 2})
