@@ -34,6 +34,7 @@ from . import (  # noqa: F401  (register their adapters)
     motif_video,
     ovis_image,
     pixart,
+    prx,
     qwenimage,
     qwenimage21,
     sd3,

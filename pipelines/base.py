@@ -143,6 +143,21 @@ class SparseProcessor:
             query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
         return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
 
+    def attend_video_queries(self, query, key, value, groups=None) -> torch.Tensor:
+        """`runtime.attention` of the layout's video rows alone (`video_queries`) over the call's `[text, video]`
+        keys, sparse; with `groups` (`valid_key_groups`), each group of videos over its valid keys only (padded
+        prompt tokens left out: every video key must be valid), one call each."""
+        if groups is None:
+            return self.runtime.attention(self.layer, query, key, value, video_queries=True)
+        layout = self.runtime.call_layout()
+        out = torch.empty_like(query)
+        for videos, kept in groups:
+            group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
+            k, v = (x[videos][:, kept] for x in (key, value))
+            out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
+                                                 video_queries=True)
+        return out
+
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under Ulysses
         context parallelism (`attend_joint` without text)."""
@@ -518,6 +533,16 @@ def attend_without_text_padding(runtime, layer: int, query, key, value, lengths:
         layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
         out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads)
     return runtime.to_model_order(out)
+
+
+def valid_key_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """`[(videos, their valid key indices), ...]`, one entry per distinct row of a boolean key mask (`(B, S)` or
+    `(B, 1, 1, S)`); `None` when every key is valid."""
+    mask = mask.reshape(mask.shape[0], -1).bool()
+    if bool(mask.all()):
+        return None
+    masks, inverse = torch.unique(mask, dim=0, return_inverse=True)
+    return [((inverse == index).nonzero()[:, 0], row.nonzero()[:, 0]) for index, row in enumerate(masks)]
 
 
 def valid_text_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:

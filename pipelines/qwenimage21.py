@@ -13,8 +13,6 @@ whole blocks only), which is the same attention.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage21 import (
@@ -24,7 +22,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
 from .registry import register_adapter
 
 # Each image slot of the vision-language sequence stands for a 2 x 2 group of latent tokens.
@@ -50,16 +48,6 @@ def block_causal_prefix(query, key, value, segments, key_valid):
     return torch.cat(outputs, dim=1)
 
 
-def valid_key_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """`[(videos, their valid key indices), ...]`, one entry per distinct row of a boolean key mask (`(B, S)` or
-    `(B, 1, 1, S)`); `None` when every key is valid."""
-    mask = mask.reshape(mask.shape[0], -1).bool()
-    if bool(mask.all()):
-        return None
-    masks, inverse = torch.unique(mask, dim=0, return_inverse=True)
-    return [((inverse == index).nonzero()[:, 0], row.nonzero()[:, 0]) for index, row in enumerate(masks)]
-
-
 class QwenImage21SparseAttnProcessor(SparseProcessor, QwenImage21AttnProcessor):
     """`QwenImage21AttnProcessor` whose target-image rows run block-sparse when the runtime says so; dense calls run
     the original `__call__` unchanged."""
@@ -82,28 +70,14 @@ class QwenImage21SparseAttnProcessor(SparseProcessor, QwenImage21AttnProcessor):
         mask = attention_mask if segments is None else key_valid
         groups = None if mask is None else self.runtime.once_per_call(mask, valid_key_groups)
         if segments is None:  # a cached call: the target's queries only
-            out = self.attend_target(query, key, value, groups)
+            out = self.attend_video_queries(query, key, value, groups)
         else:
             out = torch.cat([
                 block_causal_prefix(query, key, value, segments, key_valid),
-                self.attend_target(query[:, prefix:], key, value, groups),
+                self.attend_video_queries(query[:, prefix:], key, value, groups),
             ], dim=1)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
-
-    def attend_target(self, query, key, value, groups):
-        """The target's rows over the whole sequence's keys, sparse; with `groups` (`valid_key_groups`), each
-        group of videos over its valid keys only (padded prompt tokens, in the prefix, left out), one call each."""
-        if groups is None:
-            return self.runtime.attention(self.layer, query, key, value, video_queries=True)
-        layout = self.runtime.call_layout()
-        out = torch.empty_like(query)
-        for videos, kept in groups:
-            group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
-            k, v = (x[videos][:, kept] for x in (key, value))
-            out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
-                                                 video_queries=True)
-        return out
 
 
 class QwenImage21Adapter(ModelAdapter):
