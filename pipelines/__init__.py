@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (register their adapters)
     cosmos3,
     dit,
     easyanimate,
+    ernie_image,
     flux,
     flux2,
     flux3,

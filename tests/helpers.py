@@ -319,6 +319,17 @@ def tiny_image_vae(latent_channels: int = 4, blocks: int = 2, **config):
     ).eval()
 
 
+def tiny_flux2_vae():
+    """A three-block `AutoencoderKLFlux2` (x4 downsampling, then the 2 x 2 patchify of its latents: 8 channels) 4
+    wide, so the 64-pixel sides FLUX.2 requires of reference images stay few tokens."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(4, 4, 4), layers_per_block=1, latent_channels=2, norm_num_groups=2,
+    ).eval()
+
+
 def tiny_clip_text_model(vocab_size: int):
     """A one-layer `CLIPTextModel` 8 wide (its pooled output is the pipelines' pooled text embedding), for a word
     tokenizer whose ids 0 and 1 are `<pad>` and `</s>`."""

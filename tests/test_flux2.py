@@ -10,7 +10,6 @@ from collections import Counter
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
@@ -36,6 +35,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
+    tiny_flux2_vae,
 )
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -175,7 +175,7 @@ def tiny_flux2_pipeline():
     tokenizer = chat_tokenizer(VOCABULARY, MISTRAL_TEMPLATE, ["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"])
     processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=8,
                                  chat_template=MISTRAL_TEMPLATE)
-    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=mistral.eval(),
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=mistral.eval(),
                          tokenizer=processor, transformer=tiny_pipeline_transformer(guidance_embeds=True))
 
 
@@ -187,17 +187,8 @@ def tiny_klein_pipeline():
         num_attention_heads=2, num_key_value_heads=2, head_dim=4, pad_token_id=0,
     ))
     tokenizer = chat_tokenizer(VOCABULARY, QWEN3_TEMPLATE, ["<think>", "</think>"])
-    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=qwen.eval(),
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=qwen.eval(),
                               tokenizer=tokenizer, transformer=tiny_pipeline_transformer(guidance_embeds=False))
-
-
-def tiny_vae():
-    # Three blocks: a 4x VAE, so the 64-pixel sides the pipelines require of reference images stay few tokens. It
-    # runs only on references (the output stays latent).
-    return AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(4, 4, 4), layers_per_block=1, latent_channels=2, norm_num_groups=2,
-    ).eval()
 
 
 # Per pipeline: its text positions (enough for the template's tokens: the prompts are padded to it, so every call's
