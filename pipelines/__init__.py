@@ -23,6 +23,7 @@ from . import (  # noqa: F401  (register their adapters)
     hunyuan_image,
     hunyuan_video,
     hunyuan_video15,
+    joyimage,
     kandinsky5,
     kandinsky6,
     krea2,
