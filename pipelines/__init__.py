@@ -34,6 +34,7 @@ from . import (  # noqa: F401  (register their adapters)
     lumina2,
     mochi,
     motif_video,
+    nucleusmoe_image,
     ovis_image,
     pixart,
     prx,

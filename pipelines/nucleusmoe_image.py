@@ -1,0 +1,94 @@
+"""NucleusMoE-Image (`NucleusMoEImageTransformer2DModel`, `NucleusMoEImagePipeline`): a mixture-of-experts DiT where
+the text only conditions. Each block's `attn` takes its queries from the image alone (Qwen-Image's packed 2 x 2
+patches, row-major) and its keys and values from `[image, text]`, the prompt's padding masked as keys. Key order
+does not change attention, so the sparse path hands the runtime the keys as `[text, image]`: the image's grid behind
+the prompt as its leading span, attended with the image's queries alone (`video_queries`), padded prompt keys
+dropped rather than masked. Layer `i` is `transformer_blocks[i].attn`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.transformers.transformer_nucleusmoe_image import (
+    NucleusMoEAttnProcessor2_0,
+    NucleusMoEImageTransformer2DModel,
+    _apply_rotary_emb_nucleus,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
+from .registry import register_adapter
+
+
+class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0):
+    """`NucleusMoEAttnProcessor2_0` whose image rows run block-sparse when the runtime says so; dense calls run the
+    original `__call__` unchanged."""
+
+    context_parallel = False  # diffusers gives the family no context parallel plan
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 cached_txt_key=None, cached_txt_value=None):
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, cached_txt_key,
+                    cached_txt_value)
+        cached = cached_txt_key is not None and cached_txt_value is not None
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        if encoder_hidden_states is None and not cached:  # the image alone: not the call's layout
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original)
+        self.check_not_parallel()
+        # The original's projections, norms, RoPE (on the image's q and k and the text's k) and grouped heads.
+        head_dim = attn.inner_dim // attn.heads
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        img_key, img_value = (p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if img_freqs is not None:
+            query, img_key = (_apply_rotary_emb_nucleus(x, img_freqs, use_real=False) for x in (query, img_key))
+        if cached:
+            txt_key, txt_value = cached_txt_key, cached_txt_value
+        else:
+            txt_key, txt_value = (p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+                                  for p in (attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_k is not None:
+                txt_key = attn.norm_added_k(txt_key)
+            if txt_freqs is not None:
+                txt_key = _apply_rotary_emb_nucleus(txt_key, txt_freqs, use_real=False)
+        groups_of_heads = attn.heads // img_key.shape[2]
+        key, value = (torch.cat([t, i], dim=1).repeat_interleave(groups_of_heads, dim=2)
+                      for t, i in ((txt_key, img_key), (txt_value, img_value)))
+        groups = None
+        if attention_mask is not None:  # `(B, image + text)`: every image key valid, the prompt's padding not
+            image_len = hidden_states.shape[1]
+            groups = self.runtime.once_per_call(attention_mask, lambda mask: valid_key_groups(
+                torch.cat([mask[:, image_len:], mask[:, :image_len]], dim=1)))
+        out = self.attend_video_queries(query, key, value, groups).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+class NucleusMoEImageAdapter(ModelAdapter):
+    transformer_classes = (NucleusMoEImageTransformer2DModel,)
+    family = "NucleusMoE-Image"
+    original_processor = NucleusMoEAttnProcessor2_0
+    sparse_processor = NucleusMoESparseAttnProcessor
+    attention_name = "attn"
+
+    def read_call(self, transformer, args, kwargs):
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        shapes = call_argument(args, kwargs, "img_shapes", 1)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 2)
+        # The pipeline passes `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
+        timestep = call_argument(args, kwargs, "timestep", 4) * 1000
+        shape = tuple(shapes if isinstance(shapes, tuple) else shapes[0])  # one per sample, all alike
+        if math.prod(shape) != hidden_states.shape[1]:
+            raise ValueError(f"`img_shapes` {shapes} do not match the {hidden_states.shape[1]} image tokens of this call")
+        return VideoLayout(*shape, text_len=text.shape[1], text_position="start"), timestep
+
+
+register_adapter(NucleusMoEImageAdapter())
