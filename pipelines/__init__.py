@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (register their adapters)
     flux,
     flux2,
     flux3,
+    glm_image,
     helios,
     hidream,
     hunyuan_dit,
