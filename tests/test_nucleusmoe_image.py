@@ -18,10 +18,15 @@ ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_si
 def transformer():
     # Five blocks: the pipeline's default strategy makes the fourth a mixture of experts (expert-choice routing).
     torch.manual_seed(0)
-    return NucleusMoEImageTransformer2DModel(
+    model = NucleusMoEImageTransformer2DModel(
         patch_size=2, in_channels=16, num_layers=5, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
         joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4), num_experts=4, moe_intermediate_dim=16, capacity_factors=1.0,
     ).eval()
+    # diffusers leaves the experts' weights as `torch.empty` (whatever the memory held, NaN included): fill them.
+    for name, weight in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            torch.nn.init.normal_(weight, std=0.2)
+    return model
 
 
 def inputs(valid=(TEXT_LEN, TEXT_LEN)):
