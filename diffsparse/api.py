@@ -168,7 +168,8 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
 
     Args:
         pipe_or_transformer (`DiffusionPipeline` or `torch.nn.Module`):
-            A pipeline with a `transformer` (and, for Wan 2.2, `transformer_2`) component, or a transformer.
+            A pipeline with a `transformer` component (and Wan 2.2's `transformer_2`, Ideogram 4's
+            `unconditional_transformer`), or a transformer.
             On a bare transformer, steps count distinct timesteps, so `dense_steps` must be an int.
         config (`SparseConfig`, *optional*):
             What to install; defaults to `SparseConfig()`.

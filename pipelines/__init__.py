@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (register their adapters)
     hunyuan_image,
     hunyuan_video,
     hunyuan_video15,
+    ideogram4,
     joyimage,
     kandinsky5,
     kandinsky6,

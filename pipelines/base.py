@@ -520,17 +520,29 @@ def attend_without_text_padding(runtime, layer: int, query, key, value, lengths:
     """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` sequences whose first `text_len` tokens are
     each prompt's valid text (`lengths[b]` tokens) then its padding (masked keys, between its valid text and the
     image: Qwen-Image's, Krea 2's): each prompt's padding is left out of its sequence, prompts of equal length in
-    one runtime call on the call's layout with that text span. The padded text queries, whose outputs reach no
-    image token (they are never keys), stay zero. `heads`: as `runtime.attention`'s."""
+    one runtime call on the call's layout with that text span (`attend_kept_tokens`). `heads`: as
+    `runtime.attention`'s."""
+    device, length = query.device, query.shape[1]
+    groups = [
+        (torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=device),
+         torch.cat([torch.arange(valid, device=device), torch.arange(text_len, length, device=device)]))
+        for valid in sorted(set(lengths))
+    ]
+    return attend_kept_tokens(runtime, layer, query, key, value, groups, heads=heads)
+
+
+def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=None) -> torch.Tensor:
+    """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` sequences, each group of videos over its kept
+    tokens only: `groups` is `[(videos, kept token indices), ...]` (as `valid_key_groups` gives them), the kept
+    tokens some of the text then every image token, so their indices are the same in the model's order and the
+    layout's. One runtime call per group, on the call's layout with the text span cut to the kept text. The tokens
+    left out (prompt padding, which no kept token attends) get zero outputs. `heads`: as `runtime.attention`'s."""
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
     out = torch.zeros_like(query)
-    for valid in sorted(set(lengths)):
-        videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
-        kept = torch.cat([torch.arange(valid, device=query.device),
-                          torch.arange(text_len, query.shape[1], device=query.device)])
+    for videos, kept in groups:
         q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
-        layout = dataclasses.replace(call_layout, text_len=call_layout.text_len - (text_len - valid))
+        layout = dataclasses.replace(call_layout, text_len=len(kept) - call_layout.num_video_tokens)
         out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads)
     return runtime.to_model_order(out)
 

@@ -7,8 +7,9 @@ import torch
 from .base import ModelAdapter
 
 _ADAPTERS: list[ModelAdapter] = []
-# Pipelines keep their denoisers under these component names (Wan 2.2 has two experts).
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+# Pipelines keep their denoisers under these component names (Wan 2.2's second expert, Ideogram 4's model for the
+# unconditional branch).
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2", "unconditional_transformer")
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:

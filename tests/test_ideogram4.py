@@ -1,0 +1,108 @@
+"""diffsparse on diffusers' Ideogram 4 transformer (tiny, random weights, offline, called directly with the packing
+its pipeline builds): `[left padding, text, image]` rows under a block-diagonal segment mask."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_transformer,
+    tiny_flux2_vae,
+)
+
+MAX_TEXT, FEATURES, CHANNELS = 6, 8, 4
+ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+
+
+def tiny_transformer():
+    return Ideogram4Transformer2DModel(
+        in_channels=CHANNELS, num_layers=2, attention_head_dim=8, num_attention_heads=2, intermediate_size=32,
+        adaln_dim=8, llm_features_dim=FEATURES, mrope_section=(2, 1, 1),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return tiny_transformer()
+
+
+def inputs(text_lengths=(6, 6), unconditional=False):
+    """Two rows of an 8 x 12 image behind prompts of `text_lengths` tokens, left-padded to `MAX_TEXT`, as the
+    pipeline packs them (`unconditional`: its image-only rows)."""
+    def call():
+        g = torch.Generator().manual_seed(1)
+        positions, segments, indicator = Ideogram4Pipeline._prepare_ids(list(text_lengths), 8, 12, MAX_TEXT, "cpu")
+        if unconditional:
+            positions, segments, indicator = (x[:, MAX_TEXT:] for x in (positions, segments, indicator))
+        length = indicator.shape[1]
+        return {"hidden_states": torch.randn(2, length, CHANNELS, generator=g), "timestep": torch.tensor([0.3, 0.3]),
+                "encoder_hidden_states": torch.randn(2, length, FEATURES, generator=g), "position_ids": positions,
+                "segment_ids": segments, "indicator": indicator}
+
+    return call
+
+
+KINDS = [{"text_lengths": (6, 6)}, {"text_lengths": (6, 3)}, {"text_lengths": (2, 2)}, {"unconditional": True}]
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+def test_dense_identical_every_block_kept_and_a_one_token_window_changes_the_image(transformer, kind, order):
+    # The image's rows are what the pipeline reads; the padding's outputs stay zero on the sparse path.
+    reference = run_transformer(transformer, inputs(**kind))
+    dense = diffsparse.SparseConfig(pattern="dense", dense_steps=0)
+    assert torch.equal(run_transformer(transformer, inputs(**kind), dense), reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0,
+                                          order=order)
+    kept = run_transformer(transformer, inputs(**kind), every_block)
+    torch.testing.assert_close(kept[:, -96:], reference[:, -96:], atol=1e-4, rtol=0)
+    assert not torch.allclose(run_transformer(transformer, inputs(**kind), ONE_TOKEN)[:, -96:], reference[:, -96:],
+                              atol=1e-4)
+
+
+@pytest.mark.parametrize(("kind", "text_lens"), [({"text_lengths": (6, 3)}, {6, 3}), ({"unconditional": True}, {0})])
+def test_each_row_is_attended_over_its_text_and_image(transformer, kind, text_lens):
+    with recorded_attention_calls() as calls:
+        run_transformer(transformer, inputs(**kind), ONE_TOKEN)
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 8, 12, text_len=n, text_position="start") for n in text_lens
+    }
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
+    check_other_processors_are_refused(transformer, "Ideogram 4", layer=1)
+
+
+def test_the_pipeline_runs_both_transformers_sparse():
+    # The prompts' encoding (a multimodal LLM's hidden states) is replaced by random features of one token per word,
+    # packed by the pipeline's own `_prepare_ids`; the denoising loop, both transformers and CFG are the pipeline's.
+    torch.manual_seed(0)
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=None,
+                             tokenizer=None, transformer=tiny_transformer(), unconditional_transformer=tiny_transformer())
+    pipe.set_progress_bar_config(disable=True)
+
+    def encode_prompt(prompt, grid_h, grid_w, max_sequence_length, device):
+        lengths = [len(p.split()) for p in prompt]
+        features = torch.randn(len(prompt), max_sequence_length, FEATURES, generator=torch.Generator().manual_seed(2))
+        features *= (torch.arange(max_sequence_length) >= max_sequence_length - torch.tensor(lengths)[:, None])[..., None]
+        image = torch.zeros(len(prompt), grid_h * grid_w, FEATURES)
+        ids = Ideogram4Pipeline._prepare_ids(lengths, grid_h, grid_w, max_sequence_length, device)
+        return torch.cat([features, image], dim=1), *ids
+
+    pipe.encode_prompt = encode_prompt
+    # 64 x 96 pixels -> 16 x 24 latents (x4 VAE) -> 8 x 12 tokens of 2 x 2; prompts of 5 and 2 words of 6 tokens.
+    call = {"prompt": ["a red circle on grass", "blue square"], "height": 64, "width": 96, "num_inference_steps": 3,
+            "guidance_scale": None, "guidance_schedule": [4.0] * 3, "output_type": "latent", "max_sequence_length": MAX_TEXT}
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    assert set(stats.calls) == {"transformer", "unconditional_transformer"}
+    assert {r.step for log in stats.calls.values() for r in log} == {0, 1, 2}
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 8, 12, text_len=n, text_position="start") for n in (5, 2, 0)
+    }
