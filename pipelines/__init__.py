@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (register their adapters)
     anyflow,
     auraflow,
     bria,
+    bria_fibo2,
     chroma,
     cogvideox,
     cogview3plus,
