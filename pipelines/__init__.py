@@ -38,6 +38,7 @@ from . import (  # noqa: F401  (register their adapters)
     mochi,
     motif_video,
     nucleusmoe_image,
+    omnigen,
     ovis_image,
     pixart,
     prx,

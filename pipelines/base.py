@@ -143,19 +143,21 @@ class SparseProcessor:
             query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
         return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
 
-    def attend_video_queries(self, query, key, value, groups=None) -> torch.Tensor:
+    def attend_video_queries(self, query, key, value, groups=None, outside_pairs: int = 0) -> torch.Tensor:
         """`runtime.attention` of the layout's video rows alone (`video_queries`) over the call's `[text, video]`
         keys, sparse; with `groups` (`valid_key_groups`), each group of videos over its valid keys only (padded
-        prompt tokens left out: every video key must be valid), one call each."""
+        prompt tokens left out: every video key must be valid), one call each. `outside_pairs`: per video, as
+        `runtime.attention`'s (the text rows a processor attends densely itself)."""
         if groups is None:
-            return self.runtime.attention(self.layer, query, key, value, video_queries=True)
+            return self.runtime.attention(self.layer, query, key, value, video_queries=True,
+                                          outside_pairs=outside_pairs)
         layout = self.runtime.call_layout()
         out = torch.empty_like(query)
         for videos, kept in groups:
             group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
             k, v = (x[videos][:, kept] for x in (key, value))
             out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
-                                                 video_queries=True)
+                                                 video_queries=True, outside_pairs=outside_pairs)
         return out
 
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""diffsparse on diffusers' OmniGen pipeline (tiny, random weights, offline): the output image's rows over
+`[valid prompt, time token, image]`, the prompt's causal rows as the original computes them."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
+
+from diffsparse.patterns import TileOrder, VideoLayout
+
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+
+from diffsparse.pipelines.text import word_tokenizer
+
+# The pipeline wraps each prompt in a chat template whose words are unknown here (`<unk>`): prompts of different
+# lengths still pad differently.
+VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass", "ugly"]
+
+
+@pytest.fixture(scope="module")
+def omnigen_pipe():
+    torch.manual_seed(0)
+    transformer = OmniGenTransformer2DModel(
+        in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, num_layers=2, pad_token_id=0, vocab_size=len(VOCABULARY), pos_embed_max_size=32,
+        time_step_dim=8, rope_scaling={"short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+    )
+    pipe = OmniGenPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=tiny_image_vae(blocks=4), tokenizer=word_tokenizer(VOCABULARY))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_dense_identical_every_block_kept_and_each_prompt_over_its_valid_tokens(omnigen_pipe, order):
+    # 128 x 192 pixels -> 16 x 24 latents (x8 VAE, as the pipeline counts tokens) -> 8 x 12 patches; the prompt and
+    # the negative prompt pad to one
+    # length (the negative one, the pipeline's own, is the longer). (Attending the padding, or leaving out the RoPE,
+    # fails every block kept.)
+    call = {"prompt": "a red circle on grass", "height": 128, "width": 192,
+            "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "latent", "max_input_image_size": 32}
+    stats, calls = check_pipeline_against_dense(omnigen_pipe, call, order=order)
+    spans = {layout.text_len for _, layout, _ in calls}
+    assert len(spans) == 2 and {layout.grid for _, layout, _ in calls} == {(1, 8, 12)}
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(omnigen_pipe):
+    check_other_processors_are_refused(omnigen_pipe, "OmniGen", layer=1)
