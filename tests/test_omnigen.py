@@ -5,11 +5,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
 
-from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.patterns import TileOrder
+from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
-
-from diffsparse.pipelines.text import word_tokenizer
 
 # The pipeline wraps each prompt in a chat template whose words are unknown here (`<unk>`): prompts of different
 # lengths still pad differently.
