@@ -132,13 +132,7 @@ class SparseProcessor:
         """The sparse self-attention of `AttnProcessor2_0` and its copies: projections, q/k norms (over the head
         dim), RoPE `(cos, sin)` on queries and keys where the family gives one (HunyuanDiT), `attend_video`, the
         output projection."""
-        query, key, value = (
-            projection(hidden_states).unflatten(-1, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states)
         if image_rotary_emb is not None:
             query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
         return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)

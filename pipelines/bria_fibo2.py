@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from diffusers.models.transformers.transformer_bria_fibo2 import (
     BriaFibo2AttnProcessor,
     BriaFibo2Transformer2DModel,
@@ -31,13 +30,7 @@ from .base import (
     references_with_text,
 )
 from .registry import register_adapter
-
-
-def complex_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """FIBO 2's RoPE on `(B, S, heads, head_dim)`: consecutive pairs as complex numbers times `freqs` `(B, S, D/2)`,
-    in float32, as its processor computes it."""
-    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs.unsqueeze(2)
-    return torch.view_as_real(rotated).flatten(3).type_as(x)
+from .z_image import rotate
 
 
 class BriaFibo2SparseAttnProcessor(SparseProcessor, BriaFibo2AttnProcessor):
@@ -59,7 +52,7 @@ class BriaFibo2SparseAttnProcessor(SparseProcessor, BriaFibo2AttnProcessor):
         query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
         if freqs_cis is not None:
-            query, key = complex_rope(query, freqs_cis), complex_rope(key, freqs_cis)
+            query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)  # Z-Image's RoPE
         if refiner:
             # `[image, context images]`: the layout's grid, the contexts of another size the trailing span.
             contexts = length - layout.num_video_tokens

@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_ernie_image import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths
+from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths, project_qkv
 from .registry import register_adapter
 
 
@@ -46,13 +46,7 @@ class ErnieImageSparseAttnProcessor(SparseProcessor, ErnieImageSingleStreamAttnP
             if lengths is None:  # not the model's own mask of the prompts' padding: the original applies it
                 self.runtime.log_dense(self.layer)
                 return super().__call__(*original)
-        query, key, value = (
-            projection(hidden_states).unflatten(-1, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states)
         if freqs_cis is not None:
             query, key = rotate_half_rope(query, freqs_cis), rotate_half_rope(key, freqs_cis)
         # A prompt's padding is masked as keys; its queries reach only its own (padding) outputs, which the model

@@ -23,7 +23,7 @@ from diffusers import ZImageTransformer2DModel
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, ZSingleStreamAttnProcessor
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths
+from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths, project_qkv
 from .registry import register_adapter
 
 
@@ -58,13 +58,7 @@ class ZImageSparseAttnProcessor(SparseProcessor, ZSingleStreamAttnProcessor):
             # Not a sequence read_call described (the refiner's images are of one size, so never masked).
             self.runtime.log_dense(self.layer)
             return super().__call__(*original)
-        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (attn.to_q(hidden_states),
-                                                                          attn.to_k(hidden_states),
-                                                                          attn.to_v(hidden_states)))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states)
         if freqs_cis is not None:
             query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
         if image_only:
