@@ -46,6 +46,7 @@ from . import (  # noqa: F401  (register their adapters)
     qwenimage21,
     sd3,
     wan,
+    wan_animate2,
     z_image,
 )
 from .base import ModelAdapter

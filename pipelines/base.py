@@ -471,6 +471,13 @@ def attention_processor_output(attn, out: torch.Tensor, hidden_states: torch.Ten
     return out / attn.rescale_output_factor
 
 
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """The attention of queries over two disjoint sets of keys, from each set's output and log-sum-exp of scores
+    (`runtime.attention(..., return_lse=True)`, `runtime.dense_attention`): the softmax over their union."""
+    total = torch.logaddexp(lse_a, lse_b)
+    return out_a * torch.exp(lse_a - total) + out_b * torch.exp(lse_b - total)
+
+
 def prefix_lengths(mask: torch.Tensor) -> list[int]:
     """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` when the
     valid entries of a row are not a prefix (padding must come last, as the text encoders' tokenizers put it)."""

@@ -20,7 +20,7 @@ import torch
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .base import prefix_lengths
+from .base import merge_attention, prefix_lengths
 from .flux import FluxAdapter, FluxCopyAttention
 from .registry import register_adapter
 
@@ -79,8 +79,7 @@ class ChromaSparseAttnProcessor(FluxCopyAttention, FluxAttnProcessor):
             )
             padding_out, padding_lse = runtime.dense_attention(kept_q, k[:, padding], v[:, padding])
             padding_lse = padding_lse - 1  # the mask's 1 goes to marked pairs only
-            total = torch.logaddexp(kept_lse, padding_lse)
-            merged = kept_out * torch.exp(kept_lse - total) + padding_out * torch.exp(padding_lse - total)
+            merged = merge_attention(kept_out, kept_lse, padding_out, padding_lse)
             out[samples[:, None], kept] = merged.to(out.dtype)
             out[samples, padding] = runtime.dense_attention(q[:, padding], k, v)[0]
         return runtime.to_model_order(out)
