@@ -535,11 +535,12 @@ def attend_without_text_padding(runtime, layer: int, query, key, value, lengths:
 
 
 def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=None) -> torch.Tensor:
-    """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` sequences, each group of videos over its kept
-    tokens only: `groups` is `[(videos, kept token indices), ...]` (as `valid_key_groups` gives them), the kept
-    tokens some of the text then every image token, so their indices are the same in the model's order and the
-    layout's. One runtime call per group, on the call's layout with the text span cut to the kept text. The tokens
-    left out (prompt padding, which no kept token attends) get zero outputs. `heads`: as `runtime.attention`'s."""
+    """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` (or `[image, text]`) sequences, each group of
+    videos over its kept tokens only: `groups` is `[(videos, kept token indices), ...]` (as `valid_key_groups` gives
+    them), the kept tokens every image token and some of the text span, so their indices are the same in the model's
+    order and the layout's. One runtime call per group, on the call's layout with the text span cut to the kept
+    text. The tokens left out (padding, which no kept token attends) get zero outputs. `heads`: as
+    `runtime.attention`'s."""
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
     out = torch.zeros_like(query)
