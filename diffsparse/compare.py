@@ -172,7 +172,9 @@ def takes_image(pipe) -> bool:
 
 
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
-    """The keyword arguments of one generation of the commands: the prompt, the frame count, the size (for pipelines
+    """The keyword arguments of one generation of the commands: the prompt (for pipelines that take one; a
+    class-conditional one, DiT, gets its inputs from `--call-kwargs`, a `ValueError` naming what is missing), the
+    frame count, the size (for pipelines
     that take one: HunyuanVideo 1.5's image-to-video sizes the video from its image), the steps, a CPU generator of
     `seed`, `output_type="np"`, and the conditioning image: the testbed's `first_frame` still, or `args.image` (a
     file) for pipelines with an `image` argument (image-to-video, editing); then `args.call_kwargs` (`--call-kwargs`).
@@ -186,7 +188,9 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     needs_image = takes_image(pipe) and parameters["image"].default is inspect.Parameter.empty
     if needs_image and image_path is None and first_frame is None:
         raise ValueError(f"{pipeline_name(pipe)} generates from an image: give one with --image PATH")
-    kwargs = {"prompt": prompt, **frames_argument(pipe, args.frames)}
+    # A class-conditional pipeline (DiT) takes no prompt: its inputs come with --call-kwargs.
+    prompted = "prompt" in parameters
+    kwargs = {**({"prompt": prompt} if prompted else {}), **frames_argument(pipe, args.frames)}
     kwargs.update({name: getattr(args, name) for name in ("height", "width") if name in parameters})
     kwargs.update(num_inference_steps=args.steps, generator=torch.Generator(device="cpu").manual_seed(seed),
                   output_type="np")
@@ -206,6 +210,11 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
             others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - {"self"})
             raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline_name(pipe)} does not take; it takes "
                              f"{', '.join(others)}")
+    missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in kwargs and name not in extra]
+    if not prompted and missing:
+        raise ValueError(f"{pipeline_name(pipe)} takes no prompt and needs {', '.join(missing)}: give "
+                         f"{'it' if len(missing) == 1 else 'them'} with --call-kwargs '{{\"{missing[0]}\": ...}}'")
     return {**kwargs, **extra}
 
 

@@ -34,3 +34,19 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(dit_p
 
 def test_other_processors_are_refused_and_the_model_left_untouched(dit_pipe):
     check_other_processors_are_refused(dit_pipe, "DiT", layer=1)
+
+
+def test_the_compare_command_takes_the_class_labels_from_call_kwargs(dit_pipe, tmp_path, capsys):
+    import json
+
+    from diffsparse.cli import main
+
+    dit_pipe.save_pretrained(tmp_path / "dit")
+    command = ["compare", "--model", str(tmp_path / "dit"), "--pattern", "window3d", "--density", "0.3",
+               "--block-size", "16", "--dense-steps", "1", "--steps", "2", "--frames", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main(command)
+    assert "DiTPipeline takes no prompt and needs class_labels: give it with --call-kwargs" in capsys.readouterr().err
+    assert main([*command, "--call-kwargs", '{"class_labels": [3]}']) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0
