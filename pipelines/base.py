@@ -561,14 +561,20 @@ def valid_key_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
     return [((inverse == index).nonzero()[:, 0], row.nonzero()[:, 0]) for index, row in enumerate(masks)]
 
 
+def boolean_key_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """The `(B, S)` rows of a boolean `(B, 1, 1, S)` key mask (one row per video, broadcast over heads and queries),
+    or `None` for a mask of another kind."""
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+        return None
+    return mask[:, 0, 0]
+
+
 def valid_text_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
     """Each prompt's valid text length from a `(B, 1, 1, S)` boolean key mask over `[text, image]` whose masked
     keys are each prompt's padding (a tail of its `text_len` text tokens), or `None` for a mask of another kind (an
     image key masked, valid text that is not a prefix, not boolean): the original computes it."""
-    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
-        return None
-    keys = mask[:, 0, 0]
-    if not keys[:, text_len:].all():
+    keys = boolean_key_rows(mask)
+    if keys is None or not keys[:, text_len:].all():
         return None
     try:
         return prefix_lengths(keys[:, :text_len])

@@ -13,7 +13,15 @@ from diffusers.models.transformers.transformer_ernie_image import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths, project_qkv
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    boolean_key_rows,
+    call_argument,
+    prefix_lengths,
+    project_qkv,
+)
 from .registry import register_adapter
 
 
@@ -58,10 +66,11 @@ class ErnieImageSparseAttnProcessor(SparseProcessor, ErnieImageSingleStreamAttnP
 def read_valid_prefixes(mask: torch.Tensor) -> list[int] | None:
     """Each sample's valid prefix length under a boolean `(B, 1, 1, S)` key mask, or `None` for a mask of another
     kind."""
-    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+    keys = boolean_key_rows(mask)
+    if keys is None:
         return None
     try:
-        return prefix_lengths(mask[:, 0, 0])
+        return prefix_lengths(keys)
     except ValueError:
         return None
 

@@ -29,7 +29,15 @@ from diffusers.models.transformers.transformer_joyimage_edit_plus import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_kept_tokens, call_argument, patched_grid, valid_key_groups
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_kept_tokens,
+    boolean_key_rows,
+    call_argument,
+    patched_grid,
+    valid_key_groups,
+)
 from .registry import register_adapter
 
 
@@ -113,9 +121,8 @@ class JoyImageEditPlusSparseAttnProcessor(SparseProcessor, JoyImageEditPlusAttnP
 
 def read_key_mask(mask: torch.Tensor):
     """`valid_key_groups` of a boolean `(B, 1, 1, S)` key mask, or `False` for a mask of another kind."""
-    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
-        return False
-    return valid_key_groups(mask[:, 0, 0])
+    keys = boolean_key_rows(mask)
+    return False if keys is None else valid_key_groups(keys)
 
 
 class JoyImageEditPlusAdapter(ModelAdapter):
