@@ -66,3 +66,20 @@ def test_the_first_image_gets_what_it_gets_alone(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "NucleusMoE-Image", layer=1)
+
+
+def test_diffusers_text_kv_cache_hands_every_block_its_cached_text_keys(transformer):
+    # `enable_cache(TextKVCacheConfig())` projects each block's text keys and values once and passes them to the
+    # processor (`cached_txt_key` / `cached_txt_value`); the sparse path attends them as given.
+    from diffusers.hooks import TextKVCacheConfig
+
+    reference = run_transformer(transformer, inputs((6, 3)))
+    transformer.enable_cache(TextKVCacheConfig())
+    try:
+        cached = run_transformer(transformer, inputs((6, 3)))
+        torch.testing.assert_close(cached, reference, atol=1e-6, rtol=0)
+        every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+        torch.testing.assert_close(run_transformer(transformer, inputs((6, 3)), every_block), cached, atol=1e-4, rtol=0)
+        assert not torch.allclose(run_transformer(transformer, inputs((6, 3)), ONE_TOKEN), cached, atol=1e-4)
+    finally:
+        transformer.disable_cache()
