@@ -35,6 +35,7 @@ from . import (  # noqa: F401  (register their adapters)
     ltx,
     ltx2,
     lumina2,
+    minimax_h3,
     mochi,
     motif_video,
     nucleusmoe_image,

@@ -1,0 +1,91 @@
+"""MiniMax-H3 (`MiniMaxH3Transformer3DModel`; diffusers ships the transformer, no pipeline): joint video and audio
+generation over one packed sequence the caller builds, text, audio, conditioning and target video rows in any
+order, with full self-attention and 3D RoPE over every row's `(t, h, w)` position.
+
+The layout: the target video (the video rows at the highest noise level) is the grid, read from its rows'
+positions, which must cover a whole `(t, h, w)` box; every other row (text, audio, conditioning images or video)
+joins the leading span, kept whole. The runtime attends the rows in that order through its token order and hands
+the output back in the caller's. Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays
+dense).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_minimax_h3 import (
+    MiniMaxH3AttnProcessor,
+    MiniMaxH3Transformer3DModel,
+    _apply_rotary_emb,
+)
+
+from ..patterns import VideoLayout
+from .base import ModelAdapter, SparseProcessor, call_argument
+from .registry import register_adapter
+
+
+class MiniMaxH3SparseAttnProcessor(SparseProcessor, MiniMaxH3AttnProcessor):
+    """`MiniMaxH3AttnProcessor` whose self-attention runs block-sparse when the runtime says so; dense calls run the
+    original `__call__` unchanged."""
+
+    # diffusers' plan shards the packed sequence after the rows are scattered; diffsparse does not follow it yet.
+    context_parallel = False
+
+    def __call__(self, attn, hidden_states, rotary_emb=None, attention_mask=None):
+        if self.stays_dense(attention_mask):  # the model passes no mask; a caller's is the original's to apply
+            return super().__call__(attn, hidden_states, rotary_emb, attention_mask)
+        self.check_not_parallel()
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if rotary_emb is not None:
+            query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
+        out = self.runtime.attention(self.layer, query, key, value)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+
+
+class MiniMaxH3Adapter(ModelAdapter):
+    transformer_classes = (MiniMaxH3Transformer3DModel,)
+    family = "MiniMax-H3"
+    original_processor = MiniMaxH3AttnProcessor
+    sparse_processor = MiniMaxH3SparseAttnProcessor
+    attention_name = "attn"
+
+    def read_call(self, transformer, args, kwargs):
+        timestep = call_argument(args, kwargs, "timestep", 3)
+        timestep_indices = call_argument(args, kwargs, "timestep_indices", 4)
+        positions = call_argument(args, kwargs, "position_ids", 6)
+        video_rows = call_argument(args, kwargs, "video_indices", 7)
+        # The target: the video rows at the highest noise level (conditioning rows are cleaner).
+        noise = timestep[timestep_indices[video_rows]]
+        target = video_rows[noise == noise.max()]
+        grid_positions = positions[target]
+        start = grid_positions.min(dim=0).values
+        frames, height, width = (grid_positions.max(dim=0).values - start + 1).tolist()
+        offsets = grid_positions - start
+        cells = (offsets[:, 0] * height + offsets[:, 1]) * width + offsets[:, 2]
+        if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
+            raise ValueError(
+                f"diffsparse reads MiniMax-H3's target video (the {len(target)} video rows at the highest noise "
+                f"level) as a grid, but their positions do not cover one whole (t, h, w) box (they span {frames} x "
+                f"{height} x {width}); pack the target as a full grid of positions"
+            )
+        length = positions.shape[0]
+        text_len = length - len(target)
+        # Each row's index in the layout: the other rows first, in the caller's order, then the target's cells.
+        order = torch.empty(length, dtype=torch.long, device=positions.device)
+        others = torch.ones(length, dtype=torch.bool, device=positions.device)
+        others[target] = False
+        order[others] = torch.arange(text_len, device=positions.device)
+        order[target] = text_len + cells
+        layout = VideoLayout(frames, height, width, text_len=text_len, text_position="start")
+        # Timesteps are given in [0, 1]; the flow-matching schedulers' are 1000 times larger.
+        step_time = noise.max() * 1000
+        if torch.equal(order, torch.arange(length, device=order.device)):
+            return layout, step_time
+        return layout, step_time, order
+
+
+register_adapter(MiniMaxH3Adapter())

@@ -1,0 +1,104 @@
+"""diffsparse on diffusers' MiniMax-H3 transformer (tiny, random weights, offline, called directly: diffusers has no
+pipeline for it): one packed sequence of text, audio, a conditioning frame and the target video."""
+
+import pytest
+import torch
+from diffusers import MiniMaxH3Transformer3DModel
+
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+
+from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+
+TEXT, AUDIO, CHANNELS, TEXT_DIM = 5, 6, 4, 8
+FRAMES, HEIGHT, WIDTH = 3, 4, 6  # the target video's grid; the conditioning frame is one more 4 x 6 frame
+ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=CHANNELS, audio_in_channels=4, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
+        time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2,
+    ).eval()
+
+
+def grid(frames: int, first_frame: int = 0) -> torch.Tensor:
+    t, h, w = torch.meshgrid(torch.arange(first_frame, first_frame + frames), torch.arange(HEIGHT), torch.arange(WIDTH),
+                             indexing="ij")
+    return torch.stack([t, h, w], dim=-1).reshape(-1, 3)
+
+
+def inputs(order: str = "text first"):
+    """The packed sequence `[text, conditioning frame, audio, target]` (clean conditioning at t = 0, target and audio
+    at t = 0.7); `order="target first"` puts the target's rows first, `"shuffled"` packs the target's rows in a
+    random order (the same rows, each keeping its position and latent), as a caller may pack them."""
+    def call():
+        g = torch.Generator().manual_seed(1)
+        target_len, condition_len = FRAMES * HEIGHT * WIDTH, HEIGHT * WIDTH
+        lengths = {"text": TEXT, "condition": condition_len, "audio": AUDIO, "target": target_len}
+        sections = ["target", "text", "condition", "audio"] if order == "target first" else list(lengths)
+        start, rows = 0, {}
+        for name in sections:
+            rows[name] = torch.arange(start, start + lengths[name])
+            start += lengths[name]
+        target_positions = grid(FRAMES, first_frame=1)
+        target_rows = rows["target"]
+        if order == "shuffled":
+            target_rows = target_rows[torch.randperm(len(target_rows), generator=torch.Generator().manual_seed(2))]
+        positions = torch.zeros(start, 3, dtype=torch.long)
+        positions[rows["text"]] = torch.arange(TEXT)[:, None].expand(-1, 3)
+        positions[rows["condition"]] = grid(1)
+        positions[rows["audio"]] = torch.arange(AUDIO)[:, None].expand(-1, 3)
+        positions[target_rows] = target_positions
+        tags = torch.zeros(start, dtype=torch.long)
+        tags[rows["text"]], tags[rows["audio"]] = 1, 2
+        timestep_indices = torch.ones(start, dtype=torch.long)
+        timestep_indices[rows["condition"]] = 0
+        video_rows = torch.cat([rows["condition"], target_rows])
+        return {
+            "hidden_states": torch.randn(1, len(video_rows), CHANNELS * 4, generator=g),
+            "audio_hidden_states": torch.randn(1, AUDIO, 4, generator=g),
+            "encoder_hidden_states": torch.randn(1, TEXT, TEXT_DIM, generator=g),
+            "timestep": torch.tensor([0.0, 0.7]), "timestep_indices": timestep_indices, "token_tags": tags,
+            "position_ids": positions, "video_indices": video_rows, "audio_indices": rows["audio"],
+            "text_indices": rows["text"],
+        }
+
+    return call
+
+
+ORDERS = ["text first", "target first", "shuffled"]
+
+
+@pytest.mark.parametrize("tile", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize("order", ORDERS)
+def test_dense_identical_every_block_kept_and_a_one_token_window_changes_the_output(transformer, order, tile):
+    # (Without the RoPE every case fails.)
+    check_against_dense(transformer, inputs(order), block_size=8, order=tile, sparse=ONE_TOKEN)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_the_target_is_the_grid_and_everything_else_the_span_whatever_the_packing(transformer, order):
+    with recorded_attention_calls() as calls:
+        sparse = run_transformer(transformer, inputs(order), ONE_TOKEN)
+    layout = VideoLayout(FRAMES, HEIGHT, WIDTH, text_len=TEXT + HEIGHT * WIDTH + AUDIO, text_position="start")
+    assert {call_layout for _, call_layout, _ in calls} == {layout}
+    # The same rows packed in another order: the same predictions, row for row (rows come back in the caller's
+    # order), under a one-token window too.
+    torch.testing.assert_close(sparse, run_transformer(transformer, inputs("text first"), ONE_TOKEN), atol=1e-5,
+                               rtol=0)
+
+
+def test_a_target_that_is_not_a_whole_grid_is_refused(transformer):
+    call = inputs()()
+    call["position_ids"][-1] = torch.tensor([9, 9, 9])  # one target row far outside the box
+    with pytest.raises(ValueError, match="do not cover one whole"), torch.no_grad(), \
+            diffsparse.sparse(transformer, ONE_TOKEN):
+        transformer(**call)
+
+
+def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
+    check_other_processors_are_refused(transformer, "MiniMax-H3", layer=1)
