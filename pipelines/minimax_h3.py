@@ -58,6 +58,8 @@ class MiniMaxH3Adapter(ModelAdapter):
         timestep_indices = call_argument(args, kwargs, "timestep_indices", 4)
         positions = call_argument(args, kwargs, "position_ids", 6)
         video_rows = call_argument(args, kwargs, "video_indices", 7)
+        if len(video_rows) == 0:
+            raise ValueError("diffsparse makes MiniMax-H3's target video sparse; this call packs no video rows")
         # The target: the video rows at the highest noise level (conditioning rows are cleaner).
         noise = timestep[timestep_indices[video_rows]]
         target = video_rows[noise == noise.max()]
