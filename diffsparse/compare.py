@@ -174,10 +174,10 @@ def takes_image(pipe) -> bool:
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one generation of the commands: the prompt (for pipelines that take one; a
     class-conditional one, DiT, gets its inputs from `--call-kwargs`, a `ValueError` naming what is missing), the
-    frame count, the size (for pipelines
-    that take one: HunyuanVideo 1.5's image-to-video sizes the video from its image), the steps, a CPU generator of
-    `seed`, `output_type="np"`, and the conditioning image: the testbed's `first_frame` still, or `args.image` (a
-    file) for pipelines with an `image` argument (image-to-video, editing); then `args.call_kwargs` (`--call-kwargs`).
+    frame count, the size (for pipelines that take one: HunyuanVideo 1.5's image-to-video sizes the video from its
+    image), the steps, a CPU generator of `seed`, `output_type="np"`, and the conditioning image: the testbed's
+    `first_frame` still, or `args.image` (a file) for pipelines with an `image` argument (image-to-video, editing);
+    then `args.call_kwargs` (`--call-kwargs`).
     A `ValueError` names the pipeline when `--image` is given to one without an `image` argument, or missing for one
     that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
     parameters = _call_parameters(pipe)
