@@ -279,6 +279,25 @@ def qwen_vl_processor(processor_class, video_processor_class, vision_config, voc
                            video_processor=video_processor_class(**patches), **kwargs)
 
 
+def tiny_qwen3_vl(vocabulary: list[str], chat_template: str, layers: int = 1):
+    """`(Qwen3VLForConditionalGeneration, Qwen3VLProcessor)` built in memory: a language model of `layers` layers 16
+    wide with a one-block vision tower, the processor of `qwen_vl_processor` with `chat_template` (Qwen-Image 2.1,
+    NucleusMoE-Image, Bria FIBO 2, JoyImage)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    text = {"vocab_size": len(vocabulary), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
+              "deepstack_visual_indexes": [], "num_position_embeddings": 16}
+    ids = {name: vocabulary.index(token) for name, token in QWEN_VISION_TOKENS.items()}
+    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids)).eval()
+    processor = qwen_vl_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, text_encoder.config.vision_config,
+                                  vocabulary, chat_template=chat_template)
+    return text_encoder, processor
+
+
 def tiny_qwen25_vl(vocabulary: list[str], layers: int = 1):
     """`Qwen2_5_VLForConditionalGeneration` with a language model of `layers` layers 16 wide (the pipelines read its
     last hidden states, HunyuanImage the third from last) and a one-block vision tower, which the class builds

@@ -1,14 +1,29 @@
-"""diffsparse on diffusers' NucleusMoE-Image transformer (tiny, random weights, offline, called directly as its
-pipeline calls it): the image's queries over `[image, text]` keys, the prompt's padding masked as keys."""
+"""diffsparse on diffusers' NucleusMoE-Image (tiny, random weights, offline): the transformer called directly as its
+pipeline calls it (the image's queries over `[image, text]` keys, the prompt's padding masked as keys), and a tiny
+`NucleusMoEImagePipeline` (Qwen3-VL text encoder and processor built in memory) generating from padded prompts with
+CFG."""
 
 import pytest
 import torch
-from diffusers import NucleusMoEImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    NucleusMoEImagePipeline,
+    NucleusMoEImageTransformer2DModel,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    QWEN_VISION_TOKENS,
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_transformer,
+    tiny_qwen3_vl,
+)
 
 GRID, TEXT_LEN, TEXT_DIM = (1, 8, 12), 6, 16
 ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
@@ -16,10 +31,15 @@ ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_si
 
 @pytest.fixture(scope="module")
 def transformer():
+    return tiny_transformer()
+
+
+def tiny_transformer():
     # Five blocks: the pipeline's default strategy makes the fourth a mixture of experts (expert-choice routing).
     torch.manual_seed(0)
     model = NucleusMoEImageTransformer2DModel(
-        patch_size=2, in_channels=16, num_layers=5, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        patch_size=2, in_channels=16, out_channels=4, num_layers=5, attention_head_dim=8, num_attention_heads=4,
+        num_key_value_heads=2,
         joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4), num_experts=4, moe_intermediate_dim=16, capacity_factors=1.0,
     ).eval()
     # diffusers leaves the experts' weights as `torch.empty` (whatever the memory held, NaN included): fill them.
@@ -83,3 +103,44 @@ def test_diffusers_text_kv_cache_hands_every_block_its_cached_text_keys(transfor
         assert not torch.allclose(run_transformer(transformer, inputs((6, 3)), ONE_TOKEN), cached, atol=1e-4)
     finally:
         transformer.disable_cache()
+
+
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant", "a", "red", "circle",
+              "on", "dark", "blurry", *QWEN_VISION_TOKENS.values()]
+# The pipeline's messages: a system prompt as plain text, the user's as a list of text parts.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+                 "{{ message['content'] }}{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+                 "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def nucleus_pipe():
+    """A two-layer Qwen3-VL (the pipeline reads a hidden state before the last; `return_index=-1` in the calls), a
+    4-channel VAE with 2x downsampling, the tiny transformer."""
+    torch.manual_seed(0)
+    text_encoder, processor = tiny_qwen3_vl(VOCABULARY, CHAT_TEMPLATE, layers=2)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = NucleusMoEImagePipeline(transformer=tiny_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                   vae=vae.eval(), text_encoder=text_encoder, processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_pipeline_with_cfg_over_padded_prompts(nucleus_pipe, order):
+    # Two prompts of different lengths padded to a multiple of 8 (the processor's `pad_to_multiple_of`), and their
+    # empty negative prompts, each branch its own call; 32 x 48 pixels -> 16 x 24 latents -> 8 x 12 patches.
+    call = {"prompt": ["a red circle on a dark", "blurry"], "height": 32, "width": 48, "num_inference_steps": 3,
+            "guidance_scale": 4.0, "return_index": -1, "output_type": "pt"}
+    stats, calls = check_pipeline_against_dense(nucleus_pipe, call, order=order)
+    # `t / 1000` lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
+    records = stats.calls["transformer"]
+    assert sorted({(r.step, r.branch, r.sparse) for r in records}) == [
+        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
+    ]
+    # Each prompt is attended over its own valid tokens, in the template: the two prompts of six words and one, and
+    # the empty negative prompts (one length, no padding in their branch's call).
+    lengths = sorted({layout.text_len for _, layout, _ in calls})
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {GRID}
+    assert len(lengths) == 3 and lengths[2] - lengths[1] == 5 and lengths[1] - lengths[0] == 1

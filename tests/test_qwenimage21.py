@@ -16,8 +16,6 @@ from diffusers import (
     QwenImage21Transformer2DModel,
 )
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -27,9 +25,9 @@ from helpers import (
     QWEN_VISION_TOKENS,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    qwen_vl_processor,
     recorded_attention_calls,
     run_pipeline,
+    tiny_qwen3_vl,
 )
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -157,15 +155,7 @@ def qwen21_pipe():
     """A one-layer Qwen3-VL (and the one-block vision tower the class builds), a word tokenizer with the chat and
     vision tokens, an 8-channel VAE with the pipeline's 16x downsampling, the tiny transformer."""
     torch.manual_seed(0)
-    text = {"vocab_size": len(VOCABULARY), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "pad_token_id": 0,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
-              "deepstack_visual_indexes": [], "num_position_embeddings": 16}
-    ids = {name: VOCABULARY.index(token) for name, token in QWEN_VISION_TOKENS.items()}
-    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids)).eval()
-    processor = qwen_vl_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, text_encoder.config.vision_config,
-                                  VOCABULARY, chat_template=CHAT_TEMPLATE)
+    text_encoder, processor = tiny_qwen3_vl(VOCABULARY, CHAT_TEMPLATE)
     vae = AutoencoderKLQwenImage21(
         base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False] * 4, latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
