@@ -101,11 +101,13 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None)
 
 def run_pipeline(pipe, call: dict, config=None):
     """`pipe(**call)` from seed 0 without gradients, its `frames` (videos) or images; with `config` applied for the
-    call, `(that output, the call's stats)`."""
+    call, `(that output, the call's stats)`. The global generator is seeded too: some pipelines draw from it (JoyImage
+    Edit samples its reference image's latents without the call's `generator`)."""
     import diffsparse
     from diffsparse.compare import pipeline_outputs
 
     def output():
+        torch.manual_seed(0)
         return pipeline_outputs(pipe(**call, generator=torch.Generator().manual_seed(0)))[0]
 
     with torch.no_grad():

@@ -1,26 +1,45 @@
-"""diffsparse on diffusers' JoyImage Edit and Edit Plus transformers (tiny, random weights, offline, called directly
-as their pipelines call them): `[image, text]` joint attention, an edit's references as further frames after the
-target (Edit Plus: or, of another size, in the trailing span)."""
+"""diffsparse on diffusers' JoyImage Edit and Edit Plus (tiny, random weights, offline): the transformers called
+directly as their pipelines call them (`[image, text]` joint attention, an edit's references as further frames after
+the target; Edit Plus: or, of another size, in the trailing span), and both pipelines (Qwen3-VL text encoder and
+processor built in memory, a tiny Wan VAE) generating from text and editing with CFG."""
 
 import math
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
-from diffusers import JoyImageEditPlusTransformer3DModel, JoyImageEditTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    JoyImageEditPipeline,
+    JoyImageEditPlusPipeline,
+    JoyImageEditPlusTransformer3DModel,
+    JoyImageEditTransformer3DModel,
+)
+from diffusers.pipelines.joyimage import image_processor as joyimage_image_processor
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    QWEN_VISION_TOKENS,
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_transformer,
+    tiny_qwen3_vl,
+)
 
 TEXT_LEN, TEXT_DIM = 5, 8
 ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
 
 
-def tiny_transformer(rope_type: str = "rope", layers: int = 2):
+def tiny_transformer(rope_type: str = "rope", layers: int = 2, text_dim: int = TEXT_DIM):
     torch.manual_seed(0)
     return JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=TEXT_DIM, num_layers=layers,
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=text_dim, num_layers=layers,
         rope_dim_list=[2, 2, 4], rope_type=rope_type,
     ).eval()
 
@@ -81,9 +100,13 @@ TARGET = (1, 8, 12)
 
 @pytest.fixture(scope="module")
 def plus_transformer():
+    return tiny_plus_transformer()
+
+
+def tiny_plus_transformer(text_dim: int = TEXT_DIM):
     torch.manual_seed(0)
     return JoyImageEditPlusTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=TEXT_DIM, num_layers=2,
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=text_dim, num_layers=2,
         rope_dim_list=[2, 2, 4],
     ).eval()
 
@@ -149,3 +172,90 @@ def test_edit_plus_refuses_a_batch_of_different_sizes(plus_transformer):
 
 def test_edit_plus_other_processors_are_refused(plus_transformer):
     check_other_processors_are_refused(plus_transformer, "JoyImage Edit Plus", layer=1)
+
+
+# The pipelines: a one-layer Qwen3-VL, a Wan VAE (x8, 4 latent channels), the tiny transformers (text 16 wide).
+VOCABULARY = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant", "make", "it", "blue",
+              "a", "red", "circle", *QWEN_VISION_TOKENS.values()]
+# Sizes are snapped to a table of buckets for a base size (diffusers holds 1024's: sides of 512-2048 pixels); the
+# tests add one for 128 (128 x 192 pixels -> 16 x 24 latents -> 8 x 12 patches).
+BUCKETS = {128: [(128, 128), (96, 192), (128, 192)]}
+
+
+@pytest.fixture(scope="module")
+def text_path():
+    torch.manual_seed(0)
+    return tiny_qwen3_vl(VOCABULARY, chat_template=None)
+
+
+@pytest.fixture(scope="module")
+def small_buckets():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(joyimage_image_processor, "BUCKETS", {**joyimage_image_processor.BUCKETS, **BUCKETS})
+        yield joyimage_image_processor.JoyImageEditImageProcessor(vae_scale_factor=8, basesize=128)
+
+
+def tiny_joyimage_pipeline(pipeline_class, transformer, text_path):
+    text_encoder, processor = text_path
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                          tokenizer=processor.tokenizer, transformer=transformer, processor=processor)
+    # The pipelines drop the system prompt's tokens from the encoder's output (34 of Qwen's tokenizer): as many as
+    # the word tokenizer makes of it.
+    system = pipe.prompt_template_encode["multiple_images"].split("{}")[0]
+    pipe.prompt_template_encode_start_idx = dict.fromkeys(pipe.prompt_template_encode,
+                                                          len(processor.tokenizer(system).input_ids))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def picture(height, width, seed):
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize("edit", [False, True], ids=["text to image", "edit"])
+def test_edit_pipeline_with_cfg(text_path, small_buckets, edit, order):
+    pipe = tiny_joyimage_pipeline(JoyImageEditPipeline, tiny_transformer(text_dim=16), text_path)
+    pipe.vae_image_processor = small_buckets
+    # The target's latents compared: the tiny random VAE's decoder (RMS norms over a few channels, some of them near
+    # zero) turns differences of 1e-6 into 0.1 on some pixels.
+    call = {"prompt": "make it blue", "height": 128, "width": 192, "num_inference_steps": 3, "guidance_scale": 4.0,
+            "output_type": "latent"}
+    if edit:
+        call["image"] = picture(100, 150, 0)  # cropped to the bucket of its aspect ratio: 128 x 192
+    stats, calls = check_pipeline_against_dense(pipe, call, order=order)
+    # The scheduler's timesteps as given: each step's cond and uncond calls, the first step dense.
+    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
+        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
+    ]
+    # The image to edit is a second frame; each branch's prompt (unmasked) the trailing span.
+    assert {layout.grid for _, layout, _ in calls} == {(2 if edit else 1, 8, 12)}
+    assert len({layout.text_len for _, layout, _ in calls}) == 2
+
+
+PLUS_PIPELINE_CASES = {
+    "one reference of the output's size": ([picture(100, 150, 0)], VideoLayout(2, 8, 12, text_position="end")),
+    "two references of other sizes": ([picture(60, 60, 0), picture(60, 120, 1)],  # 8 x 8 and 6 x 12 patches
+                                      VideoLayout(1, 8, 12, text_len=8 * 8 + 6 * 12, text_position="end")),
+}
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize("case", PLUS_PIPELINE_CASES)
+def test_edit_plus_pipeline_with_cfg(text_path, small_buckets, case, order):
+    pipe = tiny_joyimage_pipeline(JoyImageEditPlusPipeline, tiny_plus_transformer(text_dim=16), text_path)
+    pipe.image_processor = small_buckets
+    images, layout = PLUS_PIPELINE_CASES[case]
+    call = {"prompt": "make it blue", "images": images, "height": 128, "width": 192, "num_inference_steps": 3,
+            "guidance_scale": 4.0, "output_type": "latent"}  # latents compared, as in the Edit pipeline's test
+    stats, calls = check_pipeline_against_dense(pipe, call, order=order)
+    # CFG in one call, `[negative, prompt]` rows: each step's call, the first dense.
+    assert sorted({(r.step, r.sparse) for r in stats.calls["transformer"]}) == [(0, False), (1, True), (2, True)]
+    # Each row over its valid keys: its references and its own prompt, the longer prompt's padding left out (three
+    # words more than the empty negative prompt).
+    assert {call_layout.grid for _, call_layout, _ in calls} == {layout.grid}
+    spans = sorted({call_layout.text_len for _, call_layout, _ in calls})
+    assert len(spans) == 2 and spans[1] - spans[0] == 3 and spans[0] > layout.text_len
