@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import time
@@ -218,6 +219,18 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     return {**kwargs, **extra}
 
 
+@contextlib.contextmanager
+def seeded_global_generator(seed: int):
+    """Inside, torch's global generators (CPU and every CUDA device) start from `seed`; after, they are back where
+    they were. The commands run each generation inside, with its seed: some pipelines draw from the global
+    generator as well as from the call's `generator` (JoyImage Edit samples its reference image's latents there),
+    and without this their dense and sparse runs would start from different draws."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def parse_call_kwargs(text: str) -> dict:
     """`--call-kwargs`' JSON object (the demo's field too); a `ValueError` says what was expected."""
     import json
@@ -312,7 +325,8 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
     kwargs = generation_kwargs(pipe, args, args.prompt, args.seed, first_frame)
     start = time.perf_counter()
     try:
-        output = pipe(**kwargs, **step_ends)
+        with seeded_global_generator(args.seed):
+            output = pipe(**kwargs, **step_ends)
     finally:
         for hook in hooks:
             hook.remove()

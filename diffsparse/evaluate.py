@@ -30,6 +30,7 @@ from .compare import (
     sampler_label,
     scored_frames,
     scored_label,
+    seeded_global_generator,
     shared_still,
 )
 from .config import SparseConfig
@@ -96,7 +97,8 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
         HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionTimer(total), _TIMER_HOOK)
     try:
         start = time.perf_counter()
-        output = pipe(**kwargs)
+        with seeded_global_generator(seed):
+            output = pipe(**kwargs)
         return first_output(output), time.perf_counter() - start, total[0]
     finally:
         for module in modules:

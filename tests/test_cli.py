@@ -354,3 +354,36 @@ def test_tile_option_cycles_orders_over_the_layers():
     assert [repr(config.layer_order(layer)) for layer in range(3)] == [
         "frame_major()", "tiles(1,8,8)", "frame_major()"
     ]
+
+
+class GlobalNoisePipeline:
+    """Draws its image from torch's global generator and ignores `generator`, as JoyImage Edit draws its reference
+    image's latents."""
+
+    def __call__(self, prompt, height=8, width=8, num_inference_steps=2, generator=None, output_type="np",
+                 callback_on_step_end=None):
+        import torch
+
+        for step in range(num_inference_steps):
+            callback_on_step_end(self, step, 0, {})
+        return argparse.Namespace(images=torch.rand(1, height, width, 3).numpy())
+
+
+def test_each_generation_of_the_commands_draws_the_same_global_noise_for_its_seed():
+    # Dense and sparse runs of `compare` and `eval` start from the same draws, and the caller's generator state is
+    # left as it was.
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from diffsparse.compare import _generate
+
+    def generate(seed):
+        args = argparse.Namespace(prompt="a red circle", seed=seed, frames=1, height=8, width=8, steps=2,
+                                  image=None, call_kwargs=None)
+        return _generate(GlobalNoisePipeline(), args, tqdm(disable=True))[0]
+
+    state = torch.get_rng_state()
+    first, again, other = generate(0), generate(0), generate(1)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert torch.equal(torch.get_rng_state(), state)
