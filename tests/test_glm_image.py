@@ -1,15 +1,25 @@
-"""diffsparse on diffusers' GLM-Image transformer (tiny, random weights, offline, called directly as its pipeline
-calls it): joint `[text, image]` attention; an edit's condition images cached as keys and values."""
+"""diffsparse on diffusers' GLM-Image (tiny, random weights, offline): the transformer called directly as its
+pipeline calls it (joint `[text, image]` attention; an edit's condition images cached as keys and values), and a
+tiny `GlmImagePipeline` generating and editing with CFG from prompt embeddings and prior tokens (its glyph encoder
+and the vision-language model that writes the prior tokens not built)."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
-from diffusers import GlmImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    tiny_image_vae,
+)
 
 TEXT_LEN, TEXT_DIM, CODEBOOK = 5, 8, 32
 EVERY_BLOCK = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
@@ -91,3 +101,44 @@ def test_an_edit_reads_the_condition_image_as_part_of_the_leading_span(transform
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "GLM-Image", layer=1)
+
+
+@pytest.fixture(scope="module")
+def glm_pipe(transformer):
+    """The tiny transformer and an x8 VAE; no tokenizer, glyph text encoder, processor or vision-language model."""
+    vae = tiny_image_vae(blocks=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = GlmImagePipeline(tokenizer=None, processor=None, text_encoder=None, vision_language_encoder=None, vae=vae,
+                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def glm_call(edit: bool) -> dict:
+    """128 x 192 pixels -> 16 x 24 latents -> 8 x 12 tokens, with the prompt's and the negative prompt's embeddings
+    and the image's prior tokens (the vision-language model's output); `edit`: a 64 x 64 condition image (4 x 4
+    tokens) and its prior tokens."""
+    g = torch.Generator().manual_seed(5)
+    call = {"prompt_embeds": torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g),
+            "negative_prompt_embeds": torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g),
+            "prior_token_ids": torch.randint(0, CODEBOOK, (1, 96), generator=g), "height": 128, "width": 192,
+            "num_inference_steps": 3, "guidance_scale": 1.5, "output_type": "pt"}
+    if edit:
+        pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        call.update(image=[PIL.Image.fromarray(pixels)], prior_token_image_ids=[torch.randint(0, CODEBOOK, (16,))],
+                    source_image_grid_thw=[torch.tensor([[1, 4, 4]])])
+    return call
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+@pytest.mark.parametrize("edit", [False, True], ids=["text to image", "edit"])
+def test_pipeline_with_cfg(glm_pipe, edit, order):
+    stats, calls = check_pipeline_against_dense(glm_pipe, glm_call(edit), order=order)
+    # Each step's cond and uncond calls (at `t - 1`) on their step, the first step dense. (An edit's condition pass,
+    # at timestep 0, writes the cache through the original processor and is no step.)
+    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
+        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
+    ]
+    # The conditional call reads the condition image's 16 cached tokens as part of its leading span; the
+    # unconditional one skips the cache.
+    spans = {TEXT_LEN + 16, TEXT_LEN} if edit else {TEXT_LEN}
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=n, text_position="start") for n in spans}
