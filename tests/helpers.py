@@ -143,6 +143,32 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     return stats, calls
 
 
+def open_zero_initialised(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Fills every all-zero parameter of `module` with noise: ControlNets start their residual projections at zero
+    (`zero_module`), so a random tiny one would add nothing and a test of it could not fail."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if not parameter.any():
+                parameter.normal_(std=std)
+    return module
+
+
+def check_controlnet_pipeline(pipe, call: dict, unconditioned: dict, order=None):
+    """A ControlNet pipeline: the transformer runs sparse (`check_pipeline_against_dense`, every call of it
+    counted), the ControlNet's own blocks keep their processors (only `pipe.transformer` is in the stats) and its
+    residuals reach the output (`unconditioned`, the call with the ControlNet's weight at 0, differs), so the
+    every-block-kept check covers the transformer with the ControlNet's residuals added."""
+    import diffsparse
+
+    processors = {name: type(p) for name, p in pipe.controlnet.attn_processors.items()}
+    assert not torch.allclose(run_pipeline(pipe, unconditioned), run_pipeline(pipe, call), atol=1e-4)
+    stats, calls = check_pipeline_against_dense(pipe, call, order=order)
+    assert set(stats.calls) == {"transformer"}
+    with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="radial")):
+        assert {name: type(p) for name, p in pipe.controlnet.attn_processors.items()} == processors
+    return stats, calls
+
+
 def check_pag_pipeline(pag, call: dict, sparse_layers: set[int]) -> None:
     """A perturbed-attention guidance pipeline `pag` puts its own processors on the perturbed layers for each call,
     then the ones it found back: under diffsparse those layers run PAG's processors (absent from the stats), the

@@ -1,9 +1,15 @@
 """diffsparse on a diffusers FLUX.1 pipeline (tiny, random weights, offline): one-frame layouts read from
-`img_ids`, text first, dual- and single-stream blocks."""
+`img_ids`, text first, dual- and single-stream blocks; and its ControlNet pipeline."""
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import diffsparse
@@ -12,7 +18,14 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.flux import image_grid
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline, tiny_image_vae
+from helpers import (
+    check_controlnet_pipeline,
+    check_other_processors_are_refused,
+    open_zero_initialised,
+    recorded_attention_calls,
+    run_pipeline,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -182,3 +195,19 @@ def test_the_demo_page_serves_an_image_model_one_frame(flux_pipe, tmp_path):
         "a red circle on grass", "window3d", 0.3, 0.5, 16, "none", "0", 2, 1, 64, 64, 0, 0
     )
     assert video.endswith("compare.mp4") and (tmp_path / "compare.png").is_file() and "PSNR" in summary
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(flux_pipe, order):
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+    )
+    pipe = FluxControlNetPipeline(**flux_pipe.components, controlnet=open_zero_initialised(controlnet).eval())
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(2))
+    call = {"prompt": "a red circle on grass", "control_image": control, "num_inference_steps": 3, "height": 32,
+            "width": 24, "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
+    _, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0}, order=order)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}

@@ -1,15 +1,30 @@
 """diffsparse on diffusers' HunyuanDiT pipeline (tiny, random weights, offline): each block's image
-self-attention, with its 2D RoPE, on a one-frame layout; the cross-attention to the two prompts untouched."""
+self-attention, with its 2D RoPE, on a one-frame layout; the cross-attention to the two prompts untouched; the PAG
+and ControlNet pipelines."""
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, HunyuanDiT2DModel, HunyuanDiTPAGPipeline, HunyuanDiTPipeline
+from diffusers import (
+    DDIMScheduler,
+    HunyuanDiT2DControlNetModel,
+    HunyuanDiT2DModel,
+    HunyuanDiTControlNetPipeline,
+    HunyuanDiTPAGPipeline,
+    HunyuanDiTPipeline,
+)
 from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
 
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pag_pipeline, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_controlnet_pipeline,
+    check_other_processors_are_refused,
+    check_pag_pipeline,
+    check_pipeline_against_dense,
+    open_zero_initialised,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -60,3 +75,18 @@ def test_other_processors_are_refused_and_the_model_left_untouched(hunyuan_dit_p
 def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse(hunyuan_dit_pipe):
     pag = HunyuanDiTPAGPipeline(**hunyuan_dit_pipe.components, pag_applied_layers=["blocks.1"])
     check_pag_pipeline(pag, hunyuan_dit_call(pag_scale=3.0), sparse_layers={0, 2, 3})
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(hunyuan_dit_pipe, order):
+    torch.manual_seed(1)
+    controlnet = HunyuanDiT2DControlNetModel(
+        num_attention_heads=2, attention_head_dim=8, hidden_size=16, in_channels=4, patch_size=2, sample_size=8,
+        transformer_num_layers=4, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8,
+        text_len=77, text_len_t5=256,
+    )
+    pipe = HunyuanDiTControlNetPipeline(**hunyuan_dit_pipe.components, controlnet=open_zero_initialised(controlnet).eval())
+    pipe.set_progress_bar_config(disable=True)
+    call = hunyuan_dit_call(control_image=torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(2)))
+    _, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0}, order=order)
+    assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 8, 12), (2, 96))}

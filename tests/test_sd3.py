@@ -1,5 +1,6 @@
 """diffsparse on a diffusers SD3 / SD 3.5 transformer (tiny, random weights, called directly): one-frame
-layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`."""
+layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`; and its pipelines (text to image, PAG,
+ControlNet)."""
 
 import pytest
 import torch
@@ -8,7 +9,14 @@ from diffusers import SD3Transformer2DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, check_pag_pipeline, recorded_attention_calls, run_pipeline
+from helpers import (
+    check_controlnet_pipeline,
+    check_other_processors_are_refused,
+    check_pag_pipeline,
+    open_zero_initialised,
+    recorded_attention_calls,
+    run_pipeline,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 10
@@ -173,3 +181,25 @@ def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_othe
             "max_sequence_length": 8, "output_type": "latent", "pag_scale": 3.0}
     # Layer 1 (block 1's joint attention) perturbed; layer 2 is block 0's image-only `attn2`.
     check_pag_pipeline(pag, call, sparse_layers={0, 2})
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(order):
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    pipe = tiny_sd3_pipeline()
+    torch.manual_seed(1)
+    controlnet = SD3ControlNetModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=8,
+        pos_embed_max_size=32, qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=open_zero_initialised(controlnet).eval())
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(2))
+    call = {"prompt": "a red circle on grass", "control_image": control, "num_inference_steps": 3, "height": 64,
+            "width": 48, "max_sequence_length": 8, "output_type": "latent"}
+    _, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0}, order=order)
+    # 64 x 48 pixels -> 32 x 24 latents -> 16 x 12 patches; both layers of the joint blocks and the dual one.
+    assert {(layer, layout.grid) for layer, layout, _ in calls} == {(0, (1, 16, 12)), (1, (1, 16, 12)),
+                                                                    (2, (1, 16, 12))}
