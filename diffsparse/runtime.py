@@ -172,6 +172,9 @@ class SparseRuntime:
         self.block_sizes = config.block_sizes
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []  # the current denoising run's calls
+        # Whether this transformer's forward is running: its attention modules can also be called by another model
+        # that shares them (Z-Image's ControlNet runs the transformer's own refiner blocks), which gets the original.
+        self.in_transformer_call = False
         # Per layer, every call since `apply` (across runs, as counts: constant memory for long-lived pipelines):
         # `[dense calls, sparse calls, sum of the sparse calls' densities, calls in dense steps]` (`tally`).
         self.totals: dict[int, list] = {}
@@ -270,8 +273,11 @@ class SparseRuntime:
     def route(self, layer: int) -> bool:
         """Whether this call of `layer` goes through `attention` (sparse, or measuring a correction's statistics).
 
-        Calls that stay with the original processor are logged here.
+        Calls that stay with the original processor are logged here; a call from outside the transformer's forward
+        (another model sharing the module) stays with it unlogged.
         """
+        if not self.in_transformer_call:  # another model calling a module it shares: not this transformer's call
+            return False
         mode = self._mode(layer)
         if mode == "dense":
             self.log_dense(layer)
@@ -280,6 +286,8 @@ class SparseRuntime:
     def log_dense(self, layer: int) -> None:
         """Log a call of `layer` that runs the original processor although `route` was not asked (a call the sparse
         path cannot compute exactly, e.g. one with a token-level attention mask), so `stats()` counts it."""
+        if not self.in_transformer_call:
+            return
         state = self._state()
         self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
 
@@ -754,10 +762,12 @@ class SparseContextHook(ModelHook):
             layout, step, num_steps, *token_order, frame_steps=frame_steps, tensor_parallel=_tensor_parallel(module),
             text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
+        self.runtime.in_transformer_call = True
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module, output):
+        self.runtime.in_transformer_call = False
         if self._own_context:
             self.state_manager.set_context(None)
         return output

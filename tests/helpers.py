@@ -155,17 +155,25 @@ def open_zero_initialised(module: torch.nn.Module, std: float = 0.2) -> torch.nn
 
 def check_controlnet_pipeline(pipe, call: dict, unconditioned: dict, order=None):
     """A ControlNet pipeline: the transformer runs sparse (`check_pipeline_against_dense`, every call of it
-    counted), the ControlNet's own blocks keep their processors (only `pipe.transformer` is in the stats) and its
-    residuals reach the output (`unconditioned`, the call with the ControlNet's weight at 0, differs), so the
+    counted), the ControlNet's own blocks keep their processors (only `pipe.transformer` is in the stats; blocks it
+    shares with the transformer run the original when it calls them, so `pattern="dense"` is still identical) and
+    its residuals reach the output (`unconditioned`, the call with the ControlNet's weight at 0, differs), so the
     every-block-kept check covers the transformer with the ControlNet's residuals added."""
     import diffsparse
 
-    processors = {name: type(p) for name, p in pipe.controlnet.attn_processors.items()}
+    shared = {id(m) for m in pipe.transformer.modules()}  # Z-Image's ControlNet runs the transformer's refiners
+
+    def controlnet_processors():
+        return {name: type(m.processor) for name, m in pipe.controlnet.named_modules()
+                if hasattr(m, "processor") and id(m) not in shared}
+
+    processors = controlnet_processors()
+    assert processors
     assert not torch.allclose(run_pipeline(pipe, unconditioned), run_pipeline(pipe, call), atol=1e-4)
     stats, calls = check_pipeline_against_dense(pipe, call, order=order)
     assert set(stats.calls) == {"transformer"}
     with diffsparse.sparse(pipe, diffsparse.SparseConfig(pattern="radial")):
-        assert {name: type(p) for name, p in pipe.controlnet.attn_processors.items()} == processors
+        assert controlnet_processors() == processors
     return stats, calls
 
 

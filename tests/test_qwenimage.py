@@ -4,7 +4,8 @@ size (frames) and of another size (kept whole beside the text); padded prompts r
 `QwenImagePipeline` built (Qwen2.5-VL text encoder, Qwen-Image VAE) and run with true CFG: the `t / 1000` timesteps
 it passes land on the scheduler's steps. Then `QwenImageEditPlusPipeline` from the same VAE and transformer, with a
 Qwen2-VL processor built in memory, so that the tiny vision tower encodes each reference image into the prompt: edits
-with a reference of the output's size (a second frame), of another size (kept whole beside the text) and both."""
+with a reference of the output's size (a second frame), of another size (kept whole beside the text) and both. And
+`QwenImageControlNetPipeline`: the ControlNet dense and untouched."""
 
 from collections import Counter
 
@@ -14,6 +15,8 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -29,8 +32,10 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     QWEN_VISION_TOKENS,
     check_against_dense,
+    check_controlnet_pipeline,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    open_zero_initialised,
     qwen_tokenizer,
     qwen_vl_processor,
     recorded_attention_calls,
@@ -255,3 +260,18 @@ def test_edit_pipeline_with_true_cfg_and_vision_tokens_in_the_prompt(qwen_edit_p
         reference_len = sum(rows * cols for rows, cols in grids.values())
         expected = {VideoLayout(1, 16, 16, text_len=n + reference_len, text_position="start") for n in text_lens}
     assert {layout for _, layout, _ in calls} == expected
+
+
+def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(qwen_pipe):
+    torch.manual_seed(1)
+    controlnet = QwenImageControlNetModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    )
+    pipe = QwenImageControlNetPipeline(**qwen_pipe.components, controlnet=open_zero_initialised(controlnet).eval())
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    call = {**PIPELINE_CALL, "control_image": control}
+    stats, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0})
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(1, 16, 12)}

@@ -1,10 +1,13 @@
 """diffsparse on diffusers' Z-Image pipelines (tiny, random weights, offline): the noise refiner's image-only
-layout, the main blocks' `[image, pad, prompt, pad]` layout, prompts of different padded lengths in one batch."""
+layout, the main blocks' `[image, pad, prompt, pad]` layout, prompts of different padded lengths in one batch; the
+ControlNet pipeline with its ControlNet dense and untouched."""
 
 import pytest
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
     ZImagePipeline,
     ZImageTransformer2DModel,
@@ -17,8 +20,10 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     QWEN3_TEMPLATE,
     chat_tokenizer,
+    check_controlnet_pipeline,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    open_zero_initialised,
     tiny_image_vae,
 )
 
@@ -108,3 +113,16 @@ def test_omni_mode_and_mixed_image_sizes_are_refused(z_image_pipe):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(z_image_pipe):
     check_other_processors_are_refused(z_image_pipe, "Z-Image", layer=1)
+
+
+def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(components):
+    # The pipeline copies the transformer's embedders into the ControlNet (`from_transformer`); its control blocks
+    # after main blocks 0 and 1 are its own.
+    torch.manual_seed(1)
+    controlnet = ZImageControlNetModel(control_layers_places=[0, 1], control_in_dim=4, dim=32, n_refiner_layers=1,
+                                       n_heads=2, n_kv_heads=2)
+    pipe = ZImageControlNetPipeline(**components, controlnet=open_zero_initialised(controlnet).eval())
+    pipe.set_progress_bar_config(disable=True)
+    call = z_image_call(control_image=torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(2)))
+    stats, _ = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0})
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
