@@ -172,8 +172,9 @@ class SparseRuntime:
         self.block_sizes = config.block_sizes
         self.state_manager = StateManager(_BranchState)
         self.records: list[CallRecord] = []  # the current denoising run's calls
-        # Whether this transformer's forward is running: its attention modules can also be called by another model
-        # that shares them (Z-Image's ControlNet runs the transformer's own refiner blocks), which gets the original.
+        # Between `begin_call` and `end_call` (the transformer's forward): its attention modules can also be called
+        # by another model that shares them (Z-Image's ControlNet runs the transformer's own refiner blocks), which
+        # gets the original.
         self.in_transformer_call = False
         # Per layer, every call since `apply` (across runs, as counts: constant memory for long-lived pipelines):
         # `[dense calls, sparse calls, sum of the sparse calls' densities, calls in dense steps]` (`tally`).
@@ -239,6 +240,12 @@ class SparseRuntime:
         state.token_order = None if token_order is None else (token_order, torch.argsort(token_order))
         state.tensor_parallel = tensor_parallel
         state.text_tokens = text_tokens
+        self.in_transformer_call = True
+
+    def end_call(self) -> None:
+        """The transformer's forward returned: until the next `begin_call`, its attention modules called by another
+        model that shares them run the original (`route`)."""
+        self.in_transformer_call = False
 
     def new_run(self) -> None:
         """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
@@ -762,12 +769,11 @@ class SparseContextHook(ModelHook):
             layout, step, num_steps, *token_order, frame_steps=frame_steps, tensor_parallel=_tensor_parallel(module),
             text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
-        self.runtime.in_transformer_call = True
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module, output):
-        self.runtime.in_transformer_call = False
+        self.runtime.end_call()
         if self._own_context:
             self.state_manager.set_context(None)
         return output
