@@ -298,9 +298,11 @@ def pipeline_outputs(output):
 
 
 def first_output(output) -> np.ndarray:
-    """The first video of a pipeline output (`output_type="np"`) as `(F, H, W, C)`; an image as one frame."""
+    """The first video of a pipeline output (`output_type="np"`) as `(F, H, W, C)`; an image as one frame, and the
+    images of one sample of a pipeline that makes several per sample (Qwen-Image-Layered's layers) as frames."""
     batch, videos = pipeline_outputs(output)
-    return np.asarray(batch[0]) if videos else np.asarray(batch[0])[None]
+    first = np.asarray(batch[0])
+    return first if videos or first.ndim == 4 else first[None]
 
 
 def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:

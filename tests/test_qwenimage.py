@@ -275,3 +275,37 @@ def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_
     stats, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0})
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
     assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(1, 16, 12)}
+
+
+def test_the_layered_pipeline_attends_its_layers_and_the_input_image_as_frames(qwen_edit_pipe):
+    # Qwen-Image-Layered: the composite and `layers` RGBA layers generated at the input's size, then the input image,
+    # all one `img_shapes` list (the layers' own 3D RoPE, `use_layer3d_rope`); the pipeline sizes everything from
+    # `resolution` (640 or 1024), so its VAE downsamples x16 here (640 x 640 -> 40 x 40 latents -> 20 x 20 patches).
+    from diffusers import QwenImageLayeredPipeline
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_additional_t_cond=True, use_layer3d_rope=True,
+    ).eval()
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1] * 5, num_res_blocks=1,
+                                 temperal_downsample=[False] * 4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    components = {name: getattr(qwen_edit_pipe, name) for name in ("text_encoder", "tokenizer", "processor")}
+    pipe = QwenImageLayeredPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), transformer=transformer,
+                                    **components)
+    template = pipe.prompt_template_encode  # its drop counts Qwen's tokens of its system prompt: the word tokenizer's
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(template[:template.index("{}")]).input_ids)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"image": noise_image(64, 64, 0), "prompt": "a red circle on grass", "negative_prompt": "blurry",
+            "true_cfg_scale": 4.0, "layers": 1, "resolution": 640, "num_inference_steps": 3, "output_type": "pt"}
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+    # The composite, one layer and the input image: three frames of 20 x 20 behind each prompt's text.
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(3, 20, 20)}
+    # The commands score a sample's layers as the frames of one video (the pipeline returns a list of them, its
+    # generated layers without the composite; RGB with this VAE, RGBA with the real one).
+    from diffsparse.compare import first_output
+
+    with torch.no_grad():
+        layers = first_output(pipe(**{**call, "output_type": "np", "num_inference_steps": 1}))
+    assert layers.ndim == 4 and layers.shape[:3] == (1, 640, 640)
