@@ -109,7 +109,11 @@ def run_pipeline(pipe, call: dict, config=None):
     def output():
         torch.manual_seed(0)
         batch = pipeline_outputs(pipe(**call, generator=torch.Generator().manual_seed(0)))[0]
-        return torch.stack(batch) if isinstance(batch, list) else batch  # Qwen-Image-Layered: a list per sample
+        # Qwen-Image-Layered returns a list of each sample's images: one tensor. (Framepack's latent sections, of
+        # different lengths, stay a list.)
+        if isinstance(batch, list) and len({tuple(x.shape) for x in batch}) == 1:
+            return torch.stack(batch)
+        return batch
 
     with torch.no_grad():
         if config is None:
