@@ -101,8 +101,8 @@ class FluxCopyAttention(SparseProcessor):
 def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
     """`(frames, rows, cols)` when `img_ids` (`(N, 3)` for FLUX.1, `(N, 4)` for FLUX.2, or with a batch dim) is
     `frames` full row-major grids of one size, each with one first id, increasing from frame to frame (FLUX's own
-    image is frame 0; Kontext's reference image has first id 1, FLUX.2's references 10, 20, ...), and any later id
-    (FLUX.2's layer) zero; else `None`."""
+    image is frame 0; Kontext's reference image has first id 1, FLUX.2's references 10, 20, ...; VisualCloze numbers
+    its rows of images, each row one grid, from 1), and any later id (FLUX.2's layer) zero; else `None`."""
     ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).round().long().cpu()
     rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     if ids.shape[0] % (rows * cols):
@@ -112,7 +112,7 @@ def image_grid(img_ids: torch.Tensor) -> tuple[int, int, int] | None:
     grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
     one_grid = torch.equal(ids[:, 1:3], grid.repeat(frames, 1)) and not ids[:, 3:].any()
     increasing = (per_frame == per_frame[:, :1]).all() and (per_frame[1:, 0] > per_frame[:-1, 0]).all()
-    return (frames, rows, cols) if one_grid and increasing and per_frame[0, 0] == 0 else None
+    return (frames, rows, cols) if one_grid and increasing and per_frame[0, 0] >= 0 else None
 
 
 def output_grid_and_references(img_ids: torch.Tensor) -> tuple[tuple[int, int], int] | None:

@@ -21,6 +21,7 @@ from diffsparse.pipelines.text import word_tokenizer
 from helpers import (
     check_controlnet_pipeline,
     check_other_processors_are_refused,
+    check_pipeline_against_dense,
     open_zero_initialised,
     recorded_attention_calls,
     run_pipeline,
@@ -211,3 +212,31 @@ def test_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_spar
             "width": 24, "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
     _, calls = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0}, order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
+
+
+def test_visualcloze_rows_of_images_are_frames(flux_pipe):
+    # VisualCloze (FLUX.1 Fill): each row of images (in-context examples, then the query with its blank target) is
+    # one wide image whose tokens carry the row's number, from 1, as their first id: the rows are the layout's frames.
+    from diffusers import VisualClozeGenerationPipeline
+    from PIL import Image
+
+    torch.manual_seed(1)
+    # Fill's input: the packed latents (4 channels x 2 x 2 = 16), the masked image's (16) and the mask's (one
+    # channel, the tiny VAE's 2 x 2 pixels per latent, packed 2 x 2: 16).
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 + 16 + 16, out_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    components = {k: v for k, v in flux_pipe.components.items()
+                  if k not in ("transformer", "image_encoder", "feature_extractor")}
+    pipe = VisualClozeGenerationPipeline(**components, transformer=transformer, resolution=32)
+    pipe.set_progress_bar_config(disable=True)
+    picture = [Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
+               for seed in range(3)]
+    image = [[picture[0], picture[1]], [picture[2], None]]  # one in-context example, then the query
+    call = {"task_prompt": "a red circle", "content_prompt": "on grass", "image": image, "num_inference_steps": 3,
+            "max_sequence_length": TEXT_LEN, "output_type": "latent"}
+    _, calls = check_pipeline_against_dense(pipe, call)
+    # Two rows of two 32 x 32 images: 32 x 64 pixels -> 16 x 32 latents -> 8 x 16 packed tokens per row.
+    assert {layout for _, layout, _ in calls} == {VideoLayout(2, 8, 16, text_len=TEXT_LEN, text_position="start")}
