@@ -1,7 +1,7 @@
 """diffsparse on the families with their own copy of FLUX.1's transformer (tiny, random weights, offline), each called
 with the position ids its pipelines make: LongCat-Image (`prepare_pos_ids`: modality first, images after the prompt;
 text-to-image and edits), Ovis-Image (FLUX.1's ids) and Bria FIBO (FLUX.1's ids; prompts of different lengths in one
-call padded and masked as its pipeline pads them). Bria 3.2 runs through its pipeline (tests/test_bria.py).
+call padded and masked as its pipeline pads them; FIBO Edit's reference image on the next id plane). Bria 3.2 runs through its pipeline (tests/test_bria.py).
 
 Their pipelines are not run here: their prompt paths need Qwen2.5-VL / Ovis / SmolLM3 text models, and LongCat's,
 given `prompt_embeds`, fails in diffusers itself (`check_inputs` refuses a prompt with them, `encode_prompt` needs one).
@@ -43,6 +43,16 @@ def ovis_ids(reference):
     return ids, torch.zeros(TEXT_LEN, 3)
 
 
+def fibo_ids(reference):
+    """FLUX.1's ids, with FIBO Edit's reference image (when given) on the next plane, as its pipeline places it."""
+    ids = OvisImagePipeline._prepare_latent_image_ids(1, ROWS, COLS, "cpu", torch.float32)
+    if reference is not None:
+        reference_ids = OvisImagePipeline._prepare_latent_image_ids(1, *reference, "cpu", torch.float32)
+        reference_ids[:, 0] = 1
+        ids = torch.cat([ids, reference_ids])
+    return ids, torch.zeros(TEXT_LEN, 3)
+
+
 def fibo_inputs(batch: int) -> dict:
     """FIBO's per-block text-encoder layers (one per block), beside the prompt."""
     generator = torch.Generator().manual_seed(1)
@@ -52,7 +62,7 @@ def fibo_inputs(batch: int) -> dict:
 FAMILIES = {
     "LongCat-Image": (LongCatImageTransformer2DModel, {"pooled_projection_dim": 16}, longcat_ids, None),
     "Ovis-Image": (OvisImageTransformer2DModel, {"out_channels": 16}, ovis_ids, None),
-    "Bria FIBO": (BriaFiboTransformer2DModel, {"text_encoder_dim": 8}, ovis_ids, fibo_inputs),
+    "Bria FIBO": (BriaFiboTransformer2DModel, {"text_encoder_dim": 8}, fibo_ids, fibo_inputs),
 }
 
 
@@ -89,8 +99,13 @@ TEXT_TO_IMAGE = VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN, text_position="sta
     # LongCat-Image's edits: a reference of the output's size is a second frame, one of another size joins the text.
     ("LongCat-Image", (ROWS, COLS), None, VideoLayout(2, ROWS, COLS, text_len=TEXT_LEN, text_position="start"), None),
     ("LongCat-Image", (2, 5), None, VideoLayout(1, ROWS, COLS, text_len=TEXT_LEN + 10, text_position="start"), None),
-    # Bria FIBO's CFG call: two prompts of 7 and 4 valid tokens, each attended without its padding.
+    # Bria FIBO's CFG call: two prompts of 7 and 4 valid tokens, each attended without its padding; with FIBO Edit's
+    # reference image of the output's size (a second frame) or of another size (after the prompt's valid tokens).
     ("Bria FIBO", None, (7, 4), {VideoLayout(1, ROWS, COLS, text_len=n, text_position="start") for n in (7, 4)}, None),
+    ("Bria FIBO", (ROWS, COLS), (7, 4),
+     {VideoLayout(2, ROWS, COLS, text_len=n, text_position="start") for n in (7, 4)}, TileOrder((1, 2, 2))),
+    ("Bria FIBO", (2, 5), (7, 4),
+     {VideoLayout(1, ROWS, COLS, text_len=n + 10, text_position="start") for n in (7, 4)}, None),
 ])
 def test_dense_identical_every_block_kept_and_the_layout(name, reference, valid, layout, order):
     # (Attending FIBO's padding fails it.)
