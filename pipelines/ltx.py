@@ -5,7 +5,10 @@ Self-attention is `transformer_blocks[i].attn1` over video tokens only (text ent
 pass the latent grid as `num_frames`, `height`, `width`; the layout is read from those. LTXConditionPipeline
 passes each token's coordinates instead (`video_coords`), with the tokens of conditions placed after frame 0
 (keyframes, clips) in front of the grid: the grid is read from the coordinates, and those condition tokens take
-the layout's leading span that patterns keep whole (like CogVideoX's text).
+the layout's leading span that patterns keep whole (like CogVideoX's text). LTXI2VLongMultiPromptPipeline passes a
+grid of 1 x 1 x 1 with the coordinates of a sliding window whose latents end with injected frames (the previous
+window's tail, guidance and negative-index frames) given earlier times: the window is read as frames of one grid in
+the order of its tokens, the injected frames its last ones.
 """
 
 from __future__ import annotations
@@ -54,9 +57,14 @@ def layout_from_coords(video_coords: torch.Tensor) -> VideoLayout:
     read of the coordinates per call (a host sync on GPU)."""
     coords = video_coords[0].detach().float().cpu()
     origin = (coords == 0).all(dim=0).nonzero().flatten()
-    if len(origin) != 1:
+    if len(origin) > 1 and origin[0] == 0:
+        # LTXI2VLongMultiPromptPipeline's window: frames in token order from the first, the frames injected at its
+        # end placed at times already taken (the previous window's tail from 0), so the origin is there again.
+        conditions = 0
+    elif len(origin) != 1:
         raise ValueError(f"expected one token at the origin of `video_coords`, found {len(origin)}")
-    conditions = int(origin[0])
+    else:
+        conditions = int(origin[0])
     grid = coords[:, conditions:]
     # Frame-major: the first frame's tokens share time 0, the first row's tokens also y 0 (a run each).
     per_frame = leading_run(grid[0] == 0)
@@ -78,7 +86,9 @@ class LTXAdapter(ModelAdapter):
         timestep = call_argument(args, kwargs, "timestep", 2)
         grid = [kwargs.get(name, args[i] if len(args) > i else None) for i, name in
                 ((4, "num_frames"), (5, "height"), (6, "width"))]
-        if any(size is None for size in grid):
+        # LTXI2VLongMultiPromptPipeline passes 1 x 1 x 1 and the window's coordinates.
+        placeholder = all(size is not None and int(size) == 1 for size in grid) and hidden_states.shape[1] > 1
+        if any(size is None for size in grid) or placeholder and kwargs.get("video_coords") is not None:
             coords = kwargs.get("video_coords")
             if coords is None:
                 raise ValueError(

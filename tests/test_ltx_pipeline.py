@@ -1,5 +1,6 @@
 """diffsparse on real diffusers LTX-Video pipelines (tiny, random weights, offline): video tokens only in
-self-attention, the token grid passed to the transformer as `num_frames`, `height`, `width`."""
+self-attention, the token grid passed to the transformer as `num_frames`, `height`, `width`, or read from its
+`video_coords` (the condition and the long multi-prompt pipelines)."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.ltx import layout_from_coords
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_other_processors_are_refused, check_pipeline_against_dense, recorded_attention_calls
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -145,9 +146,34 @@ def test_the_grid_comes_from_the_call_or_from_video_coords(ltx_pipe):
     coords = torch.cat([condition, grid], dim=1)[None]
     layout, _ = adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 80, 8),), {**call, "video_coords": coords})
     assert layout == VideoLayout(3, 4, 5, text_len=20, text_position="start")
+    # LTXI2VLongMultiPromptPipeline's window: frames whose times start over at its end (the previous window's tail
+    # injected) are further frames in token order; the origin anywhere but at the first token is no layout.
+    assert layout_from_coords(torch.cat([grid, grid], dim=1)[None]) == VideoLayout(6, 4, 5, text_position="start")
     with pytest.raises(ValueError, match="one token at the origin"):
-        layout_from_coords(torch.cat([grid, grid], dim=1)[None])
+        layout_from_coords(torch.cat([condition, grid, grid], dim=1)[None])
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
     check_other_processors_are_refused(ltx_pipe, "LTX", layer=1)
+
+
+def test_the_long_multi_prompt_pipeline_reads_each_window_from_its_coordinates():
+    # LTXI2VLongMultiPromptPipeline: sliding windows over the video, each with the previous window's tail and the
+    # image (negative index) injected as its last frames; the transformer gets a 1 x 1 x 1 grid and the window's
+    # coordinates. Before, every call was refused (its 1 x 1 x 1 grid against hundreds of tokens).
+    from diffusers import LTXEulerAncestralRFScheduler, LTXI2VLongMultiPromptPipeline
+
+    components = tiny_ltx_components()
+    pipe = LTXI2VLongMultiPromptPipeline(**components | {"scheduler": LTXEulerAncestralRFScheduler()})
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((torch.rand(64, 32, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    call = {"prompt": "a red circle moving left | a blue square moving up", "negative_prompt": "low quality",
+            "num_frames": 25, "height": 64, "width": 32, "num_inference_steps": 3, "guidance_scale": 3.0,
+            "max_sequence_length": 8, "cond_image": image, "temporal_tile_size": 16, "temporal_overlap": 8,
+            "output_type": "latent"}
+    _, calls = check_pipeline_against_dense(pipe, call)
+    # 64 x 32 pixels -> 16 x 8 latents; every call one window, CFG batched: its frames in token order, no span.
+    windows = {(layout.frames, layout.height, layout.width, layout.text_len, shape) for _, layout, shape in calls}
+    assert {(h, w, text, shape) for _, h, w, text, shape in windows} == {
+        (16, 8, 0, (2, frames * 16 * 8)) for frames, *_ in windows}
+    assert len({frames for frames, *_ in windows}) > 1  # windows of different lengths (the injected frames)
