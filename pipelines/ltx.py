@@ -53,8 +53,9 @@ class LTXSparseAttnProcessor(SparseProcessor, LTXVideoAttnProcessor):
 def layout_from_coords(video_coords: torch.Tensor) -> VideoLayout:
     """The layout of an LTXConditionPipeline call from its `(B, 3, N)` token coordinates (time, y, x; every video
     of a batch has the same): the latent grid is the frame-major run that starts at the one token at the origin
-    (0, 0, 0); the tokens before it are the conditions placed after frame 0, whose times are all later than 0. One
-    read of the coordinates per call (a host sync on GPU)."""
+    (0, 0, 0); the tokens before it are the conditions placed after frame 0, whose times are all later than 0. With
+    the origin at the first token and again later (LTXI2VLongMultiPromptPipeline's window), every token is a frame of
+    the grid, in token order. One read of the coordinates per call (a host sync on GPU)."""
     coords = video_coords[0].detach().float().cpu()
     origin = (coords == 0).all(dim=0).nonzero().flatten()
     if len(origin) > 1 and origin[0] == 0:
