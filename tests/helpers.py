@@ -320,10 +320,10 @@ def qwen_vl_processor(processor_class, video_processor_class, vision_config, voc
                            video_processor=video_processor_class(**patches), **kwargs)
 
 
-def tiny_qwen3_vl(vocabulary: list[str], chat_template: str, layers: int = 1):
+def tiny_qwen3_vl(vocabulary: list[str], chat_template: str | None, layers: int = 1):
     """`(Qwen3VLForConditionalGeneration, Qwen3VLProcessor)` built in memory: a language model of `layers` layers 16
     wide with a one-block vision tower, the processor of `qwen_vl_processor` with `chat_template` (Qwen-Image 2.1,
-    NucleusMoE-Image, Bria FIBO 2, JoyImage)."""
+    NucleusMoE-Image; `None` for Bria FIBO 2 and JoyImage, whose pipelines format their prompts themselves)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
