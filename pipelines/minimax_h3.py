@@ -1,9 +1,11 @@
-"""MiniMax-H3 (`MiniMaxH3Transformer3DModel`; diffusers ships the transformer, no pipeline): joint video and audio
-generation over one packed sequence the caller builds, text, audio, conditioning and target video rows in any
-order, with full self-attention and 3D RoPE over every row's `(t, h, w)` position.
+"""MiniMax-H3 (`MiniMaxH3Transformer3DModel`; diffusers' modular `MiniMaxH3ModularPipeline`, with a `transformer` and a
+`transformer_ref` for its reference workflow): joint video and audio generation over one packed sequence, text,
+audio, conditioning and target video rows in any order, with full self-attention and 3D RoPE over every row's
+`(t, h, w)` rotary position.
 
 The layout: the target video (the video rows at the highest noise level) is the grid, read from its rows'
-positions, which must cover a whole `(t, h, w)` box; every other row (text, audio, conditioning images or video)
+positions (ranked per axis: the pipeline's are floats, times spaced unevenly), which must cover a whole
+`(t, h, w)` box; every other row (text, audio, conditioning images or video)
 joins the leading span, kept whole. The runtime attends the rows in that order through its token order and hands
 the output back in the caller's. Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays
 dense).
@@ -63,16 +65,16 @@ class MiniMaxH3Adapter(ModelAdapter):
         # The target: the video rows at the highest noise level (conditioning rows are cleaner).
         noise = timestep[timestep_indices[video_rows]]
         target = video_rows[noise == noise.max()]
-        grid_positions = positions[target]
-        start = grid_positions.min(dim=0).values
-        frames, height, width = (grid_positions.max(dim=0).values - start + 1).tolist()
-        offsets = grid_positions - start
-        cells = (offsets[:, 0] * height + offsets[:, 1]) * width + offsets[:, 2]
+        # Each axis's coordinates ranked: the pipeline's rotary positions are not integers (times spaced unevenly,
+        # rows and columns centred and scaled), only ordered.
+        ranks = (torch.unique(axis, return_inverse=True) for axis in positions[target].unbind(-1))
+        (frames, t), (height, h), (width, w) = ((len(values), index) for values, index in ranks)
+        cells = (t * height + h) * width + w
         if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
             raise ValueError(
                 f"diffsparse reads MiniMax-H3's target video (the {len(target)} video rows at the highest noise "
-                f"level) as a grid, but their positions do not cover one whole (t, h, w) box (they span {frames} x "
-                f"{height} x {width}); pack the target as a full grid of positions"
+                f"level) as a grid, but their positions do not cover one whole (t, h, w) box (they take {frames} x "
+                f"{height} x {width} distinct values); pack the target as a full grid of positions"
             )
         length = positions.shape[0]
         text_len = length - len(target)

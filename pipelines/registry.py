@@ -8,7 +8,7 @@ from .base import ModelAdapter
 
 _ADAPTERS: list[ModelAdapter] = []
 # Pipelines keep their denoisers under these component names (Wan 2.2's second expert, Ideogram 4's model for the
-# unconditional branch).
+# unconditional branch); any other component of a class diffsparse adapts is found too (`find_transformers`).
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2", "unconditional_transformer")
 
 
@@ -31,9 +31,15 @@ def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_orig_mod", module) if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
 
 
+def _adapted(module: torch.nn.Module) -> bool:
+    return any(isinstance(module, adapter.transformer_classes) for adapter in _ADAPTERS)
+
+
 def find_transformers(pipe_or_transformer) -> tuple[dict[str, torch.nn.Module], object | None]:
     """`({component name: transformer}, scheduler or None)` for a pipeline or a bare transformer (compiled or
-    not: a `torch.compile` wrapper gives the module inside it)."""
+    not: a `torch.compile` wrapper gives the module inside it): the components named in `TRANSFORMER_COMPONENTS`,
+    then every other component of a class diffsparse adapts (MiniMax-H3's `transformer_ref`, the model of its
+    reference-to-video workflow), which would otherwise stay dense without a word."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
         return {"transformer": _uncompiled(pipe_or_transformer)}, None
     found = {
@@ -41,6 +47,10 @@ def find_transformers(pipe_or_transformer) -> tuple[dict[str, torch.nn.Module], 
         for name in TRANSFORMER_COMPONENTS
         if isinstance(getattr(pipe_or_transformer, name, None), torch.nn.Module)
     }
+    components = getattr(pipe_or_transformer, "components", None)
+    for name, component in (components.items() if isinstance(components, dict) else ()):
+        if name not in found and isinstance(component, torch.nn.Module) and _adapted(_uncompiled(component)):
+            found[name] = _uncompiled(component)
     if not found:
         raise ValueError(
             f"expected a diffusers pipeline with a `transformer` component or a transformer module, "

@@ -1,6 +1,8 @@
 """diffsparse on diffusers' MiniMax-H3 transformer (tiny, random weights, offline, called directly: diffusers has no
 pipeline for it): one packed sequence of text, audio, a conditioning frame and the target video."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import MiniMaxH3Transformer3DModel
@@ -102,3 +104,62 @@ def test_a_target_that_is_not_a_whole_grid_is_refused(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "MiniMax-H3", layer=1)
+
+
+def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
+    # diffusers' own MiniMax-H3 blocks (modular only): the text-to-video-and-audio denoising, which packs the
+    # sequence itself, its video rows' rotary positions floats (times spaced unevenly, rows and columns centred and
+    # scaled). Before, those positions made every call a `ValueError` (the target read as an integer box).
+    from diffusers import MiniMaxH3Scheduler
+    from diffusers.modular_pipelines.minimax_h3.modular_blocks_minimax_h3 import MiniMaxH3CoreDenoiseStep
+
+    torch.manual_seed(0)
+    transformer = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=24, audio_in_channels=32, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
+        time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2,
+    ).eval()
+    pipe = MiniMaxH3CoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=MiniMaxH3Scheduler(shift=12.0),
+                           audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    # 124 frames (5 s, the shortest) of 64 x 64 pixels: 37 latent frames of 4 x 4 latents, 2 x 2 patches each.
+    call = {"prompt_embeds": torch.randn(1, TEXT, TEXT_DIM, generator=torch.Generator().manual_seed(1)),
+            "text_token_tags": torch.ones(TEXT, dtype=torch.long), "height": 64, "width": 64, "num_frames": 124,
+            "num_inference_steps": 3, "output": ["latents", "audio_latents"]}
+
+    def generate(config=None):
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            handle = stack.enter_context(diffsparse.sparse(pipe, config)) if config else None
+            out = pipe(**call, generator=torch.Generator().manual_seed(0))
+            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
+
+    reference, _ = generate()
+    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    kept, stats = generate(every_block)
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
+                                                         dense_steps=1))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+    # The scheduler's steps (the loop runs two of three), the first dense; the target the whole 37 x 2 x 2 grid, the
+    # text and the audio rows its span.
+    assert sorted({(r.step, r.sparse) for r in stats.calls["transformer"]}) == [(0, False), (1, True)]
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(37, 2, 2)}
+
+
+def test_every_transformer_component_of_a_modular_pipeline_is_found():
+    # MiniMax-H3's pipeline holds `transformer` (text / keyframes to video) and `transformer_ref` (references to
+    # video): both run sparse, as any component of a class diffsparse adapts would.
+    from diffusers import MiniMaxH3Blocks
+
+    from diffsparse.pipelines import find_transformers
+
+    pipe = MiniMaxH3Blocks().init_pipeline()
+    first, second = (MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=1, num_refiner_layers=1, ffn_dim=32,
+        in_channels=CHANNELS, audio_in_channels=4, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
+        time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2) for _ in range(2))
+    pipe.update_components(transformer=first, transformer_ref=second)
+    assert find_transformers(pipe)[0] == {"transformer": first, "transformer_ref": second}
