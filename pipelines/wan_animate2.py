@@ -1,4 +1,4 @@
-"""Wan-Animate-2 (`WanAnimate2Transformer3DModel`; diffusers ships the transformer, no pipeline): Wan blocks with
+"""Wan-Animate-2 (`WanAnimate2Transformer3DModel`; diffusers' modular `WanAnimate2ModularPipeline`): Wan blocks with
 an in-context reference. A first call (`kv_cache_mode="extract"`) runs the reference video and caches each
 self-attention's keys and values; each denoising call (`kv_cache_mode="cached"`) attends its generation tokens to
 one another and each generation frame `f` also to reference frame `f - 1`, through a flex `BlockMask` built for the

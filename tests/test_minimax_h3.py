@@ -1,5 +1,6 @@
-"""diffsparse on diffusers' MiniMax-H3 transformer (tiny, random weights, offline, called directly: diffusers has no
-pipeline for it): one packed sequence of text, audio, a conditioning frame and the target video."""
+"""diffsparse on diffusers' MiniMax-H3 transformer (tiny, random weights, offline): called directly with one packed
+sequence of text, audio, a conditioning frame and the target video, and through diffusers' own modular denoising
+blocks, which pack the sequence themselves."""
 
 import contextlib
 

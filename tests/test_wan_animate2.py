@@ -1,5 +1,6 @@
-"""diffsparse on diffusers' Wan-Animate-2 transformer (tiny, random weights, offline, called directly: diffusers has
-no pipeline for it): the reference pass, then denoising calls over the generation and the cached reference."""
+"""diffsparse on diffusers' Wan-Animate-2 transformer (tiny, random weights, offline, called directly as the segment
+loop of its modular pipeline calls it): the reference pass, then denoising calls over the generation and the cached
+reference."""
 
 import pytest
 import torch
