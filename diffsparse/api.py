@@ -139,12 +139,15 @@ class SparseHandle:
 
 def _with_pipeline_timestep(read_call, pipeline):
     """`read_call` whose timestep is the pipeline's `_current_timestep` (the scheduler's timestep it is denoising
-    at, which diffusers pipelines set before each transformer call) when it has one: for families whose
-    transformer gets the timestep on another scale than the scheduler's (Cosmos)."""
+    at, which diffusers pipelines set before each transformer call), or a modular pipeline's guider's (`set_state`
+    gets it each step: Anima), when it has one: for families whose transformer gets the timestep on another scale
+    than the scheduler's (Cosmos)."""
 
     def read(transformer, args, kwargs):
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
         current = getattr(pipeline, "_current_timestep", None)
+        if current is None:
+            current = getattr(getattr(pipeline, "guider", None), "_timestep", None)
         return (layout, timestep if current is None else torch.as_tensor(current), *token_order)
 
     return read

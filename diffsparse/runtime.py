@@ -115,14 +115,21 @@ class _BranchState(BaseState):
         self.text_tokens: int | None = None
 
 
+class StepScheduleWarning(UserWarning):
+    """A call's timestep is none of the scheduler's: the step schedule (`dense_steps`) cannot be followed."""
+
+
 class StepClock:
     """Turns a call's timestep into a step index, and notices when a new denoising run starts (a pipeline call, or
     each segment, chunk or stage of pipelines that set the scheduler's timesteps anew for each).
 
     With a scheduler, the step is the timestep's position in `scheduler.timesteps`: the same for the cond and
     uncond calls and across Wan 2.2's two experts. `set_timesteps` makes a new tensor on every pipeline call,
-    so a different tensor means a new call. Without one (a bare transformer), steps count distinct timesteps
-    and a timestep larger than the last starts a new run (denoising only ever lowers it).
+    so a different tensor means a new call. Two timesteps in a run far from every one of the scheduler's (the
+    transformer given them on another scale, by a pipeline the family's adapter does not know) get a
+    `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare transformer),
+    steps count distinct timesteps and a timestep larger than the last starts a new run (denoising only ever
+    lowers it).
     """
 
     def __init__(self, scheduler=None):
@@ -130,6 +137,14 @@ class StepClock:
         self._timesteps_ref = None
         self._last_t: float | None = None
         self._step = -1
+        self._off_grid: set[float] = set()  # this run's timesteps that are none of the scheduler's
+
+    def _on_grid(self, t: float, step: int) -> bool:
+        """Whether `t` is the scheduler's timestep `step`, within a quarter of the grid's smallest spacing."""
+        gaps = (self._grid[1:] - self._grid[:-1]).abs()
+        gaps = gaps[gaps > 0]
+        spacing = float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)
+        return abs(float(self._grid[step]) - t) <= spacing / 4
 
     def frame_steps(self, timestep: torch.Tensor, frames: int) -> tuple[int, ...] | None:
         """Each frame's own step, for a call whose `timestep` is one per frame (`(B, frames)`, equal over the batch)
@@ -151,7 +166,21 @@ class StepClock:
             if new_run:
                 self._timesteps_ref = weakref.ref(timesteps)
                 self._grid = timesteps.detach().float().cpu()
+                self._off_grid = set()
             step = int(torch.argmin((self._grid - t).abs()))
+            # One call off the grid is a pass outside the steps (a KV cache written at timestep 0: GLM-Image,
+            # AnyFlow FAR); a second timestep off it means the steps themselves are on another scale.
+            if len(self._off_grid) < 2 and not self._on_grid(t, step):
+                self._off_grid.add(t)
+                if len(self._off_grid) == 2:
+                    warnings.warn(
+                        f"diffsparse: transformer calls at timesteps {sorted(self._off_grid)} match none of the "
+                        f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[step]):g}, step {step} of "
+                        f"{len(self._grid)}): the pipeline gives the transformer its timestep on another scale than "
+                        "the scheduler's, so the step schedule (dense_steps, dense_last_steps, correction) is not "
+                        "followed; please report the pipeline",
+                        StepScheduleWarning, stacklevel=2,
+                    )
             return step, len(self._grid), new_run
         new_run = self._last_t is None or t > self._last_t
         if new_run:

@@ -62,9 +62,10 @@ class MiniMaxH3Adapter(ModelAdapter):
         video_rows = call_argument(args, kwargs, "video_indices", 7)
         if len(video_rows) == 0:
             raise ValueError("diffsparse makes MiniMax-H3's target video sparse; this call packs no video rows")
-        # The target: the video rows at the highest noise level (conditioning rows are cleaner).
-        noise = timestep[timestep_indices[video_rows]]
-        target = video_rows[noise == noise.max()]
+        # The target: the video rows at the highest noise level, the lowest timestep (MiniMax-H3's timestep is
+        # `1 - sigma`: conditioning rows, cleaner, sit higher).
+        row_timesteps = timestep[timestep_indices[video_rows]]
+        target = video_rows[row_timesteps == row_timesteps.min()]
         # Each axis's coordinates ranked: the pipeline's rotary positions are not integers (times spaced unevenly,
         # rows and columns centred and scaled), only ordered.
         ranks = (torch.unique(axis, return_inverse=True) for axis in positions[target].unbind(-1))
@@ -85,8 +86,8 @@ class MiniMaxH3Adapter(ModelAdapter):
         order[others] = torch.arange(text_len, device=positions.device)
         order[target] = text_len + cells
         layout = VideoLayout(frames, height, width, text_len=text_len, text_position="start")
-        # Timesteps are given in [0, 1]; the flow-matching schedulers' are 1000 times larger.
-        step_time = noise.max() * 1000
+        # The target's timestep, as `MiniMaxH3Scheduler.timesteps` holds it (`1 - sigma`, rising as denoising goes).
+        step_time = row_timesteps.min()
         if torch.equal(order, torch.arange(length, device=order.device)):
             return layout, step_time
         return layout, step_time, order

@@ -1,7 +1,8 @@
 """diffsparse on diffusers Cosmos (tiny, random weights): the transformer called directly, and tiny Cosmos Predict 2
 video-to-world and Predict 2.5 pipelines, whose transformer timestep (`sigma / (sigma + 1)`, or sigma, one per latent
 frame) is on another scale than the scheduler's, so the step schedule follows the pipeline's own timestep; and a tiny
-Cosmos 1.0 text-to-world pipeline, whose transformer gets the scheduler's timestep as is."""
+Cosmos 1.0 text-to-world pipeline, whose transformer gets the scheduler's timestep as is; and Anima, diffusers' modular
+image pipeline on the Cosmos transformer, which hands it `t / 1000`."""
 
 import numpy as np
 import pytest
@@ -218,3 +219,50 @@ def test_text_to_world_pipeline_steps_follow_the_scheduler(text2world_pipe):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Cosmos", layer=1)
+
+
+def test_anima_modular_pipeline_follows_the_step_schedule():
+    # Anima (diffusers' modular image pipeline on the Cosmos Predict2 transformer) hands the transformer `t / 1000`;
+    # the Cosmos adapter reads the step from the pipeline's timestep, here its guider's (`set_state` gets it each
+    # step). Before, every call landed on the last step: `dense_steps` never held.
+    import warnings
+
+    from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
+    from diffusers.modular_pipelines.anima.modular_blocks_anima import AnimaCoreDenoiseStep
+
+    from diffsparse.runtime import StepScheduleWarning
+
+    torch.manual_seed(0)
+    conditioner = AnimaTextConditioner(source_dim=8, target_dim=16, model_dim=16, num_layers=1, num_attention_heads=2,
+                                       target_vocab_size=32, min_sequence_length=8).eval()
+    pipe = AnimaCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=tiny_transformer(16, 16), text_conditioner=conditioner,
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = {f"{prefix}qwen_prompt_embeds": torch.randn(1, n, 8, generator=g) for prefix, n in (("", 5), ("negative_", 3))}
+    for prefix, n in (("", 5), ("negative_", 3)):
+        prompts[f"{prefix}qwen_attention_mask"] = torch.ones(1, n, dtype=torch.long)
+        prompts[f"{prefix}t5_input_ids"] = torch.randint(0, 32, (1, n + 1), generator=g)
+        prompts[f"{prefix}t5_attention_mask"] = torch.ones(1, n + 1, dtype=torch.long)
+    # 128 x 128 pixels -> 16 x 16 latents -> 8 x 8 patches; the guider's two branches, one call each.
+    call = {**prompts, "height": 128, "width": 128, "num_inference_steps": 3, "output": "latents"}
+
+    def generate(config=None):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", StepScheduleWarning)
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), None
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference, _ = generate()
+    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    torch.testing.assert_close(generate(every_block)[0], reference, atol=1e-4, rtol=0)
+    sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
+                                                     dense_steps=1))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
+        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
+    ]

@@ -35,8 +35,8 @@ def grid(frames: int, first_frame: int = 0) -> torch.Tensor:
 
 
 def inputs(order: str = "text first"):
-    """The packed sequence `[text, conditioning frame, audio, target]` (clean conditioning at t = 0, target and audio
-    at t = 0.7); `order="target first"` puts the target's rows first, `"shuffled"` packs the target's rows in a
+    """The packed sequence `[text, conditioning frame, audio, target]` (MiniMax-H3's timestep is `1 - sigma`: clean
+    conditioning at t = 1, target and audio at t = 0.3); `order="target first"` puts the target's rows first, `"shuffled"` packs the target's rows in a
     random order (the same rows, each keeping its position and latent), as a caller may pack them."""
     def call():
         g = torch.Generator().manual_seed(1)
@@ -65,7 +65,7 @@ def inputs(order: str = "text first"):
             "hidden_states": torch.randn(1, len(video_rows), CHANNELS * 4, generator=g),
             "audio_hidden_states": torch.randn(1, AUDIO, 4, generator=g),
             "encoder_hidden_states": torch.randn(1, TEXT, TEXT_DIM, generator=g),
-            "timestep": torch.tensor([0.0, 0.7]), "timestep_indices": timestep_indices, "token_tags": tags,
+            "timestep": torch.tensor([1.0, 0.3]), "timestep_indices": timestep_indices, "token_tags": tags,
             "position_ids": positions, "video_indices": video_rows, "audio_indices": rows["audio"],
             "text_indices": rows["text"],
         }
@@ -127,7 +127,7 @@ def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
     # 124 frames (5 s, the shortest) of 64 x 64 pixels: 37 latent frames of 4 x 4 latents, 2 x 2 patches each.
     call = {"prompt_embeds": torch.randn(1, TEXT, TEXT_DIM, generator=torch.Generator().manual_seed(1)),
             "text_token_tags": torch.ones(TEXT, dtype=torch.long), "height": 64, "width": 64, "num_frames": 124,
-            "num_inference_steps": 3, "output": ["latents", "audio_latents"]}
+            "num_inference_steps": 5, "output": ["latents", "audio_latents"]}
 
     def generate(config=None):
         with torch.no_grad(), contextlib.ExitStack() as stack:
@@ -142,11 +142,13 @@ def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     with recorded_attention_calls() as calls:
         sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
-                                                         dense_steps=1))
+                                                         dense_steps=2))
     assert not torch.allclose(sparse, reference, atol=1e-4)
-    # The scheduler's steps (the loop runs two of three), the first dense; the target the whole 37 x 2 x 2 grid, the
-    # text and the audio rows its span.
-    assert sorted({(r.step, r.sparse) for r in stats.calls["transformer"]}) == [(0, False), (1, True)]
+    # Each call on its own step of the scheduler's (`1 - sigma`: the loop runs four of five), the first two dense
+    # (read as `t * 1000` before, every call after the first landed on the last step); the target the whole
+    # 37 x 2 x 2 grid, the text and the audio rows its span.
+    assert sorted((r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0) == [
+        (0, False), (1, False), (2, True), (3, True)]
     assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(37, 2, 2)}
 
 

@@ -7,7 +7,7 @@ from diffusers.hooks.hooks import CacheContext
 from diffsparse import SparseConfig
 from diffsparse.kernels import block_sparse_attention, make_plan
 from diffsparse.patterns import Radial, TileOrder, VideoLayout
-from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock
+from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock, StepScheduleWarning
 
 
 def test_plans_are_built_once_per_layout_and_never_reused_across_resolutions():
@@ -324,3 +324,25 @@ def test_outside_pairs_count_into_the_calls_density_and_dense_attention_logs_not
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(lse[..., 0], _scores(q[:, :37], k[:, 5:]).logsumexp(-1), atol=1e-5, rtol=0)
     assert len(runtime.records) == 2
+
+
+def test_timesteps_on_another_scale_than_the_scheduler_s_warn():
+    # A pipeline that hands the transformer `t / 1000` where its adapter expects `t` would put every call on the
+    # nearest step (the last) without a word: a second timestep off the scheduler's grid in one run warns. One alone
+    # is a pass outside the steps (a KV cache written at timestep 0), and stays silent.
+    import types
+    import warnings
+
+    scheduler = types.SimpleNamespace(timesteps=torch.tensor([1000.0, 666.7, 333.3]))
+    clock = StepClock(scheduler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepScheduleWarning)
+        assert clock.tick(torch.tensor(1000.0))[:2] == (0, 3)
+        clock.tick(torch.tensor(0.0))
+        assert clock.tick(torch.tensor(666.7))[0] == 1
+    with pytest.warns(StepScheduleWarning, match="another scale"):
+        clock.tick(torch.tensor(0.3333))
+    scheduler.timesteps = torch.tensor([1000.0, 500.0])  # a new run starts clean
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepScheduleWarning)
+        assert clock.tick(torch.tensor(500.0))[0] == 1
