@@ -139,13 +139,6 @@ class StepClock:
         self._step = -1
         self._off_grid: set[float] = set()  # this run's timesteps that are none of the scheduler's
 
-    def _on_grid(self, t: float, step: int) -> bool:
-        """Whether `t` is the scheduler's timestep `step`, within a quarter of the grid's smallest spacing."""
-        gaps = (self._grid[1:] - self._grid[:-1]).abs()
-        gaps = gaps[gaps > 0]
-        spacing = float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)
-        return abs(float(self._grid[step]) - t) <= spacing / 4
-
     def frame_steps(self, timestep: torch.Tensor, frames: int) -> tuple[int, ...] | None:
         """Each frame's own step, for a call whose `timestep` is one per frame (`(B, frames)`, equal over the batch)
         on a scheduler's timesteps (after `tick`); `None` otherwise."""
@@ -167,10 +160,14 @@ class StepClock:
                 self._timesteps_ref = weakref.ref(timesteps)
                 self._grid = timesteps.detach().float().cpu()
                 self._off_grid = set()
+                gaps = (self._grid[1:] - self._grid[:-1]).abs()
+                gaps = gaps[gaps > 0]
+                # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
+                self._tolerance = (float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)) / 4
             step = int(torch.argmin((self._grid - t).abs()))
             # One call off the grid is a pass outside the steps (a KV cache written at timestep 0: GLM-Image,
             # AnyFlow FAR); a second timestep off it means the steps themselves are on another scale.
-            if len(self._off_grid) < 2 and not self._on_grid(t, step):
+            if len(self._off_grid) < 2 and abs(float(self._grid[step]) - t) > self._tolerance:
                 self._off_grid.add(t)
                 if len(self._off_grid) == 2:
                     warnings.warn(
