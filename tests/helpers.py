@@ -148,6 +148,15 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     return stats, calls
 
 
+def assert_two_calls_per_step_first_dense(stats, steps: int = 3) -> None:
+    """The transformer's calls of a pipeline whose guidance runs the prompt and the negative prompt one call after
+    another outside any `cache_context` ("call 0", "call 1"): both calls on each of `steps` steps (the pipeline's
+    timestep found on the scheduler's), the first step dense and the others sparse (`dense_steps=1`)."""
+    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
+        (step, branch, step > 0) for step in range(steps) for branch in ("call 0", "call 1")
+    ]
+
+
 def open_zero_initialised(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
     """Fills every all-zero parameter of `module` with noise: ControlNets start their residual projections at zero
     (`zero_module`), so a random tiny one would add nothing and a test of it could not fail."""

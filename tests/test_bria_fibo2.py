@@ -14,6 +14,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
     QWEN_VISION_TOKENS,
+    assert_two_calls_per_step_first_dense,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -143,10 +144,7 @@ def test_pipeline_with_cfg(fibo2_pipe, case, order):
             "output_type": "pt"}
     stats, calls = check_pipeline_against_dense(fibo2_pipe, call, order=order)
     # `t / 1000` lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
-    records = stats.calls["transformer"]
-    assert sorted({(r.step, r.branch, r.sparse) for r in records}) == [
-        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
-    ]
+    assert_two_calls_per_step_first_dense(stats)
     layouts = {(layout.frames, layout.height, layout.width, layout.text_len, layout.text_position)
                for _, layout, _ in calls}
     # The refiner's `[image, contexts]` (no span without contexts of another size), then the main blocks' gist.

@@ -14,6 +14,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
+    assert_two_calls_per_step_first_dense,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -135,9 +136,7 @@ def test_pipeline_with_cfg(glm_pipe, edit, order):
     stats, calls = check_pipeline_against_dense(glm_pipe, glm_call(edit), order=order)
     # Each step's cond and uncond calls (at `t - 1`) on their step, the first step dense. (An edit's condition pass,
     # at timestep 0, writes the cache through the original processor and is no step.)
-    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
-        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
-    ]
+    assert_two_calls_per_step_first_dense(stats)
     # The conditional call reads the condition image's 16 cached tokens as part of its leading span; the
     # unconditional one skips the cache.
     spans = {TEXT_LEN + 16, TEXT_LEN} if edit else {TEXT_LEN}

@@ -24,6 +24,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
     QWEN_VISION_TOKENS,
+    assert_two_calls_per_step_first_dense,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -228,9 +229,7 @@ def test_edit_pipeline_with_cfg(text_path, small_buckets, edit, order):
         call["image"] = picture(100, 150, 0)  # cropped to the bucket of its aspect ratio: 128 x 192
     stats, calls = check_pipeline_against_dense(pipe, call, order=order)
     # The scheduler's timesteps as given: each step's cond and uncond calls, the first step dense.
-    assert sorted({(r.step, r.branch, r.sparse) for r in stats.calls["transformer"]}) == [
-        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
-    ]
+    assert_two_calls_per_step_first_dense(stats)
     # The image to edit is a second frame; each branch's prompt (unmasked) the trailing span.
     assert {layout.grid for _, layout, _ in calls} == {(2 if edit else 1, 8, 12)}
     assert len({layout.text_len for _, layout, _ in calls}) == 2

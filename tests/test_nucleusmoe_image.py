@@ -17,6 +17,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
     QWEN_VISION_TOKENS,
+    assert_two_calls_per_step_first_dense,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -135,10 +136,7 @@ def test_pipeline_with_cfg_over_padded_prompts(nucleus_pipe, order):
             "guidance_scale": 4.0, "return_index": -1, "output_type": "pt"}
     stats, calls = check_pipeline_against_dense(nucleus_pipe, call, order=order)
     # `t / 1000` lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
-    records = stats.calls["transformer"]
-    assert sorted({(r.step, r.branch, r.sparse) for r in records}) == [
-        (step, branch, step > 0) for step in range(3) for branch in ("call 0", "call 1")
-    ]
+    assert_two_calls_per_step_first_dense(stats)
     # Each prompt is attended over its own valid tokens, in the template: the two prompts of six words and one, and
     # the empty negative prompts (one length, no padding in their branch's call).
     lengths = sorted({layout.text_len for _, layout, _ in calls})
