@@ -127,13 +127,14 @@ class StepClock:
     uncond calls and across Wan 2.2's two experts. `set_timesteps` makes a new tensor on every pipeline call,
     so a different tensor means a new call. Two timesteps in a run far from every one of the scheduler's (the
     transformer given them on another scale, by a pipeline the family's adapter does not know) get a
-    `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare transformer),
-    steps count distinct timesteps and a timestep larger than the last starts a new run (denoising only ever
-    lowers it).
+    `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare
+    transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
+    only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does).
     """
 
-    def __init__(self, scheduler=None):
+    def __init__(self, scheduler=None, rising: bool = False):
         self._scheduler = scheduler
+        self._rising = rising
         self._timesteps_ref = None
         self._last_t: float | None = None
         self._step = -1
@@ -179,7 +180,7 @@ class StepClock:
                         StepScheduleWarning, stacklevel=2,
                     )
             return step, len(self._grid), new_run
-        new_run = self._last_t is None or t > self._last_t
+        new_run = self._last_t is None or (t < self._last_t if self._rising else t > self._last_t)
         if new_run:
             self._step = 0
         elif t != self._last_t:

@@ -348,6 +348,9 @@ class ModelAdapter(ABC):
     # The transformer may get one timestep per latent frame, each frame at its own noise level (diffusion forcing):
     # applied to a pipeline, each frame follows the dense-step schedule on its own step (`SparseRuntime.begin_call`).
     per_frame_steps: bool = False
+    # The timestep `read_call` gives rises as denoising goes (MiniMax-H3's `1 - sigma`): on a bare transformer (no
+    # scheduler) a lower timestep than the last, not a higher one, starts a new run.
+    timesteps_rise: bool = False
 
     def self_attention_modules(self, transformer: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         """`(layer index, attention module)` for every self-attention that may become sparse: the blocks of

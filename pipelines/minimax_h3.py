@@ -54,6 +54,7 @@ class MiniMaxH3Adapter(ModelAdapter):
     original_processor = MiniMaxH3AttnProcessor
     sparse_processor = MiniMaxH3SparseAttnProcessor
     attention_name = "attn"
+    timesteps_rise = True
 
     def read_call(self, transformer, args, kwargs):
         timestep = call_argument(args, kwargs, "timestep", 3)

@@ -166,3 +166,17 @@ def test_every_transformer_component_of_a_modular_pipeline_is_found():
         time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2) for _ in range(2))
     pipe.update_components(transformer=first, transformer_ref=second)
     assert find_transformers(pipe)[0] == {"transformer": first, "transformer_ref": second}
+
+
+def test_a_bare_loop_counts_rising_timesteps_as_steps(transformer):
+    # MiniMax-H3's timestep rises as denoising goes (`1 - sigma`): without a scheduler, each higher timestep is the
+    # next step and a lower one starts a new run (for other families, the other way round).
+    call = inputs()()
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1)
+    with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
+        for t in (0.1, 0.4, 0.7):
+            transformer(**{**call, "timestep": torch.tensor([1.0, t])})
+        assert sorted({(r.step, r.sparse) for r in handle.stats().calls["transformer"]}) == [
+            (0, False), (1, True), (2, True)]
+        transformer(**{**call, "timestep": torch.tensor([1.0, 0.1])})
+        assert {(r.step, r.sparse) for r in handle.stats().calls["transformer"]} == {(0, False)}
