@@ -765,6 +765,7 @@ class SparseContextHook(ModelHook):
         self._read_call = read_call
         self._on_new_run = on_new_run
         self._own_context = False
+        self._in_forward = False
         self._last_step: int | None = None
         self._call_in_step = 0
 
@@ -773,6 +774,13 @@ class SparseContextHook(ModelHook):
     # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
+        # The last forward raised (an out-of-memory error, an interrupt, a call the adapter refused), so its
+        # `post_forward` never ran: close it first, else this call and every call after it would inherit its branch
+        # name ("call 0") and share that branch's state.
+        if self._in_forward:
+            self._call_in_step -= self._own_context  # its place among the step's calls is free again
+            self._close_call()
+        self._in_forward = True
         whole_args, whole_kwargs = _whole_call(module, args, kwargs)
         layout, timestep, *token_order = self._read_call(module, whole_args, whole_kwargs)
         text = _call_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
@@ -800,10 +808,15 @@ class SparseContextHook(ModelHook):
 
     @torch.compiler.disable
     def post_forward(self, module, output):
+        self._close_call()
+        return output
+
+    def _close_call(self):
         self.runtime.end_call()
         if self._own_context:
             self.state_manager.set_context(None)
-        return output
+            self._own_context = False
+        self._in_forward = False
 
     def reset_state(self, module):
         self.state_manager.reset()

@@ -577,3 +577,22 @@ def test_peft_lora_on_the_attention_projections_is_kept():
             assert torch.equal(generate(pipe), reference)
         with diffsparse.sparse(pipe, config):
             torch.testing.assert_close(generate(pipe), reference, atol=1e-4, rtol=0)
+
+
+def test_a_transformer_call_that_raises_leaves_the_next_calls_their_own_branches(tiny_pipe):
+    # A forward that raises (out of memory, an interrupt, a refused call) never reaches the hook's `post_forward`.
+    # Before, the branch name it had set stayed: every later unnamed call ran as "call 0", one branch's state for all.
+    transformer = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 5, 16, 24, generator=g)
+    prompt = torch.randn(1, 8, 32, generator=g)
+    config = diffsparse.SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1)
+    with diffsparse.sparse(transformer, config) as handle, torch.no_grad():
+        with pytest.raises(RuntimeError):
+            transformer(latents, torch.tensor([900.0]), prompt[..., :7])  # text of the wrong width
+        for t in (900.0, 600.0):
+            for _ in range(2):
+                transformer(latents, torch.tensor([t]), prompt)
+        records = handle.stats().calls["transformer"]
+    assert sorted({(r.step, r.branch) for r in records}) == [
+        (0, "call 0"), (0, "call 1"), (1, "call 0"), (1, "call 1")]
