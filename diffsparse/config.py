@@ -212,9 +212,11 @@ class SparseConfig:
         if num_steps is None:
             if isinstance(self.dense_steps, float) or self.dense_last_steps != 0:
                 raise ValueError(
-                    "The number of denoising steps is unknown (sparse attention was applied to a bare transformer), "
-                    f"so SparseConfig.dense_steps={self.dense_steps!r} / dense_last_steps={self.dense_last_steps!r} "
-                    "cannot be resolved: give dense_steps as an int and dense_last_steps=0, or apply to the pipeline."
+                    "The number of denoising steps is unknown (sparse attention was applied to a bare transformer, or "
+                    "to a pipeline without a scheduler, as Echo's modular blocks with their own sigmas), so "
+                    f"SparseConfig.dense_steps={self.dense_steps!r} / dense_last_steps={self.dense_last_steps!r} "
+                    "cannot be resolved: give dense_steps as an int and dense_last_steps=0, or apply to a pipeline "
+                    "with a scheduler."
                 )
             return step < self.dense_steps
         first = resolve_step_count(self.dense_steps, num_steps)

@@ -4,7 +4,8 @@ Each block holds a video self-attention `attn1` (made sparse), an audio self-att
 sequence: untouched), text cross-attentions and audio-video cross-attentions (untouched). The video tokens arrive
 packed frame-major; the pipelines pass the latent grid as `num_frames`, `height`, `width` (LTX-2.5's DFR pipeline
 only the tokens' coordinates, from which it is read). LTX2ConditionPipeline appends keyframe tokens after the
-grid: they take the layout's trailing span, which patterns keep whole. LTX-2.3
+grid: they take the layout's trailing span, which patterns keep whole; Echo's modular blocks put clean memory
+frames before it: the leading span. LTX-2.3
 checkpoints use `LTX2PerturbedAttnProcessor` (spatio-temporal guidance), whose perturbed batch elements take the
 values instead of attention; both processor classes get the same sparse path.
 """
@@ -117,9 +118,26 @@ class LTX2Adapter(ModelAdapter):
                 f"the LTX-2 transformer got {tokens} video tokens, fewer than its {frames} x {height} x {width} grid "
                 f"holds ({grid_len}); diffsparse cannot place them: `diffsparse.remove(pipe)`"
             )
-        # Appended keyframe (or reference) tokens: a trailing span kept whole, like text.
-        layout = VideoLayout(frames // p_t, height // p, width // p, text_len=tokens - grid_len, text_position="end")
-        return layout, timestep
+        # Appended keyframe (or reference) tokens: a trailing span kept whole, like text. Echo puts its clean memory
+        # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates.
+        grid, extra = (frames // p_t, height // p, width // p), tokens - grid_len
+        coords = kwargs.get("video_coords")
+        position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra)
+        return VideoLayout(*grid, text_len=extra, text_position=position), timestep
+
+
+def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int], extra: int) -> str:
+    """Where the `extra` tokens of an LTX-2 call besides its named `grid` are: `"start"` when the grid's frames
+    (read as `grid_from_coords` does) run from token `extra` and not from token 0 (Echo's clean memory frames, at
+    times of their own, prepended), else `"end"` (keyframes and IC-LoRA references, appended)."""
+    def grid_from(start: int) -> bool:
+        try:
+            layout = grid_from_coords(video_coords[:, :, start:])
+        except ValueError:
+            return False
+        return (layout.frames, layout.height, layout.width) == grid
+
+    return "start" if not grid_from(0) and grid_from(extra) else "end"
 
 
 def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:

@@ -420,3 +420,124 @@ def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
     assert Counter(calls) == Counter(
         (layer, layout, (1, layout.num_tokens)) for step in (1, 2) for layer in (0, 1) for layout in layouts
     )
+
+
+def modular_run(pipe, call):
+    """`run(config=None) -> (video and audio latents flattened, stats)`: `pipe(**call)` from seed 0, under `config`
+    when given."""
+    def run(config=None):
+        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
+            out = pipe(**call, generator=torch.Generator().manual_seed(0), output=["latents", "audio_latents"])
+            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
+
+    return run
+
+
+@pytest.mark.parametrize("variant, blocks", [
+    ("2.3", "text2video"), ("2.0", "image2video"), ("2.0", "condition"), ("2.0", "in_context"),
+])
+def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_step(variant, blocks):
+    """diffusers' modular LTX-2 denoise blocks (`LTX2CoreDenoiseStep`, `LTX2Image2VideoCoreDenoiseStep`,
+    `LTX2ConditionCoreDenoiseStep`, `LTX2InContextCoreDenoiseStep`) on the tiny transformer, a flow-matching scheduler
+    and `LTX2Guidance` guiders (CFG; with LTX-2.3's STG on block 1 and modality guidance), fed connector embeddings:
+    dense identical on the video and audio latents, every block kept within 1e-4, and a sparse run whose calls each
+    fall on their own scheduler step, the first dense, on the grid with the appended tokens its trailing span."""
+    from diffusers.guiders import LTX2Guidance
+    from diffusers.modular_pipelines.ltx2 import modular_blocks_ltx2 as modular
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+
+    step = {"text2video": modular.LTX2CoreDenoiseStep, "image2video": modular.LTX2Image2VideoCoreDenoiseStep,
+            "condition": modular.LTX2ConditionCoreDenoiseStep, "in_context": modular.LTX2InContextCoreDenoiseStep}
+    pipe = step[blocks]().init_pipeline()
+    extra = {} if variant == "2.0" else {"stg_scale": 1.0, "modality_scale": 3.0, "guidance_rescale": 0.7}
+    torch.manual_seed(0)
+    pipe.update_components(
+        transformer=tiny_transformer(variant), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        # 2 latent channels x 8 / 4 mel bins: audio tokens 4 wide (the transformer's `audio_in_channels`).
+        audio_vae=AutoencoderKLLTX2Audio(base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1,
+                                         latent_channels=2, mel_bins=8, resolution=32).eval(),
+        guider=LTX2Guidance(guidance_scale=3.0, spatio_temporal_guidance_blocks=[1] if extra else None, **extra),
+        audio_guider=LTX2Guidance(guidance_scale=7.0, **extra),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    # No VAE in the blocks: its default 8x time, 32x space compression; 17 frames of 128 x 192 -> a 3 x 4 x 6 grid.
+    call = {"batch_size": 1, "dtype": torch.float32, "num_frames": 17, "height": 128, "width": 192,
+            "num_inference_steps": 3}
+    for prefix in ("", "negative_"):
+        call |= {f"{prefix}connector_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+                 f"{prefix}connector_audio_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+                 f"{prefix}connector_attention_mask": torch.ones(1, 7)}
+    if blocks == "image2video":  # latent frame 0 held clean: its tokens at timestep 0, the others at the step's
+        call["image_latents"] = torch.randn(1, 8, 1, 4, 6, generator=g)
+    if blocks in ("condition", "in_context"):  # a still at latent frame 0 (written in), one at frame 2 (appended)
+        call |= {"condition_latents": [torch.randn(1, 8, 1, 4, 6, generator=g) for _ in range(2)],
+                 "condition_strengths": [1.0, 1.0], "condition_indices": [0, 2], "condition_pixel_frames": [1, 1]}
+    if blocks == "in_context":  # an IC-LoRA reference video on the grid's coordinates, appended after the keyframe
+        call |= {"reference_conditions": [LTX2ReferenceCondition(frames=None)], "reference_token_counts": [72],
+                 "reference_latents": torch.randn(1, 72, 8, generator=g),
+                 "reference_coords": pipe.transformer.rope.prepare_video_coords(1, 3, 4, 6, torch.device("cpu"))}
+    run = modular_run(pipe, call)
+
+    reference, _ = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # Each guidance pass its own single-batch call in its own cache context (the branch); the timestep the
+    # scheduler's `t` (per token where tokens are held clean, its maximum the step's): each step found. STG's pass
+    # computes no attention on block 1, so only block 0 is counted there.
+    passes = {"pred_cond": [0, 1], "pred_uncond": [0, 1]}
+    if extra:
+        passes |= {"pred_cond_stg": [0], "pred_cond_modality": [0, 1]}
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch, r.layer) for r in records) == Counter(
+        (step, branch, layer) for step in range(3) for branch, layers in passes.items() for layer in layers)
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    appended = {"condition": 24, "in_context": 24 + 72}.get(blocks, 0)  # the keyframe's 4 x 6 tokens, the reference's
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 6, text_len=appended, text_position="end")}
+
+
+@pytest.mark.parametrize("memory_slots", [0, 2])
+def test_echo_denoise_blocks_keep_the_memory_frames_whole_in_front_of_the_grid(memory_slots):
+    """diffusers' Echo denoise blocks (`EchoDenoiseStep`: LTX-2's transformer, DMD sigmas, no scheduler, no guidance)
+    with a clean first frame and `memory_slots` clean memory frames, which the blocks put *before* the grid's tokens
+    at times of their own: dense identical, every block kept within 1e-4, each call its own step (counted from the
+    timesteps), the first dense, and the memory frames the layout's leading span. Before, they were read as a
+    trailing span: the grid taken from the memory tokens on, the video's last frames kept whole as if conditions."""
+    from diffusers.modular_pipelines.echo.modular_blocks_echo import EchoDenoiseStep
+
+    pipe = EchoDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=tiny_transformer("2.3"))
+    # Only its latent mel bins (8 / 4) are read, to unpack the audio tokens; the blocks hold no such component.
+    pipe.audio_vae = AutoencoderKLLTX2Audio(base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1,
+                                            latent_channels=2, mel_bins=8, resolution=32).eval()
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    call = {"num_frames": 17, "height": 128, "width": 192, "sigmas": (1.0, 0.9, 0.5, 0.0),  # a 3 x 4 x 6 grid
+            "connector_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+            "connector_audio_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+            "connector_attention_mask": torch.ones(1, 7),
+            "first_frame_latents": torch.randn(1, 8, 1, 4, 6, generator=g)}
+    if memory_slots:
+        call |= {"memory_video_latents": [torch.randn(1, 8, 1, 4, 6, generator=g) for _ in range(memory_slots)],
+                 "memory_audio_latents": [torch.randn(1, 2, 3, 2, generator=g) for _ in range(memory_slots)]}
+    run = modular_run(pipe, call)
+
+    reference, _ = run()
+    # No scheduler: the step count is unknown, so `dense_steps` must be an int (the default 0.2 is refused).
+    with pytest.raises(ValueError, match="pipeline without a scheduler"):
+        run(diffsparse.SparseConfig())
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense", dense_steps=0))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, "call 0"): 2 for step in range(3)}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 6, text_len=24 * memory_slots,
+                                                              text_position="start" if memory_slots else "end")}
