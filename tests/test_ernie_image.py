@@ -1,13 +1,22 @@
 """diffsparse on diffusers' ERNIE-Image pipeline (tiny, random weights, offline): one-frame layouts with the
-prompts, padded to the longest, after the image."""
+prompts, padded to the longest, after the image; and diffusers' modular `ErnieImageCoreDenoiseStep` fed prompt
+embeddings."""
 
 import pytest
 import torch
 from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.ernie_image.modular_blocks_ernie_image import ErnieImageCoreDenoiseStep
 
-from diffsparse.patterns import TileOrder, VideoLayout
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_flux2_vae
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    tiny_flux2_vae,
+)
 
 TEXT_DIM = 8
 
@@ -54,3 +63,42 @@ def test_dense_identical_every_block_kept_and_each_prompt_over_its_valid_tokens(
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ernie_pipe):
     check_other_processors_are_refused(ernie_pipe, "ERNIE-Image", layer=1)
+
+
+@pytest.mark.parametrize("lengths, negative_lengths", [((6,), (2,)), ((6, 2), (3, 3))])
+def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_step(ernie_pipe, lengths,
+                                                                                    negative_lengths):
+    # diffusers' modular denoise blocks with a CFG guider: the prompts and the negative prompts (of `lengths` and
+    # `negative_lengths` tokens) are two calls per step at the scheduler's `t`, each batch padded to its longest
+    # (attending the padding fails every block kept with prompts (6, 2)). 128 x 192 pixels -> 8 x 12 latents (x16,
+    # no VAE) -> 8 x 12 patches of 1 x 1.
+    pipe = ErnieImageCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=ernie_pipe.transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    g = torch.Generator().manual_seed(1)
+    call = {"prompt_embeds": [torch.randn(n, TEXT_DIM, generator=g) for n in lengths],
+            "negative_prompt_embeds": [torch.randn(n, TEXT_DIM, generator=g) for n in negative_lengths],
+            "height": 128, "width": 192, "num_inference_steps": 3, "output": "latents"}
+
+    def run(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0))
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    assert {(r.step, r.branch) for r in records} == {(step, f"call {i}") for step in range(3) for i in (0, 1)}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    # One runtime call per prompt length, each on the layout with its own text span after the image.
+    assert {(layout, batch) for _, layout, (batch, _) in calls} == {
+        (VideoLayout(1, 8, 12, text_len=n, text_position="end"), prompts.count(n))
+        for prompts in (lengths, negative_lengths) for n in prompts
+    }

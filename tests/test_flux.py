@@ -1,5 +1,8 @@
 """diffsparse on a diffusers FLUX.1 pipeline (tiny, random weights, offline): one-frame layouts read from
-`img_ids`, text first, dual- and single-stream blocks; and its ControlNet pipeline."""
+`img_ids`, text first, dual- and single-stream blocks; and its ControlNet pipeline. And diffusers' own modular denoise
+blocks (`FluxCoreDenoiseStep`, `FluxKontextCoreDenoiseStep`) driving the same transformer, fed prompt embeddings."""
+
+from collections import Counter
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from diffusers.modular_pipelines.flux.modular_blocks_flux import FluxCoreDenoiseStep
+from diffusers.modular_pipelines.flux.modular_blocks_flux_kontext import FluxKontextCoreDenoiseStep
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import diffsparse
@@ -240,3 +245,44 @@ def test_visualcloze_rows_of_images_are_frames(flux_pipe):
     _, calls = check_pipeline_against_dense(pipe, call)
     # Two rows of two 32 x 32 images: 32 x 64 pixels -> 16 x 32 latents -> 8 x 16 packed tokens per row.
     assert {layout for _, layout, _ in calls} == {VideoLayout(2, 8, 16, text_len=TEXT_LEN, text_position="start")}
+
+
+@pytest.mark.parametrize("blocks, reference_size, layout", [
+    (FluxCoreDenoiseStep, None, VideoLayout(1, 4, 6, text_len=TEXT_LEN, text_position="start")),
+    (FluxKontextCoreDenoiseStep, (8, 12), VideoLayout(2, 4, 6, text_len=TEXT_LEN, text_position="start")),
+    (FluxKontextCoreDenoiseStep, (4, 6), VideoLayout(1, 4, 6, text_len=TEXT_LEN + 2 * 3, text_position="start")),
+], ids=["text2image", "kontext, reference of the output's size", "kontext, reference of another size"])
+def test_modular_denoise_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(flux_pipe, blocks,
+                                                                                       reference_size, layout):
+    # diffusers' modular FLUX.1 blocks (one call per step, no guider) pass `t / 1000` as the timestep; Kontext's
+    # appends the reference latents' tokens and ids (first id 1). A 64 x 96 image is 4 x 6 packed tokens (no VAE:
+    # the blocks' scale factor 8); the reference latents are 4 channels of 8 x 12 (the output's size) or 4 x 6.
+    pipe = blocks().init_pipeline()
+    pipe.update_components(transformer=flux_pipe.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    call = {"prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g),
+            "pooled_prompt_embeds": torch.randn(1, 8, generator=g), "height": 64, "width": 96, "num_inference_steps": 3,
+            "output": "latents"}
+    if blocks is FluxKontextCoreDenoiseStep:
+        call.update(max_area=64 * 96, image_latents=torch.randn(1, 4, *reference_size, generator=g))
+
+    def denoise(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), None
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference, _ = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # `t / 1000` scaled back: each call on its own scheduler step (a wrong scale puts them all on one), the first dense.
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, "call 0"): 2 for step in range(3)}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {(layout, shape) for _, layout, shape in calls} == {(layout, (1, layout.num_tokens))}

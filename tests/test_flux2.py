@@ -3,7 +3,8 @@
 second frame. And the whole pipelines built offline from tiny components, `Flux2Pipeline` (Mistral 3 text encoder
 behind a Pixtral processor, embedded guidance) and `Flux2KleinPipeline` (Qwen3, true CFG), both with the FLUX.2 VAE:
 text-to-image and reference-image edits on the pipelines' own calls, whose `t / 1000` timesteps land on the
-scheduler's steps."""
+scheduler's steps. And diffusers' own modular denoise blocks fed prompt embeddings: FLUX.2 [dev]'s and [klein] base's
+(CFG), with and without reference images, and [klein]'s with a reference."""
 
 from collections import Counter
 
@@ -15,6 +16,9 @@ from diffusers import (
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.flux2 import modular_blocks_flux2, modular_blocks_flux2_klein
+from diffusers.modular_pipelines.flux2 import modular_blocks_flux2_klein_base as klein_base
 from PIL import Image
 from transformers import (
     Mistral3Config,
@@ -272,3 +276,78 @@ def test_reference_image_edits_through_the_pipeline(flux2_pipe, sizes):
     sparse = diffsparse.SparseConfig(pattern=Window3D(window=(layout.frames, 1, 1)), block_size=8, dense_steps=1)
     stats, calls = check_pipeline_against_dense(pipe, call, block_size=8, sparse=sparse)
     check_steps_and_layouts(pipe, stats, calls, calls_per_step, layout)
+
+
+@pytest.fixture(scope="module")
+def flux2_modular_pipes():
+    """diffusers' modular FLUX.2 denoise blocks, text-to-image and with reference images, on two tiny transformers:
+    [dev] (embedded guidance, one call a step), [klein] (distilled: no guidance, one call) and [klein] base (a CFG
+    guider: the prompt's and the negative prompt's calls, one after another)."""
+    torch.manual_seed(0)
+    dev, klein = tiny_pipeline_transformer(guidance_embeds=True), tiny_pipeline_transformer(guidance_embeds=False)
+    pipes = {}
+    for name, blocks, transformer, guider in (
+        ("dev", modular_blocks_flux2.Flux2CoreDenoiseStep, dev, None),
+        ("dev references", modular_blocks_flux2.Flux2ImageConditionedCoreDenoiseStep, dev, None),
+        ("klein references", modular_blocks_flux2_klein.Flux2KleinImageConditionedCoreDenoiseStep, klein, None),
+        ("klein base", klein_base.Flux2KleinBaseCoreDenoiseStep, klein, ClassifierFreeGuidance(guidance_scale=4.0)),
+        ("klein base references", klein_base.Flux2KleinBaseImageConditionedCoreDenoiseStep, klein,
+         ClassifierFreeGuidance(guidance_scale=4.0)),
+    ):
+        pipe = blocks().init_pipeline()
+        components = {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}
+        pipe.update_components(**components, **({"guider": guider} if guider else {}))
+        pipe.set_progress_bar_config(disable=True)
+        pipes[name] = pipe
+    return pipes
+
+
+@pytest.mark.parametrize("name, reference_sizes", [
+    ("dev", ()), ("dev references", [(4, 6)]), ("klein references", [(2, 3)]), ("klein base", ()),
+    ("klein base references", [(4, 6), (2, 3)]),
+], ids=["dev", "dev, a reference of the output's size", "klein, one of another size", "klein base",
+        "klein base, one of each size"])
+def test_modular_denoise_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(flux2_modular_pipes, name,
+                                                                                       reference_sizes):
+    # The blocks pass `t / 1000` and append the reference latents' tokens (ids at times 10, 20, ...): references of
+    # the output's size are frames 1, 2, ...; beside one of another size all join the text's span. A 64 x 96 image
+    # is 4 x 6 packed tokens (no VAE: the blocks' scale factor 8).
+    pipe, guided = flux2_modular_pipes[name], name.startswith("klein base")
+    g = torch.Generator().manual_seed(1)
+    text_dim = len(ENCODER_LAYERS) * ENCODER_WIDTH
+    call = {"prompt_embeds": torch.randn(1, TEXT_LEN, text_dim, generator=g), "height": 64, "width": 96,
+            "num_inference_steps": 3, "output": "latents"}
+    if guided:
+        call["negative_prompt_embeds"] = torch.randn(1, 4, text_dim, generator=g)
+    if reference_sizes:
+        call["image_latents"] = [torch.randn(1, 8, *size, generator=g) for size in reference_sizes]
+
+    def denoise(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), None
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference, _ = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # Each call on its own scheduler step (a wrong scale puts them all on one), the first dense; the guider's two
+    # calls a step are two branches, each on its own prompt's layout.
+    prompts = (TEXT_LEN, 4) if guided else (TEXT_LEN,)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, f"call {i}"): len(layers(pipe)) for step in range(3) for i in range(len(prompts))
+    }
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    if all(size == (4, 6) for size in reference_sizes):
+        frames, spanned = 1 + len(reference_sizes), 0
+    else:
+        frames, spanned = 1, sum(rows * cols for rows, cols in reference_sizes)
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(frames, 4, 6, text_len=n + spanned, text_position="start") for n in prompts
+    }

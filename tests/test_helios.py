@@ -1,13 +1,27 @@
 """diffsparse on a diffusers Helios transformer (tiny, random weights; called directly, and through tiny
 `HeliosPipeline` and `HeliosPyramidPipeline` pipelines): the chunk being generated attends its multi-term memory
 (short-, mid- and long-term history latents patchified at 1x, 2x and 4x), which is the layout's leading span, kept
-whole; the memory's keys amplified by a learned scale."""
+whole; the memory's keys amplified by a learned scale. And diffusers' modular denoise blocks (text-to-video,
+image-to-video, pyramid, distilled pyramid) on the same tiny transformer, fed prompt embeddings."""
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
-from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler, HeliosTransformer3DModel
+from diffusers import (
+    HeliosDMDScheduler,
+    HeliosPipeline,
+    HeliosPyramidPipeline,
+    HeliosScheduler,
+    HeliosTransformer3DModel,
+)
+from diffusers.guiders import ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance
+from diffusers.modular_pipelines.helios.modular_blocks_helios import HeliosCoreDenoiseStep, HeliosI2VCoreDenoiseStep
+from diffusers.modular_pipelines.helios.modular_blocks_helios_pyramid import HeliosPyramidCoreDenoiseStep
+from diffusers.modular_pipelines.helios.modular_blocks_helios_pyramid_distilled import (
+    HeliosPyramidDistilledCoreDenoiseStep,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -215,3 +229,67 @@ def test_sparse_steps_density_counts_every_stage_of_the_generation(pyramid):
     assert whole.sparse_density < 1
     assert whole.sparse_steps_density == pytest.approx(whole.sparse_density)
     assert whole.mean_density == pytest.approx((24 + 32 * whole.sparse_density) / 56)
+
+
+@pytest.mark.parametrize("name", ["text2video", "image2video", "pyramid", "pyramid distilled"])
+def test_modular_pipeline_dense_every_block_kept_and_each_stage_sparse_after_its_dense_step(transformer, name):
+    # diffusers' modular Helios blocks, fed prompt embeddings, with the scheduler and guider each expects (both
+    # guider branches in their own cache contexts; the distilled blocks run the conditional one alone). Without a
+    # VAE the latents have the transformer's 4 channels at 1/8 the size: 9 frames of 64 x 128 make 2 chunks of 2
+    # latent frames of 8 x 16 behind the pyramid's 74 memory tokens. Each chunk, and each pyramid stage, sets the
+    # scheduler's timesteps anew, so `dense_steps` counts within each, as in the pipelines above.
+    single = HeliosScheduler(stages=1, stage_range=[0, 1])
+    blocks, scheduler, guider, call = {
+        "text2video": (HeliosCoreDenoiseStep, single, ClassifierFreeGuidance(5.0), {"num_inference_steps": 3}),
+        "image2video": (HeliosI2VCoreDenoiseStep, single, ClassifierFreeGuidance(5.0), {"num_inference_steps": 3}),
+        "pyramid": (HeliosPyramidCoreDenoiseStep, HeliosScheduler(gamma=0.3), ClassifierFreeZeroStarGuidance(5.0),
+                    {"pyramid_num_inference_steps_list": PYRAMID_STEPS}),
+        # The distilled blocks' scheduler steps take DMD arguments: `HeliosDMDScheduler`'s (not `HeliosScheduler`'s).
+        "pyramid distilled": (HeliosPyramidDistilledCoreDenoiseStep, HeliosDMDScheduler(gamma=0.3),
+                              ClassifierFreeGuidance(1.0), {"pyramid_num_inference_steps_list": [1, 2, 1]}),
+    }[name]
+    # Per chunk, per stage: (steps, the chunk's token grid). The distilled blocks double the first chunk's steps.
+    chunks = {"pyramid": [list(zip(PYRAMID_STEPS, PYRAMID_GRIDS))] * 2,
+              "pyramid distilled": [list(zip(steps, PYRAMID_GRIDS)) for steps in ([2, 4, 2], [1, 2, 1])]
+              }.get(name, [[(3, PYRAMID_GRIDS[-1])]] * 2)
+    branches = ["pred_cond"] if name == "pyramid distilled" else ["pred_cond", "pred_uncond"]
+    pipe = blocks().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=scheduler, guider=guider)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    prompt, negative = torch.randn(2, 1, 6, 16, generator=g)
+    call.update(prompt_embeds=prompt, negative_prompt_embeds=negative,
+                num_frames=9, num_latent_frames_per_chunk=2, history_sizes=[4, 2, 1], output="latent_chunks")
+    if name == "image2video":  # the image's latents set the size
+        call.update(image_latents=torch.randn(1, 4, 1, 8, 16, generator=g),
+                    fake_image_latents=torch.randn(1, 4, 1, 8, 16, generator=g))
+    else:
+        call.update(height=64, width=128)
+
+    def denoise(config=None):
+        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
+            out = torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2)
+            return out, handle and (handle.stats(), handle.stats(since_apply=True))
+
+    reference, _ = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, (last, whole) = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                             dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    runs = [run for chunk in chunks for run in chunk]
+    # Per layer: the first step of every chunk's every stage dense, per branch; the rest sparse.
+    dense = len(runs) * len(branches)
+    assert [(s.dense_calls, s.sparse_calls, s.dense_step_calls) for s in whole.layers] == [
+        (dense, sum(steps - 1 for steps, _ in runs) * len(branches), dense)
+    ] * 2
+    # `stats()` holds the last stage of the last chunk, each call on its own step.
+    assert [(r.step, r.branch, r.layer, r.sparse) for r in last.calls["transformer"]] == [
+        (step, branch, layer, step > 0) for step in range(runs[-1][0]) for branch in branches for layer in range(2)
+    ]
+    # The sparse calls: the stage's grid behind the whole memory.
+    layouts = [VideoLayout(*grid, text_len=PYRAMID_MEMORY, text_position="start") for _, grid in runs]
+    assert calls == [(layer, layout, (1, layout.num_tokens)) for (steps, _), layout in zip(runs, layouts)
+                     for _ in range(steps - 1) for _ in branches for layer in range(2)]

@@ -4,7 +4,10 @@ masked as keys and queries. And the whole `HunyuanVideo15Pipeline` built (Qwen2.
 encoder, HunyuanVideo 1.5 VAE) and run with its classifier-free guider: each branch's padded prompt cut to its
 valid tokens, the scheduler's timesteps landing on their steps. Then `HunyuanVideo15ImageToVideoPipeline` from the
 same components and a tiny SigLIP image encoder, run on a small image that decides the video's size: the image's
-SigLIP tokens are real (valid) text tokens of every sparse call, ahead of the valid ByT5 and MLLM tokens."""
+SigLIP tokens are real (valid) text tokens of every sparse call, ahead of the valid ByT5 and MLLM tokens. And
+diffusers' modular denoise blocks (text- and image-to-video) on a tiny transformer, fed prompt embeddings."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -17,6 +20,11 @@ from diffusers import (
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
+from diffusers.modular_pipelines.hunyuan_video1_5.modular_blocks_hunyuan_video1_5 import (
+    HunyuanVideo15CoreDenoiseStep,
+    HunyuanVideo15Image2VideoCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.hunyuan_video1_5.modular_pipeline import HunyuanVideo15ModularPipeline
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
 from PIL import Image
 from transformers import (
@@ -40,6 +48,7 @@ from helpers import (
     check_pipeline_against_dense,
     check_prompts_attend_their_valid_tokens,
     qwen_tokenizer,
+    recorded_attention_calls,
     run_transformer,
 )
 
@@ -48,12 +57,12 @@ MLLM_LEN, BYT5_LEN, IMAGE_LEN = 8, 4, 4
 TEXT_LEN = MLLM_LEN + BYT5_LEN + IMAGE_LEN
 
 
-def tiny_transformer(in_channels=4):
-    """MLLM text 16 wide, ByT5 text 8 wide, image embeddings 8 wide; 4 output channels."""
+def tiny_transformer(in_channels=4, out_channels=4, **config):
+    """MLLM text 16 wide, ByT5 text 8 wide, image embeddings 8 wide; 4 output channels unless told."""
     return HunyuanVideo15Transformer3DModel(
-        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
-        rope_axes_dim=(4, 6, 6),
+        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=16,
+        num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), **config,
     ).eval()
 
 
@@ -276,3 +285,53 @@ def test_image_to_video_pipeline_attends_the_image_tokens_as_valid_text(hunyuan1
         (layer, expected[branch], (1, expected[branch].num_tokens))
         for _sparse_step in range(1, 3) for branch in PROMPTS for layer in range(2)
     ]
+
+
+@pytest.mark.parametrize("blocks", [HunyuanVideo15CoreDenoiseStep, HunyuanVideo15Image2VideoCoreDenoiseStep],
+                         ids=["text2video", "image2video"])
+def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(blocks, monkeypatch):
+    # diffusers' modular denoise blocks, fed prompt embeddings, with their CFG guider (each branch in its own cache
+    # context). Without a VAE they make 32 latent channels at 1/16 the size: 9 frames of 128 x 192 -> 3 x 8 x 12
+    # latents, 3 x 4 x 6 tokens. The image-to-video blocks pass the next step's timestep as `timestep_r` to a
+    # MeanFlow transformer, and the transformer also takes the condition latents and their mask.
+    image2video = blocks is HunyuanVideo15Image2VideoCoreDenoiseStep
+    # The blocks' zero image embedding has 729 tokens, all masked; 4 keep the test fast.
+    monkeypatch.setattr(HunyuanVideo15ModularPipeline, "vision_num_semantic_tokens", IMAGE_LEN)
+    torch.manual_seed(0)
+    pipe = blocks().init_pipeline()
+    pipe.update_components(transformer=tiny_transformer(2 * 32 + 1, 32, use_meanflow=image2video),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                           guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.set_progress_bar_config(disable=True)
+    valid = {"pred_cond": (6, 2), "pred_uncond": (3, 0)}  # per branch: valid MLLM and ByT5 tokens of 8 and 4
+    g = torch.Generator().manual_seed(1)
+    call = {"height": 128, "width": 192, "num_frames": 9, "num_inference_steps": 3, "output": "latents"}
+    for prefix, (mllm, byt5) in zip(("", "negative_"), valid.values()):
+        call[f"{prefix}prompt_embeds"] = torch.randn(1, MLLM_LEN, 16, generator=g)
+        call[f"{prefix}prompt_embeds_mask"] = (torch.arange(MLLM_LEN) < mllm)[None].long()
+        call[f"{prefix}prompt_embeds_2"] = torch.randn(1, BYT5_LEN, 8, generator=g)
+        call[f"{prefix}prompt_embeds_mask_2"] = (torch.arange(BYT5_LEN) < byt5)[None].long()
+    if image2video:
+        call["image_latents"] = torch.randn(1, 32, 1, 8, 12, generator=g)
+
+    def denoise(config=None):
+        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle and handle.stats()
+
+    reference, _ = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # The blocks pass the scheduler's timesteps as they are: each call on its own step, the first dense.
+    assert [(r.step, r.branch, r.layer, r.sparse) for r in stats.calls["transformer"]] == [
+        (step, branch, layer, step > 0) for step in range(3) for branch in valid for layer in range(2)
+    ]
+    # Each branch's text cut to its valid MLLM and ByT5 tokens. The image tokens are masked in both variants: the
+    # image-to-video blocks run the text-to-video latents step first, whose zero `image_embeds` replace any given
+    # (diffusers 0.42.1), so the SigLIP tokens never reach the transformer.
+    layouts = {branch: VideoLayout(3, 4, 6, text_len=sum(n), text_position="end") for branch, n in valid.items()}
+    assert calls == [(layer, layouts[branch], (1, layouts[branch].num_tokens))
+                     for _sparse_step in range(1, 3) for branch in valid for layer in range(2)]

@@ -1,9 +1,13 @@
 """diffsparse on diffusers' Ideogram 4 transformer (tiny, random weights, offline, called directly with the packing
-its pipeline builds): `[left padding, text, image]` rows under a block-diagonal segment mask."""
+its pipeline builds): `[left padding, text, image]` rows under a block-diagonal segment mask. And the pipeline, and
+diffusers' modular denoise blocks (`Ideogram4CoreDenoiseStep`) fed text features, driving it."""
+
+from collections import Counter
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+from diffusers.modular_pipelines.ideogram4.modular_blocks_ideogram4 import Ideogram4CoreDenoiseStep
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -105,4 +109,44 @@ def test_the_pipeline_runs_both_transformers_sparse():
     assert {r.step for log in stats.calls.values() for r in log} == {0, 1, 2}
     assert {layout for _, layout, _ in calls} == {
         VideoLayout(1, 8, 12, text_len=n, text_position="start") for n in (5, 2, 0)
+    }
+
+
+def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_after_the_dense_step():
+    # diffusers' modular core denoise blocks pack the text features themselves, pass `1 - t / 1000` and blend the
+    # two transformers' velocities (no guider); prompts of 5 and 2 tokens, left-padded and zeroed as its text encoder
+    # step leaves them.
+    torch.manual_seed(0)
+    pipe = Ideogram4CoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=tiny_transformer(), unconditional_transformer=tiny_transformer(),
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+    lengths = torch.tensor([5, 2])
+    features = torch.randn(2, MAX_TEXT, FEATURES, generator=torch.Generator().manual_seed(1))
+    features *= (torch.arange(MAX_TEXT) >= MAX_TEXT - lengths[:, None])[..., None]
+    # 64 x 96 pixels -> 8 x 12 latents (x8 without a VAE) -> 4 x 6 tokens of 2 x 2.
+    call = {"text_features": features, "text_lengths": lengths.tolist(), "height": 64, "width": 96,
+            "num_inference_steps": 3, "guidance_schedule": [4.0] * 3, "output": "latents"}
+
+    def denoise(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0))
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    torch.testing.assert_close(denoise(every_block)[0], reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # Each transformer's calls land on the scheduler's 3 steps, the first dense; a sparse conditional call runs one
+    # attention per text length.
+    for name, groups in (("transformer", 2), ("unconditional_transformer", 1)):
+        records = stats.calls[name]
+        assert Counter(r.step for r in records) == {0: 2, 1: 2 * groups, 2: 2 * groups}
+        assert all(r.branch == "call 0" and r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 4, 6, text_len=n, text_position="start") for n in (5, 2, 0)
     }

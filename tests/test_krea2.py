@@ -1,13 +1,19 @@
 """diffsparse on diffusers' Krea 2 transformer (tiny, random weights, offline), called with the position ids and text
 masks its pipeline makes: `[text, image]` single-stream blocks, grouped-query heads, a gated output, prompts padded to
-one length and masked.
+one length and masked. And diffusers' modular denoise blocks (`Krea2CoreDenoiseStep` with a CFG guider,
+`Krea2TurboCoreDenoiseStep` without) fed prompt embeddings, driving it.
 
-The pipeline itself is not run here: its prompt path needs a Qwen3-VL text model.
+`Krea2Pipeline` itself is not run here: its prompt path needs a Qwen3-VL text model.
 """
+
+from collections import Counter
 
 import pytest
 import torch
-from diffusers import Krea2Pipeline, Krea2Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.krea2.modular_blocks_krea2 import Krea2CoreDenoiseStep
+from diffusers.modular_pipelines.krea2.modular_blocks_krea2_turbo import Krea2TurboCoreDenoiseStep
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -61,3 +67,45 @@ def test_a_grid_that_is_not_row_major_is_refused(transformer):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Krea 2", layer=1)
+
+
+@pytest.mark.parametrize("turbo", [False, True], ids=["text2image", "turbo"])
+def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(transformer, turbo):
+    # The blocks pass `t / 1000` (the schedule shifted by `mu`); with CFG the guider calls the prompt (5 and 8 valid
+    # tokens of `TEXT_LEN`) and the negative (3 and 3) one after another, sharing the position ids.
+    pipe = (Krea2TurboCoreDenoiseStep if turbo else Krea2CoreDenoiseStep)().init_pipeline()
+    guider = {} if turbo else {"guider": ClassifierFreeGuidance(guidance_scale=4.5, use_original_formulation=True)}
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), **guider)
+    g = torch.Generator().manual_seed(1)
+    prompts = {"prompt_embeds": (5, 8)} if turbo else {"prompt_embeds": (5, 8), "negative_prompt_embeds": (3, 3)}
+    # 64 x 96 pixels -> 8 x 12 latents (x8 without a VAE) -> 4 x 6 tokens of 2 x 2.
+    call = {"height": 64, "width": 96, "num_inference_steps": 3, "output": "latents"}
+    for name, valid in prompts.items():
+        call[name] = torch.randn(2, TEXT_LEN, 2, 8, generator=g)
+        call[f"{name}_mask"] = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
+
+    def denoise(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0))
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference = denoise()
+    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    torch.testing.assert_close(denoise(every_block)[0], reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # Every call on its own scheduler step, the first dense; a sparse call runs one attention per prompt length
+    # in its batch.
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, f"call {i}"): 2 * (len(set(valid)) if step else 1) for step in range(3)
+        for i, valid in enumerate(prompts.values())
+    }
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(1, 4, 6, text_len=n, text_position="start") for n in (5, 8, *(() if turbo else (3,)))
+    }

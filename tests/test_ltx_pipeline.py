@@ -2,6 +2,8 @@
 self-attention, the token grid passed to the transformer as `num_frames`, `height`, `width`, or read from its
 `video_coords` (the condition and the long multi-prompt pipelines)."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import (
@@ -177,3 +179,46 @@ def test_the_long_multi_prompt_pipeline_reads_each_window_from_its_coordinates()
     assert {(h, w, text, shape) for _, h, w, text, shape in windows} == {
         (16, 8, 0, (2, frames * 16 * 8)) for frames, *_ in windows}
     assert len({frames for frames, *_ in windows}) > 1  # windows of different lengths (the injected frames)
+
+
+@pytest.mark.parametrize("image_to_video", [False, True])
+def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_step(image_to_video):
+    """diffusers' modular LTX denoise blocks (`LTXCoreDenoiseStep`, `LTXImage2VideoCoreDenoiseStep`) on the tiny
+    transformer, a flow-matching scheduler and a CFG guider, fed prompt embeddings: dense identical, every block kept
+    within 1e-4, and a sparse run whose calls each fall on their own scheduler step, the first dense."""
+    from collections import Counter
+
+    from diffusers import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.ltx.modular_blocks_ltx import LTXCoreDenoiseStep, LTXImage2VideoCoreDenoiseStep
+
+    pipe = (LTXImage2VideoCoreDenoiseStep if image_to_video else LTXCoreDenoiseStep)().init_pipeline()
+    pipe.update_components(transformer=tiny_ltx_components()["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(),
+                           guider=ClassifierFreeGuidance(guidance_scale=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    # No VAE in the blocks: its default 8x time, 32x space compression; 17 frames of 128 x 192 -> a 3 x 4 x 6 grid.
+    call = {"prompt_embeds": torch.randn(1, 5, 16, generator=g), "prompt_attention_mask": torch.ones(1, 5),
+            "negative_prompt_embeds": torch.randn(1, 4, 16, generator=g),
+            "negative_prompt_attention_mask": torch.ones(1, 4), "num_frames": 17, "height": 128, "width": 192,
+            "num_inference_steps": 3, "output": "latents"}
+    if image_to_video:  # latent frame 0 held clean: its tokens at timestep 0, the others at the step's
+        call["image_latents"] = torch.randn(1, 8, 1, 4, 6, generator=g)
+
+    def run(config=None):
+        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle and handle.stats()
+
+    reference, _ = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # The blocks give the transformer the scheduler's own `t` (0-1000; per token for image-to-video, its maximum the
+    # step's): each step found. The guider's two calls are the transformer's cache contexts, one per branch.
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {
+        (step, branch): 2 for step in range(3) for branch in ("pred_cond", "pred_uncond")}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 6)}

@@ -5,7 +5,9 @@ size (frames) and of another size (kept whole beside the text); padded prompts r
 it passes land on the scheduler's steps. Then `QwenImageEditPlusPipeline` from the same VAE and transformer, with a
 Qwen2-VL processor built in memory, so that the tiny vision tower encodes each reference image into the prompt: edits
 with a reference of the output's size (a second frame), of another size (kept whole beside the text) and both. And
-`QwenImageControlNetPipeline`: the ControlNet dense and untouched."""
+`QwenImageControlNetPipeline`: the ControlNet dense and untouched. And diffusers' modular denoise blocks
+(text-to-image, Edit, Edit Plus, Layered, ControlNet) driving the transformer with a CFG guider, fed prompt
+embeddings and latents."""
 
 from collections import Counter
 
@@ -21,6 +23,14 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage import (
+    QwenImageControlNetCoreDenoiseStep,
+    QwenImageCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_edit import QwenImageEditCoreDenoiseStep
+from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_edit_plus import QwenImageEditPlusCoreDenoiseStep
+from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_layered import QwenImageLayeredCoreDenoiseStep
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from PIL import Image
 from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -48,11 +58,11 @@ TEXT_LEN = 7
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
 
 
-def tiny_transformer():
+def tiny_transformer(**kwargs):
     """4 latent channels packed 2x2 (16 in), text of the tiny Qwen2.5-VL's width (16)."""
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), **kwargs,
     ).eval()
 
 
@@ -309,3 +319,89 @@ def test_the_layered_pipeline_attends_its_layers_and_the_input_image_as_frames(q
     with torch.no_grad():
         layers = first_output(pipe(**{**call, "output_type": "np", "num_inference_steps": 1}))
     assert layers.ndim == 4 and layers.shape[:3] == (1, 640, 640)
+
+
+@pytest.fixture(scope="module")
+def modular_pipes():
+    """diffusers' modular Qwen-Image denoise blocks on tiny transformers, a flow-matching scheduler and a CFG guider
+    (each branch its own call, outside any `cache_context`); the ControlNet's zero-initialised projections opened,
+    so that its residuals reach the output."""
+    torch.manual_seed(0)
+    transformer = tiny_transformer()
+    layered = tiny_transformer(use_additional_t_cond=True, use_layer3d_rope=True)
+    controlnet = QwenImageControlNetModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    )
+    blocks = {"text2image": QwenImageCoreDenoiseStep, "edit": QwenImageEditCoreDenoiseStep,
+              "edit plus": QwenImageEditPlusCoreDenoiseStep, "layered": QwenImageLayeredCoreDenoiseStep,
+              "controlnet": QwenImageControlNetCoreDenoiseStep}
+    pipes = {}
+    for name, block in blocks.items():
+        pipes[name] = block().init_pipeline()
+        extra = {"controlnet": open_zero_initialised(controlnet).eval()} if name == "controlnet" else {}
+        pipes[name].update_components(transformer=layered if name == "layered" else transformer,
+                                      scheduler=FlowMatchEulerDiscreteScheduler(),
+                                      guider=ClassifierFreeGuidance(guidance_scale=4.0), **extra)
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def modular_denoise(pipe, latents, config=None, **kwargs):
+    """The blocks' latents in 3 steps from seed 0, with 7 prompt and 4 negative prompt tokens and the named image
+    `latents` (shapes, drawn from seed 2), `kwargs` added to the call; with `config` applied for the call,
+    `(latents, stats)`."""
+    g = torch.Generator().manual_seed(1)
+    call = {"prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g), "prompt_embeds_mask": torch.ones(1, TEXT_LEN),
+            "negative_prompt_embeds": torch.randn(1, 4, 16, generator=g),
+            "negative_prompt_embeds_mask": torch.ones(1, 4), "num_inference_steps": 3, "output": "latents", **kwargs}
+    g = torch.Generator().manual_seed(2)
+    for name, shapes in latents.items():
+        drawn = [torch.randn(shape, generator=g) for shape in shapes]
+        call[name] = drawn if name == "image_latents" and len(drawn) > 1 else drawn[0]
+    with torch.no_grad():
+        if config is None:
+            return pipe(**call, generator=torch.Generator().manual_seed(0))
+        with diffsparse.sparse(pipe, config) as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+
+# Each block's image latents and other inputs, the frames of the output's grid and the reference tokens kept whole
+# beside the text. Always a 64 x 96 output (8 x 12 latents, 4 x 6 packed tokens; the blocks read the size from the
+# last image's latents where not given). Edit: a reference of the output's size, a second frame; Edit Plus: one of it
+# and one of 4 x 6 latents (2 x 3 tokens), so both join the text; Layered: the composite, one layer and the input
+# image, three frames.
+SIZE = {"height": 64, "width": 96}
+MODULAR_CASES = {
+    "text2image": ({}, SIZE, 1, 0),
+    "edit": ({"image_latents": [(1, 4, 1, 8, 12)]}, {}, 2, 0),
+    "edit plus": ({"image_latents": [(1, 4, 1, 8, 12), (1, 4, 1, 4, 6)]}, SIZE, 1, 24 + 6),
+    "layered": ({"image_latents": [(1, 1, 4, 8, 12)]}, {"layers": 1}, 3, 0),
+    "controlnet": ({"control_image_latents": [(1, 4, 1, 8, 12)]}, {}, 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULAR_CASES))
+def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(modular_pipes, name):
+    latents, extra, frames, whole = MODULAR_CASES[name]
+    def run(config=None, **kwargs):
+        return modular_denoise(modular_pipes[name], latents, config, **extra, **kwargs)
+
+    reference = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL.pattern, block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # The blocks pass `t / 1000`: each call lands on its own scheduler step, the guider's two calls per step two
+    # branches, through both layers; the first step dense. The ControlNet is not adapted (only the transformer).
+    assert list(stats.calls) == ["transformer"]
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, f"call {b}"): 2 for step in range(3) for b in (0, 1)}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for _, layout, _ in calls} == {
+        VideoLayout(frames, 4, 6, text_len=n + whole, text_position="start") for n in (TEXT_LEN, 4)
+    }
+    if name == "controlnet":  # its residuals reach the output, so the checks above cover them
+        assert not torch.allclose(run(controlnet_conditioning_scale=0.0), reference, atol=1e-4)

@@ -3,7 +3,11 @@ called directly over three denoising steps, as its pipeline calls it: with the K
 the whole sequence and stores the prefix's keys and values, later steps the target image's queries only) and
 without; a condition image in the prompt's slots; padded prompt keys. And a tiny `QwenImage21Pipeline` (Qwen3-VL
 text encoder and processor built in memory, the Qwen-Image 2.1 VAE) generating from text with true CFG, and from
-text and a condition image."""
+text and a condition image. And diffusers' modular denoise blocks (text-to-image, image-conditioned, and their Turbo
+variants, without guidance) driving the transformer, fed prompt embeddings and the condition image's latents."""
+
+import functools
+from collections import Counter
 
 import numpy as np
 import PIL.Image
@@ -15,7 +19,16 @@ from diffusers import (
     QwenImage21Pipeline,
     QwenImage21Transformer2DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21 import (
+    QwenImage21CoreDenoiseStep,
+    QwenImage21ImageConditionedCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import (
+    QwenImage21TurboCoreDenoiseStep,
+    QwenImage21TurboImageConditionedCoreDenoiseStep,
+)
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -205,3 +218,75 @@ def test_pipeline_with_a_condition_image(qwen21_pipe, use_kv_cache):
                      diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
     (plain_layout,) = {layout for _, layout, _ in plain}
     assert layout.text_len >= plain_layout.text_len + 24
+
+
+MODULAR_BLOCKS = {
+    "text2image": QwenImage21CoreDenoiseStep, "image conditioned": QwenImage21ImageConditionedCoreDenoiseStep,
+    "turbo": QwenImage21TurboCoreDenoiseStep,
+    "turbo image conditioned": QwenImage21TurboImageConditionedCoreDenoiseStep,
+}
+
+
+@pytest.fixture(scope="module")
+def modular_pipes(transformer):
+    """diffusers' modular Qwen-Image 2.1 denoise blocks on the tiny transformer and a flow-matching scheduler; a CFG
+    guider for the guided ones (each branch its own `cache_context`, its own KV cache), the Turbo ones unguided."""
+    pipes = {}
+    for name, blocks in MODULAR_BLOCKS.items():
+        pipes[name] = blocks().init_pipeline()
+        guider = {} if "turbo" in name else {"guider": ClassifierFreeGuidance(guidance_scale=4.0)}
+        pipes[name].update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                      **guider)
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def modular_denoise(pipe, guided, conditioned, use_kv_cache, config=None):
+    """The blocks' latents for a 64 x 96 image (4 x 6 tokens) in 3 steps from seed 0: a prompt of 9 text tokens (and,
+    `conditioned`, 6 vision slots between them, a condition image of the target's size); when `guided` a negative
+    prompt of 5 text tokens, the last one padding (and the same slots). With `config` applied, `(latents, stats)`."""
+    g = torch.Generator().manual_seed(1)
+    slots = [True] * 6 if conditioned else []
+    prompt, negative = [False] * 6 + slots + [False] * 3, [False] * 3 + slots + [False] * 2
+    call = {"prompt_embeds": torch.randn(1, len(prompt), 16, generator=g), "image_pad_mask": torch.tensor([prompt]),
+            "prompt_embeds_mask": torch.ones(1, len(prompt), dtype=torch.bool), "height": 64, "width": 96,
+            "num_inference_steps": 3, "output": "latents", "use_kv_cache": use_kv_cache}
+    if guided:
+        call |= {"negative_prompt_embeds": torch.randn(1, len(negative), 16, generator=g),
+                 "negative_prompt_embeds_mask": torch.tensor([[True] * (len(negative) - 1) + [False]]),
+                 "negative_image_pad_mask": torch.tensor([negative])}
+    if conditioned:
+        call["image_latents"] = [torch.randn(1, 8, 1, 4, 6, generator=g)]
+    with torch.no_grad():
+        if config is None:
+            return pipe(**call, generator=torch.Generator().manual_seed(0))
+        with diffsparse.sparse(pipe, config) as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+
+@pytest.mark.parametrize(("name", "use_kv_cache"), [("text2image", True), ("text2image", False),
+                                                    ("image conditioned", True), ("turbo", True),
+                                                    ("turbo image conditioned", False)])
+def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(modular_pipes, name, use_kv_cache):
+    guided, conditioned = "turbo" not in name, "conditioned" in name
+    run = functools.partial(modular_denoise, modular_pipes[name], guided, conditioned, use_kv_cache)
+    reference = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, stats = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert all(r.sparse for r in stats.calls["transformer"])
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # The blocks pass `t / 1000`: each call lands on its own scheduler step, the first dense (with the cache: the
+    # step that fills it), through both layers; the guider's branches are its `cache_context`s.
+    branches = ("pred_cond", "pred_uncond") if guided else ("cond",)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    # The target's 24 rows sparse, behind each prompt's prefix: its valid text (the slots hold the condition image's
+    # 24 latent tokens; the negative prompt's padding left out).
+    condition, prompts = (TARGET if conditioned else 0), (9, 4)[:len(branches)]
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(1, 4, 6, text_len=n + condition, text_position="start"), (1, TARGET)) for n in prompts
+    }

@@ -1,6 +1,8 @@
 """diffsparse on a diffusers SD3 / SD 3.5 transformer (tiny, random weights, called directly): one-frame
 layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`; and its pipelines (text to image, PAG,
-ControlNet)."""
+ControlNet, and diffusers' modular `StableDiffusion3T2ICoreDenoiseStep` fed prompt embeddings)."""
+
+from collections import Counter
 
 import pytest
 import torch
@@ -203,3 +205,49 @@ def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_
     # 64 x 48 pixels -> 32 x 24 latents -> 16 x 12 patches; both layers of the joint blocks and the dual one.
     assert {(layer, layout.grid) for layer, layout, _ in calls} == {(0, (1, 16, 12)), (1, (1, 16, 12)),
                                                                     (2, (1, 16, 12))}
+
+
+def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_step(transformer):
+    # diffusers' modular text-to-image denoise blocks with a CFG guider: the prompt (10 tokens) and the negative
+    # prompt (4) are two transformer calls per step, each at the scheduler's `t`. 96 x 128 pixels -> 12 x 16
+    # latents (x8, no VAE) -> 6 x 8 patches.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep,
+    )
+
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                           guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 4, 16, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 8, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(1, 8, generator=g),
+        "height": 96, "width": 128, "num_inference_steps": 3, "output": "latents",
+    }
+
+    def run(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0))
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    # Each step's two calls are two branches; the layers: both blocks' joint `attn`, block 0's `attn2`.
+    assert Counter((r.step, r.branch) for r in records) == {(step, f"call {i}"): 3 for step in range(3) for i in (0, 1)}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    joint = {VideoLayout(1, 6, 8, text_len=n, text_position="end") for n in (TEXT_LEN, 4)}
+    assert {(layer, layout) for layer, layout, _ in calls} == {
+        *((layer, layout) for layer in (0, 1) for layout in joint), (2, VideoLayout(1, 6, 8))
+    }

@@ -1,6 +1,7 @@
 """diffsparse on diffusers' Z-Image pipelines (tiny, random weights, offline): the noise refiner's image-only
 layout, the main blocks' `[image, pad, prompt, pad]` layout, prompts of different padded lengths in one batch; the
-ControlNet pipeline with its ControlNet dense and untouched."""
+ControlNet pipeline with its ControlNet dense and untouched; diffusers' modular `ZImageCoreDenoiseStep` fed prompt
+embeddings."""
 
 import pytest
 import torch
@@ -12,9 +13,12 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.z_image.modular_blocks_z_image import ZImageCoreDenoiseStep
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from diffsparse.patterns import TileOrder, VideoLayout
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
@@ -24,6 +28,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     open_zero_initialised,
+    recorded_attention_calls,
     tiny_image_vae,
 )
 
@@ -126,3 +131,43 @@ def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_
     call = z_image_call(control_image=torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(2)))
     stats, _ = check_controlnet_pipeline(pipe, call, {**call, "controlnet_conditioning_scale": 0.0})
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_step(components, guided):
+    # diffusers' modular denoise blocks fed prompt embeddings of 14 and 40 tokens (one and two 32-token pad blocks):
+    # guided, the prompt and the negative prompt are two calls per step (two branches); unguided (the blocks'
+    # default guider, Turbo's), both prompts one batch call, masked to the longer. The transformer gets
+    # `(1000 - t) / 1000`. 128 x 160 pixels -> 16 x 20 latents (x8, no VAE) -> the 8 x 10 patches of `GRID`.
+    pipe = ZImageCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=components["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(),
+                           guider=ClassifierFreeGuidance(guidance_scale=4.0, enabled=guided))
+    g = torch.Generator().manual_seed(1)
+    prompt, other = torch.randn(14, 8, generator=g), torch.randn(40, 8, generator=g)
+    prompts = {"prompt_embeds": [prompt], "negative_prompt_embeds": [other]} if guided else {
+        "prompt_embeds": [prompt, other]}
+    call = {**prompts, "height": 128, "width": 160, "num_inference_steps": 3, "output": "latents"}
+
+    def run(config=None):
+        with torch.no_grad():
+            if config is None:
+                return pipe(**call, generator=torch.Generator().manual_seed(0))
+            with diffsparse.sparse(pipe, config) as handle:
+                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+    reference = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    branches = ("call 0", "call 1") if guided else ("call 0",)
+    assert {(r.step, r.branch) for r in records} == {(step, branch) for step in range(3) for branch in branches}
+    assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
+    assert {layout for layer, layout, _ in calls if layer == 0} == {VideoLayout(*GRID, text_len=IMAGE_PAD,
+                                                                                text_position="end")}
+    assert {layout for layer, layout, _ in calls if layer > 0} == {
+        VideoLayout(*GRID, text_len=IMAGE_PAD + n, text_position="end") for n in (32, 64)
+    }
