@@ -152,6 +152,70 @@ def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
     assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(37, 2, 2)}
 
 
+# The keyframe (`fl2va`: a first and a last keyframe) and reference (`ref2va`: an image encoded at its own 4 x 6
+# latents, a two-frame video with its soundtrack, an audio clip) workflows: the core denoise step, the transformer it
+# runs, the shapes of the encoded video conditioning and of the reference audio rows, and the rows they all take.
+CONDITIONED = {
+    "fl2va": ("MiniMaxH3FL2VACoreDenoiseStep", "transformer", [(1, 24, 1, 4, 4)] * 2, [], 2 * 4),
+    "ref2va": ("MiniMaxH3Ref2VACoreDenoiseStep", "transformer_ref", [(1, 24, 1, 4, 6), (1, 24, 2, 4, 4)],
+               [(2 * 3, 32), (2 * 4, 32)], 2 * 3 + 2 * 4 + 2 * 3 + 2 * 4),
+}
+
+
+@pytest.mark.parametrize("workflow", list(CONDITIONED))
+def test_the_modular_keyframe_and_reference_denoising_run_sparse_on_the_target_video(workflow):
+    # diffusers' blocks of the workflows that pack conditioning rows ahead of the target (the target's timestep rises
+    # from 0, the conditioning's stays at 0.999): each runs its own transformer (`transformer_ref` for references)
+    # sparse, dense identical, every block kept within 1e-4, each call on its step, the first dense; the target alone
+    # is the grid, the keyframes and references in the leading span (had the cleaner rows been read as the target,
+    # the two keyframes would be a 2 x 2 x 2 grid).
+    from diffusers import MiniMaxH3Scheduler
+    from diffusers.modular_pipelines import minimax_h3
+
+    block, component, video_conditions, audio_conditions, condition_rows = CONDITIONED[workflow]
+    torch.manual_seed(0)
+    pipe = getattr(minimax_h3.modular_blocks_minimax_h3, block)().init_pipeline()
+    pipe.update_components(**{component: MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=24, audio_in_channels=32, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
+        time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2).eval()},
+        scheduler=MiniMaxH3Scheduler(shift=12.0), audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    call = {"prompt_embeds": torch.randn(1, TEXT, TEXT_DIM, generator=g), "height": 64, "width": 64,
+            "text_token_tags": torch.ones(TEXT, dtype=torch.long), "num_frames": 124, "num_inference_steps": 4,
+            "condition_latents": [torch.randn(shape, generator=g) for shape in video_conditions],
+            "output": ["latents", "audio_latents"]}
+    if workflow == "fl2va":
+        call["keyframe_anchors"] = ("first", "last")
+    else:  # only a reference's kind (and whether a video carries a soundtrack) reaches these blocks, not its media
+        call["audio_condition_latents"] = [torch.randn(shape, generator=g) for shape in audio_conditions]
+        call["normalized_references"] = [minimax_h3.MiniMaxH3ImageReference(image=None),
+                                         minimax_h3.MiniMaxH3VideoReference(frames=None, audio=torch.zeros(2, 1)),
+                                         minimax_h3.MiniMaxH3AudioReference(audio=None)]
+
+    def generate(config=None):
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            handle = stack.enter_context(diffsparse.sparse(pipe, config)) if config else None
+            out = pipe(**call, generator=torch.Generator().manual_seed(0))
+            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
+
+    reference, _ = generate()
+    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    torch.testing.assert_close(generate(every_block)[0], reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
+                                                         dense_steps=1))
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+    assert list(stats.calls) == [component]
+    assert sorted((r.step, r.sparse) for r in stats.calls[component] if r.layer == 0) == [
+        (0, False), (1, True), (2, True)]
+    # The 37 x 2 x 2 target; the text, the conditioning and the 2 x 207 generated audio rows its span.
+    layout = VideoLayout(37, 2, 2, text_len=TEXT + condition_rows + 2 * 207, text_position="start")
+    assert {call_layout for _, call_layout, _ in calls} == {layout}
+
+
 def test_every_transformer_component_of_a_modular_pipeline_is_found():
     # MiniMax-H3's pipeline holds `transformer` (text / keyframes to video) and `transformer_ref` (references to
     # video): both run sparse, as any component of a class diffsparse adapts would.
