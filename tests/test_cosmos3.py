@@ -2,9 +2,27 @@
 generation sequence called directly, as the modular pipeline calls it once per guidance pass: the generation rows
 sparse over every key with grouped-query attention, the causal understanding pathway as the original's."""
 
+import functools
+from collections import Counter
+
 import pytest
 import torch
-from diffusers import Cosmos3OmniTransformer
+from diffusers import Cosmos3OmniTransformer, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.modular_pipelines import SequentialPipelineBlocks
+from diffusers.modular_pipelines.cosmos.before_denoise import (
+    Cosmos3PrepareTextSegmentsStep,
+    Cosmos3TransferPackSequenceStep,
+    Cosmos3TransferPrepareLatentsStep,
+    Cosmos3TransferSetTimestepsStep,
+)
+from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferDenoiseStep
+from diffusers.modular_pipelines.cosmos.modular_blocks_cosmos3 import (
+    Cosmos3VisionActionCoreDenoiseStep,
+    Cosmos3VisionCoreDenoiseStep,
+    Cosmos3VisionSoundCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.cosmos.modular_blocks_cosmos3_distilled import Cosmos3DistilledVisionCoreDenoiseStep
+from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -124,3 +142,100 @@ def test_its_context_parallel_helper_is_refused(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Cosmos 3", layer=1)
+
+
+class TransferChunkDenoise(SequentialPipelineBlocks):
+    """Cosmos Transfer's denoising of one chunk (`Cosmos3TransferCoreDenoiseStep` without its Wan VAE encoding and
+    decoding): the control latents and the target's clean latents given."""
+
+    model_name = "cosmos3-omni"
+    block_classes = (Cosmos3PrepareTextSegmentsStep, Cosmos3TransferPrepareLatentsStep, Cosmos3TransferPackSequenceStep,
+                     Cosmos3TransferSetTimestepsStep, Cosmos3TransferDenoiseStep)
+    block_names = ("prepare_text_segments", "prepare_latents", "pack_sequence", "set_timesteps", "denoise")
+
+
+@pytest.fixture(scope="module")
+def cosmos3_pipes(transformer):
+    """diffusers' modular Cosmos 3 denoise blocks on tiny transformers and a flow UniPC scheduler (the distilled ones
+    on a fixed 3-sigma schedule, a flow-matching Euler scheduler): text-to-video (also image-to-video), distilled,
+    with sound, with action, and a Cosmos Transfer chunk."""
+    def modular(blocks, model, scheduler=None):
+        pipe = blocks().init_pipeline()
+        pipe.update_components(transformer=model, scheduler=scheduler or UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0))
+        return pipe
+
+    distilled = modular(Cosmos3DistilledVisionCoreDenoiseStep, transformer, FlowMatchEulerDiscreteScheduler())
+    distilled.register_to_config(distilled_sigmas=[1.0, 0.75, 0.5])
+    pipes = {"text2video": modular(Cosmos3VisionCoreDenoiseStep, transformer), "distilled": distilled,
+             "sound": modular(Cosmos3VisionSoundCoreDenoiseStep, make_transformer(sound_gen=True, sound_dim=8)),
+             "action": modular(Cosmos3VisionActionCoreDenoiseStep, make_transformer(action_gen=True, action_dim=12)),
+             "transfer": modular(TransferChunkDenoise, transformer)}
+    pipes["image2video"] = pipes["text2video"]
+    return pipes
+
+
+LATENTS = torch.linspace(-1, 1, 4 * 3 * 8 * 12).reshape(1, 4, 3, 8, 12)  # a 3 x 4 x 6 patch grid
+CALLS = {  # the inputs beyond the prompts' ids, the video's size (but for Transfer) and the step count
+    "image2video": {"x0_tokens_vision": LATENTS, "vision_condition_frames": [0]},  # the first latent frame clean
+    "action": {  # 2 action tokens behind the video
+        "action": CosmosActionCondition(mode="policy", chunk_size=2, domain_name="av", image=torch.zeros(3, 8, 8)),
+        "action_condition_frame_indexes": [],  # its default (None) fails in diffusers' `_prepare_action_segment`
+    },
+    "transfer": {"x0_tokens_vision": LATENTS, "current_conditional_frames": 1, "control_latents": [LATENTS.flip(-1)],
+                 "control_guidance": 2.0},  # 3 passes a step: with the control, without it, unconditional
+}
+
+
+def denoise(pipe, name, config=None):
+    """The pipeline's latents for 9 frames of 128 x 192 (a 3 x 4 x 6 patch grid) in 3 steps from seed 0, a 10-token
+    prompt and a 6-token negative one; with `config` applied for the call, `(latents, stats)`."""
+    call = {"cond_input_ids": list(range(1, 1 + UND)), "uncond_input_ids": list(range(20, 26)),
+            "num_inference_steps": 3, "output": "latents", **CALLS.get(name, {})}
+    if name != "transfer":
+        call.update(num_frames=9, height=128, width=192)
+    with torch.no_grad():
+        if config is None:
+            return pipe(**call, generator=torch.Generator().manual_seed(0))
+        with diffsparse.sparse(pipe, config) as handle:
+            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+
+
+@pytest.mark.parametrize("name", ["text2video", "image2video", "distilled"])
+def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(cosmos3_pipes, name):
+    run = functools.partial(denoise, cosmos3_pipes[name], name)
+    reference = run()
+    dense, _ = run(diffsparse.SparseConfig(pattern="dense"))
+    assert torch.equal(dense, reference)
+    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    records = stats.calls["transformer"]
+    # The scheduler's timestep on every noisy patch (0 to 1000) lands on its step; the pipeline names its guidance
+    # passes (`cache_context`); the distilled blocks run one.
+    prompts = {"cond": UND} if name == "distilled" else {"cond": UND, "uncond": 6}
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in prompts}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(*GRID, text_len=n, text_position="start"), (1, 72)) for n in prompts.values()
+    }
+
+
+@pytest.mark.parametrize("name", ["sound", "action", "transfer"])
+def test_modular_calls_whose_generation_tokens_are_not_one_video_run_the_original_counted_dense(cosmos3_pipes, name):
+    # The omni blocks pack sound or action tokens behind the video, Cosmos Transfer its controls before the target:
+    # those calls run the original processor, a warning saying why, counted dense on their own steps. Transfer's
+    # pass without the controls is the target alone: sparse after the dense step.
+    run = functools.partial(denoise, cosmos3_pipes[name], name)
+    reference = run()
+    with pytest.warns(UserWarning, match="not one video's patch grid"):
+        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
+    records = stats.calls["transformer"]
+    branches = ("cond", "cond_no_control", "uncond") if name == "transfer" else ("cond", "uncond")
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
+    assert {(r.step, r.branch) for r in records if r.sparse} == (
+        {(step, "cond_no_control") for step in (1, 2)} if name == "transfer" else set()
+    )
+    assert torch.equal(out, reference) == (name != "transfer")
