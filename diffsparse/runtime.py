@@ -765,6 +765,7 @@ class SparseContextHook(ModelHook):
         self._read_call = read_call
         self._on_new_run = on_new_run
         self._own_context = False
+        self._took_place = False  # the current call is named by its place among its step's calls
         self._in_forward = False
         self._last_step: int | None = None
         self._call_in_step = 0
@@ -778,7 +779,7 @@ class SparseContextHook(ModelHook):
         # `post_forward` never ran: close it first, else this call and every call after it would inherit its branch
         # name ("call 0") and share that branch's state.
         if self._in_forward:
-            self._call_in_step -= self._own_context  # its place among the step's calls is free again
+            self._call_in_step -= self._took_place  # its place among the step's calls is free again
             self._close_call()
         self._in_forward = True
         whole_args, whole_kwargs = _whole_call(module, args, kwargs)
@@ -792,11 +793,17 @@ class SparseContextHook(ModelHook):
         # place among its step's calls, "call 0", "call 1", ...: each branch keeps its own state (a correction's
         # statistics) instead of every branch sharing one.
         self._own_context = self.state_manager._context is None
+        self._took_place = self._own_context and layout is not None
         if self._own_context:
             same_step = not new_run and step == self._last_step
-            self._call_in_step = self._call_in_step + 1 if same_step else 0
-            self._last_step = step
-            self.state_manager.set_context(CacheContext(f"call {self._call_in_step}"))
+            if not same_step:
+                self._call_in_step, self._last_step = -1, step
+            # A call the adapter gives no layout runs the original throughout (a pass that fills a KV cache, as
+            # Wan-Animate-2's reference pass at the segment's first timestep): no CFG branch, so it takes no place
+            # among its step's calls, which would shift every branch's name (and state) in that step.
+            self._call_in_step += self._took_place
+            name = f"call {self._call_in_step}" if layout is not None else "original"
+            self.state_manager.set_context(CacheContext(name))
         frame_steps = None
         if self._per_frame_steps and layout is not None:
             frame_steps = self._clock.frame_steps(timestep, layout.frames)

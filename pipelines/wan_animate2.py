@@ -98,6 +98,10 @@ class WanAnimate2Adapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         latents = call_argument(args, kwargs, "hidden_states", 0)  # a list: one (C, F, H, W) per sample
         timestep = call_argument(args, kwargs, "timestep", 1)
+        if call_argument(args, kwargs, "kv_cache_mode", 5) == "extract":
+            # The reference pass (at the segment's first timestep in diffusers' loop) runs the original: no layout,
+            # so it is no CFG branch of that step and the guider's calls keep their names ("call 0", "call 1").
+            return None, timestep
         return VideoLayout(*patched_grid(latents[0].shape[1:], transformer.config.patch_size)), timestep
 
 

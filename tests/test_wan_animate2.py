@@ -1,9 +1,13 @@
 """diffsparse on diffusers' Wan-Animate-2 transformer (tiny, random weights, offline, called directly as the segment
 loop of its modular pipeline calls it): the reference pass, then denoising calls over the generation and the cached
-reference."""
+reference. And diffusers' own modular core denoise steps (`WanAnimate2CoreDenoiseStep`, the distilled one) driving
+it segment by segment, fed latents and embeddings (a tiny random Wan VAE for the encode and decode inside the loop;
+no text or CLIP encoder)."""
 
 import pytest
 import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.models.transformers import transformer_wan_animate_2
 from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache, WanAnimate2Transformer3DModel
 from torch.nn.attention.flex_attention import create_block_mask
@@ -19,17 +23,25 @@ ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_si
 
 
 @pytest.fixture(scope="module")
-def transformer():
+def uncompiled_block_mask():
     # The model compiles its block mask (`_compile=True`): slow on CPU and needless for a tiny mask.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transformer_wan_animate_2, "create_block_mask",
                       lambda *args, _compile=True, **kwargs: create_block_mask(*args, _compile=False, **kwargs))
-        torch.manual_seed(0)
-        model = WanAnimate2Transformer3DModel(
-            text_len=8, in_dim=8, dim=16, ffn_dim=32, freq_dim=16, text_dim=8, out_dim=4, num_heads=2, num_layers=2,
-            use_img_emb=False,
-        ).eval()
-        yield model
+        yield
+
+
+def make_transformer(in_dim=8):
+    torch.manual_seed(0)
+    return WanAnimate2Transformer3DModel(
+        text_len=8, in_dim=in_dim, dim=16, ffn_dim=32, freq_dim=16, text_dim=8, out_dim=4, num_heads=2, num_layers=2,
+        use_img_emb=False,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer(uncompiled_block_mask):
+    return make_transformer()
 
 
 def generate(model, config=None):
@@ -83,3 +95,72 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Wan-Animate-2", layer=1)
+
+
+@pytest.fixture(scope="module")
+def animate2_pipes(uncompiled_block_mask):
+    """diffusers' modular Wan-Animate-2 core denoise steps (segment loop: VAE-encode the segment, reference pass,
+    denoising, decode), the guided one with a CFG guider, the distilled one unguided; a tiny Wan VAE of 4 latent
+    channels (the transformer takes latents, then the 4-channel mask and the conditioning latents: 12 channels)."""
+    from diffusers.modular_pipelines.wan_animate_2.modular_blocks_wan_animate_2 import WanAnimate2CoreDenoiseStep
+    from diffusers.modular_pipelines.wan_animate_2.modular_blocks_wan_animate_2_distilled import (
+        WanAnimate2DistilledCoreDenoiseStep,
+    )
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    pipes = {}
+    for name, blocks, scale in (("guided", WanAnimate2CoreDenoiseStep, 3.0),
+                                ("distilled", WanAnimate2DistilledCoreDenoiseStep, 1.0)):
+        pipes[name] = blocks().init_pipeline()
+        pipes[name].update_components(transformer=make_transformer(in_dim=12), vae=vae,
+                                      scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                      guider=ClassifierFreeGuidance(guidance_scale=scale))
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def animate(pipe, config=None):
+    """The decoded video of two 5-frame segments (one frame shared) of 32 x 64 pixels, 3 steps each: 2 latent frames
+    of 4 x 8 latents (2 x 4 tokens) and the reference image's; with `config` applied, `(video, handle)`."""
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "driving_video_pixels": torch.rand(1, 3, 9, 32, 64, generator=g) * 2 - 1,
+        "reference_image_latents": torch.randn(8, 1, 4, 8, generator=g),
+        "condition_clip_context": torch.zeros(1, 1, 8),  # unused: the transformer has no image embedding
+        "prompt_ref_embeds": torch.randn(1, 5, 8, generator=g), "prompt_embeds": torch.randn(1, 5, 8, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 4, 8, generator=g),
+        "segment_frame_length": 5, "effective_segment": 4, "num_segments": 2, "height": 32, "width": 64,
+        "num_inference_steps": 3, "output": "segment_frames",
+    }
+    with torch.no_grad():
+        if config is None:
+            return torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2)
+        with diffsparse.sparse(pipe, config) as handle:
+            return torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2), handle
+
+
+@pytest.mark.parametrize("name", ["guided", "distilled"])
+def test_modular_segment_loop_dense_every_block_kept_and_sparse_after_each_segment_s_dense_step(animate2_pipes, name):
+    pipe, branches = animate2_pipes[name], ["call 0", "call 1"] if name == "guided" else ["call 0"]
+    reference = animate(pipe)
+    assert torch.equal(animate(pipe, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    kept, _ = animate(pipe, diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        out, handle = animate(pipe, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                            dense_steps=1))
+    assert not torch.allclose(out, reference, atol=1e-4)
+    # Each segment sets the scheduler's timesteps anew: a new run of the step clock, its first step dense (per layer
+    # and segment: the reference pass and the first step's calls dense, the two later steps' sparse).
+    assert {(s.dense_calls, s.sparse_calls) for s in handle.stats(since_apply=True).layers} == {
+        (2 * (1 + len(branches)), 2 * 2 * len(branches))}
+    # The last segment's calls: the reference pass (at the first step's timestep) dense, then each guider branch
+    # on its own scheduler step. The reference pass is no CFG branch: it takes no place among its step's calls
+    # (before, it was "call 0", shifting the branches' names in that step, so under `correction` the unconditional
+    # branch was corrected with the conditional one's statistics).
+    records = [(r.step, r.branch, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0]
+    assert records == [(0, "original", False)] + [(step, b, step > 0) for step in range(3) for b in branches]
+    # The sparse calls on the generation's grid: the reference image's latent frame and the segment's 2.
+    assert {layout for _, layout, _ in calls} == {VideoLayout(3, 2, 4)}
