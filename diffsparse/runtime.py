@@ -823,7 +823,7 @@ class SparseContextHook(ModelHook):
         if self._own_context:
             self.state_manager.set_context(None)
             self._own_context = False
-        self._in_forward = False
+        self._in_forward = self._took_place = False
 
     def reset_state(self, module):
         self.state_manager.reset()

@@ -588,11 +588,14 @@ def test_a_transformer_call_that_raises_leaves_the_next_calls_their_own_branches
     prompt = torch.randn(1, 8, 32, generator=g)
     config = diffsparse.SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1)
     with diffsparse.sparse(transformer, config) as handle, torch.no_grad():
-        with pytest.raises(RuntimeError):
-            transformer(latents, torch.tensor([900.0]), prompt[..., :7])  # text of the wrong width
-        for t in (900.0, 600.0):
-            for _ in range(2):
-                transformer(latents, torch.tensor([t]), prompt)
+        with pytest.raises(RuntimeError):  # inside the forward: text of the wrong width
+            transformer(latents, torch.tensor([900.0]), prompt[..., :7])
+        transformer(latents, torch.tensor([900.0]), prompt)
+        with pytest.raises(ValueError):  # before it: a call whose layout cannot be read
+            transformer(latents[0], torch.tensor([900.0]), prompt)
+        transformer(latents, torch.tensor([900.0]), prompt)
+        for _ in range(2):
+            transformer(latents, torch.tensor([600.0]), prompt)
         records = handle.stats().calls["transformer"]
-    assert sorted({(r.step, r.branch) for r in records}) == [
+    assert [(r.step, r.branch) for r in records if r.layer == 0] == [
         (0, "call 0"), (0, "call 1"), (1, "call 0"), (1, "call 1")]
