@@ -173,6 +173,34 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     return stats, calls
 
 
+def check_modular_against_dense(pipe, call: dict, block_size: int = 8, sparse=None, output=None, stats=None,
+                                atol=1e-4):
+    """`check_pipeline_against_dense` for diffusers' modular blocks (`XxxCoreDenoiseStep().init_pipeline()` fed
+    embeddings): `pipe(**call)` from seed 0, made one tensor by `output` (default: as returned). `pattern="dense"`
+    gives it bit for bit; every block kept within `atol`; `sparse` (default: a window of one frame and one token,
+    the first step dense) changes it. Returns `(stats, recorded calls)` of the `sparse` run, the stats as `stats`
+    reads them from its handle (default: `handle.stats()`, the last denoising run)."""
+    import diffsparse
+    from diffsparse.patterns import Window3D
+
+    def run(config=None):
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            handle = stack.enter_context(diffsparse.sparse(pipe, config)) if config else None
+            out = pipe(**call, generator=torch.Generator().manual_seed(0))
+            return (output or (lambda x: x))(out), handle and (stats or (lambda h: h.stats()))(handle)
+
+    reference, _ = run()
+    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense", dense_steps=0))[0], reference)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0)
+    torch.testing.assert_close(run(every_block)[0], reference, atol=atol, rtol=0)
+    if sparse is None:
+        sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1)
+    with recorded_attention_calls() as calls:
+        out, sparse_stats = run(sparse)
+    assert not torch.allclose(out, reference, atol=1e-4)
+    return sparse_stats, calls
+
+
 def assert_two_calls_per_step_first_dense(stats, steps: int = 3) -> None:
     """The transformer's calls of a pipeline whose guidance runs the prompt and the negative prompt one call after
     another outside any `cache_context` ("call 0", "call 1"): both calls on each of `steps` steps (the pipeline's

@@ -28,7 +28,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_modular_against_dense, check_other_processors_are_refused, recorded_attention_calls
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 LOCAL = Window3D(window=(1, 1, 1))
@@ -187,13 +187,20 @@ CALLS = {  # the inputs beyond the prompts' ids, the video's size (but for Trans
 }
 
 
-def denoise(pipe, name, config=None):
-    """The pipeline's latents for 9 frames of 128 x 192 (a 3 x 4 x 6 patch grid) in 3 steps from seed 0, a 10-token
-    prompt and a 6-token negative one; with `config` applied for the call, `(latents, stats)`."""
+def modular_call(name):
+    """The pipeline's call for 9 frames of 128 x 192 (a 3 x 4 x 6 patch grid) in 3 steps, a 10-token prompt and a
+    6-token negative one, its output the latents."""
     call = {"cond_input_ids": list(range(1, 1 + UND)), "uncond_input_ids": list(range(20, 26)),
             "num_inference_steps": 3, "output": "latents", **CALLS.get(name, {})}
     if name != "transfer":
         call.update(num_frames=9, height=128, width=192)
+    return call
+
+
+def denoise(pipe, name, config=None):
+    """The pipeline's latents for `modular_call(name)` from seed 0; with `config` applied for the call,
+    `(latents, stats)`."""
+    call = modular_call(name)
     with torch.no_grad():
         if config is None:
             return pipe(**call, generator=torch.Generator().manual_seed(0))
@@ -203,15 +210,7 @@ def denoise(pipe, name, config=None):
 
 @pytest.mark.parametrize("name", ["text2video", "image2video", "distilled"])
 def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(cosmos3_pipes, name):
-    run = functools.partial(denoise, cosmos3_pipes[name], name)
-    reference = run()
-    dense, _ = run(diffsparse.SparseConfig(pattern="dense"))
-    assert torch.equal(dense, reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(cosmos3_pipes[name], modular_call(name))
     records = stats.calls["transformer"]
     # The scheduler's timestep on every noisy patch (0 to 1000) lands on its step; the pipeline names its guidance
     # passes (`cache_context`); the distilled blocks run one.

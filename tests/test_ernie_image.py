@@ -8,13 +8,12 @@ from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatc
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines.ernie_image.modular_blocks_ernie_image import ErnieImageCoreDenoiseStep
 
-import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import TileOrder, VideoLayout
 
 from helpers import (
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    recorded_attention_calls,
     tiny_flux2_vae,
 )
 
@@ -79,21 +78,7 @@ def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_
     call = {"prompt_embeds": [torch.randn(n, TEXT_DIM, generator=g) for n in lengths],
             "negative_prompt_embeds": [torch.randn(n, TEXT_DIM, generator=g) for n in negative_lengths],
             "height": 128, "width": 192, "num_inference_steps": 3, "output": "latents"}
-
-    def run(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0))
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     records = stats.calls["transformer"]
     assert {(r.step, r.branch) for r in records} == {(step, f"call {i}") for step in range(3) for i in (0, 1)}
     assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)

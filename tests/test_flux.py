@@ -25,6 +25,7 @@ from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
     check_controlnet_pipeline,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     open_zero_initialised,
@@ -266,21 +267,7 @@ def test_modular_denoise_blocks_dense_every_block_kept_and_sparse_after_the_dens
             "output": "latents"}
     if blocks is FluxKontextCoreDenoiseStep:
         call.update(max_area=64 * 96, image_latents=torch.randn(1, 4, *reference_size, generator=g))
-
-    def denoise(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), None
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference, _ = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # `t / 1000` scaled back: each call on its own scheduler step (a wrong scale puts them all on one), the first dense.
     records = stats.calls["transformer"]
     assert Counter((r.step, r.branch) for r in records) == {(step, "call 0"): 2 for step in range(3)}

@@ -36,6 +36,7 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     QWEN3_TEMPLATE,
     chat_tokenizer,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
@@ -321,21 +322,7 @@ def test_modular_denoise_blocks_dense_every_block_kept_and_sparse_after_the_dens
         call["negative_prompt_embeds"] = torch.randn(1, 4, text_dim, generator=g)
     if reference_sizes:
         call["image_latents"] = [torch.randn(1, 8, *size, generator=g) for size in reference_sizes]
-
-    def denoise(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), None
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference, _ = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # Each call on its own scheduler step (a wrong scale puts them all on one), the first dense; the guider's two
     # calls a step are two branches, each on its own prompt's layout.
     prompts = (TEXT_LEN, 4) if guided else (TEXT_LEN,)

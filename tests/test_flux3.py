@@ -4,7 +4,6 @@ text. And diffusers' own modular denoise blocks (`Flux3CoreDenoiseStep`, `Flux3I
 driving it with classifier-free guidance, fed prompt embeddings (the Qwen3-VL text encoder and the VAE steps do not
 touch the transformer)."""
 
-import functools
 from collections import Counter
 
 import pytest
@@ -21,7 +20,12 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_transformer,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 TEXT_LEN = 6
@@ -160,10 +164,9 @@ def flux3_pipes():
     return pipes
 
 
-def denoise(pipe, config=None, reference_sizes=(), guided=True):
-    """The pipeline's latents for a 64 x 96 image (4 x 6 tokens) in 3 steps from seed 0, with reference latents of
-    `reference_sizes` tokens (and a negative prompt when `guided`); with `config` applied for the call,
-    `(latents, stats)`."""
+def modular_call(reference_sizes=(), guided=True):
+    """The pipeline's arguments for a 64 x 96 image (4 x 6 tokens) in 3 steps, its latents returned, with reference
+    latents of `reference_sizes` tokens (and a negative prompt when `guided`)."""
     g = torch.Generator().manual_seed(1)
     call = {
         "prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g),
@@ -173,11 +176,7 @@ def denoise(pipe, config=None, reference_sizes=(), guided=True):
         call["negative_prompt_embeds"] = torch.randn(1, 4, 16, generator=g)
     if reference_sizes:
         call["image_cond_latents"] = [torch.randn(1, 8, *size, generator=g) for size in reference_sizes]
-    with torch.no_grad():
-        if config is None:
-            return pipe(**call, generator=torch.Generator().manual_seed(0))
-        with diffsparse.sparse(pipe, config) as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+    return call
 
 
 @pytest.mark.parametrize("name, reference_sizes, frames", [
@@ -185,15 +184,8 @@ def denoise(pipe, config=None, reference_sizes=(), guided=True):
 ])
 def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(flux3_pipes, name,
                                                                                  reference_sizes, frames):
-    run = functools.partial(denoise, flux3_pipes[name], reference_sizes=reference_sizes, guided=name != "distilled")
-    reference = run()
-    dense, _ = run(diffsparse.SparseConfig(pattern="dense"))
-    assert torch.equal(dense, reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    call = modular_call(reference_sizes, guided=name != "distilled")
+    stats, calls = check_modular_against_dense(flux3_pipes[name], call)
     records = stats.calls["transformer"]
     # The pipeline's `t / 1000` lands on the scheduler's steps; the guider's two calls per step are two branches.
     prompts = (TEXT_LEN,) if name == "distilled" else (TEXT_LEN, 4)  # the prompt's text tokens, the negative's

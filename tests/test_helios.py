@@ -4,7 +4,6 @@
 whole; the memory's keys amplified by a learned scale. And diffusers' modular denoise blocks (text-to-video,
 image-to-video, pyramid, distilled pyramid) on the same tiny transformer, fed prompt embeddings."""
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -30,6 +29,7 @@ from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
 from helpers import (
     check_against_dense,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
@@ -266,19 +266,9 @@ def test_modular_pipeline_dense_every_block_kept_and_each_stage_sparse_after_its
     else:
         call.update(height=64, width=128)
 
-    def denoise(config=None):
-        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
-            out = torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2)
-            return out, handle and (handle.stats(), handle.stats(since_apply=True))
-
-    reference, _ = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, (last, whole) = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
-                                                             dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    (last, whole), calls = check_modular_against_dense(
+        pipe, call, output=lambda out: torch.cat(out, dim=2),
+        stats=lambda handle: (handle.stats(), handle.stats(since_apply=True)))
     runs = [run for chunk in chunks for run in chunk]
     # Per layer: the first step of every chunk's every stage dense, per branch; the rest sparse.
     dense = len(runs) * len(branches)

@@ -7,7 +7,6 @@ same components and a tiny SigLIP image encoder, run on a small image that decid
 SigLIP tokens are real (valid) text tokens of every sparse call, ahead of the valid ByT5 and MLLM tokens. And
 diffusers' modular denoise blocks (text- and image-to-video) on a tiny transformer, fed prompt embeddings."""
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -44,11 +43,11 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video15 import HunyuanVideo15SparseAttnProcessor
 
 from helpers import (
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     check_prompts_attend_their_valid_tokens,
     qwen_tokenizer,
-    recorded_attention_calls,
     run_transformer,
 )
 
@@ -314,17 +313,7 @@ def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step
     if image2video:
         call["image_latents"] = torch.randn(1, 32, 1, 8, 12, generator=g)
 
-    def denoise(config=None):
-        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle and handle.stats()
-
-    reference, _ = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = denoise(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # The blocks pass the scheduler's timesteps as they are: each call on its own step, the first dense.
     assert [(r.step, r.branch, r.layer, r.sparse) for r in stats.calls["transformer"]] == [
         (step, branch, layer, step > 0) for step in range(3) for branch in valid for layer in range(2)

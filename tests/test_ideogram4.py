@@ -13,6 +13,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
@@ -126,21 +127,7 @@ def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_af
     # 64 x 96 pixels -> 8 x 12 latents (x8 without a VAE) -> 4 x 6 tokens of 2 x 2.
     call = {"text_features": features, "text_lengths": lengths.tolist(), "height": 64, "width": 96,
             "num_inference_steps": 3, "guidance_schedule": [4.0] * 3, "output": "latents"}
-
-    def denoise(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0))
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
-    torch.testing.assert_close(denoise(every_block)[0], reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # Each transformer's calls land on the scheduler's 3 steps, the first dense; a sparse conditional call runs one
     # attention per text length.
     for name, groups in (("transformer", 2), ("unconditional_transformer", 1)):

@@ -19,7 +19,12 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_against_dense,
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+)
 
 TEXT_LEN, ROWS, COLS = 8, 8, 6
 
@@ -83,21 +88,7 @@ def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step
     for name, valid in prompts.items():
         call[name] = torch.randn(2, TEXT_LEN, 2, 8, generator=g)
         call[f"{name}_mask"] = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
-
-    def denoise(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0))
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference = denoise()
-    assert torch.equal(denoise(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
-    torch.testing.assert_close(denoise(every_block)[0], reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = denoise(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # Every call on its own scheduler step, the first dense; a sparse call runs one attention per prompt length
     # in its batch.
     records = stats.calls["transformer"]

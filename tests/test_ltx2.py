@@ -37,6 +37,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
@@ -422,15 +423,9 @@ def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
     )
 
 
-def modular_run(pipe, call):
-    """`run(config=None) -> (video and audio latents flattened, stats)`: `pipe(**call)` from seed 0, under `config`
-    when given."""
-    def run(config=None):
-        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
-            out = pipe(**call, generator=torch.Generator().manual_seed(0), output=["latents", "audio_latents"])
-            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
-
-    return run
+def video_and_audio(out):
+    """The modular blocks' video and audio latents (`output=["latents", "audio_latents"]`) as one tensor."""
+    return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
 
 
 @pytest.mark.parametrize("variant, blocks", [
@@ -463,7 +458,7 @@ def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_
     g = torch.Generator().manual_seed(1)
     # No VAE in the blocks: its default 8x time, 32x space compression; 17 frames of 128 x 192 -> a 3 x 4 x 6 grid.
     call = {"batch_size": 1, "dtype": torch.float32, "num_frames": 17, "height": 128, "width": 192,
-            "num_inference_steps": 3}
+            "num_inference_steps": 3, "output": ["latents", "audio_latents"]}
     for prefix in ("", "negative_"):
         call |= {f"{prefix}connector_prompt_embeds": torch.randn(1, 7, 16, generator=g),
                  f"{prefix}connector_audio_prompt_embeds": torch.randn(1, 7, 16, generator=g),
@@ -477,15 +472,7 @@ def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_
         call |= {"reference_conditions": [LTX2ReferenceCondition(frames=None)], "reference_token_counts": [72],
                  "reference_latents": torch.randn(1, 72, 8, generator=g),
                  "reference_coords": pipe.transformer.rope.prepare_video_coords(1, 3, 4, 6, torch.device("cpu"))}
-    run = modular_run(pipe, call)
-
-    reference, _ = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call, block_size=16, output=video_and_audio)
     # Each guidance pass its own single-batch call in its own cache context (the branch); the timestep the
     # scheduler's `t` (per token where tokens are held clean, its maximum the step's): each step found. STG's pass
     # computes no attention on block 1, so only block 0 is counted there.
@@ -520,22 +507,15 @@ def test_echo_denoise_blocks_keep_the_memory_frames_whole_in_front_of_the_grid(m
             "connector_prompt_embeds": torch.randn(1, 7, 16, generator=g),
             "connector_audio_prompt_embeds": torch.randn(1, 7, 16, generator=g),
             "connector_attention_mask": torch.ones(1, 7),
-            "first_frame_latents": torch.randn(1, 8, 1, 4, 6, generator=g)}
+            "first_frame_latents": torch.randn(1, 8, 1, 4, 6, generator=g), "output": ["latents", "audio_latents"]}
     if memory_slots:
         call |= {"memory_video_latents": [torch.randn(1, 8, 1, 4, 6, generator=g) for _ in range(memory_slots)],
                  "memory_audio_latents": [torch.randn(1, 2, 3, 2, generator=g) for _ in range(memory_slots)]}
-    run = modular_run(pipe, call)
-
-    reference, _ = run()
     # No scheduler: the step count is unknown, so `dense_steps` must be an int (the default 0.2 is refused).
-    with pytest.raises(ValueError, match="pipeline without a scheduler"):
-        run(diffsparse.SparseConfig())
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense", dense_steps=0))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    with (pytest.raises(ValueError, match="pipeline without a scheduler"), torch.no_grad(),
+          diffsparse.sparse(pipe, diffsparse.SparseConfig())):
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+    stats, calls = check_modular_against_dense(pipe, call, block_size=16, output=video_and_audio)
     records = stats.calls["transformer"]
     assert Counter((r.step, r.branch) for r in records) == {(step, "call 0"): 2 for step in range(3)}
     assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)

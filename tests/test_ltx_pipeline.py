@@ -2,7 +2,6 @@
 self-attention, the token grid passed to the transformer as `num_frames`, `height`, `width`, or read from its
 `video_coords` (the condition and the long multi-prompt pipelines)."""
 
-import contextlib
 
 import pytest
 import torch
@@ -22,7 +21,12 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.ltx import layout_from_coords
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, recorded_attention_calls
+from helpers import (
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
@@ -204,17 +208,7 @@ def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_
     if image_to_video:  # latent frame 0 held clean: its tokens at timestep 0, the others at the step's
         call["image_latents"] = torch.randn(1, 8, 1, 4, 6, generator=g)
 
-    def run(config=None):
-        with torch.no_grad(), diffsparse.sparse(pipe, config) if config else contextlib.nullcontext() as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle and handle.stats()
-
-    reference, _ = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     # The blocks give the transformer the scheduler's own `t` (0-1000; per token for image-to-video, its maximum the
     # step's): each step found. The guider's two calls are the transformer's cache contexts, one per branch.
     records = stats.calls["transformer"]

@@ -2,7 +2,6 @@
 sequence of text, audio, a conditioning frame and the target video, and through diffusers' own modular denoising
 blocks, which pack the sequence themselves."""
 
-import contextlib
 
 import pytest
 import torch
@@ -11,7 +10,13 @@ from diffusers import MiniMaxH3Transformer3DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_against_dense,
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+    run_transformer,
+)
 
 TEXT, AUDIO, CHANNELS, TEXT_DIM = 5, 6, 4, 8
 FRAMES, HEIGHT, WIDTH = 3, 4, 6  # the target video's grid; the conditioning frame is one more 4 x 6 frame
@@ -107,6 +112,11 @@ def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "MiniMax-H3", layer=1)
 
 
+def video_and_audio(out):
+    """The modular blocks' video and audio latents (`output=["latents", "audio_latents"]`) as one tensor."""
+    return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
+
+
 def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
     # diffusers' own MiniMax-H3 blocks (modular only): the text-to-video-and-audio denoising, which packs the
     # sequence itself, its video rows' rotary positions floats (times spaced unevenly, rows and columns centred and
@@ -129,21 +139,8 @@ def test_the_modular_pipeline_s_denoising_runs_sparse_on_the_target_video():
             "text_token_tags": torch.ones(TEXT, dtype=torch.long), "height": 64, "width": 64, "num_frames": 124,
             "num_inference_steps": 5, "output": ["latents", "audio_latents"]}
 
-    def generate(config=None):
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            handle = stack.enter_context(diffsparse.sparse(pipe, config)) if config else None
-            out = pipe(**call, generator=torch.Generator().manual_seed(0))
-            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
-
-    reference, _ = generate()
-    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
-    kept, stats = generate(every_block)
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
-                                                         dense_steps=2))
-    assert not torch.allclose(sparse, reference, atol=1e-4)
+    sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=2)
+    stats, calls = check_modular_against_dense(pipe, call, block_size=16, sparse=sparse, output=video_and_audio)
     # Each call on its own step of the scheduler's (`1 - sigma`: the loop runs four of five), the first two dense
     # (read as `t * 1000` before, every call after the first landed on the last step); the target the whole
     # 37 x 2 x 2 grid, the text and the audio rows its span.
@@ -194,20 +191,7 @@ def test_the_modular_keyframe_and_reference_denoising_run_sparse_on_the_target_v
                                          minimax_h3.MiniMaxH3VideoReference(frames=None, audio=torch.zeros(2, 1)),
                                          minimax_h3.MiniMaxH3AudioReference(audio=None)]
 
-    def generate(config=None):
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            handle = stack.enter_context(diffsparse.sparse(pipe, config)) if config else None
-            out = pipe(**call, generator=torch.Generator().manual_seed(0))
-            return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()]), handle and handle.stats()
-
-    reference, _ = generate()
-    assert torch.equal(generate(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
-    torch.testing.assert_close(generate(every_block)[0], reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        sparse, stats = generate(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
-                                                         dense_steps=1))
-    assert not torch.allclose(sparse, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call, block_size=16, output=video_and_audio)
     assert list(stats.calls) == [component]
     assert sorted((r.step, r.sparse) for r in stats.calls[component] if r.layer == 0) == [
         (0, False), (1, True), (2, True)]

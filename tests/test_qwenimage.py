@@ -43,6 +43,7 @@ from helpers import (
     QWEN_VISION_TOKENS,
     check_against_dense,
     check_controlnet_pipeline,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     open_zero_initialised,
@@ -347,10 +348,9 @@ def modular_pipes():
     return pipes
 
 
-def modular_denoise(pipe, latents, config=None, **kwargs):
-    """The blocks' latents in 3 steps from seed 0, with 7 prompt and 4 negative prompt tokens and the named image
-    `latents` (shapes, drawn from seed 2), `kwargs` added to the call; with `config` applied for the call,
-    `(latents, stats)`."""
+def modular_call(latents, **kwargs):
+    """The blocks' arguments for their latents in 3 steps, with 7 prompt and 4 negative prompt tokens and the named
+    image `latents` (shapes, drawn from seed 2), `kwargs` added."""
     g = torch.Generator().manual_seed(1)
     call = {"prompt_embeds": torch.randn(1, TEXT_LEN, 16, generator=g), "prompt_embeds_mask": torch.ones(1, TEXT_LEN),
             "negative_prompt_embeds": torch.randn(1, 4, 16, generator=g),
@@ -359,11 +359,7 @@ def modular_denoise(pipe, latents, config=None, **kwargs):
     for name, shapes in latents.items():
         drawn = [torch.randn(shape, generator=g) for shape in shapes]
         call[name] = drawn if name == "image_latents" and len(drawn) > 1 else drawn[0]
-    with torch.no_grad():
-        if config is None:
-            return pipe(**call, generator=torch.Generator().manual_seed(0))
-        with diffsparse.sparse(pipe, config) as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+    return call
 
 
 # Each block's image latents and other inputs, the frames of the output's grid and the reference tokens kept whole
@@ -384,16 +380,8 @@ MODULAR_CASES = {
 @pytest.mark.parametrize("name", list(MODULAR_CASES))
 def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(modular_pipes, name):
     latents, extra, frames, whole = MODULAR_CASES[name]
-    def run(config=None, **kwargs):
-        return modular_denoise(modular_pipes[name], latents, config, **extra, **kwargs)
-
-    reference = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL.pattern, block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    pipe, call = modular_pipes[name], modular_call(latents, **extra)
+    stats, calls = check_modular_against_dense(pipe, call)
     # The blocks pass `t / 1000`: each call lands on its own scheduler step, the guider's two calls per step two
     # branches, through both layers; the first step dense. The ControlNet is not adapted (only the transformer).
     assert list(stats.calls) == ["transformer"]
@@ -404,4 +392,7 @@ def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(m
         VideoLayout(frames, 4, 6, text_len=n + whole, text_position="start") for n in (TEXT_LEN, 4)
     }
     if name == "controlnet":  # its residuals reach the output, so the checks above cover them
-        assert not torch.allclose(run(controlnet_conditioning_scale=0.0), reference, atol=1e-4)
+        with torch.no_grad():
+            conditioned, unconditioned = (pipe(**c, generator=torch.Generator().manual_seed(0))
+                                          for c in (call, {**call, "controlnet_conditioning_scale": 0.0}))
+        assert not torch.allclose(unconditioned, conditioned, atol=1e-4)

@@ -6,7 +6,6 @@ text encoder and processor built in memory, the Qwen-Image 2.1 VAE) generating f
 text and a condition image. And diffusers' modular denoise blocks (text-to-image, image-conditioned, and their Turbo
 variants, without guidance) driving the transformer, fed prompt embeddings and the condition image's latents."""
 
-import functools
 from collections import Counter
 
 import numpy as np
@@ -36,6 +35,7 @@ from diffsparse.pipelines import adapter_for
 
 from helpers import (
     QWEN_VISION_TOKENS,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
@@ -241,10 +241,10 @@ def modular_pipes(transformer):
     return pipes
 
 
-def modular_denoise(pipe, guided, conditioned, use_kv_cache, config=None):
-    """The blocks' latents for a 64 x 96 image (4 x 6 tokens) in 3 steps from seed 0: a prompt of 9 text tokens (and,
-    `conditioned`, 6 vision slots between them, a condition image of the target's size); when `guided` a negative
-    prompt of 5 text tokens, the last one padding (and the same slots). With `config` applied, `(latents, stats)`."""
+def modular_call(guided, conditioned, use_kv_cache):
+    """The blocks' arguments for the latents of a 64 x 96 image (4 x 6 tokens) in 3 steps: a prompt of 9 text tokens
+    (and, `conditioned`, 6 vision slots between them, a condition image of the target's size); when `guided` a
+    negative prompt of 5 text tokens, the last one padding (and the same slots)."""
     g = torch.Generator().manual_seed(1)
     slots = [True] * 6 if conditioned else []
     prompt, negative = [False] * 6 + slots + [False] * 3, [False] * 3 + slots + [False] * 2
@@ -257,11 +257,7 @@ def modular_denoise(pipe, guided, conditioned, use_kv_cache, config=None):
                  "negative_image_pad_mask": torch.tensor([negative])}
     if conditioned:
         call["image_latents"] = [torch.randn(1, 8, 1, 4, 6, generator=g)]
-    with torch.no_grad():
-        if config is None:
-            return pipe(**call, generator=torch.Generator().manual_seed(0))
-        with diffsparse.sparse(pipe, config) as handle:
-            return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
+    return call
 
 
 @pytest.mark.parametrize(("name", "use_kv_cache"), [("text2image", True), ("text2image", False),
@@ -269,15 +265,14 @@ def modular_denoise(pipe, guided, conditioned, use_kv_cache, config=None):
                                                     ("turbo image conditioned", False)])
 def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(modular_pipes, name, use_kv_cache):
     guided, conditioned = "turbo" not in name, "conditioned" in name
-    run = functools.partial(modular_denoise, modular_pipes[name], guided, conditioned, use_kv_cache)
-    reference = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, stats = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    assert all(r.sparse for r in stats.calls["transformer"])
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    pipe, call = modular_pipes[name], modular_call(guided, conditioned, use_kv_cache)
+    stats, calls = check_modular_against_dense(pipe, call)
+    # Every block kept runs every call through the kernel, the cache-filling step's included (the helper returns only
+    # the one-token window's stats: this config is run again for its own).
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(pipe, every_block) as handle:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        assert all(r.sparse for r in handle.stats().calls["transformer"])
     # The blocks pass `t / 1000`: each call lands on its own scheduler step, the first dense (with the cache: the
     # step that fills it), through both layers; the guider's branches are its `cache_context`s.
     branches = ("pred_cond", "pred_uncond") if guided else ("cond",)

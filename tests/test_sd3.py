@@ -13,6 +13,7 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
     check_controlnet_pipeline,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pag_pipeline,
     open_zero_initialised,
@@ -228,21 +229,7 @@ def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_
         "negative_pooled_prompt_embeds": torch.randn(1, 8, generator=g),
         "height": 96, "width": 128, "num_inference_steps": 3, "output": "latents",
     }
-
-    def run(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0))
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     records = stats.calls["transformer"]
     # Each step's two calls are two branches; the layers: both blocks' joint `attn`, block 0's `attn2`.
     assert Counter((r.step, r.branch) for r in records) == {(step, f"call {i}"): 3 for step in range(3) for i in (0, 1)}

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import check_modular_against_dense, check_other_processors_are_refused, recorded_attention_calls
 
 # The full video: 8 pixel frames -> 3 latent frames of reference, 4 of generation; 64 x 96 pixels -> 4 x 6 tokens.
 ORIGIN_LEN, ORIGIN_AREA, GRID = 8, [64, 96], (4, 4, 6)
@@ -121,11 +121,11 @@ def animate2_pipes(uncompiled_block_mask):
     return pipes
 
 
-def animate(pipe, config=None):
-    """The decoded video of two 5-frame segments (one frame shared) of 32 x 64 pixels, 3 steps each: 2 latent frames
-    of 4 x 8 latents (2 x 4 tokens) and the reference image's; with `config` applied, `(video, handle)`."""
+def animate_call():
+    """The call for the decoded video of two 5-frame segments (one frame shared) of 32 x 64 pixels, 3 steps each: 2
+    latent frames of 4 x 8 latents (2 x 4 tokens) and the reference image's; its output the segments' frames."""
     g = torch.Generator().manual_seed(1)
-    call = {
+    return {
         "driving_video_pixels": torch.rand(1, 3, 9, 32, 64, generator=g) * 2 - 1,
         "reference_image_latents": torch.randn(8, 1, 4, 8, generator=g),
         "condition_clip_context": torch.zeros(1, 1, 8),  # unused: the transformer has no image embedding
@@ -134,33 +134,23 @@ def animate(pipe, config=None):
         "segment_frame_length": 5, "effective_segment": 4, "num_segments": 2, "height": 32, "width": 64,
         "num_inference_steps": 3, "output": "segment_frames",
     }
-    with torch.no_grad():
-        if config is None:
-            return torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2)
-        with diffsparse.sparse(pipe, config) as handle:
-            return torch.cat(pipe(**call, generator=torch.Generator().manual_seed(0)), dim=2), handle
 
 
 @pytest.mark.parametrize("name", ["guided", "distilled"])
 def test_modular_segment_loop_dense_every_block_kept_and_sparse_after_each_segment_s_dense_step(animate2_pipes, name):
     pipe, branches = animate2_pipes[name], ["call 0", "call 1"] if name == "guided" else ["call 0"]
-    reference = animate(pipe)
-    assert torch.equal(animate(pipe, diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = animate(pipe, diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, handle = animate(pipe, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
-                                                            dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    (whole, last), calls = check_modular_against_dense(
+        pipe, animate_call(), output=lambda segments: torch.cat(segments, dim=2),
+        stats=lambda handle: (handle.stats(since_apply=True), handle.stats()))
     # Each segment sets the scheduler's timesteps anew: a new run of the step clock, its first step dense (per layer
     # and segment: the reference pass and the first step's calls dense, the two later steps' sparse).
-    assert {(s.dense_calls, s.sparse_calls) for s in handle.stats(since_apply=True).layers} == {
+    assert {(s.dense_calls, s.sparse_calls) for s in whole.layers} == {
         (2 * (1 + len(branches)), 2 * 2 * len(branches))}
     # The last segment's calls: the reference pass (at the first step's timestep) dense, then each guider branch
     # on its own scheduler step. The reference pass is no CFG branch: it takes no place among its step's calls
     # (before, it was "call 0", shifting the branches' names in that step, so under `correction` the unconditional
     # branch was corrected with the conditional one's statistics).
-    records = [(r.step, r.branch, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0]
+    records = [(r.step, r.branch, r.sparse) for r in last.calls["transformer"] if r.layer == 0]
     assert records == [(0, "original", False)] + [(step, b, step > 0) for step in range(3) for b in branches]
     # The sparse calls on the generation's grid: the reference image's latent frame and the segment's 2.
     assert {layout for _, layout, _ in calls} == {VideoLayout(3, 2, 4)}

@@ -17,18 +17,17 @@ from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines.z_image.modular_blocks_z_image import ZImageCoreDenoiseStep
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import diffsparse
-from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
     QWEN3_TEMPLATE,
     chat_tokenizer,
     check_controlnet_pipeline,
+    check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     open_zero_initialised,
-    recorded_attention_calls,
     tiny_image_vae,
 )
 
@@ -147,21 +146,7 @@ def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_
     prompts = {"prompt_embeds": [prompt], "negative_prompt_embeds": [other]} if guided else {
         "prompt_embeds": [prompt, other]}
     call = {**prompts, "height": 128, "width": 160, "num_inference_steps": 3, "output": "latents"}
-
-    def run(config=None):
-        with torch.no_grad():
-            if config is None:
-                return pipe(**call, generator=torch.Generator().manual_seed(0))
-            with diffsparse.sparse(pipe, config) as handle:
-                return pipe(**call, generator=torch.Generator().manual_seed(0)), handle.stats()
-
-    reference = run()
-    assert torch.equal(run(diffsparse.SparseConfig(pattern="dense"))[0], reference)
-    kept, _ = run(diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0))
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    with recorded_attention_calls() as calls:
-        out, stats = run(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1))
-    assert not torch.allclose(out, reference, atol=1e-4)
+    stats, calls = check_modular_against_dense(pipe, call)
     records = stats.calls["transformer"]
     branches = ("call 0", "call 1") if guided else ("call 0",)
     assert {(r.step, r.branch) for r in records} == {(step, branch) for step in range(3) for branch in branches}
