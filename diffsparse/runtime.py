@@ -431,7 +431,7 @@ class SparseRuntime:
 
         `layout`: the token layout of these tensors when it is not the call's (`begin_call`), e.g. a batch whose
         videos carry different numbers of valid text tokens, attended in groups (HunyuanVideo).
-        `heads`: which of the model's heads the tensors hold, when only some (Ulysses context parallelism; under
+        `heads`: which of the model's heads the tensors hold, when only some (context parallelism; under
         tensor parallelism the call's context says so itself), so a pattern with one mask per head gives these heads
         theirs and a fit shared over the layer's heads sees all.
         The call's own tensors are taken in the model's token order: the adapter's `token_order`, if it gave one,
@@ -867,7 +867,7 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
         return args, kwargs
     hook = registry.get_hook(split)
     config, mesh = hook.parallel_config, hook.parallel_config._flattened_mesh
-    # What diffusers split with `tensor_split` (Ulysses "anything") it gathers with its size exchange.
+    # What diffusers split with `tensor_split` (Ulysses or ring "anything") it gathers with its size exchange.
     uneven = getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False)
     unshard = PartitionAnythingSharder.unshard_anything if uneven else EquipartitionSharder.unshard
     args, kwargs = list(args), dict(kwargs)

@@ -153,7 +153,7 @@ def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
 @dataclass(frozen=True)
 class HeadShard:
     r"""
-    The heads one process holds when the model's heads are split over processes (Ulysses context parallelism
+    The heads one process holds when the model's heads are split over processes (context parallelism
     after its all-to-all, tensor parallelism): consecutive heads from `first` on (as many as its tensors hold) of
     the model's `total`, and `gather`, which takes a tensor whose dim 0 is this process's heads and returns it for
     all the model's heads, in head order (an all-gather; every process of the split must call it together). A fit
@@ -184,19 +184,24 @@ class HeadShard:
         return full[self.first : self.first + count]
 
     @classmethod
-    def in_group(cls, rank: int, local_heads: int, group) -> HeadShard:
-        """The shard of the process of `rank` in a `torch.distributed` process group whose ranks hold
-        `local_heads` consecutive heads each, in rank order (Ulysses context parallelism after its all-to-all;
-        tensor parallelism's column-sharded projections)."""
-        size = torch.distributed.get_world_size(group)
-        return cls(rank * local_heads, size * local_heads, functools.partial(_all_gather, group=group, size=size))
+    def in_group(cls, rank: int, local_heads: int | list[int], group) -> HeadShard:
+        """The shard of the process of `rank` in a `torch.distributed` process group whose ranks hold consecutive
+        heads in rank order, `local_heads` each, or `local_heads[r]` on rank r (context parallelism after its
+        all-to-all, whose shares may differ by one; tensor parallelism's column-sharded projections)."""
+        if isinstance(local_heads, int):
+            local_heads = [local_heads] * torch.distributed.get_world_size(group)
+        return cls(sum(local_heads[:rank]), sum(local_heads),
+                   functools.partial(_all_gather, group=group, counts=tuple(local_heads)))
 
 
-def _all_gather(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """Every rank's `x` concatenated along dim 0 in rank order."""
-    parts = [torch.empty_like(x) for _ in range(size)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+def _all_gather(x: torch.Tensor, group, counts: tuple[int, ...]) -> torch.Tensor:
+    """Every rank's `x` (`counts[r]` rows on rank r) concatenated along dim 0 in rank order. Each rank sends the
+    largest count's rows (gloo gathers equal sizes only), then each part is cut back."""
+    sent = x.new_zeros((max(counts), *x.shape[1:]))
+    sent[: x.shape[0]] = x
+    parts = [torch.empty_like(sent) for _ in counts]
+    torch.distributed.all_gather(parts, sent, group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
 @dataclass(frozen=True, repr=False)

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from einops import rearrange
@@ -44,7 +45,7 @@ class SparseProcessor:
             return True
         return not self.runtime.route(self.layer)
 
-    # Whether the sparse path shards this family's sequence under Ulysses context parallelism. `False` for the
+    # Whether the sparse path shards this family's sequence under context parallelism. `False` for the
     # families diffusers gives no context parallel plan (only a user's own plan reaches them, splitting streams the
     # adapter does not know): refused at `apply` when parallelism is already enabled, else at the first sparse call
     # (`check_not_parallel`), rather than computing a wrong result.
@@ -85,7 +86,7 @@ class SparseProcessor:
 
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
         """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
-        holding `local_length` tokens: under Ulysses context parallelism each rank holds its share of the call's
+        holding `local_length` tokens: under context parallelism each rank holds its share of the call's
         sequence (`_shares`), in rank order; otherwise the call holds it all, `(0, local_length)`."""
         parallel = _context_parallel(self)
         if parallel is None:
@@ -95,7 +96,7 @@ class SparseProcessor:
         return sum(held[:rank]), sum(held)
 
     def whole_sequence(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
-        """`x` as the whole call holds it (`length` along `dim`): under Ulysses context parallelism, where each rank
+        """`x` as the whole call holds it (`length` along `dim`): under context parallelism, where each rank
         holds its share of it in rank order (a text mask that diffusers splits per block), gathered from all ranks;
         else `x`."""
         parallel = _context_parallel(self)
@@ -155,7 +156,7 @@ class SparseProcessor:
         return out
 
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under Ulysses
+        """`runtime.attention` on this layer for a video-only sequence of `(B, S, H, D)` tensors, also under
         context parallelism (`attend_joint` without text)."""
         return self.attend_joint(query, key, value, text_first=False)
 
@@ -164,9 +165,9 @@ class SparseProcessor:
         """`runtime.attention` on this layer for the call's `(B, S, H, D)` sequence; with `text_first`, a joint
         `[text, image]` one whose text is the call's `encoder_hidden_states` (FLUX, FLUX.2, Qwen-Image).
 
-        Under Ulysses context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
-        ulysses_degree=n))`) each of the n ranks holds its share (`_shares`: `1 / n`, or one token more on the first
-        ranks with `ulysses_anything=True`) of every stream the model splits: of the video, or of the text and of
+        Under context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=u,
+        ring_degree=r))`) each of the n = u * r ranks holds its share (`_shares`: `1 / n`, or one token more on the
+        first ranks with `ulysses_anything=True` or `ring_anything=True`) of every stream the model splits: of the video, or of the text and of
         the image, joined as `[its text, its image]`. An all-to-all gives each rank the whole
         sequence for `H / n` heads, put back in the model's order (all text, then all image tokens), which it attends
         sparsely like one device (the layout and the plan are those of the whole call), and a second all-to-all
@@ -183,24 +184,24 @@ class SparseProcessor:
         if parallel is None:
             return attend(query, key, value)
         group, degree, rank = parallel
-        heads = query.shape[2]
-        if heads % degree:
-            raise ValueError(f"Ulysses context parallelism needs the heads ({heads}) divisible by ulysses_degree={degree}")
         streams = self._streams(degree, text_first)
         held = self._held(streams, rank, query.shape[1])
-        q, k, v = (_sequence_to_heads(x, group, held) for x in (query, key, value))
+        # Heads that do not divide over the ranks (ring attention does not need them to) are shared as tokens are.
+        head_shares = _shares(query.shape[2], degree)
+        q, k, v = (_sequence_to_heads(x, group, held, head_shares) for x in (query, key, value))
         if len(streams) > 1:  # one stream (video only) is gathered in the model's order already
             order, inverse = _model_order(tuple(map(tuple, streams)), query.device)
             q, k, v = (x.index_select(1, order) for x in (q, k, v))
-        out = attend(q, k, v, heads=HeadShard.in_group(rank, heads // degree, group))
+        out = attend(q, k, v, heads=HeadShard.in_group(rank, head_shares, group))
         if len(streams) > 1:
             out = out.index_select(1, inverse)
-        return _heads_to_sequence(out, group, held)
+        return _heads_to_sequence(out, group, held, head_shares)
 
 
 def _shares(length: int, degree: int) -> list[int]:
     """How diffusers' context parallelism splits `length` tokens over `degree` ranks, in rank order
-    (`torch.tensor_split`: even shares, or with Ulysses "anything" the first `length % degree` ranks one more)."""
+    (`torch.tensor_split`: even shares, or with Ulysses or ring "anything" the first `length % degree` ranks one
+    more)."""
     return [length // degree + (rank < length % degree) for rank in range(degree)]
 
 
@@ -280,20 +281,17 @@ def context_parallel_config(processor_or_model):
 
 
 def _context_parallel(processor):
-    """`(process group, ulysses_degree, rank in it)` when diffusers' context parallelism reaches this processor,
-    else `None`; a `NotImplementedError` for ring attention, which the sparse path does not shard. Ulysses
-    "anything" (`ulysses_anything=True`: uneven shares) is Ulysses with the shares `_shares` gives."""
+    """`(process group, degree, rank in it)` when diffusers' context parallelism reaches this processor, else
+    `None`. diffusers splits the sequence over its ring and Ulysses ranks together (the flattened mesh, `tensor_split`
+    shares with "anything"), so the sparse path takes all of them as one Ulysses group: one all-to-all over the
+    `ring_degree * ulysses_degree` ranks gives each the whole sequence for its share of the heads. Under ring degrees
+    that is not diffusers' ring exchange (each rank's queries against every rank's keys in turn) but gives each rank
+    the same tokens' outputs."""
     config = context_parallel_config(processor)
     if config is None:
         return None
-    # `ring_anything` exists only in recent diffusers.
-    if config.ring_degree > 1 or getattr(config, "ring_anything", False):
-        raise NotImplementedError(
-            f"diffsparse shards sparse attention with Ulysses context parallelism only, got ring_degree="
-            f"{config.ring_degree}, ring_anything={getattr(config, 'ring_anything', False)}; use "
-            "ContextParallelConfig(ulysses_degree=n) (with ulysses_anything=True for uneven shares) or pattern='dense'"
-        )
-    return config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
+    group = config._flattened_mesh.get_group()
+    return group, config.ring_degree * config.ulysses_degree, torch.distributed.get_rank(group)
 
 
 def _all_to_all(x: torch.Tensor, group, send: list[int], receive: list[int]) -> torch.Tensor:
@@ -305,20 +303,23 @@ def _all_to_all(x: torch.Tensor, group, send: list[int], receive: list[int]) -> 
     return out
 
 
-def _sequence_to_heads(x: torch.Tensor, group, held: list[int]) -> torch.Tensor:
-    """`(B, held[rank], H, D)` on each rank -> `(B, S, H / n, D)`: the whole sequence (rank by rank), this rank's
-    slice of heads."""
-    degree, local = len(held), x.shape[1]
-    sent = _all_to_all(rearrange(x, "b s (n h) d -> (n s) b h d", n=degree), group, [local] * degree, held)
-    return rearrange(sent, "s b h d -> b s h d")
+def _sequence_to_heads(x: torch.Tensor, group, held: list[int], head_shares: list[int]) -> torch.Tensor:
+    """`(B, held[rank], H, D)` on each rank -> `(B, S, head_shares[rank], D)`: the whole sequence (rank by rank),
+    this rank's slice of heads. Each rank's slice travels padded to the largest (one all-to-all of one shape)."""
+    degree, local, widest = len(held), x.shape[1], head_shares[0]
+    slices = torch.stack([F.pad(part, (0, 0, 0, widest - part.shape[2])) for part in x.split(head_shares, dim=2)])
+    sent = _all_to_all(rearrange(slices, "n b s h d -> (n s) b h d"), group, [local] * degree, held)
+    return rearrange(sent, "s b h d -> b s h d")[:, :, : head_shares[torch.distributed.get_rank(group)]]
 
 
-def _heads_to_sequence(x: torch.Tensor, group, held: list[int]) -> torch.Tensor:
-    """The inverse of `_sequence_to_heads`: `(B, S, H / n, D)` -> `(B, held[rank], H, D)`."""
+def _heads_to_sequence(x: torch.Tensor, group, held: list[int], head_shares: list[int]) -> torch.Tensor:
+    """The inverse of `_sequence_to_heads`: `(B, S, head_shares[rank], D)` -> `(B, held[rank], H, D)`."""
     degree = len(held)
     local = held[torch.distributed.get_rank(group)]
-    sent = _all_to_all(rearrange(x, "b s h d -> s b h d"), group, held, [local] * degree)
-    return rearrange(sent, "(n s) b h d -> b s (n h) d", n=degree)
+    padded = F.pad(x, (0, 0, 0, head_shares[0] - x.shape[2]))
+    sent = _all_to_all(rearrange(padded, "b s h d -> s b h d"), group, held, [local] * degree)
+    slices = rearrange(sent, "(n s) b h d -> n b s h d", n=degree)
+    return torch.cat([part[..., :share, :] for part, share in zip(slices, head_shares)], dim=2)
 
 
 class ModelAdapter(ABC):
@@ -331,7 +332,7 @@ class ModelAdapter(ABC):
     when the tensors are not the whole call's sequence, e.g. a valid prefix; `call_layout()` gives the call's;
     `video_queries`: the queries are the layout's video tokens only, after its text span, as Qwen-Image 2.1's
     KV-cached calls hold them); adapters need nothing else of it. Video-only sequences go through
-    `SparseProcessor.attend_video`, which also shards them under Ulysses context parallelism.
+    `SparseProcessor.attend_video`, which also shards them under context parallelism.
     """
 
     transformer_classes: tuple[type, ...] = ()

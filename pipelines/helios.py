@@ -6,7 +6,7 @@ patchified at 1x, 2x and 4x the patch size (long first), then the current chunk'
 history is the layout's leading span, kept whole like text (every chunk token attends all of it), and the chunk is
 the grid. Each chunk, and in `HeliosPyramidPipeline` each stage of a chunk, is its own denoising run (the
 scheduler's timesteps are set anew), so `dense_steps` count within each (a fraction rounded against its own step
-count) and `stats()` after a pipeline call covers the last one. Under Ulysses context parallelism diffusers hands each
+count) and `stats()` after a pipeline call covers the last one. Under context parallelism diffusers hands each
 `attn1` call one rank's slice of the sequence: the memory is counted on the whole of it, and the sparse call is
 sharded as Wan's (`SparseProcessor.attend_video`).
 """

@@ -1,5 +1,5 @@
-"""Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses context parallelism each
-holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer (video only), or half of the text
+"""Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses (or ring) context parallelism
+each holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer (video only), or half of the text
 and half of the image of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer (joint attention), under tensor parallelism
 half of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one
 process gets alone with the same sparse config."""
@@ -32,6 +32,11 @@ JOINT_FAMILIES = {
 # Under Ulysses "anything" (uneven shares): a Wan of 175 video tokens (88 and 87 per rank), a Helios of 63 memory and
 # 100 chunk tokens (82 and 81), and these with 5 text tokens (3 and 2 per rank).
 UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded")
+# Under ring attention (the ranks' shares as under Ulysses; the dense calls diffusers' ring exchange): video only, with
+# the inputs split at the transformer's entry (LTX), and joint attention. Padded prompts' masks are not merged by
+# the ring exchange the CPU test can run.
+RING_FAMILIES = ("wan", "ltx")
+RING_JOINT_FAMILIES = ("flux", "flux references")
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
 CONFIGS = {
@@ -135,12 +140,14 @@ def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tu
     return result, alone, dense_parallel
 
 
-def _family(model, configs: dict = CONFIGS, call=_call, uneven: bool = False) -> dict:
-    """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism (with
-    `uneven`, Ulysses "anything": the ranks' shares may differ), as max abs differences (and densities)."""
+def _family(model, configs: dict = CONFIGS, call=_call, uneven: bool = False, ring: bool = False) -> dict:
+    """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism, or with
+    `ring` ring attention (with `uneven`, "anything": the ranks' shares may differ), as max abs differences (and
+    densities)."""
     from diffusers import ContextParallelConfig
 
-    parallel = ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=uneven)
+    parallel = (ContextParallelConfig(ring_degree=WORLD, ring_anything=uneven) if ring
+                else ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=uneven))
     result, alone, dense_parallel = _against_one_process(model(), configs, parallel, call)
     # The other order: applied first, then parallelism enabled (it reaches the sparse processors; where diffusers
     # splits the inputs at the transformer's entry, its hook now runs before diffsparse's), then removed (the
@@ -266,9 +273,94 @@ def _all_gather_uneven_on_gloo(all_gather):
     return gather
 
 
-def _worker(rank: int, init_file: str, results):
+def _native_forward_op_with_lse(forward_op):
+    """diffusers' ring attention merges the parts each rank's keys give through their log-sum-exps, which its native
+    backend's forward op (the one a CPU runs) does not return: this one also returns them, so that the dense calls
+    here run diffusers' own ring attention."""
+
+    def op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+           return_lse=False, _save_ctx=True, _parallel_config=None):
+        out = forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+                         _save_ctx, _parallel_config)
+        if not return_lse:
+            return out
+        assert attn_mask is None and not is_causal and not enable_gqa, "not needed by these tests"
+        scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) * (scale or query.shape[-1] ** -0.5)
+        return out, scores.logsumexp(-1).transpose(1, 2)  # (B, S, H), as the flash backends give it
+
+    return op
+
+
+def _two_process_job() -> dict:
+    """Everything one of the two ranks measures."""
+    result = {family: _family(functools.partial(_model, family)) for family in FAMILIES}
+    result |= {
+        f"cp {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
+                              functools.partial(_image_call, variant=variant))
+        for name, (family, variant) in JOINT_FAMILIES.items()
+    }
+    result |= {
+        "uneven wan": _family(functools.partial(_model, "wan"), call=functools.partial(_call, latents=(5, 10, 14)),
+                              uneven=True),
+        "uneven helios": _family(functools.partial(_model, "helios"),
+                                 call=functools.partial(_call, latents=(4, 10, 10)), uneven=True),
+    }
+    result |= {
+        f"uneven {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
+                                  functools.partial(_image_call, variant=variant, text=5), uneven=True)
+        for name, (family, variant) in JOINT_FAMILIES.items() if name in UNEVEN_JOINT_FAMILIES
+    }
+    result |= {f"ring {family}": _family(functools.partial(_model, family), ring=True) for family in RING_FAMILIES}
+    result |= {
+        f"ring {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
+                                functools.partial(_image_call, variant=variant), ring=True)
+        for name, (family, variant) in JOINT_FAMILIES.items() if name in RING_JOINT_FAMILIES
+    }
+    result["uneven ring wan"] = _family(functools.partial(_model, "wan"),
+                                        call=functools.partial(_call, latents=(5, 10, 14)), uneven=True, ring=True)
+    # Three heads over two ranks: two on rank 0, one on rank 1.
+    result["ring wan 3 heads"] = _family(functools.partial(_wan_with_heads, 3), _configs_for_heads(3), ring=True)
+    result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
+    return result
+
+
+def _wan_with_heads(heads: int):
+    from diffusers import WanTransformer3DModel
+
+    from diffsparse.pipelines.tiny import tiny_wan_config
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**(tiny_wan_config()["transformer"] | {"num_attention_heads": heads})).eval()
+
+
+WINDOWS = [(1, 2, 2), (3, 8, 8), (1, 4, 4), (2, 2, 8), (1, 8, 2), (2, 4, 4)]
+
+
+def _configs_for_heads(heads: int) -> dict:
+    """`CONFIGS` with one window per head of a model of `heads` heads."""
+    return {name: config for name, config in CONFIGS.items() if name != "window3d per head"} | {
+        "window3d per head": diffsparse.SparseConfig(pattern=Window3D(WINDOWS[:heads]), block_size=16, dense_steps=0),
+    }
+
+
+# Heads per model on four ranks: one each; or 2, 2, 1 and 1 (ring attention needs no divisible heads, so neither
+# does the sparse path's exchange).
+MESH_HEADS = (4, 6)
+
+
+def _four_process_job() -> dict:
+    """What one of four ranks measures on a ring x Ulysses mesh (2 x 2): diffusers splits the sequence over the
+    flattened mesh, ring-major."""
+    from diffusers import ContextParallelConfig
+
+    parallel = ContextParallelConfig(ring_degree=2, ulysses_degree=2)
+    return {heads: _against_one_process(_wan_with_heads(heads), _configs_for_heads(heads), parallel)[0]
+            for heads in MESH_HEADS}
+
+
+def _worker(rank: int, world: int, job, init_file: str, results):
     # "cpu:gloo": diffusers exchanges the uneven shares' sizes on the device its backend string names.
-    dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
     # diffusers refuses tensor parallelism on a CPU mesh (it lists accelerators only); the sharding and the
@@ -277,39 +369,25 @@ def _worker(rank: int, init_file: str, results):
 
     diffusers.hooks.tensor_parallel._SUPPORTED_TP_DEVICES += ("cpu",)
     dist.all_gather = _all_gather_uneven_on_gloo(dist.all_gather)
+    import diffusers.models.attention_dispatch as dispatch
+
+    dispatch._native_attention_forward_op = _native_forward_op_with_lse(dispatch._native_attention_forward_op)
     try:
-        result = {family: _family(functools.partial(_model, family)) for family in FAMILIES}
-        result |= {
-            f"cp {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
-                                  functools.partial(_image_call, variant=variant))
-            for name, (family, variant) in JOINT_FAMILIES.items()
-        }
-        result |= {
-            "uneven wan": _family(functools.partial(_model, "wan"), call=functools.partial(_call, latents=(5, 10, 14)),
-                                  uneven=True),
-            "uneven helios": _family(functools.partial(_model, "helios"),
-                                     call=functools.partial(_call, latents=(4, 10, 10)), uneven=True),
-        }
-        result |= {
-            f"uneven {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
-                                      functools.partial(_image_call, variant=variant, text=5), uneven=True)
-            for name, (family, variant) in JOINT_FAMILIES.items() if name in UNEVEN_JOINT_FAMILIES
-        }
-        result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
-        results.put((rank, result))
+        results.put((rank, job()))
     except Exception:  # noqa: BLE001  (any failure: the parent reports it with its traceback)
         results.put((rank, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def per_rank():
+def _run_ranks(world: int, job) -> dict:
+    """`job()`'s result on each of `world` CPU processes (gloo), by rank."""
     context = mp.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory() as folder:
         init_file = os.path.join(folder, "init")
-        workers = [context.Process(target=_worker, args=(rank, init_file, results)) for rank in range(WORLD)]
+        workers = [context.Process(target=_worker, args=(rank, world, job, init_file, results))
+                   for rank in range(world)]
         for worker in workers:
             worker.start()
         out = dict(results.get(timeout=300) for _ in workers)
@@ -318,6 +396,11 @@ def per_rank():
     for rank, result in out.items():
         assert isinstance(result, dict), f"rank {rank}: {result}"
     return out
+
+
+@pytest.fixture(scope="module")
+def per_rank():
+    return _run_ranks(WORLD, _two_process_job)
 
 
 @pytest.mark.parametrize("family", EXACT_DENSE_FAMILIES)
@@ -360,16 +443,44 @@ def test_parallelism_enabled_after_apply_and_kept_by_remove(per_rank, family):
         assert result[family]["applied first"] < 1e-5 and result[family]["removed"] < 1e-5
 
 
-def test_ring_attention_is_refused():
-    from diffusers import ContextParallelConfig
+@pytest.mark.parametrize("name", [*RING_FAMILIES, *RING_JOINT_FAMILIES, "uneven ring wan", "wan 3 heads"])
+def test_ring_attention_equals_one_process(per_rank, name):
+    # diffusers splits the sequence over the ring's ranks as over Ulysses's: the sparse path exchanges it for the
+    # whole sequence of half of the heads all the same (of three heads, two and one), so each rank gets what one
+    # process gets.
+    measured_name = name if name.startswith("uneven") else f"ring {name}"
+    configs = TENSOR_PARALLEL_CONFIGS if name in RING_JOINT_FAMILIES else CONFIGS
+    if name == "wan 3 heads":
+        configs = _configs_for_heads(3)
+    for result in per_rank.values():
+        measured = result[measured_name]
+        assert measured["dense"] < 1e-5  # diffusers' own ring attention (its partial results merged) as one process
+        assert measured["applied first"] < 1e-5 and measured["removed"] < 1e-5
+        for config in configs:
+            error, _, density_alone, sparse_vs_dense = measured[config]
+            assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
 
-    from diffsparse.pipelines.base import _context_parallel
 
-    class Processor:
-        _parallel_config = type("Parallel", (), {"context_parallel_config": ContextParallelConfig(ring_degree=2)})()
+@pytest.fixture(scope="module")
+def per_rank_of_mesh():
+    return _run_ranks(4, _four_process_job)
 
-    with pytest.raises(NotImplementedError, match="ring_degree=2"):
-        _context_parallel(Processor())
+
+@pytest.mark.parametrize("heads", MESH_HEADS)
+def test_ring_and_ulysses_mesh_equals_one_process(per_rank_of_mesh, heads):
+    # Four processes, ring_degree=2 x ulysses_degree=2: each rank's share of the sequence is its place in the
+    # flattened mesh, and it attends its share of the heads over the whole sequence.
+    for result in per_rank_of_mesh.values():
+        assert result[heads]["dense"] < 1e-5
+        for config in _configs_for_heads(heads):
+            error, _, density_alone, sparse_vs_dense = result[heads][config]
+            assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
+    # One window per head: each rank's stats are its own heads' blocks, which make up the whole.
+    shares = [heads // 4 + (rank < heads % 4) for rank in range(4)]
+    densities = [per_rank_of_mesh[rank][heads]["window3d per head"][1] for rank in range(4)]
+    assert len(set(densities)) > 1
+    assert sum(d * n for d, n in zip(densities, shares)) / heads == pytest.approx(
+        per_rank_of_mesh[0][heads]["window3d per head"][2])
 
 
 @pytest.mark.parametrize("name", list(JOINT_FAMILIES))
