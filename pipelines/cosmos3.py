@@ -7,9 +7,14 @@ generation tokens attend every key, the understanding ones included, with groupe
 value heads than query heads). The sparse path keeps the causal pathway as the original computes it and makes the
 generation rows sparse: the layout is the video's patch grid behind the understanding tokens as the leading span,
 kept whole, and the runtime attends the generation queries alone (`video_queries`), the key and value heads
-repeated to the query heads as grouped-query attention shares them. Calls whose generation tokens are not one
-video (several vision items, as Cosmos Transfer's controls, or sound and action tokens) run the original processor,
-counted dense, with a warning saying why.
+repeated to the query heads as grouped-query attention shares them.
+
+Cosmos Transfer packs its control videos (clean latents, each at the target's positions) before the target: the
+target is the grid, the controls join the prompt in the leading span, kept whole (every target query attends every
+control token; the controls' own rows are attended densely, as the original does). So all of a step's guidance
+passes (with the controls, without them, unconditional) are sparse on the same target grid. Calls whose generation
+tokens are not all vision items (the omni variants' sound and action tokens) run the original processor, counted
+dense, with a warning saying why.
 """
 
 from __future__ import annotations
@@ -68,10 +73,19 @@ class Cosmos3SparseAttnProcessor(SparseProcessor, Cosmos3AttnProcessor):
         )
         # The generation rows over every key, sparse; each key and value head serves `num_key_value_groups`
         # consecutive query heads, as grouped-query attention shares it.
-        key, value = (torch.cat(pair, dim=0).repeat_interleave(attn.num_key_value_groups, dim=1)
-                      for pair in ((k_und_for_gen, k_gen), (v_und, v_gen)))
-        full = self.runtime.attention(self.layer, q_gen.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
-                                      video_queries=True)
+        all_k, all_v = torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen])
+        key, value = (x.repeat_interleave(attn.num_key_value_groups, dim=1) for x in (all_k, all_v))
+        # Vision items before the target (Cosmos Transfer's controls) are in the layout's leading span: their rows
+        # over every key, dense, as the original computes them.
+        leading = self.runtime.call_layout().text_len - und_seq.shape[0]
+        full = self.runtime.attention(self.layer, q_gen[leading:].unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
+                                      video_queries=True, outside_pairs=leading * key.shape[0])
+        if leading:
+            leading_rows = dispatch_attention_fn(
+                q_gen[None, :leading], all_k[None], all_v[None], enable_gqa=True, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            full = torch.cat([leading_rows, full], dim=1)
         return attn.to_out(causal.squeeze(0).flatten(-2, -1)), attn.to_add_out(full.squeeze(0).flatten(-2, -1))
 
 
@@ -98,11 +112,13 @@ class Cosmos3Adapter(ModelAdapter):
         # The pipeline gives each noisy patch the scheduler's timestep; a call with no noisy patch is at 0.
         timestep = vision_timesteps.max() if vision_timesteps.numel() else torch.tensor(0.0)
         generated = sequence_length - und_len
-        if len(shapes) == 1 and math.prod(shapes[0]) == generated:
-            return VideoLayout(*shapes[0], text_len=und_len, text_position="start"), timestep
+        sizes = [math.prod(shape) for shape in shapes]
+        if sizes and sum(sizes) == generated:
+            # The target is the last vision item; those before it (Transfer's controls) join the leading span.
+            return VideoLayout(*shapes[-1], text_len=und_len + sum(sizes[:-1]), text_position="start"), timestep
         warnings.warn(
-            f"Cosmos 3: a call whose {generated} generation tokens are not one video's patch grid ({list(shapes)}: "
-            "several vision items, or sound or action tokens) runs the original processor (dense)",
+            f"Cosmos 3: a call whose {generated} generation tokens are not all vision items' patches "
+            f"({list(shapes)}: sound or action tokens too) runs the original processor (dense)",
             stacklevel=2,
         )
         return None, timestep

@@ -117,14 +117,24 @@ def test_steps_follow_the_timesteps(transformer):
     assert [(r.step, r.sparse) for r in records] == [(s, s > 0) for s in range(3) for _ in range(2)]
 
 
-def test_several_vision_items_run_the_original_counted_dense(transformer):
-    # Two videos in one generation sequence (as Cosmos Transfer packs its controls before the target) are not one
-    # grid: the original processor, a warning saying why, the calls counted dense.
+def test_vision_items_before_the_target_join_the_prompt_span(transformer):
+    # Two videos in one generation sequence, as Cosmos Transfer packs a control before the target: the target is the
+    # grid, the control beside the prompt in the leading span (its rows dense, outside the kernel's call).
     reference = run(transformer, items=2)
-    with pytest.warns(UserWarning, match="not one video's patch grid"):
-        out, stats = run(transformer, diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=0), items=2)
-    assert all(torch.equal(a, b) for a, b in zip(out, reference))
-    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs(items=2))
+    assert layout == VideoLayout(*GRID, text_len=UND + 72, text_position="start")
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        kept, stats = run(transformer, config, items=2)
+    for a, b in zip(kept, reference):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert {(layout, shape) for _, layout, shape in calls} == {(layout, (1, 72))}
+    assert all(r.sparse for r in stats.calls["transformer"])
+    sparse, stats = run(transformer, diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=0), items=2)
+    assert not torch.allclose(sparse[0], reference[0], atol=1e-4)
+    # The density is over every generation row: the control's 72 rows count whole, and the target's keep at least
+    # the 82 columns of the leading span.
+    assert (1 + 82 / 154) / 2 <= stats.sparse_density < 1
 
 
 def test_its_context_parallel_helper_is_refused(transformer):
@@ -222,19 +232,28 @@ def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step
     }
 
 
-@pytest.mark.parametrize("name", ["sound", "action", "transfer"])
-def test_modular_calls_whose_generation_tokens_are_not_one_video_run_the_original_counted_dense(cosmos3_pipes, name):
-    # The omni blocks pack sound or action tokens behind the video, Cosmos Transfer its controls before the target:
-    # those calls run the original processor, a warning saying why, counted dense on their own steps. Transfer's
-    # pass without the controls is the target alone: sparse after the dense step.
+def test_modular_transfer_runs_every_guidance_pass_sparse_on_the_target(cosmos3_pipes):
+    # Cosmos Transfer's three passes a step (with the control, without it, unconditional): the target's grid behind
+    # the prompt and, in the passes with it, the control; all sparse after the dense step, so the guidance combines
+    # predictions of one kind (before, the passes with the control ran dense and the other sparse).
+    stats, calls = check_modular_against_dense(cosmos3_pipes["transfer"], modular_call("transfer"))
+    records = stats.calls["transformer"]
+    branches = ("cond", "cond_no_control", "uncond")
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert {layout.text_len for _, layout, _ in calls} == {UND + 72, UND, 6 + 72}
+    assert {(layout.frames, layout.height, layout.width, shape) for _, layout, shape in calls} == {(*GRID, (1, 72))}
+
+
+@pytest.mark.parametrize("name", ["sound", "action"])
+def test_modular_calls_whose_generation_tokens_are_not_all_video_run_the_original_counted_dense(cosmos3_pipes, name):
+    # The omni blocks pack sound or action tokens behind the video: those calls run the original processor, a
+    # warning saying why, counted dense on their own steps.
     run = functools.partial(denoise, cosmos3_pipes[name], name)
     reference = run()
-    with pytest.warns(UserWarning, match="not one video's patch grid"):
+    with pytest.warns(UserWarning, match="not all vision items' patches"):
         out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
     records = stats.calls["transformer"]
-    branches = ("cond", "cond_no_control", "uncond") if name == "transfer" else ("cond", "uncond")
-    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
-    assert {(r.step, r.branch) for r in records if r.sparse} == (
-        {(step, "cond_no_control") for step in (1, 2)} if name == "transfer" else set()
-    )
-    assert torch.equal(out, reference) == (name != "transfer")
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in ("cond", "uncond")}
+    assert not any(r.sparse for r in records)
+    assert torch.equal(out, reference)
