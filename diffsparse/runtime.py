@@ -774,14 +774,27 @@ class SparseContextHook(ModelHook):
     # hook and on the processors' two runtime calls): tracing them would only break the graph at every
     # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
     @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        # The last forward raised (an out-of-memory error, an interrupt, a call the adapter refused), so its
-        # `post_forward` never ran: close it first, else this call and every call after it would inherit its branch
-        # name ("call 0") and share that branch's state.
+    def _abandon_call(self):
+        """Close a forward that raised (an out-of-memory error, an interrupt), whose `post_forward` never runs: else
+        the calls after it would inherit its branch name ("call 0") and share that branch's state, and a module the
+        transformer shares with another model (Z-Image's ControlNet) would take that model's calls for its own."""
         if self._in_forward:
             self._call_in_step -= self._took_place  # its place among the step's calls is free again
             self._close_call()
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        # Whatever `new_forward` could not close (a forward compiled with the exception raised in its graph) is
+        # closed here, before this call.
+        self._abandon_call()
         self._in_forward = True
+        try:
+            return self._begin(module, args, kwargs)
+        except BaseException:  # a call the adapter refused
+            self._abandon_call()
+            raise
+
+    def _begin(self, module, args, kwargs):
         whole_args, whole_kwargs = _whole_call(module, args, kwargs)
         layout, timestep, *token_order = self._read_call(module, whole_args, whole_kwargs)
         text = _call_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
@@ -812,6 +825,14 @@ class SparseContextHook(ModelHook):
             text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
         return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        # The forward itself (traced under torch.compile), closed at once when it raises.
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._abandon_call()
+            raise
 
     @torch.compiler.disable
     def post_forward(self, module, output):

@@ -599,3 +599,26 @@ def test_a_transformer_call_that_raises_leaves_the_next_calls_their_own_branches
         records = handle.stats().calls["transformer"]
     assert [(r.step, r.branch) for r in records if r.layer == 0] == [
         (0, "call 0"), (0, "call 1"), (1, "call 0"), (1, "call 1")]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_transformer_call_that_raises_is_closed_at_once(compiled):
+    # Between a forward that raised and the transformer's next call, a model that shares one of its attention
+    # modules (Z-Image's ControlNet shares refiner blocks) may call it: it must get the original processor, unlogged,
+    # not the sparse path with the failed call's state. Compiled: traced by dynamo (aot_eager, as above).
+    transformer = tiny_wan_pipeline().transformer
+    attn = transformer.blocks[0].attn1
+    g = torch.Generator().manual_seed(0)
+    latents, prompt = torch.randn(1, 16, 5, 16, 24, generator=g), torch.randn(1, 8, 32, generator=g)
+    hidden = torch.randn(1, 3 * 8 * 12, attn.to_q.in_features, generator=g)  # another model's own sequence
+    with torch.no_grad():
+        original = attn(hidden)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    with diffsparse.sparse(transformer, config) as handle, torch.no_grad():
+        model = torch.compile(transformer, backend="aot_eager") if compiled else transformer
+        with pytest.raises(RuntimeError):  # inside the forward: text of the wrong width
+            model(latents, torch.tensor([900.0]), prompt[..., :7])
+        assert torch.equal(attn(hidden), original)
+        assert handle.stats().calls["transformer"] == []
+        model(latents, torch.tensor([900.0]), prompt)
+        assert [r.branch for r in handle.stats().calls["transformer"]] == ["call 0"] * 2
