@@ -784,8 +784,8 @@ class SparseContextHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        # Whatever `new_forward` could not close (a forward compiled with the exception raised in its graph) is
-        # closed here, before this call.
+        # A failed call that `new_forward` did not close (an exception that escaped it) is closed here, before this
+        # call.
         self._abandon_call()
         self._in_forward = True
         try:

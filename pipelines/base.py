@@ -167,11 +167,11 @@ class SparseProcessor:
 
         Under context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=u,
         ring_degree=r))`) each of the n = u * r ranks holds its share (`_shares`: `1 / n`, or one token more on the
-        first ranks with `ulysses_anything=True` or `ring_anything=True`) of every stream the model splits: of the video, or of the text and of
-        the image, joined as `[its text, its image]`. An all-to-all gives each rank the whole
-        sequence for `H / n` heads, put back in the model's order (all text, then all image tokens), which it attends
-        sparsely like one device (the layout and the plan are those of the whole call), and a second all-to-all
-        returns its tokens.
+        first ranks with `ulysses_anything=True` or `ring_anything=True`) of every stream the model splits: of the
+        video, or of the text and of the image, joined as `[its text, its image]`. An all-to-all gives each rank the
+        whole sequence for its share of the heads (`H / n`; the first ranks one more when n does not divide H), put
+        back in the model's order (all text, then all image tokens), which it attends sparsely like one device (the
+        layout and the plan are those of the whole call), and a second all-to-all returns its tokens.
 
         `attend(query, key, value, heads=None)`: what attends the whole sequence in the model's order (default:
         `runtime.attention`), for a family that attends a batch in groups (Qwen-Image's padded prompts).

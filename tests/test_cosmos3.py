@@ -254,6 +254,7 @@ def test_modular_calls_whose_generation_tokens_are_not_all_video_run_the_origina
     with pytest.warns(UserWarning, match="not all vision items' patches"):
         out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
     records = stats.calls["transformer"]
-    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in ("cond", "uncond")}
+    branches = ("cond", "uncond")
+    assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
     assert not any(r.sparse for r in records)
     assert torch.equal(out, reference)

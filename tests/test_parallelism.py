@@ -1,8 +1,8 @@
-"""Sparse attention under diffusers' parallelism, two CPU processes (gloo): under Ulysses (or ring) context parallelism
-each holds half of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios transformer (video only), or half of the text
-and half of the image of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer (joint attention), under tensor parallelism
-half of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1 transformer; each must get what one
-process gets alone with the same sparse config."""
+"""Sparse attention under diffusers' parallelism, two CPU processes (gloo; four for a ring x Ulysses mesh): under
+Ulysses or ring context parallelism each holds its share of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios
+transformer (video only), or of the text and of the image of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer (joint
+attention), under tensor parallelism half of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1
+transformer; each must get what one process gets alone with the same sparse config."""
 
 import functools
 import os
