@@ -270,7 +270,7 @@ class FrameSelfAttention(SparseProcessor, AttnProcessor2_0):
 def not_parallel_message(processor_class: type) -> str:
     return (
         f"diffsparse runs sparse attention under context parallelism on the families diffusers gives a context "
-        f"parallel plan (Wan, ChronoEdit, LTX-Video, Helios, FLUX.1, FLUX.2, Qwen-Image), not on "
+        f"parallel plan (Wan, ChronoEdit, LTX-Video, Helios, MiniMax-H3, FLUX.1, FLUX.2, Qwen-Image), not on "
         f"{processor_class.__name__}; disable parallelism or use pattern='dense'"
     )
 

@@ -29,13 +29,9 @@ class MiniMaxH3SparseAttnProcessor(SparseProcessor, MiniMaxH3AttnProcessor):
     """`MiniMaxH3AttnProcessor` whose self-attention runs block-sparse when the runtime says so; dense calls run the
     original `__call__` unchanged."""
 
-    # diffusers' plan shards the packed sequence after the rows are scattered; diffsparse does not follow it yet.
-    context_parallel = False
-
     def __call__(self, attn, hidden_states, rotary_emb=None, attention_mask=None):
         if self.stays_dense(attention_mask):  # the model passes no mask; a caller's is the original's to apply
             return super().__call__(attn, hidden_states, rotary_emb, attention_mask)
-        self.check_not_parallel()
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -44,7 +40,7 @@ class MiniMaxH3SparseAttnProcessor(SparseProcessor, MiniMaxH3AttnProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         if rotary_emb is not None:
             query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
-        out = self.runtime.attention(self.layer, query, key, value)
+        out = self.attend_video(query, key, value)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
 

@@ -23,14 +23,18 @@ FRAMES, HEIGHT, WIDTH = 3, 4, 6  # the target video's grid; the conditioning fra
 ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
 
 
-@pytest.fixture(scope="module")
-def transformer():
+def make_transformer():
     torch.manual_seed(0)
     return MiniMaxH3Transformer3DModel(
         num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
         in_channels=CHANNELS, audio_in_channels=4, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
         time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2,
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return make_transformer()
 
 
 def grid(frames: int, first_frame: int = 0) -> torch.Tensor:

@@ -37,6 +37,14 @@ UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded")
 # log-sum-exp this test gives diffusers' native op does not apply masks.
 RING_FAMILIES = ("wan", "ltx")
 RING_JOINT_FAMILIES = ("flux", "flux references", "flux2", "qwenimage")
+# MiniMax-H3's packed sequence (text, a conditioning frame, audio and the target video; 107 rows, so uneven shares),
+# in the three orders its tests pack it: the runtime's token order puts the gathered rows in the layout's order.
+MINIMAX_ORDERS = ("text first", "target first", "shuffled")
+MINIMAX_CONFIGS = {
+    "window3d": diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0),
+    "window3d per head": diffsparse.SparseConfig(pattern=Window3D([(1, 1, 1), (3, 8, 8)]), block_size=8, dense_steps=0),
+    "searched, layer budget": diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=8, dense_steps=0),
+}
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
 CONFIGS = {
@@ -320,8 +328,26 @@ def _two_process_job() -> dict:
                                         call=functools.partial(_call, latents=(5, 10, 14)), uneven=True, ring=True)
     # Three heads over two ranks: two on rank 0, one on rank 1.
     result["ring wan 3 heads"] = _family(functools.partial(_wan_with_heads, 3), _configs_for_heads(3), ring=True)
+    result |= {
+        f"minimax {order}{' ring' if ring else ''}": _family(_minimax_model, MINIMAX_CONFIGS,
+                                                          functools.partial(_minimax_call, order=order), True, ring)
+        for order in MINIMAX_ORDERS for ring in (False, True)
+    }
     result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
     return result
+
+
+def _minimax_model():
+    from test_minimax_h3 import make_transformer
+
+    return make_transformer()
+
+
+def _minimax_call(transformer, order: str):
+    from test_minimax_h3 import inputs
+
+    with torch.no_grad():
+        return transformer(**inputs(order)(), return_dict=False)[0]
 
 
 def _wan_with_heads(heads: int):
@@ -481,6 +507,20 @@ def test_ring_and_ulysses_mesh_equals_one_process(per_rank_of_mesh, heads):
     assert len(set(densities)) > 1
     assert sum(d * n for d, n in zip(densities, shares)) / heads == pytest.approx(
         per_rank_of_mesh[0][heads]["window3d per head"][2])
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["ulysses", "ring"])
+@pytest.mark.parametrize("order", MINIMAX_ORDERS)
+def test_minimax_h3_packed_sequence_equals_one_process(per_rank, order, ring):
+    # diffusers' plan splits MiniMax-H3's packed rows (in the caller's order) at the first block: gathered back in
+    # that order, the adapter's token order puts the target's rows on its grid, as in one process.
+    for result in per_rank.values():
+        measured = result[f"minimax {order}{' ring' if ring else ''}"]
+        assert measured["dense"] < 1e-5
+        assert measured["applied first"] < 1e-5 and measured["removed"] < 1e-5
+        for config in MINIMAX_CONFIGS:
+            error, _, density_alone, sparse_vs_dense = measured[config]
+            assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
 
 
 @pytest.mark.parametrize("name", list(JOINT_FAMILIES))
