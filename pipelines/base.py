@@ -387,15 +387,20 @@ class ModelAdapter(ABC):
         module.set_processor(processor)
 
 
-def project_qkv(attn, x: torch.Tensor, added: bool = False):
+def project_qkv(attn, x: torch.Tensor, added: bool = False, fused: bool = False):
     """`(query, key, value)` of `x` as `(B, S, heads, head_dim)`: the module's projections, then its q/k norms over
     the head dim, as the joint-attention processors of diffusers compute them (`added`: the text stream's
-    `add_*_proj` and `norm_added_*`). Split by the head dim, not the head count: under tensor parallelism the
-    projections hold only this process's heads."""
-    projections = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+    `add_*_proj` and `norm_added_*`; `fused`: the one projection `fuse_qkv_projections()` made of the three,
+    `to_qkv` or `to_added_qkv`, as diffusers' fused processors use it). Split by the head dim, not the head count:
+    under tensor parallelism the projections hold only this process's heads."""
     norms = ("norm_added_q", "norm_added_k") if added else ("norm_q", "norm_k")
     head_dim = attn.inner_dim // attn.heads
-    query, key, value = (getattr(attn, name)(x).unflatten(2, (-1, head_dim)) for name in projections)
+    if fused:
+        projected = getattr(attn, "to_added_qkv" if added else "to_qkv")(x).chunk(3, dim=-1)
+    else:
+        projected = (getattr(attn, name)(x) for name in
+                     (("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")))
+    query, key, value = (part.unflatten(2, (-1, head_dim)) for part in projected)
     norm_q, norm_k = (getattr(attn, name, None) for name in norms)
     return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 

@@ -17,7 +17,12 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline
+from helpers import (
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    recorded_attention_calls,
+    run_pipeline,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "up", "low", "quality"]
 TEXT_LEN = 8
@@ -48,10 +53,12 @@ def tiny_cogvideox_pipeline(rotary: bool = True, patch_size_t: int | None = None
     return pipe
 
 
+CALL = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
+        "width": 48, "num_inference_steps": 3, "guidance_scale": 6.0, "max_sequence_length": TEXT_LEN}
+
+
 def generate(pipe, **kwargs):
-    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
-            "width": 48, "num_inference_steps": 3, "guidance_scale": 6.0, "max_sequence_length": TEXT_LEN,
-            "output_type": "pt", "generator": torch.Generator().manual_seed(0), **kwargs}
+    call = {**CALL, "output_type": "pt", "generator": torch.Generator().manual_seed(0), **kwargs}
     with torch.no_grad():
         return pipe(**call).frames
 
@@ -140,6 +147,23 @@ def test_image_to_video_pipeline():
 
 def test_other_processors_are_refused_and_the_model_left_untouched(cog_pipe):
     check_other_processors_are_refused(cog_pipe, "CogVideoX", layer=1)
+
+
+def test_fused_qkv_projections():
+    # `transformer.fuse_qkv_projections()` (diffusers' speed recipe for CogVideoX, with torch.compile) swaps in its
+    # fused processor, one QKV projection: paired with its own sparse processor, projecting as it does; `remove`
+    # gives the fused processors back.
+    pipe = tiny_cogvideox_pipeline()
+    pipe.transformer.fuse_qkv_projections()
+    fused = _processors(pipe)
+    assert {type(p).__name__ for p in fused} == {"FusedCogVideoXAttnProcessor2_0"}
+    with torch.no_grad():  # the fused projection's weights only: the sparse path must read those
+        for block in pipe.transformer.transformer_blocks:
+            block.attn1.to_q.weight.zero_()
+    stats, _ = check_pipeline_against_dense(pipe, {**CALL, "output_type": "pt"}, block_size=8)
+    assert {type(p).__name__ for p in _processors(pipe)} == {"FusedCogVideoXAttnProcessor2_0"}
+    assert all(p is o for p, o in zip(_processors(pipe), fused))
+    assert any(r.sparse for log in stats.calls.values() for r in log)
 
 
 def test_compare_command_runs_a_saved_cogvideox_pipeline(cog_pipe, tmp_path):
