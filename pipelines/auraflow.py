@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
+from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor2_0
 from diffusers.models.transformers.auraflow_transformer_2d import AuraFlowTransformer2DModel
 
 from ..patterns import VideoLayout
@@ -20,9 +20,9 @@ from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_ou
 from .registry import register_adapter
 
 
-class AuraFlowSparseAttnProcessor(SparseProcessor, AuraFlowAttnProcessor2_0):
-    """`AuraFlowAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so; dense calls
-    run the original `__call__` unchanged."""
+class AuraFlowSparseAttention(SparseProcessor):
+    """The sparse path of AuraFlow's joint self-attention, placed before `AuraFlowAttnProcessor2_0` or its fused
+    version; dense calls run the original `__call__` unchanged."""
 
     # AuraFlowTransformer2DModel has no diffusers context parallel plan.
     context_parallel = False
@@ -35,9 +35,9 @@ class AuraFlowSparseAttnProcessor(SparseProcessor, AuraFlowAttnProcessor2_0):
         if not math.isclose(attn.scale, (attn.inner_dim // attn.heads) ** -0.5):
             self.runtime.log_dense(self.layer)
             return super().__call__(*original, **kwargs)
-        query, key, value = project_qkv(attn, hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, fused=self.fused)
         if encoder_hidden_states is not None:
-            text = project_qkv(attn, encoder_hidden_states, added=True)
+            text = project_qkv(attn, encoder_hidden_states, added=True, fused=self.fused)
             query, key, value = (torch.cat(pair, dim=1) for pair in zip(text, (query, key, value)))
         out = self.runtime.attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
@@ -45,11 +45,26 @@ class AuraFlowSparseAttnProcessor(SparseProcessor, AuraFlowAttnProcessor2_0):
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
+class AuraFlowSparseAttnProcessor(AuraFlowSparseAttention, AuraFlowAttnProcessor2_0):
+    """`AuraFlowAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
+
+
+class FusedAuraFlowSparseAttnProcessor(AuraFlowSparseAttention, FusedAuraFlowAttnProcessor2_0):
+    """`FusedAuraFlowAttnProcessor2_0` (after `fuse_qkv_projections()`) whose joint self-attention runs block-sparse
+    when the runtime says so."""
+
+    fused = True
+
+
 class AuraFlowAdapter(ModelAdapter):
     transformer_classes = (AuraFlowTransformer2DModel,)
     family = "AuraFlow"
     original_processor = AuraFlowAttnProcessor2_0
     sparse_processor = AuraFlowSparseAttnProcessor
+    processor_pairs = (
+        (AuraFlowAttnProcessor2_0, AuraFlowSparseAttnProcessor),
+        (FusedAuraFlowAttnProcessor2_0, FusedAuraFlowSparseAttnProcessor),
+    )
     block_lists = ("joint_transformer_blocks", "single_transformer_blocks")
     attention_name = "attn"
 

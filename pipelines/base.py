@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from einops import rearrange
 
@@ -35,6 +35,10 @@ class SparseProcessor:
         for name in ("_attention_backend", "_parallel_config"):
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
+
+    # The processor this one replaces projects through the one QKV weight `fuse_qkv_projections()` makes
+    # (`to_qkv`, `to_added_qkv`: diffusers' `Fused...` processors); the sparse path then projects as it does.
+    fused = False
 
     def stays_dense(self, attention_mask=None) -> bool:
         """Whether this self-attention call runs the original processor: when it carries a token-level
@@ -133,7 +137,7 @@ class SparseProcessor:
         """The sparse self-attention of `AttnProcessor2_0` and its copies: projections, q/k norms (over the head
         dim), RoPE `(cos, sin)` on queries and keys where the family gives one (HunyuanDiT), `attend_video`, the
         output projection."""
-        query, key, value = project_qkv(attn, hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, fused=self.fused)
         if image_rotary_emb is not None:
             query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
         return attention_processor_output(attn, self.attend_video(query, key, value), hidden_states, query.dtype)
@@ -253,10 +257,10 @@ class JointVideoTextAttention(SparseProcessor):
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
 
 
-class FrameSelfAttention(SparseProcessor, AttnProcessor2_0):
-    """`AttnProcessor2_0` on a self-attention over the tokens of one frame (Latte's spatial blocks, PixArt's
-    `attn1`), block-sparse when the runtime says so; cross-attention calls, other module kinds and dense calls
-    run the original `__call__` unchanged."""
+class SparseFrameSelfAttention(SparseProcessor):
+    """The sparse path of `AttnProcessor2_0` (or its fused version) on a self-attention over the tokens of one frame
+    (Latte's spatial blocks, PixArt's `attn1`), placed before the processor class; cross-attention calls, other
+    module kinds and dense calls run the original `__call__` unchanged."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
@@ -265,6 +269,17 @@ class FrameSelfAttention(SparseProcessor, AttnProcessor2_0):
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
         return self.attend_frame(attn, hidden_states)
+
+
+class FrameSelfAttention(SparseFrameSelfAttention, AttnProcessor2_0):
+    """`AttnProcessor2_0` on a self-attention over one frame's tokens, block-sparse when the runtime says so."""
+
+
+class FusedFrameSelfAttention(SparseFrameSelfAttention, FusedAttnProcessor2_0):
+    """`FusedAttnProcessor2_0` (after `fuse_qkv_projections()`) on a self-attention over one frame's tokens,
+    block-sparse when the runtime says so."""
+
+    fused = True
 
 
 def not_parallel_message(processor_class: type) -> str:

@@ -47,7 +47,6 @@ class CogVideoXSparseAttention(SparseProcessor):
     """
 
     context_parallel = False  # diffusers gives the family no context parallel plan
-    fused = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if self.stays_dense(attention_mask):

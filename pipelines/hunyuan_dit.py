@@ -6,7 +6,7 @@ self-attention `attn1` over the image's patches in row-major order with 2D RoPE,
 
 from __future__ import annotations
 
-from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
+from diffusers.models.attention_processor import FusedHunyuanAttnProcessor2_0, HunyuanAttnProcessor2_0
 from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiT2DModel
 
 from .base import SparseProcessor
@@ -14,9 +14,10 @@ from .pixart import PixArtAdapter
 from .registry import register_adapter
 
 
-class HunyuanDiTSparseProcessor(SparseProcessor, HunyuanAttnProcessor2_0):
-    """`HunyuanAttnProcessor2_0` whose image self-attention runs block-sparse when the runtime says so (RoPE on
-    queries and keys as the original); cross-attention and dense calls run the original `__call__` unchanged."""
+class HunyuanDiTSparseAttention(SparseProcessor):
+    """The sparse path of HunyuanDiT's image self-attention (RoPE on queries and keys as the original), placed before
+    `HunyuanAttnProcessor2_0` or its fused version; cross-attention and dense calls run the original `__call__`
+    unchanged."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  image_rotary_emb=None):
@@ -28,11 +29,26 @@ class HunyuanDiTSparseProcessor(SparseProcessor, HunyuanAttnProcessor2_0):
         return self.attend_frame(attn, hidden_states, image_rotary_emb)
 
 
+class HunyuanDiTSparseProcessor(HunyuanDiTSparseAttention, HunyuanAttnProcessor2_0):
+    """`HunyuanAttnProcessor2_0` whose image self-attention runs block-sparse when the runtime says so."""
+
+
+class FusedHunyuanDiTSparseProcessor(HunyuanDiTSparseAttention, FusedHunyuanAttnProcessor2_0):
+    """`FusedHunyuanAttnProcessor2_0` (after `fuse_qkv_projections()`) whose image self-attention runs block-sparse
+    when the runtime says so."""
+
+    fused = True
+
+
 class HunyuanDiTAdapter(PixArtAdapter):
     transformer_classes = (HunyuanDiT2DModel,)
     family = "HunyuanDiT"
     original_processor = HunyuanAttnProcessor2_0
     sparse_processor = HunyuanDiTSparseProcessor
+    processor_pairs = (
+        (HunyuanAttnProcessor2_0, HunyuanDiTSparseProcessor),
+        (FusedHunyuanAttnProcessor2_0, FusedHunyuanDiTSparseProcessor),
+    )
     block_lists = ("blocks",)
     timestep_position = 1
 

@@ -5,11 +5,11 @@ as it is). Layer `i` is block `i`'s self-attention.
 
 from __future__ import annotations
 
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from ..patterns import VideoLayout
-from .base import FrameSelfAttention, ModelAdapter, call_argument
+from .base import FrameSelfAttention, FusedFrameSelfAttention, ModelAdapter, call_argument
 from .registry import register_adapter
 
 
@@ -18,6 +18,8 @@ class PixArtAdapter(ModelAdapter):
     family = "PixArt"
     original_processor = AttnProcessor2_0
     sparse_processor = FrameSelfAttention
+    # `fuse_qkv_projections()` puts diffusers' fused processor on every attention module.
+    processor_pairs = ((AttnProcessor2_0, FrameSelfAttention), (FusedAttnProcessor2_0, FusedFrameSelfAttention))
     timestep_position = 2  # the forward's positional index of `timestep`
 
     def read_call(self, transformer, args, kwargs):

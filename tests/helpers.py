@@ -173,6 +173,33 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     return stats, calls
 
 
+def check_fused_projections(pipe, call: dict, fused_class: str, block_size: int = 16):
+    """After `pipe.transformer.fuse_qkv_projections()` (diffusers' fused processor, `fused_class`, one QKV weight
+    per stream): `check_pipeline_against_dense` with each self-attention's separate `to_q` zeroed, so a sparse path
+    that read the separate weights instead of the fused ones would fail it; `remove` gives the fused processors
+    back. Unfused again afterwards (the separate weights restored) for the pipeline's other tests."""
+    from diffsparse.pipelines import adapter_for
+
+    transformer = pipe.transformer
+    modules = dict(adapter_for(transformer).self_attention_modules(transformer))
+    separate = {layer: module.to_q.weight.detach().clone() for layer, module in modules.items()}
+    transformer.fuse_qkv_projections()
+    try:
+        fused = {layer: module.processor for layer, module in modules.items()}
+        assert {type(p).__name__ for p in fused.values()} == {fused_class}
+        with torch.no_grad():
+            for module in modules.values():
+                module.to_q.weight.zero_()
+        stats, _ = check_pipeline_against_dense(pipe, call, block_size=block_size)
+        assert all(module.processor is fused[layer] for layer, module in modules.items())
+        return stats
+    finally:
+        with torch.no_grad():
+            for layer, module in modules.items():
+                module.to_q.weight.copy_(separate[layer])
+        transformer.unfuse_qkv_projections()
+
+
 def check_modular_against_dense(pipe, call: dict, block_size: int = 8, sparse=None, output=None, stats=None,
                                 atol=1e-4):
     """`check_pipeline_against_dense` for diffusers' modular blocks (`XxxCoreDenoiseStep().init_pipeline()` fed

@@ -9,7 +9,12 @@ from transformers import UMT5Config, UMT5EncoderModel
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_fused_projections,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 TEXT_LEN = 8
@@ -30,15 +35,21 @@ def auraflow_pipe():
     return pipe
 
 
+# 32 x 48 pixels -> 16 x 24 latents (x2 VAE) -> 8 x 12 patches behind the 8 register and 8 prompt tokens.
+CALL = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 48,
+        "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": TEXT_LEN, "output_type": "latent"}
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_identical_every_block_kept_and_the_layout(auraflow_pipe, order):
-    # 32 x 48 pixels -> 16 x 24 latents (x2 VAE) -> 8 x 12 patches behind the 8 register and 8 prompt tokens.
-    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 48,
-            "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": TEXT_LEN, "output_type": "latent"}
-    stats, calls = check_pipeline_against_dense(auraflow_pipe, call, order=order)
+    stats, calls = check_pipeline_against_dense(auraflow_pipe, CALL, order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=8 + TEXT_LEN, text_position="start")}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(auraflow_pipe):
     check_other_processors_are_refused(auraflow_pipe, "AuraFlow", layer=1)
+
+
+def test_fused_qkv_projections(auraflow_pipe):
+    check_fused_projections(auraflow_pipe, CALL, "FusedAuraFlowAttnProcessor2_0")

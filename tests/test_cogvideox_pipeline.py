@@ -18,8 +18,8 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_fused_projections,
     check_other_processors_are_refused,
-    check_pipeline_against_dense,
     recorded_attention_calls,
     run_pipeline,
 )
@@ -149,20 +149,11 @@ def test_other_processors_are_refused_and_the_model_left_untouched(cog_pipe):
     check_other_processors_are_refused(cog_pipe, "CogVideoX", layer=1)
 
 
-def test_fused_qkv_projections():
+def test_fused_qkv_projections(cog_pipe):
     # `transformer.fuse_qkv_projections()` (diffusers' speed recipe for CogVideoX, with torch.compile) swaps in its
-    # fused processor, one QKV projection: paired with its own sparse processor, projecting as it does; `remove`
-    # gives the fused processors back.
-    pipe = tiny_cogvideox_pipeline()
-    pipe.transformer.fuse_qkv_projections()
-    fused = _processors(pipe)
-    assert {type(p).__name__ for p in fused} == {"FusedCogVideoXAttnProcessor2_0"}
-    with torch.no_grad():  # the fused projection's weights only: the sparse path must read those
-        for block in pipe.transformer.transformer_blocks:
-            block.attn1.to_q.weight.zero_()
-    stats, _ = check_pipeline_against_dense(pipe, {**CALL, "output_type": "pt"}, block_size=8)
-    assert {type(p).__name__ for p in _processors(pipe)} == {"FusedCogVideoXAttnProcessor2_0"}
-    assert all(p is o for p, o in zip(_processors(pipe), fused))
+    # fused processor, one QKV projection: paired with its own sparse processor, projecting as it does.
+    call = {**CALL, "output_type": "pt"}
+    stats = check_fused_projections(cog_pipe, call, "FusedCogVideoXAttnProcessor2_0", block_size=8)
     assert any(r.sparse for log in stats.calls.values() for r in log)
 
 

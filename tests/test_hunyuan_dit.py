@@ -19,6 +19,7 @@ from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
     check_controlnet_pipeline,
+    check_fused_projections,
     check_other_processors_are_refused,
     check_pag_pipeline,
     check_pipeline_against_dense,
@@ -70,6 +71,10 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(hunyu
 
 def test_other_processors_are_refused_and_the_model_left_untouched(hunyuan_dit_pipe):
     check_other_processors_are_refused(hunyuan_dit_pipe, "HunyuanDiT", layer=3)
+
+
+def test_fused_qkv_projections(hunyuan_dit_pipe):
+    check_fused_projections(hunyuan_dit_pipe, hunyuan_dit_call(), "FusedHunyuanAttnProcessor2_0")
 
 
 def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse(hunyuan_dit_pipe):

@@ -15,7 +15,13 @@ from transformers import T5Config, T5EncoderModel
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pag_pipeline, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_fused_projections,
+    check_other_processors_are_refused,
+    check_pag_pipeline,
+    check_pipeline_against_dense,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -55,6 +61,10 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(pixar
 
 def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):
     check_other_processors_are_refused(pixart_pipe, "PixArt", layer=1)
+
+
+def test_fused_qkv_projections(pixart_pipe):
+    check_fused_projections(pixart_pipe, pixart_call(), "FusedAttnProcessor2_0")
 
 
 def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse(pixart_pipe):
