@@ -458,11 +458,20 @@ def test_memory_savers_compose(memory_saver, apply_first):
     torch.testing.assert_close(out, generate(pipe), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("cache", ["first block cache", "pyramid attention broadcast", "TaylorSeer"])
+@pytest.mark.parametrize(
+    "cache", ["first block cache", "pyramid attention broadcast", "TaylorSeer", "FasterCache", "MagCache", "SeaCache"]
+)
 def test_diffusers_caches_compose(cache):
     # diffusers' caching methods skip blocks or attention calls with hooks of their own: under them every block kept
     # gives the cached pipeline's video, and the calls they skip never reach diffsparse (its stats count what ran).
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
+        TaylorSeerCacheConfig,
+    )
 
     pipe = tiny_wan_pipeline()
     pipe.transformer.enable_cache({
@@ -471,6 +480,13 @@ def test_diffusers_caches_compose(cache):
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
             current_timestep_callback=lambda: pipe.current_timestep),
         "TaylorSeer": TaylorSeerCacheConfig,
+        # Its CFG cache needs the branches batched (Wan runs them one call after another): attention reuse only.
+        "FasterCache": lambda: FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+            current_timestep_callback=lambda: pipe.current_timestep, is_guidance_distilled=True,
+            attention_weight_callback=lambda _: 0.5),
+        "MagCache": lambda: MagCacheConfig(num_inference_steps=6, mag_ratios=[1.0] + [0.98] * 5, threshold=0.5),
+        "SeaCache": SeaCacheConfig,
     }[cache]())
     cached = generate(pipe, num_inference_steps=6)
     every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
