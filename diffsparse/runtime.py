@@ -25,6 +25,7 @@ from diffusers.hooks.context_parallel import (
     PartitionAnythingSharder,
 )
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
 
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
@@ -311,6 +312,11 @@ class SparseRuntime:
         (another model sharing the module) stays with it unlogged.
         """
         if not self.in_transformer_call:  # another model calling a module it shares: not this transformer's call
+            return False
+        if _attention_scores_skipped():
+            # A guider's perturbed pass (PerturbedAttentionGuidance, a LayerSkipConfig with `skip_attention_scores`)
+            # replaces this call's attention by its values through the original's SDPA: the original runs it, and
+            # it stays out of the stats as PAG pipelines' own processors do.
             return False
         mode = self._mode(layer)
         if mode == "dense":
@@ -742,6 +748,13 @@ class SparseRuntime:
         blocks = math.ceil(n / self.block_sizes[0]) * math.ceil(n / self.block_sizes[1])
         density = sum(plan.density * plan.num_q_blocks * plan.num_kv_blocks for _, _, plan in parts) / blocks
         return _CachedPlan(None, *perm, density, parts)
+
+
+def _attention_scores_skipped() -> bool:
+    """Whether diffusers' layer-skip hook has the current attention module's scores replaced (its torch function
+    mode turns the original's `scaled_dot_product_attention` into the values, which the sparse kernel would not)."""
+    return any(isinstance(mode, AttentionScoreSkipFunctionMode)
+               for mode in torch.overrides._get_current_function_mode_stack())
 
 
 class SparseContextHook(ModelHook):

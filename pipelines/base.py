@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks._helpers import AttentionProcessorRegistry
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from einops import rearrange
@@ -389,6 +390,7 @@ class ModelAdapter(ABC):
             )
         if not sparse.context_parallel and context_parallel_config(original) is not None:
             raise NotImplementedError(not_parallel_message(sparse))
+        _share_layer_skip_entry(type(original), sparse)
         return sparse(runtime, layer, original)
 
     @abstractmethod
@@ -400,6 +402,17 @@ class ModelAdapter(ABC):
     def set_processor(self, module: torch.nn.Module, processor) -> None:
         """Install `processor` on an attention `module` (diffusers' own setter; families without one override)."""
         module.set_processor(processor)
+
+
+def _share_layer_skip_entry(original: type, sparse: type) -> None:
+    """diffusers' layer-skip hooks (SkipLayerGuidance, PerturbedAttentionGuidance, `LayerSkipConfig`) find how to
+    skip an attention module by its processor's exact class: the sparse class gets the original's entry, so the
+    guiders that work on the original work under diffsparse (they raised "not registered")."""
+    try:
+        entry = AttentionProcessorRegistry.get(original)
+    except ValueError:  # diffusers cannot skip the original either
+        return
+    AttentionProcessorRegistry.register(sparse, entry)
 
 
 def project_qkv(attn, x: torch.Tensor, added: bool = False, fused: bool = False):

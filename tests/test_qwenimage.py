@@ -396,3 +396,27 @@ def test_modular_blocks_dense_every_block_kept_and_sparse_after_the_dense_step(m
             conditioned, unconditioned = (pipe(**c, generator=torch.Generator().manual_seed(0))
                                           for c in (call, {**call, "controlnet_conditioning_scale": 0.0}))
         assert not torch.allclose(unconditioned, conditioned, atol=1e-4)
+
+
+def test_modular_perturbed_attention_guidance():
+    # diffusers' PerturbedAttentionGuidance guider replaces layer 1's attention by its values in a third pass (a
+    # layer-skip hook whose torch function mode turns the original's SDPA into the values). Before, `apply` made the
+    # hook raise ("... QwenImageSparseAttnProcessor not registered"), and once past that the sparse kernel computed
+    # real attention there, silently (0.11 off): the perturbed call now runs the original, unlogged.
+    from diffusers.guiders import PerturbedAttentionGuidance
+
+    pipe = QwenImageCoreDenoiseStep().init_pipeline()
+    guider = PerturbedAttentionGuidance(
+        guidance_scale=4.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+        perturbed_guidance_config={"indices": [1], "fqn": "transformer_blocks", "skip_attention": False,
+                                   "skip_attention_scores": True, "skip_ff": False},
+    )
+    torch.manual_seed(0)
+    pipe.update_components(transformer=tiny_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), guider=guider)
+    pipe.set_progress_bar_config(disable=True)
+    stats, _ = check_modular_against_dense(pipe, modular_call({}, **SIZE))
+    # The perturbed pass ("call 2", from the second step) logs layer 0 only.
+    assert Counter((r.step, r.branch, r.layer) for r in stats.calls["transformer"]) == {
+        **{(step, f"call {b}", layer): 1 for step in range(3) for b in (0, 1) for layer in (0, 1)},
+        **{(step, "call 2", 0): 1 for step in (1, 2)},
+    }
