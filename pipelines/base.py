@@ -383,10 +383,11 @@ class ModelAdapter(ABC):
         pairs = dict(self.processor_pairs or [(self.original_processor, self.sparse_processor)])
         sparse = pairs.get(type(original))
         if sparse is None:
+            unfuse = "" if any(cls.fused for cls in pairs.values()) else ", and unfuse QKV projections"
             raise ValueError(
                 f"layer {layer} of the {self.family} transformer has processor {type(original).__name__}; diffsparse "
-                f"replaces only {' and '.join(cls.__name__ for cls in pairs)} (remove other processors, e.g. LoRA, "
-                "IP-Adapter or caching ones, and unfuse QKV projections first)"
+                f"replaces only {' and '.join(cls.__name__ for cls in pairs)} (remove other processors first, e.g. "
+                f"LoRA, IP-Adapter or caching ones{unfuse})"
             )
         if not sparse.context_parallel and context_parallel_config(original) is not None:
             raise NotImplementedError(not_parallel_message(sparse))
