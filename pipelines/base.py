@@ -321,21 +321,37 @@ def _all_to_all(x: torch.Tensor, group, send: list[int], receive: list[int]) -> 
 
 def _sequence_to_heads(x: torch.Tensor, group, held: list[int], head_shares: list[int]) -> torch.Tensor:
     """`(B, held[rank], H, D)` on each rank -> `(B, S, head_shares[rank], D)`: the whole sequence (rank by rank),
-    this rank's slice of heads. Each rank's slice travels padded to the largest (one all-to-all of one shape)."""
-    degree, local, widest = len(held), x.shape[1], head_shares[0]
-    slices = torch.stack([F.pad(part, (0, 0, 0, widest - part.shape[2])) for part in x.split(head_shares, dim=2)])
-    sent = _all_to_all(rearrange(slices, "n b s h d -> (n s) b h d"), group, [local] * degree, held)
+    this rank's slice of heads."""
+    degree, local = len(held), x.shape[1]
+    sent = _all_to_all(rearrange(_padded_heads(x, head_shares), "b s (n h) d -> (n s) b h d", n=degree), group,
+                       [local] * degree, held)
     return rearrange(sent, "s b h d -> b s h d")[:, :, : head_shares[torch.distributed.get_rank(group)]]
 
 
 def _heads_to_sequence(x: torch.Tensor, group, held: list[int], head_shares: list[int]) -> torch.Tensor:
     """The inverse of `_sequence_to_heads`: `(B, S, head_shares[rank], D)` -> `(B, held[rank], H, D)`."""
-    degree = len(held)
+    degree, widest = len(held), head_shares[0]
     local = held[torch.distributed.get_rank(group)]
-    padded = F.pad(x, (0, 0, 0, head_shares[0] - x.shape[2]))
-    sent = _all_to_all(rearrange(padded, "b s h d -> s b h d"), group, held, [local] * degree)
-    slices = rearrange(sent, "(n s) b h d -> n b s h d", n=degree)
-    return torch.cat([part[..., :share, :] for part, share in zip(slices, head_shares)], dim=2)
+    if x.shape[2] < widest:
+        x = F.pad(x, (0, 0, 0, widest - x.shape[2]))
+    sent = _all_to_all(rearrange(x, "b s h d -> s b h d"), group, held, [local] * degree)
+    out = rearrange(sent, "(n s) b h d -> b s (n h) d", n=degree)
+    if widest * degree == sum(head_shares):
+        return out
+    kept = [rank * widest + i for rank, share in enumerate(head_shares) for i in range(share)]
+    return out.index_select(2, torch.tensor(kept, device=out.device))
+
+
+def _padded_heads(x: torch.Tensor, head_shares: list[int]) -> torch.Tensor:
+    """`x`'s heads as one equal slice per rank, each rank's share (`head_shares`, in rank order) padded with zero
+    heads to the largest, so that one all-to-all of one shape sends them; `x` itself when the shares are even."""
+    heads, widest = x.shape[2], head_shares[0]
+    if widest * len(head_shares) == heads:
+        return x
+    starts = [sum(head_shares[:rank]) for rank in range(len(head_shares))]
+    index = [start + i if i < share else heads for start, share in zip(starts, head_shares) for i in range(widest)]
+    with_zero = torch.cat([x, x.new_zeros(*x.shape[:2], 1, x.shape[3])], dim=2)
+    return with_zero.index_select(2, torch.tensor(index, device=x.device))
 
 
 class ModelAdapter(ABC):
