@@ -329,8 +329,8 @@ def _two_process_job() -> dict:
     # Three heads over two ranks: two on rank 0, one on rank 1.
     result["ring wan 3 heads"] = _family(functools.partial(_wan_with_heads, 3), _configs_for_heads(3), ring=True)
     result |= {
-        f"minimax {order}{' ring' if ring else ''}": _family(_minimax_model, MINIMAX_CONFIGS,
-                                                          functools.partial(_minimax_call, order=order), True, ring)
+        f"minimax {order}{' ring' if ring else ''}": _family(
+            _minimax_model, MINIMAX_CONFIGS, functools.partial(_minimax_call, order=order), uneven=True, ring=ring)
         for order in MINIMAX_ORDERS for ring in (False, True)
     }
     result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
