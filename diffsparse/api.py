@@ -96,7 +96,8 @@ class SparseHandle:
             read_call = adapter.read_call
             if adapter.timestep_from_pipeline and pipeline is not None:
                 read_call = _with_pipeline_timestep(read_call, pipeline)
-            hook = SparseContextHook(runtime, clock, read_call, self._new_run, adapter.per_frame_steps)
+            hook = SparseContextHook(runtime, clock, read_call, self._new_run, adapter.per_frame_steps,
+                                     installed=processors.items())
             register_context_hook(transformer, hook)
             setattr(transformer, _HANDLE_ATTR, self)
             self.runtimes[name] = runtime

@@ -764,13 +764,17 @@ class SparseContextHook(ModelHook):
     adapter's knowledge of where the latent grid and the timestep are in the transformer's inputs (and, when its
     tokens are not in the layout's order, where each one is in the layout: `SparseRuntime.begin_call`).
     `per_frame_steps`: a call with one timestep per frame gives the runtime each frame's step
-    (`ModelAdapter.per_frame_steps`).
+    (`ModelAdapter.per_frame_steps`). `installed`: `(attention module, sparse processor)` pairs, to warn once when
+    every one of them was replaced after `apply` (the transformer then runs without sparse attention).
     """
 
     _is_stateful = True
 
-    def __init__(self, runtime: SparseRuntime, clock: StepClock, read_call, on_new_run, per_frame_steps=False):
+    def __init__(self, runtime: SparseRuntime, clock: StepClock, read_call, on_new_run, per_frame_steps=False,
+                 installed=()):
         super().__init__()
+        self._installed = tuple(installed)
+        self._warned_replaced = False
         self.runtime = runtime
         self.state_manager = runtime.state_manager
         self._clock = clock
@@ -808,6 +812,7 @@ class SparseContextHook(ModelHook):
             raise
 
     def _begin(self, module, args, kwargs):
+        self._warn_if_replaced()
         whole_args, whole_kwargs = _whole_call(module, args, kwargs)
         layout, timestep, *token_order = self._read_call(module, whole_args, whole_kwargs)
         text = _call_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
@@ -838,6 +843,19 @@ class SparseContextHook(ModelHook):
             text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
         return args, kwargs
+
+    def _warn_if_replaced(self) -> None:
+        # All of them, not some: PAG pipelines put their own processors on the perturbed layers for each call.
+        if self._warned_replaced or not self._installed:
+            return
+        if all(module.processor is not processor for module, processor in self._installed):
+            self._warned_replaced = True
+            warnings.warn(
+                f"diffsparse: every self-attention processor `apply` installed on {self.runtime.name} was replaced "
+                f"after it (now {type(self._installed[0][0].processor).__name__}; e.g. by fuse_qkv_projections() or "
+                "set_attn_processor()): it runs without sparse attention; call diffsparse.apply again",
+                stacklevel=2,
+            )
 
     def new_forward(self, module, *args, **kwargs):
         # The forward itself (traced under torch.compile), closed at once when it raises.

@@ -197,3 +197,27 @@ def test_video_to_video_pipeline(cog_pipe):
     sparse, _ = run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8,
                                                                  dense_steps=0))
     assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_processors_replaced_after_apply_warn_once():
+    # `fuse_qkv_projections()` (or `set_attn_processor`) after `apply` puts diffusers' processors back on every layer:
+    # the pipeline then runs without sparse attention, which a warning says once; applying again makes it sparse.
+    import warnings
+
+    pipe = tiny_cogvideox_pipeline()
+    config = diffsparse.SparseConfig(pattern="radial", block_size=8, dense_steps=0, density=0.3)
+    diffsparse.apply(pipe, config)
+    try:
+        pipe.transformer.fuse_qkv_projections()
+        with pytest.warns(UserWarning, match="every self-attention processor `apply` installed on transformer was "
+                                             "replaced after it"):
+            generate(pipe)
+        assert not diffsparse.stats(pipe).calls["transformer"]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="diffsparse: every self-attention processor")
+            generate(pipe)
+            diffsparse.apply(pipe, config)
+            generate(pipe)
+        assert all(r.sparse for r in diffsparse.stats(pipe).calls["transformer"])
+    finally:
+        diffsparse.remove(pipe)
