@@ -32,6 +32,20 @@ from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
 from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
 
 HOOK_NAME = "diffsparse_context"
+# Shown by torch.compile where it cannot trace these functions (`fullgraph=True`, which allows no graph break).
+_EAGER_REASON = (
+    "diffsparse runs its step clock, block planning and sparse kernel eagerly between compiled graphs (a graph break "
+    "around each transformer call and each sparse attention call), so it cannot run under fullgraph=True: compile "
+    "with fullgraph=False (torch.compile(transformer), transformer.compile_repeated_blocks(fullgraph=False))"
+)
+
+
+def _eager(fn):
+    """`torch.compiler.disable(fn)`, with `_EAGER_REASON` in torch.compile's error where torch takes a reason."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(fn, reason=_EAGER_REASON)
+    return torch.compiler.disable(fn)
+
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
 # per distinct head assignment (at most one per layer).
 _PLAN_CACHE_SIZE = 64
@@ -283,7 +297,7 @@ class SparseRuntime:
         self._statistics.clear()
 
     # -- asked by processors ------------------------------------------------------------------
-    @torch.compiler.disable  # a read of the tensor's values, once per call: eager (see SparseContextHook.pre_forward)
+    @_eager  # a read of the tensor's values, once per call: eager (see SparseContextHook.pre_forward)
     def once_per_call(self, source: torch.Tensor, read):
         """`read(source)`, computed once per transformer call for the tensor every layer gets (a padding mask):
         later layers reuse the answer instead of reading the tensor again, which on a GPU is a host sync each."""
@@ -304,7 +318,7 @@ class SparseRuntime:
         """The token layout of the current transformer call, as the adapter's `read_call` gave it."""
         return self._state().layout
 
-    @torch.compiler.disable  # see SparseContextHook.pre_forward
+    @_eager  # see SparseContextHook.pre_forward
     def route(self, layer: int) -> bool:
         """Whether this call of `layer` goes through `attention` (sparse, or measuring a correction's statistics).
 
@@ -331,7 +345,7 @@ class SparseRuntime:
         state = self._state()
         self._log(CallRecord(state.step, layer, self.state_manager.context.name, False, 1.0))
 
-    @torch.compiler.disable  # see SparseContextHook.pre_forward
+    @_eager  # see SparseContextHook.pre_forward
     def allow_frame_causal(self, layer: int, frames: int) -> bool:
         """For a call `route` sent to `attention` whose self-attention mask is `FrameCausal(frames)`'s (SkyReels-V2's
         asynchronous diffusion forcing): whether `attention` applies that mask exactly, so the call may go on. It
@@ -420,7 +434,7 @@ class SparseRuntime:
         )
         return "measure" if stale else "sparse"
 
-    @torch.compiler.disable  # see SparseContextHook.pre_forward
+    @_eager  # see SparseContextHook.pre_forward
     def attention(
         self,
         layer: int,
@@ -787,10 +801,10 @@ class SparseContextHook(ModelHook):
         self._last_step: int | None = None
         self._call_in_step = 0
 
-    # Under torch.compile the step clock, planning and kernel dispatch run eagerly (compiler.disable on the
+    # Under torch.compile the step clock, planning and kernel dispatch run eagerly (`_eager` on the
     # hook and on the processors' two runtime calls): tracing them would only break the graph at every
     # data-dependent op (4x the graphs, 4x the first call's compile time on the tiny Wan) and guard on Python state.
-    @torch.compiler.disable
+    @_eager
     def _abandon_call(self):
         """Close a forward that raised (an out-of-memory error, an interrupt), whose `post_forward` never runs: else
         the calls after it would inherit its branch name ("call 0") and share that branch's state, and a module the
@@ -799,7 +813,7 @@ class SparseContextHook(ModelHook):
             self._call_in_step -= self._took_place  # its place among the step's calls is free again
             self._close_call()
 
-    @torch.compiler.disable
+    @_eager
     def pre_forward(self, module, *args, **kwargs):
         # A failed call that `new_forward` did not close (an exception that escaped it) is closed here, before this
         # call.
@@ -865,7 +879,7 @@ class SparseContextHook(ModelHook):
             self._abandon_call()
             raise
 
-    @torch.compiler.disable
+    @_eager
     def post_forward(self, module, output):
         self._close_call()
         return output

@@ -573,6 +573,28 @@ def test_torch_compile_wrapper_before_or_after_apply():
     assert torch.equal(generate(pipe), reference)
 
 
+def test_regional_compilation_runs_sparse_and_fullgraph_says_why_not():
+    # diffusers' regional compilation (`compile_repeated_blocks`) compiles each transformer block alone: the hook
+    # runs eagerly around them, the sparse attention calls between the blocks' graphs. `fullgraph=True` (diffusers'
+    # documented call) allows no graph break: torch's error must say why and what to do.
+    pipe = tiny_wan_pipeline()
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=1)
+    reference = generate(pipe)
+    with diffsparse.sparse(pipe, config):
+        eager_sparse = generate(pipe)
+    torch._dynamo.reset()
+    pipe.transformer.compile_repeated_blocks(backend="aot_eager")
+    assert torch.equal(generate(pipe), reference)
+    with diffsparse.sparse(pipe, config):
+        assert torch.equal(generate(pipe), eager_sparse)
+        assert diffsparse.stats(pipe).mean_density < 1
+    torch._dynamo.reset()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    with diffsparse.sparse(pipe, config), pytest.raises(torch._dynamo.exc.Unsupported, match="fullgraph=False"):
+        generate(pipe)
+    torch._dynamo.reset()
+
+
 def test_peft_lora_on_the_attention_projections_is_kept():
     # diffusers loads LoRAs (`load_lora_weights`, `add_adapter`) into peft layers that replace `to_q`, `to_k`, ...:
     # the processors stay diffusers' own, and the sparse path, which calls the same projections, keeps the LoRA
