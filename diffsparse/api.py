@@ -82,7 +82,8 @@ class SparseHandle:
         self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
         self.runtimes: dict[str, SparseRuntime] = {}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
-        clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()))
+        clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
+                          pipeline=pipeline)
         for name, transformer in transformers.items():
             adapter = adapter_for(transformer)
             runtime = SparseRuntime(config, name)

@@ -138,17 +138,21 @@ class StepClock:
     """Turns a call's timestep into a step index, and notices when a new denoising run starts (a pipeline call, or
     each segment, chunk or stage of pipelines that set the scheduler's timesteps anew for each).
 
-    With a scheduler, the step is the timestep's position in `scheduler.timesteps`: the same for the cond and
-    uncond calls and across Wan 2.2's two experts. `set_timesteps` makes a new tensor on every pipeline call,
-    so a different tensor means a new call. Two timesteps in a run far from every one of the scheduler's (the
+    With a scheduler (the pipeline's at each call, when a pipeline is given), the step is the timestep's position
+    in `scheduler.timesteps`: the same for the cond and uncond calls and across Wan 2.2's two experts.
+    `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Two timesteps in a run far from every one of the scheduler's (the
     transformer given them on another scale, by a pipeline the family's adapter does not know) get a
     `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
     only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does).
     """
 
-    def __init__(self, scheduler=None, rising: bool = False):
+    def __init__(self, scheduler=None, rising: bool = False, pipeline=None):
         self._scheduler = scheduler
+        # `pipe.scheduler = OtherScheduler.from_config(...)` after `apply` (how diffusers users change samplers)
+        # must be followed: the pipeline's scheduler is read at each call. Weakly: the transformer that holds this
+        # clock must not keep a pipeline the user dropped alive.
+        self._pipeline = None if pipeline is None else weakref.ref(pipeline)
         self._rising = rising
         self._timesteps_ref = None
         self._last_t: float | None = None
@@ -166,10 +170,17 @@ class StepClock:
             return None
         return tuple(torch.argmin((grid[None, :] - per_frame[0, :, None]).abs(), dim=1).tolist())
 
+    def _current_scheduler(self):
+        """The pipeline's scheduler now, or the one given when there is no pipeline (or it is gone)."""
+        pipeline = None if self._pipeline is None else self._pipeline()
+        scheduler = None if pipeline is None else getattr(pipeline, "scheduler", None)
+        return self._scheduler if scheduler is None else scheduler
+
     def tick(self, timestep: torch.Tensor) -> tuple[int, int | None, bool]:
         """Returns `(step, num_steps, new_run)` for a call at `timestep`."""
         t = float(timestep.detach().float().max())
-        timesteps = getattr(self._scheduler, "timesteps", None) if self._scheduler is not None else None
+        scheduler = self._current_scheduler()
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
         if timesteps is not None and len(timesteps) > 0:
             new_run = self._timesteps_ref is None or self._timesteps_ref() is not timesteps
             if new_run:
@@ -189,9 +200,11 @@ class StepClock:
                     warnings.warn(
                         f"diffsparse: transformer calls at timesteps {sorted(self._off_grid)} match none of the "
                         f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[step]):g}, step {step} of "
-                        f"{len(self._grid)}): the pipeline gives the transformer its timestep on another scale than "
-                        "the scheduler's, so the step schedule (dense_steps, dense_last_steps, correction) is not "
-                        "followed; please report the pipeline",
+                        f"{len(self._grid)}), so the step schedule (dense_steps, dense_last_steps, correction) is not "
+                        "followed: either the transformer is called by a pipeline with another scheduler than the one "
+                        "it was applied through (one made with from_pipe(..., scheduler=...): diffsparse.apply on "
+                        "it), or the pipeline gives it its timestep on another scale than the scheduler's (please "
+                        "report the pipeline)",
                         StepScheduleWarning, stacklevel=2,
                     )
             return step, len(self._grid), new_run

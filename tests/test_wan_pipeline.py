@@ -1,5 +1,7 @@
 """diffsparse on real diffusers Wan pipelines (tiny, random weights, offline)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -571,6 +573,34 @@ def test_torch_compile_wrapper_before_or_after_apply():
         assert torch.equal(generate(pipe), eager_sparse)
         assert diffsparse.stats(pipe).mean_density < 1
     assert torch.equal(generate(pipe), reference)
+
+
+def test_a_scheduler_swapped_after_apply_sets_the_steps():
+    # `pipe.scheduler = OtherScheduler.from_config(pipe.scheduler.config)` is how diffusers users change samplers,
+    # often on a pipeline already set up: the steps follow the pipeline's scheduler at each call. Before, the clock
+    # kept the one `apply` saw: its stale timesteps gave wrong steps, no new run and a warning blaming the pipeline.
+    from diffusers import UniPCMultistepScheduler
+
+    from diffsparse.runtime import StepScheduleWarning
+
+    pipe = tiny_wan_pipeline()
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=0.5)
+    handle = diffsparse.apply(pipe, config)
+    generate(pipe, num_inference_steps=4)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepScheduleWarning)
+        swapped = generate(pipe, num_inference_steps=6)
+    records = [(r.step, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0]
+    assert records == [(step, step >= 3) for step in range(6) for _branch in range(2)]
+    diffsparse.apply(pipe, config)
+    assert torch.equal(generate(pipe, num_inference_steps=6), swapped)
+    # A pipeline sharing the transformer with a scheduler of its own cannot be seen from the transformer: the
+    # warning says what to do.
+    other = WanPipeline.from_pipe(pipe, scheduler=tiny_wan_pipeline().scheduler)
+    with pytest.warns(StepScheduleWarning, match="from_pipe"):
+        generate(other, num_inference_steps=5)
 
 
 def test_regional_compilation_runs_sparse_and_fullgraph_says_why_not():
