@@ -140,7 +140,9 @@ class StepClock:
 
     With a scheduler (the pipeline's at each call, when a pipeline is given), the step is the timestep's position
     in `scheduler.timesteps`: the same for the cond and uncond calls and across Wan 2.2's two experts.
-    `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Two timesteps in a run far from every one of the scheduler's (the
+    `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
+    from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
+    (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps in a run far from every one of the scheduler's (the
     transformer given them on another scale, by a pipeline the family's adapter does not know) get a
     `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
@@ -158,6 +160,9 @@ class StepClock:
         self._last_t: float | None = None
         self._step = -1
         self._off_grid: set[float] = set()  # this run's timesteps that are none of the scheduler's
+        # The scheduler step this run starts at: 0, unless the pipeline skips the first ones (image- or
+        # video-to-video with `strength` < 1 runs the last `int(num_inference_steps * strength)`).
+        self._run_start: int | None = None
 
     def frame_steps(self, timestep: torch.Tensor, frames: int) -> tuple[int, ...] | None:
         """Each frame's own step, for a call whose `timestep` is one per frame (`(B, frames)`, equal over the batch)
@@ -168,7 +173,9 @@ class StepClock:
         per_frame = timestep.detach().float().cpu()
         if not bool((per_frame == per_frame[:1]).all()):
             return None
-        return tuple(torch.argmin((grid[None, :] - per_frame[0, :, None]).abs(), dim=1).tolist())
+        start = self._run_start or 0
+        positions = torch.argmin((grid[None, :] - per_frame[0, :, None]).abs(), dim=1).tolist()
+        return tuple(max(position - start, 0) for position in positions)
 
     def _current_scheduler(self):
         """The pipeline's scheduler now, or the one given when there is no pipeline (or it is gone)."""
@@ -187,14 +194,20 @@ class StepClock:
                 self._timesteps_ref = weakref.ref(timesteps)
                 self._grid = timesteps.detach().float().cpu()
                 self._off_grid = set()
+                self._run_start = None
                 gaps = (self._grid[1:] - self._grid[:-1]).abs()
                 gaps = gaps[gaps > 0]
                 # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
                 self._tolerance = (float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)) / 4
             step = int(torch.argmin((self._grid - t).abs()))
+            on_grid = abs(float(self._grid[step]) - t) <= self._tolerance
+            if on_grid:
+                # The highest noise level of the run so far: its first denoising step (a pass outside the steps,
+                # at timestep 0, can come before it).
+                self._run_start = step if self._run_start is None else min(self._run_start, step)
             # One call off the grid is a pass outside the steps (a KV cache written at timestep 0: GLM-Image,
             # AnyFlow FAR); a second timestep off it means the steps themselves are on another scale.
-            if len(self._off_grid) < 2 and abs(float(self._grid[step]) - t) > self._tolerance:
+            if len(self._off_grid) < 2 and not on_grid:
                 self._off_grid.add(t)
                 if len(self._off_grid) == 2:
                     warnings.warn(
@@ -207,7 +220,8 @@ class StepClock:
                         "report the pipeline)",
                         StepScheduleWarning, stacklevel=2,
                     )
-            return step, len(self._grid), new_run
+            start = self._run_start or 0
+            return max(step - start, 0), len(self._grid) - start, new_run
         new_run = self._last_t is None or (t < self._last_t if self._rising else t > self._last_t)
         if new_run:
             self._step = 0

@@ -171,6 +171,22 @@ def test_step_clock_follows_the_scheduler_and_notices_new_calls():
     assert clock.tick(torch.tensor([999.0])) == (0, 2, True)
 
 
+def test_step_clock_counts_from_the_run_s_first_step():
+    # Image- or video-to-video with strength < 1 runs the schedule's last steps only: step 0 is the first it runs,
+    # of the steps it runs. A pass outside the steps before it (a KV cache written at timestep 0) moves nothing;
+    # one on the schedule's last timestep is taken back by the first call at a higher noise level.
+    scheduler = _Scheduler([999.0, 750.0, 500.0, 250.0])
+    clock = StepClock(scheduler)
+    assert clock.tick(torch.tensor([0.0])) == (3, 4, True)  # off the grid: no run start yet
+    assert clock.tick(torch.tensor([500.0])) == (0, 2, False)
+    assert clock.tick(torch.tensor([250.0])) == (1, 2, False)
+    assert clock.frame_steps(torch.tensor([[500.0, 250.0, 250.0]]), 3) == (0, 1, 1)
+    scheduler.timesteps = torch.tensor([999.0, 500.0, 0.0])
+    assert clock.tick(torch.tensor([0.0])) == (0, 1, True)
+    assert clock.tick(torch.tensor([999.0])) == (0, 3, False)
+    assert clock.tick(torch.tensor([500.0])) == (1, 3, False)
+
+
 def _run_call(runtime, layer, layout, step, num_steps, q, k, v):
     """One self-attention call the way a processor makes it, `None` when it would stay with the original."""
     runtime.begin_call(layout, step, num_steps)
@@ -342,7 +358,7 @@ def test_timesteps_on_another_scale_than_the_scheduler_s_warn():
         assert clock.tick(torch.tensor(666.7))[0] == 1
     with pytest.warns(StepScheduleWarning, match="another scale"):
         clock.tick(torch.tensor(0.3333))
-    scheduler.timesteps = torch.tensor([1000.0, 500.0])  # a new run starts clean
+    scheduler.timesteps = torch.tensor([1000.0, 500.0])  # a new run starts clean, here at the schedule's step 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", StepScheduleWarning)
-        assert clock.tick(torch.tensor(500.0))[0] == 1
+        assert clock.tick(torch.tensor(500.0))[:2] == (0, 1)

@@ -603,6 +603,23 @@ def test_a_scheduler_swapped_after_apply_sets_the_steps():
         generate(other, num_inference_steps=5)
 
 
+def test_video_to_video_counts_steps_from_the_first_it_runs():
+    # With strength < 1 the pipeline runs only the schedule's last int(num_inference_steps * strength) steps. The
+    # steps count from the first it runs: counted as positions in the whole schedule, dense_steps=0.2 fell on
+    # skipped steps and every step it ran was sparse.
+    from diffusers import WanVideoToVideoPipeline
+
+    pipe = WanVideoToVideoPipeline.from_pipe(tiny_wan_pipeline())
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=0.2)
+    video = [Image.new("RGB", (96, 64), (10 * i, 100, 50)) for i in range(17)]
+    call = tiny_call(num_inference_steps=10)
+    del call["num_frames"]
+    with diffsparse.sparse(pipe, config) as handle:
+        pipe(video=video, strength=0.5, **call)
+        records = [(r.step, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0]
+    assert records == [(step, step >= 1) for step in range(5) for _branch in range(2)]
+
+
 def test_regional_compilation_runs_sparse_and_fullgraph_says_why_not():
     # diffusers' regional compilation (`compile_repeated_blocks`) compiles each transformer block alone: the hook
     # runs eagerly around them, the sparse attention calls between the blocks' graphs. `fullgraph=True` (diffusers'
