@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,29 +81,38 @@ class SparseHandle:
     def __init__(self, config: SparseConfig, transformers: dict[str, torch.nn.Module], scheduler, pipeline=None):
         self.config = config
         self._transformers = transformers
+        self._pipeline = None if pipeline is None else weakref.ref(pipeline)
         self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
-        self.runtimes: dict[str, SparseRuntime] = {}
+        self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
-        clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
-                          pipeline=pipeline)
-        for name, transformer in transformers.items():
+        self._clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
+                                pipeline=pipeline)
+        self._install()
+
+    def _install(self) -> None:
+        """Sparse processors around the processors the transformers have now, and the context hooks (at `apply`,
+        and again when a `sparse` block that replaced this handle ends)."""
+        pipeline = None if self._pipeline is None else self._pipeline()
+        made = []
+        for name, transformer in self._transformers.items():
             adapter = adapter_for(transformer)
-            runtime = SparseRuntime(config, name)
-            processors = {}
-            for layer, module in adapter.self_attention_modules(transformer):
-                processors[module] = adapter.make_processor(module.processor, runtime, layer)
-            # Only now that every layer was accepted, swap: a refused layer leaves the model untouched.
+            made.append((name, transformer, adapter, {
+                module: adapter.make_processor(module.processor, self.runtimes[name], layer)
+                for layer, module in adapter.self_attention_modules(transformer)
+            }))
+        # Only now that every layer of every transformer was accepted, swap: a refused layer leaves them untouched.
+        for name, transformer, adapter, processors in made:
+            runtime = self.runtimes[name]
             for module, processor in processors.items():
                 self._originals.append((adapter, module, module.processor))
                 adapter.set_processor(module, processor)
             read_call = adapter.read_call
             if adapter.timestep_from_pipeline and pipeline is not None:
                 read_call = _with_pipeline_timestep(read_call, pipeline)
-            hook = SparseContextHook(runtime, clock, read_call, self._new_run, adapter.per_frame_steps,
+            hook = SparseContextHook(runtime, self._clock, read_call, self._new_run, adapter.per_frame_steps,
                                      installed=processors.items())
             register_context_hook(transformer, hook)
             setattr(transformer, _HANDLE_ATTR, self)
-            self.runtimes[name] = runtime
 
     def _new_run(self) -> None:
         for runtime in self.runtimes.values():
@@ -196,6 +207,16 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
     transformers, scheduler = find_transformers(pipe_or_transformer)
     for transformer in transformers.values():
         adapter_for(transformer)  # an unsupported model is the first thing to report
+    for handle in _handles(pipe_or_transformer):
+        # A handle is removed whole: applying to one expert of a pipeline applied as a whole leaves the others dense.
+        others = [name for name, t in handle._transformers.items() if all(t is not u for u in transformers.values())]
+        if others:
+            warnings.warn(
+                f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
+                f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
+                "transformer on its own) to keep them sparse",
+                stacklevel=2,
+            )
     remove(pipe_or_transformer)
     if scheduler is None:
         config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
@@ -238,7 +259,8 @@ def stats(pipe_or_transformer, since_apply: bool = False) -> SparseStats:
 
 @contextlib.contextmanager
 def sparse(pipe_or_transformer, config: SparseConfig | None = None):
-    """`apply` on entry, `remove` on exit.
+    """`apply` on entry, `remove` on exit; what was applied before (`apply`, an outer `sparse` block) is put back on
+    exit, the same handles, their stats going on.
 
     Example:
         >>> import diffsparse
@@ -247,8 +269,11 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         >>> with diffsparse.sparse(pipe, diffsparse.SparseConfig(dense_steps=1)) as handle:
         ...     pass
     """
+    previous = _handles(pipe_or_transformer)
     handle = apply(pipe_or_transformer, config)
     try:
         yield handle
     finally:
         handle.remove()
+        for replaced in previous:
+            replaced._install()

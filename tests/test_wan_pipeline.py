@@ -7,12 +7,14 @@ import pytest
 import torch
 from diffusers import LucyEditPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.hooks import HookRegistry
 from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
 from PIL import Image
 
 import diffsparse
 from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+from diffsparse.runtime import HOOK_NAME
 
 from helpers import generate, tiny_call, tiny_image_to_video_pipeline
 
@@ -317,7 +319,8 @@ def test_apply_again_replaces_previous_config(tiny_pipe):
     assert all(p is o for p, o in zip(_self_attention_processors(tiny_pipe), originals))
 
 
-def test_wan22_two_experts_share_the_step_index():
+def _wan22_pipeline():
+    """The tiny Wan pipeline with a second expert for the low-noise steps, as Wan 2.2's."""
     config = tiny_wan_config()
     base = tiny_wan_pipeline()
     torch.manual_seed(1)
@@ -331,6 +334,26 @@ def test_wan22_two_experts_share_the_step_index():
         boundary_ratio=0.5,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_processor_refused_on_the_second_expert_leaves_both_untouched():
+    # Before, the first expert was already made sparse (processors, hook) when the second's layer was refused.
+    from diffsparse.pipelines import adapter_for
+
+    pipe = _wan22_pipeline()
+    adapter = adapter_for(pipe.transformer)
+    before = [m.processor for _, m in adapter.self_attention_modules(pipe.transformer)]
+    pipe.transformer_2.blocks[1].attn1.set_processor(type("Wrapped", (adapter.original_processor,), {})())
+    with pytest.raises(ValueError, match="layer 1 of the Wan transformer has processor Wrapped"):
+        diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=0))
+    assert [m.processor for _, m in adapter.self_attention_modules(pipe.transformer)] == before
+    assert not hasattr(pipe.transformer, "_diffsparse_handle")
+    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None
+
+
+def test_wan22_two_experts_share_the_step_index():
+    pipe = _wan22_pipeline()
     diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
     generate(pipe, num_inference_steps=4)
     calls = diffsparse.stats(pipe).calls
@@ -349,6 +372,18 @@ def test_wan22_two_experts_share_the_step_index():
     assert all(r.measured == (r.step == 0) for r in calls["transformer"])
     diffsparse.remove(pipe)
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+
+
+def test_applying_to_one_expert_says_the_other_is_left_dense():
+    pipe = _wan22_pipeline()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=0))
+    with pytest.warns(UserWarning, match="from transformer_2 too"):
+        diffsparse.apply(pipe.transformer, diffsparse.SparseConfig(dense_steps=0))
+    assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffsparse.apply(pipe.transformer_2, diffsparse.SparseConfig(dense_steps=0))  # each on its own: silent
+        diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=0))
 
 
 @torch.no_grad()
@@ -618,6 +653,34 @@ def test_video_to_video_counts_steps_from_the_first_it_runs():
         pipe(video=video, strength=0.5, **call)
         records = [(r.step, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0]
     assert records == [(step, step >= 1) for step in range(5) for _branch in range(2)]
+
+
+def test_a_sparse_block_puts_back_what_was_applied_before():
+    # `with diffsparse.sparse(pipe, other):` on a pipeline already applied (to compare a config, or nested blocks):
+    # on exit the earlier config is back, the same handle with its stats going on. Before, it left the pipeline dense.
+    pipe = tiny_wan_pipeline()
+    outer = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    inner = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=1)
+    dense = generate(pipe)
+    with diffsparse.sparse(pipe, outer):
+        expected_outer = generate(pipe)
+    with diffsparse.sparse(pipe, inner):
+        expected_inner = generate(pipe)
+    assert not torch.allclose(expected_outer, expected_inner, atol=1e-3)
+    with diffsparse.sparse(pipe, outer) as handle:
+        generate(pipe)
+        with diffsparse.sparse(pipe, inner):
+            assert torch.equal(generate(pipe), expected_inner)
+        assert torch.equal(generate(pipe), expected_outer)
+        calls = [layer.dense_calls + layer.sparse_calls for layer in handle.stats(since_apply=True).layers]
+        assert calls == [2 * 3 * 2] * len(calls)  # two runs of 3 steps with CFG's two calls, on this handle
+    assert torch.equal(generate(pipe), dense)
+    handle = diffsparse.apply(pipe, outer)
+    with diffsparse.sparse(pipe, inner):
+        pass
+    assert torch.equal(generate(pipe), expected_outer)
+    handle.remove()
+    assert torch.equal(generate(pipe), dense)
 
 
 def test_regional_compilation_runs_sparse_and_fullgraph_says_why_not():
