@@ -15,6 +15,27 @@ def _step_count(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
+def _at_least(minimum: int):
+    """An argparse type for whole numbers of at least `minimum` (a count, a size), with a message naming the value
+    and the bound instead of a crash, or a silent empty run, deep inside the command."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+_positive = _at_least(1)
+_non_negative = _at_least(0)
+
+
 def _correction(text: str) -> str | None:
     """`none` is the CLI's spelling of `SparseConfig.correction=None`; other names are checked by the config."""
     return None if text == "none" else text
@@ -91,14 +112,14 @@ def _add_model_and_video(p) -> None:
     p.add_argument("--model", default=None,
                    help="hub id or local folder of a pipeline of a supported model family, or of a testbed training "
                         "run (default: the embedded trained testbed)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per block side of the sparse masks")
+    p.add_argument("--block-size", type=_positive, default=64, help="tokens per block side of the sparse masks")
     # The model's own by default: the testbed's evaluation size (20 steps, 17 frames, 48 x 48), or the pipeline's
     # call defaults (Wan: 50 steps, 81 frames, 480 x 832; image models one frame).
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the model's own)")
+    p.add_argument("--frames", type=_positive, default=None,
                    help="video frames (default: the model's own; 1 for image models: FLUX, SD3)")
-    p.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's own)")
-    p.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's own)")
+    p.add_argument("--height", type=_positive, default=None, help="video height in pixels (default: the model's own)")
+    p.add_argument("--width", type=_positive, default=None, help="video width in pixels (default: the model's own)")
     p.add_argument("--image", default=None,
                    help="an image file, for image-to-video and editing pipelines (their `image` argument)")
     p.add_argument("--call-kwargs", type=_json_object, default=None,
@@ -122,7 +143,7 @@ def _add_sparse_config(p) -> None:
                    help="transformer blocks kept dense: L = the first L, or a bracketed list of indices, e.g. '[0,3]'")
     p.add_argument("--correction", type=_correction, default=None,
                    help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
-    p.add_argument("--correction-refresh", type=int, default=0,
+    p.add_argument("--correction-refresh", type=_non_negative, default=0,
                    help="with a correction, measure again this many steps after the last measurement (0 = once)")
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w the kernel sees (SparseConfig.order; default: frame-major); several "
@@ -202,7 +223,7 @@ def _run_compare(args) -> None:
     print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
 
 
-_ints = _comma_list(int, "integers")
+_ints = _comma_list(_positive, "positive integers")
 
 
 def _order(tile: list[int] | list[list[int]] | None):
@@ -229,10 +250,10 @@ def _add_token_grid(p, several_frame_counts: bool = False) -> None:
         p.add_argument("--frames", type=_ints, default=[8, 16, 32, 64],
                        help="comma-separated latent frame counts (tokens along time)")
     else:
-        p.add_argument("--frames", type=int, default=21, help="latent frames (tokens along time)")
-    p.add_argument("--height", type=int, default=30, help="tokens along height")
-    p.add_argument("--width", type=int, default=52, help="tokens along width")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per block side")
+        p.add_argument("--frames", type=_positive, default=21, help="latent frames (tokens along time)")
+    p.add_argument("--height", type=_positive, default=30, help="tokens along height")
+    p.add_argument("--width", type=_positive, default=52, help="tokens along width")
+    p.add_argument("--block-size", type=_positive, default=128, help="tokens per block side")
 
 
 def _add_masks(sub) -> None:
@@ -242,8 +263,8 @@ def _add_masks(sub) -> None:
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
-    p.add_argument("--head", type=int, default=0, help="which head to draw, for patterns that differ per head")
-    p.add_argument("--text-tokens", type=int, default=0,
+    p.add_argument("--head", type=_non_negative, default=0, help="which head to draw, for patterns that differ per head")
+    p.add_argument("--text-tokens", type=_non_negative, default=0,
                    help="text tokens in the same sequence (joint-attention models: CogVideoX, HunyuanVideo, Mochi, "
                         "FLUX, SD3); their rows and columns stay whole")
     p.add_argument("--text-position", default="end", choices=["start", "end"],
@@ -301,8 +322,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "
                         "several separated by / are cycled over the layers (1,1,1 = frame-major)")
-    p.add_argument("--prompts", type=int, default=2, help="how many of the fixed prompts (at most 3)")
-    p.add_argument("--seeds", type=int, default=1, help="how many seeds per prompt")
+    p.add_argument("--prompts", type=_positive, default=2, help="how many of the fixed prompts (at most 3)")
+    p.add_argument("--seeds", type=_positive, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
     add_two_stage_options(p, "testbed models: every run of a (prompt, seed) starts from one still sampled from the "
@@ -320,13 +341,13 @@ def _run_eval(args) -> None:
 def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool = True) -> None:
     """The options the timed benchmarks share: tensor shape and type, device, kernel path (`sparse_kernel`),
     repeats."""
-    p.add_argument("--heads", type=int, default=8, help="attention heads")
-    p.add_argument("--dim", type=int, default=dim, help="head dimension")
+    p.add_argument("--heads", type=_positive, default=8, help="attention heads")
+    p.add_argument("--dim", type=_positive, default=dim, help="head dimension")
     p.add_argument("--dtype", default=dtype, choices=["fp32", "fp16", "bf16"], help="tensor dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     if sparse_kernel:
         p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
-    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (the median is kept)")
+    p.add_argument("--repeats", type=_positive, default=repeats, help="timed runs per measurement (the median is kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tensors and masks")
 
 
@@ -351,10 +372,10 @@ def _add_bench(sub) -> None:
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors",
                          formatter_class=defaults)
     _add_kernel_run(a, dim=64, dtype="fp32", repeats=5)
-    a.add_argument("--seq", type=int, default=16384, help="tokens per sequence")
-    a.add_argument("--batch", type=int, default=1, help="batch size")
+    a.add_argument("--seq", type=_positive, default=16384, help="tokens per sequence")
+    a.add_argument("--batch", type=_positive, default=1, help="batch size")
     a.add_argument("--density", default="0.1,0.25,0.5", help="comma-separated target block densities")
-    a.add_argument("--block-size", type=int, default=128, help="tokens per block side")
+    a.add_argument("--block-size", type=_positive, default=128, help="tokens per block side")
     a.add_argument("--mask", default="random",
                    help="random, or a pattern name solved for each density (radial, window3d)")
     a.add_argument("--out", default="outputs", help="folder for bench_attention.csv and .png")
@@ -373,7 +394,7 @@ def _add_bench(sub) -> None:
     _add_kernel_run(c, dim=64, dtype="fp32", repeats=5)
     # Groups of 2 frames of 25 x 38 tokens: 1900 tokens, no multiple of 64, so the per-group path.
     c.set_defaults(frames=8, height=25, width=38, block_size=64, heads=4)
-    c.add_argument("--causal-frames", type=int, default=2, help="frames per causal group (causal_block_size)")
+    c.add_argument("--causal-frames", type=_positive, default=2, help="frames per causal group (causal_block_size)")
     c.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     c.add_argument("--density", type=_comma_list(float, "densities"), default=[0.25, 0.5], help="comma-separated target block densities")
     c.add_argument("--out", default="outputs", help="folder for bench_causal.json")
@@ -383,7 +404,7 @@ def _add_bench(sub) -> None:
     _add_sparse_config(e)
     e.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every run)")
-    e.add_argument("--repeats", type=int, default=3, help="timed dense/sparse pairs (the medians are kept)")
+    e.add_argument("--repeats", type=_positive, default=3, help="timed dense/sparse pairs (the medians are kept)")
     e.add_argument("--out", default="outputs", help="folder for bench_pipeline.json")
 
 
@@ -439,7 +460,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--out", default="outputs/demo", help="folder for each request's compare.mp4 and compare.json")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port of the page")
+    p.add_argument("--port", type=_positive, default=7860, help="port of the page")
 
 
 def _run_demo(args) -> None:

@@ -107,7 +107,14 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
         return testbed.load(device=device, dtype=dtype, path=model)
     from diffusers import DiffusionPipeline, ModularPipeline
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    if not Path(model).exists():
+        try:
+            validate_repo_id(model)
+        except HFValidationError as error:  # a mistyped path ("/data/wan"): say so, not how hub ids are spelled
+            raise ValueError(f"--model {model}: no such folder, and not a hub id either ({error})") from None
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:  # not in the cache while offline, no such repository, a folder without model_index.json

@@ -70,6 +70,19 @@ def test_two_stage_needs_the_testbed_and_still_candidates_needs_two_stage(capsys
     assert "frames must be >= 2, got frames=1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["compare", "--steps", "0"], ["eval", "--seeds", "0"], ["compare", "--block-size", "-64"],
+    ["bench", "attention", "--seq", "0"], ["masks", "--frames", "0"], ["bench", "permute", "--tile", "1,0,16"],
+])
+def test_counts_and_sizes_below_their_bound_are_usage_errors(argv, capsys):
+    # Before, `--steps 0` crashed with an IndexError after loading the model, and other counts ran empty.
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least 1, got " in err and "Traceback" not in err
+
+
 def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsys):
     # Offline (conftest sets HF_HUB_OFFLINE) a hub id outside the cache, and a folder without model_index.json.
     for model in ("diffsparse-tests/not-cached", str(tmp_path)):
@@ -79,6 +92,11 @@ def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsy
         err = capsys.readouterr().err
         assert f"--model {model}: cannot load it as a diffusers pipeline" in err and "Traceback" not in err
     assert "HF_HUB_OFFLINE is set" in err
+    # A folder that does not exist, and cannot be a hub id (before: only how hub ids are spelled).
+    missing = str(tmp_path / "missing")
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", missing, "--steps", "1"])
+    assert f"--model {missing}: no such folder, and not a hub id either" in capsys.readouterr().err
 
 
 def test_compare_loads_a_modular_pipeline(tiny_pipe, tmp_path):
@@ -161,7 +179,7 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     assert "median end-to-end speedup" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args[:-2], "--repeats", "0", "--out", str(tmp_path)])
-    assert "repeats must be an int >= 1 (timed dense/sparse pairs), got repeats=0" in capsys.readouterr().err
+    assert "argument --repeats: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_search_bench_times_one_search_against_one_dense_call(tmp_path, capsys):
