@@ -30,19 +30,22 @@ BACKENDS = MappingProxyType({"reference": reference.attention, "cpu": cpu.attent
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
+def choose_backend(device: torch.device | str, requested: str = "auto", needs_grad: bool = False) -> str:
     r"""
     Pick the backend for tensors on `device`, saying why the others were not chosen.
 
-    `"auto"` picks `"triton"` for CUDA tensors when Triton can run there, else `"cpu"` (on CPU tensors a
-    compiled C++ kernel for float32/bfloat16 inference, see `kernels/cpu_native.py`; otherwise plain torch
-    ops, gather + fused attention, so it runs on any device); `"reference"` is never picked automatically because
-    it materialises `q_len x kv_len` scores. The reasons are logged at debug level; forcing `"triton"` where it
+    `"auto"` picks `"triton"` for CUDA tensors when Triton can run there and no gradient is needed (it has no
+    backward pass), else `"cpu"` (on CPU tensors a compiled C++ kernel for float32/bfloat16 inference, see
+    `kernels/cpu_native.py`; otherwise plain torch ops, gather + fused attention, so it runs on any device and
+    differentiates); `"reference"` is never picked automatically because it materialises `q_len x kv_len` scores. The reasons are logged at debug level; forcing `"triton"` where it
     cannot run raises a `ValueError` saying why.
 
     Args:
         device (`torch.device` or `str`): Device of the attention inputs.
         requested (`str`, *optional*, defaults to `"auto"`): `"auto"` or a name in `BACKENDS`.
+        needs_grad (`bool`, *optional*, defaults to `False`): Whether autograd will differentiate the output
+            (training through the sparse attention, e.g. a LoRA): `"auto"` then leaves out `"triton"`, which has
+            no backward pass.
 
     Returns:
         `str`: A key of `BACKENDS`.
@@ -66,7 +69,9 @@ def choose_backend(device: torch.device | str, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     logger.debug("backend 'reference' not chosen: it materialises tokens-squared scores (tests only)")
-    if device.type == "cuda":
+    if device.type == "cuda" and needs_grad:
+        logger.debug("backend 'triton' not chosen: the inputs need gradients and it has no backward pass")
+    elif device.type == "cuda":
         ok, why = triton_available(device)
         if ok:
             return "triton"
@@ -151,7 +156,8 @@ def block_sparse_attention(
     ```
     """
     _check_inputs(q, k, v, plan)
-    fn = BACKENDS[choose_backend(q.device, backend)]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    fn = BACKENDS[choose_backend(q.device, backend, needs_grad)]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = fn(q, k, v, plan, scale, return_lse)
     return (out, lse) if return_lse else out

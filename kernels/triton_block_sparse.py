@@ -432,6 +432,13 @@ def triton_block_sparse_attention(
     if triton is None:
         raise ImportError("the Triton block-sparse kernel needs triton: pip install triton")
     _check_inputs(q, k, v, plan)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # Its output would carry no gradient: training through it would silently skip the attention.
+        raise ValueError(
+            "the Triton block-sparse kernel has no backward pass, and q, k or v requires grad; backend='auto' "
+            "takes the differentiable torch-ops path ('cpu', any device) for such inputs, or run under "
+            "torch.no_grad()"
+        )
     if not (_INTERPRETED or q.is_cuda):
         raise ValueError(f"the Triton backend cannot run these inputs: {triton_available(q.device)[1]}")
 

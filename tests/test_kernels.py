@@ -337,6 +337,23 @@ def test_gradients_match_reference():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_inputs_that_need_gradients_never_take_the_triton_kernel(monkeypatch):
+    # The Triton kernel has no backward pass: its output would carry no gradient, so training through it (a LoRA)
+    # would silently skip the attention. On CUDA, auto takes the differentiable torch-ops path for such inputs, and
+    # the kernel refuses them.
+    import sys
+
+    from diffsparse.kernels.triton_block_sparse import triton_block_sparse_attention
+
+    monkeypatch.setattr(sys.modules[choose_backend.__module__], "triton_available", lambda device: (True, ""))
+    assert choose_backend("cuda", "auto") == "triton"
+    assert choose_backend("cuda", "auto", needs_grad=True) == "cpu"
+    q, k, v = torch.randn(3, 1, 2, 128, 32).unbind(0)
+    plan = make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 128, 128, block_size=64)
+    with pytest.raises(ValueError, match="no backward pass"):
+        triton_block_sparse_attention(q.requires_grad_(), k, v, plan)
+
+
 def test_choose_backend_explains_triton():
     assert choose_backend("cpu", "auto") == "cpu"
     if not os.environ.get("TRITON_INTERPRET"):

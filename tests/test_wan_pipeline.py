@@ -727,6 +727,35 @@ def test_peft_lora_on_the_attention_projections_is_kept():
             torch.testing.assert_close(generate(pipe), reference, atol=1e-4, rtol=0)
 
 
+def test_training_a_lora_through_the_sparse_attention_gets_the_dense_gradients():
+    # Fine-tuning with sparse attention (Radial Attention trains LoRAs for longer videos this way): the sparse path
+    # must differentiate. Every block kept gives dense attention's gradients; a sparse pattern other ones.
+    from peft import LoraConfig
+
+    transformer = tiny_wan_pipeline().transformer
+    torch.manual_seed(1)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                       init_lora_weights=False))
+    g = torch.Generator().manual_seed(0)
+    latents, prompt = torch.randn(1, 16, 5, 16, 24, generator=g), torch.randn(1, 8, 32, generator=g)
+
+    def lora_gradients():
+        transformer.zero_grad()
+        transformer(latents, torch.tensor([500.0]), prompt, return_dict=False)[0].square().mean().backward()
+        return torch.cat([p.grad.flatten() for n, p in transformer.named_parameters() if "lora" in n])
+
+    dense = lora_gradients()
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)):
+        every_block = lora_gradients()
+    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
+                                                                dense_steps=0)) as handle:
+        windowed = lora_gradients()
+        assert all(r.sparse for r in handle.stats().calls["transformer"])
+    assert dense.abs().max() > 0
+    torch.testing.assert_close(every_block, dense, atol=1e-6, rtol=0)
+    assert not torch.allclose(windowed, dense, atol=1e-4)
+
+
 def test_a_transformer_call_that_raises_leaves_the_next_calls_their_own_branches(tiny_pipe):
     # A forward that raises (out of memory, an interrupt, a refused call) never reaches the hook's `post_forward`.
     # Before, the branch name it had set stayed: every later unnamed call ran as "call 0", one branch's state for all.
