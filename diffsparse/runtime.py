@@ -353,6 +353,16 @@ class SparseRuntime:
         (another model sharing the module) stays with it unlogged.
         """
         if not self.in_transformer_call:  # another model calling a module it shares: not this transformer's call
+            if torch._C._current_graph_task_id() != -1:
+                # Inside a backward pass: gradient checkpointing recomputing a block after the transformer call
+                # ended. The original would run here, not the sparse path the forward took, and torch would
+                # stop at the mismatch with an error that does not say why.
+                raise RuntimeError(
+                    f"diffsparse: {self.name}'s attention is recomputed during the backward pass (gradient "
+                    "checkpointing), after the transformer call whose sparse plan it needs ended: the sparse "
+                    "path cannot replay it. Train through sparse attention without gradient checkpointing "
+                    "(transformer.disable_gradient_checkpointing()), or remove diffsparse while training"
+                )
             return False
         if _attention_scores_skipped():
             # A guider's perturbed pass (PerturbedAttentionGuidance, a LayerSkipConfig with `skip_attention_scores`)
