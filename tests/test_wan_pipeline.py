@@ -593,16 +593,23 @@ def test_unsupported_model_raises():
         diffsparse.apply(torch.nn.Linear(2, 2), diffsparse.SparseConfig())
 
 
-def test_torch_compile_wrapper_before_or_after_apply():
+@pytest.mark.parametrize("compiled", ["wrapper", "regional"])
+def test_torch_compile_before_or_after_apply(compiled):
     # `pipe.transformer = torch.compile(pipe.transformer)` is how diffusers users compile: apply finds the module
     # inside the wrapper, and a wrapper already traced dense recompiles for the sparse processors and back.
+    # diffusers' regional compilation (`compile_repeated_blocks`) compiles each block alone: the hook runs eagerly
+    # around them, the sparse attention calls between the blocks' graphs.
     # aot_eager: traced by dynamo and AOT autograd like inductor, with no C++ compiler needed here.
     pipe = tiny_wan_pipeline()
     config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=1)
     reference = generate(pipe)
     with diffsparse.sparse(pipe, config):
         eager_sparse = generate(pipe)
-    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    torch._dynamo.reset()
+    if compiled == "wrapper":
+        pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    else:
+        pipe.transformer.compile_repeated_blocks(backend="aot_eager")
     assert torch.equal(generate(pipe), reference)
     with diffsparse.sparse(pipe, config):
         assert torch.equal(generate(pipe), eager_sparse)
@@ -683,23 +690,13 @@ def test_a_sparse_block_puts_back_what_was_applied_before():
     assert torch.equal(generate(pipe), dense)
 
 
-def test_regional_compilation_runs_sparse_and_fullgraph_says_why_not():
-    # diffusers' regional compilation (`compile_repeated_blocks`) compiles each transformer block alone: the hook
-    # runs eagerly around them, the sparse attention calls between the blocks' graphs. `fullgraph=True` (diffusers'
-    # documented call) allows no graph break: torch's error must say why and what to do.
+def test_fullgraph_compilation_says_why_it_cannot_run_sparse():
+    # `compile_repeated_blocks(fullgraph=True)` (diffusers' documented call) allows no graph break, and the sparse
+    # path is one: torch's error must say why and what to do.
     pipe = tiny_wan_pipeline()
-    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=1)
-    reference = generate(pipe)
-    with diffsparse.sparse(pipe, config):
-        eager_sparse = generate(pipe)
-    torch._dynamo.reset()
-    pipe.transformer.compile_repeated_blocks(backend="aot_eager")
-    assert torch.equal(generate(pipe), reference)
-    with diffsparse.sparse(pipe, config):
-        assert torch.equal(generate(pipe), eager_sparse)
-        assert diffsparse.stats(pipe).mean_density < 1
     torch._dynamo.reset()
     pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=1)
     with diffsparse.sparse(pipe, config), pytest.raises(torch._dynamo.exc.Unsupported, match="fullgraph=False"):
         generate(pipe)
     torch._dynamo.reset()
