@@ -74,7 +74,8 @@ class SparseConfig:
             per block; sequence lengths that are not a multiple are padded and the padding masked.
         dense_steps (`int` or `float`, *optional*, defaults to `0.2`):
             The first denoising steps that stay dense: an int counts steps, a float in [0, 1) is a fraction of
-            the pipeline's `num_inference_steps` (rounded half up).
+            the pipeline's `num_inference_steps` (rounded half up). Steps count from the first a call runs: with
+            image- or video-to-video `strength` < 1, of the steps it runs.
         dense_last_steps (`int` or `float`, *optional*, defaults to `0`):
             The last denoising steps that stay dense, in the same two forms.
         dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
