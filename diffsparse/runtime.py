@@ -816,7 +816,7 @@ class SparseContextHook(ModelHook):
     tokens are not in the layout's order, where each one is in the layout: `SparseRuntime.begin_call`).
     `per_frame_steps`: a call with one timestep per frame gives the runtime each frame's step
     (`ModelAdapter.per_frame_steps`). `installed`: `(attention module, sparse processor)` pairs, to warn once when
-    every one of them was replaced after `apply` (the transformer then runs without sparse attention).
+    any of them was replaced after `apply` (those layers then run without sparse attention).
     """
 
     _is_stateful = True
@@ -896,15 +896,28 @@ class SparseContextHook(ModelHook):
         return args, kwargs
 
     def _warn_if_replaced(self) -> None:
-        # All of them, not some: PAG pipelines put their own processors on the perturbed layers for each call.
+        # Once per transformer. PAG pipelines put their own processors (diffusers' `PAG...` classes) on the perturbed
+        # layers for each call and restore ours after it: those are not replacements.
         if self._warned_replaced or not self._installed:
             return
-        if all(module.processor is not processor for module, processor in self._installed):
-            self._warned_replaced = True
+        replaced = [(module, processor) for module, processor in self._installed if module.processor is not processor]
+        if not replaced or all(type(module.processor).__name__.startswith("PAG") for module, _ in replaced):
+            return
+        self._warned_replaced = True
+        now = type(replaced[0][0].processor).__name__
+        if len(replaced) == len(self._installed):
             warnings.warn(
                 f"diffsparse: every self-attention processor `apply` installed on {self.runtime.name} was replaced "
-                f"after it (now {type(self._installed[0][0].processor).__name__}; e.g. by fuse_qkv_projections() or "
-                "set_attn_processor()): it runs without sparse attention; call diffsparse.apply again",
+                f"after it (now {now}; e.g. by fuse_qkv_projections() or set_attn_processor()): it runs without "
+                "sparse attention; call diffsparse.apply again",
+                stacklevel=2,
+            )
+        else:
+            layers = [processor.layer for _, processor in replaced]
+            warnings.warn(
+                f"diffsparse: the self-attention processors `apply` installed on layers {layers} of "
+                f"{self.runtime.name} were replaced after it (now {now}; e.g. by set_attn_processor()): those layers "
+                "run without sparse attention, uncounted in stats(); call diffsparse.apply again",
                 stacklevel=2,
             )
 

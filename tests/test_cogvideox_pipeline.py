@@ -11,6 +11,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     CogVideoXVideoToVideoPipeline,
 )
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from transformers import T5Config, T5EncoderModel
 
 import diffsparse
@@ -219,5 +220,10 @@ def test_processors_replaced_after_apply_warn_once():
             diffsparse.apply(pipe, config)
             generate(pipe)
         assert all(r.sparse for r in diffsparse.stats(pipe).calls["transformer"])
+        # Some layers replaced (by anything but PAG's per-call processors): those layers, by index.
+        pipe.transformer.transformer_blocks[1].attn1.set_processor(CogVideoXAttnProcessor2_0())
+        with pytest.warns(UserWarning, match=r"installed on layers \[1\] of transformer were replaced after it"):
+            generate(pipe)
+        assert {r.layer for r in diffsparse.stats(pipe).calls["transformer"]} == {0}
     finally:
         diffsparse.remove(pipe)
