@@ -7,6 +7,8 @@ transformer sets the call context (step, token layout) before each forward; proc
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -102,6 +104,17 @@ class _CachedPlan:
     inverse: torch.Tensor | None
     density: float  # kept blocks over all blocks of the whole sequence
     groups: tuple[tuple[int, int, BlockSparsePlan], ...] = ()
+
+
+@dataclass
+class _CallSnapshot:
+    """`SparseRuntime.snapshot`: a call's branch (cache context) and state, and the fits and statistics it sees."""
+
+    context: CacheContext | None
+    state: _BranchState
+    statistics: dict
+    layer_patterns: dict
+    fitted_at: dict
 
 
 class _BranchState(BaseState):
@@ -265,6 +278,8 @@ class SparseRuntime:
         self._causal_blocks: dict[tuple[VideoLayout, int], torch.Tensor | None] = {}
         self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
         self._solved: dict[tuple[Pattern, VideoLayout], Pattern] = {}  # `_at_density`
+        # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
+        self._replaying = False
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -316,6 +331,38 @@ class SparseRuntime:
         model that shares them run the original (`route`)."""
         self.in_transformer_call = False
 
+    def snapshot(self) -> _CallSnapshot:
+        """What this call's attention depends on, for `replaying` it after the call ended."""
+        return _CallSnapshot(self.state_manager._context, copy.copy(self._state()), dict(self._statistics),
+                             dict(self._layer_patterns), dict(self._fitted_at))
+
+    @contextlib.contextmanager
+    def replaying(self, snapshot: _CallSnapshot):
+        """Run the attention calls inside as in the call `snapshot` was taken in, when that call has ended: gradient
+        checkpointing recomputes a block in the backward pass, and the recomputation must take the forward's
+        path (sparse or dense, plan, fit, correction statistics) or torch stops at the mismatch. Nothing is
+        logged, and what the recomputation learns (fits, statistics) is dropped after it. Outside a backward pass
+        (the forward itself), nothing changes."""
+        if torch._C._current_graph_task_id() == -1:
+            yield
+            return
+        saved = (self.state_manager._context, self._statistics, self._layer_patterns, self._fitted_at,
+                 self.in_transformer_call, self._replaying)
+        self.state_manager._context = snapshot.context
+        live = self._state()
+        fields = dict(vars(live))
+        vars(live).update(vars(snapshot.state))
+        self._statistics, self._layer_patterns, self._fitted_at = (
+            dict(snapshot.statistics), dict(snapshot.layer_patterns), dict(snapshot.fitted_at))
+        self.in_transformer_call = self._replaying = True
+        try:
+            yield
+        finally:
+            vars(live).clear()
+            vars(live).update(fields)
+            (self.state_manager._context, self._statistics, self._layer_patterns, self._fitted_at,
+             self.in_transformer_call, self._replaying) = saved
+
     def new_run(self) -> None:
         """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
         self.records.clear()
@@ -354,14 +401,14 @@ class SparseRuntime:
         """
         if not self.in_transformer_call:  # another model calling a module it shares: not this transformer's call
             if torch._C._current_graph_task_id() != -1:
-                # Inside a backward pass: gradient checkpointing recomputing a block after the transformer call
-                # ended. The original would run here, not the sparse path the forward took, and torch would
-                # stop at the mismatch with an error that does not say why.
+                # Inside a backward pass: a checkpoint recomputing a block after the transformer call ended, not
+                # through the model's `_gradient_checkpointing_func` (which `SparseContextHook` makes replay the
+                # call). The original would run here, not the sparse path the forward took, and torch would stop
+                # at the mismatch with an error that does not say why.
                 raise RuntimeError(
-                    f"diffsparse: {self.name}'s attention is recomputed during the backward pass (gradient "
-                    "checkpointing), after the transformer call whose sparse plan it needs ended: the sparse "
-                    "path cannot replay it. Train through sparse attention without gradient checkpointing "
-                    "(transformer.disable_gradient_checkpointing()), or remove diffsparse while training"
+                    f"diffsparse: {self.name}'s attention is recomputed during the backward pass by a checkpoint "
+                    "other than the model's own gradient checkpointing (enable_gradient_checkpointing(), which "
+                    "diffsparse replays), after the transformer call whose sparse plan it needs ended"
                 )
             return False
         if _attention_scores_skipped():
@@ -441,6 +488,8 @@ class SparseRuntime:
         return self.config.is_dense_step(state.step, state.num_steps)
 
     def _log(self, record: CallRecord) -> None:
+        if self._replaying:
+            return
         state = self._state()
         record.dense_step = state.layout is not None and self._dense_step(state)
         self.records.append(record)
@@ -560,7 +609,7 @@ class SparseRuntime:
             density = (density * pairs + outside_pairs) / (pairs + outside_pairs)
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
         self._log(record)
-        for observer in self._observers:
+        for observer in () if self._replaying else self._observers:
             observer(record, *inputs, out)
         if token_order is not None:
             out = out.index_select(1, token_order[0])
@@ -620,7 +669,8 @@ class SparseRuntime:
         # Kept scores are a subset of all scores, so lse_sparse <= lse_full and rho is in (0, 1].
         rho = torch.exp(lse_sparse - lse_full)
         residual = out_full.float() - rho * out_sparse.float()
-        self._statistics[(layer, branch, layout)] = _Statistics(step, rho, residual.to(out_full.dtype))
+        # Detached: statistics are constants of later calls, not part of this call's autograd graph (training).
+        self._statistics[(layer, branch, layout)] = _Statistics(step, rho.detach(), residual.to(out_full.dtype).detach())
         return out_full, lse_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:
@@ -837,6 +887,7 @@ class SparseContextHook(ModelHook):
         self._in_forward = False
         self._last_step: int | None = None
         self._call_in_step = 0
+        self._checkpointing: list[tuple[torch.nn.Module, object]] = []  # (module, its own checkpointing function)
 
     # Under torch.compile the step clock, planning and kernel dispatch run eagerly (`_eager` on the
     # hook and on the processors' two runtime calls): tracing them would only break the graph at every
@@ -857,6 +908,7 @@ class SparseContextHook(ModelHook):
         self._abandon_call()
         self._in_forward = True
         try:
+            self._replay_checkpoints(module)
             return self._begin(module, args, kwargs)
         except BaseException:  # a call the adapter refused
             self._abandon_call()
@@ -934,7 +986,21 @@ class SparseContextHook(ModelHook):
         self._close_call()
         return output
 
+    def _replay_checkpoints(self, transformer: torch.nn.Module) -> None:
+        """For this call, give the modules that checkpoint blocks (`enable_gradient_checkpointing()`, when grad is
+        on) a checkpointing function whose recomputation replays the call (`SparseRuntime.replaying`)."""
+        if not torch.is_grad_enabled():
+            return
+        for module in transformer.modules():
+            own = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) and callable(own):
+                self._checkpointing.append((module, own))
+                module._gradient_checkpointing_func = functools.partial(_checkpoint_replaying, own, self.runtime)
+
     def _close_call(self):
+        for module, own in self._checkpointing:
+            module._gradient_checkpointing_func = own
+        self._checkpointing.clear()
         self.runtime.end_call()
         if self._own_context:
             self.state_manager.set_context(None)
@@ -944,6 +1010,19 @@ class SparseContextHook(ModelHook):
     def reset_state(self, module):
         self.state_manager.reset()
         return module
+
+
+@_eager  # training under torch.compile: the checkpointed blocks run eagerly, as the replay needs
+def _checkpoint_replaying(checkpoint, runtime: SparseRuntime, block, *args, **kwargs):
+    """`checkpoint(block, *args, **kwargs)` (the model's gradient checkpointing function) whose recomputation of
+    `block`, in the backward pass, replays the call this forward belongs to."""
+    snapshot = runtime.snapshot()
+
+    def replayed(*inner_args, **inner_kwargs):
+        with runtime.replaying(snapshot):
+            return block(*inner_args, **inner_kwargs)
+
+    return checkpoint(replayed, *args, **kwargs)
 
 
 def _tensor_parallel(transformer: torch.nn.Module) -> tuple[object, int] | None:

@@ -1,5 +1,6 @@
 """diffsparse on real diffusers Wan pipelines (tiny, random weights, offline)."""
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -736,28 +737,50 @@ def test_training_a_lora_through_the_sparse_attention_gets_the_dense_gradients()
     g = torch.Generator().manual_seed(0)
     latents, prompt = torch.randn(1, 16, 5, 16, 24, generator=g), torch.randn(1, 8, 32, generator=g)
 
-    def lora_gradients():
-        transformer.zero_grad()
-        transformer(latents, torch.tensor([500.0]), prompt, return_dict=False)[0].square().mean().backward()
-        return torch.cat([p.grad.flatten() for n, p in transformer.named_parameters() if "lora" in n])
+    def lora_gradients(config=None):
+        """Two training calls (the second at a lower timestep: a later step) and each one's LoRA gradients."""
+        grads, calls = [], None
+        with contextlib.ExitStack() as stack:
+            handle = None if config is None else stack.enter_context(diffsparse.sparse(transformer, config))
+            for timestep in (500.0, 400.0):
+                transformer.zero_grad()
+                transformer(latents, torch.tensor([timestep]), prompt, return_dict=False)[0].square().mean().backward()
+                grads.append(torch.cat([p.grad.flatten() for n, p in transformer.named_parameters() if "lora" in n]))
+            if handle is not None:
+                calls = [(r.step, r.sparse, r.measured) for r in handle.stats().calls["transformer"]]
+        return torch.stack(grads), calls
 
-    dense = lora_gradients()
-    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)):
-        every_block = lora_gradients()
-    with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16,
-                                                                dense_steps=0)) as handle:
-        windowed = lora_gradients()
-        assert all(r.sparse for r in handle.stats().calls["transformer"])
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    windowed = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    # A fit of the first sparse call kept for the next, and statistics measured at the first call, used at the second.
+    fitted_corrected = diffsparse.SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0,
+                                               correction="residual")
+    dense, _ = lora_gradients()
+    kept, _ = lora_gradients(every_block)
     assert dense.abs().max() > 0
-    torch.testing.assert_close(every_block, dense, atol=1e-6, rtol=0)
-    assert not torch.allclose(windowed, dense, atol=1e-4)
-    # Gradient checkpointing recomputes each block in the backward pass, after the call ended: refused, saying why
-    # (before: torch's "different number of tensors saved" error).
+    torch.testing.assert_close(kept, dense, atol=1e-6, rtol=0)
+    results = {name: lora_gradients(config) for name, config in (("windowed", windowed),
+                                                                 ("fitted", fitted_corrected))}
+    assert not torch.allclose(results["windowed"][0], dense, atol=1e-4)
+    assert results["fitted"][1] == [(0, False, True)] * 2 + [(1, True, False)] * 2
+    # Gradient checkpointing recomputes each block in the backward pass, after the call ended: the recomputation
+    # replays the call (its plan, fit, statistics), logging nothing. Before, the original processor ran there and
+    # torch stopped at the mismatch ("a different number of tensors was saved").
     transformer.enable_gradient_checkpointing()
-    every_block_kept = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
-    with diffsparse.sparse(transformer, every_block_kept), pytest.raises(RuntimeError, match="gradient checkpointing"):
-        lora_gradients()
-    torch.testing.assert_close(lora_gradients(), dense, atol=1e-6, rtol=0)
+    for name, config in (("windowed", windowed), ("fitted", fitted_corrected)):
+        grads, calls = lora_gradients(config)
+        torch.testing.assert_close(grads, results[name][0], atol=1e-6, rtol=0)
+        assert calls == results[name][1]
+    torch.testing.assert_close(lora_gradients()[0], dense, atol=1e-6, rtol=0)
+    # A checkpoint diffsparse does not see (torch's activation checkpointing wrapped around the blocks) cannot be
+    # replayed: refused, saying why.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    transformer.disable_gradient_checkpointing()
+    blocks = set(transformer.blocks)
+    apply_activation_checkpointing(transformer, check_fn=lambda module: module in blocks)
+    with pytest.raises(RuntimeError, match="by a checkpoint other than the model's own gradient checkpointing"):
+        lora_gradients(windowed)
 
 
 def test_a_transformer_call_that_raises_leaves_the_next_calls_their_own_branches(tiny_pipe):
