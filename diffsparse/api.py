@@ -83,6 +83,7 @@ class SparseHandle:
         self._transformers = transformers
         self._pipeline = None if pipeline is None else weakref.ref(pipeline)
         self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
+        self.installed = False  # between `_install` and `remove`
         self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
         self._clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
@@ -113,6 +114,7 @@ class SparseHandle:
                                      installed=processors.items())
             register_context_hook(transformer, hook)
             setattr(transformer, _HANDLE_ATTR, self)
+        self.installed = True
 
     def _new_run(self) -> None:
         for runtime in self.runtimes.values():
@@ -131,6 +133,7 @@ class SparseHandle:
             if getattr(transformer, _HANDLE_ATTR, None) is self:
                 delattr(transformer, _HANDLE_ATTR)
         self._originals.clear()
+        self.installed = False
 
     def stats(self, since_apply: bool = False) -> SparseStats:
         """`diffsparse.stats`: the last denoising run's calls, or with `since_apply` every call since this handle
@@ -217,11 +220,17 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
                 "transformer on its own) to keep them sparse",
                 stacklevel=2,
             )
-    remove(pipe_or_transformer)
     if scheduler is None:
         config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
     pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
-    return SparseHandle(config, transformers, scheduler, pipeline)
+    previous = _handles(pipe_or_transformer)
+    remove(pipe_or_transformer)
+    try:
+        return SparseHandle(config, transformers, scheduler, pipeline)
+    except BaseException:  # a layer refused: what was applied before stays
+        for handle in previous:
+            handle._install()
+        raise
 
 
 def remove(pipe_or_transformer) -> None:
@@ -270,10 +279,13 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         ...     pass
     """
     previous = _handles(pipe_or_transformer)
-    handle = apply(pipe_or_transformer, config)
     try:
-        yield handle
+        handle = apply(pipe_or_transformer, config)
+        try:
+            yield handle
+        finally:
+            handle.remove()
     finally:
-        handle.remove()
         for replaced in previous:
-            replaced._install()
+            if not replaced.installed:
+                replaced._install()

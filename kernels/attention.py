@@ -37,8 +37,9 @@ def choose_backend(device: torch.device | str, requested: str = "auto", needs_gr
     `"auto"` picks `"triton"` for CUDA tensors when Triton can run there and no gradient is needed (it has no
     backward pass), else `"cpu"` (on CPU tensors a compiled C++ kernel for float32/bfloat16 inference, see
     `kernels/cpu_native.py`; otherwise plain torch ops, gather + fused attention, so it runs on any device and
-    differentiates); `"reference"` is never picked automatically because it materialises `q_len x kv_len` scores. The reasons are logged at debug level; forcing `"triton"` where it
-    cannot run raises a `ValueError` saying why.
+    differentiates); `"reference"` is never picked automatically because it materialises `q_len x kv_len` scores.
+    The reasons are logged at debug level; forcing `"triton"` where it cannot run raises a `ValueError` saying
+    why.
 
     Args:
         device (`torch.device` or `str`): Device of the attention inputs.

@@ -594,6 +594,33 @@ def test_unsupported_model_raises():
         diffsparse.apply(torch.nn.Linear(2, 2), diffsparse.SparseConfig())
 
 
+def test_a_refused_apply_keeps_what_was_applied_before(monkeypatch):
+    # `apply` removes the earlier config before it installs the new one: when the new one is refused, the earlier
+    # one must come back, not leave the pipeline dense.
+    from diffsparse.pipelines import adapter_for
+
+    pipe = tiny_wan_pipeline()
+    outer = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1)
+    refused = diffsparse.SparseConfig(pattern="radial", block_size=16)
+    diffsparse.apply(pipe, outer)
+    expected = generate(pipe)
+    make_processor = type(adapter_for(pipe.transformer)).make_processor
+
+    def refusing(adapter, original, runtime, layer):
+        if runtime.config is refused:
+            raise ValueError("refused for the test")
+        return make_processor(adapter, original, runtime, layer)
+
+    monkeypatch.setattr(type(adapter_for(pipe.transformer)), "make_processor", refusing)
+    with pytest.raises(ValueError, match="refused for the test"):
+        diffsparse.apply(pipe, refused)
+    assert torch.equal(generate(pipe), expected)
+    with pytest.raises(ValueError, match="refused for the test"), diffsparse.sparse(pipe, refused):
+        pass
+    assert torch.equal(generate(pipe), expected)
+    assert diffsparse.stats(pipe).mean_density < 1
+
+
 @pytest.mark.parametrize("compiled", ["wrapper", "regional"])
 def test_torch_compile_before_or_after_apply(compiled):
     # `pipe.transformer = torch.compile(pipe.transformer)` is how diffusers users compile: apply finds the module
