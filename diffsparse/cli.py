@@ -263,7 +263,8 @@ def _add_masks(sub) -> None:
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
-    p.add_argument("--head", type=_non_negative, default=0, help="which head to draw, for patterns that differ per head")
+    p.add_argument("--head", type=_non_negative, default=0,
+                   help="which head to draw, for patterns that differ per head")
     p.add_argument("--text-tokens", type=_non_negative, default=0,
                    help="text tokens in the same sequence (joint-attention models: CogVideoX, HunyuanVideo, Mochi, "
                         "FLUX, SD3); their rows and columns stay whole")

@@ -155,9 +155,10 @@ class StepClock:
     in `scheduler.timesteps`: the same for the cond and uncond calls and across Wan 2.2's two experts.
     `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
     from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
-    (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps in a run far from every one of the scheduler's (the
-    transformer given them on another scale, by a pipeline the family's adapter does not know) get a
-    `StepScheduleWarning`, instead of every call silently counting as the nearest step. Without a scheduler (a bare
+    (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps
+    in a run far from every one of the scheduler's (the transformer given them on another scale, by a pipeline the
+    family's adapter does not know) get a `StepScheduleWarning`, instead of every call silently counting as the
+    nearest step. Without a scheduler (a bare
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
     only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does).
     """
@@ -670,7 +671,8 @@ class SparseRuntime:
         rho = torch.exp(lse_sparse - lse_full)
         residual = out_full.float() - rho * out_sparse.float()
         # Detached: statistics are constants of later calls, not part of this call's autograd graph (training).
-        self._statistics[(layer, branch, layout)] = _Statistics(step, rho.detach(), residual.to(out_full.dtype).detach())
+        residual = residual.to(out_full.dtype).detach()
+        self._statistics[(layer, branch, layout)] = _Statistics(step, rho.detach(), residual)
         return out_full, lse_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:
