@@ -210,9 +210,20 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
     transformers, scheduler = find_transformers(pipe_or_transformer)
     for transformer in transformers.values():
         adapter_for(transformer)  # an unsupported model is the first thing to report
-    for handle in _handles(pipe_or_transformer):
+    if scheduler is None:
+        config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
+    pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
+    previous = _handles(pipe_or_transformer)
+    remove(pipe_or_transformer)
+    try:
+        handle = SparseHandle(config, transformers, scheduler, pipeline)
+    except BaseException:  # a layer refused: what was applied before stays
+        for replaced in previous:
+            replaced._install()
+        raise
+    for replaced in previous:
         # A handle is removed whole: applying to one expert of a pipeline applied as a whole leaves the others dense.
-        others = [name for name, t in handle._transformers.items() if all(t is not u for u in transformers.values())]
+        others = [name for name, t in replaced._transformers.items() if all(t is not u for u in transformers.values())]
         if others:
             warnings.warn(
                 f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
@@ -220,17 +231,7 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
                 "transformer on its own) to keep them sparse",
                 stacklevel=2,
             )
-    if scheduler is None:
-        config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
-    pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
-    previous = _handles(pipe_or_transformer)
-    remove(pipe_or_transformer)
-    try:
-        return SparseHandle(config, transformers, scheduler, pipeline)
-    except BaseException:  # a layer refused: what was applied before stays
-        for handle in previous:
-            handle._install()
-        raise
+    return handle
 
 
 def remove(pipe_or_transformer) -> None:
