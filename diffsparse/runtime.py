@@ -1085,9 +1085,20 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
 
 def register_context_hook(transformer: torch.nn.Module, hook: SparseContextHook) -> None:
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    hook.module_forward = transformer.forward  # the registry's wrapper, for `remove_context_hook`
 
 
 def remove_context_hook(transformer: torch.nn.Module) -> None:
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    hook = None if registry is None else registry.get_hook(HOOK_NAME)
+    if hook is None:
+        return
+    outer, last = transformer.forward, registry._hook_order[-1] == HOOK_NAME
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    # accelerate's hooks added after `apply` (`enable_model_cpu_offload()`, `enable_sequential_cpu_offload()`, a
+    # `device_map`) wrap the registry's forward, kept as `_old_forward`; the registry, removing its last hook, puts
+    # the module's own forward back over them, which would drop the offloading. Keep their wrapper, around what is
+    # left.
+    if last and outer is not hook.module_forward and getattr(transformer, "_old_forward", None) is hook.module_forward:
+        transformer._old_forward = transformer.forward
+        transformer.forward = outer
