@@ -890,6 +890,7 @@ class SparseContextHook(ModelHook):
         self._last_step: int | None = None
         self._call_in_step = 0
         self._checkpointing: list[tuple[torch.nn.Module, object]] = []  # (module, its own checkpointing function)
+        self.module_forward = None  # the registry's wrapper of the module's forward (`register_context_hook`)
 
     # Under torch.compile the step clock, planning and kernel dispatch run eagerly (`_eager` on the
     # hook and on the processors' two runtime calls): tracing them would only break the graph at every
@@ -1085,7 +1086,7 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
 
 def register_context_hook(transformer: torch.nn.Module, hook: SparseContextHook) -> None:
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
-    hook.module_forward = transformer.forward  # the registry's wrapper, for `remove_context_hook`
+    hook.module_forward = transformer.forward
 
 
 def remove_context_hook(transformer: torch.nn.Module) -> None:
