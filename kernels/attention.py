@@ -7,7 +7,7 @@ from types import MappingProxyType
 import torch
 
 from . import cpu, reference
-from .plan import BlockSparsePlan
+from .plan import BlockSparsePlan, needs_grad
 from .triton_block_sparse import triton_available, triton_block_sparse_attention
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ def block_sparse_attention(
     ```
     """
     _check_inputs(q, k, v, plan)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    fn = BACKENDS[choose_backend(q.device, backend, needs_grad)]
+    fn = BACKENDS[choose_backend(q.device, backend, needs_grad(q, k, v))]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = fn(q, k, v, plan, scale, return_lse)
     return (out, lse) if return_lse else out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native
-from .plan import BlockSparsePlan
+from .plan import BlockSparsePlan, needs_grad
 
 # Gathered K+V per chunk: small enough to stay in cache between the gather and the attention call that reads
 # it. Measured on a 32 MB-L3 CPU: 2-4 MB beat 16-32 MB by 5-9% of the call time. The price is more (smaller)
@@ -109,8 +109,8 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | No
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cpu" and q.dtype in cpu_native.DTYPES and not needs_grad:
+    differentiated = needs_grad(q, k, v)
+    if q.device.type == "cpu" and q.dtype in cpu_native.DTYPES and not differentiated:
         op = cpu_native.forward_op()
         if op is not None:
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -126,7 +126,7 @@ def attention(
     chunks = _chunks(plan, batch, heads, head_dim, q.element_size(), q.device)
     # Gather into two reused buffers: fresh multi-MB allocations cost page faults on every chunk. out= ops
     # cannot be differentiated, so autograd gets fresh tensors instead.
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    reuse = not differentiated
     capacity = max(c[2] * c[4] for c in chunks) * bk * head_dim if reuse else 0
     k_buf, v_buf = k_blocks.new_empty(capacity), v_blocks.new_empty(capacity)
     for q_rows, kv_rows, n, length, count, valid in chunks:

@@ -69,6 +69,12 @@ class BlockSparsePlan:
         return self.block_mask.shape[-1]
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate an attention over `tensors`: the kernels without a backward pass (the
+    compiled CPU kernel, Triton) must then leave it to the torch-ops path."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 def diagonal_kv_blocks(
     num_q_blocks: int, block_q: int, block_k: int, num_kv_blocks: int, device=None, q_offset: int = 0
 ):

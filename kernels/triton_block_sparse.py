@@ -45,6 +45,8 @@ except ImportError:  # triton is a Linux-only dependency: the module stays impor
     triton = None
     tl = None
 
+from .plan import needs_grad
+
 if TYPE_CHECKING:
     from .plan import BlockSparsePlan
 
@@ -432,7 +434,7 @@ def triton_block_sparse_attention(
     if triton is None:
         raise ImportError("the Triton block-sparse kernel needs triton: pip install triton")
     _check_inputs(q, k, v, plan)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if needs_grad(q, k, v):
         # Its output would carry no gradient: training through it would silently skip the attention.
         raise ValueError(
             "the Triton block-sparse kernel has no backward pass, and q, k or v requires grad; backend='auto' "
