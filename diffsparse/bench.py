@@ -388,11 +388,11 @@ def run_pipeline_bench(args, config) -> dict:
     into `args.out`.
     """
     from .api import SparseStats, sparse
-    from .compare import fill_call_defaults, load_pipeline, model_label
+    from .compare import fill_call_defaults, load_pipeline_for, model_label, offload_mode, placement, weights_dtype
     from .evaluate import timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
 
     def dense_run() -> tuple[float, float]:
@@ -426,6 +426,8 @@ def run_pipeline_bench(args, config) -> dict:
         "config": repr(config),
         "video": f"{args.frames} frames {args.height}x{args.width}, {args.steps} steps",
         "device": _device_label(args.device),
+        "dtype": weights_dtype(pipe),
+        "offload": offload_mode(pipe),
         "repeats": args.repeats,
         "pairs": pairs,
         "dense_seconds": statistics.median(p["dense_seconds"] for p in pairs),
@@ -436,7 +438,7 @@ def run_pipeline_bench(args, config) -> dict:
         "attention_work": work,
         "efficiency": attention_speedup * work,
     }
-    print(f"{result['model']}; {result['video']}; {result['device']}; {config!r}")
+    print(f"{result['model']}; {result['video']}; {result['device']}, {placement(pipe)}; {config!r}")
     print("| pair | dense s | sparse s | end-to-end speedup | attention speedup |")
     print("|---|---|---|---|---|")
     for i, p in enumerate(pairs, 1):

@@ -104,6 +104,9 @@ def _dense_layers_list(text: str) -> list[int | list[int]]:
     return [_dense_layers(item) for item in items]
 
 
+# The names of `bench.DTYPES` and `compare.OFFLOADS`, spelled here so that `--help` imports neither torch nor diffusers.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+OFFLOADS = ("none", "model", "sequential")
 PATTERN_HELP = "pattern name, optionally with parameters, e.g. radial or 'searched(refresh=4)' (see diffsparse.patterns)"
 
 
@@ -127,7 +130,18 @@ def _add_model_and_video(p) -> None:
                         "'{\"guidance_scale\": 5.0, \"negative_prompt\": \"blurry\"}' or SkyReels-V2 diffusion "
                         "forcing's '{\"ar_step\": 5, \"causal_block_size\": 5}'; not what the options set (prompt, "
                         "frames, size, steps, image, seed)")
+    _add_loading(p)
+
+
+def _add_loading(p) -> None:
+    """Where and how the pipeline is loaded (`compare.load_pipeline`)."""
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="weights' dtype (default: fp32 on cpu, bf16 on other devices)")
+    p.add_argument("--offload", default="none", choices=OFFLOADS,
+                   help="model: diffusers' enable_model_cpu_offload (each model on the device only for its calls); "
+                        "sequential: enable_sequential_cpu_offload (least memory, slowest); for checkpoints larger "
+                        "than the device's memory. Timings then include the moves")
 
 
 def _add_sparse_config(p) -> None:
@@ -199,7 +213,7 @@ def _run_trace(args) -> None:
 
 
 def _run_compare(args) -> None:
-    from .compare import run_compare, scored_label
+    from .compare import placement_label, run_compare, scored_label
 
     config = _sparse_config(args)
     r = run_compare(args, config)
@@ -208,7 +222,8 @@ def _run_compare(args) -> None:
     # A name's defaults spelled out (e.g. searched's budget); with a density, the main parameter is solved later.
     solved = "" if config.density is None else f", its main parameter solved for density {config.density} per layout"
     print(f"pattern: {config.resolved_pattern!r}{solved}")
-    print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}, {r.sampler}")
+    print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}, "
+          f"{placement_label(r.dtype, r.offload)}, {r.sampler}")
     print(f"dense  {r.dense_seconds:8.2f} s end-to-end, {r.dense_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"sparse {r.sparse_seconds:8.2f} s end-to-end, {r.sparse_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising")
@@ -344,7 +359,7 @@ def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool =
     repeats."""
     p.add_argument("--heads", type=_positive, default=8, help="attention heads")
     p.add_argument("--dim", type=_positive, default=dim, help="head dimension")
-    p.add_argument("--dtype", default=dtype, choices=["fp32", "fp16", "bf16"], help="tensor dtype")
+    p.add_argument("--dtype", default=dtype, choices=DTYPE_NAMES, help="tensor dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     if sparse_kernel:
         p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
@@ -458,7 +473,7 @@ def _add_demo(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="hub id or local folder of a diffusers pipeline (default: the embedded trained testbed)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_loading(p)
     p.add_argument("--out", default="outputs/demo", help="folder for each request's compare.mp4 and compare.json")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=_positive, default=7860, help="port of the page")

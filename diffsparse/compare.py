@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import sparse
+from .bench import DTYPES
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
 from .pipelines import find_transformers
@@ -31,6 +32,8 @@ class CompareResult:
     steps: int
     seed: int
     device: str
+    dtype: str  # the transformer's weights: fp32, fp16, bf16
+    offload: str  # none, model, sequential (`load_pipeline`)
     sampler: str  # "one pass", or "two-stage, best of N stills" (then frame 0 is the shared still and not scored)
     dense_seconds: float
     sparse_seconds: float
@@ -86,10 +89,18 @@ class ModularCall:
         return self
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = None):
+OFFLOADS = ("none", "model", "sequential")
+
+
+def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = None, offload: str = "none"):
     """The embedded trained testbed (`model=None`), a testbed training folder, or a diffusers checkpoint.
 
     `dtype`: by default float32 on CPU (bfloat16 is slow there without native support) and bfloat16 elsewhere.
+    `offload`: `"none"`, every component on `device`; `"model"`, diffusers' `enable_model_cpu_offload` (each
+    model moved to `device` for its calls and back to the CPU after: the largest model, the transformer, must fit
+    the device); `"sequential"`, `enable_sequential_cpu_offload` (weights moved per submodule call: the least
+    memory, the slowest). For checkpoints larger than the device's memory (Wan 14B or HunyuanVideo in bfloat16 on
+    a 24 GB GPU). Timings then include the moves, for dense and sparse runs alike, so speedups come out lower.
 
     `model` is a hub id or a local `save_pretrained` folder; folders whose `model_index.json` names
     `TestbedPipeline` (what `python -m diffsparse.testbed.train` writes) load through the testbed's own class,
@@ -99,13 +110,19 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
     """
     from .pipelines import testbed
 
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {OFFLOADS}, got offload={offload!r}")
+    if offload == "sequential" and torch.device(device).type == "cpu":
+        # accelerate's per-submodule hooks fail on the CPU inside transformers' T5 encoders ("Cannot copy out of
+        # meta tensor"), and offloading to the CPU from the CPU saves nothing.
+        raise ValueError(f"offload='sequential' offloads to the CPU from an accelerator; got device={device!r}")
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if model is None:
-        return testbed.load(device=device, dtype=dtype)
+        return _place(testbed.load(dtype=dtype), device, offload)
     index = Path(model) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
-        return testbed.load(device=device, dtype=dtype, path=model)
+        return _place(testbed.load(dtype=dtype, path=model), device, offload)
     from diffusers import DiffusionPipeline, ModularPipeline
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -130,7 +147,59 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
                 f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
                 f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
             ) from error
-    return pipe.to(device)
+    return _place(pipe, device, offload)
+
+
+def load_pipeline_for(args):
+    """`load_pipeline` with a command's `--model`, `--device`, `--dtype` and `--offload`."""
+    dtype = getattr(args, "dtype", None)
+    return load_pipeline(args.model, args.device, None if dtype is None else DTYPES[dtype],
+                         getattr(args, "offload", "none"))
+
+
+def weights_dtype(pipe) -> str:
+    """The dtype of the pipeline's transformer weights, as `--dtype` names it."""
+    transformer = next(iter(find_transformers(pipe)[0].values()))
+    return {dtype: name for name, dtype in DTYPES.items()}.get(transformer.dtype, str(transformer.dtype))
+
+
+def offload_mode(pipe) -> str:
+    """How the pipeline's transformer is offloaded, as `--offload` names it, read from the accelerate hooks that
+    diffusers' `enable_model_cpu_offload` (a `CpuOffload`) and `enable_sequential_cpu_offload` (an
+    `AlignDevicesHook` that offloads) put on it: also right for a pipeline the caller offloaded."""
+    transformer = next(iter(find_transformers(pipe)[0].values()))
+    hook = getattr(transformer, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook])
+    if any(type(h).__name__ == "CpuOffload" for h in hooks):
+        return "model"
+    if any(type(h).__name__ == "AlignDevicesHook" and getattr(h, "offload", False) for h in hooks):
+        return "sequential"
+    return "none"
+
+
+def placement(pipe) -> str:
+    """`weights_dtype`, and the offloading when there is any, for a result's header: "bf16, model offload"."""
+    return placement_label(weights_dtype(pipe), offload_mode(pipe))
+
+
+def placement_label(dtype: str, offload: str) -> str:
+    return dtype + ("" if offload == "none" else f", {offload} offload")
+
+
+def _place(pipe, device: str, offload: str):
+    """`pipe` (loaded on the CPU) on `device`, or offloaded to the CPU between its calls (`load_pipeline`)."""
+    if offload == "none":
+        return pipe.to(device)
+    if isinstance(pipe, ModularCall):
+        raise ValueError(
+            f"offload={offload!r}: modular pipelines have no enable_model_cpu_offload; use offload='none' (or "
+            "diffusers' ComponentsManager.enable_auto_cpu_offload in your own script)"
+        )
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
 
 
 def _hub_offline() -> bool:
@@ -320,10 +389,12 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
         progress.update(1)
+        synchronize_accelerators()
         last_step_end[:] = [time.perf_counter()]
         return callback_kwargs
 
     def on_transformer_end(module, inputs, output):
+        synchronize_accelerators()
         last_step_end[:] = [time.perf_counter()]
 
     with_callback = "callback_on_step_end" in _call_parameters(pipe)
@@ -332,16 +403,28 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
         transformer.register_forward_hook(on_transformer_end) for transformer in find_transformers(pipe)[0].values()
     ]
     kwargs = generation_kwargs(pipe, args, args.prompt, args.seed, first_frame)
+    synchronize_accelerators()
     start = time.perf_counter()
     try:
         with seeded_global_generator(args.seed):
             output = pipe(**kwargs, **step_ends)
+        frames = first_output(output)
+        synchronize_accelerators()
+        end = time.perf_counter()
     finally:
         for hook in hooks:
             hook.remove()
     if not with_callback:
         progress.update(args.steps)
-    return first_output(output), time.perf_counter() - start, last_step_end[0] - start
+    return frames, end - start, last_step_end[0] - start
+
+
+def synchronize_accelerators() -> None:
+    """Wait for the work queued on every CUDA device, so that a wall time read next covers it: kernels run
+    asynchronously, and a step's callback would otherwise read the time its kernels were queued at."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
 
 
 def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray:
@@ -424,7 +507,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     """
     check_two_stage(args)
     if pipe is None:
-        pipe = load_pipeline(args.model, args.device)
+        pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args)  # again: the frame count may have been the model's default
     first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
@@ -453,6 +536,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         steps=args.steps,
         seed=args.seed,
         device=args.device,
+        dtype=weights_dtype(pipe),
+        offload=offload_mode(pipe),
         sampler=sampler_label(args),
         dense_seconds=dense_seconds,
         sparse_seconds=sparse_seconds,

@@ -210,9 +210,9 @@ def run_demo(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit('the demo needs gradio: pip install -e ".[demo]" (or pip install gradio)') from None
-    from .compare import load_pipeline
+    from .compare import load_pipeline_for
 
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline_for(args)
     build_demo(pipe, model=args.model, device=args.device, out=args.out).launch(
         server_name=args.host, server_port=args.port
     )

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
@@ -25,13 +24,15 @@ from .compare import (
     fill_call_defaults,
     first_output,
     generation_kwargs,
-    load_pipeline,
+    load_pipeline_for,
     model_label,
+    placement,
     sampler_label,
     scored_frames,
     scored_label,
     seeded_global_generator,
     shared_still,
+    synchronize_accelerators,
 )
 from .config import SparseConfig
 from .metrics import alexnet_weights_path, lpips, psnr, ssim
@@ -42,25 +43,21 @@ _TIMER_HOOK = "diffsparse_attention_timer"
 
 
 class _AttentionTimer(ModelHook):
-    """Adds the wall time of each forward of its module to a shared counter (synchronising CUDA)."""
+    """Adds the wall time of each forward of its module to a shared counter (synchronising CUDA: the module's
+    weights may sit on the CPU between calls, under offloading, so every device rather than theirs)."""
 
     def __init__(self, total: list[float]):
         super().__init__()
         self._total = total
         self._start = 0.0
 
-    def _sync(self, module):
-        parameter = next(module.parameters(), None)
-        if parameter is not None and parameter.is_cuda:
-            torch.cuda.synchronize(parameter.device)
-
     def pre_forward(self, module, *args, **kwargs):
-        self._sync(module)
+        synchronize_accelerators()
         self._start = time.perf_counter()
         return args, kwargs
 
     def post_forward(self, module, output):
-        self._sync(module)
+        synchronize_accelerators()
         self._total[0] += time.perf_counter() - self._start
         return output
 
@@ -96,10 +93,12 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
     for module in modules:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionTimer(total), _TIMER_HOOK)
     try:
+        synchronize_accelerators()
         start = time.perf_counter()
         with seeded_global_generator(seed):
-            output = pipe(**kwargs)
-        return first_output(output), time.perf_counter() - start, total[0]
+            frames = first_output(pipe(**kwargs))
+        synchronize_accelerators()
+        return frames, time.perf_counter() - start, total[0]
     finally:
         for module in modules:
             module._diffusers_hook.remove_hook(_TIMER_HOOK, recurse=False)
@@ -110,7 +109,7 @@ def run_eval(args) -> list[EvalRow]:
     order, a list or `None`) against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into
     `args.out`."""
     check_two_stage(args)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args)  # again: the frame count may have been the model's default
     cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
@@ -181,7 +180,7 @@ def run_eval(args) -> list[EvalRow]:
             )
         )
     progress.close()
-    _write(rows, Path(args.out), args, with_lpips)
+    _write(rows, Path(args.out), args, with_lpips, placement(pipe))
     return rows
 
 
@@ -191,7 +190,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
+def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool, placement: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = list(asdict(rows[0])) if rows else []
     with open(out / "eval.csv", "w", newline="") as f:
@@ -201,6 +200,7 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool) -> None:
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
         f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
+        f"{placement}, "
         f"{sampler_label(args)}, scored on {scored_label(args)}"
     )
     lines = [

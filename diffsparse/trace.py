@@ -111,9 +111,9 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import fill_call_defaults, generation_kwargs, load_pipeline
+    from .compare import fill_call_defaults, generation_kwargs, load_pipeline_for
 
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
     out = Path(args.out)

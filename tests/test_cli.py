@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffsparse.cli import build_parser, main
 
@@ -125,6 +126,52 @@ def test_compare_loads_a_modular_pipeline(tiny_pipe, tmp_path):
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["model"] == str(folder) and result["frames"] == 9
     assert 0 < result["mean_attention_density"] < 1 and result["psnr_db"] > 0
+    with pytest.raises(ValueError, match="offload='model': modular pipelines have no enable_model_cpu_offload"):
+        load_pipeline(str(folder), "cpu", offload="model")
+
+
+def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
+    # `--offload model` (diffusers' enable_model_cpu_offload; the CPU as the "accelerator" here: the hooks' wiring
+    # runs, not a move between devices) gives the videos of a pipeline on the device; each result names the dtype
+    # and the offloading it ran with.
+    from diffsparse.bench import DTYPES
+    from diffsparse.cli import DTYPE_NAMES
+    from diffsparse.cli import OFFLOADS as OFFLOAD_NAMES
+    from diffsparse.compare import OFFLOADS, load_pipeline, offload_mode
+
+    assert OFFLOAD_NAMES == OFFLOADS and DTYPE_NAMES == tuple(DTYPES)
+    args = ["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
+            "--dense-steps", "1", "--pattern", "window3d", "--density", "0.3"]
+    results = {}
+    for name, extra in {"plain": [], "offload": ["--offload", "model"], "bf16": ["--dtype", "bf16"]}.items():
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        results[name] = json.loads((tmp_path / name / "compare.json").read_text())
+        results[name]["printed"] = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("video:"))
+    assert (results["plain"]["dtype"], results["plain"]["offload"]) == ("fp32", "none")
+    assert (results["offload"]["dtype"], results["offload"]["offload"]) == ("fp32", "model")
+    assert (results["bf16"]["dtype"], results["bf16"]["offload"]) == ("bf16", "none")
+    assert ", cpu, fp32, one pass" in results["plain"]["printed"]
+    assert ", cpu, fp32, model offload, one pass" in results["offload"]["printed"]
+    # The same videos up to float rounding (accelerate's hooks change where tensors are allocated).
+    assert results["offload"]["psnr_db"] == pytest.approx(results["plain"]["psnr_db"], abs=1e-3)
+    assert results["offload"]["ssim"] == pytest.approx(results["plain"]["ssim"], abs=1e-5)
+    assert results["bf16"]["psnr_db"] != results["plain"]["psnr_db"]  # the weights did change dtype
+    with pytest.raises(ValueError, match="offload='sequential' offloads to the CPU from an accelerator; got device='cpu'"):
+        load_pipeline(None, "cpu", offload="sequential")
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'model', 'sequential'\), got offload='disk'"):
+        load_pipeline(None, "cpu", offload="disk")
+    with pytest.raises(SystemExit):
+        main([*args, "--offload", "disk"])
+    assert "invalid choice: 'disk'" in capsys.readouterr().err
+    # What enable_sequential_cpu_offload puts on the transformer (accelerate's cpu_offload) reads as "sequential".
+    from accelerate import cpu_offload
+
+    from diffsparse.pipelines import testbed
+
+    pipe = testbed.load()
+    assert offload_mode(pipe) == "none"
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"), offload_buffers=True)
+    assert offload_mode(pipe) == "sequential"
 
 
 def test_masks_and_density_bench(tmp_path, capsys):
