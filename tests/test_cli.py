@@ -390,6 +390,12 @@ def test_module_commands_run_from_the_checkout_root():
 
     assert not run_at_root("-c", probe).strip().startswith(str(root / "kernels"))
     assert "usage: diffsparse" in run_at_root("-m", "diffsparse.cli", "--help")
+    assert run_at_root("-m", "diffsparse", "--version").strip() == "diffsparse 0.1.0"
+    # The command's parser, `--help` and `--version` import neither torch nor diffusers (seconds on small machines):
+    # `diffsparse`'s public names load on first use.
+    light = "import sys, diffsparse.cli; diffsparse.cli.build_parser(); print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    assert run_at_root("-c", light).strip() == "[]"
+    assert "apply" in run_at_root("-c", "import diffsparse; print(diffsparse.apply.__name__, dir(diffsparse))")
 
 
 def test_unset_video_options_take_the_models_own(tiny_pipe):

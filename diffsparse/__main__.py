@@ -1,0 +1,7 @@
+"""`python -m diffsparse ...`: the `diffsparse` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
