@@ -142,6 +142,9 @@ def _add_loading(p) -> None:
                    help="model: diffusers' enable_model_cpu_offload (each model on the device only for its calls); "
                         "sequential: enable_sequential_cpu_offload (least memory, slowest); for checkpoints larger "
                         "than the device's memory. Timings then include the moves")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in tiles (pipe.vae.enable_tiling()), for HunyuanVideo or CogVideoX at their native "
+                        "sizes on one GPU; dense and sparse videos alike")
 
 
 def _add_sparse_config(p) -> None:

@@ -92,7 +92,9 @@ class ModularCall:
 OFFLOADS = ("none", "model", "sequential")
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = None, offload: str = "none"):
+def load_pipeline(
+    model: str | None, device: str, dtype: torch.dtype | None = None, offload: str = "none", vae_tiling: bool = False
+):
     """The embedded trained testbed (`model=None`), a testbed training folder, or a diffusers checkpoint.
 
     `dtype`: by default float32 on CPU (bfloat16 is slow there without native support) and bfloat16 elsewhere.
@@ -101,6 +103,8 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
     the device); `"sequential"`, `enable_sequential_cpu_offload` (weights moved per submodule call: the least
     memory, the slowest). For checkpoints larger than the device's memory (Wan 14B or HunyuanVideo in bfloat16 on
     a 24 GB GPU). Timings then include the moves, for dense and sparse runs alike, so speedups come out lower.
+    `vae_tiling`: decode (and encode) in tiles, `pipe.vae.enable_tiling()`, as diffusers' HunyuanVideo and
+    CogVideoX examples do at their native sizes; dense and sparse videos alike.
 
     `model` is a hub id or a local `save_pretrained` folder; folders whose `model_index.json` names
     `TestbedPipeline` (what `python -m diffsparse.testbed.train` writes) load through the testbed's own class,
@@ -119,10 +123,10 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if model is None:
-        return _place(testbed.load(dtype=dtype), device, offload)
+        return _place(testbed.load(dtype=dtype), device, offload, vae_tiling)
     index = Path(model) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
-        return _place(testbed.load(dtype=dtype, path=model), device, offload)
+        return _place(testbed.load(dtype=dtype, path=model), device, offload, vae_tiling)
     from diffusers import DiffusionPipeline, ModularPipeline
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -147,14 +151,14 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype | None = No
                 f"--model {model}: cannot load it as a diffusers pipeline{offline}; give a hub id such as "
                 f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder written by save_pretrained. Cause: {error}"
             ) from error
-    return _place(pipe, device, offload)
+    return _place(pipe, device, offload, vae_tiling)
 
 
 def load_pipeline_for(args):
-    """`load_pipeline` with a command's `--model`, `--device`, `--dtype` and `--offload`."""
+    """`load_pipeline` with a command's `--model`, `--device`, `--dtype`, `--offload` and `--vae-tiling`."""
     dtype = getattr(args, "dtype", None)
     return load_pipeline(args.model, args.device, None if dtype is None else DTYPES[dtype],
-                         getattr(args, "offload", "none"))
+                         getattr(args, "offload", "none"), getattr(args, "vae_tiling", False))
 
 
 def weights_dtype(pipe) -> str:
@@ -186,8 +190,16 @@ def placement_label(dtype: str, offload: str) -> str:
     return dtype + ("" if offload == "none" else f", {offload} offload")
 
 
-def _place(pipe, device: str, offload: str):
-    """`pipe` (loaded on the CPU) on `device`, or offloaded to the CPU between its calls (`load_pipeline`)."""
+def _place(pipe, device: str, offload: str, vae_tiling: bool = False):
+    """`pipe` (loaded on the CPU) on `device`, or offloaded to the CPU between its calls; its VAE tiled or not
+    (`load_pipeline`)."""
+    if vae_tiling:
+        vae = getattr(pipe, "vae", None)
+        if not callable(getattr(vae, "enable_tiling", None)):
+            raise ValueError(
+                f"vae_tiling=True: {pipeline_name(pipe)} has no VAE that tiles (its vae is {type(vae).__name__})"
+            )
+        vae.enable_tiling()
     if offload == "none":
         return pipe.to(device)
     if isinstance(pipe, ModularCall):

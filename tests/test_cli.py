@@ -163,6 +163,8 @@ def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--offload", "disk"])
     assert "invalid choice: 'disk'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vae_tiling=True: TestbedPipeline has no VAE that tiles"):
+        load_pipeline(None, "cpu", vae_tiling=True)  # it samples in pixel space
     # What enable_sequential_cpu_offload puts on the transformer (accelerate's cpu_offload) reads as "sequential".
     from accelerate import cpu_offload
 
@@ -172,6 +174,18 @@ def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
     assert offload_mode(pipe) == "none"
     cpu_offload(pipe.transformer, execution_device=torch.device("cpu"), offload_buffers=True)
     assert offload_mode(pipe) == "sequential"
+
+
+def test_vae_tiling_tiles_the_pipelines_vae(tiny_pipe, tmp_path):
+    from diffsparse.compare import load_pipeline
+
+    folder = tmp_path / "wan"
+    tiny_pipe.save_pretrained(str(folder))
+    assert not load_pipeline(str(folder), "cpu").vae.use_tiling
+    assert load_pipeline(str(folder), "cpu", vae_tiling=True).vae.use_tiling
+    args = ["compare", "--model", str(folder), "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
+            "--block-size", "16", "--dense-steps", "1", "--vae-tiling"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
 
 
 def test_masks_and_density_bench(tmp_path, capsys):
