@@ -341,7 +341,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "
                         "several separated by / are cycled over the layers (1,1,1 = frame-major)")
-    p.add_argument("--prompts", type=_positive, default=2, help="how many of the fixed prompts (at most 3)")
+    p.add_argument("--prompt-file", default=None,
+                   help="a text file of prompts, one per line (blank lines and lines starting with # skipped), "
+                        "instead of the three fixed ones (the testbed's shape prompts)")
+    p.add_argument("--prompts", type=_positive, default=None,
+                   help="how many prompts: the first N of --prompt-file's or of the three fixed ones (default: every "
+                        "prompt of --prompt-file, else 2)")
     p.add_argument("--seeds", type=_positive, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")

@@ -106,13 +106,14 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
 
 def run_eval(args) -> list[EvalRow]:
     """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `SparseConfig.order`, one
-    order, a list or `None`) against dense, over the fixed prompts and seeds; writes `eval.md` and `eval.csv` into
-    `args.out`."""
+    order, a list or `None`) against dense, over the prompts (`eval_prompts`) and seeds; writes `eval.md` and
+    `eval.csv` into `args.out`."""
     check_two_stage(args)
+    prompts = eval_prompts(args)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args)  # again: the frame count may have been the model's default
-    cases = list(itertools.product(PROMPTS[: args.prompts], range(args.seed, args.seed + args.seeds)))
+    cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))
     # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
     stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
     scored = scored_frames(args)
@@ -180,8 +181,27 @@ def run_eval(args) -> list[EvalRow]:
             )
         )
     progress.close()
-    _write(rows, Path(args.out), args, with_lpips, placement(pipe))
+    _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe))
     return rows
+
+
+def eval_prompts(args) -> list[str]:
+    """The prompts `eval` runs: the first `args.prompts` of `args.prompt_file`'s lines (UTF-8; blank lines and lines
+    starting with `#` skipped; all of them by default) or of the fixed `PROMPTS` (2 by default)."""
+    source, available = "the fixed prompts", list(PROMPTS)
+    prompt_file = getattr(args, "prompt_file", None)
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ValueError(f"prompt_file={str(prompt_file)!r}: no such file")
+        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        source, available = f"prompt_file={str(prompt_file)!r}", [line for line in lines if line and line[0] != "#"]
+        if not available:
+            raise ValueError(f"{source} holds no prompt (one per line; blank lines and # comments are skipped)")
+    count = args.prompts if args.prompts is not None else (len(available) if prompt_file is not None else 2)
+    if count > len(available):
+        raise ValueError(f"prompts={count}: {source} hold {len(available)}")
+    return available[:count]
 
 
 def _fmt(value) -> str:
@@ -190,7 +210,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool, placement: str) -> None:
+def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips: bool, placement: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = list(asdict(rows[0])) if rows else []
     with open(out / "eval.csv", "w", newline="") as f:
@@ -199,12 +219,14 @@ def _write(rows: list[EvalRow], out: Path, args, with_lpips: bool, placement: st
         writer.writerows(asdict(r) for r in rows)
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
-        f"{args.steps} steps, {args.prompts} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
+        f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
         f"{placement}, "
         f"{sampler_label(args)}, scored on {scored_label(args)}"
     )
     lines = [
         header,
+        "",
+        "Prompts: " + "; ".join(f'"{prompt}"' for prompt in prompts),
         "",
         "| " + " | ".join(fields) + " |",
         "|" + "---|" * len(fields),

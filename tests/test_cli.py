@@ -3,6 +3,7 @@
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +291,35 @@ def test_eval_writes_a_table(tmp_path, capsys):
     table = (tmp_path / "eval.md").read_text()
     assert "| radial(" in table and "attention_time_ratio" in table and "bench pipeline" in table
     assert "PSNR" not in capsys.readouterr().err
+
+
+def test_eval_runs_the_prompts_of_a_prompt_file(tmp_path, capsys, monkeypatch):
+    # A real model's users evaluate on their own prompts; every video is generated from them, and eval.md says which.
+    from diffsparse import evaluate
+
+    generated = []
+    real = evaluate.timed_generation
+    monkeypatch.setattr(evaluate, "timed_generation", lambda pipe, prompt, *rest: generated.append(prompt) or
+                        real(pipe, prompt, *rest))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# the shapes the testbed knows\na yellow square moving down\n\n  a blue circle moving right \n")
+    args = ["eval", "--pattern", "window3d", "--density", "0.5", "--dense-steps", "1", "--steps", "2", "--frames", "5",
+            "--height", "32", "--width", "32", "--block-size", "16", "--prompt-file", str(prompts)]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 0
+    assert set(generated) == {"a yellow square moving down", "a blue circle moving right"}
+    table = (tmp_path / "all" / "eval.md").read_text()
+    assert "2 prompts x 1 seeds" in table and 'Prompts: "a yellow square moving down"; "a blue circle' in table
+    generated.clear()
+    assert main([*args, "--prompts", "1", "--out", str(tmp_path / "one")]) == 0
+    assert set(generated) == {"a yellow square moving down"}
+    for bad, message in [(["--prompts", "3"], "prompts=3: prompt_file=.* hold 2"),
+                         (["--prompt-file", str(tmp_path / "none.txt")], "none.txt': no such file")]:
+        with pytest.raises(SystemExit):
+            main([*args, *bad])
+        assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--prompts", "4"])  # three fixed prompts
+    assert "prompts=4: the fixed prompts hold 3" in capsys.readouterr().err
 
 
 def test_two_stage_eval_starts_dense_and_sparse_from_one_still(tmp_path):
