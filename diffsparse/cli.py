@@ -202,6 +202,9 @@ def _add_compare(sub) -> None:
     add_two_stage_options(p, "testbed models: sample a still from the shapes-only prompt first (dense, untimed), "
                           "then both clips image-to-video from it, so the video follows the direction word; frame 0 "
                           "is not scored")
+    p.add_argument("--fps", type=_positive, default=8,
+                   help="frame rate of compare.mp4; the model's own plays at its speed (diffusers' examples: Wan 16, "
+                        "HunyuanVideo 15, CogVideoX 8, LTX-Video 24, Mochi 30)")
 
 
 def _add_trace(sub) -> None:

@@ -49,6 +49,7 @@ class CompareResult:
     image_path: str | None = None  # one frame (image models, --frames 1): the side-by-side as a PNG too
 
 
+VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the testbed's clips, CogVideoX's)
 EMBEDDED_MODEL = "embedded testbed (trained tiny Wan, diffsparse.pipelines.testbed)"
 
 
@@ -455,7 +456,7 @@ def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray
 
 
 def write_side_by_side(
-    path: Path, dense: np.ndarray, sparse_frames: np.ndarray, sparse_label: str, fps: int = 8
+    path: Path, dense: np.ndarray, sparse_frames: np.ndarray, sparse_label: str, fps: int = VIDEO_FPS
 ) -> Path | None:
     """The labelled dense | sparse video at `path` (mp4); with one frame (an image model) also that frame as a
     PNG beside it, whose path is returned (else `None`)."""
@@ -538,7 +539,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
-    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}")
+    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}",
+                                    fps=getattr(args, "fps", VIDEO_FPS))
     result = CompareResult(
         model=model_label(args.model),
         config=repr(config),

@@ -15,15 +15,20 @@ from diffsparse.cli import build_parser, main
 
 
 def test_compare_writes_video_and_json(tmp_path, capsys):
+    import imageio.v3 as iio
+
     args = ["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16"]
     assert main([*args, "--dense-steps", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "compare.json").read_text())
     assert (tmp_path / "compare.mp4").stat().st_size > 0
+    assert iio.immeta(tmp_path / "compare.mp4")["fps"] == 8
     assert result["steps"] == 2 and 0 < result["mean_attention_density"] < 1
     assert result["model"].startswith("embedded testbed")  # the trained default of `make run`
     assert result["psnr_db"] > 0 and -1 <= result["ssim"] <= 1
     out = capsys.readouterr().out
     assert "PSNR" in out and "pattern: radial(decay=1.0, min_window=64, sink=False)\n" in out  # defaults spelled out
+    assert main([*args, "--dense-steps", "1", "--fps", "16", "--out", str(tmp_path / "wan_rate")]) == 0
+    assert iio.immeta(tmp_path / "wan_rate" / "compare.mp4")["fps"] == 16
 
 
 def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys):
