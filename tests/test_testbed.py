@@ -5,6 +5,9 @@ import csv
 import itertools
 import json
 import math
+import re
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,6 +293,19 @@ def test_shipped_weights_load_offline():
     assert pipe.transformer.config.num_layers == config["transformer"]["num_layers"]
     shipped = sum(f.stat().st_size for f in testbed.WEIGHTS_PATH.rglob("*") if f.is_file())
     assert shipped <= 20 * 2**20  # the package budget for weights
+
+
+def test_the_readmes_testbed_example_runs_as_written(tmp_path):
+    # A reader copies it into a file: it must run alone and give the shapes its comments promise.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    (example,) = [block for block in blocks if "from diffsparse.pipelines.testbed import" in block]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    names = runpy.run_path(str(script))
+    assert names["video"].shape == (9, 32, 32, 3)
+    assert tuple(names["videos"].shape) == (1, 17, 3, 48, 48)
+    assert tuple(names["still"].shape) == (1, 3, 48, 48)
 
 
 def test_diffsparse_applies_to_the_testbed_pipeline():
