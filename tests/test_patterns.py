@@ -1,6 +1,5 @@
 """Patterns: block masks equal the reduction of their token-level definition; radial's properties; speed."""
 
-import doctest
 import itertools
 import time
 
@@ -18,13 +17,8 @@ from diffsparse.patterns import (
     VideoLayout,
     Window3D,
     as_pair,
-    base,
-    dense,
     get_pattern,
-    layout,
-    radial,
     reduce_token_mask,
-    registry,
 )
 from diffsparse.patterns.radial import max_spatial_distance
 
@@ -245,11 +239,3 @@ def test_render_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("module", [base, dense, layout, radial, registry], ids=lambda m: m.__name__)
-def test_docstring_examples(module):
-    # render's example writes a file, which the test above covers in a temporary folder.
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(module):
-        if not test.name.endswith(".render"):
-            runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0

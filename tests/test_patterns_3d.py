@@ -1,6 +1,5 @@
 """3D patterns: token orders (tiles), Window3D, Radial's 2-D windows, composition, density control, plots."""
 
-import doctest
 import math
 import time
 from dataclasses import dataclass
@@ -19,17 +18,11 @@ from diffsparse.patterns import (
     Union,
     VideoLayout,
     Window3D,
-    compose,
     get_pattern,
-    ordering,
     permute,
-    plots,
     radial,
     reduce_token_mask,
-    spatial_study,
     unpermute,
-    window3d,
-    window_search,
 )
 from diffsparse.patterns.plots import density_vs_frames
 from diffsparse.patterns.spatial_study import BlockedAttention, attention_error, synthetic_logits
@@ -531,16 +524,6 @@ def test_intersection_at_scale_stays_block_level():
     assert time.perf_counter() - start < 10.0
     assert mask.diagonal(dim1=1, dim2=2).all()
     assert (mask <= Window3D((5, 16, 16)).block_mask(layout, 128, TileOrder((1, 8, 16)))).all()
-
-
-@pytest.mark.parametrize(
-    "module", [ordering, window3d, window_search, compose, radial, plots, spatial_study], ids=lambda m: m.__name__
-)
-def test_docstring_examples(module):
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(module):
-        runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0
 
 
 def test_render_with_order_and_heads(tmp_path):

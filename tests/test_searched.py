@@ -1,6 +1,5 @@
 """Searched blocks: exact block mass, budgets, the searched mask as a pattern, and the search in a pipeline."""
 
-import doctest
 import functools
 import math
 import threading
@@ -464,15 +463,6 @@ def test_searched_at_full_density_gives_the_dense_video(tiny_pipe):
     reference = generate(tiny_pipe)
     with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched", density=1.0, dense_steps=0)):
         torch.testing.assert_close(generate(tiny_pipe), reference, atol=1e-4, rtol=0)
-
-
-def test_docstring_examples():
-    from diffsparse.patterns import searched
-
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(searched):
-        runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0
 
 
 @pytest.mark.parametrize("refresh, searched_at", [(0, [1]), (1, [1, 2, 3]), (2, [1, 3])])

@@ -1,6 +1,5 @@
 """SpatialTemporal (Sparse VideoGen's spatial and temporal heads): masks, block exactness, classification."""
 
-import doctest
 import math
 import time
 
@@ -346,8 +345,3 @@ def test_at_density(pattern, order):
         assert error <= min(abs(d - target) for d in densities) + 1e-12
 
 
-def test_docstring_examples():
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(spatial_temporal):
-        runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0

@@ -277,19 +277,6 @@ def test_autotune_pruning_keeps_a_config():
                 assert dtype != torch.float32 or any(c.num_stages == 1 for c in kept)
 
 
-def test_docstring_examples():
-    import doctest
-
-    from diffsparse.kernels import triton_block_sparse
-
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(triton_block_sparse):
-        # The attention example allocates CUDA tensors.
-        if HAS_CUDA or not test.name.endswith(".triton_block_sparse_attention"):
-            runner.run(test)
-    assert runner.tries > 0 and runner.failures == 0
-
-
 def test_triton_available_on_cpu_says_why():
     from diffsparse.kernels.triton_block_sparse import _INTERPRETED, triton_available
 
