@@ -433,11 +433,14 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
 
 
 def synchronize_accelerators() -> None:
-    """Wait for the work queued on every CUDA device, so that a wall time read next covers it: kernels run
-    asynchronously, and a step's callback would otherwise read the time its kernels were queued at."""
+    """Wait for the work queued on every CUDA device (or on the current accelerator of another kind: XPU, MPS), so
+    that a wall time read next covers it: kernels run asynchronously, and a step's callback would otherwise read
+    the time its kernels were queued at."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device in range(torch.cuda.device_count()):
             torch.cuda.synchronize(device)
+    elif hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        torch.accelerator.synchronize()
 
 
 def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray:
