@@ -182,6 +182,36 @@ def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
     assert offload_mode(pipe) == "sequential"
 
 
+def test_timed_runs_wait_for_the_gpu_before_reading_the_clock(tmp_path, monkeypatch):
+    # CUDA kernels run asynchronously: a clock read at a step's end, or after a timed attention call, must come
+    # after a synchronisation, else it times the launches. The function waits for every device; compare's step ends
+    # and run ends and eval's attention timer call it.
+    from diffsparse import compare, evaluate
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    compare.synchronize_accelerators()
+    assert synced == [0, 1]
+    monkeypatch.undo()
+
+    calls = []
+    monkeypatch.setattr(compare, "synchronize_accelerators", lambda: calls.append("compare"))
+    monkeypatch.setattr(evaluate, "synchronize_accelerators", lambda: calls.append("eval"))
+    args = ["--steps", "3", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16", "--dense-steps", "1"]
+    assert main(["compare", *args, "--out", str(tmp_path)]) == 0
+    # Before and after each run and at each of its steps' ends: two one-step warm-ups, then dense and sparse runs of
+    # three steps.
+    assert calls == ["compare"] * (2 * (2 + 1) + 2 * (2 + 3))
+    calls.clear()
+    assert main(["eval", *args, "--pattern", "window3d", "--density", "0.5", "--prompts", "1",
+                 "--out", str(tmp_path)]) == 0
+    # Every timed attention call is closed by a synchronisation (two per call), and every run (two each).
+    assert calls.count("eval") > 2 * 3 * 2 * 2 and calls.count("compare") == 0
+
+
 def test_vae_tiling_tiles_the_pipelines_vae(tiny_pipe, tmp_path):
     from diffsparse.compare import load_pipeline
 
