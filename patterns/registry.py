@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import difflib
+import inspect
 
 from .base import Pattern
 from .dense import Dense
@@ -70,9 +72,22 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     if name not in PATTERNS:
         raise ValueError(
             f"pattern must be one of {sorted(PATTERNS)} (optionally with parameters, e.g. 'radial(decay=0.5)') or a "
-            f"Pattern instance, got {name_or_pattern!r}"
+            f"Pattern instance, got {name_or_pattern!r}{_did_you_mean(name, PATTERNS)}"
+        )
+    given = spec_params or params
+    accepted = list(inspect.signature(PATTERNS[name]).parameters)
+    unknown = [key for key in given if key not in accepted]
+    if unknown:
+        raise ValueError(
+            f"pattern {name_or_pattern!r}: {name} takes {', '.join(accepted)}; got {unknown[0]!r}"
+            f"{_did_you_mean(unknown[0], accepted)}"
         )
     try:
-        return PATTERNS[name](**(spec_params or params))
-    except TypeError as error:  # an unknown parameter name
+        return PATTERNS[name](**given)
+    except TypeError as error:  # a parameter left out that has no default
         raise ValueError(f"pattern {name_or_pattern!r}: {error}") from None
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

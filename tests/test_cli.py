@@ -152,7 +152,8 @@ def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
     for name, extra in {"plain": [], "offload": ["--offload", "model"], "bf16": ["--dtype", "bf16"]}.items():
         assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
         results[name] = json.loads((tmp_path / name / "compare.json").read_text())
-        results[name]["printed"] = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("video:"))
+        printed = capsys.readouterr().out.splitlines()
+        results[name]["printed"] = next(line for line in printed if line.startswith("video:"))
     assert (results["plain"]["dtype"], results["plain"]["offload"]) == ("fp32", "none")
     assert (results["offload"]["dtype"], results["offload"]["offload"]) == ("fp32", "model")
     assert (results["bf16"]["dtype"], results["bf16"]["offload"]) == ("bf16", "none")
@@ -162,9 +163,9 @@ def test_compare_with_model_offload_or_another_dtype_says_so(tmp_path, capsys):
     assert results["offload"]["psnr_db"] == pytest.approx(results["plain"]["psnr_db"], abs=1e-3)
     assert results["offload"]["ssim"] == pytest.approx(results["plain"]["ssim"], abs=1e-5)
     assert results["bf16"]["psnr_db"] != results["plain"]["psnr_db"]  # the weights did change dtype
-    with pytest.raises(ValueError, match="offload='sequential' offloads to the CPU from an accelerator; got device='cpu'"):
+    with pytest.raises(ValueError, match="'sequential' offloads to the CPU from an accelerator; got device='cpu'"):
         load_pipeline(None, "cpu", offload="sequential")
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'model', 'sequential'\), got offload='disk'"):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'model', 'sequential'\), got offload="):
         load_pipeline(None, "cpu", offload="disk")
     with pytest.raises(SystemExit):
         main([*args, "--offload", "disk"])
@@ -200,7 +201,8 @@ def test_timed_runs_wait_for_the_gpu_before_reading_the_clock(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(compare, "synchronize_accelerators", lambda: calls.append("compare"))
     monkeypatch.setattr(evaluate, "synchronize_accelerators", lambda: calls.append("eval"))
-    args = ["--steps", "3", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16", "--dense-steps", "1"]
+    args = ["--steps", "3", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
+            "--dense-steps", "1"]
     assert main(["compare", *args, "--out", str(tmp_path)]) == 0
     # Before and after each run and at each of its steps' ends: two one-step warm-ups, then dense and sparse runs of
     # three steps.
@@ -472,7 +474,8 @@ def test_module_commands_run_from_the_checkout_root():
     assert run_at_root("-m", "diffsparse", "--version").strip() == "diffsparse 0.1.0"
     # The command's parser, `--help` and `--version` import neither torch nor diffusers (seconds on small machines):
     # `diffsparse`'s public names load on first use.
-    light = "import sys, diffsparse.cli; diffsparse.cli.build_parser(); print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    light = ("import sys, diffsparse.cli; diffsparse.cli.build_parser(); "
+             "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
     assert run_at_root("-c", light).strip() == "[]"
     assert "apply" in run_at_root("-c", "import diffsparse; print(diffsparse.apply.__name__, dir(diffsparse))")
 

@@ -223,7 +223,9 @@ def test_repr_and_registry():
     assert get_pattern(" window3d(window=(1, 4, 4)) ") == Window3D((1, 4, 4))
     for bad, match in (("radial(0.5)", "keyword arguments of literal values"),
                        ("radial(decay=x)", "keyword arguments of literal values"),
-                       ("radial(foo=1)", "pattern 'radial\\(foo=1\\)': .*foo"),
+                       ("radial(foo=1)", r"\(foo=1\)': radial takes decay, min_window, sink, spatial; got 'foo'$"),
+                       ("radial(decya=0.5)", "got 'decya' \\(did you mean 'decay'\\?\\)"),
+                       ("radail", "got 'radail' \\(did you mean 'radial'\\?\\)"),
                        ("disc(r=1)", "pattern must be one of")):
         with pytest.raises(ValueError, match=match):
             get_pattern(bad)
