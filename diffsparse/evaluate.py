@@ -189,7 +189,7 @@ def eval_prompts(args) -> list[str]:
     """The prompts `eval` runs: the first `args.prompts` of `args.prompt_file`'s lines (UTF-8; blank lines and lines
     starting with `#` skipped; all of them by default) or of the fixed `PROMPTS` (2 by default)."""
     source, available = "the fixed prompts", list(PROMPTS)
-    prompt_file = getattr(args, "prompt_file", None)
+    prompt_file = args.prompt_file
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
@@ -200,7 +200,7 @@ def eval_prompts(args) -> list[str]:
             raise ValueError(f"{source} holds no prompt (one per line; blank lines and # comments are skipped)")
     count = args.prompts if args.prompts is not None else (len(available) if prompt_file is not None else 2)
     if count > len(available):
-        raise ValueError(f"prompts={count}: {source} hold {len(available)}")
+        raise ValueError(f"prompts={count}: there are {len(available)} in {source}")
     return available[:count]
 
 
