@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install lint clean
+.PHONY: run test install lint clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# For a GPU machine with no network and its own torch, Triton and transformers (README, "GPU"): the package and
+# the pure-Python packages it adds there, as wheels in .whl/ (ignored by git) to carry.
+gpu-wheels: $(STAMP)
+	rm -rf .whl build
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w .whl .
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 ftfy wcwidth
+	rm -rf build
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .whl
