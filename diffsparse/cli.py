@@ -202,9 +202,16 @@ def _add_compare(sub) -> None:
     add_two_stage_options(p, "testbed models: sample a still from the shapes-only prompt first (dense, untimed), "
                           "then both clips image-to-video from it, so the video follows the direction word; frame 0 "
                           "is not scored")
+    _add_lpips_weights(p)
     p.add_argument("--fps", type=_positive, default=8,
                    help="frame rate of compare.mp4; the model's own plays at its speed (diffusers' examples: Wan 16, "
                         "HunyuanVideo 15, CogVideoX 8, LTX-Video 24, Mochi 30)")
+
+
+def _add_lpips_weights(p) -> None:
+    p.add_argument("--lpips-weights", default=None,
+                   help="torchvision's AlexNet checkpoint for LPIPS (default: the torch hub cache's, when it holds "
+                        "one; without it LPIPS is left out and the output says so)")
 
 
 def _add_trace(sub) -> None:
@@ -238,7 +245,8 @@ def _run_compare(args) -> None:
     if r.lpips is None:
         from .metrics import alexnet_weights_path
 
-        print(f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (see diffsparse.metrics.lpips)")
+        print(f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights; see "
+              "diffsparse.metrics.lpips)")
     else:
         print(f"LPIPS {r.lpips:.4f}")
     print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
@@ -353,6 +361,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seeds", type=_positive, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
+    _add_lpips_weights(p)
     add_two_stage_options(p, "testbed models: every run of a (prompt, seed) starts from one still sampled from the "
                           "shapes-only prompt (dense, untimed) and samples the clip image-to-video from it, as "
                           "`make run` does; frame 0 is not scored")

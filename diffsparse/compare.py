@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .api import sparse
 from .bench import DTYPES
 from .config import SparseConfig
-from .metrics import alexnet_weights_path, lpips, psnr, ssim
+from .metrics import lpips, lpips_weights, psnr, ssim
 from .pipelines import find_transformers
 
 
@@ -44,7 +44,7 @@ class CompareResult:
     mean_attention_density: float
     psnr_db: float
     ssim: float
-    lpips: float | None  # None when the AlexNet weights are not in the torch cache
+    lpips: float | None  # None without the AlexNet weights (`metrics.lpips_weights`)
     video_path: str
     image_path: str | None = None  # one frame (image models, --frames 1): the side-by-side as a PNG too
 
@@ -522,6 +522,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
     check_two_stage(args)
+    weights = lpips_weights(getattr(args, "lpips_weights", None))
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
@@ -565,7 +566,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         mean_attention_density=call_stats.mean_density,
         psnr_db=psnr(sparse_frames[scored], dense[scored]),
         ssim=ssim(sparse_frames[scored], dense[scored]),
-        lpips=lpips(sparse_frames[scored], dense[scored]) if alexnet_weights_path().is_file() else None,
+        lpips=None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights),
         video_path=str(video_path),
         image_path=None if image_path is None else str(image_path),
     )

@@ -35,7 +35,7 @@ from .compare import (
     synchronize_accelerators,
 )
 from .config import SparseConfig
-from .metrics import alexnet_weights_path, lpips, psnr, ssim
+from .metrics import alexnet_weights_path, lpips, lpips_weights, psnr, ssim
 from .pipelines import adapter_for, find_transformers
 
 PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
@@ -110,6 +110,7 @@ def run_eval(args) -> list[EvalRow]:
     `eval.csv` into `args.out`."""
     check_two_stage(args)
     prompts = eval_prompts(args)
+    weights = lpips_weights(args.lpips_weights)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args)  # again: the frame count may have been the model's default
@@ -131,7 +132,7 @@ def run_eval(args) -> list[EvalRow]:
             args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
         )
     ]
-    with_lpips = alexnet_weights_path().is_file()
+    with_lpips = weights is not None
     progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
     # Untimed warm-ups of both paths, so that no configuration's time ratio carries the first sparse call's
     # one-off costs (loading the compiled kernel, building plans).
@@ -155,7 +156,7 @@ def run_eval(args) -> list[EvalRow]:
                     (
                         psnr(frames, reference),
                         ssim(frames, reference),
-                        lpips(frames, reference) if with_lpips else None,
+                        lpips(frames, reference, weights_path=weights) if with_lpips else None,
                     )
                 )
                 wall.append(seconds / dense_seconds)
@@ -238,7 +239,7 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     )
     lines += ["", timing]
     if not with_lpips:
-        lines += ["", f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()}."]
+        lines += ["", f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights)."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")

@@ -91,6 +91,21 @@ def alexnet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def lpips_weights(path: str | os.PathLike | None = None) -> Path | None:
+    """The AlexNet checkpoint LPIPS scores with: `path` when given (a missing file is a `ValueError`: LPIPS was
+    asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds one, else `None` (scores go
+    without LPIPS, saying so)."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(
+                f"lpips_weights={str(path)!r}: no such file (torchvision's AlexNet checkpoint, "
+                f"{alexnet_weights_path().name})"
+            )
+        return Path(path)
+    default = alexnet_weights_path()
+    return default if default.is_file() else None
+
+
 @lru_cache(maxsize=2)
 def _lpips_model(weights_path: str):
     try:

@@ -214,6 +214,26 @@ def test_timed_runs_wait_for_the_gpu_before_reading_the_clock(tmp_path, monkeypa
     assert calls.count("eval") > 2 * 3 * 2 * 2 and calls.count("compare") == 0
 
 
+def test_compare_and_eval_score_lpips_with_the_weights_given(tmp_path, capsys):
+    # A checkpoint outside the torch cache, given on the command line (random AlexNet weights stand in for it).
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    args = ["--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
+            "--dense-steps", "1", "--pattern", "window3d", "--density", "0.3"]
+    assert main(["compare", *args, "--lpips-weights", str(weights), "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["lpips"] > 0
+    assert main(["eval", *args, "--prompts", "1", "--lpips-weights", str(weights), "--out", str(tmp_path / "e")]) == 0
+    (row,) = csv.DictReader((tmp_path / "e" / "eval.csv").open())
+    assert float(row["lpips"]) > 0 and "LPIPS not computed" not in (tmp_path / "e" / "eval.md").read_text()
+    capsys.readouterr()
+    for command in ("compare", "eval"):  # a path that is not there is an error, not a run without LPIPS
+        with pytest.raises(SystemExit):
+            main([command, *args, "--lpips-weights", str(tmp_path / "nowhere.pth")])
+        assert "lpips_weights=" in capsys.readouterr().err
+
+
 def test_vae_tiling_tiles_the_pipelines_vae(tiny_pipe, tmp_path):
     from diffsparse.compare import load_pipeline
 
