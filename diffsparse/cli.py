@@ -494,6 +494,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--model", default=None,
                    help="hub id or local folder of a diffusers pipeline (default: the embedded trained testbed)")
     _add_loading(p)
+    _add_lpips_weights(p)
     p.add_argument("--out", default="outputs/demo", help="folder for each request's compare.mp4 and compare.json")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=_positive, default=7860, help="port of the page")

@@ -51,6 +51,7 @@ def compare_once(
     model: str | None = None,
     device: str = "cpu",
     out: str | Path = "outputs/demo",
+    lpips_weights: str | None = None,
 ) -> tuple[CompareResult, str]:
     """One request of the page: `(result, markdown summary)`; the side-by-side video is `result.video_path`.
 
@@ -86,6 +87,7 @@ def compare_once(
         seed=int(seed),
         device=device,
         out=str(out),
+        lpips_weights=lpips_weights,
         two_stage=still_candidates > 0,
         still_candidates=max(1, still_candidates),
         image=image,
@@ -113,7 +115,8 @@ def compare_once(
     return result, summary
 
 
-def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
+def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo",
+                 lpips_weights: str | None = None):
     """The page's submit function: form values in, `(video path, markdown summary)` out; bad settings raise
     `gradio.Error` with `SparseConfig`'s message, which the page shows."""
     import gradio as gr
@@ -124,7 +127,7 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
                 height, width, int(seed), int(stills), image or None, call_kwargs, model=model, device=device,
-                out=out,
+                out=out, lpips_weights=lpips_weights,
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
@@ -147,13 +150,14 @@ def form_ranges(pipe) -> dict[str, tuple[int, int, int, int]]:
             "height": (16, 2 * height, 16, defaults["height"]), "width": (16, 2 * width, 16, defaults["width"])}
 
 
-def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo"):
+def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo",
+               lpips_weights: str | None = None):
     """The Gradio `Blocks` page around `compare_once` for a loaded `pipe` (not launched)."""
     import gradio as gr
 
     from .pipelines.testbed import TestbedPipeline
 
-    on_submit = make_handler(pipe, model=model, device=device, out=out)
+    on_submit = make_handler(pipe, model=model, device=device, out=out, lpips_weights=lpips_weights)
     with gr.Blocks(title="diffsparse: dense vs sparse attention") as demo:
         gr.Markdown(
             "# diffsparse: dense vs sparse attention\nThe same prompt and seed, generated with dense self-attention "
@@ -211,8 +215,10 @@ def run_demo(args) -> None:
     except ImportError:
         raise SystemExit('the demo needs gradio: pip install -e ".[demo]" (or pip install gradio)') from None
     from .compare import load_pipeline_for
+    from .metrics import lpips_weights
 
+    lpips_weights(args.lpips_weights)  # a path that is not there: said before anything loads
     pipe = load_pipeline_for(args)
-    build_demo(pipe, model=args.model, device=args.device, out=args.out).launch(
+    build_demo(pipe, model=args.model, device=args.device, out=args.out, lpips_weights=args.lpips_weights).launch(
         server_name=args.host, server_port=args.port
     )

@@ -20,6 +20,17 @@ def test_one_request_generates_both_videos_and_reports_the_numbers(tiny_pipe, tm
     assert "density=0.3" in result.config
 
 
+def test_a_request_scores_lpips_with_the_weights_the_page_was_given(tiny_pipe, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)  # random weights stand in for the checkpoint
+    result, summary = compare_once(tiny_pipe, "a red circle", "window3d", density=0.3, dense_steps=0.5, block_size=16,
+                                   **SMALL, out=tmp_path, lpips_weights=str(weights))
+    assert result.lpips > 0 and f"LPIPS {result.lpips:.4f}" in summary
+
+
 @pytest.mark.parametrize(
     "setting, field", [({"correction": "magic"}, "correction"), ({"density": 1.5}, "density"),
                        ({"pattern": "nope"}, "pattern"), ({"dense_steps": 1.0}, "dense_steps"),
