@@ -62,6 +62,8 @@ def compare_once(
     --still-candidates N` (what `make run` shows, with N = 4). `image`: an image file for image-to-video and
     editing pipelines (`diffsparse compare --image`). `call_kwargs`: more keyword arguments of the pipeline call, a
     dict or its JSON text, as the page's field gives it (`diffsparse compare --call-kwargs`); empty text: none.
+    `lpips_weights`: the AlexNet checkpoint for LPIPS (`diffsparse demo --lpips-weights`; default: the torch hub
+    cache's, when it holds one).
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
         raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
