@@ -249,7 +249,7 @@ def _run_compare(args) -> None:
               "diffsparse.metrics.lpips)")
     else:
         print(f"LPIPS {r.lpips:.4f}")
-    print(f"wrote {r.video_path} and {os.path.join(args.out, 'compare.json')}")
+    print(f"wrote {r.video_path}, {r.dense_path}, {r.sparse_path} and {os.path.join(args.out, 'compare.json')}")
 
 
 _ints = _comma_list(_positive, "positive integers")

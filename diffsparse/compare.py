@@ -47,6 +47,8 @@ class CompareResult:
     lpips: float | None  # None without the AlexNet weights (`metrics.lpips_weights`)
     video_path: str
     image_path: str | None = None  # one frame (image models, --frames 1): the side-by-side as a PNG too
+    dense_path: str | None = None  # each video alone, unlabelled at its own size: dense.mp4 (one frame: dense.png)
+    sparse_path: str | None = None  # sparse.mp4 (sparse.png)
 
 
 VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the testbed's clips, CogVideoX's)
@@ -443,13 +445,18 @@ def synchronize_accelerators() -> None:
         torch.accelerator.synchronize()
 
 
+def _pixels(frames: np.ndarray) -> np.ndarray:
+    """Frames in [0, 1] as 8-bit pixels."""
+    return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+
+
 def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     scale = max(1, -(-min_side // min(frames.shape[1:3])))
     out = []
-    for frame in frames:
-        image = Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+    for frame in _pixels(frames):
+        image = Image.fromarray(frame)
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
         draw = ImageDraw.Draw(image)
         draw.rectangle((0, 0, 8 + 7 * len(label), 16), fill=(0, 0, 0))
@@ -466,14 +473,34 @@ def write_side_by_side(
     import imageio.v3 as iio
 
     video = np.concatenate([_labelled(dense, "dense"), _labelled(sparse_frames, sparse_label)], axis=2)
-    # yuv420p (what players expect) needs even sides
-    video = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2]
-    iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1)
+    _write_mp4(path, video, fps)
     if len(video) != 1:
         return None
     image_path = path.with_suffix(".png")
     iio.imwrite(image_path, video[0])
     return image_path
+
+
+def write_frames(stem: Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> Path:
+    """`frames` `(F, H, W, C)` in [0, 1] as they are (their own size, no label): `stem`.mp4, or `stem`.png for one
+    frame (an image model). Returns the path written."""
+    import imageio.v3 as iio
+
+    if len(frames) == 1:
+        path = stem.with_suffix(".png")
+        iio.imwrite(path, _pixels(frames)[0])
+        return path
+    path = stem.with_suffix(".mp4")
+    _write_mp4(path, _pixels(frames), fps)
+    return path
+
+
+def _write_mp4(path: Path, pixels: np.ndarray, fps: int) -> None:
+    import imageio.v3 as iio
+
+    # yuv420p (what players expect) needs even sides
+    pixels = pixels[:, : pixels.shape[1] // 2 * 2, : pixels.shape[2] // 2 * 2]
+    iio.imwrite(path, pixels, fps=fps, codec="libx264", macro_block_size=1)
 
 
 def check_two_stage(args) -> None:
@@ -543,8 +570,11 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
-    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}",
-                                    fps=getattr(args, "fps", VIDEO_FPS))
+    fps = getattr(args, "fps", VIDEO_FPS)
+    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}", fps=fps)
+    # Each video unlabelled at its own size too, for other metrics or viewing apart.
+    dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
+                               for name, frames in (("dense", dense), ("sparse", sparse_frames)))
     result = CompareResult(
         model=model_label(args.model),
         config=repr(config),
@@ -569,6 +599,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         lpips=None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights),
         video_path=str(video_path),
         image_path=None if image_path is None else str(image_path),
+        dense_path=str(dense_path),
+        sparse_path=str(sparse_path),
     )
     (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))
     print(call_stats)

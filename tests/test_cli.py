@@ -22,6 +22,10 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
     result = json.loads((tmp_path / "compare.json").read_text())
     assert (tmp_path / "compare.mp4").stat().st_size > 0
     assert iio.immeta(tmp_path / "compare.mp4")["fps"] == 8
+    # Each video alone too, unlabelled at its own size (the side-by-side scales small frames up and labels them).
+    for name in ("dense", "sparse"):
+        assert result[f"{name}_path"] == str(tmp_path / f"{name}.mp4")
+        assert iio.imread(tmp_path / f"{name}.mp4").shape == (5, 32, 48, 3)
     assert result["steps"] == 2 and 0 < result["mean_attention_density"] < 1
     assert result["model"].startswith("embedded testbed")  # the trained default of `make run`
     assert result["psnr_db"] > 0 and -1 <= result["ssim"] <= 1

@@ -186,6 +186,7 @@ def test_compare_command_runs_a_saved_flux_pipeline(flux_pipe, tmp_path, capsys)
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0 and result["frames"] == 1
     assert result["image_path"] == str(tmp_path / "out" / "compare.png") and (tmp_path / "out" / "compare.png").is_file()
+    assert result["dense_path"] == str(tmp_path / "out" / "dense.png") and (tmp_path / "out" / "sparse.png").is_file()
 
 
 def test_the_demo_page_serves_an_image_model_one_frame(flux_pipe, tmp_path):
