@@ -104,8 +104,9 @@ def load_pipeline(
     `offload`: `"none"`, every component on `device`; `"model"`, diffusers' `enable_model_cpu_offload` (each
     model moved to `device` for its calls and back to the CPU after: the largest model, the transformer, must fit
     the device); `"sequential"`, `enable_sequential_cpu_offload` (weights moved per submodule call: the least
-    memory, the slowest). For checkpoints larger than the device's memory (Wan 14B or HunyuanVideo in bfloat16 on
-    a 24 GB GPU). Timings then include the moves, for dense and sparse runs alike, so speedups come out lower.
+    memory, the slowest). For checkpoints larger than the device's memory (Wan 14B in bfloat16, 28 GB of
+    transformer and 11 GB of text encoder: model offload on a GPU that holds the transformer, sequential on a
+    smaller one). Timings then include the moves, for dense and sparse runs alike, so speedups come out lower.
     `vae_tiling`: decode (and encode) in tiles, `pipe.vae.enable_tiling()`, as diffusers' HunyuanVideo and
     CogVideoX examples do at their native sizes; dense and sparse videos alike.
 
