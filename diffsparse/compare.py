@@ -49,6 +49,11 @@ class CompareResult:
     image_path: str | None = None  # one frame (image models, --frames 1): the side-by-side as a PNG too
     dense_path: str | None = None  # each video alone, unlabelled at its own size: dense.mp4 (one frame: dense.png)
     sparse_path: str | None = None  # sparse.mp4 (sparse.png)
+    # What the pipeline was called with beyond the fields above, so that the run can be repeated.
+    prompt: str | None = None  # None for a pipeline that takes no prompt (DiT: its inputs are in call_kwargs)
+    image: str | None = None  # `--image`, the conditioning image file
+    call_kwargs: dict | None = None  # `--call-kwargs`
+    vae_tiling: bool = False  # the pipeline's VAE decoded in tiles (`--vae-tiling`)
 
 
 VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the testbed's clips, CogVideoX's)
@@ -602,6 +607,10 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         image_path=None if image_path is None else str(image_path),
         dense_path=str(dense_path),
         sparse_path=str(sparse_path),
+        prompt=args.prompt if "prompt" in _call_parameters(pipe) else None,
+        image=getattr(args, "image", None),
+        call_kwargs=getattr(args, "call_kwargs", None),
+        vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
     )
     (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))
     print(call_stats)

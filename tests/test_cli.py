@@ -33,6 +33,9 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
     assert "PSNR" in out and "pattern: radial(decay=1.0, min_window=64, sink=False)\n" in out  # defaults spelled out
     assert main([*args, "--dense-steps", "1", "--fps", "16", "--out", str(tmp_path / "wan_rate")]) == 0
     assert iio.immeta(tmp_path / "wan_rate" / "compare.mp4")["fps"] == 16
+    # What the run was called with, to repeat it.
+    assert (result["prompt"], result["image"], result["call_kwargs"], result["vae_tiling"]) == (
+        "a red circle moving left", None, None, False)
 
 
 def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys):
@@ -247,7 +250,9 @@ def test_vae_tiling_tiles_the_pipelines_vae(tiny_pipe, tmp_path):
     assert load_pipeline(str(folder), "cpu", vae_tiling=True).vae.use_tiling
     args = ["compare", "--model", str(folder), "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
             "--block-size", "16", "--dense-steps", "1", "--vae-tiling"]
-    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert main([*args, "--call-kwargs", '{"guidance_scale": 3.0}', "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["vae_tiling"] is True and result["call_kwargs"] == {"guidance_scale": 3.0}
 
 
 def test_masks_and_density_bench(tmp_path, capsys):

@@ -50,3 +50,4 @@ def test_the_compare_command_takes_the_class_labels_from_call_kwargs(dit_pipe, t
     assert main([*command, "--call-kwargs", '{"class_labels": [3]}']) == 0
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["mean_attention_density"] < 1 and result["psnr_db"] > 0
+    assert result["prompt"] is None and result["call_kwargs"] == {"class_labels": [3]}  # it was given no prompt
