@@ -388,7 +388,15 @@ def run_pipeline_bench(args, config) -> dict:
     into `args.out`.
     """
     from .api import SparseStats, sparse
-    from .compare import fill_call_defaults, load_pipeline_for, model_label, offload_mode, placement, weights_dtype
+    from .compare import (
+        fill_call_defaults,
+        load_pipeline_for,
+        model_label,
+        offload_mode,
+        placement,
+        prompt_passed,
+        weights_dtype,
+    )
     from .evaluate import timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
@@ -425,6 +433,9 @@ def run_pipeline_bench(args, config) -> dict:
         "model": model_label(args.model),
         "config": repr(config),
         "video": f"{args.frames} frames {args.height}x{args.width}, {args.steps} steps",
+        "prompt": prompt_passed(pipe, args.prompt),
+        "seed": args.seed,
+        "call_kwargs": args.call_kwargs,
         "device": _device_label(args.device),
         "dtype": weights_dtype(pipe),
         "offload": offload_mode(pipe),

@@ -234,7 +234,12 @@ def pipeline_name(pipe) -> str:
     return type(pipe.pipe if isinstance(pipe, ModularCall) else pipe).__name__
 
 
-def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
+def prompt_passed(pipe, prompt: str) -> str | None:
+    """The prompt a generation passes `pipe` (`generation_kwargs`): `None` for a pipeline that takes none (DiT)."""
+    return prompt if "prompt" in call_parameters(pipe) else None
+
+
+def call_parameters(pipe) -> dict[str, inspect.Parameter]:
     if isinstance(pipe, ModularCall):
         return pipe.parameters
     return dict(inspect.signature(type(pipe).__call__).parameters)
@@ -243,7 +248,7 @@ def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
 def frames_parameter(pipe) -> str | None:
     """The pipeline call's frame-count argument: `num_frames`, or Latte's `video_length`; `None` for a pipeline
     that makes images (FLUX, SD3)."""
-    parameters = _call_parameters(pipe)
+    parameters = call_parameters(pipe)
     return next((name for name in ("num_frames", "video_length") if name in parameters), None)
 
 
@@ -266,7 +271,7 @@ def frames_argument(pipe, frames: int) -> dict:
 
 def takes_image(pipe) -> bool:
     """Whether the pipeline's call takes an `image` (image-to-video and editing pipelines)."""
-    return "image" in _call_parameters(pipe)
+    return "image" in call_parameters(pipe)
 
 
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
@@ -278,7 +283,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     then `args.call_kwargs` (`--call-kwargs`).
     A `ValueError` names the pipeline when `--image` is given to one without an `image` argument, or missing for one
     that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
-    parameters = _call_parameters(pipe)
+    parameters = call_parameters(pipe)
     image_path = getattr(args, "image", None)
     if image_path is not None and not takes_image(pipe):
         raise ValueError(f"image={image_path!r}: {pipeline_name(pipe)} takes no `image` (it is not an image-to-video "
@@ -357,7 +362,7 @@ def call_defaults(pipe) -> dict[str, int]:
 
     if isinstance(pipe, TestbedPipeline):
         return {"steps": 20, **testbed_config()["eval"]}
-    parameters = _call_parameters(pipe).values()
+    parameters = call_parameters(pipe).values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     config = getattr(getattr(pipe, "transformer", None), "config", {})
 
@@ -418,7 +423,7 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
         synchronize_accelerators()
         last_step_end[:] = [time.perf_counter()]
 
-    with_callback = "callback_on_step_end" in _call_parameters(pipe)
+    with_callback = "callback_on_step_end" in call_parameters(pipe)
     step_ends = {"callback_on_step_end": on_step_end} if with_callback else {}
     hooks = [] if with_callback else [
         transformer.register_forward_hook(on_transformer_end) for transformer in find_transformers(pipe)[0].values()
@@ -607,7 +612,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         image_path=None if image_path is None else str(image_path),
         dense_path=str(dense_path),
         sparse_path=str(sparse_path),
-        prompt=args.prompt if "prompt" in _call_parameters(pipe) else None,
+        prompt=prompt_passed(pipe, args.prompt),
         image=getattr(args, "image", None),
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),

@@ -220,7 +220,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         writer.writerows(asdict(r) for r in rows)
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
-        f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds, block {args.block_size}, {args.device}, "
+        f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds from {args.seed}, block {args.block_size}, "
+        f"{args.device}, "
         f"{placement}, "
         f"{sampler_label(args)}, scored on {scored_label(args)}"
     )

@@ -299,6 +299,7 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     result = json.loads((tmp_path / "bench_pipeline.json").read_text())
     pairs = result["pairs"]
     assert len(pairs) == 2 and result["repeats"] == 2
+    assert (result["prompt"], result["seed"], result["call_kwargs"]) == ("a red circle moving left", 0, None)
     assert result["speedup"] == statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs)
     # Step 0 dense, step 1 sparse: the work is the mean of 1.0 and the sparse step's density.
     assert result["sparse_step_density"] < 1
@@ -374,7 +375,7 @@ def test_eval_runs_the_prompts_of_a_prompt_file(tmp_path, capsys, monkeypatch):
     assert main([*args, "--out", str(tmp_path / "all")]) == 0
     assert set(generated) == {"a yellow square moving down", "a blue circle moving right"}
     table = (tmp_path / "all" / "eval.md").read_text()
-    assert "2 prompts x 1 seeds" in table and 'Prompts: "a yellow square moving down"; "a blue circle' in table
+    assert "2 prompts x 1 seeds from 0" in table and 'Prompts: "a yellow square moving down"; "a blue circle' in table
     generated.clear()
     assert main([*args, "--prompts", "1", "--out", str(tmp_path / "one")]) == 0
     assert set(generated) == {"a yellow square moving down"}
