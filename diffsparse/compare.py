@@ -170,9 +170,13 @@ def load_pipeline_for(args):
                          getattr(args, "offload", "none"), getattr(args, "vae_tiling", False))
 
 
+def _first_transformer(pipe) -> torch.nn.Module:
+    return next(iter(find_transformers(pipe)[0].values()))
+
+
 def weights_dtype(pipe) -> str:
     """The dtype of the pipeline's transformer weights, as `--dtype` names it."""
-    transformer = next(iter(find_transformers(pipe)[0].values()))
+    transformer = _first_transformer(pipe)
     return {dtype: name for name, dtype in DTYPES.items()}.get(transformer.dtype, str(transformer.dtype))
 
 
@@ -180,8 +184,7 @@ def offload_mode(pipe) -> str:
     """How the pipeline's transformer is offloaded, as `--offload` names it, read from the accelerate hooks that
     diffusers' `enable_model_cpu_offload` (a `CpuOffload`) and `enable_sequential_cpu_offload` (an
     `AlignDevicesHook` that offloads) put on it: also right for a pipeline the caller offloaded."""
-    transformer = next(iter(find_transformers(pipe)[0].values()))
-    hook = getattr(transformer, "_hf_hook", None)
+    hook = getattr(_first_transformer(pipe), "_hf_hook", None)
     hooks = getattr(hook, "hooks", [hook])
     if any(type(h).__name__ == "CpuOffload" for h in hooks):
         return "model"
@@ -236,10 +239,10 @@ def pipeline_name(pipe) -> str:
 
 def prompt_passed(pipe, prompt: str) -> str | None:
     """The prompt a generation passes `pipe` (`generation_kwargs`): `None` for a pipeline that takes none (DiT)."""
-    return prompt if "prompt" in call_parameters(pipe) else None
+    return prompt if takes_prompt(pipe) else None
 
 
-def call_parameters(pipe) -> dict[str, inspect.Parameter]:
+def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
     if isinstance(pipe, ModularCall):
         return pipe.parameters
     return dict(inspect.signature(type(pipe).__call__).parameters)
@@ -248,7 +251,7 @@ def call_parameters(pipe) -> dict[str, inspect.Parameter]:
 def frames_parameter(pipe) -> str | None:
     """The pipeline call's frame-count argument: `num_frames`, or Latte's `video_length`; `None` for a pipeline
     that makes images (FLUX, SD3)."""
-    parameters = call_parameters(pipe)
+    parameters = _call_parameters(pipe)
     return next((name for name in ("num_frames", "video_length") if name in parameters), None)
 
 
@@ -269,9 +272,14 @@ def frames_argument(pipe, frames: int) -> dict:
     return {}
 
 
+def takes_prompt(pipe) -> bool:
+    """Whether the pipeline's call takes a `prompt` (not a class-conditional one, DiT)."""
+    return "prompt" in _call_parameters(pipe)
+
+
 def takes_image(pipe) -> bool:
     """Whether the pipeline's call takes an `image` (image-to-video and editing pipelines)."""
-    return "image" in call_parameters(pipe)
+    return "image" in _call_parameters(pipe)
 
 
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
@@ -283,7 +291,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     then `args.call_kwargs` (`--call-kwargs`).
     A `ValueError` names the pipeline when `--image` is given to one without an `image` argument, or missing for one
     that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
-    parameters = call_parameters(pipe)
+    parameters = _call_parameters(pipe)
     image_path = getattr(args, "image", None)
     if image_path is not None and not takes_image(pipe):
         raise ValueError(f"image={image_path!r}: {pipeline_name(pipe)} takes no `image` (it is not an image-to-video "
@@ -292,7 +300,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     if needs_image and image_path is None and first_frame is None:
         raise ValueError(f"{pipeline_name(pipe)} generates from an image: give one with --image PATH")
     # A class-conditional pipeline (DiT) takes no prompt: its inputs come with --call-kwargs.
-    prompted = "prompt" in parameters
+    prompted = takes_prompt(pipe)
     kwargs = {**({"prompt": prompt} if prompted else {}), **frames_argument(pipe, args.frames)}
     kwargs.update({name: getattr(args, name) for name in ("height", "width") if name in parameters})
     kwargs.update(num_inference_steps=args.steps, generator=torch.Generator(device="cpu").manual_seed(seed),
@@ -362,7 +370,7 @@ def call_defaults(pipe) -> dict[str, int]:
 
     if isinstance(pipe, TestbedPipeline):
         return {"steps": 20, **testbed_config()["eval"]}
-    parameters = call_parameters(pipe).values()
+    parameters = _call_parameters(pipe).values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     config = getattr(getattr(pipe, "transformer", None), "config", {})
 
@@ -423,7 +431,7 @@ def _generate(pipe, args, progress: tqdm, first_frame: torch.Tensor | None = Non
         synchronize_accelerators()
         last_step_end[:] = [time.perf_counter()]
 
-    with_callback = "callback_on_step_end" in call_parameters(pipe)
+    with_callback = "callback_on_step_end" in _call_parameters(pipe)
     step_ends = {"callback_on_step_end": on_step_end} if with_callback else {}
     hooks = [] if with_callback else [
         transformer.register_forward_hook(on_transformer_end) for transformer in find_transformers(pipe)[0].values()
