@@ -19,6 +19,7 @@ from .api import sparse
 from .bench import DTYPES
 from .config import SparseConfig
 from .metrics import lpips, lpips_weights, psnr, ssim
+from .patterns.registry import did_you_mean
 from .pipelines import find_transformers
 
 
@@ -320,7 +321,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
         if name not in parameters and not takes_any:
             others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - {"self"})
             raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline_name(pipe)} does not take; it takes "
-                             f"{', '.join(others)}")
+                             f"{', '.join(others)}{did_you_mean(name, others)}")
     missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in kwargs and name not in extra]
     if not prompted and missing:

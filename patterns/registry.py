@@ -72,7 +72,7 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     if name not in PATTERNS:
         raise ValueError(
             f"pattern must be one of {sorted(PATTERNS)} (optionally with parameters, e.g. 'radial(decay=0.5)') or a "
-            f"Pattern instance, got {name_or_pattern!r}{_did_you_mean(name, PATTERNS)}"
+            f"Pattern instance, got {name_or_pattern!r}{did_you_mean(name, PATTERNS)}"
         )
     given = spec_params or params
     accepted = list(inspect.signature(PATTERNS[name]).parameters)
@@ -80,7 +80,7 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     if unknown:
         raise ValueError(
             f"pattern {name_or_pattern!r}: {name} takes {', '.join(accepted)}; got {unknown[0]!r}"
-            f"{_did_you_mean(unknown[0], accepted)}"
+            f"{did_you_mean(unknown[0], accepted)}"
         )
     try:
         return PATTERNS[name](**given)
@@ -88,6 +88,8 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
         raise ValueError(f"pattern {name_or_pattern!r}: {error}") from None
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
+    """The end of an error message that names the choice closest to a misspelt `word`, or `""` when none is close:
+    `did_you_mean("radail", ["radial", "dense"])` -> `" (did you mean 'radial'?)"`."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -459,6 +459,8 @@ def test_compare_passes_call_kwargs_to_the_pipeline(tmp_path, tiny_pipe, capsys)
     assert len(calls) == with_cfg // 2 and result.psnr_db > 0
     with pytest.raises(ValueError, match="'guidance', which WanPipeline does not take; it takes .*guidance_scale"):
         run_compare(args("--call-kwargs", '{"guidance": 1.0}'), config, pipe=tiny_pipe)
+    with pytest.raises(ValueError, match=r"'guidance_scal', which WanPipeline .* \(did you mean 'guidance_scale'\?\)"):
+        run_compare(args("--call-kwargs", '{"guidance_scal": 1.0}'), config, pipe=tiny_pipe)
     with pytest.raises(ValueError, match=r"'num_inference_steps', which the command sets itself: use its option \(--steps\)"):
         run_compare(args("--call-kwargs", '{"num_inference_steps": 3}'), config, pipe=tiny_pipe)
     for bad in ("{guidance_scale: 1}", "[1, 2]"):
