@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from .runtime import (
     SparseContextHook,
     SparseRuntime,
     StepClock,
+    pipeline_timestep,
     register_context_hook,
     remove_context_hook,
     tally,
@@ -161,10 +162,8 @@ def _with_pipeline_timestep(read_call, pipeline):
 
     def read(transformer, args, kwargs):
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
-        current = getattr(pipeline, "_current_timestep", None)
-        if current is None:
-            current = getattr(getattr(pipeline, "guider", None), "_timestep", None)
-        return (layout, timestep if current is None else torch.as_tensor(current), *token_order)
+        current = pipeline_timestep(pipeline)
+        return (layout, timestep if current is None else current, *token_order)
 
     return read
 
@@ -261,10 +260,23 @@ def stats(pipe_or_transformer, since_apply: bool = False) -> SparseStats:
         >>> diffsparse.stats(pipe).layers
         []
     """
-    handles = _handles(pipe_or_transformer)
-    if not handles:
+    transformers, _ = find_transformers(pipe_or_transformer)
+    if not _handles(pipe_or_transformer):
         raise ValueError("diffsparse is not applied to this pipeline or transformer; call diffsparse.apply first")
-    return handles[0].stats(since_apply)
+    # Each transformer of a pipeline under its component name, from whichever handle it has (the experts can be
+    # applied one by one, a config each, and a handle of a lone transformer calls it "transformer"); a transformer
+    # asked about alone under the name its handle gives it.
+    layers, calls = [], {}
+    for name, transformer in transformers.items():
+        handle = getattr(transformer, _HANDLE_ATTR, None)
+        if handle is None:
+            continue
+        own_name = next(key for key, module in handle._transformers.items() if module is transformer)
+        label = own_name if isinstance(pipe_or_transformer, torch.nn.Module) else name
+        part = handle.stats(since_apply)
+        layers += [replace(s, transformer=label) for s in part.layers if s.transformer == own_name]
+        calls[label] = part.calls[own_name]
+    return SparseStats(layers, calls)
 
 
 @contextlib.contextmanager

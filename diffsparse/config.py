@@ -6,6 +6,7 @@ import ast
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from .kernels import BACKENDS
 from .patterns import Pattern, Searched, SearchedWindows, TokenOrder, get_pattern
@@ -45,9 +46,10 @@ def parse_dense_layers(text: str) -> int | list[int]:
 
 
 def resolve_step_count(value: StepCount, num_steps: int) -> int:
-    """Number of steps that `value` (an int, or a fraction of `num_steps`) stands for; fractions round half up."""
+    """Number of steps that `value` (an int, or a fraction of `num_steps`) stands for; fractions round half up, on
+    the decimal the user wrote: 0.29 of 50 steps is 14.5, so 15 (in binary floating point 0.29 * 50 is just below)."""
     if isinstance(value, float):
-        return math.floor(value * num_steps + 0.5)
+        return math.floor(Fraction(str(float(value))) * num_steps + Fraction(1, 2))
     return value
 
 

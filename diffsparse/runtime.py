@@ -147,12 +147,38 @@ class StepScheduleWarning(UserWarning):
     """A call's timestep is none of the scheduler's: the step schedule (`dense_steps`) cannot be followed."""
 
 
+def pipeline_timestep(pipeline) -> torch.Tensor | None:
+    """The timestep `pipeline` is denoising at, on its scheduler's scale and at full precision: the `_current_timestep`
+    diffusers pipelines set before each transformer call, or a modular pipeline's guider's (`set_state` gets it each
+    step: Anima); `None` when it has neither (or there is no pipeline)."""
+    current = getattr(pipeline, "_current_timestep", None)
+    if current is None:
+        current = getattr(getattr(pipeline, "guider", None), "_timestep", None)
+    return None if current is None else torch.as_tensor(current)
+
+
+def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """`scheduler.timesteps` as float32 on the CPU, without a terminal timestep at sigma 0: LTX's Euler ancestral RF
+    sampler, given sigmas, lists one as long as its sigmas, and its pipelines loop over `timesteps[:-1]` (every other
+    scheduler has one sigma more than timesteps, the terminal 0 among the sigmas alone)."""
+    grid = timesteps.detach().float().cpu()
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and len(sigmas) == len(grid) > 1 and float(sigmas[-1]) == 0:
+        return grid[:-1]
+    return grid
+
+
 class StepClock:
     """Turns a call's timestep into a step index, and notices when a new denoising run starts (a pipeline call, or
     each segment, chunk or stage of pipelines that set the scheduler's timesteps anew for each).
 
     With a scheduler (the pipeline's at each call, when a pipeline is given), the step is the timestep's position
-    in `scheduler.timesteps`: the same for the cond and uncond calls and across Wan 2.2's two experts.
+    in `scheduler.timesteps`: the same for the cond and uncond calls and across Wan 2.2's two experts. A scheduler
+    of `order` 2 (Heun, KDPM2: two transformer calls per step, so `2 N - 1` timesteps for N steps) counts its
+    steps, not its timesteps; a terminal timestep at sigma 0 that the loop never runs (LTX's Euler ancestral RF
+    sampler given sigmas) is not a step. A timestep the pipeline cast to the latents' half-precision dtype (most
+    do) is matched within that dtype's rounding, through the pipeline's own full-precision `_current_timestep`
+    where the rounding could make it another step's.
     `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
     from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
     (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps
@@ -174,6 +200,7 @@ class StepClock:
         self._last_t: float | None = None
         self._step = -1
         self._off_grid: set[float] = set()  # this run's timesteps that are none of the scheduler's
+        self._order = 1  # the scheduler's transformer calls per step (`_step_at`)
         # The scheduler step this run starts at: 0, unless the pipeline skips the first ones (image- or
         # video-to-video with `strength` < 1 runs the last `int(num_inference_steps * strength)`).
         self._run_start: int | None = None
@@ -189,7 +216,12 @@ class StepClock:
             return None
         start = self._run_start or 0
         positions = torch.argmin((grid[None, :] - per_frame[0, :, None]).abs(), dim=1).tolist()
-        return tuple(max(position - start, 0) for position in positions)
+        return tuple(max(self._step_at(position) - start, 0) for position in positions)
+
+    def _step_at(self, position: int) -> int:
+        """The step of the grid's `position`: a scheduler of order 2 runs a step's second call at the next step's
+        timestep (Heun: `t0, t1, t1, t2, t2, ...`; KDPM2 an interpolated one), so `t1`'s calls count as step 1."""
+        return (position + self._order - 1) // self._order
 
     def _current_scheduler(self):
         """The pipeline's scheduler now, or the one given when there is no pipeline (or it is gone)."""
@@ -206,15 +238,27 @@ class StepClock:
             new_run = self._timesteps_ref is None or self._timesteps_ref() is not timesteps
             if new_run:
                 self._timesteps_ref = weakref.ref(timesteps)
-                self._grid = timesteps.detach().float().cpu()
+                self._grid = _denoising_timesteps(scheduler, timesteps)
+                self._order = max(int(getattr(scheduler, "order", 1) or 1), 1)
                 self._off_grid = set()
                 self._run_start = None
                 gaps = (self._grid[1:] - self._grid[:-1]).abs()
                 gaps = gaps[gaps > 0]
                 # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
                 self._tolerance = (float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)) / 4
-            step = int(torch.argmin((self._grid - t).abs()))
-            on_grid = abs(float(self._grid[step]) - t) <= self._tolerance
+            tolerance = self._tolerance
+            if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+                # Cast to the latents' bfloat16 or float16 (and maybe scaled there: FLUX's t / 1000), the timestep
+                # is off by up to a few roundings, more than the grid's spacing near t = 1000 with a large shift
+                # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there). The pipeline's own timestep, where it
+                # is this one at full precision, tells the neighbours apart.
+                tolerance += 2 * torch.finfo(timestep.dtype).eps * abs(t)
+                precise = pipeline_timestep(None if self._pipeline is None else self._pipeline())
+                if precise is not None and precise.numel() == 1 and abs(float(precise) - t) <= tolerance:
+                    t = float(precise)
+            position = int(torch.argmin((self._grid - t).abs()))
+            on_grid = abs(float(self._grid[position]) - t) <= tolerance
+            step = self._step_at(position)
             if on_grid:
                 # The highest noise level of the run so far: its first denoising step (a pass outside the steps,
                 # at timestep 0, can come before it).
@@ -226,8 +270,8 @@ class StepClock:
                 if len(self._off_grid) == 2:
                     warnings.warn(
                         f"diffsparse: transformer calls at timesteps {sorted(self._off_grid)} match none of the "
-                        f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[step]):g}, step {step} of "
-                        f"{len(self._grid)}), so the step schedule (dense_steps, dense_last_steps, correction) is not "
+                        f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[position]):g}, step {step} of "
+                        f"{self._step_at(len(self._grid) - 1) + 1}), so the step schedule (dense_steps, dense_last_steps, correction) is not "
                         "followed: either the transformer is called by a pipeline with another scheduler than the one "
                         "it was applied through (one made with from_pipe(..., scheduler=...): diffsparse.apply on "
                         "it), or the pipeline gives it its timestep on another scale than the scheduler's (please "
@@ -235,7 +279,7 @@ class StepClock:
                         StepScheduleWarning, stacklevel=2,
                     )
             start = self._run_start or 0
-            return max(step - start, 0), len(self._grid) - start, new_run
+            return max(step - start, 0), self._step_at(len(self._grid) - 1) + 1 - start, new_run
         new_run = self._last_t is None or (t < self._last_t if self._rising else t > self._last_t)
         if new_run:
             self._step = 0

@@ -68,6 +68,8 @@ def test_config_is_not_rewritten():
         (2, 0, 5, [0, 1]),
         (0.2, 0, 50, list(range(10))),
         (0.25, 0, 10, [0, 1, 2]),  # 2.5 rounds half up
+        (0.29, 0, 50, list(range(15))),  # 14.5 too, though 0.29 * 50 is just below it in binary floating point
+        (0, 0.7, 45, list(range(13, 45))),  # 31.5
         (1, 1, 5, [0, 4]),
         (0, 0.2, 10, [8, 9]),
         (10, 0, 5, [0, 1, 2, 3, 4]),

@@ -1,5 +1,8 @@
 """The per-transformer runtime: plan cache reuse, invalidation and bound; the step clock."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from diffusers.hooks.hooks import CacheContext
@@ -185,6 +188,59 @@ def test_step_clock_counts_from_the_run_s_first_step():
     assert clock.tick(torch.tensor([0.0])) == (0, 1, True)
     assert clock.tick(torch.tensor([999.0])) == (0, 3, False)
     assert clock.tick(torch.tensor([500.0])) == (1, 3, False)
+
+
+def test_step_clock_counts_steps_of_a_second_order_sampler():
+    # Heun gives the transformer two calls per step, `t0, t1, t1, t2, t2, ...` (2 N - 1 timesteps for N steps):
+    # before, positions in that list were the steps (0, 1, 1, 3, 3, ... of 2 N - 1), so `dense_last_steps` never
+    # came and fractions were taken of the wrong count.
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    scheduler = FlowMatchHeunDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    clock = StepClock(scheduler)
+    assert [clock.tick(t[None])[:2] for t in scheduler.timesteps] == [(0, 4), (1, 4), (1, 4), (2, 4), (2, 4),
+                                                                     (3, 4), (3, 4)]
+
+
+def test_step_clock_leaves_out_a_terminal_timestep_the_loop_skips():
+    # LTX's Euler ancestral RF sampler, given sigmas ending at 0, lists a timestep for the terminal sigma, and its
+    # pipelines loop over `timesteps[:-1]`: before, that step that never runs was the one `dense_last_steps` kept.
+    from diffusers import LTXEulerAncestralRFScheduler
+
+    scheduler = LTXEulerAncestralRFScheduler()
+    scheduler.set_timesteps(sigmas=[1.0, 0.9, 0.75, 0.5, 0.25, 0.0])
+    clock = StepClock(scheduler)
+    assert [clock.tick(t[None])[:2] for t in scheduler.timesteps[:-1]] == [(i, 5) for i in range(5)]
+
+
+class _Pipeline:
+    def __init__(self, scheduler):
+        self.scheduler, self._current_timestep = scheduler, None
+
+
+def test_step_clock_reads_half_precision_timesteps():
+    # Most pipelines cast the timestep to the latents' dtype before the transformer call. With HunyuanVideo's
+    # shift of 7 and 50 steps, the first timesteps are 2.9 apart and bfloat16's spacing there is 4: before, a
+    # bfloat16 run warned that its timesteps were off the scheduler's grid and read step 2 as step 1. The
+    # pipeline's own `_current_timestep` (full precision) tells neighbours apart; without one, the nearest.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 51)[:-1])
+    pipeline = _Pipeline(scheduler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepScheduleWarning)
+        for dtype, scale in ((torch.bfloat16, 1), (torch.float16, 1), (torch.bfloat16, 1000)):  # FLUX: t / 1000
+            steps, nearest = [], []
+            clock, alone = StepClock(pipeline=pipeline), StepClock(scheduler)
+            for t in scheduler.timesteps:
+                pipeline._current_timestep = t
+                given = (t[None].to(dtype) / scale).to(dtype) * scale  # as the pipeline and the adapter compute
+                steps.append(clock.tick(given)[0])
+                nearest.append(alone.tick(given)[0])
+            assert steps == list(range(50)), (dtype, scale)
+            assert max(abs(got - i) for i, got in enumerate(nearest)) <= 1, (dtype, scale)
 
 
 def _run_call(runtime, layer, layout, step, num_steps, q, k, v):

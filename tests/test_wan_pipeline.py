@@ -2,6 +2,7 @@
 
 import contextlib
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -375,6 +376,23 @@ def test_wan22_two_experts_share_the_step_index():
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
+def test_stats_of_experts_applied_one_by_one():
+    # Each expert with a config of its own: `stats(pipe)` reports both, under their component names (before, only
+    # the first handle's transformer, and both handles call their lone transformer "transformer").
+    pipe = _wan22_pipeline()
+    diffsparse.apply(pipe.transformer, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    diffsparse.apply(pipe.transformer_2, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    generate(pipe, num_inference_steps=4)
+    stats = diffsparse.stats(pipe)
+    per_expert = {name: diffsparse.stats(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    assert list(stats.calls) == ["transformer", "transformer_2"]
+    assert {s.transformer for s in stats.layers} == {"transformer", "transformer_2"}
+    for name, alone in per_expert.items():
+        assert stats.calls[name] == alone.calls["transformer"] and len(stats.calls[name]) > 0
+    assert stats.layers == [*per_expert["transformer"].layers,
+                            *[replace(s, transformer="transformer_2") for s in per_expert["transformer_2"].layers]]
+
+
 def test_applying_to_one_expert_says_the_other_is_left_dense():
     pipe = _wan22_pipeline()
     diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=0))
@@ -676,6 +694,20 @@ def test_a_scheduler_swapped_after_apply_sets_the_steps():
     assert records == [(step, step >= 3) for step in range(6) for _branch in range(2)]
     diffsparse.apply(pipe, config)
     assert torch.equal(generate(pipe, num_inference_steps=6), swapped)
+    # A second-order sampler calls the transformer twice per step (the second at the next step's timestep): the
+    # steps are its steps, so the last one's calls stay dense with dense_last_steps=1.
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=0.25,
+                                                   dense_last_steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepScheduleWarning)
+        generate(pipe, num_inference_steps=4, guidance_scale=1.0)
+    records = [(r.step, r.sparse) for r in diffsparse.stats(pipe).calls["transformer"] if r.layer == 0]
+    assert records == [(0, False), (1, True), (1, True), (2, True), (2, True), (3, False), (3, False)]
+    pipe.scheduler = UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     # A pipeline sharing the transformer with a scheduler of its own cannot be seen from the transformer: the
     # warning says what to do.
     other = WanPipeline.from_pipe(pipe, scheduler=tiny_wan_pipeline().scheduler)
