@@ -148,6 +148,8 @@ def _block_pair_geometry(layout, spatial: str, spans: tuple[tuple[int, ...], ...
             0, inverse, distance, reduce="amin"
         )
         parts.append((unique, smallest))
+    if not parts:  # queries of text tokens only (no video box): no pair to limit, every block is kept
+        parts.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
     key = torch.cat([u for u, _ in parts])
     smallest = torch.cat([m for _, m in parts])
     # Chunks may split one query block's boxes, so the same key can come from two chunks: reduce again.
@@ -331,9 +333,11 @@ class Radial(Pattern):
         # x = log2(decay), from "every width below one token" to "every window covers the frame".
         s, frames = layout.tokens_per_frame, layout.frames
         hi = math.log2(4 * s * s) + frames.bit_length() + 2
+        # ... and every frame distance kept: width(d) >= min_window, however large min_window is for the frame.
+        canvas = 1 << (s - 1).bit_length()
+        hi = max(hi, math.log2(max(self.min_window, 1) / canvas) + (frames - 1).bit_length() + 1)
         # Density grows with decay except where k = ceil(min_window / width(d)) changes: width(d) =
         # min_window / m at decay = min_window * 2**j / (P * m), for each level j = bit_length(d).
-        canvas = 1 << (s - 1).bit_length()
         levels = range(2, (frames - 1).bit_length() + 1)
         breaks = [
             math.log2(self.min_window * 2**j / (canvas * m)) for j in levels for m in range(1, frames + 1)

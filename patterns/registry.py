@@ -28,15 +28,20 @@ def _parse_call(text: str) -> tuple[str, dict]:
             return call.id, {}
         if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
             raise ValueError
-        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        if None in params:
+        names = [kw.arg for kw in call.keywords]
+        if None in names:  # `**spread`
             raise ValueError
-        return call.func.id, params
-    except (SyntaxError, ValueError):
+        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    # literal_eval raises TypeError for a literal Python cannot build ({[]: 1}), RecursionError for deep nesting.
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         raise ValueError(
             f"a pattern must be a name or a name with keyword arguments of literal values, e.g. "
             f"'searched(refresh=4)', got {text!r}"
         ) from None
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # Python refuses a repeated keyword in a call; the last value would win silently here
+        raise ValueError(f"pattern {text!r}: {repeated[0]!r} is given more than once")
+    return call.func.id, params
 
 
 def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:

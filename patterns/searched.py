@@ -333,7 +333,8 @@ def _share_budget(
     share = int(row_extra.sum()) * (1 if budget == "head" else heads)
     ranks = torch.argsort(torch.argsort(pool, dim=-1, descending=True, stable=True), dim=-1)
     chosen = ranks < share
-    chosen = rearrange(chosen, "h (t q) -> t h q", t=steps) if budget == "head" else chosen.view(steps, heads, nq)
+    # (A view, not einops: no set may grow at all, steps == 0, when the budget is at most the required blocks.)
+    chosen = chosen.view(heads, steps, nq).transpose(0, 1) if budget == "head" else chosen.view(steps, heads, nq)
     taken = chosen.sum(0)  # blocks each set adds: a prefix of its picks
     if heads != local_heads:
         taken = shard.own(taken, local_heads)

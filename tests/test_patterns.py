@@ -226,7 +226,12 @@ def test_repr_and_registry():
                        ("radial(foo=1)", r"\(foo=1\)': radial takes decay, min_window, sink, spatial; got 'foo'$"),
                        ("radial(decya=0.5)", "got 'decya' \\(did you mean 'decay'\\?\\)"),
                        ("radail", "got 'radail' \\(did you mean 'radial'\\?\\)"),
-                       ("disc(r=1)", "pattern must be one of")):
+                       ("disc(r=1)", "pattern must be one of"),
+                       # Python refuses a repeated keyword; before, the last value won silently
+                       ("radial(decay=0.5, decay=0.01)", "'decay' is given more than once"),
+                       # literals Python cannot build: before, a TypeError / RecursionError escaped the CLI's handler
+                       ("radial(decay={[]: 1})", "keyword arguments of literal values"),
+                       ("radial(decay=" + "-" * 100_000 + "1)", "keyword arguments of literal values")):
         with pytest.raises(ValueError, match=match):
             get_pattern(bad)
     with pytest.raises(ValueError, match="not both"):

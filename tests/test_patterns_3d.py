@@ -461,6 +461,11 @@ def test_at_density_edges_and_validation():
             Radial().at_density(layout, bad, 32)
     with pytest.raises(NotImplementedError, match="at_density"):
         (Radial() | Window3D()).at_density(layout, 0.5, 32)
+    # A min_window large for the frame skips frame distances up to a larger decay than the frame alone needs:
+    # before, the search stopped below it (16 frames of one token: 0.875; 8 frames, a huge window: 0.34).
+    for small, block, min_window in (((16, 1, 1), 1, 64), ((16, 2, 2), 4, 4096), ((8, 4, 4), 16, 10**6)):
+        solved = Radial(min_window=min_window).at_density(VideoLayout(*small), 1.0, block)
+        assert solved.density(VideoLayout(*small), block) == 1.0, (small, solved)
 
 
 def test_at_density_measures_each_distinct_window_once(monkeypatch):
@@ -563,9 +568,13 @@ def test_block_masks_between_token_ranges_are_the_token_reduction_of_those_range
     n = layout.num_tokens
     patterns = [Radial(decay=0.3, min_window=8), Window3D((1, 3, 3)), SpatialTemporal(),
                 Window3D((1, 2, 2)) | FrameSink(), Radial(decay=0.5, min_window=8) & Window3D((3, 5, 5)), Dense()]
+    ranges = [((48, n), (0, n)), ((20, n), (0, n)), ((0, 40), (0, 40)), ((33, 60), (5, n - 3))]
+    if layout.text_len:  # the text tokens alone, as queries or as keys (Radial raised with text queries alone)
+        text = (0, layout.text_len) if layout.text_position == "start" else (n - layout.text_len, n)
+        ranges += [(text, (0, n)), ((0, n), text)]
     for pattern in patterns:
         token = pattern.token_mask(layout, order)
-        for q_tokens, k_tokens in (((48, n), (0, n)), ((20, n), (0, n)), ((0, 40), (0, 40)), ((33, 60), (5, n - 3))):
+        for q_tokens, k_tokens in ranges:
             for block_size in (8, 16, (8, 24)):
                 found = pattern.block_mask(layout, block_size, order, q_tokens=q_tokens, k_tokens=k_tokens)
                 expected = reduce_token_mask(token[:, slice(*q_tokens), slice(*k_tokens)], block_size)

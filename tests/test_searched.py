@@ -286,6 +286,16 @@ def test_greedy_sampling_and_projection_keep_the_budget():
     assert approximate.search(q, k, v, layout, (32, 16)) == approximate.search(q, k, v, layout, (32, 16))  # seeded
 
 
+@pytest.mark.parametrize("budget", ["row", "layer", "head"])
+def test_a_budget_no_larger_than_the_required_blocks_keeps_them(budget):
+    # At 10% of 4 key blocks the budget rounds to nothing beyond the diagonal: the greedy search has no step to
+    # take. Before, budget="head" then divided by zero.
+    layout = VideoLayout(frames=4, height=4, width=4)
+    q, k, v = _qkv(layout, dim=8)
+    searched = Searched(keep=0.1, budget=budget).search(q, k, v, layout, 16)
+    assert searched.density(layout, 16) == 0.25
+
+
 def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     mass = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(0))
     required = torch.eye(10, dtype=torch.bool)
