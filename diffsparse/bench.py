@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -64,10 +65,24 @@ def _device_label(device: str) -> str:
     return f"{device} ({torch.get_num_threads()} threads)" if torch.device(device).type == "cpu" else device
 
 
+def strict_json(value, indent: int = 1) -> str:
+    """`value` as standard JSON: a float that is not finite (the PSNR of identical videos) as `null`, where Python
+    would write `Infinity`, which jq, JavaScript and strict parsers refuse."""
+
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(x) for key, x in item.items()}
+        return [finite(x) for x in item] if isinstance(item, (list, tuple)) else item
+
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
+
+
 def _write_json(result: dict, out: str | Path, name: str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    (out / name).write_text(strict_json(result) + "\n")
     print(f"wrote {out / name}")
 
 
@@ -161,7 +176,7 @@ def run_attention_bench(args) -> list[dict]:
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.heads, args.seq, args.dim)
     q, k, v = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(3))
-    densities = [float(d) for d in args.density.split(",")]
+    densities = args.density
     rows = []
     for density in tqdm(densities, desc="densities"):
         rows.append(bench_one(q, k, v, density, args.block_size, args.backend, args.repeats, generator, args.mask))

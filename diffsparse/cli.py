@@ -38,7 +38,7 @@ _non_negative = _at_least(0)
 
 def _correction(text: str) -> str | None:
     """`none` is the CLI's spelling of `SparseConfig.correction=None`; other names are checked by the config."""
-    return None if text == "none" else text
+    return None if text.strip() == "none" else text.strip()
 
 
 def _comma_list(convert, what: str):
@@ -46,7 +46,7 @@ def _comma_list(convert, what: str):
 
     def parse(text: str) -> list:
         try:
-            return [convert(x) for x in text.split(",")]
+            return [convert(x.strip()) for x in text.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
@@ -66,6 +66,17 @@ def _top_level_items(text: str) -> list[str] | None:
             items.append(text[start:i].strip())
             start = i + 1
     return items if depth == 0 and all(items) else None
+
+
+def _density(text: str) -> float:
+    """A block density in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+_densities = _comma_list(_density, "block densities in (0, 1]")
 
 
 def _json_object(text: str) -> dict:
@@ -243,10 +254,9 @@ def _run_compare(args) -> None:
     print(f"mean attention density: {r.mean_attention_density:.3f}")
     print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense, {scored_label(args)})")
     if r.lpips is None:
-        from .metrics import alexnet_weights_path
+        from .metrics import lpips_missing_reason
 
-        print(f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights; see "
-              "diffsparse.metrics.lpips)")
+        print(f"LPIPS not computed: {lpips_missing_reason((r.height, r.width))}")
     else:
         print(f"LPIPS {r.lpips:.4f}")
     print(f"wrote {r.video_path}, {r.dense_path}, {r.sparse_path} and {os.path.join(args.out, 'compare.json')}")
@@ -267,9 +277,17 @@ def _order(tile: list[int] | list[list[int]] | None):
     return None if tile == [1, 1, 1] else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
 
 
+def _tile(text: str) -> list[int]:
+    """One 3D tile, `t,h,w` (or one number for a cube); before, other counts were cut to their first number."""
+    tile = _ints(text)
+    if len(tile) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"a tile is t,h,w (three positive integers) or one for a cube, got {text!r}")
+    return tile
+
+
 def _tiles(text: str) -> list[int] | list[list[int]]:
     """`t,h,w`, or several separated by `/` (the layers cycle through them)."""
-    tiles = [_ints(part) for part in text.split("/")]
+    tiles = [_tile(part) for part in text.split("/")]
     return tiles[0] if len(tiles) == 1 else tiles
 
 
@@ -290,7 +308,7 @@ def _add_masks(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_token_grid(p)
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
-    p.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
+    p.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
     p.add_argument("--head", type=_non_negative, default=0,
                    help="which head to draw, for patterns that differ per head")
@@ -396,21 +414,22 @@ def _add_bench(sub) -> None:
     _add_token_grid(d, several_frame_counts=True)
     d.add_argument("--pattern", type=_pattern_list, default=["radial", "window3d"],
                    help="comma-separated patterns, each a " + PATTERN_HELP)
-    d.add_argument("--tile", type=_ints, default=None, help="3D tile order t,h,w (default: frame-major)")
+    d.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
     d.add_argument("--out", default="outputs", help="folder for bench_density.png")
     m = bench.add_parser("permute", help="3D tile permutation cost as a share of one sparse attention call",
                          formatter_class=defaults)
     _add_token_grid(m)
     _add_kernel_run(m, dim=128, dtype="bf16", repeats=3)
     m.set_defaults(heads=12)
-    m.add_argument("--tile", type=_ints, default=[1, 8, 16], help="3D tile order t,h,w")
+    m.add_argument("--tile", type=_tile, default=[1, 8, 16], help="3D tile order t,h,w")
     m.add_argument("--pattern", default="window3d", help=PATTERN_HELP)
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors",
                          formatter_class=defaults)
     _add_kernel_run(a, dim=64, dtype="fp32", repeats=5)
     a.add_argument("--seq", type=_positive, default=16384, help="tokens per sequence")
     a.add_argument("--batch", type=_positive, default=1, help="batch size")
-    a.add_argument("--density", default="0.1,0.25,0.5", help="comma-separated target block densities")
+    a.add_argument("--density", type=_densities, default=[0.1, 0.25, 0.5],
+                   help="comma-separated target block densities, each in (0, 1]")
     a.add_argument("--block-size", type=_positive, default=128, help="tokens per block side")
     a.add_argument("--mask", default="random",
                    help="random, or a pattern name solved for each density (radial, window3d)")
@@ -506,6 +525,35 @@ def _run_demo(args) -> None:
     run_demo(args)
 
 
+def _check_device(device: str | None) -> None:
+    """`--device` names a torch device that is here, before anything loads (torch's own errors came as tracebacks,
+    some after minutes of loading)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r}: not a torch device; e.g. cpu, cuda, cuda:1, mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if kind in available and not available[kind]():
+        raise ValueError(f"device={device!r}: this machine has no {kind} device (torch.{kind} is not available)")
+
+
+def _make_out(out: str | None) -> None:
+    """The `--out` folder, made before the work so that an unusable path fails at once, not after the runs."""
+    if out is None:
+        return
+    from pathlib import Path
+
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"out={out!r}: cannot be used as the output folder ({error.strerror or error})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsparse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffsparse {__version__}")
@@ -531,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _run_demo,
     }
     try:
+        _check_device(getattr(args, "device", None))
+        _make_out(getattr(args, "out", None))
         commands[args.command](args)
     except ValueError as error:
         # diffsparse's ValueErrors name the bad setting and what is allowed: a usage error, not a crash.

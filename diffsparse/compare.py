@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import sparse
-from .bench import DTYPES
+from .bench import DTYPES, strict_json
 from .config import SparseConfig
 from .metrics import lpips, lpips_weights, psnr, ssim
 from .patterns.registry import did_you_mean
@@ -131,7 +131,7 @@ def load_pipeline(
         # meta tensor"), and offloading to the CPU from the CPU saves nothing.
         raise ValueError(f"offload='sequential' offloads to the CPU from an accelerator; got device={device!r}")
     if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if model is None:
         return _place(testbed.load(dtype=dtype), device, offload, vae_tiling)
     index = Path(model) / "model_index.json"
@@ -569,7 +569,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
     check_two_stage(args)
-    weights = lpips_weights(getattr(args, "lpips_weights", None))
+    # A given file that is not there, or frames too small for it: before loading.
+    lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
@@ -587,6 +588,10 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
             sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress, first_frame)
             call_stats = handle.stats(since_apply=True)  # every segment of a pipeline that runs several
     scored = scored_frames(args)
+    # Scored before anything is written: a score that fails leaves no videos beside an earlier run's compare.json.
+    weights = lpips_weights(getattr(args, "lpips_weights", None), frame_size=dense.shape[1:3])
+    psnr_db, ssim_score = psnr(sparse_frames[scored], dense[scored]), ssim(sparse_frames[scored], dense[scored])
+    lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path = out_dir / "compare.mp4"
@@ -614,9 +619,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         sparse_denoise_seconds=sparse_denoise,
         denoise_speedup=dense_denoise / sparse_denoise,
         mean_attention_density=call_stats.mean_density,
-        psnr_db=psnr(sparse_frames[scored], dense[scored]),
-        ssim=ssim(sparse_frames[scored], dense[scored]),
-        lpips=None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights),
+        psnr_db=psnr_db,
+        ssim=ssim_score,
+        lpips=lpips_score,
         video_path=str(video_path),
         image_path=None if image_path is None else str(image_path),
         dense_path=str(dense_path),
@@ -626,6 +631,6 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
     )
-    (out_dir / "compare.json").write_text(json.dumps(asdict(result), indent=2))
+    (out_dir / "compare.json").write_text(strict_json(asdict(result), indent=2))
     print(call_stats)
     return result

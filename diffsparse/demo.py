@@ -20,6 +20,7 @@ from .compare import (
     takes_image,
 )
 from .config import CORRECTIONS, SparseConfig, parse_dense_layers
+from .metrics import lpips_missing_reason
 from .patterns import PATTERNS
 
 # The form's choices; `"none"` is the form's spelling of `SparseConfig.correction=None`.
@@ -96,7 +97,8 @@ def compare_once(
         call_kwargs=call_kwargs,
     )
     result = run_compare(args, config, pipe=pipe)
-    lpips_text = "not computed (no AlexNet weights)" if result.lpips is None else f"{result.lpips:.4f}"
+    lpips_text = (f"not computed ({lpips_missing_reason((result.height, result.width))})" if result.lpips is None
+                  else f"{result.lpips:.4f}")
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
     speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
     quality = f"Sparse vs dense, {scored_label(args)}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."

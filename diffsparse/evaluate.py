@@ -35,7 +35,7 @@ from .compare import (
     synchronize_accelerators,
 )
 from .config import SparseConfig
-from .metrics import alexnet_weights_path, lpips, lpips_weights, psnr, ssim
+from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
 from .pipelines import adapter_for, find_transformers
 
 PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
@@ -110,14 +110,8 @@ def run_eval(args) -> list[EvalRow]:
     `eval.csv` into `args.out`."""
     check_two_stage(args)
     prompts = eval_prompts(args)
-    weights = lpips_weights(args.lpips_weights)
-    pipe = load_pipeline_for(args)
-    fill_call_defaults(args, pipe)
-    check_two_stage(args)  # again: the frame count may have been the model's default
-    cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))
-    # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
-    stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
-    scored = scored_frames(args)
+    lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
+    # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
     configs = [
         SparseConfig(
             pattern=name,
@@ -132,6 +126,15 @@ def run_eval(args) -> list[EvalRow]:
             args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
         )
     ]
+    pipe = load_pipeline_for(args)
+    fill_call_defaults(args, pipe)
+    check_two_stage(args)  # again: the frame count may have been the model's default
+    # Frames smaller than LPIPS takes: scored without it (or, with --lpips-weights, refused before generating).
+    weights = lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))
+    cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))
+    # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
+    stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
+    scored = scored_frames(args)
     with_lpips = weights is not None
     progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
     # Untimed warm-ups of both paths, so that no configuration's time ratio carries the first sparse call's
@@ -240,7 +243,7 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     )
     lines += ["", timing]
     if not with_lpips:
-        lines += ["", f"LPIPS not computed: no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights)."]
+        lines += ["", f"LPIPS not computed: {lpips_missing_reason((args.height, args.width))}."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")

@@ -91,19 +91,39 @@ def alexnet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def lpips_weights(path: str | os.PathLike | None = None) -> Path | None:
+LPIPS_MIN_SIZE = 32  # AlexNet's pooling needs frames of at least 32 x 32 pixels
+
+
+def _too_small_for_lpips(frame_size) -> bool:
+    return frame_size is not None and None not in frame_size and min(frame_size) < LPIPS_MIN_SIZE
+
+
+def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, int] | None = None) -> Path | None:
     """The AlexNet checkpoint LPIPS scores with: `path` when given (a missing file is a `ValueError`: LPIPS was
     asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds one, else `None` (scores go
-    without LPIPS, saying so)."""
+    without LPIPS, saying so: `lpips_missing_reason`). `frame_size`, (height, width) in pixels when known: frames smaller
+    than LPIPS takes get `None` too, or a `ValueError` when `path` asked for LPIPS."""
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(
                 f"lpips_weights={str(path)!r}: no such file (torchvision's AlexNet checkpoint, "
                 f"{alexnet_weights_path().name})"
             )
+        if _too_small_for_lpips(frame_size):
+            raise ValueError(f"lpips_weights={str(path)!r}: LPIPS (AlexNet) needs frames of at least "
+                             f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got {frame_size[0]}x{frame_size[1]}")
         return Path(path)
     default = alexnet_weights_path()
-    return default if default.is_file() else None
+    return default if default.is_file() and not _too_small_for_lpips(frame_size) else None
+
+
+def lpips_missing_reason(frame_size: tuple[int, int] | None = None) -> str:
+    """Why a run has no LPIPS score (`lpips_weights` gave `None`): its frames are too small, or there are no
+    weights in the torch hub cache."""
+    if _too_small_for_lpips(frame_size):
+        return (f"frames of {frame_size[0]}x{frame_size[1]} pixels, LPIPS (AlexNet) needs at least "
+                f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}")
+    return f"no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights; see diffsparse.metrics.lpips)"
 
 
 @lru_cache(maxsize=2)
@@ -153,8 +173,9 @@ def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> fl
         0.0
     """
     a, b = _paired(video, reference)
-    if min(a.shape[1:3]) < 32:
-        raise ValueError(f"LPIPS (AlexNet) needs frames of at least 32x32 pixels, got {a.shape[1:3]}")
+    if min(a.shape[1:3]) < LPIPS_MIN_SIZE:
+        raise ValueError(f"LPIPS (AlexNet) needs frames of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got "
+                         f"{a.shape[1:3]}")
     model = _lpips_model(str(weights_path or alexnet_weights_path()))
 
     def to_input(frames):  # (F, H, W, C) in [0, 1] -> (F, 3, H, W) in [-1, 1]

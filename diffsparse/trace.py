@@ -111,11 +111,15 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import fill_call_defaults, generation_kwargs, load_pipeline_for
+    from .compare import fill_call_defaults, generation_kwargs, load_pipeline_for, seeded_global_generator
 
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
-    traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
+    with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one
+        traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
+    if not traced:
+        raise ValueError(f"nothing to trace: every self-attention call ran the original dense attention under "
+                         f"{config!r} (a dense pattern, or dense steps or layers covering the whole run)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trace.csv", "w", newline="") as f:

@@ -115,7 +115,11 @@ def attention(
         if op is not None:
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
             indices, counts = (t.to(q.device).contiguous() for t in (plan.kv_indices, plan.kv_counts))
-            out, lse = op(q, k, v, indices, counts, plan.block_q, plan.block_k, scale)
+            # A single block longer than its sequence is the sequence: the kernel's per-block scratch is sized by
+            # the block (a 100,000-token block over 320 tokens asked for 40 GB of it).
+            block_q = min(plan.block_q, plan.q_len) if plan.num_q_blocks == 1 else plan.block_q
+            block_k = min(plan.block_k, plan.kv_len) if plan.num_kv_blocks == 1 else plan.block_k
+            out, lse = op(q, k, v, indices, counts, block_q, block_k, scale)
             return out, lse if return_lse else None
 
     batch, heads, _, head_dim = q.shape

@@ -97,6 +97,41 @@ def test_counts_and_sizes_below_their_bound_are_usage_errors(argv, capsys):
     assert "must be at least 1, got " in err and "Traceback" not in err
 
 
+def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_path, capsys, monkeypatch):
+    # Each ended in a traceback, some after the model loaded or both videos were generated, or ran on silently.
+    from diffsparse import compare
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model before refusing the setting")
+
+    monkeypatch.setattr(compare, "load_pipeline", no_loading)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in (
+        (["compare", "--device", "gpu"], "device='gpu': not a torch device"),
+        (["bench", "attention", "--device", "gpu"], "device='gpu': not a torch device"),
+        (["compare", "--out", str(a_file)], f"out='{a_file}': cannot be used as the output folder"),
+        (["eval", "--out", str(a_file / "sub")], "cannot be used as the output folder"),
+        (["compare", "--tile", "2,8"], "a tile is t,h,w (three positive integers) or one for a cube, got '2,8'"),
+        (["masks", "--tile", "2,8,8,4"], "a tile is t,h,w"),
+        (["bench", "attention", "--density", "nan,2"], "expected comma-separated block densities in (0, 1]"),
+        (["eval", "--pattern", "nosuch"], "pattern must be one of"),  # checked before the model loads
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["compare", "--device", "cuda"])
+        assert "device='cuda': this machine has no cuda device" in capsys.readouterr().err
+    # Spaces after the commas, as the other lists take them.
+    assert build_parser().parse_args(["eval", "--correction", "none, residual"]).correction == [None, "residual"]
+    # CPU devices by index load in float32 as "cpu" does.
+    monkeypatch.undo()
+    assert compare.weights_dtype(compare.load_pipeline(None, "cpu:0")) == "fp32"
+
+
 def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsys):
     # Offline (conftest sets HF_HUB_OFFLINE) a hub id outside the cache, and a folder without model_index.json.
     for model in ("diffsparse-tests/not-cached", str(tmp_path)):
@@ -219,6 +254,36 @@ def test_timed_runs_wait_for_the_gpu_before_reading_the_clock(tmp_path, monkeypa
                  "--out", str(tmp_path)]) == 0
     # Every timed attention call is closed by a synchronisation (two per call), and every run (two each).
     assert calls.count("eval") > 2 * 3 * 2 * 2 and calls.count("compare") == 0
+
+
+def test_identical_videos_write_standard_json(tmp_path):
+    # The PSNR of identical videos is infinite: Python wrote `Infinity`, which strict JSON readers refuse.
+    args = ["compare", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32", "--pattern", "dense"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert result["psnr_db"] is None and result["ssim"] == 1.0
+
+
+def test_frames_too_small_for_lpips_are_scored_without_it_or_refused_when_it_was_asked_for(tmp_path, capsys,
+                                                                                           monkeypatch):
+    # AlexNet needs 32 x 32 pixels. With the weights in the torch cache, a 16-pixel run failed after generating
+    # both videos; now it goes without LPIPS and says why. Asked for with --lpips-weights: refused before loading.
+    from diffsparse import compare, metrics
+
+    cache = tmp_path / "alexnet.pth"
+    cache.write_bytes(b"never read")
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: cache)
+    small = ["--steps", "2", "--frames", "5", "--height", "16", "--width", "16", "--block-size", "16"]
+    assert main(["compare", *small, "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["lpips"] is None
+    assert "LPIPS not computed: frames of 16x16 pixels, LPIPS (AlexNet) needs at least 32x32" in capsys.readouterr().out
+    assert main(["eval", *small, "--prompts", "1", "--pattern", "window3d", "--out", str(tmp_path / "e")]) == 0
+    assert "LPIPS not computed: frames of 16x16 pixels" in (tmp_path / "e" / "eval.md").read_text()
+    monkeypatch.setattr(compare, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded"))
+    for command in ("compare", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, *small, "--lpips-weights", str(cache)])
+        assert "needs frames of at least 32x32 pixels, got 16x16" in capsys.readouterr().err
 
 
 def test_compare_and_eval_score_lpips_with_the_weights_given(tmp_path, capsys):

@@ -378,6 +378,19 @@ def test_compiled_cpu_kernel_builds_and_runs(cpu_kernel):
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("block_size", [(10**6, 10**6), (10**6, 64), (64, 10**6)])
+def test_a_block_longer_than_the_sequence_is_the_sequence(block_size, cpu_kernel):
+    # One block over the whole sequence is dense attention; the compiled kernel sized its scratch by the block
+    # (`--block-size 100000` on 320 tokens: std::bad_alloc asking for 40 GB).
+    q, k, v = _inputs(1, 2, 320, 320)
+    nq, nk = (-(-320 // size) for size in block_size)
+    plan = make_plan(torch.ones(1, 1, nq, nk, dtype=torch.bool), 320, 320, block_size)
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=0, atol=2e-5)
+
+
 def test_bad_cpu_kernel_mode(monkeypatch):
     monkeypatch.setenv(cpu_native.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=r"DIFFSPARSE_CPU_KERNEL must be one of .*'fast'"):

@@ -51,3 +51,7 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     assert "| step | call | density | error |" in printed and "order=tiles(1,2,2)" in printed
     assert "| layer | sparse calls | density | error | error at its first sparse step |" in printed
     assert "| 1 | 4 |" in printed  # layer 1: 2 sparse steps x 2 CFG branches
+    # A configuration with no sparse call has nothing to trace: said so, not an empty table and a blank plot.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:-2], "--dense-steps", "3", "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 2 and "nothing to trace" in capsys.readouterr().err
