@@ -93,7 +93,7 @@ class Union(_Composed):
         >>> from diffsparse.patterns import Radial, VideoLayout, Window3D
         >>> pattern = Radial(decay=0.1, min_window=16) | Window3D((3, 8, 8))
         >>> pattern
-        (radial(decay=0.1, min_window=16, sink=False) | window3d(t=3, h=8, w=8))
+        (radial(decay=0.1, min_window=16, sink=False) | window3d(window=(3, 8, 8)))
         >>> layout = VideoLayout(frames=8, height=16, width=16)
         >>> bool((pattern.block_mask(layout, 64) >= Window3D((3, 8, 8)).block_mask(layout, 64)).all())
         True
@@ -140,7 +140,7 @@ class Intersection(_Composed):
         >>> from diffsparse.patterns import Radial, VideoLayout, Window3D
         >>> pattern = Radial(decay=0.1, min_window=16) & Window3D((5, 8, 8))
         >>> pattern
-        (radial(decay=0.1, min_window=16, sink=False) & window3d(t=5, h=8, w=8))
+        (radial(decay=0.1, min_window=16, sink=False) & window3d(window=(5, 8, 8)))
         >>> layout = VideoLayout(frames=8, height=16, width=16)
         >>> from diffsparse.patterns import reduce_token_mask
         >>> torch.equal(pattern.block_mask(layout, 64), reduce_token_mask(pattern.token_mask(layout), 64))

@@ -57,7 +57,7 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
         >>> get_pattern("radial", decay=0.2)
         radial(decay=0.2, min_window=64, sink=False)
         >>> get_pattern("window3d")
-        window3d(t=3, h=8, w=8)
+        window3d(window=(3, 8, 8))
         >>> get_pattern("radial(decay=0.5, sink=True)")
         radial(decay=0.5, min_window=64, sink=True)
         >>> get_pattern(Dense())

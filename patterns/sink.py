@@ -22,7 +22,7 @@ class FrameSink(Pattern):
         >>> from diffsparse.patterns import FrameSink, VideoLayout, Window3D
         >>> pattern = Window3D((1, 2, 2)) | FrameSink()
         >>> pattern
-        (window3d(t=1, h=2, w=2) | sink(frames=1))
+        (window3d(window=(1, 2, 2)) | sink(frames=1))
         >>> pattern.block_mask(VideoLayout(frames=4, height=4, width=4), 16)[0, :, 0].all().item()
         True
     """

@@ -65,7 +65,7 @@ class Window3D(Pattern):
     Example:
         >>> from diffsparse.patterns import VideoLayout, Window3D
         >>> Window3D((3, 8, 8))
-        window3d(t=3, h=8, w=8)
+        window3d(window=(3, 8, 8))
         >>> per_head = Window3D([(3, 8, 8), (1, 16, 16)])
         >>> per_head.block_mask(VideoLayout(frames=8, height=16, width=16), 128).shape
         torch.Size([2, 16, 16])
@@ -96,11 +96,9 @@ class Window3D(Pattern):
         return len(self.windows) if isinstance(self.window[0], tuple) else 1
 
     def __repr__(self) -> str:
+        # The constructor's own keywords, so that the repr an eval table prints works as `--pattern` again.
         stride = "" if self.stride == (1, 1, 1) else f", stride={self.stride!r}"
-        if self.num_heads > 1 or isinstance(self.window[0], tuple):
-            return f"{self.name}(window={self.window!r}{stride})"
-        t, h, w = self.window
-        return f"{self.name}(t={t}, h={h}, w={w}{stride})"
+        return f"{self.name}(window={self.window!r}{stride})"
 
     def _axis(self, axis: int, ndim: int) -> torch.Tensor:
         """The window along `axis` per head, shaped `(heads, 1, ..., 1)` to broadcast over `ndim` dims."""

@@ -237,6 +237,11 @@ def test_repr_and_registry():
     with pytest.raises(ValueError, match="not both"):
         get_pattern("radial(decay=0.5)", sink=True)
     assert isinstance(custom, Pattern)
+    # What a table prints is a `--pattern` again (Window3D printed t=, h=, w=, which its constructor does not take).
+    for pattern in (Dense(), Radial(decay=0.5, sink=True, spatial="box"), Window3D(), Window3D((2, 4, 4), stride=2),
+                    Window3D([(1, 2, 2), (3, 3, 3)]), SpatialTemporal(frames=2), Searched(keep=0.3, refresh=4),
+                    Searched(criterion="pooled", top_p=0.9), SearchedWindows(keep=0.3, stride=2)):
+        assert get_pattern(repr(pattern)) == pattern, pattern
 
 
 def test_render_writes_png(tmp_path):

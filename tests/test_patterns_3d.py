@@ -272,8 +272,8 @@ def test_window3d_validation(kwargs, field):
 
 
 def test_window3d_repr_registry_and_hashing():
-    assert repr(Window3D()) == "window3d(t=3, h=8, w=8)"
-    assert repr(Window3D(4, stride=(1, 2, 2))) == "window3d(t=4, h=4, w=4, stride=(1, 2, 2))"
+    assert repr(Window3D()) == "window3d(window=(3, 8, 8))"
+    assert repr(Window3D(4, stride=(1, 2, 2))) == "window3d(window=(4, 4, 4), stride=(1, 2, 2))"
     assert repr(Window3D([(3, 8, 8), (1, 16, 16)])) == "window3d(window=((3, 8, 8), (1, 16, 16)))"
     assert Window3D([3, 8, 8]) == Window3D((3, 8, 8)) and Window3D(4) == Window3D((4, 4, 4))
     assert len({Window3D(), Window3D((3, 8, 8)), Window3D([(3, 8, 8), (1, 16, 16)])}) == 2
