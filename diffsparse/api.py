@@ -102,6 +102,9 @@ class SparseHandle:
                 module: adapter.make_processor(module.processor, self.runtimes[name], layer)
                 for layer, module in adapter.self_attention_modules(transformer)
             }))
+        _check_dense_layers(self.config.dense_layers, {
+            name: [processor.layer for processor in processors.values()] for name, _, _, processors in made
+        })
         # Only now that every layer of every transformer was accepted, swap: a refused layer leaves them untouched.
         for name, transformer, adapter, processors in made:
             runtime = self.runtimes[name]
@@ -152,6 +155,19 @@ class SparseHandle:
                 mean_density = density_sum / sparse_calls if sparse_calls else None
                 layers.append(LayerStats(name, layer, dense_calls, sparse_calls, mean_density, dense_step_calls))
         return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
+
+
+def _check_dense_layers(dense_layers, layers: dict[str, list[int]]) -> None:
+    """A listed block that no transformer has is a typo that would leave the block meant dense sparse (one that
+    only some have is fine: the experts of a pipeline may differ in depth)."""
+    present = {layer for indices in layers.values() for layer in indices}
+    if isinstance(dense_layers, int) or not present:
+        return
+    missing = sorted(set(dense_layers) - present)
+    if missing:
+        blocks = ", ".join(f"{name} {min(indices)}..{max(indices)}" for name, indices in layers.items() if indices)
+        raise ValueError(f"SparseConfig.dense_layers={list(dense_layers)!r}: no transformer has block {missing[0]} "
+                         f"(self-attention blocks: {blocks})")
 
 
 def _with_pipeline_timestep(read_call, pipeline):

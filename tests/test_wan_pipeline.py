@@ -238,6 +238,11 @@ def test_radial_schedule_dense_exactly_at_first_step_and_layer(tiny_pipe):
     for r in records:
         assert r.sparse == (r.step > 0 and r.layer > 0), r
         assert r.density < 1.0 if r.sparse else r.density == 1.0
+    # A listed block the model does not have (a typo for the one meant dense) is refused; what was applied stays.
+    with pytest.raises(ValueError, match=r"dense_layers=\[0, 2\]: no transformer has block 2 \(self-attention "
+                                         r"blocks: transformer 0..1\)"):
+        diffsparse.apply(tiny_pipe, replace(config, dense_layers=[0, 2]))
+    assert tiny_pipe.transformer._diffsparse_handle.config is config
     assert {r.branch for r in records} == {"cond", "uncond"}
     by_layer = {s.layer: s for s in stats.layers}
     assert (by_layer[0].dense_calls, by_layer[0].sparse_calls) == (6, 0)
