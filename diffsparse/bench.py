@@ -451,6 +451,8 @@ def run_pipeline_bench(args, config) -> dict:
         "prompt": prompt_passed(pipe, args.prompt),
         "seed": args.seed,
         "call_kwargs": args.call_kwargs,
+        "image": getattr(args, "image", None),
+        "vae_tiling": bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
         "device": _device_label(args.device),
         "dtype": weights_dtype(pipe),
         "offload": offload_mode(pipe),

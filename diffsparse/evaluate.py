@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -232,6 +233,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         header,
         "",
         "Prompts: " + "; ".join(f'"{prompt}"' for prompt in prompts),
+        *(["", f"Image: {args.image}"] if getattr(args, "image", None) else []),
+        *(["", f"Call arguments: {json.dumps(args.call_kwargs)}"] if getattr(args, "call_kwargs", None) else []),
         "",
         "| " + " | ".join(fields) + " |",
         "|" + "---|" * len(fields),

@@ -318,6 +318,10 @@ def test_vae_tiling_tiles_the_pipelines_vae(tiny_pipe, tmp_path):
     assert main([*args, "--call-kwargs", '{"guidance_scale": 3.0}', "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert result["vae_tiling"] is True and result["call_kwargs"] == {"guidance_scale": 3.0}
+    # eval's table says which call arguments its videos had (a guidance scale changes every number in it).
+    assert main(["eval", *args[1:-1], "--prompts", "1", "--pattern", "window3d", "--call-kwargs",
+                 '{"guidance_scale": 3.0}', "--out", str(tmp_path / "eval")]) == 0
+    assert 'Call arguments: {"guidance_scale": 3.0}' in (tmp_path / "eval" / "eval.md").read_text()
 
 
 def test_masks_and_density_bench(tmp_path, capsys):
@@ -364,7 +368,8 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     result = json.loads((tmp_path / "bench_pipeline.json").read_text())
     pairs = result["pairs"]
     assert len(pairs) == 2 and result["repeats"] == 2
-    assert (result["prompt"], result["seed"], result["call_kwargs"]) == ("a red circle moving left", 0, None)
+    assert (result["prompt"], result["seed"], result["call_kwargs"], result["image"], result["vae_tiling"]) == (
+        "a red circle moving left", 0, None, None, False)
     assert result["speedup"] == statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs)
     # Step 0 dense, step 1 sparse: the work is the mean of 1.0 and the sparse step's density.
     assert result["sparse_step_density"] < 1
