@@ -32,6 +32,18 @@ def _at_least(minimum: int):
     return parse
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators take (`manual_seed`: a 64-bit value); before, a larger one ended the run with
+    "Overflow when unpacking long long", naming no option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits (-2**63 to 2**64 - 1), got {value}")
+    return value
+
+
 _positive = _at_least(1)
 _non_negative = _at_least(0)
 
@@ -200,7 +212,7 @@ def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str
     _add_model_and_video(p)
     _add_sparse_config(p)
     p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=_seed, default=0, help=seed_help)
     p.add_argument("--out", default="outputs", help=out_help)
     return p
 
@@ -377,7 +389,7 @@ def _add_eval(sub) -> None:
                    help="how many prompts: the first N of --prompt-file's or of the three fixed ones (default: every "
                         "prompt of --prompt-file, else 2)")
     p.add_argument("--seeds", type=_positive, default=1, help="how many seeds per prompt")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seed", type=_seed, default=0, help="the first seed")
     p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
     _add_lpips_weights(p)
     add_two_stage_options(p, "testbed models: every run of a (prompt, seed) starts from one still sampled from the "
@@ -402,7 +414,7 @@ def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool =
     if sparse_kernel:
         p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
     p.add_argument("--repeats", type=_positive, default=repeats, help="timed runs per measurement (the median is kept)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tensors and masks")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random tensors and masks")
 
 
 def _add_bench(sub) -> None:
@@ -458,7 +470,7 @@ def _add_bench(sub) -> None:
     _add_model_and_video(e)
     _add_sparse_config(e)
     e.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    e.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every run)")
+    e.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise (the same for every run)")
     e.add_argument("--repeats", type=_positive, default=3, help="timed dense/sparse pairs (the medians are kept)")
     e.add_argument("--out", default="outputs", help="folder for bench_pipeline.json")
 

@@ -2,13 +2,19 @@
 
 import logging
 import math
+import warnings
 from types import MappingProxyType
 
 import torch
 
 from . import cpu, reference
 from .plan import BlockSparsePlan, needs_grad
-from .triton_block_sparse import triton_available, triton_block_sparse_attention
+from .triton_block_sparse import (
+    MAX_HEAD_DIM,
+    SUPPORTED_BLOCK_SIZES,
+    triton_available,
+    triton_block_sparse_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,13 @@ BACKENDS = MappingProxyType({"reference": reference.attention, "cpu": cpu.attent
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def choose_backend(device: torch.device | str, requested: str = "auto", needs_grad: bool = False) -> str:
+def choose_backend(
+    device: torch.device | str,
+    requested: str = "auto",
+    needs_grad: bool = False,
+    plan: BlockSparsePlan | None = None,
+    head_dim: int | None = None,
+) -> str:
     r"""
     Pick the backend for tensors on `device`, saying why the others were not chosen.
 
@@ -47,6 +59,9 @@ def choose_backend(device: torch.device | str, requested: str = "auto", needs_gr
         needs_grad (`bool`, *optional*, defaults to `False`): Whether autograd will differentiate the output
             (training through the sparse attention, e.g. a LoRA): `"auto"` then leaves out `"triton"`, which has
             no backward pass.
+        plan (`BlockSparsePlan`, *optional*), head_dim (`int`, *optional*): the call's; `"auto"` leaves out
+            `"triton"` for blocks other than 64 or 128 tokens or head dims above 256, which its kernel does not
+            take, with a warning (the torch-ops path computes the same, more slowly).
 
     Returns:
         `str`: A key of `BACKENDS`.
@@ -74,12 +89,29 @@ def choose_backend(device: torch.device | str, requested: str = "auto", needs_gr
         logger.debug("backend 'triton' not chosen: the inputs need gradients and it has no backward pass")
     elif device.type == "cuda":
         ok, why = triton_available(device)
-        if ok:
+        refused = _triton_refuses(plan, head_dim) if ok else None
+        if ok and refused is None:
             return "triton"
-        logger.debug(f"backend 'triton' not chosen: {why}; using the portable 'cpu' backend")
+        if refused is not None:
+            warnings.warn(
+                f"diffsparse: backend='auto' runs {refused} on the torch-ops path, slower than the Triton kernel, "
+                f"which takes blocks of {' or '.join(map(str, SUPPORTED_BLOCK_SIZES))} tokens and head dims up to "
+                f"{MAX_HEAD_DIM} (SparseConfig.block_size=64 or 128 for its speed)",
+                stacklevel=3,
+            )
+        logger.debug(f"backend 'triton' not chosen: {refused or why}; using the portable 'cpu' backend")
     else:
         logger.debug(f"backend 'triton' not chosen: auto picks it for CUDA tensors only, got {device.type}")
     return "cpu"
+
+
+def _triton_refuses(plan: BlockSparsePlan | None, head_dim: int | None) -> str | None:
+    """What of this call the Triton kernel does not take (its block sizes, its head dim), or `None`."""
+    if plan is not None and not {plan.block_q, plan.block_k} <= set(SUPPORTED_BLOCK_SIZES):
+        return f"blocks of {plan.block_q} x {plan.block_k} tokens"
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim}"
+    return None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan) -> None:
@@ -157,7 +189,7 @@ def block_sparse_attention(
     ```
     """
     _check_inputs(q, k, v, plan)
-    fn = BACKENDS[choose_backend(q.device, backend, needs_grad(q, k, v))]
+    fn = BACKENDS[choose_backend(q.device, backend, needs_grad(q, k, v), plan, q.shape[-1])]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = fn(q, k, v, plan, scale, return_lse)
     return (out, lse) if return_lse else out

@@ -113,7 +113,11 @@ def attention(
     if q.device.type == "cpu" and q.dtype in cpu_native.DTYPES and not differentiated:
         op = cpu_native.forward_op()
         if op is not None:
-            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+            # BLAS takes each row at stride(2) and refuses a leading dimension below D (MKL then computes nothing
+            # and the kernel read stale scores): a sequence broadcast with `expand` (stride 0), or one token whose
+            # stride is anything, is copied. `.contiguous()` keeps such tensors as they are; a clone does not.
+            q, k, v = (x if x.stride(-1) == 1 and x.stride(2) >= x.shape[3]
+                       else x.clone(memory_format=torch.contiguous_format) for x in (q, k, v))
             indices, counts = (t.to(q.device).contiguous() for t in (plan.kv_indices, plan.kv_counts))
             # A single block longer than its sequence is the sequence: the kernel's per-block scratch is sized by
             # the block (a 100,000-token block over 320 tokens asked for 40 GB of it).
@@ -123,6 +127,8 @@ def attention(
             return out, lse if return_lse else None
 
     batch, heads, _, head_dim = q.shape
+    if batch * heads == 0:  # nothing to attend (the chunking below has no chunk to size its buffers by)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
     nq, nk, bq, bk = plan.num_q_blocks, plan.num_kv_blocks, plan.block_q, plan.block_k
     q_blocks, k_blocks, v_blocks = _as_blocks(q, nq, bq), _as_blocks(k, nk, bk), _as_blocks(v, nk, bk)
     out = q.new_empty(batch * heads * nq, bq, head_dim)

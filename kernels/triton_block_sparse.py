@@ -443,6 +443,11 @@ def triton_block_sparse_attention(
         )
     if not (_INTERPRETED or q.is_cuda):
         raise ValueError(f"the Triton backend cannot run these inputs: {triton_available(q.device)[1]}")
+    if _INTERPRETED and q.dtype == torch.bfloat16:
+        # Triton's interpreter (TRITON_INTERPRET=1) gets bfloat16 `tl.dot` wrong (errors of 1e8 measured), not
+        # this kernel: refuse rather than return those numbers.
+        raise ValueError("the Triton backend under TRITON_INTERPRET=1 computes bfloat16 wrongly (Triton's "
+                         "interpreter); use float32 or float16 there, or the 'cpu' backend")
 
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]

@@ -44,7 +44,7 @@ class EasyAnimateSparseAttnProcessor(SparseProcessor, EasyAnimateAttnProcessor2_
     context_parallel = False  # diffusers gives the family no context parallel plan
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or attention_mask is not None or not self.runtime.route(self.layer):
+        if encoder_hidden_states is None or self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)

@@ -116,6 +116,7 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["masks", "--tile", "2,8,8,4"], "a tile is t,h,w"),
         (["bench", "attention", "--density", "nan,2"], "expected comma-separated block densities in (0, 1]"),
         (["eval", "--pattern", "nosuch"], "pattern must be one of"),  # checked before the model loads
+        (["compare", "--seed", str(2**64)], "argument --seed: must fit in 64 bits"),  # was torch's "Overflow"
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -255,6 +255,51 @@ def test_choose_backend():
         )
 
 
+def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(monkeypatch):
+    # Triton's kernel takes blocks of 64 or 128 and head dims up to 256; "auto" on CUDA picked it for any plan,
+    # so block_size=32 on a GPU raised instead of running. Now the torch-ops path runs it, and a warning says so.
+    from diffsparse.kernels import attention
+
+    monkeypatch.setattr(attention, "triton_available", lambda device: (True, "Triton on a test GPU"))
+    cuda = torch.device("cuda")
+    plan_of = {size: make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2 * size[0], 2 * size[1], size)
+               for size in ((64, 64), (128, 64), (32, 32), (64, 48))}
+    assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=128) == "triton"
+    assert choose_backend(cuda, plan=plan_of[128, 64], head_dim=256) == "triton"
+    for size, head_dim, what in (((32, 32), 64, "blocks of 32 x 32 tokens"), ((64, 48), 64, "blocks of 64 x 48"),
+                                 ((64, 64), 320, "head dim 320")):
+        with pytest.warns(UserWarning, match=f"backend='auto' runs {what}.* on the torch-ops path"):
+            assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_inputs_whose_rows_are_not_laid_out_apart(dtype, cpu_kernel):
+    # A sequence broadcast with `expand` (row stride 0) and one token whose row stride is anything: the compiled
+    # kernel handed BLAS a leading dimension below D, which MKL refused ("Parameter 8 was incorrect"), and went on
+    # with stale scores (error 2.7 against dense).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 32, generator=g, dtype=dtype) for _ in range(3))
+    cases = {
+        "expanded keys and values": (q, k[:, :, :1].expand_as(k), v[:, :, :1].expand_as(v)),
+        "one query with row stride 1": (torch.randn(1, 2, 32, 1, generator=g, dtype=dtype).transpose(2, 3), k, v),
+    }
+    for name, (qc, kc, vc) in cases.items():
+        plan = make_plan(torch.ones(1, 1, -(-qc.shape[2] // 64), 2, dtype=torch.bool), qc.shape[2], 128, 64)
+        out = block_sparse_attention(qc, kc, vc, plan, backend="cpu")
+        expected = F.scaled_dot_product_attention(qc.float(), kc.float(), vc.float())
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=2e-5 if dtype == torch.float32 else 2e-2,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 100, 32), (2, 0, 100, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_an_empty_batch_gives_an_empty_output(shape, dtype, cpu_kernel):
+    q = torch.zeros(shape, dtype=dtype)
+    plan = make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 100, 100, 64)
+    out, lse = block_sparse_attention(q, q, q, plan, return_lse=True, backend="cpu")
+    assert out.shape == shape and lse.shape == shape[:3] and lse.dtype == torch.float32
+
+
 @pytest.mark.parametrize("block_size", [0, -16, (16,), (16, 16, 16), (16, 0), 1.5, True, "16"])
 def test_bad_block_size(block_size):
     with pytest.raises(ValueError, match=r"block_size must be .* got block_size="):
