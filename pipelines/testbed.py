@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -279,6 +280,10 @@ class TestbedPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, num_videos_per_prompt, max_sequence_length)
+        else:  # one per prompt, as `encode_prompt` gives them before repeating (before: num_videos_per_prompt ignored)
+            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         batch_size = prompt_embeds.shape[0]
         if do_cfg and negative_prompt_embeds is None:
             negative_prompt = "" if negative_prompt is None else negative_prompt
@@ -407,7 +412,7 @@ def room_ahead(image: torch.Tensor, prompt: str) -> float:
     """
     from ..testbed.data import DIRECTIONS
 
-    named = [word for word in prompt.split() if word in DIRECTIONS]
+    named = [word for word in re.findall(r"[a-z]+", prompt.lower()) if word in DIRECTIONS]  # as the tokenizer reads it
     if not named:
         return math.inf
     rows, cols = torch.nonzero(image.amax(0) > 0.5, as_tuple=True)
@@ -426,7 +431,7 @@ def still_prompt(prompt: str) -> str:
     The testbed's prompts name the shapes, then "moving" and the motion (`diffsparse.testbed.data.Clip.prompt`);
     single frames trained with `--image-prompts still` are prompted with the shapes alone.
     """
-    return prompt.split(" moving ", 1)[0]
+    return re.split(r"\s+moving\s+", prompt.strip(), maxsplit=1, flags=re.IGNORECASE)[0]  # the tokenizer lowercases
 
 
 def best_still(

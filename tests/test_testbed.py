@@ -233,9 +233,26 @@ def test_init_starts_a_new_run_from_a_pipeline_folder(trained, tmp_path):
     assert same(transformer_only.transformer, trained_pipe.transformer)
     assert same(transformer_only.text_encoder, fresh.text_encoder)
     assert not same(transformer_only.text_encoder, trained_pipe.text_encoder)
-    for bad in (["--init-parts", "vae"], ["--init", str(tmp_path / "nowhere")]):
+    for bad in (["--init-parts", "vae"], ["--init", str(tmp_path / "nowhere")], ["--init-parts", "transformer"]):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", *bad])
+    # Resumed, the frozen text encoder is still --init's (before: the seeded one from the resume on, exported too).
+    frozen_init = ["--init", str(source), "--freeze-text-encoder", "--steps", "2", "--batch", "1", "--threads", "1"]
+    train(parse_args(["--out", str(tmp_path / "frozen_init"), *frozen_init, "--save-every", "1"]))
+    train(parse_args(["--out", str(tmp_path / "frozen_init"), *frozen_init[:-6], "--steps", "3", "--resume",
+                      "--batch", "1", "--threads", "1"]))
+    assert same(testbed.load(path=tmp_path / "frozen_init" / PIPELINE_DIR).text_encoder, trained_pipe.text_encoder)
+
+
+def test_ema_switched_on_at_a_resume_starts_from_the_trained_weights(tmp_path):
+    # Before, the EMA was made before the checkpoint loaded: from the seeded weights, which it then exported.
+    common = ["--batch", "1", "--threads", "1", "--save-every", "9", "--out", str(tmp_path)]
+    train(parse_args([*common, "--steps", "2", "--ema", "0"]))
+    trained_weights = testbed.load(path=tmp_path / PIPELINE_DIR).transformer.state_dict()
+    train(parse_args([*common, "--steps", "3", "--ema", "0.999", "--lr", "0", "--resume"]))
+    # --lr 0: the weights stay the trained ones, and so does an EMA that starts from them.
+    resumed = testbed.load(path=tmp_path / PIPELINE_DIR).transformer.state_dict()
+    assert all(torch.equal(resumed[name], trained_weights[name]) for name in trained_weights)
 
 
 def test_arguments_are_checked():
@@ -250,6 +267,14 @@ def test_arguments_are_checked():
         ["--shape-counts", "0.5,0.6,-0.1"],
         ["--frame-noise", "1.5"],
         ["--clean-first-frame", "-0.5"],
+        # these ended in tracebacks, some after the run folder was made, or ran silently
+        ["--lr", "-1"],
+        ["--weight-decay", "-1"],
+        ["--seed", "-1"],
+        ["--warmup", "-5"],
+        ["--minutes", "nan"],
+        ["--timestep-shift", "nan"],
+        ["--config", "nowhere.json"],
     ):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", *bad])
@@ -347,6 +372,14 @@ def test_a_fine_tunes_loss_curve_continues_the_run_it_started_from(trained, tmp_
     assert summary["steps"] == 10 and summary["fine_tunes_start_after_steps"] == [5]
     with pytest.raises(SystemExit):
         evidence.parse_args(["--fine-tune-of", str(tmp_path / "base.csv")])
+    # Folders and counts checked before minutes of sampling (before, a wrong --run failed after them, samples.png
+    # already overwritten); the run itself is fine.
+    run = str(trained["base"] / "run")
+    assert evidence.parse_args(["--run", run, "--fine-tune-of", str(tmp_path / "base.csv")]).run == Path(run)
+    for bad in (["--run", str(tmp_path / "nowhere")], ["--run", run, "--fine-tune-of", str(tmp_path / "nowhere.csv")],
+                ["--model", str(tmp_path)], ["--early", run], ["--attention-prompts", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            evidence.parse_args(bad)
 
 
 def test_regenerating_without_a_60_minute_model_keeps_its_numbers(tmp_path):
@@ -464,6 +497,8 @@ def test_still_prompt_is_what_a_single_training_frame_is_prompted_with():
     for _ in range(50):
         clip = random_clip(rng, 9, 32, 32)
         assert testbed.still_prompt(clip.prompt) == clip.objects
+    # The tokenizer lowercases: so do the two-stage helpers (before, "MOVING" kept the motion in the still's prompt)
+    assert testbed.still_prompt("A red circle MOVING right") == "A red circle"
 
 
 def test_two_stage_sampling_animates_the_models_own_still_image():
@@ -479,12 +514,27 @@ def test_two_stage_sampling_animates_the_models_own_still_image():
         testbed.sample(pipe, prompts, frames=3, height=16, width=16, steps=1, first_frame=images[:, 0], two_stage=True)
 
 
+def test_prompt_embeds_make_num_videos_per_prompt_videos_each():
+    # Before, given embeddings ignored num_videos_per_prompt (and one prompt's embeddings with 3 raised IndexError).
+    pipe = testbed.build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1, "output_type": "pt",
+            "num_videos_per_prompt": 3}
+    embeds = pipe.encode_prompt(["a red circle", "a blue square"])
+    from_embeds = pipe(prompt_embeds=embeds, generator=torch.Generator().manual_seed(0), **call).frames
+    from_text = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0), **call).frames
+    assert from_embeds.shape[0] == 6
+    torch.testing.assert_close(from_embeds, from_text)
+
+
 def test_room_ahead_measures_towards_the_direction_word():
     image = torch.full((3, 32, 32), 0.05)  # a dark background
     image[1, 20:28, 4:12] = 0.9  # a green square: centre x = 8, y = 24
     assert {d: testbed.room_ahead(image, f"a green square moving {d}") for d in DIRECTIONS} == {
         "left": 8.0, "right": 24.0, "up": 24.0, "down": 8.0}
     assert testbed.room_ahead(image, "a green square") == math.inf  # a still prompt: no direction to make room for
+    # The model reads "LEFT" as "left" (its tokenizer lowercases); before, no direction was found (inf for all).
+    assert testbed.room_ahead(image, "A green square moving LEFT.") == 8.0
     assert testbed.room_ahead(torch.full((3, 32, 32), 0.05), "a green square moving up") == -math.inf  # nothing drawn
 
 

@@ -395,6 +395,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--still-candidates {args.still_candidates}: give an int >= 1, and more than 1 only with --two-stage")
     if args.fine_tune_of is not None and args.run is None:
         p.error(f"--fine-tune-of {args.fine_tune_of} continues the loss curve of a --run; pass the run folder too")
+    # Checked before the minutes of sampling (and before samples.png is overwritten), not after.
+    if args.run is not None and not (args.run / "loss.csv").is_file():
+        p.error(f"--run must be a training run folder (with loss.csv), got {str(args.run)!r}")
+    if args.fine_tune_of is not None and not args.fine_tune_of.is_file():
+        p.error(f"--fine-tune-of must be a compact loss log file, got {str(args.fine_tune_of)!r}")
+    for name in ("model", "early"):
+        folder = getattr(args, name)
+        if folder is not None and not (folder / "model_index.json").is_file():
+            p.error(f"--{name} must be a testbed pipeline folder (with model_index.json), got {str(folder)!r}")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if not 1 <= args.attention_prompts <= len(PROMPTS):
+        p.error(f"--attention-prompts must be 1 to {len(PROMPTS)} (the prompts of the grid), got {args.attention_prompts}")
     return args
 
 

@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="start a new run from the weights of a testbed pipeline folder (the shipped pipelines/weights/testbed, "
         "a run's pipeline/ or one of its snapshots) instead of the seeded initialisation; a fine-tune starts fresh "
-        "(new optimizer, step 0). Ignored when --resume finds a checkpoint",
+        "(new optimizer, step 0); a resumed run takes its trained parts from the checkpoint",
     )
     p.add_argument(
         "--init-parts",
@@ -207,8 +207,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--keep-every must be 0 (never) or a positive step count, got {args.keep_every}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
-    if args.minutes is not None and args.minutes <= 0:
+    if args.minutes is not None and not args.minutes > 0:  # also refuses nan
         p.error(f"--minutes must be positive, got {args.minutes}")
+    for name in ("lr", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be a step count >= 0, got {args.warmup}")
+    if not 0 <= args.seed < 2**32:  # numpy's generators take 32 bits
+        p.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.config is not None and not args.config.is_file():
+        p.error(f"--config must be a model config JSON file, got {str(args.config)!r}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out must be a folder (new or a run's), got the file {str(args.out)!r}")
+    if args.init is None and args.init_parts != INIT_PARTS:
+        p.error("--init-parts chooses what --init loads: give --init too")
     if not 0 <= args.decay <= 1:
         p.error(f"--decay must be a fraction in [0, 1], got {args.decay}")
     if not 0 <= args.image_share < 1:
@@ -216,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("frame_noise", "clean_first_frame"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {getattr(args, name)}")
-    if args.timestep_shift is not None and args.timestep_shift <= 0:
+    if args.timestep_shift is not None and not args.timestep_shift > 0:  # also refuses nan
         p.error(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
@@ -395,7 +408,7 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
 
     components = build_components(config, seed=args.seed)
-    if args.init is not None and not (args.resume and checkpoint_path.exists()):
+    if args.init is not None:  # resumed too: the parts it does not train keep --init's weights (the checkpoint's)
         _load_initial_weights(components, args.init, args.init_parts)
     trainable = {"transformer": components["transformer"].train()}
     if args.freeze_text_encoder:
@@ -404,9 +417,8 @@ def train(args: argparse.Namespace) -> dict:
         trainable["text_encoder"] = components["text_encoder"].train()
     params = [p for m in trainable.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    ema = _EMA(trainable, args.ema) if args.ema > 0 else None
 
-    step, train_seconds = 0, 0.0
+    step, train_seconds, ema_state = 0, 0.0, None
     if args.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["config"] != config:
@@ -418,9 +430,11 @@ def train(args: argparse.Namespace) -> dict:
             )
         for name, module in trainable.items():
             module.load_state_dict(state["model"][name])
+        # The parts not trained, as the run had them (a frozen text encoder from --init); older checkpoints lack them.
+        for name, weights in state.get("frozen", {}).items():
+            components[name].load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        ema_state = state.get("ema")
         torch.set_rng_state(state["rng"])
         step, train_seconds = state["step"], state["train_seconds"]
         print(f"resuming {checkpoint_path} at step {step} ({train_seconds / 60:.1f} min trained)", file=sys.stderr)
@@ -428,6 +442,11 @@ def train(args: argparse.Namespace) -> dict:
         print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
     for group in optimizer.param_groups:  # a resumed run may change --lr
         group["lr"] = args.lr
+    # Made from the weights the run continues from: a run resumed with EMA that had none starts it from its trained
+    # weights, not from the seeded ones.
+    ema = _EMA(trainable, args.ema) if args.ema > 0 else None
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
 
     def save() -> None:
         _atomic_save(
@@ -435,6 +454,7 @@ def train(args: argparse.Namespace) -> dict:
                 "step": step,
                 "train_seconds": train_seconds,
                 "model": {name: m.state_dict() for name, m in trainable.items()},
+                "frozen": {name: components[name].state_dict() for name in INIT_PARTS if name not in trainable},
                 "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
