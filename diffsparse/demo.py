@@ -68,6 +68,12 @@ def compare_once(
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
         raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
+    # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work.
+    for name, value, least in (("steps", steps, 1), ("frames", frames, 1), ("height", height, 1), ("width", width, 1),
+                               ("seed", seed, None)):
+        if value is None or isinstance(value, bool) or float(value) != int(value) or least and int(value) < least:
+            allowed = "a whole number" + (f" >= {least}" if least else "")
+            raise ValueError(f"{name} must be {allowed}, got {name}={value!r}")
     if isinstance(call_kwargs, str):
         call_kwargs = parse_call_kwargs(call_kwargs) if call_kwargs.strip() else None
     if correction not in CORRECTION_CHOICES:

@@ -276,6 +276,11 @@ class TestbedPipeline(DiffusionPipeline):
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
         """
         self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs)
+        for name, value in (("num_inference_steps", num_inference_steps), ("num_videos_per_prompt", num_videos_per_prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
+            raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, got prompt={prompt!r}")
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
@@ -289,6 +294,9 @@ class TestbedPipeline(DiffusionPipeline):
             negative_prompt = "" if negative_prompt is None else negative_prompt
             if isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * (batch_size // num_videos_per_prompt)
+            elif len(negative_prompt) != batch_size // num_videos_per_prompt:
+                raise ValueError(f"negative_prompt must be a str or one per prompt ({batch_size // num_videos_per_prompt}),"
+                                 f" got {len(negative_prompt)}")
             negative_prompt_embeds = self.encode_prompt(
                 negative_prompt, num_videos_per_prompt, max_sequence_length or prompt_embeds.shape[1]
             )
@@ -299,8 +307,12 @@ class TestbedPipeline(DiffusionPipeline):
 
         factor = self.space_to_depth_factor
         shape = (batch_size, self.transformer.config.in_channels, num_frames, height // factor, width // factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: a list needs one per video ({batch_size}), got {len(generator)}")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:  # it would set the size, whatever height, width and num_frames say
+            raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
         else:
             latents = latents.to(device=device, dtype=torch.float32)
 

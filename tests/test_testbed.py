@@ -527,6 +527,33 @@ def test_prompt_embeds_make_num_videos_per_prompt_videos_each():
     torch.testing.assert_close(from_embeds, from_text)
 
 
+def test_fidelity_options_are_checked_before_loading(capsys):
+    # Before: raw RuntimeErrors from inside (sizes off the 4-pixel patch grid), an empty-stack error (--seeds 0),
+    # and pure noise scored in silence (--steps 0).
+    for bad in (["--size", "1x30x30"], ["--size", "0x16x16"], ["--seeds", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            fidelity.main(bad)
+        assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    assert fidelity.parse_size("9x32x32") == (9, 32, 32)
+
+
+def test_pipeline_call_inputs_are_checked():
+    # Each of these raised an IndexError or TypeError from inside, or ran silently with another meaning.
+    pipe = testbed.build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1}
+    for kwargs, match in (
+        ({"prompt": None}, "give a prompt"),
+        ({"prompt": []}, "give a prompt"),
+        ({"prompt": "a red circle", "num_inference_steps": 0}, "num_inference_steps must be an int >= 1"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["blurry"]}, "negative_prompt must be a str or one per prompt"),
+        ({"prompt": ["a", "b"], "generator": [torch.Generator()]}, "a list needs one per video"),
+        ({"prompt": "a red circle", "latents": torch.zeros(1, 3, 1, 2, 2)}, "latents must have shape"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pipe(**{**call, **kwargs})
+
+
 def test_room_ahead_measures_towards_the_direction_word():
     image = torch.full((3, 32, 32), 0.05)  # a dark background
     image[1, 20:28, 4:12] = 0.9  # a green square: centre x = 8, y = 24

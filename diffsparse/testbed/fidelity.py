@@ -393,12 +393,24 @@ def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps:
             "direction_accuracy": float(np.mean(along)), "chance": 1 / len(DIRECTIONS)}
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     """'FxHxW' (frames x height x width pixels) -> (F, H, W)."""
     try:
         frames, height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size must be FRAMESxHEIGHTxWIDTH, e.g. 9x32x32, got {text!r}") from None
+    if frames < 1 or height < 1 or width < 1 or height % 4 or width % 4:  # the testbed's 4-pixel patches
+        raise argparse.ArgumentTypeError(f"--size needs frames >= 1 and height and width multiples of 4, got {text!r}")
     return frames, height, width
 
 
@@ -425,8 +437,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m diffsparse.testbed.fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="testbed pipeline folder (default: the shipped weights)")
     p.add_argument("--size", type=parse_size, default=None, help="FxHxW pixels (default: the evaluation size)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--seeds", type=_positive, default=2, help="seeds per prompt")
+    p.add_argument("--steps", type=_positive, default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--first-frame", action="store_true",
                    help="sample image-to-video: each video starts from the clean first frame of a training clip of its "
