@@ -134,8 +134,7 @@ def load_pipeline(
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if model is None:
         return _place(testbed.load(dtype=dtype), device, offload, vae_tiling)
-    index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__:
+    if is_testbed_model(model):
         return _place(testbed.load(dtype=dtype, path=model), device, offload, vae_tiling)
     from diffusers import DiffusionPipeline, ModularPipeline
     from huggingface_hub.errors import HFValidationError
@@ -523,10 +522,29 @@ def _write_mp4(path: Path, pixels: np.ndarray, fps: int) -> None:
     iio.imwrite(path, pixels, fps=fps, codec="libx264", macro_block_size=1)
 
 
-def check_two_stage(args) -> None:
-    """`args.two_stage` / `args.still_candidates` (of `compare` and `eval`) make sense before anything is loaded."""
+def is_testbed_model(model: str | None) -> bool:
+    """Whether `--model` names a testbed pipeline: the embedded one (`None`) or a folder saved from one."""
+    if model is None:
+        return True
+    from .pipelines import testbed
+
+    index = Path(model) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == testbed.TestbedPipeline.__name__
+
+
+def check_two_stage(args, pipe=None) -> None:
+    """`args.two_stage` / `args.still_candidates` (of `compare` and `eval`) make sense before anything is loaded
+    (with `pipe`, the pipeline already loaded: the demo's)."""
     if args.still_candidates != 1 and not args.two_stage:
         raise ValueError(f"still_candidates={args.still_candidates} chooses among two-stage stills: pass two_stage")
+    if args.two_stage:  # first: a model that cannot sample in two stages is the setting to change, not its frames
+        from .pipelines import testbed
+
+        if not (is_testbed_model(args.model) if pipe is None else isinstance(pipe, testbed.TestbedPipeline)):
+            raise ValueError(
+                f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r}"
+                + ("" if pipe is None else f" loads {pipeline_name(pipe)}")
+            )
     if args.two_stage and args.frames is not None and args.frames < 2:  # None: the model's default, checked later
         raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
                          f"got frames={args.frames}")
@@ -551,11 +569,7 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
     untimed, so dense and sparse videos differ only by the attention of the clip's sampling."""
     from .pipelines import testbed
 
-    if not isinstance(pipe, testbed.TestbedPipeline):
-        raise ValueError(
-            f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r} "
-            f"loads {pipeline_name(pipe)}"
-        )
+    check_two_stage(args, pipe)
     return testbed.best_still(pipe, [prompt], args.height, args.width, steps=args.steps, seed=seed,
                               device=args.device, still_candidates=args.still_candidates)
 
@@ -568,13 +582,13 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     from it, dense and sparse from the same still; frame 0 (the still) is left out of PSNR/SSIM/LPIPS.
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
-    check_two_stage(args)
+    check_two_stage(args, pipe)
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
-    check_two_stage(args)  # again: the frame count may have been the model's default
+    check_two_stage(args, pipe)  # again: the frame count may have been the model's default
     first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
     with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on

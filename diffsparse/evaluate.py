@@ -129,7 +129,7 @@ def run_eval(args) -> list[EvalRow]:
     ]
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
-    check_two_stage(args)  # again: the frame count may have been the model's default
+    check_two_stage(args, pipe)  # again: the frame count may have been the model's default
     # Frames smaller than LPIPS takes: scored without it (or, with --lpips-weights, refused before generating).
     weights = lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))
     cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))

@@ -117,6 +117,7 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["bench", "attention", "--density", "nan,2"], "expected comma-separated block densities in (0, 1]"),
         (["eval", "--pattern", "nosuch"], "pattern must be one of"),  # checked before the model loads
         (["compare", "--seed", str(2**64)], "argument --seed: must fit in 64 bits"),  # was torch's "Overflow"
+        (["compare", "--model", "someone/a-video-model", "--two-stage"], "two_stage needs the testbed pipeline"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -58,6 +58,10 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1", 2, 5, 32, 32, 0, 0)
     with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 2)
+    # ... also where its frame count would fail first (an image model, its slider fixed at 1 frame): before, the
+    # page asked for 2 frames, which it would not let the user set.
+    with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):
+        submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 1, 32, 32, 0, 2)
     # The pattern field offers every registered name and the measured best trade, and takes patterns with parameters.
     (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
                 if isinstance(b, gr.Dropdown) and b.label.startswith("pattern")]
