@@ -125,6 +125,8 @@ class SparseHandle:
             runtime.new_run()
 
     def remove(self) -> None:
+        if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
+            return
         for adapter, module, original in self._originals:
             # `set_attention_backend` or `enable_parallelism` called while applied set these on the sparse
             # processor: the original goes back with them, as it would have had them without diffsparse.
@@ -308,6 +310,7 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         ...     pass
     """
     previous = _handles(pipe_or_transformer)
+    handle = None
     try:
         handle = apply(pipe_or_transformer, config)
         try:
@@ -315,6 +318,9 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         finally:
             handle.remove()
     finally:
-        for replaced in previous:
+        # Unless something applied inside the block (a handle other than the block's is on the transformers now):
+        # that one stays, rather than the previous stacked on it.
+        applied_inside = any(other is not handle for other in _handles(pipe_or_transformer))
+        for replaced in () if applied_inside else previous:
             if not replaced.installed:
                 replaced._install()

@@ -249,6 +249,27 @@ def _run_call(runtime, layer, layout, step, num_steps, q, k, v):
     return runtime.attention(layer, q, k, v) if runtime.route(layer) else None
 
 
+def test_a_search_again_measures_the_correction_again():
+    # Searched(refresh=2) keeps other blocks from step 2 on: the statistics measured against the old blocks would
+    # count some twice and miss others (before: reused, 1.07 off dense on the inputs they were measured on). The
+    # refitting call measures again, so a later call on its inputs is dense again.
+    from diffsparse.patterns import Searched
+
+    layout = VideoLayout(4, 4, 8)
+    g = torch.Generator().manual_seed(0)
+    q1, k1, v1 = torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g).unbind(0)
+    q2, k2, v2 = (3 * torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g)).unbind(0)
+    config = SparseConfig(pattern=Searched(keep=0.3, refresh=2, criterion="mass"), block_size=16, dense_steps=1,
+                          correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    for step, inputs in enumerate(((q1, k1, v1), (q2, k2, v2), (q2, k2, v2))):
+        _run_call(runtime, 0, layout, step, 6, *inputs)
+    assert [(r.step, r.measured) for r in runtime.records] == [(0, True), (1, False), (2, True)]
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q2, k2, v2))).transpose(1, 2)
+    torch.testing.assert_close(_run_call(runtime, 0, layout, 3, 6, q2, k2, v2), dense, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_residual_correction_is_exact_when_the_inputs_do_not_change(order):
     # rho * out_sparse + residual rebuilds the dense output of the measured inputs exactly: at a later sparse

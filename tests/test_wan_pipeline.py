@@ -654,6 +654,25 @@ def test_a_refused_apply_keeps_what_was_applied_before(monkeypatch):
     assert diffsparse.stats(pipe).mean_density < 1
 
 
+def test_a_replaced_handle_leaves_the_one_that_replaced_it_alone():
+    # Before, a replaced handle's remove() took the hook of the handle now applied (hooks go by name): its sparse
+    # processors stayed but every call ran dense, in silence; and an apply inside a `sparse` block lost its hook
+    # when the block ended.
+    pipe = tiny_wan_pipeline()
+    first = diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=0)
+    second = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    replaced = diffsparse.apply(pipe, first)
+    diffsparse.apply(pipe, second)
+    expected = generate(pipe)
+    replaced.remove()
+    assert torch.equal(generate(pipe), expected) and diffsparse.stats(pipe).mean_density < 1
+    diffsparse.remove(pipe)
+    with diffsparse.sparse(pipe, first):
+        inside = diffsparse.apply(pipe, second)
+    assert inside.installed and torch.equal(generate(pipe), expected)
+    assert len(diffsparse.stats(pipe).calls["transformer"]) > 0
+
+
 @pytest.mark.parametrize("compiled", ["wrapper", "regional"])
 def test_torch_compile_before_or_after_apply(compiled):
     # `pipe.transformer = torch.compile(pipe.transformer)` is how diffusers users compile: apply finds the module
