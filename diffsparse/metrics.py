@@ -2,7 +2,8 @@
 
 Videos may be given in the layouts diffusers pipelines return: numpy `(F, H, W, C)` (`output_type="np"`),
 torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`).
-Values are expected in [0, 1] unless `data_range` says otherwise.
+Values are expected in [0, 1] unless `data_range` says otherwise (float input); integer frames (uint8 arrays,
+tensors or PIL images) are scaled from their type's range to [0, 1].
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ def as_frames(video) -> np.ndarray:
     """A video as a float64 array `(F, H, W, C)`."""
     if isinstance(video, (list, tuple)):
         video = np.stack([np.asarray(frame) for frame in video])
-        if video.dtype == np.uint8:
-            video = video / 255.0
     if isinstance(video, torch.Tensor):
-        video = video.detach().float().cpu().numpy()
-    video = np.asarray(video, dtype=np.float64)
+        video = video.detach().cpu().numpy() if not video.is_floating_point() else video.detach().float().cpu().numpy()
+    video = np.asarray(video)
+    # Integer frames (uint8 from PIL, imageio or a tensor) in [0, 1] like float ones: before, only PIL lists were
+    # scaled, and a uint8 array scored -9.5 dB where its PIL frames scored 38.6.
+    scale = float(np.iinfo(video.dtype).max) if np.issubdtype(video.dtype, np.integer) else 1.0
+    video = video.astype(np.float64) / scale
     if video.ndim == 5:  # (B, F, ...) -> frames of all videos in order
         video = video.reshape(-1, *video.shape[2:])
     if video.ndim == 3:  # single-channel frames
@@ -36,6 +39,9 @@ def as_frames(video) -> np.ndarray:
         raise ValueError(f"a video must have 3 to 5 dimensions (frames first), got shape {video.shape}")
     if video.shape[-1] not in _CHANNEL_SIZES and video.shape[1] in _CHANNEL_SIZES:
         video = video.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
+    elif video.shape[-1] not in _CHANNEL_SIZES:  # e.g. a VAE's (B, C, F, H, W), read as 16 "channels" before
+        raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got shape "
+                         f"{video.shape}")
     return video
 
 
@@ -47,7 +53,9 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def psnr(video, reference, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB, per frame then averaged (`inf` when every frame is identical).
+    """Peak signal-to-noise ratio in dB, per frame then averaged over the frames that differ (a frame identical in
+    both has an infinite PSNR, which would make the mean infinite whatever the others: `inf` only when every frame
+    is identical).
 
     Example:
         >>> import numpy as np
@@ -59,7 +67,8 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
     with np.errstate(divide="ignore"):
         per_frame = 10.0 * np.log10(data_range**2 / mse)
-    return float(per_frame.mean())
+    differing = per_frame[np.isfinite(per_frame)]
+    return float(differing.mean()) if len(differing) else float("inf")
 
 
 def ssim(video, reference, data_range: float = 1.0) -> float:
@@ -74,7 +83,8 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         1.0
     """
     a, b = _paired(video, reference)
-    win_size = min(7, min(a.shape[1:3]) // 2 * 2 - 1)
+    side = min(a.shape[1:3])
+    win_size = min(7, side if side % 2 else side - 1)  # the largest odd window that fits
     if win_size < 3:
         raise ValueError(f"SSIM needs frames of at least 3x3 pixels, got {a.shape[1:3]}")
     scores = [
