@@ -271,11 +271,11 @@ class StepClock:
                     warnings.warn(
                         f"diffsparse: transformer calls at timesteps {sorted(self._off_grid)} match none of the "
                         f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[position]):g}, step {step} of "
-                        f"{self._step_at(len(self._grid) - 1) + 1}), so the step schedule (dense_steps, dense_last_steps, correction) is not "
-                        "followed: either the transformer is called by a pipeline with another scheduler than the one "
-                        "it was applied through (one made with from_pipe(..., scheduler=...): diffsparse.apply on "
-                        "it), or the pipeline gives it its timestep on another scale than the scheduler's (please "
-                        "report the pipeline)",
+                        f"{self._step_at(len(self._grid) - 1) + 1}), so the step schedule (dense_steps, "
+                        "dense_last_steps, correction) is not followed: either the transformer is called by a "
+                        "pipeline with another scheduler than the one it was applied through (one made with "
+                        "from_pipe(..., scheduler=...): diffsparse.apply on it), or the pipeline gives it its "
+                        "timestep on another scale than the scheduler's (please report the pipeline)",
                         StepScheduleWarning, stacklevel=2,
                     )
             start = self._run_start or 0

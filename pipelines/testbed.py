@@ -276,11 +276,13 @@ class TestbedPipeline(DiffusionPipeline):
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
         """
         self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs)
-        for name, value in (("num_inference_steps", num_inference_steps), ("num_videos_per_prompt", num_videos_per_prompt)):
+        for name, value in (("num_inference_steps", num_inference_steps),
+                            ("num_videos_per_prompt", num_videos_per_prompt)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
         if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
-            raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, got prompt={prompt!r}")
+            raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
+                             f"got prompt={prompt!r}")
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
@@ -295,8 +297,8 @@ class TestbedPipeline(DiffusionPipeline):
             if isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * (batch_size // num_videos_per_prompt)
             elif len(negative_prompt) != batch_size // num_videos_per_prompt:
-                raise ValueError(f"negative_prompt must be a str or one per prompt ({batch_size // num_videos_per_prompt}),"
-                                 f" got {len(negative_prompt)}")
+                raise ValueError(f"negative_prompt must be a str or one per prompt "
+                                 f"({batch_size // num_videos_per_prompt}), got {len(negative_prompt)}")
             negative_prompt_embeds = self.encode_prompt(
                 negative_prompt, num_videos_per_prompt, max_sequence_length or prompt_embeds.shape[1]
             )

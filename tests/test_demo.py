@@ -36,7 +36,8 @@ def test_a_request_scores_lpips_with_the_weights_the_page_was_given(tiny_pipe, t
                        ({"pattern": "nope"}, "pattern"), ({"dense_steps": 1.0}, "dense_steps"),
                        ({"dense_layers": "first"}, "dense_layers"), ({"dense_layers": "[-1]"}, "dense_layers"),
                        # a cleared number box (None) or 0 steps: before, a TypeError or an IndexError from inside
-                       ({"seed": None}, "seed must be a whole number"), ({"steps": 0}, "steps must be a whole number >= 1"),
+                       ({"seed": None}, "seed must be a whole number"),
+                       ({"steps": 0}, "steps must be a whole number >= 1"),
                        ({"frames": 2.5}, "frames must be a whole number")]
 )
 def test_bad_settings_raise_errors_naming_the_field(tiny_pipe, tmp_path, setting, field):

@@ -407,7 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.attention_prompts <= len(PROMPTS):
-        p.error(f"--attention-prompts must be 1 to {len(PROMPTS)} (the prompts of the grid), got {args.attention_prompts}")
+        p.error(f"--attention-prompts must be 1 to {len(PROMPTS)} (the prompts of the grid), "
+                f"got {args.attention_prompts}")
     return args
 
 
