@@ -15,7 +15,7 @@ def _step_count(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
-def _at_least(minimum: int):
+def at_least(minimum: int):
     """An argparse type for whole numbers of at least `minimum` (a count, a size), with a message naming the value
     and the bound instead of a crash, or a silent empty run, deep inside the command."""
 
@@ -44,8 +44,8 @@ def _seed(text: str) -> int:
     return value
 
 
-_positive = _at_least(1)
-_non_negative = _at_least(0)
+_positive = at_least(1)
+_non_negative = at_least(0)
 
 
 def _correction(text: str) -> str | None:

@@ -393,16 +393,6 @@ def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps:
             "direction_accuracy": float(np.mean(along)), "chance": 1 / len(DIRECTIONS)}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_size(text: str) -> tuple[int, int, int]:
     """'FxHxW' (frames x height x width pixels) -> (F, H, W)."""
     try:
@@ -432,13 +422,14 @@ def parse_noise_levels(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> dict:
+    from ..cli import at_least
     from ..pipelines.testbed import load, testbed_config
 
     p = argparse.ArgumentParser(prog="python -m diffsparse.testbed.fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="testbed pipeline folder (default: the shipped weights)")
     p.add_argument("--size", type=parse_size, default=None, help="FxHxW pixels (default: the evaluation size)")
-    p.add_argument("--seeds", type=_positive, default=2, help="seeds per prompt")
-    p.add_argument("--steps", type=_positive, default=20, help="denoising steps")
+    p.add_argument("--seeds", type=at_least(1), default=2, help="seeds per prompt")
+    p.add_argument("--steps", type=at_least(1), default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--first-frame", action="store_true",
                    help="sample image-to-video: each video starts from the clean first frame of a training clip of its "
