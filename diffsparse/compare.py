@@ -566,10 +566,10 @@ def scored_frames(args) -> slice:
 
 def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
     """The first frame every run of `--two-stage` starts from for (`prompt`, `seed`): sampled once, dense and
-    untimed, so dense and sparse videos differ only by the attention of the clip's sampling."""
+    untimed, so dense and sparse videos differ only by the attention of the clip's sampling. The callers have
+    checked the pipeline (`check_two_stage(args, pipe)`)."""
     from .pipelines import testbed
 
-    check_two_stage(args, pipe)
     return testbed.best_still(pipe, [prompt], args.height, args.width, steps=args.steps, seed=seed,
                               device=args.device, still_candidates=args.still_candidates)
 

@@ -188,7 +188,15 @@ class TestbedPipeline(DiffusionPipeline):
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompt, length)
         return embeds.to(self._execution_device).repeat_interleave(num_videos_per_prompt, dim=0)
 
-    def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs) -> None:
+    def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
+                      num_inference_steps: int, num_videos_per_prompt: int) -> None:
+        for name, value in (("num_inference_steps", num_inference_steps),
+                            ("num_videos_per_prompt", num_videos_per_prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
+            raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
+                             f"got prompt={prompt!r}")
         multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
@@ -275,14 +283,8 @@ class TestbedPipeline(DiffusionPipeline):
         Returns:
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
         """
-        self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs)
-        for name, value in (("num_inference_steps", num_inference_steps),
-                            ("num_videos_per_prompt", num_videos_per_prompt)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
-        if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
-            raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
-                             f"got prompt={prompt!r}")
+        self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt, prompt_embeds,
+                           num_inference_steps, num_videos_per_prompt)
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
