@@ -63,31 +63,31 @@ class SparseProcessor:
             raise NotImplementedError(not_parallel_message(type(self)))
 
     def prompt_padding(self, attention_mask, text_len: int):
-        """Each prompt's length under a mask of the prompts' padding (`read_prompt_mask`, once per call), `None`
+        """The prompts' valid keys under a mask of their padding (`read_prompt_mask`, once per call), `None`
         without a mask, or `False` for a mask of another kind, which the caller leaves to the original processor
         (logged dense here)."""
         if attention_mask is None:
             return None
         # Every block of a call gets the same mask: read it once (a host sync on a GPU).
-        lengths = self.runtime.once_per_call(attention_mask, lambda mask: self.read_prompt_mask(mask, text_len))
-        if lengths is None:
+        valid = self.runtime.once_per_call(attention_mask, lambda mask: self.read_prompt_mask(mask, text_len))
+        if valid is None:
             self.runtime.log_dense(self.layer)
             return False
-        return lengths
+        return valid
 
-    def read_prompt_mask(self, mask: torch.Tensor, text_len: int) -> list[int] | None:
-        """Each prompt's valid text length under `mask`, or `None` when it is not a mask of the prompts' padding: by
-        default a boolean key mask (`valid_text_prefixes`); a family whose mask means something else overrides this
-        and `attend_prompts` (Chroma)."""
-        return valid_text_prefixes(mask, text_len)
+    def read_prompt_mask(self, mask: torch.Tensor, text_len: int) -> list | None:
+        """The prompts' valid keys under `mask`, or `None` when it is not a mask of the prompts' padding: by
+        default a boolean key mask over `[text, image]` (`valid_text_key_groups`); a family whose mask means
+        something else overrides this and `attend_prompts` (Chroma)."""
+        return valid_text_key_groups(mask, text_len)
 
-    def attend_prompts(self, query, key, value, lengths: list[int] | None, text_len: int) -> torch.Tensor:
-        """`runtime.attention` on this layer for a `[text, image]` call whose prompts have `lengths` valid tokens of
-        `text_len` (`prompt_padding`): the call as it is when none is padded, else each without its padding
-        (`attend_without_text_padding`)."""
-        if lengths is None or set(lengths) == {text_len}:
+    def attend_prompts(self, query, key, value, valid: list | None, text_len: int) -> torch.Tensor:
+        """`runtime.attention` on this layer for a `[text, image]` call whose prompts' valid keys are `valid`
+        (`prompt_padding`): the call as it is when no key is masked, else each prompt without its padding
+        (`attend_kept_tokens`)."""
+        if not valid:
             return self.runtime.attention(self.layer, query, key, value)
-        return attend_without_text_padding(self.runtime, self.layer, query, key, value, lengths, text_len)
+        return attend_kept_tokens(self.runtime, self.layer, query, key, value, valid)
 
     def sequence_shard(self, local_length: int) -> tuple[int, int]:
         """`(index of this process's first token in the whole sequence, the whole sequence's length)` for a call
@@ -623,14 +623,12 @@ def boolean_key_rows(mask: torch.Tensor) -> torch.Tensor | None:
     return mask[:, 0, 0]
 
 
-def valid_text_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
-    """Each prompt's valid text length from a `(B, 1, 1, S)` boolean key mask over `[text, image]` whose masked
-    keys are each prompt's padding (a tail of its `text_len` text tokens), or `None` for a mask of another kind (an
-    image key masked, valid text that is not a prefix, not boolean): the original computes it."""
+def valid_text_key_groups(mask: torch.Tensor, text_len: int) -> list | None:
+    """`valid_key_groups` of a `(B, 1, 1, S)` boolean key mask over `[text, image]` whose masked keys are each
+    prompt's padding, wherever it lies in the first `text_len` tokens (after the prompt as most tokenizers put it,
+    before it under left padding, before a template's suffix as Krea 2's pipelines put it); `[]` when no key is
+    masked; `None` for a mask of another kind (an image key masked, not boolean): the original computes it."""
     keys = boolean_key_rows(mask)
     if keys is None or not keys[:, text_len:].all():
         return None
-    try:
-        return prefix_lengths(keys[:, :text_len])
-    except ValueError:
-        return None
+    return valid_key_groups(keys) or []

@@ -75,7 +75,8 @@ class FluxCopyAttention(SparseProcessor):
     """The sparse path of a family's own copy of `FluxAttnProcessor` (LongCat-Image, Ovis-Image, Bria 3.2 and FIBO),
     placed before the copy's class, whose `__call__` stays the dense path; `projections`: the copy's module's
     `_get_qkv_projections`. A boolean key mask that masks each prompt's padding (Bria FIBO's, for prompts of
-    different lengths in one call) leaves the padding out, prompts of equal length together; a mask of another kind
+    different lengths in one call, wherever the tokenizer pads) leaves the padding out, prompts with the same mask
+    together; a mask of another kind
     runs the original, counted dense (Chroma reads and attends its own mask: `read_prompt_mask`, `attend_prompts`).
     The families have no diffusers context parallel plan."""
 
@@ -88,11 +89,11 @@ class FluxCopyAttention(SparseProcessor):
             return super().__call__(*original)
         self.check_not_parallel()
         text_len = self.runtime.call_text_tokens()
-        lengths = self.prompt_padding(attention_mask, text_len)
-        if lengths is False:
+        valid = self.prompt_padding(attention_mask, text_len)
+        if valid is False:
             return super().__call__(*original)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
-        out = self.attend_prompts(query, key, value, lengths, text_len).flatten(2, 3).to(query.dtype)
+        out = self.attend_prompts(query, key, value, valid, text_len).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)

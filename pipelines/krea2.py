@@ -3,9 +3,11 @@
 Every block's `attn` attends over `[text, image]`: the fused prompt, then the image's packed patches, whose grid the
 transformer's `position_ids` give (text rows zero, image rows `(0, h, w)`). The text fusion blocks (the prompt alone)
 stay dense. The prompt's padding is masked as keys (a `(B, 1, 1, S)` boolean mask the model builds from
-`encoder_attention_mask`): each prompt is attended without its padding, prompts of equal length together, on the
-layout with its own text span. Keys and values with fewer heads than the queries are repeated as the original
-repeats them, and the output is gated as the original gates it. The pipeline passes `t / 1000` as the timestep.
+`encoder_attention_mask`). The pipelines pad inside their template, `[prompt | padding | suffix]`, so a prompt's
+valid tokens are not a prefix: each prompt is attended over its valid keys wherever they lie, prompts with the same
+mask together, on the layout with a text span of its valid tokens. Keys and values with fewer heads than the
+queries are repeated as the original repeats them, and the output is gated as the original gates it. The pipeline
+passes `t / 1000` as the timestep.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
             return super().__call__(*original)
         self.check_not_parallel()
         text_len = self.runtime.call_layout().text_len
-        lengths = self.prompt_padding(attention_mask, text_len)
-        if lengths is False:
+        valid = self.prompt_padding(attention_mask, text_len)
+        if valid is False:
             return super().__call__(*original)
         query = attn.to_q(hidden_states).unflatten(-1, (attn.num_heads, attn.head_dim))
         key, value = (projection(hidden_states).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
@@ -46,7 +48,7 @@ class Krea2SparseAttnProcessor(SparseProcessor, Krea2AttnProcessor):
         # Grouped-query attention: each key and value head serves consecutive query heads.
         repeats = attn.num_heads // attn.num_kv_heads
         key, value = (x.repeat_interleave(repeats, dim=2) for x in (key, value))
-        out = self.attend_prompts(query, key, value, lengths, text_len)
+        out = self.attend_prompts(query, key, value, valid, text_len)
         return attn.to_out[0](out.flatten(2, 3) * torch.sigmoid(gate))
 
 

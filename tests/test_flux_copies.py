@@ -74,9 +74,10 @@ def tiny_transformer(name: str):
                        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6), **extra).eval()
 
 
-def inputs(name, reference=None, valid=None):
+def inputs(name, reference=None, valid=None, left_padded=False):
     """A call of `name`'s transformer; `valid`: one prompt per entry, its valid text length, the rest of its
-    `TEXT_LEN` tokens padding masked as keys (FIBO's pipeline's mask, through `joint_attention_kwargs`)."""
+    `TEXT_LEN` tokens padding masked as keys (FIBO's pipeline's mask, through `joint_attention_kwargs`), after the
+    prompt or, `left_padded`, before it."""
     _, _, ids, extra = FAMILIES[name]
     batch = 1 if valid is None else len(valid)
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +86,8 @@ def inputs(name, reference=None, valid=None):
             "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=generator),
             "timestep": torch.full((batch,), 0.5), "img_ids": img_ids, "txt_ids": txt_ids}
     if valid is not None:
-        text = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
+        position = torch.arange(TEXT_LEN - 1, -1, -1) if left_padded else torch.arange(TEXT_LEN)
+        text = position[None, :] < torch.tensor(valid)[:, None]
         mask = torch.cat([text, torch.ones(batch, img_ids.shape[0], dtype=torch.bool)], dim=1)
         call["joint_attention_kwargs"] = {"attention_mask": mask[:, None, None, :]}
     return call | (extra(batch) if extra else {})
@@ -114,6 +116,17 @@ def test_dense_identical_every_block_kept_and_the_layout(name, reference, valid,
         check_against_dense(tiny_transformer(name), lambda: inputs(name, reference, valid), block_size=8, order=order,
                             sparse=one_token)
     assert {called for _, called, _ in calls} == (layout if isinstance(layout, set) else {layout})
+
+
+def test_left_padded_prompts_are_attended_without_their_padding():
+    # FIBO's pipeline pads with its tokenizer's padding side: on the left the valid text is no prefix. (Running
+    # such calls dense, or attending the padding, fails it.)
+    one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        check_against_dense(tiny_transformer("Bria FIBO"), lambda: inputs("Bria FIBO", valid=(7, 4), left_padded=True),
+                            block_size=8, sparse=one_token)
+    assert {called for _, called, _ in calls} == {
+        VideoLayout(1, ROWS, COLS, text_len=n, text_position="start") for n in (7, 4)}
 
 
 def test_a_mask_of_another_kind_runs_the_original_and_counts_dense():

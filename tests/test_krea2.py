@@ -27,6 +27,14 @@ from helpers import (
 )
 
 TEXT_LEN, ROWS, COLS = 8, 8, 6
+# The pipelines pad inside their template, `[prompt | padding | suffix]`: the suffix's tokens are valid.
+SUFFIX = 2
+
+
+def template_mask(valid) -> torch.Tensor:
+    """The text mask the pipeline makes for prompts of `valid` tokens each (their suffix's included)."""
+    position = torch.arange(TEXT_LEN)[None, :]
+    return (position < torch.tensor(valid)[:, None] - SUFFIX) | (position >= TEXT_LEN - SUFFIX)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,7 @@ def inputs(valid=(TEXT_LEN,)):
     """A call as the pipeline makes it, one prompt per `valid` text length (padded to `TEXT_LEN`, masked)."""
     generator = torch.Generator().manual_seed(0)
     batch = len(valid)
-    mask = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
+    mask = template_mask(valid)
     return {"hidden_states": torch.randn(batch, ROWS * COLS, 8, generator=generator),
             "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 2, 8, generator=generator),
             "timestep": torch.full((batch,), 0.5),
@@ -54,8 +62,8 @@ def inputs(valid=(TEXT_LEN,)):
 
 @pytest.mark.parametrize("valid, order", [((TEXT_LEN,), None), ((TEXT_LEN,), TileOrder((1, 2, 2))), ((5, 3), None)])
 def test_dense_identical_every_block_kept_and_the_layouts(transformer, valid, order):
-    # (Attending the padding, tiling the grouped key heads instead of repeating each, or leaving the gate out,
-    # fails it.)
+    # (Attending the padding, running a padded call dense (its valid tokens are not a prefix), tiling the grouped
+    # key heads instead of repeating each, or leaving the gate out, fails it.)
     one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
     with recorded_attention_calls() as calls:
         check_against_dense(transformer, lambda: inputs(valid), block_size=8, order=order, sparse=one_token)
@@ -87,7 +95,7 @@ def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step
     call = {"height": 64, "width": 96, "num_inference_steps": 3, "output": "latents"}
     for name, valid in prompts.items():
         call[name] = torch.randn(2, TEXT_LEN, 2, 8, generator=g)
-        call[f"{name}_mask"] = torch.arange(TEXT_LEN)[None, :] < torch.tensor(valid)[:, None]
+        call[f"{name}_mask"] = template_mask(valid)
     stats, calls = check_modular_against_dense(pipe, call)
     # Every call on its own scheduler step, the first dense; a sparse call runs one attention per prompt length
     # in its batch.
