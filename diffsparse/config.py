@@ -136,6 +136,13 @@ class SparseConfig:
         ):
             raise ValueError(f"SparseConfig.density must be None or a number in (0, 1], got density={self.density!r}")
         _ = self.block_sizes  # validates
+        if self.density is not None and not self._pattern.solves_density:
+            # Found here, not at the first sparse call of a generation.
+            raise ValueError(
+                f"SparseConfig.density={self.density!r} needs a pattern with a parameter to solve for it (radial, "
+                f"window3d, spatial_temporal, searched, searched_windows, dense); {self._pattern!r} has none: set its "
+                f"parameters (for a combination, solve each part with at_density) and leave density=None"
+            )
         if self.density is not None and isinstance(self._pattern, (Searched, SearchedWindows)):
             # A searched pattern's density is its `keep`, which the search itself needs: set here, not solved
             # per layout after the fact.

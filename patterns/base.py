@@ -401,6 +401,12 @@ class Pattern(abc.ABC):
         generation and layer)."""
         return 0
 
+    @property
+    def solves_density(self) -> bool:
+        """Whether `at_density` can solve the pattern for a target density (`SparseConfig.density`): it has a main
+        parameter to solve, or an `at_density` of its own (the searched patterns' `keep`)."""
+        return type(self)._density_knob is not Pattern._density_knob or type(self).at_density is not Pattern.at_density
+
     def _density_knob(self, layout: VideoLayout):
         """`(make, lo, hi, breaks)`: `make(x)` is a copy of the pattern for parameter `x` in `[lo, hi]`,
         spanning its densities; density grows with `x` between consecutive `breaks` (empty when it grows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,6 +76,25 @@ class _Composed(Pattern):
 
     def __repr__(self) -> str:
         return f"({self.left!r} {self.symbol} {self.right!r})"
+
+    # The runtime fits the pattern it is given: a part fitted to the model's attention (`SpatialTemporal`'s heads)
+    # is fitted through the composition, else it would keep its unfitted mask for the whole generation.
+    @property
+    def data_dependent(self) -> bool:
+        return self.left.data_dependent or self.right.data_dependent
+
+    @property
+    def refit_every(self) -> int:
+        return min((n for n in (self.left.refit_every, self.right.refit_every) if n), default=0)
+
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None):
+        """A copy with each part fitted ([`Pattern.fit`]); static parts return themselves."""
+        left, right = (
+            part.fit(query, key, value, layout, block_size, order=order, generator=generator, within=within,
+                     shard=shard)
+            for part in (self.left, self.right)
+        )
+        return replace(self, left=left, right=right)
 
 
 @dataclass(frozen=True, repr=False)

@@ -115,7 +115,7 @@ class BlockedAttention:
         """`density`, `rel_l2` (`||O_sparse - O_dense|| / ||O_dense||`) and `recall` (mean dense attention
         mass inside the kept blocks) of block-sparse attention under `pattern`."""
         bq = self.block_size[0]
-        blocks = pattern.block_mask(self.layout, self.block_size, self.order)[0]
+        blocks = _one_head_blocks(pattern, self.layout, self.block_size, self.order)
         keep = blocks.repeat_interleave(bq, dim=0)[: self.layout.num_tokens].float()  # (N, nk)
         kept_mass = (keep * self.mass).sum(-1)
         sparse = torch.einsum("ik,ikd->id", keep, self.partial) / kept_mass[:, None]
@@ -124,6 +124,17 @@ class BlockedAttention:
             "rel_l2": ((sparse - self.dense).norm() / self.dense.norm()).item(),
             "recall": kept_mass.mean().item(),
         }
+
+
+def _one_head_blocks(pattern: Pattern, layout: VideoLayout, block_size, order) -> torch.Tensor:
+    """The block mask of a pattern with one mask for every head: the study scores one head's logits, and scoring
+    them under another head's mask (or the first of several) would report a density the pattern does not have."""
+    if pattern.num_heads != 1:
+        raise ValueError(
+            f"the spatial study scores one head's attention, so it takes a pattern with one mask for every head, got "
+            f"{pattern!r} with {pattern.num_heads} heads"
+        )
+    return pattern.block_mask(layout, block_size, order)[0]
 
 
 def attention_error(
@@ -163,7 +174,7 @@ def attention_error(
     perm = order.permutation(layout)
     logits, values = logits[perm][:, perm], values[perm]
     n = layout.num_tokens
-    blocks = pattern.block_mask(layout, (bq, bk), order)[0]
+    blocks = _one_head_blocks(pattern, layout, (bq, bk), order)
     keep = blocks.repeat_interleave(bq, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :n]
     dense = torch.softmax(logits, dim=-1)
     sparse = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)

@@ -12,6 +12,8 @@ from .causal import FrameCausal
 from .layout import VideoLayout
 
 KINDS = ("spatial", "temporal")
+# The repr's one letter per head, which `heads` also takes.
+_LETTERS = {kind[0].upper(): kind for kind in KINDS}
 # Elements per vectorised chunk of the token-level reference.
 _CHUNK_ELEMENTS = 1 << 18
 # float32 elements per head chunk of `classify` (key copy or sampled probabilities): 64 MB.
@@ -75,8 +77,9 @@ class SpatialTemporal(Pattern):
             only). Scaled by [`~Pattern.at_density`], together with `width`.
         width (`int`, *optional*, defaults to `1`): row/column radius of temporal heads, `>= 0` (`0`: the same
             position only): a `(2 * width + 1)**2` window.
-        heads (`tuple[str, ...]`, *optional*, defaults to `None`): one kind per head, `"spatial"` or
-            `"temporal"`; `None` gives one shared mask, the union of both kinds. A list is turned into a tuple.
+        heads (`tuple[str, ...]` or `str`, *optional*, defaults to `None`): one kind per head, `"spatial"` or
+            `"temporal"`, or a string of one letter per head, `S` or `T` (as the repr writes them: `"STT"`);
+            `None` gives one shared mask, the union of both kinds. A list or string is turned into a tuple of kinds.
         num_samples (`int`, *optional*, defaults to `32`): query rows sampled by [`~SpatialTemporal.classify`],
             `>= 1`. It does not change the masks.
 
@@ -90,7 +93,7 @@ class SpatialTemporal(Pattern):
         torch.Size([1, 16, 16])
         >>> per_head = pattern.with_heads(["spatial", "temporal", "temporal"])
         >>> per_head
-        spatial_temporal(frames=1, width=1, heads=STT)
+        spatial_temporal(frames=1, width=1, heads='STT')
         >>> per_head.block_mask(layout, 128).shape
         torch.Size([3, 16, 16])
     """
@@ -108,10 +111,17 @@ class SpatialTemporal(Pattern):
         _check_count("SpatialTemporal", "num_samples", self.num_samples, 1, "an int >= 1 (sampled query rows)")
         heads = self.heads
         if heads is not None:
-            if isinstance(heads, str) or not isinstance(heads, (tuple, list)) or not heads:
+            if isinstance(heads, str):
+                if not heads or set(heads) - set(_LETTERS):
+                    raise ValueError(
+                        f"SpatialTemporal.heads as a string must be one letter per head, S (spatial) or T "
+                        f"(temporal), got heads={heads!r}"
+                    )
+                heads = tuple(_LETTERS[letter] for letter in heads)
+            if not isinstance(heads, (tuple, list)) or not heads:
                 raise ValueError(
-                    f"SpatialTemporal.heads must be None or a non-empty tuple of kinds from {KINDS}, got "
-                    f"heads={heads!r}"
+                    f"SpatialTemporal.heads must be None, a non-empty tuple of kinds from {KINDS} or a string of S "
+                    f"and T, got heads={heads!r}"
                 )
             for i, kind in enumerate(heads):
                 if kind not in KINDS:
@@ -123,7 +133,7 @@ class SpatialTemporal(Pattern):
         return 1 if self.heads is None else len(self.heads)
 
     def __repr__(self) -> str:
-        extra = "" if self.heads is None else ", heads=" + "".join(kind[0].upper() for kind in self.heads)
+        extra = "" if self.heads is None else f", heads={''.join(kind[0].upper() for kind in self.heads)!r}"
         if self.num_samples != 32:
             extra += f", num_samples={self.num_samples!r}"
         return f"{self.name}(frames={self.frames!r}, width={self.width!r}{extra})"
@@ -138,7 +148,7 @@ class SpatialTemporal(Pattern):
 
         Example:
             >>> SpatialTemporal(frames=2).with_heads(("temporal", "spatial"))
-            spatial_temporal(frames=2, width=1, heads=TS)
+            spatial_temporal(frames=2, width=1, heads='TS')
         """
         return replace(self, heads=kinds)
 

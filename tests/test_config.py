@@ -3,7 +3,7 @@
 import pytest
 
 from diffsparse import SparseConfig
-from diffsparse.patterns import Radial
+from diffsparse.patterns import FrameSink, Radial, Window3D
 
 
 @pytest.mark.parametrize(
@@ -85,10 +85,24 @@ def test_dense_layers_int_and_list():
     assert [i for i in range(5) if SparseConfig(dense_layers=[0, 3]).is_dense_layer(i)] == [0, 3]
 
 
-def test_unknown_step_count_refuses_fractions():
+def test_unknown_step_count_refuses_fractions_and_last_steps():
     with pytest.raises(ValueError, match="dense_steps"):
         SparseConfig(dense_steps=0.2).is_dense_step(0, None)
+    # Without the step count the last steps are unknown: running them sparse would ignore the setting.
+    with pytest.raises(ValueError, match="dense_last_steps"):
+        SparseConfig(dense_steps=2, dense_last_steps=1).is_dense_step(0, None)
     assert SparseConfig(dense_steps=2).is_dense_step(1, None)
+    assert not SparseConfig(dense_steps=2).is_dense_step(2, None)
+
+
+def test_a_density_needs_a_pattern_it_can_solve():
+    # Refused when the config is made, not at the first sparse call of a generation.
+    for pattern in (FrameSink(), Window3D() | FrameSink()):
+        with pytest.raises(ValueError, match=r"SparseConfig.density=0.3 needs a pattern with a parameter"):
+            SparseConfig(pattern=pattern, density=0.3)
+        SparseConfig(pattern=pattern)
+    for pattern in ("radial", "window3d", "spatial_temporal", "searched", "searched_windows", "dense"):
+        SparseConfig(pattern=pattern, density=0.3)
 
 
 def test_correction_refresh_needs_a_correction():

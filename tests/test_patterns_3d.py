@@ -329,6 +329,17 @@ def test_blocked_attention_matches_direct_masked_softmax():
     assert math.isclose(fast["recall"], direct["recall"], rel_tol=1e-5)
 
 
+def test_the_spatial_study_refuses_patterns_with_a_mask_per_head():
+    # One head's logits scored under the first of several masks would report that head's density as the pattern's.
+    layout = VideoLayout(4, 4, 4)
+    logits, values = synthetic_logits(layout), torch.randn(layout.num_tokens, 8)
+    per_head = Window3D([(1, 1, 1), (9, 9, 9)])
+    with pytest.raises(ValueError, match="one mask for every head, got window3d.* with 2 heads"):
+        attention_error(per_head, layout, 16, logits, values)
+    with pytest.raises(ValueError, match="one mask for every head"):
+        BlockedAttention(layout, 16, logits, values).error(per_head)
+
+
 # Composition ------------------------------------------------------------------------------------------------
 
 

@@ -38,15 +38,18 @@ def test_a_density_is_solved_once_per_layout_for_plans_that_differ_in_dense_fram
     assert solved == [layout, VideoLayout(5, 8, 6)]
 
 
-def test_plan_cache_is_bounded():
+def test_plan_cache_is_bounded_least_recently_used_out_first():
     runtime = SparseRuntime(SparseConfig(block_size=16), "transformer")
+    cpu = torch.device("cpu")
     layouts = [VideoLayout(2, 2, w) for w in range(1, _PLAN_CACHE_SIZE + 3)]
-    for layout in layouts:
-        runtime.plan(layout, heads=1, device=torch.device("cpu"))
+    built = [runtime.plan(layout, heads=1, device=cpu) for layout in layouts]
     assert len(runtime._plans) == _PLAN_CACHE_SIZE
-    # The oldest entries went first; the newest are still cached.
-    newest = runtime.plan(layouts[-1], heads=1, device=torch.device("cpu"))
-    assert runtime.plan(layouts[-1], heads=1, device=torch.device("cpu")) is newest
+    # The two oldest went, the others are cached; a cached plan just used outlives one used longer ago.
+    assert runtime.plan(layouts[2], heads=1, device=cpu) is built[2]
+    assert runtime.plan(layouts[0], heads=1, device=cpu) is not built[0]  # rebuilt: layouts[3]'s plan goes
+    assert runtime.plan(layouts[2], heads=1, device=cpu) is built[2]
+    assert all(runtime.plan(layout, heads=1, device=cpu) is plan for layout, plan in zip(layouts[4:], built[4:]))
+    assert runtime.plan(layouts[3], heads=1, device=cpu) is not built[3]
 
 
 def test_tile_order_plans_carry_their_permutation():

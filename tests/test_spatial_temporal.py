@@ -9,6 +9,7 @@ import torch
 from diffsparse.patterns import (
     PATTERNS,
     FrameCausal,
+    FrameSink,
     Radial,
     SpatialTemporal,
     TileOrder,
@@ -172,6 +173,21 @@ def test_classify_recovers_planted_kinds(dtype):
     assert classified.block_mask(layout, 32).shape[0] == 6
 
 
+def test_a_composition_classifies_its_spatial_temporal_part():
+    # The runtime fits only data-dependent patterns: a composition that did not say it is one, or fitted only one
+    # part, would keep the unclassified union of both kinds for the whole generation.
+    layout = VideoLayout(6, 6, 8)
+    q, k = _planted(layout, KINDS_PLANTED)
+    part = SpatialTemporal(frames=1, width=1, num_samples=16)
+    for composed in (part | FrameSink(), FrameSink() & part):
+        assert composed.data_dependent and composed.refit_every == 0
+        fitted = composed.fit(q, k, k, layout, 32, generator=torch.Generator().manual_seed(0))
+        classified = fitted.left if fitted.left.name == "spatial_temporal" else fitted.right
+        assert classified == part.with_heads(KINDS_PLANTED) and fitted.num_heads == 6
+        assert fitted.density(layout, 32) < composed.density(layout, 32)
+    assert not (Radial() | FrameSink()).data_dependent
+
+
 def test_classify_ignores_text_tokens():
     layout = VideoLayout(5, 4, 6, text_len=7, text_position="start")
     q, k = _planted(layout, ("temporal", "spatial"), batch=1)
@@ -287,8 +303,9 @@ def test_classify_validation(args, match):
         ({"width": -2}, "width must be an int >= 0.*width=-2"),
         ({"width": "1"}, "width"),
         ({"num_samples": 0}, "num_samples must be an int >= 1.*num_samples=0"),
-        ({"heads": ()}, r"heads must be None or a non-empty tuple"),
-        ({"heads": "spatial"}, r"heads must be None"),
+        ({"heads": ()}, r"heads must be None, a non-empty tuple"),
+        ({"heads": "spatial"}, r"heads as a string must be one letter per head, S \(spatial\) or T.*'spatial'"),
+        ({"heads": ""}, r"heads as a string must be one letter per head"),
         ({"heads": ("spatial", "diagonal")}, r"heads\[1\] must be one of \('spatial', 'temporal'\).*'diagonal'"),
         ({"heads": 2}, r"heads must be None"),
     ],
@@ -313,8 +330,11 @@ def test_repr_registry_and_hashing():
     assert repr(SpatialTemporal()) == "spatial_temporal(frames=1, width=1)"
     assert (
         repr(SpatialTemporal(frames=2, heads=("spatial", "spatial", "temporal", "temporal")))
-        == "spatial_temporal(frames=2, width=1, heads=SSTT)"
+        == "spatial_temporal(frames=2, width=1, heads='SSTT')"
     )
+    # The repr is a pattern string again (an eval table's pattern column works as --pattern).
+    classified = SpatialTemporal(frames=2, num_samples=8, heads=("temporal", "spatial"))
+    assert get_pattern(repr(classified)) == classified == SpatialTemporal(frames=2, num_samples=8, heads="TS")
     assert repr(SpatialTemporal(num_samples=8)) == "spatial_temporal(frames=1, width=1, num_samples=8)"
     assert PATTERNS["spatial_temporal"] is SpatialTemporal
     assert get_pattern("spatial_temporal") == SpatialTemporal()
