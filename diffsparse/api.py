@@ -99,7 +99,7 @@ class SparseHandle:
         for name, transformer in self._transformers.items():
             adapter = adapter_for(transformer)
             made.append((name, transformer, adapter, {
-                module: adapter.make_processor(module.processor, self.runtimes[name], layer)
+                module: adapter.make_processor(module.processor, self.runtimes[name], layer, transformer)
                 for layer, module in adapter.self_attention_modules(transformer)
             }))
         _check_dense_layers(self.config.dense_layers, {

@@ -27,6 +27,10 @@ class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
     """`AllegroAttnProcessor2_0` whose self-attention runs block-sparse when the runtime says so; dense calls run
     the original `__call__` unchanged."""
 
+    # No diffusers plan; the original's class has no `_parallel_config`, so its own dense calls would attend only
+    # a rank's share of the tokens under a user's plan.
+    context_parallel = False
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
@@ -34,6 +38,7 @@ class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
             return super().__call__(*original)
         if self.stays_dense(attention_mask):  # a video padding mask is token-level: the original, counted dense
             return super().__call__(*original)
+        self.check_not_parallel()
         query, key, value = (
             layer(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for layer in (attn.to_q, attn.to_k, attn.to_v)
         )

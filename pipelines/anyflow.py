@@ -99,6 +99,10 @@ class AnyFlowFARSparseAttnProcessor(SparseProcessor, AnyFlowCausalAttnProcessor)
     """`AnyFlowCausalAttnProcessor` whose KV-cached denoising steps run block-sparse when the runtime says so: the
     chunk's queries against the cached tokens (kept whole) and the chunk's own keys (the pattern's)."""
 
+    # No diffusers plan, and the sparse path attends the chunk it holds: under a user's plan that would be a rank's
+    # share (the original needs the flex backend, which diffusers' context parallelism does not take).
+    context_parallel = False
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  kv_cache=None, kv_cache_flag=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, kv_cache, kv_cache_flag)
@@ -106,6 +110,7 @@ class AnyFlowFARSparseAttnProcessor(SparseProcessor, AnyFlowCausalAttnProcessor)
         cached_step = kv_cache is not None and not kv_cache_flag["is_cache_step"]
         if encoder_hidden_states is not None or self.stays_dense(attention_mask) or not cached_step:
             return super().__call__(*original)
+        self.check_not_parallel()
         # The cache's keys (index 0) and values (1): the compressed chunks', then the full ones'.
         cached = tuple(
             torch.cat([kv_cache["compressed_cache"][i, :, :, : kv_cache_flag["num_cached_compressed_tokens"]],

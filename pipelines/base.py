@@ -29,6 +29,10 @@ class SparseProcessor:
     `set_attention_backend` and context parallelism behave as before on the dense calls, which run the original
     `__call__` unchanged."""
 
+    # Declared so that `enable_parallelism` after `apply` sets it on every sparse processor (diffusers sets it only
+    # where the attribute exists), so that a family that does not shard sees it and refuses (`check_not_parallel`).
+    _parallel_config = None
+
     def __init__(self, runtime, layer: int, original=None):
         super().__init__()
         self.runtime = runtime
@@ -50,10 +54,12 @@ class SparseProcessor:
             return True
         return not self.runtime.route(self.layer)
 
-    # Whether the sparse path shards this family's sequence under context parallelism. `False` for the
-    # families diffusers gives no context parallel plan (only a user's own plan reaches them, splitting streams the
-    # adapter does not know): refused at `apply` when parallelism is already enabled, else at the first sparse call
-    # (`check_not_parallel`), rather than computing a wrong result.
+    # Whether the sparse path gives one process's result under context parallelism: `True` where diffusers splits
+    # the family's self-attention sequence contiguously and the adapter gathers it (`attend_video` and the joint
+    # paths), under the family's diffusers plan or, for the families that have none but a video-only sequence (Wan
+    # VACE, Wan Animate, SkyReels-V2, Kandinsky 5 and 6, AnyFlow), a plan of the user's own. `False` elsewhere:
+    # refused at `apply` when parallelism is already enabled, else at the first sparse call (`check_not_parallel`),
+    # rather than computing a wrong result.
     context_parallel = True
 
     def check_not_parallel(self) -> None:
@@ -263,12 +269,15 @@ class SparseFrameSelfAttention(SparseProcessor):
     (Latte's spatial blocks, PixArt's `attn1`), placed before the processor class; cross-attention calls, other
     module kinds and dense calls run the original `__call__` unchanged."""
 
+    context_parallel = False  # no diffusers plan, and `attend_frame` does not gather a split sequence
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
         if encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             return super().__call__(*original, **kwargs)  # not a plain self-attention
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
+        self.check_not_parallel()
         return self.attend_frame(attn, hidden_states)
 
 
@@ -286,7 +295,8 @@ class FusedFrameSelfAttention(SparseFrameSelfAttention, FusedAttnProcessor2_0):
 def not_parallel_message(processor_class: type) -> str:
     return (
         f"diffsparse runs sparse attention under context parallelism on the families diffusers gives a context "
-        f"parallel plan (Wan, ChronoEdit, LTX-Video, Helios, MiniMax-H3, FLUX.1, FLUX.2, Qwen-Image), not on "
+        f"parallel plan (Wan, ChronoEdit, LTX-Video, Helios, MiniMax-H3, FLUX.1, FLUX.2, Qwen-Image) and, under a "
+        f"plan of your own, on Wan VACE, Wan Animate, SkyReels-V2, Kandinsky 5 and 6 and AnyFlow, not on "
         f"{processor_class.__name__}; disable parallelism or use pattern='dense'"
     )
 
@@ -392,10 +402,11 @@ class ModelAdapter(ABC):
         for index, block in enumerate(blocks):
             yield index, operator.attrgetter(self.attention_name)(block)
 
-    def make_processor(self, original, runtime, layer: int):
-        """A sparse processor that replaces `original` on layer `layer`; anything but the family's own processor
-        class is refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes something
-        else, and replacing it would silently change results)."""
+    def make_processor(self, original, runtime, layer: int, transformer=None):
+        """A sparse processor that replaces `original` on layer `layer` of `transformer`; anything but the family's
+        own processor class is refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes
+        something else, and replacing it would silently change results), and so is a family that does not shard
+        under context parallelism already enabled."""
         pairs = dict(self.processor_pairs or [(self.original_processor, self.sparse_processor)])
         sparse = pairs.get(type(original))
         if sparse is None:
@@ -405,7 +416,10 @@ class ModelAdapter(ABC):
                 f"replaces only {' and '.join(cls.__name__ for cls in pairs)} (remove other processors first, e.g. "
                 f"LoRA, IP-Adapter or caching ones{unfuse})"
             )
-        if not sparse.context_parallel and context_parallel_config(original) is not None:
+        # diffusers sets the config on the model, and on the processors only of classes that have the attribute
+        # (not AttnProcessor2_0's, PixArt's, for one).
+        enabled = (context_parallel_config(original), context_parallel_config(transformer))
+        if not sparse.context_parallel and enabled != (None, None):
             raise NotImplementedError(not_parallel_message(sparse))
         _share_layer_skip_entry(type(original), sparse)
         return sparse(runtime, layer, original)

@@ -37,9 +37,14 @@ class CosmosSparseAttnProcessor(SparseProcessor, CosmosAttnProcessor2_0):
     """`CosmosAttnProcessor2_0` whose self-attention runs block-sparse when the runtime says so; dense calls run the
     original `__call__` unchanged."""
 
+    # No diffusers plan; the original's class has no `_parallel_config`, so its own dense calls would attend only
+    # a rank's share of the tokens under a user's plan.
+    context_parallel = False
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None or self.stays_dense(attention_mask):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.check_not_parallel()
         query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb)
         out = self.attend_video(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

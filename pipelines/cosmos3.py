@@ -44,9 +44,14 @@ class Cosmos3SparseAttnProcessor(SparseProcessor, Cosmos3AttnProcessor):
     """`Cosmos3AttnProcessor` whose generation pathway runs block-sparse when the runtime says so; dense calls run
     the original `__call__` unchanged."""
 
+    # No diffusers plan, and the sparse path attends the tensors it holds: under a user's plan those would be a
+    # rank's share (diffusers itself refuses the understanding pathway's causal attention under one).
+    context_parallel = False
+
     def __call__(self, attn, und_seq, gen_seq, rotary_emb):
         if not self.runtime.route(self.layer):
             return super().__call__(attn, und_seq, gen_seq, rotary_emb)
+        self.check_not_parallel()
 
         def heads(projection, x, count):
             return projection(x).view(-1, count, attn.head_dim)

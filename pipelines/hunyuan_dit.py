@@ -19,6 +19,8 @@ class HunyuanDiTSparseAttention(SparseProcessor):
     `HunyuanAttnProcessor2_0` or its fused version; cross-attention and dense calls run the original `__call__`
     unchanged."""
 
+    context_parallel = False  # no diffusers plan, and `attend_frame` does not gather a split sequence
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
@@ -26,6 +28,7 @@ class HunyuanDiTSparseAttention(SparseProcessor):
             return super().__call__(*original)  # not a plain self-attention
         if self.stays_dense(attention_mask):  # the model passes no mask here; a caller's is the original's to apply
             return super().__call__(*original)
+        self.check_not_parallel()
         return self.attend_frame(attn, hidden_states, image_rotary_emb)
 
 

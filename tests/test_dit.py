@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
+import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
 
 from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
@@ -34,6 +35,41 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(dit_p
 
 def test_other_processors_are_refused_and_the_model_left_untouched(dit_pipe):
     check_other_processors_are_refused(dit_pipe, "DiT", layer=1)
+
+
+def test_context_parallelism_is_refused_though_the_processors_do_not_carry_it(dit_pipe):
+    # DiT has no diffusers plan and the frame path does not gather a split sequence. `AttnProcessor2_0` has no
+    # `_parallel_config`: `enable_parallelism` sets it on the model, and on the processors that declare it.
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    transformer = dit_pipe.transformer
+    parallel = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=0)
+
+    def processors():
+        return [module.processor for module in transformer.modules() if hasattr(module, "processor")]
+
+    def enable():
+        transformer._parallel_config = parallel
+        for processor in processors():
+            if hasattr(processor, "_parallel_config"):
+                processor._parallel_config = parallel
+
+    before = [type(p) for p in processors()]
+    try:
+        enable()
+        with pytest.raises(NotImplementedError, match="not on FrameSelfAttention"):
+            diffsparse.apply(dit_pipe, config)
+        assert [type(p) for p in processors()] == before
+        transformer._parallel_config = None
+        diffsparse.apply(dit_pipe, config)
+        enable()  # after apply
+        with pytest.raises(NotImplementedError, match="not on FrameSelfAttention"):
+            dit_pipe(class_labels=[3], num_inference_steps=1, output_type="pt")
+    finally:
+        diffsparse.remove(dit_pipe)
+        transformer._parallel_config = None
+    assert [type(p) for p in processors()] == before
 
 
 def test_the_compare_command_takes_the_class_labels_from_call_kwargs(dit_pipe, tmp_path, capsys):
