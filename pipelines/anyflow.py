@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_anyflow_far import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, patched_grid
 from .registry import register_adapter
 
 
@@ -149,8 +149,7 @@ class AnyFlowFARAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         chunks = list(call_argument(args, kwargs, "chunk_partition", 4))
-        cache, flag = (kwargs.get(name, args[i] if len(args) > i else None)
-                       for name, i in (("kv_cache", 8), ("kv_cache_flag", 9)))
+        cache, flag = (forward_input(transformer, args, kwargs, name) for name in ("kv_cache", "kv_cache_flag"))
         if cache is None or flag is None or flag["is_cache_step"]:
             return None, timestep  # the cache step or the uncached rollout: the original, under its mask
         config = transformer.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -505,6 +506,21 @@ def leading_run(flags: torch.Tensor) -> int:
     """How many leading entries of a boolean vector are true (token-coordinate reading: LTX, LTX-2)."""
     false = (~flags).nonzero()
     return int(false[0]) if len(false) else len(flags)
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> list[str]:
+    return list(inspect.signature(model_class.forward).parameters)[1:]  # without `self`
+
+
+def forward_input(model: torch.nn.Module, args: tuple, kwargs: dict, name: str):
+    """The forward argument `name` of this call of `model`, given by keyword or by position (found in the forward's
+    signature), or `None` when the call leaves it out."""
+    if name in kwargs:
+        return kwargs[name]
+    parameters = _forward_parameters(type(model))
+    index = parameters.index(name) if name in parameters else len(args)
+    return args[index] if index < len(args) else None
 
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):

@@ -26,6 +26,7 @@ from .base import (
     SparseProcessor,
     attend_valid_prefixes,
     call_argument,
+    forward_input,
     prefix_lengths,
     references_with_text,
 )
@@ -80,8 +81,8 @@ class BriaFibo2Adapter(ModelAdapter):
         latents = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         text = call_argument(args, kwargs, "encoder_hidden_states", 2)
-        mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
-        contexts = kwargs.get("context_latents", args[4] if len(args) > 4 else None) or []
+        mask = forward_input(transformer, args, kwargs, "encoder_attention_mask")
+        contexts = forward_input(transformer, args, kwargs, "context_latents") or []
         config = transformer.config
         patch = config.patch_size
         height, width = latents.shape[-2] // patch, latents.shape[-1] // patch

@@ -15,7 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, project_joint_output, project_qkv
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, project_joint_output, project_qkv
 from .registry import register_adapter
 
 
@@ -62,7 +62,7 @@ class EasyAnimateAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         text = call_argument(args, kwargs, "encoder_hidden_states", 3)
-        text_t5 = kwargs.get("encoder_hidden_states_t5", args[4] if len(args) > 4 else None)
+        text_t5 = forward_input(transformer, args, kwargs, "encoder_hidden_states_t5")
         text_len = text.shape[1] + (0 if text_t5 is None else text_t5.shape[1])
         _, _, frames, height, width = hidden_states.shape
         p = transformer.config.patch_size

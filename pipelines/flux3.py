@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_flux3 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, references_with_text
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, references_with_text
 from .registry import register_adapter
 
 
@@ -85,7 +85,7 @@ class Flux3Adapter(ModelAdapter):
         # The pipeline passes `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
         timestep = call_argument(args, kwargs, "timestep", 2) * 1000
         img_ids = call_argument(args, kwargs, "img_ids", 3)
-        references = kwargs.get("image_cond_ids", args[6] if len(args) > 6 else None)
+        references = forward_input(transformer, args, kwargs, "image_cond_ids")
         img_ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).float().cpu()
         grid = row_major_grid(img_ids)
         if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:

@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_helios import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, latent_grid, patch_count
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, latent_grid, patch_count
 from .registry import register_adapter
 
 # The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), and
@@ -30,13 +30,15 @@ from .registry import register_adapter
 _HISTORY_TERMS = (("short", 1), ("mid", 2), ("long", 4))
 
 
-def history_tokens(patch_size: tuple[int, int, int], kwargs: dict) -> int:
+def history_tokens(transformer, args: tuple, kwargs: dict) -> int:
     """How many memory tokens the transformer puts in front of the chunk: a term counts when both its latents and
-    its frame indices are given; the mid and long terms are padded up to whole patches first, as Helios does."""
+    its frame indices are given (by keyword or position); the mid and long terms are padded up to whole patches
+    first, as Helios does."""
+    patch_size = transformer.config.patch_size
     total = 0
     for name, scale in _HISTORY_TERMS:
-        latents = kwargs.get(f"latents_history_{name}")
-        if latents is None or kwargs.get(f"indices_latents_history_{name}") is None:
+        latents = forward_input(transformer, args, kwargs, f"latents_history_{name}")
+        if latents is None or forward_input(transformer, args, kwargs, f"indices_latents_history_{name}") is None:
             continue
         total += patch_count(latents.shape[2:], [scale * p for p in patch_size], padded=scale > 1)
     return total
@@ -82,7 +84,7 @@ class HeliosAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         grid = latent_grid(hidden_states, transformer.config.patch_size)
-        history = history_tokens(transformer.config.patch_size, kwargs)
+        history = history_tokens(transformer, args, kwargs)
         return VideoLayout(*grid, text_len=history, text_position="start"), timestep
 
 

@@ -13,7 +13,7 @@ from diffusers import HunyuanImageTransformer2DModel
 from diffusers.models.transformers.transformer_hunyuanimage import HunyuanImageAttnProcessor
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, call_argument, patched_grid
+from .base import ModelAdapter, call_argument, forward_input, patched_grid
 from .hunyuan_video import HunyuanJointAttention
 from .registry import register_adapter
 
@@ -38,7 +38,7 @@ class HunyuanImageAdapter(ModelAdapter):
         sizes, patch = hidden_states.shape[2:], tuple(transformer.config.patch_size)
         grid = patched_grid(sizes, patch) if len(sizes) == 3 else patched_grid((1, *sizes), (1, *patch))
         text_len = text.shape[1]
-        glyphs = kwargs.get("encoder_hidden_states_2", args[5] if len(args) > 5 else None)
+        glyphs = forward_input(transformer, args, kwargs, "encoder_hidden_states_2")
         if glyphs is not None and transformer.context_embedder_2 is not None:  # the ByT5 tokens join the MLLM's
             text_len += glyphs.shape[1]
         return VideoLayout(*grid, text_len=text_len, text_position="end"), timestep

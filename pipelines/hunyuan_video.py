@@ -28,6 +28,7 @@ from .base import (
     JointVideoTextAttention,
     ModelAdapter,
     call_argument,
+    forward_input,
     latent_grid,
     patch_count,
     patch_size_3d,
@@ -123,8 +124,8 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
         history = 0
         for name, kernel in _FRAMEPACK_HISTORY:
-            latents = kwargs.get(name)
-            if latents is not None and kwargs.get(f"indices_{name}") is not None:
+            latents = forward_input(transformer, args, kwargs, name)
+            if latents is not None and forward_input(transformer, args, kwargs, f"indices_{name}") is not None:
                 history += patch_count(latents.shape[2:], kernel, padded=kernel != (1, 2, 2))
         text = int(mask.sum()) if hidden_states.shape[0] == 1 else encoder_hidden_states.shape[1]
         video = math.prod(grid)

@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_kandinsky import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, patched_grid
 from .registry import register_adapter
 
 
@@ -75,7 +75,7 @@ class Kandinsky5Adapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 2)
         layout = VideoLayout(*patched_grid(hidden_states.shape[1:4], transformer.config.patch_size))  # (B, T, H, W, C)
-        sparse_params = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
+        sparse_params = forward_input(transformer, args, kwargs, "sparse_params")
         if sparse_params is not None and sparse_params.get("to_fractal"):
             return layout, timestep, fractal_order(layout.frames, layout.height, layout.width)
         return layout, timestep

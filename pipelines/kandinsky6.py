@@ -40,7 +40,7 @@ from diffusers.models.transformers.transformer_kandinsky6 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, patched_grid
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, patched_grid
 from .registry import register_adapter
 
 
@@ -99,7 +99,7 @@ class Kandinsky6Adapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 3)
         layout = VideoLayout(*patched_grid(hidden_states.shape[1:4], transformer.config.patch_size))  # (B, T, H, W, C)
-        visual_rope_pos = kwargs.get("visual_rope_pos", args[5] if len(args) > 5 else None)
+        visual_rope_pos = forward_input(transformer, args, kwargs, "visual_rope_pos")
         if visual_rope_pos is None:
             return layout, timestep
         order = reference_first_order(tuple(visual_rope_pos[0].tolist()), layout.height * layout.width)

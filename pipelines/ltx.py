@@ -18,7 +18,7 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, leading_run
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, leading_run
 from .registry import register_adapter
 
 
@@ -85,12 +85,11 @@ class LTXAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 2)
-        grid = [kwargs.get(name, args[i] if len(args) > i else None) for i, name in
-                ((4, "num_frames"), (5, "height"), (6, "width"))]
+        grid = [forward_input(transformer, args, kwargs, name) for name in ("num_frames", "height", "width")]
+        coords = forward_input(transformer, args, kwargs, "video_coords")
         # LTXI2VLongMultiPromptPipeline passes 1 x 1 x 1 and the window's coordinates.
         placeholder = all(size is not None and int(size) == 1 for size in grid) and hidden_states.shape[1] > 1
-        if any(size is None for size in grid) or placeholder and kwargs.get("video_coords") is not None:
-            coords = kwargs.get("video_coords")
+        if any(size is None for size in grid) or placeholder and coords is not None:
             if coords is None:
                 raise ValueError(
                     "diffsparse reads the LTX token grid from the transformer's `num_frames`, `height` and `width`, "

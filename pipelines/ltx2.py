@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_ltx2 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, leading_run
+from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, leading_run
 from .registry import register_adapter
 
 _ROTARY = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}
@@ -98,10 +98,10 @@ class LTX2Adapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 4)
         tokens = hidden_states.shape[1]
-        grid = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+        grid = [forward_input(transformer, args, kwargs, name) for name in ("num_frames", "height", "width")]
+        coords = forward_input(transformer, args, kwargs, "video_coords")
         if any(size is None for size in grid):
             # LTX-2.5's DFR pipeline calls the transformer on temporal tiles with their coordinates only.
-            coords = kwargs.get("video_coords")
             if coords is None:
                 raise ValueError(
                     "diffsparse reads the LTX-2 token grid from the transformer's `num_frames`, `height` and `width`, "
@@ -121,7 +121,6 @@ class LTX2Adapter(ModelAdapter):
         # Appended keyframe (or reference) tokens: a trailing span kept whole, like text. Echo puts its clean memory
         # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates.
         grid, extra = (frames // p_t, height // p, width // p), tokens - grid_len
-        coords = kwargs.get("video_coords")
         position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra)
         return VideoLayout(*grid, text_len=extra, text_position=position), timestep
 

@@ -17,7 +17,15 @@ from diffusers.models.transformers.transformer_motif_video import (
 )
 
 from ..patterns import VideoLayout
-from .base import JointVideoTextAttention, ModelAdapter, call_argument, latent_grid, patch_size_3d, project_joint_output
+from .base import (
+    JointVideoTextAttention,
+    ModelAdapter,
+    call_argument,
+    forward_input,
+    latent_grid,
+    patch_size_3d,
+    project_joint_output,
+)
 from .hunyuan_video import joint_qkv, valid_lengths
 from .registry import register_adapter
 
@@ -59,7 +67,7 @@ class MotifVideoAdapter(ModelAdapter):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 1)
         text = call_argument(args, kwargs, "encoder_hidden_states", 2)
-        image = kwargs.get("image_embeds", args[4] if len(args) > 4 else None)
+        image = forward_input(transformer, args, kwargs, "image_embeds")
         grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
         text_len = text.shape[1] + (0 if image is None else image.shape[1])
         return VideoLayout(*grid, text_len=text_len, text_position="end"), timestep

@@ -5,6 +5,7 @@ whole; the memory's keys amplified by a learned scale. And diffusers' modular de
 image-to-video, pyramid, distilled pyramid) on the same tiny transformer, fed prompt embeddings."""
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -79,6 +80,12 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, memo
 def test_the_memory_is_the_leading_span(transformer):
     layout, _ = adapter_for(transformer).read_call(transformer, (), inputs()())
     assert layout == VideoLayout(4, 4, 6, text_len=56, text_position="start")
+    # The same call with every argument by position (the forward's order; reading keywords only found no memory).
+    call = inputs()()
+    parameters = list(inspect.signature(type(transformer).forward).parameters)[1:]
+    given = max(parameters.index(name) for name in call) + 1
+    positional = tuple(call.get(name) for name in parameters[:given])
+    assert adapter_for(transformer).read_call(transformer, positional, {})[0] == layout
     with recorded_attention_calls() as calls:
         run_transformer(transformer, inputs(), RADIAL)
     assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, 56 + 96)), (1, (1, 56 + 96))]
