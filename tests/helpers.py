@@ -87,7 +87,8 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
 def check_against_dense(model, inputs, block_size: int, order=None, sparse=None) -> None:
     """`pattern="dense"` gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
     `order`) gives it within 1e-4, and in bfloat16 gives it in the bfloat16 model's dtype and about as closely
-    as the bfloat16 model does (its error at most 1.25x the dense model's); `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail)."""
+    as the bfloat16 model does (its error at most 1.25x the dense model's), some call running through the sparse path;
+    `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail)."""
     import diffsparse
     from diffsparse.patterns import Window3D
 
@@ -95,7 +96,10 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None)
     assert torch.equal(run_transformer(model, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0,
                                           order=order)
-    torch.testing.assert_close(run_transformer(model, inputs, every_block), reference, atol=1e-4, rtol=0)
+    with recorded_attention_calls() as calls:
+        kept = run_transformer(model, inputs, every_block)
+    assert calls, "no call went through the sparse path: the comparisons below would hold whatever it computes"
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     # Real checkpoints run in bfloat16: the sparse path keeps the model's dtype and its precision (the compiled CPU
     # kernel's bfloat16 path). Against float32 the dense model's own error in bfloat16 is the yardstick.
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -160,8 +164,9 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     assert torch.equal(run_pipeline(pipe, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0,
                                           order=order)
-    kept, stats = run_pipeline(pipe, call, every_block)
-    assert all(r.sparse for log in stats.calls.values() for r in log)
+    with recorded_attention_calls() as kernel_calls:
+        kept, stats = run_pipeline(pipe, call, every_block)
+    assert kernel_calls and all(r.sparse for log in stats.calls.values() for r in log)
     torch.testing.assert_close(kept, reference, atol=atol, rtol=0)
     if sparse is None:
         sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1,

@@ -92,7 +92,13 @@ def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
     video = rng.random((2, 48, 64, 3))
     assert lpips(video, video, weights_path=path) == pytest.approx(0.0, abs=1e-6)
     noisy = np.clip(video + rng.normal(0, 0.3, video.shape), 0, 1)
-    assert lpips(noisy, video, weights_path=path) > 0
+    # The score is LPIPS's mean over frames of (F, 3, H, W) frames in [-1, 1], its input range.
+    def frames(x):
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() * 2 - 1
+
+    with torch.no_grad():
+        expected = float(model(frames(noisy), frames(video)).mean())
+    assert expected > 0 and lpips(noisy, video, weights_path=path) == pytest.approx(expected, rel=1e-5)
 
 
 def test_lpips_without_weights_says_where_to_put_them(tmp_path):
