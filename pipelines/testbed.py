@@ -25,8 +25,8 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +37,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from .text import word_tokenizer
+from .text import clean_prompt, prompt_words, word_tokenizer
+
+logger = logging.getLogger(__name__)  # diffusers' `logging.get_logger` is this; pipelines warn through it
 
 CONFIG_PATH = Path(__file__).parent / "configs" / "testbed_wan.json"
 # The shipped trained weights: a `save_pretrained` folder of `TestbedPipeline` (model_index.json, transformer/, ...).
@@ -127,8 +129,13 @@ def build_components(config: dict | None = None, seed: int | None = None) -> dic
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
     """`(B, max_sequence_length, d_model)` prompt embeddings, zero past each prompt's end (as `WanPipeline` does).
 
-    Training and sampling both go through this function, so the model sees the same text path in both.
+    Training and sampling both go through this function, so the model sees the same text path in both. Prompts are
+    cleaned first (`text.clean_prompt`: lowercase words, punctuation dropped) as `WanPipeline` cleans its prompts;
+    words the vocabulary lacks, and prompts cut to `max_sequence_length` tokens, are logged as warnings (the
+    model would read `<unk>` or nothing for them).
     """
+    prompts = [clean_prompt(prompt) for prompt in prompts]
+    _warn_about_text(tokenizer, prompts, max_sequence_length)
     inputs = tokenizer(
         prompts,
         padding="max_length",
@@ -142,6 +149,22 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
     mask = inputs.attention_mask.to(device)
     hidden = text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int) -> None:
+    """Warn, as diffusers pipelines do when CLIP truncates a prompt, about what the model will not read."""
+    vocabulary = tokenizer.get_vocab()
+    for prompt in prompts:
+        words = prompt.split()
+        unknown = sorted({word for word in words if word not in vocabulary})
+        if unknown:
+            known = sorted(word for word in vocabulary if word not in tokenizer.all_special_tokens)
+            logger.warning(f"The testbed's vocabulary lacks {unknown} (read as {tokenizer.unk_token}) in the prompt "
+                           f"{prompt!r}; it knows {known}")
+        kept = max_sequence_length - 1  # the last token is </s>
+        if len(words) > kept:
+            logger.warning(f"The prompt {prompt!r} was cut to {max_sequence_length} tokens ({kept} words and "
+                           f"{tokenizer.eos_token}); this part was dropped: {' '.join(words[kept:])!r}")
 
 
 @dataclass
@@ -177,6 +200,7 @@ class TestbedPipeline(DiffusionPipeline):
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.space_to_depth_factor)
+        self._current_timestep, self._interrupt, self._num_timesteps = None, False, None  # before any call
 
     @property
     def space_to_depth_factor(self) -> int:
@@ -187,6 +211,21 @@ class TestbedPipeline(DiffusionPipeline):
         length = max_sequence_length or self.tokenizer.model_max_length
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompt, length)
         return embeds.to(self._execution_device).repeat_interleave(num_videos_per_prompt, dim=0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) call, as `WanPipeline.num_timesteps`."""
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        """The scheduler timestep being denoised, `None` outside the loop (`WanPipeline.current_timestep`)."""
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (in a `callback_on_step_end`) to skip the remaining steps (`WanPipeline`'s)."""
+        return self._interrupt
 
     def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
                       num_inference_steps: int, num_videos_per_prompt: int) -> None:
@@ -285,6 +324,8 @@ class TestbedPipeline(DiffusionPipeline):
         """
         self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt, prompt_embeds,
                            num_inference_steps, num_videos_per_prompt)
+        self._current_timestep = None
+        self._interrupt = False
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
@@ -327,9 +368,14 @@ class TestbedPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                # Before the transformer calls: diffsparse's step clock reads it (`runtime.pipeline_timestep`).
+                self._current_timestep = t
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(batch_size)
                 if condition is not None:  # one timestep per token: 0 on the given frame
@@ -362,6 +408,7 @@ class TestbedPipeline(DiffusionPipeline):
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress_bar.update()
+        self._current_timestep = None
 
         if output_type == "latent":
             video = latents
@@ -408,11 +455,53 @@ def load(
             f"no TestbedPipeline at {folder} ({where}): expected a save_pretrained folder with model_index.json, as "
             "`python -m diffsparse.testbed.train --out DIR` writes to DIR/pipeline"
         )
+    _check_weights(folder, where="the package's shipped weights" if path is None else f"path={str(path)!r}")
     pipe = TestbedPipeline.from_pretrained(str(folder), dtype=dtype).to(device)
     pipe.text_encoder.eval()
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_weights(folder: Path, where: str) -> None:
+    """Raise `ValueError` unless the transformer's and text encoder's safetensors in `folder` hold exactly the
+    weights their `config.json` builds, with the same shapes.
+
+    `from_pretrained` would otherwise load an incomplete text encoder with fresh random weights in the gaps (a
+    logged "newly initialized" note) and fail on an incomplete transformer with an error about meta tensors.
+    """
+    from safetensors import safe_open
+    from transformers import T5Config, T5EncoderModel
+
+    builders = {
+        "transformer": lambda d: WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(d)),
+        "text_encoder": lambda d: T5EncoderModel(T5Config.from_pretrained(d)),
+    }
+    for part, build in builders.items():
+        files = sorted((folder / part).glob("*.safetensors"))
+        if not files:
+            continue  # no safetensors to read: `from_pretrained` names what it looked for
+        stored: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:  # not iterable: `.keys()`
+                stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
+        with torch.device("meta"):  # shapes and names only: no memory, no draws from the global RNG
+            expected = build(folder / part).state_dict(keep_vars=True)
+        # Tied weights (T5's embedding is also `encoder.embed_tokens`) are one tensor under several names; a file
+        # holds one of them.
+        names: dict[int, list[str]] = {}
+        for name, tensor in expected.items():
+            names.setdefault(id(tensor), []).append(name)
+        missing = sorted(group[0] for group in names.values() if stored.keys().isdisjoint(group))
+        unexpected = sorted(stored.keys() - expected.keys())
+        wrong_shape = sorted(f"{key} {stored[key]} (config: {tuple(expected[key].shape)})"
+                             for key in stored.keys() & expected.keys() if stored[key] != tuple(expected[key].shape))
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"{folder / part} ({where}) must hold every weight of its config.json at its shape and nothing else: "
+                f"missing {missing}, unexpected {unexpected}, wrong shape {wrong_shape} (a partial or damaged copy "
+                "of a training run's DIR/pipeline?)"
+            )
 
 
 def room_ahead(image: torch.Tensor, prompt: str) -> float:
@@ -428,7 +517,7 @@ def room_ahead(image: torch.Tensor, prompt: str) -> float:
     """
     from ..testbed.data import DIRECTIONS
 
-    named = [word for word in re.findall(r"[a-z]+", prompt.lower()) if word in DIRECTIONS]  # as the tokenizer reads it
+    named = [word for word in prompt_words(prompt) if word in DIRECTIONS]  # the words the model reads
     if not named:
         return math.inf
     rows, cols = torch.nonzero(image.amax(0) > 0.5, as_tuple=True)
@@ -445,9 +534,11 @@ def still_prompt(prompt: str) -> str:
     """The shapes of a testbed prompt without its motion: "a red circle moving left" -> "a red circle".
 
     The testbed's prompts name the shapes, then "moving" and the motion (`diffsparse.testbed.data.Clip.prompt`);
-    single frames trained with `--image-prompts still` are prompted with the shapes alone.
+    single frames trained with `--image-prompts still` are prompted with the shapes alone. Read as the model reads
+    it (`text.clean_prompt`), so "A red circle, moving left." gives "a red circle" too.
     """
-    return re.split(r"\s+moving\s+", prompt.strip(), maxsplit=1, flags=re.IGNORECASE)[0]  # the tokenizer lowercases
+    words = prompt_words(prompt)
+    return " ".join(words[: words.index("moving")] if "moving" in words else words)
 
 
 def best_still(

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import re
+
+# A word: letters and digits; everything else (spaces, punctuation, symbols) only separates words.
+_WORD = re.compile(r"[^\W_]+")
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The words a word-level prompt is read as, lowercased: "A red circle, moving left." -> a, red, circle, ...
+
+    Example:
+        >>> prompt_words("A red circle, moving left.")
+        ['a', 'red', 'circle', 'moving', 'left']
+    """
+    return _WORD.findall(prompt.lower())
+
+
+def clean_prompt(prompt: str) -> str:
+    """`prompt` as the word-level tokenizer should see it: its `prompt_words` joined by single spaces.
+
+    The tokenizer splits on whitespace only, so "left." would be one unknown word; cleaning first (as `WanPipeline`
+    cleans its prompts) keeps punctuation from turning words into `<unk>`. A prompt of words and whitespace alone
+    tokenizes exactly as before.
+
+    Example:
+        >>> clean_prompt("a red circle, moving LEFT.")
+        'a red circle moving left'
+    """
+    return " ".join(prompt_words(prompt))
+
 
 def word_tokenizer(vocabulary: list[str], max_length: int = 512):
     """A `PreTrainedTokenizerFast` over `vocabulary` (which must hold `<pad>`, `</s>` and `<unk>`).
 
-    T5-style, every prompt ends with `</s>`, so even the empty (unconditional) prompt is one real token.
+    T5-style, every prompt ends with `</s>`, so even the empty (unconditional) prompt is one real token. It splits
+    on whitespace only: give it `clean_prompt(text)` (the testbed's `encode_prompts` does).
 
     Example:
         >>> tokenizer = word_tokenizer(["<pad>", "</s>", "<unk>", "a", "red", "circle"], max_length=8)

@@ -397,6 +397,21 @@ def _load_initial_weights(components: dict, folder: Path, parts: tuple[str, ...]
     print(f"starting from {', '.join(parts)} of {folder}", file=sys.stderr)
 
 
+def _model_part(config: dict) -> dict:
+    """`config` without its `_comment`: rewording the comment must not stop a run from resuming."""
+    return {key: value for key, value in config.items() if key != "_comment"}
+
+
+def _tokens(videos: torch.Tensor, transformer_config) -> int:
+    """Transformer tokens in a batch of pixel videos `(B, 3, F, H, W)`: space-to-depth (the factor
+    `TestbedPipeline.space_to_depth_factor` reads from `in_channels`), then the config's patch, whatever
+    `--config` sets them to."""
+    factor = math.isqrt(transformer_config.in_channels // 3)
+    p_t, p_h, p_w = transformer_config.patch_size
+    batch, _, frames, height, width = videos.shape
+    return batch * (frames // p_t) * (height // factor // p_h) * (width // factor // p_w)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` says; returns a summary (steps done, seconds per step, paths)."""
     torch.set_num_threads(args.threads)
@@ -421,7 +436,7 @@ def train(args: argparse.Namespace) -> dict:
     step, train_seconds, ema_state = 0, 0.0, None
     if args.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if state["config"] != config:
+        if _model_part(state["config"]) != _model_part(config):
             raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
         if set(state["model"]) != set(trainable):
             raise SystemExit(
@@ -533,7 +548,7 @@ def train(args: argparse.Namespace) -> dict:
                     "height": height,
                     "width": width,
                     "batch": videos.shape[0],
-                    "tokens": videos.shape[0] * frames * height * width // 16,
+                    "tokens": _tokens(videos, components["transformer"].config),
                     "step_seconds": f"{step_seconds:.3f}",
                     "cpu_seconds": f"{cpu_seconds:.3f}",
                     "train_seconds": f"{train_seconds:.1f}",
