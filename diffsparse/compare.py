@@ -61,8 +61,19 @@ VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the tes
 EMBEDDED_MODEL = "embedded testbed (trained tiny Wan, diffsparse.pipelines.testbed)"
 
 
-def model_label(model: str | None) -> str:
-    return model or EMBEDDED_MODEL
+def model_label(model: str | None, pipe=None) -> str:
+    """`--model`; for a pipeline given without one (`run_compare(pipe=...)`, the demo's), where it was loaded from
+    (`name_or_path`), else its class: only the shipped testbed is `EMBEDDED_MODEL`."""
+    if model is not None:
+        return model
+    if pipe is None:
+        return EMBEDDED_MODEL
+    from .pipelines.testbed import WEIGHTS_PATH
+
+    source = getattr(pipe, "name_or_path", None)  # a ModularCall's: its modular pipeline's
+    if source is None:
+        return pipeline_name(pipe)
+    return EMBEDDED_MODEL if Path(source).resolve() == WEIGHTS_PATH.resolve() else str(source)
 
 
 class ModularCall:
@@ -312,13 +323,11 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
 
         kwargs["image"] = Image.open(image_path).convert("RGB")
     extra = getattr(args, "call_kwargs", None) or {}
-    for name in extra:
-        if name in kwargs or name in _SET_BY_OPTIONS:
-            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself: use its option "
-                             f"({_SET_BY_OPTIONS.get(name, '--' + name)}) instead")
+    check_call_kwargs(extra)
+    for name in extra:  # every name `kwargs` holds was refused above
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         if name not in parameters and not takes_any:
-            others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - {"self"})
+            others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - set(_SET_BY_COMMANDS) - {"self"})
             raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline_name(pipe)} does not take; it takes "
                              f"{', '.join(others)}{did_you_mean(name, others)}")
     missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
@@ -357,9 +366,33 @@ def parse_call_kwargs(text: str) -> dict:
 # Pipeline call arguments the commands' options own.
 _SET_BY_OPTIONS = {
     "prompt": "--prompt", "num_frames": "--frames", "video_length": "--frames", "height": "--height",
-    "width": "--width", "num_inference_steps": "--steps", "generator": "--seed", "output_type": "(always np)",
-    "image": "--image", "first_frame": "--two-stage",
+    "width": "--width", "num_inference_steps": "--steps", "generator": "--seed", "image": "--image",
+    "first_frame": "--two-stage",
 }
+# Pipeline call arguments the commands set themselves, or that change the output the commands read, and why.
+_SET_BY_COMMANDS = {
+    "output_type": "the frames come back as numpy arrays (np)",
+    "return_dict": "the frames are read from the pipeline's output object",
+    "callback_on_step_end": "the commands time the denoising steps with it",
+    "callback_on_step_end_tensor_inputs": "the commands' step callback takes no tensors",
+}
+# Videos (images) per call: the commands score one, the first of the output; more would be generated unscored.
+_BATCH_SIZES = ("num_videos_per_prompt", "num_images_per_prompt")
+
+
+def check_call_kwargs(call_kwargs: dict | None) -> None:
+    """A `ValueError` naming a `--call-kwargs` key that an option or the command itself sets, or a batch of more
+    than one video (`num_videos_per_prompt`, `num_images_per_prompt`); before anything is loaded or generated."""
+    for name, value in (call_kwargs or {}).items():
+        if name in _SET_BY_OPTIONS:
+            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself: use its option "
+                             f"({_SET_BY_OPTIONS[name]}) instead")
+        if name in _SET_BY_COMMANDS:
+            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself "
+                             f"({_SET_BY_COMMANDS[name]}): leave it out")
+        if name in _BATCH_SIZES and (isinstance(value, bool) or value != 1):
+            raise ValueError(f"--call-kwargs sets {name}={value!r}: the commands generate and score one video per "
+                             f"call, so it must be 1 (or left out)")
 
 
 def call_defaults(pipe) -> dict[str, int]:
@@ -551,7 +584,11 @@ def check_two_stage(args, pipe=None) -> None:
 
 
 def sampler_label(args) -> str:
-    return f"two-stage, best of {args.still_candidates} stills" if args.two_stage else "one pass"
+    if not args.two_stage:
+        return "one pass"
+    # The stills are sampled at `testbed.best_still`'s own settings (guidance 3.0, no call arguments).
+    stills = "" if not getattr(args, "call_kwargs", None) else "; --call-kwargs reach the clips, not the stills"
+    return f"two-stage, best of {args.still_candidates} stills{stills}"
 
 
 def scored_label(args) -> str:
@@ -574,6 +611,28 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
                               device=args.device, still_candidates=args.still_candidates)
 
 
+@contextlib.contextmanager
+def _applied_suspended(pipe):
+    """Inside, the pipeline's own attention even where the caller applied diffsparse to it (a `pipe` given to
+    `run_compare`, the demo's): else its dense runs would go through the caller's sparse processors and the
+    comparison would score sparse against sparse. After, the caller's handles are back, their stats going on."""
+    from .api import _handles
+
+    suspended = _handles(pipe)
+    for handle in suspended:
+        handle.remove()
+    try:
+        yield
+    finally:
+        for handle in suspended:
+            if not handle.installed:
+                handle._install()
+
+
+# Everything `run_compare` writes beside compare.mp4 and compare.json, in one format or the other (one frame: PNGs).
+_FRAME_FILES = ("compare.png", "dense.mp4", "dense.png", "sparse.mp4", "sparse.png")
+
+
 def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     """Generate `args.prompt` dense, then sparse under `config`; score, time, and write the side-by-side video.
 
@@ -583,14 +642,16 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
     check_two_stage(args, pipe)
+    check_call_kwargs(getattr(args, "call_kwargs", None))
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
-    first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
-    with tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step") as progress:
+    progress = tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step")
+    with _applied_suspended(pipe), progress:
+        first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.
         one_step = argparse.Namespace(**{**vars(args), "steps": 1})
@@ -608,6 +669,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones.
+    for name in _FRAME_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     video_path = out_dir / "compare.mp4"
     fps = getattr(args, "fps", VIDEO_FPS)
     image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}", fps=fps)
@@ -615,7 +679,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
                                for name, frames in (("dense", dense), ("sparse", sparse_frames)))
     result = CompareResult(
-        model=model_label(args.model),
+        model=model_label(args.model, pipe),
         config=repr(config),
         frames=args.frames,
         height=args.height,

@@ -125,6 +125,12 @@ def compare_once(
     return result, summary
 
 
+def _whole(value):
+    """A float that is a whole number (a slider's 4.0) as an int; anything else (a cleared box's None, 1.5) as it
+    is, for `compare_once` to refuse with a message naming the field."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo",
                  lpips_weights: str | None = None):
     """The page's submit function: form values in, `(video path, markdown summary)` out; bad settings raise
@@ -136,7 +142,7 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
-                height, width, int(seed), int(stills), image or None, call_kwargs, model=model, device=device,
+                height, width, _whole(seed), _whole(stills), image or None, call_kwargs, model=model, device=device,
                 out=out, lpips_weights=lpips_weights,
             )
         except ValueError as error:
@@ -229,6 +235,7 @@ def run_demo(args) -> None:
 
     lpips_weights(args.lpips_weights)  # a path that is not there: said before anything loads
     pipe = load_pipeline_for(args)
+    # Gradio serves only files under the working directory or the temp folder unless told: --out may be elsewhere.
     build_demo(pipe, model=args.model, device=args.device, out=args.out, lpips_weights=args.lpips_weights).launch(
-        server_name=args.host, server_port=args.port
+        server_name=args.host, server_port=args.port, allowed_paths=[str(Path(args.out).resolve())]
     )

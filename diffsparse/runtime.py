@@ -541,9 +541,11 @@ class SparseRuntime:
         tally(self.totals, record)
 
     def add_observer(self, observer) -> None:
-        """Call `observer(record, query, key, value, out)` after every call that `attention` computes, with the
-        `CallRecord` and the `(B, S, H, D)` tensors in the layout's token order (the model's, unless its adapter
-        gives a `token_order`) (diagnostics, e.g. `diffsparse.trace`). Observers live until `remove`."""
+        """Call `observer(record, query, key, value, out, causal_groups=...)` after every call that `attention`
+        computes, with the `CallRecord` and the `(B, S, H, D)` tensors in the layout's token order (the model's, unless
+        its adapter gives a `token_order`) (diagnostics, e.g. `diffsparse.trace`). `causal_groups`: `None`, or under a
+        causal frame-group mask (`allow_frame_causal`) the `(start, stop)` token range of each group in that order,
+        whose queries attend the keys `[0, stop)` only: the attention `out` computed. Observers live until `remove`."""
         self._observers.append(observer)
 
     def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None) -> str:
@@ -658,8 +660,11 @@ class SparseRuntime:
             density = (density * pairs + outside_pairs) / (pairs + outside_pairs)
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
         self._log(record)
-        for observer in () if self._replaying else self._observers:
-            observer(record, *inputs, out)
+        if self._observers and not self._replaying:
+            # The mask the call computed under, so an observer's reference is the same attention, not the unmasked.
+            groups = self._frame_groups(layout, state.frame_causal, IdentityOrder()) if state.frame_causal else None
+            for observer in self._observers:
+                observer(record, *inputs, out, causal_groups=groups)
         if token_order is not None:
             out = out.index_select(1, token_order[0])
             lse = None if lse is None else lse.index_select(1, token_order[0])

@@ -23,6 +23,7 @@ from .runtime import CallRecord
 
 @dataclass
 class TracedCall:
+    transformer: str  # the pipeline component: "transformer", Wan 2.2's low-noise expert "transformer_2", ...
     step: int
     layer: int
     branch: str
@@ -31,9 +32,17 @@ class TracedCall:
     error: float  # relative L2 error against dense attention on the same inputs
 
 
-def _relative_error(query, key, value, out) -> float:
+def _relative_error(query, key, value, out, causal_groups=None) -> float:
+    """`causal_groups`: the `(start, stop)` token ranges of a causal frame-group mask the call computed under
+    (`SparseRuntime.add_observer`); the reference is then the same masked attention, or the mask would count as
+    the sparse pattern's error."""
     q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if causal_groups is None:
+        dense = sdpa(q, k, v)
+    else:
+        dense = torch.cat([sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b]) for a, b in causal_groups], dim=2)
+    dense = dense.transpose(1, 2)
     return float((out.float() - dense).norm() / dense.norm().clamp(min=1e-12))
 
 
@@ -44,13 +53,18 @@ def trace_attention_errors(pipe, config: SparseConfig, **call_kwargs) -> list[Tr
     """
     traced: list[TracedCall] = []
 
-    def observe(record: CallRecord, query, key, value, out) -> None:
-        error = _relative_error(query, key, value, out)
-        traced.append(TracedCall(record.step, record.layer, record.branch, record.sparse, record.density, error))
+    def observer(name: str):
+        def observe(record: CallRecord, query, key, value, out, causal_groups=None) -> None:
+            error = _relative_error(query, key, value, out, causal_groups)
+            traced.append(
+                TracedCall(name, record.step, record.layer, record.branch, record.sparse, record.density, error)
+            )
+
+        return observe
 
     with sparse(pipe, config) as handle, torch.no_grad():
-        for runtime in handle.runtimes.values():
-            runtime.add_observer(observe)
+        for name, runtime in handle.runtimes.items():
+            runtime.add_observer(observer(name))
         pipe(**call_kwargs)
     return traced
 
@@ -74,21 +88,25 @@ def per_step(traced: list[TracedCall]) -> list[dict]:
 
 
 def per_layer(traced: list[TracedCall]) -> list[dict]:
-    """Mean error (and density) of each layer's sparse calls over steps and branches, and at its first sparse step.
+    """Mean error (and density) of each layer's sparse calls over steps and branches, and at its first sparse step,
+    per transformer (the experts of Wan 2.2 are different models: their layer 3 is not one layer).
 
     The layer whose error stands out is the one to keep dense (`SparseConfig.dense_layers`); the first sparse
     step's error is reported apart because the earliest sparse steps move the trajectory the most.
     """
-    groups: dict[int, list[TracedCall]] = {}
+    groups: dict[tuple[str, int], list[TracedCall]] = {}
     for call in traced:
         if call.sparse:
-            groups.setdefault(call.layer, []).append(call)
+            groups.setdefault((call.transformer, call.layer), []).append(call)
     rows = []
-    for layer, calls in sorted(groups.items()):
+    for (transformer, layer), calls in groups.items():
         first = min(c.step for c in calls)
         first_error = statistics.fmean(c.error for c in calls if c.step == first)
-        rows.append({"layer": layer, **_summary(calls), "first_step": first, "first_step_error": first_error})
-    return rows
+        rows.append({"transformer": transformer, "layer": layer, **_summary(calls), "first_step": first,
+                     "first_step_error": first_error})
+    # The pipeline's order of its transformers (first seen first), then layers in order.
+    order = {name: i for i, name in enumerate(dict.fromkeys(c.transformer for c in traced))}
+    return sorted(rows, key=lambda r: (order[r["transformer"]], r["layer"]))
 
 
 def plot(traced: list[TracedCall], path: Path, title: str) -> None:
@@ -98,9 +116,12 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for layer in sorted({c.layer for c in traced}):
-        rows = per_step([c for c in traced if c.layer == layer and c.sparse])
-        ax.plot([r["step"] for r in rows], [r["error"] for r in rows], marker="o", ms=3, label=f"layer {layer}")
+    transformers = list(dict.fromkeys(c.transformer for c in traced))
+    for transformer in transformers:
+        for layer in sorted({c.layer for c in traced if c.transformer == transformer}):
+            rows = per_step([c for c in traced if c.transformer == transformer and c.layer == layer and c.sparse])
+            label = f"layer {layer}" if len(transformers) == 1 else f"{transformer} layer {layer}"
+            ax.plot([r["step"] for r in rows], [r["error"] for r in rows], marker="o", ms=3, label=label)
     ax.set_xlabel("denoising step")
     ax.set_ylabel("relative L2 error vs dense attention")
     ax.set_title(title, fontsize=8)
@@ -111,8 +132,15 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
-    from .compare import fill_call_defaults, generation_kwargs, load_pipeline_for, seeded_global_generator
+    from .compare import (
+        check_call_kwargs,
+        fill_call_defaults,
+        generation_kwargs,
+        load_pipeline_for,
+        seeded_global_generator,
+    )
 
+    check_call_kwargs(getattr(args, "call_kwargs", None))  # before loading
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one
@@ -134,10 +162,13 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
         kind = "sparse" if r["sparse"] else "measured (dense)"
         print(f"| {r['step']} | {kind} | {r['density']:.3f} | {r['error']:.4f} |")
     print()
-    print("| layer | sparse calls | density | error | error at its first sparse step |")
-    print("|---:|---:|---:|---:|---|")
+    # The transformer's column only for pipelines with several (Wan 2.2's experts): one model's table as before.
+    named = len({c.transformer for c in traced}) > 1
+    header = "| layer | sparse calls | density | error | error at its first sparse step |"
+    print(("| transformer " if named else "") + header)
+    print(("|---" if named else "") + "|---:|---:|---:|---:|---|")
     for r in per_layer(traced):
-        print(f"| {r['layer']} | {r['calls']} | {r['density']:.3f} | {r['error']:.4f} | "
-              f"{r['first_step_error']:.4f} (step {r['first_step']}) |")
+        print((f"| {r['transformer']} " if named else "") + f"| {r['layer']} | {r['calls']} | {r['density']:.3f} | "
+              f"{r['error']:.4f} | {r['first_step_error']:.4f} (step {r['first_step']}) |")
     print(f"wrote {out / 'trace.csv'} and {out / 'trace.png'}")
     return traced

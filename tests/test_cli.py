@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from diffsparse.cli import build_parser, main
+
+from helpers import tiny_call
 
 
 def test_compare_writes_video_and_json(tmp_path, capsys):
@@ -72,6 +75,59 @@ def test_compare_video_starts_from_the_still_it_was_given(tiny_pipe, tmp_path):
     assert abs(first[20:256, 256:512] - expected[20:]).mean() < 0.01
 
 
+def test_compare_on_a_pipeline_with_diffsparse_applied_compares_against_its_own_attention(tiny_pipe, tmp_path,
+                                                                                         monkeypatch):
+    # Before, the warm-up and "dense" runs went through the caller's sparse processors: sparse against sparse.
+    import diffsparse
+    from diffsparse import compare
+    from diffsparse.config import SparseConfig
+
+    generated = []
+    real_generate = compare._generate
+
+    def spy(*args, **kwargs):
+        frames, *seconds = real_generate(*args, **kwargs)
+        generated.append(frames)  # warm-up dense, warm-up sparse, dense, sparse
+        return (frames, *seconds)
+
+    monkeypatch.setattr(compare, "_generate", spy)
+    args = argparse.Namespace(model=None, prompt="a red circle moving left", steps=2, frames=17, height=64, width=96,
+                              seed=0, device="cpu", out=str(tmp_path), two_stage=False, still_candidates=1)
+    config = SparseConfig(pattern="window3d", density=0.5, block_size=16, dense_steps=0)
+    plain = compare.run_compare(args, config, pipe=tiny_pipe)
+    plain_dense, generated[:] = generated[2], []
+    handle = diffsparse.apply(tiny_pipe, SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=0))
+    result = compare.run_compare(args, config, pipe=tiny_pipe)
+    assert np.array_equal(generated[2], plain_dense) and result.psnr_db == plain.psnr_db
+    # The caller's sparse attention is back afterwards, and it runs.
+    assert tiny_pipe.transformer._diffsparse_handle is handle and handle.installed
+    tiny_pipe(**tiny_call(num_inference_steps=2))
+    assert handle.stats().sparse_density < 1
+    diffsparse.remove(tiny_pipe)
+    # A pipeline given without `model=` is named by what it is, not as the embedded testbed.
+    assert plain.model == "WanPipeline"
+
+
+def test_compare_into_an_earlier_runs_folder_leaves_no_file_of_the_other_format(tmp_path):
+    # Before, one frame then three left compare.png, dense.png and sparse.png beside the new mp4s (and back).
+    args = ["compare", "--steps", "1", "--height", "16", "--width", "16", "--block-size", "16", "--out", str(tmp_path)]
+    written = {}
+    for frames in ("1", "3", "1"):
+        assert main([*args, "--frames", frames]) == 0
+        written[frames] = sorted(p.name for p in tmp_path.iterdir())
+    assert written["1"] == ["compare.json", "compare.mp4", "compare.png", "dense.png", "sparse.png"]
+    assert written["3"] == ["compare.json", "compare.mp4", "dense.mp4", "sparse.mp4"]
+
+
+def test_the_sampler_says_that_call_kwargs_do_not_reach_the_two_stage_stills():
+    from diffsparse.compare import sampler_label
+
+    args = argparse.Namespace(two_stage=True, still_candidates=4, call_kwargs={"guidance_scale": 5.0})
+    assert sampler_label(args) == "two-stage, best of 4 stills; --call-kwargs reach the clips, not the stills"
+    assert sampler_label(argparse.Namespace(two_stage=True, still_candidates=4)) == "two-stage, best of 4 stills"
+    assert sampler_label(argparse.Namespace(two_stage=False, call_kwargs={"guidance_scale": 5.0})) == "one pass"
+
+
 def test_two_stage_needs_the_testbed_and_still_candidates_needs_two_stage(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--still-candidates", "3", "--steps", "1"])
@@ -118,6 +174,15 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["eval", "--pattern", "nosuch"], "pattern must be one of"),  # checked before the model loads
         (["compare", "--seed", str(2**64)], "argument --seed: must fit in 64 bits"),  # was torch's "Overflow"
         (["compare", "--model", "someone/a-video-model", "--two-stage"], "two_stage needs the testbed pipeline"),
+        # A batch was cut to its first video, unsaid; the rest ended in tracebacks after loading.
+        (["compare", "--call-kwargs", '{"num_videos_per_prompt": 2}'],
+         "sets num_videos_per_prompt=2: the commands generate and score one video per call"),
+        (["compare", "--call-kwargs", '{"num_images_per_prompt": 3}'], "sets num_images_per_prompt=3"),
+        (["compare", "--call-kwargs", '{"return_dict": false}'], "'return_dict', which the command sets itself"),
+        (["compare", "--call-kwargs", '{"callback_on_step_end": null}'], "'callback_on_step_end', which the command"),
+        (["compare", "--call-kwargs", '{"callback_on_step_end_tensor_inputs": ["latents"]}'],
+         "'callback_on_step_end_tensor_inputs', which the command sets itself"),
+        (["trace", "--call-kwargs", '{"output_type": "pt"}'], "'output_type', which the command sets itself"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -132,3 +132,36 @@ def test_image_to_video_pipelines_take_the_pages_image(tmp_path):
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None)
     video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, str(image_path))
     assert video.endswith("compare.mp4") and "SSIM" in summary
+
+
+def test_the_pages_number_boxes_reach_compare_onces_checks_unconverted(tiny_pipe, tmp_path):
+    # Before, the handler ran int() on them first: a cleared box (None) was a TypeError, not a message, and a seed
+    # of 1.5 ran seed 1. A slider's whole float (4.0) still counts as its int.
+    gr = pytest.importorskip("gradio")
+    submit = make_handler(tiny_pipe, out=tmp_path)
+    form = ("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32)
+    for seed, stills, message in ((None, 0, "seed must be a whole number"), (1.5, 0, "seed must be a whole number"),
+                                  (0, None, "still_candidates must be an int"), (0, 1.5, "still_candidates must be")):
+        with pytest.raises(gr.Error, match=message):
+            submit(*form, seed, stills)
+    video, summary = submit(*form, 0.0, 0.0)
+    assert video.endswith("compare.mp4") and "Sampler: one pass" in summary
+
+
+def test_the_page_serves_the_videos_from_an_output_folder_anywhere(tiny_pipe, tmp_path, monkeypatch):
+    # Gradio serves files only from the working directory and the temp folder unless launch() allows more: an --out
+    # elsewhere gave videos the page would not show.
+    import argparse
+
+    gr = pytest.importorskip("gradio")
+    from diffsparse import compare
+    from diffsparse.demo import run_demo
+
+    launched = {}
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    out = tmp_path / "elsewhere" / ".." / "videos"
+    run_demo(argparse.Namespace(model=None, device="cpu", out=str(out), lpips_weights=None, host="127.0.0.1",
+                                port=7860))
+    assert launched["allowed_paths"] == [str((tmp_path / "videos").resolve())]
+    assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", 7860)

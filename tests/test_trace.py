@@ -47,11 +47,52 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {int(r["step"]) for r in rows} == {1, 2} and all(float(r["error"]) >= 0 for r in rows)
     assert (tmp_path / "trace.png").stat().st_size > 0
+    assert {r["transformer"] for r in rows} == {"transformer"}
     printed = capsys.readouterr().out
     assert "| step | call | density | error |" in printed and "order=tiles(1,2,2)" in printed
-    assert "| layer | sparse calls | density | error | error at its first sparse step |" in printed
+    # One transformer: no transformer column.
+    assert "\n| layer | sparse calls | density | error | error at its first sparse step |" in printed
     assert "| 1 | 4 |" in printed  # layer 1: 2 sparse steps x 2 CFG branches
     # A configuration with no sparse call has nothing to trace: said so, not an empty table and a blank plot.
     with pytest.raises(SystemExit) as exit_info:
         main([*args[:-2], "--dense-steps", "3", "--out", str(tmp_path / "none")])
     assert exit_info.value.code == 2 and "nothing to trace" in capsys.readouterr().err
+
+
+def test_a_causal_frame_group_mask_is_in_the_reference_not_in_the_error():
+    # SkyReels-V2's diffusion forcing with 2 frames per causal group: the runtime computes the masked attention
+    # exactly; before, the trace compared it with unmasked attention and reported the mask as error (0.36, 0.24).
+    from test_skyreels_v2 import ALL_BLOCKS, inputs, tiny_transformer
+
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    for frames_per_block in (1, 2):
+        traced = trace_attention_errors(tiny_transformer(frames_per_block), config, **inputs(per_frame=True))
+        assert len(traced) == 2 and all(c.sparse and c.error < 1e-5 for c in traced), traced
+
+
+def test_the_experts_of_a_pipeline_are_traced_apart(capsys, tmp_path, monkeypatch):
+    # Wan 2.2: two transformers with the same layer indices; before, per_layer merged their layers into one row and
+    # trace.csv did not say which expert a call ran on.
+    from test_wan_pipeline import _wan22_pipeline
+
+    from diffsparse import compare
+
+    pipe = _wan22_pipeline()
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: pipe)
+    args = ["trace", "--steps", "4", "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16",
+            "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "trace.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["transformer"] for r in rows} == {"transformer", "transformer_2"}
+    printed = capsys.readouterr().out
+    assert "| transformer | layer | sparse calls | density | error | error at its first sparse step |" in printed
+    assert "| transformer_2 | 1 |" in printed
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.5, block_size=16, dense_steps=0)
+    traced = trace_attention_errors(pipe, config, **tiny_call(num_inference_steps=4, output_type="latent"))
+    layers = per_layer(traced)
+    assert [(r["transformer"], r["layer"]) for r in layers] == [
+        ("transformer", 0), ("transformer", 1), ("transformer_2", 0), ("transformer_2", 1)]
+    for r in layers:
+        own = [c for c in traced if c.sparse and (c.transformer, c.layer) == (r["transformer"], r["layer"])]
+        assert r["calls"] == len(own) and r["first_step"] == min(c.step for c in own)
