@@ -32,6 +32,7 @@ from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
 from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
+from .pipelines.base import forward_input, forward_parameters
 
 HOOK_NAME = "diffsparse_context"
 # Shown by torch.compile where it cannot trace these functions (`fullgraph=True`, which allows no graph break).
@@ -974,7 +975,7 @@ class SparseContextHook(ModelHook):
         self._warn_if_replaced()
         whole_args, whole_kwargs = _whole_call(module, args, kwargs)
         layout, timestep, *token_order = self._read_call(module, whole_args, whole_kwargs)
-        text = _call_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
+        text = forward_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
             self._on_new_run()
@@ -1092,20 +1093,6 @@ def _tensor_parallel(transformer: torch.nn.Module) -> tuple[object, int] | None:
     return mesh.get_group(), mesh.get_local_rank()
 
 
-@functools.cache
-def _forward_parameters(model_class: type) -> list[str]:
-    return list(inspect.signature(model_class.forward).parameters)[1:]  # without `self`
-
-
-def _call_input(module: torch.nn.Module, args: tuple, kwargs: dict, name: str):
-    """The forward argument `name` of this call, given by keyword or by position, or `None`."""
-    if name in kwargs:
-        return kwargs[name]
-    parameters = _forward_parameters(type(module))
-    index = parameters.index(name) if name in parameters else len(args)
-    return args[index] if index < len(args) else None
-
-
 def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call's inputs as its caller gave them. diffusers' context parallelism may split some at the
     transformer's entry (a `_cp_plan` entry for `""`: FLUX, FLUX.2, LTX-Video); when its hook runs before this one
@@ -1122,9 +1109,9 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     uneven = getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False)
     unshard = PartitionAnythingSharder.unshard_anything if uneven else EquipartitionSharder.unshard
     args, kwargs = list(args), dict(kwargs)
-    parameters = _forward_parameters(type(module))
+    parameters = forward_parameters(type(module))
     for name, plan in hook.metadata.items():
-        value = _call_input(module, args, kwargs, name)
+        value = forward_input(module, args, kwargs, name)
         # diffusers leaves a tensor of another rank than the plan expects whole (it warns).
         if not isinstance(plan, ContextParallelInput) or plan.split_output or not isinstance(value, torch.Tensor) \
                 or (plan.expected_dims is not None and value.ndim != plan.expected_dims):

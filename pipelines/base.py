@@ -509,8 +509,9 @@ def leading_run(flags: torch.Tensor) -> int:
 
 
 @functools.cache
-def _forward_parameters(model_class: type) -> list[str]:
-    return list(inspect.signature(model_class.forward).parameters)[1:]  # without `self`
+def forward_parameters(model_class: type) -> list[str]:
+    """The names of `model_class.forward`'s parameters after `self`, in order."""
+    return list(inspect.signature(model_class.forward).parameters)[1:]
 
 
 def forward_input(model: torch.nn.Module, args: tuple, kwargs: dict, name: str):
@@ -518,7 +519,7 @@ def forward_input(model: torch.nn.Module, args: tuple, kwargs: dict, name: str):
     signature), or `None` when the call leaves it out."""
     if name in kwargs:
         return kwargs[name]
-    parameters = _forward_parameters(type(model))
+    parameters = forward_parameters(type(model))
     index = parameters.index(name) if name in parameters else len(args)
     return args[index] if index < len(args) else None
 
