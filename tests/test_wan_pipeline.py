@@ -14,11 +14,11 @@ from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
 from PIL import Image
 
 import diffsparse
-from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, Window3D
+from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 from diffsparse.runtime import HOOK_NAME
 
-from helpers import generate, tiny_call, tiny_image_to_video_pipeline
+from helpers import generate, recorded_attention_calls, tiny_call, tiny_image_to_video_pipeline
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -275,9 +275,12 @@ def test_stats_describe_only_the_last_pipeline_call(tiny_pipe):
 )
 def test_any_resolution_and_frame_count(tiny_pipe, num_frames, height, width, block_size):
     reference = generate(tiny_pipe, num_frames=num_frames, height=height, width=width, num_inference_steps=2)
-    with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(block_size=block_size, dense_steps=0)) as handle:
+    config = diffsparse.SparseConfig(block_size=block_size, dense_steps=0)
+    with diffsparse.sparse(tiny_pipe, config) as handle, recorded_attention_calls() as calls:
         out = generate(tiny_pipe, num_frames=num_frames, height=height, width=width, num_inference_steps=2)
         assert handle.stats().layers and all(s.sparse_calls == 4 for s in handle.stats().layers)
+    # The token grid: 4x temporal and 8x spatial VAE compression, then 1 x 2 x 2 patches (height before width).
+    assert {layout for _, layout, _ in calls} == {VideoLayout((num_frames - 1) // 4 + 1, height // 16, width // 16)}
     assert out.shape == reference.shape
     assert torch.isfinite(out).all()
 
