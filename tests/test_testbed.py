@@ -496,6 +496,11 @@ def test_fidelity_notices_the_wrong_shape_the_wrong_way_and_no_shape():
     assert fidelity.score_video(_rendered(request, speed=0.0), request)["direction_accuracy"] == 0  # standing still
     other_colour = fidelity.score_video(_rendered(fidelity.Request("blue", "triangle", "left")), request)
     assert other_colour == {"shape_iou": 0.0, "kind_accuracy": 0.0, "present": 0.0, "direction_accuracy": 0.0}
+    # The two closest prompt colours, within the RGB tolerance of each other: neither passes for the other.
+    for drawn, prompted in (("orange", "yellow"), ("yellow", "orange")):
+        asked = fidelity.Request(prompted, "circle", "left")
+        scores = fidelity.score_video(_rendered(fidelity.Request(drawn, "circle", "left")), asked)
+        assert scores["present"] == 0.0 and scores["shape_iou"] == 0.0, (drawn, prompted, scores)
 
 
 def test_fidelity_of_a_ragged_blob_is_low():

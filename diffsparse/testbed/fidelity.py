@@ -10,8 +10,10 @@
 Eyeballing a grid of frames cannot tell "ragged blobs" from "shapes" reproducibly, so every video of a fixed set
 of single-shape prompts (every shape x every direction) is scored frame by frame:
 
-- the shape's pixels are those nearer the prompted colour than the frame's background (its median colour) and
-  within `COLOUR_TOLERANCE` of the prompted colour;
+- the shape's pixels are those nearer the prompted colour than the frame's background (its median colour),
+  within `COLOUR_TOLERANCE` of the prompted colour, and nearer it than any other prompt colour by chromaticity
+  (each channel's share of the pixel's sum, which blending with a dark background keeps): yellow and orange are
+  0.35 apart in RGB, within the tolerance, so without this a shape of one scored as the other;
 - `shape_iou`: intersection over union of those pixels with the prompted shape drawn at their centroid with their
   area (one template per frame, so size is free but outline is not; a frame without the shape scores 0); a
   fragmented or ragged blob scores low;
@@ -66,7 +68,7 @@ from .data import (
     render,
 )
 
-COLOUR_TOLERANCE = 0.4  # RGB distance in [0, 1] units; the closest two prompt colours (red, orange) are 0.43 apart
+COLOUR_TOLERANCE = 0.4  # RGB distance in [0, 1] units; the closest two prompt colours (yellow, orange) are 0.35 apart
 MIN_AREA = math.pi * RADIUS_RANGE[0] ** 2 / 3  # pixels: a third of the smallest training shape
 MIN_SPEED_FRACTION = 0.5
 PLAIN_BACKGROUND = (0.02, 0.02, 0.02)  # the darkest training background: scored clips and first frames use it
@@ -113,7 +115,16 @@ def _shape_mask(frame: np.ndarray, colour: str) -> np.ndarray:
     background = np.median(pixels, axis=0)
     to_target = np.linalg.norm(pixels - target, axis=1)
     to_background = np.linalg.norm(pixels - background, axis=1)
-    return ((to_target < to_background) & (to_target < COLOUR_TOLERANCE)).reshape(frame.shape[1:])
+    names = list(COLOURS)
+    to_colours = np.linalg.norm(_chromaticity(pixels)[:, None] - _chromaticity(np.array(list(COLOURS.values()))), axis=2)
+    nearest = to_colours.argmin(axis=1) == names.index(colour)
+    return ((to_target < to_background) & (to_target < COLOUR_TOLERANCE) & nearest).reshape(frame.shape[1:])
+
+
+def _chromaticity(rgb: np.ndarray) -> np.ndarray:
+    """Each channel's share of the `(..., 3)` colour's sum (black: equal shares)."""
+    total = rgb.sum(axis=-1, keepdims=True)
+    return np.where(total > 1e-6, rgb / np.maximum(total, 1e-6), 1 / 3)
 
 
 def _template_iou(mask: np.ndarray, kind: str) -> float:
