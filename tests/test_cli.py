@@ -409,10 +409,24 @@ def test_masks_and_density_bench(tmp_path, capsys):
 
 def test_attention_bench_table(tmp_path, capsys):
     assert main(["bench", "attention", "--seq", "2048", "--heads", "2", "--dim", "32", "--density", "0.25,0.5",
-                 "--repeats", "1", "--mask", "radial", "--out", str(tmp_path)]) == 0
-    rows = (tmp_path / "bench_attention.csv").read_text().splitlines()
-    assert rows[0].startswith("mask,density") and len(rows) == 3
-    assert "efficiency" in capsys.readouterr().out
+                 "--repeats", "1", "--mask", "window3d", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "bench_attention.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["mask", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms",
+                             "peak_mb"]
+    assert [r["mask"] for r in rows] == ["window3d", "window3d"]
+    printed = capsys.readouterr().out
+    for r in rows:
+        x = {key: float(value) for key, value in r.items() if key != "mask"}
+        # Below 1, or efficiency = speedup x density could not tell multiplying from dividing (radial stays at
+        # density 1 on these 2 frames).
+        assert x["density"] < 1
+        # The CSV holds the floats unrounded (csv writes their repr), so the derived columns match exactly.
+        assert x["speedup"] == x["dense_ms"] / x["sparse_ms"]
+        assert x["bound"] == 1 / x["density"] and x["efficiency"] == x["speedup"] * x["density"]
+        # The printed table is the same row, rounded: 3 decimals for the ratios, 1 for times, bound and memory.
+        cells = [f"{x[c]:.3f}" if c in ("density", "speedup", "efficiency") else f"{x[c]:.1f}" for c in x]
+        assert "| window3d | " + " | ".join(cells) + " |" in printed
 
 
 def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monkeypatch):
@@ -485,13 +499,29 @@ def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_pa
     assert [r["path"] for r in rows] == ["per group"] * 2 and rows[1]["density"] == pytest.approx(10 / 9)
 
 
-def test_eval_writes_a_table(tmp_path, capsys):
+def test_eval_writes_a_table(tmp_path, capsys, monkeypatch):
+    from diffsparse import evaluate
+    from diffsparse.pipelines.wan import WanSparseAttnProcessor
+
+    real = evaluate.timed_generation
+
+    def fixed_seconds(pipe, *args, **kwargs):
+        # Real frames, clock readings fixed: the ratios must come out sparse over dense, 1/2 and 1/4.
+        frames, _, _ = real(pipe, *args, **kwargs)
+        sparse = isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
+        return (frames, 1.0, 0.25) if sparse else (frames, 2.0, 1.0)
+
+    monkeypatch.setattr(evaluate, "timed_generation", fixed_seconds)
     args = ["eval", "--pattern", "radial", "--density", "0.5", "--dense-steps", "0,1", "--steps", "2",
             "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16", "--prompts", "1"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "eval.csv").read_text().splitlines()
-    assert rows[0].startswith("pattern,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
+    assert rows[0].startswith(
+        "pattern,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
     assert len(rows) == 3
+    with open(tmp_path / "eval.csv") as f:
+        ratios = [(float(r["end_to_end_ratio"]), float(r["attention_time_ratio"])) for r in csv.DictReader(f)]
+    assert ratios == [(0.5, 0.25)] * 2
     table = (tmp_path / "eval.md").read_text()
     assert "| radial(" in table and "attention_time_ratio" in table and "bench pipeline" in table
     assert "PSNR" not in capsys.readouterr().err

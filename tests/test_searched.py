@@ -205,6 +205,33 @@ def test_greedy_shared_budgets_hand_the_row_budgets_blocks_to_the_sets_that_gain
     assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget), whole)
 
 
+@pytest.mark.parametrize("budget", ["head", "layer"])
+def test_greedy_shared_budgets_go_to_the_diffuse_query_blocks_by_their_relative_gains(budget):
+    # Head 0's queries of frames 0-1 attend their own frame only (the diagonal block is their whole output), those
+    # of frames 2-4 every key alike; head 1 attends every key alike. Within head 0 the right allocation is known.
+    frame = torch.arange(40) // 8  # 5 frames of 2 x 4 tokens, blocks of 8: one frame each
+    codes = 8 * torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = torch.Generator().manual_seed(1)
+    local = (frame < 2)[:, None]
+    q = torch.stack([torch.where(local, codes[frame], 0.1 * torch.randn(40, 16, generator=g)),
+                     0.1 * torch.randn(40, 16, generator=g)])[None]
+    k = torch.stack([torch.where(local, codes[frame], torch.randn(40, 16, generator=g)),
+                     torch.randn(40, 16, generator=g)])[None]
+    v = torch.randn(1, 2, 40, 16, generator=g)
+    required = torch.eye(5, dtype=torch.bool)
+    row = greedy_blocks(q, k, v, 8, keep=0.4, required=required)
+    shared = greedy_blocks(q, k, v, 8, keep=0.4, required=required, budget=budget)
+    assert shared.sum() == row.sum() and torch.equal(shared[0, :2], required[:2])  # a local set gains nothing
+    if budget == "head":  # so head 0's diffuse sets take all of its extra blocks
+        assert torch.equal(shared.sum((1, 2)), row.sum((1, 2))) and shared[0, 2:].sum() == row[0].sum() - 2
+    # Gains are relative to each set's dense output energy, so scaling a head's values moves no block; absolute
+    # gains would hand that head the layer's budget. A power of two keeps the relative gains bit for bit.
+    for head in range(2):
+        scaled = v.clone()
+        scaled[:, head] *= 16
+        assert torch.equal(greedy_blocks(q, k, scaled, 8, keep=0.4, required=required, budget=budget), shared)
+
+
 def _in_shards(fit, heads: int, parts: int = 2) -> torch.Tensor:
     """`fit(first, count, shard)` for each of `parts` consecutive slices of the heads, each in its own thread as
     the processes of a Ulysses split run, `HeadShard.gather` being an all-gather between the threads; the results

@@ -29,7 +29,7 @@ def test_axis_sizes_are_odd_stride_multiples_that_about_double_up_to_the_axis():
     assert axis_sizes(1, 1) == (1,) and axis_sizes(2, 1) == (1, 2)
 
 
-def _reference_errors(query, key, value, layout, windows, rows, within=None):
+def _reference_errors(query, key, value, layout, windows, rows, within=None, stride=1):
     """Per head and window: the squared output error of `rows` (video token indices) attending their window's video
     keys and every text key, against all keys, from the token masks (the definition)."""
     start = layout.video_start
@@ -40,23 +40,32 @@ def _reference_errors(query, key, value, layout, windows, rows, within=None):
     full = torch.softmax(scores.masked_fill(~tokens, -math.inf), -1) @ value
     errors = torch.empty(query.shape[1], len(windows))
     for c, window in enumerate(windows):
-        kept = Window3D(window).token_mask(layout)[0] & tokens
+        kept = Window3D(window, stride).token_mask(layout)[0] & tokens
         out = torch.softmax(scores.masked_fill(~kept, -math.inf), -1) @ value
         errors[:, c] = ((out - full)[0, :, start + rows] ** 2).sum(-1).mean(-1)
     return errors
 
 
-@pytest.mark.parametrize("text, within", [(0, None), (5, None), (0, FrameCausal(2))])  # the mask: video only
-def test_losses_are_the_output_errors_of_the_windows_token_masks(text, within):
+# The mask is video only. A stride centres each query's window on its group, so some rows keep other keys than
+# under stride 1: the losses must follow the pattern's stride.
+@pytest.mark.parametrize(
+    "text, within, stride", [(0, None, 1), (5, None, 1), (0, FrameCausal(2), 1), (5, None, (1, 2, 2))]
+)
+def test_losses_are_the_output_errors_of_the_windows_token_masks(text, within, stride):
     layout = VideoLayout(4, 3, 5, text_len=text, text_position="end")
     q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
-    pattern = SearchedWindows(num_samples=7, value_dims=8)  # no projection: the exact error
+    pattern = SearchedWindows(stride=stride, num_samples=16, value_dims=8)  # no projection: the exact error
     windows, _ = _candidate_densities(pattern.stride, layout, (16, 16), TileOrder((1, 1, 1)))
     generator = torch.Generator().manual_seed(3)
-    rows = torch.randperm(layout.num_video_tokens, generator=torch.Generator().manual_seed(3))[:7].sort().values
+    rows = torch.randperm(layout.num_video_tokens, generator=torch.Generator().manual_seed(3))[:16].sort().values
+    if stride != 1:  # else the case could not tell the stride from 1 (it moves the windows of few positions)
+        moved = Window3D(windows[0], stride).token_mask(layout)[0] != Window3D(windows[0]).token_mask(layout)[0]
+        assert moved[layout.video_start + rows].any()
     errors = pattern._errors(q, k, v, layout, windows, generator, within)
-    torch.testing.assert_close(errors, _reference_errors(q, k, v, layout, windows, rows, within), atol=1e-5, rtol=1e-4)
-    full = windows.index((4, 3, 5))
+    expected = _reference_errors(q, k, v, layout, windows, rows, within, stride)
+    torch.testing.assert_close(errors, expected, atol=1e-5, rtol=1e-4)
+    full = len(windows) - 1  # the last candidate covers every axis
+    assert all(w >= n for w, n in zip(windows[full], layout.grid))
     assert errors[:, full].abs().max() < 1e-10 and (errors > 1e-4).any()
 
 
