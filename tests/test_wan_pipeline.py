@@ -642,10 +642,10 @@ def test_a_refused_apply_keeps_what_was_applied_before(monkeypatch):
     expected = generate(pipe)
     make_processor = type(adapter_for(pipe.transformer)).make_processor
 
-    def refusing(adapter, original, runtime, layer):
+    def refusing(adapter, original, runtime, layer, transformer=None):
         if runtime.config is refused:
             raise ValueError("refused for the test")
-        return make_processor(adapter, original, runtime, layer)
+        return make_processor(adapter, original, runtime, layer, transformer)
 
     monkeypatch.setattr(type(adapter_for(pipe.transformer)), "make_processor", refusing)
     with pytest.raises(ValueError, match="refused for the test"):
