@@ -56,11 +56,11 @@ class SparseProcessor:
         return not self.runtime.route(self.layer)
 
     # Whether the sparse path gives one process's result under context parallelism: `True` where diffusers splits
-    # the family's self-attention sequence contiguously and the adapter gathers it (`attend_video` and the joint
-    # paths), under the family's diffusers plan or, for the families that have none but a video-only sequence (Wan
-    # VACE, Wan Animate, SkyReels-V2, Kandinsky 5 and 6, AnyFlow), a plan of the user's own. `False` elsewhere:
-    # refused at `apply` when parallelism is already enabled, else at the first sparse call (`check_not_parallel`),
-    # rather than computing a wrong result.
+    # the family's self-attention sequence contiguously and the adapter gathers it (`attend_video`, and FLUX's,
+    # FLUX.2's and Qwen-Image's joint paths), under the family's diffusers plan or, for the families that have none
+    # but a video-only sequence (Wan VACE, Wan Animate, SkyReels-V2, Kandinsky 5 and 6, AnyFlow), a plan of the
+    # user's own. `False` elsewhere: refused at `apply` when parallelism is already enabled, else at the first
+    # sparse call (`check_not_parallel`), rather than computing a wrong result.
     context_parallel = True
 
     def check_not_parallel(self) -> None:
@@ -510,8 +510,15 @@ def leading_run(flags: torch.Tensor) -> int:
 
 @functools.cache
 def forward_parameters(model_class: type) -> list[str]:
-    """The names of `model_class.forward`'s parameters after `self`, in order."""
-    return list(inspect.signature(model_class.forward).parameters)[1:]
+    """The names of `model_class.forward`'s parameters a call can give by position, after `self`, in order (up to
+    `*args` or the first keyword-only one)."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = []
+    for parameter in list(inspect.signature(model_class.forward).parameters.values())[1:]:
+        if parameter.kind not in positional:
+            break
+        names.append(parameter.name)
+    return names
 
 
 def forward_input(model: torch.nn.Module, args: tuple, kwargs: dict, name: str):
@@ -625,7 +632,11 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
     them), the kept tokens every image token and some of the text span, so their indices are the same in the model's
     order and the layout's. One runtime call per group, on the call's layout with the text span cut to the kept
     text. The tokens left out (padding, which no kept token attends) get zero outputs. `heads`: as
-    `runtime.attention`'s."""
+    `runtime.attention`'s. Groups read from a mask of one row (one video) stand for every video of the batch, as
+    attention broadcasts such a mask."""
+    batch = query.shape[0]
+    if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
+        groups = [(torch.arange(batch, device=query.device), groups[0][1])]
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
     out = torch.zeros_like(query)

@@ -76,9 +76,8 @@ class FluxCopyAttention(SparseProcessor):
     placed before the copy's class, whose `__call__` stays the dense path; `projections`: the copy's module's
     `_get_qkv_projections`. A boolean key mask that masks each prompt's padding (Bria FIBO's, for prompts of
     different lengths in one call, wherever the tokenizer pads) leaves the padding out, prompts with the same mask
-    together; a mask of another kind
-    runs the original, counted dense (Chroma reads and attends its own mask: `read_prompt_mask`, `attend_prompts`).
-    The families have no diffusers context parallel plan."""
+    together; a mask of another kind runs the original, counted dense (Chroma reads and attends its own mask:
+    `read_prompt_mask`, `attend_prompts`). The families have no diffusers context parallel plan."""
 
     context_parallel = False
     projections = staticmethod(_get_qkv_projections)

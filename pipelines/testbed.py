@@ -130,7 +130,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
     """`(B, max_sequence_length, d_model)` prompt embeddings, zero past each prompt's end (as `WanPipeline` does).
 
     Training and sampling both go through this function, so the model sees the same text path in both. Prompts are
-    cleaned first (`text.clean_prompt`: lowercase words, punctuation dropped) as `WanPipeline` cleans its prompts;
+    cleaned first (`text.clean_prompt`: lowercase words, punctuation dropped; the word tokenizer splits on spaces only);
     words the vocabulary lacks, and prompts cut to `max_sequence_length` tokens, are logged as warnings (the
     model would read `<unk>` or nothing for them).
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # A word: letters and digits; everything else (spaces, punctuation, symbols) only separates words.
 _WORD = re.compile(r"[^\W_]+")
@@ -10,20 +11,20 @@ _WORD = re.compile(r"[^\W_]+")
 
 def prompt_words(prompt: str) -> list[str]:
     """The words a word-level prompt is read as, lowercased: "A red circle, moving left." -> a, red, circle, ...
+    Unicode-normalised (NFKC) first, so a letter written with a combining accent stays one (unknown) word.
 
     Example:
         >>> prompt_words("A red circle, moving left.")
         ['a', 'red', 'circle', 'moving', 'left']
     """
-    return _WORD.findall(prompt.lower())
+    return _WORD.findall(unicodedata.normalize("NFKC", prompt).lower())
 
 
 def clean_prompt(prompt: str) -> str:
     """`prompt` as the word-level tokenizer should see it: its `prompt_words` joined by single spaces.
 
-    The tokenizer splits on whitespace only, so "left." would be one unknown word; cleaning first (as `WanPipeline`
-    cleans its prompts) keeps punctuation from turning words into `<unk>`. A prompt of words and whitespace alone
-    tokenizes exactly as before.
+    The tokenizer splits on whitespace only, so "left." would be one unknown word; cleaning first keeps punctuation
+    from turning words into `<unk>`. A prompt of words and whitespace alone tokenizes exactly as before.
 
     Example:
         >>> clean_prompt("a red circle, moving LEFT.")

@@ -442,3 +442,18 @@ def test_timesteps_on_another_scale_than_the_scheduler_s_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", StepScheduleWarning)
         assert clock.tick(torch.tensor(500.0))[:2] == (0, 1)
+
+
+def test_forward_inputs_are_read_by_keyword_or_by_position_but_not_past_star_args():
+    from diffsparse.pipelines.base import forward_input
+
+    class Model(torch.nn.Module):
+        def forward(self, hidden_states, timestep=None, *extra, encoder_hidden_states=None):
+            pass
+
+    model, args = Model(), ("h", "t", "e1", "e2", "e3")
+    assert forward_input(model, args, {}, "timestep") == "t"
+    # A keyword-only parameter is never positional: args[2] is one of *extra.
+    assert forward_input(model, args, {}, "encoder_hidden_states") is None
+    assert forward_input(model, args, {"encoder_hidden_states": "k"}, "encoder_hidden_states") == "k"
+    assert forward_input(model, ("h",), {}, "timestep") is None

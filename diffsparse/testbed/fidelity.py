@@ -115,9 +115,9 @@ def _shape_mask(frame: np.ndarray, colour: str) -> np.ndarray:
     background = np.median(pixels, axis=0)
     to_target = np.linalg.norm(pixels - target, axis=1)
     to_background = np.linalg.norm(pixels - background, axis=1)
-    names = list(COLOURS)
-    to_colours = np.linalg.norm(_chromaticity(pixels)[:, None] - _chromaticity(np.array(list(COLOURS.values()))), axis=2)
-    nearest = to_colours.argmin(axis=1) == names.index(colour)
+    colours = _chromaticity(np.array(list(COLOURS.values())))
+    nearest_colour = np.linalg.norm(_chromaticity(pixels)[:, None] - colours, axis=2).argmin(axis=1)
+    nearest = nearest_colour == list(COLOURS).index(colour)
     return ((to_target < to_background) & (to_target < COLOUR_TOLERANCE) & nearest).reshape(frame.shape[1:])
 
 
