@@ -391,8 +391,9 @@ class Pattern(abc.ABC):
 
     @property
     def data_dependent(self) -> bool:
-        """Whether `fit` specialises the pattern to a layer's attention (it overrides [`Pattern.fit`]); the
-        runtime fits only such patterns, and `diffsparse bench search` times only their fit."""
+        """Whether `fit` specialises the pattern to a layer's attention (it overrides [`Pattern.fit`]; a
+        composition, when one of its parts does); the runtime fits only such patterns, and `diffsparse bench search`
+        times only their fit."""
         return type(self).fit is not Pattern.fit
 
     @property
