@@ -30,9 +30,11 @@ _put_checkout_root_behind_installed_packages()
 # diffsparse.cli` do not import torch and diffusers (about 6 s on a 2-core machine).
 _PUBLIC = {
     "LayerStats": "api", "SparseHandle": "api", "SparseStats": "api", "apply": "api", "remove": "api",
-    "sparse": "api", "stats": "api", "SparseConfig": "config",
+    "sparse": "api", "stats": "api", "suspended": "api", "SparseConfig": "config",
 }
-__all__ = ["LayerStats", "SparseConfig", "SparseHandle", "SparseStats", "apply", "remove", "sparse", "stats"]
+__all__ = [
+    "LayerStats", "SparseConfig", "SparseHandle", "SparseStats", "apply", "remove", "sparse", "stats", "suspended",
+]
 __version__ = "0.1.0"
 
 

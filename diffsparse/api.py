@@ -309,18 +309,37 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         >>> with diffsparse.sparse(pipe, diffsparse.SparseConfig(dense_steps=1)) as handle:
         ...     pass
     """
-    previous = _handles(pipe_or_transformer)
-    handle = None
-    try:
+    with suspended(pipe_or_transformer):
         handle = apply(pipe_or_transformer, config)
         try:
             yield handle
         finally:
             handle.remove()
+
+
+@contextlib.contextmanager
+def suspended(pipe_or_transformer):
+    """The pipeline's own attention inside, where diffsparse was applied to it: its handles are removed on entry and
+    put back on exit, the same handles, their stats going on; unless something was applied inside the block and
+    is still installed, which stays rather than have the earlier handles stacked on it.
+
+    Example:
+        >>> import diffsparse
+        >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
+        >>> pipe = tiny_wan_pipeline()
+        >>> handle = diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=1))
+        >>> with diffsparse.suspended(pipe):
+        ...     handle.installed
+        False
+        >>> handle.installed
+        True
+    """
+    previous = _handles(pipe_or_transformer)
+    for handle in previous:
+        handle.remove()
+    try:
+        yield
     finally:
-        # Unless something applied inside the block (a handle other than the block's is on the transformers now):
-        # that one stays, rather than the previous stacked on it.
-        applied_inside = any(other is not handle for other in _handles(pipe_or_transformer))
-        for replaced in () if applied_inside else previous:
+        for replaced in () if _handles(pipe_or_transformer) else previous:
             if not replaced.installed:
                 replaced._install()

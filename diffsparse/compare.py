@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .api import sparse
+from .api import sparse, suspended
 from .bench import DTYPES, strict_json
 from .config import SparseConfig
 from .metrics import lpips, lpips_weights, psnr, ssim
@@ -611,24 +611,6 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
                               device=args.device, still_candidates=args.still_candidates)
 
 
-@contextlib.contextmanager
-def _applied_suspended(pipe):
-    """Inside, the pipeline's own attention even where the caller applied diffsparse to it (a `pipe` given to
-    `run_compare`, the demo's): else its dense runs would go through the caller's sparse processors and the
-    comparison would score sparse against sparse. After, the caller's handles are back, their stats going on."""
-    from .api import _handles
-
-    suspended = _handles(pipe)
-    for handle in suspended:
-        handle.remove()
-    try:
-        yield
-    finally:
-        for handle in suspended:
-            if not handle.installed:
-                handle._install()
-
-
 # Everything `run_compare` writes beside compare.mp4 and compare.json, in one format or the other (one frame: PNGs).
 _FRAME_FILES = ("compare.png", "dense.mp4", "dense.png", "sparse.mp4", "sparse.png")
 
@@ -650,7 +632,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
     progress = tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step")
-    with _applied_suspended(pipe), progress:
+    # A caller's applied config (a `pipe` given, the demo's) must not reach the dense runs: sparse against sparse.
+    with suspended(pipe), progress:
         first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.
