@@ -404,6 +404,7 @@ def run_pipeline_bench(args, config) -> dict:
     """
     from .api import SparseStats, sparse
     from .compare import (
+        check_call_kwargs,
         fill_call_defaults,
         load_pipeline_for,
         model_label,
@@ -415,6 +416,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .evaluate import timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
+    check_call_kwargs(getattr(args, "call_kwargs", None))
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
 

@@ -183,6 +183,8 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["compare", "--call-kwargs", '{"callback_on_step_end_tensor_inputs": ["latents"]}'],
          "'callback_on_step_end_tensor_inputs', which the command sets itself"),
         (["trace", "--call-kwargs", '{"output_type": "pt"}'], "'output_type', which the command sets itself"),
+        (["eval", "--call-kwargs", '{"num_videos_per_prompt": 2}'], "sets num_videos_per_prompt=2"),
+        (["bench", "pipeline", "--call-kwargs", '{"return_dict": false}'], "'return_dict', which the command"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
