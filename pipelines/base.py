@@ -614,7 +614,7 @@ def attend_without_text_padding(runtime, layer: int, query, key, value, lengths:
                                 heads=None) -> torch.Tensor:
     """Sparse attention of a `(B, S, H, D)` batch of `[text, image]` sequences whose first `text_len` tokens are
     each prompt's valid text (`lengths[b]` tokens) then its padding (masked keys, between its valid text and the
-    image: Qwen-Image's, Krea 2's): each prompt's padding is left out of its sequence, prompts of equal length in
+    image: Qwen-Image's text mask): each prompt's padding is left out of its sequence, prompts of equal length in
     one runtime call on the call's layout with that text span (`attend_kept_tokens`). `heads`: as
     `runtime.attention`'s."""
     device, length = query.device, query.shape[1]
