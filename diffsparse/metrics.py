@@ -1,13 +1,16 @@
 """Video quality of a sparse output against the dense output of the same seed: PSNR, SSIM, LPIPS per frame.
 
 Videos may be given in the layouts diffusers pipelines return: numpy `(F, H, W, C)` (`output_type="np"`),
-torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`).
-Values are expected in [0, 1] unless `data_range` says otherwise (float input); integer frames (uint8 arrays,
-tensors or PIL images) are scaled from their type's range to [0, 1].
+torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`);
+`as_frames` says exactly which layouts are read and which are refused. Values are expected in [0, 1] unless
+`data_range` says otherwise (float input); uint8 and uint16 frames (arrays, tensors or PIL images) are scaled
+from their type's range to [0, 1]. A video with a value that is not finite (NaN or inf: a broken run) scores
+NaN, with a `RuntimeWarning`, never a score that looks good.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from functools import lru_cache
@@ -18,31 +21,98 @@ import torch
 from skimage.metrics import structural_similarity
 
 _CHANNEL_SIZES = (1, 3, 4)
+# Integer frames are scaled by their type's full range; only these: an int32 or int64 video is as likely to hold
+# 0..255 as 0..2**31-1, and dividing by its type's max turned frames of 0..255 into ~1e-7 (PSNR 172 dB).
+_INTEGER_SCALES = {1: 255.0, 2: 65535.0}  # unsigned, by bytes: uint8 and uint16 of either byte order
+_LAYOUTS = ("numpy (F, H, W, C) or (H, W, C), torch (F, C, H, W) or (C, H, W), (B, F, ...) of either, or a "
+            "list of frames or PIL images, with C in (1, 3, 4)")
+
+
+def _is_pil_image(video) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # without Pillow there are no PIL images to tell apart
+        return False
+    return isinstance(video, Image.Image)
 
 
 def as_frames(video) -> np.ndarray:
-    """A video as a float64 array `(F, H, W, C)`."""
-    if isinstance(video, (list, tuple)):
+    """A video as a float64 array `(F, H, W, C)`, C in (1, 3, 4). Layouts, by number of dimensions:
+
+    - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`): each `(H, W, C)`, `(C, H, W)` or
+      `(H, W)` (gray); a single PIL image is one frame;
+    - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
+      3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
+    - 4: frames, `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the second
+      has, else refused (e.g. a VAE's latents);
+    - 5: the videos of a batch one after the other, `(B, F, ...)` with each video as in 4: diffusers' numpy
+      `(B, F, H, W, C)` and torch `(B, F, C, H, W)`. A `(B, C, F, H, W)` tensor (a VAE's layout) is refused when F
+      is not 1, 3 or 4, but when it is, it cannot be told apart from `(B, F, C, H, W)` and is read as that (C
+      frames of F channels): give decoded frames in diffusers' layouts.
+
+    uint8 and uint16 values are scaled by 255 and 65535 to [0, 1], bool ones read as 0 and 1, float ones kept;
+    other integer types are refused (a `ValueError` naming the dtype): their range says nothing about the frames'.
+    """
+    if _is_pil_image(video):
+        video = [video]
+    listed = isinstance(video, (list, tuple))
+    if listed:
         video = np.stack([np.asarray(frame) for frame in video])
-    if isinstance(video, torch.Tensor):
+    tensor = isinstance(video, torch.Tensor)
+    if tensor:
         video = video.detach().cpu().numpy() if not video.is_floating_point() else video.detach().float().cpu().numpy()
     video = np.asarray(video)
-    # Integer frames (uint8 from PIL, imageio or a tensor) in [0, 1] like float ones: before, only PIL lists were
-    # scaled, and a uint8 array scored -9.5 dB where its PIL frames scored 38.6.
-    scale = float(np.iinfo(video.dtype).max) if np.issubdtype(video.dtype, np.integer) else 1.0
+    scale = _scale(video.dtype)  # first: a dtype refused is never cast (complex would warn, then lose a part)
     video = video.astype(np.float64) / scale
-    if video.ndim == 5:  # (B, F, ...) -> frames of all videos in order
+    if video.ndim == 5:  # (B, F, ...) -> the frames of every video in order
         video = video.reshape(-1, *video.shape[2:])
-    if video.ndim == 3:  # single-channel frames
+    elif video.ndim == 3 and listed:  # 2-D frames: gray
         video = video[..., None]
+    elif video.ndim == 3:  # one image, in its container's own layout (see the docstring: no guessing)
+        channels_axis = 0 if tensor else -1
+        if video.shape[channels_axis] not in _CHANNEL_SIZES:
+            layout = "(C, H, W)" if tensor else "(H, W, C)"
+            raise ValueError(f"video of shape {video.shape}: a 3-D {'tensor' if tensor else 'array'} is read as one "
+                             f"{layout} image with C in {_CHANNEL_SIZES}; give gray frames as (F, H, W, 1) or a "
+                             f"list of 2-D frames (layouts: {_LAYOUTS})")
+        video = (video.transpose(1, 2, 0) if tensor else video)[None]
     if video.ndim != 4:
-        raise ValueError(f"a video must have 3 to 5 dimensions (frames first), got shape {video.shape}")
+        raise ValueError(f"video of shape {video.shape}: {video.ndim} dimensions, expected 3 to 5 ({_LAYOUTS})")
     if video.shape[-1] not in _CHANNEL_SIZES and video.shape[1] in _CHANNEL_SIZES:
         video = video.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
     elif video.shape[-1] not in _CHANNEL_SIZES:  # e.g. a VAE's (B, C, F, H, W), read as 16 "channels" before
         raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got shape "
-                         f"{video.shape}")
+                         f"{video.shape} ({_LAYOUTS})")
     return video
+
+
+def _scale(dtype: np.dtype) -> float:
+    if dtype.kind == "u" and dtype.itemsize in _INTEGER_SCALES:
+        return _INTEGER_SCALES[dtype.itemsize]
+    if np.issubdtype(dtype, np.integer):
+        raise ValueError(f"video of dtype {dtype}: integer frames must be uint8 (0..255) or uint16 (0..65535); give "
+                         "other values as floats (in [0, 1], or with data_range=)")
+    if not (np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        raise ValueError(f"video of dtype {dtype}: frames must be real numbers (float, uint8, uint16 or bool)")
+    return 1.0
+
+
+def _check_data_range(data_range) -> None:
+    if not (isinstance(data_range, (int, float, np.number)) and math.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"data_range={data_range!r}: must be a finite number above 0, the span of the values "
+                         "(1.0 for frames in [0, 1], 255.0 for 0..255)")
+
+
+def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
+    """Does either video hold a value that is not finite? Then `metric` is NaN, said in a warning: a NaN frame
+    left out (or an all-NaN video read as identical, PSNR inf) made a broken run look as good as a perfect one."""
+    bad = {name: int((~np.isfinite(x)).sum()) for name, x in (("video", a), ("reference", b))}
+    if not any(bad.values()):
+        return False
+    counts = ", ".join(f"{name} {count} of {a.size}" for name, count in bad.items() if count)
+    warnings.warn(f"{metric} is nan: values that are not finite (NaN or inf) in {counts}", RuntimeWarning,
+                  stacklevel=3)
+    return True
 
 
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +125,9 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
 def psnr(video, reference, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, per frame then averaged over the frames that differ (a frame identical in
     both has an infinite PSNR, which would make the mean infinite whatever the others: `inf` only when every frame
-    is identical).
+    is identical). NaN when either video holds a value that is not finite (a broken run), with a `RuntimeWarning`:
+    `eval.md`, `eval.csv` and `compare`'s printout show `nan` (`compare.json`, strict JSON, writes `null`, as for
+    `inf`). `data_range`: the span of the values, a finite number above 0.
 
     Example:
         >>> import numpy as np
@@ -63,18 +135,20 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
         >>> round(psnr(a + 0.1, a), 6)
         20.0
     """
+    _check_data_range(data_range)
     a, b = _paired(video, reference)
+    if _not_finite(a, b, "PSNR"):
+        return float("nan")
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        per_frame = 10.0 * np.log10(data_range**2 / mse)
-    differing = per_frame[np.isfinite(per_frame)]
-    return float(differing.mean()) if len(differing) else float("inf")
+    differing = mse[mse > 0]  # only identical frames: a NaN one never reaches here (see _not_finite)
+    return float(np.mean(10.0 * np.log10(data_range**2 / differing))) if len(differing) else float("inf")
 
 
 def ssim(video, reference, data_range: float = 1.0) -> float:
     """Structural similarity (scikit-image, colour channels), per frame then averaged.
 
-    Frames smaller than scikit-image's 7-pixel window use the largest odd window that fits.
+    Frames smaller than scikit-image's 7-pixel window use the largest odd window that fits. NaN (with a
+    `RuntimeWarning`) when either video holds a value that is not finite; `data_range` as in `psnr`.
 
     Example:
         >>> import numpy as np
@@ -82,7 +156,10 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         >>> ssim(a, a)
         1.0
     """
+    _check_data_range(data_range)
     a, b = _paired(video, reference)
+    if _not_finite(a, b, "SSIM"):
+        return float("nan")
     side = min(a.shape[1:3])
     win_size = min(7, side if side % 2 else side - 1)  # the largest odd window that fits
     if win_size < 3:
@@ -93,12 +170,29 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
     return float(np.mean(scores))
 
 
+# torchvision's AlexNet_Weights.IMAGENET1K_V1.url, spelt out so that the path (and the message saying LPIPS was
+# left out) needs no torchvision: without the metrics extra, asking where the weights go ended every command.
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+_METRICS_PACKAGES = ("lpips", "torchvision")
+
+
 def alexnet_weights_path() -> Path:
     """Where torchvision keeps the AlexNet backbone that LPIPS uses: the standard torch hub cache."""
-    from torchvision.models import AlexNet_Weights
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(ALEXNET_URL)
 
-    filename = os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+def _missing_packages() -> list[str]:
+    """The packages of the `metrics` extra that cannot be imported (imported, not looked up: a torchvision built
+    for another torch is there but fails to import)."""
+    missing = []
+    for name in _METRICS_PACKAGES:
+        try:
+            with warnings.catch_warnings():  # lpips still calls torchvision's deprecated `pretrained=` argument
+                warnings.simplefilter("ignore", UserWarning)
+                __import__(name)
+        except Exception:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError on import
+            missing.append(name)
+    return missing
 
 
 LPIPS_MIN_SIZE = 32  # AlexNet's pooling needs frames of at least 32 x 32 pixels
@@ -109,10 +203,12 @@ def _too_small_for_lpips(frame_size) -> bool:
 
 
 def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, int] | None = None) -> Path | None:
-    """The AlexNet checkpoint LPIPS scores with: `path` when given (a missing file is a `ValueError`: LPIPS was
-    asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds one, else `None` (scores go
-    without LPIPS, saying so: `lpips_missing_reason`). `frame_size`, (height, width) in pixels when known: frames
-    smaller than LPIPS takes get `None` too, or a `ValueError` when `path` asked for LPIPS."""
+    """The AlexNet checkpoint LPIPS scores with: `path` when given (a `ValueError`, before any run, when the file
+    is missing or holds no AlexNet `features.*` weights, or the `metrics` extra's packages, lpips and torchvision,
+    are not installed: LPIPS was asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds
+    one and the packages are installed, else `None` (scores go without LPIPS, saying so: `lpips_missing_reason`).
+    `frame_size`, (height, width) in pixels when known: frames smaller than LPIPS takes get `None` too, or a
+    `ValueError` when `path` asked for LPIPS."""
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(
@@ -122,18 +218,50 @@ def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, 
         if _too_small_for_lpips(frame_size):
             raise ValueError(f"lpips_weights={str(path)!r}: LPIPS (AlexNet) needs frames of at least "
                              f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got {frame_size[0]}x{frame_size[1]}")
+        missing = _missing_packages()
+        if missing:
+            raise ValueError(f"lpips_weights={str(path)!r}: LPIPS needs the packages {' and '.join(missing)}, not "
+                             "installed (or failing to import): pip install 'diffsparse[metrics]'")
+        _alexnet_features(Path(path))  # a wrong file (lpips' own alex.pth, say): said now, not after the runs
         return Path(path)
+    if _too_small_for_lpips(frame_size) or _missing_packages():
+        return None
     default = alexnet_weights_path()
-    return default if default.is_file() and not _too_small_for_lpips(frame_size) else None
+    return default if default.is_file() else None
 
 
 def lpips_missing_reason(frame_size: tuple[int, int] | None = None) -> str:
-    """Why a run has no LPIPS score (`lpips_weights` gave `None`): its frames are too small, or there are no
-    weights in the torch hub cache."""
+    """Why a run has no LPIPS score (`lpips_weights` gave `None`): its frames are too small, the `metrics` extra
+    is not installed, or there are no weights in the torch hub cache."""
     if _too_small_for_lpips(frame_size):
         return (f"frames of {frame_size[0]}x{frame_size[1]} pixels, LPIPS (AlexNet) needs at least "
                 f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}")
+    missing = _missing_packages()
+    if missing:
+        return f"{' and '.join(missing)} not installed or failing to import (pip install 'diffsparse[metrics]')"
     return f"no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights; see diffsparse.metrics.lpips)"
+
+
+def _alexnet_features(path: Path, field: str = "lpips_weights") -> dict[str, torch.Tensor]:
+    """`features.*` of a torchvision AlexNet checkpoint, without the prefix; a `ValueError` naming `field` and the
+    file when it holds none (before, the first missing layer surfaced as a bare `KeyError('0.weight')`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike for a file it cannot read
+        raise ValueError(f"{field}={str(path)!r}: not a torch checkpoint torch.load can read ({error})") from error
+    state = state if isinstance(state, dict) else {}
+    features = {key.removeprefix("features."): value for key, value in state.items()
+                if isinstance(key, str) and key.startswith("features.")}
+    expected = [f"{layer}.{kind}" for layer in (0, 3, 6, 8, 10) for kind in ("weight", "bias")]  # the 5 convolutions
+    absent = [key for key in expected if key not in features]
+    if absent:
+        found = ", ".join(list(state)[:3]) or "nothing"
+        raise ValueError(
+            f"{field}={str(path)!r}: no AlexNet features.* weights in the file (missing features.{absent[0]}; "
+            f"it holds {found}{', ...' if len(state) > 3 else ''}): give torchvision's AlexNet checkpoint, "
+            f"{os.path.basename(ALEXNET_URL)} from {ALEXNET_URL}, not lpips' own weights/v0.1/alex.pth"
+        )
+    return features
 
 
 @lru_cache(maxsize=2)
@@ -142,25 +270,20 @@ def _lpips_model(weights_path: str):
         import lpips as lpips_package
     except ImportError as error:
         raise ImportError("LPIPS needs the metrics extra: pip install 'diffsparse[metrics]'") from error
-    from torchvision.models import AlexNet_Weights
 
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"LPIPS needs the AlexNet backbone weights, and there is no file at {path}. Download "
-            f"{AlexNet_Weights.IMAGENET1K_V1.url} on a machine with network and put it there (the standard torch "
+            f"{ALEXNET_URL} on a machine with network and put it there (the standard torch "
             "hub cache), or pass weights_path=... to lpips(). No score is given without them."
         )
+    features = _alexnet_features(path, "weights_path")
     # pnet_rand=True builds the backbone without downloading; the real weights are loaded from `path` below.
     # The linear calibration layers of LPIPS v0.1 ship inside the lpips package.
     with warnings.catch_warnings():  # lpips still calls torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore", UserWarning)
         model = lpips_package.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    features = {
-        key.removeprefix("features."): value
-        for key, value in torch.load(path, map_location="cpu", weights_only=True).items()
-        if key.startswith("features.")
-    }
     # LPIPS splits torchvision's `features` into slices that keep the original layer indices as names.
     backbone = {key: features[key.split(".", 1)[1]] for key in model.net.state_dict()}
     model.net.load_state_dict(backbone)
@@ -174,7 +297,9 @@ def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> fl
         video, reference: videos in any layout `as_frames` accepts, values in [0, 1].
         weights_path (`str` or `os.PathLike`, *optional*): the torchvision AlexNet checkpoint; defaults to
             the standard torch hub cache (`alexnet_weights_path()`). A missing file raises `FileNotFoundError`
-            saying where to put it: there is never a silent zero or a random backbone.
+            saying where to put it, a file without AlexNet's `features.*` weights a `ValueError`: there is never
+            a silent zero or a random backbone. NaN (with a `RuntimeWarning`) when either video holds a value
+            that is not finite.
 
     Example:
         >>> import numpy as np
@@ -183,6 +308,8 @@ def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> fl
         0.0
     """
     a, b = _paired(video, reference)
+    if _not_finite(a, b, "LPIPS"):
+        return float("nan")
     if min(a.shape[1:3]) < LPIPS_MIN_SIZE:
         raise ValueError(f"LPIPS (AlexNet) needs frames of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got "
                          f"{a.shape[1:3]}")

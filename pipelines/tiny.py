@@ -1,4 +1,5 @@
-"""The embedded default model: a real `WanPipeline` built offline from `configs/tiny_wan.json`.
+"""The fast tests' model, tiny Wan: a real `WanPipeline` built offline from `configs/tiny_wan.json` (the commands'
+default model is the trained testbed, `diffsparse.pipelines.testbed`).
 
 Every component is a genuine diffusers/transformers class with tiny dimensions and seeded random weights,
 and the tokenizer is a word-level vocabulary built in memory, so nothing touches the Hugging Face hub.

@@ -1,5 +1,8 @@
 """PSNR and SSIM against known values, in the layouts diffusers pipelines return."""
 
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -63,9 +66,14 @@ def test_layouts_from_pipelines_agree():
     as_uint8 = np.stack(pil_like)
     for frames in (as_uint8, torch.from_numpy(as_uint8)):
         np.testing.assert_array_equal(as_frames(frames), as_frames(pil_like))
-    # A layout with no channel axis where one is looked for (a VAE's (B, C, F, H, W)) is refused, not misread.
+    # 5-D is read as diffusers' (B, F, ...): a VAE's (B, C, F, H, W) has no channel axis where one is looked for
+    # when F is not 1, 3 or 4, and is refused, not misread...
     with pytest.raises(ValueError, match="channels"):
         as_frames(np.zeros((1, 3, 5, 16, 16)))
+    # ...but with F in (1, 3, 4) it is also a valid (B, F, C, H, W) and cannot be told apart: read as that, C frames
+    # of F channels (documented in as_frames; pinned here so that a change of the rule is a decision, not an accident).
+    for channels, frames in ((3, 1), (3, 3), (3, 4), (16, 1), (16, 4)):
+        assert as_frames(np.zeros((1, channels, frames, 16, 16))).shape == (channels, 16, 16, frames)
 
 
 def test_shape_mismatch_raises():
@@ -99,6 +107,8 @@ def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
     with torch.no_grad():
         expected = float(model(frames(noisy), frames(video)).mean())
     assert expected > 0 and lpips(noisy, video, weights_path=path) == pytest.approx(expected, rel=1e-5)
+    with pytest.warns(RuntimeWarning, match="LPIPS is nan"):  # a broken (NaN) video never scores as close
+        assert np.isnan(lpips(np.full_like(video, np.nan), video, weights_path=path))
 
 
 def test_lpips_without_weights_says_where_to_put_them(tmp_path):
@@ -108,3 +118,122 @@ def test_lpips_without_weights_says_where_to_put_them(tmp_path):
     video = np.zeros((1, 48, 48, 3))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         lpips(video, video, weights_path=missing)
+
+
+# ---------------------------------------------------------------- inputs that must not score well or be misread
+
+
+def test_a_video_with_values_that_are_not_finite_scores_nan_not_perfect():
+    # Before, the PSNR of an all-NaN video was inf (its NaN frames were dropped like identical ones: a broken run
+    # scored as a perfect one), and a half-NaN one the PSNR of its other half.
+    rng = np.random.default_rng(4)
+    reference = rng.random((4, 16, 16, 3))
+    half = reference + 0.1
+    half[:2] = np.nan
+    with_inf = reference.copy()
+    with_inf[0, 0, 0, 0] = np.inf
+    for video in (np.full_like(reference, np.nan), half, with_inf):
+        for metric in (psnr, ssim):
+            with pytest.warns(RuntimeWarning, match="not finite"):
+                assert np.isnan(metric(video, reference)), metric.__name__
+            with pytest.warns(RuntimeWarning, match="not finite"):  # either side
+                assert np.isnan(metric(reference, video)), metric.__name__
+    # Identical frames are still the only ones left out of the mean, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert psnr(np.concatenate([reference + 0.1, reference]), np.concatenate([reference, reference])) == \
+            pytest.approx(20.0)
+
+
+def test_single_images_are_one_frame_and_ambiguous_3d_input_is_refused():
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = rng.random((12, 20, 3))
+    # Before, an (H, W, 3) array or one PIL image became H gray frames and a torch (3, H, W) image 3 gray frames.
+    np.testing.assert_array_equal(as_frames(image), image[None])
+    np.testing.assert_allclose(as_frames(torch.from_numpy(image).permute(2, 0, 1)), image[None])
+    pixels = (image * 255).round().astype(np.uint8)
+    assert as_frames(Image.fromarray(pixels)).shape == (1, 12, 20, 3)
+    np.testing.assert_array_equal(as_frames(Image.fromarray(pixels)), as_frames([Image.fromarray(pixels)]))
+    gray = [Image.fromarray(pixels[..., 0]), Image.fromarray(pixels[..., 1])]  # mode "L": 2-D frames
+    assert as_frames(gray).shape == (2, 12, 20, 1) and as_frames(gray[0]).shape == (1, 12, 20, 1)
+    # 3-D input with no channel axis of 1, 3 or 4 in its container's layout: gray frames or an image? Refused.
+    for video in (rng.random((5, 12, 20)), torch.rand(5, 12, 20), rng.random((3, 12, 20))):
+        with pytest.raises(ValueError, match="one .* image"):
+            as_frames(video)
+
+
+def test_only_uint8_and_uint16_frames_are_scaled_other_integers_are_refused():
+    rng = np.random.default_rng(6)
+    frames = rng.random((2, 8, 8, 3))
+    as_uint16 = (frames * 65535).round().astype(np.uint16)
+    assert np.abs(as_frames(as_uint16) - frames).max() <= 0.5 / 65535 + 1e-12
+    # Before, int32 frames of 0..255 were divided by 2**31 - 1 (PSNR 172 dB between frames 34 dB apart).
+    as_255 = (frames * 255).round()
+    for frames_of_255 in (as_255.astype(np.int32), torch.from_numpy(as_255).to(torch.int64), as_255.astype(np.int16)):
+        with pytest.raises(ValueError, match=r"dtype int(16|32|64)"):
+            psnr(frames_of_255, frames_of_255)
+    np.testing.assert_array_equal(as_frames(np.ones((1, 4, 4, 3), bool)), np.ones((1, 4, 4, 3)))
+
+
+@pytest.mark.parametrize("data_range", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_data_range_must_be_a_positive_number(data_range):
+    # Before, 0 gave inf and -1 a normal-looking PSNR.
+    video = np.zeros((1, 8, 8, 3))
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="data_range="):
+            metric(video + 0.1, video, data_range=data_range)
+
+
+def test_without_the_metrics_extra_lpips_is_left_out_saying_so_or_refused_when_asked_for(tmp_path, monkeypatch):
+    from diffsparse import metrics
+
+    # Neither package: before, a ModuleNotFoundError from lpips_weights(None), which compare and eval call first
+    # (asking torchvision where the weights go), though LPIPS was then to be left out, saying so.
+    with monkeypatch.context() as m:
+        for name in ("torchvision", "torchvision.models", "lpips"):  # as if not installed, though imported already
+            m.setitem(sys.modules, name, None)
+        assert metrics.lpips_weights(None, frame_size=(48, 48)) is None
+        assert "diffsparse[metrics]" in metrics.lpips_missing_reason((48, 48))
+        assert metrics.alexnet_weights_path().name == "alexnet-owt-7be5be79.pth"
+    cache = tmp_path / "alexnet-owt-7be5be79.pth"
+    cache.write_bytes(b"weights in the cache")
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: cache)
+    # With the weights in the cache too, and then torchvision without lpips: before, the weights were found and the
+    # ImportError came at the first score, after every video had been generated.
+    for hidden in (("torchvision", "torchvision.models", "lpips"), ("lpips",)):
+        with monkeypatch.context() as m:
+            for name in hidden:
+                m.setitem(sys.modules, name, None)
+            assert metrics.lpips_weights(None, frame_size=(48, 48)) is None
+            reason = metrics.lpips_missing_reason((48, 48))
+            assert "lpips" in reason and "diffsparse[metrics]" in reason
+            with pytest.raises(ValueError, match=r"lpips_weights=.*diffsparse\[metrics\]"):
+                metrics.lpips_weights(cache, frame_size=(48, 48))
+
+
+def test_the_alexnet_file_name_is_torchvision_s():
+    torchvision = pytest.importorskip("torchvision")
+    from diffsparse.metrics import ALEXNET_URL
+
+    assert ALEXNET_URL == torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
+
+
+def test_a_weights_file_without_alexnet_features_is_a_value_error_naming_it(tmp_path):
+    pytest.importorskip("lpips")
+    pytest.importorskip("torchvision")
+    from diffsparse.metrics import lpips, lpips_weights
+
+    # lpips' own weights/v0.1/alex.pth holds only its linear layers: before, a bare KeyError('0.weight') at the
+    # first score, after every video had been generated.
+    linear_only = tmp_path / "alex.pth"
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, linear_only)
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_bytes(b"not a checkpoint")
+    video = np.zeros((1, 32, 32, 3))
+    for path, message in ((linear_only, "no AlexNet features"), (not_a_checkpoint, "torch.load can read")):
+        with pytest.raises(ValueError, match=f"lpips_weights=.*{path.name}.*{message}"):
+            lpips_weights(path, frame_size=(32, 32))
+        with pytest.raises(ValueError, match=f"weights_path=.*{path.name}.*{message}"):
+            lpips(video, video, weights_path=path)

@@ -8,7 +8,8 @@
 
 Written to `--out` (default `docs/testbed`):
     samples.png           frames of videos generated at the evaluation size (17 x 48 x 48 pixels = 2448 tokens)
-    samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min;
+    samples_60min.png     the same prompts after 60 minutes of training (--early, or the --run snapshot nearest 60 min
+                          if within 5 min of it, titled with its own minutes, in evidence.json as model_60min_minutes;
                           with neither, the existing grid and its numbers in evidence.json are kept)
     loss.png, loss.csv    the training-loss curve (loss.csv: mean loss per 25 steps, kept so the plot regenerates)
     attention_decay.png   mean attention mass against temporal and spatial distance, per layer
@@ -161,17 +162,29 @@ def plot_loss(loss_csv: Path, path: Path) -> dict:
             "last_loss": float(loss[-1]), "fine_tunes_start_after_steps": stage_starts}
 
 
-def snapshot_near(run: Path, minutes: float) -> Path | None:
-    """The `snapshots/step_N` folder of `run` whose step is nearest to `minutes` of training, if any."""
+# How far from 60 minutes of training a --run snapshot may be to stand for the 60-minute model: before, the nearest
+# one was taken however far (a 5-minute snapshot of a 10-minute run was titled "after ~60 min").
+SNAPSHOT_TOLERANCE_MINUTES = 5.0
+
+
+def snapshot_times(run: Path) -> dict[Path, float]:
+    """`{snapshots/step_N folder: minutes of training at step N}` of `run`, for the snapshots `loss.csv` times."""
     snapshots = {int(p.name.split("_")[1]): p for p in (run / "snapshots").glob("step_*") if p.is_dir()}
     if not snapshots:
-        return None
+        return {}
     with (run / "loss.csv").open(newline="") as f:
         seconds = {int(r["step"]): float(r["train_seconds"]) for r in csv.DictReader(f)}
-    known = [s for s in snapshots if s in seconds]
-    if not known:
+    return {path: seconds[step] / 60 for step, path in sorted(snapshots.items()) if step in seconds}
+
+
+def snapshot_near(run: Path, minutes: float, tolerance: float = SNAPSHOT_TOLERANCE_MINUTES) -> Path | None:
+    """The `snapshots/step_N` folder of `run` whose step is nearest to `minutes` of training, if one is within
+    `tolerance` minutes of it (`snapshot_times` gives its real minutes), else `None`."""
+    times = snapshot_times(run)
+    if not times:
         return None
-    return snapshots[min(known, key=lambda s: abs(seconds[s] - 60 * minutes))]
+    nearest = min(times, key=lambda path: abs(times[path] - minutes))
+    return nearest if abs(times[nearest] - minutes) <= tolerance else None
 
 
 def carry_over_60min(previous: Path, evidence: dict) -> None:
@@ -186,6 +199,8 @@ def carry_over_60min(previous: Path, evidence: dict) -> None:
     if "model_60min" not in earlier:
         return
     evidence["model_60min"] = earlier["model_60min"]
+    if "model_60min_minutes" in earlier:
+        evidence["model_60min_minutes"] = earlier["model_60min_minutes"]
     evidence["fidelity"]["60min_training_size"] = earlier["fidelity"]["60min_training_size"]
 
 
@@ -382,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "then not a 60-minute model, so only --early redraws that grid")
     p.add_argument("--early", type=Path, default=None,
                    help="pipeline folder of a 60-minute run for samples_60min.png (default: the --run snapshot "
-                        "nearest 60 min)")
+                        f"nearest 60 min, if within {SNAPSHOT_TOLERANCE_MINUTES:g} min of it)")
     p.add_argument("--out", type=Path, default=Path("docs/testbed"))
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
@@ -445,12 +460,20 @@ def main(argv=None) -> dict:
     evidence["fidelity"]["training_size"] = asdict(fidelity(pipe, *TRAINING_SIZE, steps=args.steps))
     from_run = args.run is not None and args.fine_tune_of is None
     early = args.early or (snapshot_near(args.run, 60.0) if from_run else None)
+    if from_run and args.early is None and early is None and snapshot_times(args.run):
+        print(f"samples_60min.png kept: no snapshot of {args.run} within {SNAPSHOT_TOLERANCE_MINUTES:g} min of 60 min "
+              f"of training (pass --early)")
+    # A --run snapshot says when it was taken: the title and evidence.json give that, not a nominal 60 minutes.
+    early_minutes = None if args.early is not None or early is None else snapshot_times(args.run)[early]
     if early is not None:
         early_pipe = load(path=early)
         videos = sample(early_pipe, list(PROMPTS), *TRAINING_SIZE, steps=args.steps, seed=args.seed)
+        when = "after ~60 min" if early_minutes is None else f"after {early_minutes:.1f} min"
         save_sample_grid(videos, list(PROMPTS), args.out / "samples_60min.png", frames=(0, 4, 8),
-                         title=f"after ~60 min ({early}): 9 frames x 32x32 px (training size)")
+                         title=f"{when} ({early}): 9 frames x 32x32 px (training size)")
         evidence["model_60min"] = str(early)
+        if early_minutes is not None:
+            evidence["model_60min_minutes"] = early_minutes
         evidence["fidelity"]["60min_training_size"] = asdict(fidelity(early_pipe, *TRAINING_SIZE, steps=args.steps))
     else:
         carry_over_60min(args.out / "evidence.json", evidence)

@@ -190,6 +190,12 @@ def _mean(scores: list[dict]) -> Scores:
     return Scores(len(scores), *(float(np.mean([s[k] for s in scores])) for k in list(scores[0])))
 
 
+def _check_seeds(seeds) -> None:
+    # No seed, no video: before, the mean of no scores ended in a bare IndexError.
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r}: must be an int of at least 1 (seeds 0 .. seeds-1)")
+
+
 def request_clip(rng: np.random.Generator, request: Request, frames: int, height: int, width: int) -> Clip:
     """A training-data clip showing exactly `request` (one shape, dark background), placed as training places."""
     ux, uy = DIRECTIONS[request.direction]
@@ -204,6 +210,7 @@ def request_clip(rng: np.random.Generator, request: Request, frames: int, height
 
 def reference_scores(frames: int, height: int, width: int, seeds: int = 2) -> Scores:
     """The scores of the training data for the same prompts and size: the ceiling a model can reach."""
+    _check_seeds(seeds)
     scored = []
     for seed in range(seeds):
         rng = np.random.default_rng([seed, 7])
@@ -255,6 +262,7 @@ def prompt_sensitivity(
             with a clear first frame, the direction word says where the shape goes next.
     """
     check_noise_levels(noise_levels)
+    _check_seeds(seeds)
     if first_frame_level is not None and not 0 <= first_frame_level <= 1:
         raise ValueError(f"first_frame_level must be in [0, 1] (0: given clean, not scored), got {first_frame_level}")
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
@@ -336,6 +344,7 @@ def fidelity(
     """
     from ..pipelines.testbed import sample
 
+    _check_seeds(seeds)
     if first_frame and two_stage:
         raise ValueError("first_frame and two_stage each choose where the first frame comes from: give one of them")
     todo = requests()
@@ -389,6 +398,7 @@ def steering(model, frames: int, height: int, width: int, seeds: int = 2, steps:
     """
     from ..pipelines.testbed import sample
 
+    _check_seeds(seeds)
     steered, moving, along = [], [], []
     for seed in range(seeds):
         todo, first_frames = steering_batch(seed, height, width)
