@@ -2,7 +2,8 @@
 Ulysses or ring context parallelism each holds its share of the tokens of a tiny Wan, ChronoEdit, LTX-Video or Helios
 transformer (video only), or of the text and of the image of a tiny FLUX.1, FLUX.2 or Qwen-Image transformer (joint
 attention), under tensor parallelism half of the heads of a tiny FLUX.1, FLUX.2, Qwen-Image or Qwen-Image 2.1
-transformer; each must get what one process gets alone with the same sparse config."""
+transformer; each must get what one process gets alone with the same sparse config. Wan VACE, SkyReels-V2 and
+Kandinsky 5, whose diffusers transformers have no context parallel plan, run under a plan of the user's own."""
 
 import functools
 import os
@@ -132,15 +133,18 @@ def _sparse_call(transformer, config, call=_call):
         return call(transformer), handle.stats().mean_density
 
 
-def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tuple[dict, dict, torch.Tensor]:
-    """What one rank measures with `parallel` enabled on `transformer`, against the same configs alone: the dense
-    call's max abs difference, and per config (max abs difference, this rank's density, density alone, max abs
-    difference of the config alone from dense). Also returns the outputs and densities alone, and the dense
-    output under `parallel`."""
+def _against_one_process(transformer, configs: dict, parallel, call=_call, plan=None,
+                         dense_call=None) -> tuple[dict, dict, torch.Tensor]:
+    """What one rank measures with `parallel` enabled on `transformer` (under `plan`, a user's context parallel
+    plan, if given), against the same configs alone: the dense call's max abs difference, and per config (max abs
+    difference, this rank's density, density alone, max abs difference of the config alone from dense). Also
+    returns the outputs and densities alone, and the dense output under `parallel`. `dense_call`: the dense
+    reference of `call` where the original cannot run `call` itself (default: `call`)."""
+    dense_call = dense_call or call
     alone = {name: _sparse_call(transformer, config, call) for name, config in configs.items()}
-    dense = call(transformer)
-    transformer.enable_parallelism(config=parallel)
-    dense_parallel = call(transformer)
+    dense = dense_call(transformer)
+    transformer.enable_parallelism(config=parallel, cp_plan=plan)
+    dense_parallel = dense_call(transformer)
     result = {"dense": float((dense_parallel - dense).abs().max())}
     for name, config in configs.items():
         (out, density), (out_alone, density_alone) = _sparse_call(transformer, config, call), alone[name]
@@ -148,24 +152,25 @@ def _against_one_process(transformer, configs: dict, parallel, call=_call) -> tu
     return result, alone, dense_parallel
 
 
-def _family(model, configs: dict = CONFIGS, call=_call, uneven: bool = False, ring: bool = False) -> dict:
+def _family(model, configs: dict = CONFIGS, call=_call, uneven: bool = False, ring: bool = False, plan=None,
+            dense_call=None) -> dict:
     """What one rank measures on one model family (`model()` builds it) under Ulysses context parallelism, or with
     `ring` ring attention (with `uneven`, "anything": the ranks' shares may differ), as max abs differences (and
-    densities)."""
+    densities); `plan` and `dense_call` as `_against_one_process`'s."""
     from diffusers import ContextParallelConfig
 
     parallel = (ContextParallelConfig(ring_degree=WORLD, ring_anything=uneven) if ring
                 else ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=uneven))
-    result, alone, dense_parallel = _against_one_process(model(), configs, parallel, call)
+    result, alone, dense_parallel = _against_one_process(model(), configs, parallel, call, plan, dense_call)
     # The other order: applied first, then parallelism enabled (it reaches the sparse processors; where diffusers
     # splits the inputs at the transformer's entry, its hook now runs before diffsparse's), then removed (the
     # originals come back with the parallel config).
     transformer, (first, config) = model(), next(iter(configs.items()))
     diffsparse.apply(transformer, config)
-    transformer.enable_parallelism(config=parallel)
+    transformer.enable_parallelism(config=parallel, cp_plan=plan)
     result["applied first"] = float((call(transformer) - alone[first][0]).abs().max())
     diffsparse.remove(transformer)
-    result["removed"] = float((call(transformer) - dense_parallel).abs().max())
+    result["removed"] = float(((dense_call or call)(transformer) - dense_parallel).abs().max())
     return result
 
 
@@ -334,6 +339,7 @@ def _two_process_job() -> dict:
         for order in MINIMAX_ORDERS for ring in (False, True)
     }
     result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
+    result |= {f"user plan {name}": _user_plan_family(name) for name in USER_PLAN_FAMILIES}
     return result
 
 
@@ -348,6 +354,96 @@ def _minimax_call(transformer, order: str):
 
     with torch.no_grad():
         return transformer(**inputs(order)(), return_dict=False)[0]
+
+
+# Families whose diffusers transformer has no `_cp_plan` but whose sparse path gathers a video-only sequence as
+# Wan's (`context_parallel = True`): they run under a plan the user passes to `enable_parallelism`, written here as
+# a user would. SkyReels-V2 with one timestep, and under asynchronous diffusion forcing (one timestep per frame, the
+# causal mask over groups of 2 frames); Kandinsky 5 in frame-major and in tiled ("fractal") token order.
+USER_PLAN_FAMILIES = ("wan vace", "skyreels", "skyreels causal", "kandinsky5", "kandinsky5 fractal")
+USER_PLAN_CONFIGS = {name: CONFIGS[name] for name in ("radial", "window3d per head", "searched, layer budget")}
+# Kandinsky 5's tiny grid has two frames, on which radial keeps every block: nothing it could get wrong.
+KANDINSKY5_CONFIGS = {name: CONFIGS[name] for name in ("window3d per head", "searched, layer budget")}
+
+
+def _user_plan_configs(name: str) -> dict:
+    return KANDINSKY5_CONFIGS if name.startswith("kandinsky5") else USER_PLAN_CONFIGS
+
+
+def _vace_model():
+    from diffusers import WanVACETransformer3DModel
+
+    from diffsparse.pipelines.tiny import tiny_wan_config
+
+    torch.manual_seed(0)
+    return WanVACETransformer3DModel(**tiny_wan_config()["transformer"], vace_layers=[0, 1],
+                                     vace_in_channels=96).eval()
+
+
+def _vace_call(transformer):
+    """Wan's 96 video tokens, and a control video on the same grid."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return transformer(
+            torch.randn(1, 16, 4, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 8, 32, generator=g),
+            control_hidden_states=torch.randn(1, 96, 4, 8, 12, generator=g), return_dict=False,
+        )[0]
+
+
+def _skyreels_call(transformer, per_frame: bool):
+    from test_skyreels_v2 import inputs
+
+    with torch.no_grad():
+        return transformer(**inputs(per_frame)).sample
+
+
+def _kandinsky5_model():
+    from test_kandinsky5 import tiny_transformer
+
+    torch.manual_seed(0)
+    return tiny_transformer()
+
+
+def _kandinsky5_call(transformer, fractal: bool):
+    from test_kandinsky5 import inputs
+
+    with torch.no_grad():
+        return transformer(**inputs(fractal)(), return_dict=False)[0]
+
+
+def _user_plan_family(name: str) -> dict:
+    """What one rank measures on a `USER_PLAN_FAMILIES` case under its user's plan, as `_family` measures."""
+    from diffusers.models._modeling_parallel import ContextParallelInput as Split
+    from diffusers.models._modeling_parallel import ContextParallelOutput as Gather
+    from test_skyreels_v2 import tiny_transformer as skyreels_model
+
+    rope = {0: Split(1, 4, split_output=True), 1: Split(1, 4, split_output=True)}  # Wan's, per token
+    if name == "wan vace":
+        # Wan's plan, and the control tokens split where the first control block adds the video to them: each
+        # control block's hint is then added to the main blocks' split video.
+        plan = {"rope": rope, "vace_blocks.0": {"hidden_states": Split(1, 3), "control_hidden_states": Split(1, 3)},
+                "blocks.0": {"hidden_states": Split(1, 3)}, "proj_out": Gather(1, 3)}
+        return _family(_vace_model, _user_plan_configs(name), _vace_call, plan=plan)
+    if name.startswith("skyreels"):
+        # Under diffusion forcing the time embedding is per token, (B, 6, N, D), split with the video (with one
+        # timestep it has 3 dims, left whole); its output norm reads it per token, hence gathered after the last
+        # block. The causal mask, built whole before the blocks, stays whole: both diffusers' Ulysses attention and
+        # the sparse path attend the whole sequence.
+        plan = {"rope": rope, "blocks.0": {"hidden_states": Split(1, 3)}, "blocks.*": {"temb": Split(2, 4)},
+                "blocks.1": Gather(1, 3)}
+        causal = name.endswith("causal")
+        return _family(functools.partial(skyreels_model, frames_per_block=2 if causal else 1),
+                       _user_plan_configs(name), functools.partial(_skyreels_call, per_frame=causal), plan=plan)
+    # The tokens (in tiled order too) split after the model flattens them; each self-attention's RoPE split with
+    # them (the blocks get it whole); gathered after the last visual block, before the model unflattens them.
+    plan = {"visual_transformer_blocks.0": {"visual_embed": Split(1, 3)},
+            "visual_transformer_blocks.*.self_attention": {"rotary_emb": Split(1, 6)},
+            "visual_transformer_blocks.1": Gather(1, 3)}
+    # The original runs the tiled order only with NABLA's mask (flex attention): the dense reference is the
+    # frame-major call, whose output the tiled one's equals (test_kandinsky5).
+    return _family(_kandinsky5_model, _user_plan_configs(name),
+                   functools.partial(_kandinsky5_call, fractal=name.endswith("fractal")), plan=plan,
+                   dense_call=functools.partial(_kandinsky5_call, fractal=False))
 
 
 def _wan_with_heads(heads: int):
@@ -386,6 +482,9 @@ def _four_process_job() -> dict:
 
 def _worker(rank: int, world: int, job, init_file: str, results):
     # "cpu:gloo": diffusers exchanges the uneven shares' sizes on the device its backend string names.
+    # One thread per rank: the ranks already fill a 2-core machine, and two threads each, spinning in their OpenMP
+    # barriers while the other rank runs, took ten times the CPU time on the tiny models here.
+    torch.set_num_threads(1)
     dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
@@ -485,6 +584,28 @@ def test_ring_attention_equals_one_process(per_rank, name):
         for config in configs:
             error, _, density_alone, sparse_vs_dense = measured[config]
             assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
+
+
+@pytest.mark.parametrize("name", USER_PLAN_FAMILIES)
+def test_dense_calls_under_a_user_plan_are_diffusers_own_context_parallel_attention(per_rank, name):
+    for result in per_rank.values():
+        measured = result[f"user plan {name}"]
+        assert measured["dense"] < 1e-5
+        assert measured["applied first"] < 1e-5 and measured["removed"] < 1e-5
+
+
+@pytest.mark.parametrize(("name", "config"), [(name, config) for name in USER_PLAN_FAMILIES
+                                              for config in _user_plan_configs(name)])
+def test_sharded_sparse_attention_under_a_user_plan_equals_one_process(per_rank, name, config):
+    # No diffusers plan: each rank holds the share of the video (of the control video, of the per-token time
+    # embedding) that the user's plan splits, which the sparse path gathers as on Wan, the whole call's causal mask
+    # and tiled token order applied to the whole sequence.
+    for result in per_rank.values():
+        error, _, density_alone, sparse_vs_dense = result[f"user plan {name}"][config]
+        assert error < 1e-5 and density_alone < 1
+        assert sparse_vs_dense > 1e-3
+    densities = [result[f"user plan {name}"][config][1] for result in per_rank.values()]
+    assert sum(densities) / WORLD == pytest.approx(density_alone)
 
 
 @pytest.fixture(scope="module")
