@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .kernels import block_sparse_attention, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COLUMNS = ["mask", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms", "peak_mb"]
+COLUMNS = ["mask", "backend", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms",
+           "plan_mb", "peak_mb"]
 
 
 def random_block_mask(num_blocks: int, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -47,12 +48,23 @@ def _time_ms(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _peak_mb(device: torch.device, plan) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # On CPU torch has no allocator statistics: report what the plan itself holds.
+def _plan_mb(plan) -> float:
+    """What the plan's own tensors hold, on any device."""
     tensors = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _sparse_peak_mb(sparse, device: torch.device) -> float | None:
+    """CUDA's peak allocated memory over one sparse call alone (the inputs, the plan and what the call allocates), or
+    `None` where torch keeps no allocator statistics (CPU). Reset right before the call: reset earlier, the peak
+    would be the dense call's whenever that is higher."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    sparse()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _check_repeats(repeats, what: str) -> None:
@@ -86,14 +98,33 @@ def _write_json(result: dict, out: str | Path, name: str) -> None:
     print(f"wrote {out / name}")
 
 
+def _mask_layout(name: str, seq: int):
+    """The video layout a pattern `--mask` is solved on: `seq // 1024` frames of 32x32 tokens (exactly `seq`)."""
+    from .patterns import VideoLayout, get_pattern
+
+    try:
+        pattern = get_pattern(name)  # before any tensor is made
+    except ValueError as error:
+        raise ValueError(f"--mask {name!r}: random, or a pattern; {error}") from None
+    if pattern.data_dependent or not pattern.solves_density:
+        # spatial_temporal unfitted is the union of its masks (density 1.0 whatever asked), dense has no knob: a
+        # row would time something other than its target density.
+        raise ValueError(f"--mask {name}: must be random or a static pattern solved for each --density (radial, "
+                         "window3d); data-dependent ones are timed by `bench search` and `bench pipeline`")
+    if seq % 1024:
+        lower = seq // 1024 * 1024
+        near = f"{lower} or {lower + 1024}" if lower else "1024"
+        raise ValueError(f"--mask {name} lays tokens out as frames of 32x32 tokens: --seq must be a multiple of 1024 "
+                         f"(e.g. {near}), got seq={seq}")
+    return VideoLayout(seq // 1024, 32, 32)
+
+
 def pattern_block_mask(name: str, seq: int, density: float, block_size: int) -> torch.Tensor:
     """A `(1, 1, n, n)` block mask of a registered pattern solved for `density`, on `seq // 1024` frames of
     32x32 tokens (a video-shaped layout of exactly `seq` tokens)."""
-    from .patterns import VideoLayout, get_pattern
+    from .patterns import get_pattern
 
-    if seq % 1024:
-        raise ValueError(f"--mask {name} lays tokens out as frames of 32x32: seq must be a multiple of 1024, got {seq=}")
-    layout = VideoLayout(seq // 1024, 32, 32)
+    layout = _mask_layout(name, seq)
     pattern = get_pattern(name).at_density(layout, density, block_size)
     return pattern.block_mask(layout, block_size)[None]
 
@@ -110,8 +141,6 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
         _time_ms(lambda: make_plan(mask, n, n, block_size), device) for _ in range(max(3, repeats))
     )
     plan = make_plan(mask, n, n, block_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
@@ -128,6 +157,7 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
     speedup = dense_ms / sparse_ms
     return {
         "mask": mask_kind,
+        "backend": _backend_label(device, q.dtype, backend, plan, q.shape[-1]),
         "density": plan.density,
         "dense_ms": dense_ms,
         "sparse_ms": sparse_ms,
@@ -135,7 +165,8 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
         "bound": 1.0 / plan.density,
         "efficiency": speedup * plan.density,
         "plan_ms": plan_ms,
-        "peak_mb": _peak_mb(device, plan),
+        "plan_mb": _plan_mb(plan),
+        "peak_mb": _sparse_peak_mb(sparse, device),
     }
 
 
@@ -159,20 +190,29 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _backend_label(device: torch.device, dtype: torch.dtype, requested: str) -> str:
-    """The backend that ran and, for "cpu", which of its two paths: timings mean little without it."""
+def _backend_label(device: torch.device, dtype: torch.dtype, requested: str, plan, head_dim: int) -> str:
+    """The backend that ran and, for "cpu", which of its two paths: timings mean little without it. Chosen with
+    the call's own plan and head dim, as `block_sparse_attention` chooses: on CUDA, "auto" runs blocks other than
+    64/128 and head dims above 256 on the torch-ops path, not Triton."""
+    import warnings
+
     from .kernels import choose_backend, cpu_native
 
-    backend = choose_backend(device, requested)
-    if backend != "cpu" or device.type != "cpu":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto's fallback warning: the timed call itself gives it
+        backend = choose_backend(device, requested, False, plan, head_dim)
+    if backend != "cpu":
         return backend
-    compiled = dtype in cpu_native.DTYPES and cpu_native.forward_op() is not None
+    # The compiled kernel takes CPU tensors only: elsewhere (CUDA's fallback) "cpu" is the torch-ops path.
+    compiled = device.type == "cpu" and dtype in cpu_native.DTYPES and cpu_native.forward_op() is not None
     return "cpu (compiled kernel)" if compiled else "cpu (torch ops)"
 
 
 def run_attention_bench(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.mask != "random":
+        _mask_layout(args.mask, args.seq)  # before the tensors: a bad --seq ended the run after they were made
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.heads, args.seq, args.dim)
     q, k, v = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(3))
@@ -180,20 +220,18 @@ def run_attention_bench(args) -> list[dict]:
     rows = []
     for density in tqdm(densities, desc="densities"):
         rows.append(bench_one(q, k, v, density, args.block_size, args.backend, args.repeats, generator, args.mask))
+    backends = ", ".join(dict.fromkeys(r["backend"] for r in rows))
     title = (
         f"B={args.batch} H={args.heads} N={args.seq} D={args.dim} {args.dtype} block={args.block_size} "
-        f"{args.device} ({torch.get_num_threads()} threads) backend={_backend_label(device, dtype, args.backend)} "
-        f"mask={args.mask}"
+        f"{args.device} ({torch.get_num_threads()} threads) backend={backends} mask={args.mask}"
     )
     print(title)
+    if device.type != "cuda":
+        print("peak_mb: no allocator statistics on this device (CUDA only); plan_mb: the plan's own tensors")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
-        cells = [
-            r[c] if c == "mask" else f"{r[c]:.3f}" if c in ("density", "speedup", "efficiency") else f"{r[c]:.1f}"
-            for c in COLUMNS
-        ]
-        print("| " + " | ".join(cells) + " |")
+        print("| " + " | ".join(_cell(c, r[c]) for c in COLUMNS) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_attention.csv", "w", newline="") as f:
@@ -205,13 +243,24 @@ def run_attention_bench(args) -> list[dict]:
     return rows
 
 
+def _cell(column: str, value) -> str:
+    """A table cell: 3 decimals for ratios and the plan's (small) memory, 1 for times, bound and peak memory."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.3f}" if column in ("density", "speedup", "efficiency", "plan_mb") else f"{value:.1f}"
+
+
 def run_permute_bench(args) -> dict:
-    """The cost of the 3D tile permutation (q, k, v in, output back) as a share of one sparse attention call."""
-    from .patterns import TileOrder, VideoLayout, get_pattern
+    """The cost of the 3D tile permutation (q, k, v in, output back) as a share of one sparse attention call;
+    `args.order`: the `SparseConfig.order` of `--tile` (`cli._order`; `None`, frame-major, permutes by identity)."""
+    from .patterns import VideoLayout, get_pattern
+    from .patterns.ordering import as_order
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
-    order = TileOrder(tuple(args.tile))
+    order = as_order(args.order)
     pattern = get_pattern(args.pattern)
     n = layout.num_tokens
     generator = torch.Generator().manual_seed(args.seed)
@@ -322,6 +371,12 @@ def run_causal_bench(args) -> list[dict]:
     from .runtime import SparseRuntime
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
+    if not 1 <= args.causal_frames < args.frames:
+        # One group holding every frame masks nothing: the "masked" SDPA would be plain attention, its speedup
+        # reported against a mask that is not there.
+        raise ValueError(f"--causal-frames {args.causal_frames} with --frames {args.frames}: a causal mask needs at "
+                         "least two groups of frames, so --causal-frames must be below --frames (and --frames at "
+                         "least 2)")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)

@@ -11,8 +11,16 @@ from .testbed import add_two_stage_options
 
 
 def _step_count(text: str) -> int | float:
-    """`"3"` -> 3 steps; `"0.2"` -> a fraction of the steps."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    """`"3"` -> 3 steps; `"0.2"` -> a fraction of the steps: `SparseConfig`'s two forms, checked here so that the
+    message says what is allowed (argparse's own said only "invalid _step_count value")."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        value = None
+    if value is None or not (0 <= value < 1 if isinstance(value, float) else value >= 0):  # nan fails both
+        raise argparse.ArgumentTypeError(
+            f"expected a step count (a whole number >= 0) or a fraction of the steps in [0, 1), got {text!r}")
+    return value
 
 
 def at_least(minimum: int):
@@ -46,6 +54,14 @@ def _seed(text: str) -> int:
 
 _positive = at_least(1)
 _non_negative = at_least(0)
+
+
+def _port(text: str) -> int:
+    """A TCP port; before, one above 65535 ended `demo` in a traceback after the model had loaded."""
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1 .. 65535, got {value}")
+    return value
 
 
 def _correction(text: str) -> str | None:
@@ -332,6 +348,15 @@ def _add_masks(sub) -> None:
     p.add_argument("--out", default="outputs", help="folder for the PNG")
 
 
+def _warm_up_torch() -> None:
+    """Pay untimed what a first block mask pays once per process: torch's first `broadcast_shapes` imports
+    torch.fx's symbolic shapes (0.7-1.4 s here), which landed in the first timing printed (`masks`' planning cost,
+    `bench density`'s first row)."""
+    import torch
+
+    torch.broadcast_shapes((2, 1), (1, 3))
+
+
 def _run_masks(args) -> None:
     import time
     from pathlib import Path
@@ -344,6 +369,10 @@ def _run_masks(args) -> None:
     )
     order = _order(args.tile)
     pattern = get_pattern(args.pattern)
+    if args.head >= pattern.num_heads > 1:  # before solving; `render` refuses it too
+        raise ValueError(f"--head {args.head}: {pattern!r} gives {pattern.num_heads} per-head masks, so --head must "
+                         f"be in 0 .. {pattern.num_heads - 1}")
+    _warm_up_torch()
     start = time.perf_counter()
     if args.density is not None:
         pattern = pattern.at_density(layout, args.density, args.block_size, order=order)
@@ -499,6 +528,7 @@ def _run_bench(args) -> None:
     if args.bench == "permute":
         from .bench import run_permute_bench
 
+        args.order = _order(args.tile)  # as masks and bench density read --tile (a single number: a cube)
         run_permute_bench(args)
         return
     from pathlib import Path
@@ -509,6 +539,7 @@ def _run_bench(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "bench_density.png"
     patterns = [get_pattern(name) for name in args.pattern]
+    _warm_up_torch()
     rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, path, _order(args.tile))
     print(f"{args.height}x{args.width} tokens per frame, block {args.block_size}")
     print("| pattern | frames | tokens | density | density*n/log2(n) | build s |")
@@ -528,7 +559,7 @@ def _add_demo(sub) -> None:
     _add_lpips_weights(p)
     p.add_argument("--out", default="outputs/demo", help="folder for each request's compare.mp4 and compare.json")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=_positive, default=7860, help="port of the page")
+    p.add_argument("--port", type=_port, default=7860, help="port of the page (1 .. 65535)")
 
 
 def _run_demo(args) -> None:

@@ -578,9 +578,26 @@ def check_two_stage(args, pipe=None) -> None:
                 f"two_stage needs the testbed pipeline (its first_frame image-to-video input); model={args.model!r}"
                 + ("" if pipe is None else f" loads {pipeline_name(pipe)}")
             )
+    check_seed_range(args.seed, getattr(args, "seeds", 1), args.still_candidates if args.two_stage else 1)
     if args.two_stage and args.frames is not None and args.frames < 2:  # None: the model's default, checked later
         raise ValueError(f"two_stage gives frame 0 as the still and scores the frames after it: frames must be >= 2, "
                          f"got frames={args.frames}")
+
+
+def check_seed_range(seed: int, seeds: int = 1, still_candidates: int = 1) -> None:
+    """The seeds a run samples with, `seed` .. `seed + seeds - 1` (eval's `--seeds`), and with two stages each one's
+    stills up to `still_candidates - 1` past it (`testbed.best_still`), must all be seeds torch's generators take
+    (64 bits, as `--seed` checks): one out of range failed as "Overflow when unpacking long long" only when its turn
+    came, after the model had loaded and generated the others."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r}: must be an int of at least 1")
+    if not all(isinstance(x, int) for x in (seed, still_candidates)):
+        return  # each is refused by its own check, which names it
+    last = seed + seeds - 1 + max(still_candidates, 1) - 1
+    if seed < -(2**63) or last >= 2**64:
+        raise ValueError(f"seed={seed}, seeds={seeds}, still_candidates={still_candidates}: the run samples with seeds "
+                         f"{seed} .. {last} (seed + seeds - 1 + still_candidates - 1), and torch's generators take "
+                         "-2**63 to 2**64 - 1 (64 bits); lower seed")
 
 
 def sampler_label(args) -> str:

@@ -113,7 +113,6 @@ def run_eval(args) -> list[EvalRow]:
     check_two_stage(args)
     check_call_kwargs(getattr(args, "call_kwargs", None))
     prompts = eval_prompts(args)
-    check_seeds(args.seed, args.seeds)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
     configs = [
@@ -191,17 +190,6 @@ def run_eval(args) -> list[EvalRow]:
     progress.close()
     _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe))
     return rows
-
-
-def check_seeds(seed: int, seeds: int) -> None:
-    """`seed` .. `seed + seeds - 1` must all be seeds torch's generators take (64 bits, as `--seed` checks): the
-    last one, out of range, failed only when its turn came, after the model had loaded and generated the others."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds={seeds!r}: must be an int of at least 1")
-    last = seed + seeds - 1
-    if seed < -(2**63) or last >= 2**64:
-        raise ValueError(f"seed={seed}, seeds={seeds}: the seeds run {seed} .. {last}, and torch's generators take "
-                         "-2**63 to 2**64 - 1 (64 bits)")
 
 
 def eval_prompts(args) -> list[str]:

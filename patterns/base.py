@@ -527,7 +527,13 @@ class Pattern(abc.ABC):
         bq, bk = as_pair(block_size)
         order = as_order(order)
         mask = self.block_mask(layout, (bq, bk), order)
-        head_mask = mask[min(head, mask.shape[0] - 1)]
+        heads = mask.shape[0]
+        # One shared mask is every head's, so any head draws it; per-head masks have only their own (before, a head
+        # past the last was drawn as the last one, unsaid).
+        if isinstance(head, bool) or not isinstance(head, int) or head < 0 or (heads > 1 and head >= heads):
+            what = "one mask, every head's" if heads == 1 else f"{heads} per-head masks, so head must be < {heads}"
+            raise ValueError(f"head must be an int >= 0 ({self!r} gives {what}), got head={head!r}")
+        head_mask = mask[head if heads > 1 else 0]
         nq, nk = head_mask.shape
         fig = Figure(figsize=(6, 6 * nq / max(nq, nk) + 0.6))
         FigureCanvasAgg(fig)

@@ -173,6 +173,12 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["bench", "attention", "--density", "nan,2"], "expected comma-separated block densities in (0, 1]"),
         (["eval", "--pattern", "nosuch"], "pattern must be one of"),  # checked before the model loads
         (["compare", "--seed", str(2**64)], "argument --seed: must fit in 64 bits"),  # was torch's "Overflow"
+        # The stills take seeds seed .. seed + still_candidates - 1 (eval: from each of its seeds): was torch's
+        # "Overflow" after loading.
+        (["compare", "--two-stage", "--still-candidates", "2", "--seed", str(2**64 - 1)],
+         f"seed={2**64 - 1}, seeds=1, still_candidates=2: the run samples with seeds {2**64 - 1} .. {2**64}"),
+        (["eval", "--two-stage", "--still-candidates", "2", "--seeds", "2", "--seed", str(2**64 - 2)],
+         f"seeds=2, still_candidates=2: the run samples with seeds {2**64 - 2} .. {2**64} (seed + seeds - 1 + "),
         (["compare", "--model", "someone/a-video-model", "--two-stage"], "two_stage needs the testbed pipeline"),
         # A batch was cut to its first video, unsaid; the rest ended in tracebacks after loading.
         (["compare", "--call-kwargs", '{"num_videos_per_prompt": 2}'],
@@ -199,6 +205,50 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     # CPU devices by index load in float32 as "cpu" does.
     monkeypatch.undo()
     assert compare.weights_dtype(compare.load_pipeline(None, "cpu:0")) == "fp32"
+
+
+def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatch):
+    # Each was refused (or not at all) only after the tensors were made or the pattern solved, or after the demo's
+    # model had loaded.
+    from diffsparse.patterns import Pattern
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("did the work before refusing the setting")
+
+    monkeypatch.setattr(torch, "randn", no_work)
+    monkeypatch.setattr(Pattern, "at_density", no_work)
+    step_count = "expected a step count (a whole number >= 0) or a fraction of the steps in [0, 1), got "
+    per_head = "window3d(window=[(1, 2, 2), (2, 4, 4)])"
+    for argv, message in (
+        (["bench", "attention", "--seq", "75600", "--mask", "radial"],
+         "--seq must be a multiple of 1024 (e.g. 74752 or 75776), got seq=75600"),
+        (["bench", "attention", "--mask", "nosuch"], "--mask 'nosuch': random, or a pattern; pattern must be one of"),
+        # Unfitted, spatial_temporal is the union of its masks: its rows ran at density 1.0 whatever the target.
+        (["bench", "attention", "--mask", "spatial_temporal"], "--mask spatial_temporal: must be random or a static"),
+        # One group of every frame is no causal mask: its "masked" SDPA was unmasked.
+        (["bench", "causal", "--causal-frames", "8"],
+         "--causal-frames 8 with --frames 8: a causal mask needs at least two groups of frames"),
+        (["masks", "--pattern", per_head, "--head", "2", "--density", "0.3"],
+         "--head 2: window3d(window=((1, 2, 2), (2, 4, 4))) gives 2 per-head masks, so --head must be in 0 .. 1"),
+        (["demo", "--port", "70000"], "argument --port: must be a port number in 1 .. 65535, got 70000"),
+        (["compare", "--dense-steps", "abc"], f"argument --dense-steps: {step_count}'abc'"),
+        (["trace", "--dense-last-steps", "nan"], f"argument --dense-last-steps: {step_count}'nan'"),
+        (["bench", "pipeline", "--dense-steps", "inf"], f"argument --dense-steps: {step_count}'inf'"),
+        (["eval", "--dense-steps", "0,1.5"], f"argument --dense-steps: {step_count}'1.5'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    # The plot's own check: a head past the last was drawn as the last, unsaid; a shared mask is every head's.
+    monkeypatch.undo()
+    from diffsparse.patterns import VideoLayout, get_pattern
+
+    layout = VideoLayout(2, 4, 4)
+    with pytest.raises(ValueError, match=r"gives 2 per-head masks, so head must be < 2\), got head=2"):
+        get_pattern(per_head).render(layout, 16, "unused.png", head=2)
+    with pytest.raises(ValueError, match=r"head must be an int >= 0 .*got head=-1"):
+        get_pattern("radial").render(layout, 16, "unused.png", head=-1)
 
 
 def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsys):
@@ -397,10 +447,16 @@ def test_masks_and_density_bench(tmp_path, capsys):
     assert main(["masks", "--pattern", "window3d", "--frames", "5", "--height", "8", "--width", "12",
                  "--block-size", "64", "--tile", "1,4,4", "--out", str(tmp_path)]) == 0
     assert list(tmp_path.glob("mask_window3d_*.png"))
+    assert "block density" in capsys.readouterr().out
     assert main(["bench", "density", "--pattern", "radial", "--frames", "4,8", "--height", "8", "--width", "8",
                  "--block-size", "64", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench_density.png").exists()
-    assert "block density" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    from diffsparse.patterns import Radial, VideoLayout
+
+    for frames in (4, 8):  # each row's density is the pattern's own at that layout
+        density = Radial().density(VideoLayout(frames, 8, 8), 64)
+        assert f"| {Radial()!r} | {frames} | {frames * 64} | {density:.4f} | " in printed
     # A joint sequence: 8 text tokens first, whose block row and column stay whole.
     assert main(["masks", "--pattern", "radial", "--frames", "4", "--height", "8", "--width", "8", "--block-size", "16",
                  "--text-tokens", "8", "--text-position", "start", "--density", "0.3", "--out", str(tmp_path)]) == 0
@@ -414,21 +470,61 @@ def test_attention_bench_table(tmp_path, capsys):
                  "--repeats", "1", "--mask", "window3d", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "bench_attention.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["mask", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms",
-                             "peak_mb"]
+    assert list(rows[0]) == ["mask", "backend", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency",
+                             "plan_ms", "plan_mb", "peak_mb"]
     assert [r["mask"] for r in rows] == ["window3d", "window3d"]
     printed = capsys.readouterr().out
-    for r in rows:
-        x = {key: float(value) for key, value in r.items() if key != "mask"}
+    from diffsparse.kernels import make_plan
+    from diffsparse.patterns import VideoLayout, get_pattern
+
+    layout = VideoLayout(2, 32, 32)  # --seq 2048: 2 frames of 32 x 32 tokens
+    for r, target in zip(rows, (0.25, 0.5)):
+        assert r["backend"] in ("cpu (compiled kernel)", "cpu (torch ops)")
+        # CPU keeps no allocator statistics: no peak, rather than the plan's bytes under that name.
+        assert r["peak_mb"] == "" and float(r["plan_mb"]) > 0
+        x = {key: float(value) for key, value in r.items() if key not in ("mask", "backend", "peak_mb")}
+        # The density the timed plan has, not the target it was solved for.
+        mask = get_pattern("window3d").at_density(layout, target, 128).block_mask(layout, 128)[None]
+        assert x["density"] == make_plan(mask, 2048, 2048, 128).density != target
         # Below 1, or efficiency = speedup x density could not tell multiplying from dividing (radial stays at
         # density 1 on these 2 frames).
         assert x["density"] < 1
         # The CSV holds the floats unrounded (csv writes their repr), so the derived columns match exactly.
         assert x["speedup"] == x["dense_ms"] / x["sparse_ms"]
         assert x["bound"] == 1 / x["density"] and x["efficiency"] == x["speedup"] * x["density"]
-        # The printed table is the same row, rounded: 3 decimals for the ratios, 1 for times, bound and memory.
-        cells = [f"{x[c]:.3f}" if c in ("density", "speedup", "efficiency") else f"{x[c]:.1f}" for c in x]
-        assert "| window3d | " + " | ".join(cells) + " |" in printed
+        # The printed table is the same row, rounded: 3 decimals for the ratios and the plan's memory, 1 for times
+        # and bound.
+        cells = [f"{x[c]:.3f}" if c in ("density", "speedup", "efficiency", "plan_mb") else f"{x[c]:.1f}" for c in x]
+        assert f"| window3d | {r['backend']} | " + " | ".join(cells) + " | - |" in printed
+    assert f"backend={rows[0]['backend']} mask=window3d" in printed
+
+
+def test_attention_bench_names_the_backend_the_call_runs(monkeypatch):
+    # On CUDA, "auto" runs blocks other than 64/128 and head dims above 256 on the torch-ops path: the label said
+    # triton for them, as it was chosen without the call's plan and head dim.
+    from diffsparse import bench
+    from diffsparse.kernels import attention, make_plan
+
+    monkeypatch.setattr(attention, "triton_available", lambda device: (True, ""))
+    cuda = torch.device("cuda")
+    for block, dim, runs in ((128, 64, "triton"), (256, 64, "cpu (torch ops)"), (32, 64, "cpu (torch ops)"),
+                             (128, 512, "cpu (torch ops)")):
+        plan = make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2 * block, 2 * block, block)
+        assert bench._backend_label(cuda, torch.bfloat16, "auto", plan, dim) == runs, (block, dim)
+
+
+def test_permute_bench_reads_the_tile_as_the_other_commands_do(capsys):
+    from diffsparse.patterns import TileOrder, VideoLayout, get_pattern
+
+    args = ["bench", "permute", "--frames", "2", "--height", "4", "--width", "8", "--block-size", "16", "--heads", "2",
+            "--dim", "8", "--dtype", "fp32", "--repeats", "1"]
+    # One number is a cube, as for masks and bench density (before: a TileOrder of one element, refused).
+    for tile, order in (("2", TileOrder(2)), ("1,2,4", TileOrder((1, 2, 4)))):
+        assert main([*args, "--tile", tile]) == 0
+        row = dict(item.split("=", 1) for item in capsys.readouterr().out.strip().splitlines()[-1].split(" | "))
+        density = get_pattern("window3d").density(VideoLayout(2, 4, 8), 16, order)
+        assert (row["layout"], row["tokens"], row["order"]) == ("2x4x8", "64", repr(order))
+        assert row["density"] == f"{density:.4g}" and float(row["share"]) > 0
 
 
 def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monkeypatch):
@@ -440,8 +536,11 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     sparse_applied, timed = [], evaluate.timed_generation
 
     def recording(pipe, *args, **kwargs):
-        sparse_applied.append(isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor))
-        return timed(pipe, *args, **kwargs)
+        sparse = isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
+        sparse_applied.append(sparse)
+        # Real frames, clock readings fixed: the speedups must come out dense over sparse, 2 and 4.
+        frames, _, _ = timed(pipe, *args, **kwargs)
+        return (frames, 1.0, 0.25) if sparse else (frames, 2.0, 1.0)
 
     monkeypatch.setattr(evaluate, "timed_generation", recording)
     args = ["bench", "pipeline", "--steps", "2", "--frames", "5", "--height", "32", "--width", "48",
@@ -454,6 +553,8 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
     assert (result["prompt"], result["seed"], result["call_kwargs"], result["image"], result["vae_tiling"]) == (
         "a red circle moving left", 0, None, None, False)
     assert result["speedup"] == statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs)
+    assert [(p["speedup"], p["attention_speedup"]) for p in pairs] == [(2.0, 4.0)] * 2
+    assert (result["speedup"], result["attention_speedup"]) == (2.0, 4.0)
     # Step 0 dense, step 1 sparse: the work is the mean of 1.0 and the sparse step's density.
     assert result["sparse_step_density"] < 1
     assert result["attention_work"] == pytest.approx((1 + result["sparse_step_density"]) / 2)

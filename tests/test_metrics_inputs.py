@@ -17,7 +17,7 @@ def test_eval_refuses_seeds_past_torch_s_range_before_loading_the_model(monkeypa
     monkeypatch.setattr(compare, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded"))
     with pytest.raises(SystemExit):
         main(["eval", "--seed", str(2**64 - 1), "--seeds", "2", "--pattern", "window3d"])
-    assert "seed=18446744073709551615, seeds=2" in capsys.readouterr().err
+    assert "seed=18446744073709551615, seeds=2, still_candidates=1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("call", [
