@@ -459,7 +459,7 @@ def run_pipeline_bench(args, config) -> dict:
     """
     from .api import SparseStats, sparse
     from .compare import (
-        check_call_kwargs,
+        check_call_kwargs_before_loading,
         fill_call_defaults,
         load_pipeline_for,
         model_label,
@@ -471,7 +471,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .evaluate import timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
-    check_call_kwargs(getattr(args, "call_kwargs", None))
+    check_call_kwargs_before_loading(args)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
 

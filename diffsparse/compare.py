@@ -323,13 +323,8 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
 
         kwargs["image"] = Image.open(image_path).convert("RGB")
     extra = getattr(args, "call_kwargs", None) or {}
-    check_call_kwargs(extra)
-    for name in extra:  # every name `kwargs` holds was refused above
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        if name not in parameters and not takes_any:
-            others = sorted(set(parameters) - set(kwargs) - set(_SET_BY_OPTIONS) - set(_SET_BY_COMMANDS) - {"self"})
-            raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline_name(pipe)} does not take; it takes "
-                             f"{', '.join(others)}{did_you_mean(name, others)}")
+    check_call_kwargs(extra)  # every name `kwargs` holds is refused here
+    _check_taken(extra, parameters, pipeline_name(pipe))
     missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in kwargs and name not in extra]
     if not prompted and missing:
@@ -393,6 +388,46 @@ def check_call_kwargs(call_kwargs: dict | None) -> None:
         if name in _BATCH_SIZES and (isinstance(value, bool) or value != 1):
             raise ValueError(f"--call-kwargs sets {name}={value!r}: the commands generate and score one video per "
                              f"call, so it must be 1 (or left out)")
+
+
+def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str) -> None:
+    """A `ValueError` naming a `--call-kwargs` key that the call of `pipeline` (its `parameters`) does not take, and
+    the closest one it does."""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    for name in call_kwargs:
+        if name not in parameters:
+            others = sorted(set(parameters) - set(_SET_BY_OPTIONS) - set(_SET_BY_COMMANDS) - {"self"})
+            raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline} does not take; it takes "
+                             f"{', '.join(others)}{did_you_mean(name, others)}")
+
+
+def pipeline_class_of(model: str | None) -> type | None:
+    """The pipeline class `load_pipeline(model)` gives, read from its `model_index.json` (a hub id's from the cache
+    or the hub: one small file), no weights loaded; `None` when that file cannot tell (a modular pipeline, a hub id
+    missing from the cache offline, a class diffusers lacks): `load_pipeline` then says what is wrong."""
+    from .pipelines import testbed
+
+    if is_testbed_model(model):
+        return testbed.TestbedPipeline
+    import diffusers
+
+    try:
+        index = diffusers.DiffusionPipeline.load_config(model)
+    except Exception:  # noqa: BLE001 - hub, validation and file errors alike: loading reports them itself
+        return None
+    pipeline = getattr(diffusers, str(index.get("_class_name")), None)
+    return pipeline if isinstance(pipeline, type) and issubclass(pipeline, diffusers.DiffusionPipeline) else None
+
+
+def check_call_kwargs_before_loading(args) -> None:
+    """`check_call_kwargs`, and a key `args.model`'s pipeline does not take (read from its `model_index.json`):
+    a misspelt key is said before a checkpoint of many gigabytes loads, not after."""
+    call_kwargs = getattr(args, "call_kwargs", None)
+    check_call_kwargs(call_kwargs)
+    pipeline = pipeline_class_of(args.model) if call_kwargs else None
+    if pipeline is not None:
+        _check_taken(call_kwargs, dict(inspect.signature(pipeline.__call__).parameters), pipeline.__name__)
 
 
 def call_defaults(pipe) -> dict[str, int]:
@@ -641,7 +676,8 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
     check_two_stage(args, pipe)
-    check_call_kwargs(getattr(args, "call_kwargs", None))
+    if pipe is None:
+        check_call_kwargs_before_loading(args)
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .api import sparse
 from .compare import (
-    check_call_kwargs,
+    check_call_kwargs_before_loading,
     check_two_stage,
     fill_call_defaults,
     first_output,
@@ -111,7 +111,7 @@ def run_eval(args) -> list[EvalRow]:
     order, a list or `None`) against dense, over the prompts (`eval_prompts`) and seeds; writes `eval.md` and
     `eval.csv` into `args.out`."""
     check_two_stage(args)
-    check_call_kwargs(getattr(args, "call_kwargs", None))
+    check_call_kwargs_before_loading(args)
     prompts = eval_prompts(args)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).

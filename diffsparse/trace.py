@@ -133,14 +133,14 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     from .compare import (
-        check_call_kwargs,
+        check_call_kwargs_before_loading,
         fill_call_defaults,
         generation_kwargs,
         load_pipeline_for,
         seeded_global_generator,
     )
 
-    check_call_kwargs(getattr(args, "call_kwargs", None))  # before loading
+    check_call_kwargs_before_loading(args)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one

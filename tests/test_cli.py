@@ -163,8 +163,19 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     monkeypatch.setattr(compare, "load_pipeline", no_loading)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    wan = tmp_path / "wan"  # a checkpoint folder as far as its model_index.json: the class is read, nothing loaded
+    wan.mkdir()
+    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
     for argv, message in (
         (["compare", "--device", "gpu"], "device='gpu': not a torch device"),
+        # A key the pipeline does not take was said only once the pipeline had loaded (a 14B checkpoint: minutes).
+        (["compare", "--call-kwargs", '{"guidance_scal": 2}'],
+         "'guidance_scal', which TestbedPipeline does not take; it takes "),
+        (["compare", "--model", str(wan), "--call-kwargs", '{"guidance_scal": 2}'],
+         "which WanPipeline does not take; it takes "),
+        (["eval", "--model", str(wan), "--call-kwargs", '{"guidance_scal": 2}'], "(did you mean 'guidance_scale'?)"),
+        (["trace", "--call-kwargs", '{"negative_promt": ""}'], "(did you mean 'negative_prompt'?)"),
+        (["bench", "pipeline", "--call-kwargs", '{"guidance_scal": 2}'], "which TestbedPipeline does not take"),
         (["bench", "attention", "--device", "gpu"], "device='gpu': not a torch device"),
         (["compare", "--out", str(a_file)], f"out='{a_file}': cannot be used as the output folder"),
         (["eval", "--out", str(a_file / "sub")], "cannot be used as the output folder"),
