@@ -192,15 +192,15 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 def _backend_label(device: torch.device, dtype: torch.dtype, requested: str, plan, head_dim: int) -> str:
     """The backend that ran and, for "cpu", which of its two paths: timings mean little without it. Chosen with
-    the call's own plan and head dim, as `block_sparse_attention` chooses: on CUDA, "auto" runs blocks other than
-    64/128 and head dims above 256 on the torch-ops path, not Triton."""
+    the call's own plan, head dim and dtype, as `block_sparse_attention` chooses: on CUDA, "auto" runs blocks other
+    than 64/128, head dims above 256 and float32 tiles too large for shared memory on the torch-ops path."""
     import warnings
 
     from .kernels import choose_backend, cpu_native
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # auto's fallback warning: the timed call itself gives it
-        backend = choose_backend(device, requested, False, plan, head_dim)
+        backend = choose_backend(device, requested, False, plan, head_dim, dtype)
     if backend != "cpu":
         return backend
     # The compiled kernel takes CPU tensors only: elsewhere (CUDA's fallback) "cpu" is the torch-ops path.

@@ -1,17 +1,18 @@
 """Public entry point: validate once, pick a backend, run it."""
 
 import logging
-import math
 import warnings
 from types import MappingProxyType
 
 import torch
 
 from . import cpu, reference
-from .plan import BlockSparsePlan, needs_grad
+from .plan import BlockSparsePlan, needs_grad, resolve_scale
 from .triton_block_sparse import (
+    FP32_MAX_HEAD_DIM_WITH_128_BLOCKS,
     MAX_HEAD_DIM,
     SUPPORTED_BLOCK_SIZES,
+    exceeds_shared_memory,
     triton_available,
     triton_block_sparse_attention,
 )
@@ -42,6 +43,7 @@ def choose_backend(
     needs_grad: bool = False,
     plan: BlockSparsePlan | None = None,
     head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     r"""
     Pick the backend for tensors on `device`, saying why the others were not chosen.
@@ -59,9 +61,10 @@ def choose_backend(
         needs_grad (`bool`, *optional*, defaults to `False`): Whether autograd will differentiate the output
             (training through the sparse attention, e.g. a LoRA): `"auto"` then leaves out `"triton"`, which has
             no backward pass.
-        plan (`BlockSparsePlan`, *optional*), head_dim (`int`, *optional*): the call's; `"auto"` leaves out
-            `"triton"` for blocks other than 64 or 128 tokens or head dims above 256, which its kernel does not
-            take, with a warning (the torch-ops path computes the same, more slowly).
+        plan (`BlockSparsePlan`, *optional*), head_dim (`int`, *optional*), dtype (`torch.dtype`, *optional*):
+            the call's; `"auto"` leaves out `"triton"` for blocks other than 64 or 128 tokens, head dims above 256,
+            or float32 with head dims above 128 and a 128-token block (more shared memory than a GPU has), which
+            its kernel does not take, with a warning (the torch-ops path computes the same, more slowly).
 
     Returns:
         `str`: A key of `BACKENDS`.
@@ -89,14 +92,15 @@ def choose_backend(
         logger.debug("backend 'triton' not chosen: the inputs need gradients and it has no backward pass")
     elif device.type == "cuda":
         ok, why = triton_available(device)
-        refused = _triton_refuses(plan, head_dim) if ok else None
+        refused = _triton_refuses(plan, head_dim, dtype) if ok else None
         if ok and refused is None:
             return "triton"
         if refused is not None:
             warnings.warn(
                 f"diffsparse: backend='auto' runs {refused} on the torch-ops path, slower than the Triton kernel, "
                 f"which takes blocks of {' or '.join(map(str, SUPPORTED_BLOCK_SIZES))} tokens and head dims up to "
-                f"{MAX_HEAD_DIM} (SparseConfig.block_size=64 or 128 for its speed)",
+                f"{MAX_HEAD_DIM} (at float32 above {FP32_MAX_HEAD_DIM_WITH_128_BLOCKS} only blocks of 64) "
+                "(SparseConfig.block_size=64 or 128 for its speed)",
                 stacklevel=3,
             )
         logger.debug(f"backend 'triton' not chosen: {refused or why}; using the portable 'cpu' backend")
@@ -105,12 +109,16 @@ def choose_backend(
     return "cpu"
 
 
-def _triton_refuses(plan: BlockSparsePlan | None, head_dim: int | None) -> str | None:
-    """What of this call the Triton kernel does not take (its block sizes, its head dim), or `None`."""
+def _triton_refuses(
+    plan: BlockSparsePlan | None, head_dim: int | None, dtype: torch.dtype | None = None
+) -> str | None:
+    """What of this call the Triton kernel does not take (its block sizes, head dim, shared memory), or `None`."""
     if plan is not None and not {plan.block_q, plan.block_k} <= set(SUPPORTED_BLOCK_SIZES):
         return f"blocks of {plan.block_q} x {plan.block_k} tokens"
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim}"
+    if None not in (plan, head_dim, dtype) and exceeds_shared_memory(plan.block_q, plan.block_k, head_dim, dtype):
+        return f"float32 with head dim {head_dim} and blocks of {plan.block_q} x {plan.block_k} tokens"
     return None
 
 
@@ -128,6 +136,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
         )
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same length, got {tuple(k.shape)=}, {tuple(v.shape)=}")
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim (q.shape[3]) must be >= 1, got {tuple(q.shape)=}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(
             f"q, k, v must share one dtype out of {_DTYPES}, got {q.dtype=}, {k.dtype=}, {v.dtype=}"
@@ -170,7 +180,7 @@ def block_sparse_attention(
             does).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"cpu"`, `"triton"` or `"reference"`; see
             [`choose_backend`].
-        scale (`float`, *optional*, defaults to `1 / sqrt(D)`): Score scale.
+        scale (`float`, *optional*, defaults to `1 / sqrt(D)`): Score scale, a finite real number.
 
     Returns:
         `torch.Tensor` (same dtype as `q`) or `Tuple[torch.Tensor, torch.Tensor]` `(out, lse)`.
@@ -189,7 +199,7 @@ def block_sparse_attention(
     ```
     """
     _check_inputs(q, k, v, plan)
-    fn = BACKENDS[choose_backend(q.device, backend, needs_grad(q, k, v), plan, q.shape[-1])]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale(scale, q.shape[-1])
+    fn = BACKENDS[choose_backend(q.device, backend, needs_grad(q, k, v), plan, q.shape[-1], q.dtype)]
     out, lse = fn(q, k, v, plan, scale, return_lse)
     return (out, lse) if return_lse else out

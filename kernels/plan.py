@@ -1,6 +1,8 @@
 """The kernel plan: a block mask compacted into per-query-block lists of key blocks."""
 
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +27,9 @@ def _as_pair(block_size: BlockSize) -> tuple[int, int]:
 class BlockSparsePlan:
     r"""
     An immutable, reusable description of which key blocks each query block attends to. Build it with
-    [`make_plan`]; one plan serves any number of calls (and any batch/head count its mask broadcasts to).
+    [`make_plan`]; one plan serves any number of calls (and any batch/head count its mask broadcasts to). A plan
+    built otherwise (by hand, `dataclasses.replace`) is checked against its `block_mask` and raises a `ValueError`
+    naming the first field that disagrees, since the kernels would read out of bounds or divide by an empty row.
 
     Args:
         block_q (`int`): Query tokens per block.
@@ -52,6 +56,13 @@ class BlockSparsePlan:
     # Backend-derived data (row groupings, index lists) computed once on first use; the plan stays logically
     # immutable because the cache is a pure function of the fields above.
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # make_plan's plans are right by construction, and checking one costs about as much as building it (plus a
+    # device sync) on the per-call hot path: only plans built otherwise are checked.
+    _from_make_plan: InitVar[bool] = False
+
+    def __post_init__(self, _from_make_plan: bool) -> None:
+        if not _from_make_plan:
+            _check_plan(self)
 
     def __repr__(self) -> str:
         # The default repr would print every index tensor; plans get logged and used as labels.
@@ -69,10 +80,83 @@ class BlockSparsePlan:
         return self.block_mask.shape[-1]
 
 
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(kv_indices, kv_counts)` of a block mask whose every row keeps a block."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    # A stable sort of "not kept" puts kept indices first, already ascending.
+    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
+    last = order.gather(-1, (counts.long() - 1).unsqueeze(-1))
+    slots = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(slots < counts.unsqueeze(-1), order, last).to(torch.int32), counts
+
+
+def _check_plan(plan: "BlockSparsePlan") -> None:
+    for name in ("block_q", "block_k", "q_len", "kv_len"):
+        value = getattr(plan, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"BlockSparsePlan.{name} must be a positive int, got {name}={value!r}")
+    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_k)
+    mask, indices, counts = plan.block_mask, plan.kv_indices, plan.kv_counts
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[2:] != (nq, nk):
+        raise ValueError(
+            f"BlockSparsePlan.block_mask must be a bool tensor of shape (B or 1, H or 1, {nq}, {nk}) for "
+            f"q_len={plan.q_len}, kv_len={plan.kv_len}, block sizes ({plan.block_q}, {plan.block_k}), got "
+            f"{type(mask).__name__} of shape={tuple(getattr(mask, 'shape', ()))} dtype={getattr(mask, 'dtype', None)}"
+        )
+    if 0 in mask.shape:
+        raise ValueError(f"BlockSparsePlan.block_mask batch and head dims must be >= 1, got shape={tuple(mask.shape)}")
+    for name, tensor, shape in (("kv_indices", indices, mask.shape), ("kv_counts", counts, mask.shape[:3])):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32 or tensor.shape != shape:
+            raise ValueError(
+                f"BlockSparsePlan.{name} must be an int32 tensor of shape {tuple(shape)} on the block_mask's device, "
+                f"got {type(tensor).__name__} of shape={tuple(getattr(tensor, 'shape', ()))} "
+                f"dtype={getattr(tensor, 'dtype', None)}"
+            )
+        if tensor.device != mask.device:
+            raise ValueError(
+                f"BlockSparsePlan.{name} must be on block_mask's device {mask.device}, got {tensor.device}"
+            )
+    density = plan.density
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 <= density <= 1:
+        raise ValueError(f"BlockSparsePlan.density must be a real number in [0, 1], got density={density!r}")
+    kept = mask.any(-1)
+    if not kept.all():
+        b, h, i = (~kept).nonzero()[0].tolist()
+        raise ValueError(
+            f"every query block must keep a key block (make_plan adds its diagonal one), got none in "
+            f"BlockSparsePlan.block_mask[{b}, {h}, {i}]"
+        )
+    want_indices, want_counts = _compact(mask)
+    for name, got, want in (("kv_counts", counts, want_counts), ("kv_indices", indices, want_indices)):
+        wrong = got != want
+        wrong = wrong.any(-1) if wrong.ndim == 4 else wrong
+        if wrong.any():
+            b, h, i = wrong.nonzero()[0].tolist()
+            raise ValueError(
+                f"BlockSparsePlan.{name}[{b}, {h}, {i}] must be {want[b, h, i].tolist()}, from the key blocks "
+                f"block_mask keeps there (ascending, padded with the last), got {got[b, h, i].tolist()}"
+            )
+
+
 def needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will differentiate an attention over `tensors`: the kernels without a backward pass (the
     compiled CPU kernel, Triton) must then leave it to the torch-ops path."""
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """The score scale as a float: `1 / sqrt(head_dim)` for `None`, else `scale` if it is a finite real number, as
+    `scaled_dot_product_attention` takes (a NaN scale gave NaN on some backends and finite numbers on others)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        real = scale.ndim == 0 and not (scale.is_complex() or scale.dtype == torch.bool)
+    else:
+        # bool is an int subclass; True as a scale is a bug, not a 1.
+        real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if not (real and math.isfinite(value := float(scale))):
+        raise ValueError(f"scale must be None (1 / sqrt(head_dim)) or a finite real number, got {scale=}")
+    return value
 
 
 def diagonal_kv_blocks(
@@ -143,11 +227,6 @@ def make_plan(
     mask = block_mask.clone()  # the plan must not alias the caller's tensor
     mask[:, :, torch.arange(nq, device=mask.device), diag] = True
 
-    counts = mask.sum(-1, dtype=torch.int32)
-    # A stable sort of "not kept" puts kept indices first, already ascending.
-    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
-    last = order.gather(-1, (counts.long() - 1).unsqueeze(-1))
-    slots = torch.arange(nk, device=mask.device)
-    kv_indices = torch.where(slots < counts.unsqueeze(-1), order, last).to(torch.int32)
+    kv_indices, counts = _compact(mask)
     density = float(counts.sum()) / mask.numel()
-    return BlockSparsePlan(block_q, block_k, q_len, kv_len, mask, kv_indices, counts, density)
+    return BlockSparsePlan(block_q, block_k, q_len, kv_len, mask, kv_indices, counts, density, _from_make_plan=True)

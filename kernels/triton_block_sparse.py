@@ -13,9 +13,9 @@ Compile-time shape of the kernel:
   run natively; any other (e.g. 40 or 96) is padded: loads along the head dimension are masked
   with zeros, which add nothing to ``q @ k^T`` and produce zero columns of ``p @ v`` that are never
   stored. Padding costs the extra (zero) FLOPs of the padded width.
-- Head dims up to 256. At fp32, head dims above 128 with two 128-sized blocks need more shared
-  memory than current GPUs have (Triton raises ``OutOfResources``): use 64-sized blocks or a
-  half-precision dtype there.
+- Head dims up to 256. At fp32, head dims above 128 (padded to 256) with a 128-sized block need
+  more shared memory than current GPUs have (Triton would raise ``OutOfResources``), so such calls
+  are refused up front: use 64-sized blocks or a half-precision dtype there.
 - There is no per-element masking inside full blocks. Only the ragged tail is masked: query
   rows ``>= q_len`` (loads and stores of the last query block) and key columns ``>= kv_len`` (the
   last key block). Because a row's kept blocks are listed in ascending order, the last key
@@ -32,7 +32,6 @@ Whether the kernels are interpreted is decided by Triton when this module is imp
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,7 @@ except ImportError:  # triton is a Linux-only dependency: the module stays impor
     triton = None
     tl = None
 
-from .plan import needs_grad
+from .plan import needs_grad, resolve_scale
 
 if TYPE_CHECKING:
     from .plan import BlockSparsePlan
@@ -56,6 +55,10 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Beyond 256 the q/k/v tiles of one program no longer fit in shared memory.
 MAX_HEAD_DIM = 256
+# One program holds its q, k and v tiles in shared memory, (BLOCK_Q + 2 * BLOCK_K) * HEAD_DIM * 4 bytes at fp32
+# (compiled for sm90: 196,608 B for 64 x 64 blocks at HEAD_DIM 256, 262,144 B for 128 x 64, 393,216 B for
+# 128 x 128), and an H100 grants a block 232,448 B: past this padded head dim fp32 needs 64 x 64 blocks.
+FP32_MAX_HEAD_DIM_WITH_128_BLOCKS = 128
 _LOG2E = 1.4426950408889634
 
 
@@ -337,6 +340,16 @@ def _padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def exceeds_shared_memory(block_q: int, block_k: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel's tiles for these blocks, head dim and dtype overflow a GPU's shared memory (see
+    `FP32_MAX_HEAD_DIM_WITH_128_BLOCKS`), which the autotuner would only report as `OutOfResources` at launch."""
+    return (
+        dtype == torch.float32
+        and _padded_head_dim(head_dim) > FP32_MAX_HEAD_DIM_WITH_128_BLOCKS
+        and max(block_q, block_k) > 64
+    )
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -354,12 +367,22 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
             "k and v must have shape (B, H, kv_len, D) with q's B, H and D, "
             f"got {tuple(q.shape)=}, {tuple(k.shape)=}, {tuple(v.shape)=}"
         )
-    if head_dim > MAX_HEAD_DIM:
-        raise NotImplementedError(f"head dims up to {MAX_HEAD_DIM} are supported, got {head_dim=}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dims from 1 to {MAX_HEAD_DIM} are supported by the Triton kernel, got {head_dim=} "
+            "(the 'cpu' backend takes any)"
+        )
     for name in ("block_q", "block_k"):
         size = getattr(plan, name)
         if size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"plan.{name} must be one of {SUPPORTED_BLOCK_SIZES}, got plan.{name}={size}")
+    if exceeds_shared_memory(plan.block_q, plan.block_k, head_dim, q.dtype):
+        raise ValueError(
+            f"float32 with head dims above {FP32_MAX_HEAD_DIM_WITH_128_BLOCKS} needs blocks of 64 x 64 tokens in "
+            f"the Triton kernel (larger tiles overflow GPU shared memory), got {head_dim=}, "
+            f"plan.block_q={plan.block_q}, plan.block_k={plan.block_k}: use block_size=64, float16/bfloat16 "
+            "inputs or the 'cpu' backend"
+        )
     if plan.q_len != q.shape[2] or plan.kv_len != k.shape[2]:
         raise ValueError(
             "the plan was made for other sequence lengths: need plan.q_len == q.shape[2] and "
@@ -457,7 +480,7 @@ def triton_block_sparse_attention(
     if out.numel() == 0:
         return (out, lse) if return_lse else out
 
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    scale = resolve_scale(scale, head_dim)
     # expand() is a view: a plan shared over batch or heads is read with stride 0 on that dim.
     kv_indices = plan.kv_indices.expand(batch, heads, n_q, n_k)
     kv_counts = plan.kv_counts.expand(batch, heads, n_q)

@@ -263,13 +263,33 @@ def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(
     monkeypatch.setattr(attention, "triton_available", lambda device: (True, "Triton on a test GPU"))
     cuda = torch.device("cuda")
     plan_of = {size: make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2 * size[0], 2 * size[1], size)
-               for size in ((64, 64), (128, 64), (32, 32), (64, 48))}
+               for size in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 32), (64, 48))}
     assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=128) == "triton"
     assert choose_backend(cuda, plan=plan_of[128, 64], head_dim=256) == "triton"
-    for size, head_dim, what in (((32, 32), 64, "blocks of 32 x 32 tokens"), ((64, 48), 64, "blocks of 64 x 48"),
-                                 ((64, 64), 320, "head dim 320")):
+    # float32 tiles fit an H100's shared memory up to head dim 128 with 128-token blocks, and above only at 64 x 64.
+    for size, head_dim, dtype in (((64, 64), 256, torch.float32), ((128, 128), 128, torch.float32),
+                                  ((128, 128), 256, torch.bfloat16), ((128, 64), 256, torch.float16)):
+        assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim, dtype=dtype) == "triton"
+    fp32 = torch.float32
+    for size, head_dim, dtype, what in (((32, 32), 64, None, "blocks of 32 x 32 tokens"),
+                                        ((64, 48), 64, None, "blocks of 64 x 48"),
+                                        ((64, 64), 320, None, "head dim 320"),
+                                        ((128, 64), 256, fp32, "float32 with head dim 256 and blocks of 128 x 64"),
+                                        ((64, 128), 129, fp32, "float32 with head dim 129 and blocks of 64 x 128")):
         with pytest.warns(UserWarning, match=f"backend='auto' runs {what}.* on the torch-ops path"):
-            assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim) == "cpu"
+            assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim, dtype=dtype) == "cpu"
+
+
+def test_the_public_entry_point_tells_the_backend_chooser_the_dtype(monkeypatch):
+    # Which dtype a call has decides whether the Triton kernel's tiles fit (float32 ones with a 128-token block and
+    # head dims above 128 do not): block_sparse_attention must pass it on.
+    from diffsparse.kernels import attention
+
+    seen = []
+    monkeypatch.setattr(attention, "choose_backend", lambda *args: seen.append(args) or "cpu")
+    q, k, v = (x.half() for x in _inputs(1, 1, 64, 64))
+    block_sparse_attention(q, k, v, make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, 64, 64))
+    assert seen[0][4:] == (32, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -340,6 +360,66 @@ def test_bad_attention_inputs():
     for message, args in bad:
         with pytest.raises(ValueError, match=message):
             block_sparse_attention(*args)
+
+
+@pytest.mark.parametrize("scale", ["abc", float("nan"), float("inf"), True, torch.tensor([0.5])], ids=repr)
+def test_bad_scale_names_the_field(scale):
+    # A NaN scale gave finite numbers in the compiled kernel and NaN elsewhere; "abc" failed in float(); True ran as 1.
+    plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32)
+    with pytest.raises(ValueError, match=r"scale must be None \(1 / sqrt\(head_dim\)\) or a finite real number, got "):
+        block_sparse_attention(*_inputs(1, 1, 32, 32), plan, scale=scale)
+
+
+def test_any_finite_scale_is_taken_as_sdpa_takes_it():
+    plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32)
+    q, k, v = _inputs(1, 2, 32, 32)
+    for scale in (-0.3, 0, torch.tensor(0.25)):
+        out = block_sparse_attention(q, k, v, plan, scale=scale, backend="cpu")
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=float(scale)), rtol=0, atol=2e-5)
+
+
+def test_head_dim_zero_is_a_value_error():
+    q = torch.zeros(1, 1, 32, 0)
+    with pytest.raises(ValueError, match=r"head_dim \(q.shape\[3\]\) must be >= 1, got .*\(1, 1, 32, 0\)"):
+        block_sparse_attention(q, q, q, make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32))
+
+
+def _hand_built(**fields):
+    """make_plan's 2-query-block, 3-key-block plan with some fields replaced, built through the constructor."""
+    plan = make_plan(torch.tensor([[[[True, False, True], [False, False, False]]]]), 64, 96, 32)
+    kwargs = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.init}
+    return BlockSparsePlan(**{**kwargs, **fields})
+
+
+def test_a_plan_built_by_hand_is_checked():
+    # Out-of-range key blocks made oneMKL print an error and the output NaN, an empty row gave NaN and an LSE of -inf,
+    # with no exception: a plan not from make_plan is held to its block_mask.
+    good = _hand_built()
+    assert good.kv_indices.tolist() == [[[[0, 2, 2], [1, 1, 1]]]]
+    q, k, v = _inputs(1, 1, 64, 96)
+    reference = block_sparse_attention(q, k, v, good, backend="reference")
+    torch.testing.assert_close(block_sparse_attention(q, k, v, good), reference, rtol=0, atol=2e-5)
+    bad = [
+        ({"kv_indices": torch.tensor([[[[0, 3, 3], [1, 1, 1]]]], dtype=torch.int32)},
+         r"kv_indices\[0, 0, 0\] must be \[0, 2, 2\].* got \[0, 3, 3\]"),
+        ({"kv_indices": torch.tensor([[[[2, 0, 2], [1, 1, 1]]]], dtype=torch.int32)},
+         r"kv_indices\[0, 0, 0\].*ascending"),
+        ({"kv_counts": torch.tensor([[[2, 0]]], dtype=torch.int32)}, r"kv_counts\[0, 0, 1\] must be 1.* got 0"),
+        ({"block_mask": torch.tensor([[[[True, False, True], [False] * 3]]])},
+         r"none in BlockSparsePlan.block_mask\[0, 0, 1\]"),
+        ({"kv_counts": torch.tensor([[[2, 1]]])}, r"kv_counts must be an int32 tensor of shape \(1, 1, 2\).*int64"),
+        ({"kv_indices": torch.zeros(1, 1, 2, 2, dtype=torch.int32)},
+         r"kv_indices must be an int32 tensor of shape \(1, 1, 2, 3\)"),
+        ({"block_mask": torch.ones(1, 1, 2, 2, dtype=torch.bool)},
+         r"block_mask must be a bool tensor of shape \(B or 1, H or 1, 2, 3\)"),
+        ({"block_k": True}, r"block_k must be a positive int, got block_k=True"),
+        ({"density": float("nan")}, r"density must be a real number in \[0, 1\], got density=nan"),
+    ]
+    for fields, match in bad:
+        with pytest.raises(ValueError, match=match):
+            _hand_built(**fields)
+    with pytest.raises(ValueError, match=r"kv_counts\[0, 0, 1\] must be 1"):
+        dataclasses.replace(good, kv_counts=torch.tensor([[[2, 0]]], dtype=torch.int32))
 
 
 def test_wrong_python_types_raise_type_error():

@@ -132,6 +132,42 @@ def _check(case: Case, q, k, v, out, lse, plan_mask):
 # Interpreter: one child process for all cases.
 
 
+# Through the public entry point with backend="triton": a non-default scale, queries that are a later part of the keys
+# (q_offset) and a head dim below tl.dot's 16 (padded), so the `_triton` wrapper and the scale's way down both run.
+PUBLIC_API_CASE = {"q_len": 70, "kv_len": 200, "q_offset": 130, "head_dim": 8, "block": 64, "scale": 0.3}
+
+
+def _public_api_run():
+    """(q, k, v, plan block mask, out, lse) of the public API on the PUBLIC_API_CASE, in this process's Triton."""
+    from diffsparse.kernels import block_sparse_attention, make_plan
+
+    c = PUBLIC_API_CASE
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, c["q_len"], c["head_dim"], generator=generator)
+    k, v = (torch.randn(1, 2, c["kv_len"], c["head_dim"], generator=generator) for _ in range(2))
+    mask = torch.rand(1, 2, -(-c["q_len"] // c["block"]), -(-c["kv_len"] // c["block"]), generator=generator) < 0.3
+    plan = make_plan(mask, c["q_len"], c["kv_len"], c["block"], q_offset=c["q_offset"])
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="triton", scale=c["scale"])
+    return q, k, v, plan.block_mask, out, lse
+
+
+def _plan_on_another_device_error():
+    """The `_triton` wrapper's message for a plan whose index tensors are not on the inputs' device."""
+    import copy
+
+    from diffsparse.kernels import block_sparse_attention, make_plan
+
+    q = torch.randn(1, 1, 64, 16)
+    plan = copy.copy(make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, 64, 64))
+    # A plan cannot be built on the meta device (it is checked on construction), so one is swapped in here.
+    object.__setattr__(plan, "kv_indices", plan.kv_indices.to("meta"))
+    try:
+        block_sparse_attention(q, q, q, plan, backend="triton")
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _interpreter_worker(in_path: str, out_path: str) -> None:
     """Child-process entry: run every saved case through the interpreted kernel, save the outputs."""
     from diffsparse.kernels import triton_block_sparse
@@ -154,6 +190,11 @@ def _interpreter_worker(in_path: str, out_path: str) -> None:
         results["bfloat16"] = "computed"
     except ValueError as error:
         results["bfloat16"] = str(error)
+    for name, run in (("public_api", _public_api_run), ("plan_device", _plan_on_another_device_error)):
+        try:
+            results[name] = run()
+        except Exception:  # noqa: BLE001 -- reported by the parent as that test's failure
+            results[name] = traceback.format_exc()
     torch.save(results, out_path)
 
 
@@ -180,6 +221,24 @@ def test_interpreter_matches_dense_reference(case, interpreter_results):
     q, k, v, _ = _inputs(case)
     out, lse, plan_mask = result
     _check(case, q, k, v, out, lse, plan_mask)
+
+
+def test_interpreter_public_api_with_scale_and_q_offset(interpreter_results):
+    result = interpreter_results["public_api"]
+    if isinstance(result, str):
+        pytest.fail(f"block_sparse_attention(..., backend='triton') raised in the interpreter:\n{result}")
+    q, k, v, plan_mask, out, lse = result
+    c = PUBLIC_API_CASE
+    # The diagonal rule followed q_offset: query block i keeps the key block of token q_offset + i * block.
+    for i in range(plan_mask.shape[-2]):
+        assert plan_mask[..., i, (c["q_offset"] + i * c["block"]) // c["block"]].all()
+    ref_out, ref_lse = _reference(q, k, v, plan_mask, c["block"], c["block"], c["scale"])
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=TOLERANCES[torch.float32]["out"])
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=TOLERANCES[torch.float32]["lse"])
+
+
+def test_interpreter_refuses_a_plan_on_another_device(interpreter_results):
+    assert "the plan must live on the inputs' device" in interpreter_results["plan_device"]
 
 
 def test_interpreter_reports_available(interpreter_results):
@@ -319,14 +378,31 @@ def _plan(q_len=130, kv_len=130, block_size=64):
         (lambda: (*_tiny(), _plan(block_size=32)), r"plan.block_q must be one of \(64, 128\).*=32"),
         (lambda: (*_tiny(), _plan(block_size=(64, 256))), r"plan.block_k must be one of \(64, 128\).*=256"),
         (lambda: (*_tiny(), _plan(q_len=200, kv_len=200)), "sequence lengths"),
+        (lambda: (*_tiny(d=300), _plan()), r"head dims from 1 to 256 .*head_dim=300"),
+        # float32 tiles with a 128-token block and head dims padded to 256 overflow an H100's shared memory: a
+        # clear error up front, not the autotuner's OutOfResources at launch.
+        (lambda: (*_tiny(d=256), _plan(block_size=(128, 64))), r"float32 .*head_dim=256.*block_q=128.*block_k=64"),
+        (lambda: (*_tiny(d=160), _plan(block_size=(64, 128))), r"float32 .*head_dim=160.*block_q=64.*block_k=128"),
     ],
-    ids=["not_4d", "float64", "mixed_dtypes", "kv_shape", "block_q_32", "block_k_256", "length_mismatch"],
+    ids=["not_4d", "float64", "mixed_dtypes", "kv_shape", "block_q_32", "block_k_256", "length_mismatch",
+         "head_dim_300", "fp32_d256_q128", "fp32_d160_k128"],
 )
 def test_rejects_bad_inputs(make_args, match):
     from diffsparse.kernels.triton_block_sparse import triton_block_sparse_attention
 
     with pytest.raises(ValueError, match=match):
         triton_block_sparse_attention(*make_args())
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size",
+    [(torch.float32, 256, 64), (torch.float32, 128, 128), (torch.float16, 256, 128), (torch.bfloat16, 200, 128)],
+    ids=["fp32_d256_b64", "fp32_d128_b128", "fp16_d256_b128", "bf16_d200_b128"],
+)
+def test_takes_what_fits_in_shared_memory(dtype, head_dim, block_size):
+    from diffsparse.kernels.triton_block_sparse import _check_inputs
+
+    _check_inputs(*_tiny(dtype, d=head_dim), _plan(block_size=block_size))
 
 
 def test_cpu_without_interpreter_is_refused():
