@@ -202,8 +202,11 @@ def greedy_blocks(
     For each head and query block, the set of `round(keep * nk)` key blocks (at least `required`) whose
     block-sparse attention output is closest to the dense one, built greedily: starting from the required
     blocks, add the key block that most lowers the squared output error summed over the block's queries.
-    Under the model's own causal mask (`groups`), dense means masked, and a set grows only by blocks the mask
-    leaves some pair of (up to all of them, when there are fewer than `round(keep * nk)`).
+    Query blocks whose required blocks are more (text rows, which keep every key block) take the excess from
+    the others, so the total stays `keep` of all blocks, required ones included (just the required blocks
+    where those alone are more). Under the model's own causal mask (`groups`), dense means masked, and a set
+    grows only by blocks the mask leaves some pair of (up to all of them, when there are fewer than
+    `round(keep * nk)`).
 
     With kept blocks `K`, query `r`'s sparse output (softmax renormalised over `K`, as the kernel computes it)
     misses the dense output `o_r` by exactly `sum_{j in K} d_rj / sum_{j in K} m_rj`, where `m_rj` is the mass
@@ -223,7 +226,7 @@ def greedy_blocks(
         query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): in the token order the kernel sees; the
             batch's queries are pooled (one set per head and query block).
         block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` in tokens.
-        keep (`float`): share of key blocks per query block, in `(0, 1]`.
+        keep (`float`): share of key blocks per query block, in `(0, 1]`, required blocks included.
         required (`torch.BoolTensor` of shape `(nq, nk)`): blocks every set starts with.
         sample_rows (`int`, *optional*, defaults to `32`): queries per query block that enter the error.
         value_dims (`int`, *optional*, defaults to `32`): value dimensions the error is measured in.
@@ -231,7 +234,8 @@ def greedy_blocks(
             [`block_attention_mass`] (query, key and value of the same length).
         q_starts (`torch.LongTensor`, *optional*): the first token of each query block, as in
             [`block_attention_mass`] (`required` then has a row per block).
-        budget (`str`, *optional*, defaults to `"row"`): `"row"`: every set gets `round(keep * nk)` blocks.
+        budget (`str`, *optional*, defaults to `"row"`): `"row"`: every set gets `round(keep * nk)` blocks
+            (less where text rows' excess is taken back, above).
             `"head"` or `"layer"`: the same number of blocks in all, shared among the head's (or the layer's) sets
             by what they buy: every set is grown greedily up to twice its row share, and each further block goes
             to the set whose relative squared error (against its dense output's energy) it lowers most (gains
@@ -268,7 +272,7 @@ def greedy_blocks(
     if groups is not None:
         candidates = required.cpu() | _allowed_blocks(groups.cpu(), starts, bk)
     required_count = required.sum(-1).cpu()
-    count = torch.maximum(torch.clamp(candidates.sum(-1), max=round(keep * nk)), required_count).to(query.device)
+    count = _row_budgets(torch.clamp(candidates.sum(-1), max=round(keep * nk)), required_count).to(query.device)
     shared = budget != "row"
     if shared:  # grown further, then cut back to the shared budget
         row_count, count = count, torch.maximum(
@@ -408,6 +412,37 @@ def _covering_blocks(span: tuple[int, int], block: int, starts: torch.Tensor, le
     return ((starts[None, :] < end[:, None]) & (starts + lengths > first[:, None])).float()
 
 
+def _row_budgets(share: torch.Tensor, required: torch.Tensor) -> torch.Tensor:
+    """How many blocks each query block keeps (`(..., nq)` long tensors, on the CPU): its `share`, or its `required`
+    blocks where those are more (text rows keep every key block), the excess taken back from the other rows, which
+    are lowered to a common count (the earlier rows one more where it does not divide), never below their own
+    required blocks. So each head's total stays the shares' total, `keep` of its blocks, text and diagonal
+    included; where the required blocks alone are more, just those. Without rows over their share (no text: only
+    the diagonal is required) this is `max(share, required)`, bit for bit the per-row budget before the text's
+    excess was taken back."""
+    share, required = share.long(), required.long()
+    base = torch.maximum(share, required)
+    total = torch.maximum(share.sum(-1), required.sum(-1))
+    over = base.sum(-1) > total
+    if not over.any():
+        return base
+
+    def kept_at(level):  # each row at a common `level`, within [required, base]
+        return torch.minimum(torch.maximum(level[..., None], required), base)
+
+    # Bisect for the highest common level whose total still fits: kept_at(low) fits, kept_at(high) does not.
+    low, high = torch.zeros_like(total), base.amax(-1)
+    while bool(((high - low > 1) & over).any()):
+        mid = (low + high) // 2
+        fits = kept_at(mid).sum(-1) <= total
+        low, high = torch.where(fits, mid, low), torch.where(fits, high, mid)
+    counts = kept_at(low)
+    # The rows that would grow at the next level share what is left, one block each.
+    can_grow = (counts == low[..., None]) & (counts < base)
+    counts = counts + (can_grow & (can_grow.cumsum(-1) <= (total - counts.sum(-1))[..., None]))
+    return torch.where(over[..., None], counts, base)
+
+
 def _top(scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
     """Bool mask over the last dim of `scores`: its `count` largest entries (ties broken by position)."""
     ranks = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
@@ -429,8 +464,9 @@ def select_blocks(
     Args:
         scores (`torch.Tensor` of shape `(H, nq, nk)`): e.g. [`block_drop_error`] or [`block_attention_mass`];
             higher is kept first.
-        keep (`float`): share of blocks to keep, in `(0, 1]` (rounded to whole blocks; never fewer than
-            `required`).
+        keep (`float`): share of blocks to keep, in `(0, 1]`, `required` included (rounded to whole blocks;
+            just `required` where those alone are more). With `budget="row"`, `round(keep * nk)` per row, rows
+            whose required blocks are more (text rows) taking the excess from the others.
         budget (`str`): where the share applies: `"layer"` (one budget for all heads and rows, so heads and
             rows with more high scores get more blocks), `"head"` (per head), `"row"` (per query block).
         required (`torch.BoolTensor` of shape `(nq, nk)` or `(H, nq, nk)`): blocks kept whatever their score
@@ -459,7 +495,7 @@ def select_blocks(
     required = required.to(scores.device).expand(heads, nq, nk)
     # Required blocks rank first (above even infinite scores, held at the largest float); then the higher score.
     ranked = torch.where(required, torch.inf, scores.float().clamp(max=torch.finfo(torch.float32).max))
-    row_count = torch.full((heads, nq), round(keep * nk), device=scores.device)
+    row_count = _row_budgets(torch.full((heads, nq), round(keep * nk)), required.sum(-1).cpu()).to(scores.device)
     if top_p is not None:
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         ordered = scores.float().gather(-1, order)
@@ -504,11 +540,13 @@ class Searched(Pattern):
     - `"greedy"` ([`greedy_blocks`]): per head and query block, the set of key blocks whose sparse output is
       closest to the dense output, built greedily from the exact error of each candidate set. On the embedded
       testbed it has about a third of the attention error of the best static pattern (at a slightly higher
-      density) at the step it searched, and reaches 30 dB at 25% density with `refresh=4` at block 64
-      (README). Its cost is the catch (`diffsparse bench search`): at 2,448 tokens, 4 heads x 32, on a 2-core
-      CPU, one search costs about 3.3 dense attention calls of the layer at block 64 and 19 at block 32;
-      `sample_rows=8` cuts it to about 1.4 at block 64 for about 1 dB there (mean of six videos). How much
-      the search is cut matters more than how (fewer queries, or values projected to fewer dimensions).
+      density) at the step it searched; with the default `budget="layer"` one search per generation reaches
+      31.9 dB at 25% density and block 64 (six videos, 1.32x end to end; README). Its cost is the catch
+      (`diffsparse bench search`): at 2,448 tokens, 4 heads x 32, on a 2-core CPU, one search with
+      `budget="layer"` costs about 4.7 dense attention calls of the layer at block 64 (3.9 with `budget="row"`,
+      19 at block 32); `sample_rows=8` cuts it to about 1.9 (1.5 with `"row"`) for about 1.7 dB (30.2 dB, at
+      1.43x). How much the search is cut matters more than how (fewer queries, or values projected to fewer
+      dimensions).
     - `"mass"` ([`block_attention_mass`] then [`select_blocks`]): the blocks holding the most attention mass
       (AdaSpa, SpargeAttn). On diffuse heads, whose output is a broad average, the top blocks by mass are a
       biased sample of that average, and the error can exceed the output itself.
@@ -518,7 +556,12 @@ class Searched(Pattern):
       which a mean stands for poorly, are kept whatever their estimate.
 
     Text structure: blocks holding text tokens are always kept as queries and as keys (as every pattern does),
-    and every query block keeps its diagonal key block; both count toward `keep`.
+    and every query block keeps its diagonal key block; both count toward `keep` under every criterion and
+    budget. Query blocks that must keep more than their row share (text rows keep every key block) take the
+    excess from the other query blocks' shares (`budget="row"`, and the greedy head and layer budgets, which
+    add up the row shares), so the layout's density stays `keep` (FLUX.1 at 1024 x 1024, block 64: 0.25 at
+    `keep=0.25`, where text rows on top of their share gave 0.33). Where the required blocks alone are more
+    than `keep`, just those are kept.
 
     Under the model's own causal mask (SkyReels-V2's asynchronous diffusion forcing: `search(..., within=
     FrameCausal(frames))`, which the runtime passes) the search measures the masked attention, spends each query

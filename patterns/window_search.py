@@ -64,7 +64,7 @@ def allocate(losses: torch.Tensor, densities: torch.Tensor, budget: float, units
     return choice
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, init=False)
 class SearchedWindows(Window3D):
     r"""
     Per-head 3D windows (name `"searched_windows"`) chosen from the model's own attention, as Sliding Tile
@@ -117,6 +117,23 @@ class SearchedWindows(Window3D):
 
     name = "searched_windows"
     composable = False  # the runtime fits the pattern it is given, not a composition's parts
+
+    # Written out because the generated one would take Window3D's fields first: `SearchedWindows(0.5)` would be a
+    # window of 0.5 and `SearchedWindows(3)` a pattern that looks searched. `window` is the search's to set.
+    def __init__(
+        self,
+        keep: float = 0.25,
+        stride: Triple = 1,
+        num_samples: int = 32,
+        value_dims: int = 32,
+        refresh: int = 0,
+        *,
+        window: Triple | tuple[Triple, ...] | None = None,
+    ):
+        for name, value in (("keep", keep), ("stride", stride), ("num_samples", num_samples),
+                            ("value_dims", value_dims), ("refresh", refresh), ("window", window)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:

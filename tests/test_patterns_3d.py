@@ -10,6 +10,7 @@ import torch
 from diffsparse.patterns import (
     PATTERNS,
     Dense,
+    DenseQueryFrames,
     IdentityOrder,
     Intersection,
     Pattern,
@@ -550,13 +551,16 @@ def test_render_with_order_and_heads(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 3))])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 3)), TileOrder((2, 2, 2))])
 @pytest.mark.parametrize("text", [0, 5])
 def test_frame_sink_block_mask_is_the_token_reduction_and_composes(order, text):
     from diffsparse.patterns import FrameSink
 
     layout = VideoLayout(4, 5, 7, text_len=text, text_position="start")
-    for pattern in (FrameSink(), FrameSink(frames=2), Window3D((1, 2, 2)) | FrameSink()):
+    # Inside an intersection the frame patterns' whole-box tests decide: a block reaching past the sink's last frame
+    # is not wholly in the sink, nor is one holding a dense query frame and another wholly dense.
+    for pattern in (FrameSink(), FrameSink(frames=2), Window3D((1, 2, 2)) | FrameSink(),
+                    Window3D((3, 3, 3)) & FrameSink(), Window3D((1, 3, 3)) & DenseQueryFrames((1, 3))):
         expected = reduce_token_mask(pattern.token_mask(layout, order), (16, 8))
         assert torch.equal(pattern.block_mask(layout, (16, 8), order), expected), pattern
     token = FrameSink().token_mask(layout)

@@ -1,6 +1,7 @@
 """Searched blocks: exact block mass, budgets, the searched mask as a pattern, and the search in a pipeline."""
 
 import functools
+import itertools
 import math
 import threading
 
@@ -19,7 +20,16 @@ from diffsparse.patterns import (
     get_pattern,
     reduce_token_mask,
 )
-from diffsparse.patterns.searched import block_attention_mass, greedy_blocks, pooled_block_mass, select_blocks
+from diffsparse.patterns.base import as_pair
+from diffsparse.patterns.searched import (
+    BUDGETS,
+    _row_budgets,
+    _share_budget,
+    block_attention_mass,
+    greedy_blocks,
+    pooled_block_mass,
+    select_blocks,
+)
 
 from helpers import generate
 
@@ -361,6 +371,55 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert select_blocks(rows, 1.0, "head", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
 
 
+def test_a_shared_greedy_budget_ranks_each_set_by_its_running_least_gain():
+    # Each set keeps a prefix of its greedy sequence, so a pick counts for no more than the picks before it: set 0's
+    # second block (gain 0.9) cannot jump its first (0.1), and set 1's two blocks (0.5, 0.4) are taken instead.
+    picks = torch.tensor([[[0, 1]], [[2, 3]]])  # (steps, heads, sets): set 0 adds block 0 then 2, set 1 1 then 3
+    gains = torch.tensor([[[0.1, 0.5]], [[0.9, 0.4]]])
+    for budget in ("layer", "head"):
+        kept = _share_budget(torch.zeros(1, 2, 4, dtype=torch.bool), picks, gains, torch.tensor([1, 1]), budget)
+        assert kept[0].int().tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]], budget
+
+
+def test_row_budgets_take_what_rows_must_keep_beyond_their_share_from_the_others():
+    share = torch.full((6,), 4)
+    # Two text rows keep all 8 key blocks: their 8 blocks over the share come off the other rows, at a common count.
+    assert _row_budgets(share, torch.tensor([8, 8, 1, 2, 1, 1])).tolist() == [8, 8, 2, 2, 2, 2]
+    # Where it does not divide, the earlier rows keep one more; no row goes below its own required blocks.
+    uneven = _row_budgets(torch.tensor([4, 4, 4, 4, 5, 5]), torch.tensor([8, 8, 1, 1, 1, 1]))
+    assert uneven.tolist() == [8, 8, 3, 3, 2, 2]
+    assert _row_budgets(share, torch.tensor([8, 1, 3, 1, 1, 3])).tolist() == [8, 4, 3, 3, 3, 3]
+    # The required blocks alone are more than the shares: just those.
+    assert _row_budgets(share, torch.tensor([8, 8, 3, 3, 3, 1])).tolist() == [8, 8, 3, 3, 3, 1]
+    # No row over its share (no text, the diagonal alone): the shares as they are, per head.
+    shares = torch.tensor([[3, 3, 2], [0, 0, 0]])
+    assert torch.equal(_row_budgets(shares, torch.ones(2, 3)), torch.tensor([[3, 3, 2], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize(
+    "layout, block_size",
+    [
+        (VideoLayout(1, 16, 16, text_len=64, text_position="start"), 16),  # FLUX.1's layout, shrunk: 40% required
+        (VideoLayout(3, 5, 10, text_len=40, text_position="end"), (16, 8)),  # a query block of text and video
+    ],
+)
+def test_text_and_diagonal_blocks_count_toward_keep_under_every_criterion_and_budget(layout, block_size):
+    # Text rows keep every key block. Before, they took that on top of their row share, and the density of a layout
+    # with text exceeded keep (FLUX.1 at 1024 x 1024, block 64: 0.33 at keep=0.25) except with mass-ranked shared
+    # budgets.
+    q, k, v = _qkv(layout)
+    required = Searched._required(layout, as_pair(block_size))
+    one_row = 1 / required.shape[0]
+    for keep, criterion, budget in itertools.product((0.5, 0.75, 0.2), ("greedy", "mass", "pooled"), BUDGETS):
+        searched = Searched(keep=keep, criterion=criterion, budget=budget).search(q, k, v, layout, block_size)
+        mask = searched.block_mask(layout, block_size)
+        assert mask[:, required].all()
+        if keep < required.float().mean():
+            assert torch.equal(mask, required.expand_as(mask)), (keep, criterion, budget)  # just the required ones
+        else:
+            assert abs(mask.float().mean().item() - keep) <= one_row, (keep, criterion, budget)
+
+
 def test_pooled_mass_is_the_softmax_of_block_means_and_exact_on_alike_blocks():
     layout = VideoLayout(frames=3, height=3, width=4)  # 36 tokens: blocks of 8, the last of 4
     q, k, _ = _qkv(layout, batch=2)
@@ -397,9 +456,11 @@ def test_searched_mask_is_its_token_mask_reduced_and_keeps_text_and_diagonal(ord
     assert torch.equal(reduce_token_mask(pattern.token_mask(layout, order=order), (8, 4)), mask)
     assert mask[:, 0].all() and mask[:, :, :2].all()  # text rows (tokens 0-4) and text columns
     assert mask[:, torch.arange(5), torch.arange(5) * 2].all()  # each query block's diagonal key block
-    assert mask[:, 1:].sum() == 2 * 4 * 6  # 60% of 10 key blocks per video query block, shared over the layer
+    # 60% of the 5 x 10 blocks per head, shared over the layer: the text row keeps all 10, on top of its 6, so the
+    # video rows have 30 - 10 left, not 4 x 6.
+    assert mask[:, 1:].sum() == 2 * (30 - 10) and mask.sum() == 2 * 30
     per_row = Searched(keep=0.6, budget="row").search(q, k, v, layout, (8, 4), order=order)
-    assert (per_row.block_mask(layout, (8, 4), order=order)[:, 1:].sum(-1) == 6).all()  # text rows keep all
+    assert (per_row.block_mask(layout, (8, 4), order=order)[:, 1:].sum(-1) == 5).all()
     with pytest.raises(ValueError, match="search again"):
         pattern.block_mask(layout, 16, order=order)
 
@@ -452,6 +513,18 @@ def test_before_a_search_it_has_no_mask_and_density_sets_keep():
     assert searched.at_density(layout, 0.5, 8) is searched
     with pytest.raises(ValueError, match="search again for density 0.3"):
         searched.at_density(layout, 0.3, 8)
+
+
+def test_a_search_holds_blocks_only_for_its_layout_block_size_and_order():
+    layout, order = VideoLayout(frames=2, height=4, width=4), TileOrder((1, 2, 2))
+    searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8, order=order)
+    assert searched.block_mask(layout, 8, order).shape == (2, 4, 4)
+    # The same token count in another grid, another block size, another order: other blocks, not these.
+    for ask in (lambda: searched.block_mask(layout, 8), lambda: searched.token_mask(layout, TileOrder((2, 2, 2))),
+                lambda: searched.block_mask(VideoLayout(frames=2, height=2, width=8), 8, order),
+                lambda: searched.density(layout, (8, 4), order)):
+        with pytest.raises(ValueError, match="search again"):
+            ask()
 
 
 def test_equal_searches_are_equal_and_hash_alike():

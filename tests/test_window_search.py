@@ -1,6 +1,7 @@
 """Searched per-head windows (Sliding Tile Attention's window search, at each layer's first sparse call): the
 candidate sizes, the losses against their token-level definition, the budget, sharded heads, the runtime."""
 
+import dataclasses
 import itertools
 import math
 
@@ -16,6 +17,7 @@ from diffsparse.patterns import (
     TileOrder,
     VideoLayout,
     Window3D,
+    get_pattern,
 )
 from diffsparse.patterns.window_search import _candidate_densities, allocate, axis_sizes
 
@@ -79,6 +81,23 @@ def test_allocate_keeps_the_budget_and_gives_local_heads_small_windows():
     assert allocate(losses, densities, budget=0.05).tolist() == [0, 0]  # nothing affordable: the sparsest
 
 
+def test_allocate_never_spends_more_than_the_budget():
+    # Each candidate's cost is its density rounded up to whole units of the budget, so coarse units never let the
+    # heads' mean density past the budget (rounding to the nearest unit did).
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    for _ in range(100):
+        heads, count, units = draw(1, 6), draw(1, 8), draw(4, 64)
+        densities, losses = torch.rand(count, generator=generator), torch.rand(heads, count, generator=generator)
+        budget = 0.05 + 0.9 * float(torch.rand((), generator=generator))
+        choice = allocate(losses, densities, budget, units)
+        sparsest = bool((choice == densities.argmin()).all())  # when nothing fits
+        assert sparsest or float(densities[choice].mean()) <= budget, (densities, budget, units, choice)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_allocate_is_at_least_as_good_as_any_choice_within_a_slightly_smaller_budget(seed):
     generator = torch.Generator().manual_seed(seed)
@@ -116,6 +135,30 @@ def test_search_gives_per_head_windows_under_the_budget_and_needs_a_search_first
     for bad in ({"keep": 0}, {"keep": 1.5}, {"num_samples": 0}, {"value_dims": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchedWindows(**bad)
+
+
+def test_under_a_tile_order_the_budget_holds_for_the_blocks_of_that_order():
+    # A window's block density depends on the order the kernel sees (tiles gather a window into fewer blocks, or
+    # spread it over more): the candidates are priced in the order searched for.
+    layout, order = VideoLayout(4, 6, 6), TileOrder((2, 2, 2))
+    q, k, v = (torch.randn(1, 4, 144, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for keep in (0.2, 0.3, 0.5):
+        searched = SearchedWindows(keep=keep).search(q, k, v, layout, 8, order)
+        assert searched.density(layout, 8, order) <= keep
+
+
+def test_positional_arguments_are_keep_then_stride_and_the_window_is_the_searchs():
+    # Before, the fields came in Window3D's order: SearchedWindows(0.5) was a window of 0.5, SearchedWindows(3) a
+    # pattern with window=3 that looked searched.
+    assert SearchedWindows(0.5) == SearchedWindows(keep=0.5) and SearchedWindows(0.5).window is None
+    assert SearchedWindows(0.5, 2) == SearchedWindows(keep=0.5, stride=(2, 2, 2))
+    with pytest.raises(ValueError, match="keep must be a block density"):
+        SearchedWindows(3)
+    with pytest.raises(TypeError):
+        SearchedWindows(0.5, 1, 32, 32, 0, (1, 2, 2))  # the window is keyword-only: the search sets it
+    assert get_pattern("searched_windows(keep=0.3, stride=(1, 2, 2))") == SearchedWindows(0.3, (1, 2, 2))
+    searched = SearchedWindows(0.5).search(*(torch.randn(1, 2, 32, 4) for _ in range(3)), VideoLayout(2, 4, 4), 8)
+    assert searched.num_heads == 2 and dataclasses.replace(searched, keep=0.5) == searched
 
 
 def test_searched_windows_cannot_be_combined_with_rules():
