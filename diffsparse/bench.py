@@ -78,10 +78,13 @@ def _device_label(device: str) -> str:
 
 
 def strict_json(value, indent: int = 1) -> str:
-    """`value` as standard JSON: a float that is not finite (the PSNR of identical videos) as `null`, where Python
-    would write `Infinity`, which jq, JavaScript and strict parsers refuse."""
+    """`value` as standard JSON: an infinite float (the PSNR of identical videos) as `null`, where Python would
+    write `Infinity`, which jq, JavaScript and strict parsers refuse; NaN (the score of a broken run, whose video
+    holds NaN) as the string `"nan"`, so that it never reads as the `null` of a perfect one."""
 
     def finite(item):
+        if isinstance(item, float) and math.isnan(item):
+            return "nan"
         if isinstance(item, float) and not math.isfinite(item):
             return None
         if isinstance(item, dict):
@@ -100,15 +103,15 @@ def _write_json(result: dict, out: str | Path, name: str) -> None:
 
 def _mask_layout(name: str, seq: int):
     """The video layout a pattern `--mask` is solved on: `seq // 1024` frames of 32x32 tokens (exactly `seq`)."""
-    from .patterns import VideoLayout, get_pattern
+    from .patterns import Dense, VideoLayout, get_pattern
 
     try:
         pattern = get_pattern(name)  # before any tensor is made
     except ValueError as error:
         raise ValueError(f"--mask {name!r}: random, or a pattern; {error}") from None
-    if pattern.data_dependent or not pattern.solves_density:
-        # spatial_temporal unfitted is the union of its masks (density 1.0 whatever asked), dense has no knob: a
-        # row would time something other than its target density.
+    if pattern.data_dependent or not pattern.solves_density or isinstance(pattern, Dense):
+        # spatial_temporal unfitted is the union of its masks, dense keeps every block: density 1.0 whatever asked,
+        # a row would time something other than its target density.
         raise ValueError(f"--mask {name}: must be random or a static pattern solved for each --density (radial, "
                          "window3d); data-dependent ones are timed by `bench search` and `bench pipeline`")
     if seq % 1024:

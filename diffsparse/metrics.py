@@ -97,10 +97,26 @@ def _scale(dtype: np.dtype) -> float:
     return 1.0
 
 
-def _check_data_range(data_range) -> None:
-    if not (isinstance(data_range, (int, float, np.number)) and math.isfinite(data_range) and data_range > 0):
+def _scaled_on_reading(video) -> bool:
+    """Whether `as_frames` scales `video` to [0, 1] itself: integer or bool frames, PIL images among them."""
+    if _is_pil_image(video) or (isinstance(video, (list, tuple)) and video and _is_pil_image(video[0])):
+        return True
+    first = video[0] if isinstance(video, (list, tuple)) and video else video
+    dtype = first.dtype if isinstance(first, (torch.Tensor, np.ndarray)) else None
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex)
+    return dtype is not None and (np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+
+
+def _check_data_range(data_range, video, reference) -> None:
+    real = isinstance(data_range, (int, float, np.number)) and not isinstance(data_range, (bool, np.bool_))
+    if not (real and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"data_range={data_range!r}: must be a finite number above 0, the span of the values "
-                         "(1.0 for frames in [0, 1], 255.0 for 0..255)")
+                         "(1.0 for frames in [0, 1], 255.0 for float frames holding 0..255)")
+    # uint8/uint16 frames are read as [0, 1] already: data_range=255 on them, scikit-image's habit, added 48 dB.
+    if data_range != 1 and (_scaled_on_reading(video) or _scaled_on_reading(reference)):
+        raise ValueError(f"data_range={data_range!r}: integer frames (uint8, uint16, PIL images) are scaled to "
+                         "[0, 1] when read, so their span is 1.0: leave data_range at its default")
 
 
 def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
@@ -126,8 +142,8 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, per frame then averaged over the frames that differ (a frame identical in
     both has an infinite PSNR, which would make the mean infinite whatever the others: `inf` only when every frame
     is identical). NaN when either video holds a value that is not finite (a broken run), with a `RuntimeWarning`:
-    `eval.md`, `eval.csv` and `compare`'s printout show `nan` (`compare.json`, strict JSON, writes `null`, as for
-    `inf`). `data_range`: the span of the values, a finite number above 0.
+    `eval.md`, `eval.csv` and `compare`'s printout show `nan`, `compare.json` `"nan"` (its `null` is `inf`).
+    `data_range`: the span of float values, a finite number above 0 (integer frames are read as [0, 1]: 1.0).
 
     Example:
         >>> import numpy as np
@@ -135,7 +151,7 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
         >>> round(psnr(a + 0.1, a), 6)
         20.0
     """
-    _check_data_range(data_range)
+    _check_data_range(data_range, video, reference)
     a, b = _paired(video, reference)
     if _not_finite(a, b, "PSNR"):
         return float("nan")
@@ -156,7 +172,7 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         >>> ssim(a, a)
         1.0
     """
-    _check_data_range(data_range)
+    _check_data_range(data_range, video, reference)
     a, b = _paired(video, reference)
     if _not_finite(a, b, "SSIM"):
         return float("nan")

@@ -236,6 +236,7 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
         (["bench", "attention", "--mask", "nosuch"], "--mask 'nosuch': random, or a pattern; pattern must be one of"),
         # Unfitted, spatial_temporal is the union of its masks: its rows ran at density 1.0 whatever the target.
         (["bench", "attention", "--mask", "spatial_temporal"], "--mask spatial_temporal: must be random or a static"),
+        (["bench", "attention", "--mask", "dense"], "--mask dense: must be random or a static"),
         # One group of every frame is no causal mask: its "masked" SDPA was unmasked.
         (["bench", "causal", "--causal-frames", "8"],
          "--causal-frames 8 with --frames 8: a causal mask needs at least two groups of frames"),
@@ -392,6 +393,10 @@ def test_identical_videos_write_standard_json(tmp_path):
     assert main([*args, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert result["psnr_db"] is None and result["ssim"] == 1.0
+    # A broken run's NaN scores must not read as that null of a perfect one.
+    from diffsparse.bench import strict_json
+
+    assert json.loads(strict_json({"psnr_db": float("nan"), "ssim": float("inf")})) == {"psnr_db": "nan", "ssim": None}
 
 
 def test_frames_too_small_for_lpips_are_scored_without_it_or_refused_when_it_was_asked_for(tmp_path, capsys,
@@ -851,3 +856,23 @@ def test_each_generation_of_the_commands_draws_the_same_global_noise_for_its_see
     first, again, other = generate(0), generate(0), generate(1)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_loaded_pipeline_s_call_kwargs_are_checked_before_its_still_is_sampled(tmp_path, monkeypatch):
+    # The demo passes its loaded pipeline: a key it does not take was refused only at the clips' call, after the
+    # stills had been sampled.
+    from diffsparse import SparseConfig, compare
+    from diffsparse.pipelines import testbed
+
+    def no_still(*args, **kwargs):
+        raise AssertionError("sampled the still before refusing the call arguments")
+
+    monkeypatch.setattr(testbed, "best_still", no_still)
+    pipe = compare.load_pipeline(None, "cpu")
+    for call_kwargs, message in (({"guidnce_scale": 1.0}, "(did you mean 'guidance_scale'?)"),
+                                 ({"num_videos_per_prompt": 2}, "sets num_videos_per_prompt=2")):
+        args = argparse.Namespace(model=None, prompt="a red circle moving left", steps=2, frames=5, height=32,
+                                  width=32, seed=0, device="cpu", out=str(tmp_path), lpips_weights=None,
+                                  two_stage=True, still_candidates=1, image=None, call_kwargs=call_kwargs)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            compare.run_compare(args, SparseConfig(pattern="radial"), pipe=pipe)
