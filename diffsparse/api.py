@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import SparseConfig
+from .config import SparseConfig, resolve_step_count
 from .pipelines import ModelAdapter, adapter_for, find_transformers
 from .runtime import (
     CallRecord,
@@ -102,9 +102,9 @@ class SparseHandle:
                 module: adapter.make_processor(module.processor, self.runtimes[name], layer, transformer)
                 for layer, module in adapter.self_attention_modules(transformer)
             }))
-        _check_dense_layers(self.config.dense_layers, {
-            name: [processor.layer for processor in processors.values()] for name, _, _, processors in made
-        })
+        self._layers = {name: [processor.layer for processor in processors.values()]
+                        for name, _, _, processors in made}
+        _check_dense_layers(self.config.dense_layers, self._layers)
         # Only now that every layer of every transformer was accepted, swap: a refused layer leaves them untouched.
         for name, transformer, adapter, processors in made:
             runtime = self.runtimes[name]
@@ -120,9 +120,23 @@ class SparseHandle:
             setattr(transformer, _HANDLE_ATTR, self)
         self.installed = True
 
-    def _new_run(self) -> None:
+    def _new_run(self, num_steps: int | None = None) -> None:
+        """A new denoising run of `num_steps` steps (`None`: unknown) started; the clock is shared, so once a run."""
         for runtime in self.runtimes.values():
             runtime.new_run()
+        config = self.config
+        if num_steps is None or config.resolved_pattern.name == "dense":  # "dense" is dense on purpose
+            return
+        if all(config.is_dense_step(step, num_steps) for step in range(num_steps)):
+            # A valid config (a count of steps fits any run), but one that silently gives no speedup on this run.
+            first, last = (resolve_step_count(value, num_steps) for value in (config.dense_steps,
+                                                                                config.dense_last_steps))
+            warnings.warn(
+                f"diffsparse: SparseConfig.dense_steps={config.dense_steps!r} and "
+                f"dense_last_steps={config.dense_last_steps!r} keep every step of this {num_steps}-step run dense "
+                f"({first} first, {last} last), so nothing runs sparse: lower them to leave some steps sparse",
+                stacklevel=2,
+            )
 
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
@@ -167,9 +181,26 @@ def _check_dense_layers(dense_layers, layers: dict[str, list[int]]) -> None:
         return
     missing = sorted(set(dense_layers) - present)
     if missing:
-        blocks = ", ".join(f"{name} {min(indices)}..{max(indices)}" for name, indices in layers.items() if indices)
         raise ValueError(f"SparseConfig.dense_layers={list(dense_layers)!r}: no transformer has block {missing[0]} "
-                         f"(self-attention blocks: {blocks})")
+                         f"(self-attention blocks: {_blocks(layers)})")
+
+
+def _blocks(layers: dict[str, list[int]]) -> str:
+    """`layers` (self-attention block indices per transformer) for a message: "transformer 0..29, ..."."""
+    return ", ".join(f"{name} {min(indices)}..{max(indices)}" for name, indices in layers.items() if indices)
+
+
+def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]]) -> None:
+    """A config whose `dense_layers` covers every block of every transformer is valid (the same config may go to a
+    deeper model) but gives no sparse attention at all: said at `apply`, not found in the stats later."""
+    present = [layer for indices in layers.values() for layer in indices]
+    if not present or config.resolved_pattern.name == "dense" or not all(map(config.is_dense_layer, present)):
+        return
+    warnings.warn(
+        f"diffsparse.apply: SparseConfig.dense_layers={config.dense_layers!r} keeps every self-attention block "
+        f"dense ({_blocks(layers)}), so nothing runs sparse: leave some blocks out of dense_layers",
+        stacklevel=3,
+    )
 
 
 def _with_pipeline_timestep(read_call, pipeline):
@@ -238,17 +269,23 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
         for replaced in previous:
             replaced._install()
         raise
-    for replaced in previous:
-        # A handle is removed whole: applying to one expert of a pipeline applied as a whole leaves the others dense.
-        others = [name for name, t in replaced._transformers.items() if all(t is not u for u in transformers.values())]
-        if others:
-            warnings.warn(
-                f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
-                f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
-                "transformer on its own) to keep them sparse",
-                stacklevel=2,
-            )
+    others = _left_dense(previous, transformers)
+    if others:
+        warnings.warn(
+            f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
+            f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
+            "transformer on its own) to keep them sparse",
+            stacklevel=2,
+        )
+    _warn_if_every_layer_dense(config, handle._layers)
     return handle
+
+
+def _left_dense(previous: list[SparseHandle], transformers: dict[str, torch.nn.Module]) -> list[str]:
+    """The transformers of the `previous` handles that are not among `transformers`: a handle is removed whole, so
+    applying to one expert of a pipeline applied as a whole leaves the others dense."""
+    return [name for replaced in previous for name, t in replaced._transformers.items()
+            if all(t is not u for u in transformers.values())]
 
 
 def remove(pipe_or_transformer) -> None:
@@ -309,9 +346,21 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
         >>> with diffsparse.sparse(pipe, diffsparse.SparseConfig(dense_steps=1)) as handle:
         ...     pass
     """
+    previous = _handles(pipe_or_transformer)
     with suspended(pipe_or_transformer):
         handle = apply(pipe_or_transformer, config)
         try:
+            # `suspended` took the earlier handles off before `apply`, which so does not see what they leave dense.
+            # Inside the `try`: a warning raised as an error still ends the block as a block.
+            others = _left_dense(previous, handle._transformers)
+            if others:
+                warnings.warn(
+                    f"diffsparse.sparse: the sparse attention applied earlier together with this transformer is "
+                    f"removed from {', '.join(others)} too for the block, which run dense inside it (it comes back "
+                    "after the block); use the block on the whole pipeline (or apply to each transformer on its own) "
+                    "to keep them sparse",
+                    stacklevel=3,
+                )
             yield handle
         finally:
             handle.remove()

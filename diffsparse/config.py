@@ -53,10 +53,13 @@ def resolve_step_count(value: StepCount, num_steps: int) -> int:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseConfig:
     r"""
     How diffsparse replaces dense self-attention. Validated at construction; `apply` never writes back into it.
+    Frozen: assigning a field raises `dataclasses.FrozenInstanceError`, since the pattern is resolved and the values
+    checked only at construction (an assigned field would be shown but not run, or run unchecked); make a changed
+    copy with `dataclasses.replace(config, dense_steps=0)`, which validates it anew.
 
     Args:
         pattern (`str` or `Pattern`, *optional*, defaults to `"radial"`):
@@ -128,9 +131,10 @@ class SparseConfig:
 
     def __post_init__(self):
         try:
-            self._pattern = get_pattern(self.pattern)
+            pattern = get_pattern(self.pattern)
         except ValueError as error:
             raise ValueError(f"SparseConfig.pattern is invalid: {error}") from None
+        object.__setattr__(self, "_pattern", pattern)  # derived, not given: past the frozen `__setattr__`
         if self.density is not None and (
             isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1
         ):
@@ -146,7 +150,7 @@ class SparseConfig:
         if self.density is not None and isinstance(self._pattern, (Searched, SearchedWindows)):
             # A searched pattern's density is its `keep`, which the search itself needs: set here, not solved
             # per layout after the fact.
-            self._pattern = self._pattern.at_density(None, self.density, self.block_sizes)
+            object.__setattr__(self, "_pattern", self._pattern.at_density(None, self.density, self.block_sizes))
         _check_step_count("dense_steps", self.dense_steps)
         _check_step_count("dense_last_steps", self.dense_last_steps)
         _ = self._dense_layer_set  # validates

@@ -50,7 +50,8 @@ def _eager(fn):
     return torch.compiler.disable(fn)
 
 # Plans are per (pattern, layout): a static pattern needs one per resolution, a head-classifying pattern one
-# per distinct head assignment (at most one per layer).
+# per distinct head assignment (at most one per layer). The plans of the current run's fits come on top
+# (`SparseRuntime._cached`).
 _PLAN_CACHE_SIZE = 64
 
 
@@ -832,11 +833,15 @@ class SparseRuntime:
         return self._solved[key]
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
-        """The plan cache (least recently used out first)."""
+        """The plan cache (least recently used out first): `_PLAN_CACHE_SIZE` plans, and one more for each fit the
+        run holds (`_layer_patterns`)."""
         cached = self._plans.get(key)
         if cached is None:
             cached = self._plans[key] = build()
-            if len(self._plans) > _PLAN_CACHE_SIZE:
+            # Each fit's plan is used once per step, in the layers' order: a fixed size below the run's fits (60
+            # layers x 2 CFG layouts) would evict every plan just before its next use and rebuild all at each step.
+            # A new run drops its fits, and the cache shrinks back as it fills.
+            while len(self._plans) > _PLAN_CACHE_SIZE + len(self._layer_patterns):
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
@@ -920,6 +925,7 @@ class SparseContextHook(ModelHook):
     `read_call(module, args, kwargs) -> (layout, timestep)` or `(layout, timestep, token_order)` is the model
     adapter's knowledge of where the latent grid and the timestep are in the transformer's inputs (and, when its
     tokens are not in the layout's order, where each one is in the layout: `SparseRuntime.begin_call`).
+    `on_new_run(num_steps)`: called at the first call of each denoising run (`num_steps`: `None` when unknown).
     `per_frame_steps`: a call with one timestep per frame gives the runtime each frame's step
     (`ModelAdapter.per_frame_steps`). `installed`: `(attention module, sparse processor)` pairs, to warn once when
     any of them was replaced after `apply` (those layers then run without sparse attention).
@@ -978,7 +984,7 @@ class SparseContextHook(ModelHook):
         text = forward_input(module, whole_args, whole_kwargs, "encoder_hidden_states")
         step, num_steps, new_run = self._clock.tick(timestep)
         if new_run:
-            self._on_new_run()
+            self._on_new_run(num_steps)
         # A call outside any pipeline `cache_context` (a bare transformer; pipelines whose guidance runs the CFG
         # branches one call after another without naming them: modular pipelines, Kandinsky 5) is named by its
         # place among its step's calls, "call 0", "call 1", ...: each branch keeps its own state (a correction's

@@ -1,5 +1,9 @@
 """SparseConfig validation and the step/layer schedule."""
 
+import copy
+import dataclasses
+import pickle
+
 import pytest
 
 from diffsparse import SparseConfig
@@ -53,6 +57,23 @@ def test_defaults_and_pattern_objects():
     pattern = Radial(decay=0.5)
     assert SparseConfig(pattern=pattern, block_size=(128, 64)).resolved_pattern is pattern
     assert SparseConfig(block_size=(128, 64)).block_sizes == (128, 64)
+
+
+def test_config_is_frozen_and_its_copies_are_validated_anew():
+    # The pattern is resolved and the values checked at construction: an assigned field would show in the repr
+    # but not run (pattern), or run unchecked (dense_steps=-3).
+    config = SparseConfig(pattern="searched", density=0.3, dense_layers=[1])
+    for field, value in (("pattern", "dense"), ("dense_steps", -3), ("density", 0.9)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(config, field, value)
+    assert config.pattern == "searched" and config.resolved_pattern.keep == 0.3
+    changed = dataclasses.replace(config, pattern="dense")
+    assert changed.resolved_pattern.name == "dense" and changed.dense_layers == [1]
+    assert dataclasses.replace(config, density=0.5).resolved_pattern.keep == 0.5
+    with pytest.raises(ValueError, match="dense_steps=-3"):
+        dataclasses.replace(config, dense_steps=-3)
+    for copied in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config), copy.copy(config)):
+        assert copied == config and copied.resolved_pattern == config.resolved_pattern
 
 
 def test_config_is_not_rewritten():

@@ -8,6 +8,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext
 
 from diffsparse import SparseConfig
+from diffsparse import runtime as runtime_module
 from diffsparse.kernels import block_sparse_attention, make_plan
 from diffsparse.patterns import Radial, TileOrder, VideoLayout
 from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock, StepScheduleWarning
@@ -50,6 +51,36 @@ def test_plan_cache_is_bounded_least_recently_used_out_first():
     assert runtime.plan(layouts[2], heads=1, device=cpu) is built[2]
     assert all(runtime.plan(layout, heads=1, device=cpu) is plan for layout, plan in zip(layouts[4:], built[4:]))
     assert runtime.plan(layouts[3], heads=1, device=cpu) is not built[3]
+
+
+def test_plan_cache_holds_a_plan_for_each_fit_of_the_run(monkeypatch):
+    # A searched pattern fits each layer on each CFG branch's layout (a prompt and a negative prompt of different
+    # lengths): a plan each, used once per step in the layers' order. A cache of a fixed size below their number
+    # (64, against Qwen-Image's 60 layers x 2 layouts; 8 here, against 8 x 2) evicted each just before its next use
+    # and rebuilt them all at every step.
+    monkeypatch.setattr(runtime_module, "_PLAN_CACHE_SIZE", 8)
+    runtime = SparseRuntime(SparseConfig(pattern="searched(budget='row')", density=0.5, block_size=16, dense_steps=0),
+                            "transformer")
+    built = []
+    build = runtime._build_plan
+    runtime._build_plan = lambda *args, **kwargs: built.append(1) or build(*args, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    layers, per_step = 8, []
+    for step in range(3):
+        before = len(built)
+        for branch, text in (("cond", 12), ("uncond", 3)):
+            layout = VideoLayout(4, 8, 8, text_len=text, text_position="end")
+            runtime.state_manager.set_context(CacheContext(branch))
+            runtime.begin_call(layout, step, 3)
+            for layer in range(layers):
+                runtime.attention(layer, *torch.randn(3, 1, layout.num_tokens, 1, 8, generator=g).unbind(0))
+        per_step.append(len(built) - before)
+    assert per_step == [2 * layers, 0, 0]
+    # A new run drops the fits, and with them the room their plans had.
+    runtime.new_run()
+    runtime.begin_call(layout, 0, 3)
+    runtime.attention(0, *torch.randn(3, 1, layout.num_tokens, 1, 8, generator=g).unbind(0))
+    assert len(runtime._plans) == 8 + 1
 
 
 def test_tile_order_plans_carry_their_permutation():
@@ -322,8 +353,12 @@ def test_correction_measures_where_no_statistics_exist_and_refreshes():
     assert runtime.records[-1].measured
     runtime.new_run()
     runtime.state_manager.set_context(CacheContext("cond"))
+    # A new generation measures again on the same shape: the last one's statistics are of other latents (and
+    # would pass for this step's, the step counter having started over).
+    _run_call(runtime, 0, layout, 1, 5, q, k, v)
+    assert runtime.records[-1].measured
     _run_call(runtime, 0, VideoLayout(3, 4, 8), 1, 5, *(torch.cat([x, x], 1) for x in (q, k, v)))
-    assert runtime.records[-1].measured  # a new generation, or a new shape, measures again
+    assert runtime.records[-1].measured  # so does a new shape
 
 
 def test_dense_plan_keeps_every_block():

@@ -1,0 +1,113 @@
+"""`apply`, `remove`, `sparse` and `suspended` on the tiny Wan pipeline: what they put back, and what they say."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+
+import diffsparse
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+
+from helpers import generate
+
+
+def _nothing_sparse_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "nothing runs sparse" in str(w.message)]
+
+
+@torch.no_grad()
+def test_a_config_that_leaves_nothing_sparse_says_so(tiny_pipe):
+    # Valid configs (the same one may go to a deeper model or a longer run), but without a word they would only
+    # show up as a missing speedup.
+    blocks = len(tiny_pipe.transformer.blocks)
+    with pytest.warns(UserWarning, match=rf"dense_layers={blocks} keeps every self-attention block dense"):
+        diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(dense_layers=blocks, dense_steps=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_layers=blocks - 1, dense_steps=1,
+                                                            dense_last_steps=1))
+        generate(tiny_pipe, num_inference_steps=3)  # step 1 is sparse
+        assert not _nothing_sparse_warnings(caught)
+        generate(tiny_pipe, num_inference_steps=2)
+        generate(tiny_pipe, num_inference_steps=2)
+        diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(pattern="dense", dense_layers=blocks, dense_steps=2))
+        generate(tiny_pipe, num_inference_steps=2)  # dense on purpose: no warning
+    # Once per run (each of the two 2-step runs), whatever the number of transformer calls in it.
+    assert _nothing_sparse_warnings(caught) == 2 * [(
+        "diffsparse: SparseConfig.dense_steps=1 and dense_last_steps=1 keep every step of this 2-step run dense "
+        "(1 first, 1 last), so nothing runs sparse: lower them to leave some steps sparse"
+    )]
+    assert sum(s.sparse_calls for s in diffsparse.stats(tiny_pipe, since_apply=True).layers) == 0
+
+
+@torch.no_grad()
+def test_a_new_generation_measures_the_correction_again(tiny_pipe):
+    # With dense_steps=0 the first sparse-scheduled call of each generation measures: the last generation's
+    # statistics are of other latents.
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=0, correction="residual")
+    with diffsparse.sparse(tiny_pipe, config) as handle:
+        generate(tiny_pipe, seed=0, num_inference_steps=2)
+        generate(tiny_pipe, seed=1, num_inference_steps=2)
+        records = handle.stats().calls["transformer"]
+    assert [r.measured for r in records if r.step == 0] == [True] * (len(records) // 2)
+    assert not any(r.measured for r in records if r.step == 1)
+
+
+@pytest.mark.parametrize("block", [diffsparse.suspended, diffsparse.sparse])
+def test_a_config_applied_inside_a_block_stays_after_it(tiny_pipe, block):
+    outer = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    with block(tiny_pipe):
+        inner = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(pattern="window3d", block_size=16, dense_steps=0))
+    # Not the earlier handle put back on top of it: its processors would wrap the inner handle's.
+    assert inner.installed and not outer.installed
+    assert tiny_pipe.transformer._diffsparse_handle is inner
+    runtime = inner.runtimes["transformer"]
+    assert all(block.attn1.processor.runtime is runtime for block in tiny_pipe.transformer.blocks)
+    diffsparse.remove(tiny_pipe)
+    assert type(tiny_pipe.transformer.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
+
+
+def test_remove_gives_the_originals_what_was_set_on_the_sparse_processors(tiny_pipe):
+    # `set_attention_backend` or `enable_parallelism` while applied set these on the sparse processors; the
+    # originals go back with them, as they would have had them without diffsparse.
+    transformer = tiny_pipe.transformer
+    originals = [block.attn1.processor for block in transformer.blocks]
+    diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    transformer.set_attention_backend("_native_math")
+    parallel = object()
+    for block in transformer.blocks:
+        block.attn1.processor._parallel_config = parallel
+    diffsparse.remove(tiny_pipe)
+    assert [block.attn1.processor for block in transformer.blocks] == originals
+    assert all(p._attention_backend == "_native_math" and p._parallel_config is parallel for p in originals)
+
+
+def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
+    # The block takes the handle applied to the whole pipeline off both experts: transformer_2 runs dense inside.
+    base = tiny_wan_pipeline()
+    torch.manual_seed(1)
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer, boundary_ratio=0.5,
+                       transformer_2=WanTransformer3DModel(**tiny_wan_config()["transformer"]).eval())
+    whole = diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    with pytest.warns(UserWarning, match="removed from transformer_2 too for the block"), \
+            diffsparse.sparse(pipe.transformer, config):
+        assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+    assert whole.installed and pipe.transformer_2._diffsparse_handle is whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="transformer_2 too"), diffsparse.sparse(pipe.transformer, config):
+            pass
+    # The block's handle came off and the earlier one back, also when its warning was raised as an error.
+    assert whole.installed and pipe.transformer._diffsparse_handle is pipe.transformer_2._diffsparse_handle is whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with diffsparse.sparse(pipe, config):  # the whole pipeline: nothing left dense
+            pass
+        diffsparse.remove(pipe)
+        diffsparse.apply(pipe.transformer, config)
+        diffsparse.apply(pipe.transformer_2, config)
+        with diffsparse.sparse(pipe.transformer, config):  # each expert on its own handle
+            pass
