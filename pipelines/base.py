@@ -237,18 +237,38 @@ class JointVideoTextAttention(SparseProcessor):
     1.5, Mochi), placed before the family's processor class, whose `__call__` stays the dense path: dense calls run
     it unchanged, so they are bit-identical to it (except the calls that measure `SparseConfig.correction`'s
     statistics: dense through diffsparse's kernel). Each video is attended over its valid prefix
-    (`attend_valid_prefixes`).
+    (`attend_valid_prefixes`) or, where a row's valid text tokens are not leading (left padding, a caller's own
+    mask) and the padded queries get zeros, over its valid tokens wherever they lie (`attend_valid_keys`).
 
     Subclasses give `joint_qkv` (a staticmethod: the family's q, k, v over `[video, text]`) and, where they differ
-    from these defaults, `valid_lengths` (default: a `(B, text)` mask of the text tokens) and `padded_queries`
-    (default `"zero"`: the original masks padded text queries too).
+    from these defaults, `valid_lengths` (default: a `(B, text)` mask of the text tokens, `None` when a row's valid
+    tokens are not a prefix), `padded_queries` (default `"zero"`: the original masks padded text queries too) and
+    `attend_valid_keys` (default: each output at its token's position, zeros at the masked ones).
     """
 
     padded_queries = "zero"
     context_parallel = False
 
-    def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int]:
-        return [video_len + n for n in prefix_lengths(attention_mask)]
+    def valid_lengths(self, attention_mask, batch: int, video_len: int, length: int) -> list[int] | None:
+        try:
+            return [video_len + n for n in prefix_lengths(attention_mask, name="encoder_attention_mask")]
+        except ValueError:
+            return None  # valid text tokens after masked ones: `attend_valid_keys` attends them where they lie
+
+    def read_text_mask(self, attention_mask, batch: int, video_len: int, length: int):
+        """`(lengths, None, None)` when every video's valid keys are a prefix (`valid_lengths`), else `(None,
+        groups, keys)`: `valid_key_groups` and the `(B, S)` boolean valid keys of `[video, text]`."""
+        lengths = self.valid_lengths(attention_mask, batch, video_len, length)
+        if lengths is not None:
+            return lengths, None, None
+        if self.padded_queries != "zero":  # a family overriding valid_lengths refuses such masks itself
+            raise ValueError(f"{type(self).__name__}.valid_lengths gave None for padded_queries='dense'")
+        keys = F.pad(attention_mask.reshape(batch, -1).bool(), (video_len, 0), value=True)
+        return None, valid_key_groups(keys), keys
+
+    def attend_valid_keys(self, query, key, value, groups, keys: torch.Tensor) -> torch.Tensor:
+        """Each group of videos over its valid keys (`attend_kept_tokens`), the masked tokens' outputs zero."""
+        return attend_kept_tokens(self.runtime, self.layer, query, key, value, groups)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.runtime.route(self.layer):
@@ -258,10 +278,13 @@ class JointVideoTextAttention(SparseProcessor):
         video_len = hidden_states.shape[1]
         batch, length = query.shape[:2]
         # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
-        lengths = self.runtime.once_per_call(
-            attention_mask, lambda mask: self.valid_lengths(mask, batch, video_len, length)
-        ) if attention_mask is not None else [length] * batch
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
+        lengths, groups, keys = self.runtime.once_per_call(
+            attention_mask, lambda mask: self.read_text_mask(mask, batch, video_len, length)
+        ) if attention_mask is not None else ([length] * batch, None, None)
+        if lengths is None:
+            out = self.attend_valid_keys(query, key, value, groups, keys)
+        else:
+            out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), video_len)
 
 
@@ -570,13 +593,19 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return out_a * torch.exp(lse_a - total) + out_b * torch.exp(lse_b - total)
 
 
-def prefix_lengths(mask: torch.Tensor) -> list[int]:
-    """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` when the
-    valid entries of a row are not a prefix (padding must come last, as the text encoders' tokenizers put it)."""
+def prefix_lengths(mask: torch.Tensor, name: str = "the attention mask") -> list[int]:
+    """Per row of a `(B, n)` key mask (bool or 0/1), how many leading entries are valid; a `ValueError` naming the
+    mask (`name`, the field the caller gave) and the first row whose valid entries are not a prefix (padding must
+    come last, as the text encoders' tokenizers put it)."""
     valid = mask.bool()
     lengths = valid.sum(dim=1)
-    if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device) < lengths[:, None]):
-        raise ValueError("diffsparse needs the valid keys of each video to be a prefix of its sequence (text padding)")
+    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths[:, None]
+    if not torch.equal(valid, prefix):
+        row = int((valid != prefix).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"diffsparse needs each row of {name} to be a prefix: its valid tokens first, then the padding; row "
+            f"{row} has a masked token before a valid one (left padding?). Pad on the right, or use pattern='dense'"
+        )
     return lengths.tolist()
 
 

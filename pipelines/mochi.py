@@ -1,9 +1,10 @@
 """Mochi 1 (`MochiTransformer3DModel`): text-to-video.
 
 Each block's `attn1` is joint attention over `[video, text]`: the video tokens in frame-major order after the
-spatial patchify, then the prompt's valid text tokens. The original attends each video over its valid prefix
-and leaves the padded text positions' outputs at zero; the sparse path does the same, with the layout's text
-span cut to the valid tokens (text rows and columns whole), videos with equal prompt lengths in one call.
+spatial patchify, then the prompt's valid text tokens. The original attends each video over its valid tokens
+(wherever the mask puts them: it selects them with `nonzero`) and returns their outputs packed first, the padded
+text positions' outputs zero; the sparse path does the same, with the layout's text span cut to the valid tokens
+(text rows and columns whole), videos with equal prompt masks in one call.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ class MochiSparseAttnProcessor(JointVideoTextAttention, MochiAttnProcessor2_0):
     the padded text positions' outputs left at zero as in the original."""
 
     joint_qkv = staticmethod(joint_qkv)
+
+    def attend_valid_keys(self, query, key, value, groups, keys):
+        out = super().attend_valid_keys(query, key, value, groups, keys)
+        # MochiAttnProcessor2_0 pads each sample's attention over its valid tokens with zeros at the end, so under
+        # a mask that is not a prefix its valid text outputs land on the first text positions: a stable sort
+        # of the masked tokens behind the valid ones moves them there.
+        order = torch.argsort((~keys).to(torch.uint8), dim=1, stable=True)
+        return out.gather(1, order[:, :, None, None].expand_as(out))
 
 
 class MochiAdapter(ModelAdapter):

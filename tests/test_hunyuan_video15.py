@@ -48,6 +48,7 @@ from helpers import (
     check_pipeline_against_dense,
     check_prompts_attend_their_valid_tokens,
     qwen_tokenizer,
+    recorded_attention_calls,
     run_transformer,
 )
 
@@ -138,6 +139,38 @@ def test_padded_text_queries_get_what_the_original_gives_them(transformer, padde
         torch.testing.assert_close(sparse, original, atol=1e-5, rtol=0)
     else:
         assert not torch.allclose(sparse[0, 7:], original[0, 7:], atol=1e-3)  # video 0: 7 valid text tokens
+
+
+def test_masks_that_are_not_a_prefix_attend_each_videos_valid_tokens(transformer):
+    # The transformer puts the valid tokens first, so only a block called otherwise sees such a mask: each block's
+    # text and mask rolled (video 0's valid tokens no longer leading) and its text output rolled back. The
+    # original's mask applies where the tokens lie, so this is the unrolled model, which the sparse path must give.
+    shifts = (3, 0)
+
+    def roll(rows):
+        return torch.stack([row.roll(shift, 0) for row, shift in zip(rows, shifts)])
+
+    def unroll(rows):
+        return torch.stack([row.roll(-shift, 0) for row, shift in zip(rows, shifts)])
+
+    hooks = [hook for block in transformer.transformer_blocks for hook in (
+        block.register_forward_pre_hook(lambda m, args: (args[0], roll(args[1]), args[2], roll(args[3]), *args[4:])),
+        block.register_forward_hook(lambda m, args, out: (out[0], unroll(out[1]))),
+    )]
+    try:
+        reference = run_transformer(transformer, inputs)
+        config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+        with recorded_attention_calls() as calls:
+            kept = run_transformer(transformer, inputs, config)
+        window = run_transformer(transformer, inputs, diffsparse.SparseConfig(
+            pattern="window3d", density=0.3, block_size=8, dense_steps=0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(reference, run_transformer(transformer, inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert sorted((layout.text_len, shape) for _, layout, shape in calls) == [(7, (1, 43))] * 2 + [(16, (1, 52))] * 2
+    assert not torch.allclose(window, reference, atol=1e-4)
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):

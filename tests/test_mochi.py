@@ -13,6 +13,7 @@ from diffsparse.pipelines.base import prefix_lengths
 from helpers import (
     check_other_processors_are_refused,
     check_prompts_attend_their_valid_tokens,
+    recorded_attention_calls,
     run_pipeline,
     run_transformer,
 )
@@ -71,12 +72,39 @@ def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
     check_prompts_attend_their_valid_tokens(transformer, inputs, grid=(3, 4, 3), text_len=TEXT_LEN)
 
 
-def test_layout_of_a_call_and_masks_that_are_not_a_prefix(transformer):
+def not_a_prefix(seed=1):
+    """Three videos whose prompt masks are not prefixes, all different: left padding (5 tokens), a hole (tokens
+    3-5) and a full prompt (as a caller's own `encoder_attention_mask` may give them)."""
+    call = inputs(valid_text=(TEXT_LEN,) * 3, seed=seed)
+    call["encoder_attention_mask"][0, :5] = 0
+    call["encoder_attention_mask"][1, 3:6] = 0
+    return call
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_masks_that_are_not_a_prefix_attend_each_videos_valid_tokens(transformer, order):
+    # MochiAttnProcessor2_0 picks each sample's valid tokens wherever they lie and packs their outputs first; the
+    # sparse path must give the same, one sparse call per distinct mask on a text span of its valid tokens.
+    reference = run_transformer(transformer, not_a_prefix)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
+    with recorded_attention_calls() as calls:
+        kept = run_transformer(transformer, not_a_prefix, config)
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert sorted(calls, key=lambda call: (call[0], call[1].text_len)) == [
+        (layer, VideoLayout(3, 4, 3, text_len=n, text_position="end"), (1, 36 + n))
+        for layer in (0, 1) for n in (7, 9, TEXT_LEN)
+    ]
+    window = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0)
+    assert not torch.allclose(run_transformer(transformer, not_a_prefix, window), reference, atol=1e-4)
+
+
+def test_layout_of_a_call_and_prefix_lengths(transformer):
     layout, _ = adapter_for(transformer).read_call(transformer, (), inputs())
     assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end")
     assert prefix_lengths(torch.tensor([[1, 1, 0], [1, 1, 1]])) == [2, 3]
-    with pytest.raises(ValueError, match="prefix"):
-        prefix_lengths(torch.tensor([[1, 0, 1]]))
+    # The families that refuse such masks (HunyuanVideo's dense padded queries) name the field, the row, the rule.
+    with pytest.raises(ValueError, match=r"encoder_attention_mask.*prefix.*row 1 .*pattern='dense'"):
+        prefix_lengths(torch.tensor([[1, 1, 0], [1, 0, 1]]), name="encoder_attention_mask")
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
