@@ -679,8 +679,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     if pipe is None:
         check_call_kwargs_before_loading(args)
     else:  # the demo's loaded pipeline: checked before its still is sampled, not at the clips' call
-        check_call_kwargs(args.call_kwargs)
-        _check_taken(args.call_kwargs or {}, _call_parameters(pipe), pipeline_name(pipe))
+        call_kwargs = getattr(args, "call_kwargs", None)
+        check_call_kwargs(call_kwargs)
+        _check_taken(call_kwargs or {}, _call_parameters(pipe), pipeline_name(pipe))
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:
