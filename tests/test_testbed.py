@@ -277,6 +277,30 @@ def test_ema_switched_on_at_a_resume_starts_from_the_trained_weights(tmp_path):
     assert all(torch.equal(resumed[name], trained_weights[name]) for name in trained_weights)
 
 
+def test_a_diverged_run_keeps_its_last_good_checkpoint_and_a_resume_takes_new_flags(tmp_path):
+    # A loss that was not finite saved the weights that broke it over the last good checkpoint (a lower --lr on
+    # resume then failed at once); --weight-decay on resume was silently replaced by the checkpoint's.
+    common = ["--batch", "1", "--threads", "1", "--save-every", "9", "--decay", "0", "--warmup", "0",
+              "--out", str(tmp_path)]
+    train(parse_args([*common, "--steps", "2"]))
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    with pytest.raises(FloatingPointError):
+        train(parse_args([*common, "--steps", "40", "--lr", "1e12", "--resume"]))
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert kept["step"] == good["step"] == 2
+    seen = {}
+    original_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen["weight_decay"] = self.param_groups[0]["weight_decay"]
+        return original_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", record)
+        train(parse_args([*common, "--steps", str(kept["step"] + 1), "--weight-decay", "0.5", "--resume"]))
+    assert seen["weight_decay"] == 0.5
+
+
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--batch", "0"])

@@ -18,7 +18,10 @@ with `--clean-first-frame P`, a share P of the clips gets a clean first frame (l
 and is left out of the loss, as TI2V trains image-to-video.
 
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
-exactly; the checkpoint also keeps the optimizer, the EMA weights, the step and torch's RNG state.
+exactly (with `--decay 0`: the cool-down is measured from where each invocation starts, so a `--steps` run resumed
+with the default `--decay` cools down anew over what is left); the checkpoint also keeps the optimizer, the EMA
+weights, the step and torch's RNG state. A loss that is not finite ends the run without saving the weights that
+broke it over the last checkpoint (one saved by `--save-every` on the step before may hold them already).
 
 Written to `--out`:
     checkpoint.pt   model, EMA, optimizer, step, RNG state, config (every `--save-every` steps and at the end)
@@ -455,8 +458,9 @@ def train(args: argparse.Namespace) -> dict:
         print(f"resuming {checkpoint_path} at step {step} ({train_seconds / 60:.1f} min trained)", file=sys.stderr)
     elif args.resume:
         print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
-    for group in optimizer.param_groups:  # a resumed run may change --lr
-        group["lr"] = args.lr
+    # A resumed run may change --lr and --weight-decay: loading restored the checkpoint's (the flag was ignored).
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     # Made from the weights the run continues from: a run resumed with EMA that had none starts it from its trained
     # weights, not from the seeded ones.
     ema = _EMA(trainable, args.ema) if args.ema > 0 else None
@@ -493,6 +497,7 @@ def train(args: argparse.Namespace) -> dict:
     buckets = train_buckets(args.image_share)
     text_length = config["max_sequence_length"]
     first_step, started = step, time.monotonic()
+    diverged = False
 
     def learning_rate() -> float:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -528,6 +533,7 @@ def train(args: argparse.Namespace) -> dict:
                     args.clean_first_frame,
                 )
             if not torch.isfinite(loss):
+                diverged = True  # the weights now broke the loss: not saved over the last good checkpoint
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -569,7 +575,7 @@ def train(args: argparse.Namespace) -> dict:
                 shutil.copytree(out / PIPELINE_DIR, snapshot)
     finally:
         progress.close()
-        if step > first_step:
+        if step > first_step and not diverged:
             save()
         log_file.close()
         for s, handler in previous.items():
