@@ -68,9 +68,14 @@ def test_a_config_applied_inside_a_block_stays_after_it(tiny_pipe, block):
     assert type(tiny_pipe.transformer.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
 
 
-def test_remove_gives_the_originals_what_was_set_on_the_sparse_processors(tiny_pipe):
+def test_remove_gives_the_originals_what_was_set_on_the_sparse_processors(tiny_pipe, monkeypatch):
     # `set_attention_backend` or `enable_parallelism` while applied set these on the sparse processors; the
     # originals go back with them, as they would have had them without diffsparse.
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also sets diffusers' process-wide active backend: put back after the test (the math
+    # backend left active broke later tests' masked attention).
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     transformer = tiny_pipe.transformer
     originals = [block.attn1.processor for block in transformer.blocks]
     diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
