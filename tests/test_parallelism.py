@@ -482,9 +482,6 @@ def _four_process_job() -> dict:
 
 def _worker(rank: int, world: int, job, init_file: str, results):
     # "cpu:gloo": diffusers exchanges the uneven shares' sizes on the device its backend string names.
-    # One thread per rank: the ranks already fill a 2-core machine, and two threads each, spinning in their OpenMP
-    # barriers while the other rank runs, took ten times the CPU time on the tiny models here.
-    torch.set_num_threads(1)
     dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
