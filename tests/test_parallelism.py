@@ -520,6 +520,17 @@ def _run_ranks(world: int, job) -> dict:
     return out
 
 
+def _assert_equals_one_process(per_rank: dict, key: str, config: str) -> None:
+    """Each rank's sparse output under `config` (result `key`) within 1e-5 of one process's, the config dropping
+    blocks that matter, and the ranks' densities (each its own heads' or tokens' blocks) averaging to the whole."""
+    for result in per_rank.values():
+        error, _, density_alone, sparse_vs_dense = result[key][config]
+        assert error < 1e-5 and density_alone < 1
+        assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
+    densities = [result[key][config][1] for result in per_rank.values()]
+    assert sum(densities) / WORLD == pytest.approx(density_alone)
+
+
 @pytest.fixture(scope="module")
 def per_rank():
     return _run_ranks(WORLD, _two_process_job)
@@ -533,13 +544,8 @@ def test_dense_calls_are_diffusers_own_context_parallel_attention(per_rank, fami
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_sparse_attention_equals_one_process(per_rank, family, name):
-    for result in per_rank.values():
-        error, _, density_alone, sparse_vs_dense = result[family][name]
-        assert error < 1e-5 and density_alone < 1
-        assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
     # Each rank's stats are its own heads' blocks: with one window per head they differ, and average to the whole.
-    densities = [result[family][name][1] for result in per_rank.values()]
-    assert sum(densities) / WORLD == pytest.approx(density_alone)
+    _assert_equals_one_process(per_rank, family, name)
 
 
 @pytest.mark.parametrize("family", TENSOR_PARALLEL_FAMILIES)
@@ -551,12 +557,7 @@ def test_dense_calls_under_tensor_parallelism_are_diffusers_own(per_rank, family
 @pytest.mark.parametrize("family", TENSOR_PARALLEL_FAMILIES)
 def test_sparse_attention_under_tensor_parallelism_equals_one_process(per_rank, family, name):
     # Each rank attends its own heads: per-head masks and a budget shared over the layer's heads as one process.
-    for result in per_rank.values():
-        error, _, density_alone, sparse_vs_dense = result[f"tp {family}"][name]
-        assert error < 1e-5 and density_alone < 1
-        assert sparse_vs_dense > 1e-3  # the config does drop blocks that matter
-    densities = [result[f"tp {family}"][name][1] for result in per_rank.values()]
-    assert sum(densities) / WORLD == pytest.approx(density_alone)
+    _assert_equals_one_process(per_rank, f"tp {family}", name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -597,12 +598,7 @@ def test_sharded_sparse_attention_under_a_user_plan_equals_one_process(per_rank,
     # No diffusers plan: each rank holds the share of the video (of the control video, of the per-token time
     # embedding) that the user's plan splits, which the sparse path gathers as on Wan, the whole call's causal mask
     # and tiled token order applied to the whole sequence.
-    for result in per_rank.values():
-        error, _, density_alone, sparse_vs_dense = result[f"user plan {name}"][config]
-        assert error < 1e-5 and density_alone < 1
-        assert sparse_vs_dense > 1e-3
-    densities = [result[f"user plan {name}"][config][1] for result in per_rank.values()]
-    assert sum(densities) / WORLD == pytest.approx(density_alone)
+    _assert_equals_one_process(per_rank, f"user plan {name}", config)
 
 
 @pytest.fixture(scope="module")
@@ -651,12 +647,7 @@ def test_joint_attention_dense_calls_are_diffusers_own_context_parallel_attentio
 def test_sharded_joint_attention_equals_one_process(per_rank, name, config):
     # Each rank holds a third of the text and a slice of the image: gathered back in the model's order, the whole
     # call's layout, token order (references in the text's span) and padded prompts as one process.
-    for result in per_rank.values():
-        error, _, density_alone, sparse_vs_dense = result[f"cp {name}"][config]
-        assert error < 1e-5 and density_alone < 1
-        assert sparse_vs_dense > 1e-3
-    densities = [result[f"cp {name}"][config][1] for result in per_rank.values()]
-    assert sum(densities) / WORLD == pytest.approx(density_alone)
+    _assert_equals_one_process(per_rank, f"cp {name}", config)
 
 
 @pytest.mark.parametrize("name", list(JOINT_FAMILIES))
