@@ -9,17 +9,25 @@ The `"cpu"` backend runs it for float32 and bfloat16 inference and keeps its tor
 - `portable`: never build; always the torch-ops path.
 
 The first build takes about 30 s (a C++ compiler and `ninja` are needed) and is cached by torch in
-`$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`).
+`$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions/py<version>_<cuda>`), in a folder
+`diffsparse_cpu_<12 hex>` named by a hash of what makes the binary (`_extension_name`): installs at other paths,
+other torch or Python builds, and hosts with other CPUs sharing a home directory each build and keep their own instead
+of rebuilding one shared folder in turn. Folders left by earlier sources or installs are never read again and can be
+deleted.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +38,7 @@ ENV_VAR = "DIFFSPARSE_CPU_KERNEL"
 MODES = ("auto", "native", "portable")
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 DTYPES = (torch.float32, torch.bfloat16)
+LDFLAGS = ("-fopenmp",)
 
 
 def mode() -> str:
@@ -46,6 +55,34 @@ def _build_flags() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
         flags += ["-march=native", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     return flags
+
+
+def _cpu_model() -> str:
+    """The CPU `-march=native` compiles for: its model and feature flags where Linux lists them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")  # x86, then arm
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in keys))
+
+
+def _extension_name(source: Path, cflags: Sequence[str], ldflags: Sequence[str]) -> str:
+    """`diffsparse_cpu_<12 hex>`, from everything in the build command and what `-march=native` reads.
+
+    torch keys its build folder by this name alone and rebuilds whenever the command in it changes: under one fixed
+    name two installs (a second venv, a clone beside a work tree) rebuilt it in turn, and hosts sharing a home
+    directory loaded each other's `-march=native` builds. The op keeps its namespace (`TORCH_LIBRARY(diffsparse_cpu,
+    ...)` in the source), so the name only picks the folder and the library's file name.
+    """
+    parts = [
+        str(source.resolve()), *cflags, "|", *ldflags, os.environ.get("CXX", "c++"),
+        str(Path(torch.__file__).resolve().parent), torch.__version__, sys.version, sysconfig.get_paths()["include"],
+        platform.machine(), _cpu_model(),
+    ]
+    digest = hashlib.sha256("\0".join(parts).encode())
+    digest.update(source.read_bytes())
+    return f"diffsparse_cpu_{digest.hexdigest()[:12]}"
 
 
 def _put_ninja_on_path() -> None:
@@ -73,11 +110,12 @@ def _load() -> tuple[object | None, str]:
             loader_logger.setLevel(level)
 
         _put_ninja_on_path()
+        cflags = _build_flags()
         cpp_extension.load(
-            name="diffsparse_cpu",
+            name=_extension_name(SOURCE, cflags, LDFLAGS),
             sources=[str(SOURCE)],
-            extra_cflags=_build_flags(),
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=cflags,
+            extra_ldflags=list(LDFLAGS),
             is_python_module=False,
         )
         return torch.ops.diffsparse_cpu.forward, ""

@@ -1,7 +1,9 @@
 import dataclasses
 import math
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +30,20 @@ CASES = {
     "batch-1 broadcast, q != kv": (2, 2, 150, 333, (32, 48), 1, 2, 0.3),
     "tiny blocks": (1, 2, 37, 53, (8, 16), 1, 2, 0.2),
 }
+# Rows keeping more keys than the compiled kernel multiplies at a time (test_long_rows_span_several_key_tiles); run
+# only in the compiled kernel's dtypes, to keep them cheap.
+LONG_ROWS = {
+    "rows past one key tile": (2, 2, 150, 1300, 64, 2, 1, 0.7),
+    "key blocks wider than a tile": (2, 2, 150, 1300, (32, 600), 2, 1, 0.7),
+}
 _REFERENCE = {}
 
 
 @pytest.fixture(autouse=True, params=["native", "portable"])
 def cpu_kernel(request, monkeypatch):
     """Every test runs against both paths of the cpu backend: the compiled kernel and the torch-ops path."""
+    if request.param == "native" and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine; the cpu backend runs its torch-ops path")
     monkeypatch.setenv(cpu_native.ENV_VAR, request.param)
     return request.param
 
@@ -58,7 +68,7 @@ def _blocks(block_size):
 
 
 def _case(name):
-    batch, heads, q_len, kv_len, block_size, mb, mh, density = CASES[name]
+    batch, heads, q_len, kv_len, block_size, mb, mh, density = {**CASES, **LONG_ROWS}[name]
     bq, bk = _blocks(block_size)
     mask = _random_mask(mb, mh, -(-q_len // bq), -(-kv_len // bk), density)
     plan = make_plan(mask, q_len, kv_len, block_size)
@@ -77,8 +87,12 @@ def _masked_scores(q, k, block_mask, block_q, block_k, scale):
     return scores.masked_fill(~keep, float("-inf"))
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [(name, dtype) for name in CASES for dtype in TOLERANCES]
+    + [(name, dtype) for name in LONG_ROWS for dtype in cpu_native.DTYPES],
+    ids=str,
+)
 def test_cpu_matches_reference(name, dtype):
     plan, (q, k, v), (ref_out, ref_lse) = _case(name)
     out, lse = block_sparse_attention(
@@ -436,6 +450,48 @@ def test_public_names():
     assert dataclasses.is_dataclass(BlockSparsePlan)
 
 
+def test_long_rows_span_several_key_tiles():
+    # The compiled kernel multiplies at most max(512, block_k) keys at a time (kKeyTile in csrc/block_sparse_cpu.cpp)
+    # and rescales its running softmax between these tiles; a kernel that skipped the rescale was off by up to 0.2
+    # on these cases and passed every other one.
+    for name in LONG_ROWS:
+        plan, (_, k, _), _ = _case(name)
+        starts = torch.arange(0, k.shape[2], plan.block_k)
+        keys = plan.block_mask.long() @ (starts + plan.block_k).clamp(max=k.shape[2]).sub(starts)
+        assert keys.max() > max(512, plan.block_k) + plan.block_k, name
+
+
+def test_each_build_of_the_kernel_has_a_folder_of_its_own(tmp_path, monkeypatch):
+    # Under one fixed name every install shared one build folder: two at different paths rebuilt it in turn (25-40 s
+    # each), and hosts sharing a home directory loaded each other's -march=native builds.
+    name = cpu_native._extension_name
+    source, moved = tmp_path / "a.cpp", tmp_path / "b" / "a.cpp"
+    moved.parent.mkdir()
+    for path in (source, moved):
+        shutil.copyfile(cpu_native.SOURCE, path)
+    cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
+    first = name(source, cflags, ldflags)
+    assert re.fullmatch(r"diffsparse_cpu_[0-9a-f]{12}", first)
+    assert name(source, list(cflags), tuple(ldflags)) == first
+    others = {
+        "another path": name(moved, cflags, ldflags),
+        "other flags": name(source, [*cflags, "-march=native"], ldflags),
+        "other link flags": name(source, cflags, []),
+    }
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_native, "_cpu_model", lambda: "another CPU")
+        others["another CPU"] = name(source, cflags, ldflags)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "0.0.0")
+        others["another torch"] = name(source, cflags, ldflags)
+    with monkeypatch.context() as patch:
+        patch.setenv("CXX", "clang++")
+        others["another compiler"] = name(source, cflags, ldflags)
+    source.write_bytes(source.read_bytes() + b"\n")
+    others["an edited source"] = name(source, cflags, ldflags)
+    assert len({first, *others.values()}) == 1 + len(others), others
+
+
 def test_runs_of_identical_rows_are_merged_correctly():
     # "Frames" of two query blocks share their key blocks, so the cpu backend merges them into one segment.
     nq, block, n = 8, 16, 8 * 16 - 5
@@ -493,10 +549,10 @@ def test_compiled_cpu_kernel_builds_and_runs(cpu_kernel):
     if cpu_kernel == "portable":
         assert cpu_native.forward_op() is None
         return
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler on this machine; the cpu backend runs its torch-ops path")
     op = cpu_native.forward_op()  # raises with the build error in "native" mode
     assert op is not None
+    name = cpu_native._extension_name(cpu_native.SOURCE, cpu_native._build_flags(), cpu_native.LDFLAGS)
+    assert f"{name}.so" in {Path(path).name for path in torch.ops.loaded_libraries}
     plan, (q, k, v), (ref_out, ref_lse) = _case("per-head, ragged")
     out, lse = op(q, k, v, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
