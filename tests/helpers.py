@@ -84,20 +84,34 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
             return model(**inputs(**kwargs)).sample
 
 
-def check_against_dense(model, inputs, block_size: int, order=None, sparse=None) -> None:
+def check_against_dense(model, inputs, block_size: int, order=None, sparse=None, select=None):
     """`pattern="dense"` gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
     `order`) gives it within 1e-4, and in bfloat16 gives it in the bfloat16 model's dtype and about as closely
     as the bfloat16 model does (its error at most 1.25x the dense model's), some call running through the sparse path;
-    `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail)."""
+    `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail).
+    `select`: a function of the output's `sample` giving the tensor the sparse path is compared on (default: the
+    `sample` itself; the dense pattern is compared on all of it), for models whose `sample` is a list or holds rows
+    the caller never reads. Returns the recorded sparse-path calls of the float32 every-block run
+    (`recorded_attention_calls`) for the family's own checks of its layouts."""
     import diffsparse
     from diffsparse.patterns import Window3D
 
-    reference = run_transformer(model, inputs)
-    assert torch.equal(run_transformer(model, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
+    def run(model, inputs, config=None):
+        out = run_transformer(model, inputs, config)
+        return out if select is None else select(out)
+
+    def identical(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+
+    whole = run_transformer(model, inputs)
+    assert identical(run_transformer(model, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), whole)
+    reference = whole if select is None else select(whole)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0,
                                           order=order)
     with recorded_attention_calls() as calls:
-        kept = run_transformer(model, inputs, every_block)
+        kept = run(model, inputs, every_block)
     assert calls, "no call went through the sparse path: the comparisons below would hold whatever it computes"
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     # Real checkpoints run in bfloat16: the sparse path keeps the model's dtype and its precision (the compiled CPU
@@ -119,13 +133,48 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None)
     def inputs_bf16(**kwargs):
         return bf16(inputs(**kwargs))
 
-    reference_bf16 = run_transformer(model_bf16, inputs_bf16)
-    kept_bf16 = run_transformer(model_bf16, inputs_bf16, every_block)
+    reference_bf16 = run(model_bf16, inputs_bf16)
+    kept_bf16 = run(model_bf16, inputs_bf16, every_block)
     assert kept_bf16.dtype == reference_bf16.dtype
     dense_error, sparse_error = ((out.float() - reference).norm() for out in (reference_bf16, kept_bf16))
     assert sparse_error <= 1.25 * dense_error, (sparse_error, dense_error)
     if sparse is not None:
-        assert not torch.allclose(run_transformer(model, inputs, sparse), reference, atol=1e-4)
+        assert not torch.allclose(run(model, inputs, sparse), reference, atol=1e-4)
+    return calls
+
+
+def first_transformer_call(pipe, call: dict, transformer=None):
+    """The keyword arguments of the first call `pipe(**call)` makes to its transformer (`transformer`, default
+    `pipe.transformer`; seed 0, as `run_pipeline`), without `return_dict`: the inputs of a direct call the pipeline's
+    way, for `check_against_dense` (`lambda: kwargs`)."""
+    import inspect
+
+    transformer = pipe.transformer if transformer is None else transformer
+    captured = []
+
+    def capture(module, args, kwargs):
+        if not captured:
+            signature = inspect.signature(module.forward)
+            arguments = dict(signature.bind(*args, **kwargs).arguments)
+            for name, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name, {}))
+            captured.append({name: value for name, value in arguments.items() if name != "return_dict"})
+        raise _FirstCall
+
+    handle = transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run_pipeline(pipe, call)
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    assert captured, "the pipeline made no transformer call"
+    return captured[0]
+
+
+class _FirstCall(Exception):
+    """Stops a pipeline at its first transformer call (`first_transformer_call`)."""
 
 
 def run_pipeline(pipe, call: dict, config=None):

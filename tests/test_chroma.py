@@ -18,9 +18,9 @@ from diffsparse.pipelines.text import word_tokenizer
 from diffsparse.runtime import SparseRuntime
 
 from helpers import (
+    check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    recorded_attention_calls,
     run_pipeline,
     tiny_image_vae,
 )
@@ -115,12 +115,7 @@ def test_a_direct_call_with_a_reference_span_keeps_the_token_order(chroma_pipe, 
               "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
               "timestep": torch.tensor([0.5]), "img_ids": img_ids, "txt_ids": torch.zeros(TEXT_LEN, 3),
               "attention_mask": marks}
-    with torch.no_grad():
-        reference = transformer(**inputs).sample
-        config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
-        with diffsparse.sparse(transformer, config), recorded_attention_calls() as calls:
-            out = transformer(**inputs).sample
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    calls = check_against_dense(transformer, lambda: inputs, block_size=8)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 3, 4, text_len=marked + 10, text_position="start")}
 
 

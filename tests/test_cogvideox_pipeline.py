@@ -19,8 +19,10 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_fused_projections,
     check_other_processors_are_refused,
+    first_transformer_call,
     recorded_attention_calls,
     run_pipeline,
 )
@@ -97,6 +99,12 @@ def test_sparse_path_with_every_block_kept_matches_dense(cog_pipe, order):
         out = generate(cog_pipe)
         assert all(s.dense_calls == 0 and s.sparse_calls == 3 for s in diffsparse.stats(cog_pipe).layers)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_a_direct_transformer_call_the_pipelines_way(cog_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(cog_pipe, {**CALL, "output_type": "pt"})
+    check_against_dense(cog_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_the_layout_has_the_text_first_and_sparse_calls_drop_only_video_blocks(cog_pipe):

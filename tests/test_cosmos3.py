@@ -28,7 +28,12 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
-from helpers import check_modular_against_dense, check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_against_dense,
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    recorded_attention_calls,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 LOCAL = Window3D(window=(1, 1, 1))
@@ -87,6 +92,7 @@ def test_dense_pattern_is_the_unmodified_model(transformer):
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_every_block_kept_matches_dense_and_the_generation_rows_are_sparse(variant, order):
     model = make_transformer(**variant)
+    check_against_dense(model, inputs, block_size=8, order=order, select=lambda sample: torch.cat(sample))
     reference = run(model)
     config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
     with recorded_attention_calls() as calls:

@@ -24,10 +24,12 @@ from diffsparse.pipelines.flux import image_grid
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_controlnet_pipeline,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     open_zero_initialised,
     recorded_attention_calls,
     run_pipeline,
@@ -60,11 +62,13 @@ def flux_pipe():
     return pipe
 
 
+CALL = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
+        "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
+
+
 def generate(pipe, config=None):
     """`(images, stats)` (stats `None` without `config`)."""
-    call = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
-            "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent"}
-    return (run_pipeline(pipe, call), None) if config is None else run_pipeline(pipe, call, config)
+    return (run_pipeline(pipe, CALL), None) if config is None else run_pipeline(pipe, CALL, config)
 
 
 def test_dense_pattern_is_the_unmodified_pipeline_and_steps_are_counted(flux_pipe):
@@ -83,6 +87,12 @@ def test_every_block_kept_matches_dense(flux_pipe, order):
     reference, _ = generate(flux_pipe)
     out, _ = generate(flux_pipe, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order))
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_a_direct_transformer_call_the_pipelines_way(flux_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(flux_pipe, CALL)
+    check_against_dense(flux_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):

@@ -6,6 +6,7 @@ text-to-image and reference-image edits on the pipelines' own calls, whose `t / 
 scheduler's steps. And diffusers' own modular denoise blocks fed prompt embeddings: FLUX.2 [dev]'s and [klein] base's
 (CFG), with and without reference images, and [klein]'s with a reference."""
 
+import functools
 from collections import Counter
 
 import pytest
@@ -36,10 +37,10 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     QWEN3_TEMPLATE,
     chat_tokenizer,
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
-    recorded_attention_calls,
     tiny_flux2_vae,
 )
 
@@ -96,18 +97,14 @@ def test_dense_pattern_is_the_unmodified_model_and_both_block_kinds_are_layers(t
 @pytest.mark.parametrize("references", [0, 1])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_every_block_kept_matches_dense(transformer, references, order):
-    reference = run(transformer, references=references)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    with recorded_attention_calls() as calls:
-        out = run(transformer, config, references=references)
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    calls = check_against_dense(
+        transformer, functools.partial(inputs, references=references), block_size=8, order=order,
+        sparse=diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0),
+    )
     frames = 1 + references
     assert {(layer, layout) for layer, layout, _ in calls} == {
         (layer, VideoLayout(frames, 4, 6, text_len=TEXT_LEN, text_position="start")) for layer in range(3)
     }
-    sparse = run(transformer, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0),
-                 references=references)
-    assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
 def test_layout_and_step_of_a_call(transformer):
@@ -125,12 +122,8 @@ def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, 
     layout, _, token_order = adapter_for(transformer).read_call(transformer, (), inputs(**kwargs))
     assert layout == VideoLayout(1, 4, 6, text_len=TEXT_LEN + 12, text_position="start")
     assert sorted(token_order.tolist()) == list(range(TEXT_LEN + 24 + 12))
-    reference = run(transformer, **kwargs)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    torch.testing.assert_close(run(transformer, config, **kwargs), reference, atol=1e-4, rtol=0)
-    sparse = run(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
-                                                      dense_steps=0), **kwargs)
-    assert not torch.allclose(sparse, reference, atol=1e-4)
+    check_against_dense(transformer, functools.partial(inputs, **kwargs), block_size=8, order=order,
+                        sparse=diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0))
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream processor

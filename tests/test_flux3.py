@@ -4,6 +4,7 @@ text. And diffusers' own modular denoise blocks (`Flux3CoreDenoiseStep`, `Flux3I
 driving it with classifier-free guidance, fed prompt embeddings (the Qwen3-VL text encoder and the VAE steps do not
 touch the transformer)."""
 
+import functools
 from collections import Counter
 
 import pytest
@@ -21,9 +22,9 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
-    recorded_attention_calls,
     run_transformer,
 )
 
@@ -91,18 +92,14 @@ def test_dense_pattern_is_the_unmodified_model_and_the_image_and_joint_blocks_ar
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_every_block_kept_matches_dense(transformer, references, order):
     sizes = [(4, 6)] * references  # references of the output's size: frames 1, 2, ...
-    reference = run(transformer, reference_sizes=sizes)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    with recorded_attention_calls() as calls:
-        out = run(transformer, config, reference_sizes=sizes)
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    calls = check_against_dense(
+        transformer, functools.partial(inputs, reference_sizes=sizes), block_size=8, order=order,
+        sparse=diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0),
+    )
     joint = VideoLayout(1 + references, 4, 6, text_len=TEXT_LEN, text_position="start")
     assert [(layer, layout, shape) for layer, layout, shape in calls] == [
         (0, VideoLayout(1, 4, 6), (1, 24)), (1, joint, (1, joint.num_tokens)), (2, joint, (1, joint.num_tokens))
     ]
-    sparse = run(transformer, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0),
-                 reference_sizes=sizes)
-    assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
 def test_layout_and_step_of_a_call(transformer):
@@ -120,14 +117,11 @@ def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, 
     layout, _, token_order = adapter_for(transformer).read_call(transformer, (), inputs(reference_sizes=sizes))
     assert layout == VideoLayout(1, 4, 6, text_len=TEXT_LEN + references, text_position="start")
     assert sorted(token_order.tolist()) == list(range(TEXT_LEN + 24 + references))
-    reference = run(transformer, reference_sizes=sizes)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    with recorded_attention_calls() as calls:
-        torch.testing.assert_close(run(transformer, config, reference_sizes=sizes), reference, atol=1e-4, rtol=0)
+    calls = check_against_dense(
+        transformer, functools.partial(inputs, reference_sizes=sizes), block_size=8, order=order,
+        sparse=diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0),
+    )
     assert [layout for _, layout, _ in calls] == [VideoLayout(1, 4, 6), layout, layout]
-    sparse = run(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
-                                                      dense_steps=0), reference_sizes=sizes)
-    assert not torch.allclose(sparse, reference, atol=1e-4)
 
 
 def test_image_tokens_that_are_not_a_grid_are_refused(transformer):

@@ -1,6 +1,8 @@
 """diffsparse on a diffusers HunyuanVideo transformer (tiny, random weights, called directly): dual- and
 single-stream blocks over `[video, text]`, prompts padded to a fixed length and masked as keys."""
 
+import functools
+
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
@@ -11,6 +13,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video import valid_lengths
 
 from helpers import (
+    check_against_dense,
     check_other_processors_are_refused,
     check_prompts_attend_their_valid_tokens,
     run_pipeline,
@@ -78,10 +81,7 @@ def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transforme
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_text, order):
     # Different valid lengths in one batch take one sparse call each; padded text queries attend densely.
-    reference = run(transformer, valid_text=valid_text)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    out = run(transformer, config, valid_text=valid_text)
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    check_against_dense(transformer, functools.partial(inputs, valid_text=valid_text), block_size=8, order=order)
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):

@@ -7,6 +7,7 @@ same components and a tiny SigLIP image encoder, run on a small image that decid
 SigLIP tokens are real (valid) text tokens of every sparse call, ahead of the valid ByT5 and MLLM tokens. And
 diffusers' modular denoise blocks (text- and image-to-video) on a tiny transformer, fed prompt embeddings."""
 
+import functools
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.hunyuan_video15 import HunyuanVideo15SparseAttnProcessor
 
 from helpers import (
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -115,9 +117,7 @@ def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transforme
 def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid, image, order):
     # Different valid lengths in one batch take one sparse call each; padded text queries get zeros, as the
     # original's mask gives them.
-    reference = run(transformer, valid=valid, image=image)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    torch.testing.assert_close(run(transformer, config, valid=valid, image=image), reference, atol=1e-4, rtol=0)
+    check_against_dense(transformer, functools.partial(inputs, valid=valid, image=image), block_size=8, order=order)
 
 
 @pytest.mark.parametrize("padded_queries", [None, "dense"], ids=["shipped", "dense (control)"])

@@ -13,6 +13,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -61,15 +62,8 @@ KINDS = [{"text_lengths": (6, 6)}, {"text_lengths": (6, 3)}, {"text_lengths": (2
 @pytest.mark.parametrize("kind", KINDS, ids=str)
 def test_dense_identical_every_block_kept_and_a_one_token_window_changes_the_image(transformer, kind, order):
     # The image's rows are what the pipeline reads; the padding's outputs stay zero on the sparse path.
-    reference = run_transformer(transformer, inputs(**kind))
-    dense = diffsparse.SparseConfig(pattern="dense", dense_steps=0)
-    assert torch.equal(run_transformer(transformer, inputs(**kind), dense), reference)
-    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0,
-                                          order=order)
-    kept = run_transformer(transformer, inputs(**kind), every_block)
-    torch.testing.assert_close(kept[:, -96:], reference[:, -96:], atol=1e-4, rtol=0)
-    assert not torch.allclose(run_transformer(transformer, inputs(**kind), ONE_TOKEN)[:, -96:], reference[:, -96:],
-                              atol=1e-4)
+    check_against_dense(transformer, inputs(**kind), block_size=16, order=order, sparse=ONE_TOKEN,
+                        select=lambda sample: sample[:, -96:])
 
 
 @pytest.mark.parametrize(("kind", "text_lens"), [({"text_lengths": (6, 3)}, {6, 3}), ({"unconditional": True}, {0})])

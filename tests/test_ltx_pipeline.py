@@ -22,9 +22,11 @@ from diffsparse.pipelines.ltx import layout_from_coords
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     recorded_attention_calls,
 )
 
@@ -49,11 +51,14 @@ def tiny_ltx_components() -> dict:
             "transformer": transformer.eval(), "scheduler": FlowMatchEulerDiscreteScheduler()}
 
 
+CALL = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
+        "width": 32, "num_inference_steps": 3, "guidance_scale": 3.0, "max_sequence_length": 8,
+        # Latents: what the transformer made, without the tiny VAE's decode (seconds per video on CPU).
+        "output_type": "latent"}
+
+
 def generate(pipe, **kwargs):
-    call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": 9, "height": 64,
-            "width": 32, "num_inference_steps": 3, "guidance_scale": 3.0, "max_sequence_length": 8,
-            # Latents: what the transformer made, without the tiny VAE's decode (seconds per video on CPU).
-            "output_type": "latent", "generator": torch.Generator().manual_seed(0), **kwargs}
+    call = {**CALL, "generator": torch.Generator().manual_seed(0), **kwargs}
     with torch.no_grad():
         return pipe(**call).frames
 
@@ -89,6 +94,12 @@ def test_sparse_path_with_every_block_kept_matches_dense(ltx_pipe, order):
         out = generate(ltx_pipe)
         assert all(s.dense_calls == 0 and s.sparse_calls == 3 for s in diffsparse.stats(ltx_pipe).layers)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_a_direct_transformer_call_the_pipelines_way(ltx_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(ltx_pipe, CALL)
+    check_against_dense(ltx_pipe.transformer, lambda: inputs, block_size=8)
 
 
 def test_sparse_calls_see_the_latent_grid_and_drop_blocks(ltx_pipe):

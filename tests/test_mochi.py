@@ -1,6 +1,8 @@
 """diffsparse on a diffusers Mochi transformer (tiny, random weights, called directly): joint `[video, text]`
 attention over each prompt's valid tokens, the padded text positions left at zero as in the original."""
 
+import functools
+
 import pytest
 import torch
 from diffusers import MochiTransformer3DModel
@@ -11,9 +13,9 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.base import prefix_lengths
 
 from helpers import (
+    check_against_dense,
     check_other_processors_are_refused,
     check_prompts_attend_their_valid_tokens,
-    recorded_attention_calls,
     run_pipeline,
     run_transformer,
 )
@@ -63,9 +65,7 @@ def test_dense_pattern_is_the_unmodified_model_and_remove_restores_it(transforme
 @pytest.mark.parametrize("valid_text", [(7, TEXT_LEN), (5, 5), (TEXT_LEN,)])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_text, order):
-    reference = run(transformer, valid_text=valid_text)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    torch.testing.assert_close(run(transformer, config, valid_text=valid_text), reference, atol=1e-4, rtol=0)
+    check_against_dense(transformer, functools.partial(inputs, valid_text=valid_text), block_size=8, order=order)
 
 
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
@@ -85,17 +85,12 @@ def not_a_prefix(seed=1):
 def test_masks_that_are_not_a_prefix_attend_each_videos_valid_tokens(transformer, order):
     # MochiAttnProcessor2_0 picks each sample's valid tokens wherever they lie and packs their outputs first; the
     # sparse path must give the same, one sparse call per distinct mask on a text span of its valid tokens.
-    reference = run_transformer(transformer, not_a_prefix)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    with recorded_attention_calls() as calls:
-        kept = run_transformer(transformer, not_a_prefix, config)
-    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    window = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0)
+    calls = check_against_dense(transformer, not_a_prefix, block_size=8, order=order, sparse=window)
     assert sorted(calls, key=lambda call: (call[0], call[1].text_len)) == [
         (layer, VideoLayout(3, 4, 3, text_len=n, text_position="end"), (1, 36 + n))
         for layer in (0, 1) for n in (7, 9, TEXT_LEN)
     ]
-    window = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0)
-    assert not torch.allclose(run_transformer(transformer, not_a_prefix, window), reference, atol=1e-4)
 
 
 def test_layout_of_a_call_and_prefix_lengths(transformer):

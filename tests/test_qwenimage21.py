@@ -35,6 +35,7 @@ from diffsparse.pipelines import adapter_for
 
 from helpers import (
     QWEN_VISION_TOKENS,
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -116,6 +117,10 @@ def test_dense_pattern_is_the_unmodified_model(transformer, cache):
 def test_every_block_kept_matches_dense_and_the_target_rows_are_sparse(transformer, cache, valid, order):
     # Every step sparse, the first included: the prefix's block-causal attention recomputed (and, with the cache,
     # stored) by the sparse path, the target's rows through the kernel over the whole sequence's keys.
+    if not cache:  # one call, the first step's, also in bfloat16 (the helper runs no KV cache)
+        mask = {} if valid is None else {"encoder_hidden_states_mask": valid}
+        check_against_dense(transformer, lambda: inputs() | mask, block_size=8, order=order,
+                            select=lambda sample: sample[:, -TARGET:])
     reference = denoise(transformer, cache=cache, valid=valid)
     config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
     with recorded_attention_calls() as calls:

@@ -2,6 +2,7 @@
 layouts, joint `[image, text]` attention and SD 3.5's image-only `attn2`; and its pipelines (text to image, PAG,
 ControlNet, and diffusers' modular `StableDiffusion3T2ICoreDenoiseStep` fed prompt embeddings)."""
 
+import functools
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
 from helpers import (
+    check_against_dense,
     check_controlnet_pipeline,
     check_modular_against_dense,
     check_other_processors_are_refused,
@@ -36,17 +38,24 @@ def transformer():
     return model.eval()
 
 
-def denoise(model, config=None, steps=(900.0, 500.0, 100.0)):
-    """Three calls at falling timesteps, as a sampler makes them: 12 x 16 latents -> 6 x 8 patches."""
+STEPS = (900.0, 500.0, 100.0)
+
+
+def inputs(timestep=500.0):
+    """A call at `timestep` on 12 x 16 latents -> 6 x 8 patches."""
     g = torch.Generator().manual_seed(0)
-    call = {"hidden_states": torch.randn(2, 4, 12, 16, generator=g),
+    return {"hidden_states": torch.randn(2, 4, 12, 16, generator=g),
             "encoder_hidden_states": torch.randn(2, TEXT_LEN, 16, generator=g),
-            "pooled_projections": torch.randn(2, 8, generator=g)}
+            "pooled_projections": torch.randn(2, 8, generator=g), "timestep": torch.full((2,), timestep)}
+
+
+def denoise(model, config=None, steps=STEPS):
+    """Three calls at falling timesteps, as a sampler makes them."""
     with torch.no_grad():
         if config is None:
-            return [model(**call, timestep=torch.full((2,), t)).sample for t in steps]
+            return [model(**inputs(t)).sample for t in steps]
         with diffsparse.sparse(model, config):
-            return [model(**call, timestep=torch.full((2,), t)).sample for t in steps]
+            return [model(**inputs(t)).sample for t in steps]
 
 
 def test_dense_pattern_is_the_unmodified_model_and_every_attention_is_a_layer(transformer):
@@ -65,10 +74,8 @@ def test_dense_pattern_is_the_unmodified_model_and_every_attention_is_a_layer(tr
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_every_block_kept_matches_dense(transformer, order):
-    reference = denoise(transformer)
-    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
-    for out, ref in zip(denoise(transformer, config), reference):
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    for t in STEPS:
+        check_against_dense(transformer, functools.partial(inputs, t), block_size=8, order=order)
 
 
 def test_joint_calls_carry_the_text_and_attn2_calls_do_not(transformer):

@@ -18,7 +18,14 @@ from diffsparse.patterns import Radial, SpatialTemporal, TileOrder, VideoLayout,
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 from diffsparse.runtime import HOOK_NAME
 
-from helpers import generate, recorded_attention_calls, tiny_call, tiny_image_to_video_pipeline
+from helpers import (
+    check_against_dense,
+    first_transformer_call,
+    generate,
+    recorded_attention_calls,
+    tiny_call,
+    tiny_image_to_video_pipeline,
+)
 
 # A window larger than any test canvas: every block kept, but through the sparse processor and kernel,
 # so comparing it with dense tests the sparse path's q/k/v math and the token permutation.
@@ -54,6 +61,13 @@ def test_sparse_path_with_every_block_kept_matches_dense(tiny_pipe):
         out = generate(tiny_pipe)
         assert all(s.dense_calls == 0 for s in diffsparse.stats(tiny_pipe).layers)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+def test_a_direct_transformer_call_the_pipelines_way(tiny_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    call = {name: value for name, value in tiny_call().items() if name != "generator"}
+    inputs = first_transformer_call(tiny_pipe, call)
+    check_against_dense(tiny_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_tile_order_is_transparent(tiny_pipe):
