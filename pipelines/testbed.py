@@ -132,7 +132,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
     Training and sampling both go through this function, so the model sees the same text path in both. Prompts are
     cleaned first (`text.clean_prompt`: lowercase words, punctuation dropped; the word tokenizer splits on spaces only);
     words the vocabulary lacks, and prompts cut to `max_sequence_length` tokens, are logged as warnings (the
-    model would read `<unk>` or nothing for them).
+    model would read `<unk>` or nothing for them), and so are vocabulary words no training prompt uses
+    (`diffsparse.testbed.data.PROMPT_WORDS`): the model never learned what they draw.
     """
     prompts = [clean_prompt(prompt) for prompt in prompts]
     _warn_about_text(tokenizer, prompts, max_sequence_length)
@@ -153,18 +154,33 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
 
 def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int) -> None:
     """Warn, as diffusers pipelines do when CLIP truncates a prompt, about what the model will not read."""
+    from ..testbed.data import PROMPT_WORDS
+
     vocabulary = tokenizer.get_vocab()
+    # The vocabulary has room for words the data never draws ("cyan", "cat"): they have tokens but the model was
+    # never shown what they mean, so a prompt with them draws nothing they name, as silently as an unknown word.
+    trained = sorted(PROMPT_WORDS & vocabulary.keys())
     for prompt in prompts:
         words = prompt.split()
         unknown = sorted({word for word in words if word not in vocabulary})
+        untrained = sorted({word for word in words if word in vocabulary and word not in PROMPT_WORDS})
         if unknown:
-            known = sorted(word for word in vocabulary if word not in tokenizer.all_special_tokens)
             logger.warning(f"The testbed's vocabulary lacks {unknown} (read as {tokenizer.unk_token}) in the prompt "
-                           f"{prompt!r}; it knows {known}")
+                           f"{prompt!r}; it knows {trained}")
+        if untrained:
+            logger.warning(f"The testbed was never trained on {untrained} (in its vocabulary, but in no training "
+                           f"prompt: the model does not draw what they name) in the prompt {prompt!r}; it knows "
+                           f"{trained}")
         kept = max_sequence_length - 1  # the last token is </s>
         if len(words) > kept:
             logger.warning(f"The prompt {prompt!r} was cut to {max_sequence_length} tokens ({kept} words and "
                            f"{tokenizer.eos_token}); this part was dropped: {' '.join(words[kept:])!r}")
+
+
+def _check_count(name: str, value) -> None:
+    """Raise `ValueError` unless `value` is an int >= 1 (a float such as 3.0 failed later with a `TypeError`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
 
 
 @dataclass
@@ -207,8 +223,10 @@ class TestbedPipeline(DiffusionPipeline):
         return math.isqrt(self.transformer.config.in_channels // 3)
 
     def encode_prompt(self, prompt, num_videos_per_prompt: int = 1, max_sequence_length: int | None = None):
+        if max_sequence_length is not None:
+            _check_count("max_sequence_length", max_sequence_length)
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        length = max_sequence_length or self.tokenizer.model_max_length
+        length = self.tokenizer.model_max_length if max_sequence_length is None else max_sequence_length
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompt, length)
         return embeds.to(self._execution_device).repeat_interleave(num_videos_per_prompt, dim=0)
 
@@ -228,20 +246,26 @@ class TestbedPipeline(DiffusionPipeline):
         return self._interrupt
 
     def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
-                      num_inference_steps: int, num_videos_per_prompt: int) -> None:
-        for name, value in (("num_inference_steps", num_inference_steps),
-                            ("num_videos_per_prompt", num_videos_per_prompt)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+                      num_inference_steps: int, num_videos_per_prompt: int, negative_prompt=None,
+                      negative_prompt_embeds=None, max_sequence_length: int | None = None) -> None:
+        counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt,
+                  "num_frames": num_frames, "height": height, "width": width}
+        if max_sequence_length is not None:  # 0 read as "the default" before
+            counts["max_sequence_length"] = max_sequence_length
+        for name, value in counts.items():
+            _check_count(name, value)
         if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
             raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
                              f"got prompt={prompt!r}")
+        # As WanPipeline.check_inputs: one of the two would be dropped without a word.
+        for name, text, embeds in (("prompt", prompt, prompt_embeds),
+                                   ("negative_prompt", negative_prompt, negative_prompt_embeds)):
+            if text is not None and embeds is not None:
+                raise ValueError(f"give {name} or {name}_embeds, not both: got {name}={text!r} and {name}_embeds")
         multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % multiple:
+            if value % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple} pixels, got {name}={value}")
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames=}")
         unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -261,6 +285,12 @@ class TestbedPipeline(DiffusionPipeline):
             raise ValueError(
                 f"first_frame must be a tensor of shape ({batch_size} or 1, 3, {height}, {width}) with values in "
                 f"[0, 1], got {getattr(first_frame, 'shape', type(first_frame).__name__)}"
+            )
+        # uint8 0-255 or [-1, 1] images would otherwise be scaled as if in [0, 1]: a washed-out or clipped start.
+        if not first_frame.is_floating_point() or not (first_frame.min() >= 0 and first_frame.max() <= 1):
+            raise ValueError(
+                f"first_frame must be a floating tensor with values in [0, 1], got dtype {first_frame.dtype} with "
+                f"values in [{first_frame.min().item()}, {first_frame.max().item()}]"
             )
         pixels = first_frame.to(device=device, dtype=torch.float32) * 2 - 1
         latent = space_to_depth(pixels.unsqueeze(2), self.space_to_depth_factor)
@@ -323,7 +353,8 @@ class TestbedPipeline(DiffusionPipeline):
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
         """
         self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt, prompt_embeds,
-                           num_inference_steps, num_videos_per_prompt)
+                           num_inference_steps, num_videos_per_prompt, negative_prompt, negative_prompt_embeds,
+                           max_sequence_length)
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
@@ -448,6 +479,9 @@ def load(
         >>> pipe.transformer.config.num_layers
         4
     """
+    # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word.
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
     folder = WEIGHTS_PATH if path is None else Path(path)
     if not (folder / "model_index.json").is_file():
         where = "the package's shipped weights" if path is None else f"path={str(path)!r}"
@@ -543,7 +577,7 @@ def still_prompt(prompt: str) -> str:
 
 def best_still(
     pipe,
-    prompts: list[str],
+    prompts: str | list[str],
     height: int,
     width: int,
     steps: int = 20,
@@ -558,6 +592,7 @@ def best_still(
     and keeps the one with the most `room_ahead` for the prompt's direction word; `sample(..., two_stage=True)` and
     `diffsparse compare` / `eval --two-stage` start their clips from it.
     """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # as `sample`; a str was read letter by letter
     if not isinstance(still_candidates, int) or still_candidates < 1:
         raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")
     stills = torch.stack([

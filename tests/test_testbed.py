@@ -595,11 +595,25 @@ def test_fidelity_options_are_checked_before_loading(capsys):
 
 
 def test_pipeline_call_inputs_are_checked():
-    # Each of these raised an IndexError or TypeError from inside, or ran silently with another meaning.
+    # Each of these raised an IndexError or TypeError from inside, or ran silently with another meaning (a prompt
+    # beside prompt_embeds was dropped, a 0-255 or [-1, 1] first frame was read as [0, 1], max_sequence_length=0
+    # meant the default, num_frames=3.0 failed later with a TypeError).
     pipe = testbed.build_pipeline()
     pipe.set_progress_bar_config(disable=True)
     call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1}
+    embeds = pipe.encode_prompt("a blue square")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    red = "a red circle"
     for kwargs, match in (
+        ({"prompt": red, "prompt_embeds": embeds}, "give prompt or prompt_embeds, not both"),
+        ({"prompt": red, "negative_prompt": "a blue square", "negative_prompt_embeds": embeds},
+         "give negative_prompt or negative_prompt_embeds, not both"),
+        *(({"prompt": red, "first_frame": bad}, r"first_frame must be a floating tensor with values in \[0, 1\]")
+          for bad in ((image * 255).to(torch.uint8), image * 2 - 1, image * 255)),
+        ({"prompt": red, "num_frames": 3.0}, "num_frames must be an int >= 1, got num_frames=3.0"),
+        ({"prompt": red, "height": 16.0}, "height must be an int >= 1, got height=16.0"),
+        ({"prompt": red, "max_sequence_length": 0}, "max_sequence_length must be an int >= 1"),
+        ({"prompt": red, "max_sequence_length": True}, "max_sequence_length must be an int >= 1"),
         ({"prompt": None}, "give a prompt"),
         ({"prompt": []}, "give a prompt"),
         ({"prompt": "a red circle", "num_inference_steps": 0}, "num_inference_steps must be an int >= 1"),
@@ -609,6 +623,70 @@ def test_pipeline_call_inputs_are_checked():
     ):
         with pytest.raises(ValueError, match=match):
             pipe(**{**call, **kwargs})
+    with pytest.raises(ValueError, match="max_sequence_length must be an int >= 1"):
+        pipe.encode_prompt(red, max_sequence_length=0)
+    # A string dtype was taken by from_pretrained as no dtype at all: float32, without a word.
+    for dtype in ("bfloat16", "bf16", torch.int8):
+        with pytest.raises(ValueError, match=re.escape(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")):
+            testbed.load(dtype=dtype)
+
+
+def test_guidance_scale_weighs_the_conditional_against_the_unconditional_velocity():
+    # Before, no test read guidance_scale: CFG with the scale replaced by 1 passed them all. One step, checked
+    # against the transformer's own two outputs.
+    pipe = testbed.build_pipeline()
+    prompt, negative = "a red circle moving left", "a blue square"
+    latents = torch.randn(1, 12, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # 16 x 16 pixels
+    call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1, "latents": latents,
+            "output_type": "latent"}
+    seen = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append((kwargs["encoder_hidden_states"], output[0])),
+        with_kwargs=True,
+    )
+    try:
+        guided = pipe(prompt, negative_prompt=negative, guidance_scale=3.0, **call).frames
+    finally:
+        hook.remove()
+    (cond_text, cond), (uncond_text, uncond) = seen
+    with torch.no_grad():  # as the pipeline encodes (with autograd on, the encoder's kernels round differently)
+        torch.testing.assert_close(cond_text, pipe.encode_prompt(prompt))
+        torch.testing.assert_close(uncond_text, pipe.encode_prompt(negative))
+    sigmas = pipe.scheduler.sigmas
+    torch.testing.assert_close(guided, latents + (sigmas[1] - sigmas[0]) * (uncond + 3.0 * (cond - uncond)))
+    plain = pipe(prompt, negative_prompt=negative, guidance_scale=1.0, **call).frames  # the cond branch alone
+    torch.testing.assert_close(plain, latents + (sigmas[1] - sigmas[0]) * cond)
+    assert not torch.allclose(guided, plain, atol=1e-3)
+
+
+def test_negative_prompt_is_read_as_its_embeddings_are():
+    # Before, no test could tell whether negative_prompt was used: encoding "" in its place passed.
+    pipe = testbed.build_pipeline()
+    call = {"prompt": "a red circle moving left", "num_frames": 1, "height": 16, "width": 16,
+            "num_inference_steps": 2, "output_type": "latent"}
+
+    def run(**kwargs):
+        return pipe(**call, **kwargs, generator=torch.Generator().manual_seed(0)).frames
+
+    negative = run(negative_prompt="a blue square")
+    assert not torch.allclose(negative, run(), atol=1e-3)
+    torch.testing.assert_close(run(negative_prompt_embeds=pipe.encode_prompt("a blue square")), negative)
+
+
+def test_num_videos_per_prompt_keeps_each_prompts_videos_together():
+    # diffusers' order is a, a, b, b. Before, a, b, a, b passed: the one test compared two paths sharing the order.
+    pipe = testbed.build_pipeline()
+    call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 2, "output_type": "latent",
+            "num_videos_per_prompt": 2}
+    prompts = ["a red circle moving left", "a blue square moving up"]
+
+    def seeds():
+        return [torch.Generator().manual_seed(seed) for seed in range(4)]
+
+    alone = pipe(prompts[1], **{**call, "num_videos_per_prompt": 1}, generator=torch.Generator().manual_seed(2))
+    for given in ({"prompt": prompts}, {"prompt_embeds": pipe.encode_prompt(prompts)}):
+        videos = pipe(**given, **call, generator=seeds()).frames
+        torch.testing.assert_close(videos[2], alone.frames[0], atol=1e-5, rtol=0)
 
 
 def test_room_ahead_measures_towards_the_direction_word():
@@ -638,6 +716,14 @@ def test_two_stage_starts_each_clip_from_the_still_with_the_most_room_ahead():
             testbed.sample(pipe, prompts, frames=3, seed=5, two_stage=True, still_candidates=bad, **call)
     with pytest.raises(ValueError, match="two_stage=True"):
         testbed.sample(pipe, prompts, frames=3, seed=5, still_candidates=2, **call)
+
+
+def test_best_still_takes_one_prompt_as_a_str_as_sample_does():
+    # Before, a str was read letter by letter: 24 stills for "a red circle moving left".
+    pipe = testbed.build_pipeline()
+    still = testbed.best_still(pipe, "a red circle moving left", 16, 16, steps=1)
+    assert still.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(still, testbed.best_still(pipe, ["a red circle moving left"], 16, 16, steps=1))
 
 
 def test_two_stage_fidelity_runs_and_excludes_training_first_frames():
@@ -977,6 +1063,19 @@ def test_unknown_words_and_cut_prompts_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger=testbed.__name__):
         pipe(long, num_frames=1, height=16, width=16, num_inference_steps=1)
     assert "was cut to 16 tokens (15 words and </s>); this part was dropped: 'moving right quickly'" in caplog.text
+
+
+def test_vocabulary_words_no_training_prompt_uses_are_warned_about(caplog):
+    # Before, "a cyan circle" drew nothing cyan without a word, and the unknown-word warning offered 'cyan', 'cat',
+    # ... as words the model knows. The trained words are the data's own.
+    pipe = testbed.build_pipeline()
+    with caplog.at_level("WARNING", logger=testbed.__name__):
+        _embeds(pipe, ["a cyan circle moving left", "a pink cat"])
+    assert "never trained on ['cyan']" in caplog.text and "never trained on ['cat', 'pink']" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=testbed.__name__):
+        _embeds(pipe, ["a magenta circle"])
+    assert f"; it knows {sorted(PROMPT_WORDS)}" in caplog.text and "'cat'" not in caplog.text
 
 
 def test_the_loop_follows_wan_pipelines_interrupt_and_timestep_conventions():
