@@ -19,6 +19,7 @@ from .runtime import (
     pipeline_timestep,
     register_context_hook,
     remove_context_hook,
+    sparse_steps,
     tally,
 )
 
@@ -120,6 +121,14 @@ class SparseHandle:
             setattr(transformer, _HANDLE_ATTR, self)
         self.installed = True
 
+    def new_run(self) -> None:
+        """Make the next transformer call the first of a new denoising run: its stats, searches and correction
+        statistics start afresh (the last run's stats stay readable until that call). A pipeline call starts one
+        itself; a bare transformer only at a timestep larger than the last, so a model that denoises in one step,
+        or a loop timing one step, calls this before each generation: else each call is one more CFG branch of
+        the first one's step, reusing its searched blocks."""
+        self._clock.restart()
+
     def _new_run(self, num_steps: int | None = None) -> None:
         """A new denoising run of `num_steps` steps (`None`: unknown) started; the clock is shared, so once a run."""
         for runtime in self.runtimes.values():
@@ -127,8 +136,8 @@ class SparseHandle:
         config = self.config
         if num_steps is None or config.resolved_pattern.name == "dense":  # "dense" is dense on purpose
             return
+        # Valid configs (a count of steps fits any run), but ones that silently give no speedup on this run.
         if all(config.is_dense_step(step, num_steps) for step in range(num_steps)):
-            # A valid config (a count of steps fits any run), but one that silently gives no speedup on this run.
             first, last = (resolve_step_count(value, num_steps) for value in (config.dense_steps,
                                                                                 config.dense_last_steps))
             warnings.warn(
@@ -137,6 +146,18 @@ class SparseHandle:
                 f"({first} first, {last} last), so nothing runs sparse: lower them to leave some steps sparse",
                 stacklevel=2,
             )
+        elif not sparse_steps(config, num_steps):
+            if config.correction_refresh == 1:
+                why = ("with correction_refresh=1 measures its statistics (dense) again at every sparse step, so "
+                       f"nothing runs sparse in this {num_steps}-step run: set correction_refresh to 0 (measure "
+                       "once) or more than 1")
+            else:
+                step = next(s for s in range(num_steps) if not config.is_dense_step(s, num_steps))
+                why = (f"measures its statistics (dense) at the one step of this {num_steps}-step run that "
+                       f"dense_steps={config.dense_steps!r} and dense_last_steps={config.dense_last_steps!r} leave "
+                       f"sparse (step {step}, with no dense step before it to measure at), so nothing runs sparse: "
+                       "run more steps, or leave the correction out")
+            warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", stacklevel=2)
 
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's

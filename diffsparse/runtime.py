@@ -53,6 +53,9 @@ def _eager(fn):
 # per distinct head assignment (at most one per layer). The plans of the current run's fits come on top
 # (`SparseRuntime._cached`).
 _PLAN_CACHE_SIZE = 64
+# Calls at one timestep outside any schedule (a bare transformer) beyond which no guidance explains them (CFG gives
+# two, a few guiders three or four): a one-step model or a timing loop that never starts a new run.
+_MANY_CALLS_PER_STEP = 8
 
 
 @dataclass
@@ -170,6 +173,15 @@ def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return grid
 
 
+def _has_run_schedule(scheduler) -> bool:
+    """Whether `scheduler.timesteps` are a run's: a diffusers scheduler's `set_timesteps` sets `num_inference_steps`,
+    which before it is `None` (DDIM, DPM-Solver, UniPC, Euler) or unset (the flow-matching Eulers), its timesteps
+    the training grid (1000 of them) rather than any run's. Heun, KDPM2 and LMS call `set_timesteps` in their
+    constructor, so their training grid passes for a run's (a 1000-step run is not told apart from it). An object
+    without `set_timesteps` (a stand-in with timesteps alone) is taken at its word."""
+    return not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "num_inference_steps", None) is not None
+
+
 class StepClock:
     """Turns a call's timestep into a step index, and notices when a new denoising run starts (a pipeline call, or
     each segment, chunk or stage of pipelines that set the scheduler's timesteps anew for each).
@@ -188,7 +200,9 @@ class StepClock:
     family's adapter does not know) get a `StepScheduleWarning`, instead of every call silently counting as the
     nearest step. Without a scheduler (a bare
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
-    only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does).
+    only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does); so
+    do the calls made while the scheduler has no run's timesteps yet (`_has_run_schedule`: before the pipeline's
+    first `set_timesteps`), whose `num_steps` is then `None`. `restart` makes the next call start a new run.
     """
 
     def __init__(self, scheduler=None, rising: bool = False, pipeline=None):
@@ -231,12 +245,19 @@ class StepClock:
         scheduler = None if pipeline is None else getattr(pipeline, "scheduler", None)
         return self._scheduler if scheduler is None else scheduler
 
+    def restart(self) -> None:
+        """Make the next call the first of a new run, whatever its timestep (`SparseHandle.new_run`)."""
+        self._timesteps_ref = None
+        self._last_t = None
+
     def tick(self, timestep: torch.Tensor) -> tuple[int, int | None, bool]:
         """Returns `(step, num_steps, new_run)` for a call at `timestep`."""
         t = float(timestep.detach().float().max())
         scheduler = self._current_scheduler()
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
-        if timesteps is not None and len(timesteps) > 0:
+        if timesteps is not None and len(timesteps) > 0 and _has_run_schedule(scheduler):
+            # A call without a schedule after this run (a fresh scheduler swapped in) starts its own run.
+            self._last_t = None
             new_run = self._timesteps_ref is None or self._timesteps_ref() is not timesteps
             if new_run:
                 self._timesteps_ref = weakref.ref(timesteps)
@@ -274,14 +295,19 @@ class StepClock:
                         f"diffsparse: transformer calls at timesteps {sorted(self._off_grid)} match none of the "
                         f"scheduler's timesteps (nearest to {t:g}: {float(self._grid[position]):g}, step {step} of "
                         f"{self._step_at(len(self._grid) - 1) + 1}), so the step schedule (dense_steps, "
-                        "dense_last_steps, correction) is not followed: either the transformer is called by a "
-                        "pipeline with another scheduler than the one it was applied through (one made with "
-                        "from_pipe(..., scheduler=...): diffsparse.apply on it), or the pipeline gives it its "
-                        "timestep on another scale than the scheduler's (please report the pipeline)",
+                        "dense_last_steps, correction) is not followed: either the transformer is called outside "
+                        "the pipeline (a loop of one's own with its own scheduler, timed against the timesteps of "
+                        "the pipeline's scheduler: make that one the pipeline's scheduler, or apply to the "
+                        "transformer alone), or by a pipeline with another scheduler than the one it was applied "
+                        "through (one made with from_pipe(..., scheduler=...): diffsparse.apply on it), or the "
+                        "pipeline gives it its timestep on another scale than the scheduler's (please report the "
+                        "pipeline)",
                         StepScheduleWarning, stacklevel=2,
                     )
             start = self._run_start or 0
             return max(step - start, 0), self._step_at(len(self._grid) - 1) + 1 - start, new_run
+        # The next call on a schedule starts a run of its own, not this one's (or the last scheduled one's).
+        self._timesteps_ref = None
         new_run = self._last_t is None or (t < self._last_t if self._rising else t > self._last_t)
         if new_run:
             self._step = 0
@@ -289,6 +315,38 @@ class StepClock:
             self._step += 1
         self._last_t = t
         return self._step, None, new_run
+
+
+def step_mode(config: SparseConfig, step: int, num_steps: int | None, measured_at: int | None,
+              dense: bool | None = None) -> str:
+    """What a sparse layer's call at `step` of a `num_steps`-step run does: `"dense"` (the original processor),
+    `"measure"` (dense, taking `SparseConfig.correction`'s statistics) or `"sparse"`; `measured_at`: the step the
+    call's branch measured the statistics it can use at (`None`: none). `dense`: whether the call is in a dense step,
+    where something other than its step decides (each frame's own steps); by default `config.is_dense_step`.
+    The runtime's calls follow this rule (`SparseRuntime._mode`) and `sparse_steps` foresees a run with it."""
+    if config.is_dense_step(step, num_steps) if dense is None else dense:
+        return "measure" if config.is_measure_step(step, num_steps) else "dense"
+    if config.correction is None:
+        return "sparse"
+    refresh = config.correction_refresh
+    if measured_at is None or (refresh > 0 and step - measured_at >= refresh):
+        return "measure"
+    return "sparse"
+
+
+def sparse_steps(config: SparseConfig, num_steps: int) -> list[int]:
+    """The steps of a `num_steps`-step run in which a sparse layer's calls run sparse (`step_mode`, for one branch
+    whose statistics nothing else invalidates): none where `dense_steps` and `dense_last_steps` cover the run, and
+    with a correction none either where each sparse step measures (`correction_refresh=1`, or one sparse step with
+    no dense step before it to measure at)."""
+    steps, measured_at = [], None
+    for step in range(num_steps):
+        mode = step_mode(config, step, num_steps, measured_at)
+        if mode == "measure":
+            measured_at = step
+        elif mode == "sparse":
+            steps.append(step)
+    return steps
 
 
 class SparseRuntime:
@@ -327,6 +385,12 @@ class SparseRuntime:
         self._solved: dict[tuple[Pattern, VideoLayout], Pattern] = {}  # `_at_density`
         # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
         self._replaying = False
+        try:
+            config.is_dense_step(0, None)
+            self._needs_step_count = False
+        except ValueError:  # `dense_steps` a fraction, or `dense_last_steps`: `_uncounted`
+            self._needs_step_count = True
+        self._warned_uncounted = False
 
     # -- context, set by the hook -------------------------------------------------------------
     def _state(self) -> _BranchState:
@@ -532,7 +596,26 @@ class SparseRuntime:
         """Whether the call is in a dense step of the schedule: its step's, or every frame's own (`frame_steps`)."""
         if state.dense_frames is not None:
             return len(state.dense_frames) == state.layout.frames
-        return self.config.is_dense_step(state.step, state.num_steps)
+        return self._uncounted(state) or self.config.is_dense_step(state.step, state.num_steps)
+
+    def _uncounted(self, state: _BranchState) -> bool:
+        """Whether the call cannot follow the schedule: its run's step count is unknown (a call through a pipeline
+        before it set its scheduler's timesteps, `StepClock`) and the config needs one (a fraction in `dense_steps`,
+        or `dense_last_steps`). Such a call runs dense, said once."""
+        if state.num_steps is not None or not self._needs_step_count:
+            return False
+        if not self._warned_uncounted:
+            self._warned_uncounted = True
+            warnings.warn(
+                f"diffsparse: {self.name} was called before its pipeline set its scheduler's timesteps (outside "
+                "the pipeline, or a pass before its denoising loop), so the run's step count is unknown and "
+                f"SparseConfig.dense_steps={self.config.dense_steps!r} / dense_last_steps="
+                f"{self.config.dense_last_steps!r} cannot be resolved: such calls run dense. Give dense_steps as "
+                "an int and dense_last_steps=0 (steps then count distinct timesteps, as on a bare transformer), or "
+                "set the pipeline scheduler's timesteps first",
+                stacklevel=4,
+            )
+        return True
 
     def _log(self, record: CallRecord) -> None:
         if self._replaying:
@@ -554,24 +637,18 @@ class SparseRuntime:
         """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`."""
         state = self._state()
         layout = state.layout if layout is None else layout
-        if self._always_dense or state.layout is None or self.config.is_dense_layer(layer):
+        if self._always_dense or state.layout is None or self.config.is_dense_layer(layer) or self._uncounted(state):
             return "dense"
-        if self._dense_step(state):
-            return "measure" if self.config.is_measure_step(state.step, state.num_steps) else "dense"
-        if self.config.correction is None:
-            return "sparse"
-        stats = self._statistics.get((layer, self.state_manager.context.name, layout))
-        refresh = self.config.correction_refresh
-        # A data-dependent pattern that searched again after the measurement keeps other blocks: the residual of
-        # the old ones would count blocks twice and miss others (1.07 off dense where a fresh one is exact).
-        refitted = -1 if shape is None else self._fitted_at.get((layer, layout, shape[0], state.frame_causal), -1)
-        stale = (
-            stats is None
-            or (shape is not None and stats.residual.shape != shape)
-            or (refresh > 0 and state.step - stats.step >= refresh)
-            or refitted > stats.step
-        )
-        return "measure" if stale else "sparse"
+        measured_at, stats = None, None
+        if self.config.correction is not None:
+            stats = self._statistics.get((layer, self.state_manager.context.name, layout))
+        if stats is not None:
+            # A data-dependent pattern that searched again after the measurement keeps other blocks: the residual
+            # of the old ones would count blocks twice and miss others (1.07 off dense where a fresh one is exact).
+            refitted = -1 if shape is None else self._fitted_at.get((layer, layout, shape[0], state.frame_causal), -1)
+            if (shape is None or stats.residual.shape == shape) and refitted <= stats.step:
+                measured_at = stats.step
+        return step_mode(self.config, state.step, state.num_steps, measured_at, dense=self._dense_step(state))
 
     @_eager  # see SparseContextHook.pre_forward
     def attention(
@@ -759,9 +836,13 @@ class SparseRuntime:
 
         Each video is fitted on its own queries, keys and values (with the same generator seed), so a video's
         blocks, and so its result, do not depend on what else shares its batch: a batch of prompts gives each
-        the video it gets alone. Both CFG branches share the fit of whichever runs first (the cond call), video
-        by video; a branch with another batch size fits its own. Under a causal frame-group mask
-        (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention.
+        the video it gets alone. The fit is kept per (layer, layout, batch size), not per CFG branch: where the
+        pipeline calls the transformer once per branch (Wan), the branches share the fit of whichever runs first
+        (the cond call), video by video, unless their batch sizes differ; where it batches the branches into one
+        call (PixArt), each half of the batch is videos of their own, each fitted on its own tensors. The fit is
+        made at the layer's first call that reaches `attention`: its first sparse step, or with
+        `SparseConfig.correction` the measuring step before it (the last dense step). Under a causal frame-group
+        mask (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention.
         """
         batch = query.shape[0]
         slot = (layer, layout, batch, frame_causal)
@@ -949,6 +1030,7 @@ class SparseContextHook(ModelHook):
         self._in_forward = False
         self._last_step: int | None = None
         self._call_in_step = 0
+        self._warned_many_calls = False
         self._checkpointing: list[tuple[torch.nn.Module, object]] = []  # (module, its own checkpointing function)
         self.module_forward = None  # the registry's wrapper of the module's forward (`register_context_hook`)
 
@@ -999,6 +1081,8 @@ class SparseContextHook(ModelHook):
             # Wan-Animate-2's reference pass at the segment's first timestep): no CFG branch, so it takes no place
             # among its step's calls, which would shift every branch's name (and state) in that step.
             self._call_in_step += self._took_place
+            if num_steps is None and self._call_in_step == _MANY_CALLS_PER_STEP:
+                self._warn_many_calls(float(timestep.detach().float().max()))
             name = f"call {self._call_in_step}" if layout is not None else "original"
             self.state_manager.set_context(CacheContext(name))
         frame_steps = None
@@ -1009,6 +1093,20 @@ class SparseContextHook(ModelHook):
             text_tokens=text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
         return args, kwargs
+
+    def _warn_many_calls(self, t: float) -> None:
+        if self._warned_many_calls:
+            return
+        self._warned_many_calls = True
+        warnings.warn(
+            f"diffsparse: {self.runtime.name} got more than {_MANY_CALLS_PER_STEP} calls at timestep {t:g} without a "
+            "scheduler to time them, more than guidance gives one step: they count as one step of one run, each "
+            "call its own CFG branch with its own state (so the first call's searched blocks serve the others, a "
+            "correction measures at every call and keeps each call's statistics). A bare transformer starts a new "
+            "run only at a larger timestep, which a one-step model or a loop timing one step never gives: call "
+            "handle.new_run() (on the handle diffsparse.apply returned) before each generation",
+            stacklevel=4,
+        )
 
     def _warn_if_replaced(self) -> None:
         # Once per transformer. PAG pipelines put their own processors (diffusers' `PAG...` classes) on the perturbed

@@ -532,8 +532,9 @@ class Searched(Pattern):
     queries, keys and values; the resulting per-head block mask (for that layout, block size and token order)
     is reused (plan-cached) for the remaining steps of the generation, and the next generation searches again.
     The runtime searches each video of a batch on its own queries, keys and values (so a video gets the blocks
-    it gets alone, whatever shares its batch); the search at a layer's first sparse call is shared by both CFG
-    branches (the cond call runs first).
+    it gets alone, whatever shares its batch); the search is shared by the CFG branches where the pipeline calls
+    the transformer once per branch (the cond call runs first); a call that batches both branches searches each
+    half on its own.
 
     How blocks are chosen (`criterion`):
 

@@ -8,6 +8,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 
 import diffsparse
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+from diffsparse.runtime import sparse_steps
 
 from helpers import generate
 
@@ -39,6 +40,37 @@ def test_a_config_that_leaves_nothing_sparse_says_so(tiny_pipe):
         "(1 first, 1 last), so nothing runs sparse: lower them to leave some steps sparse"
     )]
     assert sum(s.sparse_calls for s in diffsparse.stats(tiny_pipe, since_apply=True).layers) == 0
+
+
+@torch.no_grad()
+def test_a_correction_that_leaves_nothing_sparse_says_so(tiny_pipe):
+    # A correction measures (dense) at a sparse step without statistics, and again every correction_refresh steps:
+    # before, a refresh of 1 (every sparse step measures) or a run with one sparse step and no dense step before it
+    # ran wholly dense, slower than dense, without a word. The warning foresees the run with the runtime's own
+    # rule, so the steps it foresees sparse are those that ran sparse.
+    small = {"num_frames": 5, "height": 32, "width": 32}
+    runs = [({"correction_refresh": 1, "dense_steps": 1}, 3), ({"dense_steps": 0}, 1),
+            ({"correction_refresh": 2, "dense_steps": 1}, 4), ({"dense_steps": 0}, 2)]
+    caught, sparse = [], []
+    for fields, steps in runs:
+        config = diffsparse.SparseConfig(block_size=16, correction="residual", **fields)
+        diffsparse.apply(tiny_pipe, config)
+        with warnings.catch_warnings(record=True) as run_caught:
+            warnings.simplefilter("always")
+            generate(tiny_pipe, num_inference_steps=steps, **small)
+        caught += _nothing_sparse_warnings(run_caught)
+        records = diffsparse.stats(tiny_pipe).calls["transformer"]
+        sparse.append(sorted({r.step for r in records if r.sparse}))
+        assert sparse[-1] == sparse_steps(config, steps)
+    assert sparse == [[], [], [1, 3], [1]]
+    assert caught == [
+        ("diffsparse: SparseConfig.correction='residual' with correction_refresh=1 measures its statistics (dense) "
+         "again at every sparse step, so nothing runs sparse in this 3-step run: set correction_refresh to 0 "
+         "(measure once) or more than 1"),
+        ("diffsparse: SparseConfig.correction='residual' measures its statistics (dense) at the one step of this "
+         "1-step run that dense_steps=0 and dense_last_steps=0 leave sparse (step 0, with no dense step before it "
+         "to measure at), so nothing runs sparse: run more steps, or leave the correction out"),
+    ]
 
 
 @torch.no_grad()

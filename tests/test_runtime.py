@@ -304,6 +304,60 @@ def test_a_search_again_measures_the_correction_again():
     torch.testing.assert_close(_run_call(runtime, 0, layout, 3, 6, q2, k2, v2), dense, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["a call per CFG branch", "CFG batched"])
+def test_a_search_is_shared_by_cfg_branches_called_apart_and_made_per_video_of_a_batched_call(batched, monkeypatch):
+    # The fit is kept per (layer, layout, batch size), not per branch: Wan's cond and uncond calls share one search,
+    # PixArt's one call holding both halves searches each half on its own. With a correction, at the measuring step.
+    from diffsparse.patterns import Searched
+
+    searches = []
+    fit = Searched.fit
+    monkeypatch.setattr(Searched, "fit", lambda self, q, *args, **kwargs: searches.append(q.shape[0]) or fit(
+        self, q, *args, **kwargs))
+    layout = VideoLayout(4, 4, 8)
+    cond, uncond = torch.randn(2, 3, 1, layout.num_tokens, 2, 16, generator=torch.Generator().manual_seed(0))
+    config = SparseConfig(pattern=Searched(keep=0.3, criterion="mass"), block_size=16, dense_steps=1,
+                          correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    for step in range(3):
+        for branch, inputs in ([("cond+uncond", torch.cat([cond, uncond], dim=1))] if batched else
+                               [("cond", cond), ("uncond", uncond)]):
+            runtime.state_manager.set_context(CacheContext(branch))
+            _run_call(runtime, 0, layout, step, 3, *inputs)
+    assert searches == ([1, 1] if batched else [1])  # one per video searched, at step 0 (the measuring step)
+    assert runtime._fitted_at == {(0, layout, 2 if batched else 1, 0): 0}
+    assert [len(patterns) for patterns in runtime._layer_patterns.values()] == [2 if batched else 1]
+
+
+def test_sparse_steps_foresees_the_runtime_s_rule():
+    # `step_mode` is the runtime's rule and `sparse_steps` runs it over a run: a correction measures at a sparse step
+    # without statistics and again every correction_refresh steps, so some configs leave nothing sparse.
+    from diffsparse.runtime import sparse_steps
+
+    def steps(num_steps, **fields):
+        return sparse_steps(SparseConfig(**fields), num_steps)
+
+    assert steps(4, dense_steps=1) == [1, 2, 3]
+    assert steps(4, dense_steps=1, dense_last_steps=1) == [1, 2]
+    assert steps(3, dense_steps=1, dense_last_steps=2) == []
+    assert steps(5, dense_steps=1, correction="residual") == [1, 2, 3, 4]
+    assert steps(5, dense_steps=1, correction="residual", correction_refresh=2) == [1, 3]
+    assert steps(5, dense_steps=1, correction="residual", correction_refresh=1) == []
+    assert steps(2, dense_steps=0, correction="residual") == [1]
+    assert steps(1, dense_steps=0, correction="residual") == []
+    assert steps(3, dense_steps=0, dense_last_steps=2, correction="residual") == []
+    # The runtime agrees, call by call.
+    config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1,
+                          correction="residual", correction_refresh=2)
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    layout = VideoLayout(4, 4, 8)
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for step in range(5):
+        _run_call(runtime, 0, layout, step, 5, q, k, v)
+    assert [r.step for r in runtime.records if r.sparse] == sparse_steps(config, 5)
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_residual_correction_is_exact_when_the_inputs_do_not_change(order):
     # rho * out_sparse + residual rebuilds the dense output of the measured inputs exactly: at a later sparse

@@ -1,0 +1,103 @@
+"""When a denoising run starts: `SparseHandle.new_run` on a bare transformer, and calls made before a pipeline set
+its scheduler's timesteps (no run on the scheduler's training grid)."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from test_glm_image import glm_call, glm_pipe, transformer  # noqa: F401  (fixtures)
+
+import diffsparse
+from diffsparse.patterns import Searched
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+from diffsparse.runtime import StepClock
+
+
+@torch.no_grad()
+def test_new_run_makes_the_next_call_of_a_bare_transformer_a_fresh_run():
+    # A one-step model (or a loop timing one step) calls a bare transformer at the same timestep again and again:
+    # before, nothing but a larger timestep started a new run, so image B reused image A's searched blocks (0.043
+    # off a fresh B here) and every call was one more "CFG branch" of step 0, with its own state, without a word.
+    model = tiny_wan_pipeline().transformer
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 16, 5, 8, 12, generator=g), 3 * torch.randn(1, 16, 5, 8, 12, generator=g)
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"], generator=g)
+    config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, criterion="mass"), block_size=16, dense_steps=0)
+
+    def call(x):
+        return model(x, torch.tensor([1000.0]), text, return_dict=False)[0]
+
+    diffsparse.apply(model, config)
+    fresh_b = call(b)
+    handle = diffsparse.apply(model, config)
+    call(a)
+    handle.new_run()
+    torch.testing.assert_close(call(b), fresh_b, atol=0, rtol=0)
+    assert [(r.step, r.branch) for r in handle.stats().calls["transformer"] if r.layer == 0] == [(0, "call 0")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(7):  # 8 calls at one timestep: as many as guidance could explain
+            call(a)
+    with pytest.warns(UserWarning, match=r"more than 8 calls at timestep 1000 .* call handle\.new_run\(\)"):
+        call(a)
+
+
+@pytest.mark.parametrize("scheduler_class", [FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                                             DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler])
+def test_a_scheduler_without_a_run_s_timesteps_times_no_run(scheduler_class):
+    # Before `set_timesteps` a scheduler holds its 1000 training timesteps: before, a call then was timed against
+    # them (t = 900 as step ~100 of 1000). Now such calls count steps as on a bare transformer, of an unknown count.
+    scheduler = scheduler_class()
+    clock = StepClock(scheduler)
+    assert clock.tick(torch.tensor([900.0])) == (0, None, True)
+    assert clock.tick(torch.tensor([700.0])) == (1, None, False)
+    scheduler.set_timesteps(4)
+    assert clock.tick(scheduler.timesteps[0][None]) == (0, 4, True)
+    assert clock.tick(scheduler.timesteps[2][None]) == (2, 4, False)
+
+
+@torch.no_grad()
+def test_calls_before_the_pipeline_sets_its_timesteps_are_not_timed_on_the_training_grid():
+    # Calls to a pipeline's transformer made outside it before its first call: before, t = 900 was step 247 of the
+    # scheduler's 1000 training timesteps (its shift moves them).
+    pipe = tiny_wan_pipeline()
+    x, text = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 8, tiny_wan_config()["transformer"]["text_dim"])
+
+    def call(t):
+        pipe.transformer(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text)
+        return [(r.step, r.sparse) for r in diffsparse.stats(pipe).calls["transformer"] if r.layer == 0]
+
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(900.0)
+        assert call(700.0) == [(0, False), (1, True)]
+    # A fraction of an unknown step count cannot be resolved: those calls run dense, said once.
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0.2))
+    with pytest.warns(UserWarning, match="before its pipeline set its scheduler's timesteps .* run dense"):
+        call(900.0)
+    assert call(700.0) == [(0, False), (1, False)]
+
+
+@torch.no_grad()
+def test_a_pass_before_the_pipeline_sets_its_timesteps_makes_no_run_of_its_own(glm_pipe):  # noqa: F811
+    # GLM-Image's edit writes the condition image's keys and values (at timestep 0) before `retrieve_timesteps`:
+    # before, that pass started a run on the scheduler's training grid, one step long, and warned that nothing ran
+    # sparse, though steps 1 and 2 did.
+    handle = diffsparse.apply(glm_pipe, diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            glm_pipe(**glm_call(True))
+        assert not [w for w in caught if "diffsparse" in str(w.message)]
+        records = handle.stats().calls["transformer"]
+        assert sorted({(r.step, r.sparse) for r in records if r.layer == 1}) == [(0, False), (1, True), (2, True)]
+    finally:
+        diffsparse.remove(glm_pipe)
