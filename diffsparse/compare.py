@@ -7,7 +7,8 @@ import contextlib
 import inspect
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +44,8 @@ class CompareResult:
     sparse_denoise_seconds: float
     denoise_speedup: float
     mean_attention_density: float
+    # Over the calls outside the dense steps, dense layers and masked calls counting 1.0 (`eval`'s measured density).
+    sparse_steps_density: float
     psnr_db: float
     ssim: float
     lpips: float | None  # None without the AlexNet weights (`metrics.lpips_weights`)
@@ -55,6 +58,9 @@ class CompareResult:
     image: str | None = None  # `--image`, the conditioning image file
     call_kwargs: dict | None = None  # `--call-kwargs`
     vae_tiling: bool = False  # the pipeline's VAE decoded in tiles (`--vae-tiling`)
+    # diffsparse's warnings during the runs ("nothing runs sparse"), for readers of the result that see no stderr
+    # (the demo's page).
+    warnings: list[str] = field(default_factory=list)
 
 
 VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the testbed's clips, CogVideoX's)
@@ -537,17 +543,50 @@ def _pixels(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
+def sparse_label(config: SparseConfig) -> str:
+    """The sparse video's label: what was asked. With a density, the pattern as given and the density, since the
+    pattern's main parameter is solved per layout while it runs (the default instance's repr named parameters that
+    never ran, the same for every density); without one, the pattern with its parameters spelled out."""
+    if config.density is None:
+        return f"sparse {config.resolved_pattern!r}"
+    pattern = config.pattern if isinstance(config.pattern, str) else repr(config.pattern)
+    return f"sparse {pattern} @ density {config.density:g}"
+
+
+def _wrap(text: str, width: float, measure) -> list[str]:
+    """`text` in lines no wider than `width` (by `measure`), broken after a space, comma or parenthesis where one
+    fits, else mid-word; nothing is left out."""
+    lines = []
+    while text:
+        if measure(text) <= width:
+            lines.append(text)
+            break
+        fits = 1  # at least one character a line, however narrow the frame
+        while fits < len(text) and measure(text[: fits + 1]) <= width:
+            fits += 1
+        cut = next((i for i in range(fits, 0, -1) if text[i - 1] in " ,("), fits)
+        lines.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return lines
+
+
 def _labelled(frames: np.ndarray, label: str, min_side: int = 256) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     scale = max(1, -(-min_side // min(frames.shape[1:3])))
+    size = (frames.shape[2] * scale, frames.shape[1] * scale)
+    draw = ImageDraw.Draw(Image.new("RGB", size))
+    # Wrapped to the frame: a long label (a pattern with its parameters) was cut at the frame's right edge.
+    lines = _wrap(label, size[0] - 8, draw.textlength)
+    line_height = draw.textbbox((0, 0), "Ag")[3] + 3
+    box = (0, 0, min(size[0] - 1, 8 + max(map(draw.textlength, lines))), 3 + line_height * len(lines))
     out = []
     for frame in _pixels(frames):
-        image = Image.fromarray(frame)
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image = Image.fromarray(frame).resize(size, Image.NEAREST)
         draw = ImageDraw.Draw(image)
-        draw.rectangle((0, 0, 8 + 7 * len(label), 16), fill=(0, 0, 0))
-        draw.text((4, 2), label, fill=(255, 255, 255))
+        draw.rectangle(box, fill=(0, 0, 0))
+        for row, line in enumerate(lines):
+            draw.text((4, 2 + row * line_height), line, fill=(255, 255, 255))
         out.append(np.asarray(image))
     return np.stack(out)
 
@@ -663,6 +702,32 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
                               device=args.device, still_candidates=args.still_candidates)
 
 
+@contextlib.contextmanager
+def kept_warnings():
+    """Inside, the text of every warning shown is also kept in the list this yields; shown as before (stderr, or
+    whatever recorder is outside), when it is shown, not after. Not thread-safe, as `warnings.catch_warnings`."""
+    caught = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def keep(message, category, filename, lineno, file=None, line=None):
+            caught.append(str(message))
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = keep
+        yield caught
+
+
+def check_config_fits(pipe, config: SparseConfig) -> None:
+    """`config` applied to `pipe` and removed again, so that what `apply` refuses for this model (a `dense_layers`
+    block it lacks) is said before the stills and the warm-up (100 s of them at the demo's defaults), not at the
+    sparse run. Quiet: `apply`'s warnings come again, in their place, when the sparse runs apply it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with sparse(pipe, config):
+            pass
+
+
 # Everything `run_compare` writes beside compare.mp4 and compare.json, in one format or the other (one frame: PNGs).
 _FRAME_FILES = ("compare.png", "dense.mp4", "dense.png", "sparse.mp4", "sparse.png")
 
@@ -688,9 +753,10 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
+    check_config_fits(pipe, config)
     progress = tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step")
     # A caller's applied config (a `pipe` given, the demo's) must not reach the dense runs: sparse against sparse.
-    with suspended(pipe), progress:
+    with kept_warnings() as caught, suspended(pipe), progress:
         first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.
@@ -714,7 +780,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         (out_dir / name).unlink(missing_ok=True)
     video_path = out_dir / "compare.mp4"
     fps = getattr(args, "fps", VIDEO_FPS)
-    image_path = write_side_by_side(video_path, dense, sparse_frames, f"sparse {config.resolved_pattern!r}", fps=fps)
+    image_path = write_side_by_side(video_path, dense, sparse_frames, sparse_label(config), fps=fps)
     # Each video unlabelled at its own size too, for other metrics or viewing apart.
     dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
                                for name, frames in (("dense", dense), ("sparse", sparse_frames)))
@@ -737,6 +803,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         sparse_denoise_seconds=sparse_denoise,
         denoise_speedup=dense_denoise / sparse_denoise,
         mean_attention_density=call_stats.mean_density,
+        sparse_steps_density=call_stats.sparse_steps_density,
         psnr_db=psnr_db,
         ssim=ssim_score,
         lpips=lpips_score,
@@ -748,6 +815,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         image=getattr(args, "image", None),
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
+        warnings=list(dict.fromkeys(message for message in caught if message.startswith("diffsparse"))),
     )
     (out_dir / "compare.json").write_text(strict_json(asdict(result), indent=2))
     print(call_stats)

@@ -8,6 +8,8 @@ seed. Gradio is an optional dependency (`pip install -e ".[demo]"`); `compare_on
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 from pathlib import Path
 
 from .compare import (
@@ -29,6 +31,10 @@ CORRECTION_CHOICES = ("none", *CORRECTIONS)
 # at 25% density measured on the testbed), then the fastest search measured there near 30 dB (README, "End-to-end
 # speed on the testbed"); the field also takes any pattern text with parameters.
 PATTERN_CHOICES = (*sorted(PATTERNS), "searched(sample_rows=8)")
+# Gradio's cache holds a copy of every request's video: checked hourly, those over an hour old deleted.
+DELETE_CACHE = (3600, 3600)
+
+logger = logging.getLogger(__name__)
 
 
 def compare_once(
@@ -107,6 +113,9 @@ def compare_once(
                   else f"{result.lpips:.4f}")
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
     speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
+    # The density of the sparse steps alone: what the pattern gave where it ran (`eval`'s measured density).
+    sparse_steps = (f"{result.sparse_steps_density:.3f} outside the dense steps (dense layers, masked calls count "
+                    "1.0)")
     quality = f"Sparse vs dense, {scored_label(args)}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
     summary = "\n".join(
         [
@@ -115,11 +124,14 @@ def compare_once(
             f"| end-to-end seconds | {result.dense_seconds:.2f} | {result.sparse_seconds:.2f} |",
             f"| text encoding + denoising seconds | {denoise} |",
             "",
-            f"Mean attention density {result.mean_attention_density:.3f} (dense calls count 1.0). {speed}",
+            f"Mean attention density {result.mean_attention_density:.3f} (dense calls count 1.0); {sparse_steps}.",
+            "",
+            speed,
             "",
             quality,
             "",
             f"Sampler: {result.sampler}. `{result.config}`",
+            *(f"\n**Warning:** {message}" for message in result.warnings),
         ]
     )
     return result, summary
@@ -134,7 +146,8 @@ def _whole(value):
 def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo",
                  lpips_weights: str | None = None):
     """The page's submit function: form values in, `(video path, markdown summary)` out; bad settings raise
-    `gradio.Error` with `SparseConfig`'s message, which the page shows."""
+    `gradio.Error` with `SparseConfig`'s message, which the page shows, and so does any other failure (its type
+    and message; the traceback goes to the server's log). diffsparse's warnings pop up as `gradio.Warning`s too."""
     import gradio as gr
 
     def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height,
@@ -147,6 +160,13 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
             )
         except ValueError as error:
             raise gr.Error(str(error)) from None
+        except Exception as error:
+            # Gradio shows an error that is not a gr.Error as a bare "Error": a wrong type in the call-arguments
+            # field (a TypeError from inside the pipeline) or running out of memory said nothing on the page.
+            logger.exception("diffsparse demo: the request failed")
+            raise gr.Error(f"the run failed: {type(error).__name__}: {error}") from error
+        for message in result.warnings:
+            gr.Warning(message)
         return result.video_path, summary
 
     return on_submit
@@ -174,7 +194,7 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
     from .pipelines.testbed import TestbedPipeline
 
     on_submit = make_handler(pipe, model=model, device=device, out=out, lpips_weights=lpips_weights)
-    with gr.Blocks(title="diffsparse: dense vs sparse attention") as demo:
+    with gr.Blocks(title="diffsparse: dense vs sparse attention", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# diffsparse: dense vs sparse attention\nThe same prompt and seed, generated with dense self-attention "
             "and with diffsparse's block-sparse attention; PSNR/SSIM/LPIPS compare the sparse video to the dense one."
@@ -224,6 +244,19 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
     return demo
 
 
+def check_port_free(host: str, port: int | None) -> None:
+    """A `ValueError` (the command's usage error) when the page could not listen on `host`:`port` (in use, or an
+    address not of this machine), said before the model loads: Gradio's launch failed with a traceback after it.
+    `port=None`: Gradio picks a free one itself."""
+    if port is None:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        raise ValueError(f"the page cannot listen on port {port} of host {host!r} ({error.strerror or error}): pick "
+                         "another --port (or a --host of this machine)") from None
+
+
 def run_demo(args) -> None:
     """`diffsparse demo`: load the model once, then serve the page."""
     try:
@@ -234,6 +267,7 @@ def run_demo(args) -> None:
     from .metrics import lpips_weights
 
     lpips_weights(args.lpips_weights)  # a path that is not there: said before anything loads
+    check_port_free(args.host, args.port)
     pipe = load_pipeline_for(args)
     # Gradio serves only files under the working directory or the temp folder unless told: --out may be elsewhere.
     build_demo(pipe, model=args.model, device=args.device, out=args.out, lpips_weights=args.lpips_weights).launch(

@@ -17,6 +17,7 @@ def test_one_request_generates_both_videos_and_reports_the_numbers(tiny_pipe, tm
     assert (tmp_path / "compare.mp4").is_file() and result.video_path == str(tmp_path / "compare.mp4")
     assert result.mean_attention_density < 1.0  # the second step ran sparse
     assert f"PSNR {result.psnr_db:.2f} dB" in summary and "correction='residual'" in summary
+    assert f"Mean attention density {result.mean_attention_density:.3f} (dense calls count 1.0)" in summary
     assert "density=0.3" in result.config
 
 
@@ -152,6 +153,7 @@ def test_the_page_serves_the_videos_from_an_output_folder_anywhere(tiny_pipe, tm
     # Gradio serves files only from the working directory and the temp folder unless launch() allows more: an --out
     # elsewhere gave videos the page would not show.
     import argparse
+    import socket
 
     gr = pytest.importorskip("gradio")
     from diffsparse import compare
@@ -161,7 +163,97 @@ def test_the_page_serves_the_videos_from_an_output_folder_anywhere(tiny_pipe, tm
     monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
     out = tmp_path / "elsewhere" / ".." / "videos"
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port: run_demo checks that it can listen on it
+        port = probe.getsockname()[1]
     run_demo(argparse.Namespace(model=None, device="cpu", out=str(out), lpips_weights=None, host="127.0.0.1",
-                                port=7860))
+                                port=port))
     assert launched["allowed_paths"] == [str((tmp_path / "videos").resolve())]
-    assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", 7860)
+    assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", port)
+
+
+def test_the_summary_shows_the_results_own_numbers_and_warnings(tiny_pipe, tmp_path, monkeypatch):
+    # A result whose every number differs, so that a swapped or constant field in the table shows.
+    from diffsparse import demo
+    from diffsparse.compare import CompareResult
+
+    numbers = {"dense_seconds": 3.0, "sparse_seconds": 1.5, "speedup": 2.0, "dense_denoise_seconds": 2.5,
+               "sparse_denoise_seconds": 1.25, "denoise_speedup": 2.0, "mean_attention_density": 0.4321,
+               "sparse_steps_density": 0.2468}
+    result = CompareResult(model="tiny", config="SparseConfig()", frames=5, height=32, width=32, steps=2, seed=0,
+                           device="cpu", dtype="fp32", offload="none", sampler="one pass", psnr_db=30.0, ssim=0.9,
+                           lpips=None, video_path=str(tmp_path / "compare.mp4"), **numbers,
+                           warnings=["diffsparse.apply: nothing runs sparse"])
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: result)
+    _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, out=tmp_path)
+    assert "| end-to-end seconds | 3.00 | 1.50 |" in summary
+    assert "| text encoding + denoising seconds | 2.50 | 1.25 |" in summary
+    assert "Mean attention density 0.432 (dense calls count 1.0); 0.247 outside the dense steps" in summary
+    assert "**Warning:** diffsparse.apply: nothing runs sparse" in summary
+
+
+def test_the_page_runs_one_request_at_a_time_and_clears_its_video_cache(tiny_pipe, tmp_path):
+    # Each request applies and removes sparse attention on the one shared pipeline: two at once failed.
+    pytest.importorskip("gradio")
+    page = build_demo(tiny_pipe, out=tmp_path)
+    (event,) = [fn for fn in page.fns.values() if fn.api_name == "compare"]
+    assert event.concurrency_limit == 1
+    assert page.delete_cache == (3600, 3600)  # before, Gradio kept a copy of every request's video for good
+
+
+def test_a_failure_inside_the_run_reaches_the_page_with_its_type_and_message(tiny_pipe, tmp_path):
+    # Before, only ValueErrors became messages: a TypeError from inside the pipeline (a call argument of the wrong
+    # type) reached the page as a bare "Error".
+    gr = pytest.importorskip("gradio")
+    processors = tiny_pipe.transformer.attn_processors
+    submit = make_handler(tiny_pipe, out=tmp_path)
+    with pytest.raises(gr.Error, match="the run failed: TypeError: "):
+        submit("a red circle", "window3d", 0.3, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None,
+               '{"guidance_scale": "high"}')
+    assert all(tiny_pipe.transformer.attn_processors[name] is p for name, p in processors.items())
+
+
+def test_diffsparse_warnings_reach_the_page(tiny_pipe, tmp_path, monkeypatch):
+    # Dense layers covering every block: apply's "nothing runs sparse" went to the server's stderr only.
+    gr = pytest.importorskip("gradio")
+    shown = []
+    monkeypatch.setattr(gr, "Warning", shown.append)
+    submit = make_handler(tiny_pipe, out=tmp_path)
+    _, summary = submit("a red circle", "window3d", 0.3, 0.5, 16, "none", "10", 2, 5, 32, 32, 0, 0)
+    assert len(shown) == 1 and "nothing runs sparse" in shown[0] and f"**Warning:** {shown[0]}" in summary
+
+
+def test_a_dense_layer_the_model_lacks_is_refused_before_any_sampling(tmp_path):
+    # Before, it was refused at the sparse run's apply: after the two-stage stills and the dense warm-up (162
+    # transformer calls, 100 s at the page's defaults).
+    from diffsparse.pipelines import testbed
+
+    pipe = testbed.load()
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"dense_layers=\[7\]: no transformer has block 7"):
+            compare_once(pipe, "a red circle moving left", "window3d", density=0.25, block_size=16, dense_layers="[7]",
+                         **{**SMALL, "frames": 5, "height": 32, "width": 32}, still_candidates=4, out=tmp_path)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_a_busy_port_is_said_before_the_model_loads(tmp_path, monkeypatch):
+    # Before, Gradio's launch failed with an OSError traceback after the model had loaded.
+    import argparse
+    import socket
+
+    gr = pytest.importorskip("gradio")
+    from diffsparse import compare
+    from diffsparse.demo import run_demo
+
+    loads = []
+    monkeypatch.setattr(compare, "load_pipeline_for", loads.append)
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: None)
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on port {port} of host '127.0.0.1'.*another --port"):
+            run_demo(argparse.Namespace(model=None, device="cpu", out=str(tmp_path), lpips_weights=None,
+                                        host="127.0.0.1", port=port))
+    assert loads == []
