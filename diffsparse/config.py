@@ -71,8 +71,12 @@ class SparseConfig:
             processors' computation (bit-identical output) while still counting calls in `stats()`.
         density (`float`, *optional*, defaults to `None`):
             A target block density in (0, 1]: the pattern's main parameter is solved for it on each new token
-            layout (`Pattern.at_density`, once per resolution, then cached), so one config gives the same
-            sparsity at any resolution; for `"searched"` it is the share of blocks the search keeps (`keep`; with
+            layout (`Pattern.at_density`, once per resolution, then cached), so one config aims at the same
+            sparsity at any resolution. The nearest density the pattern reaches is taken, and on small layouts
+            it can be far off: `"radial"` keeps frames one apart whole, so one or two frames (every image model)
+            stay dense and 3 or 5 frames keep at least 0.78 or 0.53 (block 64, frames of 30 x 52 tokens); a
+            warning says so, once per layout, when the reached density is more than `max(0.05, target / 4)` from
+            the target. For `"searched"` it is the share of blocks the search keeps (`keep`; with
             `top_p`, the most it keeps), for `"searched_windows"` the layer's budget its windows share (`keep`). `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided

@@ -217,7 +217,8 @@ class Radial(Pattern):
     The spatial window of `width` keys (`spatial`), for row/column offsets `dh, dw` and flattened index
     `s = row * W + col`:
 
-    - `"band"` (the paper's code): `|s_q - s_k| <= width / 2`, a stripe on the flattened index;
+    - `"band"`: `|s_q - s_k| <= width / 2`, a stripe of `width` keys on the flattened index (the shape of the
+      authors' code, at half its width: see below);
     - `"box"`: `max(|dh|, |dw|) <= sqrt(width) / 2`, a square of about `width` keys;
     - `"disc"`: `dh**2 + dw**2 <= width / pi`, a disc of about `width` keys.
 
@@ -226,9 +227,26 @@ class Radial(Pattern):
     distances between two boxes form one integer range, so the largest threshold over it (a table lookup)
     against the smallest spatial distance between the two rectangles decides "any token pair kept".
 
+    Like the authors' code (`radial_attn/attn_mask.py`): a band on the flattened index whose width halves
+    each time `bit_length(d)` grows, floored at about a block, with only every k-th frame distance kept below
+    the floor, and a frame-0 sink. Not like it, so one `decay` is not one density in both:
+
+    - its band keeps `|s_q - s_k| <= width`, twice this one's, and its scale is `2 ** bit_length(S)` (`2 * S`,
+      not `S`, when `S` is a power of two);
+    - which frame distances it skips does not depend on its decay (`k = int(128 / width at decay 1)`, a fixed
+      128-token threshold); here it does (`k = ceil(min_window / width(d))`, `decay` included);
+    - for Wan it narrows `d = 1` to a band of `S / 2` keys (here `d = 1` is dense), and it always keeps frame 0
+      (`sink=True` here);
+    - it keeps a block only when most of its key columns are over a third kept; here, any kept pair keeps it.
+
+    Its Wan scripts' `decay_factor=0.2` keeps 0.285 of the token pairs on Wan 480p (81 frames, 21 x 30 x 52
+    latents) and 0.223 on 720p (21 x 45 x 80); `Radial(decay=0.2, sink=True)` keeps 0.203 and 0.202, and
+    reaches those densities near `decay=0.9` (480p) and `decay=0.4` (720p). To match a density, set
+    `SparseConfig.density` rather than a decay.
+
     Args:
-        decay (`float`, *optional*, defaults to `1.0`): window scale; smaller is sparser (the paper's Wan
-            setting is `0.2`). The parameter [`~Pattern.at_density`] solves for.
+        decay (`float`, *optional*, defaults to `1.0`): window scale; smaller is sparser (not the authors'
+            `decay_factor`: see above). The parameter [`~Pattern.at_density`] solves for.
         min_window (`int`, *optional*, defaults to `64`): smallest window in tokens; below it frame pairs are
             skipped instead of narrowed. About one kernel block is the natural choice.
         sink (`bool`, *optional*, defaults to `False`): keep all keys of frame 0 for every query.

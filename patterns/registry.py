@@ -84,7 +84,7 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
     unknown = [key for key in given if key not in accepted]
     if unknown:
         raise ValueError(
-            f"pattern {name_or_pattern!r}: {name} takes {', '.join(accepted)}; got {unknown[0]!r}"
+            f"pattern {name_or_pattern!r}: {name} takes {', '.join(accepted) or 'no parameters'}; got {unknown[0]!r}"
             f"{did_you_mean(unknown[0], accepted)}"
         )
     try:

@@ -294,6 +294,9 @@ def test_radial_spatial_shapes_at_token_level():
         ("box", 1.0, [(6, 6), (2, 2), (4, 6)], [(7, 4), (4, 1), (1, 4)]),
         # width 32: dh^2 + dw^2 <= floor(32 / pi) = 10, edge included
         ("disc", 1.0, [(4, 7), (7, 4), (6, 6), (2, 6), (5, 7), (7, 5)], [(4, 8), (7, 6), (6, 7), (7, 7)]),
+        # width 24: floor(24 / pi) = 7 keeps dh^2 + dw^2 = 5 but not 8; at width 32, 32 / 3 floors to 10 too, so
+        # only this row tells pi from 3
+        ("disc", 0.75, [(6, 5), (5, 6), (2, 3), (4, 6)], [(6, 6), (2, 2), (6, 2), (4, 7)]),
     ]:
         mask = (
             Radial(decay=decay, min_window=1, spatial=spatial).token_mask(layout)[0].reshape(3, 9, 9, 3, 9, 9)

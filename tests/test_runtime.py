@@ -546,3 +546,24 @@ def test_forward_inputs_are_read_by_keyword_or_by_position_but_not_past_star_arg
     assert forward_input(model, args, {}, "encoder_hidden_states") is None
     assert forward_input(model, args, {"encoder_hidden_states": "k"}, "encoder_hidden_states") == "k"
     assert forward_input(model, ("h",), {}, "timestep") is None
+
+
+def test_a_density_out_of_the_pattern_s_reach_warns_once_per_layout():
+    # Radial keeps neighbouring frames whole, so one frame (every image model) stays dense whatever the target:
+    # before, SparseConfig(density=0.25) ran such calls at density 1.0 without a word.
+    runtime = SparseRuntime(SparseConfig(pattern="radial", density=0.25, block_size=16), "transformer")
+    image, cpu = VideoLayout(1, 8, 8), torch.device("cpu")
+    with pytest.warns(UserWarning, match=r"density=0\.25 is out of reach of radial.*\(frames=1, height=8, width=8.* "
+                                         r"reaches there is 1\.000, so this layout runs denser than asked\. "
+                                         r'"window3d" .* or "searched"'):
+        assert runtime.plan(image, 1, cpu).density == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.plan(image, 1, cpu, dense_frames=(0,))  # the same layout: said once
+        # 12 frames reach 0.236: a step of the solution, not a target out of reach.
+        assert runtime.plan(VideoLayout(12, 8, 8), 1, cpu).density == pytest.approx(0.236, abs=1e-3)
+        SparseRuntime(SparseConfig(pattern="window3d", density=0.25, block_size=16), "transformer").plan(
+            VideoLayout(1, 16, 16), 1, cpu)
+    with pytest.warns(UserWarning, match=r"density=0\.25 is out of reach of window3d.*\. \"searched\" .* may come"):
+        SparseRuntime(SparseConfig(pattern="window3d", density=0.25, block_size=16), "transformer").plan(
+            VideoLayout(1, 2, 2), 1, cpu)
