@@ -251,7 +251,10 @@ def check_port_free(host: str, port: int | None) -> None:
     if port is None:
         return
     try:
-        socket.create_server((host, port)).close()
+        # The host's own address family: an IPv6 host ("::1", or "[::1]" as Gradio also takes it) failed as IPv4.
+        family, _, _, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        socket.create_server(address, family=family).close()
     except OSError as error:
         raise ValueError(f"the page cannot listen on port {port} of host {host!r} ({error.strerror or error}): pick "
                          "another --port (or a --host of this machine)") from None

@@ -176,8 +176,8 @@ def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 def _has_run_schedule(scheduler) -> bool:
     """Whether `scheduler.timesteps` are a run's: a diffusers scheduler's `set_timesteps` sets `num_inference_steps`,
     which before it is `None` (DDIM, DPM-Solver, UniPC, Euler) or unset (the flow-matching Eulers), its timesteps
-    the training grid (1000 of them) rather than any run's. Heun, KDPM2 and LMS call `set_timesteps` in their
-    constructor, so their training grid passes for a run's (a 1000-step run is not told apart from it). An object
+    the training grid (1000 of them) rather than any run's. Heun, KDPM2, LMS, IPNDM and the flow-map Euler (AnyFlow)
+    start with a schedule set in their constructor, so their training grid passes for a run's (a 1000-step run is not told apart from it). An object
     without `set_timesteps` (a stand-in with timesteps alone) is taken at its word."""
     return not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "num_inference_steps", None) is not None
 
@@ -602,19 +602,22 @@ class SparseRuntime:
     def _uncounted(self, state: _BranchState) -> bool:
         """Whether the call cannot follow the schedule: its run's step count is unknown (a call through a pipeline
         before it set its scheduler's timesteps, `StepClock`) and the config needs one (a fraction in `dense_steps`,
-        or `dense_last_steps`). Such a call runs dense, said once."""
+        or `dense_last_steps`). Such a call runs dense, said once with a `StepScheduleWarning`: the schedule is not
+        followed."""
         if state.num_steps is not None or not self._needs_step_count:
             return False
         if not self._warned_uncounted:
             self._warned_uncounted = True
             warnings.warn(
                 f"diffsparse: {self.name} was called before its pipeline set its scheduler's timesteps (outside "
-                "the pipeline, or a pass before its denoising loop), so the run's step count is unknown and "
+                "the pipeline, a pass before its denoising loop, or another pipeline sharing the transformer with a "
+                "scheduler of its own: one made with from_pipe(..., scheduler=...), which needs diffsparse.apply "
+                "on it), so the run's step count is unknown and "
                 f"SparseConfig.dense_steps={self.config.dense_steps!r} / dense_last_steps="
                 f"{self.config.dense_last_steps!r} cannot be resolved: such calls run dense. Give dense_steps as "
                 "an int and dense_last_steps=0 (steps then count distinct timesteps, as on a bare transformer), or "
                 "set the pipeline scheduler's timesteps first",
-                stacklevel=4,
+                StepScheduleWarning, stacklevel=4,
             )
         return True
 

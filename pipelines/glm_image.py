@@ -32,11 +32,13 @@ class GlmImageSparseAttnProcessor(SparseProcessor, GlmImageAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, kv_cache)
-        if self.stays_dense(attention_mask):  # the pipelines pass no mask; a caller's is the original's to apply
-            return super().__call__(*original)
         mode = None if kv_cache is None else kv_cache.mode
-        if mode == "write":  # the condition image's own pass: its cache is what the original stores
+        # The condition image's own pass: its cache is what the original stores. Before the schedule is asked: the
+        # edit runs this pass before its scheduler has timesteps, where asking warns that steps cannot be counted.
+        if mode == "write":
             self.runtime.log_dense(self.layer)
+            return super().__call__(*original)
+        if self.stays_dense(attention_mask):  # the pipelines pass no mask; a caller's is the original's to apply
             return super().__call__(*original)
         self.check_not_parallel()
         text_len = encoder_hidden_states.shape[1]

@@ -134,7 +134,10 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
         return bf16(inputs(**kwargs))
 
     reference_bf16 = run(model_bf16, inputs_bf16)
-    kept_bf16 = run(model_bf16, inputs_bf16, every_block)
+    with recorded_attention_calls() as calls_bf16:
+        kept_bf16 = run(model_bf16, inputs_bf16, every_block)
+    # Else a bfloat16 path that silently ran dense would match the dense bfloat16 error and pass.
+    assert len(calls_bf16) == len(calls), (len(calls_bf16), len(calls))
     assert kept_bf16.dtype == reference_bf16.dtype
     dense_error, sparse_error = ((out.float() - reference).norm() for out in (reference_bf16, kept_bf16))
     assert sparse_error <= 1.25 * dense_error, (sparse_error, dense_error)

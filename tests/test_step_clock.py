@@ -101,3 +101,16 @@ def test_a_pass_before_the_pipeline_sets_its_timesteps_makes_no_run_of_its_own(g
         assert sorted({(r.step, r.sparse) for r in records if r.layer == 1}) == [(0, False), (1, True), (2, True)]
     finally:
         diffsparse.remove(glm_pipe)
+
+
+def test_the_condition_pass_before_the_timesteps_says_nothing_under_the_default_fraction(glm_pipe):  # noqa: F811
+    # With a fraction in dense_steps (the default 0.2) that pass, which runs the original processor whatever the
+    # schedule, asked the schedule first and warned that its steps could not be counted.
+    diffsparse.apply(glm_pipe, diffsparse.SparseConfig(pattern="radial", block_size=16))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            glm_pipe(**glm_call(True))
+        assert not [w for w in caught if "diffsparse" in str(w.message)]
+    finally:
+        diffsparse.remove(glm_pipe)
