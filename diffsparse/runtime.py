@@ -177,8 +177,9 @@ def _has_run_schedule(scheduler) -> bool:
     """Whether `scheduler.timesteps` are a run's: a diffusers scheduler's `set_timesteps` sets `num_inference_steps`,
     which before it is `None` (DDIM, DPM-Solver, UniPC, Euler) or unset (the flow-matching Eulers), its timesteps
     the training grid (1000 of them) rather than any run's. Heun, KDPM2, LMS, IPNDM and the flow-map Euler (AnyFlow)
-    start with a schedule set in their constructor, so their training grid passes for a run's (a 1000-step run is not told apart from it). An object
-    without `set_timesteps` (a stand-in with timesteps alone) is taken at its word."""
+    start with a schedule set in their constructor, so their training grid passes for a run's (a 1000-step run is
+    not told apart from it). An object without `set_timesteps` (a stand-in with timesteps alone) is taken at its
+    word."""
     return not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "num_inference_steps", None) is not None
 
 
