@@ -212,26 +212,29 @@ def test_a_failure_inside_the_run_reaches_the_page_with_its_type_and_message(tin
     assert all(tiny_pipe.transformer.attn_processors[name] is p for name, p in processors.items())
 
 
-def test_diffsparse_warnings_reach_the_page(tiny_pipe, tmp_path, monkeypatch):
-    # Dense layers covering every block: apply's "nothing runs sparse" went to the server's stderr only.
+@pytest.mark.parametrize(
+    "correction, dense_steps, dense_layers, steps, warned",
+    [
+        # Dense layers covering every block: apply's "nothing runs sparse" went to the server's stderr only.
+        ("none", 0.5, "10", 2, True),
+        # The untimed warm-up runs one sparse step; with a correction that step has none before it to measure at,
+        # and its "nothing runs sparse" reached the page although the timed run ran sparse.
+        ("residual", 0.34, "0", 3, False),
+    ],
+)
+def test_diffsparse_warnings_reach_the_page_and_the_warm_up_s_do_not(tiny_pipe, tmp_path, monkeypatch, correction,
+                                                                       dense_steps, dense_layers, steps, warned):
     gr = pytest.importorskip("gradio")
     shown = []
     monkeypatch.setattr(gr, "Warning", shown.append)
     submit = make_handler(tiny_pipe, out=tmp_path)
-    _, summary = submit("a red circle", "window3d", 0.3, 0.5, 16, "none", "10", 2, 5, 32, 32, 0, 0)
-    assert len(shown) == 1 and "nothing runs sparse" in shown[0] and f"**Warning:** {shown[0]}" in summary
-
-
-def test_the_untimed_warm_up_puts_no_warning_of_its_own_on_the_page(tiny_pipe, tmp_path, monkeypatch):
-    # The warm-up runs one sparse step; with a correction that step has none before it to measure at, and its
-    # "nothing runs sparse" reached the page although the timed run ran sparse.
-    gr = pytest.importorskip("gradio")
-    shown = []
-    monkeypatch.setattr(gr, "Warning", shown.append)
-    submit = make_handler(tiny_pipe, out=tmp_path)
-    _, summary = submit("a red circle", "window3d", 0.3, 0.34, 16, "residual", "0", 3, 5, 32, 32, 0, 0)
-    assert not [message for message in shown if "nothing runs sparse" in message]
-    assert "nothing runs sparse" not in summary
+    _, summary = submit("a red circle", "window3d", 0.3, dense_steps, 16, correction, dense_layers, steps, 5, 32, 32,
+                        0, 0)
+    if warned:
+        assert len(shown) == 1 and "nothing runs sparse" in shown[0] and f"**Warning:** {shown[0]}" in summary
+    else:
+        assert not [message for message in shown if "nothing runs sparse" in message]
+        assert "nothing runs sparse" not in summary
 
 
 def test_a_dense_layer_the_model_lacks_is_refused_before_any_sampling(tmp_path):
