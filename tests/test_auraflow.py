@@ -10,9 +10,11 @@ from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_fused_projections,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     tiny_image_vae,
 )
 
@@ -45,6 +47,12 @@ def test_dense_identical_every_block_kept_and_the_layout(auraflow_pipe, order):
     stats, calls = check_pipeline_against_dense(auraflow_pipe, CALL, order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=8 + TEXT_LEN, text_position="start")}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(auraflow_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(auraflow_pipe, CALL)
+    check_against_dense(auraflow_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(auraflow_pipe):

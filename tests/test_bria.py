@@ -9,7 +9,13 @@ from transformers import T5Config, T5EncoderModel
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    first_transformer_call,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 TEXT_LEN = 8
@@ -31,16 +37,24 @@ def bria_pipe():
     return pipe
 
 
+# 32 x 24 pixels -> 16 x 12 latents (x2 VAE) -> 8 x 6 packed 2 x 2 patches behind the 8 text tokens.
+CALL = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 24,
+        "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": TEXT_LEN, "output_type": "latent"}
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_identical_every_block_kept_and_the_layout(bria_pipe, order):
-    # 32 x 24 pixels -> 16 x 12 latents (x2 VAE) -> 8 x 6 packed 2 x 2 patches behind the 8 text tokens.
-    call = {"prompt": "a red circle on grass", "negative_prompt": "blue", "height": 32, "width": 24,
-            "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": TEXT_LEN, "output_type": "latent"}
-    stats, calls = check_pipeline_against_dense(bria_pipe, call, block_size=8, order=order)
+    stats, calls = check_pipeline_against_dense(bria_pipe, CALL, block_size=8, order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
     # The pipeline passes the scheduler's timesteps: the clock finds its 3 steps, the first dense.
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
     assert all((s.dense_calls, s.sparse_calls) == (1, 2) for s in stats.layers)
+
+
+def test_a_direct_transformer_call_the_pipelines_way(bria_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(bria_pipe, CALL)
+    check_against_dense(bria_pipe.transformer, lambda: inputs, block_size=8)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(bria_pipe):

@@ -12,7 +12,14 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls, run_pipeline, tiny_clip_image_encoder
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    first_transformer_call,
+    recorded_attention_calls,
+    run_pipeline,
+    tiny_clip_image_encoder,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 IMAGE = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
@@ -53,6 +60,13 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(pipe, reasoning, 
     every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0, order=order)
     out, _ = run_pipeline(pipe, call(reasoning), every_block)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("reasoning", [False, True], ids=["edit", "temporal reasoning"])
+def test_a_direct_transformer_call_the_pipelines_way(pipe, reasoning):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(pipe, call(reasoning))
+    check_against_dense(pipe.transformer, lambda: inputs, block_size=8)
 
 
 def test_temporal_reasoning_switches_layout_and_searches_each(pipe):

@@ -10,7 +10,14 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, run_pipeline, tiny_image_vae
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    first_transformer_call,
+    run_pipeline,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass"]
 
@@ -45,6 +52,12 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid_behin
     stats, calls = check_pipeline_against_dense(cogview4_pipe, cogview4_call(), order=order)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=16, text_position="start")}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(cogview4_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(cogview4_pipe, cogview4_call())
+    check_against_dense(cogview4_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_a_text_mask_runs_the_original_and_counts_dense(cogview4_pipe):

@@ -8,7 +8,13 @@ from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    first_transformer_call,
+    tiny_image_vae,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +30,21 @@ def dit_pipe():
     return pipe
 
 
+CALL = {"class_labels": [3, 7], "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "pt"}
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(dit_pipe, order):
-    call = {"class_labels": [3, 7], "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "pt"}
-    stats, calls = check_pipeline_against_dense(dit_pipe, call, order=order)
+    stats, calls = check_pipeline_against_dense(dit_pipe, CALL, order=order)
     # One batched call per step: two labels and their two unconditional copies.
     assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 8, 8), (4, 64))}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(dit_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(dit_pipe, CALL)
+    check_against_dense(dit_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(dit_pipe):

@@ -11,9 +11,11 @@ from diffusers.modular_pipelines.ernie_image.modular_blocks_ernie_image import E
 from diffsparse.patterns import TileOrder, VideoLayout
 
 from helpers import (
+    check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     tiny_flux2_vae,
 )
 
@@ -58,6 +60,12 @@ def test_dense_identical_every_block_kept_and_each_prompt_over_its_valid_tokens(
         (VideoLayout(1, 8, 12, text_len=n, text_position="end"), 2 if lengths[0] == lengths[1] else 1) for n in lengths
     }
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(ernie_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(ernie_pipe, ernie_call())
+    check_against_dense(ernie_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ernie_pipe):

@@ -9,7 +9,13 @@ from transformers import Gemma2Config, Gemma2Model
 from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    first_transformer_call,
+    tiny_image_vae,
+)
 
 VOCABULARY = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "grass", "<Prompt", "Start>"]
 # 128 x 192 pixels -> 16 x 24 latents (the pipeline takes the VAE as x8) -> 8 x 12 patches of 2 x 2.
@@ -56,6 +62,12 @@ def test_dense_identical_every_block_kept_and_the_layouts(lumina2_pipe, case):
         VideoLayout(*GRID, text_len=n, text_position="start") for n in text
     }
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(lumina2_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(lumina2_pipe, lumina2_call())
+    check_against_dense(lumina2_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(lumina2_pipe):

@@ -8,7 +8,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenT
 from diffsparse.patterns import TileOrder
 from diffsparse.pipelines.text import word_tokenizer
 
-from helpers import check_other_processors_are_refused, check_pipeline_against_dense, tiny_image_vae
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_pipeline_against_dense,
+    first_transformer_call,
+    tiny_image_vae,
+)
 
 # The pipeline wraps each prompt in a chat template whose words are unknown here (`<unk>`): prompts of different
 # lengths still pad differently.
@@ -29,18 +35,25 @@ def omnigen_pipe():
     return pipe
 
 
+# 128 x 192 pixels -> 16 x 24 latents (x8 VAE, as the pipeline counts tokens) -> 8 x 12 patches; the prompt and the
+# negative prompt pad to one length (the negative one, the pipeline's own, is the longer).
+CALL = {"prompt": "a red circle on grass", "height": 128, "width": 192,
+        "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "latent", "max_input_image_size": 32}
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_identical_every_block_kept_and_each_prompt_over_its_valid_tokens(omnigen_pipe, order):
-    # 128 x 192 pixels -> 16 x 24 latents (x8 VAE, as the pipeline counts tokens) -> 8 x 12 patches; the prompt and
-    # the negative prompt pad to one
-    # length (the negative one, the pipeline's own, is the longer). (Attending the padding, or leaving out the RoPE,
-    # fails every block kept.)
-    call = {"prompt": "a red circle on grass", "height": 128, "width": 192,
-            "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "latent", "max_input_image_size": 32}
-    stats, calls = check_pipeline_against_dense(omnigen_pipe, call, order=order)
+    # (Attending the padding, or leaving out the RoPE, fails every block kept.)
+    stats, calls = check_pipeline_against_dense(omnigen_pipe, CALL, order=order)
     spans = {layout.text_len for _, layout, _ in calls}
     assert len(spans) == 2 and {layout.grid for _, layout, _ in calls} == {(1, 8, 12)}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(omnigen_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(omnigen_pipe, CALL)
+    check_against_dense(omnigen_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(omnigen_pipe):

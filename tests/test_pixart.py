@@ -16,10 +16,12 @@ from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_fused_projections,
     check_other_processors_are_refused,
     check_pag_pipeline,
     check_pipeline_against_dense,
+    first_transformer_call,
     tiny_image_vae,
 )
 
@@ -57,6 +59,12 @@ def test_dense_identical_every_block_kept_and_the_layout_is_the_patch_grid(pixar
     # One batched call per step (CFG's two prompts together): the self-attention of each block.
     assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 8, 12), (2, 96))}
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(pixart_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(pixart_pipe, pixart_call())
+    check_against_dense(pixart_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):

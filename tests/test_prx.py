@@ -12,8 +12,10 @@ from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     recorded_attention_calls,
     run_pipeline,
     tiny_image_vae,
@@ -62,6 +64,12 @@ def test_dense_identical_every_block_kept_and_each_prompt_over_its_valid_tokens(
         (VideoLayout(1, 8, 12, text_len=valid, text_position="start"), 1) for valid in (6, 2)
     }
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
+
+
+def test_a_direct_transformer_call_the_pipelines_way(prx_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(prx_pipe, prx_call())
+    check_against_dense(prx_pipe.transformer, lambda: inputs, block_size=16)
 
 
 def test_an_unpadded_prompt_is_one_call_over_every_key(prx_pipe):

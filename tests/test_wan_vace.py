@@ -12,7 +12,12 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
-from helpers import check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    first_transformer_call,
+    recorded_attention_calls,
+)
 
 ALL_BLOCKS = Window3D(window=(99, 99, 99))
 FRAMES, HEIGHT, WIDTH = 9, 64, 96
@@ -37,14 +42,18 @@ def _image(seed: int) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(HEIGHT, WIDTH, 3) * 255).astype("uint8"))
 
 
-def generate(pipe, reference_image: bool = True):
+def vace_call(reference_image: bool = True) -> dict:
     call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "num_frames": FRAMES,
             "height": HEIGHT, "width": WIDTH, "video": [_image(i) for i in range(FRAMES)], "num_inference_steps": 3,
-            "guidance_scale": 5.0, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
+            "guidance_scale": 5.0, "output_type": "pt"}
     if reference_image:
         call["reference_images"] = [_image(99)]
+    return call
+
+
+def generate(pipe, reference_image: bool = True):
     with torch.no_grad():
-        return pipe(**call).frames
+        return pipe(**vace_call(reference_image), generator=torch.Generator().manual_seed(0)).frames
 
 
 def test_dense_pattern_is_the_unmodified_pipeline_and_layers_number_main_blocks_first(vace_pipe):
@@ -70,6 +79,13 @@ def test_every_block_kept_matches_dense_on_main_and_control_blocks(vace_pipe, re
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
     # 9 frames -> 3 latent frames (+1 for the reference image's latent), 64 x 96 -> 8 x 12 latents -> 4 x 6 tokens.
     assert {layout for _, layout, _ in calls} == {VideoLayout(3 + reference_image, 4, 6)}
+
+
+@pytest.mark.parametrize("reference_image", [True, False])
+def test_a_direct_transformer_call_the_pipelines_way(vace_pipe, reference_image):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
+    inputs = first_transformer_call(vace_pipe, vace_call(reference_image))
+    check_against_dense(vace_pipe.transformer, lambda: inputs, block_size=8)
 
 
 def test_sparse_calls_change_the_video(vace_pipe):

@@ -23,10 +23,12 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     QWEN3_TEMPLATE,
     chat_tokenizer,
+    check_against_dense,
     check_controlnet_pipeline,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    first_transformer_call,
     open_zero_initialised,
     tiny_image_vae,
 )
@@ -94,6 +96,13 @@ def test_dense_identical_every_block_kept_and_the_layouts(z_image_pipe, case):
     assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [
         (0, 1, 2), (1, 1, main_calls), (2, 1, main_calls)
     ]
+
+
+def test_a_direct_transformer_call_the_pipelines_way(z_image_pipe):
+    # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run. Its
+    # `sample` is a list, one latent per batch item.
+    inputs = first_transformer_call(z_image_pipe, z_image_call())
+    check_against_dense(z_image_pipe.transformer, lambda: inputs, block_size=16, select=torch.stack)
 
 
 def test_image_to_image_keeps_every_block_within_dense(components):
