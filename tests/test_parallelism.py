@@ -7,7 +7,9 @@ Kandinsky 5, whose diffusers transformers have no context parallel plan, run und
 
 import functools
 import os
+import queue
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -512,11 +514,34 @@ def _run_ranks(world: int, job) -> dict:
                    for rank in range(world)]
         for worker in workers:
             worker.start()
-        out = dict(results.get(timeout=300) for _ in workers)
+        out = _collect_results(results, workers, timeout=300)
         for worker in workers:
             worker.join(timeout=60)
     for rank, result in out.items():
         assert isinstance(result, dict), f"rank {rank}: {result}"
+    return out
+
+
+def _collect_results(results, workers, timeout: float) -> dict:
+    """Each rank's `(rank, result)` from `results`; a rank that dies without one (a native crash: a rank once
+    aborted with glibc's "malloc(): unaligned tcache chunk detected") fails at once, naming its exit code, instead
+    of the wait running out `timeout` s later with an empty queue."""
+    out, deadline = {}, time.monotonic() + timeout
+    while len(out) < len(workers):
+        try:
+            rank, result = results.get(timeout=1)
+            out[rank] = result
+            continue
+        except queue.Empty:
+            pass
+        crashed = {rank: worker.exitcode for rank, worker in enumerate(workers)
+                   if rank not in out and worker.exitcode not in (None, 0)}
+        if crashed or time.monotonic() > deadline:
+            for worker in workers:
+                worker.kill()
+            raise AssertionError(f"ranks died without a result (exit codes; negative: the signal): {crashed}"
+                                 if crashed else f"no result from ranks {sorted(set(range(len(workers))) - set(out))} "
+                                 f"in {timeout} s")
     return out
 
 
