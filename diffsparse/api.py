@@ -11,6 +11,7 @@ import torch
 
 from .config import SparseConfig, resolve_step_count
 from .pipelines import ModelAdapter, adapter_for, find_transformers
+from .pipelines.base import SparseProcessor
 from .runtime import (
     CallRecord,
     SparseContextHook,
@@ -84,7 +85,10 @@ class SparseHandle:
         self.config = config
         self._transformers = transformers
         self._pipeline = None if pipeline is None else weakref.ref(pipeline)
-        self._originals: list[tuple[ModelAdapter, torch.nn.Module, object]] = []
+        self._processors: list[tuple[ModelAdapter, torch.nn.Module, SparseProcessor]] = []  # what `_install` put
+        # Processors set after `apply` (`set_processor`, `load_ip_adapter`), which `remove` left to the user: put
+        # back (`sparse`, `suspended`, an `apply` refused), the handle leaves them too.
+        self._left: dict[torch.nn.Module, object] = {}
         self.installed = False  # between `_install` and `remove`
         self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
@@ -96,29 +100,47 @@ class SparseHandle:
         """Sparse processors around the processors the transformers have now, and the context hooks (at `apply`,
         and again when a `sparse` block that replaced this handle ends)."""
         pipeline = None if self._pipeline is None else self._pipeline()
-        made = []
+        made, self._layers = [], {}
         for name, transformer in self._transformers.items():
             adapter = adapter_for(transformer)
+            modules = list(adapter.self_attention_modules(transformer))
+            self._layers[name] = [layer for layer, _ in modules]
             made.append((name, transformer, adapter, {
                 module: adapter.make_processor(module.processor, self.runtimes[name], layer, transformer)
-                for layer, module in adapter.self_attention_modules(transformer)
+                for layer, module in modules if self._left.get(module) is not module.processor
             }))
-        self._layers = {name: [processor.layer for processor in processors.values()]
-                        for name, _, _, processors in made}
         _check_dense_layers(self.config.dense_layers, self._layers)
         # Only now that every layer of every transformer was accepted, swap: a refused layer leaves them untouched.
-        for name, transformer, adapter, processors in made:
-            runtime = self.runtimes[name]
-            for module, processor in processors.items():
-                self._originals.append((adapter, module, module.processor))
-                adapter.set_processor(module, processor)
-            read_call = adapter.read_call
-            if adapter.timestep_from_pipeline and pipeline is not None:
-                read_call = _with_pipeline_timestep(read_call, pipeline)
-            hook = SparseContextHook(runtime, self._clock, read_call, self._new_run, adapter.per_frame_steps,
-                                     installed=processors.items())
-            register_context_hook(transformer, hook)
-            setattr(transformer, _HANDLE_ATTR, self)
+        swapped, hooked = [], []
+        try:
+            for name, transformer, adapter, processors in made:
+                runtime = self.runtimes[name]
+                for module, processor in processors.items():
+                    swapped.append((adapter, module, module.processor, processor))
+                    adapter.set_processor(module, processor)
+                    processor.installed = True
+                read_call = adapter.read_call
+                if adapter.timestep_from_pipeline and pipeline is not None:
+                    read_call = _with_pipeline_timestep(read_call, pipeline)
+                hook = SparseContextHook(runtime, self._clock, read_call, self._new_run, adapter.per_frame_steps,
+                                         installed=processors.items())
+                register_context_hook(transformer, hook)
+                hooked.append(transformer)
+                setattr(transformer, _HANDLE_ATTR, self)
+        except BaseException:
+            # A failure half-way (a hook of that name already there, a setter that raises) leaves the transformers as
+            # they were, not half sparse with a hook that `remove` no longer knows of.
+            for adapter, module, previous, processor in reversed(swapped):
+                processor.installed = False
+                if module.processor is processor:
+                    adapter.set_processor(module, previous)
+            for transformer in hooked:
+                remove_context_hook(transformer)
+            for transformer in self._transformers.values():
+                if getattr(transformer, _HANDLE_ATTR, None) is self:
+                    delattr(transformer, _HANDLE_ATTR)
+            raise
+        self._processors = [(adapter, module, processor) for adapter, module, _, processor in swapped]
         self.installed = True
 
     def new_run(self) -> None:
@@ -162,18 +184,18 @@ class SparseHandle:
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
             return
-        for adapter, module, original in self._originals:
-            # `set_attention_backend` or `enable_parallelism` called while applied set these on the sparse
-            # processor: the original goes back with them, as it would have had them without diffsparse.
-            for name in ("_attention_backend", "_parallel_config"):
-                if hasattr(original, name) and hasattr(module.processor, name):
-                    setattr(original, name, getattr(module.processor, name))
-            adapter.set_processor(module, original)
+        for _, _, processor in self._processors:
+            processor.installed = False
+        for adapter, module, _ in self._processors:
+            if not _put_back_original(adapter, module) and not isinstance(module.processor, SparseProcessor):
+                # Set after `apply` (`set_processor`, `load_ip_adapter`, `fuse_qkv_projections()`): the user's
+                # choice, kept, rather than overwritten by the processor that was there before `apply`.
+                self._left[module] = module.processor
         for transformer in self._transformers.values():
             remove_context_hook(transformer)
             if getattr(transformer, _HANDLE_ATTR, None) is self:
                 delattr(transformer, _HANDLE_ATTR)
-        self._originals.clear()
+        self._processors = []
         self.installed = False
 
     def stats(self, since_apply: bool = False) -> SparseStats:
@@ -192,6 +214,17 @@ class SparseHandle:
                 mean_density = density_sum / sparse_calls if sparse_calls else None
                 layers.append(LayerStats(name, layer, dense_calls, sparse_calls, mean_density, dense_step_calls))
         return SparseStats(layers, {name: list(rt.records) for name, rt in self.runtimes.items()})
+
+
+def _put_back_original(adapter: ModelAdapter, module: torch.nn.Module) -> bool:
+    """Give `module` back the original under its sparse processor when no handle has that one installed (the
+    handle being removed, or an orphan of an earlier one that diffusers put back: `unfuse_qkv_projections()`);
+    `False`, leaving it as it is, when the module holds another processor."""
+    processor = module.processor
+    if not isinstance(processor, SparseProcessor) or processor.installed:
+        return False
+    adapter.set_processor(module, processor.restored_original())
+    return True
 
 
 def _check_dense_layers(dense_layers, layers: dict[str, list[int]]) -> None:
@@ -310,7 +343,9 @@ def _left_dense(previous: list[SparseHandle], transformers: dict[str, torch.nn.M
 
 
 def remove(pipe_or_transformer) -> None:
-    """Restore the original processors (the very same objects) and remove every diffsparse hook.
+    """Restore the original processors (the very same objects) and remove every diffsparse hook; a processor set on
+    a module after `apply` (`set_processor`, `load_ip_adapter`) stays, and a sparse processor of an earlier handle
+    that diffusers put back (`unfuse_qkv_projections()` after `remove`) gives way to its original.
 
     Example:
         >>> import diffsparse
@@ -320,6 +355,13 @@ def remove(pipe_or_transformer) -> None:
     """
     for handle in _handles(pipe_or_transformer):
         handle.remove()
+    for transformer in find_transformers(pipe_or_transformer)[0].values():
+        try:
+            adapter = adapter_for(transformer)
+        except ValueError:  # a model diffsparse has no adapter for: nothing of it to put back
+            continue
+        for _, module in adapter.self_attention_modules(transformer):
+            _put_back_original(adapter, module)
 
 
 def stats(pipe_or_transformer, since_apply: bool = False) -> SparseStats:

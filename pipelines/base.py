@@ -34,13 +34,28 @@ class SparseProcessor:
     # where the attribute exists), so that a family that does not shard sees it and refuses (`check_not_parallel`).
     _parallel_config = None
 
+    # Whether the handle that made this processor has it installed (set by `apply`, cleared by `remove`). One that
+    # is not is an orphan that diffusers put back after `remove`: `fuse_qkv_projections()` keeps the processors it
+    # replaces and `unfuse_qkv_projections()` restores them. `make_processor` and `remove` take its `original`.
+    installed = False
+
     def __init__(self, runtime, layer: int, original=None):
         super().__init__()
         self.runtime = runtime
         self.layer = layer
+        self.original = original
         for name in ("_attention_backend", "_parallel_config"):
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
+
+    def restored_original(self):
+        """`original` as `remove` puts it back: with the attention backend and parallel config that
+        `set_attention_backend` or `enable_parallelism` set on this processor while it was on the module, as the
+        original would have had them without diffsparse."""
+        for name in ("_attention_backend", "_parallel_config"):
+            if hasattr(self.original, name) and hasattr(self, name):
+                setattr(self.original, name, getattr(self, name))
+        return self.original
 
     # The processor this one replaces projects through the one QKV weight `fuse_qkv_projections()` makes
     # (`to_qkv`, `to_added_qkv`: diffusers' `Fused...` processors); the sparse path then projects as it does.
@@ -427,10 +442,13 @@ class ModelAdapter(ABC):
             yield index, operator.attrgetter(self.attention_name)(block)
 
     def make_processor(self, original, runtime, layer: int, transformer=None):
-        """A sparse processor that replaces `original` on layer `layer` of `transformer`; anything but the family's
-        own processor class is refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes
-        something else, and replacing it would silently change results), and so is a family that does not shard
-        under context parallelism already enabled."""
+        """A sparse processor that replaces `original` on layer `layer` of `transformer` (an orphan of a removed
+        handle, `SparseProcessor.installed`, by its own original); anything but the family's own processor class is
+        refused (a subclass, e.g. LoRA, IP-Adapter, caching or fused-QKV processors, computes something else, and
+        replacing it would silently change results), and so is a family that does not shard under context
+        parallelism already enabled."""
+        if isinstance(original, SparseProcessor) and not original.installed:
+            original = original.restored_original()  # an orphan of a removed handle stands for its original
         pairs = dict(self.processor_pairs or [(self.original_processor, self.sparse_processor)])
         sparse = pairs.get(type(original))
         if sparse is None:

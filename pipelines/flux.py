@@ -15,6 +15,8 @@ of the output raise a `ValueError` rather than run on a wrong layout.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
@@ -25,6 +27,7 @@ from .base import (
     ModelAdapter,
     SparseProcessor,
     call_argument,
+    context_parallel_config,
     project_joint_output,
     references_with_text,
 )
@@ -58,17 +61,55 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
     """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
-    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel). A boolean key mask of the
+    prompt's padding (`joint_attention_kwargs={"attention_mask": ...}`) is attended as the FLUX copies attend it
+    (`FluxCopyAttention`); a mask of another kind, or any mask under context parallelism, runs the original,
+    counted dense, said once.
     """
 
+    _warned_mask = False
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if self.stays_dense(attention_mask):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None and context_parallel_config(self) is not None:
+            # Each rank holds a share of the sequence: the mask is not read against it.
+            why = "under context parallelism"
+            self.runtime.once_per_call(attention_mask, lambda mask: self._warn_dense_mask(mask, why))
+            self.stays_dense(attention_mask)
+            return super().__call__(*original)
+        if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        text_len = self.runtime.call_text_tokens()
+        valid = self.prompt_padding(attention_mask, text_len)
+        if valid is False:
+            return super().__call__(*original)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
+        if valid:
+            out = self.attend_prompts(query, key, value, valid, text_len)
+        else:
+            out = self.attend_joint(query, key, value)
+        out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+
+    def read_prompt_mask(self, mask: torch.Tensor, text_len: int) -> list | None:
+        valid = super().read_prompt_mask(mask, text_len)
+        if valid is None:
+            self._warn_dense_mask(mask, "as it is not a boolean (B, 1, 1, S) key mask of the prompt's padding")
+        return valid
+
+    def _warn_dense_mask(self, mask: torch.Tensor, why: str) -> None:
+        # Asked once per transformer call (`once_per_call`, the first layer to see the mask), said once per `apply`:
+        # the mask comes with every call, and a run gone wholly dense would show only as a missing speedup.
+        if self._warned_mask:
+            return
+        self._warned_mask = True
+        warnings.warn(
+            f"diffsparse: {self.runtime.name}: FLUX self-attention calls with this attention_mask (shape "
+            f"{tuple(mask.shape)}, {mask.dtype}) run the original processor (dense, counted dense in stats()) {why}",
+            stacklevel=3,
+        )
 
 
 class FluxCopyAttention(SparseProcessor):

@@ -39,18 +39,22 @@ def find_transformers(pipe_or_transformer) -> tuple[dict[str, torch.nn.Module], 
     """`({component name: transformer}, scheduler or None)` for a pipeline or a bare transformer (compiled or
     not: a `torch.compile` wrapper gives the module inside it): the components named in `TRANSFORMER_COMPONENTS`,
     then every other component of a class diffsparse adapts (MiniMax-H3's `transformer_ref`, the model of its
-    reference-to-video workflow), which would otherwise stay dense without a word."""
+    reference-to-video workflow), which would otherwise stay dense without a word. A transformer under several
+    names (`WanPipeline(transformer=t, transformer_2=t)`) is found once, under the first: it is one model, whose
+    processors and hook are installed once."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
         return {"transformer": _uncompiled(pipe_or_transformer)}, None
-    found = {
-        name: _uncompiled(getattr(pipe_or_transformer, name))
-        for name in TRANSFORMER_COMPONENTS
-        if isinstance(getattr(pipe_or_transformer, name, None), torch.nn.Module)
-    }
+    named = [(name, getattr(pipe_or_transformer, name, None)) for name in TRANSFORMER_COMPONENTS]
     components = getattr(pipe_or_transformer, "components", None)
-    for name, component in (components.items() if isinstance(components, dict) else ()):
-        if name not in found and isinstance(component, torch.nn.Module) and _adapted(_uncompiled(component)):
-            found[name] = _uncompiled(component)
+    others = [(name, component) for name, component in (components.items() if isinstance(components, dict) else ())
+              if isinstance(component, torch.nn.Module) and _adapted(_uncompiled(component))]
+    found = {}
+    for name, component in named + others:
+        if name in found or not isinstance(component, torch.nn.Module):
+            continue
+        module = _uncompiled(component)
+        if all(module is not seen for seen in found.values()):
+            found[name] = module
     if not found:
         raise ValueError(
             f"expected a diffusers pipeline with a `transformer` component or a transformer module, "

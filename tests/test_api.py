@@ -5,10 +5,12 @@ import warnings
 import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 import diffsparse
+from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
-from diffsparse.runtime import sparse_steps
+from diffsparse.runtime import HOOK_NAME, register_context_hook, sparse_steps
 
 from helpers import generate
 
@@ -148,3 +150,98 @@ def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
         diffsparse.apply(pipe.transformer_2, config)
         with diffsparse.sparse(pipe.transformer, config):  # each expert on its own handle
             pass
+
+
+class _Halved(WanAttnProcessor):
+    """A user's processor (as attention steering or capture ones are): the family's, its output halved."""
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs) * 0.5
+
+
+def test_a_processor_set_after_apply_is_kept_by_remove_and_refused_by_apply_again(tiny_pipe):
+    # Before, `remove` put the processor from before `apply` on every module and `apply` again replaced the user's
+    # processor with a sparse one: it was dropped without a word either way (FLUX's `load_ip_adapter` after `apply`).
+    transformer = tiny_pipe.transformer
+    originals = [block.attn1.processor for block in transformer.blocks]
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=0)
+    handle = diffsparse.apply(tiny_pipe, config)
+    mine = _Halved()
+    transformer.blocks[0].attn1.set_processor(mine)
+    with pytest.raises(ValueError, match="layer 0 of the Wan transformer has processor _Halved"):
+        diffsparse.apply(tiny_pipe, config)
+    # The handle is back as it was: the user's processor on layer 0, its sparse ones on the others.
+    runtime = handle.runtimes["transformer"]
+
+    def as_applied():
+        return transformer.blocks[0].attn1.processor is mine and all(
+            block.attn1.processor.runtime is runtime for block in transformer.blocks[1:])
+
+    assert handle.installed and transformer._diffsparse_handle is handle and as_applied()
+    with diffsparse.suspended(tiny_pipe):  # a handle put back leaves the user's processor too
+        assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+    assert as_applied()
+    diffsparse.remove(tiny_pipe)
+    assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+    with pytest.raises(ValueError, match="layer 0 of the Wan transformer has processor _Halved"):
+        diffsparse.apply(tiny_pipe, config)
+    assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+
+
+def _aliased_experts_pipe():
+    """Wan 2.2's pipeline given one transformer as both experts."""
+    base = tiny_wan_pipeline()
+    return WanPipeline(**{**base.components, "transformer_2": base.transformer}, boundary_ratio=0.5)
+
+
+def test_one_transformer_as_both_experts_is_applied_once():
+    # Before, it was installed twice: diffusers' "Hook with name diffsparse_context already exists", a half-applied
+    # model that `remove` did not undo.
+    pipe = _aliased_experts_pipe()
+    transformer = pipe.transformer
+    originals = [block.attn1.processor for block in transformer.blocks]
+    handle = diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    assert list(handle._transformers) == ["transformer"] and transformer._diffsparse_handle is handle
+    assert list(transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    with torch.no_grad():
+        generate(pipe, num_inference_steps=2)
+    assert all(s.sparse_calls and not s.dense_calls for s in diffsparse.stats(pipe).layers)
+    diffsparse.remove(pipe)
+    assert [block.attn1.processor for block in transformer.blocks] == originals
+    assert HOOK_NAME not in transformer._diffusers_hook.hooks and not hasattr(transformer, "_diffsparse_handle")
+
+
+@pytest.mark.parametrize("fails", ["set_processor", "register_context_hook"])
+def test_an_install_that_fails_half_way_leaves_the_model_as_it_was(monkeypatch, fails):
+    base = tiny_wan_pipeline()
+    torch.manual_seed(1)
+    second = WanTransformer3DModel(**tiny_wan_config()["transformer"]).eval()
+    pipe = WanPipeline(**{**base.components, "transformer_2": second}, boundary_ratio=0.5)
+    experts = [pipe.transformer, pipe.transformer_2]
+    originals = [[block.attn1.processor for block in t.blocks] for t in experts]
+
+    def failing_at(count: int, real):
+        calls = []
+
+        def failing(*args):
+            calls.append(args)
+            if len(calls) == count:
+                raise RuntimeError(f"install step {count} failed")
+            return real(*args)
+
+        return failing
+
+    if fails == "set_processor":  # layer 0 of transformer_2: transformer is sparse and hooked by then
+        adapter = adapter_for(pipe.transformer)
+        count = len(pipe.transformer.blocks) + 1
+        monkeypatch.setattr(adapter, "set_processor", failing_at(count, adapter.set_processor))
+    else:  # transformer_2's hook, every processor of both experts swapped by then
+        count = 2
+        monkeypatch.setattr(diffsparse.api, "register_context_hook", failing_at(count, register_context_hook))
+    with pytest.raises(RuntimeError, match=f"install step {count} failed"):
+        diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    for transformer, before in zip(experts, originals):
+        assert [block.attn1.processor for block in transformer.blocks] == before
+        registry = getattr(transformer, "_diffusers_hook", None)
+        assert registry is None or HOOK_NAME not in registry.hooks
+        assert not hasattr(transformer, "_diffsparse_handle")

@@ -2,6 +2,7 @@
 `img_ids`, text first, dual- and single-stream blocks; and its ControlNet pipeline. And diffusers' own modular denoise
 blocks (`FluxCoreDenoiseStep`, `FluxKontextCoreDenoiseStep`) driving the same transformer, fed prompt embeddings."""
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -105,18 +106,48 @@ def test_sparse_calls_see_the_image_grid_after_the_text(flux_pipe):
     assert not torch.allclose(out, reference, atol=1e-4)
 
 
+def masked_call(mask: torch.Tensor) -> dict:
+    return {**CALL, "joint_attention_kwargs": {"attention_mask": mask}}
+
+
 def test_calls_with_an_attention_mask_run_the_original_and_count_dense(flux_pipe):
-    # A token-level mask (here through `joint_attention_kwargs`: the last text token hidden from every query) is not
-    # something block boundaries follow: each call runs the original processor and `stats()` counts it dense.
+    # A token-level mask other than the prompt's padding (here through `joint_attention_kwargs`: an image token
+    # hidden from every query) is not something block boundaries follow: each call runs the original processor,
+    # `stats()` counts it dense, and a warning says so once.
     mask = torch.ones(1, 1, 1, TEXT_LEN + 8 * 6, dtype=torch.bool)
-    mask[..., TEXT_LEN - 1] = False
-    call = {"prompt": "a red circle on grass", "num_inference_steps": 4, "height": 32, "width": 24,
-            "max_sequence_length": TEXT_LEN, "guidance_scale": 3.5, "output_type": "latent",
-            "joint_attention_kwargs": {"attention_mask": mask}}
-    reference = run_pipeline(flux_pipe, call)
-    out, stats = run_pipeline(flux_pipe, call, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8))
+    mask[..., TEXT_LEN + 5] = False
+    reference = run_pipeline(flux_pipe, masked_call(mask))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, stats = run_pipeline(flux_pipe, masked_call(mask),
+                                  diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8))
     assert torch.equal(out, reference)
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(4, 0), (4, 0)]
+    said = [str(w.message) for w in caught if "attention_mask" in str(w.message)]
+    assert said == [(
+        "diffsparse: transformer: FLUX self-attention calls with this attention_mask (shape (1, 1, 1, 56), torch.bool) "
+        "run the original processor (dense, counted dense in stats()) as it is not a boolean (B, 1, 1, S) key mask of "
+        "the prompt's padding"
+    )]
+
+
+@pytest.mark.parametrize("valid", [TEXT_LEN - 1, 3])
+def test_calls_with_a_mask_of_the_prompts_padding_run_sparse_without_it(flux_pipe, valid):
+    # The T5 padding after the prompt hidden as keys: each call attends the prompt's valid tokens and the image
+    # sparsely, the padding left out. Before, every call of the run went to the original processor, without a word.
+    mask = torch.ones(1, 1, 1, TEXT_LEN + 8 * 6, dtype=torch.bool)
+    mask[..., valid:TEXT_LEN] = False
+    reference = run_pipeline(flux_pipe, masked_call(mask))
+    with recorded_attention_calls() as calls:
+        out, stats = run_pipeline(flux_pipe, masked_call(mask),
+                                  diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=1))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 3), (1, 3)]
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=valid, text_position="start")}
+    out, stats = run_pipeline(flux_pipe, masked_call(mask),
+                              diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1))
+    assert all(s.sparse_calls == 3 and s.mean_density < 1 for s in stats.layers)
+    assert not torch.allclose(out, reference, atol=1e-4)
 
 
 def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_else_is_refused(flux_pipe):

@@ -12,7 +12,9 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
+import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
@@ -22,6 +24,7 @@ from helpers import (
     check_pag_pipeline,
     check_pipeline_against_dense,
     first_transformer_call,
+    run_pipeline,
     tiny_image_vae,
 )
 
@@ -78,3 +81,33 @@ def test_fused_qkv_projections(pixart_pipe):
 def test_the_pag_pipeline_perturbs_its_layer_with_its_own_processor_and_the_others_stay_sparse(pixart_pipe):
     pag = PixArtSigmaPAGPipeline(**pixart_pipe.components, pag_applied_layers=["transformer_blocks.1"])
     check_pag_pipeline(pag, pixart_call(pag_scale=3.0), sparse_layers={0})
+
+
+def test_sparse_processors_that_unfusing_puts_back_after_remove_give_way_to_their_originals(pixart_pipe):
+    # `fuse_qkv_projections()` after `apply` keeps the sparse processors it replaces and `unfuse_qkv_projections()`
+    # after `remove` puts them back, their handle gone. Before, they ran dense, every later `apply` refused them
+    # ("has processor FrameSelfAttention") and `remove` could not take them off.
+    transformer = pixart_pipe.transformer
+    modules = dict(adapter_for(transformer).self_attention_modules(transformer))
+    stock = {layer: module.processor for layer, module in modules.items()}
+    reference = run_pipeline(pixart_pipe, pixart_call())
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=1)
+
+    def orphans_put_back():
+        diffsparse.apply(pixart_pipe, config)
+        transformer.fuse_qkv_projections()
+        diffsparse.remove(pixart_pipe)  # leaves the fused processors, set after `apply`
+        transformer.unfuse_qkv_projections()
+        assert {type(module.processor).__name__ for module in modules.values()} == {"FrameSelfAttention"}
+
+    def stock_back():
+        return all(module.processor is stock[layer] for layer, module in modules.items())
+
+    orphans_put_back()
+    diffsparse.remove(pixart_pipe)
+    assert stock_back()
+    orphans_put_back()
+    out, stats = run_pipeline(pixart_pipe, pixart_call(), config)  # applied over them, and removed
+    assert all(s.sparse_calls for s in stats.layers) and not torch.allclose(out, reference, atol=1e-4)
+    assert stock_back()
+    torch.testing.assert_close(run_pipeline(pixart_pipe, pixart_call()), reference, atol=0, rtol=0)
