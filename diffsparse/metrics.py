@@ -2,10 +2,11 @@
 
 Videos may be given in the layouts diffusers pipelines return: numpy `(F, H, W, C)` (`output_type="np"`),
 torch `(F, C, H, W)` or `(B, F, C, H, W)` (`output_type="pt"`), or a list of PIL images (`output_type="pil"`);
-`as_frames` says exactly which layouts are read and which are refused. Values are expected in [0, 1] unless
-`data_range` says otherwise (float input); uint8 and uint16 frames (arrays, tensors or PIL images) are scaled
-from their type's range to [0, 1]. A video with a value that is not finite (NaN or inf: a broken run) scores
-NaN, with a `RuntimeWarning`, never a score that looks good.
+`as_frames` says exactly which layouts are read and which are refused. Float values must lie in [0, 1], or in
+[0, data_range] when `data_range` says otherwise (a `ValueError` names the span found, with a slack of
+0.001 x data_range for rounding); uint8 and uint16 frames (arrays, tensors or PIL images, in lists nested as
+deep as diffusers' `.frames`) are scaled from their type's range to [0, 1]. A video with a value that is not
+finite (NaN or inf: a broken run) scores NaN, with a `RuntimeWarning`, never a score that looks good.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def as_frames(video) -> np.ndarray:
       `(H, W)` (gray); a single PIL image is one frame;
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
-    - 4: frames, `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the second
-      has, else refused (e.g. a VAE's latents);
+    - 4: frames; numpy `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the
+      second has; torch the other way round, `(F, C, H, W)` first (diffusers' `output_type="pt"`: a video 1, 3
+      or 4 pixels wide is not read as channels-last); else refused (e.g. a VAE's latents);
     - 5: the videos of a batch one after the other, `(B, F, ...)` with each video as in 4: diffusers' numpy
       `(B, F, H, W, C)` and torch `(B, F, C, H, W)`. A `(B, C, F, H, W)` tensor (a VAE's layout) is refused when F
       is not 1, 3 or 4, but when it is, it cannot be told apart from `(B, F, C, H, W)` and is read as that (C
@@ -56,6 +58,8 @@ def as_frames(video) -> np.ndarray:
     if _is_pil_image(video):
         video = [video]
     listed = isinstance(video, (list, tuple))
+    # diffusers' pt output is channels-first: a (F, 3, H, 4) video was read as 3 x H pixels of 4 channels
+    channels_first = isinstance(video, torch.Tensor) and video.ndim in (4, 5)
     if listed:
         video = np.stack([np.asarray(frame) for frame in video])
     tensor = isinstance(video, torch.Tensor)
@@ -78,7 +82,7 @@ def as_frames(video) -> np.ndarray:
         video = (video.transpose(1, 2, 0) if tensor else video)[None]
     if video.ndim != 4:
         raise ValueError(f"video of shape {video.shape}: {video.ndim} dimensions, expected 3 to 5 ({_LAYOUTS})")
-    if video.shape[-1] not in _CHANNEL_SIZES and video.shape[1] in _CHANNEL_SIZES:
+    if video.shape[1] in _CHANNEL_SIZES and (channels_first or video.shape[-1] not in _CHANNEL_SIZES):
         video = video.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
     elif video.shape[-1] not in _CHANNEL_SIZES:  # e.g. a VAE's (B, C, F, H, W), read as 16 "channels" before
         raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got shape "
@@ -99,9 +103,13 @@ def _scale(dtype: np.dtype) -> float:
 
 def _scaled_on_reading(video) -> bool:
     """Whether `as_frames` scales `video` to [0, 1] itself: integer or bool frames, PIL images among them."""
-    if _is_pil_image(video) or (isinstance(video, (list, tuple)) and video and _is_pil_image(video[0])):
+    first = video
+    # To the first frame however deep: pipe(output_type="pil").frames is a list of videos, each a list of PIL
+    # images, and looking one level down let data_range=255 through on it (48 dB too high).
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if _is_pil_image(first):
         return True
-    first = video[0] if isinstance(video, (list, tuple)) and video else video
     dtype = first.dtype if isinstance(first, (torch.Tensor, np.ndarray)) else None
     if isinstance(dtype, torch.dtype):
         return not (dtype.is_floating_point or dtype.is_complex)
@@ -117,6 +125,24 @@ def _check_data_range(data_range, video, reference) -> None:
     if data_range != 1 and (_scaled_on_reading(video) or _scaled_on_reading(reference)):
         raise ValueError(f"data_range={data_range!r}: integer frames (uint8, uint16, PIL images) are scaled to "
                          "[0, 1] when read, so their span is 1.0: leave data_range at its default")
+
+
+# Slack for values a rounding step past the range (clamped float16 output converted, say), as a share of it.
+_RANGE_SLACK = 1e-3
+
+
+def _check_values_in_range(a: np.ndarray, b: np.ndarray, data_range: float) -> None:
+    """A `ValueError` when a video's values leave [0, data_range]: the scores assume that span, and frames of
+    0..255 scored at the default range gave a PSNR of -27.6 dB, an LPIPS of 0.0042 where [0, 1] gave 0.0097."""
+    slack = _RANGE_SLACK * data_range
+    for name, x in (("video", a), ("reference", b)):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -slack or hi > data_range + slack:
+            raise ValueError(
+                f"data_range={data_range!r}: the {name}'s values span [{lo:.6g}, {hi:.6g}], expected [0, data_range] "
+                "(frames in [0, 1] at the default 1.0; data_range=255.0 for float frames of 0..255; map frames in "
+                "[-1, 1] to [0, 1] first)"
+            )
 
 
 def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
@@ -138,12 +164,23 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _scored_pair(video, reference, data_range, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both videos as frames, checked; `None` when either holds a value that is not finite (the score is NaN)."""
+    _check_data_range(data_range, video, reference)
+    a, b = _paired(video, reference)
+    if _not_finite(a, b, metric):
+        return None
+    _check_values_in_range(a, b, data_range)
+    return a, b
+
+
 def psnr(video, reference, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, per frame then averaged over the frames that differ (a frame identical in
     both has an infinite PSNR, which would make the mean infinite whatever the others: `inf` only when every frame
     is identical). NaN when either video holds a value that is not finite (a broken run), with a `RuntimeWarning`:
     `eval.md`, `eval.csv` and `compare`'s printout show `nan`, `compare.json` `"nan"` (its `null` is `inf`).
-    `data_range`: the span of float values, a finite number above 0 (integer frames are read as [0, 1]: 1.0).
+    `data_range`: the span of float values, a finite number above 0 (integer frames are read as [0, 1]: 1.0);
+    float values below 0 or above `data_range` (past a slack of 0.001 x data_range) are a `ValueError`.
 
     Example:
         >>> import numpy as np
@@ -151,10 +188,10 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
         >>> round(psnr(a + 0.1, a), 6)
         20.0
     """
-    _check_data_range(data_range, video, reference)
-    a, b = _paired(video, reference)
-    if _not_finite(a, b, "PSNR"):
+    pair = _scored_pair(video, reference, data_range, "PSNR")
+    if pair is None:
         return float("nan")
+    a, b = pair
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
     differing = mse[mse > 0]  # only identical frames: a NaN one never reaches here (see _not_finite)
     return float(np.mean(10.0 * np.log10(data_range**2 / differing))) if len(differing) else float("inf")
@@ -172,10 +209,10 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         >>> ssim(a, a)
         1.0
     """
-    _check_data_range(data_range, video, reference)
-    a, b = _paired(video, reference)
-    if _not_finite(a, b, "SSIM"):
+    pair = _scored_pair(video, reference, data_range, "SSIM")
+    if pair is None:
         return float("nan")
+    a, b = pair
     side = min(a.shape[1:3])
     win_size = min(7, side if side % 2 else side - 1)  # the largest odd window that fits
     if win_size < 3:
@@ -306,16 +343,24 @@ def _lpips_model(weights_path: str):
     return model.eval()
 
 
-def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> float:
-    """LPIPS (AlexNet, v0.1) per frame, then averaged; lower is closer. Videos in [0, 1].
+# Frames per AlexNet pass: its activations take ~125 MiB per 480x832 frame, ~10 GiB for Wan's 81 frames at once.
+LPIPS_CHUNK = 8
+
+
+def lpips(video, reference, weights_path: str | os.PathLike | None = None, data_range: float = 1.0) -> float:
+    """LPIPS (AlexNet, v0.1) per frame, then averaged; lower is closer. Videos in [0, data_range], [0, 1] by
+    default; scored `LPIPS_CHUNK` frames at a time, so memory does not grow with the frame count.
 
     Args:
-        video, reference: videos in any layout `as_frames` accepts, values in [0, 1].
+        video, reference: videos in any layout `as_frames` accepts, values in [0, data_range].
         weights_path (`str` or `os.PathLike`, *optional*): the torchvision AlexNet checkpoint; defaults to
             the standard torch hub cache (`alexnet_weights_path()`). A missing file raises `FileNotFoundError`
             saying where to put it, a file without AlexNet's `features.*` weights a `ValueError`: there is never
             a silent zero or a random backbone. NaN (with a `RuntimeWarning`) when either video holds a value
             that is not finite.
+        data_range (`float`, *optional*, defaults to `1.0`): the span of float values, as in `psnr` and `ssim`
+            (a `ValueError` for values outside it: LPIPS has no range of its own, and frames of 0..255 read as
+            [0, 1] scored 0.0042 where the same frames in [0, 1] scored 0.0097). Frames are divided by it.
 
     Example:
         >>> import numpy as np
@@ -323,17 +368,22 @@ def lpips(video, reference, weights_path: str | os.PathLike | None = None) -> fl
         >>> lpips(a, a) if alexnet_weights_path().is_file() else 0.0
         0.0
     """
-    a, b = _paired(video, reference)
-    if _not_finite(a, b, "LPIPS"):
+    pair = _scored_pair(video, reference, data_range, "LPIPS")
+    if pair is None:
         return float("nan")
+    a, b = pair
     if min(a.shape[1:3]) < LPIPS_MIN_SIZE:
         raise ValueError(f"LPIPS (AlexNet) needs frames of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got "
                          f"{a.shape[1:3]}")
     model = _lpips_model(str(weights_path or alexnet_weights_path()))
 
-    def to_input(frames):  # (F, H, W, C) in [0, 1] -> (F, 3, H, W) in [-1, 1]
-        x = torch.from_numpy(frames[..., :3]).float().permute(0, 3, 1, 2)
+    def to_input(frames):  # (F, H, W, C) in [0, data_range] -> (F, 3, H, W) in [-1, 1], float32 per chunk only
+        x = torch.from_numpy(frames[..., :3]).float().permute(0, 3, 1, 2) / data_range
         return x.expand(-1, 3, -1, -1) * 2 - 1 if x.shape[1] == 1 else x * 2 - 1
 
+    scores = []
     with torch.no_grad():
-        return float(model(to_input(a), to_input(b)).mean())
+        for start in range(0, len(a), LPIPS_CHUNK):
+            chunk = slice(start, start + LPIPS_CHUNK)
+            scores.append(model(to_input(a[chunk]), to_input(b[chunk])).flatten().double())
+    return float(torch.cat(scores).mean())

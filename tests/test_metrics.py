@@ -1,5 +1,6 @@
 """PSNR and SSIM against known values, in the layouts diffusers pipelines return."""
 
+import re
 import sys
 import warnings
 
@@ -127,7 +128,7 @@ def test_a_video_with_values_that_are_not_finite_scores_nan_not_perfect():
     # Before, the PSNR of an all-NaN video was inf (its NaN frames were dropped like identical ones: a broken run
     # scored as a perfect one), and a half-NaN one the PSNR of its other half.
     rng = np.random.default_rng(4)
-    reference = rng.random((4, 16, 16, 3))
+    reference = rng.random((4, 16, 16, 3)) * 0.9  # room for the + 0.1 below inside [0, 1]
     half = reference + 0.1
     half[:2] = np.nan
     with_inf = reference.copy()
@@ -252,3 +253,96 @@ def test_a_weights_file_without_alexnet_features_is_a_value_error_naming_it(tmp_
             lpips_weights(path, frame_size=(32, 32))
         with pytest.raises(ValueError, match=f"weights_path=.*{path.name}.*{message}"):
             lpips(video, video, weights_path=path)
+
+
+def test_nested_pil_frames_take_no_data_range_either():
+    # pipe(output_type="pil").frames is a list of videos, each a list of PIL images: only one level was looked into,
+    # so data_range=255 went through on it and scored 82.6 dB where the default gave 34.4.
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+    noisy = np.clip(frames.astype(int) + rng.integers(-8, 9, frames.shape), 0, 255).astype(np.uint8)
+    nested, nested_noisy = ([[Image.fromarray(f) for f in video] for video in x] for x in (frames, noisy))
+    assert psnr(nested_noisy, nested) == pytest.approx(psnr(noisy, frames))
+    for video in (nested_noisy, [list(v) for v in noisy], (tuple(noisy[0]),)):
+        for metric in (psnr, ssim):
+            with pytest.raises(ValueError, match="data_range=255.0: integer frames"):
+                metric(video, video, data_range=255.0)
+
+
+def test_float_values_outside_the_data_range_are_refused(tmp_path):
+    # Before, they were scored as they were: frames of 0..255 at the default range gave a PSNR of -27.6 dB and an
+    # SSIM near 0.95, and LPIPS (no range at all) 0.0042 where the same frames in [0, 1] gave 0.0097.
+    torchvision = pytest.importorskip("torchvision")
+    from diffsparse.metrics import lpips
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    rng = np.random.default_rng(8)
+    video = rng.random((2, 32, 32, 3))
+    noisy = np.clip(video + rng.normal(0, 0.1, video.shape), 0, 1)
+    below = video.copy()
+    below[0, 0, 0, 0] = -0.01
+
+    def lpips_with(video, reference, **kwargs):
+        return lpips(video, reference, weights_path=weights, **kwargs)
+
+    for metric in (psnr, ssim, lpips_with):
+        for a, b, data_range, message in ((noisy * 255, video, 1.0, "video's values span [0, 255]"),
+                                          (noisy * 2 - 1, video, 1.0, "video's values span [-1, 1]"),
+                                          (noisy, below, 1.0, "reference's values span [-0.01, "),
+                                          (noisy * 255 + 2, video * 255, 255.0, "video's values span [2, 257]")):
+            with pytest.raises(ValueError, match=re.escape(f"data_range={data_range}: the {message}")):
+                metric(a, b, data_range=data_range)
+        # Rounding past the range is not a new range: within 0.001 x data_range it is scored.
+        assert np.isfinite(metric(np.clip(noisy, 0, 1) * 1.0005, video))
+        # The same frames score the same with their own data_range, LPIPS included.
+        assert metric(noisy * 255, video * 255, data_range=255) == pytest.approx(metric(noisy, video), rel=1e-5)
+
+
+def test_lpips_scores_at_most_8_frames_at_a_time(tmp_path, monkeypatch):
+    # Every frame went through AlexNet in one batch: ~125 MiB per 480x832 frame, ~10 GiB for Wan's 81.
+    torchvision = pytest.importorskip("torchvision")
+    from diffsparse import metrics
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    model = metrics._lpips_model(str(weights))
+    batches = []
+
+    def recording(a, b):
+        batches.append(len(a))
+        assert a.dtype == torch.float32
+        return model(a, b)
+
+    monkeypatch.setattr(metrics, "_lpips_model", lambda path: recording)
+    rng = np.random.default_rng(9)
+    video = rng.random((20, 32, 40, 3))
+    noisy = np.clip(video + rng.normal(0, 0.2, video.shape), 0, 1)
+    score = metrics.lpips(noisy, video, weights_path=weights)
+    assert batches == [8, 8, 4]
+
+    def frames(x):
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() * 2 - 1
+
+    with torch.no_grad():
+        unchunked = float(model(frames(noisy), frames(video)).mean())
+    assert score > 0 and score == pytest.approx(unchunked, rel=1e-5)
+
+
+def test_torch_frames_are_read_channels_first_however_narrow():
+    # diffusers' pt output is (F, C, H, W): a video 1, 3 or 4 pixels wide was read as (F, H, W, C) before, a
+    # (2, 3, 16, 4) tensor as 2 frames of 3 x 16 pixels with 4 channels.
+    rng = np.random.default_rng(10)
+    for width in (1, 3, 4):
+        frames = rng.random((2, 16, width, 3), dtype=np.float32)
+        tensor = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        np.testing.assert_array_equal(as_frames(tensor), frames)
+        np.testing.assert_array_equal(as_frames(tensor[None]), frames)  # (B, F, C, H, W)
+        np.testing.assert_array_equal(as_frames(frames), frames)  # numpy stays channels-last first
+    # A torch (C, H, W) image 3 pixels high is one image, not read twice.
+    image = rng.random((3, 3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(as_frames(torch.from_numpy(image)), image.transpose(1, 2, 0)[None])

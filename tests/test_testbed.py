@@ -446,6 +446,65 @@ def test_regenerating_without_a_60_minute_model_keeps_its_numbers(tmp_path):
     assert untouched == {"fidelity": {}}
 
 
+def _stubbed_evidence(monkeypatch):
+    """`evidence.main` with sampling, scoring and plots stubbed: what it prints and records, in a second."""
+    scores = fidelity.Scores(1, 0.5, 0.5, 0.5, 0.5)
+    decay = evidence.AttentionDecay((1, 1, 1), [[1.0]], [1.0], [[1.0]], [1.0], (1,), {1: [[1.0]]}, {1: 1.0})
+    for name, stub in (("load", lambda path=None: path), ("sample", lambda *args, **kwargs: None),
+                       ("save_sample_grid", lambda *args, **kwargs: None), ("fidelity", lambda *args, **kwargs: scores),
+                       ("reference_scores", lambda *args, **kwargs: scores),
+                       ("attention_decay", lambda *args, **kwargs: decay),
+                       ("plot_attention_decay", lambda *args, **kwargs: None)):
+        monkeypatch.setattr(evidence, name, stub)
+
+
+def test_kept_60_minute_scores_say_when_they_were_scored(tmp_path, monkeypatch):
+    # The kept runs/t60ln scores predate the 2026-12-05 colour check: the README's footnote said so, evidence.json
+    # did not, and every rewrite carried them over as if current.
+    _stubbed_evidence(monkeypatch)
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "model_index.json").write_text("{}")
+    out = tmp_path / "out"
+    fresh = evidence.main(["--early", str(early), "--out", str(out)])
+    assert fresh[evidence.SCORED_60MIN] == evidence.scored_60min_now()
+    assert fresh[evidence.SCORED_60MIN]["carried_over"] is False
+    kept = evidence.main(["--out", str(out)])  # no 60-minute model: its numbers and their date carried over
+    assert kept[evidence.SCORED_60MIN] == {**fresh[evidence.SCORED_60MIN], "carried_over": True}
+    assert kept["fidelity"]["60min_training_size"] == fresh["fidelity"]["60min_training_size"]
+    # An evidence.json from before the key: scored before the colour check, and said to be.
+    unmarked = json.loads((out / "evidence.json").read_text())
+    del unmarked[evidence.SCORED_60MIN]
+    (out / "evidence.json").write_text(json.dumps(unmarked))
+    assert evidence.main(["--out", str(out)])[evidence.SCORED_60MIN] == {
+        "scored": evidence.UNRECORDED_60MIN_SCORING, "carried_over": True}
+
+
+def test_the_committed_evidence_marks_its_kept_60_minute_scores_as_the_script_does(tmp_path):
+    # Regenerated without the 60-minute model (not on this machine), the file must come out as committed.
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "testbed" / "evidence.json").read_text())
+    before_the_key = {key: value for key, value in committed.items() if key != evidence.SCORED_60MIN}
+    (tmp_path / "evidence.json").write_text(json.dumps(before_the_key))
+    rewritten = {"fidelity": {}}
+    evidence.carry_over_60min(tmp_path / "evidence.json", rewritten)
+    assert committed[evidence.SCORED_60MIN] == rewritten[evidence.SCORED_60MIN] == {
+        "scored": evidence.UNRECORDED_60MIN_SCORING, "carried_over": True}
+    assert rewritten["fidelity"]["60min_training_size"] == committed["fidelity"]["60min_training_size"]
+
+
+def test_each_stage_of_the_evidence_prints_how_long_it_took(tmp_path, monkeypatch, capsys):
+    # A regeneration takes most of an hour on 2 CPU cores; nothing said which stage ran how long.
+    _stubbed_evidence(monkeypatch)
+    evidence.main(["--two-stage", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for stage in ("samples.png (6 prompts)", "fidelity at the evaluation size (and of the training data)",
+                  "fidelity at the evaluation size, two-stage", "fidelity at the training size",
+                  "attention decay (3 prompts)"):
+        assert re.search(rf"^{re.escape(stage)}: \d+ s$", printed, re.MULTILINE), stage
+    assert re.search(rf"^wrote {re.escape(str(tmp_path))}/ in \d+ s$", printed, re.MULTILINE)
+    assert evidence._duration(560.4) == "9 min 20 s" and evidence._duration(59.6) == "1 min 0 s"
+
+
 def _recorded(query, key, layout, radii=(1,)):
     recorder = evidence._Recorder(layout, layers=1, rows=10**6, radii=radii, seed=0)  # every row
     recorder.add(0, query, key)
@@ -483,6 +542,53 @@ def test_attention_decay_runs_on_the_pipeline_and_restores_processors():
                                      rows=8)
     assert decay.layout == (3, 4, 4) and len(decay.temporal_mass) == len(before)
     assert all(sum(m) == pytest.approx(1, abs=1e-5) for m in decay.temporal_mass + decay.spatial_mass)
+    assert [block.attn1.processor for block in pipe.transformer.blocks] == before
+
+
+def test_attention_decay_records_the_attention_the_transformer_computes(monkeypatch):
+    # The probe recomputes the softmax from q and k. The tests above feed the recorder q and k directly, so a probe
+    # that dropped the 1/sqrt(D) scale or RoPE passed them all (and moved the headline concentration from 12.2x to
+    # 27.7x or 1.19x). With every query row sampled, probabilities @ v must be what the attention call returned.
+    from diffusers.models.transformers import transformer_wan
+
+    events = []
+    probabilities, dispatch = evidence._Recorder.probabilities, transformer_wan.dispatch_attention_fn
+
+    def recorded_probabilities(self, query, key):
+        probs = probabilities(self, query, key)
+        events.append(("probs", probs))
+        return probs
+
+    def recorded_dispatch(query, key, value, *args, **kwargs):
+        out = dispatch(query, key, value, *args, **kwargs)
+        events.append(("dispatch", (value, out)))
+        return out
+
+    monkeypatch.setattr(evidence._Recorder, "probabilities", recorded_probabilities)
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", recorded_dispatch)
+    pipe = testbed.build_pipeline()
+    decay = evidence.attention_decay(pipe, ["a red circle moving left"], frames=3, height=16, width=16, steps=2,
+                                     rows=10**6)
+    n = math.prod(decay.layout)
+    # The processor's first attention call after the probe's probabilities is that self-attention (then the text's)
+    pairs = [(probs, called) for (kind, probs), (next_kind, called) in itertools.pairwise(events)
+             if kind == "probs" and next_kind == "dispatch"]
+    assert len(pairs) == sum(kind == "probs" for kind, _ in events) >= 2 * len(pipe.transformer.blocks)
+    for probs, (value, out) in pairs:
+        assert probs.shape[-2:] == (n, n) and value.shape[1] == n
+        torch.testing.assert_close(probs @ value.transpose(1, 2).float(), out.transpose(1, 2).float(), atol=1e-5,
+                                   rtol=0)
+
+
+def test_attention_decay_refuses_pipelines_other_than_the_testbed():
+    # It samples through testbed.sample (first_frame=...) and counts frames // patch latent frames: a WanPipeline
+    # failed with a TypeError about first_frame, and would have binned 9 frames where Wan's VAE makes 3.
+    from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    before = [block.attn1.processor for block in pipe.transformer.blocks]
+    with pytest.raises(ValueError, match="pipe=WanPipeline: attention_decay measures the testbed pipeline only"):
+        evidence.attention_decay(pipe, ["a red circle moving left"], frames=9, height=32, width=32, steps=1, rows=8)
     assert [block.attn1.processor for block in pipe.transformer.blocks] == before
 
 
