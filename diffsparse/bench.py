@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 from .kernels import block_sparse_attention, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COLUMNS = ["mask", "backend", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency", "plan_ms",
-           "plan_mb", "peak_mb"]
+COLUMNS = ["mask", "backend", "target_density", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency",
+           "plan_ms", "plan_mb", "peak_mb"]
 
 
 def random_block_mask(num_blocks: int, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -132,6 +133,22 @@ def pattern_block_mask(name: str, seq: int, density: float, block_size: int) -> 
     return pattern.block_mask(layout, block_size)[None]
 
 
+def _warn_if_off_target(mask_kind: str, target: float, reached: float, seq: int, block_size: int) -> None:
+    """Warn when the timed mask's density is far from the `--density` asked (radial keeps neighbouring frames
+    whole: on 2 frames it stays at 1.0 whatever the target; a random mask keeps its diagonal, 1 / blocks at
+    least), which would otherwise show only as a speedup near 1 in a row. The runtime's tolerance
+    (`SparseRuntime._warn_if_out_of_reach`, a method of a runtime, not callable on a bare mask): solved densities
+    move in steps, so the ordinary gap is spared."""
+    if abs(reached - target) <= max(0.05, 0.25 * target):
+        return
+    warnings.warn(
+        f"diffsparse: bench attention: --density {target} is out of reach of --mask {mask_kind} on {seq} tokens, "
+        f"block {block_size}: the mask timed has density {reached:.3f}, so this row runs "
+        f"{'denser' if reached > target else 'sparser'} than asked",
+        stacklevel=2,
+    )
+
+
 def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: int, generator, mask_kind="random"):
     device = q.device
     n = q.shape[2]
@@ -144,6 +161,7 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
         _time_ms(lambda: make_plan(mask, n, n, block_size), device) for _ in range(max(3, repeats))
     )
     plan = make_plan(mask, n, n, block_size)
+    _warn_if_off_target(mask_kind, density, plan.density, n, block_size)
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
@@ -161,6 +179,7 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
     return {
         "mask": mask_kind,
         "backend": _backend_label(device, q.dtype, backend, plan, q.shape[-1]),
+        "target_density": density,  # what `density` (the timed plan's) was asked to be
         "density": plan.density,
         "dense_ms": dense_ms,
         "sparse_ms": sparse_ms,
@@ -197,8 +216,6 @@ def _backend_label(device: torch.device, dtype: torch.dtype, requested: str, pla
     """The backend that ran and, for "cpu", which of its two paths: timings mean little without it. Chosen with
     the call's own plan, head dim and dtype, as `block_sparse_attention` chooses: on CUDA, "auto" runs blocks other
     than 64/128, head dims above 256 and float32 tiles too large for shared memory on the torch-ops path."""
-    import warnings
-
     from .kernels import choose_backend, cpu_native
 
     with warnings.catch_warnings():
@@ -252,6 +269,8 @@ def _cell(column: str, value) -> str:
         return "-"
     if isinstance(value, str):
         return value
+    if column == "target_density":  # as given
+        return f"{value:g}"
     return f"{value:.3f}" if column in ("density", "speedup", "efficiency", "plan_mb") else f"{value:.1f}"
 
 
@@ -365,8 +384,6 @@ def run_causal_bench(args) -> list[dict]:
     that fill the groups) or group by group (blocks across them). Interleaved `args.repeats` pairs after one
     untimed run of each; medians. Writes `bench_causal.json` into `args.out`.
     """
-    import warnings
-
     from diffusers.hooks.hooks import CacheContext
 
     from .config import SparseConfig
@@ -471,7 +488,7 @@ def run_pipeline_bench(args, config) -> dict:
         prompt_passed,
         weights_dtype,
     )
-    from .evaluate import timed_generation
+    from .evaluate import diffsparse_warnings, timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
     check_call_kwargs_before_loading(args)
@@ -487,21 +504,24 @@ def run_pipeline_bench(args, config) -> dict:
             call_stats = handle.stats(since_apply=True)  # every segment of a pipeline that runs several
         return seconds, attention, call_stats
 
-    dense_run(), sparse_run()  # one-time costs (thread pools, the compiled CPU kernel) off the timed runs
-    pairs = []
-    for _ in tqdm(range(args.repeats), desc="dense, sparse", unit="pair"):
-        dense_seconds, dense_attention = dense_run()
-        sparse_seconds, sparse_attention, call_stats = sparse_run()
-        pairs.append(
-            {
-                "dense_seconds": dense_seconds,
-                "sparse_seconds": sparse_seconds,
-                "dense_attention_seconds": dense_attention,
-                "sparse_attention_seconds": sparse_attention,
-                "speedup": dense_seconds / sparse_seconds,
-                "attention_speedup": dense_attention / sparse_attention,
-            }
-        )
+    # diffsparse's warnings ("nothing runs sparse", a density out of reach) for readers of the JSON, who see no
+    # stderr; every run under the config says them again, so the untimed one is no different.
+    with diffsparse_warnings() as kept:
+        dense_run(), sparse_run()  # one-time costs (thread pools, the compiled CPU kernel) off the timed runs
+        pairs = []
+        for _ in tqdm(range(args.repeats), desc="dense, sparse", unit="pair"):
+            dense_seconds, dense_attention = dense_run()
+            sparse_seconds, sparse_attention, call_stats = sparse_run()
+            pairs.append(
+                {
+                    "dense_seconds": dense_seconds,
+                    "sparse_seconds": sparse_seconds,
+                    "dense_attention_seconds": dense_attention,
+                    "sparse_attention_seconds": sparse_attention,
+                    "speedup": dense_seconds / sparse_seconds,
+                    "attention_speedup": dense_attention / sparse_attention,
+                }
+            )
     work = call_stats.mean_density
     attention_speedup = statistics.median(p["attention_speedup"] for p in pairs)
     result = {
@@ -525,6 +545,7 @@ def run_pipeline_bench(args, config) -> dict:
         "sparse_step_density": call_stats.sparse_steps_density,
         "attention_work": work,
         "efficiency": attention_speedup * work,
+        "warnings": kept,
     }
     print(f"{result['model']}; {result['video']}; {result['device']}, {placement(pipe)}; {config!r}")
     print("| pair | dense s | sparse s | end-to-end speedup | attention speedup |")

@@ -107,6 +107,27 @@ def _density(text: str) -> float:
 _densities = _comma_list(_density, "block densities in (0, 1]")
 
 
+def _optional_density(text: str) -> float | None:
+    """A block density in (0, 1], or `none`: `SparseConfig.density=None`, the pattern as written."""
+    return None if text == "none" else _density(text)
+
+
+def _distinct(parse):
+    """`parse`'s list with each value at most once: `eval` runs every combination of its lists, so a value given
+    twice generated every video again for an identical row."""
+
+    def distinct(text: str) -> list:
+        values = parse(text)
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                shown = "none" if value is None else repr(value)  # as typed: `none` is the CLI's None
+                raise argparse.ArgumentTypeError(f"{shown} is given twice in {text!r}: give each value once")
+        return values
+
+    distinct.__name__ = parse.__name__
+    return distinct
+
+
 def _json_object(text: str) -> dict:
     from .compare import parse_call_kwargs
 
@@ -397,16 +418,20 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_and_video(p)
-    p.add_argument("--pattern", type=_pattern_list, default=["radial", "window3d"],
+    # Each list once per value: a repeated item made identical rows, every video generated again for each.
+    p.add_argument("--pattern", type=_distinct(_pattern_list), default=["radial", "window3d"],
                    help="comma-separated patterns, each a " + PATTERN_HELP)
-    p.add_argument("--density", type=_comma_list(float, "densities"), default=[0.1, 0.2, 0.3],
-                   help="comma-separated target block densities in (0, 1]; each pattern is solved for each")
-    p.add_argument("--dense-steps", type=_comma_list(_step_count, "step counts or fractions"), default=[0, 0.2],
+    p.add_argument("--density", type=_distinct(_comma_list(_optional_density, "densities in (0, 1] or none")),
+                   default=[0.1, 0.2, 0.3],
+                   help="comma-separated target block densities in (0, 1], each pattern's main parameter solved for "
+                        "each (the table's pattern_ran names the solved pattern), or none: the pattern as written")
+    p.add_argument("--dense-steps", type=_distinct(_comma_list(_step_count, "step counts or fractions")),
+                   default=[0, 0.2],
                    help="comma-separated dense-step settings, each a step count or a fraction of the steps")
-    p.add_argument("--dense-layers", type=_dense_layers_list, default=[0],
+    p.add_argument("--dense-layers", type=_distinct(_dense_layers_list), default=[0],
                    help="comma-separated dense-layer settings, each a count of leading transformer blocks or a "
                         "bracketed list of block indices, e.g. '0,1,[3]'")
-    p.add_argument("--correction", type=_comma_list(_correction, "corrections"), default=[None],
+    p.add_argument("--correction", type=_distinct(_comma_list(_correction, "corrections")), default=[None],
                    help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "

@@ -7,12 +7,13 @@ adapter's self-attention modules, in the dense and the sparse runs alike.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .compare import (
     fill_call_defaults,
     first_output,
     generation_kwargs,
+    kept_warnings,
     load_pipeline_for,
     model_label,
     placement,
@@ -73,7 +75,9 @@ def _attention_modules(pipe):
 
 @dataclass
 class EvalRow:
-    pattern: str
+    pattern: str  # as configured: with a target density, its main parameter is solved per layout (`pattern_ran`)
+    # What ran (`_pattern_ran`): with a target density, the solved instance of each layout; None if none ran sparse.
+    pattern_ran: str | None
     target_density: float | None
     measured_density: float  # mean over the calls of the sparse steps, dense ones counting 1.0
     dense_steps: float
@@ -85,6 +89,9 @@ class EvalRow:
     lpips: float | None
     attention_time_ratio: float  # sparse / dense self-attention seconds
     end_to_end_ratio: float  # sparse / dense wall seconds
+    # diffsparse's warnings while this configuration ran ("nothing runs sparse", a density out of reach), which
+    # otherwise reach stderr only; each text once.
+    warnings: list[str] = field(default_factory=list)
 
 
 def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.ndarray, float, float]:
@@ -129,6 +136,7 @@ def run_eval(args) -> list[EvalRow]:
             args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
         )
     ]
+    _check_distinct(configs)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
@@ -139,13 +147,16 @@ def run_eval(args) -> list[EvalRow]:
     stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
     scored = scored_frames(args)
     with_lpips = weights is not None
-    progress = tqdm(total=len(cases) * (1 + len(configs)), desc="videos", unit="video")
-    # Untimed warm-ups of both paths, so that no configuration's time ratio carries the first sparse call's
-    # one-off costs (loading the compiled kernel, building plans).
-    timed_generation(pipe, *cases[0], args, stills[cases[0]])
-    if configs:
-        with sparse(pipe, configs[0]):
+    warm_ups = [None, *configs[:1]]
+    progress = tqdm(total=len(warm_ups) + len(cases) * (1 + len(configs)), desc="videos", unit="video")
+    # Untimed warm-ups of both paths, so that the first timed video of either does not carry the process's one-off
+    # costs (loading the compiled kernel, thread pools, lazy imports). Plans are not among them: each configuration
+    # applies afresh and builds its own at its first case, as a user's first video does, and that case's ratio
+    # includes it.
+    for config in warm_ups:
+        with sparse(pipe, config) if config is not None else contextlib.nullcontext():
             timed_generation(pipe, *cases[0], args, stills[cases[0]])
+        progress.update(1)
     dense = {}
     for prompt, seed in cases:
         dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
@@ -153,7 +164,7 @@ def run_eval(args) -> list[EvalRow]:
     rows = []
     for config in configs:
         scores, wall, attention = [], [], []
-        with sparse(pipe, config) as handle:
+        with diffsparse_warnings() as kept, sparse(pipe, config) as handle:
             for prompt, seed in cases:
                 frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
                 reference, dense_seconds, dense_attention = dense[prompt, seed]
@@ -170,12 +181,14 @@ def run_eval(args) -> list[EvalRow]:
                 progress.update(1)
             # Every case and every denoising run of each (a pipeline's chunks or stages), as the runtime counted
             # their steps.
-            measured_density = handle.stats(since_apply=True).sparse_steps_density
+            call_stats = handle.stats(since_apply=True)
+            pattern_ran = _pattern_ran(config, handle, call_stats)
         rows.append(
             EvalRow(
                 pattern=repr(config.resolved_pattern),
+                pattern_ran=pattern_ran,
                 target_density=config.density,
-                measured_density=measured_density,
+                measured_density=call_stats.sparse_steps_density,
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
                 correction=config.correction,
@@ -185,11 +198,57 @@ def run_eval(args) -> list[EvalRow]:
                 lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,
                 attention_time_ratio=statistics.fmean(attention),
                 end_to_end_ratio=statistics.fmean(wall),
+                warnings=kept,
             )
         )
     progress.close()
     _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe))
     return rows
+
+
+@contextlib.contextmanager
+def diffsparse_warnings():
+    """Inside, diffsparse's warnings are shown (`compare.kept_warnings`) and their texts, each once, end up in the
+    list this yields, filled on leaving: what a result file keeps for readers who never see stderr."""
+    # No "always" filter: entering `catch_warnings` resets Python's once-per-place memory, so each configuration's
+    # context shows its texts again, and one the user silenced (`-W ignore`) stays silent here too.
+    with kept_warnings() as caught:
+        kept = []
+        yield kept
+    kept.extend(dict.fromkeys(message for message in caught if message.startswith("diffsparse")))
+
+
+def _check_distinct(configs: list[SparseConfig]) -> None:
+    """A `ValueError` for two configurations that run the same (`radial` and `radial(decay=1.0)`: one pattern
+    spelled twice), which would generate every video twice for two identical rows."""
+    seen = {}
+    for config in configs:
+        key = (repr(config.resolved_pattern), config.density, config.dense_steps, repr(config.dense_layers),
+               config.correction)
+        if key in seen:
+            raise ValueError(
+                f"pattern={config.pattern!r} and pattern={seen[key].pattern!r} are the same pattern "
+                f"({key[0]}) under the same other settings: give each configuration once"
+            )
+        seen[key] = config
+
+
+def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:
+    """The pattern that ran under `config`: `None` when no call ran sparse; without a target density, the
+    configured one; with one, the instance solved for it on each layout the runs had (`"; "` between several), or
+    for a data-dependent pattern, whose fits (per layer and video, each solved for the density) are not kept, a
+    sentence saying so."""
+    if not any(layer.sparse_calls for layer in call_stats.layers):
+        return None
+    pattern = config.resolved_pattern
+    if config.density is None:
+        return repr(pattern)
+    if pattern.data_dependent:
+        return f"{pattern.name} fitted per layer and video, each fit solved for the target density"
+    # The runtime's solve cache (a private attribute: `SparseRuntime` offers no public view of it) holds every
+    # instance the plans were built from, one per layout (and order, query range).
+    solved = (repr(p) for runtime in handle.runtimes.values() for p in runtime._solved.values())
+    return "; ".join(dict.fromkeys(solved))
 
 
 def eval_prompts(args) -> list[str]:
@@ -223,7 +282,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     with open(out / "eval.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        # A JSON list: warnings hold commas, semicolons and quotes of their own.
+        writer.writerows({**asdict(r), "warnings": json.dumps(r.warnings)} for r in rows)
     header = (
         f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
         f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds from {args.seed}, block {args.block_size}, "
@@ -231,6 +291,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         f"{placement}, "
         f"{sampler_label(args)}, scored on {scored_label(args)}"
     )
+    # The table gives each row's count of warnings; their texts follow it, numbered by row.
+    cells = [{**asdict(r), "warnings": len(r.warnings)} for r in rows]
     lines = [
         header,
         "",
@@ -238,15 +300,24 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         *(["", f"Image: {args.image}"] if getattr(args, "image", None) else []),
         *(["", f"Call arguments: {json.dumps(args.call_kwargs)}"] if getattr(args, "call_kwargs", None) else []),
         "",
-        "| " + " | ".join(fields) + " |",
-        "|" + "---|" * len(fields),
-        *("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |" for r in rows),
+        "| row | " + " | ".join(fields) + " |",
+        "|" + "---|" * (len(fields) + 1),
+        *(f"| {i} | " + " | ".join(_fmt(v) for v in c.values()) + " |" for i, c in enumerate(cells, 1)),
     ]
+    columns = (
+        "pattern: as configured, its main parameter solved per layout when target_density is set; pattern_ran: what "
+        "ran (with a target density, the instance solved on each layout; - when no call ran sparse). "
+        "measured_density: the mean block density over every self-attention call of the sparse steps (those "
+        "dense_steps leaves sparse), in every denoising run of every video, calls computed dense there (dense "
+        "layers, correction measurements, masked calls) counting 1.0."
+    )
     timing = (
         "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "
         "for speed, `diffsparse bench pipeline` times interleaved dense/sparse pairs."
     )
-    lines += ["", timing]
+    lines += ["", columns, "", timing]
+    for i, r in enumerate(rows, 1):
+        lines += ["", f"Warnings of row {i}:", *(f"- {message}" for message in r.warnings)] if r.warnings else []
     if not with_lpips:
         lines += ["", f"LPIPS not computed: {lpips_missing_reason((args.height, args.width))}."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")

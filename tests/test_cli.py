@@ -486,8 +486,8 @@ def test_attention_bench_table(tmp_path, capsys):
                  "--repeats", "1", "--mask", "window3d", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "bench_attention.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["mask", "backend", "density", "dense_ms", "sparse_ms", "speedup", "bound", "efficiency",
-                             "plan_ms", "plan_mb", "peak_mb"]
+    assert list(rows[0]) == ["mask", "backend", "target_density", "density", "dense_ms", "sparse_ms", "speedup",
+                             "bound", "efficiency", "plan_ms", "plan_mb", "peak_mb"]
     assert [r["mask"] for r in rows] == ["window3d", "window3d"]
     printed = capsys.readouterr().out
     from diffsparse.kernels import make_plan
@@ -499,6 +499,7 @@ def test_attention_bench_table(tmp_path, capsys):
         # CPU keeps no allocator statistics: no peak, rather than the plan's bytes under that name.
         assert r["peak_mb"] == "" and float(r["plan_mb"]) > 0
         x = {key: float(value) for key, value in r.items() if key not in ("mask", "backend", "peak_mb")}
+        assert x.pop("target_density") == target
         # The density the timed plan has, not the target it was solved for.
         mask = get_pattern("window3d").at_density(layout, target, 128).block_mask(layout, 128)[None]
         assert x["density"] == make_plan(mask, 2048, 2048, 128).density != target
@@ -511,7 +512,7 @@ def test_attention_bench_table(tmp_path, capsys):
         # The printed table is the same row, rounded: 3 decimals for the ratios and the plan's memory, 1 for times
         # and bound.
         cells = [f"{x[c]:.3f}" if c in ("density", "speedup", "efficiency", "plan_mb") else f"{x[c]:.1f}" for c in x]
-        assert f"| window3d | {r['backend']} | " + " | ".join(cells) + " | - |" in printed
+        assert f"| window3d | {r['backend']} | {target:g} | " + " | ".join(cells) + " | - |" in printed
     assert f"backend={rows[0]['backend']} mask=window3d" in printed
 
 
@@ -636,7 +637,7 @@ def test_eval_writes_a_table(tmp_path, capsys, monkeypatch):
     assert main([*args, "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "eval.csv").read_text().splitlines()
     assert rows[0].startswith(
-        "pattern,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
+        "pattern,pattern_ran,target_density,measured_density,dense_steps,dense_layers,correction,order,psnr_db")
     assert len(rows) == 3
     with open(tmp_path / "eval.csv") as f:
         ratios = [(float(r["end_to_end_ratio"]), float(r["attention_time_ratio"])) for r in csv.DictReader(f)]
@@ -714,6 +715,81 @@ def test_eval_takes_patterns_with_parameters(tmp_path):
     assert abs(float(rows[1]["measured_density"]) - 0.5) < 0.05
 
 
+def test_eval_runs_a_pattern_as_written_with_density_none_and_names_the_solved_one(tmp_path):
+    # With a density the main parameter is solved: the row named window3d(window=(1, 2, 2)) ran (2, 3, 3). Before,
+    # `none` was refused and nothing in the table said which window ran.
+    from diffsparse.patterns import VideoLayout, get_pattern
+
+    written = "window3d(window=(1,2,2))"
+    args = ["eval", "--pattern", written, "--density", "none,0.5", "--dense-steps", "0", "--steps", "1", "--frames",
+            "5", "--height", "32", "--width", "32", "--block-size", "64", "--prompts", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "eval.csv") as f:
+        as_written, solved = csv.DictReader(f)
+    layout, pattern = VideoLayout(5, 8, 8), get_pattern(written)  # 5 frames of 32 x 32 pixels: 5 x 8 x 8 tokens
+    ran = pattern.at_density(layout, 0.5, 64)
+    assert (as_written["target_density"], as_written["pattern_ran"]) == ("", repr(pattern))
+    assert float(as_written["measured_density"]) == pytest.approx(pattern.density(layout, 64))
+    assert (solved["target_density"], solved["pattern_ran"]) == ("0.5", "window3d(window=(2, 3, 3))") == (
+        "0.5", repr(ran))
+    assert float(solved["measured_density"]) == pytest.approx(ran.density(layout, 64))
+    assert solved["pattern"] == as_written["pattern"] == repr(pattern)  # as configured, in both rows
+    assert "measured_density: the mean block density over every self-attention call of the sparse steps" in (
+        tmp_path / "eval.md").read_text()
+
+
+def test_eval_keeps_each_configurations_warnings_in_its_row(tmp_path):
+    # Before, diffsparse's warnings reached stderr only; compare.json kept them, eval.md and eval.csv none.
+    args = ["eval", "--pattern", "radial", "--density", "0.1", "--dense-steps", "0,2", "--steps", "2", "--frames", "1",
+            "--height", "16", "--width", "16", "--block-size", "16", "--prompts", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with open(tmp_path / "eval.csv") as f:
+        sparse_run, all_dense = (json.loads(r["warnings"]) for r in csv.DictReader(f))
+    nothing = "so nothing runs sparse"
+    assert not any(nothing in w for w in sparse_run) and any("out of reach" in w for w in sparse_run)
+    assert [w for w in all_dense if nothing in w] == all_dense != []  # its plans never built: no density warning
+    table = (tmp_path / "eval.md").read_text()
+    first, second = table.split("Warnings of row 1:")[1].split("Warnings of row 2:")
+    assert nothing not in first and "out of reach" in first and nothing in second
+    assert "| 1 | radial(" in table and table.count(" | 1 |\n") == 2  # one warning each in the table's last column
+
+
+def _constant_videos(monkeypatch, value):
+    """`timed_generation` without the pipeline: every frame the constant `value(prompt, seed, sparse)`; the (prompt,
+    seed, sparse) of each call in the list returned."""
+    from diffsparse import evaluate
+    from diffsparse.pipelines.wan import WanSparseAttnProcessor
+
+    generated = []
+
+    def constant(pipe, prompt, seed, *rest):
+        sparse = isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
+        generated.append((prompt, seed, sparse))
+        return np.full((2, 4, 4, 3), value(prompt, seed, sparse)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", constant)
+    return generated
+
+
+def test_eval_scores_each_video_against_its_own_dense_video_over_every_seed(tmp_path, monkeypatch):
+    # Each (prompt, seed) its own dense level, the sparse video 0.01 above it: 40 dB exactly, only when each video
+    # is scored against its own dense one. Before, no test told that from pairing with the first case's dense video,
+    # or --seeds from repeating the first seed.
+    from diffsparse.evaluate import PROMPTS
+
+    dense = {(PROMPTS[0], 0): 0.2, (PROMPTS[0], 1): 0.4, (PROMPTS[1], 0): 0.6, (PROMPTS[1], 1): 0.8}
+    generated = _constant_videos(monkeypatch, lambda prompt, seed, sparse: dense[prompt, seed] + 0.01 * sparse)
+    args = ["eval", "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--steps", "1",
+            "--frames", "5", "--height", "32", "--width", "32", "--prompts", "2", "--seeds", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "eval.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["psnr_db"]) == pytest.approx(40.0, abs=1e-9)
+    timed = generated[2:]  # after the two warm-ups
+    assert {(prompt, seed) for prompt, seed, _ in timed} == set(dense)
+    assert sorted((prompt, seed) for prompt, seed, sparse in timed if sparse) == sorted(dense)
+
+
 def _subparsers(parser: argparse.ArgumentParser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -736,7 +812,7 @@ def test_every_option_is_documented_in_help():
 def test_list_options_name_what_they_expected(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--density", "0.1,x"])
-    assert "expected comma-separated densities, got '0.1,x'" in capsys.readouterr().err
+    assert "expected comma-separated densities in (0, 1] or none, got '0.1,x'" in capsys.readouterr().err
 
 
 def test_pattern_lists_keep_parameters_together(capsys):

@@ -20,6 +20,47 @@ def test_eval_refuses_seeds_past_torch_s_range_before_loading_the_model(monkeypa
     assert "seed=18446744073709551615, seeds=2, still_candidates=1" in capsys.readouterr().err
 
 
+def test_eval_counts_its_warm_ups_and_refuses_a_configuration_given_twice(tmp_path, monkeypatch, capsys):
+    # Two untimed warm-ups (dense, then the first configuration) ran outside the progress bar's total; a value given
+    # twice generated every video again for an identical row.
+    import numpy as np
+
+    from diffsparse import compare, evaluate
+
+    calls, bar = [], {}
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *args: calls.append(args[1:3]) or (
+        np.full((1, 4, 4, 3), 0.5), 1.0, 1.0))
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            bar.update(total=total, done=0)
+
+        def update(self, n):
+            bar["done"] += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluate, "tqdm", Bar)
+    args = ["eval", "--pattern", "window3d", "--dense-steps", "0", "--steps", "1", "--frames", "1", "--height", "16",
+            "--width", "16", "--block-size", "16", "--prompts", "1", "--seeds", "2", "--out", str(tmp_path)]
+    assert main([*args, "--density", "0.5,0.3"]) == 0
+    cases, configs = 2, 2
+    assert len(calls) == 2 + cases * (1 + configs) == bar["total"] == bar["done"]
+    monkeypatch.setattr(compare, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded"))
+    for option, value, message in (
+        ("--density", "0.5,0.5", "argument --density: 0.5 is given twice in '0.5,0.5'"),
+        ("--density", "none,0.5,none", "argument --density: none is given twice"),
+        ("--dense-steps", "0,1,1", "argument --dense-steps: 1 is given twice"),
+        ("--pattern", "radial,window3d,radial", "argument --pattern: 'radial' is given twice"),
+        # One pattern spelled twice: found once the names are resolved, before the model loads.
+        ("--pattern", "radial,radial(decay=1.0)", "pattern='radial(decay=1.0)' and pattern='radial' are the same"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--density", "0.5", option, value] if option != "--density" else [*args, option, value])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, (option, value)
+
+
 @pytest.mark.parametrize("call", [
     lambda: fidelity.reference_scores(9, 32, 32, seeds=0),
     lambda: fidelity.fidelity(None, frames=2, height=16, width=16, seeds=0),

@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import torch
 
 import diffsparse
 from diffsparse.cli import main
@@ -96,3 +97,26 @@ def test_the_experts_of_a_pipeline_are_traced_apart(capsys, tmp_path, monkeypatc
     for r in layers:
         own = [c for c in traced if c.sparse and (c.transformer, c.layer) == (r["transformer"], r["layer"])]
         assert r["calls"] == len(own) and r["first_step"] == min(c.step for c in own)
+
+
+def test_the_error_is_the_relative_l2_norm_against_dense_attention_on_the_same_inputs():
+    # An output 10% off dense attention is an error of 0.1: not its square, not relative to the output's own norm.
+    # Before, nothing pinned the metric.
+    import torch.nn.functional as F
+
+    from diffsparse.trace import _relative_error
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 3, 8, generator=generator) for _ in range(3))  # (B, S, H, D), as processors hold
+
+    def attention(mask=None):
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask).transpose(1, 2)
+
+    assert _relative_error(q, k, v, 1.1 * attention()) == pytest.approx(0.1, abs=1e-6)
+    # Under a causal frame-group mask the reference is the masked attention: each group's queries see the keys up
+    # to its end.
+    groups = ((0, 16), (16, 40))
+    ends = torch.tensor([b for a, b in groups for _ in range(a, b)])
+    masked = attention(torch.arange(40)[None, :] < ends[:, None])
+    assert _relative_error(q, k, v, 1.1 * masked, groups) == pytest.approx(0.1, abs=1e-6)
+    assert _relative_error(q, k, v, masked, groups) == pytest.approx(0.0, abs=1e-6)
