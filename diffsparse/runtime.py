@@ -383,8 +383,9 @@ class SparseRuntime:
         # cannot carry the mask), and the groups' token ranges (`_frame_groups`).
         self._causal_blocks: dict[tuple[VideoLayout, int], torch.Tensor | None] = {}
         self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
-        self._solved: dict[tuple[Pattern, VideoLayout], Pattern] = {}  # `_at_density`
+        self._solved: dict[tuple, Pattern] = {}  # `_at_density`
         self._warned_density: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: said once per layout
+        self._checked_every_block: set[tuple[Pattern, VideoLayout]] = set()  # `_warn_if_every_block_kept`
         # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
         self._replaying = False
         try:
@@ -706,11 +707,12 @@ class SparseRuntime:
             fit_query = query
             if start:
                 fit_query = torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], dim=1)
-            pattern = self._layer_pattern(layer, layout, fit_query, key, value, state.frame_causal, heads)
+            pattern = self._layer_pattern(layer, layout, fit_query, key, value, state.frame_causal, heads,
+                                          start, outside_pairs)
         head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(
             layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or (),
-            start, self.config.layer_order(layer),
+            start, self.config.layer_order(layer), outside_pairs,
         )
         inputs = (query, key, value)
         if cached.perm is not None:
@@ -835,7 +837,8 @@ class SparseRuntime:
                                                                  query.device), return_lse=True)
 
     def _layer_pattern(
-        self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0, shard: HeadShard | None = None
+        self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0, shard: HeadShard | None = None,
+        queries_from: int = 0, outside_pairs: int = 0,
     ) -> tuple[Pattern, ...]:
         """The layer's fitted patterns, one per video of the batch (one for all when they are equal).
 
@@ -856,8 +859,14 @@ class SparseRuntime:
         every = self.pattern.refit_every
         if patterns is None or (every and step - self._fitted_at[slot] >= every):
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            unfitted = self.pattern
+            target = self._density_target(layout, queries_from, outside_pairs)
+            if target != self.config.density and type(unfitted).at_density is not Pattern.at_density:
+                # A searched pattern's `keep` is the density, which its search needs (`SparseConfig` sets it): the
+                # search keeps what the call's outside pairs leave the layout (`_at_density`).
+                unfitted = unfitted.at_density(layout, target, self.block_sizes)
             patterns = tuple(
-                self.pattern.fit(
+                unfitted.fit(
                     q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes,
                     order=self.config.layer_order(layer),
                     generator=torch.Generator(device=query.device).manual_seed(layer),
@@ -882,6 +891,7 @@ class SparseRuntime:
         dense_frames: tuple[int, ...] = (),
         queries_from: int = 0,
         order: TokenOrder | None = None,
+        outside_pairs: int = 0,
     ) -> _CachedPlan:
         """The cached plan for this layout; a new resolution builds a new one, never a stale reuse.
 
@@ -892,44 +902,73 @@ class SparseRuntime:
         (`allow_frame_causal`); `0`: none. `dense_frames`: frames whose queries keep every key (`begin_call`).
         `queries_from`: the plan's queries are the tokens from this one on, its keys all of them (`attention`'s
         `video_queries`). `order`: the token order the kernel sees (default: layer 0's, `SparseConfig.layer_order`).
+        `outside_pairs`: pairs of the call computed densely outside the layout (`attention`'s), which
+        `SparseConfig.density` counts: the layout is solved for what the call's density leaves it.
         """
         patterns = (self.pattern,) if pattern is None else pattern if isinstance(pattern, tuple) else (pattern,)
         order = self.config.layer_order(0) if order is None else order
+        if self.config.density is None:  # the pattern's own parameters: outside pairs change nothing
+            outside_pairs = 0
         return self._cached(
-            (patterns, layout, heads, head_range, frame_causal, dense_frames, queries_from, order, str(device)),
+            (patterns, layout, heads, head_range, frame_causal, dense_frames, queries_from, order, outside_pairs,
+             str(device)),
             lambda: self._build_plan(patterns, layout, heads, device, order, head_range, frame_causal, dense_frames,
-                                     queries_from),
+                                     queries_from, outside_pairs),
         )
 
-    def _at_density(self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, queries_from: int = 0) -> Pattern:
+    def _at_density(
+        self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, queries_from: int = 0, outside_pairs: int = 0
+    ) -> Pattern:
         """`pattern` solved for `SparseConfig.density` on `layout` (over the blocks of the queries from
         `queries_from` on, those a `video_queries` call computes). A static pattern is solved once per layout: its
         plans that differ only in their causal groups or dense frames (a diffusion-forcing wave makes a new set of
-        early frames every few rows) share the solution, whose bisection costs far more than the masks."""
+        early frames every few rows) share the solution, whose bisection costs far more than the masks.
+        `outside_pairs` (`attention`'s) run dense whatever the solution, so the layout gets the density that leaves
+        the whole call at the target: else Chroma's masked prompt padding ran dense on top of a layout solved for
+        the target alone (0.40 for 0.25)."""
         q_tokens = (queries_from, layout.num_tokens) if queries_from else None
+        target = self._density_target(layout, queries_from, outside_pairs)
 
         def solve() -> Pattern:
-            return pattern.at_density(layout, self.config.density, self.block_sizes, order=order, q_tokens=q_tokens)
+            return pattern.at_density(layout, target, self.block_sizes, order=order, q_tokens=q_tokens)
 
         if self._fits:  # fitted anew for each layer and run: nothing to share (its `keep` is the density asked)
             return solve()
-        key = (pattern, layout, order, queries_from)
+        key = (pattern, layout, order, queries_from, outside_pairs)
         if key not in self._solved:
             self._solved[key] = solve()
-            self._warn_if_out_of_reach(pattern, self._solved[key], layout, order, q_tokens)
+            self._warn_if_out_of_reach(pattern, self._solved[key], layout, order, q_tokens, outside_pairs)
         return self._solved[key]
 
+    def _density_target(self, layout: VideoLayout, queries_from: int = 0, outside_pairs: int = 0) -> float | None:
+        """The density the layout is solved for: `SparseConfig.density`, less what `outside_pairs` (computed densely
+        outside the layout, `attention`'s) take of the whole call's."""
+        target = self.config.density
+        if not outside_pairs or target is None:
+            return target
+        pairs = (layout.num_tokens - queries_from) * layout.num_tokens
+        # At least one key block per query row: `at_density` takes no target <= 0, and gives the pattern's sparsest
+        # where the outside pairs leave less (`_warn_if_out_of_reach` then says how far the call is off).
+        floor = 1 / math.ceil(layout.num_tokens / self.block_sizes[1])
+        return max((target * (pairs + outside_pairs) - outside_pairs) / pairs, floor)
+
     def _warn_if_out_of_reach(
-        self, pattern: Pattern, solved: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens
+        self, pattern: Pattern, solved: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens,
+        outside_pairs: int = 0,
     ) -> None:
         """Warn, once per (pattern, layout), when the solved density is far from `SparseConfig.density`: the nearest
         density a pattern reaches can be far off on a small layout (`Radial` keeps neighbouring frames whole, so a
         single image or two frames stay dense whatever the target), which would only show up as a missing
-        speedup."""
+        speedup. With `outside_pairs`, the density judged is the whole call's, as `stats()` reports it."""
         if (pattern, layout) in self._warned_density:
             return
         target = self.config.density
         reached = solved.density(layout, self.block_sizes, order, q_tokens)
+        outside = ""
+        if outside_pairs:
+            pairs = (layout.num_tokens - (q_tokens or (0,))[0]) * layout.num_tokens
+            reached = (reached * pairs + outside_pairs) / (pairs + outside_pairs)
+            outside = f" with the {outside_pairs} query-key pairs the call computes densely outside it"
         # Solved densities move in steps, so some gap is ordinary: the testbed's 17x12x12 layout reaches 0.220 for
         # 0.25 and 0.483 for 0.5, Wan 480p (21x30x52, block 64) 0.141 for 0.1, which a quarter of the target alone
         # would flag; the 0.05 floor spares those, while one frame (1.0 for 0.25), 3 or 5 frames (0.78, 0.53 for
@@ -941,9 +980,34 @@ class SparseRuntime:
         if pattern.name != "window3d":
             others = f'"window3d" (whose windows shrink within a frame too) or {others}'
         warnings.warn(
-            f"diffsparse: {self.name}: SparseConfig.density={target} is out of reach of {pattern!r} on {layout}: "
-            f"the nearest density it reaches there is {reached:.3f}, so this layout runs "
+            f"diffsparse: {self.name}: SparseConfig.density={target} is out of reach of {pattern!r} on {layout}"
+            f"{outside}: the nearest density it reaches there is {reached:.3f}, so this layout runs "
             f"{'denser' if reached > target else 'sparser'} than asked. {others} may come closer",
+            stacklevel=2,
+        )
+
+    def _warn_if_every_block_kept(
+        self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens
+    ) -> None:
+        """Warn, once per (pattern, layout), when a pattern on its own parameters (no `SparseConfig.density`) keeps
+        every block of the layout: the call then runs dense through the sparse kernel, slower than the original
+        (1.27x SDPA's time for a FLUX image of 48 x 48 tokens, CPU), which would only show up as a missing speedup.
+        The default `radial` keeps frame distance 0 whole, so on an image (one frame) it keeps everything."""
+        # A layout within one key block has no block to leave out, whatever the pattern: nothing to suggest.
+        one_block = layout.num_tokens <= self.block_sizes[1]
+        if pattern.name == "dense" or one_block or (pattern, layout) in self._checked_every_block:
+            return
+        self._checked_every_block.add((pattern, layout))
+        # Edge blocks count whole, so "every block" is a density of 1 up to rounding.
+        if pattern.density(layout, self.block_sizes, order, q_tokens) < 0.999:
+            return
+        others = 'pattern="searched"'
+        if pattern.name != "window3d":
+            others = f'pattern="window3d" (whose windows shrink within a frame too) or {others}'
+        warnings.warn(
+            f"diffsparse: {self.name}: {pattern!r} keeps every block on {layout}, so this layout runs dense, at the "
+            f"sparse kernel's cost (slower than the original attention): SparseConfig {others}, with a density "
+            "to say how many blocks to keep, leaves blocks out there",
             stacklevel=2,
         )
 
@@ -973,9 +1037,14 @@ class SparseRuntime:
         frame_causal: int = 0,
         dense_frames: tuple[int, ...] = (),
         queries_from: int = 0,
+        outside_pairs: int = 0,
     ) -> _CachedPlan:
         if self.config.density is not None:
-            patterns = tuple(self._at_density(p, layout, order, queries_from) for p in patterns)
+            patterns = tuple(self._at_density(p, layout, order, queries_from, outside_pairs) for p in patterns)
+        elif not self._fits:  # a fit is made for each layer and run: checking each would cost a mask per call
+            for pattern in patterns:
+                self._warn_if_every_block_kept(pattern, layout, order,
+                                               (queries_from, layout.num_tokens) if queries_from else None)
 
         rows = DenseQueryFrames(dense_frames) if dense_frames else None
 
@@ -1156,7 +1225,8 @@ class SparseContextHook(ModelHook):
             warnings.warn(
                 f"diffsparse: every self-attention processor `apply` installed on {self.runtime.name} was replaced "
                 f"after it (now {now}; e.g. by fuse_qkv_projections() or set_attn_processor()): it runs without "
-                "sparse attention; call diffsparse.apply again",
+                "sparse attention; call diffsparse.apply again (it takes diffusers' fused processors; another "
+                "processor it refuses: put the family's own back first)",
                 stacklevel=2,
             )
         else:
@@ -1164,7 +1234,8 @@ class SparseContextHook(ModelHook):
             warnings.warn(
                 f"diffsparse: the self-attention processors `apply` installed on layers {layers} of "
                 f"{self.runtime.name} were replaced after it (now {now}; e.g. by set_attn_processor()): those layers "
-                "run without sparse attention, uncounted in stats(); call diffsparse.apply again",
+                "run without sparse attention, uncounted in stats(); call diffsparse.apply again (it takes diffusers' "
+                "fused processors; another processor it refuses: put the family's own back first)",
                 stacklevel=2,
             )
 
@@ -1263,8 +1334,17 @@ def _whole_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
 
 
 def register_context_hook(transformer: torch.nn.Module, hook: SparseContextHook) -> None:
+    # Under accelerate's hooks (`enable_model_cpu_offload()` before `apply`) the registry wraps what accelerate
+    # calls, `_old_forward`: each pipeline call ends in `maybe_free_model_hooks()`, whose removal of accelerate's
+    # hooks puts `_old_forward` back as the forward, so a registry wrapped around accelerate's forward instead would
+    # be dropped after the first call, and every later call ran dense without a word.
+    accelerated = getattr(transformer, "_hf_hook", None) is not None and hasattr(transformer, "_old_forward")
+    if accelerated:
+        outer, transformer.forward = transformer.forward, transformer._old_forward
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
     hook.module_forward = transformer.forward
+    if accelerated:
+        transformer._old_forward, transformer.forward = transformer.forward, outer
 
 
 def remove_context_hook(transformer: torch.nn.Module) -> None:
@@ -1274,10 +1354,10 @@ def remove_context_hook(transformer: torch.nn.Module) -> None:
         return
     outer, last = transformer.forward, registry._hook_order[-1] == HOOK_NAME
     registry.remove_hook(HOOK_NAME, recurse=False)
-    # accelerate's hooks added after `apply` (`enable_model_cpu_offload()`, `enable_sequential_cpu_offload()`, a
-    # `device_map`) wrap the registry's forward, kept as `_old_forward`; the registry, removing its last hook, puts
-    # the module's own forward back over them, which would drop the offloading. Keep their wrapper, around what is
-    # left.
+    # accelerate's hooks (`enable_model_cpu_offload()`, `enable_sequential_cpu_offload()`, a `device_map`; added
+    # after `apply`, or before it: `register_context_hook`) wrap the registry's forward, kept as `_old_forward`; the
+    # registry, removing its last hook, puts the module's own forward back over them, which would drop the
+    # offloading. Keep their wrapper, around what is left.
     if last and outer is not hook.module_forward and getattr(transformer, "_old_forward", None) is hook.module_forward:
         transformer._old_forward = transformer.forward
         transformer.forward = outer

@@ -9,7 +9,8 @@ scores every marked key 1 higher than a masked one (the padding keeps weight `1 
 masked query scores every key alike. The sparse path computes exactly that: the marked tokens attend one another on
 the layout with the marked prompt as its text span, the masked padding keys are merged into those queries densely
 at their lower score through the log-sum-exp, and the masked queries attend every key densely. The call's record
-counts the dense pairs, so `stats()` shows the work done.
+counts the dense pairs, so `stats()` shows the work done, and `SparseConfig.density` is the whole call's: the runtime
+solves the marked layout for what the padding's dense pairs leave (`outside_pairs`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """diffsparse on diffusers' Chroma pipelines (tiny, random weights, offline): FLUX.1's layout, and Chroma's float
 prompt mask (its masked padding keys keep weight 1 / e) computed exactly on the sparse path."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import (
@@ -88,16 +90,45 @@ def test_sparse_calls_count_the_dense_padding_pairs(chroma_pipe):
     # attend and are attended densely, and each call's density counts those pairs over the whole 60 x 60.
     config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=1)
     reference = run_pipeline(chroma_pipe, chroma_call(negative_prompt=None, guidance_scale=1.0))
-    out, stats = run_pipeline(chroma_pipe, chroma_call(negative_prompt=None, guidance_scale=1.0), config)
+    # 575 of the 3600 pairs dense leave the 8 x 6 image too few blocks to reach 0.3: said, once.
+    with pytest.warns(UserWarning, match=r"density=0\.3 is out of reach .* with the 575 query-key pairs the call "
+                                         r"computes densely outside it: the nearest density it reaches there is"):
+        out, stats = run_pipeline(chroma_pipe, chroma_call(negative_prompt=None, guidance_scale=1.0), config)
     assert not torch.allclose(out, reference, atol=1e-4)
     layout = VideoLayout(*GRID, text_len=7, text_position="start")
-    kept = SparseRuntime(config, "transformer").plan(layout, 2, torch.device("cpu")).density
     whole, masked = 60, 5
-    expected = (kept * (whole - masked) ** 2 + (whole - masked) * masked + masked * whole) / whole**2
+    outside = (whole - masked) * masked + masked * whole
+    kept = SparseRuntime(config, "transformer").plan(layout, 2, torch.device("cpu"), outside_pairs=outside).density
+    expected = (kept * (whole - masked) ** 2 + outside) / whole**2
     assert kept < 0.9
     for layer in stats.layers:
         assert (layer.dense_calls, layer.sparse_calls) == (1, 3)
         assert layer.mean_density == pytest.approx(expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pattern", ["window3d", "searched"])
+def test_the_density_asked_is_the_whole_call_s_with_the_masked_padding(chroma_pipe, pattern):
+    # A prompt padded far past its marks (12 of 128 tokens, as 40 of T5's 512): the padding's rows and columns run
+    # dense, so the marked layout is solved for what the call's density leaves it. Before, it was solved for the
+    # target alone and the call measured 0.40 for 0.25 (FLUX on the same shapes: 0.26), without a word.
+    rows = cols = 32
+    text, marked = 128, 12
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    inputs = {"hidden_states": torch.randn(1, rows * cols, 16, generator=generator),
+              "encoder_hidden_states": torch.randn(1, text, 16, generator=generator),
+              "timestep": torch.tensor([0.5]), "img_ids": torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
+              "txt_ids": torch.zeros(text, 3),
+              "attention_mask": torch.cat([(torch.arange(text) < marked).float(), torch.ones(rows * cols)])[None]}
+    # A searched pattern's search keeps what the padding leaves too (its `keep` is the density).
+    config = diffsparse.SparseConfig(pattern=pattern, density=0.25, block_size=32, dense_steps=0)
+    with warnings.catch_warnings(record=True) as caught, diffsparse.sparse(chroma_pipe.transformer, config) as handle:
+        warnings.simplefilter("always")
+        chroma_pipe.transformer(**inputs)
+    assert not [w for w in caught if "out of reach" in str(w.message)]
+    densities = [layer.mean_density for layer in handle.stats().layers]
+    assert len(densities) == 2 and all(d == pytest.approx(0.25, abs=max(0.05, 0.25 / 4)) for d in densities)
 
 
 @pytest.mark.parametrize("marked", [7, TEXT_LEN])

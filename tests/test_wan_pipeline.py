@@ -546,6 +546,32 @@ def test_memory_savers_compose(memory_saver, apply_first):
     torch.testing.assert_close(out, generate(pipe), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("apply_first", [False, True], ids=["offload first", "diffsparse first"])
+def test_model_cpu_offload_keeps_every_call_sparse(apply_first):
+    # Each pipeline call ends in `maybe_free_model_hooks()`, which takes accelerate's hooks off (the forward back
+    # to what they wrapped) and puts them on again. With the offload enabled first, the context hook wrapped
+    # accelerate's forward and went with it: the first call ran sparse, every later one dense without a word.
+    pipe = tiny_wan_pipeline()
+    dense = generate(pipe, num_inference_steps=3)
+    config = diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1)
+    if apply_first:
+        handle = diffsparse.apply(pipe, config)
+    pipe.enable_model_cpu_offload(device="cpu")
+    if not apply_first:
+        handle = diffsparse.apply(pipe, config)
+    first = generate(pipe, num_inference_steps=3)
+    one_run = sum(s.sparse_calls for s in handle.stats().layers)
+    second = generate(pipe, num_inference_steps=3)
+    assert one_run > 0 and sum(s.sparse_calls for s in handle.stats(since_apply=True).layers) == 2 * one_run
+    assert torch.equal(first, second) and not torch.allclose(first, dense, atol=1e-3)
+    pipe.enable_model_cpu_offload(device="cpu")  # again, by hand: the hook stays inside accelerate's
+    torch.testing.assert_close(generate(pipe, num_inference_steps=3), first, atol=0, rtol=0)
+    diffsparse.remove(pipe)
+    assert pipe.transformer.forward.func.__module__ == "accelerate.hooks"
+    for _ in range(2):
+        torch.testing.assert_close(generate(pipe, num_inference_steps=3), dense, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "cache", ["first block cache", "pyramid attention broadcast", "TaylorSeer", "FasterCache", "MagCache", "SeaCache"]
 )
