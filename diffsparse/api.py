@@ -88,7 +88,8 @@ class SparseHandle:
         self._processors: list[tuple[ModelAdapter, torch.nn.Module, SparseProcessor]] = []  # what `_install` put
         # Processors set after `apply` (`set_processor`, `load_ip_adapter`), which `remove` left to the user: put
         # back (`sparse`, `suspended`, an `apply` refused), the handle leaves them too.
-        self._left: dict[torch.nn.Module, object] = {}
+        # Weak: a processor the user dropped since is not kept alive here.
+        self._left: weakref.WeakValueDictionary[torch.nn.Module, object] = weakref.WeakValueDictionary()
         self.installed = False  # between `_install` and `remove`
         self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
@@ -142,6 +143,11 @@ class SparseHandle:
             raise
         self._processors = [(adapter, module, processor) for adapter, module, _, processor in swapped]
         self.installed = True
+
+    def _modules(self) -> list[torch.nn.Module]:
+        """The self-attention modules of this handle's transformers."""
+        return [module for transformer in self._transformers.values()
+                for _, module in adapter_for(transformer).self_attention_modules(transformer)]
 
     def new_run(self) -> None:
         """Make the next transformer call the first of a new denoising run: its stats, searches and correction
@@ -449,9 +455,15 @@ def suspended(pipe_or_transformer):
     previous = _handles(pipe_or_transformer)
     for handle in previous:
         handle.remove()
+    entered = {module: module.processor for handle in previous for module in handle._modules()}
     try:
         yield
     finally:
         for replaced in () if _handles(pipe_or_transformer) else previous:
+            # A processor set inside the block (`set_processor`, an IP-Adapter, a `sparse` block's `remove` keeping
+            # it) is the user's, as one set after `apply` is: the handle put back leaves it rather than refuse it.
+            for module in replaced._modules():
+                if module.processor is not entered.get(module) and not isinstance(module.processor, SparseProcessor):
+                    replaced._left[module] = module.processor
             if not replaced.installed:
                 replaced._install()

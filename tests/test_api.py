@@ -1,6 +1,8 @@
 """`apply`, `remove`, `sparse` and `suspended` on the tiny Wan pipeline: what they put back, and what they say."""
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -186,6 +188,29 @@ def test_a_processor_set_after_apply_is_kept_by_remove_and_refused_by_apply_agai
     with pytest.raises(ValueError, match="layer 0 of the Wan transformer has processor _Halved"):
         diffsparse.apply(tiny_pipe, config)
     assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+
+
+@pytest.mark.parametrize("block", ["sparse", "suspended"])
+def test_a_processor_set_inside_a_block_stays_when_the_earlier_handle_comes_back(tiny_pipe, block):
+    # Before, the handle put back at the block's end tried to wrap the user's processor: the `with` raised its
+    # refusal, and the earlier config was gone once the error was caught.
+    transformer = tiny_pipe.transformer
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=0)
+    handle = diffsparse.apply(tiny_pipe, config)
+    mine = _Halved()
+    inner = diffsparse.sparse(tiny_pipe, config) if block == "sparse" else diffsparse.suspended(tiny_pipe)
+    with inner:
+        transformer.blocks[0].attn1.set_processor(mine)
+    runtime = handle.runtimes["transformer"]
+    assert handle.installed and transformer._diffsparse_handle is handle
+    assert transformer.blocks[0].attn1.processor is mine
+    assert all(block.attn1.processor.runtime is runtime for block in transformer.blocks[1:])
+    # The handle remembers the user's processor without keeping it alive once the user drops it.
+    transformer.blocks[0].attn1.set_processor(WanAttnProcessor())
+    dropped = weakref.ref(mine)
+    del mine
+    gc.collect()
+    assert dropped() is None
 
 
 def _aliased_experts_pipe():
