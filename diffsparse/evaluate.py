@@ -245,9 +245,7 @@ def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:
         return repr(pattern)
     if pattern.data_dependent:
         return f"{pattern.name} fitted per layer and video, each fit solved for the target density"
-    # The runtime's solve cache (a private attribute: `SparseRuntime` offers no public view of it) holds every
-    # instance the plans were built from, one per layout (and order, query range).
-    solved = (repr(p) for runtime in handle.runtimes.values() for p in runtime._solved.values())
+    solved = (repr(p) for runtime in handle.runtimes.values() for p in runtime.solved_patterns())
     return "; ".join(dict.fromkeys(solved))
 
 

@@ -335,6 +335,15 @@ def step_mode(config: SparseConfig, step: int, num_steps: int | None, measured_a
     return "sparse"
 
 
+def out_of_reach(target: float, reached: float) -> bool:
+    """Whether a reached density is far enough from the target one to say so: more than max(0.05, target / 4).
+    Solved densities move in steps, so some gap is ordinary: the testbed's 17x12x12 layout reaches 0.220 for 0.25
+    and 0.483 for 0.5, Wan 480p (21x30x52, block 64) 0.141 for 0.1, which a quarter of the target alone would flag;
+    the 0.05 floor spares those, while one frame (1.0 for 0.25), 3 or 5 frames (0.78, 0.53 for 0.25) and the
+    testbed at 0.1 (0.203) are flagged."""
+    return abs(reached - target) > max(0.05, 0.25 * target)
+
+
 def sparse_steps(config: SparseConfig, num_steps: int) -> list[int]:
     """The steps of a `num_steps`-step run in which a sparse layer's calls run sparse (`step_mode`, for one branch
     whose statistics nothing else invalidates): none where `dense_steps` and `dense_last_steps` cover the run, and
@@ -880,6 +889,12 @@ class SparseRuntime:
             self._fitted_at[slot] = step
         return patterns
 
+    def solved_patterns(self) -> list[Pattern]:
+        """The instances `SparseConfig.density` was solved into so far, one per layout (and token order, query
+        range, outside pairs), in the order they were first solved; empty without a density and for fitted
+        patterns (fitted anew for each layer and run, not kept)."""
+        return list(self._solved.values())
+
     def plan(
         self,
         layout: VideoLayout,
@@ -969,11 +984,7 @@ class SparseRuntime:
             pairs = (layout.num_tokens - (q_tokens or (0,))[0]) * layout.num_tokens
             reached = (reached * pairs + outside_pairs) / (pairs + outside_pairs)
             outside = f" with the {outside_pairs} query-key pairs the call computes densely outside it"
-        # Solved densities move in steps, so some gap is ordinary: the testbed's 17x12x12 layout reaches 0.220 for
-        # 0.25 and 0.483 for 0.5, Wan 480p (21x30x52, block 64) 0.141 for 0.1, which a quarter of the target alone
-        # would flag; the 0.05 floor spares those, while one frame (1.0 for 0.25), 3 or 5 frames (0.78, 0.53 for
-        # 0.25) and the testbed at 0.1 (0.203) warn.
-        if abs(reached - target) <= max(0.05, 0.25 * target):
+        if not out_of_reach(target, reached):
             return
         self._warned_density.add((pattern, layout))
         others = '"searched" (whose `keep` is the density)'

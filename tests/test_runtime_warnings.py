@@ -1,4 +1,5 @@
-"""The runtime's warnings about configs that run but give no speedup: a pattern that keeps every block of a layout."""
+"""The runtime's warnings about configs that run but give no speedup: a pattern that keeps every block of a layout,
+a density out of reach."""
 
 import warnings
 
@@ -7,6 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import diffsparse
+from diffsparse.runtime import out_of_reach
 
 ROWS = COLS = 16
 TEXT = 8
@@ -55,3 +57,12 @@ def test_a_pattern_that_keeps_every_block_of_an_image_says_so_once():
     # A window shrinks within the frame (0.84 of the blocks here); "dense" is dense on purpose.
     assert every_block_warnings(diffsparse.SparseConfig(pattern="window3d", dense_steps=0)) == []
     assert every_block_warnings(diffsparse.SparseConfig(pattern="dense", dense_steps=0)) == []
+
+
+@pytest.mark.parametrize("target, reached, flagged", [
+    (0.25, 0.220, False), (0.5, 0.483, False), (0.1, 0.141, False),  # ordinary steps of a solved density
+    (0.25, 1.0, True), (0.25, 0.78, True), (0.25, 0.53, True), (0.1, 0.203, True),
+    (0.8, 0.61, False), (0.8, 0.59, True),  # a quarter of a large target is the margin there
+])
+def test_the_out_of_reach_tolerance_shared_by_the_runtime_and_bench(target, reached, flagged):
+    assert out_of_reach(target, reached) is flagged
