@@ -640,6 +640,20 @@ class SparseRuntime:
         self.records.append(record)
         tally(self.totals, record)
 
+    @_eager  # see SparseContextHook.pre_forward
+    def log_parts(self, parts: list) -> None:
+        """Log the records that `attention(..., parts=parts)` collected as one call of their layer: sparse if any
+        part was, its density over all their query-key pairs (a dense part's at 1), so `stats()` counts a layer call
+        attended in groups once, at the density of the whole batch."""
+        if not parts:
+            return
+        records = [record for record, _ in parts]
+        total = sum(weight for _, weight in parts)
+        density = sum(record.density * weight for record, weight in parts) / total if total else 1.0
+        first = records[0]
+        sparse = any(record.sparse for record in records)
+        self._log(CallRecord(first.step, first.layer, first.branch, sparse, density, measured=not sparse))
+
     def add_observer(self, observer) -> None:
         """Call `observer(record, query, key, value, out, causal_groups=...)` after every call that `attention`
         computes, with the `CallRecord` and the `(B, S, H, D)` tensors in the layout's token order (the model's, unless
@@ -677,6 +691,7 @@ class SparseRuntime:
         video_queries: bool = False,
         return_lse: bool = False,
         outside_pairs: int = 0,
+        parts: list | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
@@ -695,6 +710,8 @@ class SparseRuntime:
         `SparseConfig.correction` the corrected output's, estimated as the kept scores' less `log(rho)`.
         `outside_pairs`: query-key pairs of the same attention that the caller computes densely outside these
         tensors; the call's record then counts them (its density is over the layout's pairs and these).
+        `parts`: a list that collects this call's record instead of the log, for a processor that attends one layer
+        call in several runtime calls (groups of videos, padded prompts): `log_parts` then logs them as one call.
         """
         state = self._state()
         start = 0
@@ -750,11 +767,14 @@ class SparseRuntime:
             lse = None if lse is None else lse.index_select(1, inverse)
         sparse = mode == "sparse"
         density = cached.density if sparse else 1.0
+        pairs = query.shape[1] * key.shape[1]
         if outside_pairs:
-            pairs = query.shape[1] * key.shape[1]
             density = (density * pairs + outside_pairs) / (pairs + outside_pairs)
         record = CallRecord(state.step, layer, branch, sparse, density, measured=not sparse)
-        self._log(record)
+        if parts is None:
+            self._log(record)
+        else:
+            parts.append((record, query.shape[0] * (pairs + outside_pairs)))
         if self._observers and not self._replaying:
             # The mask the call computed under, so an observer's reference is the same attention, not the unmasked.
             groups = self._frame_groups(layout, state.frame_causal, IdentityOrder()) if state.frame_causal else None

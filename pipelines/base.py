@@ -174,12 +174,13 @@ class SparseProcessor:
             return self.runtime.attention(self.layer, query, key, value, video_queries=True,
                                           outside_pairs=outside_pairs)
         layout = self.runtime.call_layout()
-        out = torch.empty_like(query)
+        out, parts = torch.empty_like(query), []
         for videos, kept in groups:
             group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
             k, v = (x[videos][:, kept] for x in (key, value))
             out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
-                                                 video_queries=True, outside_pairs=outside_pairs)
+                                                 video_queries=True, outside_pairs=outside_pairs, parts=parts)
+        self.runtime.log_parts(parts)
         return out
 
     def attend_video(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -642,18 +643,19 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
         return runtime.attention(layer, query, key, value)
     # Prefixes are cut in the layout's token order (Framepack's history moved behind the video, before the text).
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
-    out = torch.zeros_like(query)
+    out, parts = torch.zeros_like(query), []
     for valid in sorted(set(lengths)):
         videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
         layout = dataclasses.replace(call_layout, text_len=valid - (length - call_layout.text_len))
         # A group holding every video needs no gathered copy of q, k, v: a slice along the sequence is a view.
         whole = len(videos) == len(lengths)
         q, k, v = ((x if whole else x.index_select(0, videos))[:, :valid] for x in (query, key, value))
-        out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout)
+        out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout, parts=parts)
         if valid < length and padded_queries == "dense":
             padded = (query if whole else query.index_select(0, videos))[:, valid:].transpose(1, 2)
             tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
             out[videos, valid:] = tail.transpose(1, 2)
+    runtime.log_parts(parts)
     return runtime.to_model_order(out)
 
 
@@ -686,11 +688,12 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
         groups = [(torch.arange(batch, device=query.device), groups[0][1])]
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
-    out = torch.zeros_like(query)
+    out, parts = torch.zeros_like(query), []
     for videos, kept in groups:
         q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
         layout = dataclasses.replace(call_layout, text_len=len(kept) - call_layout.num_video_tokens)
-        out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads)
+        out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads, parts=parts)
+    runtime.log_parts(parts)
     return runtime.to_model_order(out)
 
 

@@ -61,13 +61,13 @@ class ChromaSparseAttnProcessor(FluxCopyAttention, FluxAttnProcessor):
         runtime = self.runtime
         query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
         call_layout, length = runtime.call_layout(), query.shape[1]
-        out = torch.empty_like(query)
+        out, parts = torch.empty_like(query), []
         for marked in sorted(set(lengths)):
             samples = torch.tensor([i for i, n in enumerate(lengths) if n == marked], device=query.device)
             q, k, v = (x if len(samples) == len(lengths) else x.index_select(0, samples) for x in (query, key, value))
             if marked == text_len:  # nothing masked: every score shifted alike, as without a mask
                 # The call's layout given explicitly: q, k, v are in its order already.
-                out[samples] = runtime.attention(self.layer, q, k, v, layout=call_layout)
+                out[samples] = runtime.attention(self.layer, q, k, v, layout=call_layout, parts=parts)
                 continue
             kept = torch.cat([torch.arange(marked, device=q.device), torch.arange(text_len, length, device=q.device)])
             padding = slice(marked, text_len)
@@ -76,13 +76,14 @@ class ChromaSparseAttnProcessor(FluxCopyAttention, FluxAttnProcessor):
             kept_q = q.index_select(1, kept)
             kept_out, kept_lse = runtime.attention(
                 self.layer, kept_q, k.index_select(1, kept), v.index_select(1, kept), layout=layout, return_lse=True,
-                outside_pairs=(length - masked) * masked + masked * length,
+                outside_pairs=(length - masked) * masked + masked * length, parts=parts,
             )
             padding_out, padding_lse = runtime.dense_attention(kept_q, k[:, padding], v[:, padding])
             padding_lse = padding_lse - 1  # the mask's 1 goes to marked pairs only
             merged = merge_attention(kept_out, kept_lse, padding_out, padding_lse)
             out[samples[:, None], kept] = merged.to(out.dtype)
             out[samples, padding] = runtime.dense_attention(q[:, padding], k, v)[0]
+        runtime.log_parts(parts)
         return runtime.to_model_order(out)
 
 

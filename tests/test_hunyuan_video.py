@@ -84,6 +84,28 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
     check_against_dense(transformer, functools.partial(inputs, valid_text=valid_text), block_size=8, order=order)
 
 
+def test_a_batch_attended_in_groups_is_logged_once_per_layer_at_the_batch_density(transformer):
+    # Prompts of different lengths take one runtime call each; stats() counts the layer's call once, its density
+    # over the whole batch's pairs (each group weighted by its videos' pairs), not once per group.
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+
+    def records(valid_text):
+        with diffsparse.sparse(transformer, config), torch.no_grad():
+            transformer(**inputs(valid_text=valid_text))
+            return diffsparse.stats(transformer).calls["transformer"]
+
+    short, full = records((2,)), records((TEXT_LEN,))
+    batch = records((2, TEXT_LEN))
+    assert [r.layer for r in batch] == [r.layer for r in short] == [0, 1, 2, 3]
+    assert all(r.sparse for r in batch)
+    video = 3 * 4 * 3
+    weights = ((video + 2) ** 2, (video + TEXT_LEN) ** 2)
+    for b, s, f in zip(batch, short, full):
+        assert s.density < f.density  # the groups differ, so a mean that ignored one would show
+        expected = (s.density * weights[0] + f.density * weights[1]) / sum(weights)
+        assert b.density == pytest.approx(expected, rel=1e-9)
+
+
 def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
     check_prompts_attend_their_valid_tokens(transformer, inputs, grid=(3, 4, 3), text_len=TEXT_LEN)
 
@@ -148,8 +170,8 @@ def test_pipeline_with_prompts_of_different_lengths():
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(3, 0), (3, 0)]
     kept, stats = generate(diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=1))
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
-    # Two prompt lengths: two sparse calls per sparse step and layer.
-    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 4), (1, 4)]
+    # Two prompt lengths, attended in two groups: one sparse call per sparse step and layer all the same.
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 2), (1, 2)]
     sparse, _ = generate(diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=8, dense_steps=1))
     assert not torch.allclose(sparse, reference, atol=1e-4)
 
@@ -163,11 +185,14 @@ def test_a_correction_keeps_its_statistics_per_prompt_length(transformer):
         reference = [transformer(**inputs(timestep=t)).sample for t in timesteps]
         with diffsparse.sparse(transformer, config) as handle:
             outs = [transformer(**inputs(timestep=t)).sample for t in timesteps]
-            records = handle.runtimes["transformer"].records
+            runtime = handle.runtimes["transformer"]
+            records, statistics = runtime.records, runtime._statistics
     for out, ref in zip(outs, reference):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-    measured = [(r.step, r.layer) for r in records if r.measured]
-    assert sorted(measured) == sorted((0, layer) for layer in range(4) for _ in range(2))  # 4 layers x 2 lengths
+    # One record per layer call (its two groups logged as one), statistics per layer and prompt length.
+    assert sorted((r.step, r.layer) for r in records if r.measured) == [(0, layer) for layer in range(4)]
+    assert sorted((layer, layout.text_len) for layer, _, layout in statistics) == [
+        (layer, n) for layer in range(4) for n in (7, TEXT_LEN)]
     assert all(r.sparse for r in records if r.step > 0)
 
 
