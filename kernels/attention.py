@@ -79,7 +79,8 @@ def choose_backend(
     ```
     """
     if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {requested=}")
+        # Named for block_sparse_attention's and SparseConfig's argument, the one a user sets.
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got backend={requested!r}")
     device = torch.device(device)
     if requested == "triton":
         ok, why = triton_available(device)

@@ -1,8 +1,8 @@
 """The `"cpu"` backend: block-sparse attention that really skips the masked blocks.
 
 Float32 and bfloat16 inference runs the compiled kernel of `cpu_native` (one task per query block, GEMMs over
-the whole block and up to 512 kept keys, as wide as dense attention's). Everything else (float16, autograd, or when that kernel
-cannot be built) runs the torch-ops path below, which gives the same results.
+the whole block and up to 512 kept keys, as wide as dense attention's). Everything else (float16, autograd, or
+when that kernel cannot be built) runs the torch-ops path below, which gives the same results.
 
 A *segment* is a run of consecutive query blocks of one (batch, head) with the same kept key blocks (often a
 single block; long runs are common in structured patterns). Segments with the same shape (query blocks, key
@@ -106,6 +106,15 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | No
     return torch.index_select(blocks, 0, index, out=buffer.view(len(index), *blocks.shape[1:]))
 
 
+def _native_block_sizes(plan: BlockSparsePlan) -> tuple[int, int]:
+    """`(block_q, block_k)` as the compiled kernel takes them: a single block longer than its sequence is the
+    sequence, since the kernel sizes its per-block scratch by the block (a 100,000-token block over 320 tokens asked
+    for 40 GB of it)."""
+    block_q = min(plan.block_q, plan.q_len) if plan.num_q_blocks == 1 else plan.block_q
+    block_k = min(plan.block_k, plan.kv_len) if plan.num_kv_blocks == 1 else plan.block_k
+    return block_q, block_k
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,11 +128,7 @@ def attention(
             q, k, v = (x if x.stride(-1) == 1 and x.stride(2) >= x.shape[3]
                        else x.clone(memory_format=torch.contiguous_format) for x in (q, k, v))
             indices, counts = (t.to(q.device).contiguous() for t in (plan.kv_indices, plan.kv_counts))
-            # A single block longer than its sequence is the sequence: the kernel's per-block scratch is sized by
-            # the block (a 100,000-token block over 320 tokens asked for 40 GB of it).
-            block_q = min(plan.block_q, plan.q_len) if plan.num_q_blocks == 1 else plan.block_q
-            block_k = min(plan.block_k, plan.kv_len) if plan.num_kv_blocks == 1 else plan.block_k
-            out, lse = op(q, k, v, indices, counts, block_q, block_k, scale)
+            out, lse = op(q, k, v, indices, counts, *_native_block_sizes(plan), scale)
             return out, lse if return_lse else None
 
     batch, heads, _, head_dim = q.shape

@@ -10,13 +10,24 @@ import torch
 BlockSize = int | tuple[int, int]
 
 
-def _as_pair(block_size: BlockSize) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        pair = (block_size, block_size)
+def _as_int(value) -> int | None:
+    """`value` as a Python int where it is an integer (a numpy integer, a 0-dim integer tensor: lengths read off
+    arrays and shapes), else `None`."""
+    if isinstance(value, torch.Tensor):
+        integer = value.ndim == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
     else:
-        pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else ()
-    # bool is an int subclass; True as a block size is a bug, not a 1.
-    if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in pair):
+        # bool is an int subclass; True as a length or block size is a bug, not a 1.
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return int(value) if integer else None
+
+
+def _as_pair(block_size: BlockSize) -> tuple[int, int]:
+    single = _as_int(block_size)
+    if single is not None:
+        pair = (single, single)
+    else:
+        pair = tuple(map(_as_int, block_size)) if isinstance(block_size, (tuple, list)) else ()
+    if len(pair) != 2 or any(b is None or b <= 0 for b in pair):
         raise ValueError(
             f"block_size must be a positive int or a (block_q, block_k) pair of positive ints, got {block_size=}"
         )
@@ -182,7 +193,8 @@ def make_plan(
     Args:
         block_mask (`torch.BoolTensor` of shape `(B or 1, H or 1, ceil(q_len / block_q), ceil(kv_len / block_k))`):
             `True` where a query block attends to a key block. Size-1 batch/head dims broadcast.
-        q_len (`int`): Query sequence length in tokens; need not be a multiple of the block.
+        q_len (`int`): Query sequence length in tokens; need not be a multiple of the block. Any integer (a numpy
+            integer, a 0-dim integer tensor) but a bool, as are `kv_len`, `block_size` and `q_offset`.
         kv_len (`int`): Key/value sequence length in tokens; need not be a multiple of the block.
         block_size (`int` or `Tuple[int, int]`): Block size, or `(block_q, block_k)`.
         q_offset (`int`, *optional*, defaults to `0`): the first query's position among the keys, when the queries
@@ -204,9 +216,14 @@ def make_plan(
     ```
     """
     block_q, block_k = _as_pair(block_size)
+    lengths = []
     for name, value in (("q_len", q_len), ("kv_len", kv_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        length = _as_int(value)
+        if length is None or length <= 0:
             raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        lengths.append(length)
+    # The plan's fields are Python ints whatever integer type came in: its own check and the kernels take those.
+    q_len, kv_len = lengths
     nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
     expected = f"(B or 1, H or 1, {nq}, {nk})"
     if not isinstance(block_mask, torch.Tensor):
@@ -221,8 +238,10 @@ def make_plan(
     if 0 in block_mask.shape[:2]:
         raise ValueError(f"block_mask batch and head dims must be >= 1, got shape={tuple(block_mask.shape)}")
 
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+    offset = _as_int(q_offset)
+    if offset is None or offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset=}")
+    q_offset = offset
     diag = diagonal_kv_blocks(nq, block_q, block_k, nk, device=block_mask.device, q_offset=q_offset)
     mask = block_mask.clone()  # the plan must not alias the caller's tensor
     mask[:, :, torch.arange(nq, device=mask.device), diag] = True

@@ -28,16 +28,18 @@ from .registry import register_adapter
 _ROTARY = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}
 
 
-def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None, key_rotary_emb=None):
     """`(query, key, value)` of an LTX-2 self-attention as `(B, N, heads, head_dim)`, with the arithmetic of its
-    processors (q/k RMS norms over the whole hidden size, then the module's kind of RoPE), so sparse and dense
-    see equal scores."""
+    processors (q/k RMS norms over the whole hidden size, then the module's kind of RoPE: `rotary_emb` on the
+    queries, `key_rotary_emb` on the keys where given, else `rotary_emb`), so sparse and dense see equal scores."""
     query = attn.norm_q(attn.to_q(hidden_states))
     key = attn.norm_k(attn.to_k(hidden_states))
     value = attn.to_v(hidden_states)
+    # As diffusers' processors: the keys are rotated only where the queries are, even when given their own RoPE.
     if rotary_emb is not None:
         rotate = _ROTARY[attn.rope_type]
-        query, key = rotate(query, rotary_emb), rotate(key, rotary_emb)
+        query = rotate(query, rotary_emb)
+        key = rotate(key, rotary_emb if key_rotary_emb is None else key_rotary_emb)
     return tuple(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
 
 
@@ -68,7 +70,7 @@ class LTX2SparseSelfAttention(SparseProcessor):
         if not self.runtime.route(self.layer):
             return super().__call__(*original, **perturbation)
         gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
-        query, key, value = self_attention_qkv(attn, hidden_states, query_rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, query_rotary_emb, key_rotary_emb)
         out = self.attend_video(query, key, value).flatten(2, 3).to(query.dtype)
         if perturbation_mask is not None:  # the perturbed batch elements take their values
             out = torch.lerp(value.flatten(2, 3), out, perturbation_mask)

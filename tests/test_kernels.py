@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,7 +262,8 @@ def test_choose_backend():
     assert choose_backend(torch.device("cpu"), "reference") == "reference"
     with pytest.raises(ValueError, match="backend must be"):
         choose_backend("cpu", "triton-nope")
-    with pytest.raises(ValueError, match="backend must be"):
+    # Said by the argument's public name: `requested` is no argument of block_sparse_attention.
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*, got backend='fast'"):
         block_sparse_attention(
             *_inputs(1, 1, 32, 32),
             make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32),
@@ -356,6 +358,30 @@ def test_bad_mask_names_expected_shape(mask):
 def test_bad_lengths():
     with pytest.raises(ValueError, match="q_len must be a positive int"):
         make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 0, 16, 16)
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, torch.tensor], ids=["np.int64", "np.int32", "0-dim tensor"])
+def test_lengths_and_block_sizes_take_any_integer(integer):
+    # Lengths read off arrays and shapes come as numpy integers or 0-dim tensors; the plan holds Python ints.
+    mask = torch.ones(1, 1, 3, 2, dtype=torch.bool)
+    plan = make_plan(mask, integer(40), integer(30), (integer(16), integer(16)), q_offset=integer(0))
+    assert [type(x) for x in (plan.q_len, plan.kv_len, plan.block_q, plan.block_k)] == [int] * 4
+    assert (plan.q_len, plan.kv_len, plan.block_q, plan.block_k) == (40, 30, 16, 16)
+    assert make_plan(torch.ones(1, 1, 3, 3, dtype=torch.bool), 40, 40, integer(16)).block_k == 16
+    out = block_sparse_attention(*_inputs(1, 1, 40, 30), plan)
+    assert out.shape == (1, 1, 40, 32)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("q_len", np.bool_(True)), ("q_len", torch.tensor(True)), ("q_len", torch.tensor([40])), ("q_len", np.float64(40)),
+     ("kv_len", torch.tensor(30.0)), ("block_size", torch.tensor(True)), ("block_size", (np.bool_(True), 16)),
+     ("q_offset", torch.tensor(True))],
+)
+def test_integer_arguments_refuse_bools_floats_and_arrays(field, value):
+    arguments = {"q_len": 40, "kv_len": 30, "block_size": 16, "q_offset": 0, field: value}
+    with pytest.raises(ValueError, match=rf"{field} must be .* got {field}="):
+        make_plan(torch.ones(1, 1, 3, 2, dtype=torch.bool), **arguments)
 
 
 def test_bad_attention_inputs():
@@ -566,6 +592,8 @@ def test_a_block_longer_than_the_sequence_is_the_sequence(block_size, cpu_kernel
     q, k, v = _inputs(1, 2, 320, 320)
     nq, nk = (-(-320 // size) for size in block_size)
     plan = make_plan(torch.ones(1, 1, nq, nk, dtype=torch.bool), 320, 320, block_size)
+    # Checked on the sizes themselves: the outputs below agree either way where memory allows the huge scratch.
+    assert cpu_backend._native_block_sizes(plan) == tuple(320 if size == 10**6 else size for size in block_size)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=0, atol=2e-5)

@@ -66,6 +66,22 @@ def test_spatial_self_attention_only(transformer):
                    for block in transformer.transformer_blocks)
 
 
+def test_a_residual_connection_and_output_rescaling_as_the_original(transformer):
+    # Latte's blocks build `Attention` without them; diffusers' `Attention(residual_connection=True,
+    # rescale_output_factor=...)` gives other models both, which `AttnProcessor2_0` applies after `to_out`.
+    model = tiny_transformer()
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    plain = run_transformer(model, inputs())
+    for block in model.transformer_blocks:
+        block.attn1.residual_connection, block.attn1.rescale_output_factor = True, 2.0
+    reference = run_transformer(model, inputs())
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the attributes reach the output: the test sees them
+    with torch.no_grad(), diffsparse.sparse(model, every_block) as handle:
+        out = model(**inputs()()).sample
+        assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (0, 1)]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Latte", layer=1)
 

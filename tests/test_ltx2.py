@@ -135,6 +135,45 @@ def test_spatio_temporal_guidance_on_ltx_2_3():
     assert not torch.allclose(reference, unperturbed, atol=1e-4)  # STG changed the output: the test sees it
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_keys_take_their_own_rotary_embedding_where_one_is_given(variant):
+    # diffusers' LTX-2 processors rotate the keys by `key_rotary_emb` when given, else by the queries' (no diffusers
+    # path passes one to self-attention today); the sparse path rotated them by the queries' always.
+    model = tiny_transformer(variant)
+    inputs = make_inputs(model)
+    outputs = []
+
+    def own_key_rope(module, args, kwargs):
+        cos, sin = kwargs["query_rotary_emb"]
+        return args, {**kwargs, "key_rotary_emb": (cos, -sin)}  # the opposite rotation: a valid RoPE, another one
+
+    def run(config=None, key_rope=True):
+        outputs.clear()
+        hooks = [block.attn1.register_forward_hook(lambda module, args, out: outputs.append(out))
+                 for block in model.transformer_blocks]
+        if key_rope:
+            hooks += [block.attn1.register_forward_pre_hook(own_key_rope, with_kwargs=True)
+                      for block in model.transformer_blocks]
+        try:
+            if config is None:
+                return run_transformer(model, inputs), list(outputs), None
+            out, stats = sample(model, inputs, config)
+            return out, list(outputs), stats
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    shared_rope, _, _ = run(key_rope=False)
+    reference, reference_attention, _ = run()
+    assert not torch.allclose(reference, shared_rope, atol=1e-3)  # the keys' own RoPE changes the output
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0)
+    out, attention, stats = run(every_block)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1), (0, 1)]
+    for got, want in zip(attention, reference_attention, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
 def test_soft_self_attention_mask_runs_the_original_and_counts_as_dense(transformer):
     # IC-LoRA weighs attention between the video and reference tokens with a multiplicative mask.
     weights = torch.ones(1, 72, 72)

@@ -1,0 +1,74 @@
+"""`SparseConfig.correction="residual"` on inputs other than the measured ones, against its definition."""
+
+import pytest
+import torch
+from diffusers.hooks.hooks import CacheContext
+
+from diffsparse import SparseConfig
+from diffsparse.kernels import block_sparse_attention
+from diffsparse.kernels.reference import token_mask
+from diffsparse.patterns import Radial, TileOrder, VideoLayout
+from diffsparse.runtime import SparseRuntime
+
+
+def _masked_attention(q, k, v, mask):
+    """`(out, lse)` of attention over the pairs `mask` keeps, in float64 on `(B, H, S, D)` tensors."""
+    q, k, v = (x.double() for x in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1, keepdim=True)
+    return (scores - lse).exp() @ v, lse
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))], ids=["frame-major", "tiles"])
+def test_a_sparse_call_on_new_inputs_is_the_measured_residual_plus_rho_times_its_sparse_output(order):
+    # The correction is measured on one step's q, k, v and applied to a later step's other ones: rho and the
+    # residual come from the measured inputs, the sparse output from the new. Calling it on the measured inputs
+    # again (the runtime tests) gives the dense output whatever rho is, so `residual = out_full - out_sparse` with
+    # `residual + out` passed there; here rho is not 1 and both terms are checked.
+    layout = VideoLayout(8, 4, 8)
+    config = SparseConfig(
+        pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1, correction="residual", order=order
+    )
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    g = torch.Generator().manual_seed(0)
+    measured = torch.randn(3, 2, layout.num_tokens, 3, 16, generator=g).unbind(0)
+    new = (2 * torch.randn(3, 2, layout.num_tokens, 3, 16, generator=g)).unbind(0)
+    steps = []
+    for step, (q, k, v) in enumerate((measured, new)):
+        runtime.begin_call(layout, step, 4)
+        assert runtime.route(0)
+        steps.append(runtime.attention(0, q, k, v, return_lse=True))
+    assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [(0, False, True), (1, True, False)]
+
+    # Independently of the runtime: the plan's mask on the tokens in the plan's order, in float64.
+    cached = runtime.plan(layout, 3, torch.device("cpu"))
+    assert (cached.perm is None) == (order is None) and cached.plan.density < 0.7
+    perm = torch.arange(layout.num_tokens) if cached.perm is None else cached.perm
+    inverse = torch.argsort(perm)
+    mask = token_mask(cached.plan)
+
+    def heads_first(x):  # (B, S, H, D) in the model's order -> (B, H, S, D) in the plan's
+        return x.index_select(1, perm).transpose(1, 2)
+
+    def model_order(x):
+        return x.transpose(1, 2).index_select(1, inverse)
+
+    out_full, lse_full = _masked_attention(*map(heads_first, measured), torch.ones_like(mask))
+    out_sparse, lse_sparse = _masked_attention(*map(heads_first, measured), mask)
+    rho = (lse_sparse - lse_full).exp()  # the kept blocks' share of the softmax denominator
+    residual = out_full - rho * out_sparse
+    assert rho.max() < 1 - 1e-6 and rho.min() < 0.9  # or the test could not tell a wrong rho from a right one
+    torch.testing.assert_close(steps[0][0], model_order(out_full).float(), atol=1e-5, rtol=1e-5)
+
+    new_sparse = block_sparse_attention(*map(heads_first, new), cached.plan).double()
+    expected = model_order(residual + rho * new_sparse).float()
+    torch.testing.assert_close(steps[1][0], expected, atol=1e-5, rtol=1e-5)
+    # The corrected output's lse: the kept scores' less log(rho), rho as measured.
+    _, new_lse = _masked_attention(*map(heads_first, new), mask)
+    torch.testing.assert_close(steps[1][1], model_order(new_lse - rho.log()).float(), atol=1e-5, rtol=1e-5)
+    # The statistics the runtime kept are these (in the plan's order, as it applies them).
+    stats = next(iter(runtime._statistics.values()))
+    torch.testing.assert_close(stats.rho.double(), rho.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.residual.double(), residual.transpose(1, 2), atol=1e-5, rtol=1e-5)
