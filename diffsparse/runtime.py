@@ -382,6 +382,9 @@ class SparseRuntime:
         self._layer_patterns: dict[tuple[int, VideoLayout, int, int], tuple[Pattern, ...]] = {}
         self._fitted_at: dict[tuple[int, VideoLayout, int, int], int] = {}  # the step each slot was fitted at
         self._fits = self.pattern.data_dependent
+        # Searched patterns (`searched`, `searched_windows`): their `keep` is the density, spent by the search itself
+        # (their own `at_density` only confirms it), not solved after the fit as `spatial_temporal`'s is.
+        self._searches = self._fits and type(self.pattern).at_density is not Pattern.at_density
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
         # Per (layer, CFG branch, layout): videos of one call attended on different layouts (prompts with different
@@ -580,8 +583,8 @@ class SparseRuntime:
                     f"a frame count dividing {frames}, or frame-major order, keep them apart"
                 )
             warnings.warn(
-                f"{self.name}: self-attention with a causal mask over groups of {frames} frames on {layout} runs the "
-                f"original processor (dense): {why}",
+                f"diffsparse: {self.name}: self-attention with a causal mask over groups of {frames} frames on "
+                f"{layout} runs the original processor (dense): {why}",
                 stacklevel=2,
             )
         self.log_dense(layer)
@@ -728,8 +731,9 @@ class SparseRuntime:
         branch = self.state_manager.context.name
         pattern = self.pattern
         if self._fits:
-            # A fit reads the whole sequence's queries; the text's rows are kept whole whatever it finds, so zeros
-            # stand in for the queries the call does not hold.
+            # A fit reads the whole sequence's queries; it is told which ones the call computes (`queries_from`) and
+            # the text's rows are kept whole whatever it finds, so zeros stand in for the queries the call does not
+            # hold.
             fit_query = query
             if start:
                 fit_query = torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], dim=1)
@@ -894,12 +898,16 @@ class SparseRuntime:
                 # A searched pattern's `keep` is the density, which its search needs (`SparseConfig` sets it): the
                 # search keeps what the call's outside pairs leave the layout (`_at_density`).
                 unfitted = unfitted.at_density(layout, target, self.block_sizes)
+            # The searched patterns' `keep` is over the blocks of the queries the call computes, as a static
+            # pattern's density is solved (`_at_density`): else the text rows of a `video_queries` call, kept whole,
+            # took their blocks out of the video rows' budget, then were left out of the call (0.21 for 0.3).
+            span = (queries_from, layout.num_tokens) if queries_from else None
             patterns = tuple(
                 unfitted.fit(
                     q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes,
                     order=self.config.layer_order(layer),
                     generator=torch.Generator(device=query.device).manual_seed(layer),
-                    within=FrameCausal(frame_causal) if frame_causal else None, shard=shard,
+                    within=FrameCausal(frame_causal) if frame_causal else None, shard=shard, q_tokens=span,
                 )
                 for i in range(batch)
             )
@@ -968,7 +976,10 @@ class SparseRuntime:
             return pattern.at_density(layout, target, self.block_sizes, order=order, q_tokens=q_tokens)
 
         if self._fits:  # fitted anew for each layer and run: nothing to share (its `keep` is the density asked)
-            return solve()
+            solved = solve()
+            # Said for the configured pattern, not for each layer's fit of it: once per layout.
+            self._warn_if_out_of_reach(self.pattern, solved, layout, order, q_tokens, outside_pairs)
+            return solved
         key = (pattern, layout, order, queries_from, outside_pairs)
         if key not in self._solved:
             self._solved[key] = solve()
@@ -994,7 +1005,13 @@ class SparseRuntime:
         """Warn, once per (pattern, layout), when the solved density is far from `SparseConfig.density`: the nearest
         density a pattern reaches can be far off on a small layout (`Radial` keeps neighbouring frames whole, so a
         single image or two frames stay dense whatever the target), which would only show up as a missing
-        speedup. With `outside_pairs`, the density judged is the whole call's, as `stats()` reports it."""
+        speedup. With `outside_pairs`, the density judged is the whole call's, as `stats()` reports it.
+
+        A searched pattern (`solved` is one layer's search) keeps at most its budget by design (`top_p`, windows
+        under the layer's budget), so only a denser one is said: the blocks every pattern keeps (text rows and
+        columns, each query block's diagonal) or its sparsest windows are more than the target. Before, fitted
+        patterns were not checked, and a search on a layout with a quarter of text ran at 0.50 for 0.25 without a
+        word."""
         if (pattern, layout) in self._warned_density:
             return
         target = self.config.density
@@ -1004,16 +1021,24 @@ class SparseRuntime:
             pairs = (layout.num_tokens - (q_tokens or (0,))[0]) * layout.num_tokens
             reached = (reached * pairs + outside_pairs) / (pairs + outside_pairs)
             outside = f" with the {outside_pairs} query-key pairs the call computes densely outside it"
-        if not out_of_reach(target, reached):
+        if not out_of_reach(target, reached) or (self._searches and reached < target):
             return
         self._warned_density.add((pattern, layout))
-        others = '"searched" (whose `keep` is the density)'
-        if pattern.name != "window3d":
-            others = f'"window3d" (whose windows shrink within a frame too) or {others}'
+        if self._searches:
+            why = (f"the least it keeps there (text rows and columns, each query block's diagonal"
+                   f"{'' if pattern.name == 'searched' else ', its smallest windows'}) comes to {reached:.3f}")
+            others = "A smaller SparseConfig.block_size (fewer tokens in each of those blocks)"
+            if pattern.name != "searched":
+                others = '"searched" (whose blocks need not be windows) or a smaller SparseConfig.block_size'
+        else:
+            why = f"the nearest density it reaches there is {reached:.3f}"
+            others = '"searched" (whose `keep` is the density)'
+            if pattern.name != "window3d":
+                others = f'"window3d" (whose windows shrink within a frame too) or {others}'
         warnings.warn(
             f"diffsparse: {self.name}: SparseConfig.density={target} is out of reach of {pattern!r} on {layout}"
-            f"{outside}: the nearest density it reaches there is {reached:.3f}, so this layout runs "
-            f"{'denser' if reached > target else 'sparser'} than asked. {others} may come closer",
+            f"{outside}: {why}, so this layout runs {'denser' if reached > target else 'sparser'} than asked. "
+            f"{others} may come closer",
             stacklevel=2,
         )
 

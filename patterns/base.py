@@ -375,6 +375,7 @@ class Pattern(abc.ABC):
         generator: torch.Generator | None = None,
         within: Pattern | None = None,
         shard: HeadShard | None = None,
+        q_tokens: tuple[int, int] | None = None,
     ) -> Pattern:
         r"""
         The pattern specialised to one layer's attention: the runtime calls this at each layer's first sparse
@@ -383,7 +384,9 @@ class Pattern(abc.ABC):
         (one mask per video) for the layer's next steps. `within`: the model's own attention mask, when the
         call has one ([`FrameCausal`]: SkyReels-V2's causal frame groups): the fit measures the attention it allows.
         `shard`: when the tensors hold only some of the model's heads (context or tensor parallelism), which ones,
-        and how to see all of them; every process of the split calls `fit` together.
+        and how to see all of them; every process of the split calls `fit` together. `q_tokens`: `(start, stop)`,
+        the only queries the call computes (the video rows of a `video_queries` call; the others are zeros), as
+        `density`'s: a search spends its budget on their blocks.
         Static patterns return themselves; data-dependent ones override it ([`SpatialTemporal`] classifies its
         heads, [`Searched`] searches its blocks).
         """

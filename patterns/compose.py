@@ -87,11 +87,12 @@ class _Composed(Pattern):
     def refit_every(self) -> int:
         return min((n for n in (self.left.refit_every, self.right.refit_every) if n), default=0)
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None):
+    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None,
+            q_tokens=None):
         """A copy with each part fitted ([`Pattern.fit`]); static parts return themselves."""
         left, right = (
             part.fit(query, key, value, layout, block_size, order=order, generator=generator, within=within,
-                     shard=shard)
+                     shard=shard, q_tokens=q_tokens)
             for part in (self.left, self.right)
         )
         return replace(self, left=left, right=right)

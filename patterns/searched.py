@@ -236,7 +236,8 @@ def greedy_blocks(
             [`block_attention_mass`] (`required` then has a row per block).
         budget (`str`, *optional*, defaults to `"row"`): `"row"`: every set gets `round(keep * nk)` blocks
             (less where text rows' excess is taken back, above).
-            `"head"` or `"layer"`: the same number of blocks in all, shared among the head's (or the layer's) sets
+            `"head"` or `"layer"`: `keep` of all the head's (or the layer's) blocks, rounded once, required ones
+            included (under `groups`, each row's share capped at the blocks it may attend), shared among its sets
             by what they buy: every set is grown greedily up to twice its row share, and each further block goes
             to the set whose relative squared error (against its dense output's energy) it lowers most (gains
             made non-increasing along each set's sequence, so each set keeps a prefix of it), AdaSpa's
@@ -256,13 +257,13 @@ def greedy_blocks(
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget=}")
     bq, bk = as_pair(block_size)
-    batch, heads, n, dim = query.shape
+    batch, heads, n, _ = query.shape
     starts, lengths = query_blocks(n, bq, q_starts)
     nq, nk = len(starts), math.ceil(key.shape[2] / bk)
     values = value.float()
-    if dim > value_dims:
-        projection = torch.randn(dim, value_dims, generator=torch.Generator().manual_seed(0)) / math.sqrt(value_dims)
-        values = values @ projection.to(values.device)
+    if value.shape[-1] > value_dims:
+        projection = torch.randn(value.shape[-1], value_dims, generator=torch.Generator().manual_seed(0))
+        values = values @ (projection / math.sqrt(value_dims)).to(values.device)
     dv = values.shape[-1]
     values = torch.nn.functional.pad(values, (0, 0, 0, nk * bk - key.shape[2])).reshape(batch, heads, nk, bk, dv)
     samples = min(sample_rows, bq)
@@ -275,7 +276,10 @@ def greedy_blocks(
     count = _row_budgets(torch.clamp(candidates.sum(-1), max=round(keep * nk)), required_count).to(query.device)
     shared = budget != "row"
     if shared:  # grown further, then cut back to the shared budget
-        row_count, count = count, torch.maximum(
+        # Rounded once over all of a head's blocks, as `select_blocks` does: a rounded share per row adds up the
+        # rows' rounding (0.33 for keep=0.25 where a row holds 3 key blocks).
+        head_blocks = float(torch.clamp(candidates.sum(-1).double(), max=keep * nk).sum())
+        count = torch.maximum(
             torch.clamp(candidates.sum(-1), max=min(nk, 2 * round(keep * nk))), required_count
         ).to(query.device)
         steps = int((count.cpu() - required_count).max())
@@ -313,28 +317,30 @@ def greedy_blocks(
             gains[: len(chunk_picks), h0:h1, q0:q1] = chunk_gains.masked_fill(chunk_picks < 0, -torch.inf)
     if not shared:
         return kept
-    return _share_budget(kept, picks, gains, row_count - required_count.to(query.device), budget, shard)
+    return _share_budget(kept, picks, gains, head_blocks, budget, shard)
 
 
 def _share_budget(
     kept: torch.Tensor,
     picks: torch.Tensor,
     gains: torch.Tensor,
-    row_extra: torch.Tensor,
+    head_blocks: float,
     budget: str,
     shard: HeadShard | None = None,
 ) -> torch.Tensor:
-    """`greedy_blocks`' shared budgets: to the required blocks `kept` `(h, nq, nk)`, add the first picks of each
-    set's greedy sequence (`picks` `(steps, h, nq)`, -1 past its end), as many blocks in all as the row budget
-    adds (`row_extra` `(nq,)` per head), handed out by `gains` (`(steps, h, nq)`, the relative error each pick
-    removes), per head or for the whole layer (all the model's heads under a `shard`)."""
+    """`greedy_blocks`' shared budgets: to the required blocks `kept` `(h, nq, nk)` (alike in every head), add
+    the first picks of each set's greedy sequence (`picks` `(steps, h, nq)`, -1 past its end), up to
+    `round(head_blocks)` blocks per head in all, required ones included (`round(heads * head_blocks)` for the
+    layer), handed out by `gains` (`(steps, h, nq)`, the relative error each pick removes), per head or for the
+    whole layer (all the model's heads under a `shard`)."""
     gains = torch.cummin(gains, dim=0).values  # non-increasing along each sequence: the best gains are prefixes
     local_heads = gains.shape[1]
     if budget == "layer" and shard is not None:
         gains = rearrange(shard.all_heads(rearrange(gains, "t h q -> h t q")), "h t q -> t h q")
     steps, heads, nq = gains.shape
     pool = rearrange(gains, "t h q -> h (t q)") if budget == "head" else gains.reshape(1, -1)
-    share = int(row_extra.sum()) * (1 if budget == "head" else heads)
+    pooled_heads = 1 if budget == "head" else heads
+    share = max(0, round(pooled_heads * head_blocks) - pooled_heads * int(kept[0].sum()))
     ranks = torch.argsort(torch.argsort(pool, dim=-1, descending=True, stable=True), dim=-1)
     chosen = ranks < share
     # (A view, not einops: no set may grow at all, steps == 0, when the budget is at most the required blocks.)
@@ -682,6 +688,7 @@ class Searched(Pattern):
         order: TokenOrder | None = None,
         within: FrameCausal | None = None,
         shard: HeadShard | None = None,
+        q_tokens: tuple[int, int] | None = None,
     ) -> Searched:
         r"""
         A copy holding the highest-scoring blocks for these queries, keys and values.
@@ -703,9 +710,19 @@ class Searched(Pattern):
             shard ([`HeadShard`], *optional*): when the tensors hold only some of the model's heads (context
                 or tensor parallelism): `budget="layer"` is then shared over all the model's heads, so each
                 process keeps the blocks one process would keep for its heads (every process calls this together).
+            q_tokens (`tuple[int, int]`, *optional*): the queries `(start, stop)` the kernel computes (in `order`),
+                when not all of them (the runtime's `video_queries` calls, which attend the text's queries elsewhere
+                or not at all): `keep` is then the share of those queries' blocks (`density(..., q_tokens)`), their
+                query blocks are counted from `start` (as the call's kernel counts them), and the rows outside
+                keep their required blocks only, at no cost to the budget (those queries are not searched: give
+                anything there).
         """
         pair, order = as_pair(block_size), as_order(order)
         n = layout.num_tokens
+        check_spans(layout, q_tokens, None)
+        if q_tokens is not None and within is not None:
+            raise ValueError(f"q_tokens={q_tokens!r} (queries of a part of the sequence) cannot be combined with "
+                             f"within={within!r} (a mask whose groups attend from the sequence's first query)")
         if value is None and self.criterion == "greedy":
             raise ValueError(f"{self!r} measures the output error of its blocks: give value, not None")
         if within is not None and not isinstance(within, FrameCausal):
@@ -724,28 +741,38 @@ class Searched(Pattern):
         if within is not None:
             groups = within.video_groups(layout, order).to(query.device)
             bounds = within.group_bounds(layout, order) or bounds  # each group's tokens together: blocks from its start
+        elif q_tokens is not None:
+            bounds = tuple(sorted({0, *q_tokens, n}))  # the computed queries' blocks from their first token
         starts = _group_block_starts(bounds, pair[0])
         required = self._required(layout, pair, starts)
+        # Only the computed queries' blocks are searched and paid for: else the text rows (every key block) took
+        # their share of `keep` from the video rows of a `video_queries` call, then were left out of it (0.21 for
+        # keep=0.3 with a fifth of the rows text).
+        lo, hi = (0, n) if q_tokens is None else q_tokens
+        rows = slice(int((starts < lo).sum()), int((starts < hi).sum()))
+        queries, span_starts = tensors["query"][:, :, lo:hi], starts[rows] - lo
         if self.criterion == "greedy":
-            mask = greedy_blocks(tensors["query"], tensors["key"], tensors["value"], pair, self.keep, required,
-                                 sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
-                                 q_starts=starts, budget=self.budget, shard=shard)
+            searched = greedy_blocks(queries, tensors["key"], tensors["value"], pair, self.keep, required[rows],
+                                     sample_rows=self.sample_rows, value_dims=self.value_dims, groups=groups,
+                                     q_starts=span_starts, budget=self.budget, shard=shard)
         elif self.criterion == "mass":
-            mass = block_attention_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
-            mask = select_blocks(mass, self.keep, self.budget, required, top_p=self.top_p, shard=shard)
+            mass = block_attention_mass(queries, tensors["key"], pair, groups, q_starts=span_starts)
+            searched = select_blocks(mass, self.keep, self.budget, required[rows], top_p=self.top_p, shard=shard)
         else:
-            mass, similarity = pooled_block_mass(tensors["query"], tensors["key"], pair, groups, q_starts=starts)
+            mass, similarity = pooled_block_mass(queries, tensors["key"], pair, groups, q_starts=span_starts)
             dissimilar = (similarity < self.min_similarity).cpu()[:, None, :]  # (H, 1, nk)
-            mask = select_blocks(mass, self.keep, self.budget, required | dissimilar, top_p=self.top_p, shard=shard)
-        mask = mask.cpu()
+            searched = select_blocks(mass, self.keep, self.budget, required[rows] | dissimilar, top_p=self.top_p,
+                                     shard=shard)
+        mask = required.expand(searched.shape[0], *required.shape).clone()
+        mask[:, rows] = searched.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
         return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))
 
     def fit(
-        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None
+        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None, q_tokens=None
     ) -> Searched:
         """[`~Searched.search`] (nothing is drawn at random: `generator` is unused)."""
-        return self.search(query, key, value, layout, block_size, order, within, shard)
+        return self.search(query, key, value, layout, block_size, order, within, shard, q_tokens)
 
     @staticmethod
     def _required(layout: VideoLayout, block_size: tuple[int, int], q_starts: torch.Tensor | None = None):

@@ -295,11 +295,12 @@ class SpatialTemporal(Pattern):
         return mass
 
     def fit(
-        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None
+        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None,
+        q_tokens=None,
     ) -> SpatialTemporal:
         """A copy with each head's kind chosen by [`~SpatialTemporal.classify`] (values, block size and order
         do not enter: the masks are exact in any; each head is classified on its own, so `shard` does not
-        enter either)."""
+        enter either; nor does `q_tokens`: the kinds are read from video query rows, which every call computes)."""
         return self.with_heads(self.classify(query, key, layout, generator=generator, within=within))
 
     @torch.no_grad()

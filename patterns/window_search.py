@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import BlockSize, HeadShard, as_pair
+from .base import BlockSize, HeadShard, as_pair, check_spans
 from .causal import FrameCausal
 from .layout import Triple, VideoLayout, as_triple
 from .ordering import TokenOrder, as_order
@@ -31,12 +31,21 @@ def axis_sizes(size: int, stride: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=32)
-def _candidate_densities(stride: Triple, layout: VideoLayout, block_size: tuple[int, int], order: TokenOrder):
+def _candidate_densities(
+    stride: Triple,
+    layout: VideoLayout,
+    block_size: tuple[int, int],
+    order: TokenOrder,
+    q_tokens: tuple[int, int] | None = None,
+):
     """`(windows, densities)`: every candidate window of `layout` (a product of the per-axis sizes) and its block
-    density (text rows and columns included). Cached: each layer of a model asks for the same."""
+    density (text rows and columns included; over the blocks of the queries `q_tokens` only, when given: those a
+    call computes). Cached: each layer of a model asks for the same."""
     sizes = [axis_sizes(n, s) for n, s in zip(layout.grid, stride)]
     windows = [(t, h, w) for t in sizes[0] for h in sizes[1] for w in sizes[2]]
-    densities = torch.tensor([Window3D(window, stride).density(layout, block_size, order) for window in windows])
+    densities = torch.tensor(
+        [Window3D(window, stride).density(layout, block_size, order, q_tokens) for window in windows]
+    )
     return tuple(windows), densities
 
 
@@ -181,9 +190,11 @@ class SearchedWindows(Window3D):
             raise ValueError(f"{self!r} was searched for keep={self.keep}; search again for density {target}")
         return self
 
-    def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None):
+    def fit(
+        self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None, q_tokens=None
+    ):
         """[`~SearchedWindows.search`]."""
-        return self.search(query, key, value, layout, block_size, order, generator, within, shard)
+        return self.search(query, key, value, layout, block_size, order, generator, within, shard, q_tokens)
 
     @torch.no_grad()
     def search(
@@ -197,6 +208,7 @@ class SearchedWindows(Window3D):
         generator: torch.Generator | None = None,
         within: FrameCausal | None = None,
         shard: HeadShard | None = None,
+        q_tokens: tuple[int, int] | None = None,
     ) -> SearchedWindows:
         r"""
         A copy with one window per head, chosen under the layer's budget.
@@ -212,6 +224,9 @@ class SearchedWindows(Window3D):
             within ([`FrameCausal`], *optional*): the model's own mask: each row's softmax is over the keys it keeps.
             shard ([`HeadShard`], *optional*): when the tensors hold only some of the model's heads: the budget is
                 shared over all of them (every process calls this together).
+            q_tokens (`tuple[int, int]`, *optional*): the queries `(start, stop)` the kernel computes, when not all
+                of them (the runtime's `video_queries` calls): `keep` is then the density of those queries' blocks
+                (`density(..., q_tokens)`), not of the whole layout's, whose text rows the call does not compute.
         """
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != layout.num_tokens:
@@ -219,7 +234,8 @@ class SearchedWindows(Window3D):
                 raise ValueError(f"{name} must be a (B, H, {layout.num_tokens}, D) tensor for {layout}, got {shape}")
         if within is not None and not isinstance(within, FrameCausal):
             raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
-        windows, densities = _candidate_densities(self.stride, layout, as_pair(block_size), as_order(order))
+        check_spans(layout, q_tokens, None)
+        windows, densities = _candidate_densities(self.stride, layout, as_pair(block_size), as_order(order), q_tokens)
         losses = self._errors(query, key, value, layout, windows, generator, within)
         if shard is not None:
             losses = shard.all_heads(losses.to(query.device)).cpu()

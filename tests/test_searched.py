@@ -371,13 +371,91 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert select_blocks(rows, 1.0, "head", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
 
 
+@pytest.mark.parametrize("budget", ["head", "layer"])
+def test_shared_budgets_round_keep_once_over_all_blocks(budget):
+    # 6 x 6 blocks per head at keep=0.3: 10.8 blocks, 11 per head (22 for the layer's 2 heads), the diagonal's 6
+    # included. Before, the greedy budgets added each row's rounded share, round(0.3 * 6) = 2, 12 per head: 0.33
+    # for 0.3 (0.333 for 0.25 at 2 x 16 x 24 tokens, block 128).
+    layout = VideoLayout(frames=2, height=16, width=24)
+    q, k, v = _qkv(layout, dim=16)
+    required = torch.eye(6, dtype=torch.bool)
+    for keep in (0.3, 0.25):
+        greedy = greedy_blocks(q, k, v, 128, keep=keep, required=required, budget=budget)
+        scores = block_attention_mass(q, k, 128)
+        mass = select_blocks(scores, keep, budget, required)
+        for kept in (greedy, mass):
+            assert kept[:, required].all()
+            if budget == "head":
+                assert kept.sum((1, 2)).tolist() == [round(keep * 36)] * 2, keep
+            else:
+                assert kept.sum() == round(keep * 72), keep
+    # The budget never goes below the required blocks: at keep=0.1 (3.6 blocks per head) just the diagonal.
+    assert torch.equal(greedy_blocks(q, k, v, 128, keep=0.1, required=required, budget=budget),
+                       required.expand(2, 6, 6))
+
+
+@pytest.mark.parametrize("criterion", ["greedy", "mass", "pooled"])
+def test_the_search_runs_in_the_kernel_s_token_order(criterion):
+    # Tiles of (2, 2, 3) do not divide the 3 x 5 x 7 grid, so the permutation is not its own inverse: a search that
+    # put the tensors in the inverse order would find other blocks.
+    layout, order = VideoLayout(frames=3, height=5, width=7, text_len=3), TileOrder((2, 2, 3))
+    perm = order.permutation(layout)
+    assert not torch.equal(perm, order.inverse(layout))
+    q, k, v = _qkv(layout)
+    pattern = Searched(keep=0.4, criterion=criterion)
+    ordered = pattern.search(q, k, v, layout, 8, order=order).searched_mask
+    by_hand = pattern.search(*(x[:, :, perm] for x in (q, k, v)), layout, 8).searched_mask
+    assert torch.equal(ordered, by_hand)
+
+
+def test_values_may_be_narrower_or_wider_than_the_queries():
+    # The projection is chosen by the values' own width. Before, by the queries': values narrower than queries wider
+    # than `value_dims` could not be multiplied by a projection sized for the queries.
+    layout = VideoLayout(frames=3, height=3, width=4)
+    q, k, _ = _qkv(layout, dim=64)
+    v = _qkv(layout, dim=16, seed=1)[2]
+    required = torch.eye(5, dtype=torch.bool)
+    exact = greedy_blocks(q, k, v, 8, keep=0.6, required=required, value_dims=16)  # no projection either way
+    assert torch.equal(greedy_blocks(q, k, v, 8, keep=0.6, required=required, value_dims=32), exact)
+    wide = _qkv(layout, dim=64, seed=2)[2]
+    kept = greedy_blocks(q[..., :8], k[..., :8], wide, 8, keep=0.6, required=required, value_dims=8)
+    assert (kept.sum(-1) == 3).all()
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("criterion", ["greedy", "mass", "pooled"])
+def test_a_query_span_spends_keep_on_its_own_blocks_only(criterion, budget):
+    # The runtime's `video_queries` calls compute the video's queries only: `keep` is the share of their blocks,
+    # which are counted from the span's first token (as the call's kernel counts them). The text rows outside are
+    # kept whole at no cost, and what the queries outside hold does not matter.
+    layout = VideoLayout(1, 8, 10, text_len=20, text_position="start")  # the video's blocks start mid-block 2
+    span, block = (20, 100), 8
+    q, k, v = _qkv(layout)
+    pattern = Searched(keep=0.3, criterion=criterion, budget=budget)
+    searched = pattern.search(q, k, v, layout, block, q_tokens=span)
+    rows = searched.block_mask(layout, block, q_tokens=span)
+    assert rows.shape == (2, 10, 13) and abs(rows.float().mean().item() - 0.3) <= 0.5 / 13  # rounding
+    assert rows[:, :, :3].all()  # the text's key blocks
+    assert searched.block_mask(layout, block)[:, :3].all()  # the text's rows, outside the span
+    # Block 0 of the span is tokens 20-27, whose diagonal key block is 2 (tokens 16-23).
+    assert rows[:, torch.arange(10), (torch.arange(20, 100, 8) // 8)].all()
+    noise = q.clone()
+    noise[:, :, :20] = torch.randn(1, 2, 20, 8)
+    assert torch.equal(pattern.search(noise, k, v, layout, block, q_tokens=span).searched_mask, searched.searched_mask)
+    assert pattern.search(q, k, v, layout, block) != searched  # the whole sequence's search is another
+    with pytest.raises(ValueError, match=r"q_tokens must be a \(start, stop\) pair .* got q_tokens=\(20, 101\)"):
+        pattern.search(q, k, v, layout, block, q_tokens=(20, 101))
+    with pytest.raises(ValueError, match="cannot be combined with within"):
+        pattern.search(*_qkv(VideoLayout(2, 4, 4)), VideoLayout(2, 4, 4), 8, within=FrameCausal(1), q_tokens=(16, 32))
+
+
 def test_a_shared_greedy_budget_ranks_each_set_by_its_running_least_gain():
     # Each set keeps a prefix of its greedy sequence, so a pick counts for no more than the picks before it: set 0's
     # second block (gain 0.9) cannot jump its first (0.1), and set 1's two blocks (0.5, 0.4) are taken instead.
     picks = torch.tensor([[[0, 1]], [[2, 3]]])  # (steps, heads, sets): set 0 adds block 0 then 2, set 1 1 then 3
     gains = torch.tensor([[[0.1, 0.5]], [[0.9, 0.4]]])
     for budget in ("layer", "head"):
-        kept = _share_budget(torch.zeros(1, 2, 4, dtype=torch.bool), picks, gains, torch.tensor([1, 1]), budget)
+        kept = _share_budget(torch.zeros(1, 2, 4, dtype=torch.bool), picks, gains, 2.0, budget)
         assert kept[0].int().tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]], budget
 
 
