@@ -286,7 +286,7 @@ def _run_trace(args) -> None:
 
 
 def _run_compare(args) -> None:
-    from .compare import placement_label, run_compare, scored_label
+    from .compare import placement_label, run_compare, scored_label, speedup_note
 
     config = _sparse_config(args)
     r = run_compare(args, config)
@@ -299,7 +299,9 @@ def _run_compare(args) -> None:
           f"{placement_label(r.dtype, r.offload)}, {r.sampler}")
     print(f"dense  {r.dense_seconds:8.2f} s end-to-end, {r.dense_denoise_seconds:8.2f} s text encoding + denoising")
     print(f"sparse {r.sparse_seconds:8.2f} s end-to-end, {r.sparse_denoise_seconds:8.2f} s text encoding + denoising")
-    print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising")
+    note = speedup_note(r)
+    print(f"speedup {r.speedup:.2f}x end-to-end, {r.denoise_speedup:.2f}x text encoding + denoising"
+          + (f" ({note})" if note else ""))
     print(f"mean attention density: {r.mean_attention_density:.3f}")
     print(f"PSNR {r.psnr_db:.2f} dB   SSIM {r.ssim:.4f}   (sparse vs dense, {scored_label(args)})")
     if r.lpips is None:
@@ -308,7 +310,9 @@ def _run_compare(args) -> None:
         print(f"LPIPS not computed: {lpips_missing_reason((r.height, r.width))}")
     else:
         print(f"LPIPS {r.lpips:.4f}")
-    print(f"wrote {r.video_path}, {r.dense_path}, {r.sparse_path} and {os.path.join(args.out, 'compare.json')}")
+    # One frame: compare.png beside compare.mp4 (`image_path`), which the line left out.
+    written = [path for path in (r.video_path, r.image_path, r.dense_path, r.sparse_path) if path is not None]
+    print(f"wrote {', '.join(written)} and {os.path.join(args.out, 'compare.json')}")
 
 
 _ints = _comma_list(_positive, "positive integers")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import numbers
 import socket
 from pathlib import Path
 
@@ -19,9 +21,10 @@ from .compare import (
     parse_call_kwargs,
     run_compare,
     scored_label,
+    speedup_note,
     takes_image,
 )
-from .config import CORRECTIONS, SparseConfig, parse_dense_layers
+from .config import CORRECTIONS, SparseConfig, StepCount, parse_dense_layers
 from .metrics import lpips_missing_reason
 from .patterns import PATTERNS
 
@@ -41,9 +44,9 @@ def compare_once(
     pipe,
     prompt: str,
     pattern: str = "radial",
-    density: float = 0.0,
-    dense_steps: float = 0.2,
-    block_size: int = 64,
+    density: float | None = 0.0,
+    dense_steps: StepCount = 0.2,
+    block_size: int | tuple[int, int] = 64,
     correction: str = "none",
     dense_layers: int | list[int] | str = 0,
     steps: int = 20,
@@ -62,33 +65,41 @@ def compare_once(
 ) -> tuple[CompareResult, str]:
     """One request of the page: `(result, markdown summary)`; the side-by-side video is `result.video_path`.
 
-    `density=0` keeps the pattern's own parameters (`SparseConfig.density=None`); a bad value raises the
-    `ValueError` of `SparseConfig` that names the field. `dense_layers`: as `SparseConfig.dense_layers`, or its
-    text form (`"2"`, `"[3]"`: `parse_dense_layers`), as the page's field gives it. `still_candidates`: 0 samples in one pass; N >= 1
-    (testbed models) samples in two stages from the best of N stills, as `diffsparse compare --two-stage
-    --still-candidates N` (what `make run` shows, with N = 4). `image`: an image file for image-to-video and
-    editing pipelines (`diffsparse compare --image`). `call_kwargs`: more keyword arguments of the pipeline call, a
-    dict or its JSON text, as the page's field gives it (`diffsparse compare --call-kwargs`); empty text: none.
+    `density=0` (or `None`) keeps the pattern's own parameters (`SparseConfig.density=None`); `dense_steps` and
+    `block_size` take `SparseConfig`'s forms (an int step count or a float fraction; a size or a `(query, key)`
+    pair); a bad value raises the `ValueError` of `SparseConfig` that names the field. `dense_layers`: as
+    `SparseConfig.dense_layers`, or its text form (`"2"`, `"[3]"`: `parse_dense_layers`), as the page's field gives
+    it. `still_candidates`: 0 samples in one pass; N >= 1 (testbed models) samples in two stages from the best of N
+    stills, as `diffsparse compare --two-stage --still-candidates N` (what `make run` shows, with N = 4). `image`:
+    an image file for image-to-video and editing pipelines (`diffsparse compare --image`). `call_kwargs`: more
+    keyword arguments of the pipeline call, a dict or its JSON text, as the page's field gives it (`diffsparse
+    compare --call-kwargs`); empty text: none.
     `lpips_weights`: the AlexNet checkpoint for LPIPS (`diffsparse demo --lpips-weights`; default: the torch hub
     cache's, when it holds one).
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
-        raise ValueError(f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
+        raise ValueError(
+            f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
     # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work.
     for name, value, least in (("steps", steps, 1), ("frames", frames, 1), ("height", height, 1), ("width", width, 1),
                                ("seed", seed, None)):
-        if value is None or isinstance(value, bool) or float(value) != int(value) or least and int(value) < least:
+        # isfinite first: int() of NaN or inf raised its own error, which named no field.
+        whole = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                 and value == int(value))
+        if not whole or least and value < least:
             allowed = "a whole number" + (f" >= {least}" if least else "")
             raise ValueError(f"{name} must be {allowed}, got {name}={value!r}")
     if isinstance(call_kwargs, str):
         call_kwargs = parse_call_kwargs(call_kwargs) if call_kwargs.strip() else None
     if correction not in CORRECTION_CHOICES:
         raise ValueError(f"correction must be one of {CORRECTION_CHOICES}, got correction={correction!r}")
+    # Passed on as given, for `SparseConfig` to check and name: float() made a step count (2) a fraction it
+    # refused, int() failed on a (query, key) pair, and None (a cleared box) failed in either.
     config = SparseConfig(
         pattern=pattern,
-        density=float(density) or None,
-        dense_steps=float(dense_steps),
-        block_size=int(block_size),
+        density=density or None,
+        dense_steps=dense_steps,
+        block_size=_whole(block_size),
         correction=None if correction == "none" else correction,
         dense_layers=parse_dense_layers(dense_layers) if isinstance(dense_layers, str) else dense_layers,
     )
@@ -112,11 +123,15 @@ def compare_once(
     lpips_text = (f"not computed ({lpips_missing_reason((result.height, result.width))})" if result.lpips is None
                   else f"{result.lpips:.4f}")
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
-    speed = f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x denoising (one run each)."
+    # "text encoding + denoising", as the table's row and the CLI: the time up to the last step's end.
+    note = speedup_note(result)
+    speed = (f"Speedup {result.speedup:.2f}x end-to-end, {result.denoise_speedup:.2f}x text encoding + denoising (one "
+             f"run each{'; ' + note if note else ''}).")
     # The density of the sparse steps alone: what the pattern gave where it ran (`eval`'s measured density).
     sparse_steps = (f"{result.sparse_steps_density:.3f} outside the dense steps (dense layers, masked calls count "
                     "1.0)")
-    quality = f"Sparse vs dense, {scored_label(args)}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, LPIPS {lpips_text}."
+    quality = (f"Sparse vs dense, {scored_label(args)}: PSNR {result.psnr_db:.2f} dB, SSIM {result.ssim:.4f}, "
+               f"LPIPS {lpips_text}.")
     summary = "\n".join(
         [
             "| | dense | sparse |",
@@ -182,7 +197,8 @@ def form_ranges(pipe) -> dict[str, tuple[int, int, int, int]]:
     steps, frames, height, width = (defaults[name] for name in ("steps", "frames", "height", "width"))
     if isinstance(pipe, TestbedPipeline):
         steps, frames, height, width = 25, 16, 64, 64  # half the ranges: the slider ends of the CPU-sized model
-    return {"steps": (2, 2 * steps, 1, defaults["steps"]), "frames": (1, max(33, 2 * frames + 1), 4, defaults["frames"]),
+    return {"steps": (2, 2 * steps, 1, defaults["steps"]),
+            "frames": (1, max(33, 2 * frames + 1), 4, defaults["frames"]),
             "height": (16, 2 * height, 16, defaults["height"]), "width": (16, 2 * width, 16, defaults["width"])}
 
 

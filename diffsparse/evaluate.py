@@ -208,14 +208,15 @@ def run_eval(args) -> list[EvalRow]:
 
 @contextlib.contextmanager
 def diffsparse_warnings():
-    """Inside, diffsparse's warnings are shown (`compare.kept_warnings`) and their texts, each once, end up in the
-    list this yields, filled on leaving: what a result file keeps for readers who never see stderr."""
+    """Inside, diffsparse's warnings (those its code raises: `compare.kept_warnings`) are shown and their texts,
+    each once, end up in the list this yields, filled on leaving: what a result file keeps for readers who never see
+    stderr."""
     # No "always" filter: entering `catch_warnings` resets Python's once-per-place memory, so each configuration's
     # context shows its texts again, and one the user silenced (`-W ignore`) stays silent here too.
     with kept_warnings() as caught:
         kept = []
         yield kept
-    kept.extend(dict.fromkeys(message for message in caught if message.startswith("diffsparse")))
+    kept.extend(dict.fromkeys(caught))
 
 
 def _check_distinct(configs: list[SparseConfig]) -> None:

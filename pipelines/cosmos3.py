@@ -122,7 +122,7 @@ class Cosmos3Adapter(ModelAdapter):
             # The target is the last vision item; those before it (Transfer's controls) join the leading span.
             return VideoLayout(*shapes[-1], text_len=und_len + sum(sizes[:-1]), text_position="start"), timestep
         warnings.warn(
-            f"Cosmos 3: a call whose {generated} generation tokens are not all vision items' patches "
+            f"diffsparse: Cosmos 3: a call whose {generated} generation tokens are not all vision items' patches "
             f"({list(shapes)}: sound or action tokens too) runs the original processor (dense)",
             stacklevel=2,
         )

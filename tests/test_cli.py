@@ -41,7 +41,20 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
         "a red circle moving left", None, None, False)
 
 
-def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys):
+def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from diffsparse import compare
+
+    scored = []  # the frame counts each metric was given, sparse and dense
+
+    def recording(metric):
+        def record(sparse_frames, dense, **kwargs):
+            scored.append((metric.__name__, len(sparse_frames), len(dense)))
+            return metric(sparse_frames, dense, **kwargs)
+        return record
+
+    for name in ("psnr", "ssim", "lpips"):
+        monkeypatch.setattr(compare, name, recording(getattr(compare, name)))
     args = ["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
             "--dense-steps", "0", "--two-stage", "--still-candidates", "2", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -49,6 +62,9 @@ def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_gene
     assert result["sampler"] == "two-stage, best of 2 stills"
     # Frame 0 is the shared still in both videos, so an unscored frame 0 cannot inflate PSNR to infinity.
     assert 0 < result["psnr_db"] < float("inf")
+    # ... and every metric is given the 4 generated frames alone (the PSNR bound above held with frame 0 scored too).
+    assert {name for name, _, _ in scored} >= {"psnr", "ssim"}
+    assert {(sparse_frames, dense) for _, sparse_frames, dense in scored} == {(4, 4)}
     assert "frame 0 is the shared still" in capsys.readouterr().out
 
 
@@ -108,15 +124,23 @@ def test_compare_on_a_pipeline_with_diffsparse_applied_compares_against_its_own_
     assert plain.model == "WanPipeline"
 
 
-def test_compare_into_an_earlier_runs_folder_leaves_no_file_of_the_other_format(tmp_path):
+def test_compare_into_an_earlier_runs_folder_leaves_no_file_of_the_other_format(tmp_path, capsys):
     # Before, one frame then three left compare.png, dense.png and sparse.png beside the new mp4s (and back).
     args = ["compare", "--steps", "1", "--height", "16", "--width", "16", "--block-size", "16", "--out", str(tmp_path)]
-    written = {}
+    written, said = {}, {}
     for frames in ("1", "3", "1"):
         assert main([*args, "--frames", frames]) == 0
         written[frames] = sorted(p.name for p in tmp_path.iterdir())
+        said[frames] = capsys.readouterr().out
     assert written["1"] == ["compare.json", "compare.mp4", "compare.png", "dense.png", "sparse.png"]
     assert written["3"] == ["compare.json", "compare.mp4", "dense.mp4", "sparse.mp4"]
+    # The printout names what was written: before, one frame's compare.png was left out of it.
+    names = {frames: [name for name in written[frames] if name != "compare.json"] for frames in written}
+    for frames, (first, *others) in (("1", ("compare.mp4", "compare.png", "dense.png", "sparse.png")),
+                                      ("3", ("compare.mp4", "dense.mp4", "sparse.mp4"))):
+        assert sorted([first, *others]) == names[frames]
+        paths = ", ".join(str(tmp_path / name) for name in (first, *others))
+        assert f"wrote {paths} and {tmp_path / 'compare.json'}\n" in said[frames]
 
 
 def test_the_sampler_says_that_call_kwargs_do_not_reach_the_two_stage_stills():
@@ -387,12 +411,100 @@ def test_timed_runs_wait_for_the_gpu_before_reading_the_clock(tmp_path, monkeypa
     assert calls.count("eval") > 2 * 3 * 2 * 2 and calls.count("compare") == 0
 
 
-def test_identical_videos_write_standard_json(tmp_path):
+def test_compare_reports_dense_over_sparse_times_and_both_densities(tmp_path, capsys, monkeypatch):
+    # Scripted clocks, so that a number computed the wrong way round shows (an inverted speedup, the end-to-end
+    # time read as the denoising time, the sparse steps' density as the mean): each clock reading of the dense run
+    # advances 2 s, of the sparse run 0.5 s, and the sparse run's decode 1.5 s more. Dense: 4 s to its second and
+    # last step's end, 6 s end to end; sparse: 1 s and 3 s.
+    import warnings
+    from types import SimpleNamespace
+
+    from diffsparse import compare
+    from diffsparse.pipelines.wan import WanSparseAttnProcessor
+
+    inside = _diffsparse_module()
+    loaded, now = [], [0.0]
+    load = compare.load_pipeline_for
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: loaded.append(load(args)) or loaded[0])
+
+    def sparse_applied() -> bool:
+        return isinstance(loaded[0].transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
+
+    def clock() -> float:
+        now[0] += 0.5 if sparse_applied() else 2.0
+        return now[0]
+
+    def first_output(output):  # between the last step and the end of the run: the decode's share
+        now[0] += 1.5 if sparse_applied() else 0.0
+        inside.warn("a warning of diffsparse's code, its text not prefixed")
+        warnings.warn("diffsparse: a text that is not diffsparse's warning")
+        return first(output)
+
+    first = compare.first_output
+    monkeypatch.setattr(compare, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(compare, "first_output", first_output)
+    args = ["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "48", "--block-size", "16",
+            "--dense-steps", "1", "--density", "0.5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert (result["dense_seconds"], result["sparse_seconds"]) == (6.0, 3.0)
+    assert (result["dense_denoise_seconds"], result["sparse_denoise_seconds"]) == (4.0, 1.0)
+    assert (result["speedup"], result["denoise_speedup"]) == (2.0, 4.0)  # dense over sparse
+    out = capsys.readouterr().out
+    assert "\nspeedup 2.00x end-to-end, 4.00x text encoding + denoising\n" in out
+    assert "dense      6.00 s end-to-end,     4.00 s text encoding + denoising\n" in out
+    # Step 0 dense (its calls count 1.0), step 1 sparse: the mean is over both, the sparse steps' density over one.
+    assert result["sparse_calls"] > 0 and result["sparse_steps_density"] < 1
+    assert result["mean_attention_density"] == pytest.approx((1 + result["sparse_steps_density"]) / 2)
+    assert result["mean_attention_density"] != pytest.approx(result["sparse_steps_density"])
+    # The warnings kept are those diffsparse's code raised, whatever their text (before: those starting with
+    # "diffsparse", which the causal-mask and Cosmos 3 ones did not).
+    assert "a warning of diffsparse's code, its text not prefixed" in result["warnings"]
+    assert "diffsparse: a text that is not diffsparse's warning" not in result["warnings"]
+
+
+def _diffsparse_module():
+    """A stand-in for a module of the `diffsparse` package, whose `warn` raises a warning there: the function runs
+    with that module's globals, which is where `kept_warnings` reads the origin."""
+    import types
+
+    def warn(text):
+        import warnings
+
+        warnings.warn(text, stacklevel=2)
+
+    globals_ = {"__name__": "diffsparse.warning_source", "__builtins__": __builtins__}
+    return types.SimpleNamespace(warn=types.FunctionType(warn.__code__, globals_))
+
+
+def test_kept_warnings_are_those_diffsparses_code_raises_also_when_nested():
+    import warnings
+
+    from diffsparse.compare import kept_warnings
+
+    inside = _diffsparse_module()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with kept_warnings() as outer:
+            with kept_warnings() as inner:  # its `keep` passes each warning on to the outer one's
+                inside.warn("transformer: runs the original processor (dense)")
+                warnings.warn("diffsparse: raised outside diffsparse")
+            inside.warn("after the inner block")
+    assert inner == ["transformer: runs the original processor (dense)"]
+    assert outer == ["transformer: runs the original processor (dense)", "after the inner block"]
+    assert len(shown) == 3  # every warning is still shown, kept or not
+
+
+def test_identical_videos_write_standard_json(tmp_path, capsys):
     # The PSNR of identical videos is infinite: Python wrote `Infinity`, which strict JSON readers refuse.
     args = ["compare", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32", "--pattern", "dense"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert result["psnr_db"] is None and result["ssim"] == 1.0
+    # Nothing ran sparse: the speedup times two dense runs, and says so (before, a bare 1.89x or 0.58x under load).
+    assert result["sparse_calls"] == 0
+    assert re.search(r"^speedup \S+x end-to-end, \S+x text encoding \+ denoising \(nothing ran sparse: run-to-run "
+                     r"noise\)$", capsys.readouterr().out, re.MULTILINE)
     # A broken run's NaN scores must not read as that null of a perfect one.
     from diffsparse.bench import strict_json
 

@@ -39,11 +39,40 @@ def test_a_request_scores_lpips_with_the_weights_the_page_was_given(tiny_pipe, t
                        # a cleared number box (None) or 0 steps: before, a TypeError or an IndexError from inside
                        ({"seed": None}, "seed must be a whole number"),
                        ({"steps": 0}, "steps must be a whole number >= 1"),
-                       ({"frames": 2.5}, "frames must be a whole number")]
+                       ({"frames": 2.5}, "frames must be a whole number"),
+                       # before, int() said "cannot convert float NaN to integer", naming no field, and the page
+                       # showed inf's OverflowError as "the run failed"
+                       ({"height": float("nan")}, "height must be a whole number >= 1, got height=nan"),
+                       ({"width": float("inf")}, "width must be a whole number >= 1, got width=inf"),
+                       ({"seed": float("-inf")}, "seed must be a whole number, got seed=-inf")]
 )
 def test_bad_settings_raise_errors_naming_the_field(tiny_pipe, tmp_path, setting, field):
     with pytest.raises(ValueError, match=field):
         compare_once(tiny_pipe, "a red circle", **{"block_size": 16, **SMALL, **setting}, out=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "setting, taken",
+    # Each a form `SparseConfig` takes, which the conversions refused: float(None) was a TypeError, an int step
+    # count became a fraction of 2.0 (refused), and int() of a (query, key) pair a TypeError.
+    [({"density": None}, {"density": None}), ({"dense_steps": 2}, {"dense_steps": 2}),
+     ({"block_size": (16, 32)}, {"block_size": (16, 32)}), ({"block_size": 32.0}, {"block_size": 32})],
+)
+def test_sparse_settings_reach_the_config_in_each_form_it_takes(tiny_pipe, tmp_path, monkeypatch, setting, taken):
+    from diffsparse import demo
+
+    class Configured(Exception):
+        pass
+
+    def configured(args, config, pipe):
+        raise Configured(config)
+
+    monkeypatch.setattr(demo, "run_compare", configured)
+    with pytest.raises(Configured) as stopped:
+        compare_once(tiny_pipe, "a red circle", "window3d", **{"block_size": 16, **SMALL, **setting}, out=tmp_path)
+    (config,) = stopped.value.args
+    assert {name: getattr(config, name) for name in taken} == taken
+    assert all(type(getattr(config, name)) is type(value) for name, value in taken.items())
 
 
 def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path):
@@ -176,9 +205,9 @@ def test_the_summary_shows_the_results_own_numbers_and_warnings(tiny_pipe, tmp_p
     from diffsparse import demo
     from diffsparse.compare import CompareResult
 
-    numbers = {"dense_seconds": 3.0, "sparse_seconds": 1.5, "speedup": 2.0, "dense_denoise_seconds": 2.5,
-               "sparse_denoise_seconds": 1.25, "denoise_speedup": 2.0, "mean_attention_density": 0.4321,
-               "sparse_steps_density": 0.2468}
+    numbers = {"dense_seconds": 3.0, "sparse_seconds": 1.5, "speedup": 2.0, "dense_denoise_seconds": 3.75,
+               "sparse_denoise_seconds": 1.25, "denoise_speedup": 3.0, "mean_attention_density": 0.4321,
+               "sparse_steps_density": 0.2468, "sparse_calls": 12}
     result = CompareResult(model="tiny", config="SparseConfig()", frames=5, height=32, width=32, steps=2, seed=0,
                            device="cpu", dtype="fp32", offload="none", sampler="one pass", psnr_db=30.0, ssim=0.9,
                            lpips=None, video_path=str(tmp_path / "compare.mp4"), **numbers,
@@ -186,9 +215,17 @@ def test_the_summary_shows_the_results_own_numbers_and_warnings(tiny_pipe, tmp_p
     monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: result)
     _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, out=tmp_path)
     assert "| end-to-end seconds | 3.00 | 1.50 |" in summary
-    assert "| text encoding + denoising seconds | 2.50 | 1.25 |" in summary
+    assert "| text encoding + denoising seconds | 3.75 | 1.25 |" in summary
     assert "Mean attention density 0.432 (dense calls count 1.0); 0.247 outside the dense steps" in summary
+    # Each speedup named by what it times, as the table's rows (before, "denoising" beside "text encoding +
+    # denoising" in the table).
+    assert "\nSpeedup 2.00x end-to-end, 3.00x text encoding + denoising (one run each).\n" in summary
     assert "**Warning:** diffsparse.apply: nothing runs sparse" in summary
+    # Where nothing ran sparse the speedups time two dense runs: noise, and the page says so.
+    result.sparse_calls = 0
+    _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, out=tmp_path)
+    assert ("\nSpeedup 2.00x end-to-end, 3.00x text encoding + denoising (one run each; nothing ran sparse: "
+            "run-to-run noise).\n") in summary
 
 
 def test_the_page_runs_one_request_at_a_time_and_clears_its_video_cache(tiny_pipe, tmp_path):

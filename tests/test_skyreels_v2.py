@@ -16,6 +16,7 @@ correction leave the calls to the original processor, with a warning."""
 import contextlib
 import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -429,3 +430,25 @@ def test_compare_runs_asynchronous_diffusion_forcing_through_call_kwargs(tmp_pat
     result = run_compare(args, config, pipe=pipe)
     assert pipe.transformer.config.num_frame_per_block == 2  # the call was asynchronous, under the mask
     assert result.frames == 13 and result.mean_attention_density < 1 and result.psnr_db > 0
+
+
+def test_compare_keeps_the_warning_that_a_causal_call_with_a_correction_runs_dense(tmp_path):
+    # A correction's dense measurement knows no mask, so every masked call runs the original processor: the warning
+    # saying so reached stderr only, since the result kept the texts starting with "diffsparse" and it began with the
+    # transformer's name; and the speedup of a run in which nothing ran sparse read as a result.
+    from diffsparse.cli import build_parser
+    from diffsparse.compare import run_compare, speedup_note
+
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    args = build_parser().parse_args([
+        "compare", "--frames", "13", "--height", "64", "--width", "96", "--steps", "2", "--block-size", "32",
+        "--dense-steps", "0", "--correction", "residual", "--call-kwargs", '{"ar_step": 1, "causal_block_size": 2}',
+        "--out", str(tmp_path),
+    ])
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=32, dense_steps=0,
+                                     correction="residual")
+    result = run_compare(args, config, pipe=pipe)
+    assert [message for message in result.warnings if "causal mask" in message and "(dense)" in message]
+    assert json.loads((tmp_path / "compare.json").read_text())["warnings"] == result.warnings
+    assert result.sparse_calls == 0 and result.mean_attention_density == 1.0
+    assert speedup_note(result) == "nothing ran sparse: run-to-run noise"
