@@ -913,6 +913,11 @@ class SparseRuntime:
             )
             if all(p == patterns[0] for p in patterns[1:]):
                 patterns = patterns[:1]  # one mask for the whole batch
+            if self.config.density is None:
+                # A fit can keep every block too: `spatial_temporal` on one or two frames, where its spatial kind
+                # holds every key, classifies every head spatial. Checked on the first fit of each layout only.
+                self._warn_if_every_block_kept(patterns[0], layout, self.config.layer_order(layer), span,
+                                               checked_as=self.pattern)
             self._layer_patterns[slot] = patterns
             self._fitted_at[slot] = step
         return patterns
@@ -1043,17 +1048,20 @@ class SparseRuntime:
         )
 
     def _warn_if_every_block_kept(
-        self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens
+        self, pattern: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens, checked_as: Pattern | None = None
     ) -> None:
         """Warn, once per (pattern, layout), when a pattern on its own parameters (no `SparseConfig.density`) keeps
         every block of the layout: the call then runs dense through the sparse kernel, slower than the original
         (1.27x SDPA's time for a FLUX image of 48 x 48 tokens, CPU), which would only show up as a missing speedup.
-        The default `radial` keeps frame distance 0 whole, so on an image (one frame) it keeps everything."""
+        The default `radial` keeps frame distance 0 whole, so on an image (one frame) it keeps everything.
+        `checked_as`: the pattern the once-per-layout memory is kept under, for a fitted `pattern` (a new instance
+        per layer and run): the configured one."""
         # A layout within one key block has no block to leave out, whatever the pattern: nothing to suggest.
         one_block = layout.num_tokens <= self.block_sizes[1]
-        if pattern.name == "dense" or one_block or (pattern, layout) in self._checked_every_block:
+        checked = (checked_as or pattern, layout)
+        if pattern.name == "dense" or one_block or checked in self._checked_every_block:
             return
-        self._checked_every_block.add((pattern, layout))
+        self._checked_every_block.add(checked)
         # Edge blocks count whole, so "every block" is a density of 1 up to rounding.
         if pattern.density(layout, self.block_sizes, order, q_tokens) < 0.999:
             return
@@ -1097,7 +1105,7 @@ class SparseRuntime:
     ) -> _CachedPlan:
         if self.config.density is not None:
             patterns = tuple(self._at_density(p, layout, order, queries_from, outside_pairs) for p in patterns)
-        elif not self._fits:  # a fit is made for each layer and run: checking each would cost a mask per call
+        elif not self._fits:  # fits are checked once per layout as they are made (`_layer_pattern`)
             for pattern in patterns:
                 self._warn_if_every_block_kept(pattern, layout, order,
                                                (queries_from, layout.num_tokens) if queries_from else None)

@@ -59,6 +59,15 @@ def test_a_pattern_that_keeps_every_block_of_an_image_says_so_once():
     assert every_block_warnings(diffsparse.SparseConfig(pattern="dense", dense_steps=0)) == []
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_fitted_pattern_that_keeps_every_block_of_an_image_says_so_once():
+    # spatial_temporal's spatial kind holds every key of one frame, so on an image every head is classified spatial
+    # and each layer's fit keeps every block: before, fits were never checked and this ran dense without a word.
+    said = every_block_warnings(diffsparse.SparseConfig(pattern="spatial_temporal", dense_steps=0))
+    assert len(said) == 1 and said[0].startswith("diffsparse: transformer: spatial_temporal(")
+    assert every_block_warnings(diffsparse.SparseConfig(pattern="searched", dense_steps=0)) == []
+
+
 @pytest.mark.parametrize("target, reached, flagged", [
     (0.25, 0.220, False), (0.5, 0.483, False), (0.1, 0.141, False),  # ordinary steps of a solved density
     (0.25, 1.0, True), (0.25, 0.78, True), (0.25, 0.53, True), (0.1, 0.203, True),
