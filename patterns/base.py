@@ -362,7 +362,8 @@ class Pattern(abc.ABC):
             >>> Dense().density(VideoLayout(frames=2, height=4, width=4), 16)
             1.0
         """
-        return self.block_mask(layout, block_size, order, q_tokens=q_tokens).float().mean().item()
+        # Double: the plan's own density (`make_plan`) is exact; a float32 mean was 1e-8 off it.
+        return self.block_mask(layout, block_size, order, q_tokens=q_tokens).double().mean().item()
 
     def fit(
         self,

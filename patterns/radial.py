@@ -274,6 +274,9 @@ class Radial(Pattern):
         d = self.decay
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or d <= 0:
             raise ValueError(f"Radial.decay must be a finite number > 0, got decay={d!r}")
+        # One spelling per value: the repr keys eval's duplicate check and reads back through `get_pattern`
+        # (radial(decay=1) and radial(decay=1.0) were two reprs of one pattern).
+        object.__setattr__(self, "decay", float(d))
         w = self.min_window
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError(f"Radial.min_window must be an int >= 1 (tokens), got min_window={w!r}")
