@@ -901,13 +901,14 @@ class SparseRuntime:
             # The searched patterns' `keep` is over the blocks of the queries the call computes, as a static
             # pattern's density is solved (`_at_density`): else the text rows of a `video_queries` call, kept whole,
             # took their blocks out of the video rows' budget, then were left out of the call (0.21 for 0.3).
-            span = (queries_from, layout.num_tokens) if queries_from else None
+            # Given only when set: a custom pattern's `fit` written before `q_tokens` existed keeps working.
+            span = {"q_tokens": (queries_from, layout.num_tokens)} if queries_from else {}
             patterns = tuple(
                 unfitted.fit(
                     q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, self.block_sizes,
                     order=self.config.layer_order(layer),
                     generator=torch.Generator(device=query.device).manual_seed(layer),
-                    within=FrameCausal(frame_causal) if frame_causal else None, shard=shard, q_tokens=span,
+                    within=FrameCausal(frame_causal) if frame_causal else None, shard=shard, **span,
                 )
                 for i in range(batch)
             )
@@ -916,8 +917,8 @@ class SparseRuntime:
             if self.config.density is None:
                 # A fit can keep every block too: `spatial_temporal` on one or two frames, where its spatial kind
                 # holds every key, classifies every head spatial. Checked on the first fit of each layout only.
-                self._warn_if_every_block_kept(patterns[0], layout, self.config.layer_order(layer), span,
-                                               checked_as=self.pattern)
+                self._warn_if_every_block_kept(patterns[0], layout, self.config.layer_order(layer),
+                                               span.get("q_tokens"), checked_as=self.pattern)
             self._layer_patterns[slot] = patterns
             self._fitted_at[slot] = step
         return patterns

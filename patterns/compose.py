@@ -90,9 +90,10 @@ class _Composed(Pattern):
     def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None,
             q_tokens=None):
         """A copy with each part fitted ([`Pattern.fit`]); static parts return themselves."""
+        span = {} if q_tokens is None else {"q_tokens": q_tokens}  # as the runtime gives it: only when set
         left, right = (
             part.fit(query, key, value, layout, block_size, order=order, generator=generator, within=within,
-                     shard=shard, q_tokens=q_tokens)
+                     shard=shard, **span)
             for part in (self.left, self.right)
         )
         return replace(self, left=left, right=right)

@@ -10,7 +10,7 @@ from diffusers.hooks.hooks import CacheContext
 from diffsparse import SparseConfig
 from diffsparse import runtime as runtime_module
 from diffsparse.kernels import block_sparse_attention, make_plan
-from diffsparse.patterns import Radial, TileOrder, VideoLayout
+from diffsparse.patterns import Radial, TileOrder, VideoLayout, Window3D
 from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock, StepScheduleWarning
 
 
@@ -204,6 +204,26 @@ def test_a_searched_density_is_kept_over_the_rows_a_video_queries_call_computes(
     q, k, v = torch.randn(3, 1, n, 4, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
     runtime.attention(0, q[:, text:], k, v, video_queries=True, outside_pairs=text * n if outside else 0)
     assert runtime.records[-1].density == pytest.approx(0.3, abs=0.02)
+
+
+def test_a_custom_fit_without_q_tokens_runs_on_ordinary_calls():
+    # `fit` as the README documented it before `q_tokens` (a user's data-dependent pattern): the runtime passes the
+    # span only to a call that has one, so such a pattern, alone or in a combination, still runs everywhere else.
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class KeepsItself(Window3D):  # overriding `fit` makes it data-dependent (`Pattern.data_dependent`)
+        def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None):
+            return self
+
+    layout = VideoLayout(2, 4, 4)
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for pattern in (KeepsItself(window=(1, 1, 1)), KeepsItself(window=(1, 1, 1)) | Radial()):
+        runtime = SparseRuntime(SparseConfig(pattern=pattern, block_size=8, dense_steps=0), "t")
+        runtime.state_manager.set_context(CacheContext("cond"))
+        runtime.begin_call(layout, 0, 1)
+        runtime.attention(0, q, k, v)
+        assert runtime.records[-1].sparse
 
 
 def test_video_queries_after_a_partial_block_of_text_keep_what_their_blocks_overlap():
