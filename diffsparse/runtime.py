@@ -397,6 +397,7 @@ class SparseRuntime:
         self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
         self._solved: dict[tuple, Pattern] = {}  # `_at_density`
         self._warned_density: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: said once per layout
+        self._reach_checked: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: fits checked once per layout
         self._checked_every_block: set[tuple[Pattern, VideoLayout]] = set()  # `_warn_if_every_block_kept`
         # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
         self._replaying = False
@@ -983,8 +984,11 @@ class SparseRuntime:
 
         if self._fits:  # fitted anew for each layer and run: nothing to share (its `keep` is the density asked)
             solved = solve()
-            # Said for the configured pattern, not for each layer's fit of it: once per layout.
-            self._warn_if_out_of_reach(self.pattern, solved, layout, order, q_tokens, outside_pairs)
+            # Judged on the layout's first fit, for the configured pattern: a density per fit (0.2 s for
+            # spatial_temporal at Wan 480p) on every layer of every run would cost more than the warning is worth.
+            if (self.pattern, layout) not in self._reach_checked:
+                self._reach_checked.add((self.pattern, layout))
+                self._warn_if_out_of_reach(self.pattern, solved, layout, order, q_tokens, outside_pairs)
             return solved
         key = (pattern, layout, order, queries_from, outside_pairs)
         if key not in self._solved:
