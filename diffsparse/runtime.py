@@ -895,7 +895,7 @@ class SparseRuntime:
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))
             unfitted = self.pattern
             target = self._density_target(layout, queries_from, outside_pairs)
-            if target != self.config.density and type(unfitted).at_density is not Pattern.at_density:
+            if target != self.config.density and self._searches:
                 # A searched pattern's `keep` is the density, which its search needs (`SparseConfig` sets it): the
                 # search keeps what the call's outside pairs leave the layout (`_at_density`).
                 unfitted = unfitted.at_density(layout, target, self.block_sizes)
