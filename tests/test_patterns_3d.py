@@ -322,7 +322,8 @@ def test_radial_spatial_validation_and_repr():
     assert repr(Radial()) == "radial(decay=1.0, min_window=64, sink=False)"
     assert Radial(spatial="band") == Radial()
     # One repr per pattern: eval's duplicate check keys on it, and get_pattern reads it back.
-    assert repr(Radial(decay=1)) == repr(Radial()) and repr(Radial(decay=np.float64(0.5))).startswith("radial(decay=0.5,")
+    assert repr(Radial(decay=1)) == repr(Radial())
+    assert repr(Radial(decay=np.float64(0.5))).startswith("radial(decay=0.5,")
 
 
 def test_blocked_attention_matches_direct_masked_softmax():
