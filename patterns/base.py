@@ -416,8 +416,9 @@ class Pattern(abc.ABC):
         """`(make, lo, hi, breaks)`: `make(x)` is a copy of the pattern for parameter `x` in `[lo, hi]`,
         spanning its densities; density grows with `x` between consecutive `breaks` (empty when it grows
         everywhere). Used by `at_density`."""
-        raise NotImplementedError(
-            f"{self!r} has no single parameter to solve for a density; solve its parts with at_density"
+        raise ValueError(
+            f"{self!r} has no single parameter to solve for a density (radial, window3d, spatial_temporal, searched, "
+            f"searched_windows and dense have one); solve its parts with at_density"
         )
 
     def at_density(
@@ -439,6 +440,9 @@ class Pattern(abc.ABC):
         frame distance once windows fall below `min_window`, which can lose a little density as `decay` grows)
         and the first bisection lands more than one query-block row (`1 / ceil(N / block_q)`) from the target,
         each monotone piece is bracketed and bisected on its own, so the closest achievable density is found.
+        Where the parameter cannot change the density on `layout` (radial on one or two frames), the pattern is
+        returned as given. A pattern with no such parameter (a combination, the frame patterns) raises
+        `ValueError`: solve its parts.
 
         Args:
             layout ([`VideoLayout`]): the sequence layout.
@@ -480,6 +484,8 @@ class Pattern(abc.ABC):
                     return
                 a, b = (mid, b) if density(mid) < target else (a, mid)
 
+        if density(lo) == density(hi) and not breaks:
+            return self  # the parameter does not change the density on this layout: keep the one given
         if density(lo) < target < density(hi):
             bisect(lo, hi)
         one_row = 1 / math.ceil(layout.num_tokens / as_pair(block_size)[0])

@@ -25,9 +25,10 @@ def as_triple(value: Triple, name: str) -> tuple[int, int, int]:
         ((8, 8, 8), (2, 8, 8))
     """
     triple = (value,) * 3 if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in triple):
+    # The bound keeps sizes inside torch's int64 (a larger one covers any axis anyway).
+    if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in triple):
         raise ValueError(
-            f"{name} must be a positive int or a triple of positive ints (t, h, w), got {name}={value!r}"
+            f"{name} must be a positive int below 2**31 or a triple of them (t, h, w), got {name}={value!r}"
         )
     return triple
 

@@ -272,7 +272,11 @@ class Radial(Pattern):
 
     def __post_init__(self):
         d = self.decay
-        if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or d <= 0:
+        try:  # an int beyond float's range cannot be a decay either
+            finite = isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(float(d))
+        except OverflowError:
+            finite = False
+        if not finite or d <= 0:
             raise ValueError(f"Radial.decay must be a finite number > 0, got decay={d!r}")
         # One spelling per value: the repr keys eval's duplicate check and reads back through `get_pattern`
         # (radial(decay=1) and radial(decay=1.0) were two reprs of one pattern).

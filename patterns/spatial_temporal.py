@@ -21,8 +21,9 @@ _CLASSIFY_CHUNK = 1 << 24
 
 
 def _check_count(owner: str, name: str, value, low: int, allowed: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}.{name} must be {allowed}, got {name}={value!r}")
+    # The upper bound keeps counts inside torch's int64 (a larger one covers any layout anyway).
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**31:
+        raise ValueError(f"{owner}.{name} must be {allowed}, below 2**31, got {name}={value!r}")
 
 
 def _window_start(pos, size: int, window: int):

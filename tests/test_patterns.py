@@ -190,6 +190,7 @@ def test_radial_wan_720p_is_fast_and_block_level():
         ({"decay": float("inf")}, "decay"),
         ({"decay": "0.5"}, "decay"),
         ({"decay": True}, "decay"),
+        ({"decay": 10**400}, "decay"),  # beyond float's range: an OverflowError before
         ({"min_window": 0}, "min_window"),
         ({"min_window": 16.0}, "min_window"),
         ({"sink": 1}, "sink"),

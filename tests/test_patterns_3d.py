@@ -16,6 +16,7 @@ from diffsparse.patterns import (
     Intersection,
     Pattern,
     Radial,
+    SpatialTemporal,
     TileOrder,
     Union,
     VideoLayout,
@@ -266,6 +267,7 @@ def test_window3d_aligned_with_tiles_keeps_whole_blocks():
         ({"stride": 0}, "stride"),
         ({"window": (3, 8, 8), "stride": (1, 9, 1)}, "stride"),
         ({"window": [(3, 8, 8), (1, 4, 4)], "stride": 2}, "stride"),
+        ({"window": (2**31, 3, 3)}, "window"),  # past int64 inside torch: a ValueError naming no field before
     ],
 )
 def test_window3d_validation(kwargs, field):
@@ -478,8 +480,13 @@ def test_at_density_edges_and_validation():
     for bad in (0, 1.5, -0.1, "0.5", True):
         with pytest.raises(ValueError, match="target"):
             Radial().at_density(layout, bad, 32)
-    with pytest.raises(NotImplementedError, match="at_density"):
+    with pytest.raises(ValueError, match="at_density"):
         (Radial() | Window3D()).at_density(layout, 0.5, 32)
+    # Where the parameter cannot change the density (two frames: radial is dense), the pattern comes back as
+    # given: before, the knob's lower end (decay=9e-13) reached `pattern_ran`.
+    two_frames = VideoLayout(2, 8, 8)
+    assert Radial(decay=3.0).at_density(two_frames, 0.3, 32) == Radial(decay=3.0)
+    assert SpatialTemporal(frames=2).at_density(VideoLayout(1, 8, 8), 0.3, 32) == SpatialTemporal(frames=2)
     # A min_window large for the frame skips frame distances up to a larger decay than the frame alone needs:
     # before, the search stopped below it (16 frames of one token: 0.875; 8 frames, a huge window: 0.34).
     for small, block, min_window in (((16, 1, 1), 1, 64), ((16, 2, 2), 4, 4096), ((8, 4, 4), 16, 10**6)):

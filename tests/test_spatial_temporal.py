@@ -300,6 +300,7 @@ def test_classify_validation(args, match):
         ({"frames": -1}, "frames must be an int >= 0.*frames=-1"),
         ({"frames": 1.5}, "frames"),
         ({"frames": True}, "frames"),
+        ({"frames": 2**31}, r"frames must be .*below 2\*\*31"),  # an OverflowError in the mask before
         ({"width": -2}, "width must be an int >= 0.*width=-2"),
         ({"width": "1"}, "width"),
         ({"num_samples": 0}, "num_samples must be an int >= 1.*num_samples=0"),
