@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -183,6 +184,46 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
 
 
+def _is_prompt_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _parse_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got device={device!r}"
+        ) from None
+
+
+def _check_device(device) -> torch.device:
+    """`device` as a `torch.device`, or a `ValueError` naming it when torch cannot read it or this machine lacks it
+    (before: `load` read every weight first, then failed inside `.to` with torch's `RuntimeError`)."""
+    parsed = _parse_device(device)
+    if parsed.type == "cpu":
+        return parsed
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"device={device!r}: this machine has no {parsed.type} device (torch sees none); use 'cpu'")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise ValueError(f"device={device!r}: this machine has {count()} {parsed.type} device(s), indices 0 to "
+                         f"{count() - 1}")
+    return parsed
+
+
+def _accelerate_hooked(pipe) -> bool:
+    """Whether accelerate hooks (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`, a caller's own
+    `cpu_offload`) place any component of `pipe`: they move the weights at each call, so `pipe.to` must not."""
+    return any(
+        hasattr(module, "_hf_hook")
+        for component in pipe.components.values() if isinstance(component, torch.nn.Module)
+        for module in component.modules()
+    )
+
+
 @dataclass
 class TestbedPipelineOutput(BaseOutput):
     """`frames`: `np.ndarray` `(B, F, H, W, 3)`, `torch.Tensor` `(B, F, 3, H, W)` or lists of PIL images."""
@@ -247,21 +288,41 @@ class TestbedPipeline(DiffusionPipeline):
 
     def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
                       num_inference_steps: int, num_videos_per_prompt: int, negative_prompt=None,
-                      negative_prompt_embeds=None, max_sequence_length: int | None = None) -> None:
+                      negative_prompt_embeds=None, max_sequence_length: int | None = None,
+                      guidance_scale: float = 3.0) -> None:
         counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt,
                   "num_frames": num_frames, "height": height, "width": width}
         if max_sequence_length is not None:  # 0 read as "the default" before
             counts["max_sequence_length"] = max_sequence_length
         for name, value in counts.items():
             _check_count(name, value)
-        if prompt_embeds is None and (prompt is None or not isinstance(prompt, str) and len(prompt) == 0):
+        if prompt_embeds is None and (prompt is None or isinstance(prompt, (list, tuple)) and len(prompt) == 0):
             raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
                              f"got prompt={prompt!r}")
+        # Anything else failed inside the tokenizer with a TypeError (None or a number in a list) or at len().
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and not isinstance(text, str) and not _is_prompt_list(text):
+                raise ValueError(f"{name} must be a str or a list of str, got {name}={text!r}")
+        # nan compared False with 1.0 and ran without CFG, as if no guidance had been asked for.
+        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+                or not math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite real number (1 or less: no CFG), got "
+                             f"guidance_scale={guidance_scale!r}")
         # As WanPipeline.check_inputs: one of the two would be dropped without a word.
         for name, text, embeds in (("prompt", prompt, prompt_embeds),
                                    ("negative_prompt", negative_prompt, negative_prompt_embeds)):
             if text is not None and embeds is not None:
                 raise ValueError(f"give {name} or {name}_embeds, not both: got {name}={text!r} and {name}_embeds")
+        if negative_prompt_embeds is not None:
+            # One per prompt, as prompt_embeds: another batch failed inside the model, or (1 for several prompts)
+            # ran with the one negative broadcast to every prompt.
+            prompts = (prompt_embeds.shape[0] if prompt_embeds is not None
+                       else 1 if isinstance(prompt, str) else len(prompt))
+            if not isinstance(negative_prompt_embeds, torch.Tensor) or negative_prompt_embeds.ndim != 3 \
+                    or negative_prompt_embeds.shape[0] != prompts:
+                got = getattr(negative_prompt_embeds, "shape", type(negative_prompt_embeds).__name__)
+                raise ValueError(f"negative_prompt_embeds must be a (prompts, tokens, channels) tensor with one row "
+                                 f"per prompt ({prompts}), before num_videos_per_prompt repeats it; got {got}")
         multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
@@ -354,7 +415,7 @@ class TestbedPipeline(DiffusionPipeline):
         """
         self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt, prompt_embeds,
                            num_inference_steps, num_videos_per_prompt, negative_prompt, negative_prompt_embeds,
-                           max_sequence_length)
+                           max_sequence_length, guidance_scale)
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
@@ -465,7 +526,8 @@ def load(
     """The trained testbed pipeline, offline: the shipped weights, or a training run's `<out>/pipeline` folder.
 
     Args:
-        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the components live.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the components live; one torch
+            cannot read or this machine lacks is a `ValueError`, before any weight is read.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): component dtype (the model was trained in
             float32; bfloat16 works on CUDA).
         path (`str` or `Path`, *optional*): a `save_pretrained` folder of a `TestbedPipeline`; defaults to the
@@ -482,6 +544,7 @@ def load(
     # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word.
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
+    device = _check_device(device)
     folder = WEIGHTS_PATH if path is None else Path(path)
     if not (folder / "model_index.json").is_file():
         where = "the package's shipped weights" if path is None else f"path={str(path)!r}"
@@ -499,7 +562,7 @@ def load(
 
 def _check_weights(folder: Path, where: str) -> None:
     """Raise `ValueError` unless the transformer's and text encoder's safetensors in `folder` hold exactly the
-    weights their `config.json` builds, with the same shapes.
+    weights their `config.json` builds, with the same shapes, and every value is finite.
 
     `from_pretrained` would otherwise load an incomplete text encoder with fresh random weights in the gaps (a
     logged "newly initialized" note) and fail on an incomplete transformer with an error about meta tensors.
@@ -516,9 +579,15 @@ def _check_weights(folder: Path, where: str) -> None:
         if not files:
             continue  # no safetensors to read: `from_pretrained` names what it looked for
         stored: dict[str, tuple[int, ...]] = {}
+        non_finite: list[str] = []
         for file in files:
             with safe_open(str(file), "pt") as f:  # not iterable: `.keys()`
                 stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
+                # NaN or inf weights load without a word and sample NaN video; reading them all costs ~5 MB here.
+                non_finite += [key for key in f.keys() if not torch.isfinite(f.get_tensor(key)).all()]  # noqa: SIM118
+        if non_finite:
+            raise ValueError(f"{folder / part} ({where}) must hold finite weights, got NaN or inf in "
+                             f"{sorted(non_finite)} (a training run that diverged?)")
         with torch.device("meta"):  # shapes and names only: no memory, no draws from the global RNG
             expected = build(folder / part).state_dict(keep_vars=True)
         # Tied weights (T5's embedding is also `encoder.embed_tokens`) are one tensor under several names; a file
@@ -583,14 +652,20 @@ def best_still(
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 3.0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     still_candidates: int = 1,
 ) -> torch.Tensor:
     """The first stage of two-stage sampling: one still per prompt, `(B, 3, height, width)` in [0, 1].
 
     Samples `still_candidates` single frames per prompt from `still_prompt(prompt)` (seeds `seed`, `seed + 1`, ...)
     and keeps the one with the most `room_ahead` for the prompt's direction word; `sample(..., two_stage=True)` and
-    `diffsparse compare` / `eval --two-stage` start their clips from it.
+    `diffsparse compare` / `eval --two-stage` start their clips from it. `pipe` and `device` are as `sample`'s
+    `model` and `device` (`None`: the pipeline stays where it is; an offloaded one is never moved).
+
+    Example:
+        >>> still = best_still(build_pipeline(), "a red circle moving left", 16, 16, steps=1, still_candidates=2)
+        >>> tuple(still.shape)
+        (1, 3, 16, 16)
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # as `sample`; a str was read letter by letter
     if not isinstance(still_candidates, int) or still_candidates < 1:
@@ -605,6 +680,20 @@ def best_still(
     return stills[torch.arange(len(prompts)), best]
 
 
+def _placed(pipe, device):
+    """`pipe` on `device`: moved there, or, when accelerate hooks offload it, checked to compute there."""
+    if not _accelerate_hooked(pipe):
+        return pipe.to(_check_device(device))
+    wanted = _parse_device(device)  # the hooks, already placed, say which devices exist
+    # Moving an offloaded pipeline undoes the offloading (model offload: everything on the GPU, with a warning)
+    # or fails (sequential offload: diffusers refuses), so the hooks keep it; they decide where it runs.
+    runs_on = torch.device(pipe._execution_device)
+    if runs_on.type != wanted.type or None not in (runs_on.index, wanted.index) and runs_on.index != wanted.index:
+        raise ValueError(f"device={device!r}: the pipeline is offloaded by accelerate hooks that run it on "
+                         f"{runs_on}; pass device=None or {str(runs_on)!r}, or offload it to {device!r}")
+    return pipe
+
+
 def sample(
     model,
     prompts: str | list[str],
@@ -614,7 +703,7 @@ def sample(
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 3.0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     first_frame: torch.Tensor | None = None,
     two_stage: bool = False,
     still_candidates: int = 1,
@@ -629,6 +718,11 @@ def sample(
         steps (`int`, *optional*, defaults to 20): flow-matching Euler steps.
         seed (`int`, *optional*, defaults to 0): seed of the initial noise.
         guidance_scale (`float`, *optional*, defaults to 3.0): classifier-free guidance scale.
+        device (`str` or `torch.device`, *optional*): where to sample. `None` leaves a pipeline where it is (a
+            folder or components load on the CPU); a device moves the pipeline there (the caller's own object:
+            it stays there after). A pipeline offloaded by accelerate hooks (`enable_model_cpu_offload`,
+            `enable_sequential_cpu_offload`, as `diffsparse compare --offload` sets up) is not moved, since its
+            hooks place the weights at each call: `device` must then be the hooks' execution device, or `None`.
         first_frame (`torch.Tensor` of shape `(B, 3, height, width)` in [0, 1], *optional*): image-to-video, see
             `TestbedPipeline.__call__`.
         two_stage (`bool`, *optional*, defaults to `False`): text-to-video in two samplings: each first frame is
@@ -646,12 +740,13 @@ def sample(
         (1, 3, 3, 16, 16)
     """
     if isinstance(model, (str, Path)):
-        pipe = load(device, path=model)
+        pipe = load("cpu" if device is None else device, path=model)
     elif isinstance(model, dict):
         pipe = build_pipeline(model)
     else:
         pipe = model
-    pipe = pipe.to(device)
+    if device is not None:
+        pipe = _placed(pipe, device)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not isinstance(still_candidates, int) or still_candidates < 1:
         raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")

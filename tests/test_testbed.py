@@ -215,6 +215,22 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(traine
     assert state["step"] == 5 and state["optimizer"]["state"]
 
 
+def test_a_resumed_run_ends_with_the_weights_ema_and_export_of_an_uninterrupted_one(trained):
+    # The losses alone match even when the resume drops the EMA (the exported weights then restart from step 3).
+    from safetensors.torch import load_file
+
+    resumed, straight = (torch.load(trained["base"] / name / CHECKPOINT, map_location="cpu", weights_only=False)
+                         for name in ("run", "straight"))
+    for key in ("model", "ema"):
+        for part, weights in straight[key].items():
+            assert weights.keys() == resumed[key][part].keys()
+            assert all(torch.equal(weights[name], resumed[key][part][name]) for name in weights), (key, part)
+    for file in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        exported, expected = (load_file(trained["base"] / name / PIPELINE_DIR / file) for name in ("run", "straight"))
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[name], expected[name]) for name in expected), file
+
+
 def test_snapshots_keep_the_exported_pipeline_every_n_steps(trained):
     snapshots = sorted(p.name for p in (trained["base"] / "straight" / SNAPSHOT_DIR).iterdir())
     assert snapshots == ["step_000002", "step_000004"]
@@ -436,7 +452,9 @@ def test_regenerating_without_a_60_minute_model_keeps_its_numbers(tmp_path):
     # samples_60min.png is left alone then, so the numbers measured with it must survive the rewrite.
     previous = tmp_path / "evidence.json"
     early_scores = {"shape_iou": 0.855, "kind": 0.87}
-    previous.write_text(json.dumps({"model_60min": "runs/t60ln/pipeline", "fidelity": {"60min_training_size": early_scores}}))
+    previous.write_text(
+        json.dumps({"model_60min": "runs/t60ln/pipeline", "fidelity": {"60min_training_size": early_scores}})
+    )
     fresh = {"fidelity": {"eval_size": {"shape_iou": 0.7}}}
     evidence.carry_over_60min(previous, fresh)
     assert fresh["model_60min"] == "runs/t60ln/pipeline"

@@ -85,7 +85,8 @@ class Request:
 
     @property
     def prompt(self) -> str:
-        return " ".join(filter(None, (f"{article(self.colour)} {self.colour} {self.kind} moving {self.direction}", self.speed)))
+        shape = f"{article(self.colour)} {self.colour} {self.kind} moving {self.direction}"
+        return " ".join(filter(None, (shape, self.speed)))
 
 
 def requests() -> list[Request]:
@@ -265,6 +266,10 @@ def prompt_sensitivity(
     _check_seeds(seeds)
     if first_frame_level is not None and not 0 <= first_frame_level <= 1:
         raise ValueError(f"first_frame_level must be in [0, 1] (0: given clean, not scored), got {first_frame_level}")
+    if first_frame_level is not None and frames < 2:
+        # One frame is the first frame alone: at level 0 nothing is scored (0 / 0 = nan), else `noise_levels` unused.
+        raise ValueError(f"first_frame_level sets the first frame apart from the others: it needs frames >= 2, got "
+                         f"{frames=} with {first_frame_level=}")
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
     from .train import velocity_errors
 
@@ -481,6 +486,9 @@ def main(argv=None) -> dict:
     if args.size is None:
         size = testbed_config()["eval"]
         args.size = (size["frames"], size["height"], size["width"])
+    if args.first_frame_level is not None and args.size[0] < 2:
+        p.error(f"--first-frame-level sets the first frame apart from the others: it needs --size with 2 or more "
+                f"frames, got {args.size[0]}")
     pipe = load(path=args.model)
     result = {"model": str(args.model or "shipped weights"), "size": list(args.size)}
     if args.steering_only:
@@ -497,7 +505,8 @@ def main(argv=None) -> dict:
         result["two_stage"] = args.two_stage
         result["still_candidates"] = args.still_candidates
         result["training_data"] = asdict(reference_scores(*args.size, seeds=args.seeds))
-    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds, noise_levels=args.noise_levels,
+    result["prompt_sensitivity"] = prompt_sensitivity(pipe, *args.size, seeds=args.seeds,
+                                                      noise_levels=args.noise_levels,
                                                       first_frame_level=args.first_frame_level)
     result["text_separation"] = text_separation(pipe)
     result["noise_levels"] = list(args.noise_levels)

@@ -1,0 +1,146 @@
+"""The testbed pipeline's and its helpers' input checks, and where `sample` leaves a pipeline (fast: no sampling
+beyond one step at 16 x 16 pixels)."""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from diffsparse.pipelines import testbed  # module access: pytest would collect `Test*` names imported here
+from diffsparse.testbed import fidelity
+
+CALL = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1}
+TWO = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return testbed.build_pipeline()
+
+
+@pytest.mark.parametrize(
+    "rows, per_prompt",
+    # 3 rows failed inside the model with a size mismatch, as did 1 row with two videos per prompt; 1 row with one
+    # video per prompt ran, the one negative broadcast to both prompts without a word.
+    [(3, 1), (1, 2), (1, 1)],
+)
+def test_negative_prompt_embeds_need_one_row_per_prompt(pipe, rows, per_prompt):
+    embeds = pipe.encode_prompt(TWO)
+    with pytest.raises(ValueError, match=re.escape("negative_prompt_embeds must be a (prompts, tokens, channels) "
+                                                   "tensor with one row per prompt (2)")):
+        pipe(prompt=TWO, negative_prompt_embeds=embeds[:1].repeat(rows, 1, 1), num_videos_per_prompt=per_prompt,
+             **CALL)
+    pipe(prompt=TWO, negative_prompt_embeds=embeds, num_videos_per_prompt=2, **CALL)  # one per prompt runs
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [  # TypeErrors from inside the tokenizer or len(), or (nan) a silent run without CFG
+        ({"prompt": [None]}, "prompt must be a str or a list of str, got prompt=[None]"),
+        ({"prompt": ["a", 3]}, "prompt must be a str or a list of str, got prompt=['a', 3]"),
+        ({"prompt": 5}, "prompt must be a str or a list of str, got prompt=5"),
+        ({"prompt": "a", "negative_prompt": 5},
+         "negative_prompt must be a str or a list of str, got negative_prompt=5"),
+        ({"prompt": "a", "guidance_scale": float("nan")}, "guidance_scale must be a finite real number"),
+        ({"prompt": "a", "guidance_scale": "3"}, "guidance_scale must be a finite real number"),
+    ],
+)
+def test_prompt_and_guidance_scale_of_the_wrong_type_are_named(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        pipe(**CALL, **kwargs)
+
+
+def test_load_names_a_device_it_cannot_use_before_reading_weights(monkeypatch):
+    # Before: every weight was read, then `.to` failed with torch's RuntimeError.
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read before the device was checked")
+
+    monkeypatch.setattr(testbed.TestbedPipeline, "from_pretrained", never)
+    with pytest.raises(ValueError, match=re.escape("got device='gpu'")):
+        testbed.load(device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape("device='cuda': this machine has no cuda device")):
+        testbed.load(device="cuda")
+
+
+def test_load_refuses_weights_that_are_not_finite(tmp_path):
+    # Before: NaN weights loaded silently and sampled NaN video.
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "copy"
+    shutil.copytree(testbed.WEIGHTS_PATH, folder)
+    file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(file)
+    weights["scale_shift_table"] = torch.full_like(weights["scale_shift_table"], float("nan"))
+    save_file(weights, file, metadata={"format": "pt"})
+    named = re.escape("must hold finite weights, got NaN or inf in ['scale_shift_table']")
+    with pytest.raises(ValueError, match=named):
+        testbed.load(path=folder)
+
+
+def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
+    # Before: one frame given clean left nothing scored, and every sensitivity came out nan (0 / 0).
+    with pytest.raises(ValueError, match=re.escape("it needs frames >= 2, got frames=1 with first_frame_level=0.0")):
+        fidelity.prompt_sensitivity(testbed.build_pipeline(), 1, 16, 16, seeds=1, noise_levels=(0.5,),
+                                    first_frame_level=0.0)
+    with pytest.raises(SystemExit):
+        fidelity.main(["--size", "1x16x16", "--first-frame-level", "0", "--sensitivity-only"])
+    assert "--first-frame-level sets the first frame apart" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- where `sample` leaves the pipeline
+
+
+class _Recorder:
+    """Stands in for the pipeline's `.to` and its call: records them, samples nothing."""
+
+    def __init__(self, monkeypatch, pipe):
+        self.moves, self.calls = [], []
+        monkeypatch.setattr(pipe, "to", lambda *args, **kwargs: self.moves.append(args) or pipe)
+
+        def call(pipeline, prompt, num_frames, height, width, **kwargs):
+            self.calls.append(prompt)
+            return testbed.TestbedPipelineOutput(frames=torch.rand(len(prompt), num_frames, 3, height, width))
+
+        monkeypatch.setattr(testbed.TestbedPipeline, "__call__", call)
+
+
+def _offload(pipe, kind: str) -> None:
+    """The hooks diffusers' `enable_model_cpu_offload` / `enable_sequential_cpu_offload` leave, executing on a GPU
+    this machine need not have (set, not initialised: initialising moves tensors to it)."""
+    from accelerate.hooks import AlignDevicesHook, CpuOffload
+
+    for part in ("text_encoder", "transformer"):
+        hook = (CpuOffload(execution_device=torch.device("cuda")) if kind == "model"
+                else AlignDevicesHook(execution_device=torch.device("cuda"), offload=True))
+        getattr(pipe, part)._hf_hook = hook
+
+
+@pytest.mark.parametrize("kind", ["model", "sequential"])
+def test_an_offloaded_pipeline_is_left_to_its_hooks(monkeypatch, kind):
+    # Before: `sample` moved it with `.to("cuda")`: diffusers refused a sequentially offloaded pipeline (so
+    # `compare --two-stage --offload sequential` failed at the still) and undid model offloading.
+    pipe = testbed.build_pipeline()
+    _offload(pipe, kind)
+    recorder = _Recorder(monkeypatch, pipe)
+    still = testbed.best_still(pipe, ["a red circle moving left"], 16, 16, steps=1, device="cuda")
+    assert still.shape == (1, 3, 16, 16) and recorder.calls == [["a red circle"]]
+    testbed.sample(pipe, "a red circle moving left", frames=2, height=16, width=16, steps=1, device="cuda:0")
+    assert recorder.moves == []
+    with pytest.raises(ValueError, match=re.escape("device='cpu': the pipeline is offloaded by accelerate hooks "
+                                                   "that run it on cuda")):
+        testbed.sample(pipe, "a red circle", frames=1, height=16, width=16, steps=1, device="cpu")
+
+
+def test_sample_without_a_device_leaves_the_pipeline_where_it_is(monkeypatch):
+    # Before: the default device="cpu" moved a caller's pipeline off its GPU.
+    pipe = testbed.build_pipeline()
+    recorder = _Recorder(monkeypatch, pipe)
+    testbed.sample(pipe, "a red circle", frames=1, height=16, width=16, steps=1)
+    testbed.best_still(pipe, "a red circle moving left", 16, 16, steps=1)
+    assert recorder.moves == [] and len(recorder.calls) == 2
+    testbed.sample(pipe, "a red circle", frames=1, height=16, width=16, steps=1, device="cpu")
+    assert recorder.moves == [(torch.device("cpu"),)]
+    with pytest.raises(ValueError, match=re.escape("got device='gpu'")):
+        testbed.sample(pipe, "a red circle", frames=1, height=16, width=16, steps=1, device="gpu")

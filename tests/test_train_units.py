@@ -1,0 +1,75 @@
+"""Units of the testbed's training script that a whole (tiny) run does not pin down: EMA warm-up, per-step noise,
+CFG prompt drops, the noise-level shift and the timestep scale the transformer reads."""
+
+import pytest
+import torch
+
+from diffsparse.pipelines import testbed  # module access: pytest would collect `test*` names imported here
+from diffsparse.testbed import train as train_module
+
+
+def test_ema_warms_up_from_a_tenth_and_ends_at_its_decay():
+    module = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    ema = train_module._EMA({"m": module}, decay=0.999)
+    with torch.no_grad():
+        module.weight.fill_(3.0)
+    ema.update({"m": module}, step=0)  # decay min(0.999, (1 + 0) / (10 + 0)) = 0.1
+    torch.testing.assert_close(ema.shadow["m"].weight, torch.full((2, 2), 0.1 * 1.0 + 0.9 * 3.0))
+    ema.update({"m": module}, step=10**6)  # warmed up: the decay itself
+    torch.testing.assert_close(ema.shadow["m"].weight, torch.full((2, 2), 0.999 * 2.8 + 0.001 * 3.0))
+
+
+def test_each_step_draws_its_own_noise_and_the_same_step_the_same():
+    def draw(seed, step):
+        return torch.rand(8, generator=train_module._step_generator(seed, step))
+
+    assert torch.equal(draw(0, 1), draw(0, 1))
+    assert not torch.equal(draw(0, 0), draw(0, 1))
+    assert not torch.equal(draw(0, 1), draw(1, 1))
+
+
+def _seen_by_the_loss(monkeypatch, shift: float, sampling: str, count: int = 2000):
+    """The prompts and noise levels `flow_matching_loss` hands to `velocity_errors` for `count` single frames."""
+    seen = {}
+
+    def record(components, x0, prompts, noise, t, length):
+        seen.update(prompts=prompts, t=t)
+        return torch.zeros(len(prompts))
+
+    monkeypatch.setattr(train_module, "velocity_errors", record)
+    videos = torch.zeros(count, 3, 1, 4, 4)
+    train_module.flow_matching_loss({}, videos, ["a red circle"] * count, torch.Generator().manual_seed(0), shift, 4,
+                                    sampling)
+    return seen
+
+
+def test_a_tenth_of_the_prompts_are_dropped_for_classifier_free_guidance(monkeypatch):
+    prompts = _seen_by_the_loss(monkeypatch, 1.0, "uniform")["prompts"]
+    assert set(prompts) == {"", "a red circle"}
+    assert prompts.count("") / len(prompts) == pytest.approx(train_module.UNCOND_PROBABILITY, abs=0.02)
+
+
+def test_the_shift_moves_uniform_noise_levels_towards_noise(monkeypatch):
+    # t = shift * u / (1 + (shift - 1) * u): the median u = 0.5 goes to 1.5 / 2 = 0.75 at shift 3.
+    t = _seen_by_the_loss(monkeypatch, 3.0, "uniform", count=4000)["t"]
+    assert t.median().item() == pytest.approx(0.75, abs=0.02)
+    assert _seen_by_the_loss(monkeypatch, 1.0, "uniform", count=4000)["t"].median().item() == pytest.approx(0.5,
+                                                                                                          abs=0.02)
+
+
+def test_the_transformer_reads_noise_levels_as_timesteps_out_of_1000():
+    components = testbed.build_components()
+    seen = []
+    components["transformer"].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    x0, noise = torch.zeros(2, 12, 2, 4, 4), torch.randn(2, 12, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    text_length = testbed.testbed_config()["max_sequence_length"]
+    per_clip = torch.tensor([0.25, 0.5])
+    train_module.velocity_errors(components, x0, ["a red circle"] * 2, noise, per_clip, text_length)
+    torch.testing.assert_close(seen.pop(), per_clip * 1000, rtol=0, atol=0)
+    per_frame = torch.tensor([[0.0, 0.5], [0.25, 0.75]])  # 2 x 2 tokens per frame at this size and patch
+    train_module.velocity_errors(components, x0, ["a red circle"] * 2, noise, per_frame, text_length)
+    torch.testing.assert_close(seen.pop(), (per_frame * 1000).repeat_interleave(4, dim=1), rtol=0, atol=0)
