@@ -41,7 +41,8 @@ def as_frames(video) -> np.ndarray:
     """A video as a float64 array `(F, H, W, C)`, C in (1, 3, 4). Layouts, by number of dimensions:
 
     - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`): each `(H, W, C)`, `(C, H, W)` or
-      `(H, W)` (gray); a single PIL image is one frame;
+      `(H, W)` (gray); a single PIL image is one frame; a list of tensors is read as the tensor stacked from them
+      (`list(frames)` as `frames`: channels first, as below);
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
     - 4: frames; numpy `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the
@@ -54,18 +55,26 @@ def as_frames(video) -> np.ndarray:
 
     uint8 and uint16 values are scaled by 255 and 65535 to [0, 1], bool ones read as 0 and 1, float ones kept;
     other integer types are refused (a `ValueError` naming the dtype): their range says nothing about the frames'.
+    A video with no frames (an empty list, a `(0, H, W, C)` array) or frames of no pixels is a `ValueError`.
     """
     if _is_pil_image(video):
         video = [video]
     listed = isinstance(video, (list, tuple))
-    # diffusers' pt output is channels-first: a (F, 3, H, 4) video was read as 3 x H pixels of 4 channels
+    given = f"an empty {type(video).__name__}" if listed and not video else None
+    if listed and video:
+        video = _stacked(video)
+    # diffusers' pt output is channels-first: a (F, 3, H, 4) video was read as 3 x H pixels of 4 channels. A list
+    # of tensors is stacked into one first, so list(frames) reads as frames does.
     channels_first = isinstance(video, torch.Tensor) and video.ndim in (4, 5)
-    if listed:
-        video = np.stack([np.asarray(frame) for frame in video])
     tensor = isinstance(video, torch.Tensor)
     if tensor:
-        video = video.detach().cpu().numpy() if not video.is_floating_point() else video.detach().float().cpu().numpy()
+        video = _tensor_to_numpy(video)
     video = np.asarray(video)
+    if given is None and video.size == 0:
+        given = f"shape {video.shape}"
+    if given is not None:  # numpy's "zero-size array to reduction" came from deep inside a score before
+        raise ValueError(f"video has no frames or no pixels, got {given}: give at least one frame of at least 1x1 "
+                         f"pixels ({_LAYOUTS})")
     scale = _scale(video.dtype)  # first: a dtype refused is never cast (complex would warn, then lose a part)
     video = video.astype(np.float64) / scale
     if video.ndim == 5:  # (B, F, ...) -> the frames of every video in order
@@ -88,6 +97,25 @@ def as_frames(video) -> np.ndarray:
         raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got shape "
                          f"{video.shape} ({_LAYOUTS})")
     return video
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    # float() first: numpy has no bfloat16, and frames of a run with autograd on still hold their graph
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy()
+
+
+def _stacked(frames: list | tuple) -> np.ndarray | torch.Tensor:
+    """A list of frames (or of videos, nested as deep as diffusers' `.frames`) as one array, or as one tensor when
+    every item is a tensor: then the tensor layouts apply, channels first, as to the tensor the list was made of."""
+    items = [_stacked(item) if isinstance(item, (list, tuple)) and item else item for item in frames]
+    if all(isinstance(item, torch.Tensor) for item in items):
+        try:
+            return torch.stack([item.detach() for item in items])
+        except RuntimeError as error:  # frames of different shapes or dtypes
+            raise ValueError(f"video: a list's frames must have one shape, got {[tuple(i.shape) for i in items]} "
+                             f"({error})") from error
+    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items])
 
 
 def _scale(dtype: np.dtype) -> float:
@@ -248,7 +276,8 @@ def _missing_packages() -> list[str]:
     return missing
 
 
-LPIPS_MIN_SIZE = 32  # AlexNet's pooling needs frames of at least 32 x 32 pixels
+# AlexNet's convolutions and pooling leave a 30 x 30 frame nothing to pool at the last max-pool (31 x 31 scores).
+LPIPS_MIN_SIZE = 31
 
 
 def _too_small_for_lpips(frame_size) -> bool:

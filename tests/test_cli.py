@@ -513,7 +513,7 @@ def test_identical_videos_write_standard_json(tmp_path, capsys):
 
 def test_frames_too_small_for_lpips_are_scored_without_it_or_refused_when_it_was_asked_for(tmp_path, capsys,
                                                                                            monkeypatch):
-    # AlexNet needs 32 x 32 pixels. With the weights in the torch cache, a 16-pixel run failed after generating
+    # AlexNet needs 31 x 31 pixels. With the weights in the torch cache, a 16-pixel run failed after generating
     # both videos; now it goes without LPIPS and says why. Asked for with --lpips-weights: refused before loading.
     from diffsparse import compare, metrics
 
@@ -523,14 +523,14 @@ def test_frames_too_small_for_lpips_are_scored_without_it_or_refused_when_it_was
     small = ["--steps", "2", "--frames", "5", "--height", "16", "--width", "16", "--block-size", "16"]
     assert main(["compare", *small, "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["lpips"] is None
-    assert "LPIPS not computed: frames of 16x16 pixels, LPIPS (AlexNet) needs at least 32x32" in capsys.readouterr().out
+    assert "LPIPS not computed: frames of 16x16 pixels, LPIPS (AlexNet) needs at least 31x31" in capsys.readouterr().out
     assert main(["eval", *small, "--prompts", "1", "--pattern", "window3d", "--out", str(tmp_path / "e")]) == 0
     assert "LPIPS not computed: frames of 16x16 pixels" in (tmp_path / "e" / "eval.md").read_text()
     monkeypatch.setattr(compare, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded"))
     for command in ("compare", "eval"):
         with pytest.raises(SystemExit):
             main([command, *small, "--lpips-weights", str(cache)])
-        assert "needs frames of at least 32x32 pixels, got 16x16" in capsys.readouterr().err
+        assert "needs frames of at least 31x31 pixels, got 16x16" in capsys.readouterr().err
 
 
 def test_compare_and_eval_score_lpips_with_the_weights_given(tmp_path, capsys):

@@ -346,3 +346,65 @@ def test_torch_frames_are_read_channels_first_however_narrow():
     # A torch (C, H, W) image 3 pixels high is one image, not read twice.
     image = rng.random((3, 3, 8), dtype=np.float32)
     np.testing.assert_array_equal(as_frames(torch.from_numpy(image)), image.transpose(1, 2, 0)[None])
+
+
+def test_a_list_of_torch_frames_reads_as_the_tensor_it_was_made_of():
+    # A list of tensors went through numpy's layout rules: list(v) of a (2, 3, 8, 3) (F, C, H, W) video came back
+    # transposed, and bfloat16 or requires_grad frames raised TypeError and RuntimeError.
+    video = torch.rand(2, 3, 8, 3, generator=torch.Generator().manual_seed(11))
+    np.testing.assert_array_equal(as_frames(list(video)), as_frames(video))
+    np.testing.assert_array_equal(as_frames([list(video)]), as_frames(video[None]))  # nested, as `.frames`
+    as_bf16 = video.bfloat16()
+    np.testing.assert_array_equal(as_frames(list(as_bf16)), as_frames(as_bf16))
+    np.testing.assert_array_equal(as_frames(list(video.clone().requires_grad_())), as_frames(video))
+    assert as_frames([torch.rand(8, 8), torch.rand(8, 8)]).shape == (2, 8, 8, 1)  # 2-D tensors: gray, as arrays
+
+
+@pytest.mark.parametrize("video", [np.zeros((0, 8, 8, 3)), [], torch.zeros(0, 3, 8, 8), np.zeros((2, 0, 8, 3))],
+                         ids=["no frames", "empty list", "empty tensor", "no pixels"])
+def test_a_video_without_frames_is_a_value_error_naming_it(video):
+    # Before, numpy's "zero-size array to reduction" or "need at least one array to stack" from inside a score.
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match=r"video has no frames or no pixels, got (shape \(|an empty list)"):
+            metric(video, video)
+
+
+@pytest.fixture(scope="module")
+def random_alexnet(tmp_path_factory):
+    """A torchvision AlexNet checkpoint with random weights, standing in for the real one (written once here)."""
+    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), path)
+    return path
+
+
+def test_lpips_scores_gray_frames_as_their_rgb_copies(random_alexnet):
+    from diffsparse.metrics import lpips
+
+    rng = np.random.default_rng(12)
+    gray = rng.random((2, 48, 48, 1))
+    noisy = np.clip(gray + rng.normal(0, 0.2, gray.shape), 0, 1)
+    expected = lpips(np.repeat(noisy, 3, -1), np.repeat(gray, 3, -1), weights_path=random_alexnet)
+    assert expected > 0 and lpips(noisy, gray, weights_path=random_alexnet) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lpips_takes_frames_down_to_the_31_pixels_alexnet_takes(random_alexnet):
+    # AlexNet scores 31 x 31 frames (30 x 30 leave its last max-pool nothing to pool): 31 was refused as under 32.
+    from diffsparse.metrics import LPIPS_MIN_SIZE, _lpips_model, lpips, lpips_missing_reason, lpips_weights
+
+    assert LPIPS_MIN_SIZE == 31
+    rng = np.random.default_rng(13)
+    for height, width in ((31, 31), (31, 40), (40, 31)):
+        video = rng.random((1, height, width, 3))
+        assert lpips(video, np.clip(video + 0.1, 0, 1), weights_path=random_alexnet) > 0
+        assert lpips_weights(random_alexnet, frame_size=(height, width)) == random_alexnet
+    video = rng.random((1, 30, 40, 3))
+    with pytest.raises(ValueError, match=r"at least 31x31 pixels, got \(30, 40\)"):
+        lpips(video, video, weights_path=random_alexnet)
+    with pytest.raises(ValueError, match="at least 31x31 pixels, got 30x40"):
+        lpips_weights(random_alexnet, frame_size=(30, 40))
+    assert lpips_missing_reason((40, 30)) == "frames of 40x30 pixels, LPIPS (AlexNet) needs at least 31x31"
+    with torch.no_grad(), pytest.raises(RuntimeError, match="too small"):  # the limit is AlexNet's, not ours
+        _lpips_model(str(random_alexnet))(torch.zeros(1, 3, 30, 40), torch.zeros(1, 3, 30, 40))

@@ -10,7 +10,7 @@ from diffusers.hooks.hooks import CacheContext
 from diffsparse import SparseConfig
 from diffsparse import runtime as runtime_module
 from diffsparse.kernels import block_sparse_attention, make_plan
-from diffsparse.patterns import Radial, TileOrder, VideoLayout, Window3D
+from diffsparse.patterns import Dense, Radial, TileOrder, VideoLayout, Window3D
 from diffsparse.runtime import _PLAN_CACHE_SIZE, SparseRuntime, StepClock, StepScheduleWarning
 
 
@@ -92,6 +92,35 @@ def test_tile_order_plans_carry_their_permutation():
     assert SparseRuntime(SparseConfig(block_size=16), "t").plan(layout, 1, torch.device("cpu")).perm is None
 
 
+@pytest.mark.parametrize("pattern", [Dense(), Window3D((1, 3, 3))])
+def test_a_tile_order_that_is_not_its_own_inverse_gives_the_output_back_in_the_model_s_order(pattern):
+    # TileOrder((1, 2, 4)) on 4 x 8 frames, the other tests' order, is an involution (perm == inverse): there, the
+    # output mapped back through perm instead of inverse passed every test. Here the two differ.
+    layout = VideoLayout(3, 5, 7, text_len=3, text_position="start")
+    order, n, block = TileOrder((2, 2, 3)), layout.num_tokens, 16
+    inverse = order.inverse(layout)
+    assert not torch.equal(order.permutation(layout), inverse)
+    runtime = SparseRuntime(SparseConfig(pattern=pattern, block_size=block, dense_steps=0, order=order), "t")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    runtime.begin_call(layout, 0, 1)
+    q, k, v = torch.randn(3, 2, n, 3, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    # The kernel keeps whole blocks of the reordered sequence; inverse maps that mask to the model's order.
+    kept = pattern.block_mask(layout, block, order).repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :n]
+    mask = kept[:, inverse][:, :, inverse]
+
+    def masked(q, mask):
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask
+        ).transpose(1, 2)
+
+    torch.testing.assert_close(runtime.attention(0, q, k, v), masked(q, mask), atol=1e-5, rtol=0)
+    if isinstance(pattern, Dense):  # queries on the video alone: their order is the video part of the keys'
+        video = runtime.attention(0, q[:, 3:], k, v, video_queries=True)
+        torch.testing.assert_close(video, masked(q[:, 3:], None), atol=1e-5, rtol=0)
+    else:
+        assert kept.float().mean() < 0.7 and (runtime.attention(0, q, k, v) - masked(q, None)).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
     # Model tokens in a shuffled order, each one's layout index given at begin_call: the output is the layout-order
@@ -132,7 +161,8 @@ def test_a_list_of_orders_gives_the_layers_each_in_turn(pattern):
     for layer in range(6):
         outputs.append(alone[layer % 3].attention(layer, q, k, v))
         torch.testing.assert_close(cycling.attention(layer, q, k, v), outputs[-1], atol=1e-6, rtol=0)
-    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3) and not torch.allclose(outputs[1], outputs[2], atol=1e-3)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)
+    assert not torch.allclose(outputs[1], outputs[2], atol=1e-3)
     assert [cycling.config.layer_order(layer) for layer in range(4)] == [*(a.config.layer_order(0) for a in alone),
                                                                         alone[0].config.layer_order(0)]
 
@@ -414,7 +444,9 @@ def test_sparse_steps_foresees_the_runtime_s_rule():
     assert [r.step for r in runtime.records if r.sparse] == sparse_steps(config, 5)
 
 
-@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
+# TileOrder((1, 4, 4)) on 4 x 8 frames is not its own inverse ((1, 2, 4) is): an output mapped back through perm
+# is caught.
+@pytest.mark.parametrize("order", [None, TileOrder((1, 4, 4))])
 def test_residual_correction_is_exact_when_the_inputs_do_not_change(order):
     # rho * out_sparse + residual rebuilds the dense output of the measured inputs exactly: at a later sparse
     # step with the same q, k, v the corrected output is the dense one (and differs from the raw sparse one).
@@ -436,7 +468,8 @@ def test_residual_correction_is_exact_when_the_inputs_do_not_change(order):
     cached = runtime.plan(layout, 3, torch.device("cpu"))
     assert cached.plan.density < 0.7
     raw = block_sparse_attention(
-        *(x.transpose(1, 2) if cached.perm is None else x.index_select(1, cached.perm).transpose(1, 2) for x in (q, k, v)),
+        *(x.transpose(1, 2) if cached.perm is None else x.index_select(1, cached.perm).transpose(1, 2)
+          for x in (q, k, v)),
         cached.plan,
     ).transpose(1, 2)
     raw = raw if cached.perm is None else raw.index_select(1, cached.inverse)
@@ -561,7 +594,9 @@ def test_outside_pairs_count_into_the_calls_density_and_dense_attention_logs_not
     assert alone < 1 and counted == pytest.approx((alone * pairs + 1000) / (pairs + 1000))
     # Queries and keys of different lengths (any, not whole blocks): SDPA's output, the scores' lse, no record.
     out, lse = runtime.dense_attention(q[:, :37], k[:, 5:], v[:, 5:])
-    expected = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q[:, :37], k[:, 5:], v[:, 5:])))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q[:, :37], k[:, 5:], v[:, 5:]))
+    )
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(lse[..., 0], _scores(q[:, :37], k[:, 5:]).logsumexp(-1), atol=1e-5, rtol=0)
     assert len(runtime.records) == 2
