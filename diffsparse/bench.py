@@ -133,18 +133,19 @@ def pattern_block_mask(name: str, seq: int, density: float, block_size: int) -> 
     return pattern.block_mask(layout, block_size)[None]
 
 
-def _warn_if_off_target(mask_kind: str, target: float, reached: float, seq: int, block_size: int) -> None:
+def _warn_if_off_target(command: str, target: float, reached: float, of: str, timed: str, runs: str) -> None:
     """Warn when the timed mask's density is far from the `--density` asked (radial keeps neighbouring frames
     whole: on 2 frames it stays at 1.0 whatever the target; a random mask keeps its diagonal, 1 / blocks at
-    least), which would otherwise show only as a speedup near 1 in a row; with the runtime's tolerance."""
+    least; a search keeps each query block's diagonal), which would otherwise show only as a speedup near 1 in a
+    row or a search's cost put beside the wrong density; with the runtime's tolerance. `of`: what could not reach
+    the target and where, `timed`: what was timed, `runs`: whose density it is, e.g. "this row runs"."""
     from .runtime import out_of_reach  # diffusers comes with the runtime: loaded only where a row is checked
 
     if not out_of_reach(target, reached):
         return
     warnings.warn(
-        f"diffsparse: bench attention: --density {target} is out of reach of --mask {mask_kind} on {seq} tokens, "
-        f"block {block_size}: the mask timed has density {reached:.3f}, so this row runs "
-        f"{'denser' if reached > target else 'sparser'} than asked",
+        f"diffsparse: {command}: --density {target} is out of reach of {of}: {timed} has density {reached:.3f}, so "
+        f"{runs} {'denser' if reached > target else 'sparser'} than asked",
         stacklevel=2,
     )
 
@@ -161,7 +162,8 @@ def bench_one(q, k, v, density: float, block_size: int, backend: str, repeats: i
         _time_ms(lambda: make_plan(mask, n, n, block_size), device) for _ in range(max(3, repeats))
     )
     plan = make_plan(mask, n, n, block_size)
-    _warn_if_off_target(mask_kind, density, plan.density, n, block_size)
+    _warn_if_off_target("bench attention", density, plan.density, f"--mask {mask_kind} on {n} tokens, block "
+                        f"{block_size}", "the mask timed", "this row runs")
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
@@ -331,7 +333,10 @@ def run_search_bench(args) -> dict:
     _check_repeats(args.repeats, "timed search/dense pairs")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
-    pattern = get_pattern(args.pattern)
+    try:
+        pattern = get_pattern(args.pattern)
+    except ValueError as error:
+        raise ValueError(f"--pattern {args.pattern!r}: {error}") from None
     if not pattern.data_dependent:
         raise ValueError(f"pattern={args.pattern!r} is static: it has no search to time (data-dependent patterns "
                          f"override Pattern.fit, e.g. searched, spatial_temporal)")
@@ -349,6 +354,12 @@ def run_search_bench(args) -> dict:
 
     searched = search()
     dense()
+    reached = searched.density(layout, args.block_size)
+    # Small layouts keep more than a low target (a search keeps each query block's diagonal; spatial_temporal's
+    # kinds a frame or a neighbourhood whole): the cost below is that of a search for `reached`.
+    _warn_if_off_target("bench search", args.density, reached, f"--pattern {args.pattern} on {layout.num_tokens} "
+                        f"tokens ({args.frames}x{args.height}x{args.width}), block {args.block_size}",
+                        "the pattern the search found", "the search timed ends up")
     pairs = [(_time_ms(search, device), _time_ms(dense, device)) for _ in range(args.repeats)]
     search_ms = statistics.median(s for s, _ in pairs)
     dense_ms = statistics.median(d for _, d in pairs)
@@ -361,7 +372,8 @@ def run_search_bench(args) -> dict:
         "dtype": args.dtype,
         "device": _device_label(args.device),
         "pattern": repr(searched),
-        "density": searched.density(layout, args.block_size),
+        "target_density": args.density,
+        "density": reached,
         "repeats": args.repeats,
         "search_ms": search_ms,
         "dense_ms": dense_ms,
@@ -387,7 +399,7 @@ def run_causal_bench(args) -> list[dict]:
     from diffusers.hooks.hooks import CacheContext
 
     from .config import SparseConfig
-    from .patterns import FrameCausal, VideoLayout
+    from .patterns import FrameCausal, VideoLayout, get_pattern
     from .runtime import SparseRuntime
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
@@ -397,6 +409,24 @@ def run_causal_bench(args) -> list[dict]:
         raise ValueError(f"--causal-frames {args.causal_frames} with --frames {args.frames}: a causal mask needs at "
                          "least two groups of frames, so --causal-frames must be below --frames (and --frames at "
                          "least 2)")
+    try:
+        pattern = get_pattern(args.pattern)
+    except ValueError as error:
+        raise ValueError(f"--pattern {args.pattern!r}: {error}") from None
+    if pattern.name == "dense":
+        # The runtime runs dense through the original processor, which this bench skips: the kernel ran on the
+        # mask's blocks while the row said density 1.0, and --density went unused.
+        raise ValueError(f"--pattern {args.pattern}: must be a sparse pattern (e.g. radial, window3d, searched); "
+                         "dense runs the original processor, the masked SDPA this bench times the sparse path against")
+    # Every row's configuration before any tensor is made: a bad --density or --backend ended the run after the
+    # rows before it had been timed, with nothing written.
+    try:
+        configs = [SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size, dense_steps=0,
+                                backend=args.backend) for density in args.density]
+    except ValueError as error:
+        densities = ",".join(map(str, args.density))
+        raise ValueError(f"--pattern {args.pattern!r}, --density {densities}, --block-size {args.block_size} and "
+                         f"--backend {args.backend!r} make no sparse configuration: {error}") from None
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)
@@ -413,9 +443,7 @@ def run_causal_bench(args) -> list[dict]:
     unmasked()
     unmasked_ms = statistics.median(_time_ms(unmasked, device) for _ in range(args.repeats))
     rows = []
-    for density in tqdm(args.density, desc="densities"):
-        config = SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size, dense_steps=0,
-                              backend=args.backend)
+    for density, config in zip(tqdm(args.density, desc="densities"), configs):
         runtime = SparseRuntime(config, "bench")
         runtime.state_manager.set_context(CacheContext("bench"))
         runtime.begin_call(layout, step=0, num_steps=1)
@@ -430,6 +458,10 @@ def run_causal_bench(args) -> list[dict]:
             return runtime.attention(0, q, k, v)
 
         dense(), sparse()  # warm-up: plans, the compiled CPU kernel
+        if not runtime.records[-1].sparse:
+            # Its density would be 1.0 whatever the kernel ran, the efficiency overstated.
+            raise RuntimeError(f"diffsparse: bench causal: the runtime logged the call under {config!r} as dense: "
+                               "nothing sparse to time")
         pairs = [(_time_ms(dense, device), _time_ms(sparse, device)) for _ in range(args.repeats)]
         dense_ms = statistics.median(d for d, _ in pairs)
         sparse_ms = statistics.median(s for _, s in pairs)

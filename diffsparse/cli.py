@@ -475,6 +475,15 @@ def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool =
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random tensors and masks")
 
 
+def _one_density(text: str) -> float:
+    """One block density in (0, 1], with argparse's message naming the option, the value and the range (a bare
+    `_density` would read "invalid _density value")."""
+    try:
+        return _density(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block density in (0, 1], got {text!r}") from None
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -511,7 +520,8 @@ def _add_bench(sub) -> None:
     # The embedded testbed's self-attention at its evaluation size (17 x 48 x 48 pixels: 17 x 12 x 12 tokens).
     s.set_defaults(frames=17, height=12, width=12, block_size=64, heads=4)
     s.add_argument("--pattern", default="searched", help=PATTERN_HELP)
-    s.add_argument("--density", type=float, default=0.25, help="target block density the pattern is searched for")
+    s.add_argument("--density", type=_one_density, default=0.25,
+                   help="target block density in (0, 1] the pattern is searched for")
     s.add_argument("--out", default="outputs", help="folder for bench_search.json")
     c = bench.add_parser("causal", help="SDPA under a causal frame-group mask vs the sparse path under it",
                          formatter_class=defaults)
@@ -521,7 +531,8 @@ def _add_bench(sub) -> None:
     c.set_defaults(frames=8, height=25, width=38, block_size=64, heads=4)
     c.add_argument("--causal-frames", type=_positive, default=2, help="frames per causal group (causal_block_size)")
     c.add_argument("--pattern", default="radial", help=PATTERN_HELP)
-    c.add_argument("--density", type=_comma_list(float, "densities"), default=[0.25, 0.5], help="comma-separated target block densities")
+    c.add_argument("--density", type=_densities, default=[0.25, 0.5],
+                   help="comma-separated target block densities, each in (0, 1]")
     c.add_argument("--out", default="outputs", help="folder for bench_causal.json")
     e = bench.add_parser("pipeline", help="one video dense and sparse, end to end, interleaved runs (medians)",
                          formatter_class=defaults)

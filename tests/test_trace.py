@@ -1,11 +1,13 @@
 """`diffsparse trace`: per-call error of sparse attention against dense attention on the same inputs."""
 
+import contextlib
 import csv
 
 import pytest
 import torch
 
 import diffsparse
+from diffsparse import trace
 from diffsparse.cli import main
 from diffsparse.patterns import Radial, Window3D
 from diffsparse.trace import per_layer, per_step, trace_attention_errors
@@ -21,11 +23,25 @@ def test_every_block_kept_traces_zero_error_and_only_the_calls_diffsparse_comput
     assert all(c.sparse and c.error < 1e-5 for c in traced)
 
 
-def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe):
+def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe, monkeypatch):
     config = diffsparse.SparseConfig(
         pattern=Radial(decay=0.25, min_window=8), block_size=16, dense_steps=1, correction="residual"
     )
+    handles, applied = [], trace.sparse
+
+    @contextlib.contextmanager
+    def kept(pipe, config):
+        with applied(pipe, config) as handle:
+            handles.append(handle)
+            yield handle
+
+    monkeypatch.setattr(trace, "sparse", kept)
     traced = trace_attention_errors(tiny_pipe, config, **tiny_call(num_inference_steps=3))
+    # Each traced call is the runtime's record of it, density included (nothing checked that before): every call
+    # that went through the sparse path, sparse or measuring, none of the original processor's.
+    computed = [r for r in handles[0].stats().calls["transformer"] if r.sparse or r.measured]
+    assert [(c.step, c.layer, c.branch, c.sparse, c.density) for c in traced] == [
+        (r.step, r.layer, r.branch, r.sparse, r.density) for r in computed]
     measured = [c for c in traced if not c.sparse]
     assert {c.step for c in measured} == {0} and all(c.error < 1e-5 for c in measured)
     rows = per_step(traced)
@@ -38,6 +54,25 @@ def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe):
         assert r["error"] == pytest.approx(sum(c.error for c in own) / len(own))
         assert r["first_step_error"] == pytest.approx(sum(c.error for c in own if c.step == 1) / 2)
     assert diffsparse.api._handles(tiny_pipe) == []  # the trace removed what it installed
+
+
+def test_an_exception_during_the_traced_generation_takes_the_sparse_attention_off(tiny_pipe):
+    # The trace applies diffsparse around the caller's pipeline: a generation that fails (here, its step callback)
+    # must leave the pipeline as it was, not sparse and observed.
+    def processors():
+        return [type(block.attn1.processor) for block in tiny_pipe.transformer.blocks]
+
+    before = processors()
+
+    def fail(pipe, step, timestep, callback_kwargs):
+        if step == 1:
+            raise RuntimeError("the callback failed")
+        return callback_kwargs
+
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.5, block_size=16, dense_steps=1)
+    with pytest.raises(RuntimeError, match="the callback failed"):
+        trace_attention_errors(tiny_pipe, config, **tiny_call(num_inference_steps=3, callback_on_step_end=fail))
+    assert diffsparse.api._handles(tiny_pipe) == [] and processors() == before
 
 
 def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
