@@ -39,7 +39,9 @@ class SD3SparseAttnProcessor(SparseProcessor, JointAttnProcessor2_0):
     context_parallel = False  # diffusers gives the family no context parallel plan
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if self.stays_dense(attention_mask):
+        # Not `stays_dense(attention_mask)`: the original ignores the mask (its SDPA takes none), so a mask passed
+        # through `joint_attention_kwargs` changes nothing there and must not turn the generation dense here.
+        if not self.runtime.route(self.layer):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         self.check_not_parallel()
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)

@@ -85,7 +85,8 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
 
 
 def check_against_dense(model, inputs, block_size: int, order=None, sparse=None, select=None):
-    """`pattern="dense"` gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
+    """`read_call` reads `inputs()` by position as by keyword (`check_read_call_by_position`); `pattern="dense"`
+    gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
     `order`) gives it within 1e-4, and in bfloat16 gives it in the bfloat16 model's dtype and about as closely
     as the bfloat16 model does (its error at most 1.25x the dense model's), some call running through the sparse path;
     `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail).
@@ -105,6 +106,7 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
             return torch.equal(a, b)
         return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
 
+    check_read_call_by_position(model, inputs())
     whole = run_transformer(model, inputs)
     assert identical(run_transformer(model, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), whole)
     reference = whole if select is None else select(whole)
@@ -144,6 +146,26 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
     if sparse is not None:
         assert not torch.allclose(run(model, inputs, sparse), reference, atol=1e-4)
     return calls
+
+
+def check_read_call_by_position(transformer, call: dict):
+    """The adapter's `read_call` gives the same layout, timestep and token order when `call`'s arguments come by position, in
+    `forward`'s order (omitted ones as their defaults), as by keyword: pipelines pass them by keyword, so a wrong
+    position index would only show on a user's direct call."""
+    import inspect
+
+    from diffsparse.pipelines import adapter_for
+
+    parameters = list(inspect.signature(transformer.forward).parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    last = max(i for i, p in enumerate(positional) if p.name in call)
+    args = tuple(call[p.name] if p.name in call else p.default for p in positional[: last + 1])
+    rest = {name: value for name, value in call.items() if name not in {p.name for p in positional}}
+    adapter = adapter_for(transformer)
+    by_keyword, by_position = adapter.read_call(transformer, (), call), adapter.read_call(transformer, args, rest)
+    assert len(by_position) == len(by_keyword) and by_position[0] == by_keyword[0]
+    for got, want in zip(by_position[1:], by_keyword[1:]):  # the timestep, and a token order where there is one
+        assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
 
 
 def first_transformer_call(pipe, call: dict, transformer=None):

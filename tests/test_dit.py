@@ -12,6 +12,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_read_call_by_position,
     first_transformer_call,
     tiny_image_vae,
 )
@@ -45,6 +46,10 @@ def test_a_direct_transformer_call_the_pipelines_way(dit_pipe):
     # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
     inputs = first_transformer_call(dit_pipe, CALL)
     check_against_dense(dit_pipe.transformer, lambda: inputs, block_size=16)
+
+
+def test_read_call_takes_every_argument_by_position(dit_pipe):
+    check_read_call_by_position(dit_pipe.transformer, first_transformer_call(dit_pipe, CALL))
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(dit_pipe):

@@ -22,7 +22,13 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 
-from helpers import check_against_dense, check_other_processors_are_refused, recorded_attention_calls, run_transformer
+from helpers import (
+    check_against_dense,
+    check_other_processors_are_refused,
+    check_read_call_by_position,
+    recorded_attention_calls,
+    run_transformer,
+)
 
 TEXT_LEN = 10
 ROWS, COLS = 8, 6  # the generated image's packed 2 x 2 latents
@@ -151,6 +157,11 @@ def test_a_mask_of_another_kind_runs_the_original_and_counts_dense():
         out = transformer(**call).sample
         stats = handle.stats()
     assert torch.equal(out, expected) and all(s.sparse_calls == 0 and s.dense_calls == 1 for s in stats.layers)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_read_call_takes_every_argument_by_position(name):
+    check_read_call_by_position(tiny_transformer(name), inputs(name))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

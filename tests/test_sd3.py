@@ -18,6 +18,7 @@ from helpers import (
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pag_pipeline,
+    check_read_call_by_position,
     open_zero_initialised,
     recorded_attention_calls,
     run_pipeline,
@@ -87,6 +88,24 @@ def test_joint_calls_carry_the_text_and_attn2_calls_do_not(transformer):
     assert seen == {0: (joint, 48 + TEXT_LEN), 1: (joint, 48 + TEXT_LEN), 2: (VideoLayout(1, 6, 8), 48)}
     reference = denoise(transformer)
     assert torch.equal(out[0], reference[0]) and not torch.allclose(out[2], reference[2], atol=1e-4)
+
+
+def test_an_attention_mask_the_original_ignores_keeps_the_call_sparse(transformer):
+    # `JointAttnProcessor2_0` takes `attention_mask` and drops it (its SDPA gets none); routing such calls dense
+    # turned a whole generation dense with no change to what the original computes.
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=8, dense_steps=0)
+    mask = {"attention_mask": torch.ones(2, 48 + TEXT_LEN, dtype=torch.bool)}
+    with torch.no_grad(), diffsparse.sparse(transformer, config):
+        unmasked = transformer(**inputs()).sample
+        masked = transformer(**inputs(), joint_attention_kwargs=mask).sample
+        assert all(s.dense_calls == 0 for s in diffsparse.stats(transformer).layers)
+    assert torch.equal(masked, unmasked)
+    with torch.no_grad():  # the original ignores it too
+        assert torch.equal(transformer(**inputs(), joint_attention_kwargs=mask).sample, transformer(**inputs()).sample)
+
+
+def test_read_call_takes_every_argument_by_position(transformer):
+    check_read_call_by_position(transformer, inputs(700.0))
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
