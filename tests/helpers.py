@@ -159,7 +159,7 @@ def check_read_call_by_position(transformer, call: dict):
     parameters = list(inspect.signature(transformer.forward).parameters.values())
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     last = max(i for i, p in enumerate(positional) if p.name in call)
-    args = tuple(call[p.name] if p.name in call else p.default for p in positional[: last + 1])
+    args = tuple(call.get(p.name, p.default) for p in positional[: last + 1])
     rest = {name: value for name, value in call.items() if name not in {p.name for p in positional}}
     adapter = adapter_for(transformer)
     by_keyword, by_position = adapter.read_call(transformer, (), call), adapter.read_call(transformer, args, rest)
