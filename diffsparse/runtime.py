@@ -988,7 +988,7 @@ class SparseRuntime:
             # spatial_temporal at Wan 480p) on every layer of every run would cost more than the warning is worth.
             if (self.pattern, layout) not in self._reach_checked:
                 self._reach_checked.add((self.pattern, layout))
-                self._warn_if_out_of_reach(self.pattern, solved, layout, order, q_tokens, outside_pairs)
+                self._warn_if_out_of_reach(self.pattern, solved, layout, order, q_tokens, outside_pairs, first_fit=True)
             return solved
         key = (pattern, layout, order, queries_from, outside_pairs)
         if key not in self._solved:
@@ -1010,12 +1010,14 @@ class SparseRuntime:
 
     def _warn_if_out_of_reach(
         self, pattern: Pattern, solved: Pattern, layout: VideoLayout, order: TokenOrder, q_tokens,
-        outside_pairs: int = 0,
+        outside_pairs: int = 0, first_fit: bool = False,
     ) -> None:
         """Warn, once per (pattern, layout), when the solved density is far from `SparseConfig.density`: the nearest
         density a pattern reaches can be far off on a small layout (`Radial` keeps neighbouring frames whole, so a
         single image or two frames stay dense whatever the target), which would only show up as a missing
-        speedup. With `outside_pairs`, the density judged is the whole call's, as `stats()` reports it.
+        speedup. With `outside_pairs`, the density judged is the whole call's, as `stats()` reports it. `first_fit`:
+        `solved` is the first layer's fit on the layout (the others fit their own heads: `spatial_temporal`'s
+        kinds differ by layer), and the warning says so.
 
         A searched pattern (`solved` is one layer's search) keeps at most its budget by design (`top_p`, windows
         under the layer's budget), so only a denser one is said: the blocks every pattern keeps (text rows and
@@ -1047,7 +1049,8 @@ class SparseRuntime:
                 others = f'"window3d" (whose windows shrink within a frame too) or {others}'
         warnings.warn(
             f"diffsparse: {self.name}: SparseConfig.density={target} is out of reach of {pattern!r} on {layout}"
-            f"{outside}: {why}, so this layout runs {'denser' if reached > target else 'sparser'} than asked. "
+            f"{outside}: {why}, so {'the first layer fitted on ' if first_fit else ''}this layout runs "
+            f"{'denser' if reached > target else 'sparser'} than asked. "
             f"{others} may come closer",
             stacklevel=2,
         )

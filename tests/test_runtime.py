@@ -677,7 +677,8 @@ def test_a_fitted_pattern_s_density_out_of_reach_warns_once_per_layout(pattern):
     assert len(said) == 1
     assert said[0].startswith(f"diffsparse: t: SparseConfig.density=0.25 is out of reach of {runtime.pattern!r} on")
     assert "text rows and columns, each query block's diagonal" in said[0] and "comes to 0.504" in said[0]
-    assert "runs denser than asked" in said[0] and "smaller SparseConfig.block_size" in said[0]
+    assert "so the first layer fitted on this layout runs denser than asked" in said[0]  # the one judged
+    assert "smaller SparseConfig.block_size" in said[0]
     # A cumulative threshold keeps at most the budget by design: sparser than asked is no news.
     runtime = SparseRuntime(SparseConfig(pattern="searched(criterion='mass', top_p=0.01)", density=0.5, block_size=16,
                                          dense_steps=0), "t")
