@@ -298,7 +298,7 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
             A pipeline (or modular pipeline) with a `transformer` component (and Wan 2.2's `transformer_2`,
             Ideogram 4's `unconditional_transformer`, or any other component of a supported class, as MiniMax-H3's
             `transformer_ref`), or a transformer.
-            On a bare transformer, steps count distinct timesteps, so `dense_steps` must be an int.
+            On a bare transformer, steps count distinct timesteps, so `dense_steps` must be an int (or `0.0`).
         config (`SparseConfig`, *optional*):
             What to install; defaults to `SparseConfig()`.
 

@@ -512,6 +512,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .api import SparseStats, sparse
     from .compare import (
         check_call_kwargs_before_loading,
+        check_config_fits,
         fill_call_defaults,
         load_pipeline_for,
         model_label,
@@ -526,6 +527,7 @@ def run_pipeline_bench(args, config) -> dict:
     check_call_kwargs_before_loading(args)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
+    check_config_fits(pipe, config)  # what `apply` refuses for this model: before the dense runs, not after
 
     def dense_run() -> tuple[float, float]:
         return timed_generation(pipe, args.prompt, args.seed, args)[1:]

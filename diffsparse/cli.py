@@ -64,9 +64,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _is_none(text: str) -> bool:
+    """`none` (any case: `None` as Python writes it too) is the CLI's spelling of a `None` setting."""
+    return text.strip().lower() == "none"
+
+
 def _correction(text: str) -> str | None:
     """`none` is the CLI's spelling of `SparseConfig.correction=None`; other names are checked by the config."""
-    return None if text.strip() == "none" else text.strip()
+    return None if _is_none(text) else text.strip()
 
 
 def _comma_list(convert, what: str):
@@ -109,7 +114,7 @@ _densities = _comma_list(_density, "block densities in (0, 1]")
 
 def _optional_density(text: str) -> float | None:
     """A block density in (0, 1], or `none`: `SparseConfig.density=None`, the pattern as written."""
-    return None if text == "none" else _density(text)
+    return None if _is_none(text) else _density(text)
 
 
 def _distinct(parse):
@@ -210,8 +215,8 @@ def _add_loading(p) -> None:
 def _add_sparse_config(p) -> None:
     """The `SparseConfig` options of the one-configuration commands (`compare`, `trace`)."""
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
-    p.add_argument("--density", type=float, default=None,
-                   help="target block density in (0, 1] (default: the pattern's own parameters)")
+    p.add_argument("--density", type=_one_optional_density, default=None,
+                   help="target block density in (0, 1], or none: the pattern's own parameters")
     p.add_argument("--dense-steps", type=_step_count, default=0.2,
                    help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
@@ -241,6 +246,14 @@ def _sparse_config(args):
         correction_refresh=args.correction_refresh,
         order=_order(args.tile),
     )
+
+
+def _one_optional_density(text: str) -> float | None:
+    """`--density` of the one-configuration commands: what `eval` takes for one of its list's items (`none` too)."""
+    try:
+        return _optional_density(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block density in (0, 1] or none, got {text!r}") from None
 
 
 def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> argparse.ArgumentParser:
@@ -362,9 +375,10 @@ def _add_masks(sub) -> None:
     _add_token_grid(p)
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
-    p.add_argument("--density", type=float, default=None, help="solve the pattern's parameter for this density")
+    p.add_argument("--density", type=_one_optional_density, default=None,
+                   help="solve the pattern's parameter for this density in (0, 1]; none: the pattern as written")
     p.add_argument("--head", type=_non_negative, default=0,
-                   help="which head to draw, for patterns that differ per head")
+                   help="which head to draw, for patterns that differ per head (0 for a mask every head shares)")
     p.add_argument("--text-tokens", type=_non_negative, default=0,
                    help="text tokens in the same sequence (joint-attention models: CogVideoX, HunyuanVideo, Mochi, "
                         "FLUX, SD3); their rows and columns stay whole")
@@ -394,9 +408,14 @@ def _run_masks(args) -> None:
     )
     order = _order(args.tile)
     pattern = get_pattern(args.pattern)
-    if args.head >= pattern.num_heads > 1:  # before solving; `render` refuses it too
+    # Before solving. `render` draws a shared mask for any head (every head's), but here `--head` exists for
+    # per-head patterns: asking a shared one for head 5 expected a per-head mask and would get head 0's, unsaid.
+    if args.head >= pattern.num_heads > 1:
         raise ValueError(f"--head {args.head}: {pattern!r} gives {pattern.num_heads} per-head masks, so --head must "
                          f"be in 0 .. {pattern.num_heads - 1}")
+    if args.head >= pattern.num_heads:
+        raise ValueError(f"--head {args.head}: {pattern!r} gives one mask, shared by every head, so --head must be 0 "
+                         "(--head chooses among a per-head pattern's masks)")
     _warm_up_torch()
     start = time.perf_counter()
     if args.density is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 
 from .kernels import BACKENDS
@@ -27,6 +27,12 @@ def _check_step_count(name: str, value) -> None:
         raise ValueError(f"SparseConfig.{name} as an int must be >= 0, got {name}={value!r}")
     if isinstance(value, float) and not (0.0 <= value < 1.0):
         raise ValueError(f"SparseConfig.{name} as a float must be a fraction in [0, 1), got {name}={value!r}")
+
+
+def _hashable(value):
+    if isinstance(value, list):
+        return tuple(value)
+    return frozenset(value) if isinstance(value, set) else value
 
 
 def parse_dense_layers(text: str) -> int | list[int]:
@@ -59,7 +65,8 @@ class SparseConfig:
     How diffsparse replaces dense self-attention. Validated at construction; `apply` never writes back into it.
     Frozen: assigning a field raises `dataclasses.FrozenInstanceError`, since the pattern is resolved and the values
     checked only at construction (an assigned field would be shown but not run, or run unchecked); make a changed
-    copy with `dataclasses.replace(config, dense_steps=0)`, which validates it anew.
+    copy with `dataclasses.replace(config, dense_steps=0)`, which validates it anew. A list given (`dense_layers`,
+    `block_size`, `order`) is copied, so changing it afterwards leaves the config as validated; a config is hashable.
 
     Args:
         pattern (`str` or `Pattern`, *optional*, defaults to `"radial"`):
@@ -84,7 +91,8 @@ class SparseConfig:
         dense_steps (`int` or `float`, *optional*, defaults to `0.2`):
             The first denoising steps that stay dense: an int counts steps, a float in [0, 1) is a fraction of
             the pipeline's `num_inference_steps` (rounded half up). Steps count from the first a call runs: with
-            image- or video-to-video `strength` < 1, of the steps it runs.
+            image- or video-to-video `strength` < 1, of the steps it runs. Where the step count is unknown (a bare
+            transformer) an int, or `0.0`: no steps of any count.
         dense_last_steps (`int` or `float`, *optional*, defaults to `0`):
             The last denoising steps that stay dense, in the same two forms.
         dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
@@ -134,6 +142,13 @@ class SparseConfig:
     _pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        # The config's own copies: a caller's list changed after construction would otherwise change a frozen,
+        # validated config (shown in its repr, refused only at use). Lists stay lists, so reprs and tables read as
+        # the user wrote them.
+        for name in ("block_size", "dense_layers", "order"):
+            value = getattr(self, name)
+            if isinstance(value, (list, set)):
+                object.__setattr__(self, name, list(value) if isinstance(value, list) else set(value))
         try:
             pattern = get_pattern(self.pattern)
         except ValueError as error:
@@ -183,6 +198,10 @@ class SparseConfig:
                 f"set correction to one of {CORRECTIONS} or leave correction_refresh=0"
             )
 
+    def __hash__(self) -> int:
+        # The generated hash fails on a list field; hashing lists as tuples keeps equal configs' hashes equal.
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in fields(self) if f.compare))
+
     @property
     def resolved_pattern(self) -> Pattern:
         """The pattern object (a name resolved to its default instance)."""
@@ -228,7 +247,8 @@ class SparseConfig:
     def is_dense_step(self, step: int, num_steps: int | None) -> bool:
         """Whether denoising step `step` (0-based) of `num_steps` stays dense (`num_steps=None`: unknown)."""
         if num_steps is None:
-            if isinstance(self.dense_steps, float) or self.dense_last_steps != 0:
+            # A fraction 0.0 is no steps whatever the count, as dense_last_steps=0.0 is.
+            if (isinstance(self.dense_steps, float) and self.dense_steps != 0) or self.dense_last_steps != 0:
                 raise ValueError(
                     "The number of denoising steps is unknown (sparse attention was applied to a bare transformer, or "
                     "to a pipeline without a scheduler, as Echo's modular blocks with their own sigmas), so "

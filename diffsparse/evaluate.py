@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .api import sparse
 from .compare import (
     check_call_kwargs_before_loading,
+    check_config_fits,
     check_two_stage,
     fill_call_defaults,
     first_output,
@@ -140,6 +141,10 @@ def run_eval(args) -> list[EvalRow]:
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
+    # What `apply` refuses for this model (a `dense_layers` block it lacks): before any video, not at the
+    # configuration's turn after the dense runs and the earlier configurations.
+    for config in configs:
+        check_config_fits(pipe, config)
     # Frames smaller than LPIPS takes: scored without it (or, with --lpips-weights, refused before generating).
     weights = lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))
     cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))

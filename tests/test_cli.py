@@ -266,6 +266,9 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
          "--causal-frames 8 with --frames 8: a causal mask needs at least two groups of frames"),
         (["masks", "--pattern", per_head, "--head", "2", "--density", "0.3"],
          "--head 2: window3d(window=((1, 2, 2), (2, 4, 4))) gives 2 per-head masks, so --head must be in 0 .. 1"),
+        # A shared mask drew head 0 for any head asked, unsaid.
+        (["masks", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16", "--head", "5"],
+         "--head 5: radial(decay=1.0, min_window=64, sink=False) gives one mask, shared by every head"),
         (["demo", "--port", "70000"], "argument --port: must be a port number in 1 .. 65535, got 70000"),
         (["compare", "--dense-steps", "abc"], f"argument --dense-steps: {step_count}'abc'"),
         (["trace", "--dense-last-steps", "nan"], f"argument --dense-last-steps: {step_count}'nan'"),
@@ -927,6 +930,31 @@ def test_list_options_name_what_they_expected(capsys):
     assert "expected comma-separated densities in (0, 1] or none, got '0.1,x'" in capsys.readouterr().err
 
 
+def test_none_and_out_of_range_values_are_read_at_parsing(capsys):
+    parse = build_parser().parse_args
+    # `None` as Python writes it was passed on as the correction's name 'None' and refused by the config.
+    assert parse(["compare", "--correction", "None"]).correction is None
+    assert parse(["eval", "--correction", "None, residual"]).correction == [None, "residual"]
+    # eval's --density took none (the pattern as written) while the one-configuration commands refused it.
+    for command in (["compare"], ["trace"], ["bench", "pipeline"], ["masks"]):
+        assert parse([*command, "--density", "none"]).density is None
+        assert parse([*command, "--density", "0.25"]).density == 0.25
+    assert parse(["eval", "--density", "None,0.2"]).density == [None, 0.2]
+    step_count = "expected a step count (a whole number >= 0) or a fraction of the steps in [0, 1), got "
+    for argv, message in (
+        (["bench", "attention", "--density", "0"], "expected comma-separated block densities in (0, 1], got '0'"),
+        (["compare", "--density", "0"], "argument --density: expected a block density in (0, 1] or none, got '0'"),
+        (["masks", "--density", "nan"], "argument --density: expected a block density in (0, 1] or none, got 'nan'"),
+        # A fraction of 1.0 is every step: an int says that (before, only the config's later message refused it).
+        (["compare", "--dense-steps", "1.0"], f"argument --dense-steps: {step_count}'1.0'"),
+        (["eval", "--dense-steps", "0,1.0"], f"argument --dense-steps: {step_count}'1.0'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, (argv, err)
+
+
 def test_pattern_lists_keep_parameters_together(capsys):
     args = build_parser().parse_args(["eval", "--pattern", "radial, searched(keep=0.3, refresh=4)"])
     assert args.pattern == ["radial", "searched(keep=0.3, refresh=4)"]
@@ -957,7 +985,7 @@ def test_bad_settings_end_with_the_message_not_a_traceback(capsys):
     assert "diffsparse masks: error: searched(" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--density", "2", "--steps", "1"])
-    assert "SparseConfig.density must be None or a number in (0, 1], got density=2" in capsys.readouterr().err
+    assert "argument --density: expected a block density in (0, 1] or none, got '2'" in capsys.readouterr().err
 
 
 def test_module_commands_run_from_the_checkout_root():

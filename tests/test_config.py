@@ -5,9 +5,12 @@ import dataclasses
 import pickle
 
 import pytest
+import torch
 
+import diffsparse
 from diffsparse import SparseConfig
-from diffsparse.patterns import FrameSink, Radial, Window3D
+from diffsparse.patterns import FrameSink, Radial, TileOrder, Window3D
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,7 @@ from diffsparse.patterns import FrameSink, Radial, Window3D
         ("dense_layers", [0, -1]),
         ("dense_layers", [0.5]),
         ("dense_layers", "0"),
+        ("dense_layers", True),  # an int to Python, but not a block count
         ("backend", "cuda-magic"),
         ("density", 0),
         ("density", 1.5),
@@ -57,6 +61,39 @@ def test_defaults_and_pattern_objects():
     pattern = Radial(decay=0.5)
     assert SparseConfig(pattern=pattern, block_size=(128, 64)).resolved_pattern is pattern
     assert SparseConfig(block_size=(128, 64)).block_sizes == (128, 64)
+
+
+def test_defaults_are_the_documented_ones():
+    # The README's field table and the docstring promise these; a changed default changes every user's runs.
+    config = SparseConfig()
+    assert {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init} == {
+        "pattern": "radial",
+        "density": None,
+        "block_size": 64,
+        "dense_steps": 0.2,
+        "dense_last_steps": 0,
+        "dense_layers": 0,
+        "order": None,
+        "backend": "auto",
+        "correction": None,
+        "correction_refresh": 0,
+    }
+    assert type(config.dense_steps) is float and type(config.dense_last_steps) is int
+
+
+def test_config_keeps_its_own_copies_of_the_lists_it_is_given():
+    # Before, a frozen config shared the caller's lists: changing one afterwards changed the validated config
+    # (shown in its repr, refused only when a generation read it), and a list field made the config unhashable.
+    layers, block_size, orders = [0], [64, 64], [None, TileOrder((1, 2, 2))]
+    config = SparseConfig(dense_layers=layers, block_size=block_size, order=orders)
+    layers.append(-1)
+    block_size[0] = 0
+    orders[1] = "tiles"
+    assert config.dense_layers == [0] and "dense_layers=[0]," in repr(config)
+    assert not config.is_dense_layer(3) and config.block_sizes == (64, 64)
+    assert config.layer_order(1) == TileOrder((1, 2, 2))
+    assert hash(config) == hash(SparseConfig(dense_layers=[0], block_size=[64, 64], order=[None, TileOrder((1, 2, 2))]))
+    assert len({SparseConfig(dense_layers=[0, 3]), SparseConfig(dense_layers=[0, 3]), SparseConfig()}) == 2
 
 
 def test_config_is_frozen_and_its_copies_are_validated_anew():
@@ -114,6 +151,20 @@ def test_unknown_step_count_refuses_fractions_and_last_steps():
         SparseConfig(dense_steps=2, dense_last_steps=1).is_dense_step(0, None)
     assert SparseConfig(dense_steps=2).is_dense_step(1, None)
     assert not SparseConfig(dense_steps=2).is_dense_step(2, None)
+
+
+@torch.no_grad()
+def test_a_zero_fraction_of_dense_steps_needs_no_step_count():
+    # 0.0 of any number of steps is none, as dense_last_steps=0.0 already was; before, a bare transformer refused it.
+    model = tiny_wan_pipeline().transformer
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(1, 16, 2, 8, 8, generator=g)
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"], generator=g)
+    config = SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0.0, dense_last_steps=0.0)
+    handle = diffsparse.apply(model, config)
+    model(video, torch.tensor([1000.0]), text, return_dict=False)
+    calls = handle.stats().calls["transformer"]
+    assert calls and all(r.step == 0 and r.sparse for r in calls)
 
 
 def test_a_density_needs_a_pattern_it_can_solve():
