@@ -149,9 +149,9 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
 
 
 def check_read_call_by_position(transformer, call: dict):
-    """The adapter's `read_call` gives the same layout, timestep and token order when `call`'s arguments come by position, in
-    `forward`'s order (omitted ones as their defaults), as by keyword: pipelines pass them by keyword, so a wrong
-    position index would only show on a user's direct call."""
+    """The adapter's `read_call` gives the same layout, timestep and token order when `call`'s arguments come by
+    position, in `forward`'s order (omitted ones as their defaults), as by keyword: pipelines pass them by keyword,
+    so a wrong position index would only show on a user's direct call."""
     import inspect
 
     from diffsparse.pipelines import adapter_for
