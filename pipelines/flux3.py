@@ -45,9 +45,13 @@ class Flux3SparseAttnProcessor(SparseProcessor, Flux3AttnProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         query, key = query.to(value.dtype), key.to(value.dtype)
         layout = self.runtime.call_layout()
-        if hidden_states.shape[1] != layout.num_tokens:
-            layout = VideoLayout(1, layout.height, layout.width)
-        out = self.runtime.attention(self.layer, query, key, value, layout=layout)
+        if hidden_states.shape[1] == layout.num_tokens:
+            # No `layout=` here: only the call's own layout carries read_call's token order, which puts references
+            # of another size in the text's span.
+            out = self.runtime.attention(self.layer, query, key, value)
+        else:  # an image mode block's call: the image alone, in the model's order
+            image = VideoLayout(1, layout.height, layout.width)
+            out = self.runtime.attention(self.layer, query, key, value, layout=image)
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 

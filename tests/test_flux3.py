@@ -124,6 +124,29 @@ def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, 
     assert [layout for _, layout, _ in calls] == [VideoLayout(1, 4, 6), layout, layout]
 
 
+@pytest.mark.parametrize("sizes", [[(2, 3)], [(4, 6), (2, 3)]])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_references_of_another_size_attend_every_token_in_a_sparse_joint_block(transformer, sizes, order):
+    # Keeping every block cannot tell the token orders apart: a sparse pattern must leave the text's and the
+    # references' rows of the joint attention dense, and drop blocks of the image's. The image mode block stays
+    # dense, so the first single block gets the dense run's inputs. (FLUX.3 has no double-stream blocks.)
+    outputs = []
+    hook = transformer.single_transformer_blocks[0].attn.register_forward_hook(
+        lambda module, args, out: outputs.append(out)
+    )
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0,
+                                     dense_layers=[0], order=order)
+    try:
+        run(transformer, reference_sizes=sizes)
+        run(transformer, config, reference_sizes=sizes)
+    finally:
+        hook.remove()
+    dense, sparse = outputs
+    whole = torch.cat([torch.arange(TEXT_LEN), torch.arange(TEXT_LEN + 24, dense.shape[1])])  # [text, image, refs]
+    torch.testing.assert_close(sparse[:, whole], dense[:, whole], atol=1e-5, rtol=0)
+    assert (sparse[:, TEXT_LEN:TEXT_LEN + 24] - dense[:, TEXT_LEN:TEXT_LEN + 24]).abs().max() > 1e-2
+
+
 def test_image_tokens_that_are_not_a_grid_are_refused(transformer):
     call = inputs()
     call["img_ids"] = call["img_ids"].flip(0)  # the same positions, not in row-major order

@@ -12,6 +12,8 @@ from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
+from diffsparse.runtime import SparseRuntime
 
 from helpers import (
     assert_two_calls_per_step_first_dense,
@@ -19,6 +21,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     recorded_attention_calls,
+    run_pipeline,
     tiny_image_vae,
 )
 
@@ -100,6 +103,25 @@ def test_an_edit_reads_the_condition_image_as_part_of_the_leading_span(transform
     }
 
 
+def test_an_edit_s_density_counts_the_text_rows_computed_densely(transformer):
+    # The read call: the image's 96 rows attend the condition image's 64 cached keys, the text's and their own on a
+    # layout of those 165; the text's 5 rows attend all 165 densely. Its density is the share of these pairs
+    # computed, the text rows' included. The skip call attends `[text, image]` on its own layout.
+    with diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        edit(transformer)
+    runtime, cpu = SparseRuntime(ONE_TOKEN, "transformer"), torch.device("cpu")
+    read = VideoLayout(1, 8, 12, text_len=64 + TEXT_LEN, text_position="start")
+    kept = runtime.plan(read, 2, cpu, queries_from=read.text_len).density
+    keys = read.num_tokens
+    assert kept < 0.9
+    read_density = (kept * 96 * keys + TEXT_LEN * keys) / ((96 + TEXT_LEN) * keys)
+    skip_density = runtime.plan(VideoLayout(1, 8, 12, text_len=TEXT_LEN, text_position="start"), 2, cpu).density
+    # The write pass, at timestep 0, is no step of the run: not in its log.
+    records = handle.stats().calls["transformer"]
+    assert [(r.layer, r.sparse) for r in records] == [(0, True), (1, True)] * 2
+    assert [r.density for r in records] == pytest.approx([read_density] * 2 + [skip_density] * 2)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "GLM-Image", layer=1)
 
@@ -141,3 +163,19 @@ def test_pipeline_with_cfg(glm_pipe, edit, order):
     # unconditional one skips the cache.
     spans = {TEXT_LEN + 16, TEXT_LEN} if edit else {TEXT_LEN}
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=n, text_position="start") for n in spans}
+
+
+def test_read_call_gives_the_scheduler_s_timestep(glm_pipe):
+    # The pipeline passes `t - 1`: the step clock matches the scheduler's `t`.
+    timesteps = []
+
+    def read(module, args, kwargs):
+        timesteps.append(float(adapter_for(module).read_call(module, args, kwargs)[1]))
+
+    hook = glm_pipe.transformer.register_forward_pre_hook(read, with_kwargs=True)
+    try:
+        run_pipeline(glm_pipe, glm_call(edit=False))
+    finally:
+        hook.remove()
+    expected = [float(t) for t in glm_pipe.scheduler.timesteps for _ in range(2)]  # CFG: cond, then uncond
+    assert timesteps == pytest.approx(expected, abs=1e-3)

@@ -5,8 +5,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
 
-from diffsparse.patterns import TileOrder
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
+from diffsparse.runtime import SparseRuntime
 
 from helpers import (
     check_against_dense,
@@ -54,6 +56,29 @@ def test_a_direct_transformer_call_the_pipelines_way(omnigen_pipe):
     # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
     inputs = first_transformer_call(omnigen_pipe, CALL)
     check_against_dense(omnigen_pipe.transformer, lambda: inputs, block_size=16)
+
+
+def test_a_call_s_density_counts_the_prompt_rows_computed_densely(omnigen_pipe):
+    # The prompt's and time token's 61 rows run the original's dense attention over all 157 keys of each row; the
+    # image's 96 rows attend their prompt's valid keys (114 for the padded prompt, 157 for the negative one) on a
+    # layout of those. A call's density is the share of all these pairs computed, the prompt rows' included.
+    inputs = first_transformer_call(omnigen_pipe, CALL)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(omnigen_pipe.transformer, config) as handle:
+        omnigen_pipe.transformer(**inputs)
+    image, length = 96, inputs["attention_mask"].shape[-1]
+    prefix, valid = length - image, inputs["attention_mask"][:, -1].sum(-1).int().tolist()  # the image rows' keys
+    assert (prefix, valid) == (61, [114, 157])
+    computed = total = 0
+    for keys in valid:
+        layout = VideoLayout(1, 8, 12, text_len=keys - image, text_position="start")
+        kept = SparseRuntime(config, "transformer").plan(layout, 2, torch.device("cpu"), queries_from=layout.text_len)
+        assert kept.density < 0.9
+        computed += kept.density * image * keys + prefix * length
+        total += image * keys + prefix * length
+    records = handle.stats().calls["transformer"]
+    assert [r.layer for r in records] == [0, 1] and all(r.sparse for r in records)
+    assert [r.density for r in records] == pytest.approx([computed / total] * 2)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(omnigen_pipe):
