@@ -13,7 +13,8 @@ import itertools
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,15 +153,23 @@ def run_eval(args) -> list[EvalRow]:
     stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
     scored = scored_frames(args)
     with_lpips = weights is not None
-    warm_ups = [None, *configs[:1]]
+    warm_ups = _warm_ups(configs)
     progress = tqdm(total=len(warm_ups) + len(cases) * (1 + len(configs)), desc="videos", unit="video")
     # Untimed warm-ups of both paths, so that the first timed video of either does not carry the process's one-off
     # costs (loading the compiled kernel, thread pools, lazy imports). Plans are not among them: each configuration
     # applies afresh and builds its own at its first case, as a user's first video does, and that case's ratio
     # includes it.
     for config in warm_ups:
-        with sparse(pipe, config) if config is not None else contextlib.nullcontext():
+        with sparse(pipe, config) if config is not None else contextlib.nullcontext() as handle:
             timed_generation(pipe, *cases[0], args, stills[cases[0]])
+            if config is not None and not any(layer.sparse_calls for layer in handle.stats(since_apply=True).layers):
+                warnings.warn(
+                    f"diffsparse: eval's sparse warm-up (pattern={config.pattern!r}, density={config.density!r}, "
+                    "every step and layer sparse) ran no call sparse on this model and size, so the first timed "
+                    "sparse video carries the one-off costs of the sparse path (loading the kernel): its "
+                    "attention_time_ratio and end_to_end_ratio are high",
+                    stacklevel=2,
+                )
         progress.update(1)
     dense = {}
     for prompt, seed in cases:
@@ -224,17 +233,63 @@ def diffsparse_warnings():
     kept.extend(dict.fromkeys(caught))
 
 
+def _warm_ups(configs: list[SparseConfig]) -> list[SparseConfig | None]:
+    """What the untimed warm-ups run: `None` (dense), then for each correction among the configurations whose
+    pattern is not dense, the first such configuration with every step and layer sparse."""
+    # Not the first configuration as given: with its dense steps covering every step (or a dense pattern) it never
+    # reached the kernel, and the first timed sparse video paid its one-off load.
+    sparse_paths = {}
+    for config in configs:
+        if config.resolved_pattern.name != "dense" and config.correction not in sparse_paths:
+            sparse_paths[config.correction] = replace(config, dense_steps=0, dense_last_steps=0, dense_layers=0)
+    return [None, *sparse_paths.values()]
+
+
+def _run_key(config: SparseConfig) -> tuple:
+    """What decides a configuration's videos, so that two spellings of one run compare equal."""
+    pattern = config.resolved_pattern
+    if pattern.name == "dense":
+        return ("dense",)  # every call runs the original processor (`SparseRuntime._mode`), whatever else is set
+    layers = config.dense_layers
+    # 2 and [0, 1] name the same blocks, 0 and [] none.
+    layers = frozenset(range(layers)) if isinstance(layers, int) else frozenset(layers)
+    if config.density is not None and pattern.density_sets is not None:
+        default = next(f.default for f in fields(pattern) if f.name == pattern.density_sets)
+        pattern = replace(pattern, **{pattern.density_sets: default})
+    return repr(pattern), config.density, config.dense_steps, layers, config.correction
+
+
+def _same_run_reason(config: SparseConfig, other: SparseConfig) -> str:
+    pattern = config.resolved_pattern
+    if pattern.name == "dense":
+        return ("a dense pattern runs every call dense whatever its density, dense_steps, dense_layers and "
+                f"correction (here density={other.density!r} and {config.density!r}): give dense once")
+    reasons = []
+    if repr(pattern) == repr(other.resolved_pattern):
+        reasons.append(f"both are {pattern!r}")
+    else:
+        given = other.resolved_pattern
+        solved = [f.name for f in fields(pattern) if getattr(pattern, f.name) != getattr(given, f.name)]
+        reasons.append(f"density={config.density!r} solves {', '.join(solved)} whatever it is given as")
+    if repr(config.dense_layers) != repr(other.dense_layers):
+        reasons.append(f"dense_layers={other.dense_layers!r} and dense_layers={config.dense_layers!r} name the same "
+                       "blocks")
+    return "; ".join(reasons) + ", under the same other settings: give each configuration once"
+
+
 def _check_distinct(configs: list[SparseConfig]) -> None:
-    """A `ValueError` for two configurations that run the same (`radial` and `radial(decay=1.0)`: one pattern
-    spelled twice), which would generate every video twice for two identical rows."""
+    """A `ValueError` for two configurations that run the same, which would generate every video twice for two
+    identical rows: one pattern spelled twice (`radial` and `radial(decay=1.0)`), a parameter its target density
+    solves anyway (`radial(decay=0.5)` and `radial` at density 0.3), one set of dense layers spelled twice (0 and
+    []), or a dense pattern under any settings (it runs every call dense)."""
     seen = {}
     for config in configs:
-        key = (repr(config.resolved_pattern), config.density, config.dense_steps, repr(config.dense_layers),
-               config.correction)
+        key = _run_key(config)
         if key in seen:
+            other = seen[key]
             raise ValueError(
-                f"pattern={config.pattern!r} and pattern={seen[key].pattern!r} are the same pattern "
-                f"({key[0]}) under the same other settings: give each configuration once"
+                f"pattern={config.pattern!r} and pattern={other.pattern!r} are the same run: "
+                f"{_same_run_reason(config, other)}"
             )
         seen[key] = config
 
@@ -256,15 +311,17 @@ def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:
 
 
 def eval_prompts(args) -> list[str]:
-    """The prompts `eval` runs: the first `args.prompts` of `args.prompt_file`'s lines (UTF-8; blank lines and lines
-    starting with `#` skipped; all of them by default) or of the fixed `PROMPTS` (2 by default)."""
+    """The prompts `eval` runs: the first `args.prompts` of `args.prompt_file`'s lines (UTF-8, a byte-order mark
+    allowed; blank lines and lines starting with `#` skipped; all of them by default) or of the fixed `PROMPTS` (2 by
+    default)."""
     source, available = "the fixed prompts", list(PROMPTS)
     prompt_file = args.prompt_file
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
             raise ValueError(f"prompt_file={str(prompt_file)!r}: no such file")
-        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        # utf-8-sig: a BOM (Windows editors write one) would otherwise glue itself to the first line, a comment.
+        lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
         source, available = f"prompt_file={str(prompt_file)!r}", [line for line in lines if line and line[0] != "#"]
         if not available:
             raise ValueError(f"{source} holds no prompt (one per line; blank lines and # comments are skipped)")

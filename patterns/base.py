@@ -224,6 +224,9 @@ class Pattern(abc.ABC):
     name: ClassVar[str] = "pattern"
     # Whether the pattern has a rule `|` and `&` can combine; a pattern whose mask comes only from `fit` has not.
     composable: ClassVar[bool] = True
+    # The parameter `at_density` sets outright, whatever value it was given (radial's `decay`; window3d instead
+    # scales the window it was given): patterns differing only there run the same at a target density.
+    density_sets: ClassVar[str | None] = None
 
     @property
     def num_heads(self) -> int:

@@ -269,6 +269,7 @@ class Radial(Pattern):
     spatial: str = "band"
 
     name = "radial"
+    density_sets = "decay"  # `_density_knob` replaces it
 
     def __post_init__(self):
         d = self.decay

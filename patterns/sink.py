@@ -61,7 +61,8 @@ class DenseQueryFrames(Pattern):
     are still in their own dense early steps (SkyReels-V2: each frame at its own noise level).
 
     Args:
-        frames (`tuple[int, ...]`): frame indices whose queries are dense.
+        frames (`tuple[int, ...]`): frame indices whose queries are dense; one at or past the layout's frame count
+            selects nothing there, so one tuple serves calls of several frame counts.
 
     Example:
         >>> from diffsparse.patterns import DenseQueryFrames, VideoLayout

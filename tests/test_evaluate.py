@@ -1,0 +1,181 @@
+"""`diffsparse eval` (`diffsparse.evaluate`): its warm-ups, the configurations it refuses as one run spelled twice,
+its prompts, and what each row's columns are computed over."""
+
+import argparse
+import csv
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import diffsparse
+from diffsparse import evaluate, runtime
+from diffsparse.cli import main
+from diffsparse.config import SparseConfig
+
+# Tiny videos of the testbed: 3 frames of 4 x 4 tokens, one step; a frame per block, each keeping its own frame only.
+TINY = ["--steps", "1", "--frames", "3", "--height", "16", "--width", "16", "--block-size", "16"]
+WINDOW = "window3d(window=(1, 3, 3))"
+
+
+def _sparse_applied(pipe) -> bool:
+    from diffsparse.pipelines.wan import WanSparseAttnProcessor
+
+    return isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
+
+
+def _rows(folder):
+    with open(folder / "eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_warm_ups_reach_the_kernel_when_the_first_configuration_runs_nothing_sparse(tmp_path, monkeypatch):
+    # Before, the sparse warm-up was the first configuration as given: with its dense steps covering every step no
+    # kernel ran in it, and the first timed sparse video paid the process's one-off kernel load (180 ms against
+    # 10-20 ms of warmed attention on a GPU). Counted here, not timed: which video first calls the kernel.
+    events = []
+    kernel, generate = runtime.block_sparse_attention, evaluate.timed_generation
+    monkeypatch.setattr(runtime, "block_sparse_attention", lambda *a, **kw: events.append("kernel") or kernel(*a, **kw))
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: events.append("video") or generate(*a, **kw))
+    args = ["eval", *TINY, "--pattern", WINDOW, "--density", "none", "--dense-steps", "1,0", "--prompts", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    videos_before_kernel = events[: events.index("kernel")].count("video")
+    assert videos_before_kernel == 2  # the dense warm-up, then the sparse one, which called it
+    assert events.count("video") == 2 + 1 * (1 + 2)  # two warm-ups, one dense video, one per configuration
+    all_dense, sparse_run = _rows(tmp_path)
+    # pattern_ran is "-" (empty in the csv) where no call ran sparse, the pattern that ran otherwise.
+    assert (all_dense["pattern_ran"], sparse_run["pattern_ran"]) == ("", WINDOW)
+
+
+def test_warm_ups_are_dense_then_each_correction_path_with_every_step_and_layer_sparse():
+    configs = [
+        SparseConfig(pattern="dense", dense_steps=0),
+        SparseConfig(pattern="radial", dense_steps=0.5, dense_last_steps=1, dense_layers=[0, 1]),
+        SparseConfig(pattern="window3d", dense_steps=3),
+        SparseConfig(pattern="window3d", dense_steps=1, correction="residual"),
+    ]
+    dense, plain, corrected = evaluate._warm_ups(configs)
+    assert dense is None
+    assert plain == SparseConfig(pattern="radial", dense_steps=0, dense_last_steps=0, dense_layers=0)
+    assert corrected == SparseConfig(pattern="window3d", dense_steps=0, correction="residual")
+    assert evaluate._warm_ups(configs[:1]) == [None]  # a dense pattern alone never reaches the kernel: no sparse one
+
+
+def test_measured_density_covers_every_case(tmp_path, monkeypatch):
+    # The second prompt's videos have 2 frames, the first's 3: the window's density differs between them (1/2, 1/3),
+    # and the row must be the mean over the calls of both, not the last video's alone.
+    from diffsparse.evaluate import PROMPTS
+
+    generate, per_video = evaluate.timed_generation, []
+
+    def two_sizes(pipe, prompt, seed, args, first_frame=None):
+        if prompt == PROMPTS[1]:
+            args = argparse.Namespace(**{**vars(args), "frames": 2})
+        out = generate(pipe, prompt, seed, args, first_frame)
+        if _sparse_applied(pipe):
+            per_video.append(diffsparse.stats(pipe).layers)
+        return out
+
+    monkeypatch.setattr(evaluate, "timed_generation", two_sizes)
+    args = ["eval", *TINY, "--pattern", WINDOW, "--density", "none", "--dense-steps", "0",
+            "--prompts", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    timed = per_video[-2:]  # after the sparse warm-up: the row's two videos
+    calls = sum(s.dense_calls + s.sparse_calls for layers in timed for s in layers)
+    work = sum(s.dense_calls + s.sparse_calls * (s.mean_density or 0.0) for layers in timed for s in layers)
+    last = [sum(s.sparse_calls * s.mean_density for s in timed[1]) / sum(s.sparse_calls for s in timed[1])]
+    assert float(row["measured_density"]) == pytest.approx(work / calls)
+    assert float(row["measured_density"]) != pytest.approx(last[0])
+
+
+def test_two_stage_scores_leave_out_the_shared_still(tmp_path, monkeypatch):
+    # Frame 0 is the still every run starts from: here it differs (0 dB) and every other frame is 0.01 off dense
+    # (40 dB). Only frames 1 on may be scored.
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        sparse = _sparse_applied(pipe)
+        frames = np.full((3, 4, 4, 3), 0.5 + 0.01 * sparse)
+        frames[0] = float(sparse)
+        return frames, 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    monkeypatch.setattr(evaluate, "shared_still", lambda *args: None)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--two-stage"]
+    # No video was generated, so the sparse warm-up ran no call sparse: said, since its timings would be off.
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call sparse"):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert float(row["psnr_db"]) == pytest.approx(40.0, abs=1e-9)
+
+
+def test_the_attention_timer_adds_every_call():
+    from diffusers.hooks import HookRegistry
+
+    clock = iter([1.0, 1.5, 10.0, 10.25, 20.0, 21.0])
+    total = [0.0]
+    module = torch.nn.Identity()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(evaluate._AttentionTimer(total), "timer")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+        patch.setattr(evaluate, "synchronize_accelerators", lambda: None)
+        for _ in range(3):
+            module(torch.zeros(1))
+    assert total == [1.75]
+
+
+@pytest.mark.parametrize(
+    ("patterns", "densities", "dense_layers", "message"),
+    [
+        (["radial(decay=0.5)", "radial"], [0.3], [0], "density=0.3 solves decay whatever it is given as"),
+        (["dense"], [None, 0.1, 0.2], [0], "a dense pattern runs every call dense whatever its density"),
+        (["radial"], [0.3], [0, []], "dense_layers=0 and dense_layers=[] name the same blocks"),
+        (["radial"], [None], [2, [1, 0]], "dense_layers=2 and dense_layers=[1, 0] name the same blocks"),
+    ],
+)
+def test_configurations_that_run_the_same_are_refused(patterns, densities, dense_layers, message):
+    # Before, each was accepted: every video generated twice (or three times) for identical rows.
+    configs = [SparseConfig(pattern=p, density=d, dense_steps=0, dense_layers=layers)
+               for p in patterns for d in densities for layers in dense_layers]
+    spelling = r"pattern='\w+(\(decay=0.5\))?'"
+    with pytest.raises(ValueError, match=f"{spelling} and {spelling} are the same run") as info:
+        evaluate._check_distinct(configs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "densities", "dense_layers"),
+    [
+        (["radial(decay=0.5)", "radial"], [None], [0]),  # as written, the decays differ
+        (["radial(min_window=16)", "radial"], [0.3], [0]),  # the density solves decay, not min_window
+        # Window3D's density scales the window given: two shapes solve to different windows.
+        (["window3d(window=(1, 8, 8))", "window3d(window=(3, 3, 3))"], [0.3], [0]),
+        (["spatial_temporal(frames=2)", "spatial_temporal"], [0.3], [0]),
+        (["radial", "dense"], [0.3], [0]),
+        (["radial"], [0.3], [2, [0, 2]]),
+    ],
+)
+def test_configurations_that_run_differently_are_kept(patterns, densities, dense_layers):
+    evaluate._check_distinct([SparseConfig(pattern=p, density=d, dense_layers=layers)
+                              for p in patterns for d in densities for layers in dense_layers])
+
+
+def test_prompts_default_to_two_fixed_ones_and_a_file_s_byte_order_mark_is_not_a_prompt(tmp_path):
+    assert evaluate.eval_prompts(SimpleNamespace(prompt_file=None, prompts=None)) == list(evaluate.PROMPTS[:2])
+    # Saved as "UTF-8 with BOM": before, the BOM glued to the first line hid its "#" and the comment ran as a prompt.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xef\xbb\xbf# my prompts\na cat\n")
+    assert evaluate.eval_prompts(SimpleNamespace(prompt_file=str(prompts), prompts=None)) == ["a cat"]
+
+
+def test_each_configuration_keeps_a_warning_text_once():
+    from diffsparse.bench import _warn_if_off_target
+
+    with evaluate.diffsparse_warnings() as kept:
+        warnings.simplefilter("always")  # shown each time, as under `-W always`
+        for _ in range(2):
+            _warn_if_off_target("bench density", 0.1, 0.9, "radial", "the mask", "this row runs")
+    assert kept == [("diffsparse: bench density: --density 0.1 is out of reach of radial: the mask has density "
+                     "0.900, so this row runs denser than asked")]
