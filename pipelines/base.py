@@ -173,6 +173,11 @@ class SparseProcessor:
         if groups is None:
             return self.runtime.attention(self.layer, query, key, value, video_queries=True,
                                           outside_pairs=outside_pairs)
+        batch = query.shape[0]
+        # A mask of one row applies to every video, as attention broadcasts it (as in `attend_kept_tokens`): else
+        # the other videos would keep `empty_like`'s garbage.
+        if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
+            groups = [(torch.arange(batch, device=query.device), groups[0][1])]
         layout = self.runtime.call_layout()
         out, parts = torch.empty_like(query), []
         for videos, kept in groups:

@@ -44,12 +44,14 @@ def transformer(uncompiled_block_mask):
     return make_transformer()
 
 
-def generate(model, config=None):
-    """The reference pass, then one denoising call; its prediction."""
+def generate(model, config=None, generation_frames=None):
+    """The reference pass, then one denoising call (on `generation_frames` latent frames, default the full video's
+    `ORIGIN_LEN // 4 + 2`); its prediction."""
     g = torch.Generator().manual_seed(1)
     frames = ORIGIN_LEN // 4 + 1
+    generation_frames = generation_frames or frames + 1
     reference, reference_condition = (torch.randn(4, frames, 8, 12, generator=g) for _ in range(2))
-    latents, condition = (torch.randn(4, frames + 1, 8, 12, generator=g) for _ in range(2))
+    latents, condition = (torch.randn(4, generation_frames, 8, 12, generator=g) for _ in range(2))
     text = [torch.randn(5, 8, generator=g)]
     reference_grid = torch.tensor([[frames, 4, 6]])
 
@@ -59,8 +61,9 @@ def generate(model, config=None):
               condition_latents=[reference_condition], kv_cache=cache, kv_cache_mode="extract",
               seq_len=frames * 24, offset_grid_sizes=reference_grid)
         return model(hidden_states=[latents], timestep=torch.tensor([700.0]), encoder_hidden_states=text,
-                     condition_latents=[condition], kv_cache=cache, kv_cache_mode="cached", seq_len=(frames + 1) * 24,
-                     reference_grid_sizes=reference_grid, origin_len=ORIGIN_LEN, origin_area=ORIGIN_AREA).sample[0]
+                     condition_latents=[condition], kv_cache=cache, kv_cache_mode="cached",
+                     seq_len=generation_frames * 24, reference_grid_sizes=reference_grid, origin_len=ORIGIN_LEN,
+                     origin_area=ORIGIN_AREA).sample[0]
 
     with torch.no_grad():
         if config is None:
@@ -91,6 +94,17 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
     frame, frames = 24, GRID[0]
     dense_reference_pairs = (frames - 1) * frame * frame
     assert all(dense_reference_pairs / (frames * frame) ** 2 < r.density < 1 for r in records[2:])
+
+
+def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer):
+    # The block mask is built for the full video; a shorter segment leaves padded (zero) generation keys in it that
+    # the original attends and the sparse path would not.
+    reference = generate(transformer, generation_frames=GRID[0] - 1)
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        out = generate(transformer, generation_frames=GRID[0] - 1)
+        layers = handle.stats().layers
+    assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
