@@ -173,6 +173,19 @@ def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return grid
 
 
+def _repeated_runs(grid: torch.Tensor) -> dict[int, int]:
+    """For each run of equal timesteps in `grid`, its first position -> its last (an order-2 sampler's `t1, t1`, a
+    schedule whose sigmas round to one timestep twice)."""
+    values, runs = grid.tolist(), {}
+    first = 0
+    for position in range(1, len(values) + 1):
+        if position == len(values) or values[position] != values[first]:
+            if position - 1 > first:
+                runs[first] = position - 1
+            first = position
+    return runs
+
+
 def _has_run_schedule(scheduler) -> bool:
     """Whether `scheduler.timesteps` are a run's: a diffusers scheduler's `set_timesteps` sets `num_inference_steps`,
     which before it is `None` (DDIM, DPM-Solver, UniPC, Euler) or unset (the flow-matching Eulers), its timesteps
@@ -193,7 +206,8 @@ class StepClock:
     steps, not its timesteps; a terminal timestep at sigma 0 that the loop never runs (LTX's Euler ancestral RF
     sampler given sigmas) is not a step. A timestep the pipeline cast to the latents' half-precision dtype (most
     do) is matched within that dtype's rounding, through the pipeline's own full-precision `_current_timestep`
-    where the rounding could make it another step's.
+    where the rounding could make it another step's. Where the timesteps list one value at consecutive positions
+    (DPM-Solver's exponential sigmas end in two 0s), the scheduler's own `step_index` tells them apart.
     `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
     from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
     (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps
@@ -240,6 +254,19 @@ class StepClock:
         timestep (Heun: `t0, t1, t1, t2, t2, ...`; KDPM2 an interpolated one), so `t1`'s calls count as step 1."""
         return (position + self._order - 1) // self._order
 
+    def _repeated_position(self, scheduler, position: int) -> int:
+        """Which of the grid's equal timesteps from `position` on a call is at: the scheduler's count of its `step`
+        calls (`step_index`, or before the first its `begin_index`), where that points at one of them, else the
+        first (a scheduler without that count, or a pipeline stepping copies of it: SkyReels-V2's diffusion
+        forcing). The timestep alone cannot tell them apart: taking the first merged DPM-Solver's last two steps
+        (its exponential sigmas end in two 0s), so `dense_last_steps` missed the last."""
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+        if isinstance(index, int) and position <= index <= self._repeats[position]:
+            return index
+        return position
+
     def _current_scheduler(self):
         """The pipeline's scheduler now, or the one given when there is no pipeline (or it is gone)."""
         pipeline = None if self._pipeline is None else self._pipeline()
@@ -266,6 +293,7 @@ class StepClock:
                 self._order = max(int(getattr(scheduler, "order", 1) or 1), 1)
                 self._off_grid = set()
                 self._run_start = None
+                self._repeats = _repeated_runs(self._grid)
                 gaps = (self._grid[1:] - self._grid[:-1]).abs()
                 gaps = gaps[gaps > 0]
                 # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
@@ -282,6 +310,8 @@ class StepClock:
                     t = float(precise)
             position = int(torch.argmin((self._grid - t).abs()))
             on_grid = abs(float(self._grid[position]) - t) <= tolerance
+            if on_grid and position in self._repeats:
+                position = self._repeated_position(scheduler, position)
             step = self._step_at(position)
             if on_grid:
                 # The highest noise level of the run so far: its first denoising step (a pass outside the steps,
@@ -378,7 +408,8 @@ class SparseRuntime:
         self.totals: dict[int, list] = {}
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
-        # and reused for the remaining steps. Keyed by (layer, layout, batch size, frames per causal group).
+        # and reused for the remaining steps (until steps start over: `begin_call`). Keyed by (layer, layout, batch
+        # size, frames per causal group).
         self._layer_patterns: dict[tuple[int, VideoLayout, int, int], tuple[Pattern, ...]] = {}
         self._fitted_at: dict[tuple[int, VideoLayout, int, int], int] = {}  # the step each slot was fitted at
         self._fits = self.pattern.data_dependent
@@ -390,6 +421,7 @@ class SparseRuntime:
         # Per (layer, CFG branch, layout): videos of one call attended on different layouts (prompts with different
         # valid lengths, HunyuanVideo and Mochi) each keep their own.
         self._statistics: dict[tuple[int, str, VideoLayout], _Statistics] = {}
+        self._last_step: int | None = None  # of the run's last call with a layout (`begin_call`)
         self._observers: list = []
         # Per (layout, frames per causal group): `FrameCausal(frames).whole_blocks` (None where the kernel's blocks
         # cannot carry the mask), and the groups' token ranges (`_frame_groups`).
@@ -441,6 +473,15 @@ class SparseRuntime:
                 f"token_order must hold one layout index per token of {layout} ({layout.num_tokens}), got shape "
                 f"{tuple(token_order.shape)}"
             )
+        if layout is not None:
+            if step == 0 < (self._last_step or 0):
+                # Steps starting over within a run are a new denoising pass over other content (a SkyReels-V2 long
+                # video's chunks, which step copies of a scheduler set once): the fits and statistics of the last
+                # pass are not this one's, and their steps, later than this one's, would hold off every refresh.
+                # Only a return to step 0: a pass outside the steps (a KV cache written at timestep 0, read as a
+                # late step) followed by the step it serves must not drop them at every step.
+                self._forget_fits()
+            self._last_step = step
         state = self._state()
         state.layout, state.step, state.num_steps = layout, step, num_steps
         state.frame_causal = 0
@@ -493,6 +534,11 @@ class SparseRuntime:
     def new_run(self) -> None:
         """A new denoising run started: forget the last run's log and fits (plans stay: they depend on shapes only)."""
         self.records.clear()
+        self._forget_fits()
+        self._last_step = None
+
+    def _forget_fits(self) -> None:
+        """Drop what the last denoising pass learnt of its content (plans stay: they depend on shapes only)."""
         self._layer_patterns.clear()
         self._fitted_at.clear()
         self._statistics.clear()

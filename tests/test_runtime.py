@@ -504,6 +504,78 @@ def test_correction_measures_where_no_statistics_exist_and_refreshes():
     assert runtime.records[-1].measured  # so does a new shape
 
 
+def test_statistics_of_another_batch_size_are_measured_again():
+    # The statistics are kept per (layer, branch, layout): a call of that key with another batch (one prompt after
+    # two) cannot take them, whose rho and residual would broadcast its output to the measured batch's size.
+    layout = VideoLayout(3, 4, 4)
+    config = SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1, correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 2, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(1)).unbind(0)
+    _run_call(runtime, 0, layout, 0, 4, q, k, v)
+    alone = [x[:1] for x in (q, k, v)]
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in alone)).transpose(1, 2)
+    torch.testing.assert_close(_run_call(runtime, 0, layout, 1, 4, *alone), dense, atol=1e-5, rtol=1e-5)
+    assert _run_call(runtime, 0, layout, 2, 4, *alone).shape == alone[0].shape
+    assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
+        (0, False, True), (1, False, True), (2, True, False)
+    ]
+
+
+@pytest.mark.parametrize("config", [
+    SparseConfig(pattern="searched(refresh=2)", density=0.5, block_size=16, dense_steps=0),
+    SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0),
+    SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0, correction="residual",
+                 correction_refresh=2),
+    SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0, correction="residual"),
+], ids=["search every 2 steps", "search once", "measure every 2 steps", "measure once"])
+def test_steps_starting_over_within_a_run_search_and_measure_anew(config):
+    # A SkyReels-V2 long video steps each chunk on copies of one scheduler run: the steps start over at 0 on new
+    # content, with no new run. Before, a chunk of the last one's layout took its fits and statistics, made at
+    # later steps, so no refresh came (`step - fitted_at` < 0) and every call ran on the other content's blocks.
+    # Now the chunk is computed as if alone.
+    layout = VideoLayout(4, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    chunks = [[torch.randn(3, 1, layout.num_tokens, 2, 8, generator=g).unbind(0) for _ in range(4)] for _ in range(2)]
+
+    def run(runtime, chunk):
+        outputs = []
+        for step, inputs in enumerate(chunk):
+            runtime.begin_call(layout, step, 4)
+            assert runtime.route(0)
+            outputs.append(runtime.attention(0, *inputs))
+            runtime.end_call()
+        return outputs
+
+    runtime, alone = SparseRuntime(config, "transformer"), SparseRuntime(config, "transformer")
+    for each in (runtime, alone):
+        each.state_manager.set_context(CacheContext("cond"))
+    run(runtime, chunks[0])
+    second = run(runtime, chunks[1])
+    for got, expected in zip(second, run(alone, chunks[1])):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    if config.correction is not None:
+        measured = [r.step for r in runtime.records if r.measured]
+        assert measured == 2 * ([0, 2] if config.correction_refresh else [0])
+
+
+def test_a_pass_at_a_late_step_before_each_step_keeps_the_fits():
+    # A pass outside the steps (a KV cache written at timestep 0, which the clock reads as the last step) before the
+    # step it serves is no new denoising pass: dropping the fits there would search again at every step.
+    layout = VideoLayout(4, 4, 4)
+    runtime = SparseRuntime(SparseConfig(pattern="searched", density=0.5, block_size=16, dense_steps=0), "t")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    fitted = []
+    for step in range(3):
+        for at in (3, step):  # the side pass, then the step
+            runtime.begin_call(layout, at, 4)
+            runtime.attention(0, q, k, v)
+            runtime.end_call()
+        fitted.append(dict(runtime._fitted_at))
+    assert fitted[0] == fitted[1] == fitted[2] and len(fitted[0]) == 1
+
+
 def test_dense_plan_keeps_every_block():
     runtime = SparseRuntime(SparseConfig(block_size=16), "transformer")
     sparse = make_plan(torch.eye(3, dtype=torch.bool)[None, None], 40, 40, 16)

@@ -416,6 +416,33 @@ def test_long_video_chunks_each_restart_the_steps_in_one_call_log(ar_step):
     assert not any(wholly_dense[first_chunk_rows:])
 
 
+def test_each_chunk_of_a_long_video_searches_and_measures_anew(monkeypatch):
+    # The chunks share one scheduler run, each starting over at step 0 on new frames. Before, the second chunk (of
+    # the first one's layout) took the first one's searched blocks and statistics, made at later steps, so no
+    # refresh came: it never searched, and measured at its dense step 0 on the first chunk's blocks only.
+    pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)
+    num_steps = 6
+    call = {**CALL, "num_frames": 33, "base_num_frames": 17, "overlap_history": 5, "num_inference_steps": num_steps,
+            "ar_step": 0, "causal_block_size": 1}
+    config = diffsparse.SparseConfig(pattern="searched(refresh=2)", density=0.5, block_size=16, dense_steps=1,
+                                     correction="residual")
+    handle = diffsparse.apply(pipe, config)
+    runtime = handle.runtimes["transformer"]
+    searches = []
+    fit = Searched.fit
+    monkeypatch.setattr(Searched, "fit", lambda self, q, k, v, layout, *args, **kwargs: searches.append(
+        (runtime._state().step, layout.frames)) or fit(self, q, k, v, layout, *args, **kwargs))
+    with torch.no_grad():
+        pipe(**call)
+    # 5, 5 and 3 latent frames (the last two of each chunk the history); every step is logged at the noisiest
+    # frame's (with a correction, the call's step decides), so each chunk searches and measures at steps 0, 2, 4.
+    chunks = [5, 5, 3]
+    layers = pipe.transformer.config.num_layers
+    assert searches == [(step, frames) for frames in chunks for step in (0, 2, 4) for _ in range(layers)]
+    measured = [(r.step, r.branch) for r in layer_0(handle.stats()) if r.measured]
+    assert measured == [(step, branch) for _ in chunks for step in (0, 2, 4) for branch in BRANCHES]
+
+
 def test_compare_runs_asynchronous_diffusion_forcing_through_call_kwargs(tmp_path):
     # `diffsparse compare --call-kwargs '{"ar_step": 1, "causal_block_size": 2}'`: the masked calls run sparse.
     from diffsparse.cli import build_parser

@@ -117,3 +117,35 @@ def test_the_condition_pass_before_the_timesteps_says_nothing_under_the_default_
         assert not [w for w in caught if "diffsparse" in str(w.message)]
     finally:
         diffsparse.remove(glm_pipe)
+
+
+def _exponential_dpm():
+    return DPMSolverMultistepScheduler(use_exponential_sigmas=True)
+
+
+def _wan_flow_unipc():
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=17.0)
+
+
+@pytest.mark.parametrize(("make", "num_steps", "repeated"), [
+    (_exponential_dpm, 30, [(28, 29)]),  # ends in two 0s
+    (_wan_flow_unipc, 100, [(0, 1), (2, 3), (5, 6)]),  # starts 999, 999, 998, 998, 997, 996, 996
+], ids=["DPM-Solver exponential sigmas", "Wan flow UniPC, shift 17"])
+def test_a_timestep_listed_twice_is_two_steps(make, num_steps, repeated):
+    # Before, a call was at the first position of its timestep: the two steps at one timestep were one, so the last
+    # step of the DPM-Solver run was step 28 again and ran sparse under dense_last_steps=1, and Wan's first two
+    # steps were both step 0, one more step dense under dense_steps=1. The scheduler's own step count tells them
+    # apart; a pipeline's loop: both CFG branches' calls, then `scheduler.step`.
+    scheduler = make()
+    scheduler.set_timesteps(num_steps)
+    scheduler.set_begin_index(0)  # as Wan's pipelines do (without it these schedulers fail at the last step)
+    timesteps = scheduler.timesteps
+    assert [(i, i + 1) for i in range(num_steps - 1) if timesteps[i] == timesteps[i + 1]][:len(repeated)] == repeated
+    clock, sample, ticks = StepClock(scheduler), torch.zeros(1, 4), []
+    for t in timesteps:
+        ticks += [clock.tick(t[None])[:2] for _branch in ("cond", "uncond")]
+        sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
+    assert ticks == [(step, num_steps) for step in range(num_steps) for _branch in ("cond", "uncond")]
+    config = diffsparse.SparseConfig(dense_steps=1, dense_last_steps=1)
+    assert [config.is_dense_step(step, n) for step, n in ticks[::2]] == [True] + [False] * (num_steps - 2) + [True]
+
