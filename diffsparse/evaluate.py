@@ -138,7 +138,7 @@ def run_eval(args) -> list[EvalRow]:
             args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
         )
     ]
-    _check_distinct(configs)
+    configs = _distinct_runs(configs)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
@@ -162,12 +162,15 @@ def run_eval(args) -> list[EvalRow]:
     for config in warm_ups:
         with sparse(pipe, config) if config is not None else contextlib.nullcontext() as handle:
             timed_generation(pipe, *cases[0], args, stills[cases[0]])
-            if config is not None and not any(layer.sparse_calls for layer in handle.stats(since_apply=True).layers):
+            # A correction's measuring call runs the kernel too (every block kept): that loads it as well.
+            if config is not None and not any(
+                r.sparse or r.measured for records in handle.stats().calls.values() for r in records
+            ):
                 warnings.warn(
                     f"diffsparse: eval's sparse warm-up (pattern={config.pattern!r}, density={config.density!r}, "
-                    "every step and layer sparse) ran no call sparse on this model and size, so the first timed "
-                    "sparse video carries the one-off costs of the sparse path (loading the kernel): its "
-                    "attention_time_ratio and end_to_end_ratio are high",
+                    "every step and layer sparse) ran no call through the sparse kernel on this model and size, so "
+                    "the first timed sparse video carries the one-off costs of the sparse path (loading the kernel): "
+                    "its attention_time_ratio and end_to_end_ratio are high",
                     stacklevel=2,
                 )
         progress.update(1)
@@ -260,38 +263,54 @@ def _run_key(config: SparseConfig) -> tuple:
 
 
 def _same_run_reason(config: SparseConfig, other: SparseConfig) -> str:
-    pattern = config.resolved_pattern
-    if pattern.name == "dense":
-        return ("a dense pattern runs every call dense whatever its density, dense_steps, dense_layers and "
-                f"correction (here density={other.density!r} and {config.density!r}): give dense once")
+    """Why `config` runs as `other` does (their `_run_key`s are equal)."""
+    if config.resolved_pattern.name == "dense":
+        return "a dense pattern runs every call dense, whatever its density, dense steps, dense layers and correction"
     reasons = []
-    if repr(pattern) == repr(other.resolved_pattern):
-        reasons.append(f"both are {pattern!r}")
-    else:
-        given = other.resolved_pattern
+    pattern, given = config.resolved_pattern, other.resolved_pattern
+    if repr(pattern) != repr(given):
         solved = [f.name for f in fields(pattern) if getattr(pattern, f.name) != getattr(given, f.name)]
         reasons.append(f"density={config.density!r} solves {', '.join(solved)} whatever it is given as")
     if repr(config.dense_layers) != repr(other.dense_layers):
         reasons.append(f"dense_layers={other.dense_layers!r} and dense_layers={config.dense_layers!r} name the same "
                        "blocks")
-    return "; ".join(reasons) + ", under the same other settings: give each configuration once"
+    return "; ".join(reasons)
 
 
-def _check_distinct(configs: list[SparseConfig]) -> None:
-    """A `ValueError` for two configurations that run the same, which would generate every video twice for two
-    identical rows: one pattern spelled twice (`radial` and `radial(decay=1.0)`), a parameter its target density
-    solves anyway (`radial(decay=0.5)` and `radial` at density 0.3), one set of dense layers spelled twice (0 and
-    []), or a dense pattern under any settings (it runs every call dense)."""
-    seen = {}
+def _distinct_runs(configs: list[SparseConfig]) -> list[SparseConfig]:
+    """`configs` with each run once. One pattern spelled twice under the same settings (`radial` and
+    `radial(decay=1.0)`) is a `ValueError`: the lists themselves repeat a value. A configuration that the grid's
+    product makes run as an earlier one (`dense` under each density and dense-step count; `radial(decay=0.5)` and
+    `radial` at one density, which solves `decay`; dense layers `0` and `[]`) is left out with a warning naming the
+    row that stands for it: refusing it left a dense control row beside a density sweep impossible to ask for,
+    running it generated every video again for an identical row."""
+    literal, runs, kept = {}, {}, []
     for config in configs:
-        key = _run_key(config)
-        if key in seen:
-            other = seen[key]
+        spelled = (repr(config.resolved_pattern), config.density, config.dense_steps, repr(config.dense_layers),
+                   config.correction)
+        if spelled in literal:
             raise ValueError(
-                f"pattern={config.pattern!r} and pattern={other.pattern!r} are the same run: "
-                f"{_same_run_reason(config, other)}"
+                f"pattern={config.pattern!r} and pattern={literal[spelled].pattern!r} are the same pattern "
+                f"({spelled[0]}) under the same other settings: give each configuration once"
             )
-        seen[key] = config
+        literal[spelled] = config
+        key = _run_key(config)
+        if key in runs:
+            other = runs[key]
+            warnings.warn(
+                f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} ({_same_run_reason(config, other)}):"
+                " measured once, in that row",
+                stacklevel=2,
+            )
+            continue
+        runs[key] = config
+        kept.append(config)
+    return kept
+
+
+def _settings(config: SparseConfig) -> str:
+    return (f"pattern={config.pattern!r}, density={config.density!r}, dense_steps={config.dense_steps!r}, "
+            f"dense_layers={config.dense_layers!r}, correction={config.correction!r}")
 
 
 def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:

@@ -304,6 +304,8 @@ class TestbedPipeline(DiffusionPipeline):
             if text is not None and not isinstance(text, str) and not _is_prompt_list(text):
                 raise ValueError(f"{name} must be a str or a list of str, got {name}={text!r}")
         # nan compared False with 1.0 and ran without CFG, as if no guidance had been asked for.
+        if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() == 1:
+            guidance_scale = guidance_scale.item()  # as diffusers' pipelines take a one-element tensor
         if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
                 or not math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite real number (1 or less: no CFG), got "

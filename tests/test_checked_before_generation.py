@@ -4,7 +4,7 @@ import functools
 
 import pytest
 
-from diffsparse import compare
+from diffsparse import compare, evaluate
 from diffsparse.cli import main
 
 
@@ -29,7 +29,10 @@ def test_a_block_the_model_lacks_is_refused_before_any_generation(argv, tmp_path
         monkeypatch.setattr(type(pipe), "__call__", generate)
         return pipe
 
-    monkeypatch.setattr(compare, "load_pipeline_for", load_without_generating)
+    # eval holds its own reference (imported at the top of evaluate.py; imported here first, so it is the real
+    # loader's and a patch of compare's alone neither reaches eval nor stays behind in it).
+    for module in (compare, evaluate):
+        monkeypatch.setattr(module, "load_pipeline_for", load_without_generating)
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--steps", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_two_stage_scores_leave_out_the_shared_still(tmp_path, monkeypatch):
     args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
             "--two-stage"]
     # No video was generated, so the sparse warm-up ran no call sparse: said, since its timings would be off.
-    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call sparse"):
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"):
         assert main([*args, "--out", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path)
     assert float(row["psnr_db"]) == pytest.approx(40.0, abs=1e-9)
@@ -127,22 +127,30 @@ def test_the_attention_timer_adds_every_call():
 
 
 @pytest.mark.parametrize(
-    ("patterns", "densities", "dense_layers", "message"),
+    ("patterns", "densities", "dense_layers", "kept", "message"),
     [
-        (["radial(decay=0.5)", "radial"], [0.3], [0], "density=0.3 solves decay whatever it is given as"),
-        (["dense"], [None, 0.1, 0.2], [0], "a dense pattern runs every call dense whatever its density"),
-        (["radial"], [0.3], [0, []], "dense_layers=0 and dense_layers=[] name the same blocks"),
-        (["radial"], [None], [2, [1, 0]], "dense_layers=2 and dense_layers=[1, 0] name the same blocks"),
+        (["radial(decay=0.5)", "radial"], [0.3], [0], 1, "density=0.3 solves decay whatever it is given as"),
+        (["dense"], [None, 0.1, 0.2], [0], 1, "a dense pattern runs every call dense"),
+        # A dense control row beside a density sweep (refused outright for a while: "give dense once" could not be
+        # done without collapsing the other lists).
+        (["dense", "radial"], [0.1, 0.2], [0], 3, "a dense pattern runs every call dense"),
+        (["radial"], [0.3], [0, []], 1, "dense_layers=0 and dense_layers=[] name the same blocks"),
+        (["radial"], [None], [2, [1, 0]], 1, "dense_layers=2 and dense_layers=[1, 0] name the same blocks"),
     ],
 )
-def test_configurations_that_run_the_same_are_refused(patterns, densities, dense_layers, message):
-    # Before, each was accepted: every video generated twice (or three times) for identical rows.
+def test_configurations_that_run_the_same_are_measured_once(patterns, densities, dense_layers, kept, message):
+    # Before, each was run again: every video generated twice (or three times) for identical rows.
     configs = [SparseConfig(pattern=p, density=d, dense_steps=0, dense_layers=layers)
                for p in patterns for d in densities for layers in dense_layers]
-    spelling = r"pattern='\w+(\(decay=0.5\))?'"
-    with pytest.raises(ValueError, match=f"{spelling} and {spelling} are the same run") as info:
-        evaluate._check_distinct(configs)
-    assert message in str(info.value)
+    with pytest.warns(UserWarning, match="diffsparse: eval: pattern=") as caught:
+        distinct = evaluate._distinct_runs(configs)
+    assert len(distinct) == kept and distinct == [c for c in configs if c in distinct]  # the first of each run
+    assert all(message in str(w.message) for w in caught) and len(caught) == len(configs) - kept
+
+
+def test_one_pattern_spelled_twice_is_refused():
+    with pytest.raises(ValueError, match=r"pattern='radial\(decay=1.0\)' and pattern='radial' are the same pattern"):
+        evaluate._distinct_runs([SparseConfig(pattern="radial"), SparseConfig(pattern="radial(decay=1.0)")])
 
 
 @pytest.mark.parametrize(
@@ -158,8 +166,11 @@ def test_configurations_that_run_the_same_are_refused(patterns, densities, dense
     ],
 )
 def test_configurations_that_run_differently_are_kept(patterns, densities, dense_layers):
-    evaluate._check_distinct([SparseConfig(pattern=p, density=d, dense_layers=layers)
-                              for p in patterns for d in densities for layers in dense_layers])
+    configs = [SparseConfig(pattern=p, density=d, dense_layers=layers)
+               for p in patterns for d in densities for layers in dense_layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate._distinct_runs(configs) == configs
 
 
 def test_prompts_default_to_two_fixed_ones_and_a_file_s_byte_order_mark_is_not_a_prompt(tmp_path):

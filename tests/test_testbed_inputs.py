@@ -4,6 +4,7 @@ beyond one step at 16 x 16 pixels)."""
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,18 @@ def test_negative_prompt_embeds_need_one_row_per_prompt(pipe, rows, per_prompt):
 def test_prompt_and_guidance_scale_of_the_wrong_type_are_named(pipe, kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         pipe(**CALL, **kwargs)
+
+
+def test_a_one_element_tensor_or_numpy_guidance_scale_is_a_number(pipe):
+    # As diffusers' pipelines take them (a 0-d tensor was refused for a while after the type check came).
+    def frames(scale):
+        return pipe(**CALL, prompt="a", guidance_scale=scale, generator=torch.Generator().manual_seed(0)).frames
+
+    reference = frames(2.0)
+    for scale in (torch.tensor(2.0), torch.tensor([2.0]), np.float32(2.0)):
+        assert np.array_equal(frames(scale), reference)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite real number"):
+        pipe(**CALL, prompt="a", guidance_scale=torch.tensor(float("nan")))
 
 
 def test_load_names_a_device_it_cannot_use_before_reading_weights(monkeypatch):
