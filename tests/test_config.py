@@ -94,6 +94,7 @@ def test_config_keeps_its_own_copies_of_the_lists_it_is_given():
     assert config.layer_order(1) == TileOrder((1, 2, 2))
     assert hash(config) == hash(SparseConfig(dense_layers=[0], block_size=[64, 64], order=[None, TileOrder((1, 2, 2))]))
     assert len({SparseConfig(dense_layers=[0, 3]), SparseConfig(dense_layers=[0, 3]), SparseConfig()}) == 2
+    assert hash(SparseConfig(dense_layers=[0])) != hash(SparseConfig(dense_layers=[1]))
 
 
 def test_config_is_frozen_and_its_copies_are_validated_anew():

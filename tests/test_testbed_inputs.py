@@ -75,6 +75,13 @@ def test_load_names_a_device_it_cannot_use_before_reading_weights(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=re.escape("device='cuda': this machine has no cuda device")):
         testbed.load(device="cuda")
+    # A machine with two GPUs: indices 0 and 1 pass the check (and reach the loading), 2 does not.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=re.escape("device='cuda:2': this machine has 2 cuda device(s)")):
+        testbed.load(device="cuda:2")
+    with pytest.raises(AssertionError, match="weights were read"):
+        testbed.load(device="cuda:1")
 
 
 def test_load_refuses_weights_that_are_not_finite(tmp_path):
