@@ -117,6 +117,25 @@ def _optional_density(text: str) -> float | None:
     return None if _is_none(text) else _density(text)
 
 
+def _one(convert, what: str):
+    """An argparse type for one value, with a message naming what was expected (a bare `_density` would read
+    "invalid _density value")."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+_one_density = _one(_density, "a block density in (0, 1]")
+# `--density` of the one-configuration commands: what `eval` takes for one of its list's items (`none` too).
+_one_optional_density = _one(_optional_density, "a block density in (0, 1] or none")
+
+
 def _distinct(parse):
     """`parse`'s list with each value at most once: `eval` runs every combination of its lists, so a value given
     twice generated every video again for an identical row."""
@@ -246,14 +265,6 @@ def _sparse_config(args):
         correction_refresh=args.correction_refresh,
         order=_order(args.tile),
     )
-
-
-def _one_optional_density(text: str) -> float | None:
-    """`--density` of the one-configuration commands: what `eval` takes for one of its list's items (`none` too)."""
-    try:
-        return _optional_density(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block density in (0, 1] or none, got {text!r}") from None
 
 
 def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> argparse.ArgumentParser:
@@ -492,15 +503,6 @@ def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool =
         p.add_argument("--backend", default="auto", help="block-sparse kernel path (see SparseConfig.backend)")
     p.add_argument("--repeats", type=_positive, default=repeats, help="timed runs per measurement (the median is kept)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random tensors and masks")
-
-
-def _one_density(text: str) -> float:
-    """One block density in (0, 1], with argparse's message naming the option, the value and the range (a bare
-    `_density` would read "invalid _density value")."""
-    try:
-        return _density(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block density in (0, 1], got {text!r}") from None
 
 
 def _add_bench(sub) -> None:
