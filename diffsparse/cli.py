@@ -630,20 +630,11 @@ def _run_demo(args) -> None:
 
 
 def _check_device(device: str | None) -> None:
-    """`--device` names a torch device that is here, before anything loads (torch's own errors came as tracebacks,
-    some after minutes of loading)."""
-    if device is None:
-        return
-    import torch
+    """`--device` names a torch device that is here, before anything loads."""
+    if device is not None:
+        from .devices import device_here
 
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device={device!r}: not a torch device; e.g. cpu, cuda, cuda:1, mps") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
-                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
-    if kind in available and not available[kind]():
-        raise ValueError(f"device={device!r}: this machine has no {kind} device (torch.{kind} is not available)")
+        device_here(device)
 
 
 def _make_out(out: str | None) -> None:

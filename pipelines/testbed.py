@@ -38,6 +38,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from ..devices import as_device, device_here
 from .text import clean_prompt, prompt_words, word_tokenizer
 
 logger = logging.getLogger(__name__)  # diffusers' `logging.get_logger` is this; pipelines warn through it
@@ -186,32 +187,6 @@ def _check_count(name: str, value) -> None:
 
 def _is_prompt_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
-
-
-def _parse_device(device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got device={device!r}"
-        ) from None
-
-
-def _check_device(device) -> torch.device:
-    """`device` as a `torch.device`, or a `ValueError` naming it when torch cannot read it or this machine lacks it
-    (before: `load` read every weight first, then failed inside `.to` with torch's `RuntimeError`)."""
-    parsed = _parse_device(device)
-    if parsed.type == "cpu":
-        return parsed
-    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
-    available = getattr(backend, "is_available", None)
-    if callable(available) and not available():
-        raise ValueError(f"device={device!r}: this machine has no {parsed.type} device (torch sees none); use 'cpu'")
-    count = getattr(backend, "device_count", None)
-    if parsed.index is not None and callable(count) and parsed.index >= count():
-        raise ValueError(f"device={device!r}: this machine has {count()} {parsed.type} device(s), indices 0 to "
-                         f"{count() - 1}")
-    return parsed
 
 
 def _accelerate_hooked(pipe) -> bool:
@@ -546,7 +521,7 @@ def load(
     # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word.
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
-    device = _check_device(device)
+    device = device_here(device)  # before: every weight read, then `.to` failed with torch's RuntimeError
     folder = WEIGHTS_PATH if path is None else Path(path)
     if not (folder / "model_index.json").is_file():
         where = "the package's shipped weights" if path is None else f"path={str(path)!r}"
@@ -685,8 +660,8 @@ def best_still(
 def _placed(pipe, device):
     """`pipe` on `device`: moved there, or, when accelerate hooks offload it, checked to compute there."""
     if not _accelerate_hooked(pipe):
-        return pipe.to(_check_device(device))
-    wanted = _parse_device(device)  # the hooks, already placed, say which devices exist
+        return pipe.to(device_here(device))
+    wanted = as_device(device)  # the hooks, already placed, say which devices exist
     # Moving an offloaded pipeline undoes the offloading (model offload: everything on the GPU, with a warning)
     # or fails (sequential offload: diffusers refuses), so the hooks keep it; they decide where it runs.
     runs_on = torch.device(pipe._execution_device)

@@ -1,0 +1,35 @@
+"""Device arguments checked before anything loads, for the CLI's `--device` and the testbed's `device=`."""
+
+from __future__ import annotations
+
+
+def as_device(device):
+    """`device` as a `torch.device`, or a `ValueError` naming it when torch cannot read it (`"gpu"`, `None`)."""
+    import torch  # here: `diffsparse --help` loads no torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device={device!r}: not a torch device: got device={device!r}, expected one such as 'cpu', 'cuda', "
+            "'cuda:1' or 'mps'"
+        ) from None
+
+
+def device_here(device):
+    """`as_device(device)`, also a `ValueError` naming it when this machine lacks it (no such accelerator, or an
+    index past its count): torch's own errors came as tracebacks, some after minutes of loading weights."""
+    import torch
+
+    parsed = as_device(device)
+    if parsed.type == "cpu":
+        return parsed
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"device={device!r}: this machine has no {parsed.type} device (torch sees none); use 'cpu'")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise ValueError(f"device={device!r}: this machine has {count()} {parsed.type} device(s), indices 0 to "
+                         f"{count() - 1}")
+    return parsed
