@@ -41,12 +41,22 @@ def _dense_attention(q, k, v, scale: float, need_lse: bool):
     return out, lse
 
 
+def _block_sizes(plan: BlockSparsePlan) -> tuple[int, int]:
+    """`(block_q, block_k)` as both paths run them: a single block longer than its sequence is the sequence. The
+    compiled kernel sizes its per-block scratch by the block (a 100,000-token block over 320 tokens asked for 40 GB
+    of it) and the torch-ops path pads each sequence to whole blocks (a 10**6-token block there: 1.5 GB, 3.6 s)."""
+    block_q = min(plan.block_q, plan.q_len) if plan.num_q_blocks == 1 else plan.block_q
+    block_k = min(plan.block_k, plan.kv_len) if plan.num_kv_blocks == 1 else plan.block_k
+    return block_q, block_k
+
+
 def _chunks(plan: BlockSparsePlan, batch: int, heads: int, head_dim: int, itemsize: int, device) -> list[_Chunk]:
     key = ("cpu", batch, heads, head_dim, itemsize, str(device), torch.get_num_threads(), _CHUNK_BYTES)
     cached = plan._cache.get(key)
     if cached is not None:
         return cached
-    nq, nk, bk = plan.num_q_blocks, plan.num_kv_blocks, plan.block_k
+    nq, nk = plan.num_q_blocks, plan.num_kv_blocks
+    bq, bk = _block_sizes(plan)
     rows = batch * heads * nq
     counts = plan.kv_counts.expand(batch, heads, nq).reshape(-1).long()
     indices = plan.kv_indices.expand(batch, heads, nq, nk).reshape(-1, nk).long()
@@ -75,7 +85,7 @@ def _chunks(plan: BlockSparsePlan, batch: int, heads: int, head_dim: int, itemsi
         kv_rows = (indices[first, :count] + (first // nq * nk).unsqueeze(-1)).to(device)
         # Enough segments to keep every thread busy (the fused op splits queries into tiles of 32-256), else
         # as many as fit the cache budget.
-        min_segments = -(-torch.get_num_threads() * 64 // (length * plan.block_q))
+        min_segments = -(-torch.get_num_threads() * 64 // (length * bq))
         per_chunk = max(min_segments, _CHUNK_BYTES // (2 * count * bk * head_dim * itemsize))
         for s in range(0, size, per_chunk):
             n = min(per_chunk, size - s)
@@ -106,15 +116,6 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | No
     return torch.index_select(blocks, 0, index, out=buffer.view(len(index), *blocks.shape[1:]))
 
 
-def _native_block_sizes(plan: BlockSparsePlan) -> tuple[int, int]:
-    """`(block_q, block_k)` as the compiled kernel takes them: a single block longer than its sequence is the
-    sequence, since the kernel sizes its per-block scratch by the block (a 100,000-token block over 320 tokens asked
-    for 40 GB of it)."""
-    block_q = min(plan.block_q, plan.q_len) if plan.num_q_blocks == 1 else plan.block_q
-    block_k = min(plan.block_k, plan.kv_len) if plan.num_kv_blocks == 1 else plan.block_k
-    return block_q, block_k
-
-
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,13 +129,14 @@ def attention(
             q, k, v = (x if x.stride(-1) == 1 and x.stride(2) >= x.shape[3]
                        else x.clone(memory_format=torch.contiguous_format) for x in (q, k, v))
             indices, counts = (t.to(q.device).contiguous() for t in (plan.kv_indices, plan.kv_counts))
-            out, lse = op(q, k, v, indices, counts, *_native_block_sizes(plan), scale)
+            out, lse = op(q, k, v, indices, counts, *_block_sizes(plan), scale)
             return out, lse if return_lse else None
 
     batch, heads, _, head_dim = q.shape
     if batch * heads == 0:  # nothing to attend (the chunking below has no chunk to size its buffers by)
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
-    nq, nk, bq, bk = plan.num_q_blocks, plan.num_kv_blocks, plan.block_q, plan.block_k
+    nq, nk = plan.num_q_blocks, plan.num_kv_blocks
+    bq, bk = _block_sizes(plan)
     q_blocks, k_blocks, v_blocks = _as_blocks(q, nq, bq), _as_blocks(k, nk, bk), _as_blocks(v, nk, bk)
     out = q.new_empty(batch * heads * nq, bq, head_dim)
     lse = q.new_empty(batch * heads * nq, bq, dtype=torch.float32) if return_lse else None

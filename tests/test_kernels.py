@@ -308,6 +308,22 @@ def test_the_public_entry_point_tells_the_backend_chooser_the_dtype(monkeypatch)
     assert seen[0][4:] == (32, torch.float16)
 
 
+def test_the_public_entry_point_tells_the_backend_chooser_about_gradients(monkeypatch):
+    # On CUDA "auto" keeps inputs that need gradients off the Triton kernel, which has no backward pass, only if
+    # block_sparse_attention says so: told False, it would send LoRA training there, to a "no backward pass" error.
+    from diffsparse.kernels import attention
+
+    seen = []
+    monkeypatch.setattr(attention, "choose_backend", lambda *args: seen.append(args[2]) or "cpu")
+    q, k, v = _inputs(1, 1, 64, 64)
+    plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, 64, 64)
+    block_sparse_attention(q, k.requires_grad_(), v, plan)
+    with torch.no_grad():
+        block_sparse_attention(q, k, v, plan)
+    block_sparse_attention(q, k.detach(), v, plan)
+    assert seen == [True, False, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_inputs_whose_rows_are_not_laid_out_apart(dtype, cpu_kernel):
     # A sequence broadcast with `expand` (row stride 0) and one token whose row stride is anything: the compiled
@@ -353,6 +369,14 @@ def test_bad_block_size(block_size):
 def test_bad_mask_names_expected_shape(mask):
     with pytest.raises(ValueError, match=r"\(B or 1, H or 1, 4, 4\)"):
         make_plan(mask, 64, 64, 16)
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 2, 2), (1, 0, 2, 2)])
+def test_a_mask_without_batch_or_heads_is_a_value_error(shape):
+    # The density then divides by zero blocks: a ZeroDivisionError that names nothing.
+    match = rf"block_mask batch and head dims must be >= 1, got shape={re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=match):
+        make_plan(torch.ones(shape, dtype=torch.bool), 64, 64, 32)
 
 
 def test_bad_lengths():
@@ -454,6 +478,17 @@ def test_a_plan_built_by_hand_is_checked():
          r"block_mask must be a bool tensor of shape \(B or 1, H or 1, 2, 3\)"),
         ({"block_k": True}, r"block_k must be a positive int, got block_k=True"),
         ({"density": float("nan")}, r"density must be a real number in \[0, 1\], got density=nan"),
+        ({"density": 1.5}, r"density must be a real number in \[0, 1\], got density=1.5"),
+        ({"density": -0.1}, r"density must be a real number in \[0, 1\], got density=-0.1"),
+        # Every later check holds vacuously on an empty plan: this is the only one that refuses it.
+        ({"block_mask": torch.ones(1, 0, 2, 3, dtype=torch.bool), "kv_indices": torch.zeros(1, 0, 2, 3).int(),
+          "kv_counts": torch.zeros(1, 0, 2).int()},
+         r"block_mask batch and head dims must be >= 1, got shape=\(1, 0, 2, 3\)"),
+        # The kernels read the index tensors next to the mask; compared across devices they raise a RuntimeError.
+        ({"kv_counts": torch.tensor([[[2, 1]]], dtype=torch.int32, device="meta")},
+         r"kv_counts must be on block_mask's device cpu, got meta"),
+        ({"kv_indices": torch.tensor([[[[0, 2, 2], [1, 1, 1]]]], dtype=torch.int32, device="meta")},
+         r"kv_indices must be on block_mask's device cpu, got meta"),
     ]
     for fields, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -586,15 +621,21 @@ def test_compiled_cpu_kernel_builds_and_runs(cpu_kernel):
 
 
 @pytest.mark.parametrize("block_size", [(10**6, 10**6), (10**6, 64), (64, 10**6)])
-def test_a_block_longer_than_the_sequence_is_the_sequence(block_size, cpu_kernel):
+def test_a_block_longer_than_the_sequence_is_the_sequence(block_size, cpu_kernel, monkeypatch):
     # One block over the whole sequence is dense attention; the compiled kernel sized its scratch by the block
-    # (`--block-size 100000` on 320 tokens: std::bad_alloc asking for 40 GB).
+    # (`--block-size 100000` on 320 tokens: std::bad_alloc asking for 40 GB), and the torch-ops path padded the
+    # sequence to the block (1.5 GB for the first case).
     q, k, v = _inputs(1, 2, 320, 320)
     nq, nk = (-(-320 // size) for size in block_size)
     plan = make_plan(torch.ones(1, 1, nq, nk, dtype=torch.bool), 320, 320, block_size)
     # Checked on the sizes themselves: the outputs below agree either way where memory allows the huge scratch.
-    assert cpu_backend._native_block_sizes(plan) == tuple(320 if size == 10**6 else size for size in block_size)
+    assert cpu_backend._block_sizes(plan) == tuple(320 if size == 10**6 else size for size in block_size)
+    padded_to = []
+    as_blocks = cpu_backend._as_blocks
+    monkeypatch.setattr(cpu_backend, "_as_blocks", lambda x, n, b: padded_to.append(n * b) or as_blocks(x, n, b))
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+    # q, k and v blocked by the torch-ops path (not at all by the compiled kernel), none past the sequence.
+    assert padded_to == ([] if cpu_kernel == "native" else [320] * 3)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=0, atol=2e-5)

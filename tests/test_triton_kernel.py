@@ -383,9 +383,12 @@ def _plan(q_len=130, kv_len=130, block_size=64):
         # clear error up front, not the autotuner's OutOfResources at launch.
         (lambda: (*_tiny(d=256), _plan(block_size=(128, 64))), r"float32 .*head_dim=256.*block_q=128.*block_k=64"),
         (lambda: (*_tiny(d=160), _plan(block_size=(64, 128))), r"float32 .*head_dim=160.*block_q=64.*block_k=128"),
+        # The public entry point checks this first; the kernel's own check guards its direct callers.
+        (lambda: (*(x.to("meta") for x in _tiny()), _plan()),
+         r"the plan must live on the inputs' device \(build it there once\).*device\(type='cpu'\).*meta"),
     ],
     ids=["not_4d", "float64", "mixed_dtypes", "kv_shape", "block_q_32", "block_k_256", "length_mismatch",
-         "head_dim_300", "fp32_d256_q128", "fp32_d160_k128"],
+         "head_dim_300", "fp32_d256_q128", "fp32_d160_k128", "plan_on_another_device"],
 )
 def test_rejects_bad_inputs(make_args, match):
     from diffsparse.kernels.triton_block_sparse import triton_block_sparse_attention
