@@ -42,15 +42,22 @@ def transformer():
     ).eval()
 
 
-def inputs(valid_text=(7, TEXT_LEN)):
+def inputs(valid_text=(7, TEXT_LEN), left=None):
     """3 latent frames of 8 x 12 (3 x 4 x 6 = 72 video tokens), a 4-token image embedding, prompts with
-    `valid_text` real tokens of TEXT_LEN."""
+    `valid_text` real tokens of TEXT_LEN, padded on the right, or on the left where `left` (one flag per prompt)
+    says so: the same tokens, the padding moved in front of the prompt in its order, as a left-padding tokenizer
+    puts it (Motif's Gemma tokenizer)."""
     def call():
         g = torch.Generator().manual_seed(1)
         batch = len(valid_text)
+        text = torch.randn(batch, TEXT_LEN, 16, generator=g)
+        mask = (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long()
+        for row, n in enumerate(valid_text):
+            if left and left[row]:
+                text[row] = text[row].roll(TEXT_LEN - n, dims=0)
+                mask[row] = mask[row].roll(TEXT_LEN - n, dims=0)
         return {"hidden_states": torch.randn(batch, 4, 3, 8, 12, generator=g), "timestep": torch.full((batch,), 900.0),
-                "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
-                "encoder_attention_mask": (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long(),
+                "encoder_hidden_states": text, "encoder_attention_mask": mask,
                 "image_embeds": torch.randn(batch, IMAGE_TOKENS, 8, generator=g)}
 
     return call
@@ -61,6 +68,66 @@ def inputs(valid_text=(7, TEXT_LEN)):
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, valid_text, order):
     check_against_dense(transformer, inputs(valid_text), block_size=16, order=order, sparse=LOCAL)
 
+
+LEFT_PADDED = {  # (valid text tokens per prompt, left-padded per prompt)
+    "left padding": ((7,), (True,)),
+    "two prompt lengths, left padded": ((7, 10), (True, True)),
+    "left and right padding": ((7, 10), (True, False)),
+    "left padding and a full prompt": ((7, TEXT_LEN), (True, True)),
+}
+
+
+@pytest.mark.parametrize(("prompts", "order"), [
+    *((prompts, None) for prompts in LEFT_PADDED.values()),
+    (LEFT_PADDED["left and right padding"], TileOrder((1, 2, 2))),
+], ids=[*LEFT_PADDED, "left and right padding, tile order"])
+def test_left_padded_prompts_every_block_kept_matches_dense(transformer, prompts, order):
+    # The transformer passes the tokenizer's mask through unchanged (its padding in front of the prompt), which
+    # the original processor takes as any boolean key mask: the sparse path must too.
+    check_against_dense(transformer, inputs(*prompts), block_size=16, order=order, sparse=LOCAL)
+
+
+def encoder_block_outputs(transformer, inputs, config=None, left=None):
+    """The `sample`, then each encoder block's video and `[image, text]` outputs (`config` as `run_transformer`'s):
+    the model's output hardly moves with the text (the decoder reads it through the encoder's video only), the blocks'
+    outputs do. The text rows of the prompts `left` flags (`inputs`'s) are rolled back to their right-padded places."""
+    outputs = []
+    blocks = [transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]]
+    handles = [block.register_forward_hook(lambda module, args, out: outputs.extend(out)) for block in blocks]
+    try:
+        outputs.insert(0, run_transformer(transformer, inputs, config))
+    finally:
+        for handle in handles:
+            handle.remove()
+    valid_text = inputs()["encoder_attention_mask"].sum(dim=1).tolist()
+    for text in outputs[2::2]:
+        for row, n in enumerate(valid_text):
+            if left and left[row]:
+                text[row, IMAGE_TOKENS:] = text[row, IMAGE_TOKENS:].roll(n - TEXT_LEN, dims=0)
+    return outputs
+
+
+@pytest.mark.parametrize("prompts", LEFT_PADDED.values(), ids=LEFT_PADDED.keys())
+def test_a_left_padded_prompt_gets_what_it_gets_right_padded(transformer, prompts):
+    # No text token carries RoPE, so the original gives the same outputs for a prompt padded either side; moving the
+    # valid text tokens first keeps that under a sparse pattern (blocks left out), it approximates nothing.
+    valid_text, left = prompts
+    right = encoder_block_outputs(transformer, inputs(valid_text), LOCAL)
+    assert not torch.allclose(right[0], run_transformer(transformer, inputs(valid_text)), atol=1e-4)  # blocks left out
+    for out, expected in zip(encoder_block_outputs(transformer, inputs(*prompts), LOCAL, left), right, strict=True):
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_left_padded_text_stream_outputs_stay_in_place(transformer):
+    # Each encoder block's outputs, every block kept, are the original's row for row: the text rows put back in
+    # the model's order, the padded ones included (the `sample` alone would hardly show a misplaced text row).
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    prompts = inputs((7, 10), (True, False))
+    with recorded_attention_calls() as calls:
+        kept = encoder_block_outputs(transformer, prompts, every_block)
+    assert [layer for layer, _, _ in calls] == [0, 0, 1, 1, 2]  # two prompt lengths: one sparse call each
+    for sparse, dense in zip(kept, encoder_block_outputs(transformer, prompts), strict=True):
+        torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
 
 
 def test_encoder_blocks_attend_the_text_and_the_decoder_block_the_encoders_video(transformer):
@@ -117,11 +184,16 @@ def tiny_motif_pipeline():
     return pipe
 
 
-def test_pipeline_guider_calls_each_branch_on_its_prompt_and_follows_the_schedule():
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_pipeline_guider_calls_each_branch_on_its_prompt_and_follows_the_schedule(padding_side):
     pipe = tiny_motif_pipeline()
+    # Motif's own tokenizer (Gemma's) pads on the left by default, and the pipeline hands its mask on unchanged.
+    pipe.tokenizer.padding_side = padding_side
     prompts = {"pred_cond": "a red circle moving left", "pred_uncond": "low quality"}
     call = {"prompt": prompts["pred_cond"], "negative_prompt": prompts["pred_uncond"], "height": 64, "width": 96,
             "num_frames": 9, "num_inference_steps": 3, "output_type": "latent", "max_sequence_length": 16}
+    padded = pipe.tokenizer(prompts["pred_cond"], padding="max_length", max_length=16).attention_mask
+    assert padded[0 if padding_side == "left" else -1] == 0
     stats, calls = check_pipeline_against_dense(pipe, call)
     # The guider runs the cond and the uncond branch as two calls of batch 1; each prompt is padded to 16 tokens and
     # masked, so the encoder blocks attend its valid tokens only, and the decoder block the encoder's video. 9
