@@ -137,6 +137,13 @@ def _box_block_mask(pattern, layout: VideoLayout, q, k, nq: int, nk: int) -> tor
     return out
 
 
+def check_target(target) -> None:
+    """`Pattern.at_density`'s `target`: a block density in `(0, 1]`. Overrides check it first, so a bad target is
+    named as `target`, not as the field it would set."""
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
+        raise ValueError(f"target must be a block density in (0, 1], got {target=}")
+
+
 def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
     """`Pattern.block_mask`'s token ranges: `None` or a `(start, stop)` pair of ints within the layout's tokens."""
     for name, span in (("q_tokens", q_tokens), ("k_tokens", k_tokens)):
@@ -463,8 +470,7 @@ class Pattern(abc.ABC):
             >>> round(Radial(min_window=16).at_density(layout, 0.4, 64).density(layout, 64), 3)
             0.346
         """
-        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
-            raise ValueError(f"target must be a block density in (0, 1], got {target=}")
+        check_target(target)
         make, lo, hi, breaks = self._density_knob(layout)
         cache = {}  # parameter -> density
         measured = {}  # pattern -> density: parameters that round to one pattern (integer windows) share a mask

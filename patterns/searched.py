@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from .base import BlockSize, HeadShard, Pattern, _block_spans, as_pair, check_spans
+from .base import BlockSize, HeadShard, Pattern, _block_spans, as_pair, check_spans, check_target
 from .causal import FrameCausal
 from .layout import VideoLayout
 from .ordering import IdentityOrder, TokenOrder, as_order
@@ -857,7 +857,7 @@ class Searched(Pattern):
     def at_density(self, layout, target, block_size, order=None, max_iter=40, q_tokens=None) -> Searched:
         r"""A copy keeping `target` of the blocks (no solving: `keep` is the density, whichever queries attend). A
         searched pattern can only confirm its own `keep`; search again for another."""
-        _check_keep(target)
+        check_target(target)
         if self.searched_mask is None:
             return replace(self, keep=target)
         if target != self.keep:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import BlockSize, HeadShard, as_pair, check_spans
+from .base import BlockSize, HeadShard, as_pair, check_spans, check_target
 from .causal import FrameCausal
 from .layout import Triple, VideoLayout, as_triple
 from .ordering import TokenOrder, as_order
@@ -184,6 +184,7 @@ class SearchedWindows(Window3D):
     def at_density(self, layout, target, block_size, order=None, max_iter=40, q_tokens=None) -> SearchedWindows:
         r"""A copy whose search keeps `target` of the blocks (no solving: `keep` is the budget). Searched windows can
         only confirm their own `keep`; search again for another."""
+        check_target(target)
         if self.window is None:
             return replace(self, keep=target)
         if target != self.keep:

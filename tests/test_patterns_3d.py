@@ -477,6 +477,10 @@ def test_at_density_edges_and_validation():
     assert Window3D().at_density(layout, 1.0, 32).density(layout, 32) == 1.0
     lowest = Window3D().at_density(layout, 1e-6, 32)
     assert lowest.window == (1, 1, 1)
+    # A target halfway between two reachable densities goes to the sparser, as the docstring says: on a row of
+    # four tokens, windows of 1-4 columns reach 0.25, 0.5, 0.75, 1.0, and 0.375 is 0.125 from both 0.25 and 0.5.
+    row = VideoLayout(1, 1, 4)
+    assert Window3D((1, 1, 1)).at_density(row, 0.375, 1).density(row, 1) == 0.25
     for bad in (0, 1.5, -0.1, "0.5", True):
         with pytest.raises(ValueError, match="target"):
             Radial().at_density(layout, bad, 32)

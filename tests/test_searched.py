@@ -365,10 +365,30 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]]]
     assert select_blocks(rows, 0.5, "row", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 0, 0], [1, 1, 0, 0]]]
     assert select_blocks(rows, 1.0, "row", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
+    # Exactly top_p reached (0.5 + 0.25) is enough: a third block would be more than the fewest.
+    exact = torch.tensor([[[0.5, 0.25, 0.25]]])
+    assert select_blocks(exact, 1.0, "row", torch.tensor([[True, False, False]]), top_p=0.75).sum() == 2
     # Shared over the layer: each row's candidates as above, the highest of them up to keep of all blocks.
     assert select_blocks(rows, 0.5, "layer", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [0, 1, 0, 0]]]
     assert select_blocks(rows, 1.0, "layer", diagonal, top_p=0.9).int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]]]
     assert select_blocks(rows, 1.0, "head", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
+
+
+def test_a_searched_row_that_reaches_top_p_exactly_keeps_no_more_blocks():
+    # The public path of the boundary above: one query block of 12 tokens over three key blocks of 4. Queries and
+    # keys are chosen so the masses are exact binary fractions: logits 0 for tokens 0-5 and 8-9, about -5000 for
+    # the rest (exp underflows to 0), so key blocks hold 4, 2 and 2 of 8 equal shares: 0.5, 0.25, 0.25.
+    layout, block_size = VideoLayout(1, 1, 12), (12, 4)
+    q = torch.zeros(1, 1, 12, 4)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, 12, 4)
+    k[0, 0, [6, 7, 10, 11], 0] = -1e4
+    v = torch.randn(1, 1, 12, 4, generator=torch.Generator().manual_seed(0))
+    searched = Searched(keep=1.0, criterion="mass", budget="row", top_p=0.75).search(q, k, v, layout, block_size)
+    assert searched.block_mask(layout, block_size).int().tolist() == [[[1, 1, 0]]]
+    # Just past it, the third block is needed.
+    more = Searched(keep=1.0, criterion="mass", budget="row", top_p=0.76).search(q, k, v, layout, block_size)
+    assert more.block_mask(layout, block_size).int().tolist() == [[[1, 1, 1]]]
 
 
 @pytest.mark.parametrize("budget", ["head", "layer"])
@@ -591,6 +611,11 @@ def test_before_a_search_it_has_no_mask_and_density_sets_keep():
     assert searched.at_density(layout, 0.5, 8) is searched
     with pytest.raises(ValueError, match="search again for density 0.3"):
         searched.at_density(layout, 0.3, 8)
+    # A bad target is named as at_density's argument, as Pattern.at_density names it: before, the message named
+    # `keep`, the field the target would have set, searched or not.
+    for pattern, bad in itertools.product((Searched(), searched), (0, 1.5, "0.5", True)):
+        with pytest.raises(ValueError, match=r"target must be a block density in \(0, 1\], got target="):
+            pattern.at_density(layout, bad, 8)
 
 
 def test_a_search_holds_blocks_only_for_its_layout_block_size_and_order():

@@ -366,3 +366,11 @@ def test_at_density(pattern, order):
         assert error <= min(abs(d - target) for d in densities) + 1e-12
 
 
+def test_at_density_reaches_the_whole_canvas_on_the_longer_axis():
+    # The temporal window must grow to cover the longer spatial axis (9 columns here), not stop at the shorter
+    # (2 rows): capped by the shorter one, a temporal head stopped at width=1, 3 of 9 columns, density 0.333.
+    layout = VideoLayout(2, 2, 9)
+    solved = SpatialTemporal(heads="T").at_density(layout, 1.0, 1)
+    assert solved.density(layout, 1) == 1.0
+
+

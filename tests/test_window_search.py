@@ -132,6 +132,11 @@ def test_search_gives_per_head_windows_under_the_budget_and_needs_a_search_first
     assert searched.at_density(layout, 0.5, 64) is searched and unsearched.at_density(None, 0.3, 64).keep == 0.3
     with pytest.raises(ValueError, match="search again"):
         searched.at_density(layout, 0.3, 64)
+    # A bad target is named as at_density's argument, as Pattern.at_density names it: before, the message named
+    # `keep` (unsearched) or asked to search again (searched).
+    for pattern, bad in itertools.product((unsearched, searched), (0, 1.5, "0.5", True)):
+        with pytest.raises(ValueError, match=r"target must be a block density in \(0, 1\], got target="):
+            pattern.at_density(layout, bad, 64)
     for bad in ({"keep": 0}, {"keep": 1.5}, {"num_samples": 0}, {"value_dims": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchedWindows(**bad)
