@@ -118,8 +118,8 @@ class SparseProcessor:
         parallel = _context_parallel(self)
         if parallel is None:
             return 0, local_length
-        _, degree, rank = parallel
-        held = self._held(self._streams(degree, text_first=False), rank, local_length)
+        group, degree, rank = parallel
+        held = self._held(self._streams(degree, text_first=False), group, rank, local_length)
         return sum(held[:rank]), sum(held)
 
     def whole_sequence(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
@@ -145,16 +145,57 @@ class SparseProcessor:
         text = self.runtime.call_text_tokens() if text_first else 0
         return [_shares(text, degree), _shares(whole - text, degree)] if text else [_shares(whole, degree)]
 
-    def _held(self, streams: list[list[int]], rank: int, local_length: int) -> list[int]:
-        """The tokens each rank holds of `streams` (`_streams`), checked against this rank's `local_length`."""
+    def _held(self, streams: list[list[int]], group, rank: int, local_length: int) -> list[int]:
+        """The tokens each rank holds of `streams` (`_streams`), checked against what every rank holds: a rank
+        that raised alone would leave the others waiting in the all-to-all, so each rank sends its length and its
+        share (one all-gather of two ints) and all raise together if any differ. Checked at a layer's first call on
+        each split of the streams under each parallel config (a rank's length follows from the layout and diffusers'
+        plan, the same at every later call): hit or miss is then the same on every rank, so all join the gather
+        (diffusers warns against caching such a gather by the local length), and later calls add no collective."""
         held = [sum(per_rank) for per_rank in zip(*streams)]
-        if held[rank] != local_length:
-            raise ValueError(
-                f"under context parallelism rank {rank} holds {local_length} tokens of {type(self).__name__}'s "
-                f"sequence, but its share of the call's layout {self.runtime.call_layout()} is {held[rank]}: "
-                "diffsparse cannot place them; use pattern='dense'"
-            )
+        checked = getattr(self, "_checked_splits", None)
+        if checked is None or checked[0] is not self._parallel_config:  # `is`: a config need not be hashable
+            checked = self._checked_splits = (self._parallel_config, set())
+        split = tuple(map(tuple, streams))
+        if split in checked[1]:
+            if held[rank] != local_length:  # the split changed since it was checked: only this rank can know
+                raise ValueError(self._misplaced({rank: (local_length, held[rank])}))
+            return held
+        # On the CPU where the group has a CPU backend (gloo), as diffusers gathers its sizes: no device sync.
+        backend = str(torch.distributed.get_backend(group))
+        device = "cpu" if "cpu" in backend or "gloo" in backend else torch.accelerator.current_accelerator()
+        sent = torch.tensor([local_length, held[rank]], device=device)
+        parts = [torch.empty_like(sent) for _ in held]
+        torch.distributed.all_gather(parts, sent, group=group)
+        lengths = [tuple(part.tolist()) for part in parts]
+        wrong = {other: (length, share) for other, (length, share) in enumerate(lengths) if length != share}
+        if wrong:
+            raise ValueError(self._misplaced(wrong))
+        checked[1].add(split)
         return held
+
+    def _misplaced(self, wrong: dict[int, tuple[int, int]]) -> str:
+        """The error for ranks holding other lengths than their shares: `{rank: (its length, its share)}`."""
+        ranks = "; ".join(f"rank {rank} holds {length} tokens, its share {share}"
+                          for rank, (length, share) in sorted(wrong.items()))
+        return (f"under context parallelism the ranks must hold their shares of the call's layout "
+                f"{self.runtime.call_layout()} in {type(self).__name__}'s sequence, split as diffusers splits it "
+                f"(`_shares`), but {ranks}: diffsparse cannot place them; use pattern='dense'")
+
+    def _head_shares(self, heads: int, degree: int) -> list[int]:
+        """Each rank's share of the `heads` heads after the all-to-all (`_shares`). Fewer heads than ranks is
+        refused: a rank with none would fail in a per-head or fitted pattern while the others wait in the
+        all-to-all or a fit's all-gather. Every rank holds every head before the exchange, so all raise together,
+        before any collective of the call."""
+        if heads < degree:
+            config = context_parallel_config(self)
+            raise ValueError(
+                f"context parallelism over ring_degree={config.ring_degree} x ulysses_degree={config.ulysses_degree}"
+                f" = {degree} ranks gives each rank a share of the attention heads, and {type(self).__name__} has "
+                f"{heads}: diffsparse's sparse attention needs at least {degree} heads (one per rank); lower "
+                f"ring_degree x ulysses_degree to at most {heads}, or use pattern='dense'"
+            )
+        return _shares(heads, degree)
 
     def attend_frame(self, attn, hidden_states: torch.Tensor, image_rotary_emb=None) -> torch.Tensor:
         """The sparse self-attention of `AttnProcessor2_0` and its copies: projections, q/k norms (over the head
@@ -202,9 +243,10 @@ class SparseProcessor:
         ring_degree=r))`) each of the n = u * r ranks holds its share (`_shares`: `1 / n`, or one token more on the
         first ranks with `ulysses_anything=True` or `ring_anything=True`) of every stream the model splits: of the
         video, or of the text and of the image, joined as `[its text, its image]`. An all-to-all gives each rank the
-        whole sequence for its share of the heads (`H / n`; the first ranks one more when n does not divide H), put
-        back in the model's order (all text, then all image tokens), which it attends sparsely like one device (the
-        layout and the plan are those of the whole call), and a second all-to-all returns its tokens.
+        whole sequence for its share of the heads (`H / n`; the first ranks one more when n does not divide H; fewer
+        heads than ranks are refused, `_head_shares`), put back in the model's order (all text, then all image
+        tokens), which it attends sparsely like one device (the layout and the plan are those of the whole call), and
+        a second all-to-all returns its tokens.
 
         `attend(query, key, value, heads=None)`: what attends the whole sequence in the model's order (default:
         `runtime.attention`), for a family that attends a batch in groups (Qwen-Image's padded prompts).
@@ -217,10 +259,10 @@ class SparseProcessor:
         if parallel is None:
             return attend(query, key, value)
         group, degree, rank = parallel
-        streams = self._streams(degree, text_first)
-        held = self._held(streams, rank, query.shape[1])
         # Heads that do not divide over the ranks (ring attention does not need them to) are shared as tokens are.
-        head_shares = _shares(query.shape[2], degree)
+        head_shares = self._head_shares(query.shape[2], degree)
+        streams = self._streams(degree, text_first)
+        held = self._held(streams, group, rank, query.shape[1])
         q, k, v = (_sequence_to_heads(x, group, held, head_shares) for x in (query, key, value))
         if len(streams) > 1:  # one stream (video only) is gathered in the model's order already
             order, inverse = _model_order(tuple(map(tuple, streams)), query.device)

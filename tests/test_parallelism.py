@@ -5,6 +5,7 @@ attention), under tensor parallelism half of the heads of a tiny FLUX.1, FLUX.2,
 transformer; each must get what one process gets alone with the same sparse config. Wan VACE, SkyReels-V2 and
 Kandinsky 5, whose diffusers transformers have no context parallel plan, run under a plan of the user's own."""
 
+import faulthandler
 import functools
 import os
 import queue
@@ -342,6 +343,76 @@ def _two_process_job() -> dict:
     }
     result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
     result |= {f"user plan {name}": _user_plan_family(name) for name in USER_PLAN_FAMILIES}
+    result["refusals"] = _refusals()
+    return result
+
+
+def _raised(model, config) -> str | None:
+    """The message of the `ValueError` the sparse call under `config` raises, `None` if it runs."""
+    try:
+        _sparse_call(model, config)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# A pattern the same for every head, and patterns fitted per head and over the layer's heads, which a rank with no
+# head failed in while the other rank waited in the exchange.
+ONE_HEAD_CONFIGS = ("radial", "searched, layer budget", "spatial_temporal (fitted per head)")
+
+
+def _refusals() -> dict:
+    """What one rank gets where the sparse path refuses a call: every rank must raise together, none left waiting in
+    a collective."""
+    return _one_head_refusals() | _wrong_split_refusal()
+
+
+def _one_head_refusals() -> dict:
+    """A Wan of one head under ring attention over 2 ranks: rank 1 would hold no head."""
+    from diffusers import ContextParallelConfig
+
+    model = _wan_with_heads(1)
+    dense = _call(model)
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD))
+    result = {f"one head {name}": _raised(model, CONFIGS[name]) for name in ONE_HEAD_CONFIGS}
+    # What the message offers instead: the dense pattern runs the original, diffusers' ring attention.
+    dense_config = diffsparse.SparseConfig(pattern="dense", dense_steps=0)
+    result["one head dense"] = float((_sparse_call(model, dense_config)[0] - dense).abs().max())
+    return result
+
+
+def _wrong_split_refusal() -> dict:
+    """A Wan whose rank 1 reads a split of the layout other than the one diffusers made (its `_shares` moved by one
+    token)."""
+    from diffusers import ContextParallelConfig
+
+    from diffsparse.pipelines import base
+
+    result, model, config = {}, _model("wan"), CONFIGS["radial"]
+    alone = _sparse_call(model, config)[0]
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    shares = base._shares
+    if dist.get_rank() == 1:
+        def moved(length, degree):  # one token more on rank 0, one less on the last rank
+            return [n + (r == 0) - (r == degree - 1) for r, n in enumerate(shares(length, degree))]
+
+        base._shares = moved
+    try:
+        result["wrong split"] = _raised(model, config)
+    finally:
+        base._shares = shares
+    # Nothing left half-done in a collective: the ranks go on together.
+    with diffsparse.sparse(model, config):
+        result["split after"] = float((_call(model) - alone).abs().max())
+        # A split checked once is not gathered again (no collective per call): a rank whose length changed since
+        # can only raise alone. Rank 0 would wait forever here if rank 1 joined a gather alone.
+        processor = model.blocks[0].attn1.processor
+        group, _, rank = base._context_parallel(processor)
+        with model.cache_context("call 0"):  # the last call's state, which the message reads its layout from
+            try:
+                processor._held([[48, 48]], group, rank, 48 - rank)
+            except ValueError as error:
+                result["changed split"] = str(error)
     return result
 
 
@@ -483,6 +554,9 @@ def _four_process_job() -> dict:
 
 
 def _worker(rank: int, world: int, job, init_file: str, results):
+    # A rank once aborted in native code (glibc: "malloc(): unaligned tcache chunk detected"; our CPU kernel came out
+    # clean under AddressSanitizer): the next abort prints each thread's Python stack on stderr.
+    faulthandler.enable()
     # "cpu:gloo": diffusers exchanges the uneven shares' sizes on the device its backend string names.
     dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # diffusers places each rank on `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only machine.
@@ -692,6 +766,30 @@ def test_uneven_shares_equal_one_process(per_rank, name):
         for config in configs:
             error, _, density_alone, sparse_vs_dense = measured[config]
             assert error < 1e-5 and density_alone < 1 and sparse_vs_dense > 1e-3, config
+
+
+@pytest.mark.parametrize("config", ONE_HEAD_CONFIGS)
+def test_fewer_heads_than_ranks_is_refused_on_every_rank(per_rank, config):
+    # Ring attention takes a Wan of one head on 2 ranks; the sparse path would leave rank 1 with no head. Every rank
+    # refuses at the same call (before, a fitted pattern failed on rank 1 alone and rank 0 hung in the exchange).
+    for result in per_rank.values():
+        message = result["refusals"][f"one head {config}"]
+        assert message is not None and "ring_degree=2 x ulysses_degree=1 = 2 ranks" in message, message
+        assert "needs at least 2 heads" in message and "pattern='dense'" in message
+        assert result["refusals"]["one head dense"] < 1e-5
+
+
+def test_a_split_other_than_the_layouts_is_refused_on_every_rank(per_rank):
+    # Only rank 1 reads a wrong share (47 of 96 tokens for the 48 it holds): rank 0, whose share matches, must raise
+    # too rather than wait in the all-to-all, and both must name rank 1's lengths.
+    for result in per_rank.values():
+        message = result["refusals"]["wrong split"]
+        assert message is not None and "rank 1 holds 48 tokens, its share 47" in message, message
+        assert "rank 0" not in message and "diffsparse cannot place them" in message
+        assert result["refusals"]["split after"] < 1e-5
+    # Once checked, a split is not gathered again: only the rank whose length changed since can tell.
+    assert "rank 1 holds 47 tokens, its share 48" in per_rank[1]["refusals"]["changed split"]
+    assert "changed split" not in per_rank[0]["refusals"]
 
 
 def test_families_that_refuse_context_parallelism_say_so_before_a_call():
