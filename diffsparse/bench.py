@@ -529,8 +529,12 @@ def run_pipeline_bench(args, config) -> dict:
     fill_call_defaults(args, pipe)
     check_config_fits(pipe, config)  # what `apply` refuses for this model: before the dense runs, not after
 
+    made = []  # the size of the video generated, which a pipeline may round or work out itself (`call_defaults`)
+
     def dense_run() -> tuple[float, float]:
-        return timed_generation(pipe, args.prompt, args.seed, args)[1:]
+        frames, *seconds = timed_generation(pipe, args.prompt, args.seed, args)
+        made[:] = frames.shape[:3]
+        return tuple(seconds)
 
     def sparse_run() -> tuple[float, float, SparseStats]:
         with sparse(pipe, config) as handle:
@@ -561,7 +565,7 @@ def run_pipeline_bench(args, config) -> dict:
     result = {
         "model": model_label(args.model),
         "config": repr(config),
-        "video": f"{args.frames} frames {args.height}x{args.width}, {args.steps} steps",
+        "video": "{} frames {}x{}, {} steps".format(*made, args.steps),
         "prompt": prompt_passed(pipe, args.prompt),
         "seed": args.seed,
         "call_kwargs": args.call_kwargs,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import functools
 import inspect
 import json
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +32,8 @@ from .pipelines import find_transformers
 class CompareResult:
     model: str
     config: str
+    # The size of the videos generated (the dense one's), which may differ from what was asked: the pipeline rounds
+    # a frame count (Wan to 4k + 1) or size, or works out one the command leaves to it (`call_defaults`).
     frames: int
     height: int
     width: int
@@ -281,14 +286,14 @@ def is_image_pipeline(pipe) -> bool:
     return frames_parameter(pipe) is None
 
 
-def frames_argument(pipe, frames: int) -> dict:
+def frames_argument(pipe, frames: int | None) -> dict:
     """The pipeline call's frame count: `{"num_frames": frames}` (`video_length` for Latte) for a video pipeline,
     `{}` for an image one, which makes one frame (there `frames` must be 1: a `ValueError` otherwise, rather than a
-    silent 1)."""
+    silent 1). `frames=None` (`call_defaults` leaves it to the pipeline): `{}`, the call's own count."""
     name = frames_parameter(pipe)
     if name is not None:
-        return {name: frames}
-    if frames != 1:
+        return {} if frames is None else {name: frames}
+    if frames not in (None, 1):
         raise ValueError(f"frames={frames}: {pipeline_name(pipe)} generates images, so frames must be 1 (--frames 1)")
     return {}
 
@@ -303,13 +308,19 @@ def takes_image(pipe) -> bool:
     return "image" in _call_parameters(pipe)
 
 
+def takes_size(pipe, name: str) -> bool:
+    """Whether the pipeline's call takes `name` (`height`, `width`): HunyuanVideo 1.5's image-to-video does not."""
+    return name in _call_parameters(pipe)
+
+
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one generation of the commands: the prompt (for pipelines that take one; a
     class-conditional one, DiT, gets its inputs from `--call-kwargs`, a `ValueError` naming what is missing), the
     frame count, the size (for pipelines that take one: HunyuanVideo 1.5's image-to-video sizes the video from its
-    image), the steps, a CPU generator of `seed`, `output_type="np"`, and the conditioning image: the testbed's
-    `first_frame` still, or `args.image` (a file) for pipelines with an `image` argument (image-to-video, editing);
-    then `args.call_kwargs` (`--call-kwargs`).
+    image; each left out where `args` holds None, the pipeline's own: `call_defaults`), the steps, a CPU generator of
+    `seed`, `output_type="np"`, and the conditioning image: the testbed's `first_frame` still, or `args.image` (a
+    file) for pipelines with an `image` argument (image-to-video, editing); then `args.call_kwargs`
+    (`--call-kwargs`).
     A `ValueError` names the pipeline when `--image` is given to one without an `image` argument, or missing for one
     that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
     parameters = _call_parameters(pipe)
@@ -323,7 +334,9 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     # A class-conditional pipeline (DiT) takes no prompt: its inputs come with --call-kwargs.
     prompted = takes_prompt(pipe)
     kwargs = {**({"prompt": prompt} if prompted else {}), **frames_argument(pipe, args.frames)}
-    kwargs.update({name: getattr(args, name) for name in ("height", "width") if name in parameters})
+    # A size left None (`call_defaults`: the pipeline works it out itself) is not passed.
+    kwargs.update({name: getattr(args, name) for name in ("height", "width")
+                   if name in parameters and getattr(args, name) is not None})
     kwargs.update(num_inference_steps=args.steps, generator=torch.Generator(device="cpu").manual_seed(seed),
                   output_type="np")
     if first_frame is not None:
@@ -440,37 +453,138 @@ def check_call_kwargs_before_loading(args) -> None:
         _check_taken(call_kwargs, dict(inspect.signature(pipeline.__call__).parameters), pipeline.__name__)
 
 
-def call_defaults(pipe) -> dict[str, int]:
-    """The model's own `steps`, `frames`, `height` and `width`: the testbed's evaluation size (20 steps), or the
-    pipeline call's defaults (Wan: 50 steps, 81 frames at 480 x 832), sizes it leaves unset from the model's sample
-    size (FLUX and SD3: `default_sample_size`; CogVideoX: its transformer's `sample_*`); one frame for images."""
+# The values a pipeline call gives an argument it leaves `None` where its `__call__` says `name = name or EXPR` at its
+# top level: EXPR as `ast.unparse` spells it ("{name}" standing for the argument), and that value on the pipeline.
+# Read from the call's own source, so that a rule is applied only to a pipeline whose code says it (PRX's
+# `default_sample_size` is in pixels, not latents: its call does not multiply it, and it gets no rule).
+_OR_DEFAULTS = {
+    "self.default_{name}": lambda pipe, name: getattr(pipe, f"default_{name}"),  # Mochi: 480 x 848
+    # FLUX, SD3, Chroma, Lumina 2, Qwen-Image, HiDream, HunyuanDiT, ...
+    "self.default_sample_size * self.vae_scale_factor": lambda pipe, name: (
+        pipe.default_sample_size * pipe.vae_scale_factor),
+    # PixArt, CogView 3 Plus and 4
+    "self.transformer.config.sample_size * self.vae_scale_factor": lambda pipe, name: (
+        pipe.transformer.config.sample_size * pipe.vae_scale_factor),
+    # CogVideoX, Allegro
+    "self.transformer.config.sample_{name} * self.vae_scale_factor_spatial": lambda pipe, name: getattr(
+        pipe.transformer.config, f"sample_{name}") * pipe.vae_scale_factor_spatial,
+    "self.transformer.config.sample_frames": lambda pipe, name: pipe.transformer.config.sample_frames,  # CogVideoX
+    # Allegro: its transformer's sample_frames counts latent frames
+    "self.transformer.config.sample_frames * self.vae_scale_factor_temporal": lambda pipe, name: (
+        pipe.transformer.config.sample_frames * pipe.vae_scale_factor_temporal),
+}
+# Calls that work unset arguments out in statements of their own, matched whole (the `ast.unparse` text of top-level
+# statements of `__call__`): the arguments, the statements, and the values they give on the pipeline.
+_OWN_STATEMENTS = (
+    # HunyuanVideo 1.5 text-to-video: the crop bucket of its 16:9 default aspect at its transformer's target size.
+    (("height", "width"),
+     (("if height is None and width is None:\n    height, width = self.video_processor.calculate_default_height_width("
+       "self.default_aspect_ratio[1], self.default_aspect_ratio[0], self.target_size)"),),
+     lambda pipe: pipe.video_processor.calculate_default_height_width(
+         pipe.default_aspect_ratio[1], pipe.default_aspect_ratio[0], pipe.target_size)),
+    # LTX-2: 121 frames; with a duration head (LTX-2.5 checkpoints) a count it predicts from the prompt, which only
+    # the call itself can give: left to it.
+    (("num_frames",),
+     ("auto_duration = num_frames is None and getattr(self, 'duration_head', None) is not None",
+      "if num_frames is None and (not auto_duration):\n    num_frames = 121"),
+     lambda pipe: (121 if getattr(pipe, "duration_head", None) is None else None,)),
+)
+
+
+@functools.cache
+def _call_statements(function) -> tuple[ast.stmt, ...] | None:
+    """The top-level statements of a pipeline's `__call__`, parsed from its source; `None` without one to read."""
+    try:
+        definition = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):  # no source (built in, a lambda's line): nothing to read
+        return None
+    return tuple(definition.body) if isinstance(definition, ast.FunctionDef) else None
+
+
+def _own_default(pipe, name: str) -> int | None:
+    """The value the call of `pipe` gives its argument `name` when it is not passed (its default is `None`), where
+    its `__call__` works it out in one of the ways `_OWN_STATEMENTS` and `_OR_DEFAULTS` reproduce; else `None`."""
+    statements = None if isinstance(pipe, ModularCall) else _call_statements(type(pipe).__call__)
+    if statements is None:  # a modular pipeline's blocks, or no source: only the call knows
+        return None
+    texts = {ast.unparse(statement) for statement in statements}
+    for names, own, value in _OWN_STATEMENTS:
+        if name in names and texts.issuperset(own):
+            given = value(pipe)[names.index(name)]
+            return None if given is None else int(given)
+    # Anything else that tests the argument for None (a size from the input image, a predicted frame count) takes
+    # another path when it is unset than when given: not reproduced.
+    none_tests = {f"{name} is None", f"{name} is not None"}
+    definition = ast.Module(body=list(statements), type_ignores=[])
+    if any(isinstance(node, ast.Compare) and ast.unparse(node) in none_tests for node in ast.walk(definition)):
+        return None
+    for statement in statements:
+        targets = ([node for target in statement.targets for node in ast.walk(target)]
+                   if isinstance(statement, ast.Assign) else
+                   [statement.target] if isinstance(statement, (ast.AugAssign, ast.AnnAssign)) else [])
+        if not any(isinstance(target, ast.Name) and target.id == name for target in targets):
+            continue
+        # The first top-level assignment to it decides: `name = name or EXPR`, EXPR a rule or a whole number.
+        value = statement.value
+        if not (isinstance(statement, ast.Assign) and isinstance(value, ast.BoolOp) and isinstance(value.op, ast.Or)
+                and len(value.values) == 2 and ast.unparse(value.values[0]) == name):
+            return None
+        expression = value.values[1]
+        if isinstance(expression, ast.Constant) and type(expression.value) is int:  # Z-Image: 1024
+            return expression.value
+        rule = _OR_DEFAULTS.get(ast.unparse(expression).replace(name, "{name}"))
+        try:
+            return None if rule is None else int(rule(pipe, name))
+        except (AttributeError, TypeError):  # a component the rule reads is missing: the call would fail alike
+            return None
+    return None
+
+
+def call_defaults(pipe, image: bool = False) -> dict[str, int | None]:
+    """The model's own `steps`, `frames`, `height` and `width`: the testbed's evaluation size (20 steps), else what
+    the pipeline call uses when they are not passed. Its defaults (Wan: 50 steps, 81 frames at 480 x 832; one frame
+    for an image pipeline); for an argument it leaves `None`, the value its `__call__` works out, where that is one of
+    the statements `_own_default` reproduces (Mochi's `default_height` and `default_width`, FLUX's and SD3's default
+    sample size, CogVideoX's and Allegro's transformer sample size, HunyuanVideo 1.5's 16:9 size, LTX-2's 121
+    frames).
+
+    `None` where the call works it out in a way not reproduced here: LTX-2.5's duration head predicts the frame
+    count from the prompt, a modular pipeline's blocks decide, a size the call does not take (HunyuanVideo 1.5's
+    image-to-video sizes the video from its image); with `image` (the call gets an input image), every size the
+    pipeline leaves `None`, since a call that takes an image may size its output from it (FLUX.2, Kontext, Qwen-Image
+    Edit). The commands leave those out of the call and report the size of the video it made.
+    """
     from .pipelines.testbed import TestbedPipeline, testbed_config
 
     if isinstance(pipe, TestbedPipeline):
         return {"steps": 20, **testbed_config()["eval"]}
-    parameters = _call_parameters(pipe).values()
-    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    config = getattr(getattr(pipe, "transformer", None), "config", {})
+    parameters = _call_parameters(pipe)
+    defaults = {p.name: p.default for p in parameters.values() if p.default is not inspect.Parameter.empty}
 
-    def sample_pixels(side: str) -> int:
-        if getattr(pipe, "default_sample_size", None):
-            return pipe.default_sample_size * pipe.vae_scale_factor
-        latent = config.get(f"sample_{side}")
-        return latent * pipe.vae_scale_factor_spatial if latent and hasattr(pipe, "vae_scale_factor_spatial") else 512
+    def own(name: str) -> int | None:
+        if name not in parameters:
+            return None
+        if defaults.get(name) is not None:
+            return defaults[name]
+        if image and name in ("height", "width") and takes_image(pipe):
+            return None
+        return _own_default(pipe, name)
 
     frames = frames_parameter(pipe)
     return {
+        # A call without a step count of its own (none by default) gets diffusers' usual 50.
         "steps": defaults.get("num_inference_steps") or 50,
-        "frames": 1 if frames is None else defaults.get(frames) or config.get("sample_frames") or 17,
-        "height": defaults.get("height") or sample_pixels("height"),
-        "width": defaults.get("width") or sample_pixels("width"),
+        "frames": 1 if frames is None else own(frames),
+        "height": own("height"),
+        "width": own("width"),
     }
 
 
 def fill_call_defaults(args, pipe) -> None:
     """Set each of `args.steps`, `frames`, `height`, `width` left `None` (the commands' default) to the model's own
-    (`call_defaults`)."""
-    for name, value in call_defaults(pipe).items():
+    (`call_defaults`, given whether `args.image` is set); one the pipeline works out itself stays `None`, and is
+    left out of its call (`generation_kwargs`)."""
+    for name, value in call_defaults(pipe, image=getattr(args, "image", None) is not None).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
@@ -816,9 +930,11 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     result = CompareResult(
         model=model_label(args.model, pipe),
         config=repr(config),
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
+        # The video made, not the request: pipelines round a frame count (Wan to 4k + 1: 7 makes 5) or size, and
+        # work out what `call_defaults` leaves to them.
+        frames=dense.shape[0],
+        height=dense.shape[1],
+        width=dense.shape[2],
         steps=args.steps,
         seed=args.seed,
         device=args.device,

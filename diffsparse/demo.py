@@ -23,6 +23,7 @@ from .compare import (
     scored_label,
     speedup_note,
     takes_image,
+    takes_size,
 )
 from .config import CORRECTIONS, SparseConfig, StepCount, parse_dense_layers
 from .metrics import lpips_missing_reason
@@ -49,10 +50,10 @@ def compare_once(
     block_size: int | tuple[int, int] = 64,
     correction: str = "none",
     dense_layers: int | list[int] | str = 0,
-    steps: int = 20,
-    frames: int = 17,
-    height: int = 48,
-    width: int = 48,
+    steps: int | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
     seed: int = 0,
     still_candidates: int = 0,
     image: str | None = None,
@@ -73,16 +74,22 @@ def compare_once(
     stills, as `diffsparse compare --two-stage --still-candidates N` (what `make run` shows, with N = 4). `image`:
     an image file for image-to-video and editing pipelines (`diffsparse compare --image`). `call_kwargs`: more
     keyword arguments of the pipeline call, a dict or its JSON text, as the page's field gives it (`diffsparse
-    compare --call-kwargs`); empty text: none.
+    compare --call-kwargs`); empty text: none. `steps`, `frames`, `height`, `width`: `None` (the default) takes the
+    model's own, as `diffsparse compare` leaves them (`compare.call_defaults`: the testbed's evaluation size, Wan's
+    50 steps and 81 frames at 480 x 832, or left to the pipeline where it works one out itself); the result holds the
+    size of the video made.
     `lpips_weights`: the AlexNet checkpoint for LPIPS (`diffsparse demo --lpips-weights`; default: the torch hub
     cache's, when it holds one).
     """
     if not isinstance(still_candidates, int) or still_candidates < 0:
         raise ValueError(
             f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
-    # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work.
+    # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work. None
+    # for the video's steps and size is the model's own (`fill_call_defaults`).
     for name, value, least in (("steps", steps, 1), ("frames", frames, 1), ("height", height, 1), ("width", width, 1),
                                ("seed", seed, None)):
+        if value is None and name != "seed":
+            continue
         # isfinite first: int() of NaN or inf raised its own error, which named no field.
         whole = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
                  and value == int(value))
@@ -106,10 +113,8 @@ def compare_once(
     args = argparse.Namespace(
         model=model,
         prompt=prompt,
-        steps=int(steps),
-        frames=int(frames),
-        height=int(height),
-        width=int(width),
+        **{name: None if value is None else int(value)
+           for name, value in (("steps", steps), ("frames", frames), ("height", height), ("width", width))},
         seed=int(seed),
         device=device,
         out=str(out),
@@ -162,11 +167,14 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
                  lpips_weights: str | None = None):
     """The page's submit function: form values in, `(video path, markdown summary)` out; bad settings raise
     `gradio.Error` with `SparseConfig`'s message, which the page shows, and so does any other failure (its type
-    and message; the traceback goes to the server's log). diffsparse's warnings pop up as `gradio.Warning`s too."""
+    and message; the traceback goes to the server's log). diffsparse's warnings pop up as `gradio.Warning`s too.
+    A frame count, height or width of `UNSET` (0) is the pipeline's own, left out of its call (`form_ranges`)."""
     import gradio as gr
 
     def on_submit(prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames, height,
                   width, seed, stills, image=None, call_kwargs=""):
+        # A size or frame count slider at UNSET: the pipeline's own (`form_ranges`).
+        frames, height, width = (None if value == UNSET else value for value in (frames, height, width))
         try:
             result, summary = compare_once(
                 pipe, prompt, pattern, density, dense_steps, block_size, correction, dense_layers, steps, frames,
@@ -187,19 +195,35 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
     return on_submit
 
 
-def form_ranges(pipe) -> dict[str, tuple[int, int, int, int]]:
+# The slider ends for a size or frame count the pipeline works out itself (`call_defaults` gives None: no default to
+# double): room for the native sizes of today's video models (HunyuanVideo's 129 frames, 1080p).
+UNSET_RANGES = {"frames": 257, "height": 2048, "width": 2048}
+# The page's spelling of a size or frame count left to the pipeline: a slider at 0 (sliders cannot be cleared).
+UNSET = 0
+
+
+def form_ranges(pipe) -> dict[str, tuple[int, int, int, int | None]]:
     """`(minimum, maximum, step, default)` of the page's steps, frames, height and width for `pipe`: the model's own
     defaults (`compare.call_defaults`: e.g. Wan 50 steps, 81 frames at 480 x 832; the testbed's evaluation size)
-    inside ranges up to twice them (the testbed's: up to 50 steps, 33 frames, 128 pixels)."""
+    inside ranges up to twice them (the testbed's: up to 50 steps, 33 frames, 128 pixels). A default of `None` is
+    one the pipeline works out itself (a size it may take from its input image, LTX-2.5's predicted frame count): its
+    slider runs from `UNSET` (0, which the page sends as "the pipeline's own") to `UNSET_RANGES`."""
     from .pipelines.testbed import TestbedPipeline
 
-    defaults = call_defaults(pipe)
-    steps, frames, height, width = (defaults[name] for name in ("steps", "frames", "height", "width"))
+    # As `compare --image` would: a pipeline that takes an image may size its output from the page's.
+    defaults = call_defaults(pipe, image=takes_image(pipe))
+    ends = {name: defaults[name] for name in ("steps", "frames", "height", "width")}
     if isinstance(pipe, TestbedPipeline):
-        steps, frames, height, width = 25, 16, 64, 64  # half the ranges: the slider ends of the CPU-sized model
-    return {"steps": (2, 2 * steps, 1, defaults["steps"]),
-            "frames": (1, max(33, 2 * frames + 1), 4, defaults["frames"]),
-            "height": (16, 2 * height, 16, defaults["height"]), "width": (16, 2 * width, 16, defaults["width"])}
+        ends.update(steps=25, frames=16, height=64, width=64)  # half the ranges: the slider ends of the CPU-sized model
+    ranges = {"steps": (2, 2 * ends["steps"], 1, defaults["steps"])}
+    for name, step, least, high in (("frames", 4, 1, max(33, 2 * (ends["frames"] or 0) + 1)),
+                                    ("height", 16, 16, 2 * (ends["height"] or 0)),
+                                    ("width", 16, 16, 2 * (ends["width"] or 0))):
+        if defaults[name] is None:  # any multiple of 16 pixels, any frame count: the pipeline rounds its own way
+            ranges[name] = (UNSET, UNSET_RANGES[name], 1 if name == "frames" else step, None)
+        else:
+            ranges[name] = (least, high, step, defaults[name])
+    return ranges
 
 
 def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str | Path = "outputs/demo",
@@ -233,12 +257,15 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
 
                 def slider(name, label, **kwargs):
                     low, high, step, value = ranges[name]
+                    if value is None:  # the pipeline's own: not passed (`on_submit`)
+                        value, label = UNSET, f"{label}; {UNSET}: the pipeline's own"
                     return gr.Slider(low, high, value=value, step=step, label=label, **kwargs)
 
                 steps = slider("steps", "denoising steps")
                 frames = slider("frames", "frames", interactive=not is_image_pipeline(pipe))  # images: one frame
-                height = slider("height", "height (pixels)")
-                width = slider("width", "width (pixels)")
+                # A size the call does not take (HunyuanVideo 1.5's image-to-video sizes from its image): fixed.
+                height = slider("height", "height (pixels)", interactive=takes_size(pipe, "height"))
+                width = slider("width", "width (pixels)", interactive=takes_size(pipe, "width"))
                 seed = gr.Number(0, precision=0, label="seed")
                 stills = gr.Slider(0, 8, value=4 if isinstance(pipe, TestbedPipeline) else 0, step=1,
                                    label="two-stage: still candidates (0 = one pass; testbed models only)")

@@ -178,6 +178,12 @@ def run_eval(args) -> list[EvalRow]:
     for prompt, seed in cases:
         dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
         progress.update(1)
+    # The size of the videos made, which the tables give: a pipeline rounds a frame count (Wan: 7 makes 5) or works
+    # out a size the command left to it (`call_defaults`), whose LPIPS check could only come now.
+    made = tuple(next(iter(dense.values()))[0].shape[:3])
+    if (args.height, args.width) != made[1:]:
+        weights = lpips_weights(args.lpips_weights, frame_size=made[1:])
+        with_lpips = weights is not None
     rows = []
     for config in configs:
         scores, wall, attention = [], [], []
@@ -219,7 +225,7 @@ def run_eval(args) -> list[EvalRow]:
             )
         )
     progress.close()
-    _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe))
+    _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe), made)
     return rows
 
 
@@ -356,7 +362,10 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips: bool, placement: str) -> None:
+def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips: bool, placement: str,
+           made: tuple[int, int, int]) -> None:
+    """`eval.csv` and `eval.md` in `out`; `made`: the frames, height and width of the videos generated."""
+    frames, height, width = made
     out.mkdir(parents=True, exist_ok=True)
     fields = list(asdict(rows[0])) if rows else []
     with open(out / "eval.csv", "w", newline="") as f:
@@ -365,7 +374,7 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         # A JSON list: warnings hold commas, semicolons and quotes of their own.
         writer.writerows({**asdict(r), "warnings": json.dumps(r.warnings)} for r in rows)
     header = (
-        f"model: {model_label(args.model)}; {args.frames} frames {args.height}x{args.width}, "
+        f"model: {model_label(args.model)}; {frames} frames {height}x{width}, "
         f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds from {args.seed}, block {args.block_size}, "
         f"{args.device}, "
         f"{placement}, "
@@ -399,7 +408,7 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     for i, r in enumerate(rows, 1):
         lines += ["", f"Warnings of row {i}:", *(f"- {message}" for message in r.warnings)] if r.warnings else []
     if not with_lpips:
-        lines += ["", f"LPIPS not computed: {lpips_missing_reason((args.height, args.width))}."]
+        lines += ["", f"LPIPS not computed: {lpips_missing_reason((height, width))}."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")

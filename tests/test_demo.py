@@ -145,6 +145,81 @@ def test_the_form_starts_at_each_models_own_size(tiny_pipe):
     assert all(low <= value <= high and (value - low) % step == 0 for low, high, step, value in wan.values())
 
 
+def page_fields(pipe, out) -> dict:
+    """The page's input fields for `pipe`, by their label up to its first parenthesis or colon."""
+    import re
+
+    gr = pytest.importorskip("gradio")
+    fields = [b for b in build_demo(pipe, out=out).blocks.values()
+              if isinstance(b, (gr.Slider, gr.Dropdown, gr.Image, gr.Number)) and b.label]
+    return {re.split(r" \(|:|;", b.label)[0]: b for b in fields}
+
+
+def test_the_page_starts_where_the_readme_says(tiny_pipe, tmp_path):
+    # README's demo section: the page starts at `make run`'s config (searched at density 0.25); the steps and size
+    # sliders at the model's own defaults, reaching twice them; still candidates 4 on testbed models, 0 otherwise; the
+    # image field only for pipelines with an `image` argument. Before, none of this was checked: any of it could
+    # change unnoticed.
+    from diffsparse.pipelines import testbed
+
+    wan, bed = page_fields(tiny_pipe, tmp_path), page_fields(testbed.load(), tmp_path)
+    for page in (wan, bed):
+        assert (page["pattern"].value, page["target block density"].value) == ("searched", 0.25)
+    sliders = ("denoising steps", "frames", "height", "width")
+    # The tiny Wan is a WanPipeline: 50 steps, 81 frames at 480 x 832 (the frame slider to 2F + 1, a 4k + 1 count).
+    assert [(wan[name].value, wan[name].maximum) for name in sliders] == [(50, 100), (81, 163), (480, 960),
+                                                                           (832, 1664)]
+    # The testbed's evaluation size, inside the ranges of its CPU-sized model (up to 50 steps, 33 frames, 128 pixels).
+    assert [(bed[name].value, bed[name].maximum) for name in sliders] == [(20, 50), (17, 33), (48, 128), (48, 128)]
+    assert (bed["two-stage"].value, wan["two-stage"].value) == (4, 0)
+    assert not wan["input image"].visible and not bed["input image"].visible
+
+
+def test_sizes_a_pipeline_works_out_itself_start_at_its_own_and_are_not_passed(tiny_pipe, tmp_path, monkeypatch):
+    # diffusers' modular Wan leaves its frame count and size to its blocks (`call_defaults` gives None): the sliders
+    # start at 0, "the pipeline's own", which the page does not pass. Before, 17 frames at 512 x 512 were passed.
+    pytest.importorskip("gradio")
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
+
+    from diffsparse import demo
+    from diffsparse.compare import ModularCall
+
+    modular = WanBlocks().init_pipeline()
+    modular.update_components(**{name: getattr(tiny_pipe, name)
+                                 for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")})
+    pipe = ModularCall(modular)
+    page = page_fields(pipe, tmp_path)
+    for name in ("frames", "height", "width"):
+        assert (page[name].value, page[name].minimum) == (0, 0) and "0: the pipeline's own" in page[name].label
+    calls = []
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result_stub(tmp_path))
+    make_handler(pipe, out=tmp_path)("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 0, 0, 0, 0, 0)
+    assert (calls[0].steps, calls[0].frames, calls[0].height, calls[0].width) == (2, None, None, None)
+
+
+def result_stub(tmp_path):
+    from diffsparse.compare import CompareResult
+
+    return CompareResult(model="tiny", config="SparseConfig()", frames=5, height=32, width=32, steps=2, seed=0,
+                         device="cpu", dtype="fp32", offload="none", sampler="one pass", dense_seconds=1.0,
+                         sparse_seconds=1.0, speedup=1.0, dense_denoise_seconds=1.0, sparse_denoise_seconds=1.0,
+                         denoise_speedup=1.0, mean_attention_density=0.5, sparse_steps_density=0.5, sparse_calls=1,
+                         psnr_db=30.0, ssim=0.9, lpips=None, video_path=str(tmp_path / "compare.mp4"))
+
+
+def test_compare_once_defaults_to_the_models_own_size(tiny_pipe, tmp_path, monkeypatch):
+    # As `diffsparse compare`: steps and size left out are the model's own (the tiny Wan's 50 steps, 81 frames at
+    # 480 x 832), filled in by `run_compare`. Before, 20 steps and 17 frames at 48 x 48 whatever the model.
+    from diffsparse import demo
+    from diffsparse.compare import fill_call_defaults
+
+    calls = []
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result_stub(tmp_path))
+    compare_once(tiny_pipe, "a red circle", out=tmp_path)
+    fill_call_defaults(calls[0], tiny_pipe)
+    assert (calls[0].steps, calls[0].frames, calls[0].height, calls[0].width) == (50, 81, 480, 832)
+
+
 def test_image_to_video_pipelines_take_the_pages_image(tmp_path):
     # The image field shows for pipelines with an `image` argument, and its file reaches the pipeline.
     gr = pytest.importorskip("gradio")

@@ -155,3 +155,29 @@ def test_the_error_is_the_relative_l2_norm_against_dense_attention_on_the_same_i
     masked = attention(torch.arange(40)[None, :] < ends[:, None])
     assert _relative_error(q, k, v, 1.1 * masked, groups) == pytest.approx(0.1, abs=1e-6)
     assert _relative_error(q, k, v, masked, groups) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_traced_generation_draws_the_same_global_noise_for_its_seed(tiny_pipe, tmp_path, monkeypatch):
+    # A pipeline that also draws from torch's global generator (JoyImage Edit, its reference image's latents; here a
+    # hook on the transformer) traces the same run for the same seed, as compare's runs do, and the caller's
+    # generator is left as it was. Before, running the trace outside `seeded_global_generator` went unnoticed.
+    from diffsparse import compare
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    draws = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: draws.append(torch.rand(()).item()))
+
+    def traced_draws(seed):
+        draws.clear()
+        assert main(["trace", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size",
+                     "16", "--pattern", "window3d", "--density", "0.5", "--dense-steps", "1", "--seed", str(seed),
+                     "--out", str(tmp_path)]) == 0
+        return list(draws)
+
+    state = torch.get_rng_state()
+    try:
+        first, again, other = traced_draws(0), traced_draws(0), traced_draws(1)
+    finally:
+        hook.remove()
+    assert first and first == again and first != other
+    assert torch.equal(torch.get_rng_state(), state)

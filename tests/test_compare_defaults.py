@@ -1,0 +1,217 @@
+"""What the commands generate when `--steps`, `--frames`, `--height` or `--width` is left out (`call_defaults`): what
+the pipeline's own call uses without it, or nothing passed where the call works the value out itself. And what
+`compare` reports: the size of the video it made, and the density over every segment of a pipeline that denoises
+in several."""
+
+import argparse
+import inspect
+import json
+
+import pytest
+import torch
+from test_hunyuan_video15 import hunyuan15_pipe  # noqa: F401  (fixture)
+
+import diffsparse
+from diffsparse.compare import call_defaults, fill_call_defaults, generation_kwargs
+
+SIZES = ("frames", "height", "width")
+
+
+class Prepared(Exception):
+    pass
+
+
+def the_call_uses(pipe, **call) -> dict:
+    """The frame count, height and width `pipe(**call)` prepares its latents at (each of these pipelines passes
+    them to `prepare_latents` in pixels, after working out the ones left unset); the call is stopped there."""
+    seen = {}
+    signature = inspect.signature(type(pipe).prepare_latents)
+
+    def prepare_latents(*args, **kwargs):
+        arguments = signature.bind(pipe, *args, **kwargs).arguments
+        seen.update({name: arguments[key] for name, key in zip(SIZES, ("num_frames", "height", "width"))
+                     if key in arguments})
+        raise Prepared
+
+    vars(pipe)["prepare_latents"] = prepare_latents  # the instance's, past DiffusionPipeline's config-aware setattr
+    try:
+        with pytest.raises(Prepared), torch.no_grad():
+            pipe(**call)
+    finally:
+        del vars(pipe)["prepare_latents"]
+    return seen
+
+
+def defaults_of(pipe) -> dict:
+    defaults = call_defaults(pipe)
+    return {name: defaults[name] for name in SIZES}
+
+
+def filled(pipe, image: str | None = None) -> dict:
+    """What `fill_call_defaults` sets where the command's options leave them `None`, with `--image` or without."""
+    args = argparse.Namespace(steps=None, frames=None, height=None, width=None, image=image, call_kwargs=None)
+    fill_call_defaults(args, pipe)
+    return {name: getattr(args, name) for name in SIZES}
+
+
+def tiny_mochi_pipeline():
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from diffsparse.pipelines.text import word_tokenizer
+
+    vocabulary = ["<pad>", "</s>", "<unk>", "a", "red", "circle"]
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=1, pooled_projection_dim=16,
+        in_channels=12, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8,
+    )
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32,) * 4,
+                             decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocabulary), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=t5.eval(),
+                         tokenizer=word_tokenizer(vocabulary, max_length=8), transformer=transformer.eval())
+
+
+def tiny_allegro_pipeline():
+    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
+
+    from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+    base = tiny_wan_pipeline()
+    torch.manual_seed(0)
+    # sample_frames counts latent frames: the pipeline's default is 4 of them, 16 video frames.
+    transformer = AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=1,
+        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4,
+        caption_channels=base.text_encoder.config.d_model,
+    )
+    vae = AutoencoderKLAllegro(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=2)
+    return AllegroPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, transformer=transformer,
+                           scheduler=DDIMScheduler())
+
+
+def test_mochi_s_size_is_its_default_height_and_width():
+    # Before, 512 x 512: Mochi's call leaves the size None and takes its `default_height` and `default_width`.
+    pipe = tiny_mochi_pipeline()
+    assert defaults_of(pipe) == {"frames": 19, "height": 480, "width": 848}
+    assert defaults_of(pipe) == the_call_uses(pipe, prompt="a red circle", max_sequence_length=8)
+
+
+def test_allegro_s_frame_count_is_its_latent_sample_frames_in_video_frames():
+    # Before, 4: the transformer's sample_frames, which counts latent frames; the call multiplies it by the VAE's 4.
+    pipe = tiny_allegro_pipeline()
+    assert defaults_of(pipe) == {"frames": 4 * pipe.vae_scale_factor_temporal, "height": 64, "width": 96}
+    assert defaults_of(pipe) == the_call_uses(pipe, prompt="a red circle", max_sequence_length=8)
+
+
+def test_ltx2_s_frame_count_is_121_or_left_to_its_duration_head():
+    # Before, 17. LTX-2.0 and 2.3 make 121 frames; LTX-2.5's duration head predicts a count from the prompt, which
+    # no fixed number gives: the commands leave it out of the call.
+    from diffusers import LTX2Pipeline
+    from diffusers.pipelines.ltx2.duration_head import LTX2DurationHead
+    from test_ltx2 import tiny_ltx2_pipeline
+
+    pipe = tiny_ltx2_pipeline("2.0")
+    call = {"prompt": "a red circle", "max_sequence_length": 8}
+    assert defaults_of(pipe) == {"frames": 121, "height": 512, "width": 768}
+    assert defaults_of(pipe) == the_call_uses(pipe, **call)
+    torch.manual_seed(0)
+    head = LTX2DurationHead(video_cross_attention_dim=16, audio_cross_attention_dim=16, pooler_hidden_dim=8,
+                            num_pooler_heads=2, mlp_hidden_dim=8)
+    pipe = LTX2Pipeline(**{**pipe.components, "duration_head": head.eval()})
+    assert filled(pipe) == {"frames": None, "height": 512, "width": 768}
+    assert the_call_uses(pipe, **call)["frames"] != 121
+    args = argparse.Namespace(steps=2, image=None, call_kwargs=None, **filled(pipe))
+    assert "num_frames" not in generation_kwargs(pipe, args, "a red circle", 0)
+
+
+def test_hunyuan_video15_s_size_is_its_own_16_by_9_bucket(hunyuan15_pipe):  # noqa: F811
+    # Before, 512 x 512: the text-to-video call leaves both sides None and picks the crop bucket closest to 16:9 at
+    # its transformer's target size.
+    pipe = hunyuan15_pipe
+    defaults = defaults_of(pipe)
+    assert defaults["height"] < defaults["width"] and defaults["frames"] == 121
+    assert defaults == the_call_uses(pipe, prompt="a red circle", num_inference_steps=2)
+
+
+def test_an_input_image_leaves_a_size_the_pipeline_may_take_from_it_unset():
+    # FLUX.2 sizes its output from its reference image where the size is unset: its default sample size, passed
+    # explicitly, made a square 1024 image instead.
+    from PIL import Image
+    from test_flux2 import ENCODER_LAYERS, tiny_flux2_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_flux2_pipeline()
+    call = {"prompt": "a red circle", "max_sequence_length": 48, "text_encoder_out_layers": ENCODER_LAYERS}
+    assert defaults_of(pipe) == {"frames": 1, **the_call_uses(pipe, **call)}
+    assert the_call_uses(pipe, **call, image=Image.new("RGB", (96, 64))) == {"height": 64, "width": 96}
+    assert filled(pipe, image="reference.png") == {"frames": 1, "height": None, "width": None}
+    args = argparse.Namespace(steps=2, image=None, call_kwargs=None, **filled(pipe, image="reference.png"))
+    assert not {"height", "width"} & set(generation_kwargs(pipe, args, "a red circle", 0))
+
+
+def test_a_modular_pipeline_s_sizes_are_left_to_its_blocks(tiny_pipe):
+    # Its blocks work them out (diffusers' modular Wan: the components' 81 frames at 480 x 832); before, 17 frames at
+    # 512 x 512 were passed.
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
+
+    from diffsparse.compare import ModularCall
+
+    modular = WanBlocks().init_pipeline()
+    modular.update_components(**{name: getattr(tiny_pipe, name)
+                                 for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")})
+    assert defaults_of(ModularCall(modular)) == {"frames": None, "height": None, "width": None}
+
+
+def test_the_result_holds_the_size_of_the_video_made(tiny_pipe, tmp_path, monkeypatch, capsys):
+    # Wan rounds a frame count to 4k + 1: 7 asked makes 5. Before, compare.json and the printout said 7.
+    import imageio.v3 as iio
+
+    from diffsparse import compare
+    from diffsparse.cli import main
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    assert main(["compare", "--steps", "2", "--frames", "7", "--height", "32", "--width", "48", "--block-size", "16",
+                 "--pattern", "window3d", "--density", "0.5", "--dense-steps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    made = iio.imread(tmp_path / "dense.mp4").shape[:3]
+    assert made == (5, 32, 48) and (result["frames"], result["height"], result["width"]) == made
+    assert "video: 5 frames 32x48, 2 steps" in capsys.readouterr().out
+    # eval's table and bench pipeline's JSON say so too (they gave the request).
+    from diffsparse import evaluate
+
+    monkeypatch.setattr(evaluate, "load_pipeline_for", lambda args: tiny_pipe)
+    small = ["--steps", "1", "--frames", "7", "--height", "32", "--width", "48", "--block-size", "16",
+             "--dense-steps", "1"]
+    assert main(["eval", *small, "--prompts", "1", "--pattern", "window3d", "--density", "0.5",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "; 5 frames 32x48, 1 steps" in (tmp_path / "eval" / "eval.md").read_text()
+    assert main(["bench", "pipeline", *small, "--repeats", "1", "--out", str(tmp_path / "bench")]) == 0
+    assert json.loads((tmp_path / "bench" / "bench_pipeline.json").read_text())["video"] == "5 frames 32x48, 1 steps"
+
+
+def test_the_density_covers_every_chunk_of_a_pipeline_that_denoises_in_several(tmp_path):
+    # A tiny Helios: 8 latent frames in 4 chunks of 2, each chunk its own 3-step loop. Before this test, counting
+    # only the last chunk (stats() without since_apply) went unnoticed.
+    from diffusers import HeliosPipeline, HeliosScheduler
+    from test_helios import tiny_pipeline
+
+    from diffsparse.compare import run_compare
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(HeliosPipeline, HeliosScheduler(stages=1, stage_range=[0, 1]))
+    call_kwargs = {"negative_prompt": "low quality", "guidance_scale": 5.0, "max_sequence_length": 16,
+                   "num_latent_frames_per_chunk": 2, "history_sizes": [4, 2, 1]}
+    args = argparse.Namespace(model=None, prompt="a red circle moving left", steps=3, frames=17, height=64, width=96,
+                              seed=0, device="cpu", out=str(tmp_path), lpips_weights=None, two_stage=False,
+                              still_candidates=1, image=None, call_kwargs=call_kwargs)
+    config = diffsparse.SparseConfig(pattern=diffsparse.patterns.Window3D(window=(1, 1, 1)), block_size=16,
+                                     dense_steps=1)
+    result = run_compare(args, config, pipe=pipe)
+    # Per layer (2): 4 chunks x cond and uncond x 2 sparse steps; the last chunk alone has 4.
+    assert result.sparse_calls == 2 * 4 * 2 * 2
+    # Each chunk's first step (2 calls per layer) dense: 8 of 24 calls per layer count 1.0.
+    assert 0 < result.sparse_steps_density < 1
+    assert result.mean_attention_density == pytest.approx((8 + 16 * result.sparse_steps_density) / 24)
