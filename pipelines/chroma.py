@@ -10,7 +10,9 @@ masked query scores every key alike. The sparse path computes exactly that: the 
 the layout with the marked prompt as its text span, the masked padding keys are merged into those queries densely
 at their lower score through the log-sum-exp, and the masked queries attend every key densely. The call's record
 counts the dense pairs, so `stats()` shows the work done, and `SparseConfig.density` is the whole call's: the runtime
-solves the marked layout for what the padding's dense pairs leave (`outside_pairs`).
+solves the marked layout for what the padding's dense pairs leave (`outside_pairs`). A mask of another kind (a
+boolean one, or marks whose masked tokens are not a tail of the prompt: a caller's left-padded `prompt_attention_mask`)
+runs the original processor, counted dense, with a warning once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from .base import merge_attention, prefix_lengths
-from .flux import FluxAdapter, FluxCopyAttention
+from .flux import DenseMaskWarning, FluxAdapter, FluxCopyAttention
 from .registry import register_adapter
 
 
@@ -42,13 +44,20 @@ def marked_prefixes(mask: torch.Tensor, text_len: int) -> list[int] | None:
         return None
 
 
-class ChromaSparseAttnProcessor(FluxCopyAttention, FluxAttnProcessor):
+class ChromaSparseAttnProcessor(DenseMaskWarning, FluxCopyAttention, FluxAttnProcessor):
     """`FluxAttnProcessor` on Chroma's blocks, whose joint self-attention runs block-sparse when the runtime says so,
     with Chroma's prompt mask computed exactly (module docstring): FLUX copies' sparse path, with Chroma's reading
-    of the mask and its attention. Dense calls run the original `__call__` unchanged."""
+    of the mask and its attention. Dense calls run the original `__call__` unchanged, as do calls with a mask of
+    another kind, said once (`DenseMaskWarning`)."""
+
+    mask_family = "Chroma"
 
     def read_prompt_mask(self, mask, text_len):
-        return marked_prefixes(mask, text_len)
+        lengths = marked_prefixes(mask, text_len)
+        if lengths is None:
+            self._warn_dense_mask(mask, "as it is not Chroma's prompt mask: the outer product of 0/1 marks whose zeros "
+                                  "are the padding after the prompt (a left-padded prompt_attention_mask?)")
+        return lengths
 
     def attend_prompts(self, query, key, value, lengths, text_len):
         if lengths is None:

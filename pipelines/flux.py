@@ -57,17 +57,35 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=
     return query, key, value
 
 
-class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
+class DenseMaskWarning:
+    """Mixin of a sparse processor that leaves the calls with some attention masks to the original processor
+    (FLUX's, Chroma's): `_warn_dense_mask` says so, naming the family (`mask_family`), once per `apply`."""
+
+    mask_family = "FLUX"
+
+    def _warn_dense_mask(self, mask: torch.Tensor, why: str) -> None:
+        # Asked once per transformer call (`once_per_call`) by the first layer to see the mask (by every layer where
+        # each block makes its own, as Chroma's do), said once per `apply` (the flag on the runtime all its layers
+        # share): the mask comes with every call, and a run gone wholly dense would show only as a missing speedup.
+        if getattr(self.runtime, "_warned_dense_mask", False):
+            return
+        self.runtime._warned_dense_mask = True
+        warnings.warn(
+            f"diffsparse: {self.runtime.name}: {self.mask_family} self-attention calls with this attention_mask (shape "
+            f"{tuple(mask.shape)}, {mask.dtype}) run the original processor (dense, counted dense in stats()) {why}",
+            stacklevel=3,
+        )
+
+
+class FluxSparseAttnProcessor(DenseMaskWarning, SparseProcessor, FluxAttnProcessor):
     """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so.
 
     Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
     measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel). A boolean key mask of the
     prompt's padding (`joint_attention_kwargs={"attention_mask": ...}`) is attended as the FLUX copies attend it
     (`FluxCopyAttention`); a mask of another kind, or any mask under context parallelism, runs the original,
-    counted dense, said once.
+    counted dense, said once (`DenseMaskWarning`).
     """
-
-    _warned_mask = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -98,18 +116,6 @@ class FluxSparseAttnProcessor(SparseProcessor, FluxAttnProcessor):
         if valid is None:
             self._warn_dense_mask(mask, "as it is not a boolean (B, 1, 1, S) key mask of the prompt's padding")
         return valid
-
-    def _warn_dense_mask(self, mask: torch.Tensor, why: str) -> None:
-        # Asked once per transformer call (`once_per_call`, the first layer to see the mask), said once per `apply`:
-        # the mask comes with every call, and a run gone wholly dense would show only as a missing speedup.
-        if self._warned_mask:
-            return
-        self._warned_mask = True
-        warnings.warn(
-            f"diffsparse: {self.runtime.name}: FLUX self-attention calls with this attention_mask (shape "
-            f"{tuple(mask.shape)}, {mask.dtype}) run the original processor (dense, counted dense in stats()) {why}",
-            stacklevel=3,
-        )
 
 
 class FluxCopyAttention(SparseProcessor):

@@ -2,9 +2,12 @@
 
 HunyuanVideo's blocks on images: every block's `attn` over `[image, text]`, the dual-stream blocks projecting the
 text with their own weights, the single-stream ones the joined sequence; the text is the MLLM tokens and, with the
-ByT5 glyph encoder, its tokens, each prompt's valid tokens first and its padding masked as keys. So the sparse path
-is HunyuanVideo's (`hunyuan_video.joint_qkv`, each image over its valid prefix); images are one frame (the
-refiner's 5D latents, frames of them). The text-only token refiner is untouched.
+ByT5 glyph encoder, its tokens, the padding masked as keys. With ByT5 the transformer puts each prompt's valid tokens
+first; without it (the refiner, any model with `text_embed_2_dim=None`) it passes the tokenizer's mask through, so a
+left-padded prompt reaches the attention with its padding in front. The sparse path is HunyuanVideo's
+(`hunyuan_video.HunyuanJointAttention`: each image over its valid prefix, a prompt whose valid tokens are not leading
+moved valid first and put back, exactly); images are one frame (the refiner's 5D latents, frames of them). The
+text-only token refiner is untouched.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 Every block's `attn` is self-attention over one joint sequence: the video tokens in frame-major order after
 the patchify, then the text tokens (the dual-stream blocks project the text with their own `add_*_proj`, the
 single-stream blocks with the same weights). Prompts are padded to a fixed text length and the padding is
-masked as keys (`attention_mask`, a valid prefix per video). The sparse path attends each video over its valid
-prefix only, with the layout's text span cut to the valid tokens (every pattern keeps text rows and columns
-whole); the padded text queries, whose outputs never reach a video token, attend densely to the valid keys as
-in the original. The text-only attention of the token refiner is untouched.
+masked as keys (`attention_mask`, a valid prefix per video: the transformer rebuilds it so). The sparse path
+attends each video over its valid prefix only, with the layout's text span cut to the valid tokens (every pattern
+keeps text rows and columns whole); the padded text queries, whose outputs never reach a video token, attend
+densely to the valid keys as in the original. A mask whose valid text is not leading (HunyuanImage without ByT5 and
+Motif-Video pass the tokenizer's left padding through; `HunyuanJointAttention`) is attended with each video's text
+moved valid first and the outputs put back. The text-only attention of the token refiner is untouched.
 
 HunyuanVideo Framepack (`HunyuanVideoFramepackTransformer3DModel`, the same blocks and processor) puts the
 history latents (4x, 2x and 1x patchified) in front of the video and the image embedding in front of the text:
@@ -27,6 +29,7 @@ from ..patterns import VideoLayout
 from .base import (
     JointVideoTextAttention,
     ModelAdapter,
+    attend_valid_prefixes,
     call_argument,
     forward_input,
     latent_grid,
@@ -59,28 +62,67 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
     return query, key, value
 
 
-def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    """Per video, how many leading tokens are valid keys, from HunyuanVideo's `(B, 1, 1, S)` boolean key mask."""
-    if attention_mask is None:
-        return [length] * batch
+def key_rows(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The `(B, S)` rows of HunyuanVideo's `(B, 1, 1, S)` boolean key mask; a `ValueError` for a mask of another
+    kind."""
     if attention_mask.dtype != torch.bool or attention_mask.numel() != batch * length:
         raise ValueError(
             f"expected HunyuanVideo's boolean key mask of shape (B, 1, 1, S) = ({batch}, 1, 1, {length}), got "
             f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
         )
-    return prefix_lengths(attention_mask.reshape(batch, length))
+    return attention_mask.reshape(batch, length)
+
+
+def valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Per video, how many leading tokens are valid keys, from HunyuanVideo's `(B, 1, 1, S)` boolean key mask (made
+    from the transformer's `encoder_attention_mask`): a `ValueError` where they are not a prefix."""
+    if attention_mask is None:
+        return [length] * batch
+    return prefix_lengths(key_rows(attention_mask, batch, length), name="encoder_attention_mask")
 
 
 class HunyuanJointAttention(JointVideoTextAttention):
     """The sparse path of HunyuanVideo's joint attention, placed before a processor class with its arithmetic
-    (HunyuanVideo's, HunyuanImage's): its `(B, 1, 1, S)` key mask, and padded text queries that attend to the valid
-    keys, as in the original."""
+    (HunyuanVideo's and Framepack's, HunyuanImage's, Motif-Video's): its `(B, 1, 1, S)` boolean key mask, and padded
+    text queries that attend to the valid keys, as in the original.
+
+    Each video is attended over its valid prefix (`attend_valid_prefixes`). Where a video's valid text tokens are not
+    leading (the transformer passes the tokenizer's mask through: HunyuanImage without the ByT5 tokens, Motif-Video,
+    whose Gemma tokenizer pads on the left), its text tokens are first reordered valid first, a stable order, and the
+    outputs put back in the model's order (`read_text_mask`, `attend_valid_keys`). That is exact, not an
+    approximation of the original's masked attention: the reorder comes after `joint_qkv`, so each token's q and k
+    already carry whatever RoPE the family gives it at its own position, and every pattern keeps the text span's rows
+    and columns whole, so attention commutes with any order of the text tokens. The grid's tokens stay in place.
+    """
 
     joint_qkv = staticmethod(joint_qkv)
     padded_queries = "dense"
 
     def valid_lengths(self, attention_mask, batch, video_len, length):
         return valid_lengths(attention_mask, batch, length)
+
+    def read_text_mask(self, attention_mask, batch, video_len, length):
+        """`(lengths, None, None)` when every video's valid keys are a prefix (`valid_lengths`), else `(None, (order,
+        lengths), None)`: per video, `order` puts its valid text tokens first (a stable sort of the text keys; the
+        first `video_len` tokens, which the transformers never mask, keep their places) and `lengths` counts its
+        valid keys, for `attend_valid_keys`. A mask of another kind (`key_rows`), or one that masks any of the
+        first `video_len` tokens (`valid_lengths`), is refused."""
+        keys = key_rows(attention_mask, batch, length)
+        text = torch.argsort((~keys[:, video_len:]).to(torch.uint8), dim=1, stable=True)
+        if torch.equal(text, torch.arange(length - video_len, device=text.device).expand_as(text)):
+            return self.valid_lengths(keys, batch, video_len, length), None, None
+        grid = torch.arange(video_len, device=text.device).expand(batch, -1)
+        order = torch.cat([grid, text + video_len], dim=1)
+        return None, (order, self.valid_lengths(keys.gather(1, order), batch, video_len, length)), None
+
+    def attend_valid_keys(self, query, key, value, groups, keys):
+        """Each video with its valid text tokens moved first (`groups`: `read_text_mask`'s `(order, lengths)`),
+        attended over its valid prefix, and the outputs put back in the model's order (exact: class docstring)."""
+        order, lengths = groups
+        index = order[:, :, None, None]
+        query, key, value = (x.gather(1, index.expand_as(x)) for x in (query, key, value))
+        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
+        return torch.empty_like(out).scatter_(1, index.expand_as(out), out)
 
 
 class HunyuanVideoSparseAttnProcessor(HunyuanJointAttention, HunyuanVideoAttnProcessor2_0):

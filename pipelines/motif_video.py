@@ -5,19 +5,19 @@ sequence (RoPE on the video tokens), the prompt padding masked as keys (padded t
 keys). Both kinds of block hand the processor the video as `hidden_states` and `[image, text]` as
 `encoder_hidden_states` (a single-stream block splits its joined sequence before the call), and the transformer
 passes the tokenizer's mask through unchanged, so the padding lies wherever the tokenizer put it (Motif's Gemma
-tokenizer pads on the left by default). Where a video's valid text tokens are not a prefix, its `[image, text]`
-tokens are reordered valid first (a stable order per video) for the prefix path, and the outputs put back in
-place: exact, since no text or image token gets RoPE and every pattern keeps the text span's rows and columns
-whole. The last `num_decoder_layers` single-stream blocks are a decoder: its video tokens attend jointly with the
-encoder's video tokens in place of the text, `[decoder video, encoder video]`, so those calls take the layout's
-trailing span as the encoder's tokens, kept whole. The text cross-attention modules stay untouched.
+tokenizer pads on the left by default). The sparse path is HunyuanVideo's (`hunyuan_video.HunyuanJointAttention`,
+the same arithmetic): where a video's valid text tokens are not a prefix, its `[image, text]` tokens are reordered
+valid first (a stable order per video) for the prefix path, and the outputs put back in place, exactly (the reorder
+comes after RoPE, and every pattern keeps the text span's rows and columns whole). The last `num_decoder_layers`
+single-stream blocks are a decoder: its video tokens attend jointly with the encoder's video tokens in place of the
+text, `[decoder video, encoder video]`, so those calls take the layout's trailing span as the encoder's tokens, kept
+whole. The text cross-attention modules stay untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import torch
 from diffusers.models.transformers.transformer_motif_video import (
     MotifVideoAttnProcessor2_0,
     MotifVideoTransformer3DModel,
@@ -25,52 +25,21 @@ from diffusers.models.transformers.transformer_motif_video import (
 
 from ..patterns import VideoLayout
 from .base import (
-    JointVideoTextAttention,
     ModelAdapter,
-    attend_valid_prefixes,
     call_argument,
     forward_input,
     latent_grid,
     patch_size_3d,
     project_joint_output,
 )
-from .hunyuan_video import joint_qkv, valid_lengths
+from .hunyuan_video import HunyuanJointAttention, joint_qkv
 from .registry import register_adapter
 
 
-class MotifVideoSparseAttnProcessor(JointVideoTextAttention, MotifVideoAttnProcessor2_0):
-    """`MotifVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so."""
-
-    joint_qkv = staticmethod(joint_qkv)
-    padded_queries = "dense"
-
-    def valid_lengths(self, attention_mask, batch, video_len, length):
-        return valid_lengths(attention_mask, batch, length)
-
-    def read_text_mask(self, attention_mask, batch, video_len, length):
-        """The prefix reading (`(lengths, None, None)`) of a mask whose valid keys lead each row; else `(None, (order,
-        lengths), None)`: per video, `order` puts its valid tokens first (a stable sort of the key mask) and
-        `lengths` counts them, for `attend_valid_keys`."""
-        if attention_mask.dtype == torch.bool and attention_mask.numel() == batch * length:
-            keys = attention_mask.reshape(batch, length)
-            # The video and image keys are always valid (the transformer pads the mask with them), so a stable sort
-            # moves only text tokens, within the layout's text span.
-            order = torch.argsort((~keys).to(torch.uint8), dim=1, stable=True)
-            if not torch.equal(order, torch.arange(length, device=order.device).expand_as(order)):
-                return None, (order, self.valid_lengths(keys.gather(1, order), batch, video_len, length)), None
-        # A prefix (right padding, no padding) takes the usual path; a mask of another kind is refused there.
-        return super().read_text_mask(attention_mask, batch, video_len, length)
-
-    def attend_valid_keys(self, query, key, value, groups, keys):
-        """Each video with its valid text tokens moved first (`groups`: `read_text_mask`'s `(order, lengths)`),
-        attended over its valid prefix, and the outputs put back in the model's order."""
-        order, lengths = groups
-        index = order[:, :, None, None]
-        # No text token carries RoPE and every pattern keeps the text rows and columns whole, so attention commutes
-        # with this reorder of the text: it is exact, not an approximation of the original's masked attention.
-        query, key, value = (x.gather(1, index.expand_as(x)) for x in (query, key, value))
-        out = attend_valid_prefixes(self.runtime, self.layer, query, key, value, lengths, self.padded_queries)
-        return torch.empty_like(out).scatter_(1, index.expand_as(out), out)
+class MotifVideoSparseAttnProcessor(HunyuanJointAttention, MotifVideoAttnProcessor2_0):
+    """`MotifVideoAttnProcessor2_0` whose joint self-attention runs block-sparse when the runtime says so: the
+    encoder blocks as HunyuanVideo's (`HunyuanJointAttention`, left-padded prompts included), the decoder blocks'
+    calls, which carry no mask, over `[decoder video, encoder video]`."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or attention_mask is not None:

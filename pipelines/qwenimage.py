@@ -10,7 +10,11 @@ span, kept whole, through the runtime's token order (`[text, image, references]`
 The text mask (`encoder_hidden_states_mask`) masks prompt padding as keys. A call whose prompts all use every text
 token (one prompt per call, as the pipelines make CFG's two calls) runs on the call's layout; a batch of prompts of
 different lengths has padding between each prompt's valid text and the image: each prompt is attended without its
-padding (prompts of equal length together), on the layout with its own text span.
+padding (prompts of equal length together), on the layout with its own text span. A caller's mask whose valid text
+is not leading (left-padded `prompt_embeds` with their `prompt_embeds_mask`; diffusers reads such masks "without
+assuming contiguous masks") is attended the same way, each prompt without its masked tokens wherever they lie
+(prompts with the same mask together): exact, since RoPE (on the text too) is applied before the tokens are picked
+and every pattern keeps the text span whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     QwenImageTransformer2DModel,
@@ -28,12 +33,14 @@ from ..patterns import VideoLayout
 from .base import (
     ModelAdapter,
     SparseProcessor,
+    attend_kept_tokens,
     attend_without_text_padding,
     call_argument,
     prefix_lengths,
     project_joint_output,
     project_qkv,
     references_with_text,
+    valid_key_groups,
 )
 from .registry import register_adapter
 
@@ -50,12 +57,14 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None)
     return tuple(torch.cat(pair, dim=1) for pair in zip(text, image))
 
 
-def _valid_prefixes(mask: torch.Tensor) -> list[int] | None:
-    """Each prompt's valid text length, or `None` when a prompt's valid tokens are not a prefix of its text."""
+def _valid_text(mask: torch.Tensor, length: int) -> list[int] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prompts' valid text under the `(B, text)` `mask`, in a `[text, image]` sequence of `length` tokens: each
+    prompt's valid text length (`attend_without_text_padding`'s `lengths`) when its valid tokens are a prefix of its
+    text, else `valid_key_groups`' `[(prompts, their valid key indices), ...]` (`attend_kept_tokens`'s `groups`)."""
     try:
-        return prefix_lengths(mask)
+        return prefix_lengths(mask, name="encoder_hidden_states_mask")
     except ValueError:
-        return None
+        return valid_key_groups(F.pad(mask.bool(), (0, length - mask.shape[1]), value=True))
 
 
 class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcessor2_0):
@@ -70,17 +79,18 @@ class QwenImageSparseAttnProcessor(SparseProcessor, QwenDoubleStreamAttnProcesso
             return super().__call__(*original)
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         text_len = self.runtime.call_text_tokens()  # the whole call's (under context parallelism, a rank holds 1/n)
+        length = self.runtime.call_layout().num_tokens  # likewise
         # Every layer of a call gets the same mask: read it once (on a GPU each read is a host sync).
-        lengths = [text_len] * query.shape[0] if encoder_hidden_states_mask is None else self.runtime.once_per_call(
-            encoder_hidden_states_mask, lambda mask: _valid_prefixes(self.whole_sequence(mask, text_len))
+        valid = [text_len] * query.shape[0] if encoder_hidden_states_mask is None else self.runtime.once_per_call(
+            encoder_hidden_states_mask, lambda mask: _valid_text(self.whole_sequence(mask, text_len), length)
         )
-        if lengths is None:  # valid text that is not a prefix (no pipeline makes it): the original, counted dense
-            self.runtime.log_dense(self.layer)
-            return super().__call__(*original)
         attend = None
-        if set(lengths) != {text_len}:  # prompt padding (the pipelines make CFG's two calls one prompt each: none)
+        if not isinstance(valid[0], int):  # valid text that is not a prefix (a caller's left-padded prompt_embeds)
             def attend(q, k, v, heads=None):
-                return attend_without_text_padding(self.runtime, self.layer, q, k, v, lengths, text_len, heads)
+                return attend_kept_tokens(self.runtime, self.layer, q, k, v, valid, heads)
+        elif set(valid) != {text_len}:  # prompt padding (the pipelines make CFG's two calls one prompt each: none)
+            def attend(q, k, v, heads=None):
+                return attend_without_text_padding(self.runtime, self.layer, q, k, v, valid, text_len, heads)
         out = self.attend_joint(query, key, value, attend=attend)
         return project_joint_output(attn, out.flatten(2, 3).to(query.dtype), hidden_states.shape[1], text_first=True)
 

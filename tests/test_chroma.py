@@ -198,6 +198,29 @@ def test_a_boolean_prompt_mask_runs_the_original_and_counts_dense(chroma_pipe):
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(4, 0), (4, 0)]
 
 
+def test_a_left_padded_prompt_mask_runs_the_original_and_says_so_once(chroma_pipe):
+    # Given embeddings with the padding in front of the prompt (a left-padding tokenizer's mask): Chroma's marks with
+    # masked tokens before marked ones, which the sparse path does not compute. Every call runs the original, counted
+    # dense, and a warning says so once (before, without a word: a run gone dense shows only as a missing speedup).
+    embeds, mask = chroma_pipe._get_t5_prompt_embeds("a red circle on grass", max_sequence_length=TEXT_LEN)
+    marked = int(mask.sum())
+    call = chroma_call(prompt=None, negative_prompt=None, guidance_scale=1.0, prompt_embeds=embeds.roll(1, 1),
+                       prompt_attention_mask=mask.roll(TEXT_LEN - marked, 1))
+    reference = run_pipeline(chroma_pipe, call)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, stats = run_pipeline(chroma_pipe, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8))
+    assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(4, 0), (4, 0)]
+    said = [str(w.message) for w in caught if "attention_mask" in str(w.message)]
+    assert said == [(
+        f"diffsparse: transformer: Chroma self-attention calls with this attention_mask (shape (1, 1, {TEXT_LEN + 48}, "
+        f"{TEXT_LEN + 48}), torch.float32) run the original processor (dense, counted dense in stats()) as it is not "
+        "Chroma's prompt mask: the outer product of 0/1 marks whose zeros are the padding after the prompt (a "
+        "left-padded prompt_attention_mask?)"
+    )]
+
+
 def test_image_to_image_keeps_every_block_within_dense(chroma_components):
     pipe = ChromaImg2ImgPipeline(**chroma_components)
     pipe.set_progress_bar_config(disable=True)

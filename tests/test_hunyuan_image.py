@@ -1,7 +1,7 @@
 """diffsparse on a diffusers HunyuanImage 2.1 transformer (tiny, random weights, called directly): HunyuanVideo's dual-
 and single-stream blocks over `[image, text]`, prompts padded and masked as keys, with and without the ByT5 glyph
-tokens, and the refiner's 5D latents; and a tiny `HunyuanImagePipeline` (Qwen2.5-VL, ByT5, its VAE, the APG
-guider)."""
+tokens, left-padded prompts without them, and the refiner's 5D latents; and a tiny `HunyuanImagePipeline` (Qwen2.5-VL,
+ByT5, its VAE, the APG guider) and a tiny `HunyuanImageRefinerPipeline` whose tokenizer pads on the left."""
 
 import functools
 
@@ -89,6 +89,24 @@ def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
                                             config=config, more_valid=glyphs)
 
 
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_left_padded_prompts_without_glyphs_match_dense(order):
+    # Without ByT5 (the refiner, `text_embed_2_dim=None`) the transformer hands the tokenizer's mask to the attention
+    # as it is: left padding puts it in front of the prompt. Each prompt's valid tokens are moved first and the
+    # outputs put back, which the pattern cannot tell from right padding (the text span is kept whole), so every
+    # block kept gives the original, and a window that leaves blocks out runs too (it failed with a ValueError).
+    model = make_transformer()
+
+    def inputs():
+        call = inputs_for(model)()
+        call["encoder_attention_mask"] = call["encoder_attention_mask"].flip(1)  # 7 and 12 valid tokens, padded left
+        return call
+
+    window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 2, 2)), block_size=8, dense_steps=0, order=order)
+    calls = check_against_dense(model, inputs, block_size=8, order=order, sparse=window)
+    assert sorted({layout.text_len for _, layout, _ in calls}) == [7, TEXT_LEN]  # each prompt over its valid tokens
+
+
 def test_layout_of_a_call(transformer):
     layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs_for(transformer)())
     assert layout == VideoLayout(1, 8, 6, text_len=text_len(transformer), text_position="end")
@@ -162,3 +180,35 @@ def test_pipeline_with_its_guider(hunyuan_image_pipe, prompt, glyph_prompt):
     assert {layout for _, layout, _ in calls} == {
         VideoLayout(1, 16, 12, text_len=sum(valid[text]), text_position="end") for text in (prompt, "blurry")
     }
+
+
+def test_refiner_pipeline_with_a_left_padding_tokenizer():
+    # `HunyuanImageRefinerPipeline` has no ByT5, so the transformer hands its tokenizer's mask to the attention as it
+    # is; a tokenizer padding on the left (the refiner's checkpoint does not say which side) put the padding in front
+    # of the prompt, and the first sparse step raised a ValueError.
+    from diffusers import AutoencoderKLHunyuanImageRefiner, FlowMatchEulerDiscreteScheduler, HunyuanImageRefinerPipeline
+
+    vocabulary = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", ",", ":", *WORDS]
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanImageRefiner(latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+                                           spatial_compression_ratio=2, temporal_compression_ratio=1).eval()
+    tokenizer = qwen_tokenizer(vocabulary)
+    tokenizer.padding_side = "left"
+    transformer = make_transformer(in_channels=8, patch_size=(1, 1, 1), rope_axes_dim=(4, 6, 6), guidance_embeds=True)
+    pipe = HunyuanImageRefinerPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, tokenizer=tokenizer,
+                                       text_encoder=tiny_qwen25_vl(vocabulary, layers=3), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    masks = []
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["encoder_attention_mask"]), with_kwargs=True)
+    # The image as latents (the VAE's 4 channels): the pipeline takes them as they are.
+    image = torch.randn(1, 4, 1, 16, 12, generator=torch.Generator().manual_seed(0))
+    call = {"prompt": "a red circle on grass", "image": image, "num_inference_steps": 3, "height": 32, "width": 24,
+            "output_type": "latent"}
+    try:
+        _, calls = check_pipeline_against_dense(pipe, call, block_size=8)
+    finally:
+        hook.remove()
+    valid = masks[0].sum(dim=1)
+    assert masks[0].shape[0] == 1 and not masks[0][0, 0] and masks[0][0, -1]  # padded on the left
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 16, 12, text_len=int(valid), text_position="end")}

@@ -16,6 +16,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_prompts_attend_their_valid_tokens,
+    recorded_attention_calls,
     run_pipeline,
     run_transformer,
     tiny_clip_text_model,
@@ -121,7 +122,7 @@ def test_masks_that_are_not_a_valid_prefix_are_refused():
     assert valid_lengths(prefix, 2, 10) == [4, 10]
     holes = prefix.clone()
     holes[0, 0, 0, 1] = False
-    with pytest.raises(ValueError, match="prefix"):
+    with pytest.raises(ValueError, match="each row of encoder_attention_mask to be a prefix"):
         valid_lengths(holes, 2, 10)
     with pytest.raises(ValueError, match="boolean key mask"):
         valid_lengths(prefix.float(), 2, 10)
@@ -129,6 +130,41 @@ def test_masks_that_are_not_a_valid_prefix_are_refused():
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "HunyuanVideo", layer=2)
+
+
+def test_left_padded_text_is_attended_where_it_lies(transformer):
+    # The transformer rebuilds its mask as a prefix, but the processor (HunyuanImage's and Motif-Video's too) takes
+    # any boolean key mask: every block's text and the mask's text part rolled so that video 0's padding comes first
+    # (left padding), its text outputs rolled back. No text token gets RoPE, so that is the unrolled model, which the
+    # sparse path must give, the text moved valid first and put back (it raised a ValueError on a non-prefix mask).
+    shifts = (TEXT_LEN - 7, 0)
+    video = 3 * 4 * 3
+
+    def roll(rows, sign=1):
+        return torch.stack([row.roll(sign * shift, 0) for row, shift in zip(rows, shifts)])
+
+    def roll_mask(mask):
+        return torch.cat([mask[..., :video], roll(mask[:, 0, 0, video:])[:, None, None]], dim=-1)
+
+    blocks = (*transformer.transformer_blocks, *transformer.single_transformer_blocks)
+    hooks = [hook for block in blocks for hook in (
+        block.register_forward_pre_hook(lambda m, a: (a[0], roll(a[1]), a[2], roll_mask(a[3]), *a[4:])),
+        block.register_forward_hook(lambda m, a, out: (out[0], roll(out[1], -1))),
+    )]
+    try:
+        reference = run(transformer)
+        with recorded_attention_calls() as calls:
+            kept = run(transformer, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+        window = run(transformer, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                          dense_steps=0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(reference, run(transformer), atol=1e-5, rtol=0)  # the roll changes nothing
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert sorted({(layout.text_len, shape) for _, layout, shape in calls}) == [(7, (1, video + 7)),
+                                                                                 (TEXT_LEN, (1, video + TEXT_LEN))]
+    assert not torch.allclose(window, reference, atol=1e-4)
 
 
 def tiny_hunyuan_pipeline():
@@ -202,7 +238,7 @@ def test_the_padding_mask_is_read_once_per_call(transformer, monkeypatch):
 
     reads = []
     read = hunyuan_video.prefix_lengths
-    monkeypatch.setattr(hunyuan_video, "prefix_lengths", lambda mask: reads.append(mask) or read(mask))
+    monkeypatch.setattr(hunyuan_video, "prefix_lengths", lambda mask, **kw: reads.append(mask) or read(mask, **kw))
     config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
     reference = run(transformer)
     with diffsparse.sparse(transformer, config), torch.no_grad():

@@ -1,6 +1,7 @@
 """diffsparse on diffusers Qwen-Image (tiny, random weights, offline): the transformer called directly, joint [text,
 image] double-stream attention with complex RoPE on both streams; Qwen-Image-Edit's reference images of the output's
-size (frames) and of another size (kept whole beside the text); padded prompts run the original. And the whole
+size (frames) and of another size (kept whole beside the text); padded prompts, their valid text leading or not,
+attended without their padding. And the whole
 `QwenImagePipeline` built (Qwen2.5-VL text encoder, Qwen-Image VAE) and run with true CFG: the `t / 1000` timesteps
 it passes land on the scheduler's steps. Then `QwenImageEditPlusPipeline` from the same VAE and transformer, with a
 Qwen2-VL processor built in memory, so that the tiny vision tower encodes each reference image into the prompt: edits
@@ -134,6 +135,27 @@ def test_each_image_of_a_padded_batch_gets_what_it_gets_alone(transformer):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("references", [(), ((2, 3), (4, 6))], ids=["t2i", "edit other sizes"])
+@pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
+def test_masks_whose_valid_text_is_not_leading_run_sparse(transformer, references, order):
+    # A caller's own mask (left-padded `prompt_embeds` with their `prompt_embeds_mask`; diffusers reads masks "without
+    # assuming contiguous" ones): each prompt is attended without its masked tokens wherever they lie, every block
+    # kept giving the original, a window changing it; before, every call ran the original, counted dense, unsaid.
+    def left_padded():
+        call = inputs(references, valid_text=(4, 5, TEXT_LEN))()
+        call["encoder_hidden_states_mask"] = call["encoder_hidden_states_mask"].flip(1)
+        return call
+
+    calls = check_against_dense(transformer, left_padded, block_size=8, order=order, sparse=LOCAL)
+    references_len = sum(rows * cols for rows, cols in references)
+    assert sorted({(layout.text_len, shape) for _, layout, shape in calls}) == [
+        (n + references_len, (1, n + 24 + references_len)) for n in (4, 5, TEXT_LEN)
+    ]
+    with diffsparse.sparse(transformer, LOCAL) as handle, torch.no_grad():
+        transformer(**left_padded())
+    assert [(s.sparse_calls, s.dense_calls) for s in handle.stats().layers] == [(1, 0), (1, 0)]
+
+
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Qwen-Image", layer=1)
 
@@ -181,6 +203,20 @@ def test_pipeline_with_true_cfg_dense_every_block_kept_and_sparse_after_the_dens
     assert {layout for _, layout, _ in calls} == {
         VideoLayout(1, 16, 12, text_len=n, text_position="start") for n in text_lens
     }
+
+
+def test_pipeline_with_left_padded_prompt_embeds_runs_sparse(qwen_pipe):
+    # The pipeline's own prompts are valid first; a caller's embeddings need not be: 3 padding tokens in front of the
+    # prompt, masked in `prompt_embeds_mask`, as a left-padding tokenizer puts them.
+    embeds, _ = qwen_pipe.encode_prompt("a red circle on grass", device="cpu")
+    padded = torch.cat([torch.zeros(1, 3, embeds.shape[2]), embeds], dim=1)
+    mask = (torch.arange(padded.shape[1]) >= 3)[None].long()
+    call = {"prompt_embeds": padded, "prompt_embeds_mask": mask, "true_cfg_scale": 1.0, "num_inference_steps": 3,
+            "height": 64, "width": 48, "output_type": "latent"}
+    stats, calls = check_pipeline_against_dense(qwen_pipe, call, block_size=8)
+    assert all(r.sparse == (r.step > 0) for r in stats.calls["transformer"])
+    text_len = embeds.shape[1]  # the prompt's valid tokens alone
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 16, 12, text_len=text_len, text_position="start")}
 
 
 @pytest.fixture(scope="module")
