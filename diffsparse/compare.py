@@ -473,8 +473,9 @@ _OR_DEFAULTS = {
     "self.transformer.config.sample_frames * self.vae_scale_factor_temporal": lambda pipe, name: (
         pipe.transformer.config.sample_frames * pipe.vae_scale_factor_temporal),
 }
-# Calls that work unset arguments out in statements of their own, matched whole (the `ast.unparse` text of top-level
-# statements of `__call__`): the arguments, the statements, and the values they give on the pipeline.
+# Calls that work unset arguments out in statements of their own, matched by the start of their `ast.unparse` text
+# (top-level statements of `__call__`, most given whole): the arguments, the statements, and the values they give on
+# the pipeline.
 _OWN_STATEMENTS = (
     # HunyuanVideo 1.5 text-to-video: the crop bucket of its 16:9 default aspect at its transformer's target size.
     (("height", "width"),
@@ -487,6 +488,13 @@ _OWN_STATEMENTS = (
     (("num_frames",),
      ("auto_duration = num_frames is None and getattr(self, 'duration_head', None) is not None",
       "if num_frames is None and (not auto_duration):\n    num_frames = 121"),
+     lambda pipe: (121 if getattr(pipe, "duration_head", None) is None else None,)),
+    # LTX-2.5's DFR call has no count of its own: its duration head predicts one, and without a head it raises
+    # ("`num_frames` must be supplied"), so a number is needed there: the 121 of its docs' example and of LTX-2 (its
+    # canvas takes (n - 1) % 8 == 0). With a head, left to it as above. Matched by the statement's start: the rest
+    # is the head's prediction.
+    (("num_frames",),
+     ("if num_frames is None:\n    if getattr(self, 'duration_head', None) is None:\n        raise ValueError(",),
      lambda pipe: (121 if getattr(pipe, "duration_head", None) is None else None,)),
 )
 
@@ -501,15 +509,23 @@ def _call_statements(function) -> tuple[ast.stmt, ...] | None:
     return tuple(definition.body) if isinstance(definition, ast.FunctionDef) else None
 
 
-def _own_default(pipe, name: str) -> int | None:
+def _assigns(node: ast.AST, name: str) -> bool:
+    """Whether `node` is an assignment to the local `name` (alone or among others: `height, width = ...`)."""
+    targets = ([part for target in node.targets for part in ast.walk(target)] if isinstance(node, ast.Assign) else
+               [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+    return any(isinstance(target, ast.Name) and target.id == name for target in targets)
+
+
+def _own_default(pipe, name: str, image: bool = False) -> int | None:
     """The value the call of `pipe` gives its argument `name` when it is not passed (its default is `None`), where
-    its `__call__` works it out in one of the ways `_OWN_STATEMENTS` and `_OR_DEFAULTS` reproduce; else `None`."""
+    its `__call__` works it out in one of the ways `_OWN_STATEMENTS` and `_OR_DEFAULTS` reproduce; else `None`.
+    `image`: the call gets an input image, so a size it sets inside a block (from that image) is left to it."""
     statements = None if isinstance(pipe, ModularCall) else _call_statements(type(pipe).__call__)
     if statements is None:  # a modular pipeline's blocks, or no source: only the call knows
         return None
-    texts = {ast.unparse(statement) for statement in statements}
+    texts = [ast.unparse(statement) for statement in statements]
     for names, own, value in _OWN_STATEMENTS:
-        if name in names and texts.issuperset(own):
+        if name in names and all(any(text.startswith(statement) for text in texts) for statement in own):
             given = value(pipe)[names.index(name)]
             return None if given is None else int(given)
     # Anything else that tests the argument for None (a size from the input image, a predicted frame count) takes
@@ -518,11 +534,15 @@ def _own_default(pipe, name: str) -> int | None:
     definition = ast.Module(body=list(statements), type_ignores=[])
     if any(isinstance(node, ast.Compare) and ast.unparse(node) in none_tests for node in ast.walk(definition)):
         return None
+    # Assignments inside a block (an `if image is not None:`, a loop over the input images): FLUX.2's and
+    # GLM-Image's `height = height or image_height`. With an image the size may come from it (FLUX.2 makes its reference
+    # image's size, not its 1024 square): left to the call. Without one those blocks do not run.
+    nested = [node for statement in statements if not _assigns(statement, name) for node in ast.walk(statement)
+              if _assigns(node, name)]
+    if image and nested:
+        return None
     for statement in statements:
-        targets = ([node for target in statement.targets for node in ast.walk(target)]
-                   if isinstance(statement, ast.Assign) else
-                   [statement.target] if isinstance(statement, (ast.AugAssign, ast.AnnAssign)) else [])
-        if not any(isinstance(target, ast.Name) and target.id == name for target in targets):
+        if not _assigns(statement, name):
             continue
         # The first top-level assignment to it decides: `name = name or EXPR`, EXPR a rule or a whole number.
         value = statement.value
@@ -537,6 +557,14 @@ def _own_default(pipe, name: str) -> int | None:
             return None if rule is None else int(rule(pipe, name))
         except (AttributeError, TypeError):  # a component the rule reads is missing: the call would fail alike
             return None
+    # No top-level assignment: a size set only inside a block (GLM-Image sets it only from its input image) reaches
+    # the model `None` without an image, which fails (GLM-Image: `int(None)` in `prepare_latents`). What the user
+    # needs there is the model's sample size, as the pipeline's own `__init__` defines it: GLM-Image 1024.
+    if nested and name in ("height", "width"):
+        try:
+            return int(_OR_DEFAULTS["self.default_sample_size * self.vae_scale_factor"](pipe, name))
+        except (AttributeError, TypeError):  # no sample size to give: the call's own failure says what is missing
+            return None
     return None
 
 
@@ -546,13 +574,17 @@ def call_defaults(pipe, image: bool = False) -> dict[str, int | None]:
     for an image pipeline); for an argument it leaves `None`, the value its `__call__` works out, where that is one of
     the statements `_own_default` reproduces (Mochi's `default_height` and `default_width`, FLUX's and SD3's default
     sample size, CogVideoX's and Allegro's transformer sample size, HunyuanVideo 1.5's 16:9 size, LTX-2's 121
-    frames).
+    frames, and LTX-2.5 DFR's 121 when it has no duration head, since its call then raises without a count); a size
+    the call sets only from its input image (GLM-Image), without `image`: the model's sample size
+    (`default_sample_size * vae_scale_factor`, 1024), since the call passes `None` on to its latents and fails.
 
     `None` where the call works it out in a way not reproduced here: LTX-2.5's duration head predicts the frame
     count from the prompt, a modular pipeline's blocks decide, a size the call does not take (HunyuanVideo 1.5's
-    image-to-video sizes the video from its image); with `image` (the call gets an input image), every size the
-    pipeline leaves `None`, since a call that takes an image may size its output from it (FLUX.2, Kontext, Qwen-Image
-    Edit). The commands leave those out of the call and report the size of the video it made.
+    image-to-video sizes the video from its image); with `image` (the call gets an input image), a size the call
+    reads from it: one its `__call__` sets inside a block or tests for `None` (FLUX.2, GLM-Image, Qwen-Image Edit),
+    where a size it defaults at its top level whatever the image (CogVideoX image-to-video resizes the image to its
+    sample size; Kontext makes 1024 x 1024) keeps its number. The commands leave those out of the call and report
+    the size of the video it made.
     """
     from .pipelines.testbed import TestbedPipeline, testbed_config
 
@@ -566,9 +598,8 @@ def call_defaults(pipe, image: bool = False) -> dict[str, int | None]:
             return None
         if defaults.get(name) is not None:
             return defaults[name]
-        if image and name in ("height", "width") and takes_image(pipe):
-            return None
-        return _own_default(pipe, name)
+        # The image rule is for sizes only, as before: a still's frame count says nothing of the video's.
+        return _own_default(pipe, name, image=image and name in ("height", "width") and takes_image(pipe))
 
     frames = frames_parameter(pipe)
     return {

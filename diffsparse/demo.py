@@ -210,7 +210,9 @@ def form_ranges(pipe) -> dict[str, tuple[int, int, int, int | None]]:
     slider runs from `UNSET` (0, which the page sends as "the pipeline's own") to `UNSET_RANGES`."""
     from .pipelines.testbed import TestbedPipeline
 
-    # As `compare --image` would: a pipeline that takes an image may size its output from the page's.
+    # As `compare --image` would: a size the call reads from the page's image (FLUX.2, GLM-Image) starts at "the
+    # pipeline's own"; one it defaults whatever the image (CogVideoX image-to-video resizes the image to its sample
+    # size) at that number. Left at 0 with no image given, `fill_call_defaults` gives the text-only call its number.
     defaults = call_defaults(pipe, image=takes_image(pipe))
     ends = {name: defaults[name] for name in ("steps", "frames", "height", "width")}
     if isinstance(pipe, TestbedPipeline):

@@ -215,3 +215,106 @@ def test_the_density_covers_every_chunk_of_a_pipeline_that_denoises_in_several(t
     # Each chunk's first step (2 calls per layer) dense: 8 of 24 calls per layer count 1.0.
     assert 0 < result.sparse_steps_density < 1
     assert result.mean_attention_density == pytest.approx((8 + 16 * result.sparse_steps_density) / 24)
+
+
+def tiny_dfr_pipeline(duration_head: bool):
+    """A tiny `LTX2DFRPipeline` (as tests/test_ltx2.py builds it), with a duration head or without (the component is
+    optional)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2DFRPipeline
+    from diffusers.pipelines.ltx2.duration_head import LTX2DurationHead
+    from test_ltx2 import tiny_ltx2_pipeline, tiny_transformer
+
+    components = {name: module for name, module in tiny_ltx2_pipeline("2.0").components.items()
+                  if name not in ("transformer", "scheduler", "duration_head")}
+    transformer = tiny_transformer("2.0", use_keyframes_abs_pos_embedding=True, vae_scale_factors=(2, 8, 8))
+    torch.manual_seed(0)
+    head = LTX2DurationHead(video_cross_attention_dim=16, audio_cross_attention_dim=16, pooler_hidden_dim=8,
+                            num_pooler_heads=2, mlp_hidden_dim=8).eval() if duration_head else None
+    return LTX2DFRPipeline(**components, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           duration_head=head)
+
+
+def _flux2():
+    from test_flux2 import tiny_flux2_pipeline
+
+    torch.manual_seed(0)
+    return tiny_flux2_pipeline()
+
+
+def _cogvideox_i2v():
+    from test_cogvideox_pipeline import tiny_cogvideox_pipeline
+
+    return tiny_cogvideox_pipeline(image_to_video=True)
+
+
+def _glm():
+    """GLM-Image's tiny pipeline, as its test module's fixtures build it (their functions called directly)."""
+    import test_glm_image
+
+    return test_glm_image.glm_pipe.__wrapped__(test_glm_image.transformer.__wrapped__())
+
+
+def _glm_call(edit: bool) -> dict:
+    from test_glm_image import glm_call
+
+    return {name: value for name, value in glm_call(edit).items() if name not in ("height", "width")}
+
+
+def _pil(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("RGB", (width, height), (200, 30, 30))
+
+
+TEXT = {"prompt": "a red circle", "max_sequence_length": 8}
+FLUX2_TEXT = {**TEXT, "max_sequence_length": 48, "text_encoder_out_layers": (0, 1, 2)}
+# Per case: the tiny pipeline (built from the request, for a fixture), and its call without the sizes and frame
+# count: the inputs these tiny text encoders need, and the input image where the command would get `--image`.
+CASES = {
+    "wan": (lambda request: request.getfixturevalue("tiny_pipe"), lambda: TEXT),
+    "flux": (lambda request: __import__("test_flux").flux_pipe.__wrapped__(), lambda: TEXT),
+    "sd3": (lambda request: __import__("test_sd3").tiny_sd3_pipeline(), lambda: TEXT),
+    "mochi": (lambda request: tiny_mochi_pipeline(), lambda: TEXT),
+    "allegro": (lambda request: tiny_allegro_pipeline(), lambda: TEXT),
+    "ltx2": (lambda request: __import__("test_ltx2").tiny_ltx2_pipeline("2.0"), lambda: TEXT),
+    "ltx2-dfr": (lambda request: tiny_dfr_pipeline(duration_head=False), lambda: {**TEXT, "sigmas": [1.0, 0.5]}),
+    "ltx2-dfr-head": (lambda request: tiny_dfr_pipeline(duration_head=True),
+                      lambda: {**TEXT, "sigmas": [1.0, 0.5], "max_seconds": 2.0}),
+    "hunyuanvideo15": (lambda request: request.getfixturevalue("hunyuan15_pipe"), lambda: {"prompt": "a red circle"}),
+    "cogvideox-i2v": (lambda request: _cogvideox_i2v(),
+                      lambda: {**TEXT, "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))}),
+    "flux2": (lambda request: _flux2(), lambda: FLUX2_TEXT),
+    # A 96 x 64 reference image: the output takes its size.
+    "flux2-image": (lambda request: _flux2(), lambda: {**FLUX2_TEXT, "image": _pil(96, 64)}),
+    "glm": (lambda request: _glm(), lambda: _glm_call(False)),
+    "glm-edit": (lambda request: _glm(), lambda: _glm_call(True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_size_left_unset_is_one_the_call_works_out_and_each_given_is_what_it_uses(case, request):
+    # `call_defaults` leaves an argument None (out of the call) only where the pipeline's own call, without it, works
+    # one out; a number is what the call then prepares its latents at. Run as the commands call it (the numbers
+    # passed, the Nones left out), stopped at `prepare_latents`. Before, GLM-Image text-to-image got no size and
+    # failed in `prepare_latents` (`int(None)`), and LTX-2.5's DFR without a duration head got no frame count and
+    # raised "`num_frames` must be supplied".
+    from diffsparse.compare import frames_argument
+
+    build, call = CASES[case]
+    pipe, call = build(request), call()
+    defaults = call_defaults(pipe, image="image" in call)
+    given = {name: defaults[name] for name in ("height", "width") if defaults[name] is not None}
+    used = the_call_uses(pipe, **call, **frames_argument(pipe, defaults["frames"]), **given)
+    assert None not in used.values(), (defaults, used)
+    assert {name: used[name] for name in given} == given
+    if defaults["frames"] is not None and "frames" in used:
+        # DFR pads its canvas to whole keyframe segments; 121 is one already.
+        assert used["frames"] == defaults["frames"]
+    # With every one left out: where the call works them all out itself, it gets those same values; the numbers are
+    # needed where it cannot (GLM-Image text-to-image passes None on to its latents; DFR without a head raises).
+    try:
+        own = the_call_uses(pipe, **call)
+    except ValueError as error:
+        assert case == "ltx2-dfr" and "`num_frames` must be supplied" in str(error)
+    else:
+        assert own == used or (case == "glm" and own == {"height": None, "width": None})

@@ -401,3 +401,18 @@ def test_a_free_port_passes_on_any_host_gradio_takes(host):
         with pytest.raises(ValueError, match="cannot listen"):
             check_port_free(host, port)
     check_port_free(host, port)
+
+
+def test_an_image_pipeline_s_sizes_start_blank_only_where_its_call_reads_them_from_the_image():
+    # CogVideoX image-to-video resizes its image to its transformer's sample size (8 x 8 latents x 8 here): its
+    # sliders start there. Before, every size such a pipeline leaves None started at 0, "the pipeline's own".
+    # FLUX.2 sizes its output from its reference image where the size is unset: blank.
+    from test_cogvideox_pipeline import tiny_cogvideox_pipeline
+    from test_flux2 import tiny_flux2_pipeline
+
+    from diffsparse.demo import UNSET, form_ranges
+
+    cog = form_ranges(tiny_cogvideox_pipeline(image_to_video=True))
+    assert (cog["height"][3], cog["width"][3], cog["frames"][3]) == (64, 64, 49)
+    flux2 = form_ranges(tiny_flux2_pipeline())
+    assert (flux2["height"][0], flux2["height"][3], flux2["width"][0], flux2["width"][3]) == (UNSET, None, UNSET, None)
