@@ -70,11 +70,12 @@ def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Allegro", layer=1)
 
 
-def test_pipeline_is_dense_exact_and_sparse_after_the_first_step():
-    # A tiny `AllegroPipeline`: the embedded Wan pipeline's T5 encoder and word tokenizer, and a tiny Allegro VAE
-    # that the latent output never runs (it sets the 8x spatial, 4x temporal compression). DDIM, not the release's
-    # Euler ancestral: with random weights Euler's sigma-scaled latents reach the hundreds, where float32's own
-    # spacing is above the 1e-4 that the every-block check allows.
+def tiny_pipeline():
+    """A tiny `AllegroPipeline`: the embedded Wan pipeline's T5 encoder and word tokenizer, and a tiny Allegro VAE
+    that the latent output never runs (it sets the 8x spatial, 4x temporal compression). DDIM, not the release's
+    Euler ancestral: with random weights Euler's sigma-scaled latents reach the hundreds, where float32's own
+    spacing is above the 1e-4 that the every-block check allows. `sample_frames` counts latent frames: the call's
+    default is 4 of them, 16 video frames."""
     base = tiny_wan_pipeline()
     torch.manual_seed(0)
     model = AllegroTransformer3DModel(
@@ -87,6 +88,11 @@ def test_pipeline_is_dense_exact_and_sparse_after_the_first_step():
     pipe = AllegroPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, transformer=model,
                            scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_is_dense_exact_and_sparse_after_the_first_step():
+    pipe = tiny_pipeline()
     # 13 frames, 64 x 96 pixels -> 4 latent frames of 8 x 12 -> 96 tokens. Caption cleaning needs bs4, not a dependency:
     # off, so the pipeline does not warn that it turned it off.
     call = {"prompt": "a red circle moving left", "negative_prompt": "low quality", "height": 64, "width": 96,

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from test_allegro import tiny_pipeline as tiny_allegro_pipeline
 from test_hunyuan_video15 import hunyuan15_pipe  # noqa: F401  (fixture)
 
 import diffsparse
@@ -72,24 +73,6 @@ def tiny_mochi_pipeline():
                                  pad_token_id=0, eos_token_id=1))
     return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=t5.eval(),
                          tokenizer=word_tokenizer(vocabulary, max_length=8), transformer=transformer.eval())
-
-
-def tiny_allegro_pipeline():
-    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
-
-    from diffsparse.pipelines.tiny import tiny_wan_pipeline
-
-    base = tiny_wan_pipeline()
-    torch.manual_seed(0)
-    # sample_frames counts latent frames: the pipeline's default is 4 of them, 16 video frames.
-    transformer = AllegroTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=1,
-        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4,
-        caption_channels=base.text_encoder.config.d_model,
-    )
-    vae = AutoencoderKLAllegro(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=2)
-    return AllegroPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, transformer=transformer,
-                           scheduler=DDIMScheduler())
 
 
 def test_mochi_s_size_is_its_default_height_and_width():
