@@ -620,6 +620,34 @@ def test_compiled_cpu_kernel_builds_and_runs(cpu_kernel):
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("cpu_kernel", ["native"], indirect=True)
+def test_the_compiled_op_refuses_a_call_it_would_index_out_of_bounds(cpu_kernel):
+    # torch.ops.diffsparse_cpu.forward is callable without block_sparse_attention's checks; before, each call
+    # below read or wrote outside its tensors (or returned garbage) instead of failing.
+    op = cpu_native.forward_op()
+    q, k, v = _inputs(1, 2, 40, 40, head_dim=8)
+    plan = make_plan(torch.ones(1, 1, 3, 3, dtype=torch.bool), 40, 40, 16)
+    indices, counts = plan.kv_indices, plan.kv_counts
+    torch.testing.assert_close(op(q, k, v, indices, counts, 16, 16, 0.5)[0], F.scaled_dot_product_attention(
+        q, k, v, scale=0.5), rtol=0, atol=2e-5)
+    bad_calls = {
+        "kv_indices must be in": (q, k, v, indices + 3, counts, 16, 16),
+        "kv_counts must be in": (q, k, v, indices, counts + 1, 16, 16),
+        "does not cover 40 queries x 40 keys in blocks of 8 x 8": (q, k, v, indices, counts, 8, 8),
+        "k and v must have one length": (q, k, v[:, :, :30], indices, counts, 16, 16),
+        "must agree in B, H and D": (q, k[:, :1], v[:, :1], indices, counts, 16, 16),
+        "must share a dtype": (q, k.bfloat16(), v, indices, counts, 16, 16),
+        "plan batch and heads must be 1 or the inputs'": (q, k, v, indices.expand(1, 3, 3, 3).contiguous(),
+                                                         counts.expand(1, 3, 3).contiguous(), 16, 16),
+        "kv_counts its first three": (q, k, v, indices, counts[..., :2].contiguous(), 16, 16),
+        "block sizes must be >= 1": (q, k, v, indices, counts, 0, 16),
+        "token stride must be >= head dim": (q, k[:, :, :1].expand(-1, -1, 40, -1), v, indices, counts, 16, 16),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op(*args, 0.5)
+
+
 @pytest.mark.parametrize("block_size", [(10**6, 10**6), (10**6, 64), (64, 10**6)])
 def test_a_block_longer_than_the_sequence_is_the_sequence(block_size, cpu_kernel, monkeypatch):
     # One block over the whole sequence is dense attention; the compiled kernel sized its scratch by the block

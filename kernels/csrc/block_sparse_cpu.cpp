@@ -167,13 +167,47 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& kv_indices, const at::Tensor& kv_counts,
                                            int64_t block_q, int64_t block_k, double scale) {
-  // Shapes, devices and the plan are validated in Python (kernels/attention.py); these guard the memory
-  // layout this code indexes.
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "CPU (B, H, N, D) tensors");
+  // kernels/attention.py validates shapes, devices and the plan with named errors before it calls this op; the
+  // op is registered and callable directly, though, so everything this code indexes by is checked here too, and a
+  // wrong call fails instead of reading or writing outside its tensors. The plan pass is O(plan), small next to
+  // the attention it plans.
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, D), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && kv_indices.device().is_cpu() &&
+                  kv_counts.device().is_cpu(),
+              "all tensors must be on the CPU");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  for (int d : {0, 1, 3})
+    TORCH_CHECK(k.size(d) == q.size(d) && v.size(d) == q.size(d), "q, k, v must agree in B, H and D, got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(2) == v.size(2), "k and v must have one length, got ", k.size(2), " and ", v.size(2));
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head dim must be contiguous");
+  // BLAS refuses a leading dimension below D (and then computes nothing).
+  TORCH_CHECK(q.stride(2) >= q.size(3) && k.stride(2) >= k.size(3) && v.stride(2) >= v.size(3),
+              "token stride must be >= head dim");
   TORCH_CHECK(kv_indices.scalar_type() == at::kInt && kv_counts.scalar_type() == at::kInt &&
                   kv_indices.is_contiguous() && kv_counts.is_contiguous(),
               "contiguous int32 plan tensors");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1, "block sizes must be >= 1, got ", block_q, ", ", block_k);
+  TORCH_CHECK(kv_indices.dim() == 4 && kv_counts.dim() == 3 && kv_counts.sizes() == kv_indices.sizes().slice(0, 3),
+              "kv_indices must be (B|1, H|1, query blocks, key blocks) and kv_counts its first three, got ",
+              kv_indices.sizes(), ", ", kv_counts.sizes());
+  TORCH_CHECK((kv_indices.size(0) == 1 || kv_indices.size(0) == q.size(0)) &&
+                  (kv_indices.size(1) == 1 || kv_indices.size(1) == q.size(1)),
+              "plan batch and heads must be 1 or the inputs', got ", kv_indices.sizes(), " for ", q.sizes());
+  const int64_t nq = kv_indices.size(2), nk = kv_indices.size(3);
+  TORCH_CHECK(nq == (q.size(2) + block_q - 1) / block_q && nk == (k.size(2) + block_k - 1) / block_k,
+              "plan of ", nq, " x ", nk, " blocks does not cover ", q.size(2), " queries x ", k.size(2),
+              " keys in blocks of ", block_q, " x ", block_k);
+  const int32_t* idx = kv_indices.const_data_ptr<int32_t>();
+  const int32_t* cnt = kv_counts.const_data_ptr<int32_t>();
+  for (int64_t row = 0; row < kv_counts.numel(); ++row) {
+    TORCH_CHECK(cnt[row] >= 0 && cnt[row] <= nk, "kv_counts must be in [0, ", nk, "], got ", cnt[row]);
+    for (int64_t i = 0; i < cnt[row]; ++i)
+      TORCH_CHECK(idx[row * nk + i] >= 0 && idx[row * nk + i] < nk, "kv_indices must be in [0, ", nk, "), got ",
+                  idx[row * nk + i]);
+  }
   auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   switch (q.scalar_type()) {
