@@ -130,7 +130,9 @@ class LTX2Adapter(ModelAdapter):
 def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int], extra: int) -> str:
     """Where the `extra` tokens of an LTX-2 call besides its named `grid` are: `"start"` when the grid's frames
     (read as `grid_from_coords` does) run from token `extra` and not from token 0 (Echo's clean memory frames, at
-    times of their own, prepended), else `"end"` (keyframes and IC-LoRA references, appended)."""
+    times of their own, prepended), else `"end"` (keyframes and IC-LoRA references, appended). Where both read as
+    the grid (a one-frame grid: Echo's memory slots are single frames too), the grid is the span that starts
+    earlier: Echo places its memory after the video in time (at an offset of 500 by default)."""
     def grid_from(start: int) -> bool:
         try:
             layout = grid_from_coords(video_coords[:, :, start:])
@@ -138,7 +140,10 @@ def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int]
             return False
         return (layout.frames, layout.height, layout.width) == grid
 
-    return "start" if not grid_from(0) and grid_from(extra) else "end"
+    if not grid_from(extra):
+        return "end"
+    starts = video_coords[0, 0, :, 0]
+    return "start" if not grid_from(0) or bool(starts[extra] < starts[0]) else "end"
 
 
 def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:

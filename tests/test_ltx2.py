@@ -521,6 +521,23 @@ def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_
     assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 6, text_len=appended, text_position="end")}
 
 
+@pytest.mark.parametrize("frames", [1, 3])
+def test_echo_memory_leads_and_a_keyframe_trails_a_one_frame_grid_too(frames):
+    # Echo's memory slots are single frames, so with a one-frame grid the tokens read as the grid from token 0 as
+    # well as from the memory's end: before, the first memory slot was taken for the grid and the frame being made
+    # kept whole. Time tells them apart: the memory comes after the video (offset 500).
+    from diffusers.modular_pipelines.echo.before_denoise import _video_memory_coords
+
+    from diffsparse.pipelines.ltx2 import extra_tokens_position
+
+    model, cpu = tiny_transformer("2.0"), torch.device("cpu")
+    grid = model.rope.prepare_video_coords(1, frames, 4, 6, cpu, fps=24.0)
+    memory = _video_memory_coords(model, 2, 4, 6, 24.0, 500.0, 50.0, cpu)
+    assert extra_tokens_position(torch.cat([memory, grid], dim=2), (frames, 4, 6), 48) == "start"
+    # Two memory slots behind the grid are not Echo's layout, and read as trailing tokens as before.
+    assert extra_tokens_position(torch.cat([grid, memory], dim=2), (frames, 4, 6), 48) == "end"
+
+
 @pytest.mark.parametrize("memory_slots", [0, 2])
 def test_echo_denoise_blocks_keep_the_memory_frames_whole_in_front_of_the_grid(memory_slots):
     """diffusers' Echo denoise blocks (`EchoDenoiseStep`: LTX-2's transformer, DMD sigmas, no scheduler, no guidance)
