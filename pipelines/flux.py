@@ -77,45 +77,58 @@ class DenseMaskWarning:
         )
 
 
-class FluxSparseAttnProcessor(DenseMaskWarning, SparseProcessor, FluxAttnProcessor):
-    """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so.
+class PromptMaskedJoint(DenseMaskWarning):
+    """Mixin of the sparse processors of FLUX.1 and FLUX.2, whose callers may pass a mask through
+    `joint_attention_kwargs={"attention_mask": ...}`: a boolean key mask of the prompt's padding is attended as the
+    FLUX copies attend it (`FluxCopyAttention`); a mask of another kind, or any mask under context parallelism,
+    runs the original processor, counted dense, said once (`DenseMaskWarning`)."""
 
-    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
-    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel). A boolean key mask of the
-    prompt's padding (`joint_attention_kwargs={"attention_mask": ...}`) is attended as the FLUX copies attend it
-    (`FluxCopyAttention`); a mask of another kind, or any mask under context parallelism, runs the original,
-    counted dense, said once (`DenseMaskWarning`).
-    """
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    def attend_masked_joint(self, attention_mask, qkv) -> torch.Tensor | None:
+        """The `(B, S, heads * head_dim)` self-attention output of this `[text, image]` call, its query, key and
+        value from `qkv()`, or `None` where the call runs the original processor (the runtime's schedule, or a mask
+        as above)."""
         if attention_mask is not None and context_parallel_config(self) is not None:
             # Each rank holds a share of the sequence: the mask is not read against it.
             why = "under context parallelism"
             self.runtime.once_per_call(attention_mask, lambda mask: self._warn_dense_mask(mask, why))
             self.stays_dense(attention_mask)
-            return super().__call__(*original)
+            return None
         if not self.runtime.route(self.layer):
-            return super().__call__(*original)
+            return None
         text_len = self.runtime.call_text_tokens()
         valid = self.prompt_padding(attention_mask, text_len)
         if valid is False:
-            return super().__call__(*original)
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            return None
+        query, key, value = qkv()
         if valid:
             out = self.attend_prompts(query, key, value, valid, text_len)
         else:
             out = self.attend_joint(query, key, value)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
+        return out.flatten(2, 3).to(query.dtype)
 
     def read_prompt_mask(self, mask: torch.Tensor, text_len: int) -> list | None:
         valid = super().read_prompt_mask(mask, text_len)
         if valid is None:
             self._warn_dense_mask(mask, "as it is not a boolean (B, 1, 1, S) key mask of the prompt's padding")
         return valid
+
+
+class FluxSparseAttnProcessor(PromptMaskedJoint, SparseProcessor, FluxAttnProcessor):
+    """`FluxAttnProcessor` whose joint self-attention runs block-sparse when the runtime says so, a caller's mask
+    as `PromptMaskedJoint` says.
+
+    Dense calls go to the original `__call__` unchanged, so they are bit-identical to it (except the calls that
+    measure `SparseConfig.correction`'s statistics: dense through diffsparse's kernel).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        out = self.attend_masked_joint(
+            attention_mask, lambda: joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb))
+        if out is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            return out
+        return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
 class FluxCopyAttention(SparseProcessor):

@@ -19,42 +19,55 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from .base import SparseProcessor, project_joint_output
-from .flux import FluxAdapter, joint_qkv
+from .flux import FluxAdapter, PromptMaskedJoint, joint_qkv
 from .registry import register_adapter
 
 
-class Flux2SparseAttnProcessor(SparseProcessor, Flux2AttnProcessor):
+class Flux2SparseAttnProcessor(PromptMaskedJoint, SparseProcessor, Flux2AttnProcessor):
     """`Flux2AttnProcessor` (dual-stream blocks) whose joint self-attention runs block-sparse when the runtime says
-    so; dense calls run the original `__call__` unchanged."""
+    so, a caller's mask as FLUX.1's (`PromptMaskedJoint`); dense calls run the original `__call__` unchanged."""
+
+    mask_family = "FLUX.2"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or self.stays_dense(attention_mask):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                      projections=_get_qkv_projections)
-        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
+        original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            return super().__call__(*original)
+        out = self.attend_masked_joint(attention_mask, lambda: joint_qkv(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, projections=_get_qkv_projections))
+        if out is None:
+            return super().__call__(*original)
         return project_joint_output(attn, out, hidden_states.shape[1], text_first=True)
 
 
-class Flux2SparseParallelSelfAttnProcessor(SparseProcessor, Flux2ParallelSelfAttnProcessor):
+class Flux2SparseParallelSelfAttnProcessor(PromptMaskedJoint, SparseProcessor, Flux2ParallelSelfAttnProcessor):
     """`Flux2ParallelSelfAttnProcessor` (single-stream blocks) whose attention half runs block-sparse when the
-    runtime says so; the MLP half and the joint output projection as the original computes them."""
+    runtime says so, a caller's mask as FLUX.1's (`PromptMaskedJoint`); the MLP half and the joint output
+    projection as the original computes them."""
+
+    mask_family = "FLUX.2"
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if self.stays_dense(attention_mask):
+        mlp = None  # the fused projection's MLP part, set where the attention runs here
+
+        def qkv():
+            nonlocal mlp
+            projected = attn.to_qkv_mlp_proj(hidden_states)
+            # The fused projection's QKV and MLP parts by their global ratio, as the original splits it (the same
+            # under tensor parallelism, where each rank holds a proportional slice).
+            qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+            local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+            fused_qkv, mlp = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+            query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in fused_qkv.chunk(3, dim=-1))
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            return query, key, value
+
+        out = self.attend_masked_joint(attention_mask, qkv)
+        if out is None:
             return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)
-        projected = attn.to_qkv_mlp_proj(hidden_states)
-        # The fused projection's QKV and MLP parts by their global ratio, as the original splits it (the same
-        # under tensor parallelism, where each rank holds a proportional slice).
-        qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
-        local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
-        qkv, mlp = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
-        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self.attend_joint(query, key, value).flatten(2, 3).to(query.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 

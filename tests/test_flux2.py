@@ -7,6 +7,7 @@ scheduler's steps. And diffusers' own modular denoise blocks fed prompt embeddin
 (CFG), with and without reference images, and [klein]'s with a reference."""
 
 import functools
+import warnings
 from collections import Counter
 
 import pytest
@@ -124,6 +125,43 @@ def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, 
     assert sorted(token_order.tolist()) == list(range(TEXT_LEN + 24 + 12))
     check_against_dense(transformer, functools.partial(inputs, **kwargs), block_size=8, order=order,
                         sparse=diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0))
+
+
+@pytest.mark.parametrize("references", [0, 1])
+def test_a_mask_of_the_prompts_padding_runs_sparse_and_a_mask_of_another_kind_is_said(transformer, references):
+    # Through `joint_attention_kwargs`, which diffusers hands to both kinds of block. Before, any mask ran every
+    # call of both kinds dense without a word (FLUX.1 attended its padding sparse and warned of other masks).
+    tokens = TEXT_LEN + 24 * (1 + references)
+
+    def call(hidden):
+        mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool)
+        mask[..., hidden] = False
+        return {**inputs(references=references), "joint_attention_kwargs": {"attention_mask": mask}}
+
+    def masked_run(hidden, config=None):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if config is None:
+                return transformer(**call(hidden)).sample, None, caught
+            with diffsparse.sparse(transformer, config) as handle:
+                return transformer(**call(hidden)).sample, handle.stats(), caught
+
+    padding = slice(4, TEXT_LEN)
+    reference = masked_run(padding)[0]
+    kept, stats, _ = masked_run(padding, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
+    torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1)] * 3
+    sparse, stats, _ = masked_run(padding, diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8,
+                                                                    dense_steps=0))
+    assert all(s.mean_density < 1 for s in stats.layers) and not torch.allclose(sparse, reference, atol=1e-4)
+    # An image token hidden: not the prompt's padding, so the original processor, counted dense, said once.
+    image_token = TEXT_LEN + 5
+    out, stats, caught = masked_run(image_token, diffsparse.SparseConfig(pattern="window3d", density=0.3,
+                                                                         block_size=8, dense_steps=0))
+    assert torch.equal(out, masked_run(image_token)[0])
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0)] * 3
+    said = [str(w.message) for w in caught if str(w.message).startswith("diffsparse")]
+    assert len(said) == 1 and "FLUX.2 self-attention calls with this attention_mask" in said[0]
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream processor
