@@ -410,8 +410,9 @@ class SparseRuntime:
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
         # and reused for the remaining steps (until steps start over: `begin_call`). Keyed by (layer, layout, batch
         # size, frames per causal group).
-        self._layer_patterns: dict[tuple[int, VideoLayout, int, int], tuple[Pattern, ...]] = {}
-        self._fitted_at: dict[tuple[int, VideoLayout, int, int], int] = {}  # the step each slot was fitted at
+        # Fits per (layer, layout, batch, frame_causal, queries_from, outside_pairs): `_layer_pattern`'s slots.
+        self._layer_patterns: dict[tuple[int, VideoLayout, int, int, int, int], tuple[Pattern, ...]] = {}
+        self._fitted_at: dict[tuple[int, VideoLayout, int, int, int, int], int] = {}  # the step each was fitted at
         self._fits = self.pattern.data_dependent
         # Searched patterns (`searched`, `searched_windows`): their `keep` is the density, spent by the search itself
         # (their own `at_density` only confirms it), not solved after the fit as `spatial_temporal`'s is.
@@ -724,7 +725,8 @@ class SparseRuntime:
         if stats is not None:
             # A data-dependent pattern that searched again after the measurement keeps other blocks: the residual
             # of the old ones would count blocks twice and miss others (1.07 off dense where a fresh one is exact).
-            refitted = -1 if shape is None else self._fitted_at.get((layer, layout, shape[0], state.frame_causal), -1)
+            fits = (layer, layout, None if shape is None else shape[0], state.frame_causal)
+            refitted = max((at for slot, at in self._fitted_at.items() if slot[:4] == fits), default=-1)
             if (shape is None or stats.residual.shape == shape) and refitted <= stats.step:
                 measured_at = stats.step
         return step_mode(self.config, state.step, state.num_steps, measured_at, dense=self._dense_step(state))
@@ -930,10 +932,12 @@ class SparseRuntime:
         call (PixArt), each half of the batch is videos of their own, each fitted on its own tensors. The fit is
         made at the layer's first call that reaches `attention`: its first sparse step, or with
         `SparseConfig.correction` the measuring step before it (the last dense step). Under a causal frame-group
-        mask (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention.
+        mask (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention. Calls of one layer that
+        compute other query rows (`queries_from`) or leave other pairs outside (`outside_pairs`) have fits of their
+        own: a search is over the blocks of the rows computed, at the density their outside pairs leave.
         """
         batch = query.shape[0]
-        slot = (layer, layout, batch, frame_causal)
+        slot = (layer, layout, batch, frame_causal, queries_from, outside_pairs)
         patterns = self._layer_patterns.get(slot)
         step = self._state().step
         every = self.pattern.refit_every

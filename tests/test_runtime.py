@@ -236,6 +236,37 @@ def test_a_searched_density_is_kept_over_the_rows_a_video_queries_call_computes(
     assert runtime.records[-1].density == pytest.approx(0.3, abs=0.02)
 
 
+@pytest.mark.parametrize("pattern", ["searched", "searched(budget='row')", "searched_windows"])
+def test_calls_of_one_layer_over_other_rows_or_outside_pairs_get_fits_of_their_own(pattern):
+    # The fit was kept per (layer, layout, batch): a second branch whose call left other pairs outside re-solved
+    # the first's searched instance (ValueError "was searched for keep=..."), and a whole call after a
+    # `video_queries` one reused its search (density 0.34 for 0.3, outputs 0.37 off the call made alone).
+    layout = VideoLayout(frames=1, height=32, width=32, text_len=64, text_position="start")
+    n, text = layout.num_tokens, layout.text_len
+    q, k, v = torch.randn(3, 1, n, 4, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    calls = {"text rows outside": lambda rt: rt.attention(0, q[:, text:], k, v, video_queries=True,
+                                                          outside_pairs=text * n),
+             "video queries": lambda rt: rt.attention(0, q[:, text:], k, v, video_queries=True),
+             "whole": lambda rt: rt.attention(0, q, k, v)}
+
+    def runtime():
+        made = SparseRuntime(SparseConfig(pattern=pattern, density=0.3, block_size=32, dense_steps=0), "t")
+        made.state_manager.set_context(CacheContext("cond"))
+        made.begin_call(layout, 0, 1)
+        return made
+
+    for first, second in [("text rows outside", "video queries"), ("video queries", "whole"),
+                          ("whole", "video queries")]:
+        shared = runtime()
+        calls[first](shared)
+        shared.state_manager.set_context(CacheContext("uncond"))
+        shared.begin_call(layout, 0, 1)
+        out = calls[second](shared)
+        alone = runtime()
+        torch.testing.assert_close(out, calls[second](alone), rtol=0, atol=0)
+        assert shared.records[-1].density == alone.records[-1].density
+
+
 def test_a_custom_fit_without_q_tokens_runs_on_ordinary_calls():
     # `fit` as the README documented it before `q_tokens` (a user's data-dependent pattern): the runtime passes the
     # span only to a call that has one, so such a pattern, alone or in a combination, still runs everywhere else.
