@@ -1,12 +1,15 @@
 """diffsparse on diffusers' AuraFlow pipeline (tiny, random weights, offline): joint MMDiT and single DiT blocks over
 `[register tokens + prompt, image]`."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from transformers import UMT5Config, UMT5EncoderModel
 
-from diffsparse.patterns import TileOrder, VideoLayout
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
@@ -15,6 +18,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     first_transformer_call,
+    run_transformer,
     tiny_image_vae,
 )
 
@@ -61,3 +65,17 @@ def test_other_processors_are_refused_and_the_model_left_untouched(auraflow_pipe
 
 def test_fused_qkv_projections(auraflow_pipe):
     check_fused_projections(auraflow_pipe, CALL, "FusedAuraFlowAttnProcessor2_0")
+
+
+def test_a_module_with_another_softmax_scale_runs_the_original_counted_dense(auraflow_pipe):
+    # The sparse path attends with `1 / sqrt(head_dim)`: a module whose `scale` differs runs its original processor,
+    # counted dense (as the README says), the others sparse. Nothing failed when that check was removed.
+    model = copy.deepcopy(auraflow_pipe.transformer)
+    model.joint_transformer_blocks[0].attn.scale *= 2
+    inputs = first_transformer_call(auraflow_pipe, CALL)
+    reference = run_transformer(model, lambda: inputs)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(model, every_block) as handle:
+        out = model(**inputs).sample
+        assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1, 0), (1, 0, 1)]
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)

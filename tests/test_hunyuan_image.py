@@ -113,6 +113,24 @@ def test_layout_of_a_call(transformer):
     assert float(timestep[0]) == 900.0
 
 
+def test_glyph_inputs_to_a_model_without_byt5_are_not_text():
+    # The pipeline passes the ByT5 glyph tokens whatever the model; one without the glyph embedder
+    # (`text_embed_2_dim=None`) drops them, so the text span is the MLLM's tokens alone. Nothing failed when the
+    # layout counted the glyphs anyway.
+    model = make_transformer()
+
+    def inputs():
+        call, g = inputs_for(model)(), torch.Generator().manual_seed(1)
+        batch = call["hidden_states"].shape[0]
+        call["encoder_hidden_states_2"] = torch.randn(batch, GLYPHS, 8, generator=g)
+        call["encoder_attention_mask_2"] = (torch.arange(GLYPHS) < 2).long()[None].expand(batch, -1)
+        return call
+
+    layout, _ = adapter_for(model).read_call(model, (), inputs())
+    assert layout == VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="end")
+    check_against_dense(model, inputs, block_size=8)
+
+
 def test_the_refiners_latents_are_frames():
     # The refiner's transformer takes 5D latents patchified in time too.
     model = make_transformer(patch_size=(1, 1, 1), rope_axes_dim=(4, 6, 6))

@@ -75,6 +75,28 @@ def test_each_row_is_attended_over_its_text_and_image(transformer, kind, text_le
     }
 
 
+@pytest.mark.parametrize("segments", ["padding in two segments", "an image token in the padding's segment"])
+def test_a_segment_mask_of_another_kind_runs_the_original_counted_dense(transformer, segments):
+    # The sparse path attends each row's last segment, which must hold every image token, and zeroes the rest: a
+    # mask of more segments (the padding split in two), or an image token outside that segment, runs the original,
+    # counted dense. Nothing failed when either check was removed.
+    def call():
+        kwargs = inputs(text_lengths=(3, 3))()  # [3 padding, 3 text, 96 image] in each row
+        ids = kwargs["segment_ids"].clone()
+        if segments == "padding in two segments":
+            ids[:, 1] = ids[:, 0] - 1
+        else:
+            ids[:, MAX_TEXT] = ids[:, 0]  # the first image token in the padding's segment
+        return kwargs | {"segment_ids": ids}
+
+    reference = run_transformer(transformer, call)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(transformer, every_block) as handle:
+        out = transformer(**call()).sample
+        assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(1, 0), (1, 0)]
+    assert torch.equal(out, reference)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Ideogram 4", layer=1)
 
