@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -27,6 +28,16 @@ def _check_step_count(name: str, value) -> None:
         raise ValueError(f"SparseConfig.{name} as an int must be >= 0, got {name}={value!r}")
     if isinstance(value, float) and not (0.0 <= value < 1.0):
         raise ValueError(f"SparseConfig.{name} as a float must be a fraction in [0, 1), got {name}={value!r}")
+
+
+def _plain_number(value):
+    """A number of another numeric type (numpy's, read from an array or a slider) as the Python int or float it
+    stands for, so it passes the checks a Python number passes; anything else as it is (the checks name it)."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 def _hashable(value):
@@ -149,6 +160,12 @@ class SparseConfig:
             value = getattr(self, name)
             if isinstance(value, (list, set)):
                 object.__setattr__(self, name, list(value) if isinstance(value, list) else set(value))
+        for name in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "correction_refresh"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                object.__setattr__(self, name, type(value)(_plain_number(item) for item in value))
+            else:
+                object.__setattr__(self, name, _plain_number(value))
         try:
             pattern = get_pattern(self.pattern)
         except ValueError as error:

@@ -190,3 +190,21 @@ def test_measure_step_is_the_last_dense_step_before_a_sparse_one():
     assert [s for s in range(3) if config.is_measure_step(s, 3)] == []  # no sparse step follows
     assert not any(SparseConfig(dense_steps=2).is_measure_step(s, 10) for s in range(10))
     assert SparseConfig(correction="residual", dense_steps=3).is_measure_step(2, None)
+
+
+def test_numpy_numbers_are_the_numbers_they_stand_for():
+    # Read from an array or a slider: np.float32(0.25) was refused as "not a number in (0, 1]" and np.int64 step and
+    # layer counts as not ints, while np.float64 (a float subclass) passed.
+    import numpy as np
+
+    given = SparseConfig(density=np.float32(0.25), block_size=(np.int32(64), 32), dense_steps=np.int64(1),
+                         dense_last_steps=np.float32(0.5), dense_layers=[np.int64(0), 3], correction="residual",
+                         correction_refresh=np.int8(2))
+    plain = SparseConfig(density=0.25, block_size=(64, 32), dense_steps=1, dense_last_steps=0.5, dense_layers=[0, 3],
+                         correction="residual", correction_refresh=2)
+    assert given == plain and hash(given) == hash(plain) and repr(given) == repr(plain)
+    assert type(given.dense_steps) is int and type(SparseConfig(dense_layers=np.int64(2)).dense_layers) is int
+    with pytest.raises(ValueError, match="density must be None or a number"):
+        SparseConfig(density=np.bool_(True))
+    with pytest.raises(ValueError, match=r"dense_steps as a float must be a fraction in \[0, 1\), got dense_steps=1.5"):
+        SparseConfig(dense_steps=np.float32(1.5))
