@@ -37,11 +37,31 @@ def _is_pil_image(video) -> bool:
     return isinstance(video, Image.Image)
 
 
+# PIL modes whose pixels are values of a gray level or of RGB(A) as they are; the other colour modes are converted.
+_PIL_AS_THEY_ARE = ("1", "L", "RGB", "RGBA", "I;16", "I;16L", "I;16B")
+# Modes of raw numbers (32-bit ints, floats) that say nothing of the range their values span.
+_PIL_REFUSED = ("I", "F", "I;16N")
+
+
+def _pil_pixels(image) -> np.ndarray:
+    """A PIL image's pixels as `as_frames` reads them: gray or RGB(A) values; a palette (`P`, `PA`) or another colour
+    space (`YCbCr`, `HSV`, `CMYK`, `LAB`, `LA`, ...) converted to RGB, or RGBA where it has transparency. Before,
+    `P` frames were scored on their palette indices and the others channel by channel in their own space."""
+    if image.mode in _PIL_AS_THEY_ARE:
+        return np.asarray(image)
+    if image.mode in _PIL_REFUSED:
+        raise ValueError(f"video: a PIL image of mode {image.mode!r} holds raw numbers of no known range; give it "
+                         f"in mode 'L' or 'RGB', or as a float array (with data_range= when not in [0, 1])")
+    alpha = "A" in image.mode or "a" in image.mode or "transparency" in image.info
+    return np.asarray(image.convert("RGBA" if alpha else "RGB"))
+
+
 def as_frames(video) -> np.ndarray:
     """A video as a float64 array `(F, H, W, C)`, C in (1, 3, 4). Layouts, by number of dimensions:
 
-    - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`): each `(H, W, C)`, `(C, H, W)` or
-      `(H, W)` (gray); a single PIL image is one frame; a list of tensors is read as the tensor stacked from them
+    - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`; palette and other colour modes converted
+      to RGB(A), modes `I` and `F` of raw numbers refused): each `(H, W, C)`, `(C, H, W)` or `(H, W)` (gray); a
+      single PIL image is one frame; a list of tensors is read as the tensor stacked from them
       (`list(frames)` as `frames`: channels first, as below);
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
@@ -115,7 +135,8 @@ def _stacked(frames: list | tuple) -> np.ndarray | torch.Tensor:
         except RuntimeError as error:  # frames of different shapes or dtypes
             raise ValueError(f"video: a list's frames must have one shape, got {[tuple(i.shape) for i in items]} "
                              f"({error})") from error
-    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items])
+    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else
+                     _pil_pixels(item) if _is_pil_image(item) else np.asarray(item) for item in items])
 
 
 def _scale(dtype: np.dtype) -> float:

@@ -408,3 +408,28 @@ def test_lpips_takes_frames_down_to_the_31_pixels_alexnet_takes(random_alexnet):
     assert lpips_missing_reason((40, 30)) == "frames of 40x30 pixels, LPIPS (AlexNet) needs at least 31x31"
     with torch.no_grad(), pytest.raises(RuntimeError, match="too small"):  # the limit is AlexNet's, not ours
         _lpips_model(str(random_alexnet))(torch.zeros(1, 3, 30, 40), torch.zeros(1, 3, 30, 40))
+
+
+def test_pil_frames_of_a_palette_or_another_colour_space_are_scored_in_rgb():
+    # Before, a `P` frame was scored on its palette indices (the same picture under two palettes: 30 dB, not inf),
+    # and YCbCr, HSV or CMYK frames channel by channel in their own space (CMYK's 4 channels read as RGBA).
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 8, (16, 16), dtype=np.uint8)
+    palette = rng.integers(0, 256, (8, 3), dtype=np.uint8)
+    first, second = Image.fromarray(indices, "P"), Image.fromarray((indices + 3) % 8, "P")
+    first.putpalette(palette.tobytes())
+    second.putpalette(np.roll(palette, 3, axis=0).tobytes())  # index i + 3 holds colour i: the same picture
+    assert psnr([first], [second]) == float("inf")
+    np.testing.assert_array_equal(as_frames(first), palette[indices][None] / 255)
+    rgb = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    noisy = Image.fromarray(np.clip(np.asarray(rgb) + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype(np.uint8))
+    for mode in ("CMYK", "HSV", "YCbCr"):  # lossless or near it from RGB: the RGB score within their rounding
+        assert as_frames(rgb.convert(mode)).shape == (1, 16, 16, 3)
+        assert psnr([rgb.convert(mode)], [noisy.convert(mode)]) == pytest.approx(psnr([rgb], [noisy]), abs=0.25)
+    gray_alpha = Image.fromarray(np.asarray(rgb)[..., 0], "L").convert("LA")
+    assert as_frames(gray_alpha).shape == (1, 16, 16, 4)  # refused before: 2 channels
+    for mode in ("F", "I"):
+        with pytest.raises(ValueError, match=f"PIL image of mode '{mode}' holds raw numbers"):
+            as_frames(rgb.convert(mode))
