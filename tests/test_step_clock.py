@@ -52,6 +52,18 @@ def test_new_run_makes_the_next_call_of_a_bare_transformer_a_fresh_run():
         call(a)
 
 
+def test_new_run_starts_a_run_on_a_scheduler_s_timesteps_too():
+    # `handle.new_run()` on a transformer stepped by a scheduler whose timesteps stay set (a loop calling the
+    # pipeline's transformer itself): the next call starts a run, as on a bare transformer. Nothing failed when
+    # `restart` left the run's timesteps in place (the call was then step 1 of the old run).
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    clock = StepClock(scheduler)
+    assert [clock.tick(t[None]) for t in scheduler.timesteps[:2]] == [(0, 4, True), (1, 4, False)]
+    clock.restart()
+    assert clock.tick(scheduler.timesteps[0][None]) == (0, 4, True)
+
+
 @pytest.mark.parametrize("scheduler_class", [FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
                                              DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler])
 def test_a_scheduler_without_a_run_s_timesteps_times_no_run(scheduler_class):
