@@ -91,6 +91,9 @@ class SparseHandle:
         # Weak: a processor the user dropped since is not kept alive here.
         self._left: weakref.WeakValueDictionary[torch.nn.Module, object] = weakref.WeakValueDictionary()
         self.installed = False  # between `_install` and `remove`
+        # The step count of each denoising run since `apply`, as the dense steps were resolved for it (`None`:
+        # unknown): a pipeline may run fewer steps than asked (img2img's `strength`), or stages of their own counts.
+        self.run_step_counts: list[int | None] = []
         self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
         self._clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
@@ -159,6 +162,7 @@ class SparseHandle:
 
     def _new_run(self, num_steps: int | None = None) -> None:
         """A new denoising run of `num_steps` steps (`None`: unknown) started; the clock is shared, so once a run."""
+        self.run_step_counts.append(num_steps)
         for runtime in self.runtimes.values():
             runtime.new_run()
         config = self.config

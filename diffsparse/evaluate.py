@@ -40,8 +40,9 @@ from .compare import (
     shared_still,
     synchronize_accelerators,
 )
-from .config import SparseConfig
+from .config import SparseConfig, resolve_step_count
 from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
+from .patterns import get_pattern
 from .pipelines import adapter_for, find_transformers
 
 PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
@@ -159,9 +160,12 @@ def run_eval(args) -> list[EvalRow]:
     # costs (loading the compiled kernel, thread pools, lazy imports). Plans are not among them: each configuration
     # applies afresh and builds its own at its first case, as a user's first video does, and that case's ratio
     # includes it.
+    run_steps = set()  # the step counts the sparse warm-ups' denoising runs resolved their dense steps for
     for config in warm_ups:
         with sparse(pipe, config) if config is not None else contextlib.nullcontext() as handle:
             timed_generation(pipe, *cases[0], args, stills[cases[0]])
+            if handle is not None:
+                run_steps.update(handle.run_step_counts)
             # A correction's measuring call runs the kernel too (every block kept): that loads it as well.
             if config is not None and not any(
                 r.sparse or r.measured for records in handle.stats().calls.values() for r in records
@@ -174,6 +178,13 @@ def run_eval(args) -> list[EvalRow]:
                     stacklevel=2,
                 )
         progress.update(1)
+    # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps: none)
+    # are one run too. The count the runs resolved them for, not `--steps`: a pipeline may run fewer (img2img's
+    # `strength`); where its runs differ (stages of their own counts) or are unknown, nothing is merged on it.
+    if len(run_steps) == 1 and None not in run_steps:
+        merged = _distinct_runs(configs, steps=next(iter(run_steps)))
+        progress.total -= len(cases) * (len(configs) - len(merged))
+        configs = merged
     dense = {}
     for prompt, seed in cases:
         dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
@@ -254,8 +265,19 @@ def _warm_ups(configs: list[SparseConfig]) -> list[SparseConfig | None]:
     return [None, *sparse_paths.values()]
 
 
-def _run_key(config: SparseConfig) -> tuple:
-    """What decides a configuration's videos, so that two spellings of one run compare equal."""
+def _dense_step_counts(config: SparseConfig, steps: int | None) -> tuple:
+    """`(dense_steps, dense_last_steps)` as given, or with the run's step count `steps` known, as the steps they keep
+    dense (as the runtime resolves them: a fraction rounds half up), every setting that keeps every step dense
+    alike."""
+    if steps is None:
+        return config.dense_steps, config.dense_last_steps
+    first, last = (resolve_step_count(value, steps) for value in (config.dense_steps, config.dense_last_steps))
+    return (steps, 0) if first + last >= steps else (first, last)
+
+
+def _run_key(config: SparseConfig, steps: int | None = None) -> tuple:
+    """What decides a configuration's videos, so that two spellings of one run compare equal; `steps`: the runs'
+    step count, once known (`_dense_step_counts`)."""
     pattern = config.resolved_pattern
     if pattern.name == "dense":
         return ("dense",)  # every call runs the original processor (`SparseRuntime._mode`), whatever else is set
@@ -265,47 +287,62 @@ def _run_key(config: SparseConfig) -> tuple:
     if config.density is not None and pattern.density_sets is not None:
         default = next(f.default for f in fields(pattern) if f.name == pattern.density_sets)
         pattern = replace(pattern, **{pattern.density_sets: default})
-    return repr(pattern), config.density, config.dense_steps, layers, config.correction
+    return repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction
 
 
-def _same_run_reason(config: SparseConfig, other: SparseConfig) -> str:
-    """Why `config` runs as `other` does (their `_run_key`s are equal)."""
+def _same_run_reason(config: SparseConfig, other: SparseConfig, steps: int | None = None) -> str:
+    """Why `config` runs as `other` does (their `_run_key`s for `steps` are equal)."""
     if config.resolved_pattern.name == "dense":
         return "a dense pattern runs every call dense, whatever its density, dense steps, dense layers and correction"
     reasons = []
-    pattern, given = config.resolved_pattern, other.resolved_pattern
+    # As written: a searched pattern's `keep` is already the density's in `resolved_pattern`.
+    pattern, given = get_pattern(config.pattern), get_pattern(other.pattern)
     if repr(pattern) != repr(given):
         solved = [f.name for f in fields(pattern) if getattr(pattern, f.name) != getattr(given, f.name)]
         reasons.append(f"density={config.density!r} solves {', '.join(solved)} whatever it is given as")
     if repr(config.dense_layers) != repr(other.dense_layers):
         reasons.append(f"dense_layers={other.dense_layers!r} and dense_layers={config.dense_layers!r} name the same "
                        "blocks")
+    if _dense_step_counts(config, None) != _dense_step_counts(other, None):
+        first, last = _dense_step_counts(config, steps)
+        kept = ("every step" if first == steps else "no step" if first + last == 0
+                else f"the first {first} and the last {last} steps")
+        reasons.append(f"{_step_settings(other)} and {_step_settings(config)} keep {kept} of a {steps}-step run dense, "
+                       "a fraction of the steps rounding half up")
     return "; ".join(reasons)
 
 
-def _distinct_runs(configs: list[SparseConfig]) -> list[SparseConfig]:
+def _step_settings(config: SparseConfig) -> str:
+    last = f", dense_last_steps={config.dense_last_steps!r}" if config.dense_last_steps != 0 else ""
+    return f"dense_steps={config.dense_steps!r}{last}"
+
+
+def _distinct_runs(configs: list[SparseConfig], steps: int | None = None) -> list[SparseConfig]:
     """`configs` with each run once. One pattern spelled twice under the same settings (`radial` and
     `radial(decay=1.0)`) is a `ValueError`: the lists themselves repeat a value. A configuration that the grid's
     product makes run as an earlier one (`dense` under each density and dense-step count; `radial(decay=0.5)` and
-    `radial` at one density, which solves `decay`; dense layers `0` and `[]`) is left out with a warning naming the
-    row that stands for it: refusing it left a dense control row beside a density sweep impossible to ask for,
-    running it generated every video again for an identical row."""
+    `radial` at one density, which solves `decay`; dense layers `0` and `[]`; with the runs' step count `steps`
+    known, dense steps `0` and `0.2` of 2 steps, both none) is left out with a warning naming the row that stands
+    for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it generated
+    every video again for an identical row."""
     literal, runs, kept = {}, {}, []
     for config in configs:
-        spelled = (repr(config.resolved_pattern), config.density, config.dense_steps, repr(config.dense_layers),
-                   config.correction)
+        # The pattern as written: `resolved_pattern` already holds a searched pattern's `keep` from the density, so
+        # `searched` and `searched(keep=0.5)` at one density read as one pattern given twice.
+        spelled = (repr(get_pattern(config.pattern)), config.density, config.dense_steps, config.dense_last_steps,
+                   repr(config.dense_layers), config.correction)
         if spelled in literal:
             raise ValueError(
                 f"pattern={config.pattern!r} and pattern={literal[spelled].pattern!r} are the same pattern "
                 f"({spelled[0]}) under the same other settings: give each configuration once"
             )
         literal[spelled] = config
-        key = _run_key(config)
+        key = _run_key(config, steps)
         if key in runs:
             other = runs[key]
             warnings.warn(
-                f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} ({_same_run_reason(config, other)}):"
-                " measured once, in that row",
+                f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} "
+                f"({_same_run_reason(config, other, steps)}): measured once, in that row",
                 stacklevel=2,
             )
             continue
@@ -315,7 +352,7 @@ def _distinct_runs(configs: list[SparseConfig]) -> list[SparseConfig]:
 
 
 def _settings(config: SparseConfig) -> str:
-    return (f"pattern={config.pattern!r}, density={config.density!r}, dense_steps={config.dense_steps!r}, "
+    return (f"pattern={config.pattern!r}, density={config.density!r}, {_step_settings(config)}, "
             f"dense_layers={config.dense_layers!r}, correction={config.correction!r}")
 
 
@@ -357,9 +394,10 @@ def eval_prompts(args) -> list[str]:
 
 
 def _fmt(value) -> str:
+    """A markdown table cell: a `|` of its own (a composed pattern's, `a | b`) escaped, else it ends the cell."""
     if value is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return (f"{value:.4g}" if isinstance(value, float) else str(value)).replace("|", "\\|")
 
 
 def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips: bool, placement: str,

@@ -1,8 +1,9 @@
 """`diffsparse eval` (`diffsparse.evaluate`): its warm-ups, the configurations it refuses as one run spelled twice,
-its prompts, and what each row's columns are computed over."""
+its prompts, what each row's columns are computed over, and its tables."""
 
 import argparse
 import csv
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import diffsparse
 from diffsparse import evaluate, runtime
 from diffsparse.cli import main
 from diffsparse.config import SparseConfig
+from diffsparse.patterns import get_pattern
 
 # Tiny videos of the testbed: 3 frames of 4 x 4 tokens, one step; a frame per block, each keeping its own frame only.
 TINY = ["--steps", "1", "--frames", "3", "--height", "16", "--width", "16", "--block-size", "16"]
@@ -91,6 +93,16 @@ def test_measured_density_covers_every_case(tmp_path, monkeypatch):
     assert float(row["measured_density"]) != pytest.approx(last[0])
 
 
+def test_measured_density_leaves_out_the_dense_steps(tmp_path):
+    # Step 0 of 2 dense, step 1 keeping each frame's own block of 3: the sparse steps' density is 1/3, where the
+    # mean over every call (the dense step's counting 1.0) would be 2/3.
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
+            "--prompts", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert float(row["measured_density"]) == pytest.approx(1 / 3)
+
+
 def test_two_stage_scores_leave_out_the_shared_still(tmp_path, monkeypatch):
     # Frame 0 is the still every run starts from: here it differs (0 dB) and every other frame is 0.01 off dense
     # (40 dB). Only frames 1 on may be scored.
@@ -136,6 +148,11 @@ def test_the_attention_timer_adds_every_call():
         (["dense", "radial"], [0.1, 0.2], [0], 3, "a dense pattern runs every call dense"),
         (["radial"], [0.3], [0, []], 1, "dense_layers=0 and dense_layers=[] name the same blocks"),
         (["radial"], [None], [2, [1, 0]], 1, "dense_layers=2 and dense_layers=[1, 0] name the same blocks"),
+        # A searched pattern's density is its `keep`, set at construction: before, `searched(keep=0.5)` then read as
+        # `searched` given twice and the grid was refused.
+        (["searched", "searched(keep=0.5)"], [None, 0.25], [0], 3, "density=0.25 solves keep whatever it is given"),
+        (["searched_windows", "searched_windows(keep=0.5)"], [None, 0.25], [0], 3,
+         "density=0.25 solves keep whatever it is given"),
     ],
 )
 def test_configurations_that_run_the_same_are_measured_once(patterns, densities, dense_layers, kept, message):
@@ -151,6 +168,62 @@ def test_configurations_that_run_the_same_are_measured_once(patterns, densities,
 def test_one_pattern_spelled_twice_is_refused():
     with pytest.raises(ValueError, match=r"pattern='radial\(decay=1.0\)' and pattern='radial' are the same pattern"):
         evaluate._distinct_runs([SparseConfig(pattern="radial"), SparseConfig(pattern="radial(decay=1.0)")])
+    with pytest.raises(ValueError, match=r"pattern='searched\(keep=0.25\)' and pattern='searched' are the same"):
+        evaluate._distinct_runs([SparseConfig(pattern=p, density=0.25) for p in ("searched", "searched(keep=0.25)")])
+
+
+@pytest.mark.parametrize(
+    ("dense_steps", "steps", "kept", "message"),
+    [
+        # (dense_steps, dense_last_steps) pairs. 0.2 of 2 steps rounds to none (the runtime's `resolve_step_count`).
+        ([(0, 0), (0.2, 0)], 2, 1, "dense_steps=0 and dense_steps=0.2 keep no step of a 2-step run dense"),
+        ([(4, 0), (0.2, 0)], 20, 1, "dense_steps=4 and dense_steps=0.2 keep the first 4 and the last 0 steps"),
+        ([(1, 0), (0.25, 0)], 2, 1, "keep the first 1 and the last 0 steps of a 2-step run dense"),  # half up
+        ([(2, 0), (3, 0), (1, 1), (0.9, 0)], 2, 1, "keep every step of a 2-step run dense"),
+        ([(0, 1), (0.5, 0)], 2, 2, None),  # the last step dense, and the first
+        ([(0, 0), (0.25, 0)], 2, 2, None),
+        ([(0, 0), (0.2, 0)], 3, 2, None),
+    ],
+)
+def test_dense_steps_that_keep_the_same_steps_dense_are_measured_once(dense_steps, steps, kept, message):
+    # Before, `--steps 2 --dense-steps 0,0.2` generated every video twice, the second row saying 0.2 where no step
+    # had run dense.
+    configs = [SparseConfig(pattern="radial", dense_steps=first, dense_last_steps=last) for first, last in dense_steps]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert evaluate._distinct_runs(configs) == configs  # the step count not yet known: each kept
+        distinct = evaluate._distinct_runs(configs, steps=steps)
+    assert len(distinct) == kept and distinct == configs[:kept]
+    assert len(caught) == len(configs) - kept and all(message in str(w.message) for w in caught)
+
+
+def test_eval_measures_dense_steps_that_round_to_the_same_steps_once(tmp_path, monkeypatch):
+    generate, videos = evaluate.timed_generation, []
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: videos.append(1) or generate(*a, **kw))
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "0,0.2",
+            "--prompts", "1"]
+    with pytest.warns(UserWarning, match=r"dense_steps=0.2, .* runs as .*dense_steps=0, .*keep no step of a 2-step"):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert row["dense_steps"] == "0" and len(videos) == 2 + 1 + 1  # two warm-ups, dense, the one configuration
+    # Resolved for the steps the runs had, not for `--steps`: a pipeline running 10 (img2img's `strength` runs
+    # fewer than asked, stages their own) keeps 2 of them dense under 0.2, so both configurations are measured.
+    from diffsparse.api import SparseHandle
+
+    new_run = SparseHandle._new_run
+    monkeypatch.setattr(SparseHandle, "_new_run", lambda self, num_steps=None: new_run(self, 10))
+    videos.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*args, "--out", str(tmp_path / "ten")]) == 0
+    assert [row["dense_steps"] for row in _rows(tmp_path / "ten")] == ["0", "0.2"] and len(videos) == 2 + 1 + 2
+
+
+def test_a_correction_is_a_run_of_its_own():
+    configs = [SparseConfig(pattern="radial", density=0.3, dense_steps=1, correction=c) for c in (None, "residual")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate._distinct_runs(configs) == configs
 
 
 @pytest.mark.parametrize(
@@ -190,3 +263,50 @@ def test_each_configuration_keeps_a_warning_text_once():
             _warn_if_off_target("bench density", 0.1, 0.9, "radial", "the mask", "this row runs")
     assert kept == [("diffsparse: bench density: --density 0.1 is out of reach of radial: the mask has density "
                      "0.900, so this row runs denser than asked")]
+
+
+def _fake_videos(monkeypatch, side: int) -> None:
+    """Videos of 2 frames of side x side pixels instead of generating: dense ones at 0.5, sparse ones 0.01 off."""
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        return np.full((2, side, side, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+
+
+def test_lpips_is_left_out_when_the_pipeline_made_frames_smaller_than_asked(tmp_path, monkeypatch):
+    # Asked 48 x 48 (LPIPS fits), made 16 x 16 (it does not): the check must be made again on the size made, else
+    # scoring the first configuration failed after every video was generated.
+    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("lpips")
+    from diffsparse import metrics
+
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)  # random weights stand in for the checkpoint
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: weights)
+    assert metrics.lpips_weights(None, frame_size=(48, 48)) == weights  # at the size asked, LPIPS would be scored
+    _fake_videos(monkeypatch, 16)
+    args = ["eval", "--steps", "1", "--frames", "2", "--height", "48", "--width", "48", "--block-size", "16",
+            "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"):
+        assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    (row,) = _rows(tmp_path / "e")
+    assert row["lpips"] == ""
+    assert "LPIPS not computed: frames of 16x16 pixels" in (tmp_path / "e" / "eval.md").read_text()
+
+
+def test_a_pipe_in_a_pattern_is_escaped_in_the_markdown_table(tmp_path, capsys):
+    # A composed pattern's repr holds " | ": before, it split its cell in two and shifted the columns after it.
+    composed = repr(get_pattern("radial") | get_pattern("window3d"))
+    assert "|" in composed
+    row = evaluate.EvalRow(pattern=composed, pattern_ran=composed, target_density=None, measured_density=0.5,
+                           dense_steps=0, dense_layers=0, correction=None, order="frame_major()", psnr_db=30.0,
+                           ssim=0.9, lpips=None, attention_time_ratio=1.0, end_to_end_ratio=1.0)
+    args = SimpleNamespace(model=None, steps=1, seeds=1, seed=0, block_size=64, device="cpu", two_stage=False,
+                           still_candidates=1, image=None, call_kwargs=None)
+    evaluate._write([row], tmp_path, args, ["a prompt"], False, "cpu", (1, 48, 48))
+    capsys.readouterr()
+    header, _, cells = [line for line in (tmp_path / "eval.md").read_text().splitlines() if line.startswith("|")]
+    unescaped = r"(?<!\\)\|"
+    assert len(re.split(unescaped, cells)) == len(re.split(unescaped, header))
+    assert composed.replace("|", "\\|") in cells
+    assert _rows(tmp_path)[0]["pattern"] == composed  # the CSV keeps it as it is
