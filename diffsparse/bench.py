@@ -50,9 +50,24 @@ def _time_ms(fn, device) -> float:
 
 
 def _plan_mb(plan) -> float:
-    """What the plan's own tensors hold, on any device."""
-    tensors = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    """What the plan holds, on any device: its tensors and those its backend keeps per call shape in `plan._cache`
+    (the torch-ops path's row and index lists, which grow with batch x heads: left out, the column read 2-4x low),
+    each storage once (the cached lists are slices of a few tensors)."""
+    storages = {}
+
+    def walk(item) -> None:
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[item.device, storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                walk(value)
+
+    walk(vars(plan))  # `_cache` included
+    return sum(storages.values()) / 2**20
 
 
 def _sparse_peak_mb(sparse, device: torch.device) -> float | None:
@@ -71,6 +86,19 @@ def _sparse_peak_mb(sparse, device: torch.device) -> float | None:
 def _check_repeats(repeats, what: str) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1 ({what}), got repeats={repeats!r}")
+
+
+def _check_backend(backend: str, device: str) -> None:
+    """`--backend` as the kernel call will check it (a known name; triton only where it can run), before any tensor
+    is made: refused by the warm-up call, it ended the run after the tensors, the plans and a dense call."""
+    from .kernels import choose_backend
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's fallback warning: the timed call itself gives it
+            choose_backend(device, backend)
+    except ValueError as error:
+        raise ValueError(f"--backend {backend!r}: {error}") from None
 
 
 def _device_label(device: str) -> str:
@@ -235,6 +263,7 @@ def run_attention_bench(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     if args.mask != "random":
         _mask_layout(args.mask, args.seq)  # before the tensors: a bad --seq ended the run after they were made
+    _check_backend(args.backend, args.device)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.heads, args.seq, args.dim)
     q, k, v = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(3))
@@ -249,7 +278,8 @@ def run_attention_bench(args) -> list[dict]:
     )
     print(title)
     if device.type != "cuda":
-        print("peak_mb: no allocator statistics on this device (CUDA only); plan_mb: the plan's own tensors")
+        print("peak_mb: no allocator statistics on this device (CUDA only); plan_mb: the plan's tensors and its "
+              "backend cache")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
@@ -282,6 +312,7 @@ def run_permute_bench(args) -> dict:
     from .patterns import VideoLayout, get_pattern
     from .patterns.ordering import as_order
 
+    _check_backend(args.backend, args.device)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     order = as_order(args.order)
@@ -427,6 +458,7 @@ def run_causal_bench(args) -> list[dict]:
         densities = ",".join(map(str, args.density))
         raise ValueError(f"--pattern {args.pattern!r}, --density {densities}, --block-size {args.block_size} and "
                          f"--backend {args.backend!r} make no sparse configuration: {error}") from None
+    _check_backend(args.backend, args.device)  # the config checks the name only: triton on CPU failed at the warm-up
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)

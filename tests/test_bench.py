@@ -39,6 +39,29 @@ def test_pipeline_bench_keeps_diffsparses_warnings_in_its_json(tmp_path):
     assert len(kept) == 1 and "so nothing runs sparse" in kept[0]  # said by each of 2 sparse runs, kept once
 
 
+def test_pipeline_bench_reports_the_median_of_its_pairs(tmp_path, monkeypatch):
+    # Two pairs (as the other pipeline-bench tests time) cannot tell a median from a mean: the mean passed.
+    from diffsparse import evaluate
+
+    timed = evaluate.timed_generation
+    # Dense and sparse runs alternate, an untimed pair first: attention speedups 2, 4 and 20 (mean 8.67).
+    readings = iter([(2.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 1.0), (1.0, 0.25), (2.0, 1.0), (1.0, 0.05)])
+
+    def fixed(pipe, *args, **kwargs):
+        frames, _, _ = timed(pipe, *args, **kwargs)
+        return (frames, *next(readings))
+
+    monkeypatch.setattr(evaluate, "timed_generation", fixed)
+    args = ["bench", "pipeline", "--steps", "1", "--dense-steps", "1", "--frames", "1", "--height", "16", "--width",
+            "16", "--block-size", "16", "--repeats", "3", "--out", str(tmp_path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nothing runs sparse" (1 dense step, the fastest run): not the point here
+        assert main(args) == 0
+    result = json.loads((tmp_path / "bench_pipeline.json").read_text())
+    assert [p["attention_speedup"] for p in result["pairs"]] == [2.0, 4.0, 20.0]
+    assert (result["speedup"], result["attention_speedup"]) == (2.0, 4.0)
+
+
 def _fixed_clock(monkeypatch, readings: dict, timed: list | None = None):
     """`bench._time_ms` reading `readings[name]` for a callable named `name` (each bench names its callables:
     dense, sparse, search, ...), so swapped or misassigned medians show; the callable still runs, its name in
@@ -61,14 +84,15 @@ def _fixed_clock(monkeypatch, readings: dict, timed: list | None = None):
 
 def test_attention_bench_times_the_plans_kernel_in_interleaved_pairs_after_a_warm_up(monkeypatch):
     # Nothing checked that the sparse callable ran the kernel on the timed plan (SDPA there timed dense against
-    # dense), nor the untimed warm-up and the interleaving the module promises.
+    # dense), nor the untimed warm-up and the interleaving the module promises; nor that plan_ms timed building the
+    # plan (`lambda: None` passed) and peak_mb was the sparse call's (the dense call's passed).
     import torch
     import torch.nn.functional as F
 
     from diffsparse import bench
 
     calls, plans, inside = [], [], [False]
-    sdpa, kernel = F.scaled_dot_product_attention, bench.block_sparse_attention
+    sdpa, kernel, make_plan = F.scaled_dot_product_attention, bench.block_sparse_attention, bench.make_plan
 
     def dense(*args, **kwargs):
         if not inside[0]:  # the CPU path's own SDPA over gathered blocks is the kernel's, not the dense call
@@ -84,8 +108,14 @@ def test_attention_bench_times_the_plans_kernel_in_interleaved_pairs_after_a_war
         finally:
             inside[0] = False
 
+    def planning(*args, **kwargs):
+        calls.append("plan")
+        return make_plan(*args, **kwargs)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", dense)
     monkeypatch.setattr(bench, "block_sparse_attention", sparse)
+    monkeypatch.setattr(bench, "make_plan", planning)
+    monkeypatch.setattr(bench, "_sparse_peak_mb", lambda fn, device: (calls.append(f"peak of {fn.__name__}"), 1.0)[1])
     real_time = bench._time_ms
 
     def timing(fn, device):
@@ -99,12 +129,83 @@ def test_attention_bench_times_the_plans_kernel_in_interleaved_pairs_after_a_war
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random mask on 4 blocks may miss its target: not this test's concern
         row = bench.bench_one(q, k, v, 0.5, 16, "cpu", 2, generator)
-    # make_plan timed 3 times; one untimed dense and sparse call; then each pair, dense first.
+    # make_plan timed 3 times, then the plan the row times; one untimed dense and sparse call; then each pair, dense
+    # first; then the sparse call's peak.
     pair = ["timed dense", "dense", "timed sparse", "sparse"]
-    assert calls == ["timed <lambda>"] * 3 + ["dense", "sparse"] + pair * 2
+    assert calls == ["timed <lambda>", "plan"] * 3 + ["plan", "dense", "sparse"] + pair * 2 + ["peak of sparse"]
     assert all(plan is plans[0] for plan in plans) and plans[0].density == row["density"]
-    assert (row["dense_ms"], row["sparse_ms"], row["speedup"]) == (2.0, 0.5, 4.0)
+    assert (row["dense_ms"], row["sparse_ms"], row["speedup"], row["peak_mb"]) == (2.0, 0.5, 4.0, 1.0)
     assert row["efficiency"] == 4.0 * row["density"]
+
+
+def test_plan_mb_counts_the_bytes_of_the_plan_and_of_its_backend_cache():
+    # It counted the plan's top-level tensors only: the torch-ops path's per-shape row and index lists in
+    # `plan._cache` (which grow with batch x heads) were left out, the column about 2x low here, 4x at 8 heads.
+    import torch
+
+    from diffsparse import bench
+    from diffsparse.kernels import block_sparse_attention, make_plan
+
+    plan = make_plan(torch.ones(1, 1, 4, 4, dtype=torch.bool), 64, 64, 16)
+    # block_mask 16 bools, kv_indices 16 int32, kv_counts 4 int32: bytes, not elements.
+    assert plan.kv_indices.element_size() == plan.kv_counts.element_size() == 4
+    assert bench._plan_mb(plan) * 2**20 == 16 + 16 * 4 + 4 * 4
+    q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.float16) for _ in range(3))  # fp16: the torch-ops path
+    block_sparse_attention(q, k, v, plan, backend="cpu")
+    cached = [x for chunks in plan._cache.values() for chunk in chunks for x in chunk if isinstance(x, torch.Tensor)]
+    assert cached  # the cached lists are slices of their own tensors, each counted once
+    assert bench._plan_mb(plan) * 2**20 == 96 + sum(x.numel() * x.element_size() for x in cached)
+
+
+def test_random_block_masks_keep_their_diagonal():
+    # Nothing checked the diagonal the README promises: without it a low --density could draw an empty mask, and
+    # the row divided by its density 0.
+    import torch
+
+    from diffsparse.bench import random_block_mask
+
+    mask = random_block_mask(8, 1e-9, torch.Generator().manual_seed(0))
+    assert mask.shape == (1, 1, 8, 8) and torch.equal(mask[0, 0], torch.eye(8, dtype=torch.bool))
+
+
+def test_peak_memory_is_the_sparse_calls_own_reset_right_before_it(monkeypatch):
+    # CUDA's allocator faked: without the reset, the peak was the dense call's whenever that was higher; nothing
+    # checked the order.
+    import torch
+
+    from diffsparse import bench
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (events.append("read"), 3 * 2**20)[1])
+    assert bench._sparse_peak_mb(lambda: events.append("sparse"), torch.device("cuda")) == 3.0
+    assert events == ["reset", "sparse", "read"]
+
+
+def _sdpa_calls(monkeypatch, timed: list, shape: tuple) -> list:
+    """SDPA calls on `shape` (the bench's own dense calls, not the sparse path's over gathered blocks), each as
+    `(what _fixed_clock was timing, None when untimed; its attn_mask)`."""
+    import torch.nn.functional as F
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, *args, attn_mask=None, **kwargs):
+        if tuple(q.shape) == shape:
+            calls.append((timed[0], attn_mask))
+        return sdpa(q, *args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_search_bench_runs_the_dense_call_once_untimed_first(tmp_path, monkeypatch):
+    # Without its untimed run, the first timed dense call paid the one-time costs: nothing checked it.
+    timed = _fixed_clock(monkeypatch, {"search": 3.0, "dense": 1.0})
+    calls = _sdpa_calls(monkeypatch, timed, (1, 2, 96, 8))
+    assert main(["bench", "search", "--frames", "3", "--height", "4", "--width", "8", "--block-size", "16", "--heads",
+                 "2", "--dim", "8", "--density", "0.5", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    assert [name for name, _ in calls] == [None, "dense", "dense"]
 
 
 def test_search_bench_records_its_target_and_warns_when_it_is_out_of_reach(tmp_path, monkeypatch, capsys):
@@ -147,6 +248,8 @@ def test_causal_bench_settings_are_refused_before_the_work(capsys, monkeypatch):
         (["--pattern", "dense", "--density", "1"], "--pattern dense: must be a sparse pattern"),
         (["--density", "0.25,1.5"], "argument --density: expected comma-separated block densities in (0, 1], got"),
         (["--backend", "nosuch"], "--backend 'nosuch' make no sparse configuration: SparseConfig.backend must be"),
+        # The config checks the name only: triton on CPU was refused by the first row's warm-up.
+        (["--backend", "triton", "--device", "cpu"], "--backend 'triton': backend='triton' was requested but cannot"),
         (["--pattern", "nosuch"], "--pattern 'nosuch': pattern must be one of"),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -156,34 +259,55 @@ def test_causal_bench_settings_are_refused_before_the_work(capsys, monkeypatch):
 
 
 def test_causal_bench_times_sdpa_under_the_mask_and_without_it_for_scale(tmp_path, monkeypatch):
-    # Nothing checked which SDPA each time was of: the dense baseline without its mask, or the unmasked time taken
-    # of the masked call, passed.
+    # Nothing checked which SDPA each time was of (the dense baseline without its mask, or the unmasked time taken
+    # of the masked call, passed), nor that each ran once untimed first.
     import torch
-    import torch.nn.functional as F
 
     from diffsparse.patterns import FrameCausal, VideoLayout
 
     timed = _fixed_clock(monkeypatch, {"unmasked": 5.0, "dense": 2.0, "sparse": 0.5})
-    masks, sdpa = [], F.scaled_dot_product_attention
-
-    def recording(*args, attn_mask=None, **kwargs):
-        if timed[0] in ("dense", "unmasked"):
-            masks.append((timed[0], attn_mask))
-        return sdpa(*args, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    masks = _sdpa_calls(monkeypatch, timed, (1, 2, 96, 8))
     args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
             "--repeats", "2", "--causal-frames", "2", "--block-size", "16", "--pattern", "window3d", "--density",
             "0.3,0.6", "--out", str(tmp_path)]
     assert main(args) == 0
     expected = FrameCausal(2).token_mask(VideoLayout(4, 4, 6))[None]
-    assert [name for name, _ in masks] == ["unmasked"] * 2 + ["dense"] * 4
-    assert all(mask is None if name == "unmasked" else torch.equal(mask, expected) for name, mask in masks)
+    # The unmasked call untimed (None), then timed; per density, the masked one likewise.
+    assert [name for name, _ in masks] == [None, "unmasked", "unmasked"] + [None, "dense", "dense"] * 2
+    assert [mask is not None for _, mask in masks] == [False] * 3 + [True] * 6
+    assert all(mask is None or torch.equal(mask, expected) for _, mask in masks)
     result = json.loads((tmp_path / "bench_causal.json").read_text())
     assert result["unmasked_sdpa_ms"] == 5.0
     for r in result["rows"]:
         assert (r["dense_ms"], r["sparse_ms"], r["speedup"]) == (2.0, 0.5, 4.0) and r["density"] < 1
         assert r["efficiency"] == 4.0 * r["density"]
+
+
+def test_causal_bench_refuses_a_call_the_runtime_logged_dense(tmp_path, monkeypatch):
+    # Its density would be 1.0 whatever the kernel ran: nothing reached the guard (the bench's config runs every call
+    # sparse), so only a patched runtime can.
+    from diffsparse.runtime import SparseRuntime
+
+    monkeypatch.setattr(SparseRuntime, "_mode", lambda self, *args, **kwargs: "dense")
+    args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
+            "--repeats", "1", "--causal-frames", "2", "--block-size", "16", "--pattern", "window3d", "--density",
+            "0.3", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="logged the call under .* as dense: nothing sparse to time"):
+        main(args)
+    assert not (tmp_path / "bench_causal.json").exists()
+
+
+def test_causal_bench_refuses_repeats_below_one_when_called_directly():
+    # The CLI's parser refuses 0 itself; called directly, nothing checked the bench's own refusal.
+    import argparse
+
+    from diffsparse.bench import run_causal_bench
+
+    args = argparse.Namespace(repeats=0, causal_frames=2, frames=4, height=4, width=6, pattern="window3d",
+                              density=[0.3], block_size=16, backend="auto", device="cpu", dtype="fp32", seed=0,
+                              heads=2, dim=8, out="unused")
+    with pytest.raises(ValueError, match=r"repeats must be an int >= 1 \(timed dense/sparse pairs\), got repeats=0"):
+        run_causal_bench(args)
 
 
 def test_permute_bench_share_is_the_permutations_time_over_the_attentions(monkeypatch, capsys):

@@ -201,6 +201,10 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["trace", "--call-kwargs", '{"negative_promt": ""}'], "(did you mean 'negative_prompt'?)"),
         (["bench", "pipeline", "--call-kwargs", '{"guidance_scal": 2}'], "which TestbedPipeline does not take"),
         (["bench", "attention", "--device", "gpu"], "device='gpu': not a torch device"),
+        # Meta tensors hold no data: it got past the check (torch has no `torch.meta` to ask) and ended in a
+        # traceback after the tensors were made, or after the model had loaded.
+        (["bench", "attention", "--device", "meta"], "device='meta': torch has no meta backend that runs computations"),
+        (["compare", "--device", "meta"], "device='meta': torch has no meta backend"),
         (["compare", "--out", str(a_file)], f"out='{a_file}': cannot be used as the output folder"),
         (["eval", "--out", str(a_file / "sub")], "cannot be used as the output folder"),
         (["compare", "--tile", "2,8"], "a tile is t,h,w (three positive integers) or one for a cube, got '2,8'"),
@@ -261,6 +265,12 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
         # Unfitted, spatial_temporal is the union of its masks: its rows ran at density 1.0 whatever the target.
         (["bench", "attention", "--mask", "spatial_temporal"], "--mask spatial_temporal: must be random or a static"),
         (["bench", "attention", "--mask", "dense"], "--mask dense: must be random or a static"),
+        # Refused by the warm-up call, after the tensors, the plans and a dense call, as bench causal's were.
+        (["bench", "attention", "--backend", "nosuch"], "--backend 'nosuch': backend must be 'auto' or one of"),
+        (["bench", "permute", "--backend", "nosuch"], "--backend 'nosuch': backend must be 'auto' or one of"),
+        (["bench", "attention", "--backend", "triton", "--device", "cpu"],
+         "--backend 'triton': backend='triton' was requested but cannot run"),
+        (["bench", "permute", "--backend", "triton", "--device", "cpu"], "--backend 'triton': backend='triton'"),
         # One group of every frame is no causal mask: its "masked" SDPA was unmasked.
         (["bench", "causal", "--causal-frames", "8"],
          "--causal-frames 8 with --frames 8: a causal mask needs at least two groups of frames"),
@@ -269,7 +279,7 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
         # A shared mask drew head 0 for any head asked, unsaid.
         (["masks", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16", "--head", "5"],
          "--head 5: radial(decay=1.0, min_window=64, sink=False) gives one mask, shared by every head"),
-        (["demo", "--port", "70000"], "argument --port: must be a port number in 1 .. 65535, got 70000"),
+        (["demo", "--port", "65536"], "argument --port: must be a port number in 1 .. 65535, got 65536"),
         (["compare", "--dense-steps", "abc"], f"argument --dense-steps: {step_count}'abc'"),
         (["trace", "--dense-last-steps", "nan"], f"argument --dense-last-steps: {step_count}'nan'"),
         (["bench", "pipeline", "--dense-steps", "inf"], f"argument --dense-steps: {step_count}'inf'"),
@@ -583,11 +593,18 @@ def test_masks_and_density_bench(tmp_path, capsys):
                  "--block-size", "64", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench_density.png").exists()
     printed = capsys.readouterr().out
-    from diffsparse.patterns import Radial, VideoLayout
+    from diffsparse.patterns import Radial, TileOrder, VideoLayout, get_pattern
 
     for frames in (4, 8):  # each row's density is the pattern's own at that layout
         density = Radial().density(VideoLayout(frames, 8, 8), 64)
         assert f"| {Radial()!r} | {frames} | {frames * 64} | {density:.4f} | " in printed
+    # Each row's density in the --tile order (before, the tile was ignored).
+    pattern = get_pattern("window3d(window=(1, 2, 2))")
+    tiled = pattern.density(VideoLayout(4, 8, 8), 16, TileOrder((1, 4, 4)))
+    assert tiled != pattern.density(VideoLayout(4, 8, 8), 16)
+    assert main(["bench", "density", "--pattern", repr(pattern), "--frames", "4", "--height", "8", "--width", "8",
+                 "--block-size", "16", "--tile", "1,4,4", "--out", str(tmp_path)]) == 0
+    assert f"| {pattern!r} | 4 | 256 | {tiled:.4f} | " in capsys.readouterr().out
     # A joint sequence: 8 text tokens first, whose block row and column stay whole.
     assert main(["masks", "--pattern", "radial", "--frames", "4", "--height", "8", "--width", "8", "--block-size", "16",
                  "--text-tokens", "8", "--text-position", "start", "--density", "0.3", "--out", str(tmp_path)]) == 0
@@ -643,6 +660,13 @@ def test_attention_bench_names_the_backend_the_call_runs(monkeypatch):
                              (128, 512, "cpu (torch ops)")):
         plan = make_plan(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2 * block, 2 * block, block)
         assert bench._backend_label(cuda, torch.bfloat16, "auto", plan, dim) == runs, (block, dim)
+    # On CPU the compiled kernel takes float32 and bfloat16 only: float16 was labelled as the compiled kernel.
+    from diffsparse.kernels import cpu_native
+
+    if cpu_native.forward_op() is not None:
+        cpu = torch.device("cpu")
+        assert bench._backend_label(cpu, torch.float32, "cpu", plan, 64) == "cpu (compiled kernel)"
+        assert bench._backend_label(cpu, torch.float16, "cpu", plan, 64) == "cpu (torch ops)"
 
 
 def test_permute_bench_reads_the_tile_as_the_other_commands_do(capsys):
@@ -660,9 +684,12 @@ def test_permute_bench_reads_the_tile_as_the_other_commands_do(capsys):
 
 
 def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monkeypatch):
+    # Also: the size of the frames' other dimensions as the video's, and the stats of the last denoising run only
+    # (not every segment's) passed.
     import statistics
 
     from diffsparse import evaluate
+    from diffsparse.api import SparseHandle
     from diffsparse.pipelines.wan import WanSparseAttnProcessor
 
     sparse_applied, timed = [], evaluate.timed_generation
@@ -674,14 +701,22 @@ def test_pipeline_bench_interleaves_dense_and_sparse_runs(tmp_path, capsys, monk
         frames, _, _ = timed(pipe, *args, **kwargs)
         return (frames, 1.0, 0.25) if sparse else (frames, 2.0, 1.0)
 
+    since, stats = [], SparseHandle.stats
+
+    def recording_stats(self, since_apply=False):
+        since.append(since_apply)
+        return stats(self, since_apply=since_apply)
+
     monkeypatch.setattr(evaluate, "timed_generation", recording)
+    monkeypatch.setattr(SparseHandle, "stats", recording_stats)
     args = ["bench", "pipeline", "--steps", "2", "--frames", "5", "--height", "32", "--width", "48",
             "--block-size", "16", "--dense-steps", "1", "--density", "0.5", "--repeats", "2"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     assert sparse_applied == [False, True] * 3  # an untimed pair, then the timed pairs, each dense first
+    assert since and all(since)
     result = json.loads((tmp_path / "bench_pipeline.json").read_text())
     pairs = result["pairs"]
-    assert len(pairs) == 2 and result["repeats"] == 2
+    assert len(pairs) == 2 and result["repeats"] == 2 and result["video"] == "5 frames 32x48, 2 steps"
     assert (result["prompt"], result["seed"], result["call_kwargs"], result["image"], result["vae_tiling"]) == (
         "a red circle moving left", 0, None, None, False)
     assert result["speedup"] == statistics.median(p["dense_seconds"] / p["sparse_seconds"] for p in pairs)
@@ -955,12 +990,35 @@ def test_none_and_out_of_range_values_are_read_at_parsing(capsys):
         assert exit_info.value.code == 2 and message in err, (argv, err)
 
 
+def test_seeds_take_the_whole_64_bit_range():
+    # torch's manual_seed takes -2**63 .. 2**64 - 1: nothing checked that negative seeds stay allowed.
+    parse = build_parser().parse_args
+    assert parse(["compare", "--seed", str(-(2**63))]).seed == -(2**63)
+    assert parse(["bench", "attention", "--seed", "-1"]).seed == -1
+
+
+def test_every_sparse_config_option_reaches_the_config():
+    # --dense-last-steps or --correction-refresh dropped on the way to the config went unnoticed.
+    from diffsparse.cli import _sparse_config
+
+    for command in (["compare"], ["trace"], ["bench", "pipeline"]):
+        args = build_parser().parse_args([*command, "--pattern", "window3d", "--density", "0.3", "--block-size", "32",
+                                          "--dense-steps", "2", "--dense-last-steps", "1", "--dense-layers", "[1]",
+                                          "--correction", "residual", "--correction-refresh", "3"])
+        config = _sparse_config(args)
+        assert (config.pattern, config.density, config.block_size, config.dense_steps, config.dense_last_steps,
+                config.dense_layers, config.correction, config.correction_refresh) == (
+            "window3d", 0.3, 32, 2, 1, [1], "residual", 3), command
+
+
 def test_pattern_lists_keep_parameters_together(capsys):
     args = build_parser().parse_args(["eval", "--pattern", "radial, searched(keep=0.3, refresh=4)"])
     assert args.pattern == ["radial", "searched(keep=0.3, refresh=4)"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["eval", "--pattern", "radial,searched(keep=0.3"])
-    assert "expected comma-separated patterns" in capsys.readouterr().err
+    # An empty item, or a stray closing parenthesis that a later opening one balances, was taken as a pattern.
+    for bad in ("radial,searched(keep=0.3", "radial,,window3d", "radial),window3d("):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", "--pattern", bad])
+        assert "expected comma-separated patterns" in capsys.readouterr().err, bad
 
 
 def test_dense_layers_take_a_count_or_a_list_of_block_indices(capsys):

@@ -155,6 +155,22 @@ def test_the_error_is_the_relative_l2_norm_against_dense_attention_on_the_same_i
     masked = attention(torch.arange(40)[None, :] < ends[:, None])
     assert _relative_error(q, k, v, 1.1 * masked, groups) == pytest.approx(0.1, abs=1e-6)
     assert _relative_error(q, k, v, masked, groups) == pytest.approx(0.0, abs=1e-6)
+    # Scale-free: a norm clamped at 1.0 (not 1e-12) made it an absolute error for small outputs.
+    assert _relative_error(q, k, 1e-4 * v, 1.1e-4 * attention()) == pytest.approx(0.1, abs=1e-6)
+    # The reference in float32: taken in the inputs' bfloat16, the exact output read as off by bf16's rounding.
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    exact = F.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (qb, kb, vb))).transpose(1, 2)
+    assert _relative_error(qb, kb, vb, exact) < 1e-6
+
+
+def test_the_tables_density_is_the_mean_of_the_calls_densities():
+    # Nothing pinned the tables' density column: taken of the errors, it passed.
+    from diffsparse.trace import TracedCall
+
+    calls = [TracedCall("transformer", 1, layer, "cond", True, density, error)
+             for layer, density, error in ((0, 0.25, 0.5), (0, 0.75, 0.1), (1, 0.5, 0.2))]
+    assert [(r["density"], r["error"]) for r in per_step(calls)] == [(0.5, pytest.approx(0.8 / 3))]
+    assert [(r["density"], r["error"]) for r in per_layer(calls)] == [(0.5, pytest.approx(0.3)), (0.5, 0.2)]
 
 
 def test_the_traced_generation_draws_the_same_global_noise_for_its_seed(tiny_pipe, tmp_path, monkeypatch):
