@@ -423,8 +423,9 @@ def test_a_search_again_measures_the_correction_again():
 
 @pytest.mark.parametrize("batched", [False, True], ids=["a call per CFG branch", "CFG batched"])
 def test_a_search_is_shared_by_cfg_branches_called_apart_and_made_per_video_of_a_batched_call(batched, monkeypatch):
-    # The fit is kept per (layer, layout, batch size), not per branch: Wan's cond and uncond calls share one search,
-    # PixArt's one call holding both halves searches each half on its own. With a correction, at the measuring step.
+    # The fit is kept per (layer, layout, batch size, ...), not per branch: Wan's cond and uncond calls share one
+    # search, PixArt's one call holding both halves searches each half on its own. With a correction, at the
+    # measuring step.
     from diffsparse.patterns import Searched
 
     searches = []
@@ -442,7 +443,7 @@ def test_a_search_is_shared_by_cfg_branches_called_apart_and_made_per_video_of_a
             runtime.state_manager.set_context(CacheContext(branch))
             _run_call(runtime, 0, layout, step, 3, *inputs)
     assert searches == ([1, 1] if batched else [1])  # one per video searched, at step 0 (the measuring step)
-    assert runtime._fitted_at == {(0, layout, 2 if batched else 1, 0): 0}
+    assert runtime._fitted_at == {(0, layout, 2 if batched else 1, 0, 0, 0): 0}  # no query offset, no outside pairs
     assert [len(patterns) for patterns in runtime._layer_patterns.values()] == [2 if batched else 1]
 
 
