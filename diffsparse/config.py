@@ -33,11 +33,15 @@ def _check_step_count(name: str, value) -> None:
 def _plain_number(value):
     """A number of another numeric type (numpy's, read from an array or a slider) as the Python int or float it
     stands for, so it passes the checks a Python number passes; anything else as it is (the checks name it)."""
-    if isinstance(value, (bool, int, float)):
+    if type(value) in (bool, int, float):
         return value
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
-    return float(value) if isinstance(value, numbers.Real) else value
+    if isinstance(value, numbers.Real):
+        # numpy's as the decimal it prints as, which the user gave: np.float32(0.29) holds 0.28999999..., whose share
+        # of 50 steps rounded to 14 dense steps where 0.29 gives 15, and density 0.3 compared unequal to 0.3.
+        return float(str(value)) if hasattr(value, "dtype") else float(value)
+    return value
 
 
 def _hashable(value):
@@ -163,7 +167,10 @@ class SparseConfig:
         for name in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "correction_refresh"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
-                object.__setattr__(self, name, type(value)(_plain_number(item) for item in value))
+                plain = [_plain_number(item) for item in value]
+                if any(a is not b for a, b in zip(plain, value)):  # else as given (a namedtuple stays one)
+                    object.__setattr__(self, name, set(plain) if isinstance(value, set) else
+                                       plain if isinstance(value, list) else tuple(plain))
             else:
                 object.__setattr__(self, name, _plain_number(value))
         try:

@@ -18,21 +18,22 @@ def as_device(device):
 
 def device_here(device):
     """`as_device(device)`, also a `ValueError` naming it when this machine lacks it (no such accelerator, or an
-    index past its count) or when it computes nothing (`"meta"`, or a type torch has no backend for): torch's own
-    errors came as tracebacks, some after minutes of loading weights."""
+    index past its count) or when it computes nothing (`"meta"`): torch's own errors came as tracebacks, some after
+    minutes of loading weights."""
     import torch
 
     parsed = as_device(device)
     if parsed.type == "cpu":
         return parsed
     backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    if parsed.type == "meta":
+        # Shapes only, no data: with no backend to ask, the check below was skipped and the run ended in a traceback
+        # ("Tensor.item() cannot be called on meta tensors") after the tensors or the model were made.
+        raise ValueError(f"device={device!r}: a meta tensor holds no values to compute with; use 'cpu' or an "
+                         "accelerator this machine has, such as 'cuda', 'cuda:1' or 'mps'")
     available = getattr(backend, "is_available", None)
-    if not callable(available):
-        # No backend to ask (meta: shapes only, no data): the check below was skipped and the run ended in a
-        # traceback ("Tensor.item() cannot be called on meta tensors") after the tensors or the model were made.
-        raise ValueError(f"device={device!r}: torch has no {parsed.type} backend that runs computations; use 'cpu' "
-                         "or an accelerator this machine has, such as 'cuda', 'cuda:1' or 'mps'")
-    if not available():
+    # A type torch names no module for (xla, which torch_xla registers, hpu before habana's import) is left to torch.
+    if callable(available) and not available():
         raise ValueError(f"device={device!r}: this machine has no {parsed.type} device (torch sees none); use 'cpu'")
     count = getattr(backend, "device_count", None)
     if parsed.index is not None and callable(count) and parsed.index >= count():

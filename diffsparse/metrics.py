@@ -38,30 +38,34 @@ def _is_pil_image(video) -> bool:
 
 
 # PIL modes whose pixels are values of a gray level or of RGB(A) as they are; the other colour modes are converted.
-_PIL_AS_THEY_ARE = ("1", "L", "RGB", "RGBA", "I;16", "I;16L", "I;16B")
+_PIL_AS_THEY_ARE = ("1", "L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N")
 # Modes of raw numbers (32-bit ints, floats) that say nothing of the range their values span.
-_PIL_REFUSED = ("I", "F", "I;16N")
+_PIL_REFUSED = ("I", "F")
+# Modes with an alpha band, converted to RGBA (premultiplied `La` by way of `LA`); LAB's "A" is a colour band.
+_PIL_WITH_ALPHA = {"LA": "LA", "La": "LA", "PA": "PA", "RGBa": "RGBa"}
 
 
 def _pil_pixels(image) -> np.ndarray:
-    """A PIL image's pixels as `as_frames` reads them: gray or RGB(A) values; a palette (`P`, `PA`) or another colour
-    space (`YCbCr`, `HSV`, `CMYK`, `LAB`, `LA`, ...) converted to RGB, or RGBA where it has transparency. Before,
-    `P` frames were scored on their palette indices and the others channel by channel in their own space."""
+    """A PIL image's pixels as `as_frames` reads them: gray or RGB(A) values; a palette (`P`) or another colour space
+    (`YCbCr`, `HSV`, `CMYK`, `LAB`, ...) converted to RGB, a mode with an alpha band (`LA`, `PA`, ...) to RGBA (a
+    palette's transparent entry stays a colour: frames of one video keep one channel count). Before, `P` frames
+    were scored on their palette indices and the others channel by channel in their own space."""
     if image.mode in _PIL_AS_THEY_ARE:
         return np.asarray(image)
     if image.mode in _PIL_REFUSED:
         raise ValueError(f"video: a PIL image of mode {image.mode!r} holds raw numbers of no known range; give it "
                          f"in mode 'L' or 'RGB', or as a float array (with data_range= when not in [0, 1])")
-    alpha = "A" in image.mode or "a" in image.mode or "transparency" in image.info
-    return np.asarray(image.convert("RGBA" if alpha else "RGB"))
+    if image.mode in _PIL_WITH_ALPHA:
+        return np.asarray(image.convert(_PIL_WITH_ALPHA[image.mode]).convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
 
 
 def as_frames(video) -> np.ndarray:
     """A video as a float64 array `(F, H, W, C)`, C in (1, 3, 4). Layouts, by number of dimensions:
 
     - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`; palette and other colour modes converted
-      to RGB(A), modes `I` and `F` of raw numbers refused): each `(H, W, C)`, `(C, H, W)` or `(H, W)` (gray); a
-      single PIL image is one frame; a list of tensors is read as the tensor stacked from them
+      to RGB, or RGBA with an alpha band; modes `I` and `F` of raw numbers refused): each `(H, W, C)`, `(C, H, W)`
+      or `(H, W)` (gray); a single PIL image is one frame; a list of tensors is read as the tensor stacked from them
       (`list(frames)` as `frames`: channels first, as below);
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);

@@ -1,5 +1,6 @@
 """SparseConfig validation and the step/layer schedule."""
 
+import collections
 import copy
 import dataclasses
 import pickle
@@ -204,6 +205,12 @@ def test_numpy_numbers_are_the_numbers_they_stand_for():
                          correction="residual", correction_refresh=2)
     assert given == plain and hash(given) == hash(plain) and repr(given) == repr(plain)
     assert type(given.dense_steps) is int and type(SparseConfig(dense_layers=np.int64(2)).dense_layers) is int
+    # As the decimals they print as: np.float32(0.29) holds 0.2899..., 14 of 50 steps where 0.29 keeps 15.
+    assert SparseConfig(density=np.float32(0.3)) == SparseConfig(density=0.3)
+    assert SparseConfig(dense_steps=np.float32(0.29)).is_dense_step(14, 50)
+    block = collections.namedtuple("Block", "q k")(np.int64(32), 64)
+    assert SparseConfig(block_size=block).block_sizes == (32, 64)
+    assert SparseConfig(block_size=collections.namedtuple("Block", "q k")(32, 64)).block_sizes == (32, 64)
     with pytest.raises(ValueError, match="density must be None or a number"):
         SparseConfig(density=np.bool_(True))
     with pytest.raises(ValueError, match=r"dense_steps as a float must be a fraction in \[0, 1\), got dense_steps=1.5"):

@@ -1,5 +1,6 @@
 """PSNR and SSIM against known values, in the layouts diffusers pipelines return."""
 
+import math
 import re
 import sys
 import warnings
@@ -430,6 +431,11 @@ def test_pil_frames_of_a_palette_or_another_colour_space_are_scored_in_rgb():
         assert psnr([rgb.convert(mode)], [noisy.convert(mode)]) == pytest.approx(psnr([rgb], [noisy]), abs=0.25)
     gray_alpha = Image.fromarray(np.asarray(rgb)[..., 0], "L").convert("LA")
     assert as_frames(gray_alpha).shape == (1, 16, 16, 4)  # refused before: 2 channels
+    # LAB's "A" is a colour band, not alpha; a palette's transparent entry keeps a list of frames at one channel count.
+    assert as_frames(rgb.convert("LAB")).shape == (1, 16, 16, 3) and math.isfinite(psnr([rgb.convert("LAB")], [rgb]))
+    transparent = first.copy()
+    transparent.info["transparency"] = 0
+    assert as_frames([first, transparent]).shape == (2, 16, 16, 3)
     for mode in ("F", "I"):
         with pytest.raises(ValueError, match=f"PIL image of mode '{mode}' holds raw numbers"):
             as_frames(rgb.convert(mode))
