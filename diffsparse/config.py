@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 
+import numpy as np
+
 from .kernels import BACKENDS
 from .patterns import Pattern, Searched, SearchedWindows, TokenOrder, get_pattern
 from .patterns.base import as_pair
@@ -37,11 +39,14 @@ def _plain_number(value):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
-    if isinstance(value, numbers.Real):
-        # numpy's as the decimal it prints as, which the user gave: np.float32(0.29) holds 0.28999999..., whose share
-        # of 50 steps rounded to 14 dense steps where 0.29 gives 15, and density 0.3 compared unequal to 0.3.
-        return float(str(value)) if hasattr(value, "dtype") else float(value)
-    return value
+    if isinstance(value, float):  # np.float64 and other float subclasses: the value exactly
+        return float(value)
+    if isinstance(value, np.floating):
+        # A narrower or wider numpy float as the shortest decimal that reads back as it, which the user gave:
+        # np.float32(0.29) holds 0.28999999..., whose share of 50 steps rounded to 14 dense steps where 0.29 gives 15,
+        # and density 0.3 compared unequal to 0.3. Not `str`: numpy's print options change it.
+        return float(np.format_float_positional(value, unique=True, trim="-"))
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 def _hashable(value):

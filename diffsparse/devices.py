@@ -32,8 +32,16 @@ def device_here(device):
         raise ValueError(f"device={device!r}: a meta tensor holds no values to compute with; use 'cpu' or an "
                          "accelerator this machine has, such as 'cuda', 'cuda:1' or 'mps'")
     available = getattr(backend, "is_available", None)
-    # A type torch names no module for (xla, which torch_xla registers, hpu before habana's import) is left to torch.
-    if callable(available) and not available():
+    if not callable(available):
+        # A type torch names no module for (xla, which torch_xla registers; hip, vulkan, ...): whether torch can place
+        # a tensor there. Before, "hip" ended in torch's traceback after the tensors or the weights were made.
+        try:
+            torch.empty(0, device=parsed)
+        except RuntimeError as error:
+            why = str(error).splitlines()[0]
+            raise ValueError(f"device={device!r}: torch cannot place tensors on it here ({why}); use 'cpu' or an "
+                             "accelerator this machine has") from None
+    elif not available():
         raise ValueError(f"device={device!r}: this machine has no {parsed.type} device (torch sees none); use 'cpu'")
     count = getattr(backend, "device_count", None)
     if parsed.index is not None and callable(count) and parsed.index >= count():

@@ -47,9 +47,9 @@ _PIL_WITH_ALPHA = {"LA": "LA", "La": "LA", "PA": "PA", "RGBa": "RGBa"}
 
 def _pil_pixels(image) -> np.ndarray:
     """A PIL image's pixels as `as_frames` reads them: gray or RGB(A) values; a palette (`P`) or another colour space
-    (`YCbCr`, `HSV`, `CMYK`, `LAB`, ...) converted to RGB, a mode with an alpha band (`LA`, `PA`, ...) to RGBA (a
-    palette's transparent entry stays a colour: frames of one video keep one channel count). Before, `P` frames
-    were scored on their palette indices and the others channel by channel in their own space."""
+    (`YCbCr`, `HSV`, `CMYK`, `LAB`, ...) converted to RGB, one with an alpha band (`LA`, `PA`, ...) or a palette
+    with a transparent entry (a GIF's) to RGBA. Before, `P` frames were scored on their palette indices and the
+    others channel by channel in their own space."""
     if image.mode in _PIL_AS_THEY_ARE:
         return np.asarray(image)
     if image.mode in _PIL_REFUSED:
@@ -57,7 +57,21 @@ def _pil_pixels(image) -> np.ndarray:
                          f"in mode 'L' or 'RGB', or as a float array (with data_range= when not in [0, 1])")
     if image.mode in _PIL_WITH_ALPHA:
         return np.asarray(image.convert(_PIL_WITH_ALPHA[image.mode]).convert("RGBA"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image.convert("RGBA" if image.mode == "P" and "transparency" in image.info else "RGB"))
+
+
+def _pil_frames(frames: list) -> list:
+    """`frames` with their PIL images read (`_pil_pixels`); where some of them read as RGB and others as RGBA (a GIF
+    whose frames differ in having a transparent entry), the RGB ones made opaque RGBA, so the video has one channel
+    count."""
+    read = [_pil_pixels(item) if _is_pil_image(item) else item for item in frames]
+    images = [i for i, item in enumerate(frames) if _is_pil_image(item)]
+    if {read[i].shape[-1] for i in images if read[i].ndim == 3} == {3, 4}:
+        for i in images:
+            if read[i].ndim == 3 and read[i].shape[-1] == 3:
+                opaque = np.full((*read[i].shape[:2], 1), np.iinfo(read[i].dtype).max, read[i].dtype)
+                read[i] = np.concatenate([read[i], opaque], axis=-1)
+    return read
 
 
 def as_frames(video) -> np.ndarray:
@@ -132,15 +146,14 @@ def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def _stacked(frames: list | tuple) -> np.ndarray | torch.Tensor:
     """A list of frames (or of videos, nested as deep as diffusers' `.frames`) as one array, or as one tensor when
     every item is a tensor: then the tensor layouts apply, channels first, as to the tensor the list was made of."""
-    items = [_stacked(item) if isinstance(item, (list, tuple)) and item else item for item in frames]
+    items = _pil_frames([_stacked(item) if isinstance(item, (list, tuple)) and item else item for item in frames])
     if all(isinstance(item, torch.Tensor) for item in items):
         try:
             return torch.stack([item.detach() for item in items])
         except RuntimeError as error:  # frames of different shapes or dtypes
             raise ValueError(f"video: a list's frames must have one shape, got {[tuple(i.shape) for i in items]} "
                              f"({error})") from error
-    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else
-                     _pil_pixels(item) if _is_pil_image(item) else np.asarray(item) for item in items])
+    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items])
 
 
 def _scale(dtype: np.dtype) -> float:

@@ -177,15 +177,20 @@ def test_counts_and_sizes_below_their_bound_are_usage_errors(argv, capsys):
     assert "must be at least 1, got " in err and "Traceback" not in err
 
 
-def test_a_device_type_torch_names_no_backend_for_is_left_to_torch():
-    # torch_xla registers "xla" without a `torch.xla` to ask (habana "hpu" likewise before its import): the check
-    # leaves such a type to torch, whose torch-ops path runs on any device; only "meta", which computes nothing, is
-    # refused without asking.
-    from diffsparse.devices import device_here
+def test_a_device_type_torch_names_no_backend_for_is_checked_by_placing_a_tensor(monkeypatch):
+    # torch_xla registers "xla" without a `torch.xla` to ask (habana "hpu" likewise): such a type is taken where torch
+    # can place a tensor on it (the torch-ops path runs on any device), refused by name where it cannot ("hip" ended
+    # in torch's traceback after the tensors were made); "meta" places tensors but computes nothing.
+    from diffsparse import devices
 
-    assert device_here("xla:0") == torch.device("xla:0")
+    for device in ("hip", "xla:0"):
+        with pytest.raises(ValueError, match=f"device='{device}': torch cannot place tensors on it here"):
+            devices.device_here(device)
     with pytest.raises(ValueError, match="a meta tensor holds no values"):
-        device_here("meta")
+        devices.device_here("meta")
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *size, device=None, **kw: empty(*size, **kw))  # as if registered
+    assert devices.device_here("xla:0") == torch.device("xla:0")
 
 
 def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_path, capsys, monkeypatch):

@@ -208,6 +208,8 @@ def test_numpy_numbers_are_the_numbers_they_stand_for():
     # As the decimals they print as: np.float32(0.29) holds 0.2899..., 14 of 50 steps where 0.29 keeps 15.
     assert SparseConfig(density=np.float32(0.3)) == SparseConfig(density=0.3)
     assert SparseConfig(dense_steps=np.float32(0.29)).is_dense_step(14, 50)
+    with np.printoptions(legacy="1.13"):  # which prints np.float64(1 / 3) as 0.333333333333
+        assert SparseConfig(density=np.float64(1 / 3)).density == 1 / 3
     block = collections.namedtuple("Block", "q k")(np.int64(32), 64)
     assert SparseConfig(block_size=block).block_sizes == (32, 64)
     assert SparseConfig(block_size=collections.namedtuple("Block", "q k")(32, 64)).block_sizes == (32, 64)

@@ -431,11 +431,21 @@ def test_pil_frames_of_a_palette_or_another_colour_space_are_scored_in_rgb():
         assert psnr([rgb.convert(mode)], [noisy.convert(mode)]) == pytest.approx(psnr([rgb], [noisy]), abs=0.25)
     gray_alpha = Image.fromarray(np.asarray(rgb)[..., 0], "L").convert("LA")
     assert as_frames(gray_alpha).shape == (1, 16, 16, 4)  # refused before: 2 channels
-    # LAB's "A" is a colour band, not alpha; a palette's transparent entry keeps a list of frames at one channel count.
+    # LAB's "A" is a colour band, not alpha. A palette with a transparent entry (a GIF's) reads as RGBA, as an RGBA
+    # frame does; in a video whose other frames read as RGB, those are made opaque RGBA (one channel count).
     assert as_frames(rgb.convert("LAB")).shape == (1, 16, 16, 3) and math.isfinite(psnr([rgb.convert("LAB")], [rgb]))
     transparent = first.copy()
     transparent.info["transparency"] = 0
-    assert as_frames([first, transparent]).shape == (2, 16, 16, 3)
+    mixed = as_frames([first, transparent])
+    assert mixed.shape == (2, 16, 16, 4) and (mixed[0, ..., 3] == 1).all() and (mixed[1, ..., 3] < 1).any()
+    np.testing.assert_array_equal(mixed[..., :3], as_frames([first, first]))
+    assert psnr([transparent.convert("RGBA")], [transparent]) == float("inf")
+    rgba = np.concatenate([np.asarray(rgb), np.full((16, 16, 1), 128, np.uint8)], axis=-1)
+    for mode, source in (("PA", "RGBA"), ("RGBa", "RGBA"), ("La", "LA")):  # alpha bands, kept
+        frames = as_frames(Image.fromarray(rgba if source == "RGBA" else rgba[..., [0, 3]], source).convert(mode))
+        assert frames.shape == (1, 16, 16, 4) and np.allclose(frames[..., 3], 128 / 255, atol=1 / 255)
+    sixteen_bits = Image.new("I;16N", (4, 4), 1000)  # native-order 16 bits, read as they are
+    assert as_frames(sixteen_bits)[0, 0, 0, 0] == pytest.approx(1000 / 65535)
     for mode in ("F", "I"):
         with pytest.raises(ValueError, match=f"PIL image of mode '{mode}' holds raw numbers"):
             as_frames(rgb.convert(mode))
