@@ -264,6 +264,7 @@ def run_attention_bench(args) -> list[dict]:
     if args.mask != "random":
         _mask_layout(args.mask, args.seq)  # before the tensors: a bad --seq ended the run after they were made
     _check_backend(args.backend, args.device)
+    _check_repeats(args.repeats, "timed dense/sparse pairs")  # called directly: statistics' error, after the work
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.heads, args.seq, args.dim)
     q, k, v = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(3))
@@ -313,6 +314,7 @@ def run_permute_bench(args) -> dict:
     from .patterns.ordering import as_order
 
     _check_backend(args.backend, args.device)
+    _check_repeats(args.repeats, "timed permutation and attention calls")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     order = as_order(args.order)

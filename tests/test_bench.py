@@ -297,17 +297,28 @@ def test_causal_bench_refuses_a_call_the_runtime_logged_dense(tmp_path, monkeypa
     assert not (tmp_path / "bench_causal.json").exists()
 
 
-def test_causal_bench_refuses_repeats_below_one_when_called_directly():
-    # The CLI's parser refuses 0 itself; called directly, nothing checked the bench's own refusal.
+def test_benches_refuse_repeats_below_one_when_called_directly(monkeypatch):
+    # The CLI's parser refuses 0 itself; called directly, nothing checked the causal bench's own refusal, and the
+    # attention and permutation benches ended in statistics' "no median for empty data" after the tensors were made.
     import argparse
 
-    from diffsparse.bench import run_causal_bench
+    import torch
 
-    args = argparse.Namespace(repeats=0, causal_frames=2, frames=4, height=4, width=6, pattern="window3d",
-                              density=[0.3], block_size=16, backend="auto", device="cpu", dtype="fp32", seed=0,
-                              heads=2, dim=8, out="unused")
-    with pytest.raises(ValueError, match=r"repeats must be an int >= 1 \(timed dense/sparse pairs\), got repeats=0"):
-        run_causal_bench(args)
+    from diffsparse.bench import run_attention_bench, run_causal_bench, run_permute_bench
+
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: pytest.fail("tensors made before the repeats were checked"))
+    common = {"repeats": 0, "backend": "auto", "device": "cpu", "dtype": "fp32", "seed": 0, "heads": 2, "dim": 8}
+    grid = {"frames": 4, "height": 4, "width": 6, "block_size": 16}
+    calls = [
+        (run_causal_bench, {**grid, "causal_frames": 2, "pattern": "window3d", "density": [0.3], "out": "unused"},
+         "timed dense/sparse pairs"),
+        (run_attention_bench, {"seq": 64, "batch": 1, "density": [0.5], "block_size": 16, "mask": "random"},
+         "timed dense/sparse pairs"),
+        (run_permute_bench, {**grid, "order": None, "pattern": "window3d"}, "timed permutation and attention calls"),
+    ]
+    for run, fields, what in calls:
+        with pytest.raises(ValueError, match=rf"repeats must be an int >= 1 \({what}\), got repeats=0"):
+            run(argparse.Namespace(**common, **fields))
 
 
 def test_permute_bench_share_is_the_permutations_time_over_the_attentions(monkeypatch, capsys):
