@@ -256,6 +256,36 @@ def test_window3d_aligned_with_tiles_keeps_whole_blocks():
     assert _partial_blocks(aligned, layout, 32, None)[0] > 0
 
 
+# Nothing in tests/ constructed a bad VideoLayout: dropping the bool check (frames=True read as 1), the text_len >= 0
+# check (a negative text_len shrinks num_tokens) or the text_position check (a typo such as "begin" silently read as
+# "end") left every test passing.
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"frames": 0}, "frames"),
+        ({"height": -1}, "height"),
+        ({"width": 2.0}, "width"),
+        ({"frames": True}, "frames"),
+        ({"height": False}, "height"),
+        ({"text_len": -1}, "text_len"),
+        ({"text_len": 1.5}, "text_len"),
+        ({"text_len": True}, "text_len"),
+        ({"text_position": "begin"}, "text_position"),
+        ({"text_position": None}, "text_position"),
+    ],
+)
+def test_video_layout_validation(kwargs, field):
+    args = {"frames": 2, "height": 3, "width": 4, "text_len": 1, **kwargs}
+    with pytest.raises(ValueError, match=rf"VideoLayout\.{field} .*got {field}="):
+        VideoLayout(**args)
+
+
+def test_video_layout_positions():
+    start, end = VideoLayout(2, 3, 4, text_len=5, text_position="start"), VideoLayout(2, 3, 4, text_len=5)
+    assert (start.video_start, start.text_start, start.num_tokens) == (5, 0, 29)
+    assert (end.video_start, end.text_start, end.num_tokens) == (0, 24, 29)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -615,6 +645,22 @@ def test_block_masks_between_token_ranges_are_the_token_reduction_of_those_range
     for bad in ((0, n + 1), (5, 5), (-1, 4), [0, 4], (0.0, 4)):
         with pytest.raises(ValueError, match="q_tokens must be a"):
             Dense().block_mask(layout, 16, q_tokens=bad)
+
+
+# FrameCausal.group_bounds (the per-group key prefixes the runtime uses for SkyReels-V2) had no test at all.
+def test_frame_causal_group_bounds():
+    from diffsparse.patterns import FrameCausal
+
+    layout = VideoLayout(5, 2, 3)  # 6 tokens per frame
+    assert FrameCausal(2).group_bounds(layout) == (0, 12, 24, 30)
+    assert FrameCausal(1).group_bounds(layout) == (0, 6, 12, 18, 24, 30)
+    assert FrameCausal(5).group_bounds(layout) == (0, 30)
+    # Tiles two frames deep keep groups of two frames together; tiles of one frame inside groups of two too.
+    assert FrameCausal(2).group_bounds(layout, TileOrder((2, 1, 2))) == (0, 12, 24, 30)
+    assert FrameCausal(2).group_bounds(layout, TileOrder((1, 2, 2))) == (0, 12, 24, 30)
+    # Tiles three frames deep interleave groups of two: no prefix structure.
+    assert FrameCausal(2).group_bounds(layout, TileOrder((3, 1, 2))) is None
+    assert FrameCausal(2).group_bounds(VideoLayout(5, 2, 3, text_len=4)) is None
 
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2)), TileOrder((2, 2, 3))])
