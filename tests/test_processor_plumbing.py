@@ -12,7 +12,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 import diffsparse
 from diffsparse.patterns import VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
-from diffsparse.pipelines.base import SparseProcessor, valid_key_groups
+from diffsparse.pipelines.base import SparseProcessor, attend_kept_tokens, valid_key_groups, valid_text_key_groups
 from diffsparse.pipelines.tiny import tiny_wan_config
 
 EVERY_BLOCK = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
@@ -67,6 +67,61 @@ def test_attend_video_queries_applies_a_one_row_key_mask_to_every_video():
     reference = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query[:, 4:], key, value)),
                                                attn_mask=mask[:, None, None]).transpose(1, 2)
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+
+
+class KeptRuntime(FakeRuntime):
+    """`FakeRuntime` for a whole call's queries (`attend_kept_tokens`); the model's order is the layout's."""
+
+    def to_layout_order(self, x):
+        return x
+
+    def to_model_order(self, x):
+        return x
+
+    def attention(self, layer, query, key, value, layout=None, heads=None, parts=None):
+        assert key.shape[1] == layout.num_tokens == query.shape[1]
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value))).transpose(1, 2)
+
+
+def test_attend_kept_tokens_applies_a_one_row_key_mask_to_every_video():
+    # As `attend_video_queries` above: nothing failed when the one-row broadcast was dropped (videos 1 and 2 then
+    # came out all zeros).
+    layout = VideoLayout(1, 2, 3, text_len=4)
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(3, layout.num_tokens, 2, 8) for _ in range(3))
+    mask = torch.ones(1, layout.num_tokens, dtype=torch.bool)
+    mask[0, 2:4] = False  # the prompt's padding
+    out = attend_kept_tokens(KeptRuntime(layout), 0, query, key, value, valid_key_groups(mask))
+    reference = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
+                                               attn_mask=mask[:, None, None]).transpose(1, 2)
+    kept = mask[0]
+    torch.testing.assert_close(out[:, kept], reference[:, kept], atol=1e-6, rtol=0)
+    assert not out[:, ~kept].any()  # the padding's outputs are zeros
+
+
+def test_valid_text_key_groups_reads_only_boolean_key_masks():
+    # Nothing failed without `boolean_key_rows`' dtype check (an additive float mask, 0 = keep and -inf = drop, would
+    # be read inverted as a boolean one) or its shape check (a per-query mask read from its first row).
+    text_len, length = 4, 10
+    boolean = torch.ones(1, 1, 1, length, dtype=torch.bool)
+    boolean[..., 2:4] = False
+    groups = valid_text_key_groups(boolean, text_len)
+    assert [g[1].tolist() for g in groups] == [[0, 1, 4, 5, 6, 7, 8, 9]]
+    additive = torch.zeros(1, 1, 1, length).masked_fill(~boolean, float("-inf"))
+    assert valid_text_key_groups(additive, text_len) is None
+    bias = torch.full((1, 1, 1, length), 0.5)  # a float bias on every key: nothing a prompt-padding mask means
+    assert valid_text_key_groups(bias, text_len) is None
+    per_query = boolean.expand(1, 1, length, length).clone()
+    per_query[0, 0, 5:, 0] = False  # later queries mask another key: not a key mask
+    assert valid_text_key_groups(per_query, text_len) is None
+    assert valid_text_key_groups(torch.ones(1, 1, 1, length, dtype=torch.bool), text_len) == []
+
+
+def test_valid_key_groups_of_a_mask_without_masked_keys_is_none():
+    # Nothing failed without `if bool(mask.all()): return None` (results equal, but every prompt-padding family
+    # would then take the gathered-copy path of `attend_kept_tokens` on every unmasked call).
+    assert valid_key_groups(torch.ones(2, 5, dtype=torch.bool)) is None
+    assert valid_key_groups(torch.ones(2, 1, 1, 5, dtype=torch.bool)) is None
 
 
 @pytest.mark.parametrize("make", [tiny_wan, tiny_skyreels], ids=["Wan", "SkyReels-V2"])

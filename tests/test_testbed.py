@@ -1161,6 +1161,10 @@ def test_punctuation_does_not_turn_words_into_unknowns():
     assert testbed.room_ahead(image, "a red square, moving left.") == 6.0  # as "a red square moving left"
     assert testbed.still_prompt("a red circle, moving left.") == "a red circle"
     assert text.clean_prompt("a red circle, moving left.") == "a red circle moving left"
+    # Underscores separate words too, as the docstring says: nothing failed when `_WORD` matched `\w+` (then
+    # "red_circle" was one unknown word).
+    assert text.prompt_words("red_circle, moving") == ["red", "circle", "moving"]
+    assert text.clean_prompt("A red_circle") == "a red circle"
 
 
 def test_prompts_without_punctuation_encode_exactly_as_before():
