@@ -56,17 +56,24 @@ class FakeRuntime:
         pass
 
 
-def test_attend_video_queries_applies_a_one_row_key_mask_to_every_video():
+def _three_videos_one_padding_mask():
+    """`(layout, query, key, value, mask, reference)`: 3 videos of `[4 text, 2 x 3 video]` tokens under one `(1, S)` key mask
+    hiding text tokens 2 and 3 (the prompt's padding), and the masked dense attention they should get."""
     layout = VideoLayout(1, 2, 3, text_len=4)
     torch.manual_seed(0)
     query, key, value = (torch.randn(3, layout.num_tokens, 2, 8) for _ in range(3))
     mask = torch.ones(1, layout.num_tokens, dtype=torch.bool)
-    mask[0, 2:4] = False  # the prompt's padding
+    mask[0, 2:4] = False
+    reference = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
+                                               attn_mask=mask[:, None, None]).transpose(1, 2)
+    return layout, query, key, value, mask, reference
+
+
+def test_attend_video_queries_applies_a_one_row_key_mask_to_every_video():
+    layout, query, key, value, mask, reference = _three_videos_one_padding_mask()
     out = SparseProcessor(FakeRuntime(layout), 0).attend_video_queries(
         query[:, 4:], key, value, valid_key_groups(mask))
-    reference = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query[:, 4:], key, value)),
-                                               attn_mask=mask[:, None, None]).transpose(1, 2)
-    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, reference[:, 4:], atol=1e-6, rtol=0)
 
 
 class KeptRuntime(FakeRuntime):
@@ -86,14 +93,8 @@ class KeptRuntime(FakeRuntime):
 def test_attend_kept_tokens_applies_a_one_row_key_mask_to_every_video():
     # As `attend_video_queries` above: nothing failed when the one-row broadcast was dropped (videos 1 and 2 then
     # came out all zeros).
-    layout = VideoLayout(1, 2, 3, text_len=4)
-    torch.manual_seed(0)
-    query, key, value = (torch.randn(3, layout.num_tokens, 2, 8) for _ in range(3))
-    mask = torch.ones(1, layout.num_tokens, dtype=torch.bool)
-    mask[0, 2:4] = False  # the prompt's padding
+    layout, query, key, value, mask, reference = _three_videos_one_padding_mask()
     out = attend_kept_tokens(KeptRuntime(layout), 0, query, key, value, valid_key_groups(mask))
-    reference = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
-                                               attn_mask=mask[:, None, None]).transpose(1, 2)
     kept = mask[0]
     torch.testing.assert_close(out[:, kept], reference[:, kept], atol=1e-6, rtol=0)
     assert not out[:, ~kept].any()  # the padding's outputs are zeros
