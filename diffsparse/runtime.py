@@ -408,9 +408,8 @@ class SparseRuntime:
         self.totals: dict[int, list] = {}
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
-        # and reused for the remaining steps (until steps start over: `begin_call`). Keyed by (layer, layout, batch
-        # size, frames per causal group).
-        # Fits per (layer, layout, batch, frame_causal, queries_from, outside_pairs): `_layer_pattern`'s slots.
+        # and reused for the remaining steps (until steps start over: `begin_call`). Keyed by `_layer_pattern`'s
+        # slot: (layer, layout, batch size, frames per causal group, first query computed, pairs outside the layout).
         self._layer_patterns: dict[tuple[int, VideoLayout, int, int, int, int], tuple[Pattern, ...]] = {}
         self._fitted_at: dict[tuple[int, VideoLayout, int, int, int, int], int] = {}  # the step each was fitted at
         self._fits = self.pattern.data_dependent
