@@ -33,9 +33,16 @@ _PUBLIC = {
     "sparse": "api", "stats": "api", "suspended": "api", "SparseConfig": "config",
 }
 __all__ = [
-    "LayerStats", "SparseConfig", "SparseHandle", "SparseStats", "apply", "remove", "sparse", "stats", "suspended",
+    "DiffsparseWarning", "LayerStats", "SparseConfig", "SparseHandle", "SparseStats", "apply", "remove", "sparse",
+    "stats", "suspended",
 ]
 __version__ = "0.1.0"
+
+
+class DiffsparseWarning(UserWarning):
+    """The category of every warning diffsparse raises (the schedule's `StepScheduleWarning` and the metrics'
+    `NonFiniteScoreWarning` among them), so that one filter silences or raises them all, and `compare` and `eval`
+    tell them apart from the warnings of torch or diffusers that diffsparse's calls pass on."""
 
 
 def __getattr__(name: str):

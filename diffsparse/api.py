@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import DiffsparseWarning
 from .config import SparseConfig, resolve_step_count
 from .pipelines import ModelAdapter, adapter_for, find_transformers
 from .pipelines.base import SparseProcessor
@@ -176,6 +177,7 @@ class SparseHandle:
                 f"diffsparse: SparseConfig.dense_steps={config.dense_steps!r} and "
                 f"dense_last_steps={config.dense_last_steps!r} keep every step of this {num_steps}-step run dense "
                 f"({first} first, {last} last), so nothing runs sparse: lower them to leave some steps sparse",
+                category=DiffsparseWarning,
                 stacklevel=2,
             )
         elif not sparse_steps(config, num_steps):
@@ -189,7 +191,7 @@ class SparseHandle:
                        f"dense_steps={config.dense_steps!r} and dense_last_steps={config.dense_last_steps!r} leave "
                        f"sparse (step {step}, with no dense step before it to measure at), so nothing runs sparse: "
                        "run more steps, or leave the correction out")
-            warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", stacklevel=2)
+            warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", DiffsparseWarning, stacklevel=2)
 
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
@@ -263,6 +265,7 @@ def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]
     warnings.warn(
         f"diffsparse.apply: SparseConfig.dense_layers={config.dense_layers!r} keeps every self-attention block "
         f"dense ({_blocks(layers)}), so nothing runs sparse: leave some blocks out of dense_layers",
+        category=DiffsparseWarning,
         stacklevel=3,
     )
 
@@ -339,6 +342,7 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
             f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
             f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
             "transformer on its own) to keep them sparse",
+            category=DiffsparseWarning,
             stacklevel=2,
         )
     _warn_if_every_layer_dense(config, handle._layers)
@@ -432,6 +436,7 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
                     f"removed from {', '.join(others)} too for the block, which run dense inside it (it comes back "
                     "after the block); use the block on the whole pipeline (or apply to each transformer on its own) "
                     "to keep them sparse",
+                    category=DiffsparseWarning,
                     stacklevel=3,
                 )
             yield handle

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import DiffsparseWarning
 from .kernels import block_sparse_attention, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -174,6 +175,7 @@ def _warn_if_off_target(command: str, target: float, reached: float, of: str, ti
     warnings.warn(
         f"diffsparse: {command}: --density {target} is out of reach of {of}: {timed} has density {reached:.3f}, so "
         f"{runs} {'denser' if reached > target else 'sparser'} than asked",
+        category=DiffsparseWarning,
         stacklevel=2,
     )
 

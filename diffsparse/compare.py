@@ -8,7 +8,6 @@ import contextlib
 import functools
 import inspect
 import json
-import sys
 import textwrap
 import time
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import DiffsparseWarning
 from .api import sparse, suspended
 from .bench import DTYPES, strict_json
 from .config import SparseConfig
@@ -851,30 +851,19 @@ def shared_still(pipe, args, prompt: str, seed: int) -> torch.Tensor:
                               device=args.device, still_candidates=args.still_candidates)
 
 
-def _raised_by_diffsparse(frame, shown_by) -> bool:
-    """Whether the warning being shown was raised by diffsparse's own code: the module of the frame that called
-    `warnings.warn`, the first above `frame` outside the warnings module and the `shown_by` functions (a
-    `kept_warnings` inside another passes it on). Not its text: the causal-mask and Cosmos 3 messages lacked the
-    "diffsparse" prefix results once filtered on, and never reached them. Not `filename` either: that names the
-    caller `stacklevel` points at, often diffusers'."""
-    while frame is not None and (frame.f_code in shown_by
-                                 or frame.f_globals.get("__name__") in ("warnings", "_py_warnings")):
-        frame = frame.f_back
-    module = "" if frame is None else frame.f_globals.get("__name__", "")
-    return module == "diffsparse" or module.startswith("diffsparse.")
-
-
 @contextlib.contextmanager
 def kept_warnings():
-    """Inside, the text of every warning diffsparse's code raises (by the module that called `warnings.warn`,
-    whatever the text) is also kept in the list this yields; every warning is shown as before (stderr, or whatever
-    recorder is outside), when it is shown, not after. Not thread-safe, as `warnings.catch_warnings`."""
+    """Inside, the text of every warning diffsparse raises (a `DiffsparseWarning`, whatever its text) is also kept
+    in the list this yields; every warning is shown as before (stderr, or whatever recorder is outside), when it is
+    shown, not after. By category, not by text (the causal-mask and Cosmos 3 messages lacked the "diffsparse" prefix
+    results once filtered on) nor by the module that called `warnings.warn` (a warning torch or numpy raise in C
+    code that diffsparse calls has diffsparse's frame). Not thread-safe, as `warnings.catch_warnings`."""
     caught = []
     with warnings.catch_warnings():
         show = warnings.showwarning
 
         def keep(message, category, filename, lineno, file=None, line=None):
-            if _raised_by_diffsparse(sys._getframe(1), {keep.__code__}):
+            if issubclass(category, DiffsparseWarning):
                 caught.append(str(message))
             show(message, category, filename, lineno, file, line)
 

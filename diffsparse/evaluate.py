@@ -21,6 +21,7 @@ import numpy as np
 from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
+from . import DiffsparseWarning
 from .api import sparse
 from .compare import (
     check_call_kwargs_before_loading,
@@ -175,6 +176,7 @@ def run_eval(args) -> list[EvalRow]:
                     "every step and layer sparse) ran no call through the sparse kernel on this model and size, so "
                     "the first timed sparse video carries the one-off costs of the sparse path (loading the kernel): "
                     "its attention_time_ratio and end_to_end_ratio are high",
+                    category=DiffsparseWarning,
                     stacklevel=2,
                 )
         progress.update(1)
@@ -242,7 +244,7 @@ def run_eval(args) -> list[EvalRow]:
 
 @contextlib.contextmanager
 def diffsparse_warnings():
-    """Inside, diffsparse's warnings (those its code raises: `compare.kept_warnings`) are shown and their texts,
+    """Inside, diffsparse's warnings (its `DiffsparseWarning`s: `compare.kept_warnings`) are shown and their texts,
     each once, end up in the list this yields, filled on leaving: what a result file keeps for readers who never see
     stderr."""
     # No "always" filter: entering `catch_warnings` resets Python's once-per-place memory, so each configuration's
@@ -343,6 +345,7 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None) -> lis
             warnings.warn(
                 f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} "
                 f"({_same_run_reason(config, other, steps)}): measured once, in that row",
+                category=DiffsparseWarning,
                 stacklevel=2,
             )
             continue

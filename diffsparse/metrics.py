@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
+from . import DiffsparseWarning
+
 _CHANNEL_SIZES = (1, 3, 4)
 # Integer frames are scaled by their type's full range; only these: an int32 or int64 video is as likely to hold
 # 0..255 as 0..2**31-1, and dividing by its type's max turned frames of 0..255 into ~1e-7 (PSNR 172 dB).
@@ -211,6 +213,10 @@ def _check_values_in_range(a: np.ndarray, b: np.ndarray, data_range: float) -> N
             )
 
 
+class NonFiniteScoreWarning(DiffsparseWarning, RuntimeWarning):
+    """A score is NaN: a video holds values that are not finite. A `RuntimeWarning` as well, as numpy's own."""
+
+
 def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
     """Does either video hold a value that is not finite? Then `metric` is NaN, said in a warning: a NaN frame
     left out (or an all-NaN video read as identical, PSNR inf) made a broken run look as good as a perfect one."""
@@ -218,7 +224,7 @@ def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
     if not any(bad.values()):
         return False
     counts = ", ".join(f"{name} {count} of {a.size}" for name, count in bad.items() if count)
-    warnings.warn(f"{metric} is nan: values that are not finite (NaN or inf) in {counts}", RuntimeWarning,
+    warnings.warn(f"{metric} is nan: values that are not finite (NaN or inf) in {counts}", NonFiniteScoreWarning,
                   stacklevel=3)
     return True
 

@@ -29,6 +29,7 @@ from diffusers.hooks.context_parallel import (
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
 
+from . import DiffsparseWarning
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
 from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
@@ -148,7 +149,7 @@ class _BranchState(BaseState):
         self.text_tokens: int | None = None
 
 
-class StepScheduleWarning(UserWarning):
+class StepScheduleWarning(DiffsparseWarning):
     """A call's timestep is none of the scheduler's: the step schedule (`dense_steps`) cannot be followed."""
 
 
@@ -632,6 +633,7 @@ class SparseRuntime:
             warnings.warn(
                 f"diffsparse: {self.name}: self-attention with a causal mask over groups of {frames} frames on "
                 f"{layout} runs the original processor (dense): {why}",
+                category=DiffsparseWarning,
                 stacklevel=2,
             )
         self.log_dense(layer)
@@ -1101,6 +1103,7 @@ class SparseRuntime:
             f"{outside}: {why}, so {'the first layer fitted on ' if first_fit else ''}this layout runs "
             f"{'denser' if reached > target else 'sparser'} than asked. "
             f"{others} may come closer",
+            category=DiffsparseWarning,
             stacklevel=2,
         )
 
@@ -1129,6 +1132,7 @@ class SparseRuntime:
             f"diffsparse: {self.name}: {pattern!r} keeps every block on {layout}, so this layout runs dense, at the "
             f"sparse kernel's cost (slower than the original attention): SparseConfig {others}, with a density "
             "to say how many blocks to keep, leaves blocks out there",
+            category=DiffsparseWarning,
             stacklevel=2,
         )
 
@@ -1329,6 +1333,7 @@ class SparseContextHook(ModelHook):
             "correction measures at every call and keeps each call's statistics). A bare transformer starts a new "
             "run only at a larger timestep, which a one-step model or a loop timing one step never gives: call "
             "handle.new_run() (on the handle diffsparse.apply returned) before each generation",
+            category=DiffsparseWarning,
             stacklevel=4,
         )
 
@@ -1348,6 +1353,7 @@ class SparseContextHook(ModelHook):
                 f"after it (now {now}; e.g. by fuse_qkv_projections() or set_attn_processor()): it runs without "
                 "sparse attention; call diffsparse.apply again (it takes diffusers' fused processors; another "
                 "processor it refuses: put the family's own back first)",
+                category=DiffsparseWarning,
                 stacklevel=2,
             )
         else:
@@ -1357,6 +1363,7 @@ class SparseContextHook(ModelHook):
                 f"{self.runtime.name} were replaced after it (now {now}; e.g. by set_attn_processor()): those layers "
                 "run without sparse attention, uncounted in stats(); call diffsparse.apply again (it takes diffusers' "
                 "fused processors; another processor it refuses: put the family's own back first)",
+                category=DiffsparseWarning,
                 stacklevel=2,
             )
 

@@ -6,6 +6,7 @@ from types import MappingProxyType
 
 import torch
 
+from .. import DiffsparseWarning
 from . import cpu, reference
 from .plan import BlockSparsePlan, needs_grad, resolve_scale
 from .triton_block_sparse import (
@@ -102,6 +103,7 @@ def choose_backend(
                 f"which takes blocks of {' or '.join(map(str, SUPPORTED_BLOCK_SIZES))} tokens and head dims up to "
                 f"{MAX_HEAD_DIM} (at float32 above {FP32_MAX_HEAD_DIM_WITH_128_BLOCKS} only blocks of 64) "
                 "(SparseConfig.block_size=64 or 128 for its speed)",
+                category=DiffsparseWarning,
                 stacklevel=3,
             )
         logger.debug(f"backend 'triton' not chosen: {refused or why}; using the portable 'cpu' backend")

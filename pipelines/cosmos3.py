@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_cosmos3 import (
     _rotate_half,
 )
 
+from .. import DiffsparseWarning
 from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
@@ -124,6 +125,7 @@ class Cosmos3Adapter(ModelAdapter):
         warnings.warn(
             f"diffsparse: Cosmos 3: a call whose {generated} generation tokens are not all vision items' patches "
             f"({list(shapes)}: sound or action tokens too) runs the original processor (dense)",
+            category=DiffsparseWarning,
             stacklevel=2,
         )
         return None, timestep

@@ -22,6 +22,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from .. import DiffsparseWarning
 from ..patterns import VideoLayout
 from .base import (
     ModelAdapter,
@@ -73,6 +74,7 @@ class DenseMaskWarning:
         warnings.warn(
             f"diffsparse: {self.runtime.name}: {self.mask_family} self-attention calls with this attention_mask (shape "
             f"{tuple(mask.shape)}, {mask.dtype}) run the original processor (dense, counted dense in stats()) {why}",
+            category=DiffsparseWarning,
             stacklevel=3,
         )
 

@@ -486,27 +486,32 @@ def test_compare_reports_dense_over_sparse_times_and_both_densities(tmp_path, ca
     assert result["sparse_calls"] > 0 and result["sparse_steps_density"] < 1
     assert result["mean_attention_density"] == pytest.approx((1 + result["sparse_steps_density"]) / 2)
     assert result["mean_attention_density"] != pytest.approx(result["sparse_steps_density"])
-    # The warnings kept are those diffsparse's code raised, whatever their text (before: those starting with
+    # The warnings kept are diffsparse's (DiffsparseWarning), whatever their text (before: those starting with
     # "diffsparse", which the causal-mask and Cosmos 3 ones did not).
     assert "a warning of diffsparse's code, its text not prefixed" in result["warnings"]
     assert "diffsparse: a text that is not diffsparse's warning" not in result["warnings"]
 
 
 def _diffsparse_module():
-    """A stand-in for a module of the `diffsparse` package, whose `warn` raises a warning there: the function runs
-    with that module's globals, which is where `kept_warnings` reads the origin."""
+    """A stand-in for a module of the `diffsparse` package: `warn` raises diffsparse's warning there, `passes_on` a
+    plain `UserWarning` from the same frame, as one raised in torch's or numpy's C code that diffsparse calls looks
+    (its frame is the caller's, diffsparse's: a check by module kept it)."""
     import types
 
-    def warn(text):
+    from diffsparse import DiffsparseWarning
+
+    def warn(text, category):
         import warnings
 
-        warnings.warn(text, stacklevel=2)
+        warnings.warn(text, category, stacklevel=2)
 
     globals_ = {"__name__": "diffsparse.warning_source", "__builtins__": __builtins__}
-    return types.SimpleNamespace(warn=types.FunctionType(warn.__code__, globals_))
+    raise_there = types.FunctionType(warn.__code__, globals_)
+    return types.SimpleNamespace(warn=lambda text: raise_there(text, DiffsparseWarning),
+                                 passes_on=lambda text: raise_there(text, UserWarning))
 
 
-def test_kept_warnings_are_those_diffsparses_code_raises_also_when_nested():
+def test_kept_warnings_are_diffsparses_own_also_when_nested():
     import warnings
 
     from diffsparse.compare import kept_warnings
@@ -518,10 +523,37 @@ def test_kept_warnings_are_those_diffsparses_code_raises_also_when_nested():
             with kept_warnings() as inner:  # its `keep` passes each warning on to the outer one's
                 inside.warn("transformer: runs the original processor (dense)")
                 warnings.warn("diffsparse: raised outside diffsparse")
+                inside.passes_on("torch: a warning of a call diffsparse makes")
             inside.warn("after the inner block")
     assert inner == ["transformer: runs the original processor (dense)"]
     assert outer == ["transformer: runs the original processor (dense)", "after the inner block"]
-    assert len(shown) == 3  # every warning is still shown, kept or not
+    assert len(shown) == 4  # every warning is still shown, kept or not
+
+
+def test_every_warning_diffsparse_raises_is_a_diffsparse_warning():
+    """`kept_warnings` (compare's and eval's warnings columns) and a user's one filter go by the category: a
+    `warnings.warn` that names none (UserWarning) would be shown but never reach them."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import diffsparse
+    from diffsparse import DiffsparseWarning
+    from diffsparse.metrics import NonFiniteScoreWarning
+    from diffsparse.runtime import StepScheduleWarning
+
+    ours = {cls.__name__ for cls in (DiffsparseWarning, NonFiniteScoreWarning, StepScheduleWarning)}
+    assert all(issubclass(cls, DiffsparseWarning) for cls in (NonFiniteScoreWarning, StepScheduleWarning))
+    root = Path(inspect.getfile(diffsparse)).resolve().parent.parent
+    calls = []
+    for folder in ("diffsparse", "patterns", "kernels", "pipelines"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                    given = [*node.args[1:2], *(kw.value for kw in node.keywords if kw.arg == "category")]
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", [ast.unparse(c) for c in given]))
+    assert len(calls) >= 20  # the scan found the package's warnings
+    assert [(where, given) for where, given in calls if len(given) != 1 or given[0] not in ours] == []
 
 
 def test_identical_videos_write_standard_json(tmp_path, capsys):
