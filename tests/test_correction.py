@@ -72,3 +72,24 @@ def test_a_sparse_call_on_new_inputs_is_the_measured_residual_plus_rho_times_its
     stats = next(iter(runtime._statistics.values()))
     torch.testing.assert_close(stats.rho.double(), rho.transpose(1, 2), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(stats.residual.double(), residual.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_are_kept_per_layout_and_in_the_model_s_dtype():
+    # Two token layouts of one length (a prompt of another valid length, the same padded count): the statistics
+    # measured on one must not correct the other, whose blocks hold other tokens; it measures its own. Kept in the
+    # model's dtype: one output-sized tensor per (layer, branch, layout), not a float32 copy of it.
+    video, texted = VideoLayout(8, 4, 8), VideoLayout(7, 4, 8, text_len=32)
+    assert video.num_tokens == texted.num_tokens
+    config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1, correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    g = torch.Generator().manual_seed(0)
+    for step, layout in enumerate((video, texted, video, texted)):
+        q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g).bfloat16().unbind(0)
+        runtime.begin_call(layout, step, 4)
+        assert runtime.route(0)
+        runtime.attention(0, q, k, v)
+    assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
+        (0, False, True), (1, False, True), (2, True, False), (3, True, False)]
+    assert {layout for _, _, layout in runtime._statistics} == {video, texted}
+    assert {stats.residual.dtype for stats in runtime._statistics.values()} == {torch.bfloat16}

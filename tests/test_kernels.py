@@ -216,6 +216,10 @@ def test_plan_fields():
     assert plan.kv_counts[0, 0].tolist() == [3, 1, 3]
     assert plan.density == 7 / 12 and isinstance(plan.density, float)
     assert "density=0.583" in repr(plan)
+    # Over every head's blocks: 2 of 4 kept in head 0 (the diagonal), 4 of 4 in head 1.
+    per_head = make_plan(torch.stack([torch.zeros(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)])[None],
+                         q_len=32, kv_len=32, block_size=16)
+    assert per_head.density == 6 / 8
 
 
 def test_plan_is_immutable_and_reusable():
@@ -419,6 +423,8 @@ def test_bad_attention_inputs():
         ("share one dtype", (q, k.half(), v, plan)),
         ("share one dtype out of", (q.double(), k.double(), v.double(), plan)),
         ("must match the plan's", (q[:, :, :32], k, v, plan)),
+        # Fewer keys in as many key blocks: the compiled kernel attended the keys given, the torch-ops path the plan's.
+        ("must match the plan's", (q, k[:, :, :48], v[:, :, :48], plan)),
         ("1 or equal to q's", (*_inputs(1, 3, 64, 64), plan)),
     ]
     for message, args in bad:
@@ -632,7 +638,8 @@ def test_the_compiled_op_refuses_a_call_it_would_index_out_of_bounds(cpu_kernel)
         q, k, v, scale=0.5), rtol=0, atol=2e-5)
     bad_calls = {
         "kv_indices must be in": (q, k, v, indices + 3, counts, 16, 16),
-        "kv_counts must be in": (q, k, v, indices, counts + 1, 16, 16),
+        "kv_counts must be in [1, 3], got 4": (q, k, v, indices, counts + 1, 16, 16),
+        "kv_counts must be in [1, 3], got 0": (q, k, v, indices, counts * 0, 16, 16),  # before: NaN rows, lse -inf
         "does not cover 40 queries x 40 keys in blocks of 8 x 8": (q, k, v, indices, counts, 8, 8),
         "k and v must have one length": (q, k, v[:, :, :30], indices, counts, 16, 16),
         "must agree in B, H and D": (q, k[:, :1], v[:, :1], indices, counts, 16, 16),

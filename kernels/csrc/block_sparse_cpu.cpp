@@ -203,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const int32_t* idx = kv_indices.const_data_ptr<int32_t>();
   const int32_t* cnt = kv_counts.const_data_ptr<int32_t>();
   for (int64_t row = 0; row < kv_counts.numel(); ++row) {
-    TORCH_CHECK(cnt[row] >= 0 && cnt[row] <= nk, "kv_counts must be in [0, ", nk, "], got ", cnt[row]);
+    // A query block keeping no key block has no softmax: its rows would be 0/0 (NaN) with lse -inf.
+    TORCH_CHECK(cnt[row] >= 1 && cnt[row] <= nk, "kv_counts must be in [1, ", nk, "], got ", cnt[row]);
     for (int64_t i = 0; i < cnt[row]; ++i)
       TORCH_CHECK(idx[row * nk + i] >= 0 && idx[row * nk + i] < nk, "kv_indices must be in [0, ", nk, "), got ",
                   idx[row * nk + i]);
