@@ -36,23 +36,28 @@ def transformer():
     ).eval()
 
 
-def inputs(valid_text=(7,)):
+# Each history term's name, frame count and first frame index.
+HISTORY_TERMS = (("latents_clean", 2, 7), ("latents_history_2x", 2, 4), ("latents_history_4x", 4, 0))
+
+
+def inputs(valid_text=(7,), size=(8, 12), history=HISTORY_TERMS):
     """3 latent frames of 8 x 12 (3 x 4 x 6 = 72 video tokens); prompts with `valid_text` real tokens of TEXT_LEN
     and a 5-token image embedding; the history (the transformer needs all three terms): 2 clean frames (2 x 4 x 6 =
-    48 tokens), 2 frames at 2x (1 x 2 x 3 = 6) and 4 at 4x (1 x 1 x 2 = 2, padded up): 56 tokens."""
+    48 tokens), 2 frames at 2x (1 x 2 x 3 = 6) and 4 at 4x (1 x 1 x 2 = 2, padded up): 56 tokens. `size`, the
+    latents' height and width, and `history`, the terms as in HISTORY_TERMS, change these."""
     def call():
         g = torch.Generator().manual_seed(1)
         batch = len(valid_text)
         kwargs = {
-            "hidden_states": torch.randn(batch, 4, 3, 8, 12, generator=g), "timestep": torch.full((batch,), 900.0),
+            "hidden_states": torch.randn(batch, 4, 3, *size, generator=g), "timestep": torch.full((batch,), 900.0),
             "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
             "encoder_attention_mask": (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long(),
             "pooled_projections": torch.randn(batch, 8, generator=g),
             "image_embeds": torch.randn(batch, IMAGE_TOKENS, 8, generator=g),
             "indices_latents": torch.arange(9, 12), "guidance": torch.full((batch,), 6000.0),
         }
-        for name, frames, first in (("latents_clean", 2, 7), ("latents_history_2x", 2, 4), ("latents_history_4x", 4, 0)):
-            kwargs[name] = torch.randn(batch, 4, frames, 8, 12, generator=g)
+        for name, frames, first in history:
+            kwargs[name] = torch.randn(batch, 4, frames, *size, generator=g)
             kwargs[f"indices_{name}"] = torch.arange(first, first + frames)
         return kwargs
 
@@ -64,6 +69,14 @@ def inputs(valid_text=(7,)):
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, valid_text, order):
     check_against_dense(transformer, inputs(valid_text), block_size=16, order=order, sparse=LOCAL)
 
+
+def test_history_terms_the_transformer_pads_up_are_counted_padded(transformer):
+    # The transformer pads the 2x and 4x history terms up to whole patches (the clean one is a plain strided
+    # patchify), so the layout counts their tokens rounded up. On 10 x 14 latents each term's count differs rounded
+    # down: 3 frames at 2x give 2 x 3 x 4 = 24 tokens (6 rounded down), 5 at 4x 2 x 2 x 2 = 8 (1); the other tests'
+    # 2x term gives 6 either way. Two prompt lengths: each video's valid prefix is cut where the layout counts it.
+    history = (("latents_clean", 2, 8), ("latents_history_2x", 3, 5), ("latents_history_4x", 5, 0))
+    check_against_dense(transformer, inputs((7, 12), size=(10, 14), history=history), block_size=16, sparse=LOCAL)
 
 
 def test_history_joins_the_text_span_through_the_token_order(transformer):
