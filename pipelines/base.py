@@ -360,8 +360,13 @@ class SparseFrameSelfAttention(SparseProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
-        if encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
-            return super().__call__(*original, **kwargs)  # not a plain self-attention
+        if encoder_hidden_states is not None:
+            return super().__call__(*original, **kwargs)  # cross-attention: not the runtime's to count
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            # A self-attention normalising its input first, which the sparse path does not: the original's, counted
+            # dense (before, uncounted: stats() showed no call of the layer).
+            self.runtime.log_dense(self.layer)
+            return super().__call__(*original, **kwargs)
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
         self.check_not_parallel()

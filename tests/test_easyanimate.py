@@ -63,6 +63,37 @@ def test_both_texts_lead_the_layout(transformer):
     assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, 107)), (1, (1, 107))]
 
 
+def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transformer):
+    # The blocks pass their self-attention no mask, but the processor takes one (a caller's own block or processor
+    # may pass it): a token-level mask, which the kernel does not apply, so that call runs the original with it and
+    # is logged dense. Here the plain block's `attn1`, in the transformer's call, hides the last video token's key.
+    from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
+
+    mask = torch.ones(1, 1, 1, 11 + 96, dtype=torch.bool)
+    mask[..., -1] = False
+    attention, seen = transformer.transformer_blocks[1].attn1, []
+
+    def masked(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": mask}
+
+    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
+             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((kwargs, out)),
+                                             with_kwargs=True)]
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
+            transformer(**inputs())
+            assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    [(kwargs, out)] = seen
+    with torch.no_grad():
+        original = EasyAnimateAttnProcessor2_0()(attention, **kwargs)
+        unmasked = EasyAnimateAttnProcessor2_0()(attention, **{**kwargs, "attention_mask": None})
+    assert all(torch.equal(a, b) for a, b in zip(out, original, strict=True))
+    assert not torch.equal(out[0], unmasked[0])  # the mask reaches the output
+
+
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "EasyAnimate", layer=1)
 

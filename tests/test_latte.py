@@ -4,6 +4,7 @@ self-attention, called directly and in a tiny `LattePipeline`; the temporal bloc
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -80,6 +81,51 @@ def test_a_residual_connection_and_output_rescaling_as_the_original(transformer)
         out = model(**inputs()()).sample
         assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (0, 1)]
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transformer):
+    # Latte's blocks pass their spatial self-attention no mask, but `Attention` takes one (a caller's own block or
+    # processor may pass it): a token-level mask, which the kernel does not apply, so that call runs the original
+    # with it and is logged dense. Here layer 1's, in the transformer's call, hides each frame's last key.
+    mask = torch.ones(2 * FRAMES, 1, 96, dtype=torch.bool)
+    mask[..., -1] = False
+    attention, seen = transformer.transformer_blocks[1].attn1, []
+
+    def masked(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": mask}
+
+    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
+             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((args, kwargs, out)),
+                                             with_kwargs=True)]
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
+            transformer(**inputs()())
+            assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (1, 0)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    [(args, kwargs, out)] = seen
+    with torch.no_grad():
+        assert torch.equal(out, AttnProcessor2_0()(attention, *args, **kwargs))
+        unmasked = AttnProcessor2_0()(attention, *args, **{**kwargs, "attention_mask": None})
+    assert not torch.equal(out, unmasked)  # the mask reaches the output
+
+
+def test_a_group_norm_runs_the_original_not_the_sparse_path():
+    # `Attention(norm_num_groups=...)` normalises the input over channel groups first, which the sparse path does
+    # not: a self-attention with one (or a spatial norm) is not plain, and runs the original, counted dense (before,
+    # uncounted). Latte's blocks build theirs without; a GroupNorm set on each spatial `attn1` stands for other models'.
+    model = tiny_transformer()
+    plain = run_transformer(model, inputs())
+    for block in model.transformer_blocks:
+        block.attn1.group_norm = torch.nn.GroupNorm(3, 24)
+    reference = run_transformer(model, inputs())
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
+    with torch.no_grad(), diffsparse.sparse(model, LOCAL) as handle:
+        out = model(**inputs()()).sample
+        layers = handle.stats().layers
+        assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
+    assert torch.equal(out, reference)
 
 
 def test_other_processors_are_refused(transformer):

@@ -9,6 +9,7 @@ from diffusers import MiniMaxH3Transformer3DModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
 
 from helpers import (
     check_against_dense,
@@ -104,12 +105,68 @@ def test_the_target_is_the_grid_and_everything_else_the_span_whatever_the_packin
                                rtol=0)
 
 
-def test_a_target_that_is_not_a_whole_grid_is_refused(transformer):
+def test_each_target_row_sits_at_its_position_in_the_layout(transformer):
+    # The layout is frame-major, then row-major (`VideoLayout`): its cell `(t * H + h) * W + w` is frame t, row h,
+    # column w for every pattern. Read with the axes swapped, the rows would still fill each cell once, and a one-token
+    # window (each row alone) or every block kept would not see it; their index in the layout must give back their own
+    # position (the target's frames start at 1), packed in any order.
+    call = inputs("shuffled")()
+    layout, _, order = adapter_for(transformer).read_call(transformer, (), call)
+    target = call["video_indices"][HEIGHT * WIDTH:]
+    cells = order[target] - layout.text_len
+    where = torch.stack([cells // (HEIGHT * WIDTH), (cells // WIDTH) % HEIGHT, cells % WIDTH], -1)
+    assert torch.equal(where + torch.tensor([1, 0, 0]), call["position_ids"][target])
+
+
+@pytest.mark.parametrize("wrong", ["outside the box", "a repeated position"])
+def test_a_target_that_is_not_a_whole_grid_is_refused(transformer, wrong):
     call = inputs()()
-    call["position_ids"][-1] = torch.tensor([9, 9, 9])  # one target row far outside the box
+    if wrong == "outside the box":
+        call["position_ids"][-1] = torch.tensor([9, 9, 9])  # one target row far outside the box
+    else:
+        # The last target row at the first one's position: each axis still takes 3, 4 and 6 values, as many cells
+        # as rows, but one cell is taken twice and another left empty (two rows on one index of the layout).
+        call["position_ids"][-1] = call["position_ids"][-FRAMES * HEIGHT * WIDTH]
     with pytest.raises(ValueError, match="do not cover one whole"), torch.no_grad(), \
             diffsparse.sparse(transformer, ONE_TOKEN):
         transformer(**call)
+
+
+def test_fused_projections_are_the_ones_the_sparse_path_projects_through():
+    # After `fuse_qkv_projections()` MiniMax-H3's own processor (the same class) projects through `to_qkv` alone:
+    # with the separate `to_q` zeroed, a sparse path that read it would leave dense's output.
+    model = make_transformer()
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        for _, module in adapter_for(model).self_attention_modules(model):
+            assert module.fused_projections
+            module.to_q.weight.zero_()
+    check_against_dense(model, inputs("shuffled"), block_size=8, sparse=ONE_TOKEN)
+
+
+def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transformer):
+    # The model passes its attention no mask, but the processor takes one (a caller's own block or processor may
+    # pass it): a token-level mask, which the kernel does not apply, so that call runs the original with it and is
+    # logged dense. Here layer 1's attention, in the transformer's call, hides the last row's key.
+    from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3AttnProcessor
+
+    call = inputs()()
+    mask = torch.ones(1, 1, 1, call["position_ids"].shape[0], dtype=torch.bool)
+    mask[..., -1] = False
+    attention, seen = transformer.transformer_blocks[1].attn, []
+    hooks = [attention.register_forward_pre_hook(lambda module, args: (*args[:2], mask)),
+             attention.register_forward_hook(lambda module, args, out: seen.append((args, out)))]
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+            transformer(**call)
+            assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    [(args, out)] = seen
+    with torch.no_grad():
+        assert torch.equal(out, MiniMaxH3AttnProcessor()(attention, *args))
+        assert not torch.equal(out, MiniMaxH3AttnProcessor()(attention, *args[:2]))  # the mask reaches the output
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
