@@ -81,7 +81,8 @@ def compare_once(
     `lpips_weights`: the AlexNet checkpoint for LPIPS (`diffsparse demo --lpips-weights`; default: the torch hub
     cache's, when it holds one).
     """
-    if not isinstance(still_candidates, int) or still_candidates < 0:
+    # Not a bool: True ran two stages from 1 still, where the seed's same check refuses it.
+    if not isinstance(still_candidates, int) or isinstance(still_candidates, bool) or still_candidates < 0:
         raise ValueError(
             f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
     # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work. None

@@ -128,8 +128,9 @@ def test_still_candidates_choose_the_sampler(tmp_path):
     result, _ = compare_once(pipe, "a red circle moving left", block_size=16, **small, still_candidates=2, out=tmp_path)
     assert result.sampler == "two-stage, best of 2 stills"
     assert compare_once(pipe, "a red circle", block_size=16, **small, out=tmp_path)[0].sampler == "one pass"
-    with pytest.raises(ValueError, match="still_candidates must be an int >= 0"):
-        compare_once(pipe, "a red circle", block_size=16, **small, still_candidates=-1, out=tmp_path)
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match="still_candidates must be an int >= 0"):
+            compare_once(pipe, "a red circle", block_size=16, **small, still_candidates=bad, out=tmp_path)
 
 
 def test_the_form_starts_at_each_models_own_size(tiny_pipe):
@@ -416,3 +417,59 @@ def test_an_image_pipeline_s_sizes_start_blank_only_where_its_call_reads_them_fr
     assert (cog["height"][3], cog["width"][3], cog["frames"][3]) == (64, 64, 49)
     flux2 = form_ranges(tiny_flux2_pipeline())
     assert (flux2["height"][0], flux2["height"][3], flux2["width"][0], flux2["width"][3]) == (UNSET, None, UNSET, None)
+
+
+def stub_run_compare(monkeypatch, result) -> list:
+    """`demo.run_compare` replaced by one returning `result`; the list it returns collects each call's args."""
+    from diffsparse import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result)
+    return calls
+
+
+@pytest.mark.parametrize("stills, two_stage", [(0, False), (1, True), (4, True)])
+def test_the_seed_and_still_candidates_reach_the_run_and_the_summary_names_the_frames_scored(
+        tiny_pipe, tmp_path, monkeypatch, stills, two_stage):
+    # One still candidate is `compare --two-stage --still-candidates 1` (two stages from a single still), not one
+    # pass: only 0 is. The seed is the request's, not 0. With two stages frame 0 is the shared still, which no run
+    # generated and the metrics leave out: the summary's quality line says so, as `compare`'s table.
+    calls = stub_run_compare(monkeypatch, result_stub(tmp_path))
+    _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **{**SMALL, "seed": 7},
+                              still_candidates=stills, out=tmp_path)
+    assert (calls[0].seed, calls[0].two_stage, calls[0].still_candidates) == (7, two_stage, max(1, stills))
+    scored = "frames 1 on (frame 0 is the shared still)" if two_stage else "every frame"
+    assert f"\nSparse vs dense, {scored}: PSNR 30.00 dB, SSIM 0.9000, LPIPS not computed (" in summary
+
+
+def test_the_summary_says_frames_too_small_for_lpips_are_why_it_is_missing(tiny_pipe, tmp_path, monkeypatch):
+    # The result's own frame size (height x width): frames under LPIPS's 31 pixels have no score whatever weights
+    # there are, and the page said the weights or packages were missing instead.
+    from dataclasses import replace
+
+    stub_run_compare(monkeypatch, replace(result_stub(tmp_path), height=16, width=24))
+    _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, out=tmp_path)
+    assert "LPIPS not computed (frames of 16x24 pixels, LPIPS (AlexNet) needs at least 31x31)." in summary
+
+
+def test_the_page_runs_with_the_model_device_output_and_lpips_weights_it_was_given(tiny_pipe, tmp_path, monkeypatch):
+    # `diffsparse demo --lpips-weights` (and the model, device and --out) reach every request's run, as
+    # `compare --lpips-weights`: dropped, the page scored with the hub cache's weights or none.
+    pytest.importorskip("gradio")
+    calls = stub_run_compare(monkeypatch, result_stub(tmp_path))
+    submit = make_handler(tiny_pipe, model="tiny", device="cpu", out=tmp_path / "videos", lpips_weights="w.pth")
+    submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0)
+    assert (calls[0].model, calls[0].device, calls[0].out, calls[0].lpips_weights) == (
+        "tiny", "cpu", str(tmp_path / "videos"), "w.pth")
+
+
+@pytest.mark.parametrize("fixed", ["height", "width"])
+def test_a_size_the_pipeline_does_not_take_is_a_fixed_slider(tiny_pipe, tmp_path, monkeypatch, fixed):
+    # HunyuanVideo 1.5's image-to-video sizes its video from its image, taking no height or width (`takes_size`):
+    # a slider the user could move would change nothing. Each of the two on its own; the other stays movable.
+    from diffsparse import demo
+
+    monkeypatch.setattr(demo, "takes_size", lambda pipe, name: name != fixed)
+    page = page_fields(tiny_pipe, tmp_path)
+    assert {name: page[name].interactive for name in ("height", "width")} == {
+        name: name != fixed for name in ("height", "width")}
