@@ -1,10 +1,11 @@
-"""The frame patterns' whole-box tests (`_box_all`), which only an intersection consults, and frame indices past the
-layout's end."""
+"""The frame patterns' whole-box tests (`_box_all`), which only an intersection consults, frame indices past the
+layout's end, their validation, and what compositions of them ask and pass on to their parts."""
 
 import pytest
 import torch
 
 from diffsparse.patterns import (
+    Dense,
     DenseQueryFrames,
     FrameCausal,
     FrameSink,
@@ -52,3 +53,69 @@ def test_frame_indices_past_the_layout_select_nothing(order):
     assert not DenseQueryFrames((layout.frames,)).token_mask(layout).any()
     # A sink longer than the video keeps every key.
     assert FrameSink(frames=layout.frames + 2).block_mask(layout, 8, order).all()
+
+
+@pytest.mark.parametrize("order", [None, TileOrder((2, 2, 2))])
+def test_nested_intersections_are_the_token_reduction(order):
+    # An intersection inside another is asked whether it keeps every pair of a box (`_box_all`): only where both of
+    # its parts do. Dense keeps every pair and the sink only some, so their AND is the sink's, not everything; an
+    # OR of the parts' answers would keep blocks whose sink pairs and window pairs are disjoint.
+    patterns = [(Dense() & FrameSink()) & Window3D((1, 1, 1)), Window3D((1, 1, 1)) & (FrameSink() & Dense()),
+                (Window3D((9, 9, 9)) & FrameSink()) & Window3D((1, 1, 1))]
+    for layout in (VideoLayout(6, 2, 3), VideoLayout(9, 2, 3)):
+        for pattern in patterns:
+            token = pattern.token_mask(layout, order)
+            for block_size in (2, 4, (2, 4), (4, 6), (3, 5)):
+                expected = reduce_token_mask(token, block_size)
+                assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (pattern, block_size)
+
+
+@pytest.mark.parametrize("bad", [(-1,), (1, -2), [1], (1.0,), (True,), 1])
+def test_dense_query_frames_validation(bad):
+    with pytest.raises(ValueError, match=r"DenseQueryFrames.frames must be a tuple of frame indices >= 0"):
+        DenseQueryFrames(frames=bad)
+
+
+def test_frame_causal_groups_in_a_tile_order_refuse_text():
+    layout = VideoLayout(4, 2, 4, text_len=3)
+    assert FrameCausal(2).video_groups(layout).tolist() == [0] * 16 + [1] * 16  # frame-major: text is fine
+    with pytest.raises(ValueError, match="needs a layout without text"):
+        FrameCausal(2).video_groups(layout, TileOrder((2, 2, 2)))
+
+
+def test_a_composition_fits_its_parts_with_every_argument_and_refits_at_the_shortest_period():
+    # Built-in composable patterns ignore `order` and `q_tokens` in `fit` and have no refit period, so nothing else
+    # checks that a composition passes them on: a user's data-dependent part would be fitted in the wrong order, or
+    # refitted at the longer period of the two.
+    from dataclasses import dataclass
+
+    seen = []
+
+    @dataclass(frozen=True, repr=False)
+    class Recording(Window3D):
+        every: int = 0
+
+        @property
+        def refit_every(self):
+            return self.every
+
+        def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None,
+                q_tokens=None):
+            seen.append((order, within, q_tokens))
+            return self
+
+    @dataclass(frozen=True, repr=False)
+    class OldFit(Window3D):  # a fit written before `q_tokens`: the runtime passes it only when set
+        def fit(self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None):
+            seen.append("old")
+            return self
+
+    assert (Recording(every=3) | Recording(every=5)).refit_every == 3
+    assert (Recording() & Recording(every=5)).refit_every == 5  # 0: fitted once, not a period
+    layout, order, within = VideoLayout(4, 2, 4), TileOrder((2, 2, 2)), FrameCausal(1)
+    q = torch.randn(1, layout.num_tokens, 1, 4)
+    (Recording() | Recording()).fit(q, q, q, layout, 8, order=order, within=within, q_tokens=(8, 32))
+    assert seen == [(order, within, (8, 32))] * 2
+    seen.clear()
+    (OldFit() | Recording()).fit(q, q, q, layout, 8, order=order)
+    assert seen == ["old", (order, None, None)]
