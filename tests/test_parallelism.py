@@ -392,15 +392,18 @@ def _wrong_split_refusal() -> dict:
     alone = _sparse_call(model, config)[0]
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
     shares = base._shares
-    if dist.get_rank() == 1:
-        def moved(length, degree):  # one token more on rank 0, one less on the last rank
-            return [n + (r == 0) - (r == degree - 1) for r, n in enumerate(shares(length, degree))]
+    # One token more on rank 0 and one less on the last rank (rank 1 reads a share shorter than it holds), then the
+    # other way (a share longer: checked by `!=`, not only `>`; before a test, `>` let it through to an IndexError).
+    for name, moved_by in (("wrong split", 1), ("short split", -1)):
+        if dist.get_rank() == 1:
+            def moved(length, degree, moved_by=moved_by):
+                return [n + moved_by * ((r == 0) - (r == degree - 1)) for r, n in enumerate(shares(length, degree))]
 
-        base._shares = moved
-    try:
-        result["wrong split"] = _raised(model, config)
-    finally:
-        base._shares = shares
+            base._shares = moved
+        try:
+            result[name] = _raised(model, config)
+        finally:
+            base._shares = shares
     # Nothing left half-done in a collective: the ranks go on together.
     with diffsparse.sparse(model, config):
         result["split after"] = float((_call(model) - alone).abs().max())
@@ -588,7 +591,8 @@ def _run_ranks(world: int, job) -> dict:
                    for rank in range(world)]
         for worker in workers:
             worker.start()
-        out = _collect_results(results, workers, timeout=300)
+        # A hang's limit, not a speed bound: the whole module's job took over 300 s on a loaded 2-core machine.
+        out = _collect_results(results, workers, timeout=900)
         for worker in workers:
             worker.join(timeout=60)
     for rank, result in out.items():
@@ -785,6 +789,7 @@ def test_a_split_other_than_the_layouts_is_refused_on_every_rank(per_rank):
     for result in per_rank.values():
         message = result["refusals"]["wrong split"]
         assert message is not None and "rank 1 holds 48 tokens, its share 47" in message, message
+        assert "rank 1 holds 48 tokens, its share 49" in (result["refusals"]["short split"] or "")
         assert "rank 0" not in message and "diffsparse cannot place them" in message
         assert result["refusals"]["split after"] < 1e-5
     # Once checked, a split is not gathered again: only the rank whose length changed since can tell.
