@@ -46,6 +46,7 @@ from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
         ("correction_refresh", True),
         ("order", "frame"),
         ("order", []),
+        ("order", ()),  # named as given (the message said order=[] for any empty sequence)
         ("order", [None, "tiles"]),
     ],
 )
