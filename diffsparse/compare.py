@@ -934,8 +934,9 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     scored = scored_frames(args)
     # Scored before anything is written: a score that fails leaves no videos beside an earlier run's compare.json.
     weights = lpips_weights(getattr(args, "lpips_weights", None), frame_size=dense.shape[1:3])
-    psnr_db, ssim_score = psnr(sparse_frames[scored], dense[scored]), ssim(sparse_frames[scored], dense[scored])
-    lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
+    with kept_warnings() as scoring:  # a NaN score's warning, kept as `eval` keeps it
+        psnr_db, ssim_score = psnr(sparse_frames[scored], dense[scored]), ssim(sparse_frames[scored], dense[scored])
+        lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones.
@@ -981,7 +982,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         image=getattr(args, "image", None),
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
-        warnings=list(dict.fromkeys(caught)),
+        warnings=list(dict.fromkeys(caught + scoring)),
     )
     (out_dir / "compare.json").write_text(strict_json(asdict(result), indent=2))
     print(call_stats)

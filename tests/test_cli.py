@@ -530,6 +530,52 @@ def test_kept_warnings_are_diffsparses_own_also_when_nested():
     assert len(shown) == 4  # every warning is still shown, kept or not
 
 
+def test_kept_warnings_keep_every_kind_of_diffsparse_warning():
+    import warnings
+
+    import numpy as np
+
+    from diffsparse import DiffsparseWarning
+    from diffsparse.compare import kept_warnings
+    from diffsparse.metrics import psnr
+    from diffsparse.runtime import StepScheduleWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with kept_warnings() as caught:
+            warnings.warn("diffsparse: a schedule not followed", StepScheduleWarning)
+            warnings.warn("diffsparse: a config that runs dense", DiffsparseWarning)
+            assert np.isnan(psnr(np.full((2, 8, 8, 3), np.nan), np.zeros((2, 8, 8, 3))))
+    assert caught[:2] == ["diffsparse: a schedule not followed", "diffsparse: a config that runs dense"]
+    assert len(caught) == 3 and "PSNR is nan" in caught[2]
+
+
+def test_compare_keeps_the_warning_of_a_nan_score(tmp_path, monkeypatch):
+    # Scored after the runs' warnings were collected, a broken sparse video's "PSNR is nan" reached stderr but not
+    # compare.json, where eval's rows kept it.
+    import numpy as np
+
+    from diffsparse import compare
+
+    generate, runs = compare._generate, []
+
+    def broken_sparse_run(*args, **kwargs):
+        frames, *rest = generate(*args, **kwargs)
+        runs.append(frames)
+        if len(runs) == 4:  # the one-step warm-ups, the dense run, then the sparse one
+            frames = frames.copy()
+            frames[0, 0, 0, 0] = np.nan
+        return (frames, *rest)
+
+    monkeypatch.setattr(compare, "_generate", broken_sparse_run)
+    args = ["compare", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32", "--pattern", "dense"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["psnr_db"] == "nan" and len(runs) == 4
+    assert any("PSNR is nan" in text for text in result["warnings"])
+    assert any("SSIM is nan" in text for text in result["warnings"])
+
+
 def test_every_warning_diffsparse_raises_is_a_diffsparse_warning():
     """`kept_warnings` (compare's and eval's warnings columns) and a user's one filter go by the category: a
     `warnings.warn` that names none (UserWarning) would be shown but never reach them."""

@@ -111,14 +111,23 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
     assert not torch.equal(out, unmasked)  # the mask reaches the output
 
 
-def test_a_group_norm_runs_the_original_not_the_sparse_path():
-    # `Attention(norm_num_groups=...)` normalises the input over channel groups first, which the sparse path does
-    # not: a self-attention with one (or a spatial norm) is not plain, and runs the original, counted dense (before,
-    # uncounted). Latte's blocks build theirs without; a GroupNorm set on each spatial `attn1` stands for other models'.
+class _SpatialNorm(torch.nn.Module):
+    """Stands for `Attention(spatial_norm_dim=...)`'s norm, which the processor calls with the block's `temb`."""
+
+    def forward(self, hidden_states, temb):
+        return 0.5 * hidden_states + 1.0
+
+
+@pytest.mark.parametrize("norm", ["group_norm", "spatial_norm"])
+def test_a_normalised_self_attention_runs_the_original_not_the_sparse_path(norm):
+    # `Attention(norm_num_groups=...)` normalises the input over channel groups first, and a spatial norm with the
+    # block's temb, which the sparse path does not: such a self-attention is not plain, and runs the original, counted
+    # dense (before, uncounted). Latte's blocks build theirs without; one set on each spatial `attn1` stands for other
+    # models'.
     model = tiny_transformer()
     plain = run_transformer(model, inputs())
     for block in model.transformer_blocks:
-        block.attn1.group_norm = torch.nn.GroupNorm(3, 24)
+        setattr(block.attn1, norm, torch.nn.GroupNorm(3, 24) if norm == "group_norm" else _SpatialNorm())
     reference = run_transformer(model, inputs())
     assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
     with torch.no_grad(), diffsparse.sparse(model, LOCAL) as handle:
