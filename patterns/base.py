@@ -144,6 +144,32 @@ def check_target(target) -> None:
         raise ValueError(f"target must be a block density in (0, 1], got {target=}")
 
 
+def check_max_iter(max_iter) -> None:
+    """`Pattern.at_density`'s `max_iter`: an int >= 1. Zero or fewer steps would skip the bisection and return the
+    sparsest end of the range as if it were the answer; overrides that do not bisect check it too, so one call
+    means the same for every pattern."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1 (bisection steps per bracket), got {max_iter=}")
+
+
+def check_qkv(layout: VideoLayout, query, key, value) -> None:
+    """A search's `query`, `key` and `value` (`None`: a search that needs none): `(B, H, N, D)` tensors over the
+    layout's `N` tokens, of one batch and one set of heads, `query` and `key` of one head dim. Unchecked, a
+    mismatch either failed deep inside the search or was broadcast into heads (or videos) no tensor held."""
+    tensors = {"query": query, "key": key} | ({} if value is None else {"value": value})
+    shapes = ", ".join(
+        f"{name}={tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}" for name, x in tensors.items()
+    )
+    n = layout.num_tokens
+    if any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != n for x in tensors.values()):
+        raise ValueError(f"query, key and value must be (B, H, N, D) tensors of layout.num_tokens={n} tokens for "
+                         f"{layout}, got {shapes}")
+    if len({x.shape[:2] for x in tensors.values()}) > 1:
+        raise ValueError(f"query, key and value must share batch and heads (B, H), got {shapes}")
+    if query.shape[3] != key.shape[3]:
+        raise ValueError(f"query and key must share their head dim D, got {shapes}")
+
+
 def check_spans(layout: VideoLayout, q_tokens, k_tokens) -> None:
     """`Pattern.block_mask`'s token ranges: `None` or a `(start, stop)` pair of ints within the layout's tokens."""
     for name, span in (("q_tokens", q_tokens), ("k_tokens", k_tokens)):
@@ -471,6 +497,7 @@ class Pattern(abc.ABC):
             0.346
         """
         check_target(target)
+        check_max_iter(max_iter)
         make, lo, hi, breaks = self._density_knob(layout)
         cache = {}  # parameter -> density
         measured = {}  # pattern -> density: parameters that round to one pattern (integer windows) share a mask

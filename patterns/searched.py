@@ -10,7 +10,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from .base import BlockSize, HeadShard, Pattern, _block_spans, as_pair, check_spans, check_target
+from .base import (
+    BlockSize,
+    HeadShard,
+    Pattern,
+    _block_spans,
+    as_pair,
+    check_max_iter,
+    check_qkv,
+    check_spans,
+    check_target,
+)
 from .causal import FrameCausal
 from .layout import VideoLayout
 from .ordering import IdentityOrder, TokenOrder, as_order
@@ -695,7 +705,8 @@ class Searched(Pattern):
 
         Args:
             query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): in the model's (frame-major) token
-                order, `N = layout.num_tokens`; they are put in `order` here. `value` may be `None` with
+                order, `N = layout.num_tokens`; they are put in `order` here. One batch and one set of heads
+                (nothing is broadcast), `query` and `key` of one head dim. `value` may be `None` with
                 `criterion="mass"` or `"pooled"`.
             layout ([`VideoLayout`]): the sequence layout.
             block_size (`int` or `tuple[int, int]`): `block_q` and `block_k` of the kernel.
@@ -729,11 +740,8 @@ class Searched(Pattern):
             raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
         if within is not None and layout.text_len:
             raise ValueError(f"within={within!r} is a mask over video tokens: give a layout without text, got {layout}")
+        check_qkv(layout, query, key, value)
         tensors = {"query": query, "key": key} | ({} if value is None else {"value": value})
-        if any(t.shape[2] != n for t in tensors.values()):
-            shapes = ", ".join(f"{name}={tuple(t.shape)}" for name, t in tensors.items())
-            raise ValueError(f"query, key and value must hold layout.num_tokens={n} tokens in dim 2 ((B, H, N, D)), "
-                             f"got {shapes}")
         if not isinstance(order, IdentityOrder):
             perm = order.permutation(layout).to(query.device)
             tensors = {name: t.index_select(2, perm) for name, t in tensors.items()}
@@ -858,6 +866,7 @@ class Searched(Pattern):
         r"""A copy keeping `target` of the blocks (no solving: `keep` is the density, whichever queries attend). A
         searched pattern can only confirm its own `keep`; search again for another."""
         check_target(target)
+        check_max_iter(max_iter)
         if self.searched_mask is None:
             return replace(self, keep=target)
         if target != self.keep:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import BlockSize, HeadShard, as_pair, check_spans, check_target
+from .base import BlockSize, HeadShard, as_pair, check_max_iter, check_qkv, check_spans, check_target
 from .causal import FrameCausal
 from .layout import Triple, VideoLayout, as_triple
 from .ordering import TokenOrder, as_order
@@ -51,13 +51,17 @@ def _candidate_densities(
 
 def allocate(losses: torch.Tensor, densities: torch.Tensor, budget: float, units: int = 2048) -> torch.Tensor:
     """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss: a
-    multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units` steps (each
-    candidate's density rounded up, so the budget holds). `losses` `(H, C)`, `densities` `(C,)`. Where even the
-    sparsest candidates exceed the budget, those."""
+    multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units` steps, rounded
+    up to a multiple of the heads (each candidate's density rounded up, so the budget holds). `losses` `(H, C)`,
+    `densities` `(C,)`. Where even the sparsest candidates exceed the budget, those."""
     heads = losses.shape[0]
     sparsest = torch.full((heads,), int(torch.argmin(densities)))
-    cost = torch.ceil(densities.double() * units / (budget * heads) - 1e-9).long()
-    if int(cost.min()) * heads > units:
+    # Whole steps per head: with `units / heads` steps each, a candidate of exactly the budget's density rounded up
+    # past its share whenever heads did not divide units, so `keep=1.0` on 3 heads could not keep every block.
+    share = -(-units // max(heads, 1))  # no heads (an empty shard): nothing to choose
+    units = share * heads
+    cost = torch.ceil(densities.double() * share / budget - 1e-9).long()
+    if int(cost.min()) > share:
         return sparsest
     # best[b]: the least loss of the heads so far spending at most b units; picks[h][b]: head h's candidate there.
     best, picks = torch.zeros(units + 1, dtype=torch.float64), []
@@ -185,6 +189,7 @@ class SearchedWindows(Window3D):
         r"""A copy whose search keeps `target` of the blocks (no solving: `keep` is the budget). Searched windows can
         only confirm their own `keep`; search again for another."""
         check_target(target)
+        check_max_iter(max_iter)
         if self.window is None:
             return replace(self, keep=target)
         if target != self.keep:
@@ -216,7 +221,8 @@ class SearchedWindows(Window3D):
 
         Args:
             query, key, value (`torch.Tensor` of shape `(B, H, N, D)`): the layer's queries, keys and values in the
-                model's (frame-major) token order, `N = layout.num_tokens`, after RoPE.
+                model's (frame-major) token order, `N = layout.num_tokens`, after RoPE; one batch and one set of
+                heads (nothing is broadcast), `query` and `key` of one head dim.
             layout ([`VideoLayout`]): the sequence layout.
             block_size (`int` or `tuple[int, int]`): the kernel's blocks, which the candidates' densities count.
             order ([`TileOrder`] or [`IdentityOrder`], *optional*, defaults to `None` (frame-major)): the token
@@ -229,10 +235,9 @@ class SearchedWindows(Window3D):
                 of them (the runtime's `video_queries` calls): `keep` is then the density of those queries' blocks
                 (`density(..., q_tokens)`), not of the whole layout's, whose text rows the call does not compute.
         """
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != layout.num_tokens:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"{name} must be a (B, H, {layout.num_tokens}, D) tensor for {layout}, got {shape}")
+        if value is None:
+            raise ValueError(f"{self!r} measures the output error of its windows: give value, not None")
+        check_qkv(layout, query, key, value)
         if within is not None and not isinstance(within, FrameCausal):
             raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
         check_spans(layout, q_tokens, None)

@@ -528,6 +528,24 @@ def test_at_density_edges_and_validation():
         assert solved.density(VideoLayout(*small), block) == 1.0, (small, solved)
 
 
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "a"])
+def test_at_density_refuses_a_max_iter_that_is_not_a_positive_int(bad):
+    # Before, 0, -1 and True skipped the bisection and returned the sparsest end (window (1, 1, 1), 0.125 against
+    # 0.375 for a target of 0.4) as the answer; 2.5 and "a" raised a raw TypeError.
+    layout = VideoLayout(8, 4, 4)
+    with pytest.raises(ValueError, match=f"max_iter must be an int >= 1.*max_iter={bad!r}"):
+        Window3D().at_density(layout, 0.4, 16, max_iter=bad)
+    assert Window3D().at_density(layout, 0.4, 16, max_iter=2).density(layout, 16) == 0.375  # two steps find it
+
+
+def test_window3d_at_density_reaches_every_block_when_the_stride_does_not_divide_the_axis():
+    # The scale's cap is the axis rounded up to the stride: capped at the axis (6), a window of 4 rounded to the
+    # stride's multiple below it and never covered the frame.
+    layout = VideoLayout(1, 6, 6)
+    solved = Window3D((2, 4, 4), stride=(2, 4, 4)).at_density(layout, 1.0, 4)
+    assert solved.density(layout, 4) == 1.0, solved
+
+
 def test_at_density_measures_each_distinct_window_once(monkeypatch):
     # Window3D's scale rounds to integer windows, so most bisection steps land on a window already measured;
     # each block mask costs seconds at real models' shapes.
@@ -711,3 +729,34 @@ def test_radial_frame_major_masks_from_cached_geometry_equal_the_box_test(seed):
         generic = Pattern._video_block_mask(pattern, layout, q_lo, q_hi, k_lo, k_hi)
         nonempty = (q_hi > q_lo)[:, None] & (k_hi > k_lo)[None, :]
         assert torch.equal(cached & nonempty, generic & nonempty), (layout, block_q, block_k, pattern)
+
+
+def test_radial_sink_keeps_key_frame_zero_in_an_intersection():
+    # Radial's _box_all keeps a key box whose frames end at the sink (frame 0) whatever the distance; a box that
+    # only starts there still holds later frames the radial test must pass.
+    layout, block = VideoLayout(6, 2, 1), (4, 6)
+    pattern = Radial(decay=0.2, min_window=4, sink=True) & Window3D((4, 1, 1))
+    assert torch.equal(pattern.block_mask(layout, block), reduce_token_mask(pattern.token_mask(layout), block))
+
+
+def test_radial_geometry_chunked_one_row_at_a_time_reduces_across_chunks(monkeypatch):
+    # With one query block row per chunk, one block pair's box pairs come from several chunks: their smallest
+    # spatial distance must be the least over all of them (a re-reduction keeping the largest dropped blocks).
+    monkeypatch.setattr(radial, "_CHUNK_PAIRS", 1)
+    radial._block_pair_geometry.cache_clear()  # else masks computed with the real chunks are reused
+    try:
+        g = torch.Generator().manual_seed(0)
+
+        def draw(lo, hi):
+            return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+        for _ in range(60):
+            layout = VideoLayout(draw(1, 6), draw(1, 6), draw(1, 7), text_len=[0, 3][draw(0, 1)],
+                                 text_position=["start", "end"][draw(0, 1)])
+            block = (draw(1, 20), draw(1, 20))
+            pattern = Radial(decay=2.0 ** (draw(-60, 30) / 10), min_window=[1, 3, 8][draw(0, 2)],
+                             sink=bool(draw(0, 1)), spatial=["band", "box", "disc"][draw(0, 2)])
+            expected = reduce_token_mask(pattern.token_mask(layout), block)
+            assert torch.equal(pattern.block_mask(layout, block), expected), (layout, block, pattern)
+    finally:
+        radial._block_pair_geometry.cache_clear()  # drop the one-row chunks' geometry before other tests

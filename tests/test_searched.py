@@ -672,6 +672,49 @@ def test_search_checks_the_token_count():
     assert Searched(criterion="mass").search(q, k, None, layout, 8).num_heads == 2  # mass needs no values
 
 
+@pytest.mark.parametrize("criterion", ["greedy", "mass", "pooled"])
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 2, 32, 4), (1, 1, 32, 4), (1, 1, 32, 4)), "share batch and heads"),  # heads
+        (((2, 1, 32, 4), (1, 1, 32, 4), (1, 1, 32, 4)), "share batch and heads"),  # batch
+        (((1, 1, 32, 4), (1, 1, 32, 4), (2, 1, 32, 4)), "share batch and heads"),  # the value's batch
+        (((1, 1, 32, 4), (1, 1, 32, 8), (1, 1, 32, 4)), "query and key must share their head dim"),
+        (((1, 1, 32, 4), (1, 1, 32, 4), (1, 1, 16, 4)), "layout.num_tokens=32"),
+        (((1, 32, 4), (1, 1, 32, 4), (1, 1, 32, 4)), r"\(B, H, N, D\) tensors"),
+    ],
+)
+def test_search_refuses_queries_keys_and_values_that_do_not_match(criterion, shapes, match):
+    # Before, "mass" broadcast 2 query heads over 1 key head and returned heads=2; the others raised RuntimeError
+    # from deep inside.
+    q, k, v = (torch.randn(shape) for shape in shapes)
+    named = ", ".join(f"{name}={shape}" for name, shape in zip(("query", "key", "value"), shapes))
+    with pytest.raises(ValueError, match=match) as error:
+        Searched(criterion=criterion).search(q, k, v, VideoLayout(2, 4, 4), 8)
+    assert named in str(error.value)
+    if criterion != "greedy" and shapes[0][:2] != shapes[1][:2]:  # without values, query and key alone
+        with pytest.raises(ValueError, match=match):
+            Searched(criterion=criterion).search(q, k, None, VideoLayout(2, 4, 4), 8)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "a"])
+def test_at_density_refuses_a_bad_max_iter_searched_or_not(bad):
+    layout = VideoLayout(2, 4, 4)
+    searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8)
+    for pattern in (Searched(), searched):
+        with pytest.raises(ValueError, match="max_iter must be an int >= 1"):
+            pattern.at_density(layout, 0.5, 8, max_iter=bad)
+
+
+def test_a_search_over_a_query_span_gives_the_token_reduction_over_the_whole_layout():
+    # The searched rows start at the span's first token (5), not every 8 tokens from 0: asked for the whole
+    # layout's blocks, they must be reduced from the token mask, not returned as they are.
+    layout = VideoLayout(2, 4, 4, text_len=5, text_position="start")
+    n = layout.num_tokens
+    searched = Searched(keep=0.4).search(*_qkv(layout), layout, 8, q_tokens=(5, n))
+    assert torch.equal(searched.block_mask(layout, 8), reduce_token_mask(searched.token_mask(layout), 8))
+
+
 def test_searched_at_full_density_gives_the_dense_video(tiny_pipe):
     reference = generate(tiny_pipe)
     with diffsparse.sparse(tiny_pipe, diffsparse.SparseConfig(pattern="searched", density=1.0, dense_steps=0)):

@@ -115,12 +115,25 @@ def test_block_mask_random_cases():
 
 
 def test_box_all_is_sound():
-    # _box_all may say False when unsure, never True for a box pair with a dropped token pair.
+    # _box_all may say False when unsure, never True for a box pair with a dropped token pair. Intersection uses
+    # _box_all to stop refining; intersected with itself a pattern gives itself whatever _box_all says, so the
+    # other part is another pattern and the reference the token mask.
     layout = VideoLayout(4, 5, 6)
     for pattern in (SpatialTemporal(frames=1, width=1, heads=("spatial", "temporal")), SpatialTemporal()):
         for order in (None, TileOrder((2, 2, 3))):
-            inter = pattern & pattern  # Intersection uses _box_all to stop refining
-            assert torch.equal(inter.block_mask(layout, 8, order), pattern.block_mask(layout, 8, order))
+            inter = pattern & Radial(decay=1.2, min_window=3)
+            expected = reduce_token_mask(reordered_reference(inter, layout, order), 8)
+            assert torch.equal(inter.block_mask(layout, 8, order), expected), (pattern, order)
+    # Cases where a too-generous _box_all keeps a block the token mask drops: a temporal head's key box just wider
+    # than its window; a spatial head (frames=1) with queries of frames 2-3 over keys of frames 0-1 keeps only
+    # key frame 1 there, the sink only key frame 0, so the intersection keeps nothing.
+    for pattern, other, layout, block in (
+        (SpatialTemporal(frames=1, width=1, heads="T"), Radial(decay=1.2, min_window=3), VideoLayout(5, 3, 4), (1, 4)),
+        (SpatialTemporal(frames=1, width=1, heads="S"), FrameSink(), VideoLayout(6, 2, 3), (4, 12)),
+    ):
+        inter = pattern & other
+        expected = reduce_token_mask(inter.token_mask(layout), block)
+        assert torch.equal(inter.block_mask(layout, block), expected), (pattern, other)
 
 
 def test_temporal_heads_are_block_sparse_in_frame_major_order():
@@ -199,6 +212,14 @@ def test_classify_ignores_text_tokens():
         full = pattern._sampled_mass(q_full, k_full, layout, torch.Generator().manual_seed(gen_seed))
         torch.testing.assert_close(full, video, rtol=0, atol=0)
     assert pattern.classify(q_full, k_full, layout) == ("temporal", "spatial")
+
+
+def test_classify_gives_a_tie_to_spatial():
+    # On one frame of 3 x 3 both kinds keep every key (a width-1 window clamps its centre, so it spans the axis):
+    # equal mass, and the docstring gives ties to the spatial kind.
+    layout = VideoLayout(1, 3, 3)
+    q = torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(0))
+    assert SpatialTemporal(frames=0, width=1).classify(q, q, layout) == ("spatial", "spatial")
 
 
 def test_classify_is_deterministic_and_leaves_the_global_rng_alone():

@@ -81,6 +81,22 @@ def test_allocate_keeps_the_budget_and_gives_local_heads_small_windows():
     assert allocate(losses, densities, budget=0.05).tolist() == [0, 0]  # nothing affordable: the sparsest
 
 
+def test_allocate_gives_every_head_a_candidate_of_exactly_the_budget():
+    # Each head's share of the grid is whole: before, 3 heads cut 2048 units into shares of 682.7, a candidate of
+    # exactly the budget's density cost 683, and one head of three got the smaller one (keep=1.0 gave 0.934).
+    wants_the_larger = torch.tensor([[1.0, 0.0]])  # its loss is 0: with the budget for it, every head takes it
+    assert allocate(wants_the_larger.expand(3, 2), torch.tensor([0.5, 1.0]), 1.0).tolist() == [1, 1, 1]
+    for heads in (3, 5, 7, 24, 40):
+        choice = allocate(wants_the_larger.expand(heads, 2), torch.tensor([0.25, 0.5]), 0.5)
+        assert choice.tolist() == [1] * heads, heads
+
+
+def test_allocate_affords_candidates_that_cost_the_whole_budget():
+    # Candidates 0 and 1 are exactly the budget, 2 over it: the least loss among 0 and 1, not the sparsest as when
+    # nothing fits.
+    assert allocate(torch.tensor([[1.0, 0.0, 5.0]]), torch.tensor([0.5, 0.5, 1.0]), 0.5).tolist() == [1]
+
+
 def test_allocate_never_spends_more_than_the_budget():
     # Each candidate's cost is its density rounded up to whole units of the budget, so coarse units never let the
     # heads' mean density past the budget (rounding to the nearest unit did).
@@ -168,6 +184,48 @@ def test_with_a_query_span_the_budget_holds_for_the_blocks_of_those_queries():
         assert whole.density(layout, 16, q_tokens=span) < keep - 0.05  # what the runtime ran before
     with pytest.raises(ValueError, match=r"q_tokens must be a \(start, stop\) pair"):
         SearchedWindows().search(q, k, v, layout, 16, q_tokens=(128, 2000))
+
+
+def test_keep_one_keeps_every_block_whatever_the_head_count():
+    layout = VideoLayout(4, 6, 6)
+    q, k, v = torch.randn(3, 1, 3, layout.num_tokens, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    searched = SearchedWindows(keep=1.0).search(q, k, v, layout, 16)
+    assert searched.density(layout, 16) == 1.0, searched.windows
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 2, 64, 4), (1, 1, 64, 4), (1, 1, 64, 4)), "share batch and heads"),  # heads
+        (((2, 1, 64, 4), (1, 1, 64, 4), (1, 1, 64, 4)), "share batch and heads"),  # batch
+        (((1, 1, 64, 4), (1, 1, 64, 4), (1, 2, 64, 4)), "share batch and heads"),  # the value's heads
+        (((1, 1, 64, 4), (1, 1, 64, 8), (1, 1, 64, 4)), "query and key must share their head dim"),
+        (((1, 1, 64, 4), (1, 1, 64, 4), (1, 1, 48, 4)), "layout.num_tokens=64"),
+        (((1, 64, 4), (1, 1, 64, 4), (1, 1, 64, 4)), r"\(B, H, N, D\) tensors"),
+    ],
+)
+def test_search_refuses_queries_keys_and_values_that_do_not_match(shapes, match):
+    # Before, a query batch of 2 over a key batch of 1 broadcast and returned windows; the others raised
+    # IndexError or RuntimeError from deep inside.
+    q, k, v = (torch.randn(shape) for shape in shapes)
+    named = ", ".join(f"{name}={shape}" for name, shape in zip(("query", "key", "value"), shapes))
+    with pytest.raises(ValueError, match=match) as error:
+        SearchedWindows().search(q, k, v, VideoLayout(4, 4, 4), 16)
+    assert named in str(error.value)
+    with pytest.raises(ValueError, match="give value, not None"):
+        SearchedWindows().search(q, k, None, VideoLayout(4, 4, 4), 16)
+    v_wide = torch.randn(1, 1, 64, 12)  # only the values' head dim may differ
+    assert SearchedWindows().search(torch.randn(1, 1, 64, 4), torch.randn(1, 1, 64, 4), v_wide,
+                                    VideoLayout(4, 4, 4), 16).num_heads == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "a"])
+def test_at_density_refuses_a_bad_max_iter_searched_or_not(bad):
+    layout = VideoLayout(4, 4, 4)
+    searched = SearchedWindows(keep=0.5).search(*(torch.randn(1, 1, 64, 4) for _ in range(3)), layout, 16)
+    for pattern in (SearchedWindows(), searched):
+        with pytest.raises(ValueError, match="max_iter must be an int >= 1"):
+            pattern.at_density(layout, 0.5, 16, max_iter=bad)
 
 
 def test_positional_arguments_are_keep_then_stride_and_the_window_is_the_searchs():
