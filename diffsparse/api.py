@@ -191,7 +191,8 @@ class SparseHandle:
                        f"dense_steps={config.dense_steps!r} and dense_last_steps={config.dense_last_steps!r} leave "
                        f"sparse (step {step}, with no dense step before it to measure at), so nothing runs sparse: "
                        "run more steps, or leave the correction out")
-            warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", DiffsparseWarning, stacklevel=2)
+            warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", DiffsparseWarning,
+                          stacklevel=2)
 
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's

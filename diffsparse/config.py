@@ -203,7 +203,8 @@ class SparseConfig:
         _check_step_count("dense_last_steps", self.dense_last_steps)
         _ = self._dense_layer_set  # validates
         if isinstance(self.order, (list, tuple)) and not self.order:
-            raise ValueError(f"SparseConfig.order must name at least one order when it is a list, got order={self.order!r}")
+            raise ValueError(
+                f"SparseConfig.order must name at least one order when it is a list, got order={self.order!r}")
         try:
             _ = self.resolved_orders
         except ValueError as error:
