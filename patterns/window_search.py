@@ -43,8 +43,10 @@ def _candidate_densities(
     call computes). Cached: each layer of a model asks for the same."""
     sizes = [axis_sizes(n, s) for n, s in zip(layout.grid, stride)]
     windows = [(t, h, w) for t in sizes[0] for h in sizes[1] for w in sizes[2]]
+    # float64: a float32 0.6 is 0.6000000238, above a budget of exactly 0.6, which `allocate` then cannot afford.
     densities = torch.tensor(
-        [Window3D(window, stride).density(layout, block_size, order, q_tokens) for window in windows]
+        [Window3D(window, stride).density(layout, block_size, order, q_tokens) for window in windows],
+        dtype=torch.float64,
     )
     return tuple(windows), densities
 

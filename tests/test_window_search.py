@@ -176,7 +176,8 @@ def test_with_a_query_span_the_budget_holds_for_the_blocks_of_those_queries():
     span = (128, layout.num_tokens)
     q, k, v = (torch.randn(1, 4, layout.num_tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     windows, densities = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)), span)
-    assert torch.equal(densities, torch.tensor([Window3D(w).density(layout, 16, q_tokens=span) for w in windows]))
+    assert torch.equal(densities, torch.tensor([Window3D(w).density(layout, 16, q_tokens=span) for w in windows],
+                                               dtype=torch.float64))
     for keep in (0.3, 0.5):
         searched = SearchedWindows(keep=keep).search(q, k, v, layout, 16, q_tokens=span)
         assert keep - 0.05 <= searched.density(layout, 16, q_tokens=span) <= keep
@@ -184,6 +185,18 @@ def test_with_a_query_span_the_budget_holds_for_the_blocks_of_those_queries():
         assert whole.density(layout, 16, q_tokens=span) < keep - 0.05  # what the runtime ran before
     with pytest.raises(ValueError, match=r"q_tokens must be a \(start, stop\) pair"):
         SearchedWindows().search(q, k, v, layout, 16, q_tokens=(128, 2000))
+
+
+def test_a_candidate_of_exactly_the_budget_s_density_is_affordable_for_every_head():
+    # Densities kept in float32 put this (1, 5, 1) window's 0.6 at 0.6000000238, one grid step over a head's share
+    # of a 0.6 budget: two heads of three got it, the third the sparsest window.
+    layout = VideoLayout(3, 5, 5)
+    windows, densities = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)))
+    best = windows.index((1, 5, 1))
+    assert Window3D((1, 5, 1)).density(layout, 16) == 0.6 and densities[best] == 0.6
+    losses = torch.ones(3, len(windows))
+    losses[:, best] = 0
+    assert allocate(losses, densities, 0.6).tolist() == [best] * 3
 
 
 def test_keep_one_keeps_every_block_whatever_the_head_count():
