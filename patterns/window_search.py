@@ -54,8 +54,9 @@ def _candidate_densities(
 def allocate(losses: torch.Tensor, densities: torch.Tensor, budget: float, units: int = 2048) -> torch.Tensor:
     """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss: a
     multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units` steps, rounded
-    up to a multiple of the heads (each candidate's density rounded up, so the budget holds). `losses` `(H, C)`,
-    `densities` `(C,)`. Where even the sparsest candidates exceed the budget, those."""
+    up to a multiple of the heads (each candidate's density rounded up, so the budget holds; a choice within a step
+    per head of the budget can be missed, as 0.25 and 0.5 for 0.375 on two heads: 683 + 1366 steps of 2048). `losses`
+    `(H, C)`, `densities` `(C,)`. Where even the sparsest candidates exceed the budget, those."""
     heads = losses.shape[0]
     sparsest = torch.full((heads,), int(torch.argmin(densities)))
     # Whole steps per head: with `units / heads` steps each, a candidate of exactly the budget's density rounded up

@@ -95,6 +95,10 @@ def test_allocate_affords_candidates_that_cost_the_whole_budget():
     # Candidates 0 and 1 are exactly the budget, 2 over it: the least loss among 0 and 1, not the sparsest as when
     # nothing fits.
     assert allocate(torch.tensor([[1.0, 0.0, 5.0]]), torch.tensor([0.5, 0.5, 1.0]), 0.5).tolist() == [1]
+    # 0.21 * 683 / 0.21 is 683.0000000000001 in floating point: without a tolerance the candidate of exactly the
+    # budget cost a step over a head's share, and one head of three lost it.
+    densities = torch.tensor([0.1, 0.21], dtype=torch.float64)
+    assert allocate(torch.tensor([[1.0, 0.0]]).expand(3, 2), densities, 0.21).tolist() == [1, 1, 1]
 
 
 def test_allocate_never_spends_more_than_the_budget():
