@@ -420,6 +420,28 @@ def check_prompts_attend_their_valid_tokens(
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)
 
 
+
+def check_padded_text_queries(transformer, run, config, padded_queries, processor_class, monkeypatch) -> None:
+    """The padded text queries of the first video (7 valid text tokens) get from the sparse path what the original
+    gives them, `padded_queries=None` (the adapter's own rule); a control rule (`"dense"` or `"zero"`, set on
+    `processor_class`) must differ. They never reach a video token (masked as keys), so only the first block's own
+    text output shows them. `run(transformer, config=None)`: one call of the test's inputs."""
+    if padded_queries is not None:
+        monkeypatch.setattr(processor_class, "padded_queries", padded_queries)
+    outputs = []
+    hook = transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, i, out: outputs.append(out[1]))
+    try:
+        run(transformer)
+        run(transformer, config)
+    finally:
+        hook.remove()
+    original, sparse = outputs
+    if padded_queries is None:
+        torch.testing.assert_close(sparse, original, atol=1e-5, rtol=0)
+    else:
+        assert not torch.allclose(sparse[0, 7:], original[0, 7:], atol=1e-3)
+
+
 def tiny_clip_image_encoder():
     """A CLIP vision tower and processor with tiny dimensions and the current seed's weights: Wan 2.1 I2V's (and
     ChronoEdit's) image path, whose penultimate hidden states reach every block's cross-attention through extra

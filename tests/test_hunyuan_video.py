@@ -15,6 +15,7 @@ from diffsparse.pipelines.hunyuan_video import HunyuanJointAttention, valid_leng
 from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
+    check_padded_text_queries,
     check_prompts_attend_their_valid_tokens,
     recorded_attention_calls,
     run_pipeline,
@@ -87,23 +88,10 @@ def test_every_block_kept_matches_dense_with_padded_prompts(transformer, valid_t
 
 @pytest.mark.parametrize("padded_queries", [None, "zero"], ids=["shipped", "zero (control)"])
 def test_padded_text_queries_get_what_the_original_gives_them(transformer, padded_queries, monkeypatch):
-    # They never reach a video token (masked as keys), so only the first block's own text output shows them: the
-    # original lets them attend densely to the valid keys, then the text output projection. The control gives them
-    # zeros from the attention (HunyuanVideo 1.5's rule), which this check must catch.
-    if padded_queries is not None:
-        monkeypatch.setattr(HunyuanJointAttention, "padded_queries", padded_queries)
-    outputs = []
-    hook = transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, i, out: outputs.append(out[1]))
-    try:
-        run(transformer)
-        run(transformer, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0))
-    finally:
-        hook.remove()
-    original, sparse = outputs
-    if padded_queries is None:
-        torch.testing.assert_close(sparse, original, atol=1e-5, rtol=0)
-    else:
-        assert not torch.allclose(sparse[0, 7:], original[0, 7:], atol=1e-3)  # video 0: 7 valid text tokens
+    # The original lets them attend densely to the valid keys, then the text output projection. The control gives
+    # them zeros from the attention (HunyuanVideo 1.5's rule), which this check must catch.
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    check_padded_text_queries(transformer, run, config, padded_queries, HunyuanJointAttention, monkeypatch)
 
 
 def test_a_batch_attended_in_groups_is_logged_once_per_layer_at_the_batch_density(transformer):
