@@ -40,9 +40,10 @@ __version__ = "0.1.0"
 
 
 class DiffsparseWarning(UserWarning):
-    """The category of every warning diffsparse raises (the schedule's `StepScheduleWarning` and the metrics'
-    `NonFiniteScoreWarning` among them), so that one filter silences or raises them all, and `compare` and `eval`
-    tell them apart from the warnings of torch or diffusers that diffsparse's calls pass on."""
+    """The category of every Python warning diffsparse raises (the schedule's `StepScheduleWarning` and the metrics'
+    `NonFiniteScoreWarning` among them; the CPU kernel's fallback is a log message), so that one filter silences or
+    raises them all, and `compare` and `eval` tell them apart from the warnings of torch or diffusers that
+    diffsparse's calls pass on."""
 
 
 def __getattr__(name: str):

@@ -52,8 +52,8 @@ def _candidate_densities(
 
 
 def allocate(losses: torch.Tensor, densities: torch.Tensor, budget: float, units: int = 2048) -> torch.Tensor:
-    """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss: a
-    multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units` steps, rounded
+    """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss on a
+    grid: a multiple-choice knapsack, solved by dynamic programming over the budget cut into `units` steps, rounded
     up to a multiple of the heads (each candidate's density rounded up, so the budget holds; a choice within a step
     per head of the budget can be missed, as 0.25 and 0.5 for 0.375 on two heads: 683 + 1366 steps of 2048). `losses`
     `(H, C)`, `densities` `(C,)`. Where even the sparsest candidates exceed the budget, those."""
