@@ -37,7 +37,7 @@ def device_here(device):
         # a tensor there. Before, "hip" ended in torch's traceback after the tensors or the weights were made.
         try:
             torch.empty(0, device=parsed)
-        except RuntimeError as error:
+        except (RuntimeError, ImportError) as error:  # "privateuseone" with no backend registered: an ImportError
             why = str(error).splitlines()[0]
             raise ValueError(f"device={device!r}: torch cannot place tensors on it here ({why}); use 'cpu' or an "
                              "accelerator this machine has") from None

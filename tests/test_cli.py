@@ -183,7 +183,7 @@ def test_a_device_type_torch_names_no_backend_for_is_checked_by_placing_a_tensor
     # in torch's traceback after the tensors were made); "meta" places tensors but computes nothing.
     from diffsparse import devices
 
-    for device in ("hip", "xla:0"):
+    for device in ("hip", "xla:0", "privateuseone"):  # the last: torch's ModuleNotFoundError, a traceback before
         with pytest.raises(ValueError, match=f"device='{device}': torch cannot place tensors on it here"):
             devices.device_here(device)
     with pytest.raises(ValueError, match="a meta tensor holds no values"):
