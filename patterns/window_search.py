@@ -16,6 +16,8 @@ from .window3d import Window3D, _window_start
 
 # float32 elements per chunk of the sampled rows' probabilities and weighted values: 64 MB.
 _CHUNK = 1 << 24
+# `allocate` counts whole blocks up to this many over all heads (its tables: candidates x this many entries).
+_EXACT_UNITS = 1 << 14
 
 
 def axis_sizes(size: int, stride: int) -> tuple[int, ...]:
@@ -38,33 +40,45 @@ def _candidate_densities(
     order: TokenOrder,
     q_tokens: tuple[int, int] | None = None,
 ):
-    """`(windows, densities)`: every candidate window of `layout` (a product of the per-axis sizes) and its block
-    density (text rows and columns included; over the blocks of the queries `q_tokens` only, when given: those a
-    call computes). Cached: each layer of a model asks for the same."""
+    """`(windows, densities, blocks)`: every candidate window of `layout` (a product of the per-axis sizes), its
+    block density (text rows and columns included; over the blocks of the queries `q_tokens` only, when given: those
+    a call computes) and the number of blocks those densities are fractions of. Cached: each layer of a model asks
+    for the same."""
     sizes = [axis_sizes(n, s) for n, s in zip(layout.grid, stride)]
     windows = [(t, h, w) for t in sizes[0] for h in sizes[1] for w in sizes[2]]
-    # float64: a float32 0.6 is 0.6000000238, above a budget of exactly 0.6, which `allocate` then cannot afford.
-    densities = torch.tensor(
-        [Window3D(window, stride).density(layout, block_size, order, q_tokens) for window in windows],
-        dtype=torch.float64,
-    )
-    return tuple(windows), densities
+    masks = [Window3D(window, stride).block_mask(layout, block_size, order, q_tokens=q_tokens) for window in windows]
+    # float64, as `Pattern.density`: a float32 0.6 is 0.6000000238, above a budget of exactly 0.6.
+    densities = torch.tensor([mask.double().mean().item() for mask in masks], dtype=torch.float64)
+    return tuple(windows), densities, masks[0].numel()
 
 
-def allocate(losses: torch.Tensor, densities: torch.Tensor, budget: float, units: int = 2048) -> torch.Tensor:
-    """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss on a
-    grid: a multiple-choice knapsack, solved by dynamic programming over the budget cut into `units` steps, rounded
-    up to a multiple of the heads (each candidate's density rounded up, so the budget holds; a choice within a step
-    per head of the budget can be missed, as 0.25 and 0.5 for 0.375 on two heads: 683 + 1366 steps of 2048). `losses`
-    `(H, C)`, `densities` `(C,)`. Where even the sparsest candidates exceed the budget, those."""
+def allocate(
+    losses: torch.Tensor, densities: torch.Tensor, budget: float, units: int = 2048, blocks: int | None = None
+) -> torch.Tensor:
+    """One candidate per head (`(H,)` indices) with mean density at most `budget` and the least total loss: a
+    multiple-choice knapsack, solved by dynamic programming. With `blocks`, the number of blocks each density is a
+    fraction of, and at most `_EXACT_UNITS` blocks over all heads, over whole blocks: exact. Otherwise over the
+    budget cut into `units` steps, rounded up to a multiple of the heads, each candidate's density rounded up (so
+    the budget holds; a choice within a step per head of the budget can be missed, as 0.25 and 0.5 for 0.375 on two
+    heads: 683 + 1366 steps of 2048). `losses` `(H, C)`, `densities` `(C,)`. Where even the sparsest candidates
+    exceed the budget, those."""
     heads = losses.shape[0]
     sparsest = torch.full((heads,), int(torch.argmin(densities)))
-    # Whole steps per head: with `units / heads` steps each, a candidate of exactly the budget's density rounded up
-    # past its share whenever heads did not divide units, so `keep=1.0` on 3 heads could not keep every block.
-    share = -(-units // max(heads, 1))  # no heads (an empty shard): nothing to choose
-    units = share * heads
-    cost = torch.ceil(densities.double() * share / budget - 1e-9).long()
-    if int(cost.min()) > share:
+    if blocks is not None and heads * blocks <= _EXACT_UNITS:
+        # Every candidate counts whole blocks of one layout: its cost is its count, the budget the whole blocks it
+        # allows, so a mix whose mean is exactly the budget is affordable (the grid's rounding could miss it).
+        cost = torch.round(densities.double() * blocks).long()
+        units = math.floor(budget * heads * blocks + 1e-9)
+        # Counts sharing a factor (tile-sized windows) need a table that much shorter.
+        step = math.gcd(*cost.tolist()) or 1
+        cost, units = cost // step, units // step
+    else:
+        # Whole steps per head: with `units / heads` steps each, a candidate of exactly the budget's density rounded
+        # up past its share whenever heads did not divide units, so `keep=1.0` on 3 heads could not keep every block.
+        share = -(-units // max(heads, 1))  # no heads (an empty shard): nothing to choose
+        units = share * heads
+        cost = torch.ceil(densities.double() * share / budget - 1e-9).long()
+    if int(cost.min()) * heads > units:
         return sparsest
     # best[b]: the least loss of the heads so far spending at most b units; picks[h][b]: head h's candidate there.
     best, picks = torch.zeros(units + 1, dtype=torch.float64), []
@@ -244,11 +258,13 @@ class SearchedWindows(Window3D):
         if within is not None and not isinstance(within, FrameCausal):
             raise ValueError(f"within must be a FrameCausal mask or None, got within={within!r}")
         check_spans(layout, q_tokens, None)
-        windows, densities = _candidate_densities(self.stride, layout, as_pair(block_size), as_order(order), q_tokens)
+        windows, densities, blocks = _candidate_densities(
+            self.stride, layout, as_pair(block_size), as_order(order), q_tokens
+        )
         losses = self._errors(query, key, value, layout, windows, generator, within)
         if shard is not None:
             losses = shard.all_heads(losses.to(query.device)).cpu()
-        choice = allocate(losses, densities, self.keep)
+        choice = allocate(losses, densities, self.keep, blocks=blocks)
         if shard is not None:
             choice = shard.own(choice, query.shape[1])
         return replace(self, window=tuple(windows[int(c)] for c in choice))

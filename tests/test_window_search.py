@@ -18,6 +18,7 @@ from diffsparse.patterns import (
     VideoLayout,
     Window3D,
     get_pattern,
+    window_search,
 )
 from diffsparse.patterns.window_search import _candidate_densities, allocate, axis_sizes
 
@@ -57,7 +58,7 @@ def test_losses_are_the_output_errors_of_the_windows_token_masks(text, within, s
     layout = VideoLayout(4, 3, 5, text_len=text, text_position="end")
     q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     pattern = SearchedWindows(stride=stride, num_samples=16, value_dims=8)  # no projection: the exact error
-    windows, _ = _candidate_densities(pattern.stride, layout, (16, 16), TileOrder((1, 1, 1)))
+    windows, _, _ = _candidate_densities(pattern.stride, layout, (16, 16), TileOrder((1, 1, 1)))
     generator = torch.Generator().manual_seed(3)
     rows = torch.randperm(layout.num_video_tokens, generator=torch.Generator().manual_seed(3))[:16].sort().values
     if stride != 1:  # else the case could not tell the stride from 1 (it moves the windows of few positions)
@@ -134,6 +135,57 @@ def test_allocate_is_at_least_as_good_as_any_choice_within_a_slightly_smaller_bu
     assert float(losses[range(3), choice].sum()) <= best + 1e-6
 
 
+def test_allocate_over_block_counts_affords_a_mix_of_exactly_the_budget():
+    # 2 and 4 blocks of 8 average 3 of 8, exactly the budget: the grid rounds each up and misses the mix.
+    losses, densities = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0.25, 0.5])
+    assert allocate(losses, densities, 0.375).tolist() == [0, 0]
+    assert allocate(losses, densities, 0.375, blocks=8).tolist() == [0, 1]
+    # Past `_EXACT_UNITS` blocks over all heads the grid decides, as without a count.
+    many = window_search._EXACT_UNITS // 2 + 8
+    assert allocate(losses, densities, 0.375, blocks=many).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_over_block_counts_is_the_best_choice_within_the_budget(seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    for _ in range(40):
+        heads, count, blocks = draw(1, 3), draw(2, 5), draw(4, 40)
+        counts = torch.randint(1, blocks + 1, (count,), generator=generator)
+        densities, losses = counts.double() / blocks, torch.rand(heads, count, generator=generator)
+        # Often exactly the mean of some choice, where rounding would miss it.
+        pick = torch.randint(0, count, (heads,), generator=generator)
+        anywhere = 0.05 + 0.9 * float(torch.rand((), generator=generator))
+        budget = float(densities[pick].mean()) if draw(0, 1) else anywhere
+        choice, allowed = allocate(losses, densities, budget, blocks=blocks), budget * heads * blocks + 1e-9
+        choices = itertools.product(range(count), repeat=heads)
+        within = [c for c in choices if int(counts[list(c)].sum()) <= allowed]
+        if not within:
+            assert (choice == densities.argmin()).all()
+            continue
+        best = min(float(losses[range(heads), list(c)].sum()) for c in within)
+        assert int(counts[choice].sum()) <= allowed, (counts, budget, choice)
+        assert float(losses[range(heads), choice].sum()) <= best + 1e-9, (counts, budget, choice)
+
+
+def test_search_shares_the_budget_over_whole_blocks(monkeypatch):
+    # On this layout (25 blocks of 16) the windows (1, 1, 1) and (1, 1, 3) keep 5 and 13 blocks: a mean of 9 of 25
+    # is exactly keep=0.36, which the 2048-step grid could not afford (both heads got the smallest window).
+    layout = VideoLayout(3, 5, 5)
+    windows, densities, blocks = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)))
+    assert blocks == 25 and [float(densities[windows.index(w)]) * 25 for w in ((1, 1, 1), (1, 1, 3))] == [5, 13]
+    losses = torch.ones(2, len(windows))
+    losses[0, windows.index((1, 1, 1))] = losses[1, windows.index((1, 1, 3))] = 0
+    monkeypatch.setattr(SearchedWindows, "_errors", lambda *args: losses)
+    q = torch.randn(1, 2, layout.num_tokens, 8)
+    searched = SearchedWindows(keep=0.36).search(q, q, q, layout, 16, order=TileOrder((1, 1, 1)))
+    assert searched.window == ((1, 1, 1), (1, 1, 3))
+    assert searched.density(layout, 16, TileOrder((1, 1, 1))) == pytest.approx(0.36)
+
+
 def test_search_gives_per_head_windows_under_the_budget_and_needs_a_search_first():
     layout = VideoLayout(6, 8, 8)
     generator = torch.Generator().manual_seed(0)
@@ -179,7 +231,7 @@ def test_with_a_query_span_the_budget_holds_for_the_blocks_of_those_queries():
     layout = VideoLayout(1, 32, 32, text_len=128, text_position="start")
     span = (128, layout.num_tokens)
     q, k, v = (torch.randn(1, 4, layout.num_tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    windows, densities = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)), span)
+    windows, densities, _ = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)), span)
     assert torch.equal(densities, torch.tensor([Window3D(w).density(layout, 16, q_tokens=span) for w in windows],
                                                dtype=torch.float64))
     for keep in (0.3, 0.5):
@@ -195,7 +247,7 @@ def test_a_candidate_of_exactly_the_budget_s_density_is_affordable_for_every_hea
     # Densities kept in float32 put this (1, 5, 1) window's 0.6 at 0.6000000238, one grid step over a head's share
     # of a 0.6 budget: two heads of three got it, the third the sparsest window.
     layout = VideoLayout(3, 5, 5)
-    windows, densities = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)))
+    windows, densities, _ = _candidate_densities((1, 1, 1), layout, (16, 16), TileOrder((1, 1, 1)))
     best = windows.index((1, 5, 1))
     assert Window3D((1, 5, 1)).density(layout, 16) == 0.6 and densities[best] == 0.6
     losses = torch.ones(3, len(windows))
