@@ -136,7 +136,7 @@ class SparseConfig:
             for the current shape (Wan 2.2's second expert, or `dense_steps` resolving to 0) is measured at its
             first sparse-scheduled call, which then runs dense. Memory: one output-sized tensor per layer and
             branch (tokens x hidden size, in the model's dtype). `None` applies no correction. On the embedded
-            20-step testbed it lowers PSNR by 4-8 dB (the residual goes stale within two steps; README), so
+            20-step testbed it lowers PSNR by 2-5.5 dB (the residual goes stale within two steps; README), so
             measure it on your model before relying on it.
         correction_refresh (`int`, *optional*, defaults to `0`):
             With a correction, measure again every this many steps after the last measurement (that call runs
