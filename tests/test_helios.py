@@ -53,18 +53,22 @@ def transformer():
     return model
 
 
-def inputs(memory: bool = True):
-    """A chunk of 4 latent frames of 8 x 12 (4 x 4 x 6 = 96 tokens) at frames 8-11; `memory`: 2 short-term frames
-    (2 x 4 x 6 = 48 tokens), 2 mid-term (1 x 2 x 3 = 6) and 4 long-term (1 x 1 x 2 = 2, padded up): 56 tokens."""
+def inputs(memory: bool | tuple[str, ...] = True, unindexed: tuple[str, ...] = ()):
+    """A chunk of 4 latent frames of 8 x 12 (4 x 4 x 6 = 96 tokens) at frames 8-11; `memory` (True: all three, or
+    the terms named): 2 short-term frames (2 x 4 x 6 = 48 tokens), 2 mid-term (1 x 2 x 3 = 6) and 4 long-term
+    (1 x 1 x 2 = 2, padded up): 56 tokens. The terms in `unindexed` get their latents but no frame indices."""
+    terms = ("short", "mid", "long") if memory is True else memory or ()
+
     def call():
         g = torch.Generator().manual_seed(1)
         kwargs = {"hidden_states": torch.randn(1, 4, 4, 8, 12, generator=g), "timestep": torch.tensor([500]),
                   "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
                   "indices_hidden_states": torch.tensor([[8, 9, 10, 11]])}
-        if memory:
-            for name, frames, first in (("short", 2, 6), ("mid", 2, 4), ("long", 4, 0)):
+        for name, frames, first in (("short", 2, 6), ("mid", 2, 4), ("long", 4, 0)):
+            if name in terms:
                 kwargs[f"latents_history_{name}"] = torch.randn(1, 4, frames, 8, 12, generator=g)
-                kwargs[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
+                if name not in unindexed:
+                    kwargs[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
         return kwargs
 
     return call
@@ -89,6 +93,19 @@ def test_the_memory_is_the_leading_span(transformer):
     with recorded_attention_calls() as calls:
         run_transformer(transformer, inputs(), RADIAL)
     assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, 56 + 96)), (1, (1, 56 + 96))]
+
+
+# Helios skips a memory term whose latents come without their frame indices (it needs both), so those tokens are
+# not in front of the chunk and must not be in the leading span. (Short-term latents alone: the mid and long terms'
+# RoPE reuses the short term's grid, so Helios cannot run them without an indexed short term.)
+@pytest.mark.parametrize("memory, unindexed, history", [
+    (("short",), ("short",), 0), (True, ("mid",), 48 + 2),
+], ids=["short-term latents alone", "mid-term of three"])
+def test_a_memory_term_without_frame_indices_is_not_in_the_leading_span(transformer, memory, unindexed, history):
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs(memory, unindexed)())
+    assert layout == VideoLayout(4, 4, 6, text_len=history, text_position="start")
+    calls = check_against_dense(transformer, inputs(memory, unindexed), block_size=16)
+    assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, history + 96)), (1, (1, history + 96))]
 
 
 def test_other_processors_are_refused(transformer):

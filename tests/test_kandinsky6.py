@@ -125,6 +125,16 @@ def test_layout_and_token_order(transformer):
         assert len(adapter.read_call(transformer, (), call)) == 2, temporal
 
 
+def test_reference_first_order_needs_the_video_positions_increasing():
+    # A last frame at the first's position is a reference only behind frames in increasing order: with the video's
+    # own positions out of order (or repeated) no reordering would attend its frames in RoPE order, so frame-major.
+    order = kandinsky6_adapter.reference_first_order
+    assert torch.equal(order((0, 1, 2, 0), 2), torch.tensor([2, 3, 4, 5, 6, 7, 0, 1]))
+    assert torch.equal(order((3, 5, 3), 1), torch.tensor([1, 2, 0]))  # increasing, not `arange`
+    for temporal in ((2, 1, 0, 2), (0, 0, 0), (1, 2, 1, 1)):
+        assert order(temporal, 4) is None, temporal
+
+
 def test_reference_frame_is_attended_next_to_the_first_frame(transformer, monkeypatch):
     # Appended last (the pipeline's call), the reference frame is attended as layout frame 0: the model gets what it
     # gets when the reference comes first in its own input (the same tokens and positions, frame-major).
