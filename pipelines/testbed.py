@@ -59,6 +59,7 @@ __all__ = [
     "room_ahead",
     "sample",
     "space_to_depth",
+    "space_to_depth_factor_of",
     "still_prompt",
     "testbed_config",
 ]
@@ -83,6 +84,23 @@ def space_to_depth(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
         raise ValueError(f"height and width must be multiples of {factor=}, got {h=} and {w=}")
     x = video.reshape(b, c, f, h // factor, factor, w // factor, factor)
     return x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * factor * factor, f, h // factor, w // factor)
+
+
+def space_to_depth_factor_of(in_channels: int) -> int:
+    """The space-to-depth factor of a transformer with `in_channels` channels, `3 * factor**2` of them.
+
+    The pipeline, training and `fidelity.prompt_sensitivity` all derive it here: training with a fixed factor of 2
+    broke on a `--config` the pipeline sampled (48 channels, factor 4).
+
+    Example:
+        >>> space_to_depth_factor_of(12), space_to_depth_factor_of(48)
+        (2, 4)
+    """
+    factor = math.isqrt(in_channels // 3) if isinstance(in_channels, int) and in_channels > 0 else 0
+    if factor < 1 or in_channels != 3 * factor * factor:
+        raise ValueError(f"in_channels must be 3 * factor**2 for the RGB space-to-depth (3, 12, 27, 48, ...), got "
+                         f"in_channels={in_channels!r}")
+    return factor
 
 
 def depth_to_space(latents: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -113,6 +131,16 @@ def build_components(config: dict | None = None, seed: int | None = None) -> dic
     from transformers import T5Config, T5EncoderModel
 
     config = testbed_config() if config is None else config
+    transformer_config = config["transformer"]
+    factor = space_to_depth_factor_of(transformer_config.get("in_channels"))
+    # The config's own key was read by nothing, so it could say 2 for a 48-channel model without a word.
+    if config.get("space_to_depth", factor) != factor:
+        raise ValueError(f"space_to_depth must be the factor in_channels={transformer_config['in_channels']} implies "
+                         f"({factor}) or left out, got space_to_depth={config['space_to_depth']!r}")
+    # The model predicts a velocity of the latents' shape: other out_channels failed at the first scheduler step.
+    if transformer_config.get("out_channels") not in (None, transformer_config["in_channels"]):
+        raise ValueError(f"out_channels must equal in_channels ({transformer_config['in_channels']}) or be left out, "
+                         f"got out_channels={transformer_config['out_channels']!r}")
     vocabulary = config["vocabulary"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"] if seed is None else seed)
@@ -179,10 +207,15 @@ def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int) ->
                            f"{tokenizer.eos_token}); this part was dropped: {' '.join(words[kept:])!r}")
 
 
-def _check_count(name: str, value) -> None:
-    """Raise `ValueError` unless `value` is an int >= 1 (a float such as 3.0 failed later with a `TypeError`)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")  # `VideoProcessor.postprocess_video`'s three, and the latents
+
+
+def _check_count(name: str, value) -> int:
+    """`value` as an int; `ValueError` unless it is an integer >= 1 (a float such as 3.0 failed later with a
+    `TypeError`). numpy integers count, as `WanPipeline` takes them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+    return int(value)
 
 
 def _is_prompt_list(value) -> bool:
@@ -212,7 +245,8 @@ class TestbedPipeline(DiffusionPipeline):
     Args:
         tokenizer (`PreTrainedTokenizerFast`): word-level tokenizer (its `model_max_length` is the text length).
         text_encoder (`T5EncoderModel`): tiny T5 encoder.
-        transformer (`WanTransformer3DModel`): the denoiser; `in_channels` is `3 * 2 * 2`.
+        transformer (`WanTransformer3DModel`): the denoiser; `in_channels` is `3 * factor**2` for a `factor` x
+            `factor` space-to-depth (`3 * 2 * 2` in the shipped model).
         scheduler (`FlowMatchEulerDiscreteScheduler`): flow-matching Euler scheduler.
 
     Example:
@@ -236,11 +270,11 @@ class TestbedPipeline(DiffusionPipeline):
 
     @property
     def space_to_depth_factor(self) -> int:
-        return math.isqrt(self.transformer.config.in_channels // 3)
+        return space_to_depth_factor_of(self.transformer.config.in_channels)
 
     def encode_prompt(self, prompt, num_videos_per_prompt: int = 1, max_sequence_length: int | None = None):
         if max_sequence_length is not None:
-            _check_count("max_sequence_length", max_sequence_length)
+            max_sequence_length = _check_count("max_sequence_length", max_sequence_length)
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         length = self.tokenizer.model_max_length if max_sequence_length is None else max_sequence_length
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompt, length)
@@ -264,13 +298,17 @@ class TestbedPipeline(DiffusionPipeline):
     def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
                       num_inference_steps: int, num_videos_per_prompt: int, negative_prompt=None,
                       negative_prompt_embeds=None, max_sequence_length: int | None = None,
-                      guidance_scale: float = 3.0) -> None:
+                      guidance_scale: float = 3.0, output_type: str = "np") -> dict[str, int]:
+        """Raise `ValueError` for an input the call cannot use; returns the counts as ints (numpy ints included)."""
         counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt,
                   "num_frames": num_frames, "height": height, "width": width}
         if max_sequence_length is not None:  # 0 read as "the default" before
             counts["max_sequence_length"] = max_sequence_length
-        for name, value in counts.items():
-            _check_count(name, value)
+        counts = {name: _check_count(name, value) for name, value in counts.items()}
+        height, width = counts["height"], counts["width"]
+        # diffusers refuses an unknown one only when post-processing, after the whole denoising loop.
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got output_type={output_type!r}")
         if prompt_embeds is None and (prompt is None or isinstance(prompt, (list, tuple)) and len(prompt) == 0):
             raise ValueError(f"give a prompt (a str or a non-empty list of them) or prompt_embeds, "
                              f"got prompt={prompt!r}")
@@ -309,6 +347,7 @@ class TestbedPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
             )
+        return counts
 
     def _first_frame_latent(self, first_frame, batch_size: int, height: int, width: int, device) -> torch.Tensor | None:
         """`first_frame` (`(B or 1, 3, H, W)` in [0, 1]) as a one-frame latent in the model's [-1, 1] pixel space."""
@@ -390,9 +429,12 @@ class TestbedPipeline(DiffusionPipeline):
         Returns:
             `TestbedPipelineOutput` (or a tuple when `return_dict=False`) with `frames` in [0, 1].
         """
-        self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt, prompt_embeds,
-                           num_inference_steps, num_videos_per_prompt, negative_prompt, negative_prompt_embeds,
-                           max_sequence_length, guidance_scale)
+        counts = self._check_inputs(height, width, num_frames, callback_on_step_end_tensor_inputs, prompt,
+                                    prompt_embeds, num_inference_steps, num_videos_per_prompt, negative_prompt,
+                                    negative_prompt_embeds, max_sequence_length, guidance_scale, output_type)
+        height, width, num_frames = counts["height"], counts["width"], counts["num_frames"]
+        num_inference_steps, num_videos_per_prompt = counts["num_inference_steps"], counts["num_videos_per_prompt"]
+        max_sequence_length = counts.get("max_sequence_length")
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device

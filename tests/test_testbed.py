@@ -8,6 +8,7 @@ import math
 import re
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -246,6 +247,39 @@ def test_decay_lowers_the_learning_rate_over_the_end_of_the_budget(tmp_path):
     assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--decay", "1.5"])
+
+
+def test_a_resumed_steps_run_cools_down_anew_over_what_is_left(tmp_path):
+    # The module docstring's rule: the cool-down covers each invocation's own budget, here steps 2 to 4, so the
+    # first resumed step is still at the full rate (measured from step 0, it was halfway down already).
+    common = ["--out", str(tmp_path), "--warmup", "0", "--batch", "1", "--threads", "1", "--save-every", "9",
+              "--image-share", "0"]
+    train(parse_args([*common, "--steps", "2", "--decay", "0"]))
+    train(parse_args([*common, "--steps", "4", "--decay", "1", "--resume"]))
+    assert [float(r["lr"]) for r in _read_log(tmp_path)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+
+
+def test_the_exported_ema_weights_follow_the_warm_up_of_each_step(tmp_path):
+    # The same run without EMA, kept after every step, gives the weights the EMA averages, by hand:
+    # decay min(0.999, (1 + step) / (10 + step)) at steps 0, 1, 2 (0.1, 0.18, 0.25), not one decay for all.
+    from safetensors.torch import load_file
+
+    common = ["--steps", "3", "--lr", "1e-2", "--warmup", "0", "--decay", "0", "--batch", "1", "--threads", "1",
+              "--save-every", "9", "--image-share", "0", "--freeze-text-encoder"]
+    train(parse_args(["--out", str(tmp_path / "raw"), "--ema", "0", "--keep-every", "1", *common]))
+    train(parse_args(["--out", str(tmp_path / "ema"), "--ema", "0.999", *common]))
+    file = "transformer/diffusion_pytorch_model.safetensors"
+    raw = [load_file(tmp_path / "raw" / SNAPSHOT_DIR / f"step_{step:06d}" / file) for step in (1, 2, 3)]
+    initial = testbed.build_components(seed=0)["transformer"].state_dict()  # the seeded start, as training's
+    shadow = {name: weights.detach().clone() for name, weights in initial.items()}
+    for step, weights in enumerate(raw):
+        decay = min(0.999, (1 + step) / (10 + step))
+        shadow = {name: torch.lerp(shadow[name], weights[name], 1 - decay) for name in shadow}
+    exported = load_file(tmp_path / "ema" / PIPELINE_DIR / file)
+    assert exported.keys() == shadow.keys()
+    for name, expected in shadow.items():
+        torch.testing.assert_close(exported[name], expected, msg=name)
+    assert not all(torch.equal(exported[name], raw[-1][name]) for name in exported)  # the EMA is not the last weights
 
 
 def test_training_refuses_to_overwrite_a_run_without_resume(trained):
@@ -659,6 +693,29 @@ def test_fidelity_of_a_ragged_blob_is_low():
     assert fidelity.score_video(video, request)["shape_iou"] < 0.75
 
 
+def test_a_frame_without_the_shape_scores_no_shape_iou():
+    # The mean runs over every frame, so blanking 4 of 9 frames leaves 5/9 of the score of the 5 frames kept.
+    request = fidelity.Request("red", "circle", "right")
+    video = _rendered(request)
+    blanked = video.copy()
+    blanked[1::2] = 0.12  # the background colour: no shape in the odd frames
+    kept = fidelity.score_video(video[0::2], request)
+    scores = fidelity.score_video(blanked, request)
+    assert kept["shape_iou"] > 0.95 and scores["present"] == pytest.approx(5 / 9)
+    assert scores["shape_iou"] == pytest.approx(kept["shape_iou"] * 5 / 9)
+
+
+def test_the_velocity_counts_the_frames_where_the_shape_is_missing():
+    # A shape at 1 px/frame, missing from every other frame, still moves 1 px/frame (not 2 px per frame found).
+    request = fidelity.Request("blue", "square", "right")
+    video = _rendered(request, speed=1.0)
+    video[1::2] = 0.12
+    masks = fidelity._present_masks(video, request.colour)
+    assert sorted(masks) == [0, 2, 4, 6, 8]
+    vx, vy = fidelity._velocity(masks)
+    assert vx == pytest.approx(1.0, abs=0.1) and vy == pytest.approx(0.0, abs=0.1)
+
+
 def test_training_data_reaches_the_fidelity_ceiling():
     scores = fidelity.reference_scores(9, 32, 32, seeds=1)
     assert scores.videos == len(fidelity.requests()) and scores.shape_iou > 0.95
@@ -997,6 +1054,10 @@ def test_still_image_prompts_drop_the_motion_only_from_single_frames():
     assert parse_args(["--out", "x"]).image_prompts == "motion"
 
 
+# For tests that replace `velocity_errors`: of the model, the loss then reads only the channels (space-to-depth factor).
+NO_MODEL = {"transformer": SimpleNamespace(config=SimpleNamespace(in_channels=12))}
+
+
 def test_logit_normal_timesteps_favour_the_middle_noise_levels(monkeypatch):
     from diffsparse.testbed import train as train_module
 
@@ -1004,13 +1065,14 @@ def test_logit_normal_timesteps_favour_the_middle_noise_levels(monkeypatch):
     monkeypatch.setattr(train_module, "velocity_errors", lambda c, x0, p, n, t, length: seen.setdefault("t", t))
     videos = torch.zeros(4000, 3, 1, 4, 4)
     for sampling in train_module.TIMESTEP_SAMPLINGS:
-        train_module.flow_matching_loss({}, videos, [""] * 4000, torch.Generator().manual_seed(0), 1.0, 4, sampling)
+        generator = torch.Generator().manual_seed(0)
+        train_module.flow_matching_loss(NO_MODEL, videos, [""] * 4000, generator, 1.0, 4, sampling)
         t = seen.pop("t")
         middle = ((t > 0.25) & (t < 0.75)).float().mean().item()
         # uniform: half of the noise levels in the middle half; logit-normal: P(|z| < logit(0.75)) = 0.73
         assert middle == pytest.approx({"uniform": 0.5, "logit-normal": 0.727}[sampling], abs=0.03)
     with pytest.raises(ValueError, match="timestep_sampling"):
-        train_module.flow_matching_loss({}, videos, [""] * 4000, torch.Generator(), 1.0, 4, "cosine")
+        train_module.flow_matching_loss(NO_MODEL, videos, [""] * 4000, torch.Generator(), 1.0, 4, "cosine")
 
 
 def test_frame_noise_gives_clips_one_noise_level_per_frame_and_leaves_single_frames_alone(monkeypatch):
@@ -1022,7 +1084,8 @@ def test_frame_noise_gives_clips_one_noise_level_per_frame_and_leaves_single_fra
 
     def levels(videos, frame_noise):
         generator = torch.Generator().manual_seed(0)
-        train_module.flow_matching_loss({}, videos, [""] * len(videos), generator, 3.0, 4, frame_noise=frame_noise)
+        train_module.flow_matching_loss(NO_MODEL, videos, [""] * len(videos), generator, 3.0, 4,
+                                        frame_noise=frame_noise)
         return seen.pop("t")
 
     per_clip = levels(clips, 0.0)
@@ -1046,13 +1109,13 @@ def test_clean_first_frame_conditions_a_share_of_the_clips_and_is_not_scored(mon
     monkeypatch.setattr(train_module, "velocity_errors", lambda c, x0, p, n, t, length: seen.setdefault("t", t))
     clips = torch.zeros(2000, 3, 5, 4, 4)
     generator = torch.Generator().manual_seed(0)
-    train_module.flow_matching_loss({}, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=0.5)
+    train_module.flow_matching_loss(NO_MODEL, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=0.5)
     t = seen.pop("t")
     clean = t[:, 0] == 0
     assert clean.float().mean().item() == pytest.approx(0.5, abs=0.05)
     assert (t[:, 1:] > 0).all() and torch.equal(t[~clean, 0], t[~clean, 1])  # the rest keep the clip's level
     with pytest.raises(ValueError, match="clean_first_frame"):
-        train_module.flow_matching_loss({}, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=-1)
+        train_module.flow_matching_loss(NO_MODEL, clips, [""] * 2000, generator, 3.0, 4, clean_first_frame=-1)
 
 
 def test_one_noise_level_per_frame_equals_one_per_clip_when_the_levels_agree():
@@ -1283,3 +1346,51 @@ def test_a_run_resumes_after_the_configs_comment_is_reworded(tmp_path):
     state["config"]["_comment"] = "an older wording"
     torch.save(state, tmp_path / CHECKPOINT)
     assert train(parse_args([*args, "--steps", "2", "--resume"]))["step"] == 2
+
+
+def _config_with(tmp_path, **transformer) -> Path:
+    config = json.loads(testbed.CONFIG_PATH.read_text())
+    space_to_depth = transformer.pop("space_to_depth", None)
+    config["transformer"].update(transformer)
+    if space_to_depth is not None:
+        config["space_to_depth"] = space_to_depth
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_config_with_another_space_to_depth_factor_trains_samples_and_is_scored(tmp_path):
+    # 48 channels: a 4x4 space-to-depth, which the pipeline sampled, but training and prompt_sensitivity fed the
+    # transformer a 2x2 one (12 channels) and failed in its first convolution.
+    config = _config_with(tmp_path, in_channels=48, out_channels=48, patch_size=[1, 1, 1], space_to_depth=4)
+    train(parse_args(["--out", str(tmp_path / "run"), "--config", str(config), "--steps", "2", "--batch", "1",
+                      "--threads", "1", "--save-every", "9", "--image-share", "0"]))
+    rows = _read_log(tmp_path / "run")
+    assert len(rows) == 2 and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert all(
+        int(r["tokens"]) == int(r["batch"]) * int(r["frames"]) * (int(r["height"]) // 4) * (int(r["width"]) // 4)
+        for r in rows
+    )
+    pipe = testbed.load(path=tmp_path / "run" / PIPELINE_DIR)
+    assert pipe.space_to_depth_factor == 4
+    video = testbed.sample(pipe, "a red circle moving left", frames=2, height=16, width=16, steps=1)
+    assert video.shape == (1, 2, 3, 16, 16) and torch.isfinite(video).all()
+    sensitivity = fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, noise_levels=(0.5,))
+    assert all(math.isfinite(v) for v in sensitivity.values())
+
+
+@pytest.mark.parametrize(
+    "transformer, match",
+    [
+        ({"in_channels": 13, "out_channels": 13}, "in_channels must be 3 * factor**2"),
+        ({"in_channels": 48, "out_channels": 48}, "space_to_depth must be the factor in_channels=48 implies (4)"),
+        ({"in_channels": 48, "out_channels": 12, "space_to_depth": 4}, "out_channels must equal in_channels (48)"),
+        ({"patch_size": [1, 3, 3]}, "patch_size=[1, 3, 3] with the space-to-depth factor 2"),
+    ],
+)
+def test_configs_training_cannot_use_are_refused_before_the_run_folder_is_made(tmp_path, transformer, match):
+    config = _config_with(tmp_path, **transformer)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        train(parse_args(["--out", str(tmp_path / "run"), "--config", str(config), "--steps", "1", "--batch", "1",
+                          "--threads", "1", "--image-share", "0"]))
+    assert not (tmp_path / "run").exists()

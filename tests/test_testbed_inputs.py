@@ -64,6 +64,53 @@ def test_a_one_element_tensor_or_numpy_guidance_scale_is_a_number(pipe):
         pipe(**CALL, prompt="a", guidance_scale=torch.tensor(float("nan")))
 
 
+@pytest.mark.parametrize("output_type", ["numpy", "PIL", None])
+def test_an_unknown_output_type_is_refused_before_the_transformer_runs(pipe, output_type):
+    # Before: diffusers refused it only when post-processing, after the whole denoising loop.
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"output_type must be one of ('np', 'pt', 'pil', 'latent'), "
+                                                       f"got output_type={output_type!r}")):
+            pipe(prompt="a red circle", output_type=output_type, **CALL)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_every_output_type_the_check_allows_runs(pipe):
+    def frames(output_type):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(prompt="a red circle", output_type=output_type, generator=generator, **CALL).frames
+
+    video = frames("pt")
+    assert video.shape == (1, 1, 3, 16, 16)
+    np.testing.assert_allclose(frames("np"), video.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    assert [image.size for image in frames("pil")[0]] == [(16, 16)]
+    assert frames("latent").shape == (1, pipe.transformer.config.in_channels, 1, 8, 8)
+
+
+def test_numpy_integer_counts_are_ints(pipe, monkeypatch):
+    # As WanPipeline takes them; before, np.int64(2) was refused as "must be an int". What the pipeline hands on
+    # (to the scheduler here) is a plain int, as from any other caller.
+    steps = []
+    set_timesteps = pipe.scheduler.set_timesteps
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps",
+                        lambda n, **kwargs: steps.append(n) or set_timesteps(n, **kwargs))
+
+    def frames(**counts):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(prompt="a red circle", generator=generator, output_type="pt", **{**CALL, **counts}).frames
+
+    reference = frames(num_frames=2, num_inference_steps=2, max_sequence_length=8)
+    as_numpy = frames(num_frames=np.int64(2), num_inference_steps=np.int32(2), height=np.int64(16),
+                      width=np.int16(16), num_videos_per_prompt=np.int64(1), max_sequence_length=np.int64(8))
+    assert torch.equal(as_numpy, reference) and [type(n) for n in steps] == [int, int]
+    for name, value in (("num_frames", True), ("num_frames", np.float64(2.0)), ("num_inference_steps", np.int64(0))):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be an int >= 1, got {name}={value!r}")):
+            frames(**{name: value})
+
+
 def test_load_names_a_device_it_cannot_use_before_reading_weights(monkeypatch):
     # Before: every weight was read, then `.to` failed with torch's RuntimeError.
     def never(*args, **kwargs):

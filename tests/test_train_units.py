@@ -1,6 +1,8 @@
 """Units of the testbed's training script that a whole (tiny) run does not pin down: EMA warm-up, per-step noise,
 CFG prompt drops, the noise-level shift and the timestep scale the transformer reads."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -30,6 +32,10 @@ def test_each_step_draws_its_own_noise_and_the_same_step_the_same():
     assert not torch.equal(draw(0, 1), draw(1, 1))
 
 
+# With `velocity_errors` replaced, the loss reads only the model's channels (its space-to-depth factor).
+NO_MODEL = {"transformer": SimpleNamespace(config=SimpleNamespace(in_channels=12))}
+
+
 def _seen_by_the_loss(monkeypatch, shift: float, sampling: str, count: int = 2000):
     """The prompts and noise levels `flow_matching_loss` hands to `velocity_errors` for `count` single frames."""
     seen = {}
@@ -40,8 +46,8 @@ def _seen_by_the_loss(monkeypatch, shift: float, sampling: str, count: int = 200
 
     monkeypatch.setattr(train_module, "velocity_errors", record)
     videos = torch.zeros(count, 3, 1, 4, 4)
-    train_module.flow_matching_loss({}, videos, ["a red circle"] * count, torch.Generator().manual_seed(0), shift, 4,
-                                    sampling)
+    generator = torch.Generator().manual_seed(0)
+    train_module.flow_matching_loss(NO_MODEL, videos, ["a red circle"] * count, generator, shift, 4, sampling)
     return seen
 
 
@@ -73,3 +79,20 @@ def test_the_transformer_reads_noise_levels_as_timesteps_out_of_1000():
     per_frame = torch.tensor([[0.0, 0.5], [0.25, 0.75]])  # 2 x 2 tokens per frame at this size and patch
     train_module.velocity_errors(components, x0, ["a red circle"] * 2, noise, per_frame, text_length)
     torch.testing.assert_close(seen.pop(), (per_frame * 1000).repeat_interleave(4, dim=1), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_single_frame_has_no_first_frame_to_give_clean():
+    # A clean first frame is the whole of a one-frame clip: it would leave nothing to score (loss 0 for the image
+    # steps of --image-share). Single frames train exactly as without the option.
+    components = testbed.build_components()
+    videos = torch.rand(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    text_length = testbed.testbed_config()["max_sequence_length"]
+
+    def loss(clean_first_frame):
+        generator = torch.Generator().manual_seed(0)
+        return train_module.flow_matching_loss(components, videos, ["a red circle"] * 2, generator, 3.0, text_length,
+                                               clean_first_frame=clean_first_frame)
+
+    assert loss(0.0) > 0
+    assert torch.equal(loss(1.0), loss(0.0))

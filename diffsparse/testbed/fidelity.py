@@ -278,7 +278,8 @@ def prompt_sensitivity(
     text_length = testbed_config()["max_sequence_length"]
     todo = [(seed, request) for seed in range(seeds) for request in requests()]
     clips = [request_clip(np.random.default_rng([seed, 11]), r, frames, height, width) for seed, r in todo]
-    x0 = space_to_depth(torch.stack([render(c) for c in clips])).to(pipe.transformer.device, pipe.transformer.dtype)
+    x0 = space_to_depth(torch.stack([render(c) for c in clips]), pipe.space_to_depth_factor)
+    x0 = x0.to(pipe.transformer.device, pipe.transformer.dtype)
     generator = torch.Generator().manual_seed(0)
     errors: dict[str, list[torch.Tensor]] = {"true": [], "colour": [], "kind": [], "direction": []}
     for level in noise_levels:

@@ -56,6 +56,7 @@ from ..pipelines.testbed import (
     load,
     per_token_timesteps,
     space_to_depth,
+    space_to_depth_factor_of,
     testbed_config,
 )
 from .data import IMAGE_PROMPTS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
@@ -178,7 +179,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also keep a copy of the exported pipeline every N steps in <out>/snapshots/step_N (0: never)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--config", type=Path, default=None, help="model config JSON (default: the testbed config)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="model config JSON (default: the testbed config); the transformer's in_channels, 3 * f**2, sets the "
+        "space-to-depth factor f, as the pipeline reads it (a \"space_to_depth\" key must agree)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
     p.add_argument(
         "--init",
@@ -276,7 +283,8 @@ def flow_matching_loss(
     for name, value in (("frame_noise", frame_noise), ("clean_first_frame", clean_first_frame)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be a probability in [0, 1], got {name}={value}")
-    x0 = space_to_depth(videos)
+    # The factor the pipeline samples with: a fixed 2 fed a 48-channel --config 12 channels.
+    x0 = space_to_depth(videos, space_to_depth_factor_of(components["transformer"].config.in_channels))
     b, frames = x0.shape[0], x0.shape[2]
     noise = torch.randn(x0.shape, generator=generator)
 
@@ -409,23 +417,40 @@ def _tokens(videos: torch.Tensor, transformer_config) -> int:
     """Transformer tokens in a batch of pixel videos `(B, 3, F, H, W)`: space-to-depth (the factor
     `TestbedPipeline.space_to_depth_factor` reads from `in_channels`), then the config's patch, whatever
     `--config` sets them to."""
-    factor = math.isqrt(transformer_config.in_channels // 3)
+    factor = space_to_depth_factor_of(transformer_config.in_channels)
     p_t, p_h, p_w = transformer_config.patch_size
     batch, _, frames, height, width = videos.shape
     return batch * (frames // p_t) * (height // factor // p_h) * (width // factor // p_w)
+
+
+def _check_training_sizes(transformer_config, buckets) -> None:
+    """`ValueError` unless the space-to-depth factor times the patch divides every training size of `buckets`."""
+    factor = space_to_depth_factor_of(transformer_config.in_channels)
+    p_t, p_h, p_w = transformer_config.patch_size
+    for bucket in buckets:
+        if bucket.frames % p_t or bucket.height % (factor * p_h) or bucket.width % (factor * p_w):
+            raise ValueError(
+                f"patch_size={list(transformer_config.patch_size)} with the space-to-depth factor {factor} (from "
+                f"in_channels={transformer_config.in_channels}) must divide every training size (frames, then "
+                f"pixels / {factor}), got the bucket {bucket.frames}x{bucket.height}x{bucket.width}"
+            )
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` says; returns a summary (steps done, seconds per step, paths)."""
     torch.set_num_threads(args.threads)
     config = json.loads(args.config.read_text()) if args.config else testbed_config()
+    # Before the run folder is made: a config the model cannot be built from, or whose space-to-depth and patch
+    # do not divide the training sizes, failed inside the first step and left an empty run behind.
+    components = build_components(config, seed=args.seed)
+    buckets = train_buckets(args.image_share)
+    _check_training_sizes(components["transformer"].config, buckets)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / CHECKPOINT
     if checkpoint_path.exists() and not args.resume:
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
 
-    components = build_components(config, seed=args.seed)
     if args.init is not None:  # resumed too: the parts it does not train keep --init's weights (the checkpoint's)
         _load_initial_weights(components, args.init, args.init_parts)
     trainable = {"transformer": components["transformer"].train()}
@@ -494,7 +519,6 @@ def train(args: argparse.Namespace) -> dict:
     log_file, log = _open_log(out / LOSS_LOG, step)
     deadline = time.monotonic() + args.minutes * 60 if args.minutes is not None else math.inf
     shift = args.timestep_shift or float(components["scheduler"].config.shift)
-    buckets = train_buckets(args.image_share)
     text_length = config["max_sequence_length"]
     first_step, started = step, time.monotonic()
     diverged = False
