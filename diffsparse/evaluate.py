@@ -148,6 +148,9 @@ def run_eval(args) -> list[EvalRow]:
     # configuration's turn after the dense runs and the earlier configurations.
     for config in configs:
         check_config_fits(pipe, config)
+    # Now that the model's blocks are known, dense layers covering all of them run as the dense pattern does.
+    blocks = _self_attention_blocks(pipe)
+    configs = _distinct_runs(configs, blocks=blocks)
     # Frames smaller than LPIPS takes: scored without it (or, with --lpips-weights, refused before generating).
     weights = lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))
     cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))
@@ -181,10 +184,11 @@ def run_eval(args) -> list[EvalRow]:
                 )
         progress.update(1)
     # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps: none)
-    # are one run too. The count the runs resolved them for, not `--steps`: a pipeline may run fewer (img2img's
-    # `strength`); where its runs differ (stages of their own counts) or are unknown, nothing is merged on it.
+    # are one run too, and so are dense steps covering every step and the dense pattern. The count the runs resolved
+    # them for, not `--steps`: a pipeline may run fewer (img2img's `strength`); where its runs differ (stages of
+    # their own counts) or are unknown, nothing is merged on it.
     if len(run_steps) == 1 and None not in run_steps:
-        merged = _distinct_runs(configs, steps=next(iter(run_steps)))
+        merged = _distinct_runs(configs, steps=next(iter(run_steps)), blocks=blocks)
         progress.total -= len(cases) * (len(configs) - len(merged))
         configs = merged
     dense = {}
@@ -277,12 +281,40 @@ def _dense_step_counts(config: SparseConfig, steps: int | None) -> tuple:
     return (steps, 0) if first + last >= steps else (first, last)
 
 
-def _run_key(config: SparseConfig, steps: int | None = None) -> tuple:
+def _self_attention_blocks(pipe) -> frozenset[int]:
+    """The self-attention block indices of every transformer of `pipe`, which `SparseConfig.dense_layers` names."""
+    transformers, _ = find_transformers(pipe)
+    return frozenset(layer for transformer in transformers.values()
+                     for layer, _ in adapter_for(transformer).self_attention_modules(transformer))
+
+
+def _every_call_dense(config: SparseConfig, steps: int | None = None,
+                      blocks: frozenset[int] | None = None) -> str | None:
+    """Why every self-attention call of `config` runs the original processor, as the dense pattern's do: `"pattern"`
+    (it is the dense pattern), `"steps"` (with the runs' step count `steps` known, its dense steps cover every step),
+    `"layers"` (with the model's block indices `blocks` known, its dense layers cover every block); `None` if some
+    call may run sparse. A correction changes none of these: it measures at the dense step before a sparse one
+    (`SparseConfig.is_measure_step`), and with every step or block dense there is none; a dense layer's calls never
+    reach it (`SparseRuntime._mode`)."""
+    if config.resolved_pattern.name == "dense":
+        return "pattern"
+    if steps is not None and _dense_step_counts(config, steps) == (steps, 0):
+        return "steps"
+    # As `apply` judges it (`_warn_if_every_layer_dense`): every block of every transformer, however deep each is.
+    if blocks and all(map(config.is_dense_layer, blocks)):
+        return "layers"
+    return None
+
+
+def _run_key(config: SparseConfig, steps: int | None = None, blocks: frozenset[int] | None = None) -> tuple:
     """What decides a configuration's videos, so that two spellings of one run compare equal; `steps`: the runs'
-    step count, once known (`_dense_step_counts`)."""
+    step count, once known (`_dense_step_counts`); `blocks`: the model's self-attention block indices, once known
+    (`_self_attention_blocks`)."""
+    if _every_call_dense(config, steps, blocks) is not None:
+        # Every call runs the original processor (`SparseRuntime._mode`), whatever else is set: the dense pattern's
+        # videos, which a second row would only generate again.
+        return ("dense",)
     pattern = config.resolved_pattern
-    if pattern.name == "dense":
-        return ("dense",)  # every call runs the original processor (`SparseRuntime._mode`), whatever else is set
     layers = config.dense_layers
     # 2 and [0, 1] name the same blocks, 0 and [] none.
     layers = frozenset(range(layers)) if isinstance(layers, int) else frozenset(layers)
@@ -292,10 +324,15 @@ def _run_key(config: SparseConfig, steps: int | None = None) -> tuple:
     return repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction
 
 
-def _same_run_reason(config: SparseConfig, other: SparseConfig, steps: int | None = None) -> str:
-    """Why `config` runs as `other` does (their `_run_key`s for `steps` are equal)."""
-    if config.resolved_pattern.name == "dense":
-        return "a dense pattern runs every call dense, whatever its density, dense steps, dense layers and correction"
+_DENSE_PATTERN_REASON = ("a dense pattern runs every call dense, whatever its density, dense steps, dense layers and "
+                         "correction")
+
+
+def _same_run_reason(config: SparseConfig, other: SparseConfig, steps: int | None = None,
+                     blocks: frozenset[int] | None = None) -> str:
+    """Why `config` runs as `other` does (their `_run_key`s for `steps` and `blocks` are equal)."""
+    if _every_call_dense(config, steps, blocks) is not None:
+        return _every_call_dense_reason((other, config), steps, blocks)
     reasons = []
     # As written: a searched pattern's `keep` is already the density's in `resolved_pattern`.
     pattern, given = get_pattern(config.pattern), get_pattern(other.pattern)
@@ -307,10 +344,34 @@ def _same_run_reason(config: SparseConfig, other: SparseConfig, steps: int | Non
                        "blocks")
     if _dense_step_counts(config, None) != _dense_step_counts(other, None):
         first, last = _dense_step_counts(config, steps)
-        kept = ("every step" if first == steps else "no step" if first + last == 0
-                else f"the first {first} and the last {last} steps")
+        kept = ("no step" if first + last == 0 else f"the first {first} and the last {last} steps")
         reasons.append(f"{_step_settings(other)} and {_step_settings(config)} keep {kept} of a {steps}-step run dense, "
                        "a fraction of the steps rounding half up")
+    return "; ".join(reasons)
+
+
+def _every_call_dense_reason(configs: tuple[SparseConfig, ...], steps: int | None,
+                             blocks: frozenset[int] | None) -> str:
+    """Why each of `configs` runs every call dense (`_every_call_dense`), grouped by reason."""
+    why = {config: _every_call_dense(config, steps, blocks) for config in configs}
+    reasons = []
+    if "pattern" in why.values():
+        reasons.append(_DENSE_PATTERN_REASON)
+    # Each setting once: two densities under one dense-step setting keep every step dense for one reason.
+    by_steps = list(dict.fromkeys(_step_settings(config) for config in configs if why[config] == "steps"))
+    if by_steps:
+        verb = "keeps" if len(by_steps) == 1 else "keep"
+        reasons.append(f"{' and '.join(by_steps)} {verb} every step of a {steps}-step run dense, a fraction of the "
+                       "steps rounding half up")
+    by_layers = list(dict.fromkeys(f"dense_layers={config.dense_layers!r}" for config in configs
+                                   if why[config] == "layers"))
+    if by_layers:
+        verb = "keeps" if len(by_layers) == 1 else "keep"
+        reasons.append(f"{' and '.join(by_layers)} {verb} every self-attention block of the model dense "
+                       f"({len(blocks)} blocks)")
+    if by_steps or by_layers:
+        reasons.append("every call runs the original processor, as the dense pattern's do, whatever the pattern, "
+                       "density and correction")
     return "; ".join(reasons)
 
 
@@ -319,14 +380,17 @@ def _step_settings(config: SparseConfig) -> str:
     return f"dense_steps={config.dense_steps!r}{last}"
 
 
-def _distinct_runs(configs: list[SparseConfig], steps: int | None = None) -> list[SparseConfig]:
+def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
+                   blocks: frozenset[int] | None = None) -> list[SparseConfig]:
     """`configs` with each run once. One pattern spelled twice under the same settings (`radial` and
     `radial(decay=1.0)`) is a `ValueError`: the lists themselves repeat a value. A configuration that the grid's
     product makes run as an earlier one (`dense` under each density and dense-step count; `radial(decay=0.5)` and
     `radial` at one density, which solves `decay`; dense layers `0` and `[]`; with the runs' step count `steps`
-    known, dense steps `0` and `0.2` of 2 steps, both none) is left out with a warning naming the row that stands
-    for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it generated
-    every video again for an identical row."""
+    known, dense steps `0` and `0.2` of 2 steps, both none, and dense steps covering every step, which run as
+    `dense` does whatever the pattern, density and correction; with the model's self-attention block indices
+    `blocks` known, dense layers covering all of them, likewise) is left out with a warning naming the row that
+    stands for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it
+    generated every video again for an identical row."""
     literal, runs, kept = {}, {}, []
     for config in configs:
         # The pattern as written: `resolved_pattern` already holds a searched pattern's `keep` from the density, so
@@ -339,12 +403,12 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None) -> lis
                 f"({spelled[0]}) under the same other settings: give each configuration once"
             )
         literal[spelled] = config
-        key = _run_key(config, steps)
+        key = _run_key(config, steps, blocks)
         if key in runs:
             other = runs[key]
             warnings.warn(
                 f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} "
-                f"({_same_run_reason(config, other, steps)}): measured once, in that row",
+                f"({_same_run_reason(config, other, steps, blocks)}): measured once, in that row",
                 category=DiffsparseWarning,
                 stacklevel=2,
             )

@@ -197,6 +197,99 @@ def test_dense_steps_that_keep_the_same_steps_dense_are_measured_once(dense_step
     assert len(caught) == len(configs) - kept and all(message in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize(
+    ("settings", "steps", "blocks", "message", "fewer"),
+    [
+        # `fewer`: the steps or blocks where not every one is dense, each configuration then a run of its own.
+        ({"dense_steps": 2}, 2, None, "dense_steps=2 keeps every step of a 2-step run dense", {"steps": 3}),
+        ({"dense_steps": 0.8}, 2, None, "dense_steps=0.8 keeps every step of a 2-step run dense", {"steps": 3}),
+        ({"dense_steps": 1, "dense_last_steps": 1}, 2, None, "dense_steps=1, dense_last_steps=1 keeps every step",
+         {"steps": 3}),
+        ({"dense_layers": 4}, None, range(4), "dense_layers=4 keeps every self-attention block of the model dense",
+         {"blocks": frozenset(range(5))}),
+        ({"dense_layers": [3, 1, 2, 0]}, None, range(4), "dense_layers=[3, 1, 2, 0] keeps every self-attention block",
+         {"blocks": frozenset(range(5))}),
+    ],
+)
+def test_configurations_that_run_every_call_dense_are_measured_once_with_the_dense_pattern(settings, steps, blocks,
+                                                                                            message, fewer):
+    # Every step or every block dense: every call runs the original processor, as under the dense pattern, whatever
+    # the pattern, density and correction. Before, each was a row of its own, every video generated again.
+    configs = [
+        SparseConfig(pattern="radial", density=0.1, **settings),
+        SparseConfig(pattern="radial", density=0.2, **settings),
+        SparseConfig(pattern="window3d", density=0.2, correction="residual", **settings),
+        SparseConfig(pattern="dense", dense_steps=0),
+    ]
+    blocks = None if blocks is None else frozenset(blocks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert evaluate._distinct_runs(configs) == configs  # neither the step count nor the blocks known yet
+        assert evaluate._distinct_runs(configs, **fewer) == configs
+        assert caught == []
+        distinct = evaluate._distinct_runs(configs, steps=steps, blocks=blocks)
+    assert distinct == configs[:1]
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 3
+    for merged, text in zip(configs[1:], texts):
+        assert f"diffsparse: eval: {evaluate._settings(merged)} runs as {evaluate._settings(configs[0])} (" in text
+        assert message in text and "measured once, in that row" in text
+        assert "every call runs the original processor, as the dense pattern's do" in text
+    assert "a dense pattern runs every call dense" in texts[-1]
+
+
+def test_eval_measures_every_step_or_every_block_dense_once_with_the_dense_pattern(tmp_path, monkeypatch):
+    # The testbed has 4 blocks, so dense layers 4 cover them all, and 0.8 of 2 steps rounds to both steps.
+    generate, videos = evaluate.timed_generation, []
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: videos.append(1) or generate(*a, **kw))
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", f"{WINDOW},dense", "--density", "0.3,0.5",
+            "--dense-steps", "0,0.8", "--dense-layers", "0,4", "--prompts", "1"]
+    with pytest.warns(UserWarning) as caught:
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert [(r["target_density"], r["dense_steps"], r["dense_layers"]) for r in rows] == [
+        ("0.3", "0", "0"), ("0.3", "0", "4"), ("0.5", "0", "0")]
+    assert len(videos) == 2 + 1 + 3  # two warm-ups, dense, the three configurations
+    every_call_dense = rows[1]
+    assert every_call_dense["pattern_ran"] == "" and float(every_call_dense["psnr_db"]) == float("inf")
+    merged = [str(w.message) for w in caught if str(w.message).startswith("diffsparse: eval: ")]
+    # Before loading, dense under its 7 other settings; with the blocks known, the 3 other configurations with dense
+    # layers 4 and the dense pattern's row; with the step count known, the 2 others with dense steps 0.8.
+    assert len(merged) == 7 + 4 + 2
+    assert sum("runs as pattern='window3d(window=(1, 3, 3))', density=0.3, dense_steps=0, dense_layers=4" in text
+               for text in merged) == 4 + 2
+    assert sum("dense_layers=4 keeps every self-attention block of the model dense (4 blocks)" in text
+               for text in merged) == 4 + 2
+    assert sum("dense_steps=0.8 keeps every step of a 2-step run dense" in text for text in merged) == 2
+
+
+def test_the_time_ratios_are_the_means_over_the_videos(tmp_path, monkeypatch):
+    # Each (prompt, seed) its own seconds: the row's ratios must be the mean of each video's sparse / dense, not one
+    # video's (the first 3.0 and 0.5, the last 0.5 and 2.0) nor the ratio of the sums (0.8 and 0.625).
+    from diffsparse.evaluate import PROMPTS
+
+    seconds = {  # (prompt, seed): ((dense wall, dense attention), (sparse wall, sparse attention))
+        (PROMPTS[0], 0): ((1.0, 1.0), (3.0, 0.5)),
+        (PROMPTS[0], 1): ((2.0, 4.0), (1.0, 1.0)),
+        (PROMPTS[1], 0): ((4.0, 2.0), (1.0, 1.5)),
+        (PROMPTS[1], 1): ((1.0, 1.0), (0.5, 2.0)),
+    }
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        sparse = _sparse_applied(pipe)
+        wall, attention = seconds[prompt, seed][sparse]
+        return np.full((2, 4, 4, 3), 0.5 + 0.01 * sparse), wall, attention
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "2",
+            "--seeds", "2"]
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert float(row["end_to_end_ratio"]) == pytest.approx((3.0 + 0.5 + 0.25 + 0.5) / 4)
+    assert float(row["attention_time_ratio"]) == pytest.approx((0.5 + 0.25 + 0.75 + 2.0) / 4)
+
+
 def test_eval_measures_dense_steps_that_round_to_the_same_steps_once(tmp_path, monkeypatch):
     generate, videos = evaluate.timed_generation, []
     monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: videos.append(1) or generate(*a, **kw))
