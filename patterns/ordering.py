@@ -84,7 +84,8 @@ def _raster_boxes(lo, hi, dims):
 class TokenOrder(abc.ABC):
     r"""
     The order interface: an order is a tiling of the video grid; tokens are sorted by tile, then by position
-    inside the tile (both in `(t, h, w)` raster order). Subclasses say which tile a layout gets.
+    inside the tile (both in `(t, h, w)` raster order). Subclasses say which tile a layout gets, and are hashable
+    and immutable (`@dataclass(frozen=True)`): plans and configs are cached by their order.
     """
 
     @abc.abstractmethod
@@ -296,6 +297,14 @@ def as_order(order: TokenOrder | None) -> TokenOrder:
         return IdentityOrder()
     if not isinstance(order, TokenOrder):
         raise ValueError(f"order must be None, IdentityOrder() or TileOrder(tile), got {order=}")
+    try:
+        hash(order)
+    except TypeError:
+        # Plans, boxes and configs are cached by their order: an unhashable one (a plain `@dataclass` subclass)
+        # failed later in a cache with a bare TypeError, after a config had accepted it.
+        raise ValueError(
+            f"order must be hashable (a custom TokenOrder as a @dataclass(frozen=True)), got {order=}"
+        ) from None
     return order
 
 

@@ -264,8 +264,12 @@ def main(argv=None):
     parser.add_argument("--frame-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.block_size < 1:
+        parser.error(f"--block-size must be at least 1, got {args.block_size}")
     layout = VideoLayout(args.frames, args.height, args.width)
-    side = math.isqrt(args.block_size)
+    # A 2D tile of exactly one block, as square as the block allows: isqrt alone gave 11 x 11 = 121-token tiles for
+    # 128-token blocks, so every block held parts of two tiles and the study compared another layout.
+    side = max(d for d in range(1, math.isqrt(args.block_size) + 1) if args.block_size % d == 0)
     orders = (IdentityOrder(), TileOrder((1, side, args.block_size // side)))
     rows = compare_spatial(
         layout,

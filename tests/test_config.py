@@ -218,3 +218,29 @@ def test_numpy_numbers_are_the_numbers_they_stand_for():
         SparseConfig(density=np.bool_(True))
     with pytest.raises(ValueError, match=r"dense_steps as a float must be a fraction in \[0, 1\), got dense_steps=1.5"):
         SparseConfig(dense_steps=np.float32(1.5))
+
+
+def test_an_unhashable_custom_order_is_refused_by_name():
+    # A plain @dataclass subclass of TokenOrder is unhashable: a config accepted it, and hash(config) or any block
+    # mask in that order failed later with a bare TypeError from a cache.
+    from diffsparse.patterns import Dense, TokenOrder, VideoLayout
+
+    @dataclasses.dataclass
+    class Mine(TokenOrder):
+        t: int = 2
+
+        def _tile(self, layout):
+            return (self.t, 2, 2)
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen(TokenOrder):
+        t: int = 2
+
+        def _tile(self, layout):
+            return (self.t, 2, 2)
+
+    with pytest.raises(ValueError, match=r"order must be hashable .* got order=.*Mine"):
+        diffsparse.SparseConfig(pattern="window3d", order=Mine())
+    with pytest.raises(ValueError, match="order must be hashable"):
+        Dense().block_mask(VideoLayout(2, 2, 2), 4, order=Mine())
+    hash(diffsparse.SparseConfig(pattern="window3d", order=Frozen()))

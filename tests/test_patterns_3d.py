@@ -760,3 +760,15 @@ def test_radial_geometry_chunked_one_row_at_a_time_reduces_across_chunks(monkeyp
             assert torch.equal(pattern.block_mask(layout, block), expected), (layout, block, pattern)
     finally:
         radial._block_pair_geometry.cache_clear()  # drop the one-row chunks' geometry before other tests
+
+
+@pytest.mark.parametrize("block_size, tile", [(128, (1, 8, 16)), (32, (1, 4, 8)), (64, (1, 8, 8))])
+def test_the_spatial_study_s_tiles_hold_one_block(block_size, tile, capsys):
+    # isqrt alone gave 11 x 11 = 121-token tiles for 128-token blocks (and 5 x 6 for 32): blocks straddled tiles.
+    from diffsparse.patterns import spatial_study
+
+    spatial_study.main(["--frames", "2", "--height", "16", "--width", "16", "--block-size", str(block_size),
+                        "--budgets", "0.9", "--min-window", "8"])
+    assert f"tiles({','.join(map(str, tile))})" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        spatial_study.main(["--block-size", "0"])

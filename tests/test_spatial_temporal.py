@@ -395,3 +395,21 @@ def test_at_density_reaches_the_whole_canvas_on_the_longer_axis():
     assert solved.density(layout, 1) == 1.0
 
 
+
+
+def test_fit_classifies_on_the_masked_attention_with_the_runtime_s_generator():
+    # These heads read temporal over all keys and spatial under a causal mask over groups of 2 frames; `fit` must
+    # pass both the model's mask and the runtime's generator (one per layer) on to `classify`: a fit that dropped
+    # either still gave a valid pattern, classified on the wrong attention or on the same rows in every layer.
+    layout = VideoLayout(5, 5, 2)
+    generator = torch.Generator().manual_seed(0)
+    q, k = (3 * torch.randn(1, 8, layout.num_tokens, 8, generator=generator) for _ in range(2))
+    every_row = SpatialTemporal(frames=1, width=1, num_samples=1000)
+    assert set(every_row.classify(q, k, layout)) == {"temporal"}
+    assert every_row.fit(q, k, k, layout, 16, within=FrameCausal(2)).heads == ("spatial",) * 8
+    sampled = SpatialTemporal(frames=1, width=1, num_samples=3)
+    for seed in (0, 1):
+        fitted = sampled.fit(q, k, k, layout, 16, generator=torch.Generator().manual_seed(seed))
+        assert fitted.heads == sampled.classify(q, k, layout, generator=torch.Generator().manual_seed(seed))
+    assert sampled.classify(q, k, layout, generator=torch.Generator().manual_seed(0)) != sampled.classify(
+        q, k, layout, generator=torch.Generator().manual_seed(1))
