@@ -430,6 +430,7 @@ class SparseRuntime:
         self._groups: dict[tuple[VideoLayout, int], tuple[tuple[int, int], ...] | None] = {}
         self._solved: dict[tuple, Pattern] = {}  # `_at_density`
         self._warned_density: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: said once per layout
+        self._warned_dense_calls: set[str] = set()  # `log_dense`: each reason said once
         self._reach_checked: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: fits checked once per layout
         self._checked_every_block: set[tuple[Pattern, VideoLayout]] = set()  # `_warn_if_every_block_kept`
         # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
@@ -592,12 +593,38 @@ class SparseRuntime:
             return False
         mode = self._mode(layer)
         if mode == "dense":
-            self.log_dense(layer)
+            self._log_dense(layer)  # the schedule's own choice: nothing to warn about
         return mode != "dense"
 
-    def log_dense(self, layer: int) -> None:
-        """Log a call of `layer` that runs the original processor although `route` was not asked (a call the sparse
-        path cannot compute exactly, e.g. one with a token-level attention mask), so `stats()` counts it."""
+    def log_dense(self, layer: int, *, why: str | None) -> None:
+        """Log a call of `layer` that runs the original processor because the sparse path cannot compute it exactly
+        (not the schedule's choice, which `route` logs itself), so `stats()` counts it dense; `why` says what
+        about the call keeps it dense, as a phrase following "self-attention calls with", e.g. "a token-level
+        attention_mask (which the kernel does not apply inside a block)" or "a softmax scale other than
+        1 / sqrt(head_dim) (which the kernel is not given)"; `None` where nothing is to be added: a pass the model
+        makes as the original by design in every run (GLM-Image's write of a condition image's key-value cache),
+        nothing a caller could change, or a call whose processor said why in its own words (FLUX's families'
+        `DenseMaskWarning`): counted, not said.
+
+        The first call with a given `why` warns (`DiffsparseWarning`), once per reason for this runtime (one
+        `apply`), however many steps and layers it covers: a run gone wholly or partly dense would otherwise show
+        only as a missing speedup. A call from outside the transformer's forward (another model sharing the
+        module) is neither logged nor said."""
+        if not self.in_transformer_call:
+            return
+        self._log_dense(layer)
+        if why is not None and why not in self._warned_dense_calls:
+            self._warned_dense_calls.add(why)
+            warnings.warn(
+                f"diffsparse: {self.name}: self-attention calls with {why} run the original processor (dense, counted "
+                "dense in stats())",
+                category=DiffsparseWarning,
+                stacklevel=2,
+            )
+
+    def _log_dense(self, layer: int) -> None:
+        """Log a dense call of `layer` in the transformer's forward, without a warning: the schedule's (`route`), or
+        one whose caller has said why in its own words (`allow_frame_causal`)."""
         if not self.in_transformer_call:
             return
         state = self._state()
@@ -636,7 +663,7 @@ class SparseRuntime:
                 category=DiffsparseWarning,
                 stacklevel=2,
             )
-        self.log_dense(layer)
+        self._log_dense(layer)  # said above, once per layout
         return False
 
     def _frame_causal_blocks(self, layout: VideoLayout, frames: int, order: TokenOrder) -> torch.Tensor | None:
@@ -1216,8 +1243,20 @@ class SparseRuntime:
             (a, b, make_plan(stacked(q_tokens=(a, b), k_tokens=(0, b)), b - a, b, self.block_sizes, q_offset=a))
             for a, b in groups
         )
+        # The kernel's work against the whole call's: each group computes its partial edge blocks whole, so where
+        # groups are shorter than a block this passes 1 (two groups of 32 tokens at block 64: 2.0), more work than
+        # dense attention; counted as it is, and said once per plan (plans are cached).
         blocks = math.ceil(n / self.block_sizes[0]) * math.ceil(n / self.block_sizes[1])
         density = sum(plan.density * plan.num_q_blocks * plan.num_kv_blocks for _, _, plan in parts) / blocks
+        if density > 1:
+            sizes = sorted({b - a for a, b in groups})
+            warnings.warn(
+                f"diffsparse: {self.name}: the causal groups of {frame_causal} frames on {layout} ({sizes} tokens) "
+                f"are cut into blocks of {self.block_sizes} group by group, which computes {density:.3g}x the "
+                "blocks of dense attention: a block size below the groups' length does less work",
+                category=DiffsparseWarning,
+                stacklevel=2,
+            )
         return _CachedPlan(None, *perm, density, parts)
 
 

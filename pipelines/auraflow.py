@@ -33,7 +33,8 @@ class AuraFlowSparseAttention(SparseProcessor):
             return super().__call__(*original, **kwargs)
         self.check_not_parallel()
         if not math.isclose(attn.scale, (attn.inner_dim // attn.heads) ** -0.5):
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why="a softmax scale other than 1 / sqrt(head_dim) (which the "
+                                   "kernel is not given)")
             return super().__call__(*original, **kwargs)
         query, key, value = project_qkv(attn, hidden_states, fused=self.fused)
         if encoder_hidden_states is not None:

@@ -23,6 +23,15 @@ from ..patterns import HeadShard
 # element, each token's index in the layout when the model's tokens are in another order (`ModelAdapter.read_call`)
 ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple]
 
+# `SparseRuntime.log_dense`'s `why` (each said once per `apply`) for the calls whose mask keeps them dense: a
+# token-level mask (`SparseProcessor.stays_dense`), a mask that is not of the prompts' padding (`prompt_padding`), and
+# the sequences a family's sparse path was not built for.
+TOKEN_MASK = "a token-level attention_mask (which the kernel does not apply inside a block)"
+NOT_PROMPT_PADDING = (
+    "an attention_mask other than a boolean key mask of the prompts' padding (the only kind the sparse path reads)"
+)
+NOT_THE_LAYOUT = "a sequence that is not the layout read_call described"
+
 
 class SparseProcessor:
     """Mixin placed before a family's own diffusers processor class (`class X(SparseProcessor, WanAttnProcessor)`):
@@ -64,11 +73,17 @@ class SparseProcessor:
     def stays_dense(self, attention_mask=None) -> bool:
         """Whether this self-attention call runs the original processor: when it carries a token-level
         `attention_mask`, which block boundaries need not follow and the kernel does not apply inside a block (the
-        call is logged dense, so `stats()` counts it), or when the runtime's schedule says so."""
+        call is logged dense, so `stats()` counts it, and a warning says so once per `apply`: `log_dense_mask`), or
+        when the runtime's schedule says so (no warning)."""
         if attention_mask is not None:
-            self.runtime.log_dense(self.layer)
+            self.log_dense_mask(TOKEN_MASK)
             return True
         return not self.runtime.route(self.layer)
+
+    def log_dense_mask(self, why: str) -> None:
+        """Log this call dense for its `attention_mask` (`runtime.log_dense`, which warns the first time it is given
+        `why`); a processor that says so in its own words (FLUX's families: `DenseMaskWarning`) logs it unsaid."""
+        self.runtime.log_dense(self.layer, why=why)
 
     # Whether the sparse path gives one process's result under context parallelism: `True` where diffusers splits
     # the family's self-attention sequence contiguously and the adapter gathers it (`attend_video`, and FLUX's,
@@ -93,7 +108,7 @@ class SparseProcessor:
         # Every block of a call gets the same mask: read it once (a host sync on a GPU).
         valid = self.runtime.once_per_call(attention_mask, lambda mask: self.read_prompt_mask(mask, text_len))
         if valid is None:
-            self.runtime.log_dense(self.layer)
+            self.log_dense_mask(NOT_PROMPT_PADDING)
             return False
         return valid
 
@@ -365,7 +380,8 @@ class SparseFrameSelfAttention(SparseProcessor):
         if attn.spatial_norm is not None or attn.group_norm is not None:
             # A self-attention normalising its input first, which the sparse path does not: the original's, counted
             # dense (before, uncounted: stats() showed no call of the layer).
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why="a group or spatial norm of their input (which the sparse path "
+                                   "does not apply)")
             return super().__call__(*original, **kwargs)
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)

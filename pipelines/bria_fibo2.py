@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_bria_fibo2 import (
 
 from ..patterns import VideoLayout
 from .base import (
+    NOT_THE_LAYOUT,
     ModelAdapter,
     SparseProcessor,
     attend_valid_prefixes,
@@ -48,7 +49,7 @@ class BriaFibo2SparseAttnProcessor(SparseProcessor, BriaFibo2AttnProcessor):
         layout, length = self.runtime.call_layout(), hidden_states.shape[1]
         refiner = attention_mask is None and length < layout.num_tokens
         if length != layout.num_tokens and not refiner:  # not a sequence read_call described
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why=NOT_THE_LAYOUT)
             return super().__call__(*original)
         query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)

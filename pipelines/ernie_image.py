@@ -52,7 +52,9 @@ class ErnieImageSparseAttnProcessor(SparseProcessor, ErnieImageSingleStreamAttnP
             # Every block of a call gets the same mask: read it once (a host sync on a GPU).
             lengths = self.runtime.once_per_call(attention_mask, read_valid_prefixes)
             if lengths is None:  # not the model's own mask of the prompts' padding: the original applies it
-                self.runtime.log_dense(self.layer)
+                self.runtime.log_dense(self.layer, why="an attention_mask other than the model's own mask of the "
+                                       "prompts' padding (each row's valid prefix, the only kind the sparse path "
+                                       "reads)")
                 return super().__call__(*original)
         query, key, value = project_qkv(attn, hidden_states)
         if freqs_cis is not None:

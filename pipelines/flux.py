@@ -78,6 +78,10 @@ class DenseMaskWarning:
             stacklevel=3,
         )
 
+    def log_dense_mask(self, why: str) -> None:
+        """Log this call dense for its mask without `runtime.log_dense`'s warning: `_warn_dense_mask` said why."""
+        self.runtime.log_dense(self.layer, why=None)
+
 
 class PromptMaskedJoint(DenseMaskWarning):
     """Mixin of the sparse processors of FLUX.1 and FLUX.2, whose callers may pass a mask through

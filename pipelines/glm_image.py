@@ -36,7 +36,7 @@ class GlmImageSparseAttnProcessor(SparseProcessor, GlmImageAttnProcessor):
         # The condition image's own pass: its cache is what the original stores. Before the schedule is asked: the
         # edit runs this pass before its scheduler has timesteps, where asking warns that steps cannot be counted.
         if mode == "write":
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why=None)  # by design, every edit: counted, not said
             return super().__call__(*original)
         if self.stays_dense(attention_mask):  # the pipelines pass no mask; a caller's is the original's to apply
             return super().__call__(*original)

@@ -51,7 +51,8 @@ class Ideogram4SparseAttnProcessor(SparseProcessor, Ideogram4AttnProcessor):
             # Every block of a call gets the same mask: read it once (a host sync on a GPU).
             groups = self.runtime.once_per_call(attention_mask, lambda mask: segment_groups(mask, text_len))
             if groups is False:
-                self.runtime.log_dense(self.layer)
+                self.runtime.log_dense(self.layer, why="an attention_mask other than one text-and-image segment per "
+                                       "row (a boolean (B, 1, S, S) segment mask, the only kind the sparse path reads)")
                 return super().__call__(*original)
         query, key, value = (p(hidden_states).unflatten(-1, (attn.num_heads, attn.head_dim))
                              for p in (attn.to_q, attn.to_k, attn.to_v))

@@ -105,7 +105,8 @@ class JoyImageEditPlusSparseAttnProcessor(SparseProcessor, JoyImageEditPlusAttnP
             # Every block of a call gets the same mask: read it once (a host sync on a GPU).
             groups = self.runtime.once_per_call(attention_mask, read_key_mask)
             if groups is False:
-                self.runtime.log_dense(self.layer)
+                self.runtime.log_dense(self.layer, why="an attention_mask other than a boolean (B, 1, 1, S) key mask "
+                                       "(the only kind the sparse path reads)")
                 return super().__call__(*original)
         image = stream_qkv(attn, hidden_states, "img", image_rotary_emb, rope=_apply_rotary_emb_batched)
         text = stream_qkv(attn, encoder_hidden_states, "txt")

@@ -59,7 +59,8 @@ class LTX2SparseSelfAttention(SparseProcessor):
         if attention_mask is not None:
             # IC-LoRA's soft self-attention mask (reference tokens): token-level weights the kernel cannot apply
             # inside a block. The original runs.
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why="an attention_mask (such as IC-LoRA's soft mask of reference "
+                                   "tokens: token-level weights, which the kernel does not apply inside a block)")
             return super().__call__(*original, **perturbation)
         if all_perturbed is None:
             all_perturbed = perturbation_mask is not None and bool(torch.all(perturbation_mask == 0))

@@ -16,7 +16,14 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0, Lumina2Transformer2DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths
+from .base import (
+    NOT_THE_LAYOUT,
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    call_argument,
+    prefix_lengths,
+)
 from .registry import register_adapter
 
 
@@ -41,7 +48,9 @@ class Lumina2SparseAttnProcessor(SparseProcessor, Lumina2AttnProcessor2_0):
             and (length == layout.num_tokens or (image_only and attention_mask is None))
         )
         if not supported:  # not a sequence read_call described, or a softmax scale the kernel is not given
-            self.runtime.log_dense(self.layer)
+            why = NOT_THE_LAYOUT if base_sequence_length is None else (
+                "proportional attention (base_sequence_length: a softmax scale the kernel is not given)")
+            self.runtime.log_dense(self.layer, why=why)
             return super().__call__(*original)
         batch, dtype = hidden_states.shape[0], hidden_states.dtype
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))

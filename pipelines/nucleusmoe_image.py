@@ -36,7 +36,8 @@ class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0)
         if not self.runtime.route(self.layer):
             return super().__call__(*original)
         if encoder_hidden_states is None and not cached:  # the image alone: not the call's layout
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why="keys and values of the image alone (no text, nor cached text: "
+                                   "not the layout read_call described)")
             return super().__call__(*original)
         self.check_not_parallel()
         # The original's projections, norms, RoPE (on the image's q and k and the text's k) and grouped heads.

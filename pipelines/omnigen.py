@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_omnigen import OmniGenAttnProcessor2_0, OmniGenTransformer2DModel
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
+from .base import NOT_THE_LAYOUT, ModelAdapter, SparseProcessor, call_argument, valid_key_groups
 from .registry import register_adapter
 
 
@@ -51,7 +51,14 @@ class OmniGenSparseAttnProcessor(SparseProcessor, OmniGenAttnProcessor2_0):
             groups = self.runtime.once_per_call(attention_mask, lambda mask: image_key_groups(mask, image_len))
         same_heads = attn.to_k.out_features == attn.to_q.out_features
         if encoder_hidden_states is not hidden_states or groups is False or not same_heads or length != layout.num_tokens:
-            self.runtime.log_dense(self.layer)  # not the sequence read_call described
+            if groups is False:
+                why = ("an attention_mask under which the output image's rows do not all attend the same keys, every "
+                       "image token among them (output images of different sizes in one batch)")
+            elif not same_heads:
+                why = "fewer key and value heads than query heads (which the sparse path does not repeat)"
+            else:
+                why = NOT_THE_LAYOUT
+            self.runtime.log_dense(self.layer, why=why)
             return super().__call__(*original)
         self.check_not_parallel()
         # The original's projections and RoPE, over `(B, heads, S, head_dim)`.

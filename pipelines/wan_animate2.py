@@ -41,11 +41,14 @@ class WanAnimate2SparseAttnProcessor(SparseProcessor, WanAnimate2AttnProcessor):
         original = (attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride,
                     reference_rotary_emb, reference_grid_sizes, reference_rope_stride, attention_mask,
                     origin_latent_frames, origin_latent_hw)
+        # The reference pass (every segment makes one, as the original so the cache holds what it stores) has no
+        # layout (`read_call`): `route` counts it dense, unsaid, as the design of every run, not a caller's choice.
         if not self.runtime.route(self.layer):
             return super().__call__(*original)
         if kv_cache_mode != "cached" or not self.whole_video(hidden_states, grid_sizes, reference_grid_sizes,
                                                               origin_latent_frames, origin_latent_hw):
-            self.runtime.log_dense(self.layer)  # the reference pass, or a part of the video the mask does not fit
+            self.runtime.log_dense(self.layer, why="a part of the video, or another grid than the one the block mask "
+                                   "was built for (origin_latent_frames, origin_latent_hw)")
             return super().__call__(*original)
         self.check_not_parallel()
         # The original's projections, norms (over the whole width) and RoPE; the cached reference keys get theirs.

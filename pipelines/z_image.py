@@ -23,7 +23,15 @@ from diffusers import ZImageTransformer2DModel
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, ZSingleStreamAttnProcessor
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_valid_prefixes, call_argument, prefix_lengths, project_qkv
+from .base import (
+    NOT_THE_LAYOUT,
+    ModelAdapter,
+    SparseProcessor,
+    attend_valid_prefixes,
+    call_argument,
+    prefix_lengths,
+    project_qkv,
+)
 from .registry import register_adapter
 
 
@@ -56,7 +64,7 @@ class ZImageSparseAttnProcessor(SparseProcessor, ZSingleStreamAttnProcessor):
         image_only = length != layout.num_tokens
         if image_only and (attention_mask is not None or length != layout.num_video_tokens + image_padding(layout)):
             # Not a sequence read_call described (the refiner's images are of one size, so never masked).
-            self.runtime.log_dense(self.layer)
+            self.runtime.log_dense(self.layer, why=NOT_THE_LAYOUT)
             return super().__call__(*original)
         query, key, value = project_qkv(attn, hidden_states)
         if freqs_cis is not None:

@@ -328,3 +328,19 @@ def test_permute_bench_share_is_the_permutations_time_over_the_attentions(monkey
                  "2", "--dim", "8", "--dtype", "fp32", "--repeats", "1", "--tile", "1,2,4"]) == 0
     row = dict(item.split("=", 1) for item in capsys.readouterr().out.strip().splitlines()[-1].split(" | "))
     assert (row["permute_ms"], row["attention_ms"], row["share"]) == ("1", "4", "0.25")
+
+
+def test_causal_groups_shorter_than_a_block_say_they_do_more_work_than_dense(tmp_path):
+    # Two groups of 32 tokens at block 64: each group computes its one partial block whole, twice dense's one block.
+    # The density says so (2.0, the kernel's work) and a warning names the cause; before, nothing did.
+    import argparse
+
+    from diffsparse import DiffsparseWarning
+    from diffsparse.bench import run_causal_bench
+
+    args = argparse.Namespace(frames=4, height=4, width=4, causal_frames=2, block_size=64, pattern="window3d",
+                              density=[1.0], repeats=1, backend="auto", device="cpu", dtype="fp32", seed=0, heads=1,
+                              dim=8, out=str(tmp_path))
+    with pytest.warns(DiffsparseWarning, match=r"\(\[32\] tokens\) .* computes 2x the blocks of dense attention"):
+        [row] = run_causal_bench(args)
+    assert (row["path"], row["density"]) == ("per group", 2.0)
