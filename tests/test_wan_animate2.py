@@ -44,12 +44,13 @@ def transformer(uncompiled_block_mask):
     return make_transformer()
 
 
-def generate(model, config=None, generation_frames=None):
-    """The reference pass, then one denoising call (on `generation_frames` latent frames, default the full video's
-    `ORIGIN_LEN // 4 + 2`); its prediction."""
+def generate(model, config=None, generation_frames=None, reference_frames=None):
+    """The reference pass (on `reference_frames` latent frames, default the full video's `ORIGIN_LEN // 4 + 1`), then
+    one denoising call (on `generation_frames` latent frames, default one more than the full video's reference);
+    its prediction."""
     g = torch.Generator().manual_seed(1)
-    frames = ORIGIN_LEN // 4 + 1
-    generation_frames = generation_frames or frames + 1
+    frames = reference_frames or ORIGIN_LEN // 4 + 1
+    generation_frames = generation_frames or ORIGIN_LEN // 4 + 2
     reference, reference_condition = (torch.randn(4, frames, 8, 12, generator=g) for _ in range(2))
     latents, condition = (torch.randn(4, generation_frames, 8, 12, generator=g) for _ in range(2))
     text = [torch.randn(5, 8, generator=g)]
@@ -96,12 +97,14 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
     assert all(dense_reference_pairs / (frames * frame) ** 2 < r.density < 1 for r in records[2:])
 
 
-def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer):
-    # The block mask is built for the full video; a shorter segment leaves padded (zero) generation keys in it that
-    # the original attends and the sparse path would not.
-    reference = generate(transformer, generation_frames=GRID[0] - 1)
+@pytest.mark.parametrize("short", [{"generation_frames": GRID[0] - 1}, {"reference_frames": GRID[0] - 2}],
+                         ids=["generation", "reference"])
+def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer, short):
+    # The block mask is built for the full video; a shorter segment, or a shorter reference, leaves padded (zero)
+    # keys in it that the original attends and the sparse path would not.
+    reference = generate(transformer, **short)
     with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
-        out = generate(transformer, generation_frames=GRID[0] - 1)
+        out = generate(transformer, **short)
         layers = handle.stats().layers
     assert torch.equal(out, reference)
     assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
