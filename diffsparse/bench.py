@@ -373,8 +373,8 @@ def run_search_bench(args) -> dict:
     except ValueError as error:
         raise ValueError(f"--pattern {args.pattern!r}: {error}") from None
     if not pattern.data_dependent:
-        raise ValueError(f"pattern={args.pattern!r} is static: it has no search to time (data-dependent patterns "
-                         f"override Pattern.fit, e.g. searched, spatial_temporal)")
+        raise ValueError(f"--pattern {args.pattern!r} is static: it has no search to time (data-dependent patterns "
+                         "override Pattern.fit: searched, searched_windows, spatial_temporal)")
     pattern = pattern.at_density(layout, args.density, args.block_size)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (1, args.heads, layout.num_tokens, args.dim)

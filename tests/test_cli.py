@@ -839,7 +839,7 @@ def test_search_bench_times_one_search_against_one_dense_call(tmp_path, capsys):
     assert json.loads((tmp_path / "bench_search.json").read_text())["pattern"].startswith("spatial_temporal(")
     with pytest.raises(SystemExit):
         main([*args, "--pattern", "radial", "--out", str(tmp_path)])
-    assert "pattern='radial' is static: it has no search to time" in capsys.readouterr().err
+    assert "--pattern 'radial' is static: it has no search to time" in capsys.readouterr().err
 
 
 def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_path, capsys):
