@@ -431,6 +431,7 @@ class SparseRuntime:
         self._solved: dict[tuple, Pattern] = {}  # `_at_density`
         self._warned_density: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: said once per layout
         self._warned_dense_calls: set[str] = set()  # `log_dense`: each reason said once
+        self._warned_causal_work: set[tuple[VideoLayout, int]] = set()  # `_build_plan`: per-group work above dense
         self._reach_checked: set[tuple[Pattern, VideoLayout]] = set()  # `_at_density`: fits checked once per layout
         self._checked_every_block: set[tuple[Pattern, VideoLayout]] = set()  # `_warn_if_every_block_kept`
         # Recomputing a call for gradient checkpointing (`replaying`): nothing logged, nothing learnt kept.
@@ -606,14 +607,16 @@ class SparseRuntime:
         nothing a caller could change, or a call whose processor said why in its own words (FLUX's families'
         `DenseMaskWarning`): counted, not said.
 
-        The first call with a given `why` warns (`DiffsparseWarning`), once per reason for this runtime (one
-        `apply`), however many steps and layers it covers: a run gone wholly or partly dense would otherwise show
-        only as a missing speedup. A call from outside the transformer's forward (another model sharing the
-        module) is neither logged nor said."""
+        The first such call with a given `why` that the runtime would have run sparse warns (`DiffsparseWarning`),
+        once per reason for this runtime (one transformer of one `apply`: a pipeline with two, as Wan 2.2's experts,
+        says it for each), however many steps and layers it covers: a run gone wholly or partly dense would
+        otherwise show only as a missing speedup. A call the settings make dense anyway (the dense pattern, a dense
+        step or layer) is counted, not said: nothing sparse was lost. A call from outside the transformer's forward
+        (another model sharing the module) is neither logged nor said."""
         if not self.in_transformer_call:
             return
         self._log_dense(layer)
-        if why is not None and why not in self._warned_dense_calls:
+        if why is not None and why not in self._warned_dense_calls and not self._dense_anyway(layer):
             self._warned_dense_calls.add(why)
             warnings.warn(
                 f"diffsparse: {self.name}: self-attention calls with {why} run the original processor (dense, counted "
@@ -621,6 +624,16 @@ class SparseRuntime:
                 category=DiffsparseWarning,
                 stacklevel=2,
             )
+
+    def _dense_anyway(self, layer: int) -> bool:
+        """Whether the settings make this call of `layer` dense whatever it carries (`_mode`, without its
+        `StepScheduleWarning` where the run's step count is not known yet: then nothing says it is dense)."""
+        state = self._state()
+        if self._always_dense or self.config.is_dense_layer(layer):
+            return True
+        if state.num_steps is None and self._needs_step_count:
+            return False
+        return self._mode(layer) == "dense"
 
     def _log_dense(self, layer: int) -> None:
         """Log a dense call of `layer` in the transformer's forward, without a warning: the schedule's (`route`), or
@@ -1244,16 +1257,19 @@ class SparseRuntime:
             for a, b in groups
         )
         # The kernel's work against the whole call's: each group computes its partial edge blocks whole, so where
-        # groups are shorter than a block this passes 1 (two groups of 32 tokens at block 64: 2.0), more work than
-        # dense attention; counted as it is, and said once per plan (plans are cached).
+        # groups are short against a block this passes 1 (two groups of 32 tokens at block 64: 2.0), more work than
+        # dense attention; counted as it is, and said once per layout and group size (each step's dense frames
+        # make a new plan).
         blocks = math.ceil(n / self.block_sizes[0]) * math.ceil(n / self.block_sizes[1])
         density = sum(plan.density * plan.num_q_blocks * plan.num_kv_blocks for _, _, plan in parts) / blocks
-        if density > 1:
+        if density > 1 and (layout, frame_causal) not in self._warned_causal_work:
+            self._warned_causal_work.add((layout, frame_causal))
             sizes = sorted({b - a for a, b in groups})
             warnings.warn(
                 f"diffsparse: {self.name}: the causal groups of {frame_causal} frames on {layout} ({sizes} tokens) "
-                f"are cut into blocks of {self.block_sizes} group by group, which computes {density:.3g}x the "
-                "blocks of dense attention: a block size below the groups' length does less work",
+                f"are cut into blocks of {self.block_sizes} group by group, each group's partial blocks computed "
+                f"whole: {density:.3g}x the blocks of dense attention. A block size dividing the groups' length "
+                "keeps whole blocks (one kernel call)",
                 category=DiffsparseWarning,
                 stacklevel=2,
             )

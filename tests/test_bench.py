@@ -330,7 +330,7 @@ def test_permute_bench_share_is_the_permutations_time_over_the_attentions(monkey
     assert (row["permute_ms"], row["attention_ms"], row["share"]) == ("1", "4", "0.25")
 
 
-def test_causal_groups_shorter_than_a_block_say_they_do_more_work_than_dense(tmp_path):
+def test_causal_groups_that_blocks_straddle_say_when_they_do_more_work_than_dense(tmp_path):
     # Two groups of 32 tokens at block 64: each group computes its one partial block whole, twice dense's one block.
     # The density says so (2.0, the kernel's work) and a warning names the cause; before, nothing did.
     import argparse
@@ -341,6 +341,12 @@ def test_causal_groups_shorter_than_a_block_say_they_do_more_work_than_dense(tmp
     args = argparse.Namespace(frames=4, height=4, width=4, causal_frames=2, block_size=64, pattern="window3d",
                               density=[1.0], repeats=1, backend="auto", device="cpu", dtype="fp32", seed=0, heads=1,
                               dim=8, out=str(tmp_path))
-    with pytest.warns(DiffsparseWarning, match=r"\(\[32\] tokens\) .* computes 2x the blocks of dense attention"):
+    with pytest.warns(DiffsparseWarning, match=r"\(\[32\] tokens\) .* whole: 2x the blocks of dense attention"):
         [row] = run_causal_bench(args)
     assert (row["path"], row["density"]) == ("per group", 2.0)
+    # Groups of 96 tokens, longer than a block of 64 but not a multiple of it: 1.11x, and the advice is a block
+    # dividing them (before, it said a block below the groups' length, which 64 already was).
+    args.height, args.width = 6, 8
+    with pytest.warns(DiffsparseWarning, match=r"\(\[96\] tokens\) .* 1.11x .* A block size dividing the groups'"):
+        [row] = run_causal_bench(args)
+    assert row["path"] == "per group" and row["density"] == pytest.approx(10 / 9)

@@ -122,6 +122,19 @@ def test_without_a_mask_nothing_is_said(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("config", [
+    SCHEDULE_DENSE,
+    diffsparse.SparseConfig(pattern="dense", dense_steps=0),
+    diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0, dense_layers=2),
+], ids=["dense steps", "dense pattern", "dense layers"])
+def test_a_mask_on_calls_the_settings_make_dense_anyway_is_not_said(family, config):
+    # Nothing sparse was lost: the mask changes nothing about these calls (before, Latte's and LTX-2's warned).
+    record, counts = run_masked(family, config)
+    assert said_dense(record) == []
+    assert counts == [(len(TIMESTEPS), 0)] * 2
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_schedule_s_dense_calls_are_not_said(family):
     model, calls, _, _ = FAMILIES[family]()
     record, counts = run_steps(model, calls, SCHEDULE_DENSE)

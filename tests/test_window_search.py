@@ -140,7 +140,8 @@ def test_allocate_over_block_counts_affords_a_mix_of_exactly_the_budget():
     losses, densities = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0.25, 0.5])
     assert allocate(losses, densities, 0.375).tolist() == [0, 0]
     assert allocate(losses, densities, 0.375, blocks=8).tolist() == [0, 1]
-    # Past `_EXACT_UNITS` blocks over all heads the grid decides, as without a count.
+    # Up to `_EXACT_UNITS` blocks over all heads the count decides; past them the grid, as without a count.
+    assert allocate(losses, densities, 0.375, blocks=window_search._EXACT_UNITS // 2).tolist() == [0, 1]
     many = window_search._EXACT_UNITS // 2 + 8
     assert allocate(losses, densities, 0.375, blocks=many).tolist() == [0, 0]
 
