@@ -611,8 +611,9 @@ class SparseRuntime:
         once per reason for this runtime (one transformer of one `apply`: a pipeline with two, as Wan 2.2's experts,
         says it for each), however many steps and layers it covers: a run gone wholly or partly dense would
         otherwise show only as a missing speedup. A call the settings make dense anyway (the dense pattern, a dense
-        step or layer) is counted, not said: nothing sparse was lost. A call from outside the transformer's forward
-        (another model sharing the module) is neither logged nor said."""
+        step or layer) is counted, not said: nothing sparse was lost; a correction's measuring step is said (its
+        statistics are not taken, so the next step measures again instead of running sparse). A call from outside
+        the transformer's forward (another model sharing the module) is neither logged nor said."""
         if not self.in_transformer_call:
             return
         self._log_dense(layer)

@@ -350,3 +350,26 @@ def test_causal_groups_that_blocks_straddle_say_when_they_do_more_work_than_dens
     with pytest.warns(DiffsparseWarning, match=r"\(\[96\] tokens\) .* 1.11x .* A block size dividing the groups'"):
         [row] = run_causal_bench(args)
     assert row["path"] == "per group" and row["density"] == pytest.approx(10 / 9)
+
+
+def test_the_causal_per_group_work_warning_is_said_once_per_layout():
+    # Diffusion forcing changes the dense frames every step, each a new plan of the same layout: said once.
+    import warnings
+
+    import torch
+    from diffusers.hooks.hooks import CacheContext
+
+    from diffsparse import DiffsparseWarning, SparseConfig
+    from diffsparse.patterns import VideoLayout
+    from diffsparse.runtime import SparseRuntime
+
+    runtime = SparseRuntime(SparseConfig(pattern="window3d", block_size=64, dense_steps=0), "bench")
+    runtime.state_manager.set_context(CacheContext("bench"))
+    layout = VideoLayout(4, 4, 4)
+    runtime.begin_call(layout, step=0, num_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for dense_frames in [(), (0,), (0, 1), (0, 1, 2)]:
+            runtime.plan(layout, 1, torch.device("cpu"), frame_causal=2, dense_frames=dense_frames)
+    said = [w for w in record if issubclass(w.category, DiffsparseWarning) and "causal groups" in str(w.message)]
+    assert len(said) == 1

@@ -135,6 +135,25 @@ def test_a_mask_on_calls_the_settings_make_dense_anyway_is_not_said(family, conf
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_mask_on_a_layer_the_settings_leave_sparse_is_said(family):
+    # One dense layer of two: the other would have run sparse, so the mask lost it something.
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0, dense_layers=1)
+    record, counts = run_masked(family, config)
+    assert len(said_dense(record)) == 1
+    assert counts == [(len(TIMESTEPS), 0)] * 2
+
+
+def test_a_mask_on_a_correction_s_measuring_step_is_said():
+    # Every step is dense, but the last is the correction's measurement: the mask keeps its statistics from being
+    # taken, so the next step would measure again instead of running sparse.
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=len(TIMESTEPS),
+                                     correction="residual")
+    record, counts = run_masked("Latte", config)
+    assert len(said_dense(record)) == 1
+    assert counts == [(len(TIMESTEPS), 0)] * 2
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_schedule_s_dense_calls_are_not_said(family):
     model, calls, _, _ = FAMILIES[family]()
     record, counts = run_steps(model, calls, SCHEDULE_DENSE)
