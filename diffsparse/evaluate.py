@@ -233,7 +233,10 @@ def run_eval(args) -> list[EvalRow]:
                 dense_layers=config.dense_layers,
                 correction=config.correction,
                 order=" / ".join(repr(order) for order in config.resolved_orders),
-                psnr_db=statistics.fmean(s[0] for s in scores),
+                # A video identical to dense scores inf (every frame skipped, psnr's rule): with the others' that
+                # made the row inf. So the finite ones are averaged, inf only when every video is; a NaN (a broken
+                # run) is kept, and fmean makes the row NaN whatever the others.
+                psnr_db=statistics.fmean([s[0] for s in scores if s[0] != float("inf")] or [float("inf")]),
                 ssim=statistics.fmean(s[1] for s in scores),
                 lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,
                 attention_time_ratio=statistics.fmean(attention),

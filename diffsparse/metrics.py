@@ -155,7 +155,14 @@ def _stacked(frames: list | tuple) -> np.ndarray | torch.Tensor:
         except RuntimeError as error:  # frames of different shapes or dtypes
             raise ValueError(f"video: a list's frames must have one shape, got {[tuple(i.shape) for i in items]} "
                              f"({error})") from error
-    return np.stack([_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items])
+    arrays = [_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items]
+    shapes = [array.shape for array in arrays]
+    if len(set(shapes)) > 1:  # numpy's own "all input arrays must have the same shape" named neither shape
+        modes = [item.mode for item in frames if _is_pil_image(item)]
+        of_modes = f" (PIL images of modes {modes})" if modes else ""
+        raise ValueError(f"video: a list's frames must have one shape, got {shapes}{of_modes}: give frames of one "
+                         "size and one channel count (PIL images of one size and one mode, 'L' or 'RGB', say)")
+    return np.stack(arrays)
 
 
 def _scale(dtype: np.dtype) -> float:
@@ -199,17 +206,23 @@ def _check_data_range(data_range, video, reference) -> None:
 _RANGE_SLACK = 1e-3
 
 
-def _check_values_in_range(a: np.ndarray, b: np.ndarray, data_range: float) -> None:
+def _check_values_in_range(a: np.ndarray, b: np.ndarray, data_range: float, integer: tuple[bool, bool]) -> None:
     """A `ValueError` when a video's values leave [0, data_range]: the scores assume that span, and frames of
-    0..255 scored at the default range gave a PSNR of -27.6 dB, an LPIPS of 0.0042 where [0, 1] gave 0.0097."""
+    0..255 scored at the default range gave a PSNR of -27.6 dB, an LPIPS of 0.0042 where [0, 1] gave 0.0097.
+    `integer`: whether the video and the reference were integer frames (read as [0, 1], taking no data_range)."""
     slack = _RANGE_SLACK * data_range
-    for name, x in (("video", a), ("reference", b)):
+    for name, x, other, other_is_integer in (("video", a, "reference", integer[1]),
+                                             ("reference", b, "video", integer[0])):
         lo, hi = float(x.min()), float(x.max())
         if lo < -slack or hi > data_range + slack:
+            # data_range=255.0 is refused when the other video is integer frames: the float one must come to [0, 1].
+            advice = (f"the {other} is integer frames, read as [0, 1] and taking no data_range: divide the float "
+                      f"{name} by 255 (by 65535 for 0..65535) first" if other_is_integer else
+                      "frames in [0, 1] at the default 1.0; data_range=255.0 for float frames of 0..255; map frames "
+                      "in [-1, 1] to [0, 1] first")
             raise ValueError(
                 f"data_range={data_range!r}: the {name}'s values span [{lo:.6g}, {hi:.6g}], expected [0, data_range] "
-                "(frames in [0, 1] at the default 1.0; data_range=255.0 for float frames of 0..255; map frames in "
-                "[-1, 1] to [0, 1] first)"
+                f"({advice})"
             )
 
 
@@ -224,8 +237,9 @@ def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
     if not any(bad.values()):
         return False
     counts = ", ".join(f"{name} {count} of {a.size}" for name, count in bad.items() if count)
+    # 4: past this function, _scored_pair and psnr/ssim/lpips, at the line that asked for the score.
     warnings.warn(f"{metric} is nan: values that are not finite (NaN or inf) in {counts}", NonFiniteScoreWarning,
-                  stacklevel=3)
+                  stacklevel=4)
     return True
 
 
@@ -242,7 +256,7 @@ def _scored_pair(video, reference, data_range, metric: str) -> tuple[np.ndarray,
     a, b = _paired(video, reference)
     if _not_finite(a, b, metric):
         return None
-    _check_values_in_range(a, b, data_range)
+    _check_values_in_range(a, b, data_range, (_scaled_on_reading(video), _scaled_on_reading(reference)))
     return a, b
 
 
@@ -330,7 +344,7 @@ def _too_small_for_lpips(frame_size) -> bool:
 
 def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, int] | None = None) -> Path | None:
     """The AlexNet checkpoint LPIPS scores with: `path` when given (a `ValueError`, before any run, when the file
-    is missing or holds no AlexNet `features.*` weights, or the `metrics` extra's packages, lpips and torchvision,
+    is missing or holds no AlexNet `features.*` weights of AlexNet's shapes, or the `metrics` extra's packages, lpips and torchvision,
     are not installed: LPIPS was asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds
     one and the packages are installed, else `None` (scores go without LPIPS, saying so: `lpips_missing_reason`).
     `frame_size`, (height, width) in pixels when known: frames smaller than LPIPS takes get `None` too, or a
@@ -368,25 +382,48 @@ def lpips_missing_reason(frame_size: tuple[int, int] | None = None) -> str:
     return f"no AlexNet weights at {alexnet_weights_path()} (or give --lpips-weights; see diffsparse.metrics.lpips)"
 
 
+# The shapes of torchvision AlexNet's five convolutions (`features.*` less the prefix), which LPIPS loads: a test
+# pins them to torchvision's. Checked with the file: a wrong shape surfaced after every run, as a bare RuntimeError.
+_ALEXNET_FEATURES = {
+    "0.weight": (64, 3, 11, 11), "0.bias": (64,),
+    "3.weight": (192, 64, 5, 5), "3.bias": (192,),
+    "6.weight": (384, 192, 3, 3), "6.bias": (384,),
+    "8.weight": (256, 384, 3, 3), "8.bias": (256,),
+    "10.weight": (256, 256, 3, 3), "10.bias": (256,),
+}
+
+
 def _alexnet_features(path: Path, field: str = "lpips_weights") -> dict[str, torch.Tensor]:
     """`features.*` of a torchvision AlexNet checkpoint, without the prefix; a `ValueError` naming `field` and the
-    file when it holds none (before, the first missing layer surfaced as a bare `KeyError('0.weight')`)."""
+    file when it is not a state dict, lacks one of the five convolutions' weights or biases (before, the first
+    missing layer surfaced as a bare `KeyError('0.weight')`), or holds one that is not a tensor of its shape."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike for a file it cannot read
         raise ValueError(f"{field}={str(path)!r}: not a torch checkpoint torch.load can read ({error})") from error
-    state = state if isinstance(state, dict) else {}
+    advice = (f"give torchvision's AlexNet checkpoint, {os.path.basename(ALEXNET_URL)} from {ALEXNET_URL}, not "
+              "lpips' own weights/v0.1/alex.pth")
+    if not isinstance(state, dict):  # a bare tensor, a list: read as holding nothing before
+        raise ValueError(f"{field}={str(path)!r}: the file holds a {type(state).__name__}, not a state dict of "
+                         f"AlexNet's features.* weights: {advice}")
     features = {key.removeprefix("features."): value for key, value in state.items()
                 if isinstance(key, str) and key.startswith("features.")}
-    expected = [f"{layer}.{kind}" for layer in (0, 3, 6, 8, 10) for kind in ("weight", "bias")]  # the 5 convolutions
-    absent = [key for key in expected if key not in features]
+    absent = [key for key in _ALEXNET_FEATURES if key not in features]
     if absent:
-        found = ", ".join(list(state)[:3]) or "nothing"
+        found = ", ".join(map(str, list(state)[:3])) or "nothing"
+        which = "no AlexNet" if len(absent) == len(_ALEXNET_FEATURES) else "not all the AlexNet"
+        missing = ", ".join(f"features.{key}" for key in absent)
         raise ValueError(
-            f"{field}={str(path)!r}: no AlexNet features.* weights in the file (missing features.{absent[0]}; "
-            f"it holds {found}{', ...' if len(state) > 3 else ''}): give torchvision's AlexNet checkpoint, "
-            f"{os.path.basename(ALEXNET_URL)} from {ALEXNET_URL}, not lpips' own weights/v0.1/alex.pth"
+            f"{field}={str(path)!r}: {which} features.* weights in the file (missing {missing}; it holds "
+            f"{found}{', ...' if len(state) > 3 else ''}): {advice}"
         )
+    for key, shape in _ALEXNET_FEATURES.items():
+        value = features[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = f"has shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
+                f"is a {type(value).__name__}"
+            raise ValueError(f"{field}={str(path)!r}: features.{key} {got}, expected a tensor of shape {shape} "
+                             f"(torchvision's AlexNet): {advice}")
     return features
 
 
@@ -422,15 +459,17 @@ LPIPS_CHUNK = 8
 
 def lpips(video, reference, weights_path: str | os.PathLike | None = None, data_range: float = 1.0) -> float:
     """LPIPS (AlexNet, v0.1) per frame, then averaged; lower is closer. Videos in [0, data_range], [0, 1] by
-    default; scored `LPIPS_CHUNK` frames at a time, so memory does not grow with the frame count.
+    default; scored `LPIPS_CHUNK` frames at a time, so memory does not grow with the frame count. AlexNet sees RGB:
+    RGBA frames are scored on their RGB channels only (their alpha is left out, where `psnr` and `ssim` score all
+    4 channels), gray frames as their RGB copies.
 
     Args:
         video, reference: videos in any layout `as_frames` accepts, values in [0, data_range].
         weights_path (`str` or `os.PathLike`, *optional*): the torchvision AlexNet checkpoint; defaults to
             the standard torch hub cache (`alexnet_weights_path()`). A missing file raises `FileNotFoundError`
-            saying where to put it, a file without AlexNet's `features.*` weights a `ValueError`: there is never
-            a silent zero or a random backbone. NaN (with a `RuntimeWarning`) when either video holds a value
-            that is not finite.
+            saying where to put it, a file without AlexNet's `features.*` weights (or with ones of other shapes) a
+            `ValueError`: there is never a silent zero or a random backbone. NaN (with a `RuntimeWarning`) when
+            either video holds a value that is not finite.
         data_range (`float`, *optional*, defaults to `1.0`): the span of float values, as in `psnr` and `ssim`
             (a `ValueError` for values outside it: LPIPS has no range of its own, and frames of 0..255 read as
             [0, 1] scored 0.0042 where the same frames in [0, 1] scored 0.0097). Frames are divided by it.

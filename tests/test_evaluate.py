@@ -2,6 +2,7 @@
 its prompts, what each row's columns are computed over, and its tables."""
 
 import argparse
+import contextlib
 import csv
 import re
 import warnings
@@ -403,3 +404,27 @@ def test_a_pipe_in_a_pattern_is_escaped_in_the_markdown_table(tmp_path, capsys):
     assert len(re.split(unescaped, cells)) == len(re.split(unescaped, header))
     assert composed.replace("|", "\\|") in cells
     assert _rows(tmp_path)[0]["pattern"] == composed  # the CSV keeps it as it is
+
+
+def test_a_video_identical_to_dense_leaves_the_row_s_psnr_the_mean_of_the_others(tmp_path, monkeypatch):
+    # A video identical to dense has an infinite PSNR (all its frames skipped): before, it made the whole row inf,
+    # though the metric's rule is inf only when every one is. A NaN (a broken run) still makes the row NaN.
+    def videos_with(sparse_offsets):
+        def videos(pipe, prompt, seed, args, first_frame=None):
+            offset = sparse_offsets[seed] if _sparse_applied(pipe) else 0.0
+            return np.full((2, 16, 16, 3), 0.5 + offset), 1.0, 1.0
+        return videos
+
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seeds", "2"]
+    for name, offsets, expected in (("one", (0.0, 0.01), 40.0), ("all", (0.0, 0.0), float("inf")),
+                                    ("nan", (float("nan"), 0.0), None)):
+        monkeypatch.setattr(evaluate, "timed_generation", videos_with(offsets))
+        broken = pytest.warns(RuntimeWarning, match="is nan") if expected is None else contextlib.nullcontext()
+        with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"), broken:
+            assert main([*args, "--out", str(tmp_path / name)]) == 0
+        (row,) = _rows(tmp_path / name)
+        if expected is None:
+            assert np.isnan(float(row["psnr_db"]))
+        else:
+            assert float(row["psnr_db"]) == pytest.approx(expected)

@@ -449,3 +449,137 @@ def test_pil_frames_of_a_palette_or_another_colour_space_are_scored_in_rgb():
     for mode in ("F", "I"):
         with pytest.raises(ValueError, match=f"PIL image of mode '{mode}' holds raw numbers"):
             as_frames(rgb.convert(mode))
+
+
+# ---------------------------------------------------------------- the rules pinned: window, mean, batches, ranges
+
+
+def test_ssim_is_scikit_image_s_default_on_frames_the_7_pixel_window_fits():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(14)
+    a = rng.random((2, 16, 20, 3))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    expected = np.mean([structural_similarity(x, y, data_range=1, channel_axis=-1) for x, y in zip(b, a)])
+    assert ssim(b, a) == pytest.approx(expected)
+
+
+def test_psnr_and_ssim_are_the_mean_over_frames_not_another_average():
+    from skimage.metrics import structural_similarity
+
+    reference = np.full((3, 16, 16, 3), 0.5)
+    video = reference + np.array([0.1, 0.01, 10**-2.5])[:, None, None, None]  # 20, 40 and 50 dB: median 40
+    assert psnr(video, reference) == pytest.approx((20 + 40 + 50) / 3)
+    rng = np.random.default_rng(15)
+    a = rng.random((3, 16, 16, 3))
+    b = np.clip(a + rng.normal(0, 1, (3, 1, 1, 1)) * np.array([0.02, 0.05, 0.3])[:, None, None, None]
+                * rng.normal(size=a.shape), 0, 1)
+    per_frame = [structural_similarity(x, y, data_range=1.0, channel_axis=-1) for x, y in zip(b, a)]
+    assert abs(np.mean(per_frame) - np.median(per_frame)) > 0.01  # uneven: a median would not pass for the mean
+    assert ssim(b, a) == pytest.approx(np.mean(per_frame))
+
+
+def test_a_batch_scores_every_video_not_only_the_first():
+    reference = np.full((2, 3, 8, 8, 3), 0.5)  # (B, F, H, W, C): two videos of 3 frames
+    video = reference.copy()
+    video[1] += 0.1  # only the second video differs
+    assert psnr(video, reference) == pytest.approx(20.0)
+    assert as_frames(video).shape == (6, 8, 8, 3)
+
+
+def test_integer_frames_refuse_a_data_range_below_1_too():
+    frames = np.zeros((1, 8, 8, 3), np.uint8)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="data_range=0.5: integer frames"):
+            metric(frames, frames, data_range=0.5)
+
+
+def test_values_past_the_range_s_slack_are_refused():
+    reference = np.full((1, 8, 8, 3), 0.5)
+    video = reference.copy()
+    video[0, 0, 0, 0] = 1.0 + 1.5e-3  # past 1.0 + 0.001, within twice that
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match=re.escape("data_range=1.0: the video's values span [0.5, 1.0015]")):
+            metric(video, reference)
+
+
+def test_a_uint8_video_against_a_float_reference_of_0_to_255_is_told_to_divide_it():
+    # data_range=255.0, the advice before, is refused when the other video is integer frames.
+    rng = np.random.default_rng(16)
+    floats = rng.random((2, 8, 8, 3)) * 255
+    frames = floats.round().astype(np.uint8)
+    for video, reference, name in ((frames, floats, "reference"), (floats, frames, "video")):
+        with pytest.raises(ValueError) as caught:
+            psnr(video, reference)
+        message = str(caught.value)
+        assert f"divide the float {name} by 255" in message and "data_range=255" not in message
+    assert np.isfinite(psnr(frames, floats / 255))  # what the message says works
+
+
+def test_a_list_of_frames_of_different_shapes_names_them():
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=re.escape("frames must have one shape, got [(8, 8, 3), (8, 9, 3)]")):
+        as_frames([np.zeros((8, 8, 3)), np.zeros((8, 9, 3))])
+    with pytest.raises(ValueError, match=re.escape("got [(8, 8), (8, 8, 3)] (PIL images of modes ['L', 'RGB'])")):
+        as_frames([Image.new("L", (8, 8)), Image.new("RGB", (8, 8))])
+
+
+def test_the_not_finite_warning_points_at_the_line_that_asked_for_the_score(random_alexnet):
+    from diffsparse.metrics import NonFiniteScoreWarning, lpips
+
+    reference = np.zeros((1, 32, 32, 3))
+    broken = np.full_like(reference, np.nan)
+    for metric in (psnr, ssim, lambda a, b: lpips(a, b, weights_path=random_alexnet)):
+        with pytest.warns(NonFiniteScoreWarning) as record:
+            metric(broken, reference)
+        assert record[0].filename == __file__
+
+
+def test_lpips_scores_rgba_frames_on_their_rgb(random_alexnet):
+    # AlexNet takes RGB: the alpha is left out (documented), where PSNR and SSIM score all 4 channels.
+    from diffsparse.metrics import lpips
+
+    rng = np.random.default_rng(17)
+    rgb = rng.random((2, 48, 48, 3))
+    noisy = np.clip(rgb + rng.normal(0, 0.2, rgb.shape), 0, 1)
+    alpha = rng.random((2, 48, 48, 1))
+    expected = lpips(noisy, rgb, weights_path=random_alexnet)
+    rgba = lpips(np.concatenate([noisy, 1 - alpha], -1), np.concatenate([rgb, alpha], -1), weights_path=random_alexnet)
+    assert expected > 0 and rgba == pytest.approx(expected, rel=1e-6)
+
+
+def test_alexnet_shapes_are_torchvision_s():
+    torchvision = pytest.importorskip("torchvision")
+    from diffsparse.metrics import _ALEXNET_FEATURES
+
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    assert {f"features.{key}": shape for key, shape in _ALEXNET_FEATURES.items()} == \
+        {key: tuple(value.shape) for key, value in state.items() if key.startswith("features.")}
+
+
+def test_a_weights_file_of_other_shapes_or_not_a_state_dict_is_a_value_error_before_any_run(tmp_path, random_alexnet):
+    # Before, each passed lpips_weights' check and failed at the first score, after every video had been generated,
+    # with a bare RuntimeError from load_state_dict (or, a bare tensor, as "holds nothing").
+    from diffsparse.metrics import lpips, lpips_weights
+
+    state = torch.load(random_alexnet, weights_only=True)
+    one_channel = {**state, "features.0.weight": torch.zeros(64, 1, 11, 11)}
+    a_list = {**state, "features.8.bias": [1, 2]}
+    without_6 = {key: value for key, value in state.items() if key != "features.6.weight"}
+    cases = {
+        "shape.pth": (one_channel, re.escape("features.0.weight has shape (64, 1, 11, 11), expected a tensor of shape "
+                                             "(64, 3, 11, 11)")),
+        "list.pth": (a_list, re.escape("features.8.bias is a list, expected a tensor of shape (256,)")),
+        "no6.pth": (without_6, re.escape("not all the AlexNet features.* weights in the file (missing "
+                                             "features.6.weight;")),
+        "tensor.pth": (torch.zeros(3), "holds a Tensor, not a state dict"),
+    }
+    video = np.zeros((1, 32, 32, 3))
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        torch.save(content, path)
+        with pytest.raises(ValueError, match=f"lpips_weights=.*{name}'?: .*{message}"):
+            lpips_weights(path, frame_size=(32, 32))
+        with pytest.raises(ValueError, match=f"weights_path=.*{name}'?: .*{message}"):
+            lpips(video, video, weights_path=path)
