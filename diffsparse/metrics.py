@@ -344,9 +344,10 @@ def _too_small_for_lpips(frame_size) -> bool:
 
 def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, int] | None = None) -> Path | None:
     """The AlexNet checkpoint LPIPS scores with: `path` when given (a `ValueError`, before any run, when the file
-    is missing or holds no AlexNet `features.*` weights of AlexNet's shapes, or the `metrics` extra's packages, lpips and torchvision,
-    are not installed: LPIPS was asked for), else the torch hub cache's (`alexnet_weights_path()`) when it holds
-    one and the packages are installed, else `None` (scores go without LPIPS, saying so: `lpips_missing_reason`).
+    is missing or holds no AlexNet `features.*` weights of AlexNet's shapes, or the `metrics` extra's packages,
+    lpips and torchvision, are not installed: LPIPS was asked for), else the torch hub cache's
+    (`alexnet_weights_path()`) when it holds one and the packages are installed, else `None` (scores go without
+    LPIPS, saying so: `lpips_missing_reason`).
     `frame_size`, (height, width) in pixels when known: frames smaller than LPIPS takes get `None` too, or a
     `ValueError` when `path` asked for LPIPS."""
     if path is not None:
