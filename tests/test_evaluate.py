@@ -428,3 +428,23 @@ def test_a_video_identical_to_dense_leaves_the_row_s_psnr_the_mean_of_the_others
             assert np.isnan(float(row["psnr_db"]))
         else:
             assert float(row["psnr_db"]) == pytest.approx(expected)
+
+
+def test_the_self_attention_blocks_are_every_transformer_s():
+    # Wan 2.2's two experts: dense layers must cover both for a configuration to run as `dense` does (a union of
+    # one expert's blocks only would merge a configuration whose deeper expert still runs sparse).
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+
+    base = tiny_wan_pipeline()
+    shallow = {**tiny_wan_config()["transformer"], "num_layers": 1}
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer, boundary_ratio=0.5,
+                       transformer_2=WanTransformer3DModel(**shallow).eval())
+    blocks = evaluate._self_attention_blocks(pipe)
+    assert blocks == frozenset(range(base.transformer.config.num_layers))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=WanTransformer3DModel(**shallow).eval(), boundary_ratio=0.5,
+                       transformer_2=base.transformer)
+    assert evaluate._self_attention_blocks(pipe) == blocks
