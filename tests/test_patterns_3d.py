@@ -570,6 +570,9 @@ def test_radial_density_falls_like_log_n_over_n(tmp_path):
     rows = density_vs_frames([Radial(min_window=64), Window3D((3, 8, 8))], frames, 16, 16, 64, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["frames"] for r in rows] == frames * 2
+    assert [r["tokens"] for r in rows] == [f * 16 * 16 for f in frames] * 2
+    names = [repr(Radial(min_window=64)), repr(Window3D((3, 8, 8)))]
+    assert [r["pattern"] for r in rows] == [name for name in names for _ in frames]
     radial_rows = rows[: len(frames)]
     ratio = [r["density_n_over_log_n"] for r in radial_rows]
     # density ~ c log(n) / n: the ratio stays within a narrow band while n grows 8x (density falls 3.5x).
