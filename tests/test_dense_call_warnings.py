@@ -23,6 +23,7 @@ import diffsparse
 from diffsparse import DiffsparseWarning
 from diffsparse.patterns import Window3D
 from diffsparse.pipelines.base import TOKEN_MASK
+from diffsparse.runtime import StepScheduleWarning
 
 LOCAL = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0)
 SCHEDULE_DENSE = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=100)
@@ -191,6 +192,27 @@ def test_in_a_pipeline_the_schedule_s_dense_steps_say_nothing_and_a_mask_is_said
     said, counts = latte_pipeline_run(LOCAL, mask)
     assert len(said) == 1 and TOKEN_MASK in said[0]
     assert counts == [(3, 0), (3, 0)]
+
+
+def test_a_mask_on_a_call_before_the_pipeline_set_its_timesteps_is_said():
+    # The transformer of a pipeline called on its own: a fraction of dense steps cannot be resolved (the run's step
+    # count is unknown, which its StepScheduleWarning says), and the mask would make the call dense with a count too:
+    # both are said, as a caller has to mend both.
+    pipe = test_latte.tiny_pipeline()
+    mask = torch.ones(2 * test_latte.FRAMES, 1, 96, dtype=torch.bool)
+    mask[..., -1] = False
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 3, 3)), block_size=16, dense_steps=0.5)
+    modules = [block.attn1 for block in pipe.transformer.transformer_blocks]
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        with masked(modules, mask), diffsparse.sparse(pipe, config) as handle:
+            call = test_latte.inputs()()
+            width = pipe.text_encoder.config.d_model
+            pipe.transformer(**{**call, "encoder_hidden_states": torch.randn(2, 5, width)})
+            counts = [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers]
+    assert len(said_dense(record)) == 1
+    assert len([w for w in record if issubclass(w.category, StepScheduleWarning)]) == 1
+    assert counts == [(1, 0)] * 2
 
 
 def test_a_self_attention_normalising_its_input_is_said_once():
