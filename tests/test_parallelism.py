@@ -32,10 +32,12 @@ EXACT_DENSE_FAMILIES = ("wan", "chronoedit", "ltx")
 JOINT_FAMILIES = {
     "flux": ("flux", ""), "flux references": ("flux", "references"), "flux2": ("flux2", ""),
     "qwenimage": ("qwenimage", ""), "qwenimage padded": ("qwenimage", "padded"),
+    "qwenimage left padded": ("qwenimage", "left padded"),
 }
 # Under Ulysses "anything" (uneven shares): a Wan of 175 video tokens (88 and 87 per rank), a Helios of 63 memory and
-# 100 chunk tokens (82 and 81), and these with 5 text tokens (3 and 2 per rank).
-UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded")
+# 100 chunk tokens (82 and 81), and these with 5 text tokens (3 and 2 per rank): the text mask gathered whole is then
+# cut back from the shares' padded parts, which only a left-padded prompt (its last rank's tokens valid) tells apart.
+UNEVEN_JOINT_FAMILIES = ("flux", "flux references", "qwenimage padded", "qwenimage left padded")
 # Under ring attention (the ranks' shares as under Ulysses; the dense calls diffusers' ring exchange): video only, with
 # the inputs split at the transformer's entry (LTX), and joint attention. Padded prompts' masks are left out: the
 # log-sum-exp this test gives diffusers' native op does not apply masks.
@@ -51,6 +53,8 @@ MINIMAX_CONFIGS = {
 }
 # The families diffusers gives a tensor-parallel plan.
 TENSOR_PARALLEL_FAMILIES = ("flux", "flux2", "qwenimage", "qwenimage21")
+# Tensor parallelism with two heads per rank (four heads): each rank must attend the heads it holds, not the first.
+TENSOR_PARALLEL_FOUR_HEAD_FAMILIES = ("flux",)
 CONFIGS = {
     "radial": diffsparse.SparseConfig(pattern=Radial(), density=0.5, block_size=16, dense_steps=0),
     # One window per head: each rank must attend its own head's mask, not the first one.
@@ -188,10 +192,17 @@ TENSOR_PARALLEL_CONFIGS = {
         pattern="searched(criterion='mass', budget='layer')", density=0.5, block_size=4, dense_steps=0
     ),
 }
+# For four heads (two per rank): one window per head, each different, and a budget shared over the layer's heads.
+FOUR_HEAD_CONFIGS = {
+    "window3d per head": diffsparse.SparseConfig(
+        pattern=Window3D([(1, 1, 1), (1, 8, 8), (1, 3, 3), (1, 5, 5)]), block_size=4, dense_steps=0
+    ),
+    "searched (layer budget, the default)": TENSOR_PARALLEL_CONFIGS["searched (layer budget, the default)"],
+}
 
 
-def _tensor_parallel_model(family: str):
-    """Two heads (one per rank), joint [text, image] attention."""
+def _tensor_parallel_model(family: str, heads: int = 2):
+    """`heads` heads (by default two: one per rank), joint [text, image] attention."""
     from diffusers import (
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
@@ -202,21 +213,22 @@ def _tensor_parallel_model(family: str):
     torch.manual_seed(0)
     if family == "qwenimage21":
         return QwenImage21Transformer2DModel(
-            in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16, num_attention_heads=heads,
             context_in_dim=16, axes_dims_rope=(4, 6, 6),
         ).eval()
     if family == "flux":
         return FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+            num_attention_heads=heads, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
         ).eval()
     if family == "flux2":
         return Flux2Transformer2DModel(
             patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+            num_attention_heads=heads, joint_attention_dim=16, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
         ).eval()
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=heads,
         joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
     ).eval()
 
@@ -225,8 +237,9 @@ def _image_call(transformer, variant: str = "", text: int = 6):
     """An image of 6 x 8 tokens (Qwen-Image: 4 x 6 packed) behind `text` text tokens (6: 3 per rank under context
     parallelism); Qwen-Image 2.1 an image of 6 x 8 latent tokens after 5 text tokens, its queries alone sparse.
     `variant`: "references" (FLUX.1: a 2 x 4 reference image after the image, in the text's span), "padded"
-    (Qwen-Image: two prompts, the second with 2 padded tokens)."""
-    valid = [[True] * text, [True] * (text - 2) + [False] * 2]
+    (Qwen-Image: two prompts, the second with 2 padded tokens), "left padded" (the same, padded at the start)."""
+    padded = [False] * 2 + [True] * (text - 2) if variant == "left padded" else [True] * (text - 2) + [False] * 2
+    valid = [[True] * text, padded]
     g = torch.Generator().manual_seed(1)
     name = transformer.__class__.__name__
     with torch.no_grad():
@@ -237,8 +250,8 @@ def _image_call(transformer, variant: str = "", text: int = 6):
                 img_mask=torch.tensor([[False] * 5 + [True] * 12]), return_dict=False,
             )[0]
         if name.startswith("Qwen"):
-            batch = 2 if variant == "padded" else 1
-            mask = torch.tensor(valid) if variant == "padded" else None
+            batch = 2 if variant.endswith("padded") else 1
+            mask = torch.tensor(valid) if variant.endswith("padded") else None
             return transformer(
                 hidden_states=torch.randn(batch, 24, 16, generator=g),
                 encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_hidden_states_mask=mask,
@@ -260,12 +273,13 @@ def _image_call(transformer, variant: str = "", text: int = 6):
         )[0]
 
 
-def _tensor_parallel_family(family: str) -> dict:
-    """What one rank measures on one family under tensor parallelism, as in `_family`."""
+def _tensor_parallel_family(family: str, heads: int = 2) -> dict:
+    """What one rank measures on one family (of `heads` heads) under tensor parallelism, as in `_family`."""
     from diffusers import TensorParallelConfig
 
     parallel = TensorParallelConfig(tp_degree=WORLD)
-    result, _, _ = _against_one_process(_tensor_parallel_model(family), TENSOR_PARALLEL_CONFIGS, parallel, _image_call)
+    configs = TENSOR_PARALLEL_CONFIGS if heads == 2 else FOUR_HEAD_CONFIGS
+    result, _, _ = _against_one_process(_tensor_parallel_model(family, heads), configs, parallel, _image_call)
     return result
 
 
@@ -342,6 +356,8 @@ def _two_process_job() -> dict:
         for order in MINIMAX_ORDERS for ring in (False, True)
     }
     result |= {f"tp {family}": _tensor_parallel_family(family) for family in TENSOR_PARALLEL_FAMILIES}
+    result |= {f"tp {family} 4 heads": _tensor_parallel_family(family, heads=4)
+               for family in TENSOR_PARALLEL_FOUR_HEAD_FAMILIES}
     result |= {f"user plan {name}": _user_plan_family(name) for name in USER_PLAN_FAMILIES}
     result["refusals"] = _refusals()
     return result
@@ -661,6 +677,14 @@ def test_dense_calls_under_tensor_parallelism_are_diffusers_own(per_rank, family
 def test_sparse_attention_under_tensor_parallelism_equals_one_process(per_rank, family, name):
     # Each rank attends its own heads: per-head masks and a budget shared over the layer's heads as one process.
     _assert_equals_one_process(per_rank, f"tp {family}", name)
+
+
+@pytest.mark.parametrize("name", list(FOUR_HEAD_CONFIGS))
+@pytest.mark.parametrize("family", TENSOR_PARALLEL_FOUR_HEAD_FAMILIES)
+def test_sparse_attention_under_tensor_parallelism_with_two_heads_per_rank_equals_one_process(per_rank, family, name):
+    # Rank 1 holds heads 2 and 3: their own windows, and their share of the layer's budget, as in one process.
+    assert all(result[f"tp {family} 4 heads"]["dense"] < 1e-5 for result in per_rank.values())
+    _assert_equals_one_process(per_rank, f"tp {family} 4 heads", name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
