@@ -21,6 +21,8 @@ BlockSize = int | tuple[int, int]
 MAX_TOKEN_MASK_TOKENS = 16384
 # Box pairs per vectorised chunk of the block-mask computation: bounds each intermediate to a few MB.
 _CHUNK_PAIRS = 1 << 15
+# `at_density` searches every monotone piece of a parameter on masks of at most this many blocks.
+_SMALL_MASK_BLOCKS = 1 << 12
 
 
 def as_pair(value: BlockSize, name: str = "block_size") -> tuple[int, int]:
@@ -473,9 +475,11 @@ class Pattern(abc.ABC):
         Density is a step function of the parameter, so the answer is the closer of the two steps around the
         target (found to `max_iter` halvings of the parameter interval); a target outside the reachable range
         gives the nearest end. Where density is not monotone in the parameter ([`Radial`] keeps every k-th
-        frame distance once windows fall below `min_window`, which can lose a little density as `decay` grows)
-        and the first bisection lands more than one query-block row (`1 / ceil(N / block_q)`) from the target,
-        each monotone piece is bracketed and bisected on its own, so the closest achievable density is found.
+        frame distance once windows fall below `min_window`, which can lose a little density as `decay` grows),
+        each monotone piece is bracketed and bisected on its own, so the closest achievable density is found,
+        where the mask has at most 4,096 blocks or the first bisection lands more than one query-block row
+        (`1 / ceil(N / block_q)`) from the target; on larger masks a first answer within one row stands (a
+        piece costs a few masks per break, and Wan 480p has 84 breaks).
         Where the parameter cannot change the density on `layout` (radial on one or two frames), the pattern is
         returned as given. A pattern with no such parameter (a combination, the frame patterns) raises
         `ValueError`: solve its parts.
@@ -524,8 +528,11 @@ class Pattern(abc.ABC):
             return self  # the parameter does not change the density on this layout: keep the one given
         if density(lo) < target < density(hi):
             bisect(lo, hi)
-        one_row = 1 / math.ceil(layout.num_tokens / as_pair(block_size)[0])
-        if abs(cache[closest()] - target) > one_row and breaks:
+        rows, columns = (math.ceil(layout.num_tokens / size) for size in as_pair(block_size))
+        # Searching every piece costs a few masks per break: done where the first bisection is more than a query-block
+        # row off the target, or on any mask small enough to cost microseconds (where one row is a large step).
+        tolerance = 0.0 if rows * columns <= _SMALL_MASK_BLOCKS else 1 / rows
+        if abs(cache[closest()] - target) > tolerance and breaks:
             edges = sorted({lo, hi, *(x for x in breaks if lo < x < hi)})
             for a, b in itertools.pairwise(edges):
                 # Just inside the piece [a, b): the parameter's value at a break belongs to the piece above.

@@ -501,6 +501,27 @@ def test_at_density_hits_the_target_or_the_closest_achievable(pattern, order):
             assert error <= best + 1e-12, (target, solved, error, best)
 
 
+@pytest.mark.parametrize(
+    "pattern, layout, block_size",
+    [
+        # Radial loses density where its k-th-distance rule steps: 0.68 was returned for 0.8 while 0.84 was reachable
+        (Radial(min_window=4, sink=True, spatial="box"), VideoLayout(6, 3, 4), 16),
+        (Radial(min_window=8, spatial="disc"), VideoLayout(9, 4, 5, text_len=4), (8, 16)),
+        (Radial(min_window=1), VideoLayout(11, 2, 3), 4),
+    ],
+    ids=repr,
+)
+def test_at_density_on_a_small_mask_finds_the_closest_achievable(pattern, layout, block_size):
+    # A mask of few blocks costs microseconds and one query-block row is a large step there: every monotone piece
+    # is searched, so nothing on a fine grid of the parameter (both sides of each break included) is closer.
+    make, lo, hi, breaks = pattern._density_knob(layout)
+    xs = [lo + (hi - lo) * i / 400 for i in range(401)] + [b + e for b in breaks for e in (-1e-9, 1e-9)]
+    reachable = {make(x).density(layout, block_size) for x in xs}
+    for target in (0.1, 0.35, 0.5, 0.8):
+        got = pattern.at_density(layout, target, block_size).density(layout, block_size)
+        assert abs(got - target) <= min(abs(d - target) for d in reachable) + 1e-12, (target, got)
+
+
 def test_at_density_edges_and_validation():
     layout = VideoLayout(8, 8, 8)
     assert Dense().at_density(layout, 0.3, 32) == Dense()
