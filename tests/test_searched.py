@@ -542,6 +542,11 @@ def test_pooled_mass_is_the_softmax_of_block_means_and_exact_on_alike_blocks():
     threshold = float(similarity[:, 1].max()) + 1e-3
     kept = Searched(keep=0.2, criterion="pooled", min_similarity=threshold).search(q, k, k, layout, 8)
     assert kept.block_mask(layout, 8)[:, :, 1].all()
+    # With the default 0 ("none"), a block of zero keys (similarity exactly 0) is not forced in: its estimate decides.
+    k[:, :, 8:16] = 0.0
+    q = k.mean(2, keepdim=True).expand_as(q) * 10  # every other key block far likelier than the zero block
+    default = Searched(keep=0.2, criterion="pooled").search(q, k, k, layout, 8).block_mask(layout, 8)
+    assert not default[:, [0, 2, 3, 4], 1].any()  # each row keeps its diagonal and the likeliest, never block 1
 
 
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
