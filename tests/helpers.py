@@ -168,6 +168,48 @@ def check_read_call_by_position(transformer, call: dict):
         assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
 
 
+def check_video_token_positions(model, inputs, grid, patch, block_size: int = 8) -> None:
+    """Adding to one latent pixel `(f, y, x)` of the batch-1 `inputs()["hidden_states"]` `(1, C, T, H, W)` changes
+    layer 0's query (in the layout's order, the adapter's token order applied) of exactly one token: the video token
+    `video_start + ((f // p_t) * H + y // p_h) * W + x // p_w`, of a layout whose grid is `grid` `(F, H, W)`, the
+    patch `(p_t, p_h, p_w)`. With F, H and W all different, a layout of swapped axes, or tokens in another order,
+    fails it (a shape check cannot: the token count is the same). Layer 0's queries come before its attention, so
+    the pattern (a small window) does not matter."""
+    import diffsparse
+    from diffsparse.patterns import Window3D
+    from diffsparse.runtime import SparseRuntime
+
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=0)
+    attention = SparseRuntime.attention
+
+    def layer0_query(call):
+        seen = []
+
+        def record(self, layer, query, key, value, layout=None, **kwargs):
+            if layer == 0:
+                given = layout is not None
+                seen.append((layout if given else self.call_layout(), query if given else self.to_layout_order(query)))
+            return attention(self, layer, query, key, value, layout=layout, **kwargs)
+
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(SparseRuntime, "attention", record)
+            run_transformer(model, lambda: call, config)
+        assert len(seen) == 1
+        return seen[0]
+
+    layout, reference = layer0_query(inputs())
+    assert (layout.frames, layout.height, layout.width) == tuple(grid), layout
+    (f_max, y_max, x_max) = (n * p - 1 for n, p in zip(grid, patch))
+    for f, y, x in [(0, 0, 1), (f_max // 2, y_max // 2, x_max), (f_max, y_max, x_max), (f_max, y_max - 1, 0)]:
+        call = inputs()
+        call["hidden_states"][:, :, f, y, x] += 1.0
+        _, query = layer0_query(call)
+        changed = ((query - reference).abs().amax(dim=(2, 3)) > 1e-6).nonzero().tolist()
+        (p_t, p_h, p_w), (_, height, width) = patch, grid
+        token = layout.video_start + ((f // p_t) * height + y // p_h) * width + x // p_w
+        assert changed == [[0, token]], ((f, y, x), changed, token)
+
+
 def first_transformer_call(pipe, call: dict, transformer=None):
     """The keyword arguments of the first call `pipe(**call)` makes to its transformer (`transformer`, default
     `pipe.transformer`; seed 0, as `run_pipeline`), without `return_dict`: the inputs of a direct call the pipeline's

@@ -17,6 +17,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_video_token_positions,
     run_transformer,
 )
 
@@ -33,15 +34,16 @@ def transformer():
 
 
 def inputs(transformer, mask=None):
-    """4 latent frames of 8 x 12 -> 4 x 4 x 6 = 96 tokens, with the RoPE the pipeline builds for them."""
+    """3 latent frames of 8 x 12 -> 3 x 4 x 6 = 72 tokens (three different sizes, so a layout of swapped axes
+    shows), with the RoPE the pipeline builds for them."""
     # The pipeline's own RoPE preparation, on a stand-in with what it reads (VAE scale 8: 64 x 96 pixels).
     rope = AllegroPipeline._prepare_rotary_positional_embeddings(
-        SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer), 1, 64, 96, 4, torch.device("cpu")
+        SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer), 1, 64, 96, 3, torch.device("cpu")
     )
 
     def call():
         g = torch.Generator().manual_seed(1)
-        return {"hidden_states": torch.randn(1, 4, 4, 8, 12, generator=g),
+        return {"hidden_states": torch.randn(1, 4, 3, 8, 12, generator=g),
                 "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "timestep": torch.tensor([500]),
                 "image_rotary_emb": rope, "attention_mask": mask}
 
@@ -56,14 +58,18 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, orde
 
 def test_layout_and_a_video_padding_mask(transformer):
     layout, _ = adapter_for(transformer).read_call(transformer, (), inputs(transformer)())
-    assert layout == VideoLayout(4, 4, 6)
-    mask = torch.ones(1, 4, 8, 12)
+    assert layout == VideoLayout(3, 4, 6)
+    mask = torch.ones(1, 3, 8, 12)
     mask[..., 8:] = 0  # the right third of the canvas is padding
     reference = run_transformer(transformer, inputs(transformer, mask))
     with torch.no_grad(), diffsparse.sparse(transformer, RADIAL) as handle:
         out = transformer(**inputs(transformer, mask)()).sample
         assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(1, 0), (1, 0)]
     assert torch.equal(out, reference)
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    check_video_token_positions(transformer, inputs(transformer), grid=(3, 4, 6), patch=(1, 2, 2))
 
 
 def test_other_processors_are_refused(transformer):

@@ -17,6 +17,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_padded_text_queries,
     check_prompts_attend_their_valid_tokens,
+    check_video_token_positions,
     recorded_attention_calls,
     run_pipeline,
     run_transformer,
@@ -42,14 +43,14 @@ def transformer(request):
     return model.eval()
 
 
-def inputs(valid_text=(7, TEXT_LEN), timestep=900.0, seed=0):
+def inputs(valid_text=(7, TEXT_LEN), timestep=900.0, seed=0, size=(8, 6)):
     """A batch of two videos, 3 latent frames of 8 x 6 (3 x 4 x 3 = 36 tokens after the 2x2 patchify), whose
-    prompts hold `valid_text` real tokens out of TEXT_LEN (the rest padding)."""
+    prompts hold `valid_text` real tokens out of TEXT_LEN (the rest padding). `size`: the latents' height and width."""
     g = torch.Generator().manual_seed(seed)
     batch = len(valid_text)
     mask = torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]
     return {
-        "hidden_states": torch.randn(batch, 4, 3, 8, 6, generator=g),
+        "hidden_states": torch.randn(batch, 4, 3, *size, generator=g),
         "timestep": torch.full((batch,), timestep),
         "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
         "encoder_attention_mask": mask.long(),
@@ -121,8 +122,15 @@ def test_sparse_calls_cut_the_text_span_to_the_valid_tokens(transformer):
 
 
 def test_layout_of_a_call(transformer):
-    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs())
-    assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end") and float(timestep[0]) == 900.0
+    # 3 frames of 10 x 14 latents: a grid of three different sizes, so a layout of swapped axes shows.
+    layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs(size=(10, 14)))
+    assert layout == VideoLayout(3, 5, 7, text_len=TEXT_LEN, text_position="end") and float(timestep[0]) == 900.0
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # 3 x 5 x 7 tokens: the layout's grid is the model's token order, each axis told apart by its size.
+    call = functools.partial(inputs, valid_text=(TEXT_LEN,), size=(10, 14))
+    check_video_token_positions(transformer, call, grid=(3, 5, 7), patch=(1, 2, 2))
 
 
 def test_masks_that_are_not_a_valid_prefix_are_refused():
@@ -202,7 +210,8 @@ def tiny_hunyuan_pipeline():
 
 def test_pipeline_with_prompts_of_different_lengths():
     pipe = tiny_hunyuan_pipeline()
-    call = {"prompt": ["a red circle moving left", "a blue square"], "prompt_template": {"template": "{}", "crop_start": 0},
+    call = {"prompt": ["a red circle moving left", "a blue square"],
+            "prompt_template": {"template": "{}", "crop_start": 0},
             "num_inference_steps": 3, "height": 64, "width": 48, "num_frames": 9, "max_sequence_length": 10,
             "output_type": "latent"}
 

@@ -14,6 +14,7 @@ from diffsparse.pipelines import adapter_for
 from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
+    check_video_token_positions,
     recorded_attention_calls,
     run_pipeline,
     run_transformer,
@@ -77,6 +78,23 @@ def test_history_terms_the_transformer_pads_up_are_counted_padded(transformer):
     # 2x term gives 6 either way. Two prompt lengths: each video's valid prefix is cut where the layout counts it.
     history = (("latents_clean", 2, 8), ("latents_history_2x", 3, 5), ("latents_history_4x", 5, 0))
     check_against_dense(transformer, inputs((7, 12), size=(10, 14), history=history), block_size=16, sparse=LOCAL)
+
+
+def test_the_clean_history_term_drops_a_partial_patch(transformer):
+    # The 1x term's embedder is a plain stride-2 convolution, no padding: on 7 x 11 latents its 2 frames give
+    # 2 x 3 x 5 = 30 tokens (48 were it padded up), the 2x term 1 x 2 x 3 = 6 and the 4x term 1 x 1 x 2 = 2 (padded
+    # up), the video 3 x 3 x 5. (Sizes of 3 modulo 4: on others the transformer's own RoPE of the 2x and 4x terms,
+    # pooled from the rounded-down grid, is not as long as the terms.)
+    layout, _, _ = adapter_for(transformer).read_call(transformer, (), inputs(size=(7, 11))())
+    assert layout == VideoLayout(3, 3, 5, text_len=30 + 6 + 2 + IMAGE_TOKENS + 7, text_position="end")
+    one_frame = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    check_against_dense(transformer, inputs((7, 12), size=(7, 11)), block_size=8, sparse=one_frame)
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # 3 x 5 x 7 video tokens, put first by the token order: in the layout's order each latent pixel's token is where
+    # the grid says, each axis told apart by its size.
+    check_video_token_positions(transformer, inputs(size=(10, 14)), grid=(3, 5, 7), patch=(1, 2, 2))
 
 
 def test_history_joins_the_text_span_through_the_token_order(transformer):

@@ -16,6 +16,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_prompts_attend_their_valid_tokens,
+    check_video_token_positions,
     run_pipeline,
     run_transformer,
 )
@@ -38,13 +39,13 @@ def transformer():
     return model.eval()
 
 
-def inputs(valid_text=(7, TEXT_LEN), seed=0):
+def inputs(valid_text=(7, TEXT_LEN), seed=0, size=(8, 6)):
     """Two videos of 3 latent frames of 8 x 6 (3 x 4 x 3 = 36 tokens after the 2x2 patchify), prompts with
-    `valid_text` real tokens out of TEXT_LEN."""
+    `valid_text` real tokens out of TEXT_LEN. `size`: the latents' height and width."""
     g = torch.Generator().manual_seed(seed)
     batch = len(valid_text)
     return {
-        "hidden_states": torch.randn(batch, 4, 3, 8, 6, generator=g),
+        "hidden_states": torch.randn(batch, 4, 3, *size, generator=g),
         "encoder_hidden_states": torch.randn(batch, TEXT_LEN, 16, generator=g),
         "timestep": torch.full((batch,), 500.0),
         "encoder_attention_mask": (torch.arange(TEXT_LEN)[None] < torch.tensor(valid_text)[:, None]).long(),
@@ -94,12 +95,19 @@ def test_masks_that_are_not_a_prefix_attend_each_videos_valid_tokens(transformer
 
 
 def test_layout_of_a_call_and_prefix_lengths(transformer):
-    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs())
-    assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end")
+    # 3 frames of 10 x 14 latents: a grid of three different sizes, so a layout of swapped axes shows.
+    layout, _ = adapter_for(transformer).read_call(transformer, (), inputs(size=(10, 14)))
+    assert layout == VideoLayout(3, 5, 7, text_len=TEXT_LEN, text_position="end")
     assert prefix_lengths(torch.tensor([[1, 1, 0], [1, 1, 1]])) == [2, 3]
     # The families that refuse such masks (HunyuanVideo's dense padded queries) name the field, the row, the rule.
     with pytest.raises(ValueError, match=r"encoder_attention_mask.*prefix.*row 1 .*pattern='dense'"):
         prefix_lengths(torch.tensor([[1, 1, 0], [1, 0, 1]]), name="encoder_attention_mask")
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # 3 x 5 x 7 tokens: the layout's grid is the model's token order, each axis told apart by its size.
+    call = functools.partial(inputs, valid_text=(TEXT_LEN,), size=(10, 14))
+    check_video_token_positions(transformer, call, grid=(3, 5, 7), patch=(1, 2, 2))
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
