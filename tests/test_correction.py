@@ -84,12 +84,59 @@ def test_statistics_are_kept_per_layout_and_in_the_model_s_dtype():
     runtime = SparseRuntime(config, "transformer")
     runtime.state_manager.set_context(CacheContext("cond"))
     g = torch.Generator().manual_seed(0)
+    dtypes = []
     for step, layout in enumerate((video, texted, video, texted)):
         q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g).bfloat16().unbind(0)
         runtime.begin_call(layout, step, 4)
         assert runtime.route(0)
-        runtime.attention(0, q, k, v)
+        dtypes.append(runtime.attention(0, q, k, v).dtype)
     assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
         (0, False, True), (1, False, True), (2, True, False), (3, True, False)]
     assert {layout for _, _, layout in runtime._statistics} == {video, texted}
     assert {stats.residual.dtype for stats in runtime._statistics.values()} == {torch.bfloat16}
+    # The corrected sparse outputs too: residual + rho * out, computed in float32, is handed back in the model's dtype.
+    assert dtypes == [torch.bfloat16] * 4
+
+
+def test_training_through_corrected_calls_keeps_no_graph_in_the_statistics():
+    # The statistics are constants of later calls: kept with a graph, the sparse step's backward would run into the
+    # measuring step's graph, already freed by its own backward, and every step would hold on to the one before.
+    layout = VideoLayout(8, 4, 8)
+    config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1, correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        q, k, v = (torch.randn(1, layout.num_tokens, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+        runtime.begin_call(layout, step, 4)
+        assert runtime.route(0)
+        runtime.attention(0, q, k, v).square().sum().backward()
+        assert all(x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0 for x in (q, k, v))
+        stats = list(runtime._statistics.values())
+        assert len(stats) == 1 and not any(s.rho.requires_grad or s.residual.requires_grad for s in stats)
+    assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [(0, False, True), (1, True, False)]
+
+
+def test_a_pattern_searched_again_at_every_step_measures_at_every_step():
+    # Searched(refresh=1) searches again at every step, so the statistics measured at one step never fit the next
+    # step's blocks: from the first measurement (the last dense step) on, every call measures again, and none applies
+    # the statistics of the step before (counting the blocks kept then, not the ones kept now).
+    from diffsparse.patterns import Searched
+
+    layout = VideoLayout(4, 4, 8)
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g).unbind(0)
+    second = (3 * torch.randn(3, 1, layout.num_tokens, 2, 16, generator=g)).unbind(0)
+    config = SparseConfig(pattern=Searched(keep=0.3, refresh=1, criterion="mass"), block_size=16, dense_steps=2,
+                          correction="residual")
+    runtime = SparseRuntime(config, "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    routed = []
+    for step, (q, k, v) in enumerate((first, first, second, second)):
+        runtime.begin_call(layout, step, 6)
+        routed.append(runtime.route(0))
+        if routed[-1]:
+            runtime.attention(0, q, k, v)
+    assert routed == [False, True, True, True]  # step 0 stays with the original processor
+    assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
+        (0, False, False), (1, False, True), (2, False, True), (3, False, True)]

@@ -241,6 +241,18 @@ def test_plan_is_immutable_and_reusable():
     assert torch.equal(block_sparse_attention(q, k, v, plan), first)
 
 
+def test_a_plan_shared_over_heads_serves_calls_with_other_head_counts():
+    # The torch-ops path keeps its chunks on the plan per call shape: the chunks of a 2-head call must not serve a
+    # 3-head one (its third head's rows are in none of them).
+    plan = make_plan(_random_mask(1, 1, 4, 4, 0.3), 100, 100, 32)
+    for heads in (2, 3, 2):
+        q, k, v = _inputs(1, heads, 100, 100, head_dim=16, seed=heads)
+        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+        ref_out, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="reference")
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
+
+
 def test_many_small_chunks_and_non_contiguous_inputs(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_CHUNK_BYTES", 1)  # one chunk per thread-count rows
     batch, heads, n, block = 2, 3, 100, 16
@@ -421,6 +433,7 @@ def test_bad_attention_inputs():
         ("share batch, heads and head_dim", (q, torch.cat([k, k], 1), v, plan)),
         ("k and v must have the same length", (q, k, v[:, :, :32], plan)),
         ("share one dtype", (q, k.half(), v, plan)),
+        ("on one device", (q, k.to("meta"), v, plan)),
         ("share one dtype out of", (q.double(), k.double(), v.double(), plan)),
         ("must match the plan's", (q[:, :, :32], k, v, plan)),
         # Fewer keys in as many key blocks: the compiled kernel attended the keys given, the torch-ops path the plan's.

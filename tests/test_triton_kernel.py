@@ -80,6 +80,20 @@ def _block_mask(case: Case, generator: torch.Generator) -> torch.Tensor:
     return mask
 
 
+# Masks that differ between the videos of a batch: `_block_mask` makes its special rows alike in every video, so the
+# CASES alone would not tell a plan row read from the wrong video. Video 0 keeps only its diagonal blocks, video 1
+# every block; on the same (B, H) index a row of the wrong video has another count and other indices.
+PER_VIDEO_CASE = Case("per_video_masks", 2, 2, 150, 150, 16, 64, 64, (2, 1), seed=8)
+
+
+def _per_video_inputs():
+    q, k, v, _ = _inputs(PER_VIDEO_CASE)
+    n_q = -(-PER_VIDEO_CASE.q_len // PER_VIDEO_CASE.block_q)
+    mask = torch.zeros(*PER_VIDEO_CASE.mask_bh, n_q, n_q, dtype=torch.bool)
+    mask[1] = True
+    return q, k, v, mask
+
+
 def _inputs(case: Case, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(case.seed)
     qkv = []
@@ -202,7 +216,9 @@ def _interpreter_worker(in_path: str, out_path: str) -> None:
 def interpreter_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton_interpreter")
     in_path, out_path = str(tmp / "inputs.pt"), str(tmp / "outputs.pt")
-    torch.save({c.name: (dataclasses.asdict(c), *_inputs(c)) for c in CASES}, in_path)
+    inputs = {c.name: (dataclasses.asdict(c), *_inputs(c)) for c in CASES}
+    inputs[PER_VIDEO_CASE.name] = (dataclasses.asdict(PER_VIDEO_CASE), *_per_video_inputs())
+    torch.save(inputs, in_path)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), in_path, out_path],
@@ -221,6 +237,22 @@ def test_interpreter_matches_dense_reference(case, interpreter_results):
     q, k, v, _ = _inputs(case)
     out, lse, plan_mask = result
     _check(case, q, k, v, out, lse, plan_mask)
+
+
+def _check_per_video(q, k, v, out, lse, plan_mask):
+    plan_mask, n_q = plan_mask.cpu(), plan_mask.shape[-1]
+    assert torch.equal(plan_mask[0, 0], torch.eye(n_q, dtype=torch.bool)) and plan_mask[1].all()
+    c = PER_VIDEO_CASE
+    ref_out, ref_lse = _reference(q, k, v, plan_mask, c.block_q, c.block_k, 1 / math.sqrt(c.head_dim))
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=0, atol=TOLERANCES[torch.float32]["out"])
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=TOLERANCES[torch.float32]["lse"])
+
+
+def test_interpreter_reads_each_video_s_own_plan_rows(interpreter_results):
+    result = interpreter_results[PER_VIDEO_CASE.name]
+    if isinstance(result, str):
+        pytest.fail(f"kernel raised in the interpreter:\n{result}")
+    _check_per_video(*_per_video_inputs()[:3], *result)
 
 
 def test_interpreter_public_api_with_scale_and_q_offset(interpreter_results):
@@ -262,6 +294,16 @@ def test_cuda_matches_dense_reference(case, dtype):
     q, k, v, block_mask = (x.cuda() for x in _inputs(case, dtype))
     out, lse, plan_mask = _run_kernel(q, k, v, block_mask, case)
     _check(case, q, k, v, out, lse, plan_mask)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the native Triton kernel needs a GPU")
+def test_cuda_reads_each_video_s_own_plan_rows():
+    from diffsparse.kernels import triton_block_sparse
+
+    if triton_block_sparse._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set in this process: the CUDA run would be interpreted")
+    q, k, v, block_mask = (x.cuda() for x in _per_video_inputs())
+    _check_per_video(q, k, v, *_run_kernel(q, k, v, block_mask, PER_VIDEO_CASE))
 
 
 # ---------------------------------------------------------------------------------------------
