@@ -549,6 +549,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .compare import (
         check_call_kwargs_before_loading,
         check_config_fits,
+        check_image,
         fill_call_defaults,
         load_pipeline_for,
         model_label,
@@ -561,6 +562,7 @@ def run_pipeline_bench(args, config) -> dict:
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
     check_call_kwargs_before_loading(args)
+    check_image(getattr(args, "image", None))
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_config_fits(pipe, config)  # what `apply` refuses for this model: before the dense runs, not after

@@ -313,6 +313,26 @@ def takes_size(pipe, name: str) -> bool:
     return name in _call_parameters(pipe)
 
 
+def check_image(path: str | None) -> None:
+    """`--image` (`None`: none given) is a file PIL can read, before anything is loaded: a missing file or one that is
+    no image ended in a traceback at the first generation, after the model (gigabytes of it) had loaded."""
+    if path is None:
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # the header and, for PNG, its chunks' checksums, without decoding the pixels
+    except FileNotFoundError:
+        raise ValueError(f"image={path!r}: no such file; give an image file (PNG, JPEG, ...)") from None
+    except IsADirectoryError:
+        raise ValueError(f"image={path!r}: a directory, not an image file; give an image file (PNG, JPEG, ...)"
+                         ) from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"image={path!r}: not an image file PIL can read ({type(error).__name__}: {error})"
+                         ) from None
+
+
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one generation of the commands: the prompt (for pipelines that take one; a
     class-conditional one, DiT, gets its inputs from `--call-kwargs`, a `ValueError` naming what is missing), the
@@ -908,6 +928,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
         _check_taken(call_kwargs or {}, _call_parameters(pipe), pipeline_name(pipe))
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
+    check_image(getattr(args, "image", None))  # and the demo's, before its still
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)

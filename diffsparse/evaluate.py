@@ -26,6 +26,7 @@ from .api import sparse
 from .compare import (
     check_call_kwargs_before_loading,
     check_config_fits,
+    check_image,
     check_two_stage,
     fill_call_defaults,
     first_output,
@@ -125,6 +126,7 @@ def run_eval(args) -> list[EvalRow]:
     check_call_kwargs_before_loading(args)
     prompts = eval_prompts(args)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
+    check_image(getattr(args, "image", None))
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
     configs = [
         SparseConfig(

@@ -134,6 +134,7 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     from .compare import (
         check_call_kwargs_before_loading,
+        check_image,
         fill_call_defaults,
         generation_kwargs,
         load_pipeline_for,
@@ -141,6 +142,7 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     )
 
     check_call_kwargs_before_loading(args)
+    check_image(getattr(args, "image", None))
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one

@@ -1,7 +1,9 @@
 """The `diffsparse` command on tiny inputs: every subcommand runs and writes what it says."""
 
 import argparse
+import contextlib
 import csv
+import importlib.util
 import json
 import re
 import subprocess
@@ -55,17 +57,62 @@ def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_gene
 
     for name in ("psnr", "ssim", "lpips"):
         monkeypatch.setattr(compare, name, recording(getattr(compare, name)))
+    # LPIPS too where the metrics extra is installed, from random AlexNet weights the test writes: scored only with
+    # weights in the torch hub cache before, so a frame 0 reaching LPIPS went unnoticed.
+    lpips_weights = []
+    if all(importlib.util.find_spec(name) for name in ("lpips", "torchvision")):
+        import torchvision
+
+        torch.manual_seed(0)
+        torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pth")
+        lpips_weights = ["--lpips-weights", str(tmp_path / "alexnet.pth")]
     args = ["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
-            "--dense-steps", "0", "--two-stage", "--still-candidates", "2", "--out", str(tmp_path)]
+            "--dense-steps", "0", "--two-stage", "--still-candidates", "2", *lpips_weights, "--out", str(tmp_path)]
     assert main(args) == 0
     result = json.loads((tmp_path / "compare.json").read_text())
     assert result["sampler"] == "two-stage, best of 2 stills"
     # Frame 0 is the shared still in both videos, so an unscored frame 0 cannot inflate PSNR to infinity.
     assert 0 < result["psnr_db"] < float("inf")
     # ... and every metric is given the 4 generated frames alone (the PSNR bound above held with frame 0 scored too).
-    assert {name for name, _, _ in scored} >= {"psnr", "ssim"}
+    assert {name for name, _, _ in scored} >= {"psnr", "ssim", *(["lpips"] if lpips_weights else [])}
+    assert (result["lpips"] is not None) == bool(lpips_weights)
     assert {(sparse_frames, dense) for _, sparse_frames, dense in scored} == {(4, 4)}
     assert "frame 0 is the shared still" in capsys.readouterr().out
+
+
+def test_compare_s_sparse_warm_up_runs_sparse_whatever_the_dense_steps(tmp_path, monkeypatch):
+    # The untimed sparse warm-up is one step: run under the config as given, dense steps covering that step left it
+    # dense, and the sparse path's one-time costs (kernel, plans) fell into the timed run.
+    from diffsparse import compare
+
+    sparse_calls = []  # per `sparse` block of the run, in order: the sparse calls it ran
+
+    @contextlib.contextmanager
+    def counting(pipe, config):
+        with real_sparse(pipe, config) as handle:
+            yield handle
+            sparse_calls.append(sum(layer.sparse_calls for layer in handle.stats(since_apply=True).layers))
+
+    real_sparse = compare.sparse
+    monkeypatch.setattr(compare, "sparse", counting)
+    assert main(["compare", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
+                 "--pattern", "window3d", "--density", "0.3", "--dense-steps", "1", "--out", str(tmp_path)]) == 0
+    # `check_config_fits` (applied and removed, nothing run), the warm-up, the timed sparse run.
+    assert len(sparse_calls) == 3 and sparse_calls[0] == 0, sparse_calls
+    assert sparse_calls[1] > 0, f"the warm-up ran no sparse call: {sparse_calls}"
+    assert sparse_calls[2] > 0
+
+
+def test_mp4s_of_odd_sides_are_cropped_to_even_ones_that_read_back(tmp_path):
+    # yuv420p needs even sides: with the width left odd the mp4 could not be written or read back.
+    import imageio.v3 as iio
+
+    from diffsparse.compare import write_frames
+
+    frames = np.random.default_rng(0).random((3, 33, 35, 3))
+    path = write_frames(tmp_path / "odd", frames)
+    assert path == tmp_path / "odd.mp4"
+    assert iio.imread(path).shape == (3, 32, 34, 3)
 
 
 def test_compare_video_starts_from_the_still_it_was_given(tiny_pipe, tmp_path):
@@ -206,8 +253,21 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     wan = tmp_path / "wan"  # a checkpoint folder as far as its model_index.json: the class is read, nothing loaded
     wan.mkdir()
     (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    not_image = tmp_path / "not_image.png"
+    not_image.write_text("hello")
+    nowhere = tmp_path / "nowhere.png"
     for argv, message in (
         (["compare", "--device", "gpu"], "device='gpu': not a torch device"),
+        # --image was opened only at the first generation, after loading: FileNotFoundError and PIL's
+        # UnidentifiedImageError or IsADirectoryError as tracebacks.
+        (["compare", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
+        (["compare", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
+        (["compare", "--image", str(tmp_path)], f"image='{tmp_path}': a directory, not an image file"),
+        (["eval", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
+        (["eval", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
+        (["eval", "--image", str(tmp_path)], f"image='{tmp_path}': a directory, not an image file"),
+        (["trace", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
+        (["bench", "pipeline", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
         # A key the pipeline does not take was said only once the pipeline had loaded (a 14B checkpoint: minutes).
         (["compare", "--call-kwargs", '{"guidance_scal": 2}'],
          "'guidance_scal', which TestbedPipeline does not take; it takes "),

@@ -1,5 +1,7 @@
 """The demo page: its request function on the tiny pipeline, and the Gradio page around it."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -236,6 +238,13 @@ def test_image_to_video_pipelines_take_the_pages_image(tmp_path):
     submit = make_handler(pipe, out=tmp_path)
     with pytest.raises(gr.Error, match="give one with --image"):
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None)
+    # A file that is not there or not an image: the page said "the run failed: FileNotFoundError" after the warm-up.
+    not_image = tmp_path / "not_image.png"
+    not_image.write_text("hello")
+    for path, message in ((tmp_path / "nowhere.png", "no such file"), (not_image, "not an image file PIL can read"),
+                          (tmp_path, "a directory, not an image file")):
+        with pytest.raises(gr.Error, match=re.escape(f"image={str(path)!r}: {message}")):
+            submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, str(path))
     video, summary = submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, str(image_path))
     assert video.endswith("compare.mp4") and "SSIM" in summary
 
