@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# A word: letters and digits; everything else (spaces, punctuation, symbols) only separates words.
-_WORD = re.compile(r"[^\W_]+")
+# A word: letters and digits, and the combining marks after them (NFKC leaves those that have no precomposed letter,
+# e.g. q + U+0301, which is not a word character); everything else (spaces, punctuation, symbols) separates words.
+_WORD = re.compile(r"[^\W_](?:[^\W_]|[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f])*")
 
 
 def prompt_words(prompt: str) -> list[str]:

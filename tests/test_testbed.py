@@ -1228,6 +1228,9 @@ def test_punctuation_does_not_turn_words_into_unknowns():
     # "red_circle" was one unknown word).
     assert text.prompt_words("red_circle, moving") == ["red", "circle", "moving"]
     assert text.clean_prompt("A red_circle") == "a red circle"
+    # A letter with a combining accent is one (unknown) word, precomposed by NFKC or not (q + U+0301 has no single
+    # code point; before, the mark split it: "aq", "b").
+    assert text.prompt_words("cafe\u0301 aq\u0301b left") == ["caf\u00e9", "aq\u0301b", "left"]
 
 
 def test_prompts_without_punctuation_encode_exactly_as_before():
