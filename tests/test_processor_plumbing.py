@@ -166,6 +166,25 @@ def test_the_sparse_processors_keep_the_attention_backend_set_before_apply(monke
     assert torch.equal(out, reference)
 
 
+
+@pytest.mark.parametrize("make", [tiny_wan, tiny_skyreels], ids=["Wan", "SkyReels-V2"])
+def test_a_subclass_of_a_supported_transformer_runs_as_its_parent(make):
+    # A user's subclass is its family's model: the family's adapter, and the sparse call its parent class gives.
+    parent = make()
+    subclass = type("UserTransformer", (type(parent),), {})
+    child = subclass.from_config(parent.config).eval()
+    child.load_state_dict(parent.state_dict())
+    assert adapter_for(child) is adapter_for(parent)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    outputs = []
+    with torch.no_grad():
+        reference = parent(**inputs()).sample
+        for model in (parent, child):
+            with diffsparse.sparse(model, config) as handle:
+                outputs.append(model(**inputs()).sample)
+                assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1)] * 2
+    assert torch.equal(outputs[1], outputs[0]) and not torch.allclose(outputs[0], reference, atol=1e-4)
+
 def test_read_call_takes_the_last_argument_given_by_position():
     transformer = tiny_wan()
     call = inputs()

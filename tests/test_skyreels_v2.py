@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,26 @@ def test_causal_frame_blocks_the_kernel_cannot_apply_run_the_original_with_a_war
     assert torch.equal(out, reference)
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
 
+
+
+def test_a_causal_call_that_runs_the_original_warns_once_per_layout():
+    # A correction's dense measurement knows no mask: every masked call runs the original processor, said once per
+    # layout however many layers and calls, and again for a new layout.
+    model = tiny_transformer(frames_per_block=2)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0, correction="residual")
+    longer = {**inputs(per_frame=True), "timestep": torch.tensor([[100, 200, 300, 400, 500, 600]])}
+    longer["hidden_states"] = torch.randn(1, 16, 6, 8, 12, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), diffsparse.sparse(model, config) as handle:
+            for _ in range(2):
+                model(**inputs(per_frame=True))
+            said = [str(w.message) for w in caught if "causal mask" in str(w.message)]
+            model(**longer)
+            stats = handle.stats()
+    assert len(said) == 1, said
+    assert len([w for w in caught if "causal mask" in str(w.message)]) == 2
+    assert all(s.sparse_calls == 0 for s in stats.layers)
 
 @pytest.mark.parametrize("block_size", [16, 20], ids=["whole blocks", "per group"])
 @pytest.mark.parametrize(
@@ -350,6 +371,22 @@ def test_a_frame_in_its_dense_steps_keeps_every_key():
         frames = {t // per_frame for t in range(block * 16, min((block + 1) * 16, LAYOUT.num_tokens))}
         assert bool(row.all()) == bool(frames & {3, 4}), block
 
+
+
+def test_a_frame_in_its_dense_steps_keeps_only_the_keys_the_causal_mask_allows():
+    # 6 frames in 3 causal groups of 2 (48 tokens: 3 blocks of 16), frames 2 to 5 in their dense steps: their rows
+    # whole, then cut by the mask. The middle group's query blocks keep every key block of groups 0 and 1 and none of
+    # group 2's (the mask applied before the dense rows were added would let them attend the later group).
+    layout = VideoLayout(6, 4, 6)
+    config = dataclasses.replace(FIRST_FIFTH_DENSE, dense_steps=1)
+    runtime = diffsparse.apply(tiny_transformer(frames_per_block=2), config).runtimes["transformer"]
+    plan = runtime.plan(layout, 2, torch.device("cpu"), frame_causal=2, dense_frames=(2, 3, 4, 5)).plan
+    allowed = FrameCausal(2).block_mask(layout, 16)[0]
+    for mask in plan.block_mask.flatten(0, 1):
+        assert mask.shape == allowed.shape == (9, 9) and not (mask & ~allowed).any()
+        assert mask[3:6, :6].all() and not mask[3:6, 6:].any()
+        assert mask[6:].all()  # the last group's dense rows: every key
+        assert not mask[:3, :3].all()  # the first group's rows: the pattern's blocks only
 
 def test_causal_frame_blocks_in_a_pipeline():
     pipe = tiny_pipeline(SkyReelsV2DiffusionForcingPipeline)

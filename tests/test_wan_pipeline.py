@@ -666,7 +666,7 @@ def test_stats_without_apply_raises(tiny_pipe):
 
 
 def test_unsupported_model_raises():
-    with pytest.raises(ValueError, match="no adapter"):
+    with pytest.raises(ValueError, match="no adapter for Linear; supported: .*WanTransformer3DModel"):
         diffsparse.apply(torch.nn.Linear(2, 2), diffsparse.SparseConfig())
 
 
