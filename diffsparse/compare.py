@@ -322,13 +322,14 @@ def check_image(path: str | None) -> None:
 
     try:
         with Image.open(path) as image:
-            image.verify()  # the header and, for PNG, its chunks' checksums, without decoding the pixels
+            image.convert("RGB")  # decoded as `generation_kwargs` will: a truncated file fails here, not after loading
     except FileNotFoundError:
         raise ValueError(f"image={path!r}: no such file; give an image file (PNG, JPEG, ...)") from None
     except IsADirectoryError:
         raise ValueError(f"image={path!r}: a directory, not an image file; give an image file (PNG, JPEG, ...)"
                          ) from None
-    except (OSError, SyntaxError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
+    # PIL.UnidentifiedImageError is an OSError; DecompressionBombError (an image too large to open) is not.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"image={path!r}: not an image file PIL can read ({type(error).__name__}: {error})"
                          ) from None
 

@@ -529,8 +529,9 @@ class Pattern(abc.ABC):
         if density(lo) < target < density(hi):
             bisect(lo, hi)
         rows, columns = (math.ceil(layout.num_tokens / size) for size in as_pair(block_size))
-        # Searching every piece costs a few masks per break: done where the first bisection is more than a query-block
-        # row off the target, or on any mask small enough to cost microseconds (where one row is a large step).
+        # Searching every piece costs two masks or more per break: done where the first bisection is more than a
+        # query-block row off the target, or on any mask small enough to cost a millisecond or so (where one row is a
+        # large step).
         tolerance = 0.0 if rows * columns <= _SMALL_MASK_BLOCKS else 1 / rows
         if abs(cache[closest()] - target) > tolerance and breaks:
             edges = sorted({lo, hi, *(x for x in breaks if lo < x < hi)})

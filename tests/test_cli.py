@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import csv
 import importlib.util
+import io
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -256,6 +258,10 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     not_image = tmp_path / "not_image.png"
     not_image.write_text("hello")
     nowhere = tmp_path / "nowhere.png"
+    truncated = tmp_path / "truncated.jpg"  # a header PIL opens, pixels it cannot decode (a half-written download)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     for argv, message in (
         (["compare", "--device", "gpu"], "device='gpu': not a torch device"),
         # --image was opened only at the first generation, after loading: FileNotFoundError and PIL's
@@ -266,6 +272,7 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["eval", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
         (["eval", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
         (["eval", "--image", str(tmp_path)], f"image='{tmp_path}': a directory, not an image file"),
+        (["compare", "--image", str(truncated)], f"image='{truncated}': not an image file PIL can read"),
         (["trace", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
         (["bench", "pipeline", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
         # A key the pipeline does not take was said only once the pipeline had loaded (a 14B checkpoint: minutes).
