@@ -643,12 +643,15 @@ def fill_call_defaults(args, pipe) -> None:
 
 def pipeline_outputs(output):
     """`(the batch of a pipeline output, whether it holds videos)`: its `frames`, or its images (`images`, or
-    `image` as Kandinsky 5's image pipelines name them)."""
+    `image` as Kandinsky 5's image pipelines name them), or `video`, one sample's (Cosmos 3's non-modular pipeline)."""
     for name, videos in (("frames", True), ("images", False), ("image", False)):
         batch = getattr(output, name, None)
         if batch is not None:
             return batch, videos
-    raise TypeError(f"{type(output).__name__} holds no `frames`, `images` or `image` to compare")
+    video = getattr(output, "video", None)
+    if video is not None:
+        return [video], True
+    raise TypeError(f"{type(output).__name__} holds no `frames`, `images`, `image` or `video` to compare")
 
 
 def first_output(output) -> np.ndarray:

@@ -10,9 +10,11 @@ import torch
 from diffusers import (
     AutoencoderKLCosmos,
     Cosmos2_5_PredictBasePipeline,
+    Cosmos2TextToImagePipeline,
     Cosmos2VideoToWorldPipeline,
     CosmosTextToWorldPipeline,
     CosmosTransformer3DModel,
+    CosmosVideoToWorldPipeline,
     EDMEulerScheduler,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
@@ -217,6 +219,39 @@ def test_text_to_world_pipeline_steps_follow_the_scheduler(text2world_pipe):
     steps, seen, expected = steps_and_layouts(text2world_pipe, call)
     assert steps == GUIDED_STEPS
     assert seen == expected
+
+
+@pytest.mark.parametrize("condition", [{"image": frame(0)}, {"video": [frame(i) for i in range(5)]}],
+                         ids=["image-to-world", "video-to-world"])
+def test_cosmos1_video_to_world_pipeline_steps_follow_the_scheduler(text2world_pipe, condition):
+    # Cosmos 1.0 video-to-world: the text-to-world fixture's parts, a transformer taking the condition mask as one more
+    # channel (`condition_mask`, which the transformer concatenates itself); EDM's timesteps as is.
+    components = {**text2world_pipe.components, "transformer": tiny_transformer(
+        5, 4, text2world_pipe.text_encoder.config.d_model)}
+    pipe = CosmosVideoToWorldPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    call = {**PREDICT25_CALL, "prompt": "a red circle moving left", **condition}
+    steps, seen, expected = steps_and_layouts(pipe, call)
+    assert steps == GUIDED_STEPS
+    assert seen == expected
+
+
+def test_cosmos2_text_to_image_pipeline_steps_follow_the_scheduler(pipe):
+    # Cosmos Predict 2 text-to-image: the video-to-world fixture's parts, a transformer without the condition mask's
+    # channel; its timestep `sigma / (sigma + 1)`, one per sample, against 1000 sigma in the scheduler's timesteps.
+    z_dim = pipe.vae.config.z_dim
+    t2i = Cosmos2TextToImagePipeline(
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, vae=pipe.vae,
+        transformer=tiny_transformer(z_dim, z_dim, pipe.text_encoder.config.d_model),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=NoSafetyChecker(),
+    )
+    t2i.set_progress_bar_config(disable=True)
+    call = {key: value for key, value in CALL.items() if key not in ("image", "num_frames")}
+    # The default sparse config (a window of one token): radial keeps the one frame whole.
+    stats, calls = check_pipeline_against_dense(t2i, call)
+    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == GUIDED_STEPS
+    # 64 x 96 pixels -> 8 x 12 latents -> 4 x 6 patches, one frame.
+    assert {(layout, shape) for _, layout, shape in calls} == {(VideoLayout(1, 4, 6), (1, 24))}
 
 
 def test_other_processors_are_refused(transformer):

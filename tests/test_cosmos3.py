@@ -7,7 +7,13 @@ from collections import Counter
 
 import pytest
 import torch
-from diffusers import Cosmos3OmniTransformer, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    AutoencoderKLWan,
+    Cosmos3OmniPipeline,
+    Cosmos3OmniTransformer,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.modular_pipelines import SequentialPipelineBlocks
 from diffusers.modular_pipelines.cosmos.before_denoise import (
     Cosmos3PrepareTextSegmentsStep,
@@ -29,9 +35,12 @@ from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 
 from helpers import (
+    QWEN3_TEMPLATE,
+    chat_tokenizer,
     check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
+    check_pipeline_against_dense,
     recorded_attention_calls,
 )
 
@@ -265,3 +274,44 @@ def test_modular_calls_whose_generation_tokens_are_not_all_video_run_the_origina
     assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
     assert not any(r.sparse for r in records)
     assert torch.equal(out, reference)
+
+
+@pytest.fixture(scope="module")
+def omni_pipe(transformer):
+    """`Cosmos3OmniPipeline` on the tiny transformer: a word-level chat tokenizer (its ids within the transformer's
+    40), a Wan VAE of 4 latent channels (8x in space, 4x in time; it encodes the conditioning video, zeros without
+    one), no safety checker."""
+    vocabulary = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "a", "red", "circle",
+                  "low", "quality", "."]
+    tokenizer = chat_tokenizer(vocabulary, QWEN3_TEMPLATE, ["<|vision_start|>"])
+    tokenizer.eos_token = "<|im_end|>"
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = Cosmos3OmniPipeline(
+        transformer=transformer, text_tokenizer=tokenizer, vae=vae.eval(), enable_safety_checker=False,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# 9 frames of 64 x 96 -> 3 x 8 x 12 latents, a 3 x 4 x 6 patch grid; 2 steps; the prompts without templates.
+OMNI_CALL = {"prompt": "a red circle", "negative_prompt": "low quality", "num_frames": 9, "height": 64, "width": 96,
+             "num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "latent", "use_system_prompt": False,
+             "add_resolution_template": False, "add_duration_template": False}
+
+
+@pytest.mark.parametrize("condition", [{}, {"image": torch.rand(3, 64, 96)}], ids=["text-to-video", "image-to-video"])
+def test_omni_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(omni_pipe, condition):
+    # The non-modular pipeline: each guidance pass in its cache context ("cond", "uncond"), the scheduler's timestep
+    # on every noisy patch (image-to-video: the first latent frame clean, its patches given none).
+    stats, calls = check_pipeline_against_dense(omni_pipe, {**OMNI_CALL, **condition}, block_size=8)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(s, b): 2 for s in range(2) for b in ("cond", "uncond")}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    prompts = omni_pipe.tokenize_prompt("a red circle", "low quality", use_system_prompt=False,
+                                        add_resolution_template=False, add_duration_template=False)
+    assert {(layout, shape) for _, layout, shape in calls} == {
+        (VideoLayout(*GRID, text_len=len(ids), text_position="start"), (1, 72)) for ids in prompts
+    }

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
@@ -225,6 +226,19 @@ def tiny_klein_pipeline():
     tokenizer = chat_tokenizer(VOCABULARY, QWEN3_TEMPLATE, ["<think>", "</think>"])
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=qwen.eval(),
                               tokenizer=tokenizer, transformer=tiny_pipeline_transformer(guidance_embeds=False))
+
+
+def test_the_kv_cache_pipeline_is_refused_at_apply():
+    # `Flux2KleinKVPipeline` puts its own KV-cache processors on the transformer in `__init__`: `apply` refuses them
+    # by name and leaves them in place.
+    torch.manual_seed(0)
+    pipe = Flux2KleinKVPipeline(**tiny_klein_pipeline().components)
+    processors = dict(pipe.transformer.attn_processors)
+    assert {type(p).__name__ for p in processors.values()} == {"Flux2KVAttnProcessor",
+                                                                "Flux2KVParallelSelfAttnProcessor"}
+    with pytest.raises(ValueError, match="Flux2KVAttnProcessor"):
+        diffsparse.apply(pipe, diffsparse.SparseConfig())
+    assert all(pipe.transformer.attn_processors[name] is p for name, p in processors.items())
 
 
 # Per pipeline: its text positions (enough for the template's tokens: the prompts are padded to it, so every call's

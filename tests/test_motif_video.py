@@ -4,14 +4,17 @@ tokens in place of the text, called directly; and the real `MotifVideoPipeline` 
 T5Gemma2 text encoder, the embedded Wan pipeline's word tokenizer and Wan VAE, a classifier-free guider), run end
 to end."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
     ClassifierFreeGuidance,
     FlowMatchEulerDiscreteScheduler,
+    MotifVideoImage2VideoPipeline,
     MotifVideoPipeline,
     MotifVideoTransformer3DModel,
 )
+from PIL import Image
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
@@ -211,3 +214,45 @@ def test_pipeline_guider_calls_each_branch_on_its_prompt_and_follows_the_schedul
         (step, branch, layer, step > 0) for step in range(3) for branch in prompts for layer in range(3)
     ]
     assert all(r.density < 1 for r in records if r.sparse)
+
+
+def test_image_to_video_pipeline_attends_the_image_embedding_with_the_text():
+    # `MotifVideoImage2VideoPipeline`: the first frame's latents in the condition channels, and its SigLIP embedding
+    # (the T5Gemma2 encoder's vision tower: 8 x 8 pixels, 4 patches of 4 x 4) as `image_embeds`, which the encoder
+    # blocks attend beside the prompt.
+    from transformers import SiglipImageProcessor
+
+    base = tiny_motif_pipeline()
+    encoder, z_dim = base.text_encoder, base.vae.config.z_dim
+    torch.manual_seed(0)
+    model = MotifVideoTransformer3DModel(
+        in_channels=2 * z_dim + 1, out_channels=z_dim, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=2, num_decoder_layers=1, patch_size=2, patch_size_t=1,
+        text_embed_dim=encoder.config.text_config.hidden_size, image_embed_dim=encoder.config.vision_config.hidden_size,
+        rope_axes_dim=(4, 6, 6), enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True,
+    )
+    pipe = MotifVideoImage2VideoPipeline(
+        scheduler=base.scheduler, vae=base.vae, text_encoder=encoder, tokenizer=base.tokenizer,
+        transformer=model.eval(), guider=base.guider,
+        feature_extractor=SiglipImageProcessor(size={"height": 8, "width": 8}),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompts = {"pred_cond": "a red circle moving left", "pred_uncond": "low quality"}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    call = {"image": image, "prompt": prompts["pred_cond"], "negative_prompt": prompts["pred_uncond"], "height": 64,
+            "width": 96, "num_frames": 9, "num_inference_steps": 3, "output_type": "latent", "max_sequence_length": 16}
+    stats, calls = check_pipeline_against_dense(pipe, call)
+    # Each encoder block's layout: the video's 3 x 4 x 6 tokens, then the prompt's valid tokens and the 4 image
+    # tokens; the decoder block's, the encoder's video.
+    decoder = VideoLayout(3, 4, 6, text_len=VideoLayout(3, 4, 6).num_tokens)
+    expected = []
+    for prompt in prompts.values():
+        text = VideoLayout(3, 4, 6, text_len=len(pipe.tokenizer(prompt).input_ids) + 4)
+        expected += [(0, text), (1, text), (2, decoder)]
+    assert [(layer, layout, shape) for layer, layout, shape in calls] == [
+        (layer, layout, (1, layout.num_tokens)) for layer, layout in expected * 2
+    ]
+    records = stats.calls["transformer"]
+    assert [(r.step, r.branch, r.layer, r.sparse) for r in records] == [
+        (step, branch, layer, step > 0) for step in range(3) for branch in prompts for layer in range(3)
+    ]

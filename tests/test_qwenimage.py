@@ -20,7 +20,10 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
+    QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -32,7 +35,7 @@ from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage import (
 from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_edit import QwenImageEditCoreDenoiseStep
 from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_edit_plus import QwenImageEditPlusCoreDenoiseStep
 from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_layered import QwenImageLayeredCoreDenoiseStep
-from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from PIL import Image
 from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -307,6 +310,52 @@ def test_edit_pipeline_with_true_cfg_and_vision_tokens_in_the_prompt(qwen_edit_p
         reference_len = sum(rows * cols for rows, cols in grids.values())
         expected = {VideoLayout(1, 16, 16, text_len=n + reference_len, text_position="start") for n in text_lens}
     assert {layout for _, layout, _ in calls} == expected
+
+
+def half_mask(width: int, height: int) -> Image.Image:
+    """An inpainting mask repainting the left half."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (0, 0, width // 2, height))
+    return mask
+
+
+@pytest.mark.parametrize("pipeline_class", [QwenImageImg2ImgPipeline, QwenImageInpaintPipeline],
+                         ids=["img2img", "inpaint"])
+def test_img2img_and_inpaint_pipelines_count_their_steps_from_the_first_one_run(qwen_pipe, pipeline_class):
+    # `strength=0.75` of 4 steps runs the scheduler's last 3 (750, 500, 250): the first of them is the dense step.
+    pipe = pipeline_class(**qwen_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = noise_image(48, 64, seed=3)
+    call = {**PIPELINE_CALL, "image": image, "num_inference_steps": 4, "strength": 0.75}
+    if pipeline_class is QwenImageInpaintPipeline:
+        call["mask_image"] = half_mask(48, 64)
+    stats, calls = check_pipeline_against_dense(pipe, call, block_size=8)
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, branch): 2 for step in range(3)
+                                                            for branch in ("cond", "uncond")}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(1, 16, 12)}
+
+
+@pytest.mark.parametrize(("reference", "frames"), [("square", True), ("wide", False)], ids=["same size", "other size"])
+def test_edit_pipeline_with_true_cfg(qwen_edit_pipe, reference, frames, monkeypatch):
+    # `QwenImageEditPipeline` (one reference): it resizes the reference to about 1024² pixels for the VAE and the
+    # vision tower alike; 64² keeps the sequence short and the square reference a frame of the output's grid.
+    calculate_dimensions = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
+                        lambda area, ratio: calculate_dimensions(64 * 64, ratio))
+    pipe = QwenImageEditPipeline(**{name: getattr(qwen_edit_pipe, name) for name in (
+        "text_encoder", "tokenizer", "processor", "vae", "transformer", "scheduler")})
+    template = pipe.prompt_template_encode  # its drop counts Qwen's tokens of its system prompt
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(template[:template.index("{}")]).input_ids)
+    pipe.set_progress_bar_config(disable=True)
+    stats, calls = check_pipeline_against_dense(pipe, {**EDIT_CALL, "image": REFERENCES[reference]})
+    records = stats.calls["transformer"]
+    assert Counter((r.step, r.branch) for r in records) == {(step, branch): 2 for step in range(3)
+                                                            for branch in ("cond", "uncond")}
+    assert all(r.sparse == (r.step > 0) for r in records)
+    # The output's 16 x 16 patches; the square reference a second frame, the wide one beside the text.
+    assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {(2 if frames else 1, 16, 16)}
 
 
 def test_the_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_sparse(qwen_pipe):
