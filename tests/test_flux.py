@@ -262,10 +262,9 @@ def test_controlnet_pipeline_keeps_the_controlnet_dense_and_the_transformer_spar
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 6, text_len=TEXT_LEN, text_position="start")}
 
 
-def test_visualcloze_rows_of_images_are_frames(flux_pipe):
-    # VisualCloze (FLUX.1 Fill): each row of images (in-context examples, then the query with its blank target) is
-    # one wide image whose tokens carry the row's number, from 1, as their first id: the rows are the layout's frames.
-    from diffusers import VisualClozeGenerationPipeline
+def visualcloze(pipeline_class, flux_pipe):
+    """A tiny VisualCloze pipeline of `pipeline_class` on `flux_pipe`'s parts and its call's images: one row of an
+    in-context example (two 32 x 32 pictures), then the query (a picture and its blank target)."""
     from PIL import Image
 
     torch.manual_seed(1)
@@ -278,11 +277,19 @@ def test_visualcloze_rows_of_images_are_frames(flux_pipe):
     ).eval()
     components = {k: v for k, v in flux_pipe.components.items()
                   if k not in ("transformer", "image_encoder", "feature_extractor")}
-    pipe = VisualClozeGenerationPipeline(**components, transformer=transformer, resolution=32)
+    pipe = pipeline_class(**components, transformer=transformer, resolution=32)
     pipe.set_progress_bar_config(disable=True)
-    picture = [Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
-               for seed in range(3)]
-    image = [[picture[0], picture[1]], [picture[2], None]]  # one in-context example, then the query
+    picture = [Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte()
+                               .numpy()) for seed in range(3)]
+    return pipe, [[picture[0], picture[1]], [picture[2], None]]
+
+
+def test_visualcloze_rows_of_images_are_frames(flux_pipe):
+    # VisualCloze (FLUX.1 Fill): each row of images (in-context examples, then the query with its blank target) is
+    # one wide image whose tokens carry the row's number, from 1, as their first id: the rows are the layout's frames.
+    from diffusers import VisualClozeGenerationPipeline
+
+    pipe, image = visualcloze(VisualClozeGenerationPipeline, flux_pipe)
     call = {"task_prompt": "a red circle", "content_prompt": "on grass", "image": image, "num_inference_steps": 3,
             "max_sequence_length": TEXT_LEN, "output_type": "latent"}
     _, calls = check_pipeline_against_dense(pipe, call)
@@ -295,25 +302,14 @@ def test_visualcloze_pipeline_generates_then_upsamples_each_stage_sparse_after_i
     # `VisualClozeUpsamplingPipeline` (FLUX.1 Fill on the target alone, one frame), the same transformer; each stage
     # sets the scheduler's timesteps anew, so each is a run of its own with its first step dense (`stats()`: the last).
     from diffusers import VisualClozePipeline
-    from PIL import Image
 
-    torch.manual_seed(1)
-    transformer = FluxTransformer2DModel(  # Fill's input, as `test_visualcloze_rows_of_images_are_frames`
-        patch_size=1, in_channels=16 + 16 + 16, out_channels=16, num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    components = {k: v for k, v in flux_pipe.components.items()
-                  if k not in ("transformer", "image_encoder", "feature_extractor")}
-    pipe = VisualClozePipeline(**components, transformer=transformer, resolution=32)
-    pipe.set_progress_bar_config(disable=True)
-    picture = [Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
-               for seed in range(3)]
-    call = {"task_prompt": "a red circle", "content_prompt": "on grass", "image": [[picture[0], picture[1]],
-            [picture[2], None]], "num_inference_steps": 3, "max_sequence_length": TEXT_LEN, "output_type": "latent",
-            "upsampling_strength": 1.0, "upsampling_height": 32, "upsampling_width": 32}
+    pipe, image = visualcloze(VisualClozePipeline, flux_pipe)
+    call = {"task_prompt": "a red circle", "content_prompt": "on grass", "image": image, "num_inference_steps": 3,
+            "max_sequence_length": TEXT_LEN, "output_type": "latent", "upsampling_strength": 1.0,
+            "upsampling_height": 32, "upsampling_width": 32}
     stats, calls = check_pipeline_against_dense(pipe, call)
-    assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [(0, False), (1, True), (2, True)]
+    first_layer = [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0]
+    assert first_layer == [(0, False), (1, True), (2, True)]
     # Steps 1 and 2 of each stage, both layers: the two rows of 8 x 16 tokens, then the 32 x 32 target's 8 x 8.
     assert Counter(layout for _, layout, _ in calls) == {
         VideoLayout(2, 8, 16, text_len=TEXT_LEN, text_position="start"): 4,

@@ -197,14 +197,21 @@ def test_pipeline_guider_calls_each_branch_on_its_prompt_and_follows_the_schedul
             "num_frames": 9, "num_inference_steps": 3, "output_type": "latent", "max_sequence_length": 16}
     padded = pipe.tokenizer(prompts["pred_cond"], padding="max_length", max_length=16).attention_mask
     assert padded[0 if padding_side == "left" else -1] == 0
-    stats, calls = check_pipeline_against_dense(pipe, call)
     # The guider runs the cond and the uncond branch as two calls of batch 1; each prompt is padded to 16 tokens and
-    # masked, so the encoder blocks attend its valid tokens only, and the decoder block the encoder's video. 9
-    # frames of 64 x 96 -> 3 latent frames of 8 x 12 -> 3 x 4 x 6 video tokens after the 2x2 patchify.
+    # masked, so the encoder blocks attend its valid tokens only, and the decoder block the encoder's video.
+    check_guided_pipeline_calls(pipe, call, prompts)
+
+
+def check_guided_pipeline_calls(pipe, call, prompts, image_tokens=0):
+    """`pipe(**call)` against dense, and its calls: per branch of `prompts` (guider name -> prompt), batch 1, the two
+    encoder blocks on the video (9 frames of 64 x 96 -> 3 latent frames of 8 x 12 -> 3 x 4 x 6 tokens after the 2x2
+    patchify) and the prompt's valid tokens (and `image_tokens`), the decoder block on the encoder's video; the
+    first of 3 steps dense."""
+    stats, calls = check_pipeline_against_dense(pipe, call)
     decoder = VideoLayout(3, 4, 6, text_len=VideoLayout(3, 4, 6).num_tokens)
     expected = []
     for prompt in prompts.values():
-        text = VideoLayout(3, 4, 6, text_len=len(pipe.tokenizer(prompt).input_ids))
+        text = VideoLayout(3, 4, 6, text_len=len(pipe.tokenizer(prompt).input_ids) + image_tokens)
         expected += [(0, text), (1, text), (2, decoder)]
     assert [(layer, layout, shape) for layer, layout, shape in calls] == [
         (layer, layout, (1, layout.num_tokens)) for layer, layout in expected * 2
@@ -241,18 +248,5 @@ def test_image_to_video_pipeline_attends_the_image_embedding_with_the_text():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
     call = {"image": image, "prompt": prompts["pred_cond"], "negative_prompt": prompts["pred_uncond"], "height": 64,
             "width": 96, "num_frames": 9, "num_inference_steps": 3, "output_type": "latent", "max_sequence_length": 16}
-    stats, calls = check_pipeline_against_dense(pipe, call)
-    # Each encoder block's layout: the video's 3 x 4 x 6 tokens, then the prompt's valid tokens and the 4 image
-    # tokens; the decoder block's, the encoder's video.
-    decoder = VideoLayout(3, 4, 6, text_len=VideoLayout(3, 4, 6).num_tokens)
-    expected = []
-    for prompt in prompts.values():
-        text = VideoLayout(3, 4, 6, text_len=len(pipe.tokenizer(prompt).input_ids) + 4)
-        expected += [(0, text), (1, text), (2, decoder)]
-    assert [(layer, layout, shape) for layer, layout, shape in calls] == [
-        (layer, layout, (1, layout.num_tokens)) for layer, layout in expected * 2
-    ]
-    records = stats.calls["transformer"]
-    assert [(r.step, r.branch, r.layer, r.sparse) for r in records] == [
-        (step, branch, layer, step > 0) for step in range(3) for branch in prompts for layer in range(3)
-    ]
+    # Each encoder block's layout: the video, then the prompt's valid tokens and the 4 image tokens.
+    check_guided_pipeline_calls(pipe, call, prompts, image_tokens=4)
