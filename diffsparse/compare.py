@@ -328,8 +328,9 @@ def check_image(path: str | None) -> None:
     except IsADirectoryError:
         raise ValueError(f"image={path!r}: a directory, not an image file; give an image file (PNG, JPEG, ...)"
                          ) from None
-    # PIL.UnidentifiedImageError is an OSError; DecompressionBombError (an image too large to open) is not.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # not an OSError
+        raise ValueError(f"image={path!r}: too large for PIL ({error}); give a smaller image") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"image={path!r}: not an image file PIL can read ({type(error).__name__}: {error})"
                          ) from None
 

@@ -226,6 +226,17 @@ def test_counts_and_sizes_below_their_bound_are_usage_errors(argv, capsys):
     assert "must be at least 1, got " in err and "Traceback" not in err
 
 
+def test_an_image_over_pil_s_decompression_bomb_limit_is_a_value_error(tmp_path, monkeypatch):
+    # PIL's DecompressionBombError is no OSError: it escaped the check as a traceback.
+    from diffsparse.compare import check_image
+
+    large = tmp_path / "large.png"
+    PIL.Image.new("RGB", (64, 64)).save(large)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # lowered from 179 megapixels: 4,096 is over twice it
+    with pytest.raises(ValueError, match=f"image='{re.escape(str(large))}': too large for PIL"):
+        check_image(str(large))
+
+
 def test_a_device_type_torch_names_no_backend_for_is_checked_by_placing_a_tensor(monkeypatch):
     # torch_xla registers "xla" without a `torch.xla` to ask (habana "hpu" likewise): such a type is taken where torch
     # can place a tensor on it (the torch-ops path runs on any device), refused by name where it cannot ("hip" ended

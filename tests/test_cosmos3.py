@@ -315,3 +315,12 @@ def test_omni_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(om
     assert {(layout, shape) for _, layout, shape in calls} == {
         (VideoLayout(*GRID, text_len=len(ids), text_position="start"), (1, 72)) for ids in prompts
     }
+
+
+def test_the_commands_read_the_omni_pipeline_s_video_as_one_clip_of_frames(omni_pipe):
+    # Its output holds `video`, one sample's (not a batch of `frames`): the commands score it as a clip of 9 frames
+    # (read as a batch, its first frame was taken for a clip of 64 rows).
+    from diffsparse.compare import first_output
+
+    output = omni_pipe(**{**OMNI_CALL, "output_type": "np", "num_inference_steps": 1})
+    assert first_output(output).shape == (9, 64, 96, 3)
