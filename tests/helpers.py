@@ -72,6 +72,13 @@ def recorded_attention_calls():
         yield calls
 
 
+def _self_attention_layers(transformer) -> list[int]:
+    """The layer indices of `transformer`'s self-attentions that diffsparse makes sparse."""
+    from diffsparse.pipelines import adapter_for
+
+    return [layer for layer, _ in adapter_for(transformer).self_attention_modules(transformer)]
+
+
 def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
     """`model(**inputs(**kwargs)).sample` without gradients; under `config` (applied for the call, then removed)
     when one is given."""
@@ -115,6 +122,8 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
     with recorded_attention_calls() as calls:
         kept = run(model, inputs, every_block)
     assert calls, "no call went through the sparse path: the comparisons below would hold whatever it computes"
+    # Every self-attention layer through the sparse path: a layer that silently ran the original would pass the rest.
+    assert {layer for layer, _, _ in calls} == set(_self_attention_layers(model))
     torch.testing.assert_close(kept, reference, atol=1e-4, rtol=0)
     # Real checkpoints run in bfloat16: the sparse path keeps the model's dtype and its precision (the compiled CPU
     # kernel's bfloat16 path). Against float32 the dense model's own error in bfloat16 is the yardstick.
@@ -283,6 +292,7 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     with recorded_attention_calls() as kernel_calls:
         kept, stats = run_pipeline(pipe, call, every_block)
     assert kernel_calls and all(r.sparse for log in stats.calls.values() for r in log)
+    assert {layer for layer, _, _ in kernel_calls} >= set(_self_attention_layers(pipe.transformer))
     torch.testing.assert_close(kept, reference, atol=atol, rtol=0)
     if sparse is None:
         sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1,
