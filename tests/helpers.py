@@ -350,7 +350,11 @@ def check_modular_against_dense(pipe, call: dict, block_size: int = 8, sparse=No
     reference, _ = run()
     assert torch.equal(run(diffsparse.SparseConfig(pattern="dense", dense_steps=0))[0], reference)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=block_size, dense_steps=0)
-    torch.testing.assert_close(run(every_block)[0], reference, atol=atol, rtol=0)
+    with recorded_attention_calls() as kernel_calls:
+        kept, _ = run(every_block)
+    # Else "every block kept equals dense" would hold of a path that ran the original processors.
+    assert kernel_calls, "no call went through the sparse path"
+    torch.testing.assert_close(kept, reference, atol=atol, rtol=0)
     if sparse is None:
         sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1)
     with recorded_attention_calls() as calls:
