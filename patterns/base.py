@@ -478,8 +478,8 @@ class Pattern(abc.ABC):
         frame distance once windows fall below `min_window`, which can lose a little density as `decay` grows),
         each monotone piece is bracketed and bisected on its own, so the closest achievable density is found,
         where the mask has at most 4,096 blocks or the first bisection lands more than one query-block row
-        (`1 / ceil(N / block_q)`) from the target; on larger masks a first answer within one row stands (a
-        piece costs a few masks per break, and Wan 480p has 84 breaks).
+        (`1 / ceil(N / block_q)`) from the target; on larger masks a first answer within one row stands (the
+        pieces cost two masks or more per break, and Wan 480p has 84 breaks).
         Where the parameter cannot change the density on `layout` (radial on one or two frames), the pattern is
         returned as given. A pattern with no such parameter (a combination, the frame patterns) raises
         `ValueError`: solve its parts.
