@@ -276,10 +276,13 @@ def _with_pipeline_timestep(read_call, pipeline):
     at, which diffusers pipelines set before each transformer call), or a modular pipeline's guider's (`set_state`
     gets it each step: Anima), when it has one: for families whose transformer gets the timestep on another scale
     than the scheduler's (Cosmos)."""
+    # Weakly, as `StepClock` holds it: the transformer's hook holds this function, and must not keep a pipeline the
+    # user dropped alive (a call after that is timed by the transformer's own timestep).
+    pipeline_ref = weakref.ref(pipeline)
 
     def read(transformer, args, kwargs):
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
-        current = pipeline_timestep(pipeline)
+        current = pipeline_timestep(pipeline_ref())
         return (layout, timestep if current is None else current, *token_order)
 
     return read
@@ -306,7 +309,8 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
             A pipeline (or modular pipeline) with a `transformer` component (and Wan 2.2's `transformer_2`,
             Ideogram 4's `unconditional_transformer`, or any other component of a supported class, as MiniMax-H3's
             `transformer_ref`), or a transformer.
-            On a bare transformer, steps count distinct timesteps, so `dense_steps` must be an int (or `0.0`).
+            On a bare transformer, steps count distinct timesteps of a run of unknown length, so `dense_steps`
+            must be an int (or `0.0`) and `dense_last_steps` 0: `apply` refuses a config with any other.
         config (`SparseConfig`, *optional*):
             What to install; defaults to `SparseConfig()`.
 

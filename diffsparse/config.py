@@ -112,9 +112,12 @@ class SparseConfig:
             The first denoising steps that stay dense: an int counts steps, a float in [0, 1) is a fraction of
             the pipeline's `num_inference_steps` (rounded half up). Steps count from the first a call runs: with
             image- or video-to-video `strength` < 1, of the steps it runs. Where the step count is unknown (a bare
-            transformer) an int, or `0.0`: no steps of any count.
+            transformer) an int, or `0.0`: no steps of any count; `apply` refuses any other, and any
+            `dense_last_steps` other than 0.
         dense_last_steps (`int` or `float`, *optional*, defaults to `0`):
-            The last denoising steps that stay dense, in the same two forms.
+            The last denoising steps that stay dense, in the same two forms. Where the step count is unknown (a bare
+            transformer) only `0` (or `0.0`): the last steps of a run of unknown length cannot be found, so `apply`
+            refuses any other.
         dense_layers (`int` or list of `int`, *optional*, defaults to `0`):
             Transformer blocks whose self-attention stays dense: an int `L` means the first `L` blocks, a list
             names block indices.

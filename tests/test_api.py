@@ -90,6 +90,45 @@ def test_a_new_generation_measures_the_correction_again(tiny_pipe):
     assert not any(r.measured for r in records if r.step == 1)
 
 
+def _calls(pipe, since_apply=False) -> int:
+    return sum(s.dense_calls + s.sparse_calls for s in diffsparse.stats(pipe, since_apply=since_apply).layers)
+
+
+@torch.no_grad()
+def test_stats_count_the_last_run_and_since_apply_every_run(tiny_pipe):
+    # A run's stats are its own: a shorter run after a longer one reports its calls alone, not the sum of both.
+    blocks = len(tiny_pipe.transformer.blocks)
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    generate(tiny_pipe, num_inference_steps=3)
+    assert _calls(tiny_pipe) == 3 * 2 * blocks  # cond and uncond per step
+    generate(tiny_pipe, num_inference_steps=2)
+    assert _calls(tiny_pipe) == 2 * 2 * blocks
+    assert sorted({r.step for r in handle.stats().calls["transformer"]}) == [0, 1]
+    assert _calls(tiny_pipe, since_apply=True) == (3 + 2) * 2 * blocks
+    assert handle.stats(since_apply=True).layers == diffsparse.stats(tiny_pipe, since_apply=True).layers
+
+
+@torch.no_grad()
+def test_run_step_counts_lists_each_denoising_run(tiny_pipe):
+    # The step count each run's dense steps were resolved for (what `eval` reads after its warm-ups), `None` for
+    # calls no schedule times: the transformer called before the pipeline first set its scheduler's timesteps.
+    transformer = tiny_pipe.transformer
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    latents = torch.randn(1, 16, 5, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"])
+    transformer(latents, torch.tensor([900.0]), text, return_dict=False)
+    assert handle.run_step_counts == [None]
+    generate(tiny_pipe, num_inference_steps=3)
+    generate(tiny_pipe, num_inference_steps=4)
+    assert handle.run_step_counts == [None, 3, 4]
+    # A direct call after a run is timed against that run's timesteps: it starts no run and counts in its stats.
+    calls = _calls(tiny_pipe)
+    transformer(latents, tiny_pipe.scheduler.timesteps[-1:], text, return_dict=False)
+    assert handle.run_step_counts == [None, 3, 4]
+    assert _calls(tiny_pipe) == calls + len(transformer.blocks)
+    assert handle.stats().calls["transformer"][-1].step == 3
+
+
 @pytest.mark.parametrize("block", [diffsparse.suspended, diffsparse.sparse])
 def test_a_config_applied_inside_a_block_stays_after_it(tiny_pipe, block):
     outer = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))

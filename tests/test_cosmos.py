@@ -4,6 +4,9 @@ frame) is on another scale than the scheduler's, so the step schedule follows th
 Cosmos 1.0 text-to-world pipeline, whose transformer gets the scheduler's timestep as is; and Anima, diffusers' modular
 image pipeline on the Cosmos transformer, which hands it `t / 1000`."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -94,8 +97,8 @@ class NoSafetyChecker(torch.nn.Module):
         return video
 
 
-@pytest.fixture(scope="module")
-def pipe():
+def video_to_world_pipe():
+    """A tiny Cosmos Predict 2 video-to-world pipeline."""
     base = tiny_wan_pipeline()  # its T5 text encoder, word tokenizer and Wan VAE (Cosmos 2 uses the Wan VAE)
     z_dim = base.vae.config.z_dim
     pipe = Cosmos2VideoToWorldPipeline(
@@ -105,6 +108,11 @@ def pipe():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return video_to_world_pipe()
 
 
 CALL = {"image": Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)),
@@ -120,6 +128,22 @@ def test_video_to_world_pipeline_steps_follow_the_scheduler(pipe):
     # Three steps, a cond and an uncond call each; the first step dense.
     assert [(r.step, r.sparse) for r in stats.calls["transformer"] if r.layer == 0] == [
         (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)
+    ]
+
+
+def test_a_dropped_pipeline_is_not_kept_alive_by_its_transformer():
+    # The adapter reads the step from the pipeline's timestep; a transformer kept (for another pipeline, or under
+    # `diffsparse` still) must not hold the pipeline, its text encoder and VAE, in memory once the user drops it.
+    pipe = video_to_world_pipe()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1))
+    with torch.no_grad():
+        pipe(**{**CALL, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+    transformer, dropped = pipe.transformer, weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert dropped() is None
+    assert [(r.step, r.sparse) for r in diffsparse.stats(transformer).calls["transformer"] if r.layer == 0] == [
+        (0, False), (0, False), (1, True), (1, True)
     ]
 
 
