@@ -4,6 +4,7 @@ its prompts, what each row's columns are computed over, and its tables."""
 import argparse
 import contextlib
 import csv
+import json
 import re
 import warnings
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import diffsparse
-from diffsparse import evaluate, runtime
+from diffsparse import evaluate, metrics, runtime
 from diffsparse.cli import main
 from diffsparse.config import SparseConfig
 from diffsparse.patterns import get_pattern
@@ -104,6 +105,17 @@ def test_measured_density_leaves_out_the_dense_steps(tmp_path):
     assert float(row["measured_density"]) == pytest.approx(1 / 3)
 
 
+def test_measured_density_counts_the_dense_layers_of_the_sparse_steps_at_one(tmp_path):
+    # Step 0 of 2 dense; in step 1, block 0 of 4 dense (1.0) and the others keeping each frame's own block of 3
+    # (1/3): the sparse steps' attention work is 0.5. Over the sparse calls alone it would read 1/3, over every
+    # call (the dense step's counting 1.0) 0.75.
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
+            "--dense-layers", "1", "--prompts", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert float(row["measured_density"]) == pytest.approx(0.5)
+
+
 def test_two_stage_scores_leave_out_the_shared_still(tmp_path, monkeypatch):
     # Frame 0 is the still every run starts from: here it differs (0 dB) and every other frame is 0.01 off dense
     # (40 dB). Only frames 1 on may be scored.
@@ -122,6 +134,9 @@ def test_two_stage_scores_leave_out_the_shared_still(tmp_path, monkeypatch):
         assert main([*args, "--out", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path)
     assert float(row["psnr_db"]) == pytest.approx(40.0, abs=1e-9)
+    # SSIM too: the still, 0 against 1, would pull it far down; an identical still would pull it up towards 1.
+    dense, sparse = np.full((2, 4, 4, 3), 0.5), np.full((2, 4, 4, 3), 0.51)
+    assert float(row["ssim"]) == pytest.approx(metrics.ssim(sparse, dense), rel=1e-9)
 
 
 def test_the_attention_timer_adds_every_call():
@@ -289,6 +304,49 @@ def test_the_time_ratios_are_the_means_over_the_videos(tmp_path, monkeypatch):
     (row,) = _rows(tmp_path)
     assert float(row["end_to_end_ratio"]) == pytest.approx((3.0 + 0.5 + 0.25 + 0.5) / 4)
     assert float(row["attention_time_ratio"]) == pytest.approx((0.5 + 0.25 + 0.75 + 2.0) / 4)
+
+
+def test_a_row_s_ssim_and_lpips_are_the_means_over_its_videos(tmp_path, monkeypatch):
+    # Seed 0's sparse video 0.01 off dense, seed 1's 0.2 off: the row must average both, not give one video's.
+    offsets = {0: 0.01, 1: 0.2}
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        return np.full((2, 16, 16, 3), 0.5 + offsets[seed] * _sparse_applied(pipe)), 1.0, 1.0
+
+    weights = tmp_path / "alexnet.pth"
+    weights.touch()
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    monkeypatch.setattr(evaluate, "lpips_weights", lambda path, frame_size=None: weights)
+    monkeypatch.setattr(evaluate, "lpips", lambda frames, reference, weights_path=None:
+                        0.1 if frames.max() - reference.max() < 0.1 else 0.3)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seeds", "2"]
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"):
+        assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    (row,) = _rows(tmp_path / "e")
+    dense = np.full((2, 16, 16, 3), 0.5)
+    per_video = [metrics.ssim(dense + offset, dense) for offset in offsets.values()]
+    assert per_video[0] - per_video[1] > 0.01  # the two videos score apart
+    assert float(row["ssim"]) == pytest.approx(sum(per_video) / 2, rel=1e-9)
+    assert float(row["lpips"]) == pytest.approx(0.2)
+
+
+def test_eval_csv_keeps_each_row_s_warnings_as_a_json_list(tmp_path, monkeypatch):
+    # Warning texts hold commas, semicolons and quotes of their own: joined as text, no reader could split them.
+    texts = ["diffsparse: one, with a comma; and a semicolon", 'diffsparse: two, "quoted"']
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        if _sparse_applied(pipe):
+            for text in texts:
+                warnings.warn(text, diffsparse.DiffsparseWarning)
+        return np.full((2, 4, 4, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with pytest.warns(UserWarning):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert json.loads(row["warnings"]) == texts
 
 
 def test_eval_measures_dense_steps_that_round_to_the_same_steps_once(tmp_path, monkeypatch):

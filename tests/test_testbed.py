@@ -287,6 +287,17 @@ def test_training_refuses_to_overwrite_a_run_without_resume(trained):
         train(parse_args(["--out", str(trained["base"] / "run"), "--steps", "6"]))
 
 
+def test_a_resume_without_the_run_s_seed_is_refused(tmp_path):
+    # Every batch is make_batch(seed, step): before, a seed-5 run resumed without --seed 5 went on with seed 0's
+    # batches and noise, no longer the run it continued.
+    common = ["--out", str(tmp_path), "--batch", "1", "--threads", "1", "--save-every", "9", "--image-share", "0"]
+    train(parse_args([*common, "--steps", "1", "--seed", "5"]))
+    with pytest.raises(SystemExit, match=r"trained with --seed 5, this invocation has --seed 0: resume with --seed 5"):
+        train(parse_args([*common, "--steps", "2", "--resume"]))
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 1  # left as it was
+    assert train(parse_args([*common, "--steps", "2", "--resume", "--seed", "5"]))["step"] == 2
+
+
 def test_init_starts_a_new_run_from_a_pipeline_folder(trained, tmp_path):
     source = trained["base"] / "straight" / PIPELINE_DIR
     # --lr 0 and --ema 0: the exported weights are the initial ones, so they show what --init loaded.
@@ -854,6 +865,26 @@ def test_negative_prompt_is_read_as_its_embeddings_are():
     torch.testing.assert_close(run(negative_prompt_embeds=pipe.encode_prompt("a blue square")), negative)
 
 
+def test_prompt_embeds_of_another_length_get_an_empty_negative_prompt_of_their_length():
+    # Embeddings made at 8 tokens with CFG and no negative: the call must run as the prompt itself at
+    # max_sequence_length=8 does, its "" negative at 8 tokens too, not at the tokenizer's 16.
+    pipe = testbed.build_pipeline()
+    prompt = "a red circle moving left"
+    call = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 2, "output_type": "latent"}
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad():  # as the pipeline encodes (with autograd on, the encoder's kernels round differently)
+            embeds = pipe.encode_prompt(prompt, max_sequence_length=8)
+        from_embeds = pipe(prompt_embeds=embeds, generator=torch.Generator().manual_seed(0), **call).frames
+    finally:
+        hook.remove()
+    assert seen == [8] * 4  # cond and uncond, both steps
+    from_text = pipe(prompt, max_sequence_length=8, generator=torch.Generator().manual_seed(0), **call).frames
+    torch.testing.assert_close(from_embeds, from_text)
+
+
 def test_num_videos_per_prompt_keeps_each_prompts_videos_together():
     # diffusers' order is a, a, b, b. Before, a, b, a, b passed: the one test compared two paths sharing the order.
     pipe = testbed.build_pipeline()
@@ -995,6 +1026,29 @@ def test_text_separation_is_zero_exactly_for_words_the_text_path_cannot_tell_apa
     merged = fidelity.text_separation(pipe)
     assert merged["direction"] == 0.0
     assert merged["colour"] > 0.05 and merged["kind"] > 0.05  # the other words stay apart
+
+
+def test_prompt_sensitivity_and_text_separation_read_prompts_at_the_pipeline_s_text_length():
+    # Before, both took the shipped config's 16 tokens: a model built from a config of 8 was probed with text it
+    # never sees, 8 padding tokens more than the pipeline (and its training) feeds it.
+    config = {**testbed.testbed_config(), "max_sequence_length": 8}  # the cached config stays as it is
+    pipe = testbed.build_pipeline(testbed.build_components(config, seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = pipe.transformer.condition_embedder.text_embedder.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        pipe("a red circle moving left", num_frames=1, height=16, width=16, num_inference_steps=1)
+        sampled = set(seen)
+        seen.clear()
+        fidelity.prompt_sensitivity(pipe, frames=2, height=16, width=16, seeds=1, noise_levels=(0.5,))
+        probed = set(seen)
+        seen.clear()
+        fidelity.text_separation(pipe)
+        separated = set(seen)
+    finally:
+        hook.remove()
+    assert sampled == probed == separated == {8}
 
 
 def test_prompt_sensitivity_noise_levels_are_checked_and_used():
@@ -1145,13 +1199,31 @@ def test_one_noise_level_per_frame_equals_one_per_clip_when_the_levels_agree():
     torch.testing.assert_close(conditioned, elsewhere)
 
 
-def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path):
+def test_bf16_training_with_images_and_a_timestep_shift_runs(tmp_path, monkeypatch):
+    # Before, the run only had to finish: with autocast switched off, bf16 trained in float32 and passed.
+    from diffsparse.testbed import train as train_module
+
+    build, activations = train_module.build_components, []
+
+    def recording(*args, **kwargs):
+        components = build(*args, **kwargs)
+        components["transformer"].register_forward_hook(lambda module, inputs, output: activations.append(
+            output[0].dtype))
+        return components
+
+    monkeypatch.setattr(train_module, "build_components", recording)
     args = ["--steps", "3", "--batch", "1", "--threads", "1", "--image-share", "0.9", "--precision", "bf16",
             "--timestep-shift", "1.5", "--save-every", "9"]
     train(parse_args(["--out", str(tmp_path), *args]))
     rows = _read_log(tmp_path)
     assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
     assert any(r["frames"] == "1" for r in rows)  # single frames were drawn
+    assert activations == [torch.bfloat16] * 3
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)  # the weights themselves stay float32
+    assert {w.dtype for part in state["model"].values() for w in part.values()} == {torch.float32}
+    activations.clear()
+    train(parse_args(["--out", str(tmp_path / "fp32"), "--steps", "1", "--batch", "1", "--threads", "1"]))
+    assert activations == [torch.float32]
 
 
 def test_frozen_text_encoder_keeps_its_initial_weights_and_must_resume_frozen(tmp_path):

@@ -270,12 +270,13 @@ def prompt_sensitivity(
         # One frame is the first frame alone: at level 0 nothing is scored (0 / 0 = nan), else `noise_levels` unused.
         raise ValueError(f"first_frame_level sets the first frame apart from the others: it needs frames >= 2, got "
                          f"{frames=} with {first_frame_level=}")
-    from ..pipelines.testbed import TestbedPipeline, load, space_to_depth, testbed_config
+    from ..pipelines.testbed import TestbedPipeline, load, space_to_depth
     from .train import velocity_errors
 
     pipe = model if isinstance(model, TestbedPipeline) else load(path=model)
     components = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "transformer": pipe.transformer}
-    text_length = testbed_config()["max_sequence_length"]
+    # The length the pipeline samples with (and the model trained with), not the shipped config's.
+    text_length = pipe.tokenizer.model_max_length
     todo = [(seed, request) for seed in range(seeds) for request in requests()]
     clips = [request_clip(np.random.default_rng([seed, 11]), r, frames, height, width) for seed, r in todo]
     x0 = space_to_depth(torch.stack([render(c) for c in clips]), pipe.space_to_depth_factor)
@@ -304,10 +305,10 @@ def text_separation(model) -> dict[str, float]:
     kind or the direction is changed, averaged. A word the model has stopped telling apart comes out near 0,
     whatever the transformer could do with it.
     """
-    from ..pipelines.testbed import TestbedPipeline, encode_prompts, load, testbed_config
+    from ..pipelines.testbed import TestbedPipeline, encode_prompts, load
 
     pipe = model if isinstance(model, TestbedPipeline) else load(path=model)
-    text_length = testbed_config()["max_sequence_length"]
+    text_length = pipe.tokenizer.model_max_length  # as the pipeline encodes prompts, whatever config built it
 
     def projected(prompts: list[str]) -> torch.Tensor:
         embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, text_length)

@@ -20,8 +20,9 @@ and is left out of the loss, as TI2V trains image-to-video.
 Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
 exactly (with `--decay 0`: the cool-down is measured from where each invocation starts, so a `--steps` run resumed
 with the default `--decay` cools down anew over what is left); the checkpoint also keeps the optimizer, the EMA
-weights, the step and torch's RNG state. A loss that is not finite ends the run without saving the weights that
-broke it over the last checkpoint (one saved by `--save-every` on the step before may hold them already).
+weights, the step, torch's RNG state and the arguments (a resume with another `--seed` is refused). A loss that
+is not finite ends the run without saving the weights that broke it over the last checkpoint (one saved by
+`--save-every` on the step before may hold them already).
 
 Written to `--out`:
     checkpoint.pt   model, EMA, optimizer, step, RNG state, config (every `--save-every` steps and at the end)
@@ -170,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every batch")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the initial weights and every batch (--resume: the run's own)"
+    )
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and pipeline exports)")
     p.add_argument(
         "--keep-every",
@@ -466,6 +469,13 @@ def train(args: argparse.Namespace) -> dict:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if _model_part(state["config"]) != _model_part(config):
             raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
+        # Every batch is make_batch(seed, step): another seed silently went on with another run's data.
+        run_seed = state.get("args", {}).get("seed", args.seed)
+        if run_seed != args.seed:
+            raise SystemExit(
+                f"{checkpoint_path} was trained with --seed {run_seed}, this invocation has --seed {args.seed}: "
+                f"resume with --seed {run_seed}, or choose another --out"
+            )
         if set(state["model"]) != set(trainable):
             raise SystemExit(
                 f"{checkpoint_path} trained {sorted(state['model'])}, this invocation trains {sorted(trainable)}: "
