@@ -90,17 +90,30 @@ def test_dense_identical_every_block_kept_and_the_layout(hidream_pipe, size, gri
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
 
 
-def test_rope_on_half_the_head_dim_matches_dense():
-    # Head dims twice the rotary dims (RoPE on the first half, the rest as is): a bare transformer call.
-    transformer = tiny_transformer(head_dim=16)
+def bare_inputs(latent_size: int = 16):
+    """A bare transformer call's inputs: square latents of `latent_size`, the T5 prompt and two Llama layers of
+    `TEXT_LEN` tokens each."""
     def inputs():
         generator = torch.Generator().manual_seed(0)
-        return {"hidden_states": torch.randn(1, 4, 16, 16, generator=generator), "timesteps": torch.tensor([500.0]),
-                "encoder_hidden_states_t5": torch.randn(1, 8, 16, generator=generator),
-                "encoder_hidden_states_llama3": torch.randn(2, 1, 8, 16, generator=generator),
+        return {"hidden_states": torch.randn(1, 4, latent_size, latent_size, generator=generator),
+                "timesteps": torch.tensor([500.0]),
+                "encoder_hidden_states_t5": torch.randn(1, TEXT_LEN, 16, generator=generator),
+                "encoder_hidden_states_llama3": torch.randn(2, 1, TEXT_LEN, 16, generator=generator),
                 "pooled_embeds": torch.randn(1, 16, generator=generator)}
 
-    check_against_dense(transformer, inputs, block_size=16)
+    return inputs
+
+
+def test_rope_on_half_the_head_dim_matches_dense():
+    # Head dims twice the rotary dims (RoPE on the first half, the rest as is): a bare transformer call.
+    check_against_dense(tiny_transformer(head_dim=16), bare_inputs(), block_size=16)
+
+
+def test_a_square_image_below_the_models_size_has_no_pad_patches():
+    # The model pads only a non-square image to `max_seq` (64 patches here): 12 x 12 latents are 6 x 6 patches and
+    # the text alone, no pad patch in the layout's trailing span (the pipeline's square size is the model's 8 x 8).
+    calls = check_against_dense(tiny_transformer(head_dim=8), bare_inputs(latent_size=12), block_size=16)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 6, 6, text_len=3 * TEXT_LEN)}
 
 
 def test_patchified_latents_are_refused(hidream_pipe):

@@ -4,9 +4,12 @@ layout, the main blocks' `[prompt, image]` layout, prompts of different lengths 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
 from transformers import Gemma2Config, Gemma2Model
 
-from diffsparse.patterns import TileOrder, VideoLayout
+import diffsparse
+from diffsparse import DiffsparseWarning
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
@@ -48,12 +51,17 @@ def lumina2_call(**overrides):
     return {**call, **overrides}
 
 
-@pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "tile order"])
+@pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "two prompts, shorter first",
+                                  "tile order"])
 def test_dense_identical_every_block_kept_and_the_layouts(lumina2_pipe, case):
-    # (Tiling the grouped key heads instead of repeating each, or ignoring the mask of two prompts, fails it.)
+    # (Tiling the grouped key heads instead of repeating each, or ignoring the mask of two prompts, fails it; so does
+    # reading the joint sequence's text span off the first prompt, not the longest, once the first is the shorter.)
     call, order, text = lumina2_call(), None, {9, 2}
-    if case == "two prompts":  # one batch call of both, the shorter padded at the end and masked
-        call, text = lumina2_call(prompt=["a red circle on grass", "a blue square"], negative_prompt=None), {9, 7, 1}
+    if case.startswith("two prompts"):  # one batch call of both, the shorter padded at the end and masked
+        prompts = ["a red circle on grass", "a blue square"]
+        if case.endswith("shorter first"):
+            prompts.reverse()
+        call, text = lumina2_call(prompt=prompts, negative_prompt=None), {9, 7, 1}
     elif case == "tile order":
         order = TileOrder((1, 2, 2))
     stats, calls = check_pipeline_against_dense(lumina2_pipe, call, order=order)
@@ -68,6 +76,37 @@ def test_a_direct_transformer_call_the_pipelines_way(lumina2_pipe):
     # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
     inputs = first_transformer_call(lumina2_pipe, lumina2_call())
     check_against_dense(lumina2_pipe.transformer, lambda: inputs, block_size=16)
+
+
+def test_proportional_attention_runs_the_original_processor_counted_dense(lumina2_pipe):
+    # The model's blocks never pass `base_sequence_length`; a caller's block that does scales the softmax by
+    # sqrt(log(sequence, base)), which the kernel is not given: the sparse path would compute other attention.
+    transformer = lumina2_pipe.transformer
+    inputs = first_transformer_call(lumina2_pipe, lumina2_call())
+    attn, seen = transformer.layers[0].attn, []  # layer 1, a main block: `[prompt, image]`, a sequence it could run
+
+    def proportional(module, args, kwargs):
+        return args, {**kwargs, "base_sequence_length": 16}
+
+    def record(module, args, kwargs, out):
+        seen.append((kwargs, out))
+
+    hooks = [attn.register_forward_pre_hook(proportional, with_kwargs=True),
+             attn.register_forward_hook(record, with_kwargs=True)]
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
+            with pytest.warns(DiffsparseWarning, match="proportional attention"):
+                transformer(**inputs)
+            stats = handle.stats()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (kwargs, out), = seen
+    assert kwargs["base_sequence_length"] == 16
+    with torch.no_grad():
+        assert torch.equal(out, Lumina2AttnProcessor2_0()(attn, **kwargs))
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 0, 1), (1, 1, 0), (2, 0, 1)]
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(lumina2_pipe):
