@@ -91,12 +91,60 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
             return model(**inputs(**kwargs)).sample
 
 
+def _block_mask_reference(runtime, record, layout, query, key, value) -> torch.Tensor | None:
+    """Dense attention of `query, key, value` (`(B, S, H, D)`, the layout's token order, as an observer gets them)
+    under the runtime's static pattern's block mask on `layout` expanded to tokens and taken back from the kernel's
+    token order: what a sparse call must compute, by the pattern's definition. `None` for a call the mask alone does
+    not define (a fitted pattern, a density solved per call, a causal frame-group mask)."""
+    config = runtime.config
+    if runtime._fits or config.density is not None or runtime._state().frame_causal:
+        return None
+    order = config.layer_order(record.layer)
+    bq, bk = config.block_sizes
+    n = layout.num_tokens
+    start = n - query.shape[1]  # `video_queries`: the rows after the text, in query blocks from there
+    blocks = runtime.pattern.block_mask(layout, (bq, bk), order, q_tokens=(start, n) if start else None)
+    tokens = blocks.repeat_interleave(bq, 1).repeat_interleave(bk, 2)[:, : n - start, :n]
+    inverse = order.inverse(layout)
+    tokens = tokens[:, inverse[start:] - start][:, :, inverse]
+    q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tokens.unsqueeze(0)).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def checked_block_mask_calls(handle):
+    """Inside, every sparse call of the runtimes of `handle` (`diffsparse.sparse(...)`'s) is compared with dense
+    attention under its pattern's block mask on the call's layout (`_block_mask_reference`): a runtime that planned on
+    the wrong layout, token order or rows computes other attention and fails, where an output-level check of a sparse
+    config only sees that the output changed. Yields the `(layer, layout)` of the calls checked."""
+    checked = []
+    with recorded_attention_calls() as calls:
+        def observer(runtime):
+            def observe(record, query, key, value, out, causal_groups=None):
+                layout = calls[-1][1]  # this call's: the recorder logs it before the call runs
+                expected = _block_mask_reference(runtime, record, layout, query, key, value)
+                if expected is None or causal_groups is not None or not record.sparse:
+                    return
+                torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=0,
+                                           msg=lambda m: f"layer {record.layer} on {layout}: {m}")
+                checked.append((record.layer, layout))
+
+            return observe
+
+        for runtime in handle.runtimes.values():
+            runtime.add_observer(observer(runtime))
+        yield checked
+
+
 def check_against_dense(model, inputs, block_size: int, order=None, sparse=None, select=None):
     """`read_call` reads `inputs()` by position as by keyword (`check_read_call_by_position`); `pattern="dense"`
     gives `model(**inputs())` bit for bit; every block kept through the sparse kernel (tokens in
     `order`) gives it within 1e-4, and in bfloat16 gives it in the bfloat16 model's dtype and about as closely
-    as the bfloat16 model does (its error at most 1.25x the dense model's), some call running through the sparse path;
-    `sparse`, a config, when given, changes it (attention reaches the output, so the first two could fail).
+    as the bfloat16 model does (its error at most 1.25x the dense model's; each call's at most 2x SDPA's in bfloat16 on
+    the same inputs), every self-attention layer through the sparse path; `sparse`, a config (default: a window of
+    one frame and one token), changes it (attention reaches the output, so the first checks could fail), each of its
+    calls that its pattern's block mask defines computing exactly that masked attention (`checked_block_mask_calls`;
+    under the default, some call of every self-attention layer).
     `select`: a function of the output's `sample` giving the tensor the sparse path is compared on (default: the
     `sample` itself; the dense pattern is compared on all of it), for models whose `sample` is a list or holds rows
     the caller never reads. Returns the recorded sparse-path calls of the float32 every-block run
@@ -145,15 +193,38 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
         return bf16(inputs(**kwargs))
 
     reference_bf16 = run(model_bf16, inputs_bf16)
-    with recorded_attention_calls() as calls_bf16:
-        kept_bf16 = run(model_bf16, inputs_bf16, every_block)
+    errors = []
+
+    def bf16_error(record, query, key, value, out, causal_groups=None):
+        # Each call against exact attention of its own bfloat16 inputs, beside SDPA's bfloat16 error on them: the
+        # model-level bound alone let a bfloat16-only attention error of 10% through.
+        if causal_groups is None:
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            errors.append(tuple(float((x.double() - exact).norm() / exact.norm()) for x in (out.transpose(1, 2), sdpa)))
+
+    with (torch.no_grad(), diffsparse.sparse(model_bf16, every_block) as handle,
+          recorded_attention_calls() as calls_bf16):
+        for runtime in handle.runtimes.values():
+            runtime.add_observer(bf16_error)
+        kept_bf16 = model_bf16(**inputs_bf16()).sample
+        kept_bf16 = kept_bf16 if select is None else select(kept_bf16)
     # Else a bfloat16 path that silently ran dense would match the dense bfloat16 error and pass.
     assert len(calls_bf16) == len(calls), (len(calls_bf16), len(calls))
+    assert errors and all(kernel <= max(2 * sdpa, 4e-3) for kernel, sdpa in errors), errors
     assert kept_bf16.dtype == reference_bf16.dtype
     dense_error, sparse_error = ((out.float() - reference).norm() for out in (reference_bf16, kept_bf16))
     assert sparse_error <= 1.25 * dense_error, (sparse_error, dense_error)
-    if sparse is not None:
-        assert not torch.allclose(run(model, inputs, sparse), reference, atol=1e-4)
+    default = sparse is None
+    if default:
+        sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=0,
+                                         order=order)
+    with torch.no_grad(), diffsparse.sparse(model, sparse) as handle, checked_block_mask_calls(handle) as checked:
+        out = model(**inputs()).sample
+    assert not torch.allclose(out if select is None else select(out), reference, atol=1e-4)
+    if default:
+        assert {layer for layer, _ in checked} == set(_self_attention_layers(model)), checked
     return calls
 
 
@@ -410,7 +481,8 @@ def check_pag_pipeline(pag, call: dict, sparse_layers: set[int]) -> None:
     """A perturbed-attention guidance pipeline `pag` puts its own processors on the perturbed layers for each call,
     then the ones it found back: under diffsparse those layers run PAG's processors (absent from the stats), the
     others (`sparse_layers`) run sparse; every block kept gives PAG's own output within 1e-4, two calls in a row, and
-    the original processors come back after."""
+    the original processors come back after; `pattern="dense"` gives PAG's output bit for bit and a window of one
+    frame and one token changes it (blocks left out on the sparse layers)."""
     import diffsparse
     from diffsparse.compare import pipeline_outputs
     from diffsparse.patterns import Window3D
@@ -420,6 +492,11 @@ def check_pag_pipeline(pag, call: dict, sparse_layers: set[int]) -> None:
     adapter = adapter_for(pag.transformer)
     before = {i: type(m.processor) for i, m in adapter.self_attention_modules(pag.transformer)}
     reference = run_pipeline(pag, call)
+    assert torch.equal(run_pipeline(pag, call, diffsparse.SparseConfig(pattern="dense"))[0], reference)
+    window = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    out, stats = run_pipeline(pag, call, window)
+    assert {r.layer for r in stats.calls["transformer"] if r.sparse and r.density < 1} == sparse_layers
+    assert not torch.allclose(out, reference, atol=1e-4)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
     with diffsparse.sparse(pag, every_block) as handle, torch.no_grad():
         for _ in range(2):

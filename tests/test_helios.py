@@ -1,8 +1,9 @@
 """diffsparse on a diffusers Helios transformer (tiny, random weights; called directly, and through tiny
 `HeliosPipeline` and `HeliosPyramidPipeline` pipelines): the chunk being generated attends its multi-term memory
 (short-, mid- and long-term history latents patchified at 1x, 2x and 4x), which is the layout's leading span, kept
-whole; the memory's keys amplified by a learned scale. And diffusers' modular denoise blocks (text-to-video,
-image-to-video, pyramid, distilled pyramid) on the same tiny transformer, fed prompt embeddings."""
+whole; the memory's keys amplified by a learned scale where the model is configured so (not diffusers' default).
+And diffusers' modular denoise blocks (text-to-video, image-to-video, pyramid, distilled pyramid) on the same tiny
+transformer, fed prompt embeddings."""
 
 import dataclasses
 import inspect
@@ -40,17 +41,29 @@ from helpers import (
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
 
-@pytest.fixture(scope="module")
-def transformer():
+def make_transformer(amplified: bool):
     torch.manual_seed(0)
     model = HeliosTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4), is_amplify_history=True,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4), is_amplify_history=amplified,
     ).eval()
-    with torch.no_grad():  # the learned amplification starts at sigmoid(0); another value, so it shows
-        for block in model.blocks:
-            block.attn1.history_key_scale.normal_()
+    if amplified:
+        with torch.no_grad():  # the learned amplification starts at sigmoid(0); another value, so it shows
+            for block in model.blocks:
+                block.attn1.history_key_scale.normal_()
     return model
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return make_transformer(amplified=True)
+
+
+@pytest.fixture(scope="module")
+def unamplified_transformer():
+    # diffusers' default (`is_amplify_history=False`): the memory's keys as they are, and the attention modules
+    # have no `history_key_scale` to read.
+    return make_transformer(amplified=False)
 
 
 def inputs(memory: bool | tuple[str, ...] = True, unindexed: tuple[str, ...] = ()):
@@ -78,6 +91,10 @@ def inputs(memory: bool | tuple[str, ...] = True, unindexed: tuple[str, ...] = (
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, memory, order):
     check_against_dense(transformer, inputs(memory), block_size=16, order=order, sparse=RADIAL)
+
+
+def test_a_default_model_s_memory_is_not_amplified(unamplified_transformer):
+    check_against_dense(unamplified_transformer, inputs(), block_size=16, sparse=RADIAL)
 
 
 

@@ -4,6 +4,8 @@ reference. And diffusers' own modular core denoise steps (`WanAnimate2CoreDenois
 it segment by segment, fed latents and embeddings (a tiny random Wan VAE for the encode and decode inside the loop;
 no text or CLIP encoder)."""
 
+import math
+
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
@@ -31,11 +33,11 @@ def uncompiled_block_mask():
         yield
 
 
-def make_transformer(in_dim=8):
+def make_transformer(in_dim=8, refer_stride=1):
     torch.manual_seed(0)
     return WanAnimate2Transformer3DModel(
         text_len=8, in_dim=in_dim, dim=16, ffn_dim=32, freq_dim=16, text_dim=8, out_dim=4, num_heads=2, num_layers=2,
-        use_img_emb=False,
+        use_img_emb=False, refer_stride=refer_stride,
     ).eval()
 
 
@@ -44,27 +46,36 @@ def transformer(uncompiled_block_mask):
     return make_transformer()
 
 
-def generate(model, config=None, generation_frames=None, reference_frames=None):
-    """The reference pass (on `reference_frames` latent frames, default the full video's `ORIGIN_LEN // 4 + 1`), then
-    one denoising call (on `generation_frames` latent frames, default one more than the full video's reference);
-    its prediction."""
+@pytest.fixture(scope="module")
+def strided_transformer(uncompiled_block_mask):
+    # `refer_stride=2`: the reference's frames on every other RoPE time position, its keys rotated so in the
+    # denoising calls too (at stride 1 the reference's stride and the generation's are the same).
+    return make_transformer(refer_stride=2)
+
+
+def generate(model, config=None, generation=None, reference=None):
+    """The reference pass, then one denoising call; its prediction (a list: each sample's, for more than one).
+    `generation`, `reference`: each sample's latents' (frames, height, width), by default one sample of the full
+    video (`ORIGIN_LEN // 4 + 2` generation frames, one fewer of reference, 8 x 12 latents: 4 x 6 tokens)."""
     g = torch.Generator().manual_seed(1)
-    frames = reference_frames or ORIGIN_LEN // 4 + 1
-    generation_frames = generation_frames or ORIGIN_LEN // 4 + 2
-    reference, reference_condition = (torch.randn(4, frames, 8, 12, generator=g) for _ in range(2))
-    latents, condition = (torch.randn(4, generation_frames, 8, 12, generator=g) for _ in range(2))
-    text = [torch.randn(5, 8, generator=g)]
-    reference_grid = torch.tensor([[frames, 4, 6]])
+    generation = generation or [(ORIGIN_LEN // 4 + 2, 8, 12)]
+    reference = reference or [(ORIGIN_LEN // 4 + 1, 8, 12)]
+    references, reference_conditions, latents, conditions = (
+        [torch.randn(4, *shape, generator=g) for shape in shapes]
+        for shapes in (reference, reference, generation, generation))
+    text = [torch.randn(5, 8, generator=g) for _ in generation]
+    reference_grid = torch.tensor([[frames, height // 2, width // 2] for frames, height, width in reference])
 
     def run():
         cache = WanAnimate2KVCache(len(model.blocks))
-        model(hidden_states=[reference], timestep=torch.tensor([999.0]), encoder_hidden_states=text,
-              condition_latents=[reference_condition], kv_cache=cache, kv_cache_mode="extract",
-              seq_len=frames * 24, offset_grid_sizes=reference_grid)
-        return model(hidden_states=[latents], timestep=torch.tensor([700.0]), encoder_hidden_states=text,
-                     condition_latents=[condition], kv_cache=cache, kv_cache_mode="cached",
-                     seq_len=generation_frames * 24, reference_grid_sizes=reference_grid, origin_len=ORIGIN_LEN,
-                     origin_area=ORIGIN_AREA).sample[0]
+        model(hidden_states=references, timestep=torch.tensor([999.0]), encoder_hidden_states=text,
+              condition_latents=reference_conditions, kv_cache=cache, kv_cache_mode="extract",
+              seq_len=math.prod(reference[0]) // 4, offset_grid_sizes=reference_grid)
+        sample = model(hidden_states=latents, timestep=torch.tensor([700.0]), encoder_hidden_states=text,
+                       condition_latents=conditions, kv_cache=cache, kv_cache_mode="cached",
+                       seq_len=math.prod(generation[0]) // 4, reference_grid_sizes=reference_grid,
+                       origin_len=ORIGIN_LEN, origin_area=ORIGIN_AREA).sample
+        return sample if len(sample) > 1 else sample[0]
 
     with torch.no_grad():
         if config is None:
@@ -73,9 +84,12 @@ def generate(model, config=None, generation_frames=None, reference_frames=None):
             return run()
 
 
+@pytest.mark.parametrize("refer_stride", [1, 2])
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
-def test_dense_identical_every_block_kept_and_a_one_token_window_changes_the_output(transformer, order):
-    # (Leaving out the reference frames, or giving generation frame f reference frame f, fails every block kept.)
+def test_dense_identical_every_block_kept_and_a_one_token_window_changes_the_output(request, order, refer_stride):
+    # (Leaving out the reference frames, giving generation frame f reference frame f, or rotating the cached
+    # reference keys at the generation's RoPE stride instead of the model's `refer_stride`, fails every block kept.)
+    transformer = request.getfixturevalue("strided_transformer" if refer_stride == 2 else "transformer")
     reference = generate(transformer)
     assert torch.equal(generate(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)), reference)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0,
@@ -97,7 +111,7 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
     assert all(dense_reference_pairs / (frames * frame) ** 2 < r.density < 1 for r in records[2:])
 
 
-@pytest.mark.parametrize("short", [{"generation_frames": GRID[0] - 1}, {"reference_frames": GRID[0] - 2}],
+@pytest.mark.parametrize("short", [{"generation": [(GRID[0] - 1, 8, 12)]}, {"reference": [(GRID[0] - 2, 8, 12)]}],
                          ids=["generation", "reference"])
 def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer, short):
     # The block mask is built for the full video; a shorter segment, or a shorter reference, leaves padded (zero)
@@ -107,6 +121,48 @@ def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted
         out = generate(transformer, **short)
         layers = handle.stats().layers
     assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
+
+
+# A reference at another resolution than the video's (a reference image of another size): the original scatters each
+# of its frames into a frame of the block mask's grid, padded with zero keys that it attends, which the sparse path
+# (a reference frame taken as one generation frame's tokens) would not compute. 8 x 8 latents: 4 x 4 tokens a frame.
+def test_a_reference_of_another_area_than_the_video_s_runs_the_original_counted_dense(transformer):
+    call = {"reference": [(GRID[0] - 1, 8, 8)]}
+    reference = generate(transformer, **call)
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        out = generate(transformer, **call)
+        layers = handle.stats().layers
+    assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
+
+
+def test_a_reference_on_another_grid_of_the_video_s_area_is_sparse(transformer):
+    # 16 x 6 latents (8 x 3 tokens): as many tokens a frame as the video's, so each fills its frame of the block mask
+    # with no padding and the sparse path attends what the original does (each its own RoPE, on its own grid).
+    call = {"reference": [(GRID[0] - 1, 16, 6)]}
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    with torch.no_grad(), diffsparse.sparse(transformer, every_block) as handle:
+        out = generate(transformer, **call)
+        layers = handle.stats().layers
+    torch.testing.assert_close(out, generate(transformer, **call), atol=1e-4, rtol=0)
+    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(1, 1)] * len(transformer.blocks)
+
+
+# A batch whose samples are on grids of as many tokens but another shape (4 x 6 and 6 x 4 tokens), which the original
+# handles (its block mask only needs each frame's token count): the runtime's layout is read from the first sample's
+# latents, so a second generation sample would be attended on the wrong grid. The call runs the original, counted
+# dense; so too for the reference's grids, as documented (`whole_video`: every sample alike).
+@pytest.mark.parametrize("stream", ["generation", "reference"])
+def test_a_batch_of_samples_on_different_grids_runs_the_original_counted_dense(transformer, stream):
+    frames = {"generation": GRID[0], "reference": GRID[0] - 1}
+    call = {name: [(n, 8, 12), (n, 12, 8) if name == stream else (n, 8, 12)] for name, n in frames.items()}
+    reference = generate(transformer, **call)
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        out = generate(transformer, **call)
+        layers = handle.stats().layers
+    for sample, expected in zip(out, reference, strict=True):
+        assert torch.equal(sample, expected)
     assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
 
 
