@@ -407,6 +407,33 @@ def _warm_up_torch() -> None:
     torch.broadcast_shapes((2, 1), (1, 3))
 
 
+def _file_safe(text: str) -> str:
+    """`text` (a pattern's or an order's repr) as part of a file name that a shell takes unquoted, as the printed
+    `wrote ...` path gets pasted, and that Windows takes: no spaces, quotes, brackets, `|` or `&`."""
+    import re
+
+    text = re.sub(r"[\s'\"]", "", text).replace("|", "-or-").replace("&", "-and-")  # a union is no intersection
+    text = re.sub(r"[)\]],[(\[]", "_", text)  # between the windows of a per-head parameter
+    text = re.sub(r"(?<=\w)\(", "_", text)  # a name and its parameters
+    return re.sub(r"[^\w.,=+-]+", "_", re.sub(r"[()\[\]]", "", text)).strip("_")
+
+
+def _mask_png_name(pattern, layout, block_size: int, order, head: int) -> str:
+    """The name of `masks`' PNG, made of everything the drawing depends on: it held the pattern's name and the grid
+    alone, so masks of other densities, tiles, heads, block sizes or parameters overwrote one file while every run
+    said it wrote it."""
+    import hashlib
+
+    text = f"_text{layout.text_len}{layout.text_position}" if layout.text_len else ""
+    tile = "" if order is None else f"_{_file_safe(repr(order))}"
+    one_head = f"_head{head}" if pattern.num_heads > 1 else ""  # a shared mask is every head's: --head 0 alone
+    spelled = _file_safe(repr(pattern))
+    if len(spelled) > 150:  # file names end at 255 bytes; a hash of the whole repr keeps long ones apart
+        spelled = f"{spelled[:140]}-{hashlib.sha1(repr(pattern).encode()).hexdigest()[:8]}"
+    grid = "x".join(str(n) for n in layout.grid)
+    return f"mask_{spelled}_{grid}{text}_block{block_size}{tile}{one_head}.png"
+
+
 def _run_masks(args) -> None:
     import time
     from pathlib import Path
@@ -436,7 +463,7 @@ def _run_masks(args) -> None:
     make_plan(mask[None], layout.num_tokens, layout.num_tokens, args.block_size)
     planned = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"mask_{pattern.name}_{args.frames}x{args.height}x{args.width}.png"
+    path = Path(args.out) / _mask_png_name(pattern, layout, args.block_size, order, args.head)
     pattern.render(layout, args.block_size, path, head=args.head, order=order)
     density = pattern.density(layout, args.block_size, order)
     text = f" + {layout.text_len} text at the {layout.text_position}" if layout.text_len else ""
@@ -678,8 +705,10 @@ def main(argv: list[str] | None = None) -> int:
         _make_out(getattr(args, "out", None))
         commands[args.command](args)
     except ValueError as error:
-        # diffsparse's ValueErrors name the bad setting and what is allowed: a usage error, not a crash.
-        parser.exit(2, f"diffsparse {args.command}: error: {error}\n")
+        # diffsparse's ValueErrors name the bad setting and what is allowed: a usage error, not a crash. Prefixed as
+        # argparse prefixes the same subcommand's errors: `bench`'s parse errors name its subcommand too.
+        command = f"{args.command} {args.bench}" if args.command == "bench" else args.command
+        parser.exit(2, f"diffsparse {command}: error: {error}\n")
     return 0
 
 

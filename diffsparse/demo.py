@@ -19,6 +19,7 @@ from .compare import (
     call_defaults,
     is_image_pipeline,
     parse_call_kwargs,
+    pipeline_name,
     run_compare,
     scored_label,
     speedup_note,
@@ -85,6 +86,13 @@ def compare_once(
     if not isinstance(still_candidates, int) or isinstance(still_candidates, bool) or still_candidates < 0:
         raise ValueError(
             f"still_candidates must be an int >= 0 (0: one pass), got still_candidates={still_candidates!r}")
+    from .pipelines.testbed import TestbedPipeline
+
+    # Here, not in run_compare: its message names `two_stage` and `model`, settings the page does not have.
+    if still_candidates > 0 and not isinstance(pipe, TestbedPipeline):
+        raise ValueError(
+            f"still_candidates must be 0 (one pass) for {pipeline_name(pipe)}: two-stage sampling from a still needs "
+            f"a testbed model, got still_candidates={still_candidates}")
     # The page's number fields: a cleared box gives None; the CLI's own types refuse these before any work. None
     # for the video's steps and size is the model's own (`fill_call_defaults`).
     for name, value, least in (("steps", steps, 1), ("frames", frames, 1), ("height", height, 1), ("width", width, 1),

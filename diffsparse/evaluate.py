@@ -452,6 +452,8 @@ def eval_prompts(args) -> list[str]:
     prompt_file = args.prompt_file
     if prompt_file is not None:
         path = Path(prompt_file)
+        if path.is_dir():  # "no such file" sent users looking for a path that is there
+            raise ValueError(f"prompt_file={str(prompt_file)!r}: is a folder; give a text file of prompts, one a line")
         if not path.is_file():
             raise ValueError(f"prompt_file={str(prompt_file)!r}: no such file")
         # utf-8-sig: a BOM (Windows editors write one) would otherwise glue itself to the first line, a comment.

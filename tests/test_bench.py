@@ -44,8 +44,9 @@ def test_pipeline_bench_reports_the_median_of_its_pairs(tmp_path, monkeypatch):
     from diffsparse import evaluate
 
     timed = evaluate.timed_generation
-    # Dense and sparse runs alternate, an untimed pair first: attention speedups 2, 4 and 20 (mean 8.67).
-    readings = iter([(2.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 1.0), (1.0, 0.25), (2.0, 1.0), (1.0, 0.05)])
+    # Dense and sparse runs alternate, an untimed pair first: attention speedups 2, 4 and 20 (mean 8.67); seconds
+    # dense 2, 3 and 10 (mean 5), sparse 1, 1 and 2 (mean 1.33), end-to-end speedups 2, 3 and 5 (mean 3.33).
+    readings = iter([(2.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (3.0, 1.0), (1.0, 0.25), (10.0, 1.0), (2.0, 0.05)])
 
     def fixed(pipe, *args, **kwargs):
         frames, _, _ = timed(pipe, *args, **kwargs)
@@ -59,7 +60,35 @@ def test_pipeline_bench_reports_the_median_of_its_pairs(tmp_path, monkeypatch):
         assert main(args) == 0
     result = json.loads((tmp_path / "bench_pipeline.json").read_text())
     assert [p["attention_speedup"] for p in result["pairs"]] == [2.0, 4.0, 20.0]
-    assert (result["speedup"], result["attention_speedup"]) == (2.0, 4.0)
+    assert (result["speedup"], result["attention_speedup"]) == (3.0, 4.0)
+    assert (result["dense_seconds"], result["sparse_seconds"]) == (3.0, 1.0)
+
+
+def test_pipeline_bench_reports_the_size_of_the_video_the_pipeline_made(tiny_pipe, tmp_path, monkeypatch):
+    # A Wan pipeline makes 4k + 1 frames: 5 for 6 asked. The JSON said "6 frames", a video no run made.
+    from diffsparse import compare
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    args = ["bench", "pipeline", "--steps", "1", "--dense-steps", "1", "--frames", "6", "--height", "16", "--width",
+            "16", "--block-size", "16", "--repeats", "1", "--out", str(tmp_path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nothing runs sparse" (1 dense step, the fastest run): not the point here
+        assert main(args) == 0
+    assert json.loads((tmp_path / "bench_pipeline.json").read_text())["video"] == "5 frames 16x16, 1 steps"
+
+
+def test_permute_bench_plans_the_mask_in_the_tile_order_it_permutes_by(monkeypatch, capsys):
+    # The mask was the frame-major one (0.1094 here) while the tensors were permuted by the tile order.
+    from diffsparse.patterns import TileOrder, VideoLayout, get_pattern
+
+    _fixed_clock(monkeypatch, {})
+    assert main(["bench", "permute", "--pattern", "window3d(window=(1,2,2))", "--frames", "4", "--height", "8",
+                 "--width", "8", "--block-size", "16", "--heads", "1", "--dim", "8", "--dtype", "fp32", "--repeats",
+                 "1", "--tile", "1,4,4"]) == 0
+    row = dict(item.split("=", 1) for item in capsys.readouterr().out.strip().splitlines()[-1].split(" | "))
+    pattern, layout = get_pattern("window3d(window=(1,2,2))"), VideoLayout(4, 8, 8)
+    tiled = pattern.density(layout, 16, TileOrder((1, 4, 4)))
+    assert row["density"] == f"{tiled:.4g}" == "0.1406" and tiled != pattern.density(layout, 16)
 
 
 def _fixed_clock(monkeypatch, readings: dict, timed: list | None = None):

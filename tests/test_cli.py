@@ -394,6 +394,15 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
         get_pattern("radial").render(layout, 16, "unused.png", head=-1)
 
 
+def test_a_bench_subcommands_parse_errors_and_later_errors_share_one_prefix(capsys):
+    # argparse said `diffsparse bench attention: error:`, diffsparse's own checks `diffsparse bench: error:`.
+    for argv in (["bench", "attention", "--seq", "0"], ["bench", "attention", "--mask", "nosuch"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert exit_info.value.code == 2 and last.startswith("diffsparse bench attention: error: "), (argv, last)
+
+
 def test_a_model_that_cannot_load_is_a_usage_error_that_says_why(tmp_path, capsys):
     # Offline (conftest sets HF_HUB_OFFLINE) a hub id outside the cache, and a folder without model_index.json.
     for model in ("diffsparse-tests/not-cached", str(tmp_path)):
@@ -785,6 +794,44 @@ def test_masks_and_density_bench(tmp_path, capsys):
     assert "planning cost: solving for the density" in printed and "block mask and kernel plan" in printed
 
 
+def test_masks_of_other_settings_into_one_folder_keep_their_own_pngs(tmp_path, capsys):
+    # The PNG was named by the pattern's name and the grid alone: each run overwrote the last one's, saying "wrote".
+    grid = ["masks", "--pattern", "window3d", "--frames", "4", "--height", "8", "--width", "8", "--block-size", "16",
+            "--out", str(tmp_path)]
+    written = []
+    for setting in (["--density", "0.2"], ["--density", "0.5"], ["--density", "0.2", "--tile", "1,4,4"]):
+        assert main([*grid, *setting]) == 0
+        written.append(capsys.readouterr().out.rsplit("wrote ", 1)[1].strip())
+    assert sorted(written) == sorted(str(path) for path in tmp_path.glob("*.png")) and len(set(written)) == 3
+    # Named by what was drawn, the solved pattern's parameters first, and pasted into a shell unquoted.
+    assert Path(written[0]).name == "mask_window3d_window=1,3,3_4x8x8_block16.png"
+    assert Path(written[2]).name == "mask_window3d_window=1,3,3_4x8x8_block16_tiles_1,4,4.png"
+
+
+def test_masks_counts_the_block_density_in_the_tile_order_it_draws(tmp_path, capsys):
+    # The frame-major count (0.1094) was printed beside a tiled mask's PNG.
+    assert main(["masks", "--pattern", "window3d(window=(1,2,2))", "--frames", "4", "--height", "8", "--width", "8",
+                 "--block-size", "16", "--tile", "1,4,4", "--out", str(tmp_path)]) == 0
+    assert "order tiles(1,4,4): block density 0.1406\n" in capsys.readouterr().out
+
+
+def test_masks_draws_the_head_asked_for(tmp_path, monkeypatch):
+    from diffsparse.patterns import Pattern
+
+    drawn, render = [], Pattern.render
+
+    def recording(self, *args, head=0, **kwargs):
+        drawn.append(head)
+        return render(self, *args, head=head, **kwargs)
+
+    monkeypatch.setattr(Pattern, "render", recording)
+    assert main(["masks", "--pattern", "window3d(window=[(1, 2, 2), (2, 4, 4)])", "--head", "1", "--frames", "4",
+                 "--height", "8", "--width", "8", "--block-size", "16", "--out", str(tmp_path)]) == 0
+    assert drawn == [1]
+    (png,) = tmp_path.glob("*.png")
+    assert png.name == "mask_window3d_window=1,2,2_2,4,4_4x8x8_block16_head1.png"
+
+
 def test_attention_bench_table(tmp_path, capsys):
     assert main(["bench", "attention", "--seq", "2048", "--heads", "2", "--dim", "32", "--density", "0.25,0.5",
                  "--repeats", "1", "--mask", "window3d", "--out", str(tmp_path)]) == 0
@@ -993,6 +1040,10 @@ def test_eval_runs_the_prompts_of_a_prompt_file(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main([*args, *bad])
         assert re.search(message, capsys.readouterr().err)
+    # A folder is there: "no such file" sent the user looking for a path that exists.
+    with pytest.raises(SystemExit):
+        main([*args, "--prompt-file", str(tmp_path)])
+    assert f"prompt_file={str(tmp_path)!r}: is a folder; give a text file of prompts" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args[:-2], "--prompts", "4"])  # three fixed prompts
     assert "prompts=4: there are 3 in the fixed prompts" in capsys.readouterr().err

@@ -89,11 +89,11 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
     assert "dense_layers=[1]" in summary
     with pytest.raises(gr.Error, match="dense_layers"):
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "[1", 2, 5, 32, 32, 0, 0)
-    with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):  # the tiny Wan has no first_frame
+    with pytest.raises(gr.Error, match="still_candidates must be 0"):  # the tiny Wan has no first_frame
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 2)
     # ... also where its frame count would fail first (an image model, its slider fixed at 1 frame): before, the
     # page asked for 2 frames, which it would not let the user set.
-    with pytest.raises(gr.Error, match="two_stage needs the testbed pipeline"):
+    with pytest.raises(gr.Error, match="still_candidates must be 0"):
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 1, 32, 32, 0, 2)
     # The pattern field offers every registered name and the measured best trade, and takes patterns with parameters.
     (field,) = [b for b in build_demo(tiny_pipe, out=tmp_path).blocks.values()
@@ -133,6 +133,14 @@ def test_still_candidates_choose_the_sampler(tmp_path):
     for bad in (-1, True):
         with pytest.raises(ValueError, match="still_candidates must be an int >= 0"):
             compare_once(pipe, "a red circle", block_size=16, **small, still_candidates=bad, out=tmp_path)
+
+
+def test_still_candidates_on_a_model_without_two_stages_name_the_pages_own_field(tiny_pipe, tmp_path):
+    # The message came from compare's two-stage check and named `two_stage` and `model`, which the page does not have.
+    message = (r"^still_candidates must be 0 \(one pass\) for WanPipeline: two-stage sampling from a still needs a "
+               r"testbed model, got still_candidates=2$")
+    with pytest.raises(ValueError, match=message):
+        compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, still_candidates=2, out=tmp_path)
 
 
 def test_the_form_starts_at_each_models_own_size(tiny_pipe):
@@ -439,12 +447,15 @@ def stub_run_compare(monkeypatch, result) -> list:
 
 @pytest.mark.parametrize("stills, two_stage", [(0, False), (1, True), (4, True)])
 def test_the_seed_and_still_candidates_reach_the_run_and_the_summary_names_the_frames_scored(
-        tiny_pipe, tmp_path, monkeypatch, stills, two_stage):
+        tmp_path, monkeypatch, stills, two_stage):
     # One still candidate is `compare --two-stage --still-candidates 1` (two stages from a single still), not one
     # pass: only 0 is. The seed is the request's, not 0. With two stages frame 0 is the shared still, which no run
     # generated and the metrics leave out: the summary's quality line says so, as `compare`'s table.
+    from diffsparse.pipelines import testbed
+
     calls = stub_run_compare(monkeypatch, result_stub(tmp_path))
-    _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **{**SMALL, "seed": 7},
+    # The testbed: the one model that samples in two stages (compare_once refuses still candidates for others).
+    _, summary = compare_once(testbed.load(), "a red circle", "window3d", block_size=16, **{**SMALL, "seed": 7},
                               still_candidates=stills, out=tmp_path)
     assert (calls[0].seed, calls[0].two_stage, calls[0].still_candidates) == (7, two_stage, max(1, stills))
     scored = "frames 1 on (frame 0 is the shared still)" if two_stage else "every frame"
