@@ -93,17 +93,32 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
 
 def _block_mask_reference(runtime, record, layout, query, key, value) -> torch.Tensor | None:
     """Dense attention of `query, key, value` (`(B, S, H, D)`, the layout's token order, as an observer gets them)
-    under the runtime's static pattern's block mask on `layout` expanded to tokens and taken back from the kernel's
-    token order: what a sparse call must compute, by the pattern's definition. `None` for a call the mask alone does
-    not define (a fitted pattern, a density solved per call, a causal frame-group mask)."""
-    config = runtime.config
-    if runtime._fits or config.density is not None or runtime._state().frame_causal:
+    under the runtime's static pattern's block mask on `layout` (the pattern as solved for the layout under
+    `SparseConfig.density`; the rows of frames in their dense steps whole) expanded to tokens and taken back from the
+    kernel's token order: what a sparse call must compute, by the pattern's definition. `None` for a call the mask
+    alone does not define (a fitted pattern, a causal frame-group mask, a layout solved more than one way)."""
+    from diffsparse.patterns import DenseQueryFrames
+
+    config, state = runtime.config, runtime._state()
+    if runtime._fits or state.frame_causal:
         return None
     order = config.layer_order(record.layer)
     bq, bk = config.block_sizes
     n = layout.num_tokens
     start = n - query.shape[1]  # `video_queries`: the rows after the text, in query blocks from there
-    blocks = runtime.pattern.block_mask(layout, (bq, bk), order, q_tokens=(start, n) if start else None)
+    pattern = runtime.pattern
+    if config.density is not None:  # solved per (layout, order, rows, pairs outside): the one for this call
+        solved = {p for (_, lay, solved_order, rows, _), p in runtime._solved.items()
+                  if (lay, solved_order, rows) == (layout, order, start)}
+        if len(solved) != 1:
+            return None
+        (pattern,) = solved
+    rows = (start, n) if start else None
+    blocks = pattern.block_mask(layout, (bq, bk), order, q_tokens=rows)
+    if blocks.shape[0] not in (1, query.shape[2]):  # a mask per head of the model, on some of its heads
+        return None
+    if state.dense_frames:
+        blocks = blocks | DenseQueryFrames(state.dense_frames).block_mask(layout, (bq, bk), order, q_tokens=rows)
     tokens = blocks.repeat_interleave(bq, 1).repeat_interleave(bk, 2)[:, : n - start, :n]
     inverse = order.inverse(layout)
     tokens = tokens[:, inverse[start:] - start][:, :, inverse]
@@ -112,28 +127,43 @@ def _block_mask_reference(runtime, record, layout, query, key, value) -> torch.T
 
 
 @contextlib.contextmanager
-def checked_block_mask_calls(handle):
-    """Inside, every sparse call of the runtimes of `handle` (`diffsparse.sparse(...)`'s) is compared with dense
-    attention under its pattern's block mask on the call's layout (`_block_mask_reference`): a runtime that planned on
-    the wrong layout, token order or rows computes other attention and fails, where an output-level check of a sparse
-    config only sees that the output changed. Yields the `(layer, layout)` of the calls checked."""
-    checked = []
-    with recorded_attention_calls() as calls:
+def checked_block_mask_calls():
+    """Inside, every sparse call of a runtime is compared with dense attention under its pattern's block mask on the
+    call's layout (`_block_mask_reference`): a runtime that planned on the wrong layout, kernel token order or rows
+    computes other attention and fails, where an output-level check of a sparse config only sees that the output
+    changed. The tensors are taken as the runtime hands them to its observers, after an adapter's own `token_order`:
+    that order is the adapter's tests' to check. Yields the `(layer, layout)` of the calls checked."""
+    from diffsparse.runtime import SparseRuntime
+
+    checked, observed = [], set()
+    with recorded_attention_calls() as calls, pytest.MonkeyPatch.context() as patch:
         def observer(runtime):
             def observe(record, query, key, value, out, causal_groups=None):
+                if not active or causal_groups is not None or not record.sparse:
+                    return
                 layout = calls[-1][1]  # this call's: the recorder logs it before the call runs
                 expected = _block_mask_reference(runtime, record, layout, query, key, value)
-                if expected is None or causal_groups is not None or not record.sparse:
-                    return
-                torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=0,
-                                           msg=lambda m: f"layer {record.layer} on {layout}: {m}")
-                checked.append((record.layer, layout))
+                if expected is not None:
+                    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=0,
+                                               msg=lambda m: f"layer {record.layer} on {layout}: {m}")
+                    checked.append((record.layer, layout))
 
             return observe
 
-        for runtime in handle.runtimes.values():
-            runtime.add_observer(observer(runtime))
-        yield checked
+        recording = SparseRuntime.attention
+
+        def attention(self, *args, **kwargs):
+            if id(self) not in observed:  # the runtimes are made by `apply`: each is observed from its first call
+                observed.add(id(self))
+                self.add_observer(observer(self))
+            return recording(self, *args, **kwargs)
+
+        active = True
+        patch.setattr(SparseRuntime, "attention", attention)
+        try:
+            yield checked
+        finally:
+            active = False  # a runtime that outlives the block keeps the observer: it must not check then
 
 
 def check_against_dense(model, inputs, block_size: int, order=None, sparse=None, select=None):
@@ -220,9 +250,9 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
     if default:
         sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=0,
                                          order=order)
-    with torch.no_grad(), diffsparse.sparse(model, sparse) as handle, checked_block_mask_calls(handle) as checked:
-        out = model(**inputs()).sample
-    assert not torch.allclose(out if select is None else select(out), reference, atol=1e-4)
+    with checked_block_mask_calls() as checked:
+        out = run(model, inputs, sparse)
+    assert not torch.allclose(out, reference, atol=1e-4)
     if default:
         assert {layer for layer, _ in checked} == set(_self_attention_layers(model)), checked
     return calls
@@ -350,7 +380,9 @@ def run_pipeline(pipe, call: dict, config=None):
 def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=None, order=None, atol=1e-4):
     """Through real pipeline calls (`run_pipeline`): `pattern="dense"` gives `pipe(**call)` bit for bit; every block
     kept through the sparse kernel (every call sparse) gives it within `atol`; `sparse` (default: a window of one
-    frame and one token, the first step dense) makes some calls sparse with blocks left out and changes the output.
+    frame and one token, the first step dense) makes some calls sparse with blocks left out and changes the output,
+    each of its calls that its pattern's block mask defines computing exactly that masked attention
+    (`checked_block_mask_calls`; under the default, some call of every self-attention layer).
     `order`: the token order of the default configs (`SparseConfig.order`).
     Returns `(stats, recorded calls)` of the `sparse` run for the family's own checks of its steps and layouts."""
     import diffsparse
@@ -365,13 +397,16 @@ def check_pipeline_against_dense(pipe, call: dict, block_size: int = 16, sparse=
     assert kernel_calls and all(r.sparse for log in stats.calls.values() for r in log)
     assert {layer for layer, _, _ in kernel_calls} >= set(_self_attention_layers(pipe.transformer))
     torch.testing.assert_close(kept, reference, atol=atol, rtol=0)
-    if sparse is None:
+    default = sparse is None
+    if default:
         sparse = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=1,
                                          order=order)
-    with recorded_attention_calls() as calls:
+    with recorded_attention_calls() as calls, checked_block_mask_calls() as checked:
         out, stats = run_pipeline(pipe, call, sparse)
     assert any(r.sparse and r.density < 1 for log in stats.calls.values() for r in log)
     assert not torch.allclose(out, reference, atol=1e-4)
+    if default:
+        assert {layer for layer, _ in checked} >= set(_self_attention_layers(pipe.transformer)), checked
     return stats, calls
 
 
