@@ -18,6 +18,7 @@ from .runtime import (
     SparseContextHook,
     SparseRuntime,
     StepClock,
+    StepScheduleWarning,
     pipeline_timestep,
     register_context_hook,
     remove_context_hook,
@@ -277,12 +278,26 @@ def _with_pipeline_timestep(read_call, pipeline):
     gets it each step: Anima), when it has one: for families whose transformer gets the timestep on another scale
     than the scheduler's (Cosmos)."""
     # Weakly, as `StepClock` holds it: the transformer's hook holds this function, and must not keep a pipeline the
-    # user dropped alive (a call after that is timed by the transformer's own timestep).
+    # user dropped alive.
     pipeline_ref = weakref.ref(pipeline)
+    said = False
 
     def read(transformer, args, kwargs):
+        nonlocal said
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
         current = pipeline_timestep(pipeline_ref())
+        if current is None and not said:
+            # The call's own timestep is on another scale than the scheduler's grid, where it can land near a step
+            # without being one: the run then counted as a 1-step run, all dense, said only as "lower dense_steps".
+            said = True
+            warnings.warn(
+                f"diffsparse: {type(transformer).__name__} gets its timestep on another scale than the scheduler's, "
+                "so its step is read from the pipeline diffsparse was applied to, which is not denoising now (the "
+                "transformer called by another pipeline, directly, or after that pipeline was dropped): the dense-step "
+                "schedule cannot follow these calls; apply diffsparse to the pipeline that calls the transformer",
+                StepScheduleWarning,
+                stacklevel=2,
+            )
         return (layout, timestep if current is None else current, *token_order)
 
     return read

@@ -5,6 +5,7 @@ Cosmos 1.0 text-to-world pipeline, whose transformer gets the scheduler's timest
 image pipeline on the Cosmos transformer, which hands it `t / 1000`."""
 
 import gc
+import warnings
 import weakref
 
 import numpy as np
@@ -28,6 +29,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
+from diffsparse.runtime import StepScheduleWarning
 
 from helpers import (
     assert_two_calls_per_step_first_dense,
@@ -143,6 +145,25 @@ def test_a_dropped_pipeline_is_not_kept_alive_by_its_transformer():
     gc.collect()
     assert dropped() is None
     assert [(r.step, r.sparse) for r in diffsparse.stats(transformer).calls["transformer"] if r.layer == 0] == [
+        (0, False), (0, False), (1, True), (1, True)
+    ]
+
+
+def test_another_pipeline_driving_the_transformer_is_said():
+    # Cosmos' transformer gets its timestep on a 0-1 scale, the scheduler's grid is in the thousands: a pipeline other
+    # than the one applied to (or a dropped one) gives no timestep to read, and the call's own landed "on" the grid's
+    # last step, so the run counted as one step, all dense, and the only warning said to lower dense_steps.
+    pipe = video_to_world_pipe()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1))
+    other = Cosmos2VideoToWorldPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    said = pytest.warns(StepScheduleWarning, match="apply diffsparse to the pipeline that calls the transformer")
+    with said, torch.no_grad():
+        other(**{**CALL, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():  # the applied pipeline itself still runs its schedule, unwarned
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        pipe(**{**CALL, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+    assert [(r.step, r.sparse) for r in diffsparse.stats(pipe).calls["transformer"] if r.layer == 0] == [
         (0, False), (0, False), (1, True), (1, True)
     ]
 
