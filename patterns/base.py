@@ -275,6 +275,12 @@ class Pattern(abc.ABC):
     def _box_any(self, layout: VideoLayout, q: Boxes, k: Boxes) -> torch.Tensor:
         """`(H or 1, *shape)` bool, `shape` the broadcast shape of the box bounds: does the pattern keep at
         least one (query in box `q`, key in box `k`) pair? Must be exact."""
+        if type(self)._video_block_mask is Pattern._video_block_mask:
+            # The default block rule is this box test: without either, no block mask exists in any order.
+            raise NotImplementedError(
+                f"{self!r} defines no block-mask rule: implement _box_any (block masks in any token order and inside "
+                f"an Intersection) or _video_block_mask (frame-major block masks only)"
+            )
         raise NotImplementedError(
             f"{self!r} gives block masks in frame-major order only (it implements _video_block_mask); "
             f"implement _box_any to use it with a token order or inside an Intersection"

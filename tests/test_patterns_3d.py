@@ -452,8 +452,27 @@ def test_legacy_span_patterns_still_work_in_frame_major_order():
 
     layout = VideoLayout(2, 3, 4)
     assert SpansOnly().block_mask(layout, 8).all() and (SpansOnly() | Radial()).block_mask(layout, 8).all()
-    with pytest.raises(NotImplementedError, match="_box_any"):
+    with pytest.raises(NotImplementedError, match="frame-major order only .it implements _video_block_mask"):
         SpansOnly().block_mask(layout, 8, TileOrder(2))
+
+
+def test_a_pattern_with_a_token_mask_alone_is_told_what_block_rule_to_add():
+    # The default block rule is the box test: with neither it nor a span rule, no order gives a block mask, and the
+    # error said the pattern implemented `_video_block_mask`, which it did not.
+    @dataclass(frozen=True, repr=False)
+    class TokensOnly(Pattern):
+        name = "tokens-only"
+
+        def _video_token_mask(self, layout):
+            v = layout.num_video_tokens
+            return torch.eye(v, dtype=torch.bool)[None]
+
+    layout = VideoLayout(2, 4, 4)
+    assert TokensOnly().token_mask(layout).shape == (1, 32, 32)
+    for order in (None, TileOrder(2)):
+        with pytest.raises(NotImplementedError, match="defines no block-mask rule: implement _box_any") as raised:
+            TokensOnly().block_mask(layout, 8, order)
+        assert "it implements _video_block_mask" not in str(raised.value)
 
 
 # Density control --------------------------------------------------------------------------------------------
