@@ -19,6 +19,7 @@ from .runtime import (
     SparseRuntime,
     StepClock,
     StepScheduleWarning,
+    _has_run_schedule,
     pipeline_timestep,
     register_context_hook,
     remove_context_hook,
@@ -127,7 +128,7 @@ class SparseHandle:
                     processor.installed = True
                 read_call = adapter.read_call
                 if adapter.timestep_from_pipeline and pipeline is not None:
-                    read_call = _with_pipeline_timestep(read_call, pipeline)
+                    read_call = _with_pipeline_timestep(read_call, pipeline, self._clock)
                 hook = SparseContextHook(runtime, self._clock, read_call, self._new_run, adapter.per_frame_steps,
                                          installed=processors.items())
                 register_context_hook(transformer, hook)
@@ -272,11 +273,12 @@ def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]
     )
 
 
-def _with_pipeline_timestep(read_call, pipeline):
+def _with_pipeline_timestep(read_call, pipeline, clock: StepClock):
     """`read_call` whose timestep is the pipeline's `_current_timestep` (the scheduler's timestep it is denoising
     at, which diffusers pipelines set before each transformer call), or a modular pipeline's guider's (`set_state`
     gets it each step: Anima), when it has one: for families whose transformer gets the timestep on another scale
-    than the scheduler's (Cosmos)."""
+    than the scheduler's (Cosmos Predict 2 and 2.5; 1.0 passes the scheduler's own). A call while the pipeline is not
+    denoising keeps its own timestep; one that is none of `clock`'s scheduler's is said once."""
     # Weakly, as `StepClock` holds it: the transformer's hook holds this function, and must not keep a pipeline the
     # user dropped alive.
     pipeline_ref = weakref.ref(pipeline)
@@ -286,21 +288,34 @@ def _with_pipeline_timestep(read_call, pipeline):
         nonlocal said
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
         current = pipeline_timestep(pipeline_ref())
-        if current is None and not said:
-            # The call's own timestep is on another scale than the scheduler's grid, where it can land near a step
-            # without being one: the run then counted as a 1-step run, all dense, said only as "lower dense_steps".
+        if current is None and not said and _off_the_schedule(timestep, clock._current_scheduler()):
+            # A 0-1 timestep against a grid in the thousands lands within the tolerance of its last step: the run
+            # counted as one step, all dense, and the only warning said to lower dense_steps.
             said = True
             warnings.warn(
-                f"diffsparse: {type(transformer).__name__} gets its timestep on another scale than the scheduler's, "
-                "so its step is read from the pipeline diffsparse was applied to, which is not denoising now (the "
-                "transformer called by another pipeline, directly, or after that pipeline was dropped): the dense-step "
-                "schedule cannot follow these calls; apply diffsparse to the pipeline that calls the transformer",
+                f"diffsparse: {type(transformer).__name__} was called while the pipeline diffsparse was applied to is "
+                f"not denoising (by another pipeline, directly, or after that pipeline was dropped), with a timestep "
+                f"that is none of its scheduler's ({float(timestep.detach().float().max()):g}: Cosmos Predict 2 and "
+                "2.5 pass sigma / (sigma + 1), on another scale), so the dense-step schedule cannot follow these "
+                "calls; apply diffsparse to the pipeline that calls the transformer",
                 StepScheduleWarning,
                 stacklevel=2,
             )
         return (layout, timestep if current is None else current, *token_order)
 
     return read
+
+
+def _off_the_schedule(timestep: torch.Tensor, scheduler) -> bool:
+    """Whether `timestep` is none of `scheduler`'s run timesteps (within a half-precision cast's rounding); `False`
+    without a run's schedule, where steps count distinct timesteps as on a bare transformer."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) == 0 or not _has_run_schedule(scheduler):
+        return False
+    grid = timesteps.detach().float().cpu()
+    t = timestep.detach().float().cpu().flatten()
+    near = (t[:, None] - grid[None, :]).abs() <= 1e-2 * grid.abs()[None, :] + 1e-3
+    return not bool(near.any(dim=1).all())
 
 
 def _handles(pipe_or_transformer) -> list[SparseHandle]:
