@@ -428,8 +428,11 @@ def _mask_png_name(pattern, layout, block_size: int, order, head: int) -> str:
     tile = "" if order is None else f"_{_file_safe(repr(order))}"
     one_head = f"_head{head}" if pattern.num_heads > 1 else ""  # a shared mask is every head's: --head 0 alone
     spelled = _file_safe(repr(pattern))
+    digest = hashlib.sha1(repr(pattern).encode()).hexdigest()[:8]
     if len(spelled) > 150:  # file names end at 255 bytes; a hash of the whole repr keeps long ones apart
-        spelled = f"{spelled[:140]}-{hashlib.sha1(repr(pattern).encode()).hexdigest()[:8]}"
+        spelled = f"{spelled[:140]}-{digest}"
+    elif "|" in repr(pattern) or "&" in repr(pattern):  # the name drops the grouping: (a | b) & c is not a | (b & c)
+        spelled = f"{spelled}-{digest}"
     grid = "x".join(str(n) for n in layout.grid)
     return f"mask_{spelled}_{grid}{text}_block{block_size}{tile}{one_head}.png"
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
@@ -96,11 +97,12 @@ def _block_mask_reference(runtime, record, layout, query, key, value) -> torch.T
     under the runtime's static pattern's block mask on `layout` (the pattern as solved for the layout under
     `SparseConfig.density`; the rows of frames in their dense steps whole) expanded to tokens and taken back from the
     kernel's token order: what a sparse call must compute, by the pattern's definition. `None` for a call the mask
-    alone does not define (a fitted pattern, a causal frame-group mask, a layout solved more than one way)."""
+    alone does not define (a fitted pattern, a causal frame-group mask, a layout solved more than one way, a
+    correction's residual added)."""
     from diffsparse.patterns import DenseQueryFrames
 
     config, state = runtime.config, runtime._state()
-    if runtime._fits or state.frame_causal:
+    if runtime._fits or state.frame_causal or config.correction is not None:
         return None
     order = config.layer_order(record.layer)
     bq, bk = config.block_sizes
@@ -135,7 +137,7 @@ def checked_block_mask_calls():
     that order is the adapter's tests' to check. Yields the `(layer, layout)` of the calls checked."""
     from diffsparse.runtime import SparseRuntime
 
-    checked, observed = [], set()
+    checked, observed = [], weakref.WeakSet()  # by identity of the live runtimes: an id could be reused
     with recorded_attention_calls() as calls, pytest.MonkeyPatch.context() as patch:
         def observer(runtime):
             def observe(record, query, key, value, out, causal_groups=None):
@@ -153,8 +155,8 @@ def checked_block_mask_calls():
         recording = SparseRuntime.attention
 
         def attention(self, *args, **kwargs):
-            if id(self) not in observed:  # the runtimes are made by `apply`: each is observed from its first call
-                observed.add(id(self))
+            if self not in observed:  # the runtimes are made by `apply`: each is observed from its first call
+                observed.add(self)
                 self.add_observer(observer(self))
             return recording(self, *args, **kwargs)
 

@@ -808,6 +808,19 @@ def test_masks_of_other_settings_into_one_folder_keep_their_own_pngs(tmp_path, c
     assert Path(written[2]).name == "mask_window3d_window=1,3,3_4x8x8_block16_tiles_1,4,4.png"
 
 
+def test_mask_names_of_composed_patterns_keep_their_grouping_apart():
+    # The name drops brackets: (a | b) & c and a | (b & c), other masks, were one file.
+    from diffsparse.cli import _mask_png_name
+    from diffsparse.patterns import FrameSink, Radial, VideoLayout, Window3D
+
+    a, b, c = Radial(), Window3D(window=(3, 8, 8)), FrameSink(frames=1)
+    layout = VideoLayout(4, 8, 8)
+    left, right = ((a | b) & c, a | (b & c))
+    assert not torch.equal(left.block_mask(layout, 16), right.block_mask(layout, 16))
+    names = {_mask_png_name(pattern, layout, 16, None, 0) for pattern in (left, right)}
+    assert len(names) == 2 and all("-or-" in name and "-and-" in name for name in names), names
+
+
 def test_masks_counts_the_block_density_in_the_tile_order_it_draws(tmp_path, capsys):
     # The frame-major count (0.1094) was printed beside a tiled mask's PNG.
     assert main(["masks", "--pattern", "window3d(window=(1,2,2))", "--frames", "4", "--height", "8", "--width", "8",
