@@ -116,11 +116,18 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
 def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer, short):
     # The block mask is built for the full video; a shorter segment, or a shorter reference, leaves padded (zero)
     # keys in it that the original attends and the sparse path would not.
-    reference = generate(transformer, **short)
+    check_runs_the_original_counted_dense(transformer, short)
+
+
+def check_runs_the_original_counted_dense(transformer, call: dict) -> None:
+    """Under a one-token window, `generate(**call)` gives the original's output bit for bit, sample by sample, both
+    calls of every layer counted dense."""
+    reference = generate(transformer, **call)
     with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
-        out = generate(transformer, **short)
+        out = generate(transformer, **call)
         layers = handle.stats().layers
-    assert torch.equal(out, reference)
+    for sample, expected in zip(*((x,) if torch.is_tensor(x) else x for x in (out, reference)), strict=True):
+        assert torch.equal(sample, expected)
     assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
 
 
@@ -128,13 +135,7 @@ def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted
 # of its frames into a frame of the block mask's grid, padded with zero keys that it attends, which the sparse path
 # (a reference frame taken as one generation frame's tokens) would not compute. 8 x 8 latents: 4 x 4 tokens a frame.
 def test_a_reference_of_another_area_than_the_video_s_runs_the_original_counted_dense(transformer):
-    call = {"reference": [(GRID[0] - 1, 8, 8)]}
-    reference = generate(transformer, **call)
-    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
-        out = generate(transformer, **call)
-        layers = handle.stats().layers
-    assert torch.equal(out, reference)
-    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
+    check_runs_the_original_counted_dense(transformer, {"reference": [(GRID[0] - 1, 8, 8)]})
 
 
 def test_a_reference_on_another_grid_of_the_video_s_area_is_sparse(transformer):
@@ -157,13 +158,7 @@ def test_a_reference_on_another_grid_of_the_video_s_area_is_sparse(transformer):
 def test_a_batch_of_samples_on_different_grids_runs_the_original_counted_dense(transformer, stream):
     frames = {"generation": GRID[0], "reference": GRID[0] - 1}
     call = {name: [(n, 8, 12), (n, 12, 8) if name == stream else (n, 8, 12)] for name, n in frames.items()}
-    reference = generate(transformer, **call)
-    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
-        out = generate(transformer, **call)
-        layers = handle.stats().layers
-    for sample, expected in zip(out, reference, strict=True):
-        assert torch.equal(sample, expected)
-    assert [(s.dense_calls, s.sparse_calls) for s in layers] == [(2, 0)] * len(transformer.blocks)
+    check_runs_the_original_counted_dense(transformer, call)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
