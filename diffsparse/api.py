@@ -308,7 +308,9 @@ def _with_pipeline_timestep(read_call, pipeline, clock: StepClock):
 
 def _off_the_schedule(timestep: torch.Tensor, scheduler) -> bool:
     """Whether `timestep` is none of `scheduler`'s run timesteps (within a half-precision cast's rounding); `False`
-    without a run's schedule, where steps count distinct timesteps as on a bare transformer."""
+    without a run's schedule, where steps count distinct timesteps as on a bare transformer. Relative, not
+    `StepClock`'s quarter of the grid's spacing: that one asks which step is nearest and takes a 0-1 timestep for
+    the last step of a grid in the thousands; this asks whether the call's own timestep is on the scheduler's scale."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0 or not _has_run_schedule(scheduler):
         return False
