@@ -179,8 +179,8 @@ def block_sparse_attention(
         v (`torch.Tensor` of shape `(B, H, kv_len, D)`): Values, same dtype and device as `q`.
         plan ([`BlockSparsePlan`]): From [`make_plan`]; its mask broadcasts over size-1 batch/head dims.
         return_lse (`bool`, *optional*, defaults to `False`): Also return the float32 log-sum-exp of the kept
-            scaled scores, shape `(B, H, q_len)`. With the `"cpu"` backend it carries no gradient (the output
-            does).
+            scaled scores, shape `(B, H, q_len)`. It is differentiated as the output is (merging attention over
+            disjoint key sets by their LSEs gives dense attention's gradients).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"cpu"`, `"triton"` or `"reference"`; see
             [`choose_backend`].
         scale (`float`, *optional*, defaults to `1 / sqrt(D)`): Score scale, a finite real number.

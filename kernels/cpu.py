@@ -2,7 +2,8 @@
 
 Float32 and bfloat16 inference runs the compiled kernel of `cpu_native` (one task per query block, GEMMs over
 the whole block and up to 512 kept keys, as wide as dense attention's). Everything else (float16, autograd, or
-when that kernel cannot be built) runs the torch-ops path below, which gives the same results.
+when that kernel cannot be built) runs the torch-ops path below, which gives the same results and differentiates
+the output and the LSE (a merge of partial attentions, `pipelines.base.merge_attention`, weights by the LSE).
 
 A *segment* is a run of consecutive query blocks of one (batch, head) with the same kept key blocks (often a
 single block; long runs are common in structured patterns). Segments with the same shape (query blocks, key
@@ -30,15 +31,44 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _Chunk = tuple[torch.Tensor, torch.Tensor, int, int, int, int]
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return (q.float() @ k.float().transpose(-1, -2)) * scale
+
+
+class _LogSumExp(torch.autograd.Function):
+    """The float32 log-sum-exp of the scaled scores of `q` over all of `k` (a chunk's keys, cut to the valid
+    ones), differentiable. The backward recomputes the scores rather than keep them: autograd holds q, k and the
+    LSE per chunk, as the fused attention ops do, not a float per query-key pair."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        lse = torch.logsumexp(_scores(q, k, scale), dim=-1)
+        ctx.save_for_backward(q, k, lse)
+        ctx.scale = scale
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, lse = ctx.saved_tensors
+        # d lse_i / d score_ij is the softmax weight p_ij.
+        weights = torch.exp(_scores(q, k, ctx.scale) - lse.unsqueeze(-1)) * (grad.unsqueeze(-1) * ctx.scale)
+        dq = (weights @ k.float()).to(q.dtype) if ctx.needs_input_grad[0] else None
+        dk = (weights.transpose(-1, -2) @ q.float()).to(k.dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None
+
+
 def _dense_attention(q, k, v, scale: float, need_lse: bool):
-    """Attention over each segment's gathered keys, as (out, lse or None); lse is float32."""
+    """Attention over each segment's gathered keys, as (out, lse or None); lse is float32 and, where q or k need
+    gradients, differentiable."""
     if _FLASH_CPU is not None and q.device.type == "cpu":
-        return _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
-    # Other devices (or a torch without the CPU flash op): SDPA for the output and, only when asked, the LSE
-    # from explicit scores, which the chunk size keeps bounded.
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1) if need_lse else None
-    return out, lse
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
+    else:  # other devices, or a torch without the CPU flash op: SDPA, which gives no LSE
+        out, lse = F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    if need_lse and (lse is None or needs_grad(q, k)):
+        # The flash op's backward ignores its LSE: one that is differentiated, or missing, comes from explicit
+        # scores, one chunk at a time (forward and backward).
+        lse = _LogSumExp.apply(q, k, scale)
+    return out, lse if need_lse else None
 
 
 def _block_sizes(plan: BlockSparsePlan) -> tuple[int, int]:
@@ -156,8 +186,7 @@ def attention(
         o, l = _dense_attention(qc, kc, vc, scale, return_lse)
         out.index_copy_(0, q_rows, o.reshape(n * length, bq, head_dim))
         if return_lse:
-            # The CPU flash op's backward ignores the LSE; detach it rather than hand out a wrong gradient.
-            lse.index_copy_(0, q_rows, l.detach().reshape(n * length, bq))
+            lse.index_copy_(0, q_rows, l.reshape(n * length, bq))
     out = out.view(batch, heads, nq * bq, head_dim)[:, :, : plan.q_len]
     lse = lse.view(batch, heads, nq * bq)[:, :, : plan.q_len] if return_lse else None
     return out, lse

@@ -248,3 +248,38 @@ def test_inpainting_keeps_every_block_within_dense(chroma_components):
 
 def test_other_processors_are_refused_and_the_model_left_untouched(chroma_pipe):
     check_other_processors_are_refused(chroma_pipe, "Chroma", layer=1)
+
+
+def test_training_through_the_masked_padding_gets_the_dense_model_s_gradients(chroma_components):
+    # The masked padding keys are merged into the marked queries through the log-sum-exp
+    # (`pipelines.base.merge_attention`): training through it needs the LSE's gradient. The cpu backend's LSE was
+    # detached, and every block kept gave to_q's weight a gradient 0.3 off (of 12) with nothing said.
+    transformer = copy.deepcopy(chroma_components["transformer"]).train()
+    with torch.no_grad():  # open the zero-initialised output layers, else no gradient reaches the attention
+        for parameter in transformer.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
+    rows, cols, marked = 4, 4, 7
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    inputs = {"hidden_states": torch.randn(1, rows * cols, 16, generator=generator),
+              "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
+              "timestep": torch.tensor([0.5]), "img_ids": torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
+              "txt_ids": torch.zeros(TEXT_LEN, 3),
+              "attention_mask": torch.cat([(torch.arange(TEXT_LEN) < marked).float(), torch.ones(rows * cols)])[None]}
+
+    def gradients():
+        transformer.zero_grad()
+        transformer(**inputs).sample.square().sum().backward()
+        return {name: p.grad.clone() for name, p in transformer.named_parameters() if p.grad is not None}
+
+    dense = gradients()
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=4, dense_steps=0)
+    with warnings.catch_warnings(), diffsparse.sparse(transformer, config) as handle:
+        warnings.simplefilter("ignore", diffsparse.DiffsparseWarning)  # every block kept: "runs dense" said
+        sparse = gradients()
+    assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (0, 1)]
+    assert sparse.keys() == dense.keys() and "transformer_blocks.0.attn.to_q.weight" in dense
+    for name, want in dense.items():
+        torch.testing.assert_close(sparse[name], want, rtol=0, atol=1e-5 * float(want.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -264,11 +264,30 @@ def test_many_small_chunks_and_non_contiguous_inputs(monkeypatch):
     torch.testing.assert_close(block_sparse_attention(q, k, v, plan), ref, rtol=0, atol=2e-5)
 
 
-def test_portable_path_without_cpu_flash_op(monkeypatch):
-    # The branch other devices take, exercised on CPU.
+def _with_grads(backend, plan, q, k, v, scale=None):
+    """`(out, lse, [q, k, v gradients])` of one call, differentiated through both outputs."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = block_sparse_attention(*leaves, plan, return_lse=True, backend=backend, scale=scale)
+    assert out.requires_grad and lse.requires_grad
+    gen = torch.Generator().manual_seed(2)
+    out_grad, lse_grad = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+    grads = torch.autograd.grad((out, lse), leaves, (out_grad, lse_grad))
+    return out.detach(), lse.detach(), grads
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_portable_path_without_cpu_flash_op(monkeypatch, requires_grad):
+    # The branch other devices take, exercised on CPU, at a scale other than the default (SDPA must be given it), in
+    # inference and under autograd.
     monkeypatch.setattr(cpu_backend, "_FLASH_CPU", None)
-    plan, (q, k, v), (ref_out, ref_lse) = _case("batch-1 broadcast, q != kv")
-    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu")
+    plan, (q, k, v), _ = _case("batch-1 broadcast, q != kv")
+    ref_out, ref_lse, ref_grads = _with_grads("reference", plan, q, k, v, scale=0.3)
+    if requires_grad:
+        out, lse, grads = _with_grads("cpu", plan, q, k, v, scale=0.3)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    else:
+        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="cpu", scale=0.3)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
 
@@ -586,16 +605,40 @@ def test_runs_of_identical_rows_are_merged_correctly():
 
 
 def test_gradients_match_reference():
+    # Through the output and the LSE (the cpu backend's LSE was detached: no gradient at all).
     plan, (q, k, v), _ = _case("batch-1 broadcast, q != kv")
-    grads = {}
-    for backend in CPU_BACKENDS:
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse = block_sparse_attention(*leaves, plan, return_lse=True, backend=backend)
-        out.square().sum().backward()
-        grads[backend] = [x.grad for x in leaves]
-        assert lse.requires_grad == (backend == "reference")  # the cpu LSE is detached, not silently wrong
+    grads = {backend: _with_grads(backend, plan, q, k, v)[2] for backend in CPU_BACKENDS}
     for got, want in zip(grads["cpu"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("flash_op", [True, False])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_merged_over_disjoint_keys_differentiates_as_dense(backend, flash_op, monkeypatch):
+    # pipelines.base.merge_attention weights two calls' outputs by their LSEs (Chroma's masked prompt padding,
+    # Wan-Animate-2): training through it needs the LSE's gradient. The cpu backend's LSE was detached, and the
+    # merge's gradients came out 0.3 off with nothing said.
+    from diffsparse.pipelines.base import merge_attention
+
+    if not flash_op:  # the branch other devices take
+        monkeypatch.setattr(cpu_backend, "_FLASH_CPU", None)
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 2, 70, 157, head_dim=16))
+    split, block, scale = 100, 32, 0.3
+    parts = []
+    for keys in (slice(0, split), slice(split, None)):
+        kv_len = k[:, :, keys].shape[2]
+        blocks = (math.ceil(70 / block), math.ceil(kv_len / block))
+        plan = make_plan(torch.ones(1, 1, *blocks, dtype=torch.bool), 70, kv_len, block)
+        out, lse = block_sparse_attention(q, k[:, :, keys], v[:, :, keys], plan, return_lse=True, backend=backend,
+                                          scale=scale)
+        parts += [out, lse.unsqueeze(-1)]
+    merged = merge_attention(*parts)
+    dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(merged, dense, rtol=0, atol=1e-5)
+    out_grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(3))
+    grads = (torch.autograd.grad(x, (q, k, v), out_grad) for x in (merged, dense))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_inputs_that_need_gradients_never_take_the_triton_kernel(monkeypatch):

@@ -388,6 +388,18 @@ def test_autotune_pruning_keeps_a_config():
                 assert dtype != torch.float32 or any(c.num_stages == 1 for c in kept)
 
 
+def test_autotune_pruning_multi_buffers_narrow_tiles_only():
+    # Wide tiles (fp32, or head dims above 128) overflow shared memory with three k/v stages, and take one or two;
+    # narrow ones gain from pipelining, and take two or three.
+    from diffsparse.kernels.triton_block_sparse import _CONFIGS, _prune_configs
+
+    for block_q in (64, 128):
+        for dtype, head_dim, stages in ((torch.float32, 64, {1, 2}), (torch.float16, 256, {1, 2}),
+                                        (torch.float16, 64, {2, 3}), (torch.bfloat16, 128, {2, 3})):
+            kept = _prune_configs(_CONFIGS, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_Q=block_q, HEAD_DIM=head_dim)
+            assert {c.num_stages for c in kept} == stages, (block_q, dtype, head_dim)
+
+
 def test_triton_available_on_cpu_says_why():
     from diffsparse.kernels.triton_block_sparse import _INTERPRETED, triton_available
 
