@@ -158,6 +158,9 @@ def test_a_timestep_listed_twice_is_two_steps(make, num_steps, repeated):
         ticks += [clock.tick(t[None])[:2] for _branch in ("cond", "uncond")]
         sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
     assert ticks == [(step, num_steps) for step in range(num_steps) for _branch in ("cond", "uncond")]
+    # The scheduler's count picks among a run of equal timesteps only where it points into that run: past the loop
+    # (its count at num_steps), a call at the first timestep is step 0, not the step the count points at.
+    assert clock.tick(timesteps[0][None]) == (0, num_steps, False)
     config = diffsparse.SparseConfig(dense_steps=1, dense_last_steps=1)
     assert [config.is_dense_step(step, n) for step, n in ticks[::2]] == [True] + [False] * (num_steps - 2) + [True]
 
