@@ -282,14 +282,15 @@ def _add_compare(sub) -> None:
     p = _add_one_generation(sub, "compare",
                             "generate one video dense and sparse (same seed); time, density, PSNR/SSIM",
                             "seed of the initial noise (the same for both runs)",
-                            "folder for compare.mp4 and compare.json")
+                            "folder for compare.mp4, dense.mp4, sparse.mp4 (PNGs for one frame) and "
+                            "compare.json")
     add_two_stage_options(p, "testbed models: sample a still from the shapes-only prompt first (dense, untimed), "
                           "then both clips image-to-video from it, so the video follows the direction word; frame 0 "
                           "is not scored")
     _add_lpips_weights(p)
     p.add_argument("--fps", type=_positive, default=8,
-                   help="frame rate of compare.mp4; the model's own plays at its speed (diffusers' examples: Wan 16, "
-                        "HunyuanVideo 15, CogVideoX 8, LTX-Video 24, Mochi 30)")
+                   help="frame rate of compare.mp4, dense.mp4 and sparse.mp4; the model's own plays at its speed "
+                        "(diffusers' examples: Wan 16, HunyuanVideo 15, CogVideoX 8, LTX-Video 24, Mochi 30)")
 
 
 def _add_lpips_weights(p) -> None:

@@ -72,7 +72,9 @@ class CompareResult:
     warnings: list[str] = field(default_factory=list)
 
 
-VIDEO_FPS = 8  # compare.mp4's frame rate unless `--fps` says otherwise (the testbed's clips, CogVideoX's)
+# The frame rate of compare.mp4, dense.mp4 and sparse.mp4 unless `--fps` says otherwise (the testbed's clips,
+# CogVideoX's).
+VIDEO_FPS = 8
 EMBEDDED_MODEL = "embedded testbed (trained tiny Wan, diffsparse.pipelines.testbed)"
 
 
@@ -335,6 +337,20 @@ def check_image(path: str | None) -> None:
                          ) from None
 
 
+def check_image_taken(parameters: dict[str, inspect.Parameter], pipeline: str, image: str | None,
+                      first_frame: bool = False) -> None:
+    """A `ValueError` naming `pipeline` (its call's `parameters`) when `--image` (`image`, `None`: not given) is
+    given to a pipeline without an `image` argument, or missing for one whose `image` has no default (`first_frame`:
+    the testbed's two-stage still is given instead). Before loading, from the pipeline's class
+    (`check_call_kwargs_before_loading`), and at each generation (`generation_kwargs`)."""
+    takes = "image" in parameters
+    if image is not None and not takes:
+        raise ValueError(f"image={image!r}: {pipeline} takes no `image` (it is not an image-to-video or editing "
+                         "pipeline); leave out --image")
+    if takes and parameters["image"].default is inspect.Parameter.empty and image is None and not first_frame:
+        raise ValueError(f"{pipeline} generates from an image: give one with --image PATH")
+
+
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one generation of the commands: the prompt (for pipelines that take one; a
     class-conditional one, DiT, gets its inputs from `--call-kwargs`, a `ValueError` naming what is missing), the
@@ -347,12 +363,7 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     that needs it, and names a `--call-kwargs` key the pipeline does not take or that an option sets."""
     parameters = _call_parameters(pipe)
     image_path = getattr(args, "image", None)
-    if image_path is not None and not takes_image(pipe):
-        raise ValueError(f"image={image_path!r}: {pipeline_name(pipe)} takes no `image` (it is not an image-to-video "
-                         "or editing pipeline); leave out --image")
-    needs_image = takes_image(pipe) and parameters["image"].default is inspect.Parameter.empty
-    if needs_image and image_path is None and first_frame is None:
-        raise ValueError(f"{pipeline_name(pipe)} generates from an image: give one with --image PATH")
+    check_image_taken(parameters, pipeline_name(pipe), image_path, first_frame is not None)
     # A class-conditional pipeline (DiT) takes no prompt: its inputs come with --call-kwargs.
     prompted = takes_prompt(pipe)
     kwargs = {**({"prompt": prompt} if prompted else {}), **frames_argument(pipe, args.frames)}
@@ -465,14 +476,25 @@ def pipeline_class_of(model: str | None) -> type | None:
     return pipeline if isinstance(pipeline, type) and issubclass(pipeline, diffusers.DiffusionPipeline) else None
 
 
-def check_call_kwargs_before_loading(args) -> None:
-    """`check_call_kwargs`, and a key `args.model`'s pipeline does not take (read from its `model_index.json`):
-    a misspelt key is said before a checkpoint of many gigabytes loads, not after."""
+def check_call_kwargs_before_loading(args, pipe=None) -> None:
+    """`check_call_kwargs`, `check_image`, and what the call of `args.model`'s pipeline refuses (its class read from
+    its `model_index.json`; with `pipe`, the pipeline already loaded: the demo's): a `--call-kwargs` key it does not
+    take, `--image` given to a pipeline without an `image` argument or missing for one that needs it
+    (`check_image_taken`). Said before a checkpoint of many gigabytes loads (and before the two-stage stills), not
+    after."""
     call_kwargs = getattr(args, "call_kwargs", None)
+    image = getattr(args, "image", None)
     check_call_kwargs(call_kwargs)
-    pipeline = pipeline_class_of(args.model) if call_kwargs else None
-    if pipeline is not None:
-        _check_taken(call_kwargs, dict(inspect.signature(pipeline.__call__).parameters), pipeline.__name__)
+    check_image(image)  # first: a file that is not there is said as such, whatever the pipeline
+    if pipe is None:
+        pipeline = pipeline_class_of(args.model)
+        if pipeline is None:  # a modular pipeline, a hub id not in the cache offline: checked at the generation
+            return
+        parameters, name = dict(inspect.signature(pipeline.__call__).parameters), pipeline.__name__
+    else:
+        parameters, name = _call_parameters(pipe), pipeline_name(pipe)
+    _check_taken(call_kwargs or {}, parameters, name)
+    check_image_taken(parameters, name, image, first_frame=bool(getattr(args, "two_stage", False)))
 
 
 # The values a pipeline call gives an argument it leaves `None` where its `__call__` says `name = name or EXPR` at its
@@ -925,15 +947,11 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
     """
     check_two_stage(args, pipe)
-    if pipe is None:
-        check_call_kwargs_before_loading(args)
-    else:  # the demo's loaded pipeline: checked before its still is sampled, not at the clips' call
-        call_kwargs = getattr(args, "call_kwargs", None)
-        check_call_kwargs(call_kwargs)
-        _check_taken(call_kwargs or {}, _call_parameters(pipe), pipeline_name(pipe))
+    # `--call-kwargs` and `--image` before loading; with the demo's loaded pipeline, before its still is sampled, not
+    # at the clips' call.
+    check_call_kwargs_before_loading(args, pipe)
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
-    check_image(getattr(args, "image", None))  # and the demo's, before its still
     if pipe is None:
         pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)

@@ -131,25 +131,31 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _nothing_to_trace(config: SparseConfig) -> ValueError:
+    return ValueError(f"nothing to trace: every self-attention call ran the original dense attention under "
+                      f"{config!r} (a dense pattern, or dense steps or layers covering the whole run)")
+
+
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     from .compare import (
         check_call_kwargs_before_loading,
-        check_image,
         fill_call_defaults,
         generation_kwargs,
         load_pipeline_for,
         seeded_global_generator,
     )
 
-    check_call_kwargs_before_loading(args)
-    check_image(getattr(args, "image", None))
+    # The dense pattern runs every call with the original processors: said before the model loads and generates,
+    # not after. Dense steps or layers covering the whole run are known only once the model's are.
+    if config.resolved_pattern.name == "dense":
+        raise _nothing_to_trace(config)
+    check_call_kwargs_before_loading(args)  # and --image
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one
         traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
     if not traced:
-        raise ValueError(f"nothing to trace: every self-attention call ran the original dense attention under "
-                         f"{config!r} (a dense pattern, or dense steps or layers covering the whole run)")
+        raise _nothing_to_trace(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trace.csv", "w", newline="") as f:

@@ -39,10 +39,32 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PSNR" in out and "pattern: radial(decay=1.0, min_window=64, sink=False)\n" in out  # defaults spelled out
     assert main([*args, "--dense-steps", "1", "--fps", "16", "--out", str(tmp_path / "wan_rate")]) == 0
-    assert iio.immeta(tmp_path / "wan_rate" / "compare.mp4")["fps"] == 16
+    # Each video alone plays at the rate asked too, not compare.mp4 alone.
+    for name in ("compare", "dense", "sparse"):
+        assert iio.immeta(tmp_path / "wan_rate" / f"{name}.mp4")["fps"] == 16, name
     # What the run was called with, to repeat it.
     assert (result["prompt"], result["image"], result["call_kwargs"], result["vae_tiling"]) == (
         "a red circle moving left", None, None, False)
+
+
+def test_an_image_to_video_compare_records_the_image_it_was_given(tmp_path, monkeypatch):
+    # compare.json's `image` was checked only as None: a run from an image did not have to say which.
+    from diffsparse import compare
+
+    from helpers import tiny_image_to_video_pipeline
+
+    folder = tmp_path / "i2v"  # the class read before loading: an image-to-video pipeline, which takes --image
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+    pipe = tiny_image_to_video_pipeline("wan22")
+    monkeypatch.setattr(compare, "load_pipeline", lambda *args, **kwargs: pipe)
+    image = tmp_path / "first.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(image)
+    assert main(["compare", "--model", str(folder), "--image", str(image), "--steps", "2", "--frames", "5",
+                 "--height", "32", "--width", "48", "--block-size", "16", "--dense-steps", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert (result["model"], result["image"]) == (str(folder), str(image))
 
 
 def test_two_stage_compare_starts_both_videos_from_one_still_and_scores_the_generated_frames(tmp_path, capsys,
@@ -266,6 +288,11 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     wan = tmp_path / "wan"  # a checkpoint folder as far as its model_index.json: the class is read, nothing loaded
     wan.mkdir()
     (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    image_to_video = tmp_path / "i2v"
+    image_to_video.mkdir()
+    (image_to_video / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+    an_image = tmp_path / "an_image.png"
+    PIL.Image.new("RGB", (16, 16)).save(an_image)
     not_image = tmp_path / "not_image.png"
     not_image.write_text("hello")
     nowhere = tmp_path / "nowhere.png"
@@ -286,6 +313,16 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
         (["compare", "--image", str(truncated)], f"image='{truncated}': not an image file PIL can read"),
         (["trace", "--image", str(not_image)], f"image='{not_image}': not an image file PIL can read"),
         (["bench", "pipeline", "--image", str(nowhere)], f"image='{nowhere}': no such file"),
+        # --image given to a pipeline that takes none, or missing for one that needs it, was said by the first
+        # generation's call: after loading the checkpoint, and with --two-stage after sampling the stills.
+        (["compare", "--model", str(wan), "--image", str(an_image)],
+         f"image='{an_image}': WanPipeline takes no `image` (it is not an image-to-video or editing pipeline)"),
+        (["compare", "--model", str(image_to_video)],
+         "WanImageToVideoPipeline generates from an image: give one with --image PATH"),
+        (["compare", "--two-stage", "--image", str(an_image)], "TestbedPipeline takes no `image`"),
+        (["eval", "--model", str(image_to_video)], "WanImageToVideoPipeline generates from an image"),
+        (["trace", "--model", str(wan), "--image", str(an_image)], "WanPipeline takes no `image`"),
+        (["bench", "pipeline", "--model", str(image_to_video)], "WanImageToVideoPipeline generates from an image"),
         # A key the pipeline does not take was said only once the pipeline had loaded (a 14B checkpoint: minutes).
         (["compare", "--call-kwargs", '{"guidance_scal": 2}'],
          "'guidance_scal', which TestbedPipeline does not take; it takes "),
@@ -338,6 +375,8 @@ def test_settings_found_wrong_only_late_are_usage_errors_before_the_work(tmp_pat
     # CPU devices by index load in float32 as "cpu" does.
     monkeypatch.undo()
     assert compare.weights_dtype(compare.load_pipeline(None, "cpu:0")) == "fp32"
+    # bfloat16 on other devices (meta: no accelerator needed, nothing computed).
+    assert compare.weights_dtype(compare.load_pipeline(None, "meta")) == "bf16"
 
 
 def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatch):

@@ -23,7 +23,7 @@ def test_every_block_kept_traces_zero_error_and_only_the_calls_diffsparse_comput
     assert all(c.sparse and c.error < 1e-5 for c in traced)
 
 
-def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe, monkeypatch):
+def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe, monkeypatch, tmp_path):
     config = diffsparse.SparseConfig(
         pattern=Radial(decay=0.25, min_window=8), block_size=16, dense_steps=1, correction="residual"
     )
@@ -54,6 +54,23 @@ def test_sparse_calls_have_an_error_and_a_measuring_call_has_none(tiny_pipe, mon
         assert r["error"] == pytest.approx(sum(c.error for c in own) / len(own))
         assert r["first_step_error"] == pytest.approx(sum(c.error for c in own if c.step == 1) / 2)
     assert diffsparse.api._handles(tiny_pipe) == []  # the trace removed what it installed
+    # The plot's curves are the sparse calls' errors, per layer: the measuring step's (exact, dense through the
+    # kernel) is no point of them. Nothing checked what was plotted.
+    import matplotlib.axes
+
+    plotted, draw = [], matplotlib.axes.Axes.plot
+
+    def recording(self, x, y, **kwargs):
+        plotted.append((kwargs.get("label"), list(x), list(y)))
+        return draw(self, x, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    trace.plot(traced, tmp_path / "trace.png", repr(config))
+    assert plotted == [
+        (f"layer {layer}", [1, 2], [pytest.approx(r["error"]) for r in per_step(
+            [c for c in traced if c.sparse and c.layer == layer])])
+        for layer in (0, 1)]
+    assert (tmp_path / "trace.png").stat().st_size > 0
 
 
 def test_an_exception_during_the_traced_generation_takes_the_sparse_attention_off(tiny_pipe):
@@ -93,6 +110,21 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args[:-2], "--dense-steps", "3", "--out", str(tmp_path / "none")])
     assert exit_info.value.code == 2 and "nothing to trace" in capsys.readouterr().err
+
+
+def test_the_dense_pattern_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    # It traces nothing (every call runs the original processors): said only after the whole generation before.
+    from diffsparse import compare
+
+    def no_loading(args):
+        raise AssertionError("loaded the model before refusing the dense pattern")
+
+    monkeypatch.setattr(compare, "load_pipeline_for", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trace", "--pattern", "dense", "--steps", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nothing to trace: every self-attention call ran the original" in err, err
+    assert not (tmp_path / "trace.csv").exists()
 
 
 def test_a_causal_frame_group_mask_is_in_the_reference_not_in_the_error():

@@ -471,6 +471,7 @@ def test_compare_takes_an_image_for_image_to_video(tmp_path, tiny_pipe):
         run_compare(args(), config, pipe=pipe)
     result = run_compare(args("--image", str(image_path)), config, pipe=pipe)
     assert result.frames == 9 and result.mean_attention_density < 1 and result.psnr_db > 0
+    assert result.image == str(image_path)  # compare.json's record of what the run was called with
     with pytest.raises(ValueError, match="WanPipeline takes no `image`"):
         run_compare(args("--image", str(image_path)), config, pipe=tiny_pipe)
 
