@@ -109,6 +109,28 @@ def test_stats_count_the_last_run_and_since_apply_every_run(tiny_pipe):
 
 
 @torch.no_grad()
+def test_stats_densities_are_each_over_the_calls_they_name(tiny_pipe):
+    # The three densities a user reads off a run: `sparse_density` over the sparse calls (each weighing one),
+    # `sparse_steps_density` over the calls outside the schedule's dense steps (a dense layer's at 1.0),
+    # `mean_density` over every call; `dense_step_calls` counts those in the dense steps.
+    transformer = tiny_pipe.transformer
+    handle = diffsparse.apply(transformer, diffsparse.SparseConfig(block_size=16, dense_steps=1, dense_layers=[0]))
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 5, 8, 12, generator=g)
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"], generator=g)
+    for t in (900.0, 800.0, 700.0):  # steps 0 (dense), 1 and 2: one call each
+        transformer(latents, torch.tensor([t]), text, return_dict=False)
+    stats = handle.stats()
+    assert [(s.layer, s.dense_calls, s.sparse_calls, s.dense_step_calls) for s in stats.layers] == [
+        (0, 3, 0, 1), (1, 1, 2, 1)]
+    density = stats.layers[1].mean_density
+    assert 0 < density < 0.9
+    assert stats.sparse_density == pytest.approx(density)
+    assert stats.sparse_steps_density == pytest.approx((2 + 2 * density) / 4)  # step 0's two calls left out
+    assert stats.mean_density == pytest.approx((4 + 2 * density) / 6)
+
+
+@torch.no_grad()
 def test_run_step_counts_lists_each_denoising_run(tiny_pipe):
     # The step count each run's dense steps were resolved for (what `eval` reads after its warm-ups), `None` for
     # calls no schedule times: the transformer called before the pipeline first set its scheduler's timesteps.

@@ -591,6 +591,25 @@ def test_steps_starting_over_within_a_run_search_and_measure_anew(config):
         assert measured == 2 * ([0, 2] if config.correction_refresh else [0])
 
 
+def test_with_a_correction_the_call_s_step_decides_for_all_its_frames():
+    # Diffusion forcing gives each frame its own step (`frame_steps`): without a correction the frames past the dense
+    # steps run sparse, the others' queries dense. A correction's statistics are per call: its calls follow the
+    # call's own step (its noisiest frame's) as a whole, dense while that one is a dense step.
+    layout = VideoLayout(4, 4, 4)
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    records = {}
+    for correction in (None, "residual"):
+        config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=2,
+                              correction=correction)
+        runtime = SparseRuntime(config, "transformer")
+        runtime.state_manager.set_context(CacheContext("cond"))
+        runtime.begin_call(layout, 0, 5, frame_steps=(3, 2, 1, 0))  # frames 2 and 3 in the dense steps
+        if runtime.route(0):
+            runtime.attention(0, q, k, v)
+        records[correction] = [(r.sparse, r.measured, r.dense_step) for r in runtime.records]
+    assert records == {None: [(True, False, False)], "residual": [(False, False, True)]}
+
+
 def test_a_pass_at_a_late_step_before_each_step_keeps_the_fits():
     # A pass outside the steps (a KV cache written at timestep 0, which the clock reads as the last step) before the
     # step it serves is no new denoising pass: dropping the fits there would search again at every step.
