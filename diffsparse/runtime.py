@@ -16,6 +16,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -410,9 +411,10 @@ class SparseRuntime:
         # Data-dependent patterns (Sparse VideoGen's head kinds, searched blocks): the layer's specialised
         # pattern (`Pattern.fit`), one per video of the batch, chosen at its first sparse call of a pipeline call
         # and reused for the remaining steps (until steps start over: `begin_call`). Keyed by `_layer_pattern`'s
-        # slot: (layer, layout, batch size, frames per causal group, first query computed, pairs outside the layout).
-        self._layer_patterns: dict[tuple[int, VideoLayout, int, int, int, int], tuple[Pattern, ...]] = {}
-        self._fitted_at: dict[tuple[int, VideoLayout, int, int, int, int], int] = {}  # the step each was fitted at
+        # slot: (layer, layout, videos (`_videos_key`), frames per causal group, first query computed, pairs outside
+        # the layout).
+        self._layer_patterns: dict[tuple, tuple[Pattern, ...]] = {}
+        self._fitted_at: dict[tuple, int] = {}  # the step each was fitted at
         self._fits = self.pattern.data_dependent
         # Searched patterns (`searched`, `searched_windows`): their `keep` is the density, spent by the search itself
         # (their own `at_density` only confirms it), not solved after the fit as `spatial_temporal`'s is.
@@ -755,8 +757,10 @@ class SparseRuntime:
         whose queries attend the keys `[0, stop)` only: the attention `out` computed. Observers live until `remove`."""
         self._observers.append(observer)
 
-    def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None) -> str:
-        """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`."""
+    def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None,
+              videos: int | tuple[int, ...] | None = None) -> str:
+        """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`; `videos`: the
+        `_videos_key` of a call that fits (its fit's slot), with its `shape`."""
         state = self._state()
         layout = state.layout if layout is None else layout
         if self._always_dense or state.layout is None or self.config.is_dense_layer(layer) or self._uncounted(state):
@@ -767,7 +771,7 @@ class SparseRuntime:
         if stats is not None:
             # A data-dependent pattern that searched again after the measurement keeps other blocks: the residual
             # of the old ones would count blocks twice and miss others (1.07 off dense where a fresh one is exact).
-            fits = (layer, layout, None if shape is None else shape[0], state.frame_causal)
+            fits = (layer, layout, videos, state.frame_causal)
             refitted = max((at for slot, at in self._fitted_at.items() if slot[:4] == fits), default=-1)
             if (shape is None or stats.residual.shape == shape) and refitted <= stats.step:
                 measured_at = stats.step
@@ -786,6 +790,7 @@ class SparseRuntime:
         return_lse: bool = False,
         outside_pairs: int = 0,
         parts: list | None = None,
+        videos: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Block-sparse attention on `(B, S, H, D)` tensors (the diffusers processor layout).
 
@@ -806,6 +811,11 @@ class SparseRuntime:
         tensors; the call's record then counts them (its density is over the layout's pairs and these).
         `parts`: a list that collects this call's record instead of the log, for a processor that attends one layer
         call in several runtime calls (groups of videos, padded prompts): `log_parts` then logs them as one call.
+        `videos`: which videos of the layer call the tensors hold, their indices in its batch (a sequence of ints or a
+        1-D tensor, one per video of the tensors, in their order), for such a processor's group of videos; default:
+        all of the call's videos, in order. A data-dependent pattern's fit made on a group is reused for the same
+        videos only: not for another group of the call, nor for the other CFG branch's group of other videos on the
+        same layout. A tensor is read on the host (a sync on a GPU) only by a runtime that fits.
         """
         state = self._state()
         start = 0
@@ -822,6 +832,7 @@ class SparseRuntime:
         branch = self.state_manager.context.name
         pattern = self.pattern
         if self._fits:
+            videos = self._videos_key(query.shape[0], videos)
             # A fit reads the whole sequence's queries; it is told which ones the call computes (`queries_from`) and
             # the text's rows are kept whole whatever it finds, so zeros stand in for the queries the call does not
             # hold.
@@ -829,7 +840,7 @@ class SparseRuntime:
             if start:
                 fit_query = torch.cat([query.new_zeros(query.shape[0], start, *query.shape[2:]), query], dim=1)
             pattern = self._layer_pattern(layer, layout, fit_query, key, value, state.frame_causal, heads,
-                                          start, outside_pairs)
+                                          start, outside_pairs, videos)
         head_range = None if heads is None else (heads.first, heads.total)
         cached = self.plan(
             layout, query.shape[2], query.device, pattern, head_range, state.frame_causal, state.dense_frames or (),
@@ -840,7 +851,7 @@ class SparseRuntime:
             # The text span maps to itself, so the video queries' order is the video part of the keys' order.
             query = query.index_select(1, cached.perm[start:] - start)
             key, value = (x.index_select(1, cached.perm) for x in (key, value))
-        mode = self._mode(layer, query.shape, layout)
+        mode = self._mode(layer, query.shape, layout, videos if self._fits else None)
         if mode == "measure":
             out, lse = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
         elif cached.groups:
@@ -924,6 +935,18 @@ class SparseRuntime:
         out, lse = result
         return out.transpose(1, 2), lse.transpose(1, 2).unsqueeze(-1)
 
+    @staticmethod
+    def _videos_key(batch: int, videos: Sequence[int] | torch.Tensor | None) -> int | tuple[int, ...]:
+        """Which videos of the layer call a runtime call's `batch` are (`attention`'s `videos`), as the fits are
+        keyed: the batch size where they are the call's first ones in order (all of them by default),
+        else their indices."""
+        if videos is None:
+            return batch
+        videos = tuple(int(i) for i in (videos.tolist() if isinstance(videos, torch.Tensor) else videos))
+        if len(videos) != batch:
+            raise ValueError(f"videos must give one index per video of the tensors' batch ({batch}), got {videos}")
+        return batch if videos == tuple(range(batch)) else videos
+
     def _measure(self, layer, branch, step, layout, query, key, value, plan: BlockSparsePlan):
         """Dense attention `(out, lse)` that also records `SparseConfig.correction`'s statistics for later sparse
         calls."""
@@ -962,24 +985,27 @@ class SparseRuntime:
 
     def _layer_pattern(
         self, layer: int, layout: VideoLayout, query, key, value, frame_causal: int = 0, shard: HeadShard | None = None,
-        queries_from: int = 0, outside_pairs: int = 0,
+        queries_from: int = 0, outside_pairs: int = 0, videos: int | tuple[int, ...] | None = None,
     ) -> tuple[Pattern, ...]:
         """The layer's fitted patterns, one per video of the batch (one for all when they are equal).
 
         Each video is fitted on its own queries, keys and values (with the same generator seed), so a video's
         blocks, and so its result, do not depend on what else shares its batch: a batch of prompts gives each
-        the video it gets alone. The fit is kept per (layer, layout, batch size), not per CFG branch: where the
+        the video it gets alone. The fit is kept per (layer, layout, videos), not per CFG branch: where the
         pipeline calls the transformer once per branch (Wan), the branches share the fit of whichever runs first
         (the cond call), video by video, unless their batch sizes differ; where it batches the branches into one
-        call (PixArt), each half of the batch is videos of their own, each fitted on its own tensors. The fit is
-        made at the layer's first call that reaches `attention`: its first sparse step, or with
+        call (PixArt), each half of the batch is videos of their own, each fitted on its own tensors. `videos`:
+        `attention`'s, as `_videos_key` gives it (default: the batch size, the call's whole batch): a processor that
+        attends a layer call in groups of videos (`attend_valid_prefixes`, `attend_kept_tokens`) reuses a fit for
+        the same videos only, never another group's, nor the other branch's group of other videos on the same
+        layout. The fit is made at the layer's first call that reaches `attention`: its first sparse step, or with
         `SparseConfig.correction` the measuring step before it (the last dense step). Under a causal frame-group
         mask (`frame_causal`, `allow_frame_causal`) the fit measures the masked attention. Calls of one layer that
         compute other query rows (`queries_from`) or leave other pairs outside (`outside_pairs`) have fits of their
         own: a search is over the blocks of the rows computed, at the density their outside pairs leave.
         """
         batch = query.shape[0]
-        slot = (layer, layout, batch, frame_causal, queries_from, outside_pairs)
+        slot = (layer, layout, batch if videos is None else videos, frame_causal, queries_from, outside_pairs)
         patterns = self._layer_patterns.get(slot)
         step = self._state().step
         every = self.pattern.refit_every

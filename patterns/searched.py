@@ -633,9 +633,10 @@ class Searched(Pattern):
     refresh: int = 0
     min_similarity: float = 0.0
     top_p: float | None = None
-    # Set by `search`: the mask (compared through `searched_for`, whose last item is a digest of its bits).
-    searched_mask: torch.Tensor | None = field(default=None, compare=False)
-    searched_for: tuple | None = None
+    # Set by `search`, not parameters (`get_pattern` lists and takes the constructor's only): the mask (compared
+    # through `searched_for`, whose last item is a digest of its bits). A `replace`d copy is unsearched.
+    searched_mask: torch.Tensor | None = field(default=None, init=False, compare=False)
+    searched_for: tuple | None = field(default=None, init=False)
 
     name = "searched"
     composable = False
@@ -667,8 +668,6 @@ class Searched(Pattern):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Searched.{name} must be an int >= {low}, got {name}={value!r}")
-        if (self.searched_mask is None) != (self.searched_for is None):
-            raise ValueError("Searched.searched_mask and searched_for are set together, by Searched.search")
 
     @property
     def num_heads(self) -> int:
@@ -774,7 +773,10 @@ class Searched(Pattern):
         mask = required.expand(searched.shape[0], *required.shape).clone()
         mask[:, rows] = searched.cpu()
         digest = hashlib.sha1(mask.numpy().tobytes()).hexdigest()
-        return replace(self, searched_mask=mask, searched_for=(layout, pair, order, bounds, tuple(mask.shape), digest))
+        searched = replace(self)
+        object.__setattr__(searched, "searched_mask", mask)
+        object.__setattr__(searched, "searched_for", (layout, pair, order, bounds, tuple(mask.shape), digest))
+        return searched
 
     def fit(
         self, query, key, value, layout, block_size, order=None, generator=None, within=None, shard=None, q_tokens=None

@@ -224,7 +224,8 @@ class SparseProcessor:
     def attend_video_queries(self, query, key, value, groups=None, outside_pairs: int = 0) -> torch.Tensor:
         """`runtime.attention` of the layout's video rows alone (`video_queries`) over the call's `[text, video]`
         keys, sparse; with `groups` (`valid_key_groups`), each group of videos over its valid keys only (padded
-        prompt tokens left out: every video key must be valid), one call each. `outside_pairs`: per video, as
+        prompt tokens left out: every video key must be valid), one call each, told its videos (`attention`'s
+        `videos`). `outside_pairs`: per video, as
         `runtime.attention`'s (the text rows a processor attends densely itself)."""
         if groups is None:
             return self.runtime.attention(self.layer, query, key, value, video_queries=True,
@@ -240,7 +241,8 @@ class SparseProcessor:
             group_layout = dataclasses.replace(layout, text_len=len(kept) - layout.num_video_tokens)
             k, v = (x[videos][:, kept] for x in (key, value))
             out[videos] = self.runtime.attention(self.layer, query[videos], k, v, layout=group_layout,
-                                                 video_queries=True, outside_pairs=outside_pairs, parts=parts)
+                                                 video_queries=True, outside_pairs=outside_pairs, parts=parts,
+                                                 videos=videos)
         self.runtime.log_parts(parts)
         return out
 
@@ -698,7 +700,8 @@ def prefix_lengths(mask: torch.Tensor, name: str = "the attention mask") -> list
 
 def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[int], padded_queries: str):
     """Sparse attention of each video of a `(B, S, H, D)` batch over its first `lengths[b]` tokens (video first,
-    then its valid text; the layout's text span cut to match), videos with equal lengths in one runtime call.
+    then its valid text; the layout's text span cut to match), videos with equal lengths in one runtime call, told
+    its videos (`attention`'s `videos`: a fitted pattern's fit is reused for the same videos only).
 
     `padded_queries`: what the original computes for the padded text queries, whose outputs never reach a video
     token: `"dense"` (attention over the valid keys) or `"zero"`.
@@ -713,12 +716,14 @@ def attend_valid_prefixes(runtime, layer: int, query, key, value, lengths: list[
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     out, parts = torch.zeros_like(query), []
     for valid in sorted(set(lengths)):
-        videos = torch.tensor([i for i, n in enumerate(lengths) if n == valid], device=query.device)
+        indices = [i for i, n in enumerate(lengths) if n == valid]
+        videos = torch.tensor(indices, device=query.device)
         layout = dataclasses.replace(call_layout, text_len=valid - (length - call_layout.text_len))
         # A group holding every video needs no gathered copy of q, k, v: a slice along the sequence is a view.
         whole = len(videos) == len(lengths)
         q, k, v = ((x if whole else x.index_select(0, videos))[:, :valid] for x in (query, key, value))
-        out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout, parts=parts)
+        # The group's videos told: a fit made on other videos (another group, the other branch's) is not reused.
+        out[videos, :valid] = runtime.attention(layer, q, k, v, layout=layout, parts=parts, videos=indices)
         if valid < length and padded_queries == "dense":
             padded = (query if whole else query.index_select(0, videos))[:, valid:].transpose(1, 2)
             tail = torch.nn.functional.scaled_dot_product_attention(padded, k.transpose(1, 2), v.transpose(1, 2))
@@ -748,9 +753,9 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
     videos over its kept tokens only: `groups` is `[(videos, kept token indices), ...]` (as `valid_key_groups` gives
     them), the kept tokens every image token and some of the text span, so their indices are the same in the model's
     order and the layout's. One runtime call per group, on the call's layout with the text span cut to the kept
-    text. The tokens left out (padding, which no kept token attends) get zero outputs. `heads`: as
-    `runtime.attention`'s. Groups read from a mask of one row (one video) stand for every video of the batch, as
-    attention broadcasts such a mask."""
+    text, told its videos (`attention`'s `videos`). The tokens left out (padding, which no kept token attends) get
+    zero outputs. `heads`: as `runtime.attention`'s. Groups read from a mask of one row (one video) stand for every
+    video of the batch, as attention broadcasts such a mask."""
     batch = query.shape[0]
     if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
         groups = [(torch.arange(batch, device=query.device), groups[0][1])]
@@ -760,7 +765,8 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
     for videos, kept in groups:
         q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
         layout = dataclasses.replace(call_layout, text_len=len(kept) - call_layout.num_video_tokens)
-        out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads, parts=parts)
+        out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads, parts=parts,
+                                                       videos=videos)
     runtime.log_parts(parts)
     return runtime.to_model_order(out)
 

@@ -3,10 +3,12 @@
 import functools
 import itertools
 import math
+import re
 import threading
 
 import pytest
 import torch
+from diffusers.hooks.hooks import CacheContext
 
 import diffsparse
 from diffsparse.kernels import block_sparse_attention, make_plan
@@ -30,6 +32,8 @@ from diffsparse.patterns.searched import (
     pooled_block_mass,
     select_blocks,
 )
+from diffsparse.pipelines.base import attend_kept_tokens, attend_valid_prefixes
+from diffsparse.runtime import SparseRuntime
 
 from helpers import generate
 
@@ -597,6 +601,80 @@ def test_searched_output_beats_a_static_pattern_of_the_same_density():
     assert error(searched) < 0.8 * error(static)
 
 
+def test_a_search_in_a_tile_order_gives_its_video_token_mask_in_frame_major_order():
+    # `_video_token_mask` is the definition the base class reads, over the video tokens in frame-major order, whatever
+    # order the search ran in: the searched blocks (in the tiled order) expanded to tokens and put back in frame-major.
+    layout = VideoLayout(frames=2, height=4, width=4, text_len=3, text_position="start")
+    order = TileOrder((1, 2, 2))
+    searched = Searched(keep=0.5).search(*_qkv(layout), layout, (8, 4), order=order)
+    n = layout.num_tokens
+    tiled = searched.block_mask(layout, (8, 4), order=order)[:, torch.arange(n) // 8][:, :, torch.arange(n) // 4]
+    video = torch.argsort(order.permutation(layout))[3:]  # each video token's position in the tiled order
+    expected = tiled[:, video][:, :, video]
+    assert not torch.equal(expected, tiled[:, 3:, 3:])  # the orders differ here
+    assert torch.equal(searched._video_token_mask(layout), expected)
+
+
+def test_a_group_of_videos_reuses_no_fit_made_on_other_videos(monkeypatch):
+    # HunyuanVideo's true CFG: a call per branch, each attending its videos in groups of equal valid lengths
+    # (`attend_valid_prefixes`). Video 1's uncond group has the layout of video 0's cond group: it searches on its
+    # own tensors, so a batch of two prompts gives video 1 what it gets alone (it took video 0's fit, 3.7 off). The
+    # same videos of the other branch on the same layout still share a fit (Wan's branches called apart).
+    layout = VideoLayout(2, 8, 8, text_len=16, text_position="end")  # [video, text]: 128 + 16 tokens
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(3, 2, layout.num_tokens, 2, 16, generator=g).unbind(0) for _ in range(2))
+    uncond[0][1] *= 5  # video 1's uncond queries unlike video 0's cond ones
+    config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, budget="row"), block_size=16, dense_steps=0)
+    searches = []
+    fit = Searched.fit
+    monkeypatch.setattr(Searched, "fit", lambda self, q, *args, **kwargs: searches.append(q.shape[0]) or fit(
+        self, q, *args, **kwargs))
+
+    def run(videos, cond_lengths, uncond_lengths):
+        runtime, outs = SparseRuntime(config, "transformer"), []
+        for branch, inputs, lengths in (("cond", cond, cond_lengths), ("uncond", uncond, uncond_lengths)):
+            runtime.state_manager.set_context(CacheContext(branch))
+            runtime.begin_call(layout, 0, 4)
+            outs.append(attend_valid_prefixes(runtime, 0, *(x[videos] for x in inputs), lengths, padded_queries="zero"))
+        return outs
+
+    batched = run([0, 1], [140, 136], [132, 140])
+    for batched_out, alone in zip(batched, run([1], [136], [140])):
+        torch.testing.assert_close(batched_out[1:], alone, atol=1e-5, rtol=0)
+    searches.clear()
+    run([0, 1], [140, 136], [132, 140])
+    assert len(searches) == 4  # a search per group of each branch
+    searches.clear()
+    run([0, 1], [140, 136], [140, 136])
+    assert len(searches) == 2  # each group's uncond call reuses its cond call's search
+
+
+def test_groups_of_kept_tokens_on_one_layout_each_keep_their_own_fit():
+    # Two prompts whose masks keep as many text tokens (`attend_kept_tokens`): their groups are attended on the same
+    # layout, each with the fit of its own video (the second took the first's), so each gets what it gets alone.
+    layout = VideoLayout(2, 8, 8, text_len=8, text_position="start")  # [text, image]: 8 + 128 tokens
+    n = layout.num_tokens
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, n, 2, 16, generator=g).unbind(0)
+    q[1] *= 6
+    k[1] = 3 * torch.randn(n, 2, 16, generator=g)
+    image = torch.arange(8, n)
+    kept = [torch.cat([torch.arange(4), image]), torch.cat([torch.arange(4, 8), image])]  # 4 text tokens each
+    config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, criterion="greedy", budget="row"), block_size=16,
+                                     dense_steps=0)
+
+    def run(videos):
+        runtime = SparseRuntime(config, "transformer")
+        runtime.state_manager.set_context(CacheContext("cond"))
+        groups = [(torch.tensor([i]), kept[video]) for i, video in enumerate(videos)]
+        runtime.begin_call(layout, 0, 4)
+        return attend_kept_tokens(runtime, 0, q[videos], k[videos], v[videos], groups)
+
+    batched = run([0, 1])
+    for video in (0, 1):
+        torch.testing.assert_close(batched[video : video + 1], run([video]), atol=1e-5, rtol=0)
+
+
 def test_searched_masks_cannot_be_combined_with_rules():
     layout = VideoLayout(frames=2, height=4, width=4, text_len=3, text_position="start")
     searched = Searched(keep=0.5).search(*_qkv(layout), layout, 8)
@@ -665,6 +743,15 @@ def test_equal_searches_are_equal_and_hash_alike():
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Searched(**kwargs)
+
+
+def test_a_spec_lists_and_takes_the_user_s_parameters_only():
+    # The mask and what it was searched for are set by the search, not parameters: a spec's unknown keyword lists
+    # neither (it listed searched_mask and searched_for), and a spec giving one is refused as unknown.
+    takes = "searched takes keep, criterion, budget, sample_rows, value_dims, refresh, min_similarity, top_p; got"
+    for spec, field in (("searched(foo=1)", "foo"), ("searched(searched_for=(1,))", "searched_for")):
+        with pytest.raises(ValueError, match=f"{re.escape(takes)} '{field}'$"):
+            get_pattern(spec)
 
 
 def test_search_checks_the_token_count():
