@@ -80,7 +80,14 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
             f"Pattern instance, got {name_or_pattern!r}{did_you_mean(name, PATTERNS)}"
         )
     given = spec_params or params
-    accepted = list(inspect.signature(PATTERNS[name]).parameters)
+    set_by_search = getattr(PATTERNS[name], "set_by_search", ())
+    searched = [key for key in given if key in set_by_search]
+    if searched:  # the runtime's search would replace it without a word
+        raise ValueError(
+            f"pattern {name_or_pattern!r}: {searched[0]}={given[searched[0]]!r} is set by {name}'s search (at each "
+            f"layer's first sparse call); leave it out"
+        )
+    accepted = [key for key in inspect.signature(PATTERNS[name]).parameters if key not in set_by_search]
     unknown = [key for key in given if key not in accepted]
     if unknown:
         raise ValueError(

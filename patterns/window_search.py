@@ -147,6 +147,7 @@ class SearchedWindows(Window3D):
 
     name = "searched_windows"
     composable = False  # the runtime fits the pattern it is given, not a composition's parts
+    set_by_search = ("window",)  # constructor fields a spec string may not give (`get_pattern`): the search's
 
     # Written out because the generated one would take Window3D's fields first: `SearchedWindows(0.5)` would be a
     # window of 0.5 and `SearchedWindows(3)` a pattern that looks searched. `window` is the search's to set.

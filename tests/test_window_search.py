@@ -308,6 +308,12 @@ def test_positional_arguments_are_keep_then_stride_and_the_window_is_the_searchs
     with pytest.raises(TypeError):
         SearchedWindows(0.5, 1, 32, 32, 0, (1, 2, 2))  # the window is keyword-only: the search sets it
     assert get_pattern("searched_windows(keep=0.3, stride=(1, 2, 2))") == SearchedWindows(0.3, (1, 2, 2))
+    # A window given in a spec would be replaced by the search without a word; the error lists what a spec takes.
+    for spec, params in (("searched_windows(window=(3, 3, 3))", {}), ("searched_windows", {"window": 3})):
+        with pytest.raises(ValueError, match=r"window=.* is set by searched_windows's search.*leave it out"):
+            get_pattern(spec, **params)
+    with pytest.raises(ValueError, match=r"takes keep, stride, num_samples, value_dims, refresh; got 'windows'$"):
+        get_pattern("searched_windows(windows=3)")
     searched = SearchedWindows(0.5).search(*(torch.randn(1, 2, 32, 4) for _ in range(3)), VideoLayout(2, 4, 4), 8)
     assert searched.num_heads == 2 and dataclasses.replace(searched, keep=0.5) == searched
 
