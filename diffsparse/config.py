@@ -131,13 +131,13 @@ class SparseConfig:
             The kernel backend passed to `diffsparse.kernels.block_sparse_attention`.
         correction (`str`, *optional*, defaults to `None`):
             Softmax-statistics correction (Re-ttention). `"residual"`: at the last dense step before the sparse
-            ones, each (layer, CFG branch, token layout) measures, per head and query, the share of the softmax
-            denominator its kept blocks hold, `rho = exp(lse_sparse - lse_full)`, and the part of the dense output
-            the dropped blocks contribute, `residual = out_full - rho * out_sparse`; each later sparse call returns
-            `rho * out_sparse + residual`. That measuring call is computed by the kernel with every block kept
-            (the dense result to float rounding) plus one sparse pass. A (layer, branch) with no measurement yet
-            for the current shape (Wan 2.2's second expert, or `dense_steps` resolving to 0) is measured at its
-            first sparse-scheduled call, which then runs dense. Memory: one output-sized tensor per layer and
+            ones, each (layer, CFG branch, token layout, group of videos) measures, per head and query, the share
+            of the softmax denominator its kept blocks hold, `rho = exp(lse_sparse - lse_full)`, and the part of the
+            dense output the dropped blocks contribute, `residual = out_full - rho * out_sparse`; each later sparse
+            call returns `rho * out_sparse + residual`. That measuring call is computed by the kernel with every
+            block kept (the dense result to float rounding) plus one sparse pass. A (layer, branch) with no
+            measurement yet for the current shape (Wan 2.2's second expert, or `dense_steps` resolving to 0) is
+            measured at its first sparse-scheduled call, which then runs dense. Memory: one output-sized tensor per layer and
             branch (tokens x hidden size, in the model's dtype). `None` applies no correction. On the embedded
             20-step testbed it lowers PSNR by 2-5.5 dB (the residual goes stale within two steps; README), so
             measure it on your model before relying on it.

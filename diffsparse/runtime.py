@@ -92,7 +92,7 @@ def tally(totals: dict[int, list], record: CallRecord) -> None:
 
 @dataclass(frozen=True)
 class _Statistics:
-    """What a correction measured for one (layer, CFG branch, layout), in the kernel's token order."""
+    """What a correction measured for one (layer, CFG branch, layout, videos), in the kernel's token order."""
 
     step: int
     rho: torch.Tensor  # (B, N, H, 1): the kept blocks' share of the softmax denominator
@@ -421,9 +421,10 @@ class SparseRuntime:
         self._searches = self._fits and type(self.pattern).at_density is not Pattern.at_density
         self._plans: OrderedDict[tuple, _CachedPlan] = OrderedDict()
         self._always_dense = self.pattern.name == "dense"
-        # Per (layer, CFG branch, layout): videos of one call attended on different layouts (prompts with different
-        # valid lengths, HunyuanVideo and Mochi) each keep their own.
-        self._statistics: dict[tuple[int, str, VideoLayout], _Statistics] = {}
+        # Per (layer, CFG branch, layout, videos (`_videos_key`)): videos of one call attended on different layouts
+        # (prompts with different valid lengths, HunyuanVideo and Mochi) each keep their own, and so do groups of
+        # other videos on one layout (`attend_kept_tokens`' groups of a call, or another group in the other branch).
+        self._statistics: dict[tuple[int, str, VideoLayout, int | tuple[int, ...]], _Statistics] = {}
         self._last_step: int | None = None  # of the run's last call with a layout (`begin_call`)
         self._observers: list = []
         # Per (layout, frames per causal group): `FrameCausal(frames).whole_blocks` (None where the kernel's blocks
@@ -760,14 +761,15 @@ class SparseRuntime:
     def _mode(self, layer: int, shape: torch.Size | None = None, layout: VideoLayout | None = None,
               videos: int | tuple[int, ...] | None = None) -> str:
         """`"dense"` (the original processor), `"measure"` (dense, taking statistics) or `"sparse"`; `videos`: the
-        `_videos_key` of a call that fits (its fit's slot), with its `shape`."""
+        `_videos_key` of a call that fits or corrects (its fit's slot and its statistics' key), with its `shape`.
+        Without it (`route`, which only asks whether the call is dense) no statistics are looked up."""
         state = self._state()
         layout = state.layout if layout is None else layout
         if self._always_dense or state.layout is None or self.config.is_dense_layer(layer) or self._uncounted(state):
             return "dense"
         measured_at, stats = None, None
-        if self.config.correction is not None:
-            stats = self._statistics.get((layer, self.state_manager.context.name, layout))
+        if self.config.correction is not None and videos is not None:
+            stats = self._statistics.get((layer, self.state_manager.context.name, layout, videos))
         if stats is not None:
             # A data-dependent pattern that searched again after the measurement keeps other blocks: the residual
             # of the old ones would count blocks twice and miss others (1.07 off dense where a fresh one is exact).
@@ -815,7 +817,8 @@ class SparseRuntime:
         1-D tensor, one per video of the tensors, in their order), for such a processor's group of videos; default:
         all of the call's videos, in order. A data-dependent pattern's fit made on a group is reused for the same
         videos only: not for another group of the call, nor for the other CFG branch's group of other videos on the
-        same layout. A tensor is read on the host (a sync on a GPU) only by a runtime that fits.
+        same layout; so are `SparseConfig.correction`'s statistics (per CFG branch). A tensor is read on the host (a
+        sync on a GPU) only by a runtime that fits or corrects.
         """
         state = self._state()
         start = 0
@@ -831,8 +834,9 @@ class SparseRuntime:
         layout = state.layout if layout is None else layout
         branch = self.state_manager.context.name
         pattern = self.pattern
+        # Which videos of the layer call these are: a fit and a correction's statistics are kept for them alone.
+        videos = self._videos_key(query.shape[0], videos) if self._fits or self.config.correction is not None else None
         if self._fits:
-            videos = self._videos_key(query.shape[0], videos)
             # A fit reads the whole sequence's queries; it is told which ones the call computes (`queries_from`) and
             # the text's rows are kept whole whatever it finds, so zeros stand in for the queries the call does not
             # hold.
@@ -851,9 +855,9 @@ class SparseRuntime:
             # The text span maps to itself, so the video queries' order is the video part of the keys' order.
             query = query.index_select(1, cached.perm[start:] - start)
             key, value = (x.index_select(1, cached.perm) for x in (key, value))
-        mode = self._mode(layer, query.shape, layout, videos if self._fits else None)
+        mode = self._mode(layer, query.shape, layout, videos)
         if mode == "measure":
-            out, lse = self._measure(layer, branch, state.step, layout, query, key, value, cached.plan)
+            out, lse = self._measure((layer, branch, layout, videos), state.step, query, key, value, cached.plan)
         elif cached.groups:
             # Each causal group's queries attend every key up to the group's end: the mask, exactly.
             outs, lses = zip(*(
@@ -863,7 +867,7 @@ class SparseRuntime:
         else:
             out, lse = self._attend(query, key, value, cached.plan, return_lse=return_lse)
             if self.config.correction is not None:
-                stats = self._statistics[(layer, branch, layout)]
+                stats = self._statistics[(layer, branch, layout, videos)]
                 out = torch.addcmul(stats.residual, stats.rho, out).type_as(out)
                 if return_lse:  # rho: the kept scores' share of the whole denominator, as measured
                     lse = lse - torch.log(stats.rho.clamp_min(torch.finfo(stats.rho.dtype).tiny))
@@ -947,9 +951,9 @@ class SparseRuntime:
             raise ValueError(f"videos must give one index per video of the tensors' batch ({batch}), got {videos}")
         return batch if videos == tuple(range(batch)) else videos
 
-    def _measure(self, layer, branch, step, layout, query, key, value, plan: BlockSparsePlan):
+    def _measure(self, slot: tuple, step, query, key, value, plan: BlockSparsePlan):
         """Dense attention `(out, lse)` that also records `SparseConfig.correction`'s statistics for later sparse
-        calls."""
+        calls, under `slot`: (layer, CFG branch, layout, videos (`_videos_key`))."""
         dense_plan = self._dense_plan(plan, query.device)
         out_full, lse_full = self._attend(query, key, value, dense_plan, return_lse=True)
         out_sparse, lse_sparse = self._attend(query, key, value, plan, return_lse=True)
@@ -958,7 +962,7 @@ class SparseRuntime:
         residual = out_full.float() - rho * out_sparse.float()
         # Detached: statistics are constants of later calls, not part of this call's autograd graph (training).
         residual = residual.to(out_full.dtype).detach()
-        self._statistics[(layer, branch, layout)] = _Statistics(step, rho.detach(), residual)
+        self._statistics[slot] = _Statistics(step, rho.detach(), residual)
         return out_full, lse_full
 
     def _dense_plan(self, plan: BlockSparsePlan, device: torch.device) -> BlockSparsePlan:

@@ -66,7 +66,8 @@ class ChromaSparseAttnProcessor(DenseMaskWarning, FluxCopyAttention, FluxAttnPro
 
     def attend_marked(self, query, key, value, lengths: list[int], text_len: int) -> torch.Tensor:
         """Attention of `(B, S, H, D)` `[text, image]` tensors under Chroma's mask, samples with equal marked
-        prompts in one runtime call each."""
+        prompts in one runtime call each, told its samples (`attention`'s `videos`: a fit or a correction's
+        statistics made on other samples are not reused)."""
         runtime = self.runtime
         query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
         call_layout, length = runtime.call_layout(), query.shape[1]
@@ -76,7 +77,8 @@ class ChromaSparseAttnProcessor(DenseMaskWarning, FluxCopyAttention, FluxAttnPro
             q, k, v = (x if len(samples) == len(lengths) else x.index_select(0, samples) for x in (query, key, value))
             if marked == text_len:  # nothing masked: every score shifted alike, as without a mask
                 # The call's layout given explicitly: q, k, v are in its order already.
-                out[samples] = runtime.attention(self.layer, q, k, v, layout=call_layout, parts=parts)
+                out[samples] = runtime.attention(self.layer, q, k, v, layout=call_layout, parts=parts,
+                                                 videos=samples)
                 continue
             kept = torch.cat([torch.arange(marked, device=q.device), torch.arange(text_len, length, device=q.device)])
             padding = slice(marked, text_len)
@@ -85,7 +87,7 @@ class ChromaSparseAttnProcessor(DenseMaskWarning, FluxCopyAttention, FluxAttnPro
             kept_q = q.index_select(1, kept)
             kept_out, kept_lse = runtime.attention(
                 self.layer, kept_q, k.index_select(1, kept), v.index_select(1, kept), layout=layout, return_lse=True,
-                outside_pairs=(length - masked) * masked + masked * length, parts=parts,
+                outside_pairs=(length - masked) * masked + masked * length, parts=parts, videos=samples,
             )
             padding_out, padding_lse = runtime.dense_attention(kept_q, k[:, padding], v[:, padding])
             padding_lse = padding_lse - 1  # the mask's 1 goes to marked pairs only

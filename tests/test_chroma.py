@@ -173,6 +173,40 @@ def test_an_unmasked_call_attends_in_the_layouts_order_once():
     assert (expected - dense).abs().max() > 1e-2
 
 
+def test_a_group_of_prompts_reuses_no_search_made_on_another_prompt():
+    # Chroma's pipelines call the transformer once per CFG branch, each attending its samples in groups of equal
+    # marked prompts (`attend_marked`). Video 1's cond prompt is as long as video 0's negative one: on the same
+    # layout, the uncond group of video 0 took the search made on video 1's cond group (and video 1's uncond group
+    # video 0's cond search), so a batch of two prompts gave neither the image it gets alone.
+    from diffusers.hooks.hooks import CacheContext
+
+    from diffsparse.patterns import Searched
+    from diffsparse.pipelines.chroma import ChromaSparseAttnProcessor
+
+    text_len = 16
+    layout = VideoLayout(1, 8, 8, text_len=text_len, text_position="start")  # [text, image]: 16 + 64 tokens
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(3, 2, layout.num_tokens, 2, 16, generator=g).unbind(0) for _ in range(2))
+    uncond[0][0] *= 5  # video 0's uncond queries unlike video 1's cond ones
+    config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, budget="row"), block_size=8, dense_steps=0)
+
+    def run(videos, marked):
+        runtime, outs = SparseRuntime(config, "transformer"), []
+        processor = ChromaSparseAttnProcessor(runtime, 0)
+        for branch, inputs in (("cond", cond), ("uncond", uncond)):
+            runtime.state_manager.set_context(CacheContext(branch))
+            runtime.begin_call(layout, 0, 4)
+            lengths = [marked[branch][video] for video in videos]
+            outs.append(processor.attend_marked(*(x[videos] for x in inputs), lengths, text_len))
+        return outs
+
+    marked = {"cond": [12, 8], "uncond": [8, 12]}  # video 0's negative prompt marked as video 1's prompt
+    batched = run([0, 1], marked)
+    for video in (0, 1):
+        for batched_out, alone in zip(batched, run([video], marked)):
+            torch.testing.assert_close(batched_out[video : video + 1], alone, atol=1e-5, rtol=0)
+
+
 def test_masks_of_another_kind_are_left_to_the_original():
     marks = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1, 1]])
     chroma = (marks[:, None, None, :] * marks[:, None, :, None])

@@ -77,7 +77,7 @@ def test_a_sparse_call_on_new_inputs_is_the_measured_residual_plus_rho_times_its
 def test_statistics_are_kept_per_layout_and_in_the_model_s_dtype():
     # Two token layouts of one length (a prompt of another valid length, the same padded count): the statistics
     # measured on one must not correct the other, whose blocks hold other tokens; it measures its own. Kept in the
-    # model's dtype: one output-sized tensor per (layer, branch, layout), not a float32 copy of it.
+    # model's dtype: one output-sized tensor per (layer, branch, layout, videos), not a float32 copy of it.
     video, texted = VideoLayout(8, 4, 8), VideoLayout(7, 4, 8, text_len=32)
     assert video.num_tokens == texted.num_tokens
     config = SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=1, correction="residual")
@@ -92,10 +92,46 @@ def test_statistics_are_kept_per_layout_and_in_the_model_s_dtype():
         dtypes.append(runtime.attention(0, q, k, v).dtype)
     assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
         (0, False, True), (1, False, True), (2, True, False), (3, True, False)]
-    assert {layout for _, _, layout in runtime._statistics} == {video, texted}
+    assert {layout for _, _, layout, _ in runtime._statistics} == {video, texted}
     assert {stats.residual.dtype for stats in runtime._statistics.values()} == {torch.bfloat16}
     # The corrected sparse outputs too: residual + rho * out, computed in float32, is handed back in the model's dtype.
     assert dtypes == [torch.bfloat16] * 4
+
+
+def test_groups_of_kept_tokens_on_one_layout_each_keep_their_own_statistics():
+    # Two prompts whose masks keep as many text tokens (`attend_kept_tokens`, Qwen-Image's masked prompts): their
+    # groups attend on the same layout in one call of a branch. Each measures its own statistics at the dense step
+    # and is corrected with them at the sparse one (the second group's overwrote the first's, which then took its
+    # residual: 3.4 off), so each video gets what it gets alone; a static pattern, no fit involved.
+    from diffsparse.patterns import Window3D
+    from diffsparse.pipelines.base import attend_kept_tokens
+
+    layout = VideoLayout(2, 8, 8, text_len=8, text_position="start")  # [text, image]: 8 + 128 tokens
+    n = layout.num_tokens
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, n, 2, 16, generator=g).unbind(0)
+    q[1] *= 6
+    k[1] = 3 * torch.randn(n, 2, 16, generator=g)
+    image = torch.arange(8, n)
+    kept = [torch.cat([torch.arange(4), image]), torch.cat([torch.arange(4, 8), image])]  # 4 text tokens each
+    config = SparseConfig(pattern=Window3D((1, 4, 4)), block_size=16, dense_steps=1, correction="residual")
+
+    def run(videos):
+        runtime = SparseRuntime(config, "transformer")
+        runtime.state_manager.set_context(CacheContext("cond"))
+        groups = [(torch.tensor([i]), kept[video]) for i, video in enumerate(videos)]
+        for step in range(3):
+            runtime.begin_call(layout, step, 4)
+            out = attend_kept_tokens(runtime, 0, q[videos], k[videos], v[videos], groups)
+        # Measured once, at the dense step: the same videos take their statistics at every later step.
+        assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [
+            (0, False, True), (1, True, False), (2, True, False)]
+        return out, runtime
+
+    batched, runtime = run([0, 1])
+    for video in (0, 1):
+        torch.testing.assert_close(batched[video : video + 1], run([video])[0], atol=1e-5, rtol=0)
+    assert len(runtime._statistics) == 2  # one per group
 
 
 def test_training_through_corrected_calls_keeps_no_graph_in_the_statistics():

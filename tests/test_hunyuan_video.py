@@ -245,7 +245,7 @@ def test_a_correction_keeps_its_statistics_per_prompt_length(transformer):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     # One record per layer call (its two groups logged as one), statistics per layer and prompt length.
     assert sorted((r.step, r.layer) for r in records if r.measured) == [(0, layer) for layer in range(4)]
-    assert sorted((layer, layout.text_len) for layer, _, layout in statistics) == [
+    assert sorted((layer, layout.text_len) for layer, _, layout, _ in statistics) == [
         (layer, n) for layer in range(4) for n in (7, TEXT_LEN)]
     assert all(r.sparse for r in records if r.step > 0)
 

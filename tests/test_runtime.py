@@ -537,8 +537,9 @@ def test_correction_measures_where_no_statistics_exist_and_refreshes():
 
 
 def test_statistics_of_another_batch_size_are_measured_again():
-    # The statistics are kept per (layer, branch, layout): a call of that key with another batch (one prompt after
-    # two) cannot take them, whose rho and residual would broadcast its output to the measured batch's size.
+    # The statistics are kept per (layer, branch, layout, videos): a call of that layout with another batch (one
+    # prompt after two) cannot take them, whose rho and residual would broadcast its output to the measured batch's
+    # size.
     layout = VideoLayout(3, 4, 4)
     config = SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=1, correction="residual")
     runtime = SparseRuntime(config, "transformer")
