@@ -14,13 +14,12 @@ target is the grid, the controls join the prompt in the leading span, kept whole
 control token; the controls' own rows are attended densely, as the original does). So all of a step's guidance
 passes (with the controls, without them, unconditional) are sparse on the same target grid. Calls whose generation
 tokens are not all vision items (the omni variants' sound and action tokens) run the original processor, counted
-dense, with a warning saying why.
+dense (`SparseRuntime.log_dense`: said once per `apply` where the settings would have run them sparse).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -30,10 +29,12 @@ from diffusers.models.transformers.transformer_cosmos3 import (
     _rotate_half,
 )
 
-from .. import DiffsparseWarning
 from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, call_argument
 from .registry import register_adapter
+
+# `SparseRuntime.log_dense`'s `why` for the calls whose generation tokens are not all the vision items' patches.
+NOT_ALL_VISION = "generation tokens that are not all vision items' patches (Cosmos 3's sound or action tokens)"
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,10 @@ class Cosmos3SparseAttnProcessor(SparseProcessor, Cosmos3AttnProcessor):
 
     def __call__(self, attn, und_seq, gen_seq, rotary_emb):
         if not self.runtime.route(self.layer):
+            return super().__call__(attn, und_seq, gen_seq, rotary_emb)
+        if und_seq.shape[0] + gen_seq.shape[0] != self.runtime.call_layout().num_tokens:
+            # Sound or action tokens beside the vision items (`read_call` laid out the vision items alone).
+            self.runtime.log_dense(self.layer, why=NOT_ALL_VISION)
             return super().__call__(attn, und_seq, gen_seq, rotary_emb)
         self.check_not_parallel()
 
@@ -112,23 +117,19 @@ class Cosmos3Adapter(ModelAdapter):
                 "remove one of them"
             )
         und_len = call_argument(args, kwargs, "und_len", 3)
-        sequence_length = call_argument(args, kwargs, "sequence_length", 4)
         shapes = call_argument(args, kwargs, "vision_token_shapes", 6)
         vision_timesteps = call_argument(args, kwargs, "vision_timesteps", 9)
         # The pipeline gives each noisy patch the scheduler's timestep; a call with no noisy patch is at 0.
         timestep = vision_timesteps.max() if vision_timesteps.numel() else torch.tensor(0.0)
-        generated = sequence_length - und_len
         sizes = [math.prod(shape) for shape in shapes]
-        if sizes and sum(sizes) == generated:
-            # The target is the last vision item; those before it (Transfer's controls) join the leading span.
-            return VideoLayout(*shapes[-1], text_len=und_len + sum(sizes[:-1]), text_position="start"), timestep
-        warnings.warn(
-            f"diffsparse: Cosmos 3: a call whose {generated} generation tokens are not all vision items' patches "
-            f"({list(shapes)}: sound or action tokens too) runs the original processor (dense)",
-            category=DiffsparseWarning,
-            stacklevel=2,
-        )
-        return None, timestep
+        if not sizes:
+            # No grid to lay out (diffusers' forward packs at least one vision item): the original, counted dense.
+            return None, timestep
+        # The target is the last vision item; those before it (Transfer's controls) join the leading span. Generation
+        # tokens beyond the vision items' (the omni variants' sound or action tokens) are not in this layout: the
+        # processor sees that and runs the original (`log_dense`), so the schedule still decides first whether the
+        # call would have run sparse, and only such a call is said.
+        return VideoLayout(*shapes[-1], text_len=und_len + sum(sizes[:-1]), text_position="start"), timestep
 
 
 register_adapter(Cosmos3Adapter())

@@ -3,6 +3,8 @@ generation sequence called directly, as the modular pipeline calls it once per g
 sparse over every key with grouped-query attention, the causal understanding pathway as the original's."""
 
 import functools
+import re
+import warnings
 from collections import Counter
 
 import pytest
@@ -33,6 +35,7 @@ from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionConditi
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.cosmos3 import NOT_ALL_VISION
 
 from helpers import (
     QWEN3_TEMPLATE,
@@ -267,13 +270,36 @@ def test_modular_calls_whose_generation_tokens_are_not_all_video_run_the_origina
     run = functools.partial(denoise, cosmos3_pipes[name], name)
     reference = run()
     # "diffsparse: " first, as every diffsparse warning: results (compare.json, eval.csv) kept only such texts.
-    with pytest.warns(UserWarning, match="^diffsparse: Cosmos 3: a call whose .* not all vision items' patches"):
+    said = f"^diffsparse: transformer: self-attention calls with {re.escape(NOT_ALL_VISION)}"
+    with pytest.warns(UserWarning, match=said):
         out, stats = run(diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1))
     records = stats.calls["transformer"]
     branches = ("cond", "uncond")
     assert Counter((r.step, r.branch) for r in records) == {(step, b): 2 for step in range(3) for b in branches}
     assert not any(r.sparse for r in records)
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("name", ["sound", "action"])
+@pytest.mark.parametrize(("config", "said"), [
+    (diffsparse.SparseConfig(pattern="dense"), 0),
+    (diffsparse.SparseConfig(pattern=LOCAL, block_size=8, dense_steps=1), 1),
+], ids=["dense pattern", "first step dense"])
+def test_calls_with_sound_or_action_tokens_are_said_once_where_the_settings_would_run_them_sparse(
+    cosmos3_pipes, name, config, said
+):
+    # Through the runtime's `log_dense`, as every family's calls the sparse path cannot compute: said once per
+    # `apply` where the settings would have run them sparse, and counted, not said, where the settings make them dense
+    # anyway (the dense pattern, the dense step). Before, each of the 6 calls a run (3 steps, 2 guidance passes) warned.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, stats = denoise(cosmos3_pipes[name], name, config)
+    said_here = [str(w.message) for w in record if issubclass(w.category, diffsparse.DiffsparseWarning)]
+    assert len(said_here) == said and all(NOT_ALL_VISION in message for message in said_here)
+    # Every call counted once, dense, each layer's 2 calls of the first step in the schedule's dense steps.
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(6, 0), (6, 0)]
+    assert len(stats.calls["transformer"]) == 12 and not any(r.sparse for r in stats.calls["transformer"])
+    assert stats.mean_density == 1.0
 
 
 @pytest.fixture(scope="module")

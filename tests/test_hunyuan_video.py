@@ -2,6 +2,7 @@
 single-stream blocks over `[video, text]`, prompts padded to a fixed length and masked as keys."""
 
 import functools
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
-from diffsparse.pipelines.hunyuan_video import HunyuanJointAttention, valid_lengths
+from diffsparse.pipelines.hunyuan_video import HunyuanJointAttention, key_rows, valid_lengths
 
 from helpers import (
     check_against_dense,
@@ -143,6 +144,19 @@ def test_masks_that_are_not_a_valid_prefix_are_refused():
         valid_lengths(holes, 2, 10)
     with pytest.raises(ValueError, match="boolean key mask"):
         valid_lengths(prefix.float(), 2, 10)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 5), (1, 1, 1, 5), (2, 1, 1, 6)],
+                         ids=["token-level", "another batch", "another length"])
+def test_boolean_masks_of_another_shape_are_refused_naming_the_expected_one(shape):
+    # A boolean mask that is not (B, 1, 1, S) is a ValueError naming the shape expected, before reading its rows
+    # (a reshape to (B, S) would raise torch's bare RuntimeError, or take a token-level mask's first rows).
+    mask = torch.ones(shape, dtype=torch.bool)
+    expected = re.escape(f"boolean key mask of shape (B, 1, 1, S) = (2, 1, 1, 5), got {shape} torch.bool")
+    with pytest.raises(ValueError, match=expected):
+        valid_lengths(mask, 2, 5)
+    with pytest.raises(ValueError, match=expected):
+        key_rows(mask, 2, 5)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):

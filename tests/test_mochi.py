@@ -1,6 +1,7 @@
 """diffsparse on a diffusers Mochi transformer (tiny, random weights, called directly): joint `[video, text]`
 attention over each prompt's valid tokens, the padded text positions left at zero as in the original."""
 
+import copy
 import functools
 
 import pytest
@@ -108,6 +109,43 @@ def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
     # 3 x 5 x 7 tokens: the layout's grid is the model's token order, each axis told apart by its size.
     call = functools.partial(inputs, valid_text=(TEXT_LEN,), size=(10, 14))
     check_video_token_positions(transformer, call, grid=(3, 5, 7), patch=(1, 2, 2))
+
+
+@pytest.mark.parametrize("rope_dtype", [torch.float32, torch.bfloat16], ids=["the model's float32 rope", "bf16 rope"])
+def test_bf16_queries_and_keys_are_the_original_s_bit_for_bit(transformer, rope_dtype, monkeypatch):
+    # MochiAttnProcessor2_0 rotates the video's bf16 queries and keys in float32 and rounds once to bf16: the sparse
+    # processor's must be the same bits. On the model's own float32 cos and sin the products promote to float32
+    # whatever the queries' dtype; on a bf16 rope (as a caller's block may pass it) only the float32 upcast keeps
+    # them from being rounded product by product (before, bf16 there went unnoticed: the bf16 checks compared outputs
+    # within a tolerance).
+    model = copy.deepcopy(transformer).to(torch.bfloat16)
+    attn = model.transformer_blocks[0].attn1
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(kwargs)
+
+    hook = attn.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs().items()})
+    hook.remove()
+    call = {**seen, "image_rotary_emb": tuple(x.to(rope_dtype) for x in seen["image_rotary_emb"])}
+    assert call["hidden_states"].dtype == torch.bfloat16 and call["attention_mask"].tolist() == [[1] * 7 + [0] * 5,
+                                                                                                  [1] * TEXT_LEN]
+    reached = []  # what reaches the original's attention: each video over its valid tokens, (1, heads, S, D)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kwargs: reached.append((q, k, v)) or sdpa(q, k, v, **kwargs))
+    with torch.no_grad():
+        attn.processor(attn, call["hidden_states"], call["encoder_hidden_states"], call["attention_mask"],
+                       call["image_rotary_emb"])
+        sparse = adapter_for(model).sparse_processor.joint_qkv(
+            attn, call["hidden_states"], call["encoder_hidden_states"], call["image_rotary_emb"])
+    assert len(reached) == 2
+    for sample, (valid, original) in enumerate(zip((36 + 7, 36 + TEXT_LEN), reached)):
+        for ours, theirs in zip(sparse, original):
+            assert ours.dtype == theirs.dtype == torch.bfloat16
+            assert torch.equal(ours[sample:sample + 1, :valid].transpose(1, 2), theirs)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
