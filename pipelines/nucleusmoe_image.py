@@ -3,7 +3,9 @@ the text only conditions. Each block's `attn` takes its queries from the image a
 patches, row-major) and its keys and values from `[image, text]`, the prompt's padding masked as keys. Key order
 does not change attention, so the sparse path hands the runtime the keys as `[text, image]`: the image's grid behind
 the prompt as its leading span, attended with the image's queries alone (`video_queries`), padded prompt keys
-dropped rather than masked. Layer `i` is `transformer_blocks[i].attn`.
+dropped rather than masked. Several images in one sequence (`img_shapes`' nested form, as Qwen-Image's), all of
+one size, are frames of the layout, as the model's RoPE numbers them; images of different sizes are refused. Layer
+`i` is `transformer_blocks[i].attn`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from diffusers.models.transformers.transformer_nucleusmoe_image import (
 
 from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
+from .qwenimage import image_shapes
 from .registry import register_adapter
 
 
@@ -86,10 +89,19 @@ class NucleusMoEImageAdapter(ModelAdapter):
         text = call_argument(args, kwargs, "encoder_hidden_states", 2)
         # The pipeline passes `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
         timestep = call_argument(args, kwargs, "timestep", 4) * 1000
-        shape = tuple(shapes if isinstance(shapes, tuple) else shapes[0])  # one per sample, all alike
-        if math.prod(shape) != hidden_states.shape[1]:
-            raise ValueError(f"`img_shapes` {shapes} do not match the {hidden_states.shape[1]} image tokens of this call")
-        return VideoLayout(*shape, text_len=text.shape[1], text_position="start"), timestep
+        # The first sample's images (diffusers' RoPE reads only those): one shape, a list of one per sample, or
+        # Qwen-Image's nested form, a list of a sample's images per sample.
+        images = image_shapes([shapes] if isinstance(shapes, tuple) else shapes)
+        tokens = hidden_states.shape[1]
+        if sum(math.prod(shape) for shape in images) != tokens:
+            raise ValueError(f"`img_shapes` {shapes} do not match the {tokens} image tokens of this call")
+        (frames, rows, cols), others = images[0], images[1:]
+        if any(shape[1:] != (rows, cols) for shape in others):
+            raise ValueError(f"`img_shapes` {shapes}: images of different sizes in one sequence are not supported "
+                             "(one image per sample, or several of one height and width, attended as frames)")
+        # Several images of one size: frames of one layout, as the model's RoPE numbers them.
+        frames += sum(shape[0] for shape in others)
+        return VideoLayout(frames, rows, cols, text_len=text.shape[1], text_position="start"), timestep
 
 
 register_adapter(NucleusMoEImageAdapter())

@@ -27,8 +27,11 @@ class PRXSparseAttnProcessor(SparseProcessor, PRXAttnProcessor2_0):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if encoder_hidden_states is None or not self.runtime.route(self.layer):
-            return super().__call__(*original, **kwargs)  # the original's error, or a dense call
+        # The original's error (no text, or a mask other than the text's `(B, text_len)`), or a dense call.
+        if (encoder_hidden_states is None or attention_mask is not None
+                and tuple(attention_mask.shape) != (hidden_states.shape[0], encoder_hidden_states.shape[1])
+                or not self.runtime.route(self.layer)):
+            return super().__call__(*original, **kwargs)
         self.check_not_parallel()
         # The original's projections and norms over `(B, heads, S, head_dim)`, its RoPE on the image's q and k.
         img_q, img_k, img_v = rearrange(attn.img_qkv_proj(hidden_states), "b s (n h d) -> n b h s d", n=3, h=attn.heads)

@@ -121,10 +121,13 @@ def test_an_edit_s_density_counts_the_text_rows_computed_densely(transformer):
     assert kept < 0.9
     read_density = (kept * 96 * keys + TEXT_LEN * keys) / ((96 + TEXT_LEN) * keys)
     skip_density = runtime.plan(VideoLayout(1, 8, 12, text_len=TEXT_LEN, text_position="start"), 2, cpu).density
-    # The write pass, at timestep 0, is no step of the run: not in its log.
+    # The write pass, at timestep 0, is no step of the run: not in its log, nor in the run's `stats()`; counted dense
+    # among each layer's calls since `apply`.
     records = handle.stats().calls["transformer"]
     assert [(r.layer, r.sparse) for r in records] == [(0, True), (1, True)] * 2
     assert [r.density for r in records] == pytest.approx([read_density] * 2 + [skip_density] * 2)
+    since_apply = handle.stats(since_apply=True).layers
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in since_apply] == [(0, 1, 2), (1, 1, 2)]
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):

@@ -85,6 +85,36 @@ def test_the_first_image_gets_what_it_gets_alone(transformer):
         torch.testing.assert_close(transformer(**alone).sample, together, atol=1e-5, rtol=0)
 
 
+def with_shapes(img_shapes, valid=(6, 3)):
+    """`inputs(valid)` with the transformer's `img_shapes` given as `img_shapes`."""
+    return lambda: {**inputs(valid)(), "img_shapes": img_shapes}
+
+
+@pytest.mark.parametrize("img_shapes, grid", [
+    ((1, 8, 12), GRID),  # one shape for the batch
+    ([[GRID], [GRID]], GRID),  # Qwen-Image's nested form, one image per sample
+    ([[(1, 4, 12), (1, 4, 12)]] * 2, (2, 4, 12)),  # two images of one size in each sample's sequence: two frames
+], ids=["tuple", "nested", "two images"])
+def test_img_shapes_in_the_forms_diffusers_reads(transformer, img_shapes, grid):
+    # `NucleusMoEEmbedRope` reads the first sample's entry, a shape or a list of the images of one sequence, the
+    # images numbered as frames.
+    calls = check_against_dense(transformer, with_shapes(img_shapes), block_size=16, sparse=ONE_TOKEN)
+    assert {(layout, shape[0]) for _, layout, shape in calls} == {
+        (VideoLayout(*grid, text_len=n, text_position="start"), 1) for n in (6, 3)
+    }
+
+
+@pytest.mark.parametrize("img_shapes, match", [
+    ([(1, 8, 10)] * 2, "do not match the 96 image tokens"),
+    ([[(1, 4, 12), (1, 4, 10)]] * 2, "do not match the 96 image tokens"),
+    ([[(1, 4, 12), (1, 2, 24)]] * 2, "images of different sizes in one sequence are not supported"),
+], ids=["one image", "two images", "two sizes"])
+def test_img_shapes_not_the_call_s_tokens_or_of_two_sizes_are_refused(transformer, img_shapes, match):
+    refused = pytest.raises(ValueError, match=f"`img_shapes` .*{match}")
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN), refused:
+        transformer(**with_shapes(img_shapes)())
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "NucleusMoE-Image", layer=1)
 

@@ -81,5 +81,55 @@ def test_a_call_s_density_counts_the_prompt_rows_computed_densely(omnigen_pipe):
     assert [r.density for r in records] == pytest.approx([computed / total] * 2)
 
 
+def check_runs_the_original(transformer, inputs, why):
+    """Under a sparse config, both layers of the call `transformer(**inputs)` run the original processor (its output
+    bit for bit), counted dense, and a warning says `why`."""
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    with torch.no_grad():
+        reference = transformer(**inputs).sample
+        with pytest.warns(diffsparse.DiffsparseWarning, match=why), diffsparse.sparse(transformer, config) as handle:
+            out = transformer(**inputs).sample
+    assert torch.equal(out, reference)
+    assert [(r.layer, r.sparse) for r in handle.stats().calls["transformer"]] == [(0, False), (1, False)]
+
+
+def image_rows_causal(mask):
+    mask[:, -96:, -96:] = torch.tril(torch.ones(96, 96))  # the last row still attends every image token
+
+
+def image_token_masked(mask):
+    mask[:, -96:, -90] = 0  # every image row alike, without one image key
+
+
+@pytest.mark.parametrize("edit", [image_rows_causal, image_token_masked])
+def test_a_mask_whose_image_rows_differ_or_leave_out_an_image_token_runs_the_original(omnigen_pipe, edit):
+    # The pipeline's mask lets every output image row attend the same keys, every image token among them (the
+    # sparse path reads the keys from the last row); any other runs the original.
+    inputs = first_transformer_call(omnigen_pipe, CALL)
+    mask = inputs["attention_mask"].clone()
+    edit(mask)
+    check_runs_the_original(omnigen_pipe.transformer, {**inputs, "attention_mask": mask},
+                            "attention_mask under which the output image's rows do not all attend the same keys")
+
+
+def test_a_mask_not_of_shape_b_1_s_s_runs_the_original(omnigen_pipe):
+    # A caller's additive 2D mask, one bias per query row that SDPA broadcasts over the keys (the transformer
+    # converts only 3D masks, to `(B, 1, S, S)`).
+    inputs = first_transformer_call(omnigen_pipe, CALL)
+    mask = torch.zeros(inputs["attention_mask"].shape[-1], 1)
+    check_runs_the_original(omnigen_pipe.transformer, {**inputs, "attention_mask": mask}, "attention_mask under")
+
+
+def test_grouped_key_value_heads_run_the_original(omnigen_pipe):
+    torch.manual_seed(0)
+    grouped = OmniGenTransformer2DModel(
+        in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, num_layers=2, pad_token_id=0, vocab_size=len(VOCABULARY), pos_embed_max_size=32,
+        time_step_dim=8, rope_scaling={"short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+    ).eval()
+    inputs = first_transformer_call(omnigen_pipe, CALL)
+    check_runs_the_original(grouped, inputs, "fewer key and value heads than query heads")
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(omnigen_pipe):
     check_other_processors_are_refused(omnigen_pipe, "OmniGen", layer=1)

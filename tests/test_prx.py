@@ -86,5 +86,20 @@ def test_an_unpadded_prompt_is_one_call_over_every_key(prx_pipe):
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 8, 12, text_len=6, text_position="start")}
 
 
+@pytest.mark.parametrize("shape", [(2, 7), (2, 1, 8), (2, 8 + 96)], ids=["short", "3d", "joint"])
+def test_a_mask_not_the_text_s_is_the_original_s_error(prx_pipe, shape):
+    # `PRXAttnProcessor2_0` takes the text's `(B, text_len)` key mask alone and raises a ValueError for any other;
+    # the sparse path would read a short one with its keys shifted (text token 7 as an image key), silently wrong.
+    g = torch.Generator().manual_seed(0)
+    call = {"hidden_states": torch.randn(2, 4, 16, 24, generator=g), "timestep": torch.tensor([0.5, 0.5]),
+            "encoder_hidden_states": torch.randn(2, 8, 16, generator=g), "attention_mask": torch.ones(shape).bool()}
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=16, dense_steps=0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="attention_mask"):
+            prx_pipe.transformer(**call)
+        with diffsparse.sparse(prx_pipe.transformer, config), pytest.raises(ValueError, match="attention_mask"):
+            prx_pipe.transformer(**call)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(prx_pipe):
     check_other_processors_are_refused(prx_pipe, "PRX", layer=1)
