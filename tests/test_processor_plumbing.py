@@ -48,8 +48,10 @@ class FakeRuntime:
     def call_layout(self):
         return self.layout
 
-    def attention(self, layer, query, key, value, layout=None, video_queries=False, outside_pairs=0, parts=None):
+    def attention(self, layer, query, key, value, layout=None, video_queries=False, outside_pairs=0, parts=None,
+                  videos=None):
         assert key.shape[1] == layout.num_tokens and query.shape[1] == layout.num_video_tokens
+        assert videos is not None and len(videos) == query.shape[0]  # a group tells the runtime which videos it holds
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value))).transpose(1, 2)
 
     def log_parts(self, parts):
@@ -85,8 +87,9 @@ class KeptRuntime(FakeRuntime):
     def to_model_order(self, x):
         return x
 
-    def attention(self, layer, query, key, value, layout=None, heads=None, parts=None):
+    def attention(self, layer, query, key, value, layout=None, heads=None, parts=None, videos=None):
         assert key.shape[1] == layout.num_tokens == query.shape[1]
+        assert videos is not None and len(videos) == query.shape[0]  # a group tells the runtime which videos it holds
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value))).transpose(1, 2)
 
 
