@@ -40,6 +40,24 @@ def reordered_reference(pattern, layout, order):
     return tokens[:, perm][:, :, perm]
 
 
+def two_prompts_keeping_as_many_text_tokens():
+    """`(layout, q, k, v, kept)`: `(2, S, 2 heads, 16)` tensors of two videos of `[8 text, 2 x 8 x 8 image]` tokens
+    whose prompt masks keep as many text tokens (0-3 and 4-7, `kept[video]` its kept token indices), so their groups
+    (`attend_kept_tokens`, `attend_video_queries`) attend on one layout; the second video's queries and keys are
+    scaled apart, so a fit or a correction's statistics made on one video is wrong for the other."""
+    from diffsparse.patterns import VideoLayout
+
+    layout = VideoLayout(2, 8, 8, text_len=8, text_position="start")
+    n = layout.num_tokens
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, n, 2, 16, generator=g).unbind(0)
+    q[1] *= 6
+    k[1] = 3 * torch.randn(n, 2, 16, generator=g)
+    image = torch.arange(8, n)
+    kept = [torch.cat([torch.arange(4), image]), torch.cat([torch.arange(4, 8), image])]
+    return layout, q, k, v, kept
+
+
 def check_block_masks_reduce_token_masks(pattern, layouts, order, block_sizes):
     """Every block mask of `pattern` equals `reduce_token_mask` of its (reordered) token mask."""
     from diffsparse.patterns import as_pair, reduce_token_mask

@@ -66,6 +66,18 @@ def chroma_call(**overrides):
     return {**call, **overrides}
 
 
+def marked_prompt_call(rows: int, cols: int, text: int, marked: int) -> dict:
+    """A direct transformer call's inputs: one image of `rows x cols` packed patches behind `text` prompt tokens, the
+    first `marked` of them marked in the attention mask (the rest its padding), random with seed 0."""
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    return {"hidden_states": torch.randn(1, rows * cols, 16, generator=generator),
+            "encoder_hidden_states": torch.randn(1, text, 16, generator=generator),
+            "timestep": torch.tensor([0.5]), "img_ids": torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
+            "txt_ids": torch.zeros(text, 3),
+            "attention_mask": torch.cat([(torch.arange(text) < marked).float(), torch.ones(rows * cols)])[None]}
+
+
 @pytest.mark.parametrize("case", ["prompt and negative prompt", "two prompts", "tile order", "unpadded prompt"])
 def test_dense_identical_and_every_block_kept_with_the_masked_padding(chroma_pipe, case):
     # Each CFG branch is one transformer call with its own marks; two prompts of different lengths are attended in
@@ -116,13 +128,7 @@ def test_the_density_asked_is_the_whole_call_s_with_the_masked_padding(chroma_pi
     # target alone and the call measured 0.40 for 0.25 (FLUX on the same shapes: 0.26), without a word.
     rows = cols = 32
     text, marked = 128, 12
-    generator = torch.Generator().manual_seed(0)
-    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-    inputs = {"hidden_states": torch.randn(1, rows * cols, 16, generator=generator),
-              "encoder_hidden_states": torch.randn(1, text, 16, generator=generator),
-              "timestep": torch.tensor([0.5]), "img_ids": torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
-              "txt_ids": torch.zeros(text, 3),
-              "attention_mask": torch.cat([(torch.arange(text) < marked).float(), torch.ones(rows * cols)])[None]}
+    inputs = marked_prompt_call(rows, cols, text, marked)
     # A searched pattern's search keeps what the padding leaves too (its `keep` is the density).
     config = diffsparse.SparseConfig(pattern=pattern, density=0.25, block_size=32, dense_steps=0)
     with warnings.catch_warnings(record=True) as caught, diffsparse.sparse(chroma_pipe.transformer, config) as handle:
@@ -173,21 +179,29 @@ def test_an_unmasked_call_attends_in_the_layouts_order_once():
     assert (expected - dense).abs().max() > 1e-2
 
 
-def test_a_group_of_prompts_reuses_no_search_made_on_another_prompt():
+@pytest.mark.parametrize("unmasked", [False, True], ids=["masked", "unmasked"])
+def test_a_group_of_prompts_reuses_no_search_made_on_another_prompt(unmasked):
     # Chroma's pipelines call the transformer once per CFG branch, each attending its samples in groups of equal
     # marked prompts (`attend_marked`). Video 1's cond prompt is as long as video 0's negative one: on the same
     # layout, the uncond group of video 0 took the search made on video 1's cond group (and video 1's uncond group
-    # video 0's cond search), so a batch of two prompts gave neither the image it gets alone.
+    # video 0's cond search), so a batch of two prompts gave neither the image it gets alone. Unmasked: both prompts
+    # fill the text (`marked == text_len`), the path that attends without a mask, whose groups must name their
+    # videos as well (without them video 0's uncond output came out 2.7 off).
     from diffusers.hooks.hooks import CacheContext
 
     from diffsparse.patterns import Searched
     from diffsparse.pipelines.chroma import ChromaSparseAttnProcessor
 
     text_len = 16
-    layout = VideoLayout(1, 8, 8, text_len=text_len, text_position="start")  # [text, image]: 16 + 64 tokens
+    size = 16 if unmasked else 8
+    layout = VideoLayout(1, size, size, text_len=text_len, text_position="start")  # [text, image]
     g = torch.Generator().manual_seed(0)
     cond, uncond = (torch.randn(3, 2, layout.num_tokens, 2, 16, generator=g).unbind(0) for _ in range(2))
-    uncond[0][0] *= 5  # video 0's uncond queries unlike video 1's cond ones
+    if unmasked:
+        uncond[0][0][:] = 3 * uncond[1][0]  # queries = keys: local attention
+        cond[1][0][:] = 3 * torch.roll(cond[1][1], 37, dims=0)
+    else:
+        uncond[0][0] *= 5  # video 0's uncond queries unlike video 1's cond ones
     config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, budget="row"), block_size=8, dense_steps=0)
 
     def run(videos, marked):
@@ -201,6 +215,8 @@ def test_a_group_of_prompts_reuses_no_search_made_on_another_prompt():
         return outs
 
     marked = {"cond": [12, 8], "uncond": [8, 12]}  # video 0's negative prompt marked as video 1's prompt
+    if unmasked:  # unmasked prompts: video 1's cond, video 0's uncond
+        marked = {"cond": [12, text_len], "uncond": [text_len, 12]}
     batched = run([0, 1], marked)
     for video in (0, 1):
         for batched_out, alone in zip(batched, run([video], marked)):
@@ -294,13 +310,7 @@ def test_training_through_the_masked_padding_gets_the_dense_model_s_gradients(ch
             if not parameter.any():
                 parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
     rows, cols, marked = 4, 4, 7
-    generator = torch.Generator().manual_seed(0)
-    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-    inputs = {"hidden_states": torch.randn(1, rows * cols, 16, generator=generator),
-              "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
-              "timestep": torch.tensor([0.5]), "img_ids": torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
-              "txt_ids": torch.zeros(TEXT_LEN, 3),
-              "attention_mask": torch.cat([(torch.arange(TEXT_LEN) < marked).float(), torch.ones(rows * cols)])[None]}
+    inputs = marked_prompt_call(rows, cols, TEXT_LEN, marked)
 
     def gradients():
         transformer.zero_grad()

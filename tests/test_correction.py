@@ -10,6 +10,8 @@ from diffsparse.kernels.reference import token_mask
 from diffsparse.patterns import Radial, TileOrder, VideoLayout
 from diffsparse.runtime import SparseRuntime
 
+from helpers import two_prompts_keeping_as_many_text_tokens
+
 
 def _masked_attention(q, k, v, mask):
     """`(out, lse)` of attention over the pairs `mask` keeps, in float64 on `(B, H, S, D)` tensors."""
@@ -106,14 +108,7 @@ def test_groups_of_kept_tokens_on_one_layout_each_keep_their_own_statistics():
     from diffsparse.patterns import Window3D
     from diffsparse.pipelines.base import attend_kept_tokens
 
-    layout = VideoLayout(2, 8, 8, text_len=8, text_position="start")  # [text, image]: 8 + 128 tokens
-    n = layout.num_tokens
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(3, 2, n, 2, 16, generator=g).unbind(0)
-    q[1] *= 6
-    k[1] = 3 * torch.randn(n, 2, 16, generator=g)
-    image = torch.arange(8, n)
-    kept = [torch.cat([torch.arange(4), image]), torch.cat([torch.arange(4, 8), image])]  # 4 text tokens each
+    layout, q, k, v, kept = two_prompts_keeping_as_many_text_tokens()
     config = SparseConfig(pattern=Window3D((1, 4, 4)), block_size=16, dense_steps=1, correction="residual")
 
     def run(videos):

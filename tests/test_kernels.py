@@ -264,15 +264,18 @@ def test_many_small_chunks_and_non_contiguous_inputs(monkeypatch):
     torch.testing.assert_close(block_sparse_attention(q, k, v, plan), ref, rtol=0, atol=2e-5)
 
 
-def _with_grads(backend, plan, q, k, v, scale=None):
-    """`(out, lse, [q, k, v gradients])` of one call, differentiated through both outputs."""
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+def _with_grads(backend, plan, q, k, v, scale=None, needs=(True, True, True)):
+    """`(out, lse, [q, k, v gradients])` of one call, differentiated through both outputs (the LSE where it depends
+    on an input that `needs` a gradient); the gradient of an input that needs none is None."""
+    leaves = [x.clone().requires_grad_(need) for x, need in zip((q, k, v), needs)]
     out, lse = block_sparse_attention(*leaves, plan, return_lse=True, backend=backend, scale=scale)
-    assert out.requires_grad and lse.requires_grad
+    assert out.requires_grad and lse.requires_grad == (needs[0] or needs[1])  # the LSE depends on q and k only
     gen = torch.Generator().manual_seed(2)
     out_grad, lse_grad = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
-    grads = torch.autograd.grad((out, lse), leaves, (out_grad, lse_grad))
-    return out.detach(), lse.detach(), grads
+    outputs, output_grads = ((out, lse), (out_grad, lse_grad)) if lse.requires_grad else ((out,), (out_grad,))
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    grads = iter(torch.autograd.grad(outputs, wanted, output_grads))
+    return out.detach(), lse.detach(), [next(grads) if leaf.requires_grad else None for leaf in leaves]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -604,12 +607,18 @@ def test_runs_of_identical_rows_are_merged_correctly():
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-5)
 
 
-def test_gradients_match_reference():
-    # Through the output and the LSE (the cpu backend's LSE was detached: no gradient at all).
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True)], ids=["qkv", "q", "k", "v"])
+def test_gradients_match_reference(needs):
+    # Through the output and the LSE (the cpu backend's LSE was detached: no gradient at all), with all of q, k, v
+    # needing gradients or one alone: the LSE is differentiable where k alone needs a gradient too (asked of q alone,
+    # it was the flash op's LSE there, which carries no gradient).
     plan, (q, k, v), _ = _case("batch-1 broadcast, q != kv")
-    grads = {backend: _with_grads(backend, plan, q, k, v)[2] for backend in CPU_BACKENDS}
-    for got, want in zip(grads["cpu"], grads["reference"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    grads = {backend: _with_grads(backend, plan, q, k, v, needs=needs)[2] for backend in CPU_BACKENDS}
+    for got, want, need in zip(grads["cpu"], grads["reference"], needs):
+        assert (got is not None) == need
+        if need:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("flash_op", [True, False])

@@ -35,7 +35,7 @@ from diffsparse.patterns.searched import (
 from diffsparse.pipelines.base import attend_kept_tokens, attend_valid_prefixes
 from diffsparse.runtime import SparseRuntime
 
-from helpers import generate
+from helpers import generate, two_prompts_keeping_as_many_text_tokens
 
 
 def _qkv(layout, heads=2, dim=8, batch=1, seed=0):
@@ -649,17 +649,15 @@ def test_a_group_of_videos_reuses_no_fit_made_on_other_videos(monkeypatch):
     assert len(searches) == 2  # each group's uncond call reuses its cond call's search
 
 
-def test_groups_of_kept_tokens_on_one_layout_each_keep_their_own_fit():
-    # Two prompts whose masks keep as many text tokens (`attend_kept_tokens`): their groups are attended on the same
-    # layout, each with the fit of its own video (the second took the first's), so each gets what it gets alone.
-    layout = VideoLayout(2, 8, 8, text_len=8, text_position="start")  # [text, image]: 8 + 128 tokens
-    n = layout.num_tokens
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(3, 2, n, 2, 16, generator=g).unbind(0)
-    q[1] *= 6
-    k[1] = 3 * torch.randn(n, 2, 16, generator=g)
-    image = torch.arange(8, n)
-    kept = [torch.cat([torch.arange(4), image]), torch.cat([torch.arange(4, 8), image])]  # 4 text tokens each
+@pytest.mark.parametrize("video_queries", [False, True], ids=["kept tokens", "video queries"])
+def test_groups_of_prompts_on_one_layout_each_keep_their_own_fit(video_queries):
+    # Two prompts whose masks keep as many text tokens: their groups are attended on the same layout
+    # (`attend_kept_tokens`, or `SparseProcessor.attend_video_queries` where only the video tokens query), each with
+    # the fit of its own video, so each gets what it gets alone. Without the groups' videos (or with their positions,
+    # `arange(len(groups))`), video 1's group took video 0's fit, 4.4 off.
+    from diffsparse.pipelines.base import SparseProcessor
+
+    layout, q, k, v, kept = two_prompts_keeping_as_many_text_tokens()
     config = diffsparse.SparseConfig(pattern=Searched(keep=0.3, criterion="greedy", budget="row"), block_size=16,
                                      dense_steps=0)
 
@@ -668,6 +666,8 @@ def test_groups_of_kept_tokens_on_one_layout_each_keep_their_own_fit():
         runtime.state_manager.set_context(CacheContext("cond"))
         groups = [(torch.tensor([i]), kept[video]) for i, video in enumerate(videos)]
         runtime.begin_call(layout, 0, 4)
+        if video_queries:
+            return SparseProcessor(runtime, 0).attend_video_queries(q[videos][:, 8:], k[videos], v[videos], groups)
         return attend_kept_tokens(runtime, 0, q[videos], k[videos], v[videos], groups)
 
     batched = run([0, 1])
