@@ -549,7 +549,6 @@ def run_pipeline_bench(args, config) -> dict:
     from .compare import (
         check_call_kwargs_before_loading,
         check_config_fits,
-        check_image,
         fill_call_defaults,
         load_pipeline_for,
         model_label,
@@ -561,8 +560,7 @@ def run_pipeline_bench(args, config) -> dict:
     from .evaluate import diffsparse_warnings, timed_generation
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
-    check_call_kwargs_before_loading(args)
-    check_image(getattr(args, "image", None))
+    check_call_kwargs_before_loading(args)  # and --image
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_config_fits(pipe, config)  # what `apply` refuses for this model: before the dense runs, not after

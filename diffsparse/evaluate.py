@@ -26,7 +26,6 @@ from .api import sparse
 from .compare import (
     check_call_kwargs_before_loading,
     check_config_fits,
-    check_image,
     check_two_stage,
     fill_call_defaults,
     first_output,
@@ -123,10 +122,9 @@ def run_eval(args) -> list[EvalRow]:
     order, a list or `None`) against dense, over the prompts (`eval_prompts`) and seeds; writes `eval.md` and
     `eval.csv` into `args.out`."""
     check_two_stage(args)
-    check_call_kwargs_before_loading(args)
+    check_call_kwargs_before_loading(args)  # and --image
     prompts = eval_prompts(args)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
-    check_image(getattr(args, "image", None))
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
     configs = [
         SparseConfig(
