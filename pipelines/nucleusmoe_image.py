@@ -4,8 +4,12 @@ patches, row-major) and its keys and values from `[image, text]`, the prompt's p
 does not change attention, so the sparse path hands the runtime the keys as `[text, image]`: the image's grid behind
 the prompt as its leading span, attended with the image's queries alone (`video_queries`), padded prompt keys
 dropped rather than masked. Several images in one sequence (`img_shapes`' nested form, as Qwen-Image's), all of
-one size, are frames of the layout, as the model's RoPE numbers them; images of different sizes are refused. Layer
-`i` is `transformer_blocks[i].attn`.
+one size, are frames of the layout, as the model's RoPE numbers them. Images of different sizes in one sequence
+(which diffusers runs, each image on its own grid) make no one grid, and each of them is queries: such calls run
+the original processor, counted dense (`SparseRuntime.log_dense`: said once per `apply` where the settings would
+have run them sparse); their layout (the first image's grid, the other images behind the prompt in the leading span)
+only lets the step schedule decide first whether the call would have run sparse. Layer `i` is
+`transformer_blocks[i].attn`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
 from .qwenimage import image_shapes
 from .registry import register_adapter
 
+# `SparseRuntime.log_dense`'s `why` for the calls whose sequence holds images of different sizes.
+MIXED_SIZES = "images of different sizes in one sequence (`img_shapes`' nested form: their queries make no one grid)"
+
 
 class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0):
     """`NucleusMoEAttnProcessor2_0` whose image rows run block-sparse when the runtime says so; dense calls run the
@@ -37,6 +44,10 @@ class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0)
                     cached_txt_value)
         cached = cached_txt_key is not None and cached_txt_value is not None
         if not self.runtime.route(self.layer):
+            return super().__call__(*original)
+        if self.runtime.call_layout().num_video_tokens != hidden_states.shape[1]:
+            # Images of different sizes (`read_call` laid out the first one's grid alone).
+            self.runtime.log_dense(self.layer, why=MIXED_SIZES)
             return super().__call__(*original)
         if encoder_hidden_states is None and not cached:  # the image alone: not the call's layout
             self.runtime.log_dense(self.layer, why="keys and values of the image alone (no text, nor cached text: "
@@ -96,12 +107,17 @@ class NucleusMoEImageAdapter(ModelAdapter):
         if sum(math.prod(shape) for shape in images) != tokens:
             raise ValueError(f"`img_shapes` {shapes} do not match the {tokens} image tokens of this call")
         (frames, rows, cols), others = images[0], images[1:]
+        text_len = text.shape[1]
         if any(shape[1:] != (rows, cols) for shape in others):
-            raise ValueError(f"`img_shapes` {shapes}: images of different sizes in one sequence are not supported "
-                             "(one image per sample, or several of one height and width, attended as frames)")
+            # Images of different sizes: the first one's grid, the others behind the prompt in the leading span. The
+            # processor sees the grid is not all the image's queries and runs the original (`log_dense`), so the
+            # schedule still decides first whether the call would have run sparse, and only such a call is said.
+            layout = VideoLayout(frames, rows, cols, text_len=text_len + tokens - frames * rows * cols,
+                                 text_position="start")
+            return layout, timestep
         # Several images of one size: frames of one layout, as the model's RoPE numbers them.
         frames += sum(shape[0] for shape in others)
-        return VideoLayout(frames, rows, cols, text_len=text.shape[1], text_position="start"), timestep
+        return VideoLayout(frames, rows, cols, text_len=text_len, text_position="start"), timestep
 
 
 register_adapter(NucleusMoEImageAdapter())

@@ -3,6 +3,8 @@ pipeline calls it (the image's queries over `[image, text]` keys, the prompt's p
 `NucleusMoEImagePipeline` (Qwen3-VL text encoder and processor built in memory) generating from padded prompts with
 CFG."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import (
@@ -28,6 +30,7 @@ from helpers import (
 
 GRID, TEXT_LEN, TEXT_DIM = (1, 8, 12), 6, 16
 ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+ONE_TOKEN_DENSE_STEPS = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=100)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,8 @@ def tiny_transformer():
     torch.manual_seed(0)
     model = NucleusMoEImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=5, attention_head_dim=8, num_attention_heads=4,
-        num_key_value_heads=2,
-        joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4), num_experts=4, moe_intermediate_dim=16, capacity_factors=1.0,
+        num_key_value_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4), num_experts=4,
+        moe_intermediate_dim=16, capacity_factors=1.0,
     ).eval()
     # diffusers leaves the experts' weights as `torch.empty` (whatever the memory held, NaN included): fill them.
     for name, weight in model.named_parameters():
@@ -104,15 +107,33 @@ def test_img_shapes_in_the_forms_diffusers_reads(transformer, img_shapes, grid):
     }
 
 
-@pytest.mark.parametrize("img_shapes, match", [
-    ([(1, 8, 10)] * 2, "do not match the 96 image tokens"),
-    ([[(1, 4, 12), (1, 4, 10)]] * 2, "do not match the 96 image tokens"),
-    ([[(1, 4, 12), (1, 2, 24)]] * 2, "images of different sizes in one sequence are not supported"),
-], ids=["one image", "two images", "two sizes"])
-def test_img_shapes_not_the_call_s_tokens_or_of_two_sizes_are_refused(transformer, img_shapes, match):
-    refused = pytest.raises(ValueError, match=f"`img_shapes` .*{match}")
+@pytest.mark.parametrize("img_shapes", [[(1, 8, 10)] * 2, [[(1, 4, 12), (1, 4, 10)]] * 2],
+                         ids=["one image", "two images"])
+def test_img_shapes_not_the_call_s_tokens_are_refused(transformer, img_shapes):
+    # diffusers fails on them too (RoPE of another length than the image tokens).
+    refused = pytest.raises(ValueError, match="`img_shapes` .*do not match the 96 image tokens")
     with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN), refused:
         transformer(**with_shapes(img_shapes)())
+
+
+@pytest.mark.parametrize("config, said", [(ONE_TOKEN, True), (ONE_TOKEN_DENSE_STEPS, False)],
+                         ids=["sparse steps", "dense steps"])
+def test_images_of_different_sizes_in_one_sequence_run_the_original_counted_dense(transformer, config, said):
+    # diffusers runs them (each image on its own grid), and every one of them is queries: no one grid of the layout.
+    # Two calls (two steps of a bare transformer): each layer's calls dense, said once where they would have run
+    # sparse; the schedule's own dense steps are counted, not said.
+    two_sizes = [[(1, 4, 12), (1, 2, 24)]] * 2
+    calls = [{**with_shapes(two_sizes)(), "timestep": torch.tensor([t, t])} for t in (0.9, 0.5)]
+    with torch.no_grad():
+        reference = [transformer(**call).sample for call in calls]
+        with warnings.catch_warnings(record=True) as record, diffsparse.sparse(transformer, config) as handle:
+            warnings.simplefilter("always")
+            outputs = [transformer(**call).sample for call in calls]
+            stats = handle.stats()
+    assert all(torch.equal(out, ref) for out, ref in zip(outputs, reference))
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(2, 0)] * 5
+    messages = [str(w.message) for w in record if issubclass(w.category, diffsparse.DiffsparseWarning)]
+    assert len(messages) == said and all("images of different sizes in one sequence" in m for m in messages)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
