@@ -122,29 +122,42 @@ class LTX2Adapter(ModelAdapter):
                 f"holds ({grid_len}); diffsparse cannot place them: `diffsparse.remove(pipe)`"
             )
         # Appended keyframe (or reference) tokens: a trailing span kept whole, like text. Echo puts its clean memory
-        # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates.
+        # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates (where those
+        # cannot tell, by their timesteps).
         grid, extra = (frames // p_t, height // p, width // p), tokens - grid_len
-        position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra)
+        position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra, timestep)
         return VideoLayout(*grid, text_len=extra, text_position=position), timestep
 
 
-def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int], extra: int) -> str:
-    """Where the `extra` tokens of an LTX-2 call besides its named `grid` are: `"start"` when the grid's frames
-    (read as `grid_from_coords` does) run from token `extra` and not from token 0 (Echo's clean memory frames, at
-    times of their own, prepended), else `"end"` (keyframes and IC-LoRA references, appended). Where both read as
-    the grid (a one-frame grid: Echo's memory slots are single frames too), the grid is the span that starts
-    earlier: Echo places its memory after the video in time (at an offset of 500 by default)."""
-    def grid_from(start: int) -> bool:
+def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int], extra: int,
+                          timestep: torch.Tensor | None = None) -> str:
+    """Where the `extra` tokens of an LTX-2 call besides its named `grid` are: `"start"` when the grid's worth of
+    tokens from token `extra` reads as the grid (as `grid_from_coords` reads it) and that from token 0 does not
+    (Echo's clean memory frames, at times of their own, prepended), else `"end"` (keyframes, IC-LoRA and HDR-LoRA
+    references, appended). Where both read as the grid (a one-frame grid: Echo's memory slots are single frames too;
+    a reference on the grid's own coordinates), the grid is the span whose first frame starts at time 0, where
+    `prepare_video_coords` puts every grid's first frame (its causal shift is clamped at 0), while Echo's memory
+    slots go where the user's `memory_position_offset` puts them (after the video by default, but before it or
+    around 0 too). Where both or neither start at 0 (a memory slot or reference on the generated frame), the
+    per-token `timestep` decides: `"start"` if the leading `extra` tokens are all clean (Echo gives its memory 0)
+    and the rest all noisy, else (or without per-token timesteps) `"end"`."""
+    def grid_from(start: int) -> bool:  # whether a grid's worth of tokens from `start` reads as it
         try:
-            layout = grid_from_coords(video_coords[:, :, start:])
+            layout = grid_from_coords(video_coords[:, :, start : video_coords.shape[2] - extra + start])
         except ValueError:
             return False
         return (layout.frames, layout.height, layout.width) == grid
 
     if not grid_from(extra):
         return "end"
-    starts = video_coords[0, 0, :, 0]
-    return "start" if not grid_from(0) or bool(starts[extra] < starts[0]) else "end"
+    if not grid_from(0):
+        return "start"
+    from_extra, from_0 = (bool(video_coords[0, 0, token, 0] == 0) for token in (extra, 0))  # at time 0
+    if from_extra != from_0:
+        return "start" if from_extra else "end"
+    if not isinstance(timestep, torch.Tensor) or timestep.ndim != 2 or timestep.shape[1] != video_coords.shape[2]:
+        return "end"
+    return "start" if bool((timestep[:, :extra] == 0).all() and (timestep[:, extra:] != 0).all()) else "end"
 
 
 def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:

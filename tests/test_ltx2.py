@@ -525,7 +525,8 @@ def test_modular_core_denoise_dense_every_block_kept_and_sparse_after_the_dense_
 def test_echo_memory_leads_and_a_keyframe_trails_a_one_frame_grid_too(frames):
     # Echo's memory slots are single frames, so with a one-frame grid the tokens read as the grid from token 0 as
     # well as from the memory's end: before, the first memory slot was taken for the grid and the frame being made
-    # kept whole. Time tells them apart: the memory comes after the video (offset 500).
+    # kept whole. Time tells them apart: the generated grid's first frame starts at time 0 (`prepare_video_coords`),
+    # the memory where its offset puts it (500, after the video, by default).
     from diffusers.modular_pipelines.echo.before_denoise import _video_memory_coords
 
     from diffsparse.pipelines.ltx2 import extra_tokens_position
@@ -536,6 +537,54 @@ def test_echo_memory_leads_and_a_keyframe_trails_a_one_frame_grid_too(frames):
     assert extra_tokens_position(torch.cat([memory, grid], dim=2), (frames, 4, 6), 48) == "start"
     # Two memory slots behind the grid are not Echo's layout, and read as trailing tokens as before.
     assert extra_tokens_position(torch.cat([grid, memory], dim=2), (frames, 4, 6), 48) == "end"
+    # HDR-LoRA's reference, as long and as large as the video, on the grid's own coordinates, appended: a one-frame
+    # grid was read with it as one frame of twice the rows, and the grid taken from the reference.
+    assert extra_tokens_position(torch.cat([grid, grid], dim=2), (frames, 4, 6), 24 * frames) == "end"
+
+
+@pytest.mark.parametrize("offset", [-100.0, 0.0])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_echo_memory_leads_the_grid_wherever_its_offset_puts_it(frames, offset):
+    # `memory_position_offset` is Echo's user's: with the memory before the video in time (or around 0), the first
+    # memory slot was taken for a one-frame grid (the span starting earlier), the generated frame kept whole and the
+    # pattern laid on a memory frame. Three frames of grid: the memory reads as no grid, which alone says it leads.
+    from diffusers.modular_pipelines.echo.before_denoise import _video_memory_coords
+
+    from diffsparse.pipelines.ltx2 import extra_tokens_position
+
+    model, cpu = tiny_transformer("2.0"), torch.device("cpu")
+    grid = model.rope.prepare_video_coords(1, frames, 4, 6, cpu, fps=24.0)
+    memory = _video_memory_coords(model, 2, 4, 6, 24.0, offset, 50.0, cpu)
+    assert extra_tokens_position(torch.cat([memory, grid], dim=2), (frames, 4, 6), 48) == "start"
+    assert extra_tokens_position(torch.cat([grid, memory], dim=2), (frames, 4, 6), 48) == "end"
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_echo_memory_on_the_generated_frame_is_told_by_the_timesteps(frames):
+    # A memory slot centred on the generated video's first frame takes that frame's coordinates: with a one-frame
+    # grid, time cannot tell which span is the grid. The call's per-token timesteps can: Echo gives its memory 0 and
+    # the grid the step's sigma. Without them (or with the grid clean too) only a longer grid tells.
+    from diffusers.modular_pipelines.echo.before_denoise import _video_memory_coords
+
+    model, cpu = tiny_transformer("2.0"), torch.device("cpu")
+    grid = model.rope.prepare_video_coords(1, frames, 4, 6, cpu, fps=24.0)
+    memory = _video_memory_coords(model, 2, 4, 6, 24.0, float(grid[0, 0, 0].mean()), 50.0, cpu)
+    assert torch.equal(memory[:, :, :24], grid[:, :, :24])
+
+    def position(coords, timestep):
+        call = {"hidden_states": torch.zeros(1, coords.shape[2], 8), "timestep": timestep, "video_coords": coords,
+                "num_frames": frames, "height": 4, "width": 6}
+        layout, _ = adapter_for(model).read_call(model, (), call)
+        assert layout == VideoLayout(frames, 4, 6, text_len=48, text_position=layout.text_position)
+        return layout.text_position
+
+    clean, noisy = torch.zeros(1, 48), torch.full((1, 24 * frames), 900.0)
+    assert position(torch.cat([memory, grid], dim=2), torch.cat([clean, noisy], dim=1)) == "start"
+    # Clean tokens behind a noisy grid (keyframes, references) stay trailing.
+    assert position(torch.cat([grid, memory], dim=2), torch.cat([noisy, clean], dim=1)) == "end"
+    blind = "start" if frames > 1 else "end"
+    assert position(torch.cat([memory, grid], dim=2), torch.full((1,), 900.0)) == blind
+    assert position(torch.cat([memory, grid], dim=2), torch.zeros(1, 48 + 24 * frames)) == blind
 
 
 @pytest.mark.parametrize("memory_slots", [0, 2])
