@@ -493,11 +493,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--dense-steps", type=_distinct(_comma_list(_step_count, "step counts or fractions")),
                    default=[0, 0.2],
                    help="comma-separated dense-step settings, each a step count or a fraction of the steps")
+    p.add_argument("--dense-last-steps", type=_distinct(_comma_list(_step_count, "step counts or fractions")),
+                   default=[0],
+                   help="comma-separated settings of the last denoising steps kept dense, each a step count or a "
+                        "fraction of the steps")
     p.add_argument("--dense-layers", type=_distinct(_dense_layers_list), default=[0],
                    help="comma-separated dense-layer settings, each a count of leading transformer blocks or a "
                         "bracketed list of block indices, e.g. '0,1,[3]'")
     p.add_argument("--correction", type=_distinct(_comma_list(_correction, "corrections")), default=[None],
                    help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
+    p.add_argument("--correction-refresh", type=_distinct(_comma_list(_non_negative, "whole numbers >= 0")),
+                   default=[0],
+                   help="comma-separated correction refreshes, each the steps after which a correction measures "
+                        "again (0 = once); a configuration without a correction runs with 0")
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "
                         "several separated by / are cycled over the layers (1,1,1 = frame-major)")

@@ -93,6 +93,9 @@ class EvalRow:
     lpips: float | None
     attention_time_ratio: float  # sparse / dense self-attention seconds
     end_to_end_ratio: float  # sparse / dense wall seconds
+    # Added after the scores, so that the columns before them keep their places in eval.csv for existing readers.
+    dense_last_steps: float  # SparseConfig.dense_last_steps, as dense_steps: as given
+    correction_refresh: int  # SparseConfig.correction_refresh: 0 without a correction
     # diffsparse's warnings while this configuration ran ("nothing runs sparse", a density out of reach), which
     # otherwise reach stderr only; each text once.
     warnings: list[str] = field(default_factory=list)
@@ -126,21 +129,7 @@ def run_eval(args) -> list[EvalRow]:
     prompts = eval_prompts(args)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
-    configs = [
-        SparseConfig(
-            pattern=name,
-            density=density,
-            dense_steps=dense_steps,
-            dense_layers=dense_layers,
-            correction=correction,
-            block_size=args.block_size,
-            order=getattr(args, "order", None),
-        )
-        for name, density, dense_steps, dense_layers, correction in itertools.product(
-            args.pattern, args.density, args.dense_steps, args.dense_layers, args.correction
-        )
-    ]
-    configs = _distinct_runs(configs)
+    configs = _distinct_runs(_grid(args))
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
@@ -232,6 +221,8 @@ def run_eval(args) -> list[EvalRow]:
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
                 correction=config.correction,
+                dense_last_steps=config.dense_last_steps,
+                correction_refresh=config.correction_refresh,
                 order=" / ".join(repr(order) for order in config.resolved_orders),
                 # A video identical to dense scores inf (every frame skipped, psnr's rule): with the others' that
                 # made the row inf. So the finite ones are averaged, inf only when every video is; a NaN (a broken
@@ -262,15 +253,58 @@ def diffsparse_warnings():
     kept.extend(dict.fromkeys(caught))
 
 
+def _grid(args) -> list[SparseConfig]:
+    """Every combination of `args`' lists (`args.dense_last_steps`, `args.correction_refresh`: `[0]` when not
+    given), as given. A correction refresh only matters with a correction, so a configuration without one runs with
+    `correction_refresh=0` whatever the list holds: made once, the other refreshes left out with `_distinct_runs`'
+    warning; refreshes other than 0 with no correction at all are a `ValueError`, as `SparseConfig` refuses them."""
+    refreshes = getattr(args, "correction_refresh", [0])
+    if any(refreshes) and all(correction is None for correction in args.correction):
+        raise ValueError(
+            f"correction_refresh={next(r for r in refreshes if r)!r} has no effect without a correction: add one to "
+            "the corrections (e.g. none,residual) or leave correction_refresh at 0"
+        )
+    # Without a correction, the refreshes the row stands for: any but the one it is made from (0 where given).
+    left_out = [r for r in refreshes if r != 0] if 0 in refreshes else refreshes[1:]
+    configs = []
+    for name, density, dense_steps, dense_last_steps, dense_layers, correction in itertools.product(
+        args.pattern, args.density, args.dense_steps, getattr(args, "dense_last_steps", [0]), args.dense_layers,
+        args.correction,
+    ):
+        for refresh in refreshes if correction is not None else [0]:
+            configs.append(SparseConfig(
+                pattern=name,
+                density=density,
+                dense_steps=dense_steps,
+                dense_last_steps=dense_last_steps,
+                dense_layers=dense_layers,
+                correction=correction,
+                correction_refresh=refresh,
+                block_size=args.block_size,
+                order=getattr(args, "order", None),
+            ))
+        for refresh in left_out if correction is None else []:
+            warnings.warn(
+                f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
+                f"{_settings(configs[-1])} (correction_refresh={refresh!r} has no effect without a correction): "
+                "measured once, in that row",
+                category=DiffsparseWarning,
+                stacklevel=2,
+            )
+    return configs
+
+
 def _warm_ups(configs: list[SparseConfig]) -> list[SparseConfig | None]:
     """What the untimed warm-ups run: `None` (dense), then for each correction among the configurations whose
-    pattern is not dense, the first such configuration with every step and layer sparse."""
+    pattern is not dense, the first such configuration with every step and layer sparse, measuring once."""
     # Not the first configuration as given: with its dense steps covering every step (or a dense pattern) it never
-    # reached the kernel, and the first timed sparse video paid its one-off load.
+    # reached the kernel, and the first timed sparse video paid its one-off load. Its correction measuring once (a
+    # measurement and sparse calls after it), not at every sparse step as `correction_refresh=1` does.
     sparse_paths = {}
     for config in configs:
         if config.resolved_pattern.name != "dense" and config.correction not in sparse_paths:
-            sparse_paths[config.correction] = replace(config, dense_steps=0, dense_last_steps=0, dense_layers=0)
+            sparse_paths[config.correction] = replace(config, dense_steps=0, dense_last_steps=0, dense_layers=0,
+                                                      correction_refresh=0)
     return [None, *sparse_paths.values()]
 
 
@@ -324,7 +358,8 @@ def _run_key(config: SparseConfig, steps: int | None = None, blocks: frozenset[i
     if config.density is not None and pattern.density_sets is not None:
         default = next(f.default for f in fields(pattern) if f.name == pattern.density_sets)
         pattern = replace(pattern, **{pattern.density_sets: default})
-    return repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction
+    return (repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction,
+            config.correction_refresh)
 
 
 _DENSE_PATTERN_REASON = ("a dense pattern runs every call dense, whatever its density, dense steps, dense layers and "
@@ -389,8 +424,9 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
     `radial(decay=1.0)`) is a `ValueError`: the lists themselves repeat a value. A configuration that the grid's
     product makes run as an earlier one (`dense` under each density and dense-step count; `radial(decay=0.5)` and
     `radial` at one density, which solves `decay`; dense layers `0` and `[]`; with the runs' step count `steps`
-    known, dense steps `0` and `0.2` of 2 steps, both none, and dense steps covering every step, which run as
-    `dense` does whatever the pattern, density and correction; with the model's self-attention block indices
+    known, dense steps `0` and `0.2` of 2 steps, both none, or first and last dense steps keeping the same steps
+    dense, and dense steps covering every step, first and last together, which run as `dense` does whatever the
+    pattern, density and correction; with the model's self-attention block indices
     `blocks` known, dense layers covering all of them, likewise) is left out with a warning naming the row that
     stands for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it
     generated every video again for an identical row."""
@@ -399,7 +435,7 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
         # The pattern as written: `resolved_pattern` already holds a searched pattern's `keep` from the density, so
         # `searched` and `searched(keep=0.5)` at one density read as one pattern given twice.
         spelled = (repr(get_pattern(config.pattern)), config.density, config.dense_steps, config.dense_last_steps,
-                   repr(config.dense_layers), config.correction)
+                   repr(config.dense_layers), config.correction, config.correction_refresh)
         if spelled in literal:
             raise ValueError(
                 f"pattern={config.pattern!r} and pattern={literal[spelled].pattern!r} are the same pattern "
@@ -422,8 +458,9 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
 
 
 def _settings(config: SparseConfig) -> str:
+    refresh = f", correction_refresh={config.correction_refresh!r}" if config.correction_refresh != 0 else ""
     return (f"pattern={config.pattern!r}, density={config.density!r}, {_step_settings(config)}, "
-            f"dense_layers={config.dense_layers!r}, correction={config.correction!r}")
+            f"dense_layers={config.dense_layers!r}, correction={config.correction!r}{refresh}")
 
 
 def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:
@@ -507,8 +544,10 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         "pattern: as configured, its main parameter solved per layout when target_density is set; pattern_ran: what "
         "ran (with a target density, the instance solved on each layout; - when no call ran sparse). "
         "measured_density: the mean block density over every self-attention call of the sparse steps (those "
-        "dense_steps leaves sparse), in every denoising run of every video, calls computed dense there (dense "
-        "layers, correction measurements, masked calls) counting 1.0."
+        "dense_steps and dense_last_steps leave sparse), in every denoising run of every video, calls computed dense "
+        "there (dense layers, correction measurements, masked calls) counting 1.0. dense_steps, dense_last_steps: "
+        "the first and the last steps kept dense, as given (a step count, or a fraction of the steps); "
+        "correction_refresh: the steps after which a correction measures again (0: once; 0 without a correction)."
     )
     timing = (
         "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "

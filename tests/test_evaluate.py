@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 import diffsparse
 from diffsparse import evaluate, metrics, runtime
-from diffsparse.cli import main
+from diffsparse.cli import build_parser, main
 from diffsparse.config import SparseConfig
 from diffsparse.patterns import get_pattern
 
@@ -58,7 +59,9 @@ def test_warm_ups_are_dense_then_each_correction_path_with_every_step_and_layer_
         SparseConfig(pattern="dense", dense_steps=0),
         SparseConfig(pattern="radial", dense_steps=0.5, dense_last_steps=1, dense_layers=[0, 1]),
         SparseConfig(pattern="window3d", dense_steps=3),
-        SparseConfig(pattern="window3d", dense_steps=1, correction="residual"),
+        # Measuring at every sparse step, it would run nothing sparse; a second refresh is the same path.
+        SparseConfig(pattern="window3d", dense_steps=1, correction="residual", correction_refresh=1),
+        SparseConfig(pattern="window3d", dense_steps=1, correction="residual", correction_refresh=2),
     ]
     dense, plain, corrected = evaluate._warm_ups(configs)
     assert dense is None
@@ -376,6 +379,141 @@ def test_a_correction_is_a_run_of_its_own():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert evaluate._distinct_runs(configs) == configs
+        # Each correction refresh too: before, two refreshes read as one pattern given twice, and were refused.
+        refreshed = [replace(configs[1], correction_refresh=refresh) for refresh in (0, 1, 4)]
+        assert evaluate._distinct_runs(refreshed) == refreshed
+        assert evaluate._distinct_runs(refreshed, steps=20, blocks=frozenset(range(4))) == refreshed
+        # With every step dense, a refresh is measured nowhere: one row, the first's, as for any correction.
+        every_step = [replace(config, dense_steps=20) for config in refreshed]
+        warnings.simplefilter("always")
+        with pytest.warns(UserWarning, match="dense_steps=20 keeps every step of a 20-step run dense") as caught:
+            assert evaluate._distinct_runs(every_step, steps=20) == every_step[:1]
+    assert [str(w.message).split(" runs as ")[0].endswith(f"correction_refresh={refresh}") for w, refresh in
+            zip(caught, (1, 4))] == [True, True]
+
+
+def _grid_args(**lists):
+    settings = {"pattern": ["radial"], "density": [0.3], "dense_steps": [0], "dense_last_steps": [0],
+                "dense_layers": [0], "correction": [None], "correction_refresh": [0]}
+    return SimpleNamespace(**{**settings, **lists}, block_size=64, order=None)
+
+
+@pytest.mark.parametrize("refreshes", [[0, 2, 3], [2, 0, 3], [2, 3]])
+def test_a_correction_refresh_without_a_correction_is_measured_once_with_refresh_0(refreshes):
+    # SparseConfig refuses a refresh without a correction: before, `--correction none,residual --correction-refresh
+    # 0,2` could only fail, or (the refresh dropped) generate the uncorrected configuration's videos twice.
+    args = _grid_args(dense_last_steps=[0, 1], correction=[None, "residual"], correction_refresh=refreshes)
+    with pytest.warns(UserWarning, match="has no effect without a correction") as caught:
+        configs = evaluate._grid(args)
+    assert [(c.dense_last_steps, c.correction, c.correction_refresh) for c in configs] == [
+        (last, correction, refresh) for last in (0, 1) for correction, refresh in
+        [(None, 0), *(("residual", r) for r in refreshes)]]
+    # The refreshes other than 0 (or than the first, with no 0 among them) are the ones left out, each said.
+    left_out = [r for r in refreshes if r] if 0 in refreshes else refreshes[1:]
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2 * len(left_out)
+    for text, (last, refresh) in zip(texts, [(last, r) for last in (0, 1) for r in left_out]):
+        kept = evaluate._settings(SparseConfig(pattern="radial", density=0.3, dense_steps=0, dense_last_steps=last))
+        assert text == (f"diffsparse: eval: {kept}, correction_refresh={refresh} runs as {kept} (correction_refresh="
+                        f"{refresh} has no effect without a correction): measured once, in that row")
+    assert evaluate._distinct_runs(configs) == configs  # and every configuration left is a run of its own
+
+
+def test_a_correction_refresh_with_no_correction_at_all_is_refused(tmp_path, monkeypatch, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(evaluate._grid(_grid_args(correction_refresh=[0]))) == 1
+    with pytest.raises(ValueError, match="correction_refresh=2 has no effect without a correction"):
+        evaluate._grid(_grid_args(correction_refresh=[0, 2]))
+    # Said before the model loads.
+    monkeypatch.setattr(evaluate, "load_pipeline_for", lambda args: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *TINY, "--correction-refresh", "0,2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "diffsparse eval: error: correction_refresh=2 has no effect without a correction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--dense-last-steps", "0,1.5", "or a fraction of the steps in [0, 1), got '1.5'"),
+        ("--dense-last-steps", "0,x", "got 'x'"),
+        ("--dense-last-steps", "1,0,1", "1 is given twice in '1,0,1': give each value once"),
+        ("--dense-last-steps", "0,0.0", "0.0 is given twice in '0,0.0'"),
+        ("--correction-refresh", "0,-1", "must be at least 0, got -1"),
+        ("--correction-refresh", "1.5", "expected a whole number, got '1.5'"),
+        ("--correction-refresh", "2,2", "2 is given twice in '2,2': give each value once"),
+    ],
+)
+def test_bad_dense_last_steps_and_correction_refreshes_are_refused(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["eval", option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"diffsparse eval: error: argument {option}: " in err and message in err
+
+
+def test_eval_takes_dense_last_steps_and_correction_refreshes(tmp_path, monkeypatch):
+    # Before, eval had neither option: every configuration ran with the last steps sparse and measured once.
+    applied, apply = [], evaluate.sparse
+    monkeypatch.setattr(evaluate, "sparse", lambda pipe, config: applied.append(config) or apply(pipe, config))
+    assert build_parser().parse_args(["eval"]).dense_last_steps == [0]
+    assert build_parser().parse_args(["eval"]).correction_refresh == [0]
+    args = ["eval", "--steps", "3", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
+            "--dense-last-steps", "0,1", "--correction", "none,residual", "--correction-refresh", "0,2",
+            "--prompts", "1"]
+    with pytest.warns(UserWarning, match="correction_refresh=2 has no effect without a correction"):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    settings = [(last, correction, refresh) for last in ("0", "1")
+                for correction, refresh in (("", "0"), ("residual", "0"), ("residual", "2"))]
+    assert [(r["dense_steps"], r["dense_last_steps"], r["correction"], r["correction_refresh"]) for r in rows] == [
+        ("1", *setting) for setting in settings]
+    # What ran: the timed runs under each row's settings, after the warm-ups (dense's None is no `sparse` call).
+    timed = applied[-len(rows):]
+    assert [(c.dense_steps, c.dense_last_steps, c.correction, c.correction_refresh) for c in timed] == [
+        (1, int(last), correction or None, int(refresh)) for last, correction, refresh in settings]
+    # The last step dense changes the video.
+    assert rows[0]["psnr_db"] != rows[3]["psnr_db"]
+    # Every row of eval.md tells its settings apart: the rows differing only in these would read the same without
+    # their columns.
+    table = [line for line in (tmp_path / "eval.md").read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in table[0].split("|")]
+    columns = [header.index(name) for name in ("dense_steps", "dense_last_steps", "correction", "correction_refresh")]
+    cells = [[line.split("|")[i].strip() for i in columns] for line in table[1:]]
+    assert cells == [["1", last, correction or "-", refresh] for last, correction, refresh in settings]
+    assert "dense_last_steps: the first and the last steps kept dense" in (tmp_path / "eval.md").read_text()
+
+
+def test_eval_measures_dense_first_and_last_steps_keeping_the_same_steps_dense_once(tmp_path, monkeypatch):
+    # Of 2 steps: 0.2 keeps none, 0.5 one. So last steps 0.2 run as 0, and first 1 with last 0.5 keep both steps
+    # dense: the dense control row, standing for the dense pattern's.
+    generate, videos = evaluate.timed_generation, []
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: videos.append(1) or generate(*a, **kw))
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", f"{WINDOW},dense", "--density", "none", "--dense-steps",
+            "0,1", "--dense-last-steps", "0,0.2,0.5", "--prompts", "1"]
+    with pytest.warns(UserWarning) as caught:
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert [(r["dense_steps"], r["dense_last_steps"]) for r in rows] == [("0", "0"), ("0", "0.5"), ("1", "0"),
+                                                                       ("1", "0.5")]
+    assert len(videos) == 2 + 1 + 4  # two warm-ups, dense, the four configurations
+    every_step_dense = rows[3]
+    assert every_step_dense["pattern_ran"] == "" and float(every_step_dense["psnr_db"]) == float("inf")
+    assert rows[1]["pattern_ran"] == WINDOW and float(rows[1]["psnr_db"]) < float("inf")
+    merged = [str(w.message) for w in caught if str(w.message).startswith("diffsparse: eval: ")]
+    # Before loading, dense under its 5 other settings; with the step count known, the two last steps 0.2, and the
+    # dense pattern's row.
+    assert len(merged) == 5 + 3
+    window = f"pattern={WINDOW!r}, density=None"
+    assert sum(f"{window}, dense_steps=0, dense_last_steps=0.2, dense_layers=0, correction=None runs as {window}, "
+               "dense_steps=0, dense_layers=0, correction=None (dense_steps=0 and dense_steps=0, dense_last_steps=0.2 "
+               "keep no step of a 2-step run dense" in text for text in merged) == 1
+    assert sum(f"{window}, dense_steps=1, dense_last_steps=0.2, dense_layers=0, correction=None runs as {window}, "
+               "dense_steps=1, dense_layers=0, correction=None (dense_steps=1 and dense_steps=1, dense_last_steps=0.2 "
+               "keep the first 1 and the last 0 steps of a 2-step run dense" in text for text in merged) == 1
+    assert sum(f"runs as {window}, dense_steps=1, dense_last_steps=0.5, dense_layers=0, correction=None (" in text
+               and "dense_steps=1, dense_last_steps=0.5 keeps every step of a 2-step run dense" in text
+               for text in merged) == 1
 
 
 @pytest.mark.parametrize(
@@ -452,7 +590,8 @@ def test_a_pipe_in_a_pattern_is_escaped_in_the_markdown_table(tmp_path, capsys):
     assert "|" in composed
     row = evaluate.EvalRow(pattern=composed, pattern_ran=composed, target_density=None, measured_density=0.5,
                            dense_steps=0, dense_layers=0, correction=None, order="frame_major()", psnr_db=30.0,
-                           ssim=0.9, lpips=None, attention_time_ratio=1.0, end_to_end_ratio=1.0)
+                           ssim=0.9, lpips=None, attention_time_ratio=1.0, end_to_end_ratio=1.0, dense_last_steps=0,
+                           correction_refresh=0)
     args = SimpleNamespace(model=None, steps=1, seeds=1, seed=0, block_size=64, device="cpu", two_stage=False,
                            still_candidates=1, image=None, call_kwargs=None)
     evaluate._write([row], tmp_path, args, ["a prompt"], False, "cpu", (1, 48, 48))
