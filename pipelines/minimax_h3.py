@@ -5,10 +5,12 @@ audio, conditioning and target video rows in any order, with full self-attention
 
 The layout: the target video (the video rows at the highest noise level) is the grid, read from its rows'
 positions (ranked per axis: the pipeline's are floats, times spaced unevenly), which must cover a whole
-`(t, h, w)` box; every other row (text, audio, conditioning images or video)
-joins the leading span, kept whole. The runtime attends the rows in that order through its token order and hands
-the output back in the caller's. Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays
-dense).
+`(t, h, w)` box; every other row (text, audio, conditioning images or video) joins the leading span, kept whole.
+The runtime attends the rows in that order through its token order and hands the output back in the caller's.
+A call that packs no video rows (text and audio only, a caller's own packing) has no layout: it runs the original
+throughout, each layer counted dense without a warning (nothing sparse is lost), and takes no place among its
+step's calls (`stats()` names it `"original"` outside a `cache_context`). Layer `i` is
+`transformer_blocks[i].attn` (the text refiner's attention stays dense).
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class MiniMaxH3Adapter(ModelAdapter):
         positions = call_argument(args, kwargs, "position_ids", 6)
         video_rows = call_argument(args, kwargs, "video_indices", 7)
         if len(video_rows) == 0:
-            raise ValueError("diffsparse makes MiniMax-H3's target video sparse; this call packs no video rows")
+            # No video rows (text and audio only, a caller's own packing): nothing to make sparse. No layout, so the
+            # call runs the original throughout (each layer counted dense, unsaid) and takes no place among its
+            # step's calls; its step is its noisiest rows' (the lowest timestep), as a target's would be.
+            return None, timestep[timestep_indices].min()
         # The target: the video rows at the highest noise level, the lowest timestep (MiniMax-H3's timestep is
         # `1 - sigma`: conditioning rows, cleaner, sit higher).
         row_timesteps = timestep[timestep_indices[video_rows]]

@@ -2,6 +2,7 @@
 sequence of text, audio, a conditioning frame and the target video, and through diffusers' own modular denoising
 blocks, which pack the sequence themselves."""
 
+import warnings
 
 import pytest
 import torch
@@ -46,8 +47,9 @@ def grid(frames: int, first_frame: int = 0) -> torch.Tensor:
 
 def inputs(order: str = "text first"):
     """The packed sequence `[text, conditioning frame, audio, target]` (MiniMax-H3's timestep is `1 - sigma`: clean
-    conditioning at t = 1, target and audio at t = 0.3); `order="target first"` puts the target's rows first, `"shuffled"` packs the target's rows in a
-    random order (the same rows, each keeping its position and latent), as a caller may pack them."""
+    conditioning at t = 1, target and audio at t = 0.3); `order="target first"` puts the target's rows first,
+    `"shuffled"` packs the target's rows in a random order (the same rows, each keeping its position and latent), as
+    a caller may pack them."""
     def call():
         g = torch.Generator().manual_seed(1)
         target_len, condition_len = FRAMES * HEIGHT * WIDTH, HEIGHT * WIDTH
@@ -167,6 +169,44 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
     with torch.no_grad():
         assert torch.equal(out, MiniMaxH3AttnProcessor()(attention, *args))
         assert not torch.equal(out, MiniMaxH3AttnProcessor()(attention, *args[:2]))  # the mask reaches the output
+
+
+def no_video_call() -> dict:
+    """A packed sequence of text and audio rows only (a caller's own packing: the original runs it)."""
+    g = torch.Generator().manual_seed(3)
+    length = TEXT + AUDIO
+    tags = torch.full((length,), 2, dtype=torch.long)
+    tags[:TEXT] = 1
+    return {
+        "hidden_states": torch.zeros(1, 0, CHANNELS * 4), "audio_hidden_states": torch.randn(1, AUDIO, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, TEXT, TEXT_DIM, generator=g), "timestep": torch.tensor([0.3]),
+        "timestep_indices": torch.zeros(length, dtype=torch.long), "token_tags": tags,
+        "position_ids": torch.arange(length)[:, None].expand(-1, 3).contiguous(), "video_indices": torch.arange(0),
+        "audio_indices": torch.arange(TEXT, length), "text_indices": torch.arange(TEXT),
+    }
+
+
+@pytest.mark.parametrize("config", [diffsparse.SparseConfig(pattern="dense", dense_steps=0), ONE_TOKEN],
+                         ids=["dense", "one-token window"])
+def test_a_call_without_video_rows_runs_the_original_counted_dense(transformer, config):
+    # Text and audio rows only: nothing to make sparse. The call has no layout, so it runs the original throughout
+    # (exactly its output), each layer counted dense without a warning, named "original" outside a cache context;
+    # it takes no place among its step's calls, so the video call after it at the same step is still "call 0".
+    # (Before, any config raised "this call packs no video rows".)
+    call, video_call = no_video_call(), inputs()()
+    with torch.no_grad():
+        expected = transformer(**call, return_dict=False)
+        with warnings.catch_warnings(record=True) as caught, diffsparse.sparse(transformer, config) as handle:
+            warnings.simplefilter("always")
+            out = transformer(**call, return_dict=False)
+            transformer(**{**video_call, "timestep": torch.tensor([1.0, 0.3])})
+            stats = handle.stats()
+    assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
+    assert [r for r in caught if issubclass(r.category, diffsparse.DiffsparseWarning)] == []
+    records = stats.calls["transformer"]
+    assert [(r.layer, r.branch, r.sparse, r.density, r.dense_step) for r in records[:2]] == [
+        (0, "original", False, 1.0, False), (1, "original", False, 1.0, False)]
+    assert {(r.step, r.branch, r.sparse) for r in records[2:]} == {(0, "call 0", config is ONE_TOKEN)}
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):

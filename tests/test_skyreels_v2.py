@@ -220,6 +220,37 @@ def test_only_the_causal_frame_block_mask_is_read_as_one():
     assert frame_causal_groups(mask[..., :48, :48], layout) is None
 
 
+def test_a_token_level_mask_that_is_not_the_causal_one_runs_the_original_counted_dense(transformer):
+    # A mask other than diffusion forcing's causal frame blocks (here layer 0's attention, in the transformer's call,
+    # hides the last key: a caller's own block or processor may pass one) is not read as groups: the call runs the
+    # original with it, is logged dense, and a warning says why; the other layer stays sparse.
+    from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2AttnProcessor
+
+    call = inputs()
+    mask = torch.ones(1, 1, 1, 4 * 4 * 6, dtype=torch.bool)
+    mask[..., -1] = False
+    attention, seen = transformer.blocks[0].attn1, []
+    hooks = [attention.register_forward_pre_hook(lambda module, args: (*args[:2], mask, *args[3:])),
+             attention.register_forward_hook(lambda module, args, out: seen.append((args, out)))]
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), \
+                diffsparse.sparse(transformer, config) as handle:
+            warnings.simplefilter("always")
+            transformer(**call)
+            layers = handle.stats().layers
+    finally:
+        for hook in hooks:
+            hook.remove()
+    said = [str(w.message) for w in caught if issubclass(w.category, diffsparse.DiffsparseWarning)]
+    assert len(said) == 1 and "token-level attention_mask" in said[0], said
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in layers] == [(0, 1, 0), (1, 0, 1)]
+    [(args, out)] = seen
+    with torch.no_grad():
+        assert torch.equal(out, SkyReelsV2AttnProcessor()(attention, *args))
+        assert not torch.equal(out, SkyReelsV2AttnProcessor()(attention, args[0], None, None, *args[3:]))
+
+
 def test_layout_and_step_of_a_diffusion_forcing_call(transformer):
     layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs(per_frame=True))
     assert layout == VideoLayout(4, 4, 6) and timestep.shape == (1, 4)

@@ -16,8 +16,14 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines import adapter_for
 
-from helpers import check_modular_against_dense, check_other_processors_are_refused, recorded_attention_calls
+from helpers import (
+    check_modular_against_dense,
+    check_other_processors_are_refused,
+    check_read_call_by_position,
+    recorded_attention_calls,
+)
 
 # The full video: 8 pixel frames -> 3 latent frames of reference, 4 of generation; 64 x 96 pixels -> 4 x 6 tokens.
 ORIGIN_LEN, ORIGIN_AREA, GRID = 8, [64, 96], (4, 4, 6)
@@ -159,6 +165,21 @@ def test_a_batch_of_samples_on_different_grids_runs_the_original_counted_dense(t
     frames = {"generation": GRID[0], "reference": GRID[0] - 1}
     call = {name: [(n, 8, 12), (n, 12, 8) if name == stream else (n, 8, 12)] for name, n in frames.items()}
     check_runs_the_original_counted_dense(transformer, call)
+
+
+def test_read_call_takes_the_kv_cache_mode_by_position_as_by_keyword(transformer):
+    # The segment loop passes keywords; a direct call may pass `kv_cache_mode` by position (forward's sixth, after
+    # `kv_cache`): read from the wrong position, the reference pass would get a layout (the cache object is no
+    # "extract") and take a CFG branch's place. The reference pass: no layout; the denoising call: the grid.
+    g = torch.Generator().manual_seed(1)
+    latents = [torch.randn(4, GRID[0], 8, 12, generator=g)]
+    for mode, layout in (("extract", None), ("cached", VideoLayout(*GRID))):
+        call = {"hidden_states": latents, "timestep": torch.tensor([700.0]),
+                "encoder_hidden_states": [torch.randn(5, 8, generator=g)], "condition_latents": latents,
+                "kv_cache": WanAnimate2KVCache(len(transformer.blocks)), "kv_cache_mode": mode,
+                "seq_len": math.prod(GRID)}
+        assert adapter_for(transformer).read_call(transformer, (), call)[0] == layout
+        check_read_call_by_position(transformer, call)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
