@@ -218,6 +218,27 @@ def _check_count(name: str, value) -> int:
     return int(value)
 
 
+def _check_embeds(name: str, embeds, text_dim: int) -> None:
+    """`ValueError` unless `embeds` is a floating `(prompts, tokens, text_dim)` tensor, as `encode_prompt` gives.
+
+    Anything else failed deep in the model: an IndexError (2-D), an AttributeError (a list), a matmul
+    RuntimeError (another width)."""
+    if (not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.ndim != 3
+            or embeds.shape[-1] != text_dim or 0 in embeds.shape):
+        got = (f"a {embeds.dtype} tensor of shape {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor)
+               else f"a {type(embeds).__name__}")
+        raise ValueError(f"{name} must be a floating tensor of shape (prompts, tokens, {text_dim}) (the transformer's "
+                         f"text_dim), as encode_prompt gives, got {name}={got}")
+
+
+def _check_still_candidates(value) -> int:
+    """`value` as an int; `ValueError` unless an integer >= 1, as `_check_count` (True was taken as 1), in the words
+    `diffsparse compare --still-candidates` reports (`tests/test_cli.py` reads them)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"still_candidates must be an int >= 1, got {value!r}")
+    return int(value)
+
+
 def _is_prompt_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
@@ -295,17 +316,28 @@ class TestbedPipeline(DiffusionPipeline):
         """Set `pipe._interrupt = True` (in a `callback_on_step_end`) to skip the remaining steps (`WanPipeline`'s)."""
         return self._interrupt
 
+    def check_video_size(self, num_frames, height, width, frames_name: str = "num_frames") -> tuple[int, int, int]:
+        """`(num_frames, height, width)` as ints; `ValueError` unless they are ints >= 1 with height and width
+        multiples of the pixels one token covers (space-to-depth factor x patch). `fidelity.prompt_sensitivity`
+        checks its clip size here too, naming its frame count `frames_name`."""
+        num_frames = _check_count(frames_name, num_frames)
+        height, width = _check_count("height", height), _check_count("width", width)
+        multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple} pixels, got {name}={value}")
+        return num_frames, height, width
+
     def _check_inputs(self, height: int, width: int, num_frames: int, callback_inputs, prompt, prompt_embeds,
                       num_inference_steps: int, num_videos_per_prompt: int, negative_prompt=None,
                       negative_prompt_embeds=None, max_sequence_length: int | None = None,
                       guidance_scale: float = 3.0, output_type: str = "np") -> dict[str, int]:
         """Raise `ValueError` for an input the call cannot use; returns the counts as ints (numpy ints included)."""
-        counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt,
-                  "num_frames": num_frames, "height": height, "width": width}
+        counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt}
         if max_sequence_length is not None:  # 0 read as "the default" before
             counts["max_sequence_length"] = max_sequence_length
         counts = {name: _check_count(name, value) for name, value in counts.items()}
-        height, width = counts["height"], counts["width"]
+        counts.update(zip(("num_frames", "height", "width"), self.check_video_size(num_frames, height, width)))
         # diffusers refuses an unknown one only when post-processing, after the whole denoising loop.
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got output_type={output_type!r}")
@@ -328,20 +360,19 @@ class TestbedPipeline(DiffusionPipeline):
                                    ("negative_prompt", negative_prompt, negative_prompt_embeds)):
             if text is not None and embeds is not None:
                 raise ValueError(f"give {name} or {name}_embeds, not both: got {name}={text!r} and {name}_embeds")
+        text_dim = self.transformer.config.text_dim
+        if prompt_embeds is not None:
+            _check_embeds("prompt_embeds", prompt_embeds, text_dim)
         if negative_prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, text_dim)
             # One per prompt, as prompt_embeds: another batch failed inside the model, or (1 for several prompts)
             # ran with the one negative broadcast to every prompt.
             prompts = (prompt_embeds.shape[0] if prompt_embeds is not None
                        else 1 if isinstance(prompt, str) else len(prompt))
-            if not isinstance(negative_prompt_embeds, torch.Tensor) or negative_prompt_embeds.ndim != 3 \
-                    or negative_prompt_embeds.shape[0] != prompts:
-                got = getattr(negative_prompt_embeds, "shape", type(negative_prompt_embeds).__name__)
+            if negative_prompt_embeds.shape[0] != prompts:
                 raise ValueError(f"negative_prompt_embeds must be a (prompts, tokens, channels) tensor with one row "
-                                 f"per prompt ({prompts}), before num_videos_per_prompt repeats it; got {got}")
-        multiple = self.space_to_depth_factor * self.transformer.config.patch_size[1]
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple} pixels, got {name}={value}")
+                                 f"per prompt ({prompts}), before num_videos_per_prompt repeats it; got shape "
+                                 f"{tuple(negative_prompt_embeds.shape)}")
         unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -418,6 +449,9 @@ class TestbedPipeline(DiffusionPipeline):
             num_inference_steps (`int`, *optional*, defaults to 20): Euler steps.
             guidance_scale (`float`, *optional*, defaults to 3.0): CFG scale; 1 or less runs the cond branch only.
             generator (`torch.Generator`, *optional*): for the initial noise.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): instead of `prompt` /
+                `negative_prompt`, floating `(prompts, tokens, text_dim)` tensors as `encode_prompt` gives them, one
+                row per prompt (`num_videos_per_prompt` repeats them); `text_dim` is the transformer config's (64).
             output_type (`str`, *optional*, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
             max_sequence_length (`int`, *optional*): text tokens, defaults to the tokenizer's `model_max_length`
                 (the length the model was trained with).
@@ -639,6 +673,10 @@ def room_ahead(image: torch.Tensor, prompt: str) -> float:
     """
     from ..testbed.data import DIRECTIONS
 
+    # A batch `(1, 3, H, W)` failed with "too many values to unpack" (or, `(3, H)`, read rows as columns).
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or 0 in image.shape:
+        got = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else f"a {type(image).__name__}"
+        raise ValueError(f"image must be one still, a tensor of shape (3, H, W) in [0, 1], got image={got}")
     named = [word for word in prompt_words(prompt) if word in DIRECTIONS]  # the words the model reads
     if not named:
         return math.inf
@@ -687,8 +725,7 @@ def best_still(
         (1, 3, 16, 16)
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # as `sample`; a str was read letter by letter
-    if not isinstance(still_candidates, int) or still_candidates < 1:
-        raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")
+    still_candidates = _check_still_candidates(still_candidates)
     stills = torch.stack([
         sample(pipe, [still_prompt(p) for p in prompts], frames=1, height=height, width=width, steps=steps,
                seed=seed + candidate, guidance_scale=guidance_scale, device=device)[:, 0]
@@ -767,8 +804,7 @@ def sample(
     if device is not None:
         pipe = _placed(pipe, device)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not isinstance(still_candidates, int) or still_candidates < 1:
-        raise ValueError(f"still_candidates must be an int >= 1, got {still_candidates!r}")
+    still_candidates = _check_still_candidates(still_candidates)
     if still_candidates > 1 and not two_stage:
         raise ValueError(f"still_candidates={still_candidates} chooses among two-stage stills: pass two_stage=True")
     if two_stage:

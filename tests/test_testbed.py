@@ -27,6 +27,7 @@ from diffsparse.testbed.data import (
     IMAGE_BUCKETS,
     PROMPT_WORDS,
     SHAPES,
+    SPEEDS,
     TRAIN_BUCKETS,
     Clip,
     Shape,
@@ -163,6 +164,22 @@ def test_single_shapes_move_in_the_direction_the_prompt_names():
         assert across < 0.25 * along, (clip.prompt, shift)
 
 
+def test_the_prompt_names_the_kind_and_speed_that_are_drawn():
+    # Read from the prompt's words and measured on the pixels, as the fidelity scores measure samples: before, a
+    # prompt naming a circle for a drawn square, or "slowly" for a quick shape, passed every test.
+    for clip in _clips(24, frames=9, height=48, width=48, shapes=1):
+        words = clip.prompt.split()
+        colour, kind, direction = (next(w for w in words if w in group) for group in (COLOURS, SHAPES, DIRECTIONS))
+        request = fidelity.Request(colour, kind, direction, next((w for w in words if w and w in SPEEDS), ""))
+        assert request.prompt == clip.prompt  # the words are all read
+        video = _frames01(render(clip)).transpose(0, 3, 1, 2)  # (F, 3, H, W), as sampled videos are scored
+        scores = fidelity.score_video(video, request)
+        assert scores["kind_accuracy"] == 1.0 and scores["direction_accuracy"] == 1.0, (clip.prompt, scores)
+        velocity = fidelity._velocity(fidelity._present_masks(video, colour))  # pixels per frame
+        # Drawn at 0.85 to 1.15 times the named speed; the speeds are 2x apart.
+        assert 0.7 < np.hypot(*velocity) / SPEEDS[request.speed] < 1.3, (clip.prompt, velocity)
+
+
 def test_space_to_depth_round_trip_is_exact():
     video = torch.randn(2, 3, 5, 16, 24)
     latents = testbed.space_to_depth(video)
@@ -188,6 +205,9 @@ def trained(tmp_path_factory):
     common = ["--batch", "1", "--save-every", "2", "--threads", "1", "--decay", "0"]
     first = train(parse_args(["--out", str(base / "run"), "--steps", "3", *common]))
     first_log = _read_log(base / "run")
+    # What a run killed after logging step 4, before its checkpoint, leaves: the resume must drop that row.
+    with (base / "run" / LOSS_LOG).open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(first_log[-1])).writerow({**first_log[-1], "step": "4", "loss": "9.9"})
     resumed = train(parse_args(["--out", str(base / "run"), "--steps", "5", "--resume", *common]))
     straight = train(parse_args(["--out", str(base / "straight"), "--steps", "5", "--keep-every", "2", *common]))
     return {"base": base, "first": first, "first_log": first_log, "resumed": resumed, "straight": straight}
@@ -209,7 +229,7 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(traine
     assert trained["resumed"]["step"] == 5 and trained["resumed"]["steps_this_run"] == 2
     resumed_log = _read_log(trained["base"] / "run")
     straight_log = _read_log(trained["base"] / "straight")
-    assert [int(r["step"]) for r in resumed_log] == [1, 2, 3, 4, 5]
+    assert [int(r["step"]) for r in resumed_log] == [1, 2, 3, 4, 5]  # the dead run's step 4 row dropped
     # Batches, noise and timesteps depend only on (seed, step): the resumed run is the same run.
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in straight_log]
     state = torch.load(trained["base"] / "run" / CHECKPOINT, map_location="cpu", weights_only=False)
@@ -282,6 +302,23 @@ def test_the_exported_ema_weights_follow_the_warm_up_of_each_step(tmp_path):
     assert not all(torch.equal(exported[name], raw[-1][name]) for name in exported)  # the EMA is not the last weights
 
 
+def test_each_training_step_draws_its_own_batch_and_noise(tmp_path, monkeypatch):
+    # Before, a loop drawing every step's noise, or every step's batch, with step 0's passed: a resume draws the
+    # same wrong batches as an uninterrupted run, so the resume tests could not tell.
+    from diffsparse.testbed import train as train_module
+
+    steps, step_generator = [], train_module._step_generator
+    monkeypatch.setattr(train_module, "_step_generator", lambda seed, step: steps.append(step) or step_generator(
+        seed, step))
+    args = parse_args(["--out", str(tmp_path), "--steps", "3", "--batch", "1", "--threads", "1", "--save-every", "9"])
+    train(args)
+    assert steps == [0, 1, 2]
+    sizes = [[int(r[k]) for k in ("batch", "frames", "height", "width")] for r in _read_log(tmp_path)]
+    expected = [make_batch(args.seed, step, 1, train_buckets(args.image_share))[0].shape for step in range(3)]
+    assert sizes == [[shape[0], *shape[2:]] for shape in expected]
+    assert len({tuple(size) for size in sizes}) > 1  # steps 0 to 2 draw different sizes, so step 0's would show
+
+
 def test_training_refuses_to_overwrite_a_run_without_resume(trained):
     with pytest.raises(SystemExit, match="--resume"):
         train(parse_args(["--out", str(trained["base"] / "run"), "--steps", "6"]))
@@ -323,6 +360,10 @@ def test_init_starts_a_new_run_from_a_pipeline_folder(trained, tmp_path):
     frozen_init = ["--init", str(source), "--freeze-text-encoder", "--steps", "2", "--batch", "1", "--threads", "1"]
     train(parse_args(["--out", str(tmp_path / "frozen_init"), *frozen_init, "--save-every", "1"]))
     train(parse_args(["--out", str(tmp_path / "frozen_init"), *frozen_init[:-6], "--steps", "3", "--resume",
+                      "--batch", "1", "--threads", "1"]))
+    assert same(testbed.load(path=tmp_path / "frozen_init" / PIPELINE_DIR).text_encoder, trained_pipe.text_encoder)
+    # ... and resumed without --init: the checkpoint's (before: the seeded one, as no test resumed without it).
+    train(parse_args(["--out", str(tmp_path / "frozen_init"), "--freeze-text-encoder", "--steps", "4", "--resume",
                       "--batch", "1", "--threads", "1"]))
     assert same(testbed.load(path=tmp_path / "frozen_init" / PIPELINE_DIR).text_encoder, trained_pipe.text_encoder)
 

@@ -36,6 +36,30 @@ def test_negative_prompt_embeds_need_one_row_per_prompt(pipe, rows, per_prompt):
 
 
 @pytest.mark.parametrize(
+    "name, value, got",
+    # An IndexError deep in the model (2-D), an AttributeError (a list), a matmul RuntimeError (another width, the
+    # negative's too), integer token ids read as embeddings.
+    [("prompt_embeds", torch.randn(2, 64), "a torch.float32 tensor of shape (2, 64)"),
+     ("prompt_embeds", [[0.0] * 64] * 2, "a list"),
+     ("prompt_embeds", torch.randn(2, 16, 32), "a torch.float32 tensor of shape (2, 16, 32)"),
+     ("prompt_embeds", torch.ones(2, 16, 64, dtype=torch.long), "a torch.int64 tensor of shape (2, 16, 64)"),
+     ("negative_prompt_embeds", torch.randn(2, 16, 32), "a torch.float32 tensor of shape (2, 16, 32)")],
+)
+def test_prompt_embeds_are_checked(pipe, name, value, got):
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    given = {"prompt": TWO} if name == "negative_prompt_embeds" else {}
+    try:
+        with pytest.raises(ValueError, match=re.escape(
+                f"{name} must be a floating tensor of shape (prompts, tokens, 64) (the transformer's text_dim), as "
+                f"encode_prompt gives, got {name}={got}")):
+            pipe(**given, **{name: value}, **CALL)
+    finally:
+        handle.remove()
+    assert calls == [] and pipe.transformer.config.text_dim == 64
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [  # TypeErrors from inside the tokenizer or len(), or (nan) a silent run without CFG
         ({"prompt": [None]}, "prompt must be a str or a list of str, got prompt=[None]"),
@@ -156,6 +180,28 @@ def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
     assert "--first-frame-level sets the first frame apart" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "size, match",
+    # A RuntimeError from inside (off the 4-pixel token grid), or frames read as a count (True, 0).
+    [((2, 18, 18), "height must be a positive multiple of 4 pixels, got height=18"),
+     ((2, 16, 18), "width must be a positive multiple of 4 pixels, got width=18"),
+     ((0, 16, 16), "frames must be an int >= 1, got frames=0"),
+     ((True, 16, 16), "frames must be an int >= 1, got frames=True")],
+)
+def test_prompt_sensitivity_checks_the_clip_size_as_the_pipeline_does(pipe, size, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        fidelity.prompt_sensitivity(pipe, *size, seeds=1, noise_levels=(0.5,))
+
+
+def test_room_ahead_takes_one_still_image():
+    # A batch (1, 3, H, W) failed with "too many values to unpack"; (H, W) was measured as if its rows were colours.
+    for image, got in ((torch.zeros(1, 3, 16, 16), "shape (1, 3, 16, 16)"), (torch.zeros(16, 16), "shape (16, 16)"),
+                       (np.zeros((3, 16, 16)), "a ndarray")):
+        with pytest.raises(ValueError, match=re.escape(f"image must be one still, a tensor of shape (3, H, W) in "
+                                                       f"[0, 1], got image={got}")):
+            testbed.room_ahead(image, "a red circle moving left")
+
+
 # ---------------------------------------------------------------- where `sample` leaves the pipeline
 
 
@@ -211,3 +257,19 @@ def test_sample_without_a_device_leaves_the_pipeline_where_it_is(monkeypatch):
     assert recorder.moves == [(torch.device("cpu"),)]
     with pytest.raises(ValueError, match=re.escape("got device='gpu'")):
         testbed.sample(pipe, "a red circle", frames=1, height=16, width=16, steps=1, device="gpu")
+
+
+def test_still_candidates_must_be_a_count_not_a_bool(monkeypatch):
+    # Before, True was taken as 1 (bool is an int), where every other count of the module refuses it.
+    pipe = testbed.build_pipeline()
+    _Recorder(monkeypatch, pipe)
+    call = {"height": 16, "width": 16, "steps": 1}
+    for bad in (True, 0, 2.0):
+        match = re.escape(f"still_candidates must be an int >= 1, got {bad!r}")
+        with pytest.raises(ValueError, match=match):
+            testbed.best_still(pipe, "a red circle moving left", still_candidates=bad, **call)
+        with pytest.raises(ValueError, match=match):
+            testbed.sample(pipe, "a red circle moving left", frames=2, two_stage=True, still_candidates=bad, **call)
+    # numpy integers count, as for the pipeline's own counts.
+    assert testbed.best_still(pipe, "a red circle moving left", still_candidates=np.int64(2), **call).shape == (
+        1, 3, 16, 16)

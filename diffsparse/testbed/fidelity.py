@@ -252,7 +252,8 @@ def prompt_sensitivity(
 
     Args:
         model: a testbed pipeline or a folder `diffsparse.pipelines.testbed.load` accepts.
-        frames, height, width (`int`): clip size in frames and pixels.
+        frames, height, width (`int`): clip size in frames and pixels, as the pipeline takes it (height and width
+            multiples of the pixels one token covers: 4 in the shipped model).
         seeds (`int`): clips per prompt (placement and noise seeds 0 .. seeds-1).
         noise_levels (`tuple[float, ...]`, *optional*, defaults to `SENSITIVITY_NOISE_LEVELS`): flow-matching
             times in (0, 1] (1 = pure noise). The defaults are where outlines are decided; levels near 1 show
@@ -266,14 +267,16 @@ def prompt_sensitivity(
     _check_seeds(seeds)
     if first_frame_level is not None and not 0 <= first_frame_level <= 1:
         raise ValueError(f"first_frame_level must be in [0, 1] (0: given clean, not scored), got {first_frame_level}")
-    if first_frame_level is not None and frames < 2:
-        # One frame is the first frame alone: at level 0 nothing is scored (0 / 0 = nan), else `noise_levels` unused.
-        raise ValueError(f"first_frame_level sets the first frame apart from the others: it needs frames >= 2, got "
-                         f"{frames=} with {first_frame_level=}")
     from ..pipelines.testbed import TestbedPipeline, load, space_to_depth
     from .train import velocity_errors
 
     pipe = model if isinstance(model, TestbedPipeline) else load(path=model)
+    # As the pipeline checks its own calls: a size off the token grid failed inside space_to_depth or the model.
+    frames, height, width = pipe.check_video_size(frames, height, width, frames_name="frames")
+    if first_frame_level is not None and frames < 2:
+        # One frame is the first frame alone: at level 0 nothing is scored (0 / 0 = nan), else `noise_levels` unused.
+        raise ValueError(f"first_frame_level sets the first frame apart from the others: it needs frames >= 2, got "
+                         f"{frames=} with {first_frame_level=}")
     components = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "transformer": pipe.transformer}
     # The length the pipeline samples with (and the model trained with), not the shipped config's.
     text_length = pipe.tokenizer.model_max_length
