@@ -315,7 +315,8 @@ def make_batch(
         step (`int`): training step.
         batch (`int`): clips per step at the base size `buckets[0]`.
         buckets (`tuple[Bucket, ...]`, *optional*, defaults to `TRAIN_BUCKETS`): sizes to draw from.
-        shape_counts (`tuple[float, ...]`, *optional*): probabilities of 1, 2, 3 shapes per clip (`random_clip`).
+        shape_counts (`tuple[float, ...]`, *optional*): probabilities of drawing 1, 2, 3 shapes per clip
+            (`random_clip`; a shape that finds no room is left out).
         image_prompts (`str`, *optional*, defaults to `"motion"`): prompts of single-frame batches. `"motion"`
             keeps the drawn motion ("a red circle moving left"), though one frame cannot show it; `"still"` names
             the shapes only ("a red circle"), so that the motion words are trained only where they predict

@@ -153,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shape-counts",
         type=_shape_counts,
         default=SHAPE_COUNT_WEIGHTS,
-        help="comma-separated probabilities of 1, 2, 3 shapes per training clip (default: %(default)s)",
+        help="comma-separated probabilities of drawing 1, 2, 3 shapes per training clip (a shape that finds no room "
+             "is left out, so fewer clips show several; default: %(default)s)",
     )
     p.add_argument(
         "--precision",
