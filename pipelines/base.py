@@ -755,14 +755,30 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
     order and the layout's. One runtime call per group, on the call's layout with the text span cut to the kept
     text, told its videos (`attention`'s `videos`). The tokens left out (padding, which no kept token attends) get
     zero outputs. `heads`: as `runtime.attention`'s. Groups read from a mask of one row (one video) stand for every
-    video of the batch, as attention broadcasts such a mask."""
-    batch = query.shape[0]
+    video of the batch, as attention broadcasts such a mask; groups of any other number of videos than the batch's
+    (a mask of 2 rows for 4 videos, which attention refuses), or keeping fewer tokens than the image's or more than
+    the call's (a mask over another number of tokens), raise a `ValueError` rather than leave videos or tokens out."""
+    batch, length = query.shape[:2]
     if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
         groups = [(torch.arange(batch, device=query.device), groups[0][1])]
+    # Counted, not compared (a host sync on a GPU at every layer): `valid_key_groups` gives each row of its mask
+    # to one group, so its groups hold every video once exactly when the mask has a row per video.
+    held = sum(len(videos) for videos, _ in groups)
+    if held != batch:
+        raise ValueError(
+            f"attend_kept_tokens needs groups holding each of the batch's {batch} videos once, got groups of {held} "
+            f"videos: the key mask they were read from must have 1 or {batch} rows"
+        )
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
     out, parts = torch.zeros_like(query), []
     for videos, kept in groups:
+        if not call_layout.num_video_tokens <= len(kept) <= length:
+            raise ValueError(
+                f"attend_kept_tokens needs each group to keep every one of the {call_layout.num_video_tokens} image "
+                f"tokens and at most the call's {length} tokens, got a group keeping {len(kept)}: the key mask it "
+                f"was read from must have one entry per token of the call ({length})"
+            )
         q, k, v = (x.index_select(0, videos).index_select(1, kept) for x in (query, key, value))
         layout = dataclasses.replace(call_layout, text_len=len(kept) - call_layout.num_video_tokens)
         out[videos[:, None], kept] = runtime.attention(layer, q, k, v, layout=layout, heads=heads, parts=parts,
@@ -793,8 +809,11 @@ def valid_text_key_groups(mask: torch.Tensor, text_len: int) -> list | None:
     """`valid_key_groups` of a `(B, 1, 1, S)` boolean key mask over `[text, image]` whose masked keys are each
     prompt's padding, wherever it lies in the first `text_len` tokens (after the prompt as most tokenizers put it,
     before it under left padding, before a template's suffix as Krea 2's pipelines put it); `[]` when no key is
-    masked; `None` for a mask of another kind (an image key masked, not boolean): the original computes it."""
+    masked; `None` for a mask of another kind (an image key masked, not boolean, no key past the text: a mask of the
+    text alone, which attention refuses): the original computes it, or raises its own error. The caller checks the
+    mask's rows and keys against the call's (`attend_kept_tokens` refuses groups that do not fit it)."""
     keys = boolean_key_rows(mask)
-    if keys is None or not keys[:, text_len:].all():
+    # Some image key at all: `all()` of an empty slice is true, and would read a text-long mask as the text's.
+    if keys is None or keys.shape[1] <= text_len or not keys[:, text_len:].all():
         return None
     return valid_key_groups(keys) or []

@@ -58,6 +58,13 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=
     return query, key, value
 
 
+def mask_fits(mask: torch.Tensor | None, batch: int, tokens: int) -> bool:
+    """Whether attention applies a `mask` read as the prompts' padding (`prompt_padding`) to a call of `batch` videos
+    over `tokens` keys as the sparse path attends it: one row or one per video, one entry per key (or no mask). A
+    mask of other rows (2 for 4 videos) or keys leaves the call to the original processor, which refuses it."""
+    return mask is None or (mask.shape[0] in (1, batch) and mask.shape[-1] == tokens)
+
+
 class DenseMaskWarning:
     """Mixin of a sparse processor that leaves the calls with some attention masks to the original processor
     (FLUX's, Chroma's): `_warn_dense_mask` says so, naming the family (`mask_family`), once per `apply`."""
@@ -87,7 +94,8 @@ class PromptMaskedJoint(DenseMaskWarning):
     """Mixin of the sparse processors of FLUX.1 and FLUX.2, whose callers may pass a mask through
     `joint_attention_kwargs={"attention_mask": ...}`: a boolean key mask of the prompt's padding is attended as the
     FLUX copies attend it (`FluxCopyAttention`); a mask of another kind, or any mask under context parallelism,
-    runs the original processor, counted dense, said once (`DenseMaskWarning`)."""
+    runs the original processor, counted dense, said once (`DenseMaskWarning`); so does a mask whose rows or keys
+    do not fit the call (`mask_fits`), for the original to refuse it."""
 
     def attend_masked_joint(self, attention_mask, qkv) -> torch.Tensor | None:
         """The `(B, S, heads * head_dim)` self-attention output of this `[text, image]` call, its query, key and
@@ -106,6 +114,8 @@ class PromptMaskedJoint(DenseMaskWarning):
         if valid is False:
             return None
         query, key, value = qkv()
+        if not mask_fits(attention_mask, *query.shape[:2]):
+            return None  # the original raises its own error
         if valid:
             out = self.attend_prompts(query, key, value, valid, text_len)
         else:
@@ -143,7 +153,8 @@ class FluxCopyAttention(SparseProcessor):
     `_get_qkv_projections`. A boolean key mask that masks each prompt's padding (Bria FIBO's, for prompts of
     different lengths in one call, wherever the tokenizer pads) leaves the padding out, prompts with the same mask
     together; a mask of another kind runs the original, counted dense (Chroma reads and attends its own mask:
-    `read_prompt_mask`, `attend_prompts`). The families have no diffusers context parallel plan."""
+    `read_prompt_mask`, `attend_prompts`), as does one whose rows or keys do not fit the call (`mask_fits`), for the
+    original to refuse it. The families have no diffusers context parallel plan."""
 
     context_parallel = False
     projections = staticmethod(_get_qkv_projections)
@@ -155,8 +166,9 @@ class FluxCopyAttention(SparseProcessor):
         self.check_not_parallel()
         text_len = self.runtime.call_text_tokens()
         valid = self.prompt_padding(attention_mask, text_len)
-        if valid is False:
-            return super().__call__(*original)
+        tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        if valid is False or not mask_fits(attention_mask, hidden_states.shape[0], tokens):
+            return super().__call__(*original)  # computes the mask, or raises its own error
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
         out = self.attend_prompts(query, key, value, valid, text_len).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:

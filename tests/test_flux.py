@@ -21,12 +21,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
-from diffsparse.pipelines.flux import image_grid
+from diffsparse.pipelines.base import attend_kept_tokens, valid_text_key_groups
+from diffsparse.pipelines.flux import image_grid, output_grid_and_references
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
     check_against_dense,
     check_controlnet_pipeline,
+    check_fused_projections,
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -150,6 +152,67 @@ def test_calls_with_a_mask_of_the_prompts_padding_run_sparse_without_it(flux_pip
     assert not torch.allclose(out, reference, atol=1e-4)
 
 
+def error_of(run, *args) -> Exception:
+    """The exception `run(*args)` raises (failing the test where it raises none)."""
+    with pytest.raises(Exception) as raised:
+        run(*args)
+    return raised.value
+
+
+@pytest.mark.parametrize("rows, keys", [(2, TEXT_LEN + 8 * 6), (1, TEXT_LEN), (1, TEXT_LEN + 8 * 6 - 3)],
+                         ids=["2 rows for 4 images", "the text's keys alone", "3 keys short"])
+def test_a_mask_that_does_not_fit_the_call_is_refused_as_the_original_refuses_it(flux_pipe, rows, keys):
+    # A boolean key mask of the prompts' padding for a call of 4 images whose rows are neither 1 nor 4, or whose keys
+    # are not the call's 8 + 48 tokens: attention cannot apply it, so the original raises, and the sparse path must
+    # raise as it does. Before, 2 rows attended images 3 and 4 with no output (zeros), a mask 3 keys short left the
+    # image's last tokens out, and one of the text's keys alone (no image key) gave "text_len=-43".
+    mask = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
+    mask[-1, ..., 5:TEXT_LEN] = False  # the last row's prompt padded
+    call = {**masked_call(mask), "num_images_per_prompt": 4, "num_inference_steps": 2}
+    expected = error_of(run_pipeline, flux_pipe, call)
+    for config in (diffsparse.SparseConfig(pattern="dense", dense_steps=0),
+                   diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0)):
+        raised = error_of(run_pipeline, flux_pipe, call, config)
+        assert (type(raised), str(raised)) == (type(expected), str(expected)), config.pattern
+
+
+class LayoutOnly:
+    """A runtime that only tells `attend_kept_tokens` the call's layout (8 text tokens, a 2 x 3 image)."""
+
+    def to_layout_order(self, x):
+        return x
+
+    def call_layout(self):
+        return VideoLayout(1, 2, 3, text_len=TEXT_LEN, text_position="start")
+
+
+def test_kept_token_groups_that_leave_videos_or_image_tokens_out_are_refused():
+    # `attend_kept_tokens` (each prompt of FLUX's and its copies' calls without its padding) gives every video of a
+    # group its output: groups holding other videos than the batch's, or keeping fewer tokens than the image's or
+    # more than the call's, would leave videos or tokens out (zeros) or attend another call's tokens.
+    query = torch.randn(4, TEXT_LEN + 6, 2, 8)
+    kept = torch.arange(TEXT_LEN + 6)
+    with pytest.raises(ValueError, match=r"each of the batch's 4 videos once, got groups of 2 videos: .* 1 or 4 rows"):
+        attend_kept_tokens(LayoutOnly(), 0, query, query, query, [(torch.tensor([0]), kept), (torch.tensor([1]), kept)])
+    for tokens in (5, TEXT_LEN + 7):
+        with pytest.raises(ValueError, match=f"every one of the 6 image tokens and at most the call's {TEXT_LEN + 6} "
+                                             f"tokens, got a group keeping {tokens}"):
+            attend_kept_tokens(LayoutOnly(), 0, query, query, query, [(torch.arange(4), torch.arange(tokens))])
+
+
+def test_a_mask_of_the_text_s_keys_alone_is_not_read_as_the_prompts_padding():
+    # No key past the text: `all()` of the image's (empty) keys is true, and read it as every image key valid.
+    mask = torch.ones(2, 1, 1, TEXT_LEN, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    assert valid_text_key_groups(mask, TEXT_LEN) is None
+    assert len(valid_text_key_groups(torch.cat([mask, torch.ones(2, 1, 1, 6, dtype=torch.bool)], -1), TEXT_LEN)) == 2
+
+
+def test_fused_projections_are_read_through_the_fused_weights(flux_pipe):
+    # `transformer.fuse_qkv_projections()`: one QKV weight per stream, the separate ones left (here zeroed) behind.
+    check_fused_projections(flux_pipe, CALL, "FluxAttnProcessor", block_size=8)
+
+
 def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_else_is_refused(flux_pipe):
     grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
     ids = torch.cat([torch.zeros(12, 1), grid.float()], dim=1)
@@ -175,6 +238,22 @@ def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_e
                                     *range(text, text + reference)]
     with pytest.raises(ValueError, match="do not start with a row-major grid of the output"):
         read(flux_pipe.transformer, (), call(torch.cat([smaller, ids])))
+    # A reference placed below the output (first id 1, its rows after the output's): together one grid of rows and
+    # columns, but two images, not one frame of 6 x 4 (the reference read as the output's lower half): the
+    # reference joins the text's span.
+    below = reference_image.clone()
+    below[:, 1] += 3
+    assert image_grid(torch.cat([ids, below])) is None
+    layout, _, _ = read(flux_pipe.transformer, (), call(torch.cat([ids, below])))
+    assert layout == VideoLayout(1, 3, 4, text_len=TEXT_LEN + 12, text_position="start")
+    # FLUX's own image (first id 0) comes first, frame 0: not after its reference, nor after an image of first id -1;
+    # and the images after it are references, numbered above 0.
+    earlier = ids.clone()
+    earlier[:, 0] = -1
+    for refused in (torch.cat([reference_image, ids]), torch.cat([earlier, ids]), torch.cat([ids, earlier])):
+        assert image_grid(refused) is None and output_grid_and_references(refused) is None
+        with pytest.raises(ValueError, match="do not start with a row-major grid of the output"):
+            read(flux_pipe.transformer, (), call(refused))
 
 
 @pytest.mark.parametrize("reference_size", [(24, 32), (16, 48)], ids=["output's size", "another size"])

@@ -6,6 +6,7 @@ text-to-image and reference-image edits on the pipelines' own calls, whose `t / 
 scheduler's steps. And diffusers' own modular denoise blocks fed prompt embeddings: FLUX.2 [dev]'s and [klein] base's
 (CFG), with and without reference images, and [klein]'s with a reference."""
 
+import copy
 import functools
 import warnings
 from collections import Counter
@@ -107,6 +108,21 @@ def test_every_block_kept_matches_dense(transformer, references, order):
     assert {(layer, layout) for layer, layout, _ in calls} == {
         (layer, VideoLayout(frames, 4, 6, text_len=TEXT_LEN, text_position="start")) for layer in range(3)
     }
+
+
+def test_fused_projections_are_read_through_the_fused_weights(transformer):
+    # After `fuse_qkv_projections()` the dual-stream block's original reads one QKV weight per stream, the separate
+    # ones left behind (`to_q` zeroed here): the sparse path must read the fused weights too. (The single-stream
+    # blocks' projections are always fused.)
+    model = copy.deepcopy(transformer)
+    model.fuse_qkv_projections()
+    fused = [module for module in model.modules() if getattr(module, "fused_projections", False)]
+    assert len(fused) == 1
+    with torch.no_grad():
+        fused[0].to_q.weight.zero_()
+    reference = run(model, references=1)
+    out = run(model, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0), references=1)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
 
 
 def test_layout_and_step_of_a_call(transformer):

@@ -26,6 +26,7 @@ from helpers import (
     check_against_dense,
     check_modular_against_dense,
     check_other_processors_are_refused,
+    recorded_attention_calls,
     run_transformer,
 )
 
@@ -101,6 +102,24 @@ def test_every_block_kept_matches_dense(transformer, references, order):
     assert [(layer, layout, shape) for layer, layout, shape in calls] == [
         (0, VideoLayout(1, 4, 6), (1, 24)), (1, joint, (1, joint.num_tokens)), (2, joint, (1, joint.num_tokens))
     ]
+
+
+def test_fused_projections_are_read_through_the_fused_weights():
+    # After `fuse_qkv_projections()` the original reads one QKV weight per attention, the separate ones left behind
+    # (`to_q` zeroed here): the sparse path must read the fused weight too.
+    model = make_transformer()
+    model.fuse_qkv_projections()
+    modules = dict(adapter_for(model).self_attention_modules(model))
+    assert sorted(modules) == [0, 1, 2] and all(module.fused_projections for module in modules.values())
+    with torch.no_grad():
+        for module in modules.values():
+            module.to_q.weight.zero_()
+    reference = run(model, reference_sizes=[(4, 6)])
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        out = run(model, every_block, reference_sizes=[(4, 6)])
+    assert [layer for layer, _, _ in calls] == [0, 1, 2]
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
 
 
 def test_layout_and_step_of_a_call(transformer):

@@ -159,6 +159,28 @@ def test_a_mask_of_another_kind_runs_the_original_and_counts_dense():
     assert torch.equal(out, expected) and all(s.sparse_calls == 0 and s.dense_calls == 1 for s in stats.layers)
 
 
+@pytest.mark.parametrize("rows, keys", [(2, TEXT_LEN + ROWS * COLS), (1, TEXT_LEN), (1, TEXT_LEN + ROWS * COLS - 3)],
+                         ids=["2 rows for 4 prompts", "the text's keys alone", "3 keys short"])
+def test_a_mask_that_does_not_fit_the_call_is_refused_as_the_original_refuses_it(rows, keys):
+    # FIBO's mask of the prompts' padding for 4 prompts with rows neither 1 nor 4, or keys other than the call's:
+    # attention cannot apply it, so the original raises, and the sparse path must raise as it does. Before, 2 rows
+    # left prompts 3 and 4 without output, a mask 3 keys short left the image's last tokens out, and one of the
+    # text's keys alone (no image key) gave "text_len=-41".
+    transformer = tiny_transformer("Bria FIBO")
+    call = inputs("Bria FIBO", valid=(7, 4, 5, 3))
+    mask = call["joint_attention_kwargs"]["attention_mask"]
+    call["joint_attention_kwargs"]["attention_mask"] = mask[:rows, ..., :keys]
+
+    def error(config=None) -> Exception:
+        with pytest.raises(Exception) as raised:
+            run_transformer(transformer, lambda: call, config)
+        return raised.value
+
+    expected = error()
+    raised = error(diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0))
+    assert (type(raised), str(raised)) == (type(expected), str(expected))
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_read_call_takes_every_argument_by_position(name):
     check_read_call_by_position(tiny_transformer(name), inputs(name))

@@ -78,6 +78,16 @@ def test_a_grid_that_is_not_row_major_is_refused(transformer):
         adapter_for(transformer).read_call(transformer, (), call)
 
 
+def test_a_reference_below_the_output_is_not_read_as_one_image(transformer):
+    # Rows and columns of one 8 x 6 grid, but its lower half on another t (a 4 x 6 reference image placed below the
+    # output): two images, which a layout of one would attend as the output's lower half.
+    call = inputs()
+    image = call["position_ids"][TEXT_LEN:]
+    image[image[:, 1] >= ROWS // 2, 0] = 1
+    with pytest.raises(ValueError, match="not a row-major grid"):
+        adapter_for(transformer).read_call(transformer, (), call)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Krea 2", layer=1)
 
