@@ -230,11 +230,7 @@ class SparseProcessor:
         if groups is None:
             return self.runtime.attention(self.layer, query, key, value, video_queries=True,
                                           outside_pairs=outside_pairs)
-        batch = query.shape[0]
-        # A mask of one row applies to every video, as attention broadcasts it (as in `attend_kept_tokens`): else
-        # the other videos would keep `empty_like`'s garbage.
-        if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
-            groups = [(torch.arange(batch, device=query.device), groups[0][1])]
+        groups = groups_of_every_video(groups, query.shape[0], query.device, "attend_video_queries")
         layout = self.runtime.call_layout()
         out, parts = torch.empty_like(query), []
         for videos, kept in groups:
@@ -759,16 +755,7 @@ def attend_kept_tokens(runtime, layer: int, query, key, value, groups, heads=Non
     (a mask of 2 rows for 4 videos, which attention refuses), or keeping fewer tokens than the image's or more than
     the call's (a mask over another number of tokens), raise a `ValueError` rather than leave videos or tokens out."""
     batch, length = query.shape[:2]
-    if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
-        groups = [(torch.arange(batch, device=query.device), groups[0][1])]
-    # Counted, not compared (a host sync on a GPU at every layer): `valid_key_groups` gives each row of its mask
-    # to one group, so its groups hold every video once exactly when the mask has a row per video.
-    held = sum(len(videos) for videos, _ in groups)
-    if held != batch:
-        raise ValueError(
-            f"attend_kept_tokens needs groups holding each of the batch's {batch} videos once, got groups of {held} "
-            f"videos: the key mask they were read from must have 1 or {batch} rows"
-        )
+    groups = groups_of_every_video(groups, batch, query.device, "attend_kept_tokens")
     query, key, value = (runtime.to_layout_order(x) for x in (query, key, value))
     call_layout = runtime.call_layout()
     out, parts = torch.zeros_like(query), []
@@ -803,6 +790,24 @@ def boolean_key_rows(mask: torch.Tensor) -> torch.Tensor | None:
     if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
         return None
     return mask[:, 0, 0]
+
+
+def groups_of_every_video(groups: list, batch: int, device, caller: str) -> list:
+    """`valid_key_groups`' groups for a batch of `batch` videos: groups read from a mask of one row (one video)
+    stand for every video, as attention broadcasts such a mask; groups of any other number of videos than the
+    batch's (a mask of 2 rows for 4 videos, which attention refuses) raise a `ValueError` naming `caller`, rather
+    than leave videos without output."""
+    if batch > 1 and len(groups) == 1 and len(groups[0][0]) == 1:
+        return [(torch.arange(batch, device=device), groups[0][1])]
+    # Counted, not compared (a host sync on a GPU at every layer): `valid_key_groups` gives each row of its mask
+    # to one group, so its groups hold every video once exactly when the mask has a row per video.
+    held = sum(len(videos) for videos, _ in groups)
+    if held != batch:
+        raise ValueError(
+            f"{caller} needs groups holding each of the batch's {batch} videos once, got groups of {held} videos: "
+            f"the key mask they were read from must have 1 or {batch} rows"
+        )
+    return groups
 
 
 def valid_text_key_groups(mask: torch.Tensor, text_len: int) -> list | None:

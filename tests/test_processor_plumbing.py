@@ -78,6 +78,20 @@ def test_attend_video_queries_applies_a_one_row_key_mask_to_every_video():
     torch.testing.assert_close(out, reference[:, 4:], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("attend", ["attend_video_queries", "attend_kept_tokens"])
+def test_key_mask_groups_of_fewer_videos_than_the_batch_are_refused(attend):
+    # A mask of 2 rows for 3 videos (attention refuses it): before, the third video kept `empty_like`'s memory
+    # (attend_video_queries) or zeros (attend_kept_tokens) as its output, silently.
+    layout, query, key, value, mask, _ = _three_videos_one_padding_mask()
+    groups = valid_key_groups(mask.expand(2, -1))
+    with pytest.raises(ValueError, match=f"{attend} needs groups holding each of the batch's 3 videos once, got "
+                                         "groups of 2 videos: the key mask they were read from must have 1 or 3 rows"):
+        if attend == "attend_video_queries":
+            SparseProcessor(FakeRuntime(layout), 0).attend_video_queries(query[:, 4:], key, value, groups)
+        else:
+            attend_kept_tokens(KeptRuntime(layout), 0, query, key, value, groups)
+
+
 class KeptRuntime(FakeRuntime):
     """`FakeRuntime` for a whole call's queries (`attend_kept_tokens`); the model's order is the layout's."""
 
