@@ -207,9 +207,12 @@ class StepClock:
     of `order` 2 (Heun, KDPM2: two transformer calls per step, so `2 N - 1` timesteps for N steps) counts its
     steps, not its timesteps; a terminal timestep at sigma 0 that the loop never runs (LTX's Euler ancestral RF
     sampler given sigmas) is not a step. A timestep the pipeline cast to the latents' half-precision dtype (most
-    do) is matched within that dtype's rounding, through the pipeline's own full-precision `_current_timestep`
-    where the rounding could make it another step's. Where the timesteps list one value at consecutive positions
-    (DPM-Solver's exponential sigmas end in two 0s), the scheduler's own `step_index` tells them apart.
+    do), or one an adapter read back in float32 from a timestep rounded on the transformer's own scale (the tensor's
+    `diffsparse_rounding` says how far off that can be: Ideogram 4's modular blocks), is matched within that
+    rounding, through the pipeline's own full-precision `_current_timestep` where the rounding could make it another
+    step's, else the scheduler's `step_index` where that is one of the timesteps within the rounding, else the
+    nearest. Where the timesteps list one value at consecutive positions (DPM-Solver's exponential sigmas end in
+    two 0s), the scheduler's own `step_index` tells them apart.
     `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
     from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
     (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps
@@ -256,16 +259,19 @@ class StepClock:
         timestep (Heun: `t0, t1, t1, t2, t2, ...`; KDPM2 an interpolated one), so `t1`'s calls count as step 1."""
         return (position + self._order - 1) // self._order
 
-    def _repeated_position(self, scheduler, position: int) -> int:
-        """Which of the grid's equal timesteps from `position` on a call is at: the scheduler's count of its `step`
-        calls (`step_index`, or before the first its `begin_index`), where that points at one of them, else the
-        first (a scheduler without that count, or a pipeline stepping copies of it: SkyReels-V2's diffusion
-        forcing). The timestep alone cannot tell them apart: taking the first merged DPM-Solver's last two steps
-        (its exponential sigmas end in two 0s), so `dense_last_steps` missed the last."""
+    def _repeated_position(self, scheduler, position: int, candidates=None) -> int:
+        """Which of the grid's equal timesteps from `position` on (or of `candidates`, the positions a rounded
+        timestep may be at) a call is at: the scheduler's count of its `step` calls (`step_index`, or before the
+        first its `begin_index`), where that points at one of them, else `position` (a scheduler without that
+        count, or a pipeline stepping copies of it: SkyReels-V2's diffusion forcing). The timestep alone cannot tell
+        them apart: taking the first merged DPM-Solver's last two steps (its exponential sigmas end in two 0s), so
+        `dense_last_steps` missed the last."""
         index = getattr(scheduler, "step_index", None)
         if index is None:
             index = getattr(scheduler, "begin_index", None)
-        if isinstance(index, int) and position <= index <= self._repeats[position]:
+        if candidates is None:
+            candidates = range(position, self._repeats[position] + 1)
+        if isinstance(index, int) and index in candidates:
             return index
         return position
 
@@ -300,19 +306,31 @@ class StepClock:
                 gaps = gaps[gaps > 0]
                 # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
                 self._tolerance = (float(gaps.min()) if len(gaps) else max(abs(float(self._grid[0])), 1.0)) / 4
-            tolerance = self._tolerance
+            # How far rounding can have moved the timestep: an adapter that reads it back in float32 from one the
+            # pipeline rounded on the transformer's own scale says so as the tensor's `diffsparse_rounding`
+            # (Ideogram 4's modular pipeline passes `1 - t / 1000` in bfloat16: up to 1000 * 2^-9 off in `t`, near
+            # t = 0 too, where a rounding on the scheduler's scale is tiny).
+            rounding = float(getattr(timestep, "diffsparse_rounding", 0.0))
             if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
                 # Cast to the latents' bfloat16 or float16 (and maybe scaled there: FLUX's t / 1000), the timestep
                 # is off by up to a few roundings, more than the grid's spacing near t = 1000 with a large shift
-                # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there). The pipeline's own timestep, where it
-                # is this one at full precision, tells the neighbours apart.
-                tolerance += 2 * torch.finfo(timestep.dtype).eps * abs(t)
+                # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there).
+                rounding += 2 * torch.finfo(timestep.dtype).eps * abs(t)
+            tolerance = self._tolerance + rounding
+            if rounding:
+                # The pipeline's own timestep, where it is this one at full precision, tells the neighbours apart.
                 precise = pipeline_timestep(None if self._pipeline is None else self._pipeline())
                 if precise is not None and precise.numel() == 1 and abs(float(precise) - t) <= tolerance:
-                    t = float(precise)
+                    t, rounding = float(precise), 0.0
             position = int(torch.argmin((self._grid - t).abs()))
             on_grid = abs(float(self._grid[position]) - t) <= tolerance
-            if on_grid and position in self._repeats:
+            if on_grid and rounding:
+                # Else the nearest of the timesteps within the rounding may be a neighbour's (bfloat16 gives
+                # `1 - t / 1000` one value for two steps 1.8 apart near t = 10): the scheduler's count of its steps
+                # tells them apart, where it points at one of them.
+                near = ((self._grid - t).abs() <= tolerance).nonzero().flatten().tolist()
+                position = self._repeated_position(scheduler, position, near)
+            elif on_grid and position in self._repeats:
                 position = self._repeated_position(scheduler, position)
             step = self._step_at(position)
             if on_grid:

@@ -93,8 +93,15 @@ class Ideogram4Adapter(ModelAdapter):
         ):
             raise ValueError("diffsparse runs Ideogram 4 on a row-major image grid (`position_ids`); got another order")
         layout = VideoLayout(1, height, width, text_len=length - tokens, text_position="start")
-        # The pipeline passes `1 - t / 1000` (per sample, or per token); the scheduler's timesteps are `t`.
-        return layout, (1 - timestep) * 1000
+        # The pipeline passes `1 - t / 1000` (per sample, or per token); the scheduler's timesteps are `t`. Read back
+        # in float32: the modular pipeline passes it in the transformer's dtype, where `(1 - timestep) * 1000` rounds
+        # `t` again (bfloat16: 4 apart near 1000, more than the gaps of the 2048 x 2048 schedule there, so 48 steps
+        # read step 11 as 12). The pipeline's rounding of `1 - t / 1000` goes with it, on `t`'s scale, for the step
+        # clock to match the scheduler's timesteps within (`StepClock.tick`).
+        read = (1 - timestep.float()) * 1000
+        if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+            read.diffsparse_rounding = 1000 * torch.finfo(timestep.dtype).eps * float(timestep.abs().max())
+        return layout, read
 
 
 register_adapter(Ideogram4Adapter())

@@ -2,15 +2,19 @@
 its pipeline builds): `[left padding, text, image]` rows under a block-diagonal segment mask. And the pipeline, and
 diffusers' modular denoise blocks (`Ideogram4CoreDenoiseStep`) fed text features, driving it."""
 
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+from diffusers.modular_pipelines.ideogram4 import before_denoise
 from diffusers.modular_pipelines.ideogram4.modular_blocks_ideogram4 import Ideogram4CoreDenoiseStep
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
+from diffsparse.pipelines.registry import adapter_for
+from diffsparse.runtime import StepClock
 
 from helpers import (
     check_against_dense,
@@ -106,13 +110,15 @@ def test_the_pipeline_runs_both_transformers_sparse():
     # packed by the pipeline's own `_prepare_ids`; the denoising loop, both transformers and CFG are the pipeline's.
     torch.manual_seed(0)
     pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=None,
-                             tokenizer=None, transformer=tiny_transformer(), unconditional_transformer=tiny_transformer())
+                             tokenizer=None, transformer=tiny_transformer(),
+                             unconditional_transformer=tiny_transformer())
     pipe.set_progress_bar_config(disable=True)
 
     def encode_prompt(prompt, grid_h, grid_w, max_sequence_length, device):
         lengths = [len(p.split()) for p in prompt]
         features = torch.randn(len(prompt), max_sequence_length, FEATURES, generator=torch.Generator().manual_seed(2))
-        features *= (torch.arange(max_sequence_length) >= max_sequence_length - torch.tensor(lengths)[:, None])[..., None]
+        padding = torch.arange(max_sequence_length) < max_sequence_length - torch.tensor(lengths)[:, None]
+        features *= ~padding[..., None]
         image = torch.zeros(len(prompt), grid_h * grid_w, FEATURES)
         ids = Ideogram4Pipeline._prepare_ids(lengths, grid_h, grid_w, max_sequence_length, device)
         return torch.cat([features, image], dim=1), *ids
@@ -120,7 +126,8 @@ def test_the_pipeline_runs_both_transformers_sparse():
     pipe.encode_prompt = encode_prompt
     # 64 x 96 pixels -> 16 x 24 latents (x4 VAE) -> 8 x 12 tokens of 2 x 2; prompts of 5 and 2 words of 6 tokens.
     call = {"prompt": ["a red circle on grass", "blue square"], "height": 64, "width": 96, "num_inference_steps": 3,
-            "guidance_scale": None, "guidance_schedule": [4.0] * 3, "output_type": "latent", "max_sequence_length": MAX_TEXT}
+            "guidance_scale": None, "guidance_schedule": [4.0] * 3, "output_type": "latent",
+            "max_sequence_length": MAX_TEXT}
     stats, calls = check_pipeline_against_dense(pipe, call)
     assert set(stats.calls) == {"transformer", "unconditional_transformer"}
     assert {r.step for log in stats.calls.values() for r in log} == {0, 1, 2}
@@ -129,20 +136,27 @@ def test_the_pipeline_runs_both_transformers_sparse():
     }
 
 
-def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_after_the_dense_step():
-    # diffusers' modular core denoise blocks pack the text features themselves, pass `1 - t / 1000` and blend the
-    # two transformers' velocities (no guider); prompts of 5 and 2 tokens, left-padded and zeroed as its text encoder
-    # step leaves them.
+def modular_pipeline(dtype=torch.float32):
+    """diffusers' modular core denoise blocks on two tiny transformers of `dtype`, and the text of their call:
+    prompts of 5 and 2 tokens, left-padded and zeroed as its text encoder step leaves them."""
     torch.manual_seed(0)
     pipe = Ideogram4CoreDenoiseStep().init_pipeline()
-    pipe.update_components(transformer=tiny_transformer(), unconditional_transformer=tiny_transformer(),
+    pipe.update_components(transformer=tiny_transformer().to(dtype),
+                           unconditional_transformer=tiny_transformer().to(dtype),
                            scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
     lengths = torch.tensor([5, 2])
     features = torch.randn(2, MAX_TEXT, FEATURES, generator=torch.Generator().manual_seed(1))
     features *= (torch.arange(MAX_TEXT) >= MAX_TEXT - lengths[:, None])[..., None]
+    return pipe, {"text_features": features.to(dtype), "text_lengths": lengths.tolist(), "output": "latents"}
+
+
+def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_after_the_dense_step():
+    # diffusers' modular core denoise blocks pack the text features themselves, pass `1 - t / 1000` and blend the
+    # two transformers' velocities (no guider).
+    pipe, call = modular_pipeline()
     # 64 x 96 pixels -> 8 x 12 latents (x8 without a VAE) -> 4 x 6 tokens of 2 x 2.
-    call = {"text_features": features, "text_lengths": lengths.tolist(), "height": 64, "width": 96,
-            "num_inference_steps": 3, "guidance_schedule": [4.0] * 3, "output": "latents"}
+    call |= {"height": 64, "width": 96, "num_inference_steps": 3, "guidance_schedule": [4.0] * 3}
     stats, calls = check_modular_against_dense(pipe, call)
     # Each transformer's calls land on the scheduler's 3 steps, the first dense; a sparse conditional call runs one
     # attention per text length (the layouts below), logged as one call of its layer.
@@ -153,3 +167,34 @@ def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_af
     assert {layout for _, layout, _ in calls} == {
         VideoLayout(1, 4, 6, text_len=n, text_position="start") for n in (5, 2, 0)
     }
+
+
+def test_a_bfloat16_modular_run_is_on_every_step_of_the_default_size_s_schedule(monkeypatch):
+    # The modular blocks pass `1 - t / 1000` in the transformer's dtype. Read back in bfloat16, `t` was 4 apart near
+    # 1000, where 48 steps of the default 2048 x 2048 size's schedule are ~6 apart: step 11 ran as step 12. Read in
+    # float32 but matched as if unrounded, two of its timesteps (414.06, 453.13) warned as none of the scheduler's.
+    resolution_aware_mu = before_denoise._resolution_aware_mu
+    monkeypatch.setattr(before_denoise, "_resolution_aware_mu",
+                        lambda height, width, **kwargs: resolution_aware_mu(height=2048, width=2048, **kwargs))
+    pipe, call = modular_pipeline(torch.bfloat16)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    with warnings.catch_warnings(), torch.no_grad(), diffsparse.sparse(pipe, config) as handle:
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        pipe(**call, height=64, width=96, num_inference_steps=48, generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()
+    for name in ("transformer", "unconditional_transformer"):
+        assert Counter(r.step for r in stats.calls[name] if r.layer == 0) == {step: 1 for step in range(48)}, name
+
+
+def test_a_bfloat16_timestep_is_read_on_its_step_where_the_scheduler_counts_no_steps(transformer):
+    # The test above with a scheduler that tells no step apart (never stepped: a loop stepping a copy of it), 100 steps:
+    # the rounded `1 - t / 1000` alone gives each call its step (before, 22 of them another's), on the scheduler's
+    # timesteps (StepScheduleWarning is an error in the tests).
+    mu = before_denoise._resolution_aware_mu(height=2048, width=2048, base_mu=0.0)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(sigmas=before_denoise._logit_normal_sigmas(100, mu, std=1.5, device="cpu").tolist())
+    clock, call, steps = StepClock(scheduler), inputs()(), []
+    for t in scheduler.timesteps:
+        call["timestep"] = (1 - t.float() / 1000).to(torch.bfloat16).expand(2)  # as the modular blocks pass it
+        steps.append(clock.tick(adapter_for(transformer).read_call(transformer, (), call)[1])[0])
+    assert steps == list(range(100))

@@ -40,8 +40,8 @@ ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_si
 def tiny_transformer(rope_type: str = "rope", layers: int = 2, text_dim: int = TEXT_DIM):
     torch.manual_seed(0)
     return JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=text_dim, num_layers=layers,
-        rope_dim_list=[2, 2, 4], rope_type=rope_type,
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=text_dim,
+        num_layers=layers, rope_dim_list=[2, 2, 4], rope_type=rope_type,
     ).eval()
 
 
@@ -119,7 +119,8 @@ def plus_inputs(references=(), valid=(TEXT_LEN, TEXT_LEN)):
         g = torch.Generator().manual_seed(1)
         shapes = [TARGET, *references]
         patches = sum(math.prod(shape) for shape in shapes) + 1
-        return {"hidden_states": torch.randn(2, patches, 4, 1, 2, 2, generator=g), "timestep": torch.tensor([700.0] * 2),
+        return {"hidden_states": torch.randn(2, patches, 4, 1, 2, 2, generator=g),
+                "timestep": torch.tensor([700.0] * 2),
                 "encoder_hidden_states": torch.randn(2, TEXT_LEN, TEXT_DIM, generator=g),
                 "encoder_hidden_states_mask": torch.arange(TEXT_LEN)[None] < torch.tensor(valid)[:, None],
                 "shape_list": [shapes, shapes]}
@@ -130,7 +131,11 @@ def plus_inputs(references=(), valid=(TEXT_LEN, TEXT_LEN)):
 PLUS_CASES = {
     "no reference": ((), VideoLayout(*TARGET, text_len=1 + TEXT_LEN, text_position="end")),
     "a reference of the target's size": ((TARGET,), VideoLayout(2, 8, 12, text_len=1 + TEXT_LEN, text_position="end")),
-    "a reference of another size": (((1, 4, 6),), VideoLayout(*TARGET, text_len=24 + 1 + TEXT_LEN, text_position="end")),
+    "a reference of another size": (((1, 4, 6),),
+                                    VideoLayout(*TARGET, text_len=24 + 1 + TEXT_LEN, text_position="end")),
+    # Frames only where every reference is of the target's size: one of another size puts them all after the target.
+    "references of both sizes": ((TARGET, (1, 4, 6)),
+                                 VideoLayout(*TARGET, text_len=96 + 24 + 1 + TEXT_LEN, text_position="end")),
 }
 
 
@@ -143,8 +148,8 @@ def test_edit_plus_dense_identical_every_block_kept_and_a_one_token_window_chang
     references, _ = PLUS_CASES[case]
     inputs = plus_inputs(references, valid=(5, 2))
     reference = run_transformer(plus_transformer, inputs)
-    assert torch.equal(run_transformer(plus_transformer, inputs, diffsparse.SparseConfig(pattern="dense", dense_steps=0)),
-                       reference)
+    dense = diffsparse.SparseConfig(pattern="dense", dense_steps=0)
+    assert torch.equal(run_transformer(plus_transformer, inputs, dense), reference)
     every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0,
                                           order=order)
     torch.testing.assert_close(run_transformer(plus_transformer, inputs, every_block)[:, :-1], reference[:, :-1],
@@ -160,7 +165,7 @@ def test_edit_plus_layouts_and_one_call_per_row_mask(plus_transformer, case):
         run_transformer(plus_transformer, plus_inputs(references, valid=(5, 2)), ONE_TOKEN)
     # Each row without its padding patch and its prompt's padding: the span cut to its valid text.
     spans = {layout.text_len - 1 - TEXT_LEN + n for n in (5, 2)}
-    assert {(call_layout.grid, call_layout.text_len) for _, call_layout, _ in calls} == {(layout.grid, n) for n in spans}
+    assert {(call.grid, call.text_len) for _, call, _ in calls} == {(layout.grid, n) for n in spans}
 
 
 def test_edit_plus_refuses_a_batch_of_different_sizes(plus_transformer):
