@@ -84,6 +84,11 @@ def _sparse_peak_mb(sparse, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _density_text(density: float | None) -> str:
+    """A `--density` as the CLI spells it: `none` for `None`, the pattern as written."""
+    return "none" if density is None else str(density)
+
+
 def _check_repeats(repeats, what: str) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1 ({what}), got repeats={repeats!r}")
@@ -131,19 +136,44 @@ def _write_json(result: dict, out: str | Path, name: str) -> None:
     print(f"wrote {out / name}")
 
 
-def _mask_layout(name: str, seq: int):
-    """The video layout a pattern `--mask` is solved on: `seq // 1024` frames of 32x32 tokens (exactly `seq`)."""
-    from .patterns import Dense, VideoLayout, get_pattern
+def _not_static(option: str, text: str, allowed: str) -> ValueError:
+    """The error of a bench that times or measures a pattern's mask as written, without a search, given one it
+    cannot: `allowed`, what `option` takes instead."""
+    return ValueError(f"{option} {text!r}: must be {allowed}; data-dependent ones are timed by `bench search` and "
+                      "`bench pipeline`")
+
+
+# What `bench permute` and `bench density` take: a data-dependent pattern has no mask to time or measure before its
+# search (searched's is none at all; spatial_temporal's, the union of its kinds' masks, is no mask any call runs:
+# density 1.0 on small layouts).
+STATIC_PATTERN = "a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention"
+
+
+def pattern_option(text: str, option: str = "--pattern", static: str | None = None, others: str = ""):
+    """The pattern an option names (`get_pattern`), before any tensor is made, its errors naming the option and the
+    value as typed: `--pattern 'foo': pattern must be one of [...]`. `static`: what the option takes where the bench
+    times or measures the mask as written (`STATIC_PATTERN`): a data-dependent pattern is refused. `others`: what
+    else the option takes, said first (`--mask`: "random, or a pattern; ")."""
+    from .patterns import get_pattern
 
     try:
-        pattern = get_pattern(name)  # before any tensor is made
+        pattern = get_pattern(text)
     except ValueError as error:
-        raise ValueError(f"--mask {name!r}: random, or a pattern; {error}") from None
+        raise ValueError(f"{option} {text!r}: {others}{error}") from None
+    if static is not None and pattern.data_dependent:
+        raise _not_static(option, text, static)
+    return pattern
+
+
+def _mask_layout(name: str, seq: int):
+    """The video layout a pattern `--mask` is solved on: `seq // 1024` frames of 32x32 tokens (exactly `seq`)."""
+    from .patterns import Dense, VideoLayout
+
+    pattern = pattern_option(name, "--mask", others="random, or a pattern; ")
     if pattern.data_dependent or not pattern.solves_density or isinstance(pattern, Dense):
         # spatial_temporal unfitted is the union of its masks, dense keeps every block: density 1.0 whatever asked,
         # a row would time something other than its target density.
-        raise ValueError(f"--mask {name}: must be random or a static pattern solved for each --density (radial, "
-                         "window3d); data-dependent ones are timed by `bench search` and `bench pipeline`")
+        raise _not_static("--mask", name, "random or a static pattern solved for each --density (radial, window3d)")
     if seq % 1024:
         lower = seq // 1024 * 1024
         near = f"{lower} or {lower + 1024}" if lower else "1024"
@@ -311,16 +341,17 @@ def _cell(column: str, value) -> str:
 
 def run_permute_bench(args) -> dict:
     """The cost of the 3D tile permutation (q, k, v in, output back) as a share of one sparse attention call;
-    `args.order`: the `SparseConfig.order` of `--tile` (`cli._order`; `None`, frame-major, permutes by identity)."""
-    from .patterns import VideoLayout, get_pattern
+    `args.order`: the `SparseConfig.order` of `--tile` (`cli._order`; `None`, frame-major, permutes by identity).
+    Interleaved `args.repeats` pairs (permutation, attention) after one untimed run of each; medians."""
+    from .patterns import VideoLayout
     from .patterns.ordering import as_order
 
+    pattern = pattern_option(args.pattern, static=STATIC_PATTERN)  # before any tensor is made
     _check_backend(args.backend, args.device)
     _check_repeats(args.repeats, "timed permutation and attention calls")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
     order = as_order(args.order)
-    pattern = get_pattern(args.pattern)
     n = layout.num_tokens
     generator = torch.Generator().manual_seed(args.seed)
     # The processor layout (B, S, H, D), as the runtime permutes it.
@@ -334,11 +365,13 @@ def run_permute_bench(args) -> dict:
         return qp.index_select(1, inverse), kp, vp
 
     def attend():
-        return block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, backend=args.backend)
+        return block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan,
+                                      backend=args.backend)
 
-    permute_in_and_out(), attend()
-    permute_ms = statistics.median(_time_ms(permute_in_and_out, device) for _ in range(args.repeats))
-    attention_ms = statistics.median(_time_ms(attend, device) for _ in range(args.repeats))
+    permute_in_and_out(), attend()  # warm-up: lazy plan data, the compiled CPU kernel
+    pairs = [(_time_ms(permute_in_and_out, device), _time_ms(attend, device)) for _ in range(args.repeats)]
+    permute_ms = statistics.median(p for p, _ in pairs)
+    attention_ms = statistics.median(a for _, a in pairs)
     row = {
         "layout": f"{args.frames}x{args.height}x{args.width}",
         "tokens": n,
@@ -349,33 +382,33 @@ def run_permute_bench(args) -> dict:
         "attention_ms": attention_ms,
         "share": permute_ms / attention_ms,
     }
-    print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
+    print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in row.items()))
     return row
 
 
 def run_search_bench(args) -> dict:
     r"""
     What one search of a data-dependent pattern costs, in dense attention calls: `fit` of `args.pattern` (at
-    `args.density`) on one video's random queries, keys and values of the token grid, against dense SDPA on the
-    same tensors, interleaved `args.repeats` times after one untimed run of each; medians. The runtime pays one
-    such fit per layer and video at the first sparse step, and again every `refit_every` steps
-    (`Searched(refresh=...)`). Random tensors time the search, not its choice: its work is fixed by the shapes
-    (the greedy search takes the same number of steps whatever the values). Writes `bench_search.json` into
-    `args.out`.
+    `args.density`, its main parameter set for it as `SparseConfig.density` sets it, over what the pattern text
+    gives; `None`: the pattern as written) on one video's random queries, keys and values of the token grid,
+    against dense SDPA on the same tensors, interleaved `args.repeats` times after one untimed run of each;
+    medians. The runtime pays one such fit per layer and video at the first sparse step, and again every
+    `refit_every` steps (`Searched(refresh=...)`). Random tensors time the search, not its choice: its work is fixed
+    by the shapes (the greedy search takes the same number of steps whatever the values). Writes
+    `bench_search.json` into `args.out`.
     """
-    from .patterns import VideoLayout, get_pattern
+    from .patterns import VideoLayout
 
     _check_repeats(args.repeats, "timed search/dense pairs")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     layout = VideoLayout(args.frames, args.height, args.width)
-    try:
-        pattern = get_pattern(args.pattern)
-    except ValueError as error:
-        raise ValueError(f"--pattern {args.pattern!r}: {error}") from None
+    pattern = pattern_option(args.pattern)
     if not pattern.data_dependent:
         raise ValueError(f"--pattern {args.pattern!r} is static: it has no search to time (data-dependent patterns "
                          "override Pattern.fit: searched, searched_windows, spatial_temporal)")
-    pattern = pattern.at_density(layout, args.density, args.block_size)
+    if args.density is not None:
+        pattern = pattern.at_density(layout, args.density, args.block_size)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (1, args.heads, layout.num_tokens, args.dim)
     q, k, v = (torch.randn(*shape, generator=generator).to(device, dtype) for _ in range(3))
@@ -392,9 +425,10 @@ def run_search_bench(args) -> dict:
     reached = searched.density(layout, args.block_size)
     # Small layouts keep more than a low target (a search keeps each query block's diagonal; spatial_temporal's
     # kinds a frame or a neighbourhood whole): the cost below is that of a search for `reached`.
-    _warn_if_off_target("bench search", args.density, reached, f"--pattern {args.pattern} on {layout.num_tokens} "
-                        f"tokens ({args.frames}x{args.height}x{args.width}), block {args.block_size}",
-                        "the pattern the search found", "the search timed ends up")
+    if args.density is not None:
+        _warn_if_off_target("bench search", args.density, reached, f"--pattern {args.pattern} on "
+                            f"{layout.num_tokens} tokens ({args.frames}x{args.height}x{args.width}), block "
+                            f"{args.block_size}", "the pattern the search found", "the search timed ends up")
     pairs = [(_time_ms(search, device), _time_ms(dense, device)) for _ in range(args.repeats)]
     search_ms = statistics.median(s for s, _ in pairs)
     dense_ms = statistics.median(d for _, d in pairs)
@@ -407,7 +441,7 @@ def run_search_bench(args) -> dict:
         "dtype": args.dtype,
         "device": _device_label(args.device),
         "pattern": repr(searched),
-        "target_density": args.density,
+        "target_density": args.density,  # None: the pattern as written
         "density": reached,
         "repeats": args.repeats,
         "search_ms": search_ms,
@@ -427,14 +461,14 @@ def run_causal_bench(args) -> list[dict]:
     Self-attention under a causal mask over groups of `args.causal_frames` frames of the token grid (the mask
     SkyReels-V2's transformer gives every call in asynchronous diffusion forcing): dense SDPA with that boolean
     mask (what the original processor runs) against `SparseRuntime.attention` on the same tensors, with the
-    pattern solved for each of `args.density` and the mask applied by skipping the later groups' blocks (blocks
-    that fill the groups) or group by group (blocks across them). Interleaved `args.repeats` pairs after one
-    untimed run of each; medians. Writes `bench_causal.json` into `args.out`.
+    pattern solved for each of `args.density` (`None`: the pattern as written) and the mask applied by skipping
+    the later groups' blocks (blocks that fill the groups) or group by group (blocks across them). Interleaved
+    `args.repeats` pairs after one untimed run of each; medians. Writes `bench_causal.json` into `args.out`.
     """
     from diffusers.hooks.hooks import CacheContext
 
     from .config import SparseConfig
-    from .patterns import FrameCausal, VideoLayout, get_pattern
+    from .patterns import FrameCausal, VideoLayout
     from .runtime import SparseRuntime
 
     _check_repeats(args.repeats, "timed dense/sparse pairs")
@@ -444,14 +478,11 @@ def run_causal_bench(args) -> list[dict]:
         raise ValueError(f"--causal-frames {args.causal_frames} with --frames {args.frames}: a causal mask needs at "
                          "least two groups of frames, so --causal-frames must be below --frames (and --frames at "
                          "least 2)")
-    try:
-        pattern = get_pattern(args.pattern)
-    except ValueError as error:
-        raise ValueError(f"--pattern {args.pattern!r}: {error}") from None
+    pattern = pattern_option(args.pattern)
     if pattern.name == "dense":
         # The runtime runs dense through the original processor, which this bench skips: the kernel ran on the
         # mask's blocks while the row said density 1.0, and --density went unused.
-        raise ValueError(f"--pattern {args.pattern}: must be a sparse pattern (e.g. radial, window3d, searched); "
+        raise ValueError(f"--pattern {args.pattern!r}: must be a sparse pattern (e.g. radial, window3d, searched); "
                          "dense runs the original processor, the masked SDPA this bench times the sparse path against")
     # Every row's configuration before any tensor is made: a bad --density or --backend ended the run after the
     # rows before it had been timed, with nothing written.
@@ -459,7 +490,7 @@ def run_causal_bench(args) -> list[dict]:
         configs = [SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size, dense_steps=0,
                                 backend=args.backend) for density in args.density]
     except ValueError as error:
-        densities = ",".join(map(str, args.density))
+        densities = ",".join(_density_text(density) for density in args.density)
         raise ValueError(f"--pattern {args.pattern!r}, --density {densities}, --block-size {args.block_size} and "
                          f"--backend {args.backend!r} make no sparse configuration: {error}") from None
     _check_backend(args.backend, args.device)  # the config checks the name only: triton on CPU failed at the warm-up
@@ -527,7 +558,7 @@ def run_causal_bench(args) -> list[dict]:
     print("| target density | measured density | path | dense ms | sparse ms | speedup | efficiency |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['target_density']} | {r['density']:.3f} | {r['path']} | {r['dense_ms']:.1f} | "
+        print(f"| {_density_text(r['target_density'])} | {r['density']:.3f} | {r['path']} | {r['dense_ms']:.1f} | "
               f"{r['sparse_ms']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |")
     _write_json(result, args.out, "bench_causal.json")
     return rows

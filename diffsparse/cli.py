@@ -131,7 +131,6 @@ def _one(convert, what: str):
     return parse
 
 
-_one_density = _one(_density, "a block density in (0, 1]")
 # `--density` of the one-configuration commands: what `eval` takes for one of its list's items (`none` too).
 _one_optional_density = _one(_optional_density, "a block density in (0, 1] or none")
 
@@ -544,6 +543,10 @@ def _add_kernel_run(p, dim: int, dtype: str, repeats: int, sparse_kernel: bool =
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random tensors and masks")
 
 
+# `bench causal`'s `--density`: `none` among them too (the pattern as written), as eval takes it.
+_optional_densities = _comma_list(_optional_density, "block densities in (0, 1] or none")
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -580,8 +583,10 @@ def _add_bench(sub) -> None:
     # The embedded testbed's self-attention at its evaluation size (17 x 48 x 48 pixels: 17 x 12 x 12 tokens).
     s.set_defaults(frames=17, height=12, width=12, block_size=64, heads=4)
     s.add_argument("--pattern", default="searched", help=PATTERN_HELP)
-    s.add_argument("--density", type=_one_density, default=0.25,
-                   help="target block density in (0, 1] the pattern is searched for")
+    s.add_argument("--density", type=_one_optional_density, default=0.25,
+                   help="target block density in (0, 1] the pattern is searched for (its main parameter set for it, "
+                        "as compare's --density sets it, over one the pattern text gives), or none: the pattern as "
+                        "written")
     s.add_argument("--out", default="outputs", help="folder for bench_search.json")
     c = bench.add_parser("causal", help="SDPA under a causal frame-group mask vs the sparse path under it",
                          formatter_class=defaults)
@@ -591,8 +596,10 @@ def _add_bench(sub) -> None:
     c.set_defaults(frames=8, height=25, width=38, block_size=64, heads=4)
     c.add_argument("--causal-frames", type=_positive, default=2, help="frames per causal group (causal_block_size)")
     c.add_argument("--pattern", default="radial", help=PATTERN_HELP)
-    c.add_argument("--density", type=_densities, default=[0.25, 0.5],
-                   help="comma-separated target block densities, each in (0, 1]")
+    c.add_argument("--density", type=_optional_densities, default=[0.25, 0.5],
+                   help="comma-separated target block densities, each in (0, 1] (the pattern's main parameter solved "
+                        "for it, as compare's --density solves it, over one the pattern text gives), or none: the "
+                        "pattern as written")
     c.add_argument("--out", default="outputs", help="folder for bench_causal.json")
     e = bench.add_parser("pipeline", help="one video dense and sparse, end to end, interleaved runs (medians)",
                          formatter_class=defaults)
@@ -633,12 +640,14 @@ def _run_bench(args) -> None:
         return
     from pathlib import Path
 
-    from .patterns import get_pattern
+    from .bench import STATIC_PATTERN, pattern_option
     from .patterns.plots import density_vs_frames
 
+    # Unfitted, a data-dependent pattern has no mask (searched) or one no call runs (spatial_temporal's union of its
+    # kinds' masks, 1.0 on small layouts): refused, as `bench permute` and `bench attention --mask` refuse them.
+    patterns = [pattern_option(name, static=STATIC_PATTERN) for name in args.pattern]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "bench_density.png"
-    patterns = [get_pattern(name) for name in args.pattern]
     _warm_up_torch()
     rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, path, _order(args.tile))
     print(f"{args.height}x{args.width} tokens per frame, block {args.block_size}")

@@ -429,32 +429,46 @@ _SET_BY_COMMANDS = {
 }
 # Videos (images) per call: the commands score one, the first of the output; more would be generated unscored.
 _BATCH_SIZES = ("num_videos_per_prompt", "num_images_per_prompt")
+# What the call-argument checks' messages call the settings (their `names`): "call_kwargs", the setting the call
+# arguments come in; "caller", what makes the call ("which the command sets itself"); "scores", what generates and
+# scores one video per call; and for each call argument of `_SET_BY_OPTIONS`, what to set instead. These are the
+# commands' options; the demo's page gives its own fields (`demo.PAGE_NAMES`), which its messages must name.
+COMMAND_NAMES = {
+    "call_kwargs": "--call-kwargs",
+    "caller": "the command",
+    "scores": "the commands generate and score",
+    **{argument: f"its option ({option})" for argument, option in _SET_BY_OPTIONS.items()},
+}
 
 
-def check_call_kwargs(call_kwargs: dict | None) -> None:
+def check_call_kwargs(call_kwargs: dict | None, names: dict[str, str] | None = None) -> None:
     """A `ValueError` naming a `--call-kwargs` key that an option or the command itself sets, or a batch of more
-    than one video (`num_videos_per_prompt`, `num_images_per_prompt`); before anything is loaded or generated."""
+    than one video (`num_videos_per_prompt`, `num_images_per_prompt`); before anything is loaded or generated.
+    `names`: what the message calls the settings (`COMMAND_NAMES`, the default: the commands' options)."""
+    names = COMMAND_NAMES if names is None else names
     for name, value in (call_kwargs or {}).items():
         if name in _SET_BY_OPTIONS:
-            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself: use its option "
-                             f"({_SET_BY_OPTIONS[name]}) instead")
+            raise ValueError(f"{names['call_kwargs']} sets {name!r}, which {names['caller']} sets itself: use "
+                             f"{names[name]} instead")
         if name in _SET_BY_COMMANDS:
-            raise ValueError(f"--call-kwargs sets {name!r}, which the command sets itself "
+            raise ValueError(f"{names['call_kwargs']} sets {name!r}, which {names['caller']} sets itself "
                              f"({_SET_BY_COMMANDS[name]}): leave it out")
         if name in _BATCH_SIZES and (isinstance(value, bool) or value != 1):
-            raise ValueError(f"--call-kwargs sets {name}={value!r}: the commands generate and score one video per "
-                             f"call, so it must be 1 (or left out)")
+            raise ValueError(f"{names['call_kwargs']} sets {name}={value!r}: {names['scores']} one video per call, "
+                             "so it must be 1 (or left out)")
 
 
-def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str) -> None:
+def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str,
+                 names: dict[str, str] | None = None) -> None:
     """A `ValueError` naming a `--call-kwargs` key that the call of `pipeline` (its `parameters`) does not take, and
-    the closest one it does."""
+    the closest one it does; `names` as `check_call_kwargs`'."""
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     for name in call_kwargs:
         if name not in parameters:
             others = sorted(set(parameters) - set(_SET_BY_OPTIONS) - set(_SET_BY_COMMANDS) - {"self"})
-            raise ValueError(f"--call-kwargs sets {name!r}, which {pipeline} does not take; it takes "
+            setting = (COMMAND_NAMES if names is None else names)["call_kwargs"]
+            raise ValueError(f"{setting} sets {name!r}, which {pipeline} does not take; it takes "
                              f"{', '.join(others)}{did_you_mean(name, others)}")
 
 
@@ -476,15 +490,15 @@ def pipeline_class_of(model: str | None) -> type | None:
     return pipeline if isinstance(pipeline, type) and issubclass(pipeline, diffusers.DiffusionPipeline) else None
 
 
-def check_call_kwargs_before_loading(args, pipe=None) -> None:
+def check_call_kwargs_before_loading(args, pipe=None, names: dict[str, str] | None = None) -> None:
     """`check_call_kwargs`, `check_image`, and what the call of `args.model`'s pipeline refuses (its class read from
     its `model_index.json`; with `pipe`, the pipeline already loaded: the demo's): a `--call-kwargs` key it does not
     take, `--image` given to a pipeline without an `image` argument or missing for one that needs it
     (`check_image_taken`). Said before a checkpoint of many gigabytes loads (and before the two-stage stills), not
-    after."""
+    after. `names`: what the call-argument messages call the settings (`check_call_kwargs`)."""
     call_kwargs = getattr(args, "call_kwargs", None)
     image = getattr(args, "image", None)
-    check_call_kwargs(call_kwargs)
+    check_call_kwargs(call_kwargs, names)
     check_image(image)  # first: a file that is not there is said as such, whatever the pipeline
     if pipe is None:
         pipeline = pipeline_class_of(args.model)
@@ -493,7 +507,7 @@ def check_call_kwargs_before_loading(args, pipe=None) -> None:
         parameters, name = dict(inspect.signature(pipeline.__call__).parameters), pipeline.__name__
     else:
         parameters, name = _call_parameters(pipe), pipeline_name(pipe)
-    _check_taken(call_kwargs or {}, parameters, name)
+    _check_taken(call_kwargs or {}, parameters, name, names)
     check_image_taken(parameters, name, image, first_frame=bool(getattr(args, "two_stage", False)))
 
 
@@ -867,7 +881,7 @@ def check_seed_range(seed: int, seeds: int = 1, still_candidates: int = 1) -> No
     if seed < -(2**63) or last >= 2**64:
         raise ValueError(f"seed={seed}, seeds={seeds}, still_candidates={still_candidates}: the run samples with seeds "
                          f"{seed} .. {last} (seed + seeds - 1 + still_candidates - 1), and torch's generators take "
-                         "-2**63 to 2**64 - 1 (64 bits); lower seed")
+                         f"-2**63 to 2**64 - 1 (64 bits); {'raise' if seed < -(2**63) else 'lower'} seed")
 
 
 def sampler_label(args) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from .compare import (
     CompareResult,
     call_defaults,
+    check_call_kwargs_before_loading,
     is_image_pipeline,
     parse_call_kwargs,
     pipeline_name,
@@ -38,6 +39,22 @@ CORRECTION_CHOICES = ("none", *CORRECTIONS)
 PATTERN_CHOICES = (*sorted(PATTERNS), "searched(sample_rows=8)")
 # Gradio's cache holds a copy of every request's video: checked hourly, those over an hour old deleted.
 DELETE_CACHE = (3600, 3600)
+# What the messages about the call arguments call the settings (`compare.COMMAND_NAMES` for the commands): the page's
+# fields, by their labels (`build_demo`), not the CLI's options (`--call-kwargs`, `--frames`), which it does not have.
+PAGE_NAMES = {
+    "call_kwargs": "the field 'more pipeline call arguments'",
+    "caller": "the page",
+    "scores": "the page generates and scores",
+    "prompt": "the 'prompt' field",
+    "num_frames": "the 'frames' slider",
+    "video_length": "the 'frames' slider",
+    "height": "the 'height (pixels)' slider",
+    "width": "the 'width (pixels)' slider",
+    "num_inference_steps": "the 'denoising steps' slider",
+    "generator": "the 'seed' field",
+    "image": "the 'input image' field",
+    "first_frame": "the 'two-stage: still candidates' slider",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +150,8 @@ def compare_once(
         image=image,
         call_kwargs=call_kwargs,
     )
+    # run_compare's own check, first with the page's names: its messages named the CLI's options.
+    check_call_kwargs_before_loading(args, pipe, names=PAGE_NAMES)
     result = run_compare(args, config, pipe=pipe)
     lpips_text = (f"not computed ({lpips_missing_reason((result.height, result.width))})" if result.lpips is None
                   else f"{result.lpips:.4f}")

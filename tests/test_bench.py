@@ -258,7 +258,7 @@ def test_search_bench_records_its_target_and_warns_when_it_is_out_of_reach(tmp_p
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--density", density])
         err = capsys.readouterr().err
-        message = f"argument --density: expected a block density in (0, 1], got '{density}'"
+        message = f"argument --density: expected a block density in (0, 1] or none, got '{density}'"
         assert exit_info.value.code == 2 and message in err, err
 
 
@@ -274,8 +274,9 @@ def test_causal_bench_settings_are_refused_before_the_work(capsys, monkeypatch):
     args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
             "--repeats", "1", "--causal-frames", "2", "--block-size", "16"]
     for extra, message in (
-        (["--pattern", "dense", "--density", "1"], "--pattern dense: must be a sparse pattern"),
-        (["--density", "0.25,1.5"], "argument --density: expected comma-separated block densities in (0, 1], got"),
+        (["--pattern", "dense", "--density", "1"], "--pattern 'dense': must be a sparse pattern"),
+        (["--density", "0.25,1.5"],
+         "argument --density: expected comma-separated block densities in (0, 1] or none, got"),
         (["--backend", "nosuch"], "--backend 'nosuch' make no sparse configuration: SparseConfig.backend must be"),
         # The config checks the name only: triton on CPU was refused by the first row's warm-up.
         (["--backend", "triton", "--device", "cpu"], "--backend 'triton': backend='triton' was requested but cannot"),
@@ -402,3 +403,139 @@ def test_the_causal_per_group_work_warning_is_said_once_per_layout():
             runtime.plan(layout, 1, torch.device("cpu"), frame_causal=2, dense_frames=dense_frames)
     said = [w for w in record if issubclass(w.category, DiffsparseWarning) and "causal groups" in str(w.message)]
     assert len(said) == 1
+
+
+def _timing_log(monkeypatch, readings: dict | None = None) -> tuple[list, list]:
+    """`_fixed_clock`'s `timed`, and the names of the callables timed, in the order they were timed."""
+    from diffsparse import bench
+
+    timed = _fixed_clock(monkeypatch, readings or {})
+    fixed, log = bench._time_ms, []
+
+    def logging(fn, device):
+        log.append(fn.__name__)
+        return fixed(fn, device)
+
+    monkeypatch.setattr(bench, "_time_ms", logging)
+    return timed, log
+
+
+def test_search_and_causal_benches_time_interleaved_pairs_and_record_the_cpu_threads(tmp_path, monkeypatch):
+    # Each timed all of one callable and then all of the other (machine noise then hits one side only) and wrote the
+    # device without its thread count, which nothing checked.
+    import torch
+
+    _, log = _timing_log(monkeypatch, {"search": 3.0, "dense": 1.0})
+    grid = ["--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8", "--block-size", "16",
+            "--repeats", "2", "--out", str(tmp_path)]
+    assert main(["bench", "search", *grid, "--density", "0.5"]) == 0
+    assert log == ["search", "dense"] * 2
+    threads = f"cpu ({torch.get_num_threads()} threads)"
+    assert json.loads((tmp_path / "bench_search.json").read_text())["device"] == threads
+    log.clear()
+    causal = ["bench", "causal", *grid, "--causal-frames", "2", "--pattern", "window3d", "--density", "0.3,0.6"]
+    assert main(causal) == 0
+    assert log == ["unmasked"] * 2 + ["dense", "sparse"] * 4  # per density, two pairs
+    assert json.loads((tmp_path / "bench_causal.json").read_text())["device"] == threads
+
+
+def test_permute_bench_times_interleaved_pairs_after_one_untimed_run_of_each(monkeypatch, capsys):
+    # It timed every permutation and then every attention call; nothing checked the untimed runs before them either.
+    import torch
+
+    from diffsparse import bench
+
+    timed, log = _timing_log(monkeypatch, {"permute_in_and_out": 1.0, "attend": 4.0})
+    runs, kernel, select = [], bench.block_sparse_attention, torch.Tensor.index_select
+
+    def attention(*args, **kwargs):
+        runs.append((timed[0], "attention"))
+        return kernel(*args, **kwargs)
+
+    def selecting(tensor, dim, index):
+        if tuple(tensor.shape) == (1, 64, 2, 8):  # the bench's q, k, v and the permuted q: (B, S, H, D)
+            runs.append((timed[0], "permutation"))
+        return select(tensor, dim, index)
+
+    monkeypatch.setattr(bench, "block_sparse_attention", attention)
+    monkeypatch.setattr(torch.Tensor, "index_select", selecting)
+    assert main(["bench", "permute", "--frames", "2", "--height", "4", "--width", "8", "--block-size", "16", "--heads",
+                 "2", "--dim", "8", "--dtype", "fp32", "--repeats", "2", "--tile", "1,2,4"]) == 0
+    assert log == ["permute_in_and_out", "attend"] * 2
+    each_run = [run for i, run in enumerate(runs) if i == 0 or run != runs[i - 1]]  # a permutation selects 4 times
+    assert each_run == [(None, "permutation"), (None, "attention")] + [
+        ("permute_in_and_out", "permutation"), ("attend", "attention")] * 2
+    assert runs.count((None, "permutation")) == 4  # q, k and v in, the output back
+    row = dict(item.split("=", 1) for item in capsys.readouterr().out.strip().splitlines()[-1].split(" | "))
+    assert (row["permute_ms"], row["attention_ms"], row["share"]) == ("1", "4", "0.25")
+
+
+def test_permute_and_density_benches_name_the_pattern_option_and_refuse_data_dependent_ones(capsys, monkeypatch):
+    # `--pattern foo` said "pattern must be one of [...]" naming no option; searched's error named none either, and
+    # spatial_temporal ran unfitted, the union of its kinds' masks (density 1.0 here), a mask no call runs: refused,
+    # as `bench attention --mask` refuses it.
+    import torch
+
+    from diffsparse.patterns import plots
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("did the work before refusing the setting")
+
+    monkeypatch.setattr(torch, "randn", no_work)
+    monkeypatch.setattr(plots, "density_vs_frames", no_work)
+    grid = ["--frames", "2", "--height", "8", "--width", "16", "--block-size", "32"]
+    permute = ["bench", "permute", *grid, "--tile", "1,4,8", "--heads", "2", "--dim", "32", "--dtype", "fp32"]
+    static = ("must be a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention; "
+              "data-dependent ones are timed by `bench search` and `bench pipeline`")
+    for command in (permute, ["bench", "density", *grid]):
+        for pattern, listed, message in (
+            ("searched", "searched", static), ("spatial_temporal", "spatial_temporal", static),
+            ("searched_windows(keep=0.3)", "searched_windows(keep=0.3)", static),
+            ("foo", "foo", "pattern must be one of ['dense', 'radial',"),
+            # bench density's list: the item named
+            ("radial,searched", "searched", static),
+        ):
+            if command is permute and "," in pattern:
+                continue
+            with pytest.raises(SystemExit) as exit_info:
+                main([*command, "--pattern", pattern])
+            err = capsys.readouterr().err
+            said = f"diffsparse bench {command[1]}: error: --pattern {listed!r}: {message}"
+            assert exit_info.value.code == 2 and said in err and "Traceback" not in err, (command, pattern, err)
+    # The searches' benches say the same for a name that is none.
+    for command in (["bench", "search"], ["bench", "causal"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--pattern", "foo"])
+        said = f"diffsparse {' '.join(command)}: error: --pattern 'foo': pattern must be one of"
+        assert said in capsys.readouterr().err
+
+
+def test_search_and_causal_benches_take_density_none_for_the_pattern_as_written(tmp_path, monkeypatch, capsys):
+    # --density always set the main parameter: a keep typed into --pattern was replaced by 0.25 with no way to keep
+    # it, where compare and bench pipeline take `--density none`. A density given still sets it, as compare's does.
+    from diffsparse import SparseConfig
+
+    _fixed_clock(monkeypatch, {"search": 3.0, "dense": 1.0})
+    args = ["bench", "search", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16", "--heads", "2",
+            "--dim", "8", "--repeats", "1", "--pattern", "searched(keep=0.3)", "--out", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--density", "none"]) == 0
+    result = json.loads((tmp_path / "bench_search.json").read_text())
+    assert result["pattern"].startswith("searched(keep=0.3,") and result["target_density"] is None
+    assert not [w for w in caught if "out of reach" in str(w.message)]
+    assert main([*args, "--density", "0.5"]) == 0
+    assert json.loads((tmp_path / "bench_search.json").read_text())["pattern"].startswith("searched(keep=0.5,")
+    assert SparseConfig(pattern="searched(keep=0.3)", density=0.5).resolved_pattern.keep == 0.5  # as compare runs it
+    capsys.readouterr()
+    # Causal: a row per density, none among them; window3d as written keeps more than solved for 0.3.
+    assert main(["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
+                 "--block-size", "16", "--repeats", "1", "--causal-frames", "2", "--pattern",
+                 "window3d(window=(3,8,8))", "--density", "none,0.3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_causal.json").read_text())["rows"]
+    assert [r["target_density"] for r in rows] == [None, 0.3] and rows[0]["density"] > rows[1]["density"]
+    assert "\n| none | " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "causal", "--density", "0.3,nan"])
+    assert "argument --density: expected comma-separated block densities in (0, 1] or none, got '0.3,nan'" in (
+        capsys.readouterr().err)

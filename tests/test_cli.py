@@ -396,8 +396,8 @@ def test_bench_and_masks_settings_are_refused_before_the_work(capsys, monkeypatc
          "--seq must be a multiple of 1024 (e.g. 74752 or 75776), got seq=75600"),
         (["bench", "attention", "--mask", "nosuch"], "--mask 'nosuch': random, or a pattern; pattern must be one of"),
         # Unfitted, spatial_temporal is the union of its masks: its rows ran at density 1.0 whatever the target.
-        (["bench", "attention", "--mask", "spatial_temporal"], "--mask spatial_temporal: must be random or a static"),
-        (["bench", "attention", "--mask", "dense"], "--mask dense: must be random or a static"),
+        (["bench", "attention", "--mask", "spatial_temporal"], "--mask 'spatial_temporal': must be random or a static"),
+        (["bench", "attention", "--mask", "dense"], "--mask 'dense': must be random or a static"),
         # Refused by the warm-up call, after the tensors, the plans and a dense call, as bench causal's were.
         (["bench", "attention", "--backend", "nosuch"], "--backend 'nosuch': backend must be 'auto' or one of"),
         (["bench", "permute", "--backend", "nosuch"], "--backend 'nosuch': backend must be 'auto' or one of"),

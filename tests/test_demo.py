@@ -493,3 +493,39 @@ def test_a_size_the_pipeline_does_not_take_is_a_fixed_slider(tiny_pipe, tmp_path
     page = page_fields(tiny_pipe, tmp_path)
     assert {name: page[name].interactive for name in ("height", "width")} == {
         name: name != fixed for name in ("height", "width")}
+
+
+def test_the_pages_call_argument_messages_name_its_fields_not_the_clis_options(tiny_pipe, tmp_path):
+    # They said "--call-kwargs sets 'num_frames', which the command sets itself: use its option (--frames)
+    # instead", options the page does not have.
+    from diffsparse import compare
+    from diffsparse.demo import PAGE_NAMES
+
+    assert set(compare.COMMAND_NAMES) == set(PAGE_NAMES)  # a name for every setting the messages name
+    field = "the field 'more pipeline call arguments' sets"
+    for call_kwargs, message in (
+        ('{"num_frames": 5}', f"{field} 'num_frames', which the page sets itself: use the 'frames' slider instead"),
+        ('{"num_inference_steps": 3}', "which the page sets itself: use the 'denoising steps' slider instead"),
+        ('{"output_type": "pt"}', f"{field} 'output_type', which the page sets itself (the frames come back"),
+        ('{"num_videos_per_prompt": 2}', f"{field} num_videos_per_prompt=2: the page generates and scores one video"),
+        ('{"guidance": 1}', f"{field} 'guidance', which WanPipeline does not take; it takes "),
+    ):
+        with pytest.raises(ValueError) as error:
+            compare_once(tiny_pipe, "a red circle", block_size=16, **SMALL, call_kwargs=call_kwargs, out=tmp_path)
+        said = str(error.value)
+        assert message in said and "--call-kwargs" not in said and "--frames" not in said, said
+        assert "the command" not in said and "option" not in said, said
+    # The commands' own wording is as before.
+    with pytest.raises(ValueError, match=r"^--call-kwargs sets 'num_frames', which the command sets itself: use its "
+                                         r"option \(--frames\) instead$"):
+        compare.check_call_kwargs({"num_frames": 5})
+
+
+def test_a_seed_out_of_torchs_range_says_which_way_to_move_it(tiny_pipe, tmp_path):
+    # Below the range it said "lower seed" too, away from the range.
+    for seed, way in ((-(2**63) - 1, "raise"), (2**64, "lower")):
+        with pytest.raises(ValueError, match=rf"take -2\*\*63 to 2\*\*64 - 1 \(64 bits\); {way} seed$"):
+            compare_once(tiny_pipe, "a red circle", block_size=16, **{**SMALL, "seed": seed}, out=tmp_path)
+    from diffsparse.compare import check_seed_range
+
+    check_seed_range(-(2**63)), check_seed_range(2**64 - 1)  # the range's ends pass
