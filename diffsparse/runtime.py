@@ -262,12 +262,14 @@ class StepClock:
     def _repeated_position(self, scheduler, position: int, candidates=None) -> int:
         """Which of the grid's equal timesteps from `position` on (or of `candidates`, the positions a rounded
         timestep may be at) a call is at: the scheduler's count of its `step` calls (`step_index`, or before the
-        first its `begin_index`), where that points at one of them, else `position` (a scheduler without that
-        count, or a pipeline stepping copies of it: SkyReels-V2's diffusion forcing). The timestep alone cannot tell
-        them apart: taking the first merged DPM-Solver's last two steps (its exponential sigmas end in two 0s), so
-        `dense_last_steps` missed the last."""
+        first its `begin_index`, for equal timesteps only), where that points at one of them, else `position` (a
+        scheduler without that count, or a pipeline stepping copies of it: SkyReels-V2's diffusion forcing). The
+        timestep alone cannot tell them apart: taking the first merged DPM-Solver's last two steps (its exponential
+        sigmas end in two 0s), so `dense_last_steps` missed the last. Among `candidates` a `begin_index` is no
+        count: a loop stepping a copy of the scheduler leaves it at the run's start, which would pull every early
+        step of a bfloat16 run (6 within its rounding near t = 1000 at shift 7) onto step 0."""
         index = getattr(scheduler, "step_index", None)
-        if index is None:
+        if index is None and candidates is None:
             index = getattr(scheduler, "begin_index", None)
         if candidates is None:
             candidates = range(position, self._repeats[position] + 1)

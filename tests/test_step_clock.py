@@ -164,3 +164,33 @@ def test_a_timestep_listed_twice_is_two_steps(make, num_steps, repeated):
     config = diffsparse.SparseConfig(dense_steps=1, dense_last_steps=1)
     assert [config.is_dense_step(step, n) for step, n in ticks[::2]] == [True] + [False] * (num_steps - 2) + [True]
 
+
+
+def _bfloat16_shift_7_run(num_steps=50):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(num_steps)
+    scheduler.set_begin_index(0)
+    return scheduler, scheduler.timesteps
+
+
+def test_a_bfloat16_timestep_without_the_pipeline_s_is_on_the_step_the_scheduler_counts():
+    # Cast to bfloat16 (spacing 4 near 1000), shift 7's first timesteps (2.9 apart) round onto each other; with no
+    # pipeline `_current_timestep` to read, the scheduler's step count picks among the timesteps within the rounding.
+    # Before, the nearest was taken: step 2 read as step 1.
+    scheduler, timesteps = _bfloat16_shift_7_run()
+    clock, sample, steps = StepClock(scheduler), torch.zeros(1, 4), []
+    for t in timesteps:
+        steps.append(clock.tick(t[None].to(torch.bfloat16))[0])
+        sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
+    assert steps == list(range(len(timesteps)))
+
+
+def test_a_begin_index_is_no_step_count_for_a_rounded_timestep():
+    # A loop stepping a copy of the scheduler leaves its `begin_index` at 0 and its `step_index` unset: taking the
+    # begin index among the timesteps within the rounding put the first 6 steps of this run all on step 0. Without a
+    # count, the nearest timestep is the step.
+    scheduler, timesteps = _bfloat16_shift_7_run()
+    clock = StepClock(scheduler)
+    steps = [clock.tick(t[None].to(torch.bfloat16))[0] for t in timesteps]
+    nearest = [int((timesteps - t.to(torch.bfloat16).float()).abs().argmin()) for t in timesteps]
+    assert steps == nearest
