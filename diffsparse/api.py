@@ -12,7 +12,7 @@ import torch
 from . import DiffsparseWarning
 from .config import SparseConfig, resolve_step_count
 from .pipelines import ModelAdapter, adapter_for, find_transformers
-from .pipelines.base import SparseProcessor
+from .pipelines.base import SparseProcessor, context_parallel_config
 from .runtime import (
     CallRecord,
     SparseContextHook,
@@ -103,9 +103,10 @@ class SparseHandle:
                                 pipeline=pipeline)
         self._install()
 
-    def _install(self) -> None:
+    def _install(self, put_back: bool = False) -> None:
         """Sparse processors around the processors the transformers have now, and the context hooks (at `apply`,
-        and again when a `sparse` block that replaced this handle ends)."""
+        and with `put_back` again when a `sparse` or `suspended` block that took this handle off ends, or an `apply`
+        that replaced it is refused)."""
         pipeline = None if self._pipeline is None else self._pipeline()
         made, self._layers = [], {}
         for name, transformer in self._transformers.items():
@@ -113,7 +114,7 @@ class SparseHandle:
             modules = list(adapter.self_attention_modules(transformer))
             self._layers[name] = [layer for layer, _ in modules]
             made.append((name, transformer, adapter, {
-                module: adapter.make_processor(module.processor, self.runtimes[name], layer, transformer)
+                module: self._make_processor(adapter, module, name, layer, transformer, put_back)
                 for layer, module in modules if self._left.get(module) is not module.processor
             }))
         _check_dense_layers(self.config.dense_layers, self._layers)
@@ -149,6 +150,37 @@ class SparseHandle:
             raise
         self._processors = [(adapter, module, processor) for adapter, module, _, processor in swapped]
         self.installed = True
+
+    def _make_processor(self, adapter: ModelAdapter, module: torch.nn.Module, name: str, layer: int,
+                        transformer: torch.nn.Module, put_back: bool) -> SparseProcessor:
+        """The sparse processor of `layer` around `module`'s processor (`adapter.make_processor`). A handle put back
+        on a family that does not shard, under context parallelism enabled since `apply`, goes back as it was: it
+        refuses at its first sparse call (`check_not_parallel`), as it would have had it stayed on, rather than be
+        lost where `make_processor` refuses a new one (`apply` under parallelism already enabled)."""
+        runtime = self.runtimes[name]
+        try:
+            return adapter.make_processor(module.processor, runtime, layer, transformer)
+        except NotImplementedError:
+            if not put_back:
+                raise
+        original = module.processor
+        if isinstance(original, SparseProcessor) and not original.installed:
+            original = original.restored_original()  # as `make_processor` takes an orphan
+        enabled = [holder for holder in (original, transformer)
+                   if context_parallel_config(holder) is not None and "_parallel_config" in vars(holder)]
+        configs = [holder._parallel_config for holder in enabled]
+        for holder in enabled:
+            holder._parallel_config = None
+        try:
+            processor = adapter.make_processor(original, runtime, layer, transformer)
+        finally:
+            for holder, config in zip(enabled, configs):
+                holder._parallel_config = config
+        # What `enable_parallelism` set on the processor this one replaces (on every processor that declares it),
+        # which the sparse processor's check and its dense calls read.
+        if configs:
+            processor._parallel_config = configs[0]
+        return processor
 
     def _modules(self) -> list[torch.nn.Module]:
         """The self-attention modules of this handle's transformers."""
@@ -370,20 +402,32 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
     try:
         handle = SparseHandle(config, transformers, scheduler, pipeline)
     except BaseException:  # a layer refused: what was applied before stays
-        for replaced in previous:
-            replaced._install()
+        _put_back(previous)
         raise
-    others = _left_dense(previous, transformers)
-    if others:
-        warnings.warn(
-            f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
-            f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
-            "transformer on its own) to keep them sparse",
-            category=DiffsparseWarning,
-            stacklevel=2,
-        )
-    _warn_if_every_layer_dense(config, handle._layers)
+    try:
+        others = _left_dense(previous, transformers)
+        if others:
+            warnings.warn(
+                f"diffsparse.apply: the sparse attention applied earlier together with this transformer is removed "
+                f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
+                "transformer on its own) to keep them sparse",
+                category=DiffsparseWarning,
+                stacklevel=2,
+            )
+        _warn_if_every_layer_dense(config, handle._layers)
+    except BaseException:
+        # A warning raised as an error (`filterwarnings("error", category=DiffsparseWarning)`) refuses the config
+        # as a refused layer does: the new handle comes off and what was applied before is back.
+        handle.remove()
+        _put_back(previous)
+        raise
     return handle
+
+
+def _put_back(previous: list[SparseHandle]) -> None:
+    """Install again the `previous` handles an `apply` removed and then was refused."""
+    for replaced in previous:
+        replaced._install(put_back=True)
 
 
 def _left_dense(previous: list[SparseHandle], transformers: dict[str, torch.nn.Module]) -> list[str]:
@@ -512,4 +556,4 @@ def suspended(pipe_or_transformer):
                 if module.processor is not entered.get(module) and not isinstance(module.processor, SparseProcessor):
                     replaced._left[module] = module.processor
             if not replaced.installed:
-                replaced._install()
+                replaced._install(put_back=True)

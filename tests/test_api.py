@@ -11,6 +11,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 import diffsparse
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.base import SparseProcessor
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 from diffsparse.runtime import HOOK_NAME, register_context_hook, sparse_steps
 
@@ -331,3 +332,78 @@ def test_an_install_that_fails_half_way_leaves_the_model_as_it_was(monkeypatch, 
         registry = getattr(transformer, "_diffusers_hook", None)
         assert registry is None or HOOK_NAME not in registry.hooks
         assert not hasattr(transformer, "_diffsparse_handle")
+
+
+def _as_applied(pipe, handle) -> bool:
+    """Whether `handle` is the one installed on `pipe`'s transformer: its mark and its processors on every block."""
+    transformer = pipe.transformer
+    runtime = handle.runtimes["transformer"]
+    return handle.installed and getattr(transformer, "_diffsparse_handle", None) is handle and all(
+        getattr(block.attn1.processor, "runtime", None) is runtime for block in transformer.blocks)
+
+
+def test_a_warning_raised_as_an_error_leaves_what_was_applied_before(tiny_pipe):
+    # The README's `filterwarnings("error", category=DiffsparseWarning)`: `apply` said its warnings after installing
+    # the new config, so one raised as an error left that config installed and the earlier handle gone, and a
+    # `sparse` block's end kept that stray handle rather than put the earlier one back.
+    earlier = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    every_block_dense = diffsparse.SparseConfig(dense_layers=len(tiny_pipe.transformer.blocks), dense_steps=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=diffsparse.DiffsparseWarning)
+        with pytest.raises(diffsparse.DiffsparseWarning, match="keeps every self-attention block dense"):
+            diffsparse.apply(tiny_pipe, every_block_dense)
+        assert _as_applied(tiny_pipe, earlier)
+        with pytest.raises(diffsparse.DiffsparseWarning, match="keeps every self-attention block dense"), \
+                diffsparse.sparse(tiny_pipe, every_block_dense):
+            pass
+        assert _as_applied(tiny_pipe, earlier)
+        diffsparse.remove(tiny_pipe)
+        # Nothing applied before: the refused config leaves the originals.
+        with pytest.raises(diffsparse.DiffsparseWarning, match="keeps every self-attention block dense"):
+            diffsparse.apply(tiny_pipe, every_block_dense)
+    assert not hasattr(tiny_pipe.transformer, "_diffsparse_handle")
+    assert all(type(block.attn1.processor) is WanAttnProcessor for block in tiny_pipe.transformer.blocks)
+    assert HOOK_NAME not in tiny_pipe.transformer._diffusers_hook.hooks
+
+
+def test_a_handle_put_back_under_context_parallelism_enabled_since_refuses_at_its_first_sparse_call():
+    # Latte's sparse path does not shard: `apply` refuses under parallelism already enabled, a handle applied
+    # before refuses at its first sparse call. Before, `suspended`'s end (and a refused `apply` putting the earlier
+    # handle back) made its processors anew, which that same refusal of `apply` stopped: the handle was lost, the
+    # block's end raised, and a refused `apply` raised a second refusal chained to its own.
+    import test_latte
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    model, inputs = test_latte.tiny_transformer(), test_latte.inputs()()
+    originals = {module: module.processor for module in model.modules() if hasattr(module, "processor")}
+    config = diffsparse.SparseConfig(pattern="radial", density=0.5, block_size=16, dense_steps=0)
+    handle = diffsparse.apply(model, config)
+    sparse = {module: module.processor for module in model.modules()
+              if isinstance(getattr(module, "processor", None), SparseProcessor)}
+    assert sparse
+    # What `enable_parallelism` sets: the model's config, and every processor's that declares the attribute.
+    parallel = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    model._parallel_config = parallel
+    for processor in sparse.values():
+        processor._parallel_config = parallel
+
+    def refused_at_its_first_sparse_call():
+        assert handle.installed and model._diffsparse_handle is handle
+        processors = [module.processor for module in sparse]
+        assert all(p.runtime is handle.runtimes["transformer"] and p._parallel_config is parallel for p in processors)
+        with pytest.raises(NotImplementedError, match="not on"), torch.no_grad():
+            model(**inputs)
+
+    refused_at_its_first_sparse_call()
+    with diffsparse.suspended(model):
+        assert not handle.installed
+    refused_at_its_first_sparse_call()
+    with pytest.raises(NotImplementedError, match="not on") as refused:
+        diffsparse.apply(model, config)
+    assert refused.value.__context__ is None  # the refusal alone, not a second one chained to it
+    refused_at_its_first_sparse_call()
+    with pytest.raises(NotImplementedError, match="not on"), diffsparse.sparse(model, config):
+        pass
+    refused_at_its_first_sparse_call()
+    diffsparse.remove(model)
+    assert {module: module.processor for module in originals} == originals

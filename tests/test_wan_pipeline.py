@@ -387,6 +387,10 @@ def test_wan22_two_experts_share_the_step_index():
     assert {r.step for r in calls["transformer"]} == expected_high
     assert {r.step for r in calls["transformer_2"]} == set(range(4)) - expected_high
     assert all(r.sparse == (r.step >= 1) for log in calls.values() for r in log)
+    # An expert asked about alone goes by the name the pipeline's handle gives it, not "transformer" for both.
+    for name in ("transformer", "transformer_2"):
+        alone = diffsparse.stats(getattr(pipe, name))
+        assert {s.transformer for s in alone.layers} == {name} and alone.calls == {name: calls[name]}
     # With a correction, the second expert has no dense step of its own: its first call measures instead.
     diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1, correction="residual"))
     generate(pipe, num_inference_steps=4)
@@ -425,6 +429,23 @@ def test_applying_to_one_expert_says_the_other_is_left_dense():
         warnings.simplefilter("error")
         diffsparse.apply(pipe.transformer_2, diffsparse.SparseConfig(dense_steps=0))  # each on its own: silent
         diffsparse.apply(pipe, diffsparse.SparseConfig(dense_steps=0))
+
+
+def test_the_other_expert_left_dense_raised_as_an_error_leaves_both_as_they_were():
+    # With `filterwarnings("error", category=DiffsparseWarning)`, the warning was raised after the new config was
+    # installed on `transformer`: the pipeline's handle was gone from both experts.
+    pipe = _wan22_pipeline()
+    whole = diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=diffsparse.DiffsparseWarning)
+        with pytest.raises(diffsparse.DiffsparseWarning, match="from transformer_2 too"):
+            diffsparse.apply(pipe.transformer, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    assert whole.installed
+    for name in ("transformer", "transformer_2"):
+        expert = getattr(pipe, name)
+        assert expert._diffsparse_handle is whole
+        assert all(block.attn1.processor.runtime is whole.runtimes[name] for block in expert.blocks)
+        assert list(expert._diffusers_hook.hooks) == [HOOK_NAME]
 
 
 @torch.no_grad()
