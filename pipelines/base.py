@@ -537,7 +537,10 @@ class ModelAdapter(ABC):
     def read_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
         """`(layout, timestep)` of one transformer forward, from its inputs; `(layout, timestep, token_order)` when
         the model's self-attention tokens are not in the layout's order, `token_order` holding each token's index
-        in the layout (the runtime attends them in the layout's order and returns them in the model's)."""
+        in the layout (the runtime attends them in the layout's order and returns them in the model's). A timestep
+        the adapter computes from one the pipeline rounded on the transformer's own scale may carry the Python
+        attribute `diffsparse_rounding`, how far off that rounding can make it on the scheduler's scale, which the
+        step clock matches within (`StepClock.tick`; Ideogram 4 reads `1 - t / 1000` back in float32)."""
 
     def set_processor(self, module: torch.nn.Module, processor) -> None:
         """Install `processor` on an attention `module` (diffusers' own setter; families without one override)."""

@@ -194,3 +194,19 @@ def test_a_begin_index_is_no_step_count_for_a_rounded_timestep():
     steps = [clock.tick(t[None].to(torch.bfloat16))[0] for t in timesteps]
     nearest = [int((timesteps - t.to(torch.bfloat16).float()).abs().argmin()) for t in timesteps]
     assert steps == nearest
+
+
+def test_the_pipeline_s_full_precision_timestep_wins_over_the_scheduler_s_count():
+    # Both tell a rounded timestep's step; where they disagree (a count left behind by a loop that stepped another
+    # scheduler), the pipeline's own `_current_timestep`, the timestep itself, decides.
+    scheduler, timesteps = _bfloat16_shift_7_run()
+
+    class Pipeline:
+        _current_timestep = None
+
+    pipeline = Pipeline()
+    clock = StepClock(scheduler, pipeline=pipeline)
+    for step in range(4):
+        pipeline._current_timestep = timesteps[step]
+        scheduler._step_index = max(step - 1, 0)  # the count one behind
+        assert clock.tick(timesteps[step][None].to(torch.bfloat16))[0] == step
