@@ -338,17 +338,19 @@ def check_image(path: str | None) -> None:
 
 
 def check_image_taken(parameters: dict[str, inspect.Parameter], pipeline: str, image: str | None,
-                      first_frame: bool = False) -> None:
+                      first_frame: bool = False, names: dict[str, str] | None = None) -> None:
     """A `ValueError` naming `pipeline` (its call's `parameters`) when `--image` (`image`, `None`: not given) is
     given to a pipeline without an `image` argument, or missing for one whose `image` has no default (`first_frame`:
     the testbed's two-stage still is given instead). Before loading, from the pipeline's class
-    (`check_call_kwargs_before_loading`), and at each generation (`generation_kwargs`)."""
+    (`check_call_kwargs_before_loading`), and at each generation (`generation_kwargs`). `names` as
+    `check_call_kwargs`' (its "give_image" and "leave_image": how to give an image, how to take it away)."""
+    names = COMMAND_NAMES if names is None else names
     takes = "image" in parameters
     if image is not None and not takes:
         raise ValueError(f"image={image!r}: {pipeline} takes no `image` (it is not an image-to-video or editing "
-                         "pipeline); leave out --image")
+                         f"pipeline); {names['leave_image']}")
     if takes and parameters["image"].default is inspect.Parameter.empty and image is None and not first_frame:
-        raise ValueError(f"{pipeline} generates from an image: give one with --image PATH")
+        raise ValueError(f"{pipeline} generates from an image: {names['give_image']}")
 
 
 def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Tensor | None = None) -> dict:
@@ -431,12 +433,15 @@ _SET_BY_COMMANDS = {
 _BATCH_SIZES = ("num_videos_per_prompt", "num_images_per_prompt")
 # What the call-argument checks' messages call the settings (their `names`): "call_kwargs", the setting the call
 # arguments come in; "caller", what makes the call ("which the command sets itself"); "scores", what generates and
-# scores one video per call; and for each call argument of `_SET_BY_OPTIONS`, what to set instead. These are the
-# commands' options; the demo's page gives its own fields (`demo.PAGE_NAMES`), which its messages must name.
+# scores one video per call; "give_image", "leave_image", how to give the conditioning image and how to take it
+# away; and for each call argument of `_SET_BY_OPTIONS`, what to set instead. These are the commands' options; the
+# demo's page gives its own fields (`demo.PAGE_NAMES`), which its messages must name.
 COMMAND_NAMES = {
     "call_kwargs": "--call-kwargs",
     "caller": "the command",
     "scores": "the commands generate and score",
+    "give_image": "give one with --image PATH",
+    "leave_image": "leave out --image",
     **{argument: f"its option ({option})" for argument, option in _SET_BY_OPTIONS.items()},
 }
 
@@ -508,7 +513,7 @@ def check_call_kwargs_before_loading(args, pipe=None, names: dict[str, str] | No
     else:
         parameters, name = _call_parameters(pipe), pipeline_name(pipe)
     _check_taken(call_kwargs or {}, parameters, name, names)
-    check_image_taken(parameters, name, image, first_frame=bool(getattr(args, "two_stage", False)))
+    check_image_taken(parameters, name, image, first_frame=bool(getattr(args, "two_stage", False)), names=names)
 
 
 # The values a pipeline call gives an argument it leaves `None` where its `__call__` says `name = name or EXPR` at its

@@ -45,6 +45,8 @@ PAGE_NAMES = {
     "call_kwargs": "the field 'more pipeline call arguments'",
     "caller": "the page",
     "scores": "the page generates and scores",
+    "give_image": "give one in the 'input image' field",
+    "leave_image": "clear the 'input image' field",
     "prompt": "the 'prompt' field",
     "num_frames": "the 'frames' slider",
     "video_length": "the 'frames' slider",

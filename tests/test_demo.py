@@ -244,7 +244,7 @@ def test_image_to_video_pipelines_take_the_pages_image(tmp_path):
     image_path = tmp_path / "first.png"
     Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image_path)
     submit = make_handler(pipe, out=tmp_path)
-    with pytest.raises(gr.Error, match="give one with --image"):
+    with pytest.raises(gr.Error, match="generates from an image: give one in the 'input image' field"):
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None)
     # A file that is not there or not an image: the page said "the run failed: FileNotFoundError" after the warm-up.
     not_image = tmp_path / "not_image.png"
