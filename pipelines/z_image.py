@@ -122,7 +122,25 @@ class ZImageAdapter(ModelAdapter):
         image_tokens = grid[0] * grid[1] * grid[2]
         text_len = padded(image_tokens) - image_tokens + max(padded(len(prompt)) for prompt in prompts)
         # The pipelines pass `(1000 - t) / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        return VideoLayout(*grid, text_len=text_len, text_position="end"), (1 - timestep) * 1000
+        # Read back in float32: the modular blocks pass it in the transformer's dtype (`t` cast to it, then
+        # `(1000 - t) / 1000` there), where `(1 - timestep) * 1000` rounds `t` again and the clock's own allowance
+        # for a half-precision timestep (relative to `t`) misses the rounding of `1000 - t` near t = 0 (bfloat16:
+        # a few units off in `t` there; the guider's full-precision `t` is taken only within that allowance, so
+        # 100 steps at shift 3 warned StepScheduleWarning). The pipeline's roundings go with it, on `t`'s scale, for
+        # the step clock to match within (`StepClock.tick`).
+        read = (1 - timestep.float()) * 1000
+        if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+            read.diffsparse_rounding = pipeline_rounding(timestep, read)
+        return VideoLayout(*grid, text_len=text_len, text_position="end"), read
+
+
+def pipeline_rounding(timestep: torch.Tensor, read: torch.Tensor) -> float:
+    """How far `t` read back from `timestep` = `(1000 - t) / 1000` computed in `timestep`'s dtype (as the modular
+    blocks do: `t` rounded, `1000 - t` rounded, the quotient rounded) can be from the scheduler's `t`, each rounding
+    at most `u = eps / 2` relative: `u |t| + u |1000 - t| + u 1000 |timestep|`, with `t` and `1000 - t` bounded by
+    `read` and `timestep` up to factors of `1 / (1 - u)` (taken as 1.02, for bfloat16's u = 2^-8 and below)."""
+    u = torch.finfo(timestep.dtype).eps / 2
+    return 1.02 * u * (float(read.abs().max()) + 2000 * float(timestep.detach().float().abs().max()))
 
 
 register_adapter(ZImageAdapter())

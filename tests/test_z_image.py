@@ -3,6 +3,10 @@ layout, the main blocks' `[image, pad, prompt, pad]` layout, prompts of differen
 ControlNet pipeline with its ControlNet dense and untouched; diffusers' modular `ZImageCoreDenoiseStep` fed prompt
 embeddings."""
 
+import copy
+import warnings
+from collections import Counter
+
 import pytest
 import torch
 from diffusers import (
@@ -17,8 +21,10 @@ from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines.z_image.modular_blocks_z_image import ZImageCoreDenoiseStep
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from diffsparse.patterns import TileOrder, VideoLayout
+import diffsparse
+from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.runtime import StepClock
 
 from helpers import (
     QWEN3_TEMPLATE,
@@ -162,3 +168,42 @@ def test_modular_denoise_step_dense_every_block_kept_and_sparse_after_the_dense_
     assert {layout for layer, layout, _ in calls if layer > 0} == {
         VideoLayout(*GRID, text_len=IMAGE_PAD + n, text_position="end") for n in (32, 64)
     }
+
+
+def test_a_bfloat16_modular_run_is_on_every_step(components):
+    # The modular blocks cast `t` to the transformer's dtype and pass `(1000 - t) / 1000` there. Read back in
+    # bfloat16 and matched within the clock's allowance for a rounding relative to `t`, 100 steps at Turbo's shift 3
+    # had a timestep near t = 0 none of the scheduler's (the rounding of `1000 - t` is 2 off there), warned twice.
+    transformer = copy.deepcopy(components["transformer"]).to(torch.bfloat16)
+    pipe = ZImageCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                           guider=ClassifierFreeGuidance(enabled=False))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = torch.randn(14, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    with warnings.catch_warnings(), torch.no_grad(), diffsparse.sparse(pipe, config) as handle:
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        pipe(prompt_embeds=[prompt], height=128, width=160, num_inference_steps=100, output="latents",
+             generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()
+    assert Counter(r.step for r in stats.calls["transformer"] if r.layer == 0) == {step: 1 for step in range(100)}
+
+
+@pytest.mark.parametrize(("shift", "steps"), [(1.0, 200), (3.0, 100), (6.0, 200)])
+def test_a_bfloat16_timestep_is_read_on_its_step_against_a_stepped_scheduler(components, shift, steps):
+    # The test above without a pipeline (no guider's `t` to match): the modular blocks' rounded `(1000 - t) / 1000`
+    # and the scheduler's count of its steps give each call its step, on the scheduler's timesteps (before, shift 1
+    # put 2 of 200 calls on another's step; shifts 3 and 6 warned of timesteps none of the scheduler's).
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist())
+    clock, latents, steps_read = StepClock(scheduler), torch.zeros(4, 1, 4, 4), []
+    transformer = components["transformer"]
+    adapter = adapter_for(transformer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        for t in scheduler.timesteps:
+            timestep = (1000 - t.expand(1).to(torch.bfloat16)) / 1000  # as the modular blocks pass it
+            call = {"x": [latents], "t": timestep, "cap_feats": [torch.zeros(14, 8)]}
+            steps_read.append(clock.tick(adapter.read_call(transformer, (), call)[1])[0])
+            scheduler.step(torch.zeros(1), t, torch.zeros(1))
+    assert steps_read == list(range(steps))
