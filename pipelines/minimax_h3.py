@@ -63,7 +63,8 @@ class MiniMaxH3Adapter(ModelAdapter):
             # No video rows (text and audio only, a caller's own packing): nothing to make sparse. No layout, so the
             # call runs the original throughout (each layer counted dense, unsaid) and takes no place among its
             # step's calls; its step is its noisiest rows' (the lowest timestep), as a target's would be.
-            return None, timestep[timestep_indices].min()
+            rows = timestep[timestep_indices]
+            return None, rows.min() if rows.numel() else timestep.min()  # an empty sequence: its timesteps
         # The target: the video rows at the highest noise level, the lowest timestep (MiniMax-H3's timestep is
         # `1 - sigma`: conditioning rows, cleaner, sit higher).
         row_timesteps = timestep[timestep_indices[video_rows]]

@@ -171,19 +171,30 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
         assert not torch.equal(out, MiniMaxH3AttnProcessor()(attention, *args[:2]))  # the mask reaches the output
 
 
-def no_video_call() -> dict:
-    """A packed sequence of text and audio rows only (a caller's own packing: the original runs it)."""
+def no_video_call(text: int = TEXT, audio: int = AUDIO) -> dict:
+    """A packed sequence of `text` and `audio` rows only (a caller's own packing: the original runs it), the audio
+    rows clean (timestep 1.0: MiniMax-H3's timestep is `1 - sigma`), the text at the noisy 0.3."""
     g = torch.Generator().manual_seed(3)
-    length = TEXT + AUDIO
+    length = text + audio
     tags = torch.full((length,), 2, dtype=torch.long)
-    tags[:TEXT] = 1
+    tags[:text] = 1
     return {
-        "hidden_states": torch.zeros(1, 0, CHANNELS * 4), "audio_hidden_states": torch.randn(1, AUDIO, 4, generator=g),
-        "encoder_hidden_states": torch.randn(1, TEXT, TEXT_DIM, generator=g), "timestep": torch.tensor([0.3]),
-        "timestep_indices": torch.zeros(length, dtype=torch.long), "token_tags": tags,
+        "hidden_states": torch.zeros(1, 0, CHANNELS * 4), "audio_hidden_states": torch.randn(1, audio, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, text, TEXT_DIM, generator=g), "timestep": torch.tensor([0.3, 1.0]),
+        "timestep_indices": (torch.arange(length) >= text).long(), "token_tags": tags,
         "position_ids": torch.arange(length)[:, None].expand(-1, 3).contiguous(), "video_indices": torch.arange(0),
-        "audio_indices": torch.arange(TEXT, length), "text_indices": torch.arange(TEXT),
+        "audio_indices": torch.arange(text, length), "text_indices": torch.arange(text),
     }
+
+
+def test_an_empty_sequence_runs_the_original(transformer):
+    # No rows at all: no timestep of a row to read the step from (`min()` of nothing raised), the call's own.
+    call = no_video_call(text=0, audio=0)
+    with torch.no_grad():
+        expected = transformer(**call, return_dict=False)
+        with diffsparse.sparse(transformer, ONE_TOKEN):
+            out = transformer(**call, return_dict=False)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
 
 
 @pytest.mark.parametrize("config", [diffsparse.SparseConfig(pattern="dense", dense_steps=0), ONE_TOKEN],
@@ -191,7 +202,8 @@ def no_video_call() -> dict:
 def test_a_call_without_video_rows_runs_the_original_counted_dense(transformer, config):
     # Text and audio rows only: nothing to make sparse. The call has no layout, so it runs the original throughout
     # (exactly its output), each layer counted dense without a warning, named "original" outside a cache context;
-    # it takes no place among its step's calls, so the video call after it at the same step is still "call 0".
+    # it takes no place among its step's calls, so the video call after it at the same step is still "call 0": its
+    # step is its noisiest rows' (0.3, the video call's), not its clean audio's (1.0 would start a new run there).
     # (Before, any config raised "this call packs no video rows".)
     call, video_call = no_video_call(), inputs()()
     with torch.no_grad():
