@@ -34,7 +34,7 @@ from . import DiffsparseWarning
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
 from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
-from .pipelines.base import forward_input, forward_parameters
+from .pipelines.base import forward_input, forward_parameters, half_precision
 
 HOOK_NAME = "diffsparse_context"
 # Shown by torch.compile where it cannot trace these functions (`fullgraph=True`, which allows no graph break).
@@ -313,7 +313,7 @@ class StepClock:
             # (Ideogram 4's modular pipeline passes `1 - t / 1000` in bfloat16: up to 1000 * 2^-9 off in `t`, near
             # t = 0 too, where a rounding on the scheduler's scale is tiny).
             rounding = float(getattr(timestep, "diffsparse_rounding", 0.0))
-            if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+            if half_precision(timestep):
                 # Cast to the latents' bfloat16 or float16 (and maybe scaled there: FLUX's t / 1000), the timestep
                 # is off by up to a few roundings, more than the grid's spacing near t = 1000 with a large shift
                 # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there).

@@ -642,6 +642,12 @@ def forward_input(model: torch.nn.Module, args: tuple, kwargs: dict, name: str):
     return args[index] if index < len(args) else None
 
 
+def half_precision(timestep: torch.Tensor) -> bool:
+    """Whether `timestep` is a floating tensor coarser than float32 (bfloat16, float16): a pipeline cast it to the
+    latents' dtype, so the step clock must allow for its rounding."""
+    return timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps
+
+
 def call_argument(args: tuple, kwargs: dict, name: str, position: int):
     """A forward argument given either by keyword or by position."""
     if name in kwargs:

@@ -18,7 +18,14 @@ from diffusers.models.transformers.transformer_ideogram4 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, attend_kept_tokens, call_argument, valid_key_groups
+from .base import (
+    ModelAdapter,
+    SparseProcessor,
+    attend_kept_tokens,
+    call_argument,
+    half_precision,
+    valid_key_groups,
+)
 from .registry import register_adapter
 
 
@@ -99,7 +106,7 @@ class Ideogram4Adapter(ModelAdapter):
         # read step 11 as 12). The pipeline's rounding of `1 - t / 1000` goes with it, on `t`'s scale, for the step
         # clock to match the scheduler's timesteps within (`StepClock.tick`).
         read = (1 - timestep.float()) * 1000
-        if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+        if half_precision(timestep):
             read.diffsparse_rounding = 1000 * torch.finfo(timestep.dtype).eps * float(timestep.abs().max())
         return layout, read
 

@@ -29,6 +29,7 @@ from .base import (
     SparseProcessor,
     attend_valid_prefixes,
     call_argument,
+    half_precision,
     prefix_lengths,
     project_qkv,
 )
@@ -129,7 +130,7 @@ class ZImageAdapter(ModelAdapter):
         # 100 steps at shift 3 warned StepScheduleWarning). The pipeline's roundings go with it, on `t`'s scale, for
         # the step clock to match within (`StepClock.tick`).
         read = (1 - timestep.float()) * 1000
-        if timestep.is_floating_point() and torch.finfo(timestep.dtype).eps > torch.finfo(torch.float32).eps:
+        if half_precision(timestep):
             read.diffsparse_rounding = pipeline_rounding(timestep, read)
         return VideoLayout(*grid, text_len=text_len, text_position="end"), read
 
