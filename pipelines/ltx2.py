@@ -155,7 +155,12 @@ def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int]
     from_extra, from_0 = (bool(video_coords[0, 0, token, 0] == 0) for token in (extra, 0))  # at time 0
     if from_extra != from_0:
         return "start" if from_extra else "end"
-    if not isinstance(timestep, torch.Tensor) or timestep.ndim != 2 or timestep.shape[1] != video_coords.shape[2]:
+    if not isinstance(timestep, torch.Tensor) or timestep.ndim < 2:
+        return "end"
+    # The transformer flattens the timestep to one per token of each batch element: `(B, N, 1)` is per-token too,
+    # `(B, 1)` one for every token, which tells no span from another.
+    timestep = timestep.flatten(1)
+    if timestep.shape[1] != video_coords.shape[2]:
         return "end"
     return "start" if bool((timestep[:, :extra] == 0).all() and (timestep[:, extra:] != 0).all()) else "end"
 

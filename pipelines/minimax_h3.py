@@ -9,7 +9,8 @@ positions (ranked per axis: the pipeline's are floats, times spaced unevenly), w
 The runtime attends the rows in that order through its token order and hands the output back in the caller's.
 A call that packs no video rows (text and audio only, a caller's own packing) has no layout: it runs the original
 throughout, each layer counted dense without a warning (nothing sparse is lost), and takes no place among its
-step's calls (`stats()` names it `"original"` outside a `cache_context`). Layer `i` is
+step's calls (`stats()` names it `"original"` outside a `cache_context`); so does a call the transformer refuses (a
+`timestep` not 1-D, an index out of range), for it to raise its own error. Layer `i` is
 `transformer_blocks[i].attn` (the text refiner's attention stays dense).
 """
 
@@ -23,7 +24,7 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument
+from .base import ModelAdapter, SparseProcessor, forward_input
 from .registry import register_adapter
 
 
@@ -55,10 +56,15 @@ class MiniMaxH3Adapter(ModelAdapter):
     timesteps_rise = True
 
     def read_call(self, transformer, args, kwargs):
-        timestep = call_argument(args, kwargs, "timestep", 3)
-        timestep_indices = call_argument(args, kwargs, "timestep_indices", 4)
-        positions = call_argument(args, kwargs, "position_ids", 6)
-        video_rows = call_argument(args, kwargs, "video_indices", 7)
+        timestep, timestep_indices, positions, video_rows = (
+            forward_input(transformer, args, kwargs, name)
+            for name in ("timestep", "timestep_indices", "position_ids", "video_indices"))
+        if not _rows_fit(timestep, timestep_indices, positions, video_rows):
+            # The transformer refuses the call (an argument left out, a `timestep` not 1-D, which its time embedding
+            # asserts, indices out of its AdaLN tables' range): no layout, so the original runs and raises its own
+            # error, not an IndexError of this read.
+            return None, _lowest_timestep(timestep)
+        video_rows = video_rows.reshape(-1)  # `index_copy` takes one video row as a 0-d index too
         if len(video_rows) == 0:
             # No video rows (text and audio only, a caller's own packing): nothing to make sparse. No layout, so the
             # call runs the original throughout (each layer counted dense, unsaid) and takes no place among its
@@ -94,6 +100,29 @@ class MiniMaxH3Adapter(ModelAdapter):
         if torch.equal(order, torch.arange(length, device=order.device)):
             return layout, step_time
         return layout, step_time, order
+
+
+def _lowest_timestep(timestep) -> torch.Tensor:
+    """The lowest of a refused call's timesteps, the step the same call mended would take; 0 where it gives none
+    (the call raises either way)."""
+    if isinstance(timestep, (torch.Tensor, int, float)) and torch.as_tensor(timestep).numel():
+        return torch.as_tensor(timestep, dtype=torch.float32).min()
+    return torch.zeros(())
+
+
+def _rows_fit(timestep, timestep_indices, positions, video_rows) -> bool:
+    """Whether a call's timesteps, rows and positions are as `MiniMaxH3Transformer3DModel.forward` takes them: a 1-D
+    `timestep`, a `(seq_len, 3)` `position_ids`, a `(seq_len,)` integer `timestep_indices` indexing `timestep`, and
+    `video_indices` (long, 0-d or 1-D) rows of the sequence. One host sync."""
+    if not all(isinstance(x, torch.Tensor) for x in (timestep, timestep_indices, positions, video_rows)):
+        return False
+    length = positions.shape[0] if positions.ndim == 2 and positions.shape[-1] == 3 else -1
+    if (timestep.ndim != 1 or timestep_indices.shape != (length,) or video_rows.ndim > 1
+            or timestep_indices.dtype not in (torch.int32, torch.int64) or video_rows.dtype != torch.int64):
+        return False
+    outside = torch.cat([(timestep_indices < 0) | (timestep_indices >= len(timestep)),
+                         ((video_rows < 0) | (video_rows >= length)).reshape(-1)])
+    return not bool(outside.any())
 
 
 register_adapter(MiniMaxH3Adapter())

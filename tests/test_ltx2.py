@@ -580,6 +580,9 @@ def test_echo_memory_on_the_generated_frame_is_told_by_the_timesteps(frames):
 
     clean, noisy = torch.zeros(1, 48), torch.full((1, 24 * frames), 900.0)
     assert position(torch.cat([memory, grid], dim=2), torch.cat([clean, noisy], dim=1)) == "start"
+    # Per token as `(B, N, 1)` too, which the transformer flattens as it does `(B, N)` (read as no per-token timestep
+    # before).
+    assert position(torch.cat([memory, grid], dim=2), torch.cat([clean, noisy], dim=1)[..., None]) == "start"
     # Clean tokens behind a noisy grid (keyframes, references) stay trailing.
     assert position(torch.cat([grid, memory], dim=2), torch.cat([noisy, clean], dim=1)) == "end"
     blind = "start" if frames > 1 else "end"
@@ -621,3 +624,53 @@ def test_echo_denoise_blocks_keep_the_memory_frames_whole_in_front_of_the_grid(m
     assert all(r.sparse == (r.step > 0) and (r.density < 1) == r.sparse for r in records)
     assert {layout for _, layout, _ in calls} == {VideoLayout(3, 4, 6, text_len=24 * memory_slots,
                                                               text_position="start" if memory_slots else "end")}
+
+
+def test_a_half_strength_reference_on_a_one_frame_grid_trails_it():
+    # IC-LoRA's reference on the grid's own coordinates, appended: with a one-frame grid, coordinates and time read
+    # both spans as the grid, so the per-token timesteps decide. A reference of strength 0.5 is noisy too (the step's
+    # t / 2), so nothing is clean in front: it trails. Read from the trailing tokens' noise alone, the grid's
+    # noisy tokens in front would be taken for clean memory, and the reference for the grid.
+    from diffusers.guiders import LTX2Guidance
+    from diffusers.modular_pipelines.ltx2.modular_blocks_ltx2 import LTX2InContextCoreDenoiseStep
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+
+    pipe = LTX2InContextCoreDenoiseStep().init_pipeline()
+    torch.manual_seed(0)
+    pipe.update_components(
+        transformer=tiny_transformer("2.0"), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        audio_vae=AutoencoderKLLTX2Audio(base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1,
+                                         latent_channels=2, mel_bins=8, resolution=32).eval(),
+        guider=LTX2Guidance(guidance_scale=3.0), audio_guider=LTX2Guidance(guidance_scale=7.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    # No VAE in the blocks: its default 32x space compression; one frame of 128 x 192 -> a 1 x 4 x 6 grid.
+    call = {"batch_size": 1, "dtype": torch.float32, "num_frames": 1, "height": 128, "width": 192,
+            "num_inference_steps": 3, "output": ["latents", "audio_latents"], "condition_latents": [],
+            "condition_strengths": [], "condition_indices": [], "condition_pixel_frames": [],
+            "reference_conditions": [LTX2ReferenceCondition(frames=None, strength=0.5)],
+            "reference_token_counts": [24], "reference_latents": torch.randn(1, 24, 8, generator=g),
+            "reference_coords": pipe.transformer.rope.prepare_video_coords(1, 1, 4, 6, torch.device("cpu"))}
+    for prefix in ("", "negative_"):
+        call |= {f"{prefix}connector_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+                 f"{prefix}connector_audio_prompt_embeds": torch.randn(1, 7, 16, generator=g),
+                 f"{prefix}connector_attention_mask": torch.ones(1, 7)}
+    _, calls = check_modular_against_dense(pipe, call, block_size=8, output=video_and_audio)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 4, 6, text_len=24, text_position="end")}
+
+
+def test_one_timestep_for_every_token_does_not_tell_the_grid_from_a_reference():
+    # A `(B, 1)` timestep is valid (the transformer broadcasts it over the tokens) but is no per-token one: it cannot
+    # say which span of a one-frame grid and a reference on its coordinates is clean. At 0 (every token clean), read
+    # as per-token, its one column would make the leading tokens clean and leave no others to be noisy: "start".
+    model = tiny_transformer("2.0")
+    grid = model.rope.prepare_video_coords(1, 1, 4, 6, torch.device("cpu"), fps=24.0)
+
+    def call():
+        return {**make_inputs(model)(), "hidden_states": torch.randn(1, 48, 8, generator=torch.Generator()),
+                "num_frames": 1, "timestep": torch.zeros(1, 1), "video_coords": torch.cat([grid, grid], dim=2)}
+
+    layout, _ = adapter_for(model).read_call(model, (), call())
+    assert layout == VideoLayout(1, 4, 6, text_len=24, text_position="end")
+    run_transformer(model, call, diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=16, dense_steps=0))

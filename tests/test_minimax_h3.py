@@ -134,6 +134,51 @@ def test_a_target_that_is_not_a_whole_grid_is_refused(transformer, wrong):
         transformer(**call)
 
 
+
+REFUSED = {
+    "a 0-d timestep": lambda call: {**call, "timestep": torch.tensor(0.3),
+                                    "timestep_indices": torch.zeros_like(call["timestep_indices"])},
+    "a 2-D timestep": lambda call: {**call, "timestep": call["timestep"][None]},
+    "a row's index past the timesteps": lambda call: {**call, "timestep": call["timestep"][1:]},
+    "a float timestep index": lambda call: {**call, "timestep_indices": call["timestep_indices"].float()},
+    "position_ids with a batch axis": lambda call: {**call, "position_ids": call["position_ids"][None]},
+    "no timestep_indices": lambda call: {name: x for name, x in call.items() if name != "timestep_indices"},
+    "no timestep": lambda call: {name: x for name, x in call.items() if name != "timestep"},
+}
+
+
+@pytest.mark.parametrize("wrong", list(REFUSED))
+def test_a_call_the_transformer_refuses_raises_its_own_error(transformer, wrong):
+    # MiniMax-H3's time embedding takes only a 1-D `timestep` (one value per noise level, which `timestep_indices`
+    # index per row) and its forward checks its shapes: such a call runs the original, which raises as it does
+    # without diffsparse. Before, reading the rows' timesteps raised an IndexError of diffsparse's. The handle
+    # keeps working after it.
+    call = REFUSED[wrong](inputs()())
+    with pytest.raises(Exception) as original, torch.no_grad():
+        transformer(**call)
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        with pytest.raises(original.type) as error:
+            transformer(**call)
+        assert str(error.value) == str(original.value)
+        transformer(**inputs()())
+        assert {(s.dense_calls, s.sparse_calls) for s in handle.stats().layers} == {(0, 1)}
+
+
+def test_one_video_row_given_as_a_0_d_index_runs_sparse(transformer):
+    # `index_copy` takes a 0-d index for a single row, so the transformer does; `len()` of it raised before.
+    def call(index):
+        return {**no_video_call(), "hidden_states": torch.randn(1, 1, CHANNELS * 4, generator=torch.Generator()),
+                "position_ids": torch.arange(TEXT + AUDIO + 1)[:, None].expand(-1, 3).contiguous(),
+                "timestep_indices": (torch.arange(TEXT + AUDIO + 1) >= TEXT).long(), "video_indices": index,
+                "token_tags": torch.tensor([1] * TEXT + [2] * AUDIO + [0])}
+
+    one_row = torch.tensor(TEXT + AUDIO)
+    with recorded_attention_calls() as calls, pytest.warns(diffsparse.DiffsparseWarning, match="keeps every block"):
+        sparse = run_transformer(transformer, lambda: call(one_row), ONE_TOKEN)
+    assert {layout for _, layout, _ in calls} == {VideoLayout(1, 1, 1, text_len=TEXT + AUDIO, text_position="start")}
+    torch.testing.assert_close(sparse, run_transformer(transformer, lambda: call(one_row[None]), ONE_TOKEN), atol=0,
+                               rtol=0)
+
 def test_fused_projections_are_the_ones_the_sparse_path_projects_through():
     # After `fuse_qkv_projections()` MiniMax-H3's own processor (the same class) projects through `to_qkv` alone:
     # with the separate `to_q` zeroed, a sparse path that read it would leave dense's output.
