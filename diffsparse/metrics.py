@@ -250,10 +250,14 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _scored_pair(video, reference, data_range, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Both videos as frames, checked; `None` when either holds a value that is not finite (the score is NaN)."""
+def _scored_pair(video, reference, data_range, metric: str, check_frames=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both videos as frames, checked; `None` when either holds a value that is not finite (the score is NaN).
+    `check_frames(frames)` raises for what the metric cannot score at all (frames too small, no weights) before
+    that: a broken run's NaN must not hide an error the next run would meet."""
     _check_data_range(data_range, video, reference)
     a, b = _paired(video, reference)
+    if check_frames is not None:
+        check_frames(a)
     if _not_finite(a, b, metric):
         return None
     _check_values_in_range(a, b, data_range, (_scaled_on_reading(video), _scaled_on_reading(reference)))
@@ -283,6 +287,15 @@ def psnr(video, reference, data_range: float = 1.0) -> float:
     return float(np.mean(10.0 * np.log10(data_range**2 / differing))) if len(differing) else float("inf")
 
 
+def _ssim_window(frames: np.ndarray) -> int:
+    """The largest odd window up to scikit-image's 7 pixels that fits the frames."""
+    side = min(frames.shape[1:3])
+    win_size = min(7, side if side % 2 else side - 1)
+    if win_size < 3:
+        raise ValueError(f"SSIM needs frames of at least 3x3 pixels, got {frames.shape[1:3]}")
+    return win_size
+
+
 def ssim(video, reference, data_range: float = 1.0) -> float:
     """Structural similarity (scikit-image, colour channels), per frame then averaged.
 
@@ -295,14 +308,11 @@ def ssim(video, reference, data_range: float = 1.0) -> float:
         >>> ssim(a, a)
         1.0
     """
-    pair = _scored_pair(video, reference, data_range, "SSIM")
+    pair = _scored_pair(video, reference, data_range, "SSIM", check_frames=_ssim_window)
     if pair is None:
         return float("nan")
     a, b = pair
-    side = min(a.shape[1:3])
-    win_size = min(7, side if side % 2 else side - 1)  # the largest odd window that fits
-    if win_size < 3:
-        raise ValueError(f"SSIM needs frames of at least 3x3 pixels, got {a.shape[1:3]}")
+    win_size = _ssim_window(a)
     scores = [
         structural_similarity(x, y, data_range=data_range, channel_axis=-1, win_size=win_size) for x, y in zip(a, b)
     ]
@@ -429,13 +439,18 @@ def _alexnet_features(path: Path, field: str = "lpips_weights") -> dict[str, tor
 
 
 @lru_cache(maxsize=2)
-def _lpips_model(weights_path: str):
+def _lpips_model(weights_path: str, given: bool = True):
     try:
         import lpips as lpips_package
     except ImportError as error:
         raise ImportError("LPIPS needs the metrics extra: pip install 'diffsparse[metrics]'") from error
 
     path = Path(weights_path)
+    if not path.is_file() and given:
+        raise FileNotFoundError(
+            f"weights_path={weights_path!r}: no such file. LPIPS needs torchvision's AlexNet checkpoint there "
+            f"({ALEXNET_URL}). No score is given without it."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"LPIPS needs the AlexNet backbone weights, and there is no file at {path}. Download "
@@ -481,14 +496,18 @@ def lpips(video, reference, weights_path: str | os.PathLike | None = None, data_
         >>> lpips(a, a) if alexnet_weights_path().is_file() else 0.0
         0.0
     """
-    pair = _scored_pair(video, reference, data_range, "LPIPS")
+    def model_for(frames):  # too small frames or no weights are errors, before a NaN video's early return
+        if min(frames.shape[1:3]) < LPIPS_MIN_SIZE:
+            raise ValueError(f"LPIPS (AlexNet) needs frames of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, "
+                             f"got {frames.shape[1:3]}")
+        given = weights_path is not None
+        return _lpips_model(str(weights_path if given else alexnet_weights_path()), given)
+
+    pair = _scored_pair(video, reference, data_range, "LPIPS", check_frames=model_for)
     if pair is None:
         return float("nan")
     a, b = pair
-    if min(a.shape[1:3]) < LPIPS_MIN_SIZE:
-        raise ValueError(f"LPIPS (AlexNet) needs frames of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels, got "
-                         f"{a.shape[1:3]}")
-    model = _lpips_model(str(weights_path or alexnet_weights_path()))
+    model = model_for(a)
 
     def to_input(frames):  # (F, H, W, C) in [0, data_range] -> (F, 3, H, W) in [-1, 1], float32 per chunk only
         x = torch.from_numpy(frames[..., :3]).float().permute(0, 3, 1, 2) / data_range

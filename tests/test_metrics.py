@@ -120,6 +120,29 @@ def test_lpips_without_weights_says_where_to_put_them(tmp_path):
     video = np.zeros((1, 48, 48, 3))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         lpips(video, video, weights_path=missing)
+    # A path the caller gave is named as theirs, not as the hub cache to fill; an empty one is not the default.
+    with pytest.raises(FileNotFoundError, match="weights_path=") as error:
+        lpips(video, video, weights_path=missing)
+    assert "hub cache" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match="weights_path=''"):
+        lpips(video, video, weights_path="")
+
+
+def test_a_broken_video_does_not_hide_what_the_metric_cannot_score(tmp_path):
+    # Before, a NaN video gave NaN and a warning before the frame-size and weights checks: the missing weights or
+    # too small frames surfaced only on the next run that was not broken.
+    from diffsparse.metrics import lpips
+
+    rng = np.random.default_rng(3)
+    video = rng.random((2, 40, 40, 3))
+    broken = video.copy()
+    broken[0, 0, 0, 0] = np.nan
+    with pytest.raises(FileNotFoundError, match="weights_path="):
+        lpips(broken, video, weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="at least 31x31"):
+        lpips(broken[:, :8, :8], video[:, :8, :8], weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="at least 3x3"):
+        ssim(broken[:, :2, :2], video[:, :2, :2])
 
 
 # ---------------------------------------------------------------- inputs that must not score well or be misread
@@ -319,7 +342,7 @@ def test_lpips_scores_at_most_8_frames_at_a_time(tmp_path, monkeypatch):
         assert a.dtype == torch.float32
         return model(a, b)
 
-    monkeypatch.setattr(metrics, "_lpips_model", lambda path: recording)
+    monkeypatch.setattr(metrics, "_lpips_model", lambda path, given=True: recording)
     rng = np.random.default_rng(9)
     video = rng.random((20, 32, 40, 3))
     noisy = np.clip(video + rng.normal(0, 0.2, video.shape), 0, 1)
