@@ -1,8 +1,9 @@
 """Allegro (`AllegroTransformer3DModel`): text-to-video.
 
-Self-attention is `transformer_blocks[i].attn1` over video tokens only, frame-major after the per-frame
-`patch_size` patchify (`patch_size_t` in time); the cross-attention `attn2` stays untouched. The pipeline passes
-the 3D RoPE (frequencies and grid positions) to the transformer.
+Self-attention is `transformer_blocks[i].attn1` over video tokens only, frame-major after the per-frame 2D
+`patch_size` patchify: one token frame per latent frame, whatever `patch_size_t` says (the model reads it only to
+unpatchify its output); the cross-attention `attn2` stays untouched. The pipeline passes the 3D RoPE (frequencies
+and grid positions, one temporal position per latent frame) to the transformer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from .base import (
     attention_processor_output,
     call_argument,
     latent_grid,
-    patch_size_3d,
 )
 from .registry import register_adapter
 
@@ -36,11 +36,14 @@ class AllegroSparseAttnProcessor(SparseProcessor, AllegroAttnProcessor2_0):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
         if encoder_hidden_states is not None:  # cross-attention: not a layer diffsparse touches
             return super().__call__(*original)
+        if self.normalises_input(attn):  # before, the sparse path skipped the norm (0.05 off the original)
+            return super().__call__(*original)
         if self.stays_dense(attention_mask):  # a video padding mask is token-level: the original, counted dense
             return super().__call__(*original)
         self.check_not_parallel()
         query, key, value = (
-            layer(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for layer in (attn.to_q, attn.to_k, attn.to_v)
+            layer(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            for layer in (attn.to_q, attn.to_k, attn.to_v)
         )
         if image_rotary_emb is not None:
             query = apply_rotary_emb_allegro(query, image_rotary_emb[0], image_rotary_emb[1])
@@ -58,8 +61,9 @@ class AllegroAdapter(ModelAdapter):
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 2)
-        grid = latent_grid(hidden_states, patch_size_3d(transformer.config))
-        return VideoLayout(*grid), timestep
+        # `pos_embed` patchifies each latent frame in 2D: `patch_size_t` does not merge frames into tokens.
+        patch = transformer.config.patch_size
+        return VideoLayout(*latent_grid(hidden_states, (1, patch, patch))), timestep
 
 
 register_adapter(AllegroAdapter())

@@ -80,6 +80,15 @@ class SparseProcessor:
             return True
         return not self.runtime.route(self.layer)
 
+    def normalises_input(self, attn) -> bool:
+        """Whether `attn` normalises its input first (a `spatial_norm` or `group_norm`, which the sparse paths do
+        not apply): the call then runs the original, logged dense, so `stats()` counts it and a warning says so."""
+        if attn.spatial_norm is None and attn.group_norm is None:
+            return False
+        self.runtime.log_dense(self.layer, why="a group or spatial norm of their input (which the sparse path does "
+                               "not apply)")
+        return True
+
     def log_dense_mask(self, why: str) -> None:
         """Log this call dense for its `attention_mask` (`runtime.log_dense`, which warns the first time it is given
         `why`); a processor that says so in its own words (FLUX's families: `DenseMaskWarning`) logs it unsaid."""
@@ -375,11 +384,7 @@ class SparseFrameSelfAttention(SparseProcessor):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args)
         if encoder_hidden_states is not None:
             return super().__call__(*original, **kwargs)  # cross-attention: not the runtime's to count
-        if attn.spatial_norm is not None or attn.group_norm is not None:
-            # A self-attention normalising its input first, which the sparse path does not: the original's, counted
-            # dense (before, uncounted: stats() showed no call of the layer).
-            self.runtime.log_dense(self.layer, why="a group or spatial norm of their input (which the sparse path "
-                                   "does not apply)")
+        if self.normalises_input(attn):  # before, uncounted: stats() showed no call of the layer
             return super().__call__(*original, **kwargs)
         if self.stays_dense(attention_mask):  # the models pass no mask here; a caller's is the original's to apply
             return super().__call__(*original, **kwargs)
@@ -608,7 +613,7 @@ def references_with_text(text_len: int, image_len: int, reference_len: int) -> t
 
 def patch_size_3d(config) -> tuple[int, int, int]:
     """`(p_t, p_h, p_w)` of a config with an int `patch_size` (space) and `patch_size_t` (time; missing or `None`:
-    1), as CogVideoX, HunyuanVideo, Allegro and Motif-Video give them."""
+    1), as CogVideoX, HunyuanVideo and Motif-Video give them."""
     p_t = getattr(config, "patch_size_t", None) or 1
     return p_t, config.patch_size, config.patch_size
 

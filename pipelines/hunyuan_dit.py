@@ -24,8 +24,10 @@ class HunyuanDiTSparseAttention(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  image_rotary_emb=None):
         original = (attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
-        if encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
-            return super().__call__(*original)  # not a plain self-attention
+        if encoder_hidden_states is not None:  # cross-attention: not the runtime's to count
+            return super().__call__(*original)
+        if self.normalises_input(attn):
+            return super().__call__(*original)
         if self.stays_dense(attention_mask):  # the model passes no mask here; a caller's is the original's to apply
             return super().__call__(*original)
         self.check_not_parallel()

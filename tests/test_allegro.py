@@ -24,26 +24,31 @@ from helpers import (
 RADIAL = diffsparse.SparseConfig(pattern="radial", density=0.3, block_size=16, dense_steps=0)
 
 
-@pytest.fixture(scope="module")
-def transformer():
+def tiny_transformer(caption_channels=16, **config):
     torch.manual_seed(0)
     return AllegroTransformer3DModel(
         num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2,
-        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4, caption_channels=16,
+        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4, caption_channels=caption_channels,
+        **config,
     ).eval()
 
 
-def inputs(transformer, mask=None):
-    """3 latent frames of 8 x 12 -> 3 x 4 x 6 = 72 tokens (three different sizes, so a layout of swapped axes
-    shows), with the RoPE the pipeline builds for them."""
+@pytest.fixture(scope="module")
+def transformer():
+    return tiny_transformer()
+
+
+def inputs(transformer, mask=None, frames=3):
+    """`frames` latent frames of 8 x 12 -> 3 x 4 x 6 = 72 tokens by default (three different sizes, so a layout of
+    swapped axes shows), with the RoPE the pipeline builds for them."""
     # The pipeline's own RoPE preparation, on a stand-in with what it reads (VAE scale 8: 64 x 96 pixels).
     rope = AllegroPipeline._prepare_rotary_positional_embeddings(
-        SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer), 1, 64, 96, 3, torch.device("cpu")
+        SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer), 1, 64, 96, frames, torch.device("cpu")
     )
 
     def call():
         g = torch.Generator().manual_seed(1)
-        return {"hidden_states": torch.randn(1, 4, 3, 8, 12, generator=g),
+        return {"hidden_states": torch.randn(1, 4, frames, 8, 12, generator=g),
                 "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "timestep": torch.tensor([500]),
                 "image_rotary_emb": rope, "attention_mask": mask}
 
@@ -68,6 +73,40 @@ def test_layout_and_a_video_padding_mask(transformer):
     assert torch.equal(out, reference)
 
 
+def test_a_temporal_patch_size_keeps_a_token_frame_per_latent_frame():
+    # `pos_embed` patchifies each latent frame in 2D; `patch_size_t` only shapes the unpatchify. A layout of
+    # 4 // 2 token frames (half the sequence) made the first sparse call refuse its q and k.
+    model = tiny_transformer(patch_size_t=2)
+    assert adapter_for(model).read_call(model, (), inputs(model, frames=4)())[0] == VideoLayout(4, 4, 6)
+    check_against_dense(model, inputs(model, frames=4), block_size=16)
+
+
+class _SpatialNorm(torch.nn.Module):
+    """Stands for `Attention(spatial_norm_dim=...)`'s norm, which the processor calls with the block's `temb`."""
+
+    def forward(self, hidden_states, temb):
+        return 0.5 * hidden_states + 1.0
+
+
+@pytest.mark.parametrize("norm", ["group_norm", "spatial_norm"])
+def test_a_normalised_self_attention_runs_the_original_not_the_sparse_path(norm):
+    # `AllegroAttnProcessor2_0` applies a group norm over channels, or a spatial norm with `temb`, before the
+    # projections, which the sparse path does not: such a self-attention runs the original, counted dense.
+    # Allegro's blocks build theirs without; one set on each `attn1` stands for a model that has one.
+    model = tiny_transformer()
+    plain = run_transformer(model, inputs(model))
+    for block in model.transformer_blocks:
+        setattr(block.attn1, norm, torch.nn.GroupNorm(3, 24) if norm == "group_norm" else _SpatialNorm())
+    reference = run_transformer(model, inputs(model))
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
+    with torch.no_grad(), diffsparse.sparse(model, RADIAL) as handle:
+        with pytest.warns(diffsparse.DiffsparseWarning, match="a group or spatial norm of their input"):
+            out = model(**inputs(model)()).sample
+        layers = handle.stats().layers
+        assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
+    assert torch.equal(out, reference)
+
+
 def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
     check_video_token_positions(transformer, inputs(transformer), grid=(3, 4, 6), patch=(1, 2, 2))
 
@@ -83,12 +122,7 @@ def tiny_pipeline():
     spacing is above the 1e-4 that the every-block check allows. `sample_frames` counts latent frames: the call's
     default is 4 of them, 16 video frames."""
     base = tiny_wan_pipeline()
-    torch.manual_seed(0)
-    model = AllegroTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2,
-        cross_attention_dim=24, sample_height=8, sample_width=12, sample_frames=4,
-        caption_channels=base.text_encoder.config.d_model,
-    ).eval()
+    model = tiny_transformer(base.text_encoder.config.d_model)
     vae = AutoencoderKLAllegro(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                norm_num_groups=2).eval()
     pipe = AllegroPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, transformer=model,

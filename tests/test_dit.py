@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout
+from diffsparse.pipelines import adapter_for
 
 from helpers import (
     check_against_dense,
@@ -46,6 +47,19 @@ def test_a_direct_transformer_call_the_pipelines_way(dit_pipe):
     # The first transformer call of a generation, made directly: also in bfloat16, as real checkpoints run.
     inputs = first_transformer_call(dit_pipe, CALL)
     check_against_dense(dit_pipe.transformer, lambda: inputs, block_size=16)
+
+
+def test_latent_sides_that_are_not_whole_patches(dit_pipe):
+    # The patchify drops a partial patch, as a strided convolution does: 17 x 17 latents make 8 x 8 tokens (DiT's
+    # unpatchify takes the grid as square; a grid rounded up would not match the sequence).
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(2, 4, 17, 17, generator=g), "timestep": torch.tensor([500, 500]),
+                "class_labels": torch.tensor([3, 7])}
+
+    transformer = dit_pipe.transformer
+    assert adapter_for(transformer).read_call(transformer, (), call())[0] == VideoLayout(1, 8, 8)
+    check_against_dense(transformer, call, block_size=16)
 
 
 def test_read_call_takes_every_argument_by_position(dit_pipe):

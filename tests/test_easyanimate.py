@@ -55,6 +55,21 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, orde
 
 
 
+def test_latent_sides_that_are_not_whole_patches(transformer):
+    # The patchify drops a partial patch, as a strided convolution does: 9 x 13 latents make 4 x 6 tokens a frame
+    # (a grid rounded up would not match the sequence).
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(2, 4, 3, 9, 13, generator=g), "timestep": torch.tensor([500, 500]),
+                "encoder_hidden_states": torch.randn(2, 6, 16, generator=g),
+                "encoder_hidden_states_t5": torch.randn(2, 5, 12, generator=g),
+                "inpaint_latents": torch.randn(2, 5, 3, 9, 13, generator=g)}
+
+    layout, _ = adapter_for(transformer).read_call(transformer, (), call())
+    assert layout == VideoLayout(3, 4, 6, text_len=11, text_position="start")
+    check_against_dense(transformer, call, block_size=16)
+
+
 def test_both_texts_lead_the_layout(transformer):
     layout, _ = adapter_for(transformer).read_call(transformer, (), inputs())
     assert layout == VideoLayout(4, 4, 6, text_len=11, text_position="start")

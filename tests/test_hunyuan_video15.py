@@ -170,6 +170,19 @@ def test_layout_of_a_call(transformer):
     assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="end") and float(timestep[0]) == 900.0
 
 
+def test_latent_sides_that_are_not_whole_patches(transformer):
+    # The patchify drops a partial patch, as a strided convolution does: 9 x 7 latents make 4 x 3 tokens a frame
+    # (a grid rounded up would not match the sequence).
+    def call():
+        odd = inputs()
+        odd["hidden_states"] = torch.randn(2, 4, 3, 9, 7, generator=torch.Generator().manual_seed(3))
+        return odd
+
+    assert adapter_for(transformer).read_call(transformer, (), call())[0] == VideoLayout(
+        3, 4, 3, text_len=TEXT_LEN, text_position="end")
+    check_against_dense(transformer, call, block_size=8)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "HunyuanVideo 1.5", layer=1)
 

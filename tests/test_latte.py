@@ -53,6 +53,18 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, orde
     check_against_dense(transformer, inputs(), block_size=16, order=order, sparse=LOCAL)
 
 
+def test_latent_sides_that_are_not_whole_patches(transformer):
+    # The patchify drops a partial patch, as a strided convolution does: 17 x 23 latents make 8 x 11 tokens a frame
+    # (a grid rounded up would not match the sequence).
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(2, 4, FRAMES, 17, 23, generator=g), "timestep": torch.tensor([500, 500]),
+                "encoder_hidden_states": torch.randn(2, 5, 16, generator=g)}
+
+    assert adapter_for(transformer).read_call(transformer, (), call())[0] == VideoLayout(1, 8, 11)
+    check_against_dense(transformer, call, block_size=16)
+
+
 def test_spatial_self_attention_only(transformer):
     layout, _ = adapter_for(transformer).read_call(transformer, (), inputs()())
     assert layout == VideoLayout(1, 8, 12)

@@ -146,6 +146,19 @@ def test_encoder_blocks_attend_the_text_and_the_decoder_block_the_encoders_video
     ]
 
 
+def test_latent_sides_that_are_not_whole_patches(transformer):
+    # The patchify drops a partial patch, as a strided convolution does: 9 x 13 latents make 4 x 6 tokens a frame
+    # (a grid rounded up would not match the sequence).
+    def call():
+        odd = inputs()()
+        odd["hidden_states"] = torch.randn(2, 4, 3, 9, 13, generator=torch.Generator().manual_seed(3))
+        return odd
+
+    layout, _ = adapter_for(transformer).read_call(transformer, (), call())
+    assert layout == VideoLayout(3, 4, 6, text_len=IMAGE_TOKENS + TEXT_LEN, text_position="end")
+    check_against_dense(transformer, call, block_size=16)
+
+
 def test_a_video_gets_in_a_padded_batch_what_it_gets_alone(transformer):
     alone = run_transformer(transformer, lambda: {name: x[:1] for name, x in inputs()().items()}, LOCAL)
     torch.testing.assert_close(run_transformer(transformer, inputs(), LOCAL)[:1], alone, atol=1e-5, rtol=0)
