@@ -342,11 +342,19 @@ def _cell(column: str, value) -> str:
 def run_permute_bench(args) -> dict:
     """The cost of the 3D tile permutation (q, k, v in, output back) as a share of one sparse attention call;
     `args.order`: the `SparseConfig.order` of `--tile` (`cli._order`; `None`, frame-major, permutes by identity).
-    Interleaved `args.repeats` pairs (permutation, attention) after one untimed run of each; medians."""
+    Interleaved `args.repeats` pairs (permutation, attention) after one untimed run of each; medians. The dense
+    pattern is a `ValueError`: its calls run the model's own attention, neither permuted nor through the kernel."""
     from .patterns import VideoLayout
     from .patterns.ordering import as_order
 
     pattern = pattern_option(args.pattern, static=STATIC_PATTERN)  # before any tensor is made
+    if pattern.name == "dense":
+        # Before, it timed the kernel on a full mask against the permutation: a share of a call no run makes
+        # (`SparseRuntime` hands the dense pattern's calls to the original processor, in the model's order).
+        raise ValueError(
+            f"--pattern {args.pattern!r}: must be a sparse pattern, e.g. radial or window3d (the dense pattern's calls "
+            "run the model's own attention, neither permuted nor through the block-sparse kernel, so there is no "
+            "permutation cost to share); `bench attention` times dense SDPA against the kernel")
     _check_backend(args.backend, args.device)
     _check_repeats(args.repeats, "timed permutation and attention calls")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -586,6 +594,7 @@ def run_pipeline_bench(args, config) -> dict:
         offload_mode,
         placement,
         prompt_passed,
+        warn_if_density_replaces,
         weights_dtype,
     )
     from .evaluate import diffsparse_warnings, timed_generation
@@ -612,6 +621,7 @@ def run_pipeline_bench(args, config) -> dict:
     # diffsparse's warnings ("nothing runs sparse", a density out of reach) for readers of the JSON, who see no
     # stderr; every run under the config says them again, so the untimed one is no different.
     with diffsparse_warnings() as kept:
+        warn_if_density_replaces(config)  # the JSON's config names the parameter the density replaced
         dense_run(), sparse_run()  # one-time costs (thread pools, the compiled CPU kernel) off the timed runs
         pairs = []
         for _ in tqdm(range(args.repeats), desc="dense, sparse", unit="pair"):

@@ -234,7 +234,8 @@ def _add_sparse_config(p) -> None:
     """The `SparseConfig` options of the one-configuration commands (`compare`, `trace`)."""
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--density", type=_one_optional_density, default=None,
-                   help="target block density in (0, 1], or none: the pattern's own parameters")
+                   help="target block density in (0, 1], or none: the pattern's own parameters (a density replaces "
+                        "a radial decay or searched keep that --pattern gives; compare warns)")
     p.add_argument("--dense-steps", type=_step_count, default=0.2,
                    help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
@@ -504,7 +505,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--correction-refresh", type=_distinct(_comma_list(_non_negative, "whole numbers >= 0")),
                    default=[0],
                    help="comma-separated correction refreshes, each the steps after which a correction measures "
-                        "again (0 = once); a configuration without a correction runs with 0")
+                        "again (0 = once); a configuration without a correction runs, and is labelled, with 0, each "
+                        "other refresh named in a warning; a refresh that never comes in the run's steps measures "
+                        "once, as 0 does, in one row")
     p.add_argument("--tile", type=_tiles, default=None,
                    help="3D tile order t,h,w for every configuration (SparseConfig.order; default: frame-major); "
                         "several separated by / are cycled over the layers (1,1,1 = frame-major)")
@@ -564,7 +567,10 @@ def _add_bench(sub) -> None:
     _add_kernel_run(m, dim=128, dtype="bf16", repeats=3)
     m.set_defaults(heads=12)
     m.add_argument("--tile", type=_tile, default=[1, 8, 16], help="3D tile order t,h,w")
-    m.add_argument("--pattern", default="window3d", help=PATTERN_HELP)
+    m.add_argument("--pattern", default="window3d",
+                   help="a static sparse pattern, optionally with parameters, e.g. window3d or 'radial(decay=0.5)' "
+                        "(dense is refused: its calls are neither permuted nor run through the kernel; "
+                        "data-dependent ones have no mask before their search)")
     a = bench.add_parser("attention", help="dense SDPA vs block-sparse attention on the same tensors",
                          formatter_class=defaults)
     _add_kernel_run(a, dim=64, dtype="fp32", repeats=5)

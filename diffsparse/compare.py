@@ -11,7 +11,7 @@ import json
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +24,8 @@ from .api import sparse, suspended
 from .bench import DTYPES, strict_json
 from .config import SparseConfig
 from .metrics import lpips, lpips_weights, psnr, ssim
-from .patterns.registry import did_you_mean
+from .patterns import get_pattern
+from .patterns.registry import _parse_call, did_you_mean
 from .pipelines import find_transformers
 
 
@@ -383,12 +384,23 @@ def generation_kwargs(pipe, args, prompt: str, seed: int, first_frame: torch.Ten
     extra = getattr(args, "call_kwargs", None) or {}
     check_call_kwargs(extra)  # every name `kwargs` holds is refused here
     _check_taken(extra, parameters, pipeline_name(pipe))
-    missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in kwargs and name not in extra]
-    if not prompted and missing:
-        raise ValueError(f"{pipeline_name(pipe)} takes no prompt and needs {', '.join(missing)}: give "
-                         f"{'it' if len(missing) == 1 else 'them'} with --call-kwargs '{{\"{missing[0]}\": ...}}'")
+    _check_inputs_given(parameters, pipeline_name(pipe), {*kwargs, *extra})
     return {**kwargs, **extra}
+
+
+def _check_inputs_given(parameters: dict[str, inspect.Parameter], pipeline: str, given,
+                        names: dict[str, str] | None = None) -> None:
+    """A `ValueError` naming the inputs without a default that the call of `pipeline` (its `parameters`), one that
+    takes no prompt (class-conditional: DiT), needs and `given` (the names the call passes) lacks; `names` as
+    `check_call_kwargs`' (its "give_inputs": how to give them)."""
+    if "prompt" in parameters:
+        return
+    missing = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in given]
+    if missing:
+        how = (COMMAND_NAMES if names is None else names)["give_inputs"]
+        raise ValueError(f"{pipeline} takes no prompt and needs {', '.join(missing)}: "
+                         + how.format(it="it" if len(missing) == 1 else "them", example=f'{{"{missing[0]}": ...}}'))
 
 
 @contextlib.contextmanager
@@ -434,10 +446,18 @@ _BATCH_SIZES = ("num_videos_per_prompt", "num_images_per_prompt")
 # What the call-argument checks' messages call the settings (their `names`): "call_kwargs", the setting the call
 # arguments come in; "caller", what makes the call ("which the command sets itself"); "scores", what generates and
 # scores one video per call; "give_image", "leave_image", how to give the conditioning image and how to take it
-# away; and for each call argument of `_SET_BY_OPTIONS`, what to set instead. These are the commands' options; the
-# demo's page gives its own fields (`demo.PAGE_NAMES`), which its messages must name.
+# away; "give_inputs", how to give the inputs a pipeline without a prompt needs (`{it}`: "it" or "them", `{example}`:
+# a JSON object); and for each call argument of `_SET_BY_OPTIONS`, what to set instead. These are the commands'
+# options; the demo's page gives its own fields (`demo.PAGE_NAMES`), which its messages must name.
 COMMAND_NAMES = {
     "call_kwargs": "--call-kwargs",
+    "give_inputs": "give {it} with --call-kwargs '{example}'",
+    # `warn_if_density_replaces`: the pattern as typed (`{pattern}`), the density given (`{density}`), how to run
+    # the pattern as written, and where the pattern is typed.
+    "pattern_given": "--pattern {pattern!r}",
+    "density_given": "--density {density:g}",
+    "no_density": "give --density none",
+    "pattern_setting": "--pattern",
     "caller": "the command",
     "scores": "the commands generate and score",
     "give_image": "give one with --image PATH",
@@ -461,6 +481,38 @@ def check_call_kwargs(call_kwargs: dict | None, names: dict[str, str] | None = N
         if name in _BATCH_SIZES and (isinstance(value, bool) or value != 1):
             raise ValueError(f"{names['call_kwargs']} sets {name}={value!r}: {names['scores']} one video per call, "
                              "so it must be 1 (or left out)")
+
+
+def _density_replaces(config: SparseConfig) -> list[str]:
+    """The parameters `config.pattern`'s text gives that `config.density` sets in their place: radial's `decay`
+    (`Pattern.density_sets`, solved per layout), the searched patterns' `keep` (the density itself) where it
+    differs. Window3D's `window` and SpatialTemporal's extents are scaled by the density, not replaced: none."""
+    if config.density is None or not isinstance(config.pattern, str):
+        return []
+    typed, written, ran = _parse_call(config.pattern)[1], get_pattern(config.pattern), config.resolved_pattern
+    return [name for name in typed if name == written.density_sets
+            or (name in {f.name for f in fields(ran)} and getattr(ran, name) != getattr(written, name))]
+
+
+def warn_if_density_replaces(config: SparseConfig, names: dict[str, str] | None = None) -> None:
+    """A `DiffsparseWarning` for each parameter `config.pattern`'s text gives that `config.density` sets in its
+    place (`_density_replaces`). The density wins, as `SparseConfig.density` and the benches' `--density` have it,
+    and `none` runs the pattern as written; said, since `--pattern 'searched(keep=0.5)' --density 0.25` ran
+    keep=0.25 without a word. `names`: what the message calls the settings (`COMMAND_NAMES`, the default)."""
+    names = COMMAND_NAMES if names is None else names
+    for name in _density_replaces(config):
+        typed = _parse_call(config.pattern)[1][name]
+        pattern = get_pattern(config.pattern)
+        how = (f"{name} is solved for it on each layout where {name} changes the density"
+               if name == pattern.density_sets else f"{name}={getattr(config.resolved_pattern, name)!r} runs")
+        warnings.warn(
+            f"diffsparse: {names['pattern_given'].format(pattern=config.pattern)} gives {name}={typed!r}, and "
+            f"{names['density_given'].format(density=config.density)} sets {name} too: the density wins ({how}), "
+            f"so {name}={typed!r} is replaced; {names['no_density']} to run the pattern as written, or leave {name} "
+            f"out of {names['pattern_setting']}",
+            category=DiffsparseWarning,
+            stacklevel=2,
+        )
 
 
 def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str,
@@ -499,7 +551,8 @@ def check_call_kwargs_before_loading(args, pipe=None, names: dict[str, str] | No
     """`check_call_kwargs`, `check_image`, and what the call of `args.model`'s pipeline refuses (its class read from
     its `model_index.json`; with `pipe`, the pipeline already loaded: the demo's): a `--call-kwargs` key it does not
     take, `--image` given to a pipeline without an `image` argument or missing for one that needs it
-    (`check_image_taken`). Said before a checkpoint of many gigabytes loads (and before the two-stage stills), not
+    (`check_image_taken`), an input a pipeline without a prompt needs missing from `--call-kwargs` (DiT's
+    `class_labels`). Said before a checkpoint of many gigabytes loads (and before the two-stage stills), not
     after. `names`: what the call-argument messages call the settings (`check_call_kwargs`)."""
     call_kwargs = getattr(args, "call_kwargs", None)
     image = getattr(args, "image", None)
@@ -514,6 +567,10 @@ def check_call_kwargs_before_loading(args, pipe=None, names: dict[str, str] | No
         parameters, name = _call_parameters(pipe), pipeline_name(pipe)
     _check_taken(call_kwargs or {}, parameters, name, names)
     check_image_taken(parameters, name, image, first_frame=bool(getattr(args, "two_stage", False)), names=names)
+    # Here too, with `names`: raised at the generation, DiT's missing class labels named `--call-kwargs` on the
+    # demo's page. The arguments the options and the command set count as given (`generation_kwargs` checks the
+    # call it makes).
+    _check_inputs_given(parameters, name, {*_SET_BY_OPTIONS, *_SET_BY_COMMANDS, *(call_kwargs or {})}, names)
 
 
 # The values a pipeline call gives an argument it leaves `None` where its `__call__` says `name = name or EXPR` at its
@@ -761,10 +818,16 @@ def _pixels(frames: np.ndarray) -> np.ndarray:
 def sparse_label(config: SparseConfig) -> str:
     """The sparse video's label: what was asked. With a density, the pattern as given and the density, since the
     pattern's main parameter is solved per layout while it runs (the default instance's repr named parameters that
-    never ran, the same for every density); without one, the pattern with its parameters spelled out."""
+    never ran, the same for every density), less a parameter the density sets in its place (`_density_replaces`);
+    without one, the pattern with its parameters spelled out."""
     if config.density is None:
         return f"sparse {config.resolved_pattern!r}"
     pattern = config.pattern if isinstance(config.pattern, str) else repr(config.pattern)
+    replaced = _density_replaces(config)
+    if replaced:  # a parameter the density set in its place never ran: `searched(keep=0.5) @ density 0.25` named it
+        name, typed = _parse_call(config.pattern)
+        kept = ", ".join(f"{key}={value!r}" for key, value in typed.items() if key not in replaced)
+        pattern = f"{name}({kept})" if kept else name
     return f"sparse {pattern} @ density {config.density:g}"
 
 
@@ -957,18 +1020,20 @@ def check_config_fits(pipe, config: SparseConfig) -> None:
 _FRAME_FILES = ("compare.png", "dense.mp4", "dense.png", "sparse.mp4", "sparse.png")
 
 
-def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
+def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | None = None) -> CompareResult:
     """Generate `args.prompt` dense, then sparse under `config`; score, time, and write the side-by-side video.
 
     `args.two_stage`: text-to-video in two samplings (testbed pipelines only): a still from the shapes-only
     prompt, the best of `args.still_candidates` (`pipelines.testbed.best_still`), then the clip image-to-video
     from it, dense and sparse from the same still; frame 0 (the still) is left out of PSNR/SSIM/LPIPS.
-    `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it.
+    `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it. `names`: what the
+    messages about the settings call them (`COMMAND_NAMES`, the default; the demo's page: `demo.PAGE_NAMES`).
+    A pattern text giving a parameter the density sets is warned of (`warn_if_density_replaces`): the density wins.
     """
     check_two_stage(args, pipe)
     # `--call-kwargs` and `--image` before loading; with the demo's loaded pipeline, before its still is sampled, not
     # at the clips' call.
-    check_call_kwargs_before_loading(args, pipe)
+    check_call_kwargs_before_loading(args, pipe, names=names)
     # A given file that is not there, or frames too small for it: before loading.
     lpips_weights(getattr(args, "lpips_weights", None), frame_size=(args.height, args.width))
     if pipe is None:
@@ -979,6 +1044,7 @@ def run_compare(args, config: SparseConfig, pipe=None) -> CompareResult:
     progress = tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step")
     # A caller's applied config (a `pipe` given, the demo's) must not reach the dense runs: sparse against sparse.
     with kept_warnings() as caught, suspended(pipe), progress:
+        warn_if_density_replaces(config, names)  # in compare.json's warnings and the page's too
         first_frame = shared_still(pipe, args, args.prompt, args.seed) if args.two_stage else None
         # One untimed step of each path first, so one-time costs (allocator, thread pools, lazy imports, and on
         # the sparse side compiling or loading the CPU kernel and building plans) do not land on the timed runs.

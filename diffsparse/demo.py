@@ -43,6 +43,11 @@ DELETE_CACHE = (3600, 3600)
 # fields, by their labels (`build_demo`), not the CLI's options (`--call-kwargs`, `--frames`), which it does not have.
 PAGE_NAMES = {
     "call_kwargs": "the field 'more pipeline call arguments'",
+    "give_inputs": "give {it} in the field 'more pipeline call arguments', e.g. {example}",
+    "pattern_given": "the 'pattern' field's {pattern!r}",
+    "density_given": "the 'target block density' slider at {density:g}",
+    "no_density": "set the 'target block density' slider to 0",
+    "pattern_setting": "the 'pattern' field",
     "caller": "the page",
     "scores": "the page generates and scores",
     "give_image": "give one in the 'input image' field",
@@ -152,9 +157,10 @@ def compare_once(
         image=image,
         call_kwargs=call_kwargs,
     )
-    # run_compare's own check, first with the page's names: its messages named the CLI's options.
+    # The page's names in run_compare's messages and warnings, which named the CLI's options; the call arguments
+    # checked first, as before.
     check_call_kwargs_before_loading(args, pipe, names=PAGE_NAMES)
-    result = run_compare(args, config, pipe=pipe)
+    result = run_compare(args, config, pipe=pipe, names=PAGE_NAMES)
     lpips_text = (f"not computed ({lpips_missing_reason((result.height, result.width))})" if result.lpips is None
                   else f"{result.lpips:.4f}")
     denoise = f"{result.dense_denoise_seconds:.2f} | {result.sparse_denoise_seconds:.2f}"
@@ -275,8 +281,10 @@ def build_demo(pipe, *, model: str | None = None, device: str = "cpu", out: str 
             with gr.Column():
                 prompt = gr.Textbox("a red circle moving left", label="prompt")
                 # `make run`'s config: the best trade measured on the testbed (README "Which pattern").
+                # The example is one the density keeps: with the slider's 0.25, radial(decay=0.5) ran a solved decay.
                 pattern = gr.Dropdown(list(PATTERN_CHOICES), value="searched", allow_custom_value=True,
-                                      label="pattern (a name, or one with parameters: radial(decay=0.5))")
+                                      label="pattern (a name, or one with parameters: radial(min_window=32); a "
+                                            "density other than 0 sets radial's decay and searched's keep)")
                 density = gr.Slider(0.0, 1.0, value=0.25, step=0.05,
                                     label="target block density (0 = the pattern's own parameters)")
                 dense_steps = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="dense steps (fraction of the steps)")

@@ -45,6 +45,7 @@ from .config import SparseConfig, resolve_step_count
 from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
 from .patterns import get_pattern
 from .pipelines import adapter_for, find_transformers
+from .runtime import sparse_steps, step_mode
 
 PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
 _TIMER_HOOK = "diffsparse_attention_timer"
@@ -173,11 +174,13 @@ def run_eval(args) -> list[EvalRow]:
                 )
         progress.update(1)
     # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps: none)
-    # are one run too, and so are dense steps covering every step and the dense pattern. The count the runs resolved
-    # them for, not `--steps`: a pipeline may run fewer (img2img's `strength`); where its runs differ (stages of
-    # their own counts) or are unknown, nothing is merged on it.
-    if len(run_steps) == 1 and None not in run_steps:
-        merged = _distinct_runs(configs, steps=next(iter(run_steps)), blocks=blocks)
+    # are one run too, and so are dense steps covering every step and the dense pattern, and a correction refresh
+    # that never comes and `correction_refresh=0`. The count the runs resolved them for, not `--steps`: a pipeline
+    # may run fewer (img2img's `strength`); where its runs differ (stages of their own counts) or are unknown,
+    # nothing is merged on it.
+    steps = next(iter(run_steps)) if len(run_steps) == 1 and None not in run_steps else None
+    if steps is not None:
+        merged = _distinct_runs(configs, steps=steps, blocks=blocks)
         progress.total -= len(cases) * (len(configs) - len(merged))
         configs = merged
     dense = {}
@@ -194,6 +197,10 @@ def run_eval(args) -> list[EvalRow]:
     for config in configs:
         scores, wall, attention = [], [], []
         with diffsparse_warnings() as kept, sparse(pipe, config) as handle:
+            # Kept in the row: its correction_refresh column names a refresh that did not come.
+            if steps is not None and _refresh_never_comes(config, steps):
+                warnings.warn(f"diffsparse: eval: {_refresh_reason((config,), steps)}", DiffsparseWarning,
+                              stacklevel=2)
             for prompt, seed in cases:
                 frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
                 reference, dense_seconds, dense_attention = dense[prompt, seed]
@@ -255,17 +262,19 @@ def diffsparse_warnings():
 
 def _grid(args) -> list[SparseConfig]:
     """Every combination of `args`' lists (`args.dense_last_steps`, `args.correction_refresh`: `[0]` when not
-    given), as given. A correction refresh only matters with a correction, so a configuration without one runs with
-    `correction_refresh=0` whatever the list holds: made once, the other refreshes left out with `_distinct_runs`'
-    warning; refreshes other than 0 with no correction at all are a `ValueError`, as `SparseConfig` refuses them."""
+    given), as given. A correction refresh only matters with a correction, so a configuration without one runs, and
+    is labelled, with `correction_refresh=0` whatever the list holds: made once, each refresh other than 0 in the
+    list left out with a warning naming it (0 in the list or not); refreshes other than 0 with no correction at all
+    are a `ValueError`, as `SparseConfig` refuses them."""
     refreshes = getattr(args, "correction_refresh", [0])
     if any(refreshes) and all(correction is None for correction in args.correction):
         raise ValueError(
             f"correction_refresh={next(r for r in refreshes if r)!r} has no effect without a correction: add one to "
             "the corrections (e.g. none,residual) or leave correction_refresh at 0"
         )
-    # Without a correction, the refreshes the row stands for: any but the one it is made from (0 where given).
-    left_out = [r for r in refreshes if r != 0] if 0 in refreshes else refreshes[1:]
+    # Without a correction, the refreshes the row (made and labelled with 0, what it runs) stands for: every one but
+    # 0. Before, with no 0 in the list, the first was taken as the row's and left unsaid, though the row read 0.
+    left_out = [r for r in refreshes if r != 0]
     configs = []
     for name, density, dense_steps, dense_last_steps, dense_layers, correction in itertools.product(
         args.pattern, args.density, args.dense_steps, getattr(args, "dense_last_steps", [0]), args.dense_layers,
@@ -286,8 +295,8 @@ def _grid(args) -> list[SparseConfig]:
         for refresh in left_out if correction is None else []:
             warnings.warn(
                 f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
-                f"{_settings(configs[-1])} (correction_refresh={refresh!r} has no effect without a correction): "
-                "measured once, in that row",
+                f"{_settings(configs[-1])}, correction_refresh=0 (correction_refresh={refresh!r} has no effect "
+                "without a correction): measured once, in that row",
                 category=DiffsparseWarning,
                 stacklevel=2,
             )
@@ -358,8 +367,42 @@ def _run_key(config: SparseConfig, steps: int | None = None, blocks: frozenset[i
     if config.density is not None and pattern.density_sets is not None:
         default = next(f.default for f in fields(pattern) if f.name == pattern.density_sets)
         pattern = replace(pattern, **{pattern.density_sets: default})
-    return (repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction,
-            config.correction_refresh)
+    # A refresh that never comes in the runs measures once, as 0 does: the same videos.
+    refresh = 0 if steps is not None and _refresh_never_comes(config, steps) else config.correction_refresh
+    return (repr(pattern), config.density, _dense_step_counts(config, steps), layers, config.correction, refresh)
+
+
+def _refresh_never_comes(config: SparseConfig, steps: int) -> bool:
+    """Whether `config`'s correction refresh (other than 0) never measures again in a `steps`-step run, so that the
+    run is `correction_refresh=0`'s. Foreseen with the runtime's own rule (`runtime.sparse_steps`) for one branch
+    measuring at the schedule's first chance; no call measures earlier, and none is sparse later (another expert,
+    another CFG branch, a chunk starting over measures later, where a refresh comes later still), so a refresh that
+    does not come there comes nowhere."""
+    return bool(config.correction_refresh) and (
+        sparse_steps(config, steps) == sparse_steps(replace(config, correction_refresh=0), steps))
+
+
+def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
+    """Why the refreshes of `configs` that never come in a `steps`-step run (`_refresh_never_comes`) do not, from the
+    step the correction first measures at and the last sparse step after it; `""` if each comes."""
+    never = list(dict.fromkeys(f"correction_refresh={config.correction_refresh!r}" for config in configs
+                               if _refresh_never_comes(config, steps)))
+    if not never:
+        return ""
+    once = replace(configs[0], correction_refresh=0)
+    modes, measured_at = [], None
+    for step in range(steps):
+        modes.append(step_mode(once, step, steps, measured_at))
+        measured_at = step if modes[-1] == "measure" else measured_at
+    measured = modes.index("measure")
+    sparse = [step for step, mode in enumerate(modes) if mode == "sparse"]
+    subject, verb = (never[0], "never comes") if len(never) == 1 else (" and ".join(never), "never come")
+    if not sparse:
+        return (f"{subject} {verb} in a {steps}-step run: the correction measures at step {measured}, the one step "
+                "the schedule leaves sparse, so nothing runs sparse, whatever the refresh")
+    return (f"{subject} {verb} in a {steps}-step run: the correction measures at step {measured} and the last sparse "
+            f"step, {sparse[-1]}, is {sparse[-1] - measured} steps after it, so "
+            f"{'it measures' if len(never) == 1 else 'each measures'} once, as correction_refresh=0 does")
 
 
 _DENSE_PATTERN_REASON = ("a dense pattern runs every call dense, whatever its density, dense steps, dense layers and "
@@ -385,6 +428,8 @@ def _same_run_reason(config: SparseConfig, other: SparseConfig, steps: int | Non
         kept = ("no step" if first + last == 0 else f"the first {first} and the last {last} steps")
         reasons.append(f"{_step_settings(other)} and {_step_settings(config)} keep {kept} of a {steps}-step run dense, "
                        "a fraction of the steps rounding half up")
+    if config.correction_refresh != other.correction_refresh:
+        reasons.append(_refresh_reason((other, config), steps))
     return "; ".join(reasons)
 
 
@@ -426,7 +471,8 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
     `radial` at one density, which solves `decay`; dense layers `0` and `[]`; with the runs' step count `steps`
     known, dense steps `0` and `0.2` of 2 steps, both none, or first and last dense steps keeping the same steps
     dense, and dense steps covering every step, first and last together, which run as `dense` does whatever the
-    pattern, density and correction; with the model's self-attention block indices
+    pattern, density and correction, and a correction refresh that never comes in a run of that many steps, which
+    runs as `correction_refresh=0` does (`_refresh_never_comes`); with the model's self-attention block indices
     `blocks` known, dense layers covering all of them, likewise) is left out with a warning naming the row that
     stands for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it
     generated every video again for an identical row."""
@@ -547,7 +593,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         "dense_steps and dense_last_steps leave sparse), in every denoising run of every video, calls computed dense "
         "there (dense layers, correction measurements, masked calls) counting 1.0. dense_steps, dense_last_steps: "
         "the first and the last steps kept dense, as given (a step count, or a fraction of the steps); "
-        "correction_refresh: the steps after which a correction measures again (0: once; 0 without a correction)."
+        "correction_refresh: the steps after which a correction measures again (0: once; 0 without a correction; "
+        "one that never comes in the run measures once, as its row's warnings say)."
     )
     timing = (
         "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "

@@ -77,6 +77,43 @@ def test_pipeline_bench_reports_the_size_of_the_video_the_pipeline_made(tiny_pip
     assert json.loads((tmp_path / "bench_pipeline.json").read_text())["video"] == "5 frames 16x16, 1 steps"
 
 
+def test_pipeline_bench_says_a_pattern_parameter_its_density_replaces(tiny_pipe, tmp_path, monkeypatch):
+    # `--pattern 'searched(keep=0.5)' --density 0.25` timed keep=0.25 under a config naming keep=0.5, unsaid.
+    from diffsparse import compare
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    args = ["bench", "pipeline", "--steps", "1", "--dense-steps", "1", "--frames", "5", "--height", "16", "--width",
+            "16", "--block-size", "16", "--repeats", "1", "--pattern", "searched(keep=0.5)", "--density", "0.25",
+            "--out", str(tmp_path)]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")  # and "nothing runs sparse" (1 dense step, the fastest run) recorded
+        assert main(args) == 0
+    kept = json.loads((tmp_path / "bench_pipeline.json").read_text())["warnings"]
+    assert ("diffsparse: --pattern 'searched(keep=0.5)' gives keep=0.5, and --density 0.25 sets keep too: the density "
+            "wins (keep=0.25 runs), so keep=0.5 is replaced; give --density none to run the pattern as written, or "
+            "leave keep out of --pattern") in kept
+
+
+def test_permute_bench_refuses_the_dense_pattern(monkeypatch, capsys):
+    # The dense pattern's calls run the model's own attention, neither permuted nor through the kernel: the share it
+    # printed (the permutation over the kernel on a full mask) was of a call no run makes.
+    import torch
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("did the work before refusing the setting")
+
+    monkeypatch.setattr(torch, "randn", no_work)
+    for pattern in ("dense", "dense()"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "permute", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16",
+                  "--tile", "1,4,4", "--dtype", "fp32", "--pattern", pattern])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        assert (f"diffsparse bench permute: error: --pattern {pattern!r}: must be a sparse pattern, e.g. radial or "
+                "window3d (the dense pattern's calls run the model's own attention, neither permuted nor through the "
+                "block-sparse kernel") in err
+
+
 def test_permute_bench_plans_the_mask_in_the_tile_order_it_permutes_by(monkeypatch, capsys):
     # The mask was the frame-major one (0.1094 here) while the tensors were permuted by the tile order.
     from diffsparse.patterns import TileOrder, VideoLayout, get_pattern

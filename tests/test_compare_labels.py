@@ -1,8 +1,11 @@
 """The label on the sparse half of compare.mp4: what ran, and all of it inside the frame."""
 
-import numpy as np
+import warnings
 
-from diffsparse import compare
+import numpy as np
+import pytest
+
+from diffsparse import DiffsparseWarning, SparseConfig, compare
 from diffsparse.demo import compare_once
 
 SMALL = {"steps": 2, "frames": 5, "height": 32, "width": 32, "seed": 0}
@@ -35,3 +38,52 @@ def test_a_long_label_is_wrapped_inside_the_frame(tmp_path):
     rows_with_ink = np.flatnonzero(narrow_frame.any(axis=(1, 2)))
     assert rows_with_ink.max() > 2 * np.flatnonzero(wide_frame.any(axis=(1, 2))).max()  # on more lines
     assert not narrow_frame[:, -3:].any()  # with a margin at the right edge
+
+
+@pytest.mark.parametrize(
+    ("pattern", "density", "said"),
+    [
+        ("radial(decay=0.5)", 0.25, ("--pattern 'radial(decay=0.5)' gives decay=0.5, and --density 0.25 sets decay "
+                                     "too: the density wins (decay is solved for it on each layout where decay "
+                                     "changes the density), so decay=0.5 is replaced; give --density none to run the "
+                                     "pattern as written, or leave decay out of --pattern")),
+        ("searched(keep=0.5, refresh=4)", 0.25, ("--pattern 'searched(keep=0.5, refresh=4)' gives keep=0.5, and "
+                                                 "--density 0.25 sets keep too: the density wins (keep=0.25 runs), so "
+                                                 "keep=0.5 is replaced")),
+        ("searched_windows(keep=0.4)", 0.2, "gives keep=0.4, and --density 0.2 sets keep too"),
+        # Nothing replaced: no density; the density's own value; a parameter the density does not set; window3d's
+        # window, scaled by the density, not replaced.
+        ("radial(decay=0.5)", None, None), ("searched(keep=0.25)", 0.25, None), ("radial(min_window=32)", 0.3, None),
+        ("window3d(window=(1, 4, 4))", 0.3, None), ("radial", 0.3, None),
+    ],
+)
+def test_a_pattern_parameter_the_density_replaces_is_said(pattern, density, said):
+    # Before, the density replaced it without a word: `compare --pattern 'searched(keep=0.5)' --density 0.25` ran
+    # keep=0.25 under a label naming keep=0.5.
+    config = SparseConfig(pattern=pattern, density=density)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare.warn_if_density_replaces(config)
+    assert [str(w.message) for w in caught if not said or said in str(w.message)] == [
+        str(w.message) for w in caught]
+    assert len(caught) == (1 if said else 0) and all(w.category is DiffsparseWarning for w in caught)
+    assert all(str(w.message).startswith("diffsparse: ") for w in caught)
+
+
+def test_the_page_says_a_parameter_its_density_replaces_and_the_label_leaves_it_out(tiny_pipe, tmp_path, monkeypatch):
+    labels = []
+    write = compare.write_side_by_side
+    monkeypatch.setattr(compare, "write_side_by_side",
+                        lambda path, dense, frames, label, fps: labels.append(label) or write(path, dense, frames,
+                                                                                              label, fps))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result, summary = compare_once(tiny_pipe, "a red circle", "searched(keep=0.5, sample_rows=8)", density=0.25,
+                                       block_size=16, **SMALL, out=tmp_path)
+    # The parameters that ran, the density's own in its place.
+    assert labels == ["sparse searched(sample_rows=8) @ density 0.25"]
+    said = ("diffsparse: the 'pattern' field's 'searched(keep=0.5, sample_rows=8)' gives keep=0.5, and the 'target "
+            "block density' slider at 0.25 sets keep too: the density wins (keep=0.25 runs), so keep=0.5 is replaced; "
+            "set the 'target block density' slider to 0 to run the pattern as written, or leave keep out of the "
+            "'pattern' field")
+    assert said in result.warnings and said in summary

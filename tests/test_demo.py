@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from test_dit import dit_pipe  # noqa: F401  (fixture)
 
 from diffsparse.demo import build_demo, compare_once, make_handler
 from diffsparse.patterns import PATTERNS
@@ -66,7 +67,7 @@ def test_sparse_settings_reach_the_config_in_each_form_it_takes(tiny_pipe, tmp_p
     class Configured(Exception):
         pass
 
-    def configured(args, config, pipe):
+    def configured(args, config, pipe, names):
         raise Configured(config)
 
     monkeypatch.setattr(demo, "run_compare", configured)
@@ -203,7 +204,8 @@ def test_sizes_a_pipeline_works_out_itself_start_at_its_own_and_are_not_passed(t
     for name in ("frames", "height", "width"):
         assert (page[name].value, page[name].minimum) == (0, 0) and "0: the pipeline's own" in page[name].label
     calls = []
-    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result_stub(tmp_path))
+    monkeypatch.setattr(demo, "run_compare",
+                        lambda args, config, pipe, names: calls.append(args) or result_stub(tmp_path))
     make_handler(pipe, out=tmp_path)("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 0, 0, 0, 0, 0)
     assert (calls[0].steps, calls[0].frames, calls[0].height, calls[0].width) == (2, None, None, None)
 
@@ -225,7 +227,8 @@ def test_compare_once_defaults_to_the_models_own_size(tiny_pipe, tmp_path, monke
     from diffsparse.compare import fill_call_defaults
 
     calls = []
-    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result_stub(tmp_path))
+    monkeypatch.setattr(demo, "run_compare",
+                        lambda args, config, pipe, names: calls.append(args) or result_stub(tmp_path))
     compare_once(tiny_pipe, "a red circle", out=tmp_path)
     fill_call_defaults(calls[0], tiny_pipe)
     assert (calls[0].steps, calls[0].frames, calls[0].height, calls[0].width) == (50, 81, 480, 832)
@@ -305,7 +308,7 @@ def test_the_summary_shows_the_results_own_numbers_and_warnings(tiny_pipe, tmp_p
                            device="cpu", dtype="fp32", offload="none", sampler="one pass", psnr_db=30.0, ssim=0.9,
                            lpips=None, video_path=str(tmp_path / "compare.mp4"), **numbers,
                            warnings=["diffsparse.apply: nothing runs sparse"])
-    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: result)
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe, names: result)
     _, summary = compare_once(tiny_pipe, "a red circle", "window3d", block_size=16, **SMALL, out=tmp_path)
     assert "| end-to-end seconds | 3.00 | 1.50 |" in summary
     assert "| text encoding + denoising seconds | 3.75 | 1.25 |" in summary
@@ -441,7 +444,7 @@ def stub_run_compare(monkeypatch, result) -> list:
     from diffsparse import demo
 
     calls = []
-    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe: calls.append(args) or result)
+    monkeypatch.setattr(demo, "run_compare", lambda args, config, pipe, names: calls.append(args) or result)
     return calls
 
 
@@ -519,6 +522,31 @@ def test_the_pages_call_argument_messages_name_its_fields_not_the_clis_options(t
     with pytest.raises(ValueError, match=r"^--call-kwargs sets 'num_frames', which the command sets itself: use its "
                                          r"option \(--frames\) instead$"):
         compare.check_call_kwargs({"num_frames": 5})
+
+
+def test_a_class_conditional_pipelines_missing_input_is_asked_for_in_the_pages_field(dit_pipe, tmp_path):  # noqa: F811
+    # DiT takes no prompt: its class labels come with the call arguments. Raised at the generation, the page's
+    # message said "give it with --call-kwargs", an option the page does not have.
+    import json
+    from types import SimpleNamespace
+
+    from diffsparse import compare
+
+    pipe = dit_pipe
+    with pytest.raises(ValueError) as error:
+        compare_once(pipe, "a red circle", "window3d", density=0.3, block_size=16, steps=2, out=tmp_path)
+    assert str(error.value) == ("DiTPipeline takes no prompt and needs class_labels: give it in the field 'more "
+                                'pipeline call arguments\', e.g. {"class_labels": ...}')
+    result, _ = compare_once(pipe, "a red circle", "window3d", density=0.3, block_size=16, steps=2, out=tmp_path,
+                             call_kwargs=json.dumps({"class_labels": [3]}))
+    assert result.psnr_db > 0 and result.call_kwargs == {"class_labels": [3]}
+    # The commands' own wording, now said before the model loads (its class read from model_index.json).
+    pipe.save_pretrained(tmp_path / "dit")
+    args = SimpleNamespace(model=str(tmp_path / "dit"), call_kwargs=None, image=None)
+    with pytest.raises(ValueError, match=r"^DiTPipeline takes no prompt and needs class_labels: give it with "
+                                         r"--call-kwargs '\{\"class_labels\": \.\.\.\}'$"):
+        compare.check_call_kwargs_before_loading(args)
+    compare.check_call_kwargs_before_loading(SimpleNamespace(**{**vars(args), "call_kwargs": {"class_labels": [3]}}))
 
 
 def test_a_seed_out_of_torchs_range_says_which_way_to_move_it(tiny_pipe, tmp_path):

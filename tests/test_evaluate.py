@@ -408,15 +408,82 @@ def test_a_correction_refresh_without_a_correction_is_measured_once_with_refresh
     assert [(c.dense_last_steps, c.correction, c.correction_refresh) for c in configs] == [
         (last, correction, refresh) for last in (0, 1) for correction, refresh in
         [(None, 0), *(("residual", r) for r in refreshes)]]
-    # The refreshes other than 0 (or than the first, with no 0 among them) are the ones left out, each said.
-    left_out = [r for r in refreshes if r] if 0 in refreshes else refreshes[1:]
+    # Every refresh other than 0 is left out and said, 0 in the list or not: the row is labelled 0, what it runs.
+    # Before, with `2,3`, the row read 0 while only 3 was said, 2 taken silently as the row's own.
+    left_out = [r for r in refreshes if r]
     texts = [str(w.message) for w in caught]
     assert len(texts) == 2 * len(left_out)
     for text, (last, refresh) in zip(texts, [(last, r) for last in (0, 1) for r in left_out]):
         kept = evaluate._settings(SparseConfig(pattern="radial", density=0.3, dense_steps=0, dense_last_steps=last))
-        assert text == (f"diffsparse: eval: {kept}, correction_refresh={refresh} runs as {kept} (correction_refresh="
-                        f"{refresh} has no effect without a correction): measured once, in that row")
+        assert text == (f"diffsparse: eval: {kept}, correction_refresh={refresh} runs as {kept}, correction_refresh=0 "
+                        f"(correction_refresh={refresh} has no effect without a correction): measured once, in that "
+                        "row")
     assert evaluate._distinct_runs(configs) == configs  # and every configuration left is a run of its own
+
+
+@pytest.mark.parametrize(
+    ("dense_steps", "refreshes", "kept", "message"),
+    [
+        # 3 steps, the first dense: measured at step 0, sparse at 1 and 2. Refresh 2 comes at step 2; 3 and 5 never.
+        (1, [0, 2, 3, 5], [0, 2], ("correction_refresh=3 never comes in a 3-step run: the correction measures at "
+                                   "step 0 and the last sparse step, 2, is 2 steps after it, so it measures once, as "
+                                   "correction_refresh=0 does")),
+        # No dense step: measured at step 0, the first sparse one, sparse at 1 and 2 (the refresh of the number of
+        # sparse steps, 2, comes: at step 2).
+        (0, [0, 2, 3], [0, 2], "correction_refresh=3 never comes in a 3-step run: the correction measures at step 0"),
+        # None is 0: the first row stands for the other, both refreshes named.
+        (1, [5, 3], [5], "correction_refresh=5 and correction_refresh=3 never come in a 3-step run"),
+    ],
+)
+def test_a_correction_refresh_that_never_comes_runs_as_refresh_0(dense_steps, refreshes, kept, message):
+    # Before, each was a run of its own, every video generated again for a row identical to refresh 0's.
+    base = SparseConfig(pattern="radial", density=0.3, dense_steps=dense_steps, correction="residual")
+    configs = [replace(base, correction_refresh=refresh) for refresh in refreshes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate._distinct_runs(configs) == configs  # the step count unknown: each its own
+    with pytest.warns(UserWarning) as caught:
+        assert [c.correction_refresh for c in evaluate._distinct_runs(configs, steps=3)] == kept
+    assert len(caught) == len(refreshes) - len(kept) and message in str(caught[0].message)
+    assert " runs as " in str(caught[0].message) and str(caught[0].message).endswith("measured once, in that row")
+
+
+def test_a_correction_refresh_that_never_comes_makes_the_videos_of_refresh_0(tiny_pipe):
+    # What the merge stands on, checked on the runtime: two CFG branches, 3 steps, the first dense.
+    from helpers import tiny_call
+
+    def video(refresh):
+        config = SparseConfig(pattern="window3d", density=0.3, dense_steps=1, block_size=16, correction="residual",
+                              correction_refresh=refresh)
+        with diffsparse.sparse(tiny_pipe, config):
+            return tiny_pipe(**tiny_call(num_inference_steps=3)).frames[0]
+
+    once = video(0)
+    for refresh in (3, 4):
+        assert evaluate._refresh_never_comes(replace(SparseConfig(correction="residual", dense_steps=1),
+                                                     correction_refresh=refresh), 3)
+        torch.testing.assert_close(video(refresh), once, rtol=0, atol=0)
+    assert not evaluate._refresh_never_comes(SparseConfig(correction="residual", dense_steps=1, correction_refresh=2),
+                                             3)
+    assert not torch.equal(video(2), once)
+
+
+def test_eval_measures_a_correction_refresh_that_never_comes_once_and_its_row_says_so(tmp_path, monkeypatch):
+    generate, videos = evaluate.timed_generation, []
+    monkeypatch.setattr(evaluate, "timed_generation", lambda *a, **kw: videos.append(1) or generate(*a, **kw))
+    args = ["eval", "--steps", "3", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
+            "--correction", "residual", "--correction-refresh", "5,0,2", "--prompts", "1", "--out", str(tmp_path)]
+    with pytest.warns(UserWarning, match=r"correction='residual' runs as .*correction_refresh=5 \(correction_refresh=5 "
+                                         "never comes in a 3-step run"):
+        assert main(args) == 0
+    rows = _rows(tmp_path)
+    assert [row["correction_refresh"] for row in rows] == ["5", "2"]
+    assert len(videos) == 2 + 1 + 2  # two warm-ups, one dense video, one per row left
+    # The row labelled 5 says it measured once, where its readers look.
+    said = ("diffsparse: eval: correction_refresh=5 never comes in a 3-step run: the correction measures at step 0 "
+            "and the last sparse step, 2, is 2 steps after it, so it measures once, as correction_refresh=0 does")
+    assert json.loads(rows[0]["warnings"]) == [said]
+    assert json.loads(rows[1]["warnings"]) == []
 
 
 def test_a_correction_refresh_with_no_correction_at_all_is_refused(tmp_path, monkeypatch, capsys):
@@ -458,7 +525,9 @@ def test_eval_takes_dense_last_steps_and_correction_refreshes(tmp_path, monkeypa
     monkeypatch.setattr(evaluate, "sparse", lambda pipe, config: applied.append(config) or apply(pipe, config))
     assert build_parser().parse_args(["eval"]).dense_last_steps == [0]
     assert build_parser().parse_args(["eval"]).correction_refresh == [0]
-    args = ["eval", "--steps", "3", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
+    # 4 steps: with the last one dense too, refresh 2 still comes (measured at step 0, again at 2). Of 3 it would
+    # not (sparse at step 1 only): a run of refresh 0's, measured once in its row.
+    args = ["eval", "--steps", "4", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
             "--dense-last-steps", "0,1", "--correction", "none,residual", "--correction-refresh", "0,2",
             "--prompts", "1"]
     with pytest.warns(UserWarning, match="correction_refresh=2 has no effect without a correction"):
