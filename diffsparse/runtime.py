@@ -852,6 +852,15 @@ class SparseRuntime:
         if token_order is not None:
             query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
         layout = state.layout if layout is None else layout
+        if key.shape[1] != layout.num_tokens or query.shape[1] != layout.num_tokens - start:
+            # An adapter's layout that is not the sequence it attends: said in its terms, not the kernel plan's
+            # ("q and k lengths must match the plan's").
+            raise ValueError(
+                f"diffsparse: {self.name}: the call's layout {layout} holds {layout.num_tokens} tokens, but the "
+                f"attention got {query.shape[1]} queries and {key.shape[1]} keys; the adapter read this call's "
+                "token layout wrongly (please report it with the model's config and input sizes); pattern='dense' "
+                "runs the original meanwhile"
+            )
         branch = self.state_manager.context.name
         pattern = self.pattern
         # Which videos of the layer call these are: a fit and a correction's statistics are kept for them alone.

@@ -142,6 +142,26 @@ def test_a_token_order_attends_the_model_tokens_in_the_layouts_order(order):
         runtime.begin_call(layout, 0, 1, token_order[1:])
 
 
+@pytest.mark.parametrize("video_queries", [False, True])
+def test_a_layout_that_is_not_the_sequence_attended_is_said_in_the_layout_s_terms(video_queries):
+    # An adapter that misreads a call (Allegro's grid once divided frames by patch_size_t) failed deep in the kernel
+    # with "q and k lengths must match the plan's", naming neither the layout nor the family.
+    layout = VideoLayout(2, 4, 4, text_len=3, text_position="start")
+    runtime = SparseRuntime(SparseConfig(pattern=Radial(decay=0.25, min_window=4), block_size=16, dense_steps=0),
+                            "transformer")
+    runtime.state_manager.set_context(CacheContext("cond"))
+    tokens = 2 * layout.num_tokens
+    q, k, v = torch.randn(3, 1, tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    runtime.begin_call(layout, 0, 1)
+    with pytest.raises(ValueError, match=r"transformer: the call's layout .* holds 35 tokens, but the attention got "
+                                         r"\d+ queries and 70 keys"):
+        runtime.attention(0, q[:, layout.video_start:] if video_queries else q, k, v, video_queries=video_queries)
+    # The right lengths run, video queries too.
+    q, k, v = (x[:, :layout.num_tokens] for x in (q, k, v))
+    assert runtime.attention(0, q[:, layout.video_start:] if video_queries else q, k, v,
+                             video_queries=video_queries).shape[1] == q.shape[1] - (layout.video_start * video_queries)
+
+
 @pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
 def test_a_list_of_orders_gives_the_layers_each_in_turn(pattern):
     # VMoBA's partitions cycling across layers: layer i attends as a runtime with order[i % len(order)] alone would
