@@ -198,7 +198,8 @@ def run_eval(args) -> list[EvalRow]:
         scores, wall, attention = [], [], []
         with diffsparse_warnings() as kept, sparse(pipe, config) as handle:
             # Kept in the row: its correction_refresh column names a refresh that did not come.
-            if steps is not None and _refresh_never_comes(config, steps):
+            if steps is not None and _every_call_dense(config, steps, blocks) is None \
+                    and _refresh_never_comes(config, steps):
                 warnings.warn(f"diffsparse: eval: {_refresh_reason((config,), steps)}", DiffsparseWarning,
                               stacklevel=2)
             for prompt, seed in cases:
@@ -377,9 +378,19 @@ def _refresh_never_comes(config: SparseConfig, steps: int) -> bool:
     run is `correction_refresh=0`'s. Foreseen with the runtime's own rule (`runtime.sparse_steps`) for one branch
     measuring at the schedule's first chance; no call measures earlier, and none is sparse later (another expert,
     another CFG branch, a chunk starting over measures later, where a refresh comes later still), so a refresh that
-    does not come there comes nowhere."""
-    return bool(config.correction_refresh) and (
+    does not come there comes nowhere. Never where nothing measures (every step dense): no refresh to speak of."""
+    return bool(config.correction_refresh) and "measure" in _modes_measuring_once(config, steps) and (
         sparse_steps(config, steps) == sparse_steps(replace(config, correction_refresh=0), steps))
+
+
+def _modes_measuring_once(config: SparseConfig, steps: int) -> list[str]:
+    """`step_mode` of each step of a `steps`-step run of `config` with `correction_refresh=0`."""
+    once = replace(config, correction_refresh=0)
+    modes, measured_at = [], None
+    for step in range(steps):
+        modes.append(step_mode(once, step, steps, measured_at))
+        measured_at = step if modes[-1] == "measure" else measured_at
+    return modes
 
 
 def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
@@ -389,11 +400,7 @@ def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
                                if _refresh_never_comes(config, steps)))
     if not never:
         return ""
-    once = replace(configs[0], correction_refresh=0)
-    modes, measured_at = [], None
-    for step in range(steps):
-        modes.append(step_mode(once, step, steps, measured_at))
-        measured_at = step if modes[-1] == "measure" else measured_at
+    modes = _modes_measuring_once(configs[0], steps)
     measured = modes.index("measure")
     sparse = [step for step, mode in enumerate(modes) if mode == "sparse"]
     subject, verb = (never[0], "never comes") if len(never) == 1 else (" and ".join(never), "never come")
@@ -401,7 +408,8 @@ def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
         return (f"{subject} {verb} in a {steps}-step run: the correction measures at step {measured}, the one step "
                 "the schedule leaves sparse, so nothing runs sparse, whatever the refresh")
     return (f"{subject} {verb} in a {steps}-step run: the correction measures at step {measured} and the last sparse "
-            f"step, {sparse[-1]}, is {sparse[-1] - measured} steps after it, so "
+            f"step, {sparse[-1]}, is {sparse[-1] - measured} step{'s' if sparse[-1] - measured != 1 else ''} after "
+            "it, so "
             f"{'it measures' if len(never) == 1 else 'each measures'} once, as correction_refresh=0 does")
 
 

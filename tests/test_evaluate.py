@@ -486,6 +486,18 @@ def test_eval_measures_a_correction_refresh_that_never_comes_once_and_its_row_sa
     assert json.loads(rows[1]["warnings"]) == []
 
 
+@pytest.mark.parametrize("every_call_dense", [["--dense-steps", "2"], ["--dense-steps", "0", "--dense-layers", "100"]])
+def test_a_row_that_runs_every_call_dense_says_nothing_of_a_refresh(tmp_path, every_call_dense):
+    # Nothing measures there, so no refresh comes or fails to: before, every dense step crashed the run ("'measure'
+    # is not in list") and every dense layer's row said the correction measured at step 0.
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", WINDOW, "--density", "none", *every_call_dense,
+            "--correction", "residual", "--correction-refresh", "3", "--prompts", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (row,) = _rows(tmp_path)
+    assert float(row["measured_density"]) == 1.0
+    assert not any("never comes" in warning for warning in json.loads(row["warnings"]))
+
+
 def test_a_correction_refresh_with_no_correction_at_all_is_refused(tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
