@@ -130,6 +130,8 @@ class SparseHandle:
                 read_call = adapter.read_call
                 if adapter.timestep_from_pipeline and pipeline is not None:
                     read_call = _with_pipeline_timestep(read_call, pipeline, self._clock)
+                if adapter.timestep_over_train_timesteps:
+                    read_call = _on_train_timesteps(read_call, self._clock)
                 hook = SparseContextHook(runtime, self._clock, read_call, self._new_run, adapter.per_frame_steps,
                                          installed=processors.items())
                 register_context_hook(transformer, hook)
@@ -303,6 +305,19 @@ def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]
         category=DiffsparseWarning,
         stacklevel=3,
     )
+
+
+def _on_train_timesteps(read_call, clock: StepClock):
+    """`read_call` whose timestep, a share of the scheduler's `num_train_timesteps` (`t / num_train_timesteps`, as
+    Lumina2's and PRX's pipelines pass it), is put back on the scale of `clock`'s scheduler now (1000, diffusers'
+    default, where there is none)."""
+
+    def read(transformer, args, kwargs):
+        layout, timestep, *token_order = read_call(transformer, args, kwargs)
+        config = getattr(clock._current_scheduler(), "config", None)
+        return (layout, timestep * float(getattr(config, "num_train_timesteps", None) or 1000), *token_order)
+
+    return read
 
 
 def _with_pipeline_timestep(read_call, pipeline, clock: StepClock):

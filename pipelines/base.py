@@ -499,6 +499,10 @@ class ModelAdapter(ABC):
     # The transformer gets the timestep on another scale than the scheduler's timesteps (Cosmos): applied to a
     # pipeline, the step clock reads the pipeline's `_current_timestep` instead of `read_call`'s timestep.
     timestep_from_pipeline: bool = False
+    # `read_call`'s timestep is the pipeline's `t / scheduler.config.num_train_timesteps` (Lumina2, PRX): applied,
+    # the step clock puts it back on the scale of the scheduler it follows (1000 where there is none); a fixed 1000
+    # missed every step of a scheduler trained on another count.
+    timestep_over_train_timesteps: bool = False
     # The transformer may get one timestep per latent frame, each frame at its own noise level (diffusion forcing):
     # applied to a pipeline, each frame follows the dense-step schedule on its own step (`SparseRuntime.begin_call`).
     per_frame_steps: bool = False

@@ -87,6 +87,7 @@ class Lumina2Adapter(ModelAdapter):
     sparse_processor = Lumina2SparseAttnProcessor
     block_lists = ("noise_refiner", "layers")
     attention_name = "attn"
+    timestep_over_train_timesteps = True
 
     def read_call(self, transformer, args, kwargs):
         latents = call_argument(args, kwargs, "hidden_states", 0)
@@ -97,8 +98,8 @@ class Lumina2Adapter(ModelAdapter):
         text_len = int(prompt_mask.sum(dim=1).max())
         layout = VideoLayout(1, latents.shape[-2] // patch, latents.shape[-1] // patch, text_len=text_len,
                              text_position="start")
-        # The pipeline passes `1 - t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        return layout, (1 - timestep) * 1000
+        # The pipeline passes `1 - t / num_train_timesteps`: `t` as a share of them (`timestep_over_train_timesteps`).
+        return layout, 1 - timestep
 
 
 register_adapter(Lumina2Adapter())

@@ -56,8 +56,8 @@ class PRXAdapter(ModelAdapter):
     sparse_processor = PRXSparseAttnProcessor
     block_lists = ("blocks",)
     attention_name = "attention"
-    # The pipelines pass `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-    timestep_scale = 1000
+    # The pipelines pass `t / num_train_timesteps`; the scheduler's timesteps, which the step clock matches, are `t`.
+    timestep_over_train_timesteps = True
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
@@ -66,7 +66,7 @@ class PRXAdapter(ModelAdapter):
         patch = transformer.config.patch_size
         height, width = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
         layout = VideoLayout(1, height, width, text_len=encoder_hidden_states.shape[1], text_position="start")
-        return layout, timestep * self.timestep_scale
+        return layout, timestep
 
 
 register_adapter(PRXAdapter())

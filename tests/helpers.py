@@ -278,6 +278,28 @@ def check_against_dense(model, inputs, block_size: int, order=None, sparse=None,
     return calls
 
 
+def check_steps_of_a_scheduler_trained_on_other_timesteps(pipe, call: dict, steps: int = 4):
+    """For a pipeline passing `t / scheduler.config.num_train_timesteps` (Lumina2, PRX): with a scheduler of 500
+    training timesteps, every call is on its step, without a `StepScheduleWarning` (a fixed 1000 read 500 as 1000:
+    off the grid, the schedule not followed)."""
+    import warnings
+
+    import diffsparse
+    from diffsparse.runtime import StepScheduleWarning
+
+    scheduler = pipe.scheduler
+    pipe.scheduler = type(scheduler).from_config(scheduler.config, num_train_timesteps=500)
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), diffsparse.sparse(pipe, config) as handle:
+            warnings.simplefilter("error", StepScheduleWarning)
+            pipe(**{**call, "num_inference_steps": steps}, generator=torch.Generator().manual_seed(0))
+            calls = handle.stats().calls["transformer"]
+    finally:
+        pipe.scheduler = scheduler
+    assert sorted({record.step for record in calls}) == list(range(steps))
+
+
 def check_read_call_by_position(transformer, call: dict):
     """The adapter's `read_call` gives the same layout, timestep and token order when `call`'s arguments come by
     position, in `forward`'s order (omitted ones as their defaults), as by keyword: pipelines pass them by keyword,

@@ -16,6 +16,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_steps_of_a_scheduler_trained_on_other_timesteps,
     first_transformer_call,
     tiny_image_vae,
 )
@@ -107,6 +108,10 @@ def test_proportional_attention_runs_the_original_processor_counted_dense(lumina
     with torch.no_grad():
         assert torch.equal(out, Lumina2AttnProcessor2_0()(attn, **kwargs))
     assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 0, 1), (1, 1, 0), (2, 0, 1)]
+
+
+def test_the_steps_of_a_scheduler_trained_on_other_timesteps(lumina2_pipe):
+    check_steps_of_a_scheduler_trained_on_other_timesteps(lumina2_pipe, lumina2_call())
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(lumina2_pipe):

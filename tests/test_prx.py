@@ -15,6 +15,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_steps_of_a_scheduler_trained_on_other_timesteps,
     first_transformer_call,
     recorded_attention_calls,
     run_pipeline,
@@ -99,6 +100,10 @@ def test_a_mask_not_the_text_s_is_the_original_s_error(prx_pipe, shape):
             prx_pipe.transformer(**call)
         with diffsparse.sparse(prx_pipe.transformer, config), pytest.raises(ValueError, match="attention_mask"):
             prx_pipe.transformer(**call)
+
+
+def test_the_steps_of_a_scheduler_trained_on_other_timesteps(prx_pipe):
+    check_steps_of_a_scheduler_trained_on_other_timesteps(prx_pipe, prx_call())
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(prx_pipe):
