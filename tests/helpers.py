@@ -110,6 +110,34 @@ def run_transformer(model, inputs, config=None, **kwargs) -> torch.Tensor:
             return model(**inputs(**kwargs)).sample
 
 
+class _SpatialNorm(torch.nn.Module):
+    """Stands for `Attention(spatial_norm_dim=...)`'s norm, which the processor calls with the block's `temb`."""
+
+    def forward(self, hidden_states, temb):
+        return 0.5 * hidden_states + 1.0
+
+
+def check_a_normalised_self_attention_runs_the_original(model, inputs, config, norm: str, attentions) -> None:
+    """With `norm` ("group_norm": over 2 channel groups, or "spatial_norm") set on each of `attentions` (`model`'s
+    self-attention modules), which the sparse paths do not apply, every call runs the original processor: the
+    output `model(**inputs())` gives without diffsparse, each layer counted dense, a warning saying why. The models'
+    own blocks build none; one set here stands for a model that has one."""
+    import diffsparse
+
+    plain = run_transformer(model, inputs)
+    for attention in attentions:
+        channels = attention.to_q.in_features
+        setattr(attention, norm, torch.nn.GroupNorm(2, channels) if norm == "group_norm" else _SpatialNorm())
+    reference = run_transformer(model, inputs)
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
+    with torch.no_grad(), diffsparse.sparse(model, config) as handle:
+        with pytest.warns(diffsparse.DiffsparseWarning, match="a group or spatial norm of their input"):
+            out = model(**inputs()).sample
+        layers = handle.stats().layers
+    assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
+    assert torch.equal(out, reference)
+
+
 def _block_mask_reference(runtime, record, layout, query, key, value) -> torch.Tensor | None:
     """Dense attention of `query, key, value` (`(B, S, H, D)`, the layout's token order, as an observer gets them)
     under the runtime's static pattern's block mask on `layout` (the pattern as solved for the layout under

@@ -14,6 +14,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
 from helpers import (
+    check_a_normalised_self_attention_runs_the_original,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -81,30 +82,12 @@ def test_a_temporal_patch_size_keeps_a_token_frame_per_latent_frame():
     check_against_dense(model, inputs(model, frames=4), block_size=16)
 
 
-class _SpatialNorm(torch.nn.Module):
-    """Stands for `Attention(spatial_norm_dim=...)`'s norm, which the processor calls with the block's `temb`."""
-
-    def forward(self, hidden_states, temb):
-        return 0.5 * hidden_states + 1.0
-
-
 @pytest.mark.parametrize("norm", ["group_norm", "spatial_norm"])
 def test_a_normalised_self_attention_runs_the_original_not_the_sparse_path(norm):
-    # `AllegroAttnProcessor2_0` applies a group norm over channels, or a spatial norm with `temb`, before the
-    # projections, which the sparse path does not: such a self-attention runs the original, counted dense.
-    # Allegro's blocks build theirs without; one set on each `attn1` stands for a model that has one.
+    # `AllegroAttnProcessor2_0` applies it before the projections; before, the sparse path skipped it (0.05 off).
     model = tiny_transformer()
-    plain = run_transformer(model, inputs(model))
-    for block in model.transformer_blocks:
-        setattr(block.attn1, norm, torch.nn.GroupNorm(3, 24) if norm == "group_norm" else _SpatialNorm())
-    reference = run_transformer(model, inputs(model))
-    assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
-    with torch.no_grad(), diffsparse.sparse(model, RADIAL) as handle:
-        with pytest.warns(diffsparse.DiffsparseWarning, match="a group or spatial norm of their input"):
-            out = model(**inputs(model)()).sample
-        layers = handle.stats().layers
-        assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
-    assert torch.equal(out, reference)
+    attentions = [block.attn1 for block in model.transformer_blocks]
+    check_a_normalised_self_attention_runs_the_original(model, inputs(model), RADIAL, norm, attentions)
 
 
 def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):

@@ -18,6 +18,7 @@ from diffsparse.patterns import TileOrder, VideoLayout
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
+    check_a_normalised_self_attention_runs_the_original,
     check_against_dense,
     check_controlnet_pipeline,
     check_fused_projections,
@@ -78,25 +79,16 @@ def test_a_direct_transformer_call_the_pipelines_way(hunyuan_dit_pipe):
 
 
 def test_a_normalised_self_attention_runs_the_original_counted_dense(hunyuan_dit_pipe):
-    # A group norm of the input, which the sparse path does not apply: the original runs. Before, uncounted (stats()
-    # showed no call of the layer) and unsaid. HunyuanDiT's blocks build none; one on a copy stands for other models'.
+    # Before, the original ran uncounted (stats() showed no call of the layer) and unsaid.
     import copy
 
     import diffsparse
-    from diffsparse import DiffsparseWarning
 
     inputs = first_transformer_call(hunyuan_dit_pipe, hunyuan_dit_call())
     model = copy.deepcopy(hunyuan_dit_pipe.transformer)
-    for block in model.blocks:
-        block.attn1.group_norm = torch.nn.GroupNorm(2, 16)
-    with torch.no_grad():
-        reference = model(**inputs).sample
-        with diffsparse.sparse(model, diffsparse.SparseConfig(block_size=16, dense_steps=0)) as handle:
-            with pytest.warns(DiffsparseWarning, match="group or spatial norm"):
-                out = model(**inputs).sample
-            layers = handle.stats().layers
-    assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
-    assert torch.equal(out, reference)
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=0)
+    check_a_normalised_self_attention_runs_the_original(model, lambda: inputs, config, "group_norm",
+                                                        [block.attn1 for block in model.blocks])
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(hunyuan_dit_pipe):

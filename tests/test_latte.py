@@ -12,6 +12,7 @@ from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines.tiny import tiny_wan_pipeline
 
 from helpers import (
+    check_a_normalised_self_attention_runs_the_original,
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
@@ -123,30 +124,12 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
     assert not torch.equal(out, unmasked)  # the mask reaches the output
 
 
-class _SpatialNorm(torch.nn.Module):
-    """Stands for `Attention(spatial_norm_dim=...)`'s norm, which the processor calls with the block's `temb`."""
-
-    def forward(self, hidden_states, temb):
-        return 0.5 * hidden_states + 1.0
-
-
 @pytest.mark.parametrize("norm", ["group_norm", "spatial_norm"])
 def test_a_normalised_self_attention_runs_the_original_not_the_sparse_path(norm):
-    # `Attention(norm_num_groups=...)` normalises the input over channel groups first, and a spatial norm with the
-    # block's temb, which the sparse path does not: such a self-attention is not plain, and runs the original, counted
-    # dense (before, uncounted). Latte's blocks build theirs without; one set on each spatial `attn1` stands for other
-    # models'.
+    # Before, uncounted: stats() showed no call of the layer.
     model = tiny_transformer()
-    plain = run_transformer(model, inputs())
-    for block in model.transformer_blocks:
-        setattr(block.attn1, norm, torch.nn.GroupNorm(3, 24) if norm == "group_norm" else _SpatialNorm())
-    reference = run_transformer(model, inputs())
-    assert not torch.allclose(reference, plain, atol=1e-3)  # the norm reaches the output: the test sees it
-    with torch.no_grad(), diffsparse.sparse(model, LOCAL) as handle:
-        out = model(**inputs()()).sample
-        layers = handle.stats().layers
-        assert layers and not any(s.sparse_calls for s in layers) and all(s.dense_calls for s in layers)
-    assert torch.equal(out, reference)
+    attentions = [block.attn1 for block in model.transformer_blocks]
+    check_a_normalised_self_attention_runs_the_original(model, inputs(), LOCAL, norm, attentions)
 
 
 def test_other_processors_are_refused(transformer):
