@@ -56,6 +56,16 @@ _positive = at_least(1)
 _non_negative = at_least(0)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's `(default: ...)` only where the help does not say it: a help stating the default in words got
+    "(default: None)" after it, and a `None` default means the option's absence, or is spelt `none` in the help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _port(text: str) -> int:
     """A TCP port; before, one above 65535 ended `demo` in a traceback after the model had loaded."""
     value = _positive(text)
@@ -235,7 +245,7 @@ def _add_sparse_config(p) -> None:
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--density", type=_one_optional_density, default=None,
                    help="target block density in (0, 1], or none: the pattern's own parameters (a density replaces "
-                        "a radial decay or searched keep that --pattern gives; compare warns)")
+                        "a radial decay or searched keep that --pattern gives, with a warning) (default: none)")
     p.add_argument("--dense-steps", type=_step_count, default=0.2,
                    help="first denoising steps kept dense: a step count, or a fraction of the steps in [0, 1)")
     p.add_argument("--dense-last-steps", type=_step_count, default=0,
@@ -243,7 +253,7 @@ def _add_sparse_config(p) -> None:
     p.add_argument("--dense-layers", type=_dense_layers, default=0,
                    help="transformer blocks kept dense: L = the first L, or a bracketed list of indices, e.g. '[0,3]'")
     p.add_argument("--correction", type=_correction, default=None,
-                   help="softmax-statistics correction: none or residual (see SparseConfig.correction)")
+                   help="softmax-statistics correction: none or residual (see SparseConfig.correction) (default: none)")
     p.add_argument("--correction-refresh", type=_non_negative, default=0,
                    help="with a correction, measure again this many steps after the last measurement (0 = once)")
     p.add_argument("--tile", type=_tiles, default=None,
@@ -269,7 +279,7 @@ def _sparse_config(args):
 
 def _add_one_generation(sub, name: str, help: str, seed_help: str, out_help: str) -> argparse.ArgumentParser:
     """A command that generates one video under one `SparseConfig` (`compare`, `trace`)."""
-    p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, formatter_class=_DefaultsHelpFormatter)
     _add_model_and_video(p)
     _add_sparse_config(p)
     p.add_argument("--prompt", default="a red circle moving left", help="text prompt")
@@ -344,15 +354,15 @@ _ints = _comma_list(_positive, "positive integers")
 
 
 def _order(tile: list[int] | list[list[int]] | None):
-    """The `--tile` option's `SparseConfig.order`: one tile, or (`_tiles`) one per layer in turn, `1,1,1` being the
-    frame-major order itself."""
+    """The `--tile` option's `SparseConfig.order`: one tile, or (`_tiles`) one per layer in turn, `1,1,1` (or the
+    cube `1`) being the frame-major order itself."""
     from .patterns import TileOrder
 
     if tile is None:
         return None
     if isinstance(tile[0], list):
         return [_order(one) for one in tile]
-    return None if tile == [1, 1, 1] else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
+    return None if tile in ([1], [1, 1, 1]) else TileOrder(tuple(tile) if len(tile) == 3 else tile[0])
 
 
 def _tile(text: str) -> list[int]:
@@ -383,12 +393,13 @@ def _add_token_grid(p, several_frame_counts: bool = False) -> None:
 
 def _add_masks(sub) -> None:
     p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelpFormatter)
     _add_token_grid(p)
     p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
     p.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=_one_optional_density, default=None,
-                   help="solve the pattern's parameter for this density in (0, 1]; none: the pattern as written")
+                   help="solve the pattern's parameter for this density in (0, 1]; none: the pattern as written "
+                        "(default: none)")
     p.add_argument("--head", type=_non_negative, default=0,
                    help="which head to draw, for patterns that differ per head (0 for a mask every head shares)")
     p.add_argument("--text-tokens", type=_non_negative, default=0,
@@ -481,7 +492,7 @@ def _run_masks(args) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and time ratios of sparse configurations vs dense",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelpFormatter)
     _add_model_and_video(p)
     # Each list once per value: a repeated item made identical rows, every video generated again for each.
     p.add_argument("--pattern", type=_distinct(_pattern_list), default=["radial", "window3d"],
@@ -501,7 +512,8 @@ def _add_eval(sub) -> None:
                    help="comma-separated dense-layer settings, each a count of leading transformer blocks or a "
                         "bracketed list of block indices, e.g. '0,1,[3]'")
     p.add_argument("--correction", type=_distinct(_comma_list(_correction, "corrections")), default=[None],
-                   help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction)")
+                   help="comma-separated softmax-statistics corrections: none, residual (see SparseConfig.correction) "
+                        "(default: none)")
     p.add_argument("--correction-refresh", type=_distinct(_comma_list(_non_negative, "whole numbers >= 0")),
                    default=[0],
                    help="comma-separated correction refreshes, each the steps after which a correction measures "
@@ -553,7 +565,7 @@ _optional_densities = _comma_list(_optional_density, "block densities in (0, 1] 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _DefaultsHelpFormatter
     d = bench.add_parser("density", help="block density against frame count (radial falls like log(n)/n)",
                          formatter_class=defaults)
     _add_token_grid(d, several_frame_counts=True)
@@ -667,7 +679,7 @@ def _run_bench(args) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a Gradio page: one prompt dense and sparse, side by side, with the numbers",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="hub id or local folder of a diffusers pipeline (default: the embedded trained testbed)")
     _add_loading(p)

@@ -174,10 +174,11 @@ class SparseConfig:
                 object.__setattr__(self, name, list(value) if isinstance(value, list) else set(value))
         for name in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "correction_refresh"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple, set)):
+            if isinstance(value, (list, tuple, set, frozenset)):
                 plain = [_plain_number(item) for item in value]
                 if any(a is not b for a, b in zip(plain, value)):  # else as given (a namedtuple stays one)
                     object.__setattr__(self, name, set(plain) if isinstance(value, set) else
+                                       frozenset(plain) if isinstance(value, frozenset) else
                                        plain if isinstance(value, list) else tuple(plain))
             else:
                 object.__setattr__(self, name, _plain_number(value))

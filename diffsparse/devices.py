@@ -11,8 +11,7 @@ def as_device(device):
         return torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(
-            f"device={device!r}: not a torch device: got device={device!r}, expected one such as 'cpu', 'cuda', "
-            "'cuda:1' or 'mps'"
+            f"device={device!r}: not a torch device; expected one such as 'cpu', 'cuda', 'cuda:1' or 'mps'"
         ) from None
 
 

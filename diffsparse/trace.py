@@ -143,8 +143,11 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
         generation_kwargs,
         load_pipeline_for,
         seeded_global_generator,
+        warn_if_density_replaces,
     )
 
+    # Before loading, as compare and bench pipeline say it: a density replacing the pattern's keep or decay ran unsaid.
+    warn_if_density_replaces(config)
     # The dense pattern runs every call with the original processors: said before the model loads and generates,
     # not after. Dense steps or layers covering the whole run are known only once the model's are.
     if config.resolved_pattern.name == "dense":

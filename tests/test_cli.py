@@ -228,9 +228,6 @@ def test_two_stage_needs_the_testbed_and_still_candidates_needs_two_stage(capsys
         main(["compare", "--still-candidates", "3", "--steps", "1"])
     assert "still_candidates=3 chooses among two-stage stills" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["compare", "--two-stage", "--still-candidates", "0", "--steps", "1", "--frames", "5"])
-    assert "still_candidates must be an int >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
         main(["compare", "--two-stage", "--steps", "1", "--frames", "1"])
     assert "frames must be >= 2, got frames=1" in capsys.readouterr().err
 
@@ -1368,6 +1365,8 @@ def test_tile_option_cycles_orders_over_the_layers():
 
     assert _order(_tiles("1,8,8")) == TileOrder((1, 8, 8))
     assert _order(_tiles("1,1,1/1,8,8/4,4,4")) == [None, TileOrder((1, 8, 8)), TileOrder((4, 4, 4))]
+    # One number is a cube: 1 is the frame-major order, as 1,1,1 is (it gave tiles(1,1,1)).
+    assert _order(_tiles("1")) is None and _order(_tiles("1/1,8,8")) == [None, TileOrder((1, 8, 8))]
     config = SparseConfig(order=_order(_tiles("1,1,1/1,8,8")))
     assert [repr(config.layer_order(layer)) for layer in range(3)] == [
         "frame_major()", "tiles(1,8,8)", "frame_major()"
@@ -1425,3 +1424,55 @@ def test_a_loaded_pipeline_s_call_kwargs_are_checked_before_its_still_is_sampled
                                   two_stage=True, still_candidates=1, image=None, call_kwargs=call_kwargs)
         with pytest.raises(ValueError, match=re.escape(message)):
             compare.run_compare(args, SparseConfig(pattern="radial"), pipe=pipe)
+
+
+@pytest.mark.parametrize("command", ["compare", "eval"])
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_still_candidates_below_one_is_refused_when_parsed(command, count, capsys, monkeypatch):
+    # It was a plain int, refused by the config only once the model had loaded.
+    from diffsparse import compare
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--two-stage", "--still-candidates", count])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument --still-candidates: must be at least 1, got {count}" in err, err
+
+
+def _subcommands(parser, name=""):
+    """Every command's parser, by its name (`bench density`), whatever subcommands it has."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found.update(_subcommands(sub, f"{name} {sub_name}".strip()))
+    return found or {name: parser}
+
+
+def test_help_states_each_default_once():
+    # ArgumentDefaultsHelpFormatter added "(default: None)" after help texts that state the real default
+    # ("(default: fp32 on cpu, bf16 on other devices) (default: None)"), and after --correction, spelt none here.
+    commands = _subcommands(build_parser())
+    assert {"compare", "eval", "trace", "demo", "masks", "bench density", "bench pipeline"} <= set(commands)
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help is None or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._expand_help(action)
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}: {text!r}"
+            assert text.count("(default:") <= 1 and "(default: None)" not in text, where
+            assert "(default: [None])" not in text, where
+    for name in ("compare", "trace", "eval", "bench pipeline"):
+        parser = commands[name]
+        correction = next(a for a in parser._actions if "--correction" in a.option_strings)
+        assert parser._get_formatter()._expand_help(correction).endswith("(default: none)"), name
+
+
+def test_a_device_torch_cannot_read_is_named_once():
+    # It read "device='gpu': not a torch device: got device='gpu', expected ...".
+    from diffsparse.devices import as_device
+
+    with pytest.raises(ValueError, match="not a torch device") as error:
+        as_device("gpu")
+    assert str(error.value).count("'gpu'") == 1 and str(error.value).startswith("device='gpu': not a torch device")

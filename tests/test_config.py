@@ -218,6 +218,10 @@ def test_numpy_numbers_are_the_numbers_they_stand_for():
         SparseConfig(density=np.bool_(True))
     with pytest.raises(ValueError, match=r"dense_steps as a float must be a fraction in \[0, 1\), got dense_steps=1.5"):
         SparseConfig(dense_steps=np.float32(1.5))
+    # A frozenset as a set: its numpy indices were left unconverted and the config refused them.
+    frozen = SparseConfig(dense_layers=frozenset({np.int64(1), 3}))
+    assert frozen == SparseConfig(dense_layers=frozenset({1, 3})) and type(frozen.dense_layers) is frozenset
+    assert all(type(layer) is int for layer in frozen.dense_layers)
 
 
 def test_an_unhashable_custom_order_is_refused_by_name():

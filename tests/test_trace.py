@@ -229,3 +229,19 @@ def test_the_traced_generation_draws_the_same_global_noise_for_its_seed(tiny_pip
         hook.remove()
     assert first and first == again and first != other
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_density_replacing_the_patterns_keep_is_warned_of(tmp_path, monkeypatch):
+    # compare and bench pipeline warned; trace ran keep=0.25 for 'searched(keep=0.5)' without a word.
+    from diffsparse import compare
+
+    class Loaded(Exception):
+        pass
+
+    def stop(args):
+        raise Loaded
+
+    monkeypatch.setattr(compare, "load_pipeline_for", stop)
+    replaced = r"gives keep=0.5, and --density 0.25 sets keep too"
+    with pytest.warns(diffsparse.DiffsparseWarning, match=replaced), pytest.raises(Loaded):
+        main(["trace", "--pattern", "searched(keep=0.5)", "--density", "0.25", "--steps", "2", "--out", str(tmp_path)])

@@ -11,8 +11,11 @@
 def add_two_stage_options(parser, two_stage_help: str) -> None:
     """`--two-stage` and `--still-candidates`, the same flags wherever two-stage sampling is offered (`fidelity`,
     `evidence`, `diffsparse compare` and `eval`); see `diffsparse.pipelines.testbed.sample` and `best_still`."""
+    from ..cli import at_least  # here: the CLI imports this module
+
     parser.add_argument("--two-stage", action="store_true", help=two_stage_help)
-    parser.add_argument("--still-candidates", type=int, default=1,
+    # Checked when parsed: a plain int let 0 through to the config, refused only once the model had loaded.
+    parser.add_argument("--still-candidates", type=at_least(1), default=1,
                         help="with --two-stage: still images sampled per prompt (seeds seed, seed+1, ...); each clip "
                         "starts from the one whose shape has the most room towards its direction word "
                         "(pipelines.testbed.room_ahead)")
