@@ -848,19 +848,19 @@ class SparseRuntime:
         if heads is None and state.tensor_parallel is not None:
             group, rank = state.tensor_parallel
             heads = HeadShard.in_group(rank, query.shape[2], group)
-        token_order = self._token_order(query.device) if layout is None else None
-        if token_order is not None:
-            query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
-        layout = state.layout if layout is None else layout
+        given_layout, layout = layout, state.layout if layout is None else layout
         if key.shape[1] != layout.num_tokens or query.shape[1] != layout.num_tokens - start:
             # An adapter's layout that is not the sequence it attends: said in its terms, not the kernel plan's
-            # ("q and k lengths must match the plan's").
+            # ("q and k lengths must match the plan's"); before a token order reorders them to the layout's length.
             raise ValueError(
                 f"diffsparse: {self.name}: the call's layout {layout} holds {layout.num_tokens} tokens, but the "
                 f"attention got {query.shape[1]} queries and {key.shape[1]} keys; the adapter read this call's "
                 "token layout wrongly (please report it with the model's config and input sizes); pattern='dense' "
                 "runs the original meanwhile"
             )
+        token_order = self._token_order(query.device) if given_layout is None else None
+        if token_order is not None:
+            query, key, value = (x.index_select(1, token_order[1]) for x in (query, key, value))
         branch = self.state_manager.context.name
         pattern = self.pattern
         # Which videos of the layer call these are: a fit and a correction's statistics are kept for them alone.

@@ -7,7 +7,7 @@ stay dense. The prompt's padding is masked as keys (a `(B, 1, 1, S)` boolean mas
 valid tokens are not a prefix: each prompt is attended over its valid keys wherever they lie, prompts with the same
 mask together, on the layout with a text span of its valid tokens. Keys and values with fewer heads than the
 queries are repeated as the original repeats them, and the output is gated as the original gates it. The pipeline
-passes `t / 1000` as the timestep.
+passes `t / num_train_timesteps` as the timestep.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Krea2Adapter(ModelAdapter):
     original_processor = Krea2AttnProcessor
     sparse_processor = Krea2SparseAttnProcessor
     attention_name = "attn"
+    timestep_over_train_timesteps = True
 
     def read_call(self, transformer, args, kwargs):
         image = call_argument(args, kwargs, "hidden_states", 0)
@@ -73,8 +74,8 @@ class Krea2Adapter(ModelAdapter):
                 f"diffsparse reads the Krea 2 image grid from `position_ids`, but these {tokens} image tokens are not a "
                 "row-major grid, so this call is not supported: `diffsparse.remove(pipe)`"
             )
-        # The pipeline passes `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        return VideoLayout(1, rows, cols, text_len=text_len, text_position="start"), timestep * 1000
+        # The pipeline passes `t / num_train_timesteps`: `t` as a share of them (`timestep_over_train_timesteps`).
+        return VideoLayout(1, rows, cols, text_len=text_len, text_position="start"), timestep
 
 
 register_adapter(Krea2Adapter())

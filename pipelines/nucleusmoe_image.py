@@ -93,13 +93,14 @@ class NucleusMoEImageAdapter(ModelAdapter):
     original_processor = NucleusMoEAttnProcessor2_0
     sparse_processor = NucleusMoESparseAttnProcessor
     attention_name = "attn"
+    timestep_over_train_timesteps = True
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         shapes = call_argument(args, kwargs, "img_shapes", 1)
         text = call_argument(args, kwargs, "encoder_hidden_states", 2)
-        # The pipeline passes `t / 1000`; the scheduler's timesteps, which the step clock matches, are `t`.
-        timestep = call_argument(args, kwargs, "timestep", 4) * 1000
+        # The pipeline passes `t / num_train_timesteps`: `t` as a share of them (`timestep_over_train_timesteps`).
+        timestep = call_argument(args, kwargs, "timestep", 4)
         # The first sample's images (diffusers' RoPE reads only those): one shape, a list of one per sample, or
         # Qwen-Image's nested form, a list of a sample's images per sample.
         images = image_shapes([shapes] if isinstance(shapes, tuple) else shapes)

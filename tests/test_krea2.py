@@ -94,11 +94,13 @@ def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
 
 @pytest.mark.parametrize("turbo", [False, True], ids=["text2image", "turbo"])
 def test_modular_pipeline_dense_every_block_kept_and_sparse_after_the_dense_step(transformer, turbo):
-    # The blocks pass `t / 1000` (the schedule shifted by `mu`); with CFG the guider calls the prompt (5 and 8 valid
+    # The blocks pass `t / num_train_timesteps` (the schedule shifted by `mu`; a scheduler of 500 here: a fixed 1000
+    # put every call off its grid, all at step 0, nothing sparse); with CFG the guider calls the prompt (5 and 8 valid
     # tokens of `TEXT_LEN`) and the negative (3 and 3) one after another, sharing the position ids.
     pipe = (Krea2TurboCoreDenoiseStep if turbo else Krea2CoreDenoiseStep)().init_pipeline()
     guider = {} if turbo else {"guider": ClassifierFreeGuidance(guidance_scale=4.5, use_original_formulation=True)}
-    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), **guider)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500)
+    pipe.update_components(transformer=transformer, scheduler=scheduler, **guider)
     g = torch.Generator().manual_seed(1)
     prompts = {"prompt_embeds": (5, 8)} if turbo else {"prompt_embeds": (5, 8), "negative_prompt_embeds": (3, 3)}
     # 64 x 96 pixels -> 8 x 12 latents (x8 without a VAE) -> 4 x 6 tokens of 2 x 2.

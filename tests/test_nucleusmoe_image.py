@@ -23,6 +23,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_steps_of_a_scheduler_trained_on_other_timesteps,
     recorded_attention_calls,
     run_transformer,
     tiny_qwen3_vl,
@@ -186,10 +187,16 @@ def test_pipeline_with_cfg_over_padded_prompts(nucleus_pipe, order):
     call = {"prompt": ["a red circle on a dark", "blurry"], "height": 32, "width": 48, "num_inference_steps": 3,
             "guidance_scale": 4.0, "return_index": -1, "output_type": "pt"}
     stats, calls = check_pipeline_against_dense(nucleus_pipe, call, order=order)
-    # `t / 1000` lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
+    # `t / num_train_timesteps` read back lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
     assert_two_calls_per_step_first_dense(stats)
     # Each prompt is attended over its own valid tokens, in the template: the two prompts of six words and one, and
     # the empty negative prompts (one length, no padding in their branch's call).
     lengths = sorted({layout.text_len for _, layout, _ in calls})
     assert {(layout.frames, layout.height, layout.width) for _, layout, _ in calls} == {GRID}
     assert len(lengths) == 3 and lengths[2] - lengths[1] == 5 and lengths[1] - lengths[0] == 1
+
+
+def test_the_steps_of_a_scheduler_trained_on_other_timesteps(nucleus_pipe):
+    call = {"prompt": ["a red circle on a dark"], "height": 32, "width": 48, "guidance_scale": 4.0,
+            "return_index": -1, "output_type": "pt"}
+    check_steps_of_a_scheduler_trained_on_other_timesteps(nucleus_pipe, call, steps=3)

@@ -156,6 +156,14 @@ def test_a_layout_that_is_not_the_sequence_attended_is_said_in_the_layout_s_term
     with pytest.raises(ValueError, match=r"transformer: the call's layout .* holds 35 tokens, but the attention got "
                                          r"\d+ queries and 70 keys"):
         runtime.attention(0, q[:, layout.video_start:] if video_queries else q, k, v, video_queries=video_queries)
+    # One side wrong is said too, and a token order (which reorders to the layout's length) does not hide it: before,
+    # a longer sequence came back cut to the layout, a shorter one failed in index_select.
+    n = layout.num_tokens
+    for queries, keys in ((n + 5, n + 5), (n - 5, n - 5), (n, n + 5), (n + 5, n)):
+        runtime.begin_call(layout, 0, 1, torch.randperm(n, generator=torch.Generator().manual_seed(1)))
+        with pytest.raises(ValueError, match="holds 35 tokens"):
+            runtime.attention(0, q[:, :queries], k[:, :keys], v[:, :keys])
+    runtime.begin_call(layout, 0, 1)
     # The right lengths run, video queries too.
     q, k, v = (x[:, :layout.num_tokens] for x in (q, k, v))
     assert runtime.attention(0, q[:, layout.video_start:] if video_queries else q, k, v,
