@@ -25,7 +25,7 @@ from .bench import DTYPES, strict_json
 from .config import SparseConfig
 from .metrics import lpips, lpips_weights, psnr, ssim
 from .patterns import get_pattern
-from .patterns.registry import _parse_call, did_you_mean
+from .patterns.registry import did_you_mean, parse_pattern_text
 from .pipelines import find_transformers
 
 
@@ -489,7 +489,7 @@ def _density_replaces(config: SparseConfig) -> list[str]:
     differs. Window3D's `window` and SpatialTemporal's extents are scaled by the density, not replaced: none."""
     if config.density is None or not isinstance(config.pattern, str):
         return []
-    typed, written, ran = _parse_call(config.pattern)[1], get_pattern(config.pattern), config.resolved_pattern
+    typed, written, ran = parse_pattern_text(config.pattern)[1], get_pattern(config.pattern), config.resolved_pattern
     return [name for name in typed if name == written.density_sets
             or (name in {f.name for f in fields(ran)} and getattr(ran, name) != getattr(written, name))]
 
@@ -501,7 +501,7 @@ def warn_if_density_replaces(config: SparseConfig, names: dict[str, str] | None 
     keep=0.25 without a word. `names`: what the message calls the settings (`COMMAND_NAMES`, the default)."""
     names = COMMAND_NAMES if names is None else names
     for name in _density_replaces(config):
-        typed = _parse_call(config.pattern)[1][name]
+        typed = parse_pattern_text(config.pattern)[1][name]
         pattern = get_pattern(config.pattern)
         how = (f"{name} is solved for it on each layout where {name} changes the density"
                if name == pattern.density_sets else f"{name}={getattr(config.resolved_pattern, name)!r} runs")
@@ -825,7 +825,7 @@ def sparse_label(config: SparseConfig) -> str:
     pattern = config.pattern if isinstance(config.pattern, str) else repr(config.pattern)
     replaced = _density_replaces(config)
     if replaced:  # a parameter the density set in its place never ran: `searched(keep=0.5) @ density 0.25` named it
-        name, typed = _parse_call(config.pattern)
+        name, typed = parse_pattern_text(config.pattern)
         kept = ", ".join(f"{key}={value!r}" for key, value in typed.items() if key not in replaced)
         pattern = f"{name}({kept})" if kept else name
     return f"sparse {pattern} @ density {config.density:g}"

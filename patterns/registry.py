@@ -19,7 +19,7 @@ PATTERNS: dict[str, type[Pattern]] = {
 }
 
 
-def _parse_call(text: str) -> tuple[str, dict]:
+def parse_pattern_text(text: str) -> tuple[str, dict]:
     """`"searched(keep=0.3, refresh=4)"` -> `("searched", {"keep": 0.3, "refresh": 4})`: a name, optionally called
     with keyword arguments whose values are Python literals."""
     try:
@@ -71,7 +71,7 @@ def get_pattern(name_or_pattern: str | Pattern, **params) -> Pattern:
         return name_or_pattern
     if not isinstance(name_or_pattern, str):
         raise ValueError(f"pattern must be a name from {sorted(PATTERNS)} or a Pattern instance, got {name_or_pattern!r}")
-    name, spec_params = _parse_call(name_or_pattern)
+    name, spec_params = parse_pattern_text(name_or_pattern)
     if spec_params and params:
         raise ValueError(f"give parameters in the pattern text or as keywords, not both: {name_or_pattern!r}, {params=}")
     if name not in PATTERNS:
