@@ -5,8 +5,8 @@ blocks over the prompt alone (left dense: a few hundred tokens at most), the mai
 tokens, image]`: the prompt is the layout's leading span, kept whole. A batch whose prompts have different valid
 lengths is padded at the end and masked: each prompt is attended over its own length, on the layout with its own
 span (the padding's outputs are dropped by the model). The main blocks' keys and values may have fewer heads than
-the queries (grouped-query attention), repeated as the original repeats them. The pipeline passes `1 - t / num_train_timesteps` as
-the timestep, mapped back to the scheduler's `t` for the step schedule. A call with proportional attention
+the queries (grouped-query attention), repeated as the original repeats them. The pipeline passes
+`1 - t / num_train_timesteps` as the timestep, mapped back to the scheduler's `t` for the step schedule. A call with proportional attention
 (`base_sequence_length`, which the model's blocks never pass) runs the original processor, counted dense.
 """
 

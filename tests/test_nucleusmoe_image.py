@@ -187,7 +187,8 @@ def test_pipeline_with_cfg_over_padded_prompts(nucleus_pipe, order):
     call = {"prompt": ["a red circle on a dark", "blurry"], "height": 32, "width": 48, "num_inference_steps": 3,
             "guidance_scale": 4.0, "return_index": -1, "output_type": "pt"}
     stats, calls = check_pipeline_against_dense(nucleus_pipe, call, order=order)
-    # `t / num_train_timesteps` read back lands on the scheduler's steps: each step's cond and uncond calls, the first step dense.
+    # `t / num_train_timesteps` read back lands on the scheduler's steps: each step's cond and uncond calls, the first
+    # step dense.
     assert_two_calls_per_step_first_dense(stats)
     # Each prompt is attended over its own valid tokens, in the template: the two prompts of six words and one, and
     # the empty negative prompts (one length, no padding in their branch's call).
