@@ -6,8 +6,9 @@ tokens, image]`: the prompt is the layout's leading span, kept whole. A batch wh
 lengths is padded at the end and masked: each prompt is attended over its own length, on the layout with its own
 span (the padding's outputs are dropped by the model). The main blocks' keys and values may have fewer heads than
 the queries (grouped-query attention), repeated as the original repeats them. The pipeline passes
-`1 - t / num_train_timesteps` as the timestep, mapped back to the scheduler's `t` for the step schedule. A call with proportional attention
-(`base_sequence_length`, which the model's blocks never pass) runs the original processor, counted dense.
+`1 - t / num_train_timesteps` as the timestep, mapped back to the scheduler's `t` for the step schedule. A call
+with proportional attention (`base_sequence_length`, which the model's blocks never pass) runs the original
+processor, counted dense.
 """
 
 from __future__ import annotations
