@@ -45,7 +45,7 @@ from .config import SparseConfig, resolve_step_count
 from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
 from .patterns import get_pattern
 from .pipelines import adapter_for, find_transformers
-from .runtime import sparse_steps, step_mode
+from .runtime import sparse_steps, step_modes
 
 PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right")
 _TIMER_HOOK = "diffsparse_attention_timer"
@@ -379,18 +379,11 @@ def _refresh_never_comes(config: SparseConfig, steps: int) -> bool:
     measuring at the schedule's first chance; no call measures earlier, and none is sparse later (another expert,
     another CFG branch, a chunk starting over measures later, where a refresh comes later still), so a refresh that
     does not come there comes nowhere. Never where nothing measures (every step dense): no refresh to speak of."""
-    return bool(config.correction_refresh) and "measure" in _modes_measuring_once(config, steps) and (
-        sparse_steps(config, steps) == sparse_steps(replace(config, correction_refresh=0), steps))
-
-
-def _modes_measuring_once(config: SparseConfig, steps: int) -> list[str]:
-    """`step_mode` of each step of a `steps`-step run of `config` with `correction_refresh=0`."""
-    once = replace(config, correction_refresh=0)
-    modes, measured_at = [], None
-    for step in range(steps):
-        modes.append(step_mode(once, step, steps, measured_at))
-        measured_at = step if modes[-1] == "measure" else measured_at
-    return modes
+    if not config.correction_refresh:
+        return False
+    once = step_modes(replace(config, correction_refresh=0), steps)
+    return "measure" in once and sparse_steps(config, steps) == [step for step, mode in enumerate(once)
+                                                                 if mode == "sparse"]
 
 
 def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
@@ -400,7 +393,7 @@ def _refresh_reason(configs: tuple[SparseConfig, ...], steps: int) -> str:
                                if _refresh_never_comes(config, steps)))
     if not never:
         return ""
-    modes = _modes_measuring_once(configs[0], steps)
+    modes = step_modes(replace(configs[0], correction_refresh=0), steps)
     measured = modes.index("measure")
     sparse = [step for step, mode in enumerate(modes) if mode == "sparse"]
     subject, verb = (never[0], "never comes") if len(never) == 1 else (" and ".join(never), "never come")

@@ -396,19 +396,21 @@ def out_of_reach(target: float, reached: float) -> bool:
     return abs(reached - target) > max(0.05, 0.25 * target)
 
 
-def sparse_steps(config: SparseConfig, num_steps: int) -> list[int]:
-    """The steps of a `num_steps`-step run in which a sparse layer's calls run sparse (`step_mode`, for one branch
-    whose statistics nothing else invalidates): none where `dense_steps` and `dense_last_steps` cover the run, and
-    with a correction none either where each sparse step measures (`correction_refresh=1`, or one sparse step with
-    no dense step before it to measure at)."""
-    steps, measured_at = [], None
+def step_modes(config: SparseConfig, num_steps: int) -> list[str]:
+    """`step_mode` of each step of a `num_steps`-step run, for one branch whose statistics nothing else invalidates
+    (each measurement the last one the next steps see)."""
+    modes, measured_at = [], None
     for step in range(num_steps):
-        mode = step_mode(config, step, num_steps, measured_at)
-        if mode == "measure":
-            measured_at = step
-        elif mode == "sparse":
-            steps.append(step)
-    return steps
+        modes.append(step_mode(config, step, num_steps, measured_at))
+        measured_at = step if modes[-1] == "measure" else measured_at
+    return modes
+
+
+def sparse_steps(config: SparseConfig, num_steps: int) -> list[int]:
+    """The steps of a `num_steps`-step run in which a sparse layer's calls run sparse (`step_modes`): none where
+    `dense_steps` and `dense_last_steps` cover the run, and with a correction none either where each sparse step
+    measures (`correction_refresh=1`, or one sparse step with no dense step before it to measure at)."""
+    return [step for step, mode in enumerate(step_modes(config, num_steps)) if mode == "sparse"]
 
 
 class SparseRuntime:
