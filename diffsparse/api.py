@@ -99,7 +99,8 @@ class SparseHandle:
         self.run_step_counts: list[int | None] = []
         self.runtimes = {name: SparseRuntime(config, name) for name in transformers}
         # One clock for all experts: they share the scheduler, so a new pipeline call is noticed once.
-        self._clock = StepClock(scheduler, rising=any(adapter_for(t).timesteps_rise for t in transformers.values()),
+        rises = {adapter_for(t).timesteps_rise for t in transformers.values()}
+        self._clock = StepClock(scheduler, rising=True if True in rises else None if None in rises else False,
                                 pipeline=pipeline)
         self._install()
 

@@ -220,18 +220,20 @@ class StepClock:
     family's adapter does not know) get a `StepScheduleWarning`, instead of every call silently counting as the
     nearest step. Without a scheduler (a bare
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
-    only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does); so
-    do the calls made while the scheduler has no run's timesteps yet (`_has_run_schedule`: before the pipeline's
+    only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does; with
+    `rising=None`, for models whose scheduler may run either way, the run's first two distinct timesteps tell which
+    way it goes); so do the calls made while the scheduler has no run's timesteps yet (`_has_run_schedule`: before the pipeline's
     first `set_timesteps`), whose `num_steps` is then `None`. `restart` makes the next call start a new run.
     """
 
-    def __init__(self, scheduler=None, rising: bool = False, pipeline=None):
+    def __init__(self, scheduler=None, rising: bool | None = False, pipeline=None):
         self._scheduler = scheduler
         # `pipe.scheduler = OtherScheduler.from_config(...)` after `apply` (how diffusers users change samplers)
         # must be followed: the pipeline's scheduler is read at each call. Weakly: the transformer that holds this
         # clock must not keep a pipeline the user dropped alive.
         self._pipeline = None if pipeline is None else weakref.ref(pipeline)
         self._rising = rising
+        self._run_rises: bool | None = None  # with `rising=None`, which way this run's timesteps went (once known)
         self._timesteps_ref = None
         self._last_t: float | None = None
         self._step = -1
@@ -361,10 +363,12 @@ class StepClock:
             return max(step - start, 0), self._step_at(len(self._grid) - 1) + 1 - start, new_run
         # The next call on a schedule starts a run of its own, not this one's (or the last scheduled one's).
         self._timesteps_ref = None
-        new_run = self._last_t is None or (t < self._last_t if self._rising else t > self._last_t)
+        rises = self._run_rises if self._rising is None else self._rising
+        new_run = self._last_t is None or (rises is not None and (t < self._last_t if rises else t > self._last_t))
         if new_run:
-            self._step = 0
+            self._step, self._run_rises = 0, None
         elif t != self._last_t:
+            self._run_rises = t > self._last_t if rises is None else rises
             self._step += 1
         self._last_t = t
         return self._step, None, new_run

@@ -507,8 +507,9 @@ class ModelAdapter(ABC):
     # applied to a pipeline, each frame follows the dense-step schedule on its own step (`SparseRuntime.begin_call`).
     per_frame_steps: bool = False
     # The timestep `read_call` gives rises as denoising goes (MiniMax-H3's `1 - sigma`): on a bare transformer (no
-    # scheduler) a lower timestep than the last, not a higher one, starts a new run.
-    timesteps_rise: bool = False
+    # scheduler) a lower timestep than the last, not a higher one, starts a new run. `None`: it goes either way,
+    # as the scheduler has it (Mochi's), and each run's first two distinct timesteps tell which.
+    timesteps_rise: bool | None = False
 
     def self_attention_modules(self, transformer: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         """`(layer index, attention module)` for every self-attention that may become sparse: the blocks of

@@ -54,6 +54,9 @@ class MochiAdapter(ModelAdapter):
     family = "Mochi"
     original_processor = MochiAttnProcessor2_0
     sparse_processor = MochiSparseAttnProcessor
+    # The released scheduler inverts its sigmas (`invert_sigmas=True`: timesteps rise from 0 as denoising goes),
+    # diffusers' default one does not: on a bare transformer each run's timesteps tell which way it goes.
+    timesteps_rise = None
 
     def set_processor(self, module, processor):
         module.processor = processor  # MochiAttention is a plain module with a `processor` attribute, no setter

@@ -190,3 +190,18 @@ def test_pipeline_with_classifier_free_guidance():
     assert all(s.sparse_calls == 3 for s in stats.layers)  # two prompt lengths in two groups, logged as one call
     sparse, stats = generate(diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8, dense_steps=0))
     assert stats.mean_density < 1 and not torch.allclose(sparse, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("run_timesteps", [(0.0, 12.5, 275.0), (900.0, 500.0, 100.0)])
+def test_a_bare_loop_counts_the_steps_of_either_schedule(transformer, run_timesteps):
+    # Mochi's released scheduler inverts its sigmas (timesteps rise from 0), diffusers' default falls: without a
+    # scheduler each run's own direction counts its steps, and a timestep back at its start begins the next run.
+    call = inputs()
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=1)
+    with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
+        for t in run_timesteps:
+            transformer(**{**call, "timestep": torch.full((2,), t)})
+        assert sorted({(r.step, r.sparse) for r in handle.stats().calls["transformer"]}) == [
+            (0, False), (1, True), (2, True)]
+        transformer(**{**call, "timestep": torch.full((2,), run_timesteps[0])})
+        assert {(r.step, r.sparse) for r in handle.stats().calls["transformer"]} == {(0, False)}
