@@ -96,6 +96,11 @@ class LTX2Adapter(ModelAdapter):
         (LTX2PerturbedAttnProcessor, LTX2SparsePerturbedAttnProcessor),
     )
     original_processor = LTX2AudioVideoAttnProcessor
+    # The transformer gets one timestep per token, `t * (1 - conditioning_mask)`: a DFR temporal tile whose tokens
+    # a video condition covers holds none at `t` (0, or `t * (1 - strength)`), which the step clock would put on
+    # another step (the last: sparse in step 0, and a warning of timesteps off the schedule). Every LTX-2 pipeline
+    # sets `_current_timestep = t` (the modular blocks give the guider `t`): the step is that.
+    timestep_from_pipeline = True
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)

@@ -457,6 +457,32 @@ def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
     )
 
 
+def test_ltx2_dfr_tile_held_clean_by_a_video_condition_is_on_its_step():
+    # A video condition over the first tile's frames gives all its tokens a timestep of 0 (strength 1) or
+    # `t * 0.05` (strength 0.95): the largest per-token timestep is no step's, and read from the call the tile went
+    # to the last step (sparse in step 0) with a warning of timesteps off the schedule.
+    import numpy as np
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    base = tiny_ltx2_pipeline("2.0")
+    transformer = tiny_transformer("2.0", use_keyframes_abs_pos_embedding=True, vae_scale_factors=(2, 8, 8))
+    components = {name: module for name, module in base.components.items() if name not in ("transformer", "scheduler")}
+    pipe = LTX2DFRPipeline(**components, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    call = {name: PIPELINE_CALL[name] for name in ("prompt", "height", "width", "num_frames", "frame_rate",
+                                                   "max_sequence_length", "output_type")}
+    call["sigmas"], call["video_tiles"] = [1.0, 0.7, 0.4], temporal_tiles(5, 4, 12)
+    video = (np.random.default_rng(0).random((5, 32, 96, 3)) * 255).astype(np.uint8)
+    for strength in (1.0, 0.95):
+        call["conditions"] = [LTX2VideoCondition(frames=video, index=0, strength=strength, crf=0)]
+        with torch.no_grad(), diffsparse.sparse(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1)) as handle:
+            pipe(**call, generator=torch.Generator().manual_seed(0))
+            records = handle.stats().calls["transformer"]
+        # Two tiles a step, each on the step it is denoised at.
+        assert [(r.step, r.sparse) for r in records if r.layer == 0] == [
+            (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)]
+
+
 def video_and_audio(out):
     """The modular blocks' video and audio latents (`output=["latents", "audio_latents"]`) as one tensor."""
     return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
