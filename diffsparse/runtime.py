@@ -261,7 +261,7 @@ class StepClock:
         timestep (Heun: `t0, t1, t1, t2, t2, ...`; KDPM2 an interpolated one), so `t1`'s calls count as step 1."""
         return (position + self._order - 1) // self._order
 
-    def _repeated_position(self, scheduler, position: int, candidates=None) -> int:
+    def _repeated_position(self, scheduler, position: int, candidates=None, run_start: bool = False) -> int:
         """Which of the grid's equal timesteps from `position` on (or of `candidates`, the positions a rounded
         timestep may be at) a call is at: the scheduler's count of its `step` calls (`step_index`, or before the
         first its `begin_index`, for equal timesteps only), where that points at one of them, else `position` (a
@@ -269,9 +269,12 @@ class StepClock:
         timestep alone cannot tell them apart: taking the first merged DPM-Solver's last two steps (its exponential
         sigmas end in two 0s), so `dense_last_steps` missed the last. Among `candidates` a `begin_index` is no
         count: a loop stepping a copy of the scheduler leaves it at the run's start, which would pull every early
-        step of a bfloat16 run (6 within its rounding near t = 1000 at shift 7) onto step 0."""
+        step of a bfloat16 run (6 within its rounding near t = 1000 at shift 7) onto step 0; except at the run's
+        first call (`run_start`), which is at that start: FLUX's image-to-image pipelines keep no `_current_timestep`,
+        and at `strength` < 1 their first bfloat16 timestep can be nearer the step before (28 steps at 2048 px,
+        strength 0.9), which counted the run one step longer and its second step as step 2."""
         index = getattr(scheduler, "step_index", None)
-        if index is None and candidates is None:
+        if index is None and (candidates is None or run_start):
             index = getattr(scheduler, "begin_index", None)
         if candidates is None:
             candidates = range(position, self._repeats[position] + 1)
@@ -333,7 +336,7 @@ class StepClock:
                 # `1 - t / 1000` one value for two steps 1.8 apart near t = 10): the scheduler's count of its steps
                 # tells them apart, where it points at one of them.
                 near = ((self._grid - t).abs() <= tolerance).nonzero().flatten().tolist()
-                position = self._repeated_position(scheduler, position, near)
+                position = self._repeated_position(scheduler, position, near, run_start=self._run_start is None)
             elif on_grid and position in self._repeats:
                 position = self._repeated_position(scheduler, position)
             step = self._step_at(position)

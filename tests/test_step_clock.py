@@ -3,6 +3,7 @@ its scheduler's timesteps (no run on the scheduler's training grid)."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -194,6 +195,25 @@ def test_a_begin_index_is_no_step_count_for_a_rounded_timestep():
     steps = [clock.tick(t[None].to(torch.bfloat16))[0] for t in timesteps]
     nearest = [int((timesteps - t.to(torch.bfloat16).float()).abs().argmin()) for t in timesteps]
     assert steps == nearest
+
+
+@pytest.mark.parametrize("steps, strength", [(28, 0.9), (50, 0.8), (50, 0.6)])
+def test_a_bfloat16_image_to_image_run_starts_at_the_scheduler_s_begin_index(steps, strength):
+    # FLUX's image-to-image, inpaint and control pipelines keep no `_current_timestep` and pass `t.to(bfloat16) /
+    # 1000`. At 2048 px (mu 3.23) the first timestep of a run at `strength` < 1 rounds nearer the step before it,
+    # and `step_index` is unset until the first `scheduler.step`: the run's first call is at the `begin_index` the
+    # pipeline set. Before, the run counted one or two steps more and its second step as step 2 (dense_steps=2 ran
+    # one dense step).
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=3.23)
+    start = steps - int(steps * strength)
+    scheduler.set_begin_index(start)
+    clock, sample, got = StepClock(scheduler), torch.zeros(1, 4), []
+    for t in scheduler.timesteps[start:]:
+        step, num_steps, _ = clock.tick(t[None].to(torch.bfloat16) / 1000 * 1000)
+        got.append((step, num_steps))
+        sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
+    assert got == [(step, steps - start) for step in range(steps - start)]
 
 
 def test_the_pipeline_s_full_precision_timestep_wins_over_the_scheduler_s_count():
