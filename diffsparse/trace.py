@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
             ax.plot([r["step"] for r in rows], [r["error"] for r in rows], marker="o", ms=3, label=label)
     ax.set_xlabel("denoising step")
     ax.set_ylabel("relative L2 error vs dense attention")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)  # a config's repr runs past the figure's width
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -133,7 +134,8 @@ def plot(traced: list[TracedCall], path: Path, title: str) -> None:
 
 def _nothing_to_trace(config: SparseConfig) -> ValueError:
     return ValueError(f"nothing to trace: every self-attention call ran the original dense attention under "
-                      f"{config!r} (a dense pattern, or dense steps or layers covering the whole run)")
+                      f"{config!r} (a dense pattern, dense steps or layers covering the whole run, or a correction "
+                      f"measuring its statistics at every sparse step: a correction_refresh of 1)")
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
@@ -157,7 +159,8 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     fill_call_defaults(args, pipe)
     with seeded_global_generator(args.seed):  # as compare's runs: pipelines that also draw from the global one
         traced = trace_attention_errors(pipe, config, **generation_kwargs(pipe, args, args.prompt, args.seed))
-    if not traced:
+    # A correction's measuring calls are traced (dense, error 0) but leave the per-layer table and the plot empty.
+    if not any(call.sparse for call in traced):
         raise _nothing_to_trace(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

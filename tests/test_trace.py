@@ -110,6 +110,12 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args[:-2], "--dense-steps", "3", "--out", str(tmp_path / "none")])
     assert exit_info.value.code == 2 and "nothing to trace" in capsys.readouterr().err
+    # Nor with a correction measuring at every sparse step: those calls run dense (before, an empty per-layer table
+    # and a blank plot, exit 0).
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:-2], "--correction", "residual", "--correction-refresh", "1", "--out", str(tmp_path / "measured")])
+    assert exit_info.value.code == 2 and "correction_refresh of 1" in capsys.readouterr().err
+    assert not (tmp_path / "measured" / "trace.csv").exists()
 
 
 def test_the_dense_pattern_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
@@ -203,6 +209,23 @@ def test_the_tables_density_is_the_mean_of_the_calls_densities():
              for layer, density, error in ((0, 0.25, 0.5), (0, 0.75, 0.1), (1, 0.5, 0.2))]
     assert [(r["density"], r["error"]) for r in per_step(calls)] == [(0.5, pytest.approx(0.8 / 3))]
     assert [(r["density"], r["error"]) for r in per_layer(calls)] == [(0.5, pytest.approx(0.3)), (0.5, 0.2)]
+
+
+def test_the_plot_title_holds_the_whole_config(tmp_path, monkeypatch):
+    # The title is the config's repr, ~180 characters: on one line it ran past both edges of the figure.
+    import matplotlib.pyplot as plt
+
+    from diffsparse.trace import TracedCall, plot
+
+    titles = []
+    monkeypatch.setattr(plt, "close", lambda fig: titles.append(fig))
+    config = diffsparse.SparseConfig(pattern="window3d", density=0.3, correction="residual", correction_refresh=2)
+    plot([TracedCall("transformer", 1, 0, "cond", True, 0.3, 0.1)], tmp_path / "trace.png", repr(config))
+    fig = titles[0]
+    title = fig.axes[0].title
+    extent = title.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width
+    assert title.get_text().replace("\n", " ") == repr(config)
 
 
 def test_the_traced_generation_draws_the_same_global_noise_for_its_seed(tiny_pipe, tmp_path, monkeypatch):
