@@ -311,12 +311,16 @@ def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]
 def _on_train_timesteps(read_call, clock: StepClock):
     """`read_call` whose timestep, a share of the scheduler's `num_train_timesteps` (`t / num_train_timesteps`, as
     Lumina2's and PRX's pipelines pass it), is put back on the scale of `clock`'s scheduler now (1000, diffusers'
-    default, where there is none)."""
+    default, where there is none), with the rounding the adapter says it carries (`diffsparse_rounding`)."""
 
     def read(transformer, args, kwargs):
         layout, timestep, *token_order = read_call(transformer, args, kwargs)
         config = getattr(clock._current_scheduler(), "config", None)
-        return (layout, timestep * float(getattr(config, "num_train_timesteps", None) or 1000), *token_order)
+        scale = float(getattr(config, "num_train_timesteps", None) or 1000)
+        scaled = timestep * scale
+        if hasattr(timestep, "diffsparse_rounding"):
+            scaled.diffsparse_rounding = timestep.diffsparse_rounding * scale
+        return (layout, scaled, *token_order)
 
     return read
 

@@ -80,6 +80,7 @@ class Ideogram4Adapter(ModelAdapter):
     sparse_processor = Ideogram4SparseAttnProcessor
     block_lists = ("layers",)
     attention_name = "attention"
+    timestep_over_train_timesteps = True
 
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
@@ -100,14 +101,15 @@ class Ideogram4Adapter(ModelAdapter):
         ):
             raise ValueError("diffsparse runs Ideogram 4 on a row-major image grid (`position_ids`); got another order")
         layout = VideoLayout(1, height, width, text_len=length - tokens, text_position="start")
-        # The pipeline passes `1 - t / 1000` (per sample, or per token); the scheduler's timesteps are `t`. Read back
-        # in float32: the modular pipeline passes it in the transformer's dtype, where `(1 - timestep) * 1000` rounds
-        # `t` again (bfloat16: 4 apart near 1000, more than the gaps of the 2048 x 2048 schedule there, so 48 steps
-        # read step 11 as 12). The pipeline's rounding of `1 - t / 1000` goes with it, on `t`'s scale, for the step
-        # clock to match the scheduler's timesteps within (`StepClock.tick`).
-        read = (1 - timestep.float()) * 1000
+        # The pipeline passes `1 - t / num_train_timesteps` (per sample, or per token); the scheduler's timesteps
+        # are `t`: this gives `t / num_train_timesteps`, which the step clock scales by its scheduler's count
+        # (`timestep_over_train_timesteps`). Read back in float32: the modular pipeline passes it in the
+        # transformer's dtype, where `1 - timestep` there rounds `t` again (bfloat16: 4 apart near 1000, more than
+        # the gaps of the 2048 x 2048 schedule there, so 48 steps read step 11 as 12). The pipeline's rounding goes
+        # with it, for the step clock to match the scheduler's timesteps within (`StepClock.tick`).
+        read = 1 - timestep.float()
         if half_precision(timestep):
-            read.diffsparse_rounding = 1000 * torch.finfo(timestep.dtype).eps * float(timestep.abs().max())
+            read.diffsparse_rounding = torch.finfo(timestep.dtype).eps * float(timestep.abs().max())
         return layout, read
 
 

@@ -12,6 +12,7 @@ from diffusers.modular_pipelines.ideogram4 import before_denoise
 from diffusers.modular_pipelines.ideogram4.modular_blocks_ideogram4 import Ideogram4CoreDenoiseStep
 
 import diffsparse
+from diffsparse.api import _on_train_timesteps
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines.registry import adapter_for
 from diffsparse.runtime import StepClock
@@ -21,6 +22,7 @@ from helpers import (
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_steps_of_a_scheduler_trained_on_other_timesteps,
     recorded_attention_calls,
     run_transformer,
     tiny_flux2_vae,
@@ -169,6 +171,15 @@ def test_modular_pipeline_dense_every_block_kept_and_both_transformers_sparse_af
     }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_steps_of_a_scheduler_trained_on_500_timesteps(dtype):
+    # The blocks pass `1 - t / scheduler.config.num_train_timesteps`: read back as `t / 1000`, every step after the
+    # first was off the grid (StepScheduleWarning) and put on another step.
+    pipe, call = modular_pipeline(dtype)
+    check_steps_of_a_scheduler_trained_on_other_timesteps(
+        pipe, call | {"height": 64, "width": 96, "guidance_schedule": [4.0] * 4})
+
+
 def test_a_bfloat16_modular_run_is_on_every_step_of_the_default_size_s_schedule(monkeypatch):
     # The modular blocks pass `1 - t / 1000` in the transformer's dtype. Read back in bfloat16, `t` was 4 apart near
     # 1000, where 48 steps of the default 2048 x 2048 size's schedule are ~6 apart: step 11 ran as step 12. Read in
@@ -194,7 +205,8 @@ def test_a_bfloat16_timestep_is_read_on_its_step_where_the_scheduler_counts_no_s
     scheduler = FlowMatchEulerDiscreteScheduler()
     scheduler.set_timesteps(sigmas=before_denoise._logit_normal_sigmas(100, mu, std=1.5, device="cpu").tolist())
     clock, call, steps = StepClock(scheduler), inputs()(), []
+    read_call = _on_train_timesteps(adapter_for(transformer).read_call, clock)  # as `apply` installs it
     for t in scheduler.timesteps:
         call["timestep"] = (1 - t.float() / 1000).to(torch.bfloat16).expand(2)  # as the modular blocks pass it
-        steps.append(clock.tick(adapter_for(transformer).read_call(transformer, (), call)[1])[0])
+        steps.append(clock.tick(read_call(transformer, (), call)[1])[0])
     assert steps == list(range(100))
