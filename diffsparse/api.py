@@ -418,7 +418,7 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
         config.is_dense_step(0, None)  # a fraction needs the step count: say so now, not mid-generation
     pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
     previous = _handles(pipe_or_transformer)
-    remove(pipe_or_transformer)
+    _remove(pipe_or_transformer)  # what it leaves dense is said below, as this apply's
     try:
         handle = SparseHandle(config, transformers, scheduler, pipeline)
     except BaseException:  # a layer refused: what was applied before stays
@@ -467,7 +467,23 @@ def remove(pipe_or_transformer) -> None:
         >>> from diffsparse.pipelines.tiny import tiny_wan_pipeline
         >>> pipe = tiny_wan_pipeline()
         >>> diffsparse.remove(pipe)  # a no-op when nothing is applied
+
+    A handle comes off whole: `remove(pipe.transformer)` after `apply(pipe)` also takes it off Wan 2.2's
+    `transformer_2`, with a warning naming it.
     """
+    others = _left_dense(_handles(pipe_or_transformer), find_transformers(pipe_or_transformer)[0])
+    if others:
+        warnings.warn(
+            f"diffsparse.remove: the sparse attention applied together with this transformer is removed from "
+            f"{', '.join(others)} too, which now run dense; apply again to the ones to keep sparse",
+            category=DiffsparseWarning,
+            stacklevel=2,
+        )
+    _remove(pipe_or_transformer)
+
+
+def _remove(pipe_or_transformer) -> None:
+    """`remove` without its warning (`apply` says what it leaves dense in its own words)."""
     for handle in _handles(pipe_or_transformer):
         handle.remove()
     for transformer in find_transformers(pipe_or_transformer)[0].values():
@@ -549,7 +565,8 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
 def suspended(pipe_or_transformer):
     """The pipeline's own attention inside, where diffsparse was applied to it: its handles are removed on entry and
     put back on exit, the same handles, their stats going on; unless something was applied inside the block and
-    is still installed, which stays rather than have the earlier handles stacked on it.
+    is still installed, which stays rather than have the earlier handles stacked on it. A handle comes off whole:
+    `suspended(pipe.transformer)` after `apply(pipe)` runs Wan 2.2's `transformer_2` dense inside the block too.
 
     Example:
         >>> import diffsparse

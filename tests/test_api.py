@@ -214,6 +214,14 @@ def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
         diffsparse.apply(pipe.transformer_2, config)
         with diffsparse.sparse(pipe.transformer, config):  # each expert on its own handle
             pass
+        diffsparse.remove(pipe.transformer)  # its own handle only: nothing else comes off
+    assert pipe.transformer_2._diffsparse_handle.installed
+    # `remove` on one expert of a handle applied to both takes it off both: said, as `apply` and `sparse` say it
+    # (before, transformer_2 ran dense without a word).
+    diffsparse.apply(pipe, config)
+    with pytest.warns(diffsparse.DiffsparseWarning, match="diffsparse.remove: .* from transformer_2 too"):
+        diffsparse.remove(pipe.transformer)
+    assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
 class _Halved(WanAttnProcessor):
