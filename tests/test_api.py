@@ -131,6 +131,18 @@ def test_stats_densities_are_each_over_the_calls_they_name(tiny_pipe):
     assert stats.mean_density == pytest.approx((4 + 2 * density) / 6)
 
 
+def test_stats_densities_weigh_each_call_not_each_layer():
+    # Layers run different numbers of sparse calls (a layer-skipping guider, per-layer measuring): each call weighs
+    # one. Nothing pinned it: a plain mean over the layers (0.4 here) passed the test above.
+    stats = diffsparse.SparseStats(layers=[
+        diffsparse.LayerStats("transformer", 0, dense_calls=1, sparse_calls=1, mean_density=0.2),
+        diffsparse.LayerStats("transformer", 1, dense_calls=0, sparse_calls=3, mean_density=0.6),
+    ], calls={})
+    assert stats.sparse_density == pytest.approx((0.2 + 3 * 0.6) / 4)
+    assert stats.mean_density == pytest.approx((1 + 0.2 + 3 * 0.6) / 5)
+    assert stats.sparse_steps_density == pytest.approx((1 + 0.2 + 3 * 0.6) / 5)
+
+
 @torch.no_grad()
 def test_run_step_counts_lists_each_denoising_run(tiny_pipe):
     # The step count each run's dense steps were resolved for (what `eval` reads after its warm-ups), `None` for
