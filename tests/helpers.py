@@ -348,17 +348,19 @@ def check_read_call_by_position(transformer, call: dict):
         assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
 
 
-def check_video_token_positions(model, inputs, grid, patch, block_size: int = 8) -> None:
+def check_video_token_positions(model, inputs, grid, patch, block_size: int = 8, axes: str = "CTHW") -> None:
     """Adding to one latent pixel `(f, y, x)` of the batch-1 `inputs()["hidden_states"]` `(1, C, T, H, W)` changes
     layer 0's query (in the layout's order, the adapter's token order applied) of exactly one token: the video token
     `video_start + ((f // p_t) * H + y // p_h) * W + x // p_w`, of a layout whose grid is `grid` `(F, H, W)`, the
     patch `(p_t, p_h, p_w)`. With F, H and W all different, a layout of swapped axes, or tokens in another order,
     fails it (a shape check cannot: the token count is the same). Layer 0's queries come before its attention, so
-    the pattern (a small window) does not matter."""
+    the pattern (a small window) does not matter. `axes`: the latents' axes after the batch, for models whose
+    latents are not `(B, C, T, H, W)` (CogVideoX and AnyFlow: `"TCHW"`, Kandinsky: `"THWC"`)."""
     import diffsparse
     from diffsparse.patterns import Window3D
     from diffsparse.runtime import SparseRuntime
 
+    assert sorted(axes) == sorted("CTHW"), axes
     config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=block_size, dense_steps=0)
     attention = SparseRuntime.attention
 
@@ -382,7 +384,8 @@ def check_video_token_positions(model, inputs, grid, patch, block_size: int = 8)
     (f_max, y_max, x_max) = (n * p - 1 for n, p in zip(grid, patch))
     for f, y, x in [(0, 0, 1), (f_max // 2, y_max // 2, x_max), (f_max, y_max, x_max), (f_max, y_max - 1, 0)]:
         call = inputs()
-        call["hidden_states"][:, :, f, y, x] += 1.0
+        pixel = {"C": slice(None), "T": f, "H": y, "W": x}
+        call["hidden_states"][(slice(None), *(pixel[axis] for axis in axes))] += 1.0
         _, query = layer0_query(call)
         changed = ((query - reference).abs().amax(dim=(2, 3)) > 1e-6).nonzero().tolist()
         (p_t, p_h, p_w), (_, height, width) = patch, grid

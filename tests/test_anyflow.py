@@ -21,6 +21,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_video_token_positions,
     recorded_attention_calls,
     run_pipeline,
     run_transformer,
@@ -71,6 +72,17 @@ def test_layout_timestep_and_sparse_calls(transformer):
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "AnyFlow", layer=1)
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # 3 frames of 4 channels, 5 x 7 tokens: `inputs()` has as many frames as channels (4), so a layout read with
+    # frames and channels swapped passes every other test; here it has the wrong grid.
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(1, 3, 4, 10, 14, generator=g), "timestep": torch.full((1, 3), 700.0),
+                "r_timestep": torch.full((1, 3), 300.0), "encoder_hidden_states": torch.randn(1, 6, 16, generator=g)}
+
+    check_video_token_positions(transformer, call, grid=(3, 5, 7), patch=(1, 2, 2), axes="TCHW")
 
 
 def test_pipeline_steps_follow_the_flow_map_schedule():

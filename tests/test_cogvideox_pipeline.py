@@ -12,6 +12,7 @@ from diffusers import (
     CogVideoXVideoToVideoPipeline,
 )
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from transformers import T5Config, T5EncoderModel
 
 import diffsparse
@@ -22,6 +23,7 @@ from helpers import (
     check_against_dense,
     check_fused_projections,
     check_other_processors_are_refused,
+    check_video_token_positions,
     first_transformer_call,
     recorded_attention_calls,
     run_pipeline,
@@ -138,6 +140,22 @@ def test_learned_positions_and_cogvideox_1_5_temporal_patches(rotary, patch_size
         pipe.transformer, (latents,), {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, 16), "timestep": torch.tensor([10])}
     )
     assert layout == VideoLayout(3, 4, 3, text_len=TEXT_LEN, text_position="start") and int(timestep) == 10
+
+
+@pytest.mark.parametrize("patch_size_t", [None, 2], ids=["1.0", "1.5"])
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(patch_size_t):
+    # 3 x 5 x 7 tokens after the text: a layout of swapped axes has the same token count, so only the positions
+    # tell it apart.
+    transformer = tiny_cogvideox_pipeline(patch_size_t=patch_size_t).transformer
+    p_t = patch_size_t or 1
+
+    def inputs():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(1, 3 * p_t, 4, 10, 14, generator=g),  # (B, F, C, H, W)
+                "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=g), "timestep": torch.tensor([500]),
+                "image_rotary_emb": get_3d_rotary_pos_embed(16, ((0, 0), (5, 7)), (5, 7), 3)}
+
+    check_video_token_positions(transformer, inputs, grid=(3, 5, 7), patch=(p_t, 2, 2), axes="TCHW")
 
 
 def test_image_to_video_pipeline():

@@ -34,6 +34,7 @@ from helpers import (
     check_modular_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_video_token_positions,
     recorded_attention_calls,
     run_transformer,
 )
@@ -66,20 +67,22 @@ def unamplified_transformer():
     return make_transformer(amplified=False)
 
 
-def inputs(memory: bool | tuple[str, ...] = True, unindexed: tuple[str, ...] = ()):
+def inputs(memory: bool | tuple[str, ...] = True, unindexed: tuple[str, ...] = (), size=(4, 8, 12)):
     """A chunk of 4 latent frames of 8 x 12 (4 x 4 x 6 = 96 tokens) at frames 8-11; `memory` (True: all three, or
     the terms named): 2 short-term frames (2 x 4 x 6 = 48 tokens), 2 mid-term (1 x 2 x 3 = 6) and 4 long-term
-    (1 x 1 x 2 = 2, padded up): 56 tokens. The terms in `unindexed` get their latents but no frame indices."""
+    (1 x 1 x 2 = 2, padded up): 56 tokens. The terms in `unindexed` get their latents but no frame indices. `size`:
+    the chunk's `(frames, height, width)` instead (the memory of the same height and width)."""
     terms = ("short", "mid", "long") if memory is True else memory or ()
+    chunk_frames, height, width = size
 
     def call():
         g = torch.Generator().manual_seed(1)
-        kwargs = {"hidden_states": torch.randn(1, 4, 4, 8, 12, generator=g), "timestep": torch.tensor([500]),
+        kwargs = {"hidden_states": torch.randn(1, 4, *size, generator=g), "timestep": torch.tensor([500]),
                   "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
-                  "indices_hidden_states": torch.tensor([[8, 9, 10, 11]])}
+                  "indices_hidden_states": torch.arange(8, 8 + chunk_frames)[None]}
         for name, frames, first in (("short", 2, 6), ("mid", 2, 4), ("long", 4, 0)):
             if name in terms:
-                kwargs[f"latents_history_{name}"] = torch.randn(1, 4, frames, 8, 12, generator=g)
+                kwargs[f"latents_history_{name}"] = torch.randn(1, 4, frames, height, width, generator=g)
                 if name not in unindexed:
                     kwargs[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
         return kwargs
@@ -127,6 +130,14 @@ def test_a_memory_term_without_frame_indices_is_not_in_the_leading_span(transfor
 
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Helios", layer=1)
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # A chunk of 3 x 5 x 7 tokens behind 86 memory tokens (2 x 5 x 7 short-term, 1 x 3 x 4 mid-term and 1 x 2 x 2
+    # long-term, padded up): the chunk's tokens are where the layout puts them only with its axes in the model's
+    # order and the leading span the memory's length.
+    assert adapter_for(transformer).read_call(transformer, (), inputs(size=(3, 10, 14))())[0].text_len == 86
+    check_video_token_positions(transformer, inputs(size=(3, 10, 14)), grid=(3, 5, 7), patch=(1, 2, 2))
 
 
 def tiny_pipeline(pipeline_class, scheduler):

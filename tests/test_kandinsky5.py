@@ -26,6 +26,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_video_token_positions,
     qwen_tokenizer,
     recorded_attention_calls,
     run_transformer,
@@ -61,12 +62,13 @@ def transformer():
     return tiny_transformer()
 
 
-def inputs(fractal: bool = False):
+def inputs(fractal: bool = False, grid=GRID):
     """`fractal`: the `sparse_params` a NABLA pipeline passes reduced to what the forward reads for the token
-    order (the NABLA mask itself is built only by the original processor, i.e. on dense calls)."""
+    order (the NABLA mask itself is built only by the original processor, i.e. on dense calls). `grid`: the
+    patchified `(frames, height, width)`."""
     def call():
         g = torch.Generator().manual_seed(1)
-        frames, height, width = GRID
+        frames, height, width = grid
         return {
             "hidden_states": torch.randn(1, frames, 2 * height, 2 * width, 4, generator=g),
             "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g),
@@ -93,6 +95,13 @@ def test_tiled_token_order_is_attended_as_frame_major(transformer):
     tiled = run_transformer(transformer, inputs(fractal=True), LOCAL)
     torch.testing.assert_close(tiled, frame_major, atol=1e-5, rtol=0)
     assert not torch.allclose(frame_major, run_transformer(transformer, inputs()), atol=1e-4)
+
+
+@pytest.mark.parametrize("fractal, grid", [(False, (3, 5, 7)), (True, (3, 8, 16))], ids=["frame-major", "fractal"])
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer, fractal, grid):
+    # F, H and W all different, so a layout of swapped axes fails; the fractal order's 8 x 8 tiles need H and W
+    # multiples of 8, and its queries must come back to frame-major for the same token to move.
+    check_video_token_positions(transformer, inputs(fractal, grid), grid=grid, patch=(1, 2, 2), axes="THWC")
 
 
 def test_layout_and_sparse_calls(transformer):

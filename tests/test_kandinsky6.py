@@ -29,6 +29,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    check_video_token_positions,
     qwen_tokenizer,
     recorded_attention_calls,
     run_transformer,
@@ -123,6 +124,19 @@ def test_layout_and_token_order(transformer):
     for temporal in ([0, 0, 1, 2], [0, 1, 2, 3], [1, 0, 2, 3], [0, 1, 2, 1]):
         call["visual_rope_pos"] = (torch.tensor(temporal), *call["visual_rope_pos"][1:])
         assert len(adapter.read_call(transformer, (), call)) == 2, temporal
+
+
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(transformer):
+    # 3 x 5 x 7 tokens, each axis told apart by its size: a layout of swapped axes has the same token count, so only
+    # the positions tell it apart.
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(1, 3, 10, 14, CHANNELS, generator=g),
+                "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+                "pooled_projections": torch.randn(1, 8, generator=g),
+                "encoder_attention_mask": torch.tensor([[True] * 4 + [False] * 2]), "timestep": torch.tensor([500.0])}
+
+    check_video_token_positions(transformer, call, grid=(3, 5, 7), patch=(1, 2, 2), axes="THWC")
 
 
 def test_reference_first_order_needs_the_video_positions_increasing():

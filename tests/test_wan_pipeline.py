@@ -20,6 +20,7 @@ from diffsparse.runtime import HOOK_NAME
 
 from helpers import (
     check_against_dense,
+    check_video_token_positions,
     first_transformer_call,
     generate,
     recorded_attention_calls,
@@ -276,6 +277,26 @@ def test_stats_describe_only_the_last_pipeline_call(tiny_pipe):
     records = diffsparse.stats(tiny_pipe).calls["transformer"]
     assert sorted({r.step for r in records}) == [0, 1]
     assert len(records) == 2 * 2
+
+
+@pytest.mark.parametrize("patch, size", [
+    ((1, 2, 2), (3, 10, 14)),
+    ((1, 2, 2), (3, 11, 15)),  # a partial patch on each spatial axis, dropped
+    ((2, 2, 2), (7, 10, 14)),  # Wan's config allows a temporal patch too; the odd last frame is dropped
+])
+def test_each_latent_pixel_moves_the_query_of_its_own_video_token(patch, size):
+    # 3 x 5 x 7 tokens: a layout of swapped axes has the same token count, so only the positions tell it apart.
+    config = tiny_wan_config()["transformer"]
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**{**config, "patch_size": patch}).eval()
+
+    def inputs():
+        g = torch.Generator().manual_seed(1)
+        latents = torch.randn(1, config["in_channels"], *size, generator=g)
+        text = torch.randn(1, 6, config["text_dim"], generator=g)
+        return {"hidden_states": latents, "timestep": torch.tensor([500]), "encoder_hidden_states": text}
+
+    check_video_token_positions(transformer, inputs, grid=(3, 5, 7), patch=patch)
 
 
 @pytest.mark.parametrize(
