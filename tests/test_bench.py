@@ -64,6 +64,23 @@ def test_pipeline_bench_reports_the_median_of_its_pairs(tmp_path, monkeypatch):
     assert (result["dense_seconds"], result["sparse_seconds"]) == (3.0, 1.0)
 
 
+def test_pipeline_bench_attention_work_counts_the_dense_steps(tiny_pipe, tmp_path, monkeypatch):
+    # The other pipeline benches here keep every step dense, where the work and the sparse steps' density are both
+    # 1.0: the sparse steps' density in its place passed.
+    from diffsparse import compare
+
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    # 2 latent frames of 4 x 4 tokens: a block per frame, each keeping its own frame's.
+    args = ["bench", "pipeline", "--steps", "2", "--dense-steps", "1", "--frames", "5", "--height", "64", "--width",
+            "64", "--block-size", "16", "--pattern", "window3d(window=(1,1,1))", "--density", "none", "--repeats", "1",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "bench_pipeline.json").read_text())
+    # Step 0 dense, step 1 sparse: the work is the mean of 1.0 and the sparse step's density.
+    assert (result["sparse_step_density"], result["attention_work"]) == (0.5, 0.75)
+    assert result["efficiency"] == result["attention_speedup"] * 0.75
+
+
 def test_pipeline_bench_reports_the_size_of_the_video_the_pipeline_made(tiny_pipe, tmp_path, monkeypatch):
     # A Wan pipeline makes 4k + 1 frames: 5 for 6 asked. The JSON said "6 frames", a video no run made.
     from diffsparse import compare
@@ -194,14 +211,15 @@ def test_attention_bench_times_the_plans_kernel_in_interleaved_pairs_after_a_war
     q, k, v = (torch.randn(1, 2, 64, 8, generator=generator) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random mask on 4 blocks may miss its target: not this test's concern
-        row = bench.bench_one(q, k, v, 0.5, 16, "cpu", 2, generator)
+        # 0.3, no multiple of 1/16: at 0.5 the mask's density hit the target, and an efficiency of the target passed.
+        row = bench.bench_one(q, k, v, 0.3, 16, "cpu", 2, generator)
     # make_plan timed 3 times, then the plan the row times; one untimed dense and sparse call; then each pair, dense
     # first; then the sparse call's peak.
     pair = ["timed dense", "dense", "timed sparse", "sparse"]
     assert calls == ["timed <lambda>", "plan"] * 3 + ["plan", "dense", "sparse"] + pair * 2 + ["peak of sparse"]
     assert all(plan is plans[0] for plan in plans) and plans[0].density == row["density"]
     assert (row["dense_ms"], row["sparse_ms"], row["speedup"], row["peak_mb"]) == (2.0, 0.5, 4.0, 1.0)
-    assert row["efficiency"] == 4.0 * row["density"]
+    assert row["target_density"] == 0.3 != row["density"] and row["efficiency"] == 4.0 * row["density"]
 
 
 def test_plan_mb_counts_the_bytes_of_the_plan_and_of_its_backend_cache():
@@ -339,15 +357,47 @@ def test_causal_bench_times_sdpa_under_the_mask_and_without_it_for_scale(tmp_pat
             "0.3,0.6", "--out", str(tmp_path)]
     assert main(args) == 0
     expected = FrameCausal(2).token_mask(VideoLayout(4, 4, 6))[None]
-    # The unmasked call untimed (None), then timed; per density, the masked one likewise.
-    assert [name for name, _ in masks] == [None, "unmasked", "unmasked"] + [None, "dense", "dense"] * 2
-    assert [mask is not None for _, mask in masks] == [False] * 3 + [True] * 6
+    # The unmasked call untimed (None); per density, the masked one likewise, then each run masked first, unmasked.
+    assert [name for name, _ in masks] == [None] + [None, "dense", "unmasked", "dense", "unmasked"] * 2
+    assert [mask is not None for _, mask in masks] == [False] + [True, True, False, True, False] * 2
     assert all(mask is None or torch.equal(mask, expected) for _, mask in masks)
     result = json.loads((tmp_path / "bench_causal.json").read_text())
     assert result["unmasked_sdpa_ms"] == 5.0
     for r in result["rows"]:
-        assert (r["dense_ms"], r["sparse_ms"], r["speedup"]) == (2.0, 0.5, 4.0) and r["density"] < 1
-        assert r["efficiency"] == 4.0 * r["density"]
+        assert (r["dense_ms"], r["unmasked_ms"], r["sparse_ms"], r["speedup"]) == (2.0, 5.0, 0.5, 4.0)
+        # The masked call the faster here: the efficiency over it.
+        assert r["efficiency_baseline"] == "masked" and r["efficiency"] == 4.0 * r["density"] and r["density"] < 1
+
+
+def test_causal_bench_efficiency_is_against_the_faster_sdpa(tmp_path, monkeypatch, capsys):
+    # The masked SDPA (on CPU 1.4-2x the unmasked one) was the efficiency's only baseline: here it read 4 x density,
+    # past 1, the 1/density bound the module says 1.0 means; against the unmasked call 2 x density.
+    _fixed_clock(monkeypatch, {"dense": 4.0, "unmasked": 2.0, "sparse": 1.0})
+    args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
+            "--repeats", "1", "--causal-frames", "2", "--block-size", "16", "--pattern", "window3d", "--density",
+            "0.3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (row,) = json.loads((tmp_path / "bench_causal.json").read_text())["rows"]
+    assert (row["dense_ms"], row["sparse_ms"], row["speedup"]) == (4.0, 1.0, 4.0)  # the speedup: over the masked
+    assert 0.25 < row["density"] <= 0.5  # against the masked call above 1, against the unmasked one not
+    assert row["efficiency_baseline"] == "unmasked" and row["efficiency"] == 2.0 * row["density"]
+    out = capsys.readouterr().out
+    assert "efficiency (speedup x measured density, 1.0 the 1/density bound) over the faster SDPA" in out
+    assert f"| 4.0 | 2.0 | 1.0 | 4.00 | {row['efficiency']:.2f} |" in out
+
+
+def test_bench_densities_are_each_given_once(capsys, monkeypatch):
+    # A density given twice timed the same row again; eval's lists already refused their repeats.
+    import torch
+
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: pytest.fail("made tensors before refusing the density"))
+    for command, densities in (("attention", "0.3,0.5,0.3"), ("causal", "0.3,0.3"), ("causal", "none,0.3,none")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", command, "--density", densities])
+        repeated = "none" if densities.startswith("none") else "0.3"
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert f"argument --density: {repeated} is given twice in '{densities}': give each value once" in err
 
 
 def test_causal_bench_refuses_a_call_the_runtime_logged_dense(tmp_path, monkeypatch):
@@ -472,7 +522,7 @@ def test_search_and_causal_benches_time_interleaved_pairs_and_record_the_cpu_thr
     log.clear()
     causal = ["bench", "causal", *grid, "--causal-frames", "2", "--pattern", "window3d", "--density", "0.3,0.6"]
     assert main(causal) == 0
-    assert log == ["unmasked"] * 2 + ["dense", "sparse"] * 4  # per density, two pairs
+    assert log == ["dense", "unmasked", "sparse"] * 4  # per density, two runs of each
     assert json.loads((tmp_path / "bench_causal.json").read_text())["device"] == threads
 
 

@@ -1029,7 +1029,10 @@ def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_pa
         assert [r["path"] for r in result["rows"]] == [path, path]
         assert result["rows"][0]["density"] < result["rows"][1]["density"] == pytest.approx(every_block)
         for r in result["rows"]:
-            assert r["speedup"] == r["dense_ms"] / r["sparse_ms"] and r["efficiency"] == r["speedup"] * r["density"]
+            faster = min(r["dense_ms"], r["unmasked_ms"])
+            assert r["speedup"] == r["dense_ms"] / r["sparse_ms"] and r["efficiency"] == faster / r["sparse_ms"] * (
+                r["density"])
+            assert r["efficiency_baseline"] == ("masked" if faster == r["dense_ms"] else "unmasked")
     assert "dense: SDPA with the boolean mask" in capsys.readouterr().out
     # Searched blocks across the groups: searched on the masked attention, per group, every allowed block at 1.
     assert main([*args, "--block-size", "32", "--pattern", "searched"]) == 0

@@ -54,6 +54,28 @@ def test_the_warm_ups_reach_the_kernel_when_the_first_configuration_runs_nothing
     assert (all_dense["pattern_ran"], sparse_run["pattern_ran"]) == ("", WINDOW)
 
 
+def test_the_dense_control_row_shows_no_target_density(tmp_path):
+    # Beside a density sweep, the dense pattern's row read `| dense() | - | 0.3 |`: a density it never used.
+    args = ["eval", *TINY, "--pattern", f"dense,{WINDOW}", "--density", "0.3", "--dense-steps", "0", "--prompts", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    dense, window = _rows(tmp_path)
+    assert (dense["pattern"], dense["target_density"], window["target_density"]) == ("dense()", "", "0.3")
+    assert "\n| 1 | dense() | - | - | " in (tmp_path / "eval.md").read_text()
+
+
+def test_pattern_ran_says_a_data_dependent_pattern_was_fitted_for_the_density(tmp_path):
+    # Their fits (per layer and video) are not kept, so the row says how they were made; nothing checked the text,
+    # nor that it names each pattern (the configured repr, or one pattern's name for every row, passed).
+    args = ["eval", *TINY, "--pattern", "searched,spatial_temporal", "--density", "0.25", "--dense-steps", "0",
+            "--prompts", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 0.25 is out of reach on 3 blocks (each keeps its diagonal): not the point
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    assert [r["pattern_ran"] for r in _rows(tmp_path)] == [
+        f"{name} fitted per layer and video, each fit solved for the target density"
+        for name in ("searched", "spatial_temporal")]
+
+
 def test_warm_ups_are_dense_then_each_correction_path_with_every_step_and_layer_sparse():
     configs = [
         SparseConfig(pattern="dense", dense_steps=0),
