@@ -201,7 +201,7 @@ def _read_log(folder):
 def trained(tmp_path_factory):
     """A 3-step run (checkpoint at step 2 and at the end) resumed to 5 steps, and an uninterrupted 5-step run."""
     base = tmp_path_factory.mktemp("testbed")
-    # --decay 0: each invocation's cool-down covers its own budget, so only a constant rate resumes exactly
+    # --decay 0: resumed to another --steps (3, then 5), the cool-down starts anew, so only a constant rate matches
     common = ["--batch", "1", "--save-every", "2", "--threads", "1", "--decay", "0"]
     first = train(parse_args(["--out", str(base / "run"), "--steps", "3", *common]))
     first_log = _read_log(base / "run")
@@ -270,8 +270,9 @@ def test_decay_lowers_the_learning_rate_over_the_end_of_the_budget(tmp_path):
 
 
 def test_a_resumed_steps_run_cools_down_anew_over_what_is_left(tmp_path):
-    # The module docstring's rule: the cool-down covers each invocation's own budget, here steps 2 to 4, so the
-    # first resumed step is still at the full rate (measured from step 0, it was halfway down already).
+    # The module docstring's rule: resumed with another --steps than the run's, the cool-down covers this
+    # invocation's own budget, here steps 2 to 4, so the first resumed step is still at the full rate (measured from
+    # step 0, it was halfway down already). With the run's own --steps it would go on (tests/test_train_resume.py).
     common = ["--out", str(tmp_path), "--warmup", "0", "--batch", "1", "--threads", "1", "--save-every", "9",
               "--image-share", "0"]
     train(parse_args([*common, "--steps", "2", "--decay", "0"]))
@@ -326,13 +327,15 @@ def test_training_refuses_to_overwrite_a_run_without_resume(trained):
 
 def test_a_resume_without_the_run_s_seed_is_refused(tmp_path):
     # Every batch is make_batch(seed, step): before, a seed-5 run resumed without --seed 5 went on with seed 0's
-    # batches and noise, no longer the run it continued.
+    # batches and noise, no longer the run it continued. Now the run's seed unless another is given.
     common = ["--out", str(tmp_path), "--batch", "1", "--threads", "1", "--save-every", "9", "--image-share", "0"]
     train(parse_args([*common, "--steps", "1", "--seed", "5"]))
     with pytest.raises(SystemExit, match=r"trained with --seed 5, this invocation has --seed 0: resume with --seed 5"):
-        train(parse_args([*common, "--steps", "2", "--resume"]))
+        train(parse_args([*common, "--steps", "2", "--resume", "--seed", "0"]))
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 1  # left as it was
     assert train(parse_args([*common, "--steps", "2", "--resume", "--seed", "5"]))["step"] == 2
+    assert train(parse_args([*common, "--steps", "3", "--resume"]))["step"] == 3
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["args"]["seed"] == 5
 
 
 def test_init_starts_a_new_run_from_a_pipeline_folder(trained, tmp_path):
@@ -1283,8 +1286,12 @@ def test_frozen_text_encoder_keeps_its_initial_weights_and_must_resume_frozen(tm
     frozen, unfrozen = text_weights(tmp_path / "frozen"), text_weights(tmp_path / "unfrozen")
     assert all(torch.equal(frozen[name], initial[name]) for name in frozen)
     assert any(not torch.equal(unfrozen[name], initial[name]) for name in unfrozen)  # the default trains it
-    with pytest.raises(SystemExit, match="freeze-text-encoder"):
-        train(parse_args(["--out", str(tmp_path / "frozen"), "--steps", "3", "--resume", *common]))
+    # Resumed without the flag, a frozen run stays frozen (before: refused); a run that trained it cannot freeze it.
+    train(parse_args(["--out", str(tmp_path / "frozen"), "--steps", "3", "--resume", *common]))
+    assert all(torch.equal(text_weights(tmp_path / "frozen")[name], initial[name]) for name in frozen)
+    with pytest.raises(SystemExit, match="trained with no --freeze-text-encoder, this invocation has --freeze-text-"):
+        train(parse_args(["--out", str(tmp_path / "unfrozen"), "--steps", "3", "--resume", "--freeze-text-encoder",
+                          *common]))
 
 
 def test_first_frame_is_kept_clean_and_the_rest_is_generated():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffsparse.pipelines import testbed  # module access: pytest would collect `Test*` names imported here
-from diffsparse.testbed import fidelity
+from diffsparse.testbed import evidence, fidelity
 
 CALL = {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 1}
 TWO = ["a red circle", "a blue square"]
@@ -273,3 +273,43 @@ def test_still_candidates_must_be_a_count_not_a_bool(monkeypatch):
     # numpy integers count, as for the pipeline's own counts.
     assert testbed.best_still(pipe, "a red circle moving left", still_candidates=np.int64(2), **call).shape == (
         1, 3, 16, 16)
+
+
+class _Loaded(Exception):
+    """Raised in place of loading the model: the command line got through its checks."""
+
+
+def _no_loading(**kwargs):
+    raise _Loaded
+
+
+@pytest.mark.parametrize(
+    "mode, given",
+    [("--sensitivity-only", given) for given in (["--two-stage"], ["--still-candidates", "1"], ["--steps", "20"],
+                                                 ["--guidance-scale", "9"], ["--first-frame"])]
+    + [("--steering-only", given) for given in (["--two-stage"], ["--still-candidates", "1"], ["--first-frame"],
+                                                ["--noise-levels", "0.2"], ["--first-frame-level", "0"])],
+)
+def test_a_check_run_alone_refuses_the_options_it_does_not_read(monkeypatch, capsys, mode, given):
+    # Before, they were ignored without a word (even at their default value, a given option is refused).
+    monkeypatch.setattr(testbed, "load", _no_loading)
+    with pytest.raises(SystemExit):
+        fidelity.main([mode, "--size", "2x16x16", *given])
+    assert f"{mode} does not use {given[0]}: leave it out, or run without {mode}" in capsys.readouterr().err
+
+
+def test_a_check_run_alone_takes_the_options_it_reads(monkeypatch):
+    monkeypatch.setattr(testbed, "load", _no_loading)
+    for argv in (["--sensitivity-only", "--seeds", "1", "--noise-levels", "0.5", "--first-frame-level", "0"],
+                 ["--steering-only", "--seeds", "1", "--steps", "2", "--guidance-scale", "4"]):
+        with pytest.raises(_Loaded):
+            fidelity.main([*argv, "--size", "2x16x16"])
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_evidence_refuses_a_seed_out_of_range_before_sampling(capsys, seed):
+    # Before, -1 failed in the attention decay, after samples.png had been overwritten.
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--seed", str(seed)])
+    assert f"--seed must be in [0, 2**32), got {seed}" in capsys.readouterr().err
+    assert evidence.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1

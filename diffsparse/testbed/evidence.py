@@ -451,14 +451,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"nearest 60 min, if within {SNAPSHOT_TOLERANCE_MINUTES:g} min of it)")
     p.add_argument("--out", type=Path, default=Path("docs/testbed"))
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sample grids and of the attention decay's videos and query rows; the fidelity "
+                        "numbers use their own fixed seeds (0 and 1), the same whatever --seed is")
     add_two_stage_options(p, "sample the grid in two stages (first frame as a still image of the shapes, then the "
                           "clip from it; pipelines.testbed.sample(two_stage=True)) and add its evaluation-size "
                           "fidelity")
     p.add_argument("--attention-prompts", type=int, default=3, help="prompts averaged for the attention decay")
     args = p.parse_args(argv)
-    if args.still_candidates < 1 or (args.still_candidates > 1 and not args.two_stage):
-        p.error(f"--still-candidates {args.still_candidates}: give an int >= 1, and more than 1 only with --two-stage")
+    if args.still_candidates > 1 and not args.two_stage:
+        p.error(f"--still-candidates {args.still_candidates}: more than 1 only with --two-stage")
+    # Checked here, not when numpy refuses -1 in the attention decay, after samples.png was overwritten.
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.fine_tune_of is not None and args.run is None:
         p.error(f"--fine-tune-of {args.fine_tune_of} continues the loss curve of a --run; pass the run folder too")
     # Checked before the minutes of sampling (and before samples.png is overwritten), not after.

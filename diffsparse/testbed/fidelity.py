@@ -452,6 +452,22 @@ def parse_noise_levels(text: str) -> tuple[float, ...]:
     return levels
 
 
+# The options each check run alone does not read: steering samples from its own centred first frames, the prompt
+# sensitivity samples nothing.
+UNUSED_BY_MODE = {
+    "sensitivity_only": ("two_stage", "still_candidates", "steps", "guidance_scale", "first_frame"),
+    "steering_only": ("two_stage", "still_candidates", "first_frame", "noise_levels", "first_frame_level"),
+}
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> frozenset:
+    """The options on the command line (`args`' names): parsed again into a namespace holding a marker for each,
+    which argparse keeps in place of the default where an option is not given."""
+    unset = object()
+    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return frozenset(name for name, value in vars(again).items() if value is not unset)
+
+
 def main(argv=None) -> dict:
     from ..cli import at_least
     from ..pipelines.testbed import load, testbed_config
@@ -482,10 +498,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.steering_only and args.sensitivity_only:
         p.error("--steering-only and --sensitivity-only each run one check alone: give one of them")
+    # Before, the check alone ran without a word about the options it does not read.
+    given = _given_flags(p, argv, args)
+    for mode, unused in UNUSED_BY_MODE.items():
+        passed = [f"--{name.replace('_', '-')}" for name in unused if name in given]
+        if getattr(args, mode) and passed:
+            p.error(f"--{mode.replace('_', '-')} does not use {', '.join(passed)}: leave "
+                    f"{'them' if len(passed) > 1 else 'it'} out, or run without --{mode.replace('_', '-')}")
     if args.first_frame and args.two_stage:
         p.error("--first-frame and --two-stage each choose where the first frame comes from: give one of them")
-    if args.still_candidates < 1 or (args.still_candidates > 1 and not args.two_stage):
-        p.error(f"--still-candidates {args.still_candidates}: give an int >= 1, and more than 1 only with --two-stage")
+    if args.still_candidates > 1 and not args.two_stage:
+        p.error(f"--still-candidates {args.still_candidates}: more than 1 only with --two-stage")
     if args.first_frame_level is not None and not 0 <= args.first_frame_level <= 1:
         p.error(f"--first-frame-level must be in [0, 1], got {args.first_frame_level}")
     if args.size is None:

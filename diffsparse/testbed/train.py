@@ -17,15 +17,23 @@ transformer then gets one timestep per token, Wan 2.2 TI2V's path), so that clea
 with `--clean-first-frame P`, a share P of the clips gets a clean first frame (level 0) that conditions the rest
 and is left out of the loss, as TI2V trains image-to-video.
 
-Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, so a resumed run continues
-exactly (with `--decay 0`: the cool-down is measured from where each invocation starts, so a `--steps` run resumed
-with the default `--decay` cools down anew over what is left); the checkpoint also keeps the optimizer, the EMA
-weights, the step, torch's RNG state and the arguments (a resume with another `--seed` is refused). A loss that
-is not finite ends the run without saving the weights that broke it over the last checkpoint (one saved by
-`--save-every` on the step before may hold them already).
+Each step's batch, noise, timesteps and prompt drops depend only on `(seed, step)`, and torch's generator (dropout
+in a `--config` that sets it) is seeded from `--seed` and kept in the checkpoint, so a resumed run continues
+exactly: a `--steps` run interrupted and resumed with the same command logs the losses and learning rates of an
+uninterrupted one (the checkpoint keeps where its cool-down started). Resumed with another `--steps`, or with
+`--minutes`, the cool-down covers what is left of that invocation's budget. The checkpoint also keeps the
+optimizer, the EMA weights, the step and the arguments: on `--resume`, an option left out takes the run's value,
+not the default; the run's seed, batch, shape counts, noise-level sampling and shift, precision and
+`--freeze-text-encoder` cannot change (another value is refused), while `--lr`, `--weight-decay`, `--warmup`,
+`--ema`, `--image-share`, `--image-prompts`, `--frame-noise` and `--clean-first-frame` can (a fine-tune that
+continues a run with another data mix). The budget and bookkeeping (`--minutes`, `--steps`, `--decay`,
+`--save-every`, `--keep-every`, `--threads`) and `--init` are each invocation's own. A loss that is not finite
+ends the run without saving the weights that broke it over the last checkpoint (one saved by `--save-every` on the
+step before may hold them already).
 
 Written to `--out`:
-    checkpoint.pt   model, EMA, optimizer, step, RNG state, config (every `--save-every` steps and at the end)
+    checkpoint.pt   model, EMA, optimizer, step, RNG state, config, arguments, where the `--steps` cool-down
+                    started (every `--save-every` steps and at the end)
     loss.csv        one row per step: the loss curve and the time per step (wall and CPU)
     pipeline/       EMA weights as a diffusers folder (`TestbedPipeline.from_pretrained`), refreshed with each
                     checkpoint: model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/
@@ -60,7 +68,7 @@ from ..pipelines.testbed import (
     space_to_depth_factor_of,
     testbed_config,
 )
-from .data import IMAGE_PROMPTS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
+from .data import IMAGE_PROMPTS, PROMPT_WORDS, SHAPE_COUNT_WEIGHTS, check_shape_counts, make_batch, train_buckets
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
@@ -83,6 +91,31 @@ LOG_FIELDS = (
 UNCOND_PROBABILITY = 0.1
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 MIN_LR_RATIO = 0.02  # where --decay ends, as a fraction of --lr
+# On --resume an option left out takes the run's value, kept in its checkpoint: before, it fell back to its default
+# and the run went on with other data. These make the run what it is: given with another value, they are refused.
+FIXED_ON_RESUME = (
+    "seed",
+    "batch",
+    "shape_counts",
+    "timestep_sampling",
+    "timestep_shift",
+    "precision",
+    "freeze_text_encoder",
+)
+# These a resume may change: the fine-tunes of docs/testbed/experiments.md and the README continue a run with
+# another data mix or learning rate. The rest (budget, --decay, saving, threads, --init) are each invocation's own.
+CHANGEABLE_ON_RESUME = (
+    "lr",
+    "weight_decay",
+    "warmup",
+    "ema",
+    "image_share",
+    "image_prompts",
+    "frame_noise",
+    "clean_first_frame",
+)
+CONFIG_KEYS = ("transformer", "text_encoder", "vocabulary", "max_sequence_length", "scheduler")  # what training reads
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # pipelines.text.word_tokenizer needs them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,8 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decay",
         type=float,
         default=0.2,
-        help="fraction of this invocation's budget (--steps or --minutes, whichever ends first) at its end over "
-        "which the learning rate falls linearly to 2%% of --lr (0: constant after warm-up; default %(default)s)",
+        help="fraction of the budget (--steps or --minutes, whichever ends first) at its end over which the "
+        "learning rate falls linearly to 2%% of --lr (0: constant after warm-up; default %(default)s); a run resumed "
+        "with its own --steps continues its cool-down, otherwise it covers what this invocation has left",
     )
     p.add_argument(
         "--image-share",
@@ -173,7 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (0 disables)")
     p.add_argument(
-        "--seed", type=int, default=0, help="seeds the initial weights and every batch (--resume: the run's own)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the initial weights, every batch and torch's generator (dropout) (--resume: the run's own)",
     )
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and pipeline exports)")
     p.add_argument(
@@ -188,9 +225,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="model config JSON (default: the testbed config); the transformer's in_channels, 3 * f**2, sets the "
-        "space-to-depth factor f, as the pipeline reads it (a \"space_to_depth\" key must agree)",
+        "space-to-depth factor f, as the pipeline reads it (a \"space_to_depth\" key must agree); its vocabulary "
+        "must hold every word of the training prompts",
     )
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoint.pt when it exists; the run's options where left out (not the "
+        "defaults); another --seed, --batch, --shape-counts, --timestep-sampling, --timestep-shift, --precision or "
+        "--freeze-text-encoder than the run's is refused; budget, --decay and saving are this invocation's",
+    )
     p.add_argument(
         "--init",
         type=Path,
@@ -247,7 +291,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
+    args.given = _given_flags(p, argv, args)
     return args
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> frozenset:
+    """The options on the command line (`args`' names): parsed again into a namespace holding a marker for each,
+    which argparse keeps in place of the default where an option is not given."""
+    unset = object()
+    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return frozenset(name for name, value in vars(again).items() if value is not unset)
 
 
 def _shape_counts(text: str) -> tuple[float, ...]:
@@ -440,20 +493,83 @@ def _check_training_sizes(transformer_config, buckets) -> None:
             )
 
 
+def _read_config(path: Path) -> dict:
+    """The model config JSON at `path`, checked for what training reads before anything is built or written."""
+    config = json.loads(path.read_text())
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"--config {path} must hold the keys {', '.join(CONFIG_KEYS)}; it lacks {missing}")
+    # The tokenizer reads a word outside the vocabulary as <unk>: the model could never learn what a training word
+    # missing there names, and before, every step logged a warning about it.
+    lacking = sorted((set(SPECIAL_TOKENS) | PROMPT_WORDS) - set(config["vocabulary"]))
+    if lacking:
+        raise ValueError(f"--config {path}: the vocabulary must hold {', '.join(SPECIAL_TOKENS)} and every word of "
+                         f"the training prompts (diffsparse.testbed.data.PROMPT_WORDS); it lacks {lacking}")
+    return config
+
+
+def _as_flag(name: str, value) -> str:
+    """`value` of the option `name` as typed on the command line."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or value is None:
+        return flag if value else f"no {flag}"
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f"{flag} {value}"
+
+
+def _resumed_args(args: argparse.Namespace, run_args: dict, checkpoint_path: Path) -> argparse.Namespace:
+    """A copy of `args` with the run's values (`run_args`, its checkpoint's) for the options the command line left
+    out; `SystemExit` for an option of `FIXED_ON_RESUME` given with another value."""
+    given = getattr(args, "given", None)  # None: a Namespace not made by parse_args, every option the caller's
+    args = copy.copy(args)
+    for name in (*FIXED_ON_RESUME, *CHANGEABLE_ON_RESUME):
+        if name not in run_args:  # a checkpoint from before the option: the run had its default
+            continue
+        run_value, value = run_args[name], getattr(args, name)
+        if given is not None and name not in given:
+            setattr(args, name, run_value)
+        elif value != run_value:
+            run, this = _as_flag(name, run_value), _as_flag(name, value)
+            if name in FIXED_ON_RESUME:
+                raise SystemExit(f"{checkpoint_path} was trained with {run}, this invocation has {this}: resume with "
+                                 f"{run} or without the option, or choose another --out")
+            print(f"resuming with {this} (the run had {run})", file=sys.stderr)
+    return args
+
+
+def _run_seed(seed: int) -> int:
+    # torch's generator of a fresh run (dropout), independent of the data stream and the per-step noise.
+    return int(np.random.default_rng([seed, 0, 2]).integers(2**62))
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` says; returns a summary (steps done, seconds per step, paths)."""
+    # The run's own torch generator, seeded or restored from the checkpoint; the caller's is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    config = json.loads(args.config.read_text()) if args.config else testbed_config()
+    config = _read_config(args.config) if args.config else testbed_config()
+    out: Path = args.out
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not args.resume:
+        raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
+    state = None
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if _model_part(state["config"]) != _model_part(config):
+            raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
+        # The run's own options where left out (before, their defaults: the run went on with other data).
+        args = _resumed_args(args, state.get("args", {}), checkpoint_path)
     # Before the run folder is made: a config the model cannot be built from, or whose space-to-depth and patch
     # do not divide the training sizes, failed inside the first step and left an empty run behind.
     components = build_components(config, seed=args.seed)
     buckets = train_buckets(args.image_share)
     _check_training_sizes(components["transformer"].config, buckets)
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out / CHECKPOINT
-    if checkpoint_path.exists() and not args.resume:
-        raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
 
     if args.init is not None:  # resumed too: the parts it does not train keep --init's weights (the checkpoint's)
         _load_initial_weights(components, args.init, args.init_parts)
@@ -465,18 +581,8 @@ def train(args: argparse.Namespace) -> dict:
     params = [p for m in trainable.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
 
-    step, train_seconds, ema_state = 0, 0.0, None
-    if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if _model_part(state["config"]) != _model_part(config):
-            raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
-        # Every batch is make_batch(seed, step): another seed silently went on with another run's data.
-        run_seed = state.get("args", {}).get("seed", args.seed)
-        if run_seed != args.seed:
-            raise SystemExit(
-                f"{checkpoint_path} was trained with --seed {run_seed}, this invocation has --seed {args.seed}: "
-                f"resume with --seed {run_seed}, or choose another --out"
-            )
+    step, train_seconds, ema_state, schedule = 0, 0.0, None, {}
+    if state is not None:
         if set(state["model"]) != set(trainable):
             raise SystemExit(
                 f"{checkpoint_path} trained {sorted(state['model'])}, this invocation trains {sorted(trainable)}: "
@@ -491,9 +597,13 @@ def train(args: argparse.Namespace) -> dict:
         ema_state = state.get("ema")
         torch.set_rng_state(state["rng"])
         step, train_seconds = state["step"], state["train_seconds"]
+        schedule = state.get("schedule") or {}  # older checkpoints lack it: the cool-down starts anew
         print(f"resuming {checkpoint_path} at step {step} ({train_seconds / 60:.1f} min trained)", file=sys.stderr)
-    elif args.resume:
-        print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
+    else:
+        if args.resume:
+            print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
+        # Dropout in a --config draws from torch's generator: unseeded, a run depended on what the caller drew.
+        torch.manual_seed(_run_seed(args.seed))
     # A resumed run may change --lr and --weight-decay: loading restored the checkpoint's (the flag was ignored).
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
@@ -502,6 +612,10 @@ def train(args: argparse.Namespace) -> dict:
     ema = _EMA(trainable, args.ema) if args.ema > 0 else None
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
+    # Where the --steps cool-down is measured from: resumed with the run's own --steps, where the run started it
+    # (an interrupted run goes on as it would have), else where this invocation starts.
+    same_steps = args.steps is not None and schedule.get("steps") == args.steps
+    cool_down_from = schedule["from"] if same_steps else step
 
     def save() -> None:
         _atomic_save(
@@ -514,7 +628,8 @@ def train(args: argparse.Namespace) -> dict:
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "config": config,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"},
+                "schedule": {"from": cool_down_from, "steps": args.steps},
             },
             checkpoint_path,
         )
@@ -538,10 +653,9 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         if args.decay == 0:
             return lr
-        # Where this invocation is in its budget; a resumed run's cool-down covers only its own budget.
         done = 0.0
         if args.steps is not None:
-            done = (step - first_step) / max(1, args.steps - first_step)
+            done = (step - cool_down_from) / max(1, args.steps - cool_down_from)
         if args.minutes is not None:
             done = max(done, (time.monotonic() - started) / (args.minutes * 60))
         return lr * max(MIN_LR_RATIO, min(1.0, (1 - done) / args.decay))

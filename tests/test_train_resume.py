@@ -1,0 +1,155 @@
+"""What a resumed (or interrupted) testbed training run continues with, what seeds a fresh one, and the model config
+checks made before a run folder is written (fast: tiny runs of a few steps at batch 1)."""
+
+import copy
+import csv
+import json
+import re
+import signal
+
+import pytest
+import torch
+
+from diffsparse.pipelines import testbed  # module access: pytest would collect `test*` names imported here
+from diffsparse.testbed import train as train_module
+
+BOOKKEEPING = ["--threads", "1", "--save-every", "9"]
+
+
+def _run(out, *argv):
+    return train_module.train(train_module.parse_args(["--out", str(out), *BOOKKEEPING, *argv]))
+
+
+def _log(folder, *columns):
+    with (folder / train_module.LOSS_LOG).open(newline="") as f:
+        return [tuple(row[c] for c in columns) for row in csv.DictReader(f)]
+
+
+def _config():
+    return copy.deepcopy(testbed.testbed_config())  # the module's own dict: a change would reach every test after
+
+
+def _weights(folder):
+    return torch.load(folder / train_module.CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(
+        a[part].keys() == b[part].keys() and all(torch.equal(a[part][n], b[part][n]) for n in a[part]) for part in a
+    )
+
+
+def _interrupted_after(monkeypatch, steps):
+    """Make the next run stop as a SIGTERM stops it, after `steps` steps (it saves and exits cleanly)."""
+    make_batch = train_module.make_batch
+
+    def batch_then_signal(seed, step, *args):
+        if step == steps - 1:
+            signal.raise_signal(signal.SIGTERM)
+        return make_batch(seed, step, *args)
+
+    monkeypatch.setattr(train_module, "make_batch", batch_then_signal)
+
+
+def test_an_interrupted_steps_run_resumed_with_the_same_command_is_the_uninterrupted_run(tmp_path, monkeypatch):
+    # Before, the cool-down was measured from where each invocation started: the resumed run cooled down anew over
+    # steps 2 to 5, at other rates, and so with other losses, than the run it continued.
+    command = ["--steps", "5", "--decay", "0.6", "--warmup", "0", "--batch", "1", "--image-share", "0.9"]
+    _run(tmp_path / "straight", *command)
+    _interrupted_after(monkeypatch, 2)
+    assert _run(tmp_path / "interrupted", *command)["step"] == 2
+    monkeypatch.undo()
+    _run(tmp_path / "interrupted", *command, "--resume")
+    straight = _log(tmp_path / "straight", "step", "lr", "loss")
+    assert [float(lr) for _, lr, _ in straight] == pytest.approx([1e-3, 1e-3, 1e-3, 6.67e-4, 3.33e-4])
+    assert _log(tmp_path / "interrupted", "step", "lr", "loss") == straight
+
+
+def test_a_resume_takes_the_options_the_command_leaves_out_from_the_run(tmp_path):
+    # Before, they fell back to their defaults: the resumed run went on with other batches, sizes and noise.
+    run = ["--batch", "2", "--image-share", "0", "--shape-counts", "0,0,1", "--timestep-sampling", "uniform",
+           "--timestep-shift", "2", "--frame-noise", "0.5", "--clean-first-frame", "0.5", "--warmup", "3",
+           "--lr", "5e-3", "--ema", "0.9", "--decay", "0"]
+    _run(tmp_path / "straight", "--steps", "4", *run)
+    _run(tmp_path / "resumed", "--steps", "2", *run)
+    _run(tmp_path / "resumed", "--steps", "4", "--decay", "0", "--resume")
+    columns = ("step", "loss", "lr", "frames", "height", "width", "batch")
+    assert _log(tmp_path / "resumed", *columns) == _log(tmp_path / "straight", *columns)
+
+
+def test_a_resume_refuses_another_value_of_what_makes_the_run_and_takes_a_new_data_mix(tmp_path, capsys):
+    run = ["--batch", "2", "--image-share", "0.9", "--shape-counts", "0,1,0", "--timestep-sampling", "uniform"]
+    _run(tmp_path, "--steps", "1", *run)
+    checkpoint = tmp_path / train_module.CHECKPOINT
+    refused = [  # (given, as the run had it, as given)
+        (["--batch", "3"], "--batch 2", "--batch 3"),
+        (["--shape-counts", "1,0,0"], "--shape-counts 0.0,1.0,0.0", "--shape-counts 1.0,0.0,0.0"),
+        (["--timestep-sampling", "logit-normal"], "--timestep-sampling uniform", "--timestep-sampling logit-normal"),
+        (["--timestep-shift", "2"], "no --timestep-shift", "--timestep-shift 2.0"),
+        (["--precision", "bf16"], "--precision fp32", "--precision bf16"),
+        (["--freeze-text-encoder"], "no --freeze-text-encoder", "--freeze-text-encoder"),
+        (["--seed", "1"], "--seed 0", "--seed 1"),
+    ]
+    for given, ran, this in refused:
+        message = f"{checkpoint} was trained with {ran}, this invocation has {this}: resume with {ran} or without"
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            _run(tmp_path, "--steps", "2", "--resume", *given)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 1  # left as it was
+    # A fine-tune may go on with another data mix (docs/testbed/experiments.md); the next resume keeps it.
+    assert _run(tmp_path, "--steps", "2", "--resume", "--image-share", "0.5")["step"] == 2
+    assert "resuming with --image-share 0.5 (the run had --image-share 0.9)" in capsys.readouterr().err
+    assert torch.load(checkpoint, weights_only=False)["args"]["image_share"] == 0.5
+
+
+@pytest.fixture
+def dropout_config(tmp_path):
+    config = _config()
+    config["text_encoder"]["dropout_rate"] = 0.1
+    path = tmp_path / "dropout.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_fresh_run_draws_its_dropout_from_its_seed_and_leaves_the_caller_s_generator(tmp_path, dropout_config):
+    # Before, torch's generator was left as the caller had it: two runs with the same --seed differed.
+    command = ["--steps", "2", "--batch", "1", "--config", str(dropout_config)]
+    torch.manual_seed(1)
+    _run(tmp_path / "a", *command)
+    torch.manual_seed(2)
+    before = torch.get_rng_state()
+    _run(tmp_path / "b", *command)
+    assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_resumed_dropout_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dropout_config):
+    # The resume restores torch's generator from the checkpoint, whatever the caller's holds by then.
+    command = ["--batch", "1", "--config", str(dropout_config), "--decay", "0"]
+    _run(tmp_path / "straight", "--steps", "4", *command)
+    _run(tmp_path / "resumed", "--steps", "2", *command)
+    torch.manual_seed(123)
+    _run(tmp_path / "resumed", "--steps", "4", "--resume", *command)
+    assert _same_weights(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("key", ["vocabulary", "max_sequence_length", "scheduler"])
+def test_a_config_without_a_key_training_reads_is_refused_before_the_run_folder(tmp_path, key):
+    # Before, a bare KeyError.
+    config = _config()
+    del config[key]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"--config {path} must hold the keys") + f".*lacks \\['{key}'\\]"):
+        _run(tmp_path / "run", "--steps", "1", "--config", str(path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_whose_vocabulary_lacks_a_training_word_is_refused(tmp_path):
+    # Before, the run trained on <unk> for the word, with a warning at every step.
+    config = _config()
+    config["vocabulary"] = [word for word in config["vocabulary"] if word not in ("circle", "left")]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("every word of the training prompts") + r".*\['circle', 'left'\]"):
+        _run(tmp_path / "run", "--steps", "1", "--config", str(path))
+    assert not (tmp_path / "run").exists()
