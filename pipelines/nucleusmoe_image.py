@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_nucleusmoe_image import (
 )
 
 from ..patterns import VideoLayout
-from .base import ModelAdapter, SparseProcessor, call_argument, valid_key_groups
+from .base import NOT_PROMPT_PADDING, ModelAdapter, SparseProcessor, call_argument, valid_key_groups
 from .qwenimage import image_shapes
 from .registry import register_adapter
 
@@ -78,13 +78,28 @@ class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0)
         key, value = (torch.cat([t, i], dim=1).repeat_interleave(groups_of_heads, dim=2)
                       for t, i in ((txt_key, img_key), (txt_value, img_value)))
         groups = None
-        if attention_mask is not None:  # `(B, image + text)`: every image key valid, the prompt's padding not
-            image_len = hidden_states.shape[1]
-            groups = self.runtime.once_per_call(attention_mask, lambda mask: valid_key_groups(
-                torch.cat([mask[:, image_len:], mask[:, :image_len]], dim=1)))
+        if attention_mask is not None:
+            image_len, key_len = hidden_states.shape[1], key.shape[1]
+            groups = self.runtime.once_per_call(
+                attention_mask, lambda mask: _text_first_key_groups(mask, image_len, key_len))
+            if groups is False:
+                self.log_dense_mask(NOT_PROMPT_PADDING)
+                return super().__call__(*original)
         out = self.attend_video_queries(query, key, value, groups).flatten(2, 3).to(query.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+def _text_first_key_groups(mask: torch.Tensor, image_len: int, key_len: int):
+    """`valid_key_groups` of the `[text, image]` keys under a boolean `(B, image + text)` or `(B, 1, 1, image +
+    text)` key mask of the model's `[image, text]` order (the one the transformer builds from
+    `encoder_hidden_states_mask`: every image key valid, the prompt's padding not); `False` for a mask of another
+    kind (a float or token-level one, passed through `attention_kwargs`), which the original applies and the sparse
+    path cannot (it read them as this one: wrong results, or an error)."""
+    rows = mask[:, 0, 0] if mask.ndim == 4 and mask.shape[1:3] == (1, 1) else mask
+    if mask.dtype != torch.bool or rows.ndim != 2 or rows.shape[1] != key_len or not bool(rows[:, :image_len].all()):
+        return False
+    return valid_key_groups(torch.cat([rows[:, image_len:], rows[:, :image_len]], dim=1))
 
 
 class NucleusMoEImageAdapter(ModelAdapter):

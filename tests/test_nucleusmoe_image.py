@@ -3,6 +3,7 @@ pipeline calls it (the image's queries over `[image, text]` keys, the prompt's p
 `NucleusMoEImagePipeline` (Qwen3-VL text encoder and processor built in memory) generating from padded prompts with
 CFG."""
 
+import math
 import warnings
 
 import pytest
@@ -135,6 +136,38 @@ def test_images_of_different_sizes_in_one_sequence_run_the_original_counted_dens
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(2, 0)] * 5
     messages = [str(w.message) for w in record if issubclass(w.category, diffsparse.DiffsparseWarning)]
     assert len(messages) == said and all("images of different sizes in one sequence" in m for m in messages)
+
+
+def _mask_given_by_the_caller(kind):
+    """A call without `encoder_hidden_states_mask` whose mask comes through `attention_kwargs` (the transformer hands
+    it to every block as it is): the prompts' padding (6 and 3 valid tokens) as a boolean key mask of the model's
+    `[image, text]` keys, broadcast over heads and queries, or as an additive float one, or a token-level one."""
+    call = inputs((6, 3))()
+    valid = call.pop("encoder_hidden_states_mask").bool()
+    keys = torch.cat([torch.ones(2, math.prod(GRID), dtype=torch.bool), valid], dim=1)[:, None, None]
+    mask = {"boolean keys": keys, "additive float": torch.zeros(keys.shape).masked_fill(~keys, float("-inf")),
+            "token-level": keys.expand(-1, 1, math.prod(GRID), -1).clone()}[kind]
+    return {**call, "attention_kwargs": {"attention_mask": mask}}
+
+
+@pytest.mark.parametrize("kind", ["boolean keys", "additive float", "token-level"])
+def test_a_mask_given_through_attention_kwargs_is_read_or_left_to_the_original(transformer, kind):
+    # A boolean `(B, 1, 1, S)` key mask of the prompts' padding runs sparse over each prompt's valid keys; another
+    # kind runs the original, counted dense. Before, the sparse path read any mask as a boolean `(B, S)` one: the
+    # `(B, 1, 1, S)` one lost its text/image swap (0.03 off), a float one was inverted, a token-level one raised.
+    call = _mask_given_by_the_caller(kind)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    with torch.no_grad():
+        reference = transformer(**call).sample
+        with warnings.catch_warnings(record=True) as record, diffsparse.sparse(transformer, every_block) as handle:
+            warnings.simplefilter("always")
+            out = transformer(**call).sample
+            stats = handle.stats()
+    read = kind == "boolean keys"
+    assert torch.allclose(out, reference, atol=1e-4) and (read or torch.equal(out, reference))
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1) if read else (1, 0)] * 5
+    said = [str(w.message) for w in record if "other than a boolean key mask" in str(w.message)]
+    assert len(said) == (not read)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
