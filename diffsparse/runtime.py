@@ -309,6 +309,7 @@ class StepClock:
                 self._off_grid = set()
                 self._run_start = None
                 self._repeats = _repeated_runs(self._grid)
+                self._integer_grid = bool((self._grid == self._grid.round()).all())
                 gaps = (self._grid[1:] - self._grid[:-1]).abs()
                 gaps = gaps[gaps > 0]
                 # Within a quarter of the grid's smallest spacing, a timestep is the scheduler's.
@@ -323,6 +324,11 @@ class StepClock:
                 # is off by up to a few roundings, more than the grid's spacing near t = 1000 with a large shift
                 # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there).
                 rounding += 2 * torch.finfo(timestep.dtype).eps * abs(t)
+            elif not timestep.is_floating_point() and not self._integer_grid:
+                # Truncated to an integer (Helios' pyramid and modular loops pass `t.to(torch.int64)`): up to 1 off,
+                # more than half the grid's spacing where a shifted schedule's steps are under 2 apart, which put
+                # calls on the next step and warned of timesteps off the schedule.
+                rounding += 1.0
             tolerance = self._tolerance + rounding
             if rounding:
                 # The pipeline's own timestep, where it is this one at full precision, tells the neighbours apart.

@@ -216,6 +216,25 @@ def test_a_bfloat16_image_to_image_run_starts_at_the_scheduler_s_begin_index(ste
     assert got == [(step, steps - start) for step in range(steps - start)]
 
 
+@pytest.mark.parametrize("scheduler_config, steps, stage", [
+    ({"use_dynamic_shifting": True}, 30, 0), ({"stages": 1, "stage_range": [0, 1], "shift": 5.0}, 20, None)])
+def test_an_integer_timestep_truncated_from_the_scheduler_s_is_on_its_step(scheduler_config, steps, stage):
+    # Helios' pyramid pipeline and modular loops pass `t.to(torch.int64)`: up to 1 below `t`, nearer the next step
+    # where the shifted schedule's steps are under 2 apart. Before, those calls went to the next step (dense_steps
+    # shifted by one) with a warning of timesteps off the schedule; the scheduler's count now tells them apart.
+    from diffusers import HeliosScheduler
+    from diffusers.pipelines.helios.pipeline_helios_pyramid import calculate_shift
+
+    scheduler = HeliosScheduler(**scheduler_config)
+    mu = calculate_shift(4096, 256, 4096, 0.5, 1.15) if scheduler_config.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(steps, stage, device="cpu", mu=mu)
+    clock, got = StepClock(scheduler), []
+    for index, t in enumerate(scheduler.timesteps):
+        scheduler._step_index = index  # as the pipeline's `scheduler.step` leaves it
+        got.append(clock.tick(t[None].to(torch.int64))[0])
+    assert got == list(range(len(scheduler.timesteps)))
+
+
 def test_the_pipeline_s_full_precision_timestep_wins_over_the_scheduler_s_count():
     # Both tell a rounded timestep's step; where they disagree (a count left behind by a loop that stepped another
     # scheduler), the pipeline's own `_current_timestep`, the timestep itself, decides.
