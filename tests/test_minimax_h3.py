@@ -120,6 +120,25 @@ def test_each_target_row_sits_at_its_position_in_the_layout(transformer):
     assert torch.equal(where + torch.tensor([1, 0, 0]), call["position_ids"][target])
 
 
+def test_target_rows_listed_out_of_position_order_sit_at_their_positions(transformer):
+    # `video_indices` (with `hidden_states`) may list the target's rows in any order: each row's cell comes from its
+    # position, not from where it is listed. Every other test lists them in raster order of their positions, which
+    # a layout placing rows by their listing passed (with the same cells, the same predictions).
+    call = inputs("text first")()
+    condition = HEIGHT * WIDTH
+    listed = torch.cat([torch.arange(condition), condition + torch.randperm(
+        len(call["video_indices"]) - condition, generator=torch.Generator().manual_seed(3))])
+    reordered = {**call, "video_indices": call["video_indices"][listed], "hidden_states": call["hidden_states"][:, listed]}
+    layout, _, *order = adapter_for(transformer).read_call(transformer, (), reordered)
+    order = order[0] if order else torch.arange(len(reordered["position_ids"]))  # none: the rows in layout order
+    target = reordered["video_indices"][condition:]
+    cells = order[target] - layout.text_len
+    where = torch.stack([cells // (HEIGHT * WIDTH), (cells // WIDTH) % HEIGHT, cells % WIDTH], -1)
+    assert torch.equal(where + torch.tensor([1, 0, 0]), reordered["position_ids"][target])
+    expected = run_transformer(transformer, lambda: call, ONE_TOKEN)[:, listed]
+    torch.testing.assert_close(run_transformer(transformer, lambda: reordered, ONE_TOKEN), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("wrong", ["outside the box", "a repeated position"])
 def test_a_target_that_is_not_a_whole_grid_is_refused(transformer, wrong):
     call = inputs()()
