@@ -40,12 +40,18 @@ def template_mask(valid) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def transformer():
     torch.manual_seed(0)
-    return Krea2Transformer2DModel(
+    model = Krea2Transformer2DModel(
         in_channels=8, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=32, timestep_embed_dim=16, text_hidden_dim=8, num_text_layers=2, text_num_attention_heads=2,
         text_num_key_value_heads=2, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
         axes_dims_rope=(2, 2, 4),
     ).eval()
+    # Ones at initialisation, which would make the query and key norms interchangeable.
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight")):
+                weight.normal_()
+    return model
 
 
 def inputs(valid=(TEXT_LEN,)):
@@ -69,6 +75,23 @@ def test_dense_identical_every_block_kept_and_the_layouts(transformer, valid, or
         check_against_dense(transformer, lambda: inputs(valid), block_size=8, order=order, sparse=one_token)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, ROWS, COLS, text_len=n, text_position="start")
                                                   for n in valid}
+
+
+def test_a_float_mask_runs_the_original_counted_dense(transformer):
+    # The sparse path reads a boolean mask of the prompts' padding; an additive float one (0 / -inf), which the
+    # transformer passes on as it is, runs the original. Nothing tested the fallback: without it the mask was lost.
+    call = inputs((5, 3))
+    call["encoder_attention_mask"] = torch.zeros(call["encoder_attention_mask"].shape).masked_fill(
+        ~call["encoder_attention_mask"], float("-inf"))
+    one_token = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=8, dense_steps=0)
+    with torch.no_grad():
+        reference = transformer(**call).sample
+        with diffsparse.sparse(transformer, one_token) as handle:
+            with pytest.warns(diffsparse.DiffsparseWarning, match="other than a boolean key mask"):
+                out = transformer(**call).sample
+            stats = handle.stats()
+    assert torch.equal(out, reference)
+    assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0)] * 2
 
 
 def test_a_grid_that_is_not_row_major_is_refused(transformer):

@@ -27,11 +27,17 @@ ONE_TOKEN = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_si
 
 def make_transformer():
     torch.manual_seed(0)
-    return MiniMaxH3Transformer3DModel(
+    model = MiniMaxH3Transformer3DModel(
         num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
         in_channels=CHANNELS, audio_in_channels=4, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
         time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2,
     ).eval()
+    # Ones at initialisation, which would make the query and key norms interchangeable.
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight")):
+                weight.normal_()
+    return model
 
 
 @pytest.fixture(scope="module")
