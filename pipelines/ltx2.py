@@ -96,15 +96,10 @@ class LTX2Adapter(ModelAdapter):
         (LTX2PerturbedAttnProcessor, LTX2SparsePerturbedAttnProcessor),
     )
     original_processor = LTX2AudioVideoAttnProcessor
-    # The transformer gets one timestep per token, `t * (1 - conditioning_mask)`: a DFR temporal tile whose tokens
-    # a video condition covers holds none at `t` (0, or `t * (1 - strength)`), which the step clock would put on
-    # another step (the last: sparse in step 0, and a warning of timesteps off the schedule). Every LTX-2 pipeline
-    # sets `_current_timestep = t` (the modular blocks give the guider `t`): the step is that.
-    timestep_from_pipeline = True
-
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 4)
+        step_time = _step_time(timestep, forward_input(transformer, args, kwargs, "sigma"))
         tokens = hidden_states.shape[1]
         grid = [forward_input(transformer, args, kwargs, name) for name in ("num_frames", "height", "width")]
         coords = forward_input(transformer, args, kwargs, "video_coords")
@@ -115,7 +110,7 @@ class LTX2Adapter(ModelAdapter):
                     "diffsparse reads the LTX-2 token grid from the transformer's `num_frames`, `height` and `width`, "
                     "or from `video_coords`; this call gave neither"
                 )
-            return grid_from_coords(coords), timestep
+            return grid_from_coords(coords), step_time
         frames, height, width = (int(size) for size in grid)
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         grid_len = (frames // p_t) * (height // p) * (width // p)
@@ -131,7 +126,20 @@ class LTX2Adapter(ModelAdapter):
         # cannot tell, by their timesteps).
         grid, extra = (frames // p_t, height // p, width // p), tokens - grid_len
         position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra, timestep)
-        return VideoLayout(*grid, text_len=extra, text_position=position), timestep
+        return VideoLayout(*grid, text_len=extra, text_position=position), step_time
+
+
+def _step_time(timestep: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """The timestep of the step an LTX-2 call is at: the larger of its per-token `timestep`'s largest and the
+    `sigma` every pipeline passes as the step's plain timestep ("used by LTX-2.3"). The per-token timestep alone
+    (`t * (1 - conditioning_mask)`) holds none at `t` in a DFR temporal tile that a video condition covers (0, or
+    `t * (1 - strength)`): it put the tile on the last step (sparse in step 0) and warned of timesteps off the
+    schedule. Not the pipeline's `_current_timestep`, which LTX-2's pipelines leave set after a run (every call of
+    the transformer after it, from `from_pipe` or a loop of one's own, read the run's last step). Echo's modular
+    blocks pass its first video token's timestep as `sigma`, which may be a clean memory's 0: the larger one wins."""
+    if not isinstance(sigma, torch.Tensor):
+        return timestep
+    return torch.maximum(timestep.detach().max(), sigma.detach().max().to(timestep.dtype))
 
 
 def extra_tokens_position(video_coords: torch.Tensor, grid: tuple[int, int, int], extra: int,

@@ -483,6 +483,25 @@ def test_ltx2_dfr_tile_held_clean_by_a_video_condition_is_on_its_step():
             (0, False), (0, False), (1, True), (1, True), (2, True), (2, True)]
 
 
+def test_a_pipeline_sharing_the_transformer_after_a_run_counts_its_own_steps():
+    # LTX-2's pipelines leave `_current_timestep` set after their loop: read as the step, a pipeline sharing the
+    # transformer and scheduler (`from_pipe`) put every call on the first run's last step (all dense, a 1-step run).
+    pipe = tiny_ltx2_pipeline("2.0")
+    call = {**PIPELINE_CALL, **SAMPLING["2.0"][0]}
+    handle = diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    try:
+        with torch.no_grad():
+            pipe(**call, generator=torch.Generator().manual_seed(0))
+            other = LTX2Pipeline.from_pipe(pipe)
+            other.set_progress_bar_config(disable=True)
+            other(**call, generator=torch.Generator().manual_seed(0))
+        assert handle.run_step_counts == [3, 3]
+        assert [(r.step, r.sparse) for r in handle.stats().calls["transformer"] if r.layer == 0] == [
+            (0, False), (1, True), (2, True)]
+    finally:
+        handle.remove()
+
+
 def video_and_audio(out):
     """The modular blocks' video and audio latents (`output=["latents", "audio_latents"]`) as one tensor."""
     return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
