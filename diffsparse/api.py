@@ -193,9 +193,12 @@ class SparseHandle:
     def new_run(self) -> None:
         """Make the next transformer call the first of a new denoising run: its stats, searches and correction
         statistics start afresh (the last run's stats stay readable until that call). A pipeline call starts one
-        itself; a bare transformer only at a timestep larger than the last, so a model that denoises in one step,
-        or a loop timing one step, calls this before each generation: else each call is one more CFG branch of
-        the first one's step, reusing its searched blocks."""
+        itself; a bare transformer only at a timestep larger than the last (smaller for MiniMax-H3, whose timestep
+        rises; for Mochi, whose scheduler may run either way, against the direction of the run's first two distinct
+        timesteps), so a model that denoises in one step, or a loop timing one step, calls this before each
+        generation: else each call is one more CFG branch of the first one's step, reusing its searched blocks. On a
+        bare Mochi transformer a run of one timestep (a warm-up call) has no direction yet: call this after it, or
+        the next run's first timestep counts as its step 1."""
         self._clock.restart()
 
     def _new_run(self, num_steps: int | None = None) -> None:
