@@ -475,6 +475,7 @@ def remove(pipe_or_transformer) -> None:
     `transformer_2`, with a warning naming it.
     """
     others = _left_dense(_handles(pipe_or_transformer), find_transformers(pipe_or_transformer)[0])
+    _remove(pipe_or_transformer)  # first: a warning raised as an error still leaves nothing applied
     if others:
         warnings.warn(
             f"diffsparse.remove: the sparse attention applied together with this transformer is removed from "
@@ -482,7 +483,6 @@ def remove(pipe_or_transformer) -> None:
             category=DiffsparseWarning,
             stacklevel=2,
         )
-    _remove(pipe_or_transformer)
 
 
 def _remove(pipe_or_transformer) -> None:

@@ -234,6 +234,13 @@ def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
     with pytest.warns(diffsparse.DiffsparseWarning, match="diffsparse.remove: .* from transformer_2 too"):
         diffsparse.remove(pipe.transformer)
     assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+    # Raised as an error, the warning comes after the removal: `remove` as cleanup under `-W error` still cleans up.
+    diffsparse.apply(pipe, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(diffsparse.DiffsparseWarning):
+            diffsparse.remove(pipe.transformer)
+    assert not hasattr(pipe.transformer, "_diffsparse_handle") and not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
 class _Halved(WanAttnProcessor):
