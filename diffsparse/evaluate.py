@@ -83,7 +83,7 @@ class EvalRow:
     pattern: str  # as configured: with a target density, its main parameter is solved per layout (`pattern_ran`)
     # What ran (`_pattern_ran`): with a target density, the solved instance of each layout; None if none ran sparse.
     pattern_ran: str | None
-    target_density: float | None  # None: the pattern as written, or the dense pattern, which has no density to reach
+    target_density: float | None  # None: the pattern as written, or a row whose every call runs dense
     measured_density: float  # mean over the calls of the sparse steps, dense ones counting 1.0
     dense_steps: float
     dense_layers: int | list[int]  # SparseConfig.dense_layers: the first L blocks, or block indices
@@ -224,9 +224,9 @@ def run_eval(args) -> list[EvalRow]:
             EvalRow(
                 pattern=repr(config.resolved_pattern),
                 pattern_ran=pattern_ran,
-                # The dense control row under a density sweep read as run at the sweep's first density, which it
-                # never used.
-                target_density=None if _every_call_dense(config) == "pattern" else config.density,
+                # A row whose every call runs dense (the dense pattern, dense steps or layers covering the run) read
+                # as run at a density it never used.
+                target_density=None if _every_call_dense(config, steps, blocks) is not None else config.density,
                 measured_density=call_stats.sparse_steps_density,
                 dense_steps=config.dense_steps,
                 dense_layers=config.dense_layers,
@@ -592,7 +592,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     columns = (
         "pattern: as configured, its main parameter solved per layout when target_density is set; pattern_ran: what "
         "ran (with a target density, the instance solved on each layout; - when no call ran sparse). "
-        "target_density: - for the pattern as written and for the dense pattern, which has none to reach. "
+        "target_density: - for the pattern as written and for a row whose every call runs dense (the dense "
+        "pattern, dense steps or layers covering the run), which has none to reach. "
         "measured_density: the mean block density over every self-attention call of the sparse steps (those "
         "dense_steps and dense_last_steps leave sparse), in every denoising run of every video, calls computed dense "
         "there (dense layers, correction measurements, masked calls) counting 1.0. dense_steps, dense_last_steps: "

@@ -61,6 +61,14 @@ def test_the_dense_control_row_shows_no_target_density(tmp_path):
     dense, window = _rows(tmp_path)
     assert (dense["pattern"], dense["target_density"], window["target_density"]) == ("dense()", "", "0.3")
     assert "\n| 1 | dense() | - | - | " in (tmp_path / "eval.md").read_text()
+    # Nor a row whose dense steps cover the run (here its one step).
+    args = ["eval", *TINY, "--steps", "1", "--pattern", WINDOW, "--density", "0.3", "--dense-steps", "1,0",
+            "--prompts", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning of a row whose every step is dense: not the point
+        assert main([*args, "--out", str(tmp_path / "steps")]) == 0
+    covered, sparse_row = _rows(tmp_path / "steps")
+    assert (covered["dense_steps"], covered["target_density"], sparse_row["target_density"]) == ("1", "", "0.3")
 
 
 def test_pattern_ran_says_a_data_dependent_pattern_was_fitted_for_the_density(tmp_path):
