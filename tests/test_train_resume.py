@@ -51,15 +51,18 @@ def _interrupted_after(monkeypatch, steps):
     monkeypatch.setattr(train_module, "make_batch", batch_then_signal)
 
 
-def test_an_interrupted_steps_run_resumed_with_the_same_command_is_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decay_given", [True, False], ids=["same command", "--decay left out"])
+def test_an_interrupted_steps_run_resumed_with_the_same_command_is_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                         decay_given):
     # Before, the cool-down was measured from where each invocation started: the resumed run cooled down anew over
-    # steps 2 to 5, at other rates, and so with other losses, than the run it continued.
+    # steps 2 to 5, at other rates, and so with other losses, than the run it continued. With --decay left out, the
+    # run's own (kept with the cool-down's start), not the default 0.2, which left no cool-down within these steps.
     command = ["--steps", "5", "--decay", "0.6", "--warmup", "0", "--batch", "1", "--image-share", "0.9"]
     _run(tmp_path / "straight", *command)
     _interrupted_after(monkeypatch, 2)
     assert _run(tmp_path / "interrupted", *command)["step"] == 2
     monkeypatch.undo()
-    _run(tmp_path / "interrupted", *command, "--resume")
+    _run(tmp_path / "interrupted", *(command if decay_given else command[:2] + command[4:]), "--resume")
     straight = _log(tmp_path / "straight", "step", "lr", "loss")
     assert [float(lr) for _, lr, _ in straight] == pytest.approx([1e-3, 1e-3, 1e-3, 6.67e-4, 3.33e-4])
     assert _log(tmp_path / "interrupted", "step", "lr", "loss") == straight
@@ -75,6 +78,39 @@ def test_a_resume_takes_the_options_the_command_leaves_out_from_the_run(tmp_path
     _run(tmp_path / "resumed", "--steps", "4", "--decay", "0", "--resume")
     columns = ("step", "loss", "lr", "frames", "height", "width", "batch")
     assert _log(tmp_path / "resumed", *columns) == _log(tmp_path / "straight", *columns)
+
+
+def test_a_resume_keeps_the_run_s_weight_decay_ema_and_image_prompts(tmp_path):
+    _run(tmp_path, "--steps", "1", "--weight-decay", "0.5", "--ema", "0.9", "--image-prompts", "still", "--decay", "0")
+    _run(tmp_path, "--steps", "2", "--resume")
+    args = torch.load(tmp_path / train_module.CHECKPOINT, weights_only=False)["args"]
+    assert (args["weight_decay"], args["ema"], args["image_prompts"]) == (0.5, 0.9, "still")
+
+
+def test_a_namespace_not_made_by_parse_args_is_taken_as_it_is(tmp_path):
+    # A caller's own Namespace (no record of what was typed): every value is the caller's, none the run's.
+    _run(tmp_path, "--steps", "1", "--lr", "5e-4")
+    args = train_module.parse_args(["--out", str(tmp_path), *BOOKKEEPING, "--steps", "2", "--resume"])
+    del args.given
+    args.lr = 1e-3
+    train_module.train(args)
+    assert torch.load(tmp_path / train_module.CHECKPOINT, weights_only=False)["args"]["lr"] == 1e-3
+
+
+def test_a_checkpoint_from_before_an_option_resumes_with_what_it_trained_with(tmp_path):
+    # Runs from before --timestep-sampling, --shape-counts and --image-share trained with uniform noise levels,
+    # shape counts (0.5, 0.3, 0.2) and clips only: their checkpoints lack the options, whose defaults now differ.
+    _run(tmp_path, "--steps", "1", "--batch", "1", "--timestep-sampling", "uniform", "--shape-counts", "0.5,0.3,0.2",
+         "--image-share", "0")
+    checkpoint = tmp_path / train_module.CHECKPOINT
+    state = torch.load(checkpoint, weights_only=False)
+    for name in train_module.LEGACY_VALUES:
+        del state["args"][name]
+    torch.save(state, checkpoint)
+    _run(tmp_path, "--steps", "2", "--resume")
+    args = torch.load(checkpoint, weights_only=False)["args"]
+    assert {name: args[name] for name in train_module.LEGACY_VALUES} == {
+        "timestep_sampling": "uniform", "shape_counts": (0.5, 0.3, 0.2), "image_share": 0.0}
 
 
 def test_a_resume_refuses_another_value_of_what_makes_the_run_and_takes_a_new_data_mix(tmp_path, capsys):

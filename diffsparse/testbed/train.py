@@ -27,7 +27,9 @@ not the default; the run's seed, batch, shape counts, noise-level sampling and s
 `--freeze-text-encoder` cannot change (another value is refused), while `--lr`, `--weight-decay`, `--warmup`,
 `--ema`, `--image-share`, `--image-prompts`, `--frame-noise` and `--clean-first-frame` can (a fine-tune that
 continues a run with another data mix). The budget and bookkeeping (`--minutes`, `--steps`, `--decay`,
-`--save-every`, `--keep-every`, `--threads`) and `--init` are each invocation's own. A loss that is not finite
+`--save-every`, `--keep-every`, `--threads`) and `--init` are each invocation's own, except that a run resumed with
+its own `--steps` and no `--decay` continues its cool-down at the run's `--decay`. A checkpoint from before an option
+whose default has changed since resumes with what that run trained with (`LEGACY_VALUES`). A loss that is not finite
 ends the run without saving the weights that broke it over the last checkpoint (one saved by `--save-every` on the
 step before may hold them already).
 
@@ -114,6 +116,9 @@ CHANGEABLE_ON_RESUME = (
     "frame_noise",
     "clean_first_frame",
 )
+# What runs from before an option trained with, where its default has changed since: a checkpoint without the
+# option ran these (uniform noise levels and shape counts (0.5, 0.3, 0.2) before 6ed39af, clips only before 724bd9e).
+LEGACY_VALUES = {"timestep_sampling": "uniform", "shape_counts": (0.5, 0.3, 0.2), "image_share": 0.0}
 CONFIG_KEYS = ("transformer", "text_encoder", "vocabulary", "max_sequence_length", "scheduler")  # what training reads
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # pipelines.text.word_tokenizer needs them
 
@@ -137,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.2,
         help="fraction of the budget (--steps or --minutes, whichever ends first) at its end over which the "
         "learning rate falls linearly to 2%% of --lr (0: constant after warm-up; default %(default)s); a run resumed "
-        "with its own --steps continues its cool-down, otherwise it covers what this invocation has left",
+        "with its own --steps continues its cool-down (at the run's --decay when left out), otherwise it covers "
+        "what this invocation has left",
     )
     p.add_argument(
         "--image-share",
@@ -233,7 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="continue from <out>/checkpoint.pt when it exists; the run's options where left out (not the "
         "defaults); another --seed, --batch, --shape-counts, --timestep-sampling, --timestep-shift, --precision or "
-        "--freeze-text-encoder than the run's is refused; budget, --decay and saving are this invocation's",
+        "--freeze-text-encoder than the run's is refused; budget, --decay (but see --decay) and saving are this "
+        "invocation's",
     )
     p.add_argument(
         "--init",
@@ -524,9 +531,9 @@ def _resumed_args(args: argparse.Namespace, run_args: dict, checkpoint_path: Pat
     given = getattr(args, "given", None)  # None: a Namespace not made by parse_args, every option the caller's
     args = copy.copy(args)
     for name in (*FIXED_ON_RESUME, *CHANGEABLE_ON_RESUME):
-        if name not in run_args:  # a checkpoint from before the option: the run had its default
+        if name not in run_args and name not in LEGACY_VALUES:  # a checkpoint from before the option: its default
             continue
-        run_value, value = run_args[name], getattr(args, name)
+        run_value, value = run_args.get(name, LEGACY_VALUES.get(name)), getattr(args, name)
         if given is not None and name not in given:
             setattr(args, name, run_value)
         elif value != run_value:
@@ -603,7 +610,7 @@ def _train(args: argparse.Namespace) -> dict:
         if args.resume:
             print(f"no {checkpoint_path} yet: starting a new run", file=sys.stderr)
         # Dropout in a --config draws from torch's generator: unseeded, a run depended on what the caller drew.
-        torch.manual_seed(_run_seed(args.seed))
+        torch.default_generator.manual_seed(_run_seed(args.seed))  # not `torch.manual_seed`: the GPUs' too
     # A resumed run may change --lr and --weight-decay: loading restored the checkpoint's (the flag was ignored).
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
@@ -616,6 +623,12 @@ def _train(args: argparse.Namespace) -> dict:
     # (an interrupted run goes on as it would have), else where this invocation starts.
     same_steps = args.steps is not None and schedule.get("steps") == args.steps
     cool_down_from = schedule["from"] if same_steps else step
+    if same_steps and "decay" in schedule and "decay" not in getattr(args, "given", ()) \
+            and args.decay != schedule["decay"]:
+        # The run's own cool-down where the command leaves --decay out: else the default's (0.2) replaced it.
+        print(f"resuming with the run's --decay {schedule['decay']:g}", file=sys.stderr)
+        args = copy.copy(args)
+        args.decay = schedule["decay"]
 
     def save() -> None:
         _atomic_save(
@@ -629,7 +642,7 @@ def _train(args: argparse.Namespace) -> dict:
                 "rng": torch.get_rng_state(),
                 "config": config,
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"},
-                "schedule": {"from": cool_down_from, "steps": args.steps},
+                "schedule": {"from": cool_down_from, "steps": args.steps, "decay": args.decay},
             },
             checkpoint_path,
         )
