@@ -417,8 +417,9 @@ def temporal_tiles(latent_frames: int, height: int, width: int) -> list[LTX2DFRE
     ]
 
 
-@pytest.mark.parametrize("tiled", [False, True])
-def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
+def tiny_dfr_pipeline():
+    """A tiny `LTX2DFRPipeline` and its call: 3 steps of a given sigma schedule, no CFG (one transformer call per
+    step and tile), latents of 5 frames of 4 x 12."""
     base = tiny_ltx2_pipeline("2.0")
     # Generated keyframe slots need the LTX-2.5 marker embedding. The RoPE's VAE ratios must be the tiny VAE's
     # (2x in time, 8x in space), as a checkpoint's are: otherwise the slots' coordinates (placed with the VAE's
@@ -431,7 +432,13 @@ def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
     pipe.set_progress_bar_config(disable=True)
     call = {name: PIPELINE_CALL[name] for name in ("prompt", "height", "width", "num_frames", "frame_rate",
                                                    "max_sequence_length", "output_type")}
-    call["sigmas"] = [1.0, 0.7, 0.4]  # 3 steps, no CFG: one transformer call per step (and tile)
+    call["sigmas"] = [1.0, 0.7, 0.4]
+    return pipe, call
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_ltx2_dfr_pipeline_reads_each_calls_grid_from_its_coordinates(tiled):
+    pipe, call = tiny_dfr_pipeline()
     frames, height, width = 5, 4, 12
     _, _, slots = resolve_canvas(call["num_frames"], pipe.vae_temporal_compression_ratio)
     assert (frames - 1) * pipe.vae_temporal_compression_ratio + 1 == call["num_frames"]  # no padded canvas
@@ -464,14 +471,8 @@ def test_ltx2_dfr_tile_held_clean_by_a_video_condition_is_on_its_step():
     import numpy as np
     from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
-    base = tiny_ltx2_pipeline("2.0")
-    transformer = tiny_transformer("2.0", use_keyframes_abs_pos_embedding=True, vae_scale_factors=(2, 8, 8))
-    components = {name: module for name, module in base.components.items() if name not in ("transformer", "scheduler")}
-    pipe = LTX2DFRPipeline(**components, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    call = {name: PIPELINE_CALL[name] for name in ("prompt", "height", "width", "num_frames", "frame_rate",
-                                                   "max_sequence_length", "output_type")}
-    call["sigmas"], call["video_tiles"] = [1.0, 0.7, 0.4], temporal_tiles(5, 4, 12)
+    pipe, call = tiny_dfr_pipeline()
+    call["video_tiles"] = temporal_tiles(5, 4, 12)
     video = (np.random.default_rng(0).random((5, 32, 96, 3)) * 255).astype(np.uint8)
     for strength in (1.0, 0.95):
         call["conditions"] = [LTX2VideoCondition(frames=video, index=0, strength=strength, crf=0)]
