@@ -222,8 +222,9 @@ class StepClock:
     transformer), steps count distinct timesteps and a timestep larger than the last starts a new run (denoising
     only ever lowers it; with `rising`, for models whose timestep rises as denoising goes, a smaller one does; with
     `rising=None`, for models whose scheduler may run either way, the run's first two distinct timesteps tell which
-    way it goes); so do the calls made while the scheduler has no run's timesteps yet (`_has_run_schedule`: before the pipeline's
-    first `set_timesteps`), whose `num_steps` is then `None`. `restart` makes the next call start a new run.
+    way it goes); so do the calls made while the scheduler has no run's timesteps yet (`_has_run_schedule`: before
+    the pipeline's first `set_timesteps`), whose `num_steps` is then `None`. `restart` makes the next call start a
+    new run.
     """
 
     def __init__(self, scheduler=None, rising: bool | None = False, pipeline=None):

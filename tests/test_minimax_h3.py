@@ -134,7 +134,8 @@ def test_target_rows_listed_out_of_position_order_sit_at_their_positions(transfo
     condition = HEIGHT * WIDTH
     listed = torch.cat([torch.arange(condition), condition + torch.randperm(
         len(call["video_indices"]) - condition, generator=torch.Generator().manual_seed(3))])
-    reordered = {**call, "video_indices": call["video_indices"][listed], "hidden_states": call["hidden_states"][:, listed]}
+    reordered = {**call, "video_indices": call["video_indices"][listed],
+                 "hidden_states": call["hidden_states"][:, listed]}
     layout, _, *order = adapter_for(transformer).read_call(transformer, (), reordered)
     order = order[0] if order else torch.arange(len(reordered["position_ids"]))  # none: the rows in layout order
     target = reordered["video_indices"][condition:]
