@@ -320,15 +320,17 @@ class StepClock:
             # (Ideogram 4's modular pipeline passes `1 - t / 1000` in bfloat16: up to 1000 * 2^-9 off in `t`, near
             # t = 0 too, where a rounding on the scheduler's scale is tiny).
             rounding = float(getattr(timestep, "diffsparse_rounding", 0.0))
+            # Truncated to an integer from a grid that is not (Helios' pyramid and modular loops pass
+            # `t.to(torch.int64)`): up to 1 below `t`, nearer the next step where a shifted schedule's steps are under
+            # 2 apart, which put calls there with a warning of timesteps off the schedule. The grid's timesteps that
+            # truncate to it are its candidates.
+            truncated = not timestep.is_floating_point() and not self._integer_grid
             if half_precision(timestep):
                 # Cast to the latents' bfloat16 or float16 (and maybe scaled there: FLUX's t / 1000), the timestep
                 # is off by up to a few roundings, more than the grid's spacing near t = 1000 with a large shift
                 # (HunyuanVideo's 7: 2.9 apart, bfloat16 spacing 4 there).
                 rounding += 2 * torch.finfo(timestep.dtype).eps * abs(t)
-            elif not timestep.is_floating_point() and not self._integer_grid:
-                # Truncated to an integer (Helios' pyramid and modular loops pass `t.to(torch.int64)`): up to 1 off,
-                # more than half the grid's spacing where a shifted schedule's steps are under 2 apart, which put
-                # calls on the next step and warned of timesteps off the schedule.
+            elif truncated:
                 rounding += 1.0
             tolerance = self._tolerance + rounding
             if rounding:
@@ -338,7 +340,14 @@ class StepClock:
                     t, rounding = float(precise), 0.0
             position = int(torch.argmin((self._grid - t).abs()))
             on_grid = abs(float(self._grid[position]) - t) <= tolerance
-            if on_grid and rounding:
+            if on_grid and rounding and truncated:
+                # The nearest may be the next step's (with no count to say otherwise: a loop stepping a copy of the
+                # scheduler), where a timestep truncating to it is this step's.
+                near = (self._grid.trunc() == t).nonzero().flatten().tolist()
+                on_grid = bool(near)
+                if near:
+                    position = self._repeated_position(scheduler, near[0], near, run_start=self._run_start is None)
+            elif on_grid and rounding:
                 # Else the nearest of the timesteps within the rounding may be a neighbour's (bfloat16 gives
                 # `1 - t / 1000` one value for two steps 1.8 apart near t = 10): the scheduler's count of its steps
                 # tells them apart, where it points at one of them.

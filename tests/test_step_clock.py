@@ -235,6 +235,18 @@ def test_an_integer_timestep_truncated_from_the_scheduler_s_is_on_its_step(sched
     assert got == list(range(len(scheduler.timesteps)))
 
 
+def test_an_integer_timestep_is_the_step_of_the_timestep_it_truncates_without_a_step_count():
+    # A loop stepping a copy of the scheduler leaves no count: the grid's one timestep truncating to the call's is
+    # its step. Taking the nearest (the truncation lowers `t`) put 5 of these 50 calls on the next step, unwarned.
+    from diffusers import HeliosScheduler
+
+    scheduler = HeliosScheduler(stages=1, stage_range=[0, 1], shift=3.0)
+    scheduler.set_timesteps(50, None, device="cpu")
+    clock = StepClock(scheduler)
+    steps = [clock.tick(t[None].to(torch.int64))[0] for t in scheduler.timesteps]
+    assert steps == list(range(len(scheduler.timesteps)))
+
+
 def test_the_pipeline_s_full_precision_timestep_wins_over_the_scheduler_s_count():
     # Both tell a rounded timestep's step; where they disagree (a count left behind by a loop that stepped another
     # scheduler), the pipeline's own `_current_timestep`, the timestep itself, decides.
