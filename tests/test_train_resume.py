@@ -97,6 +97,37 @@ def test_a_namespace_not_made_by_parse_args_is_taken_as_it_is(tmp_path):
     assert torch.load(tmp_path / train_module.CHECKPOINT, weights_only=False)["args"]["lr"] == 1e-3
 
 
+def _resume_at_step_2(folder, *argv, edit=lambda state: None, namespace=lambda args: args):
+    """Resume the run in `folder` as if stopped at step 2 (its checkpoint's state changed by `edit`), with `argv`
+    parsed and then changed by `namespace`; the decay the resumed run kept."""
+    checkpoint = folder / train_module.CHECKPOINT
+    state = torch.load(checkpoint, weights_only=False)
+    state["step"] = 2
+    edit(state)
+    torch.save(state, checkpoint)
+    args = train_module.parse_args(["--out", str(folder), *BOOKKEEPING, "--resume", *argv])
+    train_module.train(namespace(args))
+    return torch.load(checkpoint, weights_only=False)["args"]["decay"]
+
+
+def test_the_run_s_decay_where_the_command_leaves_it_out(tmp_path):
+    run = ["--steps", "4", "--warmup", "0", "--batch", "1"]
+    _run(tmp_path / "a", *run, "--decay", "0.5")
+    assert _resume_at_step_2(tmp_path / "a", *run) == 0.5
+    # A caller's own Namespace (no record of what was typed) keeps its own decay.
+
+    def own(args):
+        del args.given
+        args.decay = 0.0
+        return args
+
+    _run(tmp_path / "b", *run, "--decay", "0.5")
+    assert _resume_at_step_2(tmp_path / "b", *run, namespace=own) == 0.0
+    # A checkpoint whose schedule predates its "decay" has the run's decay in its arguments.
+    _run(tmp_path / "c", *run, "--decay", "0.6")
+    assert _resume_at_step_2(tmp_path / "c", *run, edit=lambda state: state["schedule"].pop("decay")) == 0.6
+
+
 def test_a_checkpoint_from_before_an_option_resumes_with_what_it_trained_with(tmp_path):
     # Runs from before --timestep-sampling, --shape-counts and --image-share trained with uniform noise levels,
     # shape counts (0.5, 0.3, 0.2) and clips only: their checkpoints lack the options, whose defaults now differ.

@@ -623,12 +623,15 @@ def _train(args: argparse.Namespace) -> dict:
     # (an interrupted run goes on as it would have), else where this invocation starts.
     same_steps = args.steps is not None and schedule.get("steps") == args.steps
     cool_down_from = schedule["from"] if same_steps else step
-    if same_steps and "decay" in schedule and "decay" not in getattr(args, "given", ()) \
-            and args.decay != schedule["decay"]:
-        # The run's own cool-down where the command leaves --decay out: else the default's (0.2) replaced it.
-        print(f"resuming with the run's --decay {schedule['decay']:g}", file=sys.stderr)
+    # The run's own cool-down where the command leaves --decay out: else the default's (0.2) replaced it. (A caller's
+    # own Namespace, without `given`, is taken as it is; a checkpoint whose schedule predates its "decay" has the
+    # run's in its arguments.)
+    run_decay = schedule.get("decay", (state or {}).get("args", {}).get("decay"))
+    given = getattr(args, "given", None)
+    if same_steps and run_decay is not None and given is not None and "decay" not in given and args.decay != run_decay:
+        print(f"resuming with the run's --decay {run_decay:g}", file=sys.stderr)
         args = copy.copy(args)
-        args.decay = schedule["decay"]
+        args.decay = run_decay
 
     def save() -> None:
         _atomic_save(
