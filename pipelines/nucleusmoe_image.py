@@ -54,6 +54,15 @@ class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0)
                                    "not the layout read_call described)")
             return super().__call__(*original)
         self.check_not_parallel()
+        groups = None
+        if attention_mask is not None:  # read before projecting: a mask of another kind runs the original
+            image_len = hidden_states.shape[1]
+            key_len = image_len + (cached_txt_key if cached else encoder_hidden_states).shape[1]
+            groups = self.runtime.once_per_call(
+                attention_mask, lambda mask: _text_first_key_groups(mask, image_len, key_len))
+            if groups is False:
+                self.log_dense_mask(NOT_PROMPT_PADDING)
+                return super().__call__(*original)
         # The original's projections, norms, RoPE (on the image's q and k and the text's k) and grouped heads.
         head_dim = attn.inner_dim // attn.heads
         img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -77,14 +86,6 @@ class NucleusMoESparseAttnProcessor(SparseProcessor, NucleusMoEAttnProcessor2_0)
         groups_of_heads = attn.heads // img_key.shape[2]
         key, value = (torch.cat([t, i], dim=1).repeat_interleave(groups_of_heads, dim=2)
                       for t, i in ((txt_key, img_key), (txt_value, img_value)))
-        groups = None
-        if attention_mask is not None:
-            image_len, key_len = hidden_states.shape[1], key.shape[1]
-            groups = self.runtime.once_per_call(
-                attention_mask, lambda mask: _text_first_key_groups(mask, image_len, key_len))
-            if groups is False:
-                self.log_dense_mask(NOT_PROMPT_PADDING)
-                return super().__call__(*original)
         out = self.attend_video_queries(query, key, value, groups).flatten(2, 3).to(query.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
