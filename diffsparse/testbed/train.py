@@ -624,9 +624,8 @@ def _train(args: argparse.Namespace) -> dict:
     same_steps = args.steps is not None and schedule.get("steps") == args.steps
     cool_down_from = schedule["from"] if same_steps else step
     # The run's own cool-down where the command leaves --decay out: else the default's (0.2) replaced it. (A caller's
-    # own Namespace, without `given`, is taken as it is; a checkpoint whose schedule predates its "decay" has the
-    # run's in its arguments.)
-    run_decay = schedule.get("decay", (state or {}).get("args", {}).get("decay"))
+    # own Namespace, without `given`, is taken as it is.)
+    run_decay = (state or {}).get("args", {}).get("decay")
     given = getattr(args, "given", None)
     if same_steps and run_decay is not None and given is not None and "decay" not in given and args.decay != run_decay:
         print(f"resuming with the run's --decay {run_decay:g}", file=sys.stderr)
@@ -645,7 +644,7 @@ def _train(args: argparse.Namespace) -> dict:
                 "rng": torch.get_rng_state(),
                 "config": config,
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"},
-                "schedule": {"from": cool_down_from, "steps": args.steps, "decay": args.decay},
+                "schedule": {"from": cool_down_from, "steps": args.steps},
             },
             checkpoint_path,
         )
