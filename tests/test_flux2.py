@@ -131,6 +131,15 @@ def test_layout_and_step_of_a_call(transformer):
     assert layout == VideoLayout(3, 4, 6, text_len=TEXT_LEN, text_position="start") and float(timestep) == 900.0
 
 
+def test_an_output_image_with_a_non_zero_layer_coordinate_is_refused(transformer):
+    # FLUX.2's fourth id (the layer) is 0 on every image token its pipelines build; an output grid with another layer
+    # is not read as a plain grid (its rows and columns alone would hide the layer), but refused by name.
+    call = inputs()
+    call["img_ids"][..., 3] = 1
+    with pytest.raises(ValueError, match="do not start with a row-major grid of the output"):
+        adapter_for(transformer).read_call(transformer, (), call)
+
+
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 2))])
 def test_references_of_another_size_are_kept_whole_beside_the_text(transformer, order):
     # Two references of 2 x 3 tokens: 12 tokens that join the text's leading span (attended as [text, references,
