@@ -320,6 +320,20 @@ def _run_trace(args) -> None:
     run_trace(args, _sparse_config(args))
 
 
+def pattern_line(config) -> str:
+    """The printed `pattern:` line: a name's defaults spelled out (e.g. searched's budget), and what a density does
+    to it: a searched pattern's `keep` is set to it once (the search's block budget), any other pattern's main
+    parameter is solved for it on each layout."""
+    from .patterns import Searched, SearchedWindows
+
+    pattern = config.resolved_pattern
+    if config.density is None:
+        return f"pattern: {pattern!r}"
+    if isinstance(pattern, (Searched, SearchedWindows)):
+        return f"pattern: {pattern!r}, its keep set to the density {config.density} (the search's block budget)"
+    return f"pattern: {pattern!r}, its main parameter solved for density {config.density} per layout"
+
+
 def _run_compare(args) -> None:
     from .compare import placement_label, run_compare, scored_label, speedup_note
 
@@ -327,9 +341,7 @@ def _run_compare(args) -> None:
     r = run_compare(args, config)
     print(f"model: {r.model}")
     print(f"config: {r.config}")
-    # A name's defaults spelled out (e.g. searched's budget); with a density, the main parameter is solved later.
-    solved = "" if config.density is None else f", its main parameter solved for density {config.density} per layout"
-    print(f"pattern: {config.resolved_pattern!r}{solved}")
+    print(pattern_line(config))
     print(f"video: {r.frames} frames {r.height}x{r.width}, {r.steps} steps, seed {r.seed}, {r.device}, "
           f"{placement_label(r.dtype, r.offload)}, {r.sampler}")
     print(f"dense  {r.dense_seconds:8.2f} s end-to-end, {r.dense_denoise_seconds:8.2f} s text encoding + denoising")

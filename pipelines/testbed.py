@@ -630,7 +630,12 @@ def _check_weights(folder: Path, where: str) -> None:
     for part, build in builders.items():
         files = sorted((folder / part).glob("*.safetensors"))
         if not files:
-            continue  # no safetensors to read: `from_pretrained` names what it looked for
+            if any((folder / part).glob("*.bin")):
+                continue  # saved with safe_serialization=False: `from_pretrained` reads and checks it
+            # Before: diffusers' OSError about a `.bin` it looked for, after a note on unsafe serialization.
+            raise ValueError(f"{folder / part} ({where}) must hold the {part}'s weights as save_pretrained writes "
+                             "them (*.safetensors), got no weight file (a partial copy of a training run's "
+                             "DIR/pipeline?)")
         stored: dict[str, tuple[int, ...]] = {}
         non_finite: list[str] = []
         for file in files:

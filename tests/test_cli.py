@@ -16,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffsparse.cli import build_parser, main
+from diffsparse.cli import build_parser, main, pattern_line
 
 from helpers import tiny_call
 
@@ -45,6 +45,21 @@ def test_compare_writes_video_and_json(tmp_path, capsys):
     # What the run was called with, to repeat it.
     assert (result["prompt"], result["image"], result["call_kwargs"], result["vae_tiling"]) == (
         "a red circle moving left", None, None, False)
+
+
+def test_the_pattern_line_says_what_the_density_does_to_the_pattern():
+    import diffsparse
+
+    assert pattern_line(diffsparse.SparseConfig(pattern="radial")) == (
+        "pattern: radial(decay=1.0, min_window=64, sink=False)")
+    # Searched patterns spend the density as their budget, set once: not a parameter solved per layout.
+    assert pattern_line(diffsparse.SparseConfig(pattern="searched", density=0.25)) == (
+        "pattern: searched(keep=0.25, criterion='greedy', budget='layer'), its keep set to the density 0.25 (the "
+        "search's block budget)")
+    assert pattern_line(diffsparse.SparseConfig(pattern="searched_windows", density=0.3)).endswith(
+        ", its keep set to the density 0.3 (the search's block budget)")
+    assert pattern_line(diffsparse.SparseConfig(pattern="window3d", density=0.3)).endswith(
+        ", its main parameter solved for density 0.3 per layout")
 
 
 def test_an_image_to_video_compare_records_the_image_it_was_given(tmp_path, monkeypatch):

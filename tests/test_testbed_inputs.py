@@ -170,6 +170,26 @@ def test_load_refuses_weights_that_are_not_finite(tmp_path):
         testbed.load(path=folder)
 
 
+@pytest.mark.parametrize("part, file", [("transformer", "diffusion_pytorch_model.safetensors"),
+                                        ("text_encoder", "model.safetensors")])
+def test_load_names_a_missing_weight_or_weight_file(tmp_path, part, file):
+    # Before: a missing weight file was diffusers' OSError about a `.bin` it looked for instead.
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "copy"
+    shutil.copytree(testbed.WEIGHTS_PATH, folder)
+    weights = load_file(folder / part / file)
+    dropped = min(weights)
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / part / file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"at its shape and nothing else: missing ['{dropped}']")):
+        testbed.load(path=folder)
+    (folder / part / file).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{folder / part} (path={str(folder)!r}) must hold the {part}'s "
+                                                   "weights as save_pretrained writes them (*.safetensors), got no "
+                                                   "weight file")):
+        testbed.load(path=folder)
+
+
 def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
     # Before: one frame given clean left nothing scored, and every sensitivity came out nan (0 / 0).
     with pytest.raises(ValueError, match=re.escape("it needs frames >= 2, got frames=1 with first_frame_level=0.0")):
