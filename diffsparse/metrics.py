@@ -82,7 +82,8 @@ def as_frames(video) -> np.ndarray:
     - a list (or tuple) of frames, e.g. PIL images (`output_type="pil"`; palette and other colour modes converted
       to RGB, or RGBA with an alpha band; modes `I` and `F` of raw numbers refused): each `(H, W, C)`, `(C, H, W)`
       or `(H, W)` (gray); a single PIL image is one frame; a list of tensors is read as the tensor stacked from them
-      (`list(frames)` as `frames`: channels first, as below);
+      (`list(frames)` as `frames`: channels first, as below); a list of such lists (diffusers' `.frames`, one
+      list per video) as the frames of its videos in order, gray ones as in a flat list;
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
     - 4: frames; numpy `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the
@@ -110,6 +111,7 @@ def as_frames(video) -> np.ndarray:
     if tensor:
         video = _tensor_to_numpy(video)
     video = np.asarray(video)
+    shape = video.shape  # as given, for the messages: a (B, C, F, H, W) tensor was refused naming (B*C, F, H, W)
     if given is None and video.size == 0:
         given = f"shape {video.shape}"
     if given is not None:  # numpy's "zero-size array to reduction" came from deep inside a score before
@@ -134,8 +136,13 @@ def as_frames(video) -> np.ndarray:
     if video.shape[1] in _CHANNEL_SIZES and (channels_first or video.shape[-1] not in _CHANNEL_SIZES):
         video = video.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
     elif video.shape[-1] not in _CHANNEL_SIZES:  # e.g. a VAE's (B, C, F, H, W), read as 16 "channels" before
-        raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got shape "
-                         f"{video.shape} ({_LAYOUTS})")
+        got = f"a list stacked to shape {shape}" if listed else f"shape {shape}"
+        hint = ""
+        if len(shape) == 5 and shape[1] in _CHANNEL_SIZES and shape[2] not in _CHANNEL_SIZES and not listed:
+            swap = "permute" if tensor else "transpose"
+            hint = f"; (B, C, F, H, W)? give frames as (B, F, C, H, W): `video.{swap}(0, 2, 1, 3, 4)`"
+        raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got {got}"
+                         f"{hint} ({_LAYOUTS})")
     return video
 
 
@@ -149,15 +156,22 @@ def _stacked(frames: list | tuple) -> np.ndarray | torch.Tensor:
     """A list of frames (or of videos, nested as deep as diffusers' `.frames`) as one array, or as one tensor when
     every item is a tensor: then the tensor layouts apply, channels first, as to the tensor the list was made of."""
     items = _pil_frames([_stacked(item) if isinstance(item, (list, tuple)) and item else item for item in frames])
+    # A 2-D frame given whole (array, tensor, PIL image) is gray: its channel axis goes in here, where it is still
+    # known to be a frame. Stacked without one, a nested list ([[frame, ...]], as `.frames`) became (1, F, H, W),
+    # its F frames read as channels. Frames built here from lists of rows keep as_frames' rule for 3-D lists.
+    gray = [not isinstance(frame, (list, tuple)) and getattr(item, "ndim", None) == 2
+            for frame, item in zip(frames, items)]
     if all(isinstance(item, torch.Tensor) for item in items):
-        try:
-            return torch.stack([item.detach() for item in items])
+        tensors = [item.detach()[None] if is_gray else item.detach() for item, is_gray in zip(items, gray)]
+        try:  # a gray frame's channel axis first, as the tensor layouts read it
+            return torch.stack(tensors)
         except RuntimeError as error:  # frames of different shapes or dtypes
             raise ValueError(f"video: a list's frames must have one shape, got {[tuple(i.shape) for i in items]} "
                              f"({error})") from error
     arrays = [_tensor_to_numpy(item) if isinstance(item, torch.Tensor) else np.asarray(item) for item in items]
-    shapes = [array.shape for array in arrays]
-    if len(set(shapes)) > 1:  # numpy's own "all input arrays must have the same shape" named neither shape
+    shapes = [array.shape for array in arrays]  # as given, for the message: (H, W) for a gray frame
+    arrays = [array[..., None] if is_gray else array for array, is_gray in zip(arrays, gray)]
+    if len({array.shape for array in arrays}) > 1:  # numpy's "all input arrays must have the same shape" named none
         modes = [item.mode for item in frames if _is_pil_image(item)]
         of_modes = f" (PIL images of modes {modes})" if modes else ""
         raise ValueError(f"video: a list's frames must have one shape, got {shapes}{of_modes}: give frames of one "

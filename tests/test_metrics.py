@@ -226,6 +226,14 @@ def test_integer_frames_take_no_data_range_of_their_own():
                 metric(video, frames.astype(float) / 255, data_range=255.0)
 
 
+def test_a_float_video_against_integer_reference_frames_takes_no_data_range_either():
+    # Only the video was looked at: a float video of 0..255 against uint8 frames (read as [0, 1]) went through.
+    frames = np.random.default_rng(17).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="data_range=255.0: integer frames"):
+            metric(frames.astype(float), frames, data_range=255.0)
+
+
 def test_without_the_metrics_extra_lpips_is_left_out_saying_so_or_refused_when_asked_for(tmp_path, monkeypatch):
     from diffsparse import metrics
 
@@ -382,6 +390,39 @@ def test_a_list_of_torch_frames_reads_as_the_tensor_it_was_made_of():
     np.testing.assert_array_equal(as_frames(list(as_bf16)), as_frames(as_bf16))
     np.testing.assert_array_equal(as_frames(list(video.clone().requires_grad_())), as_frames(video))
     assert as_frames([torch.rand(8, 8), torch.rand(8, 8)]).shape == (2, 8, 8, 1)  # 2-D tensors: gray, as arrays
+
+
+@pytest.mark.parametrize("frame_count", [1, 3, 5])
+def test_a_nested_list_of_gray_frames_reads_as_the_flat_list(frame_count):
+    # A list of 2-D frames in a list (as `.frames`) stacked to (1, F, H, W): 3 gray frames were scored as one RGB
+    # frame, and 5 were refused as a frame of 5 channels.
+    from PIL import Image
+
+    rng = np.random.default_rng(18)
+    frames = rng.integers(0, 256, (frame_count, 8, 8), dtype=np.uint8)
+    noisy = np.clip(frames.astype(int) + rng.integers(-8, 9, frames.shape), 0, 255).astype(np.uint8)
+    gray = as_frames(frames[..., None])
+    assert gray.shape == (frame_count, 8, 8, 1)
+    for as_list in (lambda x: [Image.fromarray(f, "L") for f in x], list, lambda x: list(torch.from_numpy(x))):
+        video, reference = as_list(noisy), as_list(frames)
+        np.testing.assert_array_equal(as_frames(reference), gray)
+        np.testing.assert_array_equal(as_frames([reference]), gray)
+        assert psnr([video], [reference]) == psnr(video, reference)
+        assert ssim([video], [reference]) == ssim(video, reference)
+
+
+def test_a_vae_layout_video_is_refused_naming_the_shape_given_and_the_permute():
+    # The message named the shape after the batch was flattened, (3, 5, 16, 16) for this (B, C, F, H, W) tensor.
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(19))
+    hint = ("got shape (1, 3, 5, 16, 16); (B, C, F, H, W)? give frames as (B, F, C, H, W): "
+            "`video.permute(0, 2, 1, 3, 4)`")
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        psnr(video, video)
+    np.testing.assert_array_equal(as_frames(video.permute(0, 2, 1, 3, 4)), video[0].permute(1, 2, 3, 0).numpy())
+    with pytest.raises(ValueError, match=re.escape("`video.transpose(0, 2, 1, 3, 4)`")):  # numpy has no permute
+        as_frames(video.numpy())
+    with pytest.raises(ValueError, match=re.escape("got shape (1, 16, 5, 16, 16) (")):  # a latent: no such hint
+        as_frames(torch.rand(1, 16, 5, 16, 16))
 
 
 @pytest.mark.parametrize("video", [np.zeros((0, 8, 8, 3)), [], torch.zeros(0, 3, 8, 8), np.zeros((2, 0, 8, 3))],
