@@ -74,6 +74,17 @@ def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):
     check_other_processors_are_refused(pixart_pipe, "PixArt", layer=1)
 
 
+def test_remove_gives_the_original_processors_back_with_no_attribute_they_lacked(pixart_pipe):
+    # diffusers' `AttnProcessor2_0` has no parallel config; the sparse processor's class-level one must not be copied
+    # onto it by `remove` (a later `enable_parallelism` would then set one on a processor that cannot use it).
+    originals = {name: (p, dict(vars(p))) for name, p in pixart_pipe.transformer.attn_processors.items()}
+    assert not any(hasattr(p, "_parallel_config") for p, _ in originals.values())
+    diffsparse.apply(pixart_pipe, diffsparse.SparseConfig(block_size=8))
+    diffsparse.remove(pixart_pipe)
+    for name, processor in pixart_pipe.transformer.attn_processors.items():
+        assert processor is originals[name][0] and vars(processor) == originals[name][1], name
+
+
 def test_fused_qkv_projections(pixart_pipe):
     check_fused_projections(pixart_pipe, pixart_call(), "FusedAttnProcessor2_0")
 

@@ -791,6 +791,8 @@ def test_forward_inputs_are_read_by_keyword_or_by_position_but_not_past_star_arg
     assert forward_input(model, args, {}, "encoder_hidden_states") is None
     assert forward_input(model, args, {"encoder_hidden_states": "k"}, "encoder_hidden_states") == "k"
     assert forward_input(model, ("h",), {}, "timestep") is None
+    # A name the forward does not take (renamed in another diffusers) is absent, not the first positional input.
+    assert forward_input(model, args, {}, "not_a_parameter") is None
 
 
 def test_a_density_out_of_the_pattern_s_reach_warns_once_per_layout():
