@@ -7,7 +7,7 @@ from types import MappingProxyType
 import torch
 
 from .. import DiffsparseWarning
-from . import cpu, reference
+from . import cpu, reference, triton_block_sparse
 from .plan import BlockSparsePlan, needs_grad, resolve_scale
 from .triton_block_sparse import (
     FP32_MAX_HEAD_DIM_WITH_128_BLOCKS,
@@ -120,6 +120,8 @@ def _triton_refuses(
         return f"blocks of {plan.block_q} x {plan.block_k} tokens"
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim}"
+    if dtype == torch.bfloat16 and triton_block_sparse._INTERPRETED:
+        return "bfloat16 under TRITON_INTERPRET=1 (which Triton's interpreter computes wrongly)"
     if None not in (plan, head_dim, dtype) and exceeds_shared_memory(plan.block_q, plan.block_k, head_dim, dtype):
         return f"float32 with head dim {head_dim} and blocks of {plan.block_q} x {plan.block_k} tokens"
     return None

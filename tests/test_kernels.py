@@ -332,6 +332,12 @@ def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(
                                         ((64, 128), 129, fp32, "float32 with head dim 129 and blocks of 64 x 128")):
         with pytest.warns(UserWarning, match=f"backend='auto' runs {what}.* on the torch-ops path"):
             assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim, dtype=dtype) == "cpu"
+    # Under TRITON_INTERPRET=1 on a CUDA machine the kernel refuses bfloat16 (the interpreter gets it wrong): auto
+    # picked it and the call raised.
+    monkeypatch.setattr(attention.triton_block_sparse, "_INTERPRETED", True)
+    with pytest.warns(UserWarning, match="backend='auto' runs bfloat16 under TRITON_INTERPRET=1"):
+        assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.bfloat16) == "cpu"
+    assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.float16) == "triton"
 
 
 def test_the_public_entry_point_tells_the_backend_chooser_the_dtype(monkeypatch):
@@ -536,6 +542,9 @@ def test_a_plan_built_by_hand_is_checked():
             _hand_built(**fields)
     with pytest.raises(ValueError, match=r"kv_counts\[0, 0, 1\] must be 1"):
         dataclasses.replace(good, kv_counts=torch.tensor([[[2, 0]]], dtype=torch.int32))
+    # The density is reported as the plan's work (bench's efficiency, stats): a hand-set one passed before.
+    with pytest.raises(ValueError, match=r"density must be 0.5, the share of blocks block_mask keeps, got density=0.01"):
+        dataclasses.replace(good, density=0.01)
 
 
 def test_wrong_python_types_raise_type_error():
