@@ -138,6 +138,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2]) or not (q.shape[3] == k.shape[3] == v.shape[3]):
         raise ValueError(
             f"q, k, v must share batch, heads and head_dim, got {tuple(q.shape)=}, {tuple(k.shape)=}, {tuple(v.shape)=}"
+            " (grouped-query attention: repeat k's and v's heads first, `k.repeat_interleave(groups, dim=1)`)"
         )
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same length, got {tuple(k.shape)=}, {tuple(v.shape)=}")

@@ -547,6 +547,14 @@ def test_a_plan_built_by_hand_is_checked():
         dataclasses.replace(good, density=0.01)
 
 
+def test_grouped_query_inputs_are_refused_with_the_repeat_to_make():
+    # The entry point reads like scaled_dot_product_attention, whose enable_gqa this kernel does not have.
+    q, k, v = _inputs(1, 4, 32, 32)
+    plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32)
+    with pytest.raises(ValueError, match=r"q, k, v must share batch, heads and head_dim.*repeat_interleave"):
+        block_sparse_attention(q, k[:, :2], v[:, :2], plan)
+
+
 def test_wrong_python_types_raise_type_error():
     with pytest.raises(TypeError, match="plan must be a BlockSparsePlan"):
         block_sparse_attention(*_inputs(1, 1, 32, 32), "plan")
