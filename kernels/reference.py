@@ -7,8 +7,12 @@ from .plan import BlockSparsePlan
 
 def token_mask(plan: BlockSparsePlan) -> torch.Tensor:
     """The plan's block mask expanded to a `(B or 1, H or 1, q_len, kv_len)` token mask (tokens squared!)."""
-    mask = plan.block_mask.repeat_interleave(plan.block_q, dim=-2).repeat_interleave(plan.block_k, dim=-1)
-    return mask[..., : plan.q_len, : plan.kv_len]
+    # Each token's block, looked up: repeating the blocks and cropping allocated blocks-squared, so a block far
+    # longer than the sequence (block_size=2**20 on 256 tokens) asked for a terabyte.
+    device = plan.block_mask.device
+    q_blocks = torch.arange(plan.q_len, device=device) // plan.block_q
+    k_blocks = torch.arange(plan.kv_len, device=device) // plan.block_k
+    return plan.block_mask[..., q_blocks[:, None], k_blocks[None, :]]
 
 
 def attention(

@@ -35,10 +35,12 @@ from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
         ("dense_layers", [0.5]),
         ("dense_layers", "0"),
         ("dense_layers", True),  # an int to Python, but not a block count
+        ("dense_layers", [True]),
         ("backend", "cuda-magic"),
         ("density", 0),
         ("density", 1.5),
         ("density", "0.2"),
+        ("density", True),  # 1 to Python, not a density
         ("correction", "lse"),
         ("correction", True),
         ("correction_refresh", -1),
@@ -184,6 +186,8 @@ def test_correction_refresh_needs_a_correction():
     with pytest.raises(ValueError, match="correction_refresh=2 has no effect"):
         SparseConfig(correction_refresh=2)
     SparseConfig(correction="residual", correction_refresh=2)
+    with pytest.raises(ValueError, match="correction_refresh=True"):  # not refreshing every step
+        SparseConfig(correction="residual", correction_refresh=True)
 
 
 def test_measure_step_is_the_last_dense_step_before_a_sparse_one():

@@ -547,6 +547,14 @@ def test_a_plan_built_by_hand_is_checked():
         dataclasses.replace(good, density=0.01)
 
 
+def test_the_reference_backend_takes_a_block_longer_than_the_sequence():
+    # Its token mask was the block mask repeated, then cropped: blocks-squared memory, a terabyte for this block.
+    q, k, v = _inputs(1, 2, 256, 256)
+    plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 256, 256, 2**20)
+    reference = block_sparse_attention(q, k, v, plan, backend="reference")
+    torch.testing.assert_close(reference, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
 def test_grouped_query_inputs_are_refused_with_the_repeat_to_make():
     # The entry point reads like scaled_dot_product_attention, whose enable_gqa this kernel does not have.
     q, k, v = _inputs(1, 4, 32, 32)
