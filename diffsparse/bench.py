@@ -142,8 +142,8 @@ def _write_json(result: dict, out: str | Path, name: str) -> None:
 def _not_static(option: str, text: str, allowed: str) -> ValueError:
     """The error of a bench that times or measures a pattern's mask as written, without a search, given one it
     cannot: `allowed`, what `option` takes instead."""
-    return ValueError(f"{option} {text!r}: must be {allowed}; data-dependent ones are timed by `bench search` and "
-                      "`bench pipeline`")
+    return ValueError(f"{option} {text!r}: must be {allowed}; a data-dependent one's masks come from searching a "
+                      "model's attention during a run (`bench search` and `bench pipeline` time them)")
 
 
 # What `bench permute` and `bench density` take: a data-dependent pattern has no mask to time or measure before its

@@ -407,7 +407,10 @@ def _add_masks(sub) -> None:
     p = sub.add_parser("masks", help="print a pattern's block density and write a PNG of its block mask",
                        formatter_class=_DefaultsHelpFormatter)
     _add_token_grid(p)
-    p.add_argument("--pattern", default="radial", help=PATTERN_HELP)
+    p.add_argument("--pattern", default="radial",
+                   help="a static pattern, optionally with parameters, e.g. radial or 'window3d(window=(1,3,3))' "
+                        "(see diffsparse.patterns; data-dependent ones, searched, searched_windows and "
+                        "spatial_temporal, are refused: they have no mask before their search)")
     p.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=_one_optional_density, default=None,
                    help="solve the pattern's parameter for this density in (0, 1]; none: the pattern as written "
@@ -465,14 +468,17 @@ def _run_masks(args) -> None:
     import time
     from pathlib import Path
 
+    from .bench import STATIC_PATTERN, pattern_option
     from .kernels import make_plan
-    from .patterns import VideoLayout, get_pattern
+    from .patterns import VideoLayout
 
     layout = VideoLayout(
         args.frames, args.height, args.width, text_len=args.text_tokens, text_position=args.text_position
     )
     order = _order(args.tile)
-    pattern = get_pattern(args.pattern)
+    # Refused as `bench density` refuses it: spatial_temporal's union of its kinds' masks, drawn and "solved" for a
+    # density, was shown without a word, though no call runs it (each head runs one kind); searched has no mask.
+    pattern = pattern_option(args.pattern, static=STATIC_PATTERN)
     # Before solving. `render` draws a shared mask for any head (every head's), but here `--head` exists for
     # per-head patterns: asking a shared one for head 5 expected a per-head mask and would get head 0's, unsaid.
     if args.head >= pattern.num_heads > 1:

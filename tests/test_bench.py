@@ -573,7 +573,8 @@ def test_permute_and_density_benches_name_the_pattern_option_and_refuse_data_dep
     grid = ["--frames", "2", "--height", "8", "--width", "16", "--block-size", "32"]
     permute = ["bench", "permute", *grid, "--tile", "1,4,8", "--heads", "2", "--dim", "32", "--dtype", "fp32"]
     static = ("must be a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention; "
-              "data-dependent ones are timed by `bench search` and `bench pipeline`")
+              "a data-dependent one's masks come from searching a model's attention during a run (`bench search` "
+              "and `bench pipeline` time them)")
     for command in (permute, ["bench", "density", *grid]):
         for pattern, listed, message in (
             ("searched", "searched", static), ("spatial_temporal", "spatial_temporal", static),
