@@ -1312,26 +1312,6 @@ def test_every_sparse_config_option_reaches_the_config():
             "window3d", 0.3, 32, 2, 1, [1], "residual", 3, [None, TileOrder((1, 8, 8))]), command
 
 
-def test_eval_lists_refuse_a_value_given_twice(capsys):
-    # Only bench's densities tested the refusal: eval runs every combination of its lists, so a repeat generated
-    # every video again for an identical row. 0 and 0.0 are one setting (no dense step), as are none and None.
-    for option, values, repeated in (
-        ("--pattern", "radial,radial", "'radial'"),
-        ("--density", "0.2,0.2", "0.2"),
-        ("--density", "none,None", "none"),
-        ("--dense-steps", "0,0.0", "0.0"),
-        ("--dense-last-steps", "1,1", "1"),
-        ("--dense-layers", "[0,3],[0, 3]", "[0, 3]"),
-        ("--correction", "none,None", "none"),
-        ("--correction-refresh", "0,0", "0"),
-    ):
-        with pytest.raises(SystemExit) as exit_info:
-            build_parser().parse_args(["eval", option, values])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2, (option, values)
-        assert f"argument {option}: {repeated} is given twice in '{values}': give each value once" in err, err
-
-
 def test_the_last_port_is_taken():
     # Only 65536's refusal was tested: a bound moved down by one would have refused the last port, untested.
     assert build_parser().parse_args(["demo", "--port", "65535"]).port == 65535

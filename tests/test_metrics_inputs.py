@@ -53,6 +53,13 @@ def test_eval_counts_its_warm_ups_and_refuses_a_configuration_given_twice(tmp_pa
         ("--density", "none,0.5,none", "argument --density: none is given twice"),
         ("--dense-steps", "0,1,1", "argument --dense-steps: 1 is given twice"),
         ("--pattern", "radial,window3d,radial", "argument --pattern: 'radial' is given twice"),
+        # One setting spelled two ways (no dense step, no density, no correction), and eval's other lists.
+        ("--dense-steps", "0,0.0", "argument --dense-steps: 0.0 is given twice in '0,0.0'"),
+        ("--density", "none,None", "argument --density: none is given twice"),
+        ("--dense-last-steps", "1,1", "argument --dense-last-steps: 1 is given twice"),
+        ("--dense-layers", "[0,3],[0, 3]", "argument --dense-layers: [0, 3] is given twice"),
+        ("--correction", "none,None", "argument --correction: none is given twice"),
+        ("--correction-refresh", "0,0", "argument --correction-refresh: 0 is given twice"),
         # One pattern spelled twice: found once the names are resolved, before the model loads.
         ("--pattern", "radial,radial(decay=1.0)", "pattern='radial(decay=1.0)' and pattern='radial' are the same"),
     ):
