@@ -546,6 +546,10 @@ class Pattern(abc.ABC):
                 a_in, b_in = a + (b - a) * 1e-6, b - (b - a) * 1e-6
                 if density(a_in) < target < density(b_in):
                     bisect(a_in, b_in)
+        if len(set(cache.values())) == 1 and self.density(layout, block_size, order, q_tokens) in cache.values():
+            # Every parameter tried gives the given pattern's density (radial on 3 frames in one block): keep the
+            # pattern given, not the first value tried (a decay of 2**-40 in the stats and tables).
+            return self
         return make(closest())
 
     def __or__(self, other: Pattern) -> Pattern:

@@ -561,6 +561,10 @@ def test_at_density_edges_and_validation():
     two_frames = VideoLayout(2, 8, 8)
     assert Radial(decay=3.0).at_density(two_frames, 0.3, 32) == Radial(decay=3.0)
     assert SpatialTemporal(frames=2).at_density(VideoLayout(1, 8, 8), 0.3, 32) == SpatialTemporal(frames=2)
+    # Also where the knob has breaks but the whole sequence is one block (three frames of one token): every decay
+    # tried gives density 1.0, and the first one tried (2**-40) came back.
+    for layout, block in ((VideoLayout(3, 1, 1), 64), (VideoLayout(4, 2, 2), 64)):
+        assert Radial(decay=1.0).at_density(layout, 0.5, block) == Radial(decay=1.0)
     # A min_window large for the frame skips frame distances up to a larger decay than the frame alone needs:
     # before, the search stopped below it (16 frames of one token: 0.875; 8 frames, a huge window: 0.34).
     for small, block, min_window in (((16, 1, 1), 1, 64), ((16, 2, 2), 4, 4096), ((8, 4, 4), 16, 10**6)):

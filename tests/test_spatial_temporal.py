@@ -393,6 +393,11 @@ def test_at_density_reaches_the_whole_canvas_on_the_longer_axis():
     layout = VideoLayout(2, 2, 9)
     solved = SpatialTemporal(heads="T").at_density(layout, 1.0, 1)
     assert solved.density(layout, 1) == 1.0
+    # And the whole video on both axes, frames included, for either kind and their union (capped at the extents
+    # themselves rather than at 2 x extent - 1, they stopped at density 0.94, and 0.76 with spatial heads).
+    layout = VideoLayout(5, 4, 4)
+    for pattern in (SpatialTemporal(), SpatialTemporal(heads="ST")):
+        assert pattern.at_density(layout, 1.0, 4).density(layout, 4) == 1.0
 
 
 
