@@ -334,6 +334,10 @@ def _two_process_job() -> dict:
                               uneven=True),
         "uneven helios": _family(functools.partial(_model, "helios"),
                                  call=functools.partial(_call, latents=(4, 10, 10)), uneven=True),
+        # One chunk frame of 24 tokens behind the 56 memory tokens: 40 per rank, so rank 1 holds memory too (16 of
+        # its tokens), whose keys it must amplify from its own first token on.
+        "helios memory on both ranks": _family(functools.partial(_model, "helios"),
+                                               call=functools.partial(_call, latents=(1, 8, 12))),
     }
     result |= {
         f"uneven {name}": _family(functools.partial(_tensor_parallel_model, family), TENSOR_PARALLEL_CONFIGS,
@@ -665,6 +669,15 @@ def test_dense_calls_are_diffusers_own_context_parallel_attention(per_rank, fami
 def test_sharded_sparse_attention_equals_one_process(per_rank, family, name):
     # Each rank's stats are its own heads' blocks: with one window per head they differ, and average to the whole.
     _assert_equals_one_process(per_rank, family, name)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_memory_held_by_both_ranks_is_amplified_on_each(per_rank, name):
+    # One chunk frame keeps every block (density 1.0), but the calls still run the sparse processor, which amplifies
+    # the memory's keys: rank 1 must amplify the 16 it holds, from its own first token on.
+    for result in per_rank.values():
+        error, density, density_alone, _ = result["helios memory on both ranks"][name]
+        assert error < 1e-5 and density == density_alone == 1.0
 
 
 @pytest.mark.parametrize("family", TENSOR_PARALLEL_FAMILIES)
