@@ -329,6 +329,8 @@ def pattern_line(config) -> str:
     pattern = config.resolved_pattern
     if config.density is None:
         return f"pattern: {pattern!r}"
+    if pattern.name == "dense":
+        return f"pattern: {pattern!r} (every block kept: the density {config.density} changes nothing)"
     if isinstance(pattern, (Searched, SearchedWindows)):
         return f"pattern: {pattern!r}, its keep set to the density {config.density} (the search's block budget)"
     return f"pattern: {pattern!r}, its main parameter solved for density {config.density} per layout"
@@ -410,7 +412,8 @@ def _add_masks(sub) -> None:
     p.add_argument("--pattern", default="radial",
                    help="a static pattern, optionally with parameters, e.g. radial or 'window3d(window=(1,3,3))' "
                         "(see diffsparse.patterns; data-dependent ones, searched, searched_windows and "
-                        "spatial_temporal, are refused: they have no mask before their search)")
+                        "spatial_temporal, are refused: they have no mask before their search; spatial_temporal "
+                        "with its heads' kinds given, e.g. \"spatial_temporal(heads='ST')\", draws each head's)")
     p.add_argument("--tile", type=_tile, default=None, help="3D tile order t,h,w (default: frame-major)")
     p.add_argument("--density", type=_one_optional_density, default=None,
                    help="solve the pattern's parameter for this density in (0, 1]; none: the pattern as written "
@@ -468,9 +471,9 @@ def _run_masks(args) -> None:
     import time
     from pathlib import Path
 
-    from .bench import STATIC_PATTERN, pattern_option
+    from .bench import STATIC_PATTERN, _not_static, pattern_option
     from .kernels import make_plan
-    from .patterns import VideoLayout
+    from .patterns import SpatialTemporal, VideoLayout
 
     layout = VideoLayout(
         args.frames, args.height, args.width, text_len=args.text_tokens, text_position=args.text_position
@@ -478,7 +481,11 @@ def _run_masks(args) -> None:
     order = _order(args.tile)
     # Refused as `bench density` refuses it: spatial_temporal's union of its kinds' masks, drawn and "solved" for a
     # density, was shown without a word, though no call runs it (each head runs one kind); searched has no mask.
-    pattern = pattern_option(args.pattern, static=STATIC_PATTERN)
+    # With its heads' kinds given, spatial_temporal draws each head's mask, the one a head of that kind runs.
+    pattern = pattern_option(args.pattern)
+    if pattern.data_dependent and not (isinstance(pattern, SpatialTemporal) and pattern.heads is not None):
+        raise _not_static("--pattern", args.pattern, f"{STATIC_PATTERN}, or spatial_temporal with each head's kind "
+                                                      "given, e.g. \"spatial_temporal(heads='ST')\"")
     # Before solving. `render` draws a shared mask for any head (every head's), but here `--head` exists for
     # per-head patterns: asking a shared one for head 5 expected a per-head mask and would get head 0's, unsaid.
     if args.head >= pattern.num_heads > 1:
@@ -500,8 +507,11 @@ def _run_masks(args) -> None:
     pattern.render(layout, args.block_size, path, head=args.head, order=order)
     density = pattern.density(layout, args.block_size, order)
     text = f" + {layout.text_len} text at the {layout.text_position}" if layout.text_len else ""
+    # A per-head pattern's density is the mean over its heads; the picture is one head's.
+    drawn = (f" (the mean over {mask.shape[0]} heads; head {args.head}, drawn: "
+             f"{float(mask[args.head].float().mean()):.4f})" if mask.shape[0] > 1 else "")
     print(f"{pattern!r} on {layout.num_tokens} tokens ({args.frames}x{args.height}x{args.width}{text}), "
-          f"block {args.block_size}, order {order or 'frame-major'}: block density {density:.4f}")
+          f"block {args.block_size}, order {order or 'frame-major'}: block density {density:.4f}{drawn}")
     # What a pipeline's first call at this resolution pays once (then the plan is cached), on this machine.
     solve = f"solving for the density {solved - start:.2f} s, " if args.density is not None else ""
     print(f"planning cost: {solve}block mask and kernel plan {planned - solved:.2f} s")

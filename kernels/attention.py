@@ -65,7 +65,8 @@ def choose_backend(
         plan (`BlockSparsePlan`, *optional*), head_dim (`int`, *optional*), dtype (`torch.dtype`, *optional*):
             the call's; `"auto"` leaves out `"triton"` for blocks other than 64 or 128 tokens, head dims above 256,
             or float32 with head dims above 128 and a 128-token block (more shared memory than a GPU has), which
-            its kernel does not take, with a warning (the torch-ops path computes the same, more slowly).
+            its kernel does not take, with a warning (the torch-ops path computes the same, more slowly); and
+            bfloat16 under `TRITON_INTERPRET=1`, which the interpreter computes wrongly, also with a warning.
 
     Returns:
         `str`: A key of `BACKENDS`.
@@ -97,7 +98,14 @@ def choose_backend(
         refused = _triton_refuses(plan, head_dim, dtype) if ok else None
         if ok and refused is None:
             return "triton"
-        if refused is not None:
+        if refused == _INTERPRETER_BFLOAT16:
+            warnings.warn(
+                f"diffsparse: backend='auto' runs {refused} on the torch-ops path (float16 or float32 run the "
+                "Triton kernel under the interpreter; or unset TRITON_INTERPRET)",
+                category=DiffsparseWarning,
+                stacklevel=3,
+            )
+        elif refused is not None:
             warnings.warn(
                 f"diffsparse: backend='auto' runs {refused} on the torch-ops path, slower than the Triton kernel, "
                 f"which takes blocks of {' or '.join(map(str, SUPPORTED_BLOCK_SIZES))} tokens and head dims up to "
@@ -112,6 +120,9 @@ def choose_backend(
     return "cpu"
 
 
+_INTERPRETER_BFLOAT16 = "bfloat16 under TRITON_INTERPRET=1 (which Triton's interpreter computes wrongly)"
+
+
 def _triton_refuses(
     plan: BlockSparsePlan | None, head_dim: int | None, dtype: torch.dtype | None = None
 ) -> str | None:
@@ -121,7 +132,7 @@ def _triton_refuses(
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim}"
     if dtype == torch.bfloat16 and triton_block_sparse._INTERPRETED:
-        return "bfloat16 under TRITON_INTERPRET=1 (which Triton's interpreter computes wrongly)"
+        return _INTERPRETER_BFLOAT16
     if None not in (plan, head_dim, dtype) and exceeds_shared_memory(plan.block_q, plan.block_k, head_dim, dtype):
         return f"float32 with head dim {head_dim} and blocks of {plan.block_q} x {plan.block_k} tokens"
     return None

@@ -147,9 +147,10 @@ def _check_plan(plan: "BlockSparsePlan") -> None:
                 f"BlockSparsePlan.{name}[{b}, {h}, {i}] must be {want[b, h, i].tolist()}, from the key blocks "
                 f"block_mask keeps there (ascending, padded with the last), got {got[b, h, i].tolist()}"
             )
-    # Reported as the plan's work (bench's efficiency, the runtime's stats): it must be the mask's.
+    # Reported as the plan's work (bench's efficiency, the runtime's stats): it must be the mask's, to float32's
+    # rounding (`mask.float().mean()` is 1e-8 off).
     kept_share = float(want_counts.sum()) / mask.numel()
-    if not math.isclose(density, kept_share, rel_tol=0, abs_tol=1e-9):
+    if not math.isclose(density, kept_share, rel_tol=0, abs_tol=1e-6):
         raise ValueError(f"BlockSparsePlan.density must be {kept_share!r}, the share of blocks block_mask keeps, "
                          f"got density={density!r}")
 

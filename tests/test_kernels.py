@@ -335,7 +335,8 @@ def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(
     # Under TRITON_INTERPRET=1 on a CUDA machine the kernel refuses bfloat16 (the interpreter gets it wrong): auto
     # picked it and the call raised.
     monkeypatch.setattr(attention.triton_block_sparse, "_INTERPRETED", True)
-    with pytest.warns(UserWarning, match="backend='auto' runs bfloat16 under TRITON_INTERPRET=1"):
+    with pytest.warns(UserWarning, match=r"backend='auto' runs bfloat16 under TRITON_INTERPRET=1 .* on the torch-ops "
+                                         r"path \(float16 or float32 run the Triton kernel under the interpreter"):
         assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.bfloat16) == "cpu"
     assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.float16) == "triton"
 
@@ -545,6 +546,12 @@ def test_a_plan_built_by_hand_is_checked():
     # The density is reported as the plan's work (bench's efficiency, stats): a hand-set one passed before.
     with pytest.raises(ValueError, match=r"density must be 0.5, the share of blocks block_mask keeps, got density=0.01"):
         dataclasses.replace(good, density=0.01)
+    with pytest.raises(ValueError, match=r"density must be 0.5, .* got density=0.501"):
+        dataclasses.replace(good, density=0.501)
+    # Counted in float32, as a hand-built plan may: 1e-8 off, accepted.
+    mask = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(0)) < 0.5
+    plan = make_plan(mask, 7 * 32, 9 * 32, 32)
+    assert dataclasses.replace(plan, density=plan.block_mask.float().mean().item()).block_mask is plan.block_mask
 
 
 def test_the_reference_backend_takes_a_block_longer_than_the_sequence():
