@@ -83,7 +83,8 @@ def as_frames(video) -> np.ndarray:
       to RGB, or RGBA with an alpha band; modes `I` and `F` of raw numbers refused): each `(H, W, C)`, `(C, H, W)`
       or `(H, W)` (gray); a single PIL image is one frame; a list of tensors is read as the tensor stacked from them
       (`list(frames)` as `frames`: channels first, as below); a list of such lists (diffusers' `.frames`, one
-      list per video) as the frames of its videos in order, gray ones as in a flat list;
+      list per video) as the frames of its videos in order, gray ones (2-D arrays, tensors or PIL images; not lists
+      of rows, read as the numbers they hold) as in a flat list;
     - 3: one image, numpy `(H, W, C)` or torch `(C, H, W)`, with C in (1, 3, 4); anything else is refused (a
       3-D array could be one image or gray frames: give gray frames as `(F, H, W, 1)` or a list);
     - 4: frames; numpy `(F, H, W, C)` when the last axis has 1, 3 or 4 entries, else `(F, C, H, W)` when the

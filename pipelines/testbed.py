@@ -620,7 +620,9 @@ def _check_weights(folder: Path, where: str) -> None:
     `from_pretrained` would otherwise load an incomplete text encoder with fresh random weights in the gaps (a
     logged "newly initialized" note) and fail on an incomplete transformer with an error about meta tensors.
     """
-    from safetensors import safe_open
+    import zipfile
+
+    from safetensors.torch import load_file
     from transformers import T5Config, T5EncoderModel
 
     builders = {
@@ -628,21 +630,21 @@ def _check_weights(folder: Path, where: str) -> None:
         "text_encoder": lambda d: T5EncoderModel(T5Config.from_pretrained(d)),
     }
     for part, build in builders.items():
-        files = sorted((folder / part).glob("*.safetensors"))
+        # save_pretrained writes safetensors, or `.bin` with safe_serialization=False (read as from_pretrained would).
+        files = sorted((folder / part).glob("*.safetensors")) or sorted((folder / part).glob("*.bin"))
         if not files:
-            if any((folder / part).glob("*.bin")):
-                continue  # saved with safe_serialization=False: `from_pretrained` reads and checks it
             # Before: diffusers' OSError about a `.bin` it looked for, after a note on unsafe serialization.
             raise ValueError(f"{folder / part} ({where}) must hold the {part}'s weights as save_pretrained writes "
-                             "them (*.safetensors), got no weight file (a partial copy of a training run's "
+                             "them (*.safetensors, or *.bin), got no weight file (a partial copy of a training run's "
                              "DIR/pipeline?)")
-        stored: dict[str, tuple[int, ...]] = {}
-        non_finite: list[str] = []
+        tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            with safe_open(str(file), "pt") as f:  # not iterable: `.keys()`
-                stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
-                # NaN or inf weights load without a word and sample NaN video; reading them all costs ~5 MB here.
-                non_finite += [key for key in f.keys() if not torch.isfinite(f.get_tensor(key)).all()]  # noqa: SIM118
+            # mmap only for the zip format: torch.save's legacy format (torch < 1.6) refuses it, diffusers reads it.
+            tensors.update(load_file(file) if file.suffix == ".safetensors" else torch.load(
+                file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))
+        stored = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        # NaN or inf weights load without a word and sample NaN video; reading them all costs ~5 MB here.
+        non_finite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             raise ValueError(f"{folder / part} ({where}) must hold finite weights, got NaN or inf in "
                              f"{sorted(non_finite)} (a training run that diverged?)")

@@ -60,6 +60,11 @@ def test_the_pattern_line_says_what_the_density_does_to_the_pattern():
         ", its keep set to the density 0.3 (the search's block budget)")
     assert pattern_line(diffsparse.SparseConfig(pattern="window3d", density=0.3)).endswith(
         ", its main parameter solved for density 0.3 per layout")
+    # A data-dependent pattern that is not searched: its frames and width are solved, not a keep set.
+    assert pattern_line(diffsparse.SparseConfig(pattern="spatial_temporal", density=0.3)).endswith(
+        ", its main parameter solved for density 0.3 per layout")
+    assert pattern_line(diffsparse.SparseConfig(pattern="dense", density=0.3)) == (
+        "pattern: dense() (every block kept: the density 0.3 changes nothing)")
 
 
 def test_an_image_to_video_compare_records_the_image_it_was_given(tmp_path, monkeypatch):
@@ -888,7 +893,7 @@ def test_masks_counts_the_block_density_in_the_tile_order_it_draws(tmp_path, cap
     assert "order tiles(1,4,4): block density 0.1406\n" in capsys.readouterr().out
 
 
-def test_masks_draws_the_head_asked_for(tmp_path, monkeypatch):
+def test_masks_draws_the_head_asked_for(tmp_path, monkeypatch, capsys):
     from diffsparse.patterns import Pattern
 
     drawn, render = [], Pattern.render
@@ -903,6 +908,15 @@ def test_masks_draws_the_head_asked_for(tmp_path, monkeypatch):
     assert drawn == [1]
     (png,) = tmp_path.glob("*.png")
     assert png.name == "mask_window3d_window=1,2,2_2,4,4_4x8x8_block16_head1.png"
+    # spatial_temporal with its heads' kinds given draws the temporal head's mask (unclassified, it is refused).
+    assert main(["masks", "--pattern", "spatial_temporal(heads='ST')", "--head", "1", "--density", "0.3", "--frames",
+                 "4", "--height", "8", "--width", "8", "--block-size", "16", "--out", str(tmp_path / "st")]) == 0
+    assert drawn == [1, 1] and len(list((tmp_path / "st").glob("*_head1.png"))) == 1
+    capsys.readouterr()
+    # The density printed is the mean over the heads; the drawn head's is said too (here every block).
+    assert main(["masks", "--pattern", "spatial_temporal(heads='ST')", "--head", "1", "--frames", "8", "--height",
+                 "4", "--width", "4", "--block-size", "16", "--out", str(tmp_path / "st")]) == 0
+    assert "block density 0.6719 (the mean over 2 heads; head 1, drawn: 1.0000)\n" in capsys.readouterr().out
 
 
 def test_attention_bench_table(tmp_path, capsys):

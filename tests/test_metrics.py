@@ -409,6 +409,9 @@ def test_a_nested_list_of_gray_frames_reads_as_the_flat_list(frame_count):
         np.testing.assert_array_equal(as_frames([reference]), gray)
         assert psnr([video], [reference]) == psnr(video, reference)
         assert ssim([video], [reference]) == ssim(video, reference)
+    # Frames written out as Python lists of rows are not 2-D frames given whole: RGB ones keep their channels.
+    rgb = rng.random((frame_count, 8, 8, 3))
+    np.testing.assert_array_equal(as_frames([[frame.tolist() for frame in rgb]]), rgb)
 
 
 def test_a_vae_layout_video_is_refused_naming_the_shape_given_and_the_permute():

@@ -185,9 +185,29 @@ def test_load_names_a_missing_weight_or_weight_file(tmp_path, part, file):
         testbed.load(path=folder)
     (folder / part / file).unlink()
     with pytest.raises(ValueError, match=re.escape(f"{folder / part} (path={str(folder)!r}) must hold the {part}'s "
-                                                   "weights as save_pretrained writes them (*.safetensors), got no "
-                                                   "weight file")):
+                                                   "weights as save_pretrained writes them (*.safetensors, or *.bin), "
+                                                   "got no weight file")):
         testbed.load(path=folder)
+
+
+def test_load_checks_weights_saved_without_safetensors_too(tmp_path):
+    # `save_pretrained(safe_serialization=False)` writes `.bin`: a missing weight then failed inside diffusers
+    # ("Cannot copy out of meta tensor") and a NaN one loaded silently.
+    folder = tmp_path / "bin"
+    testbed.load().save_pretrained(folder, safe_serialization=False)
+    (file,) = folder.glob("transformer/*.bin")
+    weights = torch.load(file, weights_only=True)
+    dropped = min(weights)
+    torch.save({k: v for k, v in weights.items() if k != dropped}, file)
+    with pytest.raises(ValueError, match=re.escape(f"at its shape and nothing else: missing ['{dropped}']")):
+        testbed.load(path=folder)
+    torch.save({**weights, dropped: torch.full_like(weights[dropped], float("nan"))}, file)
+    with pytest.raises(ValueError, match=re.escape(f"must hold finite weights, got NaN or inf in ['{dropped}']")):
+        testbed.load(path=folder)
+    torch.save(weights, file)
+    assert testbed.load(path=folder).transformer.config.num_layers == 4
+    torch.save(weights, file, _use_new_zipfile_serialization=False)  # torch < 1.6's format, which mmap refuses
+    assert testbed.load(path=folder).transformer.config.num_layers == 4
 
 
 def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
