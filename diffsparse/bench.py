@@ -146,10 +146,19 @@ def _not_static(option: str, text: str, allowed: str) -> ValueError:
                       "model's attention during a run (`bench search` and `bench pipeline` time them)")
 
 
-# What `bench permute` and `bench density` take: a data-dependent pattern has no mask to time or measure before its
-# search (searched's is none at all; spatial_temporal's, the union of its kinds' masks, is no mask any call runs:
-# density 1.0 on small layouts).
-STATIC_PATTERN = "a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention"
+# What `bench permute`, `bench density` and `masks` take: a data-dependent pattern has no mask to time, measure or
+# draw before its search (searched's is none at all; spatial_temporal's, the union of its kinds' masks, is no mask
+# any call runs: density 1.0 on small layouts), except spatial_temporal with its heads' kinds given: each head's mask
+# is then the one a head of that kind runs.
+STATIC_PATTERN = ("a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention, or "
+                  "spatial_temporal with each head's kind given (e.g. \"spatial_temporal(heads='ST')\")")
+
+
+def mask_needs_search(pattern) -> bool:
+    """Whether `pattern` has no mask before a search of a model's attention (see `STATIC_PATTERN`)."""
+    from .patterns import SpatialTemporal
+
+    return pattern.data_dependent and not (isinstance(pattern, SpatialTemporal) and pattern.heads is not None)
 
 
 def pattern_option(text: str, option: str = "--pattern", static: str | None = None, others: str = ""):
@@ -163,7 +172,7 @@ def pattern_option(text: str, option: str = "--pattern", static: str | None = No
         pattern = get_pattern(text)
     except ValueError as error:
         raise ValueError(f"{option} {text!r}: {others}{error}") from None
-    if static is not None and pattern.data_dependent:
+    if static is not None and mask_needs_search(pattern):
         raise _not_static(option, text, static)
     return pattern
 

@@ -471,9 +471,9 @@ def _run_masks(args) -> None:
     import time
     from pathlib import Path
 
-    from .bench import STATIC_PATTERN, _not_static, pattern_option
+    from .bench import STATIC_PATTERN, pattern_option
     from .kernels import make_plan
-    from .patterns import SpatialTemporal, VideoLayout
+    from .patterns import VideoLayout
 
     layout = VideoLayout(
         args.frames, args.height, args.width, text_len=args.text_tokens, text_position=args.text_position
@@ -481,11 +481,7 @@ def _run_masks(args) -> None:
     order = _order(args.tile)
     # Refused as `bench density` refuses it: spatial_temporal's union of its kinds' masks, drawn and "solved" for a
     # density, was shown without a word, though no call runs it (each head runs one kind); searched has no mask.
-    # With its heads' kinds given, spatial_temporal draws each head's mask, the one a head of that kind runs.
-    pattern = pattern_option(args.pattern)
-    if pattern.data_dependent and not (isinstance(pattern, SpatialTemporal) and pattern.heads is not None):
-        raise _not_static("--pattern", args.pattern, f"{STATIC_PATTERN}, or spatial_temporal with each head's kind "
-                                                      "given, e.g. \"spatial_temporal(heads='ST')\"")
+    pattern = pattern_option(args.pattern, static=STATIC_PATTERN)
     # Before solving. `render` draws a shared mask for any head (every head's), but here `--head` exists for
     # per-head patterns: asking a shared one for head 5 expected a per-head mask and would get head 0's, unsaid.
     if args.head >= pattern.num_heads > 1:

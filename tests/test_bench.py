@@ -572,9 +572,10 @@ def test_permute_and_density_benches_name_the_pattern_option_and_refuse_data_dep
     monkeypatch.setattr(plots, "density_vs_frames", no_work)
     grid = ["--frames", "2", "--height", "8", "--width", "16", "--block-size", "32"]
     permute = ["bench", "permute", *grid, "--tile", "1,4,8", "--heads", "2", "--dim", "32", "--dtype", "fp32"]
-    static = ("must be a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention; "
-              "a data-dependent one's masks come from searching a model's attention during a run (`bench search` "
-              "and `bench pipeline` time them)")
+    static = ("must be a static pattern (e.g. radial, window3d), whose mask needs no search of a model's attention, "
+              "or spatial_temporal with each head's kind given (e.g. \"spatial_temporal(heads='ST')\"); a "
+              "data-dependent one's masks come from searching a model's attention during a run (`bench search` and "
+              "`bench pipeline` time them)")
     for command in (permute, ["bench", "density", *grid]):
         for pattern, listed, message in (
             ("searched", "searched", static), ("spatial_temporal", "spatial_temporal", static),
@@ -596,6 +597,17 @@ def test_permute_and_density_benches_name_the_pattern_option_and_refuse_data_dep
             main([*command, "--pattern", "foo"])
         said = f"diffsparse {' '.join(command)}: error: --pattern 'foo': pattern must be one of"
         assert said in capsys.readouterr().err
+
+
+def test_permute_and_density_benches_take_spatial_temporal_with_its_heads_kinds_given(tmp_path, capsys):
+    # Each head's mask is then the one a head of that kind runs: a mask to time and measure, as `masks` draws it.
+    grid = ["--frames", "4", "--height", "8", "--width", "8", "--block-size", "16"]
+    pattern = ["--pattern", "spatial_temporal(heads='ST')"]
+    assert main(["bench", "density", *grid, *pattern, "--out", str(tmp_path)]) == 0
+    assert "| spatial_temporal(frames=1, width=1, heads='ST') | 4 | 256 | 0.6250 |" in capsys.readouterr().out
+    assert main(["bench", "permute", *grid, *pattern, "--tile", "1,4,4", "--heads", "2", "--dim", "16", "--dtype",
+                 "fp32", "--repeats", "1"]) == 0
+    assert "pattern=spatial_temporal(frames=1, width=1, heads='ST')" in capsys.readouterr().out
 
 
 def test_search_and_causal_benches_take_density_none_for_the_pattern_as_written(tmp_path, monkeypatch, capsys):
