@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import math
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -157,11 +158,26 @@ class StepScheduleWarning(DiffsparseWarning):
 def pipeline_timestep(pipeline) -> torch.Tensor | None:
     """The timestep `pipeline` is denoising at, on its scheduler's scale and at full precision: the `_current_timestep`
     diffusers pipelines set before each transformer call, or a modular pipeline's guider's (`set_state` gets it each
-    step: Anima); `None` when it has neither (or there is no pipeline)."""
+    step: Anima); `None` when it has neither, when there is no pipeline, or when it is not running (`_in_call`)."""
+    if pipeline is None or not _in_call(pipeline):
+        return None
     current = getattr(pipeline, "_current_timestep", None)
     if current is None:
         current = getattr(getattr(pipeline, "guider", None), "_timestep", None)
     return None if current is None else torch.as_tensor(current)
+
+
+def _in_call(pipeline) -> bool:
+    """Whether `pipeline.__call__` is running on this thread. A run that raised (a callback, an interrupt by
+    exception, an out-of-memory error) leaves the pipeline's `_current_timestep` (and a guider's timestep) set: read
+    when another pipeline, or the user's own loop, later drives the same transformer, every call took that stale
+    timestep as its own (Cosmos: all on one step, all dense, unwarned)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,35 @@ def test_another_pipeline_driving_the_transformer_is_said():
     ]
 
 
+def test_a_run_that_raised_leaves_no_timestep_for_another_pipeline_to_read():
+    # A run stopped by an exception leaves the pipeline's `_current_timestep` set. Read when another pipeline drove the
+    # same transformer afterwards, every call took that stale timestep as its own: the whole run on one step, all
+    # dense, unwarned. Now only a running pipeline's timestep is read: the other run is said, as without the failure.
+    pipe = video_to_world_pipe()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(pattern="radial", block_size=16, dense_steps=1))
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        pipe(**{**CALL, "num_inference_steps": 3}, generator=torch.Generator().manual_seed(0),
+             callback_on_step_end=stop)
+    assert pipe._current_timestep is not None  # what the failed run left behind
+    other = Cosmos2VideoToWorldPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        other(**{**CALL, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+    said = [str(w.message) for w in record if issubclass(w.category, StepScheduleWarning)]
+    assert len(said) == 1 and "apply diffsparse to the pipeline that calls the transformer" in said[0], said
+    with warnings.catch_warnings(), torch.no_grad():  # the applied pipeline's next run follows its schedule, unwarned
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        pipe(**{**CALL, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+    assert [(r.step, r.sparse) for r in diffsparse.stats(pipe).calls["transformer"] if r.layer == 0] == [
+        (0, False), (0, False), (1, True), (1, True)
+    ]
+
+
 def steps_and_layouts(pipe, call):
     """`check_pipeline_against_dense` with the first step dense: `(step, sparse)` of layer 0's calls, and the
     `(layout, (batch, tokens))` the sparse calls ran on, next to the layout the output latents `(B, C, T, H, W)` give

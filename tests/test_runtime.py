@@ -397,6 +397,11 @@ class _Pipeline:
     def __init__(self, scheduler):
         self.scheduler, self._current_timestep = scheduler, None
 
+    def __call__(self, t, call, *args):
+        """`call(*args)` while denoising at `t`: a pipeline's timestep is read only while it runs."""
+        self._current_timestep = t
+        return call(*args)
+
 
 def test_step_clock_reads_half_precision_timesteps():
     # Most pipelines cast the timestep to the latents' dtype before the transformer call. With HunyuanVideo's
@@ -414,9 +419,8 @@ def test_step_clock_reads_half_precision_timesteps():
             steps, nearest = [], []
             clock, alone = StepClock(pipeline=pipeline), StepClock(scheduler)
             for t in scheduler.timesteps:
-                pipeline._current_timestep = t
                 given = (t[None].to(dtype) / scale).to(dtype) * scale  # as the pipeline and the adapter compute
-                steps.append(clock.tick(given)[0])
+                steps.append(pipeline(t, clock.tick, given)[0])
                 nearest.append(alone.tick(given)[0])
             assert steps == list(range(50)), (dtype, scale)
             assert max(abs(got - i) for i, got in enumerate(nearest)) <= 1, (dtype, scale)
