@@ -189,7 +189,12 @@ def grid_from_coords(video_coords: torch.Tensor) -> VideoLayout:
     per_frame = leading_run(first_frame)
     width = leading_run(first_frame & (starts[1] == starts[1, 0]))
     if per_frame % width:
-        raise ValueError("`video_coords` start with no whole frame of rows and columns")
+        raise ValueError(
+            f"diffsparse reads the LTX-2 token grid from `video_coords` where the call names no num_frames/height/"
+            f"width: their first frame's {per_frame} tokens are not whole rows of {width} (tokens must be "
+            "frame-major, row by row, as LTX-2's pipelines order them); pass num_frames, height and width, or "
+            "`diffsparse.remove(pipe)`"
+        )
     positions = starts[1:, :per_frame]
     frames = 1
     while (frames + 1) * per_frame <= starts.shape[1]:

@@ -103,6 +103,19 @@ def test_a_segment_mask_of_another_kind_runs_the_original_counted_dense(transfor
     assert torch.equal(out, reference)
 
 
+def test_image_tokens_not_last_or_not_row_major_are_refused(transformer):
+    # Another packing would be read as the wrong grid, sparse over the wrong neighbours.
+    call = inputs()()
+    call["indicator"] = call["indicator"].roll(1, dims=1)  # an image token first, a text token last
+    with pytest.raises(ValueError, match="each row's image tokens last; got image tokens elsewhere"):
+        adapter_for(transformer).read_call(transformer, (), call)
+    call = inputs()()
+    call["position_ids"] = call["position_ids"].clone()
+    call["position_ids"][:, MAX_TEXT:, 1:] = call["position_ids"][:, MAX_TEXT:, 1:].flip(1)  # the image's rows reversed
+    with pytest.raises(ValueError, match="row-major image grid"):
+        adapter_for(transformer).read_call(transformer, (), call)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "Ideogram 4", layer=1)
 

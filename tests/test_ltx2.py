@@ -34,6 +34,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
+from diffsparse.pipelines.ltx2 import grid_from_coords
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
@@ -217,6 +218,20 @@ def test_a_call_without_grid_or_coordinates_is_refused(transformer):
     inputs = make_inputs(transformer)()
     del inputs["num_frames"]
     with pytest.raises(ValueError, match="num_frames"):
+        adapter_for(transformer).read_call(transformer, (), inputs)
+
+
+def test_coordinates_whose_first_frame_is_not_whole_rows_are_refused_naming_the_sizes():
+    starts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # (time, y, x) of 3 tokens
+    with pytest.raises(ValueError, match=r"first frame's 3 tokens are not whole rows of 2 .*num_frames, height"):
+        grid_from_coords(torch.stack([starts, starts + 1], -1)[None])
+
+
+def test_fewer_video_tokens_than_the_named_grid_holds_are_refused(transformer):
+    # One rank's shard under context parallelism, or a caller's crop: no grid to place them on.
+    inputs = make_inputs(transformer)()
+    inputs["hidden_states"] = inputs["hidden_states"][:, :-1]
+    with pytest.raises(ValueError, match=r"got \d+ video tokens, fewer than its .* grid holds"):
         adapter_for(transformer).read_call(transformer, (), inputs)
 
 

@@ -100,6 +100,13 @@ def test_dense_is_identical_and_every_block_kept_matches_dense(transformer, refe
     check_against_dense(transformer, inputs(references), block_size=8, order=order, sparse=LOCAL)
 
 
+def test_image_shapes_that_do_not_add_up_to_the_tokens_are_refused(transformer):
+    call = inputs()()
+    call["img_shapes"] = [[(1, 4, 5)]]  # 20 tokens named, 24 given
+    with pytest.raises(ValueError, match=r"`img_shapes` \[\(1, 4, 5\)\] do not add up to the 24 image tokens"):
+        adapter_for(transformer).read_call(transformer, (), call)
+
+
 def test_layouts_of_a_call(transformer):
     read = adapter_for(transformer).read_call
     layout, timestep = read(transformer, (), inputs()())
