@@ -567,8 +567,9 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
 @contextlib.contextmanager
 def suspended(pipe_or_transformer):
     """The pipeline's own attention inside, where diffsparse was applied to it: its handles are removed on entry and
-    put back on exit, the same handles, their stats going on; unless something was applied inside the block and
-    is still installed, which stays rather than have the earlier handles stacked on it. A handle comes off whole:
+    put back on exit, the same handles, their stats going on; unless something applied inside the block is still
+    installed on one of a handle's transformers: that stays, rather than have the handle stacked on it, and a
+    warning names the handle's other transformers, which then run dense. A handle comes off whole:
     `suspended(pipe.transformer)` after `apply(pipe)` runs Wan 2.2's `transformer_2` dense inside the block too.
 
     Example:
@@ -589,7 +590,23 @@ def suspended(pipe_or_transformer):
     try:
         yield
     finally:
-        for replaced in () if _handles(pipe_or_transformer) else previous:
+        # Per handle, not per block: the block's transformers alone would miss an apply inside it to a transformer
+        # the handle also covered (Wan 2.2's other expert), which left that expert dense, unsaid, or stacked the
+        # handle on the new one's processors (a ValueError blaming a LoRA).
+        def applied(transformer):
+            return getattr(transformer, _HANDLE_ATTR, None) is not None
+
+        busy = [replaced for replaced in previous if any(map(applied, replaced._transformers.values()))]
+        left = [name for replaced in busy for name, t in replaced._transformers.items() if not applied(t)]
+        if left:
+            warnings.warn(
+                f"diffsparse: the sparse attention applied before the block is not put back, since an apply inside "
+                f"it is still installed on a transformer it covered; {', '.join(left)} now run dense: apply to "
+                "them again (or to the whole pipeline) to make them sparse",
+                category=DiffsparseWarning,
+                stacklevel=3,
+            )
+        for replaced in (handle for handle in previous if handle not in busy):
             # A processor set inside the block (`set_processor`, an IP-Adapter, a `sparse` block's `remove` keeping
             # it) is the user's, as one set after `apply` is: the handle put back leaves it rather than refuse it.
             for module in replaced._modules():

@@ -198,13 +198,42 @@ def test_remove_gives_the_originals_what_was_set_on_the_sparse_processors(tiny_p
     assert all(p._attention_backend == "_native_math" and p._parallel_config is parallel for p in originals)
 
 
-def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
-    # The block takes the handle applied to the whole pipeline off both experts: transformer_2 runs dense inside.
+def test_an_apply_inside_a_block_to_one_expert_says_the_other_is_left_dense():
+    # The handle applied to both experts cannot come back whole over the expert applied inside the block. Before,
+    # `suspended(pipe)` left transformer_2 dense unsaid, and `suspended(pipe.transformer_2)` stacked the handle on
+    # the inner one's processors: a ValueError at the block's end blaming another processor, transformer_2 dense.
+    pipe = two_expert_pipeline()
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    for block in (pipe, pipe.transformer_2, pipe.transformer):
+        whole = diffsparse.apply(pipe, config)
+        with pytest.warns(diffsparse.DiffsparseWarning, match="transformer_2 now run dense"), \
+                diffsparse.suspended(block):
+            inner = diffsparse.apply(pipe.transformer, config)
+        assert inner.installed and not whole.installed and pipe.transformer._diffsparse_handle is inner
+        assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
+        assert not any(isinstance(p, SparseProcessor) for p in pipe.transformer_2.attn_processors.values())
+        diffsparse.remove(pipe)
+    # A handle none of whose transformers got one inside the block comes back, beside what was applied inside.
+    alone = diffsparse.apply(pipe.transformer, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        with diffsparse.suspended(pipe):
+            inner = diffsparse.apply(pipe.transformer_2, config)
+    assert alone.installed and inner.installed and pipe.transformer._diffsparse_handle is alone
+
+
+def two_expert_pipeline():
+    """A tiny Wan 2.2 pipeline: two experts, `transformer_2` with weights of its own."""
     base = tiny_wan_pipeline()
     torch.manual_seed(1)
-    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
                        transformer=base.transformer, boundary_ratio=0.5,
                        transformer_2=WanTransformer3DModel(**tiny_wan_config()["transformer"]).eval())
+
+
+def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
+    # The block takes the handle applied to the whole pipeline off both experts: transformer_2 runs dense inside.
+    pipe = two_expert_pipeline()
     whole = diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
     config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
     with pytest.warns(UserWarning, match="removed from transformer_2 too for the block"), \
