@@ -163,10 +163,11 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
     cleaned first (`text.clean_prompt`: lowercase words, punctuation dropped; the word tokenizer splits on spaces only);
     words the vocabulary lacks, and prompts cut to `max_sequence_length` tokens, are logged as warnings (the
     model would read `<unk>` or nothing for them), and so are vocabulary words no training prompt uses
-    (`diffsparse.testbed.data.PROMPT_WORDS`): the model never learned what they draw.
+    (`diffsparse.testbed.data.PROMPT_WORDS`): the model never learned what they draw, as are prompts that clean to
+    nothing though not blank ("…", "🔴"): they are read as the empty, unconditional prompt.
     """
-    prompts = [clean_prompt(prompt) for prompt in prompts]
-    _warn_about_text(tokenizer, prompts, max_sequence_length)
+    given, prompts = prompts, [clean_prompt(prompt) for prompt in prompts]
+    _warn_about_text(tokenizer, prompts, max_sequence_length, given)
     inputs = tokenizer(
         prompts,
         padding="max_length",
@@ -182,15 +183,20 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_sequence_len
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
 
-def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int) -> None:
-    """Warn, as diffusers pipelines do when CLIP truncates a prompt, about what the model will not read."""
+def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int, given: list[str]) -> None:
+    """Warn, as diffusers pipelines do when CLIP truncates a prompt, about what the model will not read in the
+    cleaned `prompts` (`given`, as the caller wrote them)."""
     from ..testbed.data import PROMPT_WORDS
 
     vocabulary = tokenizer.get_vocab()
     # The vocabulary has room for words the data never draws ("cyan", "cat"): they have tokens but the model was
     # never shown what they mean, so a prompt with them draws nothing they name, as silently as an unknown word.
     trained = sorted(PROMPT_WORDS & vocabulary.keys())
-    for prompt in prompts:
+    for prompt, written in zip(prompts, given):
+        # Symbols and emoji alone clean to "": the model drew an unprompted sample, as for CFG's empty prompt.
+        if not prompt and written.strip():
+            logger.warning(f"The prompt {written!r} holds no word (letters or digits; punctuation, symbols and emoji "
+                           f"are dropped): it is read as the empty, unconditional prompt; it knows {trained}")
         words = prompt.split()
         unknown = sorted({word for word in words if word not in vocabulary})
         untrained = sorted({word for word in words if word in vocabulary and word not in PROMPT_WORDS})
@@ -207,6 +213,7 @@ def _warn_about_text(tokenizer, prompts: list[str], max_sequence_length: int) ->
                            f"{tokenizer.eos_token}); this part was dropped: {' '.join(words[kept:])!r}")
 
 
+LOAD_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what `load` casts the weights to
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")  # `VideoProcessor.postprocess_video`'s three, and the latents
 
 
@@ -581,8 +588,8 @@ def load(
     Args:
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the components live; one torch
             cannot read or this machine lacks is a `ValueError`, before any weight is read.
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): component dtype (the model was trained in
-            float32; bfloat16 works on CUDA).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): component dtype, one of `LOAD_DTYPES`
+            (float32, float64, float16, bfloat16; the model was trained in float32; bfloat16 works on CUDA).
         path (`str` or `Path`, *optional*): a `save_pretrained` folder of a `TestbedPipeline`; defaults to the
             weights shipped in the package (`WEIGHTS_PATH`).
 
@@ -594,9 +601,11 @@ def load(
         >>> pipe.transformer.config.num_layers
         4
     """
-    # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word.
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
+    # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word; a float8
+    # dtype is floating but failed inside it with a TypeError about a missing storage class.
+    if not isinstance(dtype, torch.dtype) or dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}: allowed are "
+                         f"{', '.join(map(str, LOAD_DTYPES))}")
     device = device_here(device)  # before: every weight read, then `.to` failed with torch's RuntimeError
     folder = WEIGHTS_PATH if path is None else Path(path)
     if not (folder / "model_index.json").is_file():

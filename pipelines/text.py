@@ -25,11 +25,14 @@ def clean_prompt(prompt: str) -> str:
     """`prompt` as the word-level tokenizer should see it: its `prompt_words` joined by single spaces.
 
     The tokenizer splits on whitespace only, so "left." would be one unknown word; cleaning first keeps punctuation
-    from turning words into `<unk>`. A prompt of words and whitespace alone tokenizes exactly as before.
+    from turning words into `<unk>`. A prompt of words and whitespace alone tokenizes exactly as before; one of
+    punctuation, symbols or emoji alone cleans to "", the empty prompt (the testbed's `encode_prompts` logs that).
 
     Example:
         >>> clean_prompt("a red circle, moving LEFT.")
         'a red circle moving left'
+        >>> clean_prompt("🔴 …")
+        ''
     """
     return " ".join(prompt_words(prompt))
 

@@ -155,6 +155,26 @@ def test_load_names_a_device_it_cannot_use_before_reading_weights(monkeypatch):
         testbed.load(device="cuda:1")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_load_refuses_a_float8_dtype(dtype):
+    # Floating, so it passed the check, then failed inside from_pretrained: "couldn't find storage object
+    # Float8_e4m3fnStorage".
+    with pytest.raises(ValueError, match=re.escape(
+            f"dtype must be a floating torch.dtype, got dtype={dtype!r}: allowed are torch.float32, torch.float64, "
+            "torch.float16, torch.bfloat16")):
+        testbed.load(dtype=dtype)
+
+
+def test_a_prompt_of_symbols_alone_is_said_to_be_read_as_the_empty_prompt(pipe, caplog):
+    # Before, "…" or "🔴" cleaned to "" and sampled unconditionally without a word.
+    with caplog.at_level("WARNING", logger=testbed.__name__):
+        pipe.encode_prompt(["…", "🔴 ❤️", "", "  ", "a red circle"])
+    notes = [record.getMessage() for record in caplog.records]
+    assert [note.split(" holds")[0] for note in notes] == ["The prompt '…'", "The prompt '🔴 ❤️'"]  # not the blank
+    assert all("holds no word (letters or digits; punctuation, symbols and emoji are dropped): it is read as the "
+               "empty, unconditional prompt" in note for note in notes)
+
+
 def test_load_refuses_weights_that_are_not_finite(tmp_path):
     # Before: NaN weights loaded silently and sampled NaN video.
     from safetensors.torch import load_file, save_file

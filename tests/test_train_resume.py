@@ -216,3 +216,47 @@ def test_a_config_whose_vocabulary_lacks_a_training_word_is_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape("every word of the training prompts") + r".*\['circle', 'left'\]"):
         _run(tmp_path / "run", "--steps", "1", "--config", str(path))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_without_config_takes_the_run_s_and_another_is_refused_naming_it(tmp_path, dropout_config):
+    # Before, a run trained with --config and resumed without it was refused as "trained with another model config",
+    # though a resume takes every other option the command leaves out from the run.
+    run, checkpoint = tmp_path / "run", tmp_path / "run" / train_module.CHECKPOINT
+    _run(run, "--steps", "1", "--batch", "1", "--config", str(dropout_config))
+    assert _run(run, "--steps", "2", "--resume")["step"] == 2
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["config"] == json.loads(dropout_config.read_text())
+    assert state["args"]["config"] == str(dropout_config)  # the next resume still names the run's file
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_config()))
+    message = (f"{checkpoint} was trained with --config {dropout_config}, this invocation has --config {other}, "
+               f"another model config: resume with --config {dropout_config} or without --config")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        _run(run, "--steps", "3", "--resume", "--config", str(other))
+    # The run's file changed since: only leaving --config out gives the run's config.
+    dropout_config.write_text(other.read_text())
+    with pytest.raises(SystemExit, match=re.escape(f"this invocation has --config {dropout_config}, another model "
+                                                   "config: resume without --config (the run's config")):
+        _run(run, "--steps", "3", "--resume", "--config", str(dropout_config))
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2  # left as it was
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new run", "--resume"])
+def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path, resume):
+    # A finished run whose checkpoint.pt was deleted to keep only its exported weights: before, a new run there
+    # rewrote its loss log and replaced its weights (with --resume: "no checkpoint.pt yet: starting a new run").
+    log = tmp_path / train_module.LOSS_LOG
+    log.write_text("step,loss\n1,0.5\n")
+    (tmp_path / train_module.PIPELINE_DIR).mkdir()
+    (tmp_path / train_module.PIPELINE_DIR / "model_index.json").write_text("{}")
+    message = (f"{tmp_path} holds {train_module.LOSS_LOG}, {train_module.PIPELINE_DIR}/ of an earlier run but no "
+               f"{train_module.CHECKPOINT} to continue it from: choose another --out, or delete them")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        _run(tmp_path, "--steps", "1", "--batch", "1", *(["--resume"] if resume else []))
+    assert log.read_text() == "step,loss\n1,0.5\n"
+    assert not (tmp_path / train_module.CHECKPOINT).exists()
+    # A loss log of no step (a run that failed in its first step) holds nothing to keep.
+    (tmp_path / train_module.PIPELINE_DIR / "model_index.json").unlink()
+    (tmp_path / train_module.PIPELINE_DIR).rmdir()
+    log.write_text(",".join(train_module.LOG_FIELDS) + "\n")
+    assert _run(tmp_path, "--steps", "1", "--batch", "1", *(["--resume"] if resume else []))["step"] == 1

@@ -111,3 +111,15 @@ def test_shapes_without_room_leave_fewer_multi_shape_clips_than_drawn():
     assert data.SHAPE_COUNT_WEIGHTS == (0.8, 0.15, 0.05)
     assert shapes_per_clip(data.TRAIN_BUCKETS) == {1: 3813, 2: 457, 3: 40}  # of 4,310 clips
     assert shapes_per_clip(data.IMAGE_BUCKETS) == {1: 4164, 2: 673, 3: 78}  # of 4,915 frames
+
+
+def test_the_cool_down_ends_at_min_lr_ratio_of_the_learning_rate():
+    # --decay's help promises a fall to 2% of --lr: nothing checked where it ends (a fall to 0 passed every test).
+    assert train_module.MIN_LR_RATIO == 0.02
+    by_steps = SimpleNamespace(lr=1e-3, warmup=0, decay=1.0, steps=100, minutes=None)
+    rates = [train_module._learning_rate(by_steps, step, 0, 0.0) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4)
+    assert rates[-1] == pytest.approx(2e-5) and min(rates) == pytest.approx(2e-5)  # (1 - 99/100) alone is 1e-5
+    by_minutes = SimpleNamespace(lr=1e-3, warmup=0, decay=0.5, steps=None, minutes=10)
+    assert [train_module._learning_rate(by_minutes, 7, 0, seconds) for seconds in (300, 450, 599.9, 900)] == (
+        pytest.approx([1e-3, 5e-4, 2e-5, 2e-5]))

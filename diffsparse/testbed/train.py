@@ -22,11 +22,12 @@ in a `--config` that sets it) is seeded from `--seed` and kept in the checkpoint
 exactly: a `--steps` run interrupted and resumed with the same command logs the losses and learning rates of an
 uninterrupted one (the checkpoint keeps where its cool-down started). Resumed with another `--steps`, or with
 `--minutes`, the cool-down covers what is left of that invocation's budget. The checkpoint also keeps the
-optimizer, the EMA weights, the step and the arguments: on `--resume`, an option left out takes the run's value,
-not the default; the run's seed, batch, shape counts, noise-level sampling and shift, precision and
-`--freeze-text-encoder` cannot change (another value is refused), while `--lr`, `--weight-decay`, `--warmup`,
-`--ema`, `--image-share`, `--image-prompts`, `--frame-noise` and `--clean-first-frame` can (a fine-tune that
-continues a run with another data mix). The budget and bookkeeping (`--minutes`, `--steps`, `--decay`,
+optimizer, the EMA weights, the step, the model config and the arguments: on `--resume`, an option left out takes
+the run's value, not the default (`--config` too: the config kept in the checkpoint; another is refused); the run's
+seed, batch, shape counts, noise-level sampling and shift, precision and `--freeze-text-encoder` cannot change
+(another value is refused), while `--lr`, `--weight-decay`, `--warmup`, `--ema`, `--image-share`,
+`--image-prompts`, `--frame-noise` and `--clean-first-frame` can (a fine-tune that continues a run with another
+data mix). The budget and bookkeeping (`--minutes`, `--steps`, `--decay`,
 `--save-every`, `--keep-every`, `--threads`) and `--init` are each invocation's own, except that a run resumed with
 its own `--steps` and no `--decay` continues its cool-down at the run's `--decay`. A checkpoint from before an option
 whose default has changed since resumes with what that run trained with (`LEGACY_VALUES`). A loss that is not finite
@@ -40,6 +41,8 @@ Written to `--out`:
     pipeline/       EMA weights as a diffusers folder (`TestbedPipeline.from_pretrained`), refreshed with each
                     checkpoint: model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/
     snapshots/      with --keep-every N: a copy of pipeline/ every N steps (step_000500/, ...)
+A folder holding a run's loss.csv (with a step logged), pipeline/ or snapshots/ but no checkpoint.pt is refused, with
+or without --resume: a new run there would overwrite them.
 """
 
 from __future__ import annotations
@@ -238,9 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="continue from <out>/checkpoint.pt when it exists; the run's options where left out (not the "
-        "defaults); another --seed, --batch, --shape-counts, --timestep-sampling, --timestep-shift, --precision or "
-        "--freeze-text-encoder than the run's is refused; budget, --decay (but see --decay) and saving are this "
-        "invocation's",
+        "defaults), its model config where --config is; another --config, --seed, --batch, --shape-counts, "
+        "--timestep-sampling, --timestep-shift, --precision or --freeze-text-encoder than the run's is refused; "
+        "budget, --decay (but see --decay) and saving are this invocation's",
     )
     p.add_argument(
         "--init",
@@ -545,6 +548,61 @@ def _resumed_args(args: argparse.Namespace, run_args: dict, checkpoint_path: Pat
     return args
 
 
+def _resumed_config(args: argparse.Namespace, config: dict, state: dict, checkpoint_path: Path):
+    """The model config a resume trains and its --config path: the run's (the config kept in its checkpoint) where
+    the command leaves --config out, else `config`, read from `args.config`; `SystemExit` where that is not the
+    run's."""
+    run_path = state.get("args", {}).get("config")
+    run_path = Path(run_path) if run_path else None
+    given = getattr(args, "given", None)  # None: a Namespace not made by parse_args, its config the caller's
+    if given is not None and "config" not in given:
+        return state["config"], run_path
+    if _model_part(state["config"]) != _model_part(config):
+        run, this = _config_flag(run_path), _config_flag(args.config)
+        # The run's file may have changed since: then only the copy in the checkpoint is the run's.
+        advice = "resume without --config" if run_path in (None, args.config) else (
+            f"resume with {run} or without --config")
+        raise SystemExit(f"{checkpoint_path} was trained with {run}, this invocation has {this}, another model "
+                         f"config: {advice} (the run's config, kept in the checkpoint), or choose another --out")
+    return config, args.config
+
+
+def _config_flag(path: Path | None) -> str:
+    return f"--config {path}" if path else "no --config (the testbed config)"
+
+
+def _earlier_results(out: Path) -> list[str]:
+    """What a run left in `out` that a new run there would overwrite."""
+    left = [f"{name}/" for name in (PIPELINE_DIR, SNAPSHOT_DIR) if (out / name).exists()]
+    if (out / LOSS_LOG).exists():
+        with (out / LOSS_LOG).open(errors="replace") as f:
+            _header, first_row = next(f, None), next(f, None)
+        if first_row is not None:  # the header alone: a run that failed in its first step, nothing to keep
+            left.insert(0, LOSS_LOG)
+    return left
+
+
+def _learning_rate(args: argparse.Namespace, step: int, cool_down_from: int, seconds: float) -> float:
+    """The learning rate of `step` (0-based): a linear warm-up over `args.warmup` steps to `args.lr`, then, over the
+    last `args.decay` of the budget (`args.steps` counted from `cool_down_from`, or `args.minutes` of which `seconds`
+    have passed, whichever is further along), a linear fall to `MIN_LR_RATIO` of it.
+
+    Example:
+        >>> args = argparse.Namespace(lr=1e-3, warmup=0, decay=0.5, steps=100, minutes=None)
+        >>> [round(_learning_rate(args, step, 0, 0.0), 6) for step in (0, 50, 75, 99)]
+        [0.001, 0.001, 0.0005, 2e-05]
+    """
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    if args.decay == 0:
+        return lr
+    done = 0.0
+    if args.steps is not None:
+        done = (step - cool_down_from) / max(1, args.steps - cool_down_from)
+    if args.minutes is not None:
+        done = max(done, seconds / (args.minutes * 60))
+    return lr * max(MIN_LR_RATIO, min(1.0, (1 - done) / args.decay))
+
+
 def _run_seed(seed: int) -> int:
     # torch's generator of a fresh run (dropout), independent of the data stream and the per-step noise.
     return int(np.random.default_rng([seed, 0, 2]).integers(2**62))
@@ -564,13 +622,21 @@ def _train(args: argparse.Namespace) -> dict:
     checkpoint_path = out / CHECKPOINT
     if checkpoint_path.exists() and not args.resume:
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
+    if not checkpoint_path.exists():
+        # A finished run whose checkpoint was deleted to keep only its exported weights: a new run rewrote its loss
+        # log and replaced its weights without a word.
+        left = _earlier_results(out)
+        if left:
+            raise SystemExit(f"{out} holds {', '.join(left)} of an earlier run but no {CHECKPOINT} to continue it "
+                             "from: choose another --out, or delete them to start a new run there")
     state = None
     if args.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if _model_part(state["config"]) != _model_part(config):
-            raise SystemExit(f"{checkpoint_path} was trained with another model config; use another --out")
+        # The run's config where --config is left out: before, the testbed's, refused as another model config.
+        config, config_path = _resumed_config(args, config, state, checkpoint_path)
         # The run's own options where left out (before, their defaults: the run went on with other data).
         args = _resumed_args(args, state.get("args", {}), checkpoint_path)
+        args.config = config_path  # the checkpoint keeps naming the run's file (`_resumed_args` made a copy)
     # Before the run folder is made: a config the model cannot be built from, or whose space-to-depth and patch
     # do not divide the training sizes, failed inside the first step and left an empty run behind.
     components = build_components(config, seed=args.seed)
@@ -664,23 +730,12 @@ def _train(args: argparse.Namespace) -> dict:
     first_step, started = step, time.monotonic()
     diverged = False
 
-    def learning_rate() -> float:
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        if args.decay == 0:
-            return lr
-        done = 0.0
-        if args.steps is not None:
-            done = (step - cool_down_from) / max(1, args.steps - cool_down_from)
-        if args.minutes is not None:
-            done = max(done, (time.monotonic() - started) / (args.minutes * 60))
-        return lr * max(MIN_LR_RATIO, min(1.0, (1 - done) / args.decay))
-
     smoothed = None
     progress = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
         while (args.steps is None or step < args.steps) and time.monotonic() < deadline and stop["signal"] is None:
             wall, cpu = time.perf_counter(), time.process_time()
-            lr = learning_rate()
+            lr = _learning_rate(args, step, cool_down_from, time.monotonic() - started)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             videos, prompts = make_batch(args.seed, step, args.batch, buckets, args.shape_counts, args.image_prompts)
