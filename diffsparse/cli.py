@@ -695,7 +695,7 @@ def _run_bench(args) -> None:
     _warm_up_torch()
     rows = density_vs_frames(patterns, args.frames, args.height, args.width, args.block_size, path, _order(args.tile))
     print(f"{args.height}x{args.width} tokens per frame, block {args.block_size}")
-    print("| pattern | frames | tokens | density | density*n/log2(n) | build s |")
+    print("| pattern | frames | tokens | density | density*frames/log2(frames) | build s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pattern']} | {r['frames']} | {r['tokens']} | {r['density']:.4f} | "

@@ -53,7 +53,8 @@ class BlockSparsePlan:
             Per query block, the kept key-block indices in ascending order, padded to the fixed capacity `nk`
             with the last kept index, so compiled code and CUDA graphs always see the same shapes.
         kv_counts (`torch.IntTensor` of shape `(B or 1, H or 1, nq)`): Number of kept key blocks per query block.
-        density (`float`): Kept blocks divided by all blocks, the ideal fraction of dense attention work.
+        density (`float`): Kept blocks divided by all blocks, the ideal fraction of dense attention work where
+            the lengths are whole blocks (see `token_density` where they are not).
     """
 
     block_q: int
@@ -89,6 +90,34 @@ class BlockSparsePlan:
     @property
     def num_kv_blocks(self) -> int:
         return self.block_mask.shape[-1]
+
+    @property
+    def token_density(self) -> float:
+        r"""
+        The kept blocks' share of the `q_len x kv_len` score matrix (averaged over the mask's batch and heads), each
+        edge block at its real size: the fraction of dense attention work the plan leaves, which `density` (blocks
+        counted alike) overstates when the last block of a length is partial. Equal to `density` where `q_len` and
+        `kv_len` are multiples of the block sizes. Read-only, worked out on each read (a device sync where the mask
+        is on one): for reports, not the per-call path.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffsparse.kernels import make_plan
+        >>> plan = make_plan(torch.zeros(1, 1, 2, 2, dtype=torch.bool), q_len=130, kv_len=130, block_size=128)
+        >>> plan.density, round(plan.token_density, 4), (128**2 + 2**2) / 130**2 == plan.token_density
+        (0.5, 0.9697, True)
+
+        ```
+        """
+        rows = (self.q_len - self.block_q * torch.arange(self.num_q_blocks, device=self.block_mask.device)).clamp(
+            max=self.block_q)
+        cols = (self.kv_len - self.block_k * torch.arange(self.num_kv_blocks, device=self.block_mask.device)).clamp(
+            max=self.block_k)
+        # Integer counts, then one division: exact, so whole-block lengths give `density` to the last bit.
+        kept = int((self.block_mask.long() * rows[:, None] * cols[None, :]).sum())
+        return kept / (self.block_mask.shape[0] * self.block_mask.shape[1] * self.q_len * self.kv_len)
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

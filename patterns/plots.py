@@ -23,8 +23,9 @@ def density_vs_frames(
 ) -> list[dict]:
     r"""
     Block density of each pattern as the video grows in frames (fixed frame size), written as a PNG with
-    frames on a log axis and, for reference, `c * log2(n) / n` through each pattern's first point: the
-    O(n log n) cost that Radial attention claims falls along it.
+    frames on a log axis and, for reference, `c * log2(frames) / frames` through each pattern's first point: the
+    O(n log n) cost that Radial attention claims falls along it (n in frames: the frame size is fixed, so tokens are
+    a constant times frames and only `c` changes).
 
     Args:
         patterns (`Sequence[Pattern]`): the patterns, one line each (labelled by their repr).
@@ -37,7 +38,8 @@ def density_vs_frames(
 
     Returns:
         `list[dict]`: one row per (pattern, frames) with keys `pattern`, `frames`, `tokens`, `density`,
-        `density_n_over_log_n` (`density * n / log2(n)`, flat when density falls like `log(n) / n`) and
+        `density_n_over_log_n` (`density * frames / log2(frames)`, n counted in frames, not tokens: flat when
+        density falls like `log(frames) / frames`) and
         `seconds` (time to build the block mask).
 
     Example:
@@ -96,7 +98,7 @@ def _draw(rows, height, width, block_size, order, path):
     ax.set_ylim(0, 1.05)
     order_name = "frame_major()" if order is None else repr(order)
     ax.set_title(
-        f"{height}x{width} tokens/frame, block={block_size}, {order_name}; dotted: c log2(n)/n", fontsize=9
+        f"{height}x{width} tokens/frame, block={block_size}, {order_name}; dotted: c log2(frames)/frames", fontsize=9
     )
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")

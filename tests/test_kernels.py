@@ -222,6 +222,38 @@ def test_plan_fields():
     assert per_head.density == 6 / 8
 
 
+def test_plan_token_density_is_the_kept_share_of_the_score_matrix():
+    # `density` counts a partial last block whole: bench attention's bound and efficiency read against it passed the
+    # work a plan leaves (a 1024-block diagonal on 2056 tokens: 0.333 of the blocks, 0.496 of the scores).
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 1, 2056, 2056, 1024), (2, 3, 37, 53, (8, 16)), (1, 2, 150, 333, (32, 48)), (2, 1, 5, 7, 64)]
+    for _ in range(20):  # and random ones: lengths mostly not multiples of their blocks
+        batch, heads, q_len, kv_len, bq, bk = (torch.randint(1, hi, (), generator=gen).item() for hi in (3, 3, 300,
+                                                                                                        300, 70, 70))
+        shapes.append((batch, heads, q_len, kv_len, (bq, bk)))
+    for i, (batch, heads, q_len, kv_len, block_size) in enumerate(shapes):
+        bq, bk = _blocks(block_size)
+        nq, nk = -(-q_len // bq), -(-kv_len // bk)
+        density = torch.rand((), generator=gen).item()
+        plan = make_plan(torch.rand(batch, heads, nq, nk, generator=gen) < density, q_len, kv_len, block_size,
+                         q_offset=i % 3)
+        # Brute force: every block blown up to its tokens, the padding past each length cropped.
+        tokens = plan.block_mask.repeat_interleave(bq, -2).repeat_interleave(bk, -1)[..., :q_len, :kv_len]
+        want = int(tokens.sum()) / tokens.numel()
+        assert plan.token_density == want, (batch, heads, q_len, kv_len, block_size)
+        assert isinstance(plan.token_density, float)
+    # A diagonal of two 128-blocks on 130 tokens: one whole block and one of 2 x 2 tokens.
+    diagonal = make_plan(torch.zeros(1, 1, 2, 2, dtype=torch.bool), 130, 130, 128)
+    assert (diagonal.density, diagonal.token_density) == (0.5, (128**2 + 2**2) / 130**2)
+    # Whole blocks: the block density to the last bit.
+    for block_size, q_len, kv_len in ((16, 64, 128), ((16, 32), 48, 96), (128, 16384, 16384)):
+        bq, bk = _blocks(block_size)
+        plan = make_plan(_random_mask(2, 3, q_len // bq, kv_len // bk, 0.3), q_len, kv_len, block_size)
+        assert plan.token_density == plan.density
+    with pytest.raises(AttributeError):
+        plan.token_density = 0.5
+
+
 def test_plan_is_immutable_and_reusable():
     n, block = 128, 32
     mask = _random_mask(1, 2, 4, 4, 0.3)
