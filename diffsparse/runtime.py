@@ -228,7 +228,8 @@ class StepClock:
     rounding, through the pipeline's own full-precision `_current_timestep` where the rounding could make it another
     step's, else the scheduler's `step_index` where that is one of the timesteps within the rounding, else the
     nearest. Where the timesteps list one value at consecutive positions (DPM-Solver's exponential sigmas end in
-    two 0s), the scheduler's own `step_index` tells them apart.
+    two 0s; PNDM's, with or without `skip_prk_steps`), the scheduler's own count of its steps (`step_index`, PNDM's
+    `counter`) tells them apart.
     `set_timesteps` makes a new tensor on every pipeline call, so a different tensor means a new call. Steps count
     from the run's first: an image- or video-to-video call with `strength` < 1 skips the schedule's first steps
     (`int(num_inference_steps * strength)` run), and its step 0 is the first it runs, of that many. Two timesteps
@@ -259,6 +260,9 @@ class StepClock:
         # The scheduler step this run starts at: 0, unless the pipeline skips the first ones (image- or
         # video-to-video with `strength` < 1 runs the last `int(num_inference_steps * strength)`).
         self._run_start: int | None = None
+        # Runs started so far: Wan 2.2's experts share this clock but each has its own hook, and only the first call
+        # of a run is told `new_run`, so a hook tells a run it has not seen by this.
+        self.runs = 0
 
     def frame_steps(self, timestep: torch.Tensor, frames: int) -> tuple[int, ...] | None:
         """Each frame's own step, for a call whose `timestep` is one per frame (`(B, frames)`, equal over the batch)
@@ -279,18 +283,25 @@ class StepClock:
         return (position + self._order - 1) // self._order
 
     def _repeated_position(self, scheduler, position: int, candidates=None, run_start: bool = False) -> int:
-        """Which of the grid's equal timesteps from `position` on (or of `candidates`, the positions a rounded
-        timestep may be at) a call is at: the scheduler's count of its `step` calls (`step_index`, or before the
-        first its `begin_index`, for equal timesteps only), where that points at one of them, else `position` (a
+        """Which of the grid's equal timesteps from `position` on (or of `candidates`, the positions a rounded timestep
+        may be at) a call is at: the scheduler's count of its `step` calls (`step_index`, PNDM's `counter`, or before
+        the first its `begin_index`, for equal timesteps only), where that points at one of them, else `position` (a
         scheduler without that count, or a pipeline stepping copies of it: SkyReels-V2's diffusion forcing). The
         timestep alone cannot tell them apart: taking the first merged DPM-Solver's last two steps (its exponential
-        sigmas end in two 0s), so `dense_last_steps` missed the last. Among `candidates` a `begin_index` is no
-        count: a loop stepping a copy of the scheduler leaves it at the run's start, which would pull every early
-        step of a bfloat16 run (6 within its rounding near t = 1000 at shift 7) onto step 0; except at the run's
-        first call (`run_start`), which is at that start: FLUX's image-to-image pipelines keep no `_current_timestep`,
-        and at `strength` < 1 their first bfloat16 timestep can be nearer the step before (28 steps at 2048 px,
-        strength 0.9), which counted the run one step longer and its second step as step 2."""
+        sigmas end in two 0s), so `dense_last_steps` missed the last. Among `candidates` a `begin_index` is no count: a
+        loop stepping a copy of the scheduler leaves it at the run's start, which would pull every early step of a
+        bfloat16 run (6 within its rounding near t = 1000 at shift 7) onto step 0; except at the run's first call
+        (`run_start`), which is at that start: FLUX's image-to-image pipelines keep no `_current_timestep`, and at
+        `strength` < 1 their first bfloat16 timestep can be nearer the step before (28 steps at 2048 px, strength 0.9),
+        which counted the run one step longer and its second step as step 2."""
         index = getattr(scheduler, "step_index", None)
+        if index is None and not hasattr(scheduler, "step_index"):
+            # PNDM keeps no `step_index` but counts its `step` calls in `counter` (reset by `set_timesteps`), which is
+            # the loop's position: without it its repeated timesteps were one step each, numbered by their first
+            # place, so the run's steps had gaps (0, 1, 1, 3, ... of 6 at 5 steps with `skip_prk_steps`) and a step
+            # a correction planned to measure at never came. Its 0 is the run's start alone, as a `begin_index` is:
+            # a loop stepping a copy leaves it there.
+            index = getattr(scheduler, "counter", None) or None
         if index is None and (candidates is None or run_start):
             index = getattr(scheduler, "begin_index", None)
         if candidates is None:
@@ -311,7 +322,12 @@ class StepClock:
         self._last_t = None
 
     def tick(self, timestep: torch.Tensor) -> tuple[int, int | None, bool]:
-        """Returns `(step, num_steps, new_run)` for a call at `timestep`."""
+        """Returns `(step, num_steps, new_run)` for a call at `timestep` (a new run also counts in `runs`)."""
+        step, num_steps, new_run = self._tick(timestep)
+        self.runs += new_run
+        return step, num_steps, new_run
+
+    def _tick(self, timestep: torch.Tensor) -> tuple[int, int | None, bool]:
         t = float(timestep.detach().float().max())
         scheduler = self._current_scheduler()
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
@@ -392,7 +408,7 @@ class StepClock:
                         "through (one made with from_pipe(..., scheduler=...): diffsparse.apply on it), or the "
                         "pipeline gives it its timestep on another scale than the scheduler's (please report the "
                         "pipeline)",
-                        StepScheduleWarning, stacklevel=2,
+                        StepScheduleWarning, stacklevel=3,  # past `tick`
                     )
             start = self._run_start or 0
             return max(step - start, 0), self._step_at(len(self._grid) - 1) + 1 - start, new_run
@@ -1413,6 +1429,7 @@ class SparseContextHook(ModelHook):
         self._took_place = False  # the current call is named by its place among its step's calls
         self._in_forward = False
         self._last_step: int | None = None
+        self._last_run = 0  # the clock's `runs` at this hook's last named call
         self._call_in_step = 0
         self._warned_many_calls = False
         self._checkpointing: list[tuple[torch.nn.Module, object]] = []  # (module, its own checkpointing function)
@@ -1458,9 +1475,11 @@ class SparseContextHook(ModelHook):
         self._own_context = self.state_manager._context is None
         self._took_place = self._own_context and layout is not None
         if self._own_context:
-            same_step = not new_run and step == self._last_step
+            # The clock's run count, not `new_run`: that is told to the first expert's hook alone, and the second's,
+            # first called at the step it last ran in the run before, carried on counting its places ("call 2") there.
+            same_step = self._clock.runs == self._last_run and step == self._last_step
             if not same_step:
-                self._call_in_step, self._last_step = -1, step
+                self._call_in_step, self._last_step, self._last_run = -1, step, self._clock.runs
             # A call the adapter gives no layout runs the original throughout (a pass that fills a KV cache, as
             # Wan-Animate-2's reference pass at the segment's first timestep): no CFG branch, so it takes no place
             # among its step's calls, which would shift every branch's name (and state) in that step.

@@ -11,7 +11,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from test_glm_image import glm_call, glm_pipe, transformer  # noqa: F401  (fixtures)
 
@@ -165,6 +168,75 @@ def test_a_timestep_listed_twice_is_two_steps(make, num_steps, repeated):
     config = diffsparse.SparseConfig(dense_steps=1, dense_last_steps=1)
     assert [config.is_dense_step(step, n) for step, n in ticks[::2]] == [True] + [False] * (num_steps - 2) + [True]
 
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_s_timesteps_listed_twice_are_steps_of_their_own(skip_prk_steps):
+    # PNDM has no `step_index`; its `counter` of `step` calls is the loop's position. Before, each repeated timestep
+    # was the step of its first place: 0, 1, 1, 3, 4, 5 of 6 at 5 steps with `skip_prk_steps` (0, 1, 1, 3, 3, ... of
+    # 14 with its Runge-Kutta warm-up), so step 2 never came, `dense_last_steps=2` kept one call dense and a
+    # correction planned to measure at a step that never ran (PixArt, DiT and Latte take PNDM).
+    scheduler = PNDMScheduler(skip_prk_steps=skip_prk_steps)
+    scheduler.set_timesteps(5)
+    timesteps = scheduler.timesteps
+    assert any(timesteps[i] == timesteps[i + 1] for i in range(len(timesteps) - 1))
+    clock, sample, ticks = StepClock(scheduler), torch.zeros(1, 4), []
+    for t in timesteps:
+        ticks += [clock.tick(t[None])[:2] for _branch in ("cond", "uncond")]
+        sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
+    assert ticks == [(step, len(timesteps)) for step in range(len(timesteps)) for _branch in ("cond", "uncond")]
+
+
+def test_bare_calls_and_a_run_on_the_scheduler_each_start_a_run_of_their_own():
+    # Bare calls (no run's timesteps yet), a run on the scheduler's timesteps, bare calls again (a fresh scheduler
+    # swapped in), then the first scheduler's timesteps again: each change starts a new run, whatever the timestep.
+    class Pipeline:
+        scheduler = None
+
+    pipeline, scheduled = Pipeline(), FlowMatchEulerDiscreteScheduler()
+    scheduled.set_timesteps(4)
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler()
+    clock = StepClock(pipeline=pipeline)
+    assert [clock.tick(torch.tensor([t])) for t in (500.0, 400.0)] == [(0, None, True), (1, None, False)]
+    pipeline.scheduler = scheduled
+    assert [clock.tick(t[None]) for t in scheduled.timesteps[:2]] == [(0, 4, True), (1, 4, False)]
+    # Not larger than the bare calls' last timestep: only the run on the schedule in between ended their run.
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler()
+    assert [clock.tick(torch.tensor([t])) for t in (300.0, 200.0)] == [(0, None, True), (1, None, False)]
+    # The same timesteps tensor as the run before the bare calls: still a run of its own.
+    pipeline.scheduler = scheduled
+    assert clock.tick(scheduled.timesteps[0][None]) == (0, 4, True)
+
+
+@torch.no_grad()
+def test_the_second_expert_names_its_calls_afresh_in_each_run():
+    # Wan 2.2's experts share one clock but each has its own hook, and only the run's first call (the first
+    # expert's) is told a run started. Called outside a `cache_context` (a loop of one's own, a guider), the second
+    # expert's first step of run 2 is step 3, as its last step of run 1 was: before, its hook went on counting that
+    # step's calls ("call 2", "call 3"), so those measured under new names and the next step measured again (dense).
+    base = tiny_wan_pipeline()
+    config = tiny_wan_config()["transformer"]
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=base.transformer,
+                       transformer_2=WanTransformer3DModel(**config).eval(), vae=base.vae, scheduler=base.scheduler,
+                       boundary_ratio=0.5)
+    handle = diffsparse.apply(pipe, diffsparse.SparseConfig(pattern=SMALL_WINDOW, block_size=16, dense_steps=1,
+                                                            correction="residual"))
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 4, config["text_dim"], generator=g)
+
+    def run(num_steps, switch):
+        pipe.scheduler.set_timesteps(num_steps)
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            model = pipe.transformer if i < switch else pipe.transformer_2
+            for _branch in ("cond", "uncond"):  # unnamed calls, one after the other
+                model(x, t[None], text, return_dict=False)
+
+    run(4, 2)
+    run(6, 3)
+    modes = [(r.step, r.branch, "sparse" if r.sparse else "measure" if r.measured else "dense")
+             for r in handle.stats().calls["transformer_2"] if r.layer == 0]
+    assert modes == [(3, "call 0", "measure"), (3, "call 1", "measure")] + [
+        (step, f"call {branch}", "sparse") for step in (4, 5) for branch in (0, 1)]
 
 
 def _bfloat16_shift_7_run(num_steps=50):
