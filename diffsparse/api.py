@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -598,14 +599,6 @@ def suspended(pipe_or_transformer):
 
         busy = [replaced for replaced in previous if any(map(applied, replaced._transformers.values()))]
         left = [name for replaced in busy for name, t in replaced._transformers.items() if not applied(t)]
-        if left:
-            warnings.warn(
-                f"diffsparse: the sparse attention applied before the block is not put back, since an apply inside "
-                f"it is still installed on a transformer it covered; {', '.join(left)} now run dense: apply to "
-                "them again (or to the whole pipeline) to make them sparse",
-                category=DiffsparseWarning,
-                stacklevel=3,
-            )
         for replaced in (handle for handle in previous if handle not in busy):
             # A processor set inside the block (`set_processor`, an IP-Adapter, a `sparse` block's `remove` keeping
             # it) is the user's, as one set after `apply` is: the handle put back leaves it rather than refuse it.
@@ -614,3 +607,15 @@ def suspended(pipe_or_transformer):
                     replaced._left[module] = module.processor
             if not replaced.installed:
                 replaced._install(put_back=True)
+        if left:
+            # After the put-back: raised as an error, it must not leave the handles the block did not touch off. Nor
+            # replace an error the block is raising: then it is not raised.
+            with contextlib.suppress(DiffsparseWarning) if sys.exc_info()[1] is not None else contextlib.nullcontext():
+                warnings.warn(
+                    f"diffsparse: the sparse attention applied before the block is not put back, since an apply "
+                    f"inside it is still installed on a transformer it covered; {', '.join(left)} now "
+                    f"{'runs' if len(left) == 1 else 'run'} dense: apply again (or to the whole pipeline) to make "
+                    f"{'it' if len(left) == 1 else 'them'} sparse",
+                    category=DiffsparseWarning,
+                    stacklevel=3,
+                )

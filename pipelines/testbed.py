@@ -604,8 +604,7 @@ def load(
     # from_pretrained takes a string dtype such as "bfloat16" as "no dtype" and loads float32 without a word; a float8
     # dtype is floating but failed inside it with a TypeError about a missing storage class.
     if not isinstance(dtype, torch.dtype) or dtype not in LOAD_DTYPES:
-        raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}: allowed are "
-                         f"{', '.join(map(str, LOAD_DTYPES))}")
+        raise ValueError(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got dtype={dtype!r}")
     device = device_here(device)  # before: every weight read, then `.to` failed with torch's RuntimeError
     folder = WEIGHTS_PATH if path is None else Path(path)
     if not (folder / "model_index.json").is_file():

@@ -206,13 +206,21 @@ def test_an_apply_inside_a_block_to_one_expert_says_the_other_is_left_dense():
     config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
     for block in (pipe, pipe.transformer_2, pipe.transformer):
         whole = diffsparse.apply(pipe, config)
-        with pytest.warns(diffsparse.DiffsparseWarning, match="transformer_2 now run dense"), \
+        with pytest.warns(diffsparse.DiffsparseWarning, match="covered; transformer_2 now runs dense"), \
                 diffsparse.suspended(block):
             inner = diffsparse.apply(pipe.transformer, config)
         assert inner.installed and not whole.installed and pipe.transformer._diffsparse_handle is inner
         assert not hasattr(pipe.transformer_2, "_diffsparse_handle")
         assert not any(isinstance(p, SparseProcessor) for p in pipe.transformer_2.attn_processors.values())
         diffsparse.remove(pipe)
+    # Raised as an error, the warning does not replace an error the block raises.
+    diffsparse.apply(pipe, config)
+    with warnings.catch_warnings(), pytest.raises(KeyError, match="the block's own"):
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        with diffsparse.suspended(pipe):
+            diffsparse.apply(pipe.transformer, config)
+            raise KeyError("the block's own")
+    diffsparse.remove(pipe)
     # A handle none of whose transformers got one inside the block comes back, beside what was applied inside.
     alone = diffsparse.apply(pipe.transformer, config)
     with warnings.catch_warnings():

@@ -406,6 +406,16 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_and_a_resume_takes_new_fl
     assert seen["weight_decay"] == 0.5
 
 
+def test_a_run_diverging_before_its_first_checkpoint_says_to_start_again_elsewhere(tmp_path):
+    # It said "resume from the checkpoint", which does not exist, and the rerun with a lower --lr in the same --out
+    # is refused (its loss log is an earlier run's): the message sends it to another --out.
+    common = ["--batch", "1", "--threads", "1", "--save-every", "99", "--decay", "0", "--warmup", "0",
+              "--out", str(tmp_path)]
+    with pytest.raises(FloatingPointError, match="no checkpoint yet: lower --lr and start again in another --out"):
+        train(parse_args([*common, "--steps", "40", "--lr", "1e12"]))
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--batch", "0"])
@@ -863,7 +873,8 @@ def test_pipeline_call_inputs_are_checked():
         pipe.encode_prompt(red, max_sequence_length=0)
     # A string dtype was taken by from_pretrained as no dtype at all: float32, without a word.
     for dtype in ("bfloat16", "bf16", torch.int8):
-        with pytest.raises(ValueError, match=re.escape(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")):
+        with pytest.raises(ValueError, match=re.escape(f"dtype must be one of torch.float32, torch.float64, "
+                                                       f"torch.float16, torch.bfloat16, got dtype={dtype!r}")):
             testbed.load(dtype=dtype)
 
 

@@ -160,8 +160,8 @@ def test_load_refuses_a_float8_dtype(dtype):
     # Floating, so it passed the check, then failed inside from_pretrained: "couldn't find storage object
     # Float8_e4m3fnStorage".
     with pytest.raises(ValueError, match=re.escape(
-            f"dtype must be a floating torch.dtype, got dtype={dtype!r}: allowed are torch.float32, torch.float64, "
-            "torch.float16, torch.bfloat16")):
+            f"dtype must be one of torch.float32, torch.float64, torch.float16, torch.bfloat16, "
+            f"got dtype={dtype!r}")):
         testbed.load(dtype=dtype)
 
 

@@ -255,6 +255,10 @@ def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path
         _run(tmp_path, "--steps", "1", "--batch", "1", *(["--resume"] if resume else []))
     assert log.read_text() == "step,loss\n1,0.5\n"
     assert not (tmp_path / train_module.CHECKPOINT).exists()
+    snapshots_only = tmp_path / "snapshots_only"
+    (snapshots_only / train_module.SNAPSHOT_DIR / "step_000001").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=re.escape(f"holds {train_module.SNAPSHOT_DIR}/ of an earlier run")):
+        _run(snapshots_only, "--steps", "1", "--batch", "1", *(["--resume"] if resume else []))
     # A loss log of no step (a run that failed in its first step) holds nothing to keep.
     (tmp_path / train_module.PIPELINE_DIR / "model_index.json").unlink()
     (tmp_path / train_module.PIPELINE_DIR).rmdir()

@@ -753,7 +753,11 @@ def _train(args: argparse.Namespace) -> dict:
                 )
             if not torch.isfinite(loss):
                 diverged = True  # the weights now broke the loss: not saved over the last good checkpoint
-                raise FloatingPointError(f"loss is {loss.item()} at {step=}; lower --lr or resume from the checkpoint")
+                # With no checkpoint yet, the rerun goes to a fresh --out: this one holds the log, which is refused.
+                advice = ("lower --lr or resume from the checkpoint" if checkpoint_path.exists() else
+                          "no checkpoint yet: lower --lr and start again in another --out (or delete "
+                          f"{out / LOSS_LOG})")
+                raise FloatingPointError(f"loss is {loss.item()} at {step=}; {advice}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
