@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import json
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -124,13 +126,17 @@ def timed_generation(pipe, prompt, seed, args, first_frame=None) -> tuple[np.nda
 def run_eval(args) -> list[EvalRow]:
     """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `SparseConfig.order`, one
     order, a list or `None`) against dense, over the prompts (`eval_prompts`) and seeds; writes `eval.md` and
-    `eval.csv` into `args.out`."""
+    `eval.csv` into `args.out`, from before the first video on and again after each configuration, so that a run
+    that stops (out of memory, Ctrl-C) keeps the rows it finished and says in `eval.md` that it stopped, and why."""
     check_two_stage(args)
     check_call_kwargs_before_loading(args)  # and --image
     prompts = eval_prompts(args)
     lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))  # a missing file, too small: now
+    # The warnings saying that a configuration runs as another, kept for the row that stands for it: the table's
+    # readers never see stderr, and a row standing for several settings read as measured for one.
+    notes: dict[SparseConfig, list[str]] = {}
     # Every configuration checked before loading the model too (a bad pattern name ended the run after it).
-    configs = _distinct_runs(_grid(args))
+    configs = _distinct_runs(_grid(args, notes), notes=notes)
     pipe = load_pipeline_for(args)
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
@@ -140,114 +146,160 @@ def run_eval(args) -> list[EvalRow]:
         check_config_fits(pipe, config)
     # Now that the model's blocks are known, dense layers covering all of them run as the dense pattern does.
     blocks = _self_attention_blocks(pipe)
-    configs = _distinct_runs(configs, blocks=blocks)
+    configs = _distinct_runs(configs, blocks=blocks, notes=notes)
     # Frames smaller than LPIPS takes: scored without it (or, with --lpips-weights, refused before generating).
     weights = lpips_weights(args.lpips_weights, frame_size=(args.height, args.width))
     cases = list(itertools.product(prompts, range(args.seed, args.seed + args.seeds)))
-    # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
-    stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
     scored = scored_frames(args)
     with_lpips = weights is not None
+    rows, run_warnings, made, out, where = [], [], None, Path(args.out), placement(pipe)
+
+    def write(status: str | None) -> None:
+        _write(rows, out, args, prompts, with_lpips, where, made, run_warnings=run_warnings, status=status)
+
+    # Before the first video: an older run's tables in `out` read as this run's if it stops before its first row.
+    write(_under_way(rows, configs))
     warm_ups = _warm_ups(configs)
     progress = tqdm(total=len(warm_ups) + len(cases) * (1 + len(configs)), desc="videos", unit="video")
-    # Untimed warm-ups of both paths, so that the first timed video of either does not carry the process's one-off
-    # costs (loading the compiled kernel, thread pools, lazy imports). Plans are not among them: each configuration
-    # applies afresh and builds its own at its first case, as a user's first video does, and that case's ratio
-    # includes it.
-    run_steps = set()  # the step counts the sparse warm-ups' denoising runs resolved their dense steps for
-    for config in warm_ups:
-        with sparse(pipe, config) if config is not None else contextlib.nullcontext() as handle:
-            timed_generation(pipe, *cases[0], args, stills[cases[0]])
-            if handle is not None:
-                run_steps.update(handle.run_step_counts)
-            # A correction's measuring call runs the kernel too (every block kept): that loads it as well.
-            if config is not None and not any(
-                r.sparse or r.measured for records in handle.stats().calls.values() for r in records
-            ):
-                warnings.warn(
-                    f"diffsparse: eval's sparse warm-up (pattern={config.pattern!r}, density={config.density!r}, "
-                    "every step and layer sparse) ran no call through the sparse kernel on this model and size, so "
-                    "the first timed sparse video carries the one-off costs of the sparse path (loading the kernel): "
-                    "its attention_time_ratio and end_to_end_ratio are high",
-                    category=DiffsparseWarning,
-                    stacklevel=2,
-                )
-        progress.update(1)
-    # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps: none)
-    # are one run too, and so are dense steps covering every step and the dense pattern, and a correction refresh
-    # that never comes and `correction_refresh=0`. The count the runs resolved them for, not `--steps`: a pipeline
-    # may run fewer (img2img's `strength`); where its runs differ (stages of their own counts) or are unknown,
-    # nothing is merged on it.
-    steps = next(iter(run_steps)) if len(run_steps) == 1 and None not in run_steps else None
-    if steps is not None:
-        merged = _distinct_runs(configs, steps=steps, blocks=blocks)
-        progress.total -= len(cases) * (len(configs) - len(merged))
-        configs = merged
-    dense = {}
-    for prompt, seed in cases:
-        dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
-        progress.update(1)
-    # The size of the videos made, which the tables give: a pipeline rounds a frame count (Wan: 7 makes 5) or works
-    # out a size the command left to it (`call_defaults`), whose LPIPS check could only come now.
-    made = tuple(next(iter(dense.values()))[0].shape[:3])
-    if (args.height, args.width) != made[1:]:
-        weights = lpips_weights(args.lpips_weights, frame_size=made[1:])
-        with_lpips = weights is not None
-    rows = []
-    for config in configs:
-        scores, wall, attention = [], [], []
-        with diffsparse_warnings() as kept, sparse(pipe, config) as handle:
-            # Kept in the row: its correction_refresh column names a refresh that did not come.
-            if steps is not None and _every_call_dense(config, steps, blocks) is None \
-                    and _refresh_never_comes(config, steps):
-                warnings.warn(f"diffsparse: eval: {_refresh_reason((config,), steps)}", DiffsparseWarning,
-                              stacklevel=2)
-            for prompt, seed in cases:
-                frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
-                reference, dense_seconds, dense_attention = dense[prompt, seed]
-                frames, reference = frames[scored], reference[scored]
-                scores.append(
-                    (
-                        psnr(frames, reference),
-                        ssim(frames, reference),
-                        lpips(frames, reference, weights_path=weights) if with_lpips else None,
-                    )
-                )
-                wall.append(seconds / dense_seconds)
-                attention.append(attention_seconds / dense_attention)
+    try:
+        with diffsparse_warnings() as kept:
+            # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
+            stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
+            # Untimed warm-ups of both paths, so that the first timed video of either does not carry the process's
+            # one-off costs (loading the compiled kernel, thread pools, lazy imports). Plans are not among them: each
+            # configuration applies afresh and builds its own at its first case, as a user's first video does, and
+            # that case's ratio includes it.
+            run_steps = set()  # the step counts the sparse warm-ups' denoising runs resolved their dense steps for
+            cold = {}  # correction -> the warning of its warm-up that ran nothing sparse
+            for config in warm_ups:
+                with sparse(pipe, config) if config is not None else contextlib.nullcontext() as handle:
+                    timed_generation(pipe, *cases[0], args, stills[cases[0]])
+                    if handle is not None:
+                        run_steps.update(handle.run_step_counts)
+                    # A correction's measuring call runs the kernel too (every block kept): that loads it as well.
+                    if config is not None and not any(
+                        r.sparse or r.measured for records in handle.stats().calls.values() for r in records
+                    ):
+                        cold[config.correction] = (
+                            f"diffsparse: eval's sparse warm-up (pattern={config.pattern!r}, "
+                            f"density={config.density!r}, every step and layer sparse) ran no call through the sparse "
+                            "kernel on this model and size, so the first timed sparse video carries the one-off costs "
+                            "of the sparse path (loading the kernel): its attention_time_ratio and end_to_end_ratio "
+                            "are high"
+                        )
+                        warnings.warn(cold[config.correction], category=DiffsparseWarning, stacklevel=2)
                 progress.update(1)
-            # Every case and every denoising run of each (a pipeline's chunks or stages), as the runtime counted
-            # their steps.
-            call_stats = handle.stats(since_apply=True)
-            pattern_ran = _pattern_ran(config, handle, call_stats)
-        rows.append(
-            EvalRow(
-                pattern=repr(config.resolved_pattern),
-                pattern_ran=pattern_ran,
-                # A row whose every call runs dense (the dense pattern, dense steps or layers covering the run) read
-                # as run at a density it never used.
-                target_density=None if _every_call_dense(config, steps, blocks) is not None else config.density,
-                measured_density=call_stats.sparse_steps_density,
-                dense_steps=config.dense_steps,
-                dense_layers=config.dense_layers,
-                correction=config.correction,
-                dense_last_steps=config.dense_last_steps,
-                correction_refresh=config.correction_refresh,
-                order=" / ".join(repr(order) for order in config.resolved_orders),
-                # A video identical to dense scores inf (every frame skipped, psnr's rule): with the others' that
-                # made the row inf. So the finite ones are averaged, inf only when every video is; a NaN (a broken
-                # run) is kept, and fmean makes the row NaN whatever the others.
-                psnr_db=statistics.fmean([s[0] for s in scores if s[0] != float("inf")] or [float("inf")]),
-                ssim=statistics.fmean(s[1] for s in scores),
-                lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,
-                attention_time_ratio=statistics.fmean(attention),
-                end_to_end_ratio=statistics.fmean(wall),
-                warnings=kept,
-            )
-        )
-    progress.close()
-    _write(rows, Path(args.out), args, prompts, with_lpips, placement(pipe), made)
+        run_warnings += kept
+        # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps:
+        # none) are one run too, and so are dense steps covering every step and the dense pattern, and a correction
+        # refresh that never comes and `correction_refresh=0`. The count the runs resolved them for, not `--steps`: a
+        # pipeline may run fewer (img2img's `strength`); where its runs differ (stages of their own counts) or are
+        # unknown, nothing is merged on it.
+        steps = next(iter(run_steps)) if len(run_steps) == 1 and None not in run_steps else None
+        if steps is not None:
+            merged = _distinct_runs(configs, steps=steps, blocks=blocks, notes=notes)
+            progress.total -= len(cases) * (len(configs) - len(merged))
+            configs = merged
+        # The warm-up's warning belongs to the row whose first video is the first timed one on that sparse path.
+        for correction, message in cold.items():
+            first = next((config for config in configs if config.correction == correction
+                          and _every_call_dense(config, steps, blocks) is None), None)
+            if first is not None:
+                notes.setdefault(first, []).append(message)
+        dense = {}
+        with diffsparse_warnings() as kept:
+            for prompt, seed in cases:
+                dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
+                progress.update(1)
+        run_warnings += kept
+        # The size of the videos made, which the tables give: a pipeline rounds a frame count (Wan: 7 makes 5) or
+        # works out a size the command left to it (`call_defaults`), whose LPIPS check could only come now.
+        made = tuple(next(iter(dense.values()))[0].shape[:3])
+        if (args.height, args.width) != made[1:]:
+            weights = lpips_weights(args.lpips_weights, frame_size=made[1:])
+            with_lpips = weights is not None
+        write(_under_way(rows, configs))
+        for config in configs:
+            rows.append(_measure(pipe, config, cases, dense, stills, scored, weights, args, steps, blocks,
+                                 notes.get(config, []), progress))
+            if len(rows) < len(configs):  # the last one's tables come whole, after
+                write(_under_way(rows, configs))
+    except BaseException as error:  # Ctrl-C too: the rows finished so far are what the run has to show
+        stopped = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        try:
+            write(f"Stopped early: {len(rows)} of {len(configs)} configurations measured, then {stopped}. The rows "
+                  "below are those finished; the others are missing.")
+        except (OSError, ValueError) as failure:  # the run's own error is the one to see
+            error.add_note(f"diffsparse eval: the finished rows could not be written to {out}: {failure!r}")
+        else:
+            print(f"diffsparse eval: stopped early; the rows finished ({len(rows)}) are in {out / 'eval.md'} and "
+                  f"{out / 'eval.csv'}", file=sys.stderr)
+        raise
+    finally:
+        progress.close()
+    _print(_write(rows, out, args, prompts, with_lpips, where, made, run_warnings=run_warnings, status=None))
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")
     return rows
+
+
+def _under_way(rows: list[EvalRow], configs: list[SparseConfig]) -> str:
+    return (f"Incomplete: {len(rows)} of {len(configs)} configurations measured so far. The run is still going, or "
+            "was ended without a chance to say so (killed); the rows below are those finished.")
+
+
+def _measure(pipe, config: SparseConfig, cases, dense, stills, scored, weights, args, steps: int | None,
+             blocks: frozenset[int], notes: list[str], progress) -> EvalRow:
+    """The row of `config`: every case generated under it, scored against its dense video; `notes`: the warnings
+    that qualify the row from outside its run (the configurations it stands for)."""
+    with_lpips = weights is not None
+    scores, wall, attention = [], [], []
+    with diffsparse_warnings() as kept, sparse(pipe, config) as handle:
+        # Kept in the row: its correction_refresh column names a refresh that did not come.
+        if steps is not None and _every_call_dense(config, steps, blocks) is None \
+                and _refresh_never_comes(config, steps):
+            warnings.warn(f"diffsparse: eval: {_refresh_reason((config,), steps)}", DiffsparseWarning,
+                          stacklevel=2)
+        for prompt, seed in cases:
+            frames, seconds, attention_seconds = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
+            reference, dense_seconds, dense_attention = dense[prompt, seed]
+            frames, reference = frames[scored], reference[scored]
+            scores.append(
+                (
+                    psnr(frames, reference),
+                    ssim(frames, reference),
+                    lpips(frames, reference, weights_path=weights) if with_lpips else None,
+                )
+            )
+            wall.append(seconds / dense_seconds)
+            attention.append(attention_seconds / dense_attention)
+            progress.update(1)
+        # Every case and every denoising run of each (a pipeline's chunks or stages), as the runtime counted
+        # their steps.
+        call_stats = handle.stats(since_apply=True)
+        pattern_ran = _pattern_ran(config, handle, call_stats)
+    return EvalRow(
+        pattern=repr(config.resolved_pattern),
+        pattern_ran=pattern_ran,
+        # A row whose every call runs dense (the dense pattern, dense steps or layers covering the run) read
+        # as run at a density it never used.
+        target_density=None if _every_call_dense(config, steps, blocks) is not None else config.density,
+        measured_density=call_stats.sparse_steps_density,
+        dense_steps=config.dense_steps,
+        dense_layers=config.dense_layers,
+        correction=config.correction,
+        dense_last_steps=config.dense_last_steps,
+        correction_refresh=config.correction_refresh,
+        order=" / ".join(repr(order) for order in config.resolved_orders),
+        # A video identical to dense scores inf (every frame skipped, psnr's rule): with the others' that
+        # made the row inf. So the finite ones are averaged, inf only when every video is; a NaN (a broken
+        # run) is kept, and fmean makes the row NaN whatever the others.
+        psnr_db=statistics.fmean([s[0] for s in scores if s[0] != float("inf")] or [float("inf")]),
+        ssim=statistics.fmean(s[1] for s in scores),
+        lpips=statistics.fmean(s[2] for s in scores) if with_lpips else None,
+        attention_time_ratio=statistics.fmean(attention),
+        end_to_end_ratio=statistics.fmean(wall),
+        warnings=list(dict.fromkeys([*notes, *kept])),
+    )
 
 
 @contextlib.contextmanager
@@ -259,16 +311,19 @@ def diffsparse_warnings():
     # context shows its texts again, and one the user silenced (`-W ignore`) stays silent here too.
     with kept_warnings() as caught:
         kept = []
-        yield kept
-    kept.extend(dict.fromkeys(caught))
+        try:
+            yield kept
+        finally:  # a run that stops keeps what it was told so far
+            kept.extend(dict.fromkeys(caught))
 
 
-def _grid(args) -> list[SparseConfig]:
+def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[SparseConfig]:
     """Every combination of `args`' lists (`args.dense_last_steps`, `args.correction_refresh`: `[0]` when not
     given), as given. A correction refresh only matters with a correction, so a configuration without one runs, and
     is labelled, with `correction_refresh=0` whatever the list holds: made once, each refresh other than 0 in the
-    list left out with a warning naming it (0 in the list or not); refreshes other than 0 with no correction at all
-    are a `ValueError`, as `SparseConfig` refuses them."""
+    list left out with a warning naming it (0 in the list or not), its text also added to `notes` under the
+    configuration made; refreshes other than 0 with no correction at all are a `ValueError`, as `SparseConfig`
+    refuses them."""
     refreshes = getattr(args, "correction_refresh", [0])
     if any(refreshes) and all(correction is None for correction in args.correction):
         raise ValueError(
@@ -296,13 +351,12 @@ def _grid(args) -> list[SparseConfig]:
                 order=getattr(args, "order", None),
             ))
         for refresh in left_out if correction is None else []:
-            warnings.warn(
-                f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
-                f"{_settings(configs[-1])}, correction_refresh=0 (correction_refresh={refresh!r} has no effect "
-                "without a correction): measured once, in that row",
-                category=DiffsparseWarning,
-                stacklevel=2,
-            )
+            message = (f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
+                       f"{_settings(configs[-1])}, correction_refresh=0 (correction_refresh={refresh!r} has no effect "
+                       "without a correction): measured once, in that row")
+            if notes is not None:
+                notes.setdefault(configs[-1], []).append(message)
+            warnings.warn(message, category=DiffsparseWarning, stacklevel=2)
     return configs
 
 
@@ -466,8 +520,8 @@ def _step_settings(config: SparseConfig) -> str:
     return f"dense_steps={config.dense_steps!r}{last}"
 
 
-def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
-                   blocks: frozenset[int] | None = None) -> list[SparseConfig]:
+def _distinct_runs(configs: list[SparseConfig], steps: int | None = None, blocks: frozenset[int] | None = None,
+                   notes: dict[SparseConfig, list[str]] | None = None) -> list[SparseConfig]:
     """`configs` with each run once. One pattern spelled twice under the same settings (`radial` and
     `radial(decay=1.0)`) is a `ValueError`: the lists themselves repeat a value. A configuration that the grid's
     product makes run as an earlier one (`dense` under each density and dense-step count; `radial(decay=0.5)` and
@@ -478,7 +532,8 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
     runs as `correction_refresh=0` does (`_refresh_never_comes`); with the model's self-attention block indices
     `blocks` known, dense layers covering all of them, likewise) is left out with a warning naming the row that
     stands for it: refusing it left a dense control row beside a density sweep impossible to ask for, running it
-    generated every video again for an identical row."""
+    generated every video again for an identical row. With `notes` (configuration -> the warnings its row keeps),
+    each such warning is added under the configuration that stands in, with those of the one left out."""
     literal, runs, kept = {}, {}, []
     for config in configs:
         # The pattern as written: `resolved_pattern` already holds a searched pattern's `keep` from the density, so
@@ -494,12 +549,11 @@ def _distinct_runs(configs: list[SparseConfig], steps: int | None = None,
         key = _run_key(config, steps, blocks)
         if key in runs:
             other = runs[key]
-            warnings.warn(
-                f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} "
-                f"({_same_run_reason(config, other, steps, blocks)}): measured once, in that row",
-                category=DiffsparseWarning,
-                stacklevel=2,
-            )
+            message = (f"diffsparse: eval: {_settings(config)} runs as {_settings(other)} "
+                       f"({_same_run_reason(config, other, steps, blocks)}): measured once, in that row")
+            if notes is not None:
+                notes.setdefault(other, []).extend([message, *notes.pop(config, [])])
+            warnings.warn(message, category=DiffsparseWarning, stacklevel=2)
             continue
         runs[key] = config
         kept.append(config)
@@ -530,8 +584,8 @@ def _pattern_ran(config: SparseConfig, handle, call_stats) -> str | None:
 
 def eval_prompts(args) -> list[str]:
     """The prompts `eval` runs: the first `args.prompts` of `args.prompt_file`'s lines (UTF-8, a byte-order mark
-    allowed; blank lines and lines starting with `#` skipped; all of them by default) or of the fixed `PROMPTS` (2 by
-    default)."""
+    allowed; blank lines and lines starting with `#` skipped; all of them by default; a prompt on two lines is a
+    `ValueError`) or of the fixed `PROMPTS` (2 by default)."""
     source, available = "the fixed prompts", list(PROMPTS)
     prompt_file = args.prompt_file
     if prompt_file is not None:
@@ -540,9 +594,26 @@ def eval_prompts(args) -> list[str]:
             raise ValueError(f"prompt_file={str(prompt_file)!r}: is a folder; give a text file of prompts, one a line")
         if not path.is_file():
             raise ValueError(f"prompt_file={str(prompt_file)!r}: no such file")
-        # utf-8-sig: a BOM (Windows editors write one) would otherwise glue itself to the first line, a comment.
-        lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
-        source, available = f"prompt_file={str(prompt_file)!r}", [line for line in lines if line and line[0] != "#"]
+        try:
+            # utf-8-sig: a BOM (Windows editors write one) would otherwise glue itself to the first line, a comment.
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:  # the codec's message named neither the option nor the file
+            raise ValueError(
+                f"prompt_file={str(prompt_file)!r} (--prompt-file): not UTF-8 text (byte {error.object[error.start]:#04x}"
+                f" at offset {error.start}); save it as UTF-8"
+            ) from None
+        source = f"prompt_file={str(prompt_file)!r}"
+        numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+        numbered = [(number, line) for number, line in numbered if line and line[0] != "#"]
+        lines_of = {}
+        for number, line in numbered:
+            lines_of.setdefault(line, []).append(number)
+        # Run twice, a prompt counted double in every mean; the comma lists refuse a repeat the same way.
+        repeated = {line: numbers for line, numbers in lines_of.items() if len(numbers) > 1}
+        if repeated:
+            said = "; ".join(f"{line!r} on lines {', '.join(map(str, numbers))}" for line, numbers in repeated.items())
+            raise ValueError(f"{source}: each prompt must be given once, got {said}")
+        available = [line for _, line in numbered]
         if not available:
             raise ValueError(f"{source} holds no prompt (one per line; blank lines and # comments are skipped)")
     count = args.prompts if args.prompts is not None else (len(available) if prompt_file is not None else 2)
@@ -559,18 +630,21 @@ def _fmt(value) -> str:
 
 
 def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips: bool, placement: str,
-           made: tuple[int, int, int]) -> None:
-    """`eval.csv` and `eval.md` in `out`; `made`: the frames, height and width of the videos generated."""
-    frames, height, width = made
+           made: tuple[int, int, int] | None, run_warnings: list[str] | None = None, status: str | None = None) -> str:
+    """`eval.csv` and `eval.md` in `out`, in UTF-8; `made`: the frames, height and width of the videos generated
+    (`None`: none yet); `run_warnings`: diffsparse's warnings of the warm-ups and the dense videos (those a row keeps
+    too are said there only); `status`: said first in `eval.md` while the table is not this run's whole one. Returns
+    `eval.md`'s text."""
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(asdict(rows[0])) if rows else []
-    with open(out / "eval.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        # A JSON list: warnings hold commas, semicolons and quotes of their own.
-        writer.writerows({**asdict(r), "warnings": json.dumps(r.warnings)} for r in rows)
+    names = [f.name for f in fields(EvalRow)]
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=names)
+    writer.writeheader()
+    # A JSON list: warnings hold commas, semicolons and quotes of their own.
+    writer.writerows({**asdict(r), "warnings": json.dumps(r.warnings)} for r in rows)
+    size = "video size not known yet" if made is None else f"{made[0]} frames {made[1]}x{made[2]}"
     header = (
-        f"model: {model_label(args.model)}; {frames} frames {height}x{width}, "
+        f"model: {model_label(args.model)}; {size}, "
         f"{args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds from {args.seed}, block {args.block_size}, "
         f"{args.device}, "
         f"{placement}, "
@@ -579,14 +653,15 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     # The table gives each row's count of warnings; their texts follow it, numbered by row.
     cells = [{**asdict(r), "warnings": len(r.warnings)} for r in rows]
     lines = [
+        *([status, ""] if status is not None else []),
         header,
         "",
         "Prompts: " + "; ".join(f'"{prompt}"' for prompt in prompts),
         *(["", f"Image: {args.image}"] if getattr(args, "image", None) else []),
         *(["", f"Call arguments: {json.dumps(args.call_kwargs)}"] if getattr(args, "call_kwargs", None) else []),
         "",
-        "| row | " + " | ".join(fields) + " |",
-        "|" + "---|" * (len(fields) + 1),
+        "| row | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
         *(f"| {i} | " + " | ".join(_fmt(v) for v in c.values()) + " |" for i, c in enumerate(cells, 1)),
     ]
     columns = (
@@ -599,7 +674,8 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         "there (dense layers, correction measurements, masked calls) counting 1.0. dense_steps, dense_last_steps: "
         "the first and the last steps kept dense, as given (a step count, or a fraction of the steps); "
         "correction_refresh: the steps after which a correction measures again (0: once; 0 without a correction; "
-        "one that never comes in the run measures once, as its row's warnings say)."
+        "one that never comes in the run measures once, as its row's warnings say). warnings: how many of "
+        "diffsparse's warnings the row keeps, the configurations it stands for among them; their texts follow."
     )
     timing = (
         "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "
@@ -608,8 +684,28 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
     lines += ["", columns, "", timing]
     for i, r in enumerate(rows, 1):
         lines += ["", f"Warnings of row {i}:", *(f"- {message}" for message in r.warnings)] if r.warnings else []
-    if not with_lpips:
-        lines += ["", f"LPIPS not computed: {lpips_missing_reason((height, width))}."]
-    (out / "eval.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")
+    in_rows = {message for r in rows for message in r.warnings}
+    others = [message for message in dict.fromkeys(run_warnings or []) if message not in in_rows]
+    if others:
+        lines += ["", "Warnings of the warm-ups and the dense videos:", *(f"- {message}" for message in others)]
+    if not with_lpips and made is not None:
+        lines += ["", f"LPIPS not computed: {lpips_missing_reason(made[1:])}."]
+    text = "\n".join(lines) + "\n"
+    # The locale's encoding (ASCII under LC_ALL=C, cp1252 on Windows) failed on a prompt the file read as UTF-8,
+    # after every video; each file replaced whole, so a run stopped while writing leaves the last one readable.
+    _replace(out / "eval.csv", table.getvalue())
+    _replace(out / "eval.md", text)
+    return text
+
+
+def _replace(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text, encoding="utf-8", newline="")
+    part.replace(path)
+
+
+def _print(text: str) -> None:
+    """`text` on stdout, what its encoding cannot hold escaped: the files are written by then, and a prompt a C
+    locale's ASCII stdout cannot print failed the run after them."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding), end="")

@@ -32,7 +32,7 @@ def _sparse_applied(pipe) -> bool:
 
 
 def _rows(folder):
-    with open(folder / "eval.csv") as f:
+    with open(folder / "eval.csv", encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -311,6 +311,13 @@ def test_eval_measures_every_step_or_every_block_dense_once_with_the_dense_patte
     assert sum("dense_layers=4 keeps every self-attention block of the model dense (4 blocks)" in text
                for text in merged) == 4 + 2
     assert sum("dense_steps=0.8 keeps every step of a 2-step run dense" in text for text in merged) == 2
+    # Each is kept by the row standing in, where the table's readers look: before, they reached stderr only, and the
+    # row read as measured for its own settings alone. Every one ends in the second row, through the rows merged
+    # into it on the way (dense's into its first, that into the second with the blocks known).
+    kept = [[text for text in json.loads(row["warnings"]) if text.startswith("diffsparse: eval: ")] for row in rows]
+    assert kept[0] == kept[2] == [] and sorted(kept[1]) == sorted(merged)
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert all(f"- {text}" in table.split("Warnings of row 2:")[1] for text in merged)
 
 
 def test_the_time_ratios_are_the_means_over_the_videos(tmp_path, monkeypatch):
@@ -380,7 +387,11 @@ def test_eval_csv_keeps_each_row_s_warnings_as_a_json_list(tmp_path, monkeypatch
     with pytest.warns(UserWarning):
         assert main([*args, "--out", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path)
-    assert json.loads(row["warnings"]) == texts
+    # First the warm-up's (no kernel ran in these fake videos): it says this row's time ratios are high.
+    cold, *own = json.loads(row["warnings"])
+    assert own == texts
+    assert cold.startswith("diffsparse: eval's sparse warm-up (pattern='window3d', density=0.5, every step and layer "
+                           "sparse) ran no call through the sparse kernel")
 
 
 def test_eval_measures_dense_steps_that_round_to_the_same_steps_once(tmp_path, monkeypatch):
@@ -450,6 +461,12 @@ def test_a_correction_refresh_without_a_correction_is_measured_once_with_refresh
                         f"(correction_refresh={refresh} has no effect without a correction): measured once, in that "
                         "row")
     assert evaluate._distinct_runs(configs) == configs  # and every configuration left is a run of its own
+    # Kept for the row that stands for them, the uncorrected configuration's: eval.md and eval.csv said none.
+    notes = {}
+    with pytest.warns(UserWarning, match="has no effect without a correction"):
+        evaluate._grid(args, notes)
+    uncorrected = [c for c in configs if c.correction is None]
+    assert notes == {uncorrected[0]: texts[:len(left_out)], uncorrected[1]: texts[len(left_out):]}
 
 
 @pytest.mark.parametrize(
@@ -505,15 +522,16 @@ def test_eval_measures_a_correction_refresh_that_never_comes_once_and_its_row_sa
     args = ["eval", "--steps", "3", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "1",
             "--correction", "residual", "--correction-refresh", "5,0,2", "--prompts", "1", "--out", str(tmp_path)]
     with pytest.warns(UserWarning, match=r"correction='residual' runs as .*correction_refresh=5 \(correction_refresh=5 "
-                                         "never comes in a 3-step run"):
+                                         "never comes in a 3-step run") as caught:
         assert main(args) == 0
+    (merge,) = [str(w.message) for w in caught if " runs as " in str(w.message)]
     rows = _rows(tmp_path)
     assert [row["correction_refresh"] for row in rows] == ["5", "2"]
     assert len(videos) == 2 + 1 + 2  # two warm-ups, one dense video, one per row left
     # The row labelled 5 says it measured once, where its readers look.
     said = ("diffsparse: eval: correction_refresh=5 never comes in a 3-step run: the correction measures at step 0 "
             "and the last sparse step, 2, is 2 steps after it, so it measures once, as correction_refresh=0 does")
-    assert json.loads(rows[0]["warnings"]) == [said]
+    assert json.loads(rows[0]["warnings"]) == [merge, said]  # refresh 0's row, which it stands for, first
     assert json.loads(rows[1]["warnings"]) == []
 
 
@@ -757,3 +775,197 @@ def test_the_self_attention_blocks_are_every_transformer_s():
                        transformer=WanTransformer3DModel(**shallow).eval(), boundary_ratio=0.5,
                        transformer_2=base.transformer)
     assert evaluate._self_attention_blocks(pipe) == blocks
+
+
+def test_a_merged_configuration_s_warnings_follow_it_to_the_row_that_stands_in():
+    # dense at 0.5 runs as dense at 0.3; with the model's 4 blocks known, that runs as radial with every block
+    # dense: the last row must keep both texts, not only the last merge's.
+    configs = [SparseConfig(pattern="radial", density=0.3, dense_steps=0, dense_layers=4),
+               SparseConfig(pattern="dense", density=0.3, dense_steps=0),
+               SparseConfig(pattern="dense", density=0.5, dense_steps=0)]
+    notes = {}
+    with pytest.warns(UserWarning, match=" runs as ") as caught:
+        configs = evaluate._distinct_runs(configs, notes=notes)
+    (first,) = (str(w.message) for w in caught)
+    assert notes == {configs[1]: [first]}
+    with pytest.warns(UserWarning, match=" runs as ") as caught:
+        kept = evaluate._distinct_runs(configs, blocks=frozenset(range(4)), notes=notes)
+    (second,) = (str(w.message) for w in caught)
+    assert kept == configs[:1] and notes == {kept[0]: [second, first]}
+
+
+def _fake_videos_failing(monkeypatch, at: int) -> list[int]:
+    """`_fake_videos` of 16 x 16 pixels whose video number `at` (from 1, warm-ups counted) fails as a GPU out of
+    memory does; returns the count of videos asked for."""
+    count = [0]
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        count[0] += 1
+        if count[0] == at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    return count
+
+
+@pytest.mark.parametrize(("at", "finished"), [(3, []), (5, ["window3d"])])
+def test_a_run_that_stops_keeps_the_rows_it_finished_and_says_it_stopped(tmp_path, monkeypatch, at, finished):
+    # Two warm-ups, the dense video, then one video per configuration: video 3 fails before any row, 5 in the second
+    # configuration. Before, the rows were written only at the end: the first configuration's was lost, and an older
+    # run's eval.md and eval.csv in the folder stayed, reading as this run's result.
+    (tmp_path / "eval.md").write_text("| row | pattern |\n| 1 | an older run's row |\n")
+    (tmp_path / "eval.csv").write_text("pattern\nan older run's row\n")
+    _fake_videos_failing(monkeypatch, at)
+    args = ["eval", *TINY, "--pattern", "window3d,radial", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fake videos' cold warm-up: not the point
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main([*args, "--out", str(tmp_path)])
+    assert [row["pattern"].split("(")[0] for row in _rows(tmp_path)] == finished
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert "older" not in table
+    assert table.startswith(f"Stopped early: {len(finished)} of 2 configurations measured, then RuntimeError: CUDA "
+                            "out of memory (simulated).")
+
+
+def test_eval_md_says_while_the_run_is_under_way_that_it_is_incomplete(tmp_path, monkeypatch):
+    # A run killed outright (SIGKILL, the machine lost) cannot say it stopped: what it left must not read as whole.
+    seen = []
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        seen.append(((tmp_path / "eval.md").read_text(encoding="utf-8"), len(_rows(tmp_path))))
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d,radial", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    # The warm-ups, the dense video and the first configuration's see no row; the second's sees the first.
+    assert [rows for _, rows in seen] == [0, 0, 0, 0, 1]
+    assert all(text.startswith(f"Incomplete: {rows} of 2 configurations measured so far.") for text, rows in seen)
+    assert (tmp_path / "eval.md").read_text(encoding="utf-8").startswith("model: ")  # whole at the end
+
+
+def test_eval_md_keeps_the_warnings_of_the_dense_videos(tmp_path, monkeypatch):
+    # No row's: before, they reached stderr only.
+    said = "diffsparse: a warning while a dense video was made"
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        if not _sparse_applied(pipe):
+            warnings.warn(said, diffsparse.DiffsparseWarning)
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with pytest.warns(UserWarning):
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert f"Warnings of the warm-ups and the dense videos:\n- {said}\n" in table
+    assert said not in _rows(tmp_path)[0]["warnings"]
+
+
+def test_eval_md_and_csv_are_utf8_whatever_the_locale(tmp_path):
+    # Under a C locale (ASCII) or Windows' cp1252, the tables were written in the locale's encoding: a prompt the
+    # file read as UTF-8 failed the run after every video, eval.md left empty. Printing the table failed too.
+    import os
+    import subprocess
+    import sys
+
+    prompt = "un café rouge, 赤い丸"
+    (tmp_path / "prompts.txt").write_text(prompt + "\n", encoding="utf-8")
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompt-file",
+            str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "e")]
+    # The fake videos of `_fake_videos`; in a process of its own, as the locale's encoding is read at start.
+    script = f"""
+import locale, sys, warnings
+import numpy as np
+import diffusers.hooks
+sys.path.insert(0, {os.path.dirname(os.path.dirname(evaluate.__file__))!r})
+from diffsparse import evaluate
+from diffsparse.cli import main
+if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+    sys.exit(3)
+evaluate.timed_generation = lambda pipe, prompt, seed, args, first_frame=None: (np.full((2, 16, 16, 3), 0.5), 1, 1)
+warnings.simplefilter("ignore")
+sys.exit(main({args!r}))
+"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("LC_", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            check=False)
+    if result.returncode == 3:
+        pytest.skip("no locale of another encoding than UTF-8 here")
+    assert result.returncode == 0, result.stderr.decode()[-1000:]
+    assert f'Prompts: "{prompt}"' in (tmp_path / "e" / "eval.md").read_text(encoding="utf-8")
+    assert _rows(tmp_path / "e")  # read as UTF-8 too
+    assert b'Prompts: "un caf\\xe9 rouge, \\u8d64' in result.stdout  # what ASCII cannot print, escaped
+
+
+def test_a_prompt_file_that_is_not_utf8_is_refused_naming_it(tmp_path, capsys):
+    # Before: "'utf-8' codec can't decode byte 0xff in position 0", naming neither the option nor the file.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\n".encode("utf-16"))
+    with pytest.raises(SystemExit):
+        main(["eval", "--prompt-file", str(prompts), "--out", str(tmp_path / "o")])
+    assert (f"prompt_file={str(prompts)!r} (--prompt-file): not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"
+            in capsys.readouterr().err)
+
+
+def test_a_prompt_given_twice_in_the_file_is_refused_naming_its_lines(tmp_path):
+    # Before, it was run twice and counted double in every mean; the comma lists refuse a repeat the same way.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n# a dog\na dog\n\n  a cat \na dog\na bird\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"prompt_file={str(prompts)!r}: each prompt must be given once, "
+                                                   "got 'a cat' on lines 1, 5; 'a dog' on lines 3, 6")):
+        evaluate.eval_prompts(SimpleNamespace(prompt_file=str(prompts), prompts=1))
+
+
+def test_asking_for_one_prompt_more_than_there_are_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="prompts=4: there are 3 in the fixed prompts"):
+        evaluate.eval_prompts(SimpleNamespace(prompt_file=None, prompts=4))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n", encoding="utf-8")
+    assert evaluate.eval_prompts(SimpleNamespace(prompt_file=str(prompts), prompts=2)) == ["a cat", "a dog"]
+    with pytest.raises(ValueError, match="prompts=3: there are 2 in prompt_file="):
+        evaluate.eval_prompts(SimpleNamespace(prompt_file=str(prompts), prompts=3))
+
+
+def test_the_seeds_start_at_seed(tmp_path, monkeypatch):
+    seen = []
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        seen.append(seed)
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seed", "5", "--seeds", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    assert sorted(set(seen)) == [5, 6]
+    assert "1 prompts x 2 seeds from 5" in (tmp_path / "eval.md").read_text(encoding="utf-8")
+
+
+def test_timed_generation_seeds_torch_s_global_generator(monkeypatch):
+    # Some pipelines draw from it besides the call's generator (JoyImage Edit's reference latents): unseeded, the
+    # dense and sparse runs of one case started from different draws, and scored the difference as sparsity's.
+    monkeypatch.setattr(evaluate, "generation_kwargs", lambda pipe, args, prompt, seed, first_frame: {})
+    monkeypatch.setattr(evaluate, "_attention_modules", lambda pipe: iter(()))
+    monkeypatch.setattr(evaluate, "first_output", lambda output: output)
+
+    def draw(seed):
+        torch.rand(7)  # the global generator moved on, as earlier videos move it
+        return evaluate.timed_generation(lambda: torch.rand(3), "a prompt", seed, None)[0]
+
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+
+
+def test_the_attention_timer_covers_every_self_attention_block(tiny_pipe):
+    from diffsparse.pipelines import adapter_for
+
+    expected = [module for _, module in adapter_for(tiny_pipe.transformer).self_attention_modules(tiny_pipe.transformer)]
+    assert len(expected) == tiny_pipe.transformer.config.num_layers > 1
+    assert list(evaluate._attention_modules(tiny_pipe)) == expected
