@@ -599,8 +599,8 @@ def eval_prompts(args) -> list[str]:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:  # the codec's message named neither the option nor the file
             raise ValueError(
-                f"prompt_file={str(prompt_file)!r} (--prompt-file): not UTF-8 text (byte {error.object[error.start]:#04x}"
-                f" at offset {error.start}); save it as UTF-8"
+                f"prompt_file={str(prompt_file)!r} (--prompt-file): not UTF-8 text "
+                f"(byte {error.object[error.start]:#04x} at offset {error.start}); save it as UTF-8"
             ) from None
         source = f"prompt_file={str(prompt_file)!r}"
         numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]

@@ -966,6 +966,7 @@ def test_timed_generation_seeds_torch_s_global_generator(monkeypatch):
 def test_the_attention_timer_covers_every_self_attention_block(tiny_pipe):
     from diffsparse.pipelines import adapter_for
 
-    expected = [module for _, module in adapter_for(tiny_pipe.transformer).self_attention_modules(tiny_pipe.transformer)]
+    transformer = tiny_pipe.transformer
+    expected = [module for _, module in adapter_for(transformer).self_attention_modules(transformer)]
     assert len(expected) == tiny_pipe.transformer.config.num_layers > 1
     assert list(evaluate._attention_modules(tiny_pipe)) == expected
