@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -588,8 +587,12 @@ def suspended(pipe_or_transformer):
     for handle in previous:
         handle.remove()
     entered = {module: module.processor for handle in previous for module in handle._modules()}
+    raised = False  # by the block itself: `sys.exc_info()` also holds an exception the caller's `except` is handling
     try:
         yield
+    except BaseException:
+        raised = True
+        raise
     finally:
         # Per handle, not per block: the block's transformers alone would miss an apply inside it to a transformer
         # the handle also covered (Wan 2.2's other expert), which left that expert dense, unsaid, or stacked the
@@ -610,7 +613,7 @@ def suspended(pipe_or_transformer):
         if left:
             # After the put-back: raised as an error, it must not leave the handles the block did not touch off. Nor
             # replace an error the block is raising: then it is not raised.
-            with contextlib.suppress(DiffsparseWarning) if sys.exc_info()[1] is not None else contextlib.nullcontext():
+            with contextlib.suppress(DiffsparseWarning) if raised else contextlib.nullcontext():
                 warnings.warn(
                     f"diffsparse: the sparse attention applied before the block is not put back, since an apply "
                     f"inside it is still installed on a transformer it covered; {', '.join(left)} now "

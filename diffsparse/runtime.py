@@ -296,12 +296,15 @@ class StepClock:
         which counted the run one step longer and its second step as step 2."""
         index = getattr(scheduler, "step_index", None)
         if index is None and not hasattr(scheduler, "step_index"):
-            # PNDM keeps no `step_index` but counts its `step` calls in `counter` (reset by `set_timesteps`), which is
-            # the loop's position: without it its repeated timesteps were one step each, numbered by their first
-            # place, so the run's steps had gaps (0, 1, 1, 3, ... of 6 at 5 steps with `skip_prk_steps`) and a step
-            # a correction planned to measure at never came. Its 0 is the run's start alone, as a `begin_index` is:
-            # a loop stepping a copy leaves it there.
-            index = getattr(scheduler, "counter", None) or None
+            # PNDM keeps no `step_index` but counts its `step` calls in `counter` (reset by `set_timesteps`): from
+            # the run's first position (a loop over the schedule from a later timestep starts it at 0 there), the
+            # loop's position. Without it its repeated timesteps were one step each, numbered by their first place,
+            # so the run's steps had gaps (0, 1, 1, 3, ... of 6 at 5 steps with `skip_prk_steps`) and a step a
+            # correction planned to measure at never came. Its 0 says nothing, as a `begin_index` among rounded
+            # candidates does not: a loop stepping a copy leaves it there (and the run's first call has no start yet).
+            counter = getattr(scheduler, "counter", None)
+            if isinstance(counter, int) and counter > 0 and self._run_start is not None and self._order == 1:
+                index = self._run_start + counter
         if index is None and (candidates is None or run_start):
             index = getattr(scheduler, "begin_index", None)
         if candidates is None:

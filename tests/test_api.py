@@ -221,6 +221,17 @@ def test_an_apply_inside_a_block_to_one_expert_says_the_other_is_left_dense():
             diffsparse.apply(pipe.transformer, config)
             raise KeyError("the block's own")
     diffsparse.remove(pipe)
+    # Inside the caller's own `except`, the warning is still raised as the error asked for.
+    diffsparse.apply(pipe, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffsparse.DiffsparseWarning)
+        try:
+            raise RuntimeError("handled by the caller")
+        except RuntimeError:
+            with pytest.raises(diffsparse.DiffsparseWarning, match="transformer_2 now runs dense"), \
+                    diffsparse.suspended(pipe):
+                diffsparse.apply(pipe.transformer, config)
+    diffsparse.remove(pipe)
     # A handle none of whose transformers got one inside the block comes back, beside what was applied inside.
     alone = diffsparse.apply(pipe.transformer, config)
     with warnings.catch_warnings():

@@ -185,6 +185,13 @@ def test_pndm_s_timesteps_listed_twice_are_steps_of_their_own(skip_prk_steps):
         ticks += [clock.tick(t[None])[:2] for _branch in ("cond", "uncond")]
         sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
     assert ticks == [(step, len(timesteps)) for step in range(len(timesteps)) for _branch in ("cond", "uncond")]
+    # A loop from a later timestep (its own, or an img2img's `strength`) starts the counter at 0 there.
+    scheduler.set_timesteps(5)
+    timesteps, clock, ticks = scheduler.timesteps, StepClock(scheduler), []
+    for t in timesteps[1:]:
+        ticks.append(clock.tick(t[None])[:2])
+        sample = scheduler.step(torch.zeros(1, 4), t, sample).prev_sample
+    assert ticks == [(step, len(timesteps) - 1) for step in range(len(timesteps) - 1)]
 
 
 def test_bare_calls_and_a_run_on_the_scheduler_each_start_a_run_of_their_own():

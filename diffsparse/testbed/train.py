@@ -756,7 +756,7 @@ def _train(args: argparse.Namespace) -> dict:
                 # With no checkpoint yet, the rerun goes to a fresh --out: this one holds the log, which is refused.
                 advice = ("lower --lr or resume from the checkpoint" if checkpoint_path.exists() else
                           "no checkpoint yet: lower --lr and start again in another --out (or delete "
-                          f"{out / LOSS_LOG})")
+                          f"{out / LOSS_LOG})" if _earlier_results(out) else "no checkpoint yet: lower --lr")
                 raise FloatingPointError(f"loss is {loss.item()} at {step=}; {advice}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
