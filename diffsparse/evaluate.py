@@ -7,6 +7,7 @@ adapter's self-attention modules, in the dense and the sparse runs alike.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -154,15 +155,16 @@ def run_eval(args) -> list[EvalRow]:
     with_lpips = weights is not None
     rows, run_warnings, made, out, where = [], [], None, Path(args.out), placement(pipe)
 
-    def write(status: str | None) -> None:
-        _write(rows, out, args, prompts, with_lpips, where, made, run_warnings=run_warnings, status=status)
+    def write(status: str | None) -> str:
+        return _write(rows, out, args, prompts, with_lpips, where, made, run_warnings=run_warnings, status=status)
 
-    # Before the first video: an older run's tables in `out` read as this run's if it stops before its first row.
-    write(_under_way(rows, configs))
     warm_ups = _warm_ups(configs)
     progress = tqdm(total=len(warm_ups) + len(cases) * (1 + len(configs)), desc="videos", unit="video")
     try:
-        with diffsparse_warnings() as kept:
+        # Before the first video: an older run's tables in `out` read as this run's if it stops before its first row.
+        write(_under_way(rows, configs))
+        # Into `run_warnings` as they come: a run that stops keeps those of its warm-ups and dense videos too.
+        with diffsparse_warnings(run_warnings):
             # `--two-stage`: every run of a case starts from the same still, sampled once, dense and untimed.
             stills = {case: shared_still(pipe, args, *case) if args.two_stage else None for case in cases}
             # Untimed warm-ups of both paths, so that the first timed video of either does not carry the process's
@@ -189,7 +191,6 @@ def run_eval(args) -> list[EvalRow]:
                         )
                         warnings.warn(cold[config.correction], category=DiffsparseWarning, stacklevel=2)
                 progress.update(1)
-        run_warnings += kept
         # Now that the runs' step count is known, dense steps that keep the same steps dense (0 and 0.2 of 2 steps:
         # none) are one run too, and so are dense steps covering every step and the dense pattern, and a correction
         # refresh that never comes and `correction_refresh=0`. The count the runs resolved them for, not `--steps`: a
@@ -207,11 +208,10 @@ def run_eval(args) -> list[EvalRow]:
             if first is not None:
                 notes.setdefault(first, []).append(message)
         dense = {}
-        with diffsparse_warnings() as kept:
+        with diffsparse_warnings(run_warnings):
             for prompt, seed in cases:
                 dense[prompt, seed] = timed_generation(pipe, prompt, seed, args, stills[prompt, seed])
                 progress.update(1)
-        run_warnings += kept
         # The size of the videos made, which the tables give: a pipeline rounds a frame count (Wan: 7 makes 5) or
         # works out a size the command left to it (`call_defaults`), whose LPIPS check could only come now.
         made = tuple(next(iter(dense.values()))[0].shape[:3])
@@ -222,22 +222,28 @@ def run_eval(args) -> list[EvalRow]:
         for config in configs:
             rows.append(_measure(pipe, config, cases, dense, stills, scored, weights, args, steps, blocks,
                                  notes.get(config, []), progress))
-            if len(rows) < len(configs):  # the last one's tables come whole, after
+            if len(rows) < len(configs):  # the last one's tables come whole, just below
                 write(_under_way(rows, configs))
+        # Inside the `try`: stopped during this write, the last row was lost and eval.md said the run was going on.
+        text = write(None)
     except BaseException as error:  # Ctrl-C too: the rows finished so far are what the run has to show
         stopped = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         try:
             write(f"Stopped early: {len(rows)} of {len(configs)} configurations measured, then {stopped}. The rows "
                   "below are those finished; the others are missing.")
         except (OSError, ValueError) as failure:  # the run's own error is the one to see
-            error.add_note(f"diffsparse eval: the finished rows could not be written to {out}: {failure!r}")
+            note = f"diffsparse eval: the finished rows could not be written to {out}: {failure!r}"
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+            else:  # Python 3.10: no exception notes
+                print(note, file=sys.stderr)
         else:
             print(f"diffsparse eval: stopped early; the rows finished ({len(rows)}) are in {out / 'eval.md'} and "
                   f"{out / 'eval.csv'}", file=sys.stderr)
         raise
     finally:
         progress.close()
-    _print(_write(rows, out, args, prompts, with_lpips, where, made, run_warnings=run_warnings, status=None))
+    _print(text)
     print(f"wrote {out / 'eval.md'} and {out / 'eval.csv'}")
     return rows
 
@@ -303,14 +309,14 @@ def _measure(pipe, config: SparseConfig, cases, dense, stills, scored, weights, 
 
 
 @contextlib.contextmanager
-def diffsparse_warnings():
+def diffsparse_warnings(kept: list[str] | None = None):
     """Inside, diffsparse's warnings (its `DiffsparseWarning`s: `compare.kept_warnings`) are shown and their texts,
-    each once, end up in the list this yields, filled on leaving: what a result file keeps for readers who never see
-    stderr."""
+    each once, end up in the list this yields (`kept`, when given), filled on leaving, also by an error: what a
+    result file keeps for readers who never see stderr."""
     # No "always" filter: entering `catch_warnings` resets Python's once-per-place memory, so each configuration's
     # context shows its texts again, and one the user silenced (`-W ignore`) stays silent here too.
     with kept_warnings() as caught:
-        kept = []
+        kept = [] if kept is None else kept
         try:
             yield kept
         finally:  # a run that stops keeps what it was told so far
@@ -598,9 +604,11 @@ def eval_prompts(args) -> list[str]:
             # utf-8-sig: a BOM (Windows editors write one) would otherwise glue itself to the first line, a comment.
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:  # the codec's message named neither the option nor the file
+            # utf-8-sig counts its offsets after a byte-order mark.
+            offset = error.start + len(codecs.BOM_UTF8) * path.read_bytes().startswith(codecs.BOM_UTF8)
             raise ValueError(
                 f"prompt_file={str(prompt_file)!r} (--prompt-file): not UTF-8 text "
-                f"(byte {error.object[error.start]:#04x} at offset {error.start}); save it as UTF-8"
+                f"(byte {error.object[error.start]:#04x} at offset {offset}); save it as UTF-8"
             ) from None
         source = f"prompt_file={str(prompt_file)!r}"
         numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]

@@ -2,6 +2,7 @@
 its prompts, what each row's columns are computed over, and its tables."""
 
 import argparse
+import codecs
 import contextlib
 import csv
 import json
@@ -829,6 +830,47 @@ def test_a_run_that_stops_keeps_the_rows_it_finished_and_says_it_stopped(tmp_pat
                             "out of memory (simulated).")
 
 
+def test_a_run_stopped_while_writing_its_whole_table_says_so_with_every_row(tmp_path, monkeypatch):
+    # The last write came after the run's error handling: stopped there (Ctrl-C, a full disk), the last row was lost
+    # and eval.md said the run was still going.
+    _fake_videos_failing(monkeypatch, at=0)
+    replace, calls = evaluate._replace, []
+
+    def interrupted(path, text):
+        calls.append(text)
+        if text.startswith("model: "):  # the whole table, no status line
+            raise KeyboardInterrupt
+        replace(path, text)
+
+    monkeypatch.setattr(evaluate, "_replace", interrupted)
+    args = ["eval", *TINY, "--pattern", "window3d,radial", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("ignore")
+        main([*args, "--out", str(tmp_path)])
+    assert (tmp_path / "eval.md").read_text(encoding="utf-8").startswith(
+        "Stopped early: 2 of 2 configurations measured, then KeyboardInterrupt.")
+    assert len(_rows(tmp_path)) == 2
+
+
+def test_a_run_that_stops_keeps_the_warnings_of_its_dense_videos(tmp_path, monkeypatch):
+    said, count = "diffsparse: a warning while the first dense video was made", [0]
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        count[0] += 1
+        if count[0] == 3:  # after two warm-ups: the first dense video
+            warnings.warn(said, diffsparse.DiffsparseWarning)
+        if count[0] == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seeds", "2"]
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="out of memory"):
+        main([*args, "--out", str(tmp_path)])
+    assert said in (tmp_path / "eval.md").read_text(encoding="utf-8")
+
+
 def test_eval_md_says_while_the_run_is_under_way_that_it_is_incomplete(tmp_path, monkeypatch):
     # A run killed outright (SIGKILL, the machine lost) cannot say it stopped: what it left must not read as whole.
     seen = []
@@ -911,6 +953,10 @@ def test_a_prompt_file_that_is_not_utf8_is_refused_naming_it(tmp_path, capsys):
         main(["eval", "--prompt-file", str(prompts), "--out", str(tmp_path / "o")])
     assert (f"prompt_file={str(prompts)!r} (--prompt-file): not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"
             in capsys.readouterr().err)
+    # Offsets in the file, a byte-order mark counted (utf-8-sig counts them after it).
+    prompts.write_bytes(codecs.BOM_UTF8 + b"a cat\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=re.escape("not UTF-8 text (byte 0xe9 at offset 12)")):
+        evaluate.eval_prompts(argparse.Namespace(prompt_file=str(prompts), prompts=None))
 
 
 def test_a_prompt_given_twice_in_the_file_is_refused_naming_its_lines(tmp_path):
