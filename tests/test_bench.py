@@ -370,8 +370,8 @@ def test_causal_bench_times_sdpa_under_the_mask_and_without_it_for_scale(tmp_pat
 
 
 def test_causal_bench_efficiency_is_against_the_faster_sdpa(tmp_path, monkeypatch, capsys):
-    # The masked SDPA (on CPU about 1.3-1.5x the unmasked one) was the efficiency's only baseline: here it read 4 x density,
-    # past 1, the 1/density bound the module says 1.0 means; against the unmasked call 2 x density.
+    # The masked SDPA (on CPU about 1.3-1.5x the unmasked one) was the efficiency's only baseline: here it read
+    # 4 x density, past 1, the 1/density bound the module says 1.0 means; against the unmasked call 2 x density.
     _fixed_clock(monkeypatch, {"dense": 4.0, "unmasked": 2.0, "sparse": 1.0})
     args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
             "--repeats", "1", "--causal-frames", "2", "--block-size", "16", "--pattern", "window3d", "--density",
@@ -754,7 +754,8 @@ def test_attention_bench_says_why_dense_is_no_mask_to_time(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "Traceback" not in err
         assert (f"diffsparse bench attention: error: --mask {mask!r}: must be random or a static pattern solved for "
-                "each --density (radial, window3d); dense keeps every block, density 1.0 whatever --density asks") in err
+                "each --density (radial, window3d); dense keeps every block, density 1.0 whatever --density "
+                "asks") in err
         assert "data-dependent" not in err and "search" not in err
     # Nor was a static pattern with no parameter to solve data-dependent (none registered today: one faked).
     from diffsparse.patterns import Radial
