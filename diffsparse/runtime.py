@@ -159,12 +159,11 @@ def pipeline_timestep(pipeline) -> torch.Tensor | None:
     """The timestep `pipeline` is denoising at, on its scheduler's scale and at full precision: the `_current_timestep`
     diffusers pipelines set before each transformer call, or a modular pipeline's guider's (`set_state` gets it each
     step: Anima); `None` when it has neither, when there is no pipeline, or when it is not running (`_in_call`)."""
-    if pipeline is None or not _in_call(pipeline):
-        return None
     current = getattr(pipeline, "_current_timestep", None)
     if current is None:
         current = getattr(getattr(pipeline, "guider", None), "_timestep", None)
-    return None if current is None else torch.as_tensor(current)
+    # The stack walk last: only a timestep there is to read can be stale (most calls' pipelines keep none).
+    return None if current is None or not _in_call(pipeline) else torch.as_tensor(current)
 
 
 def _in_call(pipeline) -> bool:
