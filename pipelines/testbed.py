@@ -680,6 +680,8 @@ def room_ahead(image: torch.Tensor, prompt: str) -> float:
 
     `image`: a still `(3, H, W)` in [0, 1] on one of the testbed's dark backgrounds; the shapes are the pixels
     brighter than 0.5 in some channel. `inf` when the prompt names no direction, `-inf` when nothing is drawn.
+    A prompt naming several directions ("moving left then up", never a training prompt) is measured towards the
+    last one: the model reads all of them and no rule says which it follows, so this is a choice, not a finding.
 
     Example:
         >>> image = torch.zeros(3, 32, 32); image[0, 10:14, 4:8] = 1.0   # a red square near the left edge

@@ -652,6 +652,18 @@ def test_attention_decay_of_self_attention_is_all_local():
     assert decay.local_mass[1][0][0] == pytest.approx(1, abs=1e-6)
 
 
+def test_attention_decay_of_a_batch_is_the_mean_over_its_videos():
+    # Classifier-free guidance runs the transformer on a batch of two: each video's rows count once.
+    layout = (2, 3, 3)
+    n = math.prod(layout)
+    one_hot = torch.eye(n).view(1, n, 1, n) * 50
+    query = torch.cat([one_hot, torch.zeros_like(one_hot)])  # all local, then uniform
+    decay = _recorded(query, torch.cat([one_hot, torch.randn_like(one_hot)]), layout)
+    assert decay.temporal_mass[0][0] == pytest.approx((1 + decay.temporal_share[0]) / 2, abs=1e-6)
+    assert sum(decay.spatial_mass[0]) == pytest.approx(1, abs=1e-6)
+    assert decay.local_mass[1][0][0] == pytest.approx((1 + decay.local_share[1]) / 2, abs=1e-6)
+
+
 def test_attention_decay_runs_on_the_pipeline_and_restores_processors():
     pipe = testbed.build_pipeline()
     before = [block.attn1.processor for block in pipe.transformer.blocks]
@@ -964,6 +976,7 @@ def test_room_ahead_measures_towards_the_direction_word():
     assert testbed.room_ahead(image, "a green square") == math.inf  # a still prompt: no direction to make room for
     # The model reads "LEFT" as "left" (its tokenizer lowercases); before, no direction was found (inf for all).
     assert testbed.room_ahead(image, "A green square moving LEFT.") == 8.0
+    assert testbed.room_ahead(image, "a green square moving left then right") == 24.0  # the last direction named
     assert testbed.room_ahead(torch.full((3, 32, 32), 0.05), "a green square moving up") == -math.inf  # nothing drawn
 
 
