@@ -20,6 +20,7 @@ from .runtime import (
     StepClock,
     StepScheduleWarning,
     _has_run_schedule,
+    outside_stacklevel,
     pipeline_timestep,
     register_context_hook,
     remove_context_hook,
@@ -218,7 +219,7 @@ class SparseHandle:
                 f"dense_last_steps={config.dense_last_steps!r} keep every step of this {num_steps}-step run dense "
                 f"({first} first, {last} last), so nothing runs sparse: lower them to leave some steps sparse",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         elif not sparse_steps(config, num_steps):
             if config.correction_refresh == 1:
@@ -232,7 +233,7 @@ class SparseHandle:
                        f"sparse (step {step}, with no dense step before it to measure at), so nothing runs sparse: "
                        "run more steps, or leave the correction out")
             warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", DiffsparseWarning,
-                          stacklevel=2)
+                          stacklevel=outside_stacklevel())
 
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
@@ -354,7 +355,7 @@ def _with_pipeline_timestep(read_call, pipeline, clock: StepClock):
                 "2.5 pass sigma / (sigma + 1), on another scale), so the dense-step schedule cannot follow these "
                 "calls; apply diffsparse to the pipeline that calls the transformer",
                 StepScheduleWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         return (layout, timestep if current is None else current, *token_order)
 

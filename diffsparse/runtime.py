@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import sys
 import warnings
 import weakref
@@ -59,6 +60,24 @@ _PLAN_CACHE_SIZE = 64
 # Calls at one timestep outside any schedule (a bare transformer) beyond which no guidance explains them (CFG gives
 # two, a few guiders three or four): a one-step model or a timing loop that never starts a new run.
 _MANY_CALLS_PER_STEP = 8
+
+
+# Whose frames lie between a user's call and a warning raised while it runs: a pipeline's, the hooks and module calls
+# of diffusers, torch and accelerate (offloading), and diffsparse's own (its adapters, patterns and kernels too).
+_CALL_PACKAGES = ("diffsparse", "diffsparse.pipelines", "diffsparse.patterns", "diffsparse.kernels", "torch",
+                  "diffusers", "accelerate")
+
+
+def outside_stacklevel() -> int:
+    """`warnings.warn`'s `stacklevel`, given in the function that calls it, naming the first frame outside
+    `_CALL_PACKAGES`: the user's line that called the pipeline or the transformer, however many frames lie between
+    (a fixed count named a line of diffsparse's own, and differs under accelerate's hooks or torch.compile's)."""
+    prefixes = tuple(os.path.join(path, "") for name in _CALL_PACKAGES if (module := sys.modules.get(name)) is not None
+                     for path in getattr(module, "__path__", ()))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -173,10 +192,25 @@ def _in_call(pipeline) -> bool:
     timestep as its own (Cosmos: all on one step, all dense, unwarned)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
+        if frame.f_code.co_name == "__call__" and _frame_self(frame) is pipeline:
             return True
         frame = frame.f_back
     return False
+
+
+def _frame_self(frame):
+    """The running `frame`'s local `self`, leaving no copy of its locals behind. Before Python 3.13 `f_locals`
+    copies a function frame's locals into a dict the frame keeps until their next read: left there, it kept the
+    pipeline step's tensors (the previous latents, the noise prediction) alive until the next transformer call, and
+    the last step's through the VAE decode. Emptied, except while a tracer (a debugger) is at that frame: the
+    tracer's return writes the dict back into the locals, and an empty one would unbind them."""
+    if sys.version_info >= (3, 13):  # a view of the locals (PEP 667), no copy
+        return frame.f_locals.get("self")
+    local_vars = frame.f_locals
+    value = local_vars.get("self")
+    if frame.f_trace is None and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        local_vars.clear()
+    return value
 
 
 def _denoising_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -410,7 +444,7 @@ class StepClock:
                         "through (one made with from_pipe(..., scheduler=...): diffsparse.apply on it), or the "
                         "pipeline gives it its timestep on another scale than the scheduler's (please report the "
                         "pipeline)",
-                        StepScheduleWarning, stacklevel=3,  # past `tick`
+                        StepScheduleWarning, stacklevel=outside_stacklevel(),
                     )
             start = self._run_start or 0
             return max(step - start, 0), self._step_at(len(self._grid) - 1) + 1 - start, new_run
@@ -705,7 +739,7 @@ class SparseRuntime:
                 f"diffsparse: {self.name}: self-attention calls with {why} run the original processor (dense, counted "
                 "dense in stats())",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
 
     def _dense_anyway(self, layer: int) -> bool:
@@ -757,7 +791,7 @@ class SparseRuntime:
                 f"diffsparse: {self.name}: self-attention with a causal mask over groups of {frames} frames on "
                 f"{layout} runs the original processor (dense): {why}",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         self._log_dense(layer)  # said above, once per layout
         return False
@@ -803,7 +837,7 @@ class SparseRuntime:
                 f"{self.config.dense_last_steps!r} cannot be resolved: such calls run dense. Give dense_steps as "
                 "an int and dense_last_steps=0 (steps then count distinct timesteps, as on a bare transformer), or "
                 "set the pipeline scheduler's timesteps first",
-                StepScheduleWarning, stacklevel=4,
+                StepScheduleWarning, stacklevel=outside_stacklevel(),
             )
         return True
 
@@ -1263,7 +1297,7 @@ class SparseRuntime:
             f"{'denser' if reached > target else 'sparser'} than asked. "
             f"{others} may come closer",
             category=DiffsparseWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
 
     def _warn_if_every_block_kept(
@@ -1292,7 +1326,7 @@ class SparseRuntime:
             f"sparse kernel's cost (slower than the original attention): SparseConfig {others}, with a density "
             "to say how many blocks to keep, leaves blocks out there",
             category=DiffsparseWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
 
     def _cached(self, key: tuple, build) -> _CachedPlan:
@@ -1390,7 +1424,7 @@ class SparseRuntime:
                 f"whole: {density:.3g}x the blocks of dense attention. A block size dividing the groups' length "
                 "keeps whole blocks (one kernel call)",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         return _CachedPlan(None, *perm, density, parts)
 
@@ -1511,7 +1545,7 @@ class SparseContextHook(ModelHook):
             "run only at a larger timestep, which a one-step model or a loop timing one step never gives: call "
             "handle.new_run() (on the handle diffsparse.apply returned) before each generation",
             category=DiffsparseWarning,
-            stacklevel=4,
+            stacklevel=outside_stacklevel(),
         )
 
     def _warn_if_replaced(self) -> None:
@@ -1531,7 +1565,7 @@ class SparseContextHook(ModelHook):
                 "sparse attention; call diffsparse.apply again (it takes diffusers' fused processors; another "
                 "processor it refuses: put the family's own back first)",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         else:
             layers = [processor.layer for _, processor in replaced]
@@ -1541,7 +1575,7 @@ class SparseContextHook(ModelHook):
                 "run without sparse attention, uncounted in stats(); call diffsparse.apply again (it takes diffusers' "
                 "fused processors; another processor it refuses: put the family's own back first)",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
 
     def new_forward(self, module, *args, **kwargs):

@@ -350,6 +350,25 @@ def test_a_processor_set_inside_a_block_stays_when_the_earlier_handle_comes_back
     assert dropped() is None
 
 
+@torch.no_grad()
+def test_a_sparse_processor_set_back_inside_suspended_is_wrapped_anew_at_its_end(tiny_pipe):
+    # Processors saved while the handle was on (`attn_processors`) and set back inside the block put the handle's
+    # own sparse processors there, uninstalled: they are not a user's choice for the handle put back to leave (which
+    # would run those layers dense, uncounted in the stats) but a sparse processor over the original, made anew.
+    transformer = tiny_pipe.transformer
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    saved = transformer.attn_processors
+    with diffsparse.suspended(tiny_pipe):
+        transformer.set_attn_processor(saved)
+    processors = [block.attn1.processor for block in transformer.blocks]
+    runtime = handle.runtimes["transformer"]
+    assert all(p.installed and p.runtime is runtime and not isinstance(p.original, SparseProcessor)
+               for p in processors)
+    generate(tiny_pipe, num_inference_steps=1)
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in diffsparse.stats(tiny_pipe).layers] == [
+        (layer, 0, 2) for layer in range(len(processors))]
+
+
 def _aliased_experts_pipe():
     """Wan 2.2's pipeline given one transformer as both experts."""
     base = tiny_wan_pipeline()

@@ -1,6 +1,7 @@
 """The runtime's warnings about configs that run but give no speedup: a pattern that keeps every block of a layout,
-a density out of reach."""
+a density out of reach; and the line each warning names."""
 
+import sys
 import warnings
 
 import pytest
@@ -8,7 +9,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import diffsparse
-from diffsparse.runtime import out_of_reach
+from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
+from diffsparse.runtime import StepScheduleWarning, out_of_reach
+
+from helpers import tiny_call
 
 ROWS = COLS = 16
 TEXT = 8
@@ -41,7 +45,9 @@ def every_block_warnings(config: diffsparse.SparseConfig) -> list[str]:
             handle.new_run()
     sparse = 0 if config.resolved_pattern.name == "dense" else 2
     assert [s.sparse_calls for s in handle.stats(since_apply=True).layers] == [sparse, sparse]
-    return [str(w.message) for w in caught if "keeps every block" in str(w.message)]
+    said = [w for w in caught if "keeps every block" in str(w.message)]
+    assert all(w.filename == __file__ for w in said)  # the model's call above, not a line of diffsparse's
+    return [str(w.message) for w in said]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -75,3 +81,36 @@ def test_a_fitted_pattern_that_keeps_every_block_of_an_image_says_so_once():
 ])
 def test_the_out_of_reach_tolerance_shared_by_the_runtime_and_bench(target, reached, flagged):
     assert out_of_reach(target, reached) is flagged
+
+
+def _here(below: int = 1) -> tuple[str, int]:
+    """The caller's file and the line `below` its line."""
+    frame = sys._getframe(1)
+    return frame.f_code.co_filename, frame.f_lineno + below
+
+
+@torch.no_grad()
+def test_warnings_raised_in_a_call_name_the_line_that_made_it():
+    # Raised deep in the transformer's hook, past diffusers' hook registry and torch's module and compiler wrappers:
+    # a fixed stacklevel named a line of diffsparse's own (the off-schedule one `StepClock.tick`'s caller, the
+    # "nothing runs sparse" one the hook's), and a filter by module, or the "default" once-per-line display, then
+    # followed diffsparse's lines instead of the user's.
+    pipe = tiny_wan_pipeline()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=1))
+    pipe.scheduler.set_timesteps(4)
+    between = (pipe.scheduler.timesteps[:-1] + pipe.scheduler.timesteps[1:]) / 2  # none of the scheduler's
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 5, 8, 12, generator=g)
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"], generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in between[:2]:
+            where = _here()
+            pipe.transformer(latents, t[None], text)
+    off = [(w.filename, w.lineno) for w in caught if issubclass(w.category, StepScheduleWarning)]
+    assert off == [where]
+    call = tiny_call(num_inference_steps=1, num_frames=5, height=32, width=32)  # step 0 of 1: dense
+    where = _here(2)
+    with pytest.warns(diffsparse.DiffsparseWarning, match="nothing runs sparse") as caught:
+        pipe(**call)
+    assert [(w.filename, w.lineno) for w in caught if "nothing runs sparse" in str(w.message)] == [where]

@@ -343,3 +343,33 @@ def test_the_pipeline_s_full_precision_timestep_wins_over_the_scheduler_s_count(
     for step in range(4):
         scheduler._step_index = max(step - 1, 0)  # the count one behind
         assert pipeline(timesteps[step]) == step
+
+
+def test_reading_the_pipeline_s_timestep_keeps_none_of_its_step_s_tensors_alive():
+    # The clock finds the running pipeline by its `__call__`'s `self` on the stack. Before, reading that frame's locals
+    # (Python < 3.13 copies them into a dict the frame keeps) held the step's latents until the next transformer call,
+    # and the last step's through the pipeline's VAE decode.
+    import gc
+    import weakref
+
+    scheduler, timesteps = _bfloat16_shift_7_run(4)
+
+    class Pipeline:
+        _current_timestep = None
+
+        def __call__(self):
+            steps, freed = [], []
+            for t in timesteps:
+                latents = torch.zeros(8)
+                previous = weakref.ref(latents)
+                self._current_timestep = t
+                steps.append(clock.tick(t[None].to(torch.bfloat16))[0])
+                latents.add_(1)  # still bound
+                del latents
+                gc.collect()
+                freed.append(previous() is None)
+            return steps, freed
+
+    pipeline = Pipeline()
+    clock = StepClock(scheduler, pipeline=pipeline)
+    assert pipeline() == ([0, 1, 2, 3], [True] * 4)
