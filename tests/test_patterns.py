@@ -1,7 +1,10 @@
 """Patterns: block masks equal the reduction of their token-level definition; radial's properties; speed."""
 
+import functools
 import itertools
+import math
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -150,6 +153,50 @@ def test_radial_frame_skipping_and_sink():
     blocks = sink.block_mask(layout, 64)[0]
     assert blocks[:, 0].all() and not blocks[0, 5]  # sink is key frame 0 only
     assert sink.token_mask(layout)[0, :, :64].all()
+
+
+def _radial_rule(pattern, layout):
+    """Radial's token mask written pair by pair from its docstring alone, in exact rationals."""
+    s, f_count, w = layout.tokens_per_frame, layout.frames, layout.width
+    canvas = 2 ** math.ceil(math.log2(s))
+    pi = Fraction(math.pi)
+
+    @functools.cache
+    def kept(d, dh, dw, key_frame):
+        if d <= 1 or (pattern.sink and key_frame == 0):
+            return True
+        width = Fraction(pattern.decay) * canvas / 2 ** d.bit_length()
+        if width < pattern.min_window:
+            if d % math.ceil(Fraction(pattern.min_window) / width):
+                return False
+            width = Fraction(pattern.min_window)
+        if pattern.spatial == "band":
+            return abs(dh * w + dw) <= width / 2
+        if pattern.spatial == "box":
+            return (2 * max(abs(dh), abs(dw))) ** 2 <= width
+        return (dh * dh + dw * dw) * pi <= width
+
+    tokens = [(t // s, t % s // w, t % w) for t in range(f_count * s)]
+    return torch.tensor([[kept(abs(fq - fk), hq - hk, wq - wk, fk) for fk, hk, wk in tokens]
+                         for fq, hq, wq in tokens])
+
+
+@pytest.mark.parametrize("spatial", ["band", "box", "disc"])
+def test_radial_token_mask_is_its_documented_rule(spatial):
+    # The block tests compare the block mask with the token mask, both built on `max_spatial_distance`, so a change
+    # to the rule they share passes them: k = ceil(min_window / width) taken as floor passed every test. Ratios
+    # min_window / width that are not whole numbers tell ceil from floor; S = 15 tells the canvas P from S.
+    layouts = [VideoLayout(12, 3, 5), VideoLayout(9, 4, 4)]  # S = 15 (canvas 16) and 16 (its own canvas)
+    cases = [Radial(decay=0.75, min_window=3, spatial=spatial), Radial(decay=0.3, min_window=2, spatial=spatial),
+             Radial(decay=1.7, min_window=5, spatial=spatial, sink=True),
+             Radial(decay=0.1, min_window=1, spatial=spatial)]
+    for layout, pattern in itertools.product(layouts, cases):
+        assert torch.equal(pattern.token_mask(layout)[0], _radial_rule(pattern, layout)), (layout, pattern)
+
+
+def test_radial_skips_frame_distances_by_the_ceiling_of_min_window_over_width():
+    # width(d) = 0.75 * 64 / 2**bit_length(d): 12 for d = 2, 3 (k = ceil(16 / 12) = 2), 6 for d = 4..7 (k = 3).
+    assert max_spatial_distance(8, 64, 0.75, 16).tolist() == [64, 64, 8, -1, -1, -1, 8, -1]
 
 
 def test_radial_density_falls_with_frames():
