@@ -1029,6 +1029,8 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it. `names`: what the
     messages about the settings call them (`COMMAND_NAMES`, the default; the demo's page: `demo.PAGE_NAMES`).
     A pattern text giving a parameter the density sets is warned of (`warn_if_density_replaces`): the density wins.
+    The videos are written before they are scored: a score that fails raises with them kept and no compare.json (an
+    earlier run's is deleted with its videos).
     """
     check_two_stage(args, pipe)
     # `--call-kwargs` and `--image` before loading; with the demo's loaded pipeline, before its still is sampled, not
@@ -1061,16 +1063,11 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
         with sparse(pipe, config) as handle:
             sparse_frames, sparse_seconds, sparse_denoise = _generate(pipe, args, progress, first_frame)
             call_stats = handle.stats(since_apply=True)  # every segment of a pipeline that runs several
-    scored = scored_frames(args)
-    # Scored before anything is written: a score that fails leaves no videos beside an earlier run's compare.json.
-    weights = lpips_weights(getattr(args, "lpips_weights", None), frame_size=dense.shape[1:3])
-    with kept_warnings() as scoring:  # a NaN score's warning, kept as `eval` keeps it
-        psnr_db, ssim_score = psnr(sparse_frames[scored], dense[scored]), ssim(sparse_frames[scored], dense[scored])
-        lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones.
-    for name in _FRAME_FILES:
+    # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones, and
+    # its compare.json beside videos it does not describe.
+    for name in (*_FRAME_FILES, "compare.json"):
         (out_dir / name).unlink(missing_ok=True)
     video_path = out_dir / "compare.mp4"
     fps = getattr(args, "fps", VIDEO_FPS)
@@ -1078,6 +1075,23 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     # Each video unlabelled at its own size too, for other metrics or viewing apart.
     dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
                                for name, frames in (("dense", dense), ("sparse", sparse_frames)))
+    scored = scored_frames(args)
+    # Scored after the videos are written: a score that failed (an unreadable LPIPS file in the torch hub cache, say)
+    # lost the runs, which can take hours on a GPU, leaving nothing to look at.
+    try:
+        weights = lpips_weights(getattr(args, "lpips_weights", None), frame_size=dense.shape[1:3])
+        with kept_warnings() as scoring:  # a NaN score's warning, kept as `eval` keeps it
+            psnr_db = psnr(sparse_frames[scored], dense[scored])
+            ssim_score = ssim(sparse_frames[scored], dense[scored])
+            lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
+    except Exception as error:
+        kept = (f"scoring failed after the runs; their videos were written ({video_path}, {dense_path}, "
+                f"{sparse_path}), compare.json was not")
+        if isinstance(error, ValueError):  # the commands print a ValueError's message alone, without notes
+            raise ValueError(f"{error} ({kept})") from error
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(kept)
+        raise
     result = CompareResult(
         model=model_label(args.model, pipe),
         config=repr(config),

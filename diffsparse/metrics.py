@@ -371,8 +371,9 @@ def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, 
     """The AlexNet checkpoint LPIPS scores with: `path` when given (a `ValueError`, before any run, when the file
     is missing or holds no AlexNet `features.*` weights of AlexNet's shapes, or the `metrics` extra's packages,
     lpips and torchvision, are not installed: LPIPS was asked for), else the torch hub cache's
-    (`alexnet_weights_path()`) when it holds one and the packages are installed, else `None` (scores go without
-    LPIPS, saying so: `lpips_missing_reason`).
+    (`alexnet_weights_path()`) when it holds one and the packages are installed (a `ValueError` too when that file
+    holds no AlexNet weights of AlexNet's shapes), else `None` (scores go without LPIPS, saying so:
+    `lpips_missing_reason`).
     `frame_size`, (height, width) in pixels when known: frames smaller than LPIPS takes get `None` too, or a
     `ValueError` when `path` asked for LPIPS."""
     if path is not None:
@@ -393,7 +394,24 @@ def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, 
     if _too_small_for_lpips(frame_size) or _missing_packages():
         return None
     default = alexnet_weights_path()
-    return default if default.is_file() else None
+    if not default.is_file():
+        return None
+    # Checked as a given file is: a wrong file there (lpips' own alex.pth copied in, a truncated download) failed in
+    # lpips() only after the runs.
+    stat = default.stat()
+    _cached_file_checked(str(default), stat.st_mtime_ns, stat.st_size)
+    return default
+
+
+@lru_cache(maxsize=4)
+def _cached_file_checked(path: str, mtime_ns: int, size: int) -> None:
+    """`_alexnet_features` of the torch hub cache's file, once per version of it (`mtime_ns`, `size`): the commands
+    ask before and after their runs, and reading 233 MB each time is not free."""
+    try:
+        _alexnet_features(Path(path), "path")
+    except ValueError as error:
+        raise ValueError(f"the torch hub cache's AlexNet checkpoint, which LPIPS scores with when no lpips_weights is "
+                         f"given, cannot be used (replace or delete it, or give lpips_weights): {error}") from error
 
 
 def lpips_missing_reason(frame_size: tuple[int, int] | None = None) -> str:

@@ -301,3 +301,23 @@ def test_each_size_left_unset_is_one_the_call_works_out_and_each_given_is_what_i
         assert case == "ltx2-dfr" and "`num_frames` must be supplied" in str(error)
     else:
         assert own == used or (case == "glm" and own == {"height": None, "width": None})
+
+
+def test_a_score_that_fails_keeps_the_videos_and_no_earlier_compare_json(tiny_pipe, tmp_path, monkeypatch):
+    # Before, scoring came first: a score that failed (a broken AlexNet file in the torch hub cache, say) lost the
+    # runs' videos, and an earlier run's compare.json stayed, describing other videos.
+    from diffsparse import compare
+    from diffsparse.demo import compare_once
+
+    for name in ("compare.json", "compare.png", "dense.png", "sparse.png"):  # an earlier one-frame run's
+        (tmp_path / name).write_text("earlier run")
+
+    def failing(*args, **kwargs):
+        raise ValueError("SSIM cannot score this")
+
+    monkeypatch.setattr(compare, "ssim", failing)
+    with pytest.raises(ValueError, match=r"SSIM cannot score this \(scoring failed after the runs; their videos were "
+                                         r"written .*dense\.mp4.*compare\.json was not\)"):
+        compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
+                     width=32, out=tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["compare.mp4", "dense.mp4", "sparse.mp4"]

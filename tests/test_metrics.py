@@ -650,3 +650,21 @@ def test_a_weights_file_of_other_shapes_or_not_a_state_dict_is_a_value_error_bef
             lpips_weights(path, frame_size=(32, 32))
         with pytest.raises(ValueError, match=f"weights_path=.*{name}'?: .*{message}"):
             lpips(video, video, weights_path=path)
+
+
+def test_a_wrong_file_in_the_torch_hub_cache_is_said_before_any_run(random_alexnet, tmp_path, monkeypatch):
+    # Before, lpips_weights() took any file there: lpips' own alex.pth copied in failed at the first score, after
+    # compare or eval had generated every video.
+    from diffsparse import metrics
+
+    cache = tmp_path / "alexnet-owt-7be5be79.pth"
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: cache)
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, cache)
+    with pytest.raises(ValueError, match=rf"torch hub cache's AlexNet checkpoint.*path='{re.escape(str(cache))}': no "
+                                         r"AlexNet features\.\* weights"):
+        metrics.lpips_weights(None, frame_size=(48, 48))
+    cache.write_bytes(random_alexnet.read_bytes())  # replaced by the right file: taken
+    assert metrics.lpips_weights(None, frame_size=(48, 48)) == cache
+    # Frames smaller than AlexNet takes: no LPIPS, said why (lpips_weights=... for them is refused, tested above).
+    assert metrics.lpips_weights(None, frame_size=(30, 48)) is None
+    assert metrics.lpips_missing_reason((30, 48)).startswith("frames of 30x48 pixels, LPIPS (AlexNet) needs at least")
