@@ -128,7 +128,9 @@ def run_eval(args) -> list[EvalRow]:
     """Every configuration of `args` (the `diffsparse eval` options; `args.order`: a `SparseConfig.order`, one
     order, a list or `None`) against dense, over the prompts (`eval_prompts`) and seeds; writes `eval.md` and
     `eval.csv` into `args.out`, from before the first video on and again after each configuration, so that a run
-    that stops (out of memory, Ctrl-C) keeps the rows it finished and says in `eval.md` that it stopped, and why."""
+    that stops (out of memory, Ctrl-C) keeps the rows it finished and says in `eval.md` that it stopped, and why.
+    An earlier run's `eval.md` and `eval.csv` there are replaced by that first write, once the model has loaded
+    (as `compare` replaces its files): give each run its own `args.out` to keep both; other files are left."""
     check_two_stage(args)
     check_call_kwargs_before_loading(args)  # and --image
     prompts = eval_prompts(args)
@@ -279,6 +281,15 @@ def _measure(pipe, config: SparseConfig, cases, dense, stills, scored, weights, 
             wall.append(seconds / dense_seconds)
             attention.append(attention_seconds / dense_attention)
             progress.update(1)
+        # A video identical to dense, which psnr_db leaves out (below), counts in ssim and lpips at 1.0 and 0: their
+        # means are over different videos, which the row must say, or its PSNR reads as taken over its SSIM's.
+        identical = sum(score[0] == float("inf") for score in scores)
+        if 0 < identical < len(scores):
+            others, counting = ("ssim and lpips", "1.0 and 0") if with_lpips else ("ssim", "1.0")
+            warnings.warn(f"diffsparse: eval: {identical} of {len(scores)} videos identical to dense (infinite "
+                          f"PSNR): psnr_db is the mean of the other {len(scores) - identical}, {others} of all "
+                          f"{len(scores)}, an identical video counting {counting} there", DiffsparseWarning,
+                          stacklevel=2)
         # Every case and every denoising run of each (a pipeline's chunks or stages), as the runtime counted
         # their steps.
         call_stats = handle.stats(since_apply=True)
@@ -683,7 +694,10 @@ def _write(rows: list[EvalRow], out: Path, args, prompts: list[str], with_lpips:
         "the first and the last steps kept dense, as given (a step count, or a fraction of the steps); "
         "correction_refresh: the steps after which a correction measures again (0: once; 0 without a correction; "
         "one that never comes in the run measures once, as its row's warnings say). warnings: how many of "
-        "diffsparse's warnings the row keeps, the configurations it stands for among them; their texts follow."
+        "diffsparse's warnings the row keeps, the configurations it stands for among them; their texts follow. "
+        "psnr_db, ssim, lpips: means over the row's videos, but psnr_db leaves out a video identical to dense "
+        "(infinite PSNR; inf only when every video is), which ssim and lpips count at 1.0 and 0: a row with some "
+        "such videos says how many in its warnings."
     )
     timing = (
         "Time ratios (sparse / dense seconds) are single runs, dense timed once before the configurations: "

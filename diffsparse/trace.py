@@ -139,6 +139,10 @@ def _nothing_to_trace(config: SparseConfig) -> ValueError:
 
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
+    """`diffsparse trace`: one generation of `args.prompt` and `args.seed` under `config`, traced
+    (`trace_attention_errors`); prints the per-step and per-layer tables and writes `trace.csv` and `trace.png` into
+    `args.out` after the generation, replacing an earlier run's there (as `compare` replaces its files); a run that
+    stops before (an error, nothing to trace) leaves them as they were. Returns the traced calls."""
     from .compare import (
         check_call_kwargs_before_loading,
         fill_call_defaults,

@@ -417,6 +417,27 @@ def test_eval_measures_dense_steps_that_round_to_the_same_steps_once(tmp_path, m
     assert [row["dense_steps"] for row in _rows(tmp_path / "ten")] == ["0", "0.2"] and len(videos) == 2 + 1 + 2
 
 
+def test_eval_merges_nothing_on_the_step_count_when_the_runs_differ(tmp_path, monkeypatch):
+    # A pipeline whose denoising runs have counts of their own (stages): 0.2 keeps no step of the 2-step run dense
+    # but 2 of the 10-step one, so dense steps 0 and 0.2 are two runs. Before, nothing pinned it: taking either
+    # count (the first seen) merged them into one row.
+    from diffsparse.api import SparseHandle
+
+    new_run = SparseHandle._new_run
+
+    def two_runs(self, num_steps=None):
+        new_run(self, num_steps)
+        self.run_step_counts.append(10)  # a second stage of 10 steps, as the warm-up sees it
+
+    monkeypatch.setattr(SparseHandle, "_new_run", two_runs)
+    args = ["eval", "--steps", "2", *TINY[2:], "--pattern", WINDOW, "--density", "none", "--dense-steps", "0,0.2",
+            "--prompts", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    assert [row["dense_steps"] for row in _rows(tmp_path)] == ["0", "0.2"]
+
+
 def test_a_correction_is_a_run_of_its_own():
     configs = [SparseConfig(pattern="radial", density=0.3, dense_steps=1, correction=c) for c in (None, "residual")]
     with warnings.catch_warnings():
@@ -756,6 +777,13 @@ def test_a_video_identical_to_dense_leaves_the_row_s_psnr_the_mean_of_the_others
             assert np.isnan(float(row["psnr_db"]))
         else:
             assert float(row["psnr_db"]) == pytest.approx(expected)
+        # SSIM counts the identical video at 1.0 where PSNR leaves it out: said in the row, which before read as
+        # both taken over the same two videos. Not where every video is identical (the dense control row).
+        said = [text for text in json.loads(row["warnings"]) if "identical to dense" in text]
+        partly = ("diffsparse: eval: 1 of 2 videos identical to dense (infinite PSNR): psnr_db is the mean of the "
+                  "other 1, ssim of all 2, an identical video counting 1.0 there")
+        assert said == ([] if name == "all" else [partly])
+    assert "psnr_db leaves out a video identical to dense" in (tmp_path / "one" / "eval.md").read_text()
 
 
 def test_the_self_attention_blocks_are_every_transformer_s():
@@ -888,6 +916,34 @@ def test_eval_md_says_while_the_run_is_under_way_that_it_is_incomplete(tmp_path,
     assert [rows for _, rows in seen] == [0, 0, 0, 0, 1]
     assert all(text.startswith(f"Incomplete: {rows} of 2 configurations measured so far.") for text, rows in seen)
     assert (tmp_path / "eval.md").read_text(encoding="utf-8").startswith("model: ")  # whole at the end
+
+
+@pytest.mark.parametrize("first_every_call_dense", [["--pattern", f"dense,{WINDOW}"],
+                                                    ["--pattern", WINDOW, "--dense-layers", "4,0"]])
+def test_the_cold_warm_up_s_warning_goes_to_the_first_row_that_runs_sparse(tmp_path, monkeypatch,
+                                                                            first_every_call_dense):
+    # The testbed's 4 blocks: dense layers 4 run every call dense, as the dense pattern does. Such a row's videos
+    # never reach the kernel, so the one-off costs the warning speaks of land in the next row's time ratios. And
+    # eval.md's section of the warm-ups' and dense videos' warnings holds each text once, none a row keeps.
+    said, count = "diffsparse: a warning of the dense path", [0]
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        count[0] += 1
+        if count[0] in (1, 3):  # the dense warm-up, then the dense video: the same text twice
+            warnings.warn(said, diffsparse.DiffsparseWarning)
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, *first_every_call_dense, "--density", "none", "--dense-steps", "0", "--prompts", "1"]
+    with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel") as caught:
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    (cold,) = {str(w.message) for w in caught if "sparse warm-up" in str(w.message)}
+    every_call_dense, sparse_row = _rows(tmp_path)
+    assert (sparse_row["pattern"], sparse_row["dense_layers"]) == (WINDOW, "0")
+    assert cold not in json.loads(every_call_dense["warnings"]) and cold in json.loads(sparse_row["warnings"])
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert table.count(said) == 1 and table.count(cold) == 1
+    assert f"Warnings of the warm-ups and the dense videos:\n- {said}\n" in table
 
 
 def test_eval_md_keeps_the_warnings_of_the_dense_videos(tmp_path, monkeypatch):
