@@ -91,8 +91,15 @@ class Flux3Adapter(ModelAdapter):
         img_ids = call_argument(args, kwargs, "img_ids", 3)
         references = forward_input(transformer, args, kwargs, "image_cond_ids")
         img_ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).float().cpu()
+        if img_ids.shape[0] != hidden_states.shape[1]:
+            # The transformer fails on it too (its RoPE does not fit the tokens): say which argument is wrong, not
+            # that diffsparse cannot read a grid.
+            raise ValueError(
+                f"FLUX.3's `img_ids` holds {img_ids.shape[0]} positions for {hidden_states.shape[1]} image tokens "
+                "(`hidden_states`); the transformer takes one `(t, h, w, l)` id per image token"
+            )
         grid = row_major_grid(img_ids)
-        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
+        if grid is None:
             raise ValueError(
                 f"diffsparse reads the FLUX.3 image grid from `img_ids`, but these {hidden_states.shape[1]} image "
                 "tokens are not one row-major grid, so this call is not supported: `diffsparse.remove(pipe)`"

@@ -25,22 +25,25 @@ from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, call_argument, forward_input, latent_grid, patch_count
 from .registry import register_adapter
 
-# The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), and
-# how many patches each of their tokens covers per axis.
-_HISTORY_TERMS = (("short", 1), ("mid", 2), ("long", 4))
+# The memory terms in the order the transformer puts them in front of the chunk (each in front of the last), how
+# many patches each of their tokens covers per axis, and the multiple Helios pads their latents up to first. The
+# padding is diffusers' own constant, fixed for the released `(1, 2, 2)` patch size (one kernel there); at another
+# patch size it is not the kernel, and the convolution drops what is left of a kernel past it.
+_HISTORY_TERMS = (("short", 1, (1, 1, 1)), ("mid", 2, (2, 4, 4)), ("long", 4, (4, 8, 8)))
 
 
 def history_tokens(transformer, args: tuple, kwargs: dict) -> int:
     """How many memory tokens the transformer puts in front of the chunk: a term counts when both its latents and
-    its frame indices are given (by keyword or position); the mid and long terms are padded up to whole patches
-    first, as Helios does."""
+    its frame indices are given (by keyword or position); the mid and long terms are padded first, as Helios does
+    (`pad_for_3d_conv`, to multiples of `(2, 4, 4)` and `(4, 8, 8)` whatever the patch size)."""
     patch_size = transformer.config.patch_size
     total = 0
-    for name, scale in _HISTORY_TERMS:
+    for name, scale, multiple in _HISTORY_TERMS:
         latents = forward_input(transformer, args, kwargs, f"latents_history_{name}")
         if latents is None or forward_input(transformer, args, kwargs, f"indices_latents_history_{name}") is None:
             continue
-        total += patch_count(latents.shape[2:], [scale * p for p in patch_size], padded=scale > 1)
+        sizes = (-(-n // m) * m for n, m in zip(latents.shape[2:], multiple))
+        total += patch_count(sizes, [scale * p for p in patch_size], padded=False)
     return total
 
 

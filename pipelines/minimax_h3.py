@@ -10,11 +10,16 @@ The runtime attends the rows in that order through its token order and hands the
 A call that packs no video rows (text and audio only, a caller's own packing) has no layout: it runs the original
 throughout, each layer counted dense without a warning (nothing sparse is lost), and takes no place among its
 step's calls (`stats()` names it `"original"` outside a `cache_context`); so does a call the transformer refuses (a
-`timestep` not 1-D, an index out of range), for it to raise its own error. Layer `i` is
-`transformer_blocks[i].attn` (the text refiner's attention stays dense).
+`timestep` not 1-D, an index out of range), for it to raise its own error. So does, with a warning, a call whose
+target is not told apart: the pipeline holds its conditioning video at `max(t, 0.999)`, so from t = 0.999 on (a
+schedule's last steps where its final sigmas are under 0.001) those rows tie with the target, and the tied rows need
+not be one box (the first keyframe sits on the target's first frame). Video rows listed twice in `video_indices` are
+refused (`ValueError`). Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays dense).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from diffusers.models.transformers.transformer_minimax_h3 import (
@@ -23,7 +28,9 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
     _apply_rotary_emb,
 )
 
+from .. import DiffsparseWarning
 from ..patterns import VideoLayout
+from ..runtime import outside_stacklevel
 from .base import ModelAdapter, SparseProcessor, forward_input
 from .registry import register_adapter
 
@@ -70,7 +77,22 @@ class MiniMaxH3Adapter(ModelAdapter):
             # call runs the original throughout (each layer counted dense, unsaid) and takes no place among its
             # step's calls; its step is its noisiest rows' (the lowest timestep), as a target's would be.
             rows = timestep[timestep_indices]
-            return None, rows.min() if rows.numel() else timestep.min()  # an empty sequence: its timesteps
+            if rows.numel() or timestep.numel():
+                return None, rows.min() if rows.numel() else timestep.min()  # an empty sequence: its timesteps
+            # No value would be neutral for the step clock: 0 after higher timesteps starts a new run of a bare loop.
+            raise ValueError(
+                "diffsparse: this MiniMax-H3 call packs no rows and passes an empty `timestep` (shape (0,)), so it "
+                "has no denoising step for diffsparse's step schedule; pass the step's timestep (the transformer "
+                "reads none with no rows) or skip the empty call"
+            )
+        values, counts = torch.unique(video_rows, return_counts=True)
+        if len(values) != len(video_rows):
+            # `index_copy` keeps one of a repeated row's latents (which, the device decides), and the row would take
+            # two places of the layout.
+            raise ValueError(
+                f"diffsparse: MiniMax-H3's `video_indices` lists rows {values[counts > 1].tolist()[:8]} of the packed "
+                "sequence more than once; each row may be a video row once (one `hidden_states` row per index)"
+            )
         # The target: the video rows at the highest noise level, the lowest timestep (MiniMax-H3's timestep is
         # `1 - sigma`: conditioning rows, cleaner, sit higher).
         row_timesteps = timestep[timestep_indices[video_rows]]
@@ -80,7 +102,21 @@ class MiniMaxH3Adapter(ModelAdapter):
         ranks = (torch.unique(axis, return_inverse=True) for axis in positions[target].unbind(-1))
         (frames, t), (height, h), (width, w) = ((len(values), index) for values, index in ranks)
         cells = (t * height + h) * width + w
+        step_time = row_timesteps.min()
         if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
+            if step_time >= _CONDITIONING_TIMESTEP:
+                # The pipeline holds its conditioning video at `max(t, 0.999)`: from there on it ties with the
+                # target, and the rows at the lowest timestep are both (the first keyframe on the target's first
+                # frame's cells). Nothing tells them apart: the call runs the original (counted dense), said, as
+                # a step planned sparse runs dense.
+                warnings.warn(
+                    f"diffsparse: MiniMax-H3's conditioning video ties with the target at timestep "
+                    f"{float(step_time):.4g} (held at {_CONDITIONING_TIMESTEP} or the target's, if higher), so the "
+                    "target cannot be told apart: this call runs the original attention (dense, counted dense in "
+                    "stats())",
+                    DiffsparseWarning, stacklevel=outside_stacklevel(),
+                )
+                return None, step_time
             raise ValueError(
                 f"diffsparse reads MiniMax-H3's target video (the {len(target)} video rows at the highest noise "
                 f"level) as a grid, but their positions do not cover one whole (t, h, w) box (they take {frames} x "
@@ -95,11 +131,15 @@ class MiniMaxH3Adapter(ModelAdapter):
         order[others] = torch.arange(text_len, device=positions.device)
         order[target] = text_len + cells
         layout = VideoLayout(frames, height, width, text_len=text_len, text_position="start")
-        # The target's timestep, as `MiniMaxH3Scheduler.timesteps` holds it (`1 - sigma`, rising as denoising goes).
-        step_time = row_timesteps.min()
+        # The step is the target's timestep, as `MiniMaxH3Scheduler.timesteps` holds it (`1 - sigma`, rising).
         if torch.equal(order, torch.arange(length, device=order.device)):
             return layout, step_time
         return layout, step_time, order
+
+
+# `MiniMaxH3ModularPipeline.keyframe_noise_aug`: the timestep the pipeline holds conditioning video rows at, or the
+# target's where that is higher.
+_CONDITIONING_TIMESTEP = 0.999
 
 
 def _lowest_timestep(timestep) -> torch.Tensor:

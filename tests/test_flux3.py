@@ -219,6 +219,22 @@ def test_image_tokens_that_are_not_a_grid_are_refused(transformer):
         transformer(**call)
 
 
+@pytest.mark.parametrize("ids", [(4, 5), (1, 1)], ids=["a grid of 20", "one id"])
+def test_image_ids_of_another_count_than_the_image_tokens_are_refused_by_name(transformer, ids):
+    # A grid of ids, but not one per image token: the transformer fails on it as well, so the error names the
+    # mismatch (before: "these 24 image tokens are not one row-major grid ... `diffsparse.remove(pipe)`", which the
+    # call would fail without too).
+    call = {**inputs(), "img_ids": image_ids(*ids)}
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        transformer(**call)
+    with (
+        diffsparse.sparse(transformer, diffsparse.SparseConfig(dense_steps=0)),
+        torch.no_grad(),
+        pytest.raises(ValueError, match=rf"`img_ids` holds {ids[0] * ids[1]} positions for 24 image tokens"),
+    ):
+        transformer(**call)
+
+
 @pytest.mark.parametrize("layer", [0, 1])  # an image mode block and a single block
 def test_other_processors_are_refused(transformer, layer):
     check_other_processors_are_refused(transformer, "FLUX.3", layer=layer)

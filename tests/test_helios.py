@@ -128,6 +128,42 @@ def test_a_memory_term_without_frame_indices_is_not_in_the_leading_span(transfor
     assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, history + 96)), (1, (1, history + 96))]
 
 
+# Helios pads the mid and long terms' latents to multiples of (2, 4, 4) and (4, 8, 8), constants that are whole
+# patches only at the released (1, 2, 2) patch size; at another one the padding can pass a patch (1 x 1 x 1 patches,
+# mid-term latents 6 wide: padded to 8, 4 tokens, not 3) or stop short of one, which the convolution drops (2 x 2 x 2
+# patches, 6 mid-term frames: padded to 6, one 4-frame patch, not 2). Helios runs these: each term's RoPE (one
+# frame per index, over the short term's grid, halved for the mid term) has as many tokens as its latents.
+@pytest.mark.parametrize("patch_size, short, mid, memory", [
+    ((1, 1, 1), (2, 8, 8), (2, 6, 6), 2 * 8 * 8 + 1 * 4 * 4),
+    ((2, 2, 2), (2, 8, 8), (6, 8, 8), 1 * 4 * 4 + 1 * 2 * 2),
+], ids=["padded past a patch", "a partial patch dropped"])
+def test_the_memory_is_counted_as_helios_pads_it_at_any_patch_size(patch_size, short, mid, memory):
+    torch.manual_seed(0)
+    model = HeliosTransformer3DModel(
+        patch_size=patch_size, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1, rope_dim=(4, 4, 4),
+    ).eval()
+
+    def call():
+        g = torch.Generator().manual_seed(1)
+        return {"hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g), "timestep": torch.tensor([500]),
+                "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+                "indices_hidden_states": torch.arange(8, 8 + 2 // patch_size[0])[None],
+                "latents_history_short": torch.randn(1, 4, *short, generator=g),
+                "indices_latents_history_short": torch.arange(6, 6 + 2 // patch_size[0])[None],
+                "latents_history_mid": torch.randn(1, 4, *mid, generator=g),
+                "indices_latents_history_mid": torch.arange(4, 6)[None]}
+
+    layout, _ = adapter_for(model).read_call(model, (), call())
+    chunk = 2 * 8 * 8 // patch_size[0] // patch_size[1] // patch_size[2]
+    assert (layout.text_len, layout.num_tokens) == (memory, memory + chunk)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=16, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        kept = run_transformer(model, call, every_block)
+    assert [shape for _, _, shape in calls] == [(1, memory + chunk)]
+    torch.testing.assert_close(kept, run_transformer(model, call), atol=1e-4, rtol=0)
+
+
 def test_other_processors_are_refused(transformer):
     check_other_processors_are_refused(transformer, "Helios", layer=1)
 

@@ -161,6 +161,23 @@ def test_a_target_that_is_not_a_whole_grid_is_refused(transformer, wrong):
 
 
 
+@pytest.mark.parametrize("listed", ["a target row", "a conditioning row"])
+def test_a_video_row_listed_twice_is_refused_by_name(transformer, listed):
+    # `index_copy` keeps one of the repeated row's latents; a target row would take two cells of the layout. Before,
+    # the message blamed the positions ("do not cover one whole (t, h, w) box"), and a repeated conditioning row ran.
+    call = inputs()()
+    row = -1 if listed == "a target row" else 0
+    call["video_indices"] = torch.cat([call["video_indices"], call["video_indices"][row:][:1]])
+    call["hidden_states"] = torch.cat([call["hidden_states"], call["hidden_states"][:, row:][:, :1]], dim=1)
+    repeated = int(call["video_indices"][-1])
+    with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
+        with pytest.raises(ValueError, match=rf"`video_indices` lists rows \[{repeated}\] .* more than once; each "
+                                             "row may be a video row once"):
+            transformer(**call)
+        transformer(**inputs()())  # the handle keeps working
+        assert {(s.dense_calls, s.sparse_calls) for s in handle.stats().layers} == {(0, 1)}
+
+
 REFUSED = {
     "a 0-d timestep": lambda call: {**call, "timestep": torch.tensor(0.3),
                                     "timestep_indices": torch.zeros_like(call["timestep_indices"])},
@@ -268,6 +285,17 @@ def test_an_empty_sequence_runs_the_original(transformer):
     assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
 
 
+def test_an_empty_sequence_without_a_timestep_is_refused_by_name(transformer):
+    # No rows and an empty `timestep` (the distinct timesteps of no rows), which the transformer runs: no step to
+    # count the call at, and none neutral (0 would start a new run of a bare loop). Before, `min()` of nothing raised.
+    call = {**no_video_call(text=0, audio=0), "timestep": torch.zeros(0)}
+    with torch.no_grad():
+        transformer(**call)
+        with diffsparse.sparse(transformer, ONE_TOKEN), pytest.raises(ValueError, match=r"packs no rows and passes "
+                                                                      r"an empty `timestep` \(shape \(0,\)\)"):
+            transformer(**call)
+
+
 @pytest.mark.parametrize("config", [diffsparse.SparseConfig(pattern="dense", dense_steps=0), ONE_TOKEN],
                          ids=["dense", "one-token window"])
 def test_a_call_without_video_rows_runs_the_original_counted_dense(transformer, config):
@@ -343,24 +371,20 @@ CONDITIONED = {
 }
 
 
-@pytest.mark.parametrize("workflow", list(CONDITIONED))
-def test_the_modular_keyframe_and_reference_denoising_run_sparse_on_the_target_video(workflow):
-    # diffusers' blocks of the workflows that pack conditioning rows ahead of the target (the target's timestep rises
-    # from 0, the conditioning's stays at 0.999): each runs its own transformer (`transformer_ref` for references)
-    # sparse, dense identical, every block kept within 1e-4, each call on its step, the first dense; the target alone
-    # is the grid, the keyframes and references in the leading span (had the cleaner rows been read as the target,
-    # the two keyframes would be a 2 x 2 x 2 grid).
+def conditioned_pipeline(workflow: str, shift: float = 12.0):
+    """The core denoise step of `workflow` (`CONDITIONED`) on a tiny transformer, its video scheduler at `shift`, and
+    the call of 4 steps (3 transformer calls) that feeds it embeddings and encoded conditioning."""
     from diffusers import MiniMaxH3Scheduler
     from diffusers.modular_pipelines import minimax_h3
 
-    block, component, video_conditions, audio_conditions, condition_rows = CONDITIONED[workflow]
+    block, component, video_conditions, audio_conditions, _ = CONDITIONED[workflow]
     torch.manual_seed(0)
     pipe = getattr(minimax_h3.modular_blocks_minimax_h3, block)().init_pipeline()
     pipe.update_components(**{component: MiniMaxH3Transformer3DModel(
         num_attention_heads=2, attention_head_dim=16, hidden_size=16, num_layers=2, num_refiner_layers=1, ffn_dim=32,
         in_channels=24, audio_in_channels=32, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
         time_embed_hidden_dim=16, time_embed_dim=16, rope_freq_dim=2).eval()},
-        scheduler=MiniMaxH3Scheduler(shift=12.0), audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
+        scheduler=MiniMaxH3Scheduler(shift=shift), audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(1)
     call = {"prompt_embeds": torch.randn(1, TEXT, TEXT_DIM, generator=g), "height": 64, "width": 64,
@@ -374,12 +398,41 @@ def test_the_modular_keyframe_and_reference_denoising_run_sparse_on_the_target_v
         call["normalized_references"] = [minimax_h3.MiniMaxH3ImageReference(image=None),
                                          minimax_h3.MiniMaxH3VideoReference(frames=None, audio=torch.zeros(2, 1)),
                                          minimax_h3.MiniMaxH3AudioReference(audio=None)]
+    return pipe, call
 
+
+@pytest.mark.parametrize("workflow", list(CONDITIONED))
+def test_the_modular_keyframe_and_reference_denoising_run_sparse_on_the_target_video(workflow):
+    # diffusers' blocks of the workflows that pack conditioning rows ahead of the target (the target's timestep rises
+    # from 0, the conditioning's stays at 0.999): each runs its own transformer (`transformer_ref` for references)
+    # sparse, dense identical, every block kept within 1e-4, each call on its step, the first dense; the target alone
+    # is the grid, the keyframes and references in the leading span (had the cleaner rows been read as the target,
+    # the two keyframes would be a 2 x 2 x 2 grid).
+    _, component, _, _, condition_rows = CONDITIONED[workflow]
+    pipe, call = conditioned_pipeline(workflow)
     stats, calls = check_modular_against_dense(pipe, call, block_size=16, output=video_and_audio)
     assert list(stats.calls) == [component]
     assert sorted((r.step, r.sparse) for r in stats.calls[component] if r.layer == 0) == [
         (0, False), (1, True), (2, True)]
     # The 37 x 2 x 2 target; the text, the conditioning and the 2 x 207 generated audio rows its span.
+    layout = VideoLayout(37, 2, 2, text_len=TEXT + condition_rows + 2 * 207, text_position="start")
+    assert {call_layout for _, call_layout, _ in calls} == {layout}
+
+
+@pytest.mark.parametrize("workflow", list(CONDITIONED))
+def test_a_step_where_the_conditioning_ties_with_the_target_runs_the_original(workflow):
+    # The pipeline holds the conditioning video at `max(t, 0.999)`. Shift 0.001 puts the last of the 3 steps at
+    # t = 0.9995, where the conditioning is at the target's timestep: the rows at the lowest timestep are both, not
+    # one box (the first keyframe on the target's first frame). That call runs the original, counted dense; before,
+    # it raised "do not cover one whole (t, h, w) box" at the generation's last step.
+    _, component, _, _, condition_rows = CONDITIONED[workflow]
+    pipe, call = conditioned_pipeline(workflow, shift=0.001)
+    tie = r"conditioning video ties with the target at timestep 0\.9995"
+    with pytest.warns(diffsparse.DiffsparseWarning, match=tie):
+        stats, calls = check_modular_against_dense(pipe, call, block_size=16, output=video_and_audio)
+    assert sorted((r.step, r.branch, r.sparse) for r in stats.calls[component] if r.layer == 0) == [
+        (0, "call 0", False), (1, "call 0", True), (2, "original", False)]
+    assert pipe.scheduler.timesteps[2] >= 0.999
     layout = VideoLayout(37, 2, 2, text_len=TEXT + condition_rows + 2 * 207, text_position="start")
     assert {call_layout for _, call_layout, _ in calls} == {layout}
 

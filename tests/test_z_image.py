@@ -108,6 +108,49 @@ def test_a_direct_transformer_call_the_pipelines_way(z_image_pipe):
     check_against_dense(z_image_pipe.transformer, lambda: inputs, block_size=16, select=torch.stack)
 
 
+@pytest.mark.parametrize("change", ["a key mask", "one token more"])
+def test_a_refiner_sequence_that_is_not_the_image_runs_the_original_counted_dense(z_image_pipe, change):
+    # The noise refiner's calls are the image and its pad, of one size, unmasked: a call of the first refiner block
+    # changed by a caller's hook (a key mask the kernel would not apply; a sequence one token longer than the image
+    # and its pad) runs the original processor with what it was given, counted dense and said, the other layers
+    # sparse. Without the check, the mask was dropped (and the call counted sparse) and the longer sequence raised.
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    transformer = z_image_pipe.transformer
+    inputs = first_transformer_call(z_image_pipe, z_image_call())
+    attention, seen = transformer.noise_refiner[0].attention, []
+
+    def change_call(module, args, kwargs):
+        x, freqs_cis = args[0], kwargs["freqs_cis"]
+        if change == "a key mask":
+            mask = torch.ones(x.shape[:2], dtype=torch.bool)
+            mask[:, -1] = False
+            return (x,), {**kwargs, "attention_mask": mask}
+        return (torch.cat([x, x[:, :1]], dim=1),), {**kwargs, "freqs_cis": torch.cat([freqs_cis, freqs_cis[:, :1]], 1)}
+
+    def record(module, args, kwargs, out):
+        seen.append((args[0], kwargs, out))
+        return out if change == "a key mask" else out[:, :-1]
+
+    hooks = [attention.register_forward_pre_hook(change_call, with_kwargs=True),
+             attention.register_forward_hook(record, with_kwargs=True)]
+    config = diffsparse.SparseConfig(pattern=Window3D(window=(1, 1, 1)), block_size=16, dense_steps=0)
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, config) as handle:
+            with pytest.warns(diffsparse.DiffsparseWarning, match="not the layout read_call described"):
+                transformer(**inputs)
+            stats = handle.stats()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [(s.layer, s.dense_calls, s.sparse_calls) for s in stats.layers] == [(0, 1, 0), (1, 0, 1), (2, 0, 1)]
+    [(x, kwargs, out)] = seen
+    with torch.no_grad():
+        expected = ZSingleStreamAttnProcessor()(attention, x, attention_mask=kwargs["attention_mask"],
+                                                freqs_cis=kwargs["freqs_cis"])
+    assert torch.equal(out, expected)
+
+
 def test_image_to_image_keeps_every_block_within_dense(components):
     pipe = ZImageImg2ImgPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
