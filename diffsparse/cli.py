@@ -63,6 +63,10 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if action.default is None or "default:" in (action.help or ""):
             return action.help
+        if isinstance(action.default, list) and action.help:
+            # As the option is typed, `0.25,0.5`: Python's `[0.25, 0.5]`, copied from the help, is refused.
+            typed = ",".join("none" if value is None else str(value) for value in action.default)
+            return f"{action.help} (default: {typed.replace('%', '%%')})"
         return super()._get_help_string(action)
 
 
@@ -311,7 +315,8 @@ def _add_lpips_weights(p) -> None:
 
 def _add_trace(sub) -> None:
     _add_one_generation(sub, "trace", "per step and layer: error of each sparse attention call vs dense attention",
-                        "seed of the initial noise", "folder for trace.csv and trace.png")
+                        "seed of the initial noise",
+                        "folder for trace.csv and trace.png (an earlier run's there are replaced)")
 
 
 def _run_trace(args) -> None:
@@ -555,7 +560,9 @@ def _add_eval(sub) -> None:
                         "prompt of --prompt-file, else 2)")
     p.add_argument("--seeds", type=_positive, default=1, help="how many seeds per prompt")
     p.add_argument("--seed", type=_seed, default=0, help="the first seed")
-    p.add_argument("--out", default="outputs", help="folder for eval.md and eval.csv")
+    p.add_argument("--out", default="outputs",
+                   help="folder for eval.md and eval.csv (an earlier run's there are replaced once the model has "
+                        "loaded)")
     _add_lpips_weights(p)
     add_two_stage_options(p, "testbed models: every run of a (prompt, seed) starts from one still sampled from the "
                           "shapes-only prompt (dense, untimed) and samples the clip image-to-video from it, as "

@@ -382,7 +382,7 @@ def test_causal_bench_efficiency_is_against_the_faster_sdpa(tmp_path, monkeypatc
     assert 0.25 < row["density"] <= 0.5  # against the masked call above 1, against the unmasked one not
     assert row["efficiency_baseline"] == "unmasked" and row["efficiency"] == 2.0 * row["density"]
     out = capsys.readouterr().out
-    assert "efficiency (speedup x measured density, 1.0 the 1/density bound) over the faster SDPA" in out
+    assert "efficiency (speedup x density, 1.0 the 1/density bound) over the faster SDPA" in out
     assert f"| 4.0 | 2.0 | 1.0 | 4.00 | {row['efficiency']:.2f} |" in out
 
 
@@ -447,26 +447,38 @@ def test_permute_bench_share_is_the_permutations_time_over_the_attentions(monkey
     assert (row["permute_ms"], row["attention_ms"], row["share"]) == ("1", "4", "0.25")
 
 
-def test_causal_groups_that_blocks_straddle_say_when_they_do_more_work_than_dense(tmp_path):
+def test_causal_groups_that_blocks_straddle_say_when_they_do_more_work_than_dense(tmp_path, monkeypatch):
     # Two groups of 32 tokens at block 64: each group computes its one partial block whole, twice dense's one block.
-    # The density says so (2.0, the kernel's work) and a warning names the cause; before, nothing did.
+    # The block density says so (2.0, the kernel's blocks) and a warning names the cause; before, nothing did.
     import argparse
 
     from diffsparse import DiffsparseWarning
     from diffsparse.bench import run_causal_bench
 
+    _fixed_clock(monkeypatch, {"dense": 4.0, "unmasked": 2.0, "sparse": 1.0})
     args = argparse.Namespace(frames=4, height=4, width=4, causal_frames=2, block_size=64, pattern="window3d",
                               density=[1.0], repeats=1, backend="auto", device="cpu", dtype="fp32", seed=0, heads=1,
                               dim=8, out=str(tmp_path))
     with pytest.warns(DiffsparseWarning, match=r"\(\[32\] tokens\) .* whole: 2x the blocks of dense attention"):
         [row] = run_causal_bench(args)
-    assert (row["path"], row["density"]) == ("per group", 2.0)
+    # The density and the efficiency are of the score matrix the call keeps, as `bench attention`'s: every pair the
+    # mask allows, 3/4 of them. Read off the block density (2.0), the efficiency was 2.7x this (4.0 for 1.5).
+    assert (row["path"], row["block_density"], row["density"]) == ("per group", 2.0, 0.75)
+    assert row["efficiency"] == 2.0 * 0.75
     # Groups of 96 tokens, longer than a block of 64 but not a multiple of it: 1.11x, and the advice is a block
     # dividing them (before, it said a block below the groups' length, which 64 already was).
     args.height, args.width = 6, 8
     with pytest.warns(DiffsparseWarning, match=r"\(\[96\] tokens\) .* 1.11x .* A block size dividing the groups'"):
         [row] = run_causal_bench(args)
-    assert row["path"] == "per group" and row["density"] == pytest.approx(10 / 9)
+    assert row["path"] == "per group" and row["block_density"] == pytest.approx(10 / 9) and row["density"] == 0.75
+    # Groups of one frame of 5 x 5 tokens at block 64 on a sparse mask: 0.69 of the blocks, 0.2825 of the pairs kept
+    # (each group's block mask laid over its tokens: 11,300 of 200 x 200).
+    args.frames, args.height, args.width, args.causal_frames, args.density = 8, 5, 5, 1, [0.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 0.5 out of reach (0.69 of the blocks): not the point here
+        [row] = run_causal_bench(args)
+    assert row["block_density"] == pytest.approx(0.6875) and row["density"] == pytest.approx(0.2825)
+    assert row["efficiency"] == 2.0 * row["density"]
 
 
 def test_the_causal_per_group_work_warning_is_said_once_per_layout():

@@ -1059,13 +1059,15 @@ def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_pa
     args = ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--causal-frames", "2", "--heads",
             "2", "--dim", "8", "--pattern", "window3d", "--density", "0.3,1", "--repeats", "2", "--out", str(tmp_path)]
     # Every block the mask allows: 3 x 3 + 3 x 6 of 6 x 6 blocks of 16; per group, 2 x 2 + 2 x 3 of 3 x 3 blocks of
-    # 32 (the partial blocks at the groups' edge count whole).
+    # 32 (the partial blocks at the groups' edge count whole in the block density, at their size in the density: the
+    # pairs the mask allows, 3/4, either way).
     for block_size, path, every_block in (("16", "whole blocks", 27 / 36), ("32", "per group", 10 / 9)):
         assert main([*args, "--block-size", block_size]) == 0
         result = json.loads((tmp_path / "bench_causal.json").read_text())
         assert result["tokens"] == 96 and result["group_tokens"] == 48 and result["repeats"] == 2
         assert [r["path"] for r in result["rows"]] == [path, path]
-        assert result["rows"][0]["density"] < result["rows"][1]["density"] == pytest.approx(every_block)
+        assert result["rows"][0]["block_density"] < result["rows"][1]["block_density"] == pytest.approx(every_block)
+        assert result["rows"][0]["density"] < result["rows"][1]["density"] == 0.75
         for r in result["rows"]:
             faster = min(r["dense_ms"], r["unmasked_ms"])
             assert r["speedup"] == r["dense_ms"] / r["sparse_ms"] and r["efficiency"] == faster / r["sparse_ms"] * (
@@ -1075,7 +1077,8 @@ def test_causal_bench_times_the_masked_dense_call_against_the_sparse_path(tmp_pa
     # Searched blocks across the groups: searched on the masked attention, per group, every allowed block at 1.
     assert main([*args, "--block-size", "32", "--pattern", "searched"]) == 0
     rows = json.loads((tmp_path / "bench_causal.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["per group"] * 2 and rows[1]["density"] == pytest.approx(10 / 9)
+    assert [r["path"] for r in rows] == ["per group"] * 2 and rows[1]["block_density"] == pytest.approx(10 / 9)
+    assert rows[1]["density"] == 0.75
 
 
 def test_eval_writes_a_table(tmp_path, capsys, monkeypatch):
@@ -1288,6 +1291,9 @@ def test_none_and_out_of_range_values_are_read_at_parsing(capsys):
         assert parse([*command, "--density", "none"]).density is None
         assert parse([*command, "--density", "0.25"]).density == 0.25
     assert parse(["eval", "--density", "None,0.2"]).density == [None, 0.2]
+    # A fraction in exponent form is a fraction, as SparseConfig takes it; "3" a step count.
+    assert parse(["compare", "--dense-steps", "2e-1", "--dense-last-steps", "3"]).dense_steps == 0.2
+    assert parse(["eval", "--dense-steps", "5E-2,3"]).dense_steps == [0.05, 3]
     step_count = "expected a step count (a whole number >= 0) or a fraction of the steps in [0, 1), got "
     for argv, message in (
         (["bench", "attention", "--density", "0"], "expected comma-separated block densities in (0, 1], got '0'"),
@@ -1515,6 +1521,22 @@ def test_help_states_each_default_once():
         parser = commands[name]
         correction = next(a for a in parser._actions if "--correction" in a.option_strings)
         assert parser._get_formatter()._expand_help(correction).endswith("(default: none)"), name
+
+
+def test_help_states_each_list_default_as_the_option_takes_it():
+    # A list default read as Python prints it, "(default: [0.25, 0.5])", which the option refuses when typed.
+    commands = _subcommands(build_parser())
+    seen = set()
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not isinstance(action.default, list):
+                continue
+            text = formatter._expand_help(action)
+            typed = text[text.rindex("(default: ") + len("(default: "):-1]
+            assert action.type(typed) == action.default, f"{name} {action.option_strings}: {text!r}"
+            seen.add(action.option_strings[0])
+    assert {"--density", "--pattern", "--frames", "--tile", "--dense-steps", "--correction"} <= seen
 
 
 def test_a_device_torch_cannot_read_is_named_once():

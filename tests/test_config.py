@@ -56,6 +56,28 @@ def test_invalid_field_raises_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match=field) as error:
         SparseConfig(**{field: value})
     assert repr(value) in str(error.value) or str(value) in str(error.value)
+    assert " must " in str(error.value)  # and what is allowed
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("density", 1),  # every block: (0, 1] holds its upper end
+        ("density", 1.0),
+        ("block_size", 1),
+        ("block_size", (1, 2)),
+        ("dense_steps", 0),
+        ("dense_steps", 0.0),
+        ("dense_steps", 0.99),
+        ("dense_last_steps", 0),
+        ("dense_layers", 0),
+        ("dense_layers", []),
+        ("correction_refresh", 0),
+    ],
+)
+def test_the_ends_of_each_fields_range_are_taken(field, value):
+    # Only values outside were tested: an upper end refused (density=1.0, every block kept) passed.
+    assert getattr(SparseConfig(**{field: value}), field) == value
 
 
 def test_defaults_and_pattern_objects():
