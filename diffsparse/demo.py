@@ -223,7 +223,9 @@ def make_handler(pipe, *, model: str | None = None, device: str = "cpu", out: st
             # Gradio shows an error that is not a gr.Error as a bare "Error": a wrong type in the call-arguments
             # field (a TypeError from inside the pipeline) or running out of memory said nothing on the page.
             logger.exception("diffsparse demo: the request failed")
-            raise gr.Error(f"the run failed: {type(error).__name__}: {error}") from error
+            # Notes too: `run_compare` adds one saying the videos were written when scoring fails after the runs.
+            notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+            raise gr.Error(f"the run failed: {type(error).__name__}: {error}{notes}") from error
         for message in result.warnings:
             gr.Warning(message)
         return result.video_path, summary

@@ -399,19 +399,22 @@ def lpips_weights(path: str | os.PathLike | None = None, frame_size: tuple[int, 
     # Checked as a given file is: a wrong file there (lpips' own alex.pth copied in, a truncated download) failed in
     # lpips() only after the runs.
     stat = default.stat()
-    _cached_file_checked(str(default), stat.st_mtime_ns, stat.st_size)
+    # The change time and inode too: a copy that keeps the size and the modification time (`rsync -a`, `cp -p`) is
+    # another file.
+    _cached_file_checked(str(default), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size)
     return default
 
 
 @lru_cache(maxsize=4)
-def _cached_file_checked(path: str, mtime_ns: int, size: int) -> None:
-    """`_alexnet_features` of the torch hub cache's file, once per version of it (`mtime_ns`, `size`): the commands
-    ask before and after their runs, and reading 233 MB each time is not free."""
+def _cached_file_checked(path: str, *version: int) -> None:
+    """`_alexnet_features` of the torch hub cache's file, once per `version` of it (its times, inode and size): the
+    commands ask before and after their runs, and reading 233 MB each time is not free."""
     try:
-        _alexnet_features(Path(path), "path")
+        _alexnet_features(Path(path), "file")
     except ValueError as error:
-        raise ValueError(f"the torch hub cache's AlexNet checkpoint, which LPIPS scores with when no lpips_weights is "
-                         f"given, cannot be used (replace or delete it, or give lpips_weights): {error}") from error
+        raise ValueError(f"the torch hub cache's AlexNet checkpoint, which LPIPS scores with when no weights are "
+                         f"given, cannot be used (replace or delete it, or give another file: lpips_weights, on the "
+                         f"command line --lpips-weights): {error}") from error
 
 
 def lpips_missing_reason(frame_size: tuple[int, int] | None = None) -> str:

@@ -345,6 +345,23 @@ def test_a_failure_inside_the_run_reaches_the_page_with_its_type_and_message(tin
     assert all(tiny_pipe.transformer.attn_processors[name] is p for name, p in processors.items())
 
 
+def test_a_scoring_failure_on_the_page_says_the_videos_were_written(tiny_pipe, tmp_path, monkeypatch):
+    # `run_compare` notes it on the error (`add_note`) when it is not a ValueError: the page showed the type and
+    # message alone, as if the runs were lost.
+    gr = pytest.importorskip("gradio")
+    from diffsparse import compare
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory in SSIM")
+
+    monkeypatch.setattr(compare, "ssim", out_of_memory)
+    submit = make_handler(tiny_pipe, out=tmp_path)
+    with pytest.raises(gr.Error, match=r"the run failed: RuntimeError: out of memory in SSIM \(scoring failed after "
+                                       r"the runs; their videos were written \(.*compare\.mp4"):
+        submit("a red circle", "window3d", 0.3, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, "")
+    assert (tmp_path / "compare.mp4").is_file() and not (tmp_path / "compare.json").exists()
+
+
 @pytest.mark.parametrize(
     "correction, dense_steps, dense_layers, steps, warned",
     [

@@ -1,6 +1,7 @@
 """PSNR and SSIM against known values, in the layouts diffusers pipelines return."""
 
 import math
+import os
 import re
 import sys
 import warnings
@@ -660,11 +661,20 @@ def test_a_wrong_file_in_the_torch_hub_cache_is_said_before_any_run(random_alexn
     cache = tmp_path / "alexnet-owt-7be5be79.pth"
     monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: cache)
     torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, cache)
-    with pytest.raises(ValueError, match=rf"torch hub cache's AlexNet checkpoint.*path='{re.escape(str(cache))}': no "
-                                         r"AlexNet features\.\* weights"):
+    with pytest.raises(ValueError, match=rf"torch hub cache's AlexNet checkpoint.*--lpips-weights\): "
+                                         rf"file='{re.escape(str(cache))}': no AlexNet features\.\* weights"):
         metrics.lpips_weights(None, frame_size=(48, 48))
     cache.write_bytes(random_alexnet.read_bytes())  # replaced by the right file: taken
     assert metrics.lpips_weights(None, frame_size=(48, 48)) == cache
+    # Damaged in place keeping its size and modification time (as `rsync -a` or `cp -p` of a bad copy would): the
+    # check, remembered per version of the file, must not take it for the one it read.
+    times = cache.stat()
+    damaged = bytearray(cache.read_bytes())
+    damaged[100:4000] = bytes(3900)
+    cache.write_bytes(bytes(damaged))
+    os.utime(cache, ns=(times.st_atime_ns, times.st_mtime_ns))
+    with pytest.raises(ValueError, match="not a torch checkpoint torch.load can read"):
+        metrics.lpips_weights(None, frame_size=(48, 48))
     # Frames smaller than AlexNet takes: no LPIPS, said why (lpips_weights=... for them is refused, tested above).
     assert metrics.lpips_weights(None, frame_size=(30, 48)) is None
     assert metrics.lpips_missing_reason((30, 48)).startswith("frames of 30x48 pixels, LPIPS (AlexNet) needs at least")
