@@ -203,12 +203,16 @@ def _frame_self(frame):
     copies a function frame's locals into a dict the frame keeps until their next read: left there, it kept the
     pipeline step's tensors (the previous latents, the noise prediction) alive until the next transformer call, and
     the last step's through the VAE decode. Emptied, except while a tracer (a debugger) is at that frame: the
-    tracer's return writes the dict back into the locals, and an empty one would unbind them."""
+    tracer's return writes the dict back into the locals, and an empty one would unbind them; and left whole where
+    other code holds it (`env = locals()` in that frame is this same dict: it would lose its keys). `locals()` and
+    `f_locals` fill it afresh at their next read, so emptying it loses nothing of the frame."""
     if sys.version_info >= (3, 13):  # a view of the locals (PEP 667), no copy
         return frame.f_locals.get("self")
     local_vars = frame.f_locals
     value = local_vars.get("self")
-    if frame.f_trace is None and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+    # References: the frame's, `local_vars`, getrefcount's argument; one more is someone else's.
+    unheld = sys.getrefcount(local_vars) <= 3
+    if unheld and frame.f_trace is None and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
         local_vars.clear()
     return value
 

@@ -13,8 +13,8 @@ step's calls (`stats()` names it `"original"` outside a `cache_context`); so doe
 `timestep` not 1-D, an index out of range), for it to raise its own error. So does, with a warning, a call whose
 target is not told apart: the pipeline holds its conditioning video at `max(t, 0.999)`, so from t = 0.999 on (a
 schedule's last steps where its final sigmas are under 0.001) those rows tie with the target, and the tied rows need
-not be one box (the first keyframe sits on the target's first frame). Video rows listed twice in `video_indices` are
-refused (`ValueError`). Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays dense).
+not be one box (the first keyframe sits on the target's first frame). Target rows listed twice in `video_indices`
+are refused (`ValueError`). Layer `i` is `transformer_blocks[i].attn` (the text refiner's attention stays dense).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
 
 from .. import DiffsparseWarning
 from ..patterns import VideoLayout
-from ..runtime import outside_stacklevel
 from .base import ModelAdapter, SparseProcessor, forward_input
 from .registry import register_adapter
 
@@ -85,18 +84,19 @@ class MiniMaxH3Adapter(ModelAdapter):
                 "has no denoising step for diffsparse's step schedule; pass the step's timestep (the transformer "
                 "reads none with no rows) or skip the empty call"
             )
-        values, counts = torch.unique(video_rows, return_counts=True)
-        if len(values) != len(video_rows):
-            # `index_copy` keeps one of a repeated row's latents (which, the device decides), and the row would take
-            # two places of the layout.
-            raise ValueError(
-                f"diffsparse: MiniMax-H3's `video_indices` lists rows {values[counts > 1].tolist()[:8]} of the packed "
-                "sequence more than once; each row may be a video row once (one `hidden_states` row per index)"
-            )
         # The target: the video rows at the highest noise level, the lowest timestep (MiniMax-H3's timestep is
         # `1 - sigma`: conditioning rows, cleaner, sit higher).
         row_timesteps = timestep[timestep_indices[video_rows]]
         target = video_rows[row_timesteps == row_timesteps.min()]
+        values, counts = torch.unique(target, return_counts=True)
+        if len(values) != len(target):
+            # A target row would take two cells of the layout. (A conditioning row listed twice is the original's
+            # to run: it stays one row of the leading span.)
+            raise ValueError(
+                f"diffsparse: MiniMax-H3's `video_indices` lists rows {values[counts > 1].tolist()[:8]} of the target "
+                "video (the rows at the lowest timestep) more than once; each may be listed once (one "
+                "`hidden_states` row per index)"
+            )
         # Each axis's coordinates ranked: the pipeline's rotary positions are not integers (times spaced unevenly,
         # rows and columns centred and scaled), only ordered.
         ranks = (torch.unique(axis, return_inverse=True) for axis in positions[target].unbind(-1))
@@ -104,11 +104,15 @@ class MiniMaxH3Adapter(ModelAdapter):
         cells = (t * height + h) * width + w
         step_time = row_timesteps.min()
         if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
-            if step_time >= _CONDITIONING_TIMESTEP:
-                # The pipeline holds its conditioning video at `max(t, 0.999)`: from there on it ties with the
-                # target, and the rows at the lowest timestep are both (the first keyframe on the target's first
-                # frame's cells). Nothing tells them apart: the call runs the original (counted dense), said, as
-                # a step planned sparse runs dense.
+            # Every video row at one timestep from t = 0.999 on: the pipeline holds its conditioning video at
+            # `max(t, 0.999)`, so there it ties with the target and the rows at the lowest timestep are both (the
+            # first keyframe on the target's first frame's cells, references beside them). Nothing tells them
+            # apart: the call runs the original (counted dense), said, as a step planned sparse runs dense. A
+            # target that is not one box beside rows at another timestep is refused below. (The runtime imports the
+            # adapters: not at the module's top.)
+            if step_time >= _CONDITIONING_TIMESTEP and bool((row_timesteps == step_time).all()):
+                from ..runtime import outside_stacklevel
+
                 warnings.warn(
                     f"diffsparse: MiniMax-H3's conditioning video ties with the target at timestep "
                     f"{float(step_time):.4g} (held at {_CONDITIONING_TIMESTEP} or the target's, if higher), so the "

@@ -161,21 +161,40 @@ def test_a_target_that_is_not_a_whole_grid_is_refused(transformer, wrong):
 
 
 
-@pytest.mark.parametrize("listed", ["a target row", "a conditioning row"])
-def test_a_video_row_listed_twice_is_refused_by_name(transformer, listed):
+def test_a_target_row_listed_twice_is_refused_by_name_and_a_conditioning_row_runs(transformer):
     # `index_copy` keeps one of the repeated row's latents; a target row would take two cells of the layout. Before,
-    # the message blamed the positions ("do not cover one whole (t, h, w) box"), and a repeated conditioning row ran.
-    call = inputs()()
-    row = -1 if listed == "a target row" else 0
-    call["video_indices"] = torch.cat([call["video_indices"], call["video_indices"][row:][:1]])
-    call["hidden_states"] = torch.cat([call["hidden_states"], call["hidden_states"][:, row:][:, :1]], dim=1)
+    # the message blamed the positions ("do not cover one whole (t, h, w) box"). A conditioning row listed twice stays
+    # one row of the leading span: the original runs it, and so does diffsparse.
+    def listed_twice(row):
+        call = inputs()()
+        call["video_indices"] = torch.cat([call["video_indices"], call["video_indices"][row:][:1]])
+        call["hidden_states"] = torch.cat([call["hidden_states"], call["hidden_states"][:, row:][:, :1]], dim=1)
+        return call
+
+    call = listed_twice(-1)
     repeated = int(call["video_indices"][-1])
     with torch.no_grad(), diffsparse.sparse(transformer, ONE_TOKEN) as handle:
-        with pytest.raises(ValueError, match=rf"`video_indices` lists rows \[{repeated}\] .* more than once; each "
-                                             "row may be a video row once"):
+        with pytest.raises(ValueError, match=rf"`video_indices` lists rows \[{repeated}\] of the target video .* "
+                                             "more than once"):
             transformer(**call)
         transformer(**inputs()())  # the handle keeps working
         assert {(s.dense_calls, s.sparse_calls) for s in handle.stats().layers} == {(0, 1)}
+    call = listed_twice(0)
+    with torch.no_grad():
+        original = transformer(**call)[0]
+        with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)):
+            assert torch.equal(transformer(**call)[0], original)
+
+
+def test_a_target_not_one_box_at_a_late_timestep_without_a_tie_is_still_refused(transformer):
+    # The tie rule (conditioning held at max(t, 0.999)) runs the original only where two rows share a position;
+    # a target row out of the box at t = 0.9995, conditioning at 1.0, was run dense blaming a tie.
+    call = inputs()()
+    call["timestep"] = torch.tensor([1.0, 0.9995])
+    call["position_ids"][-1] = torch.tensor([9, 9, 9])
+    with pytest.raises(ValueError, match="do not cover one whole"), torch.no_grad(), \
+            diffsparse.sparse(transformer, ONE_TOKEN):
+        transformer(**call)
 
 
 REFUSED = {

@@ -81,3 +81,31 @@ def _succeeds(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    # The tests import `diffsparse` first (conftest), which hid a circular import: an adapter importing the runtime
+    # at its top failed `import diffsparse.runtime` as a process's first import of diffsparse (`bench causal` and
+    # `bench attention` import it so), and pytest's filter naming `diffsparse.runtime.StepScheduleWarning` went off.
+    check = (
+        "import importlib, pkgutil, sys\n"
+        "import diffsparse\n"
+        # The checkout's folders are subpackages only by pyproject's package-dir: walked apart.
+        "packages = [diffsparse] + [importlib.import_module(f'diffsparse.{sub}') for sub in ('pipelines', 'patterns', "
+        "'kernels')]\n"
+        "names = [p.__name__ for p in packages[1:]] + [m.name for p in packages\n"
+        "         for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.') if m.name != 'diffsparse.__main__']\n"
+        "assert 'diffsparse.runtime' in names and 'diffsparse.pipelines.minimax_h3' in names, names\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m == 'diffsparse' or m.startswith('diffsparse.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as error:\n"
+        "        failed.append(f'{name}: {error}')\n"
+        "print(len(names))\n"
+        "assert not failed, failed\n"
+    )
+    done = _succeeds([sys.executable, "-c", check], cwd=ROOT.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert int(done.stdout.split()[-1]) > 50
