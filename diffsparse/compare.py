@@ -11,7 +11,7 @@ import json
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,10 +22,9 @@ from tqdm.auto import tqdm
 from . import DiffsparseWarning
 from .api import sparse, suspended
 from .bench import DTYPES, strict_json
-from .config import SparseConfig
+from .config import SparseConfig, density_replaces, given_parameters, warn_density_replaces
 from .metrics import lpips, lpips_weights, psnr, ssim
-from .patterns import get_pattern
-from .patterns.registry import did_you_mean, parse_pattern_text
+from .patterns.registry import did_you_mean
 from .pipelines import find_transformers
 
 
@@ -483,36 +482,14 @@ def check_call_kwargs(call_kwargs: dict | None, names: dict[str, str] | None = N
                              "so it must be 1 (or left out)")
 
 
-def _density_replaces(config: SparseConfig) -> list[str]:
-    """The parameters `config.pattern`'s text gives that `config.density` sets in their place: radial's `decay`
-    (`Pattern.density_sets`, solved per layout), the searched patterns' `keep` (the density itself) where it
-    differs. Window3D's `window` and SpatialTemporal's extents are scaled by the density, not replaced: none."""
-    if config.density is None or not isinstance(config.pattern, str):
-        return []
-    typed, written, ran = parse_pattern_text(config.pattern)[1], get_pattern(config.pattern), config.resolved_pattern
-    return [name for name in typed if name == written.density_sets
-            or (name in {f.name for f in fields(ran)} and getattr(ran, name) != getattr(written, name))]
-
-
 def warn_if_density_replaces(config: SparseConfig, names: dict[str, str] | None = None) -> None:
     """A `DiffsparseWarning` for each parameter `config.pattern`'s text gives that `config.density` sets in its
-    place (`_density_replaces`). The density wins, as `SparseConfig.density` and the benches' `--density` have it,
-    and `none` runs the pattern as written; said, since `--pattern 'searched(keep=0.5)' --density 0.25` ran
-    keep=0.25 without a word. `names`: what the message calls the settings (`COMMAND_NAMES`, the default)."""
-    names = COMMAND_NAMES if names is None else names
-    for name in _density_replaces(config):
-        typed = parse_pattern_text(config.pattern)[1][name]
-        pattern = get_pattern(config.pattern)
-        how = (f"{name} is solved for it on each layout where {name} changes the density"
-               if name == pattern.density_sets else f"{name}={getattr(config.resolved_pattern, name)!r} runs")
-        warnings.warn(
-            f"diffsparse: {names['pattern_given'].format(pattern=config.pattern)} gives {name}={typed!r}, and "
-            f"{names['density_given'].format(density=config.density)} sets {name} too: the density wins ({how}), "
-            f"so {name}={typed!r} is replaced; {names['no_density']} to run the pattern as written, or leave {name} "
-            f"out of {names['pattern_setting']}",
-            category=DiffsparseWarning,
-            stacklevel=2,
-        )
+    place (`density_replaces`). The density wins, as `SparseConfig.density` and the benches' `--density` have
+    it, and `none` runs the pattern as written; said, since `--pattern 'searched(keep=0.5)' --density 0.25` ran
+    keep=0.25 without a word. A pattern object is said by `SparseConfig` itself when it is made: not again here.
+    `names`: what the message calls the settings (`COMMAND_NAMES`, the default)."""
+    if isinstance(config.pattern, str):
+        warn_density_replaces(config, COMMAND_NAMES if names is None else names, stacklevel=2)
 
 
 def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str,
@@ -816,17 +793,20 @@ def _pixels(frames: np.ndarray) -> np.ndarray:
 
 
 def sparse_label(config: SparseConfig) -> str:
-    """The sparse video's label: what was asked. With a density, the pattern as given and the density, since the
-    pattern's main parameter is solved per layout while it runs (the default instance's repr named parameters that
-    never ran, the same for every density), less a parameter the density sets in its place (`_density_replaces`);
-    without one, the pattern with its parameters spelled out."""
+    """The sparse video's label: what was asked. With a density, the pattern as given (a text as typed, an object's
+    parameters other than their defaults: `given_parameters`) and the density, since the pattern's main parameter is
+    solved per layout while it runs (the default instance's repr named parameters that never ran, the same for every
+    density), less a parameter the density sets in its place (`density_replaces`); without one, the pattern with
+    its parameters spelled out."""
     if config.density is None:
         return f"sparse {config.resolved_pattern!r}"
-    pattern = config.pattern if isinstance(config.pattern, str) else repr(config.pattern)
-    replaced = _density_replaces(config)
-    if replaced:  # a parameter the density set in its place never ran: `searched(keep=0.5) @ density 0.25` named it
-        name, typed = parse_pattern_text(config.pattern)
-        kept = ", ".join(f"{key}={value!r}" for key, value in typed.items() if key not in replaced)
+    pattern = config.pattern
+    replaced = density_replaces(config)
+    # A parameter the density set in its place never ran: `searched(keep=0.5) @ density 0.25` named it, and an
+    # object's repr named `decay`, solved per layout, and the defaults the text form leaves out.
+    if replaced or not isinstance(pattern, str):
+        name, given = given_parameters(pattern)
+        kept = ", ".join(f"{key}={value!r}" for key, value in given.items() if key not in replaced)
         pattern = f"{name}({kept})" if kept else name
     return f"sparse {pattern} @ density {config.density:g}"
 

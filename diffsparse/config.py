@@ -5,16 +5,20 @@ from __future__ import annotations
 import ast
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from fractions import Fraction
 
 import numpy as np
 
+from . import DiffsparseWarning
 from .kernels import BACKENDS
 from .patterns import Pattern, Searched, SearchedWindows, TokenOrder, get_pattern
 from .patterns.base import as_pair
 from .patterns.ordering import as_order
+from .patterns.registry import parse_pattern_text
 
 StepCount = int | float  # steps, or a fraction of the steps
 CORRECTIONS = ("residual",)
@@ -79,6 +83,79 @@ def resolve_step_count(value: StepCount, num_steps: int) -> int:
     return value
 
 
+def given_parameters(pattern: str | Pattern) -> tuple[str, dict]:
+    """`pattern`'s name and the parameters it gives: a text's as typed (`"radial(decay=0.5)"` -> `("radial",
+    {"decay": 0.5})`), an object's those that differ from their defaults (an object cannot tell a default given from
+    one left out)."""
+    if isinstance(pattern, str):
+        return parse_pattern_text(pattern)
+    given = {}
+    for f in fields(pattern) if is_dataclass(pattern) else ():
+        if not f.init:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        value = getattr(pattern, f.name)
+        try:
+            # The default as the pattern holds it: Window3D's `stride=1` is held as (1, 1, 1).
+            default = MISSING if default is MISSING else getattr(replace(pattern, **{f.name: default}), f.name)
+        except (ValueError, TypeError):  # the default does not fit the other parameters given: this one is given too
+            default = MISSING
+        if default is MISSING or value != default:
+            given[f.name] = value
+    return pattern.name, given
+
+
+def density_replaces(config: SparseConfig) -> dict:
+    """The parameters `config.pattern` gives (`given_parameters`) that `config.density` sets in their place, with
+    the values given: the one the density is solved for per layout (`Pattern.density_sets`: radial's `decay`), and
+    one the density sets outright where it differs (the searched patterns' `keep`, the density itself). Window3D's
+    `window` and SpatialTemporal's extents are scaled by the density, not replaced: none. The one rule for the
+    warning (`warn_density_replaces`) and the commands' label, for a text and an object alike."""
+    if config.density is None:
+        return {}
+    written, ran = get_pattern(config.pattern), config.resolved_pattern
+    own = {f.name for f in fields(ran)} if is_dataclass(ran) else set()
+    return {name: value for name, value in given_parameters(config.pattern)[1].items()
+            if name == written.density_sets or (name in own and getattr(ran, name) != getattr(written, name))}
+
+
+# What the warning of a parameter the density replaces calls the settings in the Python API (`warn_density_replaces`'s
+# `names`; the commands name their options, `compare.COMMAND_NAMES`).
+API_NAMES = {
+    "pattern_given": "SparseConfig.pattern={pattern!r}",
+    "density_given": "density={density:g}",
+    "no_density": "give density=None",
+    "pattern_setting": "the pattern's arguments",
+}
+
+
+def warn_density_replaces(config: SparseConfig, names: dict[str, str], stacklevel: int = 1) -> None:
+    """A `DiffsparseWarning` for each parameter `config.pattern` gives that `config.density` sets in its place
+    (`density_replaces`): the density wins, and `None` runs the pattern as written. `names`: what the message calls
+    the settings (`API_NAMES`, `compare.COMMAND_NAMES`); `stacklevel` as `warnings.warn`'s, from the caller."""
+    written = get_pattern(config.pattern)
+    for name, value in density_replaces(config).items():
+        how = (f"{name} is solved for it on each layout where {name} changes the density"
+               if name == written.density_sets else f"{name}={getattr(config.resolved_pattern, name)!r} runs")
+        warnings.warn(
+            f"diffsparse: {names['pattern_given'].format(pattern=config.pattern)} gives {name}={value!r}, and "
+            f"{names['density_given'].format(density=config.density)} sets {name} too: the density wins ({how}), "
+            f"so {name}={value!r} is replaced; {names['no_density']} to run the pattern as written, or leave {name} "
+            f"out of {names['pattern_setting']}",
+            category=DiffsparseWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _outside_stacklevel() -> int:
+    """`warnings.warn`'s `stacklevel` from `SparseConfig.__post_init__` naming the line that built the config, past
+    the generated `__init__` (which runs in this module) and `dataclasses.replace`."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__") in (__name__, "dataclasses"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @dataclass(frozen=True)
 class SparseConfig:
     r"""
@@ -104,7 +181,15 @@ class SparseConfig:
             stay dense and 3 or 5 frames keep at least 0.78 or 0.53 (block 64, frames of 30 x 52 tokens); a
             warning says so, once per layout, when the reached density is more than `max(0.05, target / 4)` from
             the target. For `"searched"` it is the share of blocks the search keeps (`keep`; with
-            `top_p`, the most it keeps), for `"searched_windows"` the layer's budget its windows share (`keep`). `None` uses the pattern's parameters as given.
+            `top_p`, the most it keeps), for `"searched_windows"` the layer's budget its windows share (`keep`).
+            The density wins over a parameter the pattern gives that it sets (`density_replaces`): radial's
+            `decay`, and a searched `keep` other than the density. A pattern object gives the parameters that
+            differ from their defaults (it cannot tell a default given from one left out), and one the density
+            replaces is a `DiffsparseWarning` when the config is made (again for each `dataclasses.replace` of
+            it): `Radial(decay=0.5)` with `density=0.25` runs decay solved per layout, `Searched(keep=0.5)` runs
+            keep=0.25. A pattern text is what the commands take, and they say it naming their options
+            (`compare.warn_if_density_replaces`). Window3D's `window` and SpatialTemporal's extents are scaled by
+            the density, not replaced. `None` uses the pattern's parameters as given.
         block_size (`int` or `(int, int)`, *optional*, defaults to `64`):
             Kernel block size in tokens, one int for queries and keys or `(block_q, block_k)`. Masks are decided
             per block; sequence lengths that are not a multiple are padded and the padding masked.
@@ -231,6 +316,11 @@ class SparseConfig:
                 f"SparseConfig.correction_refresh={refresh!r} has no effect without a correction: "
                 f"set correction to one of {CORRECTIONS} or leave correction_refresh=0"
             )
+        if not isinstance(self.pattern, str):
+            # An object is given only through the Python API, where nothing else says it: `Radial(decay=0.5)` with
+            # a density ran a solved decay without a word. A text is what the commands take, and they say it in
+            # their options' names where their JSON and page keep it (`compare.warn_if_density_replaces`).
+            warn_density_replaces(self, API_NAMES, stacklevel=_outside_stacklevel())
 
     def __hash__(self) -> int:
         # The generated hash fails on a list field; hashing lists as tuples keeps equal configs' hashes equal.

@@ -7,6 +7,7 @@ import pytest
 
 from diffsparse import DiffsparseWarning, SparseConfig, compare
 from diffsparse.demo import compare_once
+from diffsparse.patterns import Radial, Searched, SearchedWindows, Window3D
 
 SMALL = {"steps": 2, "frames": 5, "height": 32, "width": 32, "seed": 0}
 
@@ -87,3 +88,29 @@ def test_the_page_says_a_parameter_its_density_replaces_and_the_label_leaves_it_
             "set the 'target block density' slider to 0 to run the pattern as written, or leave keep out of the "
             "'pattern' field")
     assert said in result.warnings and said in summary
+
+
+@pytest.mark.parametrize(
+    ("pattern", "label", "replaced"),
+    [
+        # The parameters given, less the one the density sets in its place, as the same given as text reads.
+        (Radial(decay=0.5, sink=True), "sparse radial(sink=True) @ density 0.25", True),
+        ("radial(decay=0.5, sink=True)", "sparse radial(sink=True) @ density 0.25", True),
+        (Searched(keep=0.5, sample_rows=8), "sparse searched(sample_rows=8) @ density 0.25", True),
+        (SearchedWindows(keep=0.4), "sparse searched_windows @ density 0.25", True),
+        # The defaults: decay solved per layout, keep the density, whatever the default instance holds.
+        (Radial(), "sparse radial @ density 0.25", False), (Searched(), "sparse searched @ density 0.25", False),
+        (Window3D(window=(1, 4, 4)), "sparse window3d(window=(1, 4, 4)) @ density 0.25", False),
+    ],
+)
+def test_the_label_of_a_pattern_object_leaves_out_what_the_density_replaces(pattern, label, replaced):
+    # Before, an object's repr: `sparse radial(decay=0.5, min_window=64, sink=True) @ density 0.25` (decay is solved
+    # per layout) and `sparse searched(keep=0.5, ...) @ density 0.25` (keep=0.25 ran).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = SparseConfig(pattern=pattern, density=0.25)
+        made = len(caught)
+        compare.warn_if_density_replaces(config)  # an object was said when the config was made: not twice
+    assert compare.sparse_label(config) == label
+    assert len(caught) == replaced and all(w.category is DiffsparseWarning for w in caught)
+    assert made == (0 if isinstance(pattern, str) else len(caught))

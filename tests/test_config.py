@@ -4,13 +4,14 @@ import collections
 import copy
 import dataclasses
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import diffsparse
 from diffsparse import SparseConfig
-from diffsparse.patterns import FrameSink, Radial, TileOrder, Window3D
+from diffsparse.patterns import FrameSink, Radial, Searched, SearchedWindows, SpatialTemporal, TileOrder, Window3D
 from diffsparse.pipelines.tiny import tiny_wan_config, tiny_wan_pipeline
 
 
@@ -274,3 +275,47 @@ def test_an_unhashable_custom_order_is_refused_by_name():
     with pytest.raises(ValueError, match="order must be hashable"):
         Dense().block_mask(VideoLayout(2, 2, 2), 4, order=Mine())
     hash(diffsparse.SparseConfig(pattern="window3d", order=Frozen()))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "density", "said"),
+    [
+        (Radial(decay=0.5, sink=True), 0.25, (
+            "diffsparse: SparseConfig.pattern=radial(decay=0.5, min_window=64, sink=True) gives decay=0.5, and "
+            "density=0.25 sets decay too: the density wins (decay is solved for it on each layout where decay changes "
+            "the density), so decay=0.5 is replaced; give density=None to run the pattern as written, or leave decay "
+            "out of the pattern's arguments")),
+        (Searched(keep=0.5), 0.25, "gives keep=0.5, and density=0.25 sets keep too: the density wins (keep=0.25 runs)"),
+        (SearchedWindows(keep=0.4), 0.2, "gives keep=0.4, and density=0.2 sets keep too"),
+        # Nothing replaced: no density; parameters at their defaults (an object cannot tell them from left out);
+        # keep equal to the density; parameters the density does not set, or scales (window3d's window).
+        (Radial(decay=0.5), None, None), (Radial(), 0.3, None), (Searched(), 0.5, None),
+        (Searched(keep=0.3, refresh=4), 0.3, None), (Radial(min_window=32, sink=True), 0.3, None),
+        (Window3D(window=(1, 4, 4)), 0.3, None), (SpatialTemporal(frames=1, width=1), 0.3, None),
+        # A text is said by the commands, in their options' names (`compare.warn_if_density_replaces`): not here.
+        ("radial(decay=0.5)", 0.25, None), ("searched(keep=0.5)", 0.25, None),
+    ],
+)
+def test_a_pattern_object_s_parameter_the_density_replaces_is_said_when_the_config_is_made(pattern, density, said):
+    # Before, `SparseConfig(pattern=Radial(decay=0.5), density=0.25)` ran decay solved per layout, and
+    # `Searched(keep=0.5)` ran keep=0.25, without a word, while the same as a `--pattern` text warned.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = SparseConfig(pattern=pattern, density=density)
+        copied = dataclasses.replace(config, dense_steps=0)  # a new config, made as this one: said again
+    assert [w.category for w in caught] == [diffsparse.DiffsparseWarning] * (2 if said else 0)
+    assert all(said in str(w.message) for w in caught)
+    assert all(w.filename == __file__ for w in caught)  # the user's line, not diffsparse's or dataclasses'
+    assert [w.lineno for w in caught] == sorted({w.lineno for w in caught})
+    assert copied.resolved_pattern == config.resolved_pattern
+
+
+def test_an_object_gives_the_parameters_other_than_their_defaults():
+    from diffsparse.config import given_parameters
+
+    assert given_parameters(Radial(decay=0.5, sink=True)) == ("radial", {"decay": 0.5, "sink": True})
+    # Held otherwise than given (`stride=1` as (1, 1, 1)): still its default.
+    assert given_parameters(Window3D(window=(1, 4, 4), stride=1)) == ("window3d", {"window": (1, 4, 4)})
+    assert given_parameters(Window3D(window=(3, 4, 4), stride=(1, 2, 2))) == (
+        "window3d", {"window": (3, 4, 4), "stride": (1, 2, 2)})
+    assert given_parameters("radial(decay=1.0)") == ("radial", {"decay": 1.0})  # a text: as typed

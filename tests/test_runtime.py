@@ -170,7 +170,7 @@ def test_a_layout_that_is_not_the_sequence_attended_is_said_in_the_layout_s_term
                              video_queries=video_queries).shape[1] == q.shape[1] - (layout.video_start * video_queries)
 
 
-@pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
+@pytest.mark.parametrize("pattern", [Radial(min_window=4), "searched(budget='row')"])  # decay: density's
 def test_a_list_of_orders_gives_the_layers_each_in_turn(pattern):
     # VMoBA's partitions cycling across layers: layer i attends as a runtime with order[i % len(order)] alone would
     # (plans, density solutions and searches per order), and the orders do differ here.
@@ -195,7 +195,7 @@ def test_a_list_of_orders_gives_the_layers_each_in_turn(pattern):
                                                                         alone[0].config.layer_order(0)]
 
 
-@pytest.mark.parametrize("pattern", [Radial(decay=0.25, min_window=4), "searched(budget='row')"])
+@pytest.mark.parametrize("pattern", [Radial(min_window=4), "searched(budget='row')"])  # decay: density's
 @pytest.mark.parametrize("order", [None, TileOrder((1, 2, 4))])
 def test_video_queries_are_the_video_rows_of_the_whole_calls_attention(pattern, order):
     # Queries on the video tokens only (keys and values over the whole [text, video] sequence, as a model with a
