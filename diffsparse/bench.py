@@ -650,8 +650,8 @@ def run_pipeline_bench(args, config) -> dict:
     (mean block density over every self-attention call, dense calls counting 1.0) and the efficiency,
     attention speedup x work (1.0: the sparse path reaches the 1 / work bound). Writes `bench_pipeline.json`
     into `args.out`. The work is `stats()`'s, the runtime's blocks counted whole (it keeps no other per call), not
-    the kept share of the score matrix that `bench attention` and `bench causal` read: within 1.5% of it on a
-    layout of whole frames (the testbed's 2,448 tokens at block 64: window3d 0.256 against 0.260), but past it
+    the kept share of the score matrix that `bench attention` and `bench causal` read: about 1.5% from it on
+    the testbed's whole frames (2,448 tokens at block 64: window3d 0.256 against 0.260; more on small frames), past it
     under a causal frame-group mask whose groups blocks straddle (`bench causal`'s `block_density`).
     """
     from .api import SparseStats, sparse
