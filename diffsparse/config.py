@@ -98,8 +98,10 @@ def given_parameters(pattern: str | Pattern) -> tuple[str, dict]:
         try:
             # The default as the pattern holds it: Window3D's `stride=1` is held as (1, 1, 1).
             default = MISSING if default is MISSING else getattr(replace(pattern, **{f.name: default}), f.name)
-        except (ValueError, TypeError):  # the default does not fit the other parameters given: this one is given too
+        except ValueError:  # the default does not fit the other parameters given: this one is given too
             default = MISSING
+        except TypeError:  # a subclass with an `__init__` of its own, which `replace` cannot call: as declared
+            pass
         if default is MISSING or value != default:
             given[f.name] = value
     return pattern.name, given

@@ -88,8 +88,13 @@ class MiniMaxH3Adapter(ModelAdapter):
         # `1 - sigma`: conditioning rows, cleaner, sit higher).
         row_timesteps = timestep[timestep_indices[video_rows]]
         target = video_rows[row_timesteps == row_timesteps.min()]
+        step_time = row_timesteps.min()
+        # Every video row at one timestep from t = 0.999 on: the pipeline holds its conditioning video at
+        # `max(t, 0.999)`, so there it ties with the target and the rows at the lowest timestep are both (the first
+        # keyframe on the target's first frame's cells, references beside them).
+        tied = bool(step_time >= _CONDITIONING_TIMESTEP and (row_timesteps == step_time).all())
         values, counts = torch.unique(target, return_counts=True)
-        if len(values) != len(target):
+        if len(values) != len(target) and not tied:
             # A target row would take two cells of the layout. (A conditioning row listed twice is the original's
             # to run: it stays one row of the leading span.)
             raise ValueError(
@@ -102,15 +107,11 @@ class MiniMaxH3Adapter(ModelAdapter):
         ranks = (torch.unique(axis, return_inverse=True) for axis in positions[target].unbind(-1))
         (frames, t), (height, h), (width, w) = ((len(values), index) for values, index in ranks)
         cells = (t * height + h) * width + w
-        step_time = row_timesteps.min()
         if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
-            # Every video row at one timestep from t = 0.999 on: the pipeline holds its conditioning video at
-            # `max(t, 0.999)`, so there it ties with the target and the rows at the lowest timestep are both (the
-            # first keyframe on the target's first frame's cells, references beside them). Nothing tells them
-            # apart: the call runs the original (counted dense), said, as a step planned sparse runs dense. A
-            # target that is not one box beside rows at another timestep is refused below. (The runtime imports the
-            # adapters: not at the module's top.)
-            if step_time >= _CONDITIONING_TIMESTEP and bool((row_timesteps == step_time).all()):
+            # Tied (above), nothing tells the target apart: the call runs the original (counted dense), said, as a
+            # step planned sparse runs dense. A target that is not one box beside rows at another timestep is
+            # refused below. (The runtime imports the adapters: not at the module's top.)
+            if tied:
                 from ..runtime import outside_stacklevel
 
                 warnings.warn(

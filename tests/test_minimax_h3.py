@@ -184,6 +184,13 @@ def test_a_target_row_listed_twice_is_refused_by_name_and_a_conditioning_row_run
         original = transformer(**call)[0]
         with diffsparse.sparse(transformer, diffsparse.SparseConfig(pattern="dense", dense_steps=0)):
             assert torch.equal(transformer(**call)[0], original)
+    # At a step where the conditioning ties with the target (every video row at one timestep >= 0.999) it is one of
+    # the rows at the lowest timestep: the call runs the original, as any tie does (it was refused as a target row).
+    call["timestep"] = torch.tensor([0.9995, 0.9995])
+    with torch.no_grad():
+        original = transformer(**call)[0]
+        with diffsparse.sparse(transformer, ONE_TOKEN), pytest.warns(diffsparse.DiffsparseWarning, match="ties"):
+            assert torch.equal(transformer(**call)[0], original)
 
 
 def test_a_target_not_one_box_at_a_late_timestep_without_a_tie_is_still_refused(transformer):
