@@ -46,6 +46,23 @@ class DiffsparseWarning(UserWarning):
     diffsparse's calls pass on."""
 
 
+# Whose frames lie between a user's line and a warning diffsparse raises: its own (adapters, patterns and kernels
+# too), the module calls and hooks of torch, diffusers and accelerate (offloading), and `dataclasses.replace` of a
+# config.
+_CALL_PACKAGES = frozenset({"diffsparse", "torch", "diffusers", "accelerate", "dataclasses"})
+
+
+def outside_stacklevel() -> int:
+    """`warnings.warn`'s `stacklevel`, given in the function that calls it, naming the first frame whose module is
+    outside `_CALL_PACKAGES`: the user's line that called the pipeline, the transformer or `SparseConfig`, however
+    many frames lie between (a fixed count named a line of diffsparse's own, and differs under accelerate's hooks or
+    torch.compile's). By module name, so a dataclass's generated `__init__` counts as its class's module."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _CALL_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import DiffsparseWarning
+from . import DiffsparseWarning, outside_stacklevel
 from .config import SparseConfig, resolve_step_count
 from .pipelines import ModelAdapter, adapter_for, find_transformers
 from .pipelines.base import SparseProcessor, context_parallel_config
@@ -20,7 +20,6 @@ from .runtime import (
     StepClock,
     StepScheduleWarning,
     _has_run_schedule,
-    outside_stacklevel,
     pipeline_timestep,
     register_context_hook,
     remove_context_hook,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
@@ -13,7 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import DiffsparseWarning
+from . import DiffsparseWarning, outside_stacklevel
 from .kernels import BACKENDS
 from .patterns import Pattern, Searched, SearchedWindows, TokenOrder, get_pattern
 from .patterns.base import as_pair
@@ -147,15 +146,6 @@ def warn_density_replaces(config: SparseConfig, names: dict[str, str], stackleve
             category=DiffsparseWarning,
             stacklevel=stacklevel + 1,
         )
-
-
-def _outside_stacklevel() -> int:
-    """`warnings.warn`'s `stacklevel` from `SparseConfig.__post_init__` naming the line that built the config, past
-    the generated `__init__` (which runs in this module) and `dataclasses.replace`."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__") in (__name__, "dataclasses"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @dataclass(frozen=True)
@@ -322,7 +312,7 @@ class SparseConfig:
             # An object is given only through the Python API, where nothing else says it: `Radial(decay=0.5)` with
             # a density ran a solved decay without a word. A text is what the commands take, and they say it in
             # their options' names where their JSON and page keep it (`compare.warn_if_density_replaces`).
-            warn_density_replaces(self, API_NAMES, stacklevel=_outside_stacklevel())
+            warn_density_replaces(self, API_NAMES, stacklevel=outside_stacklevel())
 
     def __hash__(self) -> int:
         # The generated hash fails on a list field; hashing lists as tuples keeps equal configs' hashes equal.

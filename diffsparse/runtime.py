@@ -13,7 +13,6 @@ import functools
 import inspect
 import itertools
 import math
-import os
 import sys
 import warnings
 import weakref
@@ -32,7 +31,7 @@ from diffusers.hooks.context_parallel import (
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
 
-from . import DiffsparseWarning
+from . import DiffsparseWarning, outside_stacklevel
 from .config import SparseConfig
 from .kernels import BlockSparsePlan, block_sparse_attention, make_plan
 from .patterns import DenseQueryFrames, FrameCausal, HeadShard, IdentityOrder, Pattern, TokenOrder, VideoLayout
@@ -60,24 +59,6 @@ _PLAN_CACHE_SIZE = 64
 # Calls at one timestep outside any schedule (a bare transformer) beyond which no guidance explains them (CFG gives
 # two, a few guiders three or four): a one-step model or a timing loop that never starts a new run.
 _MANY_CALLS_PER_STEP = 8
-
-
-# Whose frames lie between a user's call and a warning raised while it runs: a pipeline's, the hooks and module calls
-# of diffusers, torch and accelerate (offloading), and diffsparse's own (its adapters, patterns and kernels too).
-_CALL_PACKAGES = ("diffsparse", "diffsparse.pipelines", "diffsparse.patterns", "diffsparse.kernels", "torch",
-                  "diffusers", "accelerate")
-
-
-def outside_stacklevel() -> int:
-    """`warnings.warn`'s `stacklevel`, given in the function that calls it, naming the first frame outside
-    `_CALL_PACKAGES`: the user's line that called the pipeline or the transformer, however many frames lie between
-    (a fixed count named a line of diffsparse's own, and differs under accelerate's hooks or torch.compile's)."""
-    prefixes = tuple(os.path.join(path, "") for name in _CALL_PACKAGES if (module := sys.modules.get(name)) is not None
-                     for path in getattr(module, "__path__", ()))
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @dataclass

@@ -28,7 +28,7 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
     _apply_rotary_emb,
 )
 
-from .. import DiffsparseWarning
+from .. import DiffsparseWarning, outside_stacklevel
 from ..patterns import VideoLayout
 from .base import ModelAdapter, SparseProcessor, forward_input
 from .registry import register_adapter
@@ -110,10 +110,8 @@ class MiniMaxH3Adapter(ModelAdapter):
         if frames * height * width != len(target) or len(torch.unique(cells)) != len(target):
             # Tied (above), nothing tells the target apart: the call runs the original (counted dense), said, as a
             # step planned sparse runs dense. A target that is not one box beside rows at another timestep is
-            # refused below. (The runtime imports the adapters: not at the module's top.)
+            # refused below.
             if tied:
-                from ..runtime import outside_stacklevel
-
                 warnings.warn(
                     f"diffsparse: MiniMax-H3's conditioning video ties with the target at timestep "
                     f"{float(step_time):.4g} (held at {_CONDITIONING_TIMESTEP} or the target's, if higher), so the "
