@@ -6,7 +6,7 @@ from types import MappingProxyType
 
 import torch
 
-from .. import DiffsparseWarning
+from .. import DiffsparseWarning, outside_stacklevel
 from . import cpu, reference, triton_block_sparse
 from .plan import BlockSparsePlan, needs_grad, resolve_scale
 from .triton_block_sparse import (
@@ -98,12 +98,14 @@ def choose_backend(
         refused = _triton_refuses(plan, head_dim, dtype) if ok else None
         if ok and refused is None:
             return "triton"
+        # Both name the user's line (in a pipeline call, past any number of frames of diffsparse, diffusers and
+        # torch): a fixed count named a line of diffsparse's runtime there.
         if refused == _INTERPRETER_BFLOAT16:
             warnings.warn(
                 f"diffsparse: backend='auto' runs {refused} on the torch-ops path (float16 or float32 run the "
                 "Triton kernel under the interpreter; or unset TRITON_INTERPRET)",
                 category=DiffsparseWarning,
-                stacklevel=3,
+                stacklevel=outside_stacklevel(),
             )
         elif refused is not None:
             warnings.warn(
@@ -112,7 +114,7 @@ def choose_backend(
                 f"{MAX_HEAD_DIM} (at float32 above {FP32_MAX_HEAD_DIM_WITH_128_BLOCKS} only blocks of 64) "
                 "(SparseConfig.block_size=64 or 128 for its speed)",
                 category=DiffsparseWarning,
-                stacklevel=3,
+                stacklevel=outside_stacklevel(),
             )
         logger.debug(f"backend 'triton' not chosen: {refused or why}; using the portable 'cpu' backend")
     else:

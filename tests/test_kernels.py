@@ -3,6 +3,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -362,8 +364,9 @@ def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(
                                         ((64, 64), 320, None, "head dim 320"),
                                         ((128, 64), 256, fp32, "float32 with head dim 256 and blocks of 128 x 64"),
                                         ((64, 128), 129, fp32, "float32 with head dim 129 and blocks of 64 x 128")):
-        with pytest.warns(UserWarning, match=f"backend='auto' runs {what}.* on the torch-ops path"):
+        with pytest.warns(UserWarning, match=f"backend='auto' runs {what}.* on the torch-ops path") as said:
             assert choose_backend(cuda, plan=plan_of[size], head_dim=head_dim, dtype=dtype) == "cpu"
+        assert [w.filename for w in said] == [__file__]  # the caller's line, not one past it
     # Under TRITON_INTERPRET=1 on a CUDA machine the kernel refuses bfloat16 (the interpreter gets it wrong): auto
     # picked it and the call raised.
     monkeypatch.setattr(attention.triton_block_sparse, "_INTERPRETED", True)
@@ -371,6 +374,37 @@ def test_auto_takes_the_torch_ops_path_for_what_the_triton_kernel_does_not_take(
                                          r"path \(float16 or float32 run the Triton kernel under the interpreter"):
         assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.bfloat16) == "cpu"
     assert choose_backend(cuda, plan=plan_of[64, 64], head_dim=64, dtype=torch.float16) == "triton"
+
+
+def _choose_backend_as_on_cuda(device, *args):
+    return choose_backend(torch.device("cuda"), *args)
+
+
+@pytest.mark.parametrize("cpu_kernel", ["portable"], indirect=True)
+@torch.no_grad()
+def test_auto_s_warning_in_a_pipeline_call_names_the_line_that_made_the_call(cpu_kernel, monkeypatch):
+    # On a GPU "auto" warns from deep inside the pipeline call when the Triton kernel does not take the config's
+    # blocks: a fixed stacklevel named a line of diffsparse's runtime instead of the user's call.
+    import diffsparse
+    from diffsparse.kernels import attention
+    from diffsparse.pipelines.tiny import tiny_wan_pipeline
+
+    from helpers import tiny_call
+
+    monkeypatch.setattr(attention, "triton_available", lambda device: (True, "Triton on a test GPU"))
+    # The CPU tensors are taken for CUDA ones where the backend is chosen, by a stand-in that counts, as the frame
+    # it replaces does, as one of diffsparse's (the `__name__` it is defined under).
+    as_on_cuda = types.FunctionType(_choose_backend_as_on_cuda.__code__,
+                                    {**globals(), "__name__": attention.__name__})
+    monkeypatch.setattr(attention, "choose_backend", as_on_cuda)
+    pipe = tiny_wan_pipeline()
+    diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    call = tiny_call(num_inference_steps=1, num_frames=5, height=32, width=32, guidance_scale=1.0)
+    line = sys._getframe().f_lineno + 2
+    with pytest.warns(diffsparse.DiffsparseWarning, match="backend='auto' runs blocks of 16 x 16 tokens") as caught:
+        pipe(**call)
+    said = {(w.filename, w.lineno) for w in caught if "backend='auto' runs" in str(w.message)}
+    assert said == {(__file__, line)}
 
 
 def test_the_public_entry_point_tells_the_backend_chooser_the_dtype(monkeypatch):
