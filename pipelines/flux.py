@@ -22,7 +22,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from .. import DiffsparseWarning
+from .. import DiffsparseWarning, outside_stacklevel
 from ..patterns import VideoLayout
 from .base import (
     ModelAdapter,
@@ -82,7 +82,7 @@ class DenseMaskWarning:
             f"diffsparse: {self.runtime.name}: {self.mask_family} self-attention calls with this attention_mask (shape "
             f"{tuple(mask.shape)}, {mask.dtype}) run the original processor (dense, counted dense in stats()) {why}",
             category=DiffsparseWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
 
     def log_dense_mask(self, why: str) -> None:

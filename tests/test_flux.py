@@ -133,6 +133,19 @@ def test_calls_with_an_attention_mask_run_the_original_and_count_dense(flux_pipe
     )]
 
 
+def test_the_dense_mask_warning_names_the_line_that_called_the_pipeline(flux_pipe):
+    # Said from inside the transformer's blocks, under diffusers' hooks: a fixed stacklevel named a line of
+    # diffsparse's own (pipelines/base.py) rather than the user's call.
+    mask = torch.ones(1, 1, 1, TEXT_LEN + 8 * 6, dtype=torch.bool)
+    mask[..., TEXT_LEN + 5] = False
+    with (warnings.catch_warnings(record=True) as caught, torch.no_grad(),
+          diffsparse.sparse(flux_pipe, diffsparse.SparseConfig(pattern="window3d", density=0.3, block_size=8))):
+        warnings.simplefilter("always")
+        flux_pipe(**{**masked_call(mask), "num_inference_steps": 1})
+    said = [w for w in caught if "attention_mask" in str(w.message)]
+    assert [(w.category, w.filename) for w in said] == [(diffsparse.DiffsparseWarning, __file__)]
+
+
 @pytest.mark.parametrize("valid", [TEXT_LEN - 1, 3])
 def test_calls_with_a_mask_of_the_prompts_padding_run_sparse_without_it(flux_pipe, valid):
     # The T5 padding after the prompt hidden as keys: each call attends the prompt's valid tokens and the image
@@ -223,6 +236,7 @@ def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_e
     smaller = reference_image[reference_image[:, 1] < 2]  # a reference image of another size: 8 tokens
     mixed = torch.cat([ids, smaller])
     assert image_grid(mixed) is None
+    assert output_grid_and_references(mixed) == ((3, 4), 8) and output_grid_and_references(ids) == ((3, 4), 0)
     read = adapter_for(flux_pipe.transformer).read_call
 
     def call(img_ids):
@@ -250,7 +264,9 @@ def test_image_ids_give_one_grid_kontexts_two_or_a_reference_span_and_anything_e
     # and the images after it are references, numbered above 0.
     earlier = ids.clone()
     earlier[:, 0] = -1
-    for refused in (torch.cat([reference_image, ids]), torch.cat([earlier, ids]), torch.cat([ids, earlier])):
+    # Two images at the same ids (both first id 0) are not two frames either: frames' first ids increase.
+    for refused in (torch.cat([reference_image, ids]), torch.cat([earlier, ids]), torch.cat([ids, earlier]),
+                    torch.cat([ids, ids])):
         assert image_grid(refused) is None and output_grid_and_references(refused) is None
         with pytest.raises(ValueError, match="do not start with a row-major grid of the output"):
             read(flux_pipe.transformer, (), call(refused))

@@ -168,6 +168,13 @@ def test_the_grid_comes_from_the_call_or_from_video_coords(ltx_pipe):
     assert layout_from_coords(torch.cat([grid, grid], dim=1)[None]) == VideoLayout(6, 4, 5, text_position="start")
     with pytest.raises(ValueError, match="one token at the origin"):
         layout_from_coords(torch.cat([condition, grid, grid], dim=1)[None])
+    # Frames one row tall: each frame's row ends where its time does, though the next frame's row is at y 0 too.
+    assert layout_from_coords(grid[:, grid[1] == 0][None]) == VideoLayout(3, 1, 5, text_position="start")
+    # Coordinates that are no whole frames of whole rows are refused by name, not floored into a smaller grid.
+    # The last frame one token short; every frame's second row one token short (19 tokens a frame, rows 5 wide).
+    for cut in (grid[:, :-1], grid[:, ~((grid[1] == 1) & (grid[2] == 4))]):
+        with pytest.raises(ValueError, match="no frame-major grid"):
+            layout_from_coords(cut[None])
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(ltx_pipe):
