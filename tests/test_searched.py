@@ -327,6 +327,24 @@ def test_greedy_sampling_and_projection_keep_the_budget():
     assert approximate.search(q, k, v, layout, (32, 16)) == approximate.search(q, k, v, layout, (32, 16))  # seeded
 
 
+def test_greedy_error_sees_every_value_dim_and_each_query_of_a_short_block_once():
+    # Uniform attention over four key blocks pulling +1, +1, -1, -1 along value dim 1 only: the dense output is 0,
+    # so from the diagonal block 0 the set that keeps it is {0, 2}. Measured in value_dims=1 the error must still
+    # see dim 1 (a projection, not the first dims, under which every set looked exact and block 1 came first).
+    zeros = torch.zeros(1, 1, 16, 2)
+    v = torch.zeros(1, 1, 16, 2)
+    v[0, 0, :, 1] = torch.tensor([1.0, 1, -1, -1]).repeat_interleave(4)
+    kept = greedy_blocks(zeros, zeros, v, 4, keep=0.5, required=torch.eye(4, dtype=torch.bool), value_dims=1,
+                         budget="row")
+    assert kept[0, 0].tolist() == [True, False, True, False]
+    # Blocks of 5 queries, fewer than sample_rows: each query counts once, as with sample_rows=5 (before the rows were
+    # drawn 32 times at uneven repeats, 7 and 6, which weighted some queries more and changed the blocks kept).
+    q, k, v = torch.randn(3, 1, 4, 40, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    required = torch.eye(8, dtype=torch.bool)
+    assert torch.equal(greedy_blocks(q, k, v, 5, keep=0.5, required=required, budget="layer"),
+                       greedy_blocks(q, k, v, 5, keep=0.5, required=required, budget="layer", sample_rows=5))
+
+
 @pytest.mark.parametrize("budget", ["row", "layer", "head"])
 def test_a_budget_no_larger_than_the_required_blocks_keeps_them(budget):
     # At 10% of 4 key blocks the budget rounds to nothing beyond the diagonal: the greedy search has no step to

@@ -72,6 +72,18 @@ def test_losses_are_the_output_errors_of_the_windows_token_masks(text, within, s
     assert errors[:, full].abs().max() < 1e-10 and (errors > 1e-4).any()
 
 
+def test_losses_in_fewer_value_dims_still_see_every_value_dim():
+    # Uniform attention; the values differ along dim 1 only. Measured in value_dims=1 a window that leaves keys out
+    # must still have an error (a projection of all dims: the first dim alone made every window look exact).
+    layout = VideoLayout(1, 1, 4)
+    zeros = torch.zeros(1, 1, 4, 2)
+    value = torch.zeros(1, 1, 4, 2)
+    value[0, 0, :, 1] = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    windows = ((1, 1, 1), (1, 1, 4))
+    errors = SearchedWindows(value_dims=1)._errors(zeros, zeros, value, layout, windows, None, None)
+    assert errors[0, 0] > 1e-3 and errors[0, 1].abs() < 1e-10
+
+
 def test_allocate_keeps_the_budget_and_gives_local_heads_small_windows():
     densities = torch.tensor([0.1, 0.2, 0.4, 1.0])
     # Head 0 is local (a small window is almost exact), head 1 looks far.
@@ -393,3 +405,10 @@ def test_refresh_searches_again_every_refresh_steps(tiny_pipe, monkeypatch, refr
     assert steps == [s for s in searched_at for _layer in range(2)]  # both layers, once per search step
     with pytest.raises(ValueError, match="refresh"):
         SearchedWindows(refresh=-1)
+
+
+def test_search_refuses_a_model_mask_that_is_not_frame_causal():
+    layout = VideoLayout(2, 2, 2)
+    q = torch.randn(1, 1, layout.num_tokens, 4)
+    with pytest.raises(ValueError, match=r"within must be a FrameCausal mask or None, got within=window3d"):
+        SearchedWindows().search(q, q, q, layout, 4, within=Window3D((1, 1, 1)))
