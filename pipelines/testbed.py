@@ -621,9 +621,56 @@ def load(
     return pipe
 
 
+# The weight files `from_pretrained` reads when no variant is asked for, in the order it looks for them: diffusers
+# takes a shard index before the single file (and a `.bin` only when no safetensors file is there); transformers
+# the single file before an index. Names of `save_pretrained(variant=...)` files (`model.fp16.safetensors`) are in
+# none of these lists: `load` asks for no variant.
+_WEIGHT_NAMES = {
+    "transformer": ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json"),
+}
+
+
+def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
+    """The files of `directory` (a pipeline's `part` folder) that `from_pretrained` loads: an index's shards, or the
+    one weights file, picked as diffusers (`transformer`) or transformers (`text_encoder`) pick them.
+
+    Globbing every weight file merged what loading never reads into the checked state dict: a consolidated file
+    left beside shards, or an `.fp16` variant, could fill the gaps of the file actually loaded (which then loaded
+    random weights there) or add keys it lacks (refusing a good folder).
+    """
+    names = list(_WEIGHT_NAMES[part])
+    if part == "text_encoder":
+        # transformers reads a file the config names (`transformers_weights`) before any other.
+        explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+        names = [explicit, *names] if explicit else names
+    for name in names:
+        file = directory / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [file]
+        shards = sorted(set(json.loads(file.read_text()).get("weight_map", {}).values()))
+        absent = [shard for shard in shards if not (directory / shard).is_file()]
+        if not shards or absent:
+            raise ValueError(f"{file} ({where}) must name the shards beside it in its weight_map, got "
+                             f"{'no shard' if not shards else f'missing shard files {absent}'}")
+        return [directory / shard for shard in shards]
+    others = sorted(path.name for path in directory.glob("*") if path.suffix in (".safetensors", ".bin"))
+    # Before: diffusers' OSError about a `.bin` it looked for, after a note on unsafe serialization.
+    raise ValueError(
+        f"{directory} ({where}) must hold the {part}'s weights as save_pretrained writes them ({', '.join(names)}), "
+        "got " + (f"only {others}, which from_pretrained does not read (a variant such as *.fp16.safetensors is read "
+                  "only when asked for)" if others else "no weight file (a partial copy of a training run's DIR/pipeline?)")
+    )
+
+
 def _check_weights(folder: Path, where: str) -> None:
-    """Raise `ValueError` unless the transformer's and text encoder's safetensors in `folder` hold exactly the
-    weights their `config.json` builds, with the same shapes, and every value is finite.
+    """Raise `ValueError` unless the transformer's and text encoder's weight files that `from_pretrained` reads in
+    `folder` (`_weight_files`) hold exactly the weights their `config.json` builds, with the same shapes, and every
+    value is finite.
 
     `from_pretrained` would otherwise load an incomplete text encoder with fresh random weights in the gaps (a
     logged "newly initialized" note) and fail on an incomplete transformer with an error about meta tensors.
@@ -638,15 +685,8 @@ def _check_weights(folder: Path, where: str) -> None:
         "text_encoder": lambda d: T5EncoderModel(T5Config.from_pretrained(d)),
     }
     for part, build in builders.items():
-        # save_pretrained writes safetensors, or `.bin` with safe_serialization=False (read as from_pretrained would).
-        files = sorted((folder / part).glob("*.safetensors")) or sorted((folder / part).glob("*.bin"))
-        if not files:
-            # Before: diffusers' OSError about a `.bin` it looked for, after a note on unsafe serialization.
-            raise ValueError(f"{folder / part} ({where}) must hold the {part}'s weights as save_pretrained writes "
-                             "them (*.safetensors, or *.bin), got no weight file (a partial copy of a training run's "
-                             "DIR/pipeline?)")
         tensors: dict[str, torch.Tensor] = {}
-        for file in files:
+        for file in _weight_files(folder / part, part, where):
             # mmap only for the zip format: torch.save's legacy format (torch < 1.6) refuses it, diffusers reads it.
             tensors.update(load_file(file) if file.suffix == ".safetensors" else torch.load(
                 file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))

@@ -180,6 +180,21 @@ def test_the_prompt_names_the_kind_and_speed_that_are_drawn():
         assert 0.7 < np.hypot(*velocity) / SPEEDS[request.speed] < 1.3, (clip.prompt, velocity)
 
 
+def test_each_shape_of_a_several_shape_prompt_is_drawn_as_the_kind_its_colour_is_named_with():
+    # The single-shape checks above cannot see a prompt that binds a colour to another shape's kind ("a red circle
+    # and a blue square" over a red square and a blue circle): measured per phrase on the first frame, where every
+    # shape starts whole and unhidden.
+    clips = _clips(30, frames=1, height=48, width=48, shapes=2) + _clips(10, frames=1, height=48, width=48, shapes=3)
+    assert len({frozenset(s.kind for s in clip.shapes) for clip in clips}) > 1
+    for clip in clips:
+        video = _frames01(render(clip)).transpose(0, 3, 1, 2)
+        phrases = [phrase.split() for phrase in clip.objects.split(" and ")]
+        assert len(phrases) == len(clip.shapes) and all(len(words) == 3 for words in phrases), clip.prompt
+        for _article, colour, kind in phrases:
+            scores = fidelity.score_video(video, fidelity.Request(colour, kind, "left", ""))
+            assert scores["kind_accuracy"] == 1.0, (clip.prompt, colour, kind, scores)
+
+
 def test_space_to_depth_round_trip_is_exact():
     video = torch.randn(2, 3, 5, 16, 24)
     latents = testbed.space_to_depth(video)

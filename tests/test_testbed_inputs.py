@@ -1,6 +1,7 @@
 """The testbed pipeline's and its helpers' input checks, and where `sample` leaves a pipeline (fast: no sampling
 beyond one step at 16 x 16 pixels)."""
 
+import json
 import re
 import shutil
 
@@ -205,8 +206,8 @@ def test_load_names_a_missing_weight_or_weight_file(tmp_path, part, file):
         testbed.load(path=folder)
     (folder / part / file).unlink()
     with pytest.raises(ValueError, match=re.escape(f"{folder / part} (path={str(folder)!r}) must hold the {part}'s "
-                                                   "weights as save_pretrained writes them (*.safetensors, or *.bin), "
-                                                   "got no weight file")):
+                                                   "weights as save_pretrained writes them (")
+                       + ".*" + re.escape(f"{file}") + ".*" + re.escape("), got no weight file")):
         testbed.load(path=folder)
 
 
@@ -228,6 +229,85 @@ def test_load_checks_weights_saved_without_safetensors_too(tmp_path):
     assert testbed.load(path=folder).transformer.config.num_layers == 4
     torch.save(weights, file, _use_new_zipfile_serialization=False)  # torch < 1.6's format, which mmap refuses
     assert testbed.load(path=folder).transformer.config.num_layers == 4
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The shipped weights saved as save_pretrained shards them: an index json and its shards, both parts."""
+    folder = tmp_path_factory.mktemp("sharded") / "pipeline"
+    testbed.load().save_pretrained(folder, max_shard_size="200KB")
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert (folder / "text_encoder" / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _first_file(folder, part):
+    from safetensors.torch import load_file
+
+    shipped = load_file(next((testbed.WEIGHTS_PATH / part).glob("*.safetensors")))
+    return shipped, min(shipped)
+
+
+def test_load_checks_the_shards_an_index_names_not_a_consolidated_file_beside_them(sharded, tmp_path):
+    # diffusers reads an index's shards before the single file, so a consolidated file left beside them is not
+    # loaded. Before, its keys were merged into the checked ones: one extra key refused a good folder, and a
+    # complete one hid a shard's missing weight (diffusers then failed with an error about meta tensors).
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sharded, folder)
+    part = folder / "transformer"
+    shipped, dropped = _first_file(folder, "transformer")
+    save_file({**shipped, "stale.weight": torch.zeros(2)}, part / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+    loaded = testbed.load(path=folder)
+    assert torch.equal(loaded.transformer.state_dict()[dropped], shipped[dropped])
+    save_file(shipped, part / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    index = json.loads((part / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = part / index["weight_map"][dropped]
+    save_file({k: v for k, v in load_file(shard).items() if k != dropped}, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"at its shape and nothing else: missing ['{dropped}']")):
+        testbed.load(path=folder)
+    shard.unlink()
+    with pytest.raises(ValueError, match=re.escape("must name the shards beside it in its weight_map, got missing "
+                                                   f"shard files ['{shard.name}']")):
+        testbed.load(path=folder)
+
+
+def test_load_checks_the_text_encoders_single_file_before_its_shards(sharded, tmp_path):
+    # transformers reads `model.safetensors` before an index: shards left beside it are not loaded, and before, they
+    # filled its gaps in the check while the model loaded fresh random weights there.
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sharded, folder)
+    shipped, dropped = _first_file(folder, "text_encoder")
+    save_file({k: v for k, v in shipped.items() if k != dropped}, folder / "text_encoder" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"at its shape and nothing else: missing ['{dropped}']")):
+        testbed.load(path=folder)
+
+
+@pytest.mark.parametrize("part, file, variant", [
+    ("transformer", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+    ("text_encoder", "model.safetensors", "model.fp16.safetensors"),
+])
+def test_load_checks_the_weights_it_loads_not_a_variant_beside_them(tmp_path, part, file, variant):
+    # `load` asks for no variant, so from_pretrained reads the main file only. Before, a complete `.fp16` variant
+    # filled the main file's gaps in the check, and the text encoder then loaded a random weight in the gap.
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "copy"
+    shutil.copytree(testbed.WEIGHTS_PATH, folder)
+    shipped, dropped = _first_file(folder, part)
+    save_file({k: v.half() for k, v in shipped.items()}, folder / part / variant, metadata={"format": "pt"})
+    assert testbed.load(path=folder).components[part].state_dict()[dropped].dtype == torch.float32
+    save_file({k: v for k, v in shipped.items() if k != dropped}, folder / part / file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"at its shape and nothing else: missing ['{dropped}']")):
+        testbed.load(path=folder)
+    (folder / part / file).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"got only ['{variant}'], which from_pretrained does not read")):
+        testbed.load(path=folder)
 
 
 def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
@@ -373,3 +453,24 @@ def test_evidence_refuses_a_seed_out_of_range_before_sampling(capsys, seed):
         evidence.parse_args(["--seed", str(seed)])
     assert f"--seed must be in [0, 2**32), got {seed}" in capsys.readouterr().err
     assert evidence.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+def test_evidence_refuses_a_loss_log_of_no_step_before_sampling(tmp_path, capsys):
+    # A run that failed in its first step leaves loss.csv with its header only: before, parse_args took it and
+    # compact_loss_log refused it after the grid and the fidelity were sampled, samples.png already overwritten.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "loss.csv").write_text("step,loss,train_seconds\n")
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--run", str(run)])
+    assert f"--run must be a training run folder (with loss.csv logging a step), got {str(run)!r} (its loss.csv " \
+           "has no rows)" in capsys.readouterr().err
+    (run / "loss.csv").write_text("step,loss,train_seconds\n1,0.5,1.0\n")
+    base = tmp_path / "base.csv"
+    base.write_text("step,loss,train_minutes,stage\n")
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)])
+    assert f"--fine-tune-of must be a compact loss log file with rows, got {str(base)!r} (no rows)" in \
+        capsys.readouterr().err
+    base.write_text("step,loss,train_minutes,stage\n25,0.4,1.0,0\n")
+    assert evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)]).fine_tune_of == base

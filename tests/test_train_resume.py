@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,40 @@ def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path
     (tmp_path / train_module.PIPELINE_DIR).rmdir()
     log.write_text(",".join(train_module.LOG_FIELDS) + "\n")
     assert _run(tmp_path, "--steps", "1", "--batch", "1", *(["--resume"] if resume else []))["step"] == 1
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "pipeline"])
+def test_a_save_that_dies_half_written_keeps_the_last_good_checkpoint_and_pipeline(tmp_path, monkeypatch, writer):
+    # An interrupt or a full disk in the middle of a save must not cost the run its last good checkpoint or its
+    # exported weights: both are written beside and moved into place whole. The export comes first: before, a
+    # checkpoint of step 2 was written ahead of an export that failed, and a resume to --steps 2 ran nothing and
+    # left pipeline/ at step 1.
+    command = ["--batch", "1", "--image-share", "0", "--decay", "0"]
+    _run(tmp_path, "--steps", "1", *command)
+    checkpoint = tmp_path / train_module.CHECKPOINT
+    exported = tmp_path / train_module.PIPELINE_DIR / "transformer" / "diffusion_pytorch_model.safetensors"
+    kept = checkpoint.read_bytes(), exported.read_bytes()
+
+    def half_written(target):
+        target = Path(target)
+        if writer == "pipeline":
+            (target / "transformer").mkdir(parents=True, exist_ok=True)
+            target = target / "transformer" / "diffusion_pytorch_model.safetensors"
+        target.write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    if writer == "checkpoint":
+        monkeypatch.setattr(train_module.torch, "save", lambda obj, path, *args, **kwargs: half_written(path))
+    else:
+        monkeypatch.setattr(train_module.TestbedPipeline, "save_pretrained",
+                            lambda self, folder, *args, **kwargs: half_written(folder))
+    with pytest.raises(OSError, match="No space left on device"):
+        _run(tmp_path, "--steps", "2", "--resume", *command)
+    monkeypatch.undo()
+    assert checkpoint.read_bytes() == kept[0]
+    if writer == "pipeline":
+        assert exported.read_bytes() == kept[1]
+    assert testbed.load(path=tmp_path / train_module.PIPELINE_DIR).transformer.config.num_layers == 4
+    resumed = _run(tmp_path, "--steps", "2", "--resume", *command)
+    assert (resumed["step"], resumed["steps_this_run"]) == (2, 1)  # step 2 done again, and exported this time
+    assert exported.read_bytes() != kept[1]

@@ -438,6 +438,14 @@ def _timed(stage: str):
     print(f"{stage}: {_duration(time.perf_counter() - start)}", flush=True)
 
 
+def _logs_a_row(path: Path) -> bool:
+    """Whether `path` is a CSV file with a row under its header (what `compact_loss_log` reads)."""
+    if not path.is_file():
+        return False
+    with path.open(newline="", errors="replace") as f:
+        return next(csv.DictReader(f), None) is not None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffsparse.testbed.evidence", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="testbed pipeline folder (default: the shipped weights)")
@@ -466,11 +474,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.fine_tune_of is not None and args.run is None:
         p.error(f"--fine-tune-of {args.fine_tune_of} continues the loss curve of a --run; pass the run folder too")
-    # Checked before the minutes of sampling (and before samples.png is overwritten), not after.
-    if args.run is not None and not (args.run / "loss.csv").is_file():
-        p.error(f"--run must be a training run folder (with loss.csv), got {str(args.run)!r}")
-    if args.fine_tune_of is not None and not args.fine_tune_of.is_file():
-        p.error(f"--fine-tune-of must be a compact loss log file, got {str(args.fine_tune_of)!r}")
+    # Checked before the minutes of sampling (and before samples.png is overwritten), not after: a log of no step
+    # (a run that failed in its first one) passed here and `compact_loss_log` refused it once all was sampled.
+    if args.run is not None and not _logs_a_row(args.run / "loss.csv"):
+        p.error(f"--run must be a training run folder (with loss.csv logging a step), got {str(args.run)!r}"
+                + (" (its loss.csv has no rows)" if (args.run / "loss.csv").is_file() else ""))
+    if args.fine_tune_of is not None and not _logs_a_row(args.fine_tune_of):
+        p.error(f"--fine-tune-of must be a compact loss log file with rows, got {str(args.fine_tune_of)!r}"
+                + (" (no rows)" if args.fine_tune_of.is_file() else ""))
     for name in ("model", "early"):
         folder = getattr(args, name)
         if folder is not None and not (folder / "model_index.json").is_file():

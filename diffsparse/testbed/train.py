@@ -699,6 +699,11 @@ def _train(args: argparse.Namespace) -> dict:
         args.decay = run_decay
 
     def save() -> None:
+        # The export first: a checkpoint written before an export that then failed claimed a step pipeline/ never
+        # got, and a resume to the same --steps ran nothing and left it stale. The other way round, a failed
+        # checkpoint leaves pipeline/ a few steps ahead, which the resume recomputes bit for bit and rewrites.
+        weights = ema.shadow if ema is not None else trainable
+        export_pipeline(components, {"text_encoder": components["text_encoder"], **weights}, out / PIPELINE_DIR)
         _atomic_save(
             {
                 "step": step,
@@ -714,8 +719,6 @@ def _train(args: argparse.Namespace) -> dict:
             },
             checkpoint_path,
         )
-        weights = ema.shadow if ema is not None else trainable
-        export_pipeline(components, {"text_encoder": components["text_encoder"], **weights}, out / PIPELINE_DIR)
 
     stop = {"signal": None}
 
