@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import DiffsparseWarning
 from .api import sparse, suspended
 from .bench import DTYPES, strict_json
-from .config import SparseConfig, density_replaces, given_parameters, warn_density_replaces
+from .config import API_NAMES, SparseConfig, density_replaces, given_parameters, warn_density_replaces
 from .metrics import lpips, lpips_weights, psnr, ssim
 from .patterns.registry import did_you_mean
 from .pipelines import find_transformers
@@ -490,6 +490,19 @@ def warn_if_density_replaces(config: SparseConfig, names: dict[str, str] | None 
     `names`: what the message calls the settings (`COMMAND_NAMES`, the default)."""
     if isinstance(config.pattern, str):
         warn_density_replaces(config, COMMAND_NAMES if names is None else names, stacklevel=2)
+
+
+def said_when_made(config: SparseConfig) -> list[str]:
+    """The texts of the warnings `SparseConfig` gave when `config` was made from a pattern object giving a parameter
+    its density replaces (`warn_density_replaces` with `API_NAMES`), not shown again: for a result's `warnings`,
+    whose readers (compare.json, the demo's page) never saw the caller's stderr. A text pattern: none (the commands
+    say it themselves, `warn_if_density_replaces`)."""
+    if isinstance(config.pattern, str):
+        return []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warn_density_replaces(config, API_NAMES)
+    return [str(warning.message) for warning in said]
 
 
 def _check_taken(call_kwargs: dict, parameters: dict[str, inspect.Parameter], pipeline: str,
@@ -1008,7 +1021,8 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     from it, dense and sparse from the same still; frame 0 (the still) is left out of PSNR/SSIM/LPIPS.
     `pipe`: an already loaded pipeline for `args.model` (the demo keeps one); `None` loads it. `names`: what the
     messages about the settings call them (`COMMAND_NAMES`, the default; the demo's page: `demo.PAGE_NAMES`).
-    A pattern text giving a parameter the density sets is warned of (`warn_if_density_replaces`): the density wins.
+    A pattern text giving a parameter the density sets is warned of (`warn_if_density_replaces`): the density wins;
+    a pattern object was warned of when `config` was made, and the result keeps that text too (`said_when_made`).
     The videos are written before they are scored: a score that fails raises with them kept and no compare.json (an
     earlier run's is deleted with its videos).
     """
@@ -1106,7 +1120,7 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
         image=getattr(args, "image", None),
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
-        warnings=list(dict.fromkeys(caught + scoring)),
+        warnings=list(dict.fromkeys(said_when_made(config) + caught + scoring)),
     )
     (out_dir / "compare.json").write_text(strict_json(asdict(result), indent=2))
     print(call_stats)

@@ -114,3 +114,52 @@ def test_the_label_of_a_pattern_object_leaves_out_what_the_density_replaces(patt
     assert compare.sparse_label(config) == label
     assert len(caught) == replaced and all(w.category is DiffsparseWarning for w in caught)
     assert made == (0 if isinstance(pattern, str) else len(caught))
+
+
+def test_compare_json_keeps_what_a_pattern_object_s_config_said_when_made(tiny_pipe, tmp_path):
+    # Before, only stderr had it: SparseConfig warns of an object's replaced parameter when made, outside the run,
+    # and compare.json (and the page's summary) read as if the pattern had run as written.
+    import argparse
+    import json
+
+    from diffsparse.compare import run_compare
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = SparseConfig(pattern=Radial(decay=0.5, sink=True), density=0.25, block_size=16)
+        said = [str(w.message) for w in caught]
+        args = argparse.Namespace(model=None, prompt="a red circle", **SMALL, device="cpu", out=str(tmp_path),
+                                  lpips_weights=None, two_stage=False, still_candidates=1, image=None,
+                                  call_kwargs=None)
+        result = run_compare(args, config, pipe=tiny_pipe)
+    assert len(said) == 1 and "gives decay=0.5, and density=0.25 sets decay too" in said[0]
+    kept = json.loads((tmp_path / "compare.json").read_text())["warnings"]
+    assert kept[0] == said[0] and result.warnings == kept
+    # Kept, not said a second time by the run.
+    assert sum(str(w.message) == said[0] for w in caught) == 1
+
+
+def test_each_file_holds_its_own_run_and_the_scores_compare_those(tiny_pipe, tmp_path, monkeypatch):
+    # The dense run's frames made grey 0.2, the sparse run's 0.8: dense.mp4, the left half of compare.mp4 and the
+    # reference of the scores must be the first, sparse.mp4 and the right half the second.
+    import imageio.v3 as iio
+
+    runs = []
+    generate = compare._generate
+
+    def generated(pipe, args, progress, first_frame=None):
+        frames, seconds, denoise = generate(pipe, args, progress, first_frame)
+        runs.append(args.steps)
+        if len(runs) > 2:  # the timed runs, after the two one-step warm-ups: dense, then sparse
+            frames = np.full_like(frames, 0.2 if len(runs) == 3 else 0.8)
+        return frames, seconds, denoise
+
+    monkeypatch.setattr(compare, "_generate", generated)
+    result, _ = compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, **SMALL, out=tmp_path)
+    assert runs == [1, 1, 2, 2]
+    for name, grey in (("dense", 0.2), ("sparse", 0.8)):
+        assert abs(iio.imread(tmp_path / f"{name}.mp4") / 255 - grey).max() < 0.02, name
+    side_by_side = iio.imread(tmp_path / "compare.mp4") / 255
+    below_labels = side_by_side[:, 64:]  # each half scaled 8x, its label drawn at the top
+    assert abs(below_labels[:, :, :256] - 0.2).max() < 0.02 and abs(below_labels[:, :, 256:] - 0.8).max() < 0.02
+    assert result.psnr_db == pytest.approx(10 * np.log10(1 / 0.6**2))

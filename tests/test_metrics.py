@@ -678,3 +678,41 @@ def test_a_wrong_file_in_the_torch_hub_cache_is_said_before_any_run(random_alexn
     # Frames smaller than AlexNet takes: no LPIPS, said why (lpips_weights=... for them is refused, tested above).
     assert metrics.lpips_weights(None, frame_size=(30, 48)) is None
     assert metrics.lpips_missing_reason((30, 48)).startswith("frames of 30x48 pixels, LPIPS (AlexNet) needs at least")
+
+
+def test_values_below_zero_take_the_same_slack_as_values_past_the_range():
+    # Rounding below 0 (a float16 output clamped, then converted) is scored; past 0.001 x data_range it is refused.
+    reference = np.full((1, 8, 8, 3), 0.5)
+    for data_range in (1.0, 255.0):
+        video = reference * data_range
+        video[0, 0, 0, 0] = -5e-4 * data_range
+        for metric in (psnr, ssim):
+            assert math.isfinite(metric(video, reference * data_range, data_range=data_range))
+        video[0, 0, 0, 0] = -1.5e-3 * data_range
+        for metric in (psnr, ssim):
+            with pytest.raises(ValueError, match=re.escape(f"data_range={data_range}: the video's values span [-")):
+                metric(video, reference * data_range, data_range=data_range)
+
+
+def test_lpips_without_the_hub_cache_s_file_says_where_to_put_it(tmp_path, monkeypatch):
+    # No weights_path given and nothing in the torch hub cache: the message says where the checkpoint goes and where
+    # to get it, not that a file (there is none) is no torch checkpoint.
+    pytest.importorskip("lpips")
+    from diffsparse import metrics
+
+    cache = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: cache)
+    video = np.zeros((1, 48, 48, 3))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"there is no file at {cache}. Download "
+                                                          f"{metrics.ALEXNET_URL}")):
+        metrics.lpips(video, video)
+
+
+def test_a_gray_frame_among_rgb_and_rgba_pil_frames_is_named_not_padded():
+    # Only RGB frames are made opaque RGBA beside RGBA ones; a gray frame 3 pixels wide is not an RGB pixel row.
+    from PIL import Image
+
+    frames = [Image.new("RGB", (3, 8)), Image.new("RGBA", (3, 8)), Image.new("L", (3, 8))]
+    with pytest.raises(ValueError, match=re.escape("got [(8, 3, 4), (8, 3, 4), (8, 3)] (PIL images of modes ['RGB', "
+                                                   "'RGBA', 'L'])")):
+        as_frames(frames)
