@@ -1011,6 +1011,17 @@ def check_config_fits(pipe, config: SparseConfig) -> None:
 
 # Everything `run_compare` writes beside compare.mp4 and compare.json, in one format or the other (one frame: PNGs).
 _FRAME_FILES = ("compare.png", "dense.mp4", "dense.png", "sparse.mp4", "sparse.png")
+_KEPT_FRAMES = "frames.npz"  # both runs' frames, written only when their videos could not be
+
+
+def _saying_kept(error: Exception, kept: str) -> ValueError | None:
+    """`error`, which came after the runs, made to say what of them was `kept`: a new `ValueError` to raise from it
+    (the commands print a ValueError's message alone, without notes), else `None` with a note added to `error`."""
+    if isinstance(error, ValueError):
+        return ValueError(f"{error} ({kept})")
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(kept)
+    return None
 
 
 def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | None = None) -> CompareResult:
@@ -1024,7 +1035,8 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     A pattern text giving a parameter the density sets is warned of (`warn_if_density_replaces`): the density wins;
     a pattern object was warned of when `config` was made, and the result keeps that text too (`said_when_made`).
     The videos are written before they are scored: a score that fails raises with them kept and no compare.json (an
-    earlier run's is deleted with its videos).
+    earlier run's is deleted with its videos); a video that cannot be written raises with both runs' frames kept in
+    `frames.npz` (arrays `dense` and `sparse`).
     """
     check_two_stage(args, pipe)
     # `--call-kwargs` and `--image` before loading; with the demo's loaded pipeline, before its still is sampled, not
@@ -1061,14 +1073,24 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones, and
     # its compare.json beside videos it does not describe.
-    for name in (*_FRAME_FILES, "compare.json"):
+    for name in (*_FRAME_FILES, "compare.json", _KEPT_FRAMES):
         (out_dir / name).unlink(missing_ok=True)
     video_path = out_dir / "compare.mp4"
     fps = getattr(args, "fps", VIDEO_FPS)
-    image_path = write_side_by_side(video_path, dense, sparse_frames, sparse_label(config), fps=fps)
-    # Each video unlabelled at its own size too, for other metrics or viewing apart.
-    dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
-                               for name, frames in (("dense", dense), ("sparse", sparse_frames)))
+    try:
+        image_path = write_side_by_side(video_path, dense, sparse_frames, sparse_label(config), fps=fps)
+        # Each video unlabelled at its own size too, for other metrics or viewing apart.
+        dense_path, sparse_path = (write_frames(out_dir / name, frames, fps)
+                                   for name, frames in (("dense", dense), ("sparse", sparse_frames)))
+    except Exception as error:
+        # An encoder that failed (no libx264 in the ffmpeg found, say) lost both runs, the earlier run's files
+        # already deleted: the frames themselves are kept instead.
+        np.savez(out_dir / _KEPT_FRAMES, dense=dense, sparse=sparse_frames)
+        said = _saying_kept(error, f"writing the videos failed after the runs; their frames were saved to "
+                                   f"{out_dir / _KEPT_FRAMES} (arrays 'dense' and 'sparse', (F, H, W, C) in [0, 1])")
+        if said is None:
+            raise
+        raise said from error
     scored = scored_frames(args)
     # Scored after the videos are written: a score that failed (an unreadable LPIPS file in the torch hub cache, say)
     # lost the runs, which can take hours on a GPU, leaving nothing to look at.
@@ -1079,13 +1101,11 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
             ssim_score = ssim(sparse_frames[scored], dense[scored])
             lpips_score = None if weights is None else lpips(sparse_frames[scored], dense[scored], weights_path=weights)
     except Exception as error:
-        kept = (f"scoring failed after the runs; their videos were written ({video_path}, {dense_path}, "
-                f"{sparse_path}), compare.json was not")
-        if isinstance(error, ValueError):  # the commands print a ValueError's message alone, without notes
-            raise ValueError(f"{error} ({kept})") from error
-        if hasattr(error, "add_note"):  # Python 3.11+
-            error.add_note(kept)
-        raise
+        said = _saying_kept(error, f"scoring failed after the runs; their videos were written ({video_path}, "
+                                   f"{dense_path}, {sparse_path}), compare.json was not")
+        if said is None:
+            raise
+        raise said from error
     result = CompareResult(
         model=model_label(args.model, pipe),
         config=repr(config),

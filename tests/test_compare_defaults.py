@@ -7,6 +7,7 @@ import argparse
 import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_allegro import tiny_pipeline as tiny_allegro_pipeline
@@ -321,3 +322,34 @@ def test_a_score_that_fails_keeps_the_videos_and_no_earlier_compare_json(tiny_pi
         compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
                      width=32, out=tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["compare.mp4", "dense.mp4", "sparse.mp4"]
+
+
+def test_a_video_that_cannot_be_written_keeps_both_runs_frames(tiny_pipe, tmp_path, monkeypatch):
+    # Before, an encoder that failed after the runs (an ffmpeg without libx264, say) lost both of them, an earlier
+    # run's files already deleted.
+    from diffsparse import compare
+    from diffsparse.demo import compare_once
+
+    def failing(path, pixels, fps):
+        raise RuntimeError("no libx264")
+
+    runs = []
+    generate = compare._generate
+
+    def generated(pipe, args, progress, first_frame=None):
+        frames, seconds, denoise = generate(pipe, args, progress, first_frame)
+        runs.append(args.steps)
+        if len(runs) > 2:  # the timed runs, after the two one-step warm-ups: dense grey 0.2, then sparse 0.8
+            frames = np.full_like(frames, 0.2 if len(runs) == 3 else 0.8)
+        return frames, seconds, denoise
+
+    monkeypatch.setattr(compare, "_generate", generated)
+    monkeypatch.setattr(compare, "_write_mp4", failing)
+    with pytest.raises(RuntimeError, match="no libx264") as raised:
+        compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
+                     width=32, out=tmp_path)
+    assert any(f"frames were saved to {tmp_path / 'frames.npz'}" in note for note in raised.value.__notes__)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["frames.npz"]
+    kept = np.load(tmp_path / "frames.npz")
+    assert kept["dense"].shape == kept["sparse"].shape == (5, 32, 32, 3)
+    assert np.all(kept["dense"] == np.float32(0.2)) and np.all(kept["sparse"] == np.float32(0.8))
