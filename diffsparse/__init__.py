@@ -47,16 +47,17 @@ class DiffsparseWarning(UserWarning):
 
 
 # Whose frames lie between a user's line and a warning diffsparse raises: its own (adapters, patterns and kernels
-# too), the module calls and hooks of torch, diffusers and accelerate (offloading), and `dataclasses.replace` of a
-# config.
-_CALL_PACKAGES = frozenset({"diffsparse", "torch", "diffusers", "accelerate", "dataclasses"})
+# too), the module calls and hooks of torch, diffusers and accelerate (offloading), `dataclasses.replace` of a
+# config, and `contextlib`'s `__enter__` and `__exit__` of a `with diffsparse.sparse(...)` block (or an `ExitStack`).
+_CALL_PACKAGES = frozenset({"diffsparse", "torch", "diffusers", "accelerate", "dataclasses", "contextlib"})
 
 
 def outside_stacklevel() -> int:
     """`warnings.warn`'s `stacklevel`, given in the function that calls it, naming the first frame whose module is
-    outside `_CALL_PACKAGES`: the user's line that called the pipeline, the transformer or `SparseConfig`, however
-    many frames lie between (a fixed count named a line of diffsparse's own, and differs under accelerate's hooks or
-    torch.compile's). By module name, so a dataclass's generated `__init__` counts as its class's module."""
+    outside `_CALL_PACKAGES`: the user's line that called the pipeline, the transformer, `SparseConfig` or `apply`,
+    or entered or left a `sparse` block, however many frames lie between (a fixed count named a line of diffsparse's
+    own, and differs under accelerate's hooks, torch.compile's and `sparse`'s generator). By module name, so a
+    dataclass's generated `__init__` counts as its class's module."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _CALL_PACKAGES:
         frame, level = frame.f_back, level + 1

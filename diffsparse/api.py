@@ -307,7 +307,7 @@ def _warn_if_every_layer_dense(config: SparseConfig, layers: dict[str, list[int]
         f"diffsparse.apply: SparseConfig.dense_layers={config.dense_layers!r} keeps every self-attention block "
         f"dense ({_blocks(layers)}), so nothing runs sparse: leave some blocks out of dense_layers",
         category=DiffsparseWarning,
-        stacklevel=3,
+        stacklevel=outside_stacklevel(),
     )
 
 
@@ -435,7 +435,7 @@ def apply(pipe_or_transformer, config: SparseConfig | None = None) -> SparseHand
                 f"from {', '.join(others)} too, which now run dense; apply to the whole pipeline (or to each "
                 "transformer on its own) to keep them sparse",
                 category=DiffsparseWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         _warn_if_every_layer_dense(config, handle._layers)
     except BaseException:
@@ -481,7 +481,7 @@ def remove(pipe_or_transformer) -> None:
             f"diffsparse.remove: the sparse attention applied together with this transformer is removed from "
             f"{', '.join(others)} too, which now run dense; apply again to the ones to keep sparse",
             category=DiffsparseWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
 
 
@@ -557,7 +557,7 @@ def sparse(pipe_or_transformer, config: SparseConfig | None = None):
                     "after the block); use the block on the whole pipeline (or apply to each transformer on its own) "
                     "to keep them sparse",
                     category=DiffsparseWarning,
-                    stacklevel=3,
+                    stacklevel=outside_stacklevel(),
                 )
             yield handle
         finally:
@@ -620,5 +620,5 @@ def suspended(pipe_or_transformer):
                     f"{'runs' if len(left) == 1 else 'run'} dense: apply again (or to the whole pipeline) to make "
                     f"{'it' if len(left) == 1 else 'them'} sparse",
                     category=DiffsparseWarning,
-                    stacklevel=3,
+                    stacklevel=outside_stacklevel(),
                 )

@@ -58,15 +58,22 @@ _non_negative = at_least(0)
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's `(default: ...)` only where the help does not say it: a help stating the default in words got
-    "(default: None)" after it, and a `None` default means the option's absence, or is spelt `none` in the help."""
+    "(default: None)" after it, and a `None` default means the option's absence, or is spelt `none` in the help. A
+    list or tuple default reads as the option is typed, where the help places it (`%(default)s`) too."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
+        help = action.help or ""
+        if isinstance(action.default, (list, tuple)):
+            # As the option is typed, `0.25,0.5`: Python's `[0.25, 0.5]` or `(1, 2, 2)`, copied from the help, is
+            # refused.
+            typed = ",".join("none" if value is None else str(value) for value in action.default).replace("%", "%%")
+            if "%(default)s" in help:  # placed by the help: not a second time after it
+                return help.replace("%(default)s", typed)
+            if not action.default or "default:" in help:  # an empty one is the option's absence, as `None` is
+                return action.help
+            return f"{help} (default: {typed})"
+        if action.default is None or "default:" in help:
             return action.help
-        if isinstance(action.default, list) and action.help:
-            # As the option is typed, `0.25,0.5`: Python's `[0.25, 0.5]`, copied from the help, is refused.
-            typed = ",".join("none" if value is None else str(value) for value in action.default)
-            return f"{action.help} (default: {typed.replace('%', '%%')})"
         return super()._get_help_string(action)
 
 

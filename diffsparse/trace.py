@@ -140,14 +140,16 @@ def _nothing_to_trace(config: SparseConfig) -> ValueError:
 
 def run_trace(args, config: SparseConfig) -> list[TracedCall]:
     """`diffsparse trace`: one generation of `args.prompt` and `args.seed` under `config`, traced
-    (`trace_attention_errors`); prints the per-step and per-layer tables and writes `trace.csv` and `trace.png` into
-    `args.out` after the generation, replacing an earlier run's there (as `compare` replaces its files); a run that
-    stops before (an error, nothing to trace) leaves them as they were. Returns the traced calls."""
+    (`trace_attention_errors`); prints the per-step and per-layer tables and writes `trace.csv` (each row with the
+    run's `model` and `config`) and `trace.png` into `args.out` after the generation, replacing an earlier run's there
+    (as `compare` replaces its files); a run that stops before (an error, nothing to trace) leaves them as they were.
+    Returns the traced calls."""
     from .compare import (
         check_call_kwargs_before_loading,
         fill_call_defaults,
         generation_kwargs,
         load_pipeline_for,
+        model_label,
         seeded_global_generator,
         warn_if_density_replaces,
     )
@@ -168,12 +170,17 @@ def run_trace(args, config: SparseConfig) -> list[TracedCall]:
         raise _nothing_to_trace(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every row names the model and config that made it: two runs' files did not differ but in their numbers, and
+    # read together (concatenated) their calls mixed. Columns, not a comment line that CSV readers take for a row;
+    # after the call's own, which keep their places for readers of earlier files.
+    run = {"model": model_label(args.model), "config": repr(config)}
     with open(out / "trace.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(traced[0])) if traced else ["step"])
+        writer = csv.DictWriter(f, fieldnames=[*asdict(traced[0]), *run])
         writer.writeheader()
-        writer.writerows(asdict(c) for c in traced)
-    plot(traced, out / "trace.png", repr(config))
-    print(repr(config))
+        writer.writerows({**asdict(c), **run} for c in traced)
+    title = f"{run['model']}; {run['config']}"  # as `bench pipeline` prints its run
+    plot(traced, out / "trace.png", title)
+    print(title)
     print("| step | call | density | error |")
     print("|---:|---|---:|---:|")
     for r in per_step(traced):

@@ -291,6 +291,63 @@ def test_a_sparse_block_on_one_expert_says_the_other_runs_dense_inside_it():
     assert not hasattr(pipe.transformer, "_diffsparse_handle") and not hasattr(pipe.transformer_2, "_diffsparse_handle")
 
 
+def test_each_warning_of_apply_remove_and_the_blocks_names_the_user_s_line():
+    # Before, `apply`'s warning under a `sparse` block named the block's generator in api.py (a fixed stacklevel
+    # counted from `apply`, which the block calls inside contextlib's `__enter__`), and so did `suspended`'s at the
+    # end of a `sparse` block: `-W error::...:0:mymodule` filters and the printed line pointed into diffsparse.
+    pipe = two_expert_pipeline()
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    all_dense = diffsparse.SparseConfig(dense_layers=len(pipe.transformer.blocks), dense_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diffsparse.apply(pipe, all_dense)
+        diffsparse.remove(pipe)
+        with diffsparse.sparse(pipe, all_dense):
+            pass
+        diffsparse.apply(pipe, config)
+        diffsparse.apply(pipe.transformer, config)  # leaves transformer_2 dense
+        diffsparse.apply(pipe, config)
+        diffsparse.remove(pipe.transformer)
+        diffsparse.apply(pipe, config)
+        with diffsparse.sparse(pipe.transformer, config):
+            pass
+        with diffsparse.suspended(pipe):
+            diffsparse.apply(pipe.transformer, config)  # the handle of both cannot come back: said at the end
+        diffsparse.apply(pipe, config)
+        with diffsparse.sparse(pipe, config):
+            diffsparse.apply(pipe.transformer, config)  # and the inner `suspended` says it again at the block's end
+    said = [(str(w.message).split(":")[0], w.filename) for w in caught]
+    assert said == [(who, __file__) for who in (
+        "diffsparse.apply", "diffsparse.apply", "diffsparse.apply", "diffsparse.remove", "diffsparse.sparse",
+        "diffsparse", "diffsparse.apply", "diffsparse")]
+
+
+def test_removing_a_handle_an_apply_replaced_leaves_the_one_that_replaced_it(tiny_pipe):
+    # `apply` again replaces the handle; the first one's `remove` (a `SparseHandle` the user kept) must not take the
+    # second's context hook with it: its processors would stay, sparse without the step and layout they read.
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=1)
+    transformer = tiny_pipe.transformer
+    first = diffsparse.apply(tiny_pipe, config)
+    second = diffsparse.apply(tiny_pipe, config)
+    processors = [block.attn1.processor for block in transformer.blocks]
+    first.remove()
+    assert second.installed and not first.installed and transformer._diffsparse_handle is second
+    assert [block.attn1.processor for block in transformer.blocks] == processors
+    assert transformer._diffusers_hook.get_hook(HOOK_NAME) is not None
+    second.remove()
+    assert all(not isinstance(block.attn1.processor, SparseProcessor) for block in transformer.blocks)
+
+
+def test_apply_refuses_what_is_not_a_config_and_stats_what_is_not_applied(tiny_pipe):
+    # A pattern name where the config goes (`apply(pipe, "radial")`) is refused naming what came, with nothing
+    # installed; `stats` before `apply` says to apply first rather than report no layers.
+    with pytest.raises(ValueError, match="config must be a diffsparse.SparseConfig, got str"):
+        diffsparse.apply(tiny_pipe, "radial")
+    assert not hasattr(tiny_pipe.transformer, "_diffsparse_handle")
+    with pytest.raises(ValueError, match="diffsparse is not applied to this pipeline or transformer"):
+        diffsparse.stats(tiny_pipe)
+
+
 class _Halved(WanAttnProcessor):
     """A user's processor (as attention steering or capture ones are): the family's, its output halved."""
 

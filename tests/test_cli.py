@@ -1539,6 +1539,22 @@ def test_help_states_each_list_default_as_the_option_takes_it():
     assert {"--density", "--pattern", "--frames", "--tile", "--dense-steps", "--correction"} <= seen
 
 
+def test_help_states_a_tuple_or_empty_default_as_typed_and_a_placed_one_once():
+    # No option has these defaults today; before, a tuple read "(default: (1, 2, 2))", an empty list
+    # "(default: )", and a help placing its list default itself ("%(default)s") got it twice, once as Python's.
+    from diffsparse.cli import _DefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(formatter_class=_DefaultsHelpFormatter)
+    defaults = {"--tile": ((1, 2, 2), "tile"), "--layers": ([], "layers"), "--none": ((), "none given"),
+                "--steps": ([1, 2], "steps %(default)s, by default"),
+                "--density": ([0.25, None], "densities (default: %(default)s)")}
+    for option, (default, help) in defaults.items():
+        parser.add_argument(option, default=default, help=help)
+    formatter = parser._get_formatter()
+    assert [formatter._expand_help(action) for action in parser._actions[1:]] == [
+        "tile (default: 1,2,2)", "layers", "none given", "steps 1,2, by default", "densities (default: 0.25,none)"]
+
+
 def test_a_device_torch_cannot_read_is_named_once():
     # It read "device='gpu': not a torch device: got device='gpu', expected ...".
     from diffsparse.devices import as_device

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 import diffsparse
 from diffsparse import trace
 from diffsparse.cli import main
+from diffsparse.compare import EMBEDDED_MODEL
 from diffsparse.patterns import Radial, Window3D
 from diffsparse.trace import per_layer, per_step, trace_attention_errors
 
@@ -103,6 +105,12 @@ def test_trace_command_writes_the_table_and_the_plot(tmp_path, capsys):
     assert {r["transformer"] for r in rows} == {"transformer"}
     printed = capsys.readouterr().out
     assert "| step | call | density | error |" in printed and "order=tiles(1,2,2)" in printed
+    # Every row names the model and config of its run (before, two runs' files could be told apart only by their
+    # numbers), after the call's own columns, which keep their places.
+    assert list(rows[0]) == [*(f.name for f in dataclasses.fields(trace.TracedCall)), "model", "config"]
+    ((model, config),) = {(r["model"], r["config"]) for r in rows}
+    assert model == EMBEDDED_MODEL and "window3d" in config and "density=0.3" in config
+    assert printed.startswith(f"{model}; {config}\n")  # the title the plot has too
     # One transformer: no transformer column.
     assert "\n| layer | sparse calls | density | error | error at its first sparse step |" in printed
     assert "| 1 | 4 |" in printed  # layer 1: 2 sparse steps x 2 CFG branches
