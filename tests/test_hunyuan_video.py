@@ -159,6 +159,20 @@ def test_boolean_masks_of_another_shape_are_refused_naming_the_expected_one(shap
         key_rows(mask, 2, 5)
 
 
+def test_a_masked_video_token_is_refused_also_under_left_padded_text():
+    # The text moved valid first leaves the grid in place: a masked video token is still not a prefix, and must be
+    # refused as on a right-padded mask, not attended as a valid key while the last valid text token is cut off.
+    processor = HunyuanJointAttention(runtime=None, layer=0)
+    video, length = 4, 10
+    keys = torch.ones(2, length, dtype=torch.bool)
+    keys[0, video:video + 3] = False  # video 0's text left padded
+    lengths = processor.read_text_mask(keys.view(2, 1, 1, length), 2, video, length)[1][1]
+    assert lengths == [length - 3, length]
+    keys[0, 1] = False
+    with pytest.raises(ValueError, match="row 0 has a masked token before a valid one"):
+        processor.read_text_mask(keys.view(2, 1, 1, length), 2, video, length)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):
     check_other_processors_are_refused(transformer, "HunyuanVideo", layer=2)
 

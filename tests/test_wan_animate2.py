@@ -117,12 +117,14 @@ def test_the_denoising_call_is_sparse_on_the_generation_grid_and_the_reference_p
     assert all(dense_reference_pairs / (frames * frame) ** 2 < r.density < 1 for r in records[2:])
 
 
-@pytest.mark.parametrize("short", [{"generation": [(GRID[0] - 1, 8, 12)]}, {"reference": [(GRID[0] - 2, 8, 12)]}],
-                         ids=["generation", "reference"])
-def test_a_segment_shorter_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer, short):
+@pytest.mark.parametrize("call", [{"generation": [(GRID[0] - 1, 8, 12)]}, {"reference": [(GRID[0] - 2, 8, 12)]},
+                                  {"generation": [(GRID[0] + 1, 8, 12)]}],
+                         ids=["shorter generation", "shorter reference", "longer generation"])
+def test_a_segment_of_another_length_than_the_block_mask_s_video_runs_the_original_counted_dense(transformer, call):
     # The block mask is built for the full video; a shorter segment, or a shorter reference, leaves padded (zero)
-    # keys in it that the original attends and the sparse path would not.
-    check_runs_the_original_counted_dense(transformer, short)
+    # keys in it that the original attends and the sparse path would not. A longer segment (which the original
+    # runs) has generation frames past the reference's last frame, which the sparse path has no reference frame for.
+    check_runs_the_original_counted_dense(transformer, call)
 
 
 def check_runs_the_original_counted_dense(transformer, call: dict) -> None:
