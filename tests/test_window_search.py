@@ -342,9 +342,12 @@ def test_sharded_heads_choose_as_one_process():
     # Two processes holding two heads each: the budget is shared over all four, as one process shares it.
     layout = VideoLayout(4, 6, 6)
     q, k, v = torch.randn(3, 1, 4, layout.num_tokens, 8, generator=torch.Generator().manual_seed(1)).unbind(0)
-    q[:, :2] *= 4  # two sharp heads, two diffuse ones
+    q[:, 2:] *= 4  # two diffuse heads, two sharp ones
     pattern = SearchedWindows(keep=0.4)
     whole = pattern.search(q, k, v, layout, 16)
+    # The processes' heads get different windows: else a shard that took the first heads' windows, not its own,
+    # would pass (with the sharp heads first, both halves were ((1, 6, 6), (1, 5, 6))).
+    assert whole.windows[:2] != whole.windows[2:]
     losses = {}
 
     def gather(first):
