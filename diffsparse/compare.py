@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import DiffsparseWarning
+from . import DiffsparseWarning, outside_stacklevel
 from .api import sparse, suspended
 from .bench import DTYPES, strict_json
 from .config import API_NAMES, SparseConfig, density_replaces, given_parameters, warn_density_replaces
@@ -495,13 +495,13 @@ def warn_if_density_replaces(config: SparseConfig, names: dict[str, str] | None 
 def said_when_made(config: SparseConfig) -> list[str]:
     """The texts of the warnings `SparseConfig` gave when `config` was made from a pattern object giving a parameter
     its density replaces (`warn_density_replaces` with `API_NAMES`), not shown again: for a result's `warnings`,
-    whose readers (compare.json, the demo's page) never saw the caller's stderr. A text pattern: none (the commands
-    say it themselves, `warn_if_density_replaces`)."""
+    whose readers (compare.json, the demo's page) never saw the caller's stderr. Under the caller's warning filters,
+    as the run's own warnings are kept (an ignored one is not); called before the runs, where a filter that makes it
+    an error costs no work. A text pattern: none (the commands say it themselves, `warn_if_density_replaces`)."""
     if isinstance(config.pattern, str):
         return []
     with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        warn_density_replaces(config, API_NAMES)
+        warn_density_replaces(config, API_NAMES, stacklevel=outside_stacklevel())
     return [str(warning.message) for warning in said]
 
 
@@ -1049,6 +1049,7 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     fill_call_defaults(args, pipe)
     check_two_stage(args, pipe)  # again: the frame count may have been the model's default
     check_config_fits(pipe, config)
+    said_before = said_when_made(config)
     progress = tqdm(total=2 + 2 * args.steps, desc="warm-up, dense, sparse", unit="step")
     # A caller's applied config (a `pipe` given, the demo's) must not reach the dense runs: sparse against sparse.
     with kept_warnings() as caught, suspended(pipe), progress:
@@ -1073,7 +1074,7 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier run's files in the other format (one frame: PNGs; several: mp4s) would stay beside the new ones, and
     # its compare.json beside videos it does not describe.
-    for name in (*_FRAME_FILES, "compare.json", _KEPT_FRAMES):
+    for name in ("compare.mp4", *_FRAME_FILES, "compare.json", _KEPT_FRAMES):
         (out_dir / name).unlink(missing_ok=True)
     video_path = out_dir / "compare.mp4"
     fps = getattr(args, "fps", VIDEO_FPS)
@@ -1085,9 +1086,14 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
     except Exception as error:
         # An encoder that failed (no libx264 in the ffmpeg found, say) lost both runs, the earlier run's files
         # already deleted: the frames themselves are kept instead.
-        np.savez(out_dir / _KEPT_FRAMES, dense=dense, sparse=sparse_frames)
-        said = _saying_kept(error, f"writing the videos failed after the runs; their frames were saved to "
-                                   f"{out_dir / _KEPT_FRAMES} (arrays 'dense' and 'sparse', (F, H, W, C) in [0, 1])")
+        try:
+            np.savez(out_dir / _KEPT_FRAMES, dense=dense, sparse=sparse_frames)
+            kept = (f"their frames were saved to {out_dir / _KEPT_FRAMES} (arrays 'dense' and 'sparse', (F, H, W, C) "
+                    "in [0, 1])")
+        except Exception as keeping_error:  # noqa: BLE001 - a full disk, say: the first error is the one to read
+            (out_dir / _KEPT_FRAMES).unlink(missing_ok=True)
+            kept = f"their frames could not be saved either ({type(keeping_error).__name__}: {keeping_error})"
+        said = _saying_kept(error, f"writing the videos failed after the runs; {kept}")
         if said is None:
             raise
         raise said from error
@@ -1140,7 +1146,7 @@ def run_compare(args, config: SparseConfig, pipe=None, names: dict[str, str] | N
         image=getattr(args, "image", None),
         call_kwargs=getattr(args, "call_kwargs", None),
         vae_tiling=bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
-        warnings=list(dict.fromkeys(said_when_made(config) + caught + scoring)),
+        warnings=list(dict.fromkeys(said_before + caught + scoring)),
     )
     (out_dir / "compare.json").write_text(strict_json(asdict(result), indent=2))
     print(call_stats)

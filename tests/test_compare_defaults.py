@@ -326,12 +326,10 @@ def test_a_score_that_fails_keeps_the_videos_and_no_earlier_compare_json(tiny_pi
 
 def test_a_video_that_cannot_be_written_keeps_both_runs_frames(tiny_pipe, tmp_path, monkeypatch):
     # Before, an encoder that failed after the runs (an ffmpeg without libx264, say) lost both of them, an earlier
-    # run's files already deleted.
+    # run's files already deleted. An earlier run's compare.mp4 must not stay beside them, nor their frames.npz
+    # beside a later run that wrote its videos.
     from diffsparse import compare
     from diffsparse.demo import compare_once
-
-    def failing(path, pixels, fps):
-        raise RuntimeError("no libx264")
 
     runs = []
     generate = compare._generate
@@ -339,17 +337,51 @@ def test_a_video_that_cannot_be_written_keeps_both_runs_frames(tiny_pipe, tmp_pa
     def generated(pipe, args, progress, first_frame=None):
         frames, seconds, denoise = generate(pipe, args, progress, first_frame)
         runs.append(args.steps)
-        if len(runs) > 2:  # the timed runs, after the two one-step warm-ups: dense grey 0.2, then sparse 0.8
-            frames = np.full_like(frames, 0.2 if len(runs) == 3 else 0.8)
+        if len(runs) % 4 > 2 or len(runs) % 4 == 0:  # each call's timed runs, after two warm-ups: dense, sparse
+            frames = np.full_like(frames, 0.2 if len(runs) % 4 == 3 else 0.8)
         return frames, seconds, denoise
 
+    def failing(path, pixels, fps):
+        raise RuntimeError("no libx264")
+
+    def run():
+        return compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5,
+                            height=32, width=32, out=tmp_path)
+
     monkeypatch.setattr(compare, "_generate", generated)
+    run()
+    write_mp4 = compare._write_mp4
     monkeypatch.setattr(compare, "_write_mp4", failing)
     with pytest.raises(RuntimeError, match="no libx264") as raised:
-        compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
-                     width=32, out=tmp_path)
+        run()
     assert any(f"frames were saved to {tmp_path / 'frames.npz'}" in note for note in raised.value.__notes__)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["frames.npz"]
     kept = np.load(tmp_path / "frames.npz")
     assert kept["dense"].shape == kept["sparse"].shape == (5, 32, 32, 3)
     assert np.all(kept["dense"] == np.float32(0.2)) and np.all(kept["sparse"] == np.float32(0.8))
+    monkeypatch.setattr(compare, "_write_mp4", write_mp4)
+    run()
+    assert "frames.npz" not in {path.name for path in tmp_path.iterdir()}
+
+
+def test_frames_that_cannot_be_kept_either_leave_the_first_error_and_no_broken_file(tiny_pipe, tmp_path, monkeypatch):
+    # Before, the failing np.savez's OSError replaced the encoder's ValueError (which the commands print alone) and
+    # left a truncated frames.npz that np.load could not read.
+    from diffsparse import compare
+    from diffsparse.demo import compare_once
+
+    def no_encoder(path, pixels, fps):
+        raise ValueError("no libx264")
+
+    def disk_full(file, **arrays):
+        with open(file, "wb") as f:
+            f.write(b"PK")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare, "_write_mp4", no_encoder)
+    monkeypatch.setattr(compare.np, "savez", disk_full)
+    with pytest.raises(ValueError, match=r"no libx264 \(writing the videos failed after the runs; their frames could "
+                                         r"not be saved either \(OSError: .*No space left on device\)\)"):
+        compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
+                     width=32, out=tmp_path)
+    assert not (tmp_path / "frames.npz").exists()

@@ -163,3 +163,21 @@ def test_each_file_holds_its_own_run_and_the_scores_compare_those(tiny_pipe, tmp
     below_labels = side_by_side[:, 64:]  # each half scaled 8x, its label drawn at the top
     assert abs(below_labels[:, :, :256] - 0.2).max() < 0.02 and abs(below_labels[:, :, 256:] - 0.8).max() < 0.02
     assert result.psnr_db == pytest.approx(10 * np.log10(1 / 0.6**2))
+
+
+def test_compare_json_leaves_out_a_when_made_warning_the_caller_ignores(tiny_pipe, tmp_path):
+    # Kept as the run's own warnings are: under the caller's filters. Before, it was replayed under "always" and kept
+    # while the run's warnings under the same "ignore" were not.
+    import argparse
+    import json
+
+    from diffsparse.compare import run_compare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiffsparseWarning)
+        config = SparseConfig(pattern=Radial(decay=0.5, sink=True), density=0.25, block_size=16)
+        args = argparse.Namespace(model=None, prompt="a red circle", **SMALL, device="cpu", out=str(tmp_path),
+                                  lpips_weights=None, two_stage=False, still_candidates=1, image=None,
+                                  call_kwargs=None)
+        run_compare(args, config, pipe=tiny_pipe)
+    assert json.loads((tmp_path / "compare.json").read_text())["warnings"] == []
