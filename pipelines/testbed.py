@@ -643,9 +643,15 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
     """
     names = list(_WEIGHT_NAMES[part])
     if part == "text_encoder":
-        # transformers reads a file the config names (`transformers_weights`) before any other.
+        # transformers reads a file the config names (`transformers_weights`) and nothing else, missing or not.
         explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
-        names = [explicit, *names] if explicit else names
+        if explicit:
+            if not explicit.endswith((".safetensors", ".safetensors.index.json")) or not (directory / explicit).is_file():
+                raise ValueError(f"{directory / 'config.json'} ({where}) names transformers_weights={explicit!r}, the "
+                                 "only file transformers then reads: it must be a .safetensors file or a "
+                                 ".safetensors.index.json beside it" + ("" if (directory / explicit).is_file()
+                                                                        else ", and there is no such file"))
+            names = [explicit]
     for name in names:
         file = directory / name
         if not file.is_file():
@@ -658,6 +664,10 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
             raise ValueError(f"{file} ({where}) must name the shards beside it in its weight_map, got "
                              f"{'no shard' if not shards else f'missing shard files {absent}'}")
         return [directory / shard for shard in shards]
+    if (directory / "diffusion_pytorch_model.bin.index.json").is_file():
+        raise ValueError(f"{directory} ({where}) holds the {part}'s weights as .bin shards (save_pretrained with "
+                         "safe_serialization=False), which diffusers loads only with use_safetensors=False: save them "
+                         "again with safe_serialization=True (the default)")
     others = sorted(path.name for path in directory.glob("*") if path.suffix in (".safetensors", ".bin"))
     # Before: diffusers' OSError about a `.bin` it looked for, after a note on unsafe serialization.
     raise ValueError(

@@ -310,6 +310,32 @@ def test_load_checks_the_weights_it_loads_not_a_variant_beside_them(tmp_path, pa
         testbed.load(path=folder)
 
 
+def test_load_refuses_a_transformers_weights_file_that_transformers_would_not_read(tmp_path):
+    # transformers reads the file a config's `transformers_weights` names and nothing else: before, a missing one
+    # was passed over for model.safetensors in the check, and from_pretrained then failed on the missing file.
+    folder = tmp_path / "copy"
+    shutil.copytree(testbed.WEIGHTS_PATH, folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    for named, said in (("nope.safetensors", "and there is no such file"), ("model.bin", "must be a .safetensors")):
+        config_path.write_text(json.dumps({**config, "transformers_weights": named}))
+        with pytest.raises(ValueError, match=re.escape(f"names transformers_weights={named!r}") + ".*" + said):
+            testbed.load(path=folder)
+    config_path.write_text(json.dumps({**config, "transformers_weights": "model.safetensors"}))
+    assert testbed.load(path=folder).text_encoder is not None
+
+
+def test_load_says_that_bin_shards_need_saving_again(tmp_path):
+    # diffusers reads .bin shards only with use_safetensors=False: before, the message said the folder was not as
+    # save_pretrained writes it (it is) and spoke of variants.
+    folder = tmp_path / "bin"
+    testbed.load().save_pretrained(folder, safe_serialization=False, max_shard_size="200KB")
+    assert (folder / "transformer" / "diffusion_pytorch_model.bin.index.json").is_file()
+    with pytest.raises(ValueError, match=re.escape("holds the transformer's weights as .bin shards") + ".*"
+                       + re.escape("save them again with safe_serialization=True")):
+        testbed.load(path=folder)
+
+
 def test_prompt_sensitivity_needs_two_frames_to_set_the_first_apart(capsys):
     # Before: one frame given clean left nothing scored, and every sensitivity came out nan (0 / 0).
     with pytest.raises(ValueError, match=re.escape("it needs frames >= 2, got frames=1 with first_frame_level=0.0")):
@@ -470,7 +496,29 @@ def test_evidence_refuses_a_loss_log_of_no_step_before_sampling(tmp_path, capsys
     base.write_text("step,loss,train_minutes,stage\n")
     with pytest.raises(SystemExit):
         evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)])
-    assert f"--fine-tune-of must be a compact loss log file with rows, got {str(base)!r} (no rows)" in \
-        capsys.readouterr().err
+    assert f"--fine-tune-of must be a compact loss log file (loss.csv written here: step, loss, train_minutes) with " \
+           f"rows, got {str(base)!r} (no rows)" in capsys.readouterr().err
     base.write_text("step,loss,train_minutes,stage\n25,0.4,1.0,0\n")
     assert evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)]).fine_tune_of == base
+
+
+@pytest.mark.parametrize("case", ["raw log as --fine-tune-of", "compact log as --run", "not UTF-8"])
+def test_evidence_refuses_a_loss_log_it_cannot_read_before_sampling(tmp_path, capsys, case):
+    # Before, a log with rows passed parse_args whatever its columns: the earlier run's own loss.csv given as
+    # --fine-tune-of failed on train_minutes (a KeyError) after the grid and the fidelity were sampled.
+    run, base = tmp_path / "run", tmp_path / "base.csv"
+    run.mkdir()
+    (run / "loss.csv").write_text("step,loss,train_seconds\n1,0.5,1.0\n")
+    base.write_text("step,loss,train_minutes,stage\n25,0.4,1.0,0\n")
+    if case == "raw log as --fine-tune-of":
+        base.write_text("step,loss,lr,train_seconds\n1,0.5,0.001,1.0\n")
+        said = f"got {str(base)!r} (no column train_minutes (it has step, loss, lr, train_seconds))"
+    elif case == "compact log as --run":
+        (run / "loss.csv").write_text("step,loss,train_minutes,stage\n25,0.4,1.0,0\n")
+        said = f"got {str(run)!r} (its loss.csv has no column train_seconds"
+    else:
+        base.write_bytes(b"step,loss,train_minutes,stage\n25,0.4,1.0,\xff\n")
+        said = f"got {str(base)!r} (not UTF-8 text"
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)])
+    assert said in capsys.readouterr().err

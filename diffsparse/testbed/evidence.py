@@ -438,12 +438,20 @@ def _timed(stage: str):
     print(f"{stage}: {_duration(time.perf_counter() - start)}", flush=True)
 
 
-def _logs_a_row(path: Path) -> bool:
-    """Whether `path` is a CSV file with a row under its header (what `compact_loss_log` reads)."""
+def _log_problem(path: Path, columns: tuple[str, ...]) -> str | None:
+    """What keeps `compact_loss_log` from reading `path` as a CSV file with `columns` and a row under its header, or
+    `None`: read as it reads it (strict UTF-8), so that what passes here is not refused after the sampling."""
     if not path.is_file():
-        return False
-    with path.open(newline="", errors="replace") as f:
-        return next(csv.DictReader(f), None) is not None
+        return "no such file"
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [column for column in columns if column not in (reader.fieldnames or ())]
+            if missing:
+                return f"no column {', '.join(missing)} (it has {', '.join(reader.fieldnames or ()) or 'no header'})"
+            return None if next(reader, None) is not None else "no rows"
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 text ({error})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -476,12 +484,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--fine-tune-of {args.fine_tune_of} continues the loss curve of a --run; pass the run folder too")
     # Checked before the minutes of sampling (and before samples.png is overwritten), not after: a log of no step
     # (a run that failed in its first one) passed here and `compact_loss_log` refused it once all was sampled.
-    if args.run is not None and not _logs_a_row(args.run / "loss.csv"):
+    # The columns too: the earlier run's own loss.csv given as --fine-tune-of (not the compact log written here)
+    # failed on train_minutes after the sampling.
+    problem = None if args.run is None else _log_problem(args.run / "loss.csv", ("step", "loss", "train_seconds"))
+    if problem is not None:
         p.error(f"--run must be a training run folder (with loss.csv logging a step), got {str(args.run)!r}"
-                + (" (its loss.csv has no rows)" if (args.run / "loss.csv").is_file() else ""))
-    if args.fine_tune_of is not None and not _logs_a_row(args.fine_tune_of):
-        p.error(f"--fine-tune-of must be a compact loss log file with rows, got {str(args.fine_tune_of)!r}"
-                + (" (no rows)" if args.fine_tune_of.is_file() else ""))
+                + ("" if problem == "no such file" else f" (its loss.csv has {problem})"))
+    problem = None if args.fine_tune_of is None else _log_problem(args.fine_tune_of, ("step", "loss", "train_minutes"))
+    if problem is not None:
+        p.error(f"--fine-tune-of must be a compact loss log file (loss.csv written here: step, loss, train_minutes) "
+                f"with rows, got {str(args.fine_tune_of)!r} ({problem})")
     for name in ("model", "early"):
         folder = getattr(args, name)
         if folder is not None and not (folder / "model_index.json").is_file():
