@@ -1072,3 +1072,70 @@ def test_the_attention_timer_covers_every_self_attention_block(tiny_pipe):
     expected = [module for _, module in adapter_for(transformer).self_attention_modules(transformer)]
     assert len(expected) == tiny_pipe.transformer.config.num_layers > 1
     assert list(evaluate._attention_modules(tiny_pipe)) == expected
+
+
+def test_a_row_with_lpips_says_an_identical_video_counts_0_there(tmp_path, monkeypatch):
+    # With LPIPS, an identical video counts in two of the row's means, not in ssim's alone: the row must say so.
+    offsets = {0: 0.0, 1: 0.2}
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        return np.full((2, 16, 16, 3), 0.5 + offsets[seed] * _sparse_applied(pipe)), 1.0, 1.0
+
+    weights = tmp_path / "alexnet.pth"
+    weights.touch()
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    monkeypatch.setattr(evaluate, "lpips_weights", lambda path, frame_size=None: weights)
+    monkeypatch.setattr(evaluate, "lpips", lambda frames, reference, weights_path=None:
+                        0.0 if np.array_equal(frames, reference) else 0.3)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seeds", "2"]
+    with pytest.warns(UserWarning):  # the fake videos' cold warm-up, and the row's own
+        assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    (row,) = _rows(tmp_path / "e")
+    assert float(row["lpips"]) == pytest.approx(0.15)
+    said = [text for text in json.loads(row["warnings"]) if "identical to dense" in text]
+    partly = ("diffsparse: eval: 1 of 2 videos identical to dense (infinite PSNR): psnr_db is the mean of the other "
+              "1, ssim and lpips of all 2, an identical video counting 1.0 and 0 there")
+    assert said == [partly]
+
+
+def test_a_run_killed_in_its_first_configuration_leaves_the_video_size_and_the_dense_videos_warnings(tmp_path,
+                                                                                                   monkeypatch):
+    # Killed outright (SIGKILL) no handler writes: eval.md holds what the last write before the first row said.
+    said, seen = "diffsparse: a warning while the dense video was made", []
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        if _sparse_applied(pipe):
+            seen.append((tmp_path / "eval.md").read_text(encoding="utf-8"))
+        else:
+            warnings.warn(said, diffsparse.DiffsparseWarning)
+        return np.full((2, 16, 16, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1"]
+    with pytest.warns(UserWarning):  # the fake videos' cold warm-up too
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    first_row_s = seen[-1]  # the sparse warm-up's comes first
+    assert first_row_s.startswith("Incomplete: 0 of 1 configurations measured so far.")
+    assert "2 frames 16x16" in first_row_s and "video size not known yet" not in first_row_s
+    assert f"Warnings of the warm-ups and the dense videos:\n- {said}\n" in first_row_s
+
+
+def test_with_two_stage_every_run_of_a_case_starts_from_its_still(tmp_path, monkeypatch):
+    # The dense video is the reference of the case's sparse ones: started from another still, or none, it scored the
+    # difference of the stills as sparsity's.
+    started = []
+
+    def videos(pipe, prompt, seed, args, first_frame=None):
+        started.append((_sparse_applied(pipe), seed, first_frame))
+        return np.full((3, 4, 4, 3), 0.5 + 0.01 * _sparse_applied(pipe)), 1.0, 1.0
+
+    monkeypatch.setattr(evaluate, "timed_generation", videos)
+    monkeypatch.setattr(evaluate, "shared_still", lambda pipe, args, prompt, seed: f"the still of seed {seed}")
+    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+            "--seeds", "2", "--two-stage"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fake videos' cold warm-up: not the point
+        assert main([*args, "--out", str(tmp_path)]) == 0
+    assert len(started) == 2 + 2 * 2  # two warm-ups, then each seed's dense and sparse video
+    assert all(still == f"the still of seed {seed}" for _, seed, still in started)

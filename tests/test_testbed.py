@@ -785,6 +785,14 @@ def test_fidelity_of_a_ragged_blob_is_low():
     assert fidelity.score_video(video, request)["shape_iou"] < 0.75
 
 
+def test_direction_accuracy_asks_for_the_prompted_speed():
+    # "quickly" is 2 pixels a frame: a shape crawling the right way at 0.6 does not pass, one at 2.0 does (a
+    # threshold that forgot the speed word passed both).
+    request = fidelity.Request("red", "circle", "right", "quickly")
+    assert fidelity.score_video(_rendered(request, speed=0.6), request)["direction_accuracy"] == 0
+    assert fidelity.score_video(_rendered(request, speed=2.0), request)["direction_accuracy"] == 1
+
+
 def test_a_frame_without_the_shape_scores_no_shape_iou():
     # The mean runs over every frame, so blanking 4 of 9 frames leaves 5/9 of the score of the 5 frames kept.
     request = fidelity.Request("red", "circle", "right")
