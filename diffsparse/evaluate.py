@@ -43,6 +43,7 @@ from .compare import (
     seeded_global_generator,
     shared_still,
     synchronize_accelerators,
+    warn_if_density_replaces,
 )
 from .config import SparseConfig, resolve_step_count
 from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
@@ -340,7 +341,8 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
     is labelled, with `correction_refresh=0` whatever the list holds: made once, each refresh other than 0 in the
     list left out with a warning naming it (0 in the list or not), its text also added to `notes` under the
     configuration made; refreshes other than 0 with no correction at all are a `ValueError`, as `SparseConfig`
-    refuses them."""
+    refuses them. A pattern text giving a parameter the density sets is warned of too (`warn_if_density_replaces`),
+    its text added to `notes`: the density wins."""
     refreshes = getattr(args, "correction_refresh", [0])
     if any(refreshes) and all(correction is None for correction in args.correction):
         raise ValueError(
@@ -367,6 +369,15 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
                 block_size=args.block_size,
                 order=getattr(args, "order", None),
             ))
+            # `--pattern 'radial(decay=0.5)' --density 0.25` ran decay solved for 0.25 without a word, in a row
+            # labelled with decay=0.5: said as `compare` says it, and kept in the row's warnings.
+            with warnings.catch_warnings(record=True) as replaced:
+                warnings.simplefilter("always")
+                warn_if_density_replaces(configs[-1])
+            for said in dict.fromkeys(str(warning.message) for warning in replaced):
+                if notes is not None:
+                    notes.setdefault(configs[-1], []).append(said)
+                warnings.warn(said, category=DiffsparseWarning, stacklevel=2)
         for refresh in left_out if correction is None else []:
             message = (f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
                        f"{_settings(configs[-1])}, correction_refresh=0 (correction_refresh={refresh!r} has no effect "

@@ -1139,3 +1139,18 @@ def test_with_two_stage_every_run_of_a_case_starts_from_its_still(tmp_path, monk
         assert main([*args, "--out", str(tmp_path)]) == 0
     assert len(started) == 2 + 2 * 2  # two warm-ups, then each seed's dense and sparse video
     assert all(still == f"the still of seed {seed}" for _, seed, still in started)
+
+
+def test_a_pattern_text_giving_what_the_density_sets_is_said_and_kept_in_its_row():
+    # Before, `--pattern 'radial(decay=0.5)' --density 0.25` ran decay solved for 0.25 without a word, the row
+    # labelled radial(decay=0.5); `compare` and the benches said it.
+    args = _grid_args(pattern=["radial(decay=0.5)", "window3d"], density=[0.25, None])
+    notes = {}
+    with pytest.warns(diffsparse.DiffsparseWarning) as caught:
+        configs = evaluate._grid(args, notes)
+    said = ("diffsparse: --pattern 'radial(decay=0.5)' gives decay=0.5, and --density 0.25 sets decay too: the density "
+            "wins")
+    assert [str(w.message)[:len(said)] for w in caught] == [said]
+    assert caught[0].filename == __file__
+    (replaced,) = [c for c in configs if c.pattern == "radial(decay=0.5)" and c.density == 0.25]
+    assert list(notes) == [replaced] and notes[replaced][0].startswith(said)
