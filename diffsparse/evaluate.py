@@ -352,7 +352,7 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
     # Without a correction, the refreshes the row (made and labelled with 0, what it runs) stands for: every one but
     # 0. Before, with no 0 in the list, the first was taken as the row's and left unsaid, though the row read 0.
     left_out = [r for r in refreshes if r != 0]
-    configs = []
+    configs, replacements_said = [], set()
     for name, density, dense_steps, dense_last_steps, dense_layers, correction in itertools.product(
         args.pattern, args.density, args.dense_steps, getattr(args, "dense_last_steps", [0]), args.dense_layers,
         args.correction,
@@ -377,7 +377,9 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
             for said in dict.fromkeys(str(warning.message) for warning in replaced):
                 if notes is not None:
                     notes.setdefault(configs[-1], []).append(said)
-                warnings.warn(said, category=DiffsparseWarning, stacklevel=2)
+                if said not in replacements_said:  # once, not for each dense-step or layer value beside it
+                    replacements_said.add(said)
+                    warnings.warn(said, category=DiffsparseWarning, stacklevel=2)
         for refresh in left_out if correction is None else []:
             message = (f"diffsparse: eval: {_settings(configs[-1])}, correction_refresh={refresh!r} runs as "
                        f"{_settings(configs[-1])}, correction_refresh=0 (correction_refresh={refresh!r} has no effect "

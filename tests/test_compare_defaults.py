@@ -385,3 +385,22 @@ def test_frames_that_cannot_be_kept_either_leave_the_first_error_and_no_broken_f
         compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
                      width=32, out=tmp_path)
     assert not (tmp_path / "frames.npz").exists()
+
+
+def test_frames_that_cannot_be_kept_either_leave_the_encoder_s_own_error_with_a_note(tiny_pipe, tmp_path, monkeypatch):
+    # Not a ValueError: the encoder's error itself is raised again (not the save's), its note saying both.
+    from diffsparse import compare
+    from diffsparse.demo import compare_once
+
+    def no_encoder(path, pixels, fps):
+        raise RuntimeError("no libx264")
+
+    def disk_full(file, **arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare, "_write_mp4", no_encoder)
+    monkeypatch.setattr(compare.np, "savez", disk_full)
+    with pytest.raises(RuntimeError, match="no libx264") as raised:
+        compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5, height=32,
+                     width=32, out=tmp_path)
+    assert any("their frames could not be saved either (OSError: " in note for note in raised.value.__notes__)

@@ -1154,3 +1154,14 @@ def test_a_pattern_text_giving_what_the_density_sets_is_said_and_kept_in_its_row
     assert caught[0].filename == __file__
     (replaced,) = [c for c in configs if c.pattern == "radial(decay=0.5)" and c.density == 0.25]
     assert list(notes) == [replaced] and notes[replaced][0].startswith(said)
+
+
+def test_a_replaced_parameter_is_warned_once_and_kept_in_every_row_it_names():
+    # Each dense-step and layer value beside it made the same warning again (catch_warnings forgets what was shown).
+    args = _grid_args(pattern=["radial(decay=0.5)"], density=[0.25], dense_steps=[0, 0.2], dense_layers=[0, 2])
+    notes = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        configs = evaluate._grid(args, notes)
+    assert len(configs) == 4 and sum("gives decay=0.5" in str(w.message) for w in caught) == 1
+    assert all(any("gives decay=0.5" in note for note in notes[config]) for config in configs)

@@ -502,7 +502,8 @@ def test_evidence_refuses_a_loss_log_of_no_step_before_sampling(tmp_path, capsys
     assert evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)]).fine_tune_of == base
 
 
-@pytest.mark.parametrize("case", ["raw log as --fine-tune-of", "compact log as --run", "not UTF-8"])
+@pytest.mark.parametrize("case", ["raw log as --fine-tune-of", "compact log as --run", "not UTF-8",
+                                  "not UTF-8 far down", "last row cut short"])
 def test_evidence_refuses_a_loss_log_it_cannot_read_before_sampling(tmp_path, capsys, case):
     # Before, a log with rows passed parse_args whatever its columns: the earlier run's own loss.csv given as
     # --fine-tune-of failed on train_minutes (a KeyError) after the grid and the fidelity were sampled.
@@ -516,9 +517,17 @@ def test_evidence_refuses_a_loss_log_it_cannot_read_before_sampling(tmp_path, ca
     elif case == "compact log as --run":
         (run / "loss.csv").write_text("step,loss,train_minutes,stage\n25,0.4,1.0,0\n")
         said = f"got {str(run)!r} (its loss.csv has no column train_seconds"
-    else:
+    elif case == "not UTF-8":
         base.write_bytes(b"step,loss,train_minutes,stage\n25,0.4,1.0,\xff\n")
         said = f"got {str(base)!r} (not UTF-8 text"
+    else:  # past the first row and the first chunk read: before, only those were read here
+        rows = "".join(f"{step},0.5,{step}.0\n" for step in range(1, 3000))
+        if case == "not UTF-8 far down":
+            (run / "loss.csv").write_bytes(f"step,loss,train_seconds\n{rows}".encode() + b"3000,0.5\xff,1.0\n")
+            said = f"got {str(run)!r} (its loss.csv has not UTF-8 text"
+        else:
+            (run / "loss.csv").write_text(f"step,loss,train_seconds\n{rows}3000,0.5")
+            said = f"got {str(run)!r} (its loss.csv has train_seconds=None on line 3001, not a number)"
     with pytest.raises(SystemExit):
         evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)])
     assert said in capsys.readouterr().err

@@ -439,8 +439,9 @@ def _timed(stage: str):
 
 
 def _log_problem(path: Path, columns: tuple[str, ...]) -> str | None:
-    """What keeps `compact_loss_log` from reading `path` as a CSV file with `columns` and a row under its header, or
-    `None`: read as it reads it (strict UTF-8), so that what passes here is not refused after the sampling."""
+    """What keeps `compact_loss_log` from reading `path` as a CSV file with `columns`, a number in each of them on
+    every row, and a row under its header, or `None`: read whole as it reads it (strict UTF-8; a loss log is small),
+    so that what passes here is not refused after the sampling."""
     if not path.is_file():
         return "no such file"
     try:
@@ -449,7 +450,14 @@ def _log_problem(path: Path, columns: tuple[str, ...]) -> str | None:
             missing = [column for column in columns if column not in (reader.fieldnames or ())]
             if missing:
                 return f"no column {', '.join(missing)} (it has {', '.join(reader.fieldnames or ()) or 'no header'})"
-            return None if next(reader, None) is not None else "no rows"
+            rows = 0
+            for rows, row in enumerate(reader, 1):
+                for column in columns:
+                    try:
+                        float(row[column])
+                    except (TypeError, ValueError):  # None: a row cut short (a run killed while writing it)
+                        return f"{column}={row[column]!r} on line {reader.line_num}, not a number"
+            return None if rows else "no rows"
     except UnicodeDecodeError as error:
         return f"not UTF-8 text ({error})"
 
