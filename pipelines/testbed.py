@@ -646,11 +646,11 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
         # transformers reads a file the config names (`transformers_weights`) and nothing else, missing or not.
         explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
         if explicit:
-            if not explicit.endswith((".safetensors", ".safetensors.index.json")) or not (directory / explicit).is_file():
+            there = (directory / explicit).is_file()
+            if not explicit.endswith((".safetensors", ".safetensors.index.json")) or not there:
                 raise ValueError(f"{directory / 'config.json'} ({where}) names transformers_weights={explicit!r}, the "
                                  "only file transformers then reads: it must be a .safetensors file or a "
-                                 ".safetensors.index.json beside it" + ("" if (directory / explicit).is_file()
-                                                                        else ", and there is no such file"))
+                                 ".safetensors.index.json beside it" + ("" if there else ", and there is no such file"))
             names = [explicit]
     for name in names:
         file = directory / name
@@ -673,7 +673,8 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
     raise ValueError(
         f"{directory} ({where}) must hold the {part}'s weights as save_pretrained writes them ({', '.join(names)}), "
         "got " + (f"only {others}, which from_pretrained does not read (a variant such as *.fp16.safetensors is read "
-                  "only when asked for)" if others else "no weight file (a partial copy of a training run's DIR/pipeline?)")
+                  "only when asked for)" if others
+                  else "no weight file (a partial copy of a training run's DIR/pipeline?)")
     )
 
 

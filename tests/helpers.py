@@ -4,6 +4,7 @@ import contextlib
 import copy
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -867,3 +868,24 @@ def tiny_image_to_video_pipeline(variant: str = "wan22"):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def grey_timed_runs(monkeypatch, greys=(0.2, 0.8)) -> list[int]:
+    """`compare`'s timed dense and sparse runs (after its two one-step warm-ups) made plain grey, `greys[0]` and
+    `greys[1]`, in every compare of the test: which file or score holds which run can then be told. Returns the list
+    the step count of every run is appended to."""
+    from diffsparse import compare
+
+    runs = []
+    generate = compare._generate
+
+    def generated(pipe, args, progress, first_frame=None):
+        frames, seconds, denoise = generate(pipe, args, progress, first_frame)
+        runs.append(args.steps)
+        place = (len(runs) - 1) % 4  # warm-up, warm-up, dense, sparse
+        if place >= 2:
+            frames = np.full_like(frames, greys[place - 2])
+        return frames, seconds, denoise
+
+    monkeypatch.setattr(compare, "_generate", generated)
+    return runs

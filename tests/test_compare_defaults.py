@@ -331,15 +331,9 @@ def test_a_video_that_cannot_be_written_keeps_both_runs_frames(tiny_pipe, tmp_pa
     from diffsparse import compare
     from diffsparse.demo import compare_once
 
-    runs = []
-    generate = compare._generate
+    from helpers import grey_timed_runs
 
-    def generated(pipe, args, progress, first_frame=None):
-        frames, seconds, denoise = generate(pipe, args, progress, first_frame)
-        runs.append(args.steps)
-        if len(runs) % 4 > 2 or len(runs) % 4 == 0:  # each call's timed runs, after two warm-ups: dense, sparse
-            frames = np.full_like(frames, 0.2 if len(runs) % 4 == 3 else 0.8)
-        return frames, seconds, denoise
+    grey_timed_runs(monkeypatch)
 
     def failing(path, pixels, fps):
         raise RuntimeError("no libx264")
@@ -348,7 +342,6 @@ def test_a_video_that_cannot_be_written_keeps_both_runs_frames(tiny_pipe, tmp_pa
         return compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, steps=1, frames=5,
                             height=32, width=32, out=tmp_path)
 
-    monkeypatch.setattr(compare, "_generate", generated)
     run()
     write_mp4 = compare._write_mp4
     monkeypatch.setattr(compare, "_write_mp4", failing)

@@ -144,17 +144,9 @@ def test_each_file_holds_its_own_run_and_the_scores_compare_those(tiny_pipe, tmp
     # reference of the scores must be the first, sparse.mp4 and the right half the second.
     import imageio.v3 as iio
 
-    runs = []
-    generate = compare._generate
+    from helpers import grey_timed_runs
 
-    def generated(pipe, args, progress, first_frame=None):
-        frames, seconds, denoise = generate(pipe, args, progress, first_frame)
-        runs.append(args.steps)
-        if len(runs) > 2:  # the timed runs, after the two one-step warm-ups: dense, then sparse
-            frames = np.full_like(frames, 0.2 if len(runs) == 3 else 0.8)
-        return frames, seconds, denoise
-
-    monkeypatch.setattr(compare, "_generate", generated)
+    runs = grey_timed_runs(monkeypatch)
     result, _ = compare_once(tiny_pipe, "a red circle", "window3d", density=0.5, block_size=16, **SMALL, out=tmp_path)
     assert runs == [1, 1, 2, 2]
     for name, grey in (("dense", 0.2), ("sparse", 0.8)):

@@ -348,9 +348,9 @@ def test_the_time_ratios_are_the_means_over_the_videos(tmp_path, monkeypatch):
     assert float(row["attention_time_ratio"]) == pytest.approx((0.5 + 0.25 + 0.75 + 2.0) / 4)
 
 
-def test_a_row_s_ssim_and_lpips_are_the_means_over_its_videos(tmp_path, monkeypatch):
-    # Seed 0's sparse video 0.01 off dense, seed 1's 0.2 off: the row must average both, not give one video's.
-    offsets = {0: 0.01, 1: 0.2}
+def _two_seeds_with_lpips(tmp_path, monkeypatch, offsets: dict[int, float], lpips) -> list[str]:
+    """The arguments of an eval of two seeds whose sparse videos are plain grey, `offsets[seed]` off the dense 0.5,
+    scored with `lpips` (frames, reference -> score) standing in for LPIPS."""
 
     def videos(pipe, prompt, seed, args, first_frame=None):
         return np.full((2, 16, 16, 3), 0.5 + offsets[seed] * _sparse_applied(pipe)), 1.0, 1.0
@@ -359,10 +359,16 @@ def test_a_row_s_ssim_and_lpips_are_the_means_over_its_videos(tmp_path, monkeypa
     weights.touch()
     monkeypatch.setattr(evaluate, "timed_generation", videos)
     monkeypatch.setattr(evaluate, "lpips_weights", lambda path, frame_size=None: weights)
-    monkeypatch.setattr(evaluate, "lpips", lambda frames, reference, weights_path=None:
-                        0.1 if frames.max() - reference.max() < 0.1 else 0.3)
-    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
+    monkeypatch.setattr(evaluate, "lpips", lambda frames, reference, weights_path=None: lpips(frames, reference))
+    return ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
             "--seeds", "2"]
+
+
+def test_a_row_s_ssim_and_lpips_are_the_means_over_its_videos(tmp_path, monkeypatch):
+    # Seed 0's sparse video 0.01 off dense, seed 1's 0.2 off: the row must average both, not give one video's.
+    offsets = {0: 0.01, 1: 0.2}
+    args = _two_seeds_with_lpips(tmp_path, monkeypatch, offsets,
+                                 lambda frames, reference: 0.1 if frames.max() - reference.max() < 0.1 else 0.3)
     with pytest.warns(UserWarning, match="sparse warm-up .* ran no call through the sparse kernel"):
         assert main([*args, "--out", str(tmp_path / "e")]) == 0
     (row,) = _rows(tmp_path / "e")
@@ -1076,19 +1082,8 @@ def test_the_attention_timer_covers_every_self_attention_block(tiny_pipe):
 
 def test_a_row_with_lpips_says_an_identical_video_counts_0_there(tmp_path, monkeypatch):
     # With LPIPS, an identical video counts in two of the row's means, not in ssim's alone: the row must say so.
-    offsets = {0: 0.0, 1: 0.2}
-
-    def videos(pipe, prompt, seed, args, first_frame=None):
-        return np.full((2, 16, 16, 3), 0.5 + offsets[seed] * _sparse_applied(pipe)), 1.0, 1.0
-
-    weights = tmp_path / "alexnet.pth"
-    weights.touch()
-    monkeypatch.setattr(evaluate, "timed_generation", videos)
-    monkeypatch.setattr(evaluate, "lpips_weights", lambda path, frame_size=None: weights)
-    monkeypatch.setattr(evaluate, "lpips", lambda frames, reference, weights_path=None:
-                        0.0 if np.array_equal(frames, reference) else 0.3)
-    args = ["eval", *TINY, "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--prompts", "1",
-            "--seeds", "2"]
+    args = _two_seeds_with_lpips(tmp_path, monkeypatch, {0: 0.0, 1: 0.2},
+                                 lambda frames, reference: 0.0 if np.array_equal(frames, reference) else 0.3)
     with pytest.warns(UserWarning):  # the fake videos' cold warm-up, and the row's own
         assert main([*args, "--out", str(tmp_path / "e")]) == 0
     (row,) = _rows(tmp_path / "e")
