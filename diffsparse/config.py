@@ -130,22 +130,29 @@ API_NAMES = {
 }
 
 
-def warn_density_replaces(config: SparseConfig, names: dict[str, str], stacklevel: int = 1) -> None:
-    """A `DiffsparseWarning` for each parameter `config.pattern` gives that `config.density` sets in its place
+def density_replaces_messages(config: SparseConfig, names: dict[str, str]) -> list[str]:
+    """The text of the warning for each parameter `config.pattern` gives that `config.density` sets in its place
     (`density_replaces`): the density wins, and `None` runs the pattern as written. `names`: what the message calls
-    the settings (`API_NAMES`, `compare.COMMAND_NAMES`); `stacklevel` as `warnings.warn`'s, from the caller."""
+    the settings (`API_NAMES`, `compare.COMMAND_NAMES`)."""
     written = get_pattern(config.pattern)
+    messages = []
     for name, value in density_replaces(config).items():
         how = (f"{name} is solved for it on each layout where {name} changes the density"
                if name == written.density_sets else f"{name}={getattr(config.resolved_pattern, name)!r} runs")
-        warnings.warn(
+        messages.append(
             f"diffsparse: {names['pattern_given'].format(pattern=config.pattern)} gives {name}={value!r}, and "
             f"{names['density_given'].format(density=config.density)} sets {name} too: the density wins ({how}), "
             f"so {name}={value!r} is replaced; {names['no_density']} to run the pattern as written, or leave {name} "
-            f"out of {names['pattern_setting']}",
-            category=DiffsparseWarning,
-            stacklevel=stacklevel + 1,
+            f"out of {names['pattern_setting']}"
         )
+    return messages
+
+
+def warn_density_replaces(config: SparseConfig, names: dict[str, str], stacklevel: int = 1) -> None:
+    """A `DiffsparseWarning` of each of `density_replaces_messages(config, names)`; `stacklevel` as `warnings.warn`'s,
+    from the caller."""
+    for message in density_replaces_messages(config, names):
+        warnings.warn(message, category=DiffsparseWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass(frozen=True)

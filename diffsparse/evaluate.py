@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import DiffsparseWarning
 from .api import sparse
 from .compare import (
+    COMMAND_NAMES,
     check_call_kwargs_before_loading,
     check_config_fits,
     check_two_stage,
@@ -43,9 +44,8 @@ from .compare import (
     seeded_global_generator,
     shared_still,
     synchronize_accelerators,
-    warn_if_density_replaces,
 )
-from .config import SparseConfig, resolve_step_count
+from .config import SparseConfig, density_replaces_messages, resolve_step_count
 from .metrics import lpips, lpips_missing_reason, lpips_weights, psnr, ssim
 from .patterns import get_pattern
 from .pipelines import adapter_for, find_transformers
@@ -341,8 +341,8 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
     is labelled, with `correction_refresh=0` whatever the list holds: made once, each refresh other than 0 in the
     list left out with a warning naming it (0 in the list or not), its text also added to `notes` under the
     configuration made; refreshes other than 0 with no correction at all are a `ValueError`, as `SparseConfig`
-    refuses them. A pattern text giving a parameter the density sets is warned of too (`warn_if_density_replaces`),
-    its text added to `notes`: the density wins."""
+    refuses them. A pattern text giving a parameter the density sets is warned of too, as `compare` says it
+    (`density_replaces_messages`), its text added to `notes`: the density wins."""
     refreshes = getattr(args, "correction_refresh", [0])
     if any(refreshes) and all(correction is None for correction in args.correction):
         raise ValueError(
@@ -371,10 +371,8 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
             ))
             # `--pattern 'radial(decay=0.5)' --density 0.25` ran decay solved for 0.25 without a word, in a row
             # labelled with decay=0.5: said as `compare` says it, and kept in the row's warnings.
-            with warnings.catch_warnings(record=True) as replaced:
-                warnings.simplefilter("always")
-                warn_if_density_replaces(configs[-1])
-            for said in dict.fromkeys(str(warning.message) for warning in replaced):
+            replaced = [] if not isinstance(name, str) else density_replaces_messages(configs[-1], COMMAND_NAMES)
+            for said in replaced:
                 if notes is not None:
                     notes.setdefault(configs[-1], []).append(said)
                 if said not in replacements_said:  # once, not for each dense-step or layer value beside it
