@@ -658,7 +658,16 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
             continue
         if not name.endswith(".index.json"):
             return [file]
-        shards = sorted(set(json.loads(file.read_text()).get("weight_map", {}).values()))
+        try:
+            index = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file} ({where}) must be the JSON save_pretrained writes, got {error}") from None
+        # Both libraries index `metadata` and `weight_map` unguarded: without either, loading fails with KeyError.
+        absent_keys = [key for key in ("metadata", "weight_map") if not isinstance(index, dict) or key not in index]
+        if absent_keys:
+            raise ValueError(f"{file} ({where}) must hold the keys 'metadata' and 'weight_map' that from_pretrained "
+                             f"reads, got no {' and no '.join(map(repr, absent_keys))}")
+        shards = sorted(set(index["weight_map"].values()))
         absent = [shard for shard in shards if not (directory / shard).is_file()]
         if not shards or absent:
             raise ValueError(f"{file} ({where}) must name the shards beside it in its weight_map, got "

@@ -274,6 +274,32 @@ def test_load_checks_the_shards_an_index_names_not_a_consolidated_file_beside_th
         testbed.load(path=folder)
 
 
+@pytest.mark.parametrize("part, index_name", [
+    ("transformer", "diffusion_pytorch_model.safetensors.index.json"),
+    ("text_encoder", "model.safetensors.index.json"),
+])
+@pytest.mark.parametrize("damage", ["metadata", "weight_map", "not json"])
+def test_load_refuses_a_shard_index_from_pretrained_cannot_read(sharded, tmp_path, part, index_name, damage):
+    # diffusers and transformers index `metadata` and `weight_map` unguarded. Before, an index without `metadata`
+    # passed the check (its shards were complete) and loading then failed with a bare KeyError: 'metadata'.
+    folder = tmp_path / "copy"
+    shutil.copytree(sharded, folder)
+    index_file = folder / part / index_name
+    if part == "text_encoder":
+        (folder / part / "model.safetensors").unlink(missing_ok=True)
+    if damage == "not json":
+        index_file.write_text(index_file.read_text()[:-2])
+        expected = "must be the JSON save_pretrained writes"
+    else:
+        index = json.loads(index_file.read_text())
+        del index[damage]
+        index_file.write_text(json.dumps(index))
+        expected = f"must hold the keys 'metadata' and 'weight_map' that from_pretrained reads, got no '{damage}'"
+    with pytest.raises(ValueError, match=re.escape(f"{index_file} (")) as raised:
+        testbed.load(path=folder)
+    assert expected in str(raised.value)
+
+
 def test_load_checks_the_text_encoders_single_file_before_its_shards(sharded, tmp_path):
     # transformers reads `model.safetensors` before an index: shards left beside it are not loaded, and before, they
     # filled its gaps in the check while the model loaded fresh random weights there.
