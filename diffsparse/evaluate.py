@@ -38,6 +38,7 @@ from .compare import (
     load_pipeline_for,
     model_label,
     placement,
+    said_when_made,
     sampler_label,
     scored_frames,
     scored_label,
@@ -371,11 +372,13 @@ def _grid(args, notes: dict[SparseConfig, list[str]] | None = None) -> list[Spar
             ))
             # `--pattern 'radial(decay=0.5)' --density 0.25` ran decay solved for 0.25 without a word, in a row
             # labelled with decay=0.5: said as `compare` says it, and kept in the row's warnings.
-            replaced = [] if not isinstance(name, str) else density_replaces_messages(configs[-1], COMMAND_NAMES)
-            for said in replaced:
+            # A pattern object's was said by `SparseConfig` just now, in the API's words: not again, but eval.md's
+            # readers never saw stderr, so the row keeps that text too (as compare.json does).
+            text = isinstance(name, str)
+            for said in density_replaces_messages(configs[-1], COMMAND_NAMES) if text else said_when_made(configs[-1]):
                 if notes is not None:
                     notes.setdefault(configs[-1], []).append(said)
-                if said not in replacements_said:  # once, not for each dense-step or layer value beside it
+                if text and said not in replacements_said:  # once, not for each dense-step or layer value beside it
                     replacements_said.add(said)
                     warnings.warn(said, category=DiffsparseWarning, stacklevel=2)
         for refresh in left_out if correction is None else []:

@@ -1151,6 +1151,27 @@ def test_a_pattern_text_giving_what_the_density_sets_is_said_and_kept_in_its_row
     assert list(notes) == [replaced] and notes[replaced][0].startswith(said)
 
 
+def test_a_pattern_object_giving_what_the_density_sets_is_kept_in_its_row_as_said_when_made():
+    # Python callers may pass pattern objects. SparseConfig warns of those itself, in the API's words; before, that
+    # text stayed on stderr and out of eval.md, which compare.json keeps.
+    from diffsparse.patterns import Radial
+
+    args = _grid_args(pattern=[Radial(decay=0.5)], density=[0.25], dense_steps=[0, 0.2])
+    notes = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        configs = evaluate._grid(args, notes)
+    said = "diffsparse: SparseConfig.pattern=radial(decay=0.5, min_window=64, sink=False) gives decay=0.5"
+    # Said by SparseConfig once per configuration made, not again by eval.
+    assert len(configs) == 2 and [str(w.message).startswith(said) for w in caught] == [True, True]
+    assert all([note[:len(said)] for note in notes[config]] == [said] for config in configs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the caller ignores is not kept (as compare's runs' warnings)
+        notes = {}
+        evaluate._grid(args, notes)
+    assert notes == {}
+
+
 def test_a_replaced_parameter_is_warned_once_and_kept_in_every_row_it_names():
     # Each dense-step and layer value beside it made the same warning again (catch_warnings forgets what was shown).
     args = _grid_args(pattern=["radial(decay=0.5)"], density=[0.25], dense_steps=[0, 0.2], dense_layers=[0, 2])
