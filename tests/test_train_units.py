@@ -1,5 +1,6 @@
 """Units of the testbed's training script that a whole (tiny) run does not pin down: EMA warm-up, per-step noise,
-CFG prompt drops, the noise-level shift, the timestep scale the transformer reads and how many shapes its clips keep."""
+CFG prompt drops, the noise-level shift, the timestep scale the transformer reads, how many shapes its clips keep and
+the loss log kept when its rewrite on resume fails."""
 
 from collections import Counter
 from types import SimpleNamespace
@@ -123,3 +124,31 @@ def test_the_cool_down_ends_at_min_lr_ratio_of_the_learning_rate():
     by_minutes = SimpleNamespace(lr=1e-3, warmup=0, decay=0.5, steps=None, minutes=10)
     assert [train_module._learning_rate(by_minutes, 7, 0, seconds) for seconds in (300, 450, 599.9, 900)] == (
         pytest.approx([1e-3, 5e-4, 2e-5, 2e-5]))
+
+
+def test_a_resume_keeps_the_loss_log_when_rewriting_it_fails(tmp_path, monkeypatch):
+    # The log is cut back to the checkpoint's step on resume. Before, it was truncated in place: a failure (a full
+    # disk, a kill) before the rows were written back lost the whole curve.
+    import csv
+
+    log = tmp_path / train_module.LOSS_LOG
+    rows = [{field: str(step) for field in train_module.LOG_FIELDS} for step in (1, 2, 3)]
+    with log.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=train_module.LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    before = log.read_text()
+
+    def full_disk(self, rows):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(csv.DictWriter, "writerows", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            train_module._open_log(log, keep_until_step=2)
+    assert log.read_text() == before
+    f, writer = train_module._open_log(log, keep_until_step=2)
+    writer.writerow({field: "4" for field in train_module.LOG_FIELDS})
+    f.close()
+    with log.open(newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "4"]

@@ -456,12 +456,16 @@ def _open_log(path: Path, keep_until_step: int):
     if path.exists() and keep_until_step > 0:
         with path.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
-    f = path.open("w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    f.flush()
-    return f, writer
+    # Rewritten beside and swapped in: truncating in place, a run stopped (or a full disk) before the rows were back
+    # lost the whole curve of the steps the checkpoint holds.
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    f = path.open("a", newline="")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def _load_initial_weights(components: dict, folder: Path, parts: tuple[str, ...]) -> None:
