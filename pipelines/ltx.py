@@ -2,8 +2,9 @@
 
 Self-attention is `transformer_blocks[i].attn1` over video tokens only (text enters through the cross-attention
 `attn2`, untouched). The pipelines pack the latents into a frame-major token sequence before the transformer and
-pass the latent grid as `num_frames`, `height`, `width`; the layout is read from those. LTXConditionPipeline
-passes each token's coordinates instead (`video_coords`), with the tokens of conditions placed after frame 0
+pass the latent grid as `num_frames`, `height`, `width`; the layout is read from those, unless the call gives
+each token's coordinates (`video_coords`), which the transformer's rotary embedding reads in their place and so
+does diffsparse. LTXConditionPipeline passes only those, with the tokens of conditions placed after frame 0
 (keyframes, clips) in front of the grid: the grid is read from the coordinates, and those condition tokens take
 the layout's leading span that patterns keep whole (like CogVideoX's text). LTXI2VLongMultiPromptPipeline passes a
 grid of 1 x 1 x 1 with the coordinates of a sliding window whose latents end with injected frames (the previous
@@ -87,15 +88,15 @@ class LTXAdapter(ModelAdapter):
         timestep = call_argument(args, kwargs, "timestep", 2)
         grid = [forward_input(transformer, args, kwargs, name) for name in ("num_frames", "height", "width")]
         coords = forward_input(transformer, args, kwargs, "video_coords")
-        # LTXI2VLongMultiPromptPipeline passes 1 x 1 x 1 and the window's coordinates.
-        placeholder = all(size is not None and int(size) == 1 for size in grid) and hidden_states.shape[1] > 1
-        if any(size is None for size in grid) or placeholder and coords is not None:
-            if coords is None:
-                raise ValueError(
-                    "diffsparse reads the LTX token grid from the transformer's `num_frames`, `height` and `width`, "
-                    "or from `video_coords`; this call gave neither"
-                )
+        # The coordinates first: the transformer's rotary embedding reads them and ignores the grid arguments when
+        # both are given (LTXI2VLongMultiPromptPipeline passes 1 x 1 x 1 beside the window's coordinates).
+        if coords is not None:
             layout = layout_from_coords(coords)
+        elif any(size is None for size in grid):
+            raise ValueError(
+                "diffsparse reads the LTX token grid from the transformer's `num_frames`, `height` and `width`, "
+                "or from `video_coords`; this call gave neither"
+            )
         else:
             frames, height, width = (int(size) for size in grid)
             p, p_t = transformer.config.patch_size, transformer.config.patch_size_t

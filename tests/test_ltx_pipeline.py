@@ -163,6 +163,10 @@ def test_the_grid_comes_from_the_call_or_from_video_coords(ltx_pipe):
     coords = torch.cat([condition, grid], dim=1)[None]
     layout, _ = adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 80, 8),), {**call, "video_coords": coords})
     assert layout == VideoLayout(3, 4, 5, text_len=20, text_position="start")
+    # Grid arguments beside the coordinates: the transformer's rotary embedding reads the coordinates only, so the
+    # layout does too. Before, a grid matching the token count (4 x 4 x 5 = 80) was taken over them.
+    both = {**call, "video_coords": coords, "num_frames": 4, "height": 4, "width": 5}
+    assert adapter.read_call(ltx_pipe.transformer, (torch.zeros(1, 80, 8),), both)[0] == layout
     # LTXI2VLongMultiPromptPipeline's window: frames whose times start over at its end (the previous window's tail
     # injected) are further frames in token order; the origin anywhere but at the first token is no layout.
     assert layout_from_coords(torch.cat([grid, grid], dim=1)[None]) == VideoLayout(6, 4, 5, text_position="start")
