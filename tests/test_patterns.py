@@ -293,6 +293,14 @@ def test_repr_and_registry():
             get_pattern(bad)
     with pytest.raises(ValueError, match="not both"):
         get_pattern("radial(decay=0.5)", sink=True)
+    # Each refusal of the parser had no test: without it, a spread keyword reached the parameter check as a name of
+    # None (a TypeError), a dotted name failed on `.id` and a non-string on `.strip()` (AttributeErrors).
+    for bad in ("radial(**{'decay': 0.5})", "radial(decay=0.5, **{'sink': True})", "patterns.radial(decay=0.5)"):
+        with pytest.raises(ValueError, match="keyword arguments of literal values"):
+            get_pattern(bad)
+    for bad in (3, None, ["radial"]):
+        with pytest.raises(ValueError, match=r"pattern must be a name from \['dense', 'radial'.* or a Pattern inst"):
+            get_pattern(bad)
     assert isinstance(custom, Pattern)
     # What a table prints is a `--pattern` again (Window3D printed t=, h=, w=, which its constructor does not take).
     for pattern in (Dense(), Radial(decay=0.5, sink=True, spatial="box"), Window3D(), Window3D((2, 4, 4), stride=2),

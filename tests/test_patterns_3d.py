@@ -1,5 +1,6 @@
 """3D patterns: token orders (tiles), Window3D, Radial's 2-D windows, composition, density control, plots."""
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -209,6 +210,48 @@ def test_window3d_clamps_the_centre_not_the_edges():
     assert corner[0:3, 0:5, 0:5].all() and corner.sum() == 75
     edge = mask[5, 7, 3]  # last frame, last row, middle column
     assert edge[3:6, 3:8, 1:6].all() and edge.sum() == 75
+
+
+def _window3d_rule(window, stride, layout):
+    """Window3D's token mask written pair by pair from its docstring alone: per axis, the window of the query's
+    stride group, centred on the group's middle and pushed inside the axis."""
+    coords = list(itertools.product(*map(range, layout.grid)))
+
+    def kept_on_axis(p, k, n, w, s):
+        w = min(w, n)
+        centre = min(s * (p // s) + s // 2, n - 1)
+        start = min(max(centre - w // 2, 0), n - w)
+        return start <= k < start + w
+
+    return torch.tensor([[all(map(kept_on_axis, q, k, layout.grid, window, stride)) for k in coords] for q in coords])
+
+
+def test_window3d_token_and_block_masks_are_its_documented_rule():
+    # The block tests compare the block mask with the token mask, and both take their windows from one
+    # `_window_start`, so a change to it passed them wherever every query still saw as many keys: an odd stride
+    # group centred on its position 2 rather than 1 (`(stride + 1) // 2`) passed every test. Odd strides, windows
+    # and axes not multiples of them, and tiles that do not divide the axes, against a reference of its own.
+    g = torch.Generator().manual_seed(4)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=g))
+
+    for _ in range(12):
+        layout = VideoLayout(draw(1, 5), draw(3, 7), draw(3, 7), text_len=draw(0, 3),
+                             text_position=("start", "end")[draw(0, 1)])
+        window = (draw(1, 4), draw(3, 6), draw(3, 8))
+        stride = tuple(draw(1, w) for w in window)
+        pattern, rule = Window3D(window, stride=stride), _window3d_rule(window, stride, layout)
+        assert torch.equal(pattern._video_token_mask(layout)[0], rule), (layout, pattern)
+        tokens = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+        video = slice(layout.video_start, layout.video_start + layout.num_video_tokens)
+        text = slice(layout.text_start, layout.text_start + layout.text_len)
+        tokens[video, video], tokens[text], tokens[:, text] = rule, True, True
+        order = TileOrder((draw(1, 3), draw(2, 4), draw(2, 4)))
+        perm = order.permutation(layout)
+        block_size = (draw(3, 20), draw(3, 20))
+        expected = reduce_token_mask(tokens[perm][:, perm][None], block_size)
+        assert torch.equal(pattern.block_mask(layout, block_size, order), expected), (layout, pattern, order)
 
 
 def test_window3d_stride_groups_share_a_window():
