@@ -574,3 +574,35 @@ def test_a_seed_out_of_torchs_range_says_which_way_to_move_it(tiny_pipe, tmp_pat
     from diffsparse.compare import check_seed_range
 
     check_seed_range(-(2**63)), check_seed_range(2**64 - 1)  # the range's ends pass
+
+
+def test_the_commands_settings_reach_the_page_and_a_missing_lpips_file_is_said_before_loading(tmp_path, monkeypatch):
+    # `diffsparse demo --out/--lpips-weights/--model/--device` must reach the page's runs: only the allowed path was
+    # checked, so videos written to the default folder (which the page is not allowed to serve) or scored without the
+    # weights asked for went unnoticed. A weights file that is not there is said before the model loads.
+    import argparse
+    import socket
+
+    pytest.importorskip("gradio")
+    from diffsparse import compare, demo, metrics
+
+    loads, built = [], []
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: loads.append(args) or "the pipeline")
+
+    class Page:
+        def launch(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(demo, "build_demo", lambda pipe, **kwargs: built.append((pipe, kwargs)) or Page())
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    weights = tmp_path / "alexnet.pth"
+    command = argparse.Namespace(model="tiny", device="cpu", out=str(tmp_path / "videos"), lpips_weights=str(weights),
+                                 host="127.0.0.1", port=port)
+    with pytest.raises(ValueError, match=r"lpips_weights=.*alexnet\.pth'?: no such file"):
+        demo.run_demo(command)
+    assert loads == [] and built == []
+    monkeypatch.setattr(metrics, "lpips_weights", lambda path: None)  # what the file holds: metrics' own tests
+    demo.run_demo(command)
+    assert built == [("the pipeline", {"model": "tiny", "device": "cpu", "out": str(tmp_path / "videos"),
+                                       "lpips_weights": str(weights)})]
