@@ -41,6 +41,7 @@ from helpers import (
     check_pipeline_against_dense,
     recorded_attention_calls,
     run_pipeline,
+    run_transformer,
     tiny_qwen3_vl,
 )
 
@@ -141,6 +142,21 @@ def test_every_block_kept_matches_dense_and_the_target_rows_are_sparse(transform
 def test_layout_and_step_of_a_call(transformer):
     layout, timestep = adapter_for(transformer).read_call(transformer, (), inputs())
     assert layout == VideoLayout(1, 4, 6, text_len=PREFIX, text_position="start") and float(timestep) == 900.0
+
+
+def test_the_layout_is_the_target_s_grid_behind_a_condition_image_of_another_size(transformer):
+    # A condition image of 2 x 2 latent tokens (one slot) before the 4 x 6 target: the grid is the target's (the last
+    # of `img_shapes`), the prefix 6 + 4 + 3 text and condition tokens; every block kept gives the dense output.
+    g = torch.Generator().manual_seed(0)
+    call = {"hidden_states": torch.randn(1, 4 + TARGET, 8, generator=g),
+            "encoder_hidden_states": torch.randn(1, 10, 16, generator=g), "timestep": torch.tensor([0.9]),
+            "img_shapes": [[(1, 2, 2), (1, 4, 6)]],
+            "img_mask": torch.tensor([[False] * 6 + [True] + [False] * 3 + [True] * 6])}
+    layout, _ = adapter_for(transformer).read_call(transformer, (), call)
+    assert layout == VideoLayout(1, 4, 6, text_len=13, text_position="start")
+    reference = run_transformer(transformer, lambda: call)
+    config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    torch.testing.assert_close(run_transformer(transformer, lambda: call, config), reference, atol=1e-4, rtol=0)
 
 
 def test_a_video_gets_in_a_padded_batch_what_it_gets_alone(transformer):
