@@ -802,3 +802,40 @@ def test_benches_refuse_an_unknown_dtype_when_called_directly(monkeypatch):
             with pytest.raises(ValueError) as error:
                 run(argparse.Namespace(**common, **fields, dtype=dtype))
             assert str(error.value) == f"dtype must be one of ['fp32', 'fp16', 'bf16'], got dtype={dtype!r}", run
+
+
+def test_attention_bench_table_and_plot_are_the_rows_columns_and_the_plot_runs_by_density(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # Nothing read the printed table (a column swapped or misformatted passed) nor the plot: given --density out of
+    # order, both curves doubled back on themselves (points joined in the rows' order), and the bound drawn as the
+    # speedup passed too.
+    import matplotlib.axes
+
+    plotted, draw = [], matplotlib.axes.Axes.plot
+
+    def recording(self, x, y, *args, **kwargs):
+        plotted.append((kwargs["label"], list(x), list(y)))
+        return draw(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    _fixed_clock(monkeypatch, {"dense": 2.0, "sparse": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random mask on 16 blocks may miss its target: not this test's concern
+        assert main(["bench", "attention", "--seq", "256", "--heads", "1", "--dim", "8", "--block-size", "16",
+                     "--density", "0.5,0.125,0.25", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "bench_attention.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["target_density"] for r in rows] == ["0.5", "0.125", "0.25"]  # the table and CSV keep the given order
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| " + " | ".join(rows[0]) + " |")
+    assert list(rows[0]) == ["mask", "backend", "target_density", "density", "dense_ms", "sparse_ms", "speedup",
+                             "bound", "efficiency", "plan_ms", "plan_mb", "peak_mb"]
+    for line, r in zip(lines[header + 2:header + 5], rows):
+        density = float(r["density"])
+        assert line == (f"| random | {r['backend']} | {r['target_density']} | {density:.3f} | 2.0 | 0.5 | 4.000 | "
+                        f"{1 / density:.1f} | {4 * density:.3f} | {float(r['plan_ms']):.1f} | "
+                        f"{float(r['plan_mb']):.3f} | - |")
+        assert (float(r["speedup"]), float(r["bound"]), float(r["efficiency"])) == (4.0, 1 / density, 4 * density)
+    densities = sorted(float(r["density"]) for r in rows)
+    assert plotted == [("1/density bound", densities, [1 / d for d in densities]),
+                       ("block-sparse", densities, [4.0] * 3)]

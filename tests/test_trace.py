@@ -276,3 +276,31 @@ def test_a_density_replacing_the_patterns_keep_is_warned_of(tmp_path, monkeypatc
     replaced = r"gives keep=0.5, and --density 0.25 sets keep too"
     with pytest.warns(diffsparse.DiffsparseWarning, match=replaced), pytest.raises(Loaded):
         main(["trace", "--pattern", "searched(keep=0.5)", "--density", "0.25", "--steps", "2", "--out", str(tmp_path)])
+
+
+def test_the_command_prints_and_writes_each_calls_numbers_in_their_columns(tiny_pipe, tmp_path, monkeypatch, capsys):
+    # The tables were checked for their headers and one cell: a measuring step printed as "sparse", or a layer's
+    # mean error and its first sparse step's swapped, passed; trace.csv's rows were checked for their steps only.
+    from diffsparse import compare
+    from diffsparse.trace import TracedCall
+
+    calls = [TracedCall("transformer", step, layer, "cond", sparse, density, error)
+             for step, layer, sparse, density, error in ((0, 0, False, 1.0, 0.0), (0, 1, False, 1.0, 0.0),
+                                                         (1, 0, True, 0.25, 0.1), (1, 1, True, 0.5, 0.3),
+                                                         (2, 0, True, 0.25, 0.05), (2, 1, True, 0.75, 0.2))]
+    monkeypatch.setattr(compare, "load_pipeline_for", lambda args: tiny_pipe)
+    monkeypatch.setattr(trace, "trace_attention_errors", lambda pipe, config, **kwargs: calls)
+    assert main(["trace", "--steps", "3", "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
+                 "--pattern", "window3d", "--density", "0.5", "--dense-steps", "0", "--correction", "residual",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert ("| step | call | density | error |\n|---:|---|---:|---:|\n"
+            "| 0 | measured (dense) | 1.000 | 0.0000 |\n| 1 | sparse | 0.375 | 0.2000 |\n"
+            "| 2 | sparse | 0.500 | 0.1250 |\n") in printed
+    # Per layer, its sparse calls only: the mean error over steps, then the error at its first sparse step (1).
+    assert ("| layer | sparse calls | density | error | error at its first sparse step |\n|---:|---:|---:|---:|---|\n"
+            "| 0 | 2 | 0.250 | 0.0750 | 0.1000 (step 1) |\n| 1 | 2 | 0.625 | 0.2500 | 0.3000 (step 1) |\n") in printed
+    with open(tmp_path / "trace.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["layer"]), r["sparse"], float(r["density"]), float(r["error"])) for r in rows] == [
+        (c.step, c.layer, str(c.sparse), c.density, c.error) for c in calls]
