@@ -466,6 +466,11 @@ def run_search_bench(args) -> dict:
         raise ValueError(f"--pattern {args.pattern!r} is static: it has no search to time (data-dependent patterns "
                          "override Pattern.fit: searched, searched_windows, spatial_temporal)")
     if args.density is not None:
+        from .compare import warn_if_density_replaces
+        from .config import SparseConfig
+
+        # As every command says it: `--pattern 'searched(keep=0.5)' --density 0.25` timed keep=0.25 without a word.
+        warn_if_density_replaces(SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size))
         pattern = pattern.at_density(layout, args.density, args.block_size)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (1, args.heads, layout.num_tokens, args.dim)
@@ -555,6 +560,10 @@ def run_causal_bench(args) -> list[dict]:
         densities = ",".join(_density_text(density) for density in args.density)
         raise ValueError(f"--pattern {args.pattern!r}, --density {densities}, --block-size {args.block_size} and "
                          f"--backend {args.backend!r} make no sparse configuration: {error}") from None
+    from .compare import warn_if_density_replaces
+
+    for config in configs:  # as every command says it: a row labelled with the pattern text ran the density's
+        warn_if_density_replaces(config)
     _check_backend(args.backend, args.device)  # the config checks the name only: triton on CPU failed at the warm-up
     device, dtype = torch.device(args.device), _dtype(args.dtype)
     layout = VideoLayout(args.frames, args.height, args.width)

@@ -625,7 +625,7 @@ def test_permute_and_density_benches_take_spatial_temporal_with_its_heads_kinds_
 def test_search_and_causal_benches_take_density_none_for_the_pattern_as_written(tmp_path, monkeypatch, capsys):
     # --density always set the main parameter: a keep typed into --pattern was replaced by 0.25 with no way to keep
     # it, where compare and bench pipeline take `--density none`. A density given still sets it, as compare's does.
-    from diffsparse import SparseConfig
+    from diffsparse import DiffsparseWarning, SparseConfig
 
     _fixed_clock(monkeypatch, {"search": 3.0, "dense": 1.0})
     args = ["bench", "search", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16", "--heads", "2",
@@ -636,7 +636,8 @@ def test_search_and_causal_benches_take_density_none_for_the_pattern_as_written(
     result = json.loads((tmp_path / "bench_search.json").read_text())
     assert result["pattern"].startswith("searched(keep=0.3,") and result["target_density"] is None
     assert not [w for w in caught if "out of reach" in str(w.message)]
-    assert main([*args, "--density", "0.5"]) == 0
+    with pytest.warns(DiffsparseWarning, match="gives keep=0.3, and --density 0.5 sets keep too"):
+        assert main([*args, "--density", "0.5"]) == 0
     assert json.loads((tmp_path / "bench_search.json").read_text())["pattern"].startswith("searched(keep=0.5,")
     assert SparseConfig(pattern="searched(keep=0.3)", density=0.5).resolved_pattern.keep == 0.5  # as compare runs it
     capsys.readouterr()
@@ -651,6 +652,25 @@ def test_search_and_causal_benches_take_density_none_for_the_pattern_as_written(
         main(["bench", "causal", "--density", "0.3,nan"])
     assert "argument --density: expected comma-separated block densities in (0, 1] or none, got '0.3,nan'" in (
         capsys.readouterr().err)
+
+
+def test_search_and_causal_benches_warn_when_the_density_replaces_a_given_parameter(tmp_path, monkeypatch):
+    # compare, eval, the demo and bench pipeline say it; these two timed keep=0.5 for 'searched(keep=0.3)' silently.
+    _fixed_clock(monkeypatch, {"search": 3.0, "dense": 1.0})
+    runs = {
+        "keep": ["bench", "search", "--frames", "2", "--height", "8", "--width", "8", "--block-size", "16", "--heads",
+                 "2", "--dim", "8", "--repeats", "1", "--pattern", "searched(keep=0.3)", "--density", "0.5"],
+        "decay": ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
+                  "--block-size", "16", "--repeats", "1", "--causal-frames", "2", "--pattern", "radial(decay=0.5)",
+                  "--density", "0.3"],
+    }
+    for name, args in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main([*args, "--out", str(tmp_path)]) == 0
+        value, density = args[args.index("--pattern") + 1].split("=")[1].rstrip(")"), args[-1]
+        said = f"gives {name}={value}, and --density {density} sets {name} too: the density wins"
+        assert sum(said in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
 
 
 def test_time_ms_waits_for_cuda_before_and_after_the_timed_call(monkeypatch):
