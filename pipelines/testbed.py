@@ -660,13 +660,21 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
             return [file]
         try:
             index = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # not JSON, or not UTF-8
             raise ValueError(f"{file} ({where}) must be the JSON save_pretrained writes, got {error}") from None
-        # Both libraries index `metadata` and `weight_map` unguarded: without either, loading fails with KeyError.
-        absent_keys = [key for key in ("metadata", "weight_map") if not isinstance(index, dict) or key not in index]
-        if absent_keys:
-            raise ValueError(f"{file} ({where}) must hold the keys 'metadata' and 'weight_map' that from_pretrained "
-                             f"reads, got no {' and no '.join(map(repr, absent_keys))}")
+        # Both libraries index `metadata` and `weight_map` unguarded and write into `metadata`: anything else failed
+        # in them with a bare KeyError or TypeError.
+        if not isinstance(index, dict):
+            raise ValueError(f"{file} ({where}) must be a JSON object with 'metadata' and 'weight_map', as "
+                             f"save_pretrained writes it, got a {type(index).__name__}")
+        for key in ("metadata", "weight_map"):
+            if not isinstance(index.get(key), dict):
+                got = f"{key}={index[key]!r}" if key in index else f"no {key!r}"
+                raise ValueError(f"{file} ({where}) must hold the objects 'metadata' and 'weight_map' that "
+                                 f"from_pretrained reads, got {got}")
+        if not all(isinstance(shard, str) for shard in index["weight_map"].values()):
+            raise ValueError(f"{file} ({where}) must map each weight to a shard file name in its weight_map, got "
+                             f"{sorted({repr(s) for s in index['weight_map'].values() if not isinstance(s, str)})}")
         shards = sorted(set(index["weight_map"].values()))
         absent = [shard for shard in shards if not (directory / shard).is_file()]
         if not shards or absent:

@@ -278,23 +278,36 @@ def test_load_checks_the_shards_an_index_names_not_a_consolidated_file_beside_th
     ("transformer", "diffusion_pytorch_model.safetensors.index.json"),
     ("text_encoder", "model.safetensors.index.json"),
 ])
-@pytest.mark.parametrize("damage", ["metadata", "weight_map", "not json"])
+@pytest.mark.parametrize("damage", ["metadata", "weight_map", "metadata null", "weight_map list", "shard number",
+                                    "a list", "not json", "not utf-8"])
 def test_load_refuses_a_shard_index_from_pretrained_cannot_read(sharded, tmp_path, part, index_name, damage):
-    # diffusers and transformers index `metadata` and `weight_map` unguarded. Before, an index without `metadata`
-    # passed the check (its shards were complete) and loading then failed with a bare KeyError: 'metadata'.
+    # diffusers and transformers index `metadata` and `weight_map` unguarded, and write into `metadata`. Before, an
+    # index without `metadata` (or with null) passed the check (its shards were complete) and loading then failed
+    # with a bare KeyError: 'metadata' (TypeError), and a damaged weight_map with an AttributeError of the check's.
     folder = tmp_path / "copy"
     shutil.copytree(sharded, folder)
     index_file = folder / part / index_name
     if part == "text_encoder":
         (folder / part / "model.safetensors").unlink(missing_ok=True)
+    index = json.loads(index_file.read_text())
+    first = next(iter(index["weight_map"]))
+    damaged, expected = {
+        "metadata": ({k: v for k, v in index.items() if k != "metadata"}, "got no 'metadata'"),
+        "weight_map": ({k: v for k, v in index.items() if k != "weight_map"}, "got no 'weight_map'"),
+        "metadata null": ({**index, "metadata": None}, "got metadata=None"),
+        "weight_map list": ({**index, "weight_map": list(index["weight_map"])}, "got weight_map=["),
+        "shard number": ({**index, "weight_map": {**index["weight_map"], first: 1}},
+                         "must map each weight to a shard file name in its weight_map, got ['1']"),
+        "a list": ([index], "with 'metadata' and 'weight_map', as save_pretrained writes it, got a list"),
+        "not json": (None, "must be the JSON save_pretrained writes"),
+        "not utf-8": (None, "must be the JSON save_pretrained writes"),
+    }[damage]
     if damage == "not json":
         index_file.write_text(index_file.read_text()[:-2])
-        expected = "must be the JSON save_pretrained writes"
+    elif damage == "not utf-8":
+        index_file.write_bytes(b"\xff\xfe{}")
     else:
-        index = json.loads(index_file.read_text())
-        del index[damage]
-        index_file.write_text(json.dumps(index))
-        expected = f"must hold the keys 'metadata' and 'weight_map' that from_pretrained reads, got no '{damage}'"
+        index_file.write_text(json.dumps(damaged))
     with pytest.raises(ValueError, match=re.escape(f"{index_file} (")) as raised:
         testbed.load(path=folder)
     assert expected in str(raised.value)

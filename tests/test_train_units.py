@@ -146,7 +146,7 @@ def test_a_resume_keeps_the_loss_log_when_rewriting_it_fails(tmp_path, monkeypat
         patched.setattr(csv.DictWriter, "writerows", full_disk)
         with pytest.raises(OSError, match="No space left"):
             train_module._open_log(log, keep_until_step=2)
-    assert log.read_text() == before
+    assert log.read_text() == before and sorted(tmp_path.iterdir()) == [log]
     f, writer = train_module._open_log(log, keep_until_step=2)
     writer.writerow({field: "4" for field in train_module.LOG_FIELDS})
     f.close()

@@ -459,11 +459,15 @@ def _open_log(path: Path, keep_until_step: int):
     # Rewritten beside and swapped in: truncating in place, a run stopped (or a full disk) before the rows were back
     # lost the whole curve of the steps the checkpoint holds.
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     f = path.open("a", newline="")
     return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
