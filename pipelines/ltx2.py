@@ -96,6 +96,7 @@ class LTX2Adapter(ModelAdapter):
         (LTX2PerturbedAttnProcessor, LTX2SparsePerturbedAttnProcessor),
     )
     original_processor = LTX2AudioVideoAttnProcessor
+
     def read_call(self, transformer, args, kwargs):
         hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         timestep = call_argument(args, kwargs, "timestep", 4)
@@ -113,7 +114,10 @@ class LTX2Adapter(ModelAdapter):
             return grid_from_coords(coords), step_time
         frames, height, width = (int(size) for size in grid)
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        grid_len = (frames // p_t) * (height // p) * (width // p)
+        # Whole patches rounded up, as `prepare_video_coords` places the tokens (`arange` by the patch size): rounded
+        # down, a side of partial patches read every frame a row short and the last frame as a trailing span.
+        grid = tuple(-(-size // patch) for size, patch in zip((frames, height, width), (p_t, p, p)))
+        grid_len = grid[0] * grid[1] * grid[2]
         if tokens < grid_len:
             # Also what context parallelism would give (one rank's shard); diffusers' own LTX-2 context
             # parallelism fails in its audio-video cross-attention (diffusers 0.42), so it is not supported here.
@@ -124,7 +128,7 @@ class LTX2Adapter(ModelAdapter):
         # Appended keyframe (or reference) tokens: a trailing span kept whole, like text. Echo puts its clean memory
         # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates (where those
         # cannot tell, by their timesteps).
-        grid, extra = (frames // p_t, height // p, width // p), tokens - grid_len
+        extra = tokens - grid_len
         position = "end" if not extra or coords is None else extra_tokens_position(coords, grid, extra, timestep)
         return VideoLayout(*grid, text_len=extra, text_position=position), step_time
 

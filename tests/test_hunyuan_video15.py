@@ -60,11 +60,12 @@ MLLM_LEN, BYT5_LEN, IMAGE_LEN = 8, 4, 4
 TEXT_LEN = MLLM_LEN + BYT5_LEN + IMAGE_LEN
 
 
-def tiny_transformer(in_channels=4, out_channels=4, **config):
+def tiny_transformer(in_channels=4, out_channels=4, patch_size_t=1, **config):
     """MLLM text 16 wide, ByT5 text 8 wide, image embeddings 8 wide; 4 output channels unless told."""
     return HunyuanVideo15Transformer3DModel(
         in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=16,
-        num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=patch_size_t, text_embed_dim=16,
+        text_embed_2_dim=8,
         image_embed_dim=8, rope_axes_dim=(4, 6, 6), **config,
     ).eval()
 
@@ -181,6 +182,25 @@ def test_latent_sides_that_are_not_whole_patches(transformer):
     assert adapter_for(transformer).read_call(transformer, (), call())[0] == VideoLayout(
         3, 4, 3, text_len=TEXT_LEN, text_position="end")
     check_against_dense(transformer, call, block_size=8)
+
+
+def test_a_temporal_patch_merges_latent_frames_into_token_frames():
+    # `patch_size_t=2`: 5 latent frames make 2 token frames (the partial patch dropped, as the Conv3d does).
+    torch.manual_seed(0)
+    model = tiny_transformer(patch_size_t=2)
+
+    def call():
+        merged = inputs()
+        merged["hidden_states"] = torch.randn(2, 4, 5, 8, 6, generator=torch.Generator().manual_seed(3))
+        return merged
+
+    layout = VideoLayout(2, 4, 3, text_len=TEXT_LEN, text_position="end")
+    assert adapter_for(model).read_call(model, (), call())[0] == layout
+    every_block = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        kept = run_transformer(model, call, every_block)
+    assert calls and {(lay.frames, lay.height, lay.width) for _, lay, _ in calls} == {(2, 4, 3)}
+    torch.testing.assert_close(kept, run_transformer(model, call), atol=1e-4, rtol=0)
 
 
 def test_other_processors_are_refused_and_the_model_left_untouched(transformer):

@@ -187,9 +187,10 @@ def test_soft_self_attention_mask_runs_the_original_and_counts_as_dense(transfor
     assert [(s.dense_calls, s.sparse_calls) for s in stats.layers] == [(1, 0), (1, 0)]
 
 
-@pytest.mark.parametrize("keyframes", [0, 10])
+@pytest.mark.parametrize("keyframes", [0, 10, GRID[1] * GRID[2]])
 def test_a_call_with_coordinates_only_reads_the_grid_from_them(transformer, keyframes):
-    # LTX-2.5's DFR pipeline passes no num_frames/height/width, only each tile's token coordinates.
+    # LTX-2.5's DFR pipeline passes no num_frames/height/width, only each tile's token coordinates. A whole frame's
+    # keyframe (frame 0's rows and columns, later than the grid's end) does not continue the grid's time: not a frame.
     def coords_only():
         call = make_inputs(transformer, keyframes=keyframes)()
         if "video_coords" not in call:
@@ -233,6 +234,30 @@ def test_fewer_video_tokens_than_the_named_grid_holds_are_refused(transformer):
     inputs["hidden_states"] = inputs["hidden_states"][:, :-1]
     with pytest.raises(ValueError, match=r"got \d+ video tokens, fewer than its .* grid holds"):
         adapter_for(transformer).read_call(transformer, (), inputs)
+
+
+@pytest.mark.parametrize("patch, patch_t, latents, grid", [
+    (2, 2, (4, 4, 6), (2, 2, 3)),  # whole patches in time and space
+    (2, 1, (3, 5, 6), (3, 3, 3)),  # a partial patch per column: the transformer's coordinates round up
+])
+def test_the_grid_is_in_the_transformer_s_patches(patch, patch_t, latents, grid):
+    # `num_frames`, `height`, `width` are latent sizes; the tokens are patches of `patch_size_t x patch_size x
+    # patch_size`, placed where `prepare_video_coords` puts them (`arange` by the patch: partial patches count).
+    model = tiny_transformer("2.0", patch_size=patch, patch_size_t=patch_t)
+    frames, height, width = latents
+
+    def inputs():
+        call = make_inputs(model)()
+        hidden = torch.randn(1, grid[0] * grid[1] * grid[2], 8, generator=torch.Generator().manual_seed(2))
+        call.update(hidden_states=hidden, num_frames=frames, height=height, width=width)
+        return call
+
+    assert adapter_for(model).read_call(model, (), inputs())[0] == VideoLayout(*grid)
+    every_block = diffsparse.SparseConfig(pattern=Window3D(window=(99, 99, 99)), block_size=8, dense_steps=0)
+    with recorded_attention_calls() as calls:
+        kept = run_transformer(model, inputs, every_block)
+    assert [layout for _, layout, _ in calls] == [VideoLayout(*grid)] * 2
+    torch.testing.assert_close(kept, run_transformer(model, inputs), atol=1e-4, rtol=0)
 
 
 def test_other_processors_are_refused(transformer):
