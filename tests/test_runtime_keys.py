@@ -9,8 +9,10 @@ import torch
 from diffusers.hooks.hooks import CacheContext
 
 from diffsparse import SparseConfig
-from diffsparse.patterns import Radial, VideoLayout
+from diffsparse.patterns import Radial, VideoLayout, Window3D
 from diffsparse.runtime import SparseRuntime
+
+from helpers import two_prompts_keeping_as_many_text_tokens
 
 CPU = torch.device("cpu")
 
@@ -121,3 +123,58 @@ def test_statistics_of_the_whole_sequence_are_not_applied_to_a_video_queries_cal
     video = runtime.attention(0, q[:, 16:], k, v, video_queries=True)
     torch.testing.assert_close(video, _sdpa(q, k, v)[:, 16:], atol=1e-5, rtol=0)
     assert [(r.step, r.sparse, r.measured) for r in runtime.records] == [(0, False, True), (1, False, True)]
+
+
+def test_a_search_without_the_causal_mask_is_not_reused_under_it():
+    # A data-dependent pattern under a causal frame-group mask is fitted on the masked attention (`Pattern.fit`'s
+    # `within`): the other branch's unmasked call of the same layer, layout and batch must search again, not take a
+    # search that spent its blocks where the mask leaves none.
+    layout = VideoLayout(4, 4, 4)
+    config = SparseConfig(pattern="searched(budget='row')", density=0.4, block_size=16, dense_steps=0)
+    q, k, v = torch.randn(3, 1, layout.num_tokens, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    fresh = _runtime(config)
+    fresh.begin_call(layout, 0, 5)
+    assert fresh.route(0) and fresh.allow_frame_causal(0, 2)
+    expected = fresh.attention(0, q, k, v)
+    runtime = _runtime(config)
+    runtime.begin_call(layout, 0, 5)
+    assert runtime.route(0)
+    runtime.attention(0, q, k, v)
+    runtime.state_manager.set_context(CacheContext("uncond"))
+    runtime.begin_call(layout, 0, 5)
+    assert runtime.route(0) and runtime.allow_frame_causal(0, 2)
+    torch.testing.assert_close(runtime.attention(0, q, k, v), expected, atol=0, rtol=0)
+    assert runtime.records[1].density == fresh.records[0].density
+
+
+def test_groups_of_kept_tokens_on_one_layout_each_get_a_search_of_their_own():
+    # Two prompts keeping as many text tokens attend on one layout in groups of a batch of one each
+    # (`attend_kept_tokens`): each group's videos are searched on their own tensors, not the first group's.
+    from diffsparse.pipelines.base import attend_kept_tokens
+
+    layout, q, k, v, kept = two_prompts_keeping_as_many_text_tokens()
+    config = SparseConfig(pattern="searched(budget='row')", density=0.3, block_size=16, dense_steps=0)
+
+    def run(videos):
+        runtime = _runtime(config)
+        runtime.begin_call(layout, 0, 3)
+        groups = [(torch.tensor([i]), kept[video]) for i, video in enumerate(videos)]
+        return attend_kept_tokens(runtime, 0, q[videos], k[videos], v[videos], groups)
+
+    batched = run([0, 1])
+    for video in (0, 1):
+        torch.testing.assert_close(batched[video : video + 1], run([video]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("first", [2, 4])
+def test_a_plan_for_other_heads_has_a_mask_per_head_of_theirs(first):
+    # Patterns of each video of a batch (`_layer_pattern`'s fits) stack one mask per head: a plan cached for another
+    # head count handed the kernel masks for the wrong number of heads.
+    layout = VideoLayout(4, 4, 4)
+    patterns = (Window3D((1, 1, 1)), Window3D((3, 1, 1)))
+    runtime = SparseRuntime(SparseConfig(block_size=16), "t")
+    for heads in (first, 6 - first, first):
+        plan = runtime.plan(layout, heads, CPU, pattern=patterns).plan
+        fresh = SparseRuntime(SparseConfig(block_size=16), "t").plan(layout, heads, CPU, pattern=patterns).plan
+        assert plan.block_mask.shape[:2] == (2, heads)
+        assert torch.equal(plan.block_mask, fresh.block_mask)
