@@ -469,12 +469,20 @@ def test_an_install_that_fails_half_way_leaves_the_model_as_it_was(monkeypatch, 
 
         return failing
 
+    adapter = adapter_for(pipe.transformer)
+    set_processor, made = adapter.set_processor, []
+
+    def recording(module, processor):
+        if isinstance(processor, SparseProcessor):
+            made.append(processor)
+        return set_processor(module, processor)
+
     if fails == "set_processor":  # layer 0 of transformer_2: transformer is sparse and hooked by then
-        adapter = adapter_for(pipe.transformer)
         count = len(pipe.transformer.blocks) + 1
-        monkeypatch.setattr(adapter, "set_processor", failing_at(count, adapter.set_processor))
+        monkeypatch.setattr(adapter, "set_processor", failing_at(count, recording))
     else:  # transformer_2's hook, every processor of both experts swapped by then
         count = 2
+        monkeypatch.setattr(adapter, "set_processor", recording)
         monkeypatch.setattr(diffsparse.api, "register_context_hook", failing_at(count, register_context_hook))
     with pytest.raises(RuntimeError, match=f"install step {count} failed"):
         diffsparse.apply(pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
@@ -483,6 +491,13 @@ def test_an_install_that_fails_half_way_leaves_the_model_as_it_was(monkeypatch, 
         registry = getattr(transformer, "_diffusers_hook", None)
         assert registry is None or HOOK_NAME not in registry.hooks
         assert not hasattr(transformer, "_diffsparse_handle")
+    # The sparse processors taken back are orphans, as a removed handle's are: one set on a module again (a saved
+    # `attn_processors` set back) gives way to its original at `remove`, not kept as a live handle's would be.
+    assert made and not any(processor.installed for processor in made)
+    module = pipe.transformer.blocks[0].attn1
+    module.set_processor(made[0])
+    diffsparse.remove(pipe)
+    assert module.processor is originals[0][0]
 
 
 def _as_applied(pipe, handle) -> bool:
@@ -558,3 +573,33 @@ def test_a_handle_put_back_under_context_parallelism_enabled_since_refuses_at_it
     refused_at_its_first_sparse_call()
     diffsparse.remove(model)
     assert {module: module.processor for module in originals} == originals
+
+
+@torch.no_grad()
+def test_stats_name_an_expert_by_its_component_and_one_asked_about_alone_by_its_handle_s_name():
+    # Through the pipeline, each expert goes by its component name, also where each was applied alone (each lone
+    # handle calls its transformer "transformer": both reported as one); asked about alone, an expert applied
+    # through the pipeline goes by the name the pipeline's handle gives it, not the "transformer" of a lone model.
+    pipe = two_expert_pipeline()
+    config = diffsparse.SparseConfig(block_size=16, dense_steps=0)
+    latents = torch.randn(1, 16, 5, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 4, tiny_wan_config()["transformer"]["text_dim"])
+
+    def call_each_expert():
+        for expert in (pipe.transformer, pipe.transformer_2):
+            expert(latents, torch.tensor([900.0]), text, return_dict=False)
+
+    def names(stats):
+        return list(stats.calls), sorted({s.transformer for s in stats.layers})
+
+    diffsparse.apply(pipe, config)
+    call_each_expert()
+    for name in ("transformer", "transformer_2"):
+        assert names(diffsparse.stats(getattr(pipe, name))) == ([name], [name])
+    diffsparse.remove(pipe)
+    diffsparse.apply(pipe.transformer, config)
+    diffsparse.apply(pipe.transformer_2, config)
+    call_each_expert()
+    both = ["transformer", "transformer_2"]
+    assert names(diffsparse.stats(pipe)) == (both, both)
+    assert names(diffsparse.stats(pipe.transformer_2)) == (["transformer"], ["transformer"])

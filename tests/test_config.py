@@ -74,6 +74,9 @@ def test_invalid_field_raises_value_error_naming_it(field, value):
         ("dense_layers", 0),
         ("dense_layers", []),
         ("correction_refresh", 0),
+        # Each allowed name of the fields that take names: only refusals were tested here.
+        *[("backend", name) for name in ("auto", *diffsparse.kernels.BACKENDS)],
+        ("correction", "residual"),
     ],
 )
 def test_the_ends_of_each_fields_range_are_taken(field, value):
