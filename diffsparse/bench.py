@@ -560,11 +560,11 @@ def run_causal_bench(args) -> list[dict]:
         densities = ",".join(_density_text(density) for density in args.density)
         raise ValueError(f"--pattern {args.pattern!r}, --density {densities}, --block-size {args.block_size} and "
                          f"--backend {args.backend!r} make no sparse configuration: {error}") from None
+    _check_backend(args.backend, args.device)  # the config checks the name only: triton on CPU failed at the warm-up
     from .compare import warn_if_density_replaces
 
     for config in configs:  # as every command says it: a row labelled with the pattern text ran the density's
         warn_if_density_replaces(config)
-    _check_backend(args.backend, args.device)  # the config checks the name only: triton on CPU failed at the warm-up
     device, dtype = torch.device(args.device), _dtype(args.dtype)
     layout = VideoLayout(args.frames, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)

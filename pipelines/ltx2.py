@@ -122,8 +122,9 @@ class LTX2Adapter(ModelAdapter):
             # Also what context parallelism would give (one rank's shard); diffusers' own LTX-2 context
             # parallelism fails in its audio-video cross-attention (diffusers 0.42), so it is not supported here.
             raise ValueError(
-                f"the LTX-2 transformer got {tokens} video tokens, fewer than its {frames} x {height} x {width} grid "
-                f"holds ({grid_len}); diffsparse cannot place them: `diffsparse.remove(pipe)`"
+                f"the LTX-2 transformer got {tokens} video tokens, fewer than its {frames} x {height} x {width} latent "
+                f"grid holds in {' x '.join(map(str, grid))} patches of {p_t} x {p} x {p} ({grid_len}); diffsparse "
+                "cannot place them: `diffsparse.remove(pipe)`"
             )
         # Appended keyframe (or reference) tokens: a trailing span kept whole, like text. Echo puts its clean memory
         # frames in front of the grid instead: a leading span, told apart by the tokens' coordinates (where those

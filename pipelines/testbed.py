@@ -644,7 +644,7 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
     names = list(_WEIGHT_NAMES[part])
     if part == "text_encoder":
         # transformers reads a file the config names (`transformers_weights`) and nothing else, missing or not.
-        explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+        explicit = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
         if explicit:
             there = (directory / explicit).is_file()
             if not explicit.endswith((".safetensors", ".safetensors.index.json")) or not there:
@@ -659,8 +659,8 @@ def _weight_files(directory: Path, part: str, where: str) -> list[Path]:
         if not name.endswith(".index.json"):
             return [file]
         try:
-            index = json.loads(file.read_text())
-        except ValueError as error:  # not JSON, or not UTF-8
+            index = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as error:  # not JSON, or not UTF-8 (both libraries read UTF-8, whatever the locale)
             raise ValueError(f"{file} ({where}) must be the JSON save_pretrained writes, got {error}") from None
         # Both libraries index `metadata` and `weight_map` unguarded and write into `metadata`: anything else failed
         # in them with a bare KeyError or TypeError.

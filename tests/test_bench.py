@@ -662,15 +662,22 @@ def test_search_and_causal_benches_warn_when_the_density_replaces_a_given_parame
                  "2", "--dim", "8", "--repeats", "1", "--pattern", "searched(keep=0.3)", "--density", "0.5"],
         "decay": ["bench", "causal", "--frames", "4", "--height", "4", "--width", "6", "--heads", "2", "--dim", "8",
                   "--block-size", "16", "--repeats", "1", "--causal-frames", "2", "--pattern", "radial(decay=0.5)",
-                  "--density", "0.3"],
+                  "--density", "0.3,none,0.6"],
     }
     for name, args in runs.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert main([*args, "--out", str(tmp_path)]) == 0
-        value, density = args[args.index("--pattern") + 1].split("=")[1].rstrip(")"), args[-1]
-        said = f"gives {name}={value}, and --density {density} sets {name} too: the density wins"
-        assert sum(said in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+        value = args[args.index("--pattern") + 1].split("=")[1].rstrip(")")
+        said = [str(w.message) for w in caught if f"gives {name}={value}" in str(w.message)]
+        # One for each density given, none for `none` (the pattern as written).
+        assert [text[text.index("--density"):].split(" sets")[0] for text in said] == [
+            f"--density {density}" for density in args[-1].split(",") if density != "none"], said
+    # A run refused (a backend that cannot run here) says only why, not what it would have replaced.
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main([*runs["decay"], "--backend", "triton", "--out", str(tmp_path)])
+    assert not [w for w in caught if "gives decay" in str(w.message)]
 
 
 def test_time_ms_waits_for_cuda_before_and_after_the_timed_call(monkeypatch):

@@ -9,6 +9,7 @@ with classifier-free guidance, with LTX-2.0's sampling and with the pipeline's d
 canvas or temporal tiles) give only token coordinates, with its generated keyframe slots after the grid."""
 
 import contextlib
+import re
 from collections import Counter
 
 import numpy as np
@@ -234,11 +235,19 @@ def test_fewer_video_tokens_than_the_named_grid_holds_are_refused(transformer):
     inputs["hidden_states"] = inputs["hidden_states"][:, :-1]
     with pytest.raises(ValueError, match=r"got \d+ video tokens, fewer than its .* grid holds"):
         adapter_for(transformer).read_call(transformer, (), inputs)
+    # Latent sizes are not the patch count: said as both (it read "3 x 5 x 6 grid holds (18)").
+    model = tiny_transformer("2.0", patch_size=2, patch_size_t=2)
+    inputs = {**make_inputs(model)(), "hidden_states": torch.zeros(1, 10, 8), "num_frames": 3, "height": 5, "width": 6}
+    with pytest.raises(ValueError, match=re.escape("got 10 video tokens, fewer than its 3 x 5 x 6 latent grid holds in "
+                                                   "2 x 3 x 3 patches of 2 x 2 x 2 (18)")):
+        adapter_for(model).read_call(model, (), inputs)
 
 
 @pytest.mark.parametrize("patch, patch_t, latents, grid", [
     (2, 2, (4, 4, 6), (2, 2, 3)),  # whole patches in time and space
-    (2, 1, (3, 5, 6), (3, 3, 3)),  # a partial patch per column: the transformer's coordinates round up
+    (2, 1, (3, 5, 6), (3, 3, 3)),  # a partial patch per column (height 5): the transformer's coordinates round up
+    (2, 1, (2, 4, 5), (2, 2, 3)),  # a partial patch per row (width 5)
+    (2, 2, (3, 4, 6), (2, 2, 3)),  # a partial last temporal patch
 ])
 def test_the_grid_is_in_the_transformer_s_patches(patch, patch_t, latents, grid):
     # `num_frames`, `height`, `width` are latent sizes; the tokens are patches of `patch_size_t x patch_size x

@@ -3,6 +3,7 @@ CFG prompt drops, the noise-level shift, the timestep scale the transformer read
 the loss log kept when its rewrite on resume fails."""
 
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -152,3 +153,18 @@ def test_a_resume_keeps_the_loss_log_when_rewriting_it_fails(tmp_path, monkeypat
     f.close()
     with log.open(newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "4"]
+
+
+def test_a_checkpoint_save_that_fails_keeps_the_last_one_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint.pt"
+    train_module._atomic_save({"step": 1}, checkpoint)
+
+    def full_disk(obj, file):
+        Path(file).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            train_module._atomic_save({"step": 2}, checkpoint)
+    assert sorted(tmp_path.iterdir()) == [checkpoint] and torch.load(checkpoint) == {"step": 1}

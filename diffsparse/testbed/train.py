@@ -427,8 +427,12 @@ class _EMA:
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk left a partial checkpoint.pt.tmp (tens of MB) behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def export_pipeline(components: dict, weights: dict[str, torch.nn.Module], folder: Path) -> None:
