@@ -123,6 +123,30 @@ def test_the_page_builds_and_shows_bad_settings_as_messages(tiny_pipe, tmp_path)
         submit("a red circle", "window3d", 0.0, 0.5, 16, "none", "0", 2, 5, 32, 32, 0, 0, None, '{"guidance": 1}')
 
 
+def test_each_field_of_the_form_reaches_its_own_setting(tiny_pipe, tmp_path, monkeypatch):
+    # The handler passes the form's values on by position: two fields of the same range swapped (density and the
+    # dense-steps fraction, height and width) would still run, on settings nobody asked for. Such neighbours get
+    # different values here that are valid in either place, so only the place each lands in tells.
+    pytest.importorskip("gradio")
+    from diffsparse import demo
+
+    runs = []
+    monkeypatch.setattr(demo, "run_compare",
+                        lambda args, config, pipe, names: runs.append((args, config)) or result_stub(tmp_path))
+    submit = make_handler(tiny_pipe, model="tiny", out=tmp_path / "page")
+    video, _ = submit("a red circle", "window3d", 0.3, 0.4, 32.0, "residual", "[1]", 3, 9, 48, 64, 7.0, 0, None,
+                      '{"guidance_scale": 2}')
+    assert video == str(tmp_path / "compare.mp4")
+    ((args, config),) = runs
+    assert (config.pattern, config.density, config.dense_steps, config.block_size, config.correction) == (
+        "window3d", 0.3, 0.4, 32, "residual")
+    assert list(config.dense_layers) == [1]
+    assert (args.prompt, args.steps, args.frames, args.height, args.width, args.seed) == ("a red circle", 3, 9, 48,
+                                                                                         64, 7)
+    assert (args.model, args.out, args.call_kwargs, args.two_stage) == ("tiny", str(tmp_path / "page"),
+                                                                        {"guidance_scale": 2}, False)
+
+
 def test_still_candidates_choose_the_sampler(tmp_path):
     from diffsparse.pipelines import testbed
 
