@@ -4,6 +4,7 @@ And the whole `Kandinsky6TI2VAPipeline` built (Qwen2.5-VL and CLIP text encoders
 vocoder) and run with classifier-free guidance, text-to-video (with and without audio) and image-to-video: the
 pipeline's own calls, steps, layouts and reference-frame positions."""
 
+import re
 from collections import Counter
 
 import PIL.Image
@@ -22,7 +23,7 @@ import diffsparse
 from diffsparse.patterns import TileOrder, VideoLayout, Window3D
 from diffsparse.pipelines import adapter_for
 from diffsparse.pipelines import kandinsky6 as kandinsky6_adapter
-from diffsparse.pipelines.base import SparseProcessor
+from diffsparse.pipelines.base import TOKEN_MASK, SparseProcessor
 from diffsparse.pipelines.text import word_tokenizer
 
 from helpers import (
@@ -174,6 +175,38 @@ def test_only_the_video_self_attention_is_sparse(transformer, kind):
             transformer(**call)
     assert sparse_modules == {f"visual_transformer_blocks.{i}.video_dec_block.self_attention" for i in range(2)}
     assert [(layer, shape) for layer, _, shape in calls] == [(0, (1, tokens)), (1, (1, tokens))]
+
+
+def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transformer):
+    # The fused blocks pass their video self-attention no mask, but the module takes one (`attn_mask`: a caller's own
+    # block may pass it): a token-level mask, which the kernel does not apply, so that call runs the original with it
+    # and is logged dense, with a warning. Here layer 1, in the transformer's call, hides the last video token's key.
+    from diffusers.models.transformers.transformer_kandinsky6 import Kandinsky6AttnProcessor
+
+    mask = torch.ones(1, 1, 1, GRID[0] * FRAME_TOKENS, dtype=torch.bool)
+    mask[..., -1] = False
+    attention, seen = transformer.visual_transformer_blocks[1].video_dec_block.self_attention, []
+
+    def masked(module, args, kwargs):
+        return args, {**kwargs, "attn_mask": mask}
+
+    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
+             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((args, kwargs, out)),
+                                             with_kwargs=True)]
+    try:
+        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
+            with pytest.warns(diffsparse.DiffsparseWarning, match=re.escape(TOKEN_MASK)):
+                transformer(**inputs()())
+            assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    [(args, kwargs, out)] = seen
+    assert type(attention.processor) is Kandinsky6AttnProcessor  # given back on leaving `sparse`
+    with torch.no_grad():
+        original, unmasked = (attention(*args, **{**kwargs, "attn_mask": m}) for m in (mask, None))
+    assert torch.equal(out, original)
+    assert not torch.equal(out, unmasked)  # the mask reaches the output
 
 
 def test_other_processors_are_refused(transformer):
