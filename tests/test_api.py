@@ -407,6 +407,27 @@ def test_a_processor_set_inside_a_block_stays_when_the_earlier_handle_comes_back
     assert dropped() is None
 
 
+def test_a_layer_the_user_took_their_processor_off_is_sparse_again_when_the_handle_comes_back(tiny_pipe):
+    # The handle leaves a layer only while it holds the very processor the user set there: once they set back the
+    # processors saved while applied (the handle's own, orphans by then), the next put-back wraps that layer again.
+    # Nothing failed when `_install` skipped every module it had left before whose processor the user still
+    # kept: layer 0 then stayed dense, unsaid.
+    transformer = tiny_pipe.transformer
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    saved = transformer.attn_processors
+    mine = _Halved()  # kept by the user, to set again later: the handle still remembers it
+    transformer.blocks[0].attn1.set_processor(mine)
+    with diffsparse.suspended(tiny_pipe):
+        pass
+    assert transformer.blocks[0].attn1.processor is mine
+    transformer.set_attn_processor(saved)
+    with diffsparse.suspended(tiny_pipe):
+        pass
+    runtime = handle.runtimes["transformer"]
+    assert all(block.attn1.processor.installed and block.attn1.processor.runtime is runtime
+               for block in transformer.blocks)
+
+
 @torch.no_grad()
 def test_a_sparse_processor_set_back_inside_suspended_is_wrapped_anew_at_its_end(tiny_pipe):
     # Processors saved while the handle was on (`attn_processors`) and set back inside the block put the handle's
