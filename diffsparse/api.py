@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -91,8 +92,8 @@ class SparseHandle:
         self._processors: list[tuple[ModelAdapter, torch.nn.Module, SparseProcessor]] = []  # what `_install` put
         # Processors set after `apply` (`set_processor`, `load_ip_adapter`), which `remove` left to the user: put
         # back (`sparse`, `suspended`, an `apply` refused), the handle leaves them too.
-        # Weak: a processor the user dropped since is not kept alive here.
-        self._left: weakref.WeakValueDictionary[torch.nn.Module, object] = weakref.WeakValueDictionary()
+        # Weak (`_leave`): a processor the user dropped since is not kept alive here.
+        self._left: dict[torch.nn.Module, Callable[[], object | None]] = {}
         self.installed = False  # between `_install` and `remove`
         # The step count of each denoising run since `apply`, as the dense steps were resolved for it (`None`:
         # unknown): a pipeline may run fewer steps than asked (img2img's `strength`), or stages of their own counts.
@@ -116,7 +117,7 @@ class SparseHandle:
             self._layers[name] = [layer for layer, _ in modules]
             made.append((name, transformer, adapter, {
                 module: self._make_processor(adapter, module, name, layer, transformer, put_back)
-                for layer, module in modules if self._left.get(module) is not module.processor
+                for layer, module in modules if self._left_on(module) is not module.processor
             }))
         _check_dense_layers(self.config.dense_layers, self._layers)
         # Only now that every layer of every transformer was accepted, swap: a refused layer leaves them untouched.
@@ -234,6 +235,20 @@ class SparseHandle:
             warnings.warn(f"diffsparse: SparseConfig.correction={config.correction!r} {why}", DiffsparseWarning,
                           stacklevel=outside_stacklevel())
 
+    def _left_on(self, module: torch.nn.Module) -> object | None:
+        """The user's processor `remove` left on `module` (`_leave`), if it is still alive."""
+        kept = self._left.get(module)
+        return None if kept is None else kept()
+
+    def _leave(self, module: torch.nn.Module) -> None:
+        """Keep `module`'s processor, the user's, out of the next `_install` (`_left`), by a weak reference where it
+        takes one; one that does not (a class with `__slots__`) made `remove` fail half-way, for good."""
+        processor = module.processor
+        try:
+            self._left[module] = weakref.ref(processor)
+        except TypeError:
+            self._left[module] = lambda: processor  # the module holds it anyway
+
     def remove(self) -> None:
         if not self.installed:  # replaced already (`apply` again): the hooks on the transformers are another's
             return
@@ -243,7 +258,7 @@ class SparseHandle:
             if not _put_back_original(adapter, module) and not isinstance(module.processor, SparseProcessor):
                 # Set after `apply` (`set_processor`, `load_ip_adapter`, `fuse_qkv_projections()`): the user's
                 # choice, kept, rather than overwritten by the processor that was there before `apply`.
-                self._left[module] = module.processor
+                self._leave(module)
         for transformer in self._transformers.values():
             remove_context_hook(transformer)
             if getattr(transformer, _HANDLE_ATTR, None) is self:
@@ -607,7 +622,7 @@ def suspended(pipe_or_transformer):
             # it) is the user's, as one set after `apply` is: the handle put back leaves it rather than refuse it.
             for module in replaced._modules():
                 if module.processor is not entered.get(module) and not isinstance(module.processor, SparseProcessor):
-                    replaced._left[module] = module.processor
+                    replaced._leave(module)
             if not replaced.installed:
                 replaced._install(put_back=True)
         if left:

@@ -384,6 +384,34 @@ def test_a_processor_set_after_apply_is_kept_by_remove_and_refused_by_apply_agai
     assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
 
 
+class _Slotted:
+    """A user's processor that takes no weak reference (`__slots__`, no `__dict__`)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_a_user_processor_without_weak_references_is_kept_by_remove_and_suspended(tiny_pipe):
+    # `remove` kept the user's processor by a weak reference only: one of a class with `__slots__` raised TypeError
+    # half-way, leaving the hooks and handle on the model, and every later `remove` raised it again.
+    transformer = tiny_pipe.transformer
+    originals = [block.attn1.processor for block in transformer.blocks]
+    handle = diffsparse.apply(tiny_pipe, diffsparse.SparseConfig(block_size=16, dense_steps=0))
+    mine = _Slotted(originals[0])
+    transformer.blocks[0].attn1.set_processor(mine)
+    with diffsparse.suspended(tiny_pipe):
+        assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+    assert handle.installed and transformer.blocks[0].attn1.processor is mine
+    diffsparse.remove(tiny_pipe)
+    assert not handle.installed and not hasattr(transformer, "_diffsparse_handle")
+    assert [block.attn1.processor for block in transformer.blocks] == [mine, *originals[1:]]
+
+
 @pytest.mark.parametrize("block", ["sparse", "suspended"])
 def test_a_processor_set_inside_a_block_stays_when_the_earlier_handle_comes_back(tiny_pipe, block):
     # Before, the handle put back at the block's end tried to wrap the user's processor: the `with` raised its
