@@ -199,6 +199,17 @@ def test_radial_skips_frame_distances_by_the_ceiling_of_min_window_over_width():
     assert max_spatial_distance(8, 64, 0.75, 16).tolist() == [64, 64, 8, -1, -1, -1, 8, -1]
 
 
+@pytest.mark.parametrize("spatial, dense", [("band", 6), ("box", 6), ("disc", 36)])
+def test_radial_thresholds_are_capped_so_a_huge_decay_is_dense(spatial, dense):
+    # Every mask compares against the threshold, so an uncapped one kept the same pairs and passed the mask tests;
+    # but `max_spatial_distance` documents the cap, and without it a decay of 1e30 overflowed int64 in the table.
+    assert max_spatial_distance(4, 6, 1e30, 1, spatial).tolist() == [dense] * 4
+    pattern, layout = Radial(decay=1e30, min_window=1, spatial=spatial), VideoLayout(4, 2, 3, text_len=2)
+    assert pattern.token_mask(layout).all() and pattern.block_mask(layout, 5).all()
+    # Adjacent frames are dense whatever the frame's shape: in one row of 7 the disc's distance reaches 6**2 = 36.
+    assert Radial(spatial=spatial).token_mask(VideoLayout(2, 1, 7)).all()
+
+
 def test_radial_density_falls_with_frames():
     densities = [Radial(min_window=16).density(VideoLayout(f, 16, 16), 16) for f in (2, 4, 8, 16, 32)]
     assert densities[0] == 1.0

@@ -829,6 +829,20 @@ def test_radial_sink_keeps_key_frame_zero_in_an_intersection():
     assert torch.equal(pattern.block_mask(layout, block), reduce_token_mask(pattern.token_mask(layout), block))
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_radial_boxes_of_column_strips_are_the_token_reduction(sink):
+    # A tile of 2 rows x 1 column: its best band distance to a box at the far column is across a row (row 1, col 0
+    # to row 0, col 3 is 1 on the flattened index), not within one. Testing only dh = 0, or one of dh = +-1, dropped
+    # kept blocks; so did the largest distance taken as the smallest in an intersection, and a sink read from the
+    # box's last frame rather than its first (tiles of 2 frames). Every block mask passed the tests without them.
+    layouts = [VideoLayout(3, 2, 4), VideoLayout(5, 2, 4, text_len=3)]
+    radial = Radial(decay=1.0, min_window=1, sink=sink)
+    for pattern in (radial, radial & Window3D((9, 9, 9)), Radial(decay=1.0, min_window=1, spatial="box", sink=sink)
+                    & Window3D((9, 9, 9))):
+        for order in (TileOrder((1, 2, 1)), TileOrder((2, 2, 1))):
+            check_block_masks_reduce_token_masks(pattern, layouts, order, [1, 2, (2, 4), (4, 2)])
+
+
 def test_radial_geometry_chunked_one_row_at_a_time_reduces_across_chunks(monkeypatch):
     # With one query block row per chunk, one block pair's box pairs come from several chunks: their smallest
     # spatial distance must be the least over all of them (a re-reduction keeping the largest dropped blocks).
