@@ -92,6 +92,25 @@ def recorded_attention_calls():
         yield calls
 
 
+@contextlib.contextmanager
+def masked_attention_calls(attention: torch.nn.Module, name: str, mask: torch.Tensor):
+    """Inside, each call of `attention` gets `mask` as its keyword `name`, as a caller's own block may pass one (the
+    diffusers blocks pass none); yields the list of each call's `(args, kwargs, output)`."""
+    seen = []
+
+    def masked(module, args, kwargs):
+        return args, {**kwargs, name: mask}
+
+    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
+             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((args, kwargs, out)),
+                                             with_kwargs=True)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _self_attention_layers(transformer) -> list[int]:
     """The layer indices of `transformer`'s self-attentions that diffsparse makes sparse."""
     from diffsparse.pipelines import adapter_for

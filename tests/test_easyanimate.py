@@ -23,6 +23,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    masked_attention_calls,
     recorded_attention_calls,
     run_transformer,
 )
@@ -86,22 +87,12 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
 
     mask = torch.ones(1, 1, 1, 11 + 96, dtype=torch.bool)
     mask[..., -1] = False
-    attention, seen = transformer.transformer_blocks[1].attn1, []
-
-    def masked(module, args, kwargs):
-        return args, {**kwargs, "attention_mask": mask}
-
-    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
-             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((kwargs, out)),
-                                             with_kwargs=True)]
-    try:
-        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
-            transformer(**inputs())
-            assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    [(kwargs, out)] = seen
+    attention = transformer.transformer_blocks[1].attn1
+    with masked_attention_calls(attention, "attention_mask", mask) as seen, torch.no_grad(), diffsparse.sparse(
+            transformer, LOCAL) as handle:
+        transformer(**inputs())
+        assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
+    [(_, kwargs, out)] = seen
     with torch.no_grad():
         original = EasyAnimateAttnProcessor2_0()(attention, **kwargs)
         unmasked = EasyAnimateAttnProcessor2_0()(attention, **{**kwargs, "attention_mask": None})

@@ -31,6 +31,7 @@ from helpers import (
     check_other_processors_are_refused,
     check_pipeline_against_dense,
     check_video_token_positions,
+    masked_attention_calls,
     qwen_tokenizer,
     recorded_attention_calls,
     run_transformer,
@@ -185,22 +186,12 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
 
     mask = torch.ones(1, 1, 1, GRID[0] * FRAME_TOKENS, dtype=torch.bool)
     mask[..., -1] = False
-    attention, seen = transformer.visual_transformer_blocks[1].video_dec_block.self_attention, []
-
-    def masked(module, args, kwargs):
-        return args, {**kwargs, "attn_mask": mask}
-
-    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
-             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((args, kwargs, out)),
-                                             with_kwargs=True)]
-    try:
-        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
-            with pytest.warns(diffsparse.DiffsparseWarning, match=re.escape(TOKEN_MASK)):
-                transformer(**inputs()())
-            assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    attention = transformer.visual_transformer_blocks[1].video_dec_block.self_attention
+    with masked_attention_calls(attention, "attn_mask", mask) as seen, torch.no_grad(), diffsparse.sparse(
+            transformer, LOCAL) as handle:
+        with pytest.warns(diffsparse.DiffsparseWarning, match=re.escape(TOKEN_MASK)):
+            transformer(**inputs()())
+        assert [(s.layer, s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 0, 1), (1, 1, 0)]
     [(args, kwargs, out)] = seen
     assert type(attention.processor) is Kandinsky6AttnProcessor  # given back on leaving `sparse`
     with torch.no_grad():

@@ -16,6 +16,7 @@ from helpers import (
     check_against_dense,
     check_other_processors_are_refused,
     check_pipeline_against_dense,
+    masked_attention_calls,
     recorded_attention_calls,
     run_transformer,
 )
@@ -102,21 +103,11 @@ def test_a_caller_s_attention_mask_runs_the_original_and_counts_dense(transforme
     # with it and is logged dense. Here layer 1's, in the transformer's call, hides each frame's last key.
     mask = torch.ones(2 * FRAMES, 1, 96, dtype=torch.bool)
     mask[..., -1] = False
-    attention, seen = transformer.transformer_blocks[1].attn1, []
-
-    def masked(module, args, kwargs):
-        return args, {**kwargs, "attention_mask": mask}
-
-    hooks = [attention.register_forward_pre_hook(masked, with_kwargs=True),
-             attention.register_forward_hook(lambda module, args, kwargs, out: seen.append((args, kwargs, out)),
-                                             with_kwargs=True)]
-    try:
-        with torch.no_grad(), diffsparse.sparse(transformer, LOCAL) as handle:
-            transformer(**inputs()())
-            assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (1, 0)]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    attention = transformer.transformer_blocks[1].attn1
+    with masked_attention_calls(attention, "attention_mask", mask) as seen, torch.no_grad(), diffsparse.sparse(
+            transformer, LOCAL) as handle:
+        transformer(**inputs()())
+        assert [(s.dense_calls, s.sparse_calls) for s in handle.stats().layers] == [(0, 1), (1, 0)]
     [(args, kwargs, out)] = seen
     with torch.no_grad():
         assert torch.equal(out, AttnProcessor2_0()(attention, *args, **kwargs))
