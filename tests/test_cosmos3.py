@@ -155,6 +155,34 @@ def test_vision_items_before_the_target_join_the_prompt_span(transformer):
     assert (1 + 82 / 154) / 2 <= stats.sparse_density < 1
 
 
+def test_the_target_is_the_last_vision_item_whatever_the_shape_of_those_before_it(transformer):
+    # A clean one-frame 4 x 6 item (1 x 2 x 3 patches) before the target: the target's grid is the layout's, not
+    # the first item's, and the item joins the prompt's span.
+    call = inputs(items=2)
+    control = (1, 2, 3)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in control), indexing="ij")).reshape(3, -1)
+    length = UND + 6 + 72
+    g = torch.Generator().manual_seed(2)
+    call.update({
+        "position_ids": torch.cat([call["position_ids"][:, :UND], grid + UND, call["position_ids"][:, -72:]], dim=1),
+        "sequence_length": length, "vision_tokens": [torch.randn(1, 4, 1, 4, 6, generator=g), call["vision_tokens"][1]],
+        "vision_token_shapes": [control, GRID], "vision_sequence_indexes": torch.arange(UND, length),
+        "vision_mse_loss_indexes": torch.arange(UND + 6, length), "vision_timesteps": torch.full((72,), 500.0),
+        "vision_noisy_frame_indexes": [torch.arange(0), torch.arange(GRID[0])],
+    })
+    layout, _ = adapter_for(transformer).read_call(transformer, (), call)
+    assert layout == VideoLayout(*GRID, text_len=UND + 6, text_position="start")
+    with torch.no_grad():
+        reference = transformer(**call).sample
+        config = diffsparse.SparseConfig(pattern=ALL_BLOCKS, block_size=8, dense_steps=0)
+        with diffsparse.sparse(transformer, config) as handle, recorded_attention_calls() as calls:
+            kept = transformer(**call).sample
+    assert {(layout, shape) for _, layout, shape in calls} == {(layout, (1, 72))}
+    assert all(r.sparse for r in handle.stats().calls["transformer"])
+    for a, b in zip(kept, reference):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 def test_its_context_parallel_helper_is_refused(transformer):
     transformer._cp_shard_fn = lambda *args: args
     try:

@@ -193,11 +193,14 @@ def test_a_target_row_listed_twice_is_refused_by_name_and_a_conditioning_row_run
             assert torch.equal(transformer(**call)[0], original)
 
 
-def test_a_target_not_one_box_at_a_late_timestep_without_a_tie_is_still_refused(transformer):
-    # The tie rule (conditioning held at max(t, 0.999)) runs the original only where two rows share a position;
-    # a target row out of the box at t = 0.9995, conditioning at 1.0, was run dense blaming a tie.
+@pytest.mark.parametrize("timesteps", [(0.3, 0.3), (1.0, 0.9995)])
+def test_a_target_not_one_box_without_a_tie_is_refused(transformer, timesteps):
+    # The tie rule (conditioning held at max(t, 0.999)) runs the original only where two rows share a position.
+    # (1.0, 0.9995): a target row out of the box, conditioning at 1.0, was run dense blaming a tie. (0.3, 0.3): every
+    # video row at one timestep below the hold (a caller's own packing) is no tie either: its packing error is refused,
+    # not warned of and run dense.
     call = inputs()()
-    call["timestep"] = torch.tensor([1.0, 0.9995])
+    call["timestep"] = torch.tensor(timesteps)
     call["position_ids"][-1] = torch.tensor([9, 9, 9])
     with pytest.raises(ValueError, match="do not cover one whole"), torch.no_grad(), \
             diffsparse.sparse(transformer, ONE_TOKEN):
