@@ -48,6 +48,7 @@ or without --resume: a new run there would overwrite them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -425,14 +426,22 @@ class _EMA:
             m.load_state_dict(state[name])
 
 
-def _atomic_save(obj, path: Path) -> None:
+@contextlib.contextmanager
+def _written_beside(path: Path):
+    """Yields a path beside `path` to write, swapped in for `path` once written: a failure (a full disk, a kill)
+    leaves `path` as it was, and no partial file (a checkpoint's is tens of MB)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:  # a full disk left a partial checkpoint.pt.tmp (tens of MB) behind
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _atomic_save(obj, path: Path) -> None:
+    with _written_beside(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def export_pipeline(components: dict, weights: dict[str, torch.nn.Module], folder: Path) -> None:
@@ -462,16 +471,10 @@ def _open_log(path: Path, keep_until_step: int):
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
     # Rewritten beside and swapped in: truncating in place, a run stopped (or a full disk) before the rows were back
     # lost the whole curve of the steps the checkpoint holds.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _written_beside(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
     f = path.open("a", newline="")
     return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
