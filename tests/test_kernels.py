@@ -445,6 +445,8 @@ def test_inputs_whose_rows_are_not_laid_out_apart(dtype, cpu_kernel):
     cases = {
         "expanded keys and values": (q, k[:, :, :1].expand_as(k), v[:, :, :1].expand_as(v)),
         "one query with row stride 1": (torch.randn(1, 2, 32, 1, generator=g, dtype=dtype).transpose(2, 3), k, v),
+        # The compiled op takes only a contiguous head dim: such inputs are copied, not refused.
+        "a strided head dim": tuple(torch.randn(1, 2, 128, 64, generator=g, dtype=dtype)[..., ::2] for _ in range(3)),
     }
     for name, (qc, kc, vc) in cases.items():
         plan = make_plan(torch.ones(1, 1, -(-qc.shape[2] // 64), 2, dtype=torch.bool), qc.shape[2], 128, 64)
@@ -540,7 +542,7 @@ def test_bad_attention_inputs():
             block_sparse_attention(*args)
 
 
-@pytest.mark.parametrize("scale", ["abc", float("nan"), float("inf"), True, torch.tensor([0.5])], ids=repr)
+@pytest.mark.parametrize("scale", ["abc", float("nan"), float("inf"), True, torch.tensor([0.5]), 0.5j], ids=repr)
 def test_bad_scale_names_the_field(scale):
     # A NaN scale gave finite numbers in the compiled kernel and NaN elsewhere; "abc" failed in float(); True ran as 1.
     plan = make_plan(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32, 32, 32)
@@ -591,6 +593,9 @@ def test_a_plan_built_by_hand_is_checked():
         ({"block_mask": torch.ones(1, 1, 2, 2, dtype=torch.bool)},
          r"block_mask must be a bool tensor of shape \(B or 1, H or 1, 2, 3\)"),
         ({"block_k": True}, r"block_k must be a positive int, got block_k=True"),
+        # The block counts divide by these (a ZeroDivisionError), and a float passed the shape check (2.0 == 2).
+        ({"block_q": 0}, r"block_q must be a positive int, got block_q=0"),
+        ({"q_len": 64.0}, r"q_len must be a positive int, got q_len=64.0"),
         ({"density": float("nan")}, r"density must be a real number in \[0, 1\], got density=nan"),
         ({"density": 1.5}, r"density must be a real number in \[0, 1\], got density=1.5"),
         ({"density": -0.1}, r"density must be a real number in \[0, 1\], got density=-0.1"),

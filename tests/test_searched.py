@@ -396,6 +396,17 @@ def test_budgets_keep_the_share_asked_for_and_the_most_mass():
     assert select_blocks(rows, 1.0, "head", diagonal, top_p=0.6).int().tolist() == [[[1, 1, 0, 0], [1, 1, 1, 0]]]
 
 
+def test_a_row_budget_rounds_keep_to_the_nearest_block_and_breaks_ties_by_position():
+    # keep=0.4 of 4 key blocks is 1.6 blocks: 2 per row (the docstring's round), not 1 (a truncated share). Equal
+    # scores keep the earliest key blocks, so two searches of one tensor agree whatever the sort does with ties.
+    required = torch.eye(3, 4, dtype=torch.bool)
+    kept = select_blocks(torch.ones(1, 3, 4), 0.4, "row", required)
+    assert kept.int().tolist() == [[[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0]]]
+    assert select_blocks(torch.ones(1, 3, 4), 0.4, "layer", required).sum() == 5  # round(0.4 * 12), ties alike
+    assert select_blocks(torch.ones(1, 3, 4), 0.4, "layer", required).int().tolist() == [
+        [[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 0]]]
+
+
 def test_a_searched_row_that_reaches_top_p_exactly_keeps_no_more_blocks():
     # The public path of the boundary above: one query block of 12 tokens over three key blocks of 4. Queries and
     # keys are chosen so the masses are exact binary fractions: logits 0 for tokens 0-5 and 8-9, about -5000 for
