@@ -219,6 +219,16 @@ def test_image_tokens_that_are_not_a_grid_are_refused(transformer):
         transformer(**call)
 
 
+@pytest.mark.parametrize("axis", [0, 3], ids=["t", "l"])
+def test_image_ids_of_one_grid_of_rows_and_columns_with_two_t_or_l_are_refused(transformer, axis):
+    # The rows and columns alone are one row-major grid, but half its tokens have another time or layer id (a
+    # reference's `l` is -1): not the generated image's one grid, so not read as one.
+    call = inputs()
+    call["img_ids"][12:, axis] = -1
+    with pytest.raises(ValueError, match="24 image tokens are not one row-major grid"):
+        adapter_for(transformer).read_call(transformer, (), call)
+
+
 @pytest.mark.parametrize("ids", [(4, 5), (1, 1)], ids=["a grid of 20", "one id"])
 def test_image_ids_of_another_count_than_the_image_tokens_are_refused_by_name(transformer, ids):
     # A grid of ids, but not one per image token: the transformer fails on it as well, so the error names the

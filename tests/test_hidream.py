@@ -90,15 +90,15 @@ def test_dense_identical_every_block_kept_and_the_layout(hidream_pipe, size, gri
     assert {r.step for r in stats.calls["transformer"]} == {0, 1, 2}
 
 
-def bare_inputs(latent_size: int = 16):
-    """A bare transformer call's inputs: square latents of `latent_size`, the T5 prompt and two Llama layers of
-    `TEXT_LEN` tokens each."""
+def bare_inputs(latent_size: int = 16, t5_len: int = TEXT_LEN, llama_len: int = TEXT_LEN):
+    """A bare transformer call's inputs: square latents of `latent_size`, the T5 prompt of `t5_len` tokens and two
+    Llama layers of `llama_len` tokens each."""
     def inputs():
         generator = torch.Generator().manual_seed(0)
         return {"hidden_states": torch.randn(1, 4, latent_size, latent_size, generator=generator),
                 "timesteps": torch.tensor([500.0]),
-                "encoder_hidden_states_t5": torch.randn(1, TEXT_LEN, 16, generator=generator),
-                "encoder_hidden_states_llama3": torch.randn(2, 1, TEXT_LEN, 16, generator=generator),
+                "encoder_hidden_states_t5": torch.randn(1, t5_len, 16, generator=generator),
+                "encoder_hidden_states_llama3": torch.randn(2, 1, llama_len, 16, generator=generator),
                 "pooled_embeds": torch.randn(1, 16, generator=generator)}
 
     return inputs
@@ -114,6 +114,18 @@ def test_a_square_image_below_the_models_size_has_no_pad_patches():
     # the text alone, no pad patch in the layout's trailing span (the pipeline's square size is the model's 8 x 8).
     calls = check_against_dense(tiny_transformer(head_dim=8), bare_inputs(latent_size=12), block_size=16)
     assert {layout for _, layout, _ in calls} == {VideoLayout(1, 6, 6, text_len=3 * TEXT_LEN)}
+
+
+def test_a_t5_prompt_and_llama_layers_of_different_lengths_are_all_the_text(hidream_pipe):
+    # The pipeline cuts the T5 prompt at its tokenizer's maximum and the Llama prompt at `max_sequence_length`, so
+    # their lengths may differ: the text span is the T5 prompt's 5 tokens and two Llama layers of 7 (three times the
+    # T5 prompt's length is a layout of the wrong length, on which every sparse call fails). Read without a run: a
+    # bare call of the tiny model takes seconds here.
+    from diffsparse.pipelines import adapter_for
+
+    transformer = hidream_pipe.transformer
+    layout, _ = adapter_for(transformer).read_call(transformer, (), bare_inputs(12, t5_len=5, llama_len=7)())
+    assert layout == VideoLayout(1, 6, 6, text_len=5 + 2 * 7)
 
 
 def test_patchified_latents_are_refused(hidream_pipe):

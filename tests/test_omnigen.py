@@ -81,6 +81,18 @@ def test_a_call_s_density_counts_the_prompt_rows_computed_densely(omnigen_pipe):
     assert [r.density for r in records] == pytest.approx([computed / total] * 2)
 
 
+def test_latents_of_odd_size_are_read_without_their_partial_patches(omnigen_pipe):
+    # The patch embedding is a strided convolution: 17 x 25 latents are 8 x 12 patches, the last latent row and
+    # column dropped (the model's output is 16 x 24). Rounding up read 9 x 13, a layout of the wrong length.
+    from diffsparse.pipelines import adapter_for
+
+    transformer = omnigen_pipe.transformer
+    call = {"hidden_states": torch.zeros(1, 4, 17, 25), "timestep": torch.tensor([0.5]),
+            "input_ids": torch.zeros(1, 7, dtype=torch.long)}
+    layout, _ = adapter_for(transformer).read_call(transformer, (), call)
+    assert layout == VideoLayout(1, 8, 12, text_len=7 + 1, text_position="start")  # the prompt and the time token
+
+
 def check_runs_the_original(transformer, inputs, why):
     """Under a sparse config, both layers of the call `transformer(**inputs)` run the original processor (its output
     bit for bit), counted dense, and a warning says `why`."""

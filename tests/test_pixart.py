@@ -70,6 +70,14 @@ def test_a_direct_transformer_call_the_pipelines_way(pixart_pipe):
     check_against_dense(pixart_pipe.transformer, lambda: inputs, block_size=16)
 
 
+def test_latents_of_odd_size_are_read_without_their_partial_patches(pixart_pipe):
+    # The patch embedding is a strided convolution: 17 x 25 latents are 8 x 12 patches, the last latent row and
+    # column dropped (the model's output is 16 x 24). Rounding up read 9 x 13, a layout of the wrong length.
+    transformer = pixart_pipe.transformer
+    call = {"hidden_states": torch.zeros(1, 4, 17, 25), "timestep": torch.tensor([500])}
+    assert adapter_for(transformer).read_call(transformer, (), call)[0] == VideoLayout(1, 8, 12)
+
+
 def test_other_processors_are_refused_and_the_model_left_untouched(pixart_pipe):
     check_other_processors_are_refused(pixart_pipe, "PixArt", layer=1)
 

@@ -104,6 +104,16 @@ def test_an_attention_mask_the_original_ignores_keeps_the_call_sparse(transforme
         assert torch.equal(transformer(**inputs(), joint_attention_kwargs=mask).sample, transformer(**inputs()).sample)
 
 
+def test_latents_of_odd_size_are_read_without_their_partial_patches(transformer):
+    # The patch embedding is a strided convolution: 13 x 17 latents are 6 x 8 patches, the last latent row and
+    # column dropped (the model's output is 12 x 16). Rounding up read 7 x 9, a layout of the wrong length.
+    from diffsparse.pipelines import adapter_for
+
+    odd = {**inputs(), "hidden_states": torch.zeros(2, 4, 13, 17)}
+    layout, _ = adapter_for(transformer).read_call(transformer, (), odd)
+    assert layout == VideoLayout(1, 6, 8, text_len=TEXT_LEN, text_position="end")
+
+
 def test_read_call_takes_every_argument_by_position(transformer):
     check_read_call_by_position(transformer, inputs(700.0))
 
