@@ -33,8 +33,8 @@ def pipe():
     return testbed.load()
 
 
-def _generate(pipe, config=None):
-    call = {"frames": EVAL["frames"], "height": EVAL["height"], "width": EVAL["width"], "steps": 20, "seed": 0}
+def _generate(pipe, config=None, steps=20):
+    call = {"frames": EVAL["frames"], "height": EVAL["height"], "width": EVAL["width"], "steps": steps, "seed": 0}
     if config is None:
         return testbed.sample(pipe, PROMPTS, **call).numpy()
     with diffsparse.sparse(pipe, config):
@@ -58,8 +58,9 @@ def radial_with_dense_steps(pipe):
     return _generate(pipe, diffsparse.SparseConfig(**RADIAL_25, dense_steps=0.2))
 
 
-def test_dense_twice_is_identical(pipe, dense):
-    assert np.array_equal(_generate(pipe), dense)
+def test_dense_twice_is_identical(pipe):
+    # Determinism does not need the 20 steps the scores use: 3 steps at the evaluation size, twice (saves ~15 s).
+    assert np.array_equal(_generate(pipe, steps=3), _generate(pipe, steps=3))
 
 
 def test_radial_at_a_quarter_density_with_dense_first_steps_stays_close(radial_with_dense_steps, dense):
