@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffsparse.patterns import (
+    Boxes,
     Dense,
     DenseQueryFrames,
     FrameCausal,
@@ -119,3 +120,26 @@ def test_a_composition_fits_its_parts_with_every_argument_and_refits_at_the_shor
     seen.clear()
     (OldFit() | Recording()).fit(q, q, q, layout, 8, order=order)
     assert seen == ["old", (order, None, None)]
+
+
+def test_a_union_keeps_every_pair_of_a_box_where_either_part_does():
+    # Only an intersection reads `_box_all`, to stop refining a box pair that one part keeps whole. Its block masks
+    # cannot tell a union that answers "unsure" (an AND of its parts) from one that answers as it should: an
+    # intersection with `dense | sink` would halve boxes the union keeps whole, slower but equal, unseen before.
+    layout = VideoLayout(4, 2, 3)
+    box = Boxes(*(torch.tensor([v]) for v in (0, 3, 0, 1, 0, 2)))  # the whole video, queries and keys
+    sink_box = box._replace(t1=torch.tensor([0]))  # frame 0 only
+    assert (Dense() | FrameSink())._box_all(layout, box, box).all()
+    assert (FrameSink() | Window3D((1, 1, 1)))._box_all(layout, box, sink_box).all()
+    assert not (FrameSink() | Window3D((1, 1, 1)))._box_all(layout, box, box).any()
+    assert (Dense() & FrameSink())._box_all(layout, box, sink_box).all()
+    assert not (Dense() & FrameSink())._box_all(layout, box, box).any()
+
+
+def test_dense_query_frames_keeps_rows_not_columns():
+    # The transpose of the sink: the frames' queries attend every key, other video queries keep nothing of it. Its
+    # token mask had no test of its own; inside the intersections tested, a transposed one gave the same blocks.
+    layout = VideoLayout(3, 2, 2, text_len=1)
+    token = DenseQueryFrames((1,)).token_mask(layout)[0]
+    assert token[4:8].all() and not token[:4, :12].any() and not token[8:12, :12].any()
+    assert torch.equal(DenseQueryFrames((1,)).block_mask(layout, (3, 5)), reduce_token_mask(token[None], (3, 5)))
