@@ -258,10 +258,17 @@ def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
     return True
 
 
+_AXES = ("frames", "height", "width", "channels")  # of as_frames' (F, H, W, C)
+
+
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = as_frames(a), as_frames(b)
     if a.shape != b.shape:
-        raise ValueError(f"videos must have equal shapes to compare, got {a.shape} and {b.shape}")
+        # Named by axis: the shapes are as read, (F, H, W, C), not as given (a torch video is (F, C, H, W)), and a
+        # bare pair of tuples left the reader to find which axis differed, and in which layout.
+        differ = "; ".join(f"{axis} {x} and {y}" for axis, x, y in zip(_AXES, a.shape, b.shape) if x != y)
+        raise ValueError(f"videos must have equal shapes to compare: the video and the reference differ in {differ} "
+                         f"(read as (frames, height, width, channels): {a.shape} and {b.shape})")
     return a, b
 
 

@@ -48,10 +48,11 @@ def test_ssim_drops_with_noise_and_handles_small_frames():
     # The largest odd window that fits: 5 on 5-pixel frames (before: 3), 3 on 3-pixel ones (before: refused).
     from skimage.metrics import structural_similarity
 
-    for side in (3, 5, 7):
+    for side in (3, 5, 6, 7):  # 6: the odd window below it, 5
         a = rng.random((2, side, side, 3))
         b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
-        expected = np.mean([structural_similarity(x, y, data_range=1.0, channel_axis=-1, win_size=side)
+        window = side - 1 + side % 2
+        expected = np.mean([structural_similarity(x, y, data_range=1.0, channel_axis=-1, win_size=window)
                             for x, y in zip(b, a)])
         assert ssim(b, a) == pytest.approx(expected), side
 
@@ -82,6 +83,11 @@ def test_layouts_from_pipelines_agree():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="equal shapes"):
         psnr(np.zeros((2, 8, 8, 3)), np.zeros((3, 8, 8, 3)))
+    # The axes that differ are named: the shapes are as read, (F, H, W, C), which is not a torch video's layout.
+    with pytest.raises(ValueError, match=r"differ in frames 2 and 3 \(read as \(frames, height, width, channels"):
+        psnr(np.zeros((2, 8, 8, 3)), [np.zeros((8, 8, 3))] * 3)
+    with pytest.raises(ValueError, match=r"differ in width 6 and 8; channels 3 and 1 \("):
+        ssim(torch.zeros(2, 3, 8, 6), np.zeros((2, 8, 8, 1)))
 
 
 def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
@@ -390,6 +396,7 @@ def test_a_list_of_torch_frames_reads_as_the_tensor_it_was_made_of():
     as_bf16 = video.bfloat16()
     np.testing.assert_array_equal(as_frames(list(as_bf16)), as_frames(as_bf16))
     np.testing.assert_array_equal(as_frames(list(video.clone().requires_grad_())), as_frames(video))
+    np.testing.assert_array_equal(as_frames(video.clone().requires_grad_()), as_frames(video))  # and not in a list
     assert as_frames([torch.rand(8, 8), torch.rand(8, 8)]).shape == (2, 8, 8, 1)  # 2-D tensors: gray, as arrays
 
 
