@@ -261,8 +261,24 @@ def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
 _AXES = ("frames", "height", "width", "channels")  # of as_frames' (F, H, W, C)
 
 
+def _video_count(video) -> int:
+    """How many videos `as_frames` reads one after the other: a batch's B, a list of lists' length, else 1."""
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 5:
+        return video.shape[0]
+    if isinstance(video, (list, tuple)) and video and isinstance(video[0], (list, tuple)):
+        return len(video)
+    return 1
+
+
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
+    videos = _video_count(a), _video_count(b)
     a, b = as_frames(a), as_frames(b)
+    if videos[0] != videos[1] and a.shape == b.shape:
+        # A batch of 2 videos of 3 frames and one of 3 of 2 read as 6 frames each: scored frame by frame, each
+        # video's frames would meet another video's.
+        held = [f"{n} video{'s' * (n != 1)}" for n in videos]
+        raise ValueError(f"videos must have equal shapes to compare: the video holds {held[0]} and the reference "
+                         f"{held[1]}, of {a.shape[0]} frames in all (give both as the same batch)")
     if a.shape != b.shape:
         # Named by axis: the shapes are as read, (F, H, W, C), not as given (a torch video is (F, C, H, W)), and a
         # bare pair of tuples left the reader to find which axis differed, and in which layout.

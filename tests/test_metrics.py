@@ -88,6 +88,12 @@ def test_shape_mismatch_raises():
         psnr(np.zeros((2, 8, 8, 3)), [np.zeros((8, 8, 3))] * 3)
     with pytest.raises(ValueError, match=r"differ in width 6 and 8; channels 3 and 1 \("):
         ssim(torch.zeros(2, 3, 8, 6), np.zeros((2, 8, 8, 1)))
+    # Two videos of 3 frames against three of 2: 6 frames each, but no frame meets its own video's.
+    with pytest.raises(ValueError, match="the video holds 2 videos and the reference 3 videos, of 6 frames in all"):
+        psnr(np.zeros((2, 3, 8, 8, 3)), torch.zeros(3, 2, 3, 8, 8))
+    with pytest.raises(ValueError, match="holds 1 video and the reference 2 videos"):
+        psnr(np.zeros((6, 8, 8, 3)), [[np.zeros((8, 8, 3))] * 3] * 2)
+    assert psnr(np.zeros((1, 6, 8, 8, 3)), [np.zeros((8, 8, 3))] * 6) == float("inf")  # one video either way
 
 
 def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
