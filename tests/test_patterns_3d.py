@@ -615,6 +615,18 @@ def test_at_density_edges_and_validation():
         assert solved.density(VideoLayout(*small), block) == 1.0, (small, solved)
 
 
+def test_radial_at_density_reaches_both_ends_of_its_range():
+    # The decay searched must span "only neighbouring frames" to "every pair": a range cut at decay 2**-4 kept
+    # same-position keys two frames away at its sparsest (windows of one token still cover min_window=1), and one
+    # cut at 2 * tokens_per_frame left the 3-row offsets of frames 8 apart out of a box window of 4 x 4 frames.
+    layout = VideoLayout(8, 8, 8)
+    frame = torch.arange(layout.num_tokens) // layout.tokens_per_frame
+    neighbours = reduce_token_mask(((frame[:, None] - frame).abs() <= 1)[None], 8).double().mean().item()
+    assert Radial(min_window=1).at_density(layout, 1e-6, 8).density(layout, 8) == neighbours
+    small_frames = VideoLayout(9, 4, 4)
+    assert Radial(min_window=1, spatial="box").at_density(small_frames, 1.0, 4).density(small_frames, 4) == 1.0
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "a"])
 def test_at_density_refuses_a_max_iter_that_is_not_a_positive_int(bad):
     # Before, 0, -1 and True skipped the bisection and returned the sparsest end (window (1, 1, 1), 0.125 against
@@ -864,6 +876,62 @@ def test_radial_geometry_chunked_one_row_at_a_time_reduces_across_chunks(monkeyp
             assert torch.equal(pattern.block_mask(layout, block), expected), (layout, block, pattern)
     finally:
         radial._block_pair_geometry.cache_clear()  # drop the one-row chunks' geometry before other tests
+
+
+def _random_boxes(layout, count, generator):
+    """`count` random boxes inside the layout's grid (inclusive bounds, as `TokenOrder.boxes` gives them)."""
+    from diffsparse.patterns import Boxes
+
+    bounds = []
+    for size in layout.grid:
+        a, b = (torch.randint(0, size, (count,), generator=generator) for _ in range(2))
+        bounds += [torch.minimum(a, b), torch.maximum(a, b)]
+    return Boxes(*bounds)
+
+
+def _kept_pairs_between_boxes(pattern, layout, q, k):
+    """Per box pair `(q[i], k[i])`, how many of its (query, key) token pairs the token mask keeps."""
+    count = pattern._video_token_mask(layout)[0].view(*layout.grid, *layout.grid).float()
+    for axis, (lo, hi) in enumerate(zip((*q, *k)[::2], (*q, *k)[1::2])):
+        position = torch.arange(layout.grid[axis % 3])
+        inside = (position >= lo[:, None]) & (position <= hi[:, None])
+        count = torch.einsum("ma,a...->m..." if axis == 0 else "ma,ma...->m...", inside.float(), count)
+    return count
+
+
+def test_radial_box_tests_are_exact_so_intersections_follow_the_token_mask():
+    # An intersection keeps a box pair without refining it when one part keeps every pair of it (`_box_all`) and
+    # the other keeps some: a largest spatial distance taken as the smallest of the two corners (band or box
+    # metric) kept blocks whose only pairs kept by the window are the ones radial drops. A whole-box test that is
+    # sound but not exact (a sink's frame 0 not left out of the box's frame range, `<` for `<=`) refines more, down
+    # to single tokens, which intersections at scale cannot afford: both box tests are checked against the tokens.
+    layout, g = VideoLayout(6, 3, 4), torch.Generator().manual_seed(0)
+    radials = [Radial(decay=0.6, min_window=2, sink=True), Radial(decay=1.3, min_window=1, spatial="box"),
+               Radial(decay=2.5, min_window=2, spatial="disc", sink=True)]
+    for pattern in radials:
+        q, k = _random_boxes(layout, 300, g), _random_boxes(layout, 300, g)
+        kept = _kept_pairs_between_boxes(pattern, layout, q, k)
+        every, some = kept == q.num_tokens() * k.num_tokens(), kept > 0
+        assert every.any() and (some & ~every).any()  # both answers, and boxes on the pattern's edge
+        assert torch.equal(pattern._box_all(layout, q, k)[0], every), pattern
+        assert torch.equal(pattern._box_any(layout, q, k)[0], some), pattern
+    order = TileOrder((1, 2, 2))
+    for pattern in (radials[0] & Window3D((3, 2, 2)), Window3D((3, 2, 2)) & radials[1]):
+        expected = reduce_token_mask(pattern.token_mask(layout, order), (2, 6))
+        assert torch.equal(pattern.block_mask(layout, (2, 6), order), expected), pattern
+
+
+def test_window3d_box_tests_are_exact():
+    # As radial's: a whole-box test that answers "no" for a box whose last query window starts exactly at the key
+    # box (`<` for `<=`) is sound but sends every such pair of an intersection down to single tokens.
+    layout, g = VideoLayout(6, 3, 4), torch.Generator().manual_seed(1)
+    for pattern in (Window3D((5, 2, 3)), Window3D((4, 3, 2), stride=(2, 1, 2))):
+        q, k = _random_boxes(layout, 300, g), _random_boxes(layout, 300, g)
+        kept = _kept_pairs_between_boxes(pattern, layout, q, k)
+        every, some = kept == q.num_tokens() * k.num_tokens(), kept > 0
+        assert every.any() and (some & ~every).any()
+        assert torch.equal(pattern._box_all(layout, q, k)[0], every), pattern
+        assert torch.equal(pattern._box_any(layout, q, k)[0], some), pattern
 
 
 @pytest.mark.parametrize("block_size, tile", [(128, (1, 8, 16)), (32, (1, 4, 8)), (64, (1, 8, 8))])
