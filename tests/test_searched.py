@@ -405,6 +405,9 @@ def test_a_row_budget_rounds_keep_to_the_nearest_block_and_breaks_ties_by_positi
     assert select_blocks(torch.ones(1, 3, 4), 0.4, "layer", required).sum() == 5  # round(0.4 * 12), ties alike
     assert select_blocks(torch.ones(1, 3, 4), 0.4, "layer", required).int().tolist() == [
         [[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 0]]]
+    # The greedy search's row budget rounds alike: 0.4 of 4 key blocks is 2 per row there too.
+    q, k = torch.randn(1, 1, 56, 8, generator=torch.Generator().manual_seed(0)).split([24, 32], dim=2)
+    assert greedy_blocks(q, k, k, 8, 0.4, required, budget="row").sum(-1).tolist() == [[2, 2, 2]]
 
 
 def test_a_searched_row_that_reaches_top_p_exactly_keeps_no_more_blocks():

@@ -30,6 +30,9 @@ def test_axis_sizes_are_odd_stride_multiples_that_about_double_up_to_the_axis():
     assert axis_sizes(12, 1) == (1, 3, 5, 9, 12)
     assert axis_sizes(12, 4) == (4, 12) and axis_sizes(40, 4) == (4, 12, 20, 36, 40)
     assert axis_sizes(1, 1) == (1,) and axis_sizes(2, 1) == (1, 2)
+    # Where the stride does not divide the axis the last is still a multiple of it: a window no narrower than its
+    # stride (Window3D refuses stride > window, so a 3-token axis under stride 4 could not be searched).
+    assert axis_sizes(10, 4) == (4, 12) and axis_sizes(3, 4) == (4,)
 
 
 def _reference_errors(query, key, value, layout, windows, rows, within=None, stride=1):
