@@ -301,6 +301,17 @@ def test_a_layer_budget_split_over_processes_by_heads_is_shared_as_one_process_s
     assert alone[2:].sum() == alone[:2].sum() and not torch.equal(alone, whole)
 
 
+def test_a_greedy_step_never_picks_a_block_the_mask_refuses_even_where_it_would_cost_nothing():
+    # A block the causal mask leaves no pair of has no mass and pulls nothing: here it is also the one of least
+    # error, so only the refusal keeps a step from spending the budget on a block every token of which is masked.
+    from diffsparse.patterns.searched import _grow
+
+    pull, mass = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 1, 3, 1), torch.ones(1, 1, 1, 3)
+    kept, count = torch.zeros(1, 1, 3, dtype=torch.bool), torch.tensor([1])
+    assert _grow(pull, mass, kept, count, torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[[True, False, False]]]
+    assert _grow(pull, mass, kept, count, torch.tensor([[True, False, False]])).tolist() == [[[False, True, False]]]
+
+
 def test_greedy_keeps_a_diffuse_heads_average_better_than_the_top_mass_blocks():
     layout = VideoLayout(frames=8, height=4, width=4)
     g = torch.Generator().manual_seed(0)
