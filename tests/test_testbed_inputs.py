@@ -570,3 +570,15 @@ def test_evidence_refuses_a_loss_log_it_cannot_read_before_sampling(tmp_path, ca
     with pytest.raises(SystemExit):
         evidence.parse_args(["--run", str(run), "--fine-tune-of", str(base)])
     assert said in capsys.readouterr().err
+
+
+def test_device_here_names_an_accelerator_index_past_the_count_and_a_device_torch_cannot_read(monkeypatch):
+    from diffsparse import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.device_here("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=re.escape("device='cuda:1': this machine has 1 cuda device(s), indices 0 to 0")):
+        devices.device_here("cuda:1")
+    with pytest.raises(ValueError, match="device=None: not a torch device"):  # torch's TypeError, named
+        devices.as_device(None)

@@ -77,9 +77,15 @@ def save_sample_grid(videos: torch.Tensor, prompts: list[str], path: Path, frame
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frames = [f for f in frames if f < videos.shape[1]]
-    fig, axes = plt.subplots(len(prompts), len(frames), figsize=(1.6 * len(frames) + 2.4, 1.6 * len(prompts)))
-    axes = np.atleast_2d(axes)
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"prompts: {len(prompts)} for {videos.shape[0]} videos; expected one row label per video")
+    shown = [f for f in frames if 0 <= f < videos.shape[1]]
+    if not shown:
+        raise ValueError(f"frames={tuple(frames)}: none is a frame of the videos' {videos.shape[1]}")
+    frames = shown
+    # squeeze=False: one column of several prompts came back 1-D, and np.atleast_2d made it one row (an IndexError).
+    fig, axes = plt.subplots(len(prompts), len(frames), figsize=(1.6 * len(frames) + 2.4, 1.6 * len(prompts)),
+                             squeeze=False)
     for row, prompt in enumerate(prompts):
         for col, f in enumerate(frames):
             ax = axes[row, col]
