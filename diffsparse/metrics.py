@@ -99,6 +99,12 @@ def as_frames(video) -> np.ndarray:
     other integer types are refused (a `ValueError` naming the dtype): their range says nothing about the frames'.
     A video with no frames (an empty list, a `(0, H, W, C)` array) or frames of no pixels is a `ValueError`.
     """
+    return _frames_and_videos(video)[0]
+
+
+def _frames_and_videos(video) -> tuple[np.ndarray, int]:
+    """`as_frames(video)`, and how many videos it read one after the other (a batch's B, a nested list's length
+    once stacked: a list of rows of numbers is one image)."""
     if _is_pil_image(video):
         video = [video]
     listed = isinstance(video, (list, tuple))
@@ -120,6 +126,7 @@ def as_frames(video) -> np.ndarray:
                          f"pixels ({_LAYOUTS})")
     scale = _scale(video.dtype)  # first: a dtype refused is never cast (complex would warn, then lose a part)
     video = video.astype(np.float64) / scale
+    videos = video.shape[0] if video.ndim == 5 else 1
     if video.ndim == 5:  # (B, F, ...) -> the frames of every video in order
         video = video.reshape(-1, *video.shape[2:])
     elif video.ndim == 3 and listed:  # 2-D frames: gray
@@ -144,7 +151,7 @@ def as_frames(video) -> np.ndarray:
             hint = f"; (B, C, F, H, W)? give frames as (B, F, C, H, W): `video.{swap}(0, 2, 1, 3, 4)`"
         raise ValueError(f"a video's frames must have {_CHANNEL_SIZES} channels, last or after the frames, got {got}"
                          f"{hint} ({_LAYOUTS})")
-    return video
+    return video, videos
 
 
 def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -261,18 +268,9 @@ def _not_finite(a: np.ndarray, b: np.ndarray, metric: str) -> bool:
 _AXES = ("frames", "height", "width", "channels")  # of as_frames' (F, H, W, C)
 
 
-def _video_count(video) -> int:
-    """How many videos `as_frames` reads one after the other: a batch's B, a list of lists' length, else 1."""
-    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 5:
-        return video.shape[0]
-    if isinstance(video, (list, tuple)) and video and isinstance(video[0], (list, tuple)):
-        return len(video)
-    return 1
-
-
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
-    videos = _video_count(a), _video_count(b)
-    a, b = as_frames(a), as_frames(b)
+    (a, videos_a), (b, videos_b) = _frames_and_videos(a), _frames_and_videos(b)
+    videos = videos_a, videos_b
     if videos[0] != videos[1] and a.shape == b.shape:
         # A batch of 2 videos of 3 frames and one of 3 of 2 read as 6 frames each: scored frame by frame, each
         # video's frames would meet another video's.

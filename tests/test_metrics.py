@@ -94,6 +94,7 @@ def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="holds 1 video and the reference 2 videos"):
         psnr(np.zeros((6, 8, 8, 3)), [[np.zeros((8, 8, 3))] * 3] * 2)
     assert psnr(np.zeros((1, 6, 8, 8, 3)), [np.zeros((8, 8, 3))] * 6) == float("inf")  # one video either way
+    assert psnr(np.zeros((2, 8, 8, 3)).tolist(), np.zeros((2, 8, 8, 3))) == float("inf")  # lists of rows: one video
 
 
 def test_lpips_loads_the_backbone_from_a_checkpoint_file(tmp_path):
