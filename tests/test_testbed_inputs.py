@@ -578,7 +578,8 @@ def test_device_here_names_an_accelerator_index_past_the_count_and_a_device_torc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert devices.device_here("cuda:0") == torch.device("cuda:0")
-    with pytest.raises(ValueError, match=re.escape("device='cuda:1': this machine has 1 cuda device(s), indices 0 to 0")):
+    expected = "device='cuda:1': this machine has 1 cuda device(s), indices 0 to 0"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         devices.device_here("cuda:1")
     with pytest.raises(ValueError, match="device=None: not a torch device"):  # torch's TypeError, named
         devices.as_device(None)
