@@ -270,13 +270,12 @@ _AXES = ("frames", "height", "width", "channels")  # of as_frames' (F, H, W, C)
 
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     (a, videos_a), (b, videos_b) = _frames_and_videos(a), _frames_and_videos(b)
-    videos = videos_a, videos_b
-    if videos[0] != videos[1] and a.shape == b.shape:
+    if videos_a != videos_b and a.shape == b.shape:
         # A batch of 2 videos of 3 frames and one of 3 of 2 read as 6 frames each: scored frame by frame, each
         # video's frames would meet another video's.
-        held = [f"{n} video{'s' * (n != 1)}" for n in videos]
-        raise ValueError(f"videos must have equal shapes to compare: the video holds {held[0]} and the reference "
-                         f"{held[1]}, of {a.shape[0]} frames in all (give both as the same batch)")
+        held_a, held_b = (f"{n} video{'s' * (n != 1)}" for n in (videos_a, videos_b))
+        raise ValueError(f"videos must have equal shapes to compare: the video holds {held_a} and the reference "
+                         f"{held_b}, of {a.shape[0]} frames in all (give both as the same batch)")
     if a.shape != b.shape:
         # Named by axis: the shapes are as read, (F, H, W, C), not as given (a torch video is (F, C, H, W)), and a
         # bare pair of tuples left the reader to find which axis differed, and in which layout.
